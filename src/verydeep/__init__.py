@@ -1,0 +1,8 @@
+"""verydeep: Simonyan & Zisserman's VGG paper (ICLR 2015), the whole system, on PyTorch."""
+
+from verydeep.configs import ALIASES, TABLE_1
+from verydeep.init import initialise, warm_start
+from verydeep.model import VGG, DenseVGG, vgg
+
+__all__ = ["ALIASES", "TABLE_1", "VGG", "DenseVGG", "initialise", "vgg", "warm_start"]
+__version__ = "0.1.0"

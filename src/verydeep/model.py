@@ -1,0 +1,247 @@
+"""The VGG ConvNet (Sec. 2), its fully-convolutional "dense" form (Sec. 3.2) and named taps.
+
+The module layout and state dict keys are torchvision's (``features.N.*``, ``classifier.N.*``),
+so ``VGG("D").load_state_dict(torchvision.models.vgg16().state_dict())`` works unchanged. For the
+two configurations torchvision lacks, the same rule lays out the keys: every Table 1 entry adds
+its modules to ``features`` in order (conv, [BatchNorm], ReLU; LRN; MaxPool), so in A-LRN the LRN
+is ``features.2`` and every later index is one higher than in A, and in C each 1x1 conv takes the
+next index after the 3x3 convs of its block (``features.14`` is C's ``conv3_3``, 256 to 256, 1x1).
+``model.tap_names`` gives the Caffe-style name of every module (``conv3_3``, ``relu3_3``, ``pool3``,
+``fc6`` ...), which ``extract`` uses to return activations at named layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from verydeep import configs
+from verydeep.configs import FC_WIDTH, LRN_PARAMS
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count ``channels`` multiplied by the width multiplier, at least 1."""
+    return max(1, round(channels * width))
+
+
+def make_trunk(config: str, batch_norm: bool = False, width: float = 1.0) -> tuple[nn.Sequential, list[str]]:
+    """The convolutional part of Table 1 (``features``) and the tap name of each of its modules."""
+    modules: list[nn.Module] = []
+    names: list[str] = []
+    in_channels = 3
+    for layer in configs.layers(config):
+        suffix = layer.name.removeprefix("conv")
+        if layer.kind == "pool":
+            modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            names.append(layer.name)
+        elif layer.kind == "lrn":
+            modules.append(nn.LocalResponseNorm(**LRN_PARAMS))
+            names.append(layer.name)
+        else:
+            out_channels = scaled(layer.channels, width)
+            padding = layer.kernel // 2
+            modules.append(nn.Conv2d(in_channels, out_channels, layer.kernel, padding=padding))
+            names.append(layer.name)
+            if batch_norm:
+                modules.append(nn.BatchNorm2d(out_channels))
+                names.append(f"bn{suffix}")
+            modules.append(nn.ReLU(inplace=True))
+            names.append(f"relu{suffix}")
+            in_channels = out_channels
+    return nn.Sequential(*modules), names
+
+
+def make_head(in_features: int, num_classes: int, width: float = 1.0, dropout: float = 0.5) -> nn.Sequential:
+    """FC-4096, FC-4096, FC-``num_classes`` with ReLU and dropout on the first two (Sec. 2.1, 3.1).
+
+    The same block serves box regression (Appendix A) with ``num_classes`` = 4 or 4 x classes.
+    """
+    hidden = scaled(FC_WIDTH, width)
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(p=dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(p=dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+HEAD_NAMES = ["fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8"]
+
+
+class VGG(nn.Module):
+    """A configuration of Table 1: trunk ``features``, then ``classifier`` (FC6 to FC8).
+
+    The classifier flattens the (input_size/32)^2 map of the last pooling layer as the paper does,
+    so a plain model only accepts ``input_size`` crops; ``dense()`` gives the fully-convolutional
+    form for larger inputs, and ``adaptive_pool=True`` torchvision's adaptive average pooling.
+    """
+
+    def __init__(
+        self,
+        config: str = "D",
+        num_classes: int = 1000,
+        batch_norm: bool = False,
+        width: float = 1.0,
+        dropout: float = 0.5,
+        input_size: int = 224,
+        adaptive_pool: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        if input_size < 32 or input_size % 32:
+            raise ValueError(f"input_size must be a multiple of 32 (five 2x2 poolings); got {input_size}")
+        if width <= 0:
+            raise ValueError(f"width must be positive; got {width}")
+        self.config = configs.canonical(config)
+        self.num_classes = num_classes
+        self.batch_norm = batch_norm
+        self.width = width
+        self.dropout = dropout
+        self.input_size = input_size
+        self.grid = input_size // 32
+        self.adaptive_pool = adaptive_pool
+        self.features, trunk_names = make_trunk(self.config, batch_norm, width)
+        self.out_channels = scaled(512, width)
+        self.avgpool = nn.AdaptiveAvgPool2d(self.grid) if adaptive_pool else nn.Identity()
+        self.classifier = make_head(self.out_channels * self.grid**2, num_classes, width, dropout)
+        self.tap_names = {name: f"features.{i}" for i, name in enumerate(trunk_names)}
+        self.tap_names.update({name: f"classifier.{i}" for i, name in enumerate(HEAD_NAMES)})
+        from verydeep.init import initialise  # init.py works on any VGG; imported late to avoid a cycle
+
+        initialise(self, init)
+
+    @property
+    def name(self) -> str:
+        bn = "-BN" if self.batch_norm else ""
+        return f"VGG-{self.config}{bn}"
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, width={self.width}, input_size={self.input_size}"
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        if not self.adaptive_pool and tuple(x.shape[-2:]) != (self.grid, self.grid):
+            raise ValueError(
+                f"{self.name} takes {self.input_size}x{self.input_size} crops (FC6 sees a "
+                f"{self.grid}x{self.grid} map) but the map here is {tuple(x.shape[-2:])}; use "
+                "model.dense() for inputs of any size, or adaptive_pool=True for torchvision's pooling"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        self._check_size(x)
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+    def dense(self) -> DenseVGG:
+        """The fully-convolutional form of Sec. 3.2, sharing this model's parameters."""
+        return DenseVGG(self)
+
+    def conv_layers(self) -> dict[str, nn.Conv2d]:
+        """The convolutions by tap name (``conv1_1`` ...), in order."""
+        return {n: self.get_submodule(p) for n, p in self.tap_names.items() if n.startswith("conv")}
+
+    def fc_layers(self) -> dict[str, nn.Linear]:
+        """The fully-connected layers ``fc6``, ``fc7``, ``fc8``."""
+        return {n: self.get_submodule(self.tap_names[n]) for n in ("fc6", "fc7", "fc8")}
+
+    def extract(self, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Activations at the named layers (e.g. ``relu4_3``, ``pool5``, ``fc7``) of a crop."""
+        return _extract(self, x, names, dense=False)
+
+
+class DenseVGG(nn.Module):
+    """FC layers as convolutions (Sec. 3.2): FC6 a (input_size/32)^2 conv, FC7 and FC8 1x1 convs.
+
+    The weights are the plain model's own (viewed, not copied), so training either trains both.
+    An input of ``H x W`` (each at least ``input_size``) gives a class score map of
+    ``(H/32 - grid + 1) x (W/32 - grid + 1)``; on an ``input_size`` input the map is 1x1 and equals
+    the plain model's output.
+    """
+
+    def __init__(self, model: VGG) -> None:
+        super().__init__()
+        self.features = model.features
+        self.classifier = model.classifier
+        self.grid = model.grid
+        self.input_size = model.input_size
+        self.tap_names = model.tap_names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the classifier as convolutions to a trunk map ``x`` (N, C, h, w)."""
+        if min(x.shape[-2:]) < self.grid:
+            raise ValueError(
+                f"dense evaluation needs inputs of at least {self.input_size} pixels a side "
+                f"(a {self.grid}x{self.grid} trunk map); got a {tuple(x.shape[-2:])} map"
+            )
+        kernel = self.grid
+        for module in self.classifier:
+            if isinstance(module, nn.Linear):
+                x = _linear_as_conv(module, x, kernel)
+                kernel = 1
+            else:
+                x = module(x)
+        return x
+
+    def extract(self, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Activation maps at the named layers; ``fc6``/``fc7`` are maps of the conv form."""
+        return _extract(self, x, names, dense=True)
+
+
+def _linear_as_conv(module: nn.Module, x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Apply a Linear layer as a ``kernel`` x ``kernel`` convolution sharing its weights."""
+    weight = module.weight.view(module.out_features, -1, kernel, kernel)
+    return F.conv2d(x, weight, module.bias)
+
+
+def _extract(
+    model: VGG | DenseVGG, x: torch.Tensor, names: Iterable[str], dense: bool
+) -> dict[str, torch.Tensor]:
+    wanted = list(names)
+    unknown = [n for n in wanted if n not in model.tap_names]
+    if unknown:
+        raise KeyError(f"unknown layer names {unknown}; known: {', '.join(model.tap_names)}")
+    paths = {model.tap_names[n]: n for n in wanted}
+    out: dict[str, torch.Tensor] = {}
+    for i, module in enumerate(model.features):
+        if len(out) == len(wanted):
+            return out
+        x = module(x)
+        if f"features.{i}" in paths:
+            out[paths[f"features.{i}"]] = x.clone()
+    if not dense:
+        model._check_size(x)
+        x = torch.flatten(model.avgpool(x), 1)
+    kernel = model.grid
+    for i, module in enumerate(model.classifier):
+        if len(out) == len(wanted):
+            break
+        if dense and isinstance(module, nn.Linear):
+            x = _linear_as_conv(module, x, kernel)
+            kernel = 1
+        else:
+            x = module(x)
+        if f"classifier.{i}" in paths:
+            out[paths[f"classifier.{i}"]] = x.clone()
+    return out
+
+
+def vgg(
+    config: str,
+    num_classes: int = 1000,
+    batch_norm: bool = False,
+    width: float = 1.0,
+    dropout: float = 0.5,
+    input_size: int = 224,
+    adaptive_pool: bool = False,
+    init: str = "kaiming",
+) -> VGG:
+    """Build configuration ``config`` (``A``, ``A-LRN``, ``B``, ``C``, ``D``, ``E`` or ``vgg16`` ...)."""
+    return VGG(config, num_classes, batch_norm, width, dropout, input_size, adaptive_pool, init)

@@ -1,0 +1,112 @@
+"""A Table-1-like listing of a configuration: layers, output shapes, parameters and MACs (Table 2).
+
+Multiply-accumulates count the weights' products only (a k x k conv from C to C' channels on an
+H x W output costs k*k*C*C'*H*W), as usually quoted: 15.47 G for D at 224x224. When the input is
+larger than the training crop the fully-convolutional form of Sec. 3.2 is listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from verydeep.model import VGG
+
+
+@dataclass
+class Row:
+    name: str
+    layer: str
+    shape: tuple[int, int, int]
+    params: int
+    macs: int
+
+
+def summarise(model: VGG, input_size: int | None = None) -> list[Row]:
+    """One row per layer with parameters or a change of shape, for an RGB ``input_size`` image."""
+    size = input_size or model.input_size
+    if size < model.input_size:
+        raise ValueError(f"--input {size} is smaller than the training crop {model.input_size}")
+    dense = size != model.input_size
+    c, h, w = 3, size, size
+    rows: list[Row] = []
+    names = {path: name for name, path in model.tap_names.items()}
+    for i, module in enumerate(model.features):
+        name = names[f"features.{i}"]
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0]
+            c = module.out_channels
+            rows.append(Row(name, f"conv{k}-{c}", (c, h, w), _count(module), k * k * module.in_channels * c * h * w))
+        elif isinstance(module, nn.MaxPool2d):
+            h, w = h // 2, w // 2
+            rows.append(Row(name, "maxpool", (c, h, w), 0, 0))
+        elif isinstance(module, nn.LocalResponseNorm):
+            rows.append(Row(name, "LRN", (c, h, w), 0, 0))
+        elif isinstance(module, nn.BatchNorm2d):
+            rows.append(Row(name, "batchnorm", (c, h, w), _count(module), 0))
+    kernel = model.grid
+    for name, fc in model.fc_layers().items():
+        if dense:
+            h, w = h - kernel + 1, w - kernel + 1
+            layer = f"conv{kernel}-{fc.out_features}"
+        else:
+            h = w = 1
+            layer = f"FC-{fc.out_features}"
+        rows.append(Row(name, layer, (fc.out_features, h, w), _count(fc), fc.in_features * fc.out_features * h * w))
+        kernel = 1
+    return rows
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def render(model: VGG, rows: list[Row], input_size: int) -> str:
+    """The rows as an aligned text table with totals."""
+    form = "dense (FC as conv, Sec. 3.2)" if input_size != model.input_size else "plain"
+    lines = [
+        f"{model.name} width={model.width:g} classes={model.num_classes} input={input_size}x{input_size} {form}",
+        f"{'layer':<10}{'type':<14}{'output (CxHxW)':>18}{'params':>14}{'MACs':>16}",
+    ]
+    for r in rows:
+        shape = "x".join(map(str, r.shape))
+        lines.append(f"{r.name:<10}{r.layer:<14}{shape:>18}{r.params:>14,}{r.macs:>16,}")
+    params, macs = sum(r.params for r in rows), sum(r.macs for r in rows)
+    lines.append(f"{'total':<24}{'':>18}{params:>14,}{macs:>16,}")
+    lines.append(f"= {params / 1e6:.2f} M parameters, {macs / 1e9:.2f} G multiply-accumulates")
+    return "\n".join(lines)
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("summary", help="list a configuration's layers, shapes, params and MACs")
+    p.add_argument("config", help="A, A-LRN, B, C, D, E (or vgg11, vgg11-lrn, vgg13, vgg16-c, vgg16, vgg19)")
+    p.add_argument("--input", type=int, default=None, help="image side (default: the crop size)")
+    p.add_argument("--crop", type=int, default=224, help="training crop size the net is built for")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch-norm", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    model = VGG(args.config, args.num_classes, args.batch_norm, args.width, input_size=args.crop, init="kaiming")
+    size = args.input or args.crop
+    rows = summarise(model, size)
+    if args.json:
+        print(json.dumps({
+            "config": model.config,
+            "batch_norm": model.batch_norm,
+            "width": model.width,
+            "num_classes": model.num_classes,
+            "input": size,
+            "params": sum(r.params for r in rows),
+            "macs": sum(r.macs for r in rows),
+            "gmacs": round(sum(r.macs for r in rows) / 1e9, 2),
+            "layers": [asdict(r) for r in rows],
+        }))
+    else:
+        print(render(model, rows, size))

@@ -1,0 +1,175 @@
+"""Issue 2: Table 1 configurations, torchvision compatibility, dense form, init protocols."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from verydeep import VGG, configs, vgg, warm_start
+from verydeep.cli import main
+from verydeep.init import warm_start_layers
+
+EXPECTED_PARAMS = {
+    "A": 132_863_336,
+    "A-LRN": 132_863_336,
+    "B": 133_047_848,
+    "C": 133_638_952,
+    "D": 138_357_544,
+    "E": 143_667_240,
+}
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("config", list(EXPECTED_PARAMS))
+def test_parameter_counts_match_table_2(config):
+    with torch.device("meta"):
+        model = VGG(config)
+    assert count(model) == EXPECTED_PARAMS[config]
+
+
+@pytest.mark.parametrize("alias,key", list(configs.ALIASES.items()))
+def test_aliases_resolve(alias, key):
+    assert VGG(alias, width=1 / 16, input_size=32).config == key
+
+
+def test_unknown_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown VGG configuration 'F'"):
+        VGG("F")
+
+
+def test_configuration_c_has_three_1x1_convs_and_a_lrn_one_lrn():
+    c = VGG("C", width=1 / 16, input_size=32)
+    kernels = [m.kernel_size[0] for m in c.conv_layers().values()]
+    assert kernels.count(1) == 3 and len(kernels) == 13
+    assert [n for n, m in c.conv_layers().items() if m.kernel_size[0] == 1] == ["conv3_3", "conv4_3", "conv5_3"]
+    a_lrn = VGG("A-LRN", width=1 / 16, input_size=32)
+    assert isinstance(a_lrn.features[2], torch.nn.LocalResponseNorm)
+    assert a_lrn.features[2].size == 5 and a_lrn.features[2].k == 2.0
+    assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in a_lrn.modules()) == 1
+
+
+def test_summary_json_reports_params_and_macs(capsys):
+    assert main(["summary", "D", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"] == 138_357_544
+    assert report["gmacs"] == 15.47
+    assert sum(r["macs"] for r in report["layers"]) == report["macs"]
+
+
+def test_summary_table_and_dense_form(capsys):
+    assert main(["summary", "E", "--input", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "dense" in out and "conv7-4096" in out and "143,667,240" in out
+
+
+@pytest.mark.parametrize("name,config,bn", [
+    ("vgg11", "A", False), ("vgg13", "B", False), ("vgg16", "D", False), ("vgg19", "E", False),
+    ("vgg11_bn", "A", True), ("vgg13_bn", "B", True), ("vgg16_bn", "D", True), ("vgg19_bn", "E", True),
+])
+def test_torchvision_weights_load_and_match(name, config, bn):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name)(weights=None).eval()
+    if bn:  # non-trivial running statistics, so that BN really is compared
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    model = vgg(config, batch_norm=bn).eval()
+    assert list(model.state_dict()) == list(reference.state_dict())
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_other_input_size_points_to_dense_form():
+    model = vgg("A", width=1 / 16)
+    with pytest.raises(ValueError, match=r"model.dense\(\)"):
+        model(torch.randn(1, 3, 256, 256))
+    adaptive = vgg("A", width=1 / 16, adaptive_pool=True)
+    assert adaptive(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
+
+
+def test_dense_equals_plain_and_gives_score_map():
+    torch.manual_seed(0)
+    model = vgg("D", width=1 / 8).eval()
+    dense = model.dense()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        plain, scores = model(x), dense(x)
+        assert scores.shape == (2, 1000, 1, 1)
+        torch.testing.assert_close(scores[:, :, 0, 0], plain, atol=1e-4, rtol=0)
+        assert dense(torch.randn(1, 3, 256, 320)).shape == (1, 1000, 2, 4)
+    assert dense.classifier[0].weight is model.classifier[0].weight  # shared, not copied
+    with pytest.raises(ValueError, match="at least 224"):
+        dense(torch.randn(1, 3, 160, 320))
+
+
+def test_small_input_size_keeps_structure():
+    model = vgg("E", num_classes=10, width=1 / 16, input_size=32)
+    assert model.classifier[0].in_features == 32  # 512/16 channels x 1x1 map
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    assert model.dense()(torch.randn(1, 3, 64, 96)).shape == (1, 10, 2, 3)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        vgg("A", input_size=100)
+
+
+def test_extract_named_layers_plain_and_dense():
+    torch.manual_seed(0)
+    model = vgg("D", num_classes=10, width=1 / 16, input_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        taps = model.extract(x, ["relu4_3", "pool5", "fc7", "fc8"])
+        assert taps["relu4_3"].shape == (1, 32, 8, 8)
+        assert taps["pool5"].shape == (1, 32, 2, 2)
+        torch.testing.assert_close(taps["fc8"], model(x))
+        dense_taps = model.dense().extract(torch.randn(1, 3, 96, 64), ["fc7"])
+    assert dense_taps["fc7"].shape == (1, 256, 2, 1)
+    with pytest.raises(KeyError, match="unknown layer"):
+        model.extract(x, ["conv9_9"])
+
+
+def test_init_protocols():
+    torch.manual_seed(0)
+    paper = vgg("A", init="paper")
+    w = paper.features[0].weight
+    assert abs(w.std().item() - 0.01) < 1e-3 and paper.features[0].bias.abs().sum() == 0
+    xavier = vgg("A", init="xavier")
+    fc = xavier.classifier[0].weight
+    bound = (6 / (fc.shape[0] + fc.shape[1])) ** 0.5
+    assert fc.abs().max() <= bound and fc.abs().max() > 0.9 * bound
+    with pytest.raises(ValueError, match="unknown init"):
+        vgg("A", init="uniform")
+
+
+def test_warm_start_copies_exactly_the_papers_layers():
+    torch.manual_seed(0)
+    a = vgg("A", num_classes=10, width=1 / 16, input_size=32, init="paper")
+    d = vgg("D", num_classes=10, width=1 / 16, input_size=32, init="xavier")
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    copied = warm_start(d, a)
+    assert copied == ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"]
+    assert copied == warm_start_layers(a)
+    a_layers = {**a.conv_layers(), **a.fc_layers()}
+    d_layers = {**d.conv_layers(), **d.fc_layers()}
+    for name in copied:
+        assert torch.equal(d_layers[name].weight, a_layers[name].weight)
+        assert torch.equal(d_layers[name].bias, a_layers[name].bias)
+    untouched = [n for n in d_layers if n not in copied]
+    assert len(untouched) == 13 + 3 - 7
+    for name in untouched:
+        key = d.tap_names[name] + ".weight"
+        assert torch.equal(d.state_dict()[key], before[key])
+
+
+def test_warm_start_shape_mismatch_is_clear_and_copies_nothing():
+    a = vgg("A", num_classes=10, width=1 / 16, input_size=32)
+    d = vgg("D", num_classes=100, width=1 / 16, input_size=32)
+    before = d.features[0].weight.clone()
+    with pytest.raises(ValueError, match="fc8.weight"):
+        warm_start(d, a)
+    assert torch.equal(d.features[0].weight, before)
