@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/verydeep demo
+	for c in A A-LRN B C D E; do $(VENV)/bin/verydeep summary $$c; done
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
