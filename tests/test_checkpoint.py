@@ -1,0 +1,52 @@
+"""Checkpoints: atomic writes, safe loading, recipe round trip."""
+
+import pytest
+import torch
+
+from verydeep.checkpoint import (
+    export_safetensors,
+    load_checkpoint,
+    load_model,
+    model_from_recipe,
+    save_checkpoint,
+)
+
+RECIPE = {"config": "B", "num_classes": 5, "batch_norm": False, "width": 1 / 16, "dropout": 0.5,
+          "crop": 32, "scale": [36, 73], "classes": list("abcde")}
+
+
+def test_round_trip_through_checkpoint_and_safetensors(tmp_path):
+    torch.manual_seed(0)
+    model = model_from_recipe(RECIPE).eval()
+    save_checkpoint({"model": model.state_dict(), "recipe": RECIPE, "epoch": 3}, tmp_path / "c.pt")
+    export_safetensors(model, RECIPE, tmp_path / "w.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    for path in (tmp_path / "c.pt", tmp_path / "w.safetensors"):
+        loaded, recipe = load_model(path)
+        assert recipe == RECIPE and not loaded.training
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_failed_write_keeps_last_good_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {}, "recipe": RECIPE, "epoch": 1}, path)
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"model": {}, "recipe": RECIPE, "x": Unsaveable()}, path)
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not a readable verydeep checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoints/best.pt"):
+        load_checkpoint(tmp_path)
