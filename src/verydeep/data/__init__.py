@@ -1,0 +1,49 @@
+"""Data: ImageNet-style datasets and the paper's training and test transforms (Sec. 3.1, 3.2).
+
+Images stay uint8 from decoding to the batch; :func:`to_input` turns a batch into the
+network's float input on the training device (PCA colour shift, mean subtraction).
+"""
+
+from verydeep.data.datasets import (
+    BadImageError,
+    Batch,
+    ILSVRCValFolder,
+    ImageFolder,
+    SizeGroupedBatchSampler,
+    collate,
+    find_split,
+    open_split,
+)
+from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess, save_preprocess, to_input
+from verydeep.data.transforms import (
+    CenterCropTransform,
+    RescaleTransform,
+    TrainTransform,
+    crop_box,
+    grid_crops,
+    resized_size,
+    sample_scale,
+)
+
+__all__ = [
+    "IMAGENET",
+    "BadImageError",
+    "Batch",
+    "CenterCropTransform",
+    "ILSVRCValFolder",
+    "ImageFolder",
+    "Preprocess",
+    "RescaleTransform",
+    "SizeGroupedBatchSampler",
+    "TrainTransform",
+    "collate",
+    "crop_box",
+    "find_split",
+    "grid_crops",
+    "load_preprocess",
+    "open_split",
+    "resized_size",
+    "sample_scale",
+    "save_preprocess",
+    "to_input",
+]

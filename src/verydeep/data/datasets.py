@@ -1,0 +1,331 @@
+"""Datasets in the layouts ImageNet comes in, the collate that drops bad files, and size grouping.
+
+- :class:`ImageFolder`: ``split/<class>/<image>`` (ImageNet ``train/``, the re-organised ``val/``).
+- :class:`ILSVRCValFolder`: the official ILSVRC-2012 validation layout, a flat folder of images
+  plus a ground-truth file.
+- :func:`collate`: stacks uint8 images, drops and names the files that could not be read.
+- :class:`SizeGroupedBatchSampler`: batches of images that share their size after the
+  Sec. 3.2 rescale to Q, so dense evaluation can run on whole images.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler, get_worker_info
+
+from verydeep.data.transforms import image_size, resized_size
+
+log = logging.getLogger("verydeep.data")
+
+#: File name endings read as images (case-insensitive). Hidden files (``._x.jpg``) are ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+#: Files that name the classes: ``<synset> <name>`` per line, beside the split or its parent.
+NAME_FILES = ("classes.txt", "words.txt", "LOC_synset_mapping.txt", "synset_words.txt")
+
+#: What a broken image raises while it is opened or decoded.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+Transform = Callable[[str | Path], Tensor]
+
+
+class BadImageError(ValueError):
+    """An image that cannot be read, raised in ``strict`` mode; the message names the file."""
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image(Path(f)))
+    return found
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def read_class_names(folder: Path, files: Sequence[str] = NAME_FILES) -> dict[str, str]:
+    """``{synset: name}`` from the first of ``files`` in ``folder`` or its parent."""
+    for directory in (folder, folder.parent):
+        for name in files:
+            path = directory / name
+            if path.is_file():
+                names = {}
+                for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                    key, _, value = line.strip().partition("\t" if "\t" in line else " ")
+                    if key and value:
+                        names[key] = value.strip()
+                return names
+    return {}
+
+
+def _has_images(folder: Path) -> bool:
+    for _dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(is_image(Path(f)) for f in filenames):
+            return True
+    return False
+
+
+def find_split(data_dir: str | Path, split: str) -> Path:
+    """The folder holding ``split`` ("train", "val" or "test") of the dataset at ``data_dir``.
+
+    ``DIR/<split>``; for "val" ``DIR/test`` when there is no ``val`` (and vice versa); or ``DIR``
+    itself when it is already a split (class folders, or a flat ILSVRC validation folder).
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test; got {split!r}")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    names = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
+    for name in names:
+        folder = root / name
+        if folder.is_dir():
+            if not _has_images(folder):
+                raise ValueError(f"data folder {folder} holds no images")
+            return folder
+    splits = [n for n in ("train", "val", "test") if (root / n).is_dir()]
+    if splits:
+        raise FileNotFoundError(f"data folder {root} has {', '.join(splits)} but no {' or '.join(names)}")
+    if not _has_images(root):
+        raise ValueError(f"data folder {root} holds no images")
+    return root
+
+
+class _Labelled(Dataset):
+    """Shared reading: ``(uint8 image, label, path)``, ``None`` for an unreadable file."""
+
+    samples: list[tuple[Path, int]]
+    classes: list[str]
+    class_names: list[str]
+
+    def __init__(self, transform: Transform, strict: bool) -> None:
+        self.transform = transform
+        self.strict = strict
+        self._sizes: list[tuple[int, int] | None] | None = None
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        path, label = self.samples[index]
+        try:
+            image = self.transform(path)
+        except DECODE_ERRORS as error:
+            reason = f"{path}: unreadable image ({type(error).__name__}: {error})"
+            if self.strict:
+                raise BadImageError(reason) from error
+            log.warning("skipped %s", reason)
+            return None, label, str(path)
+        return image, label, str(path)
+
+    def image_sizes(self) -> list[tuple[int, int] | None]:
+        """Displayed (w, h) of every sample from its header, read once; ``None`` if unreadable."""
+        if self._sizes is None:
+            sizes: list[tuple[int, int] | None] = []
+            for path, _ in self.samples:
+                try:
+                    sizes.append(image_size(path))
+                except DECODE_ERRORS:
+                    sizes.append(None)
+            self._sizes = sizes
+        return self._sizes
+
+
+class ImageFolder(_Labelled):
+    """A class-per-folder split: ``root/<class>/**/<image>``, classes in sorted folder order.
+
+    ``classes`` are the folder names (synset ids for ImageNet), ``class_names`` their readable
+    names from a :data:`NAME_FILES` file beside the split or its parent (else the folder names).
+    """
+
+    def __init__(self, root: str | Path, transform: Transform, strict: bool = False) -> None:
+        super().__init__(transform, strict)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder {self.root} does not exist")
+        self.classes = _class_dirs(self.root)
+        if not self.classes:
+            raise ValueError(f"data folder {self.root} has no class folders")
+        self.samples = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            for path in _images_under(self.root / name)
+        ]
+        if not self.samples:
+            raise ValueError(f"data folder {self.root} holds no images")
+        names = read_class_names(self.root)
+        self.class_names = [names.get(c, c) for c in self.classes]
+
+
+#: Files listing exactly the 1000 ILSVRC classes (``words.txt`` names all of WordNet).
+CLASS_LIST_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
+
+#: Ground-truth files of the ILSVRC-2012 validation set, looked for beside the images.
+VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt", "val.txt")
+
+
+class ILSVRCValFolder(_Labelled):
+    """The official ILSVRC-2012 validation layout: ``ILSVRC2012_val_XXXXXXXX.JPEG`` in one folder.
+
+    Labels come from ``labels`` or the first of :data:`VAL_LABEL_FILES` in the folder, its parent
+    or the devkit's ``data/`` folder:
+
+    - ``LOC_val_solution.csv`` (Kaggle): ``ImageId,PredictionString`` with the synset first;
+    - ``ILSVRC2012_validation_ground_truth.txt`` (devkit): one ILSVRC2012_ID (1..1000) per image
+      in file-name order, mapped to synsets by the devkit's ``meta.mat`` (needs scipy);
+    - ``val.txt`` (Caffe): ``<file> <index>``, index into the sorted synsets.
+
+    Class indices follow the sorted synset ids, as :class:`ImageFolder` on ``train/`` does, so
+    the two agree; ``classes``/``class_names`` come from ``LOC_synset_mapping.txt``-style files.
+    """
+
+    def __init__(self, root: str | Path, transform: Transform, labels: str | Path | None = None,
+                 strict: bool = False) -> None:
+        super().__init__(transform, strict)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder {self.root} does not exist")
+        label_file = Path(labels) if labels is not None else self._find_labels()
+        if not label_file.is_file():
+            raise FileNotFoundError(f"ground-truth file {label_file} does not exist")
+        images = sorted(p for p in self.root.iterdir() if is_image(p))
+        if not images:
+            raise ValueError(f"data folder {self.root} holds no images")
+        listed = read_class_names(self.root, CLASS_LIST_FILES)  # exactly the dataset's classes
+        names = listed or read_class_names(self.root)
+        synsets = self._read_synsets(label_file, images, sorted(listed))
+        self.classes = sorted(set(listed) | set(synsets.values()))
+        self.class_names = [names.get(c, c) for c in self.classes]
+        index = {c: i for i, c in enumerate(self.classes)}
+        missing = [p.name for p in images if p.stem not in synsets]
+        if missing:
+            raise ValueError(f"{label_file}: no label for {len(missing)} images, e.g. {missing[0]}")
+        self.samples = [(p, index[synsets[p.stem]]) for p in images]
+
+    def _find_labels(self) -> Path:
+        folders = [self.root, self.root.parent, self.root.parent / "ILSVRC2012_devkit_t12" / "data"]
+        for folder in folders:
+            for name in VAL_LABEL_FILES:
+                if (folder / name).is_file():
+                    return folder / name
+        raise FileNotFoundError(
+            f"data folder {self.root}: no ground-truth file ({', '.join(VAL_LABEL_FILES)}) beside it"
+        )
+
+    @staticmethod
+    def _read_synsets(label_file: Path, images: Sequence[Path], sorted_synsets: list[str]) -> dict[str, str]:
+        """``{image stem: synset}`` from any of the supported ground-truth formats."""
+        if label_file.suffix == ".csv":
+            with label_file.open(newline="") as f:
+                return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+        lines = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
+        if all(len(parts) == 1 for parts in lines):  # devkit: ILSVRC2012_IDs in file-name order
+            id_to_synset = _devkit_synsets(label_file.parent / "meta.mat")
+            if len(lines) != len(images):
+                raise ValueError(f"{label_file}: {len(lines)} labels for {len(images)} images")
+            return {p.stem: id_to_synset[int(parts[0])] for p, parts in zip(images, lines, strict=True)}
+        out = {}
+        for parts in lines:
+            stem, label = Path(parts[0]).stem, parts[1]
+            if label.isdigit():
+                if not sorted_synsets:
+                    raise ValueError(f"{label_file}: numeric labels need a synset list (LOC_synset_mapping.txt)")
+                label = sorted_synsets[int(label)]
+            out[stem] = label
+        return out
+
+
+def _devkit_synsets(meta: Path) -> dict[int, str]:
+    """ILSVRC2012_ID -> WNID from the devkit's ``meta.mat``."""
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} (the devkit's synset table) does not exist")
+    from scipy.io import loadmat  # scipy ships with scikit-learn
+
+    rows = loadmat(str(meta), squeeze_me=True)["synsets"]
+    return {int(r["ILSVRC2012_ID"]): str(r["WNID"]) for r in rows if int(r["num_children"]) == 0}
+
+
+def open_split(folder: str | Path, transform: Transform, strict: bool = False) -> _Labelled:
+    """:class:`ImageFolder` for class folders, else :class:`ILSVRCValFolder` (flat images + labels)."""
+    folder = Path(folder)
+    if folder.is_dir() and _class_dirs(folder):
+        return ImageFolder(folder, transform, strict)
+    return ILSVRCValFolder(folder, transform, strict=strict)
+
+
+class Batch(NamedTuple):
+    """A collated batch: uint8 images (N, 3, H, W) channels_last, int64 labels, skipped paths."""
+
+    images: Tensor
+    labels: Tensor
+    skipped: list[str]
+
+
+def collate(batch: Sequence[tuple[Tensor | None, int, str]]) -> Batch:
+    """Stack ``(image, label, path)`` samples; unreadable ones (image ``None``) are dropped and named.
+
+    All images must share one size (use :class:`SizeGroupedBatchSampler` for whole images). The
+    batch is channels_last, as the model wants it; an all-bad batch has zero images.
+    """
+    good = [(img, label) for img, label, _ in batch if img is not None]
+    skipped = [path for img, _, path in batch if img is None]
+    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+    if not good:
+        return Batch(torch.empty((0, 3, 0, 0), dtype=torch.uint8), labels, skipped)
+    shape = good[0][0].shape
+    for img, _ in good:
+        if img.shape != shape:
+            raise ValueError(f"collate: images of sizes {tuple(shape)} and {tuple(img.shape)} in one batch")
+    images = torch.empty((len(good), *shape), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    if get_worker_info() is not None:  # sent to the main process through shared memory anyway
+        images.share_memory_()
+    for i, (img, _) in enumerate(good):
+        images[i].copy_(img)
+    return Batch(images, labels, skipped)
+
+
+class SizeGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of indices whose images share one size after the rescale to Q (Sec. 3.2).
+
+    Sizes come from the image headers, read once per dataset. Groups appear in the order of
+    their first image, indices ascending within a group; unreadable images form their own
+    group (their samples come out as skipped).
+    """
+
+    def __init__(self, dataset: _Labelled, q: int, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        groups: dict[tuple[int, int] | None, list[int]] = {}
+        for index, size in enumerate(dataset.image_sizes()):
+            key = resized_size(size, q) if size is not None else None
+            groups.setdefault(key, []).append(index)
+        self.batches = [
+            indices[i : i + batch_size] for indices in groups.values() for i in range(0, len(indices), batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

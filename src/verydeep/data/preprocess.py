@@ -1,0 +1,151 @@
+"""Input normalisation: mean RGB subtraction and the AlexNet PCA colour shift (Sec. 2, 3.1).
+
+Images stay uint8 through decoding, augmentation and collation; :func:`to_input` is the last
+step, run per batch on the training device. Statistics are on the 0..1 scale (the paper's
+Caffe form, mean subtraction on 0..255, is ``std=(1/255,)*3``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Triple = tuple[float, float, float]
+
+#: Name of the stored statistics file, beside the dataset (written by ``verydeep data stats``).
+PREPROCESS_FILE = "preprocess.json"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Per-channel RGB statistics on the 0..1 scale.
+
+    ``eigvec`` is the 3x3 matrix whose *columns* are the eigenvectors of the RGB covariance, with
+    eigenvalues ``eigval`` (Krizhevsky et al. 2012, used by the paper in Sec. 3.1).
+    """
+
+    mean: Triple
+    std: Triple
+    eigval: Triple
+    eigvec: tuple[Triple, Triple, Triple]
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std", "eigval"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ValueError(f"Preprocess.{name} needs 3 values (R, G, B); got {value!r}")
+        if len(self.eigvec) != 3 or any(len(row) != 3 for row in self.eigvec):
+            raise ValueError(f"Preprocess.eigvec must be 3x3; got {self.eigvec!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"Preprocess.std must be positive; got {self.std!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: lists of floats."""
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "eigval": list(self.eigval),
+            "eigvec": [list(row) for row in self.eigvec],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """Inverse of :meth:`to_dict`; a missing key is a ``ValueError`` naming it."""
+        missing = [k for k in ("mean", "std", "eigval", "eigvec") if k not in d]
+        if missing:
+            raise ValueError(f"preprocess statistics lack {', '.join(missing)}")
+        return cls(
+            mean=_triple(d["mean"]),
+            std=_triple(d["std"]),
+            eigval=_triple(d["eigval"]),
+            eigvec=tuple(_triple(row) for row in d["eigvec"]),  # type: ignore[arg-type]
+        )
+
+
+def _triple(values: Any) -> Triple:
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+#: ImageNet's well-known statistics (torchvision's mean/std; AlexNet/fb.resnet PCA on 0..1).
+IMAGENET = Preprocess(
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    eigval=(0.2175, 0.0188, 0.0045),
+    eigvec=(
+        (-0.5675, 0.7192, 0.4009),
+        (-0.5808, -0.0045, -0.8140),
+        (-0.5836, -0.6948, 0.4203),
+    ),
+)
+
+
+def pca_shift(n: int, pre: Preprocess, alpha_std: float, generator: torch.Generator | None = None) -> Tensor:
+    """Per-image RGB shifts (n, 3) on the 0..1 scale: ``eigvec @ (alpha * eigval)``, alpha ~ N(0, alpha_std).
+
+    One alpha per image and eigenvector, drawn on the generator's device (CPU by default), so
+    the shift's covariance is ``eigvec diag((alpha_std * eigval)^2) eigvec^T``.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    alpha = torch.randn(n, 3, generator=generator, device=device) * alpha_std
+    eigval = torch.tensor(pre.eigval, device=device)
+    eigvec = torch.tensor(pre.eigvec, device=device)
+    return (alpha * eigval) @ eigvec.T
+
+
+def to_input(
+    images: Tensor,
+    pre: Preprocess,
+    alpha_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """uint8 images (N, 3, H, W) to the network's float32 input: ``(x/255 + shift - mean) / std``.
+
+    ``shift`` is the PCA colour shift (Sec. 3.1), zero unless ``alpha_std > 0``. Runs on the
+    images' device and keeps their memory format (channels_last stays channels_last).
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"to_input wants uint8 (N, 3, H, W) images; got {images.dtype} {tuple(images.shape)}")
+    device = images.device
+    std = torch.tensor(pre.std, device=device)
+    bias = -torch.tensor(pre.mean, device=device).expand(images.shape[0], 3)
+    if alpha_std > 0:
+        bias = bias + pca_shift(images.shape[0], pre, alpha_std, generator).to(device)
+    x = images.to(torch.float32)
+    x.mul_((1.0 / (255.0 * std)).view(1, 3, 1, 1))
+    return x.add_((bias / std).view(-1, 3, 1, 1))
+
+
+def save_preprocess(pre: Preprocess, path: str | Path) -> Path:
+    """Write ``pre`` as JSON to ``path`` (a file, or a folder to hold ``preprocess.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PREPROCESS_FILE
+    path.write_text(json.dumps(pre.to_dict(), indent=2) + "\n")
+    return path
+
+
+def load_preprocess(data_dir: str | Path) -> Preprocess:
+    """The statistics stored by ``verydeep data stats`` for ``data_dir``, else :data:`IMAGENET`.
+
+    Looks for ``preprocess.json`` in ``data_dir`` and its parent (so a split folder finds its
+    dataset's file); ``data_dir`` may also name the JSON file itself.
+    """
+    data_dir = Path(data_dir)
+    candidates = [data_dir] if data_dir.suffix == ".json" else [
+        data_dir / PREPROCESS_FILE,
+        data_dir.parent / PREPROCESS_FILE,
+    ]
+    for path in candidates:
+        if path.is_file():
+            try:
+                return Preprocess.from_dict(json.loads(path.read_text()))
+            except (json.JSONDecodeError, ValueError, TypeError) as error:
+                raise ValueError(f"{path}: bad preprocess statistics ({error})") from error
+    if data_dir.suffix == ".json":
+        raise FileNotFoundError(f"{data_dir}: no such preprocess file")
+    return IMAGENET

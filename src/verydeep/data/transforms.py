@@ -1,0 +1,250 @@
+"""The paper's training and test transforms (Sec. 3.1, 3.2): path in, uint8 (3, h, w) out.
+
+Training (Sec. 3.1): draw S uniformly from the integers [Smin, Smax], rescale isotropically so
+the smallest side is S, take one random crop, flip horizontally with probability 1/2. The PCA
+colour shift and mean subtraction come later, per batch on the device (:func:`to_input`).
+
+Fast path: the crop is known before anything is decoded, so its box is mapped back to the
+original image, JPEGs are decoded at a reduced size where that still leaves at least the
+target resolution (Pillow's draft mode, DCT scaling by 1/2, 1/4, 1/8), and only the box is
+resampled (Pillow's ``resize(box=...)``, the same filter taps as resize-then-crop).
+
+Randomness comes from torch's global RNG, which DataLoader seeds per worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+Size = tuple[int, int]  # (width, height), Pillow's order
+Box = tuple[int, int, int, int]  # (left, top, right, bottom)
+
+#: EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+# ---- pure steps ---------------------------------------------------------------------------
+
+
+def sample_scale(smin: int, smax: int) -> int:
+    """Training scale S, uniform over the integers [smin, smax] (Sec. 3.1 scale jittering)."""
+    if smin == smax:
+        return smin
+    return int(torch.randint(smin, smax + 1, ()).item())
+
+
+def resized_size(size: Size, s: int) -> Size:
+    """(w, h) after an isotropic rescale making the smallest side ``s`` (torchvision's rounding)."""
+    w, h = size
+    if w <= h:
+        return s, int(s * h / w)
+    return int(s * w / h), s
+
+
+def crop_box(size: Size, crop: int) -> Box:
+    """A uniformly random ``crop`` x ``crop`` box inside an image of ``size``."""
+    w, h = size
+    if crop > w or crop > h:
+        raise ValueError(f"crop {crop} does not fit in a {w}x{h} image")
+    left = int(torch.randint(0, w - crop + 1, ()).item())
+    top = int(torch.randint(0, h - crop + 1, ()).item())
+    return left, top, left + crop, top + crop
+
+
+def center_box(size: Size, crop: int) -> Box:
+    """The central ``crop`` x ``crop`` box (torchvision's rounding)."""
+    w, h = size
+    if crop > w or crop > h:
+        raise ValueError(f"crop {crop} does not fit in a {w}x{h} image")
+    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+    return left, top, left + crop, top + crop
+
+
+def flip_coin(p: float = 0.5) -> bool:
+    """True with probability ``p`` (the random horizontal flip)."""
+    return bool(torch.rand(()) < p)
+
+
+# ---- decoding -----------------------------------------------------------------------------
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright) read from the header."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError):  # a broken EXIF block: treat as upright
+        return 1
+    return value if value in _ORIENTATION else 1
+
+
+def displayed_size(img: Image.Image) -> Size:
+    """(w, h) of the image as displayed, i.e. after its EXIF rotation."""
+    w, h = img.size
+    return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def image_size(path: str | Path) -> Size:
+    """Displayed (w, h) of the image at ``path``, from its header only."""
+    with Image.open(path) as img:
+        return displayed_size(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode ``img`` to 8-bit RGB: greyscale, palette, CMYK, alpha and 16-bit modes handled.
+
+    16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it at 255).
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            peak = 1.0
+        arr = np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_region(img: Image.Image, size: Size, box: tuple[float, float, float, float], out: Size,
+                fast: bool = True) -> Image.Image:
+    """Resample ``box`` of ``img`` rescaled to ``size`` (displayed orientation) into ``out`` pixels.
+
+    Equivalent to ``rescale(img, size).crop(box).resize(out)``, but only the box is resampled
+    and, when ``fast``, a JPEG is decoded at the smallest DCT scale still at least ``size``.
+    """
+    orient = orientation(img)
+    stored = (size[1], size[0]) if orient in (5, 6, 7, 8) else size
+    if fast and img.format == "JPEG":
+        img.draft("RGB", stored)
+    img = to_rgb(img)
+    if orient != 1:
+        img = img.transpose(_ORIENTATION[orient])
+    sx, sy = img.width / size[0], img.height / size[1]
+    src = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return img.resize(out, Image.Resampling.BILINEAR, box=src)
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """RGB Pillow image to a uint8 (3, h, w) tensor (a channels-last view, no float step)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def plain_resized_crop(path: str | Path, s: int, box: Box) -> Tensor:
+    """Reference path: full decode, EXIF rotation, rescale to smallest side ``s``, then crop.
+
+    The fast transforms match this within a few grey levels (see the tests).
+    """
+    with Image.open(path) as img:
+        orient = orientation(img)
+        full = to_rgb(img)
+        if orient != 1:
+            full = full.transpose(_ORIENTATION[orient])
+        full = full.resize(resized_size(full.size, s), Image.Resampling.BILINEAR)
+    return to_tensor(full.crop(box))
+
+
+# ---- transforms ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Sec. 3.1: S ~ U{smin..smax}, isotropic rescale to smallest side S, random crop, flip."""
+
+    crop: int = 224
+    scale: tuple[int, int] = (256, 256)
+    flip: bool = True
+    fast: bool = True
+
+    def __post_init__(self) -> None:
+        smin, smax = self.scale
+        if not 0 < smin <= smax:
+            raise ValueError(f"scale must be (Smin, Smax) with 0 < Smin <= Smax; got {self.scale}")
+        if smin < self.crop:
+            raise ValueError(f"Smin {smin} is smaller than the crop {self.crop}")
+
+    def __call__(self, path: str | Path) -> Tensor:
+        with Image.open(path) as img:
+            size = resized_size(displayed_size(img), sample_scale(*self.scale))
+            box = crop_box(size, self.crop)
+            out = load_region(img, size, box, (self.crop, self.crop), self.fast)
+        if self.flip and flip_coin():
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(out)
+
+
+@dataclass(frozen=True)
+class RescaleTransform:
+    """Sec. 3.2: the whole image, rescaled isotropically so its smallest side is Q."""
+
+    q: int
+    fast: bool = True
+
+    def __call__(self, path: str | Path) -> Tensor:
+        with Image.open(path) as img:
+            size = resized_size(displayed_size(img), self.q)
+            out = load_region(img, size, (0, 0, *size), size, self.fast)
+        return to_tensor(out)
+
+
+@dataclass(frozen=True)
+class CenterCropTransform:
+    """The usual single-crop test: smallest side to ``resize``, central ``crop`` x ``crop``.
+
+    256/224 at ImageNet size; keep the same ratio for small crops (e.g. 36/32 for CIFAR).
+    """
+
+    resize: int
+    crop: int
+    fast: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize < self.crop:
+            raise ValueError(f"resize {self.resize} is smaller than the crop {self.crop}")
+
+    def __call__(self, path: str | Path) -> Tensor:
+        with Image.open(path) as img:
+            size = resized_size(displayed_size(img), self.resize)
+            box = center_box(size, self.crop)
+            out = load_region(img, size, box, (self.crop, self.crop), self.fast)
+        return to_tensor(out)
+
+
+def grid_offsets(length: int, crop: int, grid: int) -> list[int]:
+    """``grid`` crop origins evenly spaced from 0 to ``length - crop`` (both ends included)."""
+    if crop > length:
+        raise ValueError(f"crop {crop} is larger than the image side {length}")
+    if grid == 1:
+        return [(length - crop) // 2]
+    return [round(k * (length - crop) / (grid - 1)) for k in range(grid)]
+
+
+def grid_crops(images: Tensor, crop: int, grid: int = 5, flip: bool = True) -> Tensor:
+    """Sec. 3.2 multi-crop: a ``grid`` x ``grid`` regular grid of crops, plus their mirror images.
+
+    (N, 3, H, W) -> (N, grid*grid*(2 if flip else 1), 3, crop, crop), row-major over the grid,
+    unflipped crops first; any dtype, any device.
+    """
+    _, _, h, w = images.shape
+    crops = [
+        images[:, :, top : top + crop, left : left + crop]
+        for top in grid_offsets(h, crop, grid)
+        for left in grid_offsets(w, crop, grid)
+    ]
+    out = torch.stack(crops, dim=1)
+    return torch.cat([out, out.flip(-1)], dim=1) if flip else out

@@ -1,0 +1,311 @@
+"""Data pipeline (issue 3): transforms step by step, normalisation, datasets, batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from verydeep.data import (
+    IMAGENET,
+    CenterCropTransform,
+    ILSVRCValFolder,
+    ImageFolder,
+    Preprocess,
+    RescaleTransform,
+    SizeGroupedBatchSampler,
+    TrainTransform,
+    collate,
+    crop_box,
+    find_split,
+    grid_crops,
+    load_preprocess,
+    resized_size,
+    sample_scale,
+    save_preprocess,
+    to_input,
+)
+from verydeep.data.preprocess import pca_shift
+from verydeep.data.transforms import load_region, plain_resized_crop
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth, photo-like RGB image: upsampled colour noise over gradients."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    ramp = np.linspace(0, 60, w, dtype=np.float32)[None, :, None]
+    return Image.fromarray(np.clip(base * 0.8 + ramp, 0, 255).astype(np.uint8))
+
+
+def save(img: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kwargs)
+    return path
+
+
+# ---- transform steps ----------------------------------------------------------------------
+
+
+def test_resized_size_makes_the_smallest_side_s():
+    assert resized_size((500, 375), 256) == (341, 256)
+    assert resized_size((375, 500), 256) == (256, 341)
+    assert resized_size((32, 32), 40) == (40, 40)
+
+
+def test_scale_jittering_is_uniform_over_the_integers():
+    torch.manual_seed(0)
+    draws = torch.tensor([sample_scale(256, 512) for _ in range(20000)], dtype=torch.float64)
+    assert draws.min() == 256 and draws.max() == 512
+    assert draws.mean().item() == pytest.approx(384, abs=2)
+    # variance of the discrete uniform on 257 values: (257^2 - 1) / 12
+    assert draws.var().item() == pytest.approx((257**2 - 1) / 12, rel=0.05)
+    assert sample_scale(384, 384) == 384
+
+
+def test_crop_box_stays_inside_and_reaches_every_offset():
+    torch.manual_seed(0)
+    boxes = {crop_box((227, 225), 224) for _ in range(500)}
+    assert {b[0] for b in boxes} == {0, 1, 2, 3} and {b[1] for b in boxes} == {0, 1}
+    assert all(b[2] - b[0] == 224 and b[3] - b[1] == 224 for b in boxes)
+    with pytest.raises(ValueError, match="does not fit"):
+        crop_box((200, 300), 224)
+
+
+def test_train_transform_output_and_flip(tmp_path):
+    # left half dark, right half bright: a flip is visible in the mean of the left columns
+    arr = np.zeros((40, 40, 3), np.uint8)
+    arr[:, 20:] = 255
+    path = save(Image.fromarray(arr), tmp_path / "half.png")
+    torch.manual_seed(0)
+    outs = [TrainTransform(crop=40, scale=(40, 40))(path) for _ in range(400)]
+    assert all(o.shape == (3, 40, 40) and o.dtype == torch.uint8 for o in outs)
+    flipped = [o[:, :, :20].float().mean() > 127 for o in outs]
+    assert 0.4 < sum(flipped) / len(flipped) < 0.6
+    torch.manual_seed(0)
+    assert not any(TrainTransform(40, (40, 40), flip=False)(path)[:, :, :20].float().mean() > 127
+                   for _ in range(20))
+
+
+def test_train_transform_rejects_a_scale_below_the_crop():
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        TrainTransform(crop=224, scale=(200, 256))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_fast_decode_matches_plain_decode_resize_crop(tmp_path, fmt):
+    """The fast path (draft decode, resize only the box) equals decode-rescale-crop.
+
+    Tolerance: PNG (no draft) within 1 grey level; JPEG decoded at 1/2 scale (DCT scaling is
+    a different low-pass than the bilinear antialias) within a mean of 1 grey level and a
+    99th percentile of 4 (measured: about 0.7 and 3).
+    """
+    path = save(photo(1024, 768), tmp_path / f"big.{fmt.lower()}", format=fmt, quality=92)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        fast = TrainTransform(crop=224, scale=(256, 320), flip=False)(path)
+        torch.manual_seed(seed)
+        s = sample_scale(256, 320)
+        plain = plain_resized_crop(path, s, crop_box(resized_size((1024, 768), s), 224))
+        diff = (fast.int() - plain.int()).abs().float()
+        if fmt == "PNG":
+            assert diff.max() <= 1
+        else:
+            assert diff.mean() < 1.0 and diff.quantile(0.99) <= 4
+
+
+def test_fast_decode_uses_a_reduced_jpeg(tmp_path):
+    path = save(photo(1024, 768), tmp_path / "big.jpg", quality=92)
+    with Image.open(path) as img:
+        load_region(img, (341, 256), (0, 0, 224, 224), (224, 224))
+        assert img.size == (512, 384)  # decoded at 1/2: still at least 341x256
+
+
+def test_exif_rotated_photo_is_displayed_upright(tmp_path):
+    arr = np.zeros((60, 90, 3), np.uint8)  # stored landscape, top rows bright
+    arr[:10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: portrait, bright column on the right
+    path = save(Image.fromarray(arr), tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = RescaleTransform(60)(path)
+    assert out.shape == (3, 90, 60)
+    assert out[:, :, -5:].float().mean() > 200 and out[:, :, :40].float().mean() < 30
+
+
+def test_rescale_and_center_crop_transforms(tmp_path):
+    path = save(photo(300, 200), tmp_path / "a.jpg")
+    assert RescaleTransform(100)(path).shape == (3, 100, 150)
+    out = CenterCropTransform(resize=128, crop=112)(path)
+    assert out.shape == (3, 112, 112)
+    full = plain_resized_crop(path, 128, (0, 0, 192, 128))
+    assert (out.int() - full[:, 8:120, 40:152].int()).abs().max() <= 1
+
+
+def test_grid_crops_span_corner_to_corner_with_flips():
+    images = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).view(2, 3, 10, 12)
+    crops = grid_crops(images, crop=6, grid=5)
+    assert crops.shape == (2, 50, 3, 6, 6)
+    assert torch.equal(crops[:, 0], images[:, :, :6, :6])  # top-left
+    assert torch.equal(crops[:, 4], images[:, :, :6, 6:])  # top-right
+    assert torch.equal(crops[:, 24], images[:, :, 4:, 6:])  # bottom-right
+    assert torch.equal(crops[:, 25:], crops[:, :25].flip(-1))
+    assert grid_crops(images, 6, grid=3, flip=False).shape == (2, 9, 3, 6, 6)
+
+
+# ---- normalisation ------------------------------------------------------------------------
+
+
+def test_pca_shift_covariance_matches_the_eigenvalues():
+    g = torch.Generator().manual_seed(0)
+    shifts = pca_shift(200_000, IMAGENET, alpha_std=0.1, generator=g).double()
+    cov = torch.cov(shifts.T)
+    expected = (0.1 * torch.tensor(IMAGENET.eigval, dtype=torch.float64)) ** 2
+    values, vectors = torch.linalg.eigh(cov)
+    assert torch.allclose(values.flip(0), expected, rtol=0.03)
+    top = vectors[:, -1]
+    assert abs(top @ torch.tensor([r[0] for r in IMAGENET.eigvec], dtype=torch.float64)) > 0.999
+    assert shifts.mean(0).abs().max() < 1e-3
+
+
+def test_to_input_subtracts_the_mean_and_keeps_channels_last():
+    pre = IMAGENET
+    rgb = torch.tensor([round(m * 255) for m in pre.mean], dtype=torch.uint8)
+    images = rgb.view(1, 3, 1, 1).expand(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    out = to_input(images, pre)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.abs().max() < 0.01
+    caffe = Preprocess(mean=pre.mean, std=(1 / 255,) * 3, eigval=pre.eigval, eigvec=pre.eigvec)
+    x = torch.full((1, 3, 2, 2), 200, dtype=torch.uint8)
+    expected = 200 - torch.tensor(pre.mean) * 255
+    assert torch.allclose(to_input(x, caffe)[0, :, 0, 0], expected, atol=1e-3)
+
+
+def test_to_input_colour_shift_is_one_rgb_offset_per_image():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    base = to_input(images, IMAGENET)
+    shifted = to_input(images, IMAGENET, 0.1, torch.Generator().manual_seed(1))
+    again = to_input(images, IMAGENET, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(shifted, again)
+    delta = shifted - base  # (4, 3, 8, 8), constant over pixels
+    assert torch.allclose(delta, delta[:, :, :1, :1].expand_as(delta), atol=1e-5)
+    assert not torch.allclose(delta[0, :, 0, 0], delta[1, :, 0, 0])
+
+
+def test_preprocess_round_trips_through_json(tmp_path):
+    assert Preprocess.from_dict(json.loads(json.dumps(IMAGENET.to_dict()))) == IMAGENET
+    with pytest.raises(ValueError, match="lack eigvec"):
+        Preprocess.from_dict({"mean": [0, 0, 0], "std": [1, 1, 1], "eigval": [1, 1, 1]})
+    assert load_preprocess(tmp_path) == IMAGENET
+    mine = Preprocess((0.5, 0.5, 0.5), (0.2, 0.2, 0.2), (0.1, 0.01, 0.001), IMAGENET.eigvec)
+    save_preprocess(mine, tmp_path)
+    (tmp_path / "train").mkdir()
+    assert load_preprocess(tmp_path) == mine and load_preprocess(tmp_path / "train") == mine
+
+
+# ---- datasets and batching ----------------------------------------------------------------
+
+
+def make_tree(root: Path, sizes: dict[str, list[tuple[int, int]]]) -> Path:
+    for cls, dims in sizes.items():
+        for i, (w, h) in enumerate(dims):
+            save(photo(w, h, seed=i), root / cls / f"{i}.jpg")
+    return root
+
+
+def test_find_split_layouts_and_errors(tmp_path):
+    make_tree(tmp_path / "ds" / "train", {"a": [(8, 8)]})
+    make_tree(tmp_path / "ds" / "test", {"a": [(8, 8)]})
+    assert find_split(tmp_path / "ds", "train") == tmp_path / "ds" / "train"
+    assert find_split(tmp_path / "ds", "val") == tmp_path / "ds" / "test"
+    assert find_split(tmp_path / "ds" / "train", "train") == tmp_path / "ds" / "train"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        find_split(tmp_path / "nowhere", "train")
+    (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        find_split(tmp_path / "empty", "val")
+    with pytest.raises(ValueError, match="holds no images"):
+        ImageFolder(tmp_path / "empty" / "val", RescaleTransform(8))
+
+
+def test_image_folder_classes_names_and_samples(tmp_path):
+    make_tree(tmp_path / "train", {"n2": [(8, 8)], "n1": [(8, 8), (8, 8)], ".hidden": [(8, 8)]})
+    (tmp_path / "classes.txt").write_text("n1\tfirst class\nn2\tsecond\n")
+    (tmp_path / "train" / "n1" / "notes.txt").write_text("not an image")
+    ds = ImageFolder(tmp_path / "train", RescaleTransform(8))
+    assert ds.classes == ["n1", "n2"] and ds.class_names == ["first class", "second"]
+    assert ds.targets == [0, 0, 1] and len(ds) == 3
+    image, label, path = ds[2]
+    assert image.shape == (3, 8, 8) and label == 1 and path.endswith("n2/0.jpg")
+
+
+def test_ilsvrc_validation_layout(tmp_path):
+    val = tmp_path / "val"
+    for i in range(3):
+        save(photo(8, 8, i), val / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca\nn02 goldfish\nn03 shark\n")
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\nILSVRC2012_val_00000001,n03 1 2 3 4\n"
+        "ILSVRC2012_val_00000002,n01 1 2 3 4 n01 5 6 7 8\nILSVRC2012_val_00000003,n02 0 0 1 1\n"
+    )
+    ds = ILSVRCValFolder(val, RescaleTransform(8))
+    assert ds.classes == ["n01", "n02", "n03"] and ds.class_names[0] == "tench, Tinca"
+    assert ds.targets == [2, 0, 1]
+    (tmp_path / "caffe.txt").write_text(
+        "ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG 0\nILSVRC2012_val_00000003.JPEG 1\n"
+    )
+    assert ILSVRCValFolder(val, RescaleTransform(8), labels=tmp_path / "caffe.txt").targets == [2, 0, 1]
+
+
+def test_size_grouped_batches_hold_equal_sizes(tmp_path):
+    dims = [(40, 30), (30, 40), (80, 60), (40, 30), (41, 30), (30, 40), (40, 30)]
+    make_tree(tmp_path, {"a": dims[:4], "b": dims[4:]})
+    ds = ImageFolder(tmp_path, RescaleTransform(15))
+    sampler = SizeGroupedBatchSampler(ds, q=15, batch_size=2)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(ds)))
+    assert batches == list(SizeGroupedBatchSampler(ds, q=15, batch_size=2))
+    assert batches[0] == [0, 2]  # 40x30 and 80x60 both become 20x15
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    for batch in loader:
+        assert batch.images.shape[0] == batch.labels.shape[0] and not batch.skipped
+        assert batch.images.shape[2] == 15 or batch.images.shape[3] == 15
+
+
+def test_collate_drops_bad_samples_and_names_them():
+    good = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    batch = collate([(good, 1, "a.jpg"), (None, 2, "bad.jpg"), (good + 1, 3, "c.jpg")])
+    assert batch.images.shape == (2, 3, 4, 4) and batch.labels.tolist() == [1, 3]
+    assert batch.skipped == ["bad.jpg"] and batch.images.is_contiguous(memory_format=torch.channels_last)
+    empty = collate([(None, 0, "x.jpg")])
+    assert empty.images.shape[0] == 0 and empty.skipped == ["x.jpg"]
+    with pytest.raises(ValueError, match="sizes"):
+        collate([(good, 0, "a"), (torch.zeros(3, 5, 4, dtype=torch.uint8), 0, "b")])
+
+
+def test_train_loader_with_workers_is_reproducible(tmp_path):
+    make_tree(tmp_path, {"a": [(50, 40)] * 4, "b": [(40, 60)] * 4})
+    ds = ImageFolder(tmp_path, TrainTransform(crop=32, scale=(36, 48)))
+
+    def epoch() -> list[torch.Tensor]:
+        loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(0))
+        return [b.images for b in loader]
+
+    first, second = epoch(), epoch()
+    assert [b.shape for b in first] == [(4, 3, 32, 32)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.skipif(not (SHARED / "imagenette").is_dir(), reason=f"{SHARED}/imagenette is absent")
+def test_real_imagenette_split():
+    ds = ImageFolder(find_split(SHARED / "imagenette", "val"), TrainTransform(crop=224, scale=(256, 256)))
+    assert len(ds.classes) == 10 and ds.class_names[0] == "tench"
+    image, label, _ = ds[0]
+    assert image.shape == (3, 224, 224) and label == 0
