@@ -1,0 +1,216 @@
+"""Evaluation: crop grid, dense form, spatial and flip averaging, top-k ties, fusion, scales, CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from verydeep.checkpoint import model_from_recipe, save_checkpoint
+from verydeep.cli import main
+from verydeep.data import IMAGENET, grid_crops
+from verydeep.evaluate import (
+    balanced_subset,
+    dense_posteriors,
+    derive_scales,
+    evaluate,
+    format_table,
+    multicrop_posteriors,
+    paper_tables,
+    per_class_accuracy,
+    topk_correct,
+    topk_error,
+)
+
+CLASSES = ["blue", "green", "red"]
+RECIPE = {"config": "A", "num_classes": 3, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
+          "scale": [36, 36], "preprocess": IMAGENET.to_dict(), "classes": CLASSES, "class_names": CLASSES}
+COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def tiny_model(seed: int = 0, **changes):
+    torch.manual_seed(seed)
+    return model_from_recipe({**RECIPE, **changes}).eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """val/<class>/ with 4 noisy single-colour images per class, of two sizes (so batches group by size)."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(4):
+            h, w = (40, 48) if i % 2 else (36, 36)
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "val" / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "net.pt"
+    save_checkpoint({"model": tiny_model().state_dict(), "recipe": RECIPE}, path)
+    return path
+
+
+# ---- crops, dense form, averaging ---------------------------------------------------------
+
+
+def test_grid_is_50_crops_with_corners_and_mirrors():
+    h, w, crop = 40, 52, 32
+    image = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w).expand(1, 3, h, w)
+    crops = grid_crops(image, crop)
+    assert crops.shape == (1, 50, 3, crop, crop)
+    tops, lefts = [0, 2, 4, 6, 8], [0, 5, 10, 15, 20]  # evenly spaced, both ends included
+    origins = [(t, left) for t in tops for left in lefts]
+    for k, (top, left) in enumerate(origins):
+        torch.testing.assert_close(crops[0, k], image[0, :, top : top + crop, left : left + crop])
+        torch.testing.assert_close(crops[0, 25 + k], crops[0, k].flip(-1))
+    assert crops[0, 0, 0, 0, 0] == 0  # top-left corner
+    assert crops[0, 24, 0, -1, -1] == h * w - 1  # bottom-right corner
+
+
+def test_dense_on_a_crop_sized_input_equals_the_plain_net():
+    model = tiny_model()
+    x = torch.randn(4, 3, 32, 32)
+    plain = model(x).softmax(1)
+    torch.testing.assert_close(dense_posteriors(model.dense(), x, flip=False), plain, atol=1e-6, rtol=1e-5)
+
+
+def test_dense_averages_scores_spatially_then_softmax_then_averages_the_flip():
+    model = tiny_model(seed=1)
+    x = torch.randn(2, 3, 96, 128)
+    scores = model.dense()(x)  # (2, 3, 3, 4) class score map
+    flipped = model.dense()(x.flip(-1))
+    assert scores.shape[-2:] == (3, 4)
+    expected = (scores.mean((2, 3)).softmax(1) + flipped.mean((2, 3)).softmax(1)) / 2
+    torch.testing.assert_close(dense_posteriors(model.dense(), x, flip=True), expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(expected, scores.softmax(1).mean((2, 3)))  # posteriors are not averaged per cell
+
+
+def test_multicrop_averages_posteriors_over_the_50_crops():
+    model = tiny_model(seed=2)
+    x = torch.randn(3, 3, 40, 36)
+    crops = grid_crops(x, 32)
+    expected = model(crops.flatten(0, 1)).softmax(1).view(3, 50, -1).mean(1)
+    torch.testing.assert_close(multicrop_posteriors(model, x, 32, chunk=60), expected, atol=1e-6, rtol=1e-5)
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+def test_topk_ties_count_for_the_true_class():
+    posteriors = torch.tensor([
+        [0.25, 0.25, 0.25, 0.25, 0.0, 0.0],  # four-way tie at the top: correct at top-1
+        [0.5, 0.2, 0.1, 0.1, 0.05, 0.05],  # true class 5 ties with class 4; four score higher
+        [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],  # true class 2: two strictly higher
+    ])
+    targets = torch.tensor([3, 5, 2])
+    assert topk_correct(posteriors, targets, 1).tolist() == [True, False, False]
+    assert topk_correct(posteriors, targets, 3).tolist() == [True, False, True]
+    assert topk_correct(posteriors, targets, 5).tolist() == [True, True, True]
+    assert topk_error(posteriors, targets, 1) == pytest.approx(2 / 3)
+    assert topk_error(posteriors, targets, 5) == 0.0
+    assert per_class_accuracy(posteriors, targets, 6) == [None, None, 0.0, 1.0, None, 0.0]
+
+
+def test_scales_from_the_recipe():
+    assert derive_scales({"crop": 224, "scale": [256, 256]}) == [224, 256, 288]
+    assert derive_scales({"crop": 224, "scale": [384, 384]}) == [352, 384, 416]
+    assert derive_scales({"crop": 224, "scale": [256, 512]}) == [256, 384, 512]
+    assert derive_scales({"crop": 32, "scale": [40, 40]}) == [35, 40, 45]  # offset 32 * 32/224 = 5
+    assert derive_scales({"crop": 32, "scale": [36, 36]}) == [32, 36, 41]  # never below the crop
+    assert derive_scales({"crop": 32, "scale": [36, 73]}) == [36, 54, 73]
+
+
+def test_balanced_subset_takes_classes_in_turn():
+    targets = [0] * 5 + [1] * 3 + [2] * 4
+    assert balanced_subset(targets, 7) == [0, 1, 2, 5, 6, 8, 9]
+    assert balanced_subset(targets, None) == list(range(12))
+
+
+# ---- evaluate() ---------------------------------------------------------------------------
+
+
+def run(checkpoints, folder, **kwargs):
+    return evaluate(checkpoints, folder, workers=0, progress=False, batch_size=4, **kwargs)
+
+
+def test_evaluate_rows_and_fusion_of_a_net_with_itself(folder, checkpoint):
+    protocols = ("dense", "multicrop", "dense+multicrop", "center")
+    alone = run([checkpoint], folder, protocols=protocols)
+    rows = {r["name"]: r for r in alone["rows"]}
+    assert list(rows) == [
+        "dense Q=32", "dense Q=36", "dense Q=41", "dense Q={32,36,41}",
+        "multi-crop Q=32", "multi-crop Q=36", "multi-crop Q=41", "multi-crop Q={32,36,41}",
+        "multi-crop & dense Q={32,36,41}", "centre crop 37/32",
+    ]
+    assert all(r["images"] == 12 and 0 <= r["top1_error"] <= 1 and r["top5_error"] == 0 for r in rows.values())
+    assert alone["main"] == "multi-crop & dense Q={32,36,41}"
+    assert set(alone["per_class_accuracy"]) == set(CLASSES)
+    assert not alone["imagenet_sized"] and all("paper" not in r for r in alone["rows"])
+
+    both = run([checkpoint, checkpoint], folder, protocols=protocols, keep_posteriors=True)
+    fused = {r["protocol"]: r for r in both["rows"] if r["fusion"]}
+    assert set(fused) == set(protocols)
+    for protocol, row in fused.items():
+        single = next(r for r in alone["rows"] if r["protocol"] == protocol and r["scales"] == row["scales"])
+        assert (row["top1_error"], row["top5_error"]) == (single["top1_error"], single["top5_error"])
+    np.testing.assert_array_equal(both["posteriors"]["net0_dense_Q36"], both["posteriors"]["net1_dense_Q36"])
+    assert "Table 6" in paper_tables(both) and "fusion of A S=36 #1 + A S=36 #2" in format_table(both)
+
+
+def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
+    result = run([checkpoint], folder / "val", protocols=("dense",), scales=[48], limit=5)
+    assert [r["name"] for r in result["rows"]] == ["dense Q=48"]
+    assert result["images"] == 5
+    other = tmp_path / "other.pt"
+    save_checkpoint({"model": tiny_model().state_dict(), "recipe": {**RECIPE, "classes": ["a", "b", "c"]}}, other)
+    with pytest.raises(ValueError, match="other.pt: its classes"):
+        run([checkpoint, other], folder)
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        run([checkpoint], folder, scales=[24])
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def test_cli_json_end_to_end(folder, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "verydeep.cli", "eval", "--checkpoint", str(checkpoint), "--data", str(folder),
+         "--workers", "0", "--json", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["protocol"] for r in result["rows"]} == {"dense", "multicrop", "dense+multicrop"}
+    assert all({"top1_error", "top5_error", "images"} <= set(r) for r in result["rows"])
+    assert "Table 3" in proc.stdout and "| dense Q=36 |" in proc.stdout
+    assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
+    assert "Table 5" in (out / "results.md").read_text()
+    assert np.load(out / "posteriors.npz")["net0_multicrop_Q41"].shape == (12, 3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "missing.pt"], "missing.pt: no such checkpoint"),
+    (["--protocol", "tencrop"], "unknown protocol tencrop"),
+    (["--scales", "256,x"], "expected comma-separated integers"),
+])
+def test_cli_errors_are_one_line(folder, checkpoint, capsys, argv, message):
+    base = {"--checkpoint": str(checkpoint), "--data": str(folder)}
+    args = ["eval", "--no-progress", "--workers", "0"]
+    for flag, value in base.items():
+        if flag not in argv:
+            args += [flag, value]
+    try:
+        code = main(args + argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
