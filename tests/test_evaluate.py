@@ -214,3 +214,30 @@ def test_cli_errors_are_one_line(folder, checkpoint, capsys, argv, message):
         code = stop.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+# ---- predict ------------------------------------------------------------------------------
+
+
+def test_predict_matches_dense_multi_scale_evaluation(folder, checkpoint):
+    from verydeep.predict import predict
+
+    evaluated = run([checkpoint], folder, protocols=("dense",), keep_posteriors=True)
+    image = evaluated["paths"][5]
+    expected = np.mean([evaluated["posteriors"][f"net0_dense_Q{q}"][5] for q in (32, 36, 41)], axis=0)
+    result = predict(checkpoint, [image], topk=5, device="cpu")
+    assert result["scales"] == [32, 36, 41]
+    top = result["predictions"][0]["top"]
+    assert [t["rank"] for t in top] == [1, 2, 3]  # top-5 of 3 classes lists all 3
+    assert [t["index"] for t in top] == list(np.argsort(-expected))
+    np.testing.assert_allclose([t["probability"] for t in top], np.sort(expected)[::-1], rtol=1e-5)
+    assert {t["name"] for t in top} == set(CLASSES)
+
+
+def test_predict_cli(folder, checkpoint, capsys):
+    image = str(folder / "val" / "red" / "0.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), image, "--topk", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["predictions"][0]["top"]) == 2
+    assert main(["predict", "--checkpoint", str(checkpoint), image, "nowhere.jpg"]) == 2
+    assert capsys.readouterr().err.strip() == "verydeep predict: error: nowhere.jpg: no such image"
