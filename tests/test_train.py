@@ -1,0 +1,205 @@
+"""Training: the loss falls, accumulation and resume are exact, the schedule and warm start follow Sec. 3.1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from verydeep.checkpoint import load_checkpoint, model_from_recipe, save_checkpoint
+from verydeep.cli import main
+from verydeep.train import (
+    GlobalBatchSampler,
+    NonFiniteLossError,
+    Schedule,
+    TrainConfig,
+    balanced_subset,
+    build_model,
+    make_config,
+    parse_scale,
+    read_recipe,
+    recipe_names,
+    train,
+)
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 50)]
+
+
+def write_dataset(root: Path, per_class: dict[str, int], size: tuple[int, int] = (44, 40)) -> Path:
+    """Class folders of noisy single-colour PNGs, one colour per class."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for label, colour in enumerate(COLOURS):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.array(colour) + rng.normal(0, 40, (size[1], size[0], 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), {"train": 16, "val": 4})
+
+
+def tiny(data: Path, out: Path, **options) -> TrainConfig:
+    """A width-1/16 net A on 32-pixel crops, 4 steps of 16 images per epoch, fp32, no workers."""
+    settings = dict(data=data, out=out, width=1 / 16, crop=32, scale=(32, 40), batch_size=16, init="xavier",
+                    lr=0.05, epochs=1, workers=0, precision="fp32", progress=False, patience=100)
+    return TrainConfig(**{**settings, **options})
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
+    summary = train(tiny(data, tmp_path, epochs=6))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert summary["steps"] == len(losses) == 24 and summary["epochs"] == len(epochs) == 6
+    assert np.mean(losses[-4:]) < 0.75 * np.mean(losses[:4]), losses
+    assert summary["best_val_top1"] > 25.0  # four classes: chance is 25%
+    assert {"val_top1", "val_top5", "img_s", "peak_mem_mb", "seconds", "skipped", "train_loss"} <= set(epochs[-1])
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch-*.pt")) == [
+        "epoch-0004.pt", "epoch-0005.pt", "epoch-0006.pt"]
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert recipe["classes"] == [f"class{i}" for i in range(4)] and recipe["scale"] == [32, 40]
+    assert recipe["num_classes"] == 4 and "mean" in recipe["preprocess"]
+
+
+def test_accumulation_equals_the_full_batch(data, tmp_path):
+    whole = train(tiny(data, tmp_path / "whole", dropout=0.0))
+    accumulated = train(tiny(data, tmp_path / "micro", dropout=0.0, micro_batch=4))
+    assert whole["steps"] == accumulated["steps"] == 4
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "micro")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_a_crash_is_bitwise_equal(data, tmp_path, workers):
+    options = dict(epochs=2, checkpoint_every=2, workers=workers)  # dropout on: its RNG must be restored too
+    train(tiny(data, tmp_path / "straight", **options))
+    crashed = train(tiny(data, tmp_path / "resumed", stop_after_steps=7, **options))
+    assert crashed["stopped"] == "stop_after_steps"
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 6  # mid-epoch 2
+    summary = train(tiny(data, tmp_path / "resumed", resume=True, **options))
+    assert summary["steps"] == 8
+    straight, resumed = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("straight", "resumed"))
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for key, value in straight["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], resumed["optimizer"]["state"][key]["momentum_buffer"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "step"' in line]
+    assert steps == list(range(1, 9))  # the records after the checkpoint were dropped and logged again
+
+
+def test_plateau_divides_by_ten_after_patience_at_most_three_times_then_stops():
+    schedule = Schedule(lr=0.01, patience=2, max_drops=3)
+    assert schedule.update(1, 50.0) and schedule.lr == 0.01
+    schedule.update(2, 49.0)
+    assert schedule.lr == 0.01  # one bad validation: within the patience
+    schedule.update(3, 50.0)
+    assert schedule.lr == pytest.approx(1e-3) and schedule.drops == 1
+    for epoch, top1 in enumerate([60.0, 60.0, 60.0, 59.0, 58.0, 61.0, 61.0], start=4):
+        schedule.update(epoch, top1)
+    assert schedule.lr == pytest.approx(1e-5) and schedule.drops == 3 and not schedule.stopped
+    schedule.update(11, 61.0)
+    schedule.update(12, 61.0)
+    assert schedule.stopped and schedule.lr == pytest.approx(1e-5) and schedule.best == 61.0
+
+
+def test_milestones_replace_the_plateau_rule():
+    schedule = Schedule(lr=0.1, patience=1, milestones=[2, 4])
+    lrs = []
+    for epoch in range(1, 6):
+        schedule.update(epoch, 10.0)
+        lrs.append(schedule.lr)
+    assert lrs == pytest.approx([0.1, 0.01, 0.01, 0.001, 0.001]) and not schedule.stopped
+
+
+def test_plateau_stops_a_run(data, tmp_path):
+    summary = train(tiny(data, tmp_path, lr=1e-9, patience=1, max_drops=1, epochs=10, val_every=1))
+    assert summary["stopped"] == "plateau" and summary["epochs"] == 3 and summary["lr"] == pytest.approx(1e-10)
+
+
+RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32}
+
+
+def test_init_from_warm_start_copies_exactly_the_papers_layers(tmp_path):
+    torch.manual_seed(1)
+    source = model_from_recipe(RECIPE)
+    save_checkpoint({"model": source.state_dict(), "recipe": RECIPE}, tmp_path / "a.pt")
+    deep, how = build_model(TrainConfig(init_from=str(tmp_path / "a.pt"), init="paper"), {**RECIPE, "config": "D"})
+    assert "warm start" in how
+    copied = {"conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"}
+    layers = {**deep.conv_layers(), **deep.fc_layers()}
+    theirs = {**source.conv_layers(), **source.fc_layers()}
+    for name, layer in layers.items():
+        same = name in theirs and layer.weight.shape == theirs[name].weight.shape and torch.equal(
+            layer.weight, theirs[name].weight)
+        assert same == (name in copied), name
+    same_config, how = build_model(TrainConfig(init_from=str(tmp_path / "a.pt")), RECIPE)
+    assert how.startswith("all weights")
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, same_config.state_dict()[key])
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf).*last good checkpoint: .*last\.pt"):
+        train(tiny(data, tmp_path, lr=1e12, dropout=0.0, epochs=5, checkpoint_every=1))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] >= 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_sampler_slices_make_up_the_global_batch():
+    single = list(GlobalBatchSampler(range(40), 8, 8, 0, 1, seed=3))
+    rank0 = list(GlobalBatchSampler(range(40), 8, 2, 0, 2, seed=3))
+    rank1 = list(GlobalBatchSampler(range(40), 8, 2, 1, 2, seed=3))
+    assert len(single) == 5 and len(rank0) == 10
+    for step, batch in enumerate(single):
+        assert batch == rank0[2 * step] + rank0[2 * step + 1] + rank1[2 * step] + rank1[2 * step + 1]
+    resumed = GlobalBatchSampler(range(40), 8, 8, 0, 1, seed=3)
+    resumed.set_epoch(0, start_step=3)
+    assert list(resumed) == single[3:]
+    resumed.set_epoch(1)
+    assert list(resumed) != [[(1, i) for _, i in batch] for batch in single]  # a new order each epoch
+
+
+def test_balanced_subset_takes_classes_in_turn():
+    targets = [0] * 5 + [1] * 5 + [2] * 5
+    assert balanced_subset(targets, 6) == [0, 1, 5, 6, 10, 11]
+    assert balanced_subset(targets, None) == list(range(15))
+
+
+def test_scale_and_recipes():
+    assert parse_scale("256") == (256, 256) and parse_scale("256:512") == (256, 512) and parse_scale([36, 73]) == (
+        36, 73)
+    assert {"a-paper", "warm-start", "glorot", "s384", "jitter", "cifar10"} <= set(recipe_names())
+    cfg = make_config({**read_recipe("s384"), "data": "x", "out": "y"})
+    assert cfg.scale == (384, 384) and cfg.lr == 1e-3
+    assert make_config(read_recipe("jitter")).scale == (256, 512)
+
+
+def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
+    cases = [
+        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--data", str(data), "--scale", "256:abc"], "--scale"),
+        (["--data", str(data), "--scale", "50", "--crop", "48"], "--crop must be a multiple of 32"),
+        (["--data", str(data), "--recipe", "no-such-recipe"], "no-such-recipe"),
+        (["--data", str(data), "--resume"], "--resume"),
+    ]
+    for flags, message in cases:
+        assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and err.startswith("verydeep train: error:"), err
