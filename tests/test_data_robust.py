@@ -1,0 +1,107 @@
+"""Bad data (issue 3): every kind of broken or unusual file either works or is skipped and named."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from verydeep.data import BadImageError, ImageFolder, RescaleTransform, TrainTransform, collate
+
+
+def jpeg_bytes(w: int = 64, h: int = 48) -> bytes:
+    from io import BytesIO
+
+    rng = np.random.default_rng(0)
+    buffer = BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_zoo(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """A class folder of unusual-but-valid images and one of broken files."""
+    good, bad = root / "good", root / "bad"
+    good.mkdir(parents=True)
+    bad.mkdir()
+    works = {
+        "rgb": good / "rgb.jpg",
+        "grey": good / "grey.jpg",
+        "cmyk": good / "cmyk.jpg",
+        "grey16": good / "grey16.png",
+        "rgba": good / "rgba.png",
+        "palette": good / "palette.gif",
+        "tiny": good / "tiny.png",
+        "rotated": good / "rotated.jpg",
+    }
+    works["rgb"].write_bytes(jpeg_bytes())
+    Image.new("L", (50, 40), 90).save(works["grey"])
+    Image.new("CMYK", (50, 40), (255, 0, 0, 0)).save(works["cmyk"])  # pure cyan
+    Image.fromarray(np.full((40, 50), 32768, np.uint16)).save(works["grey16"])  # mid grey in 16 bits
+    Image.new("RGBA", (50, 40), (10, 200, 30, 128)).save(works["rgba"])
+    Image.new("P", (50, 40), 3).save(works["palette"], transparency=3)
+    Image.new("RGB", (5, 4), (250, 0, 0)).save(works["tiny"])  # smaller than any crop
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (60, 40), (0, 0, 250)).save(works["rotated"], exif=exif)
+    broken = {
+        "truncated": bad / "truncated.jpg",
+        "corrupt": bad / "corrupt.jpg",
+        "empty": bad / "empty.jpg",
+        "text": bad / "notes.png",
+    }
+    broken["truncated"].write_bytes(jpeg_bytes()[:400])
+    broken["corrupt"].write_bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    broken["empty"].write_bytes(b"")
+    broken["text"].write_text("this is not an image\n")
+    return works, broken
+
+
+def test_unusual_images_decode_correctly(tmp_path):
+    works, _ = make_zoo(tmp_path)
+    read = RescaleTransform(8)
+    assert read(works["grey16"]).float().mean() == pytest.approx(128, abs=1)  # scaled, not clipped
+    cyan = read(works["cmyk"]).float().mean((1, 2))
+    assert cyan[0] < 10 and cyan[1] > 245 and cyan[2] > 245
+    assert read(works["grey"]).float().mean((1, 2)).tolist() == [90, 90, 90]
+    assert read(works["tiny"]).shape == (3, 8, 10)  # upsampled to the smallest side Q
+    assert read(works["rotated"]).shape == (3, 12, 8)  # EXIF 8: displayed portrait
+
+
+def test_broken_files_through_a_loader_are_skipped_named_and_counted(tmp_path):
+    works, broken = make_zoo(tmp_path)
+    dataset = ImageFolder(tmp_path, TrainTransform(crop=16, scale=(16, 24)))
+    loader = DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate)
+    images, skipped, sizes = 0, [], []
+    for batch in loader:
+        assert batch.images.dtype == torch.uint8 and len(batch.labels) == batch.images.shape[0]
+        sizes.append(tuple(batch.images.shape))
+        images += batch.images.shape[0]
+        skipped += batch.skipped
+    # "bad" sorts first: its first batch is all broken and comes out empty, not as a crash
+    assert sizes[0] == (0, 3, 0, 0) and all(s[1:] == (3, 16, 16) for s in sizes[1:])
+    assert images == len(works)
+    assert sorted(skipped) == sorted(str(p) for p in broken.values())
+
+
+def test_a_bad_file_is_one_log_line_naming_it(tmp_path, caplog):
+    _, broken = make_zoo(tmp_path)
+    dataset = ImageFolder(tmp_path, RescaleTransform(8))
+    index = [str(p) for p, _ in dataset.samples].index(str(broken["truncated"]))
+    with caplog.at_level(logging.WARNING, logger="verydeep.data"):
+        image, _, path = dataset[index]
+    assert image is None and path == str(broken["truncated"])
+    assert len(caplog.records) == 1 and str(broken["truncated"]) in caplog.records[0].getMessage()
+    assert "\n" not in caplog.records[0].getMessage()
+
+
+def test_strict_mode_fails_fast_naming_the_file(tmp_path):
+    _, broken = make_zoo(tmp_path)
+    dataset = ImageFolder(tmp_path, RescaleTransform(8), strict=True)
+    with pytest.raises(BadImageError, match="corrupt.jpg"):
+        for _ in DataLoader(dataset, batch_size=4, collate_fn=collate):
+            pass
