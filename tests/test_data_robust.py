@@ -1,4 +1,4 @@
-"""Bad data (issue 3): every kind of broken or unusual file either works or is skipped and named."""
+"""Bad data (issue 3): every kind of broken or unusual file works or is skipped and named; stats."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from verydeep.data import BadImageError, ImageFolder, RescaleTransform, TrainTransform, collate
+from verydeep.cli import main
+from verydeep.data import (
+    BadImageError,
+    ImageFolder,
+    RescaleTransform,
+    TrainTransform,
+    collate,
+    compute_stats,
+    load_preprocess,
+)
 
 
 def jpeg_bytes(w: int = 64, h: int = 48) -> bytes:
@@ -105,3 +114,41 @@ def test_strict_mode_fails_fast_naming_the_file(tmp_path):
     with pytest.raises(BadImageError, match="corrupt.jpg"):
         for _ in DataLoader(dataset, batch_size=4, collate_fn=collate):
             pass
+
+
+# ---- verydeep data stats ------------------------------------------------------------------
+
+
+def test_stats_match_the_pixels_and_are_stored_for_load_preprocess(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    mix = np.array([[1.0, 0.5, 0.2], [0.0, 0.6, 0.3], [0.0, 0.0, 0.2]])  # correlated channels
+    arrays = []
+    for i in range(6):
+        noise = rng.normal(0, 40, (20 + i, 24, 3)) @ mix + [120, 100, 80]
+        arrays.append(np.clip(noise, 0, 255).astype(np.uint8))
+        (tmp_path / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arrays[-1]).save(tmp_path / "train" / f"c{i % 2}" / f"{i}.png")
+    (tmp_path / "train" / "c0" / "broken.png").write_bytes(b"\x89PNG junk")
+    pixels = np.concatenate([a.reshape(-1, 3) for a in arrays]).astype(np.float64) / 255
+
+    pre, summary = compute_stats(tmp_path / "train", sample=100, progress=False)
+    assert summary["images"] == 6 and len(summary["skipped"]) == 1
+    np.testing.assert_allclose(pre.mean, pixels.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(pre.std, pixels.std(0), rtol=1e-9)
+    cov = np.cov(pixels.T, bias=True)
+    vec, val = np.array(pre.eigvec), np.array(pre.eigval)
+    assert list(val) == sorted(val, reverse=True)
+    np.testing.assert_allclose(vec @ np.diag(val) @ vec.T, cov, atol=1e-9)  # columns are eigenvectors
+
+    assert main(["data", "stats", str(tmp_path), "--sample", "100", "--workers", "0", "--mean-only"]) == 0
+    stored = load_preprocess(tmp_path)
+    np.testing.assert_allclose(stored.mean, pre.mean)
+    np.testing.assert_allclose(stored.eigval, pre.eigval)
+    assert stored.std == (1 / 255,) * 3
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_stats_on_a_missing_folder_is_one_clear_error(tmp_path, capsys):
+    assert main(["data", "stats", str(tmp_path / "nope"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope" in err and "does not exist" in err

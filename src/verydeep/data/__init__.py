@@ -15,6 +15,7 @@ from verydeep.data.datasets import (
     open_split,
 )
 from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess, save_preprocess, to_input
+from verydeep.data.stats import add_cli, compute_stats
 from verydeep.data.transforms import (
     CenterCropTransform,
     RescaleTransform,
@@ -36,7 +37,9 @@ __all__ = [
     "RescaleTransform",
     "SizeGroupedBatchSampler",
     "TrainTransform",
+    "add_cli",
     "collate",
+    "compute_stats",
     "crop_box",
     "find_split",
     "grid_crops",

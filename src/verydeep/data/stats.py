@@ -1,0 +1,128 @@
+"""``verydeep data stats DIR``: the training set's mean RGB and RGB covariance eigen-decomposition.
+
+The mean is what the paper subtracts (Sec. 2); the eigenvectors and eigenvalues drive the
+AlexNet colour shift (Sec. 3.1). Computed on a random sample of images, at about the training
+scale, and stored as ``preprocess.json`` beside the dataset, where :func:`load_preprocess`
+finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from verydeep.data.datasets import find_split, open_split
+from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
+from verydeep.data.transforms import decode, displayed_size, reduction, resized_size, to_tensor
+
+
+@dataclass(frozen=True)
+class PixelMoments:
+    """An image's pixel moments on the 0..1 scale: (13,) float64 = count, sum (3), sum of
+    outer products (3x3). Pixels as decoded, JPEGs reduced (DCT scaling) while the smallest
+    side stays at least ``side``; never resampled, so no interpolation bends the statistics.
+    Computed where the image is read (DataLoader workers, one thread each)."""
+
+    side: int
+
+    def __call__(self, path: str | Path) -> Tensor:
+        with Image.open(path) as img:
+            k = reduction(img, resized_size(displayed_size(img), self.side))
+            pixels = to_tensor(decode(img, k))
+        x = pixels.permute(1, 2, 0).reshape(-1, 3).to(torch.float64) / 255.0  # HWC: a free view
+        count = torch.tensor([x.shape[0]], dtype=torch.float64)
+        return torch.cat([count, x.sum(0), (x.T @ x).flatten()])
+
+
+def compute_stats(
+    folder: str | Path,
+    sample: int = 5000,
+    side: int = 256,
+    seed: int = 0,
+    workers: int = 0,
+    mean_only: bool = False,
+    progress: bool = True,
+) -> tuple[Preprocess, dict[str, Any]]:
+    """Mean, per-channel std and covariance eigen-decomposition of RGB pixels (0..1 scale) over
+    ``sample`` images of the split ``folder`` drawn with ``seed``.
+
+    Eigenvalues descend; ``eigvec`` columns are the eigenvectors. ``mean_only`` stores the
+    paper's preprocessing, std = 1/255 (mean subtraction on the 0..255 scale). Returns the
+    statistics and a summary (images used, skipped, pixels).
+    """
+    dataset = open_split(folder, PixelMoments(side))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    subset = Subset(dataset, order[: min(sample, len(dataset))].tolist())
+    loader = DataLoader(subset, batch_size=None, num_workers=workers)
+    moments = torch.zeros(13, dtype=torch.float64)
+    skipped = []
+    for image_moments, _, path in tqdm(loader, desc=f"stats {folder}", unit="img", disable=not progress):
+        if image_moments is None:
+            skipped.append(path)
+        else:
+            moments += image_moments
+    pixels = int(moments[0])
+    if pixels == 0:
+        raise ValueError(f"data folder {folder}: no readable images in the sample")
+    mean = moments[1:4] / pixels
+    cov = moments[4:].view(3, 3) / pixels - torch.outer(mean, mean)
+    eigval, eigvec = torch.linalg.eigh(cov)
+    eigval, eigvec = eigval.flip(0).clamp(min=0), eigvec.flip(1)
+    std = (1 / 255,) * 3 if mean_only else tuple(cov.diagonal().sqrt().tolist())
+    pre = Preprocess(
+        mean=tuple(mean.tolist()),  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        eigval=tuple(eigval.tolist()),  # type: ignore[arg-type]
+        eigvec=tuple(tuple(row) for row in eigvec.tolist()),  # type: ignore[arg-type]
+    )
+    summary = {"folder": str(folder), "images": len(subset) - len(skipped), "skipped": skipped,
+               "pixels": pixels, "side": side, "seed": seed}
+    return pre, summary
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="dataset tools (statistics for preprocessing)")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    s = sub.add_parser("stats", help="mean RGB and RGB covariance eigenvectors of a training set")
+    s.add_argument("dir", type=Path, help="dataset root (its train/ split is used) or a split folder")
+    s.add_argument("--out", type=Path, default=None, help=f"output file (default: DIR/{PREPROCESS_FILE})")
+    s.add_argument("--sample", type=int, default=5000, help="number of images sampled (default 5000)")
+    s.add_argument("--side", type=int, default=256,
+                   help="JPEGs are decoded reduced while the smallest side stays >= this (default 256)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader worker processes (default: cores, at most 8)")
+    s.add_argument("--mean-only", action="store_true",
+                   help="store std = 1/255: the paper's mean subtraction on the 0..255 scale")
+    s.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    if args.sample < 1 or args.side < 1:
+        raise ValueError(f"--sample and --side must be positive; got {args.sample} and {args.side}")
+    folder = find_split(args.dir, "train")
+    pre, summary = compute_stats(folder, args.sample, args.side, args.seed, args.workers, args.mean_only)
+    out = args.out or Path(args.dir) / PREPROCESS_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**pre.to_dict(), "computed_on": {**summary, "skipped": len(summary["skipped"])}},
+                              indent=2) + "\n")
+    for path in summary["skipped"]:
+        print(f"skipped {path}")
+    fmt = ", ".join
+    print(f"{summary['images']} images, {summary['pixels']} pixels, {len(summary['skipped'])} skipped")
+    print(f"mean   {fmt(f'{v:.4f}' for v in pre.mean)}")
+    print(f"std    {fmt(f'{v:.4f}' for v in pre.std)}")
+    print(f"eigval {fmt(f'{v:.4f}' for v in pre.eigval)}")
+    for row in pre.eigvec:
+        print(f"eigvec {fmt(f'{v:+.4f}' for v in row)}")
+    print(f"wrote {out}")
