@@ -14,12 +14,14 @@ from verydeep.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.cli import main
 from verydeep.data import IMAGENET, grid_crops
 from verydeep.evaluate import (
+    Net,
     balanced_subset,
     dense_posteriors,
     derive_scales,
     evaluate,
     format_table,
     multicrop_posteriors,
+    paper_figures,
     paper_tables,
     per_class_accuracy,
     topk_correct,
@@ -29,6 +31,7 @@ from verydeep.evaluate import (
 CLASSES = ["blue", "green", "red"]
 RECIPE = {"config": "A", "num_classes": 3, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
           "scale": [36, 36], "preprocess": IMAGENET.to_dict(), "classes": CLASSES, "class_names": CLASSES}
+CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "test"
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 
 
@@ -37,18 +40,21 @@ def tiny_model(seed: int = 0, **changes):
     return model_from_recipe({**RECIPE, **changes}).eval()
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """val/<class>/ with 4 noisy single-colour images per class, of two sizes (so batches group by size)."""
-    root = tmp_path_factory.mktemp("data")
+def make_folder(root: Path, per_class: int) -> Path:
+    """val/<class>/ with noisy single-colour images of two sizes (so batches group by size)."""
     rng = np.random.default_rng(0)
     for name, colour in COLOURS.items():
         (root / "val" / name).mkdir(parents=True)
-        for i in range(4):
+        for i in range(per_class):
             h, w = (40, 48) if i % 2 else (36, 36)
             pixels = np.clip(np.array(colour) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / "val" / name / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data"), per_class=4)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +183,44 @@ def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
         run([checkpoint], folder, scales=[24])
 
 
+def test_unreadable_images_are_skipped_and_named(checkpoint, tmp_path):
+    root = make_folder(tmp_path, per_class=2)
+    (root / "val" / "green" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run([checkpoint], root, protocols=("dense", "center"))
+    assert result["skipped"] == [str(root / "val" / "green" / "broken.png")]
+    assert result["images"] == 6 and all(r["images"] == 6 for r in result["rows"])
+
+
+def test_paper_figures_stand_beside_imagenet_sized_rows():
+    recipe = {**RECIPE, "config": "D", "num_classes": 1000, "crop": 224, "scale": [256, 512], "classes": None}
+    nets = [Net(name, "x.pt", model_from_recipe({**recipe, "config": c}), {**recipe, "config": c}, [256, 384, 512],
+                IMAGENET) for name, c in (("D S=256;512", "D"), ("E S=256;512", "E"))]
+
+    def row(protocol, scales, members):
+        return {"protocol": protocol, "scales": scales, "nets": members, "multi_scale": len(scales) > 1,
+                "fusion": len(members) > 1}
+
+    d = ["D S=256;512"]
+    assert paper_figures(row("dense", [384], d, ), nets) == {"table": "Table 3", "top1_error": 0.256,
+                                                           "top5_error": 0.081}
+    assert paper_figures(row("dense", [256], d), nets) is None  # the paper's single scale is 384
+    assert paper_figures(row("dense", [256, 384, 512], d), nets)["table"] == "Table 4"
+    assert paper_figures(row("multicrop", [256, 384, 512], d), nets)["top1_error"] == pytest.approx(0.246)
+    assert paper_figures(row("dense", [224, 256, 288], d), nets) is None  # not the paper's test scales
+    fused = paper_figures(row("dense+multicrop", [256, 384, 512], [n.name for n in nets]), nets)
+    assert fused == {"table": "Table 6", "top1_error": 0.237, "top5_error": 0.068}
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real data not found at {CIFAR} (../shared/data beside the repo)")
+def test_real_cifar10_split_with_limit(tmp_path):
+    recipe = {**RECIPE, "num_classes": 10, "classes": sorted(p.name for p in CIFAR.iterdir() if p.is_dir())}
+    path = tmp_path / "cifar.pt"
+    save_checkpoint({"model": model_from_recipe(recipe).state_dict(), "recipe": recipe}, path)
+    result = run([path], CIFAR.parent, limit=20, protocols=("dense", "center"))
+    assert result["data"] == str(CIFAR) and result["images"] == 20
+    assert [r["name"] for r in result["rows"]][-2:] == ["dense Q={32,36,41}", "centre crop 37/32"]
+
+
 # ---- command line -------------------------------------------------------------------------
 
 
@@ -184,17 +228,17 @@ def test_cli_json_end_to_end(folder, checkpoint, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "verydeep.cli", "eval", "--checkpoint", str(checkpoint), "--data", str(folder),
-         "--workers", "0", "--json", "--no-progress", "--out", str(out)],
+         "--scales", "32,40", "--workers", "0", "--json", "--no-progress", "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {r["protocol"] for r in result["rows"]} == {"dense", "multicrop", "dense+multicrop"}
     assert all({"top1_error", "top5_error", "images"} <= set(r) for r in result["rows"])
-    assert "Table 3" in proc.stdout and "| dense Q=36 |" in proc.stdout
+    assert "Table 3" in proc.stdout and "| dense Q=40 |" in proc.stdout
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
     assert "Table 5" in (out / "results.md").read_text()
-    assert np.load(out / "posteriors.npz")["net0_multicrop_Q41"].shape == (12, 3)
+    assert np.load(out / "posteriors.npz")["net0_multicrop_Q40"].shape == (12, 3)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -233,6 +233,7 @@ class Net:
         return {
             "name": self.name,
             "checkpoint": self.checkpoint,
+            "model": self.config + ("-BN" if self.recipe.get("batch_norm") else ""),
             "config": self.config,
             "batch_norm": bool(self.recipe.get("batch_norm", False)),
             "width": self.recipe.get("width"),
@@ -635,6 +636,12 @@ def _train_label(net: dict[str, Any]) -> str:
     return "" if scale is None else (str(scale[0]) if scale[0] == scale[1] else f"[{scale[0]};{scale[1]}]")
 
 
+def _model_label(net: dict[str, Any], nets: dict[str, dict[str, Any]]) -> str:
+    """The configuration (``D``, ``A-BN``), or the net's full name when two nets share it."""
+    twins = [n for n in nets.values() if (n["model"], n["train_scale"]) == (net["model"], net["train_scale"])]
+    return net["name"] if len(twins) > 1 else net["model"]
+
+
 def _error_cells(row: dict[str, Any], paper: bool) -> str:
     cells = f" {_pct(row['top1_error'])} | {_pct(row['top5_error'])} |"
     if paper:
@@ -657,7 +664,7 @@ def paper_tables(result: dict[str, Any]) -> str:
                  "|---|---|---|" + err_rule]
         for r in chosen:
             net = nets[r["nets"][0]]
-            lines.append(f"| {net['name']} | {_train_label(net)} | {scales_label(r['scales'])} |"
+            lines.append(f"| {_model_label(net, nets)} | {_train_label(net)} | {scales_label(r['scales'])} |"
                          + _error_cells(r, paper))
         sections.append("\n".join(lines if chosen else [*lines[:2], "(no such rows in this run)"]))
 
@@ -671,7 +678,7 @@ def paper_tables(result: dict[str, Any]) -> str:
              "| ConvNet config. | evaluation method | test (Q) |" + err_head, "|---|---|---|" + err_rule]
     for r in methods:
         net = nets[r["nets"][0]]
-        label = f"{net['name']}" + (f" (S={_train_label(net)})" if _train_label(net) else "")
+        label = _model_label(net, nets) + (f" (S={_train_label(net)})" if _train_label(net) else "")
         lines.append(f"| {label} | {PROTOCOL_LABELS[r['protocol']]} | {scales_label(r['scales'])} |"
                      + _error_cells(r, paper))
     sections.append("\n".join(lines if methods else [*lines[:2], "(no such rows in this run)"]))
