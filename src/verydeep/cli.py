@@ -7,7 +7,7 @@ import importlib
 import sys
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
-COMMAND_MODULES = ("summary", "data", "train", "evaluate", "predict")
+COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from tqdm import tqdm
 
 from verydeep import runtime
@@ -220,8 +221,9 @@ class Schedule:
 
 
 def derived_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of ``keys`` (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed that is a pure function of ``keys`` (a BLAKE2 hash: cheap, well mixed)."""
+    digest = hashlib.blake2b(",".join(map(str, keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class SeededSamples(Dataset):
@@ -239,8 +241,11 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, str, torch.Tensor]:
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(self.seed, 1, epoch, index))
+        # In a worker the global CPU RNG serves nothing else; in the main process (no workers) it is
+        # also dropout's, so it is forked. Only the CPU generator is seeded, never CUDA's.
+        isolated = torch.random.fork_rng(devices=[]) if get_worker_info() is None else contextlib.nullcontext()
+        with isolated:
+            torch.default_generator.manual_seed(derived_seed(self.seed, 1, epoch, index))
             image, label, path = self.dataset[index]
             shift = pca_shift(1, self.pre, self.alpha_std)[0] if self.alpha_std > 0 else torch.zeros(3)
         return image, label, path, shift

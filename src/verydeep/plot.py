@@ -1,0 +1,79 @@
+"""Learning curves of a training run (``verydeep plot RUN_DIR``) from its ``metrics.jsonl``.
+
+Three panels against the SGD step: the training loss (each step, and each epoch's mean), the
+validation top-1/top-5 error (the paper reports error, Sec. 4) and the learning rate, whose
+divisions by 10 mark the plateaus of Sec. 3.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The step and epoch records of ``RUN_DIR/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (is {run_dir} a training run directory?)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from error
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not steps:
+        raise ValueError(f"{path} holds no step records yet")
+    return steps, epochs
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the learning curves of ``run_dir`` as a PNG (default ``RUN_DIR/curves.png``)."""
+    steps, epochs = read_metrics(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    fig, (loss_ax, err_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    fig.suptitle(f"{Path(run_dir).resolve().name}: {len(epochs)} epochs, {steps[-1]['step']} steps")
+
+    loss_ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.5, label="step")
+    if epochs:
+        loss_ax.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label="epoch mean")
+    loss_ax.set(title="training loss", xlabel="step", ylabel="cross-entropy")
+    loss_ax.legend()
+
+    validated = [r for r in epochs if r.get("val_top1") is not None]
+    for key, label in (("val_top1", "top-1"), ("val_top5", "top-5")):
+        err_ax.plot([r["step"] for r in validated], [100.0 - r[key] for r in validated], "o-", label=label)
+    err_ax.set(title="validation error", xlabel="step", ylabel="error (%)")
+    err_ax.legend()
+
+    lr_ax.step([r["step"] for r in steps], [r["lr"] for r in steps], where="post")
+    lr_ax.set(title="learning rate", xlabel="step", ylabel="lr", yscale="log")
+
+    for ax in (loss_ax, err_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plot", help="PNG learning curves of a training run (loss, validation error, lr)")
+    p.add_argument("run_dir", help="a run directory written by verydeep train")
+    p.add_argument("--out", default=None, help="PNG file to write (default RUN_DIR/curves.png)")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    print(plot_run(args.run_dir, args.out))

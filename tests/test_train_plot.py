@@ -1,0 +1,30 @@
+"""verydeep plot: learning curves of a run as a PNG."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from verydeep.cli import main
+from verydeep.plot import plot_run
+
+
+def test_plot_writes_a_png_of_the_curves(tmp_path):
+    records = [{"kind": "step", "epoch": 1 + s // 4, "step": s + 1, "loss": 2.3 - 0.1 * s,
+                "lr": 0.01 if s < 8 else 1e-3, "img_s": 100.0} for s in range(12)]
+    records[4:4] = [{"kind": "epoch", "epoch": 1, "step": 4, "train_loss": 2.15, "val_top1": 30.0, "val_top5": 70.0}]
+    records.append({"kind": "epoch", "epoch": 3, "step": 12, "train_loss": 1.4, "val_top1": None, "val_top5": None})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = plot_run(tmp_path)
+    assert path == tmp_path / "curves.png"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 200
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "sub" / "c.png")]) == 0
+    assert (tmp_path / "sub" / "c.png").is_file()
+
+
+def test_plot_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl does not exist" in err
