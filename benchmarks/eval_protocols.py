@@ -87,7 +87,7 @@ def main() -> None:
 
     def run_multicrop(x: torch.Tensor) -> None:
         with autocast(device, dtype):
-            multicrop_posteriors(model, x, model.input_size, flip=True, chunk=50)
+            multicrop_posteriors(model, x, model.input_size, flip=True)
 
     run_dense(inputs[scales[0]][0])  # warm-up (allocator, kernels)
     run_multicrop(inputs[scales[0]][0])

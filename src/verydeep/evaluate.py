@@ -50,8 +50,9 @@ PROTOCOL_LABELS = {
     "center": "centre crop",
 }
 
-#: Crops per network forward in multi-crop evaluation (bounds memory; 5 images of 50 crops).
-CROP_CHUNK = 250
+#: Multi-crop forwards take as many crops as keep the first conv's output under this many elements:
+#: 128 crops of 224 for a full-width net (1.6 GB in fp32), thousands of small crops of a narrow one.
+ACTIVATION_BUDGET = 128 * 224 * 224 * 64
 
 #: The paper's ILSVRC-2012 validation errors in % (top-1, top-5), PAPER.md section 5. Keys:
 #: (configuration, training scale) with the scale "256", "384" or "256;512"; Table 5 adds the
@@ -153,15 +154,18 @@ def dense_posteriors(dense: DenseVGG, x: Tensor, flip: bool = True) -> Tensor:
 
 
 def multicrop_posteriors(
-    model: VGG, x: Tensor, crop: int, grid: int = 5, flip: bool = True, chunk: int = CROP_CHUNK
+    model: VGG, x: Tensor, crop: int, grid: int = 5, flip: bool = True, chunk: int | None = None
 ) -> Tensor:
     """Sec. 3.2 multi-crop evaluation: posteriors (N, classes) averaged over the grid crops and flips.
 
-    Crops are taken ``chunk`` at a time (whole images per forward) to bound memory.
+    Crops go through the net at most ``chunk`` at a time (whole images per forward; by default
+    as many as :data:`ACTIVATION_BUDGET` allows) to bound memory.
     """
     from verydeep.data import grid_crops
 
     per_image = grid * grid * (2 if flip else 1)
+    if chunk is None:
+        chunk = ACTIVATION_BUDGET // (crop * crop * model.features[0].out_channels)
     step = max(1, chunk // per_image)
     out = []
     for start in range(0, x.shape[0], step):
