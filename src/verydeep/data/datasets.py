@@ -297,11 +297,12 @@ def collate(batch: Sequence[tuple[Tensor | None, int, str]]) -> Batch:
     for img, _ in good:
         if img.shape != shape:
             raise ValueError(f"collate: images of sizes {tuple(shape)} and {tuple(img.shape)} in one batch")
-    images = torch.empty((len(good), *shape), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    # stacked as (N, H, W, 3): a plain copy of the transforms' HWC memory, channels_last as NCHW
+    out = torch.empty((len(good), shape[1], shape[2], shape[0]), dtype=torch.uint8)
     if get_worker_info() is not None:  # sent to the main process through shared memory anyway
-        images.share_memory_()
-    for i, (img, _) in enumerate(good):
-        images[i].copy_(img)
+        out.share_memory_()
+    torch.stack([img.permute(1, 2, 0) for img, _ in good], out=out)
+    images = out.permute(0, 3, 1, 2)
     return Batch(images, labels, skipped)
 
 

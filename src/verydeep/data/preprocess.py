@@ -110,14 +110,22 @@ def to_input(
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"to_input wants uint8 (N, 3, H, W) images; got {images.dtype} {tuple(images.shape)}")
+    n, _, h, w = images.shape
     device = images.device
     std = torch.tensor(pre.std, device=device)
-    bias = -torch.tensor(pre.mean, device=device).expand(images.shape[0], 3)
+    scale = 1.0 / (255.0 * std)
+    bias = -torch.tensor(pre.mean, device=device).expand(n, 3)
     if alpha_std > 0:
-        bias = bias + pca_shift(images.shape[0], pre, alpha_std, generator).to(device)
-    x = images.to(torch.float32)
-    x.mul_((1.0 / (255.0 * std)).view(1, 3, 1, 1))
-    return x.add_((bias / std).view(-1, 3, 1, 1))
+        bias = bias + pca_shift(n, pre, alpha_std, generator).to(device)
+    bias = bias / std
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        # channels_last: the channel is the fastest dimension; broadcast along rows of w*3
+        # values, not over a size-3 inner loop (5x faster on CPU)
+        rows = images.permute(0, 2, 3, 1).reshape(n, h, w * 3)
+        out = torch.addcmul(bias.repeat(1, w).view(n, 1, w * 3), rows, scale.repeat(w).view(1, 1, w * 3))
+        return out.view(n, h, w, 3).permute(0, 3, 1, 2)
+    out = torch.addcmul(bias.view(n, 3, 1), images.reshape(n, 3, h * w), scale.view(1, 3, 1))
+    return out.view(n, 3, h, w)
 
 
 def save_preprocess(pre: Preprocess, path: str | Path) -> Path:

@@ -77,6 +77,11 @@ def center_box(size: Size, crop: int) -> Box:
     return left, top, left + crop, top + crop
 
 
+def hflip(image: Tensor) -> Tensor:
+    """Mirror a (3, h, w) image left-right, keeping its channel-fastest (HWC) memory layout."""
+    return image.permute(1, 2, 0).flip(1).permute(2, 0, 1)
+
+
 def flip_coin(p: float = 0.5) -> bool:
     """True with probability ``p`` (the random horizontal flip)."""
     return bool(torch.rand(()) < p)
@@ -167,7 +172,8 @@ def resample(image: Tensor, out: Size) -> Tensor:
     """uint8 (3, h, w) to (3, out_h, out_w): bilinear with antialiasing (torch's uint8 kernel)."""
     if (image.shape[2], image.shape[1]) == out:
         return image
-    batch = image.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    # a (1, h, w, 3) tensor seen as NCHW: unambiguously channels_last, torch's fast uint8 path
+    batch = image.permute(1, 2, 0).contiguous().unsqueeze(0).permute(0, 3, 1, 2)
     return F.interpolate(batch, size=(out[1], out[0]), mode="bilinear", antialias=True)[0]
 
 
@@ -218,7 +224,7 @@ class TrainTransform:
         with Image.open(path) as img:
             k, box = self.plan(displayed_size(img), img.format == "JPEG")
             out = load_region(img, k, box, (self.crop, self.crop), self.fast)
-        return out.flip(-1) if self.flip and flip_coin() else out
+        return hflip(out) if self.flip and flip_coin() else out
 
 
 @dataclass(frozen=True)

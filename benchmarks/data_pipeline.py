@@ -1,0 +1,130 @@
+"""Images per second of the paper's training transform against torchvision's usual pipeline.
+
+Ours: ``verydeep.data.ImageFolder`` + ``TrainTransform`` (S=256 by default: rescale, random
+crop, flip; JPEG draft decoding and crop-then-resize, uint8) + ``collate``, then ``to_input``
+(PCA colour shift and mean subtraction) on the CPU in the main process, so the comparison
+ends at the same float32 normalised batch. Torchvision: ``ImageFolder`` + ``RandomResizedCrop``
++ ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``. Same images, workers and batch size,
+in the same run; rounds alternate and the medians are reported (shared machines are noisy).
+
+Images: the real ImageNet photos of ``../shared/data/imagenet-samples`` when present, else
+generated photo-sized JPEGs. With ``--device cuda`` it also times the GPU path
+(``verydeep.data.gpu``: nvJPEG batch decode and tensor-op augmentation).
+
+    python benchmarks/data_pipeline.py --workers 2
+    python benchmarks/data_pipeline.py --workers 8 --device cuda --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from verydeep.data import IMAGENET, ImageFolder, TrainTransform, collate, to_input
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
+
+
+def image_tree(root: Path, count: int) -> str:
+    """A class-per-folder tree under ``root``: links to the real samples, else generated JPEGs."""
+    if SAMPLES.is_dir():
+        for path in sorted(SAMPLES.glob("*.JPEG")):
+            (root / path.name.split("_")[0]).mkdir(exist_ok=True)
+            (root / path.name.split("_")[0] / path.name).symlink_to(path)
+        return f"{SAMPLES} (real ImageNet photos)"
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        coarse = rng.integers(0, 256, (26, 34, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC)
+        (root / f"c{i % 10}").mkdir(exist_ok=True)
+        img.save(root / f"c{i % 10}" / f"{i}.jpg", quality=90)
+    return f"{count} generated 500x375 JPEGs"
+
+
+def time_loader(loader: DataLoader, finish: Callable, epochs: int) -> float:
+    """Images per second over ``epochs`` passes (workers already started and warm)."""
+    images = 0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            images += finish(batch)
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--scale", type=int, nargs=2, default=(256, 256), metavar=("SMIN", "SMAX"))
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the images per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=200, help="generated images when no real ones")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the GPU path too")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = image_tree(Path(tmp), args.images)
+        common = dict(batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
+                      persistent_workers=args.workers > 0)
+        ours_set = ImageFolder(tmp, TrainTransform(args.crop, tuple(args.scale)))
+        ours = DataLoader(ours_set, collate_fn=collate, **common)
+        tv_transform = T.Compose([
+            T.RandomResizedCrop(args.crop), T.RandomHorizontalFlip(), T.ToTensor(),
+            T.Normalize(IMAGENET.mean, IMAGENET.std),
+        ])
+        tv = DataLoader(torchvision.datasets.ImageFolder(tmp, tv_transform), **common)
+
+        def finish_ours(batch) -> int:
+            return to_input(batch.images, IMAGENET, alpha_std=0.1).shape[0]
+
+        def finish_tv(batch) -> int:
+            return batch[0].shape[0]
+
+        pipelines: dict[str, tuple[DataLoader, Callable]] = {"verydeep": (ours, finish_ours),
+                                                              "torchvision": (tv, finish_tv)}
+        if args.device.startswith("cuda"):
+            from verydeep.data.gpu import gpu_pipeline
+
+            pipelines["verydeep-gpu"] = gpu_pipeline(ours_set.samples, args, torch.device(args.device))
+        for loader, finish in pipelines.values():  # warm-up: start workers, fill the page cache
+            time_loader(loader, finish, 1)
+        rates: dict[str, list[float]] = {name: [] for name in pipelines}
+        for _ in range(args.rounds):
+            for name, (loader, finish) in pipelines.items():
+                rates[name].append(time_loader(loader, finish, args.epochs))
+
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    ratio = medians["verydeep"] / medians["torchvision"]
+    print(f"images: {source}; crop {args.crop}, S in [{args.scale[0]}, {args.scale[1]}], "
+          f"{args.workers} workers, batch {args.batch_size}, {args.rounds} rounds x {args.epochs} passes")
+    for name, rate in medians.items():
+        print(f"{name:12s} {rate:8.1f} images/s  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
+    print(f"verydeep / torchvision: {ratio:.2f}x")
+    if "verydeep-gpu" in medians:
+        print(f"verydeep-gpu / torchvision: {medians['verydeep-gpu'] / medians['torchvision']:.2f}x")
+    if args.json:
+        print(json.dumps({
+            "source": source, "workers": args.workers, "batch_size": args.batch_size,
+            "crop": args.crop, "scale": list(args.scale),
+            "images_per_s": {k: round(v, 1) for k, v in medians.items()},
+            "ratio_vs_torchvision": round(ratio, 3),
+        }))
+
+
+if __name__ == "__main__":
+    main()
