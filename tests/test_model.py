@@ -142,6 +142,10 @@ def test_init_protocols():
     fc = xavier.classifier[0].weight
     bound = (6 / (fc.shape[0] + fc.shape[1])) ** 0.5
     assert fc.abs().max() <= bound and fc.abs().max() > 0.9 * bound
+    he = vgg("E", num_classes=10, width=1 / 2, input_size=32, init="he", dropout=0.0)
+    assert 0.2 < he(torch.randn(8, 3, 32, 32)).std() < 5  # the signal survives 19 layers
+    kaiming = vgg("E", num_classes=10, width=1 / 2, input_size=32, init="kaiming", dropout=0.0)
+    assert kaiming(torch.randn(8, 3, 32, 32)).std() < 0.01  # torchvision's FC init starves narrow nets
     with pytest.raises(ValueError, match="unknown init"):
         vgg("A", init="uniform")
 
