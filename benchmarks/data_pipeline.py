@@ -61,7 +61,23 @@ def time_loader(loader: DataLoader, finish: Callable, epochs: int) -> float:
     for _ in range(epochs):
         for batch in loader:
             images += finish(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - start)
+
+
+def gpu_pipeline(samples: list, common: dict, args: argparse.Namespace) -> tuple[DataLoader, Callable]:
+    """Workers read bytes; nvJPEG decodes and tensor ops augment on the device; then to_input."""
+    from verydeep.data.gpu import EncodedImages, GpuTrainAugment, collate_encoded
+
+    device = torch.device(args.device)
+    loader = DataLoader(EncodedImages(samples), collate_fn=collate_encoded, pin_memory=True, **common)
+    augment = GpuTrainAugment(args.crop, tuple(args.scale), device=device)
+
+    def finish(encoded) -> int:
+        return to_input(augment(encoded).images, IMAGENET, alpha_std=0.1).shape[0]
+
+    return loader, finish
 
 
 def main() -> None:
@@ -98,9 +114,7 @@ def main() -> None:
         pipelines: dict[str, tuple[DataLoader, Callable]] = {"verydeep": (ours, finish_ours),
                                                               "torchvision": (tv, finish_tv)}
         if args.device.startswith("cuda"):
-            from verydeep.data.gpu import gpu_pipeline
-
-            pipelines["verydeep-gpu"] = gpu_pipeline(ours_set.samples, args, torch.device(args.device))
+            pipelines["verydeep-gpu"] = gpu_pipeline(ours_set.samples, common, args)
         for loader, finish in pipelines.values():  # warm-up: start workers, fill the page cache
             time_loader(loader, finish, 1)
         rates: dict[str, list[float]] = {name: [] for name in pipelines}
@@ -123,6 +137,8 @@ def main() -> None:
             "crop": args.crop, "scale": list(args.scale),
             "images_per_s": {k: round(v, 1) for k, v in medians.items()},
             "ratio_vs_torchvision": round(ratio, 3),
+            **({"gpu_ratio_vs_torchvision": round(medians["verydeep-gpu"] / medians["torchvision"], 3)}
+               if "verydeep-gpu" in medians else {}),
         }))
 
 

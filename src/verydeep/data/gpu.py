@@ -1,0 +1,182 @@
+"""Training input on the GPU: nvJPEG batch decoding and the Sec. 3.1 augmentation as tensor ops.
+
+At GPU training speeds the CPU's JPEG decoding is the bottleneck. Here DataLoader workers only
+read file bytes (and check headers); the batch is decoded on the device by
+``torchvision.io.decode_jpeg(device="cuda")`` and augmented there with the same maths as
+:class:`~verydeep.data.TrainTransform` (S drawn per image, a square of ``region_side`` pixels
+at a random position, bilinear-antialias resample to the crop, random flip). Files nvJPEG
+cannot take (not JPEG, CMYK, EXIF-rotated) are decoded by Pillow in the workers instead;
+unreadable ones are skipped and named, as on the CPU path.
+
+    loader = DataLoader(EncodedImages(dataset.samples), batch_size=256, num_workers=8,
+                        collate_fn=collate_encoded, pin_memory=True)
+    augment = GpuTrainAugment(crop=224, scale=(256, 512), device=torch.device("cuda"))
+    for encoded in loader:
+        batch = augment(encoded)                       # uint8, channels_last, on the GPU
+        x = to_input(batch.images, pre, alpha_std=0.1)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from verydeep.data.datasets import DECODE_ERRORS, Batch
+from verydeep.data.transforms import (
+    crop_box,
+    decode,
+    flip_coin,
+    orientation,
+    region_side,
+    sample_scale,
+    to_tensor,
+)
+
+log = logging.getLogger("verydeep.data")
+
+
+def nvjpeg_can_decode(img: Image.Image) -> bool:
+    """A JPEG nvJPEG decodes as displayed: RGB or greyscale, no EXIF rotation."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
+
+
+def read_encoded(path: str | Path) -> Tensor:
+    """File bytes (1-D uint8) for nvJPEG, or the Pillow-decoded upright RGB image (3, h, w)."""
+    with Image.open(path) as img:
+        if not nvjpeg_can_decode(img):
+            return to_tensor(decode(img))
+    return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+
+
+class EncodedImages(Dataset):
+    """``(payload, label, path)`` for each ``(path, label)`` sample; payload ``None`` if unreadable."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]]) -> None:
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        path, label = self.samples[index]
+        try:
+            return read_encoded(path), label, str(path)
+        except DECODE_ERRORS as error:
+            log.warning("skipped %s: unreadable image (%s: %s)", path, type(error).__name__, error)
+            return None, label, str(path)
+
+
+class EncodedBatch(NamedTuple):
+    """Payloads (bytes or decoded images) of the readable samples, their labels and paths."""
+
+    payloads: list[Tensor]
+    labels: Tensor
+    paths: list[str]
+    skipped: list[str]
+
+
+def collate_encoded(batch: Sequence[tuple[Tensor | None, int, str]]) -> EncodedBatch:
+    """Keep the variable-length payloads as a list; drop and name the unreadable samples."""
+    good = [(p, label, path) for p, label, path in batch if p is not None]
+    return EncodedBatch(
+        payloads=[p for p, _, _ in good],
+        labels=torch.tensor([label for _, label, _ in good], dtype=torch.int64),
+        paths=[path for _, _, path in good],
+        skipped=[path for p, _, path in batch if p is None],
+    )
+
+
+def _pillow_decode(data: Tensor) -> Tensor:
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+        return to_tensor(decode(img))
+
+
+def decode_batch(encoded: EncodedBatch, device: torch.device) -> tuple[list[Tensor], list[int], list[str]]:
+    """Decode a batch on ``device``: nvJPEG for byte payloads (one batched call; file by file
+    when that fails, Pillow for a file nvJPEG rejects). Returns the images (3, h, w) uint8,
+    the indices kept, and the paths of files no decoder could read."""
+    images: dict[int, Tensor] = {}
+    jpegs = [i for i, p in enumerate(encoded.payloads) if p.dim() == 1]
+    for i, p in enumerate(encoded.payloads):
+        if p.dim() == 3:
+            images[i] = p.to(device, non_blocking=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
+        try:
+            if jpegs:
+                decoded = decode_jpeg([encoded.payloads[i] for i in jpegs], mode=ImageReadMode.RGB,
+                                      device=device)
+                images.update(zip(jpegs, decoded, strict=True))
+        except RuntimeError:
+            for i in jpegs:
+                try:
+                    images[i] = decode_jpeg(encoded.payloads[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    try:
+                        images[i] = _pillow_decode(encoded.payloads[i]).to(device)
+                    except DECODE_ERRORS as error:
+                        log.warning("skipped %s: unreadable image (%s: %s)", encoded.paths[i],
+                                    type(error).__name__, error)
+    kept = sorted(images)
+    failed = [encoded.paths[i] for i in range(len(encoded.payloads)) if i not in images]
+    return [images[i] for i in kept], kept, failed
+
+
+def random_resized_crops(images: Sequence[Tensor], crop: int, scale: tuple[int, int],
+                         flip: bool = True) -> Tensor:
+    """Sec. 3.1 on tensors, any device: per image S ~ U{smin..smax}, the square of
+    ``region_side`` pixels at a random position, bilinear-antialias resample to ``crop``, flip.
+
+    Same maths and the same order of draws from torch's global RNG as :class:`TrainTransform`
+    (with k = 1), so both give the same crops. Returns uint8 (N, 3, crop, crop), channels_last.
+    """
+    if not images:
+        raise ValueError("random_resized_crops needs at least one image")
+    device = images[0].device
+    out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    for i, image in enumerate(images):
+        _, h, w = image.shape
+        s = sample_scale(*scale)
+        left, top, right, bottom = crop_box((w, h), region_side((w, h), s, crop))
+        region = image[:, top:bottom, left:right].unsqueeze(0).float()
+        if region.shape[-2:] != (crop, crop):
+            region = F.interpolate(region, size=(crop, crop), mode="bilinear", antialias=True)
+        region = region[0].round_().clamp_(0, 255)
+        out[i].copy_(region.flip(-1) if flip and flip_coin() else region)
+    return out
+
+
+@dataclass(frozen=True)
+class GpuTrainAugment:
+    """Decode an :class:`EncodedBatch` on ``device`` and apply the training transform there."""
+
+    crop: int = 224
+    scale: tuple[int, int] = (256, 256)
+    flip: bool = True
+    device: torch.device = torch.device("cuda")
+
+    def __post_init__(self) -> None:
+        smin, smax = self.scale
+        if not self.crop <= smin <= smax:
+            raise ValueError(f"scale must be (Smin, Smax) with crop <= Smin <= Smax; got {self.scale}")
+
+    def __call__(self, encoded: EncodedBatch) -> Batch:
+        images, kept, failed = decode_batch(encoded, self.device)
+        skipped = list(encoded.skipped) + failed
+        labels = encoded.labels[kept].to(self.device, non_blocking=True)
+        if not images:
+            return Batch(torch.empty((0, 3, 0, 0), dtype=torch.uint8, device=self.device), labels, skipped)
+        return Batch(random_resized_crops(images, self.crop, self.scale, self.flip), labels, skipped)
