@@ -285,3 +285,13 @@ def test_predict_cli(folder, checkpoint, capsys):
     assert len(result["predictions"][0]["top"]) == 2
     assert main(["predict", "--checkpoint", str(checkpoint), image, "nowhere.jpg"]) == 2
     assert capsys.readouterr().err.strip() == "verydeep predict: error: nowhere.jpg: no such image"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_posteriors_match_cpu(folder, checkpoint):
+    cpu = run([checkpoint], folder, device="cpu", keep_posteriors=True)
+    for precision, tolerance in (("fp32", 2e-3), ("bf16", 3e-2)):  # fp32 convs may use TF32 on the GPU
+        gpu = run([checkpoint], folder, device="cuda", precision=precision, keep_posteriors=True)
+        assert gpu["device"].startswith("cuda") and gpu["precision"] == precision
+        for key, expected in cpu["posteriors"].items():
+            np.testing.assert_allclose(gpu["posteriors"][key], expected, atol=tolerance, err_msg=key)

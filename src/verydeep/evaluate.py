@@ -117,6 +117,11 @@ def scale_label(smin: int, smax: int) -> str:
     return str(smin) if smin == smax else f"{smin};{smax}"
 
 
+def scale_text(smin: int, smax: int) -> str:
+    """A training scale as the paper's tables print it: ``256`` or ``[256;512]``."""
+    return str(smin) if smin == smax else f"[{smin};{smax}]"
+
+
 def derive_scales(recipe: dict[str, Any]) -> list[int]:
     """Test scales Q as in Sec. 3.2/4.2: {S-32, S, S+32} for fixed S, {Smin, mid, Smax} for jittered S.
 
@@ -266,7 +271,7 @@ def load_nets(checkpoints: Sequence[str | Path], scales: Sequence[int] | None, d
         bn = "-BN" if recipe.get("batch_norm") else ""
         name = f"{configs.canonical(recipe['config'])}{bn}"
         if recipe.get("scale") is not None:
-            name += f" S={scale_label(*train_scale(recipe))}"
+            name += f" S={scale_text(*train_scale(recipe))}"
         nets.append(Net(name, str(path), prepare(model, device).eval(), recipe, net_scales, pre))
     names = [n.name for n in nets]
     for i, net in enumerate(nets):  # make duplicate names unique
@@ -636,8 +641,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _train_label(net: dict[str, Any]) -> str:
-    scale = net["train_scale"]
-    return "" if scale is None else (str(scale[0]) if scale[0] == scale[1] else f"[{scale[0]};{scale[1]}]")
+    return "" if net["train_scale"] is None else scale_text(*net["train_scale"])
 
 
 def _model_label(net: dict[str, Any], nets: dict[str, dict[str, Any]]) -> str:
