@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	for c in A A-LRN B C D E; do $(VENV)/bin/verydeep summary $$c; done
+	$(VENV)/bin/verydeep demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

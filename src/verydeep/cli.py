@@ -7,7 +7,7 @@ import importlib
 import sys
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
-COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict")
+COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "reproduce", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
