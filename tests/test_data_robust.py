@@ -59,11 +59,13 @@ def make_zoo(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     Image.new("RGB", (60, 40), (0, 0, 250)).save(works["rotated"], exif=exif)
     broken = {
         "truncated": bad / "truncated.jpg",
+        "cut": bad / "cut.jpg",
         "corrupt": bad / "corrupt.jpg",
         "empty": bad / "empty.jpg",
         "text": bad / "notes.png",
     }
-    broken["truncated"].write_bytes(jpeg_bytes()[:400])
+    broken["truncated"].write_bytes(jpeg_bytes()[:400])  # in the header
+    broken["cut"].write_bytes(jpeg_bytes()[:-600])  # in the data
     broken["corrupt"].write_bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     broken["empty"].write_bytes(b"")
     broken["text"].write_text("this is not an image\n")

@@ -5,7 +5,7 @@ read file bytes (and check headers); the batch is decoded on the device by
 ``torchvision.io.decode_jpeg(device="cuda")`` and augmented there with the same maths as
 :class:`~verydeep.data.TrainTransform` (S drawn per image, a square of ``region_side`` pixels
 at a random position, bilinear-antialias resample to the crop, random flip). Files nvJPEG
-cannot take (not JPEG, CMYK, EXIF-rotated) are decoded by Pillow in the workers instead;
+cannot take (not JPEG, CMYK, EXIF-rotated, cut short) are decoded by Pillow in the workers;
 unreadable ones are skipped and named, as on the CPU path.
 
     loader = DataLoader(EncodedImages(dataset.samples), batch_size=256, num_workers=8,
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -39,7 +38,7 @@ from verydeep.data.transforms import (
     crop_box,
     decode,
     flip_coin,
-    orientation,
+    plain_jpeg,
     region_side,
     sample_scale,
     to_tensor,
@@ -48,17 +47,19 @@ from verydeep.data.transforms import (
 log = logging.getLogger("verydeep.data")
 
 
-def nvjpeg_can_decode(img: Image.Image) -> bool:
-    """A JPEG nvJPEG decodes as displayed: RGB or greyscale, no EXIF rotation."""
-    return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
-
-
 def read_encoded(path: str | Path) -> Tensor:
-    """File bytes (1-D uint8) for nvJPEG, or the Pillow-decoded upright RGB image (3, h, w)."""
+    """File bytes (1-D uint8) for nvJPEG, or the Pillow-decoded upright RGB image (3, h, w).
+
+    nvJPEG takes RGB or greyscale JPEGs without EXIF rotation that end in the EOI marker (it
+    decodes a file cut short without complaint; Pillow names it instead).
+    """
     with Image.open(path) as img:
-        if not nvjpeg_can_decode(img):
-            return to_tensor(decode(img))
-    return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        if plain_jpeg(img):
+            img.fp.seek(0)
+            data = img.fp.read()
+            if data.endswith(b"\xff\xd9"):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return to_tensor(decode(img))
 
 
 class EncodedImages(Dataset):

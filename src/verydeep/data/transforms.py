@@ -6,7 +6,8 @@ colour shift and mean subtraction come later, per batch on the device (:func:`to
 
 Fast path: the crop is known before anything is decoded, so its box is mapped back to the
 original image; a JPEG is decoded at a reduced size where that still leaves at least the
-target resolution (Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8); only the box is
+target resolution (Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8), else straight into a
+tensor (torchvision's libjpeg-turbo: Pillow's pixels without its copy out); only the box is
 resampled, by torch's uint8 bilinear-antialias kernel (about 5x Pillow's resize here).
 ``fast=False`` is the reference: full decode and Pillow's resize of the same region.
 
@@ -15,6 +16,7 @@ Randomness comes from torch's global RNG, which DataLoader seeds per worker.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
 
 Size = tuple[int, int]  # (width, height), Pillow's order
 Box = tuple[int, int, int, int]  # (left, top, right, bottom)
@@ -177,11 +180,37 @@ def resample(image: Tensor, out: Size) -> Tensor:
     return F.interpolate(batch, size=(out[1], out[0]), mode="bilinear", antialias=True)[0]
 
 
+def plain_jpeg(img: Image.Image) -> bool:
+    """An RGB or greyscale JPEG shown as stored (no EXIF rotation): libjpeg-turbo decodes it
+    to RGB on its own, straight into a tensor."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
+
+
+def decode_jpeg_tensor(img: Image.Image) -> Tensor | None:
+    """The whole of a :func:`plain_jpeg` as uint8 (3, h, w), decoded by torchvision's
+    libjpeg-turbo (the same pixels as Pillow's, without Pillow's copy out); ``None`` if that
+    decoder refuses the file (Pillow then decodes it, or names the damage)."""
+    img.fp.seek(0)
+    data = torch.frombuffer(bytearray(img.fp.read()), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return None
+
+
 def load_region(img: Image.Image, k: int, box: Box, out: Size, fast: bool = True) -> Tensor:
     """``box`` (whole pixels of the 1/``k`` decode) of ``img`` resampled to ``out`` pixels.
 
-    ``fast``: torch's uint8 bilinear-antialias resampler; else Pillow's (the reference path).
+    ``fast``: JPEGs at full size decoded straight into a tensor, torch's uint8
+    bilinear-antialias resampler; else Pillow throughout (the reference path).
     """
+    if fast and k == 1 and plain_jpeg(img):
+        image = decode_jpeg_tensor(img)
+        if image is not None:
+            left, top, right, bottom = box
+            return resample(image[:, top:bottom, left:right], out)
     img = decode(img, k)
     if fast:
         return resample(to_tensor(img.crop(box)), out)
