@@ -55,7 +55,7 @@ PROTOCOL_LABELS = {
 ACTIVATION_BUDGET = 128 * 224 * 224 * 64
 
 #: The paper's ILSVRC-2012 validation errors in % (top-1, top-5), PAPER.md section 5. Keys:
-#: (configuration, training scale) with the scale "256", "384" or "256;512"; Table 5 adds the
+#: (configuration, training scale) with the scale "256", "384" or "[256;512]"; Table 5 adds the
 #: protocol; Table 6 keys on the fused nets and the protocol.
 PAPER_RESULTS: dict[str, dict[tuple, tuple[float, float]]] = {
     "Table 3": {  # single test scale: Q = S for fixed S, Q = 384 for S in [256; 512]
@@ -64,38 +64,38 @@ PAPER_RESULTS: dict[str, dict[tuple, tuple[float, float]]] = {
         ("B", "256"): (28.7, 9.9),
         ("C", "256"): (28.1, 9.4),
         ("C", "384"): (28.1, 9.3),
-        ("C", "256;512"): (27.3, 8.8),
+        ("C", "[256;512]"): (27.3, 8.8),
         ("D", "256"): (27.0, 8.8),
         ("D", "384"): (26.8, 8.7),
-        ("D", "256;512"): (25.6, 8.1),
+        ("D", "[256;512]"): (25.6, 8.1),
         ("E", "256"): (27.3, 9.0),
         ("E", "384"): (26.9, 8.7),
-        ("E", "256;512"): (25.5, 8.0),
+        ("E", "[256;512]"): (25.5, 8.0),
     },
     "Table 4": {  # dense, multi-scale: Q = {S-32, S, S+32} or {256, 384, 512}
         ("B", "256"): (28.2, 9.6),
         ("C", "256"): (27.7, 9.2),
         ("C", "384"): (27.8, 9.2),
-        ("C", "256;512"): (26.3, 8.2),
+        ("C", "[256;512]"): (26.3, 8.2),
         ("D", "256"): (26.6, 8.6),
         ("D", "384"): (26.5, 8.6),
-        ("D", "256;512"): (24.8, 7.5),
+        ("D", "[256;512]"): (24.8, 7.5),
         ("E", "256"): (26.9, 8.7),
         ("E", "384"): (26.7, 8.6),
-        ("E", "256;512"): (24.8, 7.5),
+        ("E", "[256;512]"): (24.8, 7.5),
     },
     "Table 5": {  # S in [256; 512], Q = {256, 384, 512}
-        ("D", "256;512", "dense"): (24.8, 7.5),
-        ("D", "256;512", "multicrop"): (24.6, 7.5),
-        ("D", "256;512", "dense+multicrop"): (24.4, 7.2),
-        ("E", "256;512", "dense"): (24.8, 7.5),
-        ("E", "256;512", "multicrop"): (24.6, 7.4),
-        ("E", "256;512", "dense+multicrop"): (24.4, 7.1),
+        ("D", "[256;512]", "dense"): (24.8, 7.5),
+        ("D", "[256;512]", "multicrop"): (24.6, 7.5),
+        ("D", "[256;512]", "dense+multicrop"): (24.4, 7.2),
+        ("E", "[256;512]", "dense"): (24.8, 7.5),
+        ("E", "[256;512]", "multicrop"): (24.6, 7.4),
+        ("E", "[256;512]", "dense+multicrop"): (24.4, 7.1),
     },
     "Table 6": {  # fusion of D and E, both S in [256; 512], Q = {256, 384, 512}
-        (("D", "256;512"), ("E", "256;512"), "dense"): (24.0, 7.1),
-        (("D", "256;512"), ("E", "256;512"), "multicrop"): (23.9, 7.2),
-        (("D", "256;512"), ("E", "256;512"), "dense+multicrop"): (23.7, 6.8),
+        (("D", "[256;512]"), ("E", "[256;512]"), "dense"): (24.0, 7.1),
+        (("D", "[256;512]"), ("E", "[256;512]"), "multicrop"): (23.9, 7.2),
+        (("D", "[256;512]"), ("E", "[256;512]"), "dense+multicrop"): (23.7, 6.8),
     },
 }
 
@@ -110,11 +110,6 @@ def train_scale(recipe: dict[str, Any]) -> tuple[int, int]:
         raise ValueError("recipe has no training scale ('scale'); give --scales")
     smin, smax = (scale, scale) if isinstance(scale, int) else (int(scale[0]), int(scale[-1]))
     return smin, smax
-
-
-def scale_label(smin: int, smax: int) -> str:
-    """The paper's notation for a training scale: ``256`` or ``256;512``."""
-    return str(smin) if smin == smax else f"{smin};{smax}"
 
 
 def scale_text(smin: int, smax: int) -> str:
@@ -476,7 +471,7 @@ def paper_figures(row: dict[str, Any], nets: Sequence[Net]) -> dict[str, Any] | 
     members = [n for n in nets if n.name in row["nets"]]
     if any(n.model.num_classes != 1000 or n.crop != 224 or n.scale is None for n in members):
         return None
-    keys = [(n.config, scale_label(*n.scale)) for n in members]
+    keys = [(n.config, scale_text(*n.scale)) for n in members]
 
     def paper_scales(net: Net) -> list[int]:
         smin, smax = net.scale
