@@ -6,6 +6,7 @@ crop, flip; JPEG draft decoding and crop-then-resize, uint8) + ``collate``, then
 ends at the same float32 normalised batch. Torchvision: ``ImageFolder`` + ``RandomResizedCrop``
 + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``. Same images, workers and batch size,
 in the same run; rounds alternate and the medians are reported (shared machines are noisy).
+The main process gets the cores the workers leave (at least one thread).
 
 Images: the real ImageNet photos of ``../shared/data/imagenet-samples`` when present, else
 generated photo-sized JPEGs. With ``--device cuda`` it also times the GPU path
@@ -92,6 +93,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the GPU path too")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
+    # the workers own one core each; the main process (our to_input) gets the cores left over,
+    # since OpenMP threads competing with busy workers slow everything down
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
 
     with tempfile.TemporaryDirectory() as tmp:
         source = image_tree(Path(tmp), args.images)

@@ -146,8 +146,8 @@ def random_resized_crops(images: Sequence[Tensor], crop: int, scale: tuple[int, 
     """
     if not images:
         raise ValueError("random_resized_crops needs at least one image")
-    device = images[0].device
-    out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    out = torch.empty((len(images), 3, crop, crop), dtype=torch.float32, device=images[0].device)
+    flips = []
     for i, image in enumerate(images):
         _, h, w = image.shape
         s = sample_scale(*scale)
@@ -155,9 +155,14 @@ def random_resized_crops(images: Sequence[Tensor], crop: int, scale: tuple[int, 
         region = image[:, top:bottom, left:right].unsqueeze(0).float()
         if region.shape[-2:] != (crop, crop):
             region = F.interpolate(region, size=(crop, crop), mode="bilinear", antialias=True)
-        region = region[0].round_().clamp_(0, 255)
-        out[i].copy_(region.flip(-1) if flip and flip_coin() else region)
-    return out
+        out[i] = region[0]
+        if flip and flip_coin():
+            flips.append(i)
+    if flips:
+        index = torch.tensor(flips, device=out.device)
+        out[index] = out[index].flip(-1)
+    hwc = out.round_().clamp_(0, 255).permute(0, 2, 3, 1).to(torch.uint8, memory_format=torch.contiguous_format)
+    return hwc.permute(0, 3, 1, 2)
 
 
 @dataclass(frozen=True)
