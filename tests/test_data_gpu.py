@@ -74,14 +74,17 @@ def test_workers_send_bytes_for_nvjpeg_and_pixels_for_the_rest(tmp_path):
     samples = ImageFolder(tmp_path, TrainTransform(96, (112, 112))).samples
     loader = DataLoader(EncodedImages(samples), batch_size=len(samples), collate_fn=collate_encoded)
     (batch,) = list(loader)
-    kinds = {Path(p).name: payload.dim() for payload, p in zip(batch.payloads, batch.paths, strict=True)}
+    kinds = {Path(p).name: payload.dim() for payload, p in zip(batch.payloads(), batch.paths, strict=True)}
     assert kinds == {"0.jpg": 1, "1.jpg": 1, "2.jpg": 1,  # JPEG bytes
                      "p.png": 3, "cmyk.jpg": 3, "rot.jpg": 3}  # decoded upright RGB by Pillow
-    rotated = batch.payloads[batch.paths.index(str(paths["rotated"]))]
+    rotated = batch.payloads()[batch.paths.index(str(paths["rotated"]))]
     assert rotated.shape == (3, 300, 250)
     # a header cut short, and data cut short (no EOI marker: nvJPEG would decode it silently)
     assert sorted(batch.skipped) == sorted([str(paths["truncated"]), str(paths["cut"])])
     assert batch.labels.tolist() == [0, 0, 0, 0, 1, 1]
+    assert batch.encoded.numel() == sum(paths[f"jpeg{i}"].stat().st_size for i in range(3))
+    out = GpuTrainAugment(crop=96, scale=(112, 144), device=torch.device("cpu"))(batch)
+    assert out.images.shape == (6, 3, 96, 96) and out.labels.tolist() == [0, 0, 0, 0, 1, 1]
 
 
 def test_augment_falls_back_file_by_file_and_skips_what_no_decoder_reads(tmp_path):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from verydeep.data.datasets import DECODE_ERRORS, Batch
@@ -81,19 +81,37 @@ class EncodedImages(Dataset):
 
 
 class EncodedBatch(NamedTuple):
-    """Payloads (bytes or decoded images) of the readable samples, their labels and paths."""
+    """A batch as the workers send it: the JPEG files' bytes in one block (one shared-memory
+    transfer, one pinned copy), the images Pillow decoded, labels, paths and skipped paths."""
 
-    payloads: list[Tensor]
+    encoded: Tensor  # the JPEGs' bytes, one file after another
+    lengths: list[int]  # bytes per sample; 0 where the sample is in ``decoded`` instead
+    decoded: list[Tensor]  # the other samples, decoded upright RGB (3, h, w), in order
     labels: Tensor
     paths: list[str]
     skipped: list[str]
 
+    def payloads(self) -> list[Tensor]:
+        """Per sample: its JPEG bytes (a 1-D view into ``encoded``) or its decoded image."""
+        sizes = [n for n in self.lengths if n]
+        chunks = iter(torch.split(self.encoded, sizes) if sizes else ())
+        images = iter(self.decoded)
+        return [next(chunks) if n else next(images) for n in self.lengths]
+
 
 def collate_encoded(batch: Sequence[tuple[Tensor | None, int, str]]) -> EncodedBatch:
-    """Keep the variable-length payloads as a list; drop and name the unreadable samples."""
+    """Concatenate the JPEG bytes, keep decoded images apart; drop and name unreadable samples."""
     good = [(p, label, path) for p, label, path in batch if p is not None]
+    jpegs = [p for p, _, _ in good if p.dim() == 1]
+    encoded = torch.empty(sum(p.numel() for p in jpegs), dtype=torch.uint8)
+    if get_worker_info() is not None:  # sent to the main process through shared memory anyway
+        encoded.share_memory_()
+    if jpegs:
+        torch.cat(jpegs, out=encoded)
     return EncodedBatch(
-        payloads=[p for p, _, _ in good],
+        encoded=encoded,
+        lengths=[p.numel() if p.dim() == 1 else 0 for p, _, _ in good],
+        decoded=[p for p, _, _ in good if p.dim() == 3],
         labels=torch.tensor([label for _, label, _ in good], dtype=torch.int64),
         paths=[path for _, _, path in good],
         skipped=[path for p, _, path in batch if p is None],
@@ -110,29 +128,29 @@ def decode_batch(encoded: EncodedBatch, device: torch.device) -> tuple[list[Tens
     when that fails, Pillow for a file nvJPEG rejects). Returns the images (3, h, w) uint8,
     the indices kept, and the paths of files no decoder could read."""
     images: dict[int, Tensor] = {}
-    jpegs = [i for i, p in enumerate(encoded.payloads) if p.dim() == 1]
-    for i, p in enumerate(encoded.payloads):
+    payloads = encoded.payloads()
+    jpegs = [i for i, p in enumerate(payloads) if p.dim() == 1]
+    for i, p in enumerate(payloads):
         if p.dim() == 3:
             images[i] = p.to(device, non_blocking=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
         try:
             if jpegs:
-                decoded = decode_jpeg([encoded.payloads[i] for i in jpegs], mode=ImageReadMode.RGB,
-                                      device=device)
+                decoded = decode_jpeg([payloads[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
                 images.update(zip(jpegs, decoded, strict=True))
         except RuntimeError:
             for i in jpegs:
                 try:
-                    images[i] = decode_jpeg(encoded.payloads[i], mode=ImageReadMode.RGB, device=device)
+                    images[i] = decode_jpeg(payloads[i], mode=ImageReadMode.RGB, device=device)
                 except RuntimeError:
                     try:
-                        images[i] = _pillow_decode(encoded.payloads[i]).to(device)
+                        images[i] = _pillow_decode(payloads[i]).to(device)
                     except DECODE_ERRORS as error:
                         log.warning("skipped %s: unreadable image (%s: %s)", encoded.paths[i],
                                     type(error).__name__, error)
     kept = sorted(images)
-    failed = [encoded.paths[i] for i in range(len(encoded.payloads)) if i not in images]
+    failed = [path for i, path in enumerate(encoded.paths) if i not in images]
     return [images[i] for i in kept], kept, failed
 
 
