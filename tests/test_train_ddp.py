@@ -25,8 +25,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     train(tiny(data, tmp_path / "one", **options))
     flags = ["--data", str(data), "--out", str(tmp_path / "two"), "--width", "0.0625", "--crop", "32",
              "--scale", "32:40", "--batch-size", "16", "--micro-batch", "4", "--init", "xavier", "--lr", "0.05",
-             "--epochs", "1", "--workers", "0", "--precision", "fp32", "--patience", "100", "--dropout", "0",
-             "--no-progress"]
+             "--epochs", "1", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--patience", "100",
+             "--dropout", "0", "--no-progress"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "-m", "verydeep.cli", "train", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
