@@ -192,7 +192,7 @@ def topk_correct(posteriors: Tensor, targets: Tensor, k: int) -> Tensor:
 
 def topk_error(posteriors: Tensor, targets: Tensor, k: int) -> float:
     """Fraction of images whose true class is not in the top ``k`` (see :func:`topk_correct` for ties)."""
-    return 1.0 - topk_correct(posteriors, targets, k).double().mean().item()
+    return (~topk_correct(posteriors, targets, k)).double().mean().item()
 
 
 def per_class_accuracy(posteriors: Tensor, targets: Tensor, num_classes: int) -> list[float | None]:
