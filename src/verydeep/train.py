@@ -414,7 +414,10 @@ class Trainer:
         }
 
         torch.manual_seed(cfg.seed)
-        model, how = build_model(cfg, self.recipe)
+        if cfg.resume:  # the weights come from the checkpoint
+            model, how = model_from_recipe(self.recipe), ""
+        else:
+            model, how = build_model(cfg, self.recipe)
         self.model = runtime.prepare(model, self.device, cfg.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -538,8 +541,12 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Drop the records logged after the checkpoint we resume from (they will be logged again)."""
         path = self.run_dir / "metrics.jsonl"
+
+        def before_checkpoint(record: dict[str, Any]) -> bool:
+            return record["step"] <= self.step if record["kind"] == "step" else record["epoch"] <= self.epoch
+
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            kept = [line for line in path.read_text().splitlines() if line and before_checkpoint(json.loads(line))]
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
     def record(self, **values: Any) -> None:
@@ -821,7 +828,9 @@ def run_cli(args: argparse.Namespace) -> None:
     settings: dict[str, Any] = {}
     if given.get("resume") and "out" in given and (Path(given["out"]) / "recipe.json").is_file():
         stored = json.loads((Path(given["out"]) / "recipe.json").read_text())
-        settings.update({key: value for key, value in stored.items() if key in {f.name for f in fields(TrainConfig)}})
+        once = ("resume", "stop_after_steps")  # belong to the invocation that wrote them
+        settings.update({key: value for key, value in stored.items()
+                         if key in {f.name for f in fields(TrainConfig)} and key not in once})
     if "recipe" in given:
         settings.update(read_recipe(given["recipe"]))
     settings.update(given)
