@@ -108,8 +108,10 @@ def find_split(data_dir: str | Path, split: str) -> Path:
     return root
 
 
-class _Labelled(Dataset):
-    """Shared reading: ``(uint8 image, label, path)``, ``None`` for an unreadable file."""
+class LabelledImages(Dataset):
+    """A labelled image set: ``samples`` of ``(path, label)``, ``classes`` (synset ids) and
+    ``class_names``; items are ``(uint8 image, label, path)``, image ``None`` for an unreadable
+    file (logged as one line naming it) unless ``strict``, which raises :class:`BadImageError`."""
 
     samples: list[tuple[Path, int]]
     classes: list[str]
@@ -152,7 +154,7 @@ class _Labelled(Dataset):
         return self._sizes
 
 
-class ImageFolder(_Labelled):
+class ImageFolder(LabelledImages):
     """A class-per-folder split: ``root/<class>/**/<image>``, classes in sorted folder order.
 
     ``classes`` are the folder names (synset ids for ImageNet), ``class_names`` their readable
@@ -185,7 +187,7 @@ CLASS_LIST_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt", "val.txt")
 
 
-class ILSVRCValFolder(_Labelled):
+class ILSVRCValFolder(LabelledImages):
     """The official ILSVRC-2012 validation layout: ``ILSVRC2012_val_XXXXXXXX.JPEG`` in one folder.
 
     Labels come from ``labels`` or the first of :data:`VAL_LABEL_FILES` in the folder, its parent
@@ -266,7 +268,7 @@ def _devkit_synsets(meta: Path) -> dict[int, str]:
     return {int(r["ILSVRC2012_ID"]): str(r["WNID"]) for r in rows if int(r["num_children"]) == 0}
 
 
-def open_split(folder: str | Path, transform: Transform, strict: bool = False) -> _Labelled:
+def open_split(folder: str | Path, transform: Transform, strict: bool = False) -> LabelledImages:
     """:class:`ImageFolder` for class folders, else :class:`ILSVRCValFolder` (flat images + labels)."""
     folder = Path(folder)
     if folder.is_dir() and _class_dirs(folder):
@@ -314,7 +316,7 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
     group (their samples come out as skipped).
     """
 
-    def __init__(self, dataset: _Labelled, q: int, batch_size: int) -> None:
+    def __init__(self, dataset: LabelledImages, q: int, batch_size: int) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
         groups: dict[tuple[int, int] | None, list[int]] = {}

@@ -4,9 +4,9 @@ Training (Sec. 3.1): draw S uniformly from the integers [Smin, Smax], rescale is
 the smallest side is S, take one random crop, flip horizontally with probability 1/2. The PCA
 colour shift and mean subtraction come later, per batch on the device (:func:`to_input`).
 
-Fast path: the crop is known before anything is decoded, so its box is mapped back to the
-original image; a JPEG is decoded at a reduced size where that still leaves at least the
-target resolution (Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8), else straight into a
+Fast path: the crop is planned from the header before anything is decoded, as a square of
+whole pixels of the (possibly reduced) decode; a JPEG is decoded at a reduced size where that
+still leaves at least the target resolution (Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8), else straight into a
 tensor (torchvision's libjpeg-turbo: Pillow's pixels without its copy out); only the box is
 resampled, by torch's uint8 bilinear-antialias kernel (about 5x Pillow's resize here).
 ``fast=False`` is the reference: full decode and Pillow's resize of the same region.
@@ -125,7 +125,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if img.mode == "F" and arr.max() <= 1.0:
             peak = 1.0
         arr = np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, "L")
+        img = Image.fromarray(arr)  # 2-D uint8: mode "L"
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img if img.mode == "RGB" else img.convert("RGB")
