@@ -191,6 +191,7 @@ def test_scale_and_recipes():
     cfg = make_config({**read_recipe("s384"), "data": "x", "out": "y"})
     assert cfg.scale == (384, 384) and cfg.lr == 1e-3
     assert make_config(read_recipe("jitter")).scale == (256, 512)
+    assert make_config({"milestones": "30, 60"}).milestones == [30, 60]
 
 
 def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
@@ -199,6 +200,7 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
         (["--data", str(data), "--scale", "256:abc"], "--scale"),
         (["--data", str(data), "--scale", "50", "--crop", "48"], "--crop must be a multiple of 32"),
         (["--data", str(data), "--recipe", "no-such-recipe"], "no-such-recipe"),
+        (["--data", str(data), "--milestones", "3,x"], "--milestones"),
         (["--data", str(data), "--resume"], "--resume"),
     ]
     for flags, message in cases:

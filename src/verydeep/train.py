@@ -766,6 +766,12 @@ def make_config(settings: dict[str, Any]) -> TrainConfig:
     settings = dict(settings)
     if "scale" in settings:
         settings["scale"] = parse_scale(settings["scale"])
+    if isinstance(settings.get("milestones"), str):
+        text = settings["milestones"]
+        try:
+            settings["milestones"] = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError as error:
+            raise ValueError(f"--milestones must be comma-separated epochs (e.g. 30,60); got {text!r}") from error
     if isinstance(settings.get("preprocess"), dict):
         settings["preprocess"] = Preprocess.from_dict(settings["preprocess"])
     elif isinstance(settings.get("preprocess"), (str, Path)):
@@ -805,8 +811,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     add("--epochs", type=int, help="epoch budget (74)")
     add("--patience", type=int, help="validations without improvement before lr /= 10 (2)")
     add("--max-drops", type=int, help="lr divisions before a plateau stops training (3)")
-    add("--milestones", type=lambda s: [int(v) for v in s.split(",") if v],
-        help="comma-separated epochs after which lr /= 10, instead of the plateau rule")
+    add("--milestones", help="comma-separated epochs after which lr /= 10, instead of the plateau rule")
     add("--seed", type=int, help="seed of init, data order and augmentation (0)")
     add("--workers", type=int, help="data-loading processes per training process (4)")
     add("--device", help="auto, cpu, cuda, cuda:N")
