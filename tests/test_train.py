@@ -217,3 +217,12 @@ def test_cuda_bf16_channels_last_with_workers(data, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "step")
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # mapped to the CPU
     assert all(v.device.type == "cpu" for v in state["model"].values()) and "cuda" in state["rng"][0]
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path):
+    data = write_dataset(tmp_path / "data", {"train": 16, "val": 2})
+    for label in range(4):
+        (data / "train" / f"class{label}" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    summary = train(tiny(data, tmp_path / "run", batch_size=17))  # 68 images, 4 steps: every file is read once
+    epoch = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["steps"] == 4 and epoch["skipped"] == 4 and np.isfinite(epoch["train_loss"])
