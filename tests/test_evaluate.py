@@ -149,26 +149,24 @@ def run(checkpoints, folder, **kwargs):
 
 def test_evaluate_rows_and_fusion_of_a_net_with_itself(folder, checkpoint):
     protocols = ("dense", "multicrop", "dense+multicrop", "center")
-    alone = run([checkpoint], folder, protocols=protocols)
-    rows = {r["name"]: r for r in alone["rows"]}
-    assert list(rows) == [
+    result = run([checkpoint, checkpoint], folder, protocols=protocols, keep_posteriors=True)
+    assert [n["name"] for n in result["nets"]] == ["A S=36 #1", "A S=36 #2"]
+    first = [r for r in result["rows"] if r["nets"] == ["A S=36 #1"]]
+    assert [r["name"].removeprefix("A S=36 #1: ") for r in first] == [
         "dense Q=32", "dense Q=36", "dense Q=41", "dense Q={32,36,41}",
         "multi-crop Q=32", "multi-crop Q=36", "multi-crop Q=41", "multi-crop Q={32,36,41}",
         "multi-crop & dense Q={32,36,41}", "centre crop 37/32",
     ]
-    assert all(r["images"] == 12 and 0 <= r["top1_error"] <= 1 and r["top5_error"] == 0 for r in rows.values())
-    assert alone["main"] == "multi-crop & dense Q={32,36,41}"
-    assert set(alone["per_class_accuracy"]) == set(CLASSES)
-    assert not alone["imagenet_sized"] and all("paper" not in r for r in alone["rows"])
-
-    both = run([checkpoint, checkpoint], folder, protocols=protocols, keep_posteriors=True)
-    fused = {r["protocol"]: r for r in both["rows"] if r["fusion"]}
-    assert set(fused) == set(protocols)
+    assert all(r["images"] == 12 and 0 <= r["top1_error"] <= 1 and r["top5_error"] == 0 for r in result["rows"])
+    fused = {r["protocol"]: r for r in result["rows"] if r["fusion"]}
+    assert set(fused) == set(protocols) and result["main"] == fused["dense+multicrop"]["name"]
     for protocol, row in fused.items():
-        single = next(r for r in alone["rows"] if r["protocol"] == protocol and r["scales"] == row["scales"])
+        single = next(r for r in first if r["protocol"] == protocol and r["scales"] == row["scales"])
         assert (row["top1_error"], row["top5_error"]) == (single["top1_error"], single["top5_error"])
-    np.testing.assert_array_equal(both["posteriors"]["net0_dense_Q36"], both["posteriors"]["net1_dense_Q36"])
-    assert "Table 6" in paper_tables(both) and "fusion of A S=36 #1 + A S=36 #2" in format_table(both)
+    np.testing.assert_array_equal(result["posteriors"]["net0_dense_Q36"], result["posteriors"]["net1_dense_Q36"])
+    assert set(result["per_class_accuracy"]) == set(CLASSES)
+    assert not result["imagenet_sized"] and all("paper" not in r for r in result["rows"])
+    assert "Table 6" in paper_tables(result) and "fusion of A S=36 #1 + A S=36 #2" in format_table(result)
 
 
 def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
@@ -235,6 +233,7 @@ def test_cli_json_end_to_end(folder, checkpoint, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {r["protocol"] for r in result["rows"]} == {"dense", "multicrop", "dense+multicrop"}
     assert all({"top1_error", "top5_error", "images"} <= set(r) for r in result["rows"])
+    assert result["main"] == "multi-crop & dense Q={32,40}" and set(result["per_class_accuracy"]) == set(CLASSES)
     assert "Table 3" in proc.stdout and "| dense Q=40 |" in proc.stdout
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
     assert "Table 5" in (out / "results.md").read_text()
