@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from verydeep.checkpoint import load_checkpoint, model_from_recipe, save_checkpoint
+from verydeep.checkpoint import load_checkpoint, load_model, model_from_recipe, save_checkpoint
 from verydeep.cli import main
 from verydeep.train import (
     GlobalBatchSampler,
@@ -67,7 +67,10 @@ def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
     assert summary["best_val_top1"] > 25.0  # four classes: chance is 25%
     assert {"val_top1", "val_top5", "img_s", "peak_mem_mb", "seconds", "skipped", "train_loss"} <= set(epochs[-1])
-    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
+    exported, _ = load_model(tmp_path / "model.safetensors")
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["schedule"]["best"] == summary["best_val_top1"]
+    assert all(torch.equal(value, best["model"][key]) for key, value in exported.state_dict().items())
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch-*.pt")) == [
         "epoch-0004.pt", "epoch-0005.pt", "epoch-0006.pt"]
     recipe = json.loads((tmp_path / "recipe.json").read_text())
