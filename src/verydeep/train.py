@@ -455,12 +455,14 @@ class Trainer:
                  f"precision {'bf16' if self.dtype else 'fp32'}")
 
     def _device(self) -> torch.device:
+        """The device: under torchrun on GPUs, this process's (LOCAL_RANK); else ``--device``."""
         if self.procs.distributed and self.cfg.device in ("auto", "cuda") and torch.cuda.is_available():
             torch.cuda.set_device(self.procs.local_rank)
-            return torch.device("cuda", self.procs.local_rank)
-        device = runtime.pick_device(self.cfg.device)
+            device = torch.device("cuda", self.procs.local_rank)
+        else:
+            device = runtime.pick_device(self.cfg.device)
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotune the convolutions once
         return device
 
     def _loader(self, dataset: Dataset, batches: Any, collate_fn: Any) -> DataLoader:
