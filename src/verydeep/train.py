@@ -720,6 +720,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     procs = Processes.from_env()
     if procs.distributed and not torch_dist.is_initialized():
         cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+        if cuda:
+            torch.cuda.set_device(procs.local_rank)  # before NCCL starts, so each process binds its own GPU
         torch_dist.init_process_group("nccl" if cuda else "gloo")
         try:
             return Trainer(cfg, procs).run()
