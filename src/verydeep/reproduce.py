@@ -87,6 +87,7 @@ class Preset:
     limit_train: int | None = None
     limit_test: int | None = None
     workers: int = 2
+    patience: int = 2  # the paper's rule: lr / 10 when validation top-1 stops improving, at most 3 times
 
     def scale(self, paper: tuple[int, int]) -> tuple[int, int]:
         """A training scale of the paper (224-pixel crops) at this preset's crop."""
@@ -100,11 +101,6 @@ PRESETS: dict[str, Preset] = {
     "imagenette": Preset(crop=112, width=0.25, epochs=30, batch_size=64),
     "digits": Preset(crop=32, width=0.25, epochs=12, batch_size=64, nets=("D-jitter",)),
 }
-
-
-def _milestones(epochs: int) -> list[int]:
-    """Three divisions of the learning rate by 10, as in the paper, at 50%, 75% and 90% of the budget."""
-    return sorted({max(1, round(epochs * f)) for f in (0.5, 0.75, 0.9)})
 
 
 def train_net(net: Net, preset: Preset, data: Path, out: Path, device: str, progress: bool) -> tuple[Path, float]:
@@ -122,7 +118,7 @@ def train_net(net: Net, preset: Preset, data: Path, out: Path, device: str, prog
         crop=preset.crop,
         width=preset.width,
         epochs=preset.epochs,
-        milestones=_milestones(preset.epochs),
+        patience=preset.patience,
         batch_size=preset.batch_size,
         lr=preset.lr,
         init=preset.init,
@@ -359,8 +355,8 @@ def report_markdown(preset_name: str, preset: Preset, data: Path, nets: list[Net
         f"({', '.join(f'{k} {v / 60:.1f}' for k, v in seconds.items())} min)",
         f"- every net: width x{preset.width:g}, crop {preset.crop} (the paper's 224 x {preset.crop / 224:.3f}), "
         f"{preset.epochs} epochs, batch {preset.batch_size}, SGD momentum 0.9, weight decay 5e-4, dropout 0.5, "
-        f"lr {preset.lr:g} divided by 10 after epochs {_milestones(preset.epochs)}, init `{preset.init}`, "
-        "no batch norm",
+        f"lr {preset.lr:g} divided by 10 when validation top-1 has not improved for {preset.patience} epochs "
+        f"(at most 3 times, Sec. 3.1), init `{preset.init}`, no batch norm",
         f"- training scales: S = 256 -> {preset.scale((256, 256))[0]}, [256; 512] -> "
         f"{list(preset.scale((256, 512)))}; test scales from each recipe ({{S-32, S, S+32}} or {{Smin, mid, Smax}}, "
         f"scaled); errors on {f'{preset.limit_test} (class-balanced)' if preset.limit_test else 'all'}"
