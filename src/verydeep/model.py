@@ -233,15 +233,5 @@ def _extract(
     return out
 
 
-def vgg(
-    config: str,
-    num_classes: int = 1000,
-    batch_norm: bool = False,
-    width: float = 1.0,
-    dropout: float = 0.5,
-    input_size: int = 224,
-    adaptive_pool: bool = False,
-    init: str = "kaiming",
-) -> VGG:
-    """Build configuration ``config`` (``A``, ``A-LRN``, ``B``, ``C``, ``D``, ``E`` or ``vgg16`` ...)."""
-    return VGG(config, num_classes, batch_norm, width, dropout, input_size, adaptive_pool, init)
+#: ``vgg("D", num_classes=10, width=1/4, input_size=32)``: build a configuration of Table 1.
+vgg = VGG
