@@ -59,7 +59,10 @@ def test_reproduction_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert [r["net"] for r in table3] == ["A", "D-jitter", "E-jitter"]
     assert [r["scales"] for r in table3] == [[36], [54], [54]]
     assert all(r["images"] == 40 for r in table3)
-    assert len(result["tables"]["Table 5: dense vs multi-crop vs both (multi-scale)"]["rows"]) == 6
+    table5 = result["tables"]["Table 5: dense vs multi-crop vs both (multi-scale)"]["rows"]
+    assert [(r["net"], r["protocol"]) for r in table5][:3] == [
+        ("A", "dense"), ("A", "multicrop"), ("A", "dense+multicrop")]  # the digits preset: every protocol for A
+    assert len(table5) == 9
     assert len(result["tables"]["Table 6: fusion"]["rows"]) == 3
     assert result["claims"] and all(c["verdict"] for c in result["claims"])
     for name in ("REPRODUCTION.md", "learning_curves.png", "errors.png", "results.json"):

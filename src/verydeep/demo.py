@@ -59,7 +59,8 @@ def run_cli(args: argparse.Namespace) -> None:
     preset = PRESETS["digits"]
     if args.epochs:
         preset = replace(preset, epochs=args.epochs)
-    report = reproduce(data, preset, "digits", out, device=args.device, progress=not args.no_progress)
+    report = reproduce(data, preset, "digits", out, device=args.device, progress=not args.no_progress,
+                       command="verydeep demo")
     print(report["markdown"])
     print(f"\nDemo finished in {time.time() - start:.0f} s. Report: {out / 'REPRODUCTION.md'}; "
           f"plots: {out / 'learning_curves.png'}, {out / 'errors.png'}")
