@@ -72,17 +72,6 @@ FC_WIDTH = 4096
 #: AlexNet's LRN parameters, used by A-LRN (Sec. 2.1): size 5, alpha 1e-4, beta 0.75, k 2.
 LRN_PARAMS = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0}
 
-#: Published parameter counts at 1000 classes (Table 2, exact).
-PAPER_PARAMS = {
-    "A": 132_863_336,
-    "A-LRN": 132_863_336,
-    "B": 133_047_848,
-    "C": 133_638_952,
-    "D": 138_357_544,
-    "E": 143_667_240,
-}
-
-
 @dataclass(frozen=True)
 class Layer:
     """One entry of Table 1 with its name in the authors' Caffe convention (``conv3_2``)."""
