@@ -12,10 +12,9 @@ from PIL import Image
 
 from verydeep.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.cli import main
-from verydeep.data import IMAGENET, grid_crops
+from verydeep.data import IMAGENET, balanced_subset, grid_crops
 from verydeep.evaluate import (
     Net,
-    balanced_subset,
     dense_posteriors,
     derive_scales,
     evaluate,

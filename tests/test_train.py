@@ -12,12 +12,12 @@ from PIL import Image
 
 from verydeep.checkpoint import load_checkpoint, load_model, model_from_recipe, save_checkpoint
 from verydeep.cli import main
+from verydeep.data import balanced_subset
 from verydeep.train import (
     GlobalBatchSampler,
     NonFiniteLossError,
     Schedule,
     TrainConfig,
-    balanced_subset,
     build_model,
     make_config,
     parse_scale,

@@ -290,26 +290,6 @@ def check_classes(nets: Sequence[Net], classes: list[str]) -> None:
         raise ValueError("fusion needs every checkpoint's recipe to list its classes")
 
 
-def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
-    """``limit`` indices taken round-robin over the classes in folder order (deterministic, class-balanced)."""
-    if limit is None or limit >= len(targets):
-        return list(range(len(targets)))
-    if limit <= 0:
-        raise ValueError(f"--limit must be positive; got {limit}")
-    by_class: dict[int, list[int]] = {}
-    for index, target in enumerate(targets):
-        by_class.setdefault(int(target), []).append(index)
-    queues = [by_class[c] for c in sorted(by_class)]
-    chosen: list[int] = []
-    depth = 0
-    while len(chosen) < limit:
-        for queue in queues:
-            if depth < len(queue) and len(chosen) < limit:
-                chosen.append(queue[depth])
-        depth += 1
-    return sorted(chosen)
-
-
 # ---- computing the posteriors -------------------------------------------------------------
 
 
@@ -536,7 +516,7 @@ def evaluate(
     ``main`` row's per-class accuracy, the classes, the nets and timings; with
     ``keep_posteriors`` also ``posteriors`` (numpy arrays per net, kind and Q, not JSON-able).
     """
-    from verydeep.data import find_split, open_split
+    from verydeep.data import balanced_subset, find_split, open_split
 
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]

@@ -53,6 +53,7 @@ from verydeep.data import (
     ImageFolder,
     Preprocess,
     TrainTransform,
+    balanced_subset,
     collate,
     find_split,
     load_preprocess,
@@ -287,22 +288,6 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.micro_per_step
-
-
-def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
-    """The first ``limit`` indices taking classes in turn (image 0 of each class, then image 1 ...),
-    so a limited run sees every class equally; all indices when ``limit`` is None."""
-    if limit is None or limit >= len(targets):
-        return list(range(len(targets)))
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(targets):
-        by_class.setdefault(label, []).append(index)
-    chosen: list[int] = []
-    rank = 0
-    while len(chosen) < limit:
-        chosen.extend(members[rank] for members in by_class.values() if rank < len(members))
-        rank += 1
-    return sorted(chosen[:limit])
 
 
 # ---- processes --------------------------------------------------------------------------------

@@ -332,3 +332,23 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
+    """``limit`` indices taken round-robin over the classes in folder order (deterministic, class-balanced)."""
+    if limit is None or limit >= len(targets):
+        return list(range(len(targets)))
+    if limit <= 0:
+        raise ValueError(f"--limit must be positive; got {limit}")
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(int(target), []).append(index)
+    queues = [by_class[c] for c in sorted(by_class)]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < limit:
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < limit:
+                chosen.append(queue[depth])
+        depth += 1
+    return sorted(chosen)
