@@ -64,6 +64,10 @@ def test_reproduction_runs_end_to_end_and_resumes(tmp_path, capsys):
         ("A", "dense"), ("A", "multicrop"), ("A", "dense+multicrop")]  # the digits preset: every protocol for A
     assert len(table5) == 9
     assert len(result["tables"]["Table 6: fusion"]["rows"]) == 3
+    # the paper's figures stand beside ours: A at 256, D jittered (Table 5), D + E fused (Table 6)
+    assert "| 29.6 / 10.4 |" in result["tables"]["Table 3: single test scale"]["markdown"]
+    assert "| 24.4 / 7.2 |" in result["tables"]["Table 5: dense vs multi-crop vs both (multi-scale)"]["markdown"]
+    assert "| 23.7 / 6.8 |" in result["tables"]["Table 6: fusion"]["markdown"]
     assert result["claims"] and all(c["verdict"] for c in result["claims"])
     for name in ("REPRODUCTION.md", "learning_curves.png", "errors.png", "results.json"):
         assert (out / name).stat().st_size > 0

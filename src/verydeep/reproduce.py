@@ -22,24 +22,7 @@ from typing import Any
 
 import torch
 
-#: The paper's published top-1 / top-5 validation errors (%) that our tables stand beside (Sec. 4).
-PAPER_TABLE_3 = {  # single test scale
-    ("A", "256"): (29.6, 10.4), ("A-LRN", "256"): (29.7, 10.5), ("B", "256"): (28.7, 9.9),
-    ("C", "256"): (28.1, 9.4), ("C", "256;512"): (27.3, 8.8), ("D", "256"): (27.0, 8.8),
-    ("D", "256;512"): (25.6, 8.1), ("E", "256"): (27.3, 9.0), ("E", "256;512"): (25.5, 8.0),
-}
-PAPER_TABLE_4 = {  # multi-scale test
-    ("B", "256"): (28.2, 9.6), ("C", "256"): (27.7, 9.2), ("C", "256;512"): (26.3, 8.2),
-    ("D", "256"): (26.6, 8.6), ("D", "256;512"): (24.8, 7.5), ("E", "256"): (26.9, 8.7),
-    ("E", "256;512"): (24.8, 7.5),
-}
-PAPER_TABLE_5 = {  # D and E trained with S in [256; 512], Q = {256, 384, 512}
-    ("D", "dense"): (24.8, 7.5), ("D", "multicrop"): (24.6, 7.5), ("D", "dense+multicrop"): (24.4, 7.2),
-    ("E", "dense"): (24.8, 7.5), ("E", "multicrop"): (24.6, 7.4), ("E", "dense+multicrop"): (24.4, 7.1),
-}
-PAPER_TABLE_6 = {  # fusion of D and E (multi-scale)
-    "dense": (24.0, 7.1), "multicrop": (23.9, 7.2), "dense+multicrop": (23.7, 6.8),
-}
+from verydeep.evaluate import PAPER_RESULTS
 
 
 @dataclass(frozen=True)
@@ -56,7 +39,8 @@ class Net:
 
     @property
     def paper_scale(self) -> str:
-        return f"{self.scale[0]};{self.scale[1]}" if self.jittered else str(self.scale[0])
+        """The training scale as ``evaluate.PAPER_RESULTS`` keys it: ``256`` or ``[256;512]``."""
+        return f"[{self.scale[0]};{self.scale[1]}]" if self.jittered else str(self.scale[0])
 
 
 #: The ablations: depth (A, B, D, E), LRN (A-LRN), 1x1 vs 3x3 (C vs D), fixed vs jittered S,
@@ -182,16 +166,17 @@ def _cells(ours: tuple[float, float] | None, paper: tuple[float, float] | None) 
 def paper_tables(rows: list[dict[str, Any]], nets: list[Net], preset: Preset) -> dict[str, dict[str, Any]]:
     """Tables 3-6: our top-1 / top-5 errors (%) beside the paper's, as ``{title: {rows, markdown}}``."""
     tables: dict[str, dict[str, Any]] = {}
+    by_name = {n.name: n for n in NETS}
     head = "| ConvNet | train S (paper's) | test Q | top-1 / top-5 err. % (ours) | (paper, ILSVRC val) |"
-    for title, multi, paper in (("Table 3: single test scale", False, PAPER_TABLE_3),
-                                ("Table 4: multiple test scales", True, PAPER_TABLE_4)):
+    for title, multi, paper in (("Table 3: single test scale", False, PAPER_RESULTS["Table 3"]),
+                                ("Table 4: multiple test scales", True, PAPER_RESULTS["Table 4"])):
         lines, found = [head, "|---|---|---|---|---|"], []
         for net in nets:
             smin, smax = preset.scale(net.scale)
             row = _find(rows, [net.name], "dense", None if multi else (smin + smax) // 2)
             if row is None:
                 continue
-            train = f"{smin};{smax}" if net.jittered else str(smin)
+            train = f"[{smin};{smax}]" if net.jittered else str(smin)
             test = ",".join(map(str, row["scales"]))
             lines.append(f"| {net.name} | {train} ({net.paper_scale}) | {test} |"
                          + _cells(_errors(row), paper.get((net.config, net.paper_scale))))
@@ -202,7 +187,7 @@ def paper_tables(rows: list[dict[str, Any]], nets: list[Net], preset: Preset) ->
         for protocol in ("dense", "multicrop", "dense+multicrop") if _find(rows, [net.name], "multicrop") else ():
             row = _find(rows, [net.name], protocol)
             if row is not None:
-                paper = PAPER_TABLE_5.get((net.config, protocol))
+                paper = PAPER_RESULTS["Table 5"].get((net.config, net.paper_scale, protocol))
                 lines.append(f"| {net.name} | {protocol} |" + _cells(_errors(row), paper))
                 found.append({"net": net.name, **row})
     tables["Table 5: dense vs multi-crop vs both (multi-scale)"] = {"rows": found, "markdown": "\n".join(lines)}
@@ -210,8 +195,9 @@ def paper_tables(rows: list[dict[str, Any]], nets: list[Net], preset: Preset) ->
                     "|---|---|---|---|"], []
     for row in rows:
         if row["fusion"]:
+            fused = sorted((by_name[n].config, by_name[n].paper_scale) for n in row["nets"])
             lines.append(f"| {' + '.join(row['nets'])} | {row['protocol']} |"
-                         + _cells(_errors(row), PAPER_TABLE_6.get(row["protocol"])))
+                         + _cells(_errors(row), PAPER_RESULTS["Table 6"].get((*fused, row["protocol"]))))
             found.append(row)
     tables["Table 6: fusion"] = {"rows": found, "markdown": "\n".join(lines)}
     return tables
