@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from verydeep.evaluate import PAPER_RESULTS
+from verydeep.plot import read_metrics
 
 
 @dataclass(frozen=True)
@@ -262,11 +263,7 @@ def claims(rows: list[dict[str, Any]], nets: list[Net], preset: Preset) -> list[
 
 
 def _epochs(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("kind") == "epoch"]
+    return read_metrics(run_dir)[1]
 
 
 def plot(run_dirs: dict[str, Path], rows: list[dict[str, Any]], nets: list[Net], preset: Preset,
