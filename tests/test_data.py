@@ -125,7 +125,7 @@ def test_crop_region_is_the_rescaled_crop():
 @pytest.mark.parametrize(("fmt", "size", "k"), [("JPEG", (1024, 768), 2), ("JPEG", (500, 375), 1),
                                                 ("PNG", (1024, 768), 1)])
 def test_fast_decode_matches_plain_decode_crop_resize(tmp_path, fmt, size, k):
-    """Fast path (a JPEG decoded at 1/k by draft mode, or whole by torchvision straight into a
+    """Fast path (a JPEG decoded at 1/k by draft mode, or whole by simplejpeg straight into a
     tensor; torch's uint8 resampler) against Pillow's plain decode-crop-resize of the region.
 
     Tolerance: without a reduced decode, at most 1 grey level anywhere (the decoders give the

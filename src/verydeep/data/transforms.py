@@ -6,8 +6,9 @@ colour shift and mean subtraction come later, per batch on the device (:func:`to
 
 Fast path: the crop is planned from the header before anything is decoded, as a square of
 whole pixels of the (possibly reduced) decode; a JPEG is decoded at a reduced size where that
-still leaves at least the target resolution (Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8), else straight into a
-tensor (torchvision's libjpeg-turbo: Pillow's pixels without its copy out); only the box is
+still leaves at least the target resolution (Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8),
+else straight into an array by simplejpeg (libjpeg-turbo 3: the same pixels as Pillow's, about
+15% faster than torchvision's ``decode_jpeg`` and 25% faster than Pillow here); only the box is
 resampled, by torch's uint8 bilinear-antialias kernel (about 5x Pillow's resize here).
 ``fast=False`` is the reference: full decode and Pillow's resize of the same region.
 
@@ -16,16 +17,15 @@ Randomness comes from torch's global RNG, which DataLoader seeds per worker.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
 
 Size = tuple[int, int]  # (width, height), Pillow's order
 Box = tuple[int, int, int, int]  # (left, top, right, bottom)
@@ -182,22 +182,20 @@ def resample(image: Tensor, out: Size) -> Tensor:
 
 def plain_jpeg(img: Image.Image) -> bool:
     """An RGB or greyscale JPEG shown as stored (no EXIF rotation): libjpeg-turbo decodes it
-    to RGB on its own, straight into a tensor."""
+    to RGB on its own, straight into an array."""
     return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
 
 
 def decode_jpeg_tensor(img: Image.Image) -> Tensor | None:
-    """The whole of a :func:`plain_jpeg` as uint8 (3, h, w), decoded by torchvision's
-    libjpeg-turbo (the same pixels as Pillow's, without Pillow's copy out); ``None`` if that
-    decoder refuses the file (Pillow then decodes it, or names the damage)."""
+    """The whole of a :func:`plain_jpeg` as uint8 (3, h, w) in HWC memory, decoded by
+    simplejpeg's libjpeg-turbo; ``None`` if that decoder refuses the file (Pillow then decodes
+    it, or names the damage)."""
     img.fp.seek(0)
-    data = torch.frombuffer(bytearray(img.fp.read()), dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
-        except RuntimeError:
-            return None
+    try:
+        array = simplejpeg.decode_jpeg(img.fp.read(), "RGB")
+    except ValueError:
+        return None
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def load_region(img: Image.Image, k: int, box: Box, out: Size, fast: bool = True) -> Tensor:
