@@ -120,12 +120,14 @@ def to_input(
     bias = bias / std
     if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
         # channels_last: the channel is the fastest dimension; broadcast along rows of w*3
-        # values, not over a size-3 inner loop; convert first (mixed-dtype ops are not vectorised)
+        # values, not over a size-3 inner loop; convert first (mixed-dtype ops are not vectorised),
+        # then one fused pass in place: bias + x * scale
         rows = images.permute(0, 2, 3, 1).reshape(n, h, w * 3).float()
-        rows.mul_(scale.repeat(w).view(1, 1, w * 3)).add_(bias.repeat(1, w).view(n, 1, w * 3))
+        torch.addcmul(bias.repeat(1, w).view(n, 1, w * 3), rows, scale.repeat(w).view(1, 1, w * 3), out=rows)
         return rows.view(n, h, w, 3).permute(0, 3, 1, 2)
     planes = images.reshape(n, 3, h * w).float()
-    return planes.mul_(scale.view(1, 3, 1)).add_(bias.view(n, 3, 1)).view(n, 3, h, w)
+    torch.addcmul(bias.view(n, 3, 1), planes, scale.view(1, 3, 1), out=planes)
+    return planes.view(n, 3, h, w)
 
 
 def save_preprocess(pre: Preprocess, path: str | Path) -> Path:
