@@ -6,7 +6,9 @@ crop, flip; JPEG draft decoding and crop-then-resize, uint8) + ``collate``, then
 ends at the same float32 normalised batch. Torchvision: ``ImageFolder`` + ``RandomResizedCrop``
 + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``. Same images, workers and batch size,
 in the same run; rounds alternate and the medians are reported (shared machines are noisy).
-The main process gets the cores the workers leave (at least one thread).
+The main process gets the cores the workers leave (at least one thread). Beside images/s it
+reports CPU milliseconds per image (main process plus workers, from ``/proc`` on Linux): what a
+pipeline costs whatever else the machine is running, the better figure on a busy machine.
 
 Images: the real ImageNet photos of ``../shared/data/imagenet-samples`` when present, else
 generated photo-sized JPEGs. With ``--device cuda`` it also times the GPU path
@@ -19,7 +21,9 @@ generated photo-sized JPEGs. With ``--device cuda`` it also times the GPU path
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -55,30 +59,50 @@ def image_tree(root: Path, count: int) -> str:
     return f"{count} generated 500x375 JPEGs"
 
 
-def time_loader(loader: DataLoader, finish: Callable, epochs: int) -> float:
-    """Images per second over ``epochs`` passes (workers already started and warm)."""
+def record_pid(pids, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: note this worker's process id (for its CPU time)."""
+    pids[worker_id] = os.getpid()
+
+
+def cpu_seconds(pids) -> float:
+    """CPU time (user + system) of this process and the worker processes ``pids``; NaN off Linux."""
+    total = sum(os.times()[:2])
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def time_loader(loader: DataLoader, finish: Callable, epochs: int) -> tuple[float, float]:
+    """Images per second and CPU milliseconds per image over ``epochs`` passes (workers already
+    started and warm)."""
+    pids = loader.worker_init_fn.args[0] if loader.num_workers else []
     images = 0
+    cpu = cpu_seconds(pids)
     start = time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
             images += finish(batch)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return images / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start), 1000 * (cpu_seconds(pids) - cpu) / images
 
 
-def gpu_pipeline(samples: list, common: dict, args: argparse.Namespace) -> tuple[DataLoader, Callable]:
+def gpu_pipeline(samples: list, loader: Callable, args: argparse.Namespace) -> tuple[DataLoader, Callable]:
     """Workers read bytes; nvJPEG decodes and tensor ops augment on the device; then to_input."""
     from verydeep.data.gpu import EncodedImages, GpuTrainAugment, collate_encoded
 
     device = torch.device(args.device)
-    loader = DataLoader(EncodedImages(samples), collate_fn=collate_encoded, pin_memory=True, **common)
+    encoded = loader(EncodedImages(samples), collate_fn=collate_encoded, pin_memory=True)
     augment = GpuTrainAugment(args.crop, tuple(args.scale), device=device)
 
     def finish(encoded) -> int:
         return to_input(augment(encoded).images, IMAGENET, alpha_std=0.1).shape[0]
 
-    return loader, finish
+    return encoded, finish
 
 
 def main() -> None:
@@ -101,13 +125,18 @@ def main() -> None:
         source = image_tree(Path(tmp), args.images)
         common = dict(batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
                       persistent_workers=args.workers > 0)
+
+        def loader(dataset, **kwargs) -> DataLoader:  # each with its own record of worker pids
+            pids = multiprocessing.Array("i", args.workers, lock=False)
+            return DataLoader(dataset, worker_init_fn=functools.partial(record_pid, pids), **common, **kwargs)
+
         ours_set = ImageFolder(tmp, TrainTransform(args.crop, tuple(args.scale)))
-        ours = DataLoader(ours_set, collate_fn=collate, **common)
+        ours = loader(ours_set, collate_fn=collate)
         tv_transform = T.Compose([
             T.RandomResizedCrop(args.crop), T.RandomHorizontalFlip(), T.ToTensor(),
             T.Normalize(IMAGENET.mean, IMAGENET.std),
         ])
-        tv = DataLoader(torchvision.datasets.ImageFolder(tmp, tv_transform), **common)
+        tv = loader(torchvision.datasets.ImageFolder(tmp, tv_transform))
 
         def finish_ours(batch) -> int:
             return to_input(batch.images, IMAGENET, alpha_std=0.1).shape[0]
@@ -118,21 +147,27 @@ def main() -> None:
         pipelines: dict[str, tuple[DataLoader, Callable]] = {"verydeep": (ours, finish_ours),
                                                               "torchvision": (tv, finish_tv)}
         if args.device.startswith("cuda"):
-            pipelines["verydeep-gpu"] = gpu_pipeline(ours_set.samples, common, args)
-        for loader, finish in pipelines.values():  # warm-up: start workers, fill the page cache
-            time_loader(loader, finish, 1)
+            pipelines["verydeep-gpu"] = gpu_pipeline(ours_set.samples, loader, args)
+        for data, finish in pipelines.values():  # warm-up: start workers, fill the page cache
+            time_loader(data, finish, 1)
         rates: dict[str, list[float]] = {name: [] for name in pipelines}
+        costs: dict[str, list[float]] = {name: [] for name in pipelines}
         for _ in range(args.rounds):
-            for name, (loader, finish) in pipelines.items():
-                rates[name].append(time_loader(loader, finish, args.epochs))
+            for name, (data, finish) in pipelines.items():
+                rate, cost = time_loader(data, finish, args.epochs)
+                rates[name].append(rate)
+                costs[name].append(cost)
 
     medians = {name: statistics.median(r) for name, r in rates.items()}
+    cpu_ms = {name: statistics.median(c) for name, c in costs.items()}
     ratio = medians["verydeep"] / medians["torchvision"]
+    cpu_ratio = cpu_ms["torchvision"] / cpu_ms["verydeep"]
     print(f"images: {source}; crop {args.crop}, S in [{args.scale[0]}, {args.scale[1]}], "
           f"{args.workers} workers, batch {args.batch_size}, {args.rounds} rounds x {args.epochs} passes")
     for name, rate in medians.items():
-        print(f"{name:12s} {rate:8.1f} images/s  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
-    print(f"verydeep / torchvision: {ratio:.2f}x")
+        print(f"{name:12s} {rate:8.1f} images/s  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])}), "
+              f"{cpu_ms[name]:.2f} CPU ms/image")
+    print(f"verydeep / torchvision: {ratio:.2f}x the images/s, {cpu_ratio:.2f}x less CPU per image")
     if "verydeep-gpu" in medians:
         print(f"verydeep-gpu / torchvision: {medians['verydeep-gpu'] / medians['torchvision']:.2f}x")
     if args.json:
@@ -140,7 +175,9 @@ def main() -> None:
             "source": source, "workers": args.workers, "batch_size": args.batch_size,
             "crop": args.crop, "scale": list(args.scale),
             "images_per_s": {k: round(v, 1) for k, v in medians.items()},
+            "cpu_ms_per_image": {k: round(v, 3) for k, v in cpu_ms.items()},
             "ratio_vs_torchvision": round(ratio, 3),
+            "cpu_ratio_vs_torchvision": round(cpu_ratio, 3),
             **({"gpu_ratio_vs_torchvision": round(medians["verydeep-gpu"] / medians["torchvision"], 3)}
                if "verydeep-gpu" in medians else {}),
         }))
