@@ -132,6 +132,16 @@ def test_milestones_replace_the_plateau_rule():
     assert lrs == pytest.approx([0.1, 0.01, 0.01, 0.001, 0.001]) and not schedule.stopped
 
 
+def test_resume_may_move_the_milestones(data, tmp_path):
+    """A run that dropped lr after epoch 1 is extended with the drop moved to epoch 2: lr goes back up."""
+    train(tiny(data, tmp_path, epochs=1, milestones=[1]))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["schedule"]["lr"] == pytest.approx(0.005)
+    assert train(tiny(data, tmp_path, epochs=3, milestones=[2], resume=True))["epochs"] == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["epoch"]: r["lr"] for r in records if r["kind"] == "epoch"}
+    assert lrs == pytest.approx({1: 0.05, 2: 0.05, 3: 0.005})
+
+
 def test_plateau_stops_a_run(data, tmp_path):
     summary = train(tiny(data, tmp_path, lr=1e-9, patience=1, max_drops=1, epochs=10, val_every=1))
     assert summary["stopped"] == "plateau" and summary["epochs"] == 3 and summary["lr"] == pytest.approx(1e-10)

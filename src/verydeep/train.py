@@ -181,7 +181,7 @@ class Schedule:
     ``max_drops`` times, then stop; or, with ``milestones``, lr /= 10 after each listed epoch."""
 
     def __init__(self, lr: float, patience: int = 2, max_drops: int = 3, milestones: Sequence[int] = ()) -> None:
-        self.lr = lr
+        self.base_lr = self.lr = lr
         self.patience = patience
         self.max_drops = max_drops
         self.milestones = sorted(milestones)
@@ -209,6 +209,11 @@ class Schedule:
                 else:
                     self.stopped = True
         return improved
+
+    def follow_milestones(self, epochs_done: int) -> None:
+        """Set lr for ``epochs_done`` from the milestones alone: a resumed run may move or add them."""
+        self.drops = sum(milestone <= epochs_done for milestone in self.milestones)
+        self.lr = self.base_lr / 10**self.drops
 
     def state_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "best": self.best, "bad": self.bad, "drops": self.drops, "stopped": self.stopped}
@@ -516,6 +521,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.start_step, self.step = state["epoch"], state["step_in_epoch"], state["step"]
+        if self.cfg.milestones:
+            self.schedule.follow_milestones(self.epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.schedule.lr
         self.partial = dict(state["partial"])
         if self.procs.main:
             self._truncate_metrics()
