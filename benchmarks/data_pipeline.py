@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from verydeep.data import IMAGENET, ImageFolder, TrainTransform, collate, to_input
+from verydeep.data import IMAGENET, ImageFolder, TrainTransform, collate, pca_shift, to_input
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 
@@ -100,7 +100,8 @@ def gpu_pipeline(samples: list, loader: Callable, args: argparse.Namespace) -> t
     augment = GpuTrainAugment(args.crop, tuple(args.scale), device=device)
 
     def finish(encoded) -> int:
-        return to_input(augment(encoded).images, IMAGENET, alpha_std=0.1).shape[0]
+        images = augment(encoded).images
+        return to_input(images, IMAGENET, pca_shift(len(images), IMAGENET, 0.1)).shape[0]
 
     return encoded, finish
 
@@ -138,8 +139,11 @@ def main() -> None:
         ])
         tv = loader(torchvision.datasets.ImageFolder(tmp, tv_transform))
 
+        memory = torch.empty(args.batch_size * 3 * args.crop**2)  # reused, as the trainer does
+
         def finish_ours(batch) -> int:
-            return to_input(batch.images, IMAGENET, alpha_std=0.1).shape[0]
+            n = len(batch.images)
+            return to_input(batch.images, IMAGENET, pca_shift(n, IMAGENET, 0.1), memory).shape[0]
 
         def finish_tv(batch) -> int:
             return batch[0].shape[0]

@@ -218,12 +218,25 @@ def test_to_input_subtracts_the_mean_and_keeps_channels_last():
 def test_to_input_colour_shift_is_one_rgb_offset_per_image():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     base = to_input(images, IMAGENET)
-    shifted = to_input(images, IMAGENET, 0.1, torch.Generator().manual_seed(1))
-    again = to_input(images, IMAGENET, 0.1, torch.Generator().manual_seed(1))
-    assert torch.equal(shifted, again)
-    delta = shifted - base  # (4, 3, 8, 8), constant over pixels
+    shifts = pca_shift(4, IMAGENET, 0.1, torch.Generator().manual_seed(1))
+    delta = to_input(images, IMAGENET, shifts) - base  # (4, 3, 8, 8), constant over pixels
     assert torch.allclose(delta, delta[:, :, :1, :1].expand_as(delta), atol=1e-5)
-    assert not torch.allclose(delta[0, :, 0, 0], delta[1, :, 0, 0])
+    std = torch.tensor(IMAGENET.std)
+    assert torch.allclose(delta[:, :, 0, 0], shifts / std, atol=1e-5)  # the shift on the 0..1 scale, normalised
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_to_input_writes_into_a_reused_buffer(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images = torch.randint(0, 256, (3, 3, 6, 7), dtype=torch.uint8).contiguous(memory_format=fmt)
+    buffer = torch.full((3 * 3 * 6 * 7 + 5,), float("nan"))
+    expected = to_input(images, IMAGENET)
+    out = to_input(images, IMAGENET, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr() and torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=fmt)
+    assert torch.equal(to_input(images[:2], IMAGENET, out=buffer), expected[:2])  # a smaller last batch fits
+    with pytest.raises(ValueError, match="at least"):
+        to_input(images, IMAGENET, out=torch.empty(10))
 
 
 def test_preprocess_round_trips_through_json(tmp_path):

@@ -16,7 +16,7 @@ from verydeep.data.datasets import (
     find_split,
     open_split,
 )
-from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess, save_preprocess, to_input
+from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess, pca_shift, save_preprocess, to_input
 from verydeep.data.stats import add_cli, compute_stats
 from verydeep.data.transforms import (
     CenterCropTransform,
@@ -49,6 +49,7 @@ __all__ = [
     "grid_crops",
     "load_preprocess",
     "open_split",
+    "pca_shift",
     "resized_size",
     "sample_scale",
     "save_preprocess",

@@ -13,7 +13,7 @@ unreadable ones are skipped and named, as on the CPU path.
     augment = GpuTrainAugment(crop=224, scale=(256, 512), device=torch.device("cuda"))
     for encoded in loader:
         batch = augment(encoded)                       # uint8, channels_last, on the GPU
-        x = to_input(batch.images, pre, alpha_std=0.1)
+        x = to_input(batch.images, pre, pca_shift(len(batch.images), pre, 0.1))
 """
 
 from __future__ import annotations

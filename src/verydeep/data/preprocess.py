@@ -97,16 +97,14 @@ def pca_shift(n: int, pre: Preprocess, alpha_std: float, generator: torch.Genera
     return (alpha * eigval) @ eigvec.T
 
 
-def to_input(
-    images: Tensor,
-    pre: Preprocess,
-    alpha_std: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def to_input(images: Tensor, pre: Preprocess, shifts: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """uint8 images (N, 3, H, W) to the network's float32 input: ``(x/255 + shift - mean) / std``.
 
-    ``shift`` is the PCA colour shift (Sec. 3.1), zero unless ``alpha_std > 0``. Runs on the
-    images' device and keeps their memory format (channels_last stays channels_last).
+    ``shifts`` (N, 3) are the images' PCA colour shifts (Sec. 3.1, :func:`pca_shift`), on the
+    0..1 scale; none by default. Runs on the images' device and keeps their memory format
+    (channels_last stays channels_last). ``out``: float32 memory to write into, at least
+    N*3*H*W elements on the same device; reusing one across batches spares the CPU the page
+    faults of fresh memory, which cost more than the arithmetic.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"to_input wants uint8 (N, 3, H, W) images; got {images.dtype} {tuple(images.shape)}")
@@ -115,17 +113,22 @@ def to_input(
     std = torch.tensor(pre.std, device=device)
     scale = 1.0 / (255.0 * std)
     bias = -torch.tensor(pre.mean, device=device).expand(n, 3)
-    if alpha_std > 0:
-        bias = bias + pca_shift(n, pre, alpha_std, generator).to(device)
+    if shifts is not None:
+        bias = bias + shifts.to(device)
     bias = bias / std
+    if out is None:
+        out = torch.empty(n * 3 * h * w, device=device)
+    elif out.dtype != torch.float32 or out.device != device or out.numel() < n * 3 * h * w:
+        raise ValueError(f"to_input: out must be float32 on {device} with at least {n * 3 * h * w} elements")
+    out = out.view(-1)[: n * 3 * h * w]
+    # convert first (mixed-dtype ops are not vectorised), then one fused pass in place: bias + x * scale
     if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
         # channels_last: the channel is the fastest dimension; broadcast along rows of w*3
-        # values, not over a size-3 inner loop; convert first (mixed-dtype ops are not vectorised),
-        # then one fused pass in place: bias + x * scale
-        rows = images.permute(0, 2, 3, 1).reshape(n, h, w * 3).float()
+        # values, not over a size-3 inner loop
+        rows = out.view(n, h, w * 3).copy_(images.permute(0, 2, 3, 1).reshape(n, h, w * 3))
         torch.addcmul(bias.repeat(1, w).view(n, 1, w * 3), rows, scale.repeat(w).view(1, 1, w * 3), out=rows)
         return rows.view(n, h, w, 3).permute(0, 3, 1, 2)
-    planes = images.reshape(n, 3, h * w).float()
+    planes = out.view(n, 3, h * w).copy_(images.reshape(n, 3, h * w))
     torch.addcmul(bias.view(n, 3, 1), planes, scale.view(1, 3, 1), out=planes)
     return planes.view(n, 3, h, w)
 
