@@ -31,7 +31,7 @@ from verydeep.data import (
     to_input,
 )
 from verydeep.data.preprocess import pca_shift
-from verydeep.data.transforms import load_region
+from verydeep.data.transforms import ImageFile, load_region
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -151,9 +151,9 @@ def test_fast_decode_matches_plain_decode_crop_resize(tmp_path, fmt, size, k):
 
 def test_fast_decode_uses_a_reduced_jpeg(tmp_path):
     path = save(photo(1024, 768), tmp_path / "big.jpg", quality=92)
-    with Image.open(path) as img:
-        load_region(img, 2, (0, 0, 300, 300), (224, 224))
-        assert img.size == (512, 384)  # decoded at 1/2: still at least 341x256
+    file = ImageFile(path)
+    load_region(file, 2, (0, 0, 300, 300), (224, 224))
+    assert file.pillow().size == (512, 384)  # decoded at 1/2: still at least 341x256
 
 
 def test_exif_rotated_photo_is_displayed_upright(tmp_path):

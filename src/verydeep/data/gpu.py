@@ -35,10 +35,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from verydeep.data.datasets import DECODE_ERRORS, Batch
 from verydeep.data.transforms import (
+    ImageFile,
     crop_box,
     decode,
     flip_coin,
-    plain_jpeg,
     region_side,
     sample_scale,
     to_tensor,
@@ -53,13 +53,10 @@ def read_encoded(path: str | Path) -> Tensor:
     nvJPEG takes RGB or greyscale JPEGs without EXIF rotation that end in the EOI marker (it
     decodes a file cut short without complaint; Pillow names it instead).
     """
-    with Image.open(path) as img:
-        if plain_jpeg(img):
-            img.fp.seek(0)
-            data = img.fp.read()
-            if data.endswith(b"\xff\xd9"):
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return to_tensor(decode(img))
+    file = ImageFile(path)
+    if file.plain and file.data.endswith(b"\xff\xd9"):
+        return torch.frombuffer(bytearray(file.data), dtype=torch.uint8)
+    return to_tensor(decode(file.pillow()))
 
 
 class EncodedImages(Dataset):

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from verydeep.data.datasets import find_split, open_split
 from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
-from verydeep.data.transforms import decode, displayed_size, reduction, resized_size, to_tensor
+from verydeep.data.transforms import ImageFile, decode, resized_size, to_tensor
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,8 @@ class PixelMoments:
     side: int
 
     def __call__(self, path: str | Path) -> Tensor:
-        with Image.open(path) as img:
-            k = reduction(img, resized_size(displayed_size(img), self.side))
-            pixels = to_tensor(decode(img, k))
+        file = ImageFile(path)
+        pixels = to_tensor(decode(file.pillow(), file.reduction(resized_size(file.size, self.side))))
         x = pixels.permute(1, 2, 0).reshape(-1, 3).to(torch.float64) / 255.0  # HWC: a free view
         count = torch.tensor([x.shape[0]], dtype=torch.float64)
         return torch.cat([count, x.sum(0), (x.T @ x).flatten()])

@@ -4,12 +4,14 @@ Training (Sec. 3.1): draw S uniformly from the integers [Smin, Smax], rescale is
 the smallest side is S, take one random crop, flip horizontally with probability 1/2. The PCA
 colour shift and mean subtraction come later, per batch on the device (:func:`to_input`).
 
-Fast path: the crop is planned from the header before anything is decoded, as a square of
-whole pixels of the (possibly reduced) decode; a JPEG is decoded at a reduced size where that
-still leaves at least the target resolution (Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8),
-else straight into an array by simplejpeg (libjpeg-turbo 3: the same pixels as Pillow's, about
-15% faster than torchvision's ``decode_jpeg`` and 25% faster than Pillow here); only the box is
-resampled, by torch's uint8 bilinear-antialias kernel (about 5x Pillow's resize here).
+Fast path: each file is read once (:class:`ImageFile`); the crop is planned from the header
+before anything is decoded, as a square of whole pixels of the (possibly reduced) decode; a
+JPEG is decoded at a reduced size where that still leaves at least the target resolution
+(Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8), else straight into an array by simplejpeg
+(libjpeg-turbo 3: the same pixels as Pillow's, about 15% faster than torchvision's
+``decode_jpeg`` and 25% faster than Pillow here); a plain JPEG never goes through Pillow at
+all. Only the box is resampled, by torch's uint8 bilinear-antialias kernel (about 5x Pillow's
+resize here).
 ``fast=False`` is the reference: full decode and Pillow's resize of the same region.
 
 Randomness comes from torch's global RNG, which DataLoader seeds per worker.
@@ -17,6 +19,7 @@ Randomness comes from torch's global RNG, which DataLoader seeds per worker.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,8 @@ _ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION_TAG = 0x0112
+#: An EXIF block sits in the APP1 segment near the start of a JPEG, at most 64 KiB long.
+_EXIF_MARKER, _EXIF_WITHIN = b"Exif\x00\x00", 1 << 17
 
 
 # ---- pure steps ---------------------------------------------------------------------------
@@ -150,11 +155,6 @@ def decode(img: Image.Image, k: int = 1) -> Image.Image:
     return img.transpose(_ORIENTATION[orient]) if orient != 1 else img
 
 
-def reduction(img: Image.Image, target: Size) -> int:
-    """The draft factor for decoding ``img`` (displayed size) to at least ``target``; 1 unless JPEG."""
-    return draft_factor(displayed_size(img), target) if img.format == "JPEG" else 1
-
-
 def decoded_size(size: Size, k: int) -> Size:
     """Size of a 1/``k`` DCT-scaled decode (partial blocks round up)."""
     return -(-size[0] // k), -(-size[1] // k)
@@ -186,30 +186,67 @@ def plain_jpeg(img: Image.Image) -> bool:
     return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
 
 
-def decode_jpeg_tensor(img: Image.Image) -> Tensor | None:
-    """The whole of a :func:`plain_jpeg` as uint8 (3, h, w) in HWC memory, decoded by
-    simplejpeg's libjpeg-turbo; ``None`` if that decoder refuses the file (Pillow then decodes
-    it, or names the damage)."""
-    img.fp.seek(0)
+def plain_jpeg_size(data: bytes) -> Size | None:
+    """(w, h) of a colour or greyscale JPEG with no EXIF block (so nothing can rotate it), from
+    libjpeg-turbo's header reader alone; ``None`` for anything else (Pillow then opens it)."""
+    if data[:2] != b"\xff\xd8" or _EXIF_MARKER in data[:_EXIF_WITHIN]:
+        return None
     try:
-        array = simplejpeg.decode_jpeg(img.fp.read(), "RGB")
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (w, h) if colorspace in ("YCbCr", "Gray") else None
+
+
+def decode_jpeg_tensor(data: bytes) -> Tensor | None:
+    """A plain JPEG's bytes as uint8 (3, h, w) in HWC memory, decoded by simplejpeg's
+    libjpeg-turbo; ``None`` if that decoder refuses the file (Pillow then decodes it, or names
+    the damage)."""
+    try:
+        array = simplejpeg.decode_jpeg(data, "RGB")
     except ValueError:
         return None
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def load_region(img: Image.Image, k: int, box: Box, out: Size, fast: bool = True) -> Tensor:
-    """``box`` (whole pixels of the 1/``k`` decode) of ``img`` resampled to ``out`` pixels.
+class ImageFile:
+    """An image file read once: its displayed size and format from the header, decoded on demand.
 
-    ``fast``: JPEGs at full size decoded straight into a tensor, torch's uint8
+    A plain JPEG (:func:`plain_jpeg_size`) is sized without Pillow; anything else is opened by
+    Pillow, which reads EXIF rotation, other formats and modes, and raises on damage.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.data = Path(path).read_bytes()
+        size = plain_jpeg_size(self.data)
+        self._pillow = None if size is not None else Image.open(io.BytesIO(self.data))
+        self.size: Size = size if size is not None else displayed_size(self._pillow)
+        self.jpeg = self._pillow is None or self._pillow.format == "JPEG"
+        self.plain = self._pillow is None or plain_jpeg(self._pillow)
+
+    def pillow(self) -> Image.Image:
+        """The file opened by Pillow (not yet decoded, so draft mode still applies)."""
+        if self._pillow is None:
+            self._pillow = Image.open(io.BytesIO(self.data))
+        return self._pillow
+
+    def reduction(self, target: Size) -> int:
+        """The draft factor for decoding to at least ``target`` (displayed size); 1 unless JPEG."""
+        return draft_factor(self.size, target) if self.jpeg else 1
+
+
+def load_region(file: ImageFile, k: int, box: Box, out: Size, fast: bool = True) -> Tensor:
+    """``box`` (whole pixels of the 1/``k`` decode) of ``file`` resampled to ``out`` pixels.
+
+    ``fast``: plain JPEGs at full size decoded straight into a tensor, torch's uint8
     bilinear-antialias resampler; else Pillow throughout (the reference path).
     """
-    if fast and k == 1 and plain_jpeg(img):
-        image = decode_jpeg_tensor(img)
+    if fast and k == 1 and file.plain:
+        image = decode_jpeg_tensor(file.data)
         if image is not None:
             left, top, right, bottom = box
             return resample(image[:, top:bottom, left:right], out)
-    img = decode(img, k)
+    img = decode(file.pillow(), k)
     if fast:
         return resample(to_tensor(img.crop(box)), out)
     return to_tensor(img.resize(out, Image.Resampling.BILINEAR, box=box))
@@ -248,9 +285,9 @@ class TrainTransform:
         return k, crop_box(decoded_size(size, k), region_side(size, s, self.crop, k))
 
     def __call__(self, path: str | Path) -> Tensor:
-        with Image.open(path) as img:
-            k, box = self.plan(displayed_size(img), img.format == "JPEG")
-            out = load_region(img, k, box, (self.crop, self.crop), self.fast)
+        file = ImageFile(path)
+        k, box = self.plan(file.size, file.jpeg)
+        out = load_region(file, k, box, (self.crop, self.crop), self.fast)
         return hflip(out) if self.flip and flip_coin() else out
 
 
@@ -262,11 +299,10 @@ class RescaleTransform:
     fast: bool = True
 
     def __call__(self, path: str | Path) -> Tensor:
-        with Image.open(path) as img:
-            size = displayed_size(img)
-            out = resized_size(size, self.q)
-            k = reduction(img, out) if self.fast else 1
-            return load_region(img, k, (0, 0, *decoded_size(size, k)), out, self.fast)
+        file = ImageFile(path)
+        out = resized_size(file.size, self.q)
+        k = file.reduction(out) if self.fast else 1
+        return load_region(file, k, (0, 0, *decoded_size(file.size, k)), out, self.fast)
 
 
 @dataclass(frozen=True)
@@ -285,11 +321,10 @@ class CenterCropTransform:
             raise ValueError(f"resize {self.resize} is smaller than the crop {self.crop}")
 
     def __call__(self, path: str | Path) -> Tensor:
-        with Image.open(path) as img:
-            size = displayed_size(img)
-            k = reduction(img, resized_size(size, self.resize)) if self.fast else 1
-            box = center_box(decoded_size(size, k), region_side(size, self.resize, self.crop, k))
-            return load_region(img, k, box, (self.crop, self.crop), self.fast)
+        file = ImageFile(path)
+        k = file.reduction(resized_size(file.size, self.resize)) if self.fast else 1
+        box = center_box(decoded_size(file.size, k), region_side(file.size, self.resize, self.crop, k))
+        return load_region(file, k, box, (self.crop, self.crop), self.fast)
 
 
 def grid_offsets(length: int, crop: int, grid: int) -> list[int]:
