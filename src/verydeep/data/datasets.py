@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -284,6 +285,16 @@ class Batch(NamedTuple):
     skipped: list[str]
 
 
+def batch_memory(shape: Sequence[int]) -> Tensor:
+    """An uninitialised uint8 tensor for a batch: in a DataLoader worker, straight in shared
+    memory, which the batch goes through anyway (as ``default_collate`` does; ``share_memory_``
+    would copy it there, costing as much as the collation)."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(tuple(shape))
+
+
 def collate(batch: Sequence[tuple[Tensor | None, int, str]]) -> Batch:
     """Stack ``(image, label, path)`` samples; unreadable ones (image ``None``) are dropped and named.
 
@@ -300,9 +311,7 @@ def collate(batch: Sequence[tuple[Tensor | None, int, str]]) -> Batch:
         if img.shape != shape:
             raise ValueError(f"collate: images of sizes {tuple(shape)} and {tuple(img.shape)} in one batch")
     # stacked as (N, H, W, 3): a plain copy of the transforms' HWC memory, channels_last as NCHW
-    out = torch.empty((len(good), shape[1], shape[2], shape[0]), dtype=torch.uint8)
-    if get_worker_info() is not None:  # sent to the main process through shared memory anyway
-        out.share_memory_()
+    out = batch_memory((len(good), shape[1], shape[2], shape[0]))
     torch.stack([img.permute(1, 2, 0) for img, _ in good], out=out)
     images = out.permute(0, 3, 1, 2)
     return Batch(images, labels, skipped)

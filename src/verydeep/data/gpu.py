@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from verydeep.data.datasets import DECODE_ERRORS, Batch
+from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory
 from verydeep.data.transforms import (
     ImageFile,
     crop_box,
@@ -100,9 +100,7 @@ def collate_encoded(batch: Sequence[tuple[Tensor | None, int, str]]) -> EncodedB
     """Concatenate the JPEG bytes, keep decoded images apart; drop and name unreadable samples."""
     good = [(p, label, path) for p, label, path in batch if p is not None]
     jpegs = [p for p, _, _ in good if p.dim() == 1]
-    encoded = torch.empty(sum(p.numel() for p in jpegs), dtype=torch.uint8)
-    if get_worker_info() is not None:  # sent to the main process through shared memory anyway
-        encoded.share_memory_()
+    encoded = batch_memory((sum(p.numel() for p in jpegs),))
     if jpegs:
         torch.cat(jpegs, out=encoded)
     return EncodedBatch(
