@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +241,37 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     summary = train(tiny(data, tmp_path / "run", batch_size=17))  # 68 images, 4 steps: every file is read once
     epoch = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["steps"] == 4 and epoch["skipped"] == 4 and np.isfinite(epoch["train_loss"])
+
+
+FAULTS_PER_STEP = """
+import resource, sys, torch
+from verydeep.model import VGG
+from verydeep.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.set_num_threads(1)  # every allocation from this thread: glibc's main arena
+torch.manual_seed(0)
+net = VGG("A", num_classes=10, width=1 / 8, input_size=32)
+x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+def step():
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+step()
+step()  # warm-up: the allocator's high-water mark
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_keep_freed_memory_spares_each_step_its_page_faults():
+    def faults(mode: str) -> float:
+        run = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return float(run.stdout)
+
+    plain, kept = faults("plain"), faults("keep")
+    assert plain > 500  # the activations came back as fresh pages every step
+    assert kept < plain / 10

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from verydeep import configs
 from verydeep.checkpoint import load_model
 from verydeep.model import VGG, DenseVGG
-from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
+from verydeep.runtime import autocast, autocast_dtype, keep_freed_memory, pick_device, prepare
 
 #: Protocols a user can ask for; ``dense+multicrop`` is the combination of Table 5.
 PROTOCOLS = ("dense", "multicrop", "dense+multicrop", "center")
@@ -529,6 +529,8 @@ def evaluate(
     started = time.perf_counter()
     split = find_split(data, "val")
     torch_device = pick_device(device)
+    if torch_device.type == "cpu":
+        keep_freed_memory()  # no fresh pages for every batch's activations
     dtype = autocast_dtype(torch_device, precision)
     nets = load_nets(checkpoints, scales, split, torch_device)
     dataset = open_split(split, lambda path: None)

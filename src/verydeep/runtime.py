@@ -9,6 +9,8 @@ a VGG training step runs about 20x *slower* than fp32 (measured on a 2-core AVX2
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from collections.abc import Iterator
 
 import torch
@@ -56,3 +58,23 @@ def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool = 
     """Move ``model`` to ``device``, in channels_last memory format when asked."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+#: glibc ``mallopt`` parameters: the size above which memory is mapped afresh (capped by glibc at
+#: 32 MiB on 64-bit), and the free memory at the heap's top above which it is given back.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse rather than return it to the system.
+
+    PyTorch's CPU allocator is plain ``malloc``: every step's activations, freed at its end, go
+    back to the system and return as fresh pages, each a page fault. For a width-1/2 net A at
+    batch 128 that is ~14,000 faults a step and a fifth of its time (measured here). The cost:
+    the process keeps its peak memory. True when applied (glibc only; elsewhere nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))
+    except (OSError, AttributeError):
+        return False

@@ -454,6 +454,8 @@ class Trainer:
             device = runtime.pick_device(self.cfg.device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotune the convolutions once
+        else:
+            runtime.keep_freed_memory()  # no fresh pages for every step's activations
         return device
 
     def _loader(self, dataset: Dataset, batches: Any, collate_fn: Any) -> DataLoader:
