@@ -5,8 +5,7 @@ crop, flip; JPEG draft decoding and crop-then-resize, uint8) + ``collate``, then
 (PCA colour shift and mean subtraction) on the CPU in the main process, so the comparison
 ends at the same float32 normalised batch. Torchvision: ``ImageFolder`` + ``RandomResizedCrop``
 + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``. Same images, workers and batch size,
-in the same run, under the trainer's process settings (``keep_freed_memory``, which the workers of
-both inherit); rounds alternate and the medians are reported (shared machines are noisy).
+in the same run; rounds alternate and the medians are reported (shared machines are noisy).
 The main process gets the cores the workers leave (at least one thread). Beside images/s it
 reports CPU milliseconds per image (main process plus workers, from ``/proc`` on Linux): what a
 pipeline costs whatever else the machine is running, the better figure on a busy machine.
@@ -40,7 +39,6 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from verydeep.data import IMAGENET, ImageFolder, TrainTransform, collate, pca_shift, to_input
-from verydeep.runtime import keep_freed_memory
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 
@@ -123,8 +121,6 @@ def main() -> None:
     # the workers own one core each; the main process (our to_input) gets the cores left over,
     # since OpenMP threads competing with busy workers slow everything down
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
-    keep_freed_memory()  # as the trainer does; both pipelines' workers inherit it
-
 
     with tempfile.TemporaryDirectory() as tmp:
         source = image_tree(Path(tmp), args.images)
