@@ -31,7 +31,7 @@ from verydeep.data import (
     to_input,
 )
 from verydeep.data.preprocess import pca_shift
-from verydeep.data.transforms import ImageFile, load_region
+from verydeep.data.transforms import ImageFile, load_region, resample, to_tensor
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -150,10 +150,14 @@ def test_fast_decode_matches_plain_decode_crop_resize(tmp_path, fmt, size, k):
 
 
 def test_fast_decode_uses_a_reduced_jpeg(tmp_path):
+    """k = 2: the box is taken from the image decoded at half size (as Pillow's draft mode)."""
     path = save(photo(1024, 768), tmp_path / "big.jpg", quality=92)
-    file = ImageFile(path)
-    load_region(file, 2, (0, 0, 300, 300), (224, 224))
-    assert file.pillow().size == (512, 384)  # decoded at 1/2: still at least 341x256
+    with Image.open(path) as img:
+        img.draft("RGB", (512, 384))
+        half = img.convert("RGB")
+    assert half.size == (512, 384)  # still at least 341x256
+    expected = resample(to_tensor(half.crop((10, 20, 310, 320))), (224, 224))
+    assert torch.equal(load_region(ImageFile(path), 2, (10, 20, 310, 320), (224, 224)), expected)
 
 
 def test_exif_rotated_photo_is_displayed_upright(tmp_path):

@@ -6,12 +6,11 @@ colour shift and mean subtraction come later, per batch on the device (:func:`to
 
 Fast path: each file is read once (:class:`ImageFile`); the crop is planned from the header
 before anything is decoded, as a square of whole pixels of the (possibly reduced) decode; a
-JPEG is decoded at a reduced size where that still leaves at least the target resolution
-(Pillow's draft mode: DCT scaling by 1/2, 1/4, 1/8), else straight into an array by simplejpeg
-(libjpeg-turbo 3: the same pixels as Pillow's, about 15% faster than torchvision's
-``decode_jpeg`` and 25% faster than Pillow here); a plain JPEG never goes through Pillow at
-all. Only the box is resampled, by torch's uint8 bilinear-antialias kernel (about 5x Pillow's
-resize here).
+JPEG is decoded at a reduced size where that still leaves at least the target resolution (DCT
+scaling by 1/2, 1/4, 1/8, as Pillow's draft mode). Of a plain JPEG, libjpeg-turbo decodes only
+the crop's box, straight into a tensor (:mod:`verydeep.data.jpeg`: about 15% less decoding than
+the whole image at S = 256, the same pixels); other images go through Pillow. Only the box is
+resampled, by torch's uint8 bilinear-antialias kernel (about 5x Pillow's resize here).
 ``fast=False`` is the reference: full decode and Pillow's resize of the same region.
 
 Randomness comes from torch's global RNG, which DataLoader seeds per worker.
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from verydeep.data.jpeg import decode_region
+
 Size = tuple[int, int]  # (width, height), Pillow's order
 Box = tuple[int, int, int, int]  # (left, top, right, bottom)
 
@@ -44,8 +45,8 @@ _ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION_TAG = 0x0112
-#: An EXIF block sits in the APP1 segment near the start of a JPEG, at most 64 KiB long.
-_EXIF_MARKER, _EXIF_WITHIN = b"Exif\x00\x00", 1 << 17
+#: JPEG markers: APP1 (which holds EXIF, after this signature), start of scan (the header's end).
+_APP1, _SOS, _EXIF_SIGNATURE = 0xE1, 0xDA, b"Exif\x00\x00"
 
 
 # ---- pure steps ---------------------------------------------------------------------------
@@ -186,10 +187,27 @@ def plain_jpeg(img: Image.Image) -> bool:
     return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
 
 
+def may_hold_exif(data: bytes) -> bool:
+    """Whether a JPEG's header segments (up to the image data) may hold an EXIF block: False only
+    when every segment was walked and none is an EXIF APP1; anything unexpected counts as True."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == _SOS:
+            return False
+        if marker == _APP1 and data[pos + 4 : pos + 10] == _EXIF_SIGNATURE:
+            return True
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return True
+
+
 def plain_jpeg_size(data: bytes) -> Size | None:
     """(w, h) of a colour or greyscale JPEG with no EXIF block (so nothing can rotate it), from
     libjpeg-turbo's header reader alone; ``None`` for anything else (Pillow then opens it)."""
-    if data[:2] != b"\xff\xd8" or _EXIF_MARKER in data[:_EXIF_WITHIN]:
+    if data[:2] != b"\xff\xd8" or may_hold_exif(data):
         return None
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -238,14 +256,17 @@ class ImageFile:
 def load_region(file: ImageFile, k: int, box: Box, out: Size, fast: bool = True) -> Tensor:
     """``box`` (whole pixels of the 1/``k`` decode) of ``file`` resampled to ``out`` pixels.
 
-    ``fast``: plain JPEGs at full size decoded straight into a tensor, torch's uint8
-    bilinear-antialias resampler; else Pillow throughout (the reference path).
+    ``fast``: of a plain JPEG only the box is decoded (:func:`~verydeep.data.jpeg.decode_region`;
+    without libturbojpeg the whole image at full size, by simplejpeg), straight into a tensor;
+    torch's uint8 bilinear-antialias resampler; else Pillow throughout (the reference path).
     """
-    if fast and k == 1 and file.plain:
-        image = decode_jpeg_tensor(file.data)
+    if fast and file.plain:
+        image = decode_region(file.data, box, k)
+        if image is None and k == 1:  # no libturbojpeg: decode the whole image
+            whole = decode_jpeg_tensor(file.data)
+            image = None if whole is None else whole[:, box[1] : box[3], box[0] : box[2]]
         if image is not None:
-            left, top, right, bottom = box
-            return resample(image[:, top:bottom, left:right], out)
+            return resample(image, out)
     img = decode(file.pillow(), k)
     if fast:
         return resample(to_tensor(img.crop(box)), out)

@@ -1,0 +1,96 @@
+"""Decoding only a crop's box of a JPEG (verydeep.data.jpeg, the fast path of issue 3)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_data import photo
+
+from verydeep.data import TrainTransform, jpeg
+from verydeep.data.transforms import ImageFile, load_region, may_hold_exif, plain_jpeg_size
+
+needs_library = pytest.mark.skipif(jpeg.library() is None, reason="libturbojpeg 3 is not installed")
+
+
+def encode(img: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90, **kwargs)
+    return buffer.getvalue()
+
+
+def pillow_decode(data: bytes, k: int) -> torch.Tensor:
+    """Reference: Pillow's decode of the whole image, at 1/k by draft mode, as (3, h, w)."""
+    with Image.open(io.BytesIO(data)) as img:
+        if k > 1:
+            img.draft(img.mode, (img.width // k, img.height // k))
+        rgb = img.convert("RGB")
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+
+
+def boxes(width: int, height: int, count: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """Random boxes, plus ones touching every edge and one at an odd left offset."""
+    out = [(0, 0, width, height), (0, 0, width // 2, height // 2), (width // 2, height // 2, width, height),
+           (7, 5, width - 3, height - 1)]
+    for _ in range(count):
+        left, top = int(rng.integers(0, width - 1)), int(rng.integers(0, height - 1))
+        out.append((left, top, int(rng.integers(left + 1, width + 1)), int(rng.integers(top + 1, height + 1))))
+    return out
+
+
+@needs_library
+@pytest.mark.parametrize("options", [dict(subsampling=2), dict(subsampling=1), dict(subsampling=0),
+                                     dict(subsampling=2, progressive=True), dict(grey=True)],
+                         ids=["420", "422", "444", "progressive", "grey"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_region_is_the_slice_of_the_whole_decode(options, k):
+    """Bit for bit: the box decoded alone equals the whole image decoded (by Pillow, same DCT
+    scaling) and sliced, at any offset, including boxes on the image's edges."""
+    options = dict(options)
+    img = photo(301, 227, seed=k)
+    data = encode(img.convert("L") if options.pop("grey", False) else img, **options)
+    whole = pillow_decode(data, k)
+    _, height, width = whole.shape
+    for box in boxes(width, height, 12, np.random.default_rng(k)):
+        left, top, right, bottom = box
+        region = jpeg.decode_region(data, box, k)
+        assert region is not None and region.dtype == torch.uint8
+        assert torch.equal(region, whole[:, top:bottom, left:right]), box
+
+
+@needs_library
+def test_damaged_or_foreign_data_is_refused_not_fatal():
+    data = encode(photo(64, 48))
+    for bad in (data[: len(data) // 2], data[:200], b"", b"\xff\xd8not a jpeg", encode(photo(64, 48).convert("CMYK"))):
+        assert jpeg.decode_region(bad, (0, 0, 16, 16)) is None
+    with pytest.raises(ValueError, match="outside"):
+        jpeg.decode_region(data, (0, 0, 65, 48))
+
+
+def test_without_the_library_the_whole_image_is_decoded_instead(tmp_path, monkeypatch):
+    """The fast path falls back to a whole decode when libturbojpeg is absent: same pixels."""
+    path = tmp_path / "a.jpg"
+    path.write_bytes(encode(photo(320, 240)))
+    file = ImageFile(path)
+    box, out = (30, 10, 250, 230), (112, 112)
+    with_library = load_region(file, 1, box, out)
+    monkeypatch.setattr(jpeg, "library", lambda: None)
+    assert jpeg.decode_region(file.data, box) is None
+    assert torch.equal(load_region(file, 1, box, out), with_library)
+    torch.manual_seed(0)
+    assert TrainTransform(crop=112, scale=(128, 128))(path).shape == (3, 112, 112)
+
+
+def test_exif_is_found_by_walking_the_header_segments():
+    img = photo(64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain, with_exif = encode(img), encode(img, exif=exif)
+    with_comment = encode(img, comment=b"Exif\x00\x00 in a comment is not EXIF")
+    assert not may_hold_exif(plain) and not may_hold_exif(with_comment)
+    assert may_hold_exif(with_exif)
+    assert may_hold_exif(with_exif[:30]) and may_hold_exif(plain[:4])  # cut short: not known, so True
+    assert plain_jpeg_size(plain) == (64, 48) and plain_jpeg_size(with_exif) is None
