@@ -1,7 +1,7 @@
 """Images per second of the paper's training transform against torchvision's usual pipeline.
 
 Ours: ``verydeep.data.ImageFolder`` + ``TrainTransform`` (S=256 by default: rescale, random
-crop, flip; JPEG draft decoding and crop-then-resize, uint8) + ``collate``, then ``to_input``
+crop, flip; only the crop's box of a JPEG decoded, then resized, uint8) + ``collate``, then ``to_input``
 (PCA colour shift and mean subtraction) on the CPU in the main process, so the comparison
 ends at the same float32 normalised batch. Torchvision: ``ImageFolder`` + ``RandomResizedCrop``
 + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``. Same images, workers and batch size,
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--scale", type=int, nargs=2, default=(256, 256), metavar=("SMIN", "SMAX"))
     parser.add_argument("--epochs", type=int, default=2, help="passes over the images per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--images", type=int, default=200, help="generated images when no real ones")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the GPU path too")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
