@@ -83,7 +83,8 @@ def decode_region(data: bytes, box: Box, k: int = 1) -> Tensor | None:
     The same pixels as decoding the whole image and slicing (libjpeg-turbo's upsampling treats
     a crop's side edges as image edges, so one more column is decoded on either side and cut
     off). ``None`` without libturbojpeg, or when it refuses the file or warns about it (damaged
-    data, an unsupported colour space); the caller then decodes it another way.
+    data, an unsupported colour space); the caller then decodes it another way. A ``box`` not
+    inside the image is a ValueError.
     """
     lib = library()
     if lib is None:
