@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -258,20 +259,22 @@ def step():
     torch.nn.functional.cross_entropy(net(x), y).backward()
 for _ in range(3):  # warm-up: the allocator's high-water mark
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(7):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_keep_freed_memory_spares_each_step_its_page_faults():
     def faults(mode: str) -> float:
+        """Median page faults of seven steps (the heap may still grow now and then: a mean over
+        three steps once read 256 against 1,014)."""
         run = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
-        return float(run.stdout)
+        return statistics.median(int(line) for line in run.stdout.split())
 
     plain, kept = faults("plain"), faults("keep")
     assert plain > 500  # the activations came back as fresh pages every step
-    assert kept < plain / 4  # measured: 0 against 2,700-3,700 (a noisy first run of 340 set the slack)
+    assert kept < plain / 10
