@@ -8,9 +8,9 @@ simplejpeg exposes the crop, so this module binds the few TurboJPEG 3 functions 
 ctypes. They report errors as return codes (the library catches libjpeg's own errors), so a
 broken file costs a ``None``, never the process.
 
-The library is the copy bundled by the ``turbojpeg`` wheel (libjpeg-turbo 3), else a system
-``libturbojpeg`` of version 3 or later; without either, :func:`decode_region` answers ``None``
-and the caller decodes the whole image.
+The library is the copy bundled by the ``turbojpeg`` wheel (libjpeg-turbo 3; verydeep's ``turbo``
+extra), else a system ``libturbojpeg`` of version 3 or later; without either,
+:func:`decode_region` answers ``None`` and the caller decodes the whole image.
 """
 
 from __future__ import annotations
