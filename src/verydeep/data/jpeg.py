@@ -23,6 +23,7 @@ import importlib.metadata
 import torch
 from torch import Tensor
 
+Size = tuple[int, int]  # (width, height), Pillow's order
 Box = tuple[int, int, int, int]  # (left, top, right, bottom)
 
 _INIT_DECOMPRESS = 1  # TJINIT_DECOMPRESS
@@ -39,6 +40,11 @@ class _Region(ctypes.Structure):
 
 class _ScalingFactor(ctypes.Structure):
     _fields_ = [("num", ctypes.c_int), ("denom", ctypes.c_int)]
+
+
+def decoded_size(size: Size, k: int) -> Size:
+    """Size of a 1/``k`` DCT-scaled decode (partial blocks round up)."""
+    return -(-size[0] // k), -(-size[1] // k)
 
 
 def _library_paths() -> list[str]:
@@ -100,7 +106,7 @@ def decode_region(data: bytes, box: Box, k: int = 1) -> Tensor | None:
         if not 0 <= subsampling < len(_MCU_WIDTH) or lib.tj3SetScalingFactor(handle, _ScalingFactor(1, k)):
             return None
         mcu = -(-_MCU_WIDTH[subsampling] // k)  # the iMCU width of the 1/k image
-        scaled_width, scaled_height = -(-width // k), -(-height // k)
+        scaled_width, scaled_height = decoded_size((width, height), k)
         if not (0 <= left < right <= scaled_width and 0 <= top < bottom <= scaled_height):
             raise ValueError(f"box {box} is outside the {scaled_width}x{scaled_height} image")
         x = max(0, left - 1) // mcu * mcu

@@ -29,10 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from verydeep.data.jpeg import decode_region
-
-Size = tuple[int, int]  # (width, height), Pillow's order
-Box = tuple[int, int, int, int]  # (left, top, right, bottom)
+from verydeep.data.jpeg import Box, Size, decode_region, decoded_size
 
 #: EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
 _ORIENTATION = {
@@ -156,11 +153,6 @@ def decode(img: Image.Image, k: int = 1) -> Image.Image:
     return img.transpose(_ORIENTATION[orient]) if orient != 1 else img
 
 
-def decoded_size(size: Size, k: int) -> Size:
-    """Size of a 1/``k`` DCT-scaled decode (partial blocks round up)."""
-    return -(-size[0] // k), -(-size[1] // k)
-
-
 def region_side(size: Size, s: int, crop: int, k: int = 1) -> int:
     """Side, in pixels of the 1/``k`` decode, of the square that becomes ``crop`` x ``crop`` once
     the image of (full) ``size`` is rescaled so its smallest side is ``s``."""
@@ -262,7 +254,7 @@ def load_region(file: ImageFile, k: int, box: Box, out: Size, fast: bool = True)
     """
     if fast and file.plain:
         image = decode_region(file.data, box, k)
-        if image is None and k == 1:  # no libturbojpeg: decode the whole image
+        if image is None and k == 1:  # no libturbojpeg, or it refused the file: simplejpeg, whole
             whole = decode_jpeg_tensor(file.data)
             image = None if whole is None else whole[:, box[1] : box[3], box[0] : box[2]]
         if image is not None:
