@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from verydeep.errors import UserError
+
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
 COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "reproduce", "demo")
 
@@ -22,12 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A :class:`UserError` is one line and exit status 2; anything else is a
+    bug and shows its traceback."""
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"verydeep {args.command}: error: {message}", file=sys.stderr)
+    except UserError as error:
+        print(f"verydeep {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"verydeep {args.command}: interrupted", file=sys.stderr)

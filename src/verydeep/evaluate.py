@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from verydeep import configs
 from verydeep.checkpoint import load_model
+from verydeep.metrics import per_class_accuracy, topk_correct, topk_error  # noqa: F401
 from verydeep.model import VGG, DenseVGG
 from verydeep.runtime import autocast, autocast_dtype, keep_freed_memory, pick_device, prepare
 
@@ -179,28 +180,6 @@ def multicrop_posteriors(
 def average(posteriors: Iterable[Tensor]) -> Tensor:
     """The mean of several (N, classes) posterior arrays (multi-scale, combination, fusion)."""
     return torch.stack(list(posteriors)).mean(dim=0)
-
-
-# ---- metrics ------------------------------------------------------------------------------
-
-
-def topk_correct(posteriors: Tensor, targets: Tensor, k: int) -> Tensor:
-    """Per image, whether the true class is among the top ``k``: fewer than ``k`` classes score strictly higher."""
-    true_score = posteriors.gather(1, targets.view(-1, 1))
-    return (posteriors > true_score).sum(dim=1) < k
-
-
-def topk_error(posteriors: Tensor, targets: Tensor, k: int) -> float:
-    """Fraction of images whose true class is not in the top ``k`` (see :func:`topk_correct` for ties)."""
-    return (~topk_correct(posteriors, targets, k)).double().mean().item()
-
-
-def per_class_accuracy(posteriors: Tensor, targets: Tensor, num_classes: int) -> list[float | None]:
-    """Top-1 accuracy of each class (None for a class with no images)."""
-    correct = topk_correct(posteriors, targets, 1).double()
-    hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, targets, correct)
-    counts = torch.bincount(targets, minlength=num_classes)
-    return [float(h / c) if c else None for h, c in zip(hits.tolist(), counts.tolist(), strict=True)]
 
 
 # ---- nets and data ------------------------------------------------------------------------

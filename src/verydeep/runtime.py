@@ -1,4 +1,4 @@
-"""Where and how to run: device choice, mixed precision and memory format.
+"""Where and how to run: processes, device, mixed precision, memory, RNG state, progress.
 
 bf16 autocast pays only where the hardware multiplies bf16 natively: CUDA GPUs with bf16
 support, and CPUs with AMX or AVX-512 BF16. On other CPUs (AVX2 only) PyTorch emulates bf16 and
@@ -11,9 +11,47 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
+import random
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
+from tqdm import tqdm
+
+from verydeep.errors import UserError
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among those ``torchrun`` started (RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Processes:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def default_workers() -> int:
+    """Data-loading processes: one per core this process may use, less one for the network, at
+    least one and at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores - 1))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -22,7 +60,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -34,7 +72,7 @@ def cpu_has_fast_bf16() -> bool:
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for ``precision`` (``auto``, ``bf16`` or ``fp32``); None means fp32."""
     if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--precision must be auto, bf16 or fp32; got {precision!r}")
+        raise UserError(f"--precision must be auto, bf16 or fp32; got {precision!r}")
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -78,3 +116,40 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))
     except (OSError, AttributeError):
         return False
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state of this process, in types ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: Seconds between progress lines when stderr is a file or a pipe (a log), not a terminal.
+LOG_INTERVAL = 60.0
+
+
+def progress_bar(total: int | None = None, enabled: bool = True, **options: Any) -> tqdm:
+    """A tqdm bar on stderr; written to a log (not a terminal) it prints a line a minute and at
+    the end instead of thousands of carriage-return updates."""
+    interactive = sys.stderr.isatty()
+    interval = {} if interactive else {"mininterval": LOG_INTERVAL, "maxinterval": LOG_INTERVAL}
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=interactive,
+                **interval, **options)
