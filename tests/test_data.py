@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED, photo, save
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -32,24 +33,6 @@ from verydeep.data import (
 )
 from verydeep.data.preprocess import pca_shift
 from verydeep.data.transforms import ImageFile, load_region, resample, to_tensor
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def photo(w: int, h: int, seed: int = 0) -> Image.Image:
-    """A smooth, photo-like RGB image: upsampled colour noise over gradients."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8))
-    base = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-    ramp = np.linspace(0, 60, w, dtype=np.float32)[None, :, None]
-    return Image.fromarray(np.clip(base * 0.8 + ramp, 0, 255).astype(np.uint8))
-
-
-def save(img: Image.Image, path: Path, **kwargs) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, **kwargs)
-    return path
-
 
 # ---- transform steps ----------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import photo
 from PIL import Image
-from test_data import photo
 
 from verydeep.data import TrainTransform, jpeg
 from verydeep.data.transforms import ImageFile, load_region, may_hold_exif, plain_jpeg_size

@@ -6,12 +6,11 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import tiny, weights, write_dataset
 
 from verydeep.checkpoint import load_checkpoint, load_model, model_from_recipe, save_checkpoint
 from verydeep.cli import main
@@ -28,37 +27,6 @@ from verydeep.train import (
     recipe_names,
     train,
 )
-
-COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 50)]
-
-
-def write_dataset(root: Path, per_class: dict[str, int], size: tuple[int, int] = (44, 40)) -> Path:
-    """Class folders of noisy single-colour PNGs, one colour per class."""
-    rng = np.random.default_rng(0)
-    for split, count in per_class.items():
-        for label, colour in enumerate(COLOURS):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = np.array(colour) + rng.normal(0, 40, (size[1], size[0], 3))
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data"), {"train": 16, "val": 4})
-
-
-def tiny(data: Path, out: Path, **options) -> TrainConfig:
-    """A width-1/16 net A on 32-pixel crops, 4 steps of 16 images per epoch, fp32 on the CPU, no workers."""
-    settings = dict(data=data, out=out, width=1 / 16, crop=32, scale=(32, 40), batch_size=16, init="xavier",
-                    lr=0.05, epochs=1, workers=0, precision="fp32", device="cpu", progress=False, patience=100)
-    return TrainConfig(**{**settings, **options})
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
 
 
 def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import torch
-from test_train import tiny, weights, write_dataset
+from conftest import tiny, weights, write_dataset
 
 from verydeep.train import train
 
