@@ -15,18 +15,9 @@ from conftest import tiny, weights, write_dataset
 from verydeep.checkpoint import load_checkpoint, load_model, model_from_recipe, save_checkpoint
 from verydeep.cli import main
 from verydeep.data import balanced_subset
-from verydeep.train import (
-    GlobalBatchSampler,
-    NonFiniteLossError,
-    Schedule,
-    TrainConfig,
-    build_model,
-    make_config,
-    parse_scale,
-    read_recipe,
-    recipe_names,
-    train,
-)
+from verydeep.data.sampling import GlobalBatchSampler
+from verydeep.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
+from verydeep.train import NonFiniteLossError, Schedule, build_model, train
 
 
 def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
@@ -34,13 +25,13 @@ def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert summary["steps"] == len(losses) == 24 and summary["epochs"] == len(epochs) == 6
+    assert summary.steps == len(losses) == 24 and summary.epochs == len(epochs) == 6
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
-    assert summary["best_val_top1"] > 25.0  # four classes: chance is 25%
+    assert summary.metric == "top1" and summary.best > 25.0  # four classes: chance is 25%
     assert {"val_top1", "val_top5", "img_s", "peak_mem_mb", "seconds", "skipped", "train_loss"} <= set(epochs[-1])
     exported, _ = load_model(tmp_path / "model.safetensors")
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
-    assert best["schedule"]["best"] == summary["best_val_top1"]
+    assert best["schedule"]["best"] == summary.best
     assert all(torch.equal(value, best["model"][key]) for key, value in exported.state_dict().items())
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch-*.pt")) == [
         "epoch-0004.pt", "epoch-0005.pt", "epoch-0006.pt"]
@@ -52,7 +43,7 @@ def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
 def test_accumulation_equals_the_full_batch(data, tmp_path):
     whole = train(tiny(data, tmp_path / "whole", dropout=0.0))
     accumulated = train(tiny(data, tmp_path / "micro", dropout=0.0, micro_batch=4))
-    assert whole["steps"] == accumulated["steps"] == 4
+    assert whole.steps == accumulated.steps == 4
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "micro")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
@@ -63,12 +54,12 @@ def test_resume_after_a_crash_is_bitwise_equal(data, tmp_path, workers):
     options = dict(epochs=2, checkpoint_every=2, workers=workers)  # dropout on: its RNG must be restored too
     train(tiny(data, tmp_path / "straight", **options))
     crashed = train(tiny(data, tmp_path / "resumed", stop_after_steps=7, **options))
-    assert crashed["stopped"] == "stop_after_steps"
+    assert crashed.stopped == "stop_after_steps"
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 6  # mid-epoch 2
     if workers:  # through the command line: the run directory's recipe.json supplies the settings
         assert main(["train", "--out", str(tmp_path / "resumed"), "--resume", "--no-progress"]) == 0
     else:
-        assert train(tiny(data, tmp_path / "resumed", resume=True, **options))["steps"] == 8
+        assert train(tiny(data, tmp_path / "resumed", resume=True, **options)).steps == 8
     straight, resumed = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("straight", "resumed"))
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -107,7 +98,7 @@ def test_resume_may_move_the_milestones(data, tmp_path):
     """A run that dropped lr after epoch 1 is extended with the drop moved to epoch 2: lr goes back up."""
     train(tiny(data, tmp_path, epochs=1, milestones=[1]))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["schedule"]["lr"] == pytest.approx(0.005)
-    assert train(tiny(data, tmp_path, epochs=3, milestones=[2], resume=True))["epochs"] == 3
+    assert train(tiny(data, tmp_path, epochs=3, milestones=[2], resume=True)).epochs == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["epoch"]: r["lr"] for r in records if r["kind"] == "epoch"}
     assert lrs == pytest.approx({1: 0.05, 2: 0.05, 3: 0.005})
@@ -115,7 +106,7 @@ def test_resume_may_move_the_milestones(data, tmp_path):
 
 def test_plateau_stops_a_run(data, tmp_path):
     summary = train(tiny(data, tmp_path, lr=1e-9, patience=1, max_drops=1, epochs=10, val_every=1))
-    assert summary["stopped"] == "plateau" and summary["epochs"] == 3 and summary["lr"] == pytest.approx(1e-10)
+    assert summary.stopped == "plateau" and summary.epochs == 3 and summary.lr == pytest.approx(1e-10)
 
 
 RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32}
@@ -156,7 +147,7 @@ def test_sampler_slices_make_up_the_global_batch():
     for step, batch in enumerate(single):
         assert batch == rank0[2 * step] + rank0[2 * step + 1] + rank1[2 * step] + rank1[2 * step + 1]
     resumed = GlobalBatchSampler(range(40), 8, 8, 0, 1, seed=3)
-    resumed.set_epoch(0, start_step=3)
+    resumed.set_epoch(0, step_in_epoch=3)
     assert list(resumed) == single[3:]
     resumed.set_epoch(1)
     assert list(resumed) != [[(1, i) for _, i in batch] for batch in single]  # a new order each epoch
@@ -196,7 +187,7 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_channels_last_with_workers(data, tmp_path):
     summary = train(tiny(data, tmp_path, device="cuda", precision="auto", workers=2, epochs=3, micro_batch=8))
-    assert summary["steps"] == 12 and summary["best_val_top1"] is not None
+    assert summary.steps == 12 and summary.best is not None
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "step")
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # mapped to the CPU
@@ -209,7 +200,7 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
         (data / "train" / f"class{label}" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     summary = train(tiny(data, tmp_path / "run", batch_size=17))  # 68 images, 4 steps: every file is read once
     epoch = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert summary["steps"] == 4 and epoch["skipped"] == 4 and np.isfinite(epoch["train_loss"])
+    assert summary.steps == 4 and epoch["skipped"] == 4 and np.isfinite(epoch["train_loss"])
 
 
 FAULTS_PER_STEP = """
@@ -250,3 +241,23 @@ def test_keep_freed_memory_spares_each_step_its_page_faults():
     plain, kept = faults("plain"), faults("keep")
     assert plain > 500  # the activations came back as fresh pages every step
     assert kept < plain / 10
+
+
+def test_every_setting_has_one_flag_with_its_default_in_the_help(capsys):
+    from dataclasses import fields
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "--lr LR initial learning rate (default 0.01)" in text
+    for group in ("model:", "images:", "optimisation:", "running:"):
+        assert group in text
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_non_finite_or_non_positive_lr_is_refused(data, tmp_path, capsys, value):
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--lr", value]) == 2
+    assert "--lr must be" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -77,13 +77,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def model_from_recipe(recipe: dict[str, Any], init: str = "kaiming") -> VGG:
-    """The VGG that a recipe describes, randomly initialised."""
+    """The VGG that a recipe describes, randomly initialised; its last layer has the task's
+    ``outputs`` (as many as the classes when the recipe does not say)."""
     missing = [k for k in MODEL_KEYS if k not in recipe]
     if missing:
         raise ValueError(f"recipe lacks {', '.join(missing)}")
     return VGG(
         recipe["config"],
-        num_classes=recipe["num_classes"],
+        num_classes=recipe.get("outputs") or recipe["num_classes"],
         batch_norm=recipe["batch_norm"],
         width=recipe["width"],
         dropout=recipe["dropout"],

@@ -1,0 +1,281 @@
+"""Training settings: every option once, recipes, and the run record (Sec. 3.1).
+
+:class:`TrainConfig` is the one place an option is declared: its default (the paper's), its help
+text, its command-line group and its bounds live in the field's metadata, and both the ``train``
+command's flags (:func:`add_flags`) and :meth:`TrainConfig.check` are generated from them.
+Recipes are TOML files of these fields (``verydeep/recipes/``: the paper's protocols). A run
+directory's ``recipe.json`` is the run record: the settings plus what the data decided (classes,
+preprocessing), read and written only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from verydeep.checkpoint import atomic_write
+from verydeep.data import Preprocess, load_preprocess
+from verydeep.errors import MissingFileError, UserError
+from verydeep.init import PROTOCOLS
+
+#: Command-line groups of ``verydeep train --help``, in order.
+GROUPS = ("model", "images", "optimisation", "running")
+
+
+def parse_scale(value: Any) -> tuple[int, int]:
+    """``256``, ``"384"``, ``"256:512"`` or ``[256, 512]`` -> ``(Smin, Smax)``."""
+    try:
+        parts = [int(v) for v in (value if isinstance(value, (list, tuple)) else str(value).split(":"))]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not 0 < parts[0] <= parts[1]:
+        raise UserError(f"--scale must be S or Smin:Smax with 0 < Smin <= Smax (e.g. 256 or 256:512); got {value!r}")
+    return parts[0], parts[1]
+
+
+def parse_milestones(value: Any) -> list[int]:
+    """``"30,60"`` or ``[30, 60]`` -> ``[30, 60]``."""
+    try:
+        return [int(v) for v in (value if isinstance(value, list) else str(value).split(",")) if str(v).strip()]
+    except ValueError:
+        raise UserError(f"--milestones must be comma-separated epochs (e.g. 30,60); got {value!r}") from None
+
+
+def parse_preprocess(value: Any) -> Preprocess | None:
+    """A ``Preprocess``, its dict (from ``recipe.json``), or a ``preprocess.json`` path or folder."""
+    if value is None or isinstance(value, Preprocess):
+        return value
+    if isinstance(value, dict):
+        return Preprocess.from_dict(value)
+    return load_preprocess(value)
+
+
+def option(default: Any, help: str, group: str, *, minimum: float | None = None, choices: tuple[str, ...] = (),
+           parse: Callable[[Any], Any] | None = None) -> Any:
+    """A :class:`TrainConfig` field: its default, help text, command-line group, lower bound
+    (``minimum``), allowed values, and the parser of its command-line or file value."""
+    metadata = {"help": help, "group": group, "minimum": minimum, "choices": choices, "parse": parse}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+POSITIVE = 1e-300  # the ``minimum`` of a setting that must be > 0
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, defaulting to the paper's (Sec. 3.1)."""
+
+    data: str = option("", "dataset folder with train/ and val/ (or test/) class folders", "images")
+    out: str = option("", "run directory (checkpoints, metrics.jsonl, recipe.json, model.safetensors)", "running")
+    recipe: str | None = option(None, "a recipe name or TOML file (its settings come before these flags)", "running")
+    # model
+    config: str = option("A", "configuration of Table 1: A, A-LRN, B, C, D, E", "model")
+    width: float = option(1.0, "width multiplier (1 = the paper's)", "model", minimum=POSITIVE)
+    batch_norm: bool = option(False, "batch norm after each conv (not the paper's)", "model")
+    dropout: float = option(0.5, "dropout on FC6/FC7", "model", minimum=0)
+    init: str = option("paper", "random init: paper (N(0, 0.01)), xavier/glorot, kaiming", "model",
+                       choices=PROTOCOLS)
+    init_from: str | None = option(None, "checkpoint or run dir: the same architecture copies every weight, "
+                                         "another configuration takes the paper's warm start", "model")
+    # images
+    crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1)
+    scale: tuple[int, int] = option((256, 256), "training scale S (256, 384) or jittered Smin:Smax (256:512)",
+                                    "images", parse=parse_scale)
+    alpha_std: float = option(0.1, "std of the PCA colour shift's alphas (0 = off)", "images", minimum=0)
+    preprocess: Preprocess | None = option(None, "preprocess.json with mean/std/eigen (default: beside --data, "
+                                                 "else ImageNet's)", "images", parse=parse_preprocess)
+    limit_train: int | None = option(None, "use a class-balanced subset of this many training images", "images",
+                                     minimum=1, parse=int)
+    limit_val: int | None = option(None, "use a class-balanced subset of this many validation images", "images",
+                                   minimum=1, parse=int)
+    # optimisation
+    lr: float = option(1e-2, "initial learning rate", "optimisation", minimum=POSITIVE)
+    momentum: float = option(0.9, "SGD momentum", "optimisation", minimum=0)
+    weight_decay: float = option(5e-4, "L2 weight decay", "optimisation", minimum=0)
+    batch_size: int = option(256, "global batch size over all processes", "optimisation", minimum=1)
+    micro_batch: int | None = option(None, "images per forward pass per process (gradient accumulation)",
+                                     "optimisation", minimum=1, parse=int)
+    epochs: int = option(74, "epoch budget", "optimisation", minimum=1)
+    patience: int = option(2, "validations without improvement before lr /= 10", "optimisation", minimum=1)
+    max_drops: int = option(3, "lr divisions before a plateau stops training", "optimisation", minimum=0)
+    milestones: list[int] = option([], "comma-separated epochs after which lr /= 10, instead of the plateau rule",
+                                   "optimisation", parse=parse_milestones)
+    seed: int = option(0, "seed of init, data order and augmentation", "optimisation", minimum=0)
+    # running
+    workers: int | None = option(None, "data-loading processes per training process (default: the cores less "
+                                       "one, at most 8)", "running", minimum=0, parse=int)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N", "running")
+    decode: str = option("auto", "where JPEGs are decoded: auto (the GPU when training on CUDA), cpu, gpu",
+                         "running", choices=("auto", "cpu", "gpu"))
+    precision: str = option("auto", "auto: bf16 only where it is fast", "running", choices=("auto", "bf16", "fp32"))
+    channels_last: bool = option(True, "channels_last memory format", "running")
+    compile: bool = option(False, "torch.compile the model", "running")
+    val_every: int = option(1, "validate every N epochs", "running", minimum=1)
+    checkpoint_every: int = option(0, "also write checkpoints/last.pt every N steps (0: epoch ends only)",
+                                   "running", minimum=0)
+    keep_last: int = option(3, "epoch checkpoints to keep", "running", minimum=0)
+    progress: bool = option(True, "progress bars", "running")
+    resume: bool = option(False, "continue the run in --out from checkpoints/last.pt (its recipe.json supplies "
+                                 "the settings)", "running")
+    stop_after_steps: int | None = option(None, "leave after N steps without a final checkpoint (a simulated "
+                                                "crash)", "running", minimum=1, parse=int)
+
+    def check(self) -> None:
+        """Raise :class:`UserError` naming the first bad option."""
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None or isinstance(value, bool):
+                continue
+            if meta["minimum"] is not None and not value >= meta["minimum"]:  # `not >=` also catches NaN
+                bound = "positive" if meta["minimum"] == POSITIVE else f"at least {meta['minimum']:g}"
+                raise UserError(f"{flag_name(f)} must be {bound}; got {value}")
+            if meta["choices"] and value not in meta["choices"]:
+                raise UserError(f"{flag_name(f)} must be one of {', '.join(meta['choices'])}; got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{flag_name(f)} must be finite; got {value}")
+        if not self.data:
+            raise UserError("--data is required")
+        if not self.out:
+            raise UserError("--out (the run directory) is required")
+        smin, smax = self.scale
+        if not self.crop <= smin <= smax:
+            raise UserError(f"--scale needs crop <= Smin <= Smax; got scale {smin}:{smax} with crop {self.crop}")
+        if self.crop % 32:
+            raise UserError(f"--crop must be a multiple of 32 (five 2x2 poolings); got {self.crop}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings (paths as strings, the preprocessing as its dict)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(data=str(self.data), out=str(self.out), scale=list(self.scale), milestones=list(self.milestones))
+        out["init_from"] = str(self.init_from) if self.init_from else None
+        out["preprocess"] = self.preprocess.to_dict() if self.preprocess is not None else None
+        return out
+
+
+def flag_name(f: Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def make_config(settings: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from plain values (recipe file, ``recipe.json``, command line), each parsed by its
+    field's parser; keys that are not settings are ignored."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    values = {}
+    for key, value in settings.items():
+        if key in known:
+            parse = known[key].metadata["parse"]
+            try:
+                values[key] = parse(value) if parse is not None and value is not None else value
+            except (TypeError, ValueError) as error:
+                if isinstance(error, UserError):
+                    raise
+                raise UserError(f"{flag_name(known[key])}: not a valid value: {value!r}") from None
+    return TrainConfig(**values)
+
+
+# ---- recipes ----------------------------------------------------------------------------------
+
+
+#: The shipped recipe files (package data).
+RECIPES = resources.files("verydeep") / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped in ``verydeep/recipes`` (the paper's protocols)."""
+    return sorted(p.name.removesuffix(".toml") for p in RECIPES.iterdir() if p.name.endswith(".toml"))
+
+
+def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
+    """The settings of a recipe: a shipped name (``a-paper``) or a TOML file of TrainConfig fields."""
+    path = Path(name_or_file)
+    if path.is_file():
+        text = path.read_text()
+    elif str(name_or_file) in recipe_names():
+        path = Path(f"{name_or_file}.toml")
+        text = RECIPES.joinpath(path.name).read_text()
+    else:
+        shipped = ", ".join(recipe_names())
+        raise MissingFileError(f"--recipe {name_or_file}: no such file or recipe (shipped: {shipped})")
+    try:
+        settings = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path}: not valid TOML ({error})") from error
+    unknown = [key for key in settings if key not in {f.name for f in fields(TrainConfig)}]
+    if unknown:
+        raise UserError(f"{path}: unknown setting {unknown[0]!r} (settings are TrainConfig fields)")
+    return settings
+
+
+# ---- the run record ---------------------------------------------------------------------------
+
+
+RUN_RECORD = "recipe.json"
+
+#: Settings that belong to the invocation that gave them, not to the run.
+ONCE = ("resume", "stop_after_steps")
+
+
+def write_run_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``run_dir/recipe.json`` atomically: the settings plus what the data decided."""
+    text = json.dumps(record, indent=2) + "\n"
+    return atomic_write(Path(run_dir) / RUN_RECORD, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """The run record of ``run_dir``; a missing or damaged file is one line naming it."""
+    path = Path(run_dir) / RUN_RECORD
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no run record (was this run directory written by verydeep train?)")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: damaged run record ({error})") from error
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: damaged run record (not a JSON object)")
+    return record
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, in the groups of :data:`GROUPS`, defaults suppressed
+    (so that a flag not given leaves the recipe's or the stored run's value)."""
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        default = f.default_factory() if f.default is MISSING else f.default
+        shown = f"{','.join(map(str, default))}" if isinstance(default, (list, tuple)) else default
+        help_text = meta["help"] + ("" if shown in (None, "", []) else f" (default {shown})")
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        elif isinstance(default, (int, float)):
+            kwargs["type"] = type(default)
+        groups[meta["group"]].add_argument(flag_name(f), **kwargs)
+
+
+def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a ``train`` invocation: the stored run's (with ``--resume``), then the recipe's,
+    then the flags given."""
+    settings: dict[str, Any] = {}
+    if given.get("resume") and given.get("out"):
+        stored = read_run_record(given["out"]) if (Path(given["out"]) / RUN_RECORD).exists() else {}
+        settings.update({key: value for key, value in stored.items() if key not in ONCE})
+    if given.get("recipe"):
+        settings.update(read_recipe(given["recipe"]))
+    settings.update(given)
+    return settings

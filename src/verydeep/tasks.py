@@ -1,0 +1,70 @@
+"""What the trainer teaches a net: its head, targets, loss and validation metric.
+
+The training loop (:mod:`verydeep.train`) knows SGD, schedules, micro-batches, processes and
+checkpoints, not what is being learnt; a :class:`Task` supplies that. Classification (Sec. 3.1:
+softmax cross-entropy, top-1/top-5 on validation) is the paper's first task; box regression
+(Appendix A) plugs in the same way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from verydeep.data.datasets import Batch
+from verydeep.metrics import topk_correct
+
+
+class Task(ABC):
+    """One learning problem. Losses and metric sums are over a batch's images; the trainer divides by
+    the images of the global batch or of the whole validation set."""
+
+    #: Recorded in the run record, so that a resumed run can check it is the same task.
+    name: str
+    #: Validation metrics, logged as ``val_<name>``; the first decides the schedule and the best checkpoint.
+    metrics: tuple[str, ...]
+    #: Whether a larger first metric is better.
+    higher_is_better: bool = True
+
+    @abstractmethod
+    def outputs(self, num_classes: int) -> int:
+        """Outputs of the net's last layer (FC8) for a dataset of ``num_classes`` classes."""
+
+    @abstractmethod
+    def targets(self, batch: Batch, device: torch.device) -> Tensor:
+        """What the net should predict for each image of ``batch``, on ``device``."""
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The summed loss of a batch (fp32 outputs)."""
+
+    @abstractmethod
+    def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
+        """Per metric, its sum over the batch's images."""
+
+    def summarise(self, sums: list[float], images: int) -> dict[str, float]:
+        """The validation metrics from their sums over ``images`` images."""
+        return {name: total / max(images, 1) for name, total in zip(self.metrics, sums, strict=True)}
+
+
+class Classification(Task):
+    """Sec. 3.1: softmax over the classes, multinomial logistic regression; validation top-1 and top-5
+    accuracy in % (ties go to the true class, as in :func:`verydeep.metrics.topk_correct`)."""
+
+    name = "classification"
+    metrics = ("top1", "top5")
+
+    def outputs(self, num_classes: int) -> int:
+        return num_classes
+
+    def targets(self, batch: Batch, device: torch.device) -> Tensor:
+        return batch.labels.to(device, non_blocking=True)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets, reduction="sum")
+
+    def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
+        return [100.0 * float(topk_correct(outputs, targets, k).sum()) for k in (1, 5)]
