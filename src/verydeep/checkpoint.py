@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from verydeep.errors import MissingFileError, UserError
 from verydeep.model import VGG
 
 #: Recipe keys that determine the architecture.
@@ -58,9 +59,9 @@ def resolve(path: str | Path) -> Path:
         for name in ("best.pt", "last.pt"):
             if (path / "checkpoints" / name).is_file():
                 return path / "checkpoints" / name
-        raise FileNotFoundError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt in this run directory")
+        raise MissingFileError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt in this run directory")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise MissingFileError(f"{path}: no such checkpoint")
     return path
 
 
@@ -70,9 +71,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable verydeep checkpoint ({type(error).__name__})") from error
+        raise UserError(f"{path}: not a readable verydeep checkpoint ({type(error).__name__})") from error
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
-        raise ValueError(f"{path}: not a verydeep checkpoint (no 'model' and 'recipe' entries)")
+        raise UserError(f"{path}: not a verydeep checkpoint (no 'model' and 'recipe' entries)")
     return state
 
 
@@ -81,7 +82,7 @@ def model_from_recipe(recipe: dict[str, Any], init: str = "kaiming") -> VGG:
     ``outputs`` (as many as the classes when the recipe does not say)."""
     missing = [k for k in MODEL_KEYS if k not in recipe]
     if missing:
-        raise ValueError(f"recipe lacks {', '.join(missing)}")
+        raise UserError(f"recipe lacks {', '.join(missing)}")
     return VGG(
         recipe["config"],
         num_classes=recipe.get("outputs") or recipe["num_classes"],
@@ -105,11 +106,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VG
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such weights file")
+            raise MissingFileError(f"{path}: no such weights file")
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         if "recipe" not in metadata:
-            raise ValueError(f"{path}: safetensors file has no verydeep recipe in its metadata")
+            raise UserError(f"{path}: safetensors file has no verydeep recipe in its metadata")
         recipe = json.loads(metadata["recipe"])
         weights = load_file(path)
     else:

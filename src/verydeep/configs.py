@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from verydeep.errors import UserError
+
 TABLE_1: dict[str, tuple[str, ...]] = {
     "A": (
         "conv3-64", "maxpool",
@@ -90,7 +92,7 @@ def canonical(config: str) -> str:
     if key.upper() in TABLE_1:
         return key.upper()
     names = ", ".join([*TABLE_1, *ALIASES])
-    raise ValueError(f"unknown VGG configuration {config!r}; choose one of {names}")
+    raise UserError(f"unknown VGG configuration {config!r}; choose one of {names}")
 
 
 def layers(config: str) -> list[Layer]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from verydeep.errors import UserError
+
 PAPER_STD = 0.01
 PROTOCOLS = ("paper", "xavier", "glorot", "kaiming", "he")
 
@@ -30,7 +32,7 @@ PROTOCOLS = ("paper", "xavier", "glorot", "kaiming", "he")
 def initialise(model: nn.Module, protocol: str = "kaiming", std: float = PAPER_STD) -> nn.Module:
     """(Re-)initialise every conv, linear and batch-norm layer of ``model`` in place."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown init {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise UserError(f"unknown init {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -77,11 +79,11 @@ def warm_start(model: nn.Module, source: nn.Module, convs: int = 4) -> list[str]
     theirs = {**source.conv_layers(), **source.fc_layers()}
     for name in names:
         if name not in mine:
-            raise ValueError(f"warm start: {model.name} has no layer {name} to receive {source.name}'s")
+            raise UserError(f"warm start: {model.name} has no layer {name} to receive {source.name}'s")
         for attr in ("weight", "bias"):
             a, b = getattr(mine[name], attr), getattr(theirs[name], attr)
             if a.shape != b.shape:
-                raise ValueError(
+                raise UserError(
                     f"warm start: {name}.{attr} of {source.name} has shape {tuple(b.shape)} but "
                     f"{model.name} needs {tuple(a.shape)} (same width, crop size and classes?)"
                 )

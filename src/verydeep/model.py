@@ -20,6 +20,7 @@ from torch import nn
 
 from verydeep import configs
 from verydeep.configs import FC_WIDTH, LRN_PARAMS
+from verydeep.errors import UserError
 
 
 def scaled(channels: int, width: float) -> int:
@@ -95,9 +96,9 @@ class VGG(nn.Module):
     ) -> None:
         super().__init__()
         if input_size < 32 or input_size % 32:
-            raise ValueError(f"input_size must be a multiple of 32 (five 2x2 poolings); got {input_size}")
+            raise UserError(f"input_size must be a multiple of 32 (five 2x2 poolings); got {input_size}")
         if width <= 0:
-            raise ValueError(f"width must be positive; got {width}")
+            raise UserError(f"width must be positive; got {width}")
         self.config = configs.canonical(config)
         self.num_classes = num_classes
         self.batch_norm = batch_norm

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from verydeep.errors import UserError
 from verydeep.model import VGG
 
 
@@ -29,7 +30,7 @@ def summarise(model: VGG, input_size: int | None = None) -> list[Row]:
     """One row per layer with parameters or a change of shape, for an RGB ``input_size`` image."""
     size = input_size or model.input_size
     if size < model.input_size:
-        raise ValueError(f"--input {size} is smaller than the training crop {model.input_size}")
+        raise UserError(f"--input {size} is smaller than the training crop {model.input_size}")
     dense = size != model.input_size
     c, h, w = 3, size, size
     rows: list[Row] = []
