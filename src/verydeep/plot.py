@@ -12,34 +12,35 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from verydeep.errors import MissingFileError, UserError
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The step and epoch records of ``RUN_DIR/metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (is {run_dir} a training run directory?)")
+        raise MissingFileError(f"{path} does not exist (is {run_dir} a training run directory?)")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from error
+                raise UserError(f"{path}:{number}: not a JSON record ({error.msg})") from error
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     if not steps:
-        raise ValueError(f"{path} holds no step records yet")
+        raise UserError(f"{path} holds no step records yet")
     return steps, epochs
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the learning curves of ``run_dir`` as a PNG (default ``RUN_DIR/curves.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
     steps, epochs = read_metrics(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
     fig, (loss_ax, err_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
