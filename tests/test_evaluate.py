@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +11,24 @@ import pytest
 import torch
 from PIL import Image
 
+from verydeep import paper
 from verydeep.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.cli import main
 from verydeep.data import IMAGENET, balanced_subset, grid_crops
 from verydeep.evaluate import (
+    EvalResult,
+    EvalRow,
     Net,
+    PaperFigures,
+    RowSpec,
     dense_posteriors,
     derive_scales,
     evaluate,
-    format_table,
     multicrop_posteriors,
     paper_figures,
-    paper_tables,
-    per_class_accuracy,
-    topk_correct,
-    topk_error,
 )
+from verydeep.metrics import per_class_accuracy, topk_correct, topk_error
+from verydeep.report import PAIRED, SEPARATE, Column, Row, Table, error_table, eval_tables, join_markdown, rows_table
 
 CLASSES = ["blue", "green", "red"]
 RECIPE = {"config": "A", "num_classes": 3, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
@@ -149,29 +152,31 @@ def run(checkpoints, folder, **kwargs):
 def test_evaluate_rows_and_fusion_of_a_net_with_itself(folder, checkpoint):
     protocols = ("dense", "multicrop", "dense+multicrop", "center")
     result = run([checkpoint, checkpoint], folder, protocols=protocols, keep_posteriors=True)
-    assert [n["name"] for n in result["nets"]] == ["A S=36 #1", "A S=36 #2"]
-    first = [r for r in result["rows"] if r["nets"] == ["A S=36 #1"]]
-    assert [r["name"].removeprefix("A S=36 #1: ") for r in first] == [
+    assert [n.name for n in result.nets] == ["A S=36 #1", "A S=36 #2"]
+    first = [r for r in result.rows if r.nets == ["A S=36 #1"]]
+    assert [r.name.removeprefix("A S=36 #1: ") for r in first] == [
         "dense Q=32", "dense Q=36", "dense Q=41", "dense Q={32,36,41}",
         "multi-crop Q=32", "multi-crop Q=36", "multi-crop Q=41", "multi-crop Q={32,36,41}",
         "multi-crop & dense Q={32,36,41}", "centre crop 37/32",
     ]
-    assert all(r["images"] == 12 and 0 <= r["top1_error"] <= 1 and r["top5_error"] == 0 for r in result["rows"])
-    fused = {r["protocol"]: r for r in result["rows"] if r["fusion"]}
-    assert set(fused) == set(protocols) and result["main"] == fused["dense+multicrop"]["name"]
+    assert all(r.images == 12 and 0 <= r.top1_error <= 1 and r.top5_error == 0 for r in result.rows)
+    fused = {r.protocol: r for r in result.rows if r.fusion}
+    assert set(fused) == set(protocols) and result.main == fused["dense+multicrop"].name
     for protocol, row in fused.items():
-        single = next(r for r in first if r["protocol"] == protocol and r["scales"] == row["scales"])
-        assert (row["top1_error"], row["top5_error"]) == (single["top1_error"], single["top5_error"])
-    np.testing.assert_array_equal(result["posteriors"]["net0_dense_Q36"], result["posteriors"]["net1_dense_Q36"])
-    assert set(result["per_class_accuracy"]) == set(CLASSES)
-    assert not result["imagenet_sized"] and all("paper" not in r for r in result["rows"])
-    assert "Table 6" in paper_tables(result) and "fusion of A S=36 #1 + A S=36 #2" in format_table(result)
+        single = next(r for r in first if r.protocol == protocol and r.scales == row.scales)
+        assert (row.top1_error, row.top5_error) == (single.top1_error, single.top5_error)
+    arrays = result.posteriors.arrays
+    np.testing.assert_array_equal(arrays["net0_dense_Q36"], arrays["net1_dense_Q36"])
+    assert set(result.per_class_accuracy) == set(CLASSES)
+    assert not result.imagenet_sized and all(r.paper is None for r in result.rows)
+    tables = join_markdown(eval_tables(result))
+    assert "Table 6" in tables and "fusion of A S=36 #1 + A S=36 #2" in rows_table(result).markdown()
 
 
 def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
     result = run([checkpoint], folder / "val", protocols=("dense",), scales=[48], limit=5)
-    assert [r["name"] for r in result["rows"]] == ["dense Q=48"]
-    assert result["images"] == 5
+    assert [r.name for r in result.rows] == ["dense Q=48"]
+    assert result.images == 5
     other = tmp_path / "other.pt"
     save_checkpoint({"model": tiny_model().state_dict(), "recipe": {**RECIPE, "classes": ["a", "b", "c"]}}, other)
     with pytest.raises(ValueError, match="other.pt: its classes"):
@@ -184,8 +189,8 @@ def test_unreadable_images_are_skipped_and_named(checkpoint, tmp_path):
     root = make_folder(tmp_path, per_class=2)
     (root / "val" / "green" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     result = run([checkpoint], root, protocols=("dense", "center"))
-    assert result["skipped"] == [str(root / "val" / "green" / "broken.png")]
-    assert result["images"] == 6 and all(r["images"] == 6 for r in result["rows"])
+    assert result.skipped == [str(root / "val" / "green" / "broken.png")]
+    assert result.images == 6 and all(r.images == 6 for r in result.rows)
 
 
 def test_paper_figures_stand_beside_imagenet_sized_rows():
@@ -194,18 +199,66 @@ def test_paper_figures_stand_beside_imagenet_sized_rows():
                 IMAGENET) for name, c in (("D S=256;512", "D"), ("E S=256;512", "E"))]
 
     def row(protocol, scales, members):
-        return {"protocol": protocol, "scales": scales, "nets": members, "multi_scale": len(scales) > 1,
-                "fusion": len(members) > 1}
+        return RowSpec("", protocol, scales, members, multi_scale=len(scales) > 1, fusion=len(members) > 1)
 
     d = ["D S=256;512"]
-    assert paper_figures(row("dense", [384], d, ), nets) == {"table": "Table 3", "top1_error": 0.256,
-                                                           "top5_error": 0.081}
+    assert paper_figures(row("dense", [384], d), nets) == PaperFigures("Table 3", top1_error=0.256, top5_error=0.081)
     assert paper_figures(row("dense", [256], d), nets) is None  # the paper's single scale is 384
-    assert paper_figures(row("dense", [256, 384, 512], d), nets)["table"] == "Table 4"
-    assert paper_figures(row("multicrop", [256, 384, 512], d), nets)["top1_error"] == pytest.approx(0.246)
+    assert paper_figures(row("dense", [256, 384, 512], d), nets).table == "Table 4"
+    assert paper_figures(row("multicrop", [256, 384, 512], d), nets).top1_error == pytest.approx(0.246)
     assert paper_figures(row("dense", [224, 256, 288], d), nets) is None  # not the paper's test scales
     fused = paper_figures(row("dense+multicrop", [256, 384, 512], [n.name for n in nets]), nets)
-    assert fused == {"table": "Table 6", "top1_error": 0.237, "top5_error": 0.068}
+    assert fused == PaperFigures("Table 6", top1_error=0.237, top5_error=0.068)
+
+
+def test_the_papers_tables_as_data():
+    assert paper.classification_errors(3, [paper.A_256]) == paper.TopErrors(29.6, 10.4)
+    assert paper.classification_errors(4, [paper.A_256]) is None  # Table 4 starts at B
+    assert paper.classification_errors(3, [paper.D_JITTERED], "multicrop") is None  # Tables 3 and 4 are dense
+    assert paper.classification_errors(5, [paper.E_JITTERED], "multicrop") == paper.TopErrors(24.6, 7.4)
+    fused = paper.classification_errors(6, [paper.E_JITTERED, paper.D_JITTERED], "dense+multicrop")
+    assert fused == paper.TopErrors(23.7, 6.8, test_top5=6.8)  # the order of the fused nets does not matter
+    assert paper.classification_errors(6, [paper.D_JITTERED, paper.D_JITTERED], "dense") is None
+    assert paper.PaperNet.trained_at("D", 256, 512) == paper.D_JITTERED
+    assert paper.classification_table("dense", multi_scale=False, fusion=False) == 3
+    assert paper.classification_table("center", multi_scale=False, fusion=False) is None
+    assert paper.TABLE_9[paper.LocalisationScales(384, (352, 384))] == paper.ValTest(27.5)
+    assert paper.TABLE_11[("D", "E")].caltech256_recall == paper.Recall(86.2, 0.3)
+
+
+def test_report_puts_the_papers_figures_beside_ours_in_their_row():
+    def row(name, top1, top5, figures=None):
+        return EvalRow(name, "dense", [384], [name], False, False, top1, top5, images=50, paper=figures)
+
+    a, d = row("A", 0.30, 0.11), row("D", 0.27, 0.09, PaperFigures.lookup(3, [paper.D_JITTERED]))
+    table = error_table("Table 3", ("ConvNet",), [(["A"], a), (["D"], d)], SEPARATE)
+    assert table.markdown("###").splitlines() == [
+        "### Table 3",
+        "",
+        "| ConvNet | top-1 val. error (%) | top-5 val. error (%) | paper top-1 | paper top-5 |",
+        "|---|---:|---:|---:|---:|",
+        "| A | 30.0 | 11.0 |  |  |",
+        "| D | 27.0 | 9.0 | 25.6 | 8.1 |",
+    ]
+    assert table.to_dict()["rows"] == [["A", "30.0", "11.0", "", ""], ["D", "27.0", "9.0", "25.6", "8.1"]]
+    paired = error_table("Table 3", ("ConvNet",), [(["A"], a), (["D"], d)], PAIRED).markdown().splitlines()
+    assert paired[2:] == ["| A | 30.0 / 11.0 | - |", "| D | 27.0 / 9.0 | 25.6 / 8.1 |"]
+    assert "paper" not in error_table("Table 3", ("ConvNet",), [(["A"], a)], SEPARATE).markdown()
+    empty = Table("Table 6", [Column("fused nets")], empty="(one net: no fusion rows)")
+    assert empty.markdown("###") == "### Table 6\n\n(one net: no fusion rows)"
+    plain = Table("t", [Column("x"), Column("n", numeric=True)], [Row(("a", "1"))])
+    assert plain.markdown() == "| x | n |\n|---|---:|\n| a | 1 |"
+
+
+def test_result_to_dict_is_json_and_round_trips_rows(folder, checkpoint):
+    result = run([checkpoint], folder, protocols=("dense", "center"), keep_posteriors=True)
+    figures = PaperFigures("Table 3", top1_error=0.296, top5_error=0.104)
+    result = replace(result, rows=[replace(result.rows[0], paper=figures), *result.rows[1:]])
+    public = json.loads(json.dumps(result.to_dict()))
+    assert "posteriors" not in public and public["timing"]["passes"][0]["pass"] == "Q=32"
+    assert public["rows"][0]["paper"] == {"table": "Table 3", "top1_error": 0.296, "top5_error": 0.104}
+    assert [EvalRow.from_dict(r) for r in public["rows"]] == result.rows
+    assert isinstance(result, EvalResult) and public["nets"][0]["train_scale"] == [36, 36]
 
 
 @pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real data not found at {CIFAR} (../shared/data beside the repo)")
@@ -214,8 +267,8 @@ def test_real_cifar10_split_with_limit(tmp_path):
     path = tmp_path / "cifar.pt"
     save_checkpoint({"model": model_from_recipe(recipe).state_dict(), "recipe": recipe}, path)
     result = run([path], CIFAR.parent, limit=20, protocols=("dense", "center"))
-    assert result["data"] == str(CIFAR) and result["images"] == 20
-    assert [r["name"] for r in result["rows"]][-2:] == ["dense Q={32,36,41}", "centre crop 37/32"]
+    assert result.data == str(CIFAR) and result.images == 20
+    assert [r.name for r in result.rows][-2:] == ["dense Q={32,36,41}", "centre crop 37/32"]
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -264,16 +317,16 @@ def test_cli_errors_are_one_line(folder, checkpoint, capsys, argv, message):
 def test_predict_matches_dense_multi_scale_evaluation(folder, checkpoint):
     from verydeep.predict import predict
 
-    evaluated = run([checkpoint], folder, protocols=("dense",), keep_posteriors=True)
-    image = evaluated["paths"][5]
-    expected = np.mean([evaluated["posteriors"][f"net0_dense_Q{q}"][5] for q in (32, 36, 41)], axis=0)
+    evaluated = run([checkpoint], folder, protocols=("dense",), keep_posteriors=True).posteriors
+    image = evaluated.paths[5]
+    expected = np.mean([evaluated.arrays[f"net0_dense_Q{q}"][5] for q in (32, 36, 41)], axis=0)
     result = predict(checkpoint, [image], topk=5, device="cpu")
-    assert result["scales"] == [32, 36, 41]
-    top = result["predictions"][0]["top"]
-    assert [t["rank"] for t in top] == [1, 2, 3]  # top-5 of 3 classes lists all 3
-    assert [t["index"] for t in top] == list(np.argsort(-expected))
-    np.testing.assert_allclose([t["probability"] for t in top], np.sort(expected)[::-1], rtol=1e-5)
-    assert {t["name"] for t in top} == set(CLASSES)
+    assert result.scales == [32, 36, 41]
+    top = result.predictions[0].top
+    assert [t.rank for t in top] == [1, 2, 3]  # top-5 of 3 classes lists all 3
+    assert [t.index for t in top] == list(np.argsort(-expected))
+    np.testing.assert_allclose([t.probability for t in top], np.sort(expected)[::-1], rtol=1e-5)
+    assert {t.name for t in top} == set(CLASSES)
 
 
 def test_predict_cli(folder, checkpoint, capsys):
@@ -290,6 +343,6 @@ def test_cuda_posteriors_match_cpu(folder, checkpoint):
     cpu = run([checkpoint], folder, device="cpu", keep_posteriors=True)
     for precision, tolerance in (("fp32", 2e-3), ("bf16", 3e-2)):  # fp32 convs may use TF32 on the GPU
         gpu = run([checkpoint], folder, device="cuda", precision=precision, keep_posteriors=True)
-        assert gpu["device"].startswith("cuda") and gpu["precision"] == precision
-        for key, expected in cpu["posteriors"].items():
-            np.testing.assert_allclose(gpu["posteriors"][key], expected, atol=tolerance, err_msg=key)
+        assert gpu.device.startswith("cuda") and gpu.precision == precision
+        for key, expected in cpu.posteriors.arrays.items():
+            np.testing.assert_allclose(gpu.posteriors.arrays[key], expected, atol=tolerance, err_msg=key)

@@ -61,7 +61,7 @@ def run_cli(args: argparse.Namespace) -> None:
         preset = replace(preset, epochs=args.epochs)
     report = reproduce(data, preset, "digits", out, device=args.device, progress=not args.no_progress,
                        command="verydeep demo")
-    print(report["markdown"])
+    print(report.markdown)
     print(f"\nDemo finished in {time.time() - start:.0f} s. Report: {out / 'REPRODUCTION.md'}; "
           f"plots: {out / 'learning_curves.png'}, {out / 'errors.png'}")
     print("\nThe same on your own ImageNet-style folder (DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg):")

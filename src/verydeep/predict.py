@@ -11,14 +11,48 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from verydeep.checkpoint import load_model
+from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import average, dense_posteriors, derive_scales, one_line_error, parse_scales
+from verydeep.report import to_json_dict
 from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
+
+
+@dataclass(frozen=True)
+class RankedClass:
+    """One of an image's top classes: its rank, index, class folder (``class_``, ``class`` in JSON),
+    human-readable name and posterior probability."""
+
+    rank: int
+    index: int
+    class_: str
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    image: str
+    top: list[RankedClass]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top classes of each image, by a checkpoint at test scales ``scales``."""
+
+    checkpoint: str
+    scales: list[int]
+    flip: bool
+    predictions: list[ImagePrediction]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_json_dict(self)
 
 
 @torch.inference_mode()
@@ -30,20 +64,16 @@ def predict(
     flip: bool = True,
     device: str = "auto",
     precision: str = "auto",
-) -> dict[str, Any]:
-    """Top-``topk`` classes of each image: ``{"scales", "predictions": [{"image", "top": [...]}]}``.
-
-    Each entry of ``top`` is ``{"rank", "index", "class", "name", "probability"}``. A missing or
-    unreadable image is an error naming the file.
-    """
+) -> Prediction:
+    """Top-``topk`` classes of each image. A missing or unreadable image is an error naming the file."""
     from verydeep.data import IMAGENET, Preprocess, RescaleTransform, to_input
     from verydeep.data.datasets import DECODE_ERRORS
 
     if topk < 1:
-        raise ValueError(f"--topk must be at least 1; got {topk}")
+        raise UserError(f"--topk must be at least 1; got {topk}")
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]}: no such image")
+        raise MissingFileError(f"{missing[0]}: no such image")
     torch_device = pick_device(device)
     dtype = autocast_dtype(torch_device, precision)
     model, recipe = load_model(checkpoint)
@@ -52,7 +82,7 @@ def predict(
     pre = Preprocess.from_dict(recipe["preprocess"]) if recipe.get("preprocess") else IMAGENET
     test_scales = sorted(set(scales)) if scales else derive_scales(recipe)
     if min(test_scales) < model.input_size:
-        raise ValueError(f"--scales {test_scales} include scales smaller than the crop {model.input_size}")
+        raise UserError(f"--scales {test_scales} include scales smaller than the crop {model.input_size}")
     classes = recipe.get("classes") or [str(i) for i in range(model.num_classes)]
     names = recipe.get("class_names") or classes
     predictions = []
@@ -62,18 +92,16 @@ def predict(
             try:
                 image = RescaleTransform(q)(path)
             except DECODE_ERRORS as error:
-                raise ValueError(f"{path}: unreadable image ({type(error).__name__})") from error
+                raise UserError(f"{path}: unreadable image ({type(error).__name__})") from error
             x = to_input(image.unsqueeze(0).to(torch_device), pre).contiguous(memory_format=torch.channels_last)
             with autocast(torch_device, dtype):
                 per_scale.append(dense_posteriors(dense, x, flip).cpu())
         posterior = average(per_scale)[0]
         probabilities, indices = posterior.topk(min(topk, posterior.numel()))
-        top = [
-            {"rank": rank + 1, "index": int(i), "class": classes[i], "name": names[i], "probability": float(p)}
-            for rank, (p, i) in enumerate(zip(probabilities.tolist(), indices.tolist(), strict=True))
-        ]
-        predictions.append({"image": str(path), "top": top})
-    return {"checkpoint": str(checkpoint), "scales": test_scales, "flip": flip, "predictions": predictions}
+        top = [RankedClass(rank + 1, int(i), classes[i], names[i], float(p))
+               for rank, (p, i) in enumerate(zip(probabilities.tolist(), indices.tolist(), strict=True))]
+        predictions.append(ImagePrediction(str(path), top))
+    return Prediction(str(checkpoint), test_scales, flip, predictions)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -93,10 +121,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     result = predict(args.checkpoint, args.images, args.topk, args.scales, args.flip, args.device, args.precision)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result.to_dict()))
         return
-    for prediction in result["predictions"]:
-        print(prediction["image"])
-        for entry in prediction["top"]:
-            label = entry["name"] if entry["name"] == entry["class"] else f"{entry['name']} ({entry['class']})"
-            print(f"  {entry['rank']}. {entry['probability']:.3f}  {label}")
+    for prediction in result.predictions:
+        print(prediction.image)
+        for entry in prediction.top:
+            label = entry.name if entry.name == entry.class_ else f"{entry.name} ({entry.class_})"
+            print(f"  {entry.rank}. {entry.probability:.3f}  {label}")

@@ -16,14 +16,20 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from verydeep.evaluate import PAPER_RESULTS
+from verydeep import report
+from verydeep.errors import UserError
+from verydeep.evaluate import EvalRow, PaperFigures
+from verydeep.paper import PaperNet, scale_text, single_test_scale
 from verydeep.plot import read_metrics
+from verydeep.recipe import TrainConfig
+from verydeep.report import Column, Row, Table
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,9 @@ class Net:
         return self.scale[0] != self.scale[1]
 
     @property
-    def paper_scale(self) -> str:
-        """The training scale as ``evaluate.PAPER_RESULTS`` keys it: ``256`` or ``[256;512]``."""
-        return f"[{self.scale[0]};{self.scale[1]}]" if self.jittered else str(self.scale[0])
+    def paper_net(self) -> PaperNet:
+        """The paper's net of this configuration and training scale, whose figures ours stand beside."""
+        return PaperNet.trained_at(self.config, *self.scale)
 
 
 #: The ablations: depth (A, B, D, E), LRN (A-LRN), 1x1 vs 3x3 (C vs D), fixed vs jittered S,
@@ -80,6 +86,14 @@ class Preset:
         factor = self.crop / 224
         return (math.floor(paper[0] * factor), math.floor(paper[1] * factor))
 
+    def train_config(self, net: Net, data: Path, run_dir: Path, device: str, progress: bool) -> TrainConfig:
+        """``net``'s training settings: the paper's (TrainConfig's defaults), overridden by every field of
+        this preset that is also a training setting (crop, width, epochs, batch size, lr, ...)."""
+        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
+        return replace(TrainConfig(), **{name: getattr(self, name) for name in shared}, data=str(data),
+                       out=str(run_dir), config=net.config, scale=self.scale(net.scale), limit_val=self.limit_test,
+                       device=device, progress=progress, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+
 
 PRESETS: dict[str, Preset] = {
     "cifar10": Preset(crop=32, width=0.5, epochs=20,
@@ -91,43 +105,20 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def train_net(net: Net, preset: Preset, data: Path, out: Path, device: str, progress: bool) -> tuple[Path, float]:
-    """Train one net (resuming an interrupted run); returns its run directory and seconds spent."""
-    from verydeep.train import TrainConfig, train
+def train_net(net: Net, preset: Preset, data: Path, out: Path, device: str, progress: bool) -> Path:
+    """Train one net unless it is done (an interrupted run resumes); returns its run directory."""
+    from verydeep.train import train
 
     run_dir = out / "nets" / net.name
     done = run_dir / "train_summary.json"
-    if done.is_file():
-        return run_dir, json.loads(done.read_text())["seconds"]
-    cfg = TrainConfig(
-        data=str(data),
-        config=net.config,
-        scale=preset.scale(net.scale),
-        crop=preset.crop,
-        width=preset.width,
-        epochs=preset.epochs,
-        patience=preset.patience,
-        batch_size=preset.batch_size,
-        lr=preset.lr,
-        init=preset.init,
-        limit_train=preset.limit_train,
-        limit_val=preset.limit_test,
-        workers=preset.workers,
-        device=device,
-        out=str(run_dir),
-        resume=(run_dir / "checkpoints" / "last.pt").is_file(),
-        progress=progress,
-    )
-    start = time.time()
-    summary = train(cfg)
-    summary["seconds"] = summary.get("seconds", time.time() - start)
-    done.write_text(json.dumps(summary, indent=1))
-    return run_dir, summary["seconds"]
-
+    if not done.is_file():
+        summary = train(preset.train_config(net, data, run_dir, device, progress))
+        done.write_text(json.dumps(summary.to_dict(), indent=1))
+    return run_dir
 
 
 def evaluate_nets(run_dirs: dict[str, Path], data: Path, protocols: tuple[str, ...], limit: int | None,
-                  out: Path, device: str, progress: bool) -> list[dict[str, Any]]:
+                  out: Path, device: str, progress: bool) -> list[EvalRow]:
     """Evaluate these nets together (each at its recipe's scales; fused when several); cached in ``out``.
 
     Returns the rows with each ``nets`` entry renamed to the reproduction's net names.
@@ -136,71 +127,76 @@ def evaluate_nets(run_dirs: dict[str, Path], data: Path, protocols: tuple[str, .
 
     cache = out / "eval" / ("+".join(run_dirs) + ".json")
     if cache.is_file():
-        return json.loads(cache.read_text())
+        return [EvalRow.from_dict(row) for row in json.loads(cache.read_text())]
     result = evaluate([str(d) for d in run_dirs.values()], str(data), protocols=protocols, limit=limit,
                       device=device, progress=progress)
-    names = dict(zip([n["name"] for n in result["nets"]], run_dirs, strict=True))
-    rows = [{**row, "nets": [names[n] for n in row["nets"]]} for row in result["rows"]]
+    names = dict(zip([n.name for n in result.nets], run_dirs, strict=True))
+    rows = [replace(row, nets=[names[n] for n in row.nets]) for row in result.rows]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(rows, indent=1))
+    cache.write_text(json.dumps([report.to_json_dict(row) for row in rows], indent=1))
     return rows
 
 
-def _find(rows: list[dict[str, Any]], nets: list[str], protocol: str, q: int | None = None) -> dict | None:
+def _find(rows: list[EvalRow], nets: list[str], protocol: str, q: int | None = None) -> EvalRow | None:
     """The row of ``protocol`` for exactly these nets: at scale ``q``, or over all their scales."""
     for row in rows:
-        if row["protocol"] == protocol and row["nets"] == nets:
-            if (q is None and (row["multi_scale"] or row["fusion"])) or row["scales"] == [q]:
+        if row.protocol == protocol and row.nets == nets:
+            if (q is None and (row.multi_scale or row.fusion)) or row.scales == [q]:
                 return row
     return None
 
 
-def _errors(row: dict[str, Any] | None) -> tuple[float, float] | None:
-    return None if row is None else (100 * row["top1_error"], 100 * row["top5_error"])
+def _single_scale(net: Net, preset: Preset) -> int:
+    """The test scale of ``net``'s Table 3 row at this preset: Q = S, or the midpoint of a jittered S."""
+    return single_test_scale(*preset.scale(net.scale))
 
 
-def _cells(ours: tuple[float, float] | None, paper: tuple[float, float] | None) -> str:
-    show = lambda e: "-" if e is None else f"{e[0]:.1f} / {e[1]:.1f}"  # noqa: E731
-    return f" {show(ours)} | {show(paper)} |"
+@dataclass
+class PaperTable:
+    """One of Tables 3 to 6 at this scale: the rows it shows (the paper's figures attached) and the table."""
+
+    rows: list[EvalRow]
+    table: Table
+
+    @property
+    def markdown(self) -> str:
+        return self.table.markdown()
 
 
-def paper_tables(rows: list[dict[str, Any]], nets: list[Net], preset: Preset) -> dict[str, dict[str, Any]]:
-    """Tables 3-6: our top-1 / top-5 errors (%) beside the paper's, as ``{title: {rows, markdown}}``."""
-    tables: dict[str, dict[str, Any]] = {}
+def paper_tables(rows: list[EvalRow], nets: list[Net], preset: Preset) -> dict[str, PaperTable]:
+    """Tables 3 to 6: our top-1 / top-5 errors (%) beside the paper's, by title."""
     by_name = {n.name: n for n in NETS}
-    head = "| ConvNet | train S (paper's) | test Q | top-1 / top-5 err. % (ours) | (paper, ILSVRC val) |"
-    for title, multi, paper in (("Table 3: single test scale", False, PAPER_RESULTS["Table 3"]),
-                                ("Table 4: multiple test scales", True, PAPER_RESULTS["Table 4"])):
-        lines, found = [head, "|---|---|---|---|---|"], []
-        for net in nets:
-            smin, smax = preset.scale(net.scale)
-            row = _find(rows, [net.name], "dense", None if multi else (smin + smax) // 2)
-            if row is None:
-                continue
-            train = f"[{smin};{smax}]" if net.jittered else str(smin)
-            test = ",".join(map(str, row["scales"]))
-            lines.append(f"| {net.name} | {train} ({net.paper_scale}) | {test} |"
-                         + _cells(_errors(row), paper.get((net.config, net.paper_scale))))
-            found.append({"net": net.name, **row})
-        tables[title] = {"rows": found, "markdown": "\n".join(lines)}
-    lines, found = ["| ConvNet | evaluation method | top-1 / top-5 err. % (ours) | (paper) |", "|---|---|---|---|"], []
-    for net in nets:
-        for protocol in ("dense", "multicrop", "dense+multicrop") if _find(rows, [net.name], "multicrop") else ():
-            row = _find(rows, [net.name], protocol)
-            if row is not None:
-                paper = PAPER_RESULTS["Table 5"].get((net.config, net.paper_scale, protocol))
-                lines.append(f"| {net.name} | {protocol} |" + _cells(_errors(row), paper))
-                found.append({"net": net.name, **row})
-    tables["Table 5: dense vs multi-crop vs both (multi-scale)"] = {"rows": found, "markdown": "\n".join(lines)}
-    lines, found = ["| fused nets | evaluation method | top-1 / top-5 err. % (ours) | (paper, D + E) |",
-                    "|---|---|---|---|"], []
-    for row in rows:
-        if row["fusion"]:
-            fused = sorted((by_name[n].config, by_name[n].paper_scale) for n in row["nets"])
-            lines.append(f"| {' + '.join(row['nets'])} | {row['protocol']} |"
-                         + _cells(_errors(row), PAPER_RESULTS["Table 6"].get((*fused, row["protocol"]))))
-            found.append(row)
-    tables["Table 6: fusion"] = {"rows": found, "markdown": "\n".join(lines)}
+
+    def beside_paper(row: EvalRow, table: int, members: Sequence[Net]) -> EvalRow:
+        return replace(row, paper=PaperFigures.lookup(table, [m.paper_net for m in members], row.protocol))
+
+    def by_scale(table: int, q: int | None, net: Net) -> tuple[list[str], EvalRow] | None:
+        row = _find(rows, [net.name], "dense", q)
+        if row is None:
+            return None
+        train = f"{scale_text(*preset.scale(net.scale))} ({net.paper_net.scale})"
+        return [net.name, train, ",".join(map(str, row.scales))], beside_paper(row, table, [net])
+
+    single = [entry for net in nets if (entry := by_scale(3, _single_scale(net, preset), net))]
+    multi = [entry for net in nets if (entry := by_scale(4, None, net))]
+    methods = [([net.name, protocol], beside_paper(row, 5, [net]))
+               for net in nets if _find(rows, [net.name], "multicrop")
+               for protocol in ("dense", "multicrop", "dense+multicrop")
+               if (row := _find(rows, [net.name], protocol)) is not None]
+    fused = [([" + ".join(row.nets), row.protocol], beside_paper(row, 6, [by_name[n] for n in row.nets]))
+             for row in rows if row.fusion]
+    scale_labels = ("ConvNet", "train S (paper's)", "test Q")
+    layouts = [
+        ("Table 3: single test scale", scale_labels, single, "(paper, ILSVRC val)"),
+        ("Table 4: multiple test scales", scale_labels, multi, "(paper, ILSVRC val)"),
+        ("Table 5: dense vs multi-crop vs both (multi-scale)", ("ConvNet", "evaluation method"), methods, "(paper)"),
+        ("Table 6: fusion", ("fused nets", "evaluation method"), fused, "(paper, D + E)"),
+    ]
+    tables = {}
+    for title, labels, entries, paper_header in layouts:
+        errors = replace(report.PAIRED, paper=(Column(paper_header),))
+        table = report.error_table(title, labels, entries, errors, empty="(no such nets in this run)")
+        tables[title] = PaperTable([row for _, row in entries], table)
     return tables
 
 
@@ -210,30 +206,36 @@ def _standard_error(error_pct: float, images: int) -> float:
     return 100 * math.sqrt(max(p * (1 - p), 1e-12) / images)
 
 
-def _verdict(better: dict[str, Any] | None, worse: dict[str, Any] | None) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper (Sec. 4), whether it held at this scale, and our figures for it."""
+
+    claim: str
+    verdict: str  # "held", "did not hold" or "inconclusive (within noise)"
+    figures: str
+
+
+def _verdict(better: EvalRow | None, worse: EvalRow | None) -> tuple[str, str]:
     """Did ``better`` (the paper's winner) have a lower top-1 error than ``worse``? With the margin."""
     if better is None or worse is None:
         return "not measured", ""
-    a, b = 100 * better["top1_error"], 100 * worse["top1_error"]
-    noise = 2 * math.hypot(_standard_error(a, better["images"]), _standard_error(b, worse["images"]))
+    a, b = 100 * better.top1_error, 100 * worse.top1_error
+    noise = 2 * math.hypot(_standard_error(a, better.images), _standard_error(b, worse.images))
     figures = f"{a:.1f}% vs {b:.1f}% (difference {b - a:+.1f} pp, 2 s.e. = {noise:.1f} pp)"
     if abs(b - a) < noise:
         return "inconclusive (within noise)", figures
     return ("held" if a < b else "did not hold"), figures
 
 
-def claims(rows: list[dict[str, Any]], nets: list[Net], preset: Preset) -> list[dict[str, str]]:
+def claims(rows: list[EvalRow], nets: list[Net], preset: Preset) -> list[Claim]:
     """The paper's claims (Sec. 4), each checked on our figures with a two-standard-error margin."""
-    names = {n.name for n in nets}
+    by_name = {n.name: n for n in nets}
 
-    def single(name: str) -> dict | None:  # single-scale dense at Q = S (or the jittered midpoint)
-        if name not in names:
-            return None
-        smin, smax = preset.scale(next(n for n in nets if n.name == name).scale)
-        return _find(rows, [name], "dense", (smin + smax) // 2)
+    def single(name: str) -> EvalRow | None:  # single-scale dense at Q = S (or the jittered midpoint)
+        return _find(rows, [name], "dense", _single_scale(by_name[name], preset)) if name in by_name else None
 
-    def multi(name: str, protocol: str = "dense") -> dict | None:
-        return _find(rows, [name], protocol) if name in names else None
+    def multi(name: str, protocol: str = "dense") -> EvalRow | None:
+        return _find(rows, [name], protocol) if name in by_name else None
 
     checks = [
         ("Error falls with depth: B beats A", single("B"), single("A")),
@@ -250,15 +252,16 @@ def claims(rows: list[dict[str, Any]], nets: list[Net], preset: Preset) -> list[
         both = multi(name, "dense+multicrop")
         checks.append((f"Dense + multi-crop beat dense alone: {name}", both, multi(name, "dense")))
         checks.append((f"Dense + multi-crop beat multi-crop alone: {name}", both, multi(name, "multicrop")))
-    fused = next((r for r in rows if r["fusion"] and r["protocol"] == "dense+multicrop"), None)
+    fused = next((r for r in rows if r.fusion and r.protocol == "dense+multicrop"), None)
     if fused is not None:
-        best = min((multi(n, "dense+multicrop") for n in fused["nets"]), key=lambda r: r["top1_error"])
-        checks.append((f"Fusing two nets helps: {' + '.join(fused['nets'])} beats the better one", fused, best))
+        members = [row for n in fused.nets if (row := multi(n, "dense+multicrop")) is not None]
+        best = min(members, key=lambda r: r.top1_error, default=None)
+        checks.append((f"Fusing two nets helps: {' + '.join(fused.nets)} beats the better one", fused, best))
     out = []
     for claim, better, worse in checks:
         verdict, figures = _verdict(better, worse)
         if verdict != "not measured":
-            out.append({"claim": claim, "verdict": verdict, "figures": figures})
+            out.append(Claim(claim, verdict, figures))
     return out
 
 
@@ -266,7 +269,7 @@ def _epochs(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir)[1]
 
 
-def plot(run_dirs: dict[str, Path], rows: list[dict[str, Any]], nets: list[Net], preset: Preset,
+def plot(run_dirs: dict[str, Path], rows: list[EvalRow], nets: list[Net], preset: Preset,
          out: Path) -> list[Path]:
     """``learning_curves.png`` (validation error per epoch, every net) and ``errors.png`` (test errors)."""
     import matplotlib
@@ -292,21 +295,20 @@ def plot(run_dirs: dict[str, Path], rows: list[dict[str, Any]], nets: list[Net],
 
     labels, single, multi = [], [], []
     for net in nets:
-        smin, smax = preset.scale(net.scale)
-        one, many = _find(rows, [net.name], "dense", (smin + smax) // 2), _find(rows, [net.name], "dense")
+        one, many = _find(rows, [net.name], "dense", _single_scale(net, preset)), _find(rows, [net.name], "dense")
         if one is None:
             continue
         labels.append(net.name)
-        single.append(100 * one["top1_error"])
-        multi.append(100 * many["top1_error"] if many else float("nan"))
+        single.append(100 * one.top1_error)
+        multi.append(100 * many.top1_error if many else float("nan"))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) + 2), 4.5))
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], single, width=0.4, label="dense, single scale (Table 3)")
     ax.bar([x + 0.2 for x in xs], multi, width=0.4, label="dense, multi-scale (Table 4)")
-    fused = [r for r in rows if r["fusion"] and r["protocol"] == "dense+multicrop"]
+    fused = [r for r in rows if r.fusion and r.protocol == "dense+multicrop"]
     for r in fused:
-        label = f"fusion {' + '.join(r['nets'])}, dense+multi-crop"
-        ax.axhline(100 * r["top1_error"], color="k", linestyle="--", label=label)
+        label = f"fusion {' + '.join(r.nets)}, dense+multi-crop"
+        ax.axhline(100 * r.top1_error, color="k", linestyle="--", label=label)
     ax.set_xticks(list(xs), labels)
     ax.set(ylabel="top-1 test error %", title="test error per net")
     lowest = min([*single, *multi], default=0)
@@ -329,8 +331,8 @@ def _hardware(device: str) -> str:
     return f"{cpu} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def report_markdown(preset_name: str, preset: Preset, data: Path, nets: list[Net], tables: dict[str, Any],
-                    checked: list[dict[str, str]], seconds: dict[str, float], device: str, command: str) -> str:
+def report_markdown(preset_name: str, preset: Preset, data: Path, tables: dict[str, PaperTable],
+                    checked: list[Claim], seconds: dict[str, float], device: str, command: str) -> str:
     """``REPRODUCTION.md``: settings, Tables 3-6 beside the paper's, the claims and where the figures come from."""
     total = sum(seconds.values())
     lines = [
@@ -350,20 +352,40 @@ def report_markdown(preset_name: str, preset: Preset, data: Path, nets: list[Net
         "- the paper's figures are ILSVRC-2012 validation errors at full scale: compare directions, not values",
         "",
     ]
-    for title, table in tables.items():
-        lines += [f"## {title}", "", table["markdown"] if table["rows"] else "(no such nets in this run)", ""]
-    lines += ["## The paper's claims at this scale", "",
+    claims_table = Table("The paper's claims at this scale",
+                         [Column("claim"), Column("verdict"), Column("top-1 error, ours (winner vs loser)")],
+                         [Row((c.claim, c.verdict, c.figures)) for c in checked], empty="(no claim measured)")
+    lines += [report.join_markdown((t.table for t in tables.values()), heading="##"), ""]
+    lines += [f"## {claims_table.title}", "",
               "A claim held when our error moved the paper's way by more than two standard errors of the "
               "difference (binomial, on the test images); within that margin it is inconclusive.", "",
-              "| claim | verdict | top-1 error, ours (winner vs loser) |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['verdict']} | {c['figures']} |" for c in checked]
+              claims_table.markdown()]
     lines += ["", "Plots: `learning_curves.png` (training loss and validation error per epoch), "
               "`errors.png` (test error per net, single vs multi-scale)."]
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class Reproduction:
+    """A reproduction's outcome: its preset, Tables 3 to 6, the claims checked, the time spent
+    (training, evaluation) and ``REPRODUCTION.md``'s text."""
+
+    preset: str
+    settings: Preset
+    tables: dict[str, PaperTable]
+    claims: list[Claim]
+    seconds: dict[str, float]
+    markdown: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """``results.json``: every field; each table as its rows, its rendered headers and cells, and markdown."""
+        tables = {title: {"rows": [report.to_json_dict(row) for row in t.rows], "table": t.table.to_dict(),
+                          "markdown": t.markdown} for title, t in self.tables.items()}
+        return {**report.to_json_dict(replace(self, tables={})), "tables": tables}
+
+
 def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: str = "auto",
-              progress: bool = True, command: str = "") -> dict[str, Any]:
+              progress: bool = True, command: str = "") -> Reproduction:
     """Train every net of ``preset`` (resumably), evaluate them with the paper's protocols, report."""
     from verydeep.data import find_split
 
@@ -375,10 +397,10 @@ def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: s
     out.mkdir(parents=True, exist_ok=True)
     run_dirs: dict[str, Path] = {}
     seconds = {"training": 0.0, "evaluation": 0.0}
-    rows: list[dict[str, Any]] = []
+    rows: list[EvalRow] = []
     jittered = [n.name for n in order if n.jittered]
     for net in order:  # each net is evaluated as soon as it can be, so a cut-short run still reports
-        run_dirs[net.name], _ = train_net(net, preset, data, out, device, progress)
+        run_dirs[net.name] = train_net(net, preset, data, out, device, progress)
         seconds["training"] += sum(r["seconds"] for r in _epochs(run_dirs[net.name]))
         start = time.time()
         if not net.jittered:
@@ -391,11 +413,10 @@ def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: s
     tables = paper_tables(rows, nets, preset)
     checked = claims(rows, nets, preset)
     plot(run_dirs, rows, nets, preset, out)
-    markdown = report_markdown(preset_name, preset, data, nets, tables, checked, seconds, device, command)
+    markdown = report_markdown(preset_name, preset, data, tables, checked, seconds, device, command)
     (out / "REPRODUCTION.md").write_text(markdown)
-    result = {"preset": preset_name, "settings": asdict(preset), "tables": tables, "claims": checked,
-              "seconds": seconds, "markdown": markdown}
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    result = Reproduction(preset_name, preset, tables, checked, seconds, markdown)
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
 
 
@@ -425,9 +446,9 @@ def run_cli(args: argparse.Namespace) -> None:
         wanted = tuple(n.strip() for n in args.nets.split(","))
         unknown = [n for n in wanted if n not in {net.name for net in NETS}]
         if unknown:
-            raise ValueError(f"--nets: unknown {', '.join(unknown)}; choose from {', '.join(n.name for n in NETS)}")
+            raise UserError(f"--nets: unknown {', '.join(unknown)}; choose from {', '.join(n.name for n in NETS)}")
         preset = replace(preset, nets=wanted)
     out = Path(args.out or f"runs/reproduce-{args.preset}")
     command = "verydeep " + " ".join(sys.argv[1:])
     result = reproduce(Path(args.data), preset, args.preset, out, args.device, not args.no_progress, command)
-    print(result["markdown"])
+    print(result.markdown)
