@@ -24,7 +24,7 @@ from PIL import Image
 
 from verydeep import vgg
 from verydeep.data import IMAGENET, RescaleTransform, to_input
-from verydeep.evaluate import dense_posteriors, multicrop_posteriors
+from verydeep.evaluate import dense_posteriors, multicrop_posteriors, parse_scales
 from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--config", default="D")
     parser.add_argument("--width", type=float, default=0.25, help="width multiplier (default 1/4 for a CPU)")
     parser.add_argument("--images", type=int, default=4, help="images to evaluate (default 4)")
-    parser.add_argument("--scales", default="256,384,512", help="test scales Q")
+    parser.add_argument("--scales", type=parse_scales, default="256,384,512", help="test scales Q")
     parser.add_argument("--data", type=Path, default=SAMPLES, help="folder of JPEG photos")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.images < 1:
         parser.error(f"--images must be at least 1; got {args.images}")
-    scales = [int(q) for q in args.scales.split(",")]
+    scales = args.scales
     device = pick_device(args.device)
     dtype = autocast_dtype(device, args.precision)
     torch.manual_seed(0)
@@ -103,8 +103,8 @@ def main() -> None:
     ratio = crops_total / dense_total
     name = f"VGG-{model.config} width {args.width:g}"
     print(f"{name} on {device} ({'bf16' if dtype else 'fp32'}), {len(paths)} images from {source}:")
-    print(f"  dense over Q={{{args.scales}}}: {dense_total:.3f} s/image; {50 * len(scales)}-crop multi-crop: "
-          f"{crops_total:.3f} s/image; multi-crop costs {ratio:.1f}x dense")
+    print(f"  dense over Q={{{','.join(map(str, scales))}}}: {dense_total:.3f} s/image; "
+          f"{50 * len(scales)}-crop multi-crop: {crops_total:.3f} s/image; multi-crop costs {ratio:.1f}x dense")
     if args.json:
         print(json.dumps({
             "config": model.config, "width": args.width, "device": str(device),
