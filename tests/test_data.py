@@ -33,6 +33,7 @@ from verydeep.data import (
 )
 from verydeep.data.preprocess import pca_shift
 from verydeep.data.transforms import ImageFile, load_region, resample, to_tensor
+from verydeep.errors import MissingFileError, UserError
 
 # ---- transform steps ----------------------------------------------------------------------
 
@@ -235,6 +236,11 @@ def test_preprocess_round_trips_through_json(tmp_path):
     save_preprocess(mine, tmp_path)
     (tmp_path / "train").mkdir()
     assert load_preprocess(tmp_path) == mine and load_preprocess(tmp_path / "train") == mine
+    (tmp_path / "preprocess.json").write_text('{"mean": [0, 0]}')
+    with pytest.raises(UserError, match="preprocess.json: bad preprocess statistics"):
+        load_preprocess(tmp_path)
+    with pytest.raises(MissingFileError, match="other.json"):
+        load_preprocess(tmp_path / "other.json")
 
 
 # ---- datasets and batching ----------------------------------------------------------------
@@ -253,13 +259,15 @@ def test_find_split_layouts_and_errors(tmp_path):
     assert find_split(tmp_path / "ds", "train") == tmp_path / "ds" / "train"
     assert find_split(tmp_path / "ds", "val") == tmp_path / "ds" / "test"
     assert find_split(tmp_path / "ds" / "train", "train") == tmp_path / "ds" / "train"
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(MissingFileError, match="nowhere"):
         find_split(tmp_path / "nowhere", "train")
     (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(UserError, match="holds no images"):
         find_split(tmp_path / "empty", "val")
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(UserError, match="holds no images"):
         ImageFolder(tmp_path / "empty" / "val", RescaleTransform(8))
+    with pytest.raises(UserError, match="no class folders"):
+        ImageFolder(tmp_path / "ds" / "train" / "a", RescaleTransform(8))
 
 
 def test_image_folder_classes_names_and_samples(tmp_path):
@@ -289,6 +297,11 @@ def test_ilsvrc_validation_layout(tmp_path):
         "ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG 0\nILSVRC2012_val_00000003.JPEG 1\n"
     )
     assert ILSVRCValFolder(val, RescaleTransform(8), labels=tmp_path / "caffe.txt").targets == [2, 0, 1]
+    (tmp_path / "bad.csv").write_text("Image,Label\nILSVRC2012_val_00000001,n03\n")
+    with pytest.raises(UserError, match="bad.csv: bad ground-truth file"):
+        ILSVRCValFolder(val, RescaleTransform(8), labels=tmp_path / "bad.csv")
+    with pytest.raises(MissingFileError, match="nothing.txt"):
+        ILSVRCValFolder(val, RescaleTransform(8), labels=tmp_path / "nothing.txt")
 
 
 def test_size_grouped_batches_hold_equal_sizes(tmp_path):

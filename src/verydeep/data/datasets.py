@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from verydeep.data.transforms import image_size, resized_size
+from verydeep.errors import MissingFileError, UserError
 
 log = logging.getLogger("verydeep.data")
 
@@ -40,7 +41,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image
 Transform = Callable[[str | Path], Tensor]
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image that cannot be read, raised in ``strict`` mode; the message names the file."""
 
 
@@ -93,19 +94,19 @@ def find_split(data_dir: str | Path, split: str) -> Path:
         raise ValueError(f"split must be train, val or test; got {split!r}")
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
+        raise MissingFileError(f"data folder {root} does not exist")
     names = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
     for name in names:
         folder = root / name
         if folder.is_dir():
             if not _has_images(folder):
-                raise ValueError(f"data folder {folder} holds no images")
+                raise UserError(f"data folder {folder} holds no images")
             return folder
     splits = [n for n in ("train", "val", "test") if (root / n).is_dir()]
     if splits:
-        raise FileNotFoundError(f"data folder {root} has {', '.join(splits)} but no {' or '.join(names)}")
+        raise MissingFileError(f"data folder {root} has {', '.join(splits)} but no {' or '.join(names)}")
     if not _has_images(root):
-        raise ValueError(f"data folder {root} holds no images")
+        raise UserError(f"data folder {root} holds no images")
     return root
 
 
@@ -166,17 +167,17 @@ class ImageFolder(LabelledImages):
         super().__init__(transform, strict)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data folder {self.root} does not exist")
+            raise MissingFileError(f"data folder {self.root} does not exist")
         self.classes = _class_dirs(self.root)
         if not self.classes:
-            raise ValueError(f"data folder {self.root} has no class folders")
+            raise UserError(f"data folder {self.root} has no class folders")
         self.samples = [
             (path, label)
             for label, name in enumerate(self.classes)
             for path in _images_under(self.root / name)
         ]
         if not self.samples:
-            raise ValueError(f"data folder {self.root} holds no images")
+            raise UserError(f"data folder {self.root} holds no images")
         names = read_class_names(self.root)
         self.class_names = [names.get(c, c) for c in self.classes]
 
@@ -208,22 +209,22 @@ class ILSVRCValFolder(LabelledImages):
         super().__init__(transform, strict)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data folder {self.root} does not exist")
+            raise MissingFileError(f"data folder {self.root} does not exist")
         label_file = Path(labels) if labels is not None else self._find_labels()
         if not label_file.is_file():
-            raise FileNotFoundError(f"ground-truth file {label_file} does not exist")
+            raise MissingFileError(f"ground-truth file {label_file} does not exist")
         images = sorted(p for p in self.root.iterdir() if is_image(p))
         if not images:
-            raise ValueError(f"data folder {self.root} holds no images")
+            raise UserError(f"data folder {self.root} holds no images")
         listed = read_class_names(self.root, CLASS_LIST_FILES)  # exactly the dataset's classes
         names = listed or read_class_names(self.root)
-        synsets = self._read_synsets(label_file, images, sorted(listed))
+        synsets = _read_synsets(label_file, images, sorted(listed))
         self.classes = sorted(set(listed) | set(synsets.values()))
         self.class_names = [names.get(c, c) for c in self.classes]
         index = {c: i for i, c in enumerate(self.classes)}
         missing = [p.name for p in images if p.stem not in synsets]
         if missing:
-            raise ValueError(f"{label_file}: no label for {len(missing)} images, e.g. {missing[0]}")
+            raise UserError(f"{label_file}: no label for {len(missing)} images, e.g. {missing[0]}")
         self.samples = [(p, index[synsets[p.stem]]) for p in images]
 
     def _find_labels(self) -> Path:
@@ -232,37 +233,48 @@ class ILSVRCValFolder(LabelledImages):
             for name in VAL_LABEL_FILES:
                 if (folder / name).is_file():
                     return folder / name
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data folder {self.root}: no ground-truth file ({', '.join(VAL_LABEL_FILES)}) beside it"
         )
 
-    @staticmethod
-    def _read_synsets(label_file: Path, images: Sequence[Path], sorted_synsets: list[str]) -> dict[str, str]:
-        """``{image stem: synset}`` from any of the supported ground-truth formats."""
-        if label_file.suffix == ".csv":
-            with label_file.open(newline="") as f:
-                return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
-        lines = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
-        if all(len(parts) == 1 for parts in lines):  # devkit: ILSVRC2012_IDs in file-name order
-            id_to_synset = _devkit_synsets(label_file.parent / "meta.mat")
-            if len(lines) != len(images):
-                raise ValueError(f"{label_file}: {len(lines)} labels for {len(images)} images")
-            return {p.stem: id_to_synset[int(parts[0])] for p, parts in zip(images, lines, strict=True)}
-        out = {}
-        for parts in lines:
-            stem, label = Path(parts[0]).stem, parts[1]
-            if label.isdigit():
-                if not sorted_synsets:
-                    raise ValueError(f"{label_file}: numeric labels need a synset list (LOC_synset_mapping.txt)")
-                label = sorted_synsets[int(label)]
-            out[stem] = label
-        return out
+
+def _read_synsets(label_file: Path, images: Sequence[Path], sorted_synsets: list[str]) -> dict[str, str]:
+    """``{image stem: synset}`` from any of the supported ground-truth formats; a file that
+    does not parse is a :class:`UserError` naming it."""
+    try:
+        return _parse_synsets(label_file, images, sorted_synsets)
+    except UserError:
+        raise
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as error:
+        raise UserError(f"{label_file}: bad ground-truth file ({type(error).__name__}: {error})") from error
+
+
+def _parse_synsets(label_file: Path, images: Sequence[Path], sorted_synsets: list[str]) -> dict[str, str]:
+    """:func:`_read_synsets` without the error wrapping."""
+    if label_file.suffix == ".csv":
+        with label_file.open(newline="") as f:
+            return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+    lines = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
+    if all(len(parts) == 1 for parts in lines):  # devkit: ILSVRC2012_IDs in file-name order
+        id_to_synset = _devkit_synsets(label_file.parent / "meta.mat")
+        if len(lines) != len(images):
+            raise UserError(f"{label_file}: {len(lines)} labels for {len(images)} images")
+        return {p.stem: id_to_synset[int(parts[0])] for p, parts in zip(images, lines, strict=True)}
+    out = {}
+    for parts in lines:
+        stem, label = Path(parts[0]).stem, parts[1]
+        if label.isdigit():
+            if not sorted_synsets:
+                raise UserError(f"{label_file}: numeric labels need a synset list (LOC_synset_mapping.txt)")
+            label = sorted_synsets[int(label)]
+        out[stem] = label
+    return out
 
 
 def _devkit_synsets(meta: Path) -> dict[int, str]:
     """ILSVRC2012_ID -> WNID from the devkit's ``meta.mat``."""
     if not meta.is_file():
-        raise FileNotFoundError(f"{meta} (the devkit's synset table) does not exist")
+        raise MissingFileError(f"{meta} (the devkit's synset table) does not exist")
     from scipy.io import loadmat  # scipy ships with scikit-learn
 
     rows = loadmat(str(meta), squeeze_me=True)["synsets"]
@@ -327,7 +339,7 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
 
     def __init__(self, dataset: LabelledImages, q: int, batch_size: int) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+            raise UserError(f"batch size must be at least 1; got {batch_size}")
         groups: dict[tuple[int, int] | None, list[int]] = {}
         for index, size in enumerate(dataset.image_sizes()):
             key = resized_size(size, q) if size is not None else None
@@ -348,7 +360,7 @@ def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
     if limit is None or limit >= len(targets):
         return list(range(len(targets)))
     if limit <= 0:
-        raise ValueError(f"--limit must be positive; got {limit}")
+        raise UserError(f"--limit must be positive; got {limit}")
     by_class: dict[int, list[int]] = {}
     for index, target in enumerate(targets):
         by_class.setdefault(int(target), []).append(index)

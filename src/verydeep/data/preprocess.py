@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from verydeep.errors import MissingFileError, UserError
+
 Triple = tuple[float, float, float]
 
 #: Name of the stored statistics file, beside the dataset (written by ``verydeep data stats``).
@@ -55,7 +57,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        """Inverse of :meth:`to_dict`; a missing key is a ``ValueError`` naming it."""
+        """Inverse of :meth:`to_dict`; a missing key is a ``ValueError`` naming it (which
+        :func:`load_preprocess` reports as a :class:`UserError` naming the file)."""
         missing = [k for k in ("mean", "std", "eigval", "eigvec") if k not in d]
         if missing:
             raise ValueError(f"preprocess statistics lack {', '.join(missing)}")
@@ -158,7 +161,7 @@ def load_preprocess(data_dir: str | Path) -> Preprocess:
             try:
                 return Preprocess.from_dict(json.loads(path.read_text()))
             except (json.JSONDecodeError, ValueError, TypeError) as error:
-                raise ValueError(f"{path}: bad preprocess statistics ({error})") from error
+                raise UserError(f"{path}: bad preprocess statistics ({error})") from error
     if data_dir.suffix == ".json":
-        raise FileNotFoundError(f"{data_dir}: no such preprocess file")
+        raise MissingFileError(f"{data_dir}: no such preprocess file")
     return IMAGENET

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from verydeep.data.datasets import find_split, open_split
 from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
 from verydeep.data.transforms import ImageFile, decode, resized_size, to_tensor
+from verydeep.errors import UserError
+from verydeep.runtime import progress_bar
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,16 @@ def compute_stats(
     loader = DataLoader(subset, batch_size=None, num_workers=workers)
     moments = torch.zeros(13, dtype=torch.float64)
     skipped = []
-    for image_moments, _, path in tqdm(loader, desc=f"stats {folder}", unit="img", disable=not progress):
-        if image_moments is None:
-            skipped.append(path)
-        else:
-            moments += image_moments
+    with progress_bar(len(subset), progress, desc=f"stats {folder}", unit="img") as bar:
+        for image_moments, _, path in loader:
+            if image_moments is None:
+                skipped.append(path)
+            else:
+                moments += image_moments
+            bar.update()
     pixels = int(moments[0])
     if pixels == 0:
-        raise ValueError(f"data folder {folder}: no readable images in the sample")
+        raise UserError(f"data folder {folder}: no readable images in the sample")
     mean = moments[1:4] / pixels
     cov = moments[4:].view(3, 3) / pixels - torch.outer(mean, mean)
     eigval, eigvec = torch.linalg.eigh(cov)
@@ -107,7 +110,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     if args.sample < 1 or args.side < 1:
-        raise ValueError(f"--sample and --side must be positive; got {args.sample} and {args.side}")
+        raise UserError(f"--sample and --side must be positive; got {args.sample} and {args.side}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more; got {args.workers}")
     folder = find_split(args.dir, "train")
     pre, summary = compute_stats(folder, args.sample, args.side, args.seed, args.workers, args.mean_only)
     out = args.out or Path(args.dir) / PREPROCESS_FILE
