@@ -12,7 +12,8 @@ pipeline costs whatever else the machine is running, the better figure on a busy
 
 Images: the real ImageNet photos of ``../shared/data/imagenet-samples`` when present, else
 generated photo-sized JPEGs. With ``--device cuda`` it also times the GPU path
-(``verydeep.data.gpu``: nvJPEG batch decode and tensor-op augmentation).
+(``verydeep.data.gpu``: workers plan the same crops and send the bytes; nvJPEG decodes the
+batch and the crops are cut and resized on the device).
 
     python benchmarks/data_pipeline.py --workers 2
     python benchmarks/data_pipeline.py --workers 8 --device cuda --json
@@ -91,16 +92,17 @@ def time_loader(loader: DataLoader, finish: Callable, epochs: int) -> tuple[floa
     return images / (time.perf_counter() - start), 1000 * (cpu_seconds(pids) - cpu) / images
 
 
-def gpu_pipeline(samples: list, loader: Callable, args: argparse.Namespace) -> tuple[DataLoader, Callable]:
-    """Workers read bytes; nvJPEG decodes and tensor ops augment on the device; then to_input."""
-    from verydeep.data.gpu import EncodedImages, GpuTrainAugment, collate_encoded
+def gpu_pipeline(root: str, loader: Callable, args: argparse.Namespace) -> tuple[DataLoader, Callable]:
+    """Workers read bytes and plan the crops; nvJPEG decodes and the plans are cut on the device;
+    then to_input."""
+    from verydeep.data.gpu import EncodedTransform, collate_encoded, decode_batch
 
     device = torch.device(args.device)
-    encoded = loader(EncodedImages(samples), collate_fn=collate_encoded, pin_memory=True)
-    augment = GpuTrainAugment(args.crop, tuple(args.scale), device=device)
+    dataset = ImageFolder(root, EncodedTransform(TrainTransform(args.crop, tuple(args.scale))))
+    encoded = loader(dataset, collate_fn=collate_encoded, pin_memory=True)
 
     def finish(encoded) -> int:
-        images = augment(encoded).images
+        images = decode_batch(encoded, device).images
         return to_input(images, IMAGENET, pca_shift(len(images), IMAGENET, 0.1)).shape[0]
 
     return encoded, finish
@@ -131,8 +133,7 @@ def main() -> None:
             pids = multiprocessing.Array("i", args.workers, lock=False)
             return DataLoader(dataset, worker_init_fn=functools.partial(record_pid, pids), **common, **kwargs)
 
-        ours_set = ImageFolder(tmp, TrainTransform(args.crop, tuple(args.scale)))
-        ours = loader(ours_set, collate_fn=collate)
+        ours = loader(ImageFolder(tmp, TrainTransform(args.crop, tuple(args.scale))), collate_fn=collate)
         tv_transform = T.Compose([
             T.RandomResizedCrop(args.crop), T.RandomHorizontalFlip(), T.ToTensor(),
             T.Normalize(IMAGENET.mean, IMAGENET.std),
@@ -151,7 +152,7 @@ def main() -> None:
         pipelines: dict[str, tuple[DataLoader, Callable]] = {"verydeep": (ours, finish_ours),
                                                               "torchvision": (tv, finish_tv)}
         if args.device.startswith("cuda"):
-            pipelines["verydeep-gpu"] = gpu_pipeline(ours_set.samples, loader, args)
+            pipelines["verydeep-gpu"] = gpu_pipeline(tmp, loader, args)
         for data, finish in pipelines.values():  # warm-up: start workers, fill the page cache
             time_loader(data, finish, 1)
         rates: dict[str, list[float]] = {name: [] for name in pipelines}

@@ -1,4 +1,4 @@
-"""Data pipeline (issue 3): transforms step by step, normalisation, datasets, batching."""
+"""Data pipeline: transforms step by step, normalisation, datasets, batching."""
 
 from __future__ import annotations
 
@@ -26,14 +26,21 @@ from verydeep.data import (
     find_split,
     grid_crops,
     load_preprocess,
+    plan_crop,
     resized_size,
     sample_scale,
     save_preprocess,
     to_input,
 )
+from verydeep.data.decode import ImageFile, load_region, resample, to_tensor
 from verydeep.data.preprocess import pca_shift
-from verydeep.data.transforms import ImageFile, load_region, resample, to_tensor
+from verydeep.data.transforms import render
 from verydeep.errors import MissingFileError, UserError
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
 
 # ---- transform steps ----------------------------------------------------------------------
 
@@ -45,8 +52,8 @@ def test_resized_size_makes_the_smallest_side_s():
 
 
 def test_scale_jittering_is_uniform_over_the_integers():
-    torch.manual_seed(0)
-    draws = torch.tensor([sample_scale(256, 512) for _ in range(20000)], dtype=torch.float64)
+    g = seeded(0)
+    draws = torch.tensor([sample_scale(256, 512, g) for _ in range(20000)], dtype=torch.float64)
     assert draws.min() == 256 and draws.max() == 512
     assert draws.mean().item() == pytest.approx(384, abs=2)
     # variance of the discrete uniform on 257 values: (257^2 - 1) / 12
@@ -55,8 +62,8 @@ def test_scale_jittering_is_uniform_over_the_integers():
 
 
 def test_crop_box_stays_inside_and_reaches_every_offset():
-    torch.manual_seed(0)
-    boxes = {crop_box((227, 225), 224) for _ in range(500)}
+    g = seeded(0)
+    boxes = {crop_box((227, 225), 224, g) for _ in range(500)}
     assert {b[0] for b in boxes} == {0, 1, 2, 3} and {b[1] for b in boxes} == {0, 1}
     assert all(b[2] - b[0] == 224 and b[3] - b[1] == 224 for b in boxes)
     with pytest.raises(ValueError, match="does not fit"):
@@ -68,14 +75,36 @@ def test_train_transform_output_and_flip(tmp_path):
     arr = np.zeros((40, 40, 3), np.uint8)
     arr[:, 20:] = 255
     path = save(Image.fromarray(arr), tmp_path / "half.png")
-    torch.manual_seed(0)
-    outs = [TrainTransform(crop=40, scale=(40, 40))(path) for _ in range(400)]
+    g = seeded(0)
+    outs = [TrainTransform(crop=40, scale=(40, 40))(path, g) for _ in range(400)]
     assert all(o.shape == (3, 40, 40) and o.dtype == torch.uint8 for o in outs)
     flipped = [o[:, :, :20].float().mean() > 127 for o in outs]
     assert 0.4 < sum(flipped) / len(flipped) < 0.6
-    torch.manual_seed(0)
-    assert not any(TrainTransform(40, (40, 40), flip=False)(path)[:, :, :20].float().mean() > 127
+    assert not any(TrainTransform(40, (40, 40), flip=False)(path, g)[:, :, :20].float().mean() > 127
                    for _ in range(20))
+
+
+def test_transforms_draw_only_from_the_generator_in_a_fixed_order(tmp_path):
+    """Same seed, same crop, flip and following draws (the sampler's PCA alphas); the global
+    RNG is left alone; the draws are S, left, top, flip, as :func:`plan_crop` documents."""
+    path = save(photo(300, 200), tmp_path / "a.jpg")
+    t = TrainTransform(crop=96, scale=(100, 180))
+    before = torch.get_rng_state()
+    first, second = seeded(5), seeded(5)
+    assert torch.equal(t(path, first), t(path, second))
+    assert torch.equal(pca_shift(1, IMAGENET, 0.1, first), pca_shift(1, IMAGENET, 0.1, second))
+    assert torch.equal(torch.get_rng_state(), before)
+    g = seeded(5)
+    s = int(torch.randint(100, 181, (), generator=g))
+    side = round(96 * 200 / s)
+    left = int(torch.randint(0, 300 - side + 1, (), generator=g))
+    top = int(torch.randint(0, 200 - side + 1, (), generator=g))
+    flip = bool(torch.rand((), generator=g) < 0.5)
+    assert t.plan((300, 200), reducible=False, generator=seeded(5)) == (1, (left, top, left + side, top + side),
+                                                                        (96, 96), flip)
+    plan = t.plan((300, 200), reducible=True, generator=seeded(5))
+    assert torch.equal(t(path, seeded(5)), render(ImageFile(path), plan))
+    assert CenterCropTransform(128, 112)(path, seeded(5)).shape == (3, 112, 112)  # deterministic: ignored
 
 
 def test_train_transform_rejects_a_scale_below_the_crop():
@@ -92,18 +121,15 @@ def plain_region(path: Path, box: tuple[int, int, int, int], out: int) -> torch.
 
 def test_crop_region_is_the_rescaled_crop():
     """The square resampled to the crop covers crop/S of the smallest side: S is kept within 0.5%."""
-    t = TrainTransform(crop=224, scale=(256, 512))
     for seed in range(200):
-        torch.manual_seed(seed)
-        s = sample_scale(256, 512)
-        torch.manual_seed(seed)
-        k, (left, top, right, bottom) = t.plan((500, 375), jpeg=True)
-        assert right - left == bottom - top and k == 1
+        s = sample_scale(256, 512, seeded(seed))
+        k, (left, top, right, bottom), out, _ = plan_crop((500, 375), 224, (256, 512), seeded(seed), reducible=True)
+        assert right - left == bottom - top and k == 1 and out == (224, 224)
         assert 375 * 224 / (right - left) == pytest.approx(s, rel=0.005)
         assert 0 <= left and right <= 500 and 0 <= top and bottom <= 375
     fixed = TrainTransform(crop=224, scale=(256, 256))
-    assert fixed.plan((2000, 1500), jpeg=True)[0] == 4  # 1500/4 = 375 >= 256, 1500/8 < 256
-    assert fixed.plan((2000, 1500), jpeg=False)[0] == 1
+    assert fixed.plan((2000, 1500), reducible=True).k == 4  # 1500/4 = 375 >= 256, 1500/8 < 256
+    assert fixed.plan((2000, 1500), reducible=False).k == 1
 
 
 @pytest.mark.parametrize(("fmt", "size", "k"), [("JPEG", (1024, 768), 2), ("JPEG", (500, 375), 1),
@@ -121,10 +147,8 @@ def test_fast_decode_matches_plain_decode_crop_resize(tmp_path, fmt, size, k):
     path = save(photo(*size), tmp_path / f"img.{fmt.lower()}", format=fmt, quality=92)
     t = TrainTransform(crop=224, scale=(256, 320), flip=False)
     for seed in range(3):
-        torch.manual_seed(seed)
-        planned_k, box = t.plan(size, jpeg=fmt == "JPEG")
-        torch.manual_seed(seed)
-        fast = t(path)
+        planned_k, box, _, _ = t.plan(size, reducible=fmt == "JPEG", generator=seeded(seed))
+        fast = t(path, seeded(seed))
         assert planned_k == k
         diff = (fast.int() - plain_region(path, tuple(v * k for v in box), 224).int()).abs().float()
         if k == 1:
@@ -279,6 +303,14 @@ def test_image_folder_classes_names_and_samples(tmp_path):
     assert ds.targets == [0, 0, 1] and len(ds) == 3
     image, label, path = ds[2]
     assert image.shape == (3, 8, 8) and label == 1 and path.endswith("n2/0.jpg")
+
+
+def test_load_passes_the_generator_to_the_transform(tmp_path):
+    make_tree(tmp_path, {"a": [(50, 40)], "b": [(40, 60)]})
+    ds = ImageFolder(tmp_path, TrainTransform(crop=24, scale=(28, 40)))
+    image, label, path = ds.load(1, seeded(3))
+    assert label == 1 and torch.equal(image, ds.transform(path, seeded(3)))
+    assert torch.equal(ds.load(1, seeded(3))[0], image)
 
 
 def test_ilsvrc_validation_layout(tmp_path):

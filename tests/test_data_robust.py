@@ -1,4 +1,4 @@
-"""Bad data (issue 3): every kind of broken or unusual file works or is skipped and named; stats."""
+"""Bad data: every kind of broken or unusual file works or is skipped and named; stats."""
 
 from __future__ import annotations
 

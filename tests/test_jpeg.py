@@ -1,4 +1,4 @@
-"""Decoding only a crop's box of a JPEG (verydeep.data.jpeg, the fast path of issue 3)."""
+"""Decoding only a crop's box of a JPEG (verydeep.data.jpeg, the fast path of the training transform)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import photo
 from PIL import Image
 
 from verydeep.data import TrainTransform, jpeg
-from verydeep.data.transforms import ImageFile, load_region, may_hold_exif, plain_jpeg_size
+from verydeep.data.decode import ImageFile, load_region, may_hold_exif, plain_jpeg_size
 
 needs_library = pytest.mark.skipif(jpeg.library() is None, reason="libturbojpeg 3 is not installed")
 
@@ -80,8 +80,7 @@ def test_without_the_library_the_whole_image_is_decoded_instead(tmp_path, monkey
     monkeypatch.setattr(jpeg, "library", lambda: None)
     assert jpeg.decode_region(file.data, box) is None
     assert torch.equal(load_region(file, 1, box, out), with_library)
-    torch.manual_seed(0)
-    assert TrainTransform(crop=112, scale=(128, 128))(path).shape == (3, 112, 112)
+    assert TrainTransform(crop=112, scale=(128, 128))(path, torch.Generator().manual_seed(0)).shape == (3, 112, 112)
 
 
 def test_exif_is_found_by_walking_the_header_segments():

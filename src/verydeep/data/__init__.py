@@ -1,7 +1,8 @@
 """Data: ImageNet-style datasets and the paper's training and test transforms (Sec. 3.1, 3.2).
 
 Images stay uint8 from decoding to the batch; :func:`to_input` turns a batch into the
-network's float input on the training device (PCA colour shift, mean subtraction).
+network's float input on the training device (PCA colour shift, mean subtraction). Reading
+files is :mod:`verydeep.data.decode`'s; decoding on the device, :mod:`verydeep.data.gpu`'s.
 """
 
 from verydeep.data.datasets import (
@@ -20,10 +21,12 @@ from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess, pca_
 from verydeep.data.stats import add_cli, compute_stats
 from verydeep.data.transforms import (
     CenterCropTransform,
+    CropPlan,
     RescaleTransform,
     TrainTransform,
     crop_box,
     grid_crops,
+    plan_crop,
     resized_size,
     sample_scale,
 )
@@ -33,6 +36,7 @@ __all__ = [
     "BadImageError",
     "Batch",
     "CenterCropTransform",
+    "CropPlan",
     "balanced_subset",
     "ILSVRCValFolder",
     "ImageFolder",
@@ -50,6 +54,7 @@ __all__ = [
     "load_preprocess",
     "open_split",
     "pca_shift",
+    "plan_crop",
     "resized_size",
     "sample_scale",
     "save_preprocess",

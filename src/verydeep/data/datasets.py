@@ -15,16 +15,17 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from verydeep.data.transforms import image_size, resized_size
+from verydeep.data.decode import image_size
+from verydeep.data.transforms import resized_size
 from verydeep.errors import MissingFileError, UserError
 
 log = logging.getLogger("verydeep.data")
@@ -38,11 +39,21 @@ NAME_FILES = ("classes.txt", "words.txt", "LOC_synset_mapping.txt", "synset_word
 #: What a broken image raises while it is opened or decoded.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
-Transform = Callable[[str | Path], Tensor]
+
+class Transform(Protocol):
+    """A sample's transform: ``(path, generator)`` to its item, drawing any random numbers from
+    ``generator`` (torch's global RNG when ``None``)."""
+
+    def __call__(self, path: str | Path, generator: torch.Generator | None = None) -> Any: ...
 
 
 class BadImageError(UserError):
     """An image that cannot be read, raised in ``strict`` mode; the message names the file."""
+
+
+def unreadable(path: str | Path, error: BaseException) -> str:
+    """The one line that names an unreadable image and why."""
+    return f"{path}: unreadable image ({type(error).__name__}: {error})"
 
 
 def is_image(path: Path) -> bool:
@@ -112,8 +123,9 @@ def find_split(data_dir: str | Path, split: str) -> Path:
 
 class LabelledImages(Dataset):
     """A labelled image set: ``samples`` of ``(path, label)``, ``classes`` (synset ids) and
-    ``class_names``; items are ``(uint8 image, label, path)``, image ``None`` for an unreadable
-    file (logged as one line naming it) unless ``strict``, which raises :class:`BadImageError`."""
+    ``class_names``; items are ``(uint8 image, label, path)`` (:meth:`load`, with the generator
+    the transform draws from), image ``None`` for an unreadable file (logged as one line naming
+    it) unless ``strict``, which raises :class:`BadImageError`."""
 
     samples: list[tuple[Path, int]]
     classes: list[str]
@@ -131,17 +143,21 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+    def load(self, index: int, generator: torch.Generator | None = None) -> tuple[Tensor | None, int, str]:
+        """``(image, label, path)`` of sample ``index``, its transform drawing from ``generator``
+        (torch's global RNG when ``None``); the item is whatever the transform returns."""
         path, label = self.samples[index]
         try:
-            image = self.transform(path)
+            image = self.transform(path, generator)
         except DECODE_ERRORS as error:
-            reason = f"{path}: unreadable image ({type(error).__name__}: {error})"
             if self.strict:
-                raise BadImageError(reason) from error
-            log.warning("skipped %s", reason)
+                raise BadImageError(unreadable(path, error)) from error
+            log.warning("skipped %s", unreadable(path, error))
             return None, label, str(path)
         return image, label, str(path)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        return self.load(index)
 
     def image_sizes(self) -> list[tuple[int, int] | None]:
         """Displayed (w, h) of every sample from its header, read once; ``None`` if unreadable."""
@@ -307,6 +323,21 @@ def batch_memory(shape: Sequence[int]) -> Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(tuple(shape))
 
 
+def stack_images(images: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """uint8 (3, h, w) images of one size as (N, 3, h, w), channels_last: a plain copy of their
+    HWC memory, on ``device`` (``None``: :func:`batch_memory`); no images: (0, 3, 0, 0)."""
+    if not images:
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8, device=device)
+    shape = images[0].shape
+    for image in images:
+        if image.shape != shape:
+            raise ValueError(f"images of sizes {tuple(shape)} and {tuple(image.shape)} in one batch")
+    nhwc = (len(images), shape[1], shape[2], shape[0])
+    out = batch_memory(nhwc) if device is None else torch.empty(nhwc, dtype=torch.uint8, device=device)
+    torch.stack([image.permute(1, 2, 0) for image in images], out=out)
+    return out.permute(0, 3, 1, 2)
+
+
 def collate(batch: Sequence[tuple[Tensor | None, int, str]]) -> Batch:
     """Stack ``(image, label, path)`` samples; unreadable ones (image ``None``) are dropped and named.
 
@@ -314,19 +345,9 @@ def collate(batch: Sequence[tuple[Tensor | None, int, str]]) -> Batch:
     batch is channels_last, as the model wants it; an all-bad batch has zero images.
     """
     good = [(img, label) for img, label, _ in batch if img is not None]
-    skipped = [path for img, _, path in batch if img is None]
     labels = torch.tensor([label for _, label in good], dtype=torch.int64)
-    if not good:
-        return Batch(torch.empty((0, 3, 0, 0), dtype=torch.uint8), labels, skipped)
-    shape = good[0][0].shape
-    for img, _ in good:
-        if img.shape != shape:
-            raise ValueError(f"collate: images of sizes {tuple(shape)} and {tuple(img.shape)} in one batch")
-    # stacked as (N, H, W, 3): a plain copy of the transforms' HWC memory, channels_last as NCHW
-    out = batch_memory((len(good), shape[1], shape[2], shape[0]))
-    torch.stack([img.permute(1, 2, 0) for img, _ in good], out=out)
-    images = out.permute(0, 3, 1, 2)
-    return Batch(images, labels, skipped)
+    skipped = [path for img, _, path in batch if img is None]
+    return Batch(stack_images([img for img, _ in good]), labels, skipped)
 
 
 class SizeGroupedBatchSampler(Sampler[list[int]]):

@@ -1,24 +1,28 @@
-"""Training input on the GPU: nvJPEG batch decoding and the Sec. 3.1 augmentation as tensor ops.
+"""Input decoded on the device (nvJPEG), cut by the same plans as the CPU transforms (Sec. 3.1, 3.2).
 
-At GPU training speeds the CPU's JPEG decoding is the bottleneck. Here DataLoader workers only
-read file bytes (and check headers); the batch is decoded on the device by
-``torchvision.io.decode_jpeg(device="cuda")`` and augmented there with the same maths as
-:class:`~verydeep.data.TrainTransform` (S drawn per image, a square of ``region_side`` pixels
-at a random position, bilinear-antialias resample to the crop, random flip). Files nvJPEG
-cannot take (not JPEG, CMYK, EXIF-rotated, cut short) are decoded by Pillow in the workers;
-unreadable ones are skipped and named, as on the CPU path.
+At GPU training speeds the CPU's JPEG decoding is the bottleneck. With :class:`EncodedTransform`
+the DataLoader workers read each file once and plan it from its header with the wrapped
+transform's planner (for training :func:`~verydeep.data.transforms.plan_crop`, drawing from the
+same generator in the same order), at full resolution (k = 1: nvJPEG does not scale in the DCT),
+and send the file's bytes with the plan. :func:`decode_batch` decodes the batch on the device
+(``torchvision.io.decode_jpeg(device=...)``: nvJPEG on CUDA, libjpeg on the CPU), cuts each
+plan's box, resamples it (bilinear, antialiased) and flips it. Files nvJPEG cannot take (not
+JPEG, CMYK, EXIF-rotated, cut short) go through the wrapped transform in the worker; a file the
+device decoder refuses is decoded on the CPU instead; unreadable ones are skipped and named, as
+on the CPU path.
 
-    loader = DataLoader(EncodedImages(dataset.samples), batch_size=256, num_workers=8,
-                        collate_fn=collate_encoded, pin_memory=True)
-    augment = GpuTrainAugment(crop=224, scale=(256, 512), device=torch.device("cuda"))
-    for encoded in loader:
-        batch = augment(encoded)                       # uint8, channels_last, on the GPU
-        x = to_input(batch.images, pre, pca_shift(len(batch.images), pre, 0.1))
+    decoder = resolve_decode("auto", device)
+    transform = TrainTransform(crop=224, scale=(256, 512))
+    train = ImageFolder(split, EncodedTransform(transform) if decoder == "gpu" else transform)
+    loader = DataLoader(train, batch_size=256, num_workers=8, pin_memory=True,
+                        collate_fn=collate_encoded if decoder == "gpu" else collate)
+    for batch in loader:
+        batch = decode_batch(batch, device) if decoder == "gpu" else batch   # a Batch either way
+        x = to_input(batch.images.to(device), pre, pca_shift(len(batch.images), pre, 0.1))
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from collections.abc import Sequence
@@ -28,174 +32,159 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory
-from verydeep.data.transforms import (
-    ImageFile,
-    crop_box,
-    decode,
-    flip_coin,
-    region_side,
-    sample_scale,
-    to_tensor,
-)
+from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory, stack_images, unreadable
+from verydeep.data.decode import ImageFile
+from verydeep.data.transforms import CropPlan, PlannedTransform, render
+from verydeep.errors import UserError
 
 log = logging.getLogger("verydeep.data")
 
+#: ``--decode`` values: where JPEGs are decoded ("auto": on the training device if it is CUDA).
+DECODERS = ("auto", "cpu", "gpu")
 
-def read_encoded(path: str | Path) -> Tensor:
-    """File bytes (1-D uint8) for nvJPEG, or the Pillow-decoded upright RGB image (3, h, w).
 
-    nvJPEG takes RGB or greyscale JPEGs without EXIF rotation that end in the EOI marker (it
-    decodes a file cut short without complaint; Pillow names it instead).
+def resolve_decode(name: str, device: torch.device) -> str:
+    """``--decode NAME`` on ``device`` as "cpu" or "gpu"; "auto" is "gpu" on a CUDA device."""
+    if name not in DECODERS:
+        raise UserError(f"--decode must be one of {', '.join(DECODERS)}; got {name!r}")
+    if name == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if name == "gpu" and device.type != "cuda":
+        raise UserError(f"--decode gpu needs a CUDA device; got {device}")
+    return name
+
+
+class Encoded(NamedTuple):
+    """One image as a worker sends it: the JPEG file's bytes (1-D uint8) with the plan the device
+    executes, or the image the worker already cut by ``plan`` (uint8 (3, h, w))."""
+
+    payload: Tensor
+    plan: CropPlan
+
+
+@dataclass(frozen=True)
+class EncodedTransform:
+    """``transform`` (Train-, Rescale- or CenterCropTransform) split between a DataLoader worker,
+    which plans, and :func:`decode_batch`, which decodes on the device and executes the plan.
+
+    Called as ``(path, generator)``, like the transform, with the same draws from ``generator``;
+    a JPEG the device decodes is planned at full size (k = 1), so its crop is the CPU path's
+    wherever that decodes at full size too, and otherwise an equally likely one.
     """
-    file = ImageFile(path)
-    if file.plain and file.data.endswith(b"\xff\xd9"):
-        return torch.frombuffer(bytearray(file.data), dtype=torch.uint8)
-    return to_tensor(decode(file.pillow()))
 
+    transform: PlannedTransform
 
-class EncodedImages(Dataset):
-    """``(payload, label, path)`` for each ``(path, label)`` sample; payload ``None`` if unreadable."""
-
-    def __init__(self, samples: Sequence[tuple[Path, int]]) -> None:
-        self.samples = list(samples)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
-        path, label = self.samples[index]
-        try:
-            return read_encoded(path), label, str(path)
-        except DECODE_ERRORS as error:
-            log.warning("skipped %s: unreadable image (%s: %s)", path, type(error).__name__, error)
-            return None, label, str(path)
+    def __call__(self, path: str | Path, generator: torch.Generator | None = None) -> Encoded:
+        file = ImageFile(path)
+        if file.complete_jpeg():
+            plan = self.transform.plan(file.size, False, generator)
+            return Encoded(torch.frombuffer(bytearray(file.data), dtype=torch.uint8), plan)
+        fast = self.transform.fast
+        plan = self.transform.plan(file.size, fast and file.jpeg, generator)
+        return Encoded(render(file, plan, fast), plan)
 
 
 class EncodedBatch(NamedTuple):
     """A batch as the workers send it: the JPEG files' bytes in one block (one shared-memory
-    transfer, one pinned copy), the images Pillow decoded, labels, paths and skipped paths."""
+    transfer, one pinned copy), the images the workers cut, the plans, labels and paths of the
+    readable samples, and the paths of the unreadable ones."""
 
     encoded: Tensor  # the JPEGs' bytes, one file after another
     lengths: list[int]  # bytes per sample; 0 where the sample is in ``decoded`` instead
-    decoded: list[Tensor]  # the other samples, decoded upright RGB (3, h, w), in order
+    decoded: list[Tensor]  # the other samples, already cut (3, h, w), in order
+    plans: list[CropPlan]
     labels: Tensor
     paths: list[str]
     skipped: list[str]
 
     def payloads(self) -> list[Tensor]:
-        """Per sample: its JPEG bytes (a 1-D view into ``encoded``) or its decoded image."""
+        """Per sample: its JPEG bytes (a 1-D view into ``encoded``) or its cut image."""
         sizes = [n for n in self.lengths if n]
         chunks = iter(torch.split(self.encoded, sizes) if sizes else ())
         images = iter(self.decoded)
         return [next(chunks) if n else next(images) for n in self.lengths]
 
 
-def collate_encoded(batch: Sequence[tuple[Tensor | None, int, str]]) -> EncodedBatch:
-    """Concatenate the JPEG bytes, keep decoded images apart; drop and name unreadable samples."""
-    good = [(p, label, path) for p, label, path in batch if p is not None]
-    jpegs = [p for p, _, _ in good if p.dim() == 1]
+def collate_encoded(items: Sequence[tuple[Encoded | None, int, str]]) -> EncodedBatch:
+    """Concatenate the JPEG bytes, keep the cut images apart; drop and name unreadable samples."""
+    good = [(item, label, path) for item, label, path in items if item is not None]
+    jpegs = [item.payload for item, _, _ in good if item.payload.dim() == 1]
     encoded = batch_memory((sum(p.numel() for p in jpegs),))
     if jpegs:
         torch.cat(jpegs, out=encoded)
     return EncodedBatch(
         encoded=encoded,
-        lengths=[p.numel() if p.dim() == 1 else 0 for p, _, _ in good],
-        decoded=[p for p, _, _ in good if p.dim() == 3],
+        lengths=[item.payload.numel() if item.payload.dim() == 1 else 0 for item, _, _ in good],
+        decoded=[item.payload for item, _, _ in good if item.payload.dim() == 3],
+        plans=[item.plan for item, _, _ in good],
         labels=torch.tensor([label for _, label, _ in good], dtype=torch.int64),
         paths=[path for _, _, path in good],
-        skipped=[path for p, _, path in batch if p is None],
+        skipped=[path for item, _, path in items if item is None],
     )
 
 
-def _pillow_decode(data: Tensor) -> Tensor:
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-        return to_tensor(decode(img))
-
-
-def decode_batch(encoded: EncodedBatch, device: torch.device) -> tuple[list[Tensor], list[int], list[str]]:
-    """Decode a batch on ``device``: nvJPEG for byte payloads (one batched call; file by file
-    when that fails, Pillow for a file nvJPEG rejects). Returns the images (3, h, w) uint8,
-    the indices kept, and the paths of files no decoder could read."""
-    images: dict[int, Tensor] = {}
-    payloads = encoded.payloads()
-    jpegs = [i for i, p in enumerate(payloads) if p.dim() == 1]
-    for i, p in enumerate(payloads):
-        if p.dim() == 3:
-            images[i] = p.to(device, non_blocking=True)
+def device_decode(jpegs: list[Tensor], device: torch.device) -> list[Tensor | None]:
+    """JPEG bytes decoded to RGB (3, h, w) on ``device`` in one batched call; file by file when
+    that fails, ``None`` for each file the device decoder refuses."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
         try:
-            if jpegs:
-                decoded = decode_jpeg([payloads[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-                images.update(zip(jpegs, decoded, strict=True))
+            return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)) if jpegs else []
         except RuntimeError:
-            for i in jpegs:
+            out: list[Tensor | None] = []
+            for data in jpegs:
                 try:
-                    images[i] = decode_jpeg(payloads[i], mode=ImageReadMode.RGB, device=device)
+                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
-                    try:
-                        images[i] = _pillow_decode(payloads[i]).to(device)
-                    except DECODE_ERRORS as error:
-                        log.warning("skipped %s: unreadable image (%s: %s)", encoded.paths[i],
-                                    type(error).__name__, error)
-    kept = sorted(images)
-    failed = [path for i, path in enumerate(encoded.paths) if i not in images]
-    return [images[i] for i in kept], kept, failed
+                    out.append(None)
+            return out
 
 
-def random_resized_crops(images: Sequence[Tensor], crop: int, scale: tuple[int, int],
-                         flip: bool = True) -> Tensor:
-    """Sec. 3.1 on tensors, any device: per image S ~ U{smin..smax}, the square of
-    ``region_side`` pixels at a random position, bilinear-antialias resample to ``crop``, flip.
-
-    Same maths and the same order of draws from torch's global RNG as :class:`TrainTransform`
-    (with k = 1), so both give the same crops. Returns uint8 (N, 3, crop, crop), channels_last.
-    """
-    if not images:
-        raise ValueError("random_resized_crops needs at least one image")
-    out = torch.empty((len(images), 3, crop, crop), dtype=torch.float32, device=images[0].device)
-    flips = []
-    for i, image in enumerate(images):
-        _, h, w = image.shape
-        s = sample_scale(*scale)
-        left, top, right, bottom = crop_box((w, h), region_side((w, h), s, crop))
-        region = image[:, top:bottom, left:right].unsqueeze(0).float()
-        if region.shape[-2:] != (crop, crop):
-            region = F.interpolate(region, size=(crop, crop), mode="bilinear", antialias=True)
-        out[i] = region[0]
-        if flip and flip_coin():
-            flips.append(i)
-    if flips:
-        index = torch.tensor(flips, device=out.device)
-        out[index] = out[index].flip(-1)
-    hwc = out.round_().clamp_(0, 255).permute(0, 2, 3, 1).to(torch.uint8, memory_format=torch.contiguous_format)
-    return hwc.permute(0, 3, 1, 2)
+def cut(image: Tensor, plan: CropPlan) -> Tensor:
+    """``plan`` (k = 1) executed on a whole decoded image (3, h, w), any device: the box,
+    resampled bilinearly with antialiasing (in float, rounded), flipped if planned; uint8."""
+    if plan.k != 1:
+        raise ValueError(f"cut needs a plan at full resolution; got k = {plan.k}")
+    left, top, right, bottom = plan.box
+    region = image[:, top:bottom, left:right]
+    w, h = plan.out
+    if region.shape[1:] != (h, w):
+        scaled = F.interpolate(region[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+        region = scaled.round_().clamp_(0, 255).to(torch.uint8)
+    return region.flip(-1) if plan.flip else region
 
 
-@dataclass(frozen=True)
-class GpuTrainAugment:
-    """Decode an :class:`EncodedBatch` on ``device`` and apply the training transform there."""
+def cpu_cut(data: Tensor, plan: CropPlan, path: str) -> Tensor | None:
+    """A file the device decoder refused, decoded and cut on the CPU; ``None`` (logged, naming
+    the file) if nothing can read it."""
+    try:
+        return render(ImageFile(data.numpy().tobytes()), plan)
+    except DECODE_ERRORS as error:
+        log.warning("skipped %s", unreadable(path, error))
+        return None
 
-    crop: int = 224
-    scale: tuple[int, int] = (256, 256)
-    flip: bool = True
-    device: torch.device = torch.device("cuda")
 
-    def __post_init__(self) -> None:
-        smin, smax = self.scale
-        if not self.crop <= smin <= smax:
-            raise ValueError(f"scale must be (Smin, Smax) with crop <= Smin <= Smax; got {self.scale}")
+def decode_batch(encoded: EncodedBatch, device: torch.device) -> Batch:
+    """Decode an :class:`EncodedBatch` on ``device`` and execute its plans: a :class:`Batch`
+    of uint8 images (N, 3, H, W), channels_last, with labels, on ``device``, as
+    :func:`~verydeep.data.collate` gives on the CPU. Files no decoder reads join ``skipped``."""
+    payloads = encoded.payloads()
+    jpegs = [i for i, p in enumerate(payloads) if p.dim() == 1]
+    decoded = dict(zip(jpegs, device_decode([payloads[i] for i in jpegs], device), strict=True))
+    images: list[Tensor | None] = []
+    for i, (payload, plan) in enumerate(zip(payloads, encoded.plans, strict=True)):
+        if i not in decoded:
+            images.append(payload.to(device, non_blocking=True))
+        elif (image := decoded[i]) is not None:
+            images.append(cut(image, plan))
+        else:
+            fallback = cpu_cut(payload, plan, encoded.paths[i])
+            images.append(None if fallback is None else fallback.to(device))
+    kept = [i for i, image in enumerate(images) if image is not None]
+    skipped = list(encoded.skipped) + [encoded.paths[i] for i, image in enumerate(images) if image is None]
+    labels = encoded.labels[kept].to(device, non_blocking=True)
+    return Batch(stack_images([images[i] for i in kept], device), labels, skipped)
 
-    def __call__(self, encoded: EncodedBatch) -> Batch:
-        images, kept, failed = decode_batch(encoded, self.device)
-        skipped = list(encoded.skipped) + failed
-        labels = encoded.labels[kept].to(self.device, non_blocking=True)
-        if not images:
-            return Batch(torch.empty((0, 3, 0, 0), dtype=torch.uint8, device=self.device), labels, skipped)
-        return Batch(random_resized_crops(images, self.crop, self.scale, self.flip), labels, skipped)

@@ -20,8 +20,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from verydeep.data.datasets import find_split, open_split
+from verydeep.data.decode import ImageFile, decode, to_tensor
 from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
-from verydeep.data.transforms import ImageFile, decode, resized_size, to_tensor
+from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
 from verydeep.runtime import progress_bar
 
@@ -35,9 +36,9 @@ class PixelMoments:
 
     side: int
 
-    def __call__(self, path: str | Path) -> Tensor:
+    def __call__(self, path: str | Path, generator: torch.Generator | None = None) -> Tensor:
         file = ImageFile(path)
-        pixels = to_tensor(decode(file.pillow(), file.reduction(resized_size(file.size, self.side))))
+        pixels = to_tensor(decode(file.pillow(), reduction(file.size, resized_size(file.size, self.side), file.jpeg)))
         x = pixels.permute(1, 2, 0).reshape(-1, 3).to(torch.float64) / 255.0  # HWC: a free view
         count = torch.tensor([x.shape[0]], dtype=torch.float64)
         return torch.cat([count, x.sum(0), (x.T @ x).flatten()])

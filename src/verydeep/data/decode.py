@@ -1,0 +1,203 @@
+"""Reading image files: header sizes, EXIF rotation, 8-bit RGB, reduced JPEG decodes, resampling.
+
+Apart from the paper's transforms (:mod:`verydeep.data.transforms`), which plan a crop from the
+displayed size and ask this module for its pixels. Each file is read once (:class:`ImageFile`);
+a plain JPEG is sized by libjpeg-turbo's header reader and only the crop's box is decoded
+(:mod:`verydeep.data.jpeg`); other files go through Pillow, which reads EXIF rotation, other
+formats and modes, and raises on damage. A JPEG may be decoded at 1/2, 1/4 or 1/8 of its size
+in the DCT (as Pillow's draft mode); the box is then resampled by torch's uint8
+bilinear-antialias kernel. ``fast=False`` is the reference: a full decode and Pillow's resize.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from verydeep.data.jpeg import Box, Size, decode_region
+
+#: EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION_TAG = 0x0112
+#: JPEG markers: APP1 (which holds EXIF, after this signature), start of scan (the header's end).
+_APP1, _SOS, _EXIF_SIGNATURE = 0xE1, 0xDA, b"Exif\x00\x00"
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright) read from the header."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError):  # a broken EXIF block: treat as upright
+        return 1
+    return value if value in _ORIENTATION else 1
+
+
+def displayed_size(img: Image.Image) -> Size:
+    """(w, h) of the image as displayed, i.e. after its EXIF rotation."""
+    w, h = img.size
+    return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def image_size(path: str | Path) -> Size:
+    """Displayed (w, h) of the image at ``path``, from its header only."""
+    with Image.open(path) as img:
+        return displayed_size(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode ``img`` to 8-bit RGB: greyscale, palette, CMYK, alpha and 16-bit modes handled.
+
+    16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it at 255).
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            peak = 1.0
+        arr = np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)  # 2-D uint8: mode "L"
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def draft_factor(size: Size, target: Size) -> int:
+    """JPEG DCT reduction (8, 4, 2 or 1) that Pillow's draft mode picks: the largest that
+    still leaves the image at least ``target``."""
+    room = min(size[0] // target[0], size[1] // target[1])
+    return next((k for k in (8, 4, 2) if room >= k), 1)
+
+
+def decode(img: Image.Image, k: int = 1) -> Image.Image:
+    """Decode ``img`` upright in 8-bit RGB; a JPEG at 1/``k`` of its size (DCT scaling).
+
+    Pixel i of the reduced image covers pixels [i*k, (i+1)*k) of the full one.
+    """
+    orient = orientation(img)
+    if k > 1 and img.format == "JPEG":
+        img.draft("RGB", (img.width // k, img.height // k))  # Pillow then picks exactly k
+    img = to_rgb(img)
+    return img.transpose(_ORIENTATION[orient]) if orient != 1 else img
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """RGB Pillow image to a uint8 (3, h, w) tensor (a channels-last view, no float step)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def resample(image: Tensor, out: Size) -> Tensor:
+    """uint8 (3, h, w) to (3, out_h, out_w): bilinear with antialiasing (torch's uint8 kernel)."""
+    if (image.shape[2], image.shape[1]) == out:
+        return image
+    # a (1, h, w, 3) tensor seen as NCHW: unambiguously channels_last, torch's fast uint8 path
+    batch = image.permute(1, 2, 0).contiguous().unsqueeze(0).permute(0, 3, 1, 2)
+    return F.interpolate(batch, size=(out[1], out[0]), mode="bilinear", antialias=True)[0]
+
+
+def plain_jpeg(img: Image.Image) -> bool:
+    """An RGB or greyscale JPEG shown as stored (no EXIF rotation): libjpeg-turbo decodes it
+    to RGB on its own, straight into an array."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
+
+
+def may_hold_exif(data: bytes) -> bool:
+    """Whether a JPEG's header segments (up to the image data) may hold an EXIF block: False only
+    when every segment was walked and none is an EXIF APP1; anything unexpected counts as True."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == _SOS:
+            return False
+        if marker == _APP1 and data[pos + 4 : pos + 10] == _EXIF_SIGNATURE:
+            return True
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return True
+
+
+def plain_jpeg_size(data: bytes) -> Size | None:
+    """(w, h) of a colour or greyscale JPEG with no EXIF block (so nothing can rotate it), from
+    libjpeg-turbo's header reader alone; ``None`` for anything else (Pillow then opens it)."""
+    if data[:2] != b"\xff\xd8" or may_hold_exif(data):
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (w, h) if colorspace in ("YCbCr", "Gray") else None
+
+
+def decode_jpeg_tensor(data: bytes) -> Tensor | None:
+    """A plain JPEG's bytes as uint8 (3, h, w) in HWC memory, decoded by simplejpeg's
+    libjpeg-turbo; ``None`` if that decoder refuses the file (Pillow then decodes it, or names
+    the damage)."""
+    try:
+        array = simplejpeg.decode_jpeg(data, "RGB")
+    except ValueError:
+        return None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class ImageFile:
+    """An image file read once: its displayed size and format from the header, decoded on demand.
+
+    ``source`` is a path, or the file's bytes. A plain JPEG (:func:`plain_jpeg_size`) is sized
+    without Pillow; anything else is opened by Pillow, which reads EXIF rotation, other formats
+    and modes, and raises on damage.
+    """
+
+    def __init__(self, source: str | Path | bytes) -> None:
+        self.data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        size = plain_jpeg_size(self.data)
+        self._pillow = None if size is not None else Image.open(io.BytesIO(self.data))
+        self.size: Size = size if size is not None else displayed_size(self._pillow)
+        self.jpeg = self._pillow is None or self._pillow.format == "JPEG"
+        self.plain = self._pillow is None or plain_jpeg(self._pillow)
+
+    def pillow(self) -> Image.Image:
+        """The file opened by Pillow (not yet decoded, so draft mode still applies)."""
+        if self._pillow is None:
+            self._pillow = Image.open(io.BytesIO(self.data))
+        return self._pillow
+
+    def complete_jpeg(self) -> bool:
+        """A plain JPEG that ends in its EOI marker: what a device decoder (nvJPEG) can take as it
+        is (a file cut short would decode there without complaint)."""
+        return self.plain and self.data.endswith(b"\xff\xd9")
+
+
+def load_region(file: ImageFile, k: int, box: Box, out: Size, fast: bool = True) -> Tensor:
+    """``box`` (whole pixels of the 1/``k`` decode) of ``file`` resampled to ``out`` pixels.
+
+    ``fast``: of a plain JPEG only the box is decoded (:func:`~verydeep.data.jpeg.decode_region`;
+    without libturbojpeg the whole image at full size, by simplejpeg), straight into a tensor;
+    torch's uint8 bilinear-antialias resampler; else Pillow throughout (the reference path).
+    """
+    if fast and file.plain:
+        image = decode_region(file.data, box, k)
+        if image is None and k == 1:  # no libturbojpeg, or it refused the file: simplejpeg, whole
+            whole = decode_jpeg_tensor(file.data)
+            image = None if whole is None else whole[:, box[1] : box[3], box[0] : box[2]]
+        if image is not None:
+            return resample(image, out)
+    img = decode(file.pillow(), k)
+    if fast:
+        return resample(to_tensor(img.crop(box)), out)
+    return to_tensor(img.resize(out, Image.Resampling.BILINEAR, box=box))
