@@ -99,6 +99,15 @@ def test_broken_files_through_a_loader_are_skipped_named_and_counted(tmp_path):
     assert sorted(skipped) == sorted(str(p) for p in broken.values())
 
 
+def test_a_jpeg_cut_short_is_skipped_whatever_the_crop(tmp_path):
+    """A crop's box may end before the data does; the file is refused all the same."""
+    _, broken = make_zoo(tmp_path)
+    transform = TrainTransform(crop=16, scale=(16, 24))
+    for seed in range(100):
+        with pytest.raises(OSError, match="truncated"):
+            transform(broken["cut"], torch.Generator().manual_seed(seed))
+
+
 def test_a_bad_file_is_one_log_line_naming_it(tmp_path, caplog):
     _, broken = make_zoo(tmp_path)
     dataset = ImageFolder(tmp_path, RescaleTransform(8))

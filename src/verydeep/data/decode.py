@@ -178,19 +178,21 @@ class ImageFile:
         return self._pillow
 
     def complete_jpeg(self) -> bool:
-        """A plain JPEG that ends in its EOI marker: what a device decoder (nvJPEG) can take as it
-        is (a file cut short would decode there without complaint)."""
+        """A plain JPEG that ends in its EOI marker: what libjpeg-turbo (box only) and nvJPEG
+        decode as they are. A file cut short goes through Pillow, which names the damage: the
+        box alone may lie before it, and nvJPEG decodes it without complaint."""
         return self.plain and self.data.endswith(b"\xff\xd9")
 
 
 def load_region(file: ImageFile, k: int, box: Box, out: Size, fast: bool = True) -> Tensor:
     """``box`` (whole pixels of the 1/``k`` decode) of ``file`` resampled to ``out`` pixels.
 
-    ``fast``: of a plain JPEG only the box is decoded (:func:`~verydeep.data.jpeg.decode_region`;
-    without libturbojpeg the whole image at full size, by simplejpeg), straight into a tensor;
-    torch's uint8 bilinear-antialias resampler; else Pillow throughout (the reference path).
+    ``fast``: of a complete plain JPEG only the box is decoded
+    (:func:`~verydeep.data.jpeg.decode_region`; without libturbojpeg the whole image at full
+    size, by simplejpeg), straight into a tensor; torch's uint8 bilinear-antialias resampler;
+    else Pillow throughout (the reference path).
     """
-    if fast and file.plain:
+    if fast and file.complete_jpeg():
         image = decode_region(file.data, box, k)
         if image is None and k == 1:  # no libturbojpeg, or it refused the file: simplejpeg, whole
             whole = decode_jpeg_tensor(file.data)
