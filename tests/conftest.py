@@ -35,8 +35,9 @@ def save(img: Image.Image, path: Path, **kwargs) -> Path:
     return path
 
 
-def write_dataset(root: Path, per_class: dict[str, int], size: tuple[int, int] = (44, 40)) -> Path:
-    """Class folders of noisy single-colour PNGs, one colour per class, ``per_class[split]`` each."""
+def write_dataset(root: Path, per_class: dict[str, int], size: tuple[int, int] = (44, 40), ext: str = "png") -> Path:
+    """Class folders of noisy single-colour images (``ext``: png or jpg), one colour per class,
+    ``per_class[split]`` each."""
     rng = np.random.default_rng(0)
     for split, count in per_class.items():
         for label, colour in enumerate(COLOURS):
@@ -44,7 +45,7 @@ def write_dataset(root: Path, per_class: dict[str, int], size: tuple[int, int] =
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 pixels = np.array(colour) + rng.normal(0, 40, (size[1], size[0], 3))
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.{ext}")
     return root
 
 

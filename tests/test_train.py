@@ -185,8 +185,11 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bf16_channels_last_with_workers(data, tmp_path):
-    summary = train(tiny(data, tmp_path, device="cuda", precision="auto", workers=2, epochs=3, micro_batch=8))
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_cuda_bf16_channels_last_with_workers(tmp_path, decode):
+    data = write_dataset(tmp_path / "data", {"train": 16, "val": 4}, ext="jpg")  # JPEGs: nvJPEG decodes them
+    summary = train(tiny(data, tmp_path, device="cuda", precision="auto", workers=2, epochs=3, micro_batch=8,
+                         decode=decode))
     assert summary.steps == 12 and summary.best is not None
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "step")

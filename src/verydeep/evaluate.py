@@ -280,7 +280,8 @@ def plan_passes(nets: Sequence[Net], protocols: Sequence[str]) -> dict[Pass, Pas
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """How the passes run: device, autocast dtype, mirrored images, batch size, loader workers, progress bar."""
+    """How the passes run: device, autocast dtype, mirrored images, batch size, loader workers, progress bar,
+    and where JPEGs are decoded (``cpu`` in the workers, ``gpu`` on the device)."""
 
     device: torch.device
     dtype: torch.dtype | None
@@ -288,6 +289,7 @@ class SweepSettings:
     batch_size: int
     workers: int
     progress: bool
+    decode: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -315,19 +317,22 @@ def run_pass(nets: Sequence[Net], dataset: Any, sweep: Pass, users: PassUsers, p
     """Fill ``posteriors`` for one pass over ``dataset``; returns the paths of unreadable images."""
     from torch.utils.data import DataLoader
 
-    from verydeep.data import SizeGroupedBatchSampler, collate, to_input
+    from verydeep.data import SizeGroupedBatchSampler, collate, gpu, to_input
 
     n, size = len(dataset), settings.batch_size
-    dataset.transform = sweep.transform()
+    on_gpu = settings.decode == "gpu"
+    dataset.transform = gpu.EncodedTransform(sweep.transform()) if on_gpu else sweep.transform()
     if sweep.crop:
         batches = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
     else:
         batches = SizeGroupedBatchSampler(dataset, sweep.q, size).batches
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=settings.workers, collate_fn=collate,
+    collate_fn = gpu.collate_encoded if on_gpu else collate
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=settings.workers, collate_fn=collate_fn,
                         pin_memory=settings.device.type == "cuda")
     paths = [str(path) for path, _ in dataset.samples]
     skipped: set[str] = set()
-    for indices, batch in zip(batches, loader, strict=True):
+    for indices, loaded in zip(batches, loader, strict=True):
+        batch = gpu.decode_batch(loaded, settings.device) if on_gpu else loaded
         skipped.update(batch.skipped)
         bad = set(batch.skipped)
         good = torch.tensor([i for i in indices if paths[i] not in bad], dtype=torch.long)
@@ -594,15 +599,17 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     keep_posteriors: bool = False,
+    decode: str = "auto",
 ) -> EvalResult:
     """Evaluate checkpoints on a labelled split with the protocols of Sec. 3.2.
 
     ``data`` is a dataset root (its ``val/`` or ``test/``) or a split folder. Each checkpoint
     uses its own crop and test scales (``scales``, else derived from its recipe, see
     :func:`derive_scales`); several checkpoints are also fused. ``limit`` takes a class-balanced,
-    deterministic subset. ``keep_posteriors`` keeps every posterior array in the result.
+    deterministic subset. ``keep_posteriors`` keeps every posterior array in the result. ``decode``:
+    where JPEGs are decoded (``auto``: on the GPU when evaluating on CUDA).
     """
-    from verydeep.data import find_split
+    from verydeep.data import find_split, gpu
 
     protocols = check_options(protocols, scales, batch_size, workers)
     started = time.perf_counter()
@@ -613,8 +620,8 @@ def evaluate(
     dtype = autocast_dtype(torch_device, precision)
     nets = load_nets(checkpoints, scales, split, torch_device)
     dataset = open_labelled(split, nets, limit)
-    settings = SweepSettings(torch_device, dtype, flip, batch_size,
-                             default_workers() if workers is None else workers, progress)
+    settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
+                             progress, gpu.resolve_decode(decode, torch_device))
     posteriors, skipped, timings = compute_posteriors(nets, dataset, plan_passes(nets, protocols), settings)
     valid = torch.stack([post.isfinite().all(dim=1) for post in posteriors.values()]).all(dim=0)
     if not valid.any():
@@ -695,6 +702,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="data loading processes (default: the cores less one, at most 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="where JPEGs are decoded: auto (the GPU when evaluating on CUDA), cpu, gpu")
     p.add_argument("--limit", type=int, default=None, help="evaluate only N images (class-balanced, deterministic)")
     p.add_argument("--out", default=None, help="write results.json, results.md and posteriors.npz here")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
@@ -717,7 +726,7 @@ def run_cli(args: argparse.Namespace) -> None:
     result = evaluate(
         args.checkpoint, args.data, protocols=args.protocol, scales=args.scales, flip=args.flip,
         batch_size=args.batch_size, device=args.device, precision=args.precision, workers=args.workers,
-        limit=args.limit, progress=args.progress, keep_posteriors=args.out is not None,
+        limit=args.limit, progress=args.progress, keep_posteriors=args.out is not None, decode=args.decode,
     )
     if args.out:
         write_outputs(result, args.out)

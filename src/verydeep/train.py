@@ -422,11 +422,16 @@ class Trainer:
 
     # ---- steps
 
-    def _on_device(self, batch: Any) -> Batch:
-        """A loader's batch as uint8 images on the device (decoded there when JPEGs go to the GPU)."""
-        if self.decode == "gpu":
-            return gpu_decode.decode_batch(batch, self.device)
-        return batch
+    def _on_device(self, loaded: Any, shifts: torch.Tensor | None = None) -> tuple[Batch, torch.Tensor | None]:
+        """A loader's batch as uint8 images (decoded on the device when JPEGs go to the GPU), with the
+        colour shifts of the images kept (the device decoder may drop a file the workers could not check)."""
+        if self.decode != "gpu":
+            return loaded, shifts
+        batch = gpu_decode.decode_batch(loaded, self.device)
+        if shifts is not None and len(batch.skipped) > len(loaded.skipped):
+            dropped = set(batch.skipped)
+            shifts = shifts[torch.tensor([path not in dropped for path in loaded.paths], dtype=torch.bool)]
+        return batch, shifts
 
     def _input(self, batch: Batch, shifts: torch.Tensor | None = None) -> torch.Tensor:
         """The network's float input: colour shift and normalisation (Sec. 3.1), in the memory format."""
@@ -490,7 +495,7 @@ class Trainer:
         tic = time.perf_counter()
         with bar:
             for micro, (loaded, shifts) in enumerate(self.loader):
-                batch = self._on_device(loaded)
+                batch, shifts = self._on_device(loaded, shifts)
                 last = (micro + 1) % sampler.micro_per_step == 0
                 loss_sum += self._micro_step(batch, shifts, sync=last)
                 images += batch.images.shape[0]
@@ -517,7 +522,7 @@ class Trainer:
         sums = [0.0] * len(self.task.metrics)
         seen = 0
         for loaded in self.val_loader:
-            batch = self._on_device(loaded)
+            batch, _ = self._on_device(loaded)
             if batch.images.shape[0] == 0:
                 continue
             with runtime.autocast(self.device, self.dtype):
