@@ -141,8 +141,8 @@ def test_fast_decode_matches_plain_decode_crop_resize(tmp_path, fmt, size, k):
     Tolerance: without a reduced decode, at most 1 grey level anywhere (the decoders give the
     same pixels; two bilinear-antialias implementations round differently). With the JPEG
     decoded at 1/2 (DCT scaling is a different low-pass than the bilinear antialias): mean
-    under 1 grey level and 99th percentile at most 4 on this smooth image (measured about 0.7
-    and 3; on real ImageNet photos about 1-3 and 4-14).
+    under 1 grey level and 99th percentile at most 4 on this smooth image (real photos, with
+    more fine detail, differ more).
     """
     path = save(photo(*size), tmp_path / f"img.{fmt.lower()}", format=fmt, quality=92)
     t = TrainTransform(crop=224, scale=(256, 320), flip=False)

@@ -1,4 +1,4 @@
-"""Issue 2: Table 1 configurations, torchvision compatibility, dense form, init protocols."""
+"""Table 1 configurations, torchvision compatibility, dense form, init protocols."""
 
 import json
 

@@ -264,3 +264,11 @@ def test_non_finite_or_non_positive_lr_is_refused(data, tmp_path, capsys, value)
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--lr", value]) == 2
     assert "--lr must be" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_progress_in_a_log_is_lines_not_carriage_returns(data, tmp_path, capsys):
+    train(tiny(data, tmp_path, epochs=2, progress=True))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("VGG-A width=0.0625") and lines[2].startswith("epoch 2: train loss")

@@ -363,7 +363,7 @@ def compute_posteriors(nets: Sequence[Net], dataset: Any, passes: dict[Pass, Pas
     timings = []
     with progress_bar(n * len(passes), settings.progress, unit="img") as bar:
         for sweep, users in passes.items():
-            bar.set_description(f"eval {sweep.label()}")
+            bar.set_description(f"eval {sweep.label()}", refresh=False)
             start = time.perf_counter()
             skipped |= run_pass(nets, dataset, sweep, users, posteriors, settings, bar)
             if settings.device.type == "cuda":

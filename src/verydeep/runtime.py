@@ -2,7 +2,7 @@
 
 bf16 autocast pays only where the hardware multiplies bf16 natively: CUDA GPUs with bf16
 support, and CPUs with AMX or AVX-512 BF16. On other CPUs (AVX2 only) PyTorch emulates bf16 and
-a VGG training step runs about 20x *slower* than fp32 (measured on a 2-core AVX2 EPYC), so
+a training step is many times *slower* than fp32 (the README gives the figure), so
 ``precision="auto"`` picks bf16 only where it is fast. channels_last helps convolutions on both.
 """
 
@@ -107,8 +107,8 @@ def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse rather than return it to the system.
 
     PyTorch's CPU allocator is plain ``malloc``: every step's activations, freed at its end, go
-    back to the system and return as fresh pages, each a page fault. For a width-1/2 net A at
-    batch 128 that is ~14,000 faults a step and a fifth of its time (measured here). The cost:
+    back to the system and return as fresh pages, each a page fault: thousands a step for a
+    narrow net at batch 128, a sizeable share of its time (the README gives figures). The cost:
     the process keeps its peak memory. True when applied (glibc only; elsewhere nothing changes).
     """
     try:
@@ -146,10 +146,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 LOG_INTERVAL = 60.0
 
 
+class _LogLines:
+    """stderr for a progress bar when it is a log: each of tqdm's carriage-return updates becomes
+    a line of its own."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress_bar(total: int | None = None, enabled: bool = True, **options: Any) -> tqdm:
-    """A tqdm bar on stderr; written to a log (not a terminal) it prints a line a minute and at
-    the end instead of thousands of carriage-return updates."""
-    interactive = sys.stderr.isatty()
-    interval = {} if interactive else {"mininterval": LOG_INTERVAL, "maxinterval": LOG_INTERVAL}
-    return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=interactive,
-                **interval, **options)
+    """A tqdm bar on stderr. Written to a log (not a terminal) it prints a line a minute, from the
+    first minute on, instead of an update per step; shorter work leaves no bar lines."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True, **options)
+    return tqdm(total=total, disable=not enabled, file=_LogLines(sys.stderr), mininterval=LOG_INTERVAL,
+                maxinterval=LOG_INTERVAL, delay=LOG_INTERVAL, **options)

@@ -504,7 +504,8 @@ class Trainer:
                     continue
                 seconds = time.perf_counter() - tic
                 loss = self._finish_step(loss_sum, images, skipped, seconds)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / seconds:.1f}", lr=f"{self.schedule.lr:g}")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / seconds:.1f}", lr=f"{self.schedule.lr:g}",
+                                refresh=False)
                 bar.update()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self._save_last()
