@@ -10,6 +10,7 @@ from verydeep.checkpoint import (
     model_from_recipe,
     save_checkpoint,
 )
+from verydeep.errors import UserError
 
 RECIPE = {"config": "B", "num_classes": 5, "batch_norm": False, "width": 1 / 16, "dropout": 0.5,
           "crop": 32, "scale": [36, 73], "classes": list("abcde")}
@@ -36,7 +37,7 @@ def test_failed_write_keeps_last_good_checkpoint(tmp_path):
         def __reduce__(self):
             raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(UserError, match=r"last\.pt: cannot be written \(disk full\); the previous file is intact"):
         save_checkpoint({"model": {}, "recipe": RECIPE, "x": Unsaveable()}, path)
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

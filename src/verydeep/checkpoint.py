@@ -25,17 +25,32 @@ from verydeep.model import VGG
 MODEL_KEYS = ("config", "num_classes", "batch_norm", "width", "dropout", "crop")
 
 
+#: The name pattern of :func:`atomic_write`'s temporary files, ``.last.pt.XXXX.tmp``.
+TEMP_PATTERN = ".*.tmp"
+
+
 def atomic_write(path: str | Path, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers never see half a file."""
+    """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers never see half a file.
+
+    A write that fails (a full disk, a read-only folder) removes its temporary file, leaves the
+    previous ``path`` as it was, and is a :class:`UserError` naming the file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}: cannot be written ({reason}); the previous file is intact") from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -45,6 +60,14 @@ def atomic_write(path: str | Path, write: Any) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes cut short by a crash left in ``folder``."""
+    stale = sorted(Path(folder).glob(TEMP_PATTERN)) if Path(folder).is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -94,28 +117,55 @@ def model_from_recipe(recipe: dict[str, Any], init: str = "kaiming") -> VGG:
     )
 
 
-def export_safetensors(model: VGG, recipe: dict[str, Any], path: str | Path) -> Path:
-    """Write the weights as safetensors, the recipe as JSON in the file's metadata."""
+def export_safetensors(model: VGG, recipe: dict[str, Any], path: str | Path, epoch: int | None = None) -> Path:
+    """Write the weights as safetensors, the recipe as JSON (and the epoch) in the file's metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"recipe": json.dumps(recipe)}
+    metadata = {"recipe": json.dumps(recipe)} | ({"epoch": str(epoch)} if epoch is not None else {})
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file; a damaged file is a one-line error naming it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as error:  # safetensors raises its own error type for damaged files
+        raise UserError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and recipe of a checkpoint, a run directory or our ``.safetensors``."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        state = load_checkpoint(path)
+        return state["model"], state["recipe"]
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such weights file")
+    metadata = safetensors_metadata(path)
+    if "recipe" not in metadata:
+        raise UserError(f"{path}: safetensors file has no verydeep recipe in its metadata")
+    try:
+        return load_file(path), json.loads(metadata["recipe"])
+    except Exception as error:  # a damaged tensor block or recipe
+        raise UserError(f"{path}: not a readable safetensors file ({type(error).__name__})") from error
+
+
+def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load ``weights`` into ``model``; missing, unexpected or mis-shaped tensors, or non-finite
+    values, are a one-line error naming the file."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise UserError(f"{path}: weights do not fit the model ({detail[:300]})") from error
+    bad = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    if bad:
+        raise UserError(f"{path}: weights are not finite (NaN or inf) in {', '.join(bad[:3])}")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGG, dict[str, Any]]:
     """The trained model (eval mode) and its recipe, from a checkpoint, run dir or .safetensors."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise MissingFileError(f"{path}: no such weights file")
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "recipe" not in metadata:
-            raise UserError(f"{path}: safetensors file has no verydeep recipe in its metadata")
-        recipe = json.loads(metadata["recipe"])
-        weights = load_file(path)
-    else:
-        state = load_checkpoint(path)
-        recipe, weights = state["recipe"], state["model"]
+    weights, recipe = load_weights(path)
     model = model_from_recipe(recipe)
-    model.load_state_dict(weights)
+    load_into(model, weights, path)
     return model.to(device).eval(), recipe

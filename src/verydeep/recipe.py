@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from verydeep.checkpoint import atomic_write
+from verydeep.checkpoint import atomic_write, load_checkpoint
 from verydeep.data import Preprocess, load_preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.init import PROTOCOLS
@@ -60,10 +60,12 @@ def parse_preprocess(value: Any) -> Preprocess | None:
 
 
 def option(default: Any, help: str, group: str, *, minimum: float | None = None, choices: tuple[str, ...] = (),
-           parse: Callable[[Any], Any] | None = None) -> Any:
+           parse: Callable[[Any], Any] | None = None, resumable: bool = False) -> Any:
     """A :class:`TrainConfig` field: its default, help text, command-line group, lower bound
-    (``minimum``), allowed values, and the parser of its command-line or file value."""
-    metadata = {"help": help, "group": group, "minimum": minimum, "choices": choices, "parse": parse}
+    (``minimum``), allowed values, the parser of its command-line or file value, and whether a
+    resumed run may change it (``resumable``; the others must stay what the run was trained with)."""
+    metadata = {"help": help, "group": group, "minimum": minimum, "choices": choices, "parse": parse,
+                "resumable": resumable}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -76,9 +78,11 @@ POSITIVE = 1e-300  # the ``minimum`` of a setting that must be > 0
 class TrainConfig:
     """Every training option, defaulting to the paper's (Sec. 3.1)."""
 
-    data: str = option("", "dataset folder with train/ and val/ (or test/) class folders", "images")
-    out: str = option("", "run directory (checkpoints, metrics.jsonl, recipe.json, model.safetensors)", "running")
-    recipe: str | None = option(None, "a recipe name or TOML file (its settings come before these flags)", "running")
+    data: str = option("", "dataset folder with train/ and val/ (or test/) class folders", "images", resumable=True)
+    out: str = option("", "run directory (checkpoints, metrics.jsonl, recipe.json, model.safetensors)", "running",
+                      resumable=True)
+    recipe: str | None = option(None, "a recipe name or TOML file (its settings come before these flags)", "running",
+                                resumable=True)
     # model
     config: str = option("A", "configuration of Table 1: A, A-LRN, B, C, D, E", "model")
     width: float = option(1.0, "width multiplier (1 = the paper's)", "model", minimum=POSITIVE)
@@ -105,31 +109,36 @@ class TrainConfig:
     weight_decay: float = option(5e-4, "L2 weight decay", "optimisation", minimum=0)
     batch_size: int = option(256, "global batch size over all processes", "optimisation", minimum=1)
     micro_batch: int | None = option(None, "images per forward pass per process (gradient accumulation)",
-                                     "optimisation", minimum=1, parse=int)
-    epochs: int = option(74, "epoch budget", "optimisation", minimum=1)
-    patience: int = option(2, "validations without improvement before lr /= 10", "optimisation", minimum=1)
-    max_drops: int = option(3, "lr divisions before a plateau stops training", "optimisation", minimum=0)
+                                     "optimisation", minimum=1, parse=int, resumable=True)
+    epochs: int = option(74, "epoch budget", "optimisation", minimum=1, resumable=True)
+    patience: int = option(2, "validations without improvement before lr /= 10", "optimisation", minimum=1,
+                           resumable=True)
+    max_drops: int = option(3, "lr divisions before a plateau stops training", "optimisation", minimum=0,
+                            resumable=True)
     milestones: list[int] = option([], "comma-separated epochs after which lr /= 10, instead of the plateau rule",
-                                   "optimisation", parse=parse_milestones)
+                                   "optimisation", parse=parse_milestones, resumable=True)
     seed: int = option(0, "seed of init, data order and augmentation", "optimisation", minimum=0)
     # running
     workers: int | None = option(None, "data-loading processes per training process (default: the cores less "
-                                       "one, at most 8)", "running", minimum=0, parse=int)
-    device: str = option("auto", "auto, cpu, cuda, cuda:N", "running")
+                                       "one, at most 8)", "running", minimum=0, parse=int, resumable=True)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N", "running", resumable=True)
     decode: str = option("auto", "where JPEGs are decoded: auto (the GPU when training on CUDA), cpu, gpu",
-                         "running", choices=("auto", "cpu", "gpu"))
-    precision: str = option("auto", "auto: bf16 only where it is fast", "running", choices=("auto", "bf16", "fp32"))
-    channels_last: bool = option(True, "channels_last memory format", "running")
-    compile: bool = option(False, "torch.compile the model", "running")
-    val_every: int = option(1, "validate every N epochs", "running", minimum=1)
+                         "running", choices=("auto", "cpu", "gpu"), resumable=True)
+    precision: str = option("auto", "auto: bf16 only where it is fast", "running", choices=("auto", "bf16", "fp32"),
+                            resumable=True)
+    channels_last: bool = option(True, "channels_last memory format", "running", resumable=True)
+    compile: bool = option(False, "torch.compile the model", "running", resumable=True)
+    val_every: int = option(1, "validate every N epochs", "running", minimum=1, resumable=True)
     checkpoint_every: int = option(0, "also write checkpoints/last.pt every N steps (0: epoch ends only)",
-                                   "running", minimum=0)
-    keep_last: int = option(3, "epoch checkpoints to keep", "running", minimum=0)
-    progress: bool = option(True, "progress bars", "running")
+                                   "running", minimum=0, resumable=True)
+    keep_last: int = option(3, "epoch checkpoints to keep", "running", minimum=0, resumable=True)
+    progress: bool = option(True, "progress bars", "running", resumable=True)
+    overwrite: bool = option(False, "start anew in an --out that holds a run (its checkpoints and logs are deleted)",
+                             "running", resumable=True)
     resume: bool = option(False, "continue the run in --out from checkpoints/last.pt (its recipe.json supplies "
-                                 "the settings)", "running")
+                                 "the settings)", "running", resumable=True)
     stop_after_steps: int | None = option(None, "leave after N steps without a final checkpoint (a simulated "
-                                                "crash)", "running", minimum=1, parse=int)
+                                                "crash)", "running", minimum=1, parse=int, resumable=True)
 
     def check(self) -> None:
         """Raise :class:`UserError` naming the first bad option."""
@@ -151,6 +160,8 @@ class TrainConfig:
         smin, smax = self.scale
         if not self.crop <= smin <= smax:
             raise UserError(f"--scale needs crop <= Smin <= Smax; got scale {smin}:{smax} with crop {self.crop}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: continue the run, or start it anew")
         if self.crop % 32:
             raise UserError(f"--crop must be a multiple of 32 (five 2x2 poolings); got {self.crop}")
 
@@ -223,7 +234,7 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
 RUN_RECORD = "recipe.json"
 
 #: Settings that belong to the invocation that gave them, not to the run.
-ONCE = ("resume", "stop_after_steps")
+ONCE = ("resume", "stop_after_steps", "overwrite")
 
 
 def write_run_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
@@ -244,6 +255,15 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise UserError(f"{path}: damaged run record (not a JSON object)")
     return record
+
+
+def stored_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The settings a run was trained with: its run record, else the one its last checkpoint holds
+    (a crash may lose ``recipe.json``, never the checkpoint's copy); empty when it has neither."""
+    if (Path(run_dir) / RUN_RECORD).exists():
+        return read_run_record(run_dir)
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    return load_checkpoint(last)["recipe"] if last.is_file() else {}
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -273,8 +293,7 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
     then the flags given."""
     settings: dict[str, Any] = {}
     if given.get("resume") and given.get("out"):
-        stored = read_run_record(given["out"]) if (Path(given["out"]) / RUN_RECORD).exists() else {}
-        settings.update({key: value for key, value in stored.items() if key not in ONCE})
+        settings.update({key: value for key, value in stored_settings(given["out"]).items() if key not in ONCE})
     if given.get("recipe"):
         settings.update(read_recipe(given["recipe"]))
     settings.update(given)

@@ -20,11 +20,12 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from verydeep import runtime
-from verydeep.checkpoint import atomic_write, export_safetensors, load_checkpoint, model_from_recipe, save_checkpoint
+from verydeep.checkpoint import (
+    atomic_write,
+    export_safetensors,
+    load_checkpoint,
+    load_into,
+    load_weights,
+    model_from_recipe,
+    remove_temp_files,
+    safetensors_metadata,
+    save_checkpoint,
+)
 from verydeep.data import (
     Batch,
     CenterCropTransform,
@@ -52,7 +63,16 @@ from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, Stream, co
 from verydeep.errors import MissingFileError, UserError
 from verydeep.init import warm_start
 from verydeep.model import VGG
-from verydeep.recipe import TrainConfig, add_flags, make_config, recipe_names, settings_from_flags, write_run_record
+from verydeep.recipe import (
+    RUN_RECORD,
+    TrainConfig,
+    add_flags,
+    flag_name,
+    make_config,
+    recipe_names,
+    settings_from_flags,
+    write_run_record,
+)
 from verydeep.tasks import Classification, Task
 
 #: Run-record keys that must agree for ``init_from`` to copy every weight (else the paper's warm start),
@@ -182,12 +202,12 @@ def build_model(cfg: TrainConfig, record: dict[str, Any]) -> tuple[VGG, str]:
     model = model_from_recipe(record, init=cfg.init)
     if not cfg.init_from:
         return model, f"{cfg.init} init"
-    source_state = load_checkpoint(cfg.init_from)
-    if not changed_architecture(source_state["recipe"], record):
-        model.load_state_dict(source_state["model"])
+    weights, source_record = load_weights(cfg.init_from)
+    if not changed_architecture(source_record, record):
+        load_into(model, weights, cfg.init_from)
         return model, f"all weights from {cfg.init_from}"
-    source = model_from_recipe(source_state["recipe"])
-    source.load_state_dict(source_state["model"])
+    source = model_from_recipe(source_record)
+    load_into(source, weights, cfg.init_from)
     copied = warm_start(model, source)
     return model, f"warm start from {cfg.init_from} ({', '.join(copied)}), the rest {cfg.init} init"
 
@@ -231,12 +251,31 @@ class Trainer:
         self.micro_batch = min(cfg.micro_batch or self.local_batch, self.local_batch)
         self.run_dir = Path(cfg.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if cfg.resume and not (self.ckpt_dir / "last.pt").is_file():
-            raise MissingFileError(f"--resume: {self.ckpt_dir / 'last.pt'} does not exist")
+        self._check_run_dir()
         self.device = self._device()
         self.dtype = runtime.autocast_dtype(self.device, cfg.precision)
         self.decode = gpu_decode.resolve_decode(cfg.decode, self.device)
         self.workers = runtime.default_workers() if cfg.workers is None else cfg.workers
+
+    def _check_run_dir(self) -> None:
+        """``--out`` must be a folder; a run in it is continued only with ``--resume`` and replaced only
+        with ``--overwrite``. Temporary files of writes cut short by a crash are removed."""
+        cfg, run_dir, last = self.cfg, self.run_dir, self.ckpt_dir / "last.pt"
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--out {run_dir}: is a file, not a run directory")
+        if cfg.resume and not last.is_file():
+            raise MissingFileError(f"--resume: {last} does not exist")
+        if not cfg.resume and last.is_file() and not cfg.overwrite:
+            raise UserError(f"--out {run_dir} holds a run (checkpoints/last.pt): continue it with --resume, "
+                            "or start it anew with --overwrite")
+        if not self.procs.main:
+            return
+        if not cfg.resume:  # a new run: nothing of an old one (say, one that crashed before a checkpoint) mixes in
+            run_files = [run_dir / name for name in ("metrics.jsonl", RUN_RECORD, "model.safetensors", "curves.png")]
+            for path in [*run_files, *self.ckpt_dir.glob("*.pt")] if cfg.overwrite or run_files[1].exists() else []:
+                path.unlink(missing_ok=True)
+        for folder in (run_dir, self.ckpt_dir):
+            remove_temp_files(folder)
 
     def _device(self) -> torch.device:
         """Under torchrun on GPUs, this process's (LOCAL_RANK); else ``--device``."""
@@ -333,8 +372,14 @@ class Trainer:
         )
 
     def log(self, message: str) -> None:
+        """A line on stderr for the person watching (main process, with progress on)."""
         if self.procs.main and self.cfg.progress:
             print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        """A warning line on stderr (main process, whatever the progress setting)."""
+        if self.procs.main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _set_lr(self, lr: float) -> None:
         """The one place the optimizer's learning rate changes."""
@@ -362,20 +407,36 @@ class Trainer:
             "recipe": self.record,
         }
 
+    def _check_weights(self) -> None:
+        """Refuse to save weights that are not finite: the last good checkpoint stays the last one."""
+        bad = [name for name, p in self.model.named_parameters() if not p.detach().isfinite().all()]
+        if bad:
+            raise NonFiniteLossError(f"weights became non-finite ({', '.join(bad[:3])}) at epoch {self.epoch + 1} "
+                                     f"step {self.step} (lr {self.schedule.lr:g}); stopped; last good checkpoint: "
+                                     f"{self._last_good()}")
+
+    def _last_good(self) -> str:
+        last = self.ckpt_dir / "last.pt"
+        return str(last) if last.is_file() else "none"
+
     def _save_last(self) -> None:
+        self._check_weights()
         state = self._state()
         if self.procs.main:
             save_checkpoint(state, self.ckpt_dir / "last.pt")
 
     def _save_epoch(self, improved: bool) -> None:
+        """The epoch's checkpoint, then the best weights and their export, then ``last.pt``: a crash
+        between two writes leaves ``last.pt`` behind the others, and resuming from it redoes them."""
+        self._check_weights()
         state = self._state()
         if not self.procs.main:
             return
         epoch_file = save_checkpoint(state, self.ckpt_dir / EPOCH_CHECKPOINT.format(self.epoch))
-        for name in ["last.pt", "best.pt"] if improved else ["last.pt"]:
-            atomic_write(self.ckpt_dir / name, lambda tmp: shutil.copyfile(epoch_file, tmp))
         if improved:
-            export_safetensors(self.model, self.record, self.run_dir / "model.safetensors")
+            atomic_write(self.ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(epoch_file, tmp))
+            export_safetensors(self.model, self.record, self.run_dir / "model.safetensors", self.epoch)
+        atomic_write(self.ckpt_dir / "last.pt", lambda tmp: shutil.copyfile(epoch_file, tmp))
         epochs = sorted(self.ckpt_dir.glob(EPOCH_CHECKPOINT.replace("{:04d}", "*")))
         for old in epochs[:-self.cfg.keep_last] if self.cfg.keep_last else epochs:
             old.unlink()
@@ -387,6 +448,7 @@ class Trainer:
         changed = changed_architecture(state["recipe"], self.record)
         if changed:
             raise UserError(f"--resume: {self.run_dir} was trained with other {', '.join(changed)}")
+        self._check_unchanged(state["recipe"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -397,22 +459,52 @@ class Trainer:
         self.totals = EpochTotals(**state["partial"])
         if self.procs.main:
             self._truncate_metrics()
+            self._export_best()
         if state["world"] != self.procs.world:
             self.log(f"resuming {state['world']} processes' run on {self.procs.world}: dropout RNG streams reseeded")
             torch.manual_seed(derived_seed(self.cfg.seed, Stream.DROPOUT_RESHARDED, self.step, self.procs.rank))
             return None
         return state["rng"][self.procs.rank]
 
+    def _check_unchanged(self, stored: dict[str, Any]) -> None:
+        """A resumed run continues with the settings it was trained with; only those marked resumable
+        (budget, schedule, running) may change, and any other that differs is refused, not ignored."""
+        for f in fields(TrainConfig):
+            if f.metadata["resumable"] or f.name not in stored or stored[f.name] == self.record[f.name]:
+                continue
+            raise UserError(f"{flag_name(f)} cannot change when resuming {self.run_dir} (trained with "
+                            f"{stored[f.name]!r}, given {self.record[f.name]!r}); start a new run with --init-from")
+
+    def _export_best(self) -> None:
+        """Re-export ``best.pt``'s weights when a crash left ``model.safetensors`` from another epoch."""
+        best, exported = self.ckpt_dir / "best.pt", self.run_dir / "model.safetensors"
+        if not best.is_file():
+            return
+        state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        if not exported.is_file() or safetensors_metadata(exported).get("epoch") != str(state["epoch"]):
+            model = model_from_recipe(state["recipe"])
+            model.load_state_dict(state["model"])
+            export_safetensors(model, state["recipe"], exported, state["epoch"])
+
     def _truncate_metrics(self) -> None:
-        """Drop the records logged after the checkpoint we resume from (they will be logged again)."""
+        """Drop the records logged after the checkpoint we resume from (they will be logged again), and a
+        line a crash cut short (with a warning)."""
         path = self.run_dir / "metrics.jsonl"
-
-        def before_checkpoint(record: dict[str, Any]) -> bool:
-            return record["step"] <= self.step if record["kind"] == "step" else record["epoch"] <= self.epoch
-
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and before_checkpoint(json.loads(line))]
-            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+        if not path.is_file():
+            return
+        kept = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                self.warn(f"{path}:{number}: a damaged record (cut short by a crash?) was dropped")
+                continue
+            if record is None:
+                continue
+            before = record["step"] <= self.step if record["kind"] == "step" else record["epoch"] <= self.epoch
+            if before:
+                kept.append(line)
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
     def record_metrics(self, **values: Any) -> None:
         """Append one record to ``metrics.jsonl`` (main process only)."""
@@ -470,11 +562,11 @@ class Trainer:
         """The optimizer step once a global batch's gradients are in; returns the batch's mean loss."""
         loss_total, images_total, skipped_total = self._reduce(loss_sum.item(), images, skipped)
         loss = loss_total / max(images_total, 1)
-        if not math.isfinite(loss):
-            last_good = self.ckpt_dir / "last.pt"
-            raise NonFiniteLossError(
-                f"loss is {loss} at epoch {self.epoch + 1} step {self.step + 1} (lr {self.schedule.lr:g}); "
-                f"stopped; last good checkpoint: {last_good if last_good.is_file() else 'none'}")
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not math.isfinite(loss) or not torch.nn.utils.get_total_norm(gradients).isfinite():
+            what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
+            raise NonFiniteLossError(f"{what} at epoch {self.epoch + 1} step {self.step + 1} (lr "
+                                     f"{self.schedule.lr:g}); stopped; last good checkpoint: {self._last_good()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -518,12 +610,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """The task's validation metrics over the validation images, one central crop each."""
+        """The task's validation metrics over the validation images, one central crop each, with the
+        ``images`` they were computed on and the ``skipped`` (unreadable) ones."""
         self.model.eval()
         sums = [0.0] * len(self.task.metrics)
-        seen = 0
+        seen = skipped = 0
         for loaded in self.val_loader:
             batch, _ = self._on_device(loaded)
+            skipped += len(batch.skipped)
             if batch.images.shape[0] == 0:
                 continue
             with runtime.autocast(self.device, self.dtype):
@@ -532,8 +626,8 @@ class Trainer:
             sums = [a + b for a, b in zip(sums, batch_sums, strict=True)]
             seen += batch.images.shape[0]
         self.model.train()
-        *sums, seen = self._reduce(*sums, seen)
-        return self.task.summarise(sums, int(seen))
+        *sums, seen, skipped = self._reduce(*sums, seen, skipped)
+        return {**self.task.summarise(sums, int(seen)), "images": int(seen), "skipped": int(skipped)}
 
     def _peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
@@ -550,11 +644,11 @@ class Trainer:
         improved = self.schedule.update(self.epoch + 1, self._score(primary))
         self._set_lr(self.schedule.lr)
         self.record_metrics(kind="epoch", epoch=self.epoch + 1, step=self.step, train_loss=totals.mean_loss,
-                            **{f"val_{name}": metrics.get(name) for name in task.metrics}, lr=lr,
-                            img_s=round(totals.images / max(totals.seconds, 1e-9), 2),
+                            **{f"val_{name}": metrics.get(name) for name in (*task.metrics, "images", "skipped")},
+                            lr=lr, img_s=round(totals.images / max(totals.seconds, 1e-9), 2),
                             peak_mem_mb=round(self._peak_memory_mb(), 1), seconds=round(totals.seconds, 2),
                             skipped=int(totals.skipped))
-        val = ", ".join(f"val {name} {value:.4g}" for name, value in metrics.items()) or "not validated"
+        val = self._describe_validation(metrics)
         new_lr = f" -> {self.schedule.lr:g}" if self.schedule.lr != lr else ""
         self.log(f"epoch {self.epoch + 1}: train loss {totals.mean_loss:.4f}, {val}, lr {lr:g}{new_lr}, "
                  f"{int(totals.skipped)} files skipped")
@@ -563,6 +657,13 @@ class Trainer:
         self.totals = EpochTotals()
         self._save_epoch(improved)
 
+    def _describe_validation(self, metrics: dict[str, float]) -> str:
+        if not metrics:
+            return "not validated"
+        values = ", ".join(f"val {name} {metrics[name]:.4g}" for name in self.task.metrics)
+        unreadable = f" ({metrics['skipped']} unreadable)" if metrics["skipped"] else ""
+        return f"{values} on {metrics['images']} images{unreadable}"
+
     def _score(self, value: float | None) -> float | None:
         """The schedule's score (higher is better) of the task's first validation metric."""
         if value is None:
@@ -570,8 +671,13 @@ class Trainer:
         return value if self.task.higher_is_better else -value
 
     def run(self) -> TrainSummary:
-        """Train until the epoch budget or the schedule's stop."""
+        """Train until the epoch budget or the schedule's stop; a resumed run that had already reached
+        either says so and does nothing."""
         start = time.perf_counter()
+        if self.schedule.stopped or self.epoch >= self.cfg.epochs:
+            reason = "the plateau rule stopped it" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
+            self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do")
+            return self._summary("plateau" if self.schedule.stopped else "epochs", start)
         if self.procs.main:
             write_run_record(self.run_dir, self.record)
         self.model.train()
@@ -584,6 +690,9 @@ class Trainer:
             if self.schedule.stopped:
                 stopped = "plateau"
                 break
+        return self._summary(stopped, start)
+
+    def _summary(self, stopped: str, start: float) -> TrainSummary:
         best = self._score(self.schedule.best) if self.schedule.best > -math.inf else None
         return TrainSummary(metric=self.task.metrics[0], best=best, epochs=self.epoch, steps=self.step,
                             run_dir=str(self.run_dir), seconds=round(time.perf_counter() - start, 2),
@@ -592,8 +701,12 @@ class Trainer:
 
 def train(cfg: TrainConfig, task: Task | None = None) -> TrainSummary:
     """Train as ``cfg`` says (``task``: classification by default), on this process or, under
-    ``torchrun``, on all of them (Sec. 3.3)."""
+    ``torchrun``, on all of them (Sec. 3.3). When ``torchrun --max-restarts`` restarts the processes
+    after one failed, they resume from the last checkpoint."""
     procs = runtime.Processes.from_env()
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    if restarted and not cfg.resume and (Path(cfg.out) / "checkpoints" / "last.pt").is_file():
+        cfg = replace(cfg, resume=True, overwrite=False)  # torchrun restarted the processes after a failure
     if not procs.distributed or torch_dist.is_initialized():
         return Trainer(cfg, procs, task).run()
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")

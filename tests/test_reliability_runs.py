@@ -1,0 +1,326 @@
+"""Runs survive what happens to real runs: kill -9 at any moment (in checkpoint writes too), full and
+read-only disks, a process of a torchrun job dying. ``VERYDEEP_RELIABILITY=full`` (``make reliability``)
+runs the longer series; ``pytest -s`` shows the figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny, weights, write_dataset
+
+from verydeep.checkpoint import load_checkpoint
+from verydeep.errors import UserError
+from verydeep.train import train
+
+FULL = os.environ.get("VERYDEEP_RELIABILITY") == "full"
+
+#: Runs ``verydeep`` with faults injected by the test: SIGKILL at the N-th file replacement, i.e. inside
+#: an atomic write, after the temporary file is written and before it replaces the old one
+#: (VERYDEEP_KILL_AT_WRITE=N); SIGKILL of rank 1 after its N-th checkpoint, on torchrun's first attempt
+#: only, leaving a file ``killed-rank1`` (VERYDEEP_KILL_RANK1_AT=N); a pause in every training step, so
+#: that a kill at a random moment lands among the steps (VERYDEEP_STEP_SECONDS).
+HARNESS = """
+import os, signal, sys, time
+from pathlib import Path
+import verydeep.checkpoint as checkpoint
+import verydeep.train as train_module
+
+writes = 0
+real_replace = os.replace
+
+def replace_or_die(src, dst):
+    global writes
+    writes += 1
+    if writes == int(os.environ.get("VERYDEEP_KILL_AT_WRITE", 0)):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+checkpoint.os.replace = replace_or_die
+real_save_last = train_module.Trainer._save_last
+saves = 0
+
+def save_last_or_die(self):
+    global saves
+    real_save_last(self)
+    saves += 1
+    first_try = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first_try and self.procs.rank == 1 and saves == int(os.environ.get("VERYDEEP_KILL_RANK1_AT", 0)):
+        (self.run_dir / "killed-rank1").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train_module.Trainer._save_last = save_last_or_die
+real_micro_step = train_module.Trainer._micro_step
+
+def slow_micro_step(self, *args, **kwargs):
+    time.sleep(float(os.environ.get("VERYDEEP_STEP_SECONDS", 0)))
+    return real_micro_step(self, *args, **kwargs)
+
+train_module.Trainer._micro_step = slow_micro_step
+from verydeep.cli import main
+sys.exit(main())
+"""
+
+FLAGS = ["--width", "0.0625", "--crop", "32", "--scale", "32:40", "--batch-size", "16", "--init", "xavier",
+         "--lr", "0.05", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--patience", "100",
+         "--checkpoint-every", "1", "--no-progress"]
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Path:
+    path = tmp_path / "harness.py"
+    path.write_text(HARNESS)
+    return path
+
+
+def run_cli(harness: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(harness), *args], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def steps_logged(run: Path) -> int:
+    """The last step in ``metrics.jsonl`` (a line cut by the kill does not count)."""
+    steps = [0]
+    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        steps.append(record["step"] if record["kind"] == "step" else 0)
+    return max(steps)
+
+
+def kill_at_random(harness: Path, command: list[str], run: Path, rng: random.Random) -> tuple[bool, int]:
+    """Start a run and SIGKILL it after a random delay; returns (killed before it ended, steps lost)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VERYDEEP_STEP_SECONDS": "0.15"}
+    process = subprocess.Popen([sys.executable, str(harness), *command], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
+    time.sleep(rng.uniform(1.0, 4.0))  # start-up takes a second or two; then a step every 0.15 s or so
+    killed = process.poll() is None
+    process.kill()
+    process.wait()
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["step"] if (run / "checkpoints/last.pt").is_file() else 0
+    return killed, max(0, steps_logged(run) - saved)
+
+
+def test_kill_9_at_any_moment_then_resume_ends_bitwise_equal(tmp_path, harness):
+    data = write_dataset(tmp_path / "data", {"train": 16, "val": 2})
+    epochs = 6 if FULL else 3
+    run = tmp_path / "killed"
+    command = ["train", "--data", str(data), "--out", str(run), *FLAGS, "--epochs", str(epochs)]
+    straight = run_cli(harness, [*command, "--out", str(tmp_path / "straight")])  # same process settings
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    rng = random.Random(0)
+    write_kills = [3, 7, 12, 20] if FULL else [3, 9]  # the N-th checkpoint write of an attempt
+    timer_kills = 12 if FULL else 3
+    lost, kills = [], 0
+    for n in write_kills:
+        first = not (run / "checkpoints" / "last.pt").is_file()
+        done = run_cli(harness, [*command, *([] if first else ["--resume"])], {"VERYDEEP_KILL_AT_WRITE": str(n)})
+        assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+        kills += 1
+        assert list((run / "checkpoints").glob(".*.tmp")), "the kill should leave a half-done write behind"
+    for _ in range(timer_kills):
+        killed, steps = kill_at_random(harness, [*command, "--resume"], run, rng)
+        kills += killed
+        lost.append(steps)
+    final = run_cli(harness, [*command, "--resume"])
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert not list(run.rglob(".*.tmp"))  # what the kills left half-written is gone
+    straight, resumed = weights(tmp_path / "straight"), weights(run)
+    assert all(torch.equal(value, resumed[key]) for key, value in straight.items())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 4 * epochs + 1))
+    print(f"\nreliability: {kills} kill -9 survived ({len(write_kills)} inside checkpoint writes), final weights "
+          f"bitwise equal to an uninterrupted run; steps lost per timed kill: {lost} (checkpoint every step)")
+
+
+def test_a_full_disk_or_read_only_folder_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
+    train(tiny(data, tmp_path, epochs=1))
+    before = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    import verydeep.checkpoint as checkpoint
+
+    def full_disk(state, path):  # half the file is written, then the disk is full
+        Path(path).write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    no_space = r"epoch-0002\.pt: cannot be written .No space left on device.; the previous file is intact"
+    with pytest.raises(UserError, match=no_space):
+        train(tiny(data, tmp_path, epochs=2, resume=True))
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    with pytest.raises(UserError, match="cannot be written .Read-only file system."):
+        train(tiny(data, tmp_path, epochs=2, resume=True))
+    monkeypatch.undo()
+    after = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert after["step"] == before["step"] and not list(tmp_path.rglob(".*.tmp"))
+    assert all(torch.equal(value, after["model"][key]) for key, value in before["model"].items())
+    assert train(tiny(data, tmp_path, epochs=2, resume=True)).epochs == 2  # space again: the run goes on
+    print("\nreliability: a full disk and a read-only folder during a checkpoint write: one-line errors, "
+          "the previous checkpoint intact, the run resumed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_restarts_a_killed_process_from_the_last_checkpoint(tmp_path, harness):
+    data = write_dataset(tmp_path / "data", {"train": 8, "val": 2})
+    options = dict(dropout=0.0, epochs=2, micro_batch=4, checkpoint_every=1)  # 2 steps of 16 an epoch
+    train(tiny(data, tmp_path / "one", **options))
+    flags = [*FLAGS, "--data", str(data), "--out", str(tmp_path / "two"), "--epochs", "2", "--micro-batch", "4",
+             "--dropout", "0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(harness), "train", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VERYDEEP_KILL_RANK1_AT": "2"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two" / "killed-rank1").is_file()  # rank 1 did die, and torchrun went on
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+    print("\nreliability: one of 2 torchrun processes killed after its 2nd checkpoint; the restart resumed and "
+          "ended with the weights of an uninterrupted run (within 1e-5)")
+
+
+# ---- each way a run was lost or silently wrong, fixed --------------------------------------------
+
+
+def test_a_kill_between_the_epoch_files_never_leaves_stale_best_weights(data, tmp_path, monkeypatch):
+    import verydeep.train as train_module
+
+    real_export, calls = train_module.export_safetensors, []
+
+    def export_then_die(*args, **kwargs):  # killed after best.pt, before model.safetensors
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "export_safetensors", export_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data, tmp_path, epochs=3, lr=0.01, batch_norm=True))
+    monkeypatch.undo()
+    train(tiny(data, tmp_path, epochs=3, lr=0.01, batch_norm=True, resume=True))
+    from verydeep.checkpoint import load_model
+
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    exported, _ = load_model(tmp_path / "model.safetensors")
+    assert all(torch.equal(value, best["model"][key]) for key, value in exported.state_dict().items())
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "epoch\"" in line]
+    top1 = {r["epoch"]: r["val_top1"] for r in epochs if r["kind"] == "epoch"}
+    assert best["epoch"] == max(top1, key=lambda e: (top1[e], -e))  # the first epoch with the best top-1
+
+
+def test_a_new_run_in_an_old_run_directory_is_refused_or_overwritten(data, tmp_path, capsys):
+    from verydeep.cli import main
+
+    train(tiny(data, tmp_path, epochs=2))
+    with pytest.raises(UserError, match="holds a run.*--resume.*--overwrite"):
+        train(tiny(data, tmp_path, epochs=1))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2  # nothing was touched
+    train(tiny(data, tmp_path, epochs=1, overwrite=True))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["epoch"] for r in records) == 1 and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best.pt", "epoch-0001.pt", "last.pt"]
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "file"), "--crop", "32", "--scale", "32"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_a_finished_run_says_so_and_does_nothing(data, tmp_path, capsys):
+    stopped = train(tiny(data, tmp_path, lr=1e-9, patience=1, max_drops=0, epochs=10))
+    assert stopped.stopped == "plateau"
+    log = (tmp_path / "metrics.jsonl").read_text()
+    again = train(tiny(data, tmp_path, lr=1e-9, patience=1, max_drops=0, epochs=10, resume=True, progress=True))
+    assert again.stopped == "plateau" and again.steps == stopped.steps and again.epochs == stopped.epochs
+    assert (tmp_path / "metrics.jsonl").read_text() == log and "has finished" in capsys.readouterr().err
+
+
+def test_leftovers_of_a_crash_do_not_block_resume(data, tmp_path, capsys):
+    from verydeep.cli import main
+
+    train(tiny(data, tmp_path, epochs=1, checkpoint_every=1))
+    (tmp_path / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"\0" * 100)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "epoch": 2, "st')  # the crash cut the last line
+    (tmp_path / "recipe.json").unlink()  # and lost the run record: the checkpoint holds a copy
+    assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "damaged record" in err and "metrics.jsonl:" in err
+    assert not list(tmp_path.rglob(".*.tmp")) and (tmp_path / "recipe.json").is_file()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "step"' in line]
+    assert steps == list(range(1, 9))
+    (tmp_path / "recipe.json").write_text("{not json")
+    assert main(["train", "--out", str(tmp_path), "--resume"]) == 2
+    assert "recipe.json: damaged run record" in capsys.readouterr().err
+
+
+def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
+    from verydeep.cli import main
+
+    train(tiny(data, tmp_path, epochs=1))
+    assert main(["train", "--out", str(tmp_path), "--resume", "--lr", "0.5"]) == 2
+    assert "--lr cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
+
+
+def test_non_finite_weights_are_never_saved_nor_loaded(data, tmp_path):
+    from verydeep.checkpoint import load_model, save_checkpoint
+
+    with pytest.raises(UserError, match=r"(loss is|gradients are|weights became) (nan|inf|non-finite)"):
+        train(tiny(data, tmp_path, lr=1e30, dropout=0.0, epochs=3, checkpoint_every=1))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert all(value.isfinite().all() for value in state["model"].values())
+    state["model"]["classifier.6.weight"][0, 0] = float("nan")
+    save_checkpoint(state, tmp_path / "nan.pt")
+    with pytest.raises(UserError, match="nan.pt: weights are not finite"):
+        load_model(tmp_path / "nan.pt")
+
+
+def test_damaged_or_mismatched_weights_are_one_line_errors(data, tmp_path):
+    from verydeep.checkpoint import load_model, save_checkpoint
+
+    train(tiny(data, tmp_path, epochs=1))
+    (tmp_path / "random.safetensors").write_bytes(os.urandom(2000))
+    with pytest.raises(UserError, match="random.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "random.safetensors")
+    cut = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(UserError, match="cut.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "cut.safetensors")
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    del state["model"]["features.0.bias"]
+    state["recipe"]["width"] = 1 / 8
+    save_checkpoint(state, tmp_path / "wrong.pt")
+    with pytest.raises(UserError, match="wrong.pt: weights do not fit the model"):
+        load_model(tmp_path / "wrong.pt")
+
+
+def test_init_from_an_exported_safetensors_and_validation_skips_are_counted(tmp_path):
+    data = write_dataset(tmp_path / "data", {"train": 16, "val": 4})
+    train(tiny(data, tmp_path / "first", epochs=1))
+    (data / "val" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    summary = train(tiny(data, tmp_path / "second", epochs=1, init_from=str(tmp_path / "first/model.safetensors")))
+    first, second = load_checkpoint(tmp_path / "first/checkpoints/last.pt"), weights(tmp_path / "second")
+    assert summary.epochs == 1 and first["model"].keys() == second.keys()
+    epoch = [json.loads(line) for line in (tmp_path / "second/metrics.jsonl").read_text().splitlines()][-1]
+    assert epoch["val_images"] == 16 and epoch["val_skipped"] == 1
