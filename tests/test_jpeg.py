@@ -11,7 +11,7 @@ from conftest import photo
 from PIL import Image
 
 from verydeep.data import TrainTransform, jpeg
-from verydeep.data.decode import ImageFile, load_region, may_hold_exif, plain_jpeg_size
+from verydeep.data.decode import ImageFile, box_safe, load_region, may_hold_exif, plain_jpeg_size
 
 needs_library = pytest.mark.skipif(jpeg.library() is None, reason="libturbojpeg 3 is not installed")
 
@@ -93,3 +93,42 @@ def test_exif_is_found_by_walking_the_header_segments():
     assert may_hold_exif(with_exif)
     assert may_hold_exif(with_exif[:30]) and may_hold_exif(plain[:4])  # cut short: not known, so True
     assert plain_jpeg_size(plain) == (64, 48) and plain_jpeg_size(with_exif) is None
+
+
+def with_stray_marker(data: bytes, before_end: int = 40) -> bytes:
+    """``data`` with an unknown marker (0xFF46) written over its image data ``before_end`` bytes
+    from the end: what a damaged byte makes, fatal to a whole decode."""
+    pos = len(data) - before_end
+    while data[pos - 1] == 0xFF or data[pos] == 0xFF:  # not inside a stuffed 0xFF00
+        pos -= 1
+    return data[:pos] + b"\xff\x46" + data[pos + 2:]
+
+
+def test_a_stray_marker_below_the_box_is_found_whatever_the_crop(tmp_path):
+    """The box's rows may end above the damage; the file is refused all the same, as Pillow does."""
+    img = photo(64, 64)
+    clean = encode(img)
+    assert box_safe(clean) and box_safe(encode(img, progressive=True)) and box_safe(encode(img, restart_marker_rows=1))
+    damaged = with_stray_marker(clean)
+    assert not box_safe(damaged) and not box_safe(clean[:-2])
+    if jpeg.library() is not None:
+        assert jpeg.decode_region(damaged, (0, 0, 64, 16)) is not None  # the top rows alone decode
+    path = tmp_path / "damaged.jpg"
+    path.write_bytes(damaged)
+    with pytest.raises(OSError), Image.open(path) as opened:
+        opened.load()
+    transform = TrainTransform(crop=16, scale=(16, 20))
+    for seed in range(50):
+        with pytest.raises(OSError):
+            transform(path, torch.Generator().manual_seed(seed))
+
+
+def test_a_header_declaring_too_many_pixels_is_refused_before_decoding():
+    data = bytearray(encode(photo(64, 48)))
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = (60000).to_bytes(2, "big") * 2  # 60000 x 60000, libjpeg's limit is 65500
+    assert plain_jpeg_size(bytes(data)) == (60000, 60000)
+    with pytest.raises(Image.DecompressionBombError):
+        ImageFile(bytes(data))
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))  # as Pillow does for the files it opens

@@ -12,6 +12,8 @@ bilinear-antialias kernel. ``fast=False`` is the reference: a full decode and Pi
 from __future__ import annotations
 
 import io
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,11 @@ _ORIENTATION = {
 _EXIF_ORIENTATION_TAG = 0x0112
 #: JPEG markers: APP1 (which holds EXIF, after this signature), start of scan (the header's end).
 _APP1, _SOS, _EXIF_SIGNATURE = 0xE1, 0xDA, b"Exif\x00\x00"
+#: Start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC), and those of progressive frames.
+_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+#: A marker in entropy-coded data: 0xFF followed by neither a stuffed zero, a restart marker nor fill.
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def orientation(img: Image.Image) -> int:
@@ -115,21 +122,52 @@ def plain_jpeg(img: Image.Image) -> bool:
     return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
 
 
-def may_hold_exif(data: bytes) -> bool:
-    """Whether a JPEG's header segments (up to the image data) may hold an EXIF block: False only
-    when every segment was walked and none is an EXIF APP1; anything unexpected counts as True."""
+def header_segments(data: bytes) -> Iterator[tuple[int, int]]:
+    """``(marker, offset)`` of each segment of a JPEG's header after SOI, up to its first SOS
+    included; it stops early at anything that is not a segment."""
     pos = 2  # after SOI
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
+        yield marker, pos
+        if marker == _SOS:
+            return
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+
+
+def may_hold_exif(data: bytes) -> bool:
+    """Whether a JPEG's header segments (up to the image data) may hold an EXIF block: False only
+    when every segment was walked and none is an EXIF APP1; anything unexpected counts as True."""
+    for marker, pos in header_segments(data):
         if marker == _SOS:
             return False
         if marker == _APP1 and data[pos + 4 : pos + 10] == _EXIF_SIGNATURE:
             return True
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return True
+
+
+def box_safe(data: bytes) -> bool:
+    """Whether decoding only a box of the JPEG ``data`` meets whatever damage a whole decode meets.
+
+    libjpeg-turbo reads a multi-scan (progressive) file whole before any output, but of a
+    single-scan file only the rows down to the box's bottom. So a single-scan file qualifies only
+    if its entropy-coded data holds no marker but restarts up to the EOI that ends the file: a
+    stray one (a damaged byte) stops a whole decode, or fails it, below rows a box may not reach.
+    """
+    frame = scan = None
+    for marker, pos in header_segments(data):
+        if marker in _FRAMES:
+            frame = pos
+        elif marker == _SOS:
+            scan = pos
+    if frame is None or scan is None or not data.endswith(b"\xff\xd9"):
+        return False
+    if data[frame + 1] in _PROGRESSIVE or data[scan + 4 : scan + 5] != data[frame + 9 : frame + 10]:
+        return True  # components in several scans: read whole
+    stray = _MARKER.search(data, scan + 2 + int.from_bytes(data[scan + 2 : scan + 4], "big"))
+    return stray is not None and stray.start() == len(data) - 2
 
 
 def plain_jpeg_size(data: bytes) -> Size | None:
@@ -142,6 +180,14 @@ def plain_jpeg_size(data: bytes) -> Size | None:
     except ValueError:
         return None
     return (w, h) if colorspace in ("YCbCr", "Gray") else None
+
+
+def check_pixels(size: Size) -> None:
+    """Pillow's decompression-bomb error for a size over its limit (twice ``MAX_IMAGE_PIXELS``),
+    where it refuses to open a file: the same for the JPEGs sized without Pillow."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > 2 * limit:
+        raise Image.DecompressionBombError(f"image size {size[0]}x{size[1]} is over {2 * limit} pixels")
 
 
 def decode_jpeg_tensor(data: bytes) -> Tensor | None:
@@ -166,6 +212,8 @@ class ImageFile:
     def __init__(self, source: str | Path | bytes) -> None:
         self.data = source if isinstance(source, bytes) else Path(source).read_bytes()
         size = plain_jpeg_size(self.data)
+        if size is not None:
+            check_pixels(size)
         self._pillow = None if size is not None else Image.open(io.BytesIO(self.data))
         self.size: Size = size if size is not None else displayed_size(self._pillow)
         self.jpeg = self._pillow is None or self._pillow.format == "JPEG"
@@ -178,10 +226,11 @@ class ImageFile:
         return self._pillow
 
     def complete_jpeg(self) -> bool:
-        """A plain JPEG that ends in its EOI marker: what libjpeg-turbo (box only) and nvJPEG
-        decode as they are. A file cut short goes through Pillow, which names the damage: the
-        box alone may lie before it, and nvJPEG decodes it without complaint."""
-        return self.plain and self.data.endswith(b"\xff\xd9")
+        """A plain JPEG that ends in its EOI marker, with no stray marker in its image data
+        (:func:`box_safe`): what libjpeg-turbo (box only) and nvJPEG decode as they are. Any
+        other goes through Pillow, which names the damage: the box alone may lie before it, and
+        nvJPEG decodes a file cut short without complaint."""
+        return self.plain and box_safe(self.data)
 
 
 def load_region(file: ImageFile, k: int, box: Box, out: Size, fast: bool = True) -> Tensor:
