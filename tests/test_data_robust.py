@@ -119,6 +119,18 @@ def test_a_bad_file_is_one_log_line_naming_it(tmp_path, caplog):
     assert "\n" not in caplog.records[0].getMessage()
 
 
+def test_a_bad_file_read_again_is_skipped_each_time_and_named_once(tmp_path, caplog):
+    """Every epoch counts the skip; the log names the file once, by its path, not the stream Pillow read."""
+    _, broken = make_zoo(tmp_path)
+    corrupt = str(broken["corrupt"])  # Pillow's own message names the in-memory stream it was given
+    index = [str(p) for p, _ in ImageFolder(tmp_path, RescaleTransform(8)).samples].index(corrupt)
+    with caplog.at_level(logging.WARNING, logger="verydeep.data"):
+        items = [ImageFolder(tmp_path, RescaleTransform(8))[index] for _ in range(3)]
+    assert all(image is None and path == corrupt for image, _, path in items)
+    assert [r.getMessage() for r in caplog.records] == [f"skipped {corrupt}: unreadable image "
+                                                        "(UnidentifiedImageError: cannot identify image file)"]
+
+
 def test_strict_mode_fails_fast_naming_the_file(tmp_path):
     _, broken = make_zoo(tmp_path)
     dataset = ImageFolder(tmp_path, RescaleTransform(8), strict=True)

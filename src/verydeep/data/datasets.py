@@ -14,6 +14,7 @@ import csv
 import logging
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -51,9 +52,25 @@ class BadImageError(UserError):
     """An image that cannot be read, raised in ``strict`` mode; the message names the file."""
 
 
+#: An object's default repr, as in Pillow's messages about the in-memory stream it was given.
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+#: The files this process has named as unreadable: each is logged once, however often it is skipped.
+_reported: set[str] = set()
+
+
 def unreadable(path: str | Path, error: BaseException) -> str:
-    """The one line that names an unreadable image and why."""
-    return f"{path}: unreadable image ({type(error).__name__}: {error})"
+    """The one line that names an unreadable image and why (the reason without the stream the
+    file was read from)."""
+    reason = " ".join(_OBJECT_REPR.sub("", str(error)).split())
+    return f"{path}: unreadable image ({type(error).__name__}: {reason})"
+
+
+def report_skip(path: str | Path, error: BaseException) -> None:
+    """Log a skipped image as one line naming it, the first time this process skips it."""
+    if str(path) not in _reported:
+        _reported.add(str(path))
+        log.warning("skipped %s", unreadable(path, error))
 
 
 def is_image(path: Path) -> bool:
@@ -125,7 +142,7 @@ class LabelledImages(Dataset):
     """A labelled image set: ``samples`` of ``(path, label)``, ``classes`` (synset ids) and
     ``class_names``; items are ``(uint8 image, label, path)`` (:meth:`load`, with the generator
     the transform draws from), image ``None`` for an unreadable file (logged as one line naming
-    it) unless ``strict``, which raises :class:`BadImageError`."""
+    it, once per process) unless ``strict``, which raises :class:`BadImageError`."""
 
     samples: list[tuple[Path, int]]
     classes: list[str]
@@ -152,7 +169,7 @@ class LabelledImages(Dataset):
         except DECODE_ERRORS as error:
             if self.strict:
                 raise BadImageError(unreadable(path, error)) from error
-            log.warning("skipped %s", unreadable(path, error))
+            report_skip(path, error)
             return None, label, str(path)
         return image, label, str(path)
 

@@ -23,7 +23,6 @@ on the CPU path.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory, stack_images, unreadable
+from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory, report_skip, stack_images
 from verydeep.data.decode import ImageFile
 from verydeep.data.transforms import CropPlan, PlannedTransform, render
 from verydeep.errors import UserError
-
-log = logging.getLogger("verydeep.data")
 
 #: ``--decode`` values: where JPEGs are decoded ("auto": on the training device if it is CUDA).
 DECODERS = ("auto", "cpu", "gpu")
@@ -158,12 +155,12 @@ def cut(image: Tensor, plan: CropPlan) -> Tensor:
 
 
 def cpu_cut(data: Tensor, plan: CropPlan, path: str) -> Tensor | None:
-    """A file the device decoder refused, decoded and cut on the CPU; ``None`` (logged, naming
-    the file) if nothing can read it."""
+    """A file the device decoder refused, decoded and cut on the CPU; ``None`` (logged once,
+    naming the file) if nothing can read it."""
     try:
         return render(ImageFile(data.numpy().tobytes()), plan)
     except DECODE_ERRORS as error:
-        log.warning("skipped %s", unreadable(path, error))
+        report_skip(path, error)
         return None
 
 
