@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench reliability clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# the reliability suite at full length (a short version of each runs in `make test`); -s shows its figures
+reliability: $(STAMP)
+	VERYDEEP_RELIABILITY=full $(PY) -m pytest -q -s -p no:cacheprovider tests/test_reliability_runs.py \
+		tests/test_reliability_images.py tests/test_reliability_cli.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py

@@ -1,8 +1,9 @@
 """Input normalisation: mean RGB subtraction and the AlexNet PCA colour shift (Sec. 2, 3.1).
 
 Images stay uint8 through decoding, augmentation and collation; :func:`to_input` is the last
-step, run per batch on the training device. Statistics are on the 0..1 scale (the paper's
-Caffe form, mean subtraction on 0..255, is ``std=(1/255,)*3``).
+step, run per batch on the training device. Statistics are RGB on the 0..1 scale. A net may take
+its input in another convention, which travels with its weights: the authors' Caffe nets take
+BGR on 0..255 minus the mean (``channels="BGR"``, ``value_scale=255``, ``std=(1, 1, 1)``).
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ PREPROCESS_FILE = "preprocess.json"
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Per-channel RGB statistics on the 0..1 scale.
+    """Per-channel RGB statistics on the 0..1 scale, and the net's input convention.
 
     ``eigvec`` is the 3x3 matrix whose *columns* are the eigenvectors of the RGB covariance, with
-    eigenvalues ``eigval`` (Krizhevsky et al. 2012, used by the paper in Sec. 3.1).
+    eigenvalues ``eigval`` (Krizhevsky et al. 2012, used by the paper in Sec. 3.1). The net takes
+    ``value_scale * (x - mean) / std`` for x on the 0..1 scale, its channels in ``channels`` order.
     """
 
     mean: Triple
     std: Triple
     eigval: Triple
     eigvec: tuple[Triple, Triple, Triple]
+    channels: str = "RGB"
+    value_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("mean", "std", "eigval"):
@@ -45,6 +49,9 @@ class Preprocess:
             raise ValueError(f"Preprocess.eigvec must be 3x3; got {self.eigvec!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"Preprocess.std must be positive; got {self.std!r}")
+        if self.channels not in ("RGB", "BGR") or not self.value_scale > 0:
+            raise ValueError(f"Preprocess: channels must be RGB or BGR and value_scale positive; got "
+                             f"{self.channels!r}, {self.value_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: lists of floats."""
@@ -53,6 +60,8 @@ class Preprocess:
             "std": list(self.std),
             "eigval": list(self.eigval),
             "eigvec": [list(row) for row in self.eigvec],
+            "channels": self.channels,
+            "value_scale": self.value_scale,
         }
 
     @classmethod
@@ -67,6 +76,8 @@ class Preprocess:
             std=_triple(d["std"]),
             eigval=_triple(d["eigval"]),
             eigvec=tuple(_triple(row) for row in d["eigvec"]),  # type: ignore[arg-type]
+            channels=str(d.get("channels", "RGB")),
+            value_scale=float(d.get("value_scale", 1.0)),
         )
 
 
@@ -101,7 +112,8 @@ def pca_shift(n: int, pre: Preprocess, alpha_std: float, generator: torch.Genera
 
 
 def to_input(images: Tensor, pre: Preprocess, shifts: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """uint8 images (N, 3, H, W) to the network's float32 input: ``(x/255 + shift - mean) / std``.
+    """uint8 images (N, 3, H, W) to the network's float32 input: ``value_scale * (x/255 + shift - mean) / std``,
+    in the channel order the net takes (``pre.channels``).
 
     ``shifts`` (N, 3) are the images' PCA colour shifts (Sec. 3.1, :func:`pca_shift`), on the
     0..1 scale; none by default. Runs on the images' device and keeps their memory format
@@ -113,12 +125,14 @@ def to_input(images: Tensor, pre: Preprocess, shifts: Tensor | None = None, out:
         raise ValueError(f"to_input wants uint8 (N, 3, H, W) images; got {images.dtype} {tuple(images.shape)}")
     n, _, h, w = images.shape
     device = images.device
-    std = torch.tensor(pre.std, device=device)
+    std = torch.tensor(pre.std, device=device) / pre.value_scale
     scale = 1.0 / (255.0 * std)
     bias = -torch.tensor(pre.mean, device=device).expand(n, 3)
     if shifts is not None:
         bias = bias + shifts.to(device)
     bias = bias / std
+    if pre.channels == "BGR":  # the same arithmetic on the images' channels reversed
+        images, scale, bias = images.flip(1), scale.flip(0), bias.flip(1)
     if out is None:
         out = torch.empty(n * 3 * h * w, device=device)
     elif out.dtype != torch.float32 or out.device != device or out.numel() < n * 3 * h * w:
