@@ -1,10 +1,19 @@
-"""The ``verydeep`` command. Each subcommand lives beside the code it runs (``add_cli`` there)."""
+"""The ``verydeep`` command. Each subcommand lives beside the code it runs (``add_cli`` there).
+
+Every mistake on the command line is one line, ``verydeep CMD: error: MESSAGE``, and exit status
+2: argparse's own errors (:class:`OneLineParser`), the argument types below, and the
+:class:`UserError` a command raises. ``--help`` prints the full help.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 from verydeep.errors import UserError
 
@@ -12,28 +21,108 @@ from verydeep.errors import UserError
 COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "reproduce", "demo")
 
 
+def one_line(message: object) -> str:
+    """``message`` with its line breaks and runs of spaces made single spaces."""
+    return " ".join(str(message).split())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``PROG: error: MESSAGE``, with exit status 2 and
+    no usage block. Subcommand parsers are of the parent's class, so every level behaves alike; each
+    leaves its ``prog`` in the namespace, the deepest one last, to name the command in later errors."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(prog=self.prog)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+# ---- argument types shared by the subcommands ---------------------------------------------------
+
+
+def _checked(kind: Callable[[str], float], accept: Callable[[float], bool], description: str) -> Callable[[str], float]:
+    """An argument type: ``kind(text)`` if ``accept`` takes it, else a one-line error naming ``description``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {description}; got {text!r}")
+        return value
+
+    return parse
+
+
+#: ``type=`` for a count that must be at least 1 (sizes, epochs, limits).
+positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+#: ``type=`` for a count that may be 0 (worker processes).
+natural_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
+#: ``type=`` for a finite number > 0 (width multipliers).
+positive_float = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
+
+
+def output_dir(text: str) -> Path:
+    """``type=`` for a folder to write into: absent (it is created) or a folder, not a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file; give a folder")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """``type=`` for a file to write: absent or a file (it is replaced), not a folder."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
+    return path
+
+
+def device_name(text: str) -> str:
+    """``type=`` for ``--device``: auto, or a device torch knows (cpu, cuda, cuda:N, ...)."""
+    import torch
+
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N; got {text!r}") from None
+    return text
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="verydeep",
         description="Very Deep Convolutional Networks (Simonyan & Zisserman, ICLR 2015) on PyTorch.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"verydeep.{name}").add_cli(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. A :class:`UserError` is one line and exit status 2; anything else is a
-    bug and shows its traceback."""
-    args = build_parser().parse_args(argv)
+    """Run one subcommand. A bad argument or a :class:`UserError` is one line and exit status 2
+    (argparse's errors and ``--help`` leave through ``SystemExit``); anything else is a bug and
+    shows its traceback."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    prog = vars(args).pop("prog")  # the command's name, not one of its settings
+    if unknown:
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {one_line(' '.join(unknown))}\n")
     try:
         result = args.func(args)
     except UserError as error:
-        print(f"verydeep {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"verydeep {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from verydeep import configs, paper, report
 from verydeep.checkpoint import load_model
+from verydeep.cli import device_name, natural_int, output_dir, positive_int
 from verydeep.errors import UserError
 from verydeep.metrics import per_class_accuracy, topk_error
 from verydeep.model import VGG, DenseVGG
@@ -576,6 +576,21 @@ def check_options(protocols: Sequence[str], scales: Sequence[int] | None, batch_
     return protocols
 
 
+def readable_images(nets: Sequence[Net], posteriors: PosteriorArrays, paths: Sequence[str], skipped: set[str],
+                    split: Path) -> Tensor:
+    """The mask of the images that were read. None read, or a net whose outputs on them are not finite
+    (NaN or inf), is a :class:`UserError`; the latter names the net's checkpoint."""
+    valid = torch.tensor([path not in skipped for path in paths], dtype=torch.bool)
+    if not valid.any():
+        raise UserError(f"{split}: no image could be read")
+    for (i, kind, q), post in posteriors.items():
+        bad = int((~post[valid].isfinite().all(dim=1)).sum())
+        if bad:
+            raise UserError(f"{nets[i].checkpoint}: the net's outputs are not finite (NaN or inf) on {bad} of "
+                            f"{int(valid.sum())} images ({PROTOCOL_LABELS[kind]}, Q={q})")
+    return valid
+
+
 def open_labelled(split: Path, nets: Sequence[Net], limit: int | None) -> Any:
     """The split's labelled images (a class-balanced subset of ``limit``), checked against the nets' classes."""
     from verydeep.data import balanced_subset, open_split
@@ -623,15 +638,13 @@ def evaluate(
     settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
                              progress, gpu.resolve_decode(decode, torch_device))
     posteriors, skipped, timings = compute_posteriors(nets, dataset, plan_passes(nets, protocols), settings)
-    valid = torch.stack([post.isfinite().all(dim=1) for post in posteriors.values()]).all(dim=0)
-    if not valid.any():
-        raise UserError(f"{split}: no image could be read")
+    paths = [str(path) for path, _ in dataset.samples]
+    valid = readable_images(nets, posteriors, paths, skipped, split)
     targets = torch.tensor(dataset.targets, dtype=torch.long)
     rows, row_posteriors = score_rows(nets, posteriors, protocols, targets, valid)
     main = main_row(rows, protocols)
     classes = list(dataset.classes)
     accuracy = per_class_accuracy(row_posteriors[main.name], targets[valid], len(classes))
-    paths = [str(path) for path, _ in dataset.samples]
     seconds = time.perf_counter() - started
     return EvalResult(
         data=str(split), images=int(valid.sum()), skipped=sorted(skipped), classes=classes,
@@ -697,29 +710,20 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scales", type=parse_scales, default=None,
                    help="test scales Q, e.g. 256,384,512 (default: from each checkpoint's training scale)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in mirrored images")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
+    p.add_argument("--workers", type=natural_int, default=None,
                    help="data loading processes (default: the cores less one, at most 8)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
                    help="where JPEGs are decoded: auto (the GPU when evaluating on CUDA), cpu, gpu")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only N images (class-balanced, deterministic)")
-    p.add_argument("--out", default=None, help="write results.json, results.md and posteriors.npz here")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="evaluate only N images (class-balanced, deterministic)")
+    p.add_argument("--out", type=output_dir, default=None,
+                   help="write results.json, results.md and posteriors.npz in this folder")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run_cli)
-    p.error = one_line_error(p)  # type: ignore[method-assign]
-
-
-def one_line_error(parser: argparse.ArgumentParser) -> Any:
-    """A parser ``error`` that prints one line (no usage block) and exits with status 2."""
-
-    def error(message: str) -> None:
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    return error
 
 
 def run_cli(args: argparse.Namespace) -> None:

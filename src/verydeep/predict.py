@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from verydeep.checkpoint import load_model
+from verydeep.cli import device_name, positive_int
 from verydeep.errors import MissingFileError, UserError
-from verydeep.evaluate import average, dense_posteriors, derive_scales, one_line_error, parse_scales
+from verydeep.evaluate import average, dense_posteriors, derive_scales, parse_scales
 from verydeep.report import to_json_dict
 from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
 
@@ -71,9 +72,11 @@ def predict(
 
     if topk < 1:
         raise UserError(f"--topk must be at least 1; got {topk}")
-    missing = [str(p) for p in images if not Path(p).is_file()]
-    if missing:
-        raise MissingFileError(f"{missing[0]}: no such image")
+    for path in map(Path, images):
+        if path.is_dir():
+            raise UserError(f"{path}: a folder, not an image")
+        if not path.is_file():
+            raise MissingFileError(f"{path}: no such image")
     torch_device = pick_device(device)
     dtype = autocast_dtype(torch_device, precision)
     model, recipe = load_model(checkpoint)
@@ -97,6 +100,8 @@ def predict(
             with autocast(torch_device, dtype):
                 per_scale.append(dense_posteriors(dense, x, flip).cpu())
         posterior = average(per_scale)[0]
+        if not posterior.isfinite().all():
+            raise UserError(f"{checkpoint}: the net's outputs are not finite (NaN or inf) on {path}")
         probabilities, indices = posterior.topk(min(topk, posterior.numel()))
         top = [RankedClass(rank + 1, int(i), classes[i], names[i], float(p))
                for rank, (p, i) in enumerate(zip(probabilities.tolist(), indices.tolist(), strict=True))]
@@ -108,14 +113,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="top-k classes of images, dense over the whole image (Sec. 3.2)")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint, .safetensors or run directory")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--topk", type=int, default=5, help="classes to list per image (default 5)")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes to list per image (default 5)")
     p.add_argument("--scales", type=parse_scales, default=None, help="test scales Q (default: from the recipe)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in the mirrored image")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run_cli)
-    p.error = one_line_error(p)  # type: ignore[method-assign]
 
 
 def run_cli(args: argparse.Namespace) -> None:
