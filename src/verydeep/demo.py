@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from verydeep.cli import device_name, output_dir, positive_int
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -41,9 +43,10 @@ def write_digits(root: Path, size: int = 32, val_fraction: float = 0.2, seed: in
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train and evaluate a narrow VGG on scikit-learn's digits, offline")
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="training budget (default: the digits preset's)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=output_dir, default=Path("runs/demo"), help="run directory (default runs/demo)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="training budget (default: the digits preset's)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
 
@@ -57,7 +60,7 @@ def run_cli(args: argparse.Namespace) -> None:
     out = Path(args.out)
     data = write_digits(out / "data")
     preset = PRESETS["digits"]
-    if args.epochs:
+    if args.epochs is not None:
         preset = replace(preset, epochs=args.epochs)
     report = reproduce(data, preset, "digits", out, device=args.device, progress=not args.no_progress,
                        command="verydeep demo")

@@ -12,12 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from verydeep.cli import output_file
 from verydeep.errors import MissingFileError, UserError
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The step and epoch records of ``RUN_DIR/metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
+    if Path(run_dir).is_file():
+        raise UserError(f"{run_dir} is a file; give a run directory written by verydeep train")
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist (is {run_dir} a training run directory?)")
     records = []
@@ -72,7 +75,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plot", help="PNG learning curves of a training run (loss, validation error, lr)")
     p.add_argument("run_dir", help="a run directory written by verydeep train")
-    p.add_argument("--out", default=None, help="PNG file to write (default RUN_DIR/curves.png)")
+    p.add_argument("--out", type=output_file, default=None, help="PNG file to write (default RUN_DIR/curves.png)")
     p.set_defaults(func=run_cli)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from verydeep import report
+from verydeep.cli import device_name, natural_int, output_dir, positive_float, positive_int
 from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow, PaperFigures
 from verydeep.paper import PaperNet, scale_text, single_test_scale
@@ -424,29 +425,30 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("reproduce", help="the paper's ablations (Tables 3-6) at a scale this machine allows")
     p.add_argument("--data", required=True, help="dataset root with train/ and val/ (or test/)")
     p.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
-    p.add_argument("--out", default=None, help="output directory (default runs/reproduce-PRESET)")
-    p.add_argument("--budget", type=int, default=None, help="epochs per net (the same for every net)")
-    p.add_argument("--width", type=float, default=None, help="width multiplier of every net")
+    p.add_argument("--out", type=output_dir, default=None, help="output directory (default runs/reproduce-PRESET)")
+    p.add_argument("--budget", type=positive_int, default=None, help="epochs per net (the same for every net)")
+    p.add_argument("--width", type=positive_float, default=None, help="width multiplier of every net")
     p.add_argument("--nets", default=None, help=f"comma-separated subset of {','.join(n.name for n in NETS)}")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--limit-train", type=int, default=None, help="train on a class-balanced subset of N images")
-    p.add_argument("--limit-test", type=int, default=None, help="test on a class-balanced subset of N images")
-    p.add_argument("--workers", type=int, default=None, help="data loading processes")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--limit-train", type=positive_int, default=None,
+                   help="train on a class-balanced subset of N images")
+    p.add_argument("--limit-test", type=positive_int, default=None, help="test on a class-balanced subset of N images")
+    p.add_argument("--workers", type=natural_int, default=None, help="data loading processes")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    preset = PRESETS[args.preset]
     changes = {"epochs": args.budget, "width": args.width, "batch_size": args.batch_size,
                "limit_train": args.limit_train, "limit_test": args.limit_test, "workers": args.workers}
-    preset = replace(preset, **{k: v for k, v in changes.items() if v is not None})
-    if args.nets:
-        wanted = tuple(n.strip() for n in args.nets.split(","))
+    preset = replace(PRESETS[args.preset], **{k: v for k, v in changes.items() if v is not None})
+    if args.nets is not None:
+        wanted = tuple(dict.fromkeys(n.strip() for n in args.nets.split(",") if n.strip()))
         unknown = [n for n in wanted if n not in {net.name for net in NETS}]
-        if unknown:
-            raise UserError(f"--nets: unknown {', '.join(unknown)}; choose from {', '.join(n.name for n in NETS)}")
+        if unknown or not wanted:
+            named = f"unknown {', '.join(unknown)}" if unknown else "no net named"
+            raise UserError(f"--nets: {named}; choose from {', '.join(n.name for n in NETS)}")
         preset = replace(preset, nets=wanted)
     out = Path(args.out or f"runs/reproduce-{args.preset}")
     command = "verydeep " + " ".join(sys.argv[1:])

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from verydeep.cli import positive_float, positive_int
 from verydeep.errors import UserError
 from verydeep.model import VGG
 
@@ -28,7 +29,7 @@ class Row:
 
 def summarise(model: VGG, input_size: int | None = None) -> list[Row]:
     """One row per layer with parameters or a change of shape, for an RGB ``input_size`` image."""
-    size = input_size or model.input_size
+    size = model.input_size if input_size is None else input_size
     if size < model.input_size:
         raise UserError(f"--input {size} is smaller than the training crop {model.input_size}")
     dense = size != model.input_size
@@ -84,10 +85,10 @@ def render(model: VGG, rows: list[Row], input_size: int) -> str:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("summary", help="list a configuration's layers, shapes, params and MACs")
     p.add_argument("config", help="A, A-LRN, B, C, D, E (or vgg11, vgg11-lrn, vgg13, vgg16-c, vgg16, vgg19)")
-    p.add_argument("--input", type=int, default=None, help="image side (default: the crop size)")
-    p.add_argument("--crop", type=int, default=224, help="training crop size the net is built for")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--input", type=positive_int, default=None, help="image side (default: the crop size)")
+    p.add_argument("--crop", type=positive_int, default=224, help="training crop size the net is built for")
+    p.add_argument("--width", type=positive_float, default=1.0, help="width multiplier")
+    p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--batch-norm", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_cli)
@@ -95,7 +96,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     model = VGG(args.config, args.num_classes, args.batch_norm, args.width, input_size=args.crop, init="kaiming")
-    size = args.input or args.crop
+    size = args.crop if args.input is None else args.input
     rows = summarise(model, size)
     if args.json:
         print(json.dumps({

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from verydeep.cli import output_file
 from verydeep.data.datasets import find_split, open_split
 from verydeep.data.decode import ImageFile, decode, to_tensor
 from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
@@ -97,7 +98,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     s = sub.add_parser("stats", help="mean RGB and RGB covariance eigenvectors of a training set")
     s.add_argument("dir", type=Path, help="dataset root (its train/ split is used) or a split folder")
-    s.add_argument("--out", type=Path, default=None, help=f"output file (default: DIR/{PREPROCESS_FILE})")
+    s.add_argument("--out", type=output_file, default=None, help=f"output file (default: DIR/{PREPROCESS_FILE})")
     s.add_argument("--sample", type=int, default=5000, help="number of images sampled (default 5000)")
     s.add_argument("--side", type=int, default=256,
                    help="JPEGs are decoded reduced while the smallest side stays >= this (default 256)")
