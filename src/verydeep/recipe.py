@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from verydeep.checkpoint import atomic_write, load_checkpoint
-from verydeep.data import Preprocess, load_preprocess
+from verydeep.data import Preprocess
+from verydeep.data.preprocess import PREPROCESS_FILE
 from verydeep.errors import MissingFileError, UserError
 from verydeep.init import PROTOCOLS
 
@@ -51,12 +52,22 @@ def parse_milestones(value: Any) -> list[int]:
 
 
 def parse_preprocess(value: Any) -> Preprocess | None:
-    """A ``Preprocess``, its dict (from ``recipe.json``), or a ``preprocess.json`` path or folder."""
+    """A ``Preprocess``, its dict (from ``recipe.json``), or a ``preprocess.json`` file or a folder
+    holding one (which must exist: a statistics file named by the user is never replaced by ImageNet's)."""
     if value is None or isinstance(value, Preprocess):
         return value
     if isinstance(value, dict):
         return Preprocess.from_dict(value)
-    return load_preprocess(value)
+    path = Path(value)
+    if path.is_dir():
+        path = path / PREPROCESS_FILE
+    if not path.is_file():
+        raise MissingFileError(f"--preprocess {value}: no such statistics file ({PREPROCESS_FILE}, or a folder "
+                               "holding one)")
+    try:
+        return Preprocess.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"--preprocess {path}: not preprocess statistics ({type(error).__name__}: {error})") from None
 
 
 def option(default: Any, help: str, group: str, *, minimum: float | None = None, choices: tuple[str, ...] = (),
@@ -92,6 +103,14 @@ class TrainConfig:
                        choices=PROTOCOLS)
     init_from: str | None = option(None, "checkpoint or run dir: the same architecture copies every weight, "
                                          "another configuration takes the paper's warm start", "model")
+    weights: str | None = option(None, "published weights or a checkpoint to fine-tune (torchvision .pth, Caffe "
+                                       ".caffemodel, Keras .h5, ours, or a name such as vgg16): their architecture "
+                                       "and input convention, every layer that fits copied, FC8 new when the classes "
+                                       "differ", "model")
+    weights_dir: str | None = option(None, "where named weights are looked for (default ~/.cache/verydeep)", "model",
+                                     resumable=True)
+    freeze: str | None = option(None, "freeze the layers up to this one: features (every conv layer) or a layer "
+                                      "name (conv4_3, fc6)", "model")
     # images
     crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1)
     scale: tuple[int, int] = option((256, 256), "training scale S (256, 384) or jittered Smin:Smax (256:512)",
@@ -105,6 +124,8 @@ class TrainConfig:
                                    minimum=1, parse=int)
     # optimisation
     lr: float = option(1e-2, "initial learning rate", "optimisation", minimum=POSITIVE)
+    lr_copied: float | None = option(None, "initial learning rate of the layers copied from --weights (default "
+                                           "--lr)", "optimisation", minimum=POSITIVE, parse=float)
     momentum: float = option(0.9, "SGD momentum", "optimisation", minimum=0)
     weight_decay: float = option(5e-4, "L2 weight decay", "optimisation", minimum=0)
     batch_size: int = option(256, "global batch size over all processes", "optimisation", minimum=1)
@@ -160,6 +181,8 @@ class TrainConfig:
         smin, smax = self.scale
         if not self.crop <= smin <= smax:
             raise UserError(f"--scale needs crop <= Smin <= Smax; got scale {smin}:{smax} with crop {self.crop}")
+        if self.weights and self.init_from:
+            raise UserError("--weights and --init-from both say where to start: give one")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: continue the run, or start it anew")
         if self.crop % 32:

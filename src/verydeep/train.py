@@ -50,6 +50,7 @@ from verydeep.data import (
     Batch,
     CenterCropTransform,
     ImageFolder,
+    Preprocess,
     TrainTransform,
     balanced_subset,
     collate,
@@ -61,6 +62,7 @@ from verydeep.data import (
 from verydeep.data import gpu as gpu_decode
 from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, Stream, collate_shifted, derived_seed
 from verydeep.errors import MissingFileError, UserError
+from verydeep.finetune import copy_matching, freeze, param_groups
 from verydeep.init import warm_start
 from verydeep.model import VGG
 from verydeep.recipe import (
@@ -71,6 +73,7 @@ from verydeep.recipe import (
     make_config,
     recipe_names,
     settings_from_flags,
+    stored_settings,
     write_run_record,
 )
 from verydeep.tasks import Classification, Task
@@ -222,11 +225,13 @@ class Trainer:
         cfg.check()
         self.cfg, self.procs, self.task = cfg, procs, task or Classification()
         # The stages run in this order because exact resume depends on it: the model's random init
-        # draws from the global RNG seeded by cfg.seed, before anything else draws; restoring needs
+        # draws from the global RNG seeded by cfg.seed, before anything else draws (weights to start
+        # from are read first, since they decide the architecture); restoring needs
         # the model and optimizer and must precede wrapping, since DDP broadcasts rank 0's weights as
         # it is built; the checkpoint's RNG states are set after wrapping, last of all, so that nothing
         # draws after them; the loaders start at the restored position in the epoch.
         self._place()
+        self._adopt_weights()
         self._open_data()
         self._build()
         rng = self._restore_or_seed()
@@ -234,7 +239,7 @@ class Trainer:
         if rng is not None:
             runtime.set_rng_state(rng)
         self._make_loaders()
-        self.log(f"{self.model.name} width={cfg.width:g} on {self.device} x{procs.world}, {self.how}; "
+        self.log(f"{self.model.name} width={self.cfg.width:g} on {self.device} x{procs.world}, {self.how}; "
                  f"{len(self.train_indices)} training images, {len(self.val_indices)} validation images, "
                  f"{self.sampler.steps_per_epoch} steps of {cfg.batch_size} per epoch "
                  f"({self.sampler.micro_per_step} x {self.micro_batch} per process), "
@@ -290,6 +295,19 @@ class Trainer:
             runtime.keep_freed_memory()  # no fresh pages for every step's activations
         return device
 
+    def _adopt_weights(self) -> None:
+        """A new run from ``--weights`` takes their architecture and input convention; their tensors are
+        copied when the model is built."""
+        cfg, self.published = self.cfg, None
+        if not cfg.weights or cfg.resume:
+            return
+        from verydeep.weights import load_published
+
+        self.published = load_published(cfg.weights, cfg.weights_dir)
+        source = self.published.recipe
+        self.cfg = replace(cfg, config=source["config"], width=source["width"], batch_norm=source["batch_norm"],
+                           preprocess=cfg.preprocess or Preprocess.from_dict(source["preprocess"]))
+
     def _open_data(self) -> None:
         """The training and validation splits, their subsets, and the run record."""
         cfg = self.cfg
@@ -317,14 +335,36 @@ class Trainer:
         """Model (initialised from cfg.seed, or as the checkpoint will overwrite), optimizer, schedule."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        model, self.how = (model_from_recipe(self.record), "") if cfg.resume else build_model(cfg, self.record)
+        if cfg.resume:
+            model, self.how = model_from_recipe(self.record), ""
+            start = stored_settings(self.run_dir).get("start")
+        elif self.published is not None:
+            model, self.how, start = self._from_published()
+        else:
+            (model, self.how), start = build_model(cfg, self.record), None
+        if start is not None:
+            self.record["start"] = start
+        frozen = freeze(model, cfg.freeze)
+        if frozen:
+            self.how += f"; {len(frozen)} tensors frozen (up to {cfg.freeze})"
         self.model: VGG = runtime.prepare(model, self.device, cfg.channels_last)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        groups = param_groups(self.model, (start or {}).get("copied", []), cfg.lr, cfg.lr_copied)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.schedule = Schedule(cfg.lr, cfg.patience, cfg.max_drops, cfg.milestones)
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()
         self.input_memory = torch.empty(0)  # the float input of every CPU batch (no fresh pages per step)
+
+    def _from_published(self) -> tuple[VGG, str, dict[str, Any]]:
+        """The new net with every tensor of ``--weights`` that fits copied; how; where it started."""
+        published = self.published
+        model = model_from_recipe(self.record, init=self.cfg.init)
+        copied, new = copy_matching(model, published.model.state_dict())
+        layers = sorted({name.rsplit(".", 1)[0] for name in new})
+        how = (f"{published.format} weights {self.cfg.weights}: {len(copied)} tensors copied"
+               + (f", {', '.join(layers)} new ({self.cfg.init} init)" if layers else ""))
+        return model, how, {"weights": str(self.cfg.weights), "format": published.format,
+                            "source": published.source, "copied": copied}
 
     def _restore_or_seed(self) -> dict[str, Any] | None:
         """Resume from ``last.pt`` (returning this process's RNG state, to set last of all), or seed this
@@ -384,7 +424,7 @@ class Trainer:
     def _set_lr(self, lr: float) -> None:
         """The one place the optimizer's learning rate changes."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
 
     # ---- checkpoints
 
