@@ -1,0 +1,420 @@
+"""Published weights in (verydeep.weights): torchvision state dicts, the authors' Caffe files and Keras' HDF5
+files, written here at reduced width with the real libraries, each read back to the outputs that its own
+weights compute in its own input convention; our checkpoints; damaged and hostile files; names; conversion."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import math
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHARED, photo
+
+from verydeep.checkpoint import export_safetensors, save_checkpoint
+from verydeep.cli import OneLineParser
+from verydeep.data import IMAGENET, Preprocess, to_input
+from verydeep.errors import MissingFileError, UserError
+from verydeep.model import VGG
+from verydeep.weights import (
+    CAFFE,
+    NAMES,
+    Published,
+    add_cli,
+    caffe_net_class,
+    convert,
+    imagenet_classes,
+    load_published,
+)
+
+#: The authors' mean pixel, (B, G, R) on 0..255.
+MEAN_BGR = (103.939, 116.779, 123.68)
+#: Convolutions per block of D and E (Table 1), and the paper's channels per block.
+BLOCKS = {"D": (2, 2, 3, 3, 3), "E": (2, 2, 4, 4, 4)}
+CHANNELS = (64, 128, 256, 512, 512)
+#: Caffe's V1 LayerType numbers (caffe.proto): CONVOLUTION, INNER_PRODUCT, POOLING, RELU, SOFTMAX.
+V1_TYPES = {"Convolution": 4, "InnerProduct": 14, "Pooling": 17, "ReLU": 18, "Softmax": 20}
+
+Pair = tuple[np.ndarray, np.ndarray]
+
+
+def images(size: int) -> torch.Tensor:
+    """Two RGB uint8 photos (2, 3, size, size)."""
+    return torch.stack([torch.from_numpy(np.array(photo(size, size, seed))).permute(2, 0, 1) for seed in (1, 2)])
+
+
+def outputs(published: Published, x: torch.Tensor) -> torch.Tensor:
+    """The loaded net's outputs on uint8 images ``x``, put through ``to_input`` with the recipe's convention."""
+    with torch.no_grad():
+        return published.model(to_input(x, Preprocess.from_dict(published.recipe["preprocess"])))
+
+
+Weights = tuple[list[list[Pair]], list[Pair]]  # per block its convolutions, then FC6-FC8
+
+
+def raw_weights(config: str, width: float, crop: int, classes: int, seed: int = 0) -> Weights:
+    """Random weights of a VGG in PyTorch's shapes (conv (out, in, 3, 3), FC (out, in)) per block and FC layer,
+    He-scaled, conv1_1 shrunk for inputs on 0..255 so that the outputs are of order 1."""
+    rng = np.random.default_rng(seed)
+
+    def normal(std: float, *shape: int) -> np.ndarray:
+        return rng.normal(0, std, shape).astype(np.float32)
+
+    blocks, cin = [], 3
+    for depth, channels in zip(BLOCKS[config], CHANNELS, strict=True):
+        cout, block = round(channels * width), []
+        for _ in range(depth):
+            block.append((normal(math.sqrt(2 / (9 * cin)), cout, cin, 3, 3), normal(0.1, cout)))
+            cin = cout
+        blocks.append(block)
+    blocks[0][0] = (blocks[0][0][0] / 128, blocks[0][0][1])
+    fcs, fin = [], cin * (crop // 32) ** 2
+    for fout in (round(4096 * width), round(4096 * width), classes):
+        fcs.append((normal(math.sqrt(2 / fin), fout, fin), normal(0.1, fout)))
+        fin = fout
+    return blocks, fcs
+
+
+def classifier(x: torch.Tensor, fcs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    for i, (w, b) in enumerate(fcs):
+        x = x @ w + b
+        x = x.relu() if i < len(fcs) - 1 else x
+    return x
+
+
+def caffe_reference(x: torch.Tensor, blocks: list[list[Pair]], fcs: list[Pair]) -> torch.Tensor:
+    """Caffe's forward pass on the raw arrays: BGR on 0..255 minus the mean pixel, NCHW, FC6 on the (C, H, W) map."""
+    x = x.flip(1).float() - torch.tensor(MEAN_BGR).view(1, 3, 1, 1)
+    for block in blocks:
+        for w, b in block:
+            x = F.conv2d(x, torch.from_numpy(w), torch.from_numpy(b), padding=1).relu()
+        x = F.max_pool2d(x, 2)
+    return classifier(x.flatten(1), [(torch.from_numpy(w).T, torch.from_numpy(b)) for w, b in fcs])
+
+
+def keras_reference(x: torch.Tensor, blocks: list[list[Pair]], fcs: list[Pair] | None) -> torch.Tensor:
+    """Keras' forward pass on its arrays: NHWC, BGR on 0..255 minus the mean, HWIO kernels (transposed to call
+    conv2d), Flatten of the (H, W, C) map times (in, out) kernels; the NHWC trunk output when ``fcs`` is None."""
+    x = x.permute(0, 2, 3, 1).flip(-1).float() - torch.tensor(MEAN_BGR)
+    for block in blocks:
+        for k, b in block:
+            x = F.conv2d(x.permute(0, 3, 1, 2), torch.from_numpy(k).permute(3, 2, 0, 1), torch.from_numpy(b), padding=1)
+            x = x.relu().permute(0, 2, 3, 1)
+        x = F.max_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    if fcs is None:
+        return x
+    return classifier(x.reshape(len(x), -1), [(torch.from_numpy(k), torch.from_numpy(b)) for k, b in fcs])
+
+
+def write_caffe(path: Path, blocks: list[list[Pair]], fcs: list[Pair], v1: bool = True) -> Path:
+    """A Caffe model as the authors' files are: V1 ``layers`` with 4-D blobs (FC weights (1, 1, out, in),
+    biases (1, 1, 1, out)), or the current ``layer`` with ``shape``; parameter-free layers in between."""
+    net = caffe_net_class()(name="VGG_ILSVRC_16_layers")
+
+    def add(name: str, kind: str, arrays: tuple[np.ndarray, ...] = ()) -> None:
+        layer = (net.layers if v1 else net.layer).add(name=name)
+        layer.type = V1_TYPES[kind] if v1 else kind
+        for a in arrays:
+            blob = layer.blobs.add()
+            if v1:
+                blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - a.ndim) + a.shape
+            else:
+                blob.shape.dim.extend(a.shape)
+            blob.data.extend(a.ravel().tolist())
+
+    for b, block in enumerate(blocks, 1):
+        for i, pair in enumerate(block, 1):
+            add(f"conv{b}_{i}", "Convolution", pair)
+            add(f"relu{b}_{i}", "ReLU")
+        add(f"pool{b}", "Pooling")
+    for i, pair in enumerate(fcs, 6):
+        add(f"fc{i}", "InnerProduct", pair)
+    add("prob", "Softmax")
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+def keras_arrays(blocks: list[list[Pair]], fcs: list[Pair]) -> Weights:
+    """The same random numbers laid out as Keras keeps its weights: HWIO kernels, (in, out) FC kernels."""
+    convs = [[(w.transpose(2, 3, 1, 0).copy(), b) for w, b in block] for block in blocks]
+    return convs, [(w.T.copy(), b) for w, b in fcs]
+
+
+def write_keras(path: Path, blocks: list[list[Pair]], fcs: list[Pair] | None) -> Path:
+    """A Keras ``save_weights`` HDF5 file as vgg16_weights_tf_dim_ordering_tf_kernels(_notop).h5 is laid out:
+    the root's ``layer_names``, per layer a group whose ``weight_names`` name its datasets ``<layer>_W_1:0``
+    and ``<layer>_b_1:0``; layers without weights have empty ``weight_names``."""
+    layers: list[tuple[str, tuple[np.ndarray, ...]]] = [("input_1", ())]
+    for b, block in enumerate(blocks, 1):
+        layers += [(f"block{b}_conv{i}", pair) for i, pair in enumerate(block, 1)] + [(f"block{b}_pool", ())]
+    if fcs is not None:
+        layers += [("flatten", ())] + list(zip(("fc1", "fc2", "predictions"), fcs, strict=True))
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([name.encode() for name, _ in layers])
+        f.attrs["backend"], f.attrs["keras_version"] = b"tensorflow", b"1.1.0"
+        for name, arrays in layers:
+            group = f.create_group(name)
+            names = [f"{name}_{kind}_1:0" for kind in ("W", "b")][: len(arrays)]
+            group.attrs["weight_names"] = np.array([n.encode() for n in names], dtype="S")
+            for n, a in zip(names, arrays, strict=True):
+                group.create_dataset(n, data=a)
+    return path
+
+
+def torchvision_file(path: Path, config: str = "D", batch_norm: bool = False, crop: int = 32,
+                     classes: int = 10) -> tuple[Path, VGG]:
+    """A torchvision-layout state dict of a random width-1/16 VGG (BN statistics randomised too)."""
+    torch.manual_seed(0)
+    model = VGG(config, num_classes=classes, batch_norm=batch_norm, width=1 / 16, input_size=crop, init="he")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 2)
+    torch.save(model.state_dict(), path)
+    return path, model.eval()
+
+
+# ---- the formats, each against its own reference --------------------------------------------------
+
+
+@pytest.mark.parametrize(("config", "batch_norm", "crop"), [
+    ("A", False, 32), ("D", False, 64), ("E", True, 32), ("B", True, 64), ("A-LRN", False, 32), ("C", False, 32)])
+def test_torchvision_state_dict_recognised_by_its_keys(tmp_path, config, batch_norm, crop):
+    path, source = torchvision_file(tmp_path / "weights.bin", config, batch_norm, crop)
+    published = load_published(path)
+    recipe = published.recipe
+    assert (published.format, published.source) == ("torchvision", str(path))
+    assert {k: recipe[k] for k in ("config", "batch_norm", "width", "crop", "num_classes", "outputs")} == {
+        "config": config, "batch_norm": batch_norm, "width": 1 / 16, "crop": crop, "num_classes": 10, "outputs": 10}
+    assert recipe["preprocess"] == IMAGENET.to_dict() and recipe["scale"] is None
+    assert recipe["source"] == {"format": "torchvision", "path": str(path)} and not published.model.training
+    x = images(crop)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(published, x), source(to_input(x, IMAGENET)))
+
+
+def test_a_net_of_1000_classes_is_named_by_imagenet_synsets(tmp_path):
+    path, _ = torchvision_file(tmp_path / "vgg.pth", "A", classes=1000)
+    recipe = load_published(path).recipe
+    assert len(recipe["classes"]) == len(recipe["class_names"]) == 1000
+    assert (recipe["classes"][0], recipe["class_names"][0]) == ("n01440764", "tench")
+    assert (recipe["classes"][-1], recipe["class_names"][-1]) == ("n15075141", "toilet tissue")
+    assert recipe["head"] == "published"
+
+
+def test_imagenet_synsets_are_the_class_order():
+    synsets, names = imagenet_classes()
+    assert len(synsets) == len(set(synsets)) == len(names) == 1000 and synsets == sorted(synsets)
+    samples = SHARED / "imagenet-samples"
+    if not samples.is_dir():
+        pytest.skip("no shared ImageNet samples")
+    for file in samples.glob("n*_*.JPEG"):  # n01440764_tench.JPEG: the synset and its name
+        synset, name = file.stem.split("_", 1)
+        assert names[synsets.index(synset)].replace(" ", "_").lower() == name.lower(), file.name
+
+
+@pytest.mark.parametrize(("kind", "config"), [("caffe-v1", "D"), ("caffe", "E"), ("keras", "E"), ("keras", "D")])
+def test_the_authors_nets_give_their_own_outputs(tmp_path, kind, config):
+    """Caffe files (V1 and current layers) and Keras files against their own forward passes."""
+    raw, x = raw_weights(config, 1 / 16, 64, 10, seed=len(kind)), images(64)
+    if kind.startswith("caffe"):
+        path = write_caffe(tmp_path / "VGG_ILSVRC.caffemodel", *raw, v1=kind.endswith("v1"))
+        expected = caffe_reference(x, *raw)
+    else:
+        raw = keras_arrays(*raw)
+        path, expected = write_keras(tmp_path / "vgg_tf_kernels.h5", *raw), keras_reference(x, *raw)
+    published = load_published(path)
+    recipe = published.recipe
+    assert (published.format, recipe["config"], recipe["width"], recipe["crop"], recipe["head"]) == (
+        kind.split("-")[0], config, 1 / 16, 64, "published")
+    assert recipe["preprocess"] == CAFFE.to_dict() and recipe["preprocess"]["channels"] == "BGR"
+    assert recipe["scale"] is None  # the authors' S in [256; 512] goes with their 224-pixel crops only
+    torch.testing.assert_close(outputs(published, x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_authors_sizes_bring_their_training_scale_and_imagenet_classes(tmp_path):
+    path = write_caffe(tmp_path / "VGG_ILSVRC_16_layers.caffemodel", *raw_weights("D", 1 / 16, 224, 1000))
+    recipe = load_published(path).recipe
+    assert (recipe["crop"], recipe["scale"], recipe["num_classes"]) == (224, [256, 512], 1000)
+    assert recipe["classes"][:2] == ["n01440764", "n01443537"] and recipe["class_names"][1] == "goldfish"
+
+
+def test_keras_notop_file_has_a_random_head_and_keras_features(tmp_path):
+    blocks, _ = keras_arrays(*raw_weights("D", 1 / 16, 64, 10, seed=2))
+    path = write_keras(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", blocks, None)
+    published = load_published(path)
+    recipe = published.recipe
+    assert (recipe["head"], recipe["classes"], recipe["class_names"], recipe["crop"]) == ("random", None, None, 224)
+    x = images(64)
+    with torch.no_grad():
+        features = published.model.features(to_input(x, Preprocess.from_dict(recipe["preprocess"])))
+    torch.testing.assert_close(features, keras_reference(x, blocks, None).permute(0, 3, 1, 2), atol=1e-4, rtol=1e-4)
+
+
+def test_our_run_directory_and_safetensors_keep_their_recipe(tmp_path):
+    recipe = {"config": "A", "num_classes": 4, "outputs": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5,
+              "crop": 32, "scale": [36, 36], "preprocess": IMAGENET.to_dict(), "classes": list("abcd"),
+              "class_names": list("abcd")}
+    model = VGG("A", num_classes=4, width=1 / 16, input_size=32).eval()
+    save_checkpoint({"model": model.state_dict(), "recipe": recipe}, tmp_path / "run" / "checkpoints" / "best.pt")
+    export_safetensors(model, recipe, tmp_path / "model.safetensors")
+    x = to_input(images(32), IMAGENET)
+    for source in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.pt", tmp_path / "model.safetensors"):
+        published = load_published(source)
+        assert (published.format, published.recipe) == ("verydeep", recipe)
+        with torch.no_grad():
+            torch.testing.assert_close(published.model(x), model(x))
+
+
+# ---- conversion and the command line --------------------------------------------------------------
+
+
+def sources(tmp_path: Path) -> dict[str, Path]:
+    """One small file of each published format."""
+    blocks, fcs = raw_weights("D", 1 / 16, 64, 10)
+    return {"torchvision": torchvision_file(tmp_path / "tv.pth", "B", True)[0],
+            "caffe": write_caffe(tmp_path / "net.caffemodel", blocks, fcs),
+            "keras": write_keras(tmp_path / "net.h5", *keras_arrays(blocks, fcs))}
+
+
+def test_convert_round_trip_keeps_outputs_and_convention(tmp_path):
+    for fmt, source in sources(tmp_path).items():
+        original = load_published(source)
+        out = convert(source, tmp_path / f"{fmt}.safetensors")
+        again = load_published(out)
+        assert (again.format, again.recipe) == ("verydeep", original.recipe), fmt
+        assert again.recipe["source"]["format"] == fmt
+        x = images(original.recipe["crop"])
+        torch.testing.assert_close(outputs(again, x), outputs(original, x))
+    with pytest.raises(UserError, match="safetensors"):
+        convert(source, tmp_path / "out.pt")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = OneLineParser(prog="verydeep")
+    add_cli(root.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
+    return root
+
+
+def test_cli_convert_writes_safetensors_and_download_knows_the_names(tmp_path, capsys):
+    source = sources(tmp_path)["caffe"]
+    args = parser().parse_args(["convert", str(source), str(tmp_path / "vgg.safetensors")])
+    assert args.func(args) == 0
+    assert "VGG-D" in capsys.readouterr().out and load_published(tmp_path / "vgg.safetensors").format == "verydeep"
+    args = parser().parse_args(["download", "caffe-vgg19", "--weights-dir", str(tmp_path)])
+    assert (args.name, args.weights_dir) == ("caffe-vgg19", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        parser().parse_args(["download", "vgg17"])
+    assert exit_.value.code == 2
+
+
+# ---- names ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "file", "url"), [
+    ("vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+    ("vgg19_bn", "vgg19_bn-c79401a0.pth", "https://download.pytorch.org/models/vgg19_bn-c79401a0.pth"),
+    ("caffe-vgg19", "VGG_ILSVRC_19_layers.caffemodel",
+     "http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_19_layers.caffemodel"),
+    ("keras-vgg16-notop", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+     "https://github.com/fchollet/deep-learning-models/releases/download/v0.1/"
+     "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+])
+def test_a_name_without_its_file_says_which_file_from_where_to_where(tmp_path, monkeypatch, name, file, url):
+    monkeypatch.setenv("VERYDEEP_WEIGHTS_DIR", str(tmp_path / "env"))
+    for folder, weights_dir in ((tmp_path / "given", tmp_path / "given"), (tmp_path / "env", None)):
+        with pytest.raises(MissingFileError) as error:
+            load_published(name, weights_dir)
+        message = str(error.value)
+        assert "\n" not in message and str(folder / file) in message and url in message
+        assert f"verydeep download {name}" in message
+
+
+def test_a_name_finds_its_file_whose_content_decides(tmp_path):
+    assert len(NAMES) == 14
+    torchvision_file(tmp_path / "vgg11-8a719046.pth", "E")  # an E under VGG-A's name: the keys decide
+    published = load_published("vgg11", weights_dir=tmp_path)
+    assert (published.format, published.recipe["config"]) == ("torchvision", "E")
+    with pytest.raises(UserError, match="vgg17: no such file or folder, nor a published weights name"):
+        load_published("vgg17", tmp_path)
+
+
+# ---- damaged and hostile files --------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this writes the marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, writer):
+    pickle.loads(pickle.dumps(Payload(tmp_path / "proof")))  # the payload does run under plain pickle
+    assert (tmp_path / "proof").exists()
+    marker, path = tmp_path / "marker", tmp_path / "vgg16-397923af.pth"
+    state = {"features.0.weight": Payload(marker)}
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(state, protocol=2))
+    else:
+        torch.save(state, path)
+    with pytest.raises(UserError) as error:
+        load_published(path)
+    assert str(error.value).startswith(f"{path}: refused") and "\n" not in str(error.value)
+    assert "open" in str(error.value) and not marker.exists()
+
+
+def damage(kind: str, tmp_path: Path) -> Path:
+    """A file that is wrong in the way ``kind`` says."""
+    files = sources(tmp_path)
+    path = tmp_path / f"{kind}.bad"
+    fmt = kind.split("-")[0]
+    if kind.endswith("-truncated"):
+        data = files[fmt].read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "random-bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "torchvision-unknown-keys":
+        torch.save({"encoder.weight": torch.zeros(4, 3, 3, 3)}, path)
+    elif kind == "torchvision-wrong-shape":
+        state = torch.load(files["torchvision"], weights_only=True)
+        torch.save(state | {"classifier.3.weight": torch.zeros(5, 7)}, path)
+    elif kind == "torchvision-not-finite":
+        state = torch.load(files["torchvision"], weights_only=True)
+        state["features.0.weight"][0, 0, 0, 0] = float("nan")
+        torch.save(state, path)
+    elif kind == "caffe-short-blob":
+        blocks, fcs = raw_weights("D", 1 / 16, 64, 10)
+        net = caffe_net_class().FromString(write_caffe(path, blocks, fcs).read_bytes())
+        del net.layers[0].blobs[0].data[-1]
+        path.write_bytes(net.SerializeToString())
+    elif kind == "keras-flat-kernel":
+        blocks, fcs = keras_arrays(*raw_weights("D", 1 / 16, 64, 10))
+        blocks[1][0] = (blocks[1][0][0].reshape(3, 3, -1), blocks[1][0][1])
+        write_keras(path, blocks, fcs)
+    return path
+
+
+@pytest.mark.parametrize("kind", [
+    "torchvision-truncated", "caffe-truncated", "keras-truncated", "random-bytes", "empty",
+    "torchvision-unknown-keys", "torchvision-wrong-shape", "torchvision-not-finite", "caffe-short-blob",
+    "keras-flat-kernel"])
+def test_a_bad_file_is_one_line_naming_it(tmp_path, kind):
+    path = damage(kind, tmp_path)
+    with pytest.raises(UserError) as error:
+        load_published(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
