@@ -14,7 +14,8 @@ from PIL import Image
 from verydeep import paper
 from verydeep.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.cli import main
-from verydeep.data import IMAGENET, balanced_subset, grid_crops
+from verydeep.data import IMAGENET, balanced_subset, grid_crops, save_preprocess
+from verydeep.errors import UserError
 from verydeep.evaluate import (
     EvalResult,
     EvalRow,
@@ -24,7 +25,9 @@ from verydeep.evaluate import (
     dense_posteriors,
     derive_scales,
     evaluate,
+    load_nets,
     multicrop_posteriors,
+    net_scales,
     paper_figures,
 )
 from verydeep.metrics import per_class_accuracy, topk_correct, topk_error
@@ -134,6 +137,39 @@ def test_scales_from_the_recipe():
     assert derive_scales({"crop": 32, "scale": [40, 40]}) == [35, 40, 45]  # offset 32 * 32/224 = 5
     assert derive_scales({"crop": 32, "scale": [36, 36]}) == [32, 36, 41]  # never below the crop
     assert derive_scales({"crop": 32, "scale": [36, 73]}) == [36, 54, 73]
+
+
+def test_scales_without_a_training_scale_are_the_papers_scaled_by_the_crop():
+    no_scale = {"crop": 32, "scale": None}
+    assert net_scales({**no_scale, "crop": 224}, 224, None, "x.pth") == [256, 384, 512]
+    assert net_scales(no_scale, 32, None, "x.pth") == [37, 55, 73]
+    assert net_scales(no_scale, 32, [48, 40, 48], "x.pth") == [40, 48]
+    assert net_scales(RECIPE, 32, None, "x.pt") == derive_scales(RECIPE)
+    with pytest.raises(UserError, match=r"--scales \[24\] smaller than the crop 32 of x.pth"):
+        net_scales(no_scale, 32, [24, 40], "x.pth")
+
+
+def test_the_weights_convention_wins_over_the_data_folders_statistics(folder, tmp_path):
+    caffe = replace(IMAGENET, std=(1.0, 1.0, 1.0), channels="BGR", value_scale=255.0)
+    stats = replace(IMAGENET, mean=(0.3, 0.3, 0.3))
+    save_preprocess(stats, tmp_path)
+    with_convention, without = tmp_path / "caffe.pt", tmp_path / "plain.pt"
+    save_checkpoint({"model": tiny_model().state_dict(), "recipe": {**RECIPE, "preprocess": caffe.to_dict()}},
+                    with_convention)
+    save_checkpoint({"model": tiny_model().state_dict(), "recipe": {**RECIPE, "preprocess": None}}, without)
+    nets = load_nets([with_convention, without], None, tmp_path, torch.device("cpu"))
+    assert [net.preprocess for net in nets] == [caffe, stats]
+    assert load_nets([without], None, None, torch.device("cpu"))[0].preprocess == IMAGENET
+
+
+def test_weights_without_a_classifier_are_refused(monkeypatch):
+    import verydeep.weights
+
+    model = tiny_model()
+    headless = verydeep.weights.Published(model, {**RECIPE, "head": "random"}, "keras", "notop.h5")
+    monkeypatch.setattr(verydeep.weights, "load_published", lambda source, weights_dir=None: headless)
+    with pytest.raises(UserError, match="notop.h5: holds no classifier"):
+        load_nets(["notop.h5"], None, None, torch.device("cpu"))
 
 
 def test_balanced_subset_takes_classes_in_turn():
@@ -292,8 +328,19 @@ def test_cli_json_end_to_end(folder, checkpoint, tmp_path):
     assert np.load(out / "posteriors.npz")["net0_multicrop_Q40"].shape == (12, 3)
 
 
+def test_cli_weights_and_checkpoint_are_one_option_and_fuse(folder, checkpoint, capsys):
+    argv = ["eval", "--weights", str(checkpoint), "--checkpoint", str(checkpoint), "--data", str(folder),
+            "--protocol", "dense", "--scales", "36", "--workers", "0", "--no-progress", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [n["checkpoint"] for n in result["nets"]] == [str(checkpoint)] * 2
+    assert result["main"] == "fusion of A S=36 #1 + A S=36 #2: dense"
+    assert main(["eval", "--data", str(folder)]) == 2
+    assert capsys.readouterr().err.strip() == "verydeep eval: error: give --weights SOURCE (or --checkpoint)"
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "missing.pt"], "missing.pt: no such checkpoint"),
+    (["--checkpoint", "missing.pt"], "missing.pt: no such file or folder"),
     (["--protocol", "tencrop"], "unknown protocol tencrop"),
     (["--scales", "256,x"], "expected comma-separated integers"),
 ])
@@ -309,33 +356,6 @@ def test_cli_errors_are_one_line(folder, checkpoint, capsys, argv, message):
         code = stop.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
-
-
-# ---- predict ------------------------------------------------------------------------------
-
-
-def test_predict_matches_dense_multi_scale_evaluation(folder, checkpoint):
-    from verydeep.predict import predict
-
-    evaluated = run([checkpoint], folder, protocols=("dense",), keep_posteriors=True).posteriors
-    image = evaluated.paths[5]
-    expected = np.mean([evaluated.arrays[f"net0_dense_Q{q}"][5] for q in (32, 36, 41)], axis=0)
-    result = predict(checkpoint, [image], topk=5, device="cpu")
-    assert result.scales == [32, 36, 41]
-    top = result.predictions[0].top
-    assert [t.rank for t in top] == [1, 2, 3]  # top-5 of 3 classes lists all 3
-    assert [t.index for t in top] == list(np.argsort(-expected))
-    np.testing.assert_allclose([t.probability for t in top], np.sort(expected)[::-1], rtol=1e-5)
-    assert {t.name for t in top} == set(CLASSES)
-
-
-def test_predict_cli(folder, checkpoint, capsys):
-    image = str(folder / "val" / "red" / "0.png")
-    assert main(["predict", "--checkpoint", str(checkpoint), image, "--topk", "2", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(result["predictions"][0]["top"]) == 2
-    assert main(["predict", "--checkpoint", str(checkpoint), image, "nowhere.jpg"]) == 2
-    assert capsys.readouterr().err.strip() == "verydeep predict: error: nowhere.jpg: no such image"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from verydeep import configs, paper, report
-from verydeep.checkpoint import load_model
 from verydeep.cli import device_name, natural_int, output_dir, positive_int
 from verydeep.errors import UserError
 from verydeep.metrics import per_class_accuracy, topk_error
@@ -84,6 +83,10 @@ def derive_scales(recipe: dict[str, Any]) -> list[int]:
     else:
         candidates = [smin, (smin + smax) // 2, smax]
     return sorted({max(crop, q) for q in candidates})
+
+
+#: The paper's multi-scale test scales for a 224 crop when the training scale is not known (Sec. 4.2).
+PAPER_SCALES = (256, 384, 512)
 
 
 def center_resize(crop: int) -> int:
@@ -159,7 +162,7 @@ def model_name(recipe: dict[str, Any]) -> str:
 
 @dataclass
 class Net:
-    """A checkpoint ready to evaluate: model, recipe, its crop and test scales."""
+    """A net ready to evaluate: model, recipe, test scales and input convention (``checkpoint`` names its source)."""
 
     name: str
     checkpoint: str
@@ -197,26 +200,63 @@ class Net:
         )
 
 
-def load_nets(checkpoints: Sequence[str | Path], scales: Sequence[int] | None, data_dir: Path,
-              device: torch.device) -> list[Net]:
-    """Load each checkpoint with its own crop and scales (given ``scales`` override the recipe's)."""
-    from verydeep.data import Preprocess, load_preprocess
+def load_source(source: str | Path, weights_dir: str | Path | None = None) -> tuple[VGG, dict[str, Any]]:
+    """A net (eval mode, on the CPU) and its recipe from ``source``: published weights (torchvision ``.pth``,
+    Caffe ``.caffemodel``, Keras ``.h5``), a known name such as ``vgg16`` found in ``weights_dir``, or a
+    verydeep checkpoint, run directory or ``.safetensors`` (:func:`verydeep.weights.load_published`).
+    Weights without the classifier (Keras' ``notop`` files) are refused: they predict nothing."""
+    from verydeep.weights import load_published
 
-    if not checkpoints:
-        raise UserError("give at least one --checkpoint")
+    published = load_published(source, weights_dir)
+    if published.recipe.get("head") == "random":
+        raise UserError(f"{source}: holds no classifier (FC6 to FC8), so it cannot classify; give weights with one")
+    return published.model, published.recipe
+
+
+def net_preprocess(recipe: dict[str, Any], source: str | Path, data_dir: Path | None) -> Any:
+    """The net's input convention and statistics: its recipe's ``preprocess`` when it has one (the weights'
+    convention, such as a Caffe net's BGR on 0..255, wins), else ``data_dir``'s ``preprocess.json``, else
+    ImageNet's."""
+    from verydeep.data import IMAGENET, Preprocess, load_preprocess
+
+    if recipe.get("preprocess"):
+        try:
+            return Preprocess.from_dict(recipe["preprocess"])
+        except (ValueError, TypeError) as error:
+            raise UserError(f"{source}: bad preprocess in its recipe ({error})") from error
+    return load_preprocess(data_dir) if data_dir is not None else IMAGENET
+
+
+def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, source: str | Path) -> list[int]:
+    """Test scales Q of a net: ``scales`` when given, else derived from its training scale
+    (:func:`derive_scales`), else the paper's Q = {256, 384, 512} (Sec. 4.2) scaled by crop/224.
+    A scale below the crop is an error naming the net."""
+    if scales:
+        chosen = sorted(set(scales))
+    elif recipe.get("scale") is not None:
+        chosen = derive_scales(recipe)
+    else:
+        chosen = sorted({round(q * crop / 224) for q in PAPER_SCALES})
+    small = [q for q in chosen if q < crop]
+    if small:
+        raise UserError(f"--scales {small} smaller than the crop {crop} of {source}")
+    return chosen
+
+
+def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_dir: Path | None,
+              device: torch.device, weights_dir: str | Path | None = None) -> list[Net]:
+    """Load each net (:func:`load_source`) with its own crop, test scales (given ``scales`` override the
+    recipe's) and input convention (:func:`net_preprocess`)."""
+    if not sources:
+        raise UserError("give at least one --weights")
     nets: list[Net] = []
-    for path in checkpoints:
-        model, recipe = load_model(path)
-        crop = model.input_size
-        net_scales = sorted(set(scales)) if scales else derive_scales(recipe)
-        small = [q for q in net_scales if q < crop]
-        if small:
-            raise UserError(f"--scales {small} smaller than the crop {crop} of {path}")
-        pre = Preprocess.from_dict(recipe["preprocess"]) if recipe.get("preprocess") else load_preprocess(data_dir)
+    for source in sources:
+        model, recipe = load_source(source, weights_dir)
         name = model_name(recipe)
         if recipe.get("scale") is not None:
             name += f" S={scale_text(*train_scale(recipe))}"
-        nets.append(Net(name, str(path), prepare(model, device).eval(), recipe, net_scales, pre))
+        nets.append(Net(name, str(source), prepare(model, device).eval(), recipe,
+                        net_scales(recipe, model.input_size, scales, source), net_preprocess(recipe, source, data_dir)))
     names = [n.name for n in nets]
     for i, net in enumerate(nets):  # make duplicate names unique
         if names.count(net.name) > 1:
@@ -602,7 +642,7 @@ def open_labelled(split: Path, nets: Sequence[Net], limit: int | None) -> Any:
 
 
 def evaluate(
-    checkpoints: Sequence[str | Path],
+    sources: Sequence[str | Path],
     data: str | Path,
     protocols: Sequence[str] = DEFAULT_PROTOCOLS,
     scales: Sequence[int] | None = None,
@@ -615,12 +655,14 @@ def evaluate(
     progress: bool = True,
     keep_posteriors: bool = False,
     decode: str = "auto",
+    weights_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Evaluate checkpoints on a labelled split with the protocols of Sec. 3.2.
+    """Evaluate nets on a labelled split with the protocols of Sec. 3.2.
 
-    ``data`` is a dataset root (its ``val/`` or ``test/``) or a split folder. Each checkpoint
-    uses its own crop and test scales (``scales``, else derived from its recipe, see
-    :func:`derive_scales`); several checkpoints are also fused. ``limit`` takes a class-balanced,
+    ``sources`` are weights as :func:`load_source` reads them (known names found in ``weights_dir``).
+    ``data`` is a dataset root (its ``val/`` or ``test/``) or a split folder. Each net uses its own
+    crop, input convention and test scales (``scales``, else from its recipe, see :func:`net_scales`);
+    several nets are also fused. ``limit`` takes a class-balanced,
     deterministic subset. ``keep_posteriors`` keeps every posterior array in the result. ``decode``:
     where JPEGs are decoded (``auto``: on the GPU when evaluating on CUDA).
     """
@@ -633,7 +675,7 @@ def evaluate(
     if torch_device.type == "cpu":
         keep_freed_memory()  # no fresh pages for every batch's activations
     dtype = autocast_dtype(torch_device, precision)
-    nets = load_nets(checkpoints, scales, split, torch_device)
+    nets = load_nets(sources, scales, split, torch_device, weights_dir)
     dataset = open_labelled(split, nets, limit)
     settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
                              progress, gpu.resolve_decode(decode, torch_device))
@@ -700,15 +742,35 @@ def parse_protocols(text: str) -> list[str]:
     return protocols
 
 
+def add_weights_flags(p: argparse.ArgumentParser, repeat: bool) -> None:
+    """``--weights SOURCE``, with ``--checkpoint`` the same option, and ``--weights-dir DIR``; with
+    ``repeat``, ``--weights`` may be given several times to fuse the nets (Table 6)."""
+    action = "append" if repeat else "store"
+    fuse = "; repeat to fuse several nets" if repeat else ""
+    p.add_argument("--weights", action=action, default=None, metavar="SOURCE",
+                   help="torchvision .pth, Caffe .caffemodel, Keras .h5, a verydeep checkpoint, run directory or "
+                        f".safetensors, or a known name such as vgg16 (found in --weights-dir){fuse}")
+    p.add_argument("--checkpoint", action=action, dest="weights", metavar="SOURCE", help="the same as --weights")
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="where known names such as vgg16 are found (default ~/.cache/verydeep)")
+
+
+def given_weights(args: argparse.Namespace) -> Any:
+    """``args.weights``; a :class:`UserError` when neither --weights nor --checkpoint was given."""
+    if not args.weights:
+        raise UserError("give --weights SOURCE (or --checkpoint)")
+    return args.weights
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate checkpoints: dense, multi-crop, multi-scale, fusion (Sec. 3.2)")
-    p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
-                   help="checkpoint, .safetensors or run directory; repeat to fuse several nets")
+    p = subparsers.add_parser("eval", help="evaluate nets: dense, multi-crop, multi-scale, fusion (Sec. 3.2)")
+    add_weights_flags(p, repeat=True)
     p.add_argument("--data", required=True, help="dataset root (holding val/ or test/) or a split folder")
     p.add_argument("--protocol", type=parse_protocols, default=list(DEFAULT_PROTOCOLS),
                    help=f"comma-separated, from {', '.join(PROTOCOLS)} (default: dense,multicrop,dense+multicrop)")
     p.add_argument("--scales", type=parse_scales, default=None,
-                   help="test scales Q, e.g. 256,384,512 (default: from each checkpoint's training scale)")
+                   help="test scales Q, e.g. 256,384,512 (default: from each net's training scale, else "
+                        "256,384,512 scaled by crop/224)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in mirrored images")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     p.add_argument("--workers", type=natural_int, default=None,
@@ -728,9 +790,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     result = evaluate(
-        args.checkpoint, args.data, protocols=args.protocol, scales=args.scales, flip=args.flip,
+        given_weights(args), args.data, protocols=args.protocol, scales=args.scales, flip=args.flip,
         batch_size=args.batch_size, device=args.device, precision=args.precision, workers=args.workers,
         limit=args.limit, progress=args.progress, keep_posteriors=args.out is not None, decode=args.decode,
+        weights_dir=args.weights_dir,
     )
     if args.out:
         write_outputs(result, args.out)

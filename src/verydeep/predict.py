@@ -1,9 +1,17 @@
-"""Classify images with a trained checkpoint: dense evaluation over the whole image (Sec. 3.2).
+"""Classify images with a trained or published net: dense evaluation over the whole image (Sec. 3.2),
+and the image-specific class saliency maps of Simonyan, Vedaldi & Zisserman (2014).
 
-Each image is rescaled to every test scale Q of the checkpoint's recipe (see
-:func:`verydeep.evaluate.derive_scales`), the fully-convolutional net's class score map averaged
-spatially, the mirrored image averaged in, and the posteriors averaged over Q; the top-k classes
-are reported with their human-readable names.
+Each image is rescaled to every test scale Q of the net (see :func:`verydeep.evaluate.net_scales`),
+the fully-convolutional net's class score map averaged spatially, the mirrored image averaged in,
+and the posteriors averaged over Q; the top-k classes are reported with their human-readable names.
+The net's input convention (channel order, value scale, statistics) comes with its weights.
+
+The saliency map ("Deep Inside Convolutional Networks", ICLR 2014 workshop, Sec. 3.1) is the
+gradient of the top class's unnormalised score (before the softmax) with respect to the input
+image, its absolute value's maximum over the colour channels. It is computed on the dense net over
+the whole image rescaled to the smallest test scale, where the class score is the spatial mean of
+the class score map, the score that dense prediction averages (Sec. 3.2): one backward pass
+explains the whole photo rather than a centre crop.
 """
 
 from __future__ import annotations
@@ -16,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from verydeep.checkpoint import load_model
-from verydeep.cli import device_name, positive_int
+from verydeep.checkpoint import atomic_write
+from verydeep.cli import device_name, output_file, positive_int
 from verydeep.errors import MissingFileError, UserError
-from verydeep.evaluate import average, dense_posteriors, derive_scales, parse_scales
+from verydeep.evaluate import Net, add_weights_flags, average, dense_posteriors, given_weights, load_nets, parse_scales
 from verydeep.report import to_json_dict
-from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
+from verydeep.runtime import autocast, autocast_dtype, pick_device
 
 
 @dataclass(frozen=True)
@@ -39,83 +48,165 @@ class RankedClass:
 
 @dataclass(frozen=True)
 class ImagePrediction:
+    """An image's top classes, and the PNG of its saliency map when one was drawn."""
+
     image: str
     top: list[RankedClass]
+    saliency: str | None = None
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top classes of each image, by a checkpoint at test scales ``scales``."""
+    """The top classes of each image, by the net of ``weights`` at test scales ``scales``, its input
+    convention and statistics ``preprocess`` applied."""
 
-    checkpoint: str
+    weights: str
     scales: list[int]
     flip: bool
+    preprocess: dict[str, Any]
     predictions: list[ImagePrediction]
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)
 
 
+def check_images(images: Sequence[str | Path]) -> None:
+    """Every image is a file; otherwise an error naming the first that is not."""
+    for path in map(Path, images):
+        if path.is_dir():
+            raise UserError(f"{path}: a folder, not an image")
+        if not path.is_file():
+            raise MissingFileError(f"{path}: no such image")
+
+
+def load_image(path: str | Path, q: int) -> Tensor:
+    """The image as uint8 (3, H, W), rescaled so that its smallest side is ``q``."""
+    from verydeep.data import RescaleTransform
+    from verydeep.data.datasets import DECODE_ERRORS
+
+    try:
+        return RescaleTransform(q)(path)
+    except DECODE_ERRORS as error:
+        raise UserError(f"{path}: unreadable image ({type(error).__name__})") from error
+
+
 @torch.inference_mode()
+def image_posterior(net: Net, path: str | Path, flip: bool, device: torch.device, dtype: torch.dtype | None) -> Tensor:
+    """Sec. 3.2: the posterior (classes,) of dense evaluation, averaged over the net's test scales."""
+    from verydeep.data import to_input
+
+    per_scale = []
+    for q in net.scales:
+        x = to_input(load_image(path, q).unsqueeze(0).to(device), net.preprocess)
+        with autocast(device, dtype):
+            per_scale.append(dense_posteriors(net.dense, x.contiguous(memory_format=torch.channels_last), flip).cpu())
+    posterior = average(per_scale)[0]
+    if not posterior.isfinite().all():
+        raise UserError(f"{net.checkpoint}: the net's outputs are not finite (NaN or inf) on {path}")
+    return posterior
+
+
+def saliency_map(net: Net, image: Tensor, index: int, device: torch.device) -> Tensor:
+    """Simonyan et al. (2014), Sec. 3.1: ``M_ij = max_c |dS/dI_ijc|`` (H, W) of a uint8 image (3, H, W), where
+    S is class ``index``'s unnormalised score on the whole image (the spatial mean of the dense net's score
+    map) and I the image's RGB pixel values, through the net's input convention."""
+    from verydeep.data import to_input
+
+    pre = net.preprocess
+    x = to_input(image.unsqueeze(0).to(device), pre).detach().requires_grad_()
+    with torch.enable_grad():
+        score = net.dense(x)[0, index].mean()
+        (gradient,) = torch.autograd.grad(score, x)
+    per_pixel = pre.value_scale / (255 * torch.tensor(pre.std, device=device))  # dx/dI for each RGB channel
+    if pre.channels == "BGR":
+        per_pixel = per_pixel.flip(0)
+    return (gradient[0] * per_pixel.view(3, 1, 1)).abs().amax(dim=0).cpu()
+
+
+def draw_saliency(image: Tensor, saliency: Tensor, title: str, out: Path) -> Path:
+    """The image (uint8 (3, H, W)) and its saliency map (H, W) side by side, as in Fig. 2 of Simonyan
+    et al. (2014), written to ``out`` as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    height, width = saliency.shape
+    aspect = min(max(width / height, 0.75), 2.0)
+    fig = Figure(figsize=(8 * aspect + 0.2, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    image_ax, map_ax = fig.subplots(1, 2)
+    image_ax.imshow(image.permute(1, 2, 0).numpy())
+    image_ax.set_title(title)
+    map_ax.imshow(saliency.numpy(), cmap="gray")
+    map_ax.set_title("class saliency: max over colour of |dS/dI|")
+    for ax in (image_ax, map_ax):
+        ax.set_axis_off()
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def saliency_paths(out: Path, count: int) -> list[Path]:
+    """``OUT.png`` for one image; ``OUT-1.png`` ... ``OUT-N.png``, in the images' order, for several."""
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--saliency {out}: give a .png file name")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count + 1)]
+
+
+def write_saliency(net: Net, path: str | Path, best: RankedClass, out: Path, device: torch.device) -> Path:
+    """Draw the saliency map of the image's top class, on the image at the net's smallest test scale."""
+    image = load_image(path, min(net.scales))
+    saliency = saliency_map(net, image, best.index, device)
+    return draw_saliency(image, saliency, f"{best.name} ({best.probability:.1%})", out)
+
+
 def predict(
-    checkpoint: str | Path,
+    source: str | Path,
     images: Sequence[str | Path],
     topk: int = 5,
     scales: Sequence[int] | None = None,
     flip: bool = True,
     device: str = "auto",
     precision: str = "auto",
+    weights_dir: str | Path | None = None,
+    saliency: str | Path | None = None,
 ) -> Prediction:
-    """Top-``topk`` classes of each image. A missing or unreadable image is an error naming the file."""
-    from verydeep.data import IMAGENET, Preprocess, RescaleTransform, to_input
-    from verydeep.data.datasets import DECODE_ERRORS
-
+    """Top-``topk`` classes of each image by the net of ``source`` (weights as
+    :func:`verydeep.evaluate.load_source` reads them); with ``saliency`` (a .png path), each image's
+    top-class saliency map beside it (files named by :func:`saliency_paths`). A missing or unreadable
+    image is an error naming the file."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1; got {topk}")
-    for path in map(Path, images):
-        if path.is_dir():
-            raise UserError(f"{path}: a folder, not an image")
-        if not path.is_file():
-            raise MissingFileError(f"{path}: no such image")
+    check_images(images)
+    outs = saliency_paths(Path(saliency), len(images)) if saliency is not None else [None] * len(images)
     torch_device = pick_device(device)
     dtype = autocast_dtype(torch_device, precision)
-    model, recipe = load_model(checkpoint)
-    model = prepare(model, torch_device).eval()
-    dense = model.dense()
-    pre = Preprocess.from_dict(recipe["preprocess"]) if recipe.get("preprocess") else IMAGENET
-    test_scales = sorted(set(scales)) if scales else derive_scales(recipe)
-    if min(test_scales) < model.input_size:
-        raise UserError(f"--scales {test_scales} include scales smaller than the crop {model.input_size}")
-    classes = recipe.get("classes") or [str(i) for i in range(model.num_classes)]
-    names = recipe.get("class_names") or classes
+    net = load_nets([source], scales, None, torch_device, weights_dir)[0]
+    classes = net.recipe.get("classes") or [str(i) for i in range(net.model.num_classes)]
+    names = net.recipe.get("class_names") or classes
     predictions = []
-    for path in images:
-        per_scale = []
-        for q in test_scales:
-            try:
-                image = RescaleTransform(q)(path)
-            except DECODE_ERRORS as error:
-                raise UserError(f"{path}: unreadable image ({type(error).__name__})") from error
-            x = to_input(image.unsqueeze(0).to(torch_device), pre).contiguous(memory_format=torch.channels_last)
-            with autocast(torch_device, dtype):
-                per_scale.append(dense_posteriors(dense, x, flip).cpu())
-        posterior = average(per_scale)[0]
-        if not posterior.isfinite().all():
-            raise UserError(f"{checkpoint}: the net's outputs are not finite (NaN or inf) on {path}")
+    for path, out in zip(images, outs, strict=True):
+        posterior = image_posterior(net, path, flip, torch_device, dtype)
         probabilities, indices = posterior.topk(min(topk, posterior.numel()))
         top = [RankedClass(rank + 1, int(i), classes[i], names[i], float(p))
                for rank, (p, i) in enumerate(zip(probabilities.tolist(), indices.tolist(), strict=True))]
-        predictions.append(ImagePrediction(str(path), top))
-    return Prediction(str(checkpoint), test_scales, flip, predictions)
+        if out is not None:
+            write_saliency(net, path, top[0], out, torch_device)
+        predictions.append(ImagePrediction(str(path), top, str(out) if out is not None else None))
+    return Prediction(str(source), net.scales, flip, net.preprocess.to_dict(), predictions)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="top-k classes of images, dense over the whole image (Sec. 3.2)")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint, .safetensors or run directory")
+    p = subparsers.add_parser("predict", help="top-k classes of images, dense over the whole image (Sec. 3.2), "
+                                              "and class saliency maps")
+    add_weights_flags(p, repeat=False)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=positive_int, default=5, help="classes to list per image (default 5)")
-    p.add_argument("--scales", type=parse_scales, default=None, help="test scales Q (default: from the recipe)")
+    p.add_argument("--scales", type=parse_scales, default=None,
+                   help="test scales Q (default: from the recipe, else 256,384,512 scaled by crop/224)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in the mirrored image")
+    p.add_argument("--saliency", type=output_file, default=None, metavar="OUT.png",
+                   help="draw the image beside the top class's saliency map (Simonyan et al. 2014) in this PNG; "
+                        "with several images, OUT-1.png, OUT-2.png ... in their order")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -123,7 +214,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    result = predict(args.checkpoint, args.images, args.topk, args.scales, args.flip, args.device, args.precision)
+    result = predict(given_weights(args), args.images, args.topk, args.scales, args.flip, args.device,
+                     args.precision, args.weights_dir, args.saliency)
     if args.json:
         print(json.dumps(result.to_dict()))
         return
@@ -132,3 +224,5 @@ def run_cli(args: argparse.Namespace) -> None:
         for entry in prediction.top:
             label = entry.name if entry.name == entry.class_ else f"{entry.name} ({entry.class_})"
             print(f"  {entry.rank}. {entry.probability:.3f}  {label}")
+        if prediction.saliency:
+            print(f"  saliency map: {prediction.saliency}")
