@@ -1,0 +1,120 @@
+"""Export: ONNX of the dense net run by onnxruntime, TorchScript and ExportedProgram round trips,
+the input convention in each file's metadata, the check against PyTorch, the command line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from verydeep import export
+from verydeep.checkpoint import model_from_recipe, save_checkpoint
+from verydeep.cli import OneLineParser
+from verydeep.data import IMAGENET
+from verydeep.errors import UserError
+
+#: A Caffe-style convention: BGR on 0..255 less the mean.
+CAFFE = replace(IMAGENET, std=(1.0, 1.0, 1.0), channels="BGR", value_scale=255.0)
+RECIPE = {"config": "A", "num_classes": 5, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
+          "scale": None, "preprocess": CAFFE.to_dict(), "classes": list("abcde"), "class_names": list("ABCDE")}
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A width-1/16 net A on 32-pixel crops, saved as a checkpoint whose recipe says BGR on 0..255."""
+    torch.manual_seed(0)
+    model = model_from_recipe(RECIPE).eval()
+    path = tmp_path_factory.mktemp("net") / "net.pt"
+    save_checkpoint({"model": model.state_dict(), "recipe": RECIPE}, path)
+    return path, model
+
+
+def inputs(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=generator) * 100 for shape in shapes]
+
+
+def test_onnx_of_the_dense_net_equals_pytorch_at_two_sizes(net, tmp_path):
+    import onnx
+    import onnxruntime
+
+    path, model = net
+    result = export.export_net(path, tmp_path / "net.onnx", "onnx")
+    assert result.dense and result.max_abs_difference <= export.TOLERANCE
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    assert [d if isinstance(d, int) else "dynamic" for d in session.get_inputs()[0].shape] == [
+        "dynamic", 3, "dynamic", "dynamic"]
+    with torch.no_grad():
+        for x in inputs((1, 3, 32, 32), (3, 3, 48, 64)):
+            expected = model.dense()(x)
+            got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+            assert got.shape == expected.shape  # (N, 5, 1, 1) and (N, 5, 1, 2): the class score map
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "net.onnx")).metadata_props}
+    assert json.loads(props["verydeep.preprocess"]) == CAFFE.to_dict()
+    assert json.loads(props["verydeep.recipe"])["class_names"] == list("ABCDE")
+    assert "channels BGR" in props["verydeep.input"] and "H, W >= 32" in props["verydeep.input"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
+def test_plain_net_round_trips(net, tmp_path, fmt):
+    path, model = net
+    out = tmp_path / "net.bin"
+    result = export.export_net(path, out, fmt)
+    assert not result.dense and result.max_abs_difference <= 1e-5
+    extra = {key: "" for key in result.metadata}
+    if fmt == "torchscript":
+        with export.quiet_torchscript():
+            loaded = torch.jit.load(out, _extra_files=extra)
+    else:
+        with open(out, "rb") as f:
+            loaded = torch.export.load(f, extra_files=extra).module()
+    with torch.no_grad():
+        for x in inputs((1, 3, 32, 32), (4, 3, 32, 32)):
+            torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=0)
+    stored = {key: value.decode() if isinstance(value, bytes) else value for key, value in extra.items()}
+    assert stored == result.metadata and json.loads(stored["verydeep.preprocess"])["channels"] == "BGR"
+
+
+def test_dense_torchscript_takes_other_sizes(net, tmp_path):
+    path, model = net
+    export.export_net(path, tmp_path / "dense.pt", "torchscript", dense=True)
+    with export.quiet_torchscript():
+        loaded = torch.jit.load(tmp_path / "dense.pt")
+    x = inputs((2, 3, 64, 96))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.dense()(x), atol=1e-5, rtol=0)
+
+
+def test_a_file_that_differs_from_pytorch_is_removed_and_an_error(net, tmp_path, monkeypatch):
+    path, _ = net
+    reload = export.reload
+    monkeypatch.setattr(export, "reload", lambda out, fmt: (lambda x: reload(out, fmt)(x) + 1e-3))
+    out = tmp_path / "net.pt"
+    with pytest.raises(UserError, match=r"net\.pt: the exported net's outputs differ from PyTorch's by 1\.00e-03"):
+        export.export_net(path, out, "torchscript")
+    assert not out.exists()
+
+
+def run_export(argv: list[str]) -> None:
+    """``verydeep export ARGV`` through the command's own parser."""
+    parser = OneLineParser(prog="verydeep")
+    export.add_cli(parser.add_subparsers(parser_class=OneLineParser))
+    args = parser.parse_args(["export", *argv])
+    args.func(args)
+
+
+def test_cli_exports_and_prints_the_check_and_the_convention(net, tmp_path, capsys):
+    path, _ = net
+    run_export(["--checkpoint", str(path), "--format", "exported-program", "--dense", str(tmp_path / "net.pt2")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{tmp_path / 'net.pt2'}: exported-program, the dense net; largest difference")
+    assert "channels BGR" in out[1] and "class score map (N, 5, H//32, W//32)" in out[2]
+    with pytest.raises(UserError, match="give --weights"):
+        run_export(["--format", "onnx", str(tmp_path / "x.onnx")])
+    with pytest.raises(SystemExit):
+        run_export(["--weights", str(path), "--format", "onnx", "--dense", "--plain", str(tmp_path / "x.onnx")])
+    assert "not allowed with argument" in capsys.readouterr().err
