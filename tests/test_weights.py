@@ -307,7 +307,8 @@ def test_cli_convert_writes_safetensors_and_download_knows_the_names(tmp_path, c
     source = sources(tmp_path)["caffe"]
     args = parser().parse_args(["convert", str(source), str(tmp_path / "vgg.safetensors")])
     assert args.func(args) == 0
-    assert "VGG-D" in capsys.readouterr().out and load_published(tmp_path / "vgg.safetensors").format == "verydeep"
+    assert "VGG-D, width 0.0625, crop 64, 10 classes; input BGR on 0..255 (caffe weights)" in capsys.readouterr().out
+    assert load_published(tmp_path / "vgg.safetensors").format == "verydeep"
     args = parser().parse_args(["download", "caffe-vgg19", "--weights-dir", str(tmp_path)])
     assert (args.name, args.weights_dir) == ("caffe-vgg19", str(tmp_path))
     with pytest.raises(SystemExit) as exit_:

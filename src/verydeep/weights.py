@@ -501,8 +501,9 @@ def describe(published: Published) -> str:
     recipe = published.recipe
     pre = Preprocess.from_dict(recipe["preprocess"])
     head = ", random classifier" if recipe.get("head") == "random" else ""
+    origin = (recipe.get("source") or {}).get("format", published.format)  # a converted file names its origin
     return (f"{published.model.name}, width {recipe['width']:g}, crop {recipe['crop']}, {recipe['num_classes']} "
-            f"classes{head}; input {pre.channels} on 0..{pre.value_scale:g} ({published.format})")
+            f"classes{head}; input {pre.channels} on 0..{pre.value_scale:g} ({origin} weights)")
 
 
 def run_convert(args: argparse.Namespace) -> int:
