@@ -359,7 +359,10 @@ class Trainer:
         """The new net with every tensor of ``--weights`` that fits copied; how; where it started."""
         published = self.published
         model = model_from_recipe(self.record, init=self.cfg.init)
-        copied, new = copy_matching(model, published.model.state_dict())
+        source = published.model.state_dict()
+        if published.recipe.get("head") == "random":  # a file without FC layers (Keras' notop kind)
+            source = {name: value for name, value in source.items() if name.startswith("features.")}
+        copied, new = copy_matching(model, source)
         layers = sorted({name.rsplit(".", 1)[0] for name in new})
         how = (f"{published.format} weights {self.cfg.weights}: {len(copied)} tensors copied"
                + (f", {', '.join(layers)} new ({self.cfg.init} init)" if layers else ""))

@@ -1,0 +1,59 @@
+"""Fine-tuning from published weights: the architecture and convention come with them, FC8 is new
+when the classes differ, --freeze and --lr-copied behave as users of torchvision expect."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED, tiny, weights
+
+from verydeep.errors import UserError
+from verydeep.model import VGG
+from verydeep.train import train
+
+CIFAR10 = SHARED / "cifar10"
+
+
+def torchvision_file(path, num_classes: int = 1000, seed: int = 0):
+    """A state dict as torchvision saves one (keys and shapes only, no recipe): VGG-A with batch norm,
+    width 1/8, for 32-pixel crops."""
+    torch.manual_seed(seed)
+    torch.save(VGG("A", num_classes=num_classes, batch_norm=True, width=1 / 8, input_size=32).state_dict(), path)
+    return path
+
+
+def test_a_new_head_for_other_classes_the_rest_copied(data, tmp_path):
+    source = torchvision_file(tmp_path / "vgg11_bn-narrow.pth")
+    summary = train(tiny(data, tmp_path / "run", weights=str(source), epochs=1))
+    record = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert (record["config"], record["batch_norm"], record["width"]) == ("A", True, 1 / 8)  # from the weights
+    assert record["start"]["format"] == "torchvision" and record["start"]["weights"] == str(source)
+    assert "classifier.6.weight" not in record["start"]["copied"] and "features.0.weight" in record["start"]["copied"]
+    assert record["preprocess"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # torchvision's convention
+    assert summary.epochs == 1 and weights(tmp_path / "run")["classifier.6.weight"].shape[0] == 4
+
+
+def test_freeze_and_a_lower_rate_for_copied_layers(data, tmp_path):
+    source = torchvision_file(tmp_path / "source.pth", num_classes=4)
+    before = torch.load(source, weights_only=True)
+    train(tiny(data, tmp_path / "frozen", weights=str(source), freeze="features", dropout=0.0))
+    after = weights(tmp_path / "frozen")
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("features.") and "running" not in k
+               and "num_batches" not in k)
+    assert not torch.equal(after["classifier.0.weight"], before["classifier.0.weight"])
+    train(tiny(data, tmp_path / "slow", weights=str(source), lr_copied=1e-12, dropout=0.0))
+    slow = weights(tmp_path / "slow")  # every layer copied (4 classes both): all barely move
+    assert torch.allclose(slow["classifier.6.weight"], before["classifier.6.weight"], atol=1e-6)
+    with pytest.raises(UserError, match="--freeze conv9_9: not a layer"):
+        train(tiny(data, tmp_path / "bad", weights=str(source), freeze="conv9_9"))
+
+
+@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"needs the CIFAR-10 copy at {CIFAR10}")
+def test_fine_tuning_a_torchvision_file_on_ten_real_classes_beats_chance(tmp_path):
+    source = torchvision_file(tmp_path / "vgg11_bn-narrow.pth")
+    cfg = tiny(CIFAR10, tmp_path / "run", weights=str(source), crop=32, scale=(36, 40), batch_size=64, lr=0.02,
+               epochs=2, limit_train=5120, limit_val=500, init="he")
+    summary = train(cfg)
+    assert summary.best > 20.0, summary  # chance: 10%
