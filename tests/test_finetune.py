@@ -57,3 +57,14 @@ def test_fine_tuning_a_torchvision_file_on_ten_real_classes_beats_chance(tmp_pat
                epochs=2, limit_train=5120, limit_val=500, init="he")
     summary = train(cfg)
     assert summary.best > 20.0, summary  # chance: 10%
+
+
+def test_fc8_of_other_named_classes_is_not_copied(data, tmp_path):
+    from verydeep.checkpoint import export_safetensors, model_from_recipe
+
+    recipe = {"config": "A", "num_classes": 4, "outputs": 4, "batch_norm": True, "width": 1 / 8, "dropout": 0.5,
+              "crop": 32, "classes": ["cat", "dog", "cow", "emu"], "class_names": ["cat", "dog", "cow", "emu"]}
+    export_safetensors(model_from_recipe(recipe), recipe, tmp_path / "animals.safetensors")
+    train(tiny(data, tmp_path / "run", weights=str(tmp_path / "animals.safetensors")))
+    copied = json.loads((tmp_path / "run" / "recipe.json").read_text())["start"]["copied"]
+    assert "classifier.3.weight" in copied and "classifier.6.weight" not in copied  # class0..class3 are others

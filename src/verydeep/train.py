@@ -194,6 +194,14 @@ def changed_architecture(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [key for key in ARCH_KEYS if before[key] != after[key]]
 
 
+def same_classes(source: dict[str, Any], classes: list[str]) -> bool:
+    """Whether a net of recipe ``source`` predicts ``classes`` in this order: its named classes are
+    these, or it names none (``0``, ``1``, ...) and has as many."""
+    theirs = [str(c) for c in source.get("classes") or []]
+    unnamed = theirs == [str(i) for i in range(len(theirs))]
+    return theirs == list(classes) or (unnamed and len(theirs) == len(classes))
+
+
 # ---- model ------------------------------------------------------------------------------------
 
 
@@ -305,8 +313,9 @@ class Trainer:
 
         self.published = load_published(cfg.weights, cfg.weights_dir)
         source = self.published.recipe
+        convention = Preprocess.from_dict(source["preprocess"]) if source.get("preprocess") else None
         self.cfg = replace(cfg, config=source["config"], width=source["width"], batch_norm=source["batch_norm"],
-                           preprocess=cfg.preprocess or Preprocess.from_dict(source["preprocess"]))
+                           preprocess=cfg.preprocess or convention)
 
     def _open_data(self) -> None:
         """The training and validation splits, their subsets, and the run record."""
@@ -362,6 +371,9 @@ class Trainer:
         source = published.model.state_dict()
         if published.recipe.get("head") == "random":  # a file without FC layers (Keras' notop kind)
             source = {name: value for name, value in source.items() if name.startswith("features.")}
+        if not same_classes(published.recipe, self.record["classes"]):  # FC8's rows are other classes
+            fc8 = f"{model.tap_names['fc8']}."
+            source = {name: value for name, value in source.items() if not name.startswith(fc8)}
         copied, new = copy_matching(model, source)
         layers = sorted({name.rsplit(".", 1)[0] for name in new})
         how = (f"{published.format} weights {self.cfg.weights}: {len(copied)} tensors copied"
