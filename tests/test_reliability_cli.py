@@ -58,6 +58,9 @@ VALID = {
     ("plot",): "{run}",
     ("eval",): "--checkpoint {run} --data {data} --workers 0 --no-progress",
     ("predict",): "--checkpoint {run} {image}",
+    ("convert",): "{run} {new}.safetensors",
+    ("download",): "vgg16 --weights-dir {new}",
+    ("export",): "--weights {run} --format torchscript {new}.pt",
     ("reproduce",): "--data {data} --out {new} --no-progress",
     ("demo",): "--out {new} --no-progress",
 }
