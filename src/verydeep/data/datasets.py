@@ -322,12 +322,24 @@ def open_split(folder: str | Path, transform: Transform, strict: bool = False) -
     return ILSVRCValFolder(folder, transform, strict=strict)
 
 
+class Boxed(NamedTuple):
+    """An image with its object boxes (Appendix A): ``boxes`` (k, 4) and the image's own extent
+    ``frame`` (4,), corners in pixels of the (cropped) ``image``."""
+
+    image: Tensor
+    boxes: Tensor
+    frame: Tensor
+
+
 class Batch(NamedTuple):
-    """A collated batch: uint8 images (N, 3, H, W) channels_last, int64 labels, skipped paths."""
+    """A collated batch: uint8 images (N, 3, H, W) channels_last, int64 labels, skipped paths; for
+    :class:`Boxed` items also ``boxes`` (N, M, 4), padded with NaN rows, and ``frames`` (N, 4)."""
 
     images: Tensor
     labels: Tensor
     skipped: list[str]
+    boxes: Tensor | None = None
+    frames: Tensor | None = None
 
 
 def batch_memory(shape: Sequence[int]) -> Tensor:
@@ -364,7 +376,15 @@ def collate(batch: Sequence[tuple[Tensor | None, int, str]]) -> Batch:
     good = [(img, label) for img, label, _ in batch if img is not None]
     labels = torch.tensor([label for _, label in good], dtype=torch.int64)
     skipped = [path for img, _, path in batch if img is None]
-    return Batch(stack_images([img for img, _ in good]), labels, skipped)
+    boxed = [img for img, _ in good if isinstance(img, Boxed)]
+    if not boxed:
+        return Batch(stack_images([img for img, _ in good]), labels, skipped)
+    most = max(len(item.boxes) for item in boxed)
+    boxes = torch.full((len(boxed), most, 4), math.nan)
+    for row, item in zip(boxes, boxed, strict=True):
+        row[: len(item.boxes)] = item.boxes
+    frames = torch.stack([item.frame for item in boxed])
+    return Batch(stack_images([item.image for item in boxed]), labels, skipped, boxes, frames)
 
 
 class SizeGroupedBatchSampler(Sampler[list[int]]):

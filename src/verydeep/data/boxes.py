@@ -1,0 +1,251 @@
+"""Object boxes for localisation (Appendix A): readers, and boxes that follow the image's crop.
+
+Boxes are read from a text file of ``relpath xmin ymin xmax ymax`` lines (paths relative to the
+dataset root, 0-based inclusive pixels, one file for all splits: Tiny ImageNet's ``boxes.txt``),
+PASCAL VOC / ILSVRC XML annotations (``Annotations/**/<image>.xml``, any number of boxes per
+image, each with its class) or Kaggle's ``LOC_*_solution.csv``. In memory a box is four floats
+of continuous coordinates ``(x0, y0, x1, y1)``: the inclusive pixel box ``xmin..xmax`` covers
+``[xmin, xmax + 1)``.
+
+A box follows its image through the crop plan of :mod:`verydeep.data.transforms` (the same draws:
+rescale, crop, flip) with :func:`to_crop`, and back with :func:`from_crop`; the net regresses
+:func:`encode`'s (centre x, centre y, width, height) in units of the crop side.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from verydeep.data.datasets import Boxed, LabelledImages
+from verydeep.data.decode import ImageFile
+from verydeep.data.jpeg import Size, decoded_size
+from verydeep.data.transforms import CropPlan, PlannedTransform, render
+from verydeep.errors import MissingFileError, UserError
+
+log = logging.getLogger("verydeep.data")
+
+
+class Box(NamedTuple):
+    """One object box: its class (a synset id, or None when the file names none) and continuous
+    corners ``(x0, y0, x1, y1)`` in pixels of the full image."""
+
+    label: str | None
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def corners(self) -> tuple[float, float, float, float]:
+        return self.x0, self.y0, self.x1, self.y1
+
+
+#: Boxes per image, keyed by the image's path relative to the dataset root (POSIX) or its stem.
+BoxTable = dict[str, list[Box]]
+
+
+def pixel_box(label: str | None, values: Iterable[str], where: str) -> Box:
+    """The continuous box of an inclusive 0-based pixel box ``xmin ymin xmax ymax``."""
+    try:
+        xmin, ymin, xmax, ymax = (float(v) for v in values)
+    except ValueError:
+        raise UserError(f"{where}: a box is four numbers xmin ymin xmax ymax") from None
+    if xmin < 0 or ymin < 0 or xmax < xmin or ymax < ymin:
+        raise UserError(f"{where}: bad box {xmin:g} {ymin:g} {xmax:g} {ymax:g} (needs 0 <= min <= max)")
+    return Box(label, xmin, ymin, xmax + 1, ymax + 1)
+
+
+def read_box_text(path: Path) -> BoxTable:
+    """``relpath xmin ymin xmax ymax`` lines (``#`` comments); an image may have several lines."""
+    table: BoxTable = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split("#", 1)[0].split()
+        if not parts:
+            continue
+        if len(parts) != 5:
+            raise UserError(f"{path}:{number}: expected 'relpath xmin ymin xmax ymax', got {line.strip()!r}")
+        table.setdefault(Path(parts[0]).as_posix(), []).append(pixel_box(None, parts[1:], f"{path}:{number}"))
+    return table
+
+
+def read_voc_xml(path: Path) -> list[Box]:
+    """The boxes of one PASCAL VOC / ILSVRC annotation file (``object/name``, ``object/bndbox``).
+
+    VOC's pixels are 1-based, ILSVRC's 0-based; both are read as given, inclusive."""
+    try:
+        root = ET.parse(path).getroot()
+        boxes = []
+        for obj in root.iter("object"):
+            box = obj.find("bndbox")
+            values = [box.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax")] if box is not None else []
+            if len(values) != 4 or None in values:
+                raise UserError(f"{path}: an object without a complete bndbox")
+            boxes.append(pixel_box(obj.findtext("name"), values, str(path)))
+    except ET.ParseError as error:
+        raise UserError(f"{path}: not a valid annotation file ({error})") from None
+    return boxes
+
+
+def read_voc_folder(folder: Path) -> BoxTable:
+    """Every ``*.xml`` under ``folder``, keyed by the image's stem."""
+    return {xml.stem: read_voc_xml(xml) for xml in sorted(folder.rglob("*.xml"))}
+
+
+def read_loc_csv(path: Path) -> BoxTable:
+    """Kaggle's ``LOC_*_solution.csv``: ``ImageId,PredictionString`` of ``synset xmin ymin xmax ymax``
+    groups, keyed by the image's stem."""
+    table: BoxTable = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise UserError(f"{path}: not a LOC solution file (columns ImageId,PredictionString)")
+        for number, row in enumerate(reader, start=2):
+            parts = row["PredictionString"].split()
+            if not parts or len(parts) % 5:
+                raise UserError(f"{path}:{number}: expected groups of 'synset xmin ymin xmax ymax'")
+            table[row["ImageId"]] = [pixel_box(parts[i], parts[i + 1:i + 5], f"{path}:{number}")
+                                     for i in range(0, len(parts), 5)]
+    return table
+
+
+def read_boxes(source: str | Path) -> BoxTable:
+    """The boxes of a text file, a ``.csv`` solution file or a folder of XML annotations; an empty
+    source is a :class:`UserError` naming it."""
+    path = Path(source)
+    if not path.exists():
+        raise MissingFileError(f"--boxes {path} does not exist")
+    if path.is_dir():
+        table = read_voc_folder(path)
+    elif path.suffix.lower() == ".csv":
+        table = read_loc_csv(path)
+    elif path.suffix.lower() == ".xml":
+        table = {path.stem: read_voc_xml(path)}
+    else:
+        table = read_box_text(path)
+    if not any(table.values()):
+        raise UserError(f"--boxes {path}: holds no boxes")
+    return table
+
+
+def boxes_of(table: BoxTable, path: Path, root: Path) -> list[Box]:
+    """The boxes of the image at ``path``: by its path relative to ``root``, else by its stem."""
+    try:
+        key = path.relative_to(root).as_posix()
+    except ValueError:
+        key = path.name
+    return table.get(key) or table.get(path.stem) or []
+
+
+def check_inside(boxes: list[Box], size: Size, path: str | Path) -> None:
+    """A box reaching outside its image (of ``size`` (w, h)) is a :class:`UserError` naming the file."""
+    w, h = size
+    for box in boxes:
+        if box.x1 > w or box.y1 > h:
+            raise UserError(f"{path}: box {box.x0:g} {box.y0:g} {box.x1 - 1:g} {box.y1 - 1:g} is outside "
+                            f"the {w}x{h} image")
+
+
+# ---- boxes through the crop plan -------------------------------------------------------------
+
+
+def _plan_affine(size: Size, plan: CropPlan) -> tuple[float, float, float, float]:
+    """``(sx, sy, ox, oy)``: a full-image point ``p`` lands at ``(p - o) * s`` in the (unflipped) crop."""
+    w, h = size
+    dw, dh = decoded_size(size, plan.k)
+    left, top, right, bottom = plan.box
+    sx, sy = plan.out[0] / (right - left), plan.out[1] / (bottom - top)
+    return sx * dw / w, sy * dh / h, left * w / dw, top * h / dh
+
+
+def to_crop(boxes: Tensor, size: Size, plan: CropPlan) -> Tensor:
+    """Boxes ``(n, 4)`` in full-image pixels -> pixels of the crop ``plan`` makes of an image of ``size``."""
+    sx, sy, ox, oy = _plan_affine(size, plan)
+    out = (boxes - torch.tensor([ox, oy, ox, oy])) * torch.tensor([sx, sy, sx, sy])
+    if plan.flip:
+        out = torch.stack([plan.out[0] - out[:, 2], out[:, 1], plan.out[0] - out[:, 0], out[:, 3]], dim=1)
+    return out
+
+
+def from_crop(boxes: Tensor, size: Size, plan: CropPlan) -> Tensor:
+    """The inverse of :func:`to_crop`: crop pixels -> full-image pixels."""
+    sx, sy, ox, oy = _plan_affine(size, plan)
+    if plan.flip:
+        boxes = torch.stack([plan.out[0] - boxes[:, 2], boxes[:, 1], plan.out[0] - boxes[:, 0], boxes[:, 3]], dim=1)
+    return boxes / torch.tensor([sx, sy, sx, sy]) + torch.tensor([ox, oy, ox, oy])
+
+
+def encode(boxes: Tensor, side: float) -> Tensor:
+    """Corners ``(..., 4)`` in crop pixels -> (centre x, centre y, width, height) in crop sides (Appendix A)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1) / side
+
+
+def decode(codes: Tensor, side: float) -> Tensor:
+    """The inverse of :func:`encode`; negative widths and heights are taken as zero."""
+    cx, cy, w, h = (codes * side).unbind(-1)
+    w, h = w.clamp(min=0), h.clamp(min=0)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def iou(a: Tensor, b: Tensor) -> Tensor:
+    """Intersection over union of every box of ``a`` (n, 4) with every box of ``b`` (m, 4): (n, m)."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
+
+
+# ---- images with their boxes -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoxedTransform:
+    """``transform``'s crop of an image, with the image's boxes (looked up by path) carried through
+    the same plan: a :class:`~verydeep.data.datasets.Boxed` item."""
+
+    transform: PlannedTransform
+    boxes: dict[str, list[Box]]
+
+    def __call__(self, path: str | Path, generator: torch.Generator | None = None) -> Boxed:
+        file = ImageFile(path)
+        plan = self.transform.plan(file.size, self.transform.fast and file.jpeg, generator)
+        image = render(file, plan, self.transform.fast)
+        boxes = self.boxes[str(path)]
+        check_inside(boxes, file.size, path)
+        corners = torch.tensor([box.corners for box in boxes], dtype=torch.float32)
+        frame = torch.tensor([[0.0, 0.0, *file.size]])
+        return Boxed(image, to_crop(corners, file.size, plan), to_crop(frame, file.size, plan)[0])
+
+
+def with_boxes(images: LabelledImages, table: BoxTable, root: Path, transform: PlannedTransform) -> LabelledImages:
+    """``images`` keeping those with a box of their class (or of no named class), their items
+    :class:`~verydeep.data.datasets.Boxed`; the others are skipped with one warning naming one."""
+    if not isinstance(transform, PlannedTransform):
+        raise UserError("localisation reads images on the CPU: use --decode cpu")
+    kept, boxes, missing = [], {}, []
+    for path, label in images.samples:
+        found = [box for box in boxes_of(table, path, root) if box.label in (None, images.classes[label])]
+        if found:
+            kept.append((path, label))
+            boxes[str(path)] = found
+        else:
+            missing.append(path)
+    if not kept:
+        raise UserError(f"{root}: no image of {getattr(images, 'root', root)} has a box of its class")
+    if missing:
+        log.warning("skipped %d images of %s without a box of their class, e.g. %s", len(missing),
+                    getattr(images, "root", root), missing[0])
+    images.samples, images.transform = kept, BoxedTransform(transform, boxes)
+    return images

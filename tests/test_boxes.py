@@ -1,0 +1,154 @@
+"""Object boxes (Appendix A): IoU, the encoding, boxes that follow the crop plan, the readers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import save
+from PIL import Image
+
+from verydeep.data import CenterCropTransform, ImageFolder, RescaleTransform, TrainTransform, collate
+from verydeep.data.boxes import (
+    Box,
+    decode,
+    encode,
+    from_crop,
+    iou,
+    read_boxes,
+    to_crop,
+    with_boxes,
+)
+from verydeep.data.datasets import Boxed
+from verydeep.data.transforms import CropPlan
+from verydeep.errors import UserError
+
+
+def test_iou_of_hand_made_boxes():
+    a = torch.tensor([[0.0, 0, 10, 10]])
+    b = torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 5, 5], [3, 3, 3, 9]])
+    assert iou(a, b)[0].tolist() == pytest.approx([1.0, 50 / 150, 0.0, 0.25, 0.0])
+
+
+def test_encoding_is_centre_and_size_in_crop_sides_and_decodes_back():
+    corners = torch.tensor([[8.0, 4, 24, 32]])
+    assert encode(corners, 32).tolist() == [[0.5, 0.5625, 0.5, 0.875]]
+    assert torch.allclose(decode(encode(corners, 32), 32), corners)
+    assert decode(torch.tensor([[0.5, 0.5, -0.2, 0.1]]), 10).tolist() == [[5.0, 4.5, 5.0, 5.5]]  # no negative width
+
+
+@pytest.mark.parametrize("plan", [
+    CropPlan(1, (10, 5, 42, 37), (32, 32), False),
+    CropPlan(1, (10, 5, 42, 37), (32, 32), True),
+    CropPlan(2, (3, 1, 19, 17), (64, 64), True),
+    CropPlan(1, (0, 0, 80, 60), (40, 30), False),
+])
+def test_boxes_round_trip_through_rescale_crop_and_flip(plan):
+    boxes = torch.tensor([[12.0, 9, 30, 40], [0, 0, 80, 60]])
+    assert torch.allclose(from_crop(to_crop(boxes, (80, 60), plan), (80, 60), plan), boxes, atol=1e-4)
+
+
+def test_flip_mirrors_the_box_in_the_crop():
+    box = torch.tensor([[10.0, 5, 20, 15]])
+    plain, flipped = (to_crop(box, (40, 40), CropPlan(1, (0, 0, 40, 40), (40, 40), flip)) for flip in (False, True))
+    assert plain.tolist() == [[10, 5, 20, 15]] and flipped.tolist() == [[20, 5, 30, 15]]
+
+
+def rectangle_image(path, size=(80, 60), box=(20, 10, 49, 39)):
+    """A black image with a white rectangle at inclusive pixels ``box``."""
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    x0, y0, x1, y1 = box
+    pixels[y0:y1 + 1, x0:x1 + 1] = 255
+    return save(Image.fromarray(pixels), path)
+
+
+def bright_extent(image: torch.Tensor) -> list[float]:
+    """The continuous box of an image's bright pixels."""
+    ys, xs = torch.nonzero(image.float().mean(0) > 127, as_tuple=True)
+    return [float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1]
+
+
+@pytest.mark.parametrize("transform", [TrainTransform(32, (40, 48)), CenterCropTransform(36, 32), RescaleTransform(30)])
+def test_a_box_follows_its_image_through_the_same_draws(tmp_path, transform):
+    path = rectangle_image(tmp_path / "a" / "x.png")
+    boxed = with_boxes(ImageFolder(tmp_path, transform), {"a/x.png": [Box(None, 20, 10, 50, 40)]}, tmp_path, transform)
+    for seed in range(6):
+        item, _, _ = boxed.load(0, torch.Generator().manual_seed(seed))
+        assert isinstance(item, Boxed) and item.boxes.shape == (1, 4)
+        h, w = item.image.shape[1:]
+        visible = torch.minimum(item.boxes[0].clamp(min=0), torch.tensor([w, h, w, h]))  # the crop may cut the box
+        assert visible.tolist() == pytest.approx(bright_extent(item.image), abs=1.0)
+        assert from_crop(item.frame[None], (80, 60), transform.plan((80, 60), False)).shape == (1, 4)
+    assert str(path).endswith("x.png")
+
+
+def test_collate_pads_boxes_with_nan(tmp_path):
+    image = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    items = [(Boxed(image, torch.ones(1, 4), torch.zeros(4)), 0, "a"),
+             (Boxed(image, torch.ones(2, 4), torch.zeros(4)), 1, "b"), (None, 0, "c")]
+    batch = collate(items)
+    assert batch.boxes.shape == (2, 2, 4) and batch.boxes[0, 1].isnan().all() and batch.skipped == ["c"]
+    assert batch.frames.shape == (2, 4) and collate([(image, 0, "a")]).boxes is None
+
+
+def test_the_text_file_reads_inclusive_pixels(tmp_path):
+    path = tmp_path / "boxes.txt"
+    path.write_text("# relpath xmin ymin xmax ymax\ntrain/a/x.png 0 10 63 58\ntrain/a/x.png 1 1 2 2\n")
+    table = read_boxes(path)
+    assert table["train/a/x.png"][0] == Box(None, 0, 10, 64, 59) and len(table["train/a/x.png"]) == 2
+
+
+def test_voc_annotations_give_every_object_with_its_class(tmp_path):
+    xml = tmp_path / "Annotations" / "img1.xml"
+    xml.parent.mkdir()
+    xml.write_text("<annotation><object><name>n01</name><bndbox><xmin>5</xmin><ymin>6</ymin><xmax>20</xmax>"
+                   "<ymax>30</ymax></bndbox></object><object><name>n02</name><bndbox><xmin>0</xmin><ymin>0</ymin>"
+                   "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+    table = read_boxes(tmp_path / "Annotations")
+    assert table["img1"] == [Box("n01", 5, 6, 21, 31), Box("n02", 0, 0, 10, 10)]
+
+
+def test_the_kaggle_solution_file(tmp_path):
+    path = tmp_path / "LOC_val_solution.csv"
+    path.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 10 20 30 40 n01751748 0 0 5 5 \n")
+    boxes = read_boxes(path)["ILSVRC2012_val_00000001"]
+    assert boxes == [Box("n01751748", 10, 20, 31, 41), Box("n01751748", 0, 0, 6, 6)]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("boxes.txt", "", "holds no boxes"),
+    ("boxes.txt", "train/a/x.png 1 2 3\n", r"boxes.txt:1: expected"),
+    ("boxes.txt", "train/a/x.png 5 2 3 4\n", "bad box"),
+    ("boxes.txt", "train/a/x.png a b c d\n", "four numbers"),
+    ("sol.csv", "ImageId,Other\n", "not a LOC solution"),
+    ("sol.csv", "ImageId,PredictionString\nx,n01 1 2 3\n", "groups of"),
+    ("a.xml", "<annotation><object><name>n", "not a valid annotation"),
+    ("a.xml", "<annotation><object><name>n</name></object></annotation>", "without a complete bndbox"),
+])
+def test_bad_box_files_are_one_line_errors_naming_the_file(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=message) as error:
+        read_boxes(tmp_path / name)
+    assert name in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_box_outside_its_image_is_a_named_skip_or_a_strict_error(tmp_path, caplog):
+    rectangle_image(tmp_path / "a" / "x.png", size=(40, 40), box=(0, 0, 5, 5))
+    transform, table = CenterCropTransform(32, 32), {"a/x.png": [Box(None, 10, 10, 50, 20)]}
+    boxed = with_boxes(ImageFolder(tmp_path, transform), table, tmp_path, transform)
+    assert boxed.load(0)[0] is None and "x.png: box 10 10 49 19 is outside the 40x40 image" in caplog.text
+    strict = with_boxes(ImageFolder(tmp_path, transform, strict=True), table, tmp_path, transform)
+    with pytest.raises(UserError, match=r"x.png: box 10 10 49 19 is outside the 40x40 image"):
+        strict.load(0)
+
+
+def test_images_without_a_box_of_their_class_are_skipped_by_name(tmp_path, caplog):
+    for name in ("a/x.png", "a/y.png", "b/z.png"):
+        rectangle_image(tmp_path / name)
+    transform = CenterCropTransform(32, 32)
+    table = {"a/x.png": [Box(None, 0, 0, 4, 4)], "z": [Box("a", 0, 0, 4, 4)]}  # z's box is of another class
+    boxed = with_boxes(ImageFolder(tmp_path, transform), table, tmp_path, transform)
+    assert [path.name for path, _ in boxed.samples] == ["x.png"]
+    assert "skipped 2 images" in caplog.text and "y.png" in caplog.text
+    with pytest.raises(UserError, match="has a box of its class"):
+        with_boxes(ImageFolder(tmp_path, transform), {"q": [Box(None, 0, 0, 1, 1)]}, tmp_path, transform)
