@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from verydeep.data.datasets import Batch
+from verydeep.data.datasets import Batch, ImageFolder, LabelledImages, Transform, find_split, open_split
 from verydeep.metrics import topk_correct
 
 
@@ -44,6 +44,11 @@ class Task(ABC):
     @abstractmethod
     def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
         """Per metric, its sum over the batch's images."""
+
+    def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
+        """The training and validation splits of the dataset at ``data``, read through ``train`` and ``val``
+        (class folders; a task may add what its targets need, such as object boxes)."""
+        return ImageFolder(find_split(data, "train"), train), open_split(find_split(data, "val"), val)
 
     def summarise(self, sums: list[float], images: int) -> dict[str, float]:
         """The validation metrics from their sums over ``images`` images."""

@@ -49,14 +49,11 @@ from verydeep.checkpoint import (
 from verydeep.data import (
     Batch,
     CenterCropTransform,
-    ImageFolder,
     Preprocess,
     TrainTransform,
     balanced_subset,
     collate,
-    find_split,
     load_preprocess,
-    open_split,
     to_input,
 )
 from verydeep.data import gpu as gpu_decode
@@ -326,8 +323,7 @@ class Trainer:
         if self.decode == "gpu":
             train_transform, val_transform = gpu_decode.EncodedTransform(train_transform), gpu_decode.EncodedTransform(
                 val_transform)
-        self.train_set = ImageFolder(find_split(cfg.data, "train"), train_transform)
-        self.val_set = open_split(find_split(cfg.data, "val"), val_transform)
+        self.train_set, self.val_set = self.task.open_splits(cfg.data, train_transform, val_transform)
         if self.val_set.classes != self.train_set.classes:
             raise UserError(f"{cfg.data}: the validation classes differ from the training classes")
         self.train_indices = balanced_subset(self.train_set.targets, cfg.limit_train)
