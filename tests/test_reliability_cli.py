@@ -58,6 +58,8 @@ VALID = {
     ("plot",): "{run}",
     ("eval",): "--checkpoint {run} --data {data} --workers 0 --no-progress",
     ("predict",): "--checkpoint {run} {image}",
+    ("localize", "eval"): "--checkpoint {run} --data {data}",
+    ("localize", "predict"): "--checkpoint {run} --classifier {run} --out {folder} {image}",
     ("convert",): "{run} {new}.safetensors",
     ("download",): "vgg16 --weights-dir {new}",
     ("export",): "--weights {run} --format torchscript {new}.pt",

@@ -1,0 +1,449 @@
+"""Localisation (Appendix A): nets that regress an object's box, and the ILSVRC localisation error.
+
+The net is a classification net whose last FC layer predicts a box (centre x, centre y, width,
+height, in units of the crop side: :func:`verydeep.data.boxes.encode`): one box for all classes
+(single-class regression, SCR, 4 outputs) or one per class (per-class regression, PCR, 4 per
+class). :class:`Localisation` is its :class:`~verydeep.tasks.Task`: a Euclidean loss on the
+ground-truth class's box, trained by :mod:`verydeep.train` from a classification net (the last
+layer random), and validated by the localisation error of protocol 1.
+
+- Protocol 1 (Table 8): the box of the central crop, for the ground-truth class; an image is
+  wrong when its box has IoU <= 0.5 with every ground-truth box.
+- Protocol 2 (Table 9): the net applied densely to the whole image at one or more scales, a box
+  per location (and class), merged greedily as in OverFeat and ranked by a classification net's
+  class scores; an image is wrong unless one of its top-5 (class, box) predictions has the right
+  class and IoU > 0.5 with one of that class's boxes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from verydeep import runtime
+from verydeep.checkpoint import load_model
+from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
+from verydeep.data.boxes import decode, encode, from_crop, iou, read_boxes, with_boxes
+from verydeep.data.datasets import LabelledImages, Transform
+from verydeep.data.decode import ImageFile
+from verydeep.data.transforms import render
+from verydeep.errors import UserError
+from verydeep.evaluate import dense_posteriors, train_scale
+from verydeep.tasks import Task
+
+#: Heads of Appendix A: single-class and per-class regression.
+HEADS = ("scr", "pcr")
+
+#: A box is right when its IoU with a ground-truth box is above this (the ILSVRC criterion).
+IOU_RIGHT = 0.5
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+
+def wrong(predicted: Tensor, truth: Tensor) -> Tensor:
+    """Per image, whether box ``predicted`` (N, 4) has IoU <= 0.5 with every box of ``truth`` (N, M, 4),
+    rows of NaN being padding."""
+    valid = ~truth.isnan().any(-1)
+    boxes = truth.float().nan_to_num(0)
+    overlaps = torch.stack([iou(p[None], t)[0] for p, t in zip(predicted.float(), boxes, strict=True)])
+    return ~((overlaps > IOU_RIGHT) & valid).any(dim=1)
+
+
+def ilsvrc_wrong(predictions: Sequence[tuple[int, Tensor]], truth: Sequence[tuple[int, Tensor]]) -> bool:
+    """The ILSVRC localisation criterion: wrong unless one of the top-5 ``(class, box)`` predictions
+    has the class of a ground-truth ``(class, box)`` and IoU > 0.5 with its box."""
+    return not any(label == true_label and float(iou(box[None], true_box[None])) > IOU_RIGHT
+                   for label, box in predictions[:5] for true_label, true_box in truth)
+
+
+def merge_greedily(boxes: Tensor, scores: Tensor, threshold: float = IOU_RIGHT) -> tuple[Tensor, Tensor]:
+    """OverFeat's greedy merge (Sermanet et al., 2014), as Appendix A uses it: while the two closest
+    boxes (the highest IoU) overlap by at least ``threshold``, replace them by the average of their
+    coordinates, scored by the sum of their scores. Returns the boxes and scores, best first."""
+    boxes, scores = boxes.float().clone(), scores.float().clone()
+    while len(boxes) > 1:
+        overlaps = iou(boxes, boxes).fill_diagonal_(-1.0)
+        best = int(overlaps.argmax())
+        i, j = divmod(best, len(boxes))
+        if overlaps[i, j] < threshold:
+            break
+        keep = [k for k in range(len(boxes)) if k not in (i, j)]
+        boxes = torch.cat([boxes[keep], ((boxes[i] + boxes[j]) / 2)[None]])
+        scores = torch.cat([scores[keep], (scores[i] + scores[j])[None]])
+    order = scores.argsort(descending=True)
+    return boxes[order], scores[order]
+
+
+# ---- the task --------------------------------------------------------------------------------
+
+
+class Localisation(Task):
+    """Appendix A's box regression: FC8 predicts (centre x, centre y, width, height) in crop sides,
+    for one box (SCR) or one per class (PCR); Euclidean loss on the ground-truth class's box (the
+    first of its boxes); validation: the localisation error (%) of the central crop (protocol 1).
+
+    Targets are (N, M, 5): the image's class, then a box's corners in crop sides (NaN rows pad)."""
+
+    metrics = ("loc_error",)
+    higher_is_better = False
+
+    def __init__(self, head: str = "pcr", boxes: str | Path | None = None) -> None:
+        if head not in HEADS:
+            raise UserError(f"--head {head}: one of {', '.join(HEADS)}")
+        self.head, self.boxes = head, boxes
+        self.name = f"localisation-{head}"
+
+    def outputs(self, num_classes: int) -> int:
+        return 4 if self.head == "scr" else 4 * num_classes
+
+    def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
+        table = read_boxes(self.boxes or Path(data) / "boxes.txt")
+        train_set, val_set = super().open_splits(data, train, val)
+        return with_boxes(train_set, table, Path(data), train), with_boxes(val_set, table, Path(data), val)
+
+    def targets(self, batch: Batch, device: torch.device) -> Tensor:
+        if batch.boxes is None:
+            raise UserError("localisation needs images with boxes (a dataset opened by the task)")
+        side = batch.images.shape[-1]
+        labels = batch.labels[:, None, None].float().expand(-1, batch.boxes.shape[1], 1)
+        return torch.cat([labels, batch.boxes / side], dim=2).to(device, non_blocking=True)
+
+    def predicted(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """The (N, 4) box codes for classes ``labels``: the one box of SCR, the class's box of PCR."""
+        if self.head == "scr":
+            return outputs[:, :4]
+        return outputs.view(len(outputs), -1, 4)[torch.arange(len(outputs)), labels.long()]
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.mse_loss(self.predicted(outputs, targets[:, 0, 0]), encode(targets[:, 0, 1:], 1.0), reduction="sum")
+
+    def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
+        boxes = decode(self.predicted(outputs, targets[:, 0, 0]), 1.0)
+        return [100.0 * float(wrong(boxes, targets[:, :, 1:]).sum())]
+
+
+def fixed_scale(recipe: dict[str, Any]) -> int:
+    """The training scale S of a run (Smin when jittered): protocol 1's resize, protocol 2's default Q."""
+    return train_scale(recipe)[0]
+
+
+def task_of(recipe: dict[str, Any], boxes: str | Path | None = None) -> Localisation:
+    """The localisation task a run was trained with (its recipe's ``task``)."""
+    name = str(recipe.get("task", ""))
+    if not name.startswith("localisation-"):
+        raise UserError(f"not a localisation net (its task is {name or 'classification'}): train one with "
+                        "verydeep localize train")
+    return Localisation(name.removeprefix("localisation-"), boxes)
+
+
+# ---- protocol 1: the central crop, the ground-truth class (Table 8) -------------------------------
+
+
+@dataclass
+class CenterResult:
+    """Protocol 1's localisation error (%) of a net, and of two boxes that ignore the image: the
+    whole image, and the mean training box (relative to the image)."""
+
+    checkpoint: str
+    head: str
+    images: int
+    localisation_error: float
+    whole_image_error: float
+    centre_prior_error: float
+
+
+def mean_relative_box(images: LabelledImages) -> Tensor:
+    """The mean first box of :func:`~verydeep.data.boxes.with_boxes` images, in units of each image's
+    width and height (from the headers alone)."""
+    boxes = images.transform.boxes
+    sizes = images.image_sizes()
+    relative = [torch.tensor(boxes[str(path)][0].corners) / torch.tensor([*size, *size])
+                for (path, _), size in zip(images.samples, sizes, strict=True) if size is not None]
+    if not relative:
+        raise UserError("no readable training image to take the mean box from")
+    return torch.stack(relative).mean(dim=0)
+
+
+def in_frames(relative: Tensor, frames: Tensor) -> Tensor:
+    """A box relative to the image (units of its width and height) in each of ``frames`` (N, 4)."""
+    origin, extent = frames[:, :2].repeat(1, 2), (frames[:, 2:] - frames[:, :2]).repeat(1, 2)
+    return origin + relative[None] * extent
+
+
+def loader(images: LabelledImages, limit: int | None, batch_size: int, workers: int) -> DataLoader:
+    """The first ``limit`` images per class, round-robin (:func:`~verydeep.data.balanced_subset`), in batches."""
+    indices = balanced_subset(images.targets, limit)
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return DataLoader(images, batch_sampler=batches, collate_fn=collate, num_workers=workers)
+
+
+@torch.no_grad()
+def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path | None = None,
+                    limit: int | None = None, batch_size: int = 64, device: str = "auto",
+                    workers: int = 0) -> CenterResult:
+    """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop."""
+    dev = runtime.pick_device(device)
+    model, recipe = load_model(checkpoint, dev)
+    task = task_of(recipe, boxes)
+    transform = CenterCropTransform(fixed_scale(recipe), int(recipe["crop"]))
+    train_set, val_set = task.open_splits(str(data), transform, transform)
+    prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
+    wrong_counts, images = torch.zeros(3), 0
+    for batch in loader(val_set, limit, batch_size, workers):
+        if not len(batch.images):
+            continue
+        side = batch.images.shape[-1]
+        outputs = model(to_input(batch.images.to(dev), pre)).float().cpu()
+        guesses = [decode(task.predicted(outputs, batch.labels), side), batch.frames, in_frames(prior, batch.frames)]
+        wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
+        images += len(batch.images)
+    if not images:
+        raise UserError(f"{data}: no readable validation image with a box")
+    errors = (100.0 * wrong_counts / images).tolist()
+    return CenterResult(str(checkpoint), task.head, images, *errors)
+
+
+def table_8(results: Sequence[CenterResult], fine_tuned: Sequence[str]) -> Any:
+    """Table 8's layout (protocol 1, error %) with the paper's figures beside each row."""
+    from verydeep.paper import TABLE_8, BoxRegression
+    from verydeep.report import Column, Row, Table
+
+    rows = []
+    for result, layers in zip(results, fine_tuned, strict=True):
+        label = "FC1-FC2" if layers == "fc" else "all"
+        paper = TABLE_8.get(BoxRegression(label, result.head.upper()))
+        cells = (label, result.head.upper(), f"{result.localisation_error:.1f}", f"{result.whole_image_error:.1f}",
+                 f"{result.centre_prior_error:.1f}")
+        rows.append(Row(cells, (f"{paper:.1f}",) if paper is not None else None))
+    columns = [Column("fine-tuned"), Column("regression"), Column("error %", True), Column("whole image %", True),
+               Column("centre prior %", True)]
+    return Table("Table 8: localisation error, central crop, ground-truth class", columns, rows,
+                 [Column("paper %", True)], paper_missing="-")
+
+
+# ---- protocol 2: dense boxes, merged greedily, ranked by a classifier (Table 9) --------------------
+
+#: Pixels between neighbouring locations of a dense net's output (five 2x2 poolings).
+STRIDE = 32
+
+
+@dataclass
+class Guess:
+    """One (class, box) prediction of protocol 2: the class index, its box in pixels of the full
+    image, the classifier's posterior of the class."""
+
+    label: int
+    box: Tensor
+    score: float
+
+
+def dense_boxes(dense: torch.nn.Module, x: Tensor, side: int) -> Tensor:
+    """Every location's boxes (K, L, 4) of a dense localisation net on one input ``x`` (1, 3, H, W), in
+    pixels of ``x``: K = 1 (SCR) or one per class (PCR); a location sees the ``side`` square at its
+    offset."""
+    out = dense(x).float()[0]
+    groups, (h, w) = out.shape[0] // 4, out.shape[-2:]
+    codes = out.view(groups, 4, h, w).permute(0, 2, 3, 1)
+    ys, xs = torch.meshgrid(torch.arange(h) * STRIDE, torch.arange(w) * STRIDE, indexing="ij")
+    offsets = torch.stack([xs, ys, xs, ys], dim=-1).float().to(codes.device)
+    return (decode(codes, side) + offsets).reshape(groups, h * w, 4).cpu()
+
+
+@dataclass
+class DenseNets:
+    """A localisation net and the classification net that ranks its classes, in dense form."""
+
+    locate: torch.nn.Module
+    classify: torch.nn.Module
+    recipes: tuple[dict[str, Any], dict[str, Any]]
+    device: torch.device
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, classifier: str | Path, device: str = "auto") -> DenseNets:
+        dev = runtime.pick_device(device)
+        locate, loc_recipe = load_model(checkpoint, dev)
+        task_of(loc_recipe)
+        classify, cls_recipe = load_model(classifier, dev)
+        if list(cls_recipe.get("classes") or []) != list(loc_recipe.get("classes") or []):
+            raise UserError(f"--classifier {classifier}: its classes are not those of {checkpoint}")
+        return cls(locate.dense(), classify.dense(), (loc_recipe, cls_recipe), dev)
+
+    def guesses(self, path: str | Path, scales: Sequence[int], top: int = 5) -> list[Guess]:
+        """Protocol 2 on one image: at each scale Q the boxes of every location, mapped to the full image
+        (their union over the scales), and the class posteriors (their mean); for each of the ``top``
+        classes its boxes merged greedily, the merged box with the most support kept."""
+        loc_recipe, cls_recipe = self.recipes
+        boxes, posteriors = [], []
+        for q in scales:
+            file = ImageFile(path)
+            plan = RescaleTransform(q).plan(file.size, False)
+            image = render(file, plan)[None].to(self.device)
+            with torch.no_grad():
+                found = dense_boxes(self.locate, to_input(image, Preprocess.from_dict(loc_recipe["preprocess"])),
+                                    int(loc_recipe["crop"]))
+                x = to_input(image, Preprocess.from_dict(cls_recipe["preprocess"]))
+                posteriors.append(dense_posteriors(self.classify, x, flip=False)[0].float().cpu())
+            boxes.append(from_crop(found.reshape(-1, 4), file.size, plan).view(found.shape))
+        union, scores = torch.cat(boxes, dim=1), torch.stack(posteriors).mean(dim=0)
+        best = scores.topk(min(top, len(scores)))
+        return [Guess(int(c), merge_greedily(union[int(c) if len(union) > 1 else 0],
+                                             torch.ones(union.shape[1]))[0][0], float(p))
+                for p, c in zip(best.values, best.indices, strict=True)]
+
+
+@dataclass
+class DenseResult:
+    """Protocol 2's top-5 localisation error (%) of a localisation net ranked by a classifier."""
+
+    checkpoint: str
+    classifier: str
+    scales: list[int]
+    images: int
+    localisation_error: float
+
+
+def evaluate_dense(checkpoint: str | Path, classifier: str | Path | None, data: str | Path,
+                   boxes: str | Path | None = None, scales: Sequence[int] | None = None, limit: int | None = None,
+                   device: str = "auto") -> DenseResult:
+    """Protocol 2 on the validation split of ``data`` (scales Q default to the training S)."""
+    if classifier is None:
+        raise UserError("--protocol dense ranks the boxes by a classification net's scores: give --classifier RUN")
+    nets = DenseNets.load(checkpoint, classifier, device)
+    recipe = nets.recipes[0]
+    qs = list(scales or [fixed_scale(recipe)])
+    transform = CenterCropTransform(max(qs), int(recipe["crop"]))
+    _, val_set = task_of(recipe, boxes).open_splits(str(data), transform, transform)
+    truth_boxes = val_set.transform.boxes
+    misses = images = 0
+    for index in balanced_subset(val_set.targets, limit):
+        path, label = val_set.samples[index]
+        truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
+                 for b in truth_boxes[str(path)]]
+        guesses = nets.guesses(path, qs)
+        misses += ilsvrc_wrong([(g.label, g.box) for g in guesses], truth)
+        images += 1
+    return DenseResult(str(checkpoint), str(classifier), qs, images, 100.0 * misses / max(images, 1))
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+#: Appendix A's fine-tuning settings, below a recipe's and the flags': configuration D, lr 1e-3.
+PAPER_DEFAULTS = {"config": "D", "lr": 1e-3}
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """``localize train``: :func:`verydeep.train.train` with the :class:`Localisation` task."""
+    from verydeep.recipe import make_config, settings_from_flags, stored_settings
+    from verydeep.train import train
+
+    given = {key: value for key, value in vars(args).items() if key not in ("command", "action", "func", "head",
+                                                                             "boxes")}
+    settings = {**({} if given.get("resume") else PAPER_DEFAULTS), **settings_from_flags(given)}
+    stored = str(stored_settings(given["out"]).get("task", "")) if given.get("resume") and given.get("out") else ""
+    head = getattr(args, "head", None) or stored.removeprefix("localisation-") or "pcr"
+    summary = train(make_config(settings), task=Localisation(head, getattr(args, "boxes", None)))
+    if runtime.Processes.from_env().main:
+        print(json.dumps(summary.to_dict()))
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """``localize eval``: protocol 1 (``center``) or 2 (``dense``); a table, or one JSON line."""
+    if args.protocol == "dense":
+        result: Any = evaluate_dense(args.checkpoint, args.classifier, args.data, args.boxes, args.scales,
+                                     args.limit, args.device)
+        text = f"Table 9 protocol: top-5 localisation error {result.localisation_error:.1f}% on {result.images} images"
+    else:
+        result = evaluate_center(args.checkpoint, args.data, args.boxes, args.limit, args.batch_size, args.device,
+                                 args.workers)
+        text = table_8([result], [args.fine_tuned]).markdown("###")
+    print(json.dumps(result.__dict__) if args.json else text)
+
+
+def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: Path) -> Path:
+    """``path`` with each guess's box and class name drawn on it, as ``out/<stem>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    fig, ax = plt.subplots(figsize=(6, 6 * image.height / image.width))
+    ax.imshow(image)
+    for rank, guess in enumerate(guesses):
+        x0, y0, x1, y1 = guess.box.tolist()
+        colour = plt.cm.tab10(rank)
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, linewidth=3 - rank * 0.4))
+        ax.text(x0, y0, f"{rank + 1}. {names[guess.label]} {guess.score:.2f}", color="white", fontsize=8,
+                backgroundcolor=colour, va="bottom")
+    ax.axis("off")
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{Path(path).stem}.png"
+    fig.savefig(target, bbox_inches="tight", dpi=100)
+    plt.close(fig)
+    return target
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    """``localize predict``: protocol 2's top (class, box) predictions of each image, drawn, and one JSON line each."""
+    nets = DenseNets.load(args.checkpoint, args.classifier, args.device)
+    recipe = nets.recipes[0]
+    names = list(recipe.get("class_names") or recipe.get("classes") or [])
+    scales = args.scales or [fixed_scale(recipe)]
+    for image in args.images:
+        if not Path(image).is_file():
+            raise UserError(f"{image}: no such image")
+        guesses = nets.guesses(image, scales, args.top)
+        drawn = draw(image, guesses, names, args.out)
+        print(json.dumps({"image": str(image), "drawn": str(drawn), "predictions": [
+            {"class": names[g.label], "box": [round(v, 1) for v in g.box.tolist()], "score": g.score}
+            for g in guesses]}))
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from verydeep.cli import device_name, natural_int, output_dir, positive_int
+    from verydeep.recipe import add_flags
+
+    p = subparsers.add_parser("localize", help="localisation (Appendix A): box regression nets and their error",
+                              description="Train a box regression net, measure its localisation error, draw its boxes.")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser("train", argument_default=argparse.SUPPRESS,
+                           help="fine-tune a net to regress boxes (train's flags; lr 1e-3, configuration D)")
+    add_flags(t)
+    t.add_argument("--boxes", help="boxes: a text file, a LOC_*_solution.csv, or a folder of XML annotations "
+                                   "(default DIR/boxes.txt)")
+    t.add_argument("--head", choices=HEADS, help="single-class or per-class regression (default pcr)")
+    t.set_defaults(func=run_train)
+    e = actions.add_parser("eval", help="the localisation error: protocol 1 (center, Table 8) or 2 (dense, Table 9)")
+    e.add_argument("--checkpoint", required=True, help="the localisation run (or checkpoint)")
+    e.add_argument("--classifier", help="the classification run that ranks the classes (protocol dense)")
+    e.add_argument("--data", required=True, help="dataset folder with train/ and val/")
+    e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt)")
+    e.add_argument("--protocol", choices=("center", "dense"), default="center")
+    e.add_argument("--scales", type=positive_int, nargs="+", help="test scales Q (dense; default the training S)")
+    e.add_argument("--fine-tuned", choices=("all", "fc"), default="all", help="the table's label of the net")
+    e.add_argument("--limit", type=positive_int, help="at most this many validation images, class-balanced")
+    e.add_argument("--batch-size", type=positive_int, default=64)
+    e.add_argument("--workers", type=natural_int, default=0)
+    e.add_argument("--device", type=device_name, default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    e.set_defaults(func=run_eval)
+    r = actions.add_parser("predict", help="draw protocol 2's top (class, box) predictions of images")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--checkpoint", required=True, help="the localisation run (or checkpoint)")
+    r.add_argument("--classifier", required=True, help="the classification run that ranks the classes")
+    r.add_argument("--scales", type=positive_int, nargs="+", help="test scales Q (default the training S)")
+    r.add_argument("--top", type=positive_int, default=5, help="predictions per image")
+    r.add_argument("--out", type=output_dir, required=True, help="folder for the drawn PNGs")
+    r.add_argument("--device", type=device_name, default="auto")
+    r.set_defaults(func=run_predict)

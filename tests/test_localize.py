@@ -1,0 +1,126 @@
+"""Localisation (Appendix A): the error criteria, greedy merging, the box regression task trained
+through the trainer, and both protocols from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny, write_dataset
+
+from verydeep.checkpoint import load_checkpoint
+from verydeep.cli import main
+from verydeep.data import Batch
+from verydeep.errors import UserError
+from verydeep.localize import Localisation, evaluate_center, ilsvrc_wrong, merge_greedily, task_of, wrong
+from verydeep.train import train
+
+
+def box(*corners: float) -> torch.Tensor:
+    return torch.tensor(corners, dtype=torch.float32)
+
+
+def test_an_image_is_wrong_when_its_box_overlaps_no_true_box_by_more_than_half():
+    nan = float("nan")
+    truth = torch.tensor([[[0.0, 0, 10, 10], [nan] * 4], [[0, 0, 10, 10], [20, 20, 30, 30]],
+                          [[0, 0, 10, 20], [nan] * 4]])
+    predicted = torch.stack([box(0, 0, 10, 10), box(21, 20, 30, 30), box(0, 0, 10, 10)])  # IoU 1, 0.9, exactly 0.5
+    assert wrong(predicted, truth).tolist() == [False, False, True]
+
+
+def test_the_ilsvrc_criterion_needs_the_right_class_and_the_right_box_in_the_top_five():
+    truth = [(3, box(0, 0, 10, 10))]
+    assert not ilsvrc_wrong([(1, box(0, 0, 10, 10)), (3, box(1, 0, 10, 10))], truth)
+    assert ilsvrc_wrong([(1, box(0, 0, 10, 10)), (3, box(20, 20, 30, 30))], truth)  # right class, wrong box
+    assert ilsvrc_wrong([(c, box(0, 0, 10, 10)) for c in (0, 1, 2, 4, 5)] + [(3, box(0, 0, 10, 10))], truth)
+
+
+def test_greedy_merging_averages_the_closest_boxes_until_none_overlap_enough():
+    boxes = torch.stack([box(0, 0, 10, 10), box(1, 0, 11, 10), box(50, 50, 60, 60), box(0, 1, 10, 11)])
+    merged, scores = merge_greedily(boxes, torch.ones(4))
+    # (0,0,10,10) and (1,0,11,10) first (IoU 0.82 ties with the third pair; the lower index goes first),
+    # then their mean (0.5,0,10.5,10) with (0,1,10,11); the far box stays alone.
+    assert scores.tolist() == [3.0, 1.0]
+    assert merged.tolist() == [[0.25, 0.5, 10.25, 10.5], [50, 50, 60, 60]]
+    alone, _ = merge_greedily(torch.stack([box(0, 0, 10, 10), box(6, 0, 16, 10)]), torch.tensor([1.0, 2.0]))
+    assert alone.tolist() == [[6, 0, 16, 10], [0, 0, 10, 10]]  # IoU 0.25: kept apart, best score first
+
+
+def boxed_batch() -> Batch:
+    nan = float("nan")
+    boxes = torch.tensor([[[0.0, 0, 16, 16], [nan] * 4], [[8, 8, 32, 32], [0, 0, 4, 4]]])
+    return Batch(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 2]), [], boxes, torch.zeros(2, 4))
+
+
+def test_per_class_regression_learns_the_true_class_box_only():
+    task, batch = Localisation("pcr"), boxed_batch()
+    targets = task.targets(batch, torch.device("cpu"))
+    assert task.outputs(3) == 12 and targets.shape == (2, 2, 5) and targets[1, 0].tolist() == [2, 0.25, 0.25, 1, 1]
+    outputs = torch.zeros(2, 12)
+    outputs[0, 0:4] = torch.tensor([0.25, 0.25, 0.5, 0.5])  # image 0, class 0: exactly its box
+    outputs[1, 8:12] = torch.tensor([0.625, 0.625, 0.75, 0.75])  # image 1, class 2: exactly its first box
+    assert float(task.loss(outputs, targets)) == pytest.approx(0.0)
+    assert task.metric_sums(outputs, targets) == [0.0]
+    outputs[1, 8:12] = 0.0
+    assert task.metric_sums(outputs, targets) == [100.0]
+    assert Localisation("scr").outputs(3) == 4 and Localisation("scr").predicted(outputs, batch.labels).shape == (2, 4)
+
+
+def test_a_classification_net_is_not_a_localisation_net():
+    with pytest.raises(UserError, match="not a localisation net"):
+        task_of({"task": "classification"})
+    with pytest.raises(UserError, match="--head"):
+        Localisation("xyz")
+
+
+@pytest.fixture(scope="module")
+def boxed(tmp_path_factory: pytest.TempPathFactory):
+    """A dataset whose every image has a box (the central square), plus a classification run on it."""
+    root = write_dataset(tmp_path_factory.mktemp("boxed"), {"train": 16, "val": 4})
+    lines = [f"{path.relative_to(root).as_posix()} 8 6 35 33" for path in sorted(root.rglob("*.png"))]
+    (root / "boxes.txt").write_text("\n".join(lines) + "\n")
+    classifier = tmp_path_factory.mktemp("classifier")
+    train(tiny(root, classifier, epochs=1, batch_norm=True))
+    return root, classifier
+
+
+def test_the_task_trains_from_a_classification_net_and_validates_protocol_one(boxed, tmp_path):
+    root, classifier = boxed
+    cfg = tiny(root, tmp_path, epochs=2, lr=1e-3, scale=(32, 32), batch_norm=True, weights=str(classifier))
+    summary = train(cfg, task=Localisation("pcr"))
+    assert summary.metric == "loc_error" and 0 <= summary.best <= 100
+    state = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert state["recipe"]["task"] == "localisation-pcr" and state["recipe"]["outputs"] == 16
+    copied = state["recipe"]["start"]["copied"]
+    assert "features.0.weight" in copied and "classifier.6.weight" not in copied  # FC8 starts random
+    result = evaluate_center(tmp_path, root)
+    assert result.images == 16 and result.whole_image_error == 100.0 and result.centre_prior_error == 0.0
+
+
+def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, capsys):
+    root, classifier = boxed
+    run = tmp_path / "loc"
+    main(["localize", "train", "--data", str(root), "--weights", str(classifier), "--head", "scr", "--crop", "32",
+          "--scale", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--device", "cpu",
+          "--no-progress", "--freeze", "features", "--out", str(run)])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["metric"] == "loc_error"
+    main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--json"])
+    center = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(center) >= {"localisation_error", "whole_image_error", "centre_prior_error"}
+    main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--fine-tuned", "fc"])
+    table = capsys.readouterr().out
+    assert "| FC1-FC2 | SCR |" in table and "36.4 |" in table
+    main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense", "--classifier",
+          str(classifier), "--scales", "32", "40", "--json"])
+    dense = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert dense["images"] == 16 and dense["scales"] == [32, 40] and 0 <= dense["localisation_error"] <= 100
+    assert main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense"]) == 2
+    assert "--classifier" in capsys.readouterr().err
+    image = next((root / "val").rglob("*.png"))
+    main(["localize", "predict", str(image), "--checkpoint", str(run), "--classifier", str(classifier), "--top", "2",
+          "--out", str(tmp_path / "drawn")])
+    predicted = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert len(predicted["predictions"]) == 2 and (tmp_path / "drawn" / f"{image.stem}.png").is_file()
+    assert main(["localize", "eval", "--checkpoint", str(classifier), "--data", str(root)]) == 2
+    assert "not a localisation net" in capsys.readouterr().err
