@@ -1,0 +1,121 @@
+"""PASCAL VOC classification data (Appendix B): images, their classes, and the difficult flags.
+
+A VOC root (``VOCdevkit/VOC2007`` or ``VOC2012``) holds ``JPEGImages/<id>.jpg``,
+``Annotations/<id>.xml`` (one ``<object>`` per instance, with its ``<name>`` and an optional
+``<difficult>`` flag) and ``ImageSets/Main/{train,val,trainval,test}.txt`` (image ids, one a line).
+An image is labelled per class as VOC's own ``<class>_<set>.txt`` files label it: 1 when it shows
+a non-difficult instance of the class, 0 ("ignored") when its only instances are difficult, -1
+when it shows none. Classes labelled 0 leave the image out of that class's training and scoring.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from verydeep.errors import MissingFileError, UserError
+
+#: Label values per (image, class), as in VOC's ``<class>_<set>.txt`` files.
+POSITIVE, IGNORED, NEGATIVE = 1, 0, -1
+
+
+@dataclass(frozen=True)
+class VOCObject:
+    """One annotated instance: its class name and whether it is marked difficult."""
+
+    name: str
+    difficult: bool
+
+
+@dataclass
+class VOCData:
+    """The images of a training and a test part: ids, paths, ``labels`` (images x classes, int8 in
+    {1, 0, -1}), the part of each image (``train`` or ``test``) and the classes."""
+
+    ids: list[str]
+    paths: list[Path]
+    labels: np.ndarray
+    splits: list[str]
+    classes: list[str]
+    image_sets: tuple[str, str]  # the ImageSets/Main lists used as the training and test parts
+
+
+def is_voc(root: str | Path) -> bool:
+    """True when ``root`` has VOC's ``Annotations`` and ``JPEGImages`` folders."""
+    root = Path(root)
+    return (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir()
+
+
+def read_annotation(path: Path) -> list[VOCObject]:
+    """The objects of one annotation file; an unreadable or malformed file is a one-line error naming it."""
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such VOC annotation")
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as error:
+        raise UserError(f"{path}: not a readable VOC annotation ({type(error).__name__}: {error})") from error
+    objects = []
+    for element in root.iter("object"):
+        name = (element.findtext("name") or "").strip()
+        difficult = (element.findtext("difficult") or "0").strip()
+        if not name or difficult not in ("0", "1"):
+            raise UserError(f"{path}: an <object> without a <name>, or with <difficult> not 0 or 1 ({difficult!r})")
+        objects.append(VOCObject(name, difficult == "1"))
+    return objects
+
+
+def image_labels(objects: list[VOCObject], classes: list[str]) -> np.ndarray:
+    """One image's label per class: 1 (a non-difficult instance), 0 (difficult instances only), -1 (none)."""
+    labels = np.full(len(classes), NEGATIVE, dtype=np.int8)
+    index = {c: i for i, c in enumerate(classes)}
+    for obj in objects:
+        if obj.difficult:
+            labels[index[obj.name]] = max(labels[index[obj.name]], IGNORED)
+        else:
+            labels[index[obj.name]] = POSITIVE
+    return labels
+
+
+def read_image_set(root: Path, name: str) -> list[str]:
+    """The image ids of ``ImageSets/Main/<name>.txt``."""
+    path = root / "ImageSets" / "Main" / f"{name}.txt"
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such VOC image set")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def image_sets(root: Path) -> tuple[str, str]:
+    """The training and test parts: ``trainval`` and ``test`` where the test annotations are at hand
+    (VOC-2007), else ``train`` and ``val`` (VOC-2012, whose test annotations are not public)."""
+    main = root / "ImageSets" / "Main"
+    if (main / "test.txt").is_file() and (main / "trainval.txt").is_file():
+        test = read_image_set(root, "test")
+        if test and (root / "Annotations" / f"{test[0]}.xml").is_file():
+            return "trainval", "test"
+    return "train", "val"
+
+
+def open_voc(root: str | Path) -> VOCData:
+    """A VOC root's training and test images with their labels (see the module's description).
+
+    The classes are the object names found, sorted: VOC's 20 in the devkit's (alphabetical) order.
+    """
+    root = Path(root)
+    if not is_voc(root):
+        raise MissingFileError(f"{root}: not a VOC root (no Annotations/ and JPEGImages/ folders)")
+    parts = image_sets(root)
+    ids = {part: read_image_set(root, part) for part in parts}
+    objects = {i: read_annotation(root / "Annotations" / f"{i}.xml") for part in parts for i in ids[part]}
+    classes = sorted({obj.name for found in objects.values() for obj in found})
+    if not classes:
+        raise UserError(f"{root}: its image sets {' and '.join(parts)} list no annotated objects")
+    order = [(split, i) for split, part in zip(("train", "test"), parts, strict=True) for i in ids[part]]
+    paths = [root / "JPEGImages" / f"{i}.jpg" for _, i in order]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise MissingFileError(f"{missing[0]}: no such image ({len(missing)} listed images are missing)")
+    labels = np.stack([image_labels(objects[i], classes) for _, i in order])
+    return VOCData([i for _, i in order], paths, labels, [s for s, _ in order], classes, parts)
