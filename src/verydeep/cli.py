@@ -18,8 +18,8 @@ from typing import NoReturn
 from verydeep.errors import UserError
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
-COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "weights", "export", "reproduce", "demo",
-                   "localize")
+COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "weights", "export", "features",
+                   "reproduce", "demo", "localize")
 
 
 def one_line(message: object) -> str:

@@ -1,0 +1,523 @@
+"""Very deep features for other datasets (Appendix B): FC7 descriptors of the dense net, for linear SVMs.
+
+The last FC layer is dropped and the penultimate layer's activations (FC7 after its ReLU, the tap
+``relu7``: 4096-d at full width) describe the image. The net is applied densely (Sec. 3.2) to the whole
+image rescaled so its smallest side is Q; the FC7 map is global-average pooled, and averaged with the
+mirrored image's descriptor. Over several Q the descriptors are stacked (concatenated) or averaged,
+then L2-normalised; several nets stack their normalised descriptors (Table 11's "D and E"), the
+whole normalised again so that each net weighs the same. Q is in pixels, whatever the net's crop
+(the paper's 256, 384, 512 by default, its Caltech setting); a Q below a net's crop is an error.
+
+Images are batched by their size after the rescale, bf16 where fast. Each image's descriptor per net
+and Q is kept before aggregation; every ``checkpoint_every`` batches (and on Ctrl-C) what is done is
+written atomically to ``OUT.partial``, from which a run with the same nets, images and scales
+continues. The result (:class:`Features`) is an ``.npz`` numpy reads: ``features``, ``labels``,
+``paths``, ``splits``, ``classes``, ``class_names``, ``skipped`` and ``settings`` (JSON).
+
+Activations at any other layer (``conv1_1`` .. ``pool5``, ``fc6``, ``fc7``) come from
+``model.extract(x, names)`` or, as maps of the fully-convolutional form, ``model.dense().extract``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from verydeep.checkpoint import atomic_write
+from verydeep.cli import device_name, natural_int, output_file, positive_int
+from verydeep.data import LabelledImages, Preprocess
+from verydeep.errors import MissingFileError, UserError
+from verydeep.model import DenseVGG
+
+#: The layer whose activations are the descriptor: FC7 after its ReLU.
+TAP = "relu7"
+AGGREGATES = ("stack", "average")
+#: The paper's Caltech scales Q (its VOC descriptors averaged 256 to 768 in steps of 128).
+DEFAULT_SCALES = (256, 384, 512)
+
+
+# ---- descriptors ----------------------------------------------------------------------------
+
+
+def pooled_descriptor(dense: DenseVGG, x: Tensor, flip: bool = True) -> Tensor:
+    """Appendix B: the ``relu7`` map of the dense net on normalised images (N, 3, H, W), global-average
+    pooled, averaged with the mirrored images' when ``flip``: (N, FC7 width), float32."""
+    n = x.shape[0]
+    inputs = torch.cat([x, x.flip(-1)]) if flip else x
+    pooled = dense.extract(inputs, [TAP])[TAP].float().mean(dim=(2, 3))
+    return pooled.view(2, n, -1).mean(dim=0) if flip else pooled
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit Euclidean norm (a zero row stays zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def aggregate(per_scale: Sequence[np.ndarray], how: str) -> np.ndarray:
+    """One net's descriptors (N, D) at each Q, stacked to (N, D x scales) or averaged to (N, D), then L2-normalised."""
+    if how not in AGGREGATES:
+        raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}; got {how!r}")
+    joined = np.concatenate(per_scale, axis=1) if how == "stack" else np.mean(per_scale, axis=0)
+    return l2_normalise(joined)
+
+
+def combine(per_net: Sequence[np.ndarray]) -> np.ndarray:
+    """Several nets' normalised descriptors stacked and L2-normalised again (each net weighs the same)."""
+    return l2_normalise(np.concatenate(per_net, axis=1))
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSet:
+    """Images to describe: their paths, labels ((N,) class indices, or (N, classes) in {1, 0, -1} for
+    multi-label VOC data), the part each belongs to (``train``, ``test``, or ``""`` where the protocol
+    draws random splits) and the classes."""
+
+    paths: list[str]
+    labels: np.ndarray
+    splits: list[str]
+    classes: list[str]
+    class_names: list[str]
+
+
+class IndexedImages(LabelledImages):
+    """``paths`` as a dataset whose items are labelled by their index (a batch's labels say which images
+    it holds); unreadable files are skipped and named."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Any = None) -> None:
+        super().__init__(transform, strict=False)
+        self.samples = [(Path(p), i) for i, p in enumerate(paths)]
+        self.classes, self.class_names = [], []
+
+
+def open_image_set(data: str | Path) -> ImageSet:
+    """The images of ``data``: a VOC root (:mod:`verydeep.data.voc`), a root with ``train/`` and ``test/``
+    (or ``val/``) class folders (one given split), or a folder of class folders (split at random later)."""
+    from verydeep.data import ImageFolder, find_split
+    from verydeep.data.voc import is_voc, open_voc
+
+    root = Path(data)
+    if not root.is_dir():
+        raise MissingFileError(f"data folder {root} does not exist")
+    if is_voc(root):
+        voc = open_voc(root)
+        return ImageSet([str(p) for p in voc.paths], voc.labels, voc.splits, voc.classes, voc.classes)
+    if not (root / "train").is_dir():
+        folder = ImageFolder(root, None)
+        return ImageSet([str(p) for p, _ in folder.samples], np.array(folder.targets), [""] * len(folder),
+                        folder.classes, folder.class_names)
+    train, test = ImageFolder(find_split(root, "train"), None), ImageFolder(find_split(root, "test"), None)
+    if train.classes != test.classes:
+        raise UserError(f"{root}: the classes of {train.root.name}/ and {test.root.name}/ differ")
+    parts = [("train", train), ("test", test)]
+    return ImageSet([str(p) for _, part in parts for p, _ in part.samples],
+                    np.array([t for _, part in parts for t in part.targets]),
+                    [name for name, part in parts for _ in part.samples], train.classes, train.class_names)
+
+
+def loaded_batches(dataset: LabelledImages, batches: Sequence[list[int]], workers: int,
+                   ) -> Iterator[tuple[np.ndarray, Tensor, list[str]]]:
+    """The batches of ``dataset``: the indices of the images read, the uint8 images, the paths skipped."""
+    from torch.utils.data import DataLoader
+
+    from verydeep.data import collate
+
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
+    for batch in loader:
+        yield batch.labels.numpy(), batch.images, batch.skipped
+
+
+# ---- nets -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureNet:
+    """A net whose FC7 describes images: its source, name, dense form, input convention and crop."""
+
+    source: str
+    name: str
+    dense: DenseVGG
+    preprocess: Preprocess
+    crop: int
+    dims: int  # FC7's width
+    digest: str  # of its weights: a partial extraction continues only with the same weights
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "model": self.name, "crop": self.crop, "digest": self.digest}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A BLAKE2 digest of every tensor of ``model``'s state dict."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: torch.device,
+                      weights_dir: str | Path | None = None) -> list[FeatureNet]:
+    """Each source through :func:`verydeep.weights.load_published`, refused when it holds no FC layers
+    (Keras' ``notop`` files: FC7 would be random); the input convention is the weights' own."""
+    from verydeep.evaluate import model_name, net_preprocess
+    from verydeep.runtime import prepare
+    from verydeep.weights import load_published
+
+    if not sources:
+        raise UserError("give --weights SOURCE (or --raw-pixels SIDE)")
+    nets = []
+    for source in sources:
+        published = load_published(source, weights_dir)
+        if published.recipe.get("head") == "random":
+            raise UserError(f"{source}: holds no FC layers, whose FC7 activations are the features; give weights "
+                            "with them")
+        digest = weights_digest(published.model)
+        model = prepare(published.model, device).eval()
+        nets.append(FeatureNet(str(source), model_name(published.recipe), model.dense(),
+                               net_preprocess(published.recipe, source, Path(data)), model.input_size,
+                               model.fc_layers()["fc7"].out_features, digest))
+    return nets
+
+
+# ---- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class Features:
+    """Descriptors (N, D) float32, one row per readable image, with what the protocols need: labels,
+    paths, splits, classes and class names; the images skipped; how they were made (``settings``)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    splits: list[str]
+    classes: list[str]
+    class_names: list[str]
+    settings: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    def save(self, path: str | Path) -> Path:
+        """Write an ``.npz`` atomically (numpy reads it without pickles)."""
+        arrays = {"features": self.features.astype(np.float32), "labels": self.labels,
+                  "paths": np.array(self.paths, dtype=str), "splits": np.array(self.splits, dtype=str),
+                  "classes": np.array(self.classes, dtype=str), "class_names": np.array(self.class_names, dtype=str),
+                  "skipped": np.array(self.skipped, dtype=str), "settings": np.array(json.dumps(self.settings))}
+        return atomic_write(path, lambda tmp: _savez(tmp, arrays))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Features:
+        """Read what :meth:`save` wrote; a missing, damaged or foreign file is a one-line error naming it."""
+        arrays = _load_npz(path, ("features", "labels", "paths", "splits", "classes", "class_names", "skipped",
+                                  "settings"))
+        return cls(arrays["features"], arrays["labels"], arrays["paths"].tolist(), arrays["splits"].tolist(),
+                   arrays["classes"].tolist(), arrays["class_names"].tolist(), json.loads(str(arrays["settings"])),
+                   arrays["skipped"].tolist())
+
+
+def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
+        np.savez(f, **arrays)
+
+
+def _load_npz(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such features file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from error
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise UserError(f"{path}: not a verydeep features file (no {', '.join(missing)})")
+    return arrays
+
+
+# ---- extraction -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How descriptors are computed: scales Q, aggregation, device, autocast dtype, batch size, loader
+    workers, progress bar, and how many batches between saves of a partial extraction."""
+
+    scales: tuple[int, ...] = DEFAULT_SCALES
+    aggregate: str = "stack"
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None
+    batch_size: int = 16
+    workers: int = 0
+    progress: bool = True
+    checkpoint_every: int = 50
+
+    @classmethod
+    def create(cls, scales: Sequence[int] = DEFAULT_SCALES, aggregate: str = "stack", device: str = "auto",
+               precision: str = "auto", batch_size: int = 16, workers: int | None = None, progress: bool = True,
+               checkpoint_every: int = 50) -> Settings:
+        """Settings with the device picked (``auto``: CUDA when there is one), bf16 where it is fast
+        (``precision`` auto), and the loader workers defaulting to the cores less one."""
+        from verydeep.runtime import autocast_dtype, default_workers, pick_device
+
+        if aggregate not in AGGREGATES:
+            raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}; got {aggregate!r}")
+        if not scales or min(scales) < 1 or batch_size < 1 or checkpoint_every < 1:
+            raise UserError("--scales, --batch-size and --checkpoint-every must be positive")
+        torch_device = pick_device(device)
+        return cls(tuple(sorted(set(scales))), aggregate, torch_device, autocast_dtype(torch_device, precision),
+                   batch_size, default_workers() if workers is None else workers, progress, checkpoint_every)
+
+
+@dataclass
+class Partial:
+    """Descriptors per (net, Q) before aggregation, which images each Q's pass has done, the images
+    skipped, and the ``key`` (nets, images, scales) that a run must match to continue from them."""
+
+    key: str
+    arrays: dict[str, np.ndarray]  # "net0_Q256": (N, D) float32
+    done: np.ndarray  # (scales, N) bool
+    skipped: set[str]
+
+    @classmethod
+    def start(cls, key: str, nets: Sequence[FeatureNet], scales: Sequence[int], n: int) -> Partial:
+        arrays = {f"net{i}_Q{q}": np.zeros((n, net.dims), np.float32)
+                  for i, net in enumerate(nets) for q in scales}
+        return cls(key, arrays, np.zeros((len(scales), n), dtype=bool), set())
+
+    def save(self, path: Path) -> None:
+        arrays = {**self.arrays, "done": self.done, "skipped": np.array(sorted(self.skipped), dtype=str),
+                  "key": np.array(self.key)}
+        atomic_write(path, lambda tmp: _savez(tmp, arrays))
+
+    @classmethod
+    def resume(cls, path: Path, fresh: Partial) -> Partial:
+        """The saved extraction at ``path`` when its key is ``fresh``'s, else ``fresh``; a partial
+        extraction of other nets, images or scales is an error (nothing is silently thrown away)."""
+        if not path.is_file():
+            return fresh
+        arrays = _load_npz(path, ("done", "skipped", "key"))
+        if str(arrays["key"]) != fresh.key or set(fresh.arrays) - set(arrays):
+            raise UserError(f"{path}: a partial extraction with other nets, images or scales; give the same "
+                            "settings to continue it, or delete it")
+        return cls(fresh.key, {k: arrays[k] for k in fresh.arrays}, arrays["done"], set(arrays["skipped"].tolist()))
+
+
+def extraction_key(nets: Sequence[FeatureNet], images: ImageSet, scales: Sequence[int]) -> str:
+    """What the per-image descriptors depend on, as JSON: the nets' weights and the images' paths, the scales."""
+    paths = hashlib.blake2b("\n".join(images.paths).encode(), digest_size=16).hexdigest()
+    return json.dumps({"nets": [n.digest for n in nets], "paths": paths, "scales": list(scales), "tap": TAP})
+
+
+def run_passes(nets: Sequence[FeatureNet], images: ImageSet, state: Partial, settings: Settings,
+               partial_path: Path | None) -> None:
+    """Fill ``state`` with every net's descriptors of every image not yet done, one pass per Q; save it
+    every ``checkpoint_every`` batches and when interrupted."""
+    from verydeep.runtime import progress_bar
+
+    dataset = IndexedImages(images.paths)  # its image sizes are read once, for every pass
+    batches = 0
+    with progress_bar(int((~state.done).sum()), settings.progress, unit="img") as bar:
+        try:
+            for p, q in enumerate(settings.scales):
+                bar.set_description(f"features Q={q}", refresh=False)
+                for done in run_pass(nets, dataset, p, state, settings):
+                    bar.update(done)
+                    batches += 1
+                    if partial_path is not None and batches % settings.checkpoint_every == 0:
+                        state.save(partial_path)
+        except KeyboardInterrupt:
+            if partial_path is not None:
+                state.save(partial_path)
+            raise
+
+
+def run_pass(nets: Sequence[FeatureNet], dataset: IndexedImages, p: int, state: Partial, settings: Settings
+             ) -> Iterator[int]:
+    """The pass at the ``p``-th Q over the images it has not done, whole images batched by their size after
+    the rescale; yields the number of images each batch completed."""
+    from verydeep.data import RescaleTransform, SizeGroupedBatchSampler
+
+    q = settings.scales[p]
+    dataset.transform = RescaleTransform(q)
+    position = {str(path): i for path, i in dataset.samples}
+    batches = [[i for i in batch if not state.done[p, i]]
+               for batch in SizeGroupedBatchSampler(dataset, q, settings.batch_size).batches]
+    for indices, batch, skipped in loaded_batches(dataset, [b for b in batches if b], settings.workers):
+        describe_batch(nets, batch, indices, q, state, settings)
+        state.skipped.update(skipped)
+        state.done[p, [*indices, *(position[path] for path in skipped)]] = True
+        yield len(indices) + len(skipped)
+
+
+@torch.inference_mode()
+def describe_batch(nets: Sequence[FeatureNet], images: Tensor, indices: np.ndarray, q: int, state: Partial,
+                   settings: Settings) -> None:
+    """Every net's descriptors of one batch of uint8 images at Q = ``q``, into ``state``."""
+    from verydeep.data import to_input
+    from verydeep.runtime import autocast
+
+    if not len(indices):
+        return
+    images = images.to(settings.device)
+    for i, net in enumerate(nets):
+        x = to_input(images, net.preprocess).contiguous(memory_format=torch.channels_last)
+        with autocast(settings.device, settings.dtype):
+            state.arrays[f"net{i}_Q{q}"][indices] = pooled_descriptor(net.dense, x).cpu().numpy()
+
+
+def extract_features(sources: Sequence[str | Path], data: str | Path, out: str | Path | None = None,
+                     settings: Settings | None = None, weights_dir: str | Path | None = None) -> Features:
+    """Appendix B's descriptors of every image of ``data`` (:func:`open_image_set`) by the nets of ``sources``
+    (anything :func:`verydeep.weights.load_published` reads; several stack their descriptors).
+
+    With ``out`` the result is written there, and the work is saved every ``settings.checkpoint_every``
+    batches to ``OUT.partial``, which a later call with the same nets, images and scales continues.
+    """
+    settings = settings or Settings.create()
+    images = open_image_set(data)
+    nets = load_feature_nets(sources, data, settings.device, weights_dir)
+    small = [(net.source, net.crop) for net in nets if settings.scales[0] < net.crop]
+    if small:
+        raise UserError(f"--scales {settings.scales[0]} is smaller than the crop {small[0][1]} of {small[0][0]}")
+    partial_path = Path(f"{out}.partial") if out is not None else None
+    state = Partial.start(extraction_key(nets, images, settings.scales), nets, settings.scales, len(images.paths))
+    if partial_path is not None:
+        state = Partial.resume(partial_path, state)
+    run_passes(nets, images, state, settings, partial_path)
+    keep = np.array([path not in state.skipped for path in images.paths])
+    per_net = [aggregate([state.arrays[f"net{i}_Q{q}"][keep] for q in settings.scales], settings.aggregate)
+               for i in range(len(nets))]
+    for net, descriptors in zip(nets, per_net, strict=True):
+        if not np.isfinite(descriptors).all():
+            raise UserError(f"{net.source}: the net's features are not finite (NaN or inf)")
+    description = {"kind": "vgg", "tap": TAP, "flip": True, "nets": [net.describe() for net in nets],
+                   "scales": list(settings.scales), "aggregate": settings.aggregate, "data": str(data)}
+    result = kept_images(images, keep, combine(per_net), description, state.skipped)
+    if out is not None:
+        result.save(out)
+        partial_path.unlink(missing_ok=True)
+    return result
+
+
+def kept_images(images: ImageSet, keep: np.ndarray, features: np.ndarray, settings: dict[str, Any],
+                skipped: set[str]) -> Features:
+    """The :class:`Features` of the images ``keep`` marks (those read), their descriptors ``features``."""
+    if not keep.any():
+        raise UserError("no image could be read")
+    chosen = np.flatnonzero(keep)
+    return Features(features, images.labels[keep], [images.paths[i] for i in chosen],
+                    [images.splits[i] for i in chosen], images.classes, images.class_names, settings, sorted(skipped))
+
+
+def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = None) -> Features:
+    """A baseline without a ConvNet: each image's smallest side rescaled to ``side``, its central ``side`` x
+    ``side`` square's pixels (RGB on 0..1) less their mean, L2-normalised."""
+    from verydeep.data import CenterCropTransform
+    from verydeep.runtime import progress_bar
+
+    settings = settings or Settings.create()
+    images = open_image_set(data)
+    n, size = len(images.paths), settings.batch_size
+    dataset = IndexedImages(images.paths, CenterCropTransform(side, side))
+    pixels = np.zeros((n, 3 * side * side), np.float32)
+    skipped: set[str] = set()
+    with progress_bar(n, settings.progress, unit="img", desc=f"pixels {side}x{side}") as bar:
+        batches = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+        for indices, batch, lost in loaded_batches(dataset, batches, settings.workers):
+            values = batch.reshape(len(indices), -1).float().numpy() / 255
+            pixels[indices] = values - values.mean(axis=1, keepdims=True)
+            skipped.update(lost)
+            bar.update(len(indices) + len(lost))
+    keep = np.array([path not in skipped for path in images.paths])
+    return kept_images(images, keep, l2_normalise(pixels[keep]), {"kind": "raw-pixels", "side": side,
+                                                                  "data": str(data)}, skipped)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    """The flags that say which images are described and how: ``features``' and ``transfer``'s."""
+    from verydeep.evaluate import parse_scales
+
+    p.add_argument("--weights", action="append", default=None, metavar="SOURCE",
+                   help="torchvision .pth, Caffe .caffemodel, Keras .h5, a verydeep checkpoint, run directory or "
+                        ".safetensors, or a known name such as vgg16; repeat to stack several nets' descriptors")
+    p.add_argument("--weights-dir", default=None, metavar="DIR", help="where known names such as vgg16 are found")
+    p.add_argument("--raw-pixels", type=positive_int, default=None, metavar="SIDE",
+                   help="instead of a net, the pixels of each image's central SIDE x SIDE square (a baseline)")
+    p.add_argument("--data", required=data_required, metavar="DIR",
+                   help="a VOC root (JPEGImages/, Annotations/, ImageSets/Main/), a root with train/ and test/ "
+                        "(or val/) class folders, or a folder of class folders")
+    p.add_argument("--scales", type=parse_scales, default=list(DEFAULT_SCALES),
+                   help="test scales Q in pixels, whatever the net's crop (default 256,384,512)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="stack",
+                   help="over the scales: stack (concatenate) or average the descriptors (default stack)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+    p.add_argument("--workers", type=natural_int, default=None,
+                   help="data loading processes (default: the cores less one, at most 8)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="N",
+                   help="batches between saves of the work done to OUT.partial (default 50)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def features_from_args(args: argparse.Namespace, out: Path | None) -> Features:
+    """The descriptors the extraction flags ask for (written to ``out`` when given)."""
+    if bool(args.weights) == bool(args.raw_pixels):
+        raise UserError("give --weights SOURCE (repeatable) or --raw-pixels SIDE, one of the two")
+    settings = Settings.create(args.scales, args.aggregate, args.device, args.precision, args.batch_size,
+                               args.workers, args.progress, args.checkpoint_every)
+    if args.weights:
+        return extract_features(args.weights, args.data, out, settings, args.weights_dir)
+    result = raw_pixel_features(args.data, args.raw_pixels, settings)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def origin(settings: dict[str, Any]) -> str:
+    """How descriptors were made, from their settings: ``A-BN FC7, Q=256,384,512 stack`` or ``raw pixels 32x32``."""
+    if settings.get("kind") == "raw-pixels":
+        return f"raw pixels {settings['side']}x{settings['side']}"
+    if settings.get("kind") == "vgg":
+        nets = " + ".join(net["model"] for net in settings["nets"])
+        return f"{nets} FC7, Q={','.join(map(str, settings['scales']))} {settings['aggregate']}"
+    return str(settings.get("kind", "features"))
+
+
+def describe(features: Features) -> str:
+    """One line: how many images and features, made how."""
+    return (f"{len(features.paths)} images x {features.features.shape[1]} features ({origin(features.settings)}), "
+            f"{len(features.skipped)} skipped")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    features = features_from_args(args, args.out)
+    print(f"{args.out}: {describe(features)}")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("features", help="FC7 descriptors of the dense net for linear SVMs (Appendix B)",
+                              description=__doc__.split("\n\n")[0])
+    add_extraction_flags(p)
+    p.add_argument("--out", type=output_file, required=True, metavar="FEATURES.npz",
+                   help="the .npz to write (features, labels, paths, splits, classes, settings)")
+    p.set_defaults(func=run_cli)

@@ -1,0 +1,222 @@
+"""Very deep features (Appendix B, verydeep.features): FC7 of the dense net pooled and mirrored, stacked or
+averaged over scales, L2-normalised, several nets stacked; stored as .npz, resumed after an interruption;
+named taps; the raw-pixel baseline; one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import photo, save, write_dataset
+
+from verydeep import features as feats
+from verydeep.checkpoint import export_safetensors
+from verydeep.cli import main
+from verydeep.data import IMAGENET, RescaleTransform, to_input
+from verydeep.errors import UserError
+from verydeep.features import (
+    Features,
+    Settings,
+    aggregate,
+    combine,
+    extract_features,
+    pooled_descriptor,
+    raw_pixel_features,
+)
+from verydeep.model import VGG
+
+FC7 = 4096 // 16  # FC7's width at width 1/16
+
+
+def narrow(seed: int = 0) -> VGG:
+    torch.manual_seed(seed)
+    return VGG("A", num_classes=4, width=1 / 16, input_size=32, init="he").eval()
+
+
+def exported(path: Path, seed: int = 0, **recipe) -> Path:
+    """A width-1/16 net A (32-pixel crop) saved as our .safetensors, as ``load_published`` reads it."""
+    keys = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
+            "preprocess": IMAGENET.to_dict()}
+    return export_safetensors(narrow(seed), keys | recipe, path)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return exported(tmp_path_factory.mktemp("net") / "a.safetensors")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root with train/ and test/: two classes of photos of three sizes, so batches group by size."""
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(12):
+        part, label = ("train", "test")[i % 2], f"c{i % 3 % 2}"
+        save(photo((48, 64, 80)[i % 3], 40 + 8 * (i % 2), seed=i), root / part / label / f"{i}.png")
+    return root
+
+
+def settings(**options) -> Settings:
+    return Settings.create(**{"scales": (32, 48), "device": "cpu", "precision": "fp32", "batch_size": 2,
+                              "workers": 0, "progress": False} | options)
+
+
+def test_pooled_descriptor_is_the_mean_of_the_fc7_map_and_mirrored_images_are_averaged_in():
+    model = narrow()
+    dense = model.dense()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        fc7 = dense.extract(x, ["relu7"])["relu7"]
+        mirrored = dense.extract(x.flip(-1), ["relu7"])["relu7"]
+        assert fc7.shape == (2, FC7, 3, 4)
+        once = pooled_descriptor(dense, x, flip=False)
+        assert torch.allclose(once, fc7.flatten(2).mean(dim=2), atol=1e-6)
+        per_location = torch.stack([fc7[:, :, i, j] for i in range(3) for j in range(4)]).mean(dim=0)
+        assert torch.allclose(once, per_location, atol=1e-6)
+        both = pooled_descriptor(dense, x)
+        assert torch.allclose(both, (once + mirrored.mean(dim=(2, 3))) / 2, atol=1e-6)
+        crop = torch.randn(2, 3, 32, 32)  # a crop's 1x1 map: the plain net's FC7 after ReLU
+        assert torch.allclose(pooled_descriptor(dense, crop, flip=False), model.extract(crop, ["relu7"])["relu7"],
+                              atol=1e-5)
+
+
+def test_named_taps_of_the_plain_and_dense_nets():
+    model = narrow()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        taps = model.dense().extract(x, ["conv1_1", "pool5", "fc6", "fc7"])
+        assert taps["conv1_1"].shape == (1, 4, 64, 64) and taps["pool5"].shape == (1, 32, 2, 2)
+        assert taps["fc6"].shape == (1, FC7, 2, 2) and taps["fc7"].shape == (1, FC7, 2, 2)
+        assert model.extract(x[..., :32, :32], ["relu7"])["relu7"].shape == (1, FC7)
+
+
+def test_stacking_averaging_and_combining_nets_are_l2_normalised():
+    rng = np.random.default_rng(0)
+    per_scale = [rng.normal(size=(5, 8)) for _ in range(3)]
+    stacked, averaged = aggregate(per_scale, "stack"), aggregate(per_scale, "average")
+    assert stacked.shape == (5, 24) and averaged.shape == (5, 8)
+    assert np.allclose(np.linalg.norm(stacked, axis=1), 1) and np.allclose(np.linalg.norm(averaged, axis=1), 1)
+    joined = np.concatenate(per_scale, axis=1)
+    assert np.allclose(stacked, joined / np.linalg.norm(joined, axis=1, keepdims=True))
+    mean = np.mean(per_scale, axis=0)
+    assert np.allclose(averaged, mean / np.linalg.norm(mean, axis=1, keepdims=True))
+    both = combine([stacked, averaged])
+    assert both.shape == (5, 32) and np.allclose(np.linalg.norm(both, axis=1), 1)
+    assert np.allclose(np.linalg.norm(both[:, :24], axis=1), 2**-0.5)  # each net weighs the same
+    with pytest.raises(UserError, match="--aggregate"):
+        aggregate(per_scale, "max")
+
+
+def test_extraction_is_the_papers_descriptor_per_image(net, photos):
+    result = extract_features([net], photos, settings=settings())
+    assert result.features.shape == (12, 2 * FC7) and result.features.dtype == np.float32
+    assert np.allclose(np.linalg.norm(result.features, axis=1), 1, atol=1e-5)
+    assert result.splits == ["train"] * 6 + ["test"] * 6 and result.classes == ["c0", "c1"]
+    assert result.labels.tolist() == [int(Path(p).parent.name[1]) for p in result.paths]
+    dense = narrow().dense()
+    path = result.paths[7]
+    with torch.no_grad():
+        scales = [pooled_descriptor(dense, to_input(RescaleTransform(q)(path)[None], IMAGENET)).numpy()
+                  for q in (32, 48)]
+    assert np.allclose(result.features[7], aggregate(scales, "stack")[0], atol=1e-5)
+    averaged = extract_features([net], photos, settings=settings(aggregate="average"))
+    assert averaged.features.shape == (12, FC7)
+    assert np.allclose(averaged.features[7], aggregate(scales, "average")[0], atol=1e-5)
+
+
+def test_several_nets_stack_their_descriptors(net, photos, tmp_path):
+    other = exported(tmp_path / "b.safetensors", seed=1)
+    one = extract_features([net], photos, settings=settings())
+    two = extract_features([net, other], photos, settings=settings())
+    assert two.features.shape == (12, 4 * FC7)
+    assert np.allclose(two.features[:, : 2 * FC7] * 2**0.5, one.features, atol=1e-5)
+    assert [n["source"] for n in two.settings["nets"]] == [str(net), str(other)]
+
+
+def test_stored_features_are_plain_numpy(net, photos, tmp_path):
+    out = tmp_path / "features.npz"
+    result = extract_features([net], photos, out, settings())
+    with np.load(out, allow_pickle=False) as npz:
+        assert {"features", "labels", "paths", "classes", "splits", "settings"} <= set(npz.files)
+        assert np.array_equal(npz["features"], result.features) and npz["paths"].tolist() == result.paths
+    loaded = Features.load(out)
+    assert loaded.settings["scales"] == [32, 48] and loaded.settings["aggregate"] == "stack"
+    assert not Path(f"{out}.partial").exists()
+
+
+def test_an_interrupted_extraction_continues_where_it_stopped(net, photos, tmp_path, monkeypatch):
+    whole = extract_features([net], photos, settings=settings())
+    out = tmp_path / "features.npz"
+    describe_batch = feats.describe_batch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        describe_batch(*args, **kwargs)
+
+    monkeypatch.setattr(feats, "describe_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features([net], photos, out, settings(checkpoint_every=3))
+    assert Path(f"{out}.partial").is_file() and not out.exists()
+    first = len(calls) - 1
+    resumed = extract_features([net], photos, out, settings(checkpoint_every=3))
+    batches = len(calls) - first - 1
+    assert batches == 12 - 4  # 6 batches of 2 per scale; the 4 done before Ctrl-C are not redone
+    assert np.allclose(resumed.features, whole.features, atol=1e-6) and resumed.paths == whole.paths
+    assert not Path(f"{out}.partial").exists()
+
+
+def test_a_partial_extraction_of_other_settings_is_refused(net, photos, tmp_path, monkeypatch):
+    out = tmp_path / "features.npz"
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feats, "describe_batch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features([net], photos, out, settings())
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="partial extraction with other"):
+        extract_features([net], photos, out, settings(scales=(32, 64)))
+
+
+def test_unreadable_images_are_skipped_and_named(net, tmp_path):
+    root = write_dataset(tmp_path / "data", {"train": 2, "test": 2})
+    bad = root / "test" / "class1" / "bad.png"
+    bad.write_bytes(b"not an image")
+    result = extract_features([net], root, settings=settings())
+    assert result.skipped == [str(bad)] and str(bad) not in result.paths and len(result.paths) == 16
+
+
+def test_raw_pixels_baseline(photos):
+    result = raw_pixel_features(photos, 8, settings())
+    assert result.features.shape == (12, 3 * 8 * 8)
+    assert np.allclose(np.linalg.norm(result.features, axis=1), 1, atol=1e-5)
+    assert np.allclose(result.features.mean(axis=1), 0, atol=1e-6)
+    assert result.settings["kind"] == "raw-pixels"
+
+
+def test_weights_without_fc_layers_are_refused(photos, tmp_path):
+    notop = exported(tmp_path / "notop.safetensors", head="random")
+    with pytest.raises(UserError, match="no FC layers"):
+        extract_features([notop], photos, settings=settings())
+
+
+def test_cli_writes_features_and_errors_are_one_line(net, photos, tmp_path, capsys):
+    out = tmp_path / "f.npz"
+    argv = ["features", "--weights", str(net), "--data", str(photos), "--out", str(out), "--workers", "0",
+            "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--scales", "32,40", "--aggregate", "average"]) == 0
+    assert "12 images x 256 features" in capsys.readouterr().out
+    assert Features.load(out).features.shape == (12, FC7)
+    assert main([*argv, "--scales", "16,32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--scales 16 is smaller than the crop 32" in err and "\n" not in err
+    assert main(["features", "--data", str(photos), "--out", str(out)]) == 2
+    assert "--weights SOURCE" in capsys.readouterr().err
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(UserError, match="junk.npz: not a readable"):
+        Features.load(tmp_path / "junk.npz")
