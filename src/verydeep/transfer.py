@@ -1,0 +1,335 @@
+"""Linear SVMs on very deep features (Appendix B, Table 11); the ConvNet is never fine-tuned.
+
+The descriptors are :mod:`verydeep.features`' (stored, or extracted on the way). One-vs-rest linear
+SVMs (scikit-learn's ``LinearSVC``) are trained on the training part only, their C chosen there by
+stratified cross-validation; the test part is scored once.
+
+- ``caltech``: single-label classes. Several random splits, each with ``train_per_class`` training
+  images per class and the rest (or ``test_per_class``) tested; the figure is the mean class recall
+  (the mean over classes of the fraction of their test images classified correctly), mean and
+  standard deviation over the splits (Table 11: 30 a class on Caltech-101, 60 on Caltech-256, three
+  splits). A dataset with its own ``train/`` and ``test/`` parts is one given split.
+- ``voc``: multi-label images. A binary SVM per class (images whose only instances of the class
+  are difficult are left out of that class), its C chosen by average precision; per class the
+  average precision of the test part's scores, VOC-2007's 11-point interpolated AP and the area
+  under the precision-recall curve with interpolated precision (the VOC devkit's from 2010 on);
+  their means over the classes are the two mAPs. Tied scores share a threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from verydeep.cli import natural_int, output_file, positive_int
+from verydeep.errors import UserError
+from verydeep.features import Features, add_extraction_flags, describe, features_from_args, origin
+from verydeep.paper import TABLE_11
+from verydeep.report import Column, Row, Table, join_markdown, percent, to_json_dict
+
+PROTOCOLS = ("caltech", "voc")
+#: The C values cross-validation chooses from.
+DEFAULT_C = (0.01, 0.1, 1.0, 10.0, 100.0)
+#: The kinds of average precision, by the name the results give them.
+AP_KINDS = {
+    "11point": "VOC-2007's 11-point interpolated average precision",
+    "area": "area under the precision-recall curve, precision interpolated (VOC devkit from 2010)",
+}
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+def class_recalls(predicted: np.ndarray, truth: np.ndarray, classes: int) -> np.ndarray:
+    """Per class, the fraction of its images predicted as it (NaN for a class without images)."""
+    recalls = np.full(classes, np.nan)
+    for c in np.unique(truth):
+        recalls[c] = np.mean(predicted[truth == c] == c)
+    return recalls
+
+
+def precision_recall(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at each distinct score taken as the threshold, highest first."""
+    positives = np.asarray(positives, dtype=bool)
+    if not positives.any():
+        raise ValueError("average precision needs at least one positive")
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ranked, hits = np.asarray(scores)[order], positives[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last image of each tie
+    true_positives = np.cumsum(hits)[last]
+    return true_positives / (last + 1), true_positives / positives.sum()
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray, kind: str = "area") -> float:
+    """Average precision of ``scores`` against the boolean ``positives``: ``11point`` (VOC-2007, the mean of
+    the highest precision at recall >= 0, 0.1, ..., 1) or ``area`` (the area under the precision-recall
+    curve, each precision raised to the highest precision at any higher recall, as VOC from 2010)."""
+    precision, recall = precision_recall(scores, positives)
+    if kind == "11point":
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.linspace(0, 1, 11)]))
+    if kind != "area":
+        raise ValueError(f"kind must be one of {', '.join(AP_KINDS)}; got {kind!r}")
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * envelope))
+
+
+# ---- SVMs -----------------------------------------------------------------------------------
+
+
+def fit_svm(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], folds: int, seed: int, scoring: str,
+            what: str) -> tuple[object, float]:
+    """A one-vs-rest ``LinearSVC`` on ``(x, y)``, its C chosen from ``c_grid`` by ``folds``-fold stratified
+    cross-validation on these images alone (fewer folds where a class has fewer images), refitted on all."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.svm import LinearSVC
+
+    smallest = np.unique(y, return_counts=True)[1].min() if len(np.unique(y)) > 1 else 0
+    if smallest < 2:
+        raise UserError(f"{what}: each class needs at least 2 training images to choose C; got {smallest}")
+    cv = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed)
+    search = GridSearchCV(LinearSVC(max_iter=10_000, random_state=seed), {"C": list(c_grid)}, scoring=scoring, cv=cv)
+    search.fit(x, y)
+    return search.best_estimator_, float(search.best_params_["C"])
+
+
+# ---- caltech --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """One split: its mean class recall, the C chosen, and how many images trained and were tested."""
+
+    mean_class_recall: float
+    C: float
+    train: int
+    test: int
+
+
+@dataclass
+class CaltechResult:
+    """Mean class recall over the splits (fractions), its standard deviation (None for one split), per
+    class (mean over splits), and each split's figures."""
+
+    features: str  # how they were made
+    classes: list[str]
+    class_names: list[str]
+    train_per_class: int | None  # None: a given split
+    mean_class_recall: float
+    mean_class_recall_std: float | None
+    per_class_recall: dict[str, float | None]
+    splits: list[SplitResult]
+    protocol: str = "caltech"
+
+
+def caltech_splits(labels: np.ndarray, splits: Sequence[str], classes: Sequence[str], train_per_class: int,
+                   test_per_class: int | None, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(training, test) indices: the data's own parts when it has them, else ``count`` random splits with
+    ``train_per_class`` images of each class to train and the rest (at most ``test_per_class``) to test."""
+    if any(splits):
+        parts = np.array(splits)
+        return [(np.flatnonzero(parts == "train"), np.flatnonzero(parts == "test"))]
+    rng = np.random.default_rng(seed)
+    present = np.unique(labels)
+    few = [(classes[c], int(np.sum(labels == c))) for c in present if np.sum(labels == c) <= train_per_class]
+    if few:
+        raise UserError(f"class {few[0][0]} has {few[0][1]} images; --train-per-class {train_per_class} leaves "
+                        "none to test")
+    drawn = []
+    for _ in range(count):
+        train, test = [], []
+        for c in present:
+            chosen = rng.permutation(np.flatnonzero(labels == c))
+            train.append(chosen[:train_per_class])
+            test.append(chosen[train_per_class:][:test_per_class])
+        drawn.append((np.sort(np.concatenate(train)), np.sort(np.concatenate(test))))
+    return drawn
+
+
+def run_caltech(features: Features, train_per_class: int = 30, test_per_class: int | None = None, splits: int = 3,
+                c_grid: Sequence[float] = DEFAULT_C, folds: int = 3, seed: int = 0) -> CaltechResult:
+    """The ``caltech`` protocol (see the module's description)."""
+    if features.multilabel:
+        raise UserError("these features are of multi-label (VOC) images; use --protocol voc")
+    x, labels, n = features.features, features.labels, len(features.classes)
+    results, recalls = [], []
+    for i, (train, test) in enumerate(caltech_splits(labels, features.splits, features.classes, train_per_class,
+                                                     test_per_class, splits, seed)):
+        if not len(train) or not len(test):
+            raise UserError("the features hold no training or no test images")
+        model, c = fit_svm(x[train], labels[train], c_grid, folds, seed + i, "balanced_accuracy", "caltech")
+        recall = class_recalls(model.predict(x[test]), labels[test], n)
+        recalls.append(recall)
+        results.append(SplitResult(float(np.nanmean(recall)), c, len(train), len(test)))
+    means = [r.mean_class_recall for r in results]
+    tested = [column[np.isfinite(column)] for column in np.array(recalls).T]  # per class, over the splits
+    return CaltechResult(
+        origin(features.settings), list(features.classes), list(features.class_names),
+        None if any(features.splits) else train_per_class,
+        float(np.mean(means)), float(np.std(means, ddof=1)) if len(means) > 1 else None,
+        {c: float(np.mean(v)) if len(v) else None for c, v in zip(features.classes, tested, strict=True)}, results)
+
+
+# ---- voc ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassAP:
+    """One class: its average precision of each kind (None when it has no positive test image), the C
+    chosen, and its positive images in the training and the test part (difficult-only images left out)."""
+
+    ap: dict[str, float] | None
+    C: float | None
+    train_positives: int
+    test_positives: int
+
+
+@dataclass
+class VOCResult:
+    """mAP of each kind (:data:`AP_KINDS`, fractions) over the classes with positives, and per class."""
+
+    features: str  # how they were made
+    classes: list[str]
+    class_names: list[str]
+    map: dict[str, float]
+    ap_kinds: dict[str, str]
+    per_class_ap: dict[str, ClassAP]
+    protocol: str = "voc"
+
+
+def run_voc(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3, seed: int = 0) -> VOCResult:
+    """The ``voc`` protocol (see the module's description)."""
+    if not features.multilabel:
+        raise UserError("these features are of single-label images; use --protocol caltech")
+    parts = np.array(features.splits)
+    x, per_class = features.features, {}
+    for c, name in enumerate(features.classes):
+        y = features.labels[:, c]
+        train, test = (parts == "train") & (y != 0), (parts == "test") & (y != 0)
+        positives = int(np.sum(y[train] > 0)), int(np.sum(y[test] > 0))
+        if min(positives) == 0:
+            per_class[name] = ClassAP(None, None, *positives)
+            continue
+        model, chosen = fit_svm(x[train], y[train] > 0, c_grid, folds, seed, "average_precision", f"class {name}")
+        scores = model.decision_function(x[test])
+        per_class[name] = ClassAP({k: average_precision(scores, y[test] > 0, k) for k in AP_KINDS}, chosen,
+                                  *positives)
+    scored = [r.ap for r in per_class.values() if r.ap is not None]
+    if not scored:
+        raise UserError("no class has positive images in both the training and the test part")
+    return VOCResult(origin(features.settings), list(features.classes), list(features.class_names),
+                     {k: float(np.mean([ap[k] for ap in scored])) for k in AP_KINDS}, dict(AP_KINDS), per_class)
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+#: Table 11's rows of the paper, by the configurations whose features were used.
+PAPER_ROWS = {("D",): "VGG Net-D (16 layers)", ("E",): "VGG Net-E (19 layers)", ("D", "E"): "VGG Net-D & Net-E"}
+
+
+def table_11(result: CaltechResult | VOCResult) -> Table:
+    """Our figure beside the paper's Table 11 (VOC mAP, Caltech mean class recall, in %)."""
+    if isinstance(result, CaltechResult):
+        header = "this run: mean class recall %"
+        std = result.mean_class_recall_std
+        ours = percent(result.mean_class_recall) + ("" if std is None else f" ± {percent(std)}")
+    else:
+        header = "this run: mAP % (11-point / area)"
+        ours = f"{percent(result.map['11point'])} / {percent(result.map['area'])}"
+    paper_columns = [Column("paper VOC-2007 mAP", True), Column("paper VOC-2012 mAP", True),
+                     Column("paper Caltech-101 (30/class)", True), Column("paper Caltech-256 (60/class)", True)]
+    rows = [Row((f"ours: {result.features}", ours))]
+    for nets, figures in TABLE_11.items():
+        paper = (f"{figures.voc2007_map:.1f}", f"{figures.voc2012_map:.1f}",
+                 f"{figures.caltech101_recall.mean:.1f} ± {figures.caltech101_recall.std:.1f}",
+                 f"{figures.caltech256_recall.mean:.1f} ± {figures.caltech256_recall.std:.1f}")
+        rows.append(Row((f"paper: {PAPER_ROWS[nets]}", ""), paper))
+    return Table("Table 11: linear SVMs on very deep features, the ConvNet not fine-tuned",
+                 [Column("image features"), Column(header, True)], rows, paper_columns, show_paper=True)
+
+
+def per_class_table(result: CaltechResult | VOCResult) -> Table:
+    """Each class's recall (caltech, mean over splits) or average precisions (voc), in %."""
+    names = [Column("class"), Column("name")]
+    if isinstance(result, CaltechResult):
+        rows = [Row((c, name, percent(result.per_class_recall[c])))
+                for c, name in zip(result.classes, result.class_names, strict=True)]
+        return Table("Per class", [*names, Column("recall %", True)], rows)
+    rows = []
+    for c, name in zip(result.classes, result.class_names, strict=True):
+        r = result.per_class_ap[c]
+        rows.append(Row((c, name, *(percent(r.ap[k]) if r.ap else "-" for k in AP_KINDS),
+                         f"{r.C:g}" if r.C else "-", str(r.train_positives), str(r.test_positives))))
+    columns = [*names, Column("AP % (11-point)", True), Column("AP % (area)", True), Column("C", True),
+               Column("train positives", True), Column("test positives", True)]
+    return Table("Per class", columns, rows)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def transfer(features: Features, protocol: str, train_per_class: int = 30, test_per_class: int | None = None,
+             splits: int = 3, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
+             seed: int = 0) -> CaltechResult | VOCResult:
+    """Linear SVMs on ``features`` under ``protocol`` (``caltech`` or ``voc``)."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    if folds < 2 or not c_grid or min(c_grid) <= 0:
+        raise UserError("--folds must be at least 2 and --c-grid positive numbers")
+    if protocol == "voc":
+        return run_voc(features, c_grid, folds, seed)
+    return run_caltech(features, train_per_class, test_per_class, splits, c_grid, folds, seed)
+
+
+def parse_floats(text: str) -> list[float]:
+    """``0.1,1,10`` -> [0.1, 1.0, 10.0], each a positive number."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as 0.1,1,10; got {text!r}")
+    return values
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.features is not None and args.data is not None:
+        raise UserError("give --features FEATURES or --data DIR with --weights, not both")
+    if args.features is not None:
+        features = Features.load(args.features)
+    elif args.data is not None:
+        features = features_from_args(args, args.out)
+    else:
+        raise UserError("give --features FEATURES (from verydeep features), or --data DIR with --weights SOURCE")
+    result = transfer(features, args.protocol, args.train_per_class, args.test_per_class, args.splits, args.c_grid,
+                      args.folds, args.seed)
+    print(join_markdown([table_11(result), per_class_table(result)]))
+    print(f"\n{describe(features)}")
+    if args.json:
+        print(json.dumps(to_json_dict(result)))
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("transfer", help="linear SVMs on very deep features: VOC mAP, Caltech mean class "
+                              "recall (Appendix B, Table 11)", description=__doc__.split("\n\n")[0])
+    p.add_argument("--protocol", choices=PROTOCOLS, required=True,
+                   help="caltech: mean class recall over random splits; voc: AP per class and mAP")
+    p.add_argument("--features", type=Path, default=None, metavar="FEATURES.npz", help="from verydeep features")
+    add_extraction_flags(p, data_required=False)
+    p.add_argument("--out", type=output_file, default=None, metavar="FEATURES.npz",
+                   help="with --data: keep the features extracted here (an interrupted extraction continues)")
+    p.add_argument("--train-per-class", type=positive_int, default=30, help="caltech: training images per class")
+    p.add_argument("--test-per-class", type=positive_int, default=None,
+                   help="caltech: at most this many test images per class (default: the rest)")
+    p.add_argument("--splits", type=positive_int, default=3, help="caltech: random splits (default 3)")
+    p.add_argument("--c-grid", type=parse_floats, default=list(DEFAULT_C),
+                   help="SVM C values cross-validation chooses from (default 0.01,0.1,1,10,100)")
+    p.add_argument("--folds", type=positive_int, default=3, help="cross-validation folds (default 3)")
+    p.add_argument("--seed", type=natural_int, default=0, help="seed of the random splits and folds")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
+    p.set_defaults(func=run_cli)

@@ -1,0 +1,250 @@
+"""Linear SVMs on very deep features (Appendix B, verydeep.transfer): average precision (11-point and area)
+and mean class recall against hand-computed cases and scikit-learn; Caltech-style splits; the VOC reader
+(difficult flags, several objects, bad files); both protocols end to end through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import photo, save
+from sklearn.metrics import average_precision_score, balanced_accuracy_score
+
+from verydeep.checkpoint import export_safetensors
+from verydeep.cli import main
+from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, VOCObject, image_labels, open_voc, read_annotation
+from verydeep.errors import MissingFileError, UserError
+from verydeep.features import Features
+from verydeep.model import VGG
+from verydeep.transfer import (
+    average_precision,
+    caltech_splits,
+    class_recalls,
+    precision_recall,
+    run_caltech,
+    run_voc,
+    table_11,
+)
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+def test_average_precision_by_hand():
+    # ranked: +, -, +, -: precision 1, 1/2, 2/3, 1/2 at recall 1/2, 1/2, 1, 1
+    scores, positives = np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0], dtype=bool)
+    assert average_precision(scores, positives, "area") == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert average_precision(scores, positives, "11point") == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    # ranked: -, +, +: precision 0, 1/2, 2/3; interpolated, the 1/2 becomes 2/3
+    scores, positives = np.array([0.9, 0.8, 0.7]), np.array([0, 1, 1], dtype=bool)
+    assert average_precision(scores, positives, "area") == pytest.approx(2 / 3)
+    assert average_precision(scores, positives, "11point") == pytest.approx(2 / 3)
+    assert average_precision_score(positives, scores) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)  # not interpolated
+    # tied scores share a threshold: +, - tied at the top, then +
+    precision, recall = precision_recall(np.array([1.0, 1.0, 0.5]), np.array([1, 0, 1], dtype=bool))
+    assert precision.tolist() == [0.5, pytest.approx(2 / 3)] and recall.tolist() == [0.5, 1.0]
+    assert average_precision(np.ones(4), np.array([1, 0, 0, 1], dtype=bool), "area") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least one positive"):
+        average_precision(scores, np.zeros(3, dtype=bool))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_precision_recall_and_ap_against_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    positives = rng.random(n) < 0.3
+    positives[0] = True
+    scores = np.round(rng.normal(size=n) + positives, 1)  # rounded: ties
+    precision, recall = precision_recall(scores, positives)
+    # scikit-learn's AP is the same curve, not interpolated: sum over recall steps of the precision there
+    assert np.sum(np.diff(np.r_[0, recall]) * precision) == pytest.approx(average_precision_score(positives, scores))
+    area = average_precision(scores, positives, "area")
+    assert area >= average_precision_score(positives, scores) - 1e-12
+    monotone = np.argsort(-scores)  # precision that only falls (positives first) is left as it is
+    best = np.where(positives[monotone], 2.0, -2.0) - np.arange(n) * 1e-3
+    assert average_precision(best, positives[monotone], "area") == pytest.approx(1.0)
+    assert 0 < average_precision(scores, positives, "11point") <= 1
+
+
+def test_mean_class_recall_by_hand_and_against_scikit_learn():
+    truth = np.array([0, 0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 0, 1, 2, 1, 0, 2])
+    recalls = class_recalls(predicted, truth, 4)
+    assert recalls[:3].tolist() == [0.5, 0.5, 1.0] and np.isnan(recalls[3])  # class 3 has no test image
+    assert np.nanmean(recalls) == pytest.approx(2 / 3)
+    rng = np.random.default_rng(0)
+    truth, predicted = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    assert np.nanmean(class_recalls(predicted, truth, 5)) == pytest.approx(balanced_accuracy_score(truth, predicted))
+
+
+# ---- caltech ------------------------------------------------------------------------------
+
+
+def test_caltech_splits():
+    labels = np.repeat([0, 1, 2], [10, 12, 8])
+    classes = ["a", "b", "c"]
+    splits = caltech_splits(labels, [""] * 30, classes, 5, None, 3, seed=0)
+    assert len(splits) == 3
+    for train, test in splits:
+        assert np.bincount(labels[train]).tolist() == [5, 5, 5]
+        assert np.bincount(labels[test]).tolist() == [5, 7, 3] and not set(train) & set(test)
+    assert not np.array_equal(splits[0][0], splits[1][0])
+    again = caltech_splits(labels, [""] * 30, classes, 5, None, 3, seed=0)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(splits, again, strict=True))
+    limited = caltech_splits(labels, [""] * 30, classes, 5, 2, 1, seed=0)
+    assert np.bincount(labels[limited[0][1]]).tolist() == [2, 2, 2]
+    given = caltech_splits(labels, ["train", "test"] * 15, classes, 5, None, 3, seed=0)
+    assert len(given) == 1 and given[0][0].tolist() == list(range(0, 30, 2))
+    with pytest.raises(UserError, match="class c has 8 images; --train-per-class 8"):
+        caltech_splits(labels, [""] * 30, classes, 8, None, 3, seed=0)
+
+
+def clusters(classes: int, per_class: int, dims: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm points around one random centre per class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dims))
+    labels = np.repeat(np.arange(classes), per_class)
+    x = centres[labels] + 0.3 * rng.normal(size=(len(labels), dims))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def features_of(x: np.ndarray, labels: np.ndarray, splits: list[str], classes: list[str]) -> Features:
+    return Features(x, labels, [f"{i}.jpg" for i in range(len(x))], splits, classes, classes, {"kind": "test"})
+
+
+def test_caltech_protocol_separates_clusters_over_random_or_given_splits():
+    x, labels = clusters(4, 12)
+    classes = ["a", "b", "c", "d"]
+    result = run_caltech(features_of(x, labels, [""] * 48, classes), train_per_class=6, splits=3,
+                         c_grid=(0.1, 1, 10))
+    assert result.mean_class_recall > 0.9 and result.mean_class_recall_std is not None
+    assert len(result.splits) == 3 and all(s.train == 24 and s.test == 24 for s in result.splits)
+    assert set(result.per_class_recall) == set(classes) and result.train_per_class == 6
+    given = run_caltech(features_of(x, labels, ["train", "test"] * 24, classes), c_grid=(1,))
+    assert given.mean_class_recall_std is None and given.train_per_class is None and given.splits[0].test == 24
+    table = table_11(result).markdown()
+    assert "91.8 ± 1.0" in table and "85.0 ± 0.2" in table and "89.3" in table
+    assert f"{100 * result.mean_class_recall:.1f} ± {100 * result.mean_class_recall_std:.1f}" in table
+
+
+def test_voc_protocol_leaves_difficult_images_out_and_scores_both_ap_kinds():
+    x, single = clusters(3, 20)
+    labels = np.full((60, 3), NEGATIVE, dtype=np.int8)
+    labels[np.arange(60), single] = POSITIVE
+    labels[::7, 1] = np.where(labels[::7, 1] == POSITIVE, POSITIVE, IGNORED)  # some images difficult for class 1
+    splits = ["train", "test"] * 30
+    result = run_voc(features_of(x, labels, splits, ["cat", "dog", "cow"]), c_grid=(0.1, 1, 10))
+    assert set(result.map) == {"11point", "area"} and result.map["area"] > 0.9
+    dog = result.per_class_ap["dog"]
+    assert dog.train_positives == 10 and dog.test_positives == 10 and set(dog.ap) == {"11point", "area"}
+    assert dog.C in (0.1, 1, 10)
+    with pytest.raises(UserError, match="use --protocol caltech"):
+        run_voc(features_of(x, single, splits, ["cat", "dog", "cow"]))
+    with pytest.raises(UserError, match="use --protocol voc"):
+        run_caltech(features_of(x, labels, splits, ["cat", "dog", "cow"]))
+
+
+# ---- the VOC reader -----------------------------------------------------------------------
+
+
+def annotation(objects: list[tuple[str, int | None]]) -> str:
+    """A VOC annotation with these (name, difficult) objects; difficult None leaves the tag out."""
+    body = "".join(f"<object><name>{name}</name><pose>Left</pose>"
+                   + ("" if difficult is None else f"<difficult>{difficult}</difficult>")
+                   + "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>"
+                   for name, difficult in objects)
+    return f"<annotation><folder>VOC2007</folder><filename>x.jpg</filename>{body}</annotation>"
+
+
+def write_voc(root: Path, images: dict[str, list[tuple[str, int | None]]], sets: dict[str, list[str]]) -> Path:
+    """A VOC root: a JPEG and an annotation per image id, and ImageSets/Main lists."""
+    for k, (image_id, objects) in enumerate(images.items()):
+        save(photo(48, 40, seed=k), root / "JPEGImages" / f"{image_id}.jpg")
+        (root / "Annotations").mkdir(exist_ok=True)
+        (root / "Annotations" / f"{image_id}.xml").write_text(annotation(objects))
+    (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    for name, ids in sets.items():
+        (root / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return root
+
+
+def test_voc_labels_difficult_flags_and_several_objects(tmp_path):
+    images = {"000001": [("dog", 0), ("person", 0), ("person", 1)], "000002": [("dog", 1), ("cat", None)],
+              "000003": [("cat", 1), ("cat", 0)], "000004": [("person", 0)]}
+    root = write_voc(tmp_path / "VOC2007", images, {"trainval": ["000001", "000002"], "test": ["000003", "000004"],
+                                                    "train": ["000001"], "val": ["000002"]})
+    voc = open_voc(root)
+    assert voc.classes == ["cat", "dog", "person"] and voc.image_sets == ("trainval", "test")
+    assert voc.ids == ["000001", "000002", "000003", "000004"] and voc.splits == ["train", "train", "test", "test"]
+    assert voc.labels.tolist() == [[-1, 1, 1], [1, 0, -1], [1, -1, -1], [-1, -1, 1]]
+    assert read_annotation(root / "Annotations" / "000001.xml") == [
+        VOCObject("dog", False), VOCObject("person", False), VOCObject("person", True)]
+    assert image_labels([VOCObject("cat", True)], ["cat", "dog"]).tolist() == [IGNORED, NEGATIVE]
+    (root / "ImageSets" / "Main" / "test.txt").unlink()  # VOC-2012: test annotations not public
+    assert open_voc(root).image_sets == ("train", "val") and open_voc(root).ids == ["000001", "000002"]
+
+
+def test_voc_bad_and_missing_files_are_one_line_errors(tmp_path):
+    root = write_voc(tmp_path / "voc", {"a": [("dog", 0)], "b": [("cat", 0)]}, {"train": ["a"], "val": ["b"]})
+    (root / "Annotations" / "b.xml").write_text("<annotation><object><name>cat</name>")
+    with pytest.raises(UserError, match=r"b\.xml: not a readable VOC annotation \(ParseError") as error:
+        open_voc(root)
+    assert "\n" not in str(error.value)
+    (root / "Annotations" / "b.xml").write_text(annotation([("cat", 2)]))
+    with pytest.raises(UserError, match=r"b\.xml: an <object> .* not 0 or 1"):
+        open_voc(root)
+    (root / "Annotations" / "b.xml").unlink()
+    with pytest.raises(MissingFileError, match=r"b\.xml: no such VOC annotation"):
+        open_voc(root)
+    with pytest.raises(MissingFileError, match="not a VOC root"):
+        open_voc(tmp_path)
+
+
+# ---- end to end ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    recipe = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32}
+    model = VGG("A", num_classes=4, width=1 / 16, input_size=32, init="he")
+    return export_safetensors(model, recipe, tmp_path_factory.mktemp("net") / "a.safetensors")
+
+
+def test_voc_end_to_end_through_the_command_line(net, tmp_path, capsys):
+    images = {f"{i:06d}": [("dog" if i % 2 else "cat", int(i % 5 == 0))] for i in range(24)}
+    ids = sorted(images)
+    root = write_voc(tmp_path / "voc", images, {"trainval": ids[:16], "test": ids[16:]})
+    argv = ["transfer", "--protocol", "voc", "--data", str(root), "--weights", str(net), "--scales", "32",
+            "--workers", "0", "--device", "cpu", "--no-progress", "--c-grid", "1", "--folds", "2", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result["map"]) == {"11point", "area"} and 0 <= result["map"]["area"] <= 1
+    assert set(result["per_class_ap"]) == {"cat", "dog"} and "11-point" in result["ap_kinds"]["11point"]
+    assert "Table 11" in out and "AP % (area)" in out
+
+
+def test_caltech_end_to_end_from_stored_features_and_errors(net, tmp_path, capsys):
+    root = tmp_path / "caltech"
+    for i in range(24):
+        save(photo(40, 36, seed=i), root / f"class{i % 2}" / f"{i}.png")
+    stored = tmp_path / "f.npz"
+    assert main(["features", "--data", str(root), "--weights", str(net), "--scales", "32,48", "--out", str(stored),
+                 "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    argv = ["transfer", "--protocol", "caltech", "--features", str(stored), "--train-per-class", "6", "--splits",
+            "2", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= result["mean_class_recall"] <= 1 and result["mean_class_recall_std"] is not None
+    assert set(result["per_class_recall"]) == {"class0", "class1"} and len(result["splits"]) == 2
+    assert main(["transfer", "--protocol", "voc", "--features", str(stored)]) == 2
+    assert "use --protocol caltech" in capsys.readouterr().err
+    assert main(["transfer", "--protocol", "caltech"]) == 2
+    assert "give --features" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        main([*argv, "--c-grid", "0,1"])
+    assert bad.value.code == 2 and "positive numbers" in capsys.readouterr().err
