@@ -14,47 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-import torchvision
 
 from verydeep import vgg
-from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
-
-TORCHVISION = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _images_per_second(step, batch: int, steps: int, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return batch * steps / (time.perf_counter() - start)
-
-
-def _steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype):
-    optimiser = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def train_step() -> None:
-        with autocast(device, dtype):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-
-    @torch.inference_mode()
-    def infer_step() -> None:
-        with autocast(device, dtype):
-            model(x)
-
-    return train_step, infer_step
+from verydeep.bench import TORCHVISION, images_per_second, plain_steps, reference_model
+from verydeep.runtime import autocast_dtype, pick_device, prepare
 
 
 def main() -> None:
@@ -77,11 +42,7 @@ def main() -> None:
     channels_last = not args.no_channels_last
     torch.manual_seed(0)
     ours = vgg(args.config, num_classes=1000, width=args.width, input_size=args.size)
-    reference = getattr(torchvision.models, TORCHVISION[args.config])(weights=None)
-    if args.width != 1.0 or args.size != 224:  # same shapes: build torchvision's from our layers
-        reference.features = vgg(args.config, width=args.width, input_size=args.size).features
-        reference.classifier = vgg(args.config, width=args.width, input_size=args.size).classifier
-        reference.avgpool = torch.nn.AdaptiveAvgPool2d(args.size // 32)
+    reference = reference_model(args.config, args.width, args.size, 1000)
     models = {"verydeep": ours, "torchvision": reference}
     models = {name: prepare(m, device, channels_last) for name, m in models.items()}
     if args.compile:
@@ -90,7 +51,7 @@ def main() -> None:
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    steps = {name: _steps(m, x, y, device, dtype) for name, m in models.items()}
+    steps = {name: plain_steps(m, x, y, device, dtype) for name, m in models.items()}
     for train_step, infer_step in steps.values():  # warm-up (and compilation)
         for _ in range(3):
             train_step()
@@ -98,8 +59,8 @@ def main() -> None:
     rates: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []} for n in steps}
     for _ in range(args.rounds):
         for name, (train_step, infer_step) in steps.items():
-            rates[name]["train"].append(_images_per_second(train_step, args.batch, args.steps, device))
-            rates[name]["infer"].append(_images_per_second(infer_step, args.batch, args.steps, device))
+            rates[name]["train"].append(images_per_second(train_step, args.batch, args.steps, device))
+            rates[name]["infer"].append(images_per_second(infer_step, args.batch, args.steps, device))
     median = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rates.items()}
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",

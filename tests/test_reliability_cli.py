@@ -65,6 +65,7 @@ VALID = {
     ("export",): "--weights {run} --format torchscript {new}.pt",
     ("reproduce",): "--data {data} --out {new} --no-progress",
     ("demo",): "--out {new} --no-progress",
+    ("bench",): "--config A --size 32 --width 0.0625 --batch 4 --rounds 1 --device cpu --data {data}",
 }
 
 #: What the generic cases give an option whose type refuses it (numbers, lists of numbers, devices).

@@ -19,7 +19,7 @@ from verydeep.errors import UserError
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
 COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "weights", "export", "features",
-                   "transfer", "reproduce", "demo", "localize")
+                   "transfer", "reproduce", "demo", "localize", "bench")
 
 
 def one_line(message: object) -> str:

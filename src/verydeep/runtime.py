@@ -3,7 +3,9 @@
 bf16 autocast pays only where the hardware multiplies bf16 natively: CUDA GPUs with bf16
 support, and CPUs with AMX or AVX-512 BF16. On other CPUs (AVX2 only) PyTorch emulates bf16 and
 a training step is many times *slower* than fp32 (the README gives the figure), so
-``precision="auto"`` picks bf16 only where it is fast. channels_last helps convolutions on both.
+``precision="auto"`` picks bf16 only where it is fast: on a CPU it times a bf16 against an fp32
+matrix product once per machine and caches the answer (:func:`cpu_precision`).
+channels_last helps convolutions on both.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
+import platform
 import random
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,7 +88,77 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_precision() == "bf16" else None
+
+
+#: Environment variable that forces the CPU's ``auto`` precision (bf16 or fp32), measuring nothing.
+PRECISION_ENV = "VERYDEEP_PRECISION"
+#: How much faster a bf16 matrix product must be than an fp32 one for ``auto`` to pick bf16.
+BF16_MARGIN = 1.2
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what the platform says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def precision_cache() -> Path:
+    """Where measured CPU precisions are kept: ``$XDG_CACHE_HOME/verydeep/precision.json``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "verydeep" / "precision.json"
+
+
+def bf16_matmul_speedup(n: int = 512, repeats: int = 5) -> float:
+    """fp32 time over bf16 time of an n x n matrix product on the CPU (best of ``repeats``)."""
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-12)
+
+
+def cpu_precision() -> str:
+    """``bf16`` or ``fp32``, the faster on this CPU: ``$VERYDEEP_PRECISION`` when set, else measured
+    once per CPU model, torch version and thread count and cached; from the CPU's flags when the
+    measurement fails."""
+    forced = os.environ.get(PRECISION_ENV)
+    if forced:
+        if forced not in ("bf16", "fp32"):
+            raise UserError(f"{PRECISION_ENV} must be bf16 or fp32; got {forced!r}")
+        return forced
+    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    path = precision_cache()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    if cache.get(key) in ("bf16", "fp32"):
+        return cache[key]
+    try:
+        choice = "bf16" if bf16_matmul_speedup() >= BF16_MARGIN else "fp32"
+    except RuntimeError:
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps({**cache, key: choice}, indent=1))
+        temp.replace(path)
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return choice
 
 
 @contextlib.contextmanager

@@ -1,0 +1,449 @@
+"""``verydeep bench``: speed against the hardware's limit, measured in one run.
+
+On the machine at hand, in rounds that alternate between the contenders (medians reported, since
+shared machines are noisy): the matrix-multiply roofline (large ``torch.mm`` in bf16 and fp32),
+torchvision's VGG in a plain fp32 loop (NCHW, no autocast) as the reference, our training step and
+inference as ``verydeep train`` and ``verydeep eval`` run them (the trainer's own step, autocast at
+the precision ``auto`` picks, channels_last), the trainer end to end on JPEGs (data loading
+included), and dense against 150-crop evaluation (Q = 3 scales) per image. FLOPs per image are
+counted from the model (2 per multiply-accumulate of the conv and linear layers; a training step
+is taken as 3 forward passes), so each rate is also a share of the roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from verydeep import runtime
+from verydeep.cli import device_name, natural_int, positive_float, positive_int
+from verydeep.errors import UserError
+
+#: torchvision's builder of each configuration it has.
+TORCHVISION = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+#: Images the bench trains on when present, beside the repository.
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenette"
+#: Settings that fit each kind of device: a few minutes on 2 CPU cores, the paper's size on a GPU.
+DEFAULTS = {"cpu": {"width": 0.5, "size": 128, "batch": 16, "steps": 3, "gemm": 2048},
+            "cuda": {"width": 1.0, "size": 224, "batch": 64, "steps": 5, "gemm": 8192}}
+#: Training steps before any timing (allocator, kernels, loader workers).
+WARMUP_STEPS = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one bench run measures (``steps`` timed per contender and round; ``gemm``: the matrix side)."""
+
+    config: str
+    size: int
+    width: float
+    batch: int
+    rounds: int
+    steps: int
+    device: str
+    gemm: int
+    data: Path | None = None
+    workers: int | None = None
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(step: Callable[[], Any], images: int, steps: int, device: torch.device) -> float:
+    """Images per second of ``steps`` calls of ``step``, each on ``images`` images."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return images * steps / (time.perf_counter() - start)
+
+
+def plain_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                dtype: torch.dtype | None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A plain training step (forward, cross-entropy, backward, SGD with momentum) and an inference
+    step of ``model`` on ``x``, under autocast to ``dtype`` (None: fp32)."""
+    optimiser = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step() -> None:
+        with runtime.autocast(device, dtype):
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    @torch.inference_mode()
+    def infer_step() -> None:
+        model.eval()
+        with runtime.autocast(device, dtype):
+            model(x)
+        model.train()
+
+    return train_step, infer_step
+
+
+def reference_model(config: str, width: float, size: int, num_classes: int) -> nn.Module:
+    """torchvision's VGG of ``config``; at another width or input size its layers are ours (the
+    same modules and shapes) inside torchvision's model."""
+    from verydeep import vgg
+
+    reference = getattr(torchvision.models, TORCHVISION[config])(weights=None, num_classes=num_classes)
+    if width != 1.0 or size != 224:
+        ours = vgg(config, num_classes=num_classes, width=width, input_size=size)
+        reference.features, reference.classifier = ours.features, ours.classifier
+        reference.avgpool = nn.AdaptiveAvgPool2d(size // 32)
+    return reference
+
+
+def count_macs(model: nn.Module, size: int) -> int:
+    """Multiply-accumulates per image of ``model``'s conv and linear layers on a ``size`` x ``size``
+    RGB image, counted with forward hooks."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += output.numel() * module.in_channels // module.groups * kh * kw
+        else:
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    parameter = next(model.parameters())
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=parameter.device))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int) -> Callable[[], float]:
+    """A timing of one n x n x n ``torch.mm`` in ``dtype``, in TFLOP/s, each time it is called."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):  # warm-up: kernel selection, caches
+        torch.mm(a, b)
+
+    def measure() -> float:
+        return images_per_second(lambda: torch.mm(a, b), 2 * n**3, 3, device) / 1e12
+
+    return measure
+
+
+def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each contender's measurements, one per round, the contenders taking turns in every round."""
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, measure in contenders.items():
+            results[name].append(measure())
+    return results
+
+
+def test_scales(size: int) -> list[int]:
+    """Three test scales Q for a ``size`` crop, as 256, 384, 512 are for 224."""
+    s = round(size * 8 / 7)
+    return [s, round(1.5 * s), 2 * s]
+
+
+def bench_data(data: Path | None, scratch: Path, size: int, count: int) -> tuple[Path, str]:
+    """A dataset folder under ``scratch`` (train/ and val/): links to ``data``'s class folders, else
+    ``count`` generated 4:3 JPEGs in 10 classes, their short side 1.2 times the training scale."""
+    from verydeep.data.datasets import find_split
+
+    root = scratch / "data"
+    root.mkdir()
+    if data is not None:
+        train = find_split(data, "train")
+        try:
+            val = find_split(data, "val")
+        except UserError:
+            val = train
+        (root / "train").symlink_to(train.resolve(), target_is_directory=True)
+        (root / "val").symlink_to(val.resolve(), target_is_directory=True)
+        return root, str(data)
+    rng = np.random.default_rng(0)
+    side = round(1.2 * test_scales(size)[0])
+    for i in range(count):
+        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((side * 4 // 3, side), Image.Resampling.BICUBIC)
+        for split in ("train", "val"):
+            folder = root / split / f"c{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if split == "train" or i < 10:
+                img.save(folder / f"{i}.jpg", quality=90)
+    return root, f"{count} generated {side * 4 // 3}x{side} JPEGs"
+
+
+def open_trainer(settings: Settings, root: Path, scratch: Path) -> Any:
+    """The trainer ``verydeep train`` would build for these settings, on the images at ``root``."""
+    from verydeep.recipe import TrainConfig
+    from verydeep.train import Trainer
+
+    s = test_scales(settings.size)[0]
+    cfg = TrainConfig(data=str(root), out=str(scratch / "run"), config=settings.config, width=settings.width,
+                      crop=settings.size, scale=(s, s), batch_size=settings.batch, epochs=1, lr=1e-3,
+                      workers=settings.workers, device=settings.device, precision="auto", progress=False)
+    trainer = Trainer(cfg, runtime.Processes())
+    need = 2 * WARMUP_STEPS + 2 * settings.rounds * settings.steps
+    if trainer.sampler.steps_per_epoch < need:
+        raise UserError(f"--data {settings.data}: {len(trainer.train_indices)} training images, fewer than the "
+                        f"{need * settings.batch} the bench's {need} steps of {settings.batch} need")
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)  # for the step records, as a run makes it
+    trainer.model.train()
+    return trainer
+
+
+def trainer_contenders(trainer: Any, steps: int) -> dict[str, Callable[[], float]]:
+    """Our training step (the trainer's own, on one loaded batch), inference as evaluation runs it,
+    and the trainer end to end (data loading included), each as images per second over ``steps``."""
+    device, model = trainer.device, trainer.model
+    loaded, shifts = next(iter(trainer.loader))
+    batch, shifts = trainer._on_device(loaded, shifts)
+    images = batch.images.shape[0]
+    x = trainer._input(batch, shifts).clone(memory_format=torch.preserve_format)
+
+    def train_step() -> None:
+        start = time.perf_counter()
+        loss = trainer._micro_step(batch, shifts, sync=True)
+        trainer._finish_step(loss, images, 0, max(time.perf_counter() - start, 1e-9))
+
+    @torch.inference_mode()
+    def infer_step() -> None:
+        model.eval()
+        with runtime.autocast(device, trainer.dtype):
+            model(x)
+        model.train()
+
+    def end_to_end(count: int = steps) -> float:
+        target = trainer.step + count
+        trainer.cfg = replace(trainer.cfg, stop_after_steps=target)
+        sync(device)
+        start = time.perf_counter()
+        if trainer.train_epoch() or trainer.step != target:
+            raise UserError("the bench ran out of training images within an epoch; give more with --data")
+        sync(device)
+        return count * trainer.cfg.batch_size / (time.perf_counter() - start)
+
+    end_to_end(WARMUP_STEPS)
+    for _ in range(WARMUP_STEPS):
+        train_step()
+        infer_step()
+    return {"train": lambda: images_per_second(train_step, images, steps, device),
+            "infer": lambda: images_per_second(infer_step, images, steps, device),
+            "end_to_end": end_to_end}
+
+
+def protocol_contenders(trainer: Any, photo: Path) -> dict[str, Callable[[], float]]:
+    """Seconds per image of dense and of 150-crop multi-crop evaluation over three scales Q, with and
+    without the mirror image, of the trainer's model on ``photo``."""
+    from verydeep.data import RescaleTransform, to_input
+    from verydeep.evaluate import dense_posteriors, multicrop_posteriors
+
+    device, model, crop = trainer.device, trainer.model, trainer.cfg.crop
+    inputs = [to_input(RescaleTransform(q)(photo).unsqueeze(0).to(device), trainer.pre)
+              .contiguous(memory_format=torch.channels_last) for q in test_scales(crop)]
+    dense = model.dense()
+
+    def seconds(protocol: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], float]:
+        @torch.inference_mode()
+        def measure() -> float:
+            model.eval()
+            sync(device)
+            start = time.perf_counter()
+            with runtime.autocast(device, trainer.dtype):
+                for x in inputs:
+                    protocol(x)
+            sync(device)
+            model.train()
+            return time.perf_counter() - start
+
+        measure()
+        return measure
+
+    return {"dense_s": seconds(lambda x: dense_posteriors(dense, x, flip=True)),
+            "multicrop_s": seconds(lambda x: multicrop_posteriors(model, x, crop, flip=True))}
+
+
+def reference_contenders(settings: Settings, num_classes: int, device: torch.device) -> dict[str, Callable[[], float]]:
+    """torchvision's VGG, plain fp32 and NCHW: training step and inference, images per second."""
+    torch.manual_seed(0)
+    model = reference_model(settings.config, settings.width, settings.size, num_classes).to(device)
+    x = torch.randn(settings.batch, 3, settings.size, settings.size, device=device)
+    y = torch.randint(0, num_classes, (settings.batch,), device=device)
+    train_step, infer_step = plain_steps(model, x, y, device, None)
+    model.train()
+    for _ in range(WARMUP_STEPS):
+        train_step()
+        infer_step()
+    return {"torchvision_train": lambda: images_per_second(train_step, settings.batch, settings.steps, device),
+            "torchvision_infer": lambda: images_per_second(infer_step, settings.batch, settings.steps, device)}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """The hardware and software the figures belong to."""
+    info: dict[str, Any] = {
+        "cpu": runtime.cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+        "avx2": bool(torch.cpu._is_avx2_supported()), "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "amx": bool(torch.cpu._is_amx_tile_supported()), "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory: the device's allocations on CUDA, the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def run_bench(settings: Settings) -> dict[str, Any]:
+    """Every measurement of the bench, in alternating rounds; the result as :func:`summarise` gives it."""
+    device = runtime.pick_device(settings.device)
+    dtype = runtime.autocast_dtype(device, "auto")
+    with tempfile.TemporaryDirectory() as scratch:
+        need = (2 * WARMUP_STEPS + 2 * settings.rounds * settings.steps + 1) * settings.batch
+        root, source = bench_data(settings.data, Path(scratch), settings.size, need)
+        trainer = open_trainer(settings, root, Path(scratch))
+        photo = next(p for p in sorted((root / "train").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg"))
+        contenders = {"gemm_bf16_tflops": gemm_tflops(device, torch.bfloat16, settings.gemm),
+                      "gemm_fp32_tflops": gemm_tflops(device, torch.float32, settings.gemm),
+                      **reference_contenders(settings, len(trainer.train_set.classes), device),
+                      **trainer_contenders(trainer, settings.steps),
+                      **protocol_contenders(trainer, photo)}
+        rounds = alternate(contenders, settings.rounds)
+        macs = count_macs(trainer.model, settings.size)
+    return summarise(rounds, macs, dtype, settings, source, machine(device), peak_memory_gib(device))
+
+
+def sig(value: float) -> float:
+    """``value`` to four significant digits."""
+    return float(f"{value:.4g}")
+
+
+def summarise(rounds: dict[str, list[float]], macs: int, dtype: torch.dtype | None, settings: Settings,
+              source: str, hardware: dict[str, Any], peak_gib: float) -> dict[str, Any]:
+    """Medians, ratios and roofline shares of the rounds' measurements, as one JSON-ready dict."""
+    m = {name: statistics.median(values) for name, values in rounds.items()}
+    precision = "bf16" if dtype is not None else "fp32"
+    roofline = m[f"gemm_{precision}_tflops"]
+    train_flops, infer_flops = 6 * macs, 2 * macs
+
+    def share(img_s: float, flops: int, tflops: float) -> float:
+        return sig(img_s * flops / 1e12 / tflops)
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": hardware,
+        "settings": {**asdict(settings), "data": source, "warmup_steps": WARMUP_STEPS,
+                     "test_scales": test_scales(settings.size)},
+        "precision": precision,
+        "gemm_tflops": {"bf16": sig(m["gemm_bf16_tflops"]), "fp32": sig(m["gemm_fp32_tflops"])},
+        "roofline_tflops": sig(roofline),
+        "macs_per_image": macs, "train_flops_per_image": train_flops, "infer_flops_per_image": infer_flops,
+        "train_img_s": sig(m["train"]), "infer_img_s": sig(m["infer"]),
+        "torchvision_fp32_train_img_s": sig(m["torchvision_train"]),
+        "torchvision_fp32_infer_img_s": sig(m["torchvision_infer"]),
+        "train_ratio_vs_torchvision_fp32": sig(m["train"] / m["torchvision_train"]),
+        "infer_ratio_vs_torchvision_fp32": sig(m["infer"] / m["torchvision_infer"]),
+        "train_roofline_share": share(m["train"], train_flops, roofline),
+        "infer_roofline_share": share(m["infer"], infer_flops, roofline),
+        "torchvision_fp32_train_roofline_share": share(m["torchvision_train"], train_flops, m["gemm_fp32_tflops"]),
+        "torchvision_fp32_infer_roofline_share": share(m["torchvision_infer"], infer_flops, m["gemm_fp32_tflops"]),
+        "end_to_end_img_s": sig(m["end_to_end"]),
+        "end_to_end_vs_step": sig(m["end_to_end"] / m["train"]),
+        "dense_s_per_image": sig(m["dense_s"]), "multicrop_s_per_image": sig(m["multicrop_s"]),
+        "multicrop_vs_dense": sig(m["multicrop_s"] / m["dense_s"]),
+        "peak_memory_gib": sig(peak_gib),
+        "rounds": {name: [sig(v) for v in values] for name, values in rounds.items()},
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    """The result as a short table."""
+    s, hw = result["settings"], result["machine"]
+    where = hw.get("gpu") or f"{hw['cpu']}, {hw['threads']} threads"
+    lines = [
+        f"VGG-{s['config']} width {s['width']:g}, {s['size']}x{s['size']}, batch {s['batch']}, on {where}; "
+        f"precision {result['precision']}; {s['rounds']} rounds, medians; images: {s['data']}",
+        f"roofline (torch.mm {s['gemm']}): bf16 {result['gemm_tflops']['bf16']:.3f}, "
+        f"fp32 {result['gemm_tflops']['fp32']:.3f} TFLOP/s",
+        f"{'':<24}{'train img/s':>12}{'share':>8}{'infer img/s':>13}{'share':>8}",
+        f"{'torchvision fp32 NCHW':<24}{result['torchvision_fp32_train_img_s']:>12.1f}"
+        f"{result['torchvision_fp32_train_roofline_share']:>8.0%}{result['torchvision_fp32_infer_img_s']:>13.1f}"
+        f"{result['torchvision_fp32_infer_roofline_share']:>8.0%}",
+        f"{'verydeep ' + result['precision']:<24}{result['train_img_s']:>12.1f}{result['train_roofline_share']:>8.0%}"
+        f"{result['infer_img_s']:>13.1f}{result['infer_roofline_share']:>8.0%}",
+        f"ratio vs torchvision fp32: train {result['train_ratio_vs_torchvision_fp32']:.2f}x, "
+        f"inference {result['infer_ratio_vs_torchvision_fp32']:.2f}x",
+        f"end to end (data loading included): {result['end_to_end_img_s']:.1f} img/s, "
+        f"{result['end_to_end_vs_step']:.0%} of the step",
+        f"evaluation per image over Q={','.join(map(str, s['test_scales']))}: dense "
+        f"{result['dense_s_per_image']:.3f} s, 150 crops {result['multicrop_s_per_image']:.3f} s "
+        f"({result['multicrop_vs_dense']:.1f}x)",
+        f"peak memory {result['peak_memory_gib']:.2f} GiB; {result['macs_per_image'] / 1e9:.3f} GMACs per image",
+    ]
+    return "\n".join(lines)
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="speed against the hardware's limit: roofline, torchvision fp32, our train/eval, end to end",
+        description="Measure, in one run on this machine, the matrix-multiply roofline, torchvision's VGG in "
+                    "fp32, our training step and inference, training end to end and dense vs 150-crop "
+                    "evaluation. Defaults: on a CPU width 0.5, size 128, batch 16; on CUDA width 1, size 224, "
+                    "batch 64.")
+    p.add_argument("--config", default="D", help="configuration of Table 1 torchvision has: A, B, D, E")
+    p.add_argument("--size", type=positive_int, default=None, help="input side, a multiple of 32")
+    p.add_argument("--width", type=positive_float, default=None, help="width multiplier")
+    p.add_argument("--batch", type=positive_int, default=None, help="images per step")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--rounds", type=positive_int, default=3, help="rounds alternating the contenders")
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"folder of JPEGs in class folders (default: {DEFAULT_DATA} when present, else generated)")
+    p.add_argument("--workers", type=natural_int, default=None, help="data-loading processes (default: cores - 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    if args.config not in TORCHVISION:
+        raise UserError(f"--config {args.config}: torchvision has no such VGG; give one of {', '.join(TORCHVISION)}")
+    device = runtime.pick_device(args.device)
+    defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    size = args.size or defaults["size"]
+    if size % 32:
+        raise UserError(f"--size {size}: must be a multiple of 32")
+    data = args.data if args.data is not None else (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
+    settings = Settings(args.config, size, args.width or defaults["width"], args.batch or defaults["batch"],
+                        args.rounds, defaults["steps"], str(device), defaults["gemm"], data, args.workers)
+    result = run_bench(settings)
+    print(render(result))
+    if args.json:
+        print(json.dumps(result))

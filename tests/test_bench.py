@@ -1,0 +1,109 @@
+"""``verydeep bench`` and the measured choice of precision on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import tiny, write_dataset
+
+from verydeep import runtime, vgg
+from verydeep.bench import bench_data, count_macs
+from verydeep.cli import main
+from verydeep.train import train
+
+#: The JSON keys that carry a measurement, each a positive finite number.
+MEASURED = ("train_img_s", "infer_img_s", "torchvision_fp32_train_img_s", "torchvision_fp32_infer_img_s",
+            "train_ratio_vs_torchvision_fp32", "infer_ratio_vs_torchvision_fp32", "train_roofline_share",
+            "infer_roofline_share", "roofline_tflops", "end_to_end_img_s", "end_to_end_vs_step",
+            "dense_s_per_image", "multicrop_s_per_image", "peak_memory_gib")
+
+
+def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A width-1/16 net on 32-pixel crops, one round, 48 generated JPEGs: every figure positive and
+    finite, the ratios and shares consistent with the rates."""
+    jpegs = write_dataset(tmp_path / "jpegs", {"train": 12}, size=(48, 40), ext="jpg")
+    assert main(["bench", "--config", "A", "--size", "32", "--width", "0.0625", "--batch", "4", "--rounds", "1",
+                 "--device", "cpu", "--workers", "0", "--data", str(jpegs), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in MEASURED:
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["train_ratio_vs_torchvision_fp32"] == pytest.approx(
+        result["train_img_s"] / result["torchvision_fp32_train_img_s"], rel=0.01)
+    assert result["infer_ratio_vs_torchvision_fp32"] == pytest.approx(
+        result["infer_img_s"] / result["torchvision_fp32_infer_img_s"], rel=0.01)
+    assert result["end_to_end_vs_step"] == pytest.approx(result["end_to_end_img_s"] / result["train_img_s"], rel=0.01)
+    achieved = result["train_img_s"] * result["train_flops_per_image"] / 1e12
+    assert result["train_roofline_share"] == pytest.approx(achieved / result["roofline_tflops"], rel=0.01)
+    assert result["roofline_tflops"] == result["gemm_tflops"][result["precision"]]
+    assert result["train_flops_per_image"] == 3 * result["infer_flops_per_image"]
+    assert result["settings"]["size"] == 32 and result["settings"]["data"] == str(jpegs)
+    assert {"cpu", "avx2", "avx512_bf16", "amx", "torch", "cores"} <= set(result["machine"])
+
+
+def test_bench_generates_jpegs_without_data(tmp_path: Path) -> None:
+    root, source = bench_data(None, tmp_path, 32, 12)
+    assert len(list((root / "train").rglob("*.jpg"))) == 12 and (root / "val").is_dir()
+    assert source.startswith("12 generated")
+
+
+def test_bench_refuses_a_config_torchvision_lacks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--config", "C", "--device", "cpu"]) == 2
+    assert "--config C" in capsys.readouterr().err
+
+
+def test_macs_of_a_tiny_net_by_hand() -> None:
+    """Net A at width 1/16 on 32x32: convs 3-4-8-16-16-32-32-32-32 at sides 32, 16, 8, 8, 4, 4, 2, 2
+    (3x3 kernels), then FC 32-256-256-10 on the 1x1 map."""
+    convs = [(3, 4, 32), (4, 8, 16), (8, 16, 8), (16, 16, 8), (16, 32, 4), (32, 32, 4), (32, 32, 2), (32, 32, 2)]
+    fcs = [(32, 256), (256, 256), (256, 10)]
+    by_hand = sum(9 * c_in * c_out * side**2 for c_in, c_out, side in convs) + sum(a * b for a, b in fcs)
+    assert count_macs(vgg("A", num_classes=10, width=1 / 16, input_size=32), 32) == by_hand
+
+
+def test_precision_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(runtime.PRECISION_ENV, raising=False)
+    timings = []
+    monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda: timings.append(1) or 3.0)
+    assert runtime.cpu_precision() == "bf16"
+    cache = json.loads((tmp_path / "verydeep" / "precision.json").read_text())
+    assert list(cache.values()) == ["bf16"] and runtime.cpu_model() in next(iter(cache))
+    monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda: timings.append(1) or 0.1)
+    assert runtime.cpu_precision() == "bf16" and len(timings) == 1  # reused, not measured again
+    (tmp_path / "verydeep" / "precision.json").unlink()
+    assert runtime.cpu_precision() == "fp32" and len(timings) == 2
+
+
+def test_precision_forced_or_from_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(runtime.PRECISION_ENV, "fp32")
+    assert runtime.autocast_dtype(runtime.pick_device("cpu"), "auto") is None
+    monkeypatch.setenv(runtime.PRECISION_ENV, "fp16")
+    with pytest.raises(runtime.UserError, match=runtime.PRECISION_ENV):
+        runtime.cpu_precision()
+    monkeypatch.delenv(runtime.PRECISION_ENV)
+
+    def failing() -> float:
+        raise RuntimeError("no bf16 kernels")
+
+    monkeypatch.setattr(runtime, "bf16_matmul_speedup", failing)
+    assert runtime.cpu_precision() == ("bf16" if runtime.cpu_has_fast_bf16() else "fp32")
+    assert not (tmp_path / "verydeep" / "precision.json").exists()
+
+
+def step_losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "step"]
+
+
+def test_bf16_training_tracks_fp32(data: Path, tmp_path: Path) -> None:
+    """The same tiny training (batch norm, no dropout, 3 epochs of 4 steps) in bf16 and in fp32: both
+    learn, and the mean losses of their last epochs are within 0.1 of each other."""
+    losses = {p: step_losses(Path(train(tiny(data, tmp_path / p, precision=p, epochs=3, batch_norm=True,
+                                                 dropout=0.0)).run_dir)) for p in ("fp32", "bf16")}
+    last = {p: sum(values[-4:]) / 4 for p, values in losses.items()}
+    assert all(last[p] < 0.6 * losses[p][0] for p in losses)
+    assert abs(last["bf16"] - last["fp32"]) < 0.1
