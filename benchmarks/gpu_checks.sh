@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one prepared run (CUDA tests, model benchmark, CIFAR-10 reproduction).
+# The GPU checks in one prepared run (verydeep bench, CUDA tests, model benchmark, CIFAR-10 reproduction).
+# The bench runs first and its JSON is written into the repository (docs/benchmarks/) and to $OUT
+# before anything longer runs; BENCH_ARGS adds to its command line (say --data DIR).
 # Usage on a CUDA machine, from the repo root, with the project importable (PYTHONPATH=src):
 #   OUT=/tmp/out REPRO_ARGS="--budget 20" bash benchmarks/gpu_checks.sh .devdata/cifar10.tgz
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
@@ -13,6 +15,19 @@ python=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   $python -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__)"
 } > "$out/machine.txt" 2>&1
+
+day=$(date -u +%F)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
+timeout 300 $python -m verydeep.cli bench --device cuda --json ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1
+echo "bench exit $?" >> "$out/bench.txt"
+mkdir -p docs/benchmarks
+if grep '^{' "$out/bench.txt" | tail -1 > "docs/benchmarks/bench-$day-${gpu:-gpu}.json" \
+    && [ -s "docs/benchmarks/bench-$day-${gpu:-gpu}.json" ]; then
+  cp "docs/benchmarks/bench-$day-${gpu:-gpu}.json" "$out/"
+else
+  rm -f "docs/benchmarks/bench-$day-${gpu:-gpu}.json"
+fi
+
 tar xzf "$data_tgz" -C /tmp/data
 
 timeout 120 $python -m pytest -q -p no:cacheprovider tests/test_data_gpu.py \
