@@ -63,6 +63,8 @@ VALID = {
     ("convert",): "{run} {new}.safetensors",
     ("download",): "vgg16 --weights-dir {new}",
     ("export",): "--weights {run} --format torchscript {new}.pt",
+    ("features",): "--weights {run} --data {data} --out {new}.npz",
+    ("transfer",): "--protocol caltech --features {new}.npz",
     ("reproduce",): "--data {data} --out {new} --no-progress",
     ("demo",): "--out {new} --no-progress",
     ("bench",): "--config A --size 32 --width 0.0625 --batch 4 --rounds 1 --device cpu --data {data}",
