@@ -22,7 +22,7 @@ from typing import Any
 
 from verydeep.checkpoint import atomic_write, load_checkpoint
 from verydeep.data import Preprocess
-from verydeep.data.preprocess import PREPROCESS_FILE
+from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.init import PROTOCOLS
 
@@ -64,10 +64,7 @@ def parse_preprocess(value: Any) -> Preprocess | None:
     if not path.is_file():
         raise MissingFileError(f"--preprocess {value}: no such statistics file ({PREPROCESS_FILE}, or a folder "
                                "holding one)")
-    try:
-        return Preprocess.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as error:
-        raise UserError(f"--preprocess {path}: not preprocess statistics ({type(error).__name__}: {error})") from None
+    return read_preprocess(path)
 
 
 def option(default: Any, help: str, group: str, *, minimum: float | None = None, choices: tuple[str, ...] = (),

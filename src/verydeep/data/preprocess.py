@@ -159,6 +159,14 @@ def save_preprocess(pre: Preprocess, path: str | Path) -> Path:
     return path
 
 
+def read_preprocess(path: Path) -> Preprocess:
+    """The statistics in the JSON file ``path``; a damaged file is one line naming it."""
+    try:
+        return Preprocess.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"{path}: bad preprocess statistics ({type(error).__name__}: {error})") from None
+
+
 def load_preprocess(data_dir: str | Path) -> Preprocess:
     """The statistics stored by ``verydeep data stats`` for ``data_dir``, else :data:`IMAGENET`.
 
@@ -172,10 +180,7 @@ def load_preprocess(data_dir: str | Path) -> Preprocess:
     ]
     for path in candidates:
         if path.is_file():
-            try:
-                return Preprocess.from_dict(json.loads(path.read_text()))
-            except (json.JSONDecodeError, ValueError, TypeError) as error:
-                raise UserError(f"{path}: bad preprocess statistics ({error})") from error
+            return read_preprocess(path)
     if data_dir.suffix == ".json":
         raise MissingFileError(f"{data_dir}: no such preprocess file")
     return IMAGENET
