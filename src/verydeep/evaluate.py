@@ -207,9 +207,7 @@ def load_source(source: str | Path, weights_dir: str | Path | None = None) -> tu
     Weights without the classifier (Keras' ``notop`` files) are refused: they predict nothing."""
     from verydeep.weights import load_published
 
-    published = load_published(source, weights_dir)
-    if published.recipe.get("head") == "random":
-        raise UserError(f"{source}: holds no classifier (FC6 to FC8), so it cannot classify; give weights with one")
+    published = load_published(source, weights_dir).require_fc_layers("classify")
     return published.model, published.recipe
 
 

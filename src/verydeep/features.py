@@ -178,10 +178,7 @@ def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: t
         raise UserError("give --weights SOURCE (or --raw-pixels SIDE)")
     nets = []
     for source in sources:
-        published = load_published(source, weights_dir)
-        if published.recipe.get("head") == "random":
-            raise UserError(f"{source}: holds no FC layers, whose FC7 activations are the features; give weights "
-                            "with them")
+        published = load_published(source, weights_dir).require_fc_layers("give FC7 features")
         digest = weights_digest(published.model)
         model = prepare(published.model, device).eval()
         nets.append(FeatureNet(str(source), model_name(published.recipe), model.dense(),

@@ -365,7 +365,7 @@ class Trainer:
         published = self.published
         model = model_from_recipe(self.record, init=self.cfg.init)
         source = published.model.state_dict()
-        if published.recipe.get("head") == "random":  # a file without FC layers (Keras' notop kind)
+        if not published.has_fc_layers:  # a file without FC layers (Keras' notop kind): its conv layers only
             source = {name: value for name, value in source.items() if name.startswith("features.")}
         if not same_classes(published.recipe, self.record["classes"]):  # FC8's rows are other classes
             fc8 = f"{model.tap_names['fc8']}."

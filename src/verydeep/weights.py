@@ -97,6 +97,18 @@ class Published:
     format: str  # torchvision, caffe, keras or verydeep
     source: str
 
+    @property
+    def has_fc_layers(self) -> bool:
+        """False for a file without FC6 to FC8 (Keras' ``notop`` kind), whose classifier is random."""
+        return self.recipe.get("head") != "random"
+
+    def require_fc_layers(self, purpose: str) -> Published:
+        """This net, or a one-line error when it holds no FC layers and so cannot serve ``purpose``."""
+        if not self.has_fc_layers:
+            raise UserError(f"{self.source}: holds no classifier (FC6 to FC8), so it cannot {purpose}; give "
+                            "weights with one")
+        return self
+
 
 @cache
 def known_weights() -> dict[str, KnownWeights]:
