@@ -201,7 +201,8 @@ def test_raw_pixels_baseline(photos):
 
 def test_weights_without_fc_layers_are_refused(photos, tmp_path):
     notop = exported(tmp_path / "notop.safetensors", head="random")
-    with pytest.raises(UserError, match=r"notop.safetensors: holds no classifier \(FC6 to FC8\), so it cannot give FC7"):
+    refused = r"notop.safetensors: holds no classifier \(FC6 to FC8\), so it cannot give FC7"
+    with pytest.raises(UserError, match=refused):
         extract_features([notop], photos, settings=settings())
 
 
