@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from verydeep.checkpoint import atomic_write
 from verydeep.errors import UserError
 
 
@@ -151,12 +152,10 @@ def cpu_precision() -> str:
         choice = "bf16" if bf16_matmul_speedup() >= BF16_MARGIN else "fp32"
     except RuntimeError:
         return "bf16" if cpu_has_fast_bf16() else "fp32"
+    text = json.dumps({**cache, key: choice}, indent=1)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps({**cache, key: choice}, indent=1))
-        temp.replace(path)
-    except OSError:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    except UserError:
         pass  # a read-only home: measured again next time
     return choice
 
