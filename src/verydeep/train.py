@@ -280,9 +280,11 @@ class Trainer:
                             "or start it anew with --overwrite")
         if not self.procs.main:
             return
-        if not cfg.resume:  # a new run: nothing of an old one (say, one that crashed before a checkpoint) mixes in
+        # a new run: nothing of an old one (say, one that crashed before a checkpoint) mixes in; a folder
+        # without our run record is not cleared unless --overwrite says so
+        if not cfg.resume and (cfg.overwrite or (run_dir / RUN_RECORD).exists()):
             run_files = [run_dir / name for name in ("metrics.jsonl", RUN_RECORD, "model.safetensors", "curves.png")]
-            for path in [*run_files, *self.ckpt_dir.glob("*.pt")] if cfg.overwrite or run_files[1].exists() else []:
+            for path in [*run_files, *self.ckpt_dir.glob("*.pt")]:
                 path.unlink(missing_ok=True)
         for folder in (run_dir, self.ckpt_dir):
             remove_temp_files(folder)
