@@ -85,6 +85,23 @@ def test_plateau_divides_by_ten_after_patience_at_most_three_times_then_stops():
     assert schedule.stopped and schedule.lr == pytest.approx(1e-5) and schedule.best == 61.0
 
 
+def test_stop_patience_stops_a_run_that_stopped_improving_whatever_the_lr():
+    schedule = Schedule(lr=0.01, patience=2, max_drops=3, stop_patience=3)
+    for epoch, top1 in enumerate([50.0, 49.0, 49.5], start=1):
+        schedule.update(epoch, top1)
+    assert not schedule.stopped and schedule.drops == 1  # the plateau rule acted; two bad, not yet three
+    schedule.update(4, 50.0)  # equal is not better
+    assert schedule.stopped and schedule.best == 50.0
+    steady = Schedule(lr=0.01, patience=2, milestones=[2], stop_patience=2)
+    for epoch, top1 in enumerate([10.0, 11.0, 10.5, 12.0, 11.0], start=1):
+        steady.update(epoch, top1)
+        assert not steady.stopped  # improving every other epoch never counts two in a row
+    resumed = Schedule(lr=0.01, stop_patience=2)
+    resumed.load_state_dict({**steady.state_dict()})
+    resumed.update(6, 11.5)
+    assert resumed.stopped  # the count since the best survives a checkpoint
+
+
 def test_milestones_replace_the_plateau_rule():
     schedule = Schedule(lr=0.1, patience=1, milestones=[2, 4])
     lrs = []

@@ -135,6 +135,9 @@ class TrainConfig:
                             resumable=True)
     milestones: list[int] = option([], "comma-separated epochs after which lr /= 10, instead of the plateau rule",
                                    "optimisation", parse=parse_milestones, resumable=True)
+    stop_patience: int | None = option(None, "stop when validation has not improved for N validations, whatever "
+                                              "the lr (--epochs becomes an upper bound)", "optimisation", minimum=1,
+                                       parse=int, resumable=True)
     seed: int = option(0, "seed of init, data order and augmentation", "optimisation", minimum=0)
     # running
     workers: int | None = option(None, "data-loading processes per training process (default: the cores less "

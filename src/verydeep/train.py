@@ -93,15 +93,19 @@ class NonFiniteLossError(UserError):
 class Schedule:
     """Sec. 3.1: lr /= 10 when the validation score (higher is better) has not improved for ``patience``
     validations, at most ``max_drops`` times, then stop; or, with ``milestones``, lr /= 10 after each
-    listed epoch."""
+    listed epoch. With ``stop_patience``, training also stops once the score has not improved for that
+    many validations in a row, whatever the lr: the epoch budget becomes an upper bound."""
 
-    def __init__(self, lr: float, patience: int = 2, max_drops: int = 3, milestones: list[int] | None = None) -> None:
+    def __init__(self, lr: float, patience: int = 2, max_drops: int = 3, milestones: list[int] | None = None,
+                 stop_patience: int | None = None) -> None:
         self.base_lr = self.lr = lr
         self.patience = patience
         self.max_drops = max_drops
         self.milestones = sorted(milestones or [])
+        self.stop_patience = stop_patience
         self.best = -math.inf
         self.bad = 0
+        self.since_best = 0
         self.drops = 0
         self.stopped = False
 
@@ -109,7 +113,10 @@ class Schedule:
         """Account for an epoch (``score`` None when not validated); True when the score improved."""
         improved = score is not None and score > self.best
         if improved:
-            self.best, self.bad = score, 0
+            self.best, self.bad, self.since_best = score, 0, 0
+        elif score is not None:
+            self.since_best += 1
+            self.stopped |= self.stop_patience is not None and self.since_best >= self.stop_patience
         if self.milestones:
             if epochs_done in self.milestones:
                 self.lr /= 10
@@ -131,10 +138,12 @@ class Schedule:
         self.lr = self.base_lr / 10**self.drops
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr, "best": self.best, "bad": self.bad, "drops": self.drops, "stopped": self.stopped}
+        return {"lr": self.lr, "best": self.best, "bad": self.bad, "since_best": self.since_best,
+                "drops": self.drops, "stopped": self.stopped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr, self.best, self.bad = state["lr"], state["best"], state["bad"]
+        self.since_best = state.get("since_best", state["bad"])  # older checkpoints counted only ``bad``
         self.drops, self.stopped = state["drops"], state["stopped"]
 
 
@@ -357,7 +366,7 @@ class Trainer:
         self.model: VGG = runtime.prepare(model, self.device, cfg.channels_last)
         groups = param_groups(self.model, (start or {}).get("copied", []), cfg.lr, cfg.lr_copied)
         self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.schedule = Schedule(cfg.lr, cfg.patience, cfg.max_drops, cfg.milestones)
+        self.schedule = Schedule(cfg.lr, cfg.patience, cfg.max_drops, cfg.milestones, cfg.stop_patience)
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()
         self.input_memory = torch.empty(0)  # the float input of every CPU batch (no fresh pages per step)
@@ -728,7 +737,7 @@ class Trainer:
         either says so and does nothing."""
         start = time.perf_counter()
         if self.schedule.stopped or self.epoch >= self.cfg.epochs:
-            reason = "the plateau rule stopped it" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
+            reason = "validation stopped improving" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
             self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do")
             return self._summary("plateau" if self.schedule.stopped else "epochs", start)
         if self.procs.main:
