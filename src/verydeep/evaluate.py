@@ -562,11 +562,15 @@ class Timing:
 @dataclass
 class Posteriors:
     """Every posterior array computed (N, classes) by net, kind and Q (``net0_dense_Q256``), with the
-    targets and image paths: every row can be recomputed from them. Not part of the JSON result."""
+    targets and image paths: every row can be recomputed from them. ``rows`` holds each row's own
+    posteriors by row name, of the readable images only (``readable``, a mask over ``paths``): what
+    fusing rows afterwards or a paired comparison of two rows needs. Not part of the JSON result."""
 
     arrays: dict[str, np.ndarray]
     targets: np.ndarray
     paths: list[str]
+    readable: np.ndarray
+    rows: dict[str, np.ndarray]
 
 
 @dataclass
@@ -694,7 +698,9 @@ def evaluate(
         per_class_accuracy=dict(zip(classes, accuracy, strict=True)),
         timing=Timing(round(seconds, 3), round(seconds / len(dataset), 6), timings),
         posteriors=Posteriors({f"net{i}_{kind}_Q{q}": post.numpy() for (i, kind, q), post in posteriors.items()},
-                              targets.numpy(), paths) if keep_posteriors else None,
+                              targets.numpy(), paths, valid.numpy(),
+                              {name: p.numpy() for name, p in row_posteriors.items()})
+        if keep_posteriors else None,
     )
 
 

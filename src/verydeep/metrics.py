@@ -1,4 +1,4 @@
-"""Classification metrics shared by training's validation and ``verydeep eval`` (Sec. 4).
+"""Classification metrics shared by training's validation, ``verydeep eval`` and ``reproduce`` (Sec. 4).
 
 Top-k ties: an image counts as correct at k when fewer than k classes score *strictly* higher
 than the true class (ties go to the true class, so a row of equal scores is correct at top-1).
@@ -6,6 +6,10 @@ than the true class (ties go to the true class, so a row of equal scores is corr
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,3 +31,36 @@ def per_class_accuracy(posteriors: Tensor, targets: Tensor, num_classes: int) ->
     hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, targets, correct)
     counts = torch.bincount(targets, minlength=num_classes)
     return [float(h / c) if c else None for h, c in zip(hits.tolist(), counts.tolist(), strict=True)]
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Two nets judged on the same images: the mean per-image difference of their top-1 errors (``b``
+    minus ``a``, in percentage points: positive when ``a`` is better) and its standard error."""
+
+    difference: float
+    standard_error: float
+    images: int
+
+    @property
+    def margin(self) -> float:
+        """Two standard errors: a difference beyond it is unlikely to be chance (about 95%)."""
+        return 2 * self.standard_error
+
+    @property
+    def significant(self) -> bool:
+        return abs(self.difference) > self.margin
+
+
+def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray) -> PairedDifference:
+    """Paired comparison of two nets' top-1 correctness on the same images (in the same order).
+
+    Per image ``d = error_b - error_a`` is -1, 0 or 1; the test is on the mean of ``d`` with the
+    standard error ``std(d) / sqrt(n)``. Images both nets get right (or wrong) add no variance, so
+    this is tighter than comparing two binomial error rates as if the test sets were independent.
+    """
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(f"paired test needs two equal-length vectors of at least 2 images; got {a.shape}, {b.shape}")
+    d = a.astype(np.float64) - b.astype(np.float64)  # error_b - error_a = correct_a - correct_b
+    return PairedDifference(100 * float(d.mean()), 100 * float(d.std(ddof=1) / math.sqrt(d.size)), int(d.size))
