@@ -3,12 +3,18 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 
+from verydeep.checkpoint import load_weights
 from verydeep.cli import main
 from verydeep.demo import DIGIT_NAMES, write_digits
 from verydeep.evaluate import EvalRow
-from verydeep.reproduce import NETS, PRESETS, Net, Preset, claims, reproduce
+from verydeep.metrics import paired_difference
+from verydeep.reproduce import NETS, PRESETS, Measured, Net, Preset, claims, fuse, reproduce
+from verydeep.runtime import Processes
+from verydeep.train import Trainer, train
 
 
 def test_digits_are_written_once_as_an_image_folder(tmp_path):
@@ -29,56 +35,150 @@ def test_preset_scales_follow_the_crop():
     assert PRESETS["imagenette"].scale((256, 512)) == (128, 256)
 
 
-def test_claims_compare_in_the_papers_direction():
+def measured(name, wrong, images=1000, classes=10):
+    """A net's dense row at Q = 36 whose top-1 is wrong on exactly the images of the mask ``wrong``."""
+    wrong = np.asarray(wrong, dtype=bool)
+    targets = np.arange(len(wrong)) % classes
+    predicted = np.where(wrong, (targets + 1) % classes, targets)
+    posteriors = np.full((len(wrong), classes), 0.01, dtype=np.float32)
+    posteriors[np.arange(len(wrong)), predicted] = 0.91
+    row = EvalRow(f"{name}: dense Q=36", "dense", [36], [name], multi_scale=False, fusion=False,
+                  top1_error=float(wrong.mean()), top5_error=0.0, images=len(wrong))
+    return Measured(row, posteriors, targets, np.array([f"img{i}.png" for i in range(len(wrong))]))
+
+
+def test_claims_are_judged_by_the_paired_test_in_the_papers_direction():
     preset = Preset(crop=32, width=1, epochs=1)
-    nets = [Net("A", "A", (256, 256)), Net("B", "B", (256, 256))]
+    nets = [Net("A", "A", (256, 256)), Net("B", "B", (256, 256), parent="A")]
+    rng = np.random.default_rng(0)
+    a_wrong = rng.random(1000) < 0.30
+    b_wrong = a_wrong & (rng.random(1000) < 0.8)  # B gets right a fifth of A's mistakes and nothing else changes
+    held = claims([measured("A", a_wrong), measured("B", b_wrong)], nets, preset)
+    depth = next(c for c in held if c.claim.startswith("Error falls with depth: B beats A"))
+    assert depth.verdict == "held" and depth.difference == pytest.approx(100 * (a_wrong.mean() - b_wrong.mean()))
+    reversed_ = claims([measured("A", b_wrong), measured("B", a_wrong)], nets, preset)
+    assert next(c for c in reversed_ if c.claim.startswith("Error falls")).verdict == "did not hold"
+    # ten images apart on a thousand: significant when the nets agree elsewhere, not when they swap many
+    close_b = a_wrong.copy()
+    close_b[np.flatnonzero(a_wrong)[:10]] = False
+    assert next(c for c in claims([measured("A", a_wrong), measured("B", close_b)], nets, preset)
+                if c.claim.startswith("Error falls")).verdict == "held"
+    swapped = close_b.copy()
+    swapped[np.flatnonzero(~a_wrong)[:60]] = True
+    swapped[np.flatnonzero(a_wrong)[10:70]] = False
+    assert next(c for c in claims([measured("A", a_wrong), measured("B", swapped)], nets, preset)
+                if c.claim.startswith("Error falls")).verdict.startswith("inconclusive")
 
-    def row(name, err):
-        return EvalRow(f"{name}: dense Q=36", "dense", [36], [name], multi_scale=False, fusion=False, top1_error=err,
-                       top5_error=0.0, images=10000)
 
-    held = claims([row("A", 0.30), row("B", 0.20)], nets, preset)
-    assert held[0].claim.startswith("Error falls with depth: B beats A") and held[0].verdict == "held"
-    reversed_ = claims([row("A", 0.20), row("B", 0.30)], nets, preset)
-    assert reversed_[0].verdict == "did not hold"
-    close = claims([row("A", 0.200), row("B", 0.199)], nets, preset)
-    assert close[0].verdict.startswith("inconclusive")
+def test_the_paired_difference_and_its_standard_error_by_hand():
+    a = np.array([1, 1, 1, 0, 1, 0, 1, 1], dtype=bool)  # right/wrong per image
+    b = np.array([1, 0, 0, 0, 1, 1, 0, 1], dtype=bool)
+    test = paired_difference(a, b)
+    d = np.array([0, 1, 1, 0, 0, -1, 1, 0])  # a right where b is wrong: +1
+    assert test.difference == pytest.approx(100 * d.mean())  # 25 points
+    assert test.standard_error == pytest.approx(100 * d.std(ddof=1) / np.sqrt(8))  # 0.1637...
+    assert test.margin == pytest.approx(2 * test.standard_error) and test.images == 8
+    assert test.significant == (abs(test.difference) > test.margin)
+    assert paired_difference(a, a).difference == 0 and not paired_difference(a, a).significant
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference(a, b[:5])
 
 
-@pytest.mark.timeout(420)
-def test_reproduction_runs_end_to_end_and_resumes(tmp_path, capsys):
-    data = write_digits(tmp_path / "data")
-    preset = replace(PRESETS["digits"], epochs=1, width=1 / 16, nets=("A", "D-jitter", "E-jitter"), workers=0,
-                     limit_train=120, limit_test=40, batch_size=32)
-    out = tmp_path / "run"
-    result = reproduce(data, preset, "digits", out, progress=False)
+def test_fusion_averages_the_posteriors_of_the_images_both_nets_saw():
+    one, two = measured("A", [True, False, True, False]), measured("A-s1", [False, False, True, True])
+    two = replace(two, posteriors=two.posteriors[::-1].copy(), targets=two.targets[::-1].copy(),
+                  paths=two.paths[::-1].copy())  # the same images in another order
+    fused = fuse([one, two])
+    assert fused.row.nets == ["A", "A-s1"] and fused.row.fusion and fused.row.images == 4
+    np.testing.assert_allclose(fused.posteriors, (one.posteriors + two.posteriors[::-1]) / 2)
+    assert fused.row.top1_error == pytest.approx(0.25)  # only image 2, wrong for both (a tie goes to the truth)
+
+
+def test_the_papers_protocol_trains_parents_first_and_replicas_share_no_training():
+    preset = replace(PRESETS["cifar10"], nets=("E-jitter", "A-LRN"), seeds=2, seeded=("A", "E"))
+    assert [n.name for n in preset.members()] == ["A", "E", "E-384", "E-jitter", "A-LRN", "A-s1", "E-s1"]
+    replicas = {n.name: n for n in preset.members()}
+    assert replicas["E-s1"].parent == "A-s1" and replicas["E-s1"].seed == 1 and replicas["E-s1"].base == "E"
+    scratch = replace(preset, protocol="scratch", seeds=1)
+    assert [n.name for n in scratch.members()] == ["E-jitter", "A-LRN"]
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """A paper-protocol reproduction on the digits: nets A and D (two seeds each), D-384, D-jitter."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    data = write_digits(tmp / "data")
+    preset = replace(PRESETS["digits"], epochs=1, finetune_epochs=1, width=1 / 16, nets=("A", "D-jitter"),
+                     workers=0, limit_train=120, limit_test=40, batch_size=32, seeds=2, fixed_protocols=("dense",))
+    return data, preset, tmp / "run", reproduce(data, preset, "digits", tmp / "run", progress=False)
+
+
+def _trainer_before_first_step(preset, name, data, out, tmp_path):
+    """The model of net ``name`` as the reproduction's trainer builds it, before any step."""
+    by_name = {n.name: n for n in preset.members()}
+    cfg = preset.train_config(by_name[name], by_name, data, out / "nets", "cpu", progress=False)
+    return Trainer(replace(cfg, out=str(tmp_path / name), resume=False), Processes.from_env()).model, cfg
+
+
+def test_deeper_nets_start_from_as_trained_layers_and_jittered_from_s384(reproduced, tmp_path):
+    data, preset, out, _ = reproduced
+    a_weights, _ = load_weights(out / "nets" / "A" / "checkpoints" / "last.pt")
+    d, cfg = _trainer_before_first_step(preset, "D", data, out, tmp_path)
+    assert cfg.init_from == str(out / "nets" / "A" / "checkpoints" / "last.pt") and cfg.lr == preset.lr
+    a_convs = ["features.0", "features.3", "features.6", "features.8"]  # A's conv1_1, conv2_1, conv3_1, conv3_2
+    for name, a_layer in zip(["conv1_1", "conv2_1", "conv3_1", "conv3_2"], a_convs, strict=True):
+        assert torch.equal(d.conv_layers()[name].weight, a_weights[f"{a_layer}.weight"]), name
+    assert not torch.equal(d.conv_layers()["conv1_2"].weight[:, :, 1, 1], torch.zeros_like(
+        d.conv_layers()["conv1_2"].weight[:, :, 1, 1]))  # D's own layers are random, not zero
+    jitter, cfg = _trainer_before_first_step(preset, "D-jitter", data, out, tmp_path)
+    assert cfg.init_from.endswith("D-384/checkpoints/last.pt") and cfg.lr == preset.finetune_lr
+    d384, _ = load_weights(out / "nets" / "D-384" / "checkpoints" / "last.pt")
+    assert all(torch.equal(v, d384[k]) for k, v in jitter.state_dict().items())
+    assert json.loads((out / "nets" / "D" / "recipe.json").read_text())["init_from"].endswith("A/checkpoints/last.pt")
+
+
+def test_a_seed_reproduces_its_net_and_another_seed_changes_it(reproduced, tmp_path):
+    data, preset, out, _ = reproduced
+    by_name = {n.name: n for n in preset.members()}
+    cfg = preset.train_config(by_name["A"], by_name, data, out / "nets", "cpu", progress=False)
+    train(replace(cfg, out=str(tmp_path / "again"), resume=False))
+    again, _ = load_weights(tmp_path / "again" / "checkpoints" / "last.pt")
+    first, _ = load_weights(out / "nets" / "A" / "checkpoints" / "last.pt")
+    other, _ = load_weights(out / "nets" / "A-s1" / "checkpoints" / "last.pt")
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    assert not torch.equal(other["features.0.weight"], first["features.0.weight"])
+
+
+def test_reproduction_runs_end_to_end_and_resumes(reproduced):
+    data, preset, out, result = reproduced
     assert set(result.tables) == {
         "Table 3: single test scale", "Table 4: multiple test scales",
         "Table 5: dense vs multi-crop vs both (multi-scale)", "Table 6: fusion",
     }
     table3 = result.tables["Table 3: single test scale"].rows
-    assert [r.nets for r in table3] == [["A"], ["D-jitter"], ["E-jitter"]]
-    assert [r.scales for r in table3] == [[36], [54], [54]]
+    assert [r.nets for r in table3] == [["A"], ["A-s1"], ["D"], ["D-s1"], ["D-384"], ["D-jitter"]]
+    assert [r.scales for r in table3] == [[36], [36], [36], [36], [54], [54]]
     assert all(r.images == 40 for r in table3)
     table5 = result.tables["Table 5: dense vs multi-crop vs both (multi-scale)"].rows
-    assert [(r.nets, r.protocol) for r in table5][:3] == [
-        (["A"], "dense"), (["A"], "multicrop"), (["A"], "dense+multicrop")]  # the digits preset: every protocol for A
-    assert len(table5) == 9
-    assert len(result.tables["Table 6: fusion"].rows) == 3
-    # the paper's figures stand beside ours: A at 256, D jittered (Table 5), D + E fused (Table 6)
+    assert [(r.nets, r.protocol) for r in table5] == [
+        (["D-jitter"], "dense"), (["D-jitter"], "multicrop"), (["D-jitter"], "dense+multicrop")]
+    fused = [(r.nets, r.protocol) for r in result.tables["Table 6: fusion"].rows]
+    assert fused == [(["A", "A-s1"], "dense"), (["D", "D-s1"], "dense")]  # replicas: nets that share no training
+    # the paper's figures stand beside ours: A at 256, D at 384, D jittered (Table 5)
     assert "| 29.6 / 10.4 |" in result.tables["Table 3: single test scale"].markdown
+    assert "| 26.8 / 8.7 |" in result.tables["Table 3: single test scale"].markdown
     assert "| 24.4 / 7.2 |" in result.tables["Table 5: dense vs multi-crop vs both (multi-scale)"].markdown
-    assert "| 23.7 / 6.8 |" in result.tables["Table 6: fusion"].markdown
-    assert result.claims and all(c.verdict for c in result.claims)
+    depth = next(c for c in result.claims if c.claim == "Error falls with depth: D beats A")
+    assert depth.seed_spread.startswith("difference over 2 seeds") and depth.margin is not None
     for name in ("REPRODUCTION.md", "learning_curves.png", "errors.png", "results.json"):
         assert (out / name).stat().st_size > 0
-    assert "Table 6: fusion" in (out / "REPRODUCTION.md").read_text()
+    assert "protocol `paper`" in (out / "REPRODUCTION.md").read_text()
     # a second run finds every net trained and evaluated: nothing is redone
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("nets/*/checkpoints/last.pt")}
-    assert len(stamps) == 3
+    assert len(stamps) == 6
     again = reproduce(data, preset, "digits", out, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert again.tables == result.tables  # the second run's rows come back from the cached JSON
+    assert again.tables == result.tables  # the second run's rows come back from the cache
     assert json.loads((out / "results.json").read_text())["tables"] == json.loads(json.dumps(again.to_dict()))["tables"]
 
 

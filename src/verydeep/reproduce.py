@@ -2,10 +2,13 @@
 
 Every size of the paper is multiplied by one factor, ``crop / 224``: on CIFAR-10 (crop 32) the
 training scales S = 256, 384 and [256, 512] become 36, 54 and [36, 73], the test offsets S +- 32
-become S +- 4. Every net gets the same budget (epochs, schedule, width); the nets are trained one
-after another, each in its own run directory, so an interrupted reproduction resumes where it
-stopped. The output is the paper's Tables 3 to 6 with our figures beside the paper's, a table of
-the paper's claims saying whether each held at this scale, plots, and ``REPRODUCTION.md``.
+become S +- 4. Under the paper's protocol (Sec. 3.1) net A starts from random weights, the deeper
+nets from A's first four convs and three FC layers, the S = 384 nets from the S = 256 ones and the
+jittered nets from the S = 384 ones; under ``scratch`` every net starts from random weights. Every
+net has the same width, schedule and epoch bound; the nets are trained one after another, each in
+its own run directory, so an interrupted reproduction resumes where it stopped. The output is the
+paper's Tables 3 to 6 with our figures beside the paper's, the paper's claims each judged by a
+paired test on the same test images (with the spread over seeds), plots, and ``REPRODUCTION.md``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from verydeep import report
 from verydeep.cli import device_name, natural_int, output_dir, positive_float, positive_int
 from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow, PaperFigures
+from verydeep.metrics import PairedDifference, paired_difference, topk_correct, topk_error
 from verydeep.paper import PaperNet, scale_text, single_test_scale
 from verydeep.plot import read_metrics
 from verydeep.recipe import TrainConfig
@@ -35,39 +40,66 @@ from verydeep.report import Column, Row, Table
 
 @dataclass(frozen=True)
 class Net:
-    """One net of the reproduction: a configuration and its training scale (paper's pixels)."""
+    """One net of the reproduction: a configuration, its training scale (paper's pixels), the net it
+    starts from under the paper's protocol (Sec. 3.1) and its seed."""
 
     name: str
     config: str
     scale: tuple[int, int]  # at the paper's 224-pixel crop
+    parent: str | None = None
+    seed: int = 0
 
     @property
     def jittered(self) -> bool:
         return self.scale[0] != self.scale[1]
 
     @property
+    def base(self) -> str:
+        """The name of the net this one replicates with another seed (its own name at seed 0)."""
+        return self.name.removesuffix(f"-s{self.seed}") if self.seed else self.name
+
+    @property
     def paper_net(self) -> PaperNet:
         """The paper's net of this configuration and training scale, whose figures ours stand beside."""
         return PaperNet.trained_at(self.config, *self.scale)
 
+    def replica(self, seed: int, seeded: Sequence[str]) -> Net:
+        """This net trained with another seed; it starts from its parent's replica of that seed when the
+        parent is seeded too, so that replicas share no training."""
+        parent = f"{self.parent}-s{seed}" if self.parent in seeded else self.parent
+        return replace(self, name=f"{self.name}-s{seed}", parent=parent, seed=seed)
 
-#: The ablations: depth (A, B, D, E), LRN (A-LRN), 1x1 vs 3x3 (C vs D), fixed vs jittered S,
-#: and the two jittered nets whose fusion is Table 6.
+
+#: The ablations: depth (A, B, D, E), LRN (A-LRN), 1x1 vs 3x3 (C vs D), S = 256 vs 384 vs jittered,
+#: and the two jittered nets whose fusion is Table 6. Parents follow Sec. 3.1: A from random weights,
+#: the deeper nets from A's first four convs and three FC layers, S = 384 from S = 256 (lr 1e-3), the
+#: jittered nets from S = 384. A-LRN is as shallow as A and starts from random weights too.
 NETS = (
     Net("A", "A", (256, 256)),
     Net("A-LRN", "A-LRN", (256, 256)),
-    Net("B", "B", (256, 256)),
-    Net("C", "C", (256, 256)),
-    Net("D", "D", (256, 256)),
-    Net("E", "E", (256, 256)),
-    Net("D-jitter", "D", (256, 512)),
-    Net("E-jitter", "E", (256, 512)),
+    Net("B", "B", (256, 256), parent="A"),
+    Net("C", "C", (256, 256), parent="A"),
+    Net("C-384", "C", (384, 384), parent="C"),
+    Net("C-jitter", "C", (256, 512), parent="C-384"),
+    Net("D", "D", (256, 256), parent="A"),
+    Net("D-384", "D", (384, 384), parent="D"),
+    Net("D-jitter", "D", (256, 512), parent="D-384"),
+    Net("E", "E", (256, 256), parent="A"),
+    Net("E-384", "E", (384, 384), parent="E"),
+    Net("E-jitter", "E", (256, 512), parent="E-384"),
 )
+PROTOCOLS = ("paper", "scratch")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Sizes and budget of a reproduction; every paper size is scaled by ``crop / 224``."""
+    """Sizes and budget of a reproduction; every paper size is scaled by ``crop / 224``.
+
+    ``protocol``: ``paper`` trains each net from its parent (Sec. 3.1; a same-configuration parent is
+    fine-tuned with ``finetune_lr`` for at most ``finetune_epochs``), ``scratch`` every net from random
+    weights. ``epochs`` is an upper bound: a net stops once validation has not improved for
+    ``stop_patience`` epochs. ``seeds`` > 1 trains the ``seeded`` nets that many times.
+    """
 
     crop: int
     width: float
@@ -76,8 +108,15 @@ class Preset:
     lr: float = 0.01
     init: str = "he"
     nets: tuple[str, ...] = tuple(n.name for n in NETS)
+    protocol: str = "paper"
+    finetune_lr: float = 1e-3
+    finetune_epochs: int = 6
+    stop_patience: int | None = 4
+    seeds: int = 1
+    seeded: tuple[str, ...] = ("A", "D")
     limit_train: int | None = None
     limit_test: int | None = None
+    limit_val: int | None = 1000  # the class-balanced test images that the plateau rule watches
     workers: int = 2
     patience: int = 2  # the paper's rule: lr / 10 when validation top-1 stops improving, at most 3 times
     fixed_protocols: tuple[str, ...] = ("dense",)  # jittered nets always get dense, multi-crop and both
@@ -87,63 +126,150 @@ class Preset:
         factor = self.crop / 224
         return (math.floor(paper[0] * factor), math.floor(paper[1] * factor))
 
-    def train_config(self, net: Net, data: Path, run_dir: Path, device: str, progress: bool) -> TrainConfig:
+    def starts_from(self, net: Net) -> str | None:
+        """The net whose weights ``net`` starts from under this preset's protocol (None: random weights)."""
+        return net.parent if self.protocol == "paper" else None
+
+    def fine_tuned(self, net: Net, by_name: dict[str, Net]) -> bool:
+        """Whether ``net`` continues a parent of its own configuration (every weight copied, lr 1e-3)."""
+        parent = self.starts_from(net)
+        return parent is not None and by_name[parent].config == net.config
+
+    def train_config(self, net: Net, by_name: dict[str, Net], data: Path, nets_dir: Path, device: str,
+                     progress: bool) -> TrainConfig:
         """``net``'s training settings: the paper's (TrainConfig's defaults), overridden by every field of
-        this preset that is also a training setting (crop, width, epochs, batch size, lr, ...)."""
+        this preset that is also a training setting (crop, width, epochs, batch size, lr, ...), then by
+        where ``net`` starts from under the protocol."""
         shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
-        return replace(TrainConfig(), **{name: getattr(self, name) for name in shared}, data=str(data),
-                       out=str(run_dir), config=net.config, scale=self.scale(net.scale), limit_val=self.limit_test,
-                       device=device, progress=progress, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+        run_dir = nets_dir / net.name
+        cfg = replace(TrainConfig(), **{name: getattr(self, name) for name in shared}, data=str(data),
+                      out=str(run_dir), config=net.config, scale=self.scale(net.scale), seed=net.seed,
+                      device=device, progress=progress, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+        parent = self.starts_from(net)
+        if parent is None:
+            return cfg
+        cfg = replace(cfg, init_from=str(nets_dir / parent / "checkpoints" / "last.pt"))
+        if self.fine_tuned(net, by_name):
+            cfg = replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs)
+        return cfg
+
+    def members(self) -> list[Net]:
+        """Every net this preset trains, in training order: the preset's order (what matters most
+        first), each net's parents before it under the paper's protocol, then the seed replicas."""
+        by_name = {n.name: n for n in NETS}
+        order: list[Net] = []
+
+        def add(name: str) -> None:
+            net = by_name[name]
+            parent = self.starts_from(net)
+            if parent is not None:
+                add(parent)
+            if net not in order:
+                order.append(net)
+
+        for name in self.nets:
+            add(name)
+        replicas = [net.replica(seed, self.seeded) for seed in range(1, self.seeds)
+                    for net in order if net.name in self.seeded]
+        return order + replicas
 
 
 PRESETS: dict[str, Preset] = {
-    "cifar10": Preset(crop=32, width=0.5, epochs=20,
-                      nets=("D-jitter", "E-jitter", "A", "A-LRN", "B", "C", "D", "E")),
+    "cifar10": Preset(crop=32, width=0.25, epochs=14, finetune_epochs=5, seeds=2,
+                      nets=("A", "D", "B", "E", "A-LRN", "C", "D-jitter", "E-jitter")),
     "imagenette": Preset(crop=112, width=0.25, epochs=30, batch_size=64),
     # the demo: 8x8 digits lose too much under S in [36, 73], so one net A at S = 36, all protocols
-    "digits": Preset(crop=32, width=0.25, epochs=12, batch_size=32, nets=("A",),
+    "digits": Preset(crop=32, width=0.25, epochs=12, batch_size=32, nets=("A",), limit_val=None,
                      fixed_protocols=("dense", "multicrop", "dense+multicrop")),
 }
 
 
-def train_net(net: Net, preset: Preset, data: Path, out: Path, device: str, progress: bool) -> Path:
+def train_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out: Path, device: str,
+              progress: bool) -> Path:
     """Train one net unless it is done (an interrupted run resumes); returns its run directory."""
     from verydeep.train import train
 
-    run_dir = out / "nets" / net.name
-    done = run_dir / "train_summary.json"
+    nets_dir = out / "nets"
+    done = nets_dir / net.name / "train_summary.json"
     if not done.is_file():
-        summary = train(preset.train_config(net, data, run_dir, device, progress))
+        summary = train(preset.train_config(net, by_name, data, nets_dir, device, progress))
         done.write_text(json.dumps(summary.to_dict(), indent=1))
-    return run_dir
+    return nets_dir / net.name
 
 
-def evaluate_nets(run_dirs: dict[str, Path], data: Path, protocols: tuple[str, ...], limit: int | None,
-                  out: Path, device: str, progress: bool) -> list[EvalRow]:
-    """Evaluate these nets together (each at its recipe's scales; fused when several); cached in ``out``.
+@dataclass(frozen=True)
+class Measured:
+    """A row of errors and its per-image posteriors (N, classes) on the readable test images, whose
+    paths and labels come with it: what fusing rows and the paired test need."""
 
-    Returns the rows with each ``nets`` entry renamed to the reproduction's net names.
-    """
+    row: EvalRow
+    posteriors: np.ndarray
+    targets: np.ndarray
+    paths: np.ndarray
+
+    def correct(self) -> np.ndarray:
+        """Per image, right at top-1 (ties as :func:`verydeep.metrics.topk_correct`)."""
+        return topk_correct(torch.from_numpy(self.posteriors), torch.from_numpy(self.targets), 1).numpy()
+
+
+def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...], limit: int | None, out: Path,
+                 device: str, progress: bool) -> list[Measured]:
+    """One net's rows under ``protocols`` at its recipe's scales, with their posteriors; cached in ``out``."""
     from verydeep.evaluate import evaluate
 
-    cache = out / "eval" / ("+".join(run_dirs) + ".json")
-    if cache.is_file():
-        return [EvalRow.from_dict(row) for row in json.loads(cache.read_text())]
-    result = evaluate([str(d) for d in run_dirs.values()], str(data), protocols=protocols, limit=limit,
-                      device=device, progress=progress)
-    names = dict(zip([n.name for n in result.nets], run_dirs, strict=True))
-    rows = [replace(row, nets=[names[n] for n in row.nets]) for row in result.rows]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps([report.to_json_dict(row) for row in rows], indent=1))
-    return rows
+    cache, arrays = out / "eval" / f"{name}.json", out / "eval" / f"{name}.npz"
+    if not (cache.is_file() and arrays.is_file()):
+        result = evaluate([str(run_dir)], str(data), protocols=protocols, limit=limit, device=device,
+                          progress=progress, keep_posteriors=True)
+        kept = result.posteriors
+        rows = [replace(row, nets=[name]) for row in result.rows]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(arrays, targets=kept.targets[kept.readable], paths=np.array(kept.paths)[kept.readable],
+                 **{f"row{i}": kept.rows[row.name] for i, row in enumerate(result.rows)})
+        cache.write_text(json.dumps([report.to_json_dict(row) for row in rows], indent=1))
+    saved = np.load(arrays)
+    rows = [EvalRow.from_dict(row) for row in json.loads(cache.read_text())]
+    return [Measured(row, saved[f"row{i}"], saved["targets"], saved["paths"]) for i, row in enumerate(rows)]
 
 
-def _find(rows: list[EvalRow], nets: list[str], protocol: str, q: int | None = None) -> EvalRow | None:
+def fuse(members: Sequence[Measured]) -> Measured:
+    """Sec. 4.4: several nets' rows fused by averaging their posteriors (images common to all)."""
+    paths = members[0].paths
+    for m in members[1:]:
+        paths = paths[np.isin(paths, m.paths)]
+    picked = [m.posteriors[_positions(m.paths, paths)] for m in members]
+    targets = members[0].targets[_positions(members[0].paths, paths)]
+    posteriors = np.mean(picked, axis=0)
+    first = members[0].row
+    nets = [name for m in members for name in m.row.nets]
+    scales = sorted({q for m in members for q in m.row.scales})
+    t_post, t_targets = torch.from_numpy(posteriors), torch.from_numpy(targets)
+    row = EvalRow(f"{' + '.join(nets)}: {first.protocol}", first.protocol, scales, nets, multi_scale=True,
+                  fusion=True, top1_error=topk_error(t_post, t_targets, 1),
+                  top5_error=topk_error(t_post, t_targets, 5), images=len(paths))
+    return Measured(row, posteriors, targets, paths)
+
+
+def _positions(paths: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Where each of ``wanted`` sits in ``paths``."""
+    index = {p: i for i, p in enumerate(paths.tolist())}
+    return np.array([index[p] for p in wanted.tolist()], dtype=np.int64)
+
+
+def paired(better: Measured, worse: Measured) -> PairedDifference:
+    """The paired difference of two rows on their common test images (positive: ``better`` is better)."""
+    common = better.paths[np.isin(better.paths, worse.paths)]
+    return paired_difference(better.correct()[_positions(better.paths, common)],
+                             worse.correct()[_positions(worse.paths, common)])
+
+
+def _find(measured: list[Measured], nets: list[str], protocol: str, q: int | None = None) -> Measured | None:
     """The row of ``protocol`` for exactly these nets: at scale ``q``, or over all their scales."""
-    for row in rows:
+    for m in measured:
+        row = m.row
         if row.protocol == protocol and row.nets == nets:
             if (q is None and (row.multi_scale or row.fusion)) or row.scales == [q]:
-                return row
+                return m
     return None
 
 
@@ -164,28 +290,28 @@ class PaperTable:
         return self.table.markdown()
 
 
-def paper_tables(rows: list[EvalRow], nets: list[Net], preset: Preset) -> dict[str, PaperTable]:
+def paper_tables(measured: list[Measured], nets: list[Net], preset: Preset) -> dict[str, PaperTable]:
     """Tables 3 to 6: our top-1 / top-5 errors (%) beside the paper's, by title."""
-    by_name = {n.name: n for n in NETS}
+    by_name = {n.name: n for n in nets}
 
     def beside_paper(row: EvalRow, table: int, members: Sequence[Net]) -> EvalRow:
         return replace(row, paper=PaperFigures.lookup(table, [m.paper_net for m in members], row.protocol))
 
     def by_scale(table: int, q: int | None, net: Net) -> tuple[list[str], EvalRow] | None:
-        row = _find(rows, [net.name], "dense", q)
-        if row is None:
+        found = _find(measured, [net.name], "dense", q)
+        if found is None:
             return None
         train = f"{scale_text(*preset.scale(net.scale))} ({net.paper_net.scale})"
-        return [net.name, train, ",".join(map(str, row.scales))], beside_paper(row, table, [net])
+        return [net.name, train, ",".join(map(str, found.row.scales))], beside_paper(found.row, table, [net])
 
     single = [entry for net in nets if (entry := by_scale(3, _single_scale(net, preset), net))]
     multi = [entry for net in nets if (entry := by_scale(4, None, net))]
-    methods = [([net.name, protocol], beside_paper(row, 5, [net]))
-               for net in nets if _find(rows, [net.name], "multicrop")
+    methods = [([net.name, protocol], beside_paper(found.row, 5, [net]))
+               for net in nets if _find(measured, [net.name], "multicrop")
                for protocol in ("dense", "multicrop", "dense+multicrop")
-               if (row := _find(rows, [net.name], protocol)) is not None]
-    fused = [([" + ".join(row.nets), row.protocol], beside_paper(row, 6, [by_name[n] for n in row.nets]))
-             for row in rows if row.fusion]
+               if (found := _find(measured, [net.name], protocol)) is not None]
+    fused = [([" + ".join(m.row.nets), m.row.protocol], beside_paper(m.row, 6, [by_name[n] for n in m.row.nets]))
+             for m in measured if m.row.fusion]
     scale_labels = ("ConvNet", "train S (paper's)", "test Q")
     layouts = [
         ("Table 3: single test scale", scale_labels, single, "(paper, ILSVRC val)"),
@@ -201,68 +327,101 @@ def paper_tables(rows: list[EvalRow], nets: list[Net], preset: Preset) -> dict[s
     return tables
 
 
-def _standard_error(error_pct: float, images: int) -> float:
-    """Binomial standard error (in %) of an error rate measured on ``images`` images."""
-    p = error_pct / 100
-    return 100 * math.sqrt(max(p * (1 - p), 1e-12) / images)
-
-
 @dataclass(frozen=True)
 class Claim:
-    """A claim of the paper (Sec. 4), whether it held at this scale, and our figures for it."""
+    """A claim of the paper (Sec. 4), whether it held at this scale, our figures for it, the paired
+    difference (percentage points, positive: the paper's winner is better) and its spread over seeds."""
 
     claim: str
     verdict: str  # "held", "did not hold" or "inconclusive (within noise)"
     figures: str
+    difference: float | None = None
+    margin: float | None = None
+    seed_spread: str = ""
 
 
-def _verdict(better: EvalRow | None, worse: EvalRow | None) -> tuple[str, str]:
-    """Did ``better`` (the paper's winner) have a lower top-1 error than ``worse``? With the margin."""
+def _verdict(better: Measured | None, worse: Measured | None) -> tuple[str, str, PairedDifference | None]:
+    """Did ``better`` (the paper's winner) have a lower top-1 error than ``worse``, beyond two standard
+    errors of the paired per-image difference?"""
     if better is None or worse is None:
-        return "not measured", ""
-    a, b = 100 * better.top1_error, 100 * worse.top1_error
-    noise = 2 * math.hypot(_standard_error(a, better.images), _standard_error(b, worse.images))
-    figures = f"{a:.1f}% vs {b:.1f}% (difference {b - a:+.1f} pp, 2 s.e. = {noise:.1f} pp)"
-    if abs(b - a) < noise:
-        return "inconclusive (within noise)", figures
-    return ("held" if a < b else "did not hold"), figures
+        return "not measured", "", None
+    a, b = 100 * better.row.top1_error, 100 * worse.row.top1_error
+    test = paired(better, worse)
+    figures = (f"{a:.1f}% vs {b:.1f}% (paired difference {test.difference:+.2f} pp, 2 s.e. = {test.margin:.2f} pp, "
+               f"{test.images} images)")
+    if not test.significant:
+        return "inconclusive (within noise)", figures, test
+    return ("held" if test.difference > 0 else "did not hold"), figures, test
 
 
-def claims(rows: list[EvalRow], nets: list[Net], preset: Preset) -> list[Claim]:
-    """The paper's claims (Sec. 4), each checked on our figures with a two-standard-error margin."""
+def _replicas(name: str, nets: list[Net]) -> list[Net]:
+    """``name`` and its seed replicas, by seed."""
+    return sorted((n for n in nets if n.base == name), key=lambda n: n.seed)
+
+
+def seed_spread(better: str, worse: str, nets: list[Net], row_of: Any) -> str:
+    """The spread over seeds: of the difference where both nets have replicas of the same seeds, else of
+    the error of whichever has replicas. ``row_of(name)`` finds a net's row. Empty with one seed."""
+    def errors(name: str) -> dict[int, float]:
+        return {n.seed: 100 * m.row.top1_error for n in _replicas(name, nets) if (m := row_of(n.name)) is not None}
+
+    a, b = errors(better), errors(worse)
+    both = sorted(set(a) & set(b))
+    if len(both) >= 2:
+        diffs = [b[s] - a[s] for s in both]
+        return f"difference over {len(both)} seeds: {np.mean(diffs):+.2f} +- {np.std(diffs, ddof=1):.2f} pp"
+    for name, errs in ((better, a), (worse, b)):
+        if len(errs) >= 2:
+            return f"{name}'s error over {len(errs)} seeds: {np.mean(list(errs.values())):.2f} +- " \
+                   f"{np.std(list(errs.values()), ddof=1):.2f}%"
+    return ""
+
+
+def claims(measured: list[Measured], nets: list[Net], preset: Preset) -> list[Claim]:
+    """The paper's claims (Sec. 4), each judged by the paired test on the same test images."""
     by_name = {n.name: n for n in nets}
 
-    def single(name: str) -> EvalRow | None:  # single-scale dense at Q = S (or the jittered midpoint)
-        return _find(rows, [name], "dense", _single_scale(by_name[name], preset)) if name in by_name else None
+    def single(name: str) -> Measured | None:  # single-scale dense at Q = S (or the jittered midpoint)
+        return _find(measured, [name], "dense", _single_scale(by_name[name], preset)) if name in by_name else None
 
-    def multi(name: str, protocol: str = "dense") -> EvalRow | None:
-        return _find(rows, [name], protocol) if name in by_name else None
+    def multi(name: str, protocol: str = "dense") -> Measured | None:
+        return _find(measured, [name], protocol) if name in by_name else None
 
-    checks = [
-        ("Error falls with depth: B beats A", single("B"), single("A")),
-        ("Error falls with depth: D beats B", single("D"), single("B")),
-        ("Error falls with depth: E beats B", single("E"), single("B")),
-        ("LRN does not help: A beats A-LRN (paper: 29.6 vs 29.7)", single("A"), single("A-LRN")),
-        ("At equal depth 3x3 beats 1x1: D beats C", single("D"), single("C")),
-        ("Scale jittering in training helps: D [S jittered] beats D [S fixed]", single("D-jitter"), single("D")),
-        ("Scale jittering in training helps: E [S jittered] beats E [S fixed]", single("E-jitter"), single("E")),
-    ]
-    for name in [n.name for n in nets]:
-        checks.append((f"Multi-scale testing helps: {name}, 3 scales beat Q = S", multi(name), single(name)))
+    checks = [(f"Error falls with depth: {b} beats {a}", b, a) for a, b in
+              (("A", "B"), ("A", "D"), ("B", "D"), ("B", "E"))]
+    checks += [("LRN does not help: A beats A-LRN (paper: 29.6 vs 29.7)", "A", "A-LRN"),
+               ("At equal depth 3x3 beats 1x1: D beats C", "D", "C")]
+    for c in "CDE":
+        checks += [(f"Scale jittering in training helps: {c} [S jittered] beats {c} [S = {s}]", f"{c}-jitter", ref)
+                   for s, ref in (("256", c), ("384", f"{c}-384"))]
+    out = []
+    for claim, better, worse in checks:
+        verdict, figures, test = _verdict(single(better), single(worse))
+        if test is not None:
+            out.append(Claim(claim, verdict, figures, test.difference, test.margin,
+                             seed_spread(better, worse, nets, single)))
+    out += _protocol_claims(measured, nets, multi, single)
+    return out
+
+
+def _protocol_claims(measured: list[Measured], nets: list[Net], multi: Any, single: Any) -> list[Claim]:
+    """The claims about testing (multi-scale, dense + multi-crop) and fusion."""
+    checks = [(f"Multi-scale testing helps: {n.name}, 3 scales beat Q = S", multi(n.name), single(n.name))
+              for n in nets]
     for name in [n.name for n in nets if multi(n.name, "multicrop")]:
         both = multi(name, "dense+multicrop")
         checks.append((f"Dense + multi-crop beat dense alone: {name}", both, multi(name, "dense")))
         checks.append((f"Dense + multi-crop beat multi-crop alone: {name}", both, multi(name, "multicrop")))
-    fused = next((r for r in rows if r.fusion and r.protocol == "dense+multicrop"), None)
-    if fused is not None:
-        members = [row for n in fused.nets if (row := multi(n, "dense+multicrop")) is not None]
-        best = min(members, key=lambda r: r.top1_error, default=None)
-        checks.append((f"Fusing two nets helps: {' + '.join(fused.nets)} beats the better one", fused, best))
+    for fused in (m for m in measured if m.row.fusion):
+        members = [found for n in fused.row.nets if (found := multi(n, fused.row.protocol)) is not None]
+        best = min(members, key=lambda m: m.row.top1_error, default=None)
+        checks.append((f"Fusing nets helps: {' + '.join(fused.row.nets)} ({fused.row.protocol}) beats the better "
+                       "one", fused, best))
     out = []
     for claim, better, worse in checks:
-        verdict, figures = _verdict(better, worse)
-        if verdict != "not measured":
-            out.append(Claim(claim, verdict, figures))
+        verdict, figures, test = _verdict(better, worse)
+        if test is not None:
+            out.append(Claim(claim, verdict, figures, test.difference, test.margin))
     return out
 
 
@@ -270,7 +429,7 @@ def _epochs(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir)[1]
 
 
-def plot(run_dirs: dict[str, Path], rows: list[EvalRow], nets: list[Net], preset: Preset,
+def plot(run_dirs: dict[str, Path], measured: list[Measured], nets: list[Net], preset: Preset,
          out: Path) -> list[Path]:
     """``learning_curves.png`` (validation error per epoch, every net) and ``errors.png`` (test errors)."""
     import matplotlib
@@ -278,49 +437,58 @@ def plot(run_dirs: dict[str, Path], rows: list[EvalRow], nets: list[Net], preset
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    seeds = {n.name: n.seed for n in nets}
     fig, (loss_ax, err_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, run_dir in run_dirs.items():
         epochs = _epochs(run_dir)
         x = [r["epoch"] for r in epochs]
-        loss_ax.plot(x, [r["train_loss"] for r in epochs], label=name)
-        err_ax.plot(x, [100 - r["val_top1"] if r["val_top1"] is not None else None for r in epochs], label=name)
+        style = "--" if seeds.get(name) else "-"
+        loss_ax.plot(x, [r["train_loss"] for r in epochs], style, label=name)
+        err_ax.plot(x, [100 - r["val_top1"] if r["val_top1"] is not None else None for r in epochs], style,
+                    label=name)
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
     err_ax.set(title="validation top-1 error (centre crop)", xlabel="epoch", ylabel="error %")
     for ax in (loss_ax, err_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     curves = out / "learning_curves.png"
     fig.savefig(curves, dpi=120)
     plt.close(fig)
+    return [curves, _plot_errors(measured, nets, preset, out)]
+
+
+def _plot_errors(measured: list[Measured], nets: list[Net], preset: Preset, out: Path) -> Path:
+    """``errors.png``: each net's test error, single and multi-scale, with the fusions as lines."""
+    import matplotlib.pyplot as plt
 
     labels, single, multi = [], [], []
     for net in nets:
-        one, many = _find(rows, [net.name], "dense", _single_scale(net, preset)), _find(rows, [net.name], "dense")
+        one = _find(measured, [net.name], "dense", _single_scale(net, preset))
+        many = _find(measured, [net.name], "dense")
         if one is None:
             continue
         labels.append(net.name)
-        single.append(100 * one.top1_error)
-        multi.append(100 * many.top1_error if many else float("nan"))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) + 2), 4.5))
+        single.append(100 * one.row.top1_error)
+        multi.append(100 * many.row.top1_error if many else float("nan"))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.5))
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], single, width=0.4, label="dense, single scale (Table 3)")
     ax.bar([x + 0.2 for x in xs], multi, width=0.4, label="dense, multi-scale (Table 4)")
-    fused = [r for r in rows if r.fusion and r.protocol == "dense+multicrop"]
-    for r in fused:
-        label = f"fusion {' + '.join(r.nets)}, dense+multi-crop"
-        ax.axhline(100 * r.top1_error, color="k", linestyle="--", label=label)
-    ax.set_xticks(list(xs), labels)
+    for m, style in zip((m for m in measured if m.row.fusion), ("--", ":", "-.", "--", ":"), strict=False):
+        ax.axhline(100 * m.row.top1_error, color="k", linestyle=style,
+                   label=f"fusion {' + '.join(m.row.nets)}, {m.row.protocol}")
+    ax.set_xticks(list(xs), labels, rotation=30)
     ax.set(ylabel="top-1 test error %", title="test error per net")
     lowest = min([*single, *multi], default=0)
     ax.set_ylim(bottom=max(0, lowest - 5))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     errors = out / "errors.png"
     fig.savefig(errors, dpi=120)
     plt.close(fig)
-    return [curves, errors]
+    return errors
 
 
 def _hardware(device: str) -> str:
@@ -332,37 +500,53 @@ def _hardware(device: str) -> str:
     return f"{cpu} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def report_markdown(preset_name: str, preset: Preset, data: Path, tables: dict[str, PaperTable],
-                    checked: list[Claim], seconds: dict[str, float], device: str, command: str) -> str:
-    """``REPRODUCTION.md``: settings, Tables 3-6 beside the paper's, the claims and where the figures come from."""
+def _settings_lines(preset: Preset, data: Path, device: str, command: str, seconds: dict[str, float]) -> list[str]:
+    """The report's list of settings: data, command, hardware and time, the nets' recipe."""
     total = sum(seconds.values())
-    lines = [
-        f"# Reproduction at small scale: preset `{preset_name}`",
-        "",
+    start = ("the paper's (Sec. 3.1): A and A-LRN from random weights, B-E from A's first four convs and FC6-8, "
+             f"S = 384 from S = 256 and the jittered nets from S = 384 at lr {preset.finetune_lr:g} for at most "
+             f"{preset.finetune_epochs} epochs" if preset.protocol == "paper" else "every net from random weights")
+    stop = f"; a net stops once validation has not improved for {preset.stop_patience} epochs" \
+        if preset.stop_patience else ""
+    return [
         f"- data: `{data}`; command: `{command}`",
         f"- hardware: {_hardware(device)}; wall time {total / 60:.1f} min "
         f"({', '.join(f'{k} {v / 60:.1f}' for k, v in seconds.items())} min)",
         f"- every net: width x{preset.width:g}, crop {preset.crop} (the paper's 224 x {preset.crop / 224:.3f}), "
-        f"{preset.epochs} epochs, batch {preset.batch_size}, SGD momentum 0.9, weight decay 5e-4, dropout 0.5, "
-        f"lr {preset.lr:g} divided by 10 when validation top-1 has not improved for {preset.patience} epochs "
-        f"(at most 3 times, Sec. 3.1), init `{preset.init}`, no batch norm",
-        f"- training scales: S = 256 -> {preset.scale((256, 256))[0]}, [256; 512] -> "
-        f"{list(preset.scale((256, 512)))}; test scales from each recipe ({{S-32, S, S+32}} or {{Smin, mid, Smax}}, "
-        f"scaled); errors on {f'{preset.limit_test} (class-balanced)' if preset.limit_test else 'all'}"
-        " test images",
+        f"at most {preset.epochs} epochs, batch {preset.batch_size}, SGD momentum 0.9, weight decay 5e-4, dropout "
+        f"0.5, lr {preset.lr:g} divided by 10 when validation top-1 has not improved for {preset.patience} epochs "
+        f"(at most 3 times, Sec. 3.1){stop}, init `{preset.init}`, no batch norm",
+        f"- protocol `{preset.protocol}`: {start}; validation on "
+        f"{preset.limit_val or 'all the'} class-balanced test images",
+        f"- seeds: {preset.seeds} ({', '.join(preset.seeded)} trained {preset.seeds} times; a replica starts from "
+        "its own seed's parent, so replicas share no training)" if preset.seeds > 1 else "- seeds: 1",
+        f"- training scales: S = 256 -> {preset.scale((256, 256))[0]}, 384 -> {preset.scale((384, 384))[0]}, "
+        f"[256; 512] -> {list(preset.scale((256, 512)))}; test scales from each recipe ({{S-32, S, S+32}} or "
+        f"{{Smin, mid, Smax}}, scaled); errors on "
+        f"{f'{preset.limit_test} (class-balanced)' if preset.limit_test else 'all'} test images",
         "- the paper's figures are ILSVRC-2012 validation errors at full scale: compare directions, not values",
-        "",
     ]
+
+
+def report_markdown(preset_name: str, preset: Preset, data: Path, tables: dict[str, PaperTable],
+                    checked: list[Claim], seconds: dict[str, float], device: str, command: str) -> str:
+    """``REPRODUCTION.md``: settings, Tables 3-6 beside the paper's, the claims and where the figures come from."""
+    lines = [f"# Reproduction at small scale: preset `{preset_name}`", "",
+             *_settings_lines(preset, data, device, command, seconds), ""]
     claims_table = Table("The paper's claims at this scale",
-                         [Column("claim"), Column("verdict"), Column("top-1 error, ours (winner vs loser)")],
-                         [Row((c.claim, c.verdict, c.figures)) for c in checked], empty="(no claim measured)")
+                         [Column("claim"), Column("verdict"), Column("top-1 error, ours (winner vs loser)"),
+                          Column("spread over seeds")],
+                         [Row((c.claim, c.verdict, c.figures, c.seed_spread or "-")) for c in checked],
+                         empty="(no claim measured)")
     lines += [report.join_markdown((t.table for t in tables.values()), heading="##"), ""]
     lines += [f"## {claims_table.title}", "",
-              "A claim held when our error moved the paper's way by more than two standard errors of the "
-              "difference (binomial, on the test images); within that margin it is inconclusive.", "",
+              "Each claim is judged on the same test images, image by image: the paired difference is the mean "
+              "of (loser wrong - winner wrong) over the images, and the claim held when it passed two of its "
+              "standard errors; within that margin it is inconclusive. That margin measures the test set's noise; "
+              "the spread over seeds (where nets were trained more than once) measures training's.", "",
               claims_table.markdown()]
-    lines += ["", "Plots: `learning_curves.png` (training loss and validation error per epoch), "
-              "`errors.png` (test error per net, single vs multi-scale)."]
+    lines += ["", "Plots: `learning_curves.png` (training loss and validation error per epoch; seed replicas "
+              "dashed), `errors.png` (test error per net, single vs multi-scale, fusions as lines)."]
     return "\n".join(lines) + "\n"
 
 
@@ -385,35 +569,48 @@ class Reproduction:
         return {**report.to_json_dict(replace(self, tables={})), "tables": tables}
 
 
+def fusions(measured: list[Measured], nets: list[Net]) -> list[Measured]:
+    """Table 6: the jittered nets of seed 0 fused under each protocol they were evaluated with (the
+    paper's D + E), and each seeded net fused with its replicas (dense, multi-scale): nets that share
+    no training."""
+    groups = [[n.name for n in nets if n.jittered and n.seed == 0]]
+    groups += [[n.name for n in _replicas(n.name, nets)] for n in nets if n.seed == 0]
+    out = []
+    for group in (g for g in groups if len(g) > 1):
+        for protocol in ("dense", "multicrop", "dense+multicrop"):
+            members = [_find(measured, [name], protocol) for name in group]
+            if all(members):
+                out.append(fuse(members))
+    return out
+
+
 def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: str = "auto",
               progress: bool = True, command: str = "") -> Reproduction:
-    """Train every net of ``preset`` (resumably), evaluate them with the paper's protocols, report."""
+    """Train every net of ``preset`` (resumably, in order, each from its parent under the paper's
+    protocol), evaluate each with the paper's protocols as soon as it is trained, fuse, report."""
     from verydeep.data import find_split
 
     find_split(data, "train")
     test = find_split(data, "val")
-    by_name = {n.name: n for n in NETS}
-    order = [by_name[name] for name in preset.nets]  # the preset's order: what matters most first
-    nets = [n for n in NETS if n.name in preset.nets]  # the tables' order
+    order = preset.members()
+    by_name = {n.name: n for n in order}
+    nets = sorted(order, key=lambda n: ([m.name for m in NETS].index(n.base), n.seed))  # the tables' order
     out.mkdir(parents=True, exist_ok=True)
     run_dirs: dict[str, Path] = {}
     seconds = {"training": 0.0, "evaluation": 0.0}
-    rows: list[EvalRow] = []
-    jittered = [n.name for n in order if n.jittered]
-    for net in order:  # each net is evaluated as soon as it can be, so a cut-short run still reports
-        run_dirs[net.name] = train_net(net, preset, data, out, device, progress)
+    measured: list[Measured] = []
+    for net in order:  # each net is evaluated as soon as it is trained, so a cut-short run still reports
+        run_dirs[net.name] = train_net(net, by_name, preset, data, out, device, progress)
         seconds["training"] += sum(r["seconds"] for r in _epochs(run_dirs[net.name]))
         start = time.time()
-        if not net.jittered:
-            rows += evaluate_nets({net.name: run_dirs[net.name]}, test, preset.fixed_protocols, preset.limit_test,
-                                  out, device, progress)
-        elif all(name in run_dirs for name in jittered):  # the jittered nets together: Tables 5 and 6
-            rows += evaluate_nets({name: run_dirs[name] for name in jittered}, test,
-                                  ("dense", "multicrop", "dense+multicrop"), preset.limit_test, out, device, progress)
+        protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
+        measured += evaluate_net(net.name, run_dirs[net.name], test, protocols, preset.limit_test, out, device,
+                                 progress)
         seconds["evaluation"] += time.time() - start
-    tables = paper_tables(rows, nets, preset)
-    checked = claims(rows, nets, preset)
-    plot(run_dirs, rows, nets, preset, out)
+    measured += fusions(measured, nets)
+    tables = paper_tables(measured, nets, preset)
+    checked = claims(measured, nets, preset)
+    plot(run_dirs, measured, nets, preset, out)
     markdown = report_markdown(preset_name, preset, data, tables, checked, seconds, device, command)
     (out / "REPRODUCTION.md").write_text(markdown)
     result = Reproduction(preset_name, preset, tables, checked, seconds, markdown)
@@ -426,9 +623,20 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset root with train/ and val/ (or test/)")
     p.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
     p.add_argument("--out", type=output_dir, default=None, help="output directory (default runs/reproduce-PRESET)")
-    p.add_argument("--budget", type=positive_int, default=None, help="epochs per net (the same for every net)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="paper: each net from its parent as in Sec. 3.1 (default); scratch: every net from random "
+                        "weights")
+    p.add_argument("--budget", type=positive_int, default=None,
+                   help="at most this many epochs per net (every net the same)")
+    p.add_argument("--finetune-budget", type=positive_int, default=None,
+                   help="at most this many epochs for a net fine-tuned from its own configuration (S = 384, jittered)")
+    p.add_argument("--stop-patience", type=positive_int, default=None,
+                   help="stop a net when validation has not improved for N epochs")
+    p.add_argument("--seeds", type=positive_int, default=None,
+                   help="train the nets that decide the depth claim (A, D) this many times, with different seeds")
     p.add_argument("--width", type=positive_float, default=None, help="width multiplier of every net")
-    p.add_argument("--nets", default=None, help=f"comma-separated subset of {','.join(n.name for n in NETS)}")
+    p.add_argument("--nets", default=None, help=f"comma-separated subset of {','.join(n.name for n in NETS)} "
+                                                "(under --protocol paper their parents are trained too)")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--limit-train", type=positive_int, default=None,
                    help="train on a class-balanced subset of N images")
@@ -440,7 +648,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    changes = {"epochs": args.budget, "width": args.width, "batch_size": args.batch_size,
+    changes = {"epochs": args.budget, "finetune_epochs": args.finetune_budget, "stop_patience": args.stop_patience,
+               "seeds": args.seeds, "protocol": args.protocol, "width": args.width, "batch_size": args.batch_size,
                "limit_train": args.limit_train, "limit_test": args.limit_test, "workers": args.workers}
     preset = replace(PRESETS[args.preset], **{k: v for k, v in changes.items() if v is not None})
     if args.nets is not None:
