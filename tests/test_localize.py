@@ -105,6 +105,7 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
           "--scale", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--device", "cpu",
           "--no-progress", "--freeze", "features", "--out", str(run)])
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["metric"] == "loc_error"
+    assert json.loads((run / "recipe.json").read_text())["boxes"] == str(root / "boxes.txt")
     main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--json"])
     center = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert set(center) >= {"localisation_error", "whole_image_error", "centre_prior_error"}
@@ -124,3 +125,23 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
     assert len(predicted["predictions"]) == 2 and (tmp_path / "drawn" / f"{image.stem}.png").is_file()
     assert main(["localize", "eval", "--checkpoint", str(classifier), "--data", str(root)]) == 2
     assert "not a localisation net" in capsys.readouterr().err
+
+
+def test_the_run_records_its_boxes_and_eval_reads_them_when_the_data_has_none(boxed, tmp_path, capsys, monkeypatch):
+    _, classifier = boxed
+    monkeypatch.chdir(tmp_path)
+    root = write_dataset(tmp_path / "data", {"train": 4, "val": 1})
+    boxes = tmp_path / "elsewhere" / "my-boxes.txt"
+    boxes.parent.mkdir()
+    boxes.write_text("".join(f"{path.relative_to(root).as_posix()} 8 6 35 33\n" for path in root.rglob("*.png")))
+    run = tmp_path / "loc"
+    main(["localize", "train", "--data", str(root), "--boxes", "elsewhere/my-boxes.txt",
+          "--weights", str(classifier), "--crop", "32", "--scale", "32", "--batch-size", "16", "--epochs", "1",
+          "--workers", "0", "--device", "cpu", "--no-progress", "--freeze", "features", "--out", str(run)])
+    capsys.readouterr()
+    assert json.loads((run / "recipe.json").read_text())["boxes"] == str(boxes)  # made absolute
+    main(["localize", "eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data", str(root), "--json"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 4
+    boxes.rename(boxes.with_suffix(".moved"))
+    assert main(["localize", "eval", "--checkpoint", str(run), "--data", str(root)]) == 2
+    assert "boxes.txt does not exist" in capsys.readouterr().err

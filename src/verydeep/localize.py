@@ -13,6 +13,9 @@ layer random), and validated by the localisation error of protocol 1.
   per location (and class), merged greedily as in OverFeat and ranked by a classification net's
   class scores; an image is wrong unless one of its top-5 (class, box) predictions has the right
   class and IoU > 0.5 with one of that class's boxes.
+
+``localize train`` records the boxes it read in the run's ``recipe.json`` (``boxes``), which
+``localize eval`` reads when neither ``--boxes`` nor ``DATA/boxes.txt`` is there.
 """
 
 from __future__ import annotations
@@ -102,12 +105,15 @@ class Localisation(Task):
             raise UserError(f"--head {head}: one of {', '.join(HEADS)}")
         self.head, self.boxes = head, boxes
         self.name = f"localisation-{head}"
+        self.source: Path | None = None  # the boxes read, once open_splits has read them
 
     def outputs(self, num_classes: int) -> int:
         return 4 if self.head == "scr" else 4 * num_classes
 
     def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
-        table = read_boxes(self.boxes or Path(data) / "boxes.txt")
+        source = Path(self.boxes or Path(data) / "boxes.txt")
+        table = read_boxes(source)
+        self.source = source.absolute()
         train_set, val_set = super().open_splits(data, train, val)
         return with_boxes(train_set, table, Path(data), train), with_boxes(val_set, table, Path(data), val)
 
@@ -144,6 +150,34 @@ def task_of(recipe: dict[str, Any], boxes: str | Path | None = None) -> Localisa
         raise UserError(f"not a localisation net (its task is {name or 'classification'}): train one with "
                         "verydeep localize train")
     return Localisation(name.removeprefix("localisation-"), boxes)
+
+
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run directory of a run, of one of its checkpoints (``RUN/checkpoints/best.pt``) or of its
+    ``.safetensors``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def recorded_boxes(checkpoint: str | Path) -> Path | None:
+    """The boxes ``localize train`` recorded in a run's ``recipe.json`` (``boxes``), if it still exists."""
+    from verydeep.recipe import RUN_RECORD, read_run_record
+
+    folder = run_folder(checkpoint)
+    if not (folder / RUN_RECORD).is_file():
+        return None
+    recorded = read_run_record(folder).get("boxes")
+    return Path(recorded) if recorded and Path(recorded).exists() else None
+
+
+def boxes_source(boxes: str | Path | None, data: str | Path, checkpoints: Sequence[str | Path]) -> str | Path | None:
+    """The boxes to evaluate on: ``--boxes`` when given, else ``DATA/boxes.txt`` when it exists, else
+    those the first of the runs that recorded one was trained on (None: ``DATA/boxes.txt``)."""
+    if boxes is not None or (Path(data) / "boxes.txt").exists():
+        return boxes
+    return next((found for found in map(recorded_boxes, checkpoints) if found is not None), None)
 
 
 # ---- protocol 1: the central crop, the ground-truth class (Table 8) -------------------------------
@@ -194,7 +228,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop."""
     dev = runtime.pick_device(device)
     model, recipe = load_model(checkpoint, dev)
-    task = task_of(recipe, boxes)
+    task = task_of(recipe, boxes_source(boxes, data, [checkpoint]))
     transform = CenterCropTransform(fixed_scale(recipe), int(recipe["crop"]))
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
@@ -322,7 +356,7 @@ def evaluate_dense(checkpoint: str | Path, classifier: str | Path | None, data: 
     recipe = nets.recipes[0]
     qs = list(scales or [fixed_scale(recipe)])
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
-    _, val_set = task_of(recipe, boxes).open_splits(str(data), transform, transform)
+    _, val_set = task_of(recipe, boxes_source(boxes, data, [checkpoint])).open_splits(str(data), transform, transform)
     truth_boxes = val_set.transform.boxes
     misses = images = 0
     for index in balanced_subset(val_set.targets, limit):
@@ -341,18 +375,39 @@ def evaluate_dense(checkpoint: str | Path, classifier: str | Path | None, data: 
 PAPER_DEFAULTS = {"config": "D", "lr": 1e-3}
 
 
+def record_boxes(run_dir: str | Path, task: Localisation) -> None:
+    """Add the boxes ``task`` read (an absolute path) to the run record ``recipe.json`` as ``boxes``, for
+    ``localize eval`` to default to; a run without a record of this task is left alone."""
+    from verydeep.recipe import RUN_RECORD, read_run_record, write_run_record
+
+    if task.source is None or not str(run_dir) or not (Path(run_dir) / RUN_RECORD).is_file():
+        return
+    record = read_run_record(run_dir)
+    if record.get("task") == task.name and record.get("boxes") != str(task.source):
+        write_run_record(run_dir, {**record, "boxes": str(task.source)})
+
+
 def run_train(args: argparse.Namespace) -> None:
-    """``localize train``: :func:`verydeep.train.train` with the :class:`Localisation` task."""
+    """``localize train``: :func:`verydeep.train.train` with the :class:`Localisation` task; the boxes it
+    read go into the run record (a resumed run reads them again unless ``--boxes`` is given)."""
     from verydeep.recipe import make_config, settings_from_flags, stored_settings
     from verydeep.train import train
 
     given = {key: value for key, value in vars(args).items() if key not in ("command", "action", "func", "head",
                                                                              "boxes")}
     settings = {**({} if given.get("resume") else PAPER_DEFAULTS), **settings_from_flags(given)}
-    stored = str(stored_settings(given["out"]).get("task", "")) if given.get("resume") and given.get("out") else ""
+    resumed = given["out"] if given.get("resume") and given.get("out") else None
+    stored = str(stored_settings(resumed).get("task", "")) if resumed else ""
     head = getattr(args, "head", None) or stored.removeprefix("localisation-") or "pcr"
-    summary = train(make_config(settings), task=Localisation(head, getattr(args, "boxes", None)))
-    if runtime.Processes.from_env().main:
+    cfg = make_config(settings)
+    task = Localisation(head, getattr(args, "boxes", None) or (recorded_boxes(resumed) if resumed else None))
+    main = runtime.Processes.from_env().main
+    try:
+        summary = train(cfg, task=task)
+    finally:
+        if main:
+            record_boxes(cfg.out, task)
+    if main:
         print(json.dumps(summary.to_dict()))
 
 
@@ -421,14 +476,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                            help="fine-tune a net to regress boxes (train's flags; lr 1e-3, configuration D)")
     add_flags(t)
     t.add_argument("--boxes", help="boxes: a text file, a LOC_*_solution.csv, or a folder of XML annotations "
-                                   "(default DIR/boxes.txt)")
+                                   "(default DIR/boxes.txt; with --resume the run's own); recorded in recipe.json")
     t.add_argument("--head", choices=HEADS, help="single-class or per-class regression (default pcr)")
     t.set_defaults(func=run_train)
     e = actions.add_parser("eval", help="the localisation error: protocol 1 (center, Table 8) or 2 (dense, Table 9)")
     e.add_argument("--checkpoint", required=True, help="the localisation run (or checkpoint)")
     e.add_argument("--classifier", help="the classification run that ranks the classes (protocol dense)")
     e.add_argument("--data", required=True, help="dataset folder with train/ and val/")
-    e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt)")
+    e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt, else the boxes the first "
+                                   "--checkpoint's run was trained on, from its recipe.json)")
     e.add_argument("--protocol", choices=("center", "dense"), default="center")
     e.add_argument("--scales", type=positive_int, nargs="+", help="test scales Q (dense; default the training S)")
     e.add_argument("--fine-tuned", choices=("all", "fc"), default="all", help="the table's label of the net")
