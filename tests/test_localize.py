@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny, write_dataset
@@ -12,8 +13,20 @@ from conftest import tiny, write_dataset
 from verydeep.checkpoint import load_checkpoint
 from verydeep.cli import main
 from verydeep.data import Batch
+from verydeep.data.preprocess import Preprocess
 from verydeep.errors import UserError
-from verydeep.localize import Localisation, evaluate_center, ilsvrc_wrong, merge_greedily, task_of, wrong
+from verydeep.localize import (
+    DenseNets,
+    DenseOutput,
+    Localisation,
+    evaluate_center,
+    ilsvrc_wrong,
+    merge_greedily,
+    ranked,
+    task_of,
+    wrong,
+)
+from verydeep.model import VGG
 from verydeep.train import train
 
 
@@ -116,6 +129,7 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
           str(classifier), "--scales", "32", "40", "--json"])
     dense = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert dense["images"] == 16 and dense["scales"] == [32, 40] and 0 <= dense["localisation_error"] <= 100
+    assert dense["centre_prior_error"] == 0.0 and dense["whole_image_error"] == 100.0  # every box is the same
     assert main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense"]) == 2
     assert "--classifier" in capsys.readouterr().err
     image = next((root / "val").rglob("*.png"))
@@ -125,6 +139,99 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
     assert len(predicted["predictions"]) == 2 and (tmp_path / "drawn" / f"{image.stem}.png").is_file()
     assert main(["localize", "eval", "--checkpoint", str(classifier), "--data", str(root)]) == 2
     assert "not a localisation net" in capsys.readouterr().err
+
+
+def test_the_union_of_several_nets_boxes_is_merged_as_one_set():
+    pcr = torch.stack([torch.stack([box(0, 0, 10, 10), box(40, 40, 50, 50)]),  # the first class's boxes
+                       torch.stack([box(5, 5, 15, 15), box(6, 5, 16, 15)])])  # the second class's
+    scr = torch.stack([box(1, 0, 11, 10), box(40, 41, 50, 51), box(0, 1, 10, 11)])[None]  # one set for all classes
+    output = DenseOutput(torch.tensor([3, 1]), torch.tensor([0.6, 0.3]), [pcr, scr], (64, 64))
+    guesses = ranked(output)
+    assert [(g.label, g.score) for g in guesses] == [(3, pytest.approx(0.6)), (1, pytest.approx(0.3))]
+    for rank, guess in enumerate(guesses):
+        by_hand = merge_greedily(torch.cat([pcr[rank], scr[0]]), torch.ones(5))[0][0]
+        assert guess.box.tolist() == by_hand.tolist()
+    assert ranked(output, [0])[0].box.tolist() == merge_greedily(pcr[0], torch.ones(2))[0][0].tolist()
+    assert guesses[0].box.tolist() == [0.25, 0.5, 10.25, 10.5]  # three boxes of two nets, merged into one
+
+
+def random_nets(classes: int = 3) -> DenseNets:
+    """A random width-1/16 PCR localisation net and classifier (net A, 32-pixel crops), in dense form."""
+    torch.manual_seed(0)
+    identity = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    pre = Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (1.0, 1.0, 1.0), identity).to_dict()
+    locate, classify = (VGG("A", n, width=1 / 16, input_size=32).eval() for n in (4 * classes, classes))
+    recipe = {"task": "localisation-pcr", "crop": 32, "preprocess": pre}
+    return DenseNets([locate.dense()], classify.dense(), [recipe], {"preprocess": pre}, torch.device("cpu"))
+
+
+def test_images_of_the_same_size_go_through_the_nets_together_as_they_would_one_by_one(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(44, 40), (36, 48), (44, 40), (44, 40), (36, 48)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    nets, calls = random_nets(), []
+    forward = nets.forward
+    nets.forward = lambda images: calls.append(len(images)) or forward(images)
+    batched = nets.outputs(paths, [32, 64], top=2, batch_size=8)
+    assert sorted(calls) == [2, 2, 3, 3]  # two sizes, two scales
+    one_by_one = [nets.outputs([path], [32, 64], top=2)[0] for path in paths]
+    for a, b in zip(batched, one_by_one, strict=True):
+        assert a.labels.tolist() == b.labels.tolist() and a.size == b.size
+        assert torch.allclose(a.scores, b.scores, atol=1e-5)
+        assert a.boxes[0].shape == b.boxes[0].shape == (2, 5, 4)  # two classes, 1 + 2x2 locations
+        assert torch.allclose(a.boxes[0], b.boxes[0], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_nets(boxed, tmp_path_factory: pytest.TempPathFactory):
+    """Two localisation runs (PCR and SCR, FC layers fine-tuned from the classifier) on the boxed dataset."""
+    root, classifier = boxed
+    runs = []
+    for head, seed in (("pcr", 0), ("scr", 1)):
+        runs.append(tmp_path_factory.mktemp(head))
+        train(tiny(root, runs[-1], scale=(32, 32), lr=1e-3, batch_norm=True, weights=str(classifier), seed=seed,
+                   freeze="features"), task=Localisation(head))
+    return root, classifier, runs
+
+
+def test_several_nets_pool_their_boxes_and_one_net_keeps_its_output(two_nets, capsys, tmp_path):
+    root, classifier, runs = two_nets
+    dense = ["localize", "eval", "--data", str(root), "--protocol", "dense", "--classifier", str(classifier),
+             "--scales", "32", "40", "--json"]
+    main([*dense, "--checkpoint", str(runs[0]), "--checkpoint", str(runs[1])])
+    both = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [net["head"] for net in both["nets"]] == ["pcr", "scr"] and both["checkpoint"] == str(runs[0])
+    image = next((root / "val").rglob("*.png"))
+    main(["localize", "predict", str(image), "--checkpoint", str(runs[0]), "--checkpoint", str(runs[1]),
+          "--classifier", str(classifier), "--scales", "32", "40", "--out", str(tmp_path)])
+    predicted = json.loads(capsys.readouterr().out.splitlines()[-1])["predictions"]
+    output = DenseNets.load(runs, classifier, "cpu").outputs([image], [32, 40])[0]
+    assert len(predicted) == len(output.labels) == 4 and output.boxes[1].shape == (1, 2, 4)  # SCR: 1 + 1 locations
+    for rank, guess in enumerate(predicted):
+        union = torch.cat([output.boxes[0][rank], output.boxes[1][0]])  # the PCR net's boxes of the class, the SCR's
+        assert guess["box"] == pytest.approx(merge_greedily(union, torch.ones(4))[0][0].tolist(), abs=0.051)
+    main([*dense, "--checkpoint", str(runs[0])])
+    one = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert "nets" not in one and one["localisation_error"] == both["nets"][0]["localisation_error"]
+    assert {key: one[key] for key in ("whole_image_error", "centre_prior_error")} == {
+        key: both[key] for key in ("whole_image_error", "centre_prior_error")}
+    center = ["localize", "eval", "--data", str(root), "--json", "--checkpoint", str(runs[0])]
+    main(center)
+    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {
+        "checkpoint", "head", "images", "localisation_error", "whole_image_error", "centre_prior_error"}
+    main([*center, "--checkpoint", str(runs[1] / "checkpoints" / "best.pt")])
+    several = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert several["checkpoint"] == str(runs[0]) and [net["head"] for net in several["nets"]] == ["pcr", "scr"]
+    main([*center[:4], "--checkpoint", str(runs[0]), "--checkpoint", str(runs[1]), "--fine-tuned", "fc"])
+    table = capsys.readouterr().out
+    assert f"| {runs[0].name} | FC1-FC2 | PCR |" in table and f"| {runs[1].name} | FC1-FC2 | SCR |" in table
+    assert main([*center, "--checkpoint", str(runs[1]), "--fine-tuned", "fc", "--fine-tuned", "all",
+                 "--fine-tuned", "fc"]) == 2
+    assert "--fine-tuned given 3 times" in capsys.readouterr().err
 
 
 def test_the_run_records_its_boxes_and_eval_reads_them_when_the_data_has_none(boxed, tmp_path, capsys, monkeypatch):

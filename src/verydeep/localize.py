@@ -12,8 +12,11 @@ layer random), and validated by the localisation error of protocol 1.
 - Protocol 2 (Table 9): the net applied densely to the whole image at one or more scales, a box
   per location (and class), merged greedily as in OverFeat and ranked by a classification net's
   class scores; an image is wrong unless one of its top-5 (class, box) predictions has the right
-  class and IoU > 0.5 with one of that class's boxes.
+  class and IoU > 0.5 with one of that class's boxes. Several nets: the union of their boxes is
+  merged. Images of the same size go through the nets in batches.
 
+Both protocols also score two boxes that ignore the image: the whole image, and the mean training
+box (the centre prior); in protocol 2 each is paired with the classifier's top-5 classes.
 ``localize train`` records the boxes it read in the run's ``recipe.json`` (``boxes``), which
 ``localize eval`` reads when neither ``--boxes`` nor ``DATA/boxes.txt`` is there.
 """
@@ -38,7 +41,7 @@ from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransfo
 from verydeep.data.boxes import decode, encode, from_crop, iou, read_boxes, with_boxes
 from verydeep.data.datasets import LabelledImages, Transform
 from verydeep.data.decode import ImageFile
-from verydeep.data.transforms import render
+from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import UserError
 from verydeep.evaluate import dense_posteriors, train_scale
 from verydeep.tasks import Task
@@ -247,20 +250,33 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     return CenterResult(str(checkpoint), task.head, images, *errors)
 
 
+def net_name(checkpoint: str | Path) -> str:
+    """A net as tables name it: its run folder, or ``RUN/best.pt`` for one of its checkpoints."""
+    path = Path(checkpoint)
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+
+
+def center_json(results: Sequence[CenterResult]) -> dict[str, Any]:
+    """Protocol 1's JSON object: the first net's figures, and with several nets ``nets``, each net's."""
+    first = dict(results[0].__dict__)
+    return {**first, "nets": [result.__dict__ for result in results]} if len(results) > 1 else first
+
+
 def table_8(results: Sequence[CenterResult], fine_tuned: Sequence[str]) -> Any:
     """Table 8's layout (protocol 1, error %) with the paper's figures beside each row."""
     from verydeep.paper import TABLE_8, BoxRegression
     from verydeep.report import Column, Row, Table
 
-    rows = []
+    several, rows = len(results) > 1, []
     for result, layers in zip(results, fine_tuned, strict=True):
         label = "FC1-FC2" if layers == "fc" else "all"
         paper = TABLE_8.get(BoxRegression(label, result.head.upper()))
-        cells = (label, result.head.upper(), f"{result.localisation_error:.1f}", f"{result.whole_image_error:.1f}",
-                 f"{result.centre_prior_error:.1f}")
+        errors = (result.localisation_error, result.whole_image_error, result.centre_prior_error)
+        cells = (*([net_name(result.checkpoint)] if several else []), label, result.head.upper(),
+                 *(f"{error:.1f}" for error in errors))
         rows.append(Row(cells, (f"{paper:.1f}",) if paper is not None else None))
-    columns = [Column("fine-tuned"), Column("regression"), Column("error %", True), Column("whole image %", True),
-               Column("centre prior %", True)]
+    columns = [*([Column("net")] if several else []), Column("fine-tuned"), Column("regression"),
+               Column("error %", True), Column("whole image %", True), Column("centre prior %", True)]
     return Table("Table 8: localisation error, central crop, ground-truth class", columns, rows,
                  [Column("paper %", True)], paper_missing="-")
 
@@ -269,6 +285,9 @@ def table_8(results: Sequence[CenterResult], fine_tuned: Sequence[str]) -> Any:
 
 #: Pixels between neighbouring locations of a dense net's output (five 2x2 poolings).
 STRIDE = 32
+
+#: Validation images read (and grouped by size into batches) at a time by :func:`evaluate_dense`.
+WINDOW_BATCHES = 4
 
 
 @dataclass
@@ -282,91 +301,191 @@ class Guess:
 
 
 def dense_boxes(dense: torch.nn.Module, x: Tensor, side: int) -> Tensor:
-    """Every location's boxes (K, L, 4) of a dense localisation net on one input ``x`` (1, 3, H, W), in
+    """Every location's boxes (N, K, L, 4) of a dense localisation net on inputs ``x`` (N, 3, H, W), in
     pixels of ``x``: K = 1 (SCR) or one per class (PCR); a location sees the ``side`` square at its
     offset."""
-    out = dense(x).float()[0]
-    groups, (h, w) = out.shape[0] // 4, out.shape[-2:]
-    codes = out.view(groups, 4, h, w).permute(0, 2, 3, 1)
+    out = dense(x).float()
+    n, groups, (h, w) = len(out), out.shape[1] // 4, out.shape[-2:]
+    codes = out.view(n, groups, 4, h, w).permute(0, 1, 3, 4, 2)
     ys, xs = torch.meshgrid(torch.arange(h) * STRIDE, torch.arange(w) * STRIDE, indexing="ij")
     offsets = torch.stack([xs, ys, xs, ys], dim=-1).float().to(codes.device)
-    return (decode(codes, side) + offsets).reshape(groups, h * w, 4).cpu()
+    return (decode(codes, side) + offsets).reshape(n, groups, h * w, 4).cpu()
+
+
+@dataclass
+class DenseOutput:
+    """Protocol 2's raw outputs for one image: its ``top`` classes by the classifier's posterior (mean
+    over the scales) and those posteriors, and per localisation net its boxes (K, L, 4) in pixels of
+    the full image, every location at every scale: K = 1 (SCR) or one per top class (PCR)."""
+
+    labels: Tensor
+    scores: Tensor
+    boxes: list[Tensor]
+    size: tuple[int, int]
+
+
+def pooled(boxes: Sequence[Tensor], rank: int) -> Tensor:
+    """The union of several nets' boxes (Appendix A) for the ``rank``-th class of a :class:`DenseOutput`:
+    an SCR net's one set, a PCR net's set of that class."""
+    return torch.cat([found[rank if len(found) > 1 else 0] for found in boxes])
+
+
+def ranked(output: DenseOutput, nets: Sequence[int] | None = None) -> list[Guess]:
+    """The (class, box) guesses of an image, best class first: each top class's boxes pooled over the
+    localisation nets ``nets`` (default all), merged greedily, the merged box with the most support kept."""
+    boxes = output.boxes if nets is None else [output.boxes[i] for i in nets]
+    guesses = []
+    for rank, (label, score) in enumerate(zip(output.labels.tolist(), output.scores.tolist(), strict=True)):
+        union = pooled(boxes, rank)
+        guesses.append(Guess(label, merge_greedily(union, torch.ones(len(union)))[0][0], score))
+    return guesses
 
 
 @dataclass
 class DenseNets:
-    """A localisation net and the classification net that ranks its classes, in dense form."""
+    """Localisation nets and the classification net that ranks their classes, in dense form."""
 
-    locate: torch.nn.Module
+    locate: list[torch.nn.Module]
     classify: torch.nn.Module
-    recipes: tuple[dict[str, Any], dict[str, Any]]
+    recipes: list[dict[str, Any]]  # the localisation nets'
+    classifier_recipe: dict[str, Any]
     device: torch.device
 
     @classmethod
-    def load(cls, checkpoint: str | Path, classifier: str | Path, device: str = "auto") -> DenseNets:
+    def load(cls, checkpoints: str | Path | Sequence[str | Path], classifier: str | Path,
+             device: str = "auto") -> DenseNets:
         dev = runtime.pick_device(device)
-        locate, loc_recipe = load_model(checkpoint, dev)
-        task_of(loc_recipe)
+        paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
+        loaded = [load_model(checkpoint, dev) for checkpoint in paths]
         classify, cls_recipe = load_model(classifier, dev)
-        if list(cls_recipe.get("classes") or []) != list(loc_recipe.get("classes") or []):
-            raise UserError(f"--classifier {classifier}: its classes are not those of {checkpoint}")
-        return cls(locate.dense(), classify.dense(), (loc_recipe, cls_recipe), dev)
+        for checkpoint, (_, recipe) in zip(paths, loaded, strict=True):
+            task_of(recipe)
+            if list(cls_recipe.get("classes") or []) != list(recipe.get("classes") or []):
+                raise UserError(f"--classifier {classifier}: its classes are not those of {checkpoint}")
+        return cls([model.dense() for model, _ in loaded], classify.dense(), [r for _, r in loaded], cls_recipe, dev)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Uint8 images (N, 3, H, W) -> each localisation net's boxes (N, K, L, 4) in their pixels, and the
+        classifier's posteriors (N, classes), on the CPU."""
+        images = images.to(self.device)
+        boxes = [dense_boxes(net, to_input(images, Preprocess.from_dict(recipe["preprocess"])), int(recipe["crop"]))
+                 for net, recipe in zip(self.locate, self.recipes, strict=True)]
+        x = to_input(images, Preprocess.from_dict(self.classifier_recipe["preprocess"]))
+        return boxes, dense_posteriors(self.classify, x, flip=False).float().cpu()
+
+    def batch(self, files: Sequence[ImageFile], plans: Sequence[Sequence[CropPlan]], top: int) -> list[DenseOutput]:
+        """:class:`DenseOutput` of images whose crop plans give the same sizes at every scale, in one batch."""
+        found: list[list[Tensor]] = [[] for _ in self.locate]  # per net, per scale: (N, K, L, 4) in full-image pixels
+        posteriors = []
+        for s in range(len(plans[0])):
+            images = torch.stack([render(f, p[s]) for f, p in zip(files, plans, strict=True)])
+            boxes, probs = self.forward(images.contiguous(memory_format=torch.channels_last))  # as render lays it out
+            posteriors.append(probs)
+            for net, net_boxes in enumerate(boxes):
+                found[net].append(torch.stack([from_crop(b.reshape(-1, 4), f.size, p[s]).view(b.shape)
+                                               for b, f, p in zip(net_boxes, files, plans, strict=True)]))
+        best = torch.stack(posteriors).mean(dim=0).topk(min(top, posteriors[0].shape[1]))
+        unions = [torch.cat(per_scale, dim=2) for per_scale in found]
+        return [DenseOutput(labels, scores, [u[i][labels] if u.shape[1] > 1 else u[i] for u in unions], files[i].size)
+                for i, (labels, scores) in enumerate(zip(best.indices, best.values, strict=True))]
+
+    def outputs(self, paths: Sequence[str | Path], scales: Sequence[int], top: int = 5,
+                batch_size: int = 64) -> list[DenseOutput]:
+        """Protocol 2 on images (Appendix A): at each scale Q every location's boxes of every net, mapped
+        to the full image, and the classifier's posteriors (their mean over the scales). Images that
+        rescale to the same sizes go through the nets together, ``batch_size`` at a time."""
+        files = [ImageFile(path) for path in paths]
+        plans = [[RescaleTransform(q).plan(file.size, False) for q in scales] for file in files]
+        groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
+        for i, image_plans in enumerate(plans):
+            groups.setdefault(tuple(plan.out for plan in image_plans), []).append(i)
+        results: list[DenseOutput | None] = [None] * len(files)
+        for members in groups.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                outputs = self.batch([files[i] for i in chunk], [plans[i] for i in chunk], top)
+                for i, output in zip(chunk, outputs, strict=True):
+                    results[i] = output
+        return [output for output in results if output is not None]
 
     def guesses(self, path: str | Path, scales: Sequence[int], top: int = 5) -> list[Guess]:
-        """Protocol 2 on one image: at each scale Q the boxes of every location, mapped to the full image
-        (their union over the scales), and the class posteriors (their mean); for each of the ``top``
-        classes its boxes merged greedily, the merged box with the most support kept."""
-        loc_recipe, cls_recipe = self.recipes
-        boxes, posteriors = [], []
-        for q in scales:
-            file = ImageFile(path)
-            plan = RescaleTransform(q).plan(file.size, False)
-            image = render(file, plan)[None].to(self.device)
-            with torch.no_grad():
-                found = dense_boxes(self.locate, to_input(image, Preprocess.from_dict(loc_recipe["preprocess"])),
-                                    int(loc_recipe["crop"]))
-                x = to_input(image, Preprocess.from_dict(cls_recipe["preprocess"]))
-                posteriors.append(dense_posteriors(self.classify, x, flip=False)[0].float().cpu())
-            boxes.append(from_crop(found.reshape(-1, 4), file.size, plan).view(found.shape))
-        union, scores = torch.cat(boxes, dim=1), torch.stack(posteriors).mean(dim=0)
-        best = scores.topk(min(top, len(scores)))
-        return [Guess(int(c), merge_greedily(union[int(c) if len(union) > 1 else 0],
-                                             torch.ones(union.shape[1]))[0][0], float(p))
-                for p, c in zip(best.values, best.indices, strict=True)]
+        """Protocol 2 on one image: for each of the ``top`` classes the union of every net's boxes over the
+        scales, merged greedily, the merged box with the most support kept."""
+        return ranked(self.outputs([path], scales, top)[0])
+
+
+@dataclass
+class DenseNetResult:
+    """One localisation net of protocol 2 alone: its head, training scale S and crop, its error (%)."""
+
+    checkpoint: str
+    head: str
+    scale: int
+    crop: int
+    localisation_error: float
 
 
 @dataclass
 class DenseResult:
-    """Protocol 2's top-5 localisation error (%) of a localisation net ranked by a classifier."""
+    """Protocol 2's top-5 localisation error (%) of the union of the localisation nets' boxes ranked by a
+    classifier, and of two boxes that ignore the image, each with the classifier's top-5 classes: the
+    whole image, and the mean training box; ``nets``: each net alone."""
 
     checkpoint: str
     classifier: str
     scales: list[int]
     images: int
     localisation_error: float
+    whole_image_error: float
+    centre_prior_error: float
+    nets: list[DenseNetResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: ``checkpoint`` is the first net's; ``nets`` only for several nets."""
+        fields = {key: value for key, value in self.__dict__.items() if key != "nets"}
+        return {**fields, "nets": [net.__dict__ for net in self.nets]} if len(self.nets) > 1 else fields
 
 
-def evaluate_dense(checkpoint: str | Path, classifier: str | Path | None, data: str | Path,
+def image_misses(output: DenseOutput, truth: Sequence[tuple[int, Tensor]], prior: Tensor) -> Tensor:
+    """Whether protocol 2 is wrong on one image: the union of all nets, each net alone, the whole image
+    and the mean training box (each with the top classes)."""
+    w, h = output.size
+    union = ranked(output)
+    alone = [ranked(output, [net]) for net in range(len(output.boxes))] if len(output.boxes) > 1 else [union]
+    guesses, labels = [union, *alone], output.labels.tolist()
+    whole, centre = torch.tensor([0.0, 0.0, w, h]), prior * torch.tensor([w, h, w, h])
+    guesses += [[Guess(label, box, 0.0) for label in labels] for box in (whole, centre)]
+    return torch.tensor([ilsvrc_wrong([(g.label, g.box) for g in row], truth) for row in guesses], dtype=torch.float)
+
+
+def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: str | Path | None, data: str | Path,
                    boxes: str | Path | None = None, scales: Sequence[int] | None = None, limit: int | None = None,
-                   device: str = "auto") -> DenseResult:
-    """Protocol 2 on the validation split of ``data`` (scales Q default to the training S)."""
+                   device: str = "auto", batch_size: int = 64) -> DenseResult:
+    """Protocol 2 on the validation split of ``data``, the union of the nets' boxes (scales Q default to
+    the first net's training S)."""
     if classifier is None:
         raise UserError("--protocol dense ranks the boxes by a classification net's scores: give --classifier RUN")
-    nets = DenseNets.load(checkpoint, classifier, device)
+    checkpoints = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    nets = DenseNets.load(checkpoints, classifier, device)
     recipe = nets.recipes[0]
     qs = list(scales or [fixed_scale(recipe)])
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
-    _, val_set = task_of(recipe, boxes_source(boxes, data, [checkpoint])).open_splits(str(data), transform, transform)
-    truth_boxes = val_set.transform.boxes
-    misses = images = 0
-    for index in balanced_subset(val_set.targets, limit):
-        path, label = val_set.samples[index]
-        truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
-                 for b in truth_boxes[str(path)]]
-        guesses = nets.guesses(path, qs)
-        misses += ilsvrc_wrong([(g.label, g.box) for g in guesses], truth)
-        images += 1
-    return DenseResult(str(checkpoint), str(classifier), qs, images, 100.0 * misses / max(images, 1))
+    task = task_of(recipe, boxes_source(boxes, data, checkpoints))
+    train_set, val_set = task.open_splits(str(data), transform, transform)
+    prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
+    misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
+    for start in range(0, len(indices), window):
+        chosen = [val_set.samples[i] for i in indices[start:start + window]]
+        outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size)
+        for (path, label), output in zip(chosen, outputs, strict=True):
+            truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
+                     for b in val_set.transform.boxes[str(path)]]
+            misses += image_misses(output, truth, prior)
+    errors = (100.0 * misses / max(len(indices), 1)).tolist()
+    per_net = [DenseNetResult(str(c), task_of(r).head, fixed_scale(r), int(r["crop"]), e)
+               for c, r, e in zip(checkpoints, nets.recipes, errors[1:-2], strict=True)]
+    return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], *errors[-2:], per_net)
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -411,17 +530,30 @@ def run_train(args: argparse.Namespace) -> None:
         print(json.dumps(summary.to_dict()))
 
 
+def fine_tuned_labels(given: Sequence[str] | None, nets: int) -> list[str]:
+    """``--fine-tuned`` per net: once for all of them (default ``all``) or once per ``--checkpoint``."""
+    labels = list(given or ["all"])
+    if len(labels) == 1:
+        return labels * nets
+    if len(labels) != nets:
+        raise UserError(f"--fine-tuned given {len(labels)} times for {nets} --checkpoint: give it once, or once each")
+    return labels
+
+
 def run_eval(args: argparse.Namespace) -> None:
-    """``localize eval``: protocol 1 (``center``) or 2 (``dense``); a table, or one JSON line."""
+    """``localize eval``: protocol 1 (``center``, a Table 8 row per net) or 2 (``dense``, the union of the
+    nets' boxes); a table, or one JSON line."""
     if args.protocol == "dense":
-        result: Any = evaluate_dense(args.checkpoint, args.classifier, args.data, args.boxes, args.scales,
-                                     args.limit, args.device)
+        result = evaluate_dense(args.checkpoint, args.classifier, args.data, args.boxes, args.scales, args.limit,
+                                args.device, args.batch_size)
         text = f"Table 9 protocol: top-5 localisation error {result.localisation_error:.1f}% on {result.images} images"
+        payload = result.to_dict()
     else:
-        result = evaluate_center(args.checkpoint, args.data, args.boxes, args.limit, args.batch_size, args.device,
-                                 args.workers)
-        text = table_8([result], [args.fine_tuned]).markdown("###")
-    print(json.dumps(result.__dict__) if args.json else text)
+        labels = fine_tuned_labels(args.fine_tuned, len(args.checkpoint))
+        results = [evaluate_center(checkpoint, args.data, args.boxes, args.limit, args.batch_size, args.device,
+                                   args.workers) for checkpoint in args.checkpoint]
+        payload, text = center_json(results), table_8(results, labels).markdown("###")
+    print(json.dumps(payload) if args.json else text)
 
 
 def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: Path) -> Path:
@@ -450,7 +582,8 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    """``localize predict``: protocol 2's top (class, box) predictions of each image, drawn, and one JSON line each."""
+    """``localize predict``: protocol 2's top (class, box) predictions of each image (the union of the nets'
+    boxes), drawn, and one JSON line each."""
     nets = DenseNets.load(args.checkpoint, args.classifier, args.device)
     recipe = nets.recipes[0]
     names = list(recipe.get("class_names") or recipe.get("classes") or [])
@@ -480,23 +613,31 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--head", choices=HEADS, help="single-class or per-class regression (default pcr)")
     t.set_defaults(func=run_train)
     e = actions.add_parser("eval", help="the localisation error: protocol 1 (center, Table 8) or 2 (dense, Table 9)")
-    e.add_argument("--checkpoint", required=True, help="the localisation run (or checkpoint)")
+    e.add_argument("--checkpoint", action="append", required=True,
+                   help="a localisation run (or checkpoint); again for several nets: protocol dense pools their "
+                        "boxes (the union, Appendix A) before merging, protocol center gives each net a Table 8 row "
+                        "(the JSON's localisation_error is then the first net's, and 'nets' holds each net's)")
     e.add_argument("--classifier", help="the classification run that ranks the classes (protocol dense)")
     e.add_argument("--data", required=True, help="dataset folder with train/ and val/")
     e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt, else the boxes the first "
                                    "--checkpoint's run was trained on, from its recipe.json)")
     e.add_argument("--protocol", choices=("center", "dense"), default="center")
     e.add_argument("--scales", type=positive_int, nargs="+", help="test scales Q (dense; default the training S)")
-    e.add_argument("--fine-tuned", choices=("all", "fc"), default="all", help="the table's label of the net")
+    e.add_argument("--fine-tuned", choices=("all", "fc"), action="append",
+                   help="Table 8's label of the net: once for all nets, or once per --checkpoint (default all)")
     e.add_argument("--limit", type=positive_int, help="at most this many validation images, class-balanced")
-    e.add_argument("--batch-size", type=positive_int, default=64)
+    e.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images per forward pass (dense: images of the same size batched together)")
     e.add_argument("--workers", type=natural_int, default=0)
     e.add_argument("--device", type=device_name, default="auto")
-    e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of the table (localisation_error, whole_image_error, "
+                        "centre_prior_error, ...)")
     e.set_defaults(func=run_eval)
     r = actions.add_parser("predict", help="draw protocol 2's top (class, box) predictions of images")
     r.add_argument("images", nargs="+", help="image files")
-    r.add_argument("--checkpoint", required=True, help="the localisation run (or checkpoint)")
+    r.add_argument("--checkpoint", action="append", required=True,
+                   help="a localisation run (or checkpoint); again for several nets, their boxes pooled (the union)")
     r.add_argument("--classifier", required=True, help="the classification run that ranks the classes")
     r.add_argument("--scales", type=positive_int, nargs="+", help="test scales Q (default the training S)")
     r.add_argument("--top", type=positive_int, default=5, help="predictions per image")
