@@ -16,13 +16,16 @@ from verydeep.data import Batch
 from verydeep.data.preprocess import Preprocess
 from verydeep.errors import UserError
 from verydeep.localize import (
+    DenseNetResult,
     DenseNets,
     DenseOutput,
+    DenseResult,
     Localisation,
     evaluate_center,
     ilsvrc_wrong,
     merge_greedily,
     ranked,
+    table_9,
     task_of,
     wrong,
 )
@@ -130,6 +133,9 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
     dense = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert dense["images"] == 16 and dense["scales"] == [32, 40] and 0 <= dense["localisation_error"] <= 100
     assert dense["centre_prior_error"] == 0.0 and dense["whole_image_error"] == 100.0  # every box is the same
+    main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense", "--classifier",
+          str(classifier)])
+    assert "### Table 9" in capsys.readouterr().out
     assert main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense"]) == 2
     assert "--classifier" in capsys.readouterr().err
     image = next((root / "val").rglob("*.png"))
@@ -184,6 +190,29 @@ def test_images_of_the_same_size_go_through_the_nets_together_as_they_would_one_
         assert torch.allclose(a.scores, b.scores, atol=1e-5)
         assert a.boxes[0].shape == b.boxes[0].shape == (2, 5, 4)  # two classes, 1 + 2x2 locations
         assert torch.allclose(a.boxes[0], b.boxes[0], atol=1e-5)
+
+
+def dense_result(crop: int, scales: list[int], nets: int = 1) -> DenseResult:
+    members = [DenseNetResult(f"runs/loc{i}", "pcr", 64, crop, 40.0 + i) for i in range(nets)]
+    return DenseResult("runs/loc0", "runs/cls", scales, 8, 37.5, 75.0, 50.0, members)
+
+
+def test_table_9_sets_our_rows_beside_the_papers():
+    table = table_9(dense_result(32, [64])).markdown("###")
+    assert "### Table 9" in table and "| loc0 (PCR) | 64 | 64 | 40.0 | - | - |" in table
+    assert "| whole image box | - | 64 | 75.0 |" in table and "| mean training box | - | 64 | 50.0 |" in table
+    for paper in ("| 256 | 256 | - | 29.5 | - |", "| 384 | 384 | - | 28.2 | 26.7 |",
+                  "| 384 | {352,384} | - | 27.5 | - |", "| paper: fusion of its nets | - | - | - | 26.9 | 25.3 |"):
+        assert paper in table
+    # at a 56-pixel crop S = Q = 64 is the paper's 256: its figures beside ours, not a row of their own
+    scaled = table_9(dense_result(56, [64])).markdown()
+    assert "| loc0 (PCR) | 64 | 64 | 40.0 | 29.5 | - |" in scaled and "| 256 | 256 |" not in scaled
+    fused = table_9(dense_result(32, [56, 64], nets=2)).markdown()
+    assert "| loc1 (PCR) | 64 | {56,64} | 41.0 | - | - |" in fused
+    assert "| union of loc0 + loc1 | 64 | {56,64} | 37.5 | 26.9 | 25.3 |" in fused and "paper: fusion" not in fused
+    assert set(dense_result(32, [64]).to_dict()) == {"checkpoint", "classifier", "scales", "images",
+                                                    "localisation_error", "whole_image_error", "centre_prior_error"}
+    assert [net["localisation_error"] for net in dense_result(32, [64], nets=2).to_dict()["nets"]] == [40.0, 41.0]
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ from verydeep.data.decode import ImageFile
 from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import UserError
 from verydeep.evaluate import dense_posteriors, train_scale
+from verydeep.paper import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.tasks import Task
 
 #: Heads of Appendix A: single-class and per-class regression.
@@ -488,6 +489,46 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], *errors[-2:], per_net)
 
 
+def paper_scales(net: DenseNetResult, scales: Sequence[int]) -> LocalisationScales:
+    """A net's training S and test scales Q at the paper's 224-pixel crop (Table 9's key)."""
+
+    def at_224(pixels: int) -> int:
+        return round(pixels * 224 / net.crop)
+
+    return LocalisationScales(at_224(net.scale), tuple(sorted(at_224(q) for q in scales)))
+
+
+def table_9(result: DenseResult) -> Any:
+    """Table 9's layout (protocol 2, top-5 localisation error %): each net alone (several nets) and the
+    union of their boxes, the two baselines, then the paper's rows not shown beside ours. A net whose
+    S and Q, scaled to 224-pixel crops, are a row of the paper's has its figures beside it; the union of
+    several nets has the paper's fusion."""
+    from verydeep.report import Column, Row, Table, scales_label
+
+    def figures(paper: ValTest | None) -> tuple[str, str] | None:
+        return None if paper is None else (f"{paper.val:.1f}", "-" if paper.test is None else f"{paper.test:.1f}")
+
+    q, fused, rows = scales_label(result.scales), len(result.nets) > 1, []
+    keys = [paper_scales(net, result.scales) for net in result.nets]
+    for net, key in zip(result.nets, keys, strict=True):
+        rows.append(Row((f"{net_name(net.checkpoint)} ({net.head.upper()})", str(net.scale), q,
+                         f"{net.localisation_error:.1f}"), figures(TABLE_9.get(key))))
+    if fused:
+        union = "union of " + " + ".join(net_name(net.checkpoint) for net in result.nets)
+        rows.append(Row((union, scales_label(sorted({net.scale for net in result.nets})), q,
+                         f"{result.localisation_error:.1f}"), figures(TABLE_9_FUSION)))
+    rows += [Row((name, "-", q, f"{error:.1f}")) for name, error in (
+        ("whole image box", result.whole_image_error), ("mean training box", result.centre_prior_error))]
+    rows += [Row(("paper: D, PCR", str(key.train), scales_label(key.test), "-"), figures(paper))
+             for key, paper in TABLE_9.items() if key not in keys]
+    if not fused:
+        rows.append(Row(("paper: fusion of its nets", "-", "-", "-"), figures(TABLE_9_FUSION)))
+    columns = [Column("net(s)"), Column("S"), Column("Q"), Column("top-5 loc. error %", True)]
+    return Table(f"Table 9: top-5 localisation error, dense boxes merged greedily ({result.images} val. images)",
+                 columns, rows, [Column("paper val. %", True), Column("paper test %", True)], show_paper=True,
+                 paper_missing="-")
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 #: Appendix A's fine-tuning settings, below a recipe's and the flags': configuration D, lr 1e-3.
@@ -542,12 +583,11 @@ def fine_tuned_labels(given: Sequence[str] | None, nets: int) -> list[str]:
 
 def run_eval(args: argparse.Namespace) -> None:
     """``localize eval``: protocol 1 (``center``, a Table 8 row per net) or 2 (``dense``, the union of the
-    nets' boxes); a table, or one JSON line."""
+    nets' boxes, Table 9); a table, or one JSON line."""
     if args.protocol == "dense":
         result = evaluate_dense(args.checkpoint, args.classifier, args.data, args.boxes, args.scales, args.limit,
                                 args.device, args.batch_size)
-        text = f"Table 9 protocol: top-5 localisation error {result.localisation_error:.1f}% on {result.images} images"
-        payload = result.to_dict()
+        payload, text = result.to_dict(), table_9(result).markdown("###")
     else:
         labels = fine_tuned_labels(args.fine_tuned, len(args.checkpoint))
         results = [evaluate_center(checkpoint, args.data, args.boxes, args.limit, args.batch_size, args.device,
