@@ -276,6 +276,7 @@ def test_the_run_records_its_boxes_and_eval_reads_them_when_the_data_has_none(bo
           "--workers", "0", "--device", "cpu", "--no-progress", "--freeze", "features", "--out", str(run)])
     capsys.readouterr()
     assert json.loads((run / "recipe.json").read_text())["boxes"] == str(boxes)  # made absolute
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["recipe"]["boxes"] == str(boxes)  # and carried along
     main(["localize", "eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data", str(root), "--json"])
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 4
     boxes.rename(boxes.with_suffix(".moved"))

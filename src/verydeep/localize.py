@@ -114,6 +114,10 @@ class Localisation(Task):
     def outputs(self, num_classes: int) -> int:
         return 4 if self.head == "scr" else 4 * num_classes
 
+    def record(self) -> dict[str, Any]:
+        """The boxes read (an absolute path), for ``localize eval`` to default to."""
+        return {"boxes": str(self.source)} if self.source is not None else {}
+
     def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
         source = Path(self.boxes or Path(data) / "boxes.txt")
         table = read_boxes(source)
@@ -535,18 +539,6 @@ def table_9(result: DenseResult) -> Any:
 PAPER_DEFAULTS = {"config": "D", "lr": 1e-3}
 
 
-def record_boxes(run_dir: str | Path, task: Localisation) -> None:
-    """Add the boxes ``task`` read (an absolute path) to the run record ``recipe.json`` as ``boxes``, for
-    ``localize eval`` to default to; a run without a record of this task is left alone."""
-    from verydeep.recipe import RUN_RECORD, read_run_record, write_run_record
-
-    if task.source is None or not str(run_dir) or not (Path(run_dir) / RUN_RECORD).is_file():
-        return
-    record = read_run_record(run_dir)
-    if record.get("task") == task.name and record.get("boxes") != str(task.source):
-        write_run_record(run_dir, {**record, "boxes": str(task.source)})
-
-
 def run_train(args: argparse.Namespace) -> None:
     """``localize train``: :func:`verydeep.train.train` with the :class:`Localisation` task; the boxes it
     read go into the run record (a resumed run reads them again unless ``--boxes`` is given)."""
@@ -561,13 +553,8 @@ def run_train(args: argparse.Namespace) -> None:
     head = getattr(args, "head", None) or stored.removeprefix("localisation-") or "pcr"
     cfg = make_config(settings)
     task = Localisation(head, getattr(args, "boxes", None) or (recorded_boxes(resumed) if resumed else None))
-    main = runtime.Processes.from_env().main
-    try:
-        summary = train(cfg, task=task)
-    finally:
-        if main:
-            record_boxes(cfg.out, task)
-    if main:
+    summary = train(cfg, task=task)
+    if runtime.Processes.from_env().main:
         print(json.dumps(summary.to_dict()))
 
 

@@ -9,6 +9,7 @@ softmax cross-entropy, top-1/top-5 on validation) is the paper's first task; box
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,10 @@ class Task(ABC):
     def summarise(self, sums: list[float], images: int) -> dict[str, float]:
         """The validation metrics from their sums over ``images`` images."""
         return {name: total / max(images, 1) for name, total in zip(self.metrics, sums, strict=True)}
+
+    def record(self) -> dict[str, Any]:
+        """What the task adds to the run record once its splits are open (e.g. the annotations it read)."""
+        return {}
 
 
 class Classification(Task):

@@ -345,7 +345,7 @@ class Trainer:
         classes = list(self.train_set.classes)
         self.record = {**cfg.to_dict(), "task": self.task.name, "num_classes": len(classes),
                        "outputs": self.task.outputs(len(classes)), "preprocess": self.pre.to_dict(),
-                       "classes": classes, "class_names": list(self.train_set.class_names)}
+                       "classes": classes, "class_names": list(self.train_set.class_names), **self.task.record()}
 
     def _build(self) -> None:
         """Model (initialised from cfg.seed, or as the checkpoint will overwrite), optimizer, schedule."""
