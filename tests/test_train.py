@@ -102,6 +102,28 @@ def test_stop_patience_stops_a_run_that_stopped_improving_whatever_the_lr():
     assert resumed.stopped  # the count since the best survives a checkpoint
 
 
+def test_the_trainers_fused_update_is_plain_sgd(data, tmp_path):
+    """The trainer's optimizer (one fused kernel) makes the update of torch's plain SGD loop, with the
+    gradients autograd gives (laid out as their channels-last weights)."""
+    import copy
+
+    from verydeep.runtime import Processes
+    from verydeep.train import Trainer
+
+    trainer = Trainer(tiny(data, tmp_path, epochs=1, dropout=0.0), Processes.from_env())
+    plain_model = copy.deepcopy(trainer.model)
+    plain = torch.optim.SGD(plain_model.parameters(), lr=trainer.cfg.lr, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+        for model, optimizer in ((trainer.model, trainer.optimizer), (plain_model, plain)):
+            optimizer.zero_grad()
+            model(x).logsumexp(dim=1).sum().backward()
+            optimizer.step()
+    for mine, theirs in zip(trainer.model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_milestones_replace_the_plateau_rule():
     schedule = Schedule(lr=0.1, patience=1, milestones=[2, 4])
     lrs = []

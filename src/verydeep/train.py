@@ -365,7 +365,10 @@ class Trainer:
             self.how += f"; {len(frozen)} tensors frozen (up to {cfg.freeze})"
         self.model: VGG = runtime.prepare(model, self.device, cfg.channels_last)
         groups = param_groups(self.model, (start or {}).get("copied", []), cfg.lr, cfg.lr_copied)
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # one fused kernel for the whole update instead of a loop over tensors: the same arithmetic, and on
+        # a CPU several times faster for VGG's large FC weights (docs/benchmarks)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                         fused=True)
         self.schedule = Schedule(cfg.lr, cfg.patience, cfg.max_drops, cfg.milestones, cfg.stop_patience)
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()
