@@ -83,6 +83,26 @@ def test_per_class_regression_learns_the_true_class_box_only():
     assert Localisation("scr").outputs(3) == 4 and Localisation("scr").predicted(outputs, batch.labels).shape == (2, 4)
 
 
+def test_standardised_targets_weigh_each_coordinate_by_its_spread_and_decode_back():
+    mean, std = [0.5, 0.5, 0.6, 0.6], [0.1, 0.1, 0.2, 0.4]
+    task, batch = Localisation("scr", code_mean=mean, code_std=std), boxed_batch()
+    targets = task.targets(batch, torch.device("cpu"))
+    torch.testing.assert_close(task.predicted(torch.zeros(2, 4), batch.labels), torch.tensor([mean, mean]))  # the mean
+    true_codes = torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.625, 0.625, 0.75, 0.75]])
+    outputs = (true_codes - torch.tensor(mean)) / torch.tensor(std)
+    assert float(task.loss(outputs, targets)) == pytest.approx(0.0, abs=1e-10)
+    assert task.metric_sums(outputs, targets) == [0.0]
+    # an error of 0.1 crop side in x costs (0.1 / 0.1)^2, in height (0.1 / 0.4)^2: each in units of its spread
+    off_x, off_h = outputs.clone(), outputs.clone()
+    off_x[:, 0] += 1.0
+    off_h[:, 3] += 0.25
+    assert float(task.loss(off_x, targets)) == pytest.approx(2.0) and float(task.loss(off_h, targets)) == pytest.approx(
+        2 * 0.25**2)
+    again = task_of({"task": "localisation-scr", **task.record()})
+    assert torch.equal(again.codes(outputs), task.codes(outputs))
+    assert task_of({"task": "localisation-scr"}).codes(outputs).tolist() == outputs.tolist()  # older runs: raw
+
+
 def test_a_classification_net_is_not_a_localisation_net():
     with pytest.raises(UserError, match="not a localisation net"):
         task_of({"task": "classification"})
@@ -112,6 +132,11 @@ def test_the_task_trains_from_a_classification_net_and_validates_protocol_one(bo
     assert "features.0.weight" in copied and "classifier.6.weight" not in copied  # FC8 starts random
     result = evaluate_center(tmp_path, root)
     assert result.images == 16 and result.whole_image_error == 100.0 and result.centre_prior_error == 0.0
+    # every box: pixels 8..35 and 6..33 inclusive, so edges at 8, 6, 36, 34, in 44 x 40 images
+    corners = torch.tensor([8.0, 6, 36, 34]) / torch.tensor([44.0, 40, 44, 40])
+    expected = torch.tensor([*(corners[:2] + corners[2:]) / 2, *(corners[2:] - corners[:2])])
+    torch.testing.assert_close(torch.tensor(state["recipe"]["box_code_mean"]), expected)
+    assert state["recipe"]["box_targets"] == "standardised"
 
 
 def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, capsys):

@@ -50,6 +50,10 @@ from verydeep.tasks import Task
 #: Heads of Appendix A: single-class and per-class regression.
 HEADS = ("scr", "pcr")
 
+#: What FC8 regresses: the box code standardised by the training boxes' mean and deviation, or the
+#: raw code (the paper's literal Euclidean loss; at small scale the net then barely leaves the mean box).
+TARGETS = ("standardised", "raw")
+
 #: A box is right when its IoU with a ground-truth box is above this (the ILSVRC criterion).
 IOU_RIGHT = 0.5
 
@@ -104,26 +108,39 @@ class Localisation(Task):
     metrics = ("loc_error",)
     higher_is_better = False
 
-    def __init__(self, head: str = "pcr", boxes: str | Path | None = None) -> None:
+    def __init__(self, head: str = "pcr", boxes: str | Path | None = None, targets: str = "standardised",
+                 code_mean: Sequence[float] | None = None, code_std: Sequence[float] | None = None) -> None:
         if head not in HEADS:
             raise UserError(f"--head {head}: one of {', '.join(HEADS)}")
-        self.head, self.boxes = head, boxes
+        if targets not in TARGETS:
+            raise UserError(f"--targets {targets}: one of {', '.join(TARGETS)}")
+        self.head, self.boxes, self.target_kind = head, boxes, targets
         self.name = f"localisation-{head}"
         self.source: Path | None = None  # the boxes read, once open_splits has read them
+        # FC8 predicts (code - mean) / std; the identity for raw codes (and for runs that predate this)
+        self.code_mean = torch.tensor(code_mean or [0.0] * 4)
+        self.code_std = torch.tensor(code_std or [1.0] * 4)
 
     def outputs(self, num_classes: int) -> int:
         return 4 if self.head == "scr" else 4 * num_classes
 
     def record(self) -> dict[str, Any]:
-        """The boxes read (an absolute path), for ``localize eval`` to default to."""
-        return {"boxes": str(self.source)} if self.source is not None else {}
+        """The boxes read (an absolute path), for ``localize eval`` to default to, and the box code's
+        standardisation, which every reader of the net's outputs needs."""
+        found = {"box_targets": self.target_kind, "box_code_mean": self.code_mean.tolist(),
+                 "box_code_std": self.code_std.tolist()}
+        return {**found, "boxes": str(self.source)} if self.source is not None else found
 
     def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
         source = Path(self.boxes or Path(data) / "boxes.txt")
         table = read_boxes(source)
         self.source = source.absolute()
         train_set, val_set = super().open_splits(data, train, val)
-        return with_boxes(train_set, table, Path(data), train), with_boxes(val_set, table, Path(data), val)
+        train_set = with_boxes(train_set, table, Path(data), train)
+        if self.target_kind == "standardised":
+            codes = encode(relative_boxes(train_set), 1.0)
+            self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=1e-3)
+        return train_set, with_boxes(val_set, table, Path(data), val)
 
     def targets(self, batch: Batch, device: torch.device) -> Tensor:
         if batch.boxes is None:
@@ -132,14 +149,25 @@ class Localisation(Task):
         labels = batch.labels[:, None, None].float().expand(-1, batch.boxes.shape[1], 1)
         return torch.cat([labels, batch.boxes / side], dim=2).to(device, non_blocking=True)
 
-    def predicted(self, outputs: Tensor, labels: Tensor) -> Tensor:
-        """The (N, 4) box codes for classes ``labels``: the one box of SCR, the class's box of PCR."""
+    def selected(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """The (N, 4) outputs for classes ``labels``: the one box of SCR, the class's box of PCR."""
         if self.head == "scr":
             return outputs[:, :4]
         return outputs.view(len(outputs), -1, 4)[torch.arange(len(outputs)), labels.long()]
 
+    def codes(self, outputs: Tensor) -> Tensor:
+        """Box codes (centre x, centre y, width, height in crop sides) of outputs (..., 4)."""
+        return outputs * self.code_std.to(outputs.device) + self.code_mean.to(outputs.device)
+
+    def predicted(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """The (N, 4) box codes for classes ``labels``."""
+        return self.codes(self.selected(outputs, labels))
+
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.mse_loss(self.predicted(outputs, targets[:, 0, 0]), encode(targets[:, 0, 1:], 1.0), reduction="sum")
+        """Euclidean loss between the outputs and the true box's code, standardised when so trained."""
+        mean, std = self.code_mean.to(outputs.device), self.code_std.to(outputs.device)
+        wanted = (encode(targets[:, 0, 1:], 1.0) - mean) / std
+        return F.mse_loss(self.selected(outputs, targets[:, 0, 0]), wanted, reduction="sum")
 
     def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
         boxes = decode(self.predicted(outputs, targets[:, 0, 0]), 1.0)
@@ -157,7 +185,8 @@ def task_of(recipe: dict[str, Any], boxes: str | Path | None = None) -> Localisa
     if not name.startswith("localisation-"):
         raise UserError(f"not a localisation net (its task is {name or 'classification'}): train one with "
                         "verydeep localize train")
-    return Localisation(name.removeprefix("localisation-"), boxes)
+    return Localisation(name.removeprefix("localisation-"), boxes, recipe.get("box_targets", "raw"),
+                        recipe.get("box_code_mean"), recipe.get("box_code_std"))
 
 
 def run_folder(checkpoint: str | Path) -> Path:
@@ -204,16 +233,21 @@ class CenterResult:
     centre_prior_error: float
 
 
-def mean_relative_box(images: LabelledImages) -> Tensor:
-    """The mean first box of :func:`~verydeep.data.boxes.with_boxes` images, in units of each image's
+def relative_boxes(images: LabelledImages) -> Tensor:
+    """The first box of each :func:`~verydeep.data.boxes.with_boxes` image (N, 4), in units of its
     width and height (from the headers alone)."""
     boxes = images.transform.boxes
     sizes = images.image_sizes()
     relative = [torch.tensor(boxes[str(path)][0].corners) / torch.tensor([*size, *size])
                 for (path, _), size in zip(images.samples, sizes, strict=True) if size is not None]
     if not relative:
-        raise UserError("no readable training image to take the mean box from")
-    return torch.stack(relative).mean(dim=0)
+        raise UserError("no readable training image with a box")
+    return torch.stack(relative).float()
+
+
+def mean_relative_box(images: LabelledImages) -> Tensor:
+    """The mean first box of the images (the centre prior), in units of each image's width and height."""
+    return relative_boxes(images).mean(dim=0)
 
 
 def in_frames(relative: Tensor, frames: Tensor) -> Tensor:
@@ -305,13 +339,13 @@ class Guess:
     score: float
 
 
-def dense_boxes(dense: torch.nn.Module, x: Tensor, side: int) -> Tensor:
-    """Every location's boxes (N, K, L, 4) of a dense localisation net on inputs ``x`` (N, 3, H, W), in
-    pixels of ``x``: K = 1 (SCR) or one per class (PCR); a location sees the ``side`` square at its
-    offset."""
+def dense_boxes(dense: torch.nn.Module, x: Tensor, side: int, task: Localisation) -> Tensor:
+    """Every location's boxes (N, K, L, 4) of a dense localisation net of ``task`` on inputs ``x``
+    (N, 3, H, W), in pixels of ``x``: K = 1 (SCR) or one per class (PCR); a location sees the ``side``
+    square at its offset."""
     out = dense(x).float()
     n, groups, (h, w) = len(out), out.shape[1] // 4, out.shape[-2:]
-    codes = out.view(n, groups, 4, h, w).permute(0, 1, 3, 4, 2)
+    codes = task.codes(out.view(n, groups, 4, h, w).permute(0, 1, 3, 4, 2))
     ys, xs = torch.meshgrid(torch.arange(h) * STRIDE, torch.arange(w) * STRIDE, indexing="ij")
     offsets = torch.stack([xs, ys, xs, ys], dim=-1).float().to(codes.device)
     return (decode(codes, side) + offsets).reshape(n, groups, h * w, 4).cpu()
@@ -374,7 +408,8 @@ class DenseNets:
         """Uint8 images (N, 3, H, W) -> each localisation net's boxes (N, K, L, 4) in their pixels, and the
         classifier's posteriors (N, classes), on the CPU."""
         images = images.to(self.device)
-        boxes = [dense_boxes(net, to_input(images, Preprocess.from_dict(recipe["preprocess"])), int(recipe["crop"]))
+        boxes = [dense_boxes(net, to_input(images, Preprocess.from_dict(recipe["preprocess"])), int(recipe["crop"]),
+                             task_of(recipe))
                  for net, recipe in zip(self.locate, self.recipes, strict=True)]
         x = to_input(images, Preprocess.from_dict(self.classifier_recipe["preprocess"]))
         return boxes, dense_posteriors(self.classify, x, flip=False).float().cpu()
@@ -546,13 +581,17 @@ def run_train(args: argparse.Namespace) -> None:
     from verydeep.train import train
 
     given = {key: value for key, value in vars(args).items() if key not in ("command", "action", "func", "head",
-                                                                             "boxes")}
+                                                                             "boxes", "targets")}
     settings = {**({} if given.get("resume") else PAPER_DEFAULTS), **settings_from_flags(given)}
     resumed = given["out"] if given.get("resume") and given.get("out") else None
-    stored = str(stored_settings(resumed).get("task", "")) if resumed else ""
-    head = getattr(args, "head", None) or stored.removeprefix("localisation-") or "pcr"
+    stored = stored_settings(resumed) if resumed else {}
+    head = getattr(args, "head", None) or str(stored.get("task", "")).removeprefix("localisation-") or "pcr"
+    targets = getattr(args, "targets", None) or str(stored.get("box_targets", "standardised" if not resumed else "raw"))
+    if resumed and targets != stored.get("box_targets", "raw"):
+        raise UserError(f"--targets {targets}: {resumed} was trained with {stored.get('box_targets', 'raw')} targets; "
+                        "start a new run to change them")
     cfg = make_config(settings)
-    task = Localisation(head, getattr(args, "boxes", None) or (recorded_boxes(resumed) if resumed else None))
+    task = Localisation(head, getattr(args, "boxes", None) or (recorded_boxes(resumed) if resumed else None), targets)
     summary = train(cfg, task=task)
     if runtime.Processes.from_env().main:
         print(json.dumps(summary.to_dict()))
@@ -638,6 +677,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--boxes", help="boxes: a text file, a LOC_*_solution.csv, or a folder of XML annotations "
                                    "(default DIR/boxes.txt; with --resume the run's own); recorded in recipe.json")
     t.add_argument("--head", choices=HEADS, help="single-class or per-class regression (default pcr)")
+    t.add_argument("--targets", choices=TARGETS, help="FC8 regresses the box code standardised by the training "
+                                                      "boxes' mean and deviation (default) or the raw code")
     t.set_defaults(func=run_train)
     e = actions.add_parser("eval", help="the localisation error: protocol 1 (center, Table 8) or 2 (dense, Table 9)")
     e.add_argument("--checkpoint", action="append", required=True,
