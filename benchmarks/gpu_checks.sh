@@ -3,7 +3,7 @@
 # The bench runs first and its JSON is written into the repository (docs/benchmarks/) and to $OUT
 # before anything longer runs; BENCH_ARGS adds to its command line (say --data DIR).
 # Usage on a CUDA machine, from the repo root, with the project importable (PYTHONPATH=src):
-#   OUT=/tmp/out REPRO_ARGS="--budget 20" bash benchmarks/gpu_checks.sh .devdata/cifar10.tgz
+#   OUT=/tmp/out REPRO_ARGS="--width 0.5 --budget 40 --seeds 3" bash benchmarks/gpu_checks.sh .devdata/cifar10.tgz
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 set -u
 data_tgz=${1:?give a .tgz of a dataset root holding cifar10/train and cifar10/test}
