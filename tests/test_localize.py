@@ -4,6 +4,7 @@ through the trainer, and both protocols from the command line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ from conftest import tiny, write_dataset
 
 from verydeep.checkpoint import load_checkpoint
 from verydeep.cli import main
-from verydeep.data import Batch
+from verydeep.data import Batch, RescaleTransform, to_input
+from verydeep.data.decode import ImageFile
 from verydeep.data.preprocess import Preprocess
+from verydeep.data.transforms import render
 from verydeep.errors import UserError
 from verydeep.localize import (
     DenseNetResult,
@@ -176,34 +179,80 @@ def test_the_union_of_several_nets_boxes_is_merged_as_one_set():
     pcr = torch.stack([torch.stack([box(0, 0, 10, 10), box(40, 40, 50, 50)]),  # the first class's boxes
                        torch.stack([box(5, 5, 15, 15), box(6, 5, 16, 15)])])  # the second class's
     scr = torch.stack([box(1, 0, 11, 10), box(40, 41, 50, 51), box(0, 1, 10, 11)])[None]  # one set for all classes
-    output = DenseOutput(torch.tensor([3, 1]), torch.tensor([0.6, 0.3]), [pcr, scr], (64, 64))
+    pcr_scores, scr_scores = torch.tensor([[0.3, 0.2], [0.5, 0.1]]), torch.tensor([[0.2, 0.1, 0.2], [0.1, 0.2, 0.3]])
+    output = DenseOutput(torch.tensor([3, 1]), torch.tensor([0.6, 0.3]), [pcr, scr], (64, 64), [pcr_scores, scr_scores])
     guesses = ranked(output)
     assert [(g.label, g.score) for g in guesses] == [(3, pytest.approx(0.6)), (1, pytest.approx(0.3))]
-    for rank, guess in enumerate(guesses):
-        by_hand = merge_greedily(torch.cat([pcr[rank], scr[0]]), torch.ones(5))[0][0]
-        assert guess.box.tolist() == by_hand.tolist()
-    assert ranked(output, [0])[0].box.tolist() == merge_greedily(pcr[0], torch.ones(2))[0][0].tolist()
+    for rank, guess in enumerate(guesses):  # an SCR box has a score per class
+        by_hand = merge_greedily(torch.cat([pcr[rank], scr[0]]), torch.cat([pcr_scores[rank], scr_scores[rank]]))
+        assert guess.box.tolist() == by_hand[0][0].tolist()
+    assert ranked(output, [0])[0].box.tolist() == merge_greedily(pcr[0], pcr_scores[0])[0][0].tolist()
     assert guesses[0].box.tolist() == [0.25, 0.5, 10.25, 10.5]  # three boxes of two nets, merged into one
 
 
-def random_nets(classes: int = 3) -> DenseNets:
-    """A random width-1/16 PCR localisation net and classifier (net A, 32-pixel crops), in dense form."""
+def test_the_box_kept_is_the_best_scored_not_the_most_merged():
+    lone, pair = box(0, 0, 10, 10), torch.stack([box(40, 40, 50, 50), box(41, 40, 51, 50)])  # the pair: IoU 0.82
+    boxes = [torch.cat([lone[None], pair])[None]]  # one SCR net: one set for both classes
+
+    def kept(scores: list[list[float]]) -> list[list[float]]:
+        output = DenseOutput(torch.tensor([0, 1]), torch.tensor([0.7, 0.2]), boxes, (64, 64), [torch.tensor(scores)])
+        return [guess.box.tolist() for guess in ranked(output)]
+
+    # class 0: the lone box's location is sure of it (0.9 > 0.2 + 0.2); class 1: the pair's locations (0.1 < 0.6)
+    assert kept([[0.9, 0.2, 0.2], [0.1, 0.3, 0.3]]) == [[0, 0, 10, 10], [40.5, 40, 50.5, 50]]
+    assert kept([[0.3, 0.3, 0.3], [0.3, 0.3, 0.3]]) == [[40.5, 40, 50.5, 50]] * 2  # equal: the merged pair's sum wins
+
+
+def random_nets(classes: int = 3, classifier_crop: int = 32) -> DenseNets:
+    """A random width-1/16 PCR localisation net (net A, 32-pixel crops) and classifier (``classifier_crop``),
+    in dense form."""
     torch.manual_seed(0)
     identity = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
     pre = Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (1.0, 1.0, 1.0), identity).to_dict()
-    locate, classify = (VGG("A", n, width=1 / 16, input_size=32).eval() for n in (4 * classes, classes))
+    locate = VGG("A", 4 * classes, width=1 / 16, input_size=32).eval()
+    classify = VGG("A", classes, width=1 / 16, input_size=classifier_crop).eval()
     recipe = {"task": "localisation-pcr", "crop": 32, "preprocess": pre}
     return DenseNets([locate.dense()], classify.dense(), [recipe], {"preprocess": pre}, torch.device("cpu"))
 
 
-def test_images_of_the_same_size_go_through_the_nets_together_as_they_would_one_by_one(tmp_path):
+def random_images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    """Random RGB images of the given (width, height), saved as PNGs."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (w, h) in enumerate([(44, 40), (36, 48), (44, 40), (44, 40), (36, 48)]):
-        paths.append(tmp_path / f"{i}.png")
+    rng, paths = np.random.default_rng(0), []
+    for i, (w, h) in enumerate(sizes):
+        paths.append(folder / f"{i}.png")
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def class_maps(nets: DenseNets, path: Path, scale: int) -> torch.Tensor:
+    """By hand: the classifier's dense softmax (classes, h, w) on an image rescaled to ``scale``."""
+    file = ImageFile(path)
+    image = render(file, RescaleTransform(scale).plan(file.size, False))[None]
+    with torch.no_grad():
+        return nets.classify(to_input(image, Preprocess.from_dict(nets.classifier_recipe["preprocess"])))[0].softmax(0)
+
+
+def test_each_location_is_scored_by_the_classifiers_posterior_there(tmp_path):
+    paths = random_images(tmp_path, [(44, 40), (36, 48), (44, 40)])
+    nets = random_nets()
+    for path, output in zip(paths, nets.outputs(paths, [32, 64], top=2), strict=True):
+        maps = torch.cat([class_maps(nets, path, q).flatten(1) for q in (32, 64)], dim=1)  # (classes, 1 + 2x2)
+        assert output.box_scores[0].shape == (2, 5) and not torch.allclose(maps[:, 1:], maps[:, :1].expand(-1, 4))
+        torch.testing.assert_close(output.box_scores[0], maps[output.labels], atol=1e-5, rtol=1e-4)
+    # a classifier of 64-pixel crops has a grid one location smaller each way (its FC6 sees 2x2 of the
+    # trunk, the loc net's 1x1): each location gets the classifier's posterior averaged over its locations
+    nets = random_nets(classifier_crop=64)
+    for path, output in zip(paths, nets.outputs(paths, [64, 96], top=2), strict=True):
+        maps = [class_maps(nets, path, q) for q in (64, 96)]
+        expected = torch.cat([m.mean(dim=(1, 2))[output.labels, None].expand(-1, (m.shape[1] + 1) * (m.shape[2] + 1))
+                              for m in maps], dim=1)
+        torch.testing.assert_close(output.box_scores[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_images_of_the_same_size_go_through_the_nets_together_as_they_would_one_by_one(tmp_path):
+    paths = random_images(tmp_path, [(44, 40), (36, 48), (44, 40), (44, 40), (36, 48)])
     nets, calls = random_nets(), []
     forward = nets.forward
     nets.forward = lambda images: calls.append(len(images)) or forward(images)
@@ -215,6 +264,7 @@ def test_images_of_the_same_size_go_through_the_nets_together_as_they_would_one_
         assert torch.allclose(a.scores, b.scores, atol=1e-5)
         assert a.boxes[0].shape == b.boxes[0].shape == (2, 5, 4)  # two classes, 1 + 2x2 locations
         assert torch.allclose(a.boxes[0], b.boxes[0], atol=1e-5)
+        assert a.box_scores[0].shape == (2, 5) and torch.allclose(a.box_scores[0], b.box_scores[0], atol=1e-5)
 
 
 def dense_result(crop: int, scales: list[int], nets: int = 1) -> DenseResult:
@@ -265,9 +315,11 @@ def test_several_nets_pool_their_boxes_and_one_net_keeps_its_output(two_nets, ca
     predicted = json.loads(capsys.readouterr().out.splitlines()[-1])["predictions"]
     output = DenseNets.load(runs, classifier, "cpu").outputs([image], [32, 40])[0]
     assert len(predicted) == len(output.labels) == 4 and output.boxes[1].shape == (1, 2, 4)  # SCR: 1 + 1 locations
+    assert [scores.shape for scores in output.box_scores] == [(4, 2), (4, 2)]  # per class, whatever the head
     for rank, guess in enumerate(predicted):
         union = torch.cat([output.boxes[0][rank], output.boxes[1][0]])  # the PCR net's boxes of the class, the SCR's
-        assert guess["box"] == pytest.approx(merge_greedily(union, torch.ones(4))[0][0].tolist(), abs=0.051)
+        scores = torch.cat([output.box_scores[0][rank], output.box_scores[1][rank]])
+        assert guess["box"] == pytest.approx(merge_greedily(union, scores)[0][0].tolist(), abs=0.051)
     main([*dense, "--checkpoint", str(runs[0])])
     one = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert "nets" not in one and one["localisation_error"] == both["nets"][0]["localisation_error"]

@@ -10,10 +10,11 @@ layer random), and validated by the localisation error of protocol 1.
 - Protocol 1 (Table 8): the box of the central crop, for the ground-truth class; an image is
   wrong when its box has IoU <= 0.5 with every ground-truth box.
 - Protocol 2 (Table 9): the net applied densely to the whole image at one or more scales, a box
-  per location (and class), merged greedily as in OverFeat and ranked by a classification net's
-  class scores; an image is wrong unless one of its top-5 (class, box) predictions has the right
-  class and IoU > 0.5 with one of that class's boxes. Several nets: the union of their boxes is
-  merged. Images of the same size go through the nets in batches.
+  per location (and class) for each of a classification net's top classes, scored by that net's
+  posterior of the class at the box's location, merged greedily as in OverFeat (scores summed),
+  the best-scored box kept; an image is wrong unless one of its top-5 (class, box) predictions has
+  the right class and IoU > 0.5 with one of that class's boxes. Several nets: the union of their
+  boxes is merged. Images of the same size go through the nets in batches.
 
 Both protocols also score two boxes that ignore the image: the whole image, and the mean training
 box (the centre prior); in protocol 2 each is paired with the classifier's top-5 classes.
@@ -43,7 +44,7 @@ from verydeep.data.datasets import LabelledImages, Transform
 from verydeep.data.decode import ImageFile
 from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import UserError
-from verydeep.evaluate import dense_posteriors, train_scale
+from verydeep.evaluate import train_scale
 from verydeep.paper import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.tasks import Task
 
@@ -340,43 +341,58 @@ class Guess:
 
 
 def dense_boxes(dense: torch.nn.Module, x: Tensor, side: int, task: Localisation) -> Tensor:
-    """Every location's boxes (N, K, L, 4) of a dense localisation net of ``task`` on inputs ``x``
-    (N, 3, H, W), in pixels of ``x``: K = 1 (SCR) or one per class (PCR); a location sees the ``side``
-    square at its offset."""
+    """Every location's boxes (N, K, h, w, 4) of a dense localisation net of ``task`` on inputs ``x``
+    (N, 3, H, W), in pixels of ``x``: K = 1 (SCR) or one per class (PCR), (h, w) its output grid; a
+    location sees the ``side`` square at its offset."""
     out = dense(x).float()
     n, groups, (h, w) = len(out), out.shape[1] // 4, out.shape[-2:]
     codes = task.codes(out.view(n, groups, 4, h, w).permute(0, 1, 3, 4, 2))
     ys, xs = torch.meshgrid(torch.arange(h) * STRIDE, torch.arange(w) * STRIDE, indexing="ij")
     offsets = torch.stack([xs, ys, xs, ys], dim=-1).float().to(codes.device)
-    return (decode(codes, side) + offsets).reshape(n, groups, h * w, 4).cpu()
+    return (decode(codes, side) + offsets).cpu()
+
+
+def location_scores(maps: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The classifier's score (N, classes, h * w) of each location of a localisation net's (h, w) grid
+    (Appendix A), from its per-location posteriors ``maps`` (N, classes, h', w'): the posterior at that
+    location when the grids are the same, else (another crop or architecture, no location to match)
+    the posterior averaged over the classifier's locations, the same for every location."""
+    if tuple(maps.shape[-2:]) == tuple(grid):
+        return maps.flatten(2).cpu()
+    return maps.mean(dim=(2, 3))[..., None].expand(-1, -1, grid[0] * grid[1]).cpu()
 
 
 @dataclass
 class DenseOutput:
-    """Protocol 2's raw outputs for one image: its ``top`` classes by the classifier's posterior (mean
+    """Protocol 2's raw outputs for one image: its ``top`` classes T by the classifier's posterior (mean
     over the scales) and those posteriors, and per localisation net its boxes (K, L, 4) in pixels of
-    the full image, every location at every scale: K = 1 (SCR) or one per top class (PCR)."""
+    the full image, every location at every scale (K = 1, SCR, or one per top class, PCR), and their
+    scores (T, L): the classifier's posterior of each top class at the box's location
+    (:func:`location_scores`; an SCR box has one per class)."""
 
     labels: Tensor
     scores: Tensor
     boxes: list[Tensor]
     size: tuple[int, int]
+    box_scores: list[Tensor]
 
 
-def pooled(boxes: Sequence[Tensor], rank: int) -> Tensor:
-    """The union of several nets' boxes (Appendix A) for the ``rank``-th class of a :class:`DenseOutput`:
-    an SCR net's one set, a PCR net's set of that class."""
-    return torch.cat([found[rank if len(found) > 1 else 0] for found in boxes])
+def pooled(boxes: Sequence[Tensor], scores: Sequence[Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """The union of several nets' boxes (Appendix A) for the ``rank``-th class of a :class:`DenseOutput`,
+    and their scores for that class: an SCR net's one set, a PCR net's set of that class."""
+    union = torch.cat([found[rank if len(found) > 1 else 0] for found in boxes])
+    return union, torch.cat([found[rank] for found in scores])
 
 
 def ranked(output: DenseOutput, nets: Sequence[int] | None = None) -> list[Guess]:
-    """The (class, box) guesses of an image, best class first: each top class's boxes pooled over the
-    localisation nets ``nets`` (default all), merged greedily, the merged box with the most support kept."""
-    boxes = output.boxes if nets is None else [output.boxes[i] for i in nets]
+    """The (class, box) guesses of an image, best class first (Appendix A): each top class's boxes pooled
+    over the localisation nets ``nets`` (default all), each scored by the classifier's posterior of the
+    class at its location, merged greedily (scores summed), the best-scored merged box kept."""
+    chosen = range(len(output.boxes)) if nets is None else nets
+    boxes, scores = [output.boxes[i] for i in chosen], [output.box_scores[i] for i in chosen]
     guesses = []
     for rank, (label, score) in enumerate(zip(output.labels.tolist(), output.scores.tolist(), strict=True)):
-        union = pooled(boxes, rank)
-        guesses.append(Guess(label, merge_greedily(union, torch.ones(len(union)))[0][0], score))
+        guesses.append(Guess(label, merge_greedily(*pooled(boxes, scores, rank))[0][0], score))
     return guesses
 
 
@@ -404,36 +420,47 @@ class DenseNets:
         return cls([model.dense() for model, _ in loaded], classify.dense(), [r for _, r in loaded], cls_recipe, dev)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Uint8 images (N, 3, H, W) -> each localisation net's boxes (N, K, L, 4) in their pixels, and the
-        classifier's posteriors (N, classes), on the CPU."""
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Uint8 images (N, 3, H, W) -> each localisation net's boxes (N, K, L, 4) in their pixels and their
+        scores (N, classes, L) (:func:`location_scores`: the classifier's posterior at each location of
+        its dense class-score map, or its spatial mean where the grids differ), and the classifier's
+        posteriors (N, classes) (:func:`~verydeep.evaluate.dense_posteriors`, no flip), on the CPU."""
         images = images.to(self.device)
-        boxes = [dense_boxes(net, to_input(images, Preprocess.from_dict(recipe["preprocess"])), int(recipe["crop"]),
-                             task_of(recipe))
-                 for net, recipe in zip(self.locate, self.recipes, strict=True)]
         x = to_input(images, Preprocess.from_dict(self.classifier_recipe["preprocess"]))
-        return boxes, dense_posteriors(self.classify, x, flip=False).float().cpu()
+        class_scores = self.classify(x).float()  # (N, classes, h, w)
+        maps, boxes, scores = class_scores.softmax(dim=1), [], []
+        for net, recipe in zip(self.locate, self.recipes, strict=True):
+            found = dense_boxes(net, to_input(images, Preprocess.from_dict(recipe["preprocess"])),
+                                int(recipe["crop"]), task_of(recipe))
+            boxes.append(found.flatten(2, 3))
+            scores.append(location_scores(maps, (found.shape[2], found.shape[3])))
+        return boxes, scores, class_scores.mean(dim=(2, 3)).softmax(dim=1).cpu()
 
     def batch(self, files: Sequence[ImageFile], plans: Sequence[Sequence[CropPlan]], top: int) -> list[DenseOutput]:
         """:class:`DenseOutput` of images whose crop plans give the same sizes at every scale, in one batch."""
         found: list[list[Tensor]] = [[] for _ in self.locate]  # per net, per scale: (N, K, L, 4) in full-image pixels
+        weights: list[list[Tensor]] = [[] for _ in self.locate]  # per net, per scale: (N, classes, L)
         posteriors = []
         for s in range(len(plans[0])):
             images = torch.stack([render(f, p[s]) for f, p in zip(files, plans, strict=True)])
-            boxes, probs = self.forward(images.contiguous(memory_format=torch.channels_last))  # as render lays it out
+            boxes, scores, probs = self.forward(images.contiguous(memory_format=torch.channels_last))  # as rendered
             posteriors.append(probs)
-            for net, net_boxes in enumerate(boxes):
+            for net, (net_boxes, net_scores) in enumerate(zip(boxes, scores, strict=True)):
                 found[net].append(torch.stack([from_crop(b.reshape(-1, 4), f.size, p[s]).view(b.shape)
                                                for b, f, p in zip(net_boxes, files, plans, strict=True)]))
+                weights[net].append(net_scores)
         best = torch.stack(posteriors).mean(dim=0).topk(min(top, posteriors[0].shape[1]))
         unions = [torch.cat(per_scale, dim=2) for per_scale in found]
-        return [DenseOutput(labels, scores, [u[i][labels] if u.shape[1] > 1 else u[i] for u in unions], files[i].size)
+        support = [torch.cat(per_scale, dim=2) for per_scale in weights]
+        return [DenseOutput(labels, scores, [u[i][labels] if u.shape[1] > 1 else u[i] for u in unions], files[i].size,
+                            [w[i][labels] for w in support])
                 for i, (labels, scores) in enumerate(zip(best.indices, best.values, strict=True))]
 
     def outputs(self, paths: Sequence[str | Path], scales: Sequence[int], top: int = 5,
                 batch_size: int = 64) -> list[DenseOutput]:
         """Protocol 2 on images (Appendix A): at each scale Q every location's boxes of every net, mapped
-        to the full image, and the classifier's posteriors (their mean over the scales). Images that
+        to the full image, with the classifier's posteriors at their locations, and the classifier's
+        posteriors of the image (their mean over the scales picks the top classes). Images that
         rescale to the same sizes go through the nets together, ``batch_size`` at a time."""
         files = [ImageFile(path) for path in paths]
         plans = [[RescaleTransform(q).plan(file.size, False) for q in scales] for file in files]
@@ -451,7 +478,7 @@ class DenseNets:
 
     def guesses(self, path: str | Path, scales: Sequence[int], top: int = 5) -> list[Guess]:
         """Protocol 2 on one image: for each of the ``top`` classes the union of every net's boxes over the
-        scales, merged greedily, the merged box with the most support kept."""
+        scales, scored by the classifier's posteriors at their locations, merged greedily, the best kept."""
         return ranked(self.outputs([path], scales, top)[0])
 
 
