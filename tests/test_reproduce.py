@@ -70,6 +70,25 @@ def test_claims_are_judged_by_the_paired_test_in_the_papers_direction():
                 if c.claim.startswith("Error falls")).verdict.startswith("inconclusive")
 
 
+def test_a_claim_holds_across_seeds_only_when_every_seed_says_so():
+    preset = Preset(crop=32, width=1, epochs=1)
+    nets = [Net("A", "A", (256, 256)), Net("D", "D", (256, 256), parent="A")]
+    nets += [net.replica(1, ("A", "D")) for net in nets]
+    rng = np.random.default_rng(1)
+    a_wrong = rng.random(1000) < 0.30
+    better = a_wrong & (rng.random(1000) < 0.8)
+
+    def depth(d_wrong_seed1):
+        rows = [measured("A", a_wrong), measured("D", better), measured("A-s1", a_wrong),
+                measured("D-s1", d_wrong_seed1)]
+        return next(c for c in claims(rows, nets, preset) if c.claim == "Error falls with depth: D beats A")
+
+    agreed = depth(better)
+    assert agreed.verdict == "held (each of 2 seeds)" and agreed.seed_spread.startswith("difference over 2 seeds")
+    split = depth(a_wrong | (rng.random(1000) < 0.1))  # seed 1: D clearly worse than A
+    assert split.verdict.startswith("inconclusive (seeds disagree") and split.difference > split.margin
+
+
 def test_the_paired_difference_and_its_standard_error_by_hand():
     a = np.array([1, 1, 1, 0, 1, 0, 1, 1], dtype=bool)  # right/wrong per image
     b = np.array([1, 0, 0, 0, 1, 1, 0, 1], dtype=bool)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -206,6 +204,7 @@ class Measured:
     posteriors: np.ndarray
     targets: np.ndarray
     paths: np.ndarray
+    seconds: float = 0.0  # the whole evaluation's wall time, on each of its rows
 
     def correct(self) -> np.ndarray:
         """Per image, right at top-1 (ties as :func:`verydeep.metrics.topk_correct`)."""
@@ -225,11 +224,13 @@ def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...
         rows = [replace(row, nets=[name]) for row in result.rows]
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(arrays, targets=kept.targets[kept.readable], paths=np.array(kept.paths)[kept.readable],
+                 seconds=np.array(result.timing.seconds),
                  **{f"row{i}": kept.rows[row.name] for i, row in enumerate(result.rows)})
         cache.write_text(json.dumps([report.to_json_dict(row) for row in rows], indent=1))
     saved = np.load(arrays)
+    seconds = float(saved["seconds"]) if "seconds" in saved else 0.0  # caches written before it was kept: 0
     rows = [EvalRow.from_dict(row) for row in json.loads(cache.read_text())]
-    return [Measured(row, saved[f"row{i}"], saved["targets"], saved["paths"]) for i, row in enumerate(rows)]
+    return [Measured(row, saved[f"row{i}"], saved["targets"], saved["paths"], seconds) for i, row in enumerate(rows)]
 
 
 def fuse(members: Sequence[Measured]) -> Measured:
@@ -398,10 +399,24 @@ def claims(measured: list[Measured], nets: list[Net], preset: Preset) -> list[Cl
     for claim, better, worse in checks:
         verdict, figures, test = _verdict(single(better), single(worse))
         if test is not None:
+            verdict = _across_seeds(better, worse, nets, single) or verdict
             out.append(Claim(claim, verdict, figures, test.difference, test.margin,
                              seed_spread(better, worse, nets, single)))
     out += _protocol_claims(measured, nets, multi, single)
     return out
+
+
+def _across_seeds(better: str, worse: str, nets: list[Net], row_of: Any) -> str | None:
+    """The verdict over every seed both nets were trained with (None with fewer than two): held or did
+    not hold when the paired test says so for each seed, else that the seeds disagree."""
+    pairs = [(row_of(a.name), row_of(b.name)) for a in _replicas(better, nets) for b in _replicas(worse, nets)
+             if a.seed == b.seed]
+    verdicts = {_verdict(a, b)[0] for a, b in pairs if a is not None and b is not None}
+    if len(pairs) < 2 or not verdicts:
+        return None
+    if len(verdicts) == 1:
+        return f"{verdicts.pop()} (each of {len(pairs)} seeds)"
+    return f"inconclusive (seeds disagree: {', '.join(sorted(verdicts))})"
 
 
 def _protocol_claims(measured: list[Measured], nets: list[Net], multi: Any, single: Any) -> list[Claim]:
@@ -496,8 +511,12 @@ def _hardware(device: str) -> str:
 
     if pick_device(device).type == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    from verydeep.bench import machine
+
+    facts = machine(torch.device("cpu"))
+    flags = ", ".join(name for name in ("amx", "avx512_bf16", "avx2") if facts.get(name)) or "no AVX2"
+    return f"{facts['cpu']} CPU ({facts['cores']} cores; {flags}), {torch.get_num_threads()} threads, " \
+           f"torch {torch.__version__}"
 
 
 def _settings_lines(preset: Preset, data: Path, device: str, command: str, seconds: dict[str, float]) -> list[str]:
@@ -543,7 +562,9 @@ def report_markdown(preset_name: str, preset: Preset, data: Path, tables: dict[s
               "Each claim is judged on the same test images, image by image: the paired difference is the mean "
               "of (loser wrong - winner wrong) over the images, and the claim held when it passed two of its "
               "standard errors; within that margin it is inconclusive. That margin measures the test set's noise; "
-              "the spread over seeds (where nets were trained more than once) measures training's.", "",
+              "the spread over seeds (where nets were trained more than once) measures training's. Where both nets "
+              "were trained with several seeds, a claim held (or did not) only when every seed's paired test says "
+              "so; the figures are seed 0's.", "",
               claims_table.markdown()]
     lines += ["", "Plots: `learning_curves.png` (training loss and validation error per epoch; seed replicas "
               "dashed), `errors.png` (test error per net, single vs multi-scale, fusions as lines)."]
@@ -602,11 +623,10 @@ def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: s
     for net in order:  # each net is evaluated as soon as it is trained, so a cut-short run still reports
         run_dirs[net.name] = train_net(net, by_name, preset, data, out, device, progress)
         seconds["training"] += sum(r["seconds"] for r in _epochs(run_dirs[net.name]))
-        start = time.time()
         protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
-        measured += evaluate_net(net.name, run_dirs[net.name], test, protocols, preset.limit_test, out, device,
-                                 progress)
-        seconds["evaluation"] += time.time() - start
+        rows = evaluate_net(net.name, run_dirs[net.name], test, protocols, preset.limit_test, out, device, progress)
+        seconds["evaluation"] += rows[0].seconds if rows else 0.0
+        measured += rows
     measured += fusions(measured, nets)
     tables = paper_tables(measured, nets, preset)
     checked = claims(measured, nets, preset)
