@@ -13,7 +13,7 @@ from conftest import tiny, write_dataset
 
 from verydeep.checkpoint import load_checkpoint
 from verydeep.cli import main
-from verydeep.data import Batch, RescaleTransform, to_input
+from verydeep.data import Batch, CenterCropTransform, RescaleTransform, to_input
 from verydeep.data.decode import ImageFile
 from verydeep.data.preprocess import Preprocess
 from verydeep.data.transforms import render
@@ -140,6 +140,12 @@ def test_the_task_trains_from_a_classification_net_and_validates_protocol_one(bo
     expected = torch.tensor([*(corners[:2] + corners[2:]) / 2, *(corners[2:] - corners[:2])])
     torch.testing.assert_close(torch.tensor(state["recipe"]["box_code_mean"]), expected)
     assert state["recipe"]["box_targets"] == "standardised"
+    # reading the net on other boxes decodes through its own standardisation, never a refitted one
+    other = tmp_path / "other-boxes.txt"
+    other.write_text("".join(f"{p.relative_to(root).as_posix()} 0 0 20 20\n" for p in sorted(root.rglob("*.png"))))
+    task = task_of(state["recipe"], other)
+    task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
+    assert task.code_mean.tolist() == state["recipe"]["box_code_mean"]
 
 
 def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, capsys):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,7 @@ class Localisation(Task):
         # FC8 predicts (code - mean) / std; the identity for raw codes (and for runs that predate this)
         self.code_mean = torch.tensor(code_mean or [0.0] * 4)
         self.code_std = torch.tensor(code_std or [1.0] * 4)
+        self.fitted = code_mean is not None  # a trained net's standardisation is kept, never refitted
 
     def outputs(self, num_classes: int) -> int:
         return 4 if self.head == "scr" else 4 * num_classes
@@ -138,7 +139,7 @@ class Localisation(Task):
         self.source = source.absolute()
         train_set, val_set = super().open_splits(data, train, val)
         train_set = with_boxes(train_set, table, Path(data), train)
-        if self.target_kind == "standardised":
+        if self.target_kind == "standardised" and not self.fitted:
             codes = encode(relative_boxes(train_set), 1.0)
             self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=1e-3)
         return train_set, with_boxes(val_set, table, Path(data), val)
@@ -190,32 +191,14 @@ def task_of(recipe: dict[str, Any], boxes: str | Path | None = None) -> Localisa
                         recipe.get("box_code_mean"), recipe.get("box_code_std"))
 
 
-def run_folder(checkpoint: str | Path) -> Path:
-    """The run directory of a run, of one of its checkpoints (``RUN/checkpoints/best.pt``) or of its
-    ``.safetensors``."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        return path
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def recorded_boxes(checkpoint: str | Path) -> Path | None:
-    """The boxes ``localize train`` recorded in a run's ``recipe.json`` (``boxes``), if it still exists."""
-    from verydeep.recipe import RUN_RECORD, read_run_record
-
-    folder = run_folder(checkpoint)
-    if not (folder / RUN_RECORD).is_file():
-        return None
-    recorded = read_run_record(folder).get("boxes")
-    return Path(recorded) if recorded and Path(recorded).exists() else None
-
-
-def boxes_source(boxes: str | Path | None, data: str | Path, checkpoints: Sequence[str | Path]) -> str | Path | None:
+def boxes_source(boxes: str | Path | None, data: str | Path, recipes: Sequence[dict[str, Any]]) -> str | Path | None:
     """The boxes to evaluate on: ``--boxes`` when given, else ``DATA/boxes.txt`` when it exists, else
-    those the first of the runs that recorded one was trained on (None: ``DATA/boxes.txt``)."""
+    the file the first of these runs recorded (``boxes`` in its recipe) if it still exists (None:
+    ``DATA/boxes.txt``)."""
     if boxes is not None or (Path(data) / "boxes.txt").exists():
         return boxes
-    return next((found for found in map(recorded_boxes, checkpoints) if found is not None), None)
+    recorded = (Path(recipe["boxes"]) for recipe in recipes if recipe.get("boxes"))
+    return next((path for path in recorded if path.exists()), None)
 
 
 # ---- protocol 1: the central crop, the ground-truth class (Table 8) -------------------------------
@@ -271,7 +254,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop."""
     dev = runtime.pick_device(device)
     model, recipe = load_model(checkpoint, dev)
-    task = task_of(recipe, boxes_source(boxes, data, [checkpoint]))
+    task = task_of(recipe, boxes_source(boxes, data, [recipe]))
     transform = CenterCropTransform(fixed_scale(recipe), int(recipe["crop"]))
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
@@ -405,6 +388,10 @@ class DenseNets:
     recipes: list[dict[str, Any]]  # the localisation nets'
     classifier_recipe: dict[str, Any]
     device: torch.device
+    tasks: list[Localisation] = field(init=False)  # each net's, read from its recipe once (it checks the recipe)
+
+    def __post_init__(self) -> None:
+        self.tasks = [task_of(recipe) for recipe in self.recipes]
 
     @classmethod
     def load(cls, checkpoints: str | Path | Sequence[str | Path], classifier: str | Path,
@@ -414,7 +401,7 @@ class DenseNets:
         loaded = [load_model(checkpoint, dev) for checkpoint in paths]
         classify, cls_recipe = load_model(classifier, dev)
         for checkpoint, (_, recipe) in zip(paths, loaded, strict=True):
-            task_of(recipe)
+            task_of(recipe)  # a one-line error for a net that is not a localisation net, before the classes
             if list(cls_recipe.get("classes") or []) != list(recipe.get("classes") or []):
                 raise UserError(f"--classifier {classifier}: its classes are not those of {checkpoint}")
         return cls([model.dense() for model, _ in loaded], classify.dense(), [r for _, r in loaded], cls_recipe, dev)
@@ -429,9 +416,9 @@ class DenseNets:
         x = to_input(images, Preprocess.from_dict(self.classifier_recipe["preprocess"]))
         class_scores = self.classify(x).float()  # (N, classes, h, w)
         maps, boxes, scores = class_scores.softmax(dim=1), [], []
-        for net, recipe in zip(self.locate, self.recipes, strict=True):
+        for net, recipe, task in zip(self.locate, self.recipes, self.tasks, strict=True):
             found = dense_boxes(net, to_input(images, Preprocess.from_dict(recipe["preprocess"])),
-                                int(recipe["crop"]), task_of(recipe))
+                                int(recipe["crop"]), task)
             boxes.append(found.flatten(2, 3))
             scores.append(location_scores(maps, (found.shape[2], found.shape[3])))
         return boxes, scores, class_scores.mean(dim=(2, 3)).softmax(dim=1).cpu()
@@ -538,7 +525,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     recipe = nets.recipes[0]
     qs = list(scales or [fixed_scale(recipe)])
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
-    task = task_of(recipe, boxes_source(boxes, data, checkpoints))
+    task = task_of(recipe, boxes_source(boxes, data, nets.recipes))
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
     misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
@@ -550,8 +537,8 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
                      for b in val_set.transform.boxes[str(path)]]
             misses += image_misses(output, truth, prior)
     errors = (100.0 * misses / max(len(indices), 1)).tolist()
-    per_net = [DenseNetResult(str(c), task_of(r).head, fixed_scale(r), int(r["crop"]), e)
-               for c, r, e in zip(checkpoints, nets.recipes, errors[1:-2], strict=True)]
+    per_net = [DenseNetResult(str(c), t.head, fixed_scale(r), int(r["crop"]), e)
+               for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, errors[1:-2], strict=True)]
     return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], *errors[-2:], per_net)
 
 
@@ -613,12 +600,15 @@ def run_train(args: argparse.Namespace) -> None:
     resumed = given["out"] if given.get("resume") and given.get("out") else None
     stored = stored_settings(resumed) if resumed else {}
     head = getattr(args, "head", None) or str(stored.get("task", "")).removeprefix("localisation-") or "pcr"
-    targets = getattr(args, "targets", None) or str(stored.get("box_targets", "standardised" if not resumed else "raw"))
-    if resumed and targets != stored.get("box_targets", "raw"):
-        raise UserError(f"--targets {targets}: {resumed} was trained with {stored.get('box_targets', 'raw')} targets; "
+    trained_with = str(stored.get("box_targets", "raw"))  # runs older than --targets regressed the raw code
+    targets = getattr(args, "targets", None) or (trained_with if resumed else "standardised")
+    if resumed and targets != trained_with:
+        raise UserError(f"--targets {targets}: {resumed} was trained with {trained_with} targets; "
                         "start a new run to change them")
     cfg = make_config(settings)
-    task = Localisation(head, getattr(args, "boxes", None) or (recorded_boxes(resumed) if resumed else None), targets)
+    recorded = stored.get("boxes") if stored.get("boxes") and Path(stored["boxes"]).exists() else None
+    task = Localisation(head, getattr(args, "boxes", None) or recorded, targets, stored.get("box_code_mean"),
+                        stored.get("box_code_std"))
     summary = train(cfg, task=task)
     if runtime.Processes.from_env().main:
         print(json.dumps(summary.to_dict()))
