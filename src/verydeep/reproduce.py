@@ -17,7 +17,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,6 @@ class Measured:
     posteriors: np.ndarray
     targets: np.ndarray
     paths: np.ndarray
-    seconds: float = 0.0  # the whole evaluation's wall time, on each of its rows
 
     def correct(self) -> np.ndarray:
         """Per image, right at top-1 (ties as :func:`verydeep.metrics.topk_correct`)."""
@@ -212,8 +211,9 @@ class Measured:
 
 
 def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...], limit: int | None, out: Path,
-                 device: str, progress: bool) -> list[Measured]:
-    """One net's rows under ``protocols`` at its recipe's scales, with their posteriors; cached in ``out``."""
+                 device: str, progress: bool) -> tuple[list[Measured], float]:
+    """One net's rows under ``protocols`` at its recipe's scales, with their posteriors, and the
+    evaluation's wall time (s); cached in ``out``."""
     from verydeep.evaluate import evaluate
 
     cache, arrays = out / "eval" / f"{name}.json", out / "eval" / f"{name}.npz"
@@ -230,7 +230,7 @@ def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...
     saved = np.load(arrays)
     seconds = float(saved["seconds"]) if "seconds" in saved else 0.0  # caches written before it was kept: 0
     rows = [EvalRow.from_dict(row) for row in json.loads(cache.read_text())]
-    return [Measured(row, saved[f"row{i}"], saved["targets"], saved["paths"], seconds) for i, row in enumerate(rows)]
+    return [Measured(row, saved[f"row{i}"], saved["targets"], saved["paths"]) for i, row in enumerate(rows)], seconds
 
 
 def fuse(members: Sequence[Measured]) -> Measured:
@@ -355,12 +355,16 @@ def _verdict(better: Measured | None, worse: Measured | None) -> tuple[str, str,
     return ("held" if test.difference > 0 else "did not hold"), figures, test
 
 
+#: Finds a net's row by the net's name (None when it has none).
+RowOf = Callable[[str], "Measured | None"]
+
+
 def _replicas(name: str, nets: list[Net]) -> list[Net]:
     """``name`` and its seed replicas, by seed."""
     return sorted((n for n in nets if n.base == name), key=lambda n: n.seed)
 
 
-def seed_spread(better: str, worse: str, nets: list[Net], row_of: Any) -> str:
+def seed_spread(better: str, worse: str, nets: list[Net], row_of: RowOf) -> str:
     """The spread over seeds: of the difference where both nets have replicas of the same seeds, else of
     the error of whichever has replicas. ``row_of(name)`` finds a net's row. Empty with one seed."""
     def errors(name: str) -> dict[int, float]:
@@ -406,7 +410,7 @@ def claims(measured: list[Measured], nets: list[Net], preset: Preset) -> list[Cl
     return out
 
 
-def _across_seeds(better: str, worse: str, nets: list[Net], row_of: Any) -> str | None:
+def _across_seeds(better: str, worse: str, nets: list[Net], row_of: RowOf) -> str | None:
     """The verdict over every seed both nets were trained with (None with fewer than two): held or did
     not hold when the paired test says so for each seed, else that the seeds disagree."""
     pairs = [(row_of(a.name), row_of(b.name)) for a in _replicas(better, nets) for b in _replicas(worse, nets)
@@ -419,7 +423,8 @@ def _across_seeds(better: str, worse: str, nets: list[Net], row_of: Any) -> str 
     return f"inconclusive (seeds disagree: {', '.join(sorted(verdicts))})"
 
 
-def _protocol_claims(measured: list[Measured], nets: list[Net], multi: Any, single: Any) -> list[Claim]:
+def _protocol_claims(measured: list[Measured], nets: list[Net], multi: Callable[..., Measured | None],
+                     single: RowOf) -> list[Claim]:
     """The claims about testing (multi-scale, dense + multi-crop) and fusion."""
     checks = [(f"Multi-scale testing helps: {n.name}, 3 scales beat Q = S", multi(n.name), single(n.name))
               for n in nets]
@@ -624,8 +629,9 @@ def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: s
         run_dirs[net.name] = train_net(net, by_name, preset, data, out, device, progress)
         seconds["training"] += sum(r["seconds"] for r in _epochs(run_dirs[net.name]))
         protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
-        rows = evaluate_net(net.name, run_dirs[net.name], test, protocols, preset.limit_test, out, device, progress)
-        seconds["evaluation"] += rows[0].seconds if rows else 0.0
+        rows, spent = evaluate_net(net.name, run_dirs[net.name], test, protocols, preset.limit_test, out, device,
+                                   progress)
+        seconds["evaluation"] += spent
         measured += rows
     measured += fusions(measured, nets)
     tables = paper_tables(measured, nets, preset)
