@@ -109,6 +109,25 @@ def test_dense_equals_plain_and_gives_score_map():
         dense(torch.randn(1, 3, 160, 320))
 
 
+def test_dense_score_map_is_the_classifier_on_each_window():
+    """Location (i, j) of the score map is the plain classifier on the trunk map's grid x grid window at
+    (i, j), flattened as the plain model flattens pool5; the relu7 tap is that window's FC7 activation."""
+    torch.manual_seed(0)
+    model = vgg("A", num_classes=7, width=1 / 16, input_size=64).eval()
+    dense = model.dense()
+    trunk = torch.randn(2, model.classifier[0].in_features // 4, 5, 4).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        scores = dense.head(trunk)
+        assert scores.shape == (2, 7, 4, 3)
+        for i, j in ((0, 0), (3, 1), (1, 2)):
+            window = trunk[:, :, i:i + 2, j:j + 2].flatten(1)
+            torch.testing.assert_close(scores[:, :, i, j], model.classifier(window), atol=1e-5, rtol=0)
+        fc7 = dense.extract(torch.randn(1, 3, 128, 96), ["relu7", "fc8"])
+        assert fc7["relu7"].shape == (1, 256, 3, 2) and fc7["relu7"].min() >= 0
+        torch.testing.assert_close(model.classifier[6](fc7["relu7"].permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
+                                   fc7["fc8"], atol=1e-5, rtol=0)
+
+
 def test_small_input_size_keeps_structure():
     model = vgg("E", num_classes=10, width=1 / 16, input_size=32)
     assert model.classifier[0].in_features == 32  # 512/16 channels x 1x1 map

@@ -328,8 +328,8 @@ def dense_boxes(dense: torch.nn.Module, x: Tensor, side: int, task: Localisation
     (N, 3, H, W), in pixels of ``x``: K = 1 (SCR) or one per class (PCR), (h, w) its output grid; a
     location sees the ``side`` square at its offset."""
     out = dense(x).float()
-    n, groups, (h, w) = len(out), out.shape[1] // 4, out.shape[-2:]
-    codes = task.codes(out.view(n, groups, 4, h, w).permute(0, 1, 3, 4, 2))
+    groups, (h, w) = out.shape[1] // 4, out.shape[-2:]
+    codes = task.codes(out.unflatten(1, (groups, 4)).permute(0, 1, 3, 4, 2))
     ys, xs = torch.meshgrid(torch.arange(h) * STRIDE, torch.arange(w) * STRIDE, indexing="ij")
     offsets = torch.stack([xs, ys, xs, ys], dim=-1).float().to(codes.device)
     return (decode(codes, side) + offsets).cpu()

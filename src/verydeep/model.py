@@ -158,10 +158,16 @@ class VGG(nn.Module):
 class DenseVGG(nn.Module):
     """FC layers as convolutions (Sec. 3.2): FC6 a (input_size/32)^2 conv, FC7 and FC8 1x1 convs.
 
-    The weights are the plain model's own (viewed, not copied), so training either trains both.
+    The weights are the plain model's own (shared, not copied), so training either trains both.
     An input of ``H x W`` (each at least ``input_size``) gives a class score map of
     ``(H/32 - grid + 1) x (W/32 - grid + 1)``; on an ``input_size`` input the map is 1x1 and equals
     the plain model's output.
+
+    The convolutions are computed as the FC layers themselves applied to every ``grid x grid``
+    window of the trunk map, each window flattened as the plain model flattens pool5 (channel, row,
+    column). This is the same sum; it uses the weights as they are stored, where a convolution
+    would convert FC6's whole weight to its own layout on every call (on a CPU most of the time of
+    dense evaluation at small scales).
     """
 
     def __init__(self, model: VGG) -> None:
@@ -176,30 +182,31 @@ class DenseVGG(nn.Module):
         return self.head(self.features(x))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the classifier as convolutions to a trunk map ``x`` (N, C, h, w)."""
+        """Apply the classifier as convolutions to a trunk map ``x`` (N, C, h, w) -> (N, outputs, h', w')."""
+        windows, grid = self.windows(x)
+        return as_map(self.classifier(windows), grid)
+
+    def windows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Every ``grid x grid`` window of a trunk map ``x`` (N, C, h, w), flattened: (N, h' * w', C * grid^2),
+        and the windows' grid (h', w')."""
         if min(x.shape[-2:]) < self.grid:
             raise ValueError(
                 f"dense evaluation needs inputs of at least {self.input_size} pixels a side "
                 f"(a {self.grid}x{self.grid} trunk map); got a {tuple(x.shape[-2:])} map"
             )
-        kernel = self.grid
-        for module in self.classifier:
-            if isinstance(module, nn.Linear):
-                x = _linear_as_conv(module, x, kernel)
-                kernel = 1
-            else:
-                x = module(x)
-        return x
+        h, w = x.shape[-2:]
+        # a copy in this order (not a transposed view), so the FC layers take it as one matrix whatever its size
+        windows = F.unfold(x, self.grid).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        return windows, (h - self.grid + 1, w - self.grid + 1)
 
     def extract(self, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Activation maps at the named layers; ``fc6``/``fc7`` are maps of the conv form."""
         return _extract(self, x, names, dense=True)
 
 
-def _linear_as_conv(module: nn.Module, x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Apply a Linear layer as a ``kernel`` x ``kernel`` convolution sharing its weights."""
-    weight = module.weight.view(module.out_features, -1, kernel, kernel)
-    return F.conv2d(x, weight, module.bias)
+def as_map(windows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-window vectors (N, h' * w', F) as a map (N, F, h', w'), a view in channels_last order."""
+    return windows.unflatten(1, grid).permute(0, 3, 1, 2)
 
 
 def _extract(
@@ -217,20 +224,17 @@ def _extract(
         x = module(x)
         if f"features.{i}" in paths:
             out[paths[f"features.{i}"]] = x.clone()
-    if not dense:
+    if dense:
+        x, grid = model.windows(x)
+    else:
         model._check_size(x)
         x = torch.flatten(model.avgpool(x), 1)
-    kernel = model.grid
     for i, module in enumerate(model.classifier):
         if len(out) == len(wanted):
             break
-        if dense and isinstance(module, nn.Linear):
-            x = _linear_as_conv(module, x, kernel)
-            kernel = 1
-        else:
-            x = module(x)
+        x = module(x)
         if f"classifier.{i}" in paths:
-            out[paths[f"classifier.{i}"]] = x.clone()
+            out[paths[f"classifier.{i}"]] = as_map(x.clone(), grid) if dense else x.clone()
     return out
 
 
