@@ -358,6 +358,28 @@ def test_cli_errors_are_one_line(folder, checkpoint, capsys, argv, message):
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
+def test_nets_held_in_bf16_give_the_posteriors_of_autocast(folder, checkpoint):
+    """Weights cast once for inference give every protocol's posteriors exactly as autocast casting them on
+    each forward pass does; evaluate holds them so where it runs in bf16, and in fp32 otherwise."""
+    cpu = torch.device("cpu")
+    held = load_nets([checkpoint], None, None, cpu, dtype=torch.bfloat16)[0]
+    cast_each_pass = load_nets([checkpoint], None, None, cpu)[0]
+    assert {p.dtype for p in held.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in cast_each_pass.model.parameters()} == {torch.float32}
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 48, 40).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for net in (held, cast_each_pass):
+            assert net.dense(x).dtype == torch.bfloat16
+        torch.testing.assert_close(dense_posteriors(held.dense, x), dense_posteriors(cast_each_pass.dense, x),
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(multicrop_posteriors(held.model, x, 32), multicrop_posteriors(
+            cast_each_pass.model, x, 32), atol=0, rtol=0)
+    bf16, fp32 = (run([checkpoint], folder, precision=p, keep_posteriors=True) for p in ("bf16", "fp32"))
+    for key, expected in fp32.posteriors.arrays.items():
+        np.testing.assert_allclose(bf16.posteriors.arrays[key], expected, atol=3e-2, err_msg=key)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_posteriors_match_cpu(folder, checkpoint):
     cpu = run([checkpoint], folder, device="cpu", keep_posteriors=True)

@@ -242,9 +242,11 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
 
 
 def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_dir: Path | None,
-              device: torch.device, weights_dir: str | Path | None = None) -> list[Net]:
+              device: torch.device, weights_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+              ) -> list[Net]:
     """Load each net (:func:`load_source`) with its own crop, test scales (given ``scales`` override the
-    recipe's) and input convention (:func:`net_preprocess`)."""
+    recipe's) and input convention (:func:`net_preprocess`); its weights in ``dtype``, the autocast dtype
+    it will run under (:func:`verydeep.runtime.prepare`), when given."""
     if not sources:
         raise UserError("give at least one --weights")
     nets: list[Net] = []
@@ -253,7 +255,7 @@ def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_
         name = model_name(recipe)
         if recipe.get("scale") is not None:
             name += f" S={scale_text(*train_scale(recipe))}"
-        nets.append(Net(name, str(source), prepare(model, device).eval(), recipe,
+        nets.append(Net(name, str(source), prepare(model, device, dtype=dtype).eval(), recipe,
                         net_scales(recipe, model.input_size, scales, source), net_preprocess(recipe, source, data_dir)))
     names = [n.name for n in nets]
     for i, net in enumerate(nets):  # make duplicate names unique
@@ -677,7 +679,7 @@ def evaluate(
     if torch_device.type == "cpu":
         keep_freed_memory()  # no fresh pages for every batch's activations
     dtype = autocast_dtype(torch_device, precision)
-    nets = load_nets(sources, scales, split, torch_device, weights_dir)
+    nets = load_nets(sources, scales, split, torch_device, weights_dir, dtype)
     dataset = open_labelled(split, nets, limit)
     settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
                              progress, gpu.resolve_decode(decode, torch_device))

@@ -167,9 +167,10 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: torch.device,
-                      weights_dir: str | Path | None = None) -> list[FeatureNet]:
+                      weights_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> list[FeatureNet]:
     """Each source through :func:`verydeep.weights.load_published`, refused when it holds no FC layers
-    (Keras' ``notop`` files: FC7 would be random); the input convention is the weights' own."""
+    (Keras' ``notop`` files: FC7 would be random); the input convention is the weights' own; the weights
+    in ``dtype``, the autocast dtype the net runs under, when given."""
     from verydeep.evaluate import model_name, net_preprocess
     from verydeep.runtime import prepare
     from verydeep.weights import load_published
@@ -180,7 +181,7 @@ def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: t
     for source in sources:
         published = load_published(source, weights_dir).require_fc_layers("give FC7 features")
         digest = weights_digest(published.model)
-        model = prepare(published.model, device).eval()
+        model = prepare(published.model, device, dtype=dtype).eval()
         nets.append(FeatureNet(str(source), model_name(published.recipe), model.dense(),
                                net_preprocess(published.recipe, source, Path(data)), model.input_size,
                                model.fc_layers()["fc7"].out_features, digest))
@@ -387,7 +388,7 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
     """
     settings = settings or Settings.create()
     images = open_image_set(data)
-    nets = load_feature_nets(sources, data, settings.device, weights_dir)
+    nets = load_feature_nets(sources, data, settings.device, weights_dir, settings.dtype)
     small = [(net.source, net.crop) for net in nets if settings.scales[0] < net.crop]
     if small:
         raise UserError(f"--scales {settings.scales[0]} is smaller than the crop {small[0][1]} of {small[0][0]}")

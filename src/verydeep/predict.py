@@ -180,7 +180,8 @@ def predict(
     outs = saliency_paths(Path(saliency), len(images)) if saliency is not None else [None] * len(images)
     torch_device = pick_device(device)
     dtype = autocast_dtype(torch_device, precision)
-    net = load_nets([source], scales, None, torch_device, weights_dir)[0]
+    # weights cast for the autocast dtype, unless a saliency map takes its gradient in fp32
+    net = load_nets([source], scales, None, torch_device, weights_dir, None if saliency else dtype)[0]
     classes = net.recipe.get("classes") or [str(i) for i in range(net.model.num_classes)]
     names = net.recipe.get("class_names") or classes
     predictions = []
