@@ -7,10 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny, write_dataset
 
 from verydeep import runtime, vgg
-from verydeep.bench import bench_data, count_macs
+from verydeep.bench import Settings, bench_data, count_macs, steady_img_s, summarise
 from verydeep.cli import main
 from verydeep.train import train
 
@@ -18,13 +19,14 @@ from verydeep.train import train
 MEASURED = ("train_img_s", "infer_img_s", "torchvision_fp32_train_img_s", "torchvision_fp32_infer_img_s",
             "train_ratio_vs_torchvision_fp32", "infer_ratio_vs_torchvision_fp32", "train_roofline_share",
             "infer_roofline_share", "roofline_tflops", "end_to_end_img_s", "end_to_end_vs_step",
+            "train_ratio_bound", "infer_ratio_bound",
             "dense_s_per_image", "multicrop_s_per_image", "peak_memory_gib")
 
 
 def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A width-1/16 net on 32-pixel crops, one round, 48 generated JPEGs: every figure positive and
+    """A width-1/16 net on 32-pixel crops, one round, 72 generated JPEGs: every figure positive and
     finite, the ratios and shares consistent with the rates."""
-    jpegs = write_dataset(tmp_path / "jpegs", {"train": 12}, size=(48, 40), ext="jpg")
+    jpegs = write_dataset(tmp_path / "jpegs", {"train": 18}, size=(48, 40), ext="jpg")
     assert main(["bench", "--config", "A", "--size", "32", "--width", "0.0625", "--batch", "4", "--rounds", "1",
                  "--device", "cpu", "--workers", "0", "--data", str(jpegs), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -41,6 +43,32 @@ def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert result["train_flops_per_image"] == 3 * result["infer_flops_per_image"]
     assert result["settings"]["size"] == 32 and result["settings"]["data"] == str(jpegs)
     assert {"cpu", "avx2", "avx512_bf16", "amx", "torch", "cores"} <= set(result["machine"])
+
+
+def test_ratios_are_medians_of_each_rounds_ratio_and_bounded_by_the_roofline() -> None:
+    """Rounds where the machine slowed down for both contenders at once: the ratio of each round is kept
+    (a median of ratios), not the ratio of medians taken from different rounds; the roofline over
+    torchvision's FLOP rate is the ratio at a roofline share of 1."""
+    rounds = {"gemm_bf16_tflops": [1.0, 0.5, 1.0], "gemm_fp32_tflops": [0.5, 0.25, 0.5],
+              "torchvision_train": [10.0, 2.0, 8.0], "torchvision_infer": [30.0, 10.0, 30.0],
+              "train": [30.0, 4.0, 20.0], "infer": [60.0, 20.0, 45.0], "end_to_end": [27.0, 4.0, 18.0],
+              "multicrop_s": [1.0, 1.0, 1.0], "dense_s": [0.2, 0.2, 0.2]}
+    settings = Settings("D", 32, 1.0, 4, 3, 1, "cpu", 64)
+    result = summarise(rounds, 10**9, torch.bfloat16, settings, "test", {}, 1.0)
+    assert result["train_ratio_vs_torchvision_fp32"] == 2.5  # rounds: 3, 2, 2.5 (medians' ratio: 20/8)
+    assert result["infer_ratio_vs_torchvision_fp32"] == 2.0  # rounds: 2, 2, 1.5
+    assert result["end_to_end_vs_step"] == 0.9  # rounds: 0.9, 1, 0.9
+    assert result["roofline_tflops"] == 1.0 and result["precision"] == "bf16"
+    assert result["train_ratio_bound"] == pytest.approx(1e12 / (8.0 * 6e9), rel=1e-3)
+    assert result["infer_ratio_bound"] == pytest.approx(1e12 / (30.0 * 2e9), rel=1e-3)
+    assert result["train_roofline_share"] == pytest.approx(20.0 * 6e9 / 1e12, rel=1e-3)
+
+
+def test_end_to_end_rate_from_the_trainers_step_records(tmp_path: Path) -> None:
+    records = [{"kind": "epoch"}, {"kind": "step", "img_s": 1.0}, {"kind": "step", "img_s": 8.0},
+               {"kind": "step", "img_s": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert steady_img_s(tmp_path, 2, 4) == pytest.approx(8 / (0.5 + 2))  # the last two steps: 0.5 s and 2 s
 
 
 def test_bench_generates_jpegs_without_data(tmp_path: Path) -> None:
