@@ -1,8 +1,8 @@
 """``verydeep bench``: speed against the hardware's limit, measured in one run.
 
 On the machine at hand, in rounds that alternate between the contenders (medians reported, since
-shared machines are noisy; a ratio is the median of the rounds' ratios, each between measurements
-taken moments apart): the matrix-multiply roofline (large ``torch.mm`` in bf16 and fp32),
+shared machines are noisy; a ratio or roofline share is the median of the rounds' own, each
+between measurements taken moments apart): the matrix-multiply roofline (large ``torch.mm`` in bf16 and fp32),
 torchvision's VGG in a plain fp32 loop (NCHW, no autocast) as the reference, our training step and
 inference as ``verydeep train`` and ``verydeep eval`` run them (the trainer's own step, autocast at
 the precision ``auto`` picks, channels_last; evaluation's net with its weights held in that
@@ -368,18 +368,19 @@ def sig(value: float) -> float:
 
 def summarise(rounds: dict[str, list[float]], macs: int, dtype: torch.dtype | None, settings: Settings,
               source: str, hardware: dict[str, Any], peak_gib: float) -> dict[str, Any]:
-    """Medians, ratios (medians of the rounds' ratios) and roofline shares of the rounds' measurements,
-    as one JSON-ready dict."""
+    """Medians, ratios and roofline shares (each the median of the rounds' own) of the rounds'
+    measurements, as one JSON-ready dict."""
     m = {name: statistics.median(values) for name, values in rounds.items()}
     precision = "bf16" if dtype is not None else "fp32"
     roofline = m[f"gemm_{precision}_tflops"]
     train_flops, infer_flops = 6 * macs, 2 * macs
 
-    def share(img_s: float, flops: int, tflops: float) -> float:
-        return sig(img_s * flops / 1e12 / tflops)
+    def ratio(numerator: str, denominator: str, scale: float = 1.0) -> float:
+        pairs = zip(rounds[numerator], rounds[denominator], strict=True)
+        return sig(statistics.median(scale * a / b for a, b in pairs))
 
-    def ratio(numerator: str, denominator: str) -> float:
-        return sig(statistics.median(a / b for a, b in zip(rounds[numerator], rounds[denominator], strict=True)))
+    def share(name: str, flops: int, gemm: str) -> float:
+        return ratio(name, gemm, flops / 1e12)
 
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -397,10 +398,10 @@ def summarise(rounds: dict[str, list[float]], macs: int, dtype: torch.dtype | No
         "infer_ratio_vs_torchvision_fp32": ratio("infer", "torchvision_infer"),
         "train_ratio_bound": sig(roofline * 1e12 / (m["torchvision_train"] * train_flops)),
         "infer_ratio_bound": sig(roofline * 1e12 / (m["torchvision_infer"] * infer_flops)),
-        "train_roofline_share": share(m["train"], train_flops, roofline),
-        "infer_roofline_share": share(m["infer"], infer_flops, roofline),
-        "torchvision_fp32_train_roofline_share": share(m["torchvision_train"], train_flops, m["gemm_fp32_tflops"]),
-        "torchvision_fp32_infer_roofline_share": share(m["torchvision_infer"], infer_flops, m["gemm_fp32_tflops"]),
+        "train_roofline_share": share("train", train_flops, f"gemm_{precision}_tflops"),
+        "infer_roofline_share": share("infer", infer_flops, f"gemm_{precision}_tflops"),
+        "torchvision_fp32_train_roofline_share": share("torchvision_train", train_flops, "gemm_fp32_tflops"),
+        "torchvision_fp32_infer_roofline_share": share("torchvision_infer", infer_flops, "gemm_fp32_tflops"),
         "end_to_end_img_s": sig(m["end_to_end"]),
         "end_to_end_vs_step": ratio("end_to_end", "train"),
         "dense_s_per_image": sig(m["dense_s"]), "multicrop_s_per_image": sig(m["multicrop_s"]),
