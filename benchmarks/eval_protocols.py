@@ -3,8 +3,11 @@
 The same net, images and settings for both protocols, in one run: dense applies the
 fully-convolutional net to the whole rescaled image and its mirror (2 passes per scale);
 multi-crop runs the plain net on 50 crops per scale (5x5 grid and mirrors), 150 over the three
-scales. Images are decoded and rescaled before timing, so the figures are the network's cost.
-Uses real photos from ``../shared/data/imagenet-samples`` when present, else generated ones.
+scales. The net is held as ``verydeep eval`` holds it (weights in the autocast dtype). As the
+reference for dense evaluation, the usual conversion runs beside it: FC layers as convolutions
+(FC6 a 7x7 conv over the trunk map) on fp32 weights under autocast. Images are decoded and
+rescaled before timing, so the figures are the network's cost. Uses real photos from
+``../shared/data/imagenet-samples`` when present, else generated ones.
 
     python benchmarks/eval_protocols.py                        # CPU: D at width 1/4, 4 images
     python benchmarks/eval_protocols.py --device cuda --width 1 --images 16
@@ -20,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from verydeep import vgg
 from verydeep.data import IMAGENET, RescaleTransform, to_input
@@ -55,6 +60,25 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+class ConvHead(nn.Module):
+    """The reference dense net: the trunk, then FC6 as a ``grid x grid`` convolution and FC7, FC8 as 1x1
+    convolutions whose weights are views of the FC layers'."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, kernel = self.model.features(x), self.model.grid
+        for module in self.model.classifier:
+            if isinstance(module, nn.Linear):
+                x = F.conv2d(x, module.weight.view(module.out_features, -1, kernel, kernel), module.bias)
+                kernel = 1
+            else:
+                x = module(x)
+        return x
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,8 +97,10 @@ def main() -> None:
     device = pick_device(args.device)
     dtype = autocast_dtype(device, args.precision)
     torch.manual_seed(0)
-    model = prepare(vgg(args.config, width=args.width), device).eval()
-    dense = model.dense()
+    reference = prepare(vgg(args.config, width=args.width), device).eval()
+    model = prepare(vgg(args.config, width=args.width), device, dtype=dtype).eval()
+    model.load_state_dict(reference.state_dict())
+    dense, conv_head = model.dense(), ConvHead(reference)
 
     with tempfile.TemporaryDirectory() as scratch:
         paths, source = photo_paths(args.images, args.data, Path(scratch))
@@ -85,31 +111,38 @@ def main() -> None:
         with autocast(device, dtype):
             dense_posteriors(dense, x, flip=True)
 
+    def run_conv_head(x: torch.Tensor) -> None:
+        with autocast(device, dtype):
+            dense_posteriors(conv_head, x, flip=True)
+
     def run_multicrop(x: torch.Tensor) -> None:
         with autocast(device, dtype):
             multicrop_posteriors(model, x, model.input_size, flip=True)
 
-    run_dense(inputs[scales[0]][0])  # warm-up (allocator, kernels)
-    run_multicrop(inputs[scales[0]][0])
+    protocols = {"dense": run_dense, "dense_conv_head": run_conv_head, "multicrop": run_multicrop}
+    for run in protocols.values():  # warm-up (allocator, kernels)
+        run(inputs[scales[0]][0])
     per_scale = []
     for q in scales:
-        dense_s = sum(timed(lambda x=x: run_dense(x), device) for x in inputs[q]) / len(paths)
-        crops_s = sum(timed(lambda x=x: run_multicrop(x), device) for x in inputs[q]) / len(paths)
-        per_scale.append({"q": q, "dense_s_per_image": dense_s, "multicrop_s_per_image": crops_s})
-        print(f"Q={q}: dense {dense_s:.3f} s/image, multi-crop (50 crops) {crops_s:.3f} s/image, "
-              f"ratio {crops_s / dense_s:.1f}x")
-    dense_total = sum(s["dense_s_per_image"] for s in per_scale)
-    crops_total = sum(s["multicrop_s_per_image"] for s in per_scale)
-    ratio = crops_total / dense_total
+        seconds = {name: sum(timed(lambda x=x, run=run: run(x), device) for x in inputs[q]) / len(paths)
+                   for name, run in protocols.items()}
+        per_scale.append({"q": q, **{f"{name}_s_per_image": value for name, value in seconds.items()}})
+        print(f"Q={q}: dense {seconds['dense']:.3f} s/image (reference {seconds['dense_conv_head']:.3f}), "
+              f"multi-crop (50 crops) {seconds['multicrop']:.3f} s/image, ratio "
+              f"{seconds['multicrop'] / seconds['dense']:.1f}x")
+    total = {name: sum(s[f"{name}_s_per_image"] for s in per_scale) for name in protocols}
+    ratio, speedup = total["multicrop"] / total["dense"], total["dense_conv_head"] / total["dense"]
     name = f"VGG-{model.config} width {args.width:g}"
     print(f"{name} on {device} ({'bf16' if dtype else 'fp32'}), {len(paths)} images from {source}:")
-    print(f"  dense over Q={{{','.join(map(str, scales))}}}: {dense_total:.3f} s/image; "
-          f"{50 * len(scales)}-crop multi-crop: {crops_total:.3f} s/image; multi-crop costs {ratio:.1f}x dense")
+    print(f"  dense over Q={{{','.join(map(str, scales))}}}: {total['dense']:.3f} s/image ({speedup:.2f}x faster than "
+          f"FC layers as convolutions on fp32 weights, {total['dense_conv_head']:.3f}); {50 * len(scales)}-crop "
+          f"multi-crop: {total['multicrop']:.3f} s/image; multi-crop costs {ratio:.1f}x dense")
     if args.json:
         print(json.dumps({
             "config": model.config, "width": args.width, "device": str(device),
             "precision": "bf16" if dtype else "fp32", "images": len(paths), "source": source, "scales": scales,
-            "per_scale": per_scale, "dense_s_per_image": dense_total, "multicrop_s_per_image": crops_total,
+            "per_scale": per_scale, "dense_s_per_image": total["dense"], "multicrop_s_per_image": total["multicrop"],
+            "dense_conv_head_s_per_image": total["dense_conv_head"], "dense_speedup_vs_conv_head": speedup,
             "crops_per_image": 50 * len(scales), "ratio_multicrop_vs_dense": ratio,
         }))
 
