@@ -12,12 +12,13 @@ import pytest
 import torch
 from conftest import tiny, weights, write_dataset
 
+from verydeep import runtime
 from verydeep.checkpoint import load_checkpoint, load_model, model_from_recipe, save_checkpoint
 from verydeep.cli import main
 from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
-from verydeep.train import NonFiniteLossError, Schedule, build_model, train
+from verydeep.train import NonFiniteLossError, Schedule, Trainer, build_model, train
 
 
 def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
@@ -221,6 +222,35 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
         assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and err.startswith("verydeep train: error:"), err
+
+
+def test_micro_batch_fitted_to_a_memory_budget():
+    """Peak memory 100 MB + 10 MB an image: a step of 64 images (740 MB) fits 1 GB whole; 500 MB fits 40
+    images, so 64 go as two micro-batches of 32; the two probes are the only measurements."""
+    probed = []
+
+    def peak(images: int) -> int:
+        probed.append(images)
+        return (100 + 10 * images) * 10**6
+
+    assert runtime.fit_micro_batch(64, peak, 10**9) == 64
+    assert runtime.fit_micro_batch(64, peak, 500 * 10**6) == 32 and probed == [2, 8, 2, 8]
+    assert runtime.fit_micro_batch(64, peak, 105 * 10**6) == 1  # not even one image: one at a time
+    assert runtime.fit_micro_batch(100, peak, 500 * 10**6) == 34  # 3 micro-batches of at most 40: 34, 34, 32
+    assert runtime.fit_micro_batch(2, peak, 0) == 2 and probed == [2, 8] * 4  # nothing to split
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_micro_batch_fitted_to_the_gpu(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "data", {"train": 16, "val": 4})
+    trainer = Trainer(tiny(data, tmp_path / "whole", device="cuda"), runtime.Processes())
+    assert trainer.micro_batch == trainer.local_batch  # a tiny net fits
+    peaks = [trainer._peak_bytes(n) for n in (2, 8)]
+    assert 0 < peaks[0] < peaks[1]
+    monkeypatch.setattr(runtime, "cuda_memory_budget", lambda device, extra=0: peaks[0] + (peaks[1] - peaks[0]) // 2)
+    trainer = Trainer(tiny(data, tmp_path / "fitted", device="cuda"), runtime.Processes())
+    assert trainer.micro_batch < trainer.local_batch
+    assert train(tiny(data, tmp_path / "run", device="cuda", epochs=1)).steps > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,12 +14,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import platform
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,37 @@ def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool = 
     pass (FC6 alone is 100M weights for VGG-16), so the results are the same, without the casts."""
     model = model.to(device, dtype) if dtype is not None else model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+#: Share of the device memory free to this process that a fitted micro-batch may fill at its peak.
+MEMORY_HEADROOM = 0.85
+#: The two micro-batch sizes whose peaks give the per-image memory of a training step.
+PROBE_SIZES = (2, 8)
+
+
+def fit_micro_batch(local_batch: int, peak_bytes: Callable[[int], int], budget_bytes: int) -> int:
+    """The micro-batch for a step of ``local_batch`` images that fits ``budget_bytes`` at its peak: the whole
+    batch when it fits, else the batch split evenly into as few micro-batches as fit (at least one image
+    each). ``peak_bytes(m)`` measures a training step's peak memory on ``m`` images; memory is taken as
+    linear in the images, from two measurements (:data:`PROBE_SIZES`)."""
+    small, large = PROBE_SIZES
+    if local_batch <= small:
+        return local_batch
+    large = min(large, local_batch)
+    low, high = peak_bytes(small), peak_bytes(large)
+    per_image = max((high - low) / (large - small), 1.0)
+    fixed = low - small * per_image
+    fits = max(1, int((budget_bytes - fixed) // per_image))
+    if fits >= local_batch:
+        return local_batch
+    return math.ceil(local_batch / math.ceil(local_batch / fits))
+
+
+def cuda_memory_budget(device: torch.device, extra_bytes: int = 0) -> int:
+    """Bytes of ``device`` a training step may fill at its peak: :data:`MEMORY_HEADROOM` of what is free to
+    this process (free on the device, and what PyTorch holds), less ``extra_bytes`` still to be allocated."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(MEMORY_HEADROOM * (free + torch.cuda.memory_reserved(device))) - extra_bytes
 
 
 #: glibc ``mallopt`` parameters: the size above which memory is mapped afresh (capped by glibc at

@@ -243,11 +243,13 @@ class Trainer:
         # from are read first, since they decide the architecture); restoring needs
         # the model and optimizer and must precede wrapping, since DDP broadcasts rank 0's weights as
         # it is built; the checkpoint's RNG states are set after wrapping, last of all, so that nothing
-        # draws after them; the loaders start at the restored position in the epoch.
+        # draws after them; the loaders start at the restored position in the epoch. Fitting the
+        # micro-batch to the GPU's memory draws nothing and leaves the model as it was.
         self._place()
         self._adopt_weights()
         self._open_data()
         self._build()
+        self._fit_micro_batch()
         rng = self._restore_or_seed()
         self._wrap()
         if rng is not None:
@@ -373,6 +375,45 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()
         self.input_memory = torch.empty(0)  # the float input of every CPU batch (no fresh pages per step)
+
+    def _fit_micro_batch(self) -> None:
+        """On CUDA without ``--micro-batch``: the micro-batch whose training step fits the GPU's memory
+        (:func:`runtime.fit_micro_batch`; the whole batch when it fits), the smallest over the processes,
+        so that they step together."""
+        if self.device.type != "cuda" or self.cfg.micro_batch is not None:
+            return
+        momentum = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        try:
+            fitted = runtime.fit_micro_batch(self.local_batch, self._peak_bytes,
+                                             runtime.cuda_memory_budget(self.device, momentum))
+        except torch.OutOfMemoryError:
+            raise UserError(f"--batch-size {self.cfg.batch_size}: a training step of {runtime.PROBE_SIZES[1]} "
+                            f"images does not fit the memory of {self.device}; give --micro-batch") from None
+        if self.procs.distributed:
+            smallest = torch.tensor(fitted, device=self.device)
+            torch_dist.all_reduce(smallest, op=torch_dist.ReduceOp.MIN)
+            fitted = int(smallest)
+        if fitted < self.micro_batch:
+            self.how += f"; micro-batch {fitted} fitted to the memory of {self.device}"
+        self.micro_batch = fitted
+
+    def _peak_bytes(self, images: int) -> int:
+        """Peak CUDA memory of a forward and backward pass on ``images`` blank crops; in eval mode, so that
+        no dropout draws and batch-norm statistics stay as they are; the gradients are dropped after."""
+        model, device = self.model, self.device
+        x = torch.zeros(images, 3, self.cfg.crop, self.cfg.crop, device=device)
+        x = x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        model.eval()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with runtime.autocast(device, self.dtype):
+                model(x).float().sum().backward()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train()
+            torch.cuda.empty_cache()
 
     def _from_published(self) -> tuple[VGG, str, dict[str, Any]]:
         """The new net with every tensor of ``--weights`` that fits copied; how; where it started."""
