@@ -6,6 +6,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -222,6 +223,22 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
         assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and err.startswith("verydeep train: error:"), err
+
+
+def test_step_times_include_the_update(data, tmp_path, monkeypatch):
+    """A step's logged time runs from the end of the step before to the end of its own update, so a slow
+    update (here 50 ms) shows in the images per second."""
+    trainer = Trainer(tiny(data, tmp_path), runtime.Processes())
+    update = trainer.optimizer.step
+
+    def slow_update(*args, **kwargs):
+        time.sleep(0.05)
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", slow_update)
+    trainer.run()
+    steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert len(steps) == 4 and all(16 / r["img_s"] >= 0.05 for r in steps)
 
 
 def test_micro_batch_fitted_to_a_memory_budget():

@@ -664,8 +664,10 @@ class Trainer:
             (loss / self.local_batch).backward()
         return loss.detach()
 
-    def _finish_step(self, loss_sum: torch.Tensor, images: int, skipped: int, seconds: float) -> float:
-        """The optimizer step once a global batch's gradients are in; returns the batch's mean loss."""
+    def _finish_step(self, loss_sum: torch.Tensor, images: int, skipped: int, tic: float) -> tuple[float, float]:
+        """The optimizer step once a global batch's gradients are in; returns the batch's mean loss and the
+        step's seconds since ``tic`` (when the step before it ended): its data loading and update included,
+        and on CUDA the queued work that the loss's transfer to the host waits for."""
         loss_total, images_total, skipped_total = self._reduce(loss_sum.item(), images, skipped)
         loss = loss_total / max(images_total, 1)
         gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -675,12 +677,13 @@ class Trainer:
                                      f"{self.schedule.lr:g}); stopped; last good checkpoint: {self._last_good()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        seconds = max(time.perf_counter() - tic, 1e-9)
         self.step += 1
         self.step_in_epoch += 1
         self.totals.add(loss_total, images_total, seconds, skipped_total)
         self.record_metrics(kind="step", epoch=self.epoch + 1, step=self.step, loss=loss, lr=self.schedule.lr,
                             img_s=round(images_total / seconds, 2))
-        return loss
+        return loss, seconds
 
     def train_epoch(self) -> bool:
         """Run the rest of the current epoch; False when ``stop_after_steps`` ended the run."""
@@ -700,8 +703,7 @@ class Trainer:
                 skipped += len(batch.skipped)
                 if not last:
                     continue
-                seconds = time.perf_counter() - tic
-                loss = self._finish_step(loss_sum, images, skipped, seconds)
+                loss, seconds = self._finish_step(loss_sum, images, skipped, tic)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / seconds:.1f}", lr=f"{self.schedule.lr:g}",
                                 refresh=False)
                 bar.update()
