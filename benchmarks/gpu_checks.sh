@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one prepared run (verydeep bench, CUDA tests, model benchmark, CIFAR-10 reproduction).
+# The GPU checks in one prepared run (verydeep bench, eager then compiled, CUDA tests, model benchmark,
+# CIFAR-10 reproduction).
 # The bench runs first and its JSON is written into the repository (docs/benchmarks/) and to $OUT
 # before anything longer runs; BENCH_ARGS adds to its command line (say --data DIR).
 # Usage on a CUDA machine, from the repo root, with the project importable (PYTHONPATH=src):
@@ -26,6 +27,15 @@ if grep '^{' "$out/bench.txt" | tail -1 > "docs/benchmarks/bench-$day-${gpu:-gpu
   cp "docs/benchmarks/bench-$day-${gpu:-gpu}.json" "$out/"
 else
   rm -f "docs/benchmarks/bench-$day-${gpu:-gpu}.json"
+fi
+
+timeout 300 $python -m verydeep.cli bench --device cuda --compile --json ${BENCH_ARGS:-} > "$out/bench-compile.txt" 2>&1
+echo "bench --compile exit $?" >> "$out/bench-compile.txt"
+if grep '^{' "$out/bench-compile.txt" | tail -1 > "docs/benchmarks/bench-$day-${gpu:-gpu}-compile.json" \
+    && [ -s "docs/benchmarks/bench-$day-${gpu:-gpu}-compile.json" ]; then
+  cp "docs/benchmarks/bench-$day-${gpu:-gpu}-compile.json" "$out/"
+else
+  rm -f "docs/benchmarks/bench-$day-${gpu:-gpu}-compile.json"
 fi
 
 tar xzf "$data_tgz" -C /tmp/data

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny, write_dataset
 
 from verydeep import runtime, vgg
-from verydeep.bench import Settings, bench_data, count_macs, steady_img_s, summarise
+from verydeep.bench import Settings, bench_data, count_macs, open_trainer, steady_img_s, summarise
 from verydeep.cli import main
 from verydeep.train import train
 
@@ -62,6 +62,20 @@ def test_ratios_and_shares_are_medians_of_each_rounds_own() -> None:
     assert result["train_roofline_share"] == pytest.approx(0.144)  # rounds: 0.18, 0.144, 0.12
     assert result["train_ratio_bound"] == pytest.approx(1e12 / (8.0 * 6e9), rel=1e-3)
     assert result["infer_ratio_bound"] == pytest.approx(1e12 / (30.0 * 2e9), rel=1e-3)
+
+
+def test_bench_compile_runs_the_compiled_trainer(tmp_path: Path) -> None:
+    """``--compile`` benches the trainer as ``train --compile`` builds it (compiled on its first step)."""
+    jpegs = write_dataset(tmp_path / "jpegs", {"train": 18}, size=(48, 40), ext="jpg")
+    for compiled in (False, True):
+        settings = Settings("A", 32, 1 / 16, 4, 1, 1, "cpu", 64, jpegs, 0, compiled)
+        scratch = tmp_path / str(compiled)
+        scratch.mkdir()
+        root, _ = bench_data(jpegs, scratch, 32, 0)
+        trainer = open_trainer(settings, root, scratch)
+        assert trainer.cfg.compile is compiled
+        assert (trainer.forward_model is not trainer.model) is compiled
+        assert isinstance(trainer.forward_model, torch._dynamo.eval_frame.OptimizedModule) is compiled
 
 
 def test_end_to_end_rate_from_the_trainers_step_records(tmp_path: Path) -> None:

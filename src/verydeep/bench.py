@@ -67,6 +67,7 @@ class Settings:
     gemm: int
     data: Path | None = None
     workers: int | None = None
+    compile: bool = False
 
 
 def sync(device: torch.device) -> None:
@@ -224,7 +225,8 @@ def open_trainer(settings: Settings, root: Path, scratch: Path) -> Any:
     s = test_scales(settings.size)[0]
     cfg = TrainConfig(data=str(root), out=str(scratch / "run"), config=settings.config, width=settings.width,
                       crop=settings.size, scale=(s, s), batch_size=settings.batch, epochs=1, lr=1e-3,
-                      workers=settings.workers, device=settings.device, precision="auto", progress=False)
+                      workers=settings.workers, device=settings.device, precision="auto", progress=False,
+                      compile=settings.compile)
     trainer = Trainer(cfg, runtime.Processes())
     need = training_steps(settings)
     if trainer.sampler.steps_per_epoch < need:
@@ -262,7 +264,7 @@ def trainer_contenders(trainer: Any, steps: int) -> dict[str, Callable[[], float
     def train_step() -> None:
         start = time.perf_counter()
         loss = trainer._micro_step(batch, shifts, sync=True)
-        trainer._finish_step(loss, images, 0, max(time.perf_counter() - start, 1e-9))
+        trainer._finish_step(loss, images, 0, start)
 
     @torch.inference_mode()
     def infer_step() -> None:
@@ -424,7 +426,8 @@ def render(result: dict[str, Any]) -> str:
     where = hw.get("gpu") or f"{hw['cpu']}, {hw['threads']} threads"
     lines = [
         f"VGG-{s['config']} width {s['width']:g}, {s['size']}x{s['size']}, batch {s['batch']}, on {where}; "
-        f"precision {result['precision']}; {s['rounds']} rounds, medians; images: {s['data']}",
+        f"precision {result['precision']}{', trainer compiled' if s.get('compile') else ''}; {s['rounds']} rounds, "
+        f"medians; images: {s['data']}",
         f"roofline (torch.mm {s['gemm']}): bf16 {result['gemm_tflops']['bf16']:.3f}, "
         f"fp32 {result['gemm_tflops']['fp32']:.3f} TFLOP/s",
         f"{'':<24}{'train img/s':>12}{'share':>8}{'infer img/s':>13}{'share':>8}",
@@ -462,6 +465,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=None,
                    help=f"folder of JPEGs in class folders (default: {DEFAULT_DATA} when present, else generated)")
     p.add_argument("--workers", type=natural_int, default=None, help="data-loading processes (default: cores - 1)")
+    p.add_argument("--compile", action="store_true", help="the trainer as `train --compile` runs it")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     p.set_defaults(func=run_cli)
 
@@ -476,7 +480,8 @@ def run_cli(args: argparse.Namespace) -> None:
         raise UserError(f"--size {size}: must be a multiple of 32")
     data = args.data if args.data is not None else (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
     settings = Settings(args.config, size, args.width or defaults["width"], args.batch or defaults["batch"],
-                        args.rounds, defaults["steps"], str(device), defaults["gemm"], data, args.workers)
+                        args.rounds, defaults["steps"], str(device), defaults["gemm"], data, args.workers,
+                        args.compile)
     result = run_bench(settings)
     print(render(result))
     if args.json:
