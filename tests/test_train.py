@@ -257,6 +257,39 @@ def test_micro_batch_fitted_to_a_memory_budget():
     assert runtime.fit_micro_batch(2, peak, 0) == 2 and probed == [2, 8] * 4  # nothing to split
 
 
+def test_micro_batch_fitted_to_the_cpu_memory(data, tmp_path, monkeypatch):
+    """On a CPU the probe counts what the forward pass saves for the backward pass (linear in the images,
+    the weights left out); with plenty of memory the batch goes whole, with little it is split evenly,
+    and the split run trains as the whole one (gradient accumulation is exact)."""
+    whole = Trainer(tiny(data, tmp_path / "whole", dropout=0.0), runtime.Processes())
+    assert whole.micro_batch == whole.local_batch == 16
+    probes = {n: whole._activation_bytes(n) for n in (2, 8, 16)}
+    per_image = (probes[8] - probes[2]) / 6
+    assert per_image > 0 and probes[16] == pytest.approx(probes[2] + 14 * per_image, rel=0.01)
+    first_conv = whole.model.features[0]
+    assert probes[2] > 2 * first_conv.out_channels * 32 * 32 * 4  # at least the first conv's output
+    assert {p.dtype for p in whole.model.parameters()} == {torch.float32}  # nothing changed by the probes
+    pending = 2 * sum(p.numel() * 4 for p in whole.model.parameters())
+    room = pending + probes[2] + 4 * per_image  # 6 images fit: 16 go as 3 of 6, 6 and 4 -> micro-batches of 6
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: int(room / runtime.MEMORY_HEADROOM) + 1)
+    split = Trainer(tiny(data, tmp_path / "split", dropout=0.0), runtime.Processes())
+    assert split.micro_batch == 6 and "fitted to the memory of cpu" in split.how
+    split.run()
+    whole.run()
+    for name, value in weights(tmp_path / "whole").items():
+        torch.testing.assert_close(weights(tmp_path / "split")[name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_memory_budget_shared_by_the_processes_of_a_machine(monkeypatch):
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 1000)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert runtime.cpu_memory_budget(50) == int(runtime.MEMORY_HEADROOM * 1000) - 50
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert runtime.cpu_memory_budget() == int(runtime.MEMORY_HEADROOM * 250)
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: None)
+    assert runtime.cpu_memory_budget() is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_micro_batch_fitted_to_the_gpu(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "data", {"train": 16, "val": 4})

@@ -204,6 +204,29 @@ def fit_micro_batch(local_batch: int, peak_bytes: Callable[[int], int], budget_b
     return math.ceil(local_batch / math.ceil(local_batch / fits))
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can give to new work without swapping (``MemAvailable`` of ``/proc/meminfo``);
+    None where that is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_memory_budget(extra_bytes: int = 0) -> int | None:
+    """Bytes a training step may hold at its peak on a CPU: :data:`MEMORY_HEADROOM` of the memory available,
+    shared with the other processes ``torchrun`` started on this machine, less ``extra_bytes`` still to be
+    allocated; None where the available memory is not known."""
+    available = available_memory_bytes()
+    if available is None:
+        return None
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return int(MEMORY_HEADROOM * available / local_processes) - extra_bytes
+
+
 def cuda_memory_budget(device: torch.device, extra_bytes: int = 0) -> int:
     """Bytes of ``device`` a training step may fill at its peak: :data:`MEMORY_HEADROOM` of what is free to
     this process (free on the device, and what PyTorch holds), less ``extra_bytes`` still to be allocated."""

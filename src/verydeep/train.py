@@ -244,7 +244,7 @@ class Trainer:
         # the model and optimizer and must precede wrapping, since DDP broadcasts rank 0's weights as
         # it is built; the checkpoint's RNG states are set after wrapping, last of all, so that nothing
         # draws after them; the loaders start at the restored position in the epoch. Fitting the
-        # micro-batch to the GPU's memory draws nothing and leaves the model as it was.
+        # micro-batch to the memory draws nothing and leaves the model as it was.
         self._place()
         self._adopt_weights()
         self._open_data()
@@ -377,15 +377,21 @@ class Trainer:
         self.input_memory = torch.empty(0)  # the float input of every CPU batch (no fresh pages per step)
 
     def _fit_micro_batch(self) -> None:
-        """On CUDA without ``--micro-batch``: the micro-batch whose training step fits the GPU's memory
-        (:func:`runtime.fit_micro_batch`; the whole batch when it fits), the smallest over the processes,
-        so that they step together."""
-        if self.device.type != "cuda" or self.cfg.micro_batch is not None:
+        """Without ``--micro-batch``: the micro-batch whose training step fits the memory, the GPU's on CUDA and
+        on a CPU what the machine has available (:func:`runtime.fit_micro_batch`; the whole batch when it
+        fits), the smallest over the processes, so that they step together."""
+        if self.cfg.micro_batch is not None:
             return
-        momentum = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        # gradients and momentum: allocated at the first step, after the probes
+        pending = 2 * sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        if self.device.type == "cuda":
+            probe, budget = self._peak_bytes, runtime.cuda_memory_budget(self.device, pending)
+        else:
+            probe, budget = self._activation_bytes, runtime.cpu_memory_budget(pending)
+            if budget is None:
+                return
         try:
-            fitted = runtime.fit_micro_batch(self.local_batch, self._peak_bytes,
-                                             runtime.cuda_memory_budget(self.device, momentum))
+            fitted = runtime.fit_micro_batch(self.local_batch, probe, budget)
         except torch.OutOfMemoryError:
             raise UserError(f"--batch-size {self.cfg.batch_size}: a training step of {runtime.PROBE_SIZES[1]} "
                             f"images does not fit the memory of {self.device}; give --micro-batch") from None
@@ -397,12 +403,16 @@ class Trainer:
             self.how += f"; micro-batch {fitted} fitted to the memory of {self.device}"
         self.micro_batch = fitted
 
+    def _probe_input(self, images: int) -> torch.Tensor:
+        """``images`` blank crops in the trainer's memory format (no draw from any RNG)."""
+        x = torch.zeros(images, 3, self.cfg.crop, self.cfg.crop, device=self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
     def _peak_bytes(self, images: int) -> int:
         """Peak CUDA memory of a forward and backward pass on ``images`` blank crops; in eval mode, so that
         no dropout draws and batch-norm statistics stay as they are; the gradients are dropped after."""
         model, device = self.model, self.device
-        x = torch.zeros(images, 3, self.cfg.crop, self.cfg.crop, device=device)
-        x = x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        x = self._probe_input(images)
         model.eval()
         torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -414,6 +424,30 @@ class Trainer:
             model.zero_grad(set_to_none=True)
             model.train()
             torch.cuda.empty_cache()
+
+    def _activation_bytes(self, images: int) -> int:
+        """Memory beyond the weights that a training step on ``images`` crops holds at its peak, as a CPU
+        measures nothing of it: what the forward pass saves for the backward pass (each storage once, the
+        weights not), and twice the largest of it for the gradients flowing through the backward pass. In
+        eval mode, on blank crops: nothing drawn, batch-norm statistics as they are."""
+        model = self.model
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        model.eval()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+                with runtime.autocast(self.device, self.dtype):
+                    model(self._probe_input(images))
+        finally:
+            model.train()
+        return sum(saved.values()) + 2 * max(saved.values(), default=0)
 
     def _from_published(self) -> tuple[VGG, str, dict[str, Any]]:
         """The new net with every tensor of ``--weights`` that fits copied; how; where it started."""
