@@ -79,8 +79,7 @@ class ConvHead(nn.Module):
         return x
 
 
-@torch.inference_mode()
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="D")
     parser.add_argument("--width", type=float, default=0.25, help="width multiplier (default 1/4 for a CPU)")
@@ -93,6 +92,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.images < 1:
         parser.error(f"--images must be at least 1; got {args.images}")
+    return args
+
+
+@torch.inference_mode()
+def main() -> None:
+    args = parse_args()
     scales = args.scales
     device = pick_device(args.device)
     dtype = autocast_dtype(device, args.precision)
@@ -107,43 +112,42 @@ def main() -> None:
         inputs = {q: [to_input(RescaleTransform(q)(p).unsqueeze(0).to(device), IMAGENET)
                       .contiguous(memory_format=torch.channels_last) for p in paths] for q in scales}
 
-    def run_dense(x: torch.Tensor) -> None:
-        with autocast(device, dtype):
-            dense_posteriors(dense, x, flip=True)
+    protocols = {"dense": lambda x: dense_posteriors(dense, x, flip=True),
+                 "dense_conv_head": lambda x: dense_posteriors(conv_head, x, flip=True),
+                 "multicrop": lambda x: multicrop_posteriors(model, x, model.input_size, flip=True)}
+    with autocast(device, dtype):
+        for run in protocols.values():  # warm-up (allocator, kernels)
+            run(inputs[scales[0]][0])
+        per_scale = []
+        for q in scales:
+            seconds = {name: sum(timed(lambda x=x, run=run: run(x), device) for x in inputs[q]) / len(paths)
+                       for name, run in protocols.items()}
+            per_scale.append({"q": q, **{f"{name}_s_per_image": value for name, value in seconds.items()}})
+            print(f"Q={q}: dense {seconds['dense']:.3f} s/image (reference {seconds['dense_conv_head']:.3f}), "
+                  f"multi-crop (50 crops) {seconds['multicrop']:.3f} s/image, ratio "
+                  f"{seconds['multicrop'] / seconds['dense']:.1f}x")
+    summary = {"config": model.config, "width": args.width, "device": str(device),
+               "precision": "bf16" if dtype else "fp32", "images": len(paths), "source": source, "scales": scales}
+    report(summary, per_scale, args.json)
 
-    def run_conv_head(x: torch.Tensor) -> None:
-        with autocast(device, dtype):
-            dense_posteriors(conv_head, x, flip=True)
 
-    def run_multicrop(x: torch.Tensor) -> None:
-        with autocast(device, dtype):
-            multicrop_posteriors(model, x, model.input_size, flip=True)
-
-    protocols = {"dense": run_dense, "dense_conv_head": run_conv_head, "multicrop": run_multicrop}
-    for run in protocols.values():  # warm-up (allocator, kernels)
-        run(inputs[scales[0]][0])
-    per_scale = []
-    for q in scales:
-        seconds = {name: sum(timed(lambda x=x, run=run: run(x), device) for x in inputs[q]) / len(paths)
-                   for name, run in protocols.items()}
-        per_scale.append({"q": q, **{f"{name}_s_per_image": value for name, value in seconds.items()}})
-        print(f"Q={q}: dense {seconds['dense']:.3f} s/image (reference {seconds['dense_conv_head']:.3f}), "
-              f"multi-crop (50 crops) {seconds['multicrop']:.3f} s/image, ratio "
-              f"{seconds['multicrop'] / seconds['dense']:.1f}x")
-    total = {name: sum(s[f"{name}_s_per_image"] for s in per_scale) for name in protocols}
+def report(summary: dict, per_scale: list[dict], as_json: bool) -> None:
+    """The totals over the scales, as a line and, with ``as_json``, one JSON object."""
+    names = ("dense", "dense_conv_head", "multicrop")
+    total = {name: sum(s[f"{name}_s_per_image"] for s in per_scale) for name in names}
     ratio, speedup = total["multicrop"] / total["dense"], total["dense_conv_head"] / total["dense"]
-    name = f"VGG-{model.config} width {args.width:g}"
-    print(f"{name} on {device} ({'bf16' if dtype else 'fp32'}), {len(paths)} images from {source}:")
+    scales = summary["scales"]
+    print(f"VGG-{summary['config']} width {summary['width']:g} on {summary['device']} ({summary['precision']}), "
+          f"{summary['images']} images from {summary['source']}:")
     print(f"  dense over Q={{{','.join(map(str, scales))}}}: {total['dense']:.3f} s/image ({speedup:.2f}x faster than "
           f"FC layers as convolutions on fp32 weights, {total['dense_conv_head']:.3f}); {50 * len(scales)}-crop "
           f"multi-crop: {total['multicrop']:.3f} s/image; multi-crop costs {ratio:.1f}x dense")
-    if args.json:
+    if as_json:
         print(json.dumps({
-            "config": model.config, "width": args.width, "device": str(device),
-            "precision": "bf16" if dtype else "fp32", "images": len(paths), "source": source, "scales": scales,
-            "per_scale": per_scale, "dense_s_per_image": total["dense"], "multicrop_s_per_image": total["multicrop"],
-            "dense_conv_head_s_per_image": total["dense_conv_head"], "dense_speedup_vs_conv_head": speedup,
-            "crops_per_image": 50 * len(scales), "ratio_multicrop_vs_dense": ratio,
+            **summary, "per_scale": per_scale, "dense_s_per_image": total["dense"],
+            "multicrop_s_per_image": total["multicrop"], "dense_conv_head_s_per_image": total["dense_conv_head"],
+            "dense_speedup_vs_conv_head": speedup, "crops_per_image": 50 * len(scales),
+            "ratio_multicrop_vs_dense": ratio,
         }))
 
 
