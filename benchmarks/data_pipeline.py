@@ -108,7 +108,7 @@ def gpu_pipeline(root: str, loader: Callable, args: argparse.Namespace) -> tuple
     return encoded, finish
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--batch-size", type=int, default=32)
@@ -119,11 +119,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="generated images when no real ones")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the GPU path too")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
-    args = parser.parse_args()
-    # the workers own one core each; the main process (our to_input) gets the cores left over,
-    # since OpenMP threads competing with busy workers slow everything down
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
+    return parser.parse_args()
 
+
+def measure(args: argparse.Namespace) -> tuple[str, dict[str, list[float]], dict[str, list[float]]]:
+    """The images' source, and each pipeline's images per second and CPU ms per image, one per round."""
     with tempfile.TemporaryDirectory() as tmp:
         source = image_tree(Path(tmp), args.images)
         common = dict(batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
@@ -162,7 +162,11 @@ def main() -> None:
                 rate, cost = time_loader(data, finish, args.epochs)
                 rates[name].append(rate)
                 costs[name].append(cost)
+    return source, rates, costs
 
+
+def report(args: argparse.Namespace, source: str, rates: dict[str, list[float]], costs: dict[str, list[float]]) -> None:
+    """Medians and ratios as lines and, with ``--json``, one JSON object."""
     medians = {name: statistics.median(r) for name, r in rates.items()}
     cpu_ms = {name: statistics.median(c) for name, c in costs.items()}
     ratio = medians["verydeep"] / medians["torchvision"]
@@ -186,6 +190,14 @@ def main() -> None:
             **({"gpu_ratio_vs_torchvision": round(medians["verydeep-gpu"] / medians["torchvision"], 3)}
                if "verydeep-gpu" in medians else {}),
         }))
+
+
+def main() -> None:
+    args = parse_args()
+    # the workers own one core each; the main process (our to_input) gets the cores left over,
+    # since OpenMP threads competing with busy workers slow everything down
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
+    report(args, *measure(args))
 
 
 if __name__ == "__main__":
