@@ -122,6 +122,8 @@ def test_dense_score_map_is_the_classifier_on_each_window():
         for i, j in ((0, 0), (3, 1), (1, 2)):
             window = trunk[:, :, i:i + 2, j:j + 2].flatten(1)
             torch.testing.assert_close(scores[:, :, i, j], model.classifier(window), atol=1e-5, rtol=0)
+        small = torch.randn(1, 3, 32, 32)  # under the crop: a trunk map, but no window for the classifier
+        torch.testing.assert_close(dense.extract(small, ["pool5"])["pool5"], model.features(small))
         fc7 = dense.extract(torch.randn(1, 3, 128, 96), ["relu7", "fc8"])
         assert fc7["relu7"].shape == (1, 256, 3, 2) and fc7["relu7"].min() >= 0
         torch.testing.assert_close(model.classifier[6](fc7["relu7"].permute(0, 2, 3, 1)).permute(0, 3, 1, 2),

@@ -174,9 +174,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool = True,
             dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Move ``model`` to ``device``, in channels_last memory format when asked; for inference under
-    autocast to ``dtype``, its weights held in ``dtype``: autocast would cast them to it on every forward
-    pass (FC6 alone is 100M weights for VGG-16), so the results are the same, without the casts."""
-    model = model.to(device, dtype) if dtype is not None else model.to(device)
+    autocast to ``dtype``, the weights of its convolutions and linear layers held in ``dtype``: autocast
+    would cast those to it on every forward pass (FC6 alone is 100M weights for VGG-16), and nothing
+    else (batch norm runs in fp32), so the results are the same, without the casts."""
+    model = model.to(device)
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.to(dtype)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
