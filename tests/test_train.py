@@ -18,6 +18,7 @@ from verydeep.checkpoint import load_checkpoint, load_model, model_from_recipe, 
 from verydeep.cli import main
 from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
+from verydeep.errors import UserError
 from verydeep.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, build_model, train
 
@@ -256,6 +257,26 @@ def test_micro_batch_fitted_to_a_memory_budget():
     assert runtime.fit_micro_batch(100, peak, 500 * 10**6) == 34  # 3 micro-batches of at most 40: 34, 34, 32
     assert runtime.fit_micro_batch(2, peak, 0) == 2 and probed == [2, 8] * 4  # nothing to split
 
+    def out_of_memory_above_4(images: int) -> int:
+        if images > 4:
+            raise torch.OutOfMemoryError("probe")
+        return peak(images)
+
+    assert runtime.fit_micro_batch(64, out_of_memory_above_4, 10**9) == 2  # the size that did fit
+    # a peak that does not grow: each image taken as 800 / 8 = 100 MB, 600 MB fixed, so 4 fit in 1 GB
+    assert runtime.fit_micro_batch(64, lambda images: 800 * 10**6, 10**9) == 4
+
+
+def test_available_memory_is_capped_by_the_containers_limit(tmp_path, monkeypatch):
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{3 * 2**30}\n")
+    usage.write_text(f"{2**30}\n")
+    monkeypatch.setattr(runtime, "CGROUP_MEMORY", ((str(limit), str(usage)),))
+    available = runtime.available_memory_bytes()
+    assert available is not None and available <= 2 * 2**30
+    limit.write_text("max\n")  # no limit: the machine's
+    assert runtime.available_memory_bytes() >= available
+
 
 def test_micro_batch_fitted_to_the_cpu_memory(data, tmp_path, monkeypatch):
     """On a CPU the probe counts what the forward pass saves for the backward pass (linear in the images,
@@ -270,7 +291,7 @@ def test_micro_batch_fitted_to_the_cpu_memory(data, tmp_path, monkeypatch):
     assert probes[2] > 2 * first_conv.out_channels * 32 * 32 * 4  # at least the first conv's output
     assert {p.dtype for p in whole.model.parameters()} == {torch.float32}  # nothing changed by the probes
     pending = 2 * sum(p.numel() * 4 for p in whole.model.parameters())
-    room = pending + probes[2] + 4 * per_image  # 6 images fit: 16 go as 3 of 6, 6 and 4 -> micro-batches of 6
+    room = pending + probes[2] + 4.5 * per_image  # 6.5 images fit: 16 go as 3 micro-batches, of at most 6
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda: int(room / runtime.MEMORY_HEADROOM) + 1)
     split = Trainer(tiny(data, tmp_path / "split", dropout=0.0), runtime.Processes())
     assert split.micro_batch == 6 and "fitted to the memory of cpu" in split.how
@@ -278,6 +299,15 @@ def test_micro_batch_fitted_to_the_cpu_memory(data, tmp_path, monkeypatch):
     whole.run()
     for name, value in weights(tmp_path / "whole").items():
         torch.testing.assert_close(weights(tmp_path / "split")[name], value, atol=1e-5, rtol=1e-4)
+    monkeypatch.undo()  # plenty of memory again: a resumed run keeps the micro-batch it was trained with
+    resumed = Trainer(tiny(data, tmp_path / "split", dropout=0.0, epochs=2, resume=True), runtime.Processes())
+    assert resumed.micro_batch == 6 and resumed.sampler.micro_per_step == 3
+
+
+def test_no_micro_batch_that_fits_is_a_one_line_error(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "_fitted_here", lambda self: 0)
+    with pytest.raises(UserError, match="does not fit the memory of cpu"):
+        Trainer(tiny(data, tmp_path), runtime.Processes())
 
 
 def test_cpu_memory_budget_shared_by_the_processes_of_a_machine(monkeypatch):

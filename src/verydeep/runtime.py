@@ -195,13 +195,20 @@ def fit_micro_batch(local_batch: int, peak_bytes: Callable[[int], int], budget_b
     """The micro-batch for a step of ``local_batch`` images that fits ``budget_bytes`` at its peak: the whole
     batch when it fits, else the batch split evenly into as few micro-batches as fit (at least one image
     each). ``peak_bytes(m)`` measures a training step's peak memory on ``m`` images; memory is taken as
-    linear in the images, from two measurements (:data:`PROBE_SIZES`)."""
+    linear in the images, from two measurements (:data:`PROBE_SIZES`); when the larger runs out of memory,
+    the smaller's size is the answer."""
     small, large = PROBE_SIZES
     if local_batch <= small:
         return local_batch
     large = min(large, local_batch)
-    low, high = peak_bytes(small), peak_bytes(large)
-    per_image = max((high - low) / (large - small), 1.0)
+    low = peak_bytes(small)
+    try:
+        high = peak_bytes(large)
+    except torch.OutOfMemoryError:
+        return small
+    # a peak that did not grow (a device's workspaces may vary with the images) says nothing of the slope:
+    # then each image is taken to need as much as the whole step on ``large`` images
+    per_image = (high - low) / (large - small) if high > low else high / large
     fixed = low - small * per_image
     fits = max(1, int((budget_bytes - fixed) // per_image))
     if fits >= local_batch:
@@ -209,16 +216,36 @@ def fit_micro_batch(local_batch: int, peak_bytes: Callable[[int], int], budget_b
     return math.ceil(local_batch / math.ceil(local_batch / fits))
 
 
+#: A control group's memory limit and usage (cgroup v2, then v1), for processes in a container.
+CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # absent, or "max": no limit
+        return None
+
+
 def available_memory_bytes() -> int | None:
-    """Memory the system can give to new work without swapping (``MemAvailable`` of ``/proc/meminfo``);
-    None where that is not known."""
+    """Memory new work can take without swapping or being killed: ``MemAvailable`` of ``/proc/meminfo``,
+    or less where this process's control group (a container) has a memory limit; None where neither is
+    known."""
+    available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    for limit_file, usage_file in CGROUP_MEMORY:
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes a huge number for none
+            room = max(0, limit - usage)
+            available = room if available is None else min(available, room)
+            break
+    return available
 
 
 def cpu_memory_budget(extra_bytes: int = 0) -> int | None:

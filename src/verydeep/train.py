@@ -377,31 +377,40 @@ class Trainer:
         self.input_memory = torch.empty(0)  # the float input of every CPU batch (no fresh pages per step)
 
     def _fit_micro_batch(self) -> None:
-        """Without ``--micro-batch``: the micro-batch whose training step fits the memory, the GPU's on CUDA and
-        on a CPU what the machine has available (:func:`runtime.fit_micro_batch`; the whole batch when it
-        fits), the smallest over the processes, so that they step together."""
-        if self.cfg.micro_batch is not None:
+        """Without ``--micro-batch``, for a new run: the micro-batch whose training step fits the memory, the
+        GPU's on CUDA and on a CPU what the machine has available (:func:`runtime.fit_micro_batch`; the whole
+        batch when it fits), the smallest over the processes, so that they step together. A resumed run
+        takes the one its checkpoint was trained with (:meth:`_resume`)."""
+        if self.cfg.micro_batch is not None or self.cfg.resume:
             return
-        # gradients and momentum: allocated at the first step, after the probes
-        pending = 2 * sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        if self.device.type == "cuda":
-            probe, budget = self._peak_bytes, runtime.cuda_memory_budget(self.device, pending)
-        else:
-            probe, budget = self._activation_bytes, runtime.cpu_memory_budget(pending)
-            if budget is None:
-                return
-        try:
-            fitted = runtime.fit_micro_batch(self.local_batch, probe, budget)
-        except torch.OutOfMemoryError:
-            raise UserError(f"--batch-size {self.cfg.batch_size}: a training step of {runtime.PROBE_SIZES[1]} "
-                            f"images does not fit the memory of {self.device}; give --micro-batch") from None
-        if self.procs.distributed:
+        fitted = self._fitted_here()
+        if self.procs.distributed:  # every process learns the smallest, a failure (0) included
             smallest = torch.tensor(fitted, device=self.device)
             torch_dist.all_reduce(smallest, op=torch_dist.ReduceOp.MIN)
             fitted = int(smallest)
+        if fitted == 0:
+            raise UserError(f"--batch-size {self.cfg.batch_size}: a training step of {runtime.PROBE_SIZES[0]} "
+                            f"images does not fit the memory of {self.device} (of a process); give --micro-batch")
         if fitted < self.micro_batch:
             self.how += f"; micro-batch {fitted} fitted to the memory of {self.device}"
         self.micro_batch = fitted
+
+    def _fitted_here(self) -> int:
+        """This process's fitted micro-batch; 0 when not even the smallest probe fits."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        if self.device.type == "cuda":  # the probes' peak holds the gradients; the momentum comes at the first step
+            probe, budget = self._peak_bytes, runtime.cuda_memory_budget(self.device, weights)
+        else:  # the count holds neither gradients nor momentum
+            probe, budget = self._activation_bytes, runtime.cpu_memory_budget(2 * weights)
+            if budget is None:
+                return self.micro_batch
+        try:
+            return runtime.fit_micro_batch(self.local_batch, probe, budget)
+        except torch.OutOfMemoryError:
+            return 0
+        finally:
+            if self.device.type == "cuda":  # the epochs' peak memory is the training's, not the probes'
+                torch.cuda.reset_peak_memory_stats(self.device)
 
     def _probe_input(self, images: int) -> torch.Tensor:
         """``images`` blank crops in the trainer's memory format (no draw from any RNG)."""
@@ -544,6 +553,7 @@ class Trainer:
             "partial": asdict(self.totals),
             "rng": rngs,
             "world": self.procs.world,
+            "micro_batch": self.micro_batch,
             "recipe": self.record,
         }
 
@@ -597,6 +607,8 @@ class Trainer:
             self.schedule.follow_milestones(self.epoch)
             self._set_lr(self.schedule.lr)
         self.totals = EpochTotals(**state["partial"])
+        if self.cfg.micro_batch is None:  # the micro-batch it was trained with (fitted, or the whole batch)
+            self.micro_batch = min(state.get("micro_batch", self.local_batch), self.local_batch)
         if self.procs.main:
             self._truncate_metrics()
             self._export_best()
