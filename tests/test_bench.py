@@ -19,7 +19,7 @@ from verydeep.train import train
 MEASURED = ("train_img_s", "infer_img_s", "torchvision_fp32_train_img_s", "torchvision_fp32_infer_img_s",
             "train_ratio_vs_torchvision_fp32", "infer_ratio_vs_torchvision_fp32", "train_roofline_share",
             "infer_roofline_share", "roofline_tflops", "end_to_end_img_s", "end_to_end_vs_step",
-            "train_ratio_bound", "infer_ratio_bound",
+            "train_ratio_at_roofline", "infer_ratio_at_roofline",
             "dense_s_per_image", "multicrop_s_per_image", "peak_memory_gib")
 
 
@@ -60,8 +60,8 @@ def test_ratios_and_shares_are_medians_of_each_rounds_own() -> None:
     assert result["end_to_end_vs_step"] == 0.9  # rounds: 0.9, 1, 0.9
     assert result["roofline_tflops"] == 1.0 and result["precision"] == "bf16"
     assert result["train_roofline_share"] == pytest.approx(0.144)  # rounds: 0.18, 0.144, 0.12
-    assert result["train_ratio_bound"] == pytest.approx(1e12 / (8.0 * 6e9), rel=1e-3)
-    assert result["infer_ratio_bound"] == pytest.approx(1e12 / (30.0 * 2e9), rel=1e-3)
+    assert result["train_ratio_at_roofline"] == pytest.approx(1e12 / (8.0 * 6e9), rel=1e-3)
+    assert result["infer_ratio_at_roofline"] == pytest.approx(1e12 / (30.0 * 2e9), rel=1e-3)
 
 
 def test_bench_compile_runs_the_compiled_trainer(tmp_path: Path) -> None:

@@ -7,12 +7,13 @@ large ``torch.mm`` in bf16 and in fp32), torchvision's VGG in a plain fp32 loop 
 autocast) as the reference, our training step and inference as ``verydeep train`` and
 ``verydeep eval`` run them (the trainer's own step, autocast at the precision ``auto`` picks,
 channels_last; evaluation's net with its weights held in that precision), the trainer end to end
-on JPEGs (data loading included, in steady state: from the trainer's own step records, the first
-step after the loader starts left out), and dense against 150-crop evaluation (Q = 3 scales) per
-image. FLOPs per image are counted from the model (2 per multiply-accumulate of the conv and
-linear layers; a training step is taken as 3 forward passes), so each rate is also a share of the
-roofline, and the roofline over torchvision's rate bounds the ratio any implementation of the
-same arithmetic could reach.
+on JPEGs (data loading included, in steady state: from the trainer's own step records, leaving out
+a step for each loader process, and one, after the loader starts, since the batches its processes
+made while the first step waited are not the steady state), and dense against 150-crop evaluation
+(Q = 3 scales) per image. FLOPs per image are counted from the model (2 per multiply-accumulate of
+the conv and linear layers; a training step is taken as 3 forward passes), so each rate is also a
+share of the roofline, and the roofline over torchvision's rate is the ratio a net at 100% of the
+measured roofline would reach.
 """
 
 from __future__ import annotations
@@ -211,10 +212,17 @@ def bench_data(data: Path | None, scratch: Path, size: int, count: int) -> tuple
     return root, f"{count} generated {side * 4 // 3}x{side} JPEGs"
 
 
-def training_steps(settings: Settings) -> int:
+def left_out(workers: int) -> int:
+    """Steps left out of an end-to-end measurement after the loader starts: one for each of its processes
+    and one."""
+    return workers + 1
+
+
+def training_steps(settings: Settings, workers: int) -> int:
     """Training steps the bench takes from one epoch: the step alone's warm-up and rounds, then end to end the
-    warm-up and each round's steps with the one left out."""
-    return 2 * WARMUP_STEPS + 1 + settings.rounds * (2 * settings.steps + 1)
+    warm-up and each round's steps with those left out."""
+    skip = left_out(workers)
+    return 2 * WARMUP_STEPS + skip + settings.rounds * (2 * settings.steps + skip)
 
 
 def open_trainer(settings: Settings, root: Path, scratch: Path) -> Any:
@@ -228,7 +236,7 @@ def open_trainer(settings: Settings, root: Path, scratch: Path) -> Any:
                       workers=settings.workers, device=settings.device, precision="auto", progress=False,
                       compile=settings.compile)
     trainer = Trainer(cfg, runtime.Processes())
-    need = training_steps(settings)
+    need = training_steps(settings, trainer.workers)
     if trainer.sampler.steps_per_epoch < need:
         raise UserError(f"--data {settings.data}: {len(trainer.train_indices)} training images, fewer than the "
                         f"{need * settings.batch} the bench's {need} steps of {settings.batch} need")
@@ -252,8 +260,8 @@ def steady_img_s(run_dir: Path, steps: int, batch: int) -> float:
 
 def trainer_contenders(trainer: Any, steps: int) -> dict[str, Callable[[], float]]:
     """Our training step (the trainer's own, on one loaded batch), inference as evaluation runs it,
-    and the trainer end to end (data loading included; the loader's first step after it starts
-    left out), each as images per second over ``steps``."""
+    and the trainer end to end (data loading included; the steps :func:`left_out` after the loader starts
+    not counted), each as images per second over ``steps``."""
     device = trainer.device
     model = inference_net(trainer)
     loaded, shifts = next(iter(trainer.loader))
@@ -272,7 +280,7 @@ def trainer_contenders(trainer: Any, steps: int) -> dict[str, Callable[[], float
             model(x)
 
     def end_to_end(count: int = steps) -> float:
-        target = trainer.step + 1 + count
+        target = trainer.step + left_out(trainer.workers) + count
         trainer.cfg = replace(trainer.cfg, stop_after_steps=target)
         if trainer.train_epoch() or trainer.step != target:
             raise UserError("the bench ran out of training images within an epoch; give more with --data")
@@ -356,7 +364,8 @@ def run_bench(settings: Settings) -> dict[str, Any]:
     device = runtime.pick_device(settings.device)
     dtype = runtime.autocast_dtype(device, "auto")
     with tempfile.TemporaryDirectory() as scratch:
-        need = (training_steps(settings) + 1) * settings.batch
+        workers = runtime.default_workers() if settings.workers is None else settings.workers
+        need = (training_steps(settings, workers) + 1) * settings.batch
         root, source = bench_data(settings.data, Path(scratch), settings.size, need)
         trainer = open_trainer(settings, root, Path(scratch))
         photo = next(p for p in sorted((root / "train").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg"))
@@ -405,8 +414,8 @@ def summarise(rounds: dict[str, list[float]], macs: int, dtype: torch.dtype | No
         "torchvision_fp32_infer_img_s": sig(m["torchvision_infer"]),
         "train_ratio_vs_torchvision_fp32": ratio("train", "torchvision_train"),
         "infer_ratio_vs_torchvision_fp32": ratio("infer", "torchvision_infer"),
-        "train_ratio_bound": sig(roofline * 1e12 / (m["torchvision_train"] * train_flops)),
-        "infer_ratio_bound": sig(roofline * 1e12 / (m["torchvision_infer"] * infer_flops)),
+        "train_ratio_at_roofline": sig(roofline * 1e12 / (m["torchvision_train"] * train_flops)),
+        "infer_ratio_at_roofline": sig(roofline * 1e12 / (m["torchvision_infer"] * infer_flops)),
         "train_roofline_share": share("train", train_flops, f"gemm_{precision}_tflops"),
         "infer_roofline_share": share("infer", infer_flops, f"gemm_{precision}_tflops"),
         "torchvision_fp32_train_roofline_share": share("torchvision_train", train_flops, "gemm_fp32_tflops"),
@@ -437,8 +446,8 @@ def render(result: dict[str, Any]) -> str:
         f"{'verydeep ' + result['precision']:<24}{result['train_img_s']:>12.1f}{result['train_roofline_share']:>8.0%}"
         f"{result['infer_img_s']:>13.1f}{result['infer_roofline_share']:>8.0%}",
         f"ratio vs torchvision fp32: train {result['train_ratio_vs_torchvision_fp32']:.2f}x "
-        f"(at the roofline {result['train_ratio_bound']:.2f}x), inference "
-        f"{result['infer_ratio_vs_torchvision_fp32']:.2f}x (at the roofline {result['infer_ratio_bound']:.2f}x)",
+        f"(at the roofline {result['train_ratio_at_roofline']:.2f}x), inference "
+        f"{result['infer_ratio_vs_torchvision_fp32']:.2f}x (at the roofline {result['infer_ratio_at_roofline']:.2f}x)",
         f"end to end (data loading included): {result['end_to_end_img_s']:.1f} img/s, "
         f"{result['end_to_end_vs_step']:.0%} of the step",
         f"evaluation per image over Q={','.join(map(str, s['test_scales']))}: dense "
