@@ -3,8 +3,9 @@
 A CPU allocator counts nothing, so without ``--micro-batch`` the trainer counts what the forward pass
 saves for the backward pass (and room for the gradients flowing back) on two probes, and adds the
 gradients and momentum still to come (``Trainer._activation_bytes``). This script builds the trainer
-as ``verydeep train`` would on a folder of JPEGs, prints that count for the batch, then takes two real
-training steps of it and prints how much the process's peak resident memory grew, and their ratio.
+as ``verydeep train --micro-batch`` would on a folder of JPEGs (the batch whole, so no probe runs
+first), takes two real training steps and reads how much the process's peak resident memory grew,
+then counts, and prints both and their ratio.
 
     python benchmarks/memory_fit.py --config D --width 0.5 --size 128 --batch 16
     python benchmarks/memory_fit.py --config D --width 1 --size 224 --batch 8 --json
@@ -19,7 +20,9 @@ import tempfile
 from pathlib import Path
 
 from verydeep import runtime
-from verydeep.bench import DEFAULT_DATA, Settings, bench_data, open_trainer
+from verydeep.bench import DEFAULT_DATA, bench_data
+from verydeep.recipe import TrainConfig
+from verydeep.train import Trainer
 
 
 def peak_rss_bytes() -> int:
@@ -37,25 +40,28 @@ def main() -> None:
                              "generated)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
-    settings = Settings(args.config, args.size, args.width, args.batch, 1, 1, "cpu", 64, args.data, 0)
-    runtime.keep_freed_memory()
     with tempfile.TemporaryDirectory() as scratch:
         root, source = bench_data(args.data, Path(scratch), args.size, 4 * args.batch)
-        trainer = open_trainer(settings, root, Path(scratch))
-        weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
-        counted = trainer._activation_bytes(args.batch) + 2 * weights
+        scale = round(args.size * 8 / 7)
+        cfg = TrainConfig(data=str(root), out=str(Path(scratch) / "run"), config=args.config, width=args.width,
+                          crop=args.size, scale=(scale, scale), batch_size=args.batch, micro_batch=args.batch,
+                          epochs=1, workers=0, device="cpu", precision="auto", progress=False)
+        trainer = Trainer(cfg, runtime.Processes())
+        trainer.run_dir.mkdir(parents=True, exist_ok=True)  # for the step records, as a run makes it
         before = peak_rss_bytes()
         loaded, shifts = next(iter(trainer.loader))
         for _ in range(2):
             trainer._finish_step(trainer._micro_step(loaded, shifts, sync=True), args.batch, 0, 0.0)
         grown = peak_rss_bytes() - before
+        weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+        counted = trainer._activation_bytes(args.batch) + 2 * weights
     print(f"VGG-{args.config} width {args.width:g}, {args.batch} crops of {args.size} ({source}): counted "
           f"{counted / 2**20:.0f} MiB, the peak grew by {grown / 2**20:.0f} MiB over two steps "
-          f"(count / measured {counted / max(grown, 1):.2f}; the probes' own peak is in the baseline)")
+          f"(count / measured {counted / max(grown, 1):.2f})")
     if args.json:
         print(json.dumps({"config": args.config, "width": args.width, "size": args.size, "batch": args.batch,
                           "counted_bytes": counted, "measured_growth_bytes": grown,
-                          "ratio": counted / max(grown, 1), "micro_batch": trainer.micro_batch}))
+                          "ratio": counted / max(grown, 1)}))
 
 
 if __name__ == "__main__":
