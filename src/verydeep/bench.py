@@ -258,12 +258,11 @@ def steady_img_s(run_dir: Path, steps: int, batch: int) -> float:
     return steps * batch / sum(batch / r["img_s"] for r in records)
 
 
-def trainer_contenders(trainer: Any, steps: int) -> dict[str, Callable[[], float]]:
-    """Our training step (the trainer's own, on one loaded batch), inference as evaluation runs it,
-    and the trainer end to end (data loading included; the steps :func:`left_out` after the loader starts
-    not counted), each as images per second over ``steps``."""
+def trainer_contenders(trainer: Any, model: nn.Module, steps: int) -> dict[str, Callable[[], float]]:
+    """Our training step (the trainer's own, on one loaded batch), inference of ``model`` (the trainer's net
+    as :func:`inference_net` holds it), and the trainer end to end (data loading included; the steps
+    :func:`left_out` after the loader starts not counted), each as images per second over ``steps``."""
     device = trainer.device
-    model = inference_net(trainer)
     loaded, shifts = next(iter(trainer.loader))
     batch, shifts = trainer._on_device(loaded, shifts)
     images = batch.images.shape[0]
@@ -295,13 +294,13 @@ def trainer_contenders(trainer: Any, steps: int) -> dict[str, Callable[[], float
             "end_to_end": end_to_end}
 
 
-def protocol_contenders(trainer: Any, photo: Path) -> dict[str, Callable[[], float]]:
+def protocol_contenders(trainer: Any, model: nn.Module, photo: Path) -> dict[str, Callable[[], float]]:
     """Seconds per image of dense and of 150-crop multi-crop evaluation over three scales Q, with and
-    without the mirror image, of the trainer's model (held as evaluation holds it) on ``photo``."""
+    without the mirror image, of ``model`` (the trainer's net as :func:`inference_net` holds it) on ``photo``."""
     from verydeep.data import RescaleTransform, to_input
     from verydeep.evaluate import dense_posteriors, multicrop_posteriors
 
-    device, model, crop = trainer.device, inference_net(trainer), trainer.cfg.crop
+    device, crop = trainer.device, trainer.cfg.crop
     inputs = [to_input(RescaleTransform(q)(photo).unsqueeze(0).to(device), trainer.pre)
               .contiguous(memory_format=torch.channels_last) for q in test_scales(crop)]
     dense = model.dense()
@@ -369,11 +368,12 @@ def run_bench(settings: Settings) -> dict[str, Any]:
         root, source = bench_data(settings.data, Path(scratch), settings.size, need)
         trainer = open_trainer(settings, root, Path(scratch))
         photo = next(p for p in sorted((root / "train").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg"))
+        net = inference_net(trainer)
         contenders = {"gemm_bf16_tflops": gemm_tflops(device, torch.bfloat16, settings.gemm),
                       "gemm_fp32_tflops": gemm_tflops(device, torch.float32, settings.gemm),
                       **reference_contenders(settings, len(trainer.train_set.classes), device),
-                      **trainer_contenders(trainer, settings.steps),  # the loader's prefetching after the
-                      **protocol_contenders(trainer, photo)}  # end-to-end steps falls in the long multi-crop
+                      **trainer_contenders(trainer, net, settings.steps),  # the loader's prefetching after
+                      **protocol_contenders(trainer, net, photo)}  # the end-to-end steps falls in the multi-crop
         rounds = alternate(contenders, settings.rounds)
         macs = count_macs(trainer.model, settings.size)
     return summarise(rounds, macs, dtype, settings, source, machine(device), peak_memory_gib(device))
