@@ -25,6 +25,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -412,35 +413,36 @@ class Trainer:
             if self.device.type == "cuda":  # the epochs' peak memory is the training's, not the probes'
                 torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _probe_input(self, images: int) -> torch.Tensor:
-        """``images`` blank crops in the trainer's memory format (no draw from any RNG)."""
+    @contextlib.contextmanager
+    def _probing(self, images: int) -> Iterator[torch.Tensor]:
+        """``images`` blank crops in the trainer's memory format, to run through the model in eval mode (no
+        dropout draw, batch-norm statistics as they are) under autocast; train mode again after."""
         x = torch.zeros(images, 3, self.cfg.crop, self.cfg.crop, device=self.device)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        self.model.eval()
+        try:
+            with runtime.autocast(self.device, self.dtype):
+                yield x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        finally:
+            self.model.train()
 
     def _peak_bytes(self, images: int) -> int:
-        """Peak CUDA memory of a forward and backward pass on ``images`` blank crops; in eval mode, so that
-        no dropout draws and batch-norm statistics stay as they are; the gradients are dropped after."""
-        model, device = self.model, self.device
-        x = self._probe_input(images)
-        model.eval()
-        torch.cuda.reset_peak_memory_stats(device)
+        """Peak CUDA memory of a forward and backward pass on ``images`` blank crops (:meth:`_probing`); the
+        gradients are dropped after."""
+        torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            with runtime.autocast(device, self.dtype):
-                model(x).float().sum().backward()
-            torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device)
+            with self._probing(images) as x:
+                self.model(x).float().sum().backward()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
         finally:
-            model.zero_grad(set_to_none=True)
-            model.train()
+            self.model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
     def _activation_bytes(self, images: int) -> int:
         """Memory beyond the weights that a training step on ``images`` crops holds at its peak, as a CPU
-        measures nothing of it: what the forward pass saves for the backward pass (each storage once, the
-        weights not), and twice the largest of it for the gradients flowing through the backward pass. In
-        eval mode, on blank crops: nothing drawn, batch-norm statistics as they are."""
-        model = self.model
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        measures nothing of it: what the forward pass (:meth:`_probing`) saves for the backward pass (each
+        storage once, the weights not), and twice the largest of it for the gradients flowing back."""
+        weights = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         saved: dict[int, int] = {}
 
         def keep(tensor: torch.Tensor) -> torch.Tensor:
@@ -449,13 +451,8 @@ class Trainer:
                 saved[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        model.eval()
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-                with runtime.autocast(self.device, self.dtype):
-                    model(self._probe_input(images))
-        finally:
-            model.train()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), self._probing(images) as x:
+            self.model(x)
         return sum(saved.values()) + 2 * max(saved.values(), default=0)
 
     def _from_published(self) -> tuple[VGG, str, dict[str, Any]]:
