@@ -9,10 +9,13 @@ import torch
 
 from verydeep.checkpoint import load_weights
 from verydeep.cli import main
+from verydeep.data import carve_validation
 from verydeep.demo import DIGIT_NAMES, write_digits
+from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow
 from verydeep.metrics import paired_difference
-from verydeep.reproduce import NETS, PRESETS, Measured, Net, Preset, claims, fuse, reproduce
+from verydeep.plot import read_metrics
+from verydeep.reproduce import NETS, PRESETS, Measured, Net, Preset, claims, fuse, reproduce, shard_of
 from verydeep.runtime import Processes
 from verydeep.train import Trainer, train
 
@@ -205,3 +208,82 @@ def test_reproduce_cli_rejects_unknown_nets(tmp_path, capsys):
     assert main(["reproduce", "--data", str(tmp_path), "--nets", "A,Z"]) == 2
     assert "--nets: unknown Z" in capsys.readouterr().err
     assert {n.name for n in NETS} >= set(PRESETS["cifar10"].nets)
+
+
+def test_the_seed_mean_must_pass_its_own_margin_before_a_claim_holds_across_seeds():
+    preset = Preset(crop=32, width=1, epochs=1)
+    nets = [Net("A", "A", (256, 256)), Net("D", "D", (256, 256), parent="A")]
+    nets += [net.replica(seed, ("A", "D")) for seed in (1, 2) for net in nets[:2]]
+    a_wrong = np.arange(1000) < 300
+
+    def depth(*d_wrong_per_seed):
+        rows = []
+        for seed, d_wrong in enumerate(d_wrong_per_seed):
+            suffix = f"-s{seed}" if seed else ""
+            rows += [measured(f"A{suffix}", a_wrong), measured(f"D{suffix}", d_wrong)]
+        return next(c for c in claims(rows, nets, preset) if c.claim == "Error falls with depth: D beats A")
+
+    # each seed's paired test holds (D fixes some of A's mistakes, makes none), by 20, 2 and 2 points:
+    # the mean over seeds, 8 points, lies within two of its standard errors (12 points)
+    spread = depth(np.arange(1000) < 100, np.arange(1000) < 280, np.arange(1000) < 280)
+    assert spread.verdict.startswith("inconclusive (each seed held, but the mean over seeds +8.00 pp")
+    assert "per seed +20.00, +2.00, +2.00" in spread.seed_spread
+    steady = depth(np.arange(1000) < 270, np.arange(1000) < 280, np.arange(1000) < 260)
+    assert steady.verdict == "held (each of 3 seeds)"
+
+
+def test_validation_is_carved_from_training_class_balanced_and_fixed_by_the_seed():
+    targets = [c for c in range(4) for _ in range(10)] + [4] * 3  # the last class is small
+    train0, val0 = carve_validation(targets, 12, seed=0)
+    assert sorted(train0 + val0) == list(range(len(targets))) and not set(train0) & set(val0)
+    per_class = np.bincount([targets[i] for i in val0], minlength=5)
+    assert per_class.tolist() == [3, 3, 2, 2, 2]  # round-robin over the classes
+    assert carve_validation(targets, 12, seed=0) == (train0, val0)
+    assert carve_validation(targets, 12, seed=1)[1] != val0
+    with pytest.raises(UserError, match="--val-split"):
+        carve_validation(targets, len(targets), seed=0)
+
+
+def test_a_held_out_validation_split_decides_the_schedule_and_no_test_image_does(tmp_path, monkeypatch):
+    data = write_digits(tmp_path / "data")
+    test_images = {str(p) for p in (data / "val").rglob("*.png")}
+    read_by_validation: set[str] = set()
+    real_validate = Trainer.validate
+
+    def watched(self):
+        read_by_validation.update(str(self.val_set.samples[i][0]) for i in self.val_indices)
+        return real_validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", watched)
+    preset = replace(PRESETS["cifar10-depth"], epochs=2, milestones=(1,), width=1 / 16, nets=("A",), seeds=2,
+                     workers=0, limit_train=100, limit_test=30, batch_size=25, val_split=20)
+    result = reproduce(data, preset, "cifar10-depth", tmp_path / "run", device="cpu", progress=False)
+    assert read_by_validation and not read_by_validation & test_images
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    for net in saved["nets"]:
+        run_dir = tmp_path / "run" / "nets" / net["name"]
+        record = json.loads((run_dir / "recipe.json").read_text())
+        held = {str(data / "train" / p) for p in net["validation"]["paths"]}
+        assert net["validation"]["images"] == 20 and len(held) == 20 and held <= read_by_validation
+        assert net["training"]["images"] == 100 and record["val_split"] == 20
+        assert all(r["val_images"] == 20 for r in read_metrics(run_dir)[1])
+        assert [r["lr"] for r in read_metrics(run_dir)[1]] == [0.01, 0.001]  # the milestone, not the plateau
+    assert saved["nets"][0]["validation"]["paths"] != saved["nets"][1]["validation"]["paths"]  # seeds 0 and 1
+    assert [n.test_top1_error is not None for n in result.nets] == [True, True]
+    assert "The nets as trained" in (tmp_path / "run" / "REPRODUCTION.md").read_text()
+
+
+def test_shards_split_a_seeded_reproduction_by_seed_with_parents_inside():
+    preset = replace(PRESETS["cifar10-depth"], seeds=3)
+    one, two = shard_of(preset, 1, 2), shard_of(preset, 2, 2)
+    assert [n.name for n in one] == ["A", "D", "B", "E", "A-s2", "D-s2", "B-s2", "E-s2"]
+    assert [n.name for n in two] == ["A-s1", "D-s1", "B-s1", "E-s1"]
+    for part in (one, two):
+        names = [n.name for n in part]
+        assert all(names.index(n.parent) < names.index(n.name) for n in part if n.parent)
+
+
+def test_reproduce_refuses_a_milestone_past_the_budget(tmp_path, capsys):
+    args = ["reproduce", "--data", str(tmp_path), "--preset", "cifar10-depth", "--budget", "10", "--milestones", "5,10"]
+    assert main(args) == 2
+    assert "--milestones 5,10: each must be below the epoch budget 10" in capsys.readouterr().err

@@ -119,6 +119,9 @@ class TrainConfig:
                                      minimum=1, parse=int)
     limit_val: int | None = option(None, "use a class-balanced subset of this many validation images", "images",
                                    minimum=1, parse=int)
+    val_split: int | None = option(None, "validate on this many training images, held out class-balanced (chosen "
+                                         "by --seed) and not trained on, instead of val/: the test images then "
+                                         "decide nothing", "images", minimum=1, parse=int)
     # optimisation
     lr: float = option(1e-2, "initial learning rate", "optimisation", minimum=POSITIVE)
     lr_copied: float | None = option(None, "initial learning rate of the layers copied from --weights (default "
@@ -185,6 +188,9 @@ class TrainConfig:
             raise UserError("--weights and --init-from both say where to start: give one")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: continue the run, or start it anew")
+        if self.val_split is not None and self.limit_val is not None:
+            raise UserError(f"--limit-val {self.limit_val} and --val-split {self.val_split}: the split is the "
+                            "validation set, its size is --val-split; give one")
         if self.crop % 32:
             raise UserError(f"--crop must be a multiple of 32 (five 2x2 poolings); got {self.crop}")
 

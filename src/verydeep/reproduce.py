@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from verydeep import report
+from verydeep.checkpoint import atomic_write
 from verydeep.cli import device_name, natural_int, output_dir, positive_float, positive_int
 from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow, PaperFigures
 from verydeep.metrics import PairedDifference, paired_difference, topk_correct, topk_error
 from verydeep.paper import PaperNet, scale_text, single_test_scale
 from verydeep.plot import read_metrics
-from verydeep.recipe import TrainConfig
+from verydeep.recipe import TrainConfig, parse_milestones
 from verydeep.report import Column, Row, Table
 
 
@@ -115,6 +116,8 @@ class Preset:
     limit_train: int | None = None
     limit_test: int | None = None
     limit_val: int | None = 1000  # the class-balanced test images that the plateau rule watches
+    val_split: int | None = None  # instead: validate on this many held-out training images (test images decide nothing)
+    milestones: tuple[int, ...] = ()  # a fixed schedule (lr / 10 after each), instead of the plateau rule
     workers: int = 2
     patience: int = 2  # the paper's rule: lr / 10 when validation top-1 stops improving, at most 3 times
     fixed_protocols: tuple[str, ...] = ("dense",)  # jittered nets always get dense, multi-crop and both
@@ -138,17 +141,18 @@ class Preset:
         """``net``'s training settings: the paper's (TrainConfig's defaults), overridden by every field of
         this preset that is also a training setting (crop, width, epochs, batch size, lr, ...), then by
         where ``net`` starts from under the protocol."""
-        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
+        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)} - {"milestones"}
         run_dir = nets_dir / net.name
         cfg = replace(TrainConfig(), **{name: getattr(self, name) for name in shared}, data=str(data),
                       out=str(run_dir), config=net.config, scale=self.scale(net.scale), seed=net.seed,
-                      device=device, progress=progress, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+                      device=device, progress=progress, resume=(run_dir / "checkpoints" / "last.pt").is_file(),
+                      milestones=list(self.milestones))
         parent = self.starts_from(net)
         if parent is None:
             return cfg
         cfg = replace(cfg, init_from=str(nets_dir / parent / "checkpoints" / "last.pt"))
-        if self.fine_tuned(net, by_name):
-            cfg = replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs)
+        if self.fine_tuned(net, by_name):  # a short fine-tuning: the plateau rule within its few epochs
+            cfg = replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs, milestones=[])
         return cfg
 
     def members(self) -> list[Net]:
@@ -176,6 +180,11 @@ PRESETS: dict[str, Preset] = {
     "cifar10": Preset(crop=32, width=0.25, epochs=14, finetune_epochs=5, seeds=2,
                       nets=("A", "D", "B", "E", "A-LRN", "C", "D-jitter", "E-jitter")),
     "imagenette": Preset(crop=112, width=0.25, epochs=30, batch_size=64),
+    # the depth claim trained to convergence: A, B, D and E, four seeds each, a fixed schedule, validation
+    # held out of the training images (docs/REPRODUCTION.md)
+    "cifar10-depth": Preset(crop=32, width=0.25, epochs=45, milestones=(25, 35, 40), nets=("A", "D", "B", "E"),
+                            seeds=4, seeded=("A", "B", "D", "E"), stop_patience=None, limit_val=None,
+                            val_split=2000, workers=1),
     # the demo: 8x8 digits lose too much under S in [36, 73], so one net A at S = 36, all protocols
     "digits": Preset(crop=32, width=0.25, epochs=12, batch_size=32, nets=("A",), limit_val=None,
                      fixed_protocols=("dense", "multicrop", "dense+multicrop")),
@@ -191,7 +200,8 @@ def train_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
     done = nets_dir / net.name / "train_summary.json"
     if not done.is_file():
         summary = train(preset.train_config(net, by_name, data, nets_dir, device, progress))
-        done.write_text(json.dumps(summary.to_dict(), indent=1))
+        text = json.dumps(summary.to_dict(), indent=1)
+        atomic_write(done, lambda tmp: Path(tmp).write_text(text))
     return nets_dir / net.name
 
 
@@ -374,7 +384,9 @@ def seed_spread(better: str, worse: str, nets: list[Net], row_of: RowOf) -> str:
     both = sorted(set(a) & set(b))
     if len(both) >= 2:
         diffs = [b[s] - a[s] for s in both]
-        return f"difference over {len(both)} seeds: {np.mean(diffs):+.2f} +- {np.std(diffs, ddof=1):.2f} pp"
+        margin = 2 * np.std(diffs, ddof=1) / math.sqrt(len(diffs))
+        return f"difference over {len(both)} seeds: {np.mean(diffs):+.2f} +- {np.std(diffs, ddof=1):.2f} pp " \
+               f"(2 s.e. of the mean {margin:.2f} pp; per seed {', '.join(f'{d:+.2f}' for d in diffs)})"
     for name, errs in ((better, a), (worse, b)):
         if len(errs) >= 2:
             return f"{name}'s error over {len(errs)} seeds: {np.mean(list(errs.values())):.2f} +- " \
@@ -411,16 +423,30 @@ def claims(measured: list[Measured], nets: list[Net], preset: Preset) -> list[Cl
 
 
 def _across_seeds(better: str, worse: str, nets: list[Net], row_of: RowOf) -> str | None:
-    """The verdict over every seed both nets were trained with (None with fewer than two): held or did
-    not hold when the paired test says so for each seed, else that the seeds disagree."""
-    pairs = [(row_of(a.name), row_of(b.name)) for a in _replicas(better, nets) for b in _replicas(worse, nets)
-             if a.seed == b.seed]
-    verdicts = {_verdict(a, b)[0] for a, b in pairs if a is not None and b is not None}
-    if len(pairs) < 2 or not verdicts:
+    """The verdict over every seed both nets were trained with (None with fewer than two): held (or did
+    not hold) when each seed's paired test says so and the mean difference over the seeds lies beyond
+    two of its standard errors (training's noise, as the paired test measures the test set's); else
+    inconclusive, with the reason."""
+    pairs = [(a, b) for x in _replicas(better, nets) for y in _replicas(worse, nets)
+             if x.seed == y.seed and (a := row_of(x.name)) is not None and (b := row_of(y.name)) is not None]
+    if len(pairs) < 2:
         return None
-    if len(verdicts) == 1:
-        return f"{verdicts.pop()} (each of {len(pairs)} seeds)"
-    return f"inconclusive (seeds disagree: {', '.join(sorted(verdicts))})"
+    verdicts = {_verdict(a, b)[0] for a, b in pairs}
+    if len(verdicts) > 1:
+        return f"inconclusive (seeds disagree: {', '.join(sorted(verdicts))})"
+    verdict = verdicts.pop()
+    mean, margin = _seed_mean(pairs)
+    if verdict in ("held", "did not hold") and abs(mean) <= margin:
+        return f"inconclusive (each seed {verdict}, but the mean over seeds {mean:+.2f} pp is within 2 s.e. " \
+               f"{margin:.2f} pp)"
+    return f"{verdict} (each of {len(pairs)} seeds)"
+
+
+def _seed_mean(pairs: list[tuple[Measured, Measured]]) -> tuple[float, float]:
+    """The mean over seeds of the top-1 difference (pp, positive: the first net is better) and two
+    standard errors of that mean."""
+    diffs = np.array([100 * (b.row.top1_error - a.row.top1_error) for a, b in pairs])
+    return float(diffs.mean()), float(2 * diffs.std(ddof=1) / math.sqrt(len(diffs)))
 
 
 def _protocol_claims(measured: list[Measured], nets: list[Net], multi: Callable[..., Measured | None],
@@ -532,16 +558,21 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
              f"{preset.finetune_epochs} epochs" if preset.protocol == "paper" else "every net from random weights")
     stop = f"; a net stops once validation has not improved for {preset.stop_patience} epochs" \
         if preset.stop_patience else ""
+    schedule = (f"lr {preset.lr:g} divided by 10 after epochs {', '.join(map(str, preset.milestones))} (a fixed "
+                "schedule)" if preset.milestones else
+                f"lr {preset.lr:g} divided by 10 when validation top-1 has not improved for {preset.patience} "
+                "epochs (at most 3 times, Sec. 3.1)")
+    validation = (f"{preset.val_split} class-balanced training images held out by each net's seed (not trained on; "
+                  "no test image decides anything)" if preset.val_split else
+                  f"{preset.limit_val or 'all the'} class-balanced test images")
     return [
         f"- data: `{data}`; command: `{command}`",
         f"- hardware: {_hardware(device)}; wall time {total / 60:.1f} min "
         f"({', '.join(f'{k} {v / 60:.1f}' for k, v in seconds.items())} min)",
         f"- every net: width x{preset.width:g}, crop {preset.crop} (the paper's 224 x {preset.crop / 224:.3f}), "
         f"at most {preset.epochs} epochs, batch {preset.batch_size}, SGD momentum 0.9, weight decay 5e-4, dropout "
-        f"0.5, lr {preset.lr:g} divided by 10 when validation top-1 has not improved for {preset.patience} epochs "
-        f"(at most 3 times, Sec. 3.1){stop}, init `{preset.init}`, no batch norm",
-        f"- protocol `{preset.protocol}`: {start}; validation on "
-        f"{preset.limit_val or 'all the'} class-balanced test images",
+        f"0.5, {schedule}{stop}, init `{preset.init}`, no batch norm",
+        f"- protocol `{preset.protocol}`: {start}; validation on {validation}",
         f"- seeds: {preset.seeds} ({', '.join(preset.seeded)} trained {preset.seeds} times; a replica starts from "
         "its own seed's parent, so replicas share no training)" if preset.seeds > 1 else "- seeds: 1",
         f"- training scales: S = 256 -> {preset.scale((256, 256))[0]}, 384 -> {preset.scale((384, 384))[0]}, "
@@ -552,11 +583,32 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
     ]
 
 
+def nets_table(trained: list[NetRecord]) -> Table:
+    """Each net as it ended: epochs, final lr and training loss, how flat its last three epochs were,
+    and its test errors at Q = S."""
+    def change(value: float | None) -> str:
+        return "-" if value is None else f"{value:+.3f}"
+
+    rows = [Row((n.name, str(n.seed), n.init_from and Path(n.init_from).parent.parent.name or "random",
+                 str(n.epochs), f"{n.final_lr:g}", f"{n.final_train_loss:.3f}", change(n.train_loss_change_last3),
+                 change(n.val_error_change_last3),
+                 "-" if n.test_top1_error is None else f"{n.test_top1_error:.2f} / {n.test_top5_error:.2f}"))
+            for n in trained]
+    return Table("The nets as trained", [Column("net"), Column("seed"), Column("from"), Column("epochs"),
+                                         Column("final lr"), Column("final training loss"),
+                                         Column("loss change, last 3 epochs"),
+                                         Column("validation error change, last 3 epochs (pp)"),
+                                         Column("test top-1 / top-5 error %, Q = S")], rows, empty="(no net)")
+
+
 def report_markdown(preset_name: str, preset: Preset, data: Path, tables: dict[str, PaperTable],
-                    checked: list[Claim], seconds: dict[str, float], device: str, command: str) -> str:
-    """``REPRODUCTION.md``: settings, Tables 3-6 beside the paper's, the claims and where the figures come from."""
+                    checked: list[Claim], trained: list[NetRecord], seconds: dict[str, float], device: str,
+                    command: str) -> str:
+    """``REPRODUCTION.md``: settings, the nets, Tables 3-6 beside the paper's, the claims and where the
+    figures come from."""
     lines = [f"# Reproduction at small scale: preset `{preset_name}`", "",
-             *_settings_lines(preset, data, device, command, seconds), ""]
+             *_settings_lines(preset, data, device, command, seconds), "",
+             f"## {nets_table(trained).title}", "", nets_table(trained).markdown(), ""]
     claims_table = Table("The paper's claims at this scale",
                          [Column("claim"), Column("verdict"), Column("top-1 error, ours (winner vs loser)"),
                           Column("spread over seeds")],
@@ -585,6 +637,7 @@ class Reproduction:
     settings: Preset
     tables: dict[str, PaperTable]
     claims: list[Claim]
+    nets: list[NetRecord]
     seconds: dict[str, float]
     markdown: str
 
@@ -610,38 +663,110 @@ def fusions(measured: list[Measured], nets: list[Net]) -> list[Measured]:
     return out
 
 
-def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: str = "auto",
-              progress: bool = True, command: str = "") -> Reproduction:
-    """Train every net of ``preset`` (resumably, in order, each from its parent under the paper's
-    protocol), evaluate each with the paper's protocols as soon as it is trained, fuse, report."""
+@dataclass(frozen=True)
+class Trained:
+    """The nets trained and measured so far: their run directories, rows and time spent."""
+
+    run_dirs: dict[str, Path]
+    measured: list[Measured]
+    seconds: dict[str, float]
+
+
+def train_and_measure(order: list[Net], preset: Preset, data: Path, out: Path, device: str,
+                      progress: bool) -> Trained:
+    """Train each net of ``order`` (resumably, each from its parent under the paper's protocol) and
+    evaluate it on the test images as soon as it is trained, so that a cut-short run still reports."""
     from verydeep.data import find_split
 
     find_split(data, "train")
     test = find_split(data, "val")
-    order = preset.members()
-    by_name = {n.name: n for n in order}
-    nets = sorted(order, key=lambda n: ([m.name for m in NETS].index(n.base), n.seed))  # the tables' order
+    by_name = {n.name: n for n in preset.members()}
     out.mkdir(parents=True, exist_ok=True)
-    run_dirs: dict[str, Path] = {}
-    seconds = {"training": 0.0, "evaluation": 0.0}
-    measured: list[Measured] = []
-    for net in order:  # each net is evaluated as soon as it is trained, so a cut-short run still reports
-        run_dirs[net.name] = train_net(net, by_name, preset, data, out, device, progress)
-        seconds["training"] += sum(r["seconds"] for r in _epochs(run_dirs[net.name]))
+    done = Trained({}, [], {"training": 0.0, "evaluation": 0.0})
+    for net in order:
+        run_dir = done.run_dirs[net.name] = train_net(net, by_name, preset, data, out, device, progress)
+        done.seconds["training"] += sum(r["seconds"] for r in _epochs(run_dir))
         protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
-        rows, spent = evaluate_net(net.name, run_dirs[net.name], test, protocols, preset.limit_test, out, device,
-                                   progress)
-        seconds["evaluation"] += spent
-        measured += rows
-    measured += fusions(measured, nets)
+        rows, spent = evaluate_net(net.name, run_dir, test, protocols, preset.limit_test, out, device, progress)
+        done.seconds["evaluation"] += spent
+        done.measured.extend(rows)
+    return done
+
+
+def shard_of(preset: Preset, part: int, parts: int) -> list[Net]:
+    """The nets of part ``part`` (1-based) of ``parts``: those whose seed is ``part - 1`` modulo
+    ``parts``. A replica's parent has its seed, so each part trains on its own; several processes
+    (one per core) train a seeded reproduction side by side into the same ``--out``."""
+    return [net for net in preset.members() if net.seed % parts == part - 1]
+
+
+def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: str = "auto",
+              progress: bool = True, command: str = "") -> Reproduction:
+    """Train every net of ``preset`` (nets already trained, for instance by ``--shard`` processes, are
+    read back), evaluate each with the paper's protocols, fuse, report."""
+    order = preset.members()
+    nets = sorted(order, key=lambda n: ([m.name for m in NETS].index(n.base), n.seed))  # the tables' order
+    done = train_and_measure(order, preset, data, out, device, progress)
+    measured = done.measured + fusions(done.measured, nets)
     tables = paper_tables(measured, nets, preset)
     checked = claims(measured, nets, preset)
-    plot(run_dirs, measured, nets, preset, out)
-    markdown = report_markdown(preset_name, preset, data, tables, checked, seconds, device, command)
-    (out / "REPRODUCTION.md").write_text(markdown)
-    result = Reproduction(preset_name, preset, tables, checked, seconds, markdown)
-    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
+    plot(done.run_dirs, measured, nets, preset, out)
+    trained = [net_record(net, done.run_dirs[net.name], measured, preset) for net in nets]
+    markdown = report_markdown(preset_name, preset, data, tables, checked, trained, done.seconds, device, command)
+    atomic_write(out / "REPRODUCTION.md", lambda tmp: Path(tmp).write_text(markdown))
+    result = Reproduction(preset_name, preset, tables, checked, trained, done.seconds, markdown)
+    text = json.dumps(result.to_dict(), indent=1)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
     return result
+
+
+@dataclass(frozen=True)
+class NetRecord:
+    """One trained net as ``results.json`` lists it: where it started, how its training ended (the
+    change of training loss and validation error over its last three epochs says whether it was
+    flat), the images it was trained and validated on, and its test errors at Q = S."""
+
+    name: str
+    config: str
+    seed: int
+    init_from: str | None
+    epochs: int
+    final_lr: float
+    final_train_loss: float
+    train_loss_change_last3: float | None
+    val_error_change_last3: float | None
+    training: dict[str, Any]
+    validation: dict[str, Any]
+    test_top1_error: float | None
+    test_top5_error: float | None
+
+
+def net_record(net: Net, run_dir: Path, measured: list[Measured], preset: Preset) -> NetRecord:
+    """``net``'s :class:`NetRecord` from its run directory and its rows."""
+    record = json.loads((run_dir / "recipe.json").read_text())
+    epochs = _epochs(run_dir)
+    losses = [r["train_loss"] for r in epochs]
+    errors = [100 - r["val_top1"] for r in epochs if r.get("val_top1") is not None]
+    row = _find(measured, [net.name], "dense", _single_scale(net, preset))
+    return NetRecord(net.name, net.config, net.seed, record.get("init_from"), len(epochs), epochs[-1]["lr"],
+                     losses[-1], _change_last3(losses), _change_last3(errors),
+                     {**record.get("training", {}),
+                      "excluding": "the validation images" if record.get("val_split") else None},
+                     record.get("validation", {}), row and 100 * row.row.top1_error,
+                     row and 100 * row.row.top5_error)
+
+
+def _change_last3(values: list[float]) -> float | None:
+    """The change over the last three epochs (last minus three before it); None when shorter."""
+    return values[-1] - values[-4] if len(values) >= 4 else None
+
+
+def shard(value: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with 1 <= K <= N."""
+    part, _, parts = value.partition("/")
+    if not (part.isdigit() and parts.isdigit() and 1 <= int(part) <= int(parts)):
+        raise argparse.ArgumentTypeError(f"must be K/N with 1 <= K <= N (e.g. 1/2); got {value!r}")
+    return int(part), int(parts)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -661,6 +786,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=positive_int, default=None,
                    help="train the nets that decide the depth claim (A, D) this many times, with different seeds")
     p.add_argument("--width", type=positive_float, default=None, help="width multiplier of every net")
+    p.add_argument("--val-split", type=positive_int, default=None,
+                   help="validate on N class-balanced training images held out by each net's seed, instead of test "
+                        "images (the test images then decide nothing)")
+    p.add_argument("--milestones", type=parse_milestones, default=None,
+                   help="a fixed schedule: lr / 10 after each of these comma-separated epochs, instead of the "
+                        "plateau rule")
+    p.add_argument("--shard", type=shard, default=None,
+                   help="K/N: train and evaluate only the nets whose seed is K-1 modulo N, without the report; run "
+                        "N such processes side by side into one --out, then the same command without --shard")
     p.add_argument("--nets", default=None, help=f"comma-separated subset of {','.join(n.name for n in NETS)} "
                                                 "(under --protocol paper their parents are trained too)")
     p.add_argument("--batch-size", type=positive_int, default=None)
@@ -676,8 +810,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     changes = {"epochs": args.budget, "finetune_epochs": args.finetune_budget, "stop_patience": args.stop_patience,
                "seeds": args.seeds, "protocol": args.protocol, "width": args.width, "batch_size": args.batch_size,
-               "limit_train": args.limit_train, "limit_test": args.limit_test, "workers": args.workers}
+               "limit_train": args.limit_train, "limit_test": args.limit_test, "workers": args.workers,
+               "val_split": args.val_split, "milestones": args.milestones and tuple(args.milestones)}
     preset = replace(PRESETS[args.preset], **{k: v for k, v in changes.items() if v is not None})
+    if preset.val_split is not None:
+        preset = replace(preset, limit_val=None)  # the held-out training images are the validation set
+    if preset.milestones and max(preset.milestones) >= preset.epochs:
+        raise UserError(f"--milestones {','.join(map(str, preset.milestones))}: each must be below the epoch budget "
+                        f"{preset.epochs} (--budget)")
     if args.nets is not None:
         wanted = tuple(dict.fromkeys(n.strip() for n in args.nets.split(",") if n.strip()))
         unknown = [n for n in wanted if n not in {net.name for net in NETS}]
@@ -686,6 +826,13 @@ def run_cli(args: argparse.Namespace) -> None:
             raise UserError(f"--nets: {named}; choose from {', '.join(n.name for n in NETS)}")
         preset = replace(preset, nets=wanted)
     out = Path(args.out or f"runs/reproduce-{args.preset}")
+    if args.shard is not None:
+        part, parts = args.shard
+        done = train_and_measure(shard_of(preset, part, parts), preset, Path(args.data), out, args.device,
+                                 not args.no_progress)
+        print(f"shard {part}/{parts}: trained and evaluated {', '.join(done.run_dirs) or 'no net'} in {out}; "
+              "the same command without --shard writes the report")
+        return
     command = "verydeep " + " ".join(sys.argv[1:])
     result = reproduce(Path(args.data), preset, args.preset, out, args.device, not args.no_progress, command)
     print(result.markdown)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import hashlib
 import json
 import math
 import os
@@ -53,6 +55,7 @@ from verydeep.data import (
     Preprocess,
     TrainTransform,
     balanced_subset,
+    carve_validation,
     collate,
     load_preprocess,
     to_input,
@@ -233,6 +236,11 @@ def build_model(cfg: TrainConfig, record: dict[str, Any]) -> tuple[VGG, str]:
 # ---- the trainer -------------------------------------------------------------------------------
 
 
+def _relative(path: Path, root: Path) -> Path:
+    """``path`` relative to ``root`` when it lies under it, else as it is."""
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
 class Trainer:
     """One training run of ``task``, on this process and its share of the global batches."""
 
@@ -340,15 +348,36 @@ class Trainer:
         self.train_set, self.val_set = self.task.open_splits(cfg.data, train_transform, val_transform)
         if self.val_set.classes != self.train_set.classes:
             raise UserError(f"{cfg.data}: the validation classes differ from the training classes")
-        self.train_indices = balanced_subset(self.train_set.targets, cfg.limit_train)
+        trainable = list(range(len(self.train_set)))
+        if cfg.val_split is not None:
+            trainable, self.val_indices = carve_validation(self.train_set.targets, cfg.val_split, cfg.seed)
+            self.val_set = copy.copy(self.train_set)  # the same images, read as validation reads them
+            self.val_set.transform = val_transform
+        else:
+            self.val_indices = balanced_subset(self.val_set.targets, cfg.limit_val)
+        picked = balanced_subset([self.train_set.targets[i] for i in trainable], cfg.limit_train)
+        self.train_indices = [trainable[i] for i in picked]
         if len(self.train_indices) < cfg.batch_size:
             raise UserError(f"{cfg.data}: {len(self.train_indices)} training images, fewer than --batch-size "
                             f"{cfg.batch_size}")
-        self.val_indices = balanced_subset(self.val_set.targets, cfg.limit_val)
         classes = list(self.train_set.classes)
         self.record = {**cfg.to_dict(), "task": self.task.name, "num_classes": len(classes),
                        "outputs": self.task.outputs(len(classes)), "preprocess": self.pre.to_dict(),
-                       "classes": classes, "class_names": list(self.train_set.class_names), **self.task.record()}
+                       "classes": classes, "class_names": list(self.train_set.class_names), **self.task.record(),
+                       "training": {"folder": str(getattr(self.train_set, "root", "")),
+                                    "images": len(self.train_indices)},
+                       "validation": self._validation_record()}
+
+    def _validation_record(self) -> dict[str, Any]:
+        """Which images validation reads: their folder, count and a digest of their paths; with
+        ``--val-split``, every held-out training image (relative to the training folder)."""
+        root = Path(getattr(self.val_set, "root", "/"))
+        paths = sorted(str(_relative(Path(self.val_set.samples[i][0]), root)) for i in self.val_indices)
+        record = {"folder": str(root), "images": len(paths),
+                  "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
+        if self.cfg.val_split is not None:
+            record.update(held_out_of_training=True, paths=paths)
+        return record
 
     def _build(self) -> None:
         """Model (initialised from cfg.seed, or as the checkpoint will overwrite), optimizer, schedule."""

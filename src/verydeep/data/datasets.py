@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -431,3 +432,24 @@ def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
                 chosen.append(queue[depth])
         depth += 1
     return sorted(chosen)
+
+
+def carve_validation(targets: Sequence[int], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (training, validation): ``count`` validation indices drawn class-balanced
+    (round-robin over the classes, each class's images in an order shuffled by ``seed``), the rest
+    for training. The same targets and seed always give the same split."""
+    if count <= 0 or count >= len(targets):
+        raise UserError(f"--val-split must be between 1 and {len(targets) - 1} (the training images less one); "
+                        f"got {count}")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(int(target), []).append(index)
+    queues = [[by_class[c][i] for i in rng.permutation(len(by_class[c]))] for c in sorted(by_class)]
+    held: list[int] = []
+    depth = 0
+    while len(held) < count:
+        held += [queue[depth] for queue in queues if depth < len(queue)][: count - len(held)]
+        depth += 1
+    kept = set(held)
+    return [i for i in range(len(targets)) if i not in kept], sorted(held)
