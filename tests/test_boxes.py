@@ -15,6 +15,7 @@ from verydeep.data.boxes import (
     encode,
     from_crop,
     iou,
+    match_boxes,
     read_boxes,
     to_crop,
     with_boxes,
@@ -54,6 +55,11 @@ def test_flip_mirrors_the_box_in_the_crop():
     assert plain.tolist() == [[10, 5, 20, 15]] and flipped.tolist() == [[20, 5, 30, 15]]
 
 
+def boxed_images(images, table, root, transform):
+    """``images`` with the boxes of ``table`` matched to them by path."""
+    return with_boxes(images, match_boxes(table, [p for p, _ in images.samples], root), transform)
+
+
 def rectangle_image(path, size=(80, 60), box=(20, 10, 49, 39)):
     """A black image with a white rectangle at inclusive pixels ``box``."""
     pixels = np.zeros((size[1], size[0], 3), np.uint8)
@@ -71,7 +77,8 @@ def bright_extent(image: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("transform", [TrainTransform(32, (40, 48)), CenterCropTransform(36, 32), RescaleTransform(30)])
 def test_a_box_follows_its_image_through_the_same_draws(tmp_path, transform):
     path = rectangle_image(tmp_path / "a" / "x.png")
-    boxed = with_boxes(ImageFolder(tmp_path, transform), {"a/x.png": [Box(None, 20, 10, 50, 40)]}, tmp_path, transform)
+    boxed = boxed_images(ImageFolder(tmp_path, transform), {"a/x.png": [Box(None, 20, 10, 50, 40)]}, tmp_path,
+                         transform)
     for seed in range(6):
         item, _, _ = boxed.load(0, torch.Generator().manual_seed(seed))
         assert isinstance(item, Boxed) and item.boxes.shape == (1, 4)
@@ -95,7 +102,7 @@ def test_the_text_file_reads_inclusive_pixels(tmp_path):
     path = tmp_path / "boxes.txt"
     path.write_text("# relpath xmin ymin xmax ymax\ntrain/a/x.png 0 10 63 58\ntrain/a/x.png 1 1 2 2\n")
     table = read_boxes(path)
-    assert table["train/a/x.png"][0] == Box(None, 0, 10, 64, 59) and len(table["train/a/x.png"]) == 2
+    assert table["train/a/x.png"][0] == Box(None, 0, 10, 64, 59, f"{path}:2") and len(table["train/a/x.png"]) == 2
 
 
 def test_voc_annotations_give_every_object_with_its_class(tmp_path):
@@ -105,14 +112,14 @@ def test_voc_annotations_give_every_object_with_its_class(tmp_path):
                    "<ymax>30</ymax></bndbox></object><object><name>n02</name><bndbox><xmin>0</xmin><ymin>0</ymin>"
                    "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
     table = read_boxes(tmp_path / "Annotations")
-    assert table["img1"] == [Box("n01", 5, 6, 21, 31), Box("n02", 0, 0, 10, 10)]
+    assert table["img1"] == [Box("n01", 5, 6, 21, 31, str(xml)), Box("n02", 0, 0, 10, 10, str(xml))]
 
 
 def test_the_kaggle_solution_file(tmp_path):
     path = tmp_path / "LOC_val_solution.csv"
     path.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 10 20 30 40 n01751748 0 0 5 5 \n")
     boxes = read_boxes(path)["ILSVRC2012_val_00000001"]
-    assert boxes == [Box("n01751748", 10, 20, 31, 41), Box("n01751748", 0, 0, 6, 6)]
+    assert boxes == [Box("n01751748", 10, 20, 31, 41, f"{path}:2"), Box("n01751748", 0, 0, 6, 6, f"{path}:2")]
 
 
 @pytest.mark.parametrize(("name", "text", "message"), [
@@ -132,14 +139,63 @@ def test_bad_box_files_are_one_line_errors_naming_the_file(tmp_path, name, text,
     assert name in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_box_outside_its_image_is_a_named_skip_or_a_strict_error(tmp_path, caplog):
+def test_a_box_outside_its_image_is_refused_naming_the_annotation_and_the_image(tmp_path):
     rectangle_image(tmp_path / "a" / "x.png", size=(40, 40), box=(0, 0, 5, 5))
-    transform, table = CenterCropTransform(32, 32), {"a/x.png": [Box(None, 10, 10, 50, 20)]}
-    boxed = with_boxes(ImageFolder(tmp_path, transform), table, tmp_path, transform)
-    assert boxed.load(0)[0] is None and "x.png: box 10 10 49 19 is outside the 40x40 image" in caplog.text
-    strict = with_boxes(ImageFolder(tmp_path, transform, strict=True), table, tmp_path, transform)
-    with pytest.raises(UserError, match=r"x.png: box 10 10 49 19 is outside the 40x40 image"):
-        strict.load(0)
+    transform = CenterCropTransform(32, 32)
+    table = {"a/x.png": [Box(None, 10, 10, 50, 20, "boxes.txt:7")]}
+    with pytest.raises(UserError, match=r"^boxes.txt:7: box 10 10 49 19 is outside the 40x40 image .*x.png$"):
+        boxed_images(ImageFolder(tmp_path, transform), table, tmp_path, transform)
+
+
+def test_a_box_on_the_border_is_clipped_to_the_image(tmp_path):
+    rectangle_image(tmp_path / "a" / "x.png", size=(40, 40), box=(0, 0, 5, 5))
+    transform = CenterCropTransform(32, 32)
+    table = {"a/x.png": [Box(None, 10, 10, 41, 41, "ann/x.xml")]}  # 1-based VOC pixels reach the width
+    boxed = boxed_images(ImageFolder(tmp_path, transform), table, tmp_path, transform)
+    assert boxed.transform.boxes[str(tmp_path / "a" / "x.png")][0].corners == (10, 10, 40, 40)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_a_coordinate_that_is_not_a_finite_number_names_the_file_and_line(tmp_path, value):
+    path = tmp_path / "boxes.txt"
+    path.write_text(f"train/a/x.png 1 2 3 4\ntrain/a/y.png 1 2 {value} 4\n")
+    with pytest.raises(UserError, match=rf"^{path}:2: box .* not a finite number$"):
+        read_boxes(path)
+
+
+def test_annotations_reach_images_by_path_not_by_file_name(tmp_path):
+    """Class folders reuse file names (CIFAR-style): each image gets the box of its own annotation."""
+    ann = tmp_path / "Annotations"
+    for split, x in (("train", 3), ("val", 11)):
+        for cls in ("red", "blue"):
+            rectangle_image(tmp_path / split / cls / "002.png")
+            (ann / split / cls).mkdir(parents=True, exist_ok=True)
+            offset = x + (5 if cls == "blue" else 0)
+            (ann / split / cls / "002.xml").write_text(
+                f"<annotation><object><bndbox><xmin>{offset}</xmin><ymin>1</ymin><xmax>30</xmax><ymax>20</ymax>"
+                "</bndbox></object></annotation>")
+    paths = sorted(tmp_path.glob("*/*/002.png"))
+    matched = match_boxes(read_boxes(ann), paths, tmp_path)
+    firsts = {str(p.relative_to(tmp_path)): matched[str(p)][0].x0 for p in paths}
+    assert firsts == {"train/blue/002.png": 8, "train/red/002.png": 3, "val/blue/002.png": 16, "val/red/002.png": 11}
+    assert all(matched[str(p)][0].where.endswith(p.relative_to(tmp_path).with_suffix(".xml").as_posix())
+               for p in paths)
+
+
+def test_an_annotation_named_by_a_file_name_that_images_share_is_ambiguous(tmp_path):
+    paths = [tmp_path / "train" / "red" / "002.png", tmp_path / "val" / "red" / "002.png"]
+    with pytest.raises(UserError, match=r"002: matches .*002.png and .*002.png by file name alone"):
+        match_boxes({"002": [Box(None, 0, 0, 4, 4)]}, paths, tmp_path)
+    # the data root is a split of its own: two annotation folders' paths both end with the image's
+    with pytest.raises(UserError, match=r"red/002.png: annotated twice, by train/red/002 and val/red/002"):
+        match_boxes({"train/red/002": [Box(None, 0, 0, 4, 4)], "val/red/002": [Box(None, 0, 0, 4, 4)]},
+                    [tmp_path / "red" / "002.png"], tmp_path)
+    with pytest.raises(UserError, match=r"train/red/002.png: annotated twice, by blue/002 and green/002"):
+        match_boxes({"blue/002": [Box(None, 0, 0, 4, 4)], "green/002": [Box(None, 0, 0, 4, 4)]}, paths[:1],
+                    tmp_path)
+    # an id that only one image carries (ILSVRC's, VOC's) still reaches it from a flat folder
+    only = [tmp_path / "val" / "n01" / "ILSVRC2012_val_00000001.JPEG"]
+    assert match_boxes({"val/ILSVRC2012_val_00000001": [Box(None, 0, 0, 4, 4)]}, only, tmp_path)[str(only[0])]
 
 
 def test_images_without_a_box_of_their_class_are_skipped_by_name(tmp_path, caplog):
@@ -147,8 +203,8 @@ def test_images_without_a_box_of_their_class_are_skipped_by_name(tmp_path, caplo
         rectangle_image(tmp_path / name)
     transform = CenterCropTransform(32, 32)
     table = {"a/x.png": [Box(None, 0, 0, 4, 4)], "z": [Box("a", 0, 0, 4, 4)]}  # z's box is of another class
-    boxed = with_boxes(ImageFolder(tmp_path, transform), table, tmp_path, transform)
+    boxed = boxed_images(ImageFolder(tmp_path, transform), table, tmp_path, transform)
     assert [path.name for path, _ in boxed.samples] == ["x.png"]
     assert "skipped 2 images" in caplog.text and "y.png" in caplog.text
     with pytest.raises(UserError, match="has a box of its class"):
-        with_boxes(ImageFolder(tmp_path, transform), {"q": [Box(None, 0, 0, 1, 1)]}, tmp_path, transform)
+        boxed_images(ImageFolder(tmp_path, transform), {"q": [Box(None, 0, 0, 1, 1)]}, tmp_path, transform)

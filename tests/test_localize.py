@@ -365,3 +365,38 @@ def test_the_run_records_its_boxes_and_eval_reads_them_when_the_data_has_none(bo
     boxes.rename(boxes.with_suffix(".moved"))
     assert main(["localize", "eval", "--checkpoint", str(run), "--data", str(root)]) == 2
     assert "boxes.txt does not exist" in capsys.readouterr().err
+
+
+def test_the_box_statistics_come_from_exactly_the_boxes_trained_on(tmp_path):
+    root = write_dataset(tmp_path / "data", {"train": 3, "val": 1})
+    images = sorted(root.glob("train/*/*.png"))
+    (images[0]).write_bytes(b"not a png")  # unreadable: its box is never used
+    lines = [f"{p.relative_to(root).as_posix()} {2 + i} 3 {20 + i} 30" for i, p in enumerate(images)]
+    lines[-1] = f"{images[-1].relative_to(root).as_posix()} 10 5 44 40"  # on the border (44 x 40): clipped
+    lines += [f"{p.relative_to(root).as_posix()} 0 0 9 9" for p in sorted(root.glob("val/*/*.png"))]
+    (root / "boxes.txt").write_text("\n".join(lines) + "\n")
+    task = Localisation("scr")
+    task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
+    used = [[2 + i, 3, 21 + i, 31] for i in range(1, len(images) - 1)] + [[10, 5, 44, 40]]
+    relative = torch.tensor(used, dtype=torch.float32) / torch.tensor([44.0, 40, 44, 40])
+    codes = torch.cat([(relative[:, :2] + relative[:, 2:]) / 2, relative[:, 2:] - relative[:, :2]], dim=1)
+    torch.testing.assert_close(task.code_mean, codes.mean(dim=0))
+    torch.testing.assert_close(task.code_std, codes.std(dim=0).clamp(min=1e-3))
+
+
+def test_training_on_boxes_that_fit_no_image_is_one_line_not_a_perfect_score(boxed, tmp_path, capsys):
+    root, classifier = boxed
+    data = tmp_path / "data"
+    for path in root.rglob("*.png"):
+        target = data / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (data / "boxes.txt").write_text("".join(f"{p.relative_to(data).as_posix()} 50 50 60 60\n"
+                                            for p in sorted(data.rglob("*.png"))))
+    code = main(["localize", "train", "--data", str(data), "--weights", str(classifier), "--head", "scr",
+                 "--crop", "32", "--scale", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "loc")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{data / 'boxes.txt'}:1: box 50 50 60 60 is outside the 44x40 image" in err
+    assert not (tmp_path / "loc" / "model.safetensors").exists()

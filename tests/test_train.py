@@ -355,6 +355,22 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     assert summary.steps == 4 and epoch["skipped"] == 4 and np.isfinite(epoch["train_loss"])
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_where_no_image_can_be_read_is_one_line_not_a_score(tmp_path, capsys, split):
+    data = write_dataset(tmp_path / "data", {"train": 4, "val": 2})
+    for path in (data / split).rglob("*.png"):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--width", "0.0625", "--crop", "32",
+            "--scale", "32", "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu",
+            "--precision", "fp32", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    expected = {"train": f"{data / 'train'}: no training image of epoch 1 could be read (16 unreadable)",
+                "val": f"{data / 'val'}: no validation image could be read (8 unreadable)"}[split]
+    assert len(err.splitlines()) == 1 and err.endswith(expected)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 FAULTS_PER_STEP = """
 import ctypes, resource, sys, torch
 from verydeep.model import VGG

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from verydeep import runtime
 from verydeep.checkpoint import load_model
 from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
-from verydeep.data.boxes import decode, encode, from_crop, iou, read_boxes, with_boxes
+from verydeep.data.boxes import decode, encode, from_crop, iou, match_boxes, read_boxes, with_boxes
 from verydeep.data.datasets import LabelledImages, Transform
 from verydeep.data.decode import ImageFile
 from verydeep.data.transforms import CropPlan, render
@@ -138,11 +138,13 @@ class Localisation(Task):
         table = read_boxes(source)
         self.source = source.absolute()
         train_set, val_set = super().open_splits(data, train, val)
-        train_set = with_boxes(train_set, table, Path(data), train)
-        if self.target_kind == "standardised" and not self.fitted:
+        paths = [path for images in (train_set, val_set) for path, _ in images.samples]
+        matched = match_boxes(table, dict.fromkeys(paths), Path(data))  # both splits: no name shared unseen
+        train_set = with_boxes(train_set, matched, train)
+        if self.target_kind == "standardised" and not self.fitted:  # from exactly the boxes trained on
             codes = encode(relative_boxes(train_set), 1.0)
             self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=1e-3)
-        return train_set, with_boxes(val_set, table, Path(data), val)
+        return train_set, with_boxes(val_set, matched, val)
 
     def targets(self, batch: Batch, device: torch.device) -> Tensor:
         if batch.boxes is None:
@@ -536,7 +538,9 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
             truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
                      for b in val_set.transform.boxes[str(path)]]
             misses += image_misses(output, truth, prior)
-    errors = (100.0 * misses / max(len(indices), 1)).tolist()
+    if not indices:
+        raise UserError(f"{data}: no validation image with a box to evaluate")
+    errors = (100.0 * misses / len(indices)).tolist()
     per_net = [DenseNetResult(str(c), t.head, fixed_scale(r), int(r["crop"]), e)
                for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, errors[1:-2], strict=True)]
     return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], *errors[-2:], per_net)

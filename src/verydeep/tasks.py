@@ -53,7 +53,9 @@ class Task(ABC):
 
     def summarise(self, sums: list[float], images: int) -> dict[str, float]:
         """The validation metrics from their sums over ``images`` images."""
-        return {name: total / max(images, 1) for name, total in zip(self.metrics, sums, strict=True)}
+        if images <= 0:
+            raise ValueError("validation metrics over no image")
+        return {name: total / images for name, total in zip(self.metrics, sums, strict=True)}
 
     def record(self) -> dict[str, Any]:
         """What the task adds to the run record once its splits are open (e.g. the annotations it read)."""

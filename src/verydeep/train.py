@@ -807,6 +807,9 @@ class Trainer:
             seen += batch.images.shape[0]
         self.model.train()
         *sums, seen, skipped = self._reduce(*sums, seen, skipped)
+        if not seen:  # a metric over no image would read as a perfect (or the worst) score
+            raise UserError(f"{getattr(self.val_set, 'root', self.cfg.data)}: no validation image could be read "
+                            f"({int(skipped)} unreadable)")
         return {**self.task.summarise(sums, int(seen)), "images": int(seen), "skipped": int(skipped)}
 
     def _peak_memory_mb(self) -> float:
@@ -817,6 +820,9 @@ class Trainer:
     def _end_epoch(self) -> None:
         """Validate when due, update the schedule, log the epoch and checkpoint it."""
         cfg, totals, task = self.cfg, self.totals, self.task
+        if totals.skipped and not totals.images:
+            raise UserError(f"{getattr(self.train_set, 'root', cfg.data)}: no training image of epoch "
+                            f"{self.epoch + 1} could be read ({int(totals.skipped)} unreadable)")
         due = (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs
         metrics = self.validate() if due else {}
         primary = metrics.get(task.metrics[0])

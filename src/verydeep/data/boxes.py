@@ -5,7 +5,13 @@ dataset root, 0-based inclusive pixels, one file for all splits: Tiny ImageNet's
 PASCAL VOC / ILSVRC XML annotations (``Annotations/**/<image>.xml``, any number of boxes per
 image, each with its class) or Kaggle's ``LOC_*_solution.csv``. In memory a box is four floats
 of continuous coordinates ``(x0, y0, x1, y1)``: the inclusive pixel box ``xmin..xmax`` covers
-``[xmin, xmax + 1)``.
+``[xmin, xmax + 1)``. Each box remembers where it was read (file and line), so that a box that
+does not fit its image is refused naming both.
+
+Annotations reach images by path (:func:`match_boxes`): the annotation whose path (relative to the
+boxes file's root or the XML folder, without its suffix) shares the most trailing components with
+the image's path relative to the data root wins, a tie is an error; a match on the file name alone
+(an id such as ILSVRC's or VOC's) only when no other image or annotation has that name.
 
 A box follows its image through the crop plan of :mod:`verydeep.data.transforms` (the same draws:
 rescale, crop, flip) with :func:`to_crop`, and back with :func:`from_crop`; the net regresses
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from verydeep.data.datasets import Boxed, LabelledImages
+from verydeep.data.datasets import IMAGE_EXTENSIONS, Boxed, LabelledImages
 from verydeep.data.decode import ImageFile
 from verydeep.data.jpeg import Size, decoded_size
 from verydeep.data.transforms import CropPlan, PlannedTransform, render
@@ -43,25 +50,30 @@ class Box(NamedTuple):
     y0: float
     x1: float
     y1: float
+    where: str = ""  # the file (and line) it was read from
 
     @property
     def corners(self) -> tuple[float, float, float, float]:
         return self.x0, self.y0, self.x1, self.y1
 
 
-#: Boxes per image, keyed by the image's path relative to the dataset root (POSIX) or its stem.
+#: Boxes per annotated image, keyed by the annotation's path (POSIX, relative to the dataset root for a
+#: text file, to the folder for XML annotations) or the image id the format carries (Kaggle's CSV).
 BoxTable = dict[str, list[Box]]
 
 
 def pixel_box(label: str | None, values: Iterable[str], where: str) -> Box:
-    """The continuous box of an inclusive 0-based pixel box ``xmin ymin xmax ymax``."""
+    """The continuous box of an inclusive 0-based pixel box ``xmin ymin xmax ymax``: four finite numbers."""
     try:
         xmin, ymin, xmax, ymax = (float(v) for v in values)
-    except ValueError:
+    except (TypeError, ValueError):
         raise UserError(f"{where}: a box is four numbers xmin ymin xmax ymax") from None
+    if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
+        raise UserError(f"{where}: box {xmin:g} {ymin:g} {xmax:g} {ymax:g} has a coordinate that is not a finite "
+                        "number")
     if xmin < 0 or ymin < 0 or xmax < xmin or ymax < ymin:
         raise UserError(f"{where}: bad box {xmin:g} {ymin:g} {xmax:g} {ymax:g} (needs 0 <= min <= max)")
-    return Box(label, xmin, ymin, xmax + 1, ymax + 1)
+    return Box(label, xmin, ymin, xmax + 1, ymax + 1, where)
 
 
 def read_box_text(path: Path) -> BoxTable:
@@ -96,8 +108,9 @@ def read_voc_xml(path: Path) -> list[Box]:
 
 
 def read_voc_folder(folder: Path) -> BoxTable:
-    """Every ``*.xml`` under ``folder``, keyed by the image's stem."""
-    return {xml.stem: read_voc_xml(xml) for xml in sorted(folder.rglob("*.xml"))}
+    """Every ``*.xml`` under ``folder``, keyed by its path relative to ``folder`` without the suffix."""
+    return {xml.relative_to(folder).with_suffix("").as_posix(): read_voc_xml(xml)
+            for xml in sorted(folder.rglob("*.xml"))}
 
 
 def read_loc_csv(path: Path) -> BoxTable:
@@ -112,6 +125,8 @@ def read_loc_csv(path: Path) -> BoxTable:
             parts = row["PredictionString"].split()
             if not parts or len(parts) % 5:
                 raise UserError(f"{path}:{number}: expected groups of 'synset xmin ymin xmax ymax'")
+            if row["ImageId"] in table:
+                raise UserError(f"{path}:{number}: image {row['ImageId']} is listed twice")
             table[row["ImageId"]] = [pixel_box(parts[i], parts[i + 1:i + 5], f"{path}:{number}")
                                      for i in range(0, len(parts), 5)]
     return table
@@ -136,22 +151,59 @@ def read_boxes(source: str | Path) -> BoxTable:
     return table
 
 
-def boxes_of(table: BoxTable, path: Path, root: Path) -> list[Box]:
-    """The boxes of the image at ``path``: by its path relative to ``root``, else by its stem."""
-    try:
-        key = path.relative_to(root).as_posix()
-    except ValueError:
-        key = path.name
-    return table.get(key) or table.get(path.stem) or []
+def _parts(key: str | Path) -> tuple[str, ...]:
+    """A path's components with an image suffix dropped from the last: what annotation and image share."""
+    path = Path(key)
+    return (path.with_suffix("") if path.suffix.lower() in IMAGE_EXTENSIONS else path).parts
 
 
-def check_inside(boxes: list[Box], size: Size, path: str | Path) -> None:
-    """A box reaching outside its image (of ``size`` (w, h)) is a :class:`UserError` naming the file."""
+def _common_tail(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    """How many trailing components ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def match_boxes(table: BoxTable, paths: Iterable[Path], root: Path) -> dict[str, list[Box]]:
+    """The boxes of each image of ``paths`` (keyed ``str(path)``; empty when none is annotated), matched
+    by path as the module says. Two annotations that fit one image equally well, or one that fits two
+    images, are a :class:`UserError` naming both."""
+    by_name: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for key in table:
+        parts = _parts(key)
+        by_name.setdefault(parts[-1], []).append((key, parts))
+    images = [(path, _parts(path.relative_to(root) if path.is_relative_to(root) else path.name)) for path in paths]
+    names: dict[str, list[Path]] = {}
+    for path, parts in images:
+        names.setdefault(parts[-1], []).append(path)
+    matched, owner = {}, {}
+    for path, parts in images:
+        tails = [(_common_tail(parts, key_parts), key) for key, key_parts in by_name.get(parts[-1], [])]
+        best = max((tail for tail, _ in tails), default=0)
+        keys = [key for tail, key in tails if tail == best and best > 0]
+        if len(keys) > 1:
+            raise UserError(f"{path}: annotated twice, by {keys[0]} and {keys[1]}")
+        if keys and best == 1 and len(names[parts[-1]]) > 1:  # a bare file name that several images share
+            other = next(p for p in names[parts[-1]] if p != path)
+            raise UserError(f"{keys[0]}: matches {path} and {other} by file name alone; name the annotation by its "
+                            "path relative to the data root")
+        if keys and keys[0] in owner:
+            raise UserError(f"{keys[0]}: matches both {owner[keys[0]]} and {path}")
+        if keys:
+            owner[keys[0]] = path
+        matched[str(path)] = table[keys[0]] if keys else []
+    return matched
+
+
+def fitted(box: Box, size: Size, image: str | Path) -> Box:
+    """``box`` clipped to its image of ``size`` (w, h); a box that is not inside or on the image's border
+    (inclusive pixels up to ``w``, as 1-based VOC boxes reach) is a :class:`UserError` naming both files."""
     w, h = size
-    for box in boxes:
-        if box.x1 > w or box.y1 > h:
-            raise UserError(f"{path}: box {box.x0:g} {box.y0:g} {box.x1 - 1:g} {box.y1 - 1:g} is outside "
-                            f"the {w}x{h} image")
+    if box.x0 >= w or box.y0 >= h or box.x1 > w + 1 or box.y1 > h + 1:
+        raise UserError(f"{box.where}: box {box.x0:g} {box.y0:g} {box.x1 - 1:g} {box.y1 - 1:g} is outside the "
+                        f"{w}x{h} image {image}")
+    return box._replace(x1=min(box.x1, w), y1=min(box.y1, h))
 
 
 # ---- boxes through the crop plan -------------------------------------------------------------
@@ -223,29 +275,31 @@ class BoxedTransform:
         plan = self.transform.plan(file.size, self.transform.fast and file.jpeg, generator)
         image = render(file, plan, self.transform.fast)
         boxes = self.boxes[str(path)]
-        check_inside(boxes, file.size, path)
         corners = torch.tensor([box.corners for box in boxes], dtype=torch.float32)
         frame = torch.tensor([[0.0, 0.0, *file.size]])
         return Boxed(image, to_crop(corners, file.size, plan), to_crop(frame, file.size, plan)[0])
 
 
-def with_boxes(images: LabelledImages, table: BoxTable, root: Path, transform: PlannedTransform) -> LabelledImages:
-    """``images`` keeping those with a box of their class (or of no named class), their items
-    :class:`~verydeep.data.datasets.Boxed`; the others are skipped with one warning naming one."""
+def with_boxes(images: LabelledImages, matched: dict[str, list[Box]], transform: PlannedTransform) -> LabelledImages:
+    """``images`` keeping the readable ones with a box of their class (or of no named class) among
+    ``matched`` (:func:`match_boxes`), their items :class:`~verydeep.data.datasets.Boxed`, each box
+    clipped to its image (:func:`fitted`); the others are skipped with one warning naming one."""
     if not isinstance(transform, PlannedTransform):
         raise UserError("localisation reads images on the CPU: use --decode cpu")
     kept, boxes, missing = [], {}, []
-    for path, label in images.samples:
-        found = [box for box in boxes_of(table, path, root) if box.label in (None, images.classes[label])]
-        if found:
-            kept.append((path, label))
-            boxes[str(path)] = found
+    for index, ((path, label), size) in enumerate(zip(images.samples, images.image_sizes(), strict=True)):
+        found = [box for box in matched.get(str(path), []) if box.label in (None, images.classes[label])]
+        if found and size is not None:
+            kept.append(index)
+            boxes[str(path)] = [fitted(box, size, path) for box in found]
         else:
             missing.append(path)
+    folder = getattr(images, "root", "the data")
     if not kept:
-        raise UserError(f"{root}: no image of {getattr(images, 'root', root)} has a box of its class")
+        raise UserError(f"{folder}: no readable image has a box of its class")
     if missing:
-        log.warning("skipped %d images of %s without a box of their class, e.g. %s", len(missing),
-                    getattr(images, "root", root), missing[0])
-    images.samples, images.transform = kept, BoxedTransform(transform, boxes)
+        log.warning("skipped %d images of %s without a box of their class (or unreadable), e.g. %s", len(missing),
+                    folder, missing[0])
+    images.keep(kept)
+    images.transform = BoxedTransform(transform, boxes)
     return images

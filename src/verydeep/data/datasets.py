@@ -177,6 +177,12 @@ class LabelledImages(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
         return self.load(index)
 
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only the samples at ``indices`` (their sizes, if read, with them)."""
+        self.samples = [self.samples[i] for i in indices]
+        if self._sizes is not None:
+            self._sizes = [self._sizes[i] for i in indices]
+
     def image_sizes(self) -> list[tuple[int, int] | None]:
         """Displayed (w, h) of every sample from its header, read once; ``None`` if unreadable."""
         if self._sizes is None:
