@@ -209,6 +209,16 @@ def test_the_box_kept_is_the_best_scored_not_the_most_merged():
     assert kept([[0.3, 0.3, 0.3], [0.3, 0.3, 0.3]]) == [[40.5, 40, 50.5, 50]] * 2  # equal: the merged pair's sum wins
 
 
+def test_predicted_boxes_are_clipped_to_the_image_and_a_degenerate_one_never_wins():
+    degenerate = box(-66.2, -216.4, -66.2, -216.4)  # no area, outside the 71 x 68 image
+    boxes = [torch.stack([degenerate, box(-10, 5, 30, 90), box(60, 60, 60.5, 60)])[None]]
+    output = DenseOutput(torch.tensor([0]), torch.tensor([1.0]), boxes, (71, 68), [torch.tensor([[1.0, 0.2, 0.9]])])
+    assert ranked(output)[0].box.tolist() == [0, 5, 30, 68]  # the only box with an area inside, clipped
+    nothing = DenseOutput(torch.tensor([0]), torch.tensor([1.0]), [degenerate[None, None]], (71, 68),
+                          [torch.tensor([[1.0]])])
+    assert ranked(nothing)[0].box.tolist() == [0, 0, 71, 68]  # no box inside: the whole image
+
+
 def random_nets(classes: int = 3, classifier_crop: int = 32) -> DenseNets:
     """A random width-1/16 PCR localisation net (net A, 32-pixel crops) and classifier (``classifier_crop``),
     in dense form."""

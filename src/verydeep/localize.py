@@ -369,15 +369,29 @@ def pooled(boxes: Sequence[Tensor], scores: Sequence[Tensor], rank: int) -> tupl
     return union, torch.cat([found[rank] for found in scores])
 
 
+def inside(boxes: Tensor, scores: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``boxes`` (n, 4) clipped to an image of ``size`` (w, h), those left with no area dropped (with
+    their ``scores``); the whole image when none is left."""
+    w, h = size
+    clipped = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                           boxes[:, 3].clamp(0, h)], dim=1)
+    kept = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    if not kept.any():
+        return torch.tensor([[0.0, 0.0, w, h]]), scores.new_zeros(1)
+    return clipped[kept], scores[kept]
+
+
 def ranked(output: DenseOutput, nets: Sequence[int] | None = None) -> list[Guess]:
     """The (class, box) guesses of an image, best class first (Appendix A): each top class's boxes pooled
-    over the localisation nets ``nets`` (default all), each scored by the classifier's posterior of the
-    class at its location, merged greedily (scores summed), the best-scored merged box kept."""
+    over the localisation nets ``nets`` (default all), clipped to the image (:func:`inside`), each scored
+    by the classifier's posterior of the class at its location, merged greedily (scores summed), the
+    best-scored merged box kept."""
     chosen = range(len(output.boxes)) if nets is None else nets
     boxes, scores = [output.boxes[i] for i in chosen], [output.box_scores[i] for i in chosen]
     guesses = []
     for rank, (label, score) in enumerate(zip(output.labels.tolist(), output.scores.tolist(), strict=True)):
-        guesses.append(Guess(label, merge_greedily(*pooled(boxes, scores, rank))[0][0], score))
+        found = inside(*pooled(boxes, scores, rank), output.size)
+        guesses.append(Guess(label, merge_greedily(*found)[0][0], score))
     return guesses
 
 
