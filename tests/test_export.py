@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from verydeep import export
-from verydeep.checkpoint import model_from_recipe, save_checkpoint
-from verydeep.cli import OneLineParser
+from verydeep.checkpoint import export_safetensors, model_from_recipe, save_checkpoint
+from verydeep.cli import OneLineParser, main
 from verydeep.data import IMAGENET
 from verydeep.errors import UserError
 
@@ -118,3 +118,16 @@ def test_cli_exports_and_prints_the_check_and_the_convention(net, tmp_path, caps
     with pytest.raises(SystemExit):
         run_export(["--weights", str(path), "--format", "onnx", "--dense", "--plain", str(tmp_path / "x.onnx")])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["export", "--format", "torchscript"], ["convert"]])
+def test_an_output_that_is_also_an_input_is_refused_before_anything_is_written(net, tmp_path, capsys, command):
+    path, model = net
+    weights = tmp_path / "net.safetensors"
+    export_safetensors(model, RECIPE, weights)
+    before = weights.read_bytes()
+    source = ["--weights", str(weights)] if command[0] == "export" else [str(weights)]
+    assert main([*command, *source, str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{weights}: the output is also an input" in err
+    assert weights.read_bytes() == before

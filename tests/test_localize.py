@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny, write_dataset
+from conftest import photo, save, tiny, write_dataset
 
 from verydeep.checkpoint import load_checkpoint
 from verydeep.cli import main
@@ -410,3 +410,25 @@ def test_training_on_boxes_that_fit_no_image_is_one_line_not_a_perfect_score(box
     assert code == 2 and len(err.splitlines()) == 1
     assert f"{data / 'boxes.txt'}:1: box 50 50 60 60 is outside the 44x40 image" in err
     assert not (tmp_path / "loc" / "model.safetensors").exists()
+
+
+def test_localize_predict_never_draws_over_an_input_image(boxed, tmp_path, capsys):
+    root, classifier = boxed
+    images = [save(photo(40, 40, seed=i), tmp_path / folder / "x.png") for i, folder in enumerate("ab")]
+    before = images[0].read_bytes()
+    args = ["localize", "predict", "--checkpoint", str(classifier), "--classifier", str(classifier)]
+    assert main([*args, str(images[0]), "--out", str(tmp_path / "a")]) == 2
+    assert "the drawing would overwrite the input image" in capsys.readouterr().err
+    assert main([*args, *map(str, images), "--out", str(tmp_path / "drawn")]) == 2
+    assert "would both be drawn as" in capsys.readouterr().err
+    assert images[0].read_bytes() == before and not (tmp_path / "drawn").exists()
+
+
+def test_a_new_run_never_clears_the_weights_it_starts_from(boxed, tmp_path, capsys):
+    root, classifier = boxed
+    source = tmp_path / "run"
+    source.mkdir()
+    (source / "start.pt").write_bytes((classifier / "checkpoints" / "last.pt").read_bytes())
+    assert main(["train", "--data", str(root), "--weights", str(source / "start.pt"), "--out", str(source),
+                 "--overwrite", "--epochs", "1", "--device", "cpu"]) == 2
+    assert "lies in --out" in capsys.readouterr().err and (source / "start.pt").is_file()

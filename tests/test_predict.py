@@ -163,3 +163,13 @@ def test_cli_json_and_missing_image(data, checkpoint, capsys):
     assert capsys.readouterr().err.strip() == "verydeep predict: error: nowhere.jpg: no such image"
     assert main(["predict", image]) == 2
     assert capsys.readouterr().err.strip() == "verydeep predict: error: give --weights SOURCE (or --checkpoint)"
+
+
+def test_no_saliency_map_is_drawn_over_an_input_image(checkpoint, tmp_path, capsys):
+    images = [save(photo(48, 40, seed=i), tmp_path / f"map-{i}.png") for i in (1, 2)]
+    before = [p.read_bytes() for p in images]
+    assert main(["predict", "--weights", str(checkpoint), str(images[0]), "--saliency", str(images[0])]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"--saliency .*map-1.png: would overwrite the input image"):
+        predict(checkpoint, images, device="cpu", saliency=tmp_path / "map.png")  # writes map-1.png, map-2.png
+    assert [p.read_bytes() for p in images] == before

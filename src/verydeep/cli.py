@@ -66,9 +66,13 @@ natural_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 positive_float = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
 
 
+class OutputPath(type(Path())):  # type: ignore[misc]
+    """A path the command writes (an :func:`output_file` or :func:`output_dir` argument)."""
+
+
 def output_dir(text: str) -> Path:
     """``type=`` for a folder to write into: absent (it is created) or a folder, not a file."""
-    path = Path(text)
+    path = OutputPath(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file; give a folder")
     return path
@@ -76,10 +80,29 @@ def output_dir(text: str) -> Path:
 
 def output_file(text: str) -> Path:
     """``type=`` for a file to write: absent or a file (it is replaced), not a folder."""
-    path = Path(text)
+    path = OutputPath(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
     return path
+
+
+def _given_paths(value: object) -> list[Path]:
+    """The paths an argument's value names (a list's each), as given."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v if isinstance(v, Path) else Path(v) for v in values if isinstance(v, (str, Path)) and v]
+
+
+def refuse_overwriting_inputs(args: argparse.Namespace) -> None:
+    """No command writes over one of its own inputs: an output file that is also an input file is a
+    :class:`UserError` naming both options, before anything is written."""
+    named = [(name, path) for name, value in vars(args).items() for path in _given_paths(value)]
+    outputs = [(name, path) for name, path in named if isinstance(path, OutputPath) and path.is_file()]
+    inputs = [(name, path) for name, path in named if not isinstance(path, OutputPath) and path.is_file()]
+    for _, out in outputs:
+        for in_name, given in inputs:
+            if out.samefile(given):
+                raise UserError(f"{out}: the output is also an input ({in_name.replace('_', '-')} {given}) and would "
+                                "be overwritten; give another output")
 
 
 def device_name(text: str) -> str:
@@ -118,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.exit(2, f"{prog}: error: unrecognized arguments: {one_line(' '.join(unknown))}\n")
     try:
+        refuse_overwriting_inputs(args)
         result = args.func(args)
     except UserError as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)

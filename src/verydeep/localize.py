@@ -685,6 +685,15 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
 def run_predict(args: argparse.Namespace) -> None:
     """``localize predict``: protocol 2's top (class, box) predictions of each image (the union of the nets'
     boxes), drawn, and one JSON line each."""
+    drawn_at = {}
+    for image in args.images:
+        target = Path(args.out) / f"{Path(image).stem}.png"
+        if target in drawn_at:
+            raise UserError(f"{image} and {drawn_at[target]} would both be drawn as {target}: give images of "
+                            "different names, or predict them into different --out folders")
+        if target.exists() and any(target.samefile(given) for given in args.images if Path(given).exists()):
+            raise UserError(f"{target}: the drawing would overwrite the input image; give another --out")
+        drawn_at[target] = image
     nets = DenseNets.load(args.checkpoint, args.classifier, args.device)
     recipe = nets.recipes[0]
     names = list(recipe.get("class_names") or recipe.get("classes") or [])

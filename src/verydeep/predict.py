@@ -152,6 +152,14 @@ def saliency_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count + 1)]
 
 
+def refuse_overwriting(outputs: Sequence[Path], images: Sequence[str | Path]) -> None:
+    """A saliency map that would replace one of the input images is a :class:`UserError`, before any is drawn."""
+    for out in outputs:
+        hit = next((image for image in images if out.exists() and Path(image).exists() and out.samefile(image)), None)
+        if hit is not None:
+            raise UserError(f"--saliency {out}: would overwrite the input image {hit}; give another file name")
+
+
 def write_saliency(net: Net, path: str | Path, best: RankedClass, out: Path, device: torch.device) -> Path:
     """Draw the saliency map of the image's top class, on the image at the net's smallest test scale."""
     image = load_image(path, min(net.scales))
@@ -178,6 +186,7 @@ def predict(
         raise UserError(f"--topk must be at least 1; got {topk}")
     check_images(images)
     outs = saliency_paths(Path(saliency), len(images)) if saliency is not None else [None] * len(images)
+    refuse_overwriting([out for out in outs if out is not None], images)
     torch_device = pick_device(device)
     dtype = autocast_dtype(torch_device, precision)
     # weights cast for the autocast dtype, unless a saliency map takes its gradient in fp32

@@ -293,6 +293,10 @@ class Trainer:
         cfg, run_dir, last = self.cfg, self.run_dir, self.ckpt_dir / "last.pt"
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--out {run_dir}: is a file, not a run directory")
+        for flag, source in (("--weights", cfg.weights), ("--init-from", cfg.init_from)):
+            if source and not cfg.resume and Path(source).exists() and Path(source).resolve().is_relative_to(
+                    run_dir.resolve()):
+                raise UserError(f"{flag} {source} lies in --out {run_dir}, which a new run clears: give another --out")
         if cfg.resume and not last.is_file():
             raise MissingFileError(f"--resume: {last} does not exist")
         if not cfg.resume and last.is_file() and not cfg.overwrite:
