@@ -221,3 +221,33 @@ def test_cli_writes_features_and_errors_are_one_line(net, photos, tmp_path, caps
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(UserError, match="junk.npz: not a readable"):
         Features.load(tmp_path / "junk.npz")
+
+
+def test_a_truncated_or_damaged_partial_extraction_is_one_line_naming_it(net, photos, tmp_path, capsys,
+                                                                          monkeypatch):
+    out = tmp_path / "f.npz"
+    argv = ["features", "--weights", str(net), "--data", str(photos), "--out", str(out), "--scales", "32",
+            "--workers", "0", "--device", "cpu", "--no-progress"]
+    partial = Path(f"{out}.partial")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feats, "describe_batch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features([net], photos, out, settings(scales=(32,)))
+    monkeypatch.undo()
+    whole = partial.read_bytes()
+    with np.load(partial) as npz:
+        arrays = dict(npz)
+    partial.write_bytes(whole[: len(whole) // 2])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{partial}: not a readable .npz file" in err and "\n" not in err
+    for name, value in [("net0_Q32", np.full_like(arrays["net0_Q32"], np.nan)), ("done", arrays["done"][:, :3])]:
+        with open(partial, "wb") as f:
+            np.savez(f, **(arrays | {name: value}))
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{partial}: damaged partial extraction ({name}" in err and "\n" not in err
+    assert not out.exists()

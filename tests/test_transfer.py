@@ -5,6 +5,7 @@ and mean class recall against hand-computed cases and scikit-learn; Caltech-styl
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from verydeep.checkpoint import export_safetensors
 from verydeep.cli import main
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, VOCObject, image_labels, open_voc, read_annotation
 from verydeep.errors import MissingFileError, UserError
-from verydeep.features import Features
+from verydeep.features import Features, describe
 from verydeep.model import VGG
 from verydeep.transfer import (
     average_precision,
@@ -248,3 +249,52 @@ def test_caltech_end_to_end_from_stored_features_and_errors(net, tmp_path, capsy
     with pytest.raises(SystemExit) as bad:
         main([*argv, "--c-grid", "0,1"])
     assert bad.value.code == 2 and "positive numbers" in capsys.readouterr().err
+
+
+def stored_arrays(**changed: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of a good two-class features file of 24 images, some replaced."""
+    x, labels = clusters(2, 12, dims=8)
+    arrays = {"features": x, "labels": labels, "paths": np.array([f"{i}.jpg" for i in range(24)]),
+              "splits": np.array([""] * 24), "classes": np.array(["a", "b"]), "class_names": np.array(["a", "b"]),
+              "skipped": np.array([], dtype=str), "settings": np.array(json.dumps({"kind": "raw-pixels"}))}
+    return arrays | changed
+
+
+NAN_ROW = np.where(np.arange(24)[:, None] == 3, np.nan, clusters(2, 12, dims=8)[0]).astype(np.float32)
+
+
+@pytest.mark.parametrize("changed, message", [
+    ({"features": NAN_ROW}, "features hold values that are not finite .* row 3"),
+    ({"features": np.zeros((24, 0), np.float32)}, r"features must be a 2-D array .* shape \(24, 0\)"),
+    ({"features": np.zeros((0, 8), np.float32)}, r"features must be a 2-D array .* shape \(0, 8\)"),
+    ({"features": np.full((24, 8), "a")}, "features must be a 2-D array of numbers"),
+    ({"labels": np.full(24, 7)}, r"labels must lie in \[0, 1\]; got values from 7 to 7"),
+    ({"labels": np.full(24, 0.5)}, r"labels must be integers of shape \(24,\) or \(24, 2\)"),
+    ({"labels": np.full((24, 2), 5)}, r"labels must lie in \[-1, 1\]"),
+    ({"paths": np.array(["one.jpg"])}, "paths must be a list of 24 strings"),
+    ({"splits": np.array(["val"] * 24)}, "splits must be train, test or empty; got 'val'"),
+    ({"classes": np.array([1, 2])}, "classes must be a list of strings"),
+    ({"settings": np.array("not json")}, "settings must be a JSON object"),
+    ({"settings": np.array("[1, 2]")}, "settings must be a JSON object"),
+])
+def test_a_foreign_or_damaged_features_file_is_one_line_naming_it(tmp_path, capsys, changed, message):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **stored_arrays(**changed))
+    before = bad.read_bytes()
+    assert main(["transfer", "--protocol", "caltech", "--features", str(bad), "--train-per-class", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"verydeep transfer: error: {bad}: ")
+    assert re.search(message, err), err
+    assert bad.read_bytes() == before
+
+
+def test_a_truncated_features_file_is_one_line_and_foreign_settings_only_describe(tmp_path, capsys):
+    good = tmp_path / "good.npz"
+    np.savez(good, **stored_arrays())
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert main(["transfer", "--protocol", "caltech", "--features", str(truncated)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{truncated}: not a readable .npz file" in err and "\n" not in err
+    assert Features.load(good).settings == {"kind": "raw-pixels"}
+    assert describe(Features.load(good)).endswith("(raw-pixels (settings incomplete)), 0 skipped")

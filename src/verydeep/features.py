@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,17 +221,64 @@ class Features:
 
     @classmethod
     def load(cls, path: str | Path) -> Features:
-        """Read what :meth:`save` wrote; a missing, damaged or foreign file is a one-line error naming it."""
+        """Read what :meth:`save` wrote; a missing, damaged or foreign file, or one whose numbers are not
+        finite or out of range, is a one-line error naming it."""
         arrays = _load_npz(path, ("features", "labels", "paths", "splits", "classes", "class_names", "skipped",
                                   "settings"))
-        return cls(arrays["features"], arrays["labels"], arrays["paths"].tolist(), arrays["splits"].tolist(),
-                   arrays["classes"].tolist(), arrays["class_names"].tolist(), json.loads(str(arrays["settings"])),
-                   arrays["skipped"].tolist())
+        x = arrays["features"]
+        if x.ndim != 2 or x.dtype.kind not in "fiu" or 0 in x.shape:
+            raise UserError(f"{path}: features must be a 2-D array of numbers, images x dimensions, neither zero; "
+                            f"got {x.dtype} of shape {x.shape}")
+        if not np.isfinite(x).all():
+            row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+            raise UserError(f"{path}: features hold values that are not finite (NaN or inf), first in row {row}")
+        classes = _strings(path, arrays, "classes")
+        if not classes:
+            raise UserError(f"{path}: classes is empty")
+        paths, splits = _strings(path, arrays, "paths", len(x)), _strings(path, arrays, "splits", len(x))
+        odd = sorted(set(splits) - {"train", "test", ""})
+        if odd:
+            raise UserError(f"{path}: splits must be train, test or empty; got {odd[0]!r}")
+        return cls(x, _labels(path, arrays["labels"], len(x), len(classes)), paths, splits, classes,
+                   _strings(path, arrays, "class_names", len(classes)), _settings(path, arrays["settings"]),
+                   _strings(path, arrays, "skipped"))
 
 
 def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
     with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
         np.savez(f, **arrays)
+
+
+def _strings(path: str | Path, arrays: dict[str, np.ndarray], key: str, length: int | None = None) -> list[str]:
+    """``arrays[key]`` as a list of strings, checked to be a 1-D array of text of ``length`` (when given)."""
+    value = arrays[key]
+    if value.ndim != 1 or (len(value) and value.dtype.kind != "U") or length not in (None, len(value)):
+        size = "" if length is None else f" {length}"
+        raise UserError(f"{path}: {key} must be a list of{size} strings; got {value.dtype} of shape {value.shape}")
+    return [str(v) for v in value]
+
+
+def _labels(path: str | Path, labels: np.ndarray, images: int, classes: int) -> np.ndarray:
+    """Checked labels: (images,) class indices in [0, classes), or (images, classes) in {1, 0, -1} (VOC)."""
+    if labels.dtype.kind not in "iu" or labels.shape not in ((images,), (images, classes)):
+        raise UserError(f"{path}: labels must be integers of shape ({images},) or ({images}, {classes}) for its "
+                        f"{images} images and {classes} classes; got {labels.dtype} of shape {labels.shape}")
+    low, high = (0, classes - 1) if labels.ndim == 1 else (-1, 1)
+    if labels.size and (labels.min() < low or labels.max() > high):
+        raise UserError(f"{path}: labels must lie in [{low}, {high}]; got values from {labels.min()} to "
+                        f"{labels.max()}")
+    return labels
+
+
+def _settings(path: str | Path, value: np.ndarray) -> dict[str, Any]:
+    """The JSON object stored as ``settings``."""
+    try:
+        settings = json.loads(str(value.item())) if value.ndim == 0 and value.dtype.kind == "U" else None
+    except json.JSONDecodeError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: settings must be a JSON object (how the features were made)")
+    return settings
 
 
 def _load_npz(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -239,7 +288,7 @@ def _load_npz(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         raise UserError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from error
     missing = [k for k in keys if k not in arrays]
     if missing:
@@ -312,7 +361,16 @@ class Partial:
         if str(arrays["key"]) != fresh.key or set(fresh.arrays) - set(arrays):
             raise UserError(f"{path}: a partial extraction with other nets, images or scales; give the same "
                             "settings to continue it, or delete it")
-        return cls(fresh.key, {k: arrays[k] for k in fresh.arrays}, arrays["done"], set(arrays["skipped"].tolist()))
+        for name, like in [("done", fresh.done), *fresh.arrays.items()]:
+            value = arrays[name]
+            if value.shape != like.shape or value.dtype != like.dtype:
+                raise UserError(f"{path}: damaged partial extraction ({name} is {value.dtype} of shape "
+                                f"{value.shape}, not {like.dtype} of shape {like.shape}); delete it")
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise UserError(f"{path}: damaged partial extraction ({name} holds values that are not finite); "
+                                "delete it")
+        return cls(fresh.key, {k: arrays[k] for k in fresh.arrays}, arrays["done"],
+                   set(_strings(path, arrays, "skipped")))
 
 
 def extraction_key(nets: Sequence[FeatureNet], images: ImageSet, scales: Sequence[int]) -> str:
@@ -492,12 +550,16 @@ def features_from_args(args: argparse.Namespace, out: Path | None) -> Features:
 
 def origin(settings: dict[str, Any]) -> str:
     """How descriptors were made, from their settings: ``A-BN FC7, Q=256,384,512 stack`` or ``raw pixels 32x32``."""
-    if settings.get("kind") == "raw-pixels":
-        return f"raw pixels {settings['side']}x{settings['side']}"
-    if settings.get("kind") == "vgg":
-        nets = " + ".join(net["model"] for net in settings["nets"])
-        return f"{nets} FC7, Q={','.join(map(str, settings['scales']))} {settings['aggregate']}"
-    return str(settings.get("kind", "features"))
+    kind = str(settings.get("kind", "features"))
+    try:
+        if kind == "raw-pixels":
+            return f"raw pixels {int(settings['side'])}x{int(settings['side'])}"
+        if kind == "vgg":
+            nets = " + ".join(str(net["model"]) for net in settings["nets"])
+            return f"{nets} FC7, Q={','.join(map(str, settings['scales']))} {settings['aggregate']}"
+    except (KeyError, TypeError, ValueError):  # settings of another writer: they only describe
+        return f"{kind} (settings incomplete)"
+    return kind
 
 
 def describe(features: Features) -> str:
