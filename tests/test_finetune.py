@@ -10,6 +10,7 @@ import torch
 from conftest import SHARED, tiny, weights
 
 from verydeep.errors import UserError
+from verydeep.finetune import copy_matching, freeze
 from verydeep.model import VGG
 from verydeep.train import train
 
@@ -40,8 +41,8 @@ def test_freeze_and_a_lower_rate_for_copied_layers(data, tmp_path):
     before = torch.load(source, weights_only=True)
     train(tiny(data, tmp_path / "frozen", weights=str(source), freeze="features", dropout=0.0))
     after = weights(tmp_path / "frozen")
-    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("features.") and "running" not in k
-               and "num_batches" not in k)
+    # frozen means frozen: batch norm's running statistics too (its layers held in eval mode)
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("features."))
     assert not torch.equal(after["classifier.0.weight"], before["classifier.0.weight"])
     train(tiny(data, tmp_path / "slow", weights=str(source), lr_copied=1e-12, dropout=0.0))
     slow = weights(tmp_path / "slow")  # every layer copied (4 classes both): all barely move
@@ -68,3 +69,38 @@ def test_fc8_of_other_named_classes_is_not_copied(data, tmp_path):
     train(tiny(data, tmp_path / "run", weights=str(tmp_path / "animals.safetensors")))
     copied = json.loads((tmp_path / "run" / "recipe.json").read_text())["start"]["copied"]
     assert "classifier.3.weight" in copied and "classifier.6.weight" not in copied  # class0..class3 are others
+
+
+def test_a_layer_is_copied_whole_or_not_at_all(tmp_path):
+    target = VGG("A", num_classes=4, width=1 / 8, input_size=32)
+    source = VGG("A", num_classes=4, width=1 / 8, input_size=64).state_dict()  # FC6: same bias, other weight
+    bias_before = target.classifier[0].bias.detach().clone()
+    copied, new = copy_matching(target, source)
+    assert "classifier.0.bias" in new and "classifier.0.weight" in new and "classifier.0.bias" not in copied
+    assert torch.equal(target.classifier[0].bias, bias_before)
+    assert "classifier.3.weight" in copied and torch.equal(target.classifier[3].weight, source["classifier.3.weight"])
+
+
+def test_the_start_names_what_was_not_copied(data, tmp_path, capsys):
+    source = tmp_path / "other-crop.pth"
+    torch.save(VGG("A", num_classes=4, batch_norm=True, width=1 / 8, input_size=64).state_dict(), source)
+    train(tiny(data, tmp_path / "run", weights=str(source)))
+    said = [line for line in capsys.readouterr().err.splitlines() if "not copied" in line]
+    assert said == [f"warning: {source}: not copied (not in the file, another shape, or other classes), xavier "
+                    "init: fc6"]
+
+
+def test_freezing_every_layer_is_refused_up_front(data, tmp_path):
+    source = torchvision_file(tmp_path / "source.pth", num_classes=4)
+    with pytest.raises(UserError, match="--freeze fc8 freezes every layer of VGG-A-BN: nothing would be trained"):
+        train(tiny(data, tmp_path / "run", weights=str(source), freeze="fc8"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_frozen_batch_norm_stays_in_eval_mode_through_train_calls():
+    model = VGG("A", num_classes=4, batch_norm=True, width=1 / 8, input_size=32)
+    freeze(model, "conv2_1")
+    model.train()
+    modes = {name: m.training for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert [modes[f"features.{i}"] for i in (1, 5)] == [False, False]  # bn1_1 and bn2_1: frozen
+    assert all(mode for name, mode in modes.items() if name not in ("features.1", "features.5"))

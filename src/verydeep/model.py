@@ -111,11 +111,20 @@ class VGG(nn.Module):
         self.out_channels = scaled(512, width)
         self.avgpool = nn.AdaptiveAvgPool2d(self.grid) if adaptive_pool else nn.Identity()
         self.classifier = make_head(self.out_channels * self.grid**2, num_classes, width, dropout)
+        self.frozen_norms: list[str] = []
         self.tap_names = {name: f"features.{i}" for i, name in enumerate(trunk_names)}
         self.tap_names.update({name: f"classifier.{i}" for i, name in enumerate(HEAD_NAMES)})
         from verydeep.init import initialise  # init.py works on any VGG; imported late to avoid a cycle
 
         initialise(self, init)
+
+    def train(self, mode: bool = True) -> VGG:
+        """Training or eval mode, but batch norms of frozen layers (``frozen_norms``, set by
+        :func:`verydeep.finetune.freeze`) always in eval mode: frozen means their statistics too."""
+        super().train(mode)
+        for name in self.frozen_norms:
+            self.get_submodule(name).eval()
+        return self
 
     @property
     def name(self) -> str:

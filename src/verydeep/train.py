@@ -499,9 +499,13 @@ class Trainer:
             fc8 = f"{model.tap_names['fc8']}."
             source = {name: value for name, value in source.items() if not name.startswith(fc8)}
         copied, new = copy_matching(model, source)
-        layers = sorted({name.rsplit(".", 1)[0] for name in new})
-        how = (f"{published.format} weights {self.cfg.weights}: {len(copied)} tensors copied"
-               + (f", {', '.join(layers)} new ({self.cfg.init} init)" if layers else ""))
+        tap_of = {module: tap for tap, module in model.tap_names.items()}
+        layers = sorted({tap_of.get(prefix, prefix) for prefix in (name.rsplit(".", 1)[0] for name in new)},
+                        key=lambda tap: list(model.tap_names).index(tap) if tap in model.tap_names else 0)
+        how = f"{published.format} weights {self.cfg.weights}: {len(copied)} tensors copied"
+        if layers:
+            self.warn(f"{self.cfg.weights}: not copied (not in the file, another shape, or other classes), "
+                      f"{self.cfg.init} init: {', '.join(layers)}")
         return model, how, {"weights": str(self.cfg.weights), "format": published.format,
                             "source": published.source, "copied": copied}
 
