@@ -99,6 +99,22 @@ def test_a_file_that_differs_from_pytorch_is_removed_and_an_error(net, tmp_path,
     assert not out.exists()
 
 
+def test_the_check_is_relative_to_the_outputs_scale(net, tmp_path, monkeypatch):
+    """Logits near 1e5 keep about 7 digits in float32: a difference of 1e-7 of them is agreement."""
+    path, model = net
+    loud = model_from_recipe(RECIPE).eval()
+    loud.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        loud.classifier[6].weight.mul_(1e6)
+    weights = tmp_path / "loud.pt"
+    save_checkpoint({"model": loud.state_dict(), "recipe": RECIPE}, weights)
+    reload = export.reload
+    monkeypatch.setattr(export, "reload", lambda out, fmt: (lambda x: reload(out, fmt)(x) * (1 + 1e-7)))
+    result = export.export_net(weights, tmp_path / "loud.ts", "torchscript")
+    assert result.max_abs_difference > export.TOLERANCE and result.relative_difference < export.TOLERANCE
+    assert (tmp_path / "loud.ts").is_file()
+
+
 def run_export(argv: list[str]) -> None:
     """``verydeep export ARGV`` through the command's own parser."""
     parser = OneLineParser(prog="verydeep")
