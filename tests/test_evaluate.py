@@ -214,8 +214,9 @@ def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
     assert [r.name for r in result.rows] == ["dense Q=48"]
     assert result.images == 5
     other = tmp_path / "other.pt"
-    save_checkpoint({"model": tiny_model().state_dict(), "recipe": {**RECIPE, "classes": ["a", "b", "c"]}}, other)
-    with pytest.raises(ValueError, match="other.pt: its classes"):
+    save_checkpoint({"model": tiny_model().state_dict(),
+                     "recipe": {**RECIPE, "classes": ["a", "b", "c"], "class_names": ["x", "y", "z"]}}, other)
+    with pytest.raises(ValueError, match="other.pt: the data's class blue .blue. is not among the net's 3 classes"):
         run([checkpoint, other], folder)
     with pytest.raises(ValueError, match="smaller than the crop"):
         run([checkpoint], folder, scales=[24])
@@ -424,3 +425,43 @@ def test_jpegs_decoded_on_the_gpu_give_the_cpu_posteriors(folder, checkpoint, tm
                           keep_posteriors=True) for decode in ("cpu", "gpu"))
     for key, expected in on_cpu.posteriors.arrays.items():  # decoders may differ by a grey level
         np.testing.assert_allclose(on_gpu.posteriors.arrays[key], expected, atol=2e-2, err_msg=key)
+
+
+# ---- a net of more classes than the data's -------------------------------------------------------
+
+
+def wide_net(tmp_path: Path) -> Path:
+    """A net of six classes (the data's three among them, in another order, one found by name only)."""
+    classes = ["n00", "red", "n02", "blue", "n04", "n05"]
+    names = ["a", "red", "c", "blue", "e", "GREEN"]
+    recipe = {**RECIPE, "num_classes": 6, "classes": classes, "class_names": names}
+    path = tmp_path / "wide.pt"
+    save_checkpoint({"model": tiny_model(seed=4, num_classes=6).state_dict(), "recipe": recipe}, path)
+    return path
+
+
+def test_a_net_of_more_classes_is_scored_over_its_softmax_or_over_the_datas_classes(folder, tmp_path):
+    wide = wide_net(tmp_path)
+    options = dict(protocols=["dense"], scales=[36], device="cpu", workers=0, progress=False, keep_posteriors=True)
+    full = evaluate([wide], folder, **options)
+    ours = evaluate([wide], folder, over_data_classes=True, **options)
+    columns = [3, 5, 1]  # blue, green (by name), red among the net's six
+    full_post = torch.from_numpy(full.posteriors.rows[full.main]).float()
+    ours_post = torch.from_numpy(ours.posteriors.rows[ours.main]).float()
+    assert full_post.shape == (12, 6) and ours_post.shape == (12, 3)
+    torch.testing.assert_close(ours_post, full_post[:, columns] / full_post[:, columns].sum(1, keepdim=True),
+                               atol=1e-3, rtol=1e-3)  # the kept posteriors are float16
+    labels = torch.tensor([i // 4 for i in range(12)])
+    assert full.rows[0].top1_error == pytest.approx(topk_error(full_post, torch.tensor(columns)[labels], 1))
+    assert ours.rows[0].top1_error == pytest.approx(topk_error(ours_post, labels, 1))
+    assert set(full.per_class_accuracy) == set(CLASSES)
+    assert "full softmax of 6 classes" in full.scored and "data's 3 classes" in ours.scored
+
+
+def test_a_data_class_the_net_does_not_know_is_refused_by_name(folder, tmp_path, capsys):
+    path = tmp_path / "other.pt"
+    recipe = {**RECIPE, "num_classes": 6, "classes": [f"n{i}" for i in range(6)],
+              "class_names": [f"x{i}" for i in range(6)]}
+    save_checkpoint({"model": tiny_model(num_classes=6).state_dict(), "recipe": recipe}, path)
+    assert main(["eval", "--weights", str(path), "--data", str(folder), "--device", "cpu"]) == 2
+    assert "the data's class blue (blue) is not among the net's 6 classes" in capsys.readouterr().err

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from verydeep import configs, paper, report
+from verydeep.classmap import ClassMap, class_map
 from verydeep.cli import device_name, natural_int, output_dir, positive_int
 from verydeep.errors import UserError
 from verydeep.metrics import per_class_accuracy, topk_error
@@ -262,21 +263,6 @@ def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_
         if names.count(net.name) > 1:
             net.name = f"{net.name} #{names[: i + 1].count(net.name)}"
     return nets
-
-
-def check_classes(nets: Sequence[Net], classes: list[str]) -> None:
-    """Every net must predict the dataset's classes, in the same order."""
-    for net in nets:
-        recipe_classes = net.recipe.get("classes")
-        if recipe_classes is not None and list(recipe_classes) != list(classes):
-            raise UserError(
-                f"{net.checkpoint}: its classes ({len(recipe_classes)}: {', '.join(recipe_classes[:3])}...) "
-                f"differ from the data's ({len(classes)}: {', '.join(classes[:3])}...)"
-            )
-        if net.model.num_classes != len(classes):
-            raise UserError(f"{net.checkpoint}: predicts {net.model.num_classes} classes; the data has {len(classes)}")
-    if len(nets) > 1 and any(n.recipe.get("classes") is None for n in nets):
-        raise UserError("fusion needs every checkpoint's recipe to list its classes")
 
 
 # ---- computing the posteriors -------------------------------------------------------------
@@ -591,6 +577,7 @@ class EvalResult:
     device: str
     precision: str
     imagenet_sized: bool
+    scored: str  # over which classes the errors are counted (:meth:`verydeep.classmap.ClassMap.describe`)
     rows: list[EvalRow]
     main: str
     per_class_accuracy: dict[str, float | None]
@@ -635,14 +622,15 @@ def readable_images(nets: Sequence[Net], posteriors: PosteriorArrays, paths: Seq
     return valid
 
 
-def open_labelled(split: Path, nets: Sequence[Net], limit: int | None) -> Any:
-    """The split's labelled images (a class-balanced subset of ``limit``), checked against the nets' classes."""
+def open_labelled(split: Path, nets: Sequence[Net], limit: int | None, over_data_classes: bool) -> tuple[Any, ClassMap]:
+    """The split's labelled images (a class-balanced subset of ``limit``) and where its classes sit among
+    the nets' outputs."""
     from verydeep.data import balanced_subset, open_split
 
     dataset = open_split(split, lambda path: None)
-    check_classes(nets, dataset.classes)
+    mapping = class_map(nets, dataset.classes, dataset.class_names, over_data_classes)
     dataset.samples = [dataset.samples[i] for i in balanced_subset(dataset.targets, limit)]
-    return dataset
+    return dataset, mapping
 
 
 def evaluate(
@@ -660,6 +648,7 @@ def evaluate(
     keep_posteriors: bool = False,
     decode: str = "auto",
     weights_dir: str | Path | None = None,
+    over_data_classes: bool = False,
 ) -> EvalResult:
     """Evaluate nets on a labelled split with the protocols of Sec. 3.2.
 
@@ -668,7 +657,9 @@ def evaluate(
     crop, input convention and test scales (``scales``, else from its recipe, see :func:`net_scales`);
     several nets are also fused. ``limit`` takes a class-balanced,
     deterministic subset. ``keep_posteriors`` keeps every posterior array in the result. ``decode``:
-    where JPEGs are decoded (``auto``: on the GPU when evaluating on CUDA).
+    where JPEGs are decoded (``auto``: on the GPU when evaluating on CUDA). Nets of more classes than the
+    data's (an ImageNet net on Imagenette) are scored over their full softmax, or with
+    ``over_data_classes`` over the data's classes only (:mod:`verydeep.classmap`).
     """
     from verydeep.data import find_split, gpu
 
@@ -680,23 +671,25 @@ def evaluate(
         keep_freed_memory()  # no fresh pages for every batch's activations
     dtype = autocast_dtype(torch_device, precision)
     nets = load_nets(sources, scales, split, torch_device, weights_dir, dtype)
-    dataset = open_labelled(split, nets, limit)
+    dataset, mapping = open_labelled(split, nets, limit, over_data_classes)
     settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
                              progress, gpu.resolve_decode(decode, torch_device))
     posteriors, skipped, timings = compute_posteriors(nets, dataset, plan_passes(nets, protocols), settings)
+    posteriors = {key: mapping.posteriors(post) for key, post in posteriors.items()}
     paths = [str(path) for path, _ in dataset.samples]
     valid = readable_images(nets, posteriors, paths, skipped, split)
-    targets = torch.tensor(dataset.targets, dtype=torch.long)
+    targets = mapping.targets(torch.tensor(dataset.targets, dtype=torch.long))
     rows, row_posteriors = score_rows(nets, posteriors, protocols, targets, valid)
     main = main_row(rows, protocols)
     classes = list(dataset.classes)
-    accuracy = per_class_accuracy(row_posteriors[main.name], targets[valid], len(classes))
+    scored = per_class_accuracy(row_posteriors[main.name], targets[valid], mapping.scored_classes)
+    accuracy = [scored[i] for i in mapping.targets(torch.arange(len(classes))).tolist()]
     seconds = time.perf_counter() - started
     return EvalResult(
         data=str(split), images=int(valid.sum()), skipped=sorted(skipped), classes=classes,
         class_names=list(dataset.class_names), nets=[net.describe() for net in nets], protocols=protocols,
         flip=flip, device=str(torch_device), precision="bf16" if dtype == torch.bfloat16 else "fp32",
-        imagenet_sized=all(net.imagenet_sized for net in nets), rows=rows, main=main.name,
+        imagenet_sized=all(net.imagenet_sized for net in nets), scored=mapping.describe(), rows=rows, main=main.name,
         per_class_accuracy=dict(zip(classes, accuracy, strict=True)),
         timing=Timing(round(seconds, 3), round(seconds / len(dataset), 6), timings),
         posteriors=Posteriors({f"net{i}_{kind}_Q{q}": post.numpy() for (i, kind, q), post in posteriors.items()},
@@ -789,6 +782,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluate only N images (class-balanced, deterministic)")
     p.add_argument("--out", type=output_dir, default=None,
                    help="write results.json, results.md and posteriors.npz in this folder")
+    p.add_argument("--over-data-classes", action="store_true",
+                   help="a net of more classes than the data's (ImageNet's 1000 on Imagenette): count errors over the "
+                        "data's classes only, not the net's full softmax")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run_cli)
@@ -799,12 +795,12 @@ def run_cli(args: argparse.Namespace) -> None:
         given_weights(args), args.data, protocols=args.protocol, scales=args.scales, flip=args.flip,
         batch_size=args.batch_size, device=args.device, precision=args.precision, workers=args.workers,
         limit=args.limit, progress=args.progress, keep_posteriors=args.out is not None, decode=args.decode,
-        weights_dir=args.weights_dir,
+        weights_dir=args.weights_dir, over_data_classes=args.over_data_classes,
     )
     if args.out:
         write_outputs(result, args.out)
     print(report.eval_markdown(result))
     print(f"\n{result.images} images, {len(result.skipped)} skipped, {result.timing.seconds:.1f} s "
-          f"on {result.device} ({result.precision})")
+          f"on {result.device} ({result.precision}); errors {result.scored}")
     if args.json:
         print(json.dumps(result.to_dict()))

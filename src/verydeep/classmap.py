@@ -1,0 +1,102 @@
+"""The data's classes among a net's outputs: evaluating a 1000-class ImageNet net on a dataset whose
+class folders are some of its synsets (Imagenette's ten, say).
+
+Each class of the data is found among the net's classes by its synset id, else by its readable
+name. By default the net is scored over its full softmax, as on ILSVRC (Sec. 4): a prediction of a
+class the data does not hold is wrong. ``over_data_classes`` scores it over the data's classes
+only (the net's posteriors of those, renormalised), the usual figure for a subset benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from verydeep.errors import UserError
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Per class of the data, the index of its output in the nets (``columns``), the nets' number of
+    outputs, and whether scoring is over the data's classes only."""
+
+    columns: tuple[int, ...]
+    net_classes: int
+    over_data_classes: bool = False
+
+    @property
+    def identity(self) -> bool:
+        """The nets predict exactly the data's classes, in its order."""
+        return self.columns == tuple(range(self.net_classes))
+
+    @property
+    def scored_classes(self) -> int:
+        """How many classes the posteriors being scored have."""
+        return len(self.columns) if self.over_data_classes else self.net_classes
+
+    def targets(self, targets: Tensor) -> Tensor:
+        """The data's labels as indices of the scored posteriors."""
+        if self.identity or self.over_data_classes:
+            return targets
+        return torch.tensor(self.columns, dtype=torch.long)[targets]
+
+    def posteriors(self, posteriors: Tensor) -> Tensor:
+        """The nets' posteriors (N, net classes) as scored: all of them, or the data's classes renormalised."""
+        if self.identity or not self.over_data_classes:
+            return posteriors
+        kept = posteriors[:, list(self.columns)]
+        return kept / kept.sum(dim=1, keepdim=True).clamp(min=torch.finfo(kept.dtype).tiny)
+
+    def describe(self) -> str:
+        """How the evaluation scores, in words for the report."""
+        if self.identity:
+            return f"over the {self.net_classes} classes of the net and the data"
+        if self.over_data_classes:
+            return f"over the data's {len(self.columns)} classes (the net's posteriors of them, renormalised)"
+        return f"over the net's full softmax of {self.net_classes} classes (the data holds {len(self.columns)})"
+
+
+def _columns(net_classes: Sequence[str], net_names: Sequence[str], classes: Sequence[str], names: Sequence[str],
+             source: str) -> tuple[int, ...]:
+    """Per data class, its index among the net's: by synset id, else by readable name (case aside)."""
+    by_id = {c: i for i, c in enumerate(net_classes)}
+    by_name = {str(n).strip().lower(): i for i, n in enumerate(net_names)}
+    columns = []
+    for cls, name in zip(classes, names, strict=True):
+        index = by_id.get(cls, by_name.get(str(name).strip().lower()))
+        if index is None:
+            raise UserError(f"{source}: the data's class {cls} ({name}) is not among the net's {len(net_classes)} "
+                            "classes")
+        columns.append(index)
+    if len(set(columns)) != len(columns):
+        raise UserError(f"{source}: two of the data's classes map to the same class of the net")
+    return tuple(columns)
+
+
+def class_map(nets: Sequence[Any], classes: Sequence[str], names: Sequence[str],
+              over_data_classes: bool = False) -> ClassMap:
+    """Where the data's ``classes`` (readable ``names``) sit among every net's outputs; nets given as
+    objects with ``recipe``, ``model`` and ``checkpoint``. Nets fused together must agree on it."""
+    maps = set()
+    for net in nets:
+        listed = net.recipe.get("classes")
+        outputs = net.model.num_classes
+        if listed is None:
+            if outputs != len(classes):
+                raise UserError(f"{net.checkpoint}: predicts {outputs} classes; the data has {len(classes)}")
+            maps.add((tuple(range(outputs)), outputs))
+            continue
+        if len(listed) != outputs:
+            raise UserError(f"{net.checkpoint}: its recipe lists {len(listed)} classes for {outputs} outputs")
+        listed_names = net.recipe.get("class_names") or listed
+        maps.add((_columns(listed, listed_names, classes, names, net.checkpoint), outputs))
+    if len(maps) > 1:
+        raise UserError("the nets to fuse predict different classes: fuse nets of the same classes")
+    if len(nets) > 1 and any(n.recipe.get("classes") is None for n in nets):
+        raise UserError("fusion needs every checkpoint's recipe to list its classes")
+    columns, outputs = maps.pop()
+    return ClassMap(columns, outputs, over_data_classes)
