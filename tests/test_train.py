@@ -437,3 +437,16 @@ def test_progress_in_a_log_is_lines_not_carriage_returns(data, tmp_path, capsys)
     assert "\r" not in err
     lines = err.splitlines()
     assert len(lines) == 3 and lines[0].startswith("VGG-A width=0.0625") and lines[2].startswith("epoch 2: train loss")
+
+
+@pytest.mark.parametrize("config", ["A", "A-LRN", "B", "C", "D", "E"])
+def test_every_configuration_learns_from_the_default_initialisation(tmp_path, config):
+    """A newcomer's first run: no --init, no weights to start from; the training loss falls."""
+    data = write_dataset(tmp_path / "data", {"train": 16, "val": 2})
+    cfg = tiny(data, tmp_path / "run", config=config, init=TrainConfig().init, epochs=4, lr=0.02)
+    train(cfg)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "epoch"' in line]
+    assert epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"], [e["train_loss"] for e in epochs]
+    record = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert record["init"] == "he" and "every configuration learns" in record["init_reason"]

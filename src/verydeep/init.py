@@ -28,6 +28,16 @@ from verydeep.errors import UserError
 PAPER_STD = 0.01
 PROTOCOLS = ("paper", "xavier", "glorot", "kaiming", "he")
 
+#: Why each protocol, for the run record: what a run started from random weights was initialised with.
+REASONS = {
+    "he": "He et al.'s normal init on every layer keeps the signal's scale through any depth and width: every "
+          "configuration learns from random weights (training's default)",
+    "paper": "the paper's N(0, 0.01) (Sec. 3.1): net A learns from it, the deeper nets only from A's weights",
+    "xavier": "Glorot's uniform init, which the paper notes trains the deep nets without pre-training",
+    "glorot": "Glorot's uniform init, which the paper notes trains the deep nets without pre-training",
+    "kaiming": "torchvision's init for its VGGs (He fan-out on convs, N(0, 0.01) on FC layers)",
+}
+
 
 def initialise(model: nn.Module, protocol: str = "kaiming", std: float = PAPER_STD) -> nn.Module:
     """(Re-)initialise every conv, linear and batch-norm layer of ``model`` in place."""

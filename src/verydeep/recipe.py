@@ -96,7 +96,8 @@ class TrainConfig:
     width: float = option(1.0, "width multiplier (1 = the paper's)", "model", minimum=POSITIVE)
     batch_norm: bool = option(False, "batch norm after each conv (not the paper's)", "model")
     dropout: float = option(0.5, "dropout on FC6/FC7", "model", minimum=0)
-    init: str = option("paper", "random init: paper (N(0, 0.01)), xavier/glorot, kaiming", "model",
+    init: str = option("he", "random init: he (learns at every depth and width), paper (N(0, 0.01): trains A, the "
+                             "deeper nets only from A's weights, Sec. 3.1), xavier/glorot, kaiming", "model",
                        choices=PROTOCOLS)
     init_from: str | None = option(None, "checkpoint or run dir: the same architecture copies every weight, "
                                          "another configuration takes the paper's warm start", "model")

@@ -64,6 +64,7 @@ from verydeep.data import gpu as gpu_decode
 from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, Stream, collate_shifted, derived_seed
 from verydeep.errors import MissingFileError, UserError
 from verydeep.finetune import copy_matching, freeze, param_groups
+from verydeep.init import REASONS as INIT_REASONS
 from verydeep.init import warm_start
 from verydeep.model import VGG
 from verydeep.recipe import (
@@ -368,6 +369,7 @@ class Trainer:
         self.record = {**cfg.to_dict(), "task": self.task.name, "num_classes": len(classes),
                        "outputs": self.task.outputs(len(classes)), "preprocess": self.pre.to_dict(),
                        "classes": classes, "class_names": list(self.train_set.class_names), **self.task.record(),
+                       "init_reason": INIT_REASONS[cfg.init],
                        "training": {"folder": str(getattr(self.train_set, "root", "")),
                                     "images": len(self.train_indices)},
                        "validation": self._validation_record()}
