@@ -15,6 +15,10 @@ and the architecture (configuration of Table 1, batch norm, width, crop, classes
 shapes. Nothing but tensors is unpickled (``torch.load(weights_only=True)``); Caffe files are parsed
 with the subset of Caffe's message definition carried here, without Caffe or protoc.
 
+Keras files are read in both layouts: the legacy HDF5 of Keras 2 (and ``keras.applications``' downloads),
+whose layers are named ``blockB_convI``, ``fc1`` ...; and Keras 3's ``save_weights`` (``.weights.h5``)
+and ``.keras`` archives, whose layers are keyed by class and order (``conv2d``, ``conv2d_1`` ...).
+
 Keras' ``_notop`` files hold no FC layers: the classifier stays randomly initialised and the recipe
 says ``"head": "random"``. Such a net serves for features (``model.extract``, ``model.features``) and
 as ``train --init-from``; predict and eval should refuse it.
@@ -24,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import math
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -217,11 +223,22 @@ def sniff(path: Path) -> str:
         head = f.read(9)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "keras"
+    if head.startswith(b"PK\x03\x04") and _is_keras_archive(path):
+        return "keras"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
         return "torch"
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
         return "safetensors"
     return "caffe"
+
+
+def _is_keras_archive(path: Path) -> bool:
+    """A zip holding Keras 3's ``model.weights.h5`` and ``config.json`` (a ``.keras`` file), not torch's."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {KERAS_ARCHIVE_WEIGHTS, "config.json"} <= set(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _ours(path: Path, weights: dict[str, Tensor], recipe: dict[str, Any]) -> Published:
@@ -434,6 +451,9 @@ def _blob(blob: Any, layer: str, path: Path) -> np.ndarray:
 #: Keras' names of VGG's FC layers; its convolutions are blockB_convI (our convB_I).
 KERAS_FC = {"fc1": "fc6", "fc2": "fc7", "predictions": "fc8"}
 
+#: The weights inside a Keras 3 ``.keras`` archive (a zip beside ``config.json``).
+KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
+
 
 def read_keras(path: Path) -> tuple[dict[str, Tensor], bool]:
     """A Keras HDF5 weights file's weights in our keys, and whether it has the FC layers.
@@ -447,12 +467,14 @@ def read_keras(path: Path) -> tuple[dict[str, Tensor], bool]:
     except ImportError as error:
         raise UserError(f"{path}: reading Keras files needs h5py (pip install 'verydeep[weights]')") from error
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(_keras_weights(path), "r") as f:
+            if "layers" in f and "layer_names" not in f.attrs:  # Keras 3
+                return _named_to_state(_keras_to_torch(_keras3_named(f["layers"], path), path), path), True
             root = f["model_weights"] if "model_weights" in f else f
             layers = {name: [np.asarray(root[name][w], dtype=np.float32) for w in _names(root[name], "weight_names")]
                       for name in _names(root, "layer_names")}
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise UserError(f"{path}: not a readable Keras HDF5 weights file ({type(error).__name__}: {error})") from error
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as error:
+        raise UserError(f"{path}: not a readable Keras weights file ({type(error).__name__}: {error})") from error
     named = {}
     for name, arrays in layers.items():
         ours = KERAS_FC.get(name) or re.sub(r"^block(\d+)_conv(\d+)$", r"conv\1_\2", name)
@@ -466,6 +488,34 @@ def read_keras(path: Path) -> tuple[dict[str, Tensor], bool]:
     if heads and len(heads) < 3:
         raise UserError(f"{path}: has {', '.join(heads)} but not all of FC1, FC2 and the predictions")
     return _named_to_state(_keras_to_torch(named, path), path), bool(heads)
+
+
+def _keras_weights(path: Path) -> Path | io.BytesIO:
+    """The HDF5 weights of a Keras file: the file itself, or a ``.keras`` archive's ``model.weights.h5``."""
+    if not zipfile.is_zipfile(path):
+        return path
+    with zipfile.ZipFile(path) as archive:
+        return io.BytesIO(archive.read(KERAS_ARCHIVE_WEIGHTS))
+
+
+def _keras3_named(layers: Any, path: Path) -> dict[str, tuple[np.ndarray, ...]]:
+    """Keras 3's layout (``layers/<key>/vars/<i>``, kernel then bias): a layer's key is its class's
+    name with a counter in the model's layer order (``conv2d``, ``conv2d_1`` ...; ``dense`` ...), so
+    the convolutions, in that order, are the configuration of Table 1 whose kernels they have."""
+    def ordered(kind: str) -> list[tuple[np.ndarray, ...]]:
+        keys = [k for k in layers if re.fullmatch(rf"{kind}(_\d+)?", k) and "vars" in layers[k]]
+        keys.sort(key=lambda k: int(k.rsplit("_", 1)[1]) if "_" in k.removeprefix(kind) else 0)
+        return [tuple(np.asarray(layers[k]["vars"][str(i)], dtype=np.float32) for i in range(len(layers[k]["vars"])))
+                for k in keys]
+
+    convs, dense = ordered("conv2d"), ordered("dense")
+    kernels = [w.shape[0] for w, *_ in convs]
+    config = next((c for c in configs.TABLE_1 if "LRN" not in configs.TABLE_1[c]
+                   and list(_kernels(c).values()) == kernels), None)
+    if config is None or len(dense) not in (0, 3) or any(len(arrays) != 2 for arrays in convs + dense):
+        raise UserError(f"{path}: {len(convs)} Keras Conv2D and {len(dense)} Dense layers are no VGG of Table 1")
+    named = dict(zip(_kernels(config), convs, strict=True))
+    return named | dict(zip(("fc6", "fc7", "fc8"), dense, strict=False))
 
 
 def _names(group: Any, attribute: str) -> list[str]:

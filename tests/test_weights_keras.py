@@ -1,0 +1,62 @@
+"""Files written by Keras 3 itself (on the torch backend): ``save_weights`` to ``.weights.h5`` and a
+whole ``.keras`` archive, of a VGG-16 built as ``keras.applications.VGG16`` builds it (its layer
+names and kinds), narrowed so that the test stays small; read by content, not by name."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras = pytest.importorskip("keras", reason="Keras 3 is not installed (pip install 'verydeep[dev]')")
+
+from verydeep.weights import load_published, sniff  # noqa: E402
+
+#: Keras' own torch backend warns about NumPy 2's copy keyword; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))  # VGG-16: D
+
+
+def keras_vgg16(width: int = 16, classes: int = 5, size: int = 64):
+    """keras.applications.VGG16's layers (blockB_convI, blockB_pool, flatten, fc1, fc2, predictions) at
+    1/``width`` of its channels, for ``size``-pixel inputs (pool5 is 2 x 2: Keras' flattening order
+    matters)."""
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((size, size, 3))
+    for block, (convs, channels) in enumerate(BLOCKS, start=1):
+        for i in range(1, convs + 1):
+            x = keras.layers.Conv2D(channels // width, 3, padding="same", activation="relu",
+                                    name=f"block{block}_conv{i}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(4096 // width, activation="relu", name="fc1")(x)
+    x = keras.layers.Dense(4096 // width, activation="relu", name="fc2")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="vgg16")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    model = keras_vgg16()
+    folder = tmp_path_factory.mktemp("keras")
+    model.save_weights(folder / "vgg16.weights.h5")
+    model.save(folder / "vgg16.keras")
+    x = np.random.default_rng(0).normal(0, 20, (2, 64, 64, 3)).astype(np.float32)
+    return folder, x, np.asarray(model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("name", ["vgg16.weights.h5", "vgg16.keras"])
+def test_keras_3_files_load_and_predict_as_keras_does(written, name, tmp_path):
+    folder, x, expected = written
+    path = tmp_path / f"weights-{name.replace('.', '-')}.bin"  # recognised by content, not by name
+    path.write_bytes((folder / name).read_bytes())
+    assert sniff(path) == "keras"
+    published = load_published(str(path))
+    assert published.format == "keras" and published.recipe["config"] == "D" and published.has_fc_layers
+    with torch.no_grad():
+        ours = published.model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).softmax(dim=1).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-6)
