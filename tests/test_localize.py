@@ -432,3 +432,20 @@ def test_a_new_run_never_clears_the_weights_it_starts_from(boxed, tmp_path, caps
     assert main(["train", "--data", str(root), "--weights", str(source / "start.pt"), "--out", str(source),
                  "--overwrite", "--epochs", "1", "--device", "cpu"]) == 2
     assert "lies in --out" in capsys.readouterr().err and (source / "start.pt").is_file()
+
+
+def test_localize_predict_refuses_bad_images_small_scales_and_a_localisation_classifier(boxed, tmp_path, capsys):
+    root, classifier = boxed
+    loc = tmp_path / "loc"
+    train(tiny(root, loc, epochs=1, lr=1e-3, scale=(32, 32), weights=str(classifier)), task=Localisation("scr"))
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image\n")
+    image = next((root / "val").rglob("*.png"))
+    args = ["localize", "predict", "--checkpoint", str(loc), "--out", str(tmp_path / "drawn")]
+    cases = [([*args, "--classifier", str(classifier), str(text)], f"{text}: unreadable image"),
+             ([*args, "--classifier", str(classifier), str(image), "--scales", "8"], "--scales 8 is smaller"),
+             ([*args, "--classifier", str(loc), str(image)], "a localisation net; give the classification net")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

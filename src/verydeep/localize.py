@@ -40,10 +40,10 @@ from verydeep import runtime
 from verydeep.checkpoint import load_model
 from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
 from verydeep.data.boxes import decode, encode, from_crop, iou, match_boxes, read_boxes, with_boxes
-from verydeep.data.datasets import LabelledImages, Transform
-from verydeep.data.decode import ImageFile
+from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform, unreadable
+from verydeep.data.decode import ImageFile, image_size
 from verydeep.data.transforms import CropPlan, render
-from verydeep.errors import UserError
+from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import train_scale
 from verydeep.paper import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.tasks import Task
@@ -416,11 +416,21 @@ class DenseNets:
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         loaded = [load_model(checkpoint, dev) for checkpoint in paths]
         classify, cls_recipe = load_model(classifier, dev)
+        if str(cls_recipe.get("task", "")).startswith("localisation"):
+            raise UserError(f"--classifier {classifier}: a localisation net; give the classification net that ranks "
+                            "the classes")
         for checkpoint, (_, recipe) in zip(paths, loaded, strict=True):
             task_of(recipe)  # a one-line error for a net that is not a localisation net, before the classes
             if list(cls_recipe.get("classes") or []) != list(recipe.get("classes") or []):
                 raise UserError(f"--classifier {classifier}: its classes are not those of {checkpoint}")
         return cls([model.dense() for model, _ in loaded], classify.dense(), [r for _, r in loaded], cls_recipe, dev)
+
+    def check_scales(self, scales: Sequence[int]) -> None:
+        """Every test scale Q at least every net's crop (a dense net needs one window); else a :class:`UserError`."""
+        crops = [int(r["crop"]) for r in (*self.recipes, self.classifier_recipe)]
+        if min(scales) < max(crops):
+            raise UserError(f"--scales {min(scales)} is smaller than the nets' crop {max(crops)}: a dense net needs "
+                            "a whole window")
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
@@ -540,6 +550,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     nets = DenseNets.load(checkpoints, classifier, device)
     recipe = nets.recipes[0]
     qs = list(scales or [fixed_scale(recipe)])
+    nets.check_scales(qs)
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
     task = task_of(recipe, boxes_source(boxes, data, nets.recipes))
     train_set, val_set = task.open_splits(str(data), transform, transform)
@@ -657,6 +668,16 @@ def run_eval(args: argparse.Namespace) -> None:
     print(json.dumps(payload) if args.json else text)
 
 
+def readable_image(path: str | Path) -> None:
+    """An image file whose header can be read; otherwise a :class:`UserError` naming it."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"{path}: no such image")
+    try:
+        image_size(path)
+    except DECODE_ERRORS as error:
+        raise UserError(unreadable(path, error)) from None
+
+
 def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: Path) -> Path:
     """``path`` with each guess's box and class name drawn on it, as ``out/<stem>.png``."""
     import matplotlib
@@ -694,13 +715,13 @@ def run_predict(args: argparse.Namespace) -> None:
         if target.exists() and any(target.samefile(given) for given in args.images if Path(given).exists()):
             raise UserError(f"{target}: the drawing would overwrite the input image; give another --out")
         drawn_at[target] = image
+        readable_image(image)
     nets = DenseNets.load(args.checkpoint, args.classifier, args.device)
     recipe = nets.recipes[0]
     names = list(recipe.get("class_names") or recipe.get("classes") or [])
     scales = args.scales or [fixed_scale(recipe)]
+    nets.check_scales(scales)
     for image in args.images:
-        if not Path(image).is_file():
-            raise UserError(f"{image}: no such image")
         guesses = nets.guesses(image, scales, args.top)
         drawn = draw(image, guesses, names, args.out)
         print(json.dumps({"image": str(image), "drawn": str(drawn), "predictions": [

@@ -21,6 +21,7 @@ rescale, crop, flip) with :func:`to_crop`, and back with :func:`from_crop`; the 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import xml.etree.ElementTree as ET
@@ -76,10 +77,18 @@ def pixel_box(label: str | None, values: Iterable[str], where: str) -> Box:
     return Box(label, xmin, ymin, xmax + 1, ymax + 1, where)
 
 
+def _text(path: Path) -> str:
+    """The text of a boxes file; a file that is not UTF-8 text is a :class:`UserError` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not a text file of boxes (byte {error.start} is not UTF-8)") from None
+
+
 def read_box_text(path: Path) -> BoxTable:
     """``relpath xmin ymin xmax ymax`` lines (``#`` comments); an image may have several lines."""
     table: BoxTable = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_text(path).splitlines(), start=1):
         parts = line.split("#", 1)[0].split()
         if not parts:
             continue
@@ -117,7 +126,7 @@ def read_loc_csv(path: Path) -> BoxTable:
     """Kaggle's ``LOC_*_solution.csv``: ``ImageId,PredictionString`` of ``synset xmin ymin xmax ymax``
     groups, keyed by the image's stem."""
     table: BoxTable = {}
-    with path.open(newline="") as f:
+    with io.StringIO(_text(path), newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
             raise UserError(f"{path}: not a LOC solution file (columns ImageId,PredictionString)")
