@@ -9,6 +9,7 @@ import torchvision
 from verydeep import VGG, configs, vgg, warm_start
 from verydeep.cli import main
 from verydeep.init import warm_start_layers
+from verydeep.model import SeededDropout, dropout_keep
 
 EXPECTED_PARAMS = {
     "A": 132_863_336,
@@ -64,6 +65,20 @@ def test_summary_table_and_dense_form(capsys):
     assert main(["summary", "E", "--input", "256"]) == 0
     out = capsys.readouterr().out
     assert "dense" in out and "conv7-4096" in out and "143,667,240" in out
+
+
+def test_summary_columns_widen_to_fit_the_largest_input(capsys):
+    assert main(["summary", "D", "--input", "10000000"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:-1]  # the header, the layers and the total
+    header = lines[0]
+    ends = [header.index(title) + len(title) for title in ("output (CxHxW)", "params", "MACs")]
+    for line in lines[1:]:
+        cells = line.split()
+        total = cells[0] == "total"
+        assert len(cells) == (3 if total else 5), line  # no two columns run together
+        for cell, end in zip(cells[-2:] if total else cells[-3:], ends[-2:] if total else ends, strict=True):
+            assert line[:end].endswith(cell), line  # each entry right-aligned under its title
+    assert "172,800,000,000,000,000" in lines[1]
 
 
 @pytest.mark.parametrize("name,config,bn", [
@@ -198,3 +213,68 @@ def test_warm_start_shape_mismatch_is_clear_and_copies_nothing():
     with pytest.raises(ValueError, match="fc8.weight"):
         warm_start(d, a)
     assert torch.equal(d.features[0].weight, before)
+
+
+def splitmix64(state: int, k: int) -> int:
+    """Output ``k`` (from 1) of splitmix64 seeded by ``state``, in plain integers."""
+    z = (state + k * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def test_an_images_dropout_mask_is_its_own_in_any_batch():
+    """Sec. 3.1 dropout with each image's seed: the same mask in any batch, at any position, as the
+    splitmix64 stream of the image's seed says; other layers and other seeds draw other masks."""
+    drop = SeededDropout(0.5, layer=6).train()
+    x, seeds = torch.randn(6, 300), torch.randint(0, 2**63 - 1, (6,))
+    whole = drop(x, seeds)
+    order = [4, 0, 5]
+    assert torch.equal(drop(x[order], seeds[order]), whole[order])
+    assert torch.equal(drop(x[2:3], seeds[2:3]), whole[2:3])
+    others = torch.randn(3, 300), torch.randint(0, 2**63 - 1, (3,))
+    mixed = drop(torch.cat([others[0], x[:2]]), torch.cat([others[1], seeds[:2]]))
+    assert torch.equal(mixed[3:], whole[:2])
+    key = splitmix64(int(seeds[1]), 7)
+    draws = [splitmix64(key, j // 2 + 1) >> (32 * (j % 2)) & 0xFFFFFFFF for j in range(301)]
+    for p in (0.5, 0.3):
+        expected = [draw >= round(p * 2**32) for draw in draws]
+        assert dropout_keep(seeds[1:2], 6, 301, p)[0].tolist() == expected
+    fc7 = SeededDropout(0.5, layer=7).train()(x, seeds)
+    assert 0.4 < ((fc7 == 0) != (whole == 0)).float().mean() < 0.6  # independent of FC6's mask
+    assert not torch.equal(drop(x, seeds + 1), whole)
+
+
+def test_a_vgg_with_image_seeds_drops_each_images_units_whatever_its_batch():
+    torch.manual_seed(0)
+    model = vgg("A", num_classes=10, width=1 / 16, input_size=32).train()
+    x, seeds = torch.randn(4, 3, 32, 32), torch.tensor([11, 22, 33, 44])
+    whole = model(x, seeds)
+    torch.testing.assert_close(model(x[[3, 1]], seeds[[3, 1]]), whole[[3, 1]], atol=1e-6, rtol=0)
+    assert not torch.allclose(model(x, seeds + 1), whole)  # the masks are the seeds'
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+def test_seeded_dropout_drops_at_rate_p_and_scales_the_kept_units(p):
+    drop = SeededDropout(p, layer=7).train()
+    x = torch.full((64, 4096), 3.0, requires_grad=True)
+    out = drop(x, torch.arange(64) * 1_000_003)
+    dropped = out == 0
+    sigma = (p * (1 - p) / dropped.numel()) ** 0.5
+    assert abs(dropped.float().mean().item() - p) < 5 * sigma
+    torch.testing.assert_close(out[~dropped], torch.full(((~dropped).sum().item(),), 3 / (1 - p)))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).float() / (1 - p))
+
+
+def test_without_seeds_it_is_nn_dropout_and_in_eval_the_identity():
+    drop, reference = SeededDropout(0.5, layer=6).train(), torch.nn.Dropout(0.5)
+    x, seeds = torch.randn(8, 100), torch.arange(8)
+    torch.manual_seed(1)
+    plain = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(plain, reference(x))
+    assert torch.equal(drop.eval()(x, seeds), x)
+    assert torch.equal(SeededDropout(0.0).train()(x, seeds), x)
+    with pytest.raises(ValueError, match="one seed an image"):
+        drop.train()(x, seeds[:3])

@@ -12,11 +12,12 @@ next index after the 3x3 convs of its block (``features.14`` is C's ``conv3_3``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from verydeep import configs
 from verydeep.configs import FC_WIDTH, LRN_PARAMS
@@ -64,12 +65,91 @@ def make_head(in_features: int, num_classes: int, width: float = 1.0, dropout: f
     return nn.Sequential(
         nn.Linear(in_features, hidden),
         nn.ReLU(inplace=True),
-        nn.Dropout(p=dropout),
+        SeededDropout(p=dropout, layer=6),
         nn.Linear(hidden, hidden),
         nn.ReLU(inplace=True),
-        nn.Dropout(p=dropout),
+        SeededDropout(p=dropout, layer=7),
         nn.Linear(hidden, num_classes),
     )
+
+
+def _int64(value: int) -> int:
+    """The int64 whose two's complement bits are those of ``value`` modulo 2^64."""
+    bits = value % (1 << 64)
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
+
+
+#: splitmix64's increment and finaliser multipliers (Steele, Lea & Flood 2014), as int64.
+GOLDEN = _int64(0x9E3779B97F4A7C15)
+MIX = (_int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB))
+
+
+def _xor_shifted(z: Tensor, bits: int, scratch: Tensor) -> Tensor:
+    """``z ^= z >> bits`` in place, the shift unsigned (torch's ``>>`` copies the sign bit; the copies are
+    masked off in ``scratch``)."""
+    torch.bitwise_right_shift(z, bits, out=scratch).bitwise_and_((1 << (64 - bits)) - 1)
+    return z.bitwise_xor_(scratch)
+
+
+def _mix64(z: Tensor) -> Tensor:
+    """splitmix64's finaliser of every int64 of ``z``, in place (int64 products wrap as unsigned ones do)."""
+    scratch = torch.empty_like(z)
+    _xor_shifted(z, 30, scratch).mul_(MIX[0])
+    _xor_shifted(z, 27, scratch).mul_(MIX[1])
+    return _xor_shifted(z, 31, scratch)
+
+
+def dropout_keep(seeds: Tensor, layer: int, units: int, p: float) -> Tensor:
+    """Which of ``units`` units each image keeps (bool, ``(len(seeds), units)``) under dropout at rate ``p``
+    (Sec. 3.1), from each image's int64 seed alone: so the same whatever batch, micro-batch or process
+    the image is in, and on any device.
+
+    Counter-based splitmix64: the layer's key is output ``layer + 1`` of splitmix64 seeded by the image's
+    seed; output ``i + 1`` of splitmix64 seeded by that key gives units ``2i`` (its low 32 bits) and
+    ``2i + 1`` (its high 32 bits) their draws, and a unit is kept when its draw, as a fraction of 2^32,
+    is at least ``p`` (rounded to 2^-32).
+    """
+    if p >= 1:
+        return torch.zeros(len(seeds), units, dtype=torch.bool, device=seeds.device)
+    keys = _mix64(seeds.to(torch.int64) + _int64((layer + 1) * GOLDEN))
+    counters = torch.arange(1, (units + 1) // 2 + 1, dtype=torch.int64, device=seeds.device).mul_(GOLDEN)
+    draws = _mix64(keys[:, None] + counters)
+    # the 32-bit halves, low first (every platform torch runs on is little-endian), compared as unsigned
+    halves = draws.view(torch.int32)[:, :units].bitwise_xor_(-(1 << 31))
+    return halves >= min(round(p * 2**32), 2**32 - 1) - (1 << 31)
+
+
+class SeededDropout(nn.Dropout):
+    """Dropout (Sec. 3.1) whose masks in training, given each image's seed, are :func:`dropout_keep`'s: an
+    image's masks are then the same in any batch, micro-batch or process, and on resuming. Without
+    seeds it is ``nn.Dropout`` (the global RNG's masks); in eval mode the identity.
+
+    ``layer`` (6 for FC6's dropout, 7 for FC7's) keeps the layers' masks independent. No parameters: the
+    state dict keys stay torchvision's.
+    """
+
+    def __init__(self, p: float = 0.5, layer: int = 0) -> None:
+        super().__init__(p)
+        self.layer = layer
+
+    def forward(self, x: Tensor, seeds: Tensor | None = None) -> Tensor:
+        """``x`` (N, ...) with each image's units dropped by its own seed (``seeds``, (N,) int64)."""
+        if seeds is None or not self.training or self.p == 0:
+            return super().forward(x)
+        if seeds.shape != x.shape[:1]:
+            raise ValueError(f"dropout seeds {tuple(seeds.shape)} for a batch of {x.shape[0]}: one seed an image")
+        keep = dropout_keep(seeds.to(x.device), self.layer, math.prod(x.shape[1:]), self.p)
+        return x * keep.view(x.shape).to(x.dtype).mul_(1 / (1 - self.p) if self.p < 1 else 0.0)
+
+
+def run_head(classifier: nn.Sequential, x: Tensor, seeds: Tensor | None = None) -> Tensor:
+    """``classifier(x)``, with each image's dropout seeds (``seeds``, (N,) int64) given to its
+    :class:`SeededDropout` layers."""
+    if seeds is None:
+        return classifier(x)
+    for module in classifier:
+        x = module(x, seeds) if isinstance(module, SeededDropout) else module(x)
+    return x
 
 
 HEAD_NAMES = ["fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8"]
@@ -142,10 +222,12 @@ class VGG(nn.Module):
                 "model.dense() for inputs of any size, or adaptive_pool=True for torchvision's pooling"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Class scores of crops ``x``; in training, ``seeds`` ((N,) int64, one an image) make each image's
+        dropout masks its own (:class:`SeededDropout`), else they come from the global RNG."""
         x = self.features(x)
         self._check_size(x)
-        return self.classifier(torch.flatten(self.avgpool(x), 1))
+        return run_head(self.classifier, torch.flatten(self.avgpool(x), 1), seeds)
 
     def dense(self) -> DenseVGG:
         """The fully-convolutional form of Sec. 3.2, sharing this model's parameters."""
