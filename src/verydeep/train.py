@@ -7,11 +7,11 @@ times, then stop. What is learnt (head, targets, loss, validation metric) is a
 ``verydeep.data`` (:mod:`verydeep.data.sampling` seeds it per image).
 
 Reproducibility is by construction, so that a resumed run and a run on N processes are the same
-computation as one uninterrupted process: the images and draws of every step are a function of
-``(seed, epoch, index)``; a process takes its slice of each global batch in micro-batches, and
-every micro-batch loss is a sum divided by the global batch (times the world size, which DDP's
-gradient averaging divides back), so the step equals one on the whole batch (Sec. 3.3);
-checkpoints hold the model, optimizer, schedule, position in the epoch and every RNG state.
+computation as one uninterrupted process: the images and draws of every step (augmentation and
+dropout masks) are a function of ``(seed, epoch, index)``; a process takes its slice of each global
+batch in micro-batches, and every micro-batch loss is a sum divided by the global batch (times the
+world size, which DDP's gradient averaging divides back), so the step equals one on the whole batch
+(Sec. 3.3); checkpoints hold the model, optimizer, schedule, position in the epoch and every RNG state.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from verydeep.data import (
     to_input,
 )
 from verydeep.data import gpu as gpu_decode
-from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, Stream, collate_shifted, derived_seed
+from verydeep.data.sampling import Draws, GlobalBatchSampler, SeededSamples, Stream, collate_shifted, derived_seed
 from verydeep.errors import MissingFileError, UserError
 from verydeep.finetune import copy_matching, freeze, param_groups
 from verydeep.init import REASONS as INIT_REASONS
@@ -513,9 +513,10 @@ class Trainer:
 
     def _restore_or_seed(self) -> dict[str, Any] | None:
         """Resume from ``last.pt`` (returning this process's RNG state, to set last of all), or seed this
-        process's dropout stream for a new run."""
+        process's global RNG for a new run (dropout draws nothing from it: each image's masks come from its
+        own seed, :class:`~verydeep.data.sampling.Draws`; a task may)."""
         if not self.cfg.resume:
-            torch.manual_seed(derived_seed(self.cfg.seed, Stream.DROPOUT, self.procs.rank))
+            torch.manual_seed(derived_seed(self.cfg.seed, Stream.PROCESS, self.procs.rank))
             return None
         rng = self._resume()
         self.how = f"resumed from {self.ckpt_dir / 'last.pt'} at epoch {self.epoch + 1} step {self.step_in_epoch}"
@@ -553,7 +554,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.workers > 0,
             prefetch_factor=4 if self.workers > 0 else None,
-            generator=torch.Generator(),  # worker seeds drawn here, not from the global (dropout) RNG
+            generator=torch.Generator(),  # worker seeds drawn here, not from the process's global RNG
         )
 
     def log(self, message: str) -> None:
@@ -629,7 +630,8 @@ class Trainer:
 
     def _resume(self) -> dict[str, Any] | None:
         """Load ``last.pt``; returns this process's RNG state (None when the number of processes changed,
-        and the dropout streams are reseeded)."""
+        and the global RNG streams are reseeded; dropout masks, drawn from each image's seed, are not
+        affected)."""
         state = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device)
         changed = changed_architecture(state["recipe"], self.record)
         if changed:
@@ -649,8 +651,8 @@ class Trainer:
             self._truncate_metrics()
             self._export_best()
         if state["world"] != self.procs.world:
-            self.log(f"resuming {state['world']} processes' run on {self.procs.world}: dropout RNG streams reseeded")
-            torch.manual_seed(derived_seed(self.cfg.seed, Stream.DROPOUT_RESHARDED, self.step, self.procs.rank))
+            self.log(f"resuming {state['world']} processes' run on {self.procs.world}: global RNG streams reseeded")
+            torch.manual_seed(derived_seed(self.cfg.seed, Stream.PROCESS_RESHARDED, self.step, self.procs.rank))
             return None
         return state["rng"][self.procs.rank]
 
@@ -702,16 +704,16 @@ class Trainer:
 
     # ---- steps
 
-    def _on_device(self, loaded: Any, shifts: torch.Tensor | None = None) -> tuple[Batch, torch.Tensor | None]:
+    def _on_device(self, loaded: Any, draws: Draws | None = None) -> tuple[Batch, Draws | None]:
         """A loader's batch as uint8 images (decoded on the device when JPEGs go to the GPU), with the
-        colour shifts of the images kept (the device decoder may drop a file the workers could not check)."""
+        draws of the images kept (the device decoder may drop a file the workers could not check)."""
         if self.decode != "gpu":
-            return loaded, shifts
+            return loaded, draws
         batch = gpu_decode.decode_batch(loaded, self.device)
-        if shifts is not None and len(batch.skipped) > len(loaded.skipped):
+        if draws is not None and len(batch.skipped) > len(loaded.skipped):
             dropped = set(batch.skipped)
-            shifts = shifts[torch.tensor([path not in dropped for path in loaded.paths], dtype=torch.bool)]
-        return batch, shifts
+            draws = draws.kept(torch.tensor([path not in dropped for path in loaded.paths], dtype=torch.bool))
+        return batch, draws
 
     def _input(self, batch: Batch, shifts: torch.Tensor | None = None) -> torch.Tensor:
         """The network's float input: colour shift and normalisation (Sec. 3.1), in the memory format."""
@@ -731,8 +733,9 @@ class Trainer:
         torch_dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def _micro_step(self, batch: Batch, shifts: torch.Tensor, sync: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its summed loss (detached)."""
+    def _micro_step(self, batch: Batch, draws: Draws, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch, each image with its colour shift and dropout masks
+        (:class:`~verydeep.data.sampling.Draws`); returns its summed loss (detached)."""
         no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
         with no_sync:
             if batch.images.shape[0] == 0:  # every file of this micro-batch unreadable: a zero-gradient pass
@@ -740,9 +743,10 @@ class Trainer:
                 with runtime.autocast(self.device, self.dtype):
                     loss = self.forward_model(x).float().sum() * 0.0
             else:
-                x, targets = self._input(batch, shifts), self.task.targets(batch, self.device)
+                x, targets = self._input(batch, draws.shifts), self.task.targets(batch, self.device)
+                seeds = draws.seeds.to(self.device, non_blocking=True)
                 with runtime.autocast(self.device, self.dtype):
-                    loss = self.task.loss(self.forward_model(x).float(), targets)
+                    loss = self.task.loss(self.forward_model(x, seeds).float(), targets)
             (loss / self.local_batch).backward()
         return loss.detach()
 
@@ -777,10 +781,10 @@ class Trainer:
         images = skipped = 0
         tic = time.perf_counter()
         with bar:
-            for micro, (loaded, shifts) in enumerate(self.loader):
-                batch, shifts = self._on_device(loaded, shifts)
+            for micro, (loaded, draws) in enumerate(self.loader):
+                batch, draws = self._on_device(loaded, draws)
                 last = (micro + 1) % sampler.micro_per_step == 0
-                loss_sum += self._micro_step(batch, shifts, sync=last)
+                loss_sum += self._micro_step(batch, draws, sync=last)
                 images += batch.images.shape[0]
                 skipped += len(batch.skipped)
                 if not last:

@@ -4,7 +4,8 @@
   process ``rank`` takes its slice of each, in micro-batches (:class:`GlobalBatchSampler`).
 - Each image's augmentation (scale, crop, flip, colour-shift alphas) is drawn from a generator
   seeded by ``(seed, epoch, index)`` (:class:`SeededSamples`), in whichever worker or process
-  reads it.
+  reads it; so is the seed of its dropout masks, which travels with the batch (:class:`Draws`) to
+  the model's :class:`~verydeep.model.SeededDropout` layers.
 
 So a resumed run, and a run on N processes, see exactly the images and draws of one
 uninterrupted process.
@@ -16,7 +17,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,8 +32,9 @@ class Stream(IntEnum):
 
     ORDER = 0  # the permutation of an epoch's images
     AUGMENT = 1  # one image's scale, crop, flip and colour shift
-    DROPOUT = 2  # a process's dropout masks, from the start of a run
-    DROPOUT_RESHARDED = 3  # a process's dropout masks after resuming on another number of processes
+    PROCESS = 2  # a process's global torch RNG, from the start of a run (a task may draw from it)
+    PROCESS_RESHARDED = 3  # a process's global torch RNG after resuming on another number of processes
+    DROPOUT = 4  # one image's dropout masks (Sec. 3.1), in an epoch
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:
@@ -47,15 +49,28 @@ def stream_generator(seed: int, stream: Stream, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(seed, stream, *keys))
 
 
-SeededItem = tuple[Any, int, str, Tensor]
+SeededItem = tuple[Any, int, str, Tensor, int]
+
+
+class Draws(NamedTuple):
+    """The random draws that travel with a batch, a row for each image kept: colour shifts (n, 3) and
+    dropout seeds (n,) int64."""
+
+    shifts: Tensor
+    seeds: Tensor
+
+    def kept(self, keep: Tensor) -> Draws:
+        """The rows of the images where ``keep`` (bool, one per image) is true."""
+        return Draws(self.shifts[keep], self.seeds[keep])
 
 
 class SeededSamples(Dataset):
-    """Item ``(epoch, index)`` -> ``(image or None, label, path, colour shift (3,))``.
+    """Item ``(epoch, index)`` -> ``(image or None, label, path, colour shift (3,), dropout seed)``.
 
     The image's augmentation and its PCA alphas are drawn from the :data:`Stream.AUGMENT`
-    generator of ``(seed, epoch, index)``, so they are the same whichever process, worker or
-    batch reads the image; no global RNG is touched.
+    generator of ``(seed, epoch, index)``, and its dropout seed is :data:`Stream.DROPOUT`'s of the same
+    key, so they are the same whichever process, worker or batch reads the image; no global RNG is
+    touched.
     """
 
     def __init__(self, dataset: LabelledImages, seed: int, pre: Preprocess, alpha_std: float) -> None:
@@ -69,18 +84,19 @@ class SeededSamples(Dataset):
         generator = stream_generator(self.seed, Stream.AUGMENT, epoch, index)
         image, label, path = self.dataset.load(index, generator)
         shift = pca_shift(1, self.pre, self.alpha_std, generator)[0] if self.alpha_std > 0 else torch.zeros(3)
-        return image, label, path, shift
+        return image, label, path, shift, derived_seed(self.seed, Stream.DROPOUT, epoch, index)
 
 
 def collate_shifted(collate_images: Callable[[Sequence[tuple[Any, int, str]]], Any] = collate,
-                    ) -> Callable[[Sequence[SeededItem]], tuple[Batch, Tensor]]:
-    """A collate for :class:`SeededSamples`: ``collate_images`` of the images, plus the colour shifts
-    (n, 3) of the images kept."""
+                    ) -> Callable[[Sequence[SeededItem]], tuple[Batch, Draws]]:
+    """A collate for :class:`SeededSamples`: ``collate_images`` of the images, plus the :class:`Draws`
+    (colour shifts and dropout seeds) of the images kept."""
 
-    def collate_with_shifts(items: Sequence[SeededItem]) -> tuple[Batch, Tensor]:
-        shifts = [shift for image, _, _, shift in items if image is not None]
-        batch = collate_images([item[:3] for item in items])
-        return batch, torch.stack(shifts) if shifts else torch.zeros(0, 3)
+    def collate_with_shifts(items: Sequence[SeededItem]) -> tuple[Batch, Draws]:
+        kept = [item for item in items if item[0] is not None]
+        shifts = torch.stack([item[3] for item in kept]) if kept else torch.zeros(0, 3)
+        seeds = torch.tensor([item[4] for item in kept], dtype=torch.int64)
+        return collate_images([item[:3] for item in items]), Draws(shifts, seeds)
 
     return collate_with_shifts
 
