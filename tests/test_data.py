@@ -12,6 +12,7 @@ from conftest import SHARED, photo, save
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from verydeep.cli import main
 from verydeep.data import (
     IMAGENET,
     CenterCropTransform,
@@ -36,6 +37,7 @@ from verydeep.data.decode import ImageFile, load_region, resample, to_tensor
 from verydeep.data.preprocess import pca_shift
 from verydeep.data.transforms import render
 from verydeep.errors import MissingFileError, UserError
+from verydeep.features import open_image_set
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -292,6 +294,22 @@ def test_find_split_layouts_and_errors(tmp_path):
         ImageFolder(tmp_path / "empty" / "val", RescaleTransform(8))
     with pytest.raises(UserError, match="no class folders"):
         ImageFolder(tmp_path / "ds" / "train" / "a", RescaleTransform(8))
+
+
+def test_a_file_given_as_the_data_folder_is_named_a_file(tmp_path, capsys):
+    file = tmp_path / "data.txt"
+    file.write_text("not a folder\n")
+    for opening in (lambda: find_split(file, "train"), lambda: ImageFolder(file, None),
+                    lambda: ILSVRCValFolder(file, None), lambda: open_image_set(file)):
+        with pytest.raises(UserError, match=f"data folder {file} is a file, not a folder"):
+            opening()
+    assert main(["data", "stats", str(file), "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"data folder {file} is a file, not a folder")
+    make_tree(tmp_path / "val", {"a": [(8, 8)]})
+    (tmp_path / "val" / "LOC_val_solution.csv").mkdir()
+    with pytest.raises(UserError, match="LOC_val_solution.csv is a folder, not a file"):
+        ILSVRCValFolder(tmp_path / "val", None, labels=tmp_path / "val" / "LOC_val_solution.csv")
+    assert file.read_text() == "not a folder\n"
 
 
 def test_image_folder_classes_names_and_samples(tmp_path):

@@ -107,11 +107,10 @@ def open_image_set(data: str | Path) -> ImageSet:
     """The images of ``data``: a VOC root (:mod:`verydeep.data.voc`), a root with ``train/`` and ``test/``
     (or ``val/``) class folders (one given split), or a folder of class folders (split at random later)."""
     from verydeep.data import ImageFolder, find_split
+    from verydeep.data.datasets import require_folder
     from verydeep.data.voc import is_voc, open_voc
 
-    root = Path(data)
-    if not root.is_dir():
-        raise MissingFileError(f"data folder {root} does not exist")
+    root = require_folder(Path(data))
     if is_voc(root):
         voc = open_voc(root)
         return ImageSet([str(p) for p in voc.paths], voc.labels, voc.splits, voc.classes, voc.classes)
@@ -283,6 +282,8 @@ def _settings(path: str | Path, value: np.ndarray) -> dict[str, Any]:
 
 def _load_npz(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a features file")
     if not path.is_file():
         raise MissingFileError(f"{path}: no such features file")
     try:

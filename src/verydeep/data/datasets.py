@@ -113,6 +113,15 @@ def _has_images(folder: Path) -> bool:
     return False
 
 
+def require_folder(path: Path, what: str = "data folder") -> Path:
+    """``path`` when it is a folder; else a one-line error naming it: a file, or nothing there."""
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    raise MissingFileError(f"{what} {path} does not exist")
+
+
 def find_split(data_dir: str | Path, split: str) -> Path:
     """The folder holding ``split`` ("train", "val" or "test") of the dataset at ``data_dir``.
 
@@ -121,9 +130,7 @@ def find_split(data_dir: str | Path, split: str) -> Path:
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test; got {split!r}")
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise MissingFileError(f"data folder {root} does not exist")
+    root = require_folder(Path(data_dir))
     names = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
     for name in names:
         folder = root / name
@@ -205,9 +212,7 @@ class ImageFolder(LabelledImages):
 
     def __init__(self, root: str | Path, transform: Transform, strict: bool = False) -> None:
         super().__init__(transform, strict)
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise MissingFileError(f"data folder {self.root} does not exist")
+        self.root = require_folder(Path(root))
         self.classes = _class_dirs(self.root)
         if not self.classes:
             raise UserError(f"data folder {self.root} has no class folders")
@@ -247,10 +252,10 @@ class ILSVRCValFolder(LabelledImages):
     def __init__(self, root: str | Path, transform: Transform, labels: str | Path | None = None,
                  strict: bool = False) -> None:
         super().__init__(transform, strict)
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise MissingFileError(f"data folder {self.root} does not exist")
+        self.root = require_folder(Path(root))
         label_file = Path(labels) if labels is not None else self._find_labels()
+        if label_file.is_dir():
+            raise UserError(f"ground-truth file {label_file} is a folder, not a file")
         if not label_file.is_file():
             raise MissingFileError(f"ground-truth file {label_file} does not exist")
         images = sorted(p for p in self.root.iterdir() if is_image(p))
