@@ -67,17 +67,18 @@ def _count(module: nn.Module) -> int:
 
 
 def render(model: VGG, rows: list[Row], input_size: int) -> str:
-    """The rows as an aligned text table with totals."""
+    """The rows as a text table with totals, each column as wide as its widest entry (and a space)."""
     form = "dense (FC as conv, Sec. 3.2)" if input_size != model.input_size else "plain"
-    lines = [
-        f"{model.name} width={model.width:g} classes={model.num_classes} input={input_size}x{input_size} {form}",
-        f"{'layer':<10}{'type':<14}{'output (CxHxW)':>18}{'params':>14}{'MACs':>16}",
-    ]
-    for r in rows:
-        shape = "x".join(map(str, r.shape))
-        lines.append(f"{r.name:<10}{r.layer:<14}{shape:>18}{r.params:>14,}{r.macs:>16,}")
     params, macs = sum(r.params for r in rows), sum(r.macs for r in rows)
-    lines.append(f"{'total':<24}{'':>18}{params:>14,}{macs:>16,}")
+    header = ("layer", "type", "output (CxHxW)", "params", "MACs")
+    body = [(r.name, r.layer, "x".join(map(str, r.shape)), f"{r.params:,}", f"{r.macs:,}") for r in rows]
+    table = [header, *body, ("total", "", "", f"{params:,}", f"{macs:,}")]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
+    widths = [max(width, least) for width, least in zip(widths, (9, 13, 17, 13, 15), strict=True)]
+    lines = [f"{model.name} width={model.width:g} classes={model.num_classes} input={input_size}x{input_size} {form}"]
+    for name, layer, shape, count, cost in table:
+        lines.append(f"{name:<{widths[0] + 1}}{layer:<{widths[1] + 1}}{shape:>{widths[2] + 1}}"
+                     f"{count:>{widths[3] + 1}}{cost:>{widths[4] + 1}}")
     lines.append(f"= {params / 1e6:.2f} M parameters, {macs / 1e9:.2f} G multiply-accumulates")
     return "\n".join(lines)
 
