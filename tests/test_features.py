@@ -251,3 +251,20 @@ def test_a_truncated_or_damaged_partial_extraction_is_one_line_naming_it(net, ph
         err = capsys.readouterr().err.strip()
         assert f"{partial}: damaged partial extraction ({name}" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_sizes_beyond_the_memory_are_refused_up_front(photos, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "f.npz"
+    for flags, message in [(["--raw-pixels", "100000"], "argument --raw-pixels: the side must be from 1 to 2048"),
+                           (["--raw-pixels", "8", "--scales", "100000"], "argument --scales: a test scale Q must be")]:
+        with pytest.raises(SystemExit) as refused:
+            main(["features", "--data", str(photos), "--out", str(out), *flags])
+        err = capsys.readouterr().err.strip()
+        assert refused.value.code == 2 and "\n" not in err and message in err and "2048" in err
+    with pytest.raises(UserError, match="a test scale Q must be from 1 to 2048 pixels"):
+        RescaleTransform(100000)
+    monkeypatch.setattr("verydeep.runtime.available_memory_bytes", lambda: 10**6)
+    with pytest.raises(UserError, match=r"--raw-pixels 64: the descriptors of 12 images take 0.00177 GB .* more than "
+                                        r"the 0.001 GB available"):
+        raw_pixel_features(photos, 64, settings())
+    assert not out.exists()

@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from verydeep import runtime
-from verydeep.cli import device_name, natural_int, positive_float, positive_int
+from verydeep.cli import device_name, positive_float, positive_int, worker_count
 from verydeep.errors import UserError
 
 #: torchvision's builder of each configuration it has.
@@ -473,7 +473,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=positive_int, default=5, help="rounds alternating the contenders")
     p.add_argument("--data", type=Path, default=None,
                    help=f"folder of JPEGs in class folders (default: {DEFAULT_DATA} when present, else generated)")
-    p.add_argument("--workers", type=natural_int, default=None, help="data-loading processes (default: cores - 1)")
+    p.add_argument("--workers", type=worker_count, default=None,
+                   help="data-loading processes, at most the CPU cores (default: cores - 1)")
     p.add_argument("--compile", action="store_true", help="the trainer as `train --compile` runs it")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     p.set_defaults(func=run_cli)

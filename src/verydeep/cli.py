@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from verydeep.errors import UserError
+from verydeep.limits import check_side, check_workers
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
 COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "weights", "export", "features",
@@ -68,6 +69,41 @@ positive_float = _checked(float, lambda value: math.isfinite(value) and value > 
 
 class OutputPath(type(Path())):  # type: ignore[misc]
     """A path the command writes (an :func:`output_file` or :func:`output_dir` argument)."""
+
+
+def _within(parse: Callable[[str], float], check: Callable[[int, str], int], what: str) -> Callable[[str], int]:
+    """An argument type: ``parse(text)``, then ``check(value, what)`` (a bound of :mod:`verydeep.limits`)."""
+
+    def bounded(text: str) -> int:
+        value = int(parse(text))
+        try:
+            return check(value, what)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return bounded
+
+
+#: ``type=`` for ``--workers``: data-loading processes, from 0 to one per CPU core this process may use.
+worker_count = _within(natural_int, check_workers, "data-loading processes")
+#: ``type=`` for one test scale Q in pixels (``nargs="+"`` options), at most :data:`verydeep.limits.MAX_SIDE`.
+test_scale = _within(positive_int, check_side, "a test scale Q")
+#: ``type=`` for an image side in pixels (``--raw-pixels``), at most :data:`verydeep.limits.MAX_SIDE`.
+image_side = _within(positive_int, check_side, "the side")
+
+
+def parse_scales(text: str) -> list[int]:
+    """``type=`` for ``--scales``: ``256,384,512`` -> [256, 384, 512], each from 1 to
+    :data:`verydeep.limits.MAX_SIDE`; a bad list is a one-line error."""
+    try:
+        scales = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 256,384,512; got {text!r}"
+        ) from None
+    if not scales or any(q <= 0 for q in scales):
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 256,384,512; got {text!r}")
+    return [test_scale(str(q)) for q in scales]
 
 
 def output_dir(text: str) -> Path:

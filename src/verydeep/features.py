@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from verydeep.checkpoint import atomic_write
-from verydeep.cli import device_name, natural_int, output_file, positive_int
+from verydeep.cli import device_name, image_side, output_file, parse_scales, positive_int, worker_count
 from verydeep.data import LabelledImages, Preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.model import DenseVGG
@@ -481,15 +481,24 @@ def kept_images(images: ImageSet, keep: np.ndarray, features: np.ndarray, settin
                     [images.splits[i] for i in chosen], images.classes, images.class_names, settings, sorted(skipped))
 
 
+#: The copies of the raw-pixel descriptors held at once: all, those of the images read, normalised.
+RAW_PIXEL_COPIES = 3
+
+
 def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = None) -> Features:
     """A baseline without a ConvNet: each image's smallest side rescaled to ``side``, its central ``side`` x
     ``side`` square's pixels (RGB on 0..1) less their mean, L2-normalised."""
     from verydeep.data import CenterCropTransform
-    from verydeep.runtime import progress_bar
+    from verydeep.runtime import available_memory_bytes, progress_bar
 
     settings = settings or Settings.create()
     images = open_image_set(data)
     n, size = len(images.paths), settings.batch_size
+    need, available = RAW_PIXEL_COPIES * n * 3 * side * side * 4, available_memory_bytes()
+    if available is not None and need > available:
+        raise UserError(f"--raw-pixels {side}: the descriptors of {n} images take {need / 1e9:.3g} GB (float32, "
+                        f"{RAW_PIXEL_COPIES} copies), more than the {available / 1e9:.3g} GB available; give a smaller "
+                        "side")
     dataset = IndexedImages(images.paths, CenterCropTransform(side, side))
     pixels = np.zeros((n, 3 * side * side), np.float32)
     skipped: set[str] = set()
@@ -510,13 +519,11 @@ def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = 
 
 def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     """The flags that say which images are described and how: ``features``' and ``transfer``'s."""
-    from verydeep.evaluate import parse_scales
-
     p.add_argument("--weights", action="append", default=None, metavar="SOURCE",
                    help="torchvision .pth, Caffe .caffemodel, Keras .h5, a verydeep checkpoint, run directory or "
                         ".safetensors, or a known name such as vgg16; repeat to stack several nets' descriptors")
     p.add_argument("--weights-dir", default=None, metavar="DIR", help="where known names such as vgg16 are found")
-    p.add_argument("--raw-pixels", type=positive_int, default=None, metavar="SIDE",
+    p.add_argument("--raw-pixels", type=image_side, default=None, metavar="SIDE",
                    help="instead of a net, the pixels of each image's central SIDE x SIDE square (a baseline)")
     p.add_argument("--data", required=data_required, metavar="DIR",
                    help="a VOC root (JPEGImages/, Annotations/, ImageSets/Main/), a root with train/ and test/ "
@@ -526,8 +533,8 @@ def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True)
     p.add_argument("--aggregate", choices=AGGREGATES, default="stack",
                    help="over the scales: stack (concatenate) or average the descriptors (default stack)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
-    p.add_argument("--workers", type=natural_int, default=None,
-                   help="data loading processes (default: the cores less one, at most 8)")
+    p.add_argument("--workers", type=worker_count, default=None,
+                   help="data loading processes, at most the CPU cores (default: the cores less one, at most 8)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="N",

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from verydeep.checkpoint import atomic_write
 from verydeep.errors import UserError
+from verydeep.limits import usable_cores
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class Processes:
 def default_workers() -> int:
     """Data-loading processes: one per core this process may use, less one for the network, at
     least one and at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, usable_cores() - 1))
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from verydeep.cli import output_file
+from verydeep.cli import output_file, worker_count
 from verydeep.data.datasets import find_split, open_split
 from verydeep.data.decode import ImageFile, decode, to_tensor
 from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
+from verydeep.limits import usable_cores
 from verydeep.runtime import progress_bar
 
 
@@ -103,8 +103,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--side", type=int, default=256,
                    help="JPEGs are decoded reduced while the smallest side stays >= this (default 256)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader worker processes (default: cores, at most 8)")
+    s.add_argument("--workers", type=worker_count, default=min(8, usable_cores()),
+                   help="DataLoader worker processes, at most the CPU cores (default: the cores, at most 8)")
     s.add_argument("--mean-only", action="store_true",
                    help="store std = 1/255: the paper's mean subtraction on the 0..255 scale")
     s.set_defaults(func=run_cli)
@@ -113,8 +113,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     if args.sample < 1 or args.side < 1:
         raise UserError(f"--sample and --side must be positive; got {args.sample} and {args.side}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 or more; got {args.workers}")
     folder = find_split(args.dir, "train")
     pre, summary = compute_stats(folder, args.sample, args.side, args.seed, args.workers, args.mean_only)
     out = args.out or Path(args.dir) / PREPROCESS_FILE

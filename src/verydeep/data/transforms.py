@@ -28,6 +28,7 @@ from torch import Tensor
 from verydeep.data.decode import ImageFile, draft_factor, load_region
 from verydeep.data.jpeg import Box, Size, decoded_size
 from verydeep.errors import UserError
+from verydeep.limits import check_side
 
 
 class CropPlan(NamedTuple):
@@ -171,6 +172,9 @@ class RescaleTransform(PlannedTransform):
     q: int
     fast: bool = True
 
+    def __post_init__(self) -> None:
+        check_side(self.q, "a test scale Q")
+
     def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
         out = resized_size(size, self.q)
         k = reduction(size, out, reducible)
@@ -189,6 +193,7 @@ class CenterCropTransform(PlannedTransform):
     fast: bool = True
 
     def __post_init__(self) -> None:
+        check_side(self.resize, "the smallest side of a resized image")
         if self.resize < self.crop:
             raise UserError(f"resize {self.resize} is smaller than the crop {self.crop}")
 

@@ -1,0 +1,48 @@
+"""Bounds on the sizes and counts a user gives, each declared once, each refused in one line that says
+the limit and why, before any work starts: a test scale or image side so large that the memory cannot
+hold the image's activations, more loader processes than the CPU cores they would contend for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from verydeep.errors import UserError
+
+#: The most pixels a square image rescaled for a test may have: the paper tests at Q = 256 to 512
+#: (0.07 to 0.26 M pixels); at 4.2 M pixels a full-width net's first conv layer alone takes 1 GB per
+#: image in float32, and larger sides end in memory allocation errors.
+MAX_TEST_PIXELS = 2048 * 2048
+#: The largest test scale Q or image side, in pixels: that of a square image of MAX_TEST_PIXELS.
+MAX_SIDE = math.isqrt(MAX_TEST_PIXELS)
+
+
+def check_side(side: int, what: str = "a test scale Q") -> int:
+    """``side`` when it is a whole number of pixels from 1 to :data:`MAX_SIDE`, else a :class:`UserError`
+    naming ``what`` (an option, or the quantity) and the bound."""
+    if not 1 <= side <= MAX_SIDE:
+        raise UserError(f"{what} must be from 1 to {MAX_SIDE} pixels (a square image of that side is "
+                        f"{MAX_TEST_PIXELS / 1e6:.1f} M pixels, whose first conv layer alone takes 1 GB in float32; "
+                        f"the paper tests at 256 to 512); got {side}")
+    return side
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system says, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def max_workers() -> int:
+    """The most data-loading processes worth starting: one per usable core."""
+    return usable_cores()
+
+
+def check_workers(workers: int, what: str = "data-loading processes") -> int:
+    """``workers`` when it is from 0 to :func:`max_workers`, else a :class:`UserError` naming ``what``."""
+    if not 0 <= workers <= max_workers():
+        raise UserError(f"{what} must be from 0 to {max_workers()}, the CPU cores this process may use (more "
+                        f"only contend for them); got {workers}")
+    return workers
