@@ -135,6 +135,20 @@ NAMED = [
     ("demo --out {new} --epochs 0", "--epochs"),
     ("demo --out {new} --epochs -1", "--epochs"),
     ("demo --out {new} --device bogus", "--device"),
+    # sizes and counts beyond what the machine holds (verydeep.limits)
+    ("features --weights {run} --data {data} --out {new}.npz --scales 256,100000",
+     "argument --scales: a test scale Q must be from 1 to 2048 pixels"),
+    ("features --raw-pixels 100000 --data {data} --out {new}.npz", "argument --raw-pixels: the side must be from 1"),
+    ("transfer --protocol caltech --raw-pixels 100000 --data {data}", "argument --raw-pixels"),
+    ("features --weights {run} --data {data} --out {new}.npz --workers 100000",
+     "argument --workers: data-loading processes must be from 0 to"),
+    ("data stats {data} --workers 100000", "argument --workers: data-loading processes must be from 0 to"),
+    ("bench --config A --size 32 --width 0.0625 --batch 4 --rounds 1 --device cpu --workers 100000",
+     "argument --workers"),
+    (f"train {TINY} --workers 100000", "--workers must be from 0 to"),
+    (f"train {TINY} --dropout 1.5", "--dropout is the probability of dropping an FC activation"),
+    ("eval --checkpoint {run} --data {data} --scales 100000 --workers 0 --no-progress",
+     "a test scale Q must be from 1 to 2048 pixels"),
     # missing files and folders
     ("data stats /nonexistent --workers 0", "/nonexistent"),
     (f"train {TINY} --data /nonexistent", "/nonexistent"),
@@ -279,9 +293,27 @@ def case_id(line: str) -> str:
     return line.replace(TINY, "TINY") or "(nothing)"
 
 
+#: Cases whose commands do not yet take the bounded types of ``verydeep.cli`` (``parse_scales``, ``test_scale``,
+#: ``worker_count``); ``run=False`` where the unbounded value would start that many processes.
+AWAITING = [
+    pytest.param(line, expected, id=case_id(line), marks=pytest.mark.xfail(
+        run=run, reason="the command's --scales or --workers type is not yet verydeep.cli's bounded one"))
+    for line, expected, run in [
+        ("predict --checkpoint {run} {image} --scales 100000", "argument --scales: a test scale Q", True),
+        ("eval --checkpoint {run} --data {data} --scales 100000", "argument --scales: a test scale Q", True),
+        ("localize eval --checkpoint {run} --data {data} --protocol dense --scales 100000",
+         "argument --scales: a test scale Q", True),
+        ("localize predict --checkpoint {run} --classifier {run} --out {folder} {image} --scales 100000",
+         "argument --scales: a test scale Q", True),
+        ("eval --checkpoint {run} --data {data} --workers 100000", "argument --workers", False),
+        ("localize eval --checkpoint {run} --data {data} --workers 100000", "argument --workers", False),
+        ("reproduce --data {data} --out {new} --workers 100000", "argument --workers", False),
+    ]
+]
+
 @pytest.mark.parametrize(
     "line, expected",
-    [pytest.param(line, expected, id=case_id(line)) for line, expected in CASES],
+    [pytest.param(line, expected, id=case_id(line)) for line, expected in CASES] + AWAITING,
 )
 def test_bad_command_line_is_one_line_and_exit_2(line, expected, files, tmp_path, capsys, request):
     paths = {**files, "new": str(tmp_path / "new")}

@@ -226,6 +226,39 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
         assert err.count("\n") == 1 and message in err and err.startswith("verydeep train: error:"), err
 
 
+@pytest.mark.parametrize("text, message", [
+    ('lr = "abc"', "lr must be a number; got 'abc'"),
+    ("dropout = 1.5", "dropout is the probability of dropping an FC activation: at least 0 and below 1"),
+    ("limit_train = 2.5", "limit_train must be a whole number; got 2.5"),
+    ("channels_last = 1", "channels_last must be true or false; got 1"),
+    ("config = 5", "config must be text; got 5"),
+    ("workers = 100000", "workers must be from 0 to"),
+    ('scale = "abc"', "scale: --scale must be S or Smin:Smax"),
+])
+def test_a_recipe_setting_of_the_wrong_type_or_out_of_range_names_the_file_and_setting(data, tmp_path, capsys,
+                                                                                      text, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text + "\n")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {recipe}: {message}"), err
+    assert recipe.read_text() == text + "\n" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dropout", "1.5"], "--dropout is the probability of dropping an FC activation: at least 0 and below 1"),
+    (["--dropout", "1"], "--dropout is the probability"),
+    (["--workers", "100000"], "--workers must be from 0 to"),
+])
+def test_dropout_is_a_probability_below_one_and_workers_are_bounded_by_the_cores(data, tmp_path, capsys, flags,
+                                                                                  message):
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {message}"), err
+    assert not (tmp_path / "run").exists()
+    assert tiny(data, tmp_path / "run", dropout=0.0, workers=runtime.default_workers()).check() is None
+
+
 def test_step_times_include_the_update(data, tmp_path, monkeypatch):
     """A step's logged time runs from the end of the step before to the end of its own update, so a slow
     update (here 50 ms) shows in the images per second."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
+import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -25,6 +27,7 @@ from verydeep.data import Preprocess
 from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.init import PROTOCOLS
+from verydeep.limits import check_workers
 
 #: Command-line groups of ``verydeep train --help``, in order.
 GROUPS = ("model", "images", "optimisation", "running")
@@ -67,13 +70,23 @@ def parse_preprocess(value: Any) -> Preprocess | None:
     return read_preprocess(path)
 
 
+def check_dropout(value: float, name: str) -> float:
+    """``value`` when it is a dropout probability, from 0 up to but not including 1, else a :class:`UserError`."""
+    if not 0 <= value < 1:
+        raise UserError(f"{name} is the probability of dropping an FC activation: at least 0 and below 1 (1 drops "
+                        f"them all); got {value}")
+    return value
+
+
 def option(default: Any, help: str, group: str, *, minimum: float | None = None, choices: tuple[str, ...] = (),
-           parse: Callable[[Any], Any] | None = None, resumable: bool = False) -> Any:
+           parse: Callable[[Any], Any] | None = None, check: Callable[[Any, str], Any] | None = None,
+           resumable: bool = False) -> Any:
     """A :class:`TrainConfig` field: its default, help text, command-line group, lower bound
-    (``minimum``), allowed values, the parser of its command-line or file value, and whether a
-    resumed run may change it (``resumable``; the others must stay what the run was trained with)."""
+    (``minimum``), allowed values, the parser of its command-line or file value, a further check of the
+    value (``check(value, name)`` raises a :class:`UserError` naming ``name``), and whether a resumed run
+    may change it (``resumable``; the others must stay what the run was trained with)."""
     metadata = {"help": help, "group": group, "minimum": minimum, "choices": choices, "parse": parse,
-                "resumable": resumable}
+                "check": check, "resumable": resumable}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -95,7 +108,7 @@ class TrainConfig:
     config: str = option("A", "configuration of Table 1: A, A-LRN, B, C, D, E", "model")
     width: float = option(1.0, "width multiplier (1 = the paper's)", "model", minimum=POSITIVE)
     batch_norm: bool = option(False, "batch norm after each conv (not the paper's)", "model")
-    dropout: float = option(0.5, "dropout on FC6/FC7", "model", minimum=0)
+    dropout: float = option(0.5, "dropout probability on FC6/FC7, in [0, 1)", "model", check=check_dropout)
     init: str = option("he", "random init: he (learns at every depth and width), paper (N(0, 0.01): trains A, the "
                              "deeper nets only from A's weights, Sec. 3.1), xavier/glorot, kaiming", "model",
                        choices=PROTOCOLS)
@@ -145,7 +158,8 @@ class TrainConfig:
     seed: int = option(0, "seed of init, data order and augmentation", "optimisation", minimum=0)
     # running
     workers: int | None = option(None, "data-loading processes per training process (default: the cores less "
-                                       "one, at most 8)", "running", minimum=0, parse=int, resumable=True)
+                                       "one, at most 8; at most the cores)", "running", minimum=0, parse=int,
+                                 check=check_workers, resumable=True)
     device: str = option("auto", "auto, cpu, cuda, cuda:N", "running", resumable=True)
     decode: str = option("auto", "where JPEGs are decoded: auto (the GPU when training on CUDA), cpu, gpu",
                          "running", choices=("auto", "cpu", "gpu"), resumable=True)
@@ -168,16 +182,7 @@ class TrainConfig:
     def check(self) -> None:
         """Raise :class:`UserError` naming the first bad option."""
         for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if value is None or isinstance(value, bool):
-                continue
-            if meta["minimum"] is not None and not value >= meta["minimum"]:  # `not >=` also catches NaN
-                bound = "positive" if meta["minimum"] == POSITIVE else f"at least {meta['minimum']:g}"
-                raise UserError(f"{flag_name(f)} must be {bound}; got {value}")
-            if meta["choices"] and value not in meta["choices"]:
-                raise UserError(f"{flag_name(f)} must be one of {', '.join(meta['choices'])}; got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{flag_name(f)} must be finite; got {value}")
+            check_field(f, getattr(self, f.name), flag_name(f))
         if not self.data:
             raise UserError("--data is required")
         if not self.out:
@@ -206,6 +211,35 @@ class TrainConfig:
 
 def flag_name(f: Field) -> str:
     return "--" + f.name.replace("_", "-")
+
+
+#: The values a field of each declared type takes, and how an error says so (types with a parser are its).
+KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str, os.PathLike), "text"), "bool": ((bool,), "true or false"),
+    "int": ((numbers.Integral,), "a whole number"), "float": ((numbers.Real,), "a number"),
+}
+
+
+def check_field(f: Field, value: Any, name: str) -> None:
+    """Raise a :class:`UserError` naming ``name`` when ``value`` is not of ``f``'s type, or outside its
+    bounds, choices or check; None passes where the field allows it."""
+    if value is None and f.type.endswith("| None"):
+        return
+    kinds, described = KINDS.get(f.type.removesuffix(" | None"), ((object,), ""))
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise UserError(f"{name} must be {described}; got {value!r}")
+    meta = f.metadata
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | str):
+        return
+    if meta["minimum"] is not None and not value >= meta["minimum"]:  # `not >=` also catches NaN
+        bound = "positive" if meta["minimum"] == POSITIVE else f"at least {meta['minimum']:g}"
+        raise UserError(f"{name} must be {bound}; got {value}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be finite; got {value}")
+    if meta["check"] is not None:
+        meta["check"](value, name)
 
 
 def make_config(settings: dict[str, Any]) -> TrainConfig:
@@ -252,9 +286,19 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
         settings = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML ({error})") from error
-    unknown = [key for key in settings if key not in {f.name for f in fields(TrainConfig)}]
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = [key for key in settings if key not in known]
     if unknown:
         raise UserError(f"{path}: unknown setting {unknown[0]!r} (settings are TrainConfig fields)")
+    for key, value in settings.items():  # TOML values are typed: only the others' parsers apply
+        parse = known[key].metadata["parse"]
+        typed = parse is None or known[key].type.removesuffix(" | None") in KINDS
+        try:
+            check_field(known[key], value if typed else parse(value), f"{path}: {key}")
+        except UserError as error:
+            raise UserError(f"{path}: {key}: {error}" if str(error).startswith("--") else str(error)) from None
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: {key}: not a valid value: {value!r}") from None
     return settings
 
 
