@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import hashlib
 import math
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -16,9 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED, photo
+from safetensors.torch import save_file
 
 from verydeep.checkpoint import export_safetensors, save_checkpoint
-from verydeep.cli import OneLineParser
+from verydeep.cli import OneLineParser, main
 from verydeep.data import IMAGENET, Preprocess, to_input
 from verydeep.errors import MissingFileError, UserError
 from verydeep.model import VGG
@@ -29,7 +32,9 @@ from verydeep.weights import (
     add_cli,
     caffe_net_class,
     convert,
+    download,
     imagenet_classes,
+    known_weights,
     load_published,
 )
 
@@ -200,6 +205,24 @@ def test_torchvision_state_dict_recognised_by_its_keys(tmp_path, config, batch_n
         torch.testing.assert_close(outputs(published, x), source(to_input(x, IMAGENET)))
 
 
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_a_torchvision_state_dict_in_safetensors_without_our_recipe_is_read_as_torchvision(tmp_path, metadata):
+    pth, source = torchvision_file(tmp_path / "vgg.pth", "A", batch_norm=True)
+    path = tmp_path / "vgg11_bn.safetensors"
+    save_file(torch.load(pth, weights_only=True), path, metadata=metadata)
+    before = path.read_bytes()
+    published = load_published(path)
+    assert (published.format, published.source) == ("torchvision", str(path))
+    assert published.recipe == load_published(pth).recipe | {"source": {"format": "torchvision", "path": str(path)}}
+    x = images(32)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(published, x), source(to_input(x, IMAGENET)))
+    assert path.read_bytes() == before
+    save_file({"encoder.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="other.safetensors: its tensors are no VGG of Table 1"):
+        load_published(tmp_path / "other.safetensors")
+
+
 def test_a_net_of_1000_classes_is_named_by_imagenet_synsets(tmp_path):
     path, _ = torchvision_file(tmp_path / "vgg.pth", "A", classes=1000)
     recipe = load_published(path).recipe
@@ -345,6 +368,26 @@ def test_a_name_finds_its_file_whose_content_decides(tmp_path):
     assert (published.format, published.recipe["config"]) == ("torchvision", "E")
     with pytest.raises(UserError, match="vgg17: no such file or folder, nor a published weights name"):
         load_published("vgg17", tmp_path)
+
+
+@pytest.mark.parametrize(("name", "checksum"), [("vgg16", "SHA-256 begins"), ("keras-vgg16", "MD5 is")])
+def test_download_over_a_file_already_there_checks_its_checksum(tmp_path, monkeypatch, capsys, name, checksum):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    known = known_weights()[name]
+    present = tmp_path / known.file
+    present.write_bytes(b"a truncated or foreign file")
+    assert main(["download", name, "--weights-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"verydeep download: error: {present}: already there, but its {checksum}") and "\n" not in err
+    assert f"verydeep download {name}" in err and present.read_bytes() == b"a truncated or foreign file"
+    digest = hashlib.sha256(present.read_bytes()).hexdigest() if known.hash_prefix else None
+    genuine = replace(known, hash_prefix=digest[:8] if digest else None,
+                      md5=None if digest else hashlib.md5(present.read_bytes()).hexdigest())
+    monkeypatch.setitem(known_weights(), name, genuine)
+    assert download(name, tmp_path) == present and present.read_bytes() == b"a truncated or foreign file"
 
 
 # ---- damaged and hostile files --------------------------------------------------------------------

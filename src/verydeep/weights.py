@@ -41,10 +41,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from verydeep import configs
-from verydeep.checkpoint import atomic_write, export_safetensors, load_into, load_weights, model_from_recipe
+from verydeep.checkpoint import (
+    atomic_write,
+    export_safetensors,
+    load_into,
+    load_weights,
+    model_from_recipe,
+    safetensors_metadata,
+)
 from verydeep.cli import output_file
 from verydeep.data.preprocess import IMAGENET, Preprocess
 from verydeep.errors import MissingFileError, UserError
@@ -163,12 +171,32 @@ def resolve_source(source: str | Path, weights_dir: str | Path | None = None) ->
 
 def download(name: str, weights_dir: str | Path | None = None) -> Path:
     """Download a published file into the weights folder under its official name (written under a temporary
-    name, renamed once its checksum is checked); a file already there is kept."""
+    name, renamed once its checksum is checked). A file already there is kept when its checksum is the
+    published one, and refused, untouched, when it is not."""
     known = _known(name)
     target = weights_folder(weights_dir) / known.file
+    if target.is_dir():
+        raise UserError(f"{target}: a folder where `verydeep download {name}` would write {known.file}")
     if target.is_file():
+        wrong = checksum_mismatch(known, target)
+        if wrong:
+            raise UserError(f"{target}: already there, but {wrong}: damaged or another file; delete it and run "
+                            f"`verydeep download {name}` again")
         return target
     return atomic_write(target, lambda tmp: _fetch(known, tmp))
+
+
+def checksum_mismatch(known: KnownWeights, path: str | Path) -> str | None:
+    """How ``path``'s checksum differs from the published one (the SHA-256 prefix of torchvision's file names,
+    Keras' MD5), or None when it agrees or none is published (the authors' Caffe files)."""
+    for algorithm, label, expected, prefix in (("sha256", "SHA-256", known.hash_prefix, True),
+                                               ("md5", "MD5", known.md5, False)):
+        if expected:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, algorithm).hexdigest()
+            if not (digest.startswith(expected) if prefix else digest == expected):
+                return f"its {label} {'begins' if prefix else 'is'} {digest[: len(expected)]}, not {expected}"
+    return None
 
 
 def _fetch(known: KnownWeights, tmp: str) -> None:
@@ -176,11 +204,9 @@ def _fetch(known: KnownWeights, tmp: str) -> None:
         torch.hub.download_url_to_file(known.url, tmp, hash_prefix=known.hash_prefix, progress=True)
     except (OSError, RuntimeError) as error:  # no network, HTTP errors, a wrong SHA-256
         raise UserError(f"{known.url}: download failed ({error})") from error
-    if known.md5:
-        with open(tmp, "rb") as f:
-            md5 = hashlib.file_digest(f, "md5").hexdigest()
-        if md5 != known.md5:
-            raise UserError(f"{known.url}: the download's MD5 is {md5}, not {known.md5}")
+    wrong = checksum_mismatch(known, tmp)
+    if wrong:
+        raise UserError(f"{known.url}: the download's checksum is wrong: {wrong}")
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -200,6 +226,8 @@ def load_published(source: str | Path, weights_dir: str | Path | None = None) ->
     if kind == "safetensors":
         if path.suffix != ".safetensors":
             raise UserError(f"{path}: a safetensors file; verydeep reads them under a .safetensors name")
+        if "recipe" not in safetensors_metadata(path):  # a state dict saved by others: torchvision's layout
+            return _publish(_state_dict(_read_safetensors(path), path), path, "torchvision")
         return _ours(path, *load_weights(path))
     if kind == "folder":
         return _ours(path, *load_weights(path))
@@ -257,6 +285,14 @@ def _torch_load(path: Path) -> Any:
     except Exception as error:  # damaged archives
         reason = " ".join(str(error).split()).split(". ")[0][:200]
         raise UserError(f"{path}: not a readable torch file ({type(error).__name__}: {reason})") from error
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file; a damaged one is a one-line error naming it."""
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error type for damaged files
+        raise UserError(f"{path}: not a readable safetensors file ({type(error).__name__})") from error
 
 
 def _state_dict(state: Any, path: Path) -> dict[str, Tensor]:
