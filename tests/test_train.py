@@ -245,6 +245,14 @@ def test_a_recipe_setting_of_the_wrong_type_or_out_of_range_names_the_file_and_s
     assert recipe.read_text() == text + "\n" and not (tmp_path / "run").exists()
 
 
+def test_a_recipe_that_is_not_text_is_one_line_naming_it(data, tmp_path, capsys):
+    recipe = tmp_path / "binary.toml"
+    recipe.write_bytes(b"lr = 0.01\nepochs = \x82\xff\n")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"verydeep train: error: {recipe}: not a TOML recipe (not UTF-8 text at byte 19)\n"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dropout", "1.5"], "--dropout is the probability of dropping an FC activation: at least 0 and below 1"),
     (["--dropout", "1"], "--dropout is the probability"),

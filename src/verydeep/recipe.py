@@ -275,7 +275,12 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
     """The settings of a recipe: a shipped name (``a-paper``) or a TOML file of TrainConfig fields."""
     path = Path(name_or_file)
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{path}: not a TOML recipe (not UTF-8 text at byte {error.start})") from None
+        except OSError as error:
+            raise UserError(f"{path}: cannot be read ({error.strerror})") from None
     elif str(name_or_file) in recipe_names():
         path = Path(f"{name_or_file}.toml")
         text = RECIPES.joinpath(path.name).read_text()
