@@ -33,7 +33,7 @@ from torch import Tensor
 
 from verydeep import configs, paper, report
 from verydeep.classmap import ClassMap, class_map
-from verydeep.cli import device_name, natural_int, output_dir, positive_int
+from verydeep.cli import device_name, output_dir, parse_scales, positive_int, worker_count
 from verydeep.errors import UserError
 from verydeep.metrics import per_class_accuracy, topk_error
 from verydeep.model import VGG, DenseVGG
@@ -719,19 +719,6 @@ def write_outputs(result: EvalResult, out_dir: str | Path) -> Path:
 # ---- command line -------------------------------------------------------------------------
 
 
-def parse_scales(text: str) -> list[int]:
-    """``256,384,512`` -> [256, 384, 512]; a bad list is a one-line error."""
-    try:
-        scales = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 256,384,512; got {text!r}"
-        ) from None
-    if not scales or any(q <= 0 for q in scales):
-        raise argparse.ArgumentTypeError(f"expected positive integers such as 256,384,512; got {text!r}")
-    return scales
-
-
 def parse_protocols(text: str) -> list[str]:
     protocols = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -772,7 +759,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                         "256,384,512 scaled by crop/224)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in mirrored images")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
-    p.add_argument("--workers", type=natural_int, default=None,
+    p.add_argument("--workers", type=worker_count, default=None,
                    help="data loading processes (default: the cores less one, at most 8)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))

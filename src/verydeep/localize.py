@@ -730,7 +730,7 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from verydeep.cli import device_name, natural_int, output_dir, positive_int
+    from verydeep.cli import device_name, output_dir, positive_int, test_scale, worker_count
     from verydeep.recipe import add_flags
 
     p = subparsers.add_parser("localize", help="localisation (Appendix A): box regression nets and their error",
@@ -755,13 +755,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt, else the boxes the first "
                                    "--checkpoint's run was trained on, from its recipe.json)")
     e.add_argument("--protocol", choices=("center", "dense"), default="center")
-    e.add_argument("--scales", type=positive_int, nargs="+", help="test scales Q (dense; default the training S)")
+    e.add_argument("--scales", type=test_scale, nargs="+", help="test scales Q (dense; default the training S)")
     e.add_argument("--fine-tuned", choices=("all", "fc"), action="append",
                    help="Table 8's label of the net: once for all nets, or once per --checkpoint (default all)")
     e.add_argument("--limit", type=positive_int, help="at most this many validation images, class-balanced")
     e.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per forward pass (dense: images of the same size batched together)")
-    e.add_argument("--workers", type=natural_int, default=0)
+    e.add_argument("--workers", type=worker_count, default=0)
     e.add_argument("--device", type=device_name, default="auto")
     e.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (localisation_error, whole_image_error, "
@@ -772,7 +772,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--checkpoint", action="append", required=True,
                    help="a localisation run (or checkpoint); again for several nets, their boxes pooled (the union)")
     r.add_argument("--classifier", required=True, help="the classification run that ranks the classes")
-    r.add_argument("--scales", type=positive_int, nargs="+", help="test scales Q (default the training S)")
+    r.add_argument("--scales", type=test_scale, nargs="+", help="test scales Q (default the training S)")
     r.add_argument("--top", type=positive_int, default=5, help="predictions per image")
     r.add_argument("--out", type=output_dir, required=True, help="folder for the drawn PNGs")
     r.add_argument("--device", type=device_name, default="auto")

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from verydeep.checkpoint import atomic_write
-from verydeep.cli import device_name, output_file, positive_int
+from verydeep.cli import device_name, output_file, parse_scales, positive_int
 from verydeep.errors import MissingFileError, UserError
-from verydeep.evaluate import Net, add_weights_flags, average, dense_posteriors, given_weights, load_nets, parse_scales
+from verydeep.evaluate import Net, add_weights_flags, average, dense_posteriors, given_weights, load_nets
 from verydeep.report import to_json_dict
 from verydeep.runtime import autocast, autocast_dtype, pick_device
 
