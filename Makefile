@@ -24,7 +24,7 @@ lint: $(STAMP)
 # the reliability suite at full length (a short version of each runs in `make test`); -s shows its figures
 reliability: $(STAMP)
 	VERYDEEP_RELIABILITY=full $(PY) -m pytest -q -s -p no:cacheprovider tests/test_reliability_runs.py \
-		tests/test_reliability_images.py tests/test_reliability_cli.py
+		tests/test_reliability_images.py tests/test_reliability_cli.py tests/test_reliability_hostile.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py

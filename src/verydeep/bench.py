@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from verydeep import runtime
-from verydeep.cli import device_name, positive_float, positive_int, worker_count
+from verydeep.cli import device_name, positive_int, width_multiplier, worker_count
 from verydeep.errors import UserError
 
 #: torchvision's builder of each configuration it has.
@@ -467,7 +467,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                     "batch 64.")
     p.add_argument("--config", default="D", help="configuration of Table 1 torchvision has: A, B, D, E")
     p.add_argument("--size", type=positive_int, default=None, help="input side, a multiple of 32")
-    p.add_argument("--width", type=positive_float, default=None, help="width multiplier")
+    p.add_argument("--width", type=width_multiplier, default=None, help="width multiplier")
     p.add_argument("--batch", type=positive_int, default=None, help="images per step")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--rounds", type=positive_int, default=5, help="rounds alternating the contenders")

@@ -13,10 +13,10 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from verydeep.errors import UserError
-from verydeep.limits import check_side, check_workers
+from verydeep.limits import check_side, check_width, check_workers
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
 COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "weights", "export", "features",
@@ -71,11 +71,11 @@ class OutputPath(type(Path())):  # type: ignore[misc]
     """A path the command writes (an :func:`output_file` or :func:`output_dir` argument)."""
 
 
-def _within(parse: Callable[[str], float], check: Callable[[int, str], int], what: str) -> Callable[[str], int]:
+def _within(parse: Callable[[str], float], check: Callable[[Any, str], Any], what: str) -> Callable[[str], Any]:
     """An argument type: ``parse(text)``, then ``check(value, what)`` (a bound of :mod:`verydeep.limits`)."""
 
     def bounded(text: str) -> int:
-        value = int(parse(text))
+        value = parse(text)
         try:
             return check(value, what)
         except UserError as error:
@@ -90,6 +90,8 @@ worker_count = _within(natural_int, check_workers, "data-loading processes")
 test_scale = _within(positive_int, check_side, "a test scale Q")
 #: ``type=`` for an image side in pixels (``--raw-pixels``), at most :data:`verydeep.limits.MAX_SIDE`.
 image_side = _within(positive_int, check_side, "the side")
+#: ``type=`` for ``--width``: a multiplier above 0, at most :data:`verydeep.limits.MAX_WIDTH`.
+width_multiplier = _within(positive_float, check_width, "the width multiplier")
 
 
 def parse_scales(text: str) -> list[int]:

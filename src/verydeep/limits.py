@@ -46,3 +46,16 @@ def check_workers(workers: int, what: str = "data-loading processes") -> int:
         raise UserError(f"{what} must be from 0 to {max_workers()}, the CPU cores this process may use (more "
                         f"only contend for them); got {workers}")
     return workers
+
+
+#: The largest width multiplier: at 4 a VGG-16 has 16 times the paper's 138 M weights (2.2 G, 8.8 GB in
+#: float32 before gradients and momentum), and larger ones end in memory allocation errors.
+MAX_WIDTH = 4.0
+
+
+def check_width(width: float, what: str = "--width") -> float:
+    """``width`` when it is a finite multiplier above 0 and at most :data:`MAX_WIDTH`, else a :class:`UserError`."""
+    if not 0 < width <= MAX_WIDTH:
+        raise UserError(f"{what} must be above 0 and at most {MAX_WIDTH:g} (at {MAX_WIDTH:g} VGG-16 has 2.2 G "
+                        f"weights, 8.8 GB in float32); got {width}")
+    return width

@@ -41,7 +41,7 @@ from verydeep.checkpoint import load_model
 from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
 from verydeep.data.boxes import decode, encode, from_crop, iou, match_boxes, read_boxes, with_boxes
 from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform, unreadable
-from verydeep.data.decode import ImageFile, image_size
+from verydeep.data.decode import ImageFile
 from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import train_scale
@@ -669,11 +669,11 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def readable_image(path: str | Path) -> None:
-    """An image file whose header can be read; otherwise a :class:`UserError` naming it."""
+    """An image file that decodes whole; otherwise a :class:`UserError` naming it."""
     if not Path(path).is_file():
         raise MissingFileError(f"{path}: no such image")
     try:
-        image_size(path)
+        ImageFile(path).pillow().load()
     except DECODE_ERRORS as error:
         raise UserError(unreadable(path, error)) from None
 

@@ -27,7 +27,7 @@ from verydeep.data import Preprocess
 from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.init import PROTOCOLS
-from verydeep.limits import check_workers
+from verydeep.limits import check_width, check_workers
 
 #: Command-line groups of ``verydeep train --help``, in order.
 GROUPS = ("model", "images", "optimisation", "running")
@@ -78,6 +78,16 @@ def check_dropout(value: float, name: str) -> float:
     return value
 
 
+def below(bound: float, why: str) -> Callable[[float, str], float]:
+    """A :class:`TrainConfig` check: the value must be below ``bound`` (``why`` says what larger would mean)."""
+    def check(value: float, name: str) -> float:
+        if not value < bound:
+            raise UserError(f"{name} must be below {bound:g} ({why}); got {value}")
+        return value
+
+    return check
+
+
 def option(default: Any, help: str, group: str, *, minimum: float | None = None, choices: tuple[str, ...] = (),
            parse: Callable[[Any], Any] | None = None, check: Callable[[Any, str], Any] | None = None,
            resumable: bool = False) -> Any:
@@ -106,7 +116,7 @@ class TrainConfig:
                                 resumable=True)
     # model
     config: str = option("A", "configuration of Table 1: A, A-LRN, B, C, D, E", "model")
-    width: float = option(1.0, "width multiplier (1 = the paper's)", "model", minimum=POSITIVE)
+    width: float = option(1.0, "width multiplier (1 = the paper's)", "model", minimum=POSITIVE, check=check_width)
     batch_norm: bool = option(False, "batch norm after each conv (not the paper's)", "model")
     dropout: float = option(0.5, "dropout probability on FC6/FC7, in [0, 1)", "model", check=check_dropout)
     init: str = option("he", "random init: he (learns at every depth and width), paper (N(0, 0.01): trains A, the "
@@ -126,7 +136,8 @@ class TrainConfig:
     crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1)
     scale: tuple[int, int] = option((256, 256), "training scale S (256, 384) or jittered Smin:Smax (256:512)",
                                     "images", parse=parse_scale)
-    alpha_std: float = option(0.1, "std of the PCA colour shift's alphas (0 = off)", "images", minimum=0)
+    alpha_std: float = option(0.1, "std of the PCA colour shift's alphas (0 = off)", "images", minimum=0,
+                              check=below(1.0, "the paper's 0.1 shifts colours by a tenth of their spread"))
     preprocess: Preprocess | None = option(None, "preprocess.json with mean/std/eigen (default: beside --data, "
                                                  "else ImageNet's)", "images", parse=parse_preprocess)
     limit_train: int | None = option(None, "use a class-balanced subset of this many training images", "images",
@@ -140,8 +151,10 @@ class TrainConfig:
     lr: float = option(1e-2, "initial learning rate", "optimisation", minimum=POSITIVE)
     lr_copied: float | None = option(None, "initial learning rate of the layers copied from --weights (default "
                                            "--lr)", "optimisation", minimum=POSITIVE, parse=float)
-    momentum: float = option(0.9, "SGD momentum", "optimisation", minimum=0)
-    weight_decay: float = option(5e-4, "L2 weight decay", "optimisation", minimum=0)
+    momentum: float = option(0.9, "SGD momentum", "optimisation", minimum=0,
+                             check=below(1.0, "at 1 or more the velocity never decays and training diverges"))
+    weight_decay: float = option(5e-4, "L2 weight decay", "optimisation", minimum=0,
+                                 check=below(1.0, "the paper's is 5e-4; a decay of 1 or more outweighs the loss"))
     batch_size: int = option(256, "global batch size over all processes", "optimisation", minimum=1)
     micro_batch: int | None = option(None, "images per forward pass per process (gradient accumulation)",
                                      "optimisation", minimum=1, parse=int, resumable=True)

@@ -27,7 +27,7 @@ import torch
 
 from verydeep import report
 from verydeep.checkpoint import atomic_write
-from verydeep.cli import device_name, output_dir, positive_float, positive_int, worker_count
+from verydeep.cli import device_name, output_dir, positive_int, width_multiplier, worker_count
 from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow, PaperFigures
 from verydeep.metrics import PairedDifference, paired_difference, topk_correct, topk_error
@@ -785,7 +785,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="stop a net when validation has not improved for N epochs")
     p.add_argument("--seeds", type=positive_int, default=None,
                    help="train the nets that decide the depth claim (A, D) this many times, with different seeds")
-    p.add_argument("--width", type=positive_float, default=None, help="width multiplier of every net")
+    p.add_argument("--width", type=width_multiplier, default=None, help="width multiplier of every net")
     p.add_argument("--val-split", type=positive_int, default=None,
                    help="validate on N class-balanced training images held out by each net's seed, instead of test "
                         "images (the test images then decide nothing)")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from verydeep.cli import positive_float, positive_int
+from verydeep.cli import positive_int, width_multiplier
 from verydeep.errors import UserError
 from verydeep.model import VGG
 
@@ -88,7 +88,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="A, A-LRN, B, C, D, E (or vgg11, vgg11-lrn, vgg13, vgg16-c, vgg16, vgg19)")
     p.add_argument("--input", type=positive_int, default=None, help="image side (default: the crop size)")
     p.add_argument("--crop", type=positive_int, default=224, help="training crop size the net is built for")
-    p.add_argument("--width", type=positive_float, default=1.0, help="width multiplier")
+    p.add_argument("--width", type=width_multiplier, default=1.0, help="width multiplier")
     p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--batch-norm", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

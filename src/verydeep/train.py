@@ -760,7 +760,8 @@ class Trainer:
         if not math.isfinite(loss) or not torch.nn.utils.get_total_norm(gradients).isfinite():
             what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
             raise NonFiniteLossError(f"{what} at epoch {self.epoch + 1} step {self.step + 1} (lr "
-                                     f"{self.schedule.lr:g}); stopped; last good checkpoint: {self._last_good()}")
+                                     f"{self.schedule.lr:g}: a smaller --lr may train); stopped; last good "
+                                     f"checkpoint: {self._last_good()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = max(time.perf_counter() - tic, 1e-9)
