@@ -188,15 +188,15 @@ READERS = {
 }
 
 RAN: Counter[str] = Counter()
-COMMANDS: set[str] = set()
+COMMANDS: dict[str, set[str]] = {"file": set(), "option": set()}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def counts():
     """After the module, one line with the counts."""
     yield
-    print(f"\nhostile input: {RAN['file']} bad files and {RAN['option']} bad numbers over {len(COMMANDS)} commands;"
-          f" exit 0 (a result) {RAN['exit 0']}, exit 2 (one line) {RAN['exit 2']}")
+    print(f"\nhostile input: {RAN['file']} bad files to {len(COMMANDS['file'])} commands and {RAN['option']} bad "
+          f"numbers to {len(COMMANDS['option'])}; exit 0 (a result) {RAN['exit 0']}, exit 2 (one line) {RAN['exit 2']}")
 
 
 def fingerprint(root: Path) -> dict[str, str]:
@@ -241,7 +241,7 @@ def test_a_bad_file_is_a_result_or_one_line_naming_it(world, kind, line, tmp_pat
         except AssertionError as error:
             raise AssertionError(f"{name} {kind}: verydeep {' '.join(argv)}") from error
         RAN["file"] += 1
-        COMMANDS.add(" ".join(argv[:2]) if argv[0] == "localize" else argv[0])
+        COMMANDS["file"].add(" ".join(argv[:2]) if argv[0] == "localize" else argv[0])
     assert fingerprint(world["root"]) | fingerprint(tmp_path / "bad") == before, "an input was changed"
 
 
@@ -308,5 +308,5 @@ def test_a_bad_number_is_a_result_or_one_line_naming_the_option(world, path, fla
     code, out, err = run_case(argv, capsys)
     check_outcome(code, out, err, [flag])
     RAN["option"] += 1
-    COMMANDS.add(" ".join(path))
+    COMMANDS["option"].add(" ".join(path))
     assert fingerprint(world["root"]) == before, "an input was changed"
