@@ -26,6 +26,7 @@ from verydeep.localize import (
     Localisation,
     evaluate_center,
     ilsvrc_wrong,
+    inside,
     merge_greedily,
     ranked,
     table_9,
@@ -335,7 +336,8 @@ def test_several_nets_pool_their_boxes_and_one_net_keeps_its_output(two_nets, ca
     for rank, guess in enumerate(predicted):
         union = torch.cat([output.boxes[0][rank], output.boxes[1][0]])  # the PCR net's boxes of the class, the SCR's
         scores = torch.cat([output.box_scores[0][rank], output.box_scores[1][rank]])
-        assert guess["box"] == pytest.approx(merge_greedily(union, scores)[0][0].tolist(), abs=0.051)
+        clipped = inside(union, scores, output.size)  # boxes clipped to the image, none without area
+        assert guess["box"] == pytest.approx(merge_greedily(*clipped)[0][0].tolist(), abs=0.051)
     main([*dense, "--checkpoint", str(runs[0])])
     one = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert "nets" not in one and one["localisation_error"] == both["nets"][0]["localisation_error"]
@@ -444,8 +446,31 @@ def test_localize_predict_refuses_bad_images_small_scales_and_a_localisation_cla
     args = ["localize", "predict", "--checkpoint", str(loc), "--out", str(tmp_path / "drawn")]
     cases = [([*args, "--classifier", str(classifier), str(text)], f"{text}: unreadable image"),
              ([*args, "--classifier", str(classifier), str(image), "--scales", "8"], "--scales 8 is smaller"),
-             ([*args, "--classifier", str(loc), str(image)], "a localisation net; give the classification net")]
+             ([*args, "--classifier", str(loc), str(image)], "not a classification net (a localisation net")]
     for argv, message in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_published_imagenet_net_ranks_the_classes_of_a_localisation_net(tmp_path, capsys):
+    """The classifier may be any source of weights: a torchvision-layout 1000-class file, its classes
+    matched to the localisation net's (ImageNet synsets) by id."""
+    from verydeep.weights import imagenet_classes
+
+    synsets = imagenet_classes()[0][10:14]
+    root = write_dataset(tmp_path / "data", {"train": 8, "val": 2})
+    for split in ("train", "val"):
+        for i, synset in enumerate(synsets):
+            (root / split / f"class{i}").rename(root / split / synset)
+    (root / "boxes.txt").write_text("".join(f"{p.relative_to(root).as_posix()} 8 6 35 33\n"
+                                            for p in sorted(root.rglob("*.png"))))
+    loc = tmp_path / "loc"
+    train(tiny(root, loc, epochs=1, lr=1e-3, scale=(32, 32)), task=Localisation("scr"))
+    torch.manual_seed(0)
+    torch.save(VGG("A", num_classes=1000, width=1 / 16, input_size=32).state_dict(), tmp_path / "vgg11-narrow.pth")
+    nets = DenseNets.load(loc, tmp_path / "vgg11-narrow.pth", "cpu")
+    assert nets.columns == list(range(10, 14))
+    assert main(["localize", "eval", "--checkpoint", str(loc), "--data", str(root), "--protocol", "dense",
+                 "--classifier", str(tmp_path / "vgg11-narrow.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 8

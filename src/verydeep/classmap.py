@@ -60,7 +60,7 @@ class ClassMap:
         return f"over the net's full softmax of {self.net_classes} classes (the data holds {len(self.columns)})"
 
 
-def _columns(net_classes: Sequence[str], net_names: Sequence[str], classes: Sequence[str], names: Sequence[str],
+def columns_of(net_classes: Sequence[str], net_names: Sequence[str], classes: Sequence[str], names: Sequence[str],
              source: str) -> tuple[int, ...]:
     """Per data class, its index among the net's: by synset id, else by readable name (case aside)."""
     by_id = {c: i for i, c in enumerate(net_classes)}
@@ -93,7 +93,7 @@ def class_map(nets: Sequence[Any], classes: Sequence[str], names: Sequence[str],
         if len(listed) != outputs:
             raise UserError(f"{net.checkpoint}: its recipe lists {len(listed)} classes for {outputs} outputs")
         listed_names = net.recipe.get("class_names") or listed
-        maps.add((_columns(listed, listed_names, classes, names, net.checkpoint), outputs))
+        maps.add((columns_of(listed, listed_names, classes, names, net.checkpoint), outputs))
     if len(maps) > 1:
         raise UserError("the nets to fuse predict different classes: fuse nets of the same classes")
     if len(nets) > 1 and any(n.recipe.get("classes") is None for n in nets):

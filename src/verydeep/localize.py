@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from verydeep import runtime
 from verydeep.checkpoint import load_model
+from verydeep.classmap import columns_of
 from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
 from verydeep.data.boxes import decode, encode, from_crop, iou, match_boxes, read_boxes, with_boxes
 from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform, unreadable
@@ -47,6 +48,7 @@ from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import train_scale
 from verydeep.paper import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.tasks import Task
+from verydeep.weights import load_published
 
 #: Heads of Appendix A: single-class and per-class regression.
 HEADS = ("scr", "pcr")
@@ -404,6 +406,7 @@ class DenseNets:
     recipes: list[dict[str, Any]]  # the localisation nets'
     classifier_recipe: dict[str, Any]
     device: torch.device
+    columns: list[int] | None = None  # the classifier's outputs of the nets' classes (None: the same classes)
     tasks: list[Localisation] = field(init=False)  # each net's, read from its recipe once (it checks the recipe)
 
     def __post_init__(self) -> None:
@@ -412,18 +415,23 @@ class DenseNets:
     @classmethod
     def load(cls, checkpoints: str | Path | Sequence[str | Path], classifier: str | Path,
              device: str = "auto") -> DenseNets:
+        """The localisation nets of ``checkpoints`` and the classifier: any source of weights (a run, or
+        published weights such as ``vgg16``), whose classes are matched to the nets' by synset or name."""
         dev = runtime.pick_device(device)
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         loaded = [load_model(checkpoint, dev) for checkpoint in paths]
-        classify, cls_recipe = load_model(classifier, dev)
-        if str(cls_recipe.get("task", "")).startswith("localisation"):
-            raise UserError(f"--classifier {classifier}: a localisation net; give the classification net that ranks "
-                            "the classes")
         for checkpoint, (_, recipe) in zip(paths, loaded, strict=True):
             task_of(recipe)  # a one-line error for a net that is not a localisation net, before the classes
-            if list(cls_recipe.get("classes") or []) != list(recipe.get("classes") or []):
-                raise UserError(f"--classifier {classifier}: its classes are not those of {checkpoint}")
-        return cls([model.dense() for model, _ in loaded], classify.dense(), [r for _, r in loaded], cls_recipe, dev)
+            if list(recipe.get("classes") or []) != list(loaded[0][1].get("classes") or []):
+                raise UserError(f"{checkpoint}: its classes are not those of {paths[0]}")
+        published = load_published(classifier)
+        cls_recipe = published.recipe
+        if str(cls_recipe.get("task", "")).startswith("localisation") or cls_recipe.get("head") == "random":
+            raise UserError(f"--classifier {classifier}: not a classification net (a localisation net, or weights "
+                            "without FC layers); give the net that ranks the classes")
+        columns = classifier_columns(cls_recipe, loaded[0][1], classifier)
+        return cls([model.dense() for model, _ in loaded], published.model.to(dev).eval().dense(),
+                   [r for _, r in loaded], cls_recipe, dev, columns)
 
     def check_scales(self, scales: Sequence[int]) -> None:
         """Every test scale Q at least every net's crop (a dense net needs one window); else a :class:`UserError`."""
@@ -440,14 +448,17 @@ class DenseNets:
         posteriors (N, classes) (:func:`~verydeep.evaluate.dense_posteriors`, no flip), on the CPU."""
         images = images.to(self.device)
         x = to_input(images, Preprocess.from_dict(self.classifier_recipe["preprocess"]))
-        class_scores = self.classify(x).float()  # (N, classes, h, w)
+        class_scores = self.classify(x).float()  # (N, classifier's classes, h, w)
         maps, boxes, scores = class_scores.softmax(dim=1), [], []
+        if self.columns is not None:  # the nets' classes among the classifier's, over its full softmax
+            maps = maps[:, self.columns]
         for net, recipe, task in zip(self.locate, self.recipes, self.tasks, strict=True):
             found = dense_boxes(net, to_input(images, Preprocess.from_dict(recipe["preprocess"])),
                                 int(recipe["crop"]), task)
             boxes.append(found.flatten(2, 3))
             scores.append(location_scores(maps, (found.shape[2], found.shape[3])))
-        return boxes, scores, class_scores.mean(dim=(2, 3)).softmax(dim=1).cpu()
+        posteriors = class_scores.mean(dim=(2, 3)).softmax(dim=1)
+        return boxes, scores, (posteriors if self.columns is None else posteriors[:, self.columns]).cpu()
 
     def batch(self, files: Sequence[ImageFile], plans: Sequence[Sequence[CropPlan]], top: int) -> list[DenseOutput]:
         """:class:`DenseOutput` of images whose crop plans give the same sizes at every scale, in one batch."""
@@ -666,6 +677,16 @@ def run_eval(args: argparse.Namespace) -> None:
                                    args.workers) for checkpoint in args.checkpoint]
         payload, text = center_json(results), table_8(results, labels).markdown("###")
     print(json.dumps(payload) if args.json else text)
+
+
+def classifier_columns(classifier: dict[str, Any], net: dict[str, Any], source: str | Path) -> list[int] | None:
+    """Where the localisation net's classes sit among the classifier's outputs (``None``: the same list),
+    by synset id, else by name; a class the classifier lacks is a :class:`UserError`."""
+    theirs, ours = list(classifier.get("classes") or []), list(net.get("classes") or [])
+    if theirs == ours:
+        return None
+    names = classifier.get("class_names") or theirs
+    return list(columns_of(theirs, names, ours, net.get("class_names") or ours, f"--classifier {source}"))
 
 
 def readable_image(path: str | Path) -> None:
