@@ -236,7 +236,7 @@ def test_an_images_dropout_mask_is_its_own_in_any_batch():
     mixed = drop(torch.cat([others[0], x[:2]]), torch.cat([others[1], seeds[:2]]))
     assert torch.equal(mixed[3:], whole[:2])
     key = splitmix64(int(seeds[1]), 7)
-    draws = [splitmix64(key, j // 2 + 1) >> (32 * (j % 2)) & 0xFFFFFFFF for j in range(301)]
+    draws = [(splitmix64(key, j // 2 + 1) >> (32 * (j % 2)) & 0xFFFFFFFF) ^ 2**31 for j in range(301)]
     for p in (0.5, 0.3):
         expected = [draw >= round(p * 2**32) for draw in draws]
         assert dropout_keep(seeds[1:2], 6, 301, p)[0].tolist() == expected

@@ -106,17 +106,16 @@ def dropout_keep(seeds: Tensor, layer: int, units: int, p: float) -> Tensor:
 
     Counter-based splitmix64: the layer's key is output ``layer + 1`` of splitmix64 seeded by the image's
     seed; output ``i + 1`` of splitmix64 seeded by that key gives units ``2i`` (its low 32 bits) and
-    ``2i + 1`` (its high 32 bits) their draws, and a unit is kept when its draw, as a fraction of 2^32,
-    is at least ``p`` (rounded to 2^-32).
+    ``2i + 1`` (its high 32 bits) their draws, each read as a signed int32 plus 2^31, and a unit is kept
+    when its draw, as a fraction of 2^32, is at least ``p`` (rounded to 2^-32).
     """
     if p >= 1:
         return torch.zeros(len(seeds), units, dtype=torch.bool, device=seeds.device)
     keys = _mix64(seeds.to(torch.int64) + _int64((layer + 1) * GOLDEN))
     counters = torch.arange(1, (units + 1) // 2 + 1, dtype=torch.int64, device=seeds.device).mul_(GOLDEN)
     draws = _mix64(keys[:, None] + counters)
-    # the 32-bit halves, low first (every platform torch runs on is little-endian), compared as unsigned
-    halves = draws.view(torch.int32)[:, :units].bitwise_xor_(-(1 << 31))
-    return halves >= min(round(p * 2**32), 2**32 - 1) - (1 << 31)
+    # the 32-bit halves, low first (every platform torch runs on is little-endian), as signed int32
+    return draws.view(torch.int32)[:, :units] >= min(round(p * 2**32), 2**32 - 1) - (1 << 31)
 
 
 class SeededDropout(nn.Dropout):
@@ -139,7 +138,8 @@ class SeededDropout(nn.Dropout):
         if seeds.shape != x.shape[:1]:
             raise ValueError(f"dropout seeds {tuple(seeds.shape)} for a batch of {x.shape[0]}: one seed an image")
         keep = dropout_keep(seeds.to(x.device), self.layer, math.prod(x.shape[1:]), self.p)
-        return x * keep.view(x.shape).to(x.dtype).mul_(1 / (1 - self.p) if self.p < 1 else 0.0)
+        scale = x.new_full((), 1 / (1 - self.p) if self.p < 1 else 0.0)
+        return x * torch.where(keep.view(x.shape), scale, x.new_zeros(()))
 
 
 def run_head(classifier: nn.Sequential, x: Tensor, seeds: Tensor | None = None) -> Tensor:
