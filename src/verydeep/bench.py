@@ -263,14 +263,14 @@ def trainer_contenders(trainer: Any, model: nn.Module, steps: int) -> dict[str, 
     as :func:`inference_net` holds it), and the trainer end to end (data loading included; the steps
     :func:`left_out` after the loader starts not counted), each as images per second over ``steps``."""
     device = trainer.device
-    loaded, shifts = next(iter(trainer.loader))
-    batch, shifts = trainer._on_device(loaded, shifts)
+    loaded, draws = next(iter(trainer.loader))
+    batch, draws = trainer._on_device(loaded, draws)
     images = batch.images.shape[0]
-    x = trainer._input(batch, shifts).clone(memory_format=torch.preserve_format)
+    x = trainer._input(batch, draws.shifts).clone(memory_format=torch.preserve_format)
 
     def train_step() -> None:
         start = time.perf_counter()
-        loss = trainer._micro_step(batch, shifts, sync=True)
+        loss = trainer._micro_step(batch, draws, sync=True)
         trainer._finish_step(loss, images, 0, start)
 
     @torch.inference_mode()
