@@ -147,3 +147,11 @@ def test_an_output_that_is_also_an_input_is_refused_before_anything_is_written(n
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"{weights}: the output is also an input" in err
     assert weights.read_bytes() == before
+
+
+def test_a_second_weights_option_is_refused_not_kept(net, tmp_path, capsys):
+    path, _ = net
+    with pytest.raises(SystemExit) as stop:  # argparse's own one-line error
+        main(["export", "--weights", str(path), "--checkpoint", str(path), "--format", "torchscript",
+              str(tmp_path / "x.pt")])
+    assert stop.value.code == 2 and "given twice" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()

@@ -17,6 +17,12 @@ from verydeep.train import train
 CIFAR10 = SHARED / "cifar10"
 
 
+def narrow(data, out, **options):
+    """The tests' tiny run at the width of these tests' weights (1/8): a width given that differs from
+    the weights' is refused."""
+    return tiny(data, out, width=1 / 8, **options)
+
+
 def torchvision_file(path, num_classes: int = 1000, seed: int = 0):
     """A state dict as torchvision saves one (keys and shapes only, no recipe): VGG-A with batch norm,
     width 1/8, for 32-pixel crops."""
@@ -27,7 +33,7 @@ def torchvision_file(path, num_classes: int = 1000, seed: int = 0):
 
 def test_a_new_head_for_other_classes_the_rest_copied(data, tmp_path):
     source = torchvision_file(tmp_path / "vgg11_bn-narrow.pth")
-    summary = train(tiny(data, tmp_path / "run", weights=str(source), epochs=1))
+    summary = train(narrow(data, tmp_path / "run", weights=str(source), epochs=1))
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert (record["config"], record["batch_norm"], record["width"]) == ("A", True, 1 / 8)  # from the weights
     assert record["start"]["format"] == "torchvision" and record["start"]["weights"] == str(source)
@@ -39,22 +45,22 @@ def test_a_new_head_for_other_classes_the_rest_copied(data, tmp_path):
 def test_freeze_and_a_lower_rate_for_copied_layers(data, tmp_path):
     source = torchvision_file(tmp_path / "source.pth", num_classes=4)
     before = torch.load(source, weights_only=True)
-    train(tiny(data, tmp_path / "frozen", weights=str(source), freeze="features", dropout=0.0))
+    train(narrow(data, tmp_path / "frozen", weights=str(source), freeze="features", dropout=0.0))
     after = weights(tmp_path / "frozen")
     # frozen means frozen: batch norm's running statistics too (its layers held in eval mode)
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("features."))
     assert not torch.equal(after["classifier.0.weight"], before["classifier.0.weight"])
-    train(tiny(data, tmp_path / "slow", weights=str(source), lr_copied=1e-12, dropout=0.0))
+    train(narrow(data, tmp_path / "slow", weights=str(source), lr_copied=1e-12, dropout=0.0))
     slow = weights(tmp_path / "slow")  # every layer copied (4 classes both): all barely move
     assert torch.allclose(slow["classifier.6.weight"], before["classifier.6.weight"], atol=1e-6)
     with pytest.raises(UserError, match="--freeze conv9_9: not a layer"):
-        train(tiny(data, tmp_path / "bad", weights=str(source), freeze="conv9_9"))
+        train(narrow(data, tmp_path / "bad", weights=str(source), freeze="conv9_9"))
 
 
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"needs the CIFAR-10 copy at {CIFAR10}")
 def test_fine_tuning_a_torchvision_file_on_ten_real_classes_beats_chance(tmp_path):
     source = torchvision_file(tmp_path / "vgg11_bn-narrow.pth")
-    cfg = tiny(CIFAR10, tmp_path / "run", weights=str(source), crop=32, scale=(36, 40), batch_size=64, lr=0.02,
+    cfg = narrow(CIFAR10, tmp_path / "run", weights=str(source), crop=32, scale=(36, 40), batch_size=64, lr=0.02,
                epochs=2, limit_train=5120, limit_val=500, init="he")
     summary = train(cfg)
     assert summary.best > 20.0, summary  # chance: 10%
@@ -66,7 +72,7 @@ def test_fc8_of_other_named_classes_is_not_copied(data, tmp_path):
     recipe = {"config": "A", "num_classes": 4, "outputs": 4, "batch_norm": True, "width": 1 / 8, "dropout": 0.5,
               "crop": 32, "classes": ["cat", "dog", "cow", "emu"], "class_names": ["cat", "dog", "cow", "emu"]}
     export_safetensors(model_from_recipe(recipe), recipe, tmp_path / "animals.safetensors")
-    train(tiny(data, tmp_path / "run", weights=str(tmp_path / "animals.safetensors")))
+    train(narrow(data, tmp_path / "run", weights=str(tmp_path / "animals.safetensors")))
     copied = json.loads((tmp_path / "run" / "recipe.json").read_text())["start"]["copied"]
     assert "classifier.3.weight" in copied and "classifier.6.weight" not in copied  # class0..class3 are others
 
@@ -84,7 +90,7 @@ def test_a_layer_is_copied_whole_or_not_at_all(tmp_path):
 def test_the_start_names_what_was_not_copied(data, tmp_path, capsys):
     source = tmp_path / "other-crop.pth"
     torch.save(VGG("A", num_classes=4, batch_norm=True, width=1 / 8, input_size=64).state_dict(), source)
-    train(tiny(data, tmp_path / "run", weights=str(source)))
+    train(narrow(data, tmp_path / "run", weights=str(source)))
     said = [line for line in capsys.readouterr().err.splitlines() if "not copied" in line]
     assert said == [f"warning: {source}: not copied (not in the file, another shape, or other classes), xavier "
                     "init: fc6"]
@@ -93,7 +99,7 @@ def test_the_start_names_what_was_not_copied(data, tmp_path, capsys):
 def test_freezing_every_layer_is_refused_up_front(data, tmp_path):
     source = torchvision_file(tmp_path / "source.pth", num_classes=4)
     with pytest.raises(UserError, match="--freeze fc8 freezes every layer of VGG-A-BN: nothing would be trained"):
-        train(tiny(data, tmp_path / "run", weights=str(source), freeze="fc8"))
+        train(narrow(data, tmp_path / "run", weights=str(source), freeze="fc8"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -156,7 +156,9 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
           "--scale", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--device", "cpu",
           "--no-progress", "--freeze", "features", "--out", str(run)])
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["metric"] == "loc_error"
-    assert json.loads((run / "recipe.json").read_text())["boxes"] == str(root / "boxes.txt")
+    record = json.loads((run / "recipe.json").read_text())
+    assert record["boxes"] == str(root / "boxes.txt")
+    assert record["config"] == "A" and record["batch_norm"]  # the weights' own configuration, not the paper's D
     main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--json"])
     center = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert set(center) >= {"localisation_error", "whole_image_error", "centre_prior_error"}
@@ -474,3 +476,10 @@ def test_a_published_imagenet_net_ranks_the_classes_of_a_localisation_net(tmp_pa
     assert main(["localize", "eval", "--checkpoint", str(loc), "--data", str(root), "--protocol", "dense",
                  "--classifier", str(tmp_path / "vgg11-narrow.pth"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 8
+
+
+def test_protocol_one_refuses_the_options_of_protocol_two(boxed, tmp_path, capsys):
+    root, classifier = boxed
+    assert main(["localize", "eval", "--checkpoint", str(classifier), "--data", str(root), "--classifier",
+                 str(classifier)]) == 2
+    assert "--classifier is for --protocol dense" in capsys.readouterr().err

@@ -326,11 +326,11 @@ def test_damaged_or_mismatched_weights_are_one_line_errors(data, tmp_path):
         load_model(tmp_path / "wrong.pt")
 
 
-def test_init_from_an_exported_safetensors_and_validation_skips_are_counted(tmp_path):
+def test_weights_from_an_exported_safetensors_and_validation_skips_are_counted(tmp_path):
     data = write_dataset(tmp_path / "data", {"train": 16, "val": 4})
     train(tiny(data, tmp_path / "first", epochs=1))
     (data / "val" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
-    summary = train(tiny(data, tmp_path / "second", epochs=1, init_from=str(tmp_path / "first/model.safetensors")))
+    summary = train(tiny(data, tmp_path / "second", epochs=1, weights=str(tmp_path / "first/model.safetensors")))
     first, second = load_checkpoint(tmp_path / "first/checkpoints/last.pt"), weights(tmp_path / "second")
     assert summary.epochs == 1 and first["model"].keys() == second.keys()
     epoch = [json.loads(line) for line in (tmp_path / "second/metrics.jsonl").read_text().splitlines()][-1]

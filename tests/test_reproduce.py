@@ -146,17 +146,19 @@ def test_deeper_nets_start_from_as_trained_layers_and_jittered_from_s384(reprodu
     data, preset, out, _ = reproduced
     a_weights, _ = load_weights(out / "nets" / "A" / "checkpoints" / "last.pt")
     d, cfg = _trainer_before_first_step(preset, "D", data, out, tmp_path)
-    assert cfg.init_from == str(out / "nets" / "A" / "checkpoints" / "last.pt") and cfg.lr == preset.lr
+    assert cfg.weights == str(out / "nets" / "A" / "checkpoints" / "last.pt") and cfg.lr == preset.lr
+    assert cfg.warm_start
     a_convs = ["features.0", "features.3", "features.6", "features.8"]  # A's conv1_1, conv2_1, conv3_1, conv3_2
     for name, a_layer in zip(["conv1_1", "conv2_1", "conv3_1", "conv3_2"], a_convs, strict=True):
         assert torch.equal(d.conv_layers()[name].weight, a_weights[f"{a_layer}.weight"]), name
     assert not torch.equal(d.conv_layers()["conv1_2"].weight[:, :, 1, 1], torch.zeros_like(
         d.conv_layers()["conv1_2"].weight[:, :, 1, 1]))  # D's own layers are random, not zero
     jitter, cfg = _trainer_before_first_step(preset, "D-jitter", data, out, tmp_path)
-    assert cfg.init_from.endswith("D-384/checkpoints/last.pt") and cfg.lr == preset.finetune_lr
+    assert cfg.weights.endswith("D-384/checkpoints/last.pt") and cfg.lr == preset.finetune_lr
+    assert not cfg.warm_start
     d384, _ = load_weights(out / "nets" / "D-384" / "checkpoints" / "last.pt")
     assert all(torch.equal(v, d384[k]) for k, v in jitter.state_dict().items())
-    assert json.loads((out / "nets" / "D" / "recipe.json").read_text())["init_from"].endswith("A/checkpoints/last.pt")
+    assert json.loads((out / "nets" / "D" / "recipe.json").read_text())["weights"].endswith("A/checkpoints/last.pt")
 
 
 def test_a_seed_reproduces_its_net_and_another_seed_changes_it(reproduced, tmp_path):

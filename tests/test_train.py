@@ -14,13 +14,13 @@ import torch
 from conftest import tiny, weights, write_dataset
 
 from verydeep import runtime
-from verydeep.checkpoint import load_checkpoint, load_model, model_from_recipe, save_checkpoint
+from verydeep.checkpoint import load_checkpoint, load_model
 from verydeep.cli import main
 from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.errors import UserError
 from verydeep.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
-from verydeep.train import NonFiniteLossError, Schedule, Trainer, build_model, train
+from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
 
 
 def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
@@ -154,23 +154,42 @@ def test_plateau_stops_a_run(data, tmp_path):
 RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32}
 
 
-def test_init_from_warm_start_copies_exactly_the_papers_layers(tmp_path):
-    torch.manual_seed(1)
-    source = model_from_recipe(RECIPE)
-    save_checkpoint({"model": source.state_dict(), "recipe": RECIPE}, tmp_path / "a.pt")
-    deep, how = build_model(TrainConfig(init_from=str(tmp_path / "a.pt"), init="paper"), {**RECIPE, "config": "D"})
-    assert "warm start" in how
+def test_weights_with_warm_start_copy_exactly_the_papers_layers(data, tmp_path):
+    train(tiny(data, tmp_path / "a", epochs=1))
+    source = load_model(tmp_path / "a" / "checkpoints" / "last.pt")[0]
+    cfg = tiny(data, tmp_path / "d", config="D", weights=str(tmp_path / "a"), warm_start=True, init="paper")
+    trainer = Trainer(cfg, runtime.Processes.from_env())
+    deep = trainer.model
+    assert "warm start" in trainer.how and trainer.record["start"]["warm_start"] == [
+        "conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"]
     copied = {"conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"}
     layers = {**deep.conv_layers(), **deep.fc_layers()}
     theirs = {**source.conv_layers(), **source.fc_layers()}
     for name, layer in layers.items():
         same = name in theirs and layer.weight.shape == theirs[name].weight.shape and torch.equal(
-            layer.weight, theirs[name].weight)
+            layer.weight.float(), theirs[name].weight.float())
         assert same == (name in copied), name
-    same_config, how = build_model(TrainConfig(init_from=str(tmp_path / "a.pt")), RECIPE)
-    assert how.startswith("all weights")
+    same_config = Trainer(tiny(data, tmp_path / "a2", weights=str(tmp_path / "a")), runtime.Processes.from_env())
     for key, value in source.state_dict().items():
-        assert torch.equal(value, same_config.state_dict()[key])
+        assert torch.equal(value, same_config.model.state_dict()[key].to(value.dtype))
+
+
+def test_a_setting_that_contradicts_the_weights_is_refused_without_warm_start(data, tmp_path, capsys):
+    train(tiny(data, tmp_path / "a", epochs=1))
+    args = ["train", "--data", str(data), "--weights", str(tmp_path / "a"), "--out", str(tmp_path / "e"),
+            "--device", "cpu", "--workers", "0", "--no-progress", "--crop", "32", "--scale", "32:40",
+            "--batch-size", "16", "--epochs", "1"]
+    assert main([*args, "--config", "E"]) == 2
+    err = capsys.readouterr().err
+    assert "--config E contradicts --weights" in err and "--warm-start" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--width", "0.5"]) == 2 and "--width 0.5 contradicts" in capsys.readouterr().err
+    assert main([*args[:-2], "--epochs", "1", "--stop-after-steps", "1", "--config", "E", "--warm-start"]) == 0
+    record = json.loads((tmp_path / "e" / "recipe.json").read_text())
+    assert record["config"] == "E" and record["start"]["warm_start"][:2] == ["conv1_1", "conv2_1"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--warm-start"]) == 2
+    assert "--warm-start copies the layers of --weights" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--lr-copied", "0.001"]) == 2
+    assert "--lr-copied is the learning rate of the layers copied from --weights" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):

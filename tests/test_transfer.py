@@ -298,3 +298,10 @@ def test_a_truncated_features_file_is_one_line_and_foreign_settings_only_describ
     assert f"{truncated}: not a readable .npz file" in err and "\n" not in err
     assert Features.load(good).settings == {"kind": "raw-pixels"}
     assert describe(Features.load(good)).endswith("(raw-pixels (settings incomplete)), 0 skipped")
+
+
+def test_features_and_weights_together_are_refused(tmp_path, capsys):
+    features = tmp_path / "f.npz"
+    features.write_bytes(b"")
+    assert main(["transfer", "--protocol", "caltech", "--features", str(features), "--weights", "vgg16"]) == 2
+    assert "--weights would make others: give one of the two" in capsys.readouterr().err

@@ -728,10 +728,21 @@ def parse_protocols(text: str) -> list[str]:
     return protocols
 
 
+class StoreOnce(argparse.Action):
+    """An option given at most once: a second value is an error, never a silent replacement."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): this command "
+                         "takes one net")
+        setattr(namespace, self.dest, values)
+
+
 def add_weights_flags(p: argparse.ArgumentParser, repeat: bool) -> None:
     """``--weights SOURCE``, with ``--checkpoint`` the same option, and ``--weights-dir DIR``; with
     ``repeat``, ``--weights`` may be given several times to fuse the nets (Table 6)."""
-    action = "append" if repeat else "store"
+    action = "append" if repeat else StoreOnce
     fuse = "; repeat to fuse several nets" if repeat else ""
     p.add_argument("--weights", action=action, default=None, metavar="SOURCE",
                    help="torchvision .pth, Caffe .caffemodel, Keras .h5, a verydeep checkpoint, run directory or "

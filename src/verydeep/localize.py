@@ -646,10 +646,11 @@ def run_train(args: argparse.Namespace) -> None:
         raise UserError(f"--targets {targets}: {resumed} was trained with {trained_with} targets; "
                         "start a new run to change them")
     cfg = make_config(settings)
+    explicit = set(settings_from_flags(given))  # not PAPER_DEFAULTS: --weights decide what the user left open
     recorded = stored.get("boxes") if stored.get("boxes") and Path(stored["boxes"]).exists() else None
     task = Localisation(head, getattr(args, "boxes", None) or recorded, targets, stored.get("box_code_mean"),
                         stored.get("box_code_std"))
-    summary = train(cfg, task=task)
+    summary = train(cfg, task=task, given=explicit)
     if runtime.Processes.from_env().main:
         print(json.dumps(summary.to_dict()))
 
@@ -667,6 +668,10 @@ def fine_tuned_labels(given: Sequence[str] | None, nets: int) -> list[str]:
 def run_eval(args: argparse.Namespace) -> None:
     """``localize eval``: protocol 1 (``center``, a Table 8 row per net) or 2 (``dense``, the union of the
     nets' boxes, Table 9); a table, or one JSON line."""
+    if args.protocol != "dense" and (args.classifier is not None or args.scales):
+        flag = "--classifier" if args.classifier is not None else "--scales"
+        raise UserError(f"{flag} is for --protocol dense (protocol 1 reads the central crop at the training scale, "
+                        "for the ground-truth class): drop it, or give --protocol dense")
     if args.protocol == "dense":
         result = evaluate_dense(args.checkpoint, args.classifier, args.data, args.boxes, args.scales, args.limit,
                                 args.device, args.batch_size)

@@ -122,12 +122,13 @@ class TrainConfig:
     init: str = option("he", "random init: he (learns at every depth and width), paper (N(0, 0.01): trains A, the "
                              "deeper nets only from A's weights, Sec. 3.1), xavier/glorot, kaiming", "model",
                        choices=PROTOCOLS)
-    init_from: str | None = option(None, "checkpoint or run dir: the same architecture copies every weight, "
-                                         "another configuration takes the paper's warm start", "model")
     weights: str | None = option(None, "published weights or a checkpoint to fine-tune (torchvision .pth, Caffe "
                                        ".caffemodel, Keras .h5, ours, or a name such as vgg16): their architecture "
                                        "and input convention, every layer that fits copied, FC8 new when the classes "
                                        "differ", "model")
+    warm_start: bool = option(False, "with --weights of another configuration (net A's run), build the net --config "
+                                     "names and copy A's first four convs and FC6-8 into it, the rest random "
+                                     "(Sec. 3.1)", "model")
     weights_dir: str | None = option(None, "where named weights are looked for (default ~/.cache/verydeep)", "model",
                                      resumable=True)
     freeze: str | None = option(None, "freeze the layers up to this one: features (every conv layer) or a layer "
@@ -203,8 +204,10 @@ class TrainConfig:
         smin, smax = self.scale
         if not self.crop <= smin <= smax:
             raise UserError(f"--scale needs crop <= Smin <= Smax; got scale {smin}:{smax} with crop {self.crop}")
-        if self.weights and self.init_from:
-            raise UserError("--weights and --init-from both say where to start: give one")
+        if self.warm_start and not self.weights:
+            raise UserError("--warm-start copies the layers of --weights: give --weights (net A's run)")
+        if self.lr_copied is not None and not self.weights:
+            raise UserError("--lr-copied is the learning rate of the layers copied from --weights: give --weights")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: continue the run, or start it anew")
         if self.val_split is not None and self.limit_val is not None:
@@ -217,9 +220,14 @@ class TrainConfig:
         """JSON-able settings (paths as strings, the preprocessing as its dict)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out.update(data=str(self.data), out=str(self.out), scale=list(self.scale), milestones=list(self.milestones))
-        out["init_from"] = str(self.init_from) if self.init_from else None
         out["preprocess"] = self.preprocess.to_dict() if self.preprocess is not None else None
         return out
+
+
+def changed_settings(cfg: TrainConfig) -> set[str]:
+    """The settings of ``cfg`` that differ from their defaults (what a Python caller gave)."""
+    default = TrainConfig()
+    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
 def flag_name(f: Field) -> str:

@@ -150,10 +150,10 @@ class Preset:
         parent = self.starts_from(net)
         if parent is None:
             return cfg
-        cfg = replace(cfg, init_from=str(nets_dir / parent / "checkpoints" / "last.pt"))
+        cfg = replace(cfg, weights=str(nets_dir / parent / "checkpoints" / "last.pt"))
         if self.fine_tuned(net, by_name):  # a short fine-tuning: the plateau rule within its few epochs
-            cfg = replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs, milestones=[])
-        return cfg
+            return replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs, milestones=[])
+        return replace(cfg, warm_start=True)  # Sec. 3.1: A's first four convs and FC6-8 into a deeper net
 
     def members(self) -> list[Net]:
         """Every net this preset trains, in training order: the preset's order (what matters most
@@ -748,7 +748,8 @@ def net_record(net: Net, run_dir: Path, measured: list[Measured], preset: Preset
     losses = [r["train_loss"] for r in epochs]
     errors = [100 - r["val_top1"] for r in epochs if r.get("val_top1") is not None]
     row = _find(measured, [net.name], "dense", _single_scale(net, preset))
-    return NetRecord(net.name, net.config, net.seed, record.get("init_from"), len(epochs), epochs[-1]["lr"],
+    start = record.get("weights") or record.get("init_from")  # runs recorded before --weights started every net
+    return NetRecord(net.name, net.config, net.seed, start, len(epochs), epochs[-1]["lr"],
                      losses[-1], _change_last3(losses), _change_last3(errors),
                      {**record.get("training", {}),
                       "excluding": "the validation images" if record.get("val_split") else None},

@@ -27,7 +27,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,6 @@ from verydeep.checkpoint import (
     atomic_write,
     export_safetensors,
     load_checkpoint,
-    load_into,
-    load_weights,
     model_from_recipe,
     remove_temp_files,
     safetensors_metadata,
@@ -71,6 +69,7 @@ from verydeep.recipe import (
     RUN_RECORD,
     TrainConfig,
     add_flags,
+    changed_settings,
     flag_name,
     make_config,
     recipe_names,
@@ -80,8 +79,7 @@ from verydeep.recipe import (
 )
 from verydeep.tasks import Classification, Task
 
-#: Run-record keys that must agree for ``init_from`` to copy every weight (else the paper's warm start),
-#: and for ``resume`` to continue a run.
+#: Run-record keys that must agree for ``resume`` to continue a run.
 ARCH_KEYS = ("config", "batch_norm", "width", "num_classes", "outputs", "crop", "task")
 
 #: Epoch checkpoints are ``checkpoints/epoch-0007.pt``; the newest ``keep_last`` are kept.
@@ -216,22 +214,25 @@ def same_classes(source: dict[str, Any], classes: list[str]) -> bool:
 # ---- model ------------------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig, record: dict[str, Any]) -> tuple[VGG, str]:
-    """The net of ``record`` initialised by ``cfg.init``, then from ``cfg.init_from`` if given (Sec. 3.1):
-    the same architecture copies every weight (S=384 from S=256, jittered S from S=384), another
-    configuration takes the paper's warm start (first four convs and FC6-8 of net A).
-    Returns the model and a line saying how it was initialised."""
-    model = model_from_recipe(record, init=cfg.init)
-    if not cfg.init_from:
-        return model, f"{cfg.init} init"
-    weights, source_record = load_weights(cfg.init_from)
-    if not changed_architecture(source_record, record):
-        load_into(model, weights, cfg.init_from)
-        return model, f"all weights from {cfg.init_from}"
-    source = model_from_recipe(source_record)
-    load_into(source, weights, cfg.init_from)
-    copied = warm_start(model, source)
-    return model, f"warm start from {cfg.init_from} ({', '.join(copied)}), the rest {cfg.init} init"
+#: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
+FROM_WEIGHTS = ("config", "width", "batch_norm")
+
+
+def from_weights(cfg: TrainConfig) -> tuple[str, ...]:
+    """What ``--weights`` decide: the whole architecture, or with ``--warm-start`` (the net ``--config``
+    names) its width and batch norm, which the copied layers' shapes fix."""
+    return FROM_WEIGHTS[1:] if cfg.warm_start else FROM_WEIGHTS
+
+
+def refuse_contradictions(cfg: TrainConfig, given: set[str], source: dict[str, Any]) -> None:
+    """The weights decide the architecture (:func:`from_weights`): a setting given that says otherwise
+    is a :class:`UserError` naming both, never dropped."""
+    for name in from_weights(cfg):
+        if name in given and getattr(cfg, name) != source[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {getattr(cfg, name)} contradicts --weights {cfg.weights} ({name} "
+                            f"{source[name]}): the architecture comes from the weights; to copy net A's layers "
+                            f"into another configuration give --warm-start (Sec. 3.1), else drop {flag}")
 
 
 # ---- the trainer -------------------------------------------------------------------------------
@@ -245,9 +246,13 @@ def _relative(path: Path, root: Path) -> Path:
 class Trainer:
     """One training run of ``task``, on this process and its share of the global batches."""
 
-    def __init__(self, cfg: TrainConfig, procs: runtime.Processes, task: Task | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, procs: runtime.Processes, task: Task | None = None,
+                 given: Collection[str] | None = None) -> None:
         cfg.check()
         self.cfg, self.procs, self.task = cfg, procs, task or Classification()
+        # the settings the user gave (flags, recipe): those that contradict --weights are refused; from
+        # Python, those that differ from their defaults
+        self.given = set(given) if given is not None else changed_settings(cfg)
         # The stages run in this order because exact resume depends on it: the model's random init
         # draws from the global RNG seeded by cfg.seed, before anything else draws (weights to start
         # from are read first, since they decide the architecture); restoring needs
@@ -294,10 +299,10 @@ class Trainer:
         cfg, run_dir, last = self.cfg, self.run_dir, self.ckpt_dir / "last.pt"
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--out {run_dir}: is a file, not a run directory")
-        for flag, source in (("--weights", cfg.weights), ("--init-from", cfg.init_from)):
-            if source and not cfg.resume and Path(source).exists() and Path(source).resolve().is_relative_to(
-                    run_dir.resolve()):
-                raise UserError(f"{flag} {source} lies in --out {run_dir}, which a new run clears: give another --out")
+        source = cfg.weights
+        if source and not cfg.resume and Path(source).exists() and Path(source).resolve().is_relative_to(
+                run_dir.resolve()):
+            raise UserError(f"--weights {source} lies in --out {run_dir}, which a new run clears: give another --out")
         if cfg.resume and not last.is_file():
             raise MissingFileError(f"--resume: {last} does not exist")
         if not cfg.resume and last.is_file() and not cfg.overwrite:
@@ -337,9 +342,10 @@ class Trainer:
 
         self.published = load_published(cfg.weights, cfg.weights_dir)
         source = self.published.recipe
+        refuse_contradictions(cfg, self.given, source)
         convention = Preprocess.from_dict(source["preprocess"]) if source.get("preprocess") else None
-        self.cfg = replace(cfg, config=source["config"], width=source["width"], batch_norm=source["batch_norm"],
-                           preprocess=cfg.preprocess or convention)
+        architecture = {name: source[name] for name in from_weights(cfg)}
+        self.cfg = replace(cfg, **architecture, preprocess=cfg.preprocess or convention)
 
     def _open_data(self) -> None:
         """The training and validation splits, their subsets, and the run record."""
@@ -392,10 +398,12 @@ class Trainer:
         if cfg.resume:
             model, self.how = model_from_recipe(self.record), ""
             start = stored_settings(self.run_dir).get("start")
+        elif self.published is not None and cfg.warm_start:
+            model, self.how, start = self._warm_started()
         elif self.published is not None:
             model, self.how, start = self._from_published()
         else:
-            (model, self.how), start = build_model(cfg, self.record), None
+            model, self.how, start = model_from_recipe(self.record, init=cfg.init), f"{cfg.init} init", None
         if start is not None:
             self.record["start"] = start
         frozen = freeze(model, cfg.freeze)
@@ -510,6 +518,17 @@ class Trainer:
                       f"{self.cfg.init} init: {', '.join(layers)}")
         return model, how, {"weights": str(self.cfg.weights), "format": published.format,
                             "source": published.source, "copied": copied}
+
+    def _warm_started(self) -> tuple[VGG, str, dict[str, Any]]:
+        """Sec. 3.1: the new net of ``--config``, net A's first four convs and FC6-8 copied from
+        ``--weights``, the rest from the random init; how; where it started."""
+        published = self.published
+        model = model_from_recipe(self.record, init=self.cfg.init)
+        layers = warm_start(model, published.model)
+        copied = [f"{model.tap_names[layer]}.{kind}" for layer in layers for kind in ("weight", "bias")]
+        how = f"warm start from {self.cfg.weights} ({', '.join(layers)}), the rest {self.cfg.init} init"
+        return model, how, {"weights": str(self.cfg.weights), "format": published.format,
+                            "source": published.source, "warm_start": layers, "copied": copied}
 
     def _restore_or_seed(self) -> dict[str, Any] | None:
         """Resume from ``last.pt`` (returning this process's RNG state, to set last of all), or seed this
@@ -663,7 +682,7 @@ class Trainer:
             if f.metadata["resumable"] or f.name not in stored or stored[f.name] == self.record[f.name]:
                 continue
             raise UserError(f"{flag_name(f)} cannot change when resuming {self.run_dir} (trained with "
-                            f"{stored[f.name]!r}, given {self.record[f.name]!r}); start a new run with --init-from")
+                            f"{stored[f.name]!r}, given {self.record[f.name]!r}); start a new run with --weights")
 
     def _export_best(self) -> None:
         """Re-export ``best.pt``'s weights when a crash left ``model.safetensors`` from another epoch."""
@@ -900,22 +919,23 @@ class Trainer:
                             stopped=stopped, lr=self.schedule.lr)
 
 
-def train(cfg: TrainConfig, task: Task | None = None) -> TrainSummary:
+def train(cfg: TrainConfig, task: Task | None = None, given: Collection[str] | None = None) -> TrainSummary:
     """Train as ``cfg`` says (``task``: classification by default), on this process or, under
-    ``torchrun``, on all of them (Sec. 3.3). When ``torchrun --max-restarts`` restarts the processes
-    after one failed, they resume from the last checkpoint."""
+    ``torchrun``, on all of them (Sec. 3.3). ``given``: the settings the user gave (default: those that
+    differ from their defaults). When ``torchrun --max-restarts`` restarts the processes after one
+    failed, they resume from the last checkpoint."""
     procs = runtime.Processes.from_env()
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     if restarted and not cfg.resume and (Path(cfg.out) / "checkpoints" / "last.pt").is_file():
         cfg = replace(cfg, resume=True, overwrite=False)  # torchrun restarted the processes after a failure
     if not procs.distributed or torch_dist.is_initialized():
-        return Trainer(cfg, procs, task).run()
+        return Trainer(cfg, procs, task, given).run()
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     if cuda:
         torch.cuda.set_device(procs.local_rank)  # before NCCL starts, so each process binds its own GPU
     torch_dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        return Trainer(cfg, procs, task).run()
+        return Trainer(cfg, procs, task, given).run()
     finally:
         torch_dist.destroy_process_group()
 
@@ -937,6 +957,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     given = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
-    summary = train(make_config(settings_from_flags(given)))
+    settings = settings_from_flags(given)
+    summary = train(make_config(settings), given=set(settings))
     if runtime.Processes.from_env().main:
         print(json.dumps(summary.to_dict()))

@@ -297,8 +297,10 @@ def parse_floats(text: str) -> list[float]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if args.features is not None and args.data is not None:
-        raise UserError("give --features FEATURES or --data DIR with --weights, not both")
+    if args.features is not None and (args.data is not None or args.weights or args.raw_pixels):
+        extra = "--data" if args.data is not None else "--weights" if args.weights else "--raw-pixels"
+        raise UserError(f"--features {args.features} holds the descriptors already; {extra} would make others: "
+                        "give one of the two")
     if args.features is not None:
         features = Features.load(args.features)
     elif args.data is not None:

@@ -21,7 +21,7 @@ and ``.keras`` archives, whose layers are keyed by class and order (``conv2d``, 
 
 Keras' ``_notop`` files hold no FC layers: the classifier stays randomly initialised and the recipe
 says ``"head": "random"``. Such a net serves for features (``model.extract``, ``model.features``) and
-as ``train --init-from``; predict and eval should refuse it.
+as ``train --weights``; predict and eval should refuse it.
 """
 
 from __future__ import annotations
