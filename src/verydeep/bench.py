@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from verydeep import runtime
-from verydeep.cli import device_name, positive_int, width_multiplier, worker_count
+from verydeep.cli import add_device, add_workers, positive_int, width_multiplier
 from verydeep.errors import UserError
 
 #: torchvision's builder of each configuration it has.
@@ -469,12 +469,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=positive_int, default=None, help="input side, a multiple of 32")
     p.add_argument("--width", type=width_multiplier, default=None, help="width multiplier")
     p.add_argument("--batch", type=positive_int, default=None, help="images per step")
-    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device(p)
     p.add_argument("--rounds", type=positive_int, default=5, help="rounds alternating the contenders")
     p.add_argument("--data", type=Path, default=None,
                    help=f"folder of JPEGs in class folders (default: {DEFAULT_DATA} when present, else generated)")
-    p.add_argument("--workers", type=worker_count, default=None,
-                   help="data-loading processes, at most the CPU cores (default: cores - 1)")
+    add_workers(p)
     p.add_argument("--compile", action="store_true", help="the trainer as `train --compile` runs it")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     p.set_defaults(func=run_cli)

@@ -155,6 +155,51 @@ def device_name(text: str) -> str:
     return text
 
 
+# ---- options that several commands take, each declared here once --------------------------------
+
+DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
+PRECISIONS = ("auto", "bf16", "fp32")
+PRECISION_HELP = "auto: bf16 where it is fast on this machine (measured once and cached), else fp32"
+WORKERS_HELP = "data-loading processes, at most the CPU cores (default: the cores less one, at most 8)"
+WEIGHTS_HELP = ("torchvision .pth, Caffe .caffemodel, Keras .h5, .weights.h5 or .keras, a verydeep checkpoint, run "
+                "directory or .safetensors, or a known name such as vgg16 (found in --weights-dir)")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+
+
+def add_workers(p: argparse.ArgumentParser, default: int | None = None, help: str = WORKERS_HELP) -> None:
+    p.add_argument("--workers", type=worker_count, default=default, help=help)
+
+
+class StoreOnce(argparse.Action):
+    """An option given at most once: a second value is an error, never a silent replacement."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): this command "
+                         "takes one net")
+        setattr(namespace, self.dest, values)
+
+
+def add_weights(p: argparse.ArgumentParser, repeat: str | None = None) -> None:
+    """``--weights SOURCE``, with ``--checkpoint`` the same option, and ``--weights-dir DIR``; with
+    ``repeat`` (what several nets do: fuse, stack) ``--weights`` may be given several times, else once."""
+    action = "append" if repeat else StoreOnce
+    p.add_argument("--weights", action=action, default=None, metavar="SOURCE",
+                   help=WEIGHTS_HELP + (f"; repeat to {repeat}" if repeat else ""))
+    p.add_argument("--checkpoint", action=action, dest="weights", metavar="SOURCE", help="the same as --weights")
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="where known names such as vgg16 are found (default $VERYDEEP_WEIGHTS_DIR, else "
+                        "~/.cache/verydeep)")
+
+
 # ---- the command --------------------------------------------------------------------------------
 
 

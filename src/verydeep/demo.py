@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from verydeep.cli import device_name, output_dir, positive_int
+from verydeep.cli import add_device, output_dir, positive_int
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -46,7 +46,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=output_dir, default=Path("runs/demo"), help="run directory (default runs/demo)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="training budget (default: the digits preset's)")
-    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
 

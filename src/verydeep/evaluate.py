@@ -33,7 +33,16 @@ from torch import Tensor
 
 from verydeep import configs, paper, report
 from verydeep.classmap import ClassMap, class_map
-from verydeep.cli import device_name, output_dir, parse_scales, positive_int, worker_count
+from verydeep.cli import (
+    add_device,
+    add_precision,
+    add_weights,
+    add_workers,
+    output_dir,
+    parse_scales,
+    positive_int,
+)
+from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
 from verydeep.metrics import per_class_accuracy, topk_error
 from verydeep.model import VGG, DenseVGG
@@ -341,7 +350,6 @@ def net_posteriors(net: Net, kind: str, x: Tensor, flip: bool) -> Tensor:
 def run_pass(nets: Sequence[Net], dataset: Any, sweep: Pass, users: PassUsers, posteriors: PosteriorArrays,
              settings: SweepSettings, bar: Any) -> set[str]:
     """Fill ``posteriors`` for one pass over ``dataset``; returns the paths of unreadable images."""
-    from torch.utils.data import DataLoader
 
     from verydeep.data import SizeGroupedBatchSampler, collate, gpu, to_input
 
@@ -353,8 +361,7 @@ def run_pass(nets: Sequence[Net], dataset: Any, sweep: Pass, users: PassUsers, p
     else:
         batches = SizeGroupedBatchSampler(dataset, sweep.q, size).batches
     collate_fn = gpu.collate_encoded if on_gpu else collate
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=settings.workers, collate_fn=collate_fn,
-                        pin_memory=settings.device.type == "cuda")
+    loader = image_loader(dataset, batches, settings.workers, collate_fn, settings.device)
     paths = [str(path) for path, _ in dataset.samples]
     skipped: set[str] = set()
     for indices, loaded in zip(batches, loader, strict=True):
@@ -728,30 +735,6 @@ def parse_protocols(text: str) -> list[str]:
     return protocols
 
 
-class StoreOnce(argparse.Action):
-    """An option given at most once: a second value is an error, never a silent replacement."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        if getattr(namespace, self.dest, None) is not None:
-            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): this command "
-                         "takes one net")
-        setattr(namespace, self.dest, values)
-
-
-def add_weights_flags(p: argparse.ArgumentParser, repeat: bool) -> None:
-    """``--weights SOURCE``, with ``--checkpoint`` the same option, and ``--weights-dir DIR``; with
-    ``repeat``, ``--weights`` may be given several times to fuse the nets (Table 6)."""
-    action = "append" if repeat else StoreOnce
-    fuse = "; repeat to fuse several nets" if repeat else ""
-    p.add_argument("--weights", action=action, default=None, metavar="SOURCE",
-                   help="torchvision .pth, Caffe .caffemodel, Keras .h5, a verydeep checkpoint, run directory or "
-                        f".safetensors, or a known name such as vgg16 (found in --weights-dir){fuse}")
-    p.add_argument("--checkpoint", action=action, dest="weights", metavar="SOURCE", help="the same as --weights")
-    p.add_argument("--weights-dir", default=None, metavar="DIR",
-                   help="where known names such as vgg16 are found (default ~/.cache/verydeep)")
-
-
 def given_weights(args: argparse.Namespace) -> Any:
     """``args.weights``; a :class:`UserError` when neither --weights nor --checkpoint was given."""
     if not args.weights:
@@ -761,7 +744,7 @@ def given_weights(args: argparse.Namespace) -> Any:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate nets: dense, multi-crop, multi-scale, fusion (Sec. 3.2)")
-    add_weights_flags(p, repeat=True)
+    add_weights(p, repeat="fuse several nets (Table 6)")
     p.add_argument("--data", required=True, help="dataset root (holding val/ or test/) or a split folder")
     p.add_argument("--protocol", type=parse_protocols, default=list(DEFAULT_PROTOCOLS),
                    help=f"comma-separated, from {', '.join(PROTOCOLS)} (default: dense,multicrop,dense+multicrop)")
@@ -770,10 +753,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                         "256,384,512 scaled by crop/224)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in mirrored images")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
-    p.add_argument("--workers", type=worker_count, default=None,
-                   help="data loading processes (default: the cores less one, at most 8)")
-    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    add_workers(p)
+    add_device(p)
+    add_precision(p)
     p.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
                    help="where JPEGs are decoded: auto (the GPU when evaluating on CUDA), cpu, gpu")
     p.add_argument("--limit", type=positive_int, default=None,

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from verydeep.checkpoint import atomic_write
-from verydeep.cli import output_file
+from verydeep.cli import add_weights, output_file
 from verydeep.errors import UserError
-from verydeep.evaluate import add_weights_flags, given_weights, load_source, net_preprocess
+from verydeep.evaluate import given_weights, load_source, net_preprocess
 from verydeep.model import VGG
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -203,7 +203,7 @@ def export_net(source: str | Path, out: str | Path, fmt: str, dense: bool | None
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="write a net as ONNX (the dense net's class score map), TorchScript "
                                              "or a torch.export ExportedProgram, checked against PyTorch")
-    add_weights_flags(p, repeat=False)
+    add_weights(p)
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="onnx (run by onnxruntime to check it), torchscript (traced) or exported-program "
                         "(torch.export.save)")

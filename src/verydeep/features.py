@@ -35,8 +35,18 @@ import torch
 from torch import Tensor
 
 from verydeep.checkpoint import atomic_write
-from verydeep.cli import device_name, image_side, output_file, parse_scales, positive_int, worker_count
+from verydeep.cli import (
+    add_device,
+    add_precision,
+    add_weights,
+    add_workers,
+    image_side,
+    output_file,
+    parse_scales,
+    positive_int,
+)
 from verydeep.data import LabelledImages, Preprocess
+from verydeep.data.loaders import image_loader
 from verydeep.errors import MissingFileError, UserError
 from verydeep.model import DenseVGG
 
@@ -130,11 +140,10 @@ def open_image_set(data: str | Path) -> ImageSet:
 def loaded_batches(dataset: LabelledImages, batches: Sequence[list[int]], workers: int,
                    ) -> Iterator[tuple[np.ndarray, Tensor, list[str]]]:
     """The batches of ``dataset``: the indices of the images read, the uint8 images, the paths skipped."""
-    from torch.utils.data import DataLoader
 
     from verydeep.data import collate
 
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
+    loader = image_loader(dataset, batches, workers, collate)
     for batch in loader:
         yield batch.labels.numpy(), batch.images, batch.skipped
 
@@ -519,10 +528,7 @@ def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = 
 
 def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     """The flags that say which images are described and how: ``features``' and ``transfer``'s."""
-    p.add_argument("--weights", action="append", default=None, metavar="SOURCE",
-                   help="torchvision .pth, Caffe .caffemodel, Keras .h5, a verydeep checkpoint, run directory or "
-                        ".safetensors, or a known name such as vgg16; repeat to stack several nets' descriptors")
-    p.add_argument("--weights-dir", default=None, metavar="DIR", help="where known names such as vgg16 are found")
+    add_weights(p, repeat="stack several nets' descriptors")
     p.add_argument("--raw-pixels", type=image_side, default=None, metavar="SIDE",
                    help="instead of a net, the pixels of each image's central SIDE x SIDE square (a baseline)")
     p.add_argument("--data", required=data_required, metavar="DIR",
@@ -533,10 +539,9 @@ def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True)
     p.add_argument("--aggregate", choices=AGGREGATES, default="stack",
                    help="over the scales: stack (concatenate) or average the descriptors (default stack)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
-    p.add_argument("--workers", type=worker_count, default=None,
-                   help="data loading processes, at most the CPU cores (default: the cores less one, at most 8)")
-    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    add_workers(p)
+    add_device(p)
+    add_precision(p)
     p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="N",
                    help="batches between saves of the work done to OUT.partial (default 50)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

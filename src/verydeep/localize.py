@@ -43,6 +43,7 @@ from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransfo
 from verydeep.data.boxes import decode, encode, from_crop, iou, match_boxes, read_boxes, with_boxes
 from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform, unreadable
 from verydeep.data.decode import ImageFile
+from verydeep.data.loaders import image_loader
 from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import train_scale
@@ -248,7 +249,7 @@ def loader(images: LabelledImages, limit: int | None, batch_size: int, workers: 
     """The first ``limit`` images per class, round-robin (:func:`~verydeep.data.balanced_subset`), in batches."""
     indices = balanced_subset(images.targets, limit)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return DataLoader(images, batch_sampler=batches, collate_fn=collate, num_workers=workers)
+    return image_loader(images, batches, workers, collate)
 
 
 @torch.no_grad()
@@ -756,7 +757,7 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from verydeep.cli import device_name, output_dir, positive_int, test_scale, worker_count
+    from verydeep.cli import add_device, add_workers, output_dir, positive_int, test_scale
     from verydeep.recipe import add_flags
 
     p = subparsers.add_parser("localize", help="localisation (Appendix A): box regression nets and their error",
@@ -787,8 +788,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--limit", type=positive_int, help="at most this many validation images, class-balanced")
     e.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per forward pass (dense: images of the same size batched together)")
-    e.add_argument("--workers", type=worker_count, default=0)
-    e.add_argument("--device", type=device_name, default="auto")
+    add_workers(e, default=0, help="data-loading processes of protocol 1, at most the CPU cores (default 0)")
+    add_device(e)
     e.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (localisation_error, whole_image_error, "
                         "centre_prior_error, ...)")
@@ -801,5 +802,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--scales", type=test_scale, nargs="+", help="test scales Q (default the training S)")
     r.add_argument("--top", type=positive_int, default=5, help="predictions per image")
     r.add_argument("--out", type=output_dir, required=True, help="folder for the drawn PNGs")
-    r.add_argument("--device", type=device_name, default="auto")
+    add_device(r)
     r.set_defaults(func=run_predict)

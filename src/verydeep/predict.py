@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from verydeep.checkpoint import atomic_write
-from verydeep.cli import device_name, output_file, parse_scales, positive_int
+from verydeep.cli import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
 from verydeep.errors import MissingFileError, UserError
-from verydeep.evaluate import Net, add_weights_flags, average, dense_posteriors, given_weights, load_nets
+from verydeep.evaluate import Net, average, dense_posteriors, given_weights, load_nets
 from verydeep.report import to_json_dict
 from verydeep.runtime import autocast, autocast_dtype, pick_device
 
@@ -208,7 +208,7 @@ def predict(
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="top-k classes of images, dense over the whole image (Sec. 3.2), "
                                               "and class saliency maps")
-    add_weights_flags(p, repeat=False)
+    add_weights(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=positive_int, default=5, help="classes to list per image (default 5)")
     p.add_argument("--scales", type=parse_scales, default=None,
@@ -217,8 +217,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--saliency", type=output_file, default=None, metavar="OUT.png",
                    help="draw the image beside the top class's saliency map (Simonyan et al. 2014) in this PNG; "
                         "with several images, OUT-1.png, OUT-2.png ... in their order")
-    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    add_device(p)
+    add_precision(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run_cli)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from verydeep.checkpoint import atomic_write, load_checkpoint
+from verydeep.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
 from verydeep.data import Preprocess
 from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
@@ -122,10 +123,9 @@ class TrainConfig:
     init: str = option("he", "random init: he (learns at every depth and width), paper (N(0, 0.01): trains A, the "
                              "deeper nets only from A's weights, Sec. 3.1), xavier/glorot, kaiming", "model",
                        choices=PROTOCOLS)
-    weights: str | None = option(None, "published weights or a checkpoint to fine-tune (torchvision .pth, Caffe "
-                                       ".caffemodel, Keras .h5, ours, or a name such as vgg16): their architecture "
-                                       "and input convention, every layer that fits copied, FC8 new when the classes "
-                                       "differ", "model")
+    weights: str | None = option(None, f"the weights to start from, {WEIGHTS_HELP}: their architecture and input "
+                                       "convention, every layer that fits copied, FC8 new when the classes differ",
+                                 "model")
     warm_start: bool = option(False, "with --weights of another configuration (net A's run), build the net --config "
                                      "names and copy A's first four convs and FC6-8 into it, the rest random "
                                      "(Sec. 3.1)", "model")
@@ -171,14 +171,12 @@ class TrainConfig:
                                        parse=int, resumable=True)
     seed: int = option(0, "seed of init, data order and augmentation", "optimisation", minimum=0)
     # running
-    workers: int | None = option(None, "data-loading processes per training process (default: the cores less "
-                                       "one, at most 8; at most the cores)", "running", minimum=0, parse=int,
+    workers: int | None = option(None, f"per training process, {WORKERS_HELP}", "running", minimum=0, parse=int,
                                  check=check_workers, resumable=True)
-    device: str = option("auto", "auto, cpu, cuda, cuda:N", "running", resumable=True)
+    device: str = option("auto", DEVICE_HELP, "running", resumable=True)
     decode: str = option("auto", "where JPEGs are decoded: auto (the GPU when training on CUDA), cpu, gpu",
                          "running", choices=("auto", "cpu", "gpu"), resumable=True)
-    precision: str = option("auto", "auto: bf16 only where it is fast", "running", choices=("auto", "bf16", "fp32"),
-                            resumable=True)
+    precision: str = option("auto", PRECISION_HELP, "running", choices=PRECISIONS, resumable=True)
     channels_last: bool = option(True, "channels_last memory format", "running", resumable=True)
     compile: bool = option(False, "torch.compile the model", "running", resumable=True)
     val_every: int = option(1, "validate every N epochs", "running", minimum=1, resumable=True)

@@ -27,7 +27,7 @@ import torch
 
 from verydeep import report
 from verydeep.checkpoint import atomic_write
-from verydeep.cli import device_name, output_dir, positive_int, width_multiplier, worker_count
+from verydeep.cli import add_device, add_workers, output_dir, positive_int, width_multiplier
 from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow, PaperFigures
 from verydeep.metrics import PairedDifference, paired_difference, topk_correct, topk_error
@@ -802,8 +802,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-train", type=positive_int, default=None,
                    help="train on a class-balanced subset of N images")
     p.add_argument("--limit-test", type=positive_int, default=None, help="test on a class-balanced subset of N images")
-    p.add_argument("--workers", type=worker_count, default=None, help="data loading processes")
-    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_workers(p)
+    add_device(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
 

@@ -59,6 +59,7 @@ from verydeep.data import (
     to_input,
 )
 from verydeep.data import gpu as gpu_decode
+from verydeep.data.loaders import image_loader
 from verydeep.data.sampling import Draws, GlobalBatchSampler, SeededSamples, Stream, collate_shifted, derived_seed
 from verydeep.errors import MissingFileError, UserError
 from verydeep.finetune import copy_matching, freeze, param_groups
@@ -565,16 +566,7 @@ class Trainer:
         self.val_loader = self._loader(self.val_set, val_batches, collate_images)
 
     def _loader(self, dataset: Dataset, batches: Any, collate_fn: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=self.workers,
-            collate_fn=collate_fn,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=self.workers > 0,
-            prefetch_factor=4 if self.workers > 0 else None,
-            generator=torch.Generator(),  # worker seeds drawn here, not from the process's global RNG
-        )
+        return image_loader(dataset, batches, self.workers, collate_fn, self.device, persistent=True, prefetch=4)
 
     def log(self, message: str) -> None:
         """A line on stderr for the person watching (main process, with progress on)."""

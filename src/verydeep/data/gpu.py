@@ -14,8 +14,8 @@ on the CPU path.
     decoder = resolve_decode("auto", device)
     transform = TrainTransform(crop=224, scale=(256, 512))
     train = ImageFolder(split, EncodedTransform(transform) if decoder == "gpu" else transform)
-    loader = DataLoader(train, batch_size=256, num_workers=8, pin_memory=True,
-                        collate_fn=collate_encoded if decoder == "gpu" else collate)
+    batches = [list(range(i, min(i + 256, len(train)))) for i in range(0, len(train), 256)]
+    loader = image_loader(train, batches, 8, collate_encoded if decoder == "gpu" else collate, device)
     for batch in loader:
         batch = decode_batch(batch, device) if decoder == "gpu" else batch   # a Batch either way
         x = to_input(batch.images.to(device), pre, pca_shift(len(batch.images), pre, 0.1))

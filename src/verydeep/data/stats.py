@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
-from verydeep.cli import output_file, worker_count
+from verydeep.cli import add_workers, output_file
 from verydeep.data.datasets import find_split, open_split
 from verydeep.data.decode import ImageFile, decode, to_tensor
+from verydeep.data.loaders import image_loader
 from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
@@ -64,7 +65,7 @@ def compute_stats(
     dataset = open_split(folder, PixelMoments(side))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     subset = Subset(dataset, order[: min(sample, len(dataset))].tolist())
-    loader = DataLoader(subset, batch_size=None, num_workers=workers)
+    loader = image_loader(subset, None, workers)
     moments = torch.zeros(13, dtype=torch.float64)
     skipped = []
     with progress_bar(len(subset), progress, desc=f"stats {folder}", unit="img") as bar:
@@ -103,8 +104,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--side", type=int, default=256,
                    help="JPEGs are decoded reduced while the smallest side stays >= this (default 256)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=worker_count, default=min(8, usable_cores()),
-                   help="DataLoader worker processes, at most the CPU cores (default: the cores, at most 8)")
+    add_workers(s, default=min(8, usable_cores()), help="data-loading processes, at most the CPU cores (default: "
+                                                        "the cores, at most 8)")
     s.add_argument("--mean-only", action="store_true",
                    help="store std = 1/255: the paper's mean subtraction on the 0..255 scale")
     s.set_defaults(func=run_cli)
