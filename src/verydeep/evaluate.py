@@ -657,17 +657,11 @@ def evaluate(
     weights_dir: str | Path | None = None,
     over_data_classes: bool = False,
 ) -> EvalResult:
-    """Evaluate nets on a labelled split with the protocols of Sec. 3.2.
-
-    ``sources`` are weights as :func:`load_source` reads them (known names found in ``weights_dir``).
-    ``data`` is a dataset root (its ``val/`` or ``test/``) or a split folder. Each net uses its own
-    crop, input convention and test scales (``scales``, else from its recipe, see :func:`net_scales`);
-    several nets are also fused. ``limit`` takes a class-balanced,
-    deterministic subset. ``keep_posteriors`` keeps every posterior array in the result. ``decode``:
-    where JPEGs are decoded (``auto``: on the GPU when evaluating on CUDA). Nets of more classes than the
-    data's (an ImageNet net on Imagenette) are scored over their full softmax, or with
-    ``over_data_classes`` over the data's classes only (:mod:`verydeep.classmap`).
-    """
+    """Evaluate nets (``sources``, as :func:`load_source` reads them) on a labelled split of ``data``
+    with the protocols of Sec. 3.2, each net at its own crop, convention and test scales (``scales``,
+    else :func:`net_scales`), several nets also fused; ``limit``: a class-balanced subset; ``decode``:
+    where JPEGs are decoded; nets of more classes than the data's scored over their softmax, or the
+    data's classes with ``over_data_classes`` (:mod:`verydeep.classmap`)."""
     from verydeep.data import find_split, gpu
 
     protocols = check_options(protocols, scales, batch_size, workers)
