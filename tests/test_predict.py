@@ -62,6 +62,25 @@ def test_predict_matches_dense_multi_scale_evaluation(data, checkpoint):
     assert {t.name for t in top} == set(CLASSES)
 
 
+@pytest.mark.parametrize("protocol", ["multicrop", "dense+multicrop"])
+def test_predict_multicrop_and_the_combination_match_evaluation(data, checkpoint, protocol, capsys):
+    evaluated = evaluate([checkpoint], data, protocols=("dense", "multicrop"), workers=0, progress=False,
+                         batch_size=4, keep_posteriors=True).posteriors
+    image = evaluated.paths[3]
+    kinds = protocol.split("+")
+    expected = np.mean([np.mean([evaluated.arrays[f"net0_{kind}_Q{q}"][3] for q in (32, 36, 41)], axis=0)
+                        for kind in kinds], axis=0)
+    assert main(["predict", "--weights", str(checkpoint), image, "--protocol", protocol, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["protocol"] == protocol
+    top = result["predictions"][0]["top"]
+    assert [t["index"] for t in top] == list(np.argsort(-expected))
+    np.testing.assert_allclose([t["probability"] for t in top], np.sort(expected)[::-1], rtol=1e-5)
+    dense = predict(checkpoint, [image], device="cpu").predictions[0].top
+    by_index = {t["index"]: t["probability"] for t in top}  # the flag counts (a random net: nearly uniform)
+    assert max(abs(t.probability - by_index[t.index]) for t in dense) > 5e-7
+
+
 def test_a_torchvision_state_dict_predicts_like_our_checkpoint_of_the_same_weights(data, checkpoint, tmp_path):
     state = load_nets([checkpoint], None, None, torch.device("cpu"))[0].model.state_dict()
     torch.save(state, tmp_path / "vgg.pth")  # torchvision's layout: the tensors alone

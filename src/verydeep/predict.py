@@ -4,6 +4,8 @@ and the image-specific class saliency maps of Simonyan, Vedaldi & Zisserman (201
 Each image is rescaled to every test scale Q of the net (see :func:`verydeep.evaluate.net_scales`),
 the fully-convolutional net's class score map averaged spatially, the mirrored image averaged in,
 and the posteriors averaged over Q; the top-k classes are reported with their human-readable names.
+``--protocol multicrop`` takes the 5x5 grid of crops and their flips instead, ``dense+multicrop``
+the average of both (Table 5), through the same functions as :mod:`verydeep.evaluate`.
 The net's input convention (channel order, value scale, statistics) comes with its weights.
 
 The saliency map ("Deep Inside Convolutional Networks", ICLR 2014 workshop, Sec. 3.1) is the
@@ -29,7 +31,7 @@ from torch import Tensor
 from verydeep.checkpoint import atomic_write
 from verydeep.cli import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
 from verydeep.errors import MissingFileError, UserError
-from verydeep.evaluate import Net, average, dense_posteriors, given_weights, load_nets
+from verydeep.evaluate import Net, average, given_weights, load_nets, net_posteriors, net_scales
 from verydeep.report import to_json_dict
 from verydeep.runtime import autocast, autocast_dtype, pick_device
 
@@ -65,6 +67,7 @@ class Prediction:
     flip: bool
     preprocess: dict[str, Any]
     predictions: list[ImagePrediction]
+    protocol: str = "dense"
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)
@@ -90,20 +93,40 @@ def load_image(path: str | Path, q: int) -> Tensor:
         raise UserError(f"{path}: unreadable image ({type(error).__name__})") from error
 
 
+#: What ``predict --protocol`` may ask for (Sec. 3.2; their combination is Table 5's).
+PROTOCOLS = ("dense", "multicrop", "dense+multicrop")
+
+
 @torch.inference_mode()
-def image_posterior(net: Net, path: str | Path, flip: bool, device: torch.device, dtype: torch.dtype | None) -> Tensor:
-    """Sec. 3.2: the posterior (classes,) of dense evaluation, averaged over the net's test scales."""
+def image_posterior(net: Net, path: str | Path, flip: bool, device: torch.device, dtype: torch.dtype | None,
+                    protocol: str = "dense", scales: Sequence[int] | None = None) -> Tensor:
+    """Sec. 3.2: the posterior (classes,) of ``protocol`` (dense, multi-crop, or both averaged as in Table 5),
+    each averaged over the test scales (the net's own unless ``scales`` is given)."""
     from verydeep.data import to_input
 
-    per_scale = []
-    for q in net.scales:
+    kinds = protocol.split("+")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol}: one of {', '.join(PROTOCOLS)}")
+    per_kind: dict[str, list[Tensor]] = {kind: [] for kind in kinds}
+    for q in scales or net.scales:
         x = to_input(load_image(path, q).unsqueeze(0).to(device), net.preprocess)
         with autocast(device, dtype):
-            per_scale.append(dense_posteriors(net.dense, x.contiguous(memory_format=torch.channels_last), flip).cpu())
-    posterior = average(per_scale)[0]
+            for kind in kinds:
+                per_kind[kind].append(net_posteriors(net, kind, x.contiguous(memory_format=torch.channels_last),
+                                                     flip).cpu())
+    posterior = average(average(found) for found in per_kind.values())[0]
     if not posterior.isfinite().all():
         raise UserError(f"{net.checkpoint}: the net's outputs are not finite (NaN or inf) on {path}")
     return posterior
+
+
+def ranked_classes(net: Net, posterior: Tensor, topk: int) -> list[RankedClass]:
+    """The ``topk`` classes of a posterior (classes,), best first, with their folders and readable names."""
+    classes = net.recipe.get("classes") or [str(i) for i in range(net.model.num_classes)]
+    names = net.recipe.get("class_names") or classes
+    probabilities, indices = posterior.topk(min(topk, posterior.numel()))
+    return [RankedClass(rank + 1, int(i), classes[i], names[i], float(p))
+            for rank, (p, i) in enumerate(zip(probabilities.tolist(), indices.tolist(), strict=True))]
 
 
 def saliency_map(net: Net, image: Tensor, index: int, device: torch.device) -> Tensor:
@@ -160,9 +183,10 @@ def refuse_overwriting(outputs: Sequence[Path], images: Sequence[str | Path]) ->
             raise UserError(f"--saliency {out}: would overwrite the input image {hit}; give another file name")
 
 
-def write_saliency(net: Net, path: str | Path, best: RankedClass, out: Path, device: torch.device) -> Path:
-    """Draw the saliency map of the image's top class, on the image at the net's smallest test scale."""
-    image = load_image(path, min(net.scales))
+def write_saliency(net: Net, path: str | Path, best: RankedClass, out: Path, device: torch.device,
+                   scales: Sequence[int] | None = None) -> Path:
+    """Draw the saliency map of the image's top class, on the image at the smallest test scale."""
+    image = load_image(path, min(scales or net.scales))
     saliency = saliency_map(net, image, best.index, device)
     return draw_saliency(image, saliency, f"{best.name} ({best.probability:.1%})", out)
 
@@ -177,6 +201,7 @@ def predict(
     precision: str = "auto",
     weights_dir: str | Path | None = None,
     saliency: str | Path | None = None,
+    protocol: str = "dense",
 ) -> Prediction:
     """Top-``topk`` classes of each image by the net of ``source`` (weights as
     :func:`verydeep.evaluate.load_source` reads them); with ``saliency`` (a .png path), each image's
@@ -185,24 +210,27 @@ def predict(
     if topk < 1:
         raise UserError(f"--topk must be at least 1; got {topk}")
     check_images(images)
-    outs = saliency_paths(Path(saliency), len(images)) if saliency is not None else [None] * len(images)
-    refuse_overwriting([out for out in outs if out is not None], images)
+    outs = saliency_paths(Path(saliency), len(images)) if saliency is not None else None
+    refuse_overwriting(outs or [], images)
     torch_device = pick_device(device)
     dtype = autocast_dtype(torch_device, precision)
     # weights cast for the autocast dtype, unless a saliency map takes its gradient in fp32
     net = load_nets([source], scales, None, torch_device, weights_dir, None if saliency else dtype)[0]
-    classes = net.recipe.get("classes") or [str(i) for i in range(net.model.num_classes)]
-    names = net.recipe.get("class_names") or classes
+    return predict_with(net, images, topk, flip, torch_device, dtype, outs, protocol)
+
+
+def predict_with(net: Net, images: Sequence[str | Path], topk: int, flip: bool, device: torch.device,
+                 dtype: torch.dtype | None, saliency: Sequence[Path] | None = None, protocol: str = "dense",
+                 scales: Sequence[int] | None = None) -> Prediction:
+    """:func:`predict` by a net already loaded (:func:`verydeep.evaluate.load_nets`), at its test scales or
+    ``scales``, the saliency maps drawn into ``saliency`` (one PNG per image) when given."""
+    chosen = net_scales(net.recipe, net.crop, scales, net.checkpoint) if scales else net.scales
     predictions = []
-    for path, out in zip(images, outs, strict=True):
-        posterior = image_posterior(net, path, flip, torch_device, dtype)
-        probabilities, indices = posterior.topk(min(topk, posterior.numel()))
-        top = [RankedClass(rank + 1, int(i), classes[i], names[i], float(p))
-               for rank, (p, i) in enumerate(zip(probabilities.tolist(), indices.tolist(), strict=True))]
-        if out is not None:
-            write_saliency(net, path, top[0], out, torch_device)
+    for i, path in enumerate(images):
+        top = ranked_classes(net, image_posterior(net, path, flip, device, dtype, protocol, chosen), topk)
+        out = write_saliency(net, path, top[0], saliency[i], device, chosen) if saliency else None
         predictions.append(ImagePrediction(str(path), top, str(out) if out is not None else None))
-    return Prediction(str(source), net.scales, flip, net.preprocess.to_dict(), predictions)
+    return Prediction(net.checkpoint, chosen, flip, net.preprocess.to_dict(), predictions, protocol)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -214,6 +242,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scales", type=parse_scales, default=None,
                    help="test scales Q (default: from the recipe, else 256,384,512 scaled by crop/224)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in the mirrored image")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="dense",
+                   help="dense over the whole image (default), multicrop (a 5x5 grid of crops and their flips), or "
+                        "both averaged (Sec. 3.2, Table 5)")
     p.add_argument("--saliency", type=output_file, default=None, metavar="OUT.png",
                    help="draw the image beside the top class's saliency map (Simonyan et al. 2014) in this PNG; "
                         "with several images, OUT-1.png, OUT-2.png ... in their order")
@@ -225,7 +256,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     result = predict(given_weights(args), args.images, args.topk, args.scales, args.flip, args.device,
-                     args.precision, args.weights_dir, args.saliency)
+                     args.precision, args.weights_dir, args.saliency, args.protocol)
     if args.json:
         print(json.dumps(result.to_dict()))
         return
