@@ -2,7 +2,7 @@
 
 A CPU allocator counts nothing, so without ``--micro-batch`` the trainer counts what the forward pass
 saves for the backward pass (and room for the gradients flowing back) on two probes, and adds the
-gradients and momentum still to come (``Trainer._activation_bytes``). This script builds the trainer
+gradients and momentum still to come (``MemoryProbe.activation_bytes``). This script builds the trainer
 as ``verydeep train --micro-batch`` would on a folder of JPEGs (the batch whole, so no probe runs
 first), takes two real training steps and reads how much the process's peak resident memory grew,
 then counts, and prints both and their ratio.
@@ -51,10 +51,10 @@ def main() -> None:
         before = peak_rss_bytes()
         loaded, shifts = next(iter(trainer.loader))
         for _ in range(2):
-            trainer._finish_step(trainer._micro_step(loaded, shifts, sync=True), args.batch, 0, 0.0)
+            trainer.finish_step(trainer.stepper.micro_step(loaded, shifts, sync=True), args.batch, 0, 0.0)
         grown = peak_rss_bytes() - before
         weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
-        counted = trainer._activation_bytes(args.batch) + 2 * weights
+        counted = trainer.memory.activation_bytes(args.batch) + 2 * weights
     print(f"VGG-{args.config} width {args.width:g}, {args.batch} crops of {args.size} ({source}): counted "
           f"{counted / 2**20:.0f} MiB, the peak grew by {grown / 2**20:.0f} MiB over two steps "
           f"(count / measured {counted / max(grown, 1):.2f})")

@@ -34,7 +34,8 @@ HARNESS = """
 import os, signal, sys, time
 from pathlib import Path
 import verydeep.checkpoint as checkpoint
-import verydeep.train as train_module
+from verydeep.train.checkpointing import Checkpoints
+from verydeep.train.step import Stepper
 
 writes = 0
 real_replace = os.replace
@@ -47,26 +48,26 @@ def replace_or_die(src, dst):
     return real_replace(src, dst)
 
 checkpoint.os.replace = replace_or_die
-real_save_last = train_module.Trainer._save_last
+real_save_last = Checkpoints.save_last
 saves = 0
 
-def save_last_or_die(self):
+def save_last_or_die(self, state):
     global saves
-    real_save_last(self)
+    real_save_last(self, state)
     saves += 1
     first_try = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if first_try and self.procs.rank == 1 and saves == int(os.environ.get("VERYDEEP_KILL_RANK1_AT", 0)):
         (self.run_dir / "killed-rank1").touch()
         os.kill(os.getpid(), signal.SIGKILL)
 
-train_module.Trainer._save_last = save_last_or_die
-real_micro_step = train_module.Trainer._micro_step
+Checkpoints.save_last = save_last_or_die
+real_micro_step = Stepper.micro_step
 
 def slow_micro_step(self, *args, **kwargs):
     time.sleep(float(os.environ.get("VERYDEEP_STEP_SECONDS", 0)))
     return real_micro_step(self, *args, **kwargs)
 
-train_module.Trainer._micro_step = slow_micro_step
+Stepper.micro_step = slow_micro_step
 from verydeep.cli import main
 sys.exit(main())
 """
@@ -214,7 +215,7 @@ def test_torchrun_restarts_a_killed_process_from_the_last_checkpoint(tmp_path, h
 
 
 def test_a_kill_between_the_epoch_files_never_leaves_stale_best_weights(data, tmp_path, monkeypatch):
-    import verydeep.train as train_module
+    import verydeep.train.checkpointing as train_module
 
     real_export, calls = train_module.export_safetensors, []
 

@@ -253,7 +253,7 @@ def test_a_held_out_validation_split_decides_the_schedule_and_no_test_image_does
     real_validate = Trainer.validate
 
     def watched(self):
-        read_by_validation.update(str(self.val_set.samples[i][0]) for i in self.val_indices)
+        read_by_validation.update(str(self.data.val_set.samples[i][0]) for i in self.data.val_indices)
         return real_validate(self)
 
     monkeypatch.setattr(Trainer, "validate", watched)

@@ -21,6 +21,7 @@ from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.errors import UserError
 from verydeep.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
+from verydeep.train.memory_fit import MemoryProbe
 
 
 def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
@@ -344,7 +345,7 @@ def test_micro_batch_fitted_to_the_cpu_memory(data, tmp_path, monkeypatch):
     and the split run trains as the whole one (gradient accumulation is exact)."""
     whole = Trainer(tiny(data, tmp_path / "whole", dropout=0.0), runtime.Processes())
     assert whole.micro_batch == whole.local_batch == 16
-    probes = {n: whole._activation_bytes(n) for n in (2, 8, 16)}
+    probes = {n: whole.memory.activation_bytes(n) for n in (2, 8, 16)}
     per_image = (probes[8] - probes[2]) / 6
     assert per_image > 0 and probes[16] == pytest.approx(probes[2] + 14 * per_image, rel=0.01)
     first_conv = whole.model.features[0]
@@ -365,7 +366,7 @@ def test_micro_batch_fitted_to_the_cpu_memory(data, tmp_path, monkeypatch):
 
 
 def test_no_micro_batch_that_fits_is_a_one_line_error(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "_fitted_here", lambda self: 0)
+    monkeypatch.setattr(MemoryProbe, "fitted", lambda self, local_batch: 0)
     with pytest.raises(UserError, match="does not fit the memory of cpu"):
         Trainer(tiny(data, tmp_path), runtime.Processes())
 
@@ -385,7 +386,7 @@ def test_cuda_micro_batch_fitted_to_the_gpu(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "data", {"train": 16, "val": 4})
     trainer = Trainer(tiny(data, tmp_path / "whole", device="cuda"), runtime.Processes())
     assert trainer.micro_batch == trainer.local_batch  # a tiny net fits
-    peaks = [trainer._peak_bytes(n) for n in (2, 8)]
+    peaks = [trainer.memory.peak_bytes(n) for n in (2, 8)]
     assert 0 < peaks[0] < peaks[1]
     monkeypatch.setattr(runtime, "cuda_memory_budget", lambda device, extra=0: peaks[0] + (peaks[1] - peaks[0]) // 2)
     trainer = Trainer(tiny(data, tmp_path / "fitted", device="cuda"), runtime.Processes())

@@ -200,7 +200,7 @@ class VGG(nn.Module):
 
     def train(self, mode: bool = True) -> VGG:
         """Training or eval mode, but batch norms of frozen layers (``frozen_norms``, set by
-        :func:`verydeep.finetune.freeze`) always in eval mode: frozen means their statistics too."""
+        :func:`verydeep.train.start.freeze`) always in eval mode: frozen means their statistics too."""
         super().train(mode)
         for name in self.frozen_norms:
             self.get_submodule(name).eval()

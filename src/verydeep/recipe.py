@@ -184,6 +184,8 @@ class TrainConfig:
                                    "running", minimum=0, resumable=True)
     keep_last: int = option(3, "epoch checkpoints to keep", "running", minimum=0, resumable=True)
     progress: bool = option(True, "progress bars", "running", resumable=True)
+    tensorboard: bool = option(False, "also log the metrics as TensorBoard scalars in --out's tensorboard/ "
+                                      "(pip install 'verydeep[tensorboard]')", "running", resumable=True)
     overwrite: bool = option(False, "start anew in an --out that holds a run (its checkpoints and logs are deleted)",
                              "running", resumable=True)
     resume: bool = option(False, "continue the run in --out from checkpoints/last.pt (its recipe.json supplies "

@@ -10,9 +10,9 @@ import torch
 from conftest import SHARED, tiny, weights
 
 from verydeep.errors import UserError
-from verydeep.finetune import copy_matching, freeze
 from verydeep.model import VGG
 from verydeep.train import train
+from verydeep.train.start import copy_matching, freeze
 
 CIFAR10 = SHARED / "cifar10"
 

@@ -1,0 +1,132 @@
+"""A run's directory and its checkpoints: atomic writes, exact resume, nothing of an old run mixed in.
+
+``checkpoints/last.pt`` is what ``--resume`` continues from; ``epoch-0007.pt`` (the newest
+``--keep-last``), ``best.pt`` and its export ``model.safetensors`` follow each epoch. Every write is
+atomic (:func:`verydeep.checkpoint.atomic_write`), so a crash leaves the last good state readable.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from verydeep import runtime
+from verydeep.checkpoint import (
+    atomic_write,
+    export_safetensors,
+    load_checkpoint,
+    model_from_recipe,
+    remove_temp_files,
+    safetensors_metadata,
+    save_checkpoint,
+)
+from verydeep.errors import MissingFileError, UserError
+from verydeep.recipe import RUN_RECORD, TrainConfig, flag_name
+from verydeep.tasks import Classification
+
+#: Run-record keys that must agree for ``resume`` to continue a run.
+ARCH_KEYS = ("config", "batch_norm", "width", "num_classes", "outputs", "crop", "task")
+
+#: Epoch checkpoints are ``checkpoints/epoch-0007.pt``; the newest ``keep_last`` are kept.
+EPOCH_CHECKPOINT = "epoch-{:04d}.pt"
+
+#: The files of a run besides its checkpoints, cleared when a new run starts in the folder.
+RUN_FILES = ("metrics.jsonl", RUN_RECORD, "model.safetensors", "curves.png")
+
+
+def changed_architecture(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The :data:`ARCH_KEYS` in which two run records differ (records from before tasks existed were
+    classification, with as many outputs as classes)."""
+
+    def arch(record: dict[str, Any]) -> dict[str, Any]:
+        defaults = {"task": Classification.name, "outputs": record.get("num_classes")}
+        return {key: record.get(key, defaults.get(key)) for key in ARCH_KEYS}
+
+    before, after = arch(old), arch(new)
+    return [key for key in ARCH_KEYS if before[key] != after[key]]
+
+
+def check_resumable(run_dir: Path, stored: dict[str, Any], record: dict[str, Any]) -> None:
+    """A resumed run continues with the architecture and settings it was trained with; only those marked
+    resumable (budget, schedule, running) may change, and any other that differs is refused, not ignored."""
+    changed = changed_architecture(stored, record)
+    if changed:
+        raise UserError(f"--resume: {run_dir} was trained with other {', '.join(changed)}")
+    for f in fields(TrainConfig):
+        if f.metadata["resumable"] or f.name not in stored or stored[f.name] == record[f.name]:
+            continue
+        raise UserError(f"{flag_name(f)} cannot change when resuming {run_dir} (trained with "
+                        f"{stored[f.name]!r}, given {record[f.name]!r}); start a new run with --weights")
+
+
+class Checkpoints:
+    """The run directory ``run_dir`` and its ``checkpoints/``; only the main process writes."""
+
+    def __init__(self, run_dir: Path, procs: runtime.Processes, keep_last: int) -> None:
+        self.run_dir, self.procs, self.keep_last = run_dir, procs, keep_last
+        self.dir = run_dir / "checkpoints"
+        self.last = self.dir / "last.pt"
+
+    def prepare(self, cfg: TrainConfig) -> None:
+        """``--out`` must be a folder; a run in it is continued only with ``--resume`` and replaced only
+        with ``--overwrite``. Temporary files of writes cut short by a crash are removed."""
+        run_dir, source = self.run_dir, cfg.weights
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--out {run_dir}: is a file, not a run directory")
+        if source and not cfg.resume and Path(source).exists() and Path(source).resolve().is_relative_to(
+                run_dir.resolve()):
+            raise UserError(f"--weights {source} lies in --out {run_dir}, which a new run clears: give another --out")
+        if cfg.resume and not self.last.is_file():
+            raise MissingFileError(f"--resume: {self.last} does not exist")
+        if not cfg.resume and self.last.is_file() and not cfg.overwrite:
+            raise UserError(f"--out {run_dir} holds a run (checkpoints/last.pt): continue it with --resume, "
+                            "or start it anew with --overwrite")
+        if not self.procs.main:
+            return
+        # a new run: nothing of an old one (say, one that crashed before a checkpoint) mixes in; a folder
+        # without our run record is not cleared unless --overwrite says so
+        if not cfg.resume and (cfg.overwrite or (run_dir / RUN_RECORD).exists()):
+            for path in [*(run_dir / name for name in RUN_FILES), *self.dir.glob("*.pt")]:
+                path.unlink(missing_ok=True)
+        for folder in (run_dir, self.dir):
+            remove_temp_files(folder)
+
+    def last_good(self) -> str:
+        """The checkpoint a failed run can be resumed from, for error messages."""
+        return str(self.last) if self.last.is_file() else "none"
+
+    def load_last(self, device: torch.device) -> dict[str, Any]:
+        return load_checkpoint(self.last, map_location=device)
+
+    def save_last(self, state: dict[str, Any]) -> None:
+        if self.procs.main:
+            save_checkpoint(state, self.last)
+
+    def save_epoch(self, state: dict[str, Any], model: torch.nn.Module, improved: bool) -> None:
+        """The epoch's checkpoint, then the best weights and their export, then ``last.pt``: a crash
+        between two writes leaves ``last.pt`` behind the others, and resuming from it redoes them."""
+        if not self.procs.main:
+            return
+        epoch_file = save_checkpoint(state, self.dir / EPOCH_CHECKPOINT.format(state["epoch"]))
+        if improved:
+            atomic_write(self.dir / "best.pt", lambda tmp: shutil.copyfile(epoch_file, tmp))
+            export_safetensors(model, state["recipe"], self.run_dir / "model.safetensors", state["epoch"])
+        atomic_write(self.last, lambda tmp: shutil.copyfile(epoch_file, tmp))
+        epochs = sorted(self.dir.glob(EPOCH_CHECKPOINT.replace("{:04d}", "*")))
+        for old in epochs[:-self.keep_last] if self.keep_last else epochs:
+            old.unlink()
+
+    def export_best(self) -> None:
+        """Re-export ``best.pt``'s weights when a crash left ``model.safetensors`` from another epoch."""
+        best, exported = self.dir / "best.pt", self.run_dir / "model.safetensors"
+        if not self.procs.main or not best.is_file():
+            return
+        state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        if not exported.is_file() or safetensors_metadata(exported).get("epoch") != str(state["epoch"]):
+            model = model_from_recipe(state["recipe"])
+            model.load_state_dict(state["model"])
+            export_safetensors(model, state["recipe"], exported, state["epoch"])

@@ -1,0 +1,99 @@
+"""A run's images (Sec. 3.1): the training and validation splits, their subsets, and their loaders."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from verydeep import runtime
+from verydeep.data import (
+    CenterCropTransform,
+    Preprocess,
+    TrainTransform,
+    balanced_subset,
+    carve_validation,
+    collate,
+)
+from verydeep.data import gpu as gpu_decode
+from verydeep.data.loaders import image_loader
+from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, collate_shifted
+from verydeep.errors import UserError
+from verydeep.recipe import TrainConfig
+from verydeep.tasks import Task
+
+
+def _relative(path: Path, root: Path) -> Path:
+    """``path`` relative to ``root`` when it lies under it, else as it is."""
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
+class TrainingData:
+    """The images ``task`` trains and validates on: training crops at a scale S (fixed or jittered), one
+    central crop of each validation image (``--val-split``: held-out training images)."""
+
+    def __init__(self, cfg: TrainConfig, task: Task, decode: str) -> None:
+        self.cfg, self.decode = cfg, decode
+        train_transform, val_transform = TrainTransform(cfg.crop, tuple(cfg.scale)), CenterCropTransform(
+            cfg.scale[0], cfg.crop)
+        if decode == "gpu":
+            train_transform, val_transform = gpu_decode.EncodedTransform(train_transform), gpu_decode.EncodedTransform(
+                val_transform)
+        self.train_set, self.val_set = task.open_splits(cfg.data, train_transform, val_transform)
+        if self.val_set.classes != self.train_set.classes:
+            raise UserError(f"{cfg.data}: the validation classes differ from the training classes")
+        trainable = list(range(len(self.train_set)))
+        if cfg.val_split is not None:
+            trainable, self.val_indices = carve_validation(self.train_set.targets, cfg.val_split, cfg.seed)
+            self.val_set = copy.copy(self.train_set)  # the same images, read as validation reads them
+            self.val_set.transform = val_transform
+        else:
+            self.val_indices = balanced_subset(self.val_set.targets, cfg.limit_val)
+        picked = balanced_subset([self.train_set.targets[i] for i in trainable], cfg.limit_train)
+        self.train_indices = [trainable[i] for i in picked]
+        if len(self.train_indices) < cfg.batch_size:
+            raise UserError(f"{cfg.data}: {len(self.train_indices)} training images, fewer than --batch-size "
+                            f"{cfg.batch_size}")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.train_set.classes)
+
+    def record(self) -> dict[str, Any]:
+        """What the run record says of the images: the classes, and which images trained and validated."""
+        return {"classes": self.classes, "class_names": list(self.train_set.class_names),
+                "training": {"folder": str(getattr(self.train_set, "root", "")), "images": len(self.train_indices)},
+                "validation": self._validation_record()}
+
+    def _validation_record(self) -> dict[str, Any]:
+        """Which images validation reads: their folder, count and a digest of their paths; with
+        ``--val-split``, every held-out training image (relative to the training folder)."""
+        root = Path(getattr(self.val_set, "root", "/"))
+        paths = sorted(str(_relative(Path(self.val_set.samples[i][0]), root)) for i in self.val_indices)
+        record = {"folder": str(root), "images": len(paths),
+                  "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
+        if self.cfg.val_split is not None:
+            record.update(held_out_of_training=True, paths=paths)
+        return record
+
+    def loaders(self, procs: runtime.Processes, micro_batch: int, pre: Preprocess, workers: int,
+                device: torch.device) -> tuple[GlobalBatchSampler, DataLoader, DataLoader]:
+        """The training sampler and loader (seeded samples in global batches, this process's slice in
+        micro-batches) and the validation loader (this process's share of the images)."""
+        cfg = self.cfg
+        collate_images = gpu_decode.collate_encoded if self.decode == "gpu" else collate
+        sampler = GlobalBatchSampler(self.train_indices, cfg.batch_size, micro_batch, procs.rank, procs.world,
+                                     cfg.seed)
+        samples = SeededSamples(self.train_set, cfg.seed, pre, cfg.alpha_std)
+        mine = self.val_indices[procs.rank::procs.world]
+        val_batches = [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+        def loader(dataset: Dataset, batches: Any, collate_fn: Any) -> DataLoader:
+            return image_loader(dataset, batches, workers, collate_fn, device, persistent=True, prefetch=4)
+
+        return sampler, loader(samples, sampler, collate_shifted(collate_images)), loader(
+            self.val_set, val_batches, collate_images)

@@ -1,0 +1,81 @@
+"""A run's log: one JSON record a line in ``metrics.jsonl`` (each step, each epoch), and with
+``--tensorboard`` the same figures as TensorBoard scalars in ``tensorboard/``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from verydeep.checkpoint import atomic_write
+from verydeep.errors import UserError
+
+#: The scalars a step record and an epoch record give TensorBoard, under their tag's group.
+STEP_SCALARS = {"loss": "train/loss", "lr": "train/lr", "img_s": "train/images_per_second"}
+EPOCH_SCALARS = {"train_loss": "epoch/train_loss", "img_s": "epoch/images_per_second", "seconds": "epoch/seconds",
+                 "peak_mem_mb": "epoch/peak_memory_mb", "micro_batch": "epoch/micro_batch"}
+
+
+def tensorboard_writer(log_dir: Path, purge_step: int | None) -> Any:
+    """TensorBoard's writer (``pip install 'verydeep[tensorboard]'``); the events of steps from ``purge_step``
+    on, which a resumed run logs again, are dropped."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'verydeep[tensorboard]'") from error
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+class MetricsLog:
+    """Appends records to ``run_dir/metrics.jsonl`` (main process only), and to TensorBoard when asked."""
+
+    def __init__(self, run_dir: Path, main: bool, tensorboard: bool = False) -> None:
+        self.path, self.main, self.tensorboard = run_dir / "metrics.jsonl", main, tensorboard
+        self.writer: Any = None
+
+    def open(self, step: int) -> None:
+        """Start logging at global step ``step`` (0, or where a resumed run continues)."""
+        if self.main and self.tensorboard:
+            self.writer = tensorboard_writer(self.path.parent / "tensorboard", step + 1 if step else None)
+
+    def append(self, **values: Any) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(values) + "\n")
+        if self.writer is not None:
+            self._scalars(values)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        tags = STEP_SCALARS if record["kind"] == "step" else EPOCH_SCALARS
+        named = {tag: record.get(key) for key, tag in tags.items()}
+        if record["kind"] == "epoch":
+            named |= {f"val/{key[4:]}": value for key, value in record.items() if key.startswith("val_")}
+        for tag, value in named.items():
+            if isinstance(value, int | float):
+                self.writer.add_scalar(tag, value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def truncate(self, step: int, epoch: int, warn: Callable[[str], None]) -> None:
+        """Drop the records logged after step ``step`` of epoch ``epoch``, which a resumed run logs again,
+        and a line a crash cut short (with a warning)."""
+        if not self.main or not self.path.is_file():
+            return
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                warn(f"{self.path}:{number}: a damaged record (cut short by a crash?) was dropped")
+                continue
+            if record is None:
+                continue
+            if record["step"] <= step if record["kind"] == "step" else record["epoch"] <= epoch:
+                kept.append(line)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))

@@ -1,0 +1,84 @@
+"""The learning-rate schedule (Sec. 3.1) and the sums of an epoch's steps, both saved in checkpoints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+class Schedule:
+    """Sec. 3.1: lr /= 10 when the validation score (higher is better) has not improved for ``patience``
+    validations, at most ``max_drops`` times, then stop; or, with ``milestones``, lr /= 10 after each
+    listed epoch. With ``stop_patience``, training also stops once the score has not improved for that
+    many validations in a row, whatever the lr: the epoch budget becomes an upper bound."""
+
+    def __init__(self, lr: float, patience: int = 2, max_drops: int = 3, milestones: list[int] | None = None,
+                 stop_patience: int | None = None) -> None:
+        self.base_lr = self.lr = lr
+        self.patience = patience
+        self.max_drops = max_drops
+        self.milestones = sorted(milestones or [])
+        self.stop_patience = stop_patience
+        self.best = -math.inf
+        self.bad = 0
+        self.since_best = 0
+        self.drops = 0
+        self.stopped = False
+
+    def update(self, epochs_done: int, score: float | None) -> bool:
+        """Account for an epoch (``score`` None when not validated); True when the score improved."""
+        improved = score is not None and score > self.best
+        if improved:
+            self.best, self.bad, self.since_best = score, 0, 0
+        elif score is not None:
+            self.since_best += 1
+            self.stopped |= self.stop_patience is not None and self.since_best >= self.stop_patience
+        if self.milestones:
+            if epochs_done in self.milestones:
+                self.lr /= 10
+                self.drops += 1
+        elif score is not None and not improved:
+            self.bad += 1
+            if self.bad >= self.patience:
+                if self.drops < self.max_drops:
+                    self.lr /= 10
+                    self.drops += 1
+                    self.bad = 0
+                else:
+                    self.stopped = True
+        return improved
+
+    def follow_milestones(self, epochs_done: int) -> None:
+        """Set lr for ``epochs_done`` from the milestones alone: a resumed run may move or add them."""
+        self.drops = sum(milestone <= epochs_done for milestone in self.milestones)
+        self.lr = self.base_lr / 10**self.drops
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "best": self.best, "bad": self.bad, "since_best": self.since_best,
+                "drops": self.drops, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr, self.best, self.bad = state["lr"], state["best"], state["bad"]
+        self.since_best = state.get("since_best", state["bad"])  # older checkpoints counted only ``bad``
+        self.drops, self.stopped = state["drops"], state["stopped"]
+
+
+@dataclass
+class EpochTotals:
+    """Sums over the steps done so far in the current epoch (carried across a resume)."""
+
+    loss: float = 0.0
+    images: float = 0.0
+    seconds: float = 0.0
+    skipped: float = 0.0
+
+    def add(self, loss: float, images: float, seconds: float, skipped: float) -> None:
+        self.loss += loss
+        self.images += images
+        self.seconds += seconds
+        self.skipped += skipped
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.images, 1)

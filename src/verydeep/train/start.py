@@ -1,0 +1,178 @@
+"""Where a new run's model starts: a random init, published or trained weights, or net A's (Sec. 3.1).
+
+``train --weights SOURCE`` takes the architecture and the input convention of the weights (any
+source :func:`verydeep.weights.load_published` reads), copies every layer whose shape fits the
+new net, and leaves the others (FC8 when the number of classes differs) to the random init; with
+``--warm-start``, the paper's protocol instead: net A's first four convs and FC6-8 copied into the
+net ``--config`` names. ``--freeze`` stops the gradients of the layers up to a named one
+(``features``: every convolutional layer); ``--lr-copied`` gives the copied layers a learning rate
+of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from verydeep.checkpoint import model_from_recipe
+from verydeep.data import Preprocess
+from verydeep.errors import UserError
+from verydeep.init import warm_start
+from verydeep.model import VGG
+from verydeep.recipe import TrainConfig
+from verydeep.weights import Published, load_published
+
+#: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
+FROM_WEIGHTS = ("config", "width", "batch_norm")
+
+
+def from_weights(cfg: TrainConfig) -> tuple[str, ...]:
+    """What ``--weights`` decide: the whole architecture, or with ``--warm-start`` (the net ``--config``
+    names) its width and batch norm, which the copied layers' shapes fix."""
+    return FROM_WEIGHTS[1:] if cfg.warm_start else FROM_WEIGHTS
+
+
+def refuse_contradictions(cfg: TrainConfig, given: set[str], source: dict[str, Any]) -> None:
+    """The weights decide the architecture (:func:`from_weights`): a setting given that says otherwise
+    is a :class:`UserError` naming both, never dropped."""
+    for name in from_weights(cfg):
+        if name in given and getattr(cfg, name) != source[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {getattr(cfg, name)} contradicts --weights {cfg.weights} ({name} "
+                            f"{source[name]}): the architecture comes from the weights; to copy net A's layers "
+                            f"into another configuration give --warm-start (Sec. 3.1), else drop {flag}")
+
+
+def adopt_weights(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Published | None]:
+    """A new run from ``--weights`` takes their architecture and input convention (the settings ``given``
+    that contradict them refused); their tensors are copied by :func:`initial_model`."""
+    if not cfg.weights or cfg.resume:
+        return cfg, None
+    published = load_published(cfg.weights, cfg.weights_dir)
+    source = published.recipe
+    refuse_contradictions(cfg, given, source)
+    convention = Preprocess.from_dict(source["preprocess"]) if source.get("preprocess") else None
+    architecture = {name: source[name] for name in from_weights(cfg)}
+    return replace(cfg, **architecture, preprocess=cfg.preprocess or convention), published
+
+
+def same_classes(source: dict[str, Any], classes: list[str]) -> bool:
+    """Whether a net of recipe ``source`` predicts ``classes`` in this order: its named classes are
+    these, or it names none (``0``, ``1``, ...) and has as many."""
+    theirs = [str(c) for c in source.get("classes") or []]
+    unnamed = theirs == [str(i) for i in range(len(theirs))]
+    return theirs == list(classes) or (unnamed and len(theirs) == len(classes))
+
+
+def initial_model(cfg: TrainConfig, record: dict[str, Any], published: Published | None,
+                  warn: Callable[[str], None]) -> tuple[VGG, str, dict[str, Any] | None]:
+    """A new run's net as ``record`` describes it, initialised by ``cfg.init`` and then from the weights
+    (:func:`from_published`, :func:`warm_started`); how it started, in words; the run record's ``start``."""
+    if published is None:
+        return model_from_recipe(record, init=cfg.init), f"{cfg.init} init", None
+    if cfg.warm_start:
+        return warm_started(cfg, record, published)
+    return from_published(cfg, record, published, warn)
+
+
+def from_published(cfg: TrainConfig, record: dict[str, Any], published: Published,
+                   warn: Callable[[str], None]) -> tuple[VGG, str, dict[str, Any]]:
+    """The new net with every tensor of ``--weights`` that fits copied (:func:`copy_matching`)."""
+    model = model_from_recipe(record, init=cfg.init)
+    source = published.model.state_dict()
+    if not published.has_fc_layers:  # a file without FC layers (Keras' notop kind): its conv layers only
+        source = {name: value for name, value in source.items() if name.startswith("features.")}
+    if not same_classes(published.recipe, record["classes"]):  # FC8's rows are other classes
+        fc8 = f"{model.tap_names['fc8']}."
+        source = {name: value for name, value in source.items() if not name.startswith(fc8)}
+    copied, new = copy_matching(model, source)
+    tap_of = {module: tap for tap, module in model.tap_names.items()}
+    layers = sorted({tap_of.get(prefix, prefix) for prefix in (name.rsplit(".", 1)[0] for name in new)},
+                    key=lambda tap: list(model.tap_names).index(tap) if tap in model.tap_names else 0)
+    if layers:
+        warn(f"{cfg.weights}: not copied (not in the file, another shape, or other classes), "
+             f"{cfg.init} init: {', '.join(layers)}")
+    how = f"{published.format} weights {cfg.weights}: {len(copied)} tensors copied"
+    return model, how, {"weights": str(cfg.weights), "format": published.format, "source": published.source,
+                        "copied": copied}
+
+
+def warm_started(cfg: TrainConfig, record: dict[str, Any], published: Published) -> tuple[VGG, str, dict[str, Any]]:
+    """Sec. 3.1: the new net of ``--config``, net A's first four convs and FC6-8 copied from ``--weights``,
+    the rest from the random init."""
+    model = model_from_recipe(record, init=cfg.init)
+    layers = warm_start(model, published.model)
+    copied = [f"{model.tap_names[layer]}.{kind}" for layer in layers for kind in ("weight", "bias")]
+    how = f"warm start from {cfg.weights} ({', '.join(layers)}), the rest {cfg.init} init"
+    return model, how, {"weights": str(cfg.weights), "format": published.format, "source": published.source,
+                        "warm_start": layers, "copied": copied}
+
+
+def copy_matching(model: nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy into ``model`` every layer whose tensors ``weights`` all hold, by name and shape: a layer is
+    copied whole or not at all (never FC6's bias without its weight). Returns the names of the
+    parameters copied and of those left as initialised."""
+    state = model.state_dict()
+    layers: dict[str, list[str]] = {}
+    for name in state:
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    fits = {name: weights[name] for names in layers.values()
+            if all(n in weights and weights[n].shape == state[n].shape for n in names) for name in names}
+    model.load_state_dict(fits, strict=False)
+    parameters = [name for name, _ in model.named_parameters()]
+    return [name for name in parameters if name in fits], [name for name in parameters if name not in fits]
+
+
+def frozen_modules(model: VGG, upto: str) -> list[str]:
+    """The module prefixes (``features.0`` ...) of the layers up to and including ``upto``: a layer
+    name of ``model.tap_names`` (``conv4_3``, ``fc6``), or ``features`` for every convolutional layer."""
+    taps = list(model.tap_names.items())
+    names = [name for name, _ in taps]
+    if upto == "features":
+        last = max(i for i, (_, module) in enumerate(taps) if module.startswith("features."))
+    elif upto in model.tap_names:
+        last = names.index(upto)
+        if upto.startswith("conv") and f"bn{upto[4:]}" in names:  # a conv's batch norm belongs to its layer
+            last = names.index(f"bn{upto[4:]}")
+    else:
+        known = ", ".join(name for name in names if name.startswith(("conv", "fc")))
+        raise UserError(f"--freeze {upto}: not a layer of {model.name} (features, or one of {known})")
+    return [module for _, module in taps[: last + 1]]
+
+
+def freeze(model: VGG, upto: str | None) -> list[str]:
+    """Stop the gradients of the layers up to ``upto`` (None: none) and hold their batch norms in eval
+    mode (their running statistics unchanged by training); returns the frozen parameters' names.
+    Freezing every layer leaves nothing to train: a :class:`UserError`."""
+    if upto is None:
+        return []
+    modules = frozen_modules(model, upto)
+    prefixes = tuple(f"{module}." for module in modules)
+    frozen = [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
+    if len(frozen) == len(list(model.parameters())):
+        raise UserError(f"--freeze {upto} freezes every layer of {model.name}: nothing would be trained; freeze "
+                        "fewer (features, or a layer before fc8)")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen and parameter.requires_grad)
+    model.frozen_norms = [m for m in modules if isinstance(model.get_submodule(m), nn.modules.batchnorm._BatchNorm)]
+    model.train(model.training)
+    return frozen
+
+
+def param_groups(model: nn.Module, copied: list[str], lr: float, lr_copied: float | None) -> list[dict[str, Any]]:
+    """SGD parameter groups: the copied layers at ``lr_copied`` (when given), the others at ``lr``;
+    frozen parameters are left out. Each group keeps its ``lr_ratio`` to the run's learning rate,
+    which the schedule divides."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if lr_copied is None:
+        return [{"params": [p for _, p in trainable], "lr": lr, "lr_ratio": 1.0}]
+    copied_set = set(copied)
+    groups = [
+        {"params": [p for name, p in trainable if name in copied_set], "lr": lr_copied, "lr_ratio": lr_copied / lr},
+        {"params": [p for name, p in trainable if name not in copied_set], "lr": lr, "lr_ratio": 1.0},
+    ]
+    return [group for group in groups if group["params"]]

@@ -1,0 +1,120 @@
+"""One training step on this process (Sec. 3.1, 3.3): micro-batches forward and backward, then one update.
+
+Every micro-batch loss is a sum divided by the process's share of the global batch (DDP's gradient
+averaging divides the world size back), so a step in micro-batches, on any number of processes,
+equals one on the whole batch. Each image carries its colour shift and its dropout masks' seed
+(:class:`~verydeep.data.sampling.Draws`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
+
+from verydeep import runtime
+from verydeep.data import Batch, Preprocess, to_input
+from verydeep.data import gpu as gpu_decode
+from verydeep.data.sampling import Draws
+from verydeep.errors import UserError
+from verydeep.tasks import Task
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; training stopped before any update or checkpoint with it."""
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """Refuse to save weights that are not finite: the last good checkpoint stays the last one."""
+    bad = [name for name, p in model.named_parameters() if not p.detach().isfinite().all()]
+    if bad:
+        raise NonFiniteLossError(f"weights became non-finite ({', '.join(bad[:3])}) {where}")
+
+
+class Stepper:
+    """The step's work: batches onto the device, the network's input, micro-steps and the update."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: Task,
+                 procs: runtime.Processes, device: torch.device, dtype: torch.dtype | None, pre: Preprocess,
+                 crop: int, channels_last: bool, local_batch: int, decode: str) -> None:
+        self.model, self.optimizer, self.task, self.procs = model, optimizer, task, procs
+        self.device, self.dtype, self.pre, self.crop = device, dtype, pre, crop
+        self.channels_last, self.local_batch, self.decode = channels_last, local_batch, decode
+        self.forward_model: torch.nn.Module = model
+        self.ddp: DistributedDataParallel | None = None
+        self.input_memory = torch.empty(0)  # the float input of every CPU batch (no fresh pages per step)
+
+    def wrap(self, compile: bool) -> None:
+        """DDP over the processes, then ``torch.compile`` when asked."""
+        if self.procs.distributed:
+            index = self.device.index
+            self.ddp = DistributedDataParallel(self.model, device_ids=[index] if index is not None else None)
+            self.forward_model = self.ddp
+        if compile:
+            self.forward_model = torch.compile(self.forward_model)
+
+    def on_device(self, loaded: Any, draws: Draws | None = None) -> tuple[Batch, Draws | None]:
+        """A loader's batch as uint8 images (decoded on the device when JPEGs go to the GPU), with the
+        draws of the images kept (the device decoder may drop a file the workers could not check)."""
+        if self.decode != "gpu":
+            return loaded, draws
+        batch = gpu_decode.decode_batch(loaded, self.device)
+        if draws is not None and len(batch.skipped) > len(loaded.skipped):
+            dropped = set(batch.skipped)
+            draws = draws.kept(torch.tensor([path not in dropped for path in loaded.paths], dtype=torch.bool))
+        return batch, draws
+
+    def input(self, batch: Batch, shifts: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's float input: colour shift and normalisation (Sec. 3.1), in the memory format."""
+        images = batch.images.to(self.device, non_blocking=True)
+        if self.device.type == "cpu" and self.input_memory.numel() < images.numel():
+            self.input_memory = torch.empty(images.numel())
+        out = self.input_memory if self.device.type == "cpu" else None  # CUDA has its caching allocator
+        shifts = None if shifts is None else shifts.to(self.device, non_blocking=True)
+        x = to_input(images, self.pre, shifts, out)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    def reduce(self, *values: float) -> list[float]:
+        """Sums over the processes."""
+        if not self.procs.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def micro_step(self, batch: Batch, draws: Draws, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch, each image with its colour shift and dropout masks;
+        returns its summed loss (detached). Gradients are averaged over the processes when ``sync``."""
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+        with no_sync:
+            if batch.images.shape[0] == 0:  # every file of this micro-batch unreadable: a zero-gradient pass
+                x = torch.zeros(1, 3, self.crop, self.crop, device=self.device)
+                with runtime.autocast(self.device, self.dtype):
+                    loss = self.forward_model(x).float().sum() * 0.0
+            else:
+                x, targets = self.input(batch, draws.shifts), self.task.targets(batch, self.device)
+                seeds = draws.seeds.to(self.device, non_blocking=True)
+                with runtime.autocast(self.device, self.dtype):
+                    loss = self.task.loss(self.forward_model(x, seeds).float(), targets)
+            (loss / self.local_batch).backward()
+        return loss.detach()
+
+    def update(self, loss_sum: torch.Tensor, images: int, skipped: int,
+               where: Callable[[], str]) -> tuple[float, float, float]:
+        """The optimizer step once a global batch's gradients are in; returns the batch's summed loss, its
+        images and its skipped files over the processes. A loss or gradient that is not finite stops
+        training before the update (:class:`NonFiniteLossError`, saying ``where()``)."""
+        loss_total, images_total, skipped_total = self.reduce(loss_sum.item(), images, skipped)
+        loss = loss_total / max(images_total, 1)
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not math.isfinite(loss) or not torch.nn.utils.get_total_norm(gradients).isfinite():
+            what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
+            raise NonFiniteLossError(f"{what} {where()}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, images_total, skipped_total

@@ -1,0 +1,418 @@
+"""The training loop (Sec. 3.1, 3.3): mini-batch SGD on one process or many, exactly reproducible.
+
+The paper's optimisation: SGD with momentum 0.9, batch 256, weight decay 5e-4, dropout 0.5 on
+FC6/FC7, learning rate 1e-2 divided by 10 when the validation metric stops improving, at most 3
+times, then stop. What is learnt (head, targets, loss, validation metric) is a
+:class:`~verydeep.tasks.Task`: classification by default.
+
+:class:`Trainer` assembles the run from its parts, in the order its constructor shows, and then
+holds only the loop: :mod:`.data` (the images), :mod:`.start` (the model's first weights),
+:mod:`.memory_fit` (the micro-batch), :mod:`.checkpointing` (the run directory), :mod:`.step`
+(forward, backward, update), :mod:`.schedule` and :mod:`.metrics_log`.
+
+Reproducibility is by construction, so that a resumed run and a run on N processes are the same
+computation as one uninterrupted process: the images and draws of every step (augmentation and
+dropout masks) are a function of ``(seed, epoch, index)``; a process takes its slice of each global
+batch in micro-batches (:mod:`.step`); checkpoints hold the model, optimizer, schedule, position in
+the epoch and every RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from verydeep import runtime
+from verydeep.checkpoint import model_from_recipe
+from verydeep.data import gpu as gpu_decode
+from verydeep.data import load_preprocess
+from verydeep.data.sampling import Stream, derived_seed
+from verydeep.errors import UserError
+from verydeep.init import REASONS as INIT_REASONS
+from verydeep.model import VGG
+from verydeep.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
+from verydeep.tasks import Classification, Task
+from verydeep.train.checkpointing import Checkpoints, check_resumable
+from verydeep.train.data import TrainingData
+from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
+from verydeep.train.metrics_log import MetricsLog
+from verydeep.train.schedule import EpochTotals, Schedule
+from verydeep.train.start import adopt_weights, freeze, initial_model, param_groups
+from verydeep.train.step import Stepper, check_finite_weights
+
+
+@dataclass
+class TrainSummary:
+    """How a run ended: its best validation ``metric``, epochs and steps done, why it stopped
+    (``epochs``, ``plateau`` or ``stop_after_steps``) and the final learning rate."""
+
+    metric: str
+    best: float | None
+    epochs: int
+    steps: int
+    run_dir: str
+    seconds: float
+    stopped: str
+    lr: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Trainer:
+    """One training run of ``task``, on this process and its share of the global batches."""
+
+    def __init__(self, cfg: TrainConfig, procs: runtime.Processes, task: Task | None = None,
+                 given: Collection[str] | None = None) -> None:
+        cfg.check()
+        self.procs, self.task = procs, task or Classification()
+        # the settings the user gave (flags, recipe): those that contradict --weights are refused; from
+        # Python, those that differ from their defaults
+        given = set(given) if given is not None else changed_settings(cfg)
+        # The parts are assembled in this order because exact resume depends on it: the weights to start
+        # from are read first, since they decide the architecture; the model's random init draws from the
+        # global RNG seeded by cfg.seed, before anything else draws; restoring needs the model and optimizer
+        # and must precede wrapping, since DDP broadcasts rank 0's weights as it is built; the checkpoint's
+        # RNG states are set after wrapping, last of all, so that nothing draws after them; the loaders
+        # start at the restored position in the epoch. Fitting the micro-batch draws nothing.
+        self.cfg, self.published = adopt_weights(cfg, given)
+        self._place()
+        self.data = TrainingData(self.cfg, self.task, self.decode)
+        self.record = self._run_record()
+        self._build()
+        self._fit_micro_batch()
+        rng = self._restore_or_seed()
+        self.stepper.wrap(self.cfg.compile)
+        if rng is not None:
+            runtime.set_rng_state(rng)
+        self.sampler, self.loader, self.val_loader = self.data.loaders(procs, self.micro_batch, self.pre,
+                                                                       self.workers, self.device)
+        self.log(f"{self.model.name} width={self.cfg.width:g} on {self.device} x{procs.world}, {self.how}; "
+                 f"{len(self.data.train_indices)} training images, {len(self.data.val_indices)} validation "
+                 f"images, {self.sampler.steps_per_epoch} steps of {self.cfg.batch_size} per epoch "
+                 f"({self.sampler.micro_per_step} x {self.micro_batch} per process), "
+                 f"precision {'bf16' if self.dtype else 'fp32'}, decoding on the {self.decode.upper()}")
+
+    # ---- assembly
+
+    def _place(self) -> None:
+        """Batch sizes per process, run directory, device, precision and where JPEGs are decoded."""
+        cfg, procs = self.cfg, self.procs
+        if cfg.batch_size % procs.world:
+            raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {procs.world} processes")
+        self.local_batch = cfg.batch_size // procs.world
+        self.micro_batch = min(cfg.micro_batch or self.local_batch, self.local_batch)
+        self.run_dir = Path(cfg.out)
+        self.checkpoints = Checkpoints(self.run_dir, procs, cfg.keep_last)
+        self.checkpoints.prepare(cfg)
+        self.metrics = MetricsLog(self.run_dir, procs.main, cfg.tensorboard)
+        self.device = self._device()
+        self.dtype = runtime.autocast_dtype(self.device, cfg.precision)
+        self.decode = gpu_decode.resolve_decode(cfg.decode, self.device)
+        self.workers = runtime.default_workers() if cfg.workers is None else cfg.workers
+        self.pre = cfg.preprocess or load_preprocess(cfg.data)
+
+    def _device(self) -> torch.device:
+        """Under torchrun on GPUs, this process's (LOCAL_RANK); else ``--device``."""
+        if self.procs.distributed and self.cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+            torch.cuda.set_device(self.procs.local_rank)
+            device = torch.device("cuda", self.procs.local_rank)
+        else:
+            device = runtime.pick_device(self.cfg.device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotune the convolutions once
+        else:
+            runtime.keep_freed_memory()  # no fresh pages for every step's activations
+        return device
+
+    def _run_record(self) -> dict[str, Any]:
+        """The run record (``recipe.json``): the settings, the task, the input convention and the images."""
+        cfg, classes = self.cfg, self.data.classes
+        return {**cfg.to_dict(), "task": self.task.name, "num_classes": len(classes),
+                "outputs": self.task.outputs(len(classes)), "preprocess": self.pre.to_dict(), **self.task.record(),
+                "init_reason": INIT_REASONS[cfg.init], **self.data.record()}
+
+    def _build(self) -> None:
+        """Model (initialised from cfg.seed, or as the checkpoint will overwrite), optimizer, schedule."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if cfg.resume:
+            model, self.how, start = model_from_recipe(self.record), "", stored_settings(self.run_dir).get("start")
+        else:
+            model, self.how, start = initial_model(cfg, self.record, self.published, self.warn)
+        if start is not None:
+            self.record["start"] = start
+        frozen = freeze(model, cfg.freeze)
+        if frozen:
+            self.how += f"; {len(frozen)} tensors frozen (up to {cfg.freeze})"
+        self.model: VGG = runtime.prepare(model, self.device, cfg.channels_last)
+        groups = param_groups(self.model, (start or {}).get("copied", []), cfg.lr, cfg.lr_copied)
+        # one fused kernel for the whole update instead of a loop over tensors: the same arithmetic, and on
+        # a CPU several times faster for VGG's large FC weights (docs/benchmarks)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                         fused=True)
+        self.schedule = Schedule(cfg.lr, cfg.patience, cfg.max_drops, cfg.milestones, cfg.stop_patience)
+        self.epoch, self.step_in_epoch, self.step = 0, 0, 0
+        self.totals = EpochTotals()
+        self.memory = MemoryProbe(self.model, self.device, cfg.crop, cfg.channels_last, self.dtype)
+        self.stepper = Stepper(self.model, self.optimizer, self.task, self.procs, self.device, self.dtype, self.pre,
+                               cfg.crop, cfg.channels_last, self.local_batch, self.decode)
+
+    def _fit_micro_batch(self) -> None:
+        """Without ``--micro-batch``, for a new run: the micro-batch whose training step fits the memory
+        (:mod:`.memory_fit`). A resumed run takes the one its checkpoint was trained with (:meth:`_resume`)."""
+        if self.cfg.micro_batch is not None or self.cfg.resume:
+            return
+        fitted = fit_micro_batch(self.memory, self.local_batch, self.micro_batch, self.procs, self.cfg.batch_size)
+        if fitted < self.micro_batch:
+            self.how += f"; micro-batch {fitted} fitted to the memory of {self.device}"
+        self.micro_batch = fitted
+
+    def _restore_or_seed(self) -> dict[str, Any] | None:
+        """Resume from ``last.pt`` (returning this process's RNG state, to set last of all), or seed this
+        process's global RNG for a new run (dropout draws nothing from it: each image's masks come from its
+        own seed, :class:`~verydeep.data.sampling.Draws`; a task may)."""
+        if not self.cfg.resume:
+            torch.manual_seed(derived_seed(self.cfg.seed, Stream.PROCESS, self.procs.rank))
+            self.metrics.open(0)
+            return None
+        rng = self._resume()
+        self.how = f"resumed from {self.checkpoints.last} at epoch {self.epoch + 1} step {self.step_in_epoch}"
+        return rng
+
+    def _resume(self) -> dict[str, Any] | None:
+        """Load ``last.pt``; returns this process's RNG state (None when the number of processes changed,
+        and the global RNG streams are reseeded; dropout masks, drawn from each image's seed, are not
+        affected)."""
+        state = self.checkpoints.load_last(self.device)
+        check_resumable(self.run_dir, state["recipe"], self.record)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
+        if self.cfg.milestones:
+            self.schedule.follow_milestones(self.epoch)
+            self._set_lr(self.schedule.lr)
+        self.totals = EpochTotals(**state["partial"])
+        if self.cfg.micro_batch is None:  # the micro-batch it was trained with (fitted, or the whole batch)
+            self.micro_batch = min(state.get("micro_batch", self.local_batch), self.local_batch)
+        self.metrics.truncate(self.step, self.epoch, self.warn)
+        self.metrics.open(self.step)
+        self.checkpoints.export_best()
+        if state["world"] != self.procs.world:
+            self.log(f"resuming {state['world']} processes' run on {self.procs.world}: global RNG streams reseeded")
+            torch.manual_seed(derived_seed(self.cfg.seed, Stream.PROCESS_RESHARDED, self.step, self.procs.rank))
+            return None
+        return state["rng"][self.procs.rank]
+
+    def log(self, message: str) -> None:
+        """A line on stderr for the person watching (main process, with progress on)."""
+        if self.procs.main and self.cfg.progress:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        """A warning line on stderr (main process, whatever the progress setting)."""
+        if self.procs.main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def _set_lr(self, lr: float) -> None:
+        """The one place the optimizer's learning rate changes."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
+
+    # ---- checkpoints
+
+    def _state(self) -> dict[str, Any]:
+        """The checkpoint, collective: every process contributes its RNG state. Weights that are not finite
+        are never saved: the last good checkpoint stays the last one."""
+        check_finite_weights(self.model, f"at epoch {self.epoch + 1} step {self.step} (lr {self.schedule.lr:g}); "
+                                         f"stopped; last good checkpoint: {self.checkpoints.last_good()}")
+        rngs = [runtime.rng_state()]
+        if self.procs.distributed:
+            rngs = [None] * self.procs.world
+            torch_dist.all_gather_object(rngs, runtime.rng_state())
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "step": self.step, "partial": asdict(self.totals), "rng": rngs, "world": self.procs.world,
+                "micro_batch": self.micro_batch, "recipe": self.record}
+
+    # ---- the loop
+
+    def finish_step(self, loss_sum: torch.Tensor, images: int, skipped: int, tic: float) -> tuple[float, float]:
+        """The update once a global batch's gradients are in; returns the batch's mean loss and the step's
+        seconds since ``tic`` (when the step before it ended): its data loading and update included, and on
+        CUDA the queued work that the loss's transfer to the host waits for."""
+        loss_total, images_total, skipped_total = self.stepper.update(loss_sum, images, skipped, self._where)
+        seconds = max(time.perf_counter() - tic, 1e-9)
+        self.step += 1
+        self.step_in_epoch += 1
+        self.totals.add(loss_total, images_total, seconds, skipped_total)
+        loss = loss_total / max(images_total, 1)
+        self.metrics.append(kind="step", epoch=self.epoch + 1, step=self.step, loss=loss, lr=self.schedule.lr,
+                            img_s=round(images_total / seconds, 2))
+        return loss, seconds
+
+    def _where(self) -> str:
+        return (f"at epoch {self.epoch + 1} step {self.step + 1} (lr {self.schedule.lr:g}: a smaller --lr may "
+                f"train); stopped; last good checkpoint: {self.checkpoints.last_good()}")
+
+    def train_epoch(self, stop_after_steps: int | None = None) -> bool:
+        """Run the rest of the current epoch; False when the run is to leave after step ``stop_after_steps``
+        (default ``--stop-after-steps``)."""
+        stop = self.cfg.stop_after_steps if stop_after_steps is None else stop_after_steps
+        sampler, stepper = self.sampler, self.stepper
+        sampler.set_epoch(self.epoch, self.step_in_epoch)
+        bar = runtime.progress_bar(sampler.steps_per_epoch, self.cfg.progress and self.procs.main,
+                                   initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}", unit="step")
+        loss_sum = torch.zeros((), device=self.device)
+        images = skipped = 0
+        tic = time.perf_counter()
+        with bar:
+            for micro, (loaded, draws) in enumerate(self.loader):
+                batch, draws = stepper.on_device(loaded, draws)
+                last = (micro + 1) % sampler.micro_per_step == 0
+                loss_sum += stepper.micro_step(batch, draws, sync=last)
+                images += batch.images.shape[0]
+                skipped += len(batch.skipped)
+                if not last:
+                    continue
+                loss, seconds = self.finish_step(loss_sum, images, skipped, tic)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / seconds:.1f}", lr=f"{self.schedule.lr:g}",
+                                refresh=False)
+                bar.update()
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.checkpoints.save_last(self._state())
+                if stop is not None and self.step >= stop:
+                    return False
+                loss_sum.zero_()
+                images = skipped = 0
+                tic = time.perf_counter()
+        return True
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """The task's validation metrics over the validation images, one central crop each, with the
+        ``images`` they were computed on and the ``skipped`` (unreadable) ones."""
+        self.model.eval()
+        sums = [0.0] * len(self.task.metrics)
+        seen = skipped = 0
+        for loaded in self.val_loader:
+            batch, _ = self.stepper.on_device(loaded)
+            skipped += len(batch.skipped)
+            if batch.images.shape[0] == 0:
+                continue
+            with runtime.autocast(self.device, self.dtype):
+                outputs = self.model(self.stepper.input(batch)).float()
+            batch_sums = self.task.metric_sums(outputs, self.task.targets(batch, self.device))
+            sums = [a + b for a, b in zip(sums, batch_sums, strict=True)]
+            seen += batch.images.shape[0]
+        self.model.train()
+        *sums, seen, skipped = self.stepper.reduce(*sums, seen, skipped)
+        if not seen:  # a metric over no image would read as a perfect (or the worst) score
+            raise UserError(f"{getattr(self.data.val_set, 'root', self.cfg.data)}: no validation image could be "
+                            f"read ({int(skipped)} unreadable)")
+        return {**self.task.summarise(sums, int(seen)), "images": int(seen), "skipped": int(skipped)}
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+    def _end_epoch(self) -> None:
+        """Validate when due, update the schedule, log the epoch and checkpoint it."""
+        cfg, totals, task = self.cfg, self.totals, self.task
+        if totals.skipped and not totals.images:
+            raise UserError(f"{getattr(self.data.train_set, 'root', cfg.data)}: no training image of epoch "
+                            f"{self.epoch + 1} could be read ({int(totals.skipped)} unreadable)")
+        due = (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs
+        metrics = self.validate() if due else {}
+        lr = self.schedule.lr
+        improved = self.schedule.update(self.epoch + 1, self._score(metrics.get(task.metrics[0])))
+        self._set_lr(self.schedule.lr)
+        self.metrics.append(kind="epoch", epoch=self.epoch + 1, step=self.step, train_loss=totals.mean_loss,
+                            **{f"val_{name}": metrics.get(name) for name in (*task.metrics, "images", "skipped")},
+                            lr=lr, img_s=round(totals.images / max(totals.seconds, 1e-9), 2),
+                            peak_mem_mb=round(self._peak_memory_mb(), 1), seconds=round(totals.seconds, 2),
+                            skipped=int(totals.skipped), micro_batch=self.micro_batch)
+        new_lr = f" -> {self.schedule.lr:g}" if self.schedule.lr != lr else ""
+        self.log(f"epoch {self.epoch + 1}: train loss {totals.mean_loss:.4f}, {self._describe(metrics)}, lr {lr:g}"
+                 f"{new_lr}, {int(totals.skipped)} files skipped")
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.totals = EpochTotals()
+        self.checkpoints.save_epoch(self._state(), self.model, improved)
+
+    def _describe(self, metrics: dict[str, float]) -> str:
+        if not metrics:
+            return "not validated"
+        values = ", ".join(f"val {name} {metrics[name]:.4g}" for name in self.task.metrics)
+        unreadable = f" ({metrics['skipped']} unreadable)" if metrics["skipped"] else ""
+        return f"{values} on {metrics['images']} images{unreadable}"
+
+    def _score(self, value: float | None) -> float | None:
+        """The schedule's score (higher is better) of the task's first validation metric."""
+        if value is None:
+            return None
+        return value if self.task.higher_is_better else -value
+
+    def run(self) -> TrainSummary:
+        """Train until the epoch budget or the schedule's stop; a resumed run that had already reached
+        either says so and does nothing."""
+        start = time.perf_counter()
+        if self.schedule.stopped or self.epoch >= self.cfg.epochs:
+            reason = "validation stopped improving" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
+            self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do")
+            return self._summary("plateau" if self.schedule.stopped else "epochs", start)
+        if self.procs.main:
+            write_run_record(self.run_dir, self.record)
+        self.model.train()
+        stopped = "epochs"
+        try:
+            while self.epoch < self.cfg.epochs:
+                if not self.train_epoch():
+                    stopped = "stop_after_steps"
+                    break
+                self._end_epoch()
+                if self.schedule.stopped:
+                    stopped = "plateau"
+                    break
+        finally:
+            self.metrics.close()
+        return self._summary(stopped, start)
+
+    def _summary(self, stopped: str, start: float) -> TrainSummary:
+        best = self._score(self.schedule.best) if self.schedule.best > -math.inf else None
+        return TrainSummary(metric=self.task.metrics[0], best=best, epochs=self.epoch, steps=self.step,
+                            run_dir=str(self.run_dir), seconds=round(time.perf_counter() - start, 2),
+                            stopped=stopped, lr=self.schedule.lr)
+
+
+def train(cfg: TrainConfig, task: Task | None = None, given: Collection[str] | None = None) -> TrainSummary:
+    """Train as ``cfg`` says (``task``: classification by default), on this process or, under
+    ``torchrun``, on all of them (Sec. 3.3). ``given``: the settings the user gave (default: those that
+    differ from their defaults). When ``torchrun --max-restarts`` restarts the processes after one
+    failed, they resume from the last checkpoint."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    if restarted and not cfg.resume and (Path(cfg.out) / "checkpoints" / "last.pt").is_file():
+        cfg = replace(cfg, resume=True, overwrite=False)  # torchrun restarted the processes after a failure
+    procs = runtime.Processes.from_env()
+    if not procs.distributed or torch_dist.is_initialized():
+        return Trainer(cfg, procs, task, given).run()
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(procs.local_rank)  # before NCCL starts, so each process binds its own GPU
+    torch_dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        return Trainer(cfg, procs, task, given).run()
+    finally:
+        torch_dist.destroy_process_group()

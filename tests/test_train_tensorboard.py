@@ -1,0 +1,45 @@
+"""``train --tensorboard``: the run's metrics as TensorBoard scalars, the same figures as metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny
+
+from verydeep.train import train
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                        reason="train --tensorboard needs the tensorboard extra")
+
+
+def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_metrics_of_every_step_and_epoch(data, tmp_path):
+    train(tiny(data, tmp_path, epochs=2, tensorboard=True))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    logged = scalars(tmp_path)
+    assert logged["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in steps]
+    assert logged["train/lr"] == [(r["step"], pytest.approx(r["lr"])) for r in steps]
+    assert logged["val/top1"] == [(r["step"], pytest.approx(r["val_top1"])) for r in epochs]
+    assert [value for _, value in logged["epoch/micro_batch"]] == [16, 16]
+    assert {"train/images_per_second", "epoch/train_loss", "val/top5"} <= set(logged)
+
+
+def test_a_resumed_run_logs_its_steps_once(data, tmp_path):
+    """A crash after step 5 and a resume: TensorBoard, like metrics.jsonl, holds each step once."""
+    train(tiny(data, tmp_path, epochs=2, tensorboard=True, stop_after_steps=5, checkpoint_every=3))
+    train(tiny(data, tmp_path, epochs=2, tensorboard=True, resume=True))
+    steps = [step for step, _ in scalars(tmp_path)["train/loss"]]
+    assert steps == list(range(1, 9))
+
+
+def test_without_the_flag_nothing_is_written(data, tmp_path):
+    train(tiny(data, tmp_path, epochs=1))
+    assert not (tmp_path / "tensorboard").exists()
