@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from verydeep import configs, paper, report
+from verydeep import configs, paper, report, sharding
 from verydeep.classmap import ClassMap, class_map
 from verydeep.cli import (
     add_device,
@@ -49,6 +49,7 @@ from verydeep.model import VGG, DenseVGG
 from verydeep.paper import PaperNet, scale_text
 from verydeep.report import PROTOCOL_LABELS, scales_label
 from verydeep.runtime import (
+    Processes,
     autocast,
     autocast_dtype,
     default_workers,
@@ -347,19 +348,25 @@ def net_posteriors(net: Net, kind: str, x: Tensor, flip: bool) -> Tensor:
     return net.model(x).float().softmax(dim=1)
 
 
+def pass_batches(dataset: Any, sweep: Pass, size: int) -> list[list[int]]:
+    """One process's batches of a pass: whole images grouped by their size at Q, or centre crops in order."""
+    from verydeep.data import SizeGroupedBatchSampler
+
+    n = len(dataset)
+    if sweep.crop:
+        return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    return SizeGroupedBatchSampler(dataset, sweep.q, size).batches
+
+
 def run_pass(nets: Sequence[Net], dataset: Any, sweep: Pass, users: PassUsers, posteriors: PosteriorArrays,
-             settings: SweepSettings, bar: Any) -> set[str]:
-    """Fill ``posteriors`` for one pass over ``dataset``; returns the paths of unreadable images."""
+             settings: SweepSettings, batches: Sequence[list[int]], bar: Any) -> set[str]:
+    """Fill the rows of ``batches`` in ``posteriors`` for one pass over ``dataset``; returns the paths of
+    unreadable images."""
 
-    from verydeep.data import SizeGroupedBatchSampler, collate, gpu, to_input
+    from verydeep.data import collate, gpu, to_input
 
-    n, size = len(dataset), settings.batch_size
     on_gpu = settings.decode == "gpu"
     dataset.transform = gpu.EncodedTransform(sweep.transform()) if on_gpu else sweep.transform()
-    if sweep.crop:
-        batches = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
-    else:
-        batches = SizeGroupedBatchSampler(dataset, sweep.q, size).batches
     collate_fn = gpu.collate_encoded if on_gpu else collate
     loader = image_loader(dataset, batches, settings.workers, collate_fn, settings.device)
     paths = [str(path) for path, _ in dataset.samples]
@@ -384,7 +391,9 @@ def run_pass(nets: Sequence[Net], dataset: Any, sweep: Pass, users: PassUsers, p
 @torch.inference_mode()
 def compute_posteriors(nets: Sequence[Net], dataset: Any, passes: dict[Pass, PassUsers],
                        settings: SweepSettings) -> tuple[PosteriorArrays, set[str], list[PassTiming]]:
-    """Posteriors per (net index, kind, Q), NaN rows for unreadable images; their paths; each pass's time."""
+    """Posteriors per (net index, kind, Q), NaN rows for unreadable images; their paths; each pass's time.
+    Under ``torchrun`` each process computes its share of every pass's batches and the rows are gathered
+    (:mod:`verydeep.sharding`): every process ends with one process's arrays."""
     n = len(dataset)
     posteriors = {
         (i, kind, p.q): torch.full((n, nets[i].model.num_classes), float("nan"))
@@ -392,20 +401,26 @@ def compute_posteriors(nets: Sequence[Net], dataset: Any, passes: dict[Pass, Pas
         for i, kinds in users
         for kind in kinds
     }
+    plans = {sweep: sharding.shard(pass_batches(dataset, sweep, settings.batch_size)) for sweep in passes}
     skipped: set[str] = set()
-    timings = []
-    with progress_bar(n * len(passes), settings.progress, unit="img") as bar:
+    seconds = []
+    own_images = sum(len(batch) for batches in plans.values() for batch in batches)
+    with progress_bar(own_images, settings.progress and Processes.from_env().main, unit="img") as bar:
         for sweep, users in passes.items():
             bar.set_description(f"eval {sweep.label()}", refresh=False)
             start = time.perf_counter()
-            skipped |= run_pass(nets, dataset, sweep, users, posteriors, settings, bar)
+            skipped |= run_pass(nets, dataset, sweep, users, posteriors, settings, plans[sweep], bar)
+            rows = [i for batch in plans[sweep] for i in batch]
+            for i, kinds in users:
+                for kind in kinds:
+                    sharding.gather_rows(posteriors[i, kind, sweep.q], rows)
             if settings.device.type == "cuda":
                 torch.cuda.synchronize(settings.device)
-            seconds = time.perf_counter() - start
-            timings.append(PassTiming(sweep.label(), [nets[i].name for i, _ in users],
-                                      sorted({k for _, kinds in users for k in kinds}), round(seconds, 3),
-                                      round(seconds / n, 6)))
-    return posteriors, skipped, timings
+            seconds.append(time.perf_counter() - start)
+    timings = [PassTiming(sweep.label(), [nets[i].name for i, _ in users],
+                          sorted({k for _, kinds in users for k in kinds}), round(took, 3), round(took / n, 6))
+               for (sweep, users), took in zip(passes.items(), sharding.slowest(seconds), strict=True)]
+    return posteriors, sharding.union(skipped), timings
 
 
 # ---- rows ---------------------------------------------------------------------------------
@@ -670,7 +685,7 @@ def evaluate(
     torch_device = pick_device(device)
     if torch_device.type == "cpu":
         keep_freed_memory()  # no fresh pages for every batch's activations
-    dtype = autocast_dtype(torch_device, precision)
+    dtype = sharding.agreed(autocast_dtype(torch_device, precision))  # measured: the first process's
     nets = load_nets(sources, scales, split, torch_device, weights_dir, dtype)
     dataset, mapping = open_labelled(split, nets, limit, over_data_classes)
     settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
@@ -765,12 +780,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    result = evaluate(
-        given_weights(args), args.data, protocols=args.protocol, scales=args.scales, flip=args.flip,
-        batch_size=args.batch_size, device=args.device, precision=args.precision, workers=args.workers,
-        limit=args.limit, progress=args.progress, keep_posteriors=args.out is not None, decode=args.decode,
-        weights_dir=args.weights_dir, over_data_classes=args.over_data_classes,
-    )
+    """``eval``; under ``torchrun`` the processes share the images and the first writes and prints."""
+    with sharding.process_group(args.device) as procs:
+        result = evaluate(
+            given_weights(args), args.data, protocols=args.protocol, scales=args.scales, flip=args.flip,
+            batch_size=args.batch_size, device=args.device, precision=args.precision, workers=args.workers,
+            limit=args.limit, progress=args.progress, keep_posteriors=args.out is not None, decode=args.decode,
+            weights_dir=args.weights_dir, over_data_classes=args.over_data_classes,
+        )
+    if not procs.main:
+        return
     if args.out:
         write_outputs(result, args.out)
     print(report.eval_markdown(result))

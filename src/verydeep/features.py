@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from verydeep import sharding
 from verydeep.checkpoint import atomic_write
 from verydeep.cli import (
     add_device,
@@ -49,6 +50,7 @@ from verydeep.data import LabelledImages, Preprocess
 from verydeep.data.loaders import image_loader
 from verydeep.errors import MissingFileError, UserError
 from verydeep.model import DenseVGG
+from verydeep.runtime import Processes
 
 #: The layer whose activations are the descriptor: FC7 after its ReLU.
 TAP = "relu7"
@@ -336,7 +338,8 @@ class Settings:
         if not scales or min(scales) < 1 or batch_size < 1 or checkpoint_every < 1:
             raise UserError("--scales, --batch-size and --checkpoint-every must be positive")
         torch_device = pick_device(device)
-        return cls(tuple(sorted(set(scales))), aggregate, torch_device, autocast_dtype(torch_device, precision),
+        dtype = sharding.agreed(autocast_dtype(torch_device, precision))  # measured: the first process's
+        return cls(tuple(sorted(set(scales))), aggregate, torch_device, dtype,
                    batch_size, default_workers() if workers is None else workers, progress, checkpoint_every)
 
 
@@ -360,6 +363,15 @@ class Partial:
         arrays = {**self.arrays, "done": self.done, "skipped": np.array(sorted(self.skipped), dtype=str),
                   "key": np.array(self.key)}
         atomic_write(path, lambda tmp: _savez(tmp, arrays))
+
+    def merge(self, p: int, q: int, rows: Sequence[int]) -> None:
+        """Under ``torchrun``: the rows each process did in the ``p``-th pass (at Q = ``q``) since the last
+        merge, ``rows`` this process's, and the images skipped, into every process's state."""
+        for name, array in self.arrays.items():
+            if name.endswith(f"_Q{q}"):
+                sharding.gather_rows(array, rows)
+        sharding.gather_rows(self.done[p], rows)
+        self.skipped = sharding.union(self.skipped)
 
     @classmethod
     def resume(cls, path: Path, fresh: Partial) -> Partial:
@@ -392,30 +404,40 @@ def extraction_key(nets: Sequence[FeatureNet], images: ImageSet, scales: Sequenc
 def run_passes(nets: Sequence[FeatureNet], images: ImageSet, state: Partial, settings: Settings,
                partial_path: Path | None) -> None:
     """Fill ``state`` with every net's descriptors of every image not yet done, one pass per Q; save it
-    every ``checkpoint_every`` batches and when interrupted."""
+    every ``checkpoint_every`` batches and when interrupted. Under ``torchrun`` the processes share each
+    pass's batches in lockstep, merge their work at every save and at the end of each pass, and the
+    first alone writes."""
     from verydeep.runtime import progress_bar
 
     dataset = IndexedImages(images.paths)  # its image sizes are read once, for every pass
-    batches = 0
-    with progress_bar(int((~state.done).sum()), settings.progress, unit="img") as bar:
+    procs, batches = Processes.from_env(), 0
+    main, left = procs.main, None if procs.distributed else int((~state.done).sum())  # of this process's share
+    with progress_bar(left, settings.progress and main, unit="img") as bar:
         try:
             for p, q in enumerate(settings.scales):
                 bar.set_description(f"features Q={q}", refresh=False)
-                for done in run_pass(nets, dataset, p, state, settings):
-                    bar.update(done)
+                fresh: list[int] = []  # the rows this process did since the last merge
+                for rows in run_pass(nets, dataset, p, state, settings):
+                    bar.update(len(rows))
+                    fresh += rows
                     batches += 1
-                    if partial_path is not None and batches % settings.checkpoint_every == 0:
-                        state.save(partial_path)
+                    if batches % settings.checkpoint_every == 0:
+                        state.merge(p, q, fresh)
+                        fresh = []
+                        if partial_path is not None and main:
+                            state.save(partial_path)
+                state.merge(p, q, fresh)
         except KeyboardInterrupt:
-            if partial_path is not None:
+            if partial_path is not None and main:  # its own rows and those merged: each done one is right
                 state.save(partial_path)
             raise
 
 
 def run_pass(nets: Sequence[FeatureNet], dataset: IndexedImages, p: int, state: Partial, settings: Settings
-             ) -> Iterator[int]:
+             ) -> Iterator[list[int]]:
     """The pass at the ``p``-th Q over the images it has not done, whole images batched by their size after
-    the rescale; yields the number of images each batch completed."""
+    the rescale (this process's share of the batches, :func:`verydeep.sharding.shard`); yields the rows
+    each batch completed, and nothing for the rounds in which another process is still at work."""
     from verydeep.data import RescaleTransform, SizeGroupedBatchSampler
 
     q = settings.scales[p]
@@ -423,11 +445,16 @@ def run_pass(nets: Sequence[FeatureNet], dataset: IndexedImages, p: int, state: 
     position = {str(path): i for path, i in dataset.samples}
     batches = [[i for i in batch if not state.done[p, i]]
                for batch in SizeGroupedBatchSampler(dataset, q, settings.batch_size).batches]
-    for indices, batch, skipped in loaded_batches(dataset, [b for b in batches if b], settings.workers):
+    batches = [b for b in batches if b]
+    mine = sharding.shard(batches)
+    for indices, batch, skipped in loaded_batches(dataset, mine, settings.workers):
         describe_batch(nets, batch, indices, q, state, settings)
         state.skipped.update(skipped)
-        state.done[p, [*indices, *(position[path] for path in skipped)]] = True
-        yield len(indices) + len(skipped)
+        rows = [*indices.tolist(), *(position[path] for path in skipped)]
+        state.done[p, rows] = True
+        yield rows
+    for _ in range(sharding.rounds(len(batches)) - len(mine)):
+        yield []
 
 
 @torch.inference_mode()
@@ -474,7 +501,7 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
     description = {"kind": "vgg", "tap": TAP, "flip": True, "nets": [net.describe() for net in nets],
                    "scales": list(settings.scales), "aggregate": settings.aggregate, "data": str(data)}
     result = kept_images(images, keep, combine(per_net), description, state.skipped)
-    if out is not None:
+    if out is not None and Processes.from_env().main:
         result.save(out)
         partial_path.unlink(missing_ok=True)
     return result
@@ -511,13 +538,16 @@ def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = 
     dataset = IndexedImages(images.paths, CenterCropTransform(side, side))
     pixels = np.zeros((n, 3 * side * side), np.float32)
     skipped: set[str] = set()
-    with progress_bar(n, settings.progress, unit="img", desc=f"pixels {side}x{side}") as bar:
-        batches = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+    batches = sharding.shard([list(range(start, min(start + size, n))) for start in range(0, n, size)])
+    with progress_bar(sum(map(len, batches)), settings.progress and Processes.from_env().main, unit="img",
+                      desc=f"pixels {side}x{side}") as bar:
         for indices, batch, lost in loaded_batches(dataset, batches, settings.workers):
             values = batch.reshape(len(indices), -1).float().numpy() / 255
             pixels[indices] = values - values.mean(axis=1, keepdims=True)
             skipped.update(lost)
             bar.update(len(indices) + len(lost))
+    sharding.gather_rows(pixels, [i for batch in batches for i in batch])
+    skipped = sharding.union(skipped)
     keep = np.array([path not in skipped for path in images.paths])
     return kept_images(images, keep, l2_normalise(pixels[keep]), {"kind": "raw-pixels", "side": side,
                                                                   "data": str(data)}, skipped)
@@ -556,7 +586,7 @@ def features_from_args(args: argparse.Namespace, out: Path | None) -> Features:
     if args.weights:
         return extract_features(args.weights, args.data, out, settings, args.weights_dir)
     result = raw_pixel_features(args.data, args.raw_pixels, settings)
-    if out is not None:
+    if out is not None and Processes.from_env().main:
         result.save(out)
     return result
 
@@ -582,8 +612,11 @@ def describe(features: Features) -> str:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    features = features_from_args(args, args.out)
-    print(f"{args.out}: {describe(features)}")
+    """``features``; under ``torchrun`` the processes share the images and the first writes and prints."""
+    with sharding.process_group(args.device) as procs:
+        features = features_from_args(args, args.out)
+    if procs.main:
+        print(f"{args.out}: {describe(features)}")
     return 0
 
 

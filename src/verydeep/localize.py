@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from verydeep import runtime
+from verydeep import runtime, sharding
 from verydeep.checkpoint import load_model
 from verydeep.classmap import columns_of
 from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
@@ -246,10 +246,11 @@ def in_frames(relative: Tensor, frames: Tensor) -> Tensor:
 
 
 def loader(images: LabelledImages, limit: int | None, batch_size: int, workers: int) -> DataLoader:
-    """The first ``limit`` images per class, round-robin (:func:`~verydeep.data.balanced_subset`), in batches."""
+    """The first ``limit`` images per class, round-robin (:func:`~verydeep.data.balanced_subset`), in batches;
+    under ``torchrun`` this process's share of the batches (:func:`verydeep.sharding.shard`)."""
     indices = balanced_subset(images.targets, limit)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return image_loader(images, batches, workers, collate)
+    return image_loader(images, sharding.shard(batches), workers, collate)
 
 
 @torch.no_grad()
@@ -272,6 +273,8 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
         guesses = [decode(task.predicted(outputs, batch.labels), side), batch.frames, in_frames(prior, batch.frames)]
         wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
         images += len(batch.images)
+    *summed, total = sharding.total(torch.tensor([*wrong_counts.tolist(), images], dtype=torch.float64)).tolist()
+    wrong_counts, images = torch.tensor(summed), int(total)
     if not images:
         raise UserError(f"{data}: no readable validation image with a box")
     errors = (100.0 * wrong_counts / images).tolist()
@@ -568,13 +571,14 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
     misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
-    for start in range(0, len(indices), window):
+    for start in sharding.shard(range(0, len(indices), window)):
         chosen = [val_set.samples[i] for i in indices[start:start + window]]
         outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size)
         for (path, label), output in zip(chosen, outputs, strict=True):
             truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
                      for b in val_set.transform.boxes[str(path)]]
             misses += image_misses(output, truth, prior)
+    misses = sharding.total(misses)
     if not indices:
         raise UserError(f"{data}: no validation image with a box to evaluate")
     errors = (100.0 * misses / len(indices)).tolist()
@@ -668,7 +672,16 @@ def fine_tuned_labels(given: Sequence[str] | None, nets: int) -> list[str]:
 
 def run_eval(args: argparse.Namespace) -> None:
     """``localize eval``: protocol 1 (``center``, a Table 8 row per net) or 2 (``dense``, the union of the
-    nets' boxes, Table 9); a table, or one JSON line."""
+    nets' boxes, Table 9); a table, or one JSON line. Under ``torchrun`` the processes share the images and
+    the first prints."""
+    with sharding.process_group(args.device) as procs:
+        payload, text = eval_tables(args)
+    if procs.main:
+        print(json.dumps(payload) if args.json else text)
+
+
+def eval_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """``localize eval``'s JSON object and its table (Table 8 or 9)."""
     if args.protocol != "dense" and (args.classifier is not None or args.scales):
         flag = "--classifier" if args.classifier is not None else "--scales"
         raise UserError(f"{flag} is for --protocol dense (protocol 1 reads the central crop at the training scale, "
@@ -682,7 +695,7 @@ def run_eval(args: argparse.Namespace) -> None:
         results = [evaluate_center(checkpoint, args.data, args.boxes, args.limit, args.batch_size, args.device,
                                    args.workers) for checkpoint in args.checkpoint]
         payload, text = center_json(results), table_8(results, labels).markdown("###")
-    print(json.dumps(payload) if args.json else text)
+    return payload, text
 
 
 def classifier_columns(classifier: dict[str, Any], net: dict[str, Any], source: str | Path) -> list[int] | None:
