@@ -402,14 +402,15 @@ def extraction_key(nets: Sequence[FeatureNet], images: ImageSet, scales: Sequenc
 
 
 def run_passes(nets: Sequence[FeatureNet], images: ImageSet, state: Partial, settings: Settings,
-               partial_path: Path | None) -> None:
+               partial_path: Path | None, dataset: IndexedImages | None = None) -> None:
     """Fill ``state`` with every net's descriptors of every image not yet done, one pass per Q; save it
     every ``checkpoint_every`` batches and when interrupted. Under ``torchrun`` the processes share each
     pass's batches in lockstep, merge their work at every save and at the end of each pass, and the
     first alone writes."""
     from verydeep.runtime import progress_bar
 
-    dataset = IndexedImages(images.paths)  # its image sizes are read once, for every pass
+    if dataset is None:  # else the caller's items, one per row (person boxes: verydeep.box_features)
+        dataset = IndexedImages(images.paths)  # its image sizes are read once, for every pass
     procs, batches = Processes.from_env(), 0
     main, left = procs.main, None if procs.distributed else int((~state.done).sum())  # of this process's share
     with progress_bar(left, settings.progress and main, unit="img") as bar:
@@ -558,12 +559,18 @@ def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = 
 
 def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     """The flags that say which images are described and how: ``features``' and ``transfer``'s."""
+    from verydeep.box_features import REGIONS
+
     add_weights(p, repeat="stack several nets' descriptors")
     p.add_argument("--raw-pixels", type=image_side, default=None, metavar="SIDE",
                    help="instead of a net, the pixels of each image's central SIDE x SIDE square (a baseline)")
     p.add_argument("--data", required=data_required, metavar="DIR",
                    help="a VOC root (JPEGImages/, Annotations/, ImageSets/Main/), a root with train/ and test/ "
-                        "(or val/) class folders, or a folder of class folders")
+                        "(or val/) class folders, or a folder of class folders; with --regions a VOC action root "
+                        "(ImageSets/Action/)")
+    p.add_argument("--regions", choices=REGIONS, default=None,
+                   help="VOC action classification (Table 12): one row per person, the whole image's descriptor "
+                        "(image) or that stacked with the person box's (image+box)")
     p.add_argument("--scales", type=parse_scales, default=list(DEFAULT_SCALES),
                    help="test scales Q in pixels, whatever the net's crop (default 256,384,512)")
     p.add_argument("--aggregate", choices=AGGREGATES, default="stack",
@@ -583,6 +590,12 @@ def features_from_args(args: argparse.Namespace, out: Path | None) -> Features:
         raise UserError("give --weights SOURCE (repeatable) or --raw-pixels SIDE, one of the two")
     settings = Settings.create(args.scales, args.aggregate, args.device, args.precision, args.batch_size,
                                args.workers, args.progress, args.checkpoint_every)
+    if args.regions is not None:
+        from verydeep.box_features import extract_action_features
+
+        if args.raw_pixels:
+            raise UserError("--regions describes persons with a net's features: give --weights, not --raw-pixels")
+        return extract_action_features(args.weights, args.data, args.regions, out, settings, args.weights_dir)
     if args.weights:
         return extract_features(args.weights, args.data, out, settings, args.weights_dir)
     result = raw_pixel_features(args.data, args.raw_pixels, settings)
@@ -606,8 +619,9 @@ def origin(settings: dict[str, Any]) -> str:
 
 
 def describe(features: Features) -> str:
-    """One line: how many images and features, made how."""
-    return (f"{len(features.paths)} images x {features.features.shape[1]} features ({origin(features.settings)}), "
+    """One line: how many images (or persons) and features, made how."""
+    rows = "persons" if "regions" in features.settings else "images"
+    return (f"{len(features.paths)} {rows} x {features.features.shape[1]} features ({origin(features.settings)}), "
             f"{len(features.skipped)} skipped")
 
 
