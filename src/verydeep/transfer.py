@@ -14,6 +14,10 @@ stratified cross-validation; the test part is scored once.
   average precision of the test part's scores, VOC-2007's 11-point interpolated AP and the area
   under the precision-recall curve with interpolated precision (the VOC devkit's from 2010 on);
   their means over the classes are the two mAPs. Tied scores share a threshold.
+- ``voc-action``: VOC-2012 action classification (Table 12), the ``voc`` protocol over persons
+  (:mod:`verydeep.box_features`, ``features --regions``): a binary SVM per action, AP per action and
+  mAP on the ``val`` part, beside the paper's figures, which are on the test set (scored by VOC's
+  evaluation server, whose labels are not public).
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ import numpy as np
 from verydeep.cli import natural_int, output_file, positive_int
 from verydeep.errors import UserError
 from verydeep.features import Features, add_extraction_flags, describe, features_from_args, origin
-from verydeep.paper import TABLE_11
+from verydeep.paper import TABLE_11, TABLE_12
 from verydeep.report import Column, Row, Table, join_markdown, percent, to_json_dict
 
-PROTOCOLS = ("caltech", "voc")
+PROTOCOLS = ("caltech", "voc", "voc-action")
 #: The C values cross-validation chooses from.
 DEFAULT_C = (0.01, 0.1, 1.0, 10.0, 100.0)
 #: The kinds of average precision, by the name the results give them.
@@ -201,28 +205,80 @@ class VOCResult:
     protocol: str = "voc"
 
 
+@dataclass(frozen=True)
+class ClassScores:
+    """One class's SVM on the test part: its decision scores and which are positives (None when the class
+    lacks positives in a part), the C chosen, and the positives of each part."""
+
+    scores: np.ndarray | None
+    positives: np.ndarray | None
+    C: float | None
+    train_positives: int
+    test_positives: int
+
+
+def class_scores(features: Features, c: int, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
+                 seed: int = 0) -> ClassScores:
+    """Class ``c``'s binary SVM, trained on the training part, its C chosen there by cross-validated average
+    precision; its scores of the test part. Images labelled 0 (ignored) for the class take no part."""
+    parts, y = np.array(features.splits), features.labels[:, c]
+    train, test = (parts == "train") & (y != 0), (parts == "test") & (y != 0)
+    positives = int(np.sum(y[train] > 0)), int(np.sum(y[test] > 0))
+    if min(positives) == 0:
+        return ClassScores(None, None, None, *positives)
+    x = features.features
+    model, chosen = fit_svm(x[train], y[train] > 0, c_grid, folds, seed, "average_precision",
+                            f"class {features.classes[c]}")
+    return ClassScores(model.decision_function(x[test]), y[test] > 0, chosen, *positives)
+
+
+def per_class_ap(features: Features, c_grid: Sequence[float], folds: int, seed: int
+                 ) -> tuple[dict[str, float], dict[str, ClassAP]]:
+    """Each class's average precisions (:func:`class_scores`) and their means over the classes scored."""
+    per_class = {}
+    for c, name in enumerate(features.classes):
+        s = class_scores(features, c, c_grid, folds, seed)
+        ap = None if s.scores is None else {k: average_precision(s.scores, s.positives, k) for k in AP_KINDS}
+        per_class[name] = ClassAP(ap, s.C, s.train_positives, s.test_positives)
+    scored = [r.ap for r in per_class.values() if r.ap is not None]
+    if not scored:
+        raise UserError("no class has positive images in both the training and the test part")
+    return {k: float(np.mean([ap[k] for ap in scored])) for k in AP_KINDS}, per_class
+
+
 def run_voc(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3, seed: int = 0) -> VOCResult:
     """The ``voc`` protocol (see the module's description)."""
     if not features.multilabel:
         raise UserError("these features are of single-label images; use --protocol caltech")
-    parts = np.array(features.splits)
-    x, per_class = features.features, {}
-    for c, name in enumerate(features.classes):
-        y = features.labels[:, c]
-        train, test = (parts == "train") & (y != 0), (parts == "test") & (y != 0)
-        positives = int(np.sum(y[train] > 0)), int(np.sum(y[test] > 0))
-        if min(positives) == 0:
-            per_class[name] = ClassAP(None, None, *positives)
-            continue
-        model, chosen = fit_svm(x[train], y[train] > 0, c_grid, folds, seed, "average_precision", f"class {name}")
-        scores = model.decision_function(x[test])
-        per_class[name] = ClassAP({k: average_precision(scores, y[test] > 0, k) for k in AP_KINDS}, chosen,
-                                  *positives)
-    scored = [r.ap for r in per_class.values() if r.ap is not None]
-    if not scored:
-        raise UserError("no class has positive images in both the training and the test part")
-    return VOCResult(origin(features.settings), list(features.classes), list(features.class_names),
-                     {k: float(np.mean([ap[k] for ap in scored])) for k in AP_KINDS}, dict(AP_KINDS), per_class)
+    if "regions" in features.settings:
+        raise UserError("these features are of VOC action persons; use --protocol voc-action")
+    means, per_class = per_class_ap(features, c_grid, folds, seed)
+    return VOCResult(origin(features.settings), list(features.classes), list(features.class_names), means,
+                     dict(AP_KINDS), per_class)
+
+
+@dataclass
+class ActionResult(VOCResult):
+    """The ``voc-action`` protocol's result: VOC's, per action, for persons described by ``regions``
+    (``image`` or ``image+box``), scored on ``scored_part``."""
+
+    regions: str = "image"
+    scored_part: str = "val"
+    protocol: str = "voc-action"
+
+
+def run_voc_action(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
+                   seed: int = 0) -> ActionResult:
+    """The ``voc-action`` protocol (see the module's description)."""
+    from verydeep.box_features import REGIONS
+
+    regions = features.settings.get("regions")
+    if regions not in REGIONS or not features.multilabel:
+        raise UserError("these features are not of VOC action persons; make them with verydeep features --regions "
+                        f"{' or '.join(REGIONS)}")
+    means, per_action = per_class_ap(features, c_grid, folds, seed)
+    return ActionResult(origin(features.settings), list(features.classes), list(features.class_names), means,
+                        dict(AP_KINDS), per_action, regions=regions)
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -252,21 +308,44 @@ def table_11(result: CaltechResult | VOCResult) -> Table:
                  [Column("image features"), Column(header, True)], rows, paper_columns, show_paper=True)
 
 
+#: Table 12's rows, by the ``--regions`` setting whose features they use.
+TABLE_12_ROWS = {"image": "image", "image+box": "image and person box"}
+
+
+def table_12(result: ActionResult) -> Table:
+    """Our mAP beside the paper's Table 12 (VOC-2012 action classification, in %): ours on the val part,
+    the paper's on the test set, scored by VOC's evaluation server."""
+    rows = []
+    for regions, label in TABLE_12_ROWS.items():
+        ours = f"{percent(result.map['11point'])} / {percent(result.map['area'])}" if regions == result.regions else ""
+        rows.append(Row((label, ours), (f"{TABLE_12[label]:.1f}",)))
+    return Table(f"Table 12: VOC-2012 action classification, linear SVMs on very deep features ({result.features})",
+                 [Column("features"), Column(f"this run: {result.scored_part} mAP % (11-point / area)", True)], rows,
+                 [Column("paper: test mAP % (evaluation server)", True)], show_paper=True)
+
+
+def tables(result: CaltechResult | VOCResult) -> list[Table]:
+    """What ``transfer`` prints: the paper's table (11, or 12 for actions) with ours, then per class."""
+    return [table_12(result) if isinstance(result, ActionResult) else table_11(result), per_class_table(result)]
+
+
 def per_class_table(result: CaltechResult | VOCResult) -> Table:
-    """Each class's recall (caltech, mean over splits) or average precisions (voc), in %."""
+    """Each class's recall (caltech, mean over splits) or average precisions (voc, voc-action), in %."""
     names = [Column("class"), Column("name")]
     if isinstance(result, CaltechResult):
         rows = [Row((c, name, percent(result.per_class_recall[c])))
                 for c, name in zip(result.classes, result.class_names, strict=True)]
         return Table("Per class", [*names, Column("recall %", True)], rows)
+    action = isinstance(result, ActionResult)  # its actions are their own names
     rows = []
     for c, name in zip(result.classes, result.class_names, strict=True):
         r = result.per_class_ap[c]
-        rows.append(Row((c, name, *(percent(r.ap[k]) if r.ap else "-" for k in AP_KINDS),
+        rows.append(Row((c, *(() if action else (name,)), *(percent(r.ap[k]) if r.ap else "-" for k in AP_KINDS),
                          f"{r.C:g}" if r.C else "-", str(r.train_positives), str(r.test_positives))))
-    columns = [*names, Column("AP % (11-point)", True), Column("AP % (area)", True), Column("C", True),
-               Column("train positives", True), Column("test positives", True)]
-    return Table("Per class", columns, rows)
+    scored = result.scored_part if action else "test"
+    columns = [*([Column("action")] if action else names), Column("AP % (11-point)", True), Column("AP % (area)", True),
+               Column("C", True), Column("train positives", True), Column(f"{scored} positives", True)]
+    return Table("Per action" if action else "Per class", columns, rows)
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -275,13 +354,15 @@ def per_class_table(result: CaltechResult | VOCResult) -> Table:
 def transfer(features: Features, protocol: str, train_per_class: int = 30, test_per_class: int | None = None,
              splits: int = 3, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
              seed: int = 0) -> CaltechResult | VOCResult:
-    """Linear SVMs on ``features`` under ``protocol`` (``caltech`` or ``voc``)."""
+    """Linear SVMs on ``features`` under ``protocol`` (``caltech``, ``voc`` or ``voc-action``)."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     if folds < 2 or not c_grid or min(c_grid) <= 0:
         raise UserError("--folds must be at least 2 and --c-grid positive numbers")
     if protocol == "voc":
         return run_voc(features, c_grid, folds, seed)
+    if protocol == "voc-action":
+        return run_voc_action(features, c_grid, folds, seed)
     return run_caltech(features, train_per_class, test_per_class, splits, c_grid, folds, seed)
 
 
@@ -296,11 +377,24 @@ def parse_floats(text: str) -> list[float]:
     return values
 
 
+def check_regions(args: argparse.Namespace) -> None:
+    """``--regions`` only where it takes effect: extracting persons' features for ``voc-action``, which needs it."""
+    if args.regions is not None and args.protocol != "voc-action":
+        raise UserError(f"--regions describes persons of VOC action data, for --protocol voc-action, not "
+                        f"{args.protocol}")
+    if args.regions is not None and args.features is not None:
+        raise UserError(f"--features {args.features} holds the descriptors already; --regions would make others: "
+                        "give one of the two")
+    if args.protocol == "voc-action" and args.data is not None and args.regions is None:
+        raise UserError("--protocol voc-action with --data: give --regions image or image+box (Table 12's two rows)")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     if args.features is not None and (args.data is not None or args.weights or args.raw_pixels):
         extra = "--data" if args.data is not None else "--weights" if args.weights else "--raw-pixels"
         raise UserError(f"--features {args.features} holds the descriptors already; {extra} would make others: "
                         "give one of the two")
+    check_regions(args)
     if args.features is not None:
         features = Features.load(args.features)
     elif args.data is not None:
@@ -309,7 +403,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError("give --features FEATURES (from verydeep features), or --data DIR with --weights SOURCE")
     result = transfer(features, args.protocol, args.train_per_class, args.test_per_class, args.splits, args.c_grid,
                       args.folds, args.seed)
-    print(join_markdown([table_11(result), per_class_table(result)]))
+    print(join_markdown(tables(result)))
     print(f"\n{describe(features)}")
     if args.json:
         print(json.dumps(to_json_dict(result)))
@@ -318,9 +412,11 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("transfer", help="linear SVMs on very deep features: VOC mAP, Caltech mean class "
-                              "recall (Appendix B, Table 11)", description=__doc__.split("\n\n")[0])
+                              "recall, VOC action mAP (Appendix B, Tables 11 and 12)",
+                              description=__doc__.split("\n\n")[0])
     p.add_argument("--protocol", choices=PROTOCOLS, required=True,
-                   help="caltech: mean class recall over random splits; voc: AP per class and mAP")
+                   help="caltech: mean class recall over random splits; voc: AP per class and mAP; voc-action: AP "
+                        "per action and mAP over persons (features --regions)")
     p.add_argument("--features", type=Path, default=None, metavar="FEATURES.npz", help="from verydeep features")
     add_extraction_flags(p, data_required=False)
     p.add_argument("--out", type=output_file, default=None, metavar="FEATURES.npz",
