@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import photo, save, write_dataset
 
+from verydeep import features as feats
 from verydeep import sharding
 from verydeep.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.cli import main
@@ -140,7 +141,9 @@ def test_eval_dense_and_multicrop_at_two_scales_on_two_processes_is_one_process(
                 np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6)  # NaN rows (unread) in both
 
 
-def test_features_on_two_processes_are_one_processs_merging_at_every_save(tmp_path, capsys):
+def test_features_on_two_processes_continue_one_processs_and_merge_at_every_save(tmp_path, capsys, monkeypatch):
+    """One process stopped (Ctrl-C) after three batches leaves OUT.partial; two processes continue it, merging
+    their work at every save, and end with the descriptors of one uninterrupted process."""
     root = tmp_path / "photos"
     for i in range(9):
         part, label = ("train", "test")[i % 2], f"c{i % 3 % 2}"
@@ -150,6 +153,19 @@ def test_features_on_two_processes_are_one_processs_merging_at_every_save(tmp_pa
     argv = ["features", "--weights", str(source), "--data", str(root), "--scales", "32,40", "--batch-size", "2",
             "--checkpoint-every", "1", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--no-progress"]
     one_process(capsys, *argv, "--out", str(tmp_path / "one.npz"))
+    describe, calls = feats.describe_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        describe(*args, **kwargs)
+
+    monkeypatch.setattr(feats, "describe_batch", interrupted)
+    with one_thread():
+        assert main([*argv, "--out", str(tmp_path / "two.npz")]) == 130
+    with np.load(tmp_path / "two.npz.partial") as partial:
+        assert 3 <= partial["done"][0].sum() < 10 and not partial["done"][1].any()  # three batches done
     out = torchrun(*argv, "--out", str(tmp_path / "two.npz"))
     assert out.count("two.npz:") == 1 and "9 images" in out and "1 skipped" in out
     assert not (tmp_path / "two.npz.partial").exists()
