@@ -41,6 +41,7 @@ from verydeep.errors import UserError
 from verydeep.init import REASONS as INIT_REASONS
 from verydeep.model import VGG
 from verydeep.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
+from verydeep.sharding import process_group
 from verydeep.tasks import Classification, Task
 from verydeep.train.checkpointing import Checkpoints, check_resumable
 from verydeep.train.data import TrainingData
@@ -405,14 +406,5 @@ def train(cfg: TrainConfig, task: Task | None = None, given: Collection[str] | N
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     if restarted and not cfg.resume and (Path(cfg.out) / "checkpoints" / "last.pt").is_file():
         cfg = replace(cfg, resume=True, overwrite=False)  # torchrun restarted the processes after a failure
-    procs = runtime.Processes.from_env()
-    if not procs.distributed or torch_dist.is_initialized():
+    with process_group(cfg.device) as procs:
         return Trainer(cfg, procs, task, given).run()
-    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-    if cuda:
-        torch.cuda.set_device(procs.local_rank)  # before NCCL starts, so each process binds its own GPU
-    torch_dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        return Trainer(cfg, procs, task, given).run()
-    finally:
-        torch_dist.destroy_process_group()
