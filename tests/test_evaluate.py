@@ -163,11 +163,12 @@ def test_the_weights_convention_wins_over_the_data_folders_statistics(folder, tm
 
 
 def test_weights_without_a_classifier_are_refused(monkeypatch):
+    import verydeep.io.sources
     import verydeep.weights
 
     model = tiny_model()
     headless = verydeep.weights.Published(model, {**RECIPE, "head": "random"}, "keras", "notop.h5")
-    monkeypatch.setattr(verydeep.weights, "load_published", lambda source, weights_dir=None: headless)
+    monkeypatch.setattr(verydeep.io.sources, "load_published", lambda source, weights_dir=None: headless)
     with pytest.raises(UserError, match="notop.h5: holds no classifier"):
         load_nets(["notop.h5"], None, None, torch.device("cpu"))
 

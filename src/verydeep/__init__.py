@@ -2,7 +2,8 @@
 
 from verydeep.configs import ALIASES, TABLE_1
 from verydeep.init import initialise, warm_start
+from verydeep.io.sources import LoadedNet, load
 from verydeep.model import VGG, DenseVGG, vgg
 
-__all__ = ["ALIASES", "TABLE_1", "VGG", "DenseVGG", "initialise", "vgg", "warm_start"]
+__all__ = ["ALIASES", "TABLE_1", "VGG", "DenseVGG", "LoadedNet", "initialise", "load", "vgg", "warm_start"]
 __version__ = "0.1.0"

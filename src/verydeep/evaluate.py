@@ -44,6 +44,7 @@ from verydeep.cli import (
 )
 from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
+from verydeep.io.sources import load, model_name
 from verydeep.metrics import per_class_accuracy, topk_error
 from verydeep.model import VGG, DenseVGG
 from verydeep.paper import PaperNet, scale_text
@@ -55,7 +56,6 @@ from verydeep.runtime import (
     default_workers,
     keep_freed_memory,
     pick_device,
-    prepare,
     progress_bar,
 )
 
@@ -166,11 +166,6 @@ class NetInfo:
     scales: list[int]  # test scales Q
 
 
-def model_name(recipe: dict[str, Any]) -> str:
-    """The configuration of Table 1, with ``-BN`` for batch norm: ``D``, ``A-BN``."""
-    return configs.canonical(recipe["config"]) + ("-BN" if recipe.get("batch_norm") else "")
-
-
 @dataclass
 class Net:
     """A net ready to evaluate: model, recipe, test scales and input convention (``checkpoint`` names its source)."""
@@ -211,31 +206,6 @@ class Net:
         )
 
 
-def load_source(source: str | Path, weights_dir: str | Path | None = None) -> tuple[VGG, dict[str, Any]]:
-    """A net (eval mode, on the CPU) and its recipe from ``source``: published weights (torchvision ``.pth``,
-    Caffe ``.caffemodel``, Keras ``.h5``), a known name such as ``vgg16`` found in ``weights_dir``, or a
-    verydeep checkpoint, run directory or ``.safetensors`` (:func:`verydeep.weights.load_published`).
-    Weights without the classifier (Keras' ``notop`` files) are refused: they predict nothing."""
-    from verydeep.weights import load_published
-
-    published = load_published(source, weights_dir).require_fc_layers("classify")
-    return published.model, published.recipe
-
-
-def net_preprocess(recipe: dict[str, Any], source: str | Path, data_dir: Path | None) -> Any:
-    """The net's input convention and statistics: its recipe's ``preprocess`` when it has one (the weights'
-    convention, such as a Caffe net's BGR on 0..255, wins), else ``data_dir``'s ``preprocess.json``, else
-    ImageNet's."""
-    from verydeep.data import IMAGENET, Preprocess, load_preprocess
-
-    if recipe.get("preprocess"):
-        try:
-            return Preprocess.from_dict(recipe["preprocess"])
-        except (ValueError, TypeError) as error:
-            raise UserError(f"{source}: bad preprocess in its recipe ({error})") from error
-    return load_preprocess(data_dir) if data_dir is not None else IMAGENET
-
-
 def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, source: str | Path) -> list[int]:
     """Test scales Q of a net: ``scales`` when given, else derived from its training scale
     (:func:`derive_scales`), else the paper's Q = {256, 384, 512} (Sec. 4.2) scaled by crop/224.
@@ -255,19 +225,19 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
 def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_dir: Path | None,
               device: torch.device, weights_dir: str | Path | None = None, dtype: torch.dtype | None = None,
               ) -> list[Net]:
-    """Load each net (:func:`load_source`) with its own crop, test scales (given ``scales`` override the
-    recipe's) and input convention (:func:`net_preprocess`); its weights in ``dtype``, the autocast dtype
-    it will run under (:func:`verydeep.runtime.prepare`), when given."""
+    """Load each net (:func:`verydeep.load`, refused without a classifier) with its own crop, test scales
+    (given ``scales`` override the recipe's) and input convention; its weights in ``dtype``, the autocast
+    dtype it will run under (:func:`verydeep.runtime.prepare`), when given."""
     if not sources:
         raise UserError("give at least one --weights")
     nets: list[Net] = []
     for source in sources:
-        model, recipe = load_source(source, weights_dir)
-        name = model_name(recipe)
+        loaded = load(source, weights_dir, data=data_dir, device=device, dtype=dtype, purpose="classify")
+        model, recipe, name = loaded.model, loaded.recipe, loaded.name
         if recipe.get("scale") is not None:
             name += f" S={scale_text(*train_scale(recipe))}"
-        nets.append(Net(name, str(source), prepare(model, device, dtype=dtype).eval(), recipe,
-                        net_scales(recipe, model.input_size, scales, source), net_preprocess(recipe, source, data_dir)))
+        nets.append(Net(name, str(source), model, recipe, net_scales(recipe, model.input_size, scales, source),
+                        loaded.preprocess))
     names = [n.name for n in nets]
     for i, net in enumerate(nets):  # make duplicate names unique
         if names.count(net.name) > 1:
@@ -672,7 +642,7 @@ def evaluate(
     weights_dir: str | Path | None = None,
     over_data_classes: bool = False,
 ) -> EvalResult:
-    """Evaluate nets (``sources``, as :func:`load_source` reads them) on a labelled split of ``data``
+    """Evaluate nets (``sources``, as :func:`verydeep.load` reads them) on a labelled split of ``data``
     with the protocols of Sec. 3.2, each net at its own crop, convention and test scales (``scales``,
     else :func:`net_scales`), several nets also fused; ``limit``: a class-balanced subset; ``decode``:
     where JPEGs are decoded; nets of more classes than the data's scored over their softmax, or the

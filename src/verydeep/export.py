@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from verydeep.checkpoint import atomic_write
 from verydeep.cli import add_weights, output_file
 from verydeep.errors import UserError
-from verydeep.evaluate import given_weights, load_source, net_preprocess
+from verydeep.evaluate import given_weights
+from verydeep.io.sources import load
 from verydeep.model import VGG
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -173,7 +174,7 @@ def max_difference(module: nn.Module, exported: Callable[[Tensor], Tensor],
 
 def export_net(source: str | Path, out: str | Path, fmt: str, dense: bool | None = None,
                weights_dir: str | Path | None = None) -> Exported:
-    """Write the net of ``source`` (weights as :func:`verydeep.evaluate.load_source` reads them) to ``out``
+    """Write the net of ``source`` (weights as :func:`verydeep.load` reads them) to ``out``
     in ``fmt``, the dense net by default for ONNX and the plain one otherwise, and check it against PyTorch."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
@@ -181,8 +182,8 @@ def export_net(source: str | Path, out: str | Path, fmt: str, dense: bool | None
         require_onnx()
     dense = fmt == "onnx" if dense is None else dense
     out = Path(out)
-    model, recipe = load_source(source, weights_dir)
-    pre = net_preprocess(recipe, source, None)
+    loaded = load(source, weights_dir, purpose="classify")
+    model, recipe, pre = loaded.model, loaded.recipe, loaded.preprocess
     module = (model.dense() if dense else model).eval()
     inputs = example_inputs(model.input_size, dense, pre)
     meta = metadata(model, recipe, pre, dense)

@@ -49,8 +49,9 @@ from verydeep.cli import (
 from verydeep.data import LabelledImages, Preprocess
 from verydeep.data.loaders import image_loader
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.sources import load
 from verydeep.model import DenseVGG
-from verydeep.runtime import Processes
+from verydeep.runtime import Processes, prepare
 
 #: The layer whose activations are the descriptor: FC7 after its ReLU.
 TAP = "relu7"
@@ -180,22 +181,17 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: torch.device,
                       weights_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> list[FeatureNet]:
-    """Each source through :func:`verydeep.weights.load_published`, refused when it holds no FC layers
-    (Keras' ``notop`` files: FC7 would be random); the input convention is the weights' own; the weights
-    in ``dtype``, the autocast dtype the net runs under, when given."""
-    from verydeep.evaluate import model_name, net_preprocess
-    from verydeep.runtime import prepare
-    from verydeep.weights import load_published
-
+    """Each source through :func:`verydeep.load`, refused when it holds no FC layers (Keras' ``notop``
+    files: FC7 would be random); the input convention is the weights' own; the weights in ``dtype``, the
+    autocast dtype the net runs under, when given."""
     if not sources:
         raise UserError("give --weights SOURCE (or --raw-pixels SIDE)")
     nets = []
     for source in sources:
-        published = load_published(source, weights_dir).require_fc_layers("give FC7 features")
-        digest = weights_digest(published.model)
-        model = prepare(published.model, device, dtype=dtype).eval()
-        nets.append(FeatureNet(str(source), model_name(published.recipe), model.dense(),
-                               net_preprocess(published.recipe, source, Path(data)), model.input_size,
+        loaded = load(source, weights_dir, data=data, purpose="give FC7 features")
+        digest = weights_digest(loaded.model)  # of the weights as stored, whatever dtype they run in
+        model = prepare(loaded.model, device, dtype=dtype).eval()
+        nets.append(FeatureNet(str(source), loaded.name, model.dense(), loaded.preprocess, model.input_size,
                                model.fc_layers()["fc7"].out_features, digest))
     return nets
 
@@ -477,7 +473,7 @@ def describe_batch(nets: Sequence[FeatureNet], images: Tensor, indices: np.ndarr
 def extract_features(sources: Sequence[str | Path], data: str | Path, out: str | Path | None = None,
                      settings: Settings | None = None, weights_dir: str | Path | None = None) -> Features:
     """Appendix B's descriptors of every image of ``data`` (:func:`open_image_set`) by the nets of ``sources``
-    (anything :func:`verydeep.weights.load_published` reads; several stack their descriptors).
+    (anything :func:`verydeep.load` reads; several stack their descriptors).
 
     With ``out`` the result is written there, and the work is saved every ``settings.checkpoint_every``
     batches to ``OUT.partial``, which a later call with the same nets, images and scales continues.

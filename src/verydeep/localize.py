@@ -37,7 +37,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from verydeep import runtime, sharding
-from verydeep.checkpoint import load_model
 from verydeep.classmap import columns_of
 from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
 from verydeep.data.boxes import decode, encode, from_crop, iou, match_boxes, read_boxes, with_boxes
@@ -47,9 +46,9 @@ from verydeep.data.loaders import image_loader
 from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import train_scale
+from verydeep.io.sources import load
 from verydeep.paper import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.tasks import Task
-from verydeep.weights import load_published
 
 #: Heads of Appendix A: single-class and per-class regression.
 HEADS = ("scr", "pcr")
@@ -259,7 +258,8 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
                     workers: int = 0) -> CenterResult:
     """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop."""
     dev = runtime.pick_device(device)
-    model, recipe = load_model(checkpoint, dev)
+    net = load(checkpoint, device=dev)
+    model, recipe = net.model, net.recipe
     task = task_of(recipe, boxes_source(boxes, data, [recipe]))
     transform = CenterCropTransform(fixed_scale(recipe), int(recipe["crop"]))
     train_set, val_set = task.open_splits(str(data), transform, transform)
@@ -423,18 +423,18 @@ class DenseNets:
         published weights such as ``vgg16``), whose classes are matched to the nets' by synset or name."""
         dev = runtime.pick_device(device)
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
-        loaded = [load_model(checkpoint, dev) for checkpoint in paths]
+        loaded = [(net.model, net.recipe) for net in (load(checkpoint, device=dev) for checkpoint in paths)]
         for checkpoint, (_, recipe) in zip(paths, loaded, strict=True):
             task_of(recipe)  # a one-line error for a net that is not a localisation net, before the classes
             if list(recipe.get("classes") or []) != list(loaded[0][1].get("classes") or []):
                 raise UserError(f"{checkpoint}: its classes are not those of {paths[0]}")
-        published = load_published(classifier)
+        published = load(classifier, device=dev)
         cls_recipe = published.recipe
-        if str(cls_recipe.get("task", "")).startswith("localisation") or cls_recipe.get("head") == "random":
+        if str(cls_recipe.get("task", "")).startswith("localisation") or not published.has_fc_layers:
             raise UserError(f"--classifier {classifier}: not a classification net (a localisation net, or weights "
                             "without FC layers); give the net that ranks the classes")
         columns = classifier_columns(cls_recipe, loaded[0][1], classifier)
-        return cls([model.dense() for model, _ in loaded], published.model.to(dev).eval().dense(),
+        return cls([model.dense() for model, _ in loaded], published.model.dense(),
                    [r for _, r in loaded], cls_recipe, dev, columns)
 
     def check_scales(self, scales: Sequence[int]) -> None:

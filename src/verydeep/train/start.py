@@ -1,7 +1,7 @@
 """Where a new run's model starts: a random init, published or trained weights, or net A's (Sec. 3.1).
 
 ``train --weights SOURCE`` takes the architecture and the input convention of the weights (any
-source :func:`verydeep.weights.load_published` reads), copies every layer whose shape fits the
+source :func:`verydeep.load` reads), copies every layer whose shape fits the
 new net, and leaves the others (FC8 when the number of classes differs) to the random init; with
 ``--warm-start``, the paper's protocol instead: net A's first four convs and FC6-8 copied into the
 net ``--config`` names. ``--freeze`` stops the gradients of the layers up to a named one
@@ -22,9 +22,9 @@ from verydeep.checkpoint import model_from_recipe
 from verydeep.data import Preprocess
 from verydeep.errors import UserError
 from verydeep.init import warm_start
+from verydeep.io.sources import LoadedNet, load
 from verydeep.model import VGG
 from verydeep.recipe import TrainConfig
-from verydeep.weights import Published, load_published
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
 FROM_WEIGHTS = ("config", "width", "batch_norm")
@@ -47,12 +47,12 @@ def refuse_contradictions(cfg: TrainConfig, given: set[str], source: dict[str, A
                             f"into another configuration give --warm-start (Sec. 3.1), else drop {flag}")
 
 
-def adopt_weights(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Published | None]:
+def adopt_weights(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, LoadedNet | None]:
     """A new run from ``--weights`` takes their architecture and input convention (the settings ``given``
     that contradict them refused); their tensors are copied by :func:`initial_model`."""
     if not cfg.weights or cfg.resume:
         return cfg, None
-    published = load_published(cfg.weights, cfg.weights_dir)
+    published = load(cfg.weights, cfg.weights_dir)
     source = published.recipe
     refuse_contradictions(cfg, given, source)
     convention = Preprocess.from_dict(source["preprocess"]) if source.get("preprocess") else None
@@ -68,7 +68,7 @@ def same_classes(source: dict[str, Any], classes: list[str]) -> bool:
     return theirs == list(classes) or (unnamed and len(theirs) == len(classes))
 
 
-def initial_model(cfg: TrainConfig, record: dict[str, Any], published: Published | None,
+def initial_model(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet | None,
                   warn: Callable[[str], None]) -> tuple[VGG, str, dict[str, Any] | None]:
     """A new run's net as ``record`` describes it, initialised by ``cfg.init`` and then from the weights
     (:func:`from_published`, :func:`warm_started`); how it started, in words; the run record's ``start``."""
@@ -79,7 +79,7 @@ def initial_model(cfg: TrainConfig, record: dict[str, Any], published: Published
     return from_published(cfg, record, published, warn)
 
 
-def from_published(cfg: TrainConfig, record: dict[str, Any], published: Published,
+def from_published(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet,
                    warn: Callable[[str], None]) -> tuple[VGG, str, dict[str, Any]]:
     """The new net with every tensor of ``--weights`` that fits copied (:func:`copy_matching`)."""
     model = model_from_recipe(record, init=cfg.init)
@@ -101,7 +101,7 @@ def from_published(cfg: TrainConfig, record: dict[str, Any], published: Publishe
                         "copied": copied}
 
 
-def warm_started(cfg: TrainConfig, record: dict[str, Any], published: Published) -> tuple[VGG, str, dict[str, Any]]:
+def warm_started(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet) -> tuple[VGG, str, dict[str, Any]]:
     """Sec. 3.1: the new net of ``--config``, net A's first four convs and FC6-8 copied from ``--weights``,
     the rest from the random init."""
     model = model_from_recipe(record, init=cfg.init)

@@ -1,0 +1,89 @@
+"""The one loader: any source of weights -> a net ready to run, its input convention and class names.
+
+A source is a run directory, a checkpoint, a ``.safetensors`` file (ours or a torchvision state
+dict), a torchvision ``.pth``, the authors' Caffe ``.caffemodel``, a Keras file, or a known name such
+as ``vgg16`` found in the weights folder (:mod:`verydeep.weights` reads each). Every command that
+takes weights goes through :func:`load`; so can Python users::
+
+    import verydeep
+    net = verydeep.load("vgg16")     # or "runs/D", "VGG_ILSVRC_16_layers.caffemodel", "vgg16.h5"
+    probs = net.model(verydeep.data.to_input(images, net.preprocess)).softmax(1)  # uint8 (N, 3, 224, 224)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from verydeep import configs
+from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess
+from verydeep.errors import UserError
+from verydeep.model import VGG
+from verydeep.runtime import prepare
+from verydeep.weights import load_published
+
+
+def model_name(recipe: dict[str, Any]) -> str:
+    """The configuration of Table 1, with ``-BN`` for batch norm: ``D``, ``A-BN``."""
+    return configs.canonical(recipe["config"]) + ("-BN" if recipe.get("batch_norm") else "")
+
+
+def input_convention(recipe: dict[str, Any], source: str | Path, data: str | Path | None = None) -> Preprocess:
+    """The net's input convention and statistics: its recipe's ``preprocess`` when it has one (the weights'
+    convention, such as a Caffe net's BGR on 0..255, wins), else ``data``'s ``preprocess.json``, else
+    ImageNet's."""
+    if recipe.get("preprocess"):
+        try:
+            return Preprocess.from_dict(recipe["preprocess"])
+        except (ValueError, TypeError) as error:
+            raise UserError(f"{source}: bad preprocess in its recipe ({error})") from error
+    return load_preprocess(data) if data is not None else IMAGENET
+
+
+@dataclass
+class LoadedNet:
+    """A net from :func:`load`: the model (eval mode), its recipe (the run record, or what the weights
+    say), the file format, its input convention (:class:`Preprocess`) and the classes it predicts."""
+
+    model: VGG
+    recipe: dict[str, Any]
+    format: str  # torchvision, caffe, keras or verydeep
+    source: str
+    preprocess: Preprocess
+
+    @property
+    def has_fc_layers(self) -> bool:
+        """False for a file without FC6 to FC8 (Keras' ``notop`` kind), whose classifier is random."""
+        return self.recipe.get("head") != "random"
+
+    @property
+    def name(self) -> str:
+        return model_name(self.recipe)
+
+    @property
+    def classes(self) -> list[str]:
+        """The class of each output (synsets for ImageNet nets, folder names for ours)."""
+        return [str(c) for c in self.recipe.get("classes") or range(self.model.num_classes)]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Readable names of the classes (the classes themselves where no names are known)."""
+        return [str(c) for c in self.recipe.get("class_names") or self.classes]
+
+
+def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str | Path | None = None,
+         device: str | torch.device = "cpu", dtype: torch.dtype | None = None, purpose: str | None = None,
+         ) -> LoadedNet:
+    """The net in ``source`` on ``device``, its weights in ``dtype`` (the autocast dtype it will run under,
+    :func:`verydeep.runtime.prepare`) when given. ``data``: the folder whose ``preprocess.json`` a net
+    without a convention of its own takes. ``purpose`` (say, "classify"): what the caller needs the FC
+    layers for; weights without them (Keras' ``notop`` files) are then refused in one line."""
+    published = load_published(source, weights_dir)
+    if purpose is not None:
+        published.require_fc_layers(purpose)
+    model = prepare(published.model, torch.device(device), dtype=dtype).eval()
+    return LoadedNet(model, published.recipe, published.format, published.source,
+                     input_convention(published.recipe, source, data))
