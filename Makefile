@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,turbo,weights,export,tensorboard]'
+	$(PY) -m pip install -q -e '.[dev,turbo,weights,export,tensorboard,app]'
 	touch $(STAMP)
 
 demo: $(STAMP)

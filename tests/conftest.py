@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,3 +70,55 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four classes of 16 training and 4 validation images."""
     return write_dataset(tmp_path_factory.mktemp("data"), {"train": 16, "val": 4})
+
+
+def write_classifier(path: Path, seed: int = 0, classes: int = 10, sharpen: float = 3000.0) -> Path:
+    """A checkpoint of a random width-1/16 net A on 32-pixel crops (S = 36) with ``classes`` named classes,
+    its FC8 weights multiplied by ``sharpen`` so that its posteriors differ clearly between classes."""
+    from verydeep.checkpoint import model_from_recipe, save_checkpoint
+    from verydeep.data import IMAGENET
+
+    recipe = {"config": "A", "num_classes": classes, "batch_norm": False, "width": 1 / 16, "dropout": 0.5,
+              "crop": 32, "scale": [36, 36], "preprocess": IMAGENET.to_dict(),
+              "classes": [f"n{i:08d}" for i in range(classes)], "class_names": [f"thing {i}" for i in range(classes)]}
+    torch.manual_seed(seed)
+    model = model_from_recipe(recipe)
+    with torch.no_grad():
+        model.classifier[6].weight.mul_(sharpen)
+    save_checkpoint({"model": model.state_dict(), "recipe": recipe}, path)
+    return path
+
+
+def write_localiser(path: Path, classifier: Path, seed: int = 1) -> Path:
+    """A checkpoint of a random per-class box regression net (protocol 2's localisation net) with the classes of
+    ``classifier``, trained at S = 32; its box codes standardised about a central box of half the crop's side."""
+    from verydeep.checkpoint import model_from_recipe, save_checkpoint
+
+    recipe = {**load_checkpoint(classifier)["recipe"], "scale": [32, 32]}
+    classes = recipe["num_classes"]
+    recipe.update(task="localisation-pcr", outputs=4 * classes, box_targets="standardised",
+                  box_code_mean=[0.5, 0.5, 0.5, 0.5], box_code_std=[0.1, 0.1, 0.1, 0.1])
+    torch.manual_seed(seed)
+    save_checkpoint({"model": model_from_recipe(recipe).state_dict(), "recipe": recipe}, path)
+    return path
+
+
+@contextmanager
+def serving(looker: Any) -> Iterator[str]:
+    """``verydeep serve``'s application of ``looker`` (:class:`verydeep.serve.Looker`) served by uvicorn on a free
+    local port, in a thread; yields its base URL."""
+    from verydeep.serve import listening, server
+
+    sock = listening("127.0.0.1", 0)
+    running = server(looker, sock)
+    thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not running.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        running.should_exit = True
+        thread.join(timeout=10)

@@ -20,7 +20,7 @@ from verydeep.limits import check_side, check_width, check_workers
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
 COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "weights", "export", "features",
-                   "transfer", "reproduce", "demo", "localize", "bench")
+                   "transfer", "reproduce", "demo", "localize", "bench", "serve")
 
 
 def one_line(message: object) -> str:

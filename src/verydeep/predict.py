@@ -204,7 +204,7 @@ def predict(
     protocol: str = "dense",
 ) -> Prediction:
     """Top-``topk`` classes of each image by the net of ``source`` (weights as
-    :func:`verydeep.evaluate.load_source` reads them); with ``saliency`` (a .png path), each image's
+    :func:`verydeep.load` reads them); with ``saliency`` (a .png path), each image's
     top-class saliency map beside it (files named by :func:`saliency_paths`). A missing or unreadable
     image is an error naming the file."""
     if topk < 1:
@@ -219,12 +219,17 @@ def predict(
     return predict_with(net, images, topk, flip, torch_device, dtype, outs, protocol)
 
 
+def chosen_scales(net: Net, scales: Sequence[int] | None) -> list[int]:
+    """``scales`` (sorted, each checked against the net's crop) when given, else the net's own test scales."""
+    return net_scales(net.recipe, net.crop, scales, net.checkpoint) if scales else net.scales
+
+
 def predict_with(net: Net, images: Sequence[str | Path], topk: int, flip: bool, device: torch.device,
                  dtype: torch.dtype | None, saliency: Sequence[Path] | None = None, protocol: str = "dense",
                  scales: Sequence[int] | None = None) -> Prediction:
     """:func:`predict` by a net already loaded (:func:`verydeep.evaluate.load_nets`), at its test scales or
     ``scales``, the saliency maps drawn into ``saliency`` (one PNG per image) when given."""
-    chosen = net_scales(net.recipe, net.crop, scales, net.checkpoint) if scales else net.scales
+    chosen = chosen_scales(net, scales)
     predictions = []
     for i, path in enumerate(images):
         top = ranked_classes(net, image_posterior(net, path, flip, device, dtype, protocol, chosen), topk)
