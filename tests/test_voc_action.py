@@ -224,6 +224,38 @@ def test_box_descriptors_equal_the_cropped_regions_described_by_hand_and_are_sta
     assert not np.allclose(stacked.features[0, dims:], stacked.features[1, dims:])  # two persons of one image
 
 
+def test_an_interrupted_extraction_of_persons_continues_and_other_regions_refuse_its_partial(root, net, tmp_path,
+                                                                                              monkeypatch):
+    from verydeep import features as feats
+    from verydeep.box_features import extract_action_features
+
+    describe_batch, calls, stop = feats.describe_batch, [], [None]
+
+    def counted(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == stop[0]:
+            raise KeyboardInterrupt
+        describe_batch(*args, **kwargs)
+
+    monkeypatch.setattr(feats, "describe_batch", counted)
+    settings = Settings.create((32, 48), "stack", "cpu", "fp32", 2, 0, False, checkpoint_every=2)
+    whole = extract_action_features([net], root, "image+box", settings=settings)
+    batches, out = len(calls), tmp_path / "persons.npz"
+    calls.clear()
+    stop[0] = 6  # Ctrl-C in the sixth batch: five done, saved with it
+    with pytest.raises(KeyboardInterrupt):
+        extract_action_features([net], root, "image+box", out, settings)
+    assert Path(f"{out}.partial").is_file() and not out.exists()
+    stop[0] = None
+    with pytest.raises(UserError, match="partial extraction with other nets, images or scales"):
+        extract_action_features([net], root, "image", out, settings)
+    calls.clear()
+    resumed = extract_action_features([net], root, "image+box", out, settings)
+    assert len(calls) == batches - 5 and batches > 12  # images and boxes of several sizes, two passes
+    np.testing.assert_allclose(Features.load(out).features, whole.features, atol=1e-6)
+    assert resumed.paths == whole.paths and not Path(f"{out}.partial").exists()
+
+
 def test_a_box_that_would_rescale_beyond_the_test_size_bound_is_refused(tmp_path, net):
     from verydeep.box_features import extract_action_features
 

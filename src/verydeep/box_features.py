@@ -92,6 +92,7 @@ class RegionImages(IndexedImages):
             return None, label, str(path)
         return image, label, str(path)
 
+
 def whole_pixels(sample_box: tuple[float, float, float, float]) -> PixelBox:
     """A continuous box as whole pixels, rounded outwards."""
     x0, y0, x1, y1 = sample_box
