@@ -14,8 +14,21 @@ from verydeep.demo import DIGIT_NAMES, write_digits
 from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow
 from verydeep.metrics import paired_difference
+from verydeep.paper import single_test_scale
 from verydeep.plot import read_metrics
-from verydeep.reproduce import NETS, PRESETS, Measured, Net, Preset, claims, fuse, reproduce, shard_of
+from verydeep.reproduce import (
+    ERROR_BARS,
+    NETS,
+    PRESETS,
+    Measured,
+    Net,
+    Preset,
+    claims,
+    errors_figure,
+    fuse,
+    reproduce,
+    shard_of,
+)
 from verydeep.runtime import Processes
 from verydeep.train import Trainer, train
 
@@ -48,6 +61,33 @@ def measured(name, wrong, images=1000, classes=10):
     row = EvalRow(f"{name}: dense Q=36", "dense", [36], [name], multi_scale=False, fusion=False,
                   top1_error=float(wrong.mean()), top5_error=0.0, images=len(wrong))
     return Measured(row, posteriors, targets, np.array([f"img{i}.png" for i in range(len(wrong))]))
+
+
+def row(nets, protocol, error, scales=None, fusion=False):
+    """A measured row of ``protocol``: at one test scale ``scales[0]``, or multi-scale when ``scales`` is None."""
+    spec = EvalRow(f"{' + '.join(nets)}: {protocol}", protocol, scales or [32, 36, 41], nets,
+                   multi_scale=scales is None, fusion=fusion, top1_error=error, top5_error=0.0, images=1000)
+    return Measured(spec, np.zeros((1, 10), dtype=np.float32), np.zeros(1, dtype=np.int64), np.array(["x.png"]))
+
+
+def test_errors_png_draws_every_row_of_tables_3_to_6_on_bars_from_zero():
+    preset = Preset(crop=32, width=1, epochs=1)
+    nets = [Net("A", "A", (256, 256)), Net("D-jitter", "D", (256, 512), parent="A")]
+    q = {net.name: single_test_scale(*preset.scale(net.scale)) for net in nets}
+    rows = [row(["A"], "dense", 0.43, [q["A"]]), row(["A"], "dense", 0.40),  # Tables 3 and 4 only
+            row(["D-jitter"], "dense", 0.37, [q["D-jitter"]]), row(["D-jitter"], "dense", 0.36),
+            row(["D-jitter"], "multicrop", 0.34), row(["D-jitter"], "dense+multicrop", 0.31),  # Table 5
+            *(row(["A", "D-jitter"], protocol, error, fusion=True)  # Table 6
+              for protocol, error in (("dense", 0.35), ("multicrop", 0.33), ("dense+multicrop", 0.30)))]
+    ax = errors_figure(rows, nets, preset).axes[0]
+    assert ax.get_ylim()[0] == 0  # a bar's length is its error, 30% a tenth shorter than 33%
+    heights = sorted(round(bar.get_height(), 6) for bar in ax.patches)
+    assert heights == sorted(round(100 * m.row.top1_error, 6) for m in rows)  # every row, once
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["A", "D-jitter", "A + D-jitter (fused)"]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == [legend for *_, legend in ERROR_BARS]
+    series = {bars.get_label(): [round(bar.get_height(), 6) for bar in bars] for bars in ax.containers}
+    single, multi, multicrop, both = (legend for *_, legend in ERROR_BARS)
+    assert series == {single: [43.0, 37.0], multi: [40.0, 36.0, 35.0], multicrop: [34.0, 33.0], both: [31.0, 30.0]}
 
 
 def test_claims_are_judged_by_the_paired_test_in_the_papers_direction():

@@ -2,18 +2,22 @@
 
 Three panels against the SGD step: the training loss (each step, and each epoch's mean), the
 validation top-1/top-5 error (the paper reports error, Sec. 4) and the learning rate, whose
-divisions by 10 mark the plateaus of Sec. 3.1.
+divisions by 10 mark the plateaus of Sec. 3.1. :func:`error_bars` draws a report's test errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from verydeep.cli import output_file
 from verydeep.errors import MissingFileError, UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -70,6 +74,33 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def error_bars(groups: Sequence[tuple[str, dict[str, float]]], series: Sequence[str], title: str) -> Figure:
+    """Grouped bars of errors (%): a group per label, in it a bar per series it has (in ``series``' order and
+    colours), each labelled with its value, on a y axis from zero, so that bars' lengths compare as the
+    errors do (Sec. 4's tables, drawn)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shown = [name for name in series if any(name in values for _, values in groups)]
+    fig = Figure(figsize=(max(5.0, 0.35 * len(shown) * len(groups) + 1) + 3, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(shown))
+    for k, name in enumerate(shown):
+        placed = [(i + (k - (len(shown) - 1) / 2) * width, values[name])
+                  for i, (_, values) in enumerate(groups) if name in values]
+        bars = ax.bar([x for x, _ in placed], [v for _, v in placed], width, label=name, color=f"C{series.index(name)}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+    ax.set_xticks(range(len(groups)), [label for label, _ in groups], rotation=30, ha="right")
+    margin = 0.5 + max(0.0, (3 - len(groups)) / 2)  # a group or two keep the bars' width of three
+    ax.set_xlim(-margin, len(groups) - 1 + margin)
+    ax.set_ylim(0, 1.12 * max((v for _, values in groups for v in values.values()), default=1.0))
+    ax.set(ylabel="top-1 test error %", title=title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

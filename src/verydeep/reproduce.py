@@ -32,7 +32,7 @@ from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow, PaperFigures
 from verydeep.metrics import PairedDifference, paired_difference, topk_correct, topk_error
 from verydeep.paper import PaperNet, scale_text, single_test_scale
-from verydeep.plot import read_metrics
+from verydeep.plot import error_bars, read_metrics
 from verydeep.recipe import TrainConfig, parse_milestones
 from verydeep.report import Column, Row, Table
 
@@ -504,36 +504,37 @@ def plot(run_dirs: dict[str, Path], measured: list[Measured], nets: list[Net], p
     return [curves, _plot_errors(measured, nets, preset, out)]
 
 
-def _plot_errors(measured: list[Measured], nets: list[Net], preset: Preset, out: Path) -> Path:
-    """``errors.png``: each net's test error, single and multi-scale, with the fusions as lines."""
-    import matplotlib.pyplot as plt
+#: ``errors.png``'s bars, in the order of the tables that report them: (protocol, at one test scale, legend).
+ERROR_BARS = (("dense", True, "dense, single scale (Table 3)"), ("dense", False, "dense, multi-scale (Table 4)"),
+              ("multicrop", False, "multi-crop, multi-scale (Table 5)"),
+              ("dense+multicrop", False, "dense + multi-crop, multi-scale (Table 5)"))
 
-    labels, single, multi = [], [], []
+
+def error_groups(measured: list[Measured], nets: list[Net], preset: Preset) -> list[tuple[str, dict[str, float]]]:
+    """Every row of Tables 3 to 6 as ``(group, {legend: top-1 error %})``: a group per net with its
+    protocols, then a group per fusion (Table 6) with the protocols it was fused under."""
+    groups: dict[str, dict[str, float]] = {}
     for net in nets:
-        one = _find(measured, [net.name], "dense", _single_scale(net, preset))
-        many = _find(measured, [net.name], "dense")
-        if one is None:
-            continue
-        labels.append(net.name)
-        single.append(100 * one.row.top1_error)
-        multi.append(100 * many.row.top1_error if many else float("nan"))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.5))
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], single, width=0.4, label="dense, single scale (Table 3)")
-    ax.bar([x + 0.2 for x in xs], multi, width=0.4, label="dense, multi-scale (Table 4)")
-    for m, style in zip((m for m in measured if m.row.fusion), ("--", ":", "-.", "--", ":"), strict=False):
-        ax.axhline(100 * m.row.top1_error, color="k", linestyle=style,
-                   label=f"fusion {' + '.join(m.row.nets)}, {m.row.protocol}")
-    ax.set_xticks(list(xs), labels, rotation=30)
-    ax.set(ylabel="top-1 test error %", title="test error per net")
-    lowest = min([*single, *multi], default=0)
-    ax.set_ylim(bottom=max(0, lowest - 5))
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+        for protocol, single, legend in ERROR_BARS:
+            found = _find(measured, [net.name], protocol, _single_scale(net, preset) if single else None)
+            if found is not None:
+                groups.setdefault(net.name, {})[legend] = 100 * found.row.top1_error
+    multi_scale = {protocol: legend for protocol, single, legend in ERROR_BARS if not single}
+    for fused in (m for m in measured if m.row.fusion and m.row.protocol in multi_scale):
+        group = groups.setdefault(f"{' + '.join(fused.row.nets)} (fused)", {})
+        group[multi_scale[fused.row.protocol]] = 100 * fused.row.top1_error
+    return list(groups.items())
+
+
+def errors_figure(measured: list[Measured], nets: list[Net], preset: Preset) -> Any:
+    """``errors.png``'s figure: the top-1 test error of every row of Tables 3 to 6, as bars from zero."""
+    return error_bars(error_groups(measured, nets, preset), [legend for *_, legend in ERROR_BARS],
+                      "top-1 test error of every row of Tables 3 to 6 (fusions: Table 6)")
+
+
+def _plot_errors(measured: list[Measured], nets: list[Net], preset: Preset, out: Path) -> Path:
     errors = out / "errors.png"
-    fig.savefig(errors, dpi=120)
-    plt.close(fig)
+    errors_figure(measured, nets, preset).savefig(errors, dpi=120)
     return errors
 
 
@@ -624,7 +625,7 @@ def report_markdown(preset_name: str, preset: Preset, data: Path, tables: dict[s
               "so; the figures are seed 0's.", "",
               claims_table.markdown()]
     lines += ["", "Plots: `learning_curves.png` (training loss and validation error per epoch; seed replicas "
-              "dashed), `errors.png` (test error per net, single vs multi-scale, fusions as lines)."]
+              "dashed), `errors.png` (the top-1 test error of every row of Tables 3 to 6, bars from zero)."]
     return "\n".join(lines) + "\n"
 
 
