@@ -84,7 +84,8 @@ def error_bars(groups: Sequence[tuple[str, dict[str, float]]], series: Sequence[
     from matplotlib.figure import Figure
 
     shown = [name for name in series if any(name in values for _, values in groups)]
-    fig = Figure(figsize=(max(5.0, 0.35 * len(shown) * len(groups) + 1) + 3, 4.8), layout="constrained")
+    bars = sum(len(values) for _, values in groups)
+    fig = Figure(figsize=(3 + max(4.0, 0.25 * bars + 0.3 * len(groups)), 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     width = 0.8 / max(1, len(shown))
@@ -92,11 +93,11 @@ def error_bars(groups: Sequence[tuple[str, dict[str, float]]], series: Sequence[
         placed = [(i + (k - (len(shown) - 1) / 2) * width, values[name])
                   for i, (_, values) in enumerate(groups) if name in values]
         bars = ax.bar([x for x, _ in placed], [v for _, v in placed], width, label=name, color=f"C{series.index(name)}")
-        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2, rotation=90 if len(shown) > 2 else 0)
     ax.set_xticks(range(len(groups)), [label for label, _ in groups], rotation=30, ha="right")
     margin = 0.5 + max(0.0, (3 - len(groups)) / 2)  # a group or two keep the bars' width of three
     ax.set_xlim(-margin, len(groups) - 1 + margin)
-    ax.set_ylim(0, 1.12 * max((v for _, values in groups for v in values.values()), default=1.0))
+    ax.set_ylim(0, 1.15 * max((v for _, values in groups for v in values.values()), default=1.0))
     ax.set(ylabel="top-1 test error %", title=title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)

@@ -529,7 +529,7 @@ def error_groups(measured: list[Measured], nets: list[Net], preset: Preset) -> l
 def errors_figure(measured: list[Measured], nets: list[Net], preset: Preset) -> Any:
     """``errors.png``'s figure: the top-1 test error of every row of Tables 3 to 6, as bars from zero."""
     return error_bars(error_groups(measured, nets, preset), [legend for *_, legend in ERROR_BARS],
-                      "top-1 test error of every row of Tables 3 to 6 (fusions: Table 6)")
+                      "top-1 test error, every row of Tables 3 to 6")
 
 
 def _plot_errors(measured: list[Measured], nets: list[Net], preset: Preset, out: Path) -> Path:
