@@ -263,7 +263,7 @@ def test_sizes_beyond_the_memory_are_refused_up_front(photos, tmp_path, capsys, 
         assert refused.value.code == 2 and "\n" not in err and message in err and "2048" in err
     with pytest.raises(UserError, match="a test scale Q must be from 1 to 2048 pixels"):
         RescaleTransform(100000)
-    monkeypatch.setattr("verydeep.runtime.available_memory_bytes", lambda: 10**6)
+    monkeypatch.setattr("verydeep.features.available_memory_bytes", lambda: 10**6)
     with pytest.raises(UserError, match=r"--raw-pixels 64: the descriptors of 12 images take 0.00177 GB .* more than "
                                         r"the 0.001 GB available"):
         raw_pixel_features(photos, 64, settings())

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from verydeep.cli import add_device, output_dir, positive_int
+from verydeep.reproduce import PRESETS, reproduce
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -54,7 +55,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from verydeep.reproduce import PRESETS, reproduce
 
     start = time.time()
     out = Path(args.out)

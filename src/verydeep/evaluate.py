@@ -42,6 +42,18 @@ from verydeep.cli import (
     parse_scales,
     positive_int,
 )
+from verydeep.data import (
+    CenterCropTransform,
+    RescaleTransform,
+    SizeGroupedBatchSampler,
+    balanced_subset,
+    collate,
+    find_split,
+    gpu,
+    grid_crops,
+    open_split,
+    to_input,
+)
 from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
 from verydeep.io.sources import load, model_name
@@ -128,7 +140,6 @@ def multicrop_posteriors(
     Crops go through the net at most ``chunk`` at a time (whole images per forward; by default
     as many as :data:`ACTIVATION_BUDGET` allows) to bound memory.
     """
-    from verydeep.data import grid_crops
 
     per_image = grid * grid * (2 if flip else 1)
     if chunk is None:
@@ -259,7 +270,6 @@ class Pass:
     crop: int = 0
 
     def transform(self) -> Any:
-        from verydeep.data import CenterCropTransform, RescaleTransform
 
         return CenterCropTransform(self.q, self.crop) if self.crop else RescaleTransform(self.q)
 
@@ -320,7 +330,6 @@ def net_posteriors(net: Net, kind: str, x: Tensor, flip: bool) -> Tensor:
 
 def pass_batches(dataset: Any, sweep: Pass, size: int) -> list[list[int]]:
     """One process's batches of a pass: whole images grouped by their size at Q, or centre crops in order."""
-    from verydeep.data import SizeGroupedBatchSampler
 
     n = len(dataset)
     if sweep.crop:
@@ -333,7 +342,6 @@ def run_pass(nets: Sequence[Net], dataset: Any, sweep: Pass, users: PassUsers, p
     """Fill the rows of ``batches`` in ``posteriors`` for one pass over ``dataset``; returns the paths of
     unreadable images."""
 
-    from verydeep.data import collate, gpu, to_input
 
     on_gpu = settings.decode == "gpu"
     dataset.transform = gpu.EncodedTransform(sweep.transform()) if on_gpu else sweep.transform()
@@ -617,7 +625,6 @@ def readable_images(nets: Sequence[Net], posteriors: PosteriorArrays, paths: Seq
 def open_labelled(split: Path, nets: Sequence[Net], limit: int | None, over_data_classes: bool) -> tuple[Any, ClassMap]:
     """The split's labelled images (a class-balanced subset of ``limit``) and where its classes sit among
     the nets' outputs."""
-    from verydeep.data import balanced_subset, open_split
 
     dataset = open_split(split, lambda path: None)
     mapping = class_map(nets, dataset.classes, dataset.class_names, over_data_classes)
@@ -647,7 +654,6 @@ def evaluate(
     else :func:`net_scales`), several nets also fused; ``limit``: a class-balanced subset; ``decode``:
     where JPEGs are decoded; nets of more classes than the data's scored over their softmax, or the
     data's classes with ``over_data_classes`` (:mod:`verydeep.classmap`)."""
-    from verydeep.data import find_split, gpu
 
     protocols = check_options(protocols, scales, batch_size, workers)
     started = time.perf_counter()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from verydeep.checkpoint import atomic_write
 from verydeep.cli import add_weights, output_file
+from verydeep.data import to_input
 from verydeep.errors import UserError
 from verydeep.evaluate import given_weights
 from verydeep.io.sources import load
@@ -80,7 +81,6 @@ def metadata(model: VGG, recipe: dict[str, Any], pre: Any, dense: bool) -> dict[
 def example_inputs(crop: int, dense: bool, pre: Any) -> list[Tensor]:
     """Random images in the net's convention: the first is traced, all check the file; two batch sizes,
     and for the dense net two image sizes."""
-    from verydeep.data import to_input
 
     generator = torch.Generator().manual_seed(0)
     sizes = [(2, crop + 32, crop + 64), (1, crop, crop)] if dense else [(2, crop, crop), (1, crop, crop)]

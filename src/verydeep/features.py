@@ -46,12 +46,33 @@ from verydeep.cli import (
     parse_scales,
     positive_int,
 )
-from verydeep.data import LabelledImages, Preprocess
+from verydeep.data import (
+    CenterCropTransform,
+    ImageFolder,
+    LabelledImages,
+    Preprocess,
+    RescaleTransform,
+    SizeGroupedBatchSampler,
+    collate,
+    find_split,
+    to_input,
+)
+from verydeep.data.datasets import require_folder
 from verydeep.data.loaders import image_loader
+from verydeep.data.voc import is_voc, open_voc
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.sources import load
 from verydeep.model import DenseVGG
-from verydeep.runtime import Processes, prepare
+from verydeep.runtime import (
+    Processes,
+    autocast,
+    autocast_dtype,
+    available_memory_bytes,
+    default_workers,
+    pick_device,
+    prepare,
+    progress_bar,
+)
 
 #: The layer whose activations are the descriptor: FC7 after its ReLU.
 TAP = "relu7"
@@ -119,9 +140,6 @@ class IndexedImages(LabelledImages):
 def open_image_set(data: str | Path) -> ImageSet:
     """The images of ``data``: a VOC root (:mod:`verydeep.data.voc`), a root with ``train/`` and ``test/``
     (or ``val/``) class folders (one given split), or a folder of class folders (split at random later)."""
-    from verydeep.data import ImageFolder, find_split
-    from verydeep.data.datasets import require_folder
-    from verydeep.data.voc import is_voc, open_voc
 
     root = require_folder(Path(data))
     if is_voc(root):
@@ -144,7 +162,6 @@ def loaded_batches(dataset: LabelledImages, batches: Sequence[list[int]], worker
                    ) -> Iterator[tuple[np.ndarray, Tensor, list[str]]]:
     """The batches of ``dataset``: the indices of the images read, the uint8 images, the paths skipped."""
 
-    from verydeep.data import collate
 
     loader = image_loader(dataset, batches, workers, collate)
     for batch in loader:
@@ -327,7 +344,6 @@ class Settings:
                checkpoint_every: int = 50) -> Settings:
         """Settings with the device picked (``auto``: CUDA when there is one), bf16 where it is fast
         (``precision`` auto), and the loader workers defaulting to the cores less one."""
-        from verydeep.runtime import autocast_dtype, default_workers, pick_device
 
         if aggregate not in AGGREGATES:
             raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}; got {aggregate!r}")
@@ -403,7 +419,6 @@ def run_passes(nets: Sequence[FeatureNet], images: ImageSet, state: Partial, set
     every ``checkpoint_every`` batches and when interrupted. Under ``torchrun`` the processes share each
     pass's batches in lockstep, merge their work at every save and at the end of each pass, and the
     first alone writes."""
-    from verydeep.runtime import progress_bar
 
     if dataset is None:  # else the caller's items, one per row (person boxes: verydeep.box_features)
         dataset = IndexedImages(images.paths)  # its image sizes are read once, for every pass
@@ -435,7 +450,6 @@ def run_pass(nets: Sequence[FeatureNet], dataset: IndexedImages, p: int, state: 
     """The pass at the ``p``-th Q over the images it has not done, whole images batched by their size after
     the rescale (this process's share of the batches, :func:`verydeep.sharding.shard`); yields the rows
     each batch completed, and nothing for the rounds in which another process is still at work."""
-    from verydeep.data import RescaleTransform, SizeGroupedBatchSampler
 
     q = settings.scales[p]
     dataset.transform = RescaleTransform(q)
@@ -458,8 +472,6 @@ def run_pass(nets: Sequence[FeatureNet], dataset: IndexedImages, p: int, state: 
 def describe_batch(nets: Sequence[FeatureNet], images: Tensor, indices: np.ndarray, q: int, state: Partial,
                    settings: Settings) -> None:
     """Every net's descriptors of one batch of uint8 images at Q = ``q``, into ``state``."""
-    from verydeep.data import to_input
-    from verydeep.runtime import autocast
 
     if not len(indices):
         return
@@ -521,8 +533,6 @@ RAW_PIXEL_COPIES = 3
 def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = None) -> Features:
     """A baseline without a ConvNet: each image's smallest side rescaled to ``side``, its central ``side`` x
     ``side`` square's pixels (RGB on 0..1) less their mean, L2-normalised."""
-    from verydeep.data import CenterCropTransform
-    from verydeep.runtime import available_memory_bytes, progress_bar
 
     settings = settings or Settings.create()
     images = open_image_set(data)

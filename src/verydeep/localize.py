@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from verydeep import runtime, sharding
 from verydeep.classmap import columns_of
+from verydeep.cli import add_device, add_workers, output_dir, positive_int, test_scale
 from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
 from verydeep.data.boxes import decode, encode, from_crop, iou, match_boxes, read_boxes, with_boxes
 from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform, unreadable
@@ -47,8 +48,11 @@ from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import train_scale
 from verydeep.io.sources import load
-from verydeep.paper import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
+from verydeep.paper import TABLE_8, TABLE_9, TABLE_9_FUSION, BoxRegression, LocalisationScales, ValTest
+from verydeep.recipe import add_flags, make_config, settings_from_flags, stored_settings
+from verydeep.report import Column, Row, Table, scales_label
 from verydeep.tasks import Task
+from verydeep.train import train
 
 #: Heads of Appendix A: single-class and per-class regression.
 HEADS = ("scr", "pcr")
@@ -295,8 +299,6 @@ def center_json(results: Sequence[CenterResult]) -> dict[str, Any]:
 
 def table_8(results: Sequence[CenterResult], fine_tuned: Sequence[str]) -> Any:
     """Table 8's layout (protocol 1, error %) with the paper's figures beside each row."""
-    from verydeep.paper import TABLE_8, BoxRegression
-    from verydeep.report import Column, Row, Table
 
     several, rows = len(results) > 1, []
     for result, layers in zip(results, fine_tuned, strict=True):
@@ -601,7 +603,6 @@ def table_9(result: DenseResult) -> Any:
     union of their boxes, the two baselines, then the paper's rows not shown beside ours. A net whose
     S and Q, scaled to 224-pixel crops, are a row of the paper's has its figures beside it; the union of
     several nets has the paper's fusion."""
-    from verydeep.report import Column, Row, Table, scales_label
 
     def figures(paper: ValTest | None) -> tuple[str, str] | None:
         return None if paper is None else (f"{paper.val:.1f}", "-" if paper.test is None else f"{paper.test:.1f}")
@@ -636,8 +637,6 @@ PAPER_DEFAULTS = {"config": "D", "lr": 1e-3}
 def run_train(args: argparse.Namespace) -> None:
     """``localize train``: :func:`verydeep.train.train` with the :class:`Localisation` task; the boxes it
     read go into the run record (a resumed run reads them again unless ``--boxes`` is given)."""
-    from verydeep.recipe import make_config, settings_from_flags, stored_settings
-    from verydeep.train import train
 
     given = {key: value for key, value in vars(args).items() if key not in ("command", "action", "func", "head",
                                                                              "boxes", "targets")}
@@ -770,8 +769,6 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from verydeep.cli import add_device, add_workers, output_dir, positive_int, test_scale
-    from verydeep.recipe import add_flags
 
     p = subparsers.add_parser("localize", help="localisation (Appendix A): box regression nets and their error",
                               description="Train a box regression net, measure its localisation error, draw its boxes.")

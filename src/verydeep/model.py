@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from verydeep import configs
 from verydeep.configs import FC_WIDTH, LRN_PARAMS
 from verydeep.errors import UserError
+from verydeep.init import initialise
 
 
 def scaled(channels: int, width: float) -> int:
@@ -194,8 +195,6 @@ class VGG(nn.Module):
         self.frozen_norms: list[str] = []
         self.tap_names = {name: f"features.{i}" for i, name in enumerate(trunk_names)}
         self.tap_names.update({name: f"classifier.{i}" for i, name in enumerate(HEAD_NAMES)})
-        from verydeep.init import initialise  # init.py works on any VGG; imported late to avoid a cycle
-
         initialise(self, init)
 
     def train(self, mode: bool = True) -> VGG:

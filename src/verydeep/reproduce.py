@@ -26,15 +26,19 @@ import numpy as np
 import torch
 
 from verydeep import report
+from verydeep.bench import machine
 from verydeep.checkpoint import atomic_write
 from verydeep.cli import add_device, add_workers, output_dir, positive_int, width_multiplier
+from verydeep.data import find_split
 from verydeep.errors import UserError
-from verydeep.evaluate import EvalRow, PaperFigures
+from verydeep.evaluate import EvalRow, PaperFigures, evaluate
 from verydeep.metrics import PairedDifference, paired_difference, topk_correct, topk_error
 from verydeep.paper import PaperNet, scale_text, single_test_scale
 from verydeep.plot import error_bars, read_metrics
 from verydeep.recipe import TrainConfig, parse_milestones
 from verydeep.report import Column, Row, Table
+from verydeep.runtime import pick_device
+from verydeep.train import train
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,6 @@ PRESETS: dict[str, Preset] = {
 def train_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out: Path, device: str,
               progress: bool) -> Path:
     """Train one net unless it is done (an interrupted run resumes); returns its run directory."""
-    from verydeep.train import train
 
     nets_dir = out / "nets"
     done = nets_dir / net.name / "train_summary.json"
@@ -224,7 +227,6 @@ def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...
                  device: str, progress: bool) -> tuple[list[Measured], float]:
     """One net's rows under ``protocols`` at its recipe's scales, with their posteriors, and the
     evaluation's wall time (s); cached in ``out``."""
-    from verydeep.evaluate import evaluate
 
     cache, arrays = out / "eval" / f"{name}.json", out / "eval" / f"{name}.npz"
     if not (cache.is_file() and arrays.is_file()):
@@ -539,11 +541,9 @@ def _plot_errors(measured: list[Measured], nets: list[Net], preset: Preset, out:
 
 
 def _hardware(device: str) -> str:
-    from verydeep.runtime import pick_device
 
     if pick_device(device).type == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
-    from verydeep.bench import machine
 
     facts = machine(torch.device("cpu"))
     flags = ", ".join(name for name in ("amx", "avx512_bf16", "avx2") if facts.get(name)) or "no AVX2"
@@ -677,7 +677,6 @@ def train_and_measure(order: list[Net], preset: Preset, data: Path, out: Path, d
                       progress: bool) -> Trained:
     """Train each net of ``order`` (resumably, each from its parent under the paper's protocol) and
     evaluate it on the test images as soon as it is trained, so that a cut-short run still reports."""
-    from verydeep.data import find_split
 
     find_split(data, "train")
     test = find_split(data, "val")
