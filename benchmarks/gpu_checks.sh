@@ -1,55 +1,67 @@
 #!/usr/bin/env bash
-# The GPU checks in one prepared run (verydeep bench, eager then compiled, CUDA tests, model benchmark,
-# CIFAR-10 reproduction).
-# The bench runs first and its JSON is written into the repository (docs/benchmarks/) and to $OUT
-# before anything longer runs; BENCH_ARGS adds to its command line (say --data DIR).
-# Usage on a CUDA machine, from the repo root, with the project importable (PYTHONPATH=src):
-#   OUT=/tmp/out REPRO_ARGS="--width 0.5 --budget 40 --seeds 3" bash benchmarks/gpu_checks.sh .devdata/cifar10.tgz
+# The GPU checks in one prepared run, each step's figures written before the next step starts:
+#   1. `verydeep bench --device cuda --json` at full size (VGG-16, 224, batch 64): the roofline, torchvision's
+#      VGG in fp32 and at its best (autocast, channels_last, fused update, eager and compiled, the faster kept),
+#      our step, inference and end to end; its JSON into docs/benchmarks/bench-<date>-<gpu>.json and $OUT;
+#   2. end-to-end `verydeep train` of D at 224 on Imagenette's JPEGs, --decode gpu then --decode cpu, STEPS
+#      steps each: images a second and MFU (benchmarks/train_mfu.py: the steady state of the run's step
+#      records over the GPU's dense bf16 peak), one JSON line each into
+#      docs/benchmarks/train-<date>-<gpu>.jsonl and $OUT;
+#   3. the CUDA tests (nvJPEG decoding, evaluation and training on the GPU).
+# Usage on a CUDA machine, from the repository's root, with the project importable:
+#   OUT=/tmp/out bash benchmarks/gpu_checks.sh [IMAGENETTE]
+# IMAGENETTE: Imagenette's root (train/ and val/ of class folders) or a .tgz of it, default
+# ../shared/data/imagenette; to carry it to a machine without it: tar czf .devdata/imagenette.tgz -C
+# ../shared/data imagenette (48 MB). Environment: OUT (default /tmp/gpu-checks), PYTHON (python3), BENCH_ARGS
+# (added to the bench's command line), TRAIN_ARGS (added to both trainings', e.g. --compile), STEPS (training
+# steps a run, default 30, the first 5 left out of the rate), WORKERS (loader processes, default the cores less
+# two), PEAK_TFLOPS (the GPU's dense bf16 peak where train_mfu.py does not know the GPU).
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 set -u
-data_tgz=${1:?give a .tgz of a dataset root holding cifar10/train and cifar10/test}
+data=${1:-../shared/data/imagenette}
 out=${OUT:-/tmp/gpu-checks}
-mkdir -p "$out" /tmp/data
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
+steps=${STEPS:-30}
+workers=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+mkdir -p "$out" docs/benchmarks
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   $python -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__)"
 } > "$out/machine.txt" 2>&1
-
 day=$(date -u +%F)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
-timeout 300 $python -m verydeep.cli bench --device cuda --json ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1
+stem="docs/benchmarks/bench-$day-${gpu:-gpu}"
+
+# 1. the bench, full size, both torchvision contenders
+timeout 420 $python -m verydeep.cli bench --device cuda --json ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1
 echo "bench exit $?" >> "$out/bench.txt"
-mkdir -p docs/benchmarks
-if grep '^{' "$out/bench.txt" | tail -1 > "docs/benchmarks/bench-$day-${gpu:-gpu}.json" \
-    && [ -s "docs/benchmarks/bench-$day-${gpu:-gpu}.json" ]; then
-  cp "docs/benchmarks/bench-$day-${gpu:-gpu}.json" "$out/"
+if grep '^{' "$out/bench.txt" | tail -1 > "$stem.json" && [ -s "$stem.json" ]; then
+  cp "$stem.json" "$out/"
 else
-  rm -f "docs/benchmarks/bench-$day-${gpu:-gpu}.json"
+  rm -f "$stem.json"
 fi
 
-timeout 300 $python -m verydeep.cli bench --device cuda --compile --json ${BENCH_ARGS:-} > "$out/bench-compile.txt" 2>&1
-echo "bench --compile exit $?" >> "$out/bench-compile.txt"
-if grep '^{' "$out/bench-compile.txt" | tail -1 > "docs/benchmarks/bench-$day-${gpu:-gpu}-compile.json" \
-    && [ -s "docs/benchmarks/bench-$day-${gpu:-gpu}-compile.json" ]; then
-  cp "docs/benchmarks/bench-$day-${gpu:-gpu}-compile.json" "$out/"
-else
-  rm -f "docs/benchmarks/bench-$day-${gpu:-gpu}-compile.json"
+# 2. end to end on JPEGs, decoded on the GPU and on the CPU
+if [ "${data%.tgz}" != "$data" ]; then
+  mkdir -p /tmp/gpu-checks-data && tar xzf "$data" -C /tmp/gpu-checks-data
+  data=$(dirname "$(find /tmp/gpu-checks-data -maxdepth 3 -type d -name train | head -1)")
 fi
+train_out="docs/benchmarks/train-$day-${gpu:-gpu}.jsonl"
+for decode in gpu cpu; do
+  run=/tmp/gpu-checks-e2e-$decode
+  timeout 300 $python -m verydeep.cli train --data "$data" --out "$run" --overwrite --config D --crop 224 \
+    --scale 256 --batch-size 128 --epochs 1 --workers "$workers" --device cuda --decode "$decode" \
+    --no-progress --stop-after-steps "$steps" ${TRAIN_ARGS:-} > "$out/train-$decode.txt" 2>&1
+  echo "train --decode $decode exit $?" >> "$out/train-$decode.txt"
+  $python benchmarks/train_mfu.py "$run" --skip 5 --json ${PEAK_TFLOPS:+--peak-tflops "$PEAK_TFLOPS"} \
+    >> "$train_out" 2>> "$out/train-$decode.txt"
+done
+[ -s "$train_out" ] && cp "$train_out" "$out/"
 
-tar xzf "$data_tgz" -C /tmp/data
-
-timeout 120 $python -m pytest -q -p no:cacheprovider tests/test_data_gpu.py \
-  "tests/test_evaluate.py::test_cuda_posteriors_match_cpu" \
-  "tests/test_train.py::test_cuda_bf16_channels_last_with_workers" > "$out/cuda_tests.txt" 2>&1
+# 3. the CUDA tests
+timeout 300 $python -m pytest -q -p no:cacheprovider tests/test_data_gpu.py > "$out/cuda_tests.txt" 2>&1
+echo "test_data_gpu exit $?" >> "$out/cuda_tests.txt"
+timeout 300 $python -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_train.py -k cuda \
+  >> "$out/cuda_tests.txt" 2>&1
 echo "cuda tests exit $?" >> "$out/cuda_tests.txt"
-
-timeout 60 $python benchmarks/model_speed.py --config D --batch 64 --size 224 --json > "$out/model_speed.txt" 2>&1
-echo "model_speed exit $?" >> "$out/model_speed.txt"
-
-start=$(date +%s)
-timeout "${REPRO_SECONDS:-400}" $python -m verydeep.cli reproduce --data /tmp/data/cifar10 --preset cifar10 \
-  --out /tmp/repro --no-progress --workers 12 ${REPRO_ARGS:-} > "$out/reproduce.txt" 2>&1
-echo "reproduce exit $? after $(( $(date +%s) - start )) s" >> "$out/reproduce.txt"
-tar czf "$out/repro.tgz" --exclude=checkpoints --exclude='*.safetensors' -C /tmp repro
