@@ -1,7 +1,7 @@
 """A training step with per-image seeded dropout against ``nn.Dropout``'s, in one process.
 
 The same model, batch and SGD update; only the FC6/FC7 dropout (Sec. 3.1) differs: with each image's
-seed (``model(x, seeds)``, :class:`verydeep.model.SeededDropout` hashing its masks) or without
+seed (``model(x, seeds)``, :class:`verydeep.nn.model.SeededDropout` hashing its masks) or without
 (``model(x)``, ``nn.Dropout``'s draws from the global RNG). Rounds alternate and the median of each
 is reported, since shared machines are noisy, with the median of the rounds' ratios seeded / plain
 and the time of the two dropouts alone on the FC6 output.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from verydeep import vgg
-from verydeep.model import SeededDropout
+from verydeep.nn.model import SeededDropout
 from verydeep.runtime import cpu_model, keep_freed_memory, pick_device
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from verydeep.checkpoint import load_checkpoint
+from verydeep.io.checkpoint import load_checkpoint
 from verydeep.recipe import TrainConfig
 
 #: The shared datasets, beside the work tree; tests that need them skip when they are absent.
@@ -75,8 +75,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_classifier(path: Path, seed: int = 0, classes: int = 10, sharpen: float = 3000.0) -> Path:
     """A checkpoint of a random width-1/16 net A on 32-pixel crops (S = 36) with ``classes`` named classes,
     its FC8 weights multiplied by ``sharpen`` so that its posteriors differ clearly between classes."""
-    from verydeep.checkpoint import model_from_recipe, save_checkpoint
     from verydeep.data import IMAGENET
+    from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 
     recipe = {"config": "A", "num_classes": classes, "batch_norm": False, "width": 1 / 16, "dropout": 0.5,
               "crop": 32, "scale": [36, 36], "preprocess": IMAGENET.to_dict(),
@@ -92,7 +92,7 @@ def write_classifier(path: Path, seed: int = 0, classes: int = 10, sharpen: floa
 def write_localiser(path: Path, classifier: Path, seed: int = 1) -> Path:
     """A checkpoint of a random per-class box regression net (protocol 2's localisation net) with the classes of
     ``classifier``, trained at S = 32; its box codes standardised about a central box of half the crop's side."""
-    from verydeep.checkpoint import model_from_recipe, save_checkpoint
+    from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 
     recipe = {**load_checkpoint(classifier)["recipe"], "scale": [32, 32]}
     classes = recipe["num_classes"]

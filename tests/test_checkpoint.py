@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from verydeep.checkpoint import (
+from verydeep.errors import UserError
+from verydeep.io.checkpoint import (
     export_safetensors,
     load_checkpoint,
     load_model,
     model_from_recipe,
     save_checkpoint,
 )
-from verydeep.errors import UserError
 
 RECIPE = {"config": "B", "num_classes": 5, "batch_norm": False, "width": 1 / 16, "dropout": 0.5,
           "crop": 32, "scale": [36, 73], "classes": list("abcde")}

@@ -11,8 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from verydeep import paper
-from verydeep.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.cli import main
 from verydeep.data import IMAGENET, balanced_subset, grid_crops, save_preprocess
 from verydeep.errors import UserError
@@ -30,8 +28,20 @@ from verydeep.evaluate import (
     net_scales,
     paper_figures,
 )
+from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.metrics import per_class_accuracy, topk_correct, topk_error
-from verydeep.report import PAIRED, SEPARATE, Column, Row, Table, error_table, eval_tables, join_markdown, rows_table
+from verydeep.paper import figures
+from verydeep.paper.report import (
+    PAIRED,
+    SEPARATE,
+    Column,
+    Row,
+    Table,
+    error_table,
+    eval_tables,
+    join_markdown,
+    rows_table,
+)
 
 CLASSES = ["blue", "green", "red"]
 RECIPE = {"config": "A", "num_classes": 3, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
@@ -164,10 +174,10 @@ def test_the_weights_convention_wins_over_the_data_folders_statistics(folder, tm
 
 def test_weights_without_a_classifier_are_refused(monkeypatch):
     import verydeep.io.sources
-    import verydeep.weights
+    import verydeep.io.weights
 
     model = tiny_model()
-    headless = verydeep.weights.Published(model, {**RECIPE, "head": "random"}, "keras", "notop.h5")
+    headless = verydeep.io.weights.Published(model, {**RECIPE, "head": "random"}, "keras", "notop.h5")
     monkeypatch.setattr(verydeep.io.sources, "load_published", lambda source, weights_dir=None: headless)
     with pytest.raises(UserError, match="notop.h5: holds no classifier"):
         load_nets(["notop.h5"], None, None, torch.device("cpu"))
@@ -250,25 +260,25 @@ def test_paper_figures_stand_beside_imagenet_sized_rows():
 
 
 def test_the_papers_tables_as_data():
-    assert paper.classification_errors(3, [paper.A_256]) == paper.TopErrors(29.6, 10.4)
-    assert paper.classification_errors(4, [paper.A_256]) is None  # Table 4 starts at B
-    assert paper.classification_errors(3, [paper.D_JITTERED], "multicrop") is None  # Tables 3 and 4 are dense
-    assert paper.classification_errors(5, [paper.E_JITTERED], "multicrop") == paper.TopErrors(24.6, 7.4)
-    fused = paper.classification_errors(6, [paper.E_JITTERED, paper.D_JITTERED], "dense+multicrop")
-    assert fused == paper.TopErrors(23.7, 6.8, test_top5=6.8)  # the order of the fused nets does not matter
-    assert paper.classification_errors(6, [paper.D_JITTERED, paper.D_JITTERED], "dense") is None
-    assert paper.PaperNet.trained_at("D", 256, 512) == paper.D_JITTERED
-    assert paper.classification_table("dense", multi_scale=False, fusion=False) == 3
-    assert paper.classification_table("center", multi_scale=False, fusion=False) is None
-    assert paper.TABLE_9[paper.LocalisationScales(384, (352, 384))] == paper.ValTest(27.5)
-    assert paper.TABLE_11[("D", "E")].caltech256_recall == paper.Recall(86.2, 0.3)
+    assert figures.classification_errors(3, [figures.A_256]) == figures.TopErrors(29.6, 10.4)
+    assert figures.classification_errors(4, [figures.A_256]) is None  # Table 4 starts at B
+    assert figures.classification_errors(3, [figures.D_JITTERED], "multicrop") is None  # Tables 3 and 4 are dense
+    assert figures.classification_errors(5, [figures.E_JITTERED], "multicrop") == figures.TopErrors(24.6, 7.4)
+    fused = figures.classification_errors(6, [figures.E_JITTERED, figures.D_JITTERED], "dense+multicrop")
+    assert fused == figures.TopErrors(23.7, 6.8, test_top5=6.8)  # the order of the fused nets does not matter
+    assert figures.classification_errors(6, [figures.D_JITTERED, figures.D_JITTERED], "dense") is None
+    assert figures.PaperNet.trained_at("D", 256, 512) == figures.D_JITTERED
+    assert figures.classification_table("dense", multi_scale=False, fusion=False) == 3
+    assert figures.classification_table("center", multi_scale=False, fusion=False) is None
+    assert figures.TABLE_9[figures.LocalisationScales(384, (352, 384))] == figures.ValTest(27.5)
+    assert figures.TABLE_11[("D", "E")].caltech256_recall == figures.Recall(86.2, 0.3)
 
 
 def test_report_puts_the_papers_figures_beside_ours_in_their_row():
     def row(name, top1, top5, figures=None):
         return EvalRow(name, "dense", [384], [name], False, False, top1, top5, images=50, paper=figures)
 
-    a, d = row("A", 0.30, 0.11), row("D", 0.27, 0.09, PaperFigures.lookup(3, [paper.D_JITTERED]))
+    a, d = row("A", 0.30, 0.11), row("D", 0.27, 0.09, PaperFigures.lookup(3, [figures.D_JITTERED]))
     table = error_table("Table 3", ("ConvNet",), [(["A"], a), (["D"], d)], SEPARATE)
     assert table.markdown("###").splitlines() == [
         "### Table 3",

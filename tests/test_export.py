@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from verydeep import export
-from verydeep.checkpoint import export_safetensors, model_from_recipe, save_checkpoint
 from verydeep.cli import OneLineParser, main
 from verydeep.data import IMAGENET
 from verydeep.errors import UserError
+from verydeep.io import export
+from verydeep.io.checkpoint import export_safetensors, model_from_recipe, save_checkpoint
 
 #: A Caffe-style convention: BGR on 0..255 less the mean.
 CAFFE = replace(IMAGENET, std=(1.0, 1.0, 1.0), channels="BGR", value_scale=255.0)

@@ -12,7 +12,6 @@ import torch
 from conftest import photo, save, write_dataset
 
 from verydeep import features as feats
-from verydeep.checkpoint import export_safetensors
 from verydeep.cli import main
 from verydeep.data import IMAGENET, RescaleTransform, to_input
 from verydeep.errors import UserError
@@ -25,7 +24,8 @@ from verydeep.features import (
     pooled_descriptor,
     raw_pixel_features,
 )
-from verydeep.model import VGG
+from verydeep.io.checkpoint import export_safetensors
+from verydeep.nn.model import VGG
 
 FC7 = 4096 // 16  # FC7's width at width 1/16
 

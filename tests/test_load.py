@@ -10,10 +10,10 @@ import torchvision
 from safetensors.torch import save_file
 
 import verydeep
-from verydeep.checkpoint import export_safetensors
 from verydeep.data import IMAGENET, Preprocess, to_input
 from verydeep.errors import UserError
-from verydeep.weights import CAFFE, Published
+from verydeep.io.checkpoint import export_safetensors
+from verydeep.io.weights import CAFFE, Published
 
 
 def test_a_torchvision_file_loads_with_its_convention_and_imagenets_names(tmp_path):

@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import photo, save, tiny, write_dataset
 
-from verydeep.checkpoint import load_checkpoint
 from verydeep.cli import main
 from verydeep.data import Batch, CenterCropTransform, RescaleTransform, to_input
 from verydeep.data.decode import ImageFile
 from verydeep.data.preprocess import Preprocess
 from verydeep.data.transforms import render
 from verydeep.errors import UserError
+from verydeep.io.checkpoint import load_checkpoint
 from verydeep.localize import (
     DenseNetResult,
     DenseNets,
@@ -33,7 +33,7 @@ from verydeep.localize import (
     task_of,
     wrong,
 )
-from verydeep.model import VGG
+from verydeep.nn.model import VGG
 from verydeep.train import train
 
 
@@ -458,7 +458,7 @@ def test_localize_predict_refuses_bad_images_small_scales_and_a_localisation_cla
 def test_a_published_imagenet_net_ranks_the_classes_of_a_localisation_net(tmp_path, capsys):
     """The classifier may be any source of weights: a torchvision-layout 1000-class file, its classes
     matched to the localisation net's (ImageNet synsets) by id."""
-    from verydeep.weights import imagenet_classes
+    from verydeep.io.weights import imagenet_classes
 
     synsets = imagenet_classes()[0][10:14]
     root = write_dataset(tmp_path / "data", {"train": 8, "val": 2})

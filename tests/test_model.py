@@ -6,10 +6,11 @@ import pytest
 import torch
 import torchvision
 
-from verydeep import VGG, configs, vgg, warm_start
+from verydeep import VGG, vgg, warm_start
 from verydeep.cli import main
-from verydeep.init import warm_start_layers
-from verydeep.model import SeededDropout, dropout_keep
+from verydeep.nn import configs
+from verydeep.nn.init import warm_start_layers
+from verydeep.nn.model import SeededDropout, dropout_keep
 
 EXPECTED_PARAMS = {
     "A": 132_863_336,

@@ -14,11 +14,11 @@ import torch
 from conftest import SHARED, photo, save
 from PIL import Image
 
-from verydeep.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.cli import main
 from verydeep.data import IMAGENET, RescaleTransform
 from verydeep.errors import UserError
 from verydeep.evaluate import evaluate, load_nets
+from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.predict import predict, saliency_map
 
 CLASSES = ["class0", "class1", "class2", "class3"]

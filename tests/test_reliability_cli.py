@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from conftest import tiny, write_dataset
 
-from verydeep.checkpoint import load_checkpoint, save_checkpoint
 from verydeep.cli import build_parser, main
+from verydeep.io.checkpoint import load_checkpoint, save_checkpoint
 from verydeep.train import train
 
 Parsers = dict[tuple[str, ...], argparse.ArgumentParser]

@@ -24,8 +24,8 @@ import torch
 from conftest import photo, save, tiny, write_dataset
 from safetensors.torch import save_file
 
-from verydeep.checkpoint import load_checkpoint, save_checkpoint
 from verydeep.cli import build_parser, main
+from verydeep.io.checkpoint import load_checkpoint, save_checkpoint
 from verydeep.localize import Localisation
 from verydeep.train import train
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import tiny, weights, write_dataset
 
-from verydeep.checkpoint import load_checkpoint
 from verydeep.errors import UserError
+from verydeep.io.checkpoint import load_checkpoint
 from verydeep.train import train
 
 FULL = os.environ.get("VERYDEEP_RELIABILITY") == "full"
@@ -33,7 +33,7 @@ FULL = os.environ.get("VERYDEEP_RELIABILITY") == "full"
 HARNESS = """
 import os, signal, sys, time
 from pathlib import Path
-import verydeep.checkpoint as checkpoint
+import verydeep.io.checkpoint as checkpoint
 from verydeep.train.checkpointing import Checkpoints
 from verydeep.train.step import Stepper
 
@@ -149,7 +149,7 @@ def test_kill_9_at_any_moment_then_resume_ends_bitwise_equal(tmp_path, harness):
 def test_a_full_disk_or_read_only_folder_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
     train(tiny(data, tmp_path, epochs=1))
     before = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    import verydeep.checkpoint as checkpoint
+    import verydeep.io.checkpoint as checkpoint
 
     def full_disk(state, path):  # half the file is written, then the disk is full
         Path(path).write_bytes(b"\0" * 1000)
@@ -230,7 +230,7 @@ def test_a_kill_between_the_epoch_files_never_leaves_stale_best_weights(data, tm
         train(tiny(data, tmp_path, epochs=3, lr=0.01, batch_norm=True))
     monkeypatch.undo()
     train(tiny(data, tmp_path, epochs=3, lr=0.01, batch_norm=True, resume=True))
-    from verydeep.checkpoint import load_model
+    from verydeep.io.checkpoint import load_model
 
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     exported, _ = load_model(tmp_path / "model.safetensors")
@@ -296,7 +296,7 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
 
 
 def test_non_finite_weights_are_never_saved_nor_loaded(data, tmp_path):
-    from verydeep.checkpoint import load_model, save_checkpoint
+    from verydeep.io.checkpoint import load_model, save_checkpoint
 
     with pytest.raises(UserError, match=r"(loss is|gradients are|weights became) (nan|inf|non-finite)"):
         train(tiny(data, tmp_path, lr=1e30, dropout=0.0, epochs=3, checkpoint_every=1))
@@ -309,7 +309,7 @@ def test_non_finite_weights_are_never_saved_nor_loaded(data, tmp_path):
 
 
 def test_damaged_or_mismatched_weights_are_one_line_errors(data, tmp_path):
-    from verydeep.checkpoint import load_model, save_checkpoint
+    from verydeep.io.checkpoint import load_model, save_checkpoint
 
     train(tiny(data, tmp_path, epochs=1))
     (tmp_path / "random.safetensors").write_bytes(os.urandom(2000))

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from verydeep.checkpoint import load_weights
 from verydeep.cli import main
 from verydeep.data import carve_validation
-from verydeep.demo import DIGIT_NAMES, write_digits
 from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow
+from verydeep.io.checkpoint import load_weights
 from verydeep.metrics import paired_difference
-from verydeep.paper import single_test_scale
-from verydeep.plot import read_metrics
-from verydeep.reproduce import (
+from verydeep.paper.demo import DIGIT_NAMES, write_digits
+from verydeep.paper.figures import single_test_scale
+from verydeep.paper.plot import read_metrics
+from verydeep.paper.reproduce import (
     ERROR_BARS,
     NETS,
     PRESETS,

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny, weights
 
-from verydeep.checkpoint import load_checkpoint
 from verydeep.data import Batch
 from verydeep.errors import UserError
+from verydeep.io.checkpoint import load_checkpoint
 from verydeep.tasks import Task
 from verydeep.train import train
 

@@ -22,9 +22,9 @@ from conftest import photo, save, write_dataset
 
 from verydeep import features as feats
 from verydeep import sharding
-from verydeep.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.cli import main
 from verydeep.data import IMAGENET
+from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 
 CLASSES = ["class0", "class1", "class2", "class3"]
 RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,

@@ -14,11 +14,11 @@ import torch
 from conftest import tiny, weights, write_dataset
 
 from verydeep import runtime
-from verydeep.checkpoint import load_checkpoint, load_model
 from verydeep.cli import main
 from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.errors import UserError
+from verydeep.io.checkpoint import load_checkpoint, load_model
 from verydeep.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
 from verydeep.train.memory_fit import MemoryProbe
@@ -434,7 +434,7 @@ def test_a_split_where_no_image_can_be_read_is_one_line_not_a_score(tmp_path, ca
 
 FAULTS_PER_STEP = """
 import ctypes, resource, sys, torch
-from verydeep.model import VGG
+from verydeep.nn.model import VGG
 from verydeep.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from conftest import tiny, weights, write_dataset
 
-from verydeep.checkpoint import load_checkpoint, save_checkpoint
+from verydeep.io.checkpoint import load_checkpoint, save_checkpoint
 from verydeep.train import train
 
 

@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from verydeep.cli import main
-from verydeep.plot import plot_run
+from verydeep.paper.plot import plot_run
 
 
 def test_plot_writes_a_png_of_the_curves(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from conftest import SHARED, tiny, weights
 
 from verydeep.errors import UserError
-from verydeep.model import VGG
+from verydeep.nn.model import VGG
 from verydeep.train import train
 from verydeep.train.start import copy_matching, freeze
 
@@ -67,7 +67,7 @@ def test_fine_tuning_a_torchvision_file_on_ten_real_classes_beats_chance(tmp_pat
 
 
 def test_fc8_of_other_named_classes_is_not_copied(data, tmp_path):
-    from verydeep.checkpoint import export_safetensors, model_from_recipe
+    from verydeep.io.checkpoint import export_safetensors, model_from_recipe
 
     recipe = {"config": "A", "num_classes": 4, "outputs": 4, "batch_norm": True, "width": 1 / 8, "dropout": 0.5,
               "crop": 32, "classes": ["cat", "dog", "cow", "emu"], "class_names": ["cat", "dog", "cow", "emu"]}

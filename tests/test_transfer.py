@@ -14,12 +14,12 @@ import torch
 from conftest import photo, save
 from sklearn.metrics import average_precision_score, balanced_accuracy_score
 
-from verydeep.checkpoint import export_safetensors
 from verydeep.cli import main
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, VOCObject, image_labels, open_voc, read_annotation
 from verydeep.errors import MissingFileError, UserError
 from verydeep.features import Features, describe
-from verydeep.model import VGG
+from verydeep.io.checkpoint import export_safetensors
+from verydeep.nn.model import VGG
 from verydeep.transfer import (
     average_precision,
     caltech_splits,

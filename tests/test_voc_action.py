@@ -17,7 +17,6 @@ from conftest import photo, save
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from verydeep.checkpoint import export_safetensors
 from verydeep.cli import main
 from verydeep.data import IMAGENET, to_input
 from verydeep.data.decode import resample, to_tensor
@@ -26,7 +25,8 @@ from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE
 from verydeep.data.voc_action import open_voc_action
 from verydeep.errors import MissingFileError, UserError
 from verydeep.features import Features, Settings, combine, l2_normalise, pooled_descriptor
-from verydeep.model import VGG
+from verydeep.io.checkpoint import export_safetensors
+from verydeep.nn.model import VGG
 from verydeep.transfer import AP_KINDS, average_precision, class_scores, run_voc_action
 
 ACTIONS = ("jumping", "reading", "running")
@@ -200,7 +200,7 @@ def by_hand(model: VGG, image: Image.Image, scales: tuple[int, ...]) -> np.ndarr
 
 def test_box_descriptors_equal_the_cropped_regions_described_by_hand_and_are_stacked(root, net):
     from verydeep.box_features import extract_action_features
-    from verydeep.weights import load_published
+    from verydeep.io.weights import load_published
 
     settings = Settings.create((32, 48), "stack", "cpu", "fp32", 2, 0, False)
     alone = extract_action_features([net], root, "image", settings=settings)

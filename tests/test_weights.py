@@ -1,4 +1,4 @@
-"""Published weights in (verydeep.weights): torchvision state dicts, the authors' Caffe files and Keras' HDF5
+"""Published weights in (verydeep.io.weights): torchvision state dicts, the authors' Caffe files and Keras' HDF5
 files, written here at reduced width with the real libraries, each read back to the outputs that its own
 weights compute in its own input convention; our checkpoints; damaged and hostile files; names; conversion."""
 
@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from conftest import SHARED, photo
 from safetensors.torch import save_file
 
-from verydeep.checkpoint import export_safetensors, save_checkpoint
 from verydeep.cli import OneLineParser, main
 from verydeep.data import IMAGENET, Preprocess, to_input
 from verydeep.errors import MissingFileError, UserError
-from verydeep.model import VGG
-from verydeep.weights import (
+from verydeep.io.checkpoint import export_safetensors, save_checkpoint
+from verydeep.io.weights import (
     CAFFE,
     NAMES,
     Published,
@@ -37,6 +36,7 @@ from verydeep.weights import (
     known_weights,
     load_published,
 )
+from verydeep.nn.model import VGG
 
 #: The authors' mean pixel, (B, G, R) on 0..255.
 MEAN_BGR = (103.939, 116.779, 123.68)

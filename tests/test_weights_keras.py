@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras", reason="Keras 3 is not installed (pip install 'verydeep[dev]')")
 
-from verydeep.weights import load_published, sniff  # noqa: E402
+from verydeep.io.weights import load_published, sniff  # noqa: E402
 
 #: Keras' own torch backend warns about NumPy 2's copy keyword; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

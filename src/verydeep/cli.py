@@ -19,8 +19,8 @@ from verydeep.errors import UserError
 from verydeep.limits import check_side, check_width, check_workers
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
-COMMAND_MODULES = ("summary", "data", "train", "plot", "evaluate", "predict", "weights", "export", "features",
-                   "transfer", "reproduce", "demo", "localize", "bench", "serve")
+COMMAND_MODULES = ("nn.summary", "data", "train", "paper.plot", "evaluate", "predict", "io.weights", "io.export",
+                   "features", "transfer", "paper.reproduce", "paper.demo", "localize", "bench", "serve")
 
 
 def one_line(message: object) -> str:

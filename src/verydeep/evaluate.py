@@ -14,7 +14,7 @@ row is derived from those arrays by averaging, as the paper does:
   not flipped, to compare with published torchvision figures.
 
 Errors are fractions, top-k as :mod:`verydeep.metrics` counts them (ties go to the true class).
-The result is an :class:`EvalResult`; :mod:`verydeep.report` renders it as the paper's tables.
+The result is an :class:`EvalResult`; :mod:`verydeep.paper.report` renders it as the paper's tables.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from verydeep import configs, paper, report, sharding
+from verydeep import sharding
 from verydeep.classmap import ClassMap, class_map
 from verydeep.cli import (
     add_device,
@@ -58,9 +58,11 @@ from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
 from verydeep.io.sources import load, model_name
 from verydeep.metrics import per_class_accuracy, topk_error
-from verydeep.model import VGG, DenseVGG
-from verydeep.paper import PaperNet, scale_text
-from verydeep.report import PROTOCOL_LABELS, scales_label
+from verydeep.nn import configs
+from verydeep.nn.model import VGG, DenseVGG
+from verydeep.paper import figures, report
+from verydeep.paper.figures import PaperNet, scale_text
+from verydeep.paper.report import PROTOCOL_LABELS, scales_label
 from verydeep.runtime import (
     Processes,
     autocast,
@@ -415,7 +417,7 @@ class PaperFigures:
     @classmethod
     def lookup(cls, table: int, nets: Sequence[PaperNet], protocol: str = "dense") -> PaperFigures | None:
         """Table 3, 4, 5 or 6's errors for these nets under ``protocol``; None where it has none."""
-        errors = paper.classification_errors(table, nets, protocol)
+        errors = figures.classification_errors(table, nets, protocol)
         return None if errors is None else cls(f"Table {table}", errors.top1 / 100, errors.top5 / 100)
 
 
@@ -499,14 +501,14 @@ def paper_figures(row: RowSpec, nets: Sequence[Net]) -> PaperFigures | None:
     """The paper's published errors for a row of an ImageNet-sized run at the paper's test scales, if it reports one."""
     members = [n for n in nets if n.name in row.nets]
     trained = [n.scale for n in members if n.imagenet_sized and n.scale is not None]
-    table = paper.classification_table(row.protocol, row.multi_scale, row.fusion)
+    table = figures.classification_table(row.protocol, row.multi_scale, row.fusion)
     if table is None or len(trained) != len(members):
         return None
 
     def paper_scales(smin: int, smax: int) -> list[int]:
         if row.multi_scale or row.fusion:
-            return paper.multi_test_scales(smin, smax)
-        return [paper.single_test_scale(smin, smax)]
+            return figures.multi_test_scales(smin, smax)
+        return [figures.single_test_scale(smin, smax)]
 
     if any(row.scales != paper_scales(*scale) for scale in trained):
         return None

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from verydeep import sharding
-from verydeep.checkpoint import atomic_write
 from verydeep.cli import (
     add_device,
     add_precision,
@@ -61,8 +60,9 @@ from verydeep.data.datasets import require_folder
 from verydeep.data.loaders import image_loader
 from verydeep.data.voc import is_voc, open_voc
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.checkpoint import atomic_write
 from verydeep.io.sources import load
-from verydeep.model import DenseVGG
+from verydeep.nn.model import DenseVGG
 from verydeep.runtime import (
     Processes,
     autocast,

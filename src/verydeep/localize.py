@@ -48,9 +48,9 @@ from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import train_scale
 from verydeep.io.sources import load
-from verydeep.paper import TABLE_8, TABLE_9, TABLE_9_FUSION, BoxRegression, LocalisationScales, ValTest
+from verydeep.paper.figures import TABLE_8, TABLE_9, TABLE_9_FUSION, BoxRegression, LocalisationScales, ValTest
+from verydeep.paper.report import Column, Row, Table, scales_label
 from verydeep.recipe import add_flags, make_config, settings_from_flags, stored_settings
-from verydeep.report import Column, Row, Table, scales_label
 from verydeep.tasks import Task
 from verydeep.train import train
 

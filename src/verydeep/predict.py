@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from verydeep.checkpoint import atomic_write
 from verydeep.cli import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
 from verydeep.errors import MissingFileError, UserError
 from verydeep.evaluate import Net, average, given_weights, load_nets, net_posteriors, net_scales
-from verydeep.report import to_json_dict
+from verydeep.io.checkpoint import atomic_write
+from verydeep.paper.report import to_json_dict
 from verydeep.runtime import autocast, autocast_dtype, pick_device
 
 

@@ -22,13 +22,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from verydeep.checkpoint import atomic_write, load_checkpoint
 from verydeep.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
 from verydeep.data import Preprocess
 from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
-from verydeep.init import PROTOCOLS
+from verydeep.io.checkpoint import atomic_write, load_checkpoint
 from verydeep.limits import check_width, check_workers
+from verydeep.nn.init import PROTOCOLS
 
 #: Command-line groups of ``verydeep train --help``, in order.
 GROUPS = ("model", "images", "optimisation", "running")

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from verydeep.checkpoint import atomic_write
 from verydeep.errors import UserError
+from verydeep.io.checkpoint import atomic_write
 from verydeep.limits import usable_cores
 
 
@@ -266,9 +266,10 @@ def cuda_memory_budget(device: torch.device, extra_bytes: int = 0) -> int:
     return int(MEMORY_HEADROOM * (free + torch.cuda.memory_reserved(device))) - extra_bytes
 
 
-#: glibc ``mallopt`` parameters: the size above which memory is mapped afresh (capped by glibc at
-#: 32 MiB on 64-bit), and the free memory at the heap's top above which it is given back.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: glibc ``mallopt`` parameters: the free memory at the heap's top above which it is given back, the
+#: size above which memory is mapped afresh (capped by glibc at 32 MiB on 64-bit), and how many
+#: blocks may be so mapped at once (0: none, every block from the heap).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 def keep_freed_memory() -> bool:
@@ -276,12 +277,17 @@ def keep_freed_memory() -> bool:
 
     PyTorch's CPU allocator is plain ``malloc``: every step's activations, freed at its end, go
     back to the system and return as fresh pages, each a page fault: thousands a step for a
-    narrow net at batch 128, a sizeable share of its time (the README gives figures). The cost:
-    the process keeps its peak memory. True when applied (glibc only; elsewhere nothing changes).
+    narrow net at batch 128, a sizeable share of its time (the README gives figures). Blocks above
+    the mapping threshold's cap (VGG-16's FC6 weights in bf16 and their gradients, its first
+    layers' activations at 224) would still be mapped afresh each time, some 200,000 page faults a
+    step at batch 8 (docs/benchmarks.md), so no block is mapped: all come from the heap and are
+    reused. The cost: the process keeps its peak memory. True when applied (glibc only; elsewhere
+    nothing changes).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))
+        return bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+                    and libc.mallopt(_M_MMAP_MAX, 0))
     except (OSError, AttributeError):
         return False
 

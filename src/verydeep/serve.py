@@ -37,6 +37,7 @@ from torch import Tensor
 from verydeep.cli import add_device, add_precision, add_weights, parse_scales, positive_int
 from verydeep.errors import UserError
 from verydeep.evaluate import Net, average, given_weights, load_nets
+from verydeep.paper.report import to_json_dict
 from verydeep.predict import (
     PROTOCOLS,
     ImagePrediction,
@@ -47,7 +48,6 @@ from verydeep.predict import (
     ranked_classes,
     saliency_map,
 )
-from verydeep.report import to_json_dict
 
 #: The largest upload, in bytes: a 50 M pixel JPEG straight from a camera fits.
 MAX_UPLOAD_BYTES = 32 * 2**20
@@ -279,8 +279,8 @@ def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device
     nets = load_nets(list(sources), None, None, torch_device, weights_dir)
     boxes = None
     if localizers:
+        from verydeep.io.weights import resolve_source
         from verydeep.localize import DenseNets
-        from verydeep.weights import resolve_source
 
         boxes = DenseNets.load(list(localizers), resolve_source(sources[0], weights_dir), device)
         boxes.classify = nets[0].dense  # the same weights as the first net: held once

@@ -33,8 +33,8 @@ import numpy as np
 from verydeep.cli import natural_int, output_file, positive_int
 from verydeep.errors import UserError
 from verydeep.features import Features, add_extraction_flags, describe, features_from_args, origin
-from verydeep.paper import TABLE_11, TABLE_12
-from verydeep.report import Column, Row, Table, join_markdown, percent, to_json_dict
+from verydeep.paper.figures import TABLE_11, TABLE_12
+from verydeep.paper.report import Column, Row, Table, join_markdown, percent, to_json_dict
 
 PROTOCOLS = ("caltech", "voc", "voc-action")
 #: The C values cross-validation chooses from.

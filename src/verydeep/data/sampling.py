@@ -5,7 +5,7 @@
 - Each image's augmentation (scale, crop, flip, colour-shift alphas) is drawn from a generator
   seeded by ``(seed, epoch, index)`` (:class:`SeededSamples`), in whichever worker or process
   reads it; so is the seed of its dropout masks, which travels with the batch (:class:`Draws`) to
-  the model's :class:`~verydeep.model.SeededDropout` layers.
+  the model's :class:`~verydeep.nn.model.SeededDropout` layers.
 
 So a resumed run, and a run on N processes, see exactly the images and draws of one
 uninterrupted process.

@@ -2,7 +2,7 @@
 
 A source is a run directory, a checkpoint, a ``.safetensors`` file (ours or a torchvision state
 dict), a torchvision ``.pth``, the authors' Caffe ``.caffemodel``, a Keras file, or a known name such
-as ``vgg16`` found in the weights folder (:mod:`verydeep.weights` reads each). Every command that
+as ``vgg16`` found in the weights folder (:mod:`verydeep.io.weights` reads each). Every command that
 takes weights goes through :func:`load`; so can Python users::
 
     import verydeep
@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from verydeep import configs
 from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess
 from verydeep.errors import UserError
-from verydeep.model import VGG
+from verydeep.io.weights import load_published
+from verydeep.nn import configs
+from verydeep.nn.model import VGG
 from verydeep.runtime import prepare
-from verydeep.weights import load_published
 
 
 def model_name(recipe: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 ``checkpoints/last.pt`` is what ``--resume`` continues from; ``epoch-0007.pt`` (the newest
 ``--keep-last``), ``best.pt`` and its export ``model.safetensors`` follow each epoch. Every write is
-atomic (:func:`verydeep.checkpoint.atomic_write`), so a crash leaves the last good state readable.
+atomic (:func:`verydeep.io.checkpoint.atomic_write`), so a crash leaves the last good state readable.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from verydeep import runtime
-from verydeep.checkpoint import (
+from verydeep.errors import MissingFileError, UserError
+from verydeep.io.checkpoint import (
     atomic_write,
     export_safetensors,
     load_checkpoint,
@@ -24,7 +25,6 @@ from verydeep.checkpoint import (
     safetensors_metadata,
     save_checkpoint,
 )
-from verydeep.errors import MissingFileError, UserError
 from verydeep.recipe import RUN_RECORD, TrainConfig, flag_name
 from verydeep.tasks import Classification
 

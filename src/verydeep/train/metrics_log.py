@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from verydeep.checkpoint import atomic_write
 from verydeep.errors import UserError
+from verydeep.io.checkpoint import atomic_write
 
 #: The scalars a step record and an epoch record give TensorBoard, under their tag's group.
 STEP_SCALARS = {"loss": "train/loss", "lr": "train/lr", "img_s": "train/images_per_second"}

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from verydeep.checkpoint import model_from_recipe
 from verydeep.data import Preprocess
 from verydeep.errors import UserError
-from verydeep.init import warm_start
+from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.sources import LoadedNet, load
-from verydeep.model import VGG
+from verydeep.nn.init import warm_start
+from verydeep.nn.model import VGG
 from verydeep.recipe import TrainConfig
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.

@@ -33,13 +33,13 @@ import torch
 import torch.distributed as torch_dist
 
 from verydeep import runtime
-from verydeep.checkpoint import model_from_recipe
 from verydeep.data import gpu as gpu_decode
 from verydeep.data import load_preprocess
 from verydeep.data.sampling import Stream, derived_seed
 from verydeep.errors import UserError
-from verydeep.init import REASONS as INIT_REASONS
-from verydeep.model import VGG
+from verydeep.io.checkpoint import model_from_recipe
+from verydeep.nn.init import REASONS as INIT_REASONS
+from verydeep.nn.model import VGG
 from verydeep.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
 from verydeep.sharding import process_group
 from verydeep.tasks import Classification, Task

@@ -44,8 +44,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from verydeep import configs
-from verydeep.checkpoint import (
+from verydeep.cli import output_file
+from verydeep.data.preprocess import IMAGENET, Preprocess
+from verydeep.errors import MissingFileError, UserError
+from verydeep.io.checkpoint import (
     atomic_write,
     export_safetensors,
     load_into,
@@ -53,10 +55,8 @@ from verydeep.checkpoint import (
     model_from_recipe,
     safetensors_metadata,
 )
-from verydeep.cli import output_file
-from verydeep.data.preprocess import IMAGENET, Preprocess
-from verydeep.errors import MissingFileError, UserError
-from verydeep.model import VGG, make_trunk, scaled
+from verydeep.nn import configs
+from verydeep.nn.model import VGG, make_trunk, scaled
 from verydeep.tasks import Classification
 
 #: The authors' convention (their model notes; Sec. 2.1's mean RGB subtraction): BGR on 0..255 minus

@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from verydeep.checkpoint import atomic_write
 from verydeep.cli import add_weights, output_file
 from verydeep.data import to_input
 from verydeep.errors import UserError
 from verydeep.evaluate import given_weights
+from verydeep.io.checkpoint import atomic_write
 from verydeep.io.sources import load
-from verydeep.model import VGG
+from verydeep.nn.model import VGG
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 

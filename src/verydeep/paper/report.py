@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from verydeep.paper import scale_text
+from verydeep.paper.figures import scale_text
 
 if TYPE_CHECKING:
     from verydeep.evaluate import EvalResult, EvalRow, NetInfo

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from verydeep.errors import MissingFileError, UserError
-from verydeep.model import VGG
+from verydeep.nn.model import VGG
 
 #: Recipe keys that determine the architecture.
 MODEL_KEYS = ("config", "num_classes", "batch_norm", "width", "dropout", "crop")

@@ -15,7 +15,7 @@ from torch import nn
 
 from verydeep.cli import positive_int, width_multiplier
 from verydeep.errors import UserError
-from verydeep.model import VGG
+from verydeep.nn.model import VGG
 
 
 @dataclass

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from verydeep import configs
-from verydeep.configs import FC_WIDTH, LRN_PARAMS
 from verydeep.errors import UserError
-from verydeep.init import initialise
+from verydeep.nn import configs
+from verydeep.nn.configs import FC_WIDTH, LRN_PARAMS
+from verydeep.nn.init import initialise
 
 
 def scaled(channels: int, width: float) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from verydeep.cli import add_device, output_dir, positive_int
-from verydeep.reproduce import PRESETS, reproduce
+from verydeep.paper.reproduce import PRESETS, reproduce
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

@@ -25,18 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from verydeep import report
 from verydeep.bench import machine
-from verydeep.checkpoint import atomic_write
 from verydeep.cli import add_device, add_workers, output_dir, positive_int, width_multiplier
 from verydeep.data import find_split
 from verydeep.errors import UserError
 from verydeep.evaluate import EvalRow, PaperFigures, evaluate
+from verydeep.io.checkpoint import atomic_write
 from verydeep.metrics import PairedDifference, paired_difference, topk_correct, topk_error
-from verydeep.paper import PaperNet, scale_text, single_test_scale
-from verydeep.plot import error_bars, read_metrics
+from verydeep.paper import report
+from verydeep.paper.figures import PaperNet, scale_text, single_test_scale
+from verydeep.paper.plot import error_bars, read_metrics
+from verydeep.paper.report import Column, Row, Table
 from verydeep.recipe import TrainConfig, parse_milestones
-from verydeep.report import Column, Row, Table
 from verydeep.runtime import pick_device
 from verydeep.train import train
 

@@ -1,6 +1,6 @@
 """The paper's published figures, as data: what our runs are compared with.
 
-Table 1 (the configurations) lives in :mod:`verydeep.configs`. Here are the results: ILSVRC-2012
+Table 1 (the configurations) lives in :mod:`verydeep.nn.configs`. Here are the results: ILSVRC-2012
 classification (Sec. 4, Tables 3 to 7), localisation (Appendix A, Tables 8 and 9) and the
 features on other datasets (Appendix B, Tables 11 and 12). Figures are percentages as printed.
 """

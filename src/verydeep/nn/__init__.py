@@ -1,0 +1,1 @@
+"""nn: see docs/ARCHITECTURE.md."""
