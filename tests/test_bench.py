@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny, write_dataset
 
-from verydeep import runtime, vgg
+from verydeep import peer, roofline, runtime, vgg
 from verydeep.bench import Settings, bench_data, count_macs, open_trainer, steady_img_s, summarise
 from verydeep.cli import main
 from verydeep.train import train
@@ -20,12 +20,20 @@ MEASURED = ("train_img_s", "infer_img_s", "torchvision_fp32_train_img_s", "torch
             "train_ratio_vs_torchvision_fp32", "infer_ratio_vs_torchvision_fp32", "train_roofline_share",
             "infer_roofline_share", "roofline_tflops", "end_to_end_img_s", "end_to_end_vs_step",
             "train_ratio_at_roofline", "infer_ratio_at_roofline",
-            "dense_s_per_image", "multicrop_s_per_image", "peak_memory_gib")
+            "dense_s_per_image", "multicrop_s_per_image", "peak_memory_gib",
+            "torchvision_best_train_img_s", "torchvision_best_infer_img_s", "train_ratio_vs_torchvision_best",
+            "infer_ratio_vs_torchvision_best", "torchvision_best_train_roofline_share",
+            "torchvision_best_infer_roofline_share")
+#: The roofline shares of a run, each at most 1 (no contender beats the fastest kernel).
+SHARES = ("train_roofline_share", "infer_roofline_share", "torchvision_fp32_train_roofline_share",
+          "torchvision_fp32_infer_roofline_share", "torchvision_best_train_roofline_share",
+          "torchvision_best_infer_roofline_share")
 
 
 def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A width-1/16 net on 32-pixel crops, one round, 72 generated JPEGs: every figure positive and
-    finite, the ratios and shares consistent with the rates."""
+    finite, the ratios and shares consistent with the rates, no share above 1, torchvision at its best
+    the faster of its eager and compiled runs, the roofline its precision's fastest kernel."""
     jpegs = write_dataset(tmp_path / "jpegs", {"train": 18}, size=(48, 40), ext="jpg")
     assert main(["bench", "--config", "A", "--size", "32", "--width", "0.0625", "--batch", "4", "--rounds", "1",
                  "--device", "cpu", "--workers", "0", "--data", str(jpegs), "--json"]) == 0
@@ -34,12 +42,24 @@ def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["train_ratio_vs_torchvision_fp32"] == pytest.approx(
         result["train_img_s"] / result["torchvision_fp32_train_img_s"], rel=0.01)
+    for mode in ("train", "infer"):
+        assert result[f"{mode}_ratio_vs_torchvision_best"] == pytest.approx(
+            result[f"{mode}_img_s"] / result[f"torchvision_best_{mode}_img_s"], rel=0.01)
+        best = result["torchvision_best"]
+        rates = {v: best[f"{v}_{mode}_img_s"] for v in ("eager", "compiled")}
+        assert result[f"torchvision_best_{mode}_img_s"] == rates[best[mode]] == max(rates.values()), rates
+    assert all(0 < result[key] <= 1 for key in SHARES), {key: result[key] for key in SHARES}
     assert result["infer_ratio_vs_torchvision_fp32"] == pytest.approx(
         result["infer_img_s"] / result["torchvision_fp32_infer_img_s"], rel=0.01)
     assert result["end_to_end_vs_step"] == pytest.approx(result["end_to_end_img_s"] / result["train_img_s"], rel=0.01)
     achieved = result["train_img_s"] * result["train_flops_per_image"] / 1e12  # one round: its own share
     assert result["train_roofline_share"] == pytest.approx(achieved / result["roofline_tflops"], rel=0.01)
-    assert result["roofline_tflops"] == result["gemm_tflops"][result["precision"]]
+    precision = result["precision"]
+    assert result["roofline_tflops"] == max(result["gemm_tflops"][precision], result["conv_tflops"][precision])
+    assert result["roofline_kernel"] == result["rooflines"][precision]["kernel"]
+    assert result["roofline_kernel"].startswith("mm " if result["roofline_tflops"] ==
+                                                result["gemm_tflops"][precision] else "conv ")
+    assert result["torchvision_best"]["precision"] == precision and result["torchvision_best"]["compile_error"] is None
     assert result["train_flops_per_image"] == 3 * result["infer_flops_per_image"]
     assert result["settings"]["size"] == 32 and result["settings"]["data"] == str(jpegs)
     assert {"cpu", "avx2", "avx512_bf16", "amx", "torch", "cores"} <= set(result["machine"])
@@ -64,6 +84,72 @@ def test_ratios_and_shares_are_medians_of_each_rounds_own() -> None:
     assert result["infer_ratio_at_roofline"] == pytest.approx(1e12 / (30.0 * 2e9), rel=1e-3)
 
 
+def test_rooflines_per_round_and_torchvision_at_its_best() -> None:
+    """Each round's roofline is the faster of its matrix product and its convolutions, named by the kernel
+    that set it most often; torchvision at its best is its variant of the higher median (compiled for
+    training, eager for inference here), and our ratios to it and its shares are each round's own."""
+    rounds = {"gemm_bf16_tflops": [1.0, 0.5, 1.0], "conv_bf16_tflops": [0.8, 0.6, 1.2],
+              "gemm_fp32_tflops": [0.5, 0.25, 0.5], "conv_fp32_tflops": [0.4, 0.2, 0.4],
+              "torchvision_train": [10.0, 2.0, 8.0], "torchvision_infer": [30.0, 10.0, 30.0],
+              "torchvision_best_eager_train": [10.0, 5.0, 9.0], "torchvision_best_compiled_train": [12.0, 4.0, 11.0],
+              "torchvision_best_eager_infer": [40.0, 15.0, 30.0], "torchvision_best_compiled_infer": [35.0, 16.0, 29.0],
+              "train": [30.0, 12.0, 20.0], "infer": [60.0, 20.0, 45.0], "end_to_end": [27.0, 12.0, 18.0],
+              "multicrop_s": [1.0, 1.0, 1.0], "dense_s": [0.2, 0.2, 0.2]}
+    kernels = {"gemm_bf16_tflops": ["mm 64"] * 3, "conv_bf16_tflops": ["conv a", "conv b", "conv b"],
+               "gemm_fp32_tflops": ["mm 64"] * 3, "conv_fp32_tflops": ["conv a"] * 3}
+    peer = {"precision": "bf16", "channels_last": True, "update": "SGD, fused", "compile_error": None}
+    result = summarise(rounds, 10**9, torch.bfloat16, Settings("D", 32, 1.0, 4, 3, 1, "cpu", 64), "test", {}, 1.0,
+                       kernels, peer)
+    assert result["roofline_tflops"] == 1.0 and result["roofline_kernel"] == "conv b"  # rounds: 1, 0.6, 1.2
+    assert result["rooflines"]["fp32"] == {"tflops": 0.5, "kernel": "mm 64"}
+    assert result["train_roofline_share"] == pytest.approx(0.12)  # rounds: 0.18, 0.12, 0.1
+    assert result["torchvision_best"]["train"] == "compiled" and result["torchvision_best"]["infer"] == "eager"
+    assert result["torchvision_best_train_img_s"] == 11.0 and result["torchvision_best_infer_img_s"] == 30.0
+    assert result["train_ratio_vs_torchvision_best"] == 2.5  # rounds: 2.5, 3, 1.82
+    assert result["infer_ratio_vs_torchvision_best"] == 1.5  # rounds: 1.5, 1.33, 1.5
+    assert result["torchvision_best_train_roofline_share"] == pytest.approx(0.055)  # rounds: 0.072, 0.04, 0.055
+    assert result["torchvision_best"]["eager_train_img_s"] == 9.0
+
+
+def test_roofline_keeps_the_fastest_kernel_and_names_it() -> None:
+    """Two calls of the same kernel, one counted as a million times the work: that one sets the roofline."""
+    calls = []
+    measure = roofline.Roofline({"small": (lambda: calls.append(1), 1e3), "large": (lambda: calls.append(1), 1e9)},
+                                torch.device("cpu"), repeats=2)
+    assert len(calls) == 2  # each warmed up once
+    assert measure() > 1e9 / 1e12 and measure.winners == ["large"] and len(calls) == 6
+
+
+def test_conv_shapes_of_a_tiny_net_by_hand() -> None:
+    """Net A at width 1/16 on 32x32 (as in the MACs test): each distinct convolution but the first, with
+    its input side; each kernel of the roofline counts the convolution's FLOPs."""
+    model = vgg("A", num_classes=10, width=1 / 16, input_size=32)
+    shapes = roofline.conv_shapes(model, 32)
+    assert shapes == [(4, 8, 3, 16), (8, 16, 3, 8), (16, 16, 3, 8), (16, 32, 3, 4), (32, 32, 3, 4), (32, 32, 3, 2)]
+    kernels = roofline.conv_kernels(shapes[0], 2, torch.device("cpu"), torch.float32)
+    assert len(kernels) == 6 and {flops for _, flops in kernels.values()} == {2 * 2 * 8 * 4 * 9 * 16 * 16}
+    assert all(run() is not None for run, _ in kernels.values())
+
+
+def test_the_peer_without_a_compiler_runs_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that fails on this machine leaves torchvision at its best eager, the error reported in a line;
+    the peer trains in channels_last with the fused update."""
+
+    def broken(model: torch.nn.Module) -> object:
+        def run(*args: object) -> None:
+            raise RuntimeError("no C++ compiler\nmore")
+
+        return run
+
+    monkeypatch.setattr(peer.torch, "compile", broken)
+    model = vgg("A", num_classes=10, width=1 / 16, input_size=32)
+    contenders, info = peer.peer_contenders(model, torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), None, 1, 1)
+    assert set(contenders) == {"torchvision_best_eager_train", "torchvision_best_eager_infer"}
+    assert info["compile_error"] == "RuntimeError: no C++ compiler" and info["precision"] == "fp32"
+    assert all(f() > 0 for f in contenders.values())
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_bench_compile_runs_the_compiled_trainer(tmp_path: Path) -> None:
     """``--compile`` benches the trainer as ``train --compile`` builds it (compiled on its first step)."""
     jpegs = write_dataset(tmp_path / "jpegs", {"train": 18}, size=(48, 40), ext="jpg")
@@ -74,8 +160,8 @@ def test_bench_compile_runs_the_compiled_trainer(tmp_path: Path) -> None:
         root, _ = bench_data(jpegs, scratch, 32, 0)
         trainer = open_trainer(settings, root, scratch)
         assert trainer.cfg.compile is compiled
-        assert (trainer.forward_model is not trainer.model) is compiled
-        assert isinstance(trainer.forward_model, torch._dynamo.eval_frame.OptimizedModule) is compiled
+        assert (trainer.stepper.forward_model is not trainer.model) is compiled
+        assert isinstance(trainer.stepper.forward_model, torch._dynamo.eval_frame.OptimizedModule) is compiled
 
 
 def test_end_to_end_rate_from_the_trainers_step_records(tmp_path: Path) -> None:

@@ -1,0 +1,156 @@
+"""The roofline of ``verydeep bench``: the fastest rate the machine reaches in a precision.
+
+A net's rate can be no faster than its fastest kernel, so the roofline of a precision is the fastest
+of the kernels a VGG spends its time in, timed on the machine at hand: large matrix products, and
+the convolutions of the net's own shapes at the bench's batch (each layer's forward, backward to the
+input and backward to the weights, in channels_last and in NCHW). On CPUs oneDNN's convolutions can
+beat a large ``torch.mm``; on GPUs the matrix product usually wins. Each measurement names the
+kernel that set it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Each precision's name, by autocast dtype (None: fp32, no autocast).
+PRECISIONS: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+#: The dtype of each precision's name.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Timings of each matrix product per measurement (the fastest kept): one product is short and noisy.
+GEMM_REPEATS = 5
+#: Timings of each convolution kernel per measurement: the fastest of dozens of kernels is kept already.
+CONV_REPEATS = 1
+#: A convolution's memory formats the roofline times it in.
+FORMATS = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format}
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` (no autocast)."""
+    return PRECISIONS[dtype]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Roofline:
+    """The fastest of a set of kernels, in TFLOP/s each time it is called, with the kernel that set each
+    measurement in :attr:`winners`. ``kernels``: name to (a call of the kernel, its FLOPs); each is
+    warmed up once when the roofline is made (kernel selection, caches) and taken as the fastest of
+    ``repeats`` timings, since a roofline is the rate the hardware can reach and a kernel slowed by
+    another process on a shared machine says nothing of that."""
+
+    def __init__(self, kernels: dict[str, tuple[Callable[[], Any], float]], device: torch.device,
+                 repeats: int) -> None:
+        self.kernels, self.device, self.repeats = kernels, device, repeats
+        self.winners: list[str] = []
+        for run, _ in kernels.values():
+            run()
+        sync(device)
+
+    def rate(self, run: Callable[[], Any], flops: float) -> float:
+        """FLOP/s of one call of ``run``."""
+        sync(self.device)
+        start = time.perf_counter()
+        run()
+        sync(self.device)
+        return flops / max(time.perf_counter() - start, 1e-12)
+
+    def __call__(self) -> float:
+        rates = {name: max(self.rate(run, flops) for _ in range(self.repeats))
+                 for name, (run, flops) in self.kernels.items()}
+        best = max(rates, key=rates.__getitem__)
+        self.winners.append(best)
+        return rates[best] / 1e12
+
+
+def gemm_roofline(device: torch.device, dtype: torch.dtype | None, n: int) -> Roofline:
+    """An n x n x n ``torch.mm`` in ``dtype`` (None: fp32)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype or torch.float32) for _ in range(2))
+    return Roofline({f"mm {n}": (partial(torch.mm, a, b), 2 * n**3)}, device, GEMM_REPEATS)
+
+
+def conv_shapes(model: nn.Module, size: int) -> list[tuple[int, int, int, int]]:
+    """The distinct (in channels, out channels, kernel side, input side) of ``model``'s convolutions on a
+    ``size`` x ``size`` image, but the first (3 input channels: not a large product)."""
+    shapes: list[tuple[int, int, int, int]] = []
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        assert isinstance(module, nn.Conv2d)
+        shape = (module.in_channels, module.out_channels, module.kernel_size[0], inputs[0].shape[-1])
+        if shape not in shapes:
+            shapes.append(shape)
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return shapes[1:]
+
+
+def conv_kernels(shape: tuple[int, int, int, int], batch: int, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, tuple[Callable[[], Any], float]]:
+    """A convolution of ``shape`` (:func:`conv_shapes`) on ``batch`` images in ``dtype``: its forward, backward to
+    the input and backward to the weights (and bias), in each of :data:`FORMATS`."""
+    c_in, c_out, k, side = shape
+    flops = 2 * batch * c_out * c_in * k * k * side * side
+    pad, one = [k // 2] * 2, [1, 1]
+    kernels: dict[str, tuple[Callable[[], Any], float]] = {}
+    for name, fmt in FORMATS.items():
+        x = torch.randn(batch, c_in, side, side, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        w = (torch.randn(c_out, c_in, k, k, device=device, dtype=dtype) / (k * c_in**0.5)).contiguous(
+            memory_format=fmt)
+        g = torch.randn(batch, c_out, side, side, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        bias = torch.zeros(c_out, device=device, dtype=dtype)
+        backward = partial(torch.ops.aten.convolution_backward, g, x, w, [c_out], one, pad, one, False, [0, 0], 1)
+        label = f"conv {c_in}->{c_out} {k}x{k} at {side}x{side} {name}"
+        kernels[f"{label} forward"] = (partial(F.conv2d, x, w, bias, padding=k // 2), flops)
+        kernels[f"{label} backward to the input"] = (partial(backward, [True, False, False]), flops)
+        kernels[f"{label} backward to the weights"] = (partial(backward, [False, True, True]), flops)
+    return kernels
+
+
+def conv_roofline(model: nn.Module, size: int, batch: int, device: torch.device,
+                  dtype: torch.dtype | None) -> Roofline:
+    """The convolutions of ``model``'s shapes (:func:`conv_shapes`) on ``batch`` images of ``size``, in ``dtype``."""
+    kernels: dict[str, tuple[Callable[[], Any], float]] = {}
+    for shape in conv_shapes(model, size):
+        kernels.update(conv_kernels(shape, batch, device, dtype or torch.float32))
+    return Roofline(kernels, device, CONV_REPEATS)
+
+
+def per_round(rounds: dict[str, list[float]], kernels: dict[str, list[str]],
+              precision: str) -> tuple[list[float], list[str]]:
+    """A precision's roofline in every round, from the rounds' ``gemm_<p>_tflops`` and ``conv_<p>_tflops``
+    (those measured): the faster in each round, and the kernel that set it (from ``kernels``, each
+    measurement's winner by contender, else the contender's name)."""
+    sets = [name for name in (f"gemm_{precision}_tflops", f"conv_{precision}_tflops") if name in rounds]
+    rates, names = [], []
+    for i in range(len(rounds[sets[0]])):
+        best = max(sets, key=lambda name: rounds[name][i])
+        rates.append(rounds[best][i])
+        names.append(kernels[best][i] if best in kernels else best)
+    return rates, names
+
+
+def summary(rates: list[float], names: list[str]) -> dict[str, Any]:
+    """A roofline's median over the rounds and the kernel that set it most often."""
+    return {"tflops": statistics.median(rates), "kernel": Counter(names).most_common(1)[0][0]}
