@@ -107,7 +107,7 @@ function topTable(top, className) {
 function saliencyFigure(result, index, look) {
   const best = result.prediction.predictions[0].top[0];
   const base = element("img", { src: look.preview, alt: "the image" });
-  const map = element("img", { class: "over saliency", id: `saliency-${index}`, src: result.saliency,
+  const map = element("img", { class: "over map", id: `saliency-${index}`, src: result.saliency,
                                alt: `class saliency map of ${best.name}` });
   const slider = element("input", { type: "range", min: "0", max: "1", step: "0.05", value: "1",
                                     "aria-label": "saliency map over the image" });
@@ -141,9 +141,9 @@ function drawBoxes(look) {
     const [x0, y0, x1, y1] = guess.box;
     const colour = COLOURS[rank % COLOURS.length];
     const rect = svg("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, stroke: colour, class: "box" });
-    const label = svg("text", { x: x0 + 3, y: y0 + 16 * look.size[1] / 600 + 2,
-                                "font-size": Math.max(10, look.size[1] / 30) });
-    label.textContent = `${rank + 1}. ${guess.class} ${guess.score.toFixed(2)}`;
+    const size = Math.max(10, look.size[1] / 30);
+    const label = svg("text", { x: x0 + 3, y: y0 + size * (1.1 + 1.2 * rank), "font-size": size }); // stacked by rank
+    label.textContent = `${rank + 1}. ${guess.class.split(",")[0]} ${guess.score.toFixed(2)}`; // "koala, koala bear": koala
     overlay.append(rect, label);
     const swatch = element("span", { text: "\u25a0" });
     swatch.style.color = colour;
