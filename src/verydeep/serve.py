@@ -128,7 +128,7 @@ def checked_image(path: Path, name: str) -> tuple[int, int]:
 def data_url(image: Any, kind: str = "PNG") -> str:
     """A Pillow image as a ``data:`` URL the page shows without another request."""
     buffer = io.BytesIO()
-    image.save(buffer, format=kind, quality=90) if kind == "JPEG" else image.save(buffer, format=kind)
+    image.save(buffer, format=kind, **({"quality": 90} if kind == "JPEG" else {}))
     return f"data:image/{kind.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
