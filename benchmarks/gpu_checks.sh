@@ -4,9 +4,9 @@
 #      VGG in fp32 and at its best (autocast, channels_last, fused update, eager and compiled, the faster kept),
 #      our step, inference and end to end; its JSON into docs/benchmarks/bench-<date>-<gpu>.json and $OUT;
 #   2. end-to-end `verydeep train` of D at 224 on Imagenette's JPEGs, --decode gpu then --decode cpu, STEPS
-#      steps each: images a second and MFU (benchmarks/train_mfu.py: the steady state of the run's step
-#      records over the GPU's dense bf16 peak), one JSON line each into
-#      docs/benchmarks/train-<date>-<gpu>.jsonl and $OUT;
+#      steps each (Imagenette's one epoch at batch 128), the first 8 left out: images a second and MFU
+#      (benchmarks/train_mfu.py: the steady state of the run's step records over the GPU's dense bf16 peak),
+#      one JSON line each into docs/benchmarks/train-<date>-<gpu>.jsonl and $OUT;
 #   3. the CUDA tests (nvJPEG decoding, evaluation and training on the GPU).
 # Usage on a CUDA machine, from the repository's root, with the project importable:
 #   OUT=/tmp/out bash benchmarks/gpu_checks.sh [IMAGENETTE]
@@ -14,14 +14,15 @@
 # ../shared/data/imagenette; to carry it to a machine without it: tar czf .devdata/imagenette.tgz -C
 # ../shared/data imagenette (48 MB). Environment: OUT (default /tmp/gpu-checks), PYTHON (python3), BENCH_ARGS
 # (added to the bench's command line), TRAIN_ARGS (added to both trainings', e.g. --compile), STEPS (training
-# steps a run, default 30, the first 5 left out of the rate), WORKERS (loader processes, default the cores less
-# two), PEAK_TFLOPS (the GPU's dense bf16 peak where train_mfu.py does not know the GPU).
+# steps a run, default 23: Imagenette's one epoch at batch 128, no validation or checkpoint after it), WORKERS
+# (loader processes, default the cores less two), PEAK_TFLOPS (the GPU's dense bf16 peak where train_mfu.py
+# does not know the GPU).
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 set -u
 data=${1:-../shared/data/imagenette}
 out=${OUT:-/tmp/gpu-checks}
 python=${PYTHON:-python3}
-steps=${STEPS:-30}
+steps=${STEPS:-23}
 workers=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 mkdir -p "$out" docs/benchmarks
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -54,7 +55,7 @@ for decode in gpu cpu; do
     --scale 256 --batch-size 128 --epochs 1 --workers "$workers" --device cuda --decode "$decode" \
     --no-progress --stop-after-steps "$steps" ${TRAIN_ARGS:-} > "$out/train-$decode.txt" 2>&1
   echo "train --decode $decode exit $?" >> "$out/train-$decode.txt"
-  $python benchmarks/train_mfu.py "$run" --skip 5 --json ${PEAK_TFLOPS:+--peak-tflops "$PEAK_TFLOPS"} \
+  $python benchmarks/train_mfu.py "$run" --skip 8 --json ${PEAK_TFLOPS:+--peak-tflops "$PEAK_TFLOPS"} \
     >> "$train_out" 2>> "$out/train-$decode.txt"
 done
 [ -s "$train_out" ] && cp "$train_out" "$out/"
