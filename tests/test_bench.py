@@ -11,7 +11,15 @@ import torch
 from conftest import tiny, write_dataset
 
 from verydeep import peer, roofline, runtime, vgg
-from verydeep.bench import Settings, bench_data, count_macs, open_trainer, steady_img_s, summarise
+from verydeep.bench import (
+    Settings,
+    bench_data,
+    best_contenders,
+    count_macs,
+    open_trainer,
+    steady_img_s,
+    summarise,
+)
 from verydeep.cli import main
 from verydeep.train import train
 
@@ -148,6 +156,14 @@ def test_the_peer_without_a_compiler_runs_eager(monkeypatch: pytest.MonkeyPatch)
     assert info["compile_error"] == "RuntimeError: no C++ compiler" and info["precision"] == "fp32"
     assert all(f() > 0 for f in contenders.values())
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_compiled_peer_left_out_on_request() -> None:
+    """``--no-compiled-peer`` (``compiled_peer=False``): torchvision at its best is measured eager alone."""
+    settings = Settings("A", 32, 1 / 16, 2, 1, 1, "cpu", 64, compiled_peer=False)
+    contenders, info = best_contenders(settings, 10, torch.device("cpu"), None)
+    assert set(contenders) == {"torchvision_best_eager_train", "torchvision_best_eager_infer"}
+    assert info["compile_error"] is None and info["precision"] == "fp32"
 
 
 def test_bench_compile_runs_the_compiled_trainer(tmp_path: Path) -> None:
