@@ -29,7 +29,7 @@ from torch import nn
 
 from verydeep import vgg
 from verydeep.data import IMAGENET, RescaleTransform, to_input
-from verydeep.evaluate import dense_posteriors, multicrop_posteriors, parse_scales
+from verydeep.eval.evaluate import dense_posteriors, multicrop_posteriors, parse_scales
 from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from verydeep import runtime
 from verydeep.bench import DEFAULT_DATA, bench_data
-from verydeep.recipe import TrainConfig
 from verydeep.train import Trainer
+from verydeep.train.recipe import TrainConfig
 
 
 def peak_rss_bytes() -> int:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from verydeep.io.checkpoint import load_checkpoint
-from verydeep.recipe import TrainConfig
+from verydeep.train.recipe import TrainConfig
 
 #: The shared datasets, beside the work tree; tests that need them skip when they are absent.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

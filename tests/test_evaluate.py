@@ -14,7 +14,7 @@ from PIL import Image
 from verydeep.cli import main
 from verydeep.data import IMAGENET, balanced_subset, grid_crops, save_preprocess
 from verydeep.errors import UserError
-from verydeep.evaluate import (
+from verydeep.eval.evaluate import (
     EvalResult,
     EvalRow,
     Net,
@@ -28,8 +28,8 @@ from verydeep.evaluate import (
     net_scales,
     paper_figures,
 )
+from verydeep.eval.metrics import per_class_accuracy, topk_correct, topk_error
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
-from verydeep.metrics import per_class_accuracy, topk_correct, topk_error
 from verydeep.paper import figures
 from verydeep.paper.report import (
     PAIRED,
@@ -400,7 +400,7 @@ def test_nets_held_in_bf16_give_the_posteriors_of_autocast(tmp_path, batch_norm)
 
 
 def test_evaluate_holds_the_nets_in_the_precision_it_runs(folder, checkpoint, monkeypatch):
-    import verydeep.evaluate as evaluate_module
+    import verydeep.eval.evaluate as evaluate_module
 
     held = []
     loader = evaluate_module.load_nets

@@ -1,4 +1,4 @@
-"""Very deep features (Appendix B, verydeep.features): FC7 of the dense net pooled and mirrored, stacked or
+"""Very deep features (Appendix B, verydeep.eval.features): FC7 of the dense net pooled and mirrored, stacked or
 averaged over scales, L2-normalised, several nets stacked; stored as .npz, resumed after an interruption;
 named taps; the raw-pixel baseline; one-line errors."""
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import photo, save, write_dataset
 
-from verydeep import features as feats
 from verydeep.cli import main
 from verydeep.data import IMAGENET, RescaleTransform, to_input
 from verydeep.errors import UserError
-from verydeep.features import (
+from verydeep.eval import features as feats
+from verydeep.eval.features import (
     Features,
     Settings,
     aggregate,
@@ -263,7 +263,7 @@ def test_sizes_beyond_the_memory_are_refused_up_front(photos, tmp_path, capsys, 
         assert refused.value.code == 2 and "\n" not in err and message in err and "2048" in err
     with pytest.raises(UserError, match="a test scale Q must be from 1 to 2048 pixels"):
         RescaleTransform(100000)
-    monkeypatch.setattr("verydeep.features.available_memory_bytes", lambda: 10**6)
+    monkeypatch.setattr("verydeep.eval.features.available_memory_bytes", lambda: 10**6)
     with pytest.raises(UserError, match=r"--raw-pixels 64: the descriptors of 12 images take 0.00177 GB .* more than "
                                         r"the 0.001 GB available"):
         raw_pixel_features(photos, 64, settings())

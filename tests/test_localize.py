@@ -17,8 +17,7 @@ from verydeep.data.decode import ImageFile
 from verydeep.data.preprocess import Preprocess
 from verydeep.data.transforms import render
 from verydeep.errors import UserError
-from verydeep.io.checkpoint import load_checkpoint
-from verydeep.localize import (
+from verydeep.eval.localize import (
     DenseNetResult,
     DenseNets,
     DenseOutput,
@@ -33,6 +32,7 @@ from verydeep.localize import (
     task_of,
     wrong,
 )
+from verydeep.io.checkpoint import load_checkpoint
 from verydeep.nn.model import VGG
 from verydeep.train import train
 

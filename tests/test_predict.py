@@ -17,9 +17,9 @@ from PIL import Image
 from verydeep.cli import main
 from verydeep.data import IMAGENET, RescaleTransform
 from verydeep.errors import UserError
-from verydeep.evaluate import evaluate, load_nets
+from verydeep.eval.evaluate import evaluate, load_nets
+from verydeep.eval.predict import predict, saliency_map
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
-from verydeep.predict import predict, saliency_map
 
 CLASSES = ["class0", "class1", "class2", "class3"]
 RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,

@@ -135,7 +135,7 @@ NAMED = [
     ("demo --out {new} --epochs 0", "--epochs"),
     ("demo --out {new} --epochs -1", "--epochs"),
     ("demo --out {new} --device bogus", "--device"),
-    # sizes and counts beyond what the machine holds (verydeep.limits)
+    # sizes and counts beyond what the machine holds (verydeep.runtime.limits)
     ("features --weights {run} --data {data} --out {new}.npz --scales 256,100000",
      "argument --scales: a test scale Q must be from 1 to 2048 pixels"),
     ("features --raw-pixels 100000 --data {data} --out {new}.npz", "argument --raw-pixels: the side must be from 1"),

@@ -33,7 +33,7 @@ from PIL import Image
 
 from verydeep.data.datasets import LabelledImages
 from verydeep.data.decode import ImageFile, load_region
-from verydeep.evaluate import evaluate
+from verydeep.eval.evaluate import evaluate
 from verydeep.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Tag data larger than file:UserWarning",  # garbage EXIF

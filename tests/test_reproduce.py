@@ -10,9 +10,9 @@ import torch
 from verydeep.cli import main
 from verydeep.data import carve_validation
 from verydeep.errors import UserError
-from verydeep.evaluate import EvalRow
+from verydeep.eval.evaluate import EvalRow
+from verydeep.eval.metrics import paired_difference
 from verydeep.io.checkpoint import load_weights
-from verydeep.metrics import paired_difference
 from verydeep.paper.demo import DIGIT_NAMES, write_digits
 from verydeep.paper.figures import single_test_scale
 from verydeep.paper.plot import read_metrics

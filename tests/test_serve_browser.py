@@ -19,7 +19,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from verydeep.cli import main, one_line  # noqa: E402
-from verydeep.predict import load_image  # noqa: E402
+from verydeep.eval.predict import load_image  # noqa: E402
 from verydeep.serve import load_looker  # noqa: E402
 
 SAMPLES = SHARED / "imagenet-samples"

@@ -12,7 +12,7 @@ from conftest import tiny, weights
 from verydeep.data import Batch
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint
-from verydeep.tasks import Task
+from verydeep.nn.tasks import Task
 from verydeep.train import train
 
 

@@ -1,4 +1,4 @@
-"""Testing on several processes (Sec. 3.3's data parallelism, verydeep.sharding): ``eval``, ``features`` and
+"""Testing on several processes (Sec. 3.3's data parallelism, verydeep.runtime.sharding): ``eval``, ``features`` and
 ``localize eval`` on two gloo processes under torchrun give one process's JSON, posteriors and descriptors,
 with shards of uneven size, images of several sizes and an unreadable image skipped by name; only the first
 process prints and writes."""
@@ -20,11 +20,11 @@ import torch
 import torch.multiprocessing as mp
 from conftest import photo, save, write_dataset
 
-from verydeep import features as feats
-from verydeep import sharding
 from verydeep.cli import main
 from verydeep.data import IMAGENET
+from verydeep.eval import features as feats
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
+from verydeep.runtime import sharding
 
 CLASSES = ["class0", "class1", "class2", "class3"]
 RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,

@@ -19,9 +19,9 @@ from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint, load_model
-from verydeep.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
 from verydeep.train.memory_fit import MemoryProbe
+from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
 
 
 def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):

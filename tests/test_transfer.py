@@ -1,4 +1,4 @@
-"""Linear SVMs on very deep features (Appendix B, verydeep.transfer): average precision (11-point and area)
+"""Linear SVMs on very deep features (Appendix B, verydeep.eval.transfer): average precision (11-point and area)
 and mean class recall against hand-computed cases and scikit-learn; Caltech-style splits; the VOC reader
 (difficult flags, several objects, bad files); both protocols end to end through the command line."""
 
@@ -17,10 +17,8 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score
 from verydeep.cli import main
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, VOCObject, image_labels, open_voc, read_annotation
 from verydeep.errors import MissingFileError, UserError
-from verydeep.features import Features, describe
-from verydeep.io.checkpoint import export_safetensors
-from verydeep.nn.model import VGG
-from verydeep.transfer import (
+from verydeep.eval.features import Features, describe
+from verydeep.eval.transfer import (
     average_precision,
     caltech_splits,
     class_recalls,
@@ -29,6 +27,8 @@ from verydeep.transfer import (
     run_voc,
     table_11,
 )
+from verydeep.io.checkpoint import export_safetensors
+from verydeep.nn.model import VGG
 
 # ---- metrics ------------------------------------------------------------------------------
 

@@ -24,10 +24,10 @@ from verydeep.data.transforms import resized_size
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE
 from verydeep.data.voc_action import open_voc_action
 from verydeep.errors import MissingFileError, UserError
-from verydeep.features import Features, Settings, combine, l2_normalise, pooled_descriptor
+from verydeep.eval.features import Features, Settings, combine, l2_normalise, pooled_descriptor
+from verydeep.eval.transfer import AP_KINDS, average_precision, class_scores, run_voc_action
 from verydeep.io.checkpoint import export_safetensors
 from verydeep.nn.model import VGG
-from verydeep.transfer import AP_KINDS, average_precision, class_scores, run_voc_action
 
 ACTIONS = ("jumping", "reading", "running")
 
@@ -199,7 +199,7 @@ def by_hand(model: VGG, image: Image.Image, scales: tuple[int, ...]) -> np.ndarr
 
 
 def test_box_descriptors_equal_the_cropped_regions_described_by_hand_and_are_stacked(root, net):
-    from verydeep.box_features import extract_action_features
+    from verydeep.eval.box_features import extract_action_features
     from verydeep.io.weights import load_published
 
     settings = Settings.create((32, 48), "stack", "cpu", "fp32", 2, 0, False)
@@ -226,8 +226,8 @@ def test_box_descriptors_equal_the_cropped_regions_described_by_hand_and_are_sta
 
 def test_an_interrupted_extraction_of_persons_continues_and_other_regions_refuse_its_partial(root, net, tmp_path,
                                                                                               monkeypatch):
-    from verydeep import features as feats
-    from verydeep.box_features import extract_action_features
+    from verydeep.eval import features as feats
+    from verydeep.eval.box_features import extract_action_features
 
     describe_batch, calls, stop = feats.describe_batch, [], [None]
 
@@ -257,7 +257,7 @@ def test_an_interrupted_extraction_of_persons_continues_and_other_regions_refuse
 
 
 def test_a_box_that_would_rescale_beyond_the_test_size_bound_is_refused(tmp_path, net):
-    from verydeep.box_features import extract_action_features
+    from verydeep.eval.box_features import extract_action_features
 
     images = {"a": ((400, 40), [((1, 1, 400, 4), {"jumping"}, False)]), "b": ((40, 40), [((1, 1, 9, 9), set(), False)])}
     root = write_voc_action(tmp_path / "voc", images, {"train": ["a"], "val": ["b"]})
@@ -314,7 +314,7 @@ def test_voc_action_needs_persons_features_and_voc_refuses_them():
                      features.class_names, {"kind": "test"})
     with pytest.raises(UserError, match="not of VOC action persons; make them with verydeep features --regions"):
         run_voc_action(plain)
-    from verydeep.transfer import run_voc
+    from verydeep.eval.transfer import run_voc
 
     with pytest.raises(UserError, match="use --protocol voc-action"):
         run_voc(features)

@@ -214,8 +214,8 @@ def training_steps(settings: Settings, workers: int) -> int:
 
 def open_trainer(settings: Settings, root: Path, scratch: Path) -> Any:
     """The trainer ``verydeep train`` would build for these settings, on the images at ``root``."""
-    from verydeep.recipe import TrainConfig
     from verydeep.train import Trainer
+    from verydeep.train.recipe import TrainConfig
 
     s = test_scales(settings.size)[0]
     cfg = TrainConfig(data=str(root), out=str(scratch / "run"), config=settings.config, width=settings.width,
@@ -284,7 +284,7 @@ def protocol_contenders(trainer: Any, model: nn.Module, photo: Path) -> dict[str
     """Seconds per image of dense and of 150-crop multi-crop evaluation over three scales Q, with and
     without the mirror image, of ``model`` (the trainer's net as :func:`inference_net` holds it) on ``photo``."""
     from verydeep.data import RescaleTransform, to_input
-    from verydeep.evaluate import dense_posteriors, multicrop_posteriors
+    from verydeep.eval.evaluate import dense_posteriors, multicrop_posteriors
 
     device, crop = trainer.device, trainer.cfg.crop
     inputs = [to_input(RescaleTransform(q)(photo).unsqueeze(0).to(device), trainer.pre)

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from verydeep.errors import UserError
-from verydeep.limits import check_side, check_width, check_workers
+from verydeep.runtime.limits import check_side, check_width, check_workers
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
-COMMAND_MODULES = ("nn.summary", "data", "train", "paper.plot", "evaluate", "predict", "io.weights", "io.export",
-                   "features", "transfer", "paper.reproduce", "paper.demo", "localize", "bench", "serve")
+COMMAND_MODULES = ("nn.summary", "data", "train", "paper.plot", "eval.evaluate", "eval.predict", "io.weights",
+                   "io.export", "eval.features", "eval.transfer", "paper.reproduce", "paper.demo", "eval.localize",
+                   "bench", "serve")
 
 
 def one_line(message: object) -> str:
@@ -72,7 +73,7 @@ class OutputPath(type(Path())):  # type: ignore[misc]
 
 
 def _within(parse: Callable[[str], float], check: Callable[[Any, str], Any], what: str) -> Callable[[str], Any]:
-    """An argument type: ``parse(text)``, then ``check(value, what)`` (a bound of :mod:`verydeep.limits`)."""
+    """An argument type: ``parse(text)``, then ``check(value, what)`` (a bound of :mod:`verydeep.runtime.limits`)."""
 
     def bounded(text: str) -> int:
         value = parse(text)
@@ -86,17 +87,17 @@ def _within(parse: Callable[[str], float], check: Callable[[Any, str], Any], wha
 
 #: ``type=`` for ``--workers``: data-loading processes, from 0 to one per CPU core this process may use.
 worker_count = _within(natural_int, check_workers, "data-loading processes")
-#: ``type=`` for one test scale Q in pixels (``nargs="+"`` options), at most :data:`verydeep.limits.MAX_SIDE`.
+#: ``type=`` for one test scale Q in pixels (``nargs="+"`` options), at most :data:`verydeep.runtime.limits.MAX_SIDE`.
 test_scale = _within(positive_int, check_side, "a test scale Q")
-#: ``type=`` for an image side in pixels (``--raw-pixels``), at most :data:`verydeep.limits.MAX_SIDE`.
+#: ``type=`` for an image side in pixels (``--raw-pixels``), at most :data:`verydeep.runtime.limits.MAX_SIDE`.
 image_side = _within(positive_int, check_side, "the side")
-#: ``type=`` for ``--width``: a multiplier above 0, at most :data:`verydeep.limits.MAX_WIDTH`.
+#: ``type=`` for ``--width``: a multiplier above 0, at most :data:`verydeep.runtime.limits.MAX_WIDTH`.
 width_multiplier = _within(positive_float, check_width, "the width multiplier")
 
 
 def parse_scales(text: str) -> list[int]:
     """``type=`` for ``--scales``: ``256,384,512`` -> [256, 384, 512], each from 1 to
-    :data:`verydeep.limits.MAX_SIDE`; a bad list is a one-line error."""
+    :data:`verydeep.runtime.limits.MAX_SIDE`; a bad list is a one-line error."""
     try:
         scales = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:

@@ -2,10 +2,10 @@
 fusion (Sec. 3.2, 4.4), the class saliency map of its top class, and, with a localisation run, the
 top (class, box) guesses of Appendix A's protocol 2, all in a local browser page.
 
-Every number comes from the functions of the commands: classes from :mod:`verydeep.predict` (so
+Every number comes from the functions of the commands: classes from :mod:`verydeep.eval.predict` (so
 ``POST /api/predict`` returns ``verydeep predict --json``'s object), the saliency map from
-:func:`verydeep.predict.saliency_map` (``predict --saliency``), boxes from
-:class:`verydeep.localize.DenseNets` (``localize predict``). Nets are loaded once, at start, and
+:func:`verydeep.eval.predict.saliency_map` (``predict --saliency``), boxes from
+:class:`verydeep.eval.localize.DenseNets` (``localize predict``). Nets are loaded once, at start, and
 run one request at a time. The page is hand-written HTML, CSS and JavaScript in ``static/``,
 served by Starlette through uvicorn (the ``app`` extra); it fetches nothing from the network (its
 Content-Security-Policy allows this server alone), so it works offline.
@@ -36,9 +36,8 @@ from torch import Tensor
 
 from verydeep.cli import add_device, add_precision, add_weights, parse_scales, positive_int
 from verydeep.errors import UserError
-from verydeep.evaluate import Net, average, given_weights, load_nets
-from verydeep.paper.report import to_json_dict
-from verydeep.predict import (
+from verydeep.eval.evaluate import Net, average, given_weights, load_nets
+from verydeep.eval.predict import (
     PROTOCOLS,
     ImagePrediction,
     Prediction,
@@ -48,6 +47,7 @@ from verydeep.predict import (
     ranked_classes,
     saliency_map,
 )
+from verydeep.paper.report import to_json_dict
 
 #: The largest upload, in bytes: a 50 M pixel JPEG straight from a camera fits.
 MAX_UPLOAD_BYTES = 32 * 2**20
@@ -199,7 +199,7 @@ class Looker:
     nets: list[Net]
     device: torch.device
     dtype: torch.dtype | None
-    boxes: Any = None  # verydeep.localize.DenseNets, with a localisation run
+    boxes: Any = None  # verydeep.eval.localize.DenseNets, with a localisation run
     localizers: list[str] = field(default_factory=list)
     examples: list[Path] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -252,7 +252,7 @@ class Looker:
 
     def guesses(self, path: Path, ask: Ask) -> dict[str, Any]:
         """Protocol 2's top (class, box) guesses, as ``localize predict`` prints them, or the reason there are none."""
-        from verydeep.localize import fixed_scale
+        from verydeep.eval.localize import fixed_scale
 
         began = time.perf_counter()
         recipe = self.boxes.recipes[0]
@@ -269,7 +269,7 @@ class Looker:
 
 def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device: str, precision: str,
                 weights_dir: str | None = None, examples: Path | None = None) -> Looker:
-    """The nets of ``sources`` (through :func:`verydeep.evaluate.load_nets`, as ``predict`` loads them; fp32
+    """The nets of ``sources`` (through :func:`verydeep.eval.evaluate.load_nets`, as ``predict`` loads them; fp32
     weights, since a saliency map takes its gradient in fp32) and the localisation runs ``localizers``, ranked
     by the first net (``localize predict --classifier``), whose weights they share."""
     from verydeep.runtime import autocast_dtype, pick_device
@@ -279,8 +279,8 @@ def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device
     nets = load_nets(list(sources), None, None, torch_device, weights_dir)
     boxes = None
     if localizers:
+        from verydeep.eval.localize import DenseNets
         from verydeep.io.weights import resolve_source
-        from verydeep.localize import DenseNets
 
         boxes = DenseNets.load(list(localizers), resolve_source(sources[0], weights_dir), device)
         boxes.classify = nets[0].dense  # the same weights as the first net: held once

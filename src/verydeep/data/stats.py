@@ -25,8 +25,8 @@ from verydeep.data.loaders import image_loader
 from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
-from verydeep.limits import usable_cores
 from verydeep.runtime import progress_bar
+from verydeep.runtime.limits import usable_cores
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torch import Tensor
 from verydeep.data.decode import ImageFile, draft_factor, load_region
 from verydeep.data.jpeg import Box, Size, decoded_size
 from verydeep.errors import UserError
-from verydeep.limits import check_side
+from verydeep.runtime.limits import check_side
 
 
 class CropPlan(NamedTuple):

@@ -9,7 +9,7 @@ net, TorchScript and ExportedProgram to the plain one.
 The net's input convention (channel order, value scale, mean and std) and its recipe (classes,
 class names) go into the file: ONNX ``metadata_props``, the extra files of TorchScript and of the
 ExportedProgram archive, under the keys ``verydeep.input``, ``verydeep.output``,
-``verydeep.preprocess`` (JSON) and ``verydeep.recipe`` (JSON). After writing, the file is loaded
+``verydeep.preprocess`` (JSON) and ``verydeep.train.recipe`` (JSON). After writing, the file is loaded
 back (ONNX by onnxruntime) and its outputs compared with PyTorch's on random images; a difference
 above :data:`TOLERANCE` of the outputs' scale removes the file and is an error.
 """
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from verydeep.cli import add_weights, output_file
 from verydeep.data import to_input
 from verydeep.errors import UserError
-from verydeep.evaluate import given_weights
+from verydeep.eval.evaluate import given_weights
 from verydeep.io.checkpoint import atomic_write
 from verydeep.io.sources import load
 from verydeep.nn.model import VGG
@@ -74,7 +74,7 @@ def metadata(model: VGG, recipe: dict[str, Any], pre: Any, dense: bool) -> dict[
         "verydeep.input": f"float32 (N, 3, H, W), {size}, {convention}",
         "verydeep.output": output,
         "verydeep.preprocess": json.dumps(pre.to_dict()),
-        "verydeep.recipe": json.dumps(recipe, default=str),
+        "verydeep.train.recipe": json.dumps(recipe, default=str),
     }
 
 

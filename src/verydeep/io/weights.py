@@ -57,7 +57,7 @@ from verydeep.io.checkpoint import (
 )
 from verydeep.nn import configs
 from verydeep.nn.model import VGG, make_trunk, scaled
-from verydeep.tasks import Classification
+from verydeep.nn.tasks import Classification
 
 #: The authors' convention (their model notes; Sec. 2.1's mean RGB subtraction): BGR on 0..255 minus
 #: the mean pixel, here in RGB order on the 0..1 scale as :class:`Preprocess` keeps it.

@@ -29,16 +29,16 @@ from verydeep.bench import machine
 from verydeep.cli import add_device, add_workers, output_dir, positive_int, width_multiplier
 from verydeep.data import find_split
 from verydeep.errors import UserError
-from verydeep.evaluate import EvalRow, PaperFigures, evaluate
+from verydeep.eval.evaluate import EvalRow, PaperFigures, evaluate
+from verydeep.eval.metrics import PairedDifference, paired_difference, topk_correct, topk_error
 from verydeep.io.checkpoint import atomic_write
-from verydeep.metrics import PairedDifference, paired_difference, topk_correct, topk_error
 from verydeep.paper import report
 from verydeep.paper.figures import PaperNet, scale_text, single_test_scale
 from verydeep.paper.plot import error_bars, read_metrics
 from verydeep.paper.report import Column, Row, Table
-from verydeep.recipe import TrainConfig, parse_milestones
 from verydeep.runtime import pick_device
 from verydeep.train import train
+from verydeep.train.recipe import TrainConfig, parse_milestones
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class Measured:
     paths: np.ndarray
 
     def correct(self) -> np.ndarray:
-        """Per image, right at top-1 (ties as :func:`verydeep.metrics.topk_correct`)."""
+        """Per image, right at top-1 (ties as :func:`verydeep.eval.metrics.topk_correct`)."""
         return topk_correct(torch.from_numpy(self.posteriors), torch.from_numpy(self.targets), 1).numpy()
 
 

@@ -7,13 +7,15 @@
     step.py          forward, backward and update of one global batch
     schedule.py      the learning-rate schedule and an epoch's sums
     metrics_log.py   metrics.jsonl, and TensorBoard with --tensorboard
+    recipe.py        TrainConfig (every option, its flag and check), recipes/, the run record
     trainer.py       the assembly and the loop
     command.py       ``verydeep train``
 """
 
 from verydeep.train.command import add_cli, run_cli
+from verydeep.train.recipe import TrainConfig
 from verydeep.train.schedule import Schedule
 from verydeep.train.step import NonFiniteLossError
 from verydeep.train.trainer import Trainer, TrainSummary, train
 
-__all__ = ["NonFiniteLossError", "Schedule", "TrainSummary", "Trainer", "add_cli", "run_cli", "train"]
+__all__ = ["NonFiniteLossError", "Schedule", "TrainConfig", "TrainSummary", "Trainer", "add_cli", "run_cli", "train"]

@@ -25,8 +25,8 @@ from verydeep.io.checkpoint import (
     safetensors_metadata,
     save_checkpoint,
 )
-from verydeep.recipe import RUN_RECORD, TrainConfig, flag_name
-from verydeep.tasks import Classification
+from verydeep.nn.tasks import Classification
+from verydeep.train.recipe import RUN_RECORD, TrainConfig, flag_name
 
 #: Run-record keys that must agree for ``resume`` to continue a run.
 ARCH_KEYS = ("config", "batch_norm", "width", "num_classes", "outputs", "crop", "task")

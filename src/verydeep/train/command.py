@@ -1,4 +1,4 @@
-"""``verydeep train``: its flags come from :class:`~verydeep.recipe.TrainConfig`'s fields."""
+"""``verydeep train``: its flags come from :class:`~verydeep.train.recipe.TrainConfig`'s fields."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 
 from verydeep import runtime
-from verydeep.recipe import add_flags, make_config, recipe_names, settings_from_flags
+from verydeep.train.recipe import add_flags, make_config, recipe_names, settings_from_flags
 from verydeep.train.trainer import train
 
 

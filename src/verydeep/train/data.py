@@ -23,8 +23,8 @@ from verydeep.data import gpu as gpu_decode
 from verydeep.data.loaders import image_loader
 from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, collate_shifted
 from verydeep.errors import UserError
-from verydeep.recipe import TrainConfig
-from verydeep.tasks import Task
+from verydeep.nn.tasks import Task
+from verydeep.train.recipe import TrainConfig
 
 
 def _relative(path: Path, root: Path) -> Path:

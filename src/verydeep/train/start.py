@@ -24,7 +24,7 @@ from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.sources import LoadedNet, load
 from verydeep.nn.init import warm_start
 from verydeep.nn.model import VGG
-from verydeep.recipe import TrainConfig
+from verydeep.train.recipe import TrainConfig
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
 FROM_WEIGHTS = ("config", "width", "batch_norm")

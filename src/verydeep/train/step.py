@@ -22,7 +22,7 @@ from verydeep.data import Batch, Preprocess, to_input
 from verydeep.data import gpu as gpu_decode
 from verydeep.data.sampling import Draws
 from verydeep.errors import UserError
-from verydeep.tasks import Task
+from verydeep.nn.tasks import Task
 
 
 class NonFiniteLossError(UserError):

@@ -3,7 +3,7 @@
 The paper's optimisation: SGD with momentum 0.9, batch 256, weight decay 5e-4, dropout 0.5 on
 FC6/FC7, learning rate 1e-2 divided by 10 when the validation metric stops improving, at most 3
 times, then stop. What is learnt (head, targets, loss, validation metric) is a
-:class:`~verydeep.tasks.Task`: classification by default.
+:class:`~verydeep.nn.tasks.Task`: classification by default.
 
 :class:`Trainer` assembles the run from its parts, in the order its constructor shows, and then
 holds only the loop: :mod:`.data` (the images), :mod:`.start` (the model's first weights),
@@ -40,13 +40,13 @@ from verydeep.errors import UserError
 from verydeep.io.checkpoint import model_from_recipe
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.model import VGG
-from verydeep.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
-from verydeep.sharding import process_group
-from verydeep.tasks import Classification, Task
+from verydeep.nn.tasks import Classification, Task
+from verydeep.runtime.sharding import process_group
 from verydeep.train.checkpointing import Checkpoints, check_resumable
 from verydeep.train.data import TrainingData
 from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
 from verydeep.train.metrics_log import MetricsLog
+from verydeep.train.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
 from verydeep.train.schedule import EpochTotals, Schedule
 from verydeep.train.start import adopt_weights, freeze, initial_model, param_groups
 from verydeep.train.step import Stepper, check_finite_weights

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from verydeep.data.datasets import Batch, ImageFolder, LabelledImages, Transform, find_split, open_split
-from verydeep.metrics import topk_correct
+from verydeep.eval.metrics import topk_correct
 
 
 class Task(ABC):
@@ -64,7 +64,7 @@ class Task(ABC):
 
 class Classification(Task):
     """Sec. 3.1: softmax over the classes, multinomial logistic regression; validation top-1 and top-5
-    accuracy in % (ties go to the true class, as in :func:`verydeep.metrics.topk_correct`)."""
+    accuracy in % (ties go to the true class, as in :func:`verydeep.eval.metrics.topk_correct`)."""
 
     name = "classification"
     metrics = ("top1", "top5")

@@ -13,7 +13,7 @@ row is derived from those arrays by averaging, as the paper does:
 - centre crop: the usual single crop (resize 256, crop 224, scaled by crop/224 for small nets),
   not flipped, to compare with published torchvision figures.
 
-Errors are fractions, top-k as :mod:`verydeep.metrics` counts them (ties go to the true class).
+Errors are fractions, top-k as :mod:`verydeep.eval.metrics` counts them (ties go to the true class).
 The result is an :class:`EvalResult`; :mod:`verydeep.paper.report` renders it as the paper's tables.
 """
 
@@ -31,8 +31,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from verydeep import sharding
-from verydeep.classmap import ClassMap, class_map
 from verydeep.cli import (
     add_device,
     add_precision,
@@ -56,8 +54,9 @@ from verydeep.data import (
 )
 from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
+from verydeep.eval.classmap import ClassMap, class_map
+from verydeep.eval.metrics import per_class_accuracy, topk_error
 from verydeep.io.sources import load, model_name
-from verydeep.metrics import per_class_accuracy, topk_error
 from verydeep.nn import configs
 from verydeep.nn.model import VGG, DenseVGG
 from verydeep.paper import figures, report
@@ -71,6 +70,7 @@ from verydeep.runtime import (
     keep_freed_memory,
     pick_device,
     progress_bar,
+    sharding,
 )
 
 #: Protocols a user can ask for; ``dense+multicrop`` is the combination of Table 5.
@@ -373,7 +373,7 @@ def compute_posteriors(nets: Sequence[Net], dataset: Any, passes: dict[Pass, Pas
                        settings: SweepSettings) -> tuple[PosteriorArrays, set[str], list[PassTiming]]:
     """Posteriors per (net index, kind, Q), NaN rows for unreadable images; their paths; each pass's time.
     Under ``torchrun`` each process computes its share of every pass's batches and the rows are gathered
-    (:mod:`verydeep.sharding`): every process ends with one process's arrays."""
+    (:mod:`verydeep.runtime.sharding`): every process ends with one process's arrays."""
     n = len(dataset)
     posteriors = {
         (i, kind, p.q): torch.full((n, nets[i].model.num_classes), float("nan"))
@@ -579,7 +579,7 @@ class EvalResult:
     device: str
     precision: str
     imagenet_sized: bool
-    scored: str  # over which classes the errors are counted (:meth:`verydeep.classmap.ClassMap.describe`)
+    scored: str  # over which classes the errors are counted (:meth:`verydeep.eval.classmap.ClassMap.describe`)
     rows: list[EvalRow]
     main: str
     per_class_accuracy: dict[str, float | None]
@@ -655,7 +655,7 @@ def evaluate(
     with the protocols of Sec. 3.2, each net at its own crop, convention and test scales (``scales``,
     else :func:`net_scales`), several nets also fused; ``limit``: a class-balanced subset; ``decode``:
     where JPEGs are decoded; nets of more classes than the data's scored over their softmax, or the
-    data's classes with ``over_data_classes`` (:mod:`verydeep.classmap`)."""
+    data's classes with ``over_data_classes`` (:mod:`verydeep.eval.classmap`)."""
 
     protocols = check_options(protocols, scales, batch_size, workers)
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Linear SVMs on very deep features (Appendix B, Table 11); the ConvNet is never fine-tuned.
 
-The descriptors are :mod:`verydeep.features`' (stored, or extracted on the way). One-vs-rest linear
+The descriptors are :mod:`verydeep.eval.features`' (stored, or extracted on the way). One-vs-rest linear
 SVMs (scikit-learn's ``LinearSVC``) are trained on the training part only, their C chosen there by
 stratified cross-validation; the test part is scored once.
 
@@ -15,7 +15,7 @@ stratified cross-validation; the test part is scored once.
   under the precision-recall curve with interpolated precision (the VOC devkit's from 2010 on);
   their means over the classes are the two mAPs. Tied scores share a threshold.
 - ``voc-action``: VOC-2012 action classification (Table 12), the ``voc`` protocol over persons
-  (:mod:`verydeep.box_features`, ``features --regions``): a binary SVM per action, AP per action and
+  (:mod:`verydeep.eval.box_features`, ``features --regions``): a binary SVM per action, AP per action and
   mAP on the ``val`` part, beside the paper's figures, which are on the test set (scored by VOC's
   evaluation server, whose labels are not public).
 """
@@ -32,7 +32,7 @@ import numpy as np
 
 from verydeep.cli import natural_int, output_file, positive_int
 from verydeep.errors import UserError
-from verydeep.features import Features, add_extraction_flags, describe, features_from_args, origin
+from verydeep.eval.features import Features, add_extraction_flags, describe, features_from_args, origin
 from verydeep.paper.figures import TABLE_11, TABLE_12
 from verydeep.paper.report import Column, Row, Table, join_markdown, percent, to_json_dict
 
@@ -270,7 +270,7 @@ class ActionResult(VOCResult):
 def run_voc_action(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
                    seed: int = 0) -> ActionResult:
     """The ``voc-action`` protocol (see the module's description)."""
-    from verydeep.box_features import REGIONS
+    from verydeep.eval.box_features import REGIONS
 
     regions = features.settings.get("regions")
     if regions not in REGIONS or not features.multilabel:

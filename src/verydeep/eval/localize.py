@@ -3,7 +3,7 @@
 The net is a classification net whose last FC layer predicts a box (centre x, centre y, width,
 height, in units of the crop side: :func:`verydeep.data.boxes.encode`): one box for all classes
 (single-class regression, SCR, 4 outputs) or one per class (per-class regression, PCR, 4 per
-class). :class:`Localisation` is its :class:`~verydeep.tasks.Task`: a Euclidean loss on the
+class). :class:`Localisation` is its :class:`~verydeep.nn.tasks.Task`: a Euclidean loss on the
 ground-truth class's box, trained by :mod:`verydeep.train` from a classification net (the last
 layer random), and validated by the localisation error of protocol 1.
 
@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from verydeep import runtime, sharding
-from verydeep.classmap import columns_of
+from verydeep import runtime
 from verydeep.cli import add_device, add_workers, output_dir, positive_int, test_scale
 from verydeep.data import Batch, CenterCropTransform, Preprocess, RescaleTransform, balanced_subset, collate, to_input
 from verydeep.data.boxes import decode, encode, from_crop, iou, match_boxes, read_boxes, with_boxes
@@ -46,13 +45,15 @@ from verydeep.data.decode import ImageFile
 from verydeep.data.loaders import image_loader
 from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import MissingFileError, UserError
-from verydeep.evaluate import train_scale
+from verydeep.eval.classmap import columns_of
+from verydeep.eval.evaluate import train_scale
 from verydeep.io.sources import load
+from verydeep.nn.tasks import Task
 from verydeep.paper.figures import TABLE_8, TABLE_9, TABLE_9_FUSION, BoxRegression, LocalisationScales, ValTest
 from verydeep.paper.report import Column, Row, Table, scales_label
-from verydeep.recipe import add_flags, make_config, settings_from_flags, stored_settings
-from verydeep.tasks import Task
+from verydeep.runtime import sharding
 from verydeep.train import train
+from verydeep.train.recipe import add_flags, make_config, settings_from_flags, stored_settings
 
 #: Heads of Appendix A: single-class and per-class regression.
 HEADS = ("scr", "pcr")
@@ -250,7 +251,7 @@ def in_frames(relative: Tensor, frames: Tensor) -> Tensor:
 
 def loader(images: LabelledImages, limit: int | None, batch_size: int, workers: int) -> DataLoader:
     """The first ``limit`` images per class, round-robin (:func:`~verydeep.data.balanced_subset`), in batches;
-    under ``torchrun`` this process's share of the batches (:func:`verydeep.sharding.shard`)."""
+    under ``torchrun`` this process's share of the batches (:func:`verydeep.runtime.sharding.shard`)."""
     indices = balanced_subset(images.targets, limit)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     return image_loader(images, sharding.shard(batches), workers, collate)
@@ -451,7 +452,7 @@ class DenseNets:
         """Uint8 images (N, 3, H, W) -> each localisation net's boxes (N, K, L, 4) in their pixels and their
         scores (N, classes, L) (:func:`location_scores`: the classifier's posterior at each location of
         its dense class-score map, or its spatial mean where the grids differ), and the classifier's
-        posteriors (N, classes) (:func:`~verydeep.evaluate.dense_posteriors`, no flip), on the CPU."""
+        posteriors (N, classes) (:func:`~verydeep.eval.evaluate.dense_posteriors`, no flip), on the CPU."""
         images = images.to(self.device)
         x = to_input(images, Preprocess.from_dict(self.classifier_recipe["preprocess"]))
         class_scores = self.classify(x).float()  # (N, classifier's classes, h, w)

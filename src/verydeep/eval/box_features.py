@@ -3,13 +3,13 @@
 Each (image, person) of a VOC action root (:mod:`verydeep.data.voc_action`) is one row. Two
 settings, ``--regions``: ``image``, the descriptor of the whole image (the same for every person
 in it), and ``image+box``, that descriptor stacked with the descriptor of the person's box. The box
-region is described as a whole image is (:mod:`verydeep.features`): rescaled isotropically so its
+region is described as a whole image is (:mod:`verydeep.eval.features`): rescaled isotropically so its
 smallest side is Q, the dense net's FC7 map global-average pooled and averaged with the mirrored
 region's, stacked or averaged over Q, L2-normalised; the image's and the box's descriptors (of each
 net) are stacked and normalised again, so that each weighs the same.
 
 Whole images and boxes are described in the same passes, batched by their size after the rescale,
-saved to ``OUT.partial`` and continued as :func:`verydeep.features.extract_features` does.
+saved to ``OUT.partial`` and continued as :func:`verydeep.eval.features.extract_features` does.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from verydeep.data.jpeg import Size, decoded_size
 from verydeep.data.transforms import CropPlan, PlannedTransform, reduction, resized_size
 from verydeep.data.voc_action import VOCActionData, open_voc_action
 from verydeep.errors import UserError
-from verydeep.features import (
+from verydeep.eval.features import (
     TAP,
     Features,
     ImageSet,
@@ -40,8 +40,8 @@ from verydeep.features import (
     load_feature_nets,
     run_passes,
 )
-from verydeep.limits import MAX_TEST_PIXELS
 from verydeep.runtime import Processes
+from verydeep.runtime.limits import MAX_TEST_PIXELS
 
 #: Table 12's settings: the whole image alone, or stacked with the person's box.
 REGIONS = ("image", "image+box")
@@ -70,7 +70,7 @@ class RegionTransform(PlannedTransform):
 
 class RegionImages(IndexedImages):
     """Whole images followed by box regions of them, as one dataset for the passes of
-    :func:`verydeep.features.run_passes`: item ``i`` is image ``paths[i]`` rescaled by the pass's
+    :func:`verydeep.eval.features.run_passes`: item ``i`` is image ``paths[i]`` rescaled by the pass's
     transform (a :class:`~verydeep.data.transforms.RescaleTransform` to Q), or, past the images, a box
     region rescaled to the same Q. ``sizes`` are the images' and the regions' (w, h), which group batches."""
 

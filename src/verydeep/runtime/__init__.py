@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import atomic_write
-from verydeep.limits import usable_cores
+from verydeep.runtime.limits import usable_cores
 
 
 @dataclass(frozen=True)

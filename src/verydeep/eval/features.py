@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from verydeep import sharding
 from verydeep.cli import (
     add_device,
     add_precision,
@@ -72,6 +71,7 @@ from verydeep.runtime import (
     pick_device,
     prepare,
     progress_bar,
+    sharding,
 )
 
 #: The layer whose activations are the descriptor: FC7 after its ReLU.
@@ -420,7 +420,7 @@ def run_passes(nets: Sequence[FeatureNet], images: ImageSet, state: Partial, set
     pass's batches in lockstep, merge their work at every save and at the end of each pass, and the
     first alone writes."""
 
-    if dataset is None:  # else the caller's items, one per row (person boxes: verydeep.box_features)
+    if dataset is None:  # else the caller's items, one per row (person boxes: verydeep.eval.box_features)
         dataset = IndexedImages(images.paths)  # its image sizes are read once, for every pass
     procs, batches = Processes.from_env(), 0
     main, left = procs.main, None if procs.distributed else int((~state.done).sum())  # of this process's share
@@ -448,7 +448,7 @@ def run_passes(nets: Sequence[FeatureNet], images: ImageSet, state: Partial, set
 def run_pass(nets: Sequence[FeatureNet], dataset: IndexedImages, p: int, state: Partial, settings: Settings
              ) -> Iterator[list[int]]:
     """The pass at the ``p``-th Q over the images it has not done, whole images batched by their size after
-    the rescale (this process's share of the batches, :func:`verydeep.sharding.shard`); yields the rows
+    the rescale (this process's share of the batches, :func:`verydeep.runtime.sharding.shard`); yields the rows
     each batch completed, and nothing for the rounds in which another process is still at work."""
 
     q = settings.scales[p]
@@ -565,7 +565,7 @@ def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = 
 
 def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     """The flags that say which images are described and how: ``features``' and ``transfer``'s."""
-    from verydeep.box_features import REGIONS
+    from verydeep.eval.box_features import REGIONS
 
     add_weights(p, repeat="stack several nets' descriptors")
     p.add_argument("--raw-pixels", type=image_side, default=None, metavar="SIDE",
@@ -597,7 +597,7 @@ def features_from_args(args: argparse.Namespace, out: Path | None) -> Features:
     settings = Settings.create(args.scales, args.aggregate, args.device, args.precision, args.batch_size,
                                args.workers, args.progress, args.checkpoint_every)
     if args.regions is not None:
-        from verydeep.box_features import extract_action_features
+        from verydeep.eval.box_features import extract_action_features
 
         if args.raw_pixels:
             raise UserError("--regions describes persons with a net's features: give --weights, not --raw-pixels")

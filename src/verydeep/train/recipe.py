@@ -3,7 +3,7 @@
 :class:`TrainConfig` is the one place an option is declared: its default (the paper's), its help
 text, its command-line group and its bounds live in the field's metadata, and both the ``train``
 command's flags (:func:`add_flags`) and :meth:`TrainConfig.check` are generated from them.
-Recipes are TOML files of these fields (``verydeep/recipes/``: the paper's protocols). A run
+Recipes are TOML files of these fields (``verydeep/train/recipes/``: the paper's protocols). A run
 directory's ``recipe.json`` is the run record: the settings plus what the data decided (classes,
 preprocessing), read and written only here.
 """
@@ -27,8 +27,8 @@ from verydeep.data import Preprocess
 from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.checkpoint import atomic_write, load_checkpoint
-from verydeep.limits import check_width, check_workers
 from verydeep.nn.init import PROTOCOLS
+from verydeep.runtime.limits import check_width, check_workers
 
 #: Command-line groups of ``verydeep train --help``, in order.
 GROUPS = ("model", "images", "optimisation", "running")
@@ -284,7 +284,7 @@ def make_config(settings: dict[str, Any]) -> TrainConfig:
 
 
 #: The shipped recipe files (package data).
-RECIPES = resources.files("verydeep") / "recipes"
+RECIPES = resources.files("verydeep.train") / "recipes"
 
 
 def recipe_names() -> list[str]:
