@@ -16,7 +16,8 @@
 # (added to the bench's command line), TRAIN_ARGS (added to both trainings', e.g. --compile), STEPS (training
 # steps a run, default 23: Imagenette's one epoch at batch 128, no validation or checkpoint after it), WORKERS
 # (loader processes, default the cores less two), PEAK_TFLOPS (the GPU's dense bf16 peak where train_mfu.py
-# does not know the GPU).
+# does not know the GPU), BENCH_TIMEOUT, TRAIN_TIMEOUT, TEST_TIMEOUT (each step's limit in seconds, defaults 420,
+# 300, 300: lower them to fit a device lease).
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 set -u
 data=${1:-../shared/data/imagenette}
@@ -34,8 +35,15 @@ day=$(date -u +%F)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
 stem="docs/benchmarks/bench-$day-${gpu:-gpu}"
 
+if [ "${data%.tgz}" != "$data" ]; then
+  mkdir -p /tmp/gpu-checks-data && tar xzf "$data" -C /tmp/gpu-checks-data
+  data=$(dirname "$(find /tmp/gpu-checks-data -maxdepth 3 -type d -name train | head -1)")
+fi
+bench_data=()
+[ -d "$data/train" ] && bench_data=(--data "$data")
+
 # 1. the bench, full size, both torchvision contenders
-timeout 420 $python -m verydeep.cli bench --device cuda --json ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1
+timeout "${BENCH_TIMEOUT:-420}" $python -m verydeep.cli bench --device cuda --json "${bench_data[@]}" ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1
 echo "bench exit $?" >> "$out/bench.txt"
 if grep '^{' "$out/bench.txt" | tail -1 > "$stem.json" && [ -s "$stem.json" ]; then
   cp "$stem.json" "$out/"
@@ -44,14 +52,10 @@ else
 fi
 
 # 2. end to end on JPEGs, decoded on the GPU and on the CPU
-if [ "${data%.tgz}" != "$data" ]; then
-  mkdir -p /tmp/gpu-checks-data && tar xzf "$data" -C /tmp/gpu-checks-data
-  data=$(dirname "$(find /tmp/gpu-checks-data -maxdepth 3 -type d -name train | head -1)")
-fi
 train_out="docs/benchmarks/train-$day-${gpu:-gpu}.jsonl"
 for decode in gpu cpu; do
   run=/tmp/gpu-checks-e2e-$decode
-  timeout 300 $python -m verydeep.cli train --data "$data" --out "$run" --overwrite --config D --crop 224 \
+  timeout "${TRAIN_TIMEOUT:-300}" $python -m verydeep.cli train --data "$data" --out "$run" --overwrite --config D --crop 224 \
     --scale 256 --batch-size 128 --epochs 1 --workers "$workers" --device cuda --decode "$decode" \
     --no-progress --stop-after-steps "$steps" ${TRAIN_ARGS:-} > "$out/train-$decode.txt" 2>&1
   echo "train --decode $decode exit $?" >> "$out/train-$decode.txt"
@@ -61,8 +65,8 @@ done
 [ -s "$train_out" ] && cp "$train_out" "$out/"
 
 # 3. the CUDA tests
-timeout 300 $python -m pytest -q -p no:cacheprovider tests/test_data_gpu.py > "$out/cuda_tests.txt" 2>&1
+timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider tests/test_data_gpu.py > "$out/cuda_tests.txt" 2>&1
 echo "test_data_gpu exit $?" >> "$out/cuda_tests.txt"
-timeout 300 $python -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_train.py -k cuda \
+timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_train.py -k cuda \
   >> "$out/cuda_tests.txt" 2>&1
 echo "cuda tests exit $?" >> "$out/cuda_tests.txt"
