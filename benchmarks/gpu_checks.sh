@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one prepared run, each step's figures written before the next step starts:
-#   1. `verydeep bench --device cuda --json` at full size (VGG-16, 224, batch 64): the roofline, torchvision's
+#   1. `verydeep bench --device cuda --json` at full size (VGG-16, 224, batch 64, on its generated JPEGs:
+#      Imagenette's 3,000 training images are fewer than its rounds need): the roofline, torchvision's
 #      VGG in fp32 and at its best (autocast, channels_last, fused update, eager and compiled, the faster kept),
 #      our step, inference and end to end; its JSON into docs/benchmarks/bench-<date>-<gpu>.json and $OUT;
 #   2. end-to-end `verydeep train` of D at 224 on Imagenette's JPEGs, --decode gpu then --decode cpu, STEPS
@@ -8,7 +9,8 @@
 #      (benchmarks/train_mfu.py: the steady state of the run's step records over the GPU's dense bf16 peak),
 #      one JSON line each into docs/benchmarks/train-<date>-<gpu>.jsonl and $OUT;
 #   3. the CUDA tests (nvJPEG decoding, evaluation and training on the GPU).
-# Usage on a CUDA machine, from the repository's root, with the project importable:
+# Usage on a CUDA machine, from the repository's root, with the project's dependencies importable (simplejpeg
+# is the one a stock PyTorch image lacks: carry its wheel):
 #   OUT=/tmp/out bash benchmarks/gpu_checks.sh [IMAGENETTE]
 # IMAGENETTE: Imagenette's root (train/ and val/ of class folders) or a .tgz of it, default
 # ../shared/data/imagenette; to carry it to a machine without it: tar czf .devdata/imagenette.tgz -C
@@ -39,11 +41,9 @@ if [ "${data%.tgz}" != "$data" ]; then
   mkdir -p /tmp/gpu-checks-data && tar xzf "$data" -C /tmp/gpu-checks-data
   data=$(dirname "$(find /tmp/gpu-checks-data -maxdepth 3 -type d -name train | head -1)")
 fi
-bench_data=()
-[ -d "$data/train" ] && bench_data=(--data "$data")
 
 # 1. the bench, full size, both torchvision contenders
-timeout "${BENCH_TIMEOUT:-420}" $python -m verydeep.cli bench --device cuda --json "${bench_data[@]}" ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1
+timeout "${BENCH_TIMEOUT:-420}" $python -m verydeep.cli bench --device cuda --json ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1
 echo "bench exit $?" >> "$out/bench.txt"
 if grep '^{' "$out/bench.txt" | tail -1 > "$stem.json" && [ -s "$stem.json" ]; then
   cp "$stem.json" "$out/"

@@ -279,3 +279,19 @@ def test_without_seeds_it_is_nn_dropout_and_in_eval_the_identity():
     assert torch.equal(SeededDropout(0.0).train()(x, seeds), x)
     with pytest.raises(ValueError, match="one seed an image"):
         drop.train()(x, seeds[:3])
+
+
+def test_compiled_seeded_dropout_draws_the_eager_masks():
+    """Under torch.compile (as `train --compile` runs the net) an image's masks and gradients stay its own."""
+    torch._dynamo.reset()
+    head = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU())
+    drop = SeededDropout(0.5, layer=6).train()
+
+    def forward(x, seeds):
+        return drop(head(x), seeds)
+
+    x, seeds = torch.randn(6, 32), torch.arange(6) * 7919
+    eager = forward(x, seeds)
+    compiled = torch.compile(forward)(x, seeds)
+    torch.testing.assert_close(compiled, eager)
+    assert torch.equal(compiled == 0, ~dropout_keep(seeds, 6, 64, 0.5) | (head(x) == 0))

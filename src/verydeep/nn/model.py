@@ -100,6 +100,10 @@ def _mix64(z: Tensor) -> Tensor:
     return _xor_shifted(z, 31, scratch)
 
 
+# Left out of torch.compile's graphs: on CUDA, inductor folds the counters' products into int32 index
+# arithmetic, where splitmix64's 64-bit constants do not fit and Triton refuses the kernel. The masks are
+# a few int64 operations over (batch, 4096): eager costs nothing next to the convolutions.
+@torch.compiler.disable
 def dropout_keep(seeds: Tensor, layer: int, units: int, p: float) -> Tensor:
     """Which of ``units`` units each image keeps (bool, ``(len(seeds), units)``) under dropout at rate ``p``
     (Sec. 3.1), from each image's int64 seed alone: so the same whatever batch, micro-batch or process
