@@ -10,25 +10,18 @@ import torch
 from verydeep.cli import main
 from verydeep.data import carve_validation
 from verydeep.errors import UserError
-from verydeep.eval.evaluate import EvalRow
 from verydeep.eval.metrics import paired_difference
+from verydeep.eval.rows import EvalRow
 from verydeep.io.checkpoint import load_weights
+from verydeep.paper.claims import claims
 from verydeep.paper.demo import DIGIT_NAMES, write_digits
 from verydeep.paper.figures import single_test_scale
+from verydeep.paper.measure import Measured, fuse
 from verydeep.paper.plot import read_metrics
-from verydeep.paper.reproduce import (
-    ERROR_BARS,
-    NETS,
-    PRESETS,
-    Measured,
-    Net,
-    Preset,
-    claims,
-    errors_figure,
-    fuse,
-    reproduce,
-    shard_of,
-)
+from verydeep.paper.presets import NETS, PRESETS, Net, Preset
+from verydeep.paper.reproduce import reproduce
+from verydeep.paper.reproduction_plots import ERROR_BARS, errors_figure
+from verydeep.paper.train_nets import shard_of
 from verydeep.runtime import Processes
 from verydeep.train import Trainer, train
 

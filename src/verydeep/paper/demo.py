@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from verydeep.cli import add_device, output_dir, positive_int
-from verydeep.paper.reproduce import PRESETS, reproduce
+from verydeep.paper.presets import PRESETS
+from verydeep.paper.reproduce import reproduce
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
