@@ -23,19 +23,11 @@ from safetensors.torch import save_file
 from verydeep.cli import OneLineParser, main
 from verydeep.data import IMAGENET, Preprocess, to_input
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.catalogue import NAMES, known_weights
 from verydeep.io.checkpoint import export_safetensors, save_checkpoint
-from verydeep.io.weights import (
-    CAFFE,
-    NAMES,
-    Published,
-    add_cli,
-    caffe_net_class,
-    convert,
-    download,
-    imagenet_classes,
-    known_weights,
-    load_published,
-)
+from verydeep.io.download import download
+from verydeep.io.formats.caffe import caffe_net_class
+from verydeep.io.weights import CAFFE, Published, add_cli, convert, imagenet_classes, load_published
 from verydeep.nn.model import VGG
 
 #: The authors' mean pixel, (B, G, R) on 0..255.

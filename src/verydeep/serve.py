@@ -280,7 +280,7 @@ def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device
     boxes = None
     if localizers:
         from verydeep.eval.localize import DenseNets
-        from verydeep.io.weights import resolve_source
+        from verydeep.io.download import resolve_source
 
         boxes = DenseNets.load(list(localizers), resolve_source(sources[0], weights_dir), device)
         boxes.classify = nets[0].dense  # the same weights as the first net: held once

@@ -2,8 +2,8 @@
 
 A source is a run directory, a checkpoint, a ``.safetensors`` file (ours or a torchvision state
 dict), a torchvision ``.pth``, the authors' Caffe ``.caffemodel``, a Keras file, or a known name such
-as ``vgg16`` found in the weights folder (:mod:`verydeep.io.weights` reads each). Every command that
-takes weights goes through :func:`load`; so can Python users::
+as ``vgg16`` found in the weights folder (:mod:`verydeep.io.weights` reads each, with the readers of
+:mod:`verydeep.io.formats`). Every command that takes weights goes through :func:`load`; so can Python users::
 
     import verydeep
     net = verydeep.load("vgg16")     # or "runs/D", "VGG_ILSVRC_16_layers.caffemodel", "vgg16.h5"

@@ -1,0 +1,125 @@
+"""Keras' HDF5 weights (its VGG16 and VGG19, converted from the authors' release; PAPER.md Sec. 8), in both
+layouts: the legacy HDF5 of Keras 2 (layers ``blockB_convI``, ``fc1`` ...) and Keras 3's ``save_weights``
+(``.weights.h5``) and ``.keras`` archives (layers keyed by class and order)."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from verydeep.errors import UserError
+from verydeep.io.formats.layer_names import conv_kernels, named_to_state, vgg_layer
+from verydeep.nn import configs
+
+#: Keras' names of VGG's FC layers; its convolutions are blockB_convI (our convB_I).
+KERAS_FC = {"fc1": "fc6", "fc2": "fc7", "predictions": "fc8"}
+
+#: The weights inside a Keras 3 ``.keras`` archive (a zip beside ``config.json``).
+KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
+
+
+def is_keras_archive(path: Path) -> bool:
+    """A zip holding Keras 3's ``model.weights.h5`` and ``config.json`` (a ``.keras`` file), not torch's."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {KERAS_ARCHIVE_WEIGHTS, "config.json"} <= set(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_keras(path: Path) -> tuple[dict[str, Tensor], bool]:
+    """A Keras HDF5 weights file's weights in our keys, and whether it has the FC layers.
+
+    The layout of Keras' ``save_weights``: the root's attribute ``layer_names``; per layer a group
+    with the attribute ``weight_names`` (kernel, then bias) naming its datasets. Kernels are
+    (h, w, in, out) and (in, out); FC1's rows follow Keras' flattening of an (H, W, C) map.
+    """
+    try:
+        import h5py
+    except ImportError as error:
+        raise UserError(f"{path}: reading Keras files needs h5py (pip install 'verydeep[weights]')") from error
+    try:
+        with h5py.File(_keras_weights(path), "r") as f:
+            if "layers" in f and "layer_names" not in f.attrs:  # Keras 3
+                return named_to_state(_keras_to_torch(_keras3_named(f["layers"], path), path), path), True
+            root = f["model_weights"] if "model_weights" in f else f
+            layers = {name: [np.asarray(root[name][w], dtype=np.float32) for w in _names(root[name], "weight_names")]
+                      for name in _names(root, "layer_names")}
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as error:
+        raise UserError(f"{path}: not a readable Keras weights file ({type(error).__name__}: {error})") from error
+    named = {}
+    for name, arrays in layers.items():
+        ours = KERAS_FC.get(name) or re.sub(r"^block(\d+)_conv(\d+)$", r"conv\1_\2", name)
+        if not arrays:
+            continue
+        if not vgg_layer(ours) or len(arrays) != 2:
+            raise UserError(f"{path}: layer {name!r} with {len(arrays)} weights is no VGG layer "
+                            "(blockB_convI, fc1, fc2, predictions, each with kernel and bias)")
+        named[ours] = tuple(arrays)
+    heads = [n for n in ("fc6", "fc7", "fc8") if n in named]
+    if heads and len(heads) < 3:
+        raise UserError(f"{path}: has {', '.join(heads)} but not all of FC1, FC2 and the predictions")
+    return named_to_state(_keras_to_torch(named, path), path), bool(heads)
+
+
+def _keras_weights(path: Path) -> Path | io.BytesIO:
+    """The HDF5 weights of a Keras file: the file itself, or a ``.keras`` archive's ``model.weights.h5``."""
+    if not zipfile.is_zipfile(path):
+        return path
+    with zipfile.ZipFile(path) as archive:
+        return io.BytesIO(archive.read(KERAS_ARCHIVE_WEIGHTS))
+
+
+def _keras3_named(layers: Any, path: Path) -> dict[str, tuple[np.ndarray, ...]]:
+    """Keras 3's layout (``layers/<key>/vars/<i>``, kernel then bias): a layer's key is its class's
+    name with a counter in the model's layer order (``conv2d``, ``conv2d_1`` ...; ``dense`` ...), so
+    the convolutions, in that order, are the configuration of Table 1 whose kernels they have."""
+    def ordered(kind: str) -> list[tuple[np.ndarray, ...]]:
+        keys = [k for k in layers if re.fullmatch(rf"{kind}(_\d+)?", k) and "vars" in layers[k]]
+        keys.sort(key=lambda k: int(k.rsplit("_", 1)[1]) if "_" in k.removeprefix(kind) else 0)
+        return [tuple(np.asarray(layers[k]["vars"][str(i)], dtype=np.float32) for i in range(len(layers[k]["vars"])))
+                for k in keys]
+
+    convs, dense = ordered("conv2d"), ordered("dense")
+    kernels = [w.shape[0] for w, *_ in convs]
+    config = next((c for c in configs.TABLE_1 if "LRN" not in configs.TABLE_1[c]
+                   and list(conv_kernels(c).values()) == kernels), None)
+    if config is None or len(dense) not in (0, 3) or any(len(arrays) != 2 for arrays in convs + dense):
+        raise UserError(f"{path}: {len(convs)} Keras Conv2D and {len(dense)} Dense layers are no VGG of Table 1")
+    named = dict(zip(conv_kernels(config), convs, strict=True))
+    return named | dict(zip(("fc6", "fc7", "fc8"), dense, strict=False))
+
+
+def _names(group: Any, attribute: str) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs[attribute]]
+
+
+def _keras_to_torch(named: dict[str, tuple[np.ndarray, ...]], path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Keras kernels in PyTorch's shapes: HWIO to OIHW, (in, out) to (out, in), FC1's (H, W, C) rows to (C, H, W)."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (kernel, bias) in named.items():
+        if kernel.ndim != (4 if name.startswith("conv") else 2):
+            raise UserError(f"{path}: layer {name}: a kernel of shape {kernel.shape}")
+        out[name] = (kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T, bias)
+    if "fc6" in out:
+        channels = out[max((n for n in out if n.startswith("conv")), key=_conv_order)][0].shape[0]
+        weight, bias = out["fc6"]
+        grid = math.isqrt(weight.shape[1] // channels)
+        if grid * grid * channels != weight.shape[1]:
+            raise UserError(f"{path}: FC1 takes {weight.shape[1]} inputs, not a square map of {channels} channels")
+        weight = weight.reshape(-1, grid, grid, channels).transpose(0, 3, 1, 2).reshape(weight.shape[0], -1)
+        out["fc6"] = (weight, bias)
+    return out
+
+
+def _conv_order(name: str) -> tuple[int, int]:
+    block, index = name.removeprefix("conv").split("_")
+    return int(block), int(index)
+
