@@ -37,7 +37,7 @@ from verydeep.data.decode import ImageFile, load_region, resample, to_tensor
 from verydeep.data.preprocess import pca_shift
 from verydeep.data.transforms import render
 from verydeep.errors import MissingFileError, UserError
-from verydeep.eval.features import open_image_set
+from verydeep.eval.image_sets import open_image_set
 
 
 def seeded(seed: int) -> torch.Generator:

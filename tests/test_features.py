@@ -14,16 +14,11 @@ from conftest import photo, save, write_dataset
 from verydeep.cli import main
 from verydeep.data import IMAGENET, RescaleTransform, to_input
 from verydeep.errors import UserError
-from verydeep.eval import features as feats
-from verydeep.eval.features import (
-    Features,
-    Settings,
-    aggregate,
-    combine,
-    extract_features,
-    pooled_descriptor,
-    raw_pixel_features,
-)
+from verydeep.eval import feature_passes as passes
+from verydeep.eval.descriptors import aggregate, combine, pooled_descriptor
+from verydeep.eval.feature_passes import Settings
+from verydeep.eval.feature_store import Features
+from verydeep.eval.features import extract_features, raw_pixel_features
 from verydeep.io.checkpoint import export_safetensors
 from verydeep.nn.model import VGG
 
@@ -148,7 +143,7 @@ def test_stored_features_are_plain_numpy(net, photos, tmp_path):
 def test_an_interrupted_extraction_continues_where_it_stopped(net, photos, tmp_path, monkeypatch):
     whole = extract_features([net], photos, settings=settings())
     out = tmp_path / "features.npz"
-    describe_batch = feats.describe_batch
+    describe_batch = passes.describe_batch
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -157,7 +152,7 @@ def test_an_interrupted_extraction_continues_where_it_stopped(net, photos, tmp_p
             raise KeyboardInterrupt
         describe_batch(*args, **kwargs)
 
-    monkeypatch.setattr(feats, "describe_batch", interrupted)
+    monkeypatch.setattr(passes, "describe_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         extract_features([net], photos, out, settings(checkpoint_every=3))
     assert Path(f"{out}.partial").is_file() and not out.exists()
@@ -175,7 +170,7 @@ def test_a_partial_extraction_of_other_settings_is_refused(net, photos, tmp_path
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(feats, "describe_batch", stop)
+    monkeypatch.setattr(passes, "describe_batch", stop)
     with pytest.raises(KeyboardInterrupt):
         extract_features([net], photos, out, settings())
     monkeypatch.undo()
@@ -233,7 +228,7 @@ def test_a_truncated_or_damaged_partial_extraction_is_one_line_naming_it(net, ph
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(feats, "describe_batch", stop)
+    monkeypatch.setattr(passes, "describe_batch", stop)
     with pytest.raises(KeyboardInterrupt):
         extract_features([net], photos, out, settings(scales=(32,)))
     monkeypatch.undo()

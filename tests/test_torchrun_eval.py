@@ -22,7 +22,7 @@ from conftest import photo, save, write_dataset
 
 from verydeep.cli import main
 from verydeep.data import IMAGENET
-from verydeep.eval import features as feats
+from verydeep.eval import feature_passes as passes
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.runtime import sharding
 
@@ -153,7 +153,7 @@ def test_features_on_two_processes_continue_one_processs_and_merge_at_every_save
     argv = ["features", "--weights", str(source), "--data", str(root), "--scales", "32,40", "--batch-size", "2",
             "--checkpoint-every", "1", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--no-progress"]
     one_process(capsys, *argv, "--out", str(tmp_path / "one.npz"))
-    describe, calls = feats.describe_batch, []
+    describe, calls = passes.describe_batch, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -161,7 +161,7 @@ def test_features_on_two_processes_continue_one_processs_and_merge_at_every_save
             raise KeyboardInterrupt
         describe(*args, **kwargs)
 
-    monkeypatch.setattr(feats, "describe_batch", interrupted)
+    monkeypatch.setattr(passes, "describe_batch", interrupted)
     with one_thread():
         assert main([*argv, "--out", str(tmp_path / "two.npz")]) == 130
     with np.load(tmp_path / "two.npz.partial") as partial:

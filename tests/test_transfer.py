@@ -17,7 +17,8 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score
 from verydeep.cli import main
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, VOCObject, image_labels, open_voc, read_annotation
 from verydeep.errors import MissingFileError, UserError
-from verydeep.eval.features import Features, describe
+from verydeep.eval.feature_store import Features
+from verydeep.eval.features import describe
 from verydeep.eval.transfer import (
     average_precision,
     caltech_splits,

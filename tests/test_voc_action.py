@@ -24,7 +24,9 @@ from verydeep.data.transforms import resized_size
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE
 from verydeep.data.voc_action import open_voc_action
 from verydeep.errors import MissingFileError, UserError
-from verydeep.eval.features import Features, Settings, combine, l2_normalise, pooled_descriptor
+from verydeep.eval.descriptors import combine, l2_normalise, pooled_descriptor
+from verydeep.eval.feature_passes import Settings
+from verydeep.eval.feature_store import Features
 from verydeep.eval.transfer import AP_KINDS, average_precision, class_scores, run_voc_action
 from verydeep.io.checkpoint import export_safetensors
 from verydeep.nn.model import VGG
@@ -226,10 +228,10 @@ def test_box_descriptors_equal_the_cropped_regions_described_by_hand_and_are_sta
 
 def test_an_interrupted_extraction_of_persons_continues_and_other_regions_refuse_its_partial(root, net, tmp_path,
                                                                                               monkeypatch):
-    from verydeep.eval import features as feats
+    from verydeep.eval import feature_passes as passes
     from verydeep.eval.box_features import extract_action_features
 
-    describe_batch, calls, stop = feats.describe_batch, [], [None]
+    describe_batch, calls, stop = passes.describe_batch, [], [None]
 
     def counted(*args, **kwargs):
         calls.append(args[3])
@@ -237,7 +239,7 @@ def test_an_interrupted_extraction_of_persons_continues_and_other_regions_refuse
             raise KeyboardInterrupt
         describe_batch(*args, **kwargs)
 
-    monkeypatch.setattr(feats, "describe_batch", counted)
+    monkeypatch.setattr(passes, "describe_batch", counted)
     settings = Settings.create((32, 48), "stack", "cpu", "fp32", 2, 0, False, checkpoint_every=2)
     whole = extract_action_features([net], root, "image+box", settings=settings)
     batches, out = len(calls), tmp_path / "persons.npz"

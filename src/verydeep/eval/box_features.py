@@ -3,7 +3,7 @@
 Each (image, person) of a VOC action root (:mod:`verydeep.data.voc_action`) is one row. Two
 settings, ``--regions``: ``image``, the descriptor of the whole image (the same for every person
 in it), and ``image+box``, that descriptor stacked with the descriptor of the person's box. The box
-region is described as a whole image is (:mod:`verydeep.eval.features`): rescaled isotropically so its
+region is described as a whole image is (:mod:`verydeep.eval.descriptors`): rescaled isotropically so its
 smallest side is Q, the dense net's FC7 map global-average pooled and averaged with the mirrored
 region's, stacked or averaged over Q, L2-normalised; the image's and the box's descriptors (of each
 net) are stacked and normalised again, so that each weighs the same.
@@ -27,19 +27,10 @@ from verydeep.data.jpeg import Size, decoded_size
 from verydeep.data.transforms import CropPlan, PlannedTransform, reduction, resized_size
 from verydeep.data.voc_action import VOCActionData, open_voc_action
 from verydeep.errors import UserError
-from verydeep.eval.features import (
-    TAP,
-    Features,
-    ImageSet,
-    IndexedImages,
-    Partial,
-    Settings,
-    aggregate,
-    combine,
-    extraction_key,
-    load_feature_nets,
-    run_passes,
-)
+from verydeep.eval.descriptors import TAP, aggregate, combine, load_feature_nets
+from verydeep.eval.feature_passes import Settings, run_passes
+from verydeep.eval.feature_store import Features, Partial, extraction_key
+from verydeep.eval.image_sets import ImageSet, IndexedImages
 from verydeep.runtime import Processes
 from verydeep.runtime.limits import MAX_TEST_PIXELS
 
@@ -70,7 +61,7 @@ class RegionTransform(PlannedTransform):
 
 class RegionImages(IndexedImages):
     """Whole images followed by box regions of them, as one dataset for the passes of
-    :func:`verydeep.eval.features.run_passes`: item ``i`` is image ``paths[i]`` rescaled by the pass's
+    :func:`verydeep.eval.feature_passes.run_passes`: item ``i`` is image ``paths[i]`` rescaled by the pass's
     transform (a :class:`~verydeep.data.transforms.RescaleTransform` to Q), or, past the images, a box
     region rescaled to the same Q. ``sizes`` are the images' and the regions' (w, h), which group batches."""
 

@@ -1,18 +1,14 @@
 """Very deep features for other datasets (Appendix B): FC7 descriptors of the dense net, for linear SVMs.
 
-The last FC layer is dropped and the penultimate layer's activations (FC7 after its ReLU, the tap
-``relu7``: 4096-d at full width) describe the image. The net is applied densely (Sec. 3.2) to the whole
-image rescaled so its smallest side is Q; the FC7 map is global-average pooled, and averaged with the
-mirrored image's descriptor. Over several Q the descriptors are stacked (concatenated) or averaged,
-then L2-normalised; several nets stack their normalised descriptors (Table 11's "D and E"), the
-whole normalised again so that each net weighs the same. Q is in pixels, whatever the net's crop
-(the paper's 256, 384, 512 by default, its Caltech setting); a Q below a net's crop is an error.
-
-Images are batched by their size after the rescale, bf16 where fast. Each image's descriptor per net
-and Q is kept before aggregation; every ``checkpoint_every`` batches (and on Ctrl-C) what is done is
-written atomically to ``OUT.partial``, from which a run with the same nets, images and scales
-continues. The result (:class:`Features`) is an ``.npz`` numpy reads: ``features``, ``labels``,
-``paths``, ``splits``, ``classes``, ``class_names``, ``skipped`` and ``settings`` (JSON).
+The extraction over a set of images (:mod:`verydeep.eval.image_sets`) by one or several nets
+(:mod:`verydeep.eval.descriptors`: the dense net's FC7 map pooled, averaged with the mirrored image's,
+stacked or averaged over Q, L2-normalised), in passes over the test scales
+(:mod:`verydeep.eval.feature_passes`), resumable from ``OUT.partial``
+(:mod:`verydeep.eval.feature_store`); the raw-pixel baseline; the ``features`` command and the flags it
+shares with ``transfer``. Q is in pixels, whatever the net's crop (the paper's 256, 384, 512 by default,
+its Caltech setting); a Q below a net's crop is an error. The result (:class:`Features`) is an ``.npz``
+numpy reads: ``features``, ``labels``, ``paths``, ``splits``, ``classes``, ``class_names``, ``skipped``
+and ``settings`` (JSON).
 
 Activations at any other layer (``conv1_1`` .. ``pool5``, ``fc6``, ``fc7``) come from
 ``model.extract(x, names)`` or, as maps of the fully-convolutional form, ``model.dense().extract``.
@@ -21,18 +17,11 @@ Activations at any other layer (``conv1_1`` .. ``pool5``, ``fc6``, ``fc7``) come
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import zipfile
-import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from verydeep.cli import (
     add_device,
@@ -44,442 +33,22 @@ from verydeep.cli import (
     parse_scales,
     positive_int,
 )
-from verydeep.data import (
-    CenterCropTransform,
-    ImageFolder,
-    LabelledImages,
-    Preprocess,
-    RescaleTransform,
-    SizeGroupedBatchSampler,
-    collate,
-    find_split,
-    to_input,
+from verydeep.data import CenterCropTransform
+from verydeep.errors import UserError
+from verydeep.eval.box_features import REGIONS, extract_action_features
+from verydeep.eval.descriptors import (
+    AGGREGATES,
+    DEFAULT_SCALES,
+    TAP,
+    aggregate,
+    combine,
+    l2_normalise,
+    load_feature_nets,
 )
-from verydeep.data.datasets import require_folder
-from verydeep.data.loaders import image_loader
-from verydeep.data.voc import is_voc, open_voc
-from verydeep.errors import MissingFileError, UserError
-from verydeep.io.checkpoint import atomic_write
-from verydeep.io.sources import load
-from verydeep.nn.model import DenseVGG
-from verydeep.runtime import (
-    Processes,
-    autocast,
-    autocast_dtype,
-    available_memory_bytes,
-    default_workers,
-    pick_device,
-    prepare,
-    progress_bar,
-    sharding,
-)
-
-#: The layer whose activations are the descriptor: FC7 after its ReLU.
-TAP = "relu7"
-AGGREGATES = ("stack", "average")
-#: The paper's Caltech scales Q (its VOC descriptors averaged 256 to 768 in steps of 128).
-DEFAULT_SCALES = (256, 384, 512)
-
-
-# ---- descriptors ----------------------------------------------------------------------------
-
-
-def pooled_descriptor(dense: DenseVGG, x: Tensor, flip: bool = True) -> Tensor:
-    """Appendix B: the ``relu7`` map of the dense net on normalised images (N, 3, H, W), global-average
-    pooled, averaged with the mirrored images' when ``flip``: (N, FC7 width), float32."""
-    n = x.shape[0]
-    inputs = torch.cat([x, x.flip(-1)]) if flip else x
-    pooled = dense.extract(inputs, [TAP])[TAP].float().mean(dim=(2, 3))
-    return pooled.view(2, n, -1).mean(dim=0) if flip else pooled
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit Euclidean norm (a zero row stays zero)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def aggregate(per_scale: Sequence[np.ndarray], how: str) -> np.ndarray:
-    """One net's descriptors (N, D) at each Q, stacked to (N, D x scales) or averaged to (N, D), then L2-normalised."""
-    if how not in AGGREGATES:
-        raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}; got {how!r}")
-    joined = np.concatenate(per_scale, axis=1) if how == "stack" else np.mean(per_scale, axis=0)
-    return l2_normalise(joined)
-
-
-def combine(per_net: Sequence[np.ndarray]) -> np.ndarray:
-    """Several nets' normalised descriptors stacked and L2-normalised again (each net weighs the same)."""
-    return l2_normalise(np.concatenate(per_net, axis=1))
-
-
-# ---- images ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ImageSet:
-    """Images to describe: their paths, labels ((N,) class indices, or (N, classes) in {1, 0, -1} for
-    multi-label VOC data), the part each belongs to (``train``, ``test``, or ``""`` where the protocol
-    draws random splits) and the classes."""
-
-    paths: list[str]
-    labels: np.ndarray
-    splits: list[str]
-    classes: list[str]
-    class_names: list[str]
-
-
-class IndexedImages(LabelledImages):
-    """``paths`` as a dataset whose items are labelled by their index (a batch's labels say which images
-    it holds); unreadable files are skipped and named."""
-
-    def __init__(self, paths: Sequence[str | Path], transform: Any = None) -> None:
-        super().__init__(transform, strict=False)
-        self.samples = [(Path(p), i) for i, p in enumerate(paths)]
-        self.classes, self.class_names = [], []
-
-
-def open_image_set(data: str | Path) -> ImageSet:
-    """The images of ``data``: a VOC root (:mod:`verydeep.data.voc`), a root with ``train/`` and ``test/``
-    (or ``val/``) class folders (one given split), or a folder of class folders (split at random later)."""
-
-    root = require_folder(Path(data))
-    if is_voc(root):
-        voc = open_voc(root)
-        return ImageSet([str(p) for p in voc.paths], voc.labels, voc.splits, voc.classes, voc.classes)
-    if not (root / "train").is_dir():
-        folder = ImageFolder(root, None)
-        return ImageSet([str(p) for p, _ in folder.samples], np.array(folder.targets), [""] * len(folder),
-                        folder.classes, folder.class_names)
-    train, test = ImageFolder(find_split(root, "train"), None), ImageFolder(find_split(root, "test"), None)
-    if train.classes != test.classes:
-        raise UserError(f"{root}: the classes of {train.root.name}/ and {test.root.name}/ differ")
-    parts = [("train", train), ("test", test)]
-    return ImageSet([str(p) for _, part in parts for p, _ in part.samples],
-                    np.array([t for _, part in parts for t in part.targets]),
-                    [name for name, part in parts for _ in part.samples], train.classes, train.class_names)
-
-
-def loaded_batches(dataset: LabelledImages, batches: Sequence[list[int]], workers: int,
-                   ) -> Iterator[tuple[np.ndarray, Tensor, list[str]]]:
-    """The batches of ``dataset``: the indices of the images read, the uint8 images, the paths skipped."""
-
-
-    loader = image_loader(dataset, batches, workers, collate)
-    for batch in loader:
-        yield batch.labels.numpy(), batch.images, batch.skipped
-
-
-# ---- nets -----------------------------------------------------------------------------------
-
-
-@dataclass
-class FeatureNet:
-    """A net whose FC7 describes images: its source, name, dense form, input convention and crop."""
-
-    source: str
-    name: str
-    dense: DenseVGG
-    preprocess: Preprocess
-    crop: int
-    dims: int  # FC7's width
-    digest: str  # of its weights: a partial extraction continues only with the same weights
-
-    def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "model": self.name, "crop": self.crop, "digest": self.digest}
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """A BLAKE2 digest of every tensor of ``model``'s state dict."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: torch.device,
-                      weights_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> list[FeatureNet]:
-    """Each source through :func:`verydeep.load`, refused when it holds no FC layers (Keras' ``notop``
-    files: FC7 would be random); the input convention is the weights' own; the weights in ``dtype``, the
-    autocast dtype the net runs under, when given."""
-    if not sources:
-        raise UserError("give --weights SOURCE (or --raw-pixels SIDE)")
-    nets = []
-    for source in sources:
-        loaded = load(source, weights_dir, data=data, purpose="give FC7 features")
-        digest = weights_digest(loaded.model)  # of the weights as stored, whatever dtype they run in
-        model = prepare(loaded.model, device, dtype=dtype).eval()
-        nets.append(FeatureNet(str(source), loaded.name, model.dense(), loaded.preprocess, model.input_size,
-                               model.fc_layers()["fc7"].out_features, digest))
-    return nets
-
-
-# ---- results --------------------------------------------------------------------------------
-
-
-@dataclass
-class Features:
-    """Descriptors (N, D) float32, one row per readable image, with what the protocols need: labels,
-    paths, splits, classes and class names; the images skipped; how they were made (``settings``)."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    paths: list[str]
-    splits: list[str]
-    classes: list[str]
-    class_names: list[str]
-    settings: dict[str, Any]
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def multilabel(self) -> bool:
-        return self.labels.ndim == 2
-
-    def save(self, path: str | Path) -> Path:
-        """Write an ``.npz`` atomically (numpy reads it without pickles)."""
-        arrays = {"features": self.features.astype(np.float32), "labels": self.labels,
-                  "paths": np.array(self.paths, dtype=str), "splits": np.array(self.splits, dtype=str),
-                  "classes": np.array(self.classes, dtype=str), "class_names": np.array(self.class_names, dtype=str),
-                  "skipped": np.array(self.skipped, dtype=str), "settings": np.array(json.dumps(self.settings))}
-        return atomic_write(path, lambda tmp: _savez(tmp, arrays))
-
-    @classmethod
-    def load(cls, path: str | Path) -> Features:
-        """Read what :meth:`save` wrote; a missing, damaged or foreign file, or one whose numbers are not
-        finite or out of range, is a one-line error naming it."""
-        arrays = _load_npz(path, ("features", "labels", "paths", "splits", "classes", "class_names", "skipped",
-                                  "settings"))
-        x = arrays["features"]
-        if x.ndim != 2 or x.dtype.kind not in "fiu" or 0 in x.shape:
-            raise UserError(f"{path}: features must be a 2-D array of numbers, images x dimensions, neither zero; "
-                            f"got {x.dtype} of shape {x.shape}")
-        if not np.isfinite(x).all():
-            row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-            raise UserError(f"{path}: features hold values that are not finite (NaN or inf), first in row {row}")
-        classes = _strings(path, arrays, "classes")
-        if not classes:
-            raise UserError(f"{path}: classes is empty")
-        paths, splits = _strings(path, arrays, "paths", len(x)), _strings(path, arrays, "splits", len(x))
-        odd = sorted(set(splits) - {"train", "test", ""})
-        if odd:
-            raise UserError(f"{path}: splits must be train, test or empty; got {odd[0]!r}")
-        return cls(x, _labels(path, arrays["labels"], len(x), len(classes)), paths, splits, classes,
-                   _strings(path, arrays, "class_names", len(classes)), _settings(path, arrays["settings"]),
-                   _strings(path, arrays, "skipped"))
-
-
-def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
-        np.savez(f, **arrays)
-
-
-def _strings(path: str | Path, arrays: dict[str, np.ndarray], key: str, length: int | None = None) -> list[str]:
-    """``arrays[key]`` as a list of strings, checked to be a 1-D array of text of ``length`` (when given)."""
-    value = arrays[key]
-    if value.ndim != 1 or (len(value) and value.dtype.kind != "U") or length not in (None, len(value)):
-        size = "" if length is None else f" {length}"
-        raise UserError(f"{path}: {key} must be a list of{size} strings; got {value.dtype} of shape {value.shape}")
-    return [str(v) for v in value]
-
-
-def _labels(path: str | Path, labels: np.ndarray, images: int, classes: int) -> np.ndarray:
-    """Checked labels: (images,) class indices in [0, classes), or (images, classes) in {1, 0, -1} (VOC)."""
-    if labels.dtype.kind not in "iu" or labels.shape not in ((images,), (images, classes)):
-        raise UserError(f"{path}: labels must be integers of shape ({images},) or ({images}, {classes}) for its "
-                        f"{images} images and {classes} classes; got {labels.dtype} of shape {labels.shape}")
-    low, high = (0, classes - 1) if labels.ndim == 1 else (-1, 1)
-    if labels.size and (labels.min() < low or labels.max() > high):
-        raise UserError(f"{path}: labels must lie in [{low}, {high}]; got values from {labels.min()} to "
-                        f"{labels.max()}")
-    return labels
-
-
-def _settings(path: str | Path, value: np.ndarray) -> dict[str, Any]:
-    """The JSON object stored as ``settings``."""
-    try:
-        settings = json.loads(str(value.item())) if value.ndim == 0 and value.dtype.kind == "U" else None
-    except json.JSONDecodeError:
-        settings = None
-    if not isinstance(settings, dict):
-        raise UserError(f"{path}: settings must be a JSON object (how the features were made)")
-    return settings
-
-
-def _load_npz(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: a folder, not a features file")
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such features file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
-        raise UserError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from error
-    missing = [k for k in keys if k not in arrays]
-    if missing:
-        raise UserError(f"{path}: not a verydeep features file (no {', '.join(missing)})")
-    return arrays
-
-
-# ---- extraction -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How descriptors are computed: scales Q, aggregation, device, autocast dtype, batch size, loader
-    workers, progress bar, and how many batches between saves of a partial extraction."""
-
-    scales: tuple[int, ...] = DEFAULT_SCALES
-    aggregate: str = "stack"
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype | None = None
-    batch_size: int = 16
-    workers: int = 0
-    progress: bool = True
-    checkpoint_every: int = 50
-
-    @classmethod
-    def create(cls, scales: Sequence[int] = DEFAULT_SCALES, aggregate: str = "stack", device: str = "auto",
-               precision: str = "auto", batch_size: int = 16, workers: int | None = None, progress: bool = True,
-               checkpoint_every: int = 50) -> Settings:
-        """Settings with the device picked (``auto``: CUDA when there is one), bf16 where it is fast
-        (``precision`` auto), and the loader workers defaulting to the cores less one."""
-
-        if aggregate not in AGGREGATES:
-            raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}; got {aggregate!r}")
-        if not scales or min(scales) < 1 or batch_size < 1 or checkpoint_every < 1:
-            raise UserError("--scales, --batch-size and --checkpoint-every must be positive")
-        torch_device = pick_device(device)
-        dtype = sharding.agreed(autocast_dtype(torch_device, precision))  # measured: the first process's
-        return cls(tuple(sorted(set(scales))), aggregate, torch_device, dtype,
-                   batch_size, default_workers() if workers is None else workers, progress, checkpoint_every)
-
-
-@dataclass
-class Partial:
-    """Descriptors per (net, Q) before aggregation, which images each Q's pass has done, the images
-    skipped, and the ``key`` (nets, images, scales) that a run must match to continue from them."""
-
-    key: str
-    arrays: dict[str, np.ndarray]  # "net0_Q256": (N, D) float32
-    done: np.ndarray  # (scales, N) bool
-    skipped: set[str]
-
-    @classmethod
-    def start(cls, key: str, nets: Sequence[FeatureNet], scales: Sequence[int], n: int) -> Partial:
-        arrays = {f"net{i}_Q{q}": np.zeros((n, net.dims), np.float32)
-                  for i, net in enumerate(nets) for q in scales}
-        return cls(key, arrays, np.zeros((len(scales), n), dtype=bool), set())
-
-    def save(self, path: Path) -> None:
-        arrays = {**self.arrays, "done": self.done, "skipped": np.array(sorted(self.skipped), dtype=str),
-                  "key": np.array(self.key)}
-        atomic_write(path, lambda tmp: _savez(tmp, arrays))
-
-    def merge(self, p: int, q: int, rows: Sequence[int]) -> None:
-        """Under ``torchrun``: the rows each process did in the ``p``-th pass (at Q = ``q``) since the last
-        merge, ``rows`` this process's, and the images skipped, into every process's state."""
-        for name, array in self.arrays.items():
-            if name.endswith(f"_Q{q}"):
-                sharding.gather_rows(array, rows)
-        sharding.gather_rows(self.done[p], rows)
-        self.skipped = sharding.union(self.skipped)
-
-    @classmethod
-    def resume(cls, path: Path, fresh: Partial) -> Partial:
-        """The saved extraction at ``path`` when its key is ``fresh``'s, else ``fresh``; a partial
-        extraction of other nets, images or scales is an error (nothing is silently thrown away)."""
-        if not path.is_file():
-            return fresh
-        arrays = _load_npz(path, ("done", "skipped", "key"))
-        if str(arrays["key"]) != fresh.key or set(fresh.arrays) - set(arrays):
-            raise UserError(f"{path}: a partial extraction with other nets, images or scales; give the same "
-                            "settings to continue it, or delete it")
-        for name, like in [("done", fresh.done), *fresh.arrays.items()]:
-            value = arrays[name]
-            if value.shape != like.shape or value.dtype != like.dtype:
-                raise UserError(f"{path}: damaged partial extraction ({name} is {value.dtype} of shape "
-                                f"{value.shape}, not {like.dtype} of shape {like.shape}); delete it")
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise UserError(f"{path}: damaged partial extraction ({name} holds values that are not finite); "
-                                "delete it")
-        return cls(fresh.key, {k: arrays[k] for k in fresh.arrays}, arrays["done"],
-                   set(_strings(path, arrays, "skipped")))
-
-
-def extraction_key(nets: Sequence[FeatureNet], images: ImageSet, scales: Sequence[int]) -> str:
-    """What the per-image descriptors depend on, as JSON: the nets' weights and the images' paths, the scales."""
-    paths = hashlib.blake2b("\n".join(images.paths).encode(), digest_size=16).hexdigest()
-    return json.dumps({"nets": [n.digest for n in nets], "paths": paths, "scales": list(scales), "tap": TAP})
-
-
-def run_passes(nets: Sequence[FeatureNet], images: ImageSet, state: Partial, settings: Settings,
-               partial_path: Path | None, dataset: IndexedImages | None = None) -> None:
-    """Fill ``state`` with every net's descriptors of every image not yet done, one pass per Q; save it
-    every ``checkpoint_every`` batches and when interrupted. Under ``torchrun`` the processes share each
-    pass's batches in lockstep, merge their work at every save and at the end of each pass, and the
-    first alone writes."""
-
-    if dataset is None:  # else the caller's items, one per row (person boxes: verydeep.eval.box_features)
-        dataset = IndexedImages(images.paths)  # its image sizes are read once, for every pass
-    procs, batches = Processes.from_env(), 0
-    main, left = procs.main, None if procs.distributed else int((~state.done).sum())  # of this process's share
-    with progress_bar(left, settings.progress and main, unit="img") as bar:
-        try:
-            for p, q in enumerate(settings.scales):
-                bar.set_description(f"features Q={q}", refresh=False)
-                fresh: list[int] = []  # the rows this process did since the last merge
-                for rows in run_pass(nets, dataset, p, state, settings):
-                    bar.update(len(rows))
-                    fresh += rows
-                    batches += 1
-                    if batches % settings.checkpoint_every == 0:
-                        state.merge(p, q, fresh)
-                        fresh = []
-                        if partial_path is not None and main:
-                            state.save(partial_path)
-                state.merge(p, q, fresh)
-        except KeyboardInterrupt:
-            if partial_path is not None and main:  # its own rows and those merged: each done one is right
-                state.save(partial_path)
-            raise
-
-
-def run_pass(nets: Sequence[FeatureNet], dataset: IndexedImages, p: int, state: Partial, settings: Settings
-             ) -> Iterator[list[int]]:
-    """The pass at the ``p``-th Q over the images it has not done, whole images batched by their size after
-    the rescale (this process's share of the batches, :func:`verydeep.runtime.sharding.shard`); yields the rows
-    each batch completed, and nothing for the rounds in which another process is still at work."""
-
-    q = settings.scales[p]
-    dataset.transform = RescaleTransform(q)
-    position = {str(path): i for path, i in dataset.samples}
-    batches = [[i for i in batch if not state.done[p, i]]
-               for batch in SizeGroupedBatchSampler(dataset, q, settings.batch_size).batches]
-    batches = [b for b in batches if b]
-    mine = sharding.shard(batches)
-    for indices, batch, skipped in loaded_batches(dataset, mine, settings.workers):
-        describe_batch(nets, batch, indices, q, state, settings)
-        state.skipped.update(skipped)
-        rows = [*indices.tolist(), *(position[path] for path in skipped)]
-        state.done[p, rows] = True
-        yield rows
-    for _ in range(sharding.rounds(len(batches)) - len(mine)):
-        yield []
-
-
-@torch.inference_mode()
-def describe_batch(nets: Sequence[FeatureNet], images: Tensor, indices: np.ndarray, q: int, state: Partial,
-                   settings: Settings) -> None:
-    """Every net's descriptors of one batch of uint8 images at Q = ``q``, into ``state``."""
-
-    if not len(indices):
-        return
-    images = images.to(settings.device)
-    for i, net in enumerate(nets):
-        x = to_input(images, net.preprocess).contiguous(memory_format=torch.channels_last)
-        with autocast(settings.device, settings.dtype):
-            state.arrays[f"net{i}_Q{q}"][indices] = pooled_descriptor(net.dense, x).cpu().numpy()
+from verydeep.eval.feature_passes import Settings, run_passes
+from verydeep.eval.feature_store import Features, Partial, extraction_key
+from verydeep.eval.image_sets import ImageSet, IndexedImages, loaded_batches, open_image_set
+from verydeep.runtime import Processes, available_memory_bytes, progress_bar, sharding
 
 
 def extract_features(sources: Sequence[str | Path], data: str | Path, out: str | Path | None = None,
@@ -565,8 +134,6 @@ def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = 
 
 def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     """The flags that say which images are described and how: ``features``' and ``transfer``'s."""
-    from verydeep.eval.box_features import REGIONS
-
     add_weights(p, repeat="stack several nets' descriptors")
     p.add_argument("--raw-pixels", type=image_side, default=None, metavar="SIDE",
                    help="instead of a net, the pixels of each image's central SIDE x SIDE square (a baseline)")
@@ -597,8 +164,6 @@ def features_from_args(args: argparse.Namespace, out: Path | None) -> Features:
     settings = Settings.create(args.scales, args.aggregate, args.device, args.precision, args.batch_size,
                                args.workers, args.progress, args.checkpoint_every)
     if args.regions is not None:
-        from verydeep.eval.box_features import extract_action_features
-
         if args.raw_pixels:
             raise UserError("--regions describes persons with a net's features: give --weights, not --raw-pixels")
         return extract_action_features(args.weights, args.data, args.regions, out, settings, args.weights_dir)

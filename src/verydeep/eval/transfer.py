@@ -32,7 +32,9 @@ import numpy as np
 
 from verydeep.cli import natural_int, output_file, positive_int
 from verydeep.errors import UserError
-from verydeep.eval.features import Features, add_extraction_flags, describe, features_from_args, origin
+from verydeep.eval.box_features import REGIONS
+from verydeep.eval.feature_store import Features
+from verydeep.eval.features import add_extraction_flags, describe, features_from_args, origin
 from verydeep.paper.figures import TABLE_11, TABLE_12
 from verydeep.paper.report import Column, Row, Table, join_markdown, percent, to_json_dict
 
@@ -270,8 +272,6 @@ class ActionResult(VOCResult):
 def run_voc_action(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
                    seed: int = 0) -> ActionResult:
     """The ``voc-action`` protocol (see the module's description)."""
-    from verydeep.eval.box_features import REGIONS
-
     regions = features.settings.get("regions")
     if regions not in REGIONS or not features.multilabel:
         raise UserError("these features are not of VOC action persons; make them with verydeep features --regions "
