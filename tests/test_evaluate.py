@@ -14,21 +14,11 @@ from PIL import Image
 from verydeep.cli import main
 from verydeep.data import IMAGENET, balanced_subset, grid_crops, save_preprocess
 from verydeep.errors import UserError
-from verydeep.eval.evaluate import (
-    EvalResult,
-    EvalRow,
-    Net,
-    PaperFigures,
-    RowSpec,
-    dense_posteriors,
-    derive_scales,
-    evaluate,
-    load_nets,
-    multicrop_posteriors,
-    net_scales,
-    paper_figures,
-)
+from verydeep.eval.evaluate import evaluate
 from verydeep.eval.metrics import per_class_accuracy, topk_correct, topk_error
+from verydeep.eval.nets import Net, derive_scales, load_nets, net_scales
+from verydeep.eval.rows import EvalResult, EvalRow, PaperFigures, RowSpec, paper_figures
+from verydeep.eval.sweep import dense_posteriors, multicrop_posteriors
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.paper import figures
 from verydeep.paper.report import (

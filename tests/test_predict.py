@@ -17,7 +17,8 @@ from PIL import Image
 from verydeep.cli import main
 from verydeep.data import IMAGENET, RescaleTransform
 from verydeep.errors import UserError
-from verydeep.eval.evaluate import evaluate, load_nets
+from verydeep.eval.evaluate import evaluate
+from verydeep.eval.nets import load_nets
 from verydeep.eval.predict import predict, saliency_map
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 

@@ -26,7 +26,7 @@ pytest.importorskip("starlette", reason="verydeep serve needs the app extra: pip
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (the dev extra)")
 
 from verydeep.cli import main  # noqa: E402
-from verydeep.eval.evaluate import load_nets  # noqa: E402
+from verydeep.eval.nets import load_nets  # noqa: E402
 from verydeep.eval.predict import load_image, saliency_map  # noqa: E402
 from verydeep.serve import MAX_UPLOAD_BYTES, load_looker  # noqa: E402
 

@@ -1,11 +1,11 @@
 """Classify images with a trained or published net: dense evaluation over the whole image (Sec. 3.2),
 and the image-specific class saliency maps of Simonyan, Vedaldi & Zisserman (2014).
 
-Each image is rescaled to every test scale Q of the net (see :func:`verydeep.eval.evaluate.net_scales`),
+Each image is rescaled to every test scale Q of the net (see :func:`verydeep.eval.nets.net_scales`),
 the fully-convolutional net's class score map averaged spatially, the mirrored image averaged in,
 and the posteriors averaged over Q; the top-k classes are reported with their human-readable names.
 ``--protocol multicrop`` takes the 5x5 grid of crops and their flips instead, ``dense+multicrop``
-the average of both (Table 5), through the same functions as :mod:`verydeep.eval.evaluate`.
+the average of both (Table 5), through the same functions as :mod:`verydeep.eval.sweep`.
 The net's input convention (channel order, value scale, statistics) comes with its weights.
 
 The saliency map ("Deep Inside Convolutional Networks", ICLR 2014 workshop, Sec. 3.1) is the
@@ -30,7 +30,9 @@ from torch import Tensor
 
 from verydeep.cli import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
 from verydeep.errors import MissingFileError, UserError
-from verydeep.eval.evaluate import Net, average, given_weights, load_nets, net_posteriors, net_scales
+from verydeep.eval.evaluate import given_weights
+from verydeep.eval.nets import Net, load_nets, net_scales
+from verydeep.eval.sweep import average, net_posteriors
 from verydeep.io.checkpoint import atomic_write
 from verydeep.paper.report import to_json_dict
 from verydeep.runtime import autocast, autocast_dtype, pick_device
@@ -227,7 +229,7 @@ def chosen_scales(net: Net, scales: Sequence[int] | None) -> list[int]:
 def predict_with(net: Net, images: Sequence[str | Path], topk: int, flip: bool, device: torch.device,
                  dtype: torch.dtype | None, saliency: Sequence[Path] | None = None, protocol: str = "dense",
                  scales: Sequence[int] | None = None) -> Prediction:
-    """:func:`predict` by a net already loaded (:func:`verydeep.eval.evaluate.load_nets`), at its test scales or
+    """:func:`predict` by a net already loaded (:func:`verydeep.eval.nets.load_nets`), at its test scales or
     ``scales``, the saliency maps drawn into ``saliency`` (one PNG per image) when given."""
     chosen = chosen_scales(net, scales)
     predictions = []

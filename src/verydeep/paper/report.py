@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from verydeep.paper.figures import scale_text
 
 if TYPE_CHECKING:
-    from verydeep.eval.evaluate import EvalResult, EvalRow, NetInfo
+    from verydeep.eval.nets import NetInfo
+    from verydeep.eval.rows import EvalResult, EvalRow
 
 #: How tables and row names print each evaluation protocol (Sec. 3.2).
 PROTOCOL_LABELS = {
