@@ -3,8 +3,9 @@
     data.py          the training and validation images and their loaders
     start.py         the model's first weights: random init, published weights, net A's (warm start)
     memory_fit.py    the micro-batch whose step fits the memory
-    checkpointing.py the run directory, atomic checkpoints, exact resume
+    checkpointing.py the run directory and record, atomic checkpoints, exact resume
     step.py          forward, backward and update of one global batch
+    validation.py    the validation metrics of an epoch, which decide the schedule
     schedule.py      the learning-rate schedule and an epoch's sums
     metrics_log.py   metrics.jsonl, and TensorBoard with --tensorboard
     recipe.py        TrainConfig (every option, its flag and check), recipes/, the run record

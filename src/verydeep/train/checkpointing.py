@@ -1,4 +1,4 @@
-"""A run's directory and its checkpoints: atomic writes, exact resume, nothing of an old run mixed in.
+"""A run's directory, its record and its checkpoints: atomic writes, exact resume, nothing of an old run mixed in.
 
 ``checkpoints/last.pt`` is what ``--resume`` continues from; ``epoch-0007.pt`` (the newest
 ``--keep-last``), ``best.pt`` and its export ``model.safetensors`` follow each epoch. Every write is
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from verydeep import runtime
+from verydeep.data import Preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.checkpoint import (
     atomic_write,
@@ -25,7 +26,9 @@ from verydeep.io.checkpoint import (
     safetensors_metadata,
     save_checkpoint,
 )
-from verydeep.nn.tasks import Classification
+from verydeep.nn.init import REASONS as INIT_REASONS
+from verydeep.nn.tasks import Classification, Task
+from verydeep.train.data import TrainingData
 from verydeep.train.recipe import RUN_RECORD, TrainConfig, flag_name
 
 #: Run-record keys that must agree for ``resume`` to continue a run.
@@ -36,6 +39,14 @@ EPOCH_CHECKPOINT = "epoch-{:04d}.pt"
 
 #: The files of a run besides its checkpoints, cleared when a new run starts in the folder.
 RUN_FILES = ("metrics.jsonl", RUN_RECORD, "model.safetensors", "curves.png")
+
+
+def run_record(cfg: TrainConfig, task: Task, pre: Preprocess, data: TrainingData) -> dict[str, Any]:
+    """The run record (``recipe.json``): the settings, the task, the input convention and the images."""
+    classes = data.classes
+    return {**cfg.to_dict(), "task": task.name, "num_classes": len(classes),
+            "outputs": task.outputs(len(classes)), "preprocess": pre.to_dict(), **task.record(),
+            "init_reason": INIT_REASONS[cfg.init], **data.record()}
 
 
 def changed_architecture(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -1,12 +1,15 @@
 """A run's log: one JSON record a line in ``metrics.jsonl`` (each step, each epoch), and with
-``--tensorboard`` the same figures as TensorBoard scalars in ``tensorboard/``."""
+``--tensorboard`` the same figures as TensorBoard scalars in ``tensorboard/``; an epoch's peak memory."""
 
 from __future__ import annotations
 
 import json
+import resource
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import atomic_write
@@ -15,6 +18,13 @@ from verydeep.io.checkpoint import atomic_write
 STEP_SCALARS = {"loss": "train/loss", "lr": "train/lr", "img_s": "train/images_per_second"}
 EPOCH_SCALARS = {"train_loss": "epoch/train_loss", "img_s": "epoch/images_per_second", "seconds": "epoch/seconds",
                  "peak_mem_mb": "epoch/peak_memory_mb", "micro_batch": "epoch/micro_batch"}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak memory so far: the device's allocations on CUDA, the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def tensorboard_writer(log_dir: Path, purge_step: int | None) -> Any:

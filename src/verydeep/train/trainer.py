@@ -7,8 +7,8 @@ times, then stop. What is learnt (head, targets, loss, validation metric) is a
 
 :class:`Trainer` assembles the run from its parts, in the order its constructor shows, and then
 holds only the loop: :mod:`.data` (the images), :mod:`.start` (the model's first weights),
-:mod:`.memory_fit` (the micro-batch), :mod:`.checkpointing` (the run directory), :mod:`.step`
-(forward, backward, update), :mod:`.schedule` and :mod:`.metrics_log`.
+:mod:`.memory_fit` (the micro-batch), :mod:`.checkpointing` (the run directory and record), :mod:`.step`
+(forward, backward, update), :mod:`.validation` (an epoch's metrics), :mod:`.schedule` and :mod:`.metrics_log`.
 
 Reproducibility is by construction, so that a resumed run and a run on N processes are the same
 computation as one uninterrupted process: the images and draws of every step (augmentation and
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Collection
@@ -38,18 +37,18 @@ from verydeep.data import load_preprocess
 from verydeep.data.sampling import Stream, derived_seed
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import model_from_recipe
-from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification, Task
 from verydeep.runtime.sharding import process_group
-from verydeep.train.checkpointing import Checkpoints, check_resumable
+from verydeep.train.checkpointing import Checkpoints, check_resumable, run_record
 from verydeep.train.data import TrainingData
 from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
-from verydeep.train.metrics_log import MetricsLog
+from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
 from verydeep.train.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
 from verydeep.train.schedule import EpochTotals, Schedule
 from verydeep.train.start import adopt_weights, freeze, initial_model, param_groups
 from verydeep.train.step import Stepper, check_finite_weights
+from verydeep.train.validation import describe, score, validate
 
 
 @dataclass
@@ -89,7 +88,7 @@ class Trainer:
         self.cfg, self.published = adopt_weights(cfg, given)
         self._place()
         self.data = TrainingData(self.cfg, self.task, self.decode)
-        self.record = self._run_record()
+        self.record = run_record(self.cfg, self.task, self.pre, self.data)
         self._build()
         self._fit_micro_batch()
         rng = self._restore_or_seed()
@@ -135,13 +134,6 @@ class Trainer:
         else:
             runtime.keep_freed_memory()  # no fresh pages for every step's activations
         return device
-
-    def _run_record(self) -> dict[str, Any]:
-        """The run record (``recipe.json``): the settings, the task, the input convention and the images."""
-        cfg, classes = self.cfg, self.data.classes
-        return {**cfg.to_dict(), "task": self.task.name, "num_classes": len(classes),
-                "outputs": self.task.outputs(len(classes)), "preprocess": self.pre.to_dict(), **self.task.record(),
-                "init_reason": INIT_REASONS[cfg.init], **self.data.record()}
 
     def _build(self) -> None:
         """Model (initialised from cfg.seed, or as the checkpoint will overwrite), optimizer, schedule."""
@@ -300,34 +292,10 @@ class Trainer:
                 tic = time.perf_counter()
         return True
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """The task's validation metrics over the validation images, one central crop each, with the
-        ``images`` they were computed on and the ``skipped`` (unreadable) ones."""
-        self.model.eval()
-        sums = [0.0] * len(self.task.metrics)
-        seen = skipped = 0
-        for loaded in self.val_loader:
-            batch, _ = self.stepper.on_device(loaded)
-            skipped += len(batch.skipped)
-            if batch.images.shape[0] == 0:
-                continue
-            with runtime.autocast(self.device, self.dtype):
-                outputs = self.model(self.stepper.input(batch)).float()
-            batch_sums = self.task.metric_sums(outputs, self.task.targets(batch, self.device))
-            sums = [a + b for a, b in zip(sums, batch_sums, strict=True)]
-            seen += batch.images.shape[0]
-        self.model.train()
-        *sums, seen, skipped = self.stepper.reduce(*sums, seen, skipped)
-        if not seen:  # a metric over no image would read as a perfect (or the worst) score
-            raise UserError(f"{getattr(self.data.val_set, 'root', self.cfg.data)}: no validation image could be "
-                            f"read ({int(skipped)} unreadable)")
-        return {**self.task.summarise(sums, int(seen)), "images": int(seen), "skipped": int(skipped)}
-
-    def _peak_memory_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        """The task's validation metrics over the validation images (:func:`.validation.validate`)."""
+        return validate(self.model, self.stepper, self.val_loader, self.task, self.device, self.dtype,
+                        getattr(self.data.val_set, "root", self.cfg.data))
 
     def _end_epoch(self) -> None:
         """Validate when due, update the schedule, log the epoch and checkpoint it."""
@@ -338,33 +306,20 @@ class Trainer:
         due = (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs
         metrics = self.validate() if due else {}
         lr = self.schedule.lr
-        improved = self.schedule.update(self.epoch + 1, self._score(metrics.get(task.metrics[0])))
+        improved = self.schedule.update(self.epoch + 1, score(task, metrics.get(task.metrics[0])))
         self._set_lr(self.schedule.lr)
         self.metrics.append(kind="epoch", epoch=self.epoch + 1, step=self.step, train_loss=totals.mean_loss,
                             **{f"val_{name}": metrics.get(name) for name in (*task.metrics, "images", "skipped")},
                             lr=lr, img_s=round(totals.images / max(totals.seconds, 1e-9), 2),
-                            peak_mem_mb=round(self._peak_memory_mb(), 1), seconds=round(totals.seconds, 2),
+                            peak_mem_mb=round(peak_memory_mb(self.device), 1), seconds=round(totals.seconds, 2),
                             skipped=int(totals.skipped), micro_batch=self.micro_batch)
         new_lr = f" -> {self.schedule.lr:g}" if self.schedule.lr != lr else ""
-        self.log(f"epoch {self.epoch + 1}: train loss {totals.mean_loss:.4f}, {self._describe(metrics)}, lr {lr:g}"
+        self.log(f"epoch {self.epoch + 1}: train loss {totals.mean_loss:.4f}, {describe(metrics, task)}, lr {lr:g}"
                  f"{new_lr}, {int(totals.skipped)} files skipped")
         self.epoch += 1
         self.step_in_epoch = 0
         self.totals = EpochTotals()
         self.checkpoints.save_epoch(self._state(), self.model, improved)
-
-    def _describe(self, metrics: dict[str, float]) -> str:
-        if not metrics:
-            return "not validated"
-        values = ", ".join(f"val {name} {metrics[name]:.4g}" for name in self.task.metrics)
-        unreadable = f" ({metrics['skipped']} unreadable)" if metrics["skipped"] else ""
-        return f"{values} on {metrics['images']} images{unreadable}"
-
-    def _score(self, value: float | None) -> float | None:
-        """The schedule's score (higher is better) of the task's first validation metric."""
-        if value is None:
-            return None
-        return value if self.task.higher_is_better else -value
 
     def run(self) -> TrainSummary:
         """Train until the epoch budget or the schedule's stop; a resumed run that had already reached
@@ -392,7 +347,7 @@ class Trainer:
         return self._summary(stopped, start)
 
     def _summary(self, stopped: str, start: float) -> TrainSummary:
-        best = self._score(self.schedule.best) if self.schedule.best > -math.inf else None
+        best = score(self.task, self.schedule.best) if self.schedule.best > -math.inf else None
         return TrainSummary(metric=self.task.metrics[0], best=best, epochs=self.epoch, steps=self.step,
                             run_dir=str(self.run_dir), seconds=round(time.perf_counter() - start, 2),
                             stopped=stopped, lr=self.schedule.lr)
