@@ -17,21 +17,11 @@ from verydeep.data.decode import ImageFile
 from verydeep.data.preprocess import Preprocess
 from verydeep.data.transforms import render
 from verydeep.errors import UserError
-from verydeep.eval.localize import (
-    DenseNetResult,
-    DenseNets,
-    DenseOutput,
-    DenseResult,
-    Localisation,
-    evaluate_center,
-    ilsvrc_wrong,
-    inside,
-    merge_greedily,
-    ranked,
-    table_9,
-    task_of,
-    wrong,
-)
+from verydeep.eval.localize.center import evaluate_center
+from verydeep.eval.localize.dense import DenseNetResult, DenseResult, table_9
+from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, inside, ranked
+from verydeep.eval.localize.scoring import ilsvrc_wrong, merge_greedily, wrong
+from verydeep.eval.localize.task import Localisation, task_of
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.nn.model import VGG
 from verydeep.train import train

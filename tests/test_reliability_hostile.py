@@ -25,7 +25,7 @@ from conftest import photo, save, tiny, write_dataset
 from safetensors.torch import save_file
 
 from verydeep.cli import build_parser, main
-from verydeep.eval.localize import Localisation
+from verydeep.eval.localize.task import Localisation
 from verydeep.io.checkpoint import load_checkpoint, save_checkpoint
 from verydeep.train import train
 

@@ -5,8 +5,8 @@ top (class, box) guesses of Appendix A's protocol 2, all in a local browser page
 Every number comes from the functions of the commands: classes from :mod:`verydeep.eval.predict` (so
 ``POST /api/predict`` returns ``verydeep predict --json``'s object), the saliency map from
 :func:`verydeep.eval.predict.saliency_map` (``predict --saliency``), boxes from
-:class:`verydeep.eval.localize.DenseNets` (``localize predict``). Nets are loaded once, at start, and
-run one request at a time. The page is hand-written HTML, CSS and JavaScript in ``static/``,
+:class:`verydeep.eval.localize.dense_nets.DenseNets` (``localize predict``). Nets are loaded once, at
+start, and run one request at a time. The page is hand-written HTML, CSS and JavaScript in ``static/``,
 served by Starlette through uvicorn (the ``app`` extra); it fetches nothing from the network (its
 Content-Security-Policy allows this server alone), so it works offline.
 
@@ -199,7 +199,7 @@ class Looker:
     nets: list[Net]
     device: torch.device
     dtype: torch.dtype | None
-    boxes: Any = None  # verydeep.eval.localize.DenseNets, with a localisation run
+    boxes: Any = None  # verydeep.eval.localize.dense_nets.DenseNets, with a localisation run
     localizers: list[str] = field(default_factory=list)
     examples: list[Path] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -252,7 +252,7 @@ class Looker:
 
     def guesses(self, path: Path, ask: Ask) -> dict[str, Any]:
         """Protocol 2's top (class, box) guesses, as ``localize predict`` prints them, or the reason there are none."""
-        from verydeep.eval.localize import fixed_scale
+        from verydeep.eval.localize.task import fixed_scale
 
         began = time.perf_counter()
         recipe = self.boxes.recipes[0]
@@ -279,7 +279,7 @@ def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device
     nets = load_nets(list(sources), None, None, torch_device, weights_dir)
     boxes = None
     if localizers:
-        from verydeep.eval.localize import DenseNets
+        from verydeep.eval.localize.dense_nets import DenseNets
         from verydeep.io.download import resolve_source
 
         boxes = DenseNets.load(list(localizers), resolve_source(sources[0], weights_dir), device)

@@ -1,0 +1,105 @@
+"""Protocol 1 of Appendix A (Table 8): the box of the central crop at the training scale, for the
+ground-truth class, beside the whole image and the centre prior."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from verydeep import runtime
+from verydeep.data import CenterCropTransform, Preprocess, balanced_subset, collate, to_input
+from verydeep.data.boxes import decode
+from verydeep.data.datasets import LabelledImages
+from verydeep.data.loaders import image_loader
+from verydeep.errors import UserError
+from verydeep.eval.localize.prior import in_frames, mean_relative_box
+from verydeep.eval.localize.scoring import wrong
+from verydeep.eval.localize.task import boxes_source, fixed_scale, task_of
+from verydeep.io.sources import load
+from verydeep.paper.figures import TABLE_8, BoxRegression
+from verydeep.paper.report import Column, Row, Table
+from verydeep.runtime import sharding
+
+
+@dataclass
+class CenterResult:
+    """Protocol 1's localisation error (%) of a net, and of two boxes that ignore the image: the
+    whole image, and the mean training box (relative to the image)."""
+
+    checkpoint: str
+    head: str
+    images: int
+    localisation_error: float
+    whole_image_error: float
+    centre_prior_error: float
+
+
+def loader(images: LabelledImages, limit: int | None, batch_size: int, workers: int) -> DataLoader:
+    """The first ``limit`` images per class, round-robin (:func:`~verydeep.data.balanced_subset`), in batches;
+    under ``torchrun`` this process's share of the batches (:func:`verydeep.runtime.sharding.shard`)."""
+    indices = balanced_subset(images.targets, limit)
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return image_loader(images, sharding.shard(batches), workers, collate)
+
+
+@torch.no_grad()
+def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path | None = None,
+                    limit: int | None = None, batch_size: int = 64, device: str = "auto",
+                    workers: int = 0) -> CenterResult:
+    """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop."""
+    dev = runtime.pick_device(device)
+    net = load(checkpoint, device=dev)
+    model, recipe = net.model, net.recipe
+    task = task_of(recipe, boxes_source(boxes, data, [recipe]))
+    transform = CenterCropTransform(fixed_scale(recipe), int(recipe["crop"]))
+    train_set, val_set = task.open_splits(str(data), transform, transform)
+    prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
+    wrong_counts, images = torch.zeros(3), 0
+    for batch in loader(val_set, limit, batch_size, workers):
+        if not len(batch.images):
+            continue
+        side = batch.images.shape[-1]
+        outputs = model(to_input(batch.images.to(dev), pre)).float().cpu()
+        guesses = [decode(task.predicted(outputs, batch.labels), side), batch.frames, in_frames(prior, batch.frames)]
+        wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
+        images += len(batch.images)
+    *summed, total = sharding.total(torch.tensor([*wrong_counts.tolist(), images], dtype=torch.float64)).tolist()
+    wrong_counts, images = torch.tensor(summed), int(total)
+    if not images:
+        raise UserError(f"{data}: no readable validation image with a box")
+    errors = (100.0 * wrong_counts / images).tolist()
+    return CenterResult(str(checkpoint), task.head, images, *errors)
+
+
+def net_name(checkpoint: str | Path) -> str:
+    """A net as tables name it: its run folder, or ``RUN/best.pt`` for one of its checkpoints."""
+    path = Path(checkpoint)
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+
+
+def center_json(results: Sequence[CenterResult]) -> dict[str, Any]:
+    """Protocol 1's JSON object: the first net's figures, and with several nets ``nets``, each net's."""
+    first = dict(results[0].__dict__)
+    return {**first, "nets": [result.__dict__ for result in results]} if len(results) > 1 else first
+
+
+def table_8(results: Sequence[CenterResult], fine_tuned: Sequence[str]) -> Any:
+    """Table 8's layout (protocol 1, error %) with the paper's figures beside each row."""
+
+    several, rows = len(results) > 1, []
+    for result, layers in zip(results, fine_tuned, strict=True):
+        label = "FC1-FC2" if layers == "fc" else "all"
+        paper = TABLE_8.get(BoxRegression(label, result.head.upper()))
+        errors = (result.localisation_error, result.whole_image_error, result.centre_prior_error)
+        cells = (*([net_name(result.checkpoint)] if several else []), label, result.head.upper(),
+                 *(f"{error:.1f}" for error in errors))
+        rows.append(Row(cells, (f"{paper:.1f}",) if paper is not None else None))
+    columns = [*([Column("net")] if several else []), Column("fine-tuned"), Column("regression"),
+               Column("error %", True), Column("whole image %", True), Column("centre prior %", True)]
+    return Table("Table 8: localisation error, central crop, ground-truth class", columns, rows,
+                 [Column("paper %", True)], paper_missing="-")

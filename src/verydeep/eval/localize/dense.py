@@ -1,0 +1,144 @@
+"""Protocol 2 of Appendix A (Table 9): the dense nets' top-5 (class, box) guesses on the validation
+images, the top-5 localisation error of their union and of each net alone, beside the whole image
+and the centre prior."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from verydeep.data import CenterCropTransform, balanced_subset
+from verydeep.errors import UserError
+from verydeep.eval.localize.center import net_name
+from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, Guess, ranked
+from verydeep.eval.localize.prior import mean_relative_box
+from verydeep.eval.localize.scoring import ilsvrc_wrong
+from verydeep.eval.localize.task import boxes_source, fixed_scale, task_of
+from verydeep.eval.rows import scales_label
+from verydeep.paper.figures import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
+from verydeep.paper.report import Column, Row, Table
+from verydeep.runtime import sharding
+
+#: Validation images read (and grouped by size into batches) at a time by :func:`evaluate_dense`.
+WINDOW_BATCHES = 4
+
+
+@dataclass
+class DenseNetResult:
+    """One localisation net of protocol 2 alone: its head, training scale S and crop, its error (%)."""
+
+    checkpoint: str
+    head: str
+    scale: int
+    crop: int
+    localisation_error: float
+
+
+@dataclass
+class DenseResult:
+    """Protocol 2's top-5 localisation error (%) of the union of the localisation nets' boxes ranked by a
+    classifier, and of two boxes that ignore the image, each with the classifier's top-5 classes: the
+    whole image, and the mean training box; ``nets``: each net alone."""
+
+    checkpoint: str
+    classifier: str
+    scales: list[int]
+    images: int
+    localisation_error: float
+    whole_image_error: float
+    centre_prior_error: float
+    nets: list[DenseNetResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: ``checkpoint`` is the first net's; ``nets`` only for several nets."""
+        fields = {key: value for key, value in self.__dict__.items() if key != "nets"}
+        return {**fields, "nets": [net.__dict__ for net in self.nets]} if len(self.nets) > 1 else fields
+
+
+def image_misses(output: DenseOutput, truth: Sequence[tuple[int, Tensor]], prior: Tensor) -> Tensor:
+    """Whether protocol 2 is wrong on one image: the union of all nets, each net alone, the whole image
+    and the mean training box (each with the top classes)."""
+    w, h = output.size
+    union = ranked(output)
+    alone = [ranked(output, [net]) for net in range(len(output.boxes))] if len(output.boxes) > 1 else [union]
+    guesses, labels = [union, *alone], output.labels.tolist()
+    whole, centre = torch.tensor([0.0, 0.0, w, h]), prior * torch.tensor([w, h, w, h])
+    guesses += [[Guess(label, box, 0.0) for label in labels] for box in (whole, centre)]
+    return torch.tensor([ilsvrc_wrong([(g.label, g.box) for g in row], truth) for row in guesses], dtype=torch.float)
+
+
+def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: str | Path | None, data: str | Path,
+                   boxes: str | Path | None = None, scales: Sequence[int] | None = None, limit: int | None = None,
+                   device: str = "auto", batch_size: int = 64) -> DenseResult:
+    """Protocol 2 on the validation split of ``data``, the union of the nets' boxes (scales Q default to
+    the first net's training S)."""
+    if classifier is None:
+        raise UserError("--protocol dense ranks the boxes by a classification net's scores: give --classifier RUN")
+    checkpoints = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    nets = DenseNets.load(checkpoints, classifier, device)
+    recipe = nets.recipes[0]
+    qs = list(scales or [fixed_scale(recipe)])
+    nets.check_scales(qs)
+    transform = CenterCropTransform(max(qs), int(recipe["crop"]))
+    task = task_of(recipe, boxes_source(boxes, data, nets.recipes))
+    train_set, val_set = task.open_splits(str(data), transform, transform)
+    prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
+    misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
+    for start in sharding.shard(range(0, len(indices), window)):
+        chosen = [val_set.samples[i] for i in indices[start:start + window]]
+        outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size)
+        for (path, label), output in zip(chosen, outputs, strict=True):
+            truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
+                     for b in val_set.transform.boxes[str(path)]]
+            misses += image_misses(output, truth, prior)
+    misses = sharding.total(misses)
+    if not indices:
+        raise UserError(f"{data}: no validation image with a box to evaluate")
+    errors = (100.0 * misses / len(indices)).tolist()
+    per_net = [DenseNetResult(str(c), t.head, fixed_scale(r), int(r["crop"]), e)
+               for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, errors[1:-2], strict=True)]
+    return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], *errors[-2:], per_net)
+
+
+def paper_scales(net: DenseNetResult, scales: Sequence[int]) -> LocalisationScales:
+    """A net's training S and test scales Q at the paper's 224-pixel crop (Table 9's key)."""
+
+    def at_224(pixels: int) -> int:
+        return round(pixels * 224 / net.crop)
+
+    return LocalisationScales(at_224(net.scale), tuple(sorted(at_224(q) for q in scales)))
+
+
+def table_9(result: DenseResult) -> Any:
+    """Table 9's layout (protocol 2, top-5 localisation error %): each net alone (several nets) and the
+    union of their boxes, the two baselines, then the paper's rows not shown beside ours. A net whose
+    S and Q, scaled to 224-pixel crops, are a row of the paper's has its figures beside it; the union of
+    several nets has the paper's fusion."""
+
+    def figures(paper: ValTest | None) -> tuple[str, str] | None:
+        return None if paper is None else (f"{paper.val:.1f}", "-" if paper.test is None else f"{paper.test:.1f}")
+
+    q, fused, rows = scales_label(result.scales), len(result.nets) > 1, []
+    keys = [paper_scales(net, result.scales) for net in result.nets]
+    for net, key in zip(result.nets, keys, strict=True):
+        rows.append(Row((f"{net_name(net.checkpoint)} ({net.head.upper()})", str(net.scale), q,
+                         f"{net.localisation_error:.1f}"), figures(TABLE_9.get(key))))
+    if fused:
+        union = "union of " + " + ".join(net_name(net.checkpoint) for net in result.nets)
+        rows.append(Row((union, scales_label(sorted({net.scale for net in result.nets})), q,
+                         f"{result.localisation_error:.1f}"), figures(TABLE_9_FUSION)))
+    rows += [Row((name, "-", q, f"{error:.1f}")) for name, error in (
+        ("whole image box", result.whole_image_error), ("mean training box", result.centre_prior_error))]
+    rows += [Row(("paper: D, PCR", str(key.train), scales_label(key.test), "-"), figures(paper))
+             for key, paper in TABLE_9.items() if key not in keys]
+    if not fused:
+        rows.append(Row(("paper: fusion of its nets", "-", "-", "-"), figures(TABLE_9_FUSION)))
+    columns = [Column("net(s)"), Column("S"), Column("Q"), Column("top-5 loc. error %", True)]
+    return Table(f"Table 9: top-5 localisation error, dense boxes merged greedily ({result.images} val. images)",
+                 columns, rows, [Column("paper val. %", True), Column("paper test %", True)], show_paper=True,
+                 paper_missing="-")

@@ -1,0 +1,76 @@
+"""``localize predict`` (Appendix A, protocol 2): each image's top (class, box) guesses, drawn on it
+and printed as JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from verydeep.data.datasets import DECODE_ERRORS, unreadable
+from verydeep.data.decode import ImageFile
+from verydeep.errors import MissingFileError, UserError
+from verydeep.eval.localize.dense_nets import DenseNets, Guess
+from verydeep.eval.localize.task import fixed_scale
+
+
+def readable_image(path: str | Path) -> None:
+    """An image file that decodes whole; otherwise a :class:`UserError` naming it."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"{path}: no such image")
+    try:
+        ImageFile(path).pillow().load()
+    except DECODE_ERRORS as error:
+        raise UserError(unreadable(path, error)) from None
+
+
+def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: Path) -> Path:
+    """``path`` with each guess's box and class name drawn on it, as ``out/<stem>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    fig, ax = plt.subplots(figsize=(6, 6 * image.height / image.width))
+    ax.imshow(image)
+    for rank, guess in enumerate(guesses):
+        x0, y0, x1, y1 = guess.box.tolist()
+        colour = plt.cm.tab10(rank)
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, linewidth=3 - rank * 0.4))
+        ax.text(x0, y0, f"{rank + 1}. {names[guess.label]} {guess.score:.2f}", color="white", fontsize=8,
+                backgroundcolor=colour, va="bottom")
+    ax.axis("off")
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{Path(path).stem}.png"
+    fig.savefig(target, bbox_inches="tight", dpi=100)
+    plt.close(fig)
+    return target
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    """``localize predict``: protocol 2's top (class, box) predictions of each image (the union of the nets'
+    boxes), drawn, and one JSON line each."""
+    drawn_at = {}
+    for image in args.images:
+        target = Path(args.out) / f"{Path(image).stem}.png"
+        if target in drawn_at:
+            raise UserError(f"{image} and {drawn_at[target]} would both be drawn as {target}: give images of "
+                            "different names, or predict them into different --out folders")
+        if target.exists() and any(target.samefile(given) for given in args.images if Path(given).exists()):
+            raise UserError(f"{target}: the drawing would overwrite the input image; give another --out")
+        drawn_at[target] = image
+        readable_image(image)
+    nets = DenseNets.load(args.checkpoint, args.classifier, args.device)
+    recipe = nets.recipes[0]
+    names = list(recipe.get("class_names") or recipe.get("classes") or [])
+    scales = args.scales or [fixed_scale(recipe)]
+    nets.check_scales(scales)
+    for image in args.images:
+        guesses = nets.guesses(image, scales, args.top)
+        drawn = draw(image, guesses, names, args.out)
+        print(json.dumps({"image": str(image), "drawn": str(drawn), "predictions": [
+            {"class": names[g.label], "box": [round(v, 1) for v in g.box.tolist()], "score": g.score}
+            for g in guesses]}))

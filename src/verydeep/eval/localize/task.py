@@ -1,0 +1,133 @@
+"""Box regression as a :class:`~verydeep.nn.tasks.Task` (Appendix A): FC8 predicts a box (SCR) or a box
+per class (PCR), trained on the Euclidean loss and validated by protocol 1's error; and what a run's
+recipe says of it (its task, its training scale, the boxes it read)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from verydeep.data import Batch
+from verydeep.data.boxes import decode, encode, match_boxes, read_boxes, with_boxes
+from verydeep.data.datasets import LabelledImages, Transform
+from verydeep.errors import UserError
+from verydeep.eval.localize.prior import relative_boxes
+from verydeep.eval.localize.scoring import wrong
+from verydeep.eval.nets import train_scale
+from verydeep.nn.tasks import Task
+
+#: Heads of Appendix A: single-class and per-class regression.
+HEADS = ("scr", "pcr")
+
+#: What FC8 regresses: the box code standardised by the training boxes' mean and deviation, or the
+#: raw code (the paper's literal Euclidean loss; at small scale the net then barely leaves the mean box).
+TARGETS = ("standardised", "raw")
+
+
+class Localisation(Task):
+    """Appendix A's box regression: FC8 predicts (centre x, centre y, width, height) in crop sides,
+    for one box (SCR) or one per class (PCR); Euclidean loss on the ground-truth class's box (the
+    first of its boxes); validation: the localisation error (%) of the central crop (protocol 1).
+
+    Targets are (N, M, 5): the image's class, then a box's corners in crop sides (NaN rows pad)."""
+
+    metrics = ("loc_error",)
+    higher_is_better = False
+
+    def __init__(self, head: str = "pcr", boxes: str | Path | None = None, targets: str = "standardised",
+                 code_mean: Sequence[float] | None = None, code_std: Sequence[float] | None = None) -> None:
+        if head not in HEADS:
+            raise UserError(f"--head {head}: one of {', '.join(HEADS)}")
+        if targets not in TARGETS:
+            raise UserError(f"--targets {targets}: one of {', '.join(TARGETS)}")
+        self.head, self.boxes, self.target_kind = head, boxes, targets
+        self.name = f"localisation-{head}"
+        self.source: Path | None = None  # the boxes read, once open_splits has read them
+        # FC8 predicts (code - mean) / std; the identity for raw codes (and for runs that predate this)
+        self.code_mean = torch.tensor(code_mean or [0.0] * 4)
+        self.code_std = torch.tensor(code_std or [1.0] * 4)
+        self.fitted = code_mean is not None  # a trained net's standardisation is kept, never refitted
+
+    def outputs(self, num_classes: int) -> int:
+        return 4 if self.head == "scr" else 4 * num_classes
+
+    def record(self) -> dict[str, Any]:
+        """The boxes read (an absolute path), for ``localize eval`` to default to, and the box code's
+        standardisation, which every reader of the net's outputs needs."""
+        found = {"box_targets": self.target_kind, "box_code_mean": self.code_mean.tolist(),
+                 "box_code_std": self.code_std.tolist()}
+        return {**found, "boxes": str(self.source)} if self.source is not None else found
+
+    def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
+        source = Path(self.boxes or Path(data) / "boxes.txt")
+        table = read_boxes(source)
+        self.source = source.absolute()
+        train_set, val_set = super().open_splits(data, train, val)
+        paths = [path for images in (train_set, val_set) for path, _ in images.samples]
+        matched = match_boxes(table, dict.fromkeys(paths), Path(data))  # both splits: no name shared unseen
+        train_set = with_boxes(train_set, matched, train)
+        if self.target_kind == "standardised" and not self.fitted:  # from exactly the boxes trained on
+            codes = encode(relative_boxes(train_set), 1.0)
+            self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=1e-3)
+        return train_set, with_boxes(val_set, matched, val)
+
+    def targets(self, batch: Batch, device: torch.device) -> Tensor:
+        if batch.boxes is None:
+            raise UserError("localisation needs images with boxes (a dataset opened by the task)")
+        side = batch.images.shape[-1]
+        labels = batch.labels[:, None, None].float().expand(-1, batch.boxes.shape[1], 1)
+        return torch.cat([labels, batch.boxes / side], dim=2).to(device, non_blocking=True)
+
+    def selected(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """The (N, 4) outputs for classes ``labels``: the one box of SCR, the class's box of PCR."""
+        if self.head == "scr":
+            return outputs[:, :4]
+        return outputs.view(len(outputs), -1, 4)[torch.arange(len(outputs)), labels.long()]
+
+    def codes(self, outputs: Tensor) -> Tensor:
+        """Box codes (centre x, centre y, width, height in crop sides) of outputs (..., 4)."""
+        return outputs * self.code_std.to(outputs.device) + self.code_mean.to(outputs.device)
+
+    def predicted(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """The (N, 4) box codes for classes ``labels``."""
+        return self.codes(self.selected(outputs, labels))
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Euclidean loss between the outputs and the true box's code, standardised when so trained."""
+        mean, std = self.code_mean.to(outputs.device), self.code_std.to(outputs.device)
+        wanted = (encode(targets[:, 0, 1:], 1.0) - mean) / std
+        return F.mse_loss(self.selected(outputs, targets[:, 0, 0]), wanted, reduction="sum")
+
+    def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
+        boxes = decode(self.predicted(outputs, targets[:, 0, 0]), 1.0)
+        return [100.0 * float(wrong(boxes, targets[:, :, 1:]).sum())]
+
+
+def fixed_scale(recipe: dict[str, Any]) -> int:
+    """The training scale S of a run (Smin when jittered): protocol 1's resize, protocol 2's default Q."""
+    return train_scale(recipe)[0]
+
+
+def task_of(recipe: dict[str, Any], boxes: str | Path | None = None) -> Localisation:
+    """The localisation task a run was trained with (its recipe's ``task``)."""
+    name = str(recipe.get("task", ""))
+    if not name.startswith("localisation-"):
+        raise UserError(f"not a localisation net (its task is {name or 'classification'}): train one with "
+                        "verydeep localize train")
+    return Localisation(name.removeprefix("localisation-"), boxes, recipe.get("box_targets", "raw"),
+                        recipe.get("box_code_mean"), recipe.get("box_code_std"))
+
+
+def boxes_source(boxes: str | Path | None, data: str | Path, recipes: Sequence[dict[str, Any]]) -> str | Path | None:
+    """The boxes to evaluate on: ``--boxes`` when given, else ``DATA/boxes.txt`` when it exists, else
+    the file the first of these runs recorded (``boxes`` in its recipe) if it still exists (None:
+    ``DATA/boxes.txt``)."""
+    if boxes is not None or (Path(data) / "boxes.txt").exists():
+        return boxes
+    recorded = (Path(recipe["boxes"]) for recipe in recipes if recipe.get("boxes"))
+    return next((path for path in recorded if path.exists()), None)
