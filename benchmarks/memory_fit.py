@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from verydeep import runtime
-from verydeep.bench import DEFAULT_DATA, bench_data
+from verydeep.bench.data import DEFAULT_DATA, bench_data
 from verydeep.train import Trainer
 from verydeep.train.recipe import TrainConfig
 

@@ -18,7 +18,9 @@ import statistics
 import torch
 
 from verydeep import vgg
-from verydeep.bench import TORCHVISION, images_per_second, plain_steps, reference_model
+from verydeep.bench.measure import images_per_second
+from verydeep.bench.reference import plain_steps, reference_model
+from verydeep.bench.settings import TORCHVISION
 from verydeep.runtime import autocast_dtype, pick_device, prepare
 
 

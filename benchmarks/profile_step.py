@@ -20,15 +20,9 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from verydeep.bench import (
-    DEFAULTS,
-    Settings,
-    bench_data,
-    inference_net,
-    open_trainer,
-    trainer_contenders,
-    training_steps,
-)
+from verydeep.bench.data import bench_data
+from verydeep.bench.ours import inference_net, open_trainer, trainer_contenders, training_steps
+from verydeep.bench.settings import DEFAULTS, Settings
 
 #: Each kind of operator by the names of the aten operators it covers (the first match wins).
 KINDS = {

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from verydeep import vgg
-from verydeep.bench import count_macs, steady_img_s
+from verydeep.bench.measure import count_macs
+from verydeep.bench.ours import steady_img_s
 
 #: Dense (not sparse) bf16 tensor-core peaks, TFLOP/s, of the GPUs as their makers state them, by a part of
 #: the name CUDA reports (the first that matches wins).

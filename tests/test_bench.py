@@ -10,16 +10,14 @@ import pytest
 import torch
 from conftest import tiny, write_dataset
 
-from verydeep import peer, roofline, runtime, vgg
-from verydeep.bench import (
-    Settings,
-    bench_data,
-    best_contenders,
-    count_macs,
-    open_trainer,
-    steady_img_s,
-    summarise,
-)
+from verydeep import runtime, vgg
+from verydeep.bench import peer, roofline
+from verydeep.bench.data import bench_data
+from verydeep.bench.measure import count_macs
+from verydeep.bench.ours import open_trainer, steady_img_s
+from verydeep.bench.reference import best_contenders
+from verydeep.bench.settings import Settings
+from verydeep.bench.summary import summarise
 from verydeep.cli import main
 from verydeep.train import train
 

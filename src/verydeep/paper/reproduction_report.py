@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from verydeep.bench import machine
+from verydeep.bench.summary import machine
 from verydeep.eval.rows import EvalRow, PaperFigures
 from verydeep.paper import report
 from verydeep.paper.claims import Claim

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from verydeep import runtime
-from verydeep.roofline import precision_name, sync
+from verydeep.bench.roofline import precision_name, sync
 
 #: The ways of running the peer, in the order they are measured.
 VARIANTS = ("eager", "compiled")

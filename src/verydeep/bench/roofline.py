@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from verydeep.bench.settings import Settings
+
 #: Each precision's name, by autocast dtype (None: fp32, no autocast).
 PRECISIONS: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
 #: The dtype of each precision's name.
@@ -154,3 +156,16 @@ def per_round(rounds: dict[str, list[float]], kernels: dict[str, list[str]],
 def summary(rates: list[float], names: list[str]) -> dict[str, Any]:
     """A roofline's median over the rounds and the kernel that set it most often."""
     return {"tflops": statistics.median(rates), "kernel": Counter(names).most_common(1)[0][0]}
+
+
+def roofline_contenders(settings: Settings, model: nn.Module, dtypes: set[torch.dtype | None],
+                        device: torch.device) -> dict[str, Roofline]:
+    """The roofline of each precision in ``dtypes`` (None: fp32), in TFLOP/s each time it is measured: a large
+    ``torch.mm`` (``gemm_<p>_tflops``) and the convolutions of ``model``'s shapes at the bench's batch
+    (``conv_<p>_tflops``), each recording the kernel that set it."""
+    contenders = {}
+    for dtype in sorted(dtypes, key=lambda d: list(PRECISIONS).index(d)):
+        p = precision_name(dtype)
+        contenders[f"gemm_{p}_tflops"] = gemm_roofline(device, dtype, settings.gemm)
+        contenders[f"conv_{p}_tflops"] = conv_roofline(model, settings.size, settings.batch, device, dtype)
+    return contenders

@@ -1,0 +1,59 @@
+"""How the bench measures: a rate over steps, rounds in which the contenders take turns, and a net's
+multiply-accumulates per image (Sec. 2's conv and FC layers), whence its FLOPs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from verydeep.bench.roofline import sync
+
+
+def images_per_second(step: Callable[[], Any], images: int, steps: int, device: torch.device) -> float:
+    """Images per second of ``steps`` calls of ``step``, each on ``images`` images."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return images * steps / (time.perf_counter() - start)
+
+
+def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each contender's measurements, one per round, the contenders taking turns in every round."""
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, measure in contenders.items():
+            results[name].append(measure())
+    return results
+
+
+def count_macs(model: nn.Module, size: int) -> int:
+    """Multiply-accumulates per image of ``model``'s conv and linear layers on a ``size`` x ``size``
+    RGB image, counted with forward hooks."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += output.numel() * module.in_channels // module.groups * kh * kw
+        else:
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    parameter = next(model.parameters())
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=parameter.device))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return total

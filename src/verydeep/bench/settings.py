@@ -1,0 +1,39 @@
+"""What one ``verydeep bench`` run measures: its settings, the defaults that fit each kind of device and
+the test scales Q of its crop (Sec. 3.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: torchvision's builder of each configuration it has.
+TORCHVISION = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+#: Settings that fit each kind of device: a few minutes on 2 CPU cores, the paper's size on a GPU.
+DEFAULTS = {"cpu": {"width": 0.5, "size": 128, "batch": 16, "steps": 5, "gemm": 2048},
+            "cuda": {"width": 1.0, "size": 224, "batch": 64, "steps": 5, "gemm": 8192}}
+#: Training steps before any timing (allocator, kernels, loader workers).
+WARMUP_STEPS = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one bench run measures (``steps`` timed per contender and round; ``gemm``: the matrix side)."""
+
+    config: str
+    size: int
+    width: float
+    batch: int
+    rounds: int
+    steps: int
+    device: str
+    gemm: int
+    data: Path | None = None
+    workers: int | None = None
+    compile: bool = False
+    compiled_peer: bool = True
+
+
+def test_scales(size: int) -> list[int]:
+    """Three test scales Q for a ``size`` crop, as 256, 384, 512 are for 224."""
+    s = round(size * 8 / 7)
+    return [s, round(1.5 * s), 2 * s]
