@@ -20,8 +20,8 @@ from verydeep.runtime.limits import check_side, check_width, check_workers
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
 COMMAND_MODULES = ("nn.summary", "data", "train", "paper.plot", "eval.evaluate", "eval.predict", "io.weights",
-                   "io.export", "eval.features", "eval.transfer", "paper.reproduce", "paper.demo", "eval.localize",
-                   "bench.command", "serve")
+                   "io.export", "eval.features", "eval.transfer", "paper.reproduce", "paper.demo",
+                   "eval.localize.command", "bench.command", "serve")
 
 
 def one_line(message: object) -> str:
