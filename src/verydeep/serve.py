@@ -36,7 +36,8 @@ from torch import Tensor
 
 from verydeep.cli import add_device, add_precision, add_weights, parse_scales, positive_int
 from verydeep.errors import UserError
-from verydeep.eval.evaluate import Net, average, given_weights, load_nets
+from verydeep.eval.evaluate import given_weights
+from verydeep.eval.nets import Net, load_nets
 from verydeep.eval.predict import (
     PROTOCOLS,
     ImagePrediction,
@@ -47,7 +48,8 @@ from verydeep.eval.predict import (
     ranked_classes,
     saliency_map,
 )
-from verydeep.paper.report import to_json_dict
+from verydeep.eval.sweep import average
+from verydeep.io.jsonable import to_json_dict
 
 #: The largest upload, in bytes: a 50 M pixel JPEG straight from a camera fits.
 MAX_UPLOAD_BYTES = 32 * 2**20
@@ -269,7 +271,7 @@ class Looker:
 
 def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device: str, precision: str,
                 weights_dir: str | None = None, examples: Path | None = None) -> Looker:
-    """The nets of ``sources`` (through :func:`verydeep.eval.evaluate.load_nets`, as ``predict`` loads them; fp32
+    """The nets of ``sources`` (through :func:`verydeep.eval.nets.load_nets`, as ``predict`` loads them; fp32
     weights, since a saliency map takes its gradient in fp32) and the localisation runs ``localizers``, ranked
     by the first net (``localize predict --classifier``), whose weights they share."""
     from verydeep.runtime import autocast_dtype, pick_device

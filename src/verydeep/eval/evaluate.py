@@ -47,10 +47,9 @@ from verydeep.errors import UserError
 from verydeep.eval.classmap import ClassMap, class_map
 from verydeep.eval.metrics import per_class_accuracy
 from verydeep.eval.nets import Net, load_nets
-from verydeep.eval.rows import EvalResult, Posteriors, Timing, main_row, score_rows
+from verydeep.eval.rows import PROTOCOL_LABELS, EvalResult, Posteriors, Timing, main_row, score_rows
 from verydeep.eval.sweep import PosteriorArrays, SweepSettings, compute_posteriors, plan_passes
 from verydeep.paper import report
-from verydeep.paper.report import PROTOCOL_LABELS
 from verydeep.runtime import (
     autocast_dtype,
     default_workers,

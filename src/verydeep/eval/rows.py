@@ -16,11 +16,24 @@ from torch import Tensor
 from verydeep.eval.metrics import topk_error
 from verydeep.eval.nets import Net, NetInfo, center_resize
 from verydeep.eval.sweep import PassTiming, PosteriorArrays, average
-from verydeep.paper import figures, report
+from verydeep.io.jsonable import to_json_dict
+from verydeep.paper import figures
 from verydeep.paper.figures import PaperNet
-from verydeep.paper.report import PROTOCOL_LABELS, scales_label
 
 # ---- rows ---------------------------------------------------------------------------------
+
+#: How tables and row names print each evaluation protocol (Sec. 3.2).
+PROTOCOL_LABELS = {
+    "dense": "dense",
+    "multicrop": "multi-crop",
+    "dense+multicrop": "multi-crop & dense",
+    "center": "centre crop",
+}
+
+
+def scales_label(scales: Sequence[int]) -> str:
+    """Test scales Q as rows name them: ``256``, or ``{256,384,512}`` for several."""
+    return str(scales[0]) if len(scales) == 1 else "{" + ",".join(map(str, scales)) + "}"
 
 
 @dataclass(frozen=True)
@@ -205,7 +218,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able result: every field but ``posteriors``."""
-        public = report.to_json_dict(replace(self, posteriors=None))
+        public = to_json_dict(replace(self, posteriors=None))
         del public["posteriors"]
         return public
 

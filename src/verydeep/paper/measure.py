@@ -17,7 +17,7 @@ import torch
 from verydeep.eval.evaluate import evaluate
 from verydeep.eval.metrics import PairedDifference, paired_difference, topk_correct, topk_error
 from verydeep.eval.rows import EvalRow
-from verydeep.paper import report
+from verydeep.io.jsonable import to_json_dict
 from verydeep.paper.figures import single_test_scale
 from verydeep.paper.presets import Net, Preset
 
@@ -52,7 +52,7 @@ def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...
         np.savez(arrays, targets=kept.targets[kept.readable], paths=np.array(kept.paths)[kept.readable],
                  seconds=np.array(result.timing.seconds),
                  **{f"row{i}": kept.rows[row.name] for i, row in enumerate(result.rows)})
-        cache.write_text(json.dumps([report.to_json_dict(row) for row in rows], indent=1))
+        cache.write_text(json.dumps([to_json_dict(row) for row in rows], indent=1))
     saved = np.load(arrays)
     seconds = float(saved["seconds"]) if "seconds" in saved else 0.0  # caches written before it was kept: 0
     rows = [EvalRow.from_dict(row) for row in json.loads(cache.read_text())]

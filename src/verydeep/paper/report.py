@@ -8,29 +8,13 @@ result.
 
 from __future__ import annotations
 
-import keyword
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from verydeep.eval.nets import NetInfo
+from verydeep.eval.rows import PROTOCOL_LABELS, EvalResult, EvalRow, scales_label
 from verydeep.paper.figures import scale_text
-
-if TYPE_CHECKING:
-    from verydeep.eval.nets import NetInfo
-    from verydeep.eval.rows import EvalResult, EvalRow
-
-#: How tables and row names print each evaluation protocol (Sec. 3.2).
-PROTOCOL_LABELS = {
-    "dense": "dense",
-    "multicrop": "multi-crop",
-    "dense+multicrop": "multi-crop & dense",
-    "center": "centre crop",
-}
-
-
-def scales_label(scales: Sequence[int]) -> str:
-    """Test scales Q as rows name them: ``256``, or ``{256,384,512}`` for several."""
-    return str(scales[0]) if len(scales) == 1 else "{" + ",".join(map(str, scales)) + "}"
 
 
 def percent(fraction: float | None) -> str:
@@ -41,16 +25,6 @@ def percent(fraction: float | None) -> str:
 def error_pair(top1: float | None, top5: float | None) -> str:
     """Top-1 and top-5 errors (fractions) in one cell, ``25.6 / 8.1``; ``-`` when not measured."""
     return "-" if top1 is None or top5 is None else f"{percent(top1)} / {percent(top5)}"
-
-
-def to_json_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as a JSON-able dict (:func:`dataclasses.asdict`); a field named after a Python
-    keyword with a trailing underscore (``class_``, ``pass_``) has the keyword as its key."""
-
-    def fields_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        return {key[:-1] if keyword.iskeyword(key[:-1]) else key: value for key, value in items}
-
-    return asdict(obj, dict_factory=fields_dict)
 
 
 # ---- tables -------------------------------------------------------------------------------

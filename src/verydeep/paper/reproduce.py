@@ -23,7 +23,7 @@ from typing import Any
 from verydeep.cli import add_device, add_workers, output_dir, positive_int, width_multiplier
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import atomic_write
-from verydeep.paper import report
+from verydeep.io.jsonable import to_json_dict
 from verydeep.paper.claims import Claim, claims
 from verydeep.paper.measure import fusions
 from verydeep.paper.presets import NETS, PRESETS, PROTOCOLS, Preset
@@ -48,9 +48,9 @@ class Reproduction:
 
     def to_dict(self) -> dict[str, Any]:
         """``results.json``: every field; each table as its rows, its rendered headers and cells, and markdown."""
-        tables = {title: {"rows": [report.to_json_dict(row) for row in t.rows], "table": t.table.to_dict(),
+        tables = {title: {"rows": [to_json_dict(row) for row in t.rows], "table": t.table.to_dict(),
                           "markdown": t.markdown} for title, t in self.tables.items()}
-        return {**report.to_json_dict(replace(self, tables={})), "tables": tables}
+        return {**to_json_dict(replace(self, tables={})), "tables": tables}
 
 
 def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: str = "auto",
