@@ -23,8 +23,8 @@ lint: $(STAMP)
 
 # the reliability suite at full length (a short version of each runs in `make test`); -s shows its figures
 reliability: $(STAMP)
-	VERYDEEP_RELIABILITY=full $(PY) -m pytest -q -s -p no:cacheprovider tests/test_reliability_runs.py \
-		tests/test_reliability_images.py tests/test_reliability_cli.py tests/test_reliability_hostile.py
+	VERYDEEP_RELIABILITY=full $(PY) -m pytest -q -s -p no:cacheprovider tests/reliability/test_runs.py \
+		tests/reliability/test_images.py tests/reliability/test_cli.py tests/reliability/test_hostile.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py

@@ -65,8 +65,8 @@ done
 [ -s "$train_out" ] && cp "$train_out" "$out/"
 
 # 3. the CUDA tests
-timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider tests/test_data_gpu.py > "$out/cuda_tests.txt" 2>&1
+timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider tests/unit/data/test_data_gpu.py > "$out/cuda_tests.txt" 2>&1
 echo "test_data_gpu exit $?" >> "$out/cuda_tests.txt"
-timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_train.py -k cuda \
+timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider tests/integration/eval/test_evaluate.py tests/integration/train/test_train.py -k cuda \
   >> "$out/cuda_tests.txt" 2>&1
 echo "cuda tests exit $?" >> "$out/cuda_tests.txt"

@@ -20,6 +20,18 @@ from verydeep.train.recipe import TrainConfig
 #: The shared datasets, beside the work tree; tests that need them skip when they are absent.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip, with the reason, a ``gpu`` test without a CUDA device and a ``real_data(FOLDER)`` test whose
+    folder under ``../shared/data`` is absent."""
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    real = item.get_closest_marker("real_data")
+    if real and not (SHARED / real.args[0]).is_dir():
+        pytest.skip(f"real data not found at {SHARED / real.args[0]} (../shared/data beside the repo)")
+
+
 #: One colour per class of :func:`write_dataset`.
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 50)]
 

@@ -22,6 +22,9 @@ from verydeep.cli import main, one_line  # noqa: E402
 from verydeep.eval.predict import load_image  # noqa: E402
 from verydeep.serve import load_looker  # noqa: E402
 
+#: Processes, servers or whole training runs: minutes on two cores (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 SAMPLES = SHARED / "imagenet-samples"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

@@ -26,6 +26,9 @@ from verydeep.eval import feature_passes as passes
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.runtime import sharding
 
+#: Processes, servers or whole training runs: minutes on two cores (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 CLASSES = ["class0", "class1", "class2", "class3"]
 RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
           "scale": [32, 32], "preprocess": IMAGENET.to_dict(), "classes": CLASSES, "class_names": CLASSES}

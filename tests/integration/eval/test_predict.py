@@ -159,7 +159,7 @@ def test_several_images_get_one_numbered_saliency_png_each(checkpoint, tmp_path)
         predict(checkpoint, images, device="cpu", saliency=tmp_path / "map.jpg")
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real photos not found at {SAMPLES} (../shared/data beside the repo)")
+@pytest.mark.real_data("imagenet-samples")
 def test_a_real_photo_prints_five_classes_with_probabilities(tmp_path, capsys):
     names = [f"thing {i}" for i in range(10)]
     net = write_net(tmp_path / "net.pt", num_classes=10, classes=[f"n{i}" for i in range(10)], class_names=names)

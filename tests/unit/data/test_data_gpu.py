@@ -18,7 +18,7 @@ from verydeep.data import Batch, CenterCropTransform, ImageFolder, RescaleTransf
 from verydeep.data.gpu import Encoded, EncodedTransform, collate_encoded, decode_batch, resolve_decode
 from verydeep.errors import UserError
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+CUDA = pytest.mark.gpu
 CPU = torch.device("cpu")
 
 

@@ -10,11 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny, weights, write_dataset
 
 from verydeep.io.checkpoint import load_checkpoint, save_checkpoint
 from verydeep.train import train
+
+#: Processes, servers or whole training runs: minutes on two cores (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 from PIL import Image
 
 from verydeep.cli import main
@@ -36,7 +37,7 @@ from verydeep.paper.report import (
 CLASSES = ["blue", "green", "red"]
 RECIPE = {"config": "A", "num_classes": 3, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
           "scale": [36, 36], "preprocess": IMAGENET.to_dict(), "classes": CLASSES, "class_names": CLASSES}
-CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "test"
+CIFAR = SHARED / "cifar10" / "test"
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 
 
@@ -299,7 +300,7 @@ def test_result_to_dict_is_json_and_round_trips_rows(folder, checkpoint):
     assert isinstance(result, EvalResult) and public["nets"][0]["train_scale"] == [36, 36]
 
 
-@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real data not found at {CIFAR} (../shared/data beside the repo)")
+@pytest.mark.real_data("cifar10/test")
 def test_real_cifar10_split_with_limit(tmp_path):
     recipe = {**RECIPE, "num_classes": 10, "classes": sorted(p.name for p in CIFAR.iterdir() if p.is_dir())}
     path = tmp_path / "cifar.pt"
@@ -406,7 +407,7 @@ def test_evaluate_holds_the_nets_in_the_precision_it_runs(folder, checkpoint, mo
     assert held == [torch.bfloat16, torch.float32]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_posteriors_match_cpu(folder, checkpoint):
     cpu = run([checkpoint], folder, device="cpu", keep_posteriors=True)
     for precision, tolerance in (("fp32", 2e-3), ("bf16", 3e-2)):  # fp32 convs may use TF32 on the GPU
@@ -416,7 +417,7 @@ def test_cuda_posteriors_match_cpu(folder, checkpoint):
             np.testing.assert_allclose(gpu.posteriors.arrays[key], expected, atol=tolerance, err_msg=key)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_jpegs_decoded_on_the_gpu_give_the_cpu_posteriors(folder, checkpoint, tmp_path):
     for png in folder.rglob("*.png"):  # the same images as JPEGs, which nvJPEG decodes
         target = tmp_path / png.relative_to(folder).with_suffix(".jpg")

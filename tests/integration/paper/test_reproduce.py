@@ -25,6 +25,9 @@ from verydeep.paper.train_nets import shard_of
 from verydeep.runtime import Processes
 from verydeep.train import Trainer, train
 
+#: Processes, servers or whole training runs: minutes on two cores (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 
 def test_digits_are_written_once_as_an_image_folder(tmp_path):
     root = write_digits(tmp_path / "digits")

@@ -57,7 +57,7 @@ def test_freeze_and_a_lower_rate_for_copied_layers(data, tmp_path):
         train(narrow(data, tmp_path / "bad", weights=str(source), freeze="conv9_9"))
 
 
-@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"needs the CIFAR-10 copy at {CIFAR10}")
+@pytest.mark.real_data("cifar10")
 def test_fine_tuning_a_torchvision_file_on_ten_real_classes_beats_chance(tmp_path):
     source = torchvision_file(tmp_path / "vgg11_bn-narrow.pth")
     cfg = narrow(CIFAR10, tmp_path / "run", weights=str(source), crop=32, scale=(36, 40), batch_size=64, lr=0.02,

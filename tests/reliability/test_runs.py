@@ -23,6 +23,9 @@ from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.train import train
 
+#: Processes, servers or whole training runs: minutes on two cores (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 FULL = os.environ.get("VERYDEEP_RELIABILITY") == "full"
 
 #: Runs ``verydeep`` with faults injected by the test: SIGKILL at the N-th file replacement, i.e. inside
@@ -69,6 +72,7 @@ def slow_micro_step(self, *args, **kwargs):
 
 Stepper.micro_step = slow_micro_step
 from verydeep.cli import main
+
 sys.exit(main())
 """
 

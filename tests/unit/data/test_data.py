@@ -394,7 +394,7 @@ def test_train_loader_with_workers_is_reproducible(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-@pytest.mark.skipif(not (SHARED / "imagenette").is_dir(), reason=f"{SHARED}/imagenette is absent")
+@pytest.mark.real_data("imagenette")
 def test_real_imagenette_split():
     ds = ImageFolder(find_split(SHARED / "imagenette", "val"), TrainTransform(crop=224, scale=(256, 256)))
     assert len(ds.classes) == 10 and ds.class_names[0] == "tench"

@@ -381,7 +381,7 @@ def test_cpu_memory_budget_shared_by_the_processes_of_a_machine(monkeypatch):
     assert runtime.cpu_memory_budget() is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_micro_batch_fitted_to_the_gpu(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "data", {"train": 16, "val": 4})
     trainer = Trainer(tiny(data, tmp_path / "whole", device="cuda"), runtime.Processes())
@@ -394,7 +394,7 @@ def test_cuda_micro_batch_fitted_to_the_gpu(tmp_path, monkeypatch):
     assert train(tiny(data, tmp_path / "run", device="cuda", epochs=1)).steps > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_cuda_bf16_channels_last_with_workers(tmp_path, decode):
     data = write_dataset(tmp_path / "data", {"train": 16, "val": 4}, ext="jpg")  # JPEGs: nvJPEG decodes them
