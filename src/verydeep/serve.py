@@ -34,9 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from verydeep.cli import add_device, add_precision, add_weights, parse_scales, positive_int
+from verydeep.cli import add_device, add_precision, add_weights, one_line, parse_scales, positive_int
+from verydeep.data.datasets import DECODE_ERRORS, unreadable
+from verydeep.data.decode import displayed_size
 from verydeep.errors import UserError
 from verydeep.eval.evaluate import given_weights
+from verydeep.eval.localize.dense_nets import DenseNets
+from verydeep.eval.localize.task import fixed_scale
 from verydeep.eval.nets import Net, load_nets
 from verydeep.eval.predict import (
     PROTOCOLS,
@@ -49,7 +53,9 @@ from verydeep.eval.predict import (
     saliency_map,
 )
 from verydeep.eval.sweep import average
+from verydeep.io.download import resolve_source
 from verydeep.io.jsonable import to_json_dict
+from verydeep.runtime import autocast_dtype, pick_device
 
 #: The largest upload, in bytes: a 50 M pixel JPEG straight from a camera fits.
 MAX_UPLOAD_BYTES = 32 * 2**20
@@ -109,8 +115,6 @@ def checked_image(path: Path, name: str) -> tuple[int, int]:
     otherwise a :class:`UserError` naming the upload ``name``."""
     from PIL import Image
 
-    from verydeep.data.datasets import DECODE_ERRORS, unreadable
-    from verydeep.data.decode import displayed_size
 
     if path.stat().st_size == 0:
         raise UserError(f"{name}: an empty file, not an image")
@@ -254,7 +258,6 @@ class Looker:
 
     def guesses(self, path: Path, ask: Ask) -> dict[str, Any]:
         """Protocol 2's top (class, box) guesses, as ``localize predict`` prints them, or the reason there are none."""
-        from verydeep.eval.localize.task import fixed_scale
 
         began = time.perf_counter()
         recipe = self.boxes.recipes[0]
@@ -274,15 +277,12 @@ def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device
     """The nets of ``sources`` (through :func:`verydeep.eval.nets.load_nets`, as ``predict`` loads them; fp32
     weights, since a saliency map takes its gradient in fp32) and the localisation runs ``localizers``, ranked
     by the first net (``localize predict --classifier``), whose weights they share."""
-    from verydeep.runtime import autocast_dtype, pick_device
 
     torch_device = pick_device(device)
     dtype = autocast_dtype(torch_device, precision)
     nets = load_nets(list(sources), None, None, torch_device, weights_dir)
     boxes = None
     if localizers:
-        from verydeep.eval.localize.dense_nets import DenseNets
-        from verydeep.io.download import resolve_source
 
         boxes = DenseNets.load(list(localizers), resolve_source(sources[0], weights_dir), device)
         boxes.classify = nets[0].dense  # the same weights as the first net: held once
@@ -381,7 +381,6 @@ def build_app(looker: Looker) -> Any:
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from verydeep.cli import one_line
 
     static = Path(__file__).with_name("static")
 

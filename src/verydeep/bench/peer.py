@@ -10,7 +10,6 @@ training and for inference each, and named.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -19,7 +18,8 @@ import torch
 from torch import nn
 
 from verydeep import runtime
-from verydeep.bench.roofline import precision_name, sync
+from verydeep.bench.measure import images_per_second
+from verydeep.bench.roofline import precision_name
 
 #: The ways of running the peer, in the order they are measured.
 VARIANTS = ("eager", "compiled")
@@ -31,16 +31,6 @@ def peer_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the peer: bf16 where ``auto`` picks it, fp16 on a CUDA GPU without bf16, else fp32."""
     dtype = runtime.autocast_dtype(device, "auto")
     return torch.float16 if dtype is None and device.type == "cuda" else dtype
-
-
-def rate(step: Callable[[], Any], images: int, steps: int, device: torch.device) -> float:
-    """Images per second of ``steps`` calls of ``step``, each on ``images`` images."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return images * steps / (time.perf_counter() - start)
 
 
 def best_steps(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -97,8 +87,8 @@ def peer_contenders(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: t
                 raise
             info["compile_error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
             continue
-        contenders[f"torchvision_best_{variant}_train"] = partial(rate, train_step, len(x), steps, device)
-        contenders[f"torchvision_best_{variant}_infer"] = partial(rate, infer_step, len(x), steps, device)
+        contenders[f"torchvision_best_{variant}_train"] = partial(images_per_second, train_step, len(x), steps, device)
+        contenders[f"torchvision_best_{variant}_infer"] = partial(images_per_second, infer_step, len(x), steps, device)
     return contenders, info
 
 

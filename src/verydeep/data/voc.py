@@ -49,14 +49,20 @@ def is_voc(root: str | Path) -> bool:
     return (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir()
 
 
-def read_annotation(path: Path) -> list[VOCObject]:
-    """The objects of one annotation file; an unreadable or malformed file is a one-line error naming it."""
+def parse_annotation(path: Path) -> ET.Element:
+    """The root element of a VOC annotation file; a missing or unreadable one is a one-line error naming it."""
     if not path.is_file():
         raise MissingFileError(f"{path}: no such VOC annotation")
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as error:
         raise UserError(f"{path}: not a readable VOC annotation ({type(error).__name__}: {error})") from error
+    return root
+
+
+def read_annotation(path: Path) -> list[VOCObject]:
+    """The objects of one annotation file; an unreadable or malformed file is a one-line error naming it."""
+    root = parse_annotation(path)
     objects = []
     for element in root.iter("object"):
         name = (element.findtext("name") or "").strip()

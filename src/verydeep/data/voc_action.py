@@ -30,7 +30,7 @@ import numpy as np
 from verydeep.data.boxes import Box, pixel_box
 from verydeep.data.datasets import DECODE_ERRORS, report_skip
 from verydeep.data.decode import image_size
-from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE
+from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, parse_annotation
 from verydeep.errors import MissingFileError, UserError
 
 log = logging.getLogger("verydeep.data")
@@ -129,12 +129,7 @@ def _integer(text: str, where: str) -> int:
 def read_persons(path: Path) -> tuple[list[Person], tuple[int, int] | None]:
     """The objects of an action annotation, in order, and the image size it states (None when it states
     none); an unreadable file or a flag that is not 0 or 1 is a one-line error naming it."""
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such VOC annotation")
-    try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as error:
-        raise UserError(f"{path}: not a readable VOC annotation ({type(error).__name__}: {error})") from error
+    root = parse_annotation(path)
     persons = []
     for obj in root.iter("object"):
         flags = {"difficult": (obj.findtext("difficult") or "0").strip()}

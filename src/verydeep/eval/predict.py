@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from verydeep.cli import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
+from verydeep.data import RescaleTransform, to_input
+from verydeep.data.datasets import DECODE_ERRORS
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.evaluate import given_weights
 from verydeep.eval.nets import Net, load_nets, net_scales
@@ -86,8 +88,6 @@ def check_images(images: Sequence[str | Path]) -> None:
 
 def load_image(path: str | Path, q: int) -> Tensor:
     """The image as uint8 (3, H, W), rescaled so that its smallest side is ``q``."""
-    from verydeep.data import RescaleTransform
-    from verydeep.data.datasets import DECODE_ERRORS
 
     try:
         return RescaleTransform(q)(path)
@@ -104,7 +104,6 @@ def image_posterior(net: Net, path: str | Path, flip: bool, device: torch.device
                     protocol: str = "dense", scales: Sequence[int] | None = None) -> Tensor:
     """Sec. 3.2: the posterior (classes,) of ``protocol`` (dense, multi-crop, or both averaged as in Table 5),
     each averaged over the test scales (the net's own unless ``scales`` is given)."""
-    from verydeep.data import to_input
 
     kinds = protocol.split("+")
     if protocol not in PROTOCOLS:
@@ -135,7 +134,6 @@ def saliency_map(net: Net, image: Tensor, index: int, device: torch.device) -> T
     """Simonyan et al. (2014), Sec. 3.1: ``M_ij = max_c |dS/dI_ijc|`` (H, W) of a uint8 image (3, H, W), where
     S is class ``index``'s unnormalised score on the whole image (the spatial mean of the dense net's score
     map) and I the image's RGB pixel values, through the net's input convention."""
-    from verydeep.data import to_input
 
     pre = net.preprocess
     x = to_input(image.unsqueeze(0).to(device), pre).detach().requires_grad_()

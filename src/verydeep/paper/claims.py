@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from verydeep.eval.metrics import PairedDifference
-from verydeep.paper.measure import Measured, _find, _replicas, _single_scale, paired
+from verydeep.paper.measure import Measured, find_row, paired, replicas, single_scale
 from verydeep.paper.presets import Net, Preset
 
 
@@ -51,7 +51,7 @@ def seed_spread(better: str, worse: str, nets: list[Net], row_of: RowOf) -> str:
     """The spread over seeds: of the difference where both nets have replicas of the same seeds, else of
     the error of whichever has replicas. ``row_of(name)`` finds a net's row. Empty with one seed."""
     def errors(name: str) -> dict[int, float]:
-        return {n.seed: 100 * m.row.top1_error for n in _replicas(name, nets) if (m := row_of(n.name)) is not None}
+        return {n.seed: 100 * m.row.top1_error for n in replicas(name, nets) if (m := row_of(n.name)) is not None}
 
     a, b = errors(better), errors(worse)
     both = sorted(set(a) & set(b))
@@ -72,10 +72,10 @@ def claims(measured: list[Measured], nets: list[Net], preset: Preset) -> list[Cl
     by_name = {n.name: n for n in nets}
 
     def single(name: str) -> Measured | None:  # single-scale dense at Q = S (or the jittered midpoint)
-        return _find(measured, [name], "dense", _single_scale(by_name[name], preset)) if name in by_name else None
+        return find_row(measured, [name], "dense", single_scale(by_name[name], preset)) if name in by_name else None
 
     def multi(name: str, protocol: str = "dense") -> Measured | None:
-        return _find(measured, [name], protocol) if name in by_name else None
+        return find_row(measured, [name], protocol) if name in by_name else None
 
     checks = [(f"Error falls with depth: {b} beats {a}", b, a) for a, b in
               (("A", "B"), ("A", "D"), ("B", "D"), ("B", "E"))]
@@ -100,7 +100,7 @@ def _across_seeds(better: str, worse: str, nets: list[Net], row_of: RowOf) -> st
     not hold) when each seed's paired test says so and the mean difference over the seeds lies beyond
     two of its standard errors (training's noise, as the paired test measures the test set's); else
     inconclusive, with the reason."""
-    pairs = [(a, b) for x in _replicas(better, nets) for y in _replicas(worse, nets)
+    pairs = [(a, b) for x in replicas(better, nets) for y in replicas(worse, nets)
              if x.seed == y.seed and (a := row_of(x.name)) is not None and (b := row_of(y.name)) is not None]
     if len(pairs) < 2:
         return None

@@ -90,7 +90,7 @@ def paired(better: Measured, worse: Measured) -> PairedDifference:
                              worse.correct()[_positions(worse.paths, common)])
 
 
-def _find(measured: list[Measured], nets: list[str], protocol: str, q: int | None = None) -> Measured | None:
+def find_row(measured: list[Measured], nets: list[str], protocol: str, q: int | None = None) -> Measured | None:
     """The row of ``protocol`` for exactly these nets: at scale ``q``, or over all their scales."""
     for m in measured:
         row = m.row
@@ -100,12 +100,12 @@ def _find(measured: list[Measured], nets: list[str], protocol: str, q: int | Non
     return None
 
 
-def _single_scale(net: Net, preset: Preset) -> int:
+def single_scale(net: Net, preset: Preset) -> int:
     """The test scale of ``net``'s Table 3 row at this preset: Q = S, or the midpoint of a jittered S."""
     return single_test_scale(*preset.scale(net.scale))
 
 
-def _replicas(name: str, nets: list[Net]) -> list[Net]:
+def replicas(name: str, nets: list[Net]) -> list[Net]:
     """``name`` and its seed replicas, by seed."""
     return sorted((n for n in nets if n.base == name), key=lambda n: n.seed)
 
@@ -115,11 +115,11 @@ def fusions(measured: list[Measured], nets: list[Net]) -> list[Measured]:
     paper's D + E), and each seeded net fused with its replicas (dense, multi-scale): nets that share
     no training."""
     groups = [[n.name for n in nets if n.jittered and n.seed == 0]]
-    groups += [[n.name for n in _replicas(n.name, nets)] for n in nets if n.seed == 0]
+    groups += [[n.name for n in replicas(n.name, nets)] for n in nets if n.seed == 0]
     out = []
     for group in (g for g in groups if len(g) > 1):
         for protocol in ("dense", "multicrop", "dense+multicrop"):
-            members = [_find(measured, [name], protocol) for name in group]
+            members = [find_row(measured, [name], protocol) for name in group]
             if all(members):
                 out.append(fuse(members))
     return out

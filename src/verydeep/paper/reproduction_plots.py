@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from verydeep.paper.measure import Measured, _find, _single_scale
+from verydeep.paper.measure import Measured, find_row, single_scale
 from verydeep.paper.plot import error_bars
 from verydeep.paper.presets import Net, Preset
-from verydeep.paper.train_nets import _epochs
+from verydeep.paper.train_nets import epochs_of
 
 
 def plot(run_dirs: dict[str, Path], measured: list[Measured], nets: list[Net], preset: Preset,
@@ -24,7 +24,7 @@ def plot(run_dirs: dict[str, Path], measured: list[Measured], nets: list[Net], p
     seeds = {n.name: n.seed for n in nets}
     fig, (loss_ax, err_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, run_dir in run_dirs.items():
-        epochs = _epochs(run_dir)
+        epochs = epochs_of(run_dir)
         x = [r["epoch"] for r in epochs]
         style = "--" if seeds.get(name) else "-"
         loss_ax.plot(x, [r["train_loss"] for r in epochs], style, label=name)
@@ -54,7 +54,7 @@ def error_groups(measured: list[Measured], nets: list[Net], preset: Preset) -> l
     groups: dict[str, dict[str, float]] = {}
     for net in nets:
         for protocol, single, legend in ERROR_BARS:
-            found = _find(measured, [net.name], protocol, _single_scale(net, preset) if single else None)
+            found = find_row(measured, [net.name], protocol, single_scale(net, preset) if single else None)
             if found is not None:
                 groups.setdefault(net.name, {})[legend] = 100 * found.row.top1_error
     multi_scale = {protocol: legend for protocol, single, legend in ERROR_BARS if not single}

@@ -17,10 +17,10 @@ from verydeep.eval.rows import EvalRow, PaperFigures
 from verydeep.paper import report
 from verydeep.paper.claims import Claim
 from verydeep.paper.figures import scale_text
-from verydeep.paper.measure import Measured, _find, _single_scale
+from verydeep.paper.measure import Measured, find_row, single_scale
 from verydeep.paper.presets import Net, Preset
 from verydeep.paper.report import Column, Row, Table
-from verydeep.paper.train_nets import _epochs
+from verydeep.paper.train_nets import epochs_of
 from verydeep.runtime import pick_device
 
 
@@ -44,18 +44,18 @@ def paper_tables(measured: list[Measured], nets: list[Net], preset: Preset) -> d
         return replace(row, paper=PaperFigures.lookup(table, [m.paper_net for m in members], row.protocol))
 
     def by_scale(table: int, q: int | None, net: Net) -> tuple[list[str], EvalRow] | None:
-        found = _find(measured, [net.name], "dense", q)
+        found = find_row(measured, [net.name], "dense", q)
         if found is None:
             return None
         train = f"{scale_text(*preset.scale(net.scale))} ({net.paper_net.scale})"
         return [net.name, train, ",".join(map(str, found.row.scales))], beside_paper(found.row, table, [net])
 
-    single = [entry for net in nets if (entry := by_scale(3, _single_scale(net, preset), net))]
+    single = [entry for net in nets if (entry := by_scale(3, single_scale(net, preset), net))]
     multi = [entry for net in nets if (entry := by_scale(4, None, net))]
     methods = [([net.name, protocol], beside_paper(found.row, 5, [net]))
-               for net in nets if _find(measured, [net.name], "multicrop")
+               for net in nets if find_row(measured, [net.name], "multicrop")
                for protocol in ("dense", "multicrop", "dense+multicrop")
-               if (found := _find(measured, [net.name], protocol)) is not None]
+               if (found := find_row(measured, [net.name], protocol)) is not None]
     fused = [([" + ".join(m.row.nets), m.row.protocol], beside_paper(m.row, 6, [by_name[n] for n in m.row.nets]))
              for m in measured if m.row.fusion]
     scale_labels = ("ConvNet", "train S (paper's)", "test Q")
@@ -97,10 +97,10 @@ class NetRecord:
 def net_record(net: Net, run_dir: Path, measured: list[Measured], preset: Preset) -> NetRecord:
     """``net``'s :class:`NetRecord` from its run directory and its rows."""
     record = json.loads((run_dir / "recipe.json").read_text())
-    epochs = _epochs(run_dir)
+    epochs = epochs_of(run_dir)
     losses = [r["train_loss"] for r in epochs]
     errors = [100 - r["val_top1"] for r in epochs if r.get("val_top1") is not None]
-    row = _find(measured, [net.name], "dense", _single_scale(net, preset))
+    row = find_row(measured, [net.name], "dense", single_scale(net, preset))
     start = record.get("weights") or record.get("init_from")  # runs recorded before --weights started every net
     return NetRecord(net.name, net.config, net.seed, start, len(epochs), epochs[-1]["lr"],
                      losses[-1], _change_last3(losses), _change_last3(errors),

@@ -31,7 +31,7 @@ def train_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
     return nets_dir / net.name
 
 
-def _epochs(run_dir: Path) -> list[dict[str, Any]]:
+def epochs_of(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir)[1]
 
 
@@ -56,7 +56,7 @@ def train_and_measure(order: list[Net], preset: Preset, data: Path, out: Path, d
     done = Trained({}, [], {"training": 0.0, "evaluation": 0.0})
     for net in order:
         run_dir = done.run_dirs[net.name] = train_net(net, by_name, preset, data, out, device, progress)
-        done.seconds["training"] += sum(r["seconds"] for r in _epochs(run_dir))
+        done.seconds["training"] += sum(r["seconds"] for r in epochs_of(run_dir))
         protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
         rows, spent = evaluate_net(net.name, run_dir, test, protocols, preset.limit_test, out, device, progress)
         done.seconds["evaluation"] += spent
