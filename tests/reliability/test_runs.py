@@ -36,7 +36,7 @@ FULL = os.environ.get("VERYDEEP_RELIABILITY") == "full"
 HARNESS = """
 import os, signal, sys, time
 from pathlib import Path
-import verydeep.io.checkpoint as checkpoint
+import verydeep.io.atomic as atomic
 from verydeep.train.checkpointing import Checkpoints
 from verydeep.train.step import Stepper
 
@@ -50,7 +50,7 @@ def replace_or_die(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst)
 
-checkpoint.os.replace = replace_or_die
+atomic.os.replace = replace_or_die
 real_save_last = Checkpoints.save_last
 saves = 0
 
@@ -153,6 +153,7 @@ def test_kill_9_at_any_moment_then_resume_ends_bitwise_equal(tmp_path, harness):
 def test_a_full_disk_or_read_only_folder_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
     train(tiny(data, tmp_path, epochs=1))
     before = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    import verydeep.io.atomic as atomic
     import verydeep.io.checkpoint as checkpoint
 
     def full_disk(state, path):  # half the file is written, then the disk is full
@@ -168,7 +169,7 @@ def test_a_full_disk_or_read_only_folder_keeps_the_last_checkpoint(data, tmp_pat
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
     with pytest.raises(UserError, match="cannot be written .Read-only file system."):
         train(tiny(data, tmp_path, epochs=2, resume=True))
     monkeypatch.undo()

@@ -21,6 +21,7 @@ from verydeep.bench.settings import WARMUP_STEPS, Settings, test_scales
 from verydeep.data import RescaleTransform, to_input
 from verydeep.errors import UserError
 from verydeep.eval.sweep import dense_posteriors, multicrop_posteriors
+from verydeep.io.rundir import RunDir
 from verydeep.train import Trainer
 from verydeep.train.recipe import TrainConfig
 
@@ -63,7 +64,7 @@ def inference_net(trainer: Any) -> nn.Module:
 
 def steady_img_s(run_dir: Path, steps: int, batch: int) -> float:
     """Images per second of the last ``steps`` training steps, from the trainer's step records."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines = RunDir(run_dir).metrics.read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r.get("kind") == "step"][-steps:]
     return steps * batch / sum(batch / r["img_s"] for r in records)
 

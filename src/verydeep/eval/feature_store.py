@@ -20,7 +20,7 @@ import numpy as np
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.descriptors import TAP, FeatureNet
 from verydeep.eval.image_sets import ImageSet
-from verydeep.io.checkpoint import atomic_write
+from verydeep.io.atomic import atomic_write
 from verydeep.runtime import sharding
 
 # ---- results --------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.evaluate import given_weights
 from verydeep.eval.nets import Net, load_nets, net_scales
 from verydeep.eval.sweep import average, net_posteriors
-from verydeep.io.checkpoint import atomic_write
+from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
 from verydeep.runtime import autocast, autocast_dtype, pick_device
 

@@ -10,8 +10,6 @@ exported as safetensors with the recipe in the file's metadata.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,55 +17,12 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.atomic import atomic_write
+from verydeep.io.rundir import RunDir
 from verydeep.nn.model import VGG
 
 #: Recipe keys that determine the architecture.
 MODEL_KEYS = ("config", "num_classes", "batch_norm", "width", "dropout", "crop")
-
-
-#: The name pattern of :func:`atomic_write`'s temporary files, ``.last.pt.XXXX.tmp``.
-TEMP_PATTERN = ".*.tmp"
-
-
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers never see half a file.
-
-    A write that fails (a full disk, a read-only folder) removes its temporary file, leaves the
-    previous ``path`` as it was, and is a :class:`UserError` naming the file.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
-        Path(tmp).unlink(missing_ok=True)
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        raise UserError(f"{path}: cannot be written ({reason}); the previous file is intact") from error
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def remove_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temporary files that writes cut short by a crash left in ``folder``."""
-    stale = sorted(Path(folder).glob(TEMP_PATTERN)) if Path(folder).is_dir() else []
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
-    return stale
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -79,9 +34,9 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint file, or a run directory's best (else last) checkpoint."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
+        for file in (RunDir(path).best, RunDir(path).last):
+            if file.is_file():
+                return file
         raise MissingFileError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt in this run directory")
     if not path.is_file():
         raise MissingFileError(f"{path}: no such checkpoint")

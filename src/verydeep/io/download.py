@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.atomic import atomic_write
 from verydeep.io.catalogue import NAMES, KnownWeights, known_weights
-from verydeep.io.checkpoint import atomic_write
 
 
 def weights_folder(weights_dir: str | Path | None = None) -> Path:

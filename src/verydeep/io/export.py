@@ -33,7 +33,7 @@ from verydeep.cli import add_weights, output_file
 from verydeep.data import to_input
 from verydeep.errors import UserError
 from verydeep.eval.evaluate import given_weights
-from verydeep.io.checkpoint import atomic_write
+from verydeep.io.atomic import atomic_write
 from verydeep.io.sources import load
 from verydeep.nn.model import VGG
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from verydeep.cli import output_file
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.rundir import RunDir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The step and epoch records of ``RUN_DIR/metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if Path(run_dir).is_file():
         raise UserError(f"{run_dir} is a file; give a run directory written by verydeep train")
     if not path.is_file():

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from verydeep.io.rundir import RunDir
 from verydeep.paper.figures import PaperNet
 from verydeep.train.recipe import TrainConfig
 
@@ -125,12 +126,12 @@ class Preset:
         run_dir = nets_dir / net.name
         cfg = replace(TrainConfig(), **{name: getattr(self, name) for name in shared}, data=str(data),
                       out=str(run_dir), config=net.config, scale=self.scale(net.scale), seed=net.seed,
-                      device=device, progress=progress, resume=(run_dir / "checkpoints" / "last.pt").is_file(),
+                      device=device, progress=progress, resume=RunDir(run_dir).last.is_file(),
                       milestones=list(self.milestones))
         parent = self.starts_from(net)
         if parent is None:
             return cfg
-        cfg = replace(cfg, weights=str(nets_dir / parent / "checkpoints" / "last.pt"))
+        cfg = replace(cfg, weights=str(RunDir(nets_dir / parent).last))
         if self.fine_tuned(net, by_name):  # a short fine-tuning: the plateau rule within its few epochs
             return replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs, milestones=[])
         return replace(cfg, warm_start=True)  # Sec. 3.1: A's first four convs and FC6-8 into a deeper net

@@ -22,7 +22,7 @@ from typing import Any
 
 from verydeep.cli import add_device, add_workers, output_dir, positive_int, width_multiplier
 from verydeep.errors import UserError
-from verydeep.io.checkpoint import atomic_write
+from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
 from verydeep.paper.claims import Claim, claims
 from verydeep.paper.measure import fusions

@@ -14,6 +14,7 @@ import torch
 
 from verydeep.bench.summary import machine
 from verydeep.eval.rows import EvalRow, PaperFigures
+from verydeep.io.rundir import RunDir
 from verydeep.paper import report
 from verydeep.paper.claims import Claim
 from verydeep.paper.figures import scale_text
@@ -96,7 +97,7 @@ class NetRecord:
 
 def net_record(net: Net, run_dir: Path, measured: list[Measured], preset: Preset) -> NetRecord:
     """``net``'s :class:`NetRecord` from its run directory and its rows."""
-    record = json.loads((run_dir / "recipe.json").read_text())
+    record = json.loads(RunDir(run_dir).record.read_text())
     epochs = epochs_of(run_dir)
     losses = [r["train_loss"] for r in epochs]
     errors = [100 - r["val_top1"] for r in epochs if r.get("val_top1") is not None]

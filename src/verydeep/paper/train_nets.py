@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from verydeep.data import find_split
-from verydeep.io.checkpoint import atomic_write
+from verydeep.io.atomic import atomic_write
 from verydeep.paper.measure import Measured, evaluate_net
 from verydeep.paper.plot import read_metrics
 from verydeep.paper.presets import Net, Preset

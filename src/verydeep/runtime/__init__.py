@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from verydeep.errors import UserError
-from verydeep.io.checkpoint import atomic_write
+from verydeep.io.atomic import atomic_write
 from verydeep.runtime.limits import usable_cores
 
 

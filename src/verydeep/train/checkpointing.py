@@ -2,7 +2,7 @@
 
 ``checkpoints/last.pt`` is what ``--resume`` continues from; ``epoch-0007.pt`` (the newest
 ``--keep-last``), ``best.pt`` and its export ``model.safetensors`` follow each epoch. Every write is
-atomic (:func:`verydeep.io.checkpoint.atomic_write`), so a crash leaves the last good state readable.
+atomic (:func:`verydeep.io.atomic.atomic_write`), so a crash leaves the last good state readable.
 """
 
 from __future__ import annotations
@@ -17,28 +17,23 @@ import torch
 from verydeep import runtime
 from verydeep.data import Preprocess
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.atomic import atomic_write, remove_temp_files
 from verydeep.io.checkpoint import (
-    atomic_write,
     export_safetensors,
     load_checkpoint,
     model_from_recipe,
-    remove_temp_files,
     safetensors_metadata,
     save_checkpoint,
 )
+from verydeep.io.rundir import EPOCH, RunDir
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.tasks import Classification, Task
 from verydeep.train.data import TrainingData
-from verydeep.train.recipe import RUN_RECORD, TrainConfig, flag_name
+from verydeep.train.recipe import TrainConfig, flag_name
 
 #: Run-record keys that must agree for ``resume`` to continue a run.
 ARCH_KEYS = ("config", "batch_norm", "width", "num_classes", "outputs", "crop", "task")
 
-#: Epoch checkpoints are ``checkpoints/epoch-0007.pt``; the newest ``keep_last`` are kept.
-EPOCH_CHECKPOINT = "epoch-{:04d}.pt"
-
-#: The files of a run besides its checkpoints, cleared when a new run starts in the folder.
-RUN_FILES = ("metrics.jsonl", RUN_RECORD, "model.safetensors", "curves.png")
 
 
 def run_record(cfg: TrainConfig, task: Task, pre: Preprocess, data: TrainingData) -> dict[str, Any]:
@@ -79,8 +74,8 @@ class Checkpoints:
 
     def __init__(self, run_dir: Path, procs: runtime.Processes, keep_last: int) -> None:
         self.run_dir, self.procs, self.keep_last = run_dir, procs, keep_last
-        self.dir = run_dir / "checkpoints"
-        self.last = self.dir / "last.pt"
+        self.paths = RunDir(run_dir)
+        self.dir, self.last = self.paths.checkpoints, self.paths.last
 
     def prepare(self, cfg: TrainConfig) -> None:
         """``--out`` must be a folder; a run in it is continued only with ``--resume`` and replaced only
@@ -100,8 +95,8 @@ class Checkpoints:
             return
         # a new run: nothing of an old one (say, one that crashed before a checkpoint) mixes in; a folder
         # without our run record is not cleared unless --overwrite says so
-        if not cfg.resume and (cfg.overwrite or (run_dir / RUN_RECORD).exists()):
-            for path in [*(run_dir / name for name in RUN_FILES), *self.dir.glob("*.pt")]:
+        if not cfg.resume and (cfg.overwrite or self.paths.record.exists()):
+            for path in [*self.paths.run_files, *self.dir.glob("*.pt")]:
                 path.unlink(missing_ok=True)
         for folder in (run_dir, self.dir):
             remove_temp_files(folder)
@@ -122,18 +117,18 @@ class Checkpoints:
         between two writes leaves ``last.pt`` behind the others, and resuming from it redoes them."""
         if not self.procs.main:
             return
-        epoch_file = save_checkpoint(state, self.dir / EPOCH_CHECKPOINT.format(state["epoch"]))
+        epoch_file = save_checkpoint(state, self.paths.epoch(state["epoch"]))
         if improved:
-            atomic_write(self.dir / "best.pt", lambda tmp: shutil.copyfile(epoch_file, tmp))
-            export_safetensors(model, state["recipe"], self.run_dir / "model.safetensors", state["epoch"])
+            atomic_write(self.paths.best, lambda tmp: shutil.copyfile(epoch_file, tmp))
+            export_safetensors(model, state["recipe"], self.paths.model, state["epoch"])
         atomic_write(self.last, lambda tmp: shutil.copyfile(epoch_file, tmp))
-        epochs = sorted(self.dir.glob(EPOCH_CHECKPOINT.replace("{:04d}", "*")))
+        epochs = sorted(self.dir.glob(EPOCH.replace("{:04d}", "*")))
         for old in epochs[:-self.keep_last] if self.keep_last else epochs:
             old.unlink()
 
     def export_best(self) -> None:
         """Re-export ``best.pt``'s weights when a crash left ``model.safetensors`` from another epoch."""
-        best, exported = self.dir / "best.pt", self.run_dir / "model.safetensors"
+        best, exported = self.paths.best, self.paths.model
         if not self.procs.main or not best.is_file():
             return
         state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)

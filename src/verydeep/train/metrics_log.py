@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from verydeep.errors import UserError
-from verydeep.io.checkpoint import atomic_write
+from verydeep.io.atomic import atomic_write
+from verydeep.io.rundir import RunDir
 
 #: The scalars a step record and an epoch record give TensorBoard, under their tag's group.
 STEP_SCALARS = {"loss": "train/loss", "lr": "train/lr", "img_s": "train/images_per_second"}
@@ -41,7 +42,7 @@ class MetricsLog:
     """Appends records to ``run_dir/metrics.jsonl`` (main process only), and to TensorBoard when asked."""
 
     def __init__(self, run_dir: Path, main: bool, tensorboard: bool = False) -> None:
-        self.path, self.main, self.tensorboard = run_dir / "metrics.jsonl", main, tensorboard
+        self.path, self.main, self.tensorboard = RunDir(run_dir).metrics, main, tensorboard
         self.writer: Any = None
 
     def open(self, step: int) -> None:

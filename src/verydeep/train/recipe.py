@@ -26,7 +26,9 @@ from verydeep.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, 
 from verydeep.data import Preprocess
 from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
-from verydeep.io.checkpoint import atomic_write, load_checkpoint
+from verydeep.io.atomic import atomic_write
+from verydeep.io.checkpoint import load_checkpoint
+from verydeep.io.rundir import RunDir
 from verydeep.nn.init import PROTOCOLS
 from verydeep.runtime.limits import check_width, check_workers
 
@@ -331,8 +333,6 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
 # ---- the run record ---------------------------------------------------------------------------
 
 
-RUN_RECORD = "recipe.json"
-
 #: Settings that belong to the invocation that gave them, not to the run.
 ONCE = ("resume", "stop_after_steps", "overwrite")
 
@@ -340,12 +340,12 @@ ONCE = ("resume", "stop_after_steps", "overwrite")
 def write_run_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
     """Write ``run_dir/recipe.json`` atomically: the settings plus what the data decided."""
     text = json.dumps(record, indent=2) + "\n"
-    return atomic_write(Path(run_dir) / RUN_RECORD, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(RunDir(run_dir).record, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     """The run record of ``run_dir``; a missing or damaged file is one line naming it."""
-    path = Path(run_dir) / RUN_RECORD
+    path = RunDir(run_dir).record
     if not path.is_file():
         raise MissingFileError(f"{path}: no run record (was this run directory written by verydeep train?)")
     try:
@@ -360,9 +360,9 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
 def stored_settings(run_dir: str | Path) -> dict[str, Any]:
     """The settings a run was trained with: its run record, else the one its last checkpoint holds
     (a crash may lose ``recipe.json``, never the checkpoint's copy); empty when it has neither."""
-    if (Path(run_dir) / RUN_RECORD).exists():
+    if RunDir(run_dir).record.exists():
         return read_run_record(run_dir)
-    last = Path(run_dir) / "checkpoints" / "last.pt"
+    last = RunDir(run_dir).last
     return load_checkpoint(last)["recipe"] if last.is_file() else {}
 
 

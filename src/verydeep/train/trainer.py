@@ -37,6 +37,7 @@ from verydeep.data import load_preprocess
 from verydeep.data.sampling import Stream, derived_seed
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import model_from_recipe
+from verydeep.io.rundir import RunDir
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification, Task
 from verydeep.runtime.sharding import process_group
@@ -359,7 +360,7 @@ def train(cfg: TrainConfig, task: Task | None = None, given: Collection[str] | N
     differ from their defaults). When ``torchrun --max-restarts`` restarts the processes after one
     failed, they resume from the last checkpoint."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    if restarted and not cfg.resume and (Path(cfg.out) / "checkpoints" / "last.pt").is_file():
+    if restarted and not cfg.resume and RunDir(cfg.out).last.is_file():
         cfg = replace(cfg, resume=True, overwrite=False)  # torchrun restarted the processes after a failure
     with process_group(cfg.device) as procs:
         return Trainer(cfg, procs, task, given).run()

@@ -20,6 +20,7 @@ from verydeep.errors import UserError
 from verydeep.eval.localize.prior import in_frames, mean_relative_box
 from verydeep.eval.localize.scoring import wrong
 from verydeep.eval.localize.task import boxes_source, fixed_scale, task_of
+from verydeep.io.rundir import CHECKPOINTS
 from verydeep.io.sources import load
 from verydeep.paper.figures import TABLE_8, BoxRegression
 from verydeep.paper.report import Column, Row, Table
@@ -79,7 +80,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
 def net_name(checkpoint: str | Path) -> str:
     """A net as tables name it: its run folder, or ``RUN/best.pt`` for one of its checkpoints."""
     path = Path(checkpoint)
-    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == CHECKPOINTS else path.name
 
 
 def center_json(results: Sequence[CenterResult]) -> dict[str, Any]:

@@ -1,0 +1,57 @@
+"""Atomic writes: a file is replaced whole or not at all, so a crash (or ``kill -9``) never leaves half a
+checkpoint, record or result where the last good one was; what a crash leaves is a temporary file,
+removed by :func:`remove_temp_files`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from verydeep.errors import UserError
+
+#: The name pattern of :func:`atomic_write`'s temporary files, ``.last.pt.XXXX.tmp``.
+TEMP_PATTERN = ".*.tmp"
+
+
+def atomic_write(path: str | Path, write: Any) -> Path:
+    """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers never see half a file.
+
+    A write that fails (a full disk, a read-only folder) removes its temporary file, leaves the
+    previous ``path`` as it was, and is a :class:`UserError` naming the file.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}: cannot be written ({reason}); the previous file is intact") from error
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes cut short by a crash left in ``folder``."""
+    stale = sorted(Path(folder).glob(TEMP_PATTERN)) if Path(folder).is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale

@@ -1,0 +1,71 @@
+"""Every path of a training run's directory, named once (Sec. 3.1's training leaves these behind):
+
+    RUN/recipe.json            the run record: settings, task, input convention, images
+    RUN/metrics.jsonl          one JSON line a step and an epoch
+    RUN/model.safetensors      the best epoch's weights, the recipe in the metadata
+    RUN/curves.png             the learning curves
+    RUN/checkpoints/last.pt    the newest state, for exact resume
+    RUN/checkpoints/best.pt    the best epoch's state
+    RUN/checkpoints/epoch-0007.pt  each epoch's state (the newest few kept)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RECORD = "recipe.json"
+METRICS = "metrics.jsonl"
+MODEL = "model.safetensors"
+CURVES = "curves.png"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+EPOCH = "epoch-{:04d}.pt"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of the run directory ``root``."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def record(self) -> Path:
+        return self.root / RECORD
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL
+
+    @property
+    def curves(self) -> Path:
+        return self.root / CURVES
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / BEST
+
+    def epoch(self, epoch: int) -> Path:
+        """The checkpoint of the end of ``epoch``."""
+        return self.checkpoints / EPOCH.format(epoch)
+
+    @property
+    def run_files(self) -> tuple[Path, ...]:
+        """The files of a run besides its checkpoints, cleared when a new run starts in the folder."""
+        return self.metrics, self.record, self.model, self.curves
