@@ -12,11 +12,12 @@ import torch
 from conftest import photo, save, tiny, write_dataset
 
 from verydeep.cli import main
-from verydeep.data import Batch, CenterCropTransform, RescaleTransform, to_input
+from verydeep.data import BadImageError, Batch, CenterCropTransform, RescaleTransform, SizeGroupedBatchSampler, to_input
 from verydeep.data.decode import ImageFile
 from verydeep.data.preprocess import Preprocess
 from verydeep.data.transforms import render
 from verydeep.errors import UserError
+from verydeep.eval.localize import dense_nets
 from verydeep.eval.localize.center import evaluate_center
 from verydeep.eval.localize.dense import DenseNetResult, DenseResult, table_9
 from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, inside, ranked
@@ -274,6 +275,36 @@ def test_images_of_the_same_size_go_through_the_nets_together_as_they_would_one_
         assert a.boxes[0].shape == b.boxes[0].shape == (2, 5, 4)  # two classes, 1 + 2x2 locations
         assert torch.allclose(a.boxes[0], b.boxes[0], atol=1e-5)
         assert a.box_scores[0].shape == (2, 5) and torch.allclose(a.box_scores[0], b.box_scores[0], atol=1e-5)
+
+
+def test_each_scale_is_one_pass_batched_by_size_there_and_workers_read_the_same_outputs(tmp_path, monkeypatch):
+    paths = random_images(tmp_path, [(44, 40), (36, 48), (45, 40), (46, 40), (44, 40)])
+    nets, sampled, calls = random_nets(), [], []
+
+    class Recording(SizeGroupedBatchSampler):
+        def __init__(self, dataset, q: int, batch_size: int) -> None:
+            super().__init__(dataset, q, batch_size)
+            sampled.append((q, self.batches))
+
+    monkeypatch.setattr(dense_nets, "SizeGroupedBatchSampler", Recording)
+    forward = nets.forward
+    nets.forward = lambda images: calls.append(tuple(images.shape)) or forward(images)
+    read_here = nets.outputs(paths, [32, 64], top=2, batch_size=8)
+    # (45, 40) and (46, 40) share their size at Q = 32 (36 x 32) and not at 64 (72 x 64, 73 x 64)
+    assert sampled == [(32, [[0, 4], [1], [2, 3]]), (64, [[0, 4], [1], [2], [3]])]
+    assert calls == [(2, 3, 32, 35), (1, 3, 42, 32), (2, 3, 32, 36),
+                     (2, 3, 64, 70), (1, 3, 85, 64), (1, 3, 64, 72), (1, 3, 64, 73)]
+    read_by_workers = nets.outputs(paths, [32, 64], top=2, batch_size=8, workers=2)
+    for a, b in zip(read_here, read_by_workers, strict=True):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.scores, b.scores) and a.size == b.size
+        assert all(torch.equal(x, y) for x, y in zip([*a.boxes, *a.box_scores], [*b.boxes, *b.box_scores], strict=True))
+    # an image that cannot be read, from its header or past it, is an error naming it: every image has an output
+    (tmp_path / "text.png").write_text("not an image\n")
+    (tmp_path / "cut.png").write_bytes(paths[0].read_bytes()[:200])
+    for bad in ("text.png", "cut.png"):
+        for workers in (0, 1):
+            with pytest.raises(BadImageError, match=f"{bad}: unreadable image"):
+                nets.outputs([paths[0], tmp_path / bad], [32], workers=workers)
 
 
 def dense_result(crop: int, scales: list[int], nets: int = 1) -> DenseResult:

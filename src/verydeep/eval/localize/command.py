@@ -15,7 +15,7 @@ from verydeep.eval.localize.dense import evaluate_dense, table_9
 from verydeep.eval.localize.predict import run_predict
 from verydeep.eval.localize.task import HEADS, TARGETS
 from verydeep.eval.localize.train import run_train
-from verydeep.runtime import sharding
+from verydeep.runtime import default_workers, sharding
 from verydeep.train.recipe import add_flags
 
 
@@ -45,14 +45,15 @@ def eval_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         flag = "--classifier" if args.classifier is not None else "--scales"
         raise UserError(f"{flag} is for --protocol dense (protocol 1 reads the central crop at the training scale, "
                         "for the ground-truth class): drop it, or give --protocol dense")
+    workers = default_workers() if args.workers is None else args.workers
     if args.protocol == "dense":
         result = evaluate_dense(args.checkpoint, args.classifier, args.data, args.boxes, args.scales, args.limit,
-                                args.device, args.batch_size)
+                                args.device, args.batch_size, workers)
         payload, text = result.to_dict(), table_9(result).markdown("###")
     else:
         labels = fine_tuned_labels(args.fine_tuned, len(args.checkpoint))
         results = [evaluate_center(checkpoint, args.data, args.boxes, args.limit, args.batch_size, args.device,
-                                   args.workers) for checkpoint in args.checkpoint]
+                                   workers) for checkpoint in args.checkpoint]
         payload, text = center_json(results), table_8(results, labels).markdown("###")
     return payload, text
 
@@ -87,7 +88,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--limit", type=positive_int, help="at most this many validation images, class-balanced")
     e.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per forward pass (dense: images of the same size batched together)")
-    add_workers(e, default=0, help="data-loading processes of protocol 1, at most the CPU cores (default 0)")
+    add_workers(e)
     add_device(e)
     e.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (localisation_error, whole_image_error, "
@@ -101,5 +102,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--scales", type=test_scale, nargs="+", help="test scales Q (default the training S)")
     r.add_argument("--top", type=positive_int, default=5, help="predictions per image")
     r.add_argument("--out", type=output_dir, required=True, help="folder for the drawn PNGs")
+    add_workers(r)
     add_device(r)
     r.set_defaults(func=run_predict)

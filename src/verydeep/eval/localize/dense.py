@@ -74,9 +74,9 @@ def image_misses(output: DenseOutput, truth: Sequence[tuple[int, Tensor]], prior
 
 def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: str | Path | None, data: str | Path,
                    boxes: str | Path | None = None, scales: Sequence[int] | None = None, limit: int | None = None,
-                   device: str = "auto", batch_size: int = 64) -> DenseResult:
+                   device: str = "auto", batch_size: int = 64, workers: int = 0) -> DenseResult:
     """Protocol 2 on the validation split of ``data``, the union of the nets' boxes (scales Q default to
-    the first net's training S)."""
+    the first net's training S), the images read by ``workers`` processes."""
     if classifier is None:
         raise UserError("--protocol dense ranks the boxes by a classification net's scores: give --classifier RUN")
     checkpoints = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
@@ -91,7 +91,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
     for start in sharding.shard(range(0, len(indices), window)):
         chosen = [val_set.samples[i] for i in indices[start:start + window]]
-        outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size)
+        outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size, workers=workers)
         for (path, label), output in zip(chosen, outputs, strict=True):
             truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
                      for b in val_set.transform.boxes[str(path)]]

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 from verydeep import runtime
-from verydeep.data import Preprocess, RescaleTransform, to_input
+from verydeep.data import BadImageError, CropPlan, Preprocess, RescaleTransform, SizeGroupedBatchSampler, to_input
 from verydeep.data.boxes import decode, from_crop
-from verydeep.data.decode import ImageFile
-from verydeep.data.transforms import CropPlan, render
+from verydeep.data.jpeg import Size
 from verydeep.errors import UserError
 from verydeep.eval.classmap import columns_of
+from verydeep.eval.image_sets import IndexedImages, loaded_batches
 from verydeep.eval.localize.scoring import merge_greedily
 from verydeep.eval.localize.task import Localisation, task_of
 from verydeep.io.sources import load
@@ -107,6 +107,41 @@ def ranked(output: DenseOutput, nets: Sequence[int] | None = None) -> list[Guess
     return guesses
 
 
+@dataclass(frozen=True)
+class FullRescale(RescaleTransform):
+    """:class:`~verydeep.data.RescaleTransform` to Q from the image decoded at full size, never a reduced JPEG
+    decode: its plan, which maps the boxes back to the full image, depends on the image's size alone."""
+
+    def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
+        return super().plan(size, False, generator)
+
+
+@dataclass
+class ScaleOutput:
+    """One image at one test scale Q: per localisation net its boxes (K, L, 4) in pixels of the full image and
+    their scores (classes, L) (:func:`location_scores`), and the classifier's posteriors (classes,)."""
+
+    boxes: list[Tensor]
+    box_scores: list[Tensor]
+    posteriors: Tensor
+
+
+def combined(found: Sequence[ScaleOutput], size: tuple[int, int], top: int) -> DenseOutput:
+    """An image's :class:`DenseOutput` from its outputs at each scale: the classifier's posteriors averaged over
+    the scales pick the ``top`` classes; each net's boxes and scores of every scale, of those classes."""
+    best = torch.stack([scale.posteriors for scale in found]).mean(dim=0)
+    scores, labels = best.topk(min(top, best.shape[0]))
+    boxes = [torch.cat([scale.boxes[net] for scale in found], dim=1) for net in range(len(found[0].boxes))]
+    support = [torch.cat([scale.box_scores[net] for scale in found], dim=1) for net in range(len(found[0].boxes))]
+    return DenseOutput(labels, scores, [b[labels] if b.shape[0] > 1 else b for b in boxes], size,
+                       [w[labels] for w in support])
+
+
+def unreadable_image(path: str | Path) -> BadImageError:
+    """The error for an image protocol 2 cannot read: every image of its pass has an output."""
+    return BadImageError(f"{path}: unreadable image, which protocol 2 cannot leave out")
+
+
 def classifier_columns(classifier: dict[str, Any], net: dict[str, Any], source: str | Path) -> list[int] | None:
     """Where the localisation net's classes sit among the classifier's outputs (``None``: the same list),
     by synset id, else by name; a class the classifier lacks is a :class:`UserError`."""
@@ -180,47 +215,39 @@ class DenseNets:
         posteriors = class_scores.mean(dim=(2, 3)).softmax(dim=1)
         return boxes, scores, (posteriors if self.columns is None else posteriors[:, self.columns]).cpu()
 
-    def batch(self, files: Sequence[ImageFile], plans: Sequence[Sequence[CropPlan]], top: int) -> list[DenseOutput]:
-        """:class:`DenseOutput` of images whose crop plans give the same sizes at every scale, in one batch."""
-        found: list[list[Tensor]] = [[] for _ in self.locate]  # per net, per scale: (N, K, L, 4) in full-image pixels
-        weights: list[list[Tensor]] = [[] for _ in self.locate]  # per net, per scale: (N, classes, L)
-        posteriors = []
-        for s in range(len(plans[0])):
-            images = torch.stack([render(f, p[s]) for f, p in zip(files, plans, strict=True)])
-            boxes, scores, probs = self.forward(images.contiguous(memory_format=torch.channels_last))  # as rendered
-            posteriors.append(probs)
-            for net, (net_boxes, net_scores) in enumerate(zip(boxes, scores, strict=True)):
-                found[net].append(torch.stack([from_crop(b.reshape(-1, 4), f.size, p[s]).view(b.shape)
-                                               for b, f, p in zip(net_boxes, files, plans, strict=True)]))
-                weights[net].append(net_scores)
-        best = torch.stack(posteriors).mean(dim=0).topk(min(top, posteriors[0].shape[1]))
-        unions = [torch.cat(per_scale, dim=2) for per_scale in found]
-        support = [torch.cat(per_scale, dim=2) for per_scale in weights]
-        return [DenseOutput(labels, scores, [u[i][labels] if u.shape[1] > 1 else u[i] for u in unions], files[i].size,
-                            [w[i][labels] for w in support])
-                for i, (labels, scores) in enumerate(zip(best.indices, best.values, strict=True))]
+    def scale_pass(self, images: IndexedImages, q: int, batch_size: int, workers: int) -> list[ScaleOutput]:
+        """Every image of ``images`` at one test scale Q (:class:`ScaleOutput`, in the images' order): whole images
+        rescaled to Q (:class:`FullRescale`), batched by their size there (``batch_size`` at a time) and read
+        by ``workers`` processes; an image that does not decode is a :class:`~verydeep.data.BadImageError`."""
+        transform = images.transform = FullRescale(q)
+        batches = SizeGroupedBatchSampler(images, q, batch_size).batches
+        sizes, found = images.image_sizes(), {}
+        for indices, batch, skipped in loaded_batches(images, batches, min(workers, len(batches))):
+            if skipped:
+                raise unreadable_image(skipped[0])
+            boxes, scores, posteriors = self.forward(batch)
+            for row, i in enumerate(indices.tolist()):
+                plan = transform.plan(sizes[i], False)
+                found[i] = ScaleOutput([from_crop(b[row].reshape(-1, 4), sizes[i], plan).view(b[row].shape)
+                                        for b in boxes], [net[row] for net in scores], posteriors[row])
+        return [found[i] for i in range(len(images))]
 
-    def outputs(self, paths: Sequence[str | Path], scales: Sequence[int], top: int = 5,
-                batch_size: int = 64) -> list[DenseOutput]:
-        """Protocol 2 on images (Appendix A): at each scale Q every location's boxes of every net, mapped
-        to the full image, with the classifier's posteriors at their locations, and the classifier's
-        posteriors of the image (their mean over the scales picks the top classes). Images that
-        rescale to the same sizes go through the nets together, ``batch_size`` at a time."""
-        files = [ImageFile(path) for path in paths]
-        plans = [[RescaleTransform(q).plan(file.size, False) for q in scales] for file in files]
-        groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
-        for i, image_plans in enumerate(plans):
-            groups.setdefault(tuple(plan.out for plan in image_plans), []).append(i)
-        results: list[DenseOutput | None] = [None] * len(files)
-        for members in groups.values():
-            for start in range(0, len(members), batch_size):
-                chunk = members[start:start + batch_size]
-                outputs = self.batch([files[i] for i in chunk], [plans[i] for i in chunk], top)
-                for i, output in zip(chunk, outputs, strict=True):
-                    results[i] = output
-        return [output for output in results if output is not None]
+    def outputs(self, paths: Sequence[str | Path], scales: Sequence[int], top: int = 5, batch_size: int = 64,
+                workers: int = 0) -> list[DenseOutput]:
+        """Protocol 2 on images (Appendix A), one pass per scale Q (:meth:`scale_pass`): every location's boxes
+        of every net, mapped to the full image, with the classifier's posteriors at their locations, and the
+        classifier's posteriors of the image (their mean over the scales picks the ``top`` classes). Images
+        of the same size at Q go through the nets together, ``batch_size`` at a time, read by ``workers``
+        processes."""
+        images = IndexedImages(paths)
+        sizes = images.image_sizes()
+        if None in sizes:
+            raise unreadable_image(paths[sizes.index(None)])
+        passes = [self.scale_pass(images, q, batch_size, workers) for q in scales]
+        return [combined([found[i] for found in passes], sizes[i], top) for i in range(len(images))]
 
-    def guesses(self, path: str | Path, scales: Sequence[int], top: int = 5) -> list[Guess]:
-        """Protocol 2 on one image: for each of the ``top`` classes the union of every net's boxes over the
-        scales, scored by the classifier's posteriors at their locations, merged greedily, the best kept."""
-        return ranked(self.outputs([path], scales, top)[0])
+    def guesses(self, path: str | Path, scales: Sequence[int], top: int = 5, workers: int = 0) -> list[Guess]:
+        """Protocol 2 on one image (read by ``workers`` processes): for each of the ``top`` classes the union of
+        every net's boxes over the scales, scored by the classifier's posteriors at their locations, merged
+        greedily, the best kept."""
+        return ranked(self.outputs([path], scales, top, workers=workers)[0])

@@ -13,6 +13,7 @@ from verydeep.data.decode import ImageFile
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import fixed_scale
+from verydeep.runtime import default_workers
 
 
 def readable_image(path: str | Path) -> None:
@@ -68,8 +69,9 @@ def run_predict(args: argparse.Namespace) -> None:
     names = list(recipe.get("class_names") or recipe.get("classes") or [])
     scales = args.scales or [fixed_scale(recipe)]
     nets.check_scales(scales)
+    workers = default_workers() if args.workers is None else args.workers
     for image in args.images:
-        guesses = nets.guesses(image, scales, args.top)
+        guesses = nets.guesses(image, scales, args.top, workers)
         drawn = draw(image, guesses, names, args.out)
         print(json.dumps({"image": str(image), "drawn": str(drawn), "predictions": [
             {"class": names[g.label], "box": [round(v, 1) for v in g.box.tolist()], "score": g.score}
