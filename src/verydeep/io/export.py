@@ -9,7 +9,7 @@ net, TorchScript and ExportedProgram to the plain one.
 The net's input convention (channel order, value scale, mean and std) and its recipe (classes,
 class names) go into the file: ONNX ``metadata_props``, the extra files of TorchScript and of the
 ExportedProgram archive, under the keys ``verydeep.input``, ``verydeep.output``,
-``verydeep.preprocess`` (JSON) and ``verydeep.train.recipe`` (JSON). After writing, the file is loaded
+``verydeep.preprocess`` (JSON) and ``verydeep.recipe`` (JSON). After writing, the file is loaded
 back (ONNX by onnxruntime) and its outputs compared with PyTorch's on random images; a difference
 above :data:`TOLERANCE` of the outputs' scale removes the file and is an error.
 """
@@ -74,7 +74,7 @@ def metadata(model: VGG, recipe: dict[str, Any], pre: Any, dense: bool) -> dict[
         "verydeep.input": f"float32 (N, 3, H, W), {size}, {convention}",
         "verydeep.output": output,
         "verydeep.preprocess": json.dumps(pre.to_dict()),
-        "verydeep.train.recipe": json.dumps(recipe, default=str),
+        "verydeep.recipe": json.dumps(recipe, default=str),
     }
 
 

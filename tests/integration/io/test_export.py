@@ -55,7 +55,7 @@ def test_onnx_of_the_dense_net_equals_pytorch_at_two_sizes(net, tmp_path):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "net.onnx")).metadata_props}
     assert json.loads(props["verydeep.preprocess"]) == CAFFE.to_dict()
-    assert json.loads(props["verydeep.train.recipe"])["class_names"] == list("ABCDE")
+    assert json.loads(props["verydeep.recipe"])["class_names"] == list("ABCDE")
     assert "channels BGR" in props["verydeep.input"] and "H, W >= 32" in props["verydeep.input"]
 
 
