@@ -47,7 +47,7 @@ from verydeep.eval.predict import (
     ImagePrediction,
     Prediction,
     chosen_scales,
-    image_posterior,
+    image_posteriors,
     load_image,
     ranked_classes,
     saliency_map,
@@ -223,7 +223,7 @@ class Looker:
     def classify(self, net: Net, path: Path, name: str, ask: Ask) -> tuple[Prediction, Tensor]:
         """``verydeep predict``'s result for one image (named ``name``) by one net, and its posterior."""
         scales = chosen_scales(net, ask.scales)
-        posterior = image_posterior(net, path, True, self.device, self.dtype, ask.protocol, scales)
+        posterior = image_posteriors(net, [path], True, self.device, self.dtype, ask.protocol, scales)[0]
         top = ranked_classes(net, posterior, ask.topk)
         return Prediction(net.checkpoint, scales, True, net.preprocess.to_dict(), [ImagePrediction(name, top)],
                           ask.protocol), posterior

@@ -5,7 +5,8 @@ Each image is rescaled to every test scale Q of the net (see :func:`verydeep.eva
 the fully-convolutional net's class score map averaged spatially, the mirrored image averaged in,
 and the posteriors averaged over Q; the top-k classes are reported with their human-readable names.
 ``--protocol multicrop`` takes the 5x5 grid of crops and their flips instead, ``dense+multicrop``
-the average of both (Table 5), through the same functions as :mod:`verydeep.eval.sweep`.
+the average of both (Table 5). The posteriors are ``eval``'s: the same passes of
+:mod:`verydeep.eval.sweep`, one per Q, over the given images.
 The net's input convention (channel order, value scale, statistics) comes with its weights.
 
 The saliency map ("Deep Inside Convolutional Networks", ICLR 2014 workshop, Sec. 3.1) is the
@@ -29,15 +30,16 @@ import torch
 from torch import Tensor
 
 from verydeep.cli import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
-from verydeep.data import RescaleTransform, to_input
+from verydeep.data import RescaleTransform, gpu, to_input
 from verydeep.data.datasets import DECODE_ERRORS
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.evaluate import given_weights
+from verydeep.eval.image_sets import IndexedImages
 from verydeep.eval.nets import Net, load_nets, net_scales
-from verydeep.eval.sweep import average, net_posteriors
+from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
-from verydeep.runtime import autocast, autocast_dtype, pick_device
+from verydeep.runtime import autocast_dtype, pick_device
 
 
 @dataclass(frozen=True)
@@ -97,28 +99,31 @@ def load_image(path: str | Path, q: int) -> Tensor:
 
 #: What ``predict --protocol`` may ask for (Sec. 3.2; their combination is Table 5's).
 PROTOCOLS = ("dense", "multicrop", "dense+multicrop")
+#: Images of one size at Q that go through the net together (``eval``'s default ``--batch-size``).
+BATCH_SIZE = 32
 
 
-@torch.inference_mode()
-def image_posterior(net: Net, path: str | Path, flip: bool, device: torch.device, dtype: torch.dtype | None,
-                    protocol: str = "dense", scales: Sequence[int] | None = None) -> Tensor:
-    """Sec. 3.2: the posterior (classes,) of ``protocol`` (dense, multi-crop, or both averaged as in Table 5),
-    each averaged over the test scales (the net's own unless ``scales`` is given)."""
-
-    kinds = protocol.split("+")
+def image_posteriors(net: Net, images: Sequence[str | Path], flip: bool, device: torch.device,
+                     dtype: torch.dtype | None, protocol: str = "dense", scales: Sequence[int] | None = None) -> Tensor:
+    """Sec. 3.2: the posteriors (N, classes) of ``images`` by ``protocol`` (dense, multi-crop, or both averaged as
+    in Table 5), each averaged over the test scales (the net's own unless ``scales`` is given): ``eval``'s passes
+    (:func:`verydeep.eval.sweep.compute_posteriors`), one per Q, images of one size there batched together and
+    decoded where ``eval`` decodes them. An unreadable image is a :class:`UserError` naming it."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol {protocol}: one of {', '.join(PROTOCOLS)}")
-    per_kind: dict[str, list[Tensor]] = {kind: [] for kind in kinds}
-    for q in scales or net.scales:
-        x = to_input(load_image(path, q).unsqueeze(0).to(device), net.preprocess)
-        with autocast(device, dtype):
-            for kind in kinds:
-                per_kind[kind].append(net_posteriors(net, kind, x.contiguous(memory_format=torch.channels_last),
-                                                     flip).cpu())
-    posterior = average(average(found) for found in per_kind.values())[0]
-    if not posterior.isfinite().all():
-        raise UserError(f"{net.checkpoint}: the net's outputs are not finite (NaN or inf) on {path}")
-    return posterior
+    kinds, chosen = protocol.split("+"), list(scales or net.scales)
+    dataset = IndexedImages(images)
+    dataset.strict = True  # an image that does not decode is one line naming it, not a skipped row
+    settings = SweepSettings(device, dtype, flip, BATCH_SIZE, 0, False, gpu.resolve_decode("auto", device))
+    passes = {Pass(q): [(0, kinds)] for q in chosen}
+    found, skipped, _ = compute_posteriors([net], dataset, passes, settings)
+    if skipped:
+        raise UserError(f"{next(str(p) for p, _ in dataset.samples if str(p) in skipped)}: unreadable image")
+    posteriors = average(average(found[0, kind, q] for q in chosen) for kind in kinds)
+    for path, posterior in zip(images, posteriors, strict=True):
+        if not posterior.isfinite().all():
+            raise UserError(f"{net.checkpoint}: the net's outputs are not finite (NaN or inf) on {path}")
+    return posteriors
 
 
 def ranked_classes(net: Net, posterior: Tensor, topk: int) -> list[RankedClass]:
@@ -231,8 +236,9 @@ def predict_with(net: Net, images: Sequence[str | Path], topk: int, flip: bool, 
     ``scales``, the saliency maps drawn into ``saliency`` (one PNG per image) when given."""
     chosen = chosen_scales(net, scales)
     predictions = []
-    for i, path in enumerate(images):
-        top = ranked_classes(net, image_posterior(net, path, flip, device, dtype, protocol, chosen), topk)
+    posteriors = image_posteriors(net, images, flip, device, dtype, protocol, chosen)
+    for i, (path, posterior) in enumerate(zip(images, posteriors, strict=True)):
+        top = ranked_classes(net, posterior, topk)
         out = write_saliency(net, path, top[0], saliency[i], device, chosen) if saliency else None
         predictions.append(ImagePrediction(str(path), top, str(out) if out is not None else None))
     return Prediction(net.checkpoint, chosen, flip, net.preprocess.to_dict(), predictions, protocol)

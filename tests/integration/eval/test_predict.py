@@ -19,7 +19,7 @@ from verydeep.data import IMAGENET, RescaleTransform
 from verydeep.errors import UserError
 from verydeep.eval.evaluate import evaluate
 from verydeep.eval.nets import load_nets
-from verydeep.eval.predict import predict, saliency_map
+from verydeep.eval.predict import image_posteriors, predict, saliency_map
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 
 CLASSES = ["class0", "class1", "class2", "class3"]
@@ -61,6 +61,29 @@ def test_predict_matches_dense_multi_scale_evaluation(data, checkpoint):
     assert [t.index for t in top] == list(np.argsort(-expected))
     np.testing.assert_allclose([t.probability for t in top], np.sort(expected)[::-1], rtol=1e-5)
     assert {t.name for t in top} == set(CLASSES)
+
+
+def test_predict_posteriors_are_evaluations_for_images_of_several_sizes(checkpoint, tmp_path, capsys):
+    """Images of several sizes, those of one size at Q batched together as eval batches them: each image's
+    posterior is evaluate's, dense and multi-crop at the given scales; an unreadable image is one line naming it."""
+    sizes = [[(48, 40), (48, 40)], [(40, 56)], [(64, 48), (48, 40)], [(33, 90)]]
+    for label, shapes in enumerate(sizes):
+        for i, (w, h) in enumerate(shapes):
+            save(photo(w, h, seed=10 * label + i), tmp_path / "val" / f"class{label}" / f"{i}.png")
+    evaluated = evaluate([checkpoint], tmp_path, protocols=("dense+multicrop",), scales=[33, 47], workers=0,
+                         progress=False, batch_size=3, keep_posteriors=True).posteriors
+    expected = np.mean([evaluated.arrays[f"net0_{kind}_Q{q}"] for kind in ("dense", "multicrop") for q in (33, 47)],
+                       axis=0)
+    net = load_nets([checkpoint], None, None, torch.device("cpu"))[0]
+    got = image_posteriors(net, evaluated.paths, True, torch.device("cpu"), None, "dense+multicrop", [33, 47])
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-7)
+    result = predict(checkpoint, evaluated.paths, topk=4, scales=[33, 47], device="cpu", protocol="dense+multicrop")
+    for prediction, row in zip(result.predictions, expected, strict=True):
+        assert [t.index for t in prediction.top] == list(np.argsort(-row))
+        np.testing.assert_allclose([t.probability for t in prediction.top], np.sort(row)[::-1], rtol=1e-5)
+    (tmp_path / "text.jpg").write_text("not an image")
+    assert main(["predict", "--weights", str(checkpoint), evaluated.paths[0], str(tmp_path / "text.jpg")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"verydeep predict: error: {tmp_path / 'text.jpg'}: unreadable")
 
 
 @pytest.mark.parametrize("protocol", ["multicrop", "dense+multicrop"])
