@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,6 +46,7 @@ from verydeep.errors import UserError
 from verydeep.eval.classmap import ClassMap, class_map
 from verydeep.eval.metrics import per_class_accuracy
 from verydeep.eval.nets import Net, load_nets
+from verydeep.eval.posteriors_file import save_posteriors
 from verydeep.eval.rows import PROTOCOL_LABELS, EvalResult, Posteriors, Timing, main_row, score_rows
 from verydeep.eval.sweep import PosteriorArrays, SweepSettings, compute_posteriors, plan_passes
 from verydeep.paper import report
@@ -166,20 +166,19 @@ def evaluate(
     )
 
 
-def write_outputs(result: EvalResult, out_dir: str | Path) -> Path:
+def write_outputs(result: EvalResult, out_dir: str | Path, rows: bool = False) -> Path:
     """``results.json``, ``results.md`` (the four tables and every row) and ``posteriors.npz`` in ``out_dir``.
 
-    The npz holds float16 posteriors per net, kind and Q (``net0_dense_Q256`` ...), ``targets``
-    and ``paths``, from which every row can be recomputed.
+    The npz (:mod:`verydeep.eval.posteriors_file`) holds float16 posteriors per net, kind and Q
+    (``net0_dense_Q256`` ...), ``targets``, ``paths`` and the ``readable`` mask, from which every row can
+    be recomputed; with ``rows``, each row's own posteriors too, in float32.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     (out / "results.md").write_text(report.eval_document(result))
     if result.posteriors is not None:
-        kept = result.posteriors
-        np.savez(out / "posteriors.npz", targets=kept.targets, paths=np.array(kept.paths),
-                 **{k: v.astype(np.float16) for k, v in kept.arrays.items()})
+        save_posteriors(out / "posteriors.npz", result.posteriors, rows=rows)
     return out
 
 

@@ -80,19 +80,45 @@ class EvalRow(RowSpec):
         return cls(**{**data, "paper": PaperFigures(**figures) if figures else None})
 
 
-def derive_rows(nets: Sequence[Net], posteriors: PosteriorArrays,
-                protocols: Sequence[str]) -> list[tuple[RowSpec, Tensor]]:
-    """Every reported row with its posteriors, by averaging the computed posteriors.
+def score(spec: RowSpec, posteriors: Tensor, targets: Tensor) -> EvalRow:
+    """The row ``spec`` scored: top-1 and top-5 errors of its posteriors (N, classes) against ``targets``."""
+    return EvalRow(**vars(spec), top1_error=topk_error(posteriors, targets, 1),
+                   top5_error=topk_error(posteriors, targets, 5), images=len(targets))
+
+
+def fuse_rows(members: Sequence[tuple[RowSpec, Tensor]], targets: Tensor) -> tuple[EvalRow, Tensor]:
+    """Sec. 4.4, Table 6: rows of several nets under one protocol fused by averaging their posteriors
+    (N, classes each: the same images in the same order, labelled ``targets``), scored, with the fused
+    posteriors; the row ``fusion of A + B: PROTOCOL`` over the members' nets and test scales."""
+    specs = [spec for spec, _ in members]
+    nets = [name for spec in specs for name in spec.nets]
+    scales = sorted({q for spec in specs for q in spec.scales})
+    protocol = specs[0].protocol
+    if any(spec.protocol != protocol for spec in specs):
+        raise ValueError(f"rows of one protocol are fused, not {sorted({spec.protocol for spec in specs})}")
+    posteriors = average(post for _, post in members)
+    spec = RowSpec(f"fusion of {' + '.join(nets)}: {PROTOCOL_LABELS[protocol]}", protocol, scales, nets,
+                   multi_scale=len(scales) > 1, fusion=True)
+    return score(spec, posteriors, targets), posteriors
+
+
+def derive_rows(nets: Sequence[Net], posteriors: PosteriorArrays, protocols: Sequence[str],
+                targets: Tensor) -> list[tuple[EvalRow, Tensor]]:
+    """Every reported row, scored against ``targets`` (the images of ``posteriors``), with its
+    posteriors, by averaging the computed posteriors.
 
     Per net: dense and multi-crop at each Q, their multi-scale averages, dense+multi-crop, centre
-    crop; then, with several nets, the fusion of their full posteriors for each protocol.
+    crop; then, with several nets, the fusion of their full posteriors for each protocol
+    (:func:`fuse_rows`).
     """
-    rows: list[tuple[RowSpec, Tensor]] = []
+    rows: list[tuple[EvalRow, Tensor]] = []
     full: dict[tuple[int, str], Tensor] = {}
+    whole: dict[tuple[int, str], tuple[EvalRow, Tensor]] = {}  # each net's row over all its scales, by protocol
 
-    def add(name: str, protocol: str, scales: Sequence[int], members: Sequence[Net], post: Tensor) -> None:
-        rows.append((RowSpec(name, protocol, sorted(scales), [m.name for m in members], len(scales) > 1,
-                             len(members) > 1), post))
+    def add(i: int, name: str, protocol: str, scales: Sequence[int], post: Tensor) -> None:
+        spec = RowSpec(name, protocol, sorted(scales), [nets[i].name], len(scales) > 1, False)
+        rows.append((score(spec, post, targets), post))
+        whole[i, protocol] = rows[-1]  # a net's rows of a protocol end with the one over all its scales
 
     for i, net in enumerate(nets):
         prefix = f"{net.name}: " if len(nets) > 1 else ""
@@ -104,26 +130,19 @@ def derive_rows(nets: Sequence[Net], posteriors: PosteriorArrays,
             if kind not in protocols:
                 continue
             for q, post in zip(net.scales, per_scale, strict=True):
-                add(f"{prefix}{PROTOCOL_LABELS[kind]} Q={q}", kind, [q], [net], post)
+                add(i, f"{prefix}{PROTOCOL_LABELS[kind]} Q={q}", kind, [q], post)
             if len(net.scales) > 1:
-                add(f"{prefix}{PROTOCOL_LABELS[kind]} Q={scales_label(net.scales)}", kind, net.scales, [net],
+                add(i, f"{prefix}{PROTOCOL_LABELS[kind]} Q={scales_label(net.scales)}", kind, net.scales,
                     full[i, kind])
         if "dense+multicrop" in protocols:
-            full[i, "dense+multicrop"] = average([full[i, "dense"], full[i, "multicrop"]])
-            add(f"{prefix}{PROTOCOL_LABELS['dense+multicrop']} Q={scales_label(net.scales)}", "dense+multicrop",
-                net.scales, [net], full[i, "dense+multicrop"])
+            add(i, f"{prefix}{PROTOCOL_LABELS['dense+multicrop']} Q={scales_label(net.scales)}", "dense+multicrop",
+                net.scales, average([full[i, "dense"], full[i, "multicrop"]]))
         if "center" in protocols:
             resize = center_resize(net.crop)
-            full[i, "center"] = posteriors[i, "center", resize]
-            add(f"{prefix}{PROTOCOL_LABELS['center']} {resize}/{net.crop}", "center", [resize], [net],
-                full[i, "center"])
+            add(i, f"{prefix}{PROTOCOL_LABELS['center']} {resize}/{net.crop}", "center", [resize],
+                posteriors[i, "center", resize])
     if len(nets) > 1:
-        names = " + ".join(net.name for net in nets)
-        scales = sorted({q for net in nets for q in net.scales})
-        for protocol in protocols:
-            used = scales if protocol != "center" else sorted({center_resize(net.crop) for net in nets})
-            add(f"fusion of {names}: {PROTOCOL_LABELS[protocol]}", protocol, used, nets,
-                average(full[i, protocol] for i in range(len(nets))))
+        rows += [fuse_rows([whole[i, protocol] for i in range(len(nets))], targets) for protocol in protocols]
     return rows
 
 
@@ -155,16 +174,12 @@ def main_row(rows: Sequence[EvalRow], protocols: Sequence[str]) -> EvalRow:
 
 def score_rows(nets: Sequence[Net], posteriors: PosteriorArrays, protocols: Sequence[str], targets: Tensor,
                valid: Tensor) -> tuple[list[EvalRow], dict[str, Tensor]]:
-    """Every row's errors on the readable images, and each row's posteriors of those images by row name."""
-    rows, row_posteriors = [], {}
-    readable_targets = targets[valid]
-    for spec, post in derive_rows(nets, posteriors, protocols):
-        p = post[valid]
-        rows.append(EvalRow(**vars(spec), top1_error=topk_error(p, readable_targets, 1),
-                            top5_error=topk_error(p, readable_targets, 5), images=int(valid.sum()),
-                            paper=paper_figures(spec, nets)))
-        row_posteriors[spec.name] = p
-    return rows, row_posteriors
+    """Every row's errors on the readable images (``valid``), with the paper's figures where it has the
+    row, and each row's posteriors of those images by row name."""
+    readable = {key: post[valid] for key, post in posteriors.items()}
+    scored = derive_rows(nets, readable, protocols, targets[valid])
+    rows = [replace(row, paper=paper_figures(row, nets)) for row, _ in scored]
+    return rows, {row.name: post for row, post in scored}
 
 
 # ---- the result ---------------------------------------------------------------------------
@@ -184,7 +199,8 @@ class Posteriors:
     """Every posterior array computed (N, classes) by net, kind and Q (``net0_dense_Q256``), with the
     targets and image paths: every row can be recomputed from them. ``rows`` holds each row's own
     posteriors by row name, of the readable images only (``readable``, a mask over ``paths``): what
-    fusing rows afterwards or a paired comparison of two rows needs. Not part of the JSON result."""
+    fusing rows afterwards or a paired comparison of two rows needs. Not part of the JSON result; its file is
+    :mod:`verydeep.eval.posteriors_file`'s."""
 
     arrays: dict[str, np.ndarray]
     targets: np.ndarray

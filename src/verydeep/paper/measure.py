@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from verydeep.eval.evaluate import evaluate
-from verydeep.eval.metrics import PairedDifference, paired_difference, topk_correct, topk_error
-from verydeep.eval.rows import EvalRow
-from verydeep.io.jsonable import to_json_dict
+from verydeep.eval.evaluate import evaluate, write_outputs
+from verydeep.eval.metrics import PairedDifference, paired_difference, topk_correct
+from verydeep.eval.posteriors_file import load_posteriors
+from verydeep.eval.rows import EvalRow, fuse_rows
 from verydeep.paper.figures import single_test_scale
 from verydeep.paper.presets import Net, Preset
 
@@ -40,41 +40,31 @@ class Measured:
 def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...], limit: int | None, out: Path,
                  device: str, progress: bool) -> tuple[list[Measured], float]:
     """One net's rows under ``protocols`` at its recipe's scales, with their posteriors, and the
-    evaluation's wall time (s); cached in ``out``."""
+    evaluation's wall time (s); cached in ``out/eval/NAME/`` as ``eval --out`` writes them, each row's
+    posteriors kept (float32, as computed)."""
 
-    cache, arrays = out / "eval" / f"{name}.json", out / "eval" / f"{name}.npz"
-    if not (cache.is_file() and arrays.is_file()):
+    cache = out / "eval" / name
+    if not ((cache / "results.json").is_file() and (cache / "posteriors.npz").is_file()):
         result = evaluate([str(run_dir)], str(data), protocols=protocols, limit=limit, device=device,
                           progress=progress, keep_posteriors=True)
-        kept = result.posteriors
-        rows = [replace(row, nets=[name]) for row in result.rows]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(arrays, targets=kept.targets[kept.readable], paths=np.array(kept.paths)[kept.readable],
-                 seconds=np.array(result.timing.seconds),
-                 **{f"row{i}": kept.rows[row.name] for i, row in enumerate(result.rows)})
-        cache.write_text(json.dumps([to_json_dict(row) for row in rows], indent=1))
-    saved = np.load(arrays)
-    seconds = float(saved["seconds"]) if "seconds" in saved else 0.0  # caches written before it was kept: 0
-    rows = [EvalRow.from_dict(row) for row in json.loads(cache.read_text())]
-    return [Measured(row, saved[f"row{i}"], saved["targets"], saved["paths"]) for i, row in enumerate(rows)], seconds
+        write_outputs(result, cache, rows=True)  # the posteriors last, whole: both files mean a finished evaluation
+    saved = json.loads((cache / "results.json").read_text())
+    kept = load_posteriors(cache / "posteriors.npz")
+    targets, paths = kept.targets[kept.readable], np.array(kept.paths)[kept.readable]
+    rows = [replace(EvalRow.from_dict(row), nets=[name]) for row in saved["rows"]]
+    return [Measured(row, kept.rows[row.name], targets, paths) for row in rows], float(saved["timing"]["seconds"])
 
 
 def fuse(members: Sequence[Measured]) -> Measured:
-    """Sec. 4.4: several nets' rows fused by averaging their posteriors (images common to all)."""
+    """Sec. 4.4: separately evaluated nets' rows fused (:func:`verydeep.eval.rows.fuse_rows`) on the
+    images common to all, aligned by path."""
     paths = members[0].paths
     for m in members[1:]:
         paths = paths[np.isin(paths, m.paths)]
-    picked = [m.posteriors[_positions(m.paths, paths)] for m in members]
     targets = members[0].targets[_positions(members[0].paths, paths)]
-    posteriors = np.mean(picked, axis=0)
-    first = members[0].row
-    nets = [name for m in members for name in m.row.nets]
-    scales = sorted({q for m in members for q in m.row.scales})
-    t_post, t_targets = torch.from_numpy(posteriors), torch.from_numpy(targets)
-    row = EvalRow(f"{' + '.join(nets)}: {first.protocol}", first.protocol, scales, nets, multi_scale=True,
-                  fusion=True, top1_error=topk_error(t_post, t_targets, 1),
-                  top5_error=topk_error(t_post, t_targets, 5), images=len(paths))
-    return Measured(row, posteriors, targets, paths)
+    row, posteriors = fuse_rows([(m.row, torch.from_numpy(m.posteriors[_positions(m.paths, paths)]))
+                                 for m in members], torch.from_numpy(targets))
+    return Measured(row, posteriors.numpy(), targets, paths)
 
 
 def _positions(paths: np.ndarray, wanted: np.ndarray) -> np.ndarray:

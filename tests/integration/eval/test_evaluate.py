@@ -15,10 +15,11 @@ from PIL import Image
 from verydeep.cli import main
 from verydeep.data import IMAGENET, balanced_subset, grid_crops, save_preprocess
 from verydeep.errors import UserError
-from verydeep.eval.evaluate import evaluate
+from verydeep.eval.evaluate import evaluate, write_outputs
 from verydeep.eval.metrics import per_class_accuracy, topk_correct, topk_error
 from verydeep.eval.nets import Net, derive_scales, load_nets, net_scales
-from verydeep.eval.rows import EvalResult, EvalRow, PaperFigures, RowSpec, paper_figures
+from verydeep.eval.posteriors_file import load_posteriors, save_posteriors
+from verydeep.eval.rows import EvalResult, EvalRow, PaperFigures, RowSpec, fuse_rows, paper_figures
 from verydeep.eval.sweep import dense_posteriors, multicrop_posteriors
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.paper import figures
@@ -209,6 +210,46 @@ def test_evaluate_rows_and_fusion_of_a_net_with_itself(folder, checkpoint):
     assert not result.imagenet_sized and all(r.paper is None for r in result.rows)
     tables = join_markdown(eval_tables(result))
     assert "Table 6" in tables and "fusion of A S=36 #1 + A S=36 #2" in rows_table(result).markdown()
+
+
+def test_fusion_is_the_hand_average_of_the_members_posteriors_scored():
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(40, 8, generator=g).softmax(1) for _ in range(3))
+    targets = torch.randint(0, 8, (40,), generator=g)
+
+    def member(net, scales):
+        return RowSpec(f"{net}: multi-crop", "multicrop", scales, [net], len(scales) > 1, False)
+
+    row, fused = fuse_rows([(member("A", [32, 36]), a), (member("B", [36, 41]), b), (member("C", [36]), c)], targets)
+    hand = (a + b + c) / 3
+    assert torch.equal(fused, hand)
+    above = (hand > hand.gather(1, targets[:, None])).sum(1)  # classes scoring strictly higher than the truth
+    assert (row.top1_error, row.top5_error) == (int((above >= 1).sum()) / 40, int((above >= 5).sum()) / 40)
+    assert 0 < row.top1_error and 0 < row.top5_error < row.top1_error
+    assert (row.name, row.protocol, row.nets, row.scales) == (
+        "fusion of A + B + C: multi-crop", "multicrop", ["A", "B", "C"], [32, 36, 41])
+    assert row.multi_scale and row.fusion and row.images == 40 and row.paper is None
+    with pytest.raises(ValueError, match="one protocol"):
+        fuse_rows([(member("A", [36]), a), (replace(member("B", [36]), protocol="dense"), b)], targets)
+
+
+def test_the_posteriors_file_round_trips(folder, checkpoint, tmp_path):
+    result = run([checkpoint, checkpoint], folder, protocols=("dense", "center"), keep_posteriors=True)
+    kept = result.posteriors
+    kept.readable[3] = False  # as an unread image would be
+    write_outputs(result, tmp_path / "arrays")
+    save_posteriors(tmp_path / "rows.npz", kept, rows=True)
+    arrays_only = load_posteriors(tmp_path / "arrays" / "posteriors.npz")  # eval --out's file: no rows
+    for saved, rows in ((arrays_only, {}), (load_posteriors(tmp_path / "rows.npz"), kept.rows)):
+        assert saved.paths == kept.paths and np.array_equal(saved.targets, kept.targets)
+        assert np.array_equal(saved.readable, kept.readable) and saved.readable.dtype == bool
+        assert list(saved.arrays) == list(kept.arrays) and sorted(saved.arrays) == [
+            f"net{i}_{kind}" for i in (0, 1) for kind in ("center_Q37", "dense_Q32", "dense_Q36", "dense_Q41")]
+        for key, array in kept.arrays.items():  # every pass's posteriors in float16
+            assert saved.arrays[key].dtype == np.float16 and np.array_equal(saved.arrays[key], array.astype(np.float16))
+        assert list(saved.rows) == list(rows)  # the rows' own posteriors exactly, in their order
+        assert all(saved.rows[name].dtype == np.float32 and np.array_equal(saved.rows[name], rows[name])
+                   for name in rows)
 
 
 def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):

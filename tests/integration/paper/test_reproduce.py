@@ -10,13 +10,14 @@ import torch
 from verydeep.cli import main
 from verydeep.data import carve_validation
 from verydeep.errors import UserError
+from verydeep.eval.evaluate import evaluate
 from verydeep.eval.metrics import paired_difference
 from verydeep.eval.rows import EvalRow
 from verydeep.io.checkpoint import load_weights
 from verydeep.paper.claims import claims
 from verydeep.paper.demo import DIGIT_NAMES, write_digits
 from verydeep.paper.figures import single_test_scale
-from verydeep.paper.measure import Measured, fuse
+from verydeep.paper.measure import Measured, evaluate_net, fuse
 from verydeep.paper.plot import read_metrics
 from verydeep.paper.presets import NETS, PRESETS, Net, Preset
 from verydeep.paper.reproduce import reproduce
@@ -148,7 +149,8 @@ def test_fusion_averages_the_posteriors_of_the_images_both_nets_saw():
                   paths=two.paths[::-1].copy())  # the same images in another order
     fused = fuse([one, two])
     assert fused.row.nets == ["A", "A-s1"] and fused.row.fusion and fused.row.images == 4
-    np.testing.assert_allclose(fused.posteriors, (one.posteriors + two.posteriors[::-1]) / 2)
+    assert fused.row.name == "fusion of A + A-s1: dense"  # as eval names it (verydeep.eval.rows.fuse_rows)
+    np.testing.assert_array_equal(fused.posteriors, (one.posteriors + two.posteriors[::-1]) / 2)
     assert fused.row.top1_error == pytest.approx(0.25)  # only image 2, wrong for both (a tie goes to the truth)
 
 
@@ -240,6 +242,23 @@ def test_reproduction_runs_end_to_end_and_resumes(reproduced):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again.tables == result.tables  # the second run's rows come back from the cache
     assert json.loads((out / "results.json").read_text())["tables"] == json.loads(json.dumps(again.to_dict()))["tables"]
+
+
+def test_a_nets_cached_evaluation_is_its_evaluation_exactly(reproduced):
+    data, preset, out, _ = reproduced
+    cache = out / "eval" / "D-jitter"
+    assert sorted(p.name for p in cache.iterdir()) == ["posteriors.npz", "results.json", "results.md"]  # eval --out's
+    saved = json.loads((cache / "results.json").read_text())
+    measured, seconds = evaluate_net("D-jitter", out / "nets" / "D-jitter", None, (), None, out, "cpu", False)
+    fresh = evaluate([out / "nets" / "D-jitter"], saved["data"], protocols=saved["protocols"], limit=preset.limit_test,
+                     device="cpu", progress=False, keep_posteriors=True)
+    assert seconds == saved["timing"]["seconds"] and len(measured) == len(fresh.rows) == 9
+    readable = fresh.posteriors.readable
+    for m, row in zip(measured, fresh.rows, strict=True):
+        assert m.row == replace(row, nets=["D-jitter"])
+        assert m.posteriors.dtype == np.float32 and np.array_equal(m.posteriors, fresh.posteriors.rows[row.name])
+        assert np.array_equal(m.targets, fresh.posteriors.targets[readable])
+        assert m.paths.tolist() == np.array(fresh.posteriors.paths)[readable].tolist()
 
 
 def test_reproduce_cli_rejects_unknown_nets(tmp_path, capsys):
