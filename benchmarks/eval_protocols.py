@@ -28,9 +28,9 @@ from PIL import Image
 from torch import nn
 
 from verydeep import vgg
-from verydeep.cli import parse_scales
 from verydeep.data import IMAGENET, RescaleTransform, to_input
 from verydeep.eval.sweep import dense_posteriors, multicrop_posteriors
+from verydeep.options import parse_scales
 from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"

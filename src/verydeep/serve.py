@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from verydeep.cli import add_device, add_precision, add_weights, one_line, parse_scales, positive_int
 from verydeep.data.datasets import DECODE_ERRORS, unreadable
 from verydeep.data.decode import displayed_size
 from verydeep.errors import UserError
@@ -55,6 +54,7 @@ from verydeep.eval.predict import (
 from verydeep.eval.sweep import average
 from verydeep.io.download import resolve_source
 from verydeep.io.jsonable import to_json_dict
+from verydeep.options import add_device, add_precision, add_weights, one_line, parse_scales, positive_int
 from verydeep.runtime import autocast_dtype, pick_device
 
 #: The largest upload, in bytes: a 50 M pixel JPEG straight from a camera fits.

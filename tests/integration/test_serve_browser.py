@@ -18,8 +18,9 @@ from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from verydeep.cli import main, one_line  # noqa: E402
+from verydeep.cli import main  # noqa: E402
 from verydeep.eval.predict import load_image  # noqa: E402
+from verydeep.options import one_line  # noqa: E402
 from verydeep.serve import load_looker  # noqa: E402
 
 #: Processes, servers or whole training runs: minutes on two cores (`pytest -m 'not slow'` leaves them out).

@@ -18,8 +18,8 @@ from verydeep.bench.reference import best_contenders, reference_contenders
 from verydeep.bench.roofline import roofline_contenders
 from verydeep.bench.settings import DEFAULTS, TORCHVISION, Settings
 from verydeep.bench.summary import machine, peak_memory_gib, render, summarise
-from verydeep.cli import add_device, add_workers, positive_int, width_multiplier
 from verydeep.errors import UserError
+from verydeep.options import add_device, add_workers, positive_int, width_multiplier
 
 
 def run_bench(settings: Settings) -> dict[str, Any]:

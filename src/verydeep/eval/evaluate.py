@@ -32,15 +32,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from verydeep.cli import (
-    add_device,
-    add_precision,
-    add_weights,
-    add_workers,
-    output_dir,
-    parse_scales,
-    positive_int,
-)
 from verydeep.data import balanced_subset, find_split, gpu, open_split
 from verydeep.errors import UserError
 from verydeep.eval.classmap import ClassMap, class_map
@@ -49,6 +40,7 @@ from verydeep.eval.nets import Net, load_nets
 from verydeep.eval.posteriors_file import save_posteriors
 from verydeep.eval.rows import PROTOCOL_LABELS, EvalResult, Posteriors, Timing, main_row, score_rows
 from verydeep.eval.sweep import PosteriorArrays, SweepSettings, compute_posteriors, plan_passes
+from verydeep.options import add_device, add_precision, add_weights, add_workers, output_dir, parse_scales, positive_int
 from verydeep.paper import report
 from verydeep.runtime import (
     autocast_dtype,

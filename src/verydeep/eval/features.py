@@ -23,16 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from verydeep.cli import (
-    add_device,
-    add_precision,
-    add_weights,
-    add_workers,
-    image_side,
-    output_file,
-    parse_scales,
-    positive_int,
-)
 from verydeep.data import CenterCropTransform
 from verydeep.errors import UserError
 from verydeep.eval.box_features import REGIONS, extract_action_features
@@ -48,6 +38,16 @@ from verydeep.eval.descriptors import (
 from verydeep.eval.feature_passes import Settings, run_passes
 from verydeep.eval.feature_store import Features, Partial, extraction_key
 from verydeep.eval.image_sets import ImageSet, IndexedImages, loaded_batches, open_image_set
+from verydeep.options import (
+    add_device,
+    add_precision,
+    add_weights,
+    add_workers,
+    image_side,
+    output_file,
+    parse_scales,
+    positive_int,
+)
 from verydeep.runtime import Processes, available_memory_bytes, progress_bar, sharding
 
 

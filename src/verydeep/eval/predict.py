@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from verydeep.cli import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
 from verydeep.data import RescaleTransform, gpu, to_input
 from verydeep.data.datasets import DECODE_ERRORS
 from verydeep.errors import MissingFileError, UserError
@@ -39,6 +38,7 @@ from verydeep.eval.nets import Net, load_nets, net_scales
 from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
+from verydeep.options import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
 from verydeep.runtime import autocast_dtype, pick_device
 
 

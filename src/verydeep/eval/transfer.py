@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from verydeep.cli import natural_int, output_file, positive_int
 from verydeep.errors import UserError
 from verydeep.eval.box_features import REGIONS
 from verydeep.eval.feature_store import Features
 from verydeep.eval.features import add_extraction_flags, describe, features_from_args, origin
 from verydeep.io.jsonable import to_json_dict
+from verydeep.options import natural_int, output_file, positive_int
 from verydeep.paper.figures import TABLE_11, TABLE_12
 from verydeep.paper.report import Column, Row, Table, join_markdown, percent
 

@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from verydeep.cli import add_weights, output_file
 from verydeep.data import to_input
 from verydeep.errors import UserError
 from verydeep.eval.evaluate import given_weights
 from verydeep.io.atomic import atomic_write
 from verydeep.io.sources import load
 from verydeep.nn.model import VGG
+from verydeep.options import add_weights, output_file
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 

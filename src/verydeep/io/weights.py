@@ -37,7 +37,6 @@ from typing import Any
 
 from torch import Tensor
 
-from verydeep.cli import output_file
 from verydeep.data.preprocess import IMAGENET, Preprocess
 from verydeep.errors import UserError
 from verydeep.io.catalogue import NAMES
@@ -48,6 +47,7 @@ from verydeep.io.formats.keras import is_keras_archive, read_keras
 from verydeep.io.formats.torchvision import architecture, read_safetensors, state_dict, torch_load
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification
+from verydeep.options import output_file
 
 #: The authors' convention (their model notes; Sec. 2.1's mean RGB subtraction): BGR on 0..255 minus
 #: the mean pixel, here in RGB order on the 0..1 scale as :class:`Preprocess` keeps it.

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from verydeep.cli import positive_int, width_multiplier
 from verydeep.errors import UserError
 from verydeep.nn.model import VGG
+from verydeep.options import positive_int, width_multiplier
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from verydeep.cli import add_device, output_dir, positive_int
+from verydeep.options import add_device, output_dir, positive_int
 from verydeep.paper.presets import PRESETS
 from verydeep.paper.reproduce import reproduce
 

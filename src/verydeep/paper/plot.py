@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from verydeep.cli import output_file
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.rundir import RunDir
+from verydeep.options import output_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

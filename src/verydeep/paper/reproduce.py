@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from verydeep.cli import add_device, add_workers, output_dir, positive_int, width_multiplier
 from verydeep.errors import UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
+from verydeep.options import add_device, add_workers, output_dir, positive_int, width_multiplier
 from verydeep.paper.claims import Claim, claims
 from verydeep.paper.measure import fusions
 from verydeep.paper.presets import NETS, PRESETS, PROTOCOLS, Preset

@@ -22,7 +22,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from verydeep.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
 from verydeep.data import Preprocess
 from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
@@ -30,6 +29,7 @@ from verydeep.io.atomic import atomic_write
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.io.rundir import RunDir
 from verydeep.nn.init import PROTOCOLS
+from verydeep.options import DEVICE_HELP, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
 from verydeep.runtime.limits import check_width, check_workers
 
 #: Command-line groups of ``verydeep train --help``, in order.

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from verydeep.cli import OneLineParser, main
+from verydeep.cli import main
 from verydeep.data import IMAGENET
 from verydeep.errors import UserError
 from verydeep.io import export
 from verydeep.io.checkpoint import export_safetensors, model_from_recipe, save_checkpoint
+from verydeep.options import OneLineParser
 
 #: A Caffe-style convention: BGR on 0..255 less the mean.
 CAFFE = replace(IMAGENET, std=(1.0, 1.0, 1.0), channels="BGR", value_scale=255.0)

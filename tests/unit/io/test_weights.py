@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from conftest import SHARED, photo
 from safetensors.torch import save_file
 
-from verydeep.cli import OneLineParser, main
+from verydeep.cli import main
 from verydeep.data import IMAGENET, Preprocess, to_input
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.catalogue import NAMES, known_weights
@@ -29,6 +29,7 @@ from verydeep.io.download import download
 from verydeep.io.formats.caffe import caffe_net_class
 from verydeep.io.weights import CAFFE, Published, add_cli, convert, imagenet_classes, load_published
 from verydeep.nn.model import VGG
+from verydeep.options import OneLineParser
 
 #: The authors' mean pixel, (B, G, R) on 0..255.
 MEAN_BGR = (103.939, 116.779, 123.68)

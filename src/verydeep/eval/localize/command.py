@@ -8,13 +8,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from verydeep.cli import add_device, add_workers, output_dir, positive_int, test_scale
 from verydeep.errors import UserError
 from verydeep.eval.localize.center import center_json, evaluate_center, table_8
 from verydeep.eval.localize.dense import evaluate_dense, table_9
 from verydeep.eval.localize.predict import run_predict
 from verydeep.eval.localize.task import HEADS, TARGETS
 from verydeep.eval.localize.train import run_train
+from verydeep.options import add_device, add_workers, output_dir, positive_int, test_scale
 from verydeep.runtime import default_workers, sharding
 from verydeep.train.recipe import add_flags
 

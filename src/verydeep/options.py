@@ -1,0 +1,192 @@
+"""Every command's shared options, declared once (flag, type, default, help, check), and the argument
+types that check them: each mistake on the command line is one line naming the option
+(:class:`OneLineParser`). The commands' own options sit beside the code they run (``add_cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from verydeep.errors import UserError
+from verydeep.runtime.limits import check_side, check_width, check_workers
+
+
+def one_line(message: object) -> str:
+    """``message`` with its line breaks and runs of spaces made single spaces."""
+    return " ".join(str(message).split())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``PROG: error: MESSAGE``, with exit status 2 and
+    no usage block. Subcommand parsers are of the parent's class, so every level behaves alike; each
+    leaves its ``prog`` in the namespace, the deepest one last, to name the command in later errors."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(prog=self.prog)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+# ---- argument types shared by the subcommands ---------------------------------------------------
+
+
+def _checked(kind: Callable[[str], float], accept: Callable[[float], bool], description: str) -> Callable[[str], float]:
+    """An argument type: ``kind(text)`` if ``accept`` takes it, else a one-line error naming ``description``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {description}; got {text!r}")
+        return value
+
+    return parse
+
+
+#: ``type=`` for a count that must be at least 1 (sizes, epochs, limits).
+positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+#: ``type=`` for a count that may be 0 (worker processes).
+natural_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
+#: ``type=`` for a finite number > 0 (width multipliers).
+positive_float = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
+
+
+class OutputPath(type(Path())):  # type: ignore[misc]
+    """A path the command writes (an :func:`output_file` or :func:`output_dir` argument)."""
+
+
+def _within(parse: Callable[[str], float], check: Callable[[Any, str], Any], what: str) -> Callable[[str], Any]:
+    """An argument type: ``parse(text)``, then ``check(value, what)`` (a bound of :mod:`verydeep.runtime.limits`)."""
+
+    def bounded(text: str) -> int:
+        value = parse(text)
+        try:
+            return check(value, what)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return bounded
+
+
+#: ``type=`` for ``--workers``: data-loading processes, from 0 to one per CPU core this process may use.
+worker_count = _within(natural_int, check_workers, "data-loading processes")
+#: ``type=`` for one test scale Q in pixels (``nargs="+"`` options), at most :data:`verydeep.runtime.limits.MAX_SIDE`.
+test_scale = _within(positive_int, check_side, "a test scale Q")
+#: ``type=`` for an image side in pixels (``--raw-pixels``), at most :data:`verydeep.runtime.limits.MAX_SIDE`.
+image_side = _within(positive_int, check_side, "the side")
+#: ``type=`` for ``--width``: a multiplier above 0, at most :data:`verydeep.runtime.limits.MAX_WIDTH`.
+width_multiplier = _within(positive_float, check_width, "the width multiplier")
+
+
+def parse_scales(text: str) -> list[int]:
+    """``type=`` for ``--scales``: ``256,384,512`` -> [256, 384, 512], each from 1 to
+    :data:`verydeep.runtime.limits.MAX_SIDE`; a bad list is a one-line error."""
+    try:
+        scales = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 256,384,512; got {text!r}"
+        ) from None
+    if not scales or any(q <= 0 for q in scales):
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 256,384,512; got {text!r}")
+    return [test_scale(str(q)) for q in scales]
+
+
+def output_dir(text: str) -> Path:
+    """``type=`` for a folder to write into: absent (it is created) or a folder, not a file."""
+    path = OutputPath(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file; give a folder")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """``type=`` for a file to write: absent or a file (it is replaced), not a folder."""
+    path = OutputPath(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
+    return path
+
+
+def _given_paths(value: object) -> list[Path]:
+    """The paths an argument's value names (a list's each), as given."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v if isinstance(v, Path) else Path(v) for v in values if isinstance(v, (str, Path)) and v]
+
+
+def refuse_overwriting_inputs(args: argparse.Namespace) -> None:
+    """No command writes over one of its own inputs: an output file that is also an input file is a
+    :class:`UserError` naming both options, before anything is written."""
+    named = [(name, path) for name, value in vars(args).items() for path in _given_paths(value)]
+    outputs = [(name, path) for name, path in named if isinstance(path, OutputPath) and path.is_file()]
+    inputs = [(name, path) for name, path in named if not isinstance(path, OutputPath) and path.is_file()]
+    for _, out in outputs:
+        for in_name, given in inputs:
+            if out.samefile(given):
+                raise UserError(f"{out}: the output is also an input ({in_name.replace('_', '-')} {given}) and would "
+                                "be overwritten; give another output")
+
+
+def device_name(text: str) -> str:
+    """``type=`` for ``--device``: auto, or a device torch knows (cpu, cuda, cuda:N, ...)."""
+    import torch
+
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N; got {text!r}") from None
+    return text
+
+
+# ---- options that several commands take, each declared here once --------------------------------
+
+DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
+PRECISIONS = ("auto", "bf16", "fp32")
+PRECISION_HELP = "auto: bf16 where it is fast on this machine (measured once and cached), else fp32"
+WORKERS_HELP = "data-loading processes, at most the CPU cores (default: the cores less one, at most 8)"
+WEIGHTS_HELP = ("torchvision .pth, Caffe .caffemodel, Keras .h5, .weights.h5 or .keras, a verydeep checkpoint, run "
+                "directory or .safetensors, or a known name such as vgg16 (found in --weights-dir)")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+
+
+def add_workers(p: argparse.ArgumentParser, default: int | None = None, help: str = WORKERS_HELP) -> None:
+    p.add_argument("--workers", type=worker_count, default=default, help=help)
+
+
+class StoreOnce(argparse.Action):
+    """An option given at most once: a second value is an error, never a silent replacement."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): this command "
+                         "takes one net")
+        setattr(namespace, self.dest, values)
+
+
+def add_weights(p: argparse.ArgumentParser, repeat: str | None = None) -> None:
+    """``--weights SOURCE``, with ``--checkpoint`` the same option, and ``--weights-dir DIR``; with
+    ``repeat`` (what several nets do: fuse, stack) ``--weights`` may be given several times, else once."""
+    action = "append" if repeat else StoreOnce
+    p.add_argument("--weights", action=action, default=None, metavar="SOURCE",
+                   help=WEIGHTS_HELP + (f"; repeat to {repeat}" if repeat else ""))
+    p.add_argument("--checkpoint", action=action, dest="weights", metavar="SOURCE", help="the same as --weights")
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="where known names such as vgg16 are found (default $VERYDEEP_WEIGHTS_DIR, else "
+                        "~/.cache/verydeep)")
