@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from verydeep import runtime
 from verydeep.bench.roofline import sync
 
 
@@ -21,6 +22,21 @@ def images_per_second(step: Callable[[], Any], images: int, steps: int, device: 
         step()
     sync(device)
     return images * steps / (time.perf_counter() - start)
+
+
+def inference_step(net: nn.Module, model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None
+                   ) -> Callable[[], None]:
+    """A forward pass of ``net`` (``model`` itself, or compiled) on ``x`` under autocast to ``dtype``, with
+    ``model`` in eval mode and no autograd, as evaluation runs it."""
+
+    @torch.inference_mode()
+    def step() -> None:
+        model.eval()
+        with runtime.autocast(x.device, dtype):
+            net(x)
+        model.train()
+
+    return step
 
 
 def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:

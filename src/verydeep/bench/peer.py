@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from verydeep import runtime
-from verydeep.bench.measure import images_per_second
+from verydeep.bench.measure import images_per_second, inference_step
 from verydeep.bench.roofline import precision_name
 
 #: The ways of running the peer, in the order they are measured.
@@ -52,14 +52,7 @@ def best_steps(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimize
             scaler.step(optimizer)
             scaler.update()
 
-    @torch.inference_mode()
-    def infer_step() -> None:
-        model.eval()
-        with runtime.autocast(device, dtype):
-            net(x)
-        model.train()
-
-    return train_step, infer_step
+    return train_step, inference_step(net, model, x, dtype)
 
 
 def peer_contenders(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None, steps: int,

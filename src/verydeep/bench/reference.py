@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from verydeep import runtime
-from verydeep.bench.measure import images_per_second
+from verydeep.bench.measure import images_per_second, inference_step
 from verydeep.bench.peer import peer_contenders
 from verydeep.bench.settings import TORCHVISION, WARMUP_STEPS, Settings
 from verydeep.nn.model import vgg
@@ -30,14 +30,7 @@ def plain_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
         loss.backward()
         optimiser.step()
 
-    @torch.inference_mode()
-    def infer_step() -> None:
-        model.eval()
-        with runtime.autocast(device, dtype):
-            model(x)
-        model.train()
-
-    return train_step, infer_step
+    return train_step, inference_step(model, model, x, dtype)
 
 
 def reference_model(config: str, width: float, size: int, num_classes: int) -> nn.Module:

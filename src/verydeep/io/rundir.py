@@ -24,42 +24,26 @@ BEST = "best.pt"
 EPOCH = "epoch-{:04d}.pt"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RunDir:
     """The paths of the run directory ``root``."""
 
     root: Path
+    record: Path
+    metrics: Path
+    model: Path
+    curves: Path
+    checkpoints: Path
+    last: Path
+    best: Path
 
     def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def record(self) -> Path:
-        return self.root / RECORD
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def model(self) -> Path:
-        return self.root / MODEL
-
-    @property
-    def curves(self) -> Path:
-        return self.root / CURVES
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / LAST
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / BEST
+        root = Path(root)
+        paths = {"root": root, "record": root / RECORD, "metrics": root / METRICS, "model": root / MODEL,
+                 "curves": root / CURVES, "checkpoints": root / CHECKPOINTS, "last": root / CHECKPOINTS / LAST,
+                 "best": root / CHECKPOINTS / BEST}
+        for name, path in paths.items():
+            object.__setattr__(self, name, path)
 
     def epoch(self, epoch: int) -> Path:
         """The checkpoint of the end of ``epoch``."""
