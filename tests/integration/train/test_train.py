@@ -201,6 +201,32 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tmp_path):
+    """The update of a non-finite loss or gradient is skipped, on the first step or a later one (once momentum
+    buffers exist), and a finite step after it still updates."""
+    trainer = Trainer(tiny(data, tmp_path, dropout=0.0), runtime.Processes.from_env())
+    model, optimizer = trainer.stepper.model, trainer.stepper.optimizer
+
+    def step(loss: float, gradient: float) -> None:
+        for p in model.parameters():
+            p.grad = torch.full_like(p, gradient)
+        trainer.stepper.update(torch.tensor(loss), 4, 0, lambda: "at the test's step")
+
+    def state() -> list[torch.Tensor]:
+        buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p in optimizer.state]
+        return [t.clone() for t in [*model.state_dict().values(), *buffers]]
+
+    for first in (True, False):
+        for loss, gradient, what in [(float("nan"), 0.1, "loss is nan"), (1.0, float("inf"), "gradients are not")]:
+            before = state()
+            with pytest.raises(NonFiniteLossError, match=f"{what}.*at the test's step"):
+                step(loss, gradient)
+            assert all(torch.equal(a, b) for a, b in zip(before, state(), strict=True)), (first, what)
+        before = state()
+        step(1.0, 0.1)
+        assert not all(torch.equal(a, b) for a, b in zip(before, state(), strict=False))  # the finite step updated
+
+
 def test_sampler_slices_make_up_the_global_batch():
     single = list(GlobalBatchSampler(range(40), 8, 8, 0, 1, seed=3))
     rank0 = list(GlobalBatchSampler(range(40), 8, 2, 0, 2, seed=3))
