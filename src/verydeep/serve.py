@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from verydeep.data.datasets import DECODE_ERRORS, unreadable
-from verydeep.data.decode import displayed_size
+from verydeep.data.decode import decode, displayed_size
 from verydeep.errors import UserError
 from verydeep.eval.evaluate import given_weights
 from verydeep.eval.localize.dense_nets import DenseNets
@@ -113,7 +114,6 @@ def parse_ask(fields: dict[str, str], nets: int) -> Ask:
 def checked_image(path: Path, name: str) -> tuple[int, int]:
     """The displayed (w, h) of an uploaded image that decodes whole and has at most :data:`MAX_UPLOAD_PIXELS`;
     otherwise a :class:`UserError` naming the upload ``name``."""
-    from PIL import Image
 
 
     if path.stat().st_size == 0:
@@ -140,17 +140,15 @@ def data_url(image: Any, kind: str = "PNG") -> str:
 
 def preview(path: Path) -> str:
     """The image upright (its EXIF rotation applied, as the nets see it), at most :data:`PREVIEW_SIDE`, as JPEG."""
-    from PIL import Image, ImageOps
-
     with Image.open(path) as img:
-        shown = ImageOps.exif_transpose(img).convert("RGB")
+        shown = decode(img)
+        shown.load()  # read before the file closes (an upright RGB file is returned undecoded)
     shown.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
     return data_url(shown, "JPEG")
 
 
 def saliency_png(saliency: Tensor) -> str:
     """A saliency map (H, W) as a grey PNG, from its minimum to its maximum, as ``predict --saliency`` draws it."""
-    from PIL import Image
 
     low, high = float(saliency.min()), float(saliency.max())
     scaled = (saliency - low) / (high - low) if high > low else torch.zeros_like(saliency)

@@ -46,7 +46,10 @@ _MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag (1 = upright) read from the header."""
+    """The EXIF orientation tag (1 = upright) read from the header. A PNG's counts only from an eXIf chunk
+    before its pixels, as browsers read it: one after them would take decoding the whole image to find."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
         value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except (OSError, ValueError, SyntaxError):  # a broken EXIF block: treat as upright

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import SHARED, photo, save
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 from torch.utils.data import DataLoader
 
 from verydeep.cli import main
@@ -33,7 +34,7 @@ from verydeep.data import (
     save_preprocess,
     to_input,
 )
-from verydeep.data.decode import ImageFile, load_region, resample, to_tensor
+from verydeep.data.decode import ImageFile, image_size, load_region, resample, to_tensor
 from verydeep.data.preprocess import pca_shift
 from verydeep.data.transforms import render
 from verydeep.errors import MissingFileError, UserError
@@ -179,6 +180,24 @@ def test_exif_rotated_photo_is_displayed_upright(tmp_path):
     out = RescaleTransform(60)(path)
     assert out.shape == (3, 90, 60)
     assert out[:, :, -5:].float().mean() > 200 and out[:, :, :40].float().mean() < 30
+
+
+def test_a_png_is_sized_from_its_header_and_rotated_by_an_exif_chunk_before_its_pixels(tmp_path, monkeypatch):
+    arr = np.zeros((60, 90, 3), np.uint8)
+    arr[:10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = save(Image.fromarray(arr), tmp_path / "rot.png", exif=exif)  # Pillow writes eXIf before IDAT
+    plain = save(Image.fromarray(arr), tmp_path / "plain.png")
+    out = RescaleTransform(60)(rotated)
+    assert out.shape == (3, 90, 60) and out[:, :, -5:].float().mean() > 200  # upright, as a JPEG's
+    assert RescaleTransform(60)(plain).shape == (3, 60, 90)
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded to read the size")
+
+    monkeypatch.setattr(PngImageFile, "load", no_decoding)
+    assert image_size(rotated) == (60, 90) and image_size(plain) == (90, 60)
 
 
 def test_rescale_and_center_crop_transforms(tmp_path):
