@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from verydeep.errors import MissingFileError, UserError
+from verydeep.errors import UserError
 from verydeep.eval.descriptors import TAP, FeatureNet
 from verydeep.eval.image_sets import ImageSet
 from verydeep.io.atomic import atomic_write
+from verydeep.io.npz import read_npz
 from verydeep.runtime import sharding
 
 # ---- results --------------------------------------------------------------------------------
@@ -56,8 +55,8 @@ class Features:
     def load(cls, path: str | Path) -> Features:
         """Read what :meth:`save` wrote; a missing, damaged or foreign file, or one whose numbers are not
         finite or out of range, is a one-line error naming it."""
-        arrays = _load_npz(path, ("features", "labels", "paths", "splits", "classes", "class_names", "skipped",
-                                  "settings"))
+        arrays = read_npz(path, ("features", "labels", "paths", "splits", "classes", "class_names", "skipped",
+                                  "settings"), "features file")
         x = arrays["features"]
         if x.ndim != 2 or x.dtype.kind not in "fiu" or 0 in x.shape:
             raise UserError(f"{path}: features must be a 2-D array of numbers, images x dimensions, neither zero; "
@@ -114,23 +113,6 @@ def _settings(path: str | Path, value: np.ndarray) -> dict[str, Any]:
     return settings
 
 
-def _load_npz(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: a folder, not a features file")
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such features file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
-        raise UserError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from error
-    missing = [k for k in keys if k not in arrays]
-    if missing:
-        raise UserError(f"{path}: not a verydeep features file (no {', '.join(missing)})")
-    return arrays
-
-
 # ---- partial extractions ---------------------------------------------------------------
 
 
@@ -170,7 +152,7 @@ class Partial:
         extraction of other nets, images or scales is an error (nothing is silently thrown away)."""
         if not path.is_file():
             return fresh
-        arrays = _load_npz(path, ("done", "skipped", "key"))
+        arrays = read_npz(path, ("done", "skipped", "key"), "features file")
         if str(arrays["key"]) != fresh.key or set(fresh.arrays) - set(arrays):
             raise UserError(f"{path}: a partial extraction with other nets, images or scales; give the same "
                             "settings to continue it, or delete it")

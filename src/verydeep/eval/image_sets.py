@@ -35,10 +35,10 @@ class ImageSet:
 
 class IndexedImages(LabelledImages):
     """``paths`` as a dataset whose items are labelled by their index (a batch's labels say which images
-    it holds); unreadable files are skipped and named."""
+    it holds); unreadable files are skipped and named, or with ``strict`` an error naming the first."""
 
-    def __init__(self, paths: Sequence[str | Path], transform: Any = None) -> None:
-        super().__init__(transform, strict=False)
+    def __init__(self, paths: Sequence[str | Path], transform: Any = None, strict: bool = False) -> None:
+        super().__init__(transform, strict=strict)
         self.samples = [(Path(p), i) for i, p in enumerate(paths)]
         self.classes, self.class_names = [], []
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from verydeep.errors import UserError
 from verydeep.eval.rows import Posteriors
 from verydeep.io.atomic import atomic_write
+from verydeep.io.npz import read_npz
 
 #: The key of a posterior array of net i, kind and Q.
 ARRAY_KEY = re.compile(r"net\d+_[a-z]+_Q\d+")
@@ -38,9 +40,13 @@ def save_posteriors(path: str | Path, posteriors: Posteriors, rows: bool = False
 
 
 def load_posteriors(path: str | Path) -> Posteriors:
-    """The :class:`Posteriors` of a file :func:`save_posteriors` wrote (``rows`` empty if it kept none)."""
-    with np.load(path, allow_pickle=False) as saved:
-        names = saved["row_names"].tolist()
-        return Posteriors(arrays={key: saved[key] for key in saved.files if ARRAY_KEY.fullmatch(key)},
-                          targets=saved["targets"], paths=saved["paths"].tolist(), readable=saved["readable"],
-                          rows={name: saved[f"row{j}"] for j, name in enumerate(names)})
+    """The :class:`Posteriors` of a file :func:`save_posteriors` wrote (``rows`` empty if it kept none); a
+    missing, damaged or foreign file is one line naming it."""
+    saved = read_npz(path, ("targets", "paths", "readable", "row_names"), "posteriors file")
+    names = saved["row_names"].tolist()
+    missing = [f"row{j}" for j in range(len(names)) if f"row{j}" not in saved]
+    if missing:
+        raise UserError(f"{path}: not a verydeep posteriors file (no {', '.join(missing)})")
+    return Posteriors(arrays={key: array for key, array in saved.items() if ARRAY_KEY.fullmatch(key)},
+                      targets=saved["targets"], paths=saved["paths"].tolist(), readable=saved["readable"],
+                      rows={name: saved[f"row{j}"] for j, name in enumerate(names)})

@@ -112,8 +112,7 @@ def image_posteriors(net: Net, images: Sequence[str | Path], flip: bool, device:
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol {protocol}: one of {', '.join(PROTOCOLS)}")
     kinds, chosen = protocol.split("+"), list(scales or net.scales)
-    dataset = IndexedImages(images)
-    dataset.strict = True  # an image that does not decode is one line naming it, not a skipped row
+    dataset = IndexedImages(images, strict=True)  # an image that does not decode is one line naming it
     settings = SweepSettings(device, dtype, flip, BATCH_SIZE, 0, False, gpu.resolve_decode("auto", device))
     passes = {Pass(q): [(0, kinds)] for q in chosen}
     found, skipped, _ = compute_posteriors([net], dataset, passes, settings)

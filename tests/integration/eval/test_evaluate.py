@@ -250,6 +250,13 @@ def test_the_posteriors_file_round_trips(folder, checkpoint, tmp_path):
         assert list(saved.rows) == list(rows)  # the rows' own posteriors exactly, in their order
         assert all(saved.rows[name].dtype == np.float32 and np.array_equal(saved.rows[name], rows[name])
                    for name in rows)
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes((tmp_path / "rows.npz").read_bytes()[:500])
+    with pytest.raises(UserError, match=r"damaged\.npz: not a readable \.npz file"):
+        load_posteriors(damaged)
+    np.savez(tmp_path / "foreign.npz", targets=kept.targets)
+    with pytest.raises(UserError, match=r"foreign\.npz: not a verydeep posteriors file \(no paths, readable"):
+        load_posteriors(tmp_path / "foreign.npz")
 
 
 def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
