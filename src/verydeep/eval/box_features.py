@@ -27,7 +27,7 @@ from verydeep.data.jpeg import Size, decoded_size
 from verydeep.data.transforms import CropPlan, PlannedTransform, reduction, resized_size
 from verydeep.data.voc_action import VOCActionData, open_voc_action
 from verydeep.errors import UserError
-from verydeep.eval.descriptors import TAP, aggregate, combine, load_feature_nets
+from verydeep.eval.descriptors import TAP, aggregate, check_scales_cover_crops, combine, load_feature_nets
 from verydeep.eval.feature_passes import Settings, run_passes
 from verydeep.eval.feature_store import Features, Partial, extraction_key
 from verydeep.eval.image_sets import ImageSet, IndexedImages
@@ -129,9 +129,7 @@ def extract_action_features(sources: Sequence[str | Path], data: str | Path, reg
     check_box_sizes(action, settings.scales)
     images, image_of, dataset, units = action_units(action, regions)
     nets = load_feature_nets(sources, data, settings.device, weights_dir, settings.dtype)
-    small = [(net.source, net.crop) for net in nets if settings.scales[0] < net.crop]
-    if small:
-        raise UserError(f"--scales {settings.scales[0]} is smaller than the crop {small[0][1]} of {small[0][0]}")
+    check_scales_cover_crops(nets, settings.scales)
     key = extraction_key(nets, units, settings.scales)
     partial_path = Path(f"{out}.partial") if out is not None else None
     state = Partial.start(key, nets, settings.scales, len(units.paths))

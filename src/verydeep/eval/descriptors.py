@@ -106,3 +106,10 @@ def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: t
         nets.append(FeatureNet(str(source), loaded.name, model.dense(), loaded.preprocess, model.input_size,
                                model.fc_layers()["fc7"].out_features, digest))
     return nets
+
+
+def check_scales_cover_crops(nets: Sequence[FeatureNet], scales: Sequence[int]) -> None:
+    """Every test scale Q at least each net's crop (the dense net's smallest input); else a one-line error."""
+    small = [(net.source, net.crop) for net in nets if min(scales) < net.crop]
+    if small:
+        raise UserError(f"--scales {min(scales)} is smaller than the crop {small[0][1]} of {small[0][0]}")

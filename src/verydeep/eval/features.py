@@ -31,6 +31,7 @@ from verydeep.eval.descriptors import (
     DEFAULT_SCALES,
     TAP,
     aggregate,
+    check_scales_cover_crops,
     combine,
     l2_normalise,
     load_feature_nets,
@@ -62,9 +63,7 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
     settings = settings or Settings.create()
     images = open_image_set(data)
     nets = load_feature_nets(sources, data, settings.device, weights_dir, settings.dtype)
-    small = [(net.source, net.crop) for net in nets if settings.scales[0] < net.crop]
-    if small:
-        raise UserError(f"--scales {settings.scales[0]} is smaller than the crop {small[0][1]} of {small[0][0]}")
+    check_scales_cover_crops(nets, settings.scales)
     partial_path = Path(f"{out}.partial") if out is not None else None
     state = Partial.start(extraction_key(nets, images, settings.scales), nets, settings.scales, len(images.paths))
     if partial_path is not None:
