@@ -44,12 +44,19 @@ def reference_model(config: str, width: float, size: int, num_classes: int) -> n
     return reference
 
 
-def reference_contenders(settings: Settings, num_classes: int, device: torch.device) -> dict[str, Callable[[], float]]:
-    """torchvision's VGG, plain fp32 and NCHW: training step and inference, images per second."""
+def reference_batch(settings: Settings, num_classes: int, device: torch.device
+                    ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """torchvision's VGG of the settings and a random batch for it, drawn from seed 0: the same for both references."""
     torch.manual_seed(0)
     model = reference_model(settings.config, settings.width, settings.size, num_classes).to(device)
     x = torch.randn(settings.batch, 3, settings.size, settings.size, device=device)
     y = torch.randint(0, num_classes, (settings.batch,), device=device)
+    return model, x, y
+
+
+def reference_contenders(settings: Settings, num_classes: int, device: torch.device) -> dict[str, Callable[[], float]]:
+    """torchvision's VGG, plain fp32 and NCHW: training step and inference, images per second."""
+    model, x, y = reference_batch(settings, num_classes, device)
     train_step, infer_step = plain_steps(model, x, y, device, None)
     model.train()
     for _ in range(WARMUP_STEPS):
@@ -63,8 +70,5 @@ def best_contenders(settings: Settings, num_classes: int, device: torch.device,
                     dtype: torch.dtype | None) -> tuple[dict[str, Callable[[], float]], dict[str, Any]]:
     """torchvision's VGG at its best (:mod:`verydeep.peer`) in ``dtype``, eager and, unless the settings leave
     it out, compiled: training step and inference, images per second; and what the peer is."""
-    torch.manual_seed(0)
-    model = reference_model(settings.config, settings.width, settings.size, num_classes).to(device)
-    x = torch.randn(settings.batch, 3, settings.size, settings.size, device=device)
-    y = torch.randint(0, num_classes, (settings.batch,), device=device)
+    model, x, y = reference_batch(settings, num_classes, device)
     return peer_contenders(model, x, y, dtype, settings.steps, WARMUP_STEPS, settings.compiled_peer)
