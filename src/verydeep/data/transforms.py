@@ -167,17 +167,20 @@ class TrainTransform(PlannedTransform):
 
 @dataclass(frozen=True)
 class RescaleTransform(PlannedTransform):
-    """Sec. 3.2: the whole image, rescaled isotropically so its smallest side is Q."""
+    """Sec. 3.2: the whole image, rescaled isotropically so its smallest side is Q. ``reduce=False``: never
+    a reduced JPEG decode, so the plan depends on the image's size alone (localisation maps boxes back
+    through it)."""
 
     q: int
     fast: bool = True
+    reduce: bool = True
 
     def __post_init__(self) -> None:
         check_side(self.q, "a test scale Q")
 
     def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
         out = resized_size(size, self.q)
-        k = reduction(size, out, reducible)
+        k = reduction(size, out, reducible and self.reduce)
         return CropPlan(k, (0, 0, *decoded_size(size, k)), out, False)
 
 

@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from verydeep import runtime
-from verydeep.data import BadImageError, CropPlan, Preprocess, RescaleTransform, SizeGroupedBatchSampler, to_input
+from verydeep.data import BadImageError, Preprocess, RescaleTransform, SizeGroupedBatchSampler, to_input
 from verydeep.data.boxes import decode, from_crop
-from verydeep.data.jpeg import Size
 from verydeep.errors import UserError
 from verydeep.eval.classmap import columns_of
 from verydeep.eval.image_sets import IndexedImages, loaded_batches
@@ -105,15 +104,6 @@ def ranked(output: DenseOutput, nets: Sequence[int] | None = None) -> list[Guess
         found = inside(*pooled(boxes, scores, rank), output.size)
         guesses.append(Guess(label, merge_greedily(*found)[0][0], score))
     return guesses
-
-
-@dataclass(frozen=True)
-class FullRescale(RescaleTransform):
-    """:class:`~verydeep.data.RescaleTransform` to Q from the image decoded at full size, never a reduced JPEG
-    decode: its plan, which maps the boxes back to the full image, depends on the image's size alone."""
-
-    def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
-        return super().plan(size, False, generator)
 
 
 @dataclass
@@ -217,9 +207,9 @@ class DenseNets:
 
     def scale_pass(self, images: IndexedImages, q: int, batch_size: int, workers: int) -> list[ScaleOutput]:
         """Every image of ``images`` at one test scale Q (:class:`ScaleOutput`, in the images' order): whole images
-        rescaled to Q (:class:`FullRescale`), batched by their size there (``batch_size`` at a time) and read
+        rescaled to Q from a full-size decode, batched by their size there (``batch_size`` at a time) and read
         by ``workers`` processes; an image that does not decode is a :class:`~verydeep.data.BadImageError`."""
-        transform = images.transform = FullRescale(q)
+        transform = images.transform = RescaleTransform(q, reduce=False)
         batches = SizeGroupedBatchSampler(images, q, batch_size).batches
         sizes, found = images.image_sizes(), {}
         for indices, batch, skipped in loaded_batches(images, batches, min(workers, len(batches))):
