@@ -27,6 +27,7 @@ from verydeep.data.loaders import image_loader
 from verydeep.eval.nets import Net, center_resize
 from verydeep.nn.model import VGG, DenseVGG
 from verydeep.runtime import Processes, autocast, progress_bar, sharding
+from verydeep.runtime.ahead import run_ahead
 
 #: Multi-crop forwards take as many crops as keep the first conv's output under this many elements:
 #: 128 crops of 224 for a full-width net (1.6 GB in fp32), thousands of small crops of a narrow one.
@@ -159,16 +160,15 @@ def run_pass(nets: Sequence[Net], dataset: Any, sweep: Pass, users: PassUsers, p
              settings: SweepSettings, batches: Sequence[list[int]], bar: Any) -> set[str]:
     """Fill the rows of ``batches`` in ``posteriors`` for one pass over ``dataset``; returns the paths of
     unreadable images."""
-
-
     on_gpu = settings.decode == "gpu"
     dataset.transform = gpu.EncodedTransform(sweep.transform()) if on_gpu else sweep.transform()
     collate_fn = gpu.collate_encoded if on_gpu else collate
     loader = image_loader(dataset, batches, settings.workers, collate_fn, settings.device)
     paths = [str(path) for path, _ in dataset.samples]
     skipped: set[str] = set()
-    for indices, loaded in zip(batches, loader, strict=True):
-        batch = gpu.decode_batch(loaded, settings.device) if on_gpu else loaded
+    # JPEGs decoded on the GPU: each batch while the nets run on the one before
+    decoded = run_ahead(loader, lambda b: gpu.decode_batch(b, settings.device), settings.device) if on_gpu else loader
+    for indices, batch in zip(batches, decoded, strict=True):
         skipped.update(batch.skipped)
         bad = set(batch.skipped)
         good = torch.tensor([i for i in indices if paths[i] not in bad], dtype=torch.long)

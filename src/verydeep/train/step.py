@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from verydeep.data import gpu as gpu_decode
 from verydeep.data.sampling import Draws
 from verydeep.errors import UserError
 from verydeep.nn.tasks import Task
+from verydeep.runtime.ahead import run_ahead
 
 
 class NonFiniteLossError(UserError):
@@ -68,6 +69,14 @@ class Stepper:
             dropped = set(batch.skipped)
             draws = draws.kept(torch.tensor([path not in dropped for path in loaded.paths], dtype=torch.bool))
         return batch, draws
+
+    def batches(self, loaded: Iterable[tuple[Any, Draws | None]]) -> Iterator[tuple[Batch, Draws | None]]:
+        """:meth:`on_device` of each loaded batch and its draws; JPEGs decoded on the GPU are decoded one batch
+        ahead, on a side stream, while the caller's step runs (:func:`~verydeep.runtime.ahead.run_ahead`)."""
+        if self.decode != "gpu":
+            yield from loaded
+            return
+        yield from run_ahead(loaded, lambda pair: self.on_device(*pair), self.device)
 
     def input(self, batch: Batch, shifts: torch.Tensor | None = None) -> torch.Tensor:
         """The network's float input: colour shift and normalisation (Sec. 3.1), in the memory format."""

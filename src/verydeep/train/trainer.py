@@ -272,8 +272,7 @@ class Trainer:
         images = skipped = 0
         tic = time.perf_counter()
         with bar:
-            for micro, (loaded, draws) in enumerate(self.loader):
-                batch, draws = stepper.on_device(loaded, draws)
+            for micro, (batch, draws) in enumerate(stepper.batches(self.loader)):
                 last = (micro + 1) % sampler.micro_per_step == 0
                 loss_sum += stepper.micro_step(batch, draws, sync=last)
                 images += batch.images.shape[0]

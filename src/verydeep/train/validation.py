@@ -21,8 +21,7 @@ def validate(model: torch.nn.Module, stepper: Stepper, loader: DataLoader, task:
     model.eval()
     sums = [0.0] * len(task.metrics)
     seen = skipped = 0
-    for loaded in loader:
-        batch, _ = stepper.on_device(loaded)
+    for batch, _ in stepper.batches((loaded, None) for loaded in loader):
         skipped += len(batch.skipped)
         if batch.images.shape[0] == 0:
             continue
