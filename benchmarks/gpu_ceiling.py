@@ -1,0 +1,196 @@
+"""What the GPU's kernels allow a VGG training step: the ceiling under any MFU target, and where a step goes.
+
+For each batch size (``--batch``) every convolution of the net is timed alone in bf16, channels_last,
+with cuDNN's autotuner (forward, backward to the input, except for the first layer, whose input needs
+no gradient, and backward to the weights and bias), and every FC layer's three matrix products; their
+sum is the fastest a training step built on these kernels can be, its MFU the ceiling of any training
+run's (``kernel_ceiling_mfu``). Then a whole training step of the same net (our VGG under bf16 autocast
+with per-image dropout seeds, the trainer's fused SGD), eager and with ``--compile`` compiled, each with
+and without the trainer's host reads of the loss and the gradients' finiteness before the update, and a
+profile of one step's GPU kernels by kind (convolutions, matrix products, Triton's fused kernels, the
+rest) with the GPU's idle share, so the gap between the step and the ceiling is named.
+
+    python benchmarks/gpu_ceiling.py --batch 128 256 --compile --json docs/benchmarks/ceiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from verydeep import vgg
+from verydeep.bench.measure import count_macs
+
+#: Kernel kinds by parts of their names (the first that matches wins).
+KINDS = {"triton (fused)": ("triton",), "convolution": ("fprop", "dgrad", "wgrad", "conv", "implicit"),
+         "matrix product": ("gemm", "nvjet", "cutlass"), "pooling": ("pool",),
+         "elementwise": ("elementwise", "vectorized", "relu")}
+
+
+def cuda_time(fn: Callable[[], Any], repeats: int = 10, back_to_back: int = 1) -> float:
+    """Median seconds of ``fn`` on the GPU over ``repeats`` timings of ``back_to_back`` runs each (the host
+    launching each run while the GPU works on the one before), after two warm-ups (cuDNN autotunes then)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(back_to_back):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / back_to_back)
+    return sorted(times)[len(times) // 2]
+
+
+def conv_times(model: torch.nn.Module, batch: int, size: int) -> list[dict[str, Any]]:
+    """Each convolution's forward, backward-to-input and backward-to-weight seconds at ``batch``."""
+    rows, side, first = [], size, True
+    for module in model.features:
+        if isinstance(module, torch.nn.MaxPool2d):
+            side //= 2
+            continue
+        if not isinstance(module, torch.nn.Conv2d):
+            continue
+        cl = torch.channels_last
+        x = torch.randn(batch, module.in_channels, side, side, device="cuda", dtype=torch.bfloat16).to(memory_format=cl)
+        w = module.weight.detach().to(torch.bfloat16).contiguous(memory_format=cl)
+        b = module.bias.detach().to(torch.bfloat16)
+        y = F.conv2d(x, w, b, padding=module.padding)
+        g = torch.randn_like(y)
+
+        def backward(mask: list[bool], x=x, w=w, g=g, module=module) -> Any:
+            return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], [1, 1], list(module.padding), [1, 1],
+                                                       False, [0, 0], 1, mask)
+
+        def forward(x=x, w=w, b=b, module=module) -> torch.Tensor:
+            return F.conv2d(x, w, b, padding=module.padding)
+
+        macs = batch * module.out_channels * side * side * module.in_channels * module.kernel_size[0] ** 2
+        rows.append({"layer": f"{module.in_channels}->{module.out_channels} at {side}", "macs": macs,
+                     "forward_s": cuda_time(forward),
+                     "to_input_s": 0.0 if first else cuda_time(lambda: backward([True, False, False])),
+                     "to_weight_s": cuda_time(lambda: backward([False, True, True]))})
+        first = False
+    return rows
+
+
+def fc_times(model: torch.nn.Module, batch: int) -> list[dict[str, Any]]:
+    """Each FC layer's forward and two backward matrix products, seconds at ``batch``."""
+    rows = []
+    for module in (m for m in model.classifier if isinstance(m, torch.nn.Linear)):
+        x = torch.randn(batch, module.in_features, device="cuda", dtype=torch.bfloat16)
+        w = module.weight.detach().to(torch.bfloat16)
+        g = torch.randn(batch, module.out_features, device="cuda", dtype=torch.bfloat16)
+        rows.append({"layer": f"fc {module.in_features}->{module.out_features}", "macs": batch * w.numel(),
+                     "forward_s": cuda_time(lambda x=x, w=w: x @ w.t()),
+                     "to_input_s": cuda_time(lambda g=g, w=w: g @ w),
+                     "to_weight_s": cuda_time(lambda g=g, x=x: g.t() @ x)})
+    return rows
+
+
+def training_step(model: torch.nn.Module, net: torch.nn.Module, batch: int, size: int,
+                  host_checks: bool) -> Callable[[], None]:
+    """One step as the trainer takes it: bf16 autocast, channels_last, per-image dropout seeds, fused SGD; with
+    ``host_checks`` the loss and the gradients' finiteness read on the host before the update, as the trainer
+    does (two waits for the GPU a step)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4, fused=True)
+    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    seeds = torch.randint(0, 2**62, (batch,), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.cross_entropy(net(x, seeds).float(), y, reduction="sum")
+        (loss / batch).backward()
+        if host_checks:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert math.isfinite(loss.item()) and torch.nn.utils.get_total_norm(grads).isfinite()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def kernel_profile(step: Callable[[], None], seconds: float, steps: int = 3) -> dict[str, Any]:
+    """A step's GPU kernel time by kind (``steps`` back to back), as shares of the step's time ``seconds``
+    (the rest: the GPU idle)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if "cuda" not in str(event.device_type).lower():
+            continue
+        elapsed = event.time_range.elapsed_us() / 1e6 / steps
+        name = event.name.lower()
+        kind = next((k for k, parts in KINDS.items() if any(p in name for p in parts)), "other")
+        by_kind[kind] += elapsed
+        by_name[event.name[:90]] += elapsed
+    busy = sum(by_kind.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {"kernel_s": busy, "idle_share": round(max(0.0, 1 - busy / seconds), 4),
+            "shares": {k: round(v / seconds, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {k: round(v * 1e3, 3) for k, v in top}}
+
+
+def measure(config: str, batch: int, size: int, compiled: bool, peak: float) -> dict[str, Any]:
+    """The ceiling and the step at one batch size."""
+    torch.manual_seed(0)
+    model = vgg(config, input_size=size).cuda().to(memory_format=torch.channels_last)
+    flops = 6 * count_macs(model, size)
+    rows = conv_times(model, batch, size) + fc_times(model, batch)
+    kernels = sum(r["forward_s"] + r["to_input_s"] + r["to_weight_s"] for r in rows)
+    for r in rows:
+        r["tflops"] = round(6 * r["macs"] / (r["forward_s"] + r["to_input_s"] + r["to_weight_s"]) / 1e12, 1)
+    out: dict[str, Any] = {"batch": batch, "train_flops_per_image": flops, "kernel_ceiling_s": kernels,
+                           "kernel_ceiling_img_s": round(batch / kernels, 1),
+                           "kernel_ceiling_mfu": round(batch * flops / kernels / 1e12 / peak, 4), "layers": rows}
+    nets = {"eager": model, "compiled": torch.compile(model)} if compiled else {"eager": model}
+    for variant, host_checks in product(nets, (True, False)):
+        start = time.perf_counter()
+        step = training_step(model, nets[variant], batch, size, host_checks)
+        seconds = cuda_time(step, repeats=3, back_to_back=5)
+        variant += "" if host_checks else ", no host checks"
+        out[variant] = {"img_s": round(batch / seconds, 1), "mfu": round(batch * flops / seconds / 1e12 / peak, 4),
+                        "setup_s": round(time.perf_counter() - start, 1), "profile": kernel_profile(step, seconds)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="D")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, nargs="+", default=[128])
+    parser.add_argument("--compile", action="store_true", help="also time and profile the compiled step")
+    parser.add_argument("--peak-tflops", type=float, default=989.4, help="the GPU's dense bf16 peak (H100/H200)")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
+              "size": args.size, "peak_tflops": args.peak_tflops, "runs": []}
+    for batch in args.batch:
+        result["runs"].append(measure(args.config, batch, args.size, args.compile and batch == args.batch[0],
+                                      args.peak_tflops))
+        if args.json:  # after each batch size, so that a cut keeps what was measured
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result["runs"][-1].items() if k != "layers"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
