@@ -51,7 +51,7 @@ def main() -> None:
         before = peak_rss_bytes()
         loaded, shifts = next(iter(trainer.loader))
         for _ in range(2):
-            trainer.finish_step(trainer.stepper.micro_step(loaded, shifts, sync=True), args.batch, 0, 0.0)
+            trainer.finish_step(trainer.stepper.micro_step(loaded, shifts, sync=True), args.batch, 0)
         grown = peak_rss_bytes() - before
         weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
         counted = trainer.memory.activation_bytes(args.batch) + 2 * weights

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,17 +114,47 @@ class Stepper:
             (loss / self.local_batch).backward()
         return loss.detach()
 
-    def update(self, loss_sum: torch.Tensor, images: int, skipped: int,
-               where: Callable[[], str]) -> tuple[float, float, float]:
-        """The optimizer step once a global batch's gradients are in; returns the batch's summed loss, its
-        images and its skipped files over the processes. A loss or gradient that is not finite stops
-        training before the update (:class:`NonFiniteLossError`, saying ``where()``)."""
-        loss_total, images_total, skipped_total = self.reduce(loss_sum.item(), images, skipped)
-        loss = loss_total / max(images_total, 1)
+    def update(self, loss_sum: torch.Tensor, images: int, skipped: int, where: str) -> QueuedUpdate:
+        """Queue the optimizer step once a global batch's gradients are in, without waiting for the device: a
+        loss or gradient that is not finite leaves the weights and momenta as they were (the fused update skips
+        itself), and :meth:`read` of the returned record, once the next step is queued, stops training
+        (:class:`NonFiniteLossError`, saying ``where``)."""
         gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not math.isfinite(loss) or not torch.nn.utils.get_total_norm(gradients).isfinite():
-            what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
-            raise NonFiniteLossError(f"{what} {where()}")
+        bad = (~(loss_sum.isfinite() & torch.nn.utils.get_total_norm(gradients).isfinite())).float()
+        if self.procs.distributed:  # each process's loss is its own: all skip if any sees one not finite
+            torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
+        self.optimizer.found_inf = bad  # read by torch's fused SGD: the step is skipped where it is 1
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return QueuedUpdate(loss_sum.detach(), images, skipped, bad, where)
+
+    def read(self, queued: QueuedUpdate) -> tuple[float, float, float]:
+        """A queued update's summed loss, images and skipped files over the processes (waits for them); a
+        loss or gradient that was not finite raises :class:`NonFiniteLossError`."""
+        loss_total, images_total, skipped_total = self.reduce(queued.loss_sum.item(), queued.images, queued.skipped)
+        loss = loss_total / max(images_total, 1)
+        if queued.skipped_update.item() or not math.isfinite(loss):
+            what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
+            raise NonFiniteLossError(f"{what} {queued.where}")
         return loss_total, images_total, skipped_total
+
+
+@dataclass(frozen=True)
+class QueuedUpdate:
+    """An update queued on the device, with what :meth:`Stepper.read` reads of it once the next is queued."""
+
+    loss_sum: torch.Tensor  # this process's summed loss of the batch, on the device
+    images: int
+    skipped: int
+    skipped_update: torch.Tensor  # 1.0 on the device where the loss or a gradient was not finite
+    where: str  # the step, for the error that names it
+
+
+def zero_momenta(optimizer: torch.optim.Optimizer) -> None:
+    """Momentum buffers of zeros for every parameter before the first step: the same first update (with no
+    dampening, momentum times zero plus the gradient is the gradient), and torch's fused SGD, told to skip
+    its first step, would otherwise leave the buffers it creates for it uninitialised."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in (p for p in group["params"] if p.requires_grad):
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))

@@ -48,7 +48,7 @@ from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
 from verydeep.train.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
 from verydeep.train.schedule import EpochTotals, Schedule
 from verydeep.train.start import adopt_weights, freeze, initial_model, param_groups
-from verydeep.train.step import Stepper, check_finite_weights
+from verydeep.train.step import QueuedUpdate, Stepper, check_finite_weights, zero_momenta
 from verydeep.train.validation import describe, score, validate
 
 
@@ -93,6 +93,7 @@ class Trainer:
         self._build()
         self._fit_micro_batch()
         rng = self._restore_or_seed()
+        zero_momenta(self.optimizer)  # after fitting, which counts the momentum as still to come
         self.stepper.wrap(self.cfg.compile)
         if rng is not None:
             runtime.set_rng_state(rng)
@@ -158,6 +159,9 @@ class Trainer:
         self.schedule = Schedule(cfg.lr, cfg.patience, cfg.max_drops, cfg.milestones, cfg.stop_patience)
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()
+        # the update queued last and not yet read, with its step, lr and when it was queued
+        self.queued: tuple[QueuedUpdate, int, float, float] | None = None
+        self.recorded_at = 0.0  # when the last recorded step ended
         self.memory = MemoryProbe(self.model, self.device, cfg.crop, cfg.channels_last, self.dtype)
         self.stepper = Stepper(self.model, self.optimizer, self.task, self.procs, self.device, self.dtype, self.pre,
                                cfg.crop, cfg.channels_last, self.local_batch, self.decode)
@@ -242,19 +246,29 @@ class Trainer:
 
     # ---- the loop
 
-    def finish_step(self, loss_sum: torch.Tensor, images: int, skipped: int, tic: float) -> tuple[float, float]:
-        """The update once a global batch's gradients are in; returns the batch's mean loss and the step's
-        seconds since ``tic`` (when the step before it ended): its data loading and update included, and on
-        CUDA the queued work that the loss's transfer to the host waits for."""
-        loss_total, images_total, skipped_total = self.stepper.update(loss_sum, images, skipped, self._where)
-        seconds = max(time.perf_counter() - tic, 1e-9)
+    def finish_step(self, loss_sum: torch.Tensor, images: int, skipped: int) -> None:
+        """Queue the update once a global batch's gradients are in, then record the step before it, whose
+        figures are ready by now: the host never waits for the device between two steps."""
+        queued = self.stepper.update(loss_sum, images, skipped, self._where())
         self.step += 1
         self.step_in_epoch += 1
+        if self.queued is not None:
+            self.record_step(end=self.queued[3])
+        self.queued = (queued, self.step, self.schedule.lr, time.perf_counter())
+
+    def record_step(self, end: float | None = None) -> None:
+        """Record the queued step, if any, waiting for its figures (a :class:`NonFiniteLossError` if they are not
+        finite). Its seconds run from the end of the step before to ``end``: when the next update was queued,
+        or now (its own update done) where none is; so they add up to the epoch's."""
+        if self.queued is None:
+            return
+        (queued, step, lr, _), self.queued = self.queued, None
+        loss_total, images_total, skipped_total = self.stepper.read(queued)
+        end = time.perf_counter() if end is None else end
+        seconds, self.recorded_at = max(end - self.recorded_at, 1e-9), end
         self.totals.add(loss_total, images_total, seconds, skipped_total)
-        loss = loss_total / max(images_total, 1)
-        self.metrics.append(kind="step", epoch=self.epoch + 1, step=self.step, loss=loss, lr=self.schedule.lr,
-                            img_s=round(images_total / seconds, 2))
-        return loss, seconds
+        self.metrics.append(kind="step", epoch=self.epoch + 1, step=step, loss=loss_total / max(images_total, 1),
+                            lr=lr, img_s=round(images_total / seconds, 2))
 
     def _where(self) -> str:
         return (f"at epoch {self.epoch + 1} step {self.step + 1} (lr {self.schedule.lr:g}: a smaller --lr may "
@@ -268,9 +282,10 @@ class Trainer:
         sampler.set_epoch(self.epoch, self.step_in_epoch)
         bar = runtime.progress_bar(sampler.steps_per_epoch, self.cfg.progress and self.procs.main,
                                    initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}", unit="step")
+        self.record_step()  # one queued outside the epochs (the bench's steps) keeps its own seconds
+        self.recorded_at = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         images = skipped = 0
-        tic = time.perf_counter()
         with bar:
             for micro, (batch, draws) in enumerate(stepper.batches(self.loader)):
                 last = (micro + 1) % sampler.micro_per_step == 0
@@ -279,17 +294,22 @@ class Trainer:
                 skipped += len(batch.skipped)
                 if not last:
                     continue
-                loss, seconds = self.finish_step(loss_sum, images, skipped, tic)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / seconds:.1f}", lr=f"{self.schedule.lr:g}",
-                                refresh=False)
+                self.finish_step(loss_sum, images, skipped)
+                done = self.totals  # the steps recorded so far: all but the one just queued
+                bar.set_postfix(loss=f"{done.mean_loss:.4f}", img_s=f"{done.images / max(done.seconds, 1e-9):.1f}",
+                                lr=f"{self.schedule.lr:g}", refresh=False)
                 bar.update()
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                checkpoint = bool(self.cfg.checkpoint_every) and self.step % self.cfg.checkpoint_every == 0
+                leave = stop is not None and self.step >= stop
+                if checkpoint or leave:
+                    self.record_step()  # a checkpoint holds only steps known to be finite
+                if checkpoint:
                     self.checkpoints.save_last(self._state())
-                if stop is not None and self.step >= stop:
+                if leave:
                     return False
-                loss_sum.zero_()
+                loss_sum = torch.zeros((), device=self.device)  # the queued update holds the last one
                 images = skipped = 0
-                tic = time.perf_counter()
+        self.record_step()
         return True
 
     def validate(self) -> dict[str, float]:

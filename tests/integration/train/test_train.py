@@ -22,6 +22,7 @@ from verydeep.io.checkpoint import load_checkpoint, load_model
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
 from verydeep.train.memory_fit import MemoryProbe
 from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
+from verydeep.train.step import zero_momenta
 
 
 def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
@@ -201,16 +202,36 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tmp_path):
-    """The update of a non-finite loss or gradient is skipped, on the first step or a later one (once momentum
-    buffers exist), and a finite step after it still updates."""
-    trainer = Trainer(tiny(data, tmp_path, dropout=0.0), runtime.Processes.from_env())
+def test_zero_momenta_before_the_first_step_give_the_same_updates_bit_for_bit():
+    """The trainer creates the momentum buffers as zeros before the first step (so that a skipped first step
+    leaves them defined); the updates are those of torch's SGD creating them at the first step."""
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5), torch.randn(5)]
+    runs = []
+    for zeroed in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+        if zeroed:
+            zero_momenta(optimizer)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 1))
+            optimizer.step()
+        runs.append([p.detach().clone() for p in params] + [optimizer.state[p]["momentum_buffer"] for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tmp_path, device):
+    """The update of a non-finite loss or gradient is skipped, on the first step or a later one, and a finite
+    step after it still updates."""
+    trainer = Trainer(tiny(data, tmp_path, dropout=0.0, device=device), runtime.Processes.from_env())
     model, optimizer = trainer.stepper.model, trainer.stepper.optimizer
 
     def step(loss: float, gradient: float) -> None:
         for p in model.parameters():
             p.grad = torch.full_like(p, gradient)
-        trainer.stepper.update(torch.tensor(loss), 4, 0, lambda: "at the test's step")
+        trainer.stepper.read(trainer.stepper.update(torch.tensor(loss, device=device), 4, 0, "at the test's step"))
 
     def state() -> list[torch.Tensor]:
         buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p in optimizer.state]
