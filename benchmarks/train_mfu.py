@@ -43,6 +43,7 @@ def run_mfu(run: Path, skip: int, peak: float | None) -> dict[str, object]:
                 batch_norm=recipe["batch_norm"], width=recipe["width"], input_size=recipe["crop"])
     flops = 6 * count_macs(model, recipe["crop"])
     result: dict[str, object] = {"run": str(run), "decode": recipe.get("decode"), "compile": recipe.get("compile"),
+                                 "workers": recipe.get("workers"),
                                  "batch": recipe["batch_size"], "steps": len(steps) - skip, "img_s": round(img_s, 1),
                                  "train_flops_per_image": flops, "tflops": float(f"{img_s * flops / 1e12:.4g}"),
                                  "peak_tflops": peak}

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory, report_skip, stack_images
+from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory, report_skip
 from verydeep.data.decode import ImageFile
 from verydeep.data.transforms import CropPlan, PlannedTransform, render
 from verydeep.errors import UserError
@@ -140,18 +140,38 @@ def device_decode(jpegs: list[Tensor], device: torch.device) -> list[Tensor | No
             return out
 
 
-def cut(image: Tensor, plan: CropPlan) -> Tensor:
-    """``plan`` (k = 1) executed on a whole decoded image (3, h, w), any device: the box,
-    resampled bilinearly with antialiasing (in float, rounded), flipped if planned; uint8."""
+def resampled(image: Tensor, plan: CropPlan) -> Tensor:
+    """``plan``'s box (k = 1) of a whole decoded image (3, h, w), any device, at the plan's output size:
+    resampled bilinearly with antialiasing, in float, where the sizes differ; else the box itself (uint8).
+    Not flipped: :func:`assemble` flips and rounds a whole batch at once."""
     if plan.k != 1:
         raise ValueError(f"cut needs a plan at full resolution; got k = {plan.k}")
     left, top, right, bottom = plan.box
     region = image[:, top:bottom, left:right]
     w, h = plan.out
-    if region.shape[1:] != (h, w):
-        scaled = F.interpolate(region[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
-        region = scaled.round_().clamp_(0, 255).to(torch.uint8)
-    return region.flip(-1) if plan.flip else region
+    if region.shape[1:] == (h, w):
+        return region
+    return F.interpolate(region[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+
+
+def assemble(images: Sequence[Tensor], flips: Sequence[bool], device: torch.device) -> Tensor:
+    """Images of one size (3, h, w), uint8 or float, as one uint8 batch (N, 3, h, w), channels_last: each
+    copied into one float block, then all rounded, clipped and converted, and the ``flips`` mirrored, in
+    a few operations for the whole batch rather than as many per image."""
+    if not images:
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8, device=device)
+    shape = images[0].shape
+    block = torch.empty(len(images), shape[1], shape[2], shape[0], device=device).permute(0, 3, 1, 2)
+    for i, image in enumerate(images):
+        if image.shape != shape:
+            raise ValueError(f"images of sizes {tuple(shape)} and {tuple(image.shape)} in one batch")
+        block[i] = image
+    out = block.round_().clamp_(0, 255).to(torch.uint8, memory_format=torch.channels_last)
+    mirrored = torch.tensor([i for i, flip in enumerate(flips) if flip], dtype=torch.long)
+    if len(mirrored):
+        mirrored = mirrored.to(device, non_blocking=True)
+        out[mirrored] = out[mirrored].flip(-1)
+    return out
 
 
 def cpu_cut(data: Tensor, plan: CropPlan, path: str) -> Tensor | None:
@@ -171,17 +191,17 @@ def decode_batch(encoded: EncodedBatch, device: torch.device) -> Batch:
     payloads = encoded.payloads()
     jpegs = [i for i, p in enumerate(payloads) if p.dim() == 1]
     decoded = dict(zip(jpegs, device_decode([payloads[i] for i in jpegs], device), strict=True))
-    images: list[Tensor | None] = []
+    images: list[Tensor | None] = []  # each sample at its output size, unflipped (None: unreadable)
     for i, (payload, plan) in enumerate(zip(payloads, encoded.plans, strict=True)):
-        if i not in decoded:
+        if i not in decoded:  # cut by the worker, flipped if planned
             images.append(payload.to(device, non_blocking=True))
         elif (image := decoded[i]) is not None:
-            images.append(cut(image, plan))
+            images.append(resampled(image, plan))
         else:
             fallback = cpu_cut(payload, plan, encoded.paths[i])
             images.append(None if fallback is None else fallback.to(device))
     kept = [i for i, image in enumerate(images) if image is not None]
     skipped = list(encoded.skipped) + [encoded.paths[i] for i, image in enumerate(images) if image is None]
     labels = encoded.labels[kept].to(device, non_blocking=True)
-    return Batch(stack_images([images[i] for i in kept], device), labels, skipped)
-
+    flips = [encoded.plans[i].flip and decoded.get(i) is not None for i in kept]  # the others come flipped
+    return Batch(assemble([images[i] for i in kept], flips, device), labels, skipped)
