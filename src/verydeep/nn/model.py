@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from verydeep.errors import UserError
 from verydeep.nn import configs
 from verydeep.nn.configs import FC_WIDTH, LRN_PARAMS
+from verydeep.nn.fused import run_trunk
 from verydeep.nn.init import initialise
 
 
@@ -228,7 +229,7 @@ class VGG(nn.Module):
     def forward(self, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Class scores of crops ``x``; in training, ``seeds`` ((N,) int64, one an image) make each image's
         dropout masks its own (:class:`SeededDropout`), else they come from the global RNG."""
-        x = self.features(x)
+        x = run_trunk(self.features, x)
         self._check_size(x)
         return run_head(self.classifier, torch.flatten(self.avgpool(x), 1), seeds)
 
@@ -273,7 +274,7 @@ class DenseVGG(nn.Module):
         self.tap_names = model.tap_names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(run_trunk(self.features, x))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the classifier as convolutions to a trunk map ``x`` (N, C, h, w) -> (N, outputs, h', w')."""

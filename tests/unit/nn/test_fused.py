@@ -1,0 +1,67 @@
+"""The trunk in inference on a CPU: conv + ReLU pairs in one oneDNN call, the same values as the modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verydeep import vgg
+from verydeep.nn import fused
+from verydeep.nn.fused import run_trunk
+
+pytestmark = pytest.mark.skipif(not fused._fusable(), reason="this torch build has no oneDNN fused convolution")
+
+
+def calls_of_fused_convolutions(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    conv_relu = fused.conv_relu
+
+    def counting(conv, x):
+        calls.append(1)
+        return conv_relu(conv, x)
+
+    monkeypatch.setattr(fused, "conv_relu", counting)
+    return calls
+
+
+@pytest.mark.parametrize("config, batch_norm", [("A", False), ("A-LRN", False), ("C", False), ("A", True)])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_fused_trunk_gives_the_modules_values_bit_for_bit(monkeypatch, config, batch_norm, dtype, channels_last):
+    torch.manual_seed(0)
+    model = vgg(config, batch_norm=batch_norm, width=1 / 8, input_size=32, num_classes=5).eval()
+    if dtype is not None:  # held as `eval` holds a net: weights in bf16, run under autocast
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.to(dtype)
+    x = torch.randn(3, 3, 64, 48)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    calls = calls_of_fused_convolutions(monkeypatch)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
+        expected = model.features(x)
+        got = run_trunk(model.features, x)
+        dense_expected = model.dense().head(model.features(x))
+        dense_got = model.dense()(x)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert torch.equal(dense_got, dense_expected)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.features)
+    assert len(calls) == (0 if batch_norm else 2 * convs)  # batch norm sits between: nothing to fuse
+
+
+def test_with_autograd_the_modules_run(monkeypatch):
+    model = vgg("A", width=1 / 8, input_size=32, num_classes=5)
+    calls = calls_of_fused_convolutions(monkeypatch)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert not calls and model.features[0].weight.grad is not None
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 32, 32))
+    assert calls
+
+
+def test_compiling_sees_the_modules(monkeypatch):
+    calls = calls_of_fused_convolutions(monkeypatch)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        vgg("A", width=1 / 8, input_size=32, num_classes=5).eval()(torch.randn(1, 3, 32, 32))
+    assert not calls
