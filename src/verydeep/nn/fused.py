@@ -21,6 +21,12 @@ def _fusable() -> bool:
             and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()))
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook watches ``module`` (a MAC count, a probe of shapes): it runs on its own then."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
 def conv_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``relu(conv(x))`` in one oneDNN call, in the dtype autocast would give the convolution."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv.weight.dtype
@@ -32,7 +38,7 @@ def conv_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
     """``features(x)``; without autograd on a CPU, each convolution followed by a ReLU as one call
-    (:func:`conv_relu`)."""
+    (:func:`conv_relu`), but where a forward hook watches either."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or not _fusable():
         return features(x)
     modules = list(features)
@@ -41,7 +47,7 @@ def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
         module = modules[i]
         following = modules[i + 1] if i + 1 < len(modules) else None
         if (isinstance(module, nn.Conv2d) and isinstance(following, nn.ReLU) and module.padding_mode == "zeros"
-                and isinstance(module.padding, tuple)):
+                and isinstance(module.padding, tuple) and not (_hooked(module) or _hooked(following))):
             x = conv_relu(module, x)
             i += 2
         else:

@@ -65,3 +65,16 @@ def test_compiling_sees_the_modules(monkeypatch):
     with torch.no_grad():
         vgg("A", width=1 / 8, input_size=32, num_classes=5).eval()(torch.randn(1, 3, 32, 32))
     assert not calls
+
+
+def test_a_convolution_a_hook_watches_runs_on_its_own(monkeypatch):
+    """Hooks (the bench's MAC count, its probe of convolution shapes) see every convolution they watch."""
+    model = vgg("A", width=1 / 8, input_size=32, num_classes=5).eval()
+    seen: list[torch.nn.Module] = []
+    handle = model.features[3].register_forward_hook(lambda module, inputs, output: seen.append(module))
+    calls = calls_of_fused_convolutions(monkeypatch)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    handle.remove()
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.features)
+    assert seen == [model.features[3]] and len(calls) == convs - 1
