@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,11 +114,11 @@ class Stepper:
             (loss / self.local_batch).backward()
         return loss.detach()
 
-    def update(self, loss_sum: torch.Tensor, images: int, skipped: int, where: str) -> QueuedUpdate:
+    def update(self, loss_sum: torch.Tensor, images: int, skipped: int, where: Callable[[], str]) -> QueuedUpdate:
         """Queue the optimizer step once a global batch's gradients are in, without waiting for the device: a
         loss or gradient that is not finite leaves the weights and momenta as they were (the fused update skips
         itself), and :meth:`read` of the returned record, once the next step is queued, stops training
-        (:class:`NonFiniteLossError`, saying ``where``)."""
+        (:class:`NonFiniteLossError`, saying ``where()``)."""
         gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
         bad = (~(loss_sum.isfinite() & torch.nn.utils.get_total_norm(gradients).isfinite())).float()
         if self.procs.distributed:  # each process's loss is its own: all skip if any sees one not finite
@@ -135,7 +135,7 @@ class Stepper:
         loss = loss_total / max(images_total, 1)
         if queued.skipped_update.item() or not math.isfinite(loss):
             what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
-            raise NonFiniteLossError(f"{what} {queued.where}")
+            raise NonFiniteLossError(f"{what} {queued.where()}")
         return loss_total, images_total, skipped_total
 
 
@@ -147,7 +147,7 @@ class QueuedUpdate:
     images: int
     skipped: int
     skipped_update: torch.Tensor  # 1.0 on the device where the loss or a gradient was not finite
-    where: str  # the step, for the error that names it
+    where: Callable[[], str]  # the step, for the error that names it
 
 
 def zero_momenta(optimizer: torch.optim.Optimizer) -> None:

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,8 @@ class Trainer:
     def finish_step(self, loss_sum: torch.Tensor, images: int, skipped: int) -> None:
         """Queue the update once a global batch's gradients are in, then record the step before it, whose
         figures are ready by now: the host never waits for the device between two steps."""
-        queued = self.stepper.update(loss_sum, images, skipped, self._where())
+        where = partial(self._where, self.epoch + 1, self.step + 1, self.schedule.lr)
+        queued = self.stepper.update(loss_sum, images, skipped, where)
         self.step += 1
         self.step_in_epoch += 1
         if self.queued is not None:
@@ -270,9 +272,9 @@ class Trainer:
         self.metrics.append(kind="step", epoch=self.epoch + 1, step=step, loss=loss_total / max(images_total, 1),
                             lr=lr, img_s=round(images_total / seconds, 2))
 
-    def _where(self) -> str:
-        return (f"at epoch {self.epoch + 1} step {self.step + 1} (lr {self.schedule.lr:g}: a smaller --lr may "
-                f"train); stopped; last good checkpoint: {self.checkpoints.last_good()}")
+    def _where(self, epoch: int, step: int, lr: float) -> str:
+        return (f"at epoch {epoch} step {step} (lr {lr:g}: a smaller --lr may train); stopped; last good "
+                f"checkpoint: {self.checkpoints.last_good()}")
 
     def train_epoch(self, stop_after_steps: int | None = None) -> bool:
         """Run the rest of the current epoch; False when the run is to leave after step ``stop_after_steps``

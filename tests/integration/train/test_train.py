@@ -231,7 +231,8 @@ def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tm
     def step(loss: float, gradient: float) -> None:
         for p in model.parameters():
             p.grad = torch.full_like(p, gradient)
-        trainer.stepper.read(trainer.stepper.update(torch.tensor(loss, device=device), 4, 0, "at the test's step"))
+        queued = trainer.stepper.update(torch.tensor(loss, device=device), 4, 0, lambda: "at the test's step")
+        trainer.stepper.read(queued)
 
     def state() -> list[torch.Tensor]:
         buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p in optimizer.state]
