@@ -165,3 +165,26 @@ def test_gpu_decode_matches_the_cpu_path(tmp_path):
     assert got.skipped == expected.skipped and torch.equal(got.labels.cpu(), expected.labels)
     diff = (got.images.cpu().int() - expected.images.int()).abs().float()
     assert diff.mean() < 1.5 and diff.max() <= 16
+
+
+@pytest.mark.parametrize("device", [CPU, pytest.param(torch.device("cuda"), marks=CUDA)], ids=["cpu", "cuda"])
+def test_a_batch_is_each_image_resampled_rounded_and_mirrored_on_its_own(tmp_path, device):
+    """``decode_batch`` resamples every image into one block and rounds, converts and mirrors the batch at
+    once; bit for bit what doing it image by image gives (float box, antialiased bilinear, round, clip, flip)."""
+    paths = folder(tmp_path)
+    transform = EncodedTransform(TrainTransform(96, (100, 300)))
+    generator = torch.Generator().manual_seed(3)
+    jpegs = [paths[f"jpeg{i}"] for i in range(3)] * 3  # nine samples, upscaled and downscaled, mirrored or not
+    encoded = collate_encoded([(transform(p, generator), 0, str(p)) for p in jpegs])
+    assert {plan.flip for plan in encoded.plans} == {True, False}
+    got = decode_batch(encoded, device).images
+    expected = []
+    for data, plan in zip(encoded.payloads(), encoded.plans, strict=True):
+        image = gpu.device_decode([data], device)[0]
+        left, top, right, bottom = plan.box
+        region = image[:, top:bottom, left:right][None].float()
+        region = torch.nn.functional.interpolate(region, size=plan.out[::-1], mode="bilinear", antialias=True)[0]
+        region = region.round().clamp(0, 255).to(torch.uint8)
+        expected.append(region.flip(-1) if plan.flip else region)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, torch.stack(expected))
