@@ -19,15 +19,13 @@ import time
 import torch
 
 from verydeep import runtime, vgg
+from verydeep.bench.settings import add_net_options
 from verydeep.nn.fused import run_trunk
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="D")
-    parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
+    add_net_options(parser)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", action="store_true")

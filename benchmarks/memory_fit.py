@@ -21,6 +21,7 @@ from pathlib import Path
 
 from verydeep import runtime
 from verydeep.bench.data import DEFAULT_DATA, bench_data
+from verydeep.bench.settings import add_net_options
 from verydeep.train import Trainer
 from verydeep.train.recipe import TrainConfig
 
@@ -31,10 +32,7 @@ def peak_rss_bytes() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="D")
-    parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
+    add_net_options(parser)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.is_dir() else None,
                         help="folder of JPEGs in class folders (default: Imagenette beside the repository, else "
                              "generated)")

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from verydeep.bench.data import bench_data
 from verydeep.bench.ours import inference_net, open_trainer, trainer_contenders, training_steps
-from verydeep.bench.settings import DEFAULTS, Settings
+from verydeep.bench.settings import Settings, add_net_options
 
 #: Each kind of operator by the names of the aten operators it covers (the first match wins).
 KINDS = {
@@ -68,11 +68,7 @@ def profile_steps(settings: Settings, steps: int) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cpu = DEFAULTS["cpu"]
-    parser.add_argument("--config", default="D")
-    parser.add_argument("--width", type=float, default=cpu["width"])
-    parser.add_argument("--size", type=int, default=cpu["size"])
-    parser.add_argument("--batch", type=int, default=cpu["batch"])
+    add_net_options(parser)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")

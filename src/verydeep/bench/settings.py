@@ -3,6 +3,7 @@ the test scales Q of its crop (Sec. 3.2)."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def test_scales(size: int) -> list[int]:
     """Three test scales Q for a ``size`` crop, as 256, 384, 512 are for 224."""
     s = round(size * 8 / 7)
     return [s, round(1.5 * s), 2 * s]
+
+
+def add_net_options(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--width``, ``--size`` and ``--batch`` of a benchmark script, defaults the bench's on a CPU."""
+    cpu = DEFAULTS["cpu"]
+    parser.add_argument("--config", default="D", help="configuration of Table 1")
+    parser.add_argument("--width", type=float, default=cpu["width"], help="width multiplier")
+    parser.add_argument("--size", type=int, default=cpu["size"], help="crop side (a multiple of 32)")
+    parser.add_argument("--batch", type=int, default=cpu["batch"], help="images a step")
