@@ -17,6 +17,7 @@ import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
+_END = object()  # ``items`` ran out
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -61,6 +62,3 @@ def run_ahead(items: Iterable[T], work: Callable[[T], R], device: torch.device) 
                     if tensor.device.type == "cuda":
                         tensor.record_stream(caller)
             yield result
-
-
-_END = object()
