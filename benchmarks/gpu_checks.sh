@@ -83,11 +83,7 @@ for variant in ${VARIANTS:-gpu cpu}; do
   cp "$train_out" "$out/"
 done
 
-# 3. the CUDA tests
+# 3. the CUDA tests: every test marked gpu (nvJPEG decoding, decoding ahead, evaluation and training on the GPU)
 [ "${TEST_TIMEOUT:-300}" = 0 ] && exit 0
-timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider tests/unit/data/test_data_gpu.py \
-  tests/unit/runtime/test_ahead.py > "$out/cuda_tests.txt" 2>&1
-echo "test_data_gpu exit $?" >> "$out/cuda_tests.txt"
-timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider tests/integration/eval/test_evaluate.py tests/integration/train/test_train.py -k cuda \
-  >> "$out/cuda_tests.txt" 2>&1
+timeout "${TEST_TIMEOUT:-300}" $python -m pytest -q -p no:cacheprovider -m gpu tests > "$out/cuda_tests.txt" 2>&1
 echo "cuda tests exit $?" >> "$out/cuda_tests.txt"
