@@ -19,6 +19,7 @@ from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint, load_model
+from verydeep.nn.tasks import Classification
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
 from verydeep.train.memory_fit import MemoryProbe
 from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
@@ -200,6 +201,30 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] >= 1
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+class LossBecomesInfinite(Classification):
+    """Cross-entropy until the ``bad``-th batch, whose loss is infinite."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.batches, self.bad = 0, bad
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        loss = super().loss(outputs, targets)
+        return loss * float("inf") if self.batches == self.bad else loss
+
+
+def test_a_non_finite_step_is_named_and_nothing_after_it_is_recorded_or_saved(data, tmp_path):
+    """The host reads a step's check once the next step is queued; still the error names the step that went
+    bad, the step records stop before it, and the last checkpoint is the step before it."""
+    with pytest.raises(NonFiniteLossError, match=r"loss is inf at epoch 1 step 3 .*last good checkpoint: .*last\.pt"):
+        train(tiny(data, tmp_path, dropout=0.0, epochs=5, checkpoint_every=1), LossBecomesInfinite(bad=3))
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "step"]
+    assert steps == [1, 2]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
 
 
 def test_zero_momenta_before_the_first_step_give_the_same_updates_bit_for_bit():
