@@ -1,11 +1,14 @@
-"""The trunk in inference on a CPU: each 3x3 convolution and the ReLU after it in one oneDNN call.
+"""The trunk in inference on a CPU: each convolution with its ReLU in one oneDNN call, and 2x2 max-pooling
+without the indices it would keep for a backward pass.
 
-VGG's trunk is thirteen to sixteen conv + ReLU pairs (Sec. 2.1). Run one module at a time, each
-ReLU reads and writes back the whole activation the convolution has just written; oneDNN applies
-the ReLU as the convolution writes its output, with the same arithmetic (the same values, bit for
-bit), so a forward pass makes one trip over every activation fewer. Training keeps the modules:
-their backward passes are the step's larger part, and fusing the forward alone gained nothing
-measurable there (docs/benchmarks.md).
+VGG's trunk is thirteen to sixteen conv + ReLU pairs and five 2x2 max-poolings (Sec. 2.1). Run one
+module at a time, each ReLU reads and writes back the whole activation the convolution has just
+written; oneDNN applies the ReLU as the convolution writes its output, with the same arithmetic (the
+same values, bit for bit). torch's max-pooling on a CPU computes and writes an int64 index for every
+output, four times the bytes of a bf16 output, even where no gradient will need them; the maxima of
+the four shifted views are the same values without them. Training keeps the modules: their backward
+passes are the step's larger part, fusing the forward alone gained nothing measurable there
+(docs/benchmarks.md), and the maximum's gradient splits ties where pooling's does not.
 """
 
 from __future__ import annotations
@@ -36,9 +39,31 @@ def conv_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
         conv.groups, "relu", [], "")
 
 
+def max_pool_2x2(x: Tensor) -> Tensor:
+    """``max_pool2d(x, 2, 2)`` of a 4-D ``x`` as the maximum of its four shifted views, in ``x``'s memory format
+    (NaN wins, as in pooling; an odd last row or column is left out)."""
+    last = x.stride(1) == 1 and x.shape[1] > 1  # channels_last: split the spatial dims of the NHWC view
+    y = x.permute(0, 2, 3, 1) if last else x
+    dim = 1 if last else 2  # the height's dimension in y; the width's is the next
+    h, w = y.shape[dim] // 2, y.shape[dim + 1] // 2
+    y = y.narrow(dim, 0, 2 * h).narrow(dim + 1, 0, 2 * w).unflatten(dim + 1, (w, 2)).unflatten(dim, (h, 2))
+    rows = torch.maximum(y.select(dim + 1, 0), y.select(dim + 1, 1))
+    out = torch.maximum(rows.select(dim + 2, 0), rows.select(dim + 2, 1))
+    return out.permute(0, 3, 1, 2) if last else out
+
+
+def _plain_2x2_pool(module: nn.Module) -> bool:
+    """``module`` is ``nn.MaxPool2d(2, 2)``: no padding, dilation, ceiling or indices."""
+    pairs = [(module.kernel_size, 2), (module.stride, 2), (module.padding, 0), (module.dilation, 1)] \
+        if isinstance(module, nn.MaxPool2d) else []
+    return (bool(pairs) and all(value in (v, (v, v)) for value, v in pairs) and not module.ceil_mode
+            and not module.return_indices)
+
+
 def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
     """``features(x)``; without autograd on a CPU, each convolution followed by a ReLU as one call
-    (:func:`conv_relu`), but where a forward hook watches either."""
+    (:func:`conv_relu`) and each 2x2 max-pooling as :func:`max_pool_2x2`, but where a forward hook watches
+    the module."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or not _fusable():
         return features(x)
     modules = list(features)
@@ -50,6 +75,9 @@ def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
                 and isinstance(module.padding, tuple) and not (_hooked(module) or _hooked(following))):
             x = conv_relu(module, x)
             i += 2
+        elif _plain_2x2_pool(module) and not _hooked(module) and x.dim() == 4:
+            x = max_pool_2x2(x)
+            i += 1
         else:
             x = module(x)
             i += 1

@@ -78,3 +78,29 @@ def test_a_convolution_a_hook_watches_runs_on_its_own(monkeypatch):
     handle.remove()
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.features)
     assert seen == [model.features[3]] and len(calls) == convs - 1
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8, 6), (1, 3, 9, 7), (2, 1, 6, 6), (1, 4, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_max_pool_2x2_is_max_pool2d(shape, dtype, channels_last):
+    """The same values and shape as ``max_pool2d(x, 2, 2)`` (odd sizes floored, NaN wins), in the input's
+    memory format."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype)
+    x[0, 0, 0, 0] = float("nan")
+    x[-1, -1, -1, -1] = float("-inf")
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    expected, got = torch.nn.functional.max_pool2d(x, 2, 2), fused.max_pool_2x2(x)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
+    if channels_last and shape[1] > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_only_plain_2x2_poolings_are_replaced():
+    assert fused._plain_2x2_pool(torch.nn.MaxPool2d(2, 2)) and fused._plain_2x2_pool(torch.nn.MaxPool2d((2, 2)))
+    for module in (torch.nn.MaxPool2d(3, 2), torch.nn.MaxPool2d(2, 1), torch.nn.MaxPool2d(2, 2, padding=1),
+                   torch.nn.MaxPool2d(2, 2, ceil_mode=True), torch.nn.MaxPool2d(2, 2, return_indices=True),
+                   torch.nn.AvgPool2d(2, 2)):
+        assert not fused._plain_2x2_pool(module), module
