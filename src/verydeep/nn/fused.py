@@ -54,10 +54,10 @@ def max_pool_2x2(x: Tensor) -> Tensor:
 
 def _plain_2x2_pool(module: nn.Module) -> bool:
     """``module`` is ``nn.MaxPool2d(2, 2)``: no padding, dilation, ceiling or indices."""
-    pairs = [(module.kernel_size, 2), (module.stride, 2), (module.padding, 0), (module.dilation, 1)] \
-        if isinstance(module, nn.MaxPool2d) else []
-    return (bool(pairs) and all(value in (v, (v, v)) for value, v in pairs) and not module.ceil_mode
-            and not module.return_indices)
+    if not isinstance(module, nn.MaxPool2d) or module.ceil_mode or module.return_indices:
+        return False
+    settings = {"kernel_size": 2, "stride": 2, "padding": 0, "dilation": 1}
+    return all(getattr(module, name) in (value, (value, value)) for name, value in settings.items())
 
 
 def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
