@@ -4,11 +4,13 @@ For each batch size (``--batch``) every convolution of the net is timed alone in
 with cuDNN's autotuner (forward, backward to the input, except for the first layer, whose input needs
 no gradient, and backward to the weights and bias), and every FC layer's three matrix products; their
 sum is the fastest a training step built on these kernels can be, its MFU the ceiling of any training
-run's (``kernel_ceiling_mfu``). Then a whole training step of the same net (our VGG under bf16 autocast
-with per-image dropout seeds, the trainer's fused SGD), eager and with ``--compile`` compiled, each with
-and without the trainer's host reads of the loss and the gradients' finiteness before the update, and a
-profile of one step's GPU kernels by kind (convolutions, matrix products, Triton's fused kernels, the
-rest) with the GPU's idle share, so the gap between the step and the ceiling is named.
+run's (``kernel_ceiling_mfu``). The first convolution is also timed with its 3 input channels padded
+with zeros to 4 and 8, and in NCHW (``first_conv_variants``: whether padding would lift it). Then a
+whole training step of the same net (our VGG under bf16 autocast with per-image dropout seeds, the
+trainer's fused SGD), eager and with ``--compile`` compiled, each with and without the trainer's host
+reads of the loss and the gradients' finiteness before the update, and a profile of one step's GPU
+kernels by kind (convolutions, matrix products, Triton's fused kernels, the rest) with the GPU's idle
+share, so the gap between the step and the ceiling is named.
 
     python benchmarks/gpu_ceiling.py --batch 128 256 --compile --json docs/benchmarks/ceiling.json
 """
@@ -55,35 +57,55 @@ def cuda_time(fn: Callable[[], Any], repeats: int = 10, back_to_back: int = 1) -
     return sorted(times)[len(times) // 2]
 
 
+def time_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: Any, to_input: bool = True
+              ) -> dict[str, float]:
+    """Seconds of a convolution's forward pass and of its backward passes to the input (``to_input``) and to
+    the weights and bias, on the GPU."""
+    g = torch.randn_like(F.conv2d(x, w, b, padding=padding))
+
+    def backward(mask: list[bool]) -> Any:
+        return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], [1, 1], list(padding), [1, 1], False,
+                                                   [0, 0], 1, mask)
+
+    return {"forward_s": cuda_time(lambda: F.conv2d(x, w, b, padding=padding)),
+            "to_input_s": cuda_time(lambda: backward([True, False, False])) if to_input else 0.0,
+            "to_weight_s": cuda_time(lambda: backward([False, True, True]))}
+
+
+def bf16(tensor: torch.Tensor, channels: int | None = None, layout: torch.memory_format = torch.channels_last
+         ) -> torch.Tensor:
+    """``tensor`` in bf16 and ``layout``, its dim 1 padded with zeros to ``channels``."""
+    if channels is not None:
+        tensor = F.pad(tensor, (0, 0, 0, 0, 0, channels - tensor.shape[1]))
+    tensor = tensor.detach().to(torch.bfloat16)
+    return tensor.contiguous(memory_format=layout) if tensor.dim() == 4 else tensor
+
+
 def conv_times(model: torch.nn.Module, batch: int, size: int) -> list[dict[str, Any]]:
     """Each convolution's forward, backward-to-input and backward-to-weight seconds at ``batch``."""
-    rows, side, first = [], size, True
+    rows, side = [], size
     for module in model.features:
         if isinstance(module, torch.nn.MaxPool2d):
             side //= 2
-            continue
-        if not isinstance(module, torch.nn.Conv2d):
-            continue
-        cl = torch.channels_last
-        x = torch.randn(batch, module.in_channels, side, side, device="cuda", dtype=torch.bfloat16).to(memory_format=cl)
-        w = module.weight.detach().to(torch.bfloat16).contiguous(memory_format=cl)
-        b = module.bias.detach().to(torch.bfloat16)
-        y = F.conv2d(x, w, b, padding=module.padding)
-        g = torch.randn_like(y)
+        elif isinstance(module, torch.nn.Conv2d):
+            x = bf16(torch.randn(batch, module.in_channels, side, side, device="cuda"))
+            macs = batch * module.out_channels * side * side * module.in_channels * module.kernel_size[0] ** 2
+            rows.append({"layer": f"{module.in_channels}->{module.out_channels} at {side}", "macs": macs,
+                         **time_conv(x, bf16(module.weight), bf16(module.bias), module.padding, to_input=bool(rows))})
+    return rows
 
-        def backward(mask: list[bool], x=x, w=w, g=g, module=module) -> Any:
-            return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], [1, 1], list(module.padding), [1, 1],
-                                                       False, [0, 0], 1, mask)
 
-        def forward(x=x, w=w, b=b, module=module) -> torch.Tensor:
-            return F.conv2d(x, w, b, padding=module.padding)
-
-        macs = batch * module.out_channels * side * side * module.in_channels * module.kernel_size[0] ** 2
-        rows.append({"layer": f"{module.in_channels}->{module.out_channels} at {side}", "macs": macs,
-                     "forward_s": cuda_time(forward),
-                     "to_input_s": 0.0 if first else cuda_time(lambda: backward([True, False, False])),
-                     "to_weight_s": cuda_time(lambda: backward([False, True, True]))})
-        first = False
+def first_conv_variants(model: torch.nn.Module, batch: int, size: int) -> list[dict[str, Any]]:
+    """The first convolution (3 input channels: too few for the tensor cores' tiles) in channels_last and NCHW, and
+    with its input and weights padded with zero channels to 4 and 8 (the same outputs): what padding would gain."""
+    conv = model.features[0]
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    rows = []
+    for channels, name in ((3, "channels_last"), (3, "NCHW"), (4, "channels_last"), (8, "channels_last")):
+        layout = torch.channels_last if name == "channels_last" else torch.contiguous_format
+        rows.append({"channels": channels, "layout": name,
+                     **time_conv(bf16(x, channels, layout), bf16(conv.weight, channels, layout), bf16(conv.bias),
+                                 conv.padding, to_input=False)})
     return rows
 
 
@@ -160,7 +182,8 @@ def measure(config: str, batch: int, size: int, compiled: bool, peak: float) -> 
         r["tflops"] = round(6 * r["macs"] / (r["forward_s"] + r["to_input_s"] + r["to_weight_s"]) / 1e12, 1)
     out: dict[str, Any] = {"batch": batch, "train_flops_per_image": flops, "kernel_ceiling_s": kernels,
                            "kernel_ceiling_img_s": round(batch / kernels, 1),
-                           "kernel_ceiling_mfu": round(batch * flops / kernels / 1e12 / peak, 4), "layers": rows}
+                           "kernel_ceiling_mfu": round(batch * flops / kernels / 1e12 / peak, 4), "layers": rows,
+                           "first_conv_variants": first_conv_variants(model, batch, size)}
     nets = {"eager": model, "compiled": torch.compile(model)} if compiled else {"eager": model}
     for variant, host_checks in product(nets, (True, False)):
         start = time.perf_counter()
