@@ -7,8 +7,8 @@ sum is the fastest a training step built on these kernels can be, its MFU the ce
 run's (``kernel_ceiling_mfu``). The first convolution is also timed with its 3 input channels padded
 with zeros to 4 and 8, and in NCHW (``first_conv_variants``: whether padding would lift it). Then a
 whole training step of the same net (our VGG under bf16 autocast with per-image dropout seeds, the
-trainer's fused SGD), eager and with ``--compile`` compiled, each with and without the trainer's host
-reads of the loss and the gradients' finiteness before the update, and a profile of one step's GPU
+trainer's fused SGD), eager and with ``--compile`` compiled, each with and without host reads of the
+loss and the gradients' finiteness before the update (the trainer's old waits), and a profile of one step's GPU
 kernels by kind (convolutions, matrix products, Triton's fused kernels, the rest) with the GPU's idle
 share, so the gap between the step and the ceiling is named.
 
@@ -127,7 +127,7 @@ def training_step(model: torch.nn.Module, net: torch.nn.Module, batch: int, size
                   host_checks: bool) -> Callable[[], None]:
     """One step as the trainer takes it: bf16 autocast, channels_last, per-image dropout seeds, fused SGD; with
     ``host_checks`` the loss and the gradients' finiteness read on the host before the update, as the trainer
-    does (two waits for the GPU a step)."""
+    did before it queued the update (two waits for the GPU a step)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4, fused=True)
     x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
