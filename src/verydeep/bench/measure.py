@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 from verydeep import runtime
-from verydeep.bench.roofline import sync
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def images_per_second(step: Callable[[], Any], images: int, steps: int, device: torch.device) -> float:
@@ -48,28 +53,35 @@ def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[s
     return results
 
 
-def count_macs(model: nn.Module, size: int) -> int:
-    """Multiply-accumulates per image of ``model``'s conv and linear layers on a ``size`` x ``size``
-    RGB image, counted with forward hooks."""
-    total = 0
+def layer_calls(model: nn.Module, size: int) -> list[tuple[nn.Module, torch.Size, torch.Size]]:
+    """Each call of ``model``'s conv and linear layers with its input and output shapes, in order, in one
+    forward pass of a ``size`` x ``size`` RGB image (eval mode, no autograd; seen by forward hooks)."""
+    calls: list[tuple[nn.Module, torch.Size, torch.Size]] = []
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal total
+        calls.append((module, inputs[0].shape, output.shape))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def count_macs(model: nn.Module, size: int) -> int:
+    """Multiply-accumulates per image of ``model``'s conv and linear layers on a ``size`` x ``size``
+    RGB image."""
+    total = 0
+    for module, _, output in layer_calls(model, size):
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             total += output.numel() * module.in_channels // module.groups * kh * kw
         else:
             total += output.numel() * module.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    parameter = next(model.parameters())
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=parameter.device))
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
     return total

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from verydeep import runtime
-from verydeep.bench.measure import images_per_second
-from verydeep.bench.roofline import sync
+from verydeep.bench.measure import images_per_second, sync
 from verydeep.bench.settings import WARMUP_STEPS, Settings, test_scales
 from verydeep.data import RescaleTransform, to_input
 from verydeep.errors import UserError

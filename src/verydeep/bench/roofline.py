@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from verydeep.bench.measure import layer_calls, sync
 from verydeep.bench.settings import Settings
 
 #: Each precision's name, by autocast dtype (None: fp32, no autocast).
@@ -38,12 +39,6 @@ FORMATS = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format
 def precision_name(dtype: torch.dtype | None) -> str:
     """``bf16``, ``fp16`` or ``fp32`` (no autocast)."""
     return PRECISIONS[dtype]
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Roofline:
@@ -87,24 +82,11 @@ def conv_shapes(model: nn.Module, size: int) -> list[tuple[int, int, int, int]]:
     """The distinct (in channels, out channels, kernel side, input side) of ``model``'s convolutions on a
     ``size`` x ``size`` image, but the first (3 input channels: not a large product)."""
     shapes: list[tuple[int, int, int, int]] = []
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        assert isinstance(module, nn.Conv2d)
-        shape = (module.in_channels, module.out_channels, module.kernel_size[0], inputs[0].shape[-1])
-        if shape not in shapes:
-            shapes.append(shape)
-
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    handles = [m.register_forward_hook(hook) for m in convs]
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
+    for module, inputs, _ in layer_calls(model, size):
+        if isinstance(module, nn.Conv2d):
+            shape = (module.in_channels, module.out_channels, module.kernel_size[0], inputs[-1])
+            if shape not in shapes:
+                shapes.append(shape)
     return shapes[1:]
 
 
