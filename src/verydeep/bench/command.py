@@ -17,7 +17,7 @@ from verydeep.bench.peer import peer_dtype
 from verydeep.bench.reference import best_contenders, reference_contenders
 from verydeep.bench.roofline import roofline_contenders
 from verydeep.bench.settings import DEFAULTS, TORCHVISION, Settings
-from verydeep.bench.summary import machine, peak_memory_gib, render, summarise
+from verydeep.bench.summary import peak_memory_gib, render, summarise
 from verydeep.errors import UserError
 from verydeep.options import add_device, add_workers, positive_int, width_multiplier
 
@@ -41,7 +41,7 @@ def run_bench(settings: Settings) -> dict[str, Any]:
         rounds = alternate(contenders, settings.rounds)
         macs = count_macs(trainer.model, settings.size)
     kernels = {name: measured.winners for name, measured in rooflines.items()}
-    return summarise(rounds, macs, dtype, settings, source, machine(device), peak_memory_gib(device), kernels,
+    return summarise(rounds, macs, dtype, settings, source, runtime.machine(device), peak_memory_gib(device), kernels,
                      peer_info)
 
 

@@ -4,34 +4,17 @@ machine they belong to, and the short table printed."""
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 import resource
 import statistics
 from dataclasses import asdict
 from typing import Any
 
 import torch
-import torchvision
 
-from verydeep import runtime
 from verydeep.bench import roofline
 from verydeep.bench.peer import VARIANTS, best_variant
 from verydeep.bench.roofline import precision_name
 from verydeep.bench.settings import WARMUP_STEPS, Settings, test_scales
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """The hardware and software the figures belong to."""
-    info: dict[str, Any] = {
-        "cpu": runtime.cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-        "avx2": bool(torch.cpu._is_avx2_supported()), "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
-        "amx": bool(torch.cpu._is_amx_tile_supported()), "python": platform.python_version(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from verydeep.bench.summary import machine
+from verydeep import runtime
 from verydeep.eval.rows import EvalRow, PaperFigures
 from verydeep.io.rundir import RunDir
 from verydeep.paper import report
@@ -121,7 +121,7 @@ def _hardware(device: str) -> str:
     if pick_device(device).type == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
 
-    facts = machine(torch.device("cpu"))
+    facts = runtime.machine(torch.device("cpu"))
     flags = ", ".join(name for name in ("amx", "avx512_bf16", "avx2") if facts.get(name)) or "no AVX2"
     return f"{facts['cpu']} CPU ({facts['cores']} cores; {flags}), {torch.get_num_threads()} threads, " \
            f"torch {torch.__version__}"

@@ -110,6 +110,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine(device: torch.device) -> dict[str, Any]:
+    """The hardware and software a measurement belongs to."""
+    import torchvision  # its build label (+cu130) is in __version__ alone; imported here, not by every command
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+        "avx2": bool(torch.cpu._is_avx2_supported()), "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "amx": bool(torch.cpu._is_amx_tile_supported()), "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
 def precision_cache() -> Path:
     """Where measured CPU precisions are kept: ``$XDG_CACHE_HOME/verydeep/precision.json``."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "verydeep" / "precision.json"
