@@ -13,6 +13,8 @@ passes are the step's larger part, fusing the forward alone gained nothing measu
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -60,25 +62,34 @@ def _plain_2x2_pool(module: nn.Module) -> bool:
     return all(getattr(module, name) in (value, (value, value)) for name, value in settings.items())
 
 
-def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
-    """``features(x)``; without autograd on a CPU, each convolution followed by a ReLU as one call
-    (:func:`conv_relu`) and each 2x2 max-pooling as :func:`max_pool_2x2`, but where a forward hook watches
-    the module."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or not _fusable():
-        return features(x)
+def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()) -> Iterator[tuple[int, Tensor]]:
+    """``(i, output of features[i])`` in order. Without autograd on a CPU each convolution followed by a ReLU
+    runs as one call (:func:`conv_relu`), giving the ReLU's index alone, unless the convolution's own output
+    is ``kept``, and each 2x2 max-pooling as :func:`max_pool_2x2`; never a module a forward hook watches."""
+    fast = not torch.is_grad_enabled() and x.device.type == "cpu" and _fusable()
     modules = list(features)
     i = 0
     while i < len(modules):
         module = modules[i]
         following = modules[i + 1] if i + 1 < len(modules) else None
-        if (isinstance(module, nn.Conv2d) and isinstance(following, nn.ReLU) and module.padding_mode == "zeros"
-                and isinstance(module.padding, tuple) and not (_hooked(module) or _hooked(following))):
+        if (fast and isinstance(module, nn.Conv2d) and isinstance(following, nn.ReLU) and i not in kept
+                and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+                and not (_hooked(module) or _hooked(following))):
             x = conv_relu(module, x)
-            i += 2
-        elif _plain_2x2_pool(module) and not _hooked(module) and x.dim() == 4:
-            x = max_pool_2x2(x)
             i += 1
+        elif fast and _plain_2x2_pool(module) and not _hooked(module) and x.dim() == 4:
+            x = max_pool_2x2(x)
         else:
             x = module(x)
-            i += 1
-    return x
+        yield i, x
+        i += 1
+
+
+def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
+    """``features(x)``, through :func:`trunk_outputs` (faster without autograd on a CPU)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or not _fusable():
+        return features(x)
+    out = x
+    for _, output in trunk_outputs(features, x):
+        out = output
+    return out

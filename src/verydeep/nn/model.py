@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from verydeep.errors import UserError
 from verydeep.nn import configs
 from verydeep.nn.configs import FC_WIDTH, LRN_PARAMS
-from verydeep.nn.fused import run_trunk
+from verydeep.nn.fused import run_trunk, trunk_outputs
 from verydeep.nn.init import initialise
 
 
@@ -313,14 +313,15 @@ def _extract(
         raise KeyError(f"unknown layer names {unknown}; known: {', '.join(model.tap_names)}")
     paths = {model.tap_names[n]: n for n in wanted}
     out: dict[str, torch.Tensor] = {}
-    for i, module in enumerate(model.features):
-        if len(out) == len(wanted):
-            return out
-        x = module(x)
-        if f"features.{i}" in paths:
-            out[paths[f"features.{i}"]] = x.clone()
-    if len(out) == len(wanted):  # the last tap is pool5: no windows, and no size check
+    if not wanted:
         return out
+    kept = {int(path.split(".")[1]) for path in paths if path.startswith("features.")}
+    for i, output in trunk_outputs(model.features, x, kept):
+        x = output
+        if i in kept:
+            out[paths[f"features.{i}"]] = x.clone()
+        if len(out) == len(wanted):  # the last tap is in the trunk: no windows, and no size check
+            return out
     if dense:
         x, grid = model.windows(x)
     else:

@@ -104,3 +104,23 @@ def test_only_plain_2x2_poolings_are_replaced():
                    torch.nn.MaxPool2d(2, 2, ceil_mode=True), torch.nn.MaxPool2d(2, 2, return_indices=True),
                    torch.nn.AvgPool2d(2, 2)):
         assert not fused._plain_2x2_pool(module), module
+
+
+@pytest.mark.parametrize("names", [["conv1_1"], ["relu1_1", "pool1"], ["conv3_1", "relu3_1", "pool5"],
+                                   ["relu4_2", "fc7"], ["pool5", "fc6", "fc8"]])
+@pytest.mark.parametrize("dense", [False, True])
+def test_taps_without_autograd_are_the_modules_taps(monkeypatch, names, dense):
+    """``extract`` runs the fused trunk without autograd: the same activations at every kind of tap (a
+    convolution's own output keeps that convolution apart from its ReLU), as maps in the dense form too."""
+    torch.manual_seed(0)
+    model = vgg("A", width=1 / 8, input_size=32, num_classes=5).eval().to(memory_format=torch.channels_last)
+    net = model.dense() if dense else model
+    x = torch.randn(2, 3, 64 if dense else 32, 32).contiguous(memory_format=torch.channels_last)
+    expected = net.extract(x, names)  # autograd on: the modules one by one
+    calls = calls_of_fused_convolutions(monkeypatch)
+    with torch.no_grad():
+        got = net.extract(x, names)
+    assert list(got) == list(expected)
+    assert bool(calls) == (names != ["conv1_1"])  # the first convolution's own output: nothing fused before it
+    for name in names:
+        assert torch.equal(got[name], expected[name].detach()), name
