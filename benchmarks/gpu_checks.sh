@@ -6,8 +6,8 @@
 #      Imagenette's 3,000 training images are fewer than its rounds need): the roofline, torchvision's
 #      VGG in fp32 and at its best (autocast, channels_last, fused update, eager and compiled, the faster kept),
 #      our step, inference and end to end; its JSON into docs/benchmarks/bench-<date>-<gpu>.json and $OUT;
-#   2. end-to-end `verydeep train` of D at 224 on Imagenette's JPEGs, each of VARIANTS (default "gpu cpu": --decode
-#      gpu then --decode cpu; "gpu+compile" adds --compile), STEPS
+#   2. end-to-end `verydeep train` of D at 224 on Imagenette's JPEGs, each of VARIANTS (default "gpu+compile
+#      cpu+compile gpu cpu": --decode gpu and --decode cpu, compiled and eager), STEPS
 #      steps each (Imagenette's one epoch at batch 128), the first 8 left out: images a second and MFU
 #      (benchmarks/train_mfu.py: the steady state of the run's step records over the GPU's dense bf16 peak),
 #      one JSON line each into docs/benchmarks/train-<date>T<time>-<gpu>.jsonl and $OUT;
@@ -69,7 +69,7 @@ fi
 
 # 2. end to end on JPEGs, decoded on the GPU and on the CPU
 train_out="docs/benchmarks/train-$stamp-${gpu:-gpu}.jsonl"
-for variant in ${VARIANTS:-gpu cpu}; do
+for variant in ${VARIANTS:-gpu+compile cpu+compile gpu cpu}; do
   decode=${variant%%+*}
   run=/tmp/gpu-checks-e2e-$variant
   extra=""; [ "$variant" != "$decode" ] && extra="--${variant#*+}"
