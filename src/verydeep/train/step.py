@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -114,26 +115,27 @@ class Stepper:
             (loss / self.local_batch).backward()
         return loss.detach()
 
-    def update(self, loss_sum: torch.Tensor, images: int, skipped: int, where: Callable[[], str]) -> QueuedUpdate:
-        """Queue the optimizer step once a global batch's gradients are in, without waiting for the device: a
-        loss or gradient that is not finite leaves the weights and momenta as they were (the fused update skips
-        itself), and :meth:`read` of the returned record, once the next step is queued, stops training
-        (:class:`NonFiniteLossError`, saying ``where()``)."""
+    def update(self, loss_sum: torch.Tensor, images: int, skipped: int, where: Callable[[], str], step: int,
+               lr: float) -> QueuedUpdate:
+        """Queue the optimizer step once global batch ``step``'s gradients are in, without waiting for the device:
+        a loss or gradient that is not finite leaves the weights and momenta as they were (the fused update skips
+        itself), and :meth:`read` of the returned record stops training (:class:`NonFiniteLossError`, saying
+        ``where()``)."""
         gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
-        bad = (~(loss_sum.isfinite() & torch.nn.utils.get_total_norm(gradients).isfinite())).float()
+        not_finite = (~(loss_sum.isfinite() & torch.nn.utils.get_total_norm(gradients).isfinite())).float()
         if self.procs.distributed:  # each process's loss is its own: all skip if any sees one not finite
-            torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
-        self.optimizer.found_inf = bad  # read by torch's fused SGD: the step is skipped where it is 1
+            torch_dist.all_reduce(not_finite, op=torch_dist.ReduceOp.MAX)
+        self.optimizer.found_inf = not_finite  # read by torch's fused SGD: the step is skipped where it is 1
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return QueuedUpdate(loss_sum.detach(), images, skipped, bad, where)
+        return QueuedUpdate(loss_sum.detach(), images, skipped, not_finite, where, step, lr, time.perf_counter())
 
     def read(self, queued: QueuedUpdate) -> tuple[float, float, float]:
         """A queued update's summed loss, images and skipped files over the processes (waits for them); a
         loss or gradient that was not finite raises :class:`NonFiniteLossError`."""
         loss_total, images_total, skipped_total = self.reduce(queued.loss_sum.item(), queued.images, queued.skipped)
         loss = loss_total / max(images_total, 1)
-        if queued.skipped_update.item() or not math.isfinite(loss):
+        if queued.not_finite.item() or not math.isfinite(loss):
             what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
             raise NonFiniteLossError(f"{what} {queued.where()}")
         return loss_total, images_total, skipped_total
@@ -141,13 +143,58 @@ class Stepper:
 
 @dataclass(frozen=True)
 class QueuedUpdate:
-    """An update queued on the device, with what :meth:`Stepper.read` reads of it once the next is queued."""
+    """An update queued on the device, with what :meth:`Stepper.read` reads of it later."""
 
     loss_sum: torch.Tensor  # this process's summed loss of the batch, on the device
     images: int
     skipped: int
-    skipped_update: torch.Tensor  # 1.0 on the device where the loss or a gradient was not finite
+    not_finite: torch.Tensor  # 1.0 on the device where the loss or a gradient was not finite: the update skipped
     where: Callable[[], str]  # the step, for the error that names it
+    step: int
+    lr: float
+    queued_at: float  # time.perf_counter() once the update was queued
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    """A training step as read: its summed loss, images and skipped files over the processes, and its seconds."""
+
+    step: int
+    lr: float
+    loss_sum: float
+    images: float
+    skipped: float
+    seconds: float
+
+
+class StepQueue:
+    """The update queued last, read only once the next one is queued, so that the host never waits for the device
+    between two steps. A step's seconds run from the end of the step read before it to when its own update was
+    queued, or, for one read with no next (:meth:`pop`), to the moment it is read: so they add up to the epoch's."""
+
+    def __init__(self, stepper: Stepper) -> None:
+        self.stepper = stepper
+        self.queued: QueuedUpdate | None = None
+        self.last_end = time.perf_counter()
+
+    def start_clock(self) -> None:
+        """The next step's seconds run from now (an epoch starts)."""
+        self.last_end = time.perf_counter()
+
+    def push(self, queued: QueuedUpdate) -> StepFigures | None:
+        """Hold ``queued``; the figures of the update held before it (:meth:`Stepper.read`: may raise)."""
+        previous, self.queued = self.queued, queued
+        return None if previous is None else self._read(previous, previous.queued_at)
+
+    def pop(self) -> StepFigures | None:
+        """The figures of the update held, if any, read now (before a checkpoint, at the epoch's end)."""
+        previous, self.queued = self.queued, None
+        return None if previous is None else self._read(previous, time.perf_counter())
+
+    def _read(self, queued: QueuedUpdate, end: float) -> StepFigures:
+        loss_sum, images, skipped = self.stepper.read(queued)
+        seconds, self.last_end = max(end - self.last_end, 1e-9), end
+        return StepFigures(queued.step, queued.lr, loss_sum, images, skipped, seconds)
 
 
 def zero_momenta(optimizer: torch.optim.Optimizer) -> None:

@@ -49,7 +49,7 @@ from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
 from verydeep.train.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
 from verydeep.train.schedule import EpochTotals, Schedule
 from verydeep.train.start import adopt_weights, freeze, initial_model, param_groups
-from verydeep.train.step import QueuedUpdate, Stepper, check_finite_weights, zero_momenta
+from verydeep.train.step import StepFigures, Stepper, StepQueue, check_finite_weights, zero_momenta
 from verydeep.train.validation import describe, score, validate
 
 
@@ -160,12 +160,10 @@ class Trainer:
         self.schedule = Schedule(cfg.lr, cfg.patience, cfg.max_drops, cfg.milestones, cfg.stop_patience)
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()
-        # the update queued last and not yet read, with its step, lr and when it was queued
-        self.queued: tuple[QueuedUpdate, int, float, float] | None = None
-        self.recorded_at = 0.0  # when the last recorded step ended
         self.memory = MemoryProbe(self.model, self.device, cfg.crop, cfg.channels_last, self.dtype)
         self.stepper = Stepper(self.model, self.optimizer, self.task, self.procs, self.device, self.dtype, self.pre,
                                cfg.crop, cfg.channels_last, self.local_batch, self.decode)
+        self.steps = StepQueue(self.stepper)
 
     def _fit_micro_batch(self) -> None:
         """Without ``--micro-batch``, for a new run: the micro-batch whose training step fits the memory
@@ -249,28 +247,20 @@ class Trainer:
 
     def finish_step(self, loss_sum: torch.Tensor, images: int, skipped: int) -> None:
         """Queue the update once a global batch's gradients are in, then record the step before it, whose
-        figures are ready by now: the host never waits for the device between two steps."""
+        figures are ready by now (:class:`.step.StepQueue`)."""
         where = partial(self._where, self.epoch + 1, self.step + 1, self.schedule.lr)
-        queued = self.stepper.update(loss_sum, images, skipped, where)
         self.step += 1
         self.step_in_epoch += 1
-        if self.queued is not None:
-            self.record_step(end=self.queued[3])
-        self.queued = (queued, self.step, self.schedule.lr, time.perf_counter())
+        self.record_step(self.steps.push(self.stepper.update(loss_sum, images, skipped, where, self.step,
+                                                             self.schedule.lr)))
 
-    def record_step(self, end: float | None = None) -> None:
-        """Record the queued step, if any, waiting for its figures (a :class:`NonFiniteLossError` if they are not
-        finite). Its seconds run from the end of the step before to ``end``: when the next update was queued,
-        or now (its own update done) where none is; so they add up to the epoch's."""
-        if self.queued is None:
-            return
-        (queued, step, lr, _), self.queued = self.queued, None
-        loss_total, images_total, skipped_total = self.stepper.read(queued)
-        end = time.perf_counter() if end is None else end
-        seconds, self.recorded_at = max(end - self.recorded_at, 1e-9), end
-        self.totals.add(loss_total, images_total, seconds, skipped_total)
-        self.metrics.append(kind="step", epoch=self.epoch + 1, step=step, loss=loss_total / max(images_total, 1),
-                            lr=lr, img_s=round(images_total / seconds, 2))
+    def record_step(self, figures: StepFigures | None) -> None:
+        """A step's figures into the epoch's totals and the step records (none: nothing to record)."""
+        if figures is not None:
+            self.totals.add(figures.loss_sum, figures.images, figures.seconds, figures.skipped)
+            self.metrics.append(kind="step", epoch=self.epoch + 1, step=figures.step,
+                                loss=figures.loss_sum / max(figures.images, 1), lr=figures.lr,
+                                img_s=round(figures.images / figures.seconds, 2))
 
     def _where(self, epoch: int, step: int, lr: float) -> str:
         return (f"at epoch {epoch} step {step} (lr {lr:g}: a smaller --lr may train); stopped; last good "
@@ -284,8 +274,8 @@ class Trainer:
         sampler.set_epoch(self.epoch, self.step_in_epoch)
         bar = runtime.progress_bar(sampler.steps_per_epoch, self.cfg.progress and self.procs.main,
                                    initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}", unit="step")
-        self.record_step()  # one queued outside the epochs (the bench's steps) keeps its own seconds
-        self.recorded_at = time.perf_counter()
+        self.record_step(self.steps.pop())  # one queued outside the epochs (the bench's) keeps its own seconds
+        self.steps.start_clock()
         loss_sum = torch.zeros((), device=self.device)
         images = skipped = 0
         with bar:
@@ -304,14 +294,14 @@ class Trainer:
                 checkpoint = bool(self.cfg.checkpoint_every) and self.step % self.cfg.checkpoint_every == 0
                 leave = stop is not None and self.step >= stop
                 if checkpoint or leave:
-                    self.record_step()  # a checkpoint holds only steps known to be finite
+                    self.record_step(self.steps.pop())  # a checkpoint holds only steps known to be finite
                 if checkpoint:
                     self.checkpoints.save_last(self._state())
                 if leave:
                     return False
                 loss_sum = torch.zeros((), device=self.device)  # the queued update holds the last one
                 images = skipped = 0
-        self.record_step()
+        self.record_step(self.steps.pop())
         return True
 
     def validate(self) -> dict[str, float]:

@@ -256,7 +256,7 @@ def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tm
     def step(loss: float, gradient: float) -> None:
         for p in model.parameters():
             p.grad = torch.full_like(p, gradient)
-        queued = trainer.stepper.update(torch.tensor(loss, device=device), 4, 0, lambda: "at the test's step")
+        queued = trainer.stepper.update(torch.tensor(loss, device=device), 4, 0, lambda: "at the test's step", 1, 0.1)
         trainer.stepper.read(queued)
 
     def state() -> list[torch.Tensor]:
