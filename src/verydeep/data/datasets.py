@@ -364,16 +364,22 @@ def batch_memory(shape: Sequence[int]) -> Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(tuple(shape))
 
 
+def nhwc_shape(images: Sequence[Tensor]) -> tuple[int, int, int, int]:
+    """(N, h, w, channels) of images (channels, h, w) of one size, which a batch holds; a ValueError where two
+    sizes differ."""
+    shape = images[0].shape
+    for image in images:
+        if image.shape != shape:
+            raise ValueError(f"images of sizes {tuple(shape)} and {tuple(image.shape)} in one batch")
+    return len(images), shape[1], shape[2], shape[0]
+
+
 def stack_images(images: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
     """uint8 (3, h, w) images of one size as (N, 3, h, w), channels_last: a plain copy of their
     HWC memory, on ``device`` (``None``: :func:`batch_memory`); no images: (0, 3, 0, 0)."""
     if not images:
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8, device=device)
-    shape = images[0].shape
-    for image in images:
-        if image.shape != shape:
-            raise ValueError(f"images of sizes {tuple(shape)} and {tuple(image.shape)} in one batch")
-    nhwc = (len(images), shape[1], shape[2], shape[0])
+    nhwc = nhwc_shape(images)
     out = batch_memory(nhwc) if device is None else torch.empty(nhwc, dtype=torch.uint8, device=device)
     torch.stack([image.permute(1, 2, 0) for image in images], out=out)
     return out.permute(0, 3, 1, 2)

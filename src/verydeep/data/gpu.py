@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory, report_skip
+from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory, nhwc_shape, report_skip
 from verydeep.data.decode import ImageFile
 from verydeep.data.transforms import CropPlan, PlannedTransform, render
 from verydeep.errors import UserError
@@ -145,7 +145,7 @@ def resampled(image: Tensor, plan: CropPlan) -> Tensor:
     resampled bilinearly with antialiasing, in float, where the sizes differ; else the box itself (uint8).
     Not flipped: :func:`assemble` flips and rounds a whole batch at once."""
     if plan.k != 1:
-        raise ValueError(f"cut needs a plan at full resolution; got k = {plan.k}")
+        raise ValueError(f"resampling on the device needs a plan at full resolution; got k = {plan.k}")
     left, top, right, bottom = plan.box
     region = image[:, top:bottom, left:right]
     w, h = plan.out
@@ -160,11 +160,8 @@ def assemble(images: Sequence[Tensor], flips: Sequence[bool], device: torch.devi
     a few operations for the whole batch rather than as many per image."""
     if not images:
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8, device=device)
-    shape = images[0].shape
-    block = torch.empty(len(images), shape[1], shape[2], shape[0], device=device).permute(0, 3, 1, 2)
+    block = torch.empty(nhwc_shape(images), device=device).permute(0, 3, 1, 2)
     for i, image in enumerate(images):
-        if image.shape != shape:
-            raise ValueError(f"images of sizes {tuple(shape)} and {tuple(image.shape)} in one batch")
         block[i] = image
     out = block.round_().clamp_(0, 255).to(torch.uint8, memory_format=torch.channels_last)
     mirrored = torch.tensor([i for i, flip in enumerate(flips) if flip], dtype=torch.long)

@@ -26,6 +26,11 @@ def _fusable() -> bool:
             and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()))
 
 
+def _fast(x: Tensor) -> bool:
+    """The fused path applies: no autograd, ``x`` on a CPU, oneDNN's fused convolution at hand."""
+    return not torch.is_grad_enabled() and x.device.type == "cpu" and _fusable()
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether a forward hook watches ``module`` (a MAC count, a probe of shapes): it runs on its own then."""
     return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
@@ -66,7 +71,7 @@ def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()
     """``(i, output of features[i])`` in order. Without autograd on a CPU each convolution followed by a ReLU
     runs as one call (:func:`conv_relu`), giving the ReLU's index alone, unless the convolution's own output
     is ``kept``, and each 2x2 max-pooling as :func:`max_pool_2x2`; never a module a forward hook watches."""
-    fast = not torch.is_grad_enabled() and x.device.type == "cpu" and _fusable()
+    fast = _fast(x)
     modules = list(features)
     i = 0
     while i < len(modules):
@@ -87,7 +92,7 @@ def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()
 
 def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
     """``features(x)``, through :func:`trunk_outputs` (faster without autograd on a CPU)."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or not _fusable():
+    if not _fast(x):
         return features(x)
     out = x
     for _, output in trunk_outputs(features, x):
