@@ -13,17 +13,24 @@ passes are the step's larger part, fusing the forward alone gained nothing measu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterator
 
 import torch
 from torch import Tensor, nn
 
 
+@functools.cache
+def _built_with_fused_convolution() -> bool:
+    """oneDNN's fused convolution is in this build of torch (asked once)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
 def _fusable() -> bool:
     """oneDNN's fused convolution is in this build, and nothing is tracing, compiling or exporting the
     model (those see the modules)."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()))
+    return _built_with_fused_convolution() and not (
+        torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
 
 
 def _fast(x: Tensor) -> bool:

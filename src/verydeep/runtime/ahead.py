@@ -21,22 +21,19 @@ _END = object()  # ``items`` ran out
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """The tensors in ``value`` and in the tuples, lists and dicts it nests."""
+    """The tensors in ``value`` and in the tuples and lists it nests (a batch, a (batch, draws) pair)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (tuple, list)):
         for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
             yield from _tensors(item)
 
 
 def run_ahead(items: Iterable[T], work: Callable[[T], R], device: torch.device) -> Iterator[R]:
     """``work(item)`` for each of ``items``, in order, each computed in one background thread while
     the caller uses the result before it. On CUDA the work runs on a side stream: the caller's
-    stream waits for it before using a result, and the result's tensors (in tuples, lists and
-    dicts) are marked as used on the caller's stream, so the allocator keeps them until the
+    stream waits for it before using a result, and the result's tensors (in tuples and lists)
+    are marked as used on the caller's stream, so the allocator keeps them until the
     caller's kernels are done with them. An exception in ``work`` is raised to the caller."""
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
