@@ -11,7 +11,7 @@ import torch
 from conftest import tiny, write_dataset
 
 from verydeep import runtime, vgg
-from verydeep.bench import peer, roofline
+from verydeep.bench import ceiling, peer, roofline
 from verydeep.bench.data import bench_data
 from verydeep.bench.measure import count_macs
 from verydeep.bench.ours import open_trainer, steady_img_s
@@ -43,7 +43,8 @@ def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     jpegs = write_dataset(tmp_path / "jpegs", {"train": 18}, size=(48, 40), ext="jpg")
     assert main(["bench", "--config", "A", "--size", "32", "--width", "0.0625", "--batch", "4", "--rounds", "1",
                  "--device", "cpu", "--workers", "0", "--data", str(jpegs), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    capsys_text = capsys.readouterr().out
+    result = json.loads(capsys_text.strip().splitlines()[-1])
     for key in MEASURED:
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["train_ratio_vs_torchvision_fp32"] == pytest.approx(
@@ -69,6 +70,13 @@ def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert result["train_flops_per_image"] == 3 * result["infer_flops_per_image"]
     assert result["settings"]["size"] == 32 and result["settings"]["data"] == str(jpegs)
     assert {"cpu", "avx2", "avx512_bf16", "amx", "torch", "cores"} <= set(result["machine"])
+    for mode in ("train", "infer"):  # one round: the kernel ceiling's figures are its own rates'
+        ceiling_rate = result[f"{mode}_kernel_ceiling_img_s"] * result[f"{mode}_flops_per_image"] / 1e12
+        assert ceiling_rate > 0 and result[f"{mode}_kernel_ceiling_roofline_share"] == pytest.approx(
+            ceiling_rate / result["roofline_tflops"], rel=0.01)
+        assert result[f"{mode}_share_of_kernel_ceiling"] == pytest.approx(
+            result[f"{mode}_img_s"] / result[f"{mode}_kernel_ceiling_img_s"], rel=0.01)
+    assert "kernel ceiling" in capsys_text
 
 
 def test_ratios_and_shares_are_medians_of_each_rounds_own() -> None:
@@ -135,6 +143,36 @@ def test_conv_shapes_of_a_tiny_net_by_hand() -> None:
     kernels = roofline.conv_kernels(shapes[0], 2, torch.device("cpu"), torch.float32)
     assert len(kernels) == 6 and {flops for _, flops in kernels.values()} == {2 * 2 * 8 * 4 * 9 * 16 * 16}
     assert all(run() is not None for run, _ in kernels.values())
+
+
+def test_the_kernel_ceiling_names_only_timed_kernels_and_keeps_the_faster_layout() -> None:
+    """Every kernel the ceiling of a tiny net A sums is timed (the roofline's convolutions or the ceiling's own:
+    the first convolution, never its backward to the input, and the FC products, which cannot set the roofline);
+    each pass takes its faster layout; inference sums forward passes only; FLOPs are the model's."""
+    model = vgg("A", num_classes=10, width=1 / 16, input_size=32)
+    cpu = torch.device("cpu")
+    extra = ceiling.layer_kernels(model, 32, 2, cpu, None)
+    measure = roofline.conv_roofline(model, 32, 2, cpu, None, extra)
+    measure()
+    assert measure.winners[0].startswith("conv ") and measure.winners[0] not in extra
+    assert not any(name.endswith(roofline.TO_INPUT) and name.startswith("conv 3->") for name in extra)
+    net = ceiling.layers(model, 32, 2)
+    assert len(net) == 8 + 3 and set(net[0][0]) == {roofline.FORWARD, roofline.TO_WEIGHTS}
+    assert all(set(names) == set(roofline.PASSES) for names, _ in net[1:])
+    named = {name for names, _ in net for options in names.values() for name in options}
+    assert named <= set(measure.rates[0]) and sum(flops for _, flops in net) == 2 * 2 * count_macs(model, 32)
+    rates = dict.fromkeys(named, 1e9)  # each kernel at 1 GFLOP/s: the ceiling's seconds are its FLOPs' over 1e9
+    train_flops = sum(flops for _, flops in net) * 3
+    assert ceiling.seconds(rates, net, roofline.PASSES) == pytest.approx((train_flops - net[0][1]) / 1e9)
+    assert ceiling.seconds(rates, net, (roofline.FORWARD,)) == pytest.approx(train_flops / 3 / 1e9)
+    nchw = next(name for name in named if name.endswith("NCHW forward"))
+    faster = ceiling.seconds(rates | {nchw: 2e9}, net, roofline.PASSES)
+    slower = ceiling.seconds(rates | {nchw: 0.5e9}, net, roofline.PASSES)
+    assert faster < ceiling.seconds(rates, net, roofline.PASSES) == pytest.approx(slower)
+    figures = ceiling.per_round([rates, rates | {nchw: 2e9}], net, train_flops, train_flops / 3)
+    assert figures["ceiling_train_tflops"][0] == pytest.approx(train_flops / (train_flops - net[0][1]) * 1e-3)
+    assert figures["ceiling_infer_tflops"][0] == pytest.approx(1e-3)
+    assert figures["ceiling_infer_tflops"][1] > 1e-3
 
 
 def test_the_peer_without_a_compiler_runs_eager(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,9 @@ On the machine at hand, in rounds that alternate between the contenders (medians
 shared machines are noisy; a ratio or roofline share is the median of the rounds' own, each
 between measurements taken moments apart): the roofline of each precision a contender runs in (the
 fastest rate the machine reaches in it: large ``torch.mm`` and the convolutions of the net's own
-shapes, :mod:`.roofline`, the kernel that set it named), torchvision's VGG in a plain fp32
+shapes, :mod:`.roofline`, the kernel that set it named), the kernel ceiling (:mod:`.ceiling`: the net's
+conv and FC kernels timed alone and summed, so the share of the roofline its kernels allow is known),
+torchvision's VGG in a plain fp32
 loop (NCHW, no autocast) as the reference, torchvision's VGG as a user at their best runs it
 (:mod:`.peer`: autocast, channels_last, the fused update, eager or compiled, whichever is
 faster here), our training step and inference as ``verydeep train`` and ``verydeep eval`` run them
@@ -24,6 +26,7 @@ would reach.
     data.py       the bench's images: a dataset's class folders linked, else generated JPEGs
     measure.py    a rate over steps, rounds that alternate, a net's multiply-accumulates
     roofline.py   the roofline of each precision: the fastest matrix product or convolution
+    ceiling.py    the kernel ceiling: each layer's kernels alone, summed (the best a step of them can do)
     reference.py  torchvision's VGG in plain fp32, and built for its best
     peer.py       torchvision's VGG at its best: autocast, channels_last, fused update, eager or compiled
     ours.py       our contenders: the trainer's step, inference, end to end, dense vs multi-crop

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from verydeep import runtime
+from verydeep.bench import ceiling
 from verydeep.bench.data import DEFAULT_DATA, bench_data
 from verydeep.bench.measure import alternate, count_macs
 from verydeep.bench.ours import inference_net, open_trainer, protocol_contenders, trainer_contenders, training_steps
 from verydeep.bench.peer import peer_dtype
 from verydeep.bench.reference import best_contenders, reference_contenders
-from verydeep.bench.roofline import roofline_contenders
+from verydeep.bench.roofline import precision_name, roofline_contenders
 from verydeep.bench.settings import DEFAULTS, TORCHVISION, Settings
 from verydeep.bench.summary import peak_memory_gib, render, summarise
 from verydeep.errors import UserError
@@ -33,13 +34,17 @@ def run_bench(settings: Settings) -> dict[str, Any]:
         trainer = open_trainer(settings, root, Path(scratch))
         photo = next(p for p in sorted((root / "train").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg"))
         net = inference_net(trainer)
-        rooflines = roofline_contenders(settings, trainer.model, {None, dtype, peer}, device)
+        kernels = {dtype: ceiling.layer_kernels(trainer.model, settings.size, settings.batch, device, dtype)}
+        rooflines = roofline_contenders(settings, trainer.model, {None, dtype, peer}, device, kernels)
         best, peer_info = best_contenders(settings, len(trainer.data.classes), device, peer)
         contenders = {**rooflines, **reference_contenders(settings, len(trainer.data.classes), device), **best,
                       **trainer_contenders(trainer, net, settings.steps),  # the loader's prefetching after
                       **protocol_contenders(trainer, net, photo)}  # the end-to-end steps falls in the multi-crop
         rounds = alternate(contenders, settings.rounds)
         macs = count_macs(trainer.model, settings.size)
+        net_layers = ceiling.layers(trainer.model, settings.size, settings.batch)
+    rounds |= ceiling.per_round(rooflines[f"conv_{precision_name(dtype)}_tflops"].rates, net_layers,
+                                6 * macs * settings.batch, 2 * macs * settings.batch)
     kernels = {name: measured.winners for name, measured in rooflines.items()}
     return summarise(rounds, macs, dtype, settings, source, runtime.machine(device), peak_memory_gib(device), kernels,
                      peer_info)

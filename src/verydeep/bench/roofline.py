@@ -32,6 +32,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GEMM_REPEATS = 5
 #: Timings of each convolution kernel per measurement: the fastest of dozens of kernels is kept already.
 CONV_REPEATS = 1
+#: The passes of a layer in a training step, as the kernels' names end.
+FORWARD, TO_INPUT, TO_WEIGHTS = "forward", "backward to the input", "backward to the weights"
+PASSES = (FORWARD, TO_INPUT, TO_WEIGHTS)
 #: A convolution's memory formats the roofline times it in.
 FORMATS = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format}
 
@@ -46,13 +49,17 @@ class Roofline:
     measurement in :attr:`winners`. ``kernels``: name to (a call of the kernel, its FLOPs); each is
     warmed up once when the roofline is made (kernel selection, caches) and taken as the fastest of
     ``repeats`` timings, since a roofline is the rate the hardware can reach and a kernel slowed by
-    another process on a shared machine says nothing of that."""
+    another process on a shared machine says nothing of that. ``timed_too``: kernels timed alongside that
+    cannot set the roofline (the ceiling's first layer and FC products, :mod:`.ceiling`); every kernel's
+    FLOP/s of each measurement is kept in :attr:`rates`."""
 
     def __init__(self, kernels: dict[str, tuple[Callable[[], Any], float]], device: torch.device,
-                 repeats: int) -> None:
+                 repeats: int, timed_too: dict[str, tuple[Callable[[], Any], float]] | None = None) -> None:
         self.kernels, self.device, self.repeats = kernels, device, repeats
+        self.timed_too = timed_too or {}
         self.winners: list[str] = []
-        for run, _ in kernels.values():
+        self.rates: list[dict[str, float]] = []
+        for run, _ in (kernels | self.timed_too).values():
             run()
         sync(device)
 
@@ -66,9 +73,10 @@ class Roofline:
 
     def __call__(self) -> float:
         rates = {name: max(self.rate(run, flops) for _ in range(self.repeats))
-                 for name, (run, flops) in self.kernels.items()}
-        best = max(rates, key=rates.__getitem__)
+                 for name, (run, flops) in (self.kernels | self.timed_too).items()}
+        best = max(self.kernels, key=rates.__getitem__)
         self.winners.append(best)
+        self.rates.append(rates)
         return rates[best] / 1e12
 
 
@@ -90,6 +98,13 @@ def conv_shapes(model: nn.Module, size: int) -> list[tuple[int, int, int, int]]:
     return shapes[1:]
 
 
+def conv_label(shape: tuple[int, int, int, int], layout: str) -> str:
+    """The name of the kernels of a convolution of ``shape`` (:func:`conv_shapes`) in ``layout`` (of :data:`FORMATS`),
+    to which each pass's name (:data:`PASSES`) is added."""
+    c_in, c_out, k, side = shape
+    return f"conv {c_in}->{c_out} {k}x{k} at {side}x{side} {layout}"
+
+
 def conv_kernels(shape: tuple[int, int, int, int], batch: int, device: torch.device,
                  dtype: torch.dtype) -> dict[str, tuple[Callable[[], Any], float]]:
     """A convolution of ``shape`` (:func:`conv_shapes`) on ``batch`` images in ``dtype``: its forward, backward to
@@ -105,20 +120,21 @@ def conv_kernels(shape: tuple[int, int, int, int], batch: int, device: torch.dev
         g = torch.randn(batch, c_out, side, side, device=device, dtype=dtype).contiguous(memory_format=fmt)
         bias = torch.zeros(c_out, device=device, dtype=dtype)
         backward = partial(torch.ops.aten.convolution_backward, g, x, w, [c_out], one, pad, one, False, [0, 0], 1)
-        label = f"conv {c_in}->{c_out} {k}x{k} at {side}x{side} {name}"
-        kernels[f"{label} forward"] = (partial(F.conv2d, x, w, bias, padding=k // 2), flops)
-        kernels[f"{label} backward to the input"] = (partial(backward, [True, False, False]), flops)
-        kernels[f"{label} backward to the weights"] = (partial(backward, [False, True, True]), flops)
+        label = conv_label(shape, name)
+        kernels[f"{label} {FORWARD}"] = (partial(F.conv2d, x, w, bias, padding=k // 2), flops)
+        kernels[f"{label} {TO_INPUT}"] = (partial(backward, [True, False, False]), flops)
+        kernels[f"{label} {TO_WEIGHTS}"] = (partial(backward, [False, True, True]), flops)
     return kernels
 
 
-def conv_roofline(model: nn.Module, size: int, batch: int, device: torch.device,
-                  dtype: torch.dtype | None) -> Roofline:
-    """The convolutions of ``model``'s shapes (:func:`conv_shapes`) on ``batch`` images of ``size``, in ``dtype``."""
+def conv_roofline(model: nn.Module, size: int, batch: int, device: torch.device, dtype: torch.dtype | None,
+                  timed_too: dict[str, tuple[Callable[[], Any], float]] | None = None) -> Roofline:
+    """The convolutions of ``model``'s shapes (:func:`conv_shapes`) on ``batch`` images of ``size``, in ``dtype``
+    (with ``timed_too``: see :class:`Roofline`)."""
     kernels: dict[str, tuple[Callable[[], Any], float]] = {}
     for shape in conv_shapes(model, size):
         kernels.update(conv_kernels(shape, batch, device, dtype or torch.float32))
-    return Roofline(kernels, device, CONV_REPEATS)
+    return Roofline(kernels, device, CONV_REPEATS, timed_too)
 
 
 def per_round(rounds: dict[str, list[float]], kernels: dict[str, list[str]],
@@ -141,13 +157,17 @@ def summary(rates: list[float], names: list[str]) -> dict[str, Any]:
 
 
 def roofline_contenders(settings: Settings, model: nn.Module, dtypes: set[torch.dtype | None],
-                        device: torch.device) -> dict[str, Roofline]:
+                        device: torch.device,
+                        timed_too: dict[torch.dtype | None, dict[str, tuple[Callable[[], Any], float]]] | None = None
+                        ) -> dict[str, Roofline]:
     """The roofline of each precision in ``dtypes`` (None: fp32), in TFLOP/s each time it is measured: a large
     ``torch.mm`` (``gemm_<p>_tflops``) and the convolutions of ``model``'s shapes at the bench's batch
-    (``conv_<p>_tflops``), each recording the kernel that set it."""
+    (``conv_<p>_tflops``, with a precision's kernels in ``timed_too`` timed alongside), each recording the kernel
+    that set it."""
     contenders = {}
     for dtype in sorted(dtypes, key=lambda d: list(PRECISIONS).index(d)):
         p = precision_name(dtype)
         contenders[f"gemm_{p}_tflops"] = gemm_roofline(device, dtype, settings.gemm)
-        contenders[f"conv_{p}_tflops"] = conv_roofline(model, settings.size, settings.batch, device, dtype)
+        contenders[f"conv_{p}_tflops"] = conv_roofline(model, settings.size, settings.batch, device, dtype,
+                                                       (timed_too or {}).get(dtype))
     return contenders

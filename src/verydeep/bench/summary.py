@@ -52,6 +52,18 @@ def peer_fields(rounds: dict[str, list[float]], peer: dict[str, Any], roof: list
     return fields
 
 
+def ceiling_fields(rounds: dict[str, list[float]], roof: list[float], flops: dict[str, int]) -> dict[str, Any]:
+    """The kernel ceiling (:mod:`.ceiling`) of training and inference: its rate, its share of the roofline
+    ``roof`` (per round) and our share of it, each the median of the rounds' own."""
+    fields: dict[str, Any] = {}
+    for mode in ("train", "infer"):
+        ceiling = rounds[f"ceiling_{mode}_tflops"]
+        fields[f"{mode}_kernel_ceiling_img_s"] = sig(statistics.median(ceiling) * 1e12 / flops[mode])
+        fields[f"{mode}_kernel_ceiling_roofline_share"] = paired(ceiling, roof)
+        fields[f"{mode}_share_of_kernel_ceiling"] = paired(rounds[mode], ceiling, flops[mode] / 1e12)
+    return fields
+
+
 def summarise(rounds: dict[str, list[float]], macs: int, dtype: torch.dtype | None, settings: Settings,
               source: str, hardware: dict[str, Any], peak_gib: float, kernels: dict[str, list[str]] | None = None,
               peer: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -94,6 +106,8 @@ def summarise(rounds: dict[str, list[float]], macs: int, dtype: torch.dtype | No
     }
     if peer is not None:
         result.update(peer_fields(rounds, peer, roofs[peer["precision"]][0], flops))
+    if "ceiling_train_tflops" in rounds:
+        result.update(ceiling_fields(rounds, roofs[precision][0], flops))
     return result | {
         "end_to_end_img_s": sig(m["end_to_end"]),
         "end_to_end_vs_step": paired(rounds["end_to_end"], rounds["train"]),
@@ -128,6 +142,17 @@ def peer_rows(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ceiling_rows(result: dict[str, Any]) -> list[str]:
+    """The table's line of the kernel ceiling, when measured."""
+    if "train_kernel_ceiling_img_s" not in result:
+        return []
+    return [f"kernel ceiling (each layer's kernels alone, at their best): train "
+            f"{result['train_kernel_ceiling_img_s']:.1f} img/s = {result['train_kernel_ceiling_roofline_share']:.0%} "
+            f"of the roofline, inference {result['infer_kernel_ceiling_img_s']:.1f} = "
+            f"{result['infer_kernel_ceiling_roofline_share']:.0%}; ours {result['train_share_of_kernel_ceiling']:.0%} "
+            f"and {result['infer_share_of_kernel_ceiling']:.0%} of it"]
+
+
 def render(result: dict[str, Any]) -> str:
     """The result as a short table."""
     s, hw = result["settings"], result["machine"]
@@ -144,6 +169,7 @@ def render(result: dict[str, Any]) -> str:
         f"ratio vs torchvision fp32: train {result['train_ratio_vs_torchvision_fp32']:.2f}x "
         f"(at the roofline {result['train_ratio_at_roofline']:.2f}x), inference "
         f"{result['infer_ratio_vs_torchvision_fp32']:.2f}x (at the roofline {result['infer_ratio_at_roofline']:.2f}x)",
+        *ceiling_rows(result),
         f"end to end (data loading included): {result['end_to_end_img_s']:.1f} img/s, "
         f"{result['end_to_end_vs_step']:.0%} of the step",
         f"evaluation per image over Q={','.join(map(str, s['test_scales']))}: dense "
