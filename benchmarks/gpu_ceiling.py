@@ -5,7 +5,8 @@ with cuDNN's autotuner (forward, backward to the input, except for the first lay
 no gradient, and backward to the weights and bias), and every FC layer's three matrix products; their
 sum is the fastest a training step built on these kernels can be, its MFU the ceiling of any training
 run's (``kernel_ceiling_mfu``). The first convolution is also timed with its 3 input channels padded
-with zeros to 4 and 8, and in NCHW (``first_conv_variants``: whether padding would lift it). Then a
+with zeros to 4, 8 and 16, in NCHW, as an im2col matrix product and as a padded module under autograd
+(``first_conv_variants``: whether padding would lift it; ``--first-conv-only`` times just these). Then a
 whole training step of the same net (our VGG under bf16 autocast with per-image dropout seeds, the
 trainer's fused SGD), eager and with ``--compile`` compiled, each with and without host reads of the
 loss and the gradients' finiteness before the update (the trainer's old waits), and a profile of one step's GPU
@@ -96,17 +97,112 @@ def conv_times(model: torch.nn.Module, batch: int, size: int) -> list[dict[str, 
 
 
 def first_conv_variants(model: torch.nn.Module, batch: int, size: int) -> list[dict[str, Any]]:
-    """The first convolution (3 input channels: too few for the tensor cores' tiles) in channels_last and NCHW, and
-    with its input and weights padded with zero channels to 4 and 8 (the same outputs): what padding would gain."""
+    """The first convolution (3 input channels: too few for the tensor cores' tiles) in channels_last and NCHW,
+    with its input and weights padded with zero channels to 4, 8 and 16 (the same outputs), as an im2col matrix
+    product (27 taps padded to 32), and as a padded module would run it under autograd (the pads of the input
+    and of the weights, forward and backward, included): what padding would gain."""
     conv = model.features[0]
     x = torch.randn(batch, 3, size, size, device="cuda")
     rows = []
-    for channels, name in ((3, "channels_last"), (3, "NCHW"), (4, "channels_last"), (8, "channels_last")):
+    for channels, name in ((3, "channels_last"), (3, "NCHW"), (4, "channels_last"), (8, "channels_last"),
+                           (16, "channels_last")):
         layout = torch.channels_last if name == "channels_last" else torch.contiguous_format
         rows.append({"channels": channels, "layout": name,
                      **time_conv(bf16(x, channels, layout), bf16(conv.weight, channels, layout), bf16(conv.bias),
                                  conv.padding, to_input=False)})
+    rows.append({"channels": 32, "layout": "im2col matrix product", **time_im2col(x, conv)})
+    rows.append({"channels": 32, "layout": "shifted views, matrix product", **time_shifted_views(x, conv)})
+    compiled = torch.compile(shifted_view_columns)
+    rows.append({"channels": 32, "layout": "shifted views compiled, matrix product",
+                 **time_shifted_views(x, conv, compiled)})
+    direct = torch.compile(direct_conv)
+    rows.append({"channels": 3, "layout": "direct compiled", **time_direct(x, conv, direct)})
+    rows.append({"channels": 3, "layout": "direct compiled with ReLU",
+                 **time_direct(x, conv, torch.compile(lambda *a: direct_conv(*a).relu()), relu=True)})
+    for channels in (3, 4, 8, 16):
+        rows.append({"channels": channels, "layout": "padded, autograd", **time_padded_autograd(x, conv, channels)})
     return rows
+
+
+def time_im2col(x: torch.Tensor, conv: torch.nn.Conv2d) -> dict[str, float]:
+    """The first convolution as unfold + one matrix product (taps padded to 32), forward and to the weights."""
+    xb = bf16(x)
+    w = F.pad(conv.weight.detach().reshape(conv.out_channels, -1), (0, 5)).to(torch.bfloat16)
+
+    def columns() -> torch.Tensor:
+        cols = F.unfold(xb, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+        return F.pad(cols, (0, 5))
+
+    cols = columns()
+    g = torch.randn(cols.shape[0], conv.out_channels, device="cuda", dtype=torch.bfloat16)
+    return {"forward_s": cuda_time(lambda: columns() @ w.t()), "to_input_s": 0.0,
+            "to_weight_s": cuda_time(lambda: g.t() @ cols)}
+
+
+def shifted_view_columns(x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 neighbourhoods of a channels_last image batch as rows of 27 taps padded to 32: (N*H*W, 32)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # N, H+2, W+2, C
+    taps = [padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+    taps.append(x.new_zeros(n, h, w, 32 - 9 * c))
+    return torch.cat(taps, dim=3).reshape(n * h * w, 32)
+
+
+def time_shifted_views(x: torch.Tensor, conv: torch.nn.Conv2d,
+                       columns: Callable[[torch.Tensor], torch.Tensor] = shifted_view_columns) -> dict[str, float]:
+    """The first convolution as one matrix product over the 3x3 neighbourhoods gathered from nine shifted views
+    (the output is channels_last as it comes), forward with the bias, and to the weights."""
+    xb = bf16(x)
+    w = F.pad(conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1), (0, 5)).to(torch.bfloat16)
+    b = conv.bias.detach().to(torch.bfloat16)
+    cols = columns(xb)
+    g = torch.randn(cols.shape[0], conv.out_channels, device="cuda", dtype=torch.bfloat16)
+    return {"forward_s": cuda_time(lambda: torch.addmm(b, columns(xb), w.t())), "to_input_s": 0.0,
+            "to_weight_s": cuda_time(lambda: g.t() @ cols)}
+
+
+def direct_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution (padding 1) of a few input channels as the sum of its taps' products, each output
+    element computed where it is written: one pointwise kernel once compiled. channels_last out."""
+    n, c, h, width = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).float()  # N, H+2, W+2, C
+    taps = w.permute(2, 3, 1, 0).float()  # 3, 3, C, O
+    out = b.float().expand(n, h, width, -1)
+    for i in range(3):
+        for j in range(3):
+            for k in range(c):
+                out = out + padded[:, i:i + h, j:j + width, k:k + 1] * taps[i, j, k]
+    return out.to(x.dtype).permute(0, 3, 1, 2)
+
+
+def time_direct(x: torch.Tensor, conv: torch.nn.Conv2d, run: Callable[..., torch.Tensor], relu: bool = False
+                ) -> dict[str, float]:
+    """The first convolution's forward as :func:`direct_conv` (compiled by the caller; with its ``relu``): time
+    and the largest difference from ``F.conv2d`` in fp32."""
+    xb, w, b = bf16(x), conv.weight.detach().to(torch.bfloat16), conv.bias.detach().to(torch.bfloat16)
+    reference = F.conv2d(xb.float(), w.float(), b.float(), padding=1)
+    error = (run(xb, w, b).float() - (reference.relu() if relu else reference)).abs().max().item()
+    return {"forward_s": cuda_time(lambda: run(xb, w, b)), "to_input_s": 0.0, "to_weight_s": 0.0,
+            "max_abs_error": error}
+
+
+def time_padded_autograd(x: torch.Tensor, conv: torch.nn.Conv2d, channels: int) -> dict[str, float]:
+    """Forward and backward of conv(pad(x), pad(w)) under bf16 autocast with w requiring a gradient: the whole
+    cost a padded first layer would add to a step, the pads and the gradient's slice included."""
+    xb = bf16(x)
+    w = conv.weight.detach().clone().requires_grad_()
+    b = conv.bias.detach().clone().requires_grad_()
+    pad = (0, 0, 0, 0, 0, channels - 3)
+
+    def forward() -> torch.Tensor:
+        with torch.autocast("cuda", torch.bfloat16):
+            return F.conv2d(F.pad(xb, pad).contiguous(memory_format=torch.channels_last),
+                            F.pad(w, pad).contiguous(memory_format=torch.channels_last), b, padding=conv.padding)
+
+    y = forward()
+    g = torch.randn_like(y)
+    total = cuda_time(lambda: forward().backward(g))
+    return {"forward_s": cuda_time(forward), "to_input_s": 0.0, "to_weight_s": total - cuda_time(forward)}
 
 
 def fc_times(model: torch.nn.Module, batch: int) -> list[dict[str, Any]]:
@@ -202,14 +298,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[128])
     parser.add_argument("--compile", action="store_true", help="also time and profile the compiled step")
     parser.add_argument("--peak-tflops", type=float, default=989.4, help="the GPU's dense bf16 peak (H100/H200)")
+    parser.add_argument("--first-conv-only", action="store_true", help="time only the first convolution's variants")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
               "size": args.size, "peak_tflops": args.peak_tflops, "runs": []}
     for batch in args.batch:
-        result["runs"].append(measure(args.config, batch, args.size, args.compile and batch == args.batch[0],
-                                      args.peak_tflops))
+        if args.first_conv_only:
+            model = vgg(args.config, input_size=args.size).cuda()
+            result["runs"].append({"batch": batch, "first_conv_variants": first_conv_variants(model, batch, args.size)})
+        else:
+            result["runs"].append(measure(args.config, batch, args.size, args.compile and batch == args.batch[0],
+                                          args.peak_tflops))
         if args.json:  # after each batch size, so that a cut keeps what was measured
             args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result["runs"][-1].items() if k != "layers"}), flush=True)
