@@ -4,7 +4,9 @@ For each batch size (``--batch``) every convolution of the net is timed alone in
 with cuDNN's autotuner (forward, backward to the input, except for the first layer, whose input needs
 no gradient, and backward to the weights and bias), and every FC layer's three matrix products; their
 sum is the fastest a training step built on these kernels can be, its MFU the ceiling of any training
-run's (``kernel_ceiling_mfu``). The first convolution is also timed with its 3 input channels padded
+run's (``kernel_ceiling_mfu``), the bias included as torch runs it beside cuDNN's kernels (an addition over
+the output, a sum of its gradient): ``verydeep bench``'s kernel ceiling leaves those out, since a compiled
+step fuses them into its Triton kernels. The first convolution is also timed with its 3 input channels padded
 with zeros to 4, 8 and 16, in NCHW, as an im2col matrix product and as a padded module under autograd
 (``first_conv_variants``: whether padding would lift it; ``--first-conv-only`` times just these). Then a
 whole training step of the same net (our VGG under bf16 autocast with per-image dropout seeds, the

@@ -130,8 +130,17 @@ def test_roofline_keeps_the_fastest_kernel_and_names_it() -> None:
     calls = []
     measure = roofline.Roofline({"small": (lambda: calls.append(1), 1e3), "large": (lambda: calls.append(1), 1e9)},
                                 torch.device("cpu"), repeats=2)
-    assert len(calls) == 2  # each warmed up once
-    assert measure() > 1e9 / 1e12 and measure.winners == ["large"] and len(calls) == 6
+    assert len(calls) == 4 and measure.calls == {"small": 1, "large": 1}  # each warmed up, then timed once
+    assert measure() > 1e9 / 1e12 and measure.winners == ["large"] and len(calls) == 8
+
+
+def test_short_gpu_kernels_are_timed_back_to_back() -> None:
+    """On a GPU a kernel is called back to back for at least GPU_TIMING_S a timing (at most 100 calls), so that
+    the waits for the device do not count as the kernel's time; on a CPU it is called once."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert roofline.back_to_back(1e-4, cuda) == math.ceil(roofline.GPU_TIMING_S / 1e-4)
+    assert roofline.back_to_back(1e-9, cuda) == 100 and roofline.back_to_back(1.0, cuda) == 1
+    assert roofline.back_to_back(1e-6, cpu) == 1
 
 
 def test_conv_shapes_of_a_tiny_net_by_hand() -> None:

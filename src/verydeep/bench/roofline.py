@@ -10,6 +10,7 @@ kernel that set it.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
@@ -32,6 +33,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GEMM_REPEATS = 5
 #: Timings of each convolution kernel per measurement: the fastest of dozens of kernels is kept already.
 CONV_REPEATS = 1
+#: The shortest timing of a kernel on a GPU, in seconds: one call of a small kernel between two waits for the
+#: device would time the wait and the launch as well, so it is called back to back that long.
+GPU_TIMING_S = 0.005
 #: The passes of a layer in a training step, as the kernels' names end.
 FORWARD, TO_INPUT, TO_WEIGHTS = "forward", "backward to the input", "backward to the weights"
 PASSES = (FORWARD, TO_INPUT, TO_WEIGHTS)
@@ -51,7 +55,7 @@ class Roofline:
     ``repeats`` timings, since a roofline is the rate the hardware can reach and a kernel slowed by
     another process on a shared machine says nothing of that. ``timed_too``: kernels timed alongside that
     cannot set the roofline (the ceiling's first layer and FC products, :mod:`.ceiling`); every kernel's
-    FLOP/s of each measurement is kept in :attr:`rates`."""
+    FLOP/s of each measurement is kept in :attr:`rates`. Each timing is of :func:`back_to_back` calls."""
 
     def __init__(self, kernels: dict[str, tuple[Callable[[], Any], float]], device: torch.device,
                  repeats: int, timed_too: dict[str, tuple[Callable[[], Any], float]] | None = None) -> None:
@@ -62,22 +66,34 @@ class Roofline:
         for run, _ in (kernels | self.timed_too).values():
             run()
         sync(device)
+        self.calls = {name: back_to_back(self.seconds(run), device)
+                      for name, (run, _) in (kernels | self.timed_too).items()}
 
-    def rate(self, run: Callable[[], Any], flops: float) -> float:
-        """FLOP/s of one call of ``run``."""
+    def seconds(self, run: Callable[[], Any], calls: int = 1) -> float:
+        """Seconds of ``calls`` calls of ``run`` back to back."""
         sync(self.device)
         start = time.perf_counter()
-        run()
+        for _ in range(calls):
+            run()
         sync(self.device)
-        return flops / max(time.perf_counter() - start, 1e-12)
+        return max(time.perf_counter() - start, 1e-12)
 
     def __call__(self) -> float:
-        rates = {name: max(self.rate(run, flops) for _ in range(self.repeats))
+        rates = {name: max(flops * self.calls[name] / self.seconds(run, self.calls[name])
+                           for _ in range(self.repeats))
                  for name, (run, flops) in (self.kernels | self.timed_too).items()}
         best = max(self.kernels, key=rates.__getitem__)
         self.winners.append(best)
         self.rates.append(rates)
         return rates[best] / 1e12
+
+
+def back_to_back(seconds: float, device: torch.device) -> int:
+    """Calls of a kernel that took ``seconds`` once to time together: on a GPU enough for :data:`GPU_TIMING_S`
+    (at most 100), on a CPU one (its kernels take milliseconds and the clock costs microseconds)."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(100, math.ceil(GPU_TIMING_S / seconds)))
 
 
 def gemm_roofline(device: torch.device, dtype: torch.dtype | None, n: int) -> Roofline:
@@ -108,7 +124,8 @@ def conv_label(shape: tuple[int, int, int, int], layout: str) -> str:
 def conv_kernels(shape: tuple[int, int, int, int], batch: int, device: torch.device,
                  dtype: torch.dtype) -> dict[str, tuple[Callable[[], Any], float]]:
     """A convolution of ``shape`` (:func:`conv_shapes`) on ``batch`` images in ``dtype``: its forward, backward to
-    the input and backward to the weights (and bias), in each of :data:`FORMATS`."""
+    the input and backward to the weights, in each of :data:`FORMATS`. Without the bias: adding it and summing
+    its gradient are elementwise passes over the output, which a compiler fuses into the ReLU's."""
     c_in, c_out, k, side = shape
     flops = 2 * batch * c_out * c_in * k * k * side * side
     pad, one = [k // 2] * 2, [1, 1]
@@ -118,12 +135,11 @@ def conv_kernels(shape: tuple[int, int, int, int], batch: int, device: torch.dev
         w = (torch.randn(c_out, c_in, k, k, device=device, dtype=dtype) / (k * c_in**0.5)).contiguous(
             memory_format=fmt)
         g = torch.randn(batch, c_out, side, side, device=device, dtype=dtype).contiguous(memory_format=fmt)
-        bias = torch.zeros(c_out, device=device, dtype=dtype)
-        backward = partial(torch.ops.aten.convolution_backward, g, x, w, [c_out], one, pad, one, False, [0, 0], 1)
+        backward = partial(torch.ops.aten.convolution_backward, g, x, w, None, one, pad, one, False, [0, 0], 1)
         label = conv_label(shape, name)
-        kernels[f"{label} {FORWARD}"] = (partial(F.conv2d, x, w, bias, padding=k // 2), flops)
+        kernels[f"{label} {FORWARD}"] = (partial(F.conv2d, x, w, padding=k // 2), flops)
         kernels[f"{label} {TO_INPUT}"] = (partial(backward, [True, False, False]), flops)
-        kernels[f"{label} {TO_WEIGHTS}"] = (partial(backward, [False, True, True]), flops)
+        kernels[f"{label} {TO_WEIGHTS}"] = (partial(backward, [False, True, False]), flops)
     return kernels
 
 
