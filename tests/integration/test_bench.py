@@ -290,9 +290,11 @@ def step_losses(run: Path) -> list[float]:
 
 def test_bf16_training_tracks_fp32(data: Path, tmp_path: Path) -> None:
     """The same tiny training (batch norm, no dropout, 3 epochs of 4 steps) in bf16 and in fp32: both
-    learn, and the mean losses of their last epochs are within 0.1 of each other."""
+    learn, and the mean losses of their last epochs are within 0.1 of each other. At a learning rate where
+    fp32 itself learns without spikes (at 0.05 a bf16 spike in the last epoch came and went with the
+    number of threads, whose order of summation changes the rounding)."""
     losses = {p: step_losses(Path(train(tiny(data, tmp_path / p, precision=p, epochs=3, batch_norm=True,
-                                                 dropout=0.0)).run_dir)) for p in ("fp32", "bf16")}
+                                                 dropout=0.0, lr=0.02)).run_dir)) for p in ("fp32", "bf16")}
     last = {p: sum(values[-4:]) / 4 for p, values in losses.items()}
     assert all(last[p] < 0.6 * losses[p][0] for p in losses)
     assert abs(last["bf16"] - last["fp32"]) < 0.1
