@@ -34,8 +34,8 @@ def run_bench(settings: Settings) -> dict[str, Any]:
         trainer = open_trainer(settings, root, Path(scratch))
         photo = next(p for p in sorted((root / "train").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg"))
         net = inference_net(trainer)
-        kernels = {dtype: ceiling.layer_kernels(trainer.model, settings.size, settings.batch, device, dtype)}
-        rooflines = roofline_contenders(settings, trainer.model, {None, dtype, peer}, device, kernels)
+        layer_kernels = {dtype: ceiling.layer_kernels(trainer.model, settings.size, settings.batch, device, dtype)}
+        rooflines = roofline_contenders(settings, trainer.model, {None, dtype, peer}, device, layer_kernels)
         best, peer_info = best_contenders(settings, len(trainer.data.classes), device, peer)
         contenders = {**rooflines, **reference_contenders(settings, len(trainer.data.classes), device), **best,
                       **trainer_contenders(trainer, net, settings.steps),  # the loader's prefetching after

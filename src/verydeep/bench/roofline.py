@@ -33,9 +33,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GEMM_REPEATS = 5
 #: Timings of each convolution kernel per measurement: the fastest of dozens of kernels is kept already.
 CONV_REPEATS = 1
-#: The shortest timing of a kernel on a GPU, in seconds: one call of a small kernel between two waits for the
-#: device would time the wait and the launch as well, so it is called back to back that long.
-GPU_TIMING_S = 0.005
+#: The shortest timing of a kernel, in seconds: a shorter kernel is called back to back that long, since one call
+#: alone also times, on a GPU, the wait for the device and the launch, and on a CPU the caches the kernels timed
+#: before it left cold.
+MIN_TIMING_S = 0.005
 #: The passes of a layer in a training step, as the kernels' names end.
 FORWARD, TO_INPUT, TO_WEIGHTS = "forward", "backward to the input", "backward to the weights"
 PASSES = (FORWARD, TO_INPUT, TO_WEIGHTS)
@@ -66,7 +67,7 @@ class Roofline:
         for run, _ in (kernels | self.timed_too).values():
             run()
         sync(device)
-        self.calls = {name: back_to_back(self.seconds(run), device)
+        self.calls = {name: back_to_back(self.seconds(run))
                       for name, (run, _) in (kernels | self.timed_too).items()}
 
     def seconds(self, run: Callable[[], Any], calls: int = 1) -> float:
@@ -88,12 +89,9 @@ class Roofline:
         return rates[best] / 1e12
 
 
-def back_to_back(seconds: float, device: torch.device) -> int:
-    """Calls of a kernel that took ``seconds`` once to time together: on a GPU enough for :data:`GPU_TIMING_S`
-    (at most 100), on a CPU one (its kernels take milliseconds and the clock costs microseconds)."""
-    if device.type != "cuda":
-        return 1
-    return max(1, min(100, math.ceil(GPU_TIMING_S / seconds)))
+def back_to_back(seconds: float) -> int:
+    """Calls of a kernel that took ``seconds`` once to time together: enough for :data:`MIN_TIMING_S`, at most 100."""
+    return max(1, min(100, math.ceil(MIN_TIMING_S / seconds)))
 
 
 def gemm_roofline(device: torch.device, dtype: torch.dtype | None, n: int) -> Roofline:

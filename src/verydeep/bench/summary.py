@@ -52,15 +52,20 @@ def peer_fields(rounds: dict[str, list[float]], peer: dict[str, Any], roof: list
     return fields
 
 
-def ceiling_fields(rounds: dict[str, list[float]], roof: list[float], flops: dict[str, int]) -> dict[str, Any]:
+def ceiling_fields(rounds: dict[str, list[float]], roof: list[float], flops: dict[str, int],
+                   peer: dict[str, Any] | None) -> dict[str, Any]:
     """The kernel ceiling (:mod:`.ceiling`) of training and inference: its rate, its share of the roofline
-    ``roof`` (per round) and our share of it, each the median of the rounds' own."""
+    ``roof`` (per round), our share of it and, where ``peer`` (torchvision at its best, its variants chosen) runs
+    in our precision, the peer's; each the median of the rounds' own."""
     fields: dict[str, Any] = {}
     for mode in ("train", "infer"):
         ceiling = rounds[f"ceiling_{mode}_tflops"]
         fields[f"{mode}_kernel_ceiling_img_s"] = sig(statistics.median(ceiling) * 1e12 / flops[mode])
         fields[f"{mode}_kernel_ceiling_roofline_share"] = paired(ceiling, roof)
         fields[f"{mode}_share_of_kernel_ceiling"] = paired(rounds[mode], ceiling, flops[mode] / 1e12)
+        if peer is not None:
+            best = rounds[f"torchvision_best_{peer[mode]}_{mode}"]
+            fields[f"torchvision_best_{mode}_share_of_kernel_ceiling"] = paired(best, ceiling, flops[mode] / 1e12)
     return fields
 
 
@@ -107,7 +112,8 @@ def summarise(rounds: dict[str, list[float]], macs: int, dtype: torch.dtype | No
     if peer is not None:
         result.update(peer_fields(rounds, peer, roofs[peer["precision"]][0], flops))
     if "ceiling_train_tflops" in rounds:
-        result.update(ceiling_fields(rounds, roofs[precision][0], flops))
+        same = result.get("torchvision_best") if peer is not None and peer["precision"] == precision else None
+        result.update(ceiling_fields(rounds, roofs[precision][0], flops, same))
     return result | {
         "end_to_end_img_s": sig(m["end_to_end"]),
         "end_to_end_vs_step": paired(rounds["end_to_end"], rounds["train"]),
@@ -146,11 +152,14 @@ def ceiling_rows(result: dict[str, Any]) -> list[str]:
     """The table's line of the kernel ceiling, when measured."""
     if "train_kernel_ceiling_img_s" not in result:
         return []
+    peer = (f", torchvision at its best {result['torchvision_best_train_share_of_kernel_ceiling']:.0%} and "
+            f"{result['torchvision_best_infer_share_of_kernel_ceiling']:.0%}"
+            if "torchvision_best_train_share_of_kernel_ceiling" in result else "")
     return [f"kernel ceiling (each layer's kernels alone, at their best): train "
             f"{result['train_kernel_ceiling_img_s']:.1f} img/s = {result['train_kernel_ceiling_roofline_share']:.0%} "
             f"of the roofline, inference {result['infer_kernel_ceiling_img_s']:.1f} = "
             f"{result['infer_kernel_ceiling_roofline_share']:.0%}; ours {result['train_share_of_kernel_ceiling']:.0%} "
-            f"and {result['infer_share_of_kernel_ceiling']:.0%} of it"]
+            f"and {result['infer_share_of_kernel_ceiling']:.0%} of it{peer}"]
 
 
 def render(result: dict[str, Any]) -> str:
