@@ -5,7 +5,7 @@
 #   1. `verydeep bench --device cuda --json` at full size (VGG-16, 224, batch 64, on its generated JPEGs:
 #      Imagenette's 3,000 training images are fewer than its rounds need): the roofline, torchvision's
 #      VGG in fp32 and at its best (autocast, channels_last, fused update, eager and compiled, the faster kept),
-#      our step, inference and end to end; its JSON into docs/benchmarks/bench-<date>-<gpu>.json and $OUT;
+#      our step, inference and end to end; its JSON into docs/benchmarks/bench-<date>T<time>-<gpu>.json and $OUT;
 #   2. end-to-end `verydeep train` of D at 224 on Imagenette's JPEGs, each of VARIANTS (default "gpu+compile
 #      cpu+compile gpu cpu": --decode gpu and --decode cpu, compiled and eager), STEPS
 #      steps each (Imagenette's one epoch at batch 128), the first 8 left out: images a second and MFU
@@ -37,10 +37,9 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   $python -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__)"
 } > "$out/machine.txt" 2>&1
-day=$(date -u +%F)
-stamp=$(date -u +%FT%H%M)  # two runs a day keep their own training and ceiling records
+stamp=$(date -u +%FT%H%M)  # two runs a day keep their own records
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
-stem="docs/benchmarks/bench-$day-${gpu:-gpu}"
+stem="docs/benchmarks/bench-$stamp-${gpu:-gpu}"
 
 if [ "${data%.tgz}" != "$data" ]; then
   mkdir -p /tmp/gpu-checks-data && tar xzf "$data" -C /tmp/gpu-checks-data
