@@ -19,7 +19,17 @@ import torch
 from torch import nn
 
 from verydeep.bench.measure import layer_calls
-from verydeep.bench.roofline import FORMATS, FORWARD, PASSES, TO_INPUT, TO_WEIGHTS, conv_kernels, conv_label
+from verydeep.bench.roofline import (
+    FORMATS,
+    FORWARD,
+    PASSES,
+    TO_INPUT,
+    TO_WEIGHTS,
+    conv_flops,
+    conv_kernels,
+    conv_label,
+    conv_shape,
+)
 
 #: A layer call as the ceiling needs it: the kernels' names of each pass it runs in training, and its FLOPs.
 Layer = tuple[dict[str, list[str]], float]
@@ -30,20 +40,23 @@ def fc_label(module: nn.Linear) -> str:
     return f"fc {module.in_features}->{module.out_features}"
 
 
+def fc_flops(module: nn.Linear, batch: int) -> int:
+    """FLOPs of one of an FC layer's products on ``batch`` inputs."""
+    return 2 * batch * module.in_features * module.out_features
+
+
 def layers(model: nn.Module, size: int, batch: int) -> list[Layer]:
     """Each conv and FC call of ``model`` on ``batch`` images of ``size``: for each pass of a training step (no
     backward to the input of the first layer), the names of the kernels that can run it, and the call's FLOPs."""
     out: list[Layer] = []
-    for i, (module, inputs, outputs) in enumerate(layer_calls(model, size)):
+    for i, (module, inputs, _) in enumerate(layer_calls(model, size)):
         passes = PASSES if i else (FORWARD, TO_WEIGHTS)
         if isinstance(module, nn.Conv2d):
-            shape = (module.in_channels, module.out_channels, module.kernel_size[0], inputs[-1])
-            names = {p: [f"{conv_label(shape, layout)} {p}" for layout in FORMATS] for p in passes}
-            flops = 2 * batch * outputs[1:].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            shape = conv_shape(module, inputs[-1])
+            out.append(({p: [f"{conv_label(shape, layout)} {p}" for layout in FORMATS] for p in passes},
+                        conv_flops(shape, batch)))
         else:
-            names = {p: [f"{fc_label(module)} {p}"] for p in passes}
-            flops = 2 * batch * module.in_features * module.out_features
-        out.append((names, flops))
+            out.append(({p: [f"{fc_label(module)} {p}"] for p in passes}, fc_flops(module, batch)))
     return out
 
 
@@ -53,8 +66,8 @@ def layer_kernels(model: nn.Module, size: int, batch: int, device: torch.device,
     and backward to the weights, and each FC layer's three matrix products, at ``batch`` in ``dtype``."""
     calls = layer_calls(model, size)
     first, inputs, _ = calls[0]
-    shape = (first.in_channels, first.out_channels, first.kernel_size[0], inputs[-1])
-    kernels = {name: k for name, k in conv_kernels(shape, batch, device, dtype or torch.float32).items()
+    kernels = {name: k for name, k in conv_kernels(conv_shape(first, inputs[-1]), batch, device,
+                                                   dtype or torch.float32).items()
                if not name.endswith(TO_INPUT)}
     for module, _, _ in calls:
         if isinstance(module, nn.Linear):
@@ -68,7 +81,7 @@ def fc_kernels(module: nn.Linear, batch: int, device: torch.device, dtype: torch
     x = torch.randn(batch, module.in_features, device=device, dtype=dtype)
     w = torch.randn(module.out_features, module.in_features, device=device, dtype=dtype) / module.in_features**0.5
     g = torch.randn(batch, module.out_features, device=device, dtype=dtype)
-    flops, label = 2 * batch * module.in_features * module.out_features, fc_label(module)
+    flops, label = fc_flops(module, batch), fc_label(module)
     return {f"{label} {FORWARD}": (partial(torch.mm, x, w.t()), flops),
             f"{label} {TO_INPUT}": (partial(torch.mm, g, w), flops),
             f"{label} {TO_WEIGHTS}": (partial(torch.mm, g.t(), x), flops)}

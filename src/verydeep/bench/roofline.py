@@ -105,11 +105,20 @@ def conv_shapes(model: nn.Module, size: int) -> list[tuple[int, int, int, int]]:
     ``size`` x ``size`` image, but the first (3 input channels: not a large product)."""
     shapes: list[tuple[int, int, int, int]] = []
     for module, inputs, _ in layer_calls(model, size):
-        if isinstance(module, nn.Conv2d):
-            shape = (module.in_channels, module.out_channels, module.kernel_size[0], inputs[-1])
-            if shape not in shapes:
-                shapes.append(shape)
+        if isinstance(module, nn.Conv2d) and (shape := conv_shape(module, inputs[-1])) not in shapes:
+            shapes.append(shape)
     return shapes[1:]
+
+
+def conv_shape(conv: nn.Conv2d, side: int) -> tuple[int, int, int, int]:
+    """(in channels, out channels, kernel side, input side) of ``conv`` on a ``side`` x ``side`` input."""
+    return conv.in_channels, conv.out_channels, conv.kernel_size[0], side
+
+
+def conv_flops(shape: tuple[int, int, int, int], batch: int) -> int:
+    """FLOPs of a convolution of ``shape`` (:func:`conv_shape`, padded to keep its side) on ``batch`` images."""
+    c_in, c_out, k, side = shape
+    return 2 * batch * c_out * c_in * k * k * side * side
 
 
 def conv_label(shape: tuple[int, int, int, int], layout: str) -> str:
@@ -125,7 +134,7 @@ def conv_kernels(shape: tuple[int, int, int, int], batch: int, device: torch.dev
     the input and backward to the weights, in each of :data:`FORMATS`. Without the bias: adding it and summing
     its gradient are elementwise passes over the output, which a compiler fuses into the ReLU's."""
     c_in, c_out, k, side = shape
-    flops = 2 * batch * c_out * c_in * k * k * side * side
+    flops = conv_flops(shape, batch)
     pad, one = [k // 2] * 2, [1, 1]
     kernels: dict[str, tuple[Callable[[], Any], float]] = {}
     for name, fmt in FORMATS.items():
