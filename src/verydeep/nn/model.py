@@ -101,10 +101,6 @@ def _mix64(z: Tensor) -> Tensor:
     return _xor_shifted(z, 31, scratch)
 
 
-# Left out of torch.compile's graphs: on CUDA, inductor folds the counters' products into int32 index
-# arithmetic, where splitmix64's 64-bit constants do not fit and Triton refuses the kernel. The masks are
-# a few int64 operations over (batch, 4096): eager costs nothing next to the convolutions.
-@torch.compiler.disable
 def dropout_keep(seeds: Tensor, layer: int, units: int, p: float) -> Tensor:
     """Which of ``units`` units each image keeps (bool, ``(len(seeds), units)``) under dropout at rate ``p``
     (Sec. 3.1), from each image's int64 seed alone: so the same whatever batch, micro-batch or process
@@ -115,13 +111,27 @@ def dropout_keep(seeds: Tensor, layer: int, units: int, p: float) -> Tensor:
     ``2i + 1`` (its high 32 bits) their draws, each read as a signed int32 plus 2^31, and a unit is kept
     when its draw, as a fraction of 2^32, is at least ``p`` (rounded to 2^-32).
     """
+    return torch.ops.verydeep.dropout_keep(seeds.to(torch.int64), layer, units, float(p))
+
+
+# One operator to torch.compile: its graph keeps the masks' few int64 operations over (batch, 4096) as one
+# opaque call rather than breaking around them (on CUDA, inductor would fold the counters' products into
+# int32 index arithmetic, where splitmix64's 64-bit constants do not fit and Triton refuses the kernel),
+# and fuses what uses the masks with the layers around them.
+@torch.library.custom_op("verydeep::dropout_keep", mutates_args=())
+def _dropout_keep(seeds: Tensor, layer: int, units: int, p: float) -> Tensor:
     if p >= 1:
         return torch.zeros(len(seeds), units, dtype=torch.bool, device=seeds.device)
-    keys = _mix64(seeds.to(torch.int64) + _int64((layer + 1) * GOLDEN))
+    keys = _mix64(seeds + _int64((layer + 1) * GOLDEN))
     counters = torch.arange(1, (units + 1) // 2 + 1, dtype=torch.int64, device=seeds.device).mul_(GOLDEN)
     draws = _mix64(keys[:, None] + counters)
     # the 32-bit halves, low first (every platform torch runs on is little-endian), as signed int32
     return draws.view(torch.int32)[:, :units] >= min(round(p * 2**32), 2**32 - 1) - (1 << 31)
+
+
+@_dropout_keep.register_fake
+def _(seeds: Tensor, layer: int, units: int, p: float) -> Tensor:
+    return seeds.new_empty((len(seeds), units), dtype=torch.bool)
 
 
 class SeededDropout(nn.Dropout):
