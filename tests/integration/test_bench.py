@@ -14,7 +14,7 @@ from verydeep import runtime, vgg
 from verydeep.bench import ceiling, peer, roofline
 from verydeep.bench.data import bench_data
 from verydeep.bench.measure import count_macs
-from verydeep.bench.ours import open_trainer, steady_img_s
+from verydeep.bench.ours import as_run, inference_net, open_trainer, steady_img_s
 from verydeep.bench.reference import best_contenders
 from verydeep.bench.settings import Settings
 from verydeep.bench.summary import summarise
@@ -212,8 +212,9 @@ def test_the_compiled_peer_left_out_on_request() -> None:
     assert info["compile_error"] is None and info["precision"] == "fp32"
 
 
-def test_bench_compile_runs_the_compiled_trainer(tmp_path: Path) -> None:
-    """``--compile`` benches the trainer as ``train --compile`` builds it (compiled on its first step)."""
+def test_bench_compile_runs_the_compiled_trainer_and_inference(tmp_path: Path) -> None:
+    """``--compile`` benches the trainer as ``train --compile`` builds it (compiled on its first step), and inference
+    as ``eval --compile`` runs it."""
     jpegs = write_dataset(tmp_path / "jpegs", {"train": 18}, size=(48, 40), ext="jpg")
     for compiled in (False, True):
         settings = Settings("A", 32, 1 / 16, 4, 1, 1, "cpu", 64, jpegs, 0, compiled)
@@ -224,6 +225,8 @@ def test_bench_compile_runs_the_compiled_trainer(tmp_path: Path) -> None:
         assert trainer.cfg.compile is compiled
         assert (trainer.stepper.forward_model is not trainer.model) is compiled
         assert isinstance(trainer.stepper.forward_model, torch._dynamo.eval_frame.OptimizedModule) is compiled
+        # inference and evaluation as `eval --compile` runs them
+        assert isinstance(as_run(trainer, inference_net(trainer)), torch._dynamo.eval_frame.OptimizedModule) is compiled
 
 
 def test_end_to_end_rate_from_the_trainers_step_records(tmp_path: Path) -> None:

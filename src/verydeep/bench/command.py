@@ -68,7 +68,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=None,
                    help=f"folder of JPEGs in class folders (default: {DEFAULT_DATA} when present, else generated)")
     add_workers(p)
-    p.add_argument("--compile", action="store_true", help="the trainer as `train --compile` runs it")
+    p.add_argument("--compile", action="store_true",
+                   help="the trainer as `train --compile` runs it, inference and evaluation as `eval --compile`")
     p.add_argument("--no-compiled-peer", dest="compiled_peer", action="store_false",
                    help="torchvision at its best eager only, not also compiled (compiling takes minutes on a CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object last")

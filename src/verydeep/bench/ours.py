@@ -61,6 +61,12 @@ def inference_net(trainer: Any) -> nn.Module:
                            trainer.dtype).eval()
 
 
+def as_run(trainer: Any, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` as the bench runs it: through ``torch.compile`` when the trainer compiles (``--compile``:
+    ``train --compile`` and ``eval --compile``), else itself."""
+    return torch.compile(module) if trainer.cfg.compile else module
+
+
 def steady_img_s(run_dir: Path, steps: int, batch: int) -> float:
     """Images per second of the last ``steps`` training steps, from the trainer's step records."""
     lines = RunDir(run_dir).metrics.read_text().splitlines()
@@ -77,6 +83,7 @@ def trainer_contenders(trainer: Any, model: nn.Module, steps: int) -> dict[str, 
     batch, draws = trainer.stepper.on_device(loaded, draws)
     images = batch.images.shape[0]
     x = trainer.stepper.input(batch, draws.shifts).clone(memory_format=torch.preserve_format)
+    forward = as_run(trainer, model)
 
     def train_step() -> None:
         trainer.finish_step(trainer.stepper.micro_step(batch, draws, sync=True), images, 0)
@@ -84,7 +91,7 @@ def trainer_contenders(trainer: Any, model: nn.Module, steps: int) -> dict[str, 
     @torch.inference_mode()
     def infer_step() -> None:
         with runtime.autocast(device, trainer.dtype):
-            model(x)
+            forward(x)
 
     def end_to_end(count: int = steps) -> float:
         target = trainer.step + left_out(trainer.workers) + count
@@ -107,7 +114,7 @@ def protocol_contenders(trainer: Any, model: nn.Module, photo: Path) -> dict[str
     device, crop = trainer.device, trainer.cfg.crop
     inputs = [to_input(RescaleTransform(q)(photo).unsqueeze(0).to(device), trainer.pre)
               .contiguous(memory_format=torch.channels_last) for q in test_scales(crop)]
-    dense = model.dense()
+    forward, dense = as_run(trainer, model), as_run(trainer, model.dense())
 
     def seconds(protocol: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], float]:
         @torch.inference_mode()
@@ -123,5 +130,5 @@ def protocol_contenders(trainer: Any, model: nn.Module, photo: Path) -> dict[str
         measure()
         return measure
 
-    return {"multicrop_s": seconds(lambda x: multicrop_posteriors(model, x, crop, flip=True)),
+    return {"multicrop_s": seconds(lambda x: multicrop_posteriors(model, x, crop, flip=True, forward=forward)),
             "dense_s": seconds(lambda x: dense_posteriors(dense, x, flip=True))}

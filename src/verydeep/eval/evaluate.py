@@ -115,12 +115,14 @@ def evaluate(
     decode: str = "auto",
     weights_dir: str | Path | None = None,
     over_data_classes: bool = False,
+    compile: bool = False,
 ) -> EvalResult:
     """Evaluate nets (``sources``, as :func:`verydeep.load` reads them) on a labelled split of ``data``
     with the protocols of Sec. 3.2, each net at its own crop, convention and test scales (``scales``,
     else :func:`~verydeep.eval.nets.net_scales`), several nets also fused; ``limit``: a class-balanced
     subset; ``decode``: where JPEGs are decoded; nets of more classes than the data's scored over their
-    softmax, or the data's classes with ``over_data_classes`` (:mod:`verydeep.eval.classmap`)."""
+    softmax, or the data's classes with ``over_data_classes`` (:mod:`verydeep.eval.classmap`); ``compile``: the
+    nets run through ``torch.compile``."""
 
     protocols = check_options(protocols, scales, batch_size, workers)
     started = time.perf_counter()
@@ -130,6 +132,8 @@ def evaluate(
         keep_freed_memory()  # no fresh pages for every batch's activations
     dtype = sharding.agreed(autocast_dtype(torch_device, precision))  # measured: the first process's
     nets = load_nets(sources, scales, split, torch_device, weights_dir, dtype)
+    for net in nets if compile else ():
+        net.compile()
     dataset, mapping = open_labelled(split, nets, limit, over_data_classes)
     settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
                              progress, gpu.resolve_decode(decode, torch_device))
@@ -209,6 +213,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     add_precision(p)
     p.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
                    help="where JPEGs are decoded: auto (the GPU when evaluating on CUDA), cpu, gpu")
+    p.add_argument("--compile", action="store_true",
+                   help="run the nets through torch.compile: faster on a GPU once compiled (each net's first batch of "
+                        "crops and its first two sizes of whole image compile); scores equal up to rounding")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate only N images (class-balanced, deterministic)")
     p.add_argument("--out", type=output_dir, default=None,
@@ -228,7 +235,7 @@ def run_cli(args: argparse.Namespace) -> None:
             given_weights(args), args.data, protocols=args.protocol, scales=args.scales, flip=args.flip,
             batch_size=args.batch_size, device=args.device, precision=args.precision, workers=args.workers,
             limit=args.limit, progress=args.progress, keep_posteriors=args.out is not None, decode=args.decode,
-            weights_dir=args.weights_dir, over_data_classes=args.over_data_classes,
+            weights_dir=args.weights_dir, over_data_classes=args.over_data_classes, compile=args.compile,
         )
     if not procs.main:
         return

@@ -5,7 +5,7 @@ and test scales Q, derived from its training scale S as the paper does ({S-32, S
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,9 +84,18 @@ class Net:
     scales: list[int]
     preprocess: Any
     dense: DenseVGG = field(init=False)
+    #: what computes the crops' and the dense scores: the model and its dense form, or their compiled forms
+    run_model: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+    run_dense: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         self.dense = self.model.dense()
+        self.run_model, self.run_dense = self.model, self.dense
+
+    def compile(self) -> None:
+        """Run both forms through ``torch.compile`` (``eval --compile``): each compiles on its first batch,
+        and once more, for any size, when a second size of input comes (the dense form's whole images)."""
+        self.run_model, self.run_dense = torch.compile(self.model), torch.compile(self.dense)
 
     @property
     def crop(self) -> int:

@@ -7,7 +7,7 @@ for every net that needs them, the passes shared among ``torchrun``'s processes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +36,9 @@ ACTIVATION_BUDGET = 128 * 224 * 224 * 64
 # ---- posteriors ---------------------------------------------------------------------------
 
 
-def dense_posteriors(dense: DenseVGG, x: Tensor, flip: bool = True) -> Tensor:
-    """Sec. 3.2 dense evaluation of a batch of normalised images (N, 3, H, W) -> posteriors (N, classes).
+def dense_posteriors(dense: DenseVGG | Callable[[Tensor], Tensor], x: Tensor, flip: bool = True) -> Tensor:
+    """Sec. 3.2 dense evaluation of a batch of normalised images (N, 3, H, W) -> posteriors (N, classes), by
+    ``dense`` (a :class:`DenseVGG`, or its compiled form).
 
     The class score map is averaged spatially, then softmax; with ``flip`` the mirrored image's
     posterior is averaged in. Scores are taken to fp32 before averaging.
@@ -49,24 +50,26 @@ def dense_posteriors(dense: DenseVGG, x: Tensor, flip: bool = True) -> Tensor:
 
 
 def multicrop_posteriors(
-    model: VGG, x: Tensor, crop: int, grid: int = 5, flip: bool = True, chunk: int | None = None
+    model: VGG, x: Tensor, crop: int, grid: int = 5, flip: bool = True, chunk: int | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Sec. 3.2 multi-crop evaluation: posteriors (N, classes) averaged over the grid crops and flips.
 
-    Crops go through the net at most ``chunk`` at a time (whole images per forward; by default
-    as many as :data:`ACTIVATION_BUDGET` allows) to bound memory.
+    Crops go through the net (``forward``: ``model``, or its compiled form) at most ``chunk`` at a time
+    (whole images per forward; by default as many as :data:`ACTIVATION_BUDGET` allows) to bound memory.
     """
 
     per_image = grid * grid * (2 if flip else 1)
     if chunk is None:
         chunk = ACTIVATION_BUDGET // (crop * crop * model.features[0].out_channels)
     step = max(1, chunk // per_image)
+    forward = model if forward is None else forward
     out = []
     for start in range(0, x.shape[0], step):
         crops = grid_crops(x[start : start + step], crop, grid, flip)
         n = crops.shape[0]
         crops = crops.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        out.append(model(crops).float().softmax(dim=1).view(n, per_image, -1).mean(dim=1))
+        out.append(forward(crops).float().softmax(dim=1).view(n, per_image, -1).mean(dim=1))
     return torch.cat(out)
 
 
@@ -141,10 +144,10 @@ class PassTiming:
 def net_posteriors(net: Net, kind: str, x: Tensor, flip: bool) -> Tensor:
     """One net's posteriors (N, classes) of a batch of inputs by one kind of evaluation."""
     if kind == "dense":
-        return dense_posteriors(net.dense, x, flip)
+        return dense_posteriors(net.run_dense, x, flip)
     if kind == "multicrop":
-        return multicrop_posteriors(net.model, x, net.crop, flip=flip)
-    return net.model(x).float().softmax(dim=1)
+        return multicrop_posteriors(net.model, x, net.crop, flip=flip, forward=net.run_model)
+    return net.run_model(x).float().softmax(dim=1)
 
 
 def pass_batches(dataset: Any, sweep: Pass, size: int) -> list[list[int]]:

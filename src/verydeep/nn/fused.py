@@ -29,8 +29,10 @@ def _built_with_fused_convolution() -> bool:
 def _fusable() -> bool:
     """oneDNN's fused convolution is in this build, and nothing is tracing, compiling or exporting the
     model (those see the modules)."""
-    return _built_with_fused_convolution() and not (
-        torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+    # asked first: a compiler then never traces the cached question
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return _built_with_fused_convolution()
 
 
 def _fast(x: Tensor) -> bool:

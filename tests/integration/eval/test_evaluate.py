@@ -455,6 +455,26 @@ def test_evaluate_holds_the_nets_in_the_precision_it_runs(folder, checkpoint, mo
     assert held == [torch.bfloat16, torch.float32]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_nets_give_the_eager_posteriors(folder, checkpoint, monkeypatch, device):
+    """``eval --compile``: every protocol's posteriors through ``torch.compile``d nets (whole images of several
+    sizes included), equal to the eager ones up to rounding."""
+    torch._dynamo.reset()
+    compiled: list[Net] = []
+    monkeypatch.setattr(Net, "compile", lambda net, original=Net.compile: (compiled.append(net), original(net)))
+    protocols = ("dense", "multicrop", "center")
+    options = {"protocols": protocols, "scales": [36], "device": device, "precision": "fp32", "keep_posteriors": True}
+    eager = run([checkpoint], folder, **options)
+    assert not compiled
+    result = run([checkpoint], folder, **options, compile=True)
+    assert len(compiled) == 1 and isinstance(compiled[0].run_dense, torch._dynamo.eval_frame.OptimizedModule)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the crops' net and the dense one
+    for key, expected in eager.posteriors.arrays.items():
+        np.testing.assert_allclose(result.posteriors.arrays[key], expected, atol=2e-3 if device == "cuda" else 1e-5,
+                                   err_msg=key)
+    assert [r.top1_error for r in result.rows] == [r.top1_error for r in eager.rows]
+
+
 @pytest.mark.gpu
 def test_cuda_posteriors_match_cpu(folder, checkpoint):
     cpu = run([checkpoint], folder, device="cpu", keep_posteriors=True)
