@@ -6,6 +6,8 @@
 #      Imagenette's 3,000 training images are fewer than its rounds need): the roofline, torchvision's
 #      VGG in fp32 and at its best (autocast, channels_last, fused update, eager and compiled, the faster kept),
 #      our step, inference and end to end; its JSON into docs/benchmarks/bench-<date>T<time>-<gpu>.json and $OUT;
+#   1b. benchmarks/profile_step.py --device cuda --compile: our training step and torchvision's at its best (both
+#      compiled), GPU kernel time by kind, side by side, into docs/benchmarks/profile-<date>T<time>-<gpu>.json;
 #   2. end-to-end `verydeep train` of D at 224 on Imagenette's JPEGs, each of VARIANTS (default "gpu+compile
 #      cpu+compile gpu cpu": --decode gpu and --decode cpu, compiled and eager), STEPS
 #      steps each (Imagenette's one epoch at batch 128), the first 8 left out: images a second and MFU
@@ -22,7 +24,7 @@
 # steps a run, default 23: Imagenette's one epoch at batch 128, no validation or checkpoint after it), WORKERS
 # (loader processes, default the cores less two), PEAK_TFLOPS (the GPU's dense bf16 peak where train_mfu.py
 # does not know the GPU), BENCH_TIMEOUT, TRAIN_TIMEOUT, TEST_TIMEOUT (each step's limit in seconds, defaults 420,
-# 300, 300; 0 leaves the step out), CEILING_TIMEOUT (default 240; 0 leaves it out), CEILING_ARGS (default
+# 300, 300; 0 leaves the step out), PROFILE_TIMEOUT (default 180; 0 leaves it out), CEILING_TIMEOUT (default 240; 0 leaves it out), CEILING_ARGS (default
 # "--batch 128 256 --compile").
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 set -u
@@ -64,6 +66,15 @@ if [ "${BENCH_TIMEOUT:-420}" != 0 ]; then
   else
     rm -f "$stem.json"
   fi
+fi
+
+# 1b. where our step and the peer's go, kernel kind by kind
+profile="docs/benchmarks/profile-$stamp-${gpu:-gpu}.json"
+if [ "${PROFILE_TIMEOUT:-180}" != 0 ]; then
+  timeout "${PROFILE_TIMEOUT:-180}" $python benchmarks/profile_step.py --device cuda --width 1 --size 224 --batch 64 \
+    --compile --json > "$out/profile.txt" 2>&1
+  echo "profile exit $?" >> "$out/profile.txt"
+  grep '^{' "$out/profile.txt" | tail -1 > "$profile" && [ -s "$profile" ] && cp "$profile" "$out/" || rm -f "$profile"
 fi
 
 # 2. end to end on JPEGs, decoded on the GPU and on the CPU
