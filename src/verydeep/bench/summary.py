@@ -168,7 +168,8 @@ def render(result: dict[str, Any]) -> str:
     where = hw.get("gpu") or f"{hw['cpu']}, {hw['threads']} threads"
     lines = [
         f"VGG-{s['config']} width {s['width']:g}, {s['size']}x{s['size']}, batch {s['batch']}, on {where}; "
-        f"precision {result['precision']}{', trainer compiled' if s.get('compile') else ''}; {s['rounds']} rounds, "
+        f"precision {result['precision']}{', ours compiled (train and eval --compile)' if s.get('compile') else ''}; "
+        f"{s['rounds']} rounds, "
         f"medians; images: {s['data']}",
         *(f"roofline {p}: {r['tflops']:.3f} TFLOP/s ({r['kernel']})" for p, r in result["rooflines"].items()),
         f"{'':<26}{'train img/s':>12}{'share':>8}{'infer img/s':>13}{'share':>8}",
