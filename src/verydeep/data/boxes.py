@@ -5,13 +5,16 @@ dataset root, 0-based inclusive pixels, one file for all splits: Tiny ImageNet's
 PASCAL VOC / ILSVRC XML annotations (``Annotations/**/<image>.xml``, any number of boxes per
 image, each with its class) or Kaggle's ``LOC_*_solution.csv``. In memory a box is four floats
 of continuous coordinates ``(x0, y0, x1, y1)``: the inclusive pixel box ``xmin..xmax`` covers
-``[xmin, xmax + 1)``. Each box remembers where it was read (file and line), so that a box that
-does not fit its image is refused naming both.
+``[xmin, xmax + 1)``. A coordinate is a plain decimal number (no ``1_0``, no hexadecimal), finite.
+Each box remembers where it was read (file and line, the ``<bndbox>``'s line in XML), so that a box
+that does not fit its image is refused naming both.
 
-Annotations reach images by path (:func:`match_boxes`): the annotation whose path (relative to the
-boxes file's root or the XML folder, without its suffix) shares the most trailing components with
-the image's path relative to the data root wins, a tie is an error; a match on the file name alone
-(an id such as ILSVRC's or VOC's) only when no other image or annotation has that name.
+Annotations reach images by path (:func:`match_boxes`): an annotation's path (relative to the boxes
+file's root or the XML folder, without its suffix) is the image's path relative to the data root
+(without its suffix), or an id: the image's file name alone (Kaggle's CSV, VOC's flat
+``Annotations/``) or under its leading folders only (ILSVRC's flat ``val/`` annotations for images
+sorted into class folders). An id that more than one image could carry is an error naming two; an
+image reached both by its path and by an id takes its path's boxes.
 
 A box follows its image through the crop plan of :mod:`verydeep.data.transforms` (the same draws:
 rescale, crop, flip) with :func:`to_crop`, and back with :func:`from_crop`; the net regresses
@@ -24,6 +27,7 @@ import csv
 import io
 import logging
 import math
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from verydeep.data.datasets import IMAGE_EXTENSIONS, Boxed, LabelledImages
 from verydeep.data.decode import ImageFile
 from verydeep.data.jpeg import Size, decoded_size
 from verydeep.data.transforms import CropPlan, PlannedTransform, render
+from verydeep.data.voc import parse_with_lines
 from verydeep.errors import MissingFileError, UserError
 
 log = logging.getLogger("verydeep.data")
@@ -63,12 +68,18 @@ class Box(NamedTuple):
 BoxTable = dict[str, list[Box]]
 
 
+#: A plain decimal number as a box file writes one (``nan`` and ``inf`` pass, to be refused as not finite);
+#: not Python's wider syntax (``1_0``, non-ASCII digits).
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE | re.ASCII)
+
+
 def pixel_box(label: str | None, values: Iterable[str], where: str) -> Box:
-    """The continuous box of an inclusive 0-based pixel box ``xmin ymin xmax ymax``: four finite numbers."""
-    try:
-        xmin, ymin, xmax, ymax = (float(v) for v in values)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: a box is four numbers xmin ymin xmax ymax") from None
+    """The continuous box of an inclusive 0-based pixel box ``xmin ymin xmax ymax``: four finite plain
+    decimal numbers."""
+    texts = [value.strip() for value in values]
+    if len(texts) != 4 or not all(_NUMBER.fullmatch(text) for text in texts):
+        raise UserError(f"{where}: a box is four numbers xmin ymin xmax ymax (plain decimals), got {' '.join(texts)!r}")
+    xmin, ymin, xmax, ymax = (float(text) for text in texts)
     if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
         raise UserError(f"{where}: box {xmin:g} {ymin:g} {xmax:g} {ymax:g} has a coordinate that is not a finite "
                         "number")
@@ -101,18 +112,19 @@ def read_box_text(path: Path) -> BoxTable:
 def read_voc_xml(path: Path) -> list[Box]:
     """The boxes of one PASCAL VOC / ILSVRC annotation file (``object/name``, ``object/bndbox``).
 
-    VOC's pixels are 1-based, ILSVRC's 0-based; both are read as given, inclusive."""
+    VOC's pixels are 1-based, ILSVRC's 0-based; both are read as given, inclusive. A box's ``where`` is
+    the file and the line of its ``<bndbox>``."""
     try:
-        root = ET.parse(path).getroot()
-        boxes = []
-        for obj in root.iter("object"):
-            box = obj.find("bndbox")
-            values = [box.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax")] if box is not None else []
-            if len(values) != 4 or None in values:
-                raise UserError(f"{path}: an object without a complete bndbox")
-            boxes.append(pixel_box(obj.findtext("name"), values, str(path)))
+        root, lines = parse_with_lines(path)
     except ET.ParseError as error:
         raise UserError(f"{path}: not a valid annotation file ({error})") from None
+    boxes = []
+    for obj in root.iter("object"):
+        box = obj.find("bndbox")
+        values = [box.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax")] if box is not None else []
+        if len(values) != 4 or None in values:
+            raise UserError(f"{path}:{lines[obj]}: an object without a complete bndbox")
+        boxes.append(pixel_box(obj.findtext("name"), values, f"{path}:{lines[box]}"))
     return boxes
 
 
@@ -166,43 +178,37 @@ def _parts(key: str | Path) -> tuple[str, ...]:
     return (path.with_suffix("") if path.suffix.lower() in IMAGE_EXTENSIONS else path).parts
 
 
-def _common_tail(a: tuple[str, ...], b: tuple[str, ...]) -> int:
-    """How many trailing components ``a`` and ``b`` share."""
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
+def _reaches(key: tuple[str, ...], image: tuple[str, ...]) -> bool:
+    """Whether an annotation's path names an image's: the same file name, and the annotation's folders
+    the image's leading folders (all of them: the same path; some or none: an id)."""
+    *folders, name = key
+    return name == image[-1] and image[:-1][:len(folders)] == tuple(folders)
 
 
 def match_boxes(table: BoxTable, paths: Iterable[Path], root: Path) -> dict[str, list[Box]]:
     """The boxes of each image of ``paths`` (keyed ``str(path)``; empty when none is annotated), matched
-    by path as the module says. Two annotations that fit one image equally well, or one that fits two
-    images, are a :class:`UserError` naming both."""
-    by_name: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    by path as the module says. An id that more than one image could carry, or two annotations of one
+    path (suffix aside), are a :class:`UserError` naming both."""
+    images: dict[str, list[tuple[Path, tuple[str, ...]]]] = {}
+    for path in paths:
+        parts = _parts(path.relative_to(root) if path.is_relative_to(root) else path.name)
+        images.setdefault(parts[-1], []).append((path, parts))
+    chosen: dict[Path, str] = {}  # each image's annotation: its path, else its longest id
     for key in table:
-        parts = _parts(key)
-        by_name.setdefault(parts[-1], []).append((key, parts))
-    images = [(path, _parts(path.relative_to(root) if path.is_relative_to(root) else path.name)) for path in paths]
-    names: dict[str, list[Path]] = {}
-    for path, parts in images:
-        names.setdefault(parts[-1], []).append(path)
-    matched, owner = {}, {}
-    for path, parts in images:
-        tails = [(_common_tail(parts, key_parts), key) for key, key_parts in by_name.get(parts[-1], [])]
-        best = max((tail for tail, _ in tails), default=0)
-        keys = [key for tail, key in tails if tail == best and best > 0]
-        if len(keys) > 1:
-            raise UserError(f"{path}: annotated twice, by {keys[0]} and {keys[1]}")
-        if keys and best == 1 and len(names[parts[-1]]) > 1:  # a bare file name that several images share
-            other = next(p for p in names[parts[-1]] if p != path)
-            raise UserError(f"{keys[0]}: matches {path} and {other} by file name alone; name the annotation by its "
-                            "path relative to the data root")
-        if keys and keys[0] in owner:
-            raise UserError(f"{keys[0]}: matches both {owner[keys[0]]} and {path}")
-        if keys:
-            owner[keys[0]] = path
-        matched[str(path)] = table[keys[0]] if keys else []
-    return matched
+        key_parts = _parts(key)
+        reached = [(path, parts) for path, parts in images.get(key_parts[-1], []) if _reaches(key_parts, parts)]
+        exact = [path for path, parts in reached if parts == key_parts]
+        if not exact and len(reached) > 1:
+            under = f"under {'/'.join(key_parts[:-1])}/" if len(key_parts) > 1 else "alone"
+            raise UserError(f"{key}: matches {reached[0][0]} and {reached[1][0]} by file name {under}; name the "
+                            "annotation by its path relative to the data root")
+        for path in exact or [path for path, _ in reached]:
+            held = _parts(chosen[path]) if path in chosen else ()
+            if len(held) == len(key_parts):
+                raise UserError(f"{path}: annotated twice, by {chosen[path]} and {key}")
+            if len(key_parts) > len(held):
+                chosen[path] = key
+    return {str(path): table[chosen[path]] if path in chosen else [] for named in images.values() for path, _ in named}
 
 
 def fitted(box: Box, size: Size, image: str | Path) -> Box:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from xml.parsers import expat
 
 import numpy as np
 
@@ -49,12 +50,41 @@ def is_voc(root: str | Path) -> bool:
     return (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir()
 
 
+#: The line each element starts on, for errors that point into an XML file.
+ElementLines = dict[ET.Element, int]
+
+
+def parse_with_lines(path: Path) -> tuple[ET.Element, ElementLines]:
+    """The root element of an XML file and the line each element starts on (ElementTree keeps none);
+    malformed XML raises :class:`xml.etree.ElementTree.ParseError` as ``ET.parse`` does."""
+    builder, lines = ET.TreeBuilder(), {}
+    parser = expat.ParserCreate(namespace_separator="}")
+
+    def start(tag: str, attributes: dict[str, str]) -> None:
+        lines[builder.start(_qualified(tag), attributes)] = parser.CurrentLineNumber
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = lambda tag: builder.end(_qualified(tag))
+    parser.CharacterDataHandler = builder.data
+    with path.open("rb") as file:
+        try:
+            parser.ParseFile(file)
+        except expat.ExpatError as error:
+            raise ET.ParseError(str(error)) from None
+    return builder.close(), lines
+
+
+def _qualified(tag: str) -> str:
+    """expat's ``uri}name`` as ElementTree's ``{uri}name``."""
+    return "{" + tag if "}" in tag else tag
+
+
 def parse_annotation(path: Path) -> ET.Element:
     """The root element of a VOC annotation file; a missing or unreadable one is a one-line error naming it."""
     if not path.is_file():
         raise MissingFileError(f"{path}: no such VOC annotation")
     try:
-        root = ET.parse(path).getroot()
+        root, _ = parse_with_lines(path)
     except (ET.ParseError, OSError) as error:
         raise UserError(f"{path}: not a readable VOC annotation ({type(error).__name__}: {error})") from error
     return root

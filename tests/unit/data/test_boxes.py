@@ -112,7 +112,7 @@ def test_voc_annotations_give_every_object_with_its_class(tmp_path):
                    "<ymax>30</ymax></bndbox></object><object><name>n02</name><bndbox><xmin>0</xmin><ymin>0</ymin>"
                    "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
     table = read_boxes(tmp_path / "Annotations")
-    assert table["img1"] == [Box("n01", 5, 6, 21, 31, str(xml)), Box("n02", 0, 0, 10, 10, str(xml))]
+    assert table["img1"] == [Box("n01", 5, 6, 21, 31, f"{xml}:1"), Box("n02", 0, 0, 10, 10, f"{xml}:1")]
 
 
 def test_the_kaggle_solution_file(tmp_path):
@@ -178,7 +178,7 @@ def test_annotations_reach_images_by_path_not_by_file_name(tmp_path):
     matched = match_boxes(read_boxes(ann), paths, tmp_path)
     firsts = {str(p.relative_to(tmp_path)): matched[str(p)][0].x0 for p in paths}
     assert firsts == {"train/blue/002.png": 8, "train/red/002.png": 3, "val/blue/002.png": 16, "val/red/002.png": 11}
-    assert all(matched[str(p)][0].where.endswith(p.relative_to(tmp_path).with_suffix(".xml").as_posix())
+    assert all(matched[str(p)][0].where.endswith(p.relative_to(tmp_path).with_suffix(".xml:1").as_posix())
                for p in paths)
 
 
@@ -186,16 +186,62 @@ def test_an_annotation_named_by_a_file_name_that_images_share_is_ambiguous(tmp_p
     paths = [tmp_path / "train" / "red" / "002.png", tmp_path / "val" / "red" / "002.png"]
     with pytest.raises(UserError, match=r"002: matches .*002.png and .*002.png by file name alone"):
         match_boxes({"002": [Box(None, 0, 0, 4, 4)]}, paths, tmp_path)
-    # the data root is a split of its own: two annotation folders' paths both end with the image's
-    with pytest.raises(UserError, match=r"red/002.png: annotated twice, by train/red/002 and val/red/002"):
-        match_boxes({"train/red/002": [Box(None, 0, 0, 4, 4)], "val/red/002": [Box(None, 0, 0, 4, 4)]},
-                    [tmp_path / "red" / "002.png"], tmp_path)
-    with pytest.raises(UserError, match=r"train/red/002.png: annotated twice, by blue/002 and green/002"):
-        match_boxes({"blue/002": [Box(None, 0, 0, 4, 4)], "green/002": [Box(None, 0, 0, 4, 4)]}, paths[:1],
-                    tmp_path)
+    with pytest.raises(UserError, match=r"val/002: matches .*002.png and .*002.png by file name under val/"):
+        match_boxes({"val/002": [Box(None, 0, 0, 4, 4)]}, [paths[1], tmp_path / "val" / "blue" / "002.png"], tmp_path)
+    with pytest.raises(UserError, match=r"train/red/002.png: annotated twice, by train/red/002.png and "
+                                        r"train/red/002.jpg$"):
+        match_boxes({"train/red/002.png": [Box(None, 0, 0, 4, 4)], "train/red/002.jpg": [Box(None, 0, 0, 4, 4)]},
+                    paths, tmp_path)
     # an id that only one image carries (ILSVRC's, VOC's) still reaches it from a flat folder
     only = [tmp_path / "val" / "n01" / "ILSVRC2012_val_00000001.JPEG"]
     assert match_boxes({"val/ILSVRC2012_val_00000001": [Box(None, 0, 0, 4, 4)]}, only, tmp_path)[str(only[0])]
+
+
+def test_an_annotation_reaches_only_the_image_at_its_path_never_one_sharing_its_tail(tmp_path):
+    """A test image's box never reaches the validation image of the same class and file name."""
+    box = [Box(None, 0, 0, 4, 4, "boxes.txt:17")]
+    val, train = tmp_path / "val" / "cat" / "same.jpg", tmp_path / "train" / "cat" / "cat0.jpg"
+    assert match_boxes({"test/cat/same.jpg": box}, [train, val], tmp_path) == {str(train): [], str(val): []}
+    # annotations under other folders than the image's, however much of their tail they share with it
+    red = tmp_path / "red" / "002.png"
+    assert match_boxes({"train/red/002": box, "val/red/002": box}, [red], tmp_path) == {str(red): []}
+    assert match_boxes({"blue/002": box, "green/002": box}, [tmp_path / "train" / "red" / "002.png"],
+                       tmp_path) == {str(tmp_path / "train" / "red" / "002.png"): []}
+
+
+def test_an_image_takes_the_boxes_of_its_path_before_those_of_its_id(tmp_path):
+    image = tmp_path / "val" / "n01" / "x.JPEG"
+    by_path, by_id = [Box(None, 0, 0, 4, 4, "path")], [Box(None, 0, 0, 8, 8, "id")]
+    for table in ({"val/n01/x": by_path, "x": by_id}, {"x": by_id, "val/n01/x": by_path, "val/x": by_id}):
+        assert match_boxes(table, [image], tmp_path) == {str(image): by_path}
+    assert match_boxes({"x": by_id, "val/x": by_path}, [image], tmp_path) == {str(image): by_path}  # the longer id
+
+
+@pytest.mark.parametrize("value", ["1_0", "0x5", "\u0661\u0662"])
+def test_a_coordinate_must_be_a_plain_decimal_number_named_by_file_and_line(tmp_path, value):
+    path = tmp_path / "boxes.txt"
+    path.write_text(f"train/a/x.png 1 2 3 4\ntrain/a/y.png {value} 2 30 4\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{path}:2: a box is four numbers xmin ymin xmax ymax .*{value}"):
+        read_boxes(path)
+
+
+def test_xml_box_errors_name_the_line_of_the_offending_element(tmp_path):
+    folder = tmp_path / "Annotations"
+    (folder / "train" / "cat").mkdir(parents=True)
+    xml = folder / "train" / "cat" / "cat0.xml"
+    good = "<object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>"
+    bad = "<bndbox>\n<xmin>nan</xmin><ymin>6</ymin><xmax>30</xmax><ymax>25</ymax>\n</bndbox>"
+    xml.write_text(f"<annotation>\n{good}\n<object>\n<name>cat</name>\n{bad}\n</object>\n</annotation>\n")
+    with pytest.raises(UserError, match=rf"^{xml}:5: box nan 6 30 25 has a coordinate that is not a finite number$"):
+        read_boxes(folder)
+    xml.write_text(f"<annotation>\n{good}\n<object>\n<name>cat</name>\n</object>\n</annotation>\n")
+    with pytest.raises(UserError, match=rf"^{xml}:3: an object without a complete bndbox$"):
+        read_boxes(folder)
+    xml.write_text(f"<annotation>\n{good}\n<object>\n</annotation>\n")
+    with pytest.raises(UserError, match=rf"^{xml}: not a valid annotation file \(mismatched tag: line 4, column 2\)$"):
+        read_boxes(folder)
+    xml.write_text(f"<annotation>\n\n{good}\n</annotation>\n")
+    assert read_boxes(folder)["train/cat/cat0"] == [Box("cat", 1, 1, 10, 10, f"{xml}:3")]
 
 
 def test_images_without_a_box_of_their_class_are_skipped_by_name(tmp_path, caplog):
