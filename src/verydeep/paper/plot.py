@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,47 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: The fields the curves read from a record of each kind: a check of each value and what it must be.
+FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "step": {"epoch": (_count, "a positive integer"), "step": (_count, "a positive integer"),
+             "loss": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+             "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0")},
+    "epoch": {"epoch": (_count, "a positive integer"), "step": (_count, "a positive integer"),
+              "train_loss": (lambda v: _finite(v) and v >= 0, "a finite number >= 0")},
+}
+#: Validation accuracies in % (Sec. 4): absent or null in an epoch that was not validated.
+ACCURACIES = ("val_top1", "val_top5")
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """``record`` (line ``where`` of a metrics.jsonl) if it holds the fields the curves read, in range."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: not a JSON object but {type(record).__name__} {record!r:.40}")
+    kind = record.get("kind")
+    if kind not in FIELDS:
+        raise UserError(f'{where}: "kind" must be "step" or "epoch", not {kind!r:.40}')
+    for field, (valid, description) in FIELDS[kind].items():
+        if field not in record:
+            raise UserError(f'{where}: the {kind} record has no "{field}"')
+        if not valid(record[field]):
+            raise UserError(f'{where}: "{field}" must be {description}, not {record[field]!r:.40}')
+    for field in ACCURACIES if kind == "epoch" else ():
+        value = record.get(field)
+        if value is not None and not (_finite(value) and 0 <= value <= 100):
+            raise UserError(f'{where}: "{field}" must be an accuracy in % from 0 to 100 or null, not {value!r:.40}')
+    return record
+
+
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The step and epoch records of ``RUN_DIR/metrics.jsonl``."""
+    """The step and epoch records of ``RUN_DIR/metrics.jsonl``, each checked (:func:`check_record`)."""
     path = RunDir(run_dir).metrics
     if Path(run_dir).is_file():
         raise UserError(f"{run_dir} is a file; give a run directory written by verydeep train")
@@ -32,25 +72,38 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"{path}:{number}: not a JSON record ({error.msg})") from error
-    steps = [r for r in records if r.get("kind") == "step"]
-    epochs = [r for r in records if r.get("kind") == "epoch"]
+            records.append(check_record(record, f"{path}:{number}"))
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
     if not steps:
         raise UserError(f"{path} holds no step records yet")
     return steps, epochs
 
 
+def checked_output(out: Path) -> Path:
+    """``out`` if matplotlib can write an image of its suffix's format."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise UserError(f"--out {out}: not an image format matplotlib writes; give a file ending in "
+                        f"{', '.join('.' + name for name in sorted(formats))}")
+    return out
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the learning curves of ``run_dir`` as a PNG (default ``RUN_DIR/curves.png``)."""
+    """Write the learning curves of ``run_dir`` as an image (default ``RUN_DIR/curves.png``; another format
+    by ``out``'s suffix)."""
+    out = checked_output(Path(out)) if out is not None else Path(run_dir) / "curves.png"
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     steps, epochs = read_metrics(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / "curves.png"
     fig, (loss_ax, err_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     fig.suptitle(f"{Path(run_dir).resolve().name}: {len(epochs)} epochs, {steps[-1]['step']} steps")
 
@@ -108,7 +161,8 @@ def error_bars(groups: Sequence[tuple[str, dict[str, float]]], series: Sequence[
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plot", help="PNG learning curves of a training run (loss, validation error, lr)")
     p.add_argument("run_dir", help="a run directory written by verydeep train")
-    p.add_argument("--out", type=output_file, default=None, help="PNG file to write (default RUN_DIR/curves.png)")
+    p.add_argument("--out", type=output_file, default=None, help="image file to write, its format by its suffix "
+                   "(.png, .pdf, .svg ...; default RUN_DIR/curves.png)")
     p.set_defaults(func=run_cli)
 
 

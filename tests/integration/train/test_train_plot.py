@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from verydeep.cli import main
@@ -28,3 +29,36 @@ def test_plot_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.jsonl does not exist" in err
+
+
+def test_plot_refuses_an_out_matplotlib_cannot_write_naming_out(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "epoch": 1, "step": 1, "loss": 1.0, "lr": 0.01}\n')
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path / 'curves.txt'}" in err and ".png" in err
+    assert not (tmp_path / "curves.txt").exists()
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("[1, 2]", "not a JSON object"),
+    ('{"epoch": 1, "step": 2, "loss": 1, "lr": 0.01}', '"kind" must be "step" or "epoch"'),
+    ('{"kind": "step"}', 'the step record has no "epoch"'),
+    ('{"kind": "step", "epoch": 1, "loss": 1, "lr": 0.01}', 'the step record has no "step"'),
+    ('{"kind": "step", "epoch": 1, "step": 2, "loss": "abc", "lr": 0.01}', '"loss" must be a finite number >= 0'),
+    ('{"kind": "step", "epoch": 1, "step": 2, "loss": -1, "lr": 0.01}', '"loss" must be a finite number >= 0'),
+    ('{"kind": "step", "epoch": 1, "step": 2, "loss": NaN, "lr": 0.01}', '"loss" must be a finite number >= 0'),
+    ('{"kind": "step", "epoch": 1, "step": 2, "loss": 1, "lr": -1}', '"lr" must be a finite number > 0'),
+    ('{"kind": "step", "epoch": 1, "step": 2.5, "loss": 1, "lr": 0.01}', '"step" must be a positive integer'),
+    ('{"kind": "step", "epoch": 0, "step": 2, "loss": 1, "lr": 0.01}', '"epoch" must be a positive integer'),
+    ('{"kind": "step", "epoch": 1, "step": true, "loss": 1, "lr": 0.01}', '"step" must be a positive integer'),
+    ('{"kind": "epoch", "epoch": 1, "step": 2}', 'the epoch record has no "train_loss"'),
+    ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top1": 101}', '"val_top1" must be an accuracy'),
+    ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top5": "x"}', '"val_top5" must be an accuracy'),
+])
+def test_plot_refuses_a_bad_record_naming_file_and_line(tmp_path, capsys, line, message):
+    good = '{"kind": "step", "epoch": 1, "step": 1, "loss": 1.0, "lr": 0.01}\n'
+    (tmp_path / "metrics.jsonl").write_text(good + line + "\n" + good)
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'metrics.jsonl'}:2: " in err and message in err
+    assert not (tmp_path / "curves.png").exists()
