@@ -17,7 +17,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -243,8 +243,11 @@ class ILSVRCValFolder(LabelledImages):
     - ``LOC_val_solution.csv`` (Kaggle): ``ImageId,PredictionString`` with the synset first;
     - ``ILSVRC2012_validation_ground_truth.txt`` (devkit): one ILSVRC2012_ID (1..1000) per image
       in file-name order, mapped to synsets by the devkit's ``meta.mat`` (needs scipy);
-    - ``val.txt`` (Caffe): ``<file> <index>``, index into the sorted synsets.
+    - ``val.txt`` (Caffe): ``<file> <index>``, index into the sorted synsets (or a synset id).
 
+    A label belongs to the image at its path relative to the folder (the CSV's ImageId without the
+    extension), never to one of the same name elsewhere; a second label for one image, a line of
+    the wrong shape or an index out of range is refused, naming the file and line.
     Class indices follow the sorted synset ids, as :class:`ImageFolder` on ``train/`` does, so
     the two agree; ``classes``/``class_names`` come from ``LOC_synset_mapping.txt``-style files.
     """
@@ -263,14 +266,15 @@ class ILSVRCValFolder(LabelledImages):
             raise UserError(f"data folder {self.root} holds no images")
         listed = read_class_names(self.root, CLASS_LIST_FILES)  # exactly the dataset's classes
         names = listed or read_class_names(self.root)
-        synsets = _read_synsets(label_file, images, sorted(listed))
-        self.classes = sorted(set(listed) | set(synsets.values()))
+        truth = _read_ground_truth(label_file, images, sorted(listed))
+        self.classes = sorted(set(listed) | set(truth.synsets.values()))
         self.class_names = [names.get(c, c) for c in self.classes]
         index = {c: i for i, c in enumerate(self.classes)}
-        missing = [p.name for p in images if p.stem not in synsets]
+        missing = [p.name for p in images if truth.key(p) not in truth.synsets]
         if missing:
-            raise UserError(f"{label_file}: no label for {len(missing)} images, e.g. {missing[0]}")
-        self.samples = [(p, index[synsets[p.stem]]) for p in images]
+            raise UserError(f"{label_file}: no label for {len(missing)} images, e.g. {missing[0]} "
+                            f"(labels name an image by its path relative to {self.root})")
+        self.samples = [(p, index[truth.synsets[truth.key(p)]]) for p in images]
 
     def _find_labels(self) -> Path:
         folders = [self.root, self.root.parent, self.root.parent / "ILSVRC2012_devkit_t12" / "data"]
@@ -283,37 +287,129 @@ class ILSVRCValFolder(LabelledImages):
         )
 
 
-def _read_synsets(label_file: Path, images: Sequence[Path], sorted_synsets: list[str]) -> dict[str, str]:
-    """``{image stem: synset}`` from any of the supported ground-truth formats; a file that
-    does not parse is a :class:`UserError` naming it."""
+class _GroundTruth(NamedTuple):
+    """A ground-truth file read: ``synsets`` by the image's path relative to the folder, without
+    its extension where ``stems`` (the Kaggle CSV's ImageId)."""
+
+    synsets: dict[str, str]
+    stems: bool = False
+
+    def key(self, image: Path) -> str:
+        """How the file names ``image``, an image of the flat folder."""
+        return image.stem if self.stems else image.name
+
+
+#: A class index as a ground-truth file writes it: decimal digits only (no sign, point or underscore).
+_INDEX = re.compile(r"[0-9]+")
+
+#: A synset id as a ground-truth file writes it (WordNet's ``n01440764``): a letter first.
+_SYNSET = re.compile(r"[A-Za-z]\S*")
+
+
+def _read_ground_truth(label_file: Path, images: Sequence[Path], sorted_synsets: list[str]) -> _GroundTruth:
+    """The labels of any of the supported ground-truth formats; a file that does not parse is a
+    :class:`UserError` naming it (and the line at fault)."""
     try:
-        return _parse_synsets(label_file, images, sorted_synsets)
+        if label_file.suffix == ".csv":
+            return _read_kaggle_csv(label_file)
+        lines = [(n, line.split()) for n, line in enumerate(label_file.read_text().splitlines(), 1) if line.strip()]
+        if lines and all(len(fields) == 1 for _, fields in lines):
+            return _read_devkit_ids(label_file, lines, images)
+        return _read_caffe_list(label_file, lines, sorted_synsets)
     except UserError:
         raise
-    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as error:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError, csv.Error) as error:
         raise UserError(f"{label_file}: bad ground-truth file ({type(error).__name__}: {error})") from error
 
 
-def _parse_synsets(label_file: Path, images: Sequence[Path], sorted_synsets: list[str]) -> dict[str, str]:
-    """:func:`_read_synsets` without the error wrapping."""
-    if label_file.suffix == ".csv":
-        with label_file.open(newline="") as f:
-            return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
-    lines = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
-    if all(len(parts) == 1 for parts in lines):  # devkit: ILSVRC2012_IDs in file-name order
-        id_to_synset = _devkit_synsets(label_file.parent / "meta.mat")
-        if len(lines) != len(images):
-            raise UserError(f"{label_file}: {len(lines)} labels for {len(images)} images")
-        return {p.stem: id_to_synset[int(parts[0])] for p, parts in zip(images, lines, strict=True)}
-    out = {}
-    for parts in lines:
-        stem, label = Path(parts[0]).stem, parts[1]
-        if label.isdigit():
-            if not sorted_synsets:
-                raise UserError(f"{label_file}: numeric labels need a synset list (LOC_synset_mapping.txt)")
-            label = sorted_synsets[int(label)]
-        out[stem] = label
-    return out
+def _relative_name(name: str) -> str:
+    """A path as a ground-truth file writes it, in one spelling (``./a.jpg`` is ``a.jpg``)."""
+    return PurePosixPath(name).as_posix()
+
+
+def _add_label(synsets: dict[str, str], first_lines: dict[str, int], name: str, synset: str, where: str,
+               line: int) -> None:
+    """Record ``synset`` as the label of ``name``; a second label for it is refused."""
+    key = _relative_name(name)
+    if key in first_lines:
+        raise UserError(f"{where}: a second label for {name} (the first on line {first_lines[key]})")
+    synsets[key], first_lines[key] = synset, line
+
+
+def _is_synset(label: str) -> bool:
+    """Whether ``label`` reads as a synset id: a letter first, and not a number (``nan``, ``inf``)."""
+    try:
+        float(label)
+    except ValueError:
+        return bool(_SYNSET.fullmatch(label))
+    return False
+
+
+def _read_kaggle_csv(label_file: Path) -> _GroundTruth:
+    """``LOC_val_solution.csv``: ``ImageId,PredictionString``, the image's synset first in the string."""
+    synsets: dict[str, str] = {}
+    first_lines: dict[str, int] = {}
+    with label_file.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if not {"ImageId", "PredictionString"} <= set(header):
+            raise UserError(f"{label_file}: bad ground-truth file (no ImageId,PredictionString header)")
+        for row in reader:
+            if not row:
+                continue
+            where = f"{label_file}:{reader.line_num}"
+            if len(row) != len(header):
+                raise UserError(f"{where}: expected {len(header)} fields ({','.join(header)}), got {len(row)}")
+            fields = dict(zip(header, row, strict=True))
+            predictions = fields["PredictionString"].split()
+            if not predictions or not _is_synset(predictions[0]):
+                raise UserError(f"{where}: PredictionString must start with a synset id, "
+                                f"got {fields['PredictionString']!r}")
+            _add_label(synsets, first_lines, fields["ImageId"], predictions[0], where, reader.line_num)
+    return _GroundTruth(synsets, stems=True)
+
+
+def _read_devkit_ids(label_file: Path, lines: list[tuple[int, list[str]]], images: Sequence[Path]) -> _GroundTruth:
+    """``ILSVRC2012_validation_ground_truth.txt``: one ILSVRC2012_ID per image in file-name order."""
+    meta = label_file.parent / "meta.mat"
+    id_to_synset = _devkit_synsets(meta)
+    if len(lines) != len(images):
+        raise UserError(f"{label_file}: {len(lines)} labels for {len(images)} images")
+    synsets = {}
+    for image, (number, (text,)) in zip(images, lines, strict=True):
+        if not (_INDEX.fullmatch(text) and int(text) in id_to_synset):
+            raise UserError(f"{label_file}:{number}: expected an ILSVRC2012_ID of {meta}'s "
+                            f"{len(id_to_synset)} classes, got {text!r}")
+        synsets[image.name] = id_to_synset[int(text)]
+    return _GroundTruth(synsets)
+
+
+def _read_caffe_list(label_file: Path, lines: list[tuple[int, list[str]]], sorted_synsets: list[str]) -> _GroundTruth:
+    """Caffe's ``val.txt``: ``<file> <label>`` per line, the label an index into ``sorted_synsets``
+    or a synset id."""
+    synsets: dict[str, str] = {}
+    first_lines: dict[str, int] = {}
+    for number, fields in lines:
+        where = f"{label_file}:{number}"
+        if len(fields) != 2:
+            raise UserError(f"{where}: expected '<file> <class index>', got {' '.join(fields)!r}")
+        name, label = fields
+        _add_label(synsets, first_lines, name, _caffe_synset(label, sorted_synsets, where), where, number)
+    return _GroundTruth(synsets)
+
+
+def _caffe_synset(label: str, sorted_synsets: list[str], where: str) -> str:
+    """The synset a ``val.txt`` label names: an index into ``sorted_synsets``, or a synset id itself."""
+    if _is_synset(label):
+        return label
+    if not _INDEX.fullmatch(label):
+        raise UserError(f"{where}: a class index must be a whole number from 0, got {label!r}")
+    if not sorted_synsets:
+        raise UserError(f"{where}: numeric labels need a synset list (LOC_synset_mapping.txt)")
+    if int(label) >= len(sorted_synsets):
+        raise UserError(f"{where}: class index {label} is beyond the {len(sorted_synsets)} classes of the synset list "
+                        f"(0..{len(sorted_synsets) - 1})")
+    return sorted_synsets[int(label)]
 
 
 def _devkit_synsets(meta: Path) -> dict[int, str]:

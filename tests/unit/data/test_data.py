@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -371,6 +372,79 @@ def test_ilsvrc_validation_layout(tmp_path):
         ILSVRCValFolder(val, RescaleTransform(8), labels=tmp_path / "bad.csv")
     with pytest.raises(MissingFileError, match="nothing.txt"):
         ILSVRCValFolder(val, RescaleTransform(8), labels=tmp_path / "nothing.txt")
+
+
+def flat_val(root: Path) -> Path:
+    """A flat validation folder of two tiny images, a.jpg and b.jpg, with a two-class synset list beside it."""
+    for i, name in enumerate(("a.jpg", "b.jpg")):
+        save(photo(8, 8, i), root / "val" / name)
+    (root / "LOC_synset_mapping.txt").write_text("n01 tench\nn02 goldfish\n")
+    return root / "val"
+
+
+def test_a_ground_truth_path_labels_only_the_image_at_that_path(tmp_path):
+    val = flat_val(tmp_path)
+    (tmp_path / "val.txt").write_text("./a.jpg 1\nb.jpg 0\n")
+    assert ILSVRCValFolder(val, None, labels=tmp_path / "val.txt").targets == [1, 0]
+    (tmp_path / "val.txt").write_text("elsewhere/a.jpg 1\nb.jpg 0\n")
+    with pytest.raises(UserError, match=r"val.txt: no label for 1 images, e.g. a.jpg \(labels name an image by its"):
+        ILSVRCValFolder(val, None, labels=tmp_path / "val.txt")
+    (tmp_path / "gt.csv").write_text("ImageId,PredictionString\nelsewhere/a,n02 1 2 3 4\nb,n01 1 2 3 4\n")
+    with pytest.raises(UserError, match="gt.csv: no label for 1 images, e.g. a.jpg"):
+        ILSVRCValFolder(val, None, labels=tmp_path / "gt.csv")
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ("a.jpg 0\na.jpg 1\nb.jpg 0\n", r"val.txt:2: a second label for a.jpg \(the first on line 1\)"),
+    ("a.jpg 0\n\n./a.jpg 1\nb.jpg 0\n", r"val.txt:3: a second label for ./a.jpg \(the first on line 1\)"),
+    ("a.jpg 0 junk\nb.jpg 0\n", r"val.txt:1: expected '<file> <class index>', got 'a.jpg 0 junk'"),
+    ("b.jpg 0\na.jpg\n", r"val.txt:2: expected '<file> <class index>', got 'a.jpg'"),
+    *[(f"b.jpg 0\na.jpg {index}\n", f"val.txt:2: a class index must be a whole number from 0, got '{re.escape(index)}'")
+      for index in ("-1", "+1", "nan", "inf", "1.0", "1_0", "1e0")],
+    ("b.jpg 0\na.jpg 2\n", r"val.txt:2: class index 2 is beyond the 2 classes of the synset list \(0..1\)"),
+])
+def test_a_caffe_val_list_line_at_fault_is_named(tmp_path, lines, message):
+    val = flat_val(tmp_path)
+    (tmp_path / "val.txt").write_text(lines)
+    with pytest.raises(UserError, match=message):
+        ILSVRCValFolder(val, None, labels=tmp_path / "val.txt")
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ("a,n01 1 2 3 4\nb,n02 1 2 3 4\na,n02 1 2 3 4\n", r"gt.csv:4: a second label for a \(the first on line 2\)"),
+    ("a,n01 1 2 3 4,junk\nb,n02 1 2 3 4\n", r"gt.csv:2: expected 2 fields \(ImageId,PredictionString\), got 3"),
+    ("a\nb,n02 1 2 3 4\n", r"gt.csv:2: expected 2 fields \(ImageId,PredictionString\), got 1"),
+    ("a,\nb,n02 1 2 3 4\n", "gt.csv:2: PredictionString must start with a synset id, got ''"),
+    ("a,n01 1 2 3 4\nb,nan 1 2 3 4\n", "gt.csv:3: PredictionString must start with a synset id, got 'nan 1 2 3 4'"),
+    ("a,-1 1 2 3 4\nb,n02\n", "gt.csv:2: PredictionString must start with a synset id, got '-1 1 2 3 4'"),
+    ("a," + "n" * 200_000 + "\n", r"gt.csv: bad ground-truth file \(Error: field larger than field limit"),
+])
+def test_a_kaggle_csv_row_at_fault_is_named(tmp_path, rows, message):
+    val = flat_val(tmp_path)
+    (tmp_path / "gt.csv").write_text("ImageId,PredictionString\n" + rows)
+    with pytest.raises(UserError, match=message):
+        ILSVRCValFolder(val, None, labels=tmp_path / "gt.csv")
+
+
+def devkit(root: Path, ids: str) -> Path:
+    """A devkit ground-truth file of ``ids`` beside a ``meta.mat`` of two leaf classes (ids 1, 2) and a
+    parent (id 3)."""
+    from scipy.io import savemat
+
+    synsets = np.array([(1, "n02", 0), (2, "n01", 0), (3, "n00", 2)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    savemat(root / "meta.mat", {"synsets": synsets})
+    (root / "ILSVRC2012_validation_ground_truth.txt").write_text(ids)
+    return root / "ILSVRC2012_validation_ground_truth.txt"
+
+
+@pytest.mark.parametrize("bad", ["0", "3", "-1", "1.0", "nan", "+2"])
+def test_the_devkit_ground_truth_reads_ids_in_file_order_and_names_a_bad_line(tmp_path, bad):
+    val = flat_val(tmp_path)
+    assert ILSVRCValFolder(val, None, labels=devkit(tmp_path, "1\n2\n")).targets == [1, 0]  # n02, then n01
+    with pytest.raises(UserError, match=f"ground_truth.txt:2: expected an ILSVRC2012_ID of .*meta.mat's 2 classes, "
+                                        f"got '{re.escape(bad)}'"):
+        ILSVRCValFolder(val, None, labels=devkit(tmp_path, f"1\n{bad}\n"))
 
 
 def test_size_grouped_batches_hold_equal_sizes(tmp_path):
