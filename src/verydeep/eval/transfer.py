@@ -34,6 +34,7 @@ from verydeep.errors import UserError
 from verydeep.eval.box_features import REGIONS
 from verydeep.eval.feature_store import Features
 from verydeep.eval.features import add_extraction_flags, describe, features_from_args, origin
+from verydeep.eval.image_sets import open_image_set
 from verydeep.io.jsonable import to_json_dict
 from verydeep.options import natural_int, output_file, positive_int
 from verydeep.paper.figures import TABLE_11, TABLE_12
@@ -390,20 +391,44 @@ def check_regions(args: argparse.Namespace) -> None:
         raise UserError("--protocol voc-action with --data: give --regions image or image+box (Table 12's two rows)")
 
 
+#: The caltech protocol's flags that draw its random splits, and their defaults.
+SPLIT_FLAGS = {"train_per_class": 30, "test_per_class": None, "splits": 3}
+
+
+def random_split_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that draw the random splits, which only ``--protocol caltech`` draws."""
+    given = [f"--{name.replace('_', '-')}" for name in SPLIT_FLAGS if getattr(args, name) is not None]
+    if given and args.protocol != "caltech":
+        raise UserError(f"{', '.join(given)} draw the random splits of --protocol caltech, not {args.protocol}")
+    return given
+
+
+def refuse_with_given_split(flags: list[str], source: str, splits: Sequence[str]) -> None:
+    """Random-split ``flags`` are refused for images with their own train/test split (``splits``), which
+    is used as it is."""
+    if flags and any(splits):
+        raise UserError(f"{', '.join(flags)}: {source} holds its own train/test split, which is used as it is; "
+                        "drop the flags")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     if args.features is not None and (args.data is not None or args.weights or args.raw_pixels):
         extra = "--data" if args.data is not None else "--weights" if args.weights else "--raw-pixels"
         raise UserError(f"--features {args.features} holds the descriptors already; {extra} would make others: "
                         "give one of the two")
     check_regions(args)
+    flags = random_split_flags(args)
     if args.features is not None:
         features = Features.load(args.features)
+        refuse_with_given_split(flags, f"--features {args.features}", features.splits)
     elif args.data is not None:
+        refuse_with_given_split(flags, f"--data {args.data}", open_image_set(args.data).splits if flags else [])
         features = features_from_args(args, args.out)
     else:
         raise UserError("give --features FEATURES (from verydeep features), or --data DIR with --weights SOURCE")
-    result = transfer(features, args.protocol, args.train_per_class, args.test_per_class, args.splits, args.c_grid,
-                      args.folds, args.seed)
+    drawing = {name: default if getattr(args, name) is None else getattr(args, name)
+               for name, default in SPLIT_FLAGS.items()}
+    result = transfer(features, args.protocol, c_grid=args.c_grid, folds=args.folds, seed=args.seed, **drawing)
     print(join_markdown(tables(result)))
     print(f"\n{describe(features)}")
     if args.json:
@@ -422,10 +447,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     add_extraction_flags(p, data_required=False)
     p.add_argument("--out", type=output_file, default=None, metavar="FEATURES.npz",
                    help="with --data: keep the features extracted here (an interrupted extraction continues)")
-    p.add_argument("--train-per-class", type=positive_int, default=30, help="caltech: training images per class")
+    p.add_argument("--train-per-class", type=positive_int, default=None,
+                   help="caltech: training images per class of each random split (default 30)")
     p.add_argument("--test-per-class", type=positive_int, default=None,
-                   help="caltech: at most this many test images per class (default: the rest)")
-    p.add_argument("--splits", type=positive_int, default=3, help="caltech: random splits (default 3)")
+                   help="caltech: at most this many test images per class of each random split (default: the rest)")
+    p.add_argument("--splits", type=positive_int, default=None, help="caltech: random splits (default 3)")
     p.add_argument("--c-grid", type=parse_floats, default=list(DEFAULT_C),
                    help="SVM C values cross-validation chooses from (default 0.01,0.1,1,10,100)")
     p.add_argument("--folds", type=positive_int, default=3, help="cross-validation folds (default 3)")

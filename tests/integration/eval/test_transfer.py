@@ -306,3 +306,36 @@ def test_features_and_weights_together_are_refused(tmp_path, capsys):
     features.write_bytes(b"")
     assert main(["transfer", "--protocol", "caltech", "--features", str(features), "--weights", "vgg16"]) == 2
     assert "--weights would make others: give one of the two" in capsys.readouterr().err
+
+
+def test_random_split_flags_are_refused_for_features_with_their_own_split(tmp_path, capsys):
+    given = tmp_path / "given.npz"
+    np.savez(given, **stored_arrays(splits=np.array(["train", "test"] * 12)))
+    argv = ["transfer", "--protocol", "caltech", "--features", str(given)]
+    assert main([*argv, "--train-per-class", "1", "--splits", "3", "--test-per-class", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"--train-per-class, --test-per-class, --splits: --features {given} holds its own train/test split" in err
+    assert main([*argv, "--splits", "3"]) == 2
+    assert f"--splits: --features {given} holds its own" in capsys.readouterr().err
+    assert main([*argv, "--c-grid", "1", "--json"]) == 0  # the given split, without the flags
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train_per_class"] is None
+
+
+def test_random_split_flags_are_refused_for_data_with_train_and_test_before_extracting(tmp_path, capsys):
+    for part in ("train", "test"):
+        for i in range(2):
+            save(photo(16, 16, seed=i), tmp_path / "data" / part / f"class{i}" / f"{i}.png")
+    argv = ["transfer", "--protocol", "caltech", "--data", str(tmp_path / "data"), "--raw-pixels", "4",
+            "--out", str(tmp_path / "f.npz"), "--train-per-class", "1"]
+    assert main(argv) == 2
+    assert f"--train-per-class: --data {tmp_path / 'data'} holds its own train/test split" in capsys.readouterr().err
+    assert not (tmp_path / "f.npz").exists()
+
+
+@pytest.mark.parametrize("protocol", ["voc", "voc-action"])
+def test_random_split_flags_are_refused_under_another_protocol(tmp_path, capsys, protocol):
+    features = tmp_path / "f.npz"
+    np.savez(features, **stored_arrays())
+    assert main(["transfer", "--protocol", protocol, "--features", str(features), "--test-per-class", "2"]) == 2
+    assert f"--test-per-class draw the random splits of --protocol caltech, not {protocol}" in capsys.readouterr().err
