@@ -208,21 +208,25 @@ class ImageFolder(LabelledImages):
 
     ``classes`` are the folder names (synset ids for ImageNet), ``class_names`` their readable
     names from a :data:`NAME_FILES` file beside the split or its parent (else the folder names).
+    A class folder without image files is refused, as torchvision's ImageFolder does, unless
+    ``allow_empty`` (a validation split may lack some classes' images yet keep their folders).
     """
 
-    def __init__(self, root: str | Path, transform: Transform, strict: bool = False) -> None:
+    def __init__(self, root: str | Path, transform: Transform, strict: bool = False,
+                 allow_empty: bool = False) -> None:
         super().__init__(transform, strict)
         self.root = require_folder(Path(root))
         self.classes = _class_dirs(self.root)
         if not self.classes:
             raise UserError(f"data folder {self.root} has no class folders")
-        self.samples = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in _images_under(self.root / name)
-        ]
-        if not self.samples:
+        found = {name: _images_under(self.root / name) for name in self.classes}
+        if not any(found.values()):
             raise UserError(f"data folder {self.root} holds no images")
+        empty = [name for name in self.classes if not found[name]]
+        if empty and not allow_empty:
+            raise UserError(f"class folder {self.root / empty[0]} holds no image files "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
+        self.samples = [(path, label) for label, name in enumerate(self.classes) for path in found[name]]
         names = read_class_names(self.root)
         self.class_names = [names.get(c, c) for c in self.classes]
 
@@ -423,10 +427,11 @@ def _devkit_synsets(meta: Path) -> dict[int, str]:
 
 
 def open_split(folder: str | Path, transform: Transform, strict: bool = False) -> LabelledImages:
-    """:class:`ImageFolder` for class folders, else :class:`ILSVRCValFolder` (flat images + labels)."""
+    """:class:`ImageFolder` for class folders, else :class:`ILSVRCValFolder` (flat images + labels); the
+    split read for validation, evaluation or statistics, so a class folder without images is allowed."""
     folder = Path(folder)
     if folder.is_dir() and _class_dirs(folder):
-        return ImageFolder(folder, transform, strict)
+        return ImageFolder(folder, transform, strict, allow_empty=True)
     return ILSVRCValFolder(folder, transform, strict=strict)
 
 

@@ -29,12 +29,14 @@ from verydeep.data import (
     find_split,
     grid_crops,
     load_preprocess,
+    open_split,
     plan_crop,
     resized_size,
     sample_scale,
     save_preprocess,
     to_input,
 )
+from verydeep.data.datasets import IMAGE_EXTENSIONS
 from verydeep.data.decode import ImageFile, image_size, load_region, resample, to_tensor
 from verydeep.data.preprocess import pca_shift
 from verydeep.data.transforms import render
@@ -341,6 +343,24 @@ def test_image_folder_classes_names_and_samples(tmp_path):
     assert ds.targets == [0, 0, 1] and len(ds) == 3
     image, label, path = ds[2]
     assert image.shape == (3, 8, 8) and label == 1 and path.endswith("n2/0.jpg")
+
+
+def test_a_class_folder_without_images_is_refused_for_training_kept_for_validation(tmp_path, capsys):
+    for split in ("train", "val"):
+        make_tree(tmp_path / split, {"ant": [(8, 8)], "bee": [(8, 8)]})
+        (tmp_path / split / "zebra" / "notes").mkdir(parents=True)
+        (tmp_path / split / "zebra" / "notes.txt").write_text("not an image")
+    zebra = tmp_path / "train" / "zebra"
+    with pytest.raises(UserError, match=f"class folder {zebra} holds no image files"):
+        ImageFolder(tmp_path / "train", None)
+    with pytest.raises(UserError, match=f"class folder {zebra} holds no image files"):
+        open_image_set(tmp_path)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"class folder {zebra} holds no image files "
+                                                    f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
+    val = open_split(tmp_path / "val", None)  # a validation split may lack some classes' images
+    assert val.classes == ["ant", "bee", "zebra"] and val.targets == [0, 1]
+    assert ImageFolder(tmp_path / "train", None, allow_empty=True).classes == val.classes
 
 
 def test_load_passes_the_generator_to_the_transform(tmp_path):
