@@ -80,7 +80,8 @@ def columns_of(net_classes: Sequence[str], net_names: Sequence[str], classes: Se
 def class_map(nets: Sequence[Any], classes: Sequence[str], names: Sequence[str],
               over_data_classes: bool = False) -> ClassMap:
     """Where the data's ``classes`` (readable ``names``) sit among every net's outputs; nets given as
-    objects with ``recipe``, ``model`` and ``checkpoint``. Nets fused together must agree on it."""
+    objects with ``recipe``, ``model`` and ``checkpoint``. Nets fused together must agree on it.
+    ``over_data_classes`` is refused for nets of the data's classes alone, which it would leave as they are."""
     maps = set()
     for net in nets:
         listed = net.recipe.get("classes")
@@ -99,4 +100,7 @@ def class_map(nets: Sequence[Any], classes: Sequence[str], names: Sequence[str],
     if len(nets) > 1 and any(n.recipe.get("classes") is None for n in nets):
         raise UserError("fusion needs every checkpoint's recipe to list its classes")
     columns, outputs = maps.pop()
+    if over_data_classes and len(columns) == outputs:
+        raise UserError(f"--over-data-classes: the net's {outputs} classes are the data's: there is nothing to "
+                        "restrict; drop the flag")
     return ClassMap(columns, outputs, over_data_classes)

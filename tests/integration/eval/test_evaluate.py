@@ -535,3 +535,15 @@ def test_a_data_class_the_net_does_not_know_is_refused_by_name(folder, tmp_path,
     save_checkpoint({"model": tiny_model(num_classes=6).state_dict(), "recipe": recipe}, path)
     assert main(["eval", "--weights", str(path), "--data", str(folder), "--device", "cpu"]) == 2
     assert "the data's class blue (blue) is not among the net's 6 classes" in capsys.readouterr().err
+
+
+def test_over_data_classes_is_refused_for_a_net_of_the_datas_classes(folder, checkpoint, tmp_path, capsys):
+    argv = ["eval", "--weights", str(checkpoint), "--data", str(folder), "--device", "cpu", "--over-data-classes"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--over-data-classes: the net's 3 classes are the data's" in err
+    permuted = tmp_path / "permuted.pt"  # the data's classes in another order: renormalising keeps them as they are
+    recipe = {**RECIPE, "classes": ["red", "blue", "green"], "class_names": ["red", "blue", "green"]}
+    save_checkpoint({"model": tiny_model().state_dict(), "recipe": recipe}, permuted)
+    with pytest.raises(UserError, match="--over-data-classes: the net's 3 classes are the data's"):
+        evaluate([permuted], folder, over_data_classes=True, protocols=["dense"], device="cpu", progress=False)
