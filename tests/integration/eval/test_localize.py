@@ -22,7 +22,7 @@ from verydeep.eval.localize.center import evaluate_center
 from verydeep.eval.localize.dense import DenseNetResult, DenseResult, table_9
 from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, inside, ranked
 from verydeep.eval.localize.scoring import ilsvrc_wrong, merge_greedily, wrong
-from verydeep.eval.localize.task import Localisation, task_of
+from verydeep.eval.localize.task import Localisation, boxes_source, task_of
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.nn.model import VGG
 from verydeep.train import train
@@ -393,13 +393,39 @@ def test_the_run_records_its_boxes_and_eval_reads_them_when_the_data_has_none(bo
           "--weights", str(classifier), "--crop", "32", "--scale", "32", "--batch-size", "16", "--epochs", "1",
           "--workers", "0", "--device", "cpu", "--no-progress", "--freeze", "features", "--out", str(run)])
     capsys.readouterr()
-    assert json.loads((run / "recipe.json").read_text())["boxes"] == str(boxes)  # made absolute
+    record = json.loads((run / "recipe.json").read_text())
+    assert record["boxes"] == str(boxes) and record["boxes_data"] == str(root)  # made absolute
     assert load_checkpoint(run / "checkpoints" / "last.pt")["recipe"]["boxes"] == str(boxes)  # and carried along
     main(["localize", "eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data", str(root), "--json"])
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 4
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["images"] == 4 and result["boxes"] == str(boxes)  # the boxes used, named
+    # other data without boxes of its own: the recorded boxes are not its boxes
+    other = write_dataset(tmp_path / "other", {"train": 4, "val": 1})
+    assert main(["localize", "eval", "--checkpoint", str(run), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"({boxes}) is not of this data; give the boxes file of {other} with --boxes" in err and err.count("\n") == 1
+    main(["localize", "eval", "--checkpoint", str(run), "--data", str(other), "--boxes", "elsewhere/my-boxes.txt"])
+    assert capsys.readouterr().out.rstrip().endswith(f"Boxes: {boxes}")
     boxes.rename(boxes.with_suffix(".moved"))
     assert main(["localize", "eval", "--checkpoint", str(run), "--data", str(root)]) == 2
     assert "boxes.txt does not exist" in capsys.readouterr().err
+
+
+def test_eval_falls_back_only_to_recorded_boxes_of_the_data_given(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder in (data, elsewhere):
+        folder.mkdir()
+        (folder / "boxes.txt").write_text("a/x.png 1 1 2 2\n")
+    inside, outside = data / "boxes.txt", elsewhere / "boxes.txt"
+    assert boxes_source(None, data, [{"boxes": str(outside)}]) == inside  # the data's own boxes first
+    inside = inside.rename(data / "mine.txt")
+    assert boxes_source("given.txt", data, [{"boxes": str(outside)}]) == Path("given.txt")
+    assert boxes_source(None, data, [{"boxes": str(inside)}]) == inside  # under the data: its own
+    assert boxes_source(None, data, [{"boxes": str(outside), "boxes_data": str(data)}]) == outside  # read for it
+    assert boxes_source(None, data, [{}, {"boxes": str(tmp_path / "gone.txt")}]) == data / "boxes.txt"
+    for recipe in ({"boxes": str(outside)}, {"boxes": str(outside), "boxes_data": str(elsewhere)}):
+        with pytest.raises(UserError, match=rf"^{data}: no boxes.txt, and the boxes file .* \({outside}\) is not of"):
+            boxes_source(None, data, [recipe])
 
 
 def test_the_box_statistics_come_from_exactly_the_boxes_trained_on(tmp_path):

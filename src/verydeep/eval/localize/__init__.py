@@ -18,8 +18,10 @@ net (the last layer random), and validated by the localisation error of protocol
 
 Both protocols also score two boxes that ignore the image: the whole image, and the mean training
 box (the centre prior); in protocol 2 each is paired with the classifier's top-5 classes.
-``localize train`` records the boxes it read in the run's ``recipe.json`` (``boxes``), which
-``localize eval`` reads when neither ``--boxes`` nor ``DATA/boxes.txt`` is there.
+``localize train`` records the boxes it read, and the data it read them for, in the run's
+``recipe.json`` (``boxes``, ``boxes_data``), which ``localize eval`` reads when neither ``--boxes`` nor
+``DATA/boxes.txt`` is there and the file is of ``DATA`` (under it, or read for it); it refuses another
+dataset's boxes, and names the boxes file it used in its table and JSON.
 
 Modules, each one job: ``scoring`` (the ILSVRC criterion, greedy merging), ``prior`` (the centre
 prior), ``task`` (the box regression task), ``center`` (protocol 1, Table 8), ``dense_nets`` (the

@@ -12,7 +12,7 @@ from verydeep.errors import UserError
 from verydeep.eval.localize.center import center_json, evaluate_center, table_8
 from verydeep.eval.localize.dense import evaluate_dense, table_9
 from verydeep.eval.localize.predict import run_predict
-from verydeep.eval.localize.task import HEADS, TARGETS
+from verydeep.eval.localize.task import HEADS, TARGETS, eval_boxes
 from verydeep.eval.localize.train import run_train
 from verydeep.options import add_device, add_workers, output_dir, positive_int, test_scale
 from verydeep.runtime import default_workers, sharding
@@ -40,22 +40,24 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def eval_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """``localize eval``'s JSON object and its table (Table 8 or 9)."""
+    """``localize eval``'s JSON object and its table (Table 8 or 9), each naming the boxes file used (one
+    for all the nets: :func:`~verydeep.eval.localize.task.eval_boxes`)."""
     if args.protocol != "dense" and (args.classifier is not None or args.scales):
         flag = "--classifier" if args.classifier is not None else "--scales"
         raise UserError(f"{flag} is for --protocol dense (protocol 1 reads the central crop at the training scale, "
                         "for the ground-truth class): drop it, or give --protocol dense")
     workers = default_workers() if args.workers is None else args.workers
+    boxes = eval_boxes(args.boxes, args.data, args.checkpoint)
     if args.protocol == "dense":
-        result = evaluate_dense(args.checkpoint, args.classifier, args.data, args.boxes, args.scales, args.limit,
+        result = evaluate_dense(args.checkpoint, args.classifier, args.data, boxes, args.scales, args.limit,
                                 args.device, args.batch_size, workers)
         payload, text = result.to_dict(), table_9(result).markdown("###")
     else:
         labels = fine_tuned_labels(args.fine_tuned, len(args.checkpoint))
-        results = [evaluate_center(checkpoint, args.data, args.boxes, args.limit, args.batch_size, args.device,
+        results = [evaluate_center(checkpoint, args.data, boxes, args.limit, args.batch_size, args.device,
                                    workers) for checkpoint in args.checkpoint]
         payload, text = center_json(results), table_8(results, labels).markdown("###")
-    return payload, text
+    return {**payload, "boxes": str(boxes.absolute())}, f"{text}\n\nBoxes: {boxes.absolute()}"
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -80,7 +82,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--classifier", help="the classification run that ranks the classes (protocol dense)")
     e.add_argument("--data", required=True, help="dataset folder with train/ and val/")
     e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt, else the boxes the first "
-                                   "--checkpoint's run was trained on, from its recipe.json)")
+                                   "--checkpoint's run was trained on, from its recipe.json, when they are of "
+                                   "DIR: under it, or read for it); named in the output")
     e.add_argument("--protocol", choices=("center", "dense"), default="center")
     e.add_argument("--scales", type=test_scale, nargs="+", help="test scales Q (dense; default the training S)")
     e.add_argument("--fine-tuned", choices=("all", "fc"), action="append",

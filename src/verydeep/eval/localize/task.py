@@ -4,7 +4,7 @@ recipe says of it (its task, its training scale, the boxes it read)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from verydeep.errors import UserError
 from verydeep.eval.localize.prior import relative_boxes
 from verydeep.eval.localize.scoring import wrong
 from verydeep.eval.nets import train_scale
+from verydeep.io.weights import load_published
 from verydeep.nn.tasks import Task
 
 #: Heads of Appendix A: single-class and per-class regression.
@@ -48,6 +49,7 @@ class Localisation(Task):
         self.head, self.boxes, self.target_kind = head, boxes, targets
         self.name = f"localisation-{head}"
         self.source: Path | None = None  # the boxes read, once open_splits has read them
+        self.data_root: Path | None = None  # the data they were read for
         # FC8 predicts (code - mean) / std; the identity for raw codes (and for runs that predate this)
         self.code_mean = torch.tensor(code_mean or [0.0] * 4)
         self.code_std = torch.tensor(code_std or [1.0] * 4)
@@ -57,16 +59,19 @@ class Localisation(Task):
         return 4 if self.head == "scr" else 4 * num_classes
 
     def record(self) -> dict[str, Any]:
-        """The boxes read (an absolute path), for ``localize eval`` to default to, and the box code's
-        standardisation, which every reader of the net's outputs needs."""
+        """The boxes read and the data they were read for (absolute paths), for ``localize eval`` to
+        default to on that data, and the box code's standardisation, which every reader of the net's
+        outputs needs."""
         found = {"box_targets": self.target_kind, "box_code_mean": self.code_mean.tolist(),
                  "box_code_std": self.code_std.tolist()}
-        return {**found, "boxes": str(self.source)} if self.source is not None else found
+        if self.source is None:
+            return found
+        return {**found, "boxes": str(self.source), "boxes_data": str(self.data_root)}
 
     def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
         source = Path(self.boxes or Path(data) / "boxes.txt")
         table = read_boxes(source)
-        self.source = source.absolute()
+        self.source, self.data_root = source.absolute(), Path(data).absolute()
         train_set, val_set = super().open_splits(data, train, val)
         paths = [path for images in (train_set, val_set) for path, _ in images.samples]
         matched = match_boxes(table, dict.fromkeys(paths), Path(data))  # both splits: no name shared unseen
@@ -123,11 +128,27 @@ def task_of(recipe: dict[str, Any], boxes: str | Path | None = None) -> Localisa
                         recipe.get("box_code_mean"), recipe.get("box_code_std"))
 
 
-def boxes_source(boxes: str | Path | None, data: str | Path, recipes: Sequence[dict[str, Any]]) -> str | Path | None:
-    """The boxes to evaluate on: ``--boxes`` when given, else ``DATA/boxes.txt`` when it exists, else
-    the file the first of these runs recorded (``boxes`` in its recipe) if it still exists (None:
-    ``DATA/boxes.txt``)."""
-    if boxes is not None or (Path(data) / "boxes.txt").exists():
-        return boxes
-    recorded = (Path(recipe["boxes"]) for recipe in recipes if recipe.get("boxes"))
-    return next((path for path in recorded if path.exists()), None)
+def boxes_source(boxes: str | Path | None, data: str | Path, recipes: Iterable[dict[str, Any]]) -> Path:
+    """The boxes to evaluate ``data`` on: ``--boxes`` when given, else ``DATA/boxes.txt`` when it exists,
+    else the file the first of these runs recorded (``boxes`` in its recipe) that still exists, when it
+    belongs to ``data``: it lies under ``data``, or the run read it for ``data``. A recorded file of
+    other data is a :class:`UserError`; with none, ``DATA/boxes.txt`` (which the reader finds missing).
+    ``recipes`` is read lazily, up to the first that recorded a file still there."""
+    own = Path(data) / "boxes.txt"
+    if boxes is not None or own.exists():
+        return Path(boxes) if boxes is not None else own
+    recorded = ((Path(recipe["boxes"]), recipe.get("boxes_data")) for recipe in recipes if recipe.get("boxes"))
+    path, read_for = next(((path, read_for) for path, read_for in recorded if path.exists()), (None, None))
+    if path is None:
+        return own
+    root = Path(data).resolve()
+    if not (path.resolve().is_relative_to(root) or (read_for is not None and Path(read_for).resolve() == root)):
+        raise UserError(f"{data}: no boxes.txt, and the boxes file the net was trained with ({path}) is not of "
+                        f"this data; give the boxes file of {data} with --boxes")
+    return path
+
+
+def eval_boxes(boxes: str | Path | None, data: str | Path, checkpoints: Sequence[str | Path]) -> Path:
+    """:func:`boxes_source` for ``localize eval``: the nets' recipes read only when neither ``--boxes``
+    nor ``DATA/boxes.txt`` says."""
+    return boxes_source(boxes, data, (load_published(checkpoint).recipe for checkpoint in checkpoints))
