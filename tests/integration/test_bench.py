@@ -19,6 +19,7 @@ from verydeep.bench.reference import best_contenders
 from verydeep.bench.settings import Settings
 from verydeep.bench.summary import summarise
 from verydeep.cli import main
+from verydeep.errors import UserError
 from verydeep.train import train
 
 #: The JSON keys that carry a measurement, each a positive finite number.
@@ -302,3 +303,26 @@ def test_bf16_training_tracks_fp32(data: Path, tmp_path: Path) -> None:
     last = {p: sum(values[-4:]) / 4 for p, values in losses.items()}
     assert all(last[p] < 0.6 * losses[p][0] for p in losses)
     assert abs(last["bf16"] - last["fp32"]) < 0.1
+
+
+def test_bench_counts_the_readable_images_of_data_and_names_its_own_flags(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_dataset(tmp_path / "data", {"train": 1}, ext="jpg")
+    for name in ("broken.jpg", "empty.png"):
+        (data / "train" / "class0" / name).write_bytes(b"not an image"[: 12 if name == "broken.jpg" else 0])
+    argv = ["bench", "--config", "A", "--size", "32", "--width", "0.0625", "--batch", "4", "--rounds", "1",
+            "--device", "cpu", "--workers", "0", "--data", str(data)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size" not in err
+    assert err.startswith(f"verydeep bench: error: --data {data}: 4 readable training images (2 files unreadable), "
+                          "fewer than the ") and "--batch" in err
+    (tmp_path / "scratch").mkdir()
+    assert bench_data(data, tmp_path / "scratch", 32, 4)[1] == str(data)  # enough when no more are needed
+
+
+def test_a_timed_step_that_read_no_image_is_a_one_line_error(tmp_path: Path) -> None:
+    records = [{"kind": "step", "img_s": 8.0}, {"kind": "step", "img_s": 0.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(UserError, match="a timed training step read none of its images"):
+        steady_img_s(tmp_path, 2, 4)

@@ -9,20 +9,42 @@ import numpy as np
 from PIL import Image
 
 from verydeep.bench.settings import test_scales
-from verydeep.data.datasets import find_split
+from verydeep.data.datasets import DECODE_ERRORS, ImageFolder, find_split
+from verydeep.data.decode import image_size
 from verydeep.errors import UserError
 
 #: Images the bench trains on when present, beside the repository.
 DEFAULT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data" / "imagenette"
 
 
+def readable_images(split: Path, wanted: int) -> tuple[int, int]:
+    """The images of ``split``'s class folders whose headers read, counted up to ``wanted``, and the
+    unreadable files met on the way."""
+    readable = unreadable = 0
+    for path, _ in ImageFolder(split, None).samples:
+        if readable == wanted:
+            break
+        try:
+            image_size(path)
+            readable += 1
+        except DECODE_ERRORS:
+            unreadable += 1
+    return readable, unreadable
+
+
 def bench_data(data: Path | None, scratch: Path, size: int, count: int) -> tuple[Path, str]:
-    """A dataset folder under ``scratch`` (train/ and val/): links to ``data``'s class folders, else
-    ``count`` generated 4:3 JPEGs in 10 classes, their short side 1.2 times the training scale."""
+    """A dataset folder under ``scratch`` (train/ and val/): links to ``data``'s class folders, which hold
+    ``count`` readable training images, else ``count`` generated 4:3 JPEGs in 10 classes, their short side 1.2
+    times the training scale."""
     root = scratch / "data"
     root.mkdir()
     if data is not None:
         train = find_split(data, "train")
+        readable, unreadable = readable_images(train, count)
+        if readable < count:
+            raise UserError(f"--data {data}: {readable} readable training images ({unreadable} files unreadable), "
+                            f"fewer than the {count} the bench's training steps need (fewer with a smaller --batch "
+                            "or --rounds)")
         try:
             val = find_split(data, "val")
         except UserError:

@@ -71,6 +71,9 @@ def steady_img_s(run_dir: Path, steps: int, batch: int) -> float:
     """Images per second of the last ``steps`` training steps, from the trainer's step records."""
     lines = RunDir(run_dir).metrics.read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r.get("kind") == "step"][-steps:]
+    if any(r["img_s"] <= 0 for r in records):
+        raise UserError("--data: a timed training step read none of its images (all unreadable); give the bench "
+                        "readable images")
     return steps * batch / sum(batch / r["img_s"] for r in records)
 
 
