@@ -50,11 +50,23 @@ def parse_scale(value: Any) -> tuple[int, int]:
 
 
 def parse_milestones(value: Any) -> list[int]:
-    """``"30,60"`` or ``[30, 60]`` -> ``[30, 60]``."""
+    """``"30,60"`` or ``[30, 60]`` -> ``[30, 60]``, checked by :func:`check_milestones`."""
     try:
-        return [int(v) for v in (value if isinstance(value, list) else str(value).split(",")) if str(v).strip()]
+        milestones = [int(v) for v in (value if isinstance(value, list) else str(value).split(",")) if str(v).strip()]
     except ValueError:
         raise UserError(f"--milestones must be comma-separated epochs (e.g. 30,60); got {value!r}") from None
+    return check_milestones(milestones)
+
+
+def check_milestones(milestones: list[int]) -> list[int]:
+    """``milestones`` when they are distinct epochs from 1 on (lr /= 10 once after each), else a
+    :class:`UserError` naming ``--milestones``."""
+    shown = ",".join(map(str, milestones))
+    if any(milestone < 1 for milestone in milestones):
+        raise UserError(f"--milestones {shown}: each must be an epoch, from 1 on, after which lr /= 10")
+    if len(set(milestones)) < len(milestones):
+        raise UserError(f"--milestones {shown}: an epoch is listed twice; lr /= 10 once after each epoch listed")
+    return milestones
 
 
 def parse_preprocess(value: Any) -> Preprocess | None:
@@ -217,6 +229,26 @@ class TrainConfig:
                             "validation set, its size is --val-split; give one")
         if self.crop % 32:
             raise UserError(f"--crop must be a multiple of 32 (five 2x2 poolings); got {self.crop}")
+        if self.micro_batch is not None and self.micro_batch > self.batch_size:
+            raise UserError(f"--micro-batch {self.micro_batch} is larger than --batch-size {self.batch_size}: a "
+                            "micro-batch is a part of a step's batch")
+        self.check_schedule()
+
+    def check_schedule(self) -> None:
+        """Raise :class:`UserError` when ``--milestones`` are not distinct epochs of the run, or come with
+        the plateau rule's settings, which they replace (Sec. 3.1)."""
+        check_milestones(self.milestones)  # a Python caller's list was not parsed
+        shown = ",".join(map(str, self.milestones))
+        late = [milestone for milestone in self.milestones if milestone > self.epochs]
+        if late:
+            raise UserError(f"--milestones {shown}: epoch {late[0]} is after the last, --epochs {self.epochs}, so "
+                            "its lr /= 10 would never happen; drop it or raise --epochs")
+        plateau = {"--patience": (self.patience, TrainConfig.patience),
+                   "--max-drops": (self.max_drops, TrainConfig.max_drops)}
+        ignored = [f"{flag} {value}" for flag, (value, default) in plateau.items() if value != default]
+        if self.milestones and ignored:
+            raise UserError(f"--milestones {shown} replaces the plateau rule, so {' and '.join(ignored)} would be "
+                            "ignored: give the milestones or the plateau rule's settings, not both")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings (paths as strings, the preprocessing as its dict)."""

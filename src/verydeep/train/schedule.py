@@ -35,9 +35,7 @@ class Schedule:
             self.since_best += 1
             self.stopped |= self.stop_patience is not None and self.since_best >= self.stop_patience
         if self.milestones:
-            if epochs_done in self.milestones:
-                self.lr /= 10
-                self.drops += 1
+            self.follow_milestones(epochs_done)
         elif score is not None and not improved:
             self.bad += 1
             if self.bad >= self.patience:
@@ -50,9 +48,12 @@ class Schedule:
         return improved
 
     def follow_milestones(self, epochs_done: int) -> None:
-        """Set lr for ``epochs_done`` from the milestones alone: a resumed run may move or add them."""
+        """Set lr for ``epochs_done`` from the milestones alone, the one rule of an uninterrupted and a
+        resumed run (which may move or add them): divided by 10 once for each milestone passed."""
         self.drops = sum(milestone <= epochs_done for milestone in self.milestones)
-        self.lr = self.base_lr / 10**self.drops
+        self.lr = self.base_lr
+        for _ in range(self.drops):  # as the plateau rule divides, so the rates are the same floats
+            self.lr /= 10
 
     def state_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "best": self.best, "bad": self.bad, "since_best": self.since_best,

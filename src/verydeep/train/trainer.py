@@ -114,7 +114,10 @@ class Trainer:
         if cfg.batch_size % procs.world:
             raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {procs.world} processes")
         self.local_batch = cfg.batch_size // procs.world
-        self.micro_batch = min(cfg.micro_batch or self.local_batch, self.local_batch)
+        if cfg.micro_batch is not None and cfg.micro_batch > self.local_batch:
+            raise UserError(f"--micro-batch {cfg.micro_batch} is larger than a process's share of --batch-size "
+                            f"{cfg.batch_size} over {procs.world} processes ({self.local_batch})")
+        self.micro_batch = cfg.micro_batch or self.local_batch
         self.run_dir = Path(cfg.out)
         self.checkpoints = Checkpoints(self.run_dir, procs, cfg.keep_last)
         self.checkpoints.prepare(cfg)

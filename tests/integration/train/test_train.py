@@ -141,12 +141,59 @@ def test_milestones_replace_the_plateau_rule():
 
 def test_resume_may_move_the_milestones(data, tmp_path):
     """A run that dropped lr after epoch 1 is extended with the drop moved to epoch 2: lr goes back up."""
-    train(tiny(data, tmp_path, epochs=1, milestones=[1]))
+    plateau = dict(patience=TrainConfig.patience)  # tiny's patience would be refused beside the milestones
+    train(tiny(data, tmp_path, epochs=1, milestones=[1], **plateau))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["schedule"]["lr"] == pytest.approx(0.005)
-    assert train(tiny(data, tmp_path, epochs=3, milestones=[2], resume=True)).epochs == 3
+    assert train(tiny(data, tmp_path, epochs=3, milestones=[2], resume=True, **plateau)).epochs == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["epoch"]: r["lr"] for r in records if r["kind"] == "epoch"}
     assert lrs == pytest.approx({1: 0.05, 2: 0.05, 3: 0.005})
+
+
+def test_a_resumed_schedule_has_the_uninterrupted_ones_rates_bit_for_bit():
+    """Resumed after any epoch, the milestones give the same floats as the divisions of an uninterrupted
+    run (0.003 / 100 is not 0.003 / 10 / 10)."""
+    uninterrupted = Schedule(lr=0.003, milestones=[1, 2, 3])
+    rates = []
+    for epoch in range(1, 5):
+        uninterrupted.update(epoch, None)
+        rates.append(uninterrupted.lr)
+    for stopped_after in range(1, 5):
+        resumed = Schedule(lr=0.003, milestones=[1, 2, 3])
+        resumed.follow_milestones(stopped_after)
+        assert resumed.lr == rates[stopped_after - 1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "2", "--milestones", "1,1"], "--milestones 1,1: an epoch is listed twice"),
+    (["--epochs", "2", "--milestones", "0,-1"], "--milestones 0,-1: each must be an epoch, from 1 on"),
+    (["--epochs", "2", "--milestones", "3"], "--milestones 3: epoch 3 is after the last, --epochs 2"),
+    (["--milestones", "1", "--patience", "1", "--max-drops", "0"],
+     "--milestones 1 replaces the plateau rule, so --patience 1 and --max-drops 0 would be ignored"),
+    (["--milestones", "1", "--max-drops", "0"], "--milestones 1 replaces the plateau rule, so --max-drops 0 would"),
+    (["--batch-size", "4", "--micro-batch", "100"], "--micro-batch 100 is larger than --batch-size 4"),
+])
+def test_a_schedule_or_micro_batch_flag_that_could_not_take_effect_is_refused(data, tmp_path, capsys, flags,
+                                                                              message):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {message}"), err
+    assert not run.exists()
+
+
+def test_milestones_given_from_python_are_checked_as_the_flags_are(data, tmp_path):
+    with pytest.raises(UserError, match="--milestones 2,2: an epoch is listed twice"):
+        train(tiny(data, tmp_path, epochs=3, milestones=[2, 2], patience=TrainConfig.patience))
+    with pytest.raises(UserError, match="--patience 100 would be ignored"):
+        train(tiny(data, tmp_path, epochs=3, milestones=[2]))
+
+
+def test_a_micro_batch_larger_than_a_process_share_of_the_batch_is_refused(data, tmp_path):
+    two_processes = runtime.Processes(rank=0, world=2, local_rank=0)
+    with pytest.raises(UserError, match=r"--micro-batch 12 is larger than a process's share of --batch-size 16 "
+                                        r"over 2 processes \(8\)"):
+        Trainer(tiny(data, tmp_path, micro_batch=12), two_processes)
 
 
 def test_plateau_stops_a_run(data, tmp_path):
