@@ -300,6 +300,25 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
 
 
+def test_a_bad_value_in_the_run_record_names_the_file_on_resume(data, tmp_path, capsys):
+    """Values read from recipe.json are checked naming it; values given as flags name the flag."""
+    from verydeep.cli import main
+
+    train(tiny(data, tmp_path, epochs=1))
+    record = tmp_path / "recipe.json"
+    settings = json.loads(record.read_text())
+    resume = ["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]
+    for damage, message in [({"lr": float("nan")}, "lr must be positive; got nan"),
+                            ({"milestones": [1, 1]}, "milestones: --milestones 1,1: an epoch is listed twice")]:
+        record.write_text(json.dumps({**settings, **damage}))
+        assert main(resume) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {record}: {message}"), err
+    record.write_text(json.dumps(settings))
+    assert main([*resume, "--micro-batch", "0"]) == 2
+    assert capsys.readouterr().err.startswith("verydeep train: error: --micro-batch must be at least 1")
+
+
 def test_non_finite_weights_are_never_saved_nor_loaded(data, tmp_path):
     from verydeep.io.checkpoint import load_model, save_checkpoint
 

@@ -346,11 +346,20 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
         settings = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML ({error})") from error
-    known = {f.name: f for f in fields(TrainConfig)}
-    unknown = [key for key in settings if key not in known]
+    unknown = [key for key in settings if key not in {f.name for f in fields(TrainConfig)}]
     if unknown:
         raise UserError(f"{path}: unknown setting {unknown[0]!r} (settings are TrainConfig fields)")
-    for key, value in settings.items():  # TOML values are typed: only the others' parsers apply
+    check_settings(settings, path)
+    return settings
+
+
+def check_settings(settings: dict[str, Any], path: str | Path) -> None:
+    """Check each setting read from the file ``path`` (a recipe, a run record) as its field does; a bad
+    value is a :class:`UserError` naming the file and the setting. Other keys are not settings' and pass."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    for key, value in settings.items():  # typed values (TOML, JSON): only the other fields' parsers apply
+        if key not in known:
+            continue
         parse = known[key].metadata["parse"]
         typed = parse is None or known[key].type.removesuffix(" | None") in KINDS
         try:
@@ -359,7 +368,6 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
             raise UserError(f"{path}: {key}: {error}" if str(error).startswith("--") else str(error)) from None
         except (TypeError, ValueError):
             raise UserError(f"{path}: {key}: not a valid value: {value!r}") from None
-    return settings
 
 
 # ---- the run record ---------------------------------------------------------------------------
@@ -392,10 +400,16 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
 def stored_settings(run_dir: str | Path) -> dict[str, Any]:
     """The settings a run was trained with: its run record, else the one its last checkpoint holds
     (a crash may lose ``recipe.json``, never the checkpoint's copy); empty when it has neither."""
-    if RunDir(run_dir).record.exists():
+    source = stored_settings_file(run_dir)
+    if source == RunDir(run_dir).record:
         return read_run_record(run_dir)
-    last = RunDir(run_dir).last
-    return load_checkpoint(last)["recipe"] if last.is_file() else {}
+    return load_checkpoint(source)["recipe"] if source.is_file() else {}
+
+
+def stored_settings_file(run_dir: str | Path) -> Path:
+    """The file :func:`stored_settings` reads: the run record, else the last checkpoint."""
+    run = RunDir(run_dir)
+    return run.record if run.record.exists() else run.last
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -422,11 +436,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
     """The settings of a ``train`` invocation: the stored run's (with ``--resume``), then the recipe's,
-    then the flags given."""
+    then the flags given. A stored value that these leave is checked naming the file it was read from."""
+    recipe = read_recipe(given["recipe"]) if given.get("recipe") else {}
     settings: dict[str, Any] = {}
     if given.get("resume") and given.get("out"):
-        settings.update({key: value for key, value in stored_settings(given["out"]).items() if key not in ONCE})
-    if given.get("recipe"):
-        settings.update(read_recipe(given["recipe"]))
+        stored = {key: value for key, value in stored_settings(given["out"]).items() if key not in ONCE}
+        kept = {key: value for key, value in stored.items() if key not in recipe and key not in given}
+        check_settings(kept, stored_settings_file(given["out"]))
+        settings.update(stored)
+    settings.update(recipe)
     settings.update(given)
     return settings
