@@ -171,15 +171,17 @@ class TrainConfig:
     weight_decay: float = option(5e-4, "L2 weight decay", "optimisation", minimum=0,
                                  check=below(1.0, "the paper's is 5e-4; a decay of 1 or more outweighs the loss"))
     batch_size: int = option(256, "global batch size over all processes", "optimisation", minimum=1)
-    micro_batch: int | None = option(None, "images per forward pass per process (gradient accumulation)",
-                                     "optimisation", minimum=1, parse=int, resumable=True)
+    micro_batch: int | None = option(None, "images per forward pass per process (gradient accumulation), at most "
+                                           "the batch per process", "optimisation", minimum=1, parse=int,
+                                     resumable=True)
     epochs: int = option(74, "epoch budget", "optimisation", minimum=1, resumable=True)
     patience: int = option(2, "validations without improvement before lr /= 10", "optimisation", minimum=1,
                            resumable=True)
     max_drops: int = option(3, "lr divisions before a plateau stops training", "optimisation", minimum=0,
                             resumable=True)
-    milestones: list[int] = option([], "comma-separated epochs after which lr /= 10, instead of the plateau rule",
-                                   "optimisation", parse=parse_milestones, resumable=True)
+    milestones: list[int] = option([], "comma-separated distinct epochs, 1 to --epochs, after which lr /= 10, "
+                                       "instead of the plateau rule (--patience, --max-drops)", "optimisation",
+                                   parse=parse_milestones, resumable=True)
     stop_patience: int | None = option(None, "stop when validation has not improved for N validations, whatever "
                                               "the lr (--epochs becomes an upper bound)", "optimisation", minimum=1,
                                        parse=int, resumable=True)
