@@ -9,6 +9,9 @@ BGR on 0..255 minus the mean (``channels="BGR"``, ``value_scale=255``, ``std=(1,
 from __future__ import annotations
 
 import json
+import math
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +50,16 @@ class Preprocess:
                 raise ValueError(f"Preprocess.{name} needs 3 values (R, G, B); got {value!r}")
         if len(self.eigvec) != 3 or any(len(row) != 3 for row in self.eigvec):
             raise ValueError(f"Preprocess.eigvec must be 3x3; got {self.eigvec!r}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"Preprocess.std must be positive; got {self.std!r}")
-        if self.channels not in ("RGB", "BGR") or not self.value_scale > 0:
-            raise ValueError(f"Preprocess: channels must be RGB or BGR and value_scale positive; got "
+        _check_numbers("mean", self.mean, lambda v: 0 <= v <= 1, "from 0 to 1 (statistics are on the 0..1 scale)")
+        _check_numbers("std", self.std, lambda v: v > 0, "above 0")
+        _check_numbers("eigval", self.eigval, lambda v: v >= 0, "at least 0 (a covariance's eigenvalue)")
+        for i, row in enumerate(self.eigvec):
+            _check_numbers(f"eigvec[{i}]", row, lambda v: True, "")
+        columns = torch.tensor(self.eigvec, dtype=torch.float64)
+        if not torch.allclose(columns.T @ columns, torch.eye(3, dtype=torch.float64), atol=ORTHONORMAL_TOLERANCE):
+            raise ValueError(f"Preprocess.eigvec's columns must be orthonormal eigenvectors; got {self.eigvec!r}")
+        if self.channels not in ("RGB", "BGR") or not 0 < self.value_scale < math.inf:
+            raise ValueError(f"Preprocess: channels must be RGB or BGR and value_scale positive and finite; got "
                              f"{self.channels!r}, {self.value_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,23 +75,47 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        """Inverse of :meth:`to_dict`; a missing key is a ``ValueError`` naming it (which
-        :func:`load_preprocess` reports as a :class:`UserError` naming the file)."""
+        """Inverse of :meth:`to_dict`; a missing key, or a value of the wrong kind or out of range, is a
+        ``ValueError`` naming it (which :func:`load_preprocess` reports as a :class:`UserError` naming the file)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocess statistics must be a JSON object; got {type(d).__name__}")
         missing = [k for k in ("mean", "std", "eigval", "eigvec") if k not in d]
         if missing:
             raise ValueError(f"preprocess statistics lack {', '.join(missing)}")
+        if not isinstance(d["eigvec"], list | tuple):
+            raise ValueError(f"eigvec must be 3 rows of 3 numbers; got {d['eigvec']!r}")
         return cls(
-            mean=_triple(d["mean"]),
-            std=_triple(d["std"]),
-            eigval=_triple(d["eigval"]),
-            eigvec=tuple(_triple(row) for row in d["eigvec"]),  # type: ignore[arg-type]
+            mean=_numbers(d["mean"], "mean"),
+            std=_numbers(d["std"], "std"),
+            eigval=_numbers(d["eigval"], "eigval"),
+            eigvec=tuple(_numbers(row, f"eigvec[{i}]") for i, row in enumerate(d["eigvec"])),  # type: ignore[arg-type]
             channels=str(d.get("channels", "RGB")),
-            value_scale=float(d.get("value_scale", 1.0)),
+            value_scale=_number(d.get("value_scale", 1.0), "value_scale"),
         )
 
 
-def _triple(values: Any) -> Triple:
-    return tuple(float(v) for v in values)  # type: ignore[return-value]
+#: How far ``eigvec``'s columns may be from orthonormal (files hold rounded values).
+ORTHONORMAL_TOLERANCE = 0.01
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    return float(value)
+
+
+def _numbers(values: Any, name: str) -> Triple:
+    """``values`` (a list of numbers) as floats; anything else is a ``ValueError`` naming ``name``."""
+    if not isinstance(values, list | tuple):
+        raise ValueError(f"{name} must be a list of 3 numbers; got {values!r}")
+    return tuple(_number(v, f"{name}[{i}]") for i, v in enumerate(values))  # type: ignore[return-value]
+
+
+def _check_numbers(name: str, values: Sequence[float], in_range: Callable[[float], bool], expected: str) -> None:
+    """A ``ValueError`` naming ``name[i]`` for the first value that is not finite or not ``in_range``."""
+    for i, value in enumerate(values):
+        if not (math.isfinite(value) and in_range(value)):
+            raise ValueError(f"{name}[{i}] is {value!r}; expected a finite number {expected}".rstrip())
 
 
 #: ImageNet's well-known statistics (torchvision's mean/std; AlexNet/fb.resnet PCA on 0..1).

@@ -1,0 +1,60 @@
+"""Every number of a preprocess.json (``train --preprocess FILE``, the one beside ``--data``, a weights file's
+recipe) is checked finite and in range, a bad one a one-line error naming the file and the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from verydeep.data import IMAGENET, Preprocess
+from verydeep.data.preprocess import load_preprocess, read_preprocess
+from verydeep.errors import UserError
+from verydeep.io.weights import CAFFE
+from verydeep.train.recipe import parse_preprocess
+
+NAN, INF = float("nan"), float("inf")
+GOOD = IMAGENET.to_dict()
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"mean": [NAN, 0.5, 0.5]}, r"mean\[0\] is nan; expected a finite number from 0 to 1"),
+    ({"mean": [0.5, 1e6, 0.5]}, r"mean\[1\] is 1000000.0; expected a finite number from 0 to 1"),
+    ({"mean": [0.5, 0.5, -0.1]}, r"mean\[2\] is -0.1"),
+    ({"mean": ["a", 0.5, 0.5]}, r"mean\[0\] must be a number; got 'a'"),
+    ({"mean": [True, 0.5, 0.5]}, r"mean\[0\] must be a number; got True"),
+    ({"mean": 0.5}, "mean must be a list of 3 numbers"),
+    ({"std": [INF, 0.2, 0.2]}, r"std\[0\] is inf; expected a finite number above 0"),
+    ({"std": [0.2, 0, 0.2]}, r"std\[1\] is 0.0"),
+    ({"eigval": [NAN, 0.1, 0.1]}, r"eigval\[0\] is nan"),
+    ({"eigval": [-1, 0.1, 0.1]}, r"eigval\[0\] is -1.0; expected a finite number at least 0"),
+    ({"eigvec": [[NAN, 0, 0], [0, 1, 0], [0, 0, 1]]}, r"eigvec\[0\]\[0\] is nan"),
+    ({"eigvec": [[1, 0], [0, 1]]}, "eigvec must be 3x3"),
+    ({"eigvec": 1}, "eigvec must be 3 rows of 3 numbers"),
+    ({"eigvec": [[2, 0, 0], [0, 1, 0], [0, 0, 1]]}, "eigvec's columns must be orthonormal"),
+    ({"value_scale": INF}, "value_scale positive and finite"),
+])
+def test_a_bad_number_in_a_preprocess_file_names_the_file_and_key(tmp_path, change, said):
+    path = tmp_path / "preprocess.json"
+    path.write_text(json.dumps({**GOOD, **change}))
+    (tmp_path / "train").mkdir()
+    for read in (read_preprocess, parse_preprocess, load_preprocess, lambda _: load_preprocess(tmp_path / "train")):
+        with pytest.raises(UserError, match=said) as error:
+            read(path)
+        message = str(error.value)
+        assert message.startswith(f"{path}: bad preprocess statistics") and "\n" not in message
+
+
+def test_a_file_that_is_no_json_object_is_one_line(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2, 3]")
+    with pytest.raises(UserError, match="list.json: bad preprocess statistics .*must be a JSON object; got list"):
+        read_preprocess(path)
+
+
+def test_the_known_conventions_and_rounded_eigenvectors_pass():
+    for pre in (IMAGENET, CAFFE):
+        assert Preprocess.from_dict(json.loads(json.dumps(pre.to_dict()))) == pre
+    rounded = [[round(v, 3) for v in row] for row in GOOD["eigvec"]]
+    assert Preprocess.from_dict({**GOOD, "eigvec": rounded}).eigvec == tuple(map(tuple, rounded))
+    assert Preprocess.from_dict({**GOOD, "mean": [0, 1, 0.5], "eigval": [0, 0, 0]}).mean == (0.0, 1.0, 0.5)
