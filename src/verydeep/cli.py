@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from verydeep.errors import UserError
-from verydeep.options import OneLineParser, one_line, refuse_overwriting_inputs
+from verydeep.options import OneLineParser, one_line, option_names, refuse_overwriting_inputs
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
 COMMAND_MODULES = ("nn.summary", "data", "train", "paper.plot", "eval.evaluate", "eval.predict", "io.weights",
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.exit(2, f"{prog}: error: unrecognized arguments: {one_line(' '.join(unknown))}\n")
     try:
-        refuse_overwriting_inputs(args)
+        refuse_overwriting_inputs(args, option_names(parser, args))
         result = args.func(args)
     except UserError as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)

@@ -11,7 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from verydeep.data.preprocess import PREPROCESS_FILE
 from verydeep.errors import UserError
+from verydeep.io.download import resolve_source
+from verydeep.io.rundir import RunDir
 from verydeep.runtime.limits import check_side, check_width, check_workers
 
 
@@ -57,10 +60,18 @@ positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
 natural_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 #: ``type=`` for a finite number > 0 (width multipliers).
 positive_float = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
+#: The largest seed torch's random generators take.
+MAX_SEED = 2**64 - 1
+#: ``type=`` for ``--seed``: at least 0, as ``train --seed`` must be, and at most :data:`MAX_SEED`.
+seed_number = _checked(int, lambda value: 0 <= value <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
 
 
 class OutputPath(type(Path())):  # type: ignore[misc]
     """A path the command writes (an :func:`output_file` or :func:`output_dir` argument)."""
+
+
+class OutputFile(OutputPath):
+    """A file the command writes (an :func:`output_file` argument)."""
 
 
 def _within(parse: Callable[[str], float], check: Callable[[Any, str], Any], what: str) -> Callable[[str], Any]:
@@ -110,7 +121,7 @@ def output_dir(text: str) -> Path:
 
 def output_file(text: str) -> Path:
     """``type=`` for a file to write: absent or a file (it is replaced), not a folder."""
-    path = OutputPath(text)
+    path = OutputFile(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
     return path
@@ -122,17 +133,102 @@ def _given_paths(value: object) -> list[Path]:
     return [v if isinstance(v, Path) else Path(v) for v in values if isinstance(v, (str, Path)) and v]
 
 
-def refuse_overwriting_inputs(args: argparse.Namespace) -> None:
-    """No command writes over one of its own inputs: an output file that is also an input file is a
-    :class:`UserError` naming both options, before anything is written."""
-    named = [(name, path) for name, value in vars(args).items() for path in _given_paths(value)]
-    outputs = [(name, path) for name, path in named if isinstance(path, OutputPath) and path.is_file()]
-    inputs = [(name, path) for name, path in named if not isinstance(path, OutputPath) and path.is_file()]
-    for _, out in outputs:
-        for in_name, given in inputs:
-            if out.samefile(given):
-                raise UserError(f"{out}: the output is also an input ({in_name.replace('_', '-')} {given}) and would "
-                                "be overwritten; give another output")
+#: Options naming a dataset folder that the command reads (``data stats``' positional DIR is ``dir``).
+DATA_OPTIONS = ("data", "dir")
+#: Options naming weights that the command reads: a file, a run directory or a known name (``convert``'s SOURCE,
+#: ``localize``'s --checkpoint and --classifier).
+WEIGHTS_OPTIONS = ("weights", "source", "checkpoint", "classifier")
+#: Options written to whatever their type: ``train``'s --out, a run directory given as a string.
+OUTPUT_OPTIONS = ("out",)
+
+
+def option_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """How the subcommand that parsed ``args`` names each of its options: the first flag (``--weights``), else
+    the metavar or the upper-case destination of a positional (``OUT``, ``DIR``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return option_names(action.choices[getattr(args, action.dest)], args)
+    return {action.dest: action.option_strings[0] if action.option_strings else action.metavar or action.dest.upper()
+            for action in reversed(parser._actions)}
+
+
+def _weights_read(source: Path, weights_dir: str | None) -> tuple[Path | None, Path | None]:
+    """The weights folder ``source`` names (a run directory), if any, and the file a command reads from ``source``:
+    the file itself, a run directory's best (else last) checkpoint, or a known name's file in the weights folder."""
+    try:
+        path = resolve_source(source, weights_dir)
+    except UserError:  # no such file, folder or name: the command says so
+        return None, None
+    if not path.is_dir():
+        return None, path
+    run = RunDir(path)
+    return path, next((file for file in (run.best, run.last) if file.is_file()), None)
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, links and ``..`` followed."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | None = None) -> None:
+    """No command writes over one of its own inputs (``names``: :func:`option_names`, to name the options).
+    Before anything is written, each of these is a one-line :class:`UserError` naming both options:
+
+    - an output file that is a file the command reads, given as such or read from weights (a run directory's
+      checkpoint, a known name's file in the weights folder);
+    - an output file in a weights folder given as input (a run directory): its checkpoints, record and exports
+      stay as trained. An output *folder* there overwrites nothing and is allowed (``eval --weights runs/D --out
+      runs/D/eval``);
+    - an output, file or folder, that is a data folder given as input or lies in one: a file there may replace an
+      image, a folder becomes a class. The one file a data folder holds besides its images, its statistics
+      ``preprocess.json`` at its top (where ``data stats`` writes it), is allowed;
+    - a data folder inside an output folder: a command writes folders of its own naming into its output
+      (``checkpoints/``, ``tensorboard/``, a run per net), which could land in the data or be cleared with it.
+    """
+    name_of = (names or {}).get
+    outputs, read, weights_folders, data = [], [], [], []
+    for name, value in vars(args).items():
+        option = name_of(name, f"--{name.replace('_', '-')}")
+        for path in _given_paths(value):
+            if isinstance(path, OutputPath) or name in OUTPUT_OPTIONS:
+                outputs.append((option, path))
+                continue
+            folder, file = _weights_read(path, getattr(args, "weights_dir", None)) if name in WEIGHTS_OPTIONS else (
+                None, path if path.is_file() else None)
+            read += [(option, path, file)] if file else []
+            weights_folders += [(option, folder)] if folder else []
+            data += [(option, path)] if name in DATA_OPTIONS and path.is_dir() else []
+    for out_option, out in outputs:
+        _refuse_overwriting_what_is_read(out_option, out, read, weights_folders)
+        _refuse_writing_in_data(out_option, out, data)
+
+
+def _refuse_overwriting_what_is_read(out_option: str, out: Path, read: list[tuple[str, Path, Path]],
+                                    weights_folders: list[tuple[str, Path]]) -> None:
+    """An output file that is a file read, or lies in a weights folder read, is a :class:`UserError`."""
+    if isinstance(out, OutputFile):
+        for option, folder in weights_folders:
+            if _contains(folder, out):
+                raise UserError(f"{out}: {out_option} lies in {option} {folder}, a run directory this command "
+                                "reads; write it elsewhere")
+    for option, given, file in read if out.is_file() else []:
+        if out.samefile(file):
+            reads = "" if file == given else " reads it"
+            raise UserError(f"{out}: the output is also an input ({option} {given}{reads}) and {out_option} would "
+                            f"overwrite it; give another {out_option}")
+
+
+def _refuse_writing_in_data(out_option: str, out: Path, data: list[tuple[str, Path]]) -> None:
+    """An output in a data folder (but its ``preprocess.json``), or an output folder holding one, is a
+    :class:`UserError`."""
+    for option, folder in data:
+        if _contains(folder, out) and not (isinstance(out, OutputFile) and out.resolve() == (
+                folder / PREPROCESS_FILE).resolve()):
+            raise UserError(f"{out}: {out_option} lies in {option} {folder}, whose images it would change (a file "
+                            f"there may replace one, a folder becomes a class); write it outside the data")
+        if not isinstance(out, OutputFile) and _contains(out, folder):
+            raise UserError(f"{option} {folder} lies in {out_option} {out}, where the command writes folders of "
+                            "its own; give an output folder apart from the data")
 
 
 def device_name(text: str) -> str:

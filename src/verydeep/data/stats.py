@@ -24,7 +24,7 @@ from verydeep.data.loaders import image_loader
 from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
-from verydeep.options import add_workers, output_file
+from verydeep.options import add_workers, output_file, seed_number
 from verydeep.runtime import progress_bar
 from verydeep.runtime.limits import usable_cores
 
@@ -103,7 +103,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--sample", type=int, default=5000, help="number of images sampled (default 5000)")
     s.add_argument("--side", type=int, default=256,
                    help="JPEGs are decoded reduced while the smallest side stays >= this (default 256)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_number, default=0, help="seed of the sample (default 0)")
     add_workers(s, default=min(8, usable_cores()), help="data-loading processes, at most the CPU cores (default: "
                                                         "the cores, at most 8)")
     s.add_argument("--mean-only", action="store_true",

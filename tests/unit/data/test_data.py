@@ -355,7 +355,8 @@ def test_a_class_folder_without_images_is_refused_for_training_kept_for_validati
         ImageFolder(tmp_path / "train", None)
     with pytest.raises(UserError, match=f"class folder {zebra} holds no image files"):
         open_image_set(tmp_path)
-    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    run = tmp_path.with_name(f"{tmp_path.name}-run")  # beside the data: an output in it is refused first
+    assert main(["train", "--data", str(tmp_path), "--out", str(run), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"class folder {zebra} holds no image files "
                                                     f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
     val = open_split(tmp_path / "val", None)  # a validation split may lack some classes' images

@@ -1,0 +1,132 @@
+"""No command writes over one of its own inputs: the file read from a run directory or a weights name, a run
+directory given as weights, a data folder (``verydeep.options.refuse_overwriting_inputs``, called by the CLI
+before any command runs)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import write_classifier, write_dataset
+
+from verydeep.cli import build_parser, main
+from verydeep.options import option_names, refuse_overwriting_inputs
+
+TRAIN = ["--width", "0.0625", "--crop", "32", "--scale", "36", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+         "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A run directory whose checkpoints/best.pt and last.pt hold a tiny net."""
+    best = write_classifier(tmp_path / "run" / "checkpoints" / "best.pt", classes=2)
+    shutil.copyfile(best, best.with_name("last.pt"))
+    return best.parents[1]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """A dataset root: two classes of two training and two validation images."""
+    root = write_dataset(tmp_path / "images", {"train": 2, "val": 2}, size=(36, 36))
+    for split in ("train", "val"):
+        for folder in sorted((root / split).iterdir())[2:]:
+            shutil.rmtree(folder)
+    return root
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def refused(argv: list[str], capsys: pytest.CaptureFixture, *words: str) -> None:
+    """``argv`` exits 2 with one line holding each of ``words``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert all(word in err for word in words), err
+
+
+def allowed(argv: list[str]) -> None:
+    """``argv`` passes the check of outputs against inputs (the command itself is not run)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_overwriting_inputs(args, option_names(parser, args))
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file", ["best.pt", "last.pt"])
+def test_export_and_convert_refuse_to_write_in_the_run_directory_they_read(run, capsys, file):
+    before = contents(run)
+    out = str(run / "checkpoints" / file)
+    refused(["export", "--weights", str(run), "--format", "torchscript", out], capsys, out, "OUT", f"--weights {run}")
+    refused(["convert", str(run), out], capsys, out, "OUT.safetensors", f"SOURCE {run}")
+    refused(["export", "--weights", str(run), "--format", "onnx", str(run / "net.onnx")], capsys, "--weights")
+    assert contents(run) == before
+
+
+def test_the_file_a_weights_name_reads_is_not_overwritten(run, tmp_path, capsys):
+    folder = tmp_path / "weights"
+    published = folder / "VGG_ILSVRC_16_layers.caffemodel"  # the file caffe-vgg16 names
+    folder.mkdir()
+    published.write_bytes(b"weights")
+    refused(["convert", "caffe-vgg16", str(published), "--weights-dir", str(folder)], capsys,
+            "the output is also an input (SOURCE caffe-vgg16 reads it)", "give another OUT.safetensors")
+    assert published.read_bytes() == b"weights"
+
+
+def test_an_output_folder_in_the_run_directory_read_is_allowed(run, images, tmp_path):
+    allowed(["eval", "--weights", str(run), "--data", str(images), "--out", str(run / "eval")])
+    allowed(["eval", "--weights", str(run), "--data", str(images), "--out", str(run)])
+    allowed(["export", "--weights", str(run), "--format", "onnx", str(tmp_path / "net.onnx")])
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+
+def test_data_stats_writes_no_image_and_no_class_folder(images, capsys):
+    before = contents(images)
+    image = images / "train" / "class0" / "0.png"
+    refused(["data", "stats", str(images), "--workers", "0", "--out", str(image)], capsys, str(image), "--out",
+            f"DIR {images}")
+    refused(["data", "stats", str(images), "--workers", "0", "--out", str(images / "train" / "new" / "p.json")],
+            capsys, "--out", f"DIR {images}")
+    assert contents(images) == before and sorted(p.name for p in (images / "train").iterdir()) == ["class0", "class1"]
+
+
+def test_data_stats_writes_its_statistics_at_the_top_of_the_data(images, capsys):
+    assert main(["data", "stats", str(images), "--workers", "0", "--out", str(images / "preprocess.json")]) == 0
+    assert main(["data", "stats", str(images / "train"), "--workers", "0"]) == 0
+    assert (images / "preprocess.json").is_file() and (images / "train" / "preprocess.json").is_file()
+
+
+def test_data_stats_and_train_refuse_the_same_seeds(images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "stats", str(images), "--workers", "0", "--seed", "-1"])
+    assert stop.value.code == 2 and "argument --seed: expected an integer from 0" in capsys.readouterr().err
+    refused(["train", "--data", str(images), "--out", str(tmp_path / "run"), "--seed", "-1", *TRAIN], capsys,
+            "--seed must be at least 0")
+    with pytest.raises(SystemExit):
+        main(["data", "stats", str(images), "--workers", "0", "--seed", str(2**64)])  # torch's generators take less
+    assert "--seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("inside", ["", "train", "train/class0", "val/new"])
+def test_no_command_writes_its_output_in_the_data(images, run, capsys, inside):
+    before = contents(images)
+    out = str(images / inside)
+    refused(["train", "--data", str(images), "--out", out, *TRAIN], capsys, "--out", f"--data {images}")
+    refused(["eval", "--weights", str(run), "--data", str(images), "--out", out], capsys, "--out", "--data")
+    refused(["reproduce", "--data", str(images), "--out", out], capsys, "--out", "--data")
+    refused(["features", "--weights", str(run), "--data", str(images), "--out", f"{out}/f.npz"], capsys, "--out",
+            "--data")
+    assert contents(images) == before and not (images / "train" / "checkpoints").exists()
+
+
+def test_no_output_folder_holds_the_data(images, tmp_path, capsys):
+    refused(["train", "--data", str(images), "--out", str(tmp_path), *TRAIN], capsys,
+            f"--data {images} lies in --out {tmp_path}")
+    assert not (tmp_path / "checkpoints").exists()
+    allowed(["train", "--data", str(images), "--out", str(tmp_path / "run"), *TRAIN])
