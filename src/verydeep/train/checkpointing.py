@@ -8,6 +8,7 @@ atomic (:func:`verydeep.io.atomic.atomic_write`), so a crash leaves the last goo
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,24 @@ class Checkpoints:
         best, exported = self.paths.best, self.paths.model
         if not self.procs.main or not best.is_file():
             return
-        state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        state = read_best(best)
         if not exported.is_file() or safetensors_metadata(exported).get("epoch") != str(state["epoch"]):
             model = model_from_recipe(state["recipe"])
             model.load_state_dict(state["model"])
             export_safetensors(model, state["recipe"], exported, state["epoch"])
+
+
+def read_best(path: Path) -> dict[str, Any]:
+    """``best.pt``'s state, read without unpickling code (its tensors mapped, not copied); a file that is not
+    one of our epoch checkpoints is a one-line :class:`UserError` naming it."""
+    try:
+        with warnings.catch_warnings():  # torch warns of a TorchScript archive before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise UserError(f"{path}: not a readable verydeep checkpoint ({type(error).__name__}); restore it, or "
+                        "remove it to go on without the best epoch's weights") from error
+    if not isinstance(state, dict) or not {"model", "recipe", "epoch"} <= state.keys():
+        raise UserError(f"{path}: not a verydeep epoch checkpoint (no 'model', 'recipe' and 'epoch' entries); "
+                        "restore it, or remove it to go on without the best epoch's weights")
+    return state

@@ -1,6 +1,6 @@
 """No command writes over one of its own inputs: the file read from a run directory or a weights name, a run
 directory given as weights, a data folder (``verydeep.options.refuse_overwriting_inputs``, called by the CLI
-before any command runs)."""
+before any command runs); and a ``best.pt`` that cannot be read when a run resumes."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_classifier, write_dataset
+import torch
+from conftest import tiny, write_classifier, write_dataset
 
 from verydeep.cli import build_parser, main
 from verydeep.options import option_names, refuse_overwriting_inputs
+from verydeep.train import train
 
 TRAIN = ["--width", "0.0625", "--crop", "32", "--scale", "36", "--epochs", "1", "--batch-size", "4", "--workers", "0",
          "--device", "cpu", "--no-progress"]
@@ -130,3 +132,18 @@ def test_no_output_folder_holds_the_data(images, tmp_path, capsys):
             f"--data {images} lies in --out {tmp_path}")
     assert not (tmp_path / "checkpoints").exists()
     allowed(["train", "--data", str(images), "--out", str(tmp_path / "run"), *TRAIN])
+
+
+# ---- resuming -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["bytes", "foreign"])
+def test_resuming_with_an_unreadable_best_checkpoint_is_one_line_naming_it(images, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    train(tiny(images, out, batch_size=4))
+    best = out / "checkpoints" / "best.pt"
+    if damage == "bytes":
+        best.write_bytes(b"not a checkpoint")
+    else:
+        torch.save({"weights": torch.zeros(1)}, best)  # readable, but not an epoch's state
+    refused(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"], capsys, f"{best}: not a")
