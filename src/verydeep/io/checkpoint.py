@@ -4,21 +4,27 @@ A checkpoint is a dict saved with ``torch.save`` and read with ``torch.load(weig
 it always holds ``model`` (a state dict) and ``recipe``, the JSON-able description of how the net
 was built and trained (configuration, width, crop, scales, preprocessing, class names), so that
 evaluation, prediction and feature extraction need nothing but the checkpoint. Weights are also
-exported as safetensors with the recipe in the file's metadata.
+exported as safetensors with the recipe in the file's metadata. A recipe read from either is checked
+where it is read (:func:`check_recipe`), so a damaged value is one line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from verydeep.data.preprocess import Preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.rundir import RunDir
+from verydeep.nn import configs
 from verydeep.nn.model import VGG
 
 #: Recipe keys that determine the architecture.
@@ -50,9 +56,103 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise UserError(f"{path}: not a readable verydeep checkpoint ({type(error).__name__})") from error
+    return check_checkpoint(state, path)
+
+
+def check_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:
+    """``state`` when it is a verydeep checkpoint: a dict whose ``model`` is a state dict of tensors and
+    whose ``recipe`` passes :func:`check_recipe`; else a one-line error naming ``path``."""
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
         raise UserError(f"{path}: not a verydeep checkpoint (no 'model' and 'recipe' entries)")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise UserError(f"{path}: its 'model' entry is not a state dict of tensors (got {type(weights).__name__})")
+    check_recipe(state["recipe"], path)
     return state
+
+
+#: The recipe keys that :func:`check_recipe` checks against training's declaration of the option.
+DECLARED_KEYS = ("config", "width", "batch_norm", "dropout", "crop")
+
+
+def check_recipe(recipe: Any, path: str | Path) -> dict[str, Any]:
+    """``recipe`` when every value that builds or describes the net is of its kind and in range, else a
+    one-line :class:`UserError` naming ``path`` and the key. The keys that are training options are checked
+    as ``verydeep train`` checks them (:class:`~verydeep.train.recipe.TrainConfig`)."""
+    from verydeep.train.recipe import TrainConfig, check_field  # train reads checkpoints through this module
+
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: its recipe is not a dict of settings (got {type(recipe).__name__})")
+    missing = [k for k in MODEL_KEYS if k not in recipe]
+    if missing:
+        raise UserError(f"{path}: recipe lacks {', '.join(missing)}")
+    declared = {f.name: f for f in fields(TrainConfig)}
+    for key in DECLARED_KEYS:
+        check_field(declared[key], recipe[key], f"{path}: recipe {key}")
+    try:
+        configs.canonical(recipe["config"])
+    except ValueError as error:
+        raise UserError(f"{path}: recipe config: {error}") from None
+    if recipe["crop"] < 32 or recipe["crop"] % 32:
+        raise UserError(f"{path}: recipe crop must be a multiple of 32 (five 2x2 poolings); got {recipe['crop']}")
+    _check_outputs(recipe, path)
+    _check_scale(recipe, path)
+    _check_classes(recipe, path)
+    _check_box_code(recipe, path)
+    if recipe.get("preprocess") is not None:
+        try:
+            Preprocess.from_dict(recipe["preprocess"])
+        except ValueError as error:
+            raise UserError(f"{path}: recipe preprocess: {error}") from None
+    return recipe
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_outputs(recipe: dict[str, Any], path: str | Path) -> None:
+    """``num_classes`` and ``outputs`` (FC8's size) are positive whole numbers, equal for a classifier."""
+    for key in ("num_classes", "outputs"):
+        value = recipe.get(key)
+        if (key == "num_classes" or value is not None) and not (_whole(value) and value >= 1):
+            raise UserError(f"{path}: recipe {key} must be a whole number of at least 1; got {value!r}")
+    outputs = recipe.get("outputs")
+    if recipe.get("task", "classification") == "classification" and outputs not in (None, recipe["num_classes"]):
+        raise UserError(f"{path}: recipe outputs ({outputs}) and num_classes ({recipe['num_classes']}) differ; a "
+                        "classifier has one output per class")
+
+
+def _check_scale(recipe: dict[str, Any], path: str | Path) -> None:
+    """The training scale S (Sec. 3.1): absent, S, or [Smin, Smax] with crop <= Smin <= Smax."""
+    scale = recipe.get("scale")
+    if scale is None:
+        return
+    values = scale if isinstance(scale, list | tuple) else [scale]
+    if not (1 <= len(values) <= 2 and all(_whole(v) for v in values) and recipe["crop"] <= values[0] <= values[-1]):
+        raise UserError(f"{path}: recipe scale must be S or [Smin, Smax], whole numbers with crop {recipe['crop']} "
+                        f"<= Smin <= Smax; got {scale!r}")
+
+
+def _check_classes(recipe: dict[str, Any], path: str | Path) -> None:
+    """``classes`` and ``class_names``, where given, are lists of num_classes strings."""
+    for key in ("classes", "class_names"):
+        value = recipe.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == recipe["num_classes"]
+                                      and all(isinstance(c, str) for c in value)):
+            raise UserError(f"{path}: recipe {key} must list num_classes ({recipe['num_classes']}) names; got "
+                            f"{str(value)[:100]}")
+
+
+def _check_box_code(recipe: dict[str, Any], path: str | Path) -> None:
+    """A box regressor's code standardisation (Appendix A), where given: 4 finite means, 4 positive stds."""
+    for key, least in (("box_code_mean", -math.inf), ("box_code_std", 0.0)):
+        value = recipe.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 4 and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and least < v < math.inf for v in value)):
+            bound = "finite numbers" if least == -math.inf else "finite numbers above 0"
+            raise UserError(f"{path}: recipe {key} must be 4 {bound}; got {value!r}")
 
 
 def model_from_recipe(recipe: dict[str, Any], init: str = "kaiming") -> VGG:
@@ -100,9 +200,10 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if "recipe" not in metadata:
         raise UserError(f"{path}: safetensors file has no verydeep recipe in its metadata")
     try:
-        return load_file(path), json.loads(metadata["recipe"])
+        weights, recipe = load_file(path), json.loads(metadata["recipe"])
     except Exception as error:  # a damaged tensor block or recipe
         raise UserError(f"{path}: not a readable safetensors file ({type(error).__name__})") from error
+    return weights, check_recipe(recipe, path)
 
 
 def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:

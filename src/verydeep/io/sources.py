@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess
-from verydeep.errors import UserError
 from verydeep.io.weights import load_published
 from verydeep.nn import configs
 from verydeep.nn.model import VGG
@@ -31,15 +30,12 @@ def model_name(recipe: dict[str, Any]) -> str:
     return configs.canonical(recipe["config"]) + ("-BN" if recipe.get("batch_norm") else "")
 
 
-def input_convention(recipe: dict[str, Any], source: str | Path, data: str | Path | None = None) -> Preprocess:
+def input_convention(recipe: dict[str, Any], data: str | Path | None = None) -> Preprocess:
     """The net's input convention and statistics: its recipe's ``preprocess`` when it has one (the weights'
     convention, such as a Caffe net's BGR on 0..255, wins), else ``data``'s ``preprocess.json``, else
-    ImageNet's."""
+    ImageNet's. The recipe's was checked where it was read (:func:`verydeep.io.checkpoint.check_recipe`)."""
     if recipe.get("preprocess"):
-        try:
-            return Preprocess.from_dict(recipe["preprocess"])
-        except (ValueError, TypeError) as error:
-            raise UserError(f"{source}: bad preprocess in its recipe ({error})") from error
+        return Preprocess.from_dict(recipe["preprocess"])
     return load_preprocess(data) if data is not None else IMAGENET
 
 
@@ -86,4 +82,4 @@ def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str
         published.require_fc_layers(purpose)
     model = prepare(published.model, torch.device(device), dtype=dtype).eval()
     return LoadedNet(model, published.recipe, published.format, published.source,
-                     input_convention(published.recipe, source, data))
+                     input_convention(published.recipe, data))

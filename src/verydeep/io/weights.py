@@ -40,7 +40,14 @@ from torch import Tensor
 from verydeep.data.preprocess import IMAGENET, Preprocess
 from verydeep.errors import UserError
 from verydeep.io.catalogue import NAMES
-from verydeep.io.checkpoint import export_safetensors, load_into, load_weights, model_from_recipe, safetensors_metadata
+from verydeep.io.checkpoint import (
+    check_checkpoint,
+    export_safetensors,
+    load_into,
+    load_weights,
+    model_from_recipe,
+    safetensors_metadata,
+)
 from verydeep.io.download import download, resolve_source
 from verydeep.io.formats.caffe import read_caffe
 from verydeep.io.formats.keras import is_keras_archive, read_keras
@@ -119,6 +126,7 @@ def load_published(source: str | Path, weights_dir: str | Path | None = None) ->
         return _publish(read_caffe(path), path, "caffe")
     state = torch_load(path)
     if isinstance(state, dict) and "model" in state and "recipe" in state:  # our checkpoint
+        state = check_checkpoint(state, path)
         return _ours(path, state["model"], state["recipe"])
     return _publish(state_dict(state, path), path, "torchvision")
 

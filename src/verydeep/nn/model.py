@@ -193,8 +193,8 @@ class VGG(nn.Module):
         super().__init__()
         if input_size < 32 or input_size % 32:
             raise UserError(f"input_size must be a multiple of 32 (five 2x2 poolings); got {input_size}")
-        if width <= 0:
-            raise UserError(f"width must be positive; got {width}")
+        if not 0 < width < math.inf:
+            raise UserError(f"width must be positive and finite; got {width}")
         self.config = configs.canonical(config)
         self.num_classes = num_classes
         self.batch_norm = batch_norm

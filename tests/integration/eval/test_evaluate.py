@@ -350,7 +350,8 @@ def test_result_to_dict_is_json_and_round_trips_rows(folder, checkpoint):
 
 @pytest.mark.real_data("cifar10/test")
 def test_real_cifar10_split_with_limit(tmp_path):
-    recipe = {**RECIPE, "num_classes": 10, "classes": sorted(p.name for p in CIFAR.iterdir() if p.is_dir())}
+    classes = sorted(p.name for p in CIFAR.iterdir() if p.is_dir())
+    recipe = {**RECIPE, "num_classes": 10, "classes": classes, "class_names": classes}
     path = tmp_path / "cifar.pt"
     save_checkpoint({"model": model_from_recipe(recipe).state_dict(), "recipe": recipe}, path)
     result = run([path], CIFAR.parent, limit=20, protocols=("dense", "center"))

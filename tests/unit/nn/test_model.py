@@ -8,6 +8,7 @@ import torchvision
 
 from verydeep import VGG, vgg, warm_start
 from verydeep.cli import main
+from verydeep.errors import UserError
 from verydeep.nn import configs
 from verydeep.nn.init import warm_start_layers
 from verydeep.nn.model import SeededDropout, dropout_keep
@@ -41,6 +42,12 @@ def test_aliases_resolve(alias, key):
 def test_unknown_config_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown VGG configuration 'F'"):
         VGG("F")
+
+
+@pytest.mark.parametrize("width", [0, -1, float("nan"), float("inf")])
+def test_a_width_not_positive_and_finite_is_a_clear_error(width):
+    with pytest.raises(UserError, match=f"width must be positive and finite; got {width}"):
+        VGG("A", width=width, input_size=32)
 
 
 def test_configuration_c_has_three_1x1_convs_and_a_lrn_one_lrn():
