@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny, write_dataset
+from PIL import Image
 
 from verydeep import runtime, vgg
 from verydeep.bench import ceiling, peer, roofline
-from verydeep.bench.data import bench_data
+from verydeep.bench.data import bench_data, first_photo
 from verydeep.bench.measure import count_macs
 from verydeep.bench.ours import as_run, inference_net, open_trainer, steady_img_s
 from verydeep.bench.reference import best_contenders
@@ -235,6 +236,18 @@ def test_end_to_end_rate_from_the_trainers_step_records(tmp_path: Path) -> None:
                {"kind": "step", "img_s": 2.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert steady_img_s(tmp_path, 2, 4) == pytest.approx(8 / (0.5 + 2))  # the last two steps: 0.5 s and 2 s
+
+
+def test_the_timed_photo_is_the_first_readable_image_of_any_format(tmp_path: Path) -> None:
+    """Data of PNGs (no JPEG at all) gives the evaluation's photo too; an unreadable file is passed over."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    (folder / "0.png").write_bytes(b"not an image")
+    Image.new("RGB", (40, 30)).save(folder / "1.png")
+    assert first_photo(tmp_path) == folder / "1.png"
+    (folder / "1.png").unlink()
+    with pytest.raises(UserError, match="no readable training image"):
+        first_photo(tmp_path)
 
 
 def test_bench_generates_jpegs_without_data(tmp_path: Path) -> None:

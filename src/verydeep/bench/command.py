@@ -11,7 +11,7 @@ from typing import Any
 
 from verydeep import runtime
 from verydeep.bench import ceiling
-from verydeep.bench.data import DEFAULT_DATA, bench_data
+from verydeep.bench.data import DEFAULT_DATA, bench_data, first_photo
 from verydeep.bench.measure import alternate, count_macs
 from verydeep.bench.ours import inference_net, open_trainer, protocol_contenders, trainer_contenders, training_steps
 from verydeep.bench.peer import peer_dtype
@@ -32,7 +32,7 @@ def run_bench(settings: Settings) -> dict[str, Any]:
         need = (training_steps(settings, workers) + 1) * settings.batch
         root, source = bench_data(settings.data, Path(scratch), settings.size, need)
         trainer = open_trainer(settings, root, Path(scratch))
-        photo = next(p for p in sorted((root / "train").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg"))
+        photo = first_photo(root)
         net = inference_net(trainer)
         layer_kernels = {dtype: ceiling.layer_kernels(trainer.model, settings.size, settings.batch, device, dtype)}
         rooflines = roofline_contenders(settings, trainer.model, {None, dtype, peer}, device, layer_kernels)

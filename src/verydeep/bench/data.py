@@ -32,6 +32,18 @@ def readable_images(split: Path, wanted: int) -> tuple[int, int]:
     return readable, unreadable
 
 
+def first_photo(root: Path) -> Path:
+    """The first training image of the bench's data whose header reads (any image format): the photo its
+    dense and multi-crop evaluation times."""
+    for path, _ in ImageFolder(root / "train", None).samples:
+        try:
+            image_size(path)
+            return Path(path)
+        except DECODE_ERRORS:
+            continue
+    raise UserError(f"{root}: no readable training image")
+
+
 def bench_data(data: Path | None, scratch: Path, size: int, count: int) -> tuple[Path, str]:
     """A dataset folder under ``scratch`` (train/ and val/): links to ``data``'s class folders, which hold
     ``count`` readable training images, else ``count`` generated 4:3 JPEGs in 10 classes, their short side 1.2
