@@ -29,7 +29,7 @@ from verydeep.io.atomic import atomic_write
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.io.rundir import RunDir
 from verydeep.nn.init import PROTOCOLS
-from verydeep.options import DEVICE_HELP, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
+from verydeep.options import DEVICE_HELP, MAX_SEED, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
 from verydeep.runtime.limits import check_width, check_workers
 
 #: Command-line groups of ``verydeep train --help``, in order.
@@ -185,7 +185,8 @@ class TrainConfig:
     stop_patience: int | None = option(None, "stop when validation has not improved for N validations, whatever "
                                               "the lr (--epochs becomes an upper bound)", "optimisation", minimum=1,
                                        parse=int, resumable=True)
-    seed: int = option(0, "seed of init, data order and augmentation", "optimisation", minimum=0)
+    seed: int = option(0, "seed of init, data order and augmentation", "optimisation", minimum=0,
+                       check=below(MAX_SEED + 1, "torch's seeds are 64-bit"))
     # running
     workers: int | None = option(None, f"per training process, {WORKERS_HELP}", "running", minimum=0, parse=int,
                                  check=check_workers, resumable=True)

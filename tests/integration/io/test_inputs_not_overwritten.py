@@ -113,6 +113,8 @@ def test_data_stats_and_train_refuse_the_same_seeds(images, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["data", "stats", str(images), "--workers", "0", "--seed", str(2**64)])  # torch's generators take less
     assert "--seed" in capsys.readouterr().err
+    refused(["train", "--data", str(images), "--out", str(tmp_path / "run"), "--seed", str(2**64), *TRAIN], capsys,
+            "--seed must be below")
 
 
 @pytest.mark.parametrize("inside", ["", "train", "train/class0", "val/new"])
