@@ -36,10 +36,21 @@ from verydeep.runtime.limits import check_width, check_workers
 GROUPS = ("model", "images", "optimisation", "running")
 
 
+def whole_number(value: Any) -> int:
+    """An int, or a string of ASCII digits (signed: the callers check the range), as an int; anything else
+    (2.5, inf, "1_0", True) a ValueError: a number of pixels or epochs is never rounded or truncated into one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    digits = value.strip().removeprefix("-") if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdigit():
+        return int(value)
+    raise ValueError(f"not a whole number: {value!r}")
+
+
 def parse_scale(value: Any) -> tuple[int, int]:
     """``256``, ``"384"``, ``"256:512"`` or ``[256, 512]`` -> ``(Smin, Smax)``."""
     try:
-        parts = [int(v) for v in (value if isinstance(value, (list, tuple)) else str(value).split(":"))]
+        parts = [whole_number(v) for v in (value if isinstance(value, (list, tuple)) else str(value).split(":"))]
     except ValueError:
         parts = []
     if len(parts) == 1:
@@ -52,7 +63,8 @@ def parse_scale(value: Any) -> tuple[int, int]:
 def parse_milestones(value: Any) -> list[int]:
     """``"30,60"`` or ``[30, 60]`` -> ``[30, 60]``, checked by :func:`check_milestones`."""
     try:
-        milestones = [int(v) for v in (value if isinstance(value, list) else str(value).split(",")) if str(v).strip()]
+        milestones = [whole_number(v) for v in (value if isinstance(value, list) else str(value).split(","))
+                      if str(v).strip()]
     except ValueError:
         raise UserError(f"--milestones must be comma-separated epochs (e.g. 30,60); got {value!r}") from None
     return check_milestones(milestones)
