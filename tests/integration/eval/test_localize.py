@@ -369,7 +369,7 @@ def test_several_nets_pool_their_boxes_and_one_net_keeps_its_output(two_nets, ca
     center = ["localize", "eval", "--data", str(root), "--json", "--checkpoint", str(runs[0])]
     main(center)
     assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {
-        "checkpoint", "head", "images", "localisation_error", "whole_image_error", "centre_prior_error"}
+        "checkpoint", "head", "images", "boxes", "localisation_error", "whole_image_error", "centre_prior_error"}
     main([*center, "--checkpoint", str(runs[1] / "checkpoints" / "best.pt")])
     several = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert several["checkpoint"] == str(runs[0]) and [net["head"] for net in several["nets"]] == ["pcr", "scr"]

@@ -348,7 +348,7 @@ def test_voc_action_end_to_end_through_the_command_line(root, net, tmp_path, cap
     ("transfer --protocol voc-action --data {root} --weights {net}", "give --regions image or image+box"),
     ("transfer --protocol voc --data {root} --weights {net} --regions image", "for --protocol voc-action, not voc"),
     ("transfer --protocol voc-action --features {root}/f.npz --regions image", "--regions would make others"),
-    ("features --regions image --raw-pixels 8 --data {root} --out {root}/f.npz", "give --weights, not --raw-pixels"),
+    ("features --regions image --raw-pixels 8 --data {root} --out {root}/../f.npz", "give --weights, not --raw-pixels"),
     ("features --regions image --weights {net} --data {net}/.. --out {root}/f.npz --scales 32",
      "not a VOC action root"),
     ("features --regions boxes --weights {net} --data {root} --out {root}/f.npz", "argument --regions: invalid"),
