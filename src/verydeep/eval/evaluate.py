@@ -131,9 +131,7 @@ def evaluate(
     if torch_device.type == "cpu":
         keep_freed_memory()  # no fresh pages for every batch's activations
     dtype = sharding.agreed(autocast_dtype(torch_device, precision))  # measured: the first process's
-    nets = load_nets(sources, scales, split, torch_device, weights_dir, dtype)
-    for net in nets if compile else ():
-        net.compile()
+    nets = load_nets(sources, scales, split, torch_device, weights_dir, dtype, compile)
     dataset, mapping = open_labelled(split, nets, limit, over_data_classes)
     settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
                              progress, gpu.resolve_decode(decode, torch_device))

@@ -140,10 +140,11 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
 
 def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_dir: Path | None,
               device: torch.device, weights_dir: str | Path | None = None, dtype: torch.dtype | None = None,
-              ) -> list[Net]:
+              compile: bool = False) -> list[Net]:
     """Load each net (:func:`verydeep.load`, refused without a classifier) with its own crop, test scales
     (given ``scales`` override the recipe's) and input convention; its weights in ``dtype``, the autocast
-    dtype it will run under (:func:`verydeep.runtime.prepare`), when given."""
+    dtype it will run under (:func:`verydeep.runtime.prepare`), when given; run compiled with ``compile``
+    (:meth:`Net.compile`)."""
     if not sources:
         raise UserError("give at least one --weights")
     nets: list[Net] = []
@@ -158,4 +159,6 @@ def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_
     for i, net in enumerate(nets):  # make duplicate names unique
         if names.count(net.name) > 1:
             net.name = f"{net.name} #{names[: i + 1].count(net.name)}"
+    for net in nets if compile else ():
+        net.compile()
     return nets
