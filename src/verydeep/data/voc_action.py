@@ -32,6 +32,7 @@ from verydeep.data.datasets import DECODE_ERRORS, report_skip
 from verydeep.data.decode import image_size
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, parse_annotation
 from verydeep.errors import MissingFileError, UserError
+from verydeep.runtime.limits import whole_number
 
 log = logging.getLogger("verydeep.data")
 
@@ -121,7 +122,7 @@ def read_action_list(path: Path, labelled: bool) -> dict[tuple[str, int], tuple[
 
 def _integer(text: str, where: str) -> int:
     try:
-        return int(text)
+        return whole_number(text)
     except ValueError:
         raise UserError(f"{where}: {text!r} is not a whole number") from None
 
@@ -151,7 +152,7 @@ def _stated_size(root: ET.Element, path: Path) -> tuple[int, int] | None:
     if width is None or height is None:
         return None
     try:
-        size = int(width), int(height)
+        size = whole_number(width), whole_number(height)
     except ValueError:
         size = (0, 0)
     if min(size) < 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 from verydeep.errors import UserError
 
@@ -16,6 +17,17 @@ from verydeep.errors import UserError
 MAX_TEST_PIXELS = 2048 * 2048
 #: The largest test scale Q or image side, in pixels: that of a square image of MAX_TEST_PIXELS.
 MAX_SIDE = math.isqrt(MAX_TEST_PIXELS)
+
+
+def whole_number(value: Any) -> int:
+    """An int, or a string of ASCII digits (signed: the callers check the range), as an int; anything else
+    (2.5, inf, "1_0", True) a ValueError: a number of pixels or epochs is never rounded or truncated into one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    digits = value.strip().removeprefix("-") if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdigit():
+        return int(value)
+    raise ValueError(f"not a whole number: {value!r}")
 
 
 def check_side(side: int, what: str = "a test scale Q") -> int:

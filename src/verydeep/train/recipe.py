@@ -30,21 +30,10 @@ from verydeep.io.checkpoint import load_checkpoint
 from verydeep.io.rundir import RunDir
 from verydeep.nn.init import PROTOCOLS
 from verydeep.options import DEVICE_HELP, MAX_SEED, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
-from verydeep.runtime.limits import check_width, check_workers
+from verydeep.runtime.limits import check_width, check_workers, whole_number
 
 #: Command-line groups of ``verydeep train --help``, in order.
 GROUPS = ("model", "images", "optimisation", "running")
-
-
-def whole_number(value: Any) -> int:
-    """An int, or a string of ASCII digits (signed: the callers check the range), as an int; anything else
-    (2.5, inf, "1_0", True) a ValueError: a number of pixels or epochs is never rounded or truncated into one."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    digits = value.strip().removeprefix("-") if isinstance(value, str) else ""
-    if digits.isascii() and digits.isdigit():
-        return int(value)
-    raise ValueError(f"not a whole number: {value!r}")
 
 
 def parse_scale(value: Any) -> tuple[int, int]:
