@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,21 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
+def read_state(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False, hint: str = "") -> Any:
+    """``torch.load`` of ``path`` without unpickling code (``weights_only``); a damaged or foreign file is a
+    one-line error naming it, ``hint`` (what to do) after it."""
+    try:
+        with warnings.catch_warnings():  # torch warns of a TorchScript archive, in two lines, before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise UserError(f"{path}: not a readable verydeep checkpoint ({type(error).__name__}){hint}") from error
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint without unpickling code; a damaged file is a one-line error naming it."""
     path = resolve(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise UserError(f"{path}: not a readable verydeep checkpoint ({type(error).__name__})") from error
-    return check_checkpoint(state, path)
+    return check_checkpoint(read_state(path, map_location), path)
 
 
 def check_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,6 @@ atomic (:func:`verydeep.io.atomic.atomic_write`), so a crash leaves the last goo
 from __future__ import annotations
 
 import shutil
-import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from verydeep.io.checkpoint import (
     export_safetensors,
     load_checkpoint,
     model_from_recipe,
+    read_state,
     safetensors_metadata,
     save_checkpoint,
 )
@@ -142,14 +142,8 @@ class Checkpoints:
 def read_best(path: Path) -> dict[str, Any]:
     """``best.pt``'s state, read without unpickling code (its tensors mapped, not copied); a file that is not
     one of our epoch checkpoints is a one-line :class:`UserError` naming it."""
-    try:
-        with warnings.catch_warnings():  # torch warns of a TorchScript archive before refusing it
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise UserError(f"{path}: not a readable verydeep checkpoint ({type(error).__name__}); restore it, or "
-                        "remove it to go on without the best epoch's weights") from error
+    remedy = "; restore it, or remove it to go on without the best epoch's weights"
+    state = read_state(path, mmap=True, hint=remedy)
     if not isinstance(state, dict) or not {"model", "recipe", "epoch"} <= state.keys():
-        raise UserError(f"{path}: not a verydeep epoch checkpoint (no 'model', 'recipe' and 'epoch' entries); "
-                        "restore it, or remove it to go on without the best epoch's weights")
+        raise UserError(f"{path}: not a verydeep epoch checkpoint (no 'model', 'recipe' and 'epoch' entries){remedy}")
     return state

@@ -1,5 +1,7 @@
 """Checkpoints: atomic writes, safe loading, recipe round trip."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -49,5 +51,11 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt: not a readable verydeep checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
+    torch.jit.save(torch.jit.script(torch.nn.ReLU()), tmp_path / "scripted.pt")  # an `export` output
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="scripted.pt: not a readable verydeep checkpoint"):
+            load_checkpoint(tmp_path / "scripted.pt")
+    assert not caught  # torch's own two-line warning would come before the one-line error
     with pytest.raises(FileNotFoundError, match="no checkpoints/best.pt"):
         load_checkpoint(tmp_path)
