@@ -84,10 +84,10 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
 
 
 def checked_output(out: Path) -> Path:
-    """``out`` if matplotlib can write an image of its suffix's format."""
+    """``out`` if matplotlib can write an image of its suffix's format by itself (PGF needs a LaTeX install)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    formats = FigureCanvasAgg.get_supported_filetypes()
+    formats = set(FigureCanvasAgg.get_supported_filetypes()) - {"pgf"}
     if out.suffix[1:].lower() not in formats:
         raise UserError(f"--out {out}: not an image format matplotlib writes; give a file ending in "
                         f"{', '.join('.' + name for name in sorted(formats))}")

@@ -37,6 +37,7 @@ def test_plot_refuses_an_out_matplotlib_cannot_write_naming_out(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out {tmp_path / 'curves.txt'}" in err and ".png" in err
     assert not (tmp_path / "curves.txt").exists()
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.pgf")]) == 2  # LaTeX's, not matplotlib's
 
 
 @pytest.mark.parametrize(("line", "message"), [
