@@ -160,9 +160,19 @@ def _weights_read(source: Path, weights_dir: str | None) -> tuple[Path | None, P
     except UserError:  # no such file, folder or name: the command says so
         return None, None
     if not path.is_dir():
-        return None, path
+        return _run_holding(path), path
     run = RunDir(path)
     return path, next((file for file in (run.best, run.last) if file.is_file()), None)
+
+
+def _run_holding(file: Path) -> Path | None:
+    """The run directory ``file`` lies in (``RUN/model.safetensors``, ``RUN/checkpoints/best.pt``), if any: the
+    folder beside or above it that holds a run's record or checkpoints."""
+    for folder in (file.parent, file.parent.parent):
+        run = RunDir(folder)
+        if run.record.is_file() or run.checkpoints.is_dir():
+            return folder
+    return None
 
 
 def _contains(folder: Path, path: Path) -> bool:
@@ -196,7 +206,7 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
             folder, file = _weights_read(path, getattr(args, "weights_dir", None)) if name in WEIGHTS_OPTIONS else (
                 None, path if path.is_file() else None)
             read += [(option, path, file)] if file else []
-            weights_folders += [(option, folder)] if folder else []
+            weights_folders += [(f"{option} {path}", folder)] if folder else []
             data += [(option, path)] if name in DATA_OPTIONS and path.is_dir() else []
     for out_option, out in outputs:
         _refuse_overwriting_what_is_read(out_option, out, read, weights_folders)
@@ -207,10 +217,10 @@ def _refuse_overwriting_what_is_read(out_option: str, out: Path, read: list[tupl
                                     weights_folders: list[tuple[str, Path]]) -> None:
     """An output file that is a file read, or lies in a weights folder read, is a :class:`UserError`."""
     if isinstance(out, OutputFile):
-        for option, folder in weights_folders:
+        for given, folder in weights_folders:
             if _contains(folder, out):
-                raise UserError(f"{out}: {out_option} lies in {option} {folder}, a run directory this command "
-                                "reads; write it elsewhere")
+                raise UserError(f"{out}: {out_option} lies in {folder}, the run directory of {given}, which this "
+                                "command reads; write it elsewhere")
     for option, given, file in read if out.is_file() else []:
         if out.samefile(file):
             reads = "" if file == given else " reads it"

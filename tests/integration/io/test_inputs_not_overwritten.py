@@ -66,6 +66,9 @@ def test_export_and_convert_refuse_to_write_in_the_run_directory_they_read(run, 
     refused(["export", "--weights", str(run), "--format", "torchscript", out], capsys, out, "OUT", f"--weights {run}")
     refused(["convert", str(run), out], capsys, out, "OUT.safetensors", f"SOURCE {run}")
     refused(["export", "--weights", str(run), "--format", "onnx", str(run / "net.onnx")], capsys, "--weights")
+    other = run / "checkpoints" / ("last.pt" if file == "best.pt" else "best.pt")  # weights given as a file of the run
+    refused(["export", "--weights", str(other), "--format", "torchscript", out], capsys, out, f"--weights {other}")
+    refused(["convert", str(other), out], capsys, out, f"SOURCE {other}")
     assert contents(run) == before
 
 
