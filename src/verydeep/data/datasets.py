@@ -16,6 +16,7 @@ import math
 import os
 import re
 import struct
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, Protocol
@@ -271,6 +272,7 @@ class ILSVRCValFolder(LabelledImages):
         listed = read_class_names(self.root, CLASS_LIST_FILES)  # exactly the dataset's classes
         names = listed or read_class_names(self.root)
         truth = _read_ground_truth(label_file, images, sorted(listed))
+        truth.refuse_shared_names(images, label_file)
         self.classes = sorted(set(listed) | set(truth.synsets.values()))
         self.class_names = [names.get(c, c) for c in self.classes]
         index = {c: i for i, c in enumerate(self.classes)}
@@ -301,6 +303,15 @@ class _GroundTruth(NamedTuple):
     def key(self, image: Path) -> str:
         """How the file names ``image``, an image of the flat folder."""
         return image.stem if self.stems else image.name
+
+    def refuse_shared_names(self, images: Sequence[Path], label_file: Path) -> None:
+        """Two images the file would name alike (``a.jpg`` and ``a.png`` by the CSV's ImageId ``a``) are refused:
+        which one a label is of cannot be told."""
+        counts = Counter(self.key(image) for image in images)
+        shared = [image.name for image in images if counts[self.key(image)] > 1]
+        if shared:
+            raise UserError(f"{label_file}: names images without their extension, which {shared[0]} and {shared[1]} "
+                            "share; keep one image of each name in the folder")
 
 
 #: A class index as a ground-truth file writes it: decimal digits only (no sign, point or underscore).

@@ -447,6 +447,16 @@ def test_a_kaggle_csv_row_at_fault_is_named(tmp_path, rows, message):
         ILSVRCValFolder(val, None, labels=tmp_path / "gt.csv")
 
 
+def test_a_kaggle_image_id_two_images_share_is_refused(tmp_path):
+    """The CSV names images without their extension: an unlisted a.png must not take a.jpg's label."""
+    val = flat_val(tmp_path)
+    (tmp_path / "gt.csv").write_text("ImageId,PredictionString\na,n01 1 2 3 4\nb,n02 1 2 3 4\n")
+    assert ILSVRCValFolder(val, None, labels=tmp_path / "gt.csv").targets == [0, 1]
+    save(photo(8, 8, 5), val / "a.png")
+    with pytest.raises(UserError, match="gt.csv: names images without their extension, which a.jpg and a.png share"):
+        ILSVRCValFolder(val, None, labels=tmp_path / "gt.csv")
+
+
 def devkit(root: Path, ids: str) -> Path:
     """A devkit ground-truth file of ``ids`` beside a ``meta.mat`` of two leaf classes (ids 1, 2) and a
     parent (id 3)."""
