@@ -13,8 +13,9 @@ Annotations reach images by path (:func:`match_boxes`): an annotation's path (re
 file's root or the XML folder, without its suffix) is the image's path relative to the data root
 (without its suffix), or an id: the image's file name alone (Kaggle's CSV, VOC's flat
 ``Annotations/``) or under its leading folders only (ILSVRC's flat ``val/`` annotations for images
-sorted into class folders). An id that more than one image could carry is an error naming two; an
-image reached both by its path and by an id takes its path's boxes.
+sorted into class folders). An annotation that names an image suffix (``boxes.txt``'s ``a.jpg``) reaches
+only an image of that suffix; an id, or a path without a suffix, that more than one image could carry is
+an error naming two; an image reached both by its path and by an id takes its path's boxes.
 
 A box follows its image through the crop plan of :mod:`verydeep.data.transforms` (the same draws:
 rescale, crop, flip) with :func:`to_crop`, and back with :func:`from_crop`; the net regresses
@@ -178,6 +179,12 @@ def _parts(key: str | Path) -> tuple[str, ...]:
     return (path.with_suffix("") if path.suffix.lower() in IMAGE_EXTENSIONS else path).parts
 
 
+def _image_suffix(key: str | Path) -> str | None:
+    """The image suffix an annotation's path names (lower case), None where it names none (an XML's, an id)."""
+    suffix = Path(key).suffix.lower()
+    return suffix if suffix in IMAGE_EXTENSIONS else None
+
+
 def _reaches(key: tuple[str, ...], image: tuple[str, ...]) -> bool:
     """Whether an annotation's path names an image's: the same file name, and the annotation's folders
     the image's leading folders (all of them: the same path; some or none: an id)."""
@@ -195,9 +202,13 @@ def match_boxes(table: BoxTable, paths: Iterable[Path], root: Path) -> dict[str,
         images.setdefault(parts[-1], []).append((path, parts))
     chosen: dict[Path, str] = {}  # each image's annotation: its path, else its longest id
     for key in table:
-        key_parts = _parts(key)
-        reached = [(path, parts) for path, parts in images.get(key_parts[-1], []) if _reaches(key_parts, parts)]
+        key_parts, suffix = _parts(key), _image_suffix(key)
+        reached = [(path, parts) for path, parts in images.get(key_parts[-1], [])
+                   if _reaches(key_parts, parts) and suffix in (None, path.suffix.lower())]
         exact = [path for path, parts in reached if parts == key_parts]
+        if len(exact) > 1:  # a path without its suffix: a.jpg and a.png alike
+            raise UserError(f"{key}: matches {exact[0]} and {exact[1]}, which differ only by their suffix; name the "
+                            "annotation's image with its suffix, or keep one image of each name")
         if not exact and len(reached) > 1:
             under = f"under {'/'.join(key_parts[:-1])}/" if len(key_parts) > 1 else "alone"
             raise UserError(f"{key}: matches {reached[0][0]} and {reached[1][0]} by file name {under}; name the "

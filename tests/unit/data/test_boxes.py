@@ -189,12 +189,23 @@ def test_an_annotation_named_by_a_file_name_that_images_share_is_ambiguous(tmp_p
     with pytest.raises(UserError, match=r"val/002: matches .*002.png and .*002.png by file name under val/"):
         match_boxes({"val/002": [Box(None, 0, 0, 4, 4)]}, [paths[1], tmp_path / "val" / "blue" / "002.png"], tmp_path)
     with pytest.raises(UserError, match=r"train/red/002.png: annotated twice, by train/red/002.png and "
-                                        r"train/red/002.jpg$"):
-        match_boxes({"train/red/002.png": [Box(None, 0, 0, 4, 4)], "train/red/002.jpg": [Box(None, 0, 0, 4, 4)]},
+                                        r"train/red/002$"):
+        match_boxes({"train/red/002.png": [Box(None, 0, 0, 4, 4)], "train/red/002": [Box(None, 0, 0, 4, 4)]},
                     paths, tmp_path)
     # an id that only one image carries (ILSVRC's, VOC's) still reaches it from a flat folder
     only = [tmp_path / "val" / "n01" / "ILSVRC2012_val_00000001.JPEG"]
     assert match_boxes({"val/ILSVRC2012_val_00000001": [Box(None, 0, 0, 4, 4)]}, only, tmp_path)[str(only[0])]
+
+
+def test_an_annotation_naming_a_suffix_reaches_only_the_image_of_that_suffix(tmp_path):
+    """boxes.txt's val/cat/cat0.jpg is not val/cat/cat0.png's box; a path without a suffix (an XML's) that two
+    images share but for theirs is refused."""
+    box = [Box(None, 0, 0, 4, 4, "boxes.txt:9")]
+    jpg, png = tmp_path / "val" / "cat" / "cat0.jpg", tmp_path / "val" / "cat" / "cat0.png"
+    assert match_boxes({"val/cat/cat0.jpg": box}, [jpg, png], tmp_path) == {str(jpg): box, str(png): []}
+    assert match_boxes({"val/cat/cat0.JPG": box}, [jpg], tmp_path) == {str(jpg): box}  # the suffix's case aside
+    with pytest.raises(UserError, match=r"val/cat/cat0: matches .*cat0.jpg and .*cat0.png, which differ only by"):
+        match_boxes({"val/cat/cat0": box}, [jpg, png], tmp_path)
 
 
 def test_an_annotation_reaches_only_the_image_at_its_path_never_one_sharing_its_tail(tmp_path):
