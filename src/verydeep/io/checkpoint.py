@@ -102,8 +102,6 @@ def check_recipe(recipe: Any, path: str | Path) -> dict[str, Any]:
         configs.canonical(recipe["config"])
     except ValueError as error:
         raise UserError(f"{path}: recipe config: {error}") from None
-    if recipe["crop"] < 32 or recipe["crop"] % 32:
-        raise UserError(f"{path}: recipe crop must be a multiple of 32 (five 2x2 poolings); got {recipe['crop']}")
     _check_outputs(recipe, path)
     _check_scale(recipe, path)
     _check_classes(recipe, path)

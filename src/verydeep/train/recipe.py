@@ -86,6 +86,14 @@ def parse_preprocess(value: Any) -> Preprocess | None:
     return read_preprocess(path)
 
 
+def check_crop(value: int, name: str) -> int:
+    """``value`` when it is a crop side the net's five 2x2 poolings divide (a multiple of 32), else a
+    :class:`UserError`."""
+    if value % 32:
+        raise UserError(f"{name} must be a multiple of 32 (five 2x2 poolings); got {value}")
+    return value
+
+
 def check_dropout(value: float, name: str) -> float:
     """``value`` when it is a dropout probability, from 0 up to but not including 1, else a :class:`UserError`."""
     if not 0 <= value < 1:
@@ -149,7 +157,8 @@ class TrainConfig:
     freeze: str | None = option(None, "freeze the layers up to this one: features (every conv layer) or a layer "
                                       "name (conv4_3, fc6)", "model")
     # images
-    crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1)
+    crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1,
+                       check=check_crop)
     scale: tuple[int, int] = option((256, 256), "training scale S (256, 384) or jittered Smin:Smax (256:512)",
                                     "images", parse=parse_scale)
     alpha_std: float = option(0.1, "std of the PCA colour shift's alphas (0 = off)", "images", minimum=0,
@@ -231,8 +240,6 @@ class TrainConfig:
         if self.val_split is not None and self.limit_val is not None:
             raise UserError(f"--limit-val {self.limit_val} and --val-split {self.val_split}: the split is the "
                             "validation set, its size is --val-split; give one")
-        if self.crop % 32:
-            raise UserError(f"--crop must be a multiple of 32 (five 2x2 poolings); got {self.crop}")
         if self.micro_batch is not None and self.micro_batch > self.batch_size:
             raise UserError(f"--micro-batch {self.micro_batch} is larger than --batch-size {self.batch_size}: a "
                             "micro-batch is a part of a step's batch")
