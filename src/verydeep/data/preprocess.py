@@ -99,7 +99,7 @@ ORTHONORMAL_TOLERANCE = 0.01
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # non-finite values: _check_numbers
         raise ValueError(f"{name} must be a number; got {value!r}")
     return float(value)
 

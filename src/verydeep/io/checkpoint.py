@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -27,6 +26,7 @@ from verydeep.io.atomic import atomic_write
 from verydeep.io.rundir import RunDir
 from verydeep.nn import configs
 from verydeep.nn.model import VGG
+from verydeep.runtime.limits import is_finite, is_whole
 
 #: Recipe keys that determine the architecture.
 MODEL_KEYS = ("config", "num_classes", "batch_norm", "width", "dropout", "crop")
@@ -114,15 +114,11 @@ def check_recipe(recipe: Any, path: str | Path) -> dict[str, Any]:
     return recipe
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_outputs(recipe: dict[str, Any], path: str | Path) -> None:
     """``num_classes`` and ``outputs`` (FC8's size) are positive whole numbers, equal for a classifier."""
     for key in ("num_classes", "outputs"):
         value = recipe.get(key)
-        if (key == "num_classes" or value is not None) and not (_whole(value) and value >= 1):
+        if (key == "num_classes" or value is not None) and not (is_whole(value) and value >= 1):
             raise UserError(f"{path}: recipe {key} must be a whole number of at least 1; got {value!r}")
     outputs = recipe.get("outputs")
     if recipe.get("task", "classification") == "classification" and outputs not in (None, recipe["num_classes"]):
@@ -136,7 +132,7 @@ def _check_scale(recipe: dict[str, Any], path: str | Path) -> None:
     if scale is None:
         return
     values = scale if isinstance(scale, list | tuple) else [scale]
-    if not (1 <= len(values) <= 2 and all(_whole(v) for v in values) and recipe["crop"] <= values[0] <= values[-1]):
+    if not (1 <= len(values) <= 2 and all(is_whole(v) for v in values) and recipe["crop"] <= values[0] <= values[-1]):
         raise UserError(f"{path}: recipe scale must be S or [Smin, Smax], whole numbers with crop {recipe['crop']} "
                         f"<= Smin <= Smax; got {scale!r}")
 
@@ -156,7 +152,7 @@ def _check_box_code(recipe: dict[str, Any], path: str | Path) -> None:
     for key, least in (("box_code_mean", -math.inf), ("box_code_std", 0.0)):
         value = recipe.get(key)
         if value is not None and not (isinstance(value, list) and len(value) == 4 and all(
-                isinstance(v, numbers.Real) and not isinstance(v, bool) and least < v < math.inf for v in value)):
+                is_finite(v) and v > least for v in value)):
             bound = "finite numbers" if least == -math.inf else "finite numbers above 0"
             raise UserError(f"{path}: recipe {key} must be 4 {bound}; got {value!r}")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,26 +16,23 @@ from typing import TYPE_CHECKING, Any
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.rundir import RunDir
 from verydeep.options import output_file
+from verydeep.runtime.limits import is_finite, is_whole
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_whole(value) and value >= 1
 
 
 #: The fields the curves read from a record of each kind: a check of each value and what it must be.
 FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "step": {"epoch": (_count, "a positive integer"), "step": (_count, "a positive integer"),
-             "loss": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-             "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0")},
+             "loss": (lambda v: is_finite(v) and v >= 0, "a finite number >= 0"),
+             "lr": (lambda v: is_finite(v) and v > 0, "a finite number > 0")},
     "epoch": {"epoch": (_count, "a positive integer"), "step": (_count, "a positive integer"),
-              "train_loss": (lambda v: _finite(v) and v >= 0, "a finite number >= 0")},
+              "train_loss": (lambda v: is_finite(v) and v >= 0, "a finite number >= 0")},
 }
 #: Validation accuracies in % (Sec. 4): absent or null in an epoch that was not validated.
 ACCURACIES = ("val_top1", "val_top5")
@@ -56,7 +52,7 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
             raise UserError(f'{where}: "{field}" must be {description}, not {record[field]!r:.40}')
     for field in ACCURACIES if kind == "epoch" else ():
         value = record.get(field)
-        if value is not None and not (_finite(value) and 0 <= value <= 100):
+        if value is not None and not (is_finite(value) and 0 <= value <= 100):
             raise UserError(f'{where}: "{field}" must be an accuracy in % from 0 to 100 or null, not {value!r:.40}')
     return record
 

@@ -6,6 +6,7 @@ hold the image's activations, more loader processes than the CPU cores they woul
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any
 
@@ -19,11 +20,21 @@ MAX_TEST_PIXELS = 2048 * 2048
 MAX_SIDE = math.isqrt(MAX_TEST_PIXELS)
 
 
+def is_whole(value: Any) -> bool:
+    """Whether ``value``, as read from JSON or TOML, is a whole number (an int; True and False are not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """Whether ``value``, as read from JSON or TOML, is a finite number (True and False are not numbers)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def whole_number(value: Any) -> int:
     """An int, or a string of ASCII digits (signed: the callers check the range), as an int; anything else
     (2.5, inf, "1_0", True) a ValueError: a number of pixels or epochs is never rounded or truncated into one."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if is_whole(value):
+        return int(value)
     digits = value.strip().removeprefix("-") if isinstance(value, str) else ""
     if digits.isascii() and digits.isdigit():
         return int(value)
