@@ -3,6 +3,7 @@ generated JPEGs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +18,34 @@ from verydeep.errors import UserError
 DEFAULT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data" / "imagenette"
 
 
+def _headers_read(split: Path) -> Iterator[tuple[Path, bool]]:
+    """Each image file of ``split``'s class folders, in order, and whether its header reads."""
+    for path, _ in ImageFolder(split, None).samples:
+        try:
+            image_size(path)
+            yield Path(path), True
+        except DECODE_ERRORS:
+            yield Path(path), False
+
+
 def readable_images(split: Path, wanted: int) -> tuple[int, int]:
     """The images of ``split``'s class folders whose headers read, counted up to ``wanted``, and the
     unreadable files met on the way."""
     readable = unreadable = 0
-    for path, _ in ImageFolder(split, None).samples:
+    for _, ok in _headers_read(split):
         if readable == wanted:
             break
-        try:
-            image_size(path)
-            readable += 1
-        except DECODE_ERRORS:
-            unreadable += 1
+        readable, unreadable = readable + ok, unreadable + (not ok)
     return readable, unreadable
 
 
 def first_photo(root: Path) -> Path:
     """The first training image of the bench's data whose header reads (any image format): the photo its
     dense and multi-crop evaluation times."""
-    for path, _ in ImageFolder(root / "train", None).samples:
-        try:
-            image_size(path)
-            return Path(path)
-        except DECODE_ERRORS:
-            continue
-    raise UserError(f"{root}: no readable training image")
+    photo = next((path for path, ok in _headers_read(root / "train") if ok), None)
+    if photo is None:
+        raise UserError(f"{root}: no readable training image")
+    return photo
 
 
 def bench_data(data: Path | None, scratch: Path, size: int, count: int) -> tuple[Path, str]:
