@@ -256,10 +256,8 @@ class TrainConfig:
                             "its lr /= 10 would never happen; drop it or raise --epochs")
         plateau = {"--patience": (self.patience, TrainConfig.patience),
                    "--max-drops": (self.max_drops, TrainConfig.max_drops)}
-        ignored = [f"{flag} {value}" for flag, (value, default) in plateau.items() if value != default]
-        if self.milestones and ignored:
-            raise UserError(f"--milestones {shown} replaces the plateau rule, so {' and '.join(ignored)} would be "
-                            "ignored: give the milestones or the plateau rule's settings, not both")
+        refuse_ignored_plateau(self.milestones,
+                               [f"{flag} {value}" for flag, (value, default) in plateau.items() if value != default])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings (paths as strings, the preprocessing as its dict)."""
@@ -457,4 +455,22 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
         settings.update(stored)
     settings.update(recipe)
     settings.update(given)
+    refuse_plateau_flags_beside_milestones(settings, given)
     return settings
+
+
+def refuse_plateau_flags_beside_milestones(settings: dict[str, Any], given: dict[str, Any]) -> None:
+    """Raise :class:`UserError` when the plateau rule's flags are given on the command line, even at
+    their defaults, to a run that follows milestones (a recipe's plateau settings simply give way)."""
+    refuse_ignored_plateau(parse_milestones(settings.get("milestones") or []),
+                           [f"--{name.replace('_', '-')} {given[name]}" for name in ("patience", "max_drops")
+                            if name in given])
+
+
+def refuse_ignored_plateau(milestones: list[int], ignored: list[str]) -> None:
+    """Raise :class:`UserError` when ``milestones``, which replace the plateau rule (Sec. 3.1), come
+    with the rule's settings ``ignored`` (``--patience 2``...)."""
+    if milestones and ignored:
+        raise UserError(f"--milestones {','.join(map(str, milestones))} replaces the plateau rule, so "
+                        f"{' and '.join(ignored)} would be ignored: give the milestones or the plateau rule's "
+                        "settings, not both")

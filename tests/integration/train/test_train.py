@@ -22,7 +22,7 @@ from verydeep.io.checkpoint import load_checkpoint, load_model
 from verydeep.nn.tasks import Classification
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
 from verydeep.train.memory_fit import MemoryProbe
-from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names
+from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names, settings_from_flags
 from verydeep.train.step import zero_momenta
 
 
@@ -171,6 +171,7 @@ def test_a_resumed_schedule_has_the_uninterrupted_ones_rates_bit_for_bit():
     (["--milestones", "1", "--patience", "1", "--max-drops", "0"],
      "--milestones 1 replaces the plateau rule, so --patience 1 and --max-drops 0 would be ignored"),
     (["--milestones", "1", "--max-drops", "0"], "--milestones 1 replaces the plateau rule, so --max-drops 0 would"),
+    (["--milestones", "1", "--patience", "2"], "--milestones 1 replaces the plateau rule, so --patience 2 would"),
     (["--batch-size", "4", "--micro-batch", "100"], "--micro-batch 100 is larger than --batch-size 4"),
 ])
 def test_a_schedule_or_micro_batch_flag_that_could_not_take_effect_is_refused(data, tmp_path, capsys, flags,
@@ -180,6 +181,13 @@ def test_a_schedule_or_micro_batch_flag_that_could_not_take_effect_is_refused(da
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {message}"), err
     assert not run.exists()
+
+
+def test_a_recipe_s_plateau_settings_give_way_to_milestones_given_on_the_command_line():
+    settings = settings_from_flags({"recipe": "a-paper", "milestones": "30,60"})
+    assert make_config(settings).milestones == [30, 60] and settings["patience"] == TrainConfig.patience
+    with pytest.raises(UserError, match="--milestones 30,60 replaces the plateau rule, so --max-drops 3 would"):
+        settings_from_flags({"recipe": "a-paper", "milestones": "30,60", "max_drops": 3})
 
 
 def test_milestones_given_from_python_are_checked_as_the_flags_are(data, tmp_path):
