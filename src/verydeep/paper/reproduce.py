@@ -23,7 +23,14 @@ from typing import Any
 from verydeep.errors import UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
-from verydeep.options import add_device, add_workers, output_dir, positive_int, width_multiplier
+from verydeep.options import (
+    add_device,
+    add_workers,
+    output_dir,
+    positive_int,
+    refuse_overwriting_inputs,
+    width_multiplier,
+)
 from verydeep.paper.claims import Claim, claims
 from verydeep.paper.measure import fusions
 from verydeep.paper.presets import NETS, PRESETS, PROTOCOLS, Preset
@@ -137,7 +144,8 @@ def run_cli(args: argparse.Namespace) -> None:
             named = f"unknown {', '.join(unknown)}" if unknown else "no net named"
             raise UserError(f"--nets: {named}; choose from {', '.join(n.name for n in NETS)}")
         preset = replace(preset, nets=wanted)
-    out = Path(args.out or f"runs/reproduce-{args.preset}")
+    out = args.out or output_dir(f"runs/reproduce-{args.preset}")
+    refuse_overwriting_inputs(argparse.Namespace(data=args.data, out=out))  # the default --out, checked too
     if args.shard is not None:
         part, parts = args.shard
         done = train_and_measure(shard_of(preset, part, parts), preset, Path(args.data), out, args.device,

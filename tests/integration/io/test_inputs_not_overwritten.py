@@ -139,6 +139,20 @@ def test_no_output_folder_holds_the_data(images, tmp_path, capsys):
     allowed(["train", "--data", str(images), "--out", str(tmp_path / "run"), *TRAIN])
 
 
+def test_a_recipe_s_data_and_out_are_checked_as_flags_are(images, tmp_path, capsys):
+    recipe = tmp_path / "inside.toml"
+    recipe.write_text(f'data = "{images}"\nout = "{images / "train" / "run"}"\n')
+    before = contents(images)
+    refused(["train", "--recipe", str(recipe), *TRAIN], capsys, "--out", f"--data {images}")
+    assert contents(images) == before and not (images / "train" / "run").exists()
+
+
+def test_reproduce_s_default_out_is_checked_as_a_given_one(images, capsys, monkeypatch):
+    monkeypatch.chdir(images)  # the default, runs/reproduce-cifar10, would become a class folder
+    refused(["reproduce", "--data", "."], capsys, "runs/reproduce-cifar10: --out lies in --data .")
+    assert not (images / "runs").exists()
+
+
 # ---- resuming -------------------------------------------------------------------------------------
 
 
