@@ -270,13 +270,14 @@ def test_a_finished_run_says_so_and_does_nothing(data, tmp_path, capsys):
     assert (tmp_path / "metrics.jsonl").read_text() == log and "has finished" in capsys.readouterr().err
 
 
-def test_leftovers_of_a_crash_do_not_block_resume(data, tmp_path, capsys):
+@pytest.mark.parametrize("cut", [b'{"kind": "step", "epoch": 2, "st', b'{"kind": "st\xff'])
+def test_leftovers_of_a_crash_do_not_block_resume(data, tmp_path, capsys, cut):
     from verydeep.cli import main
 
     train(tiny(data, tmp_path, epochs=1, checkpoint_every=1))
     (tmp_path / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"\0" * 100)
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"kind": "step", "epoch": 2, "st')  # the crash cut the last line
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(cut)  # the crash cut the last line, maybe inside a character
     (tmp_path / "recipe.json").unlink()  # and lost the run record: the checkpoint holds a copy
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2"]) == 0
     err = capsys.readouterr().err

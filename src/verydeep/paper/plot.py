@@ -65,10 +65,12 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist (is {run_dir} a training run directory?)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if raw.strip():
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode())
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line)") from None
             except json.JSONDecodeError as error:
                 raise UserError(f"{path}:{number}: not a JSON record ({error.msg})") from error
             records.append(check_record(record, f"{path}:{number}"))

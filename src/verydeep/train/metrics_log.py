@@ -79,14 +79,15 @@ class MetricsLog:
         if not self.main or not self.path.is_file():
             return
         kept = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+        for number, raw in enumerate(self.path.read_bytes().splitlines(), start=1):
             try:
+                line = raw.decode()
                 record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
+                logged_later = record is not None and (record["step"] > step if record["kind"] == "step"
+                                                       else record["epoch"] > epoch)
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 warn(f"{self.path}:{number}: a damaged record (cut short by a crash?) was dropped")
                 continue
-            if record is None:
-                continue
-            if record["step"] <= step if record["kind"] == "step" else record["epoch"] <= epoch:
+            if record is not None and not logged_later:
                 kept.append(line)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))

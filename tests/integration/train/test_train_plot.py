@@ -55,10 +55,11 @@ def test_plot_refuses_an_out_matplotlib_cannot_write_naming_out(tmp_path, capsys
     ('{"kind": "epoch", "epoch": 1, "step": 2}', 'the epoch record has no "train_loss"'),
     ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top1": 101}', '"val_top1" must be an accuracy'),
     ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top5": "x"}', '"val_top5" must be an accuracy'),
+    ('{"kind": "st\udcff"}', "not UTF-8 text (byte 13 of the line)"),
 ])
 def test_plot_refuses_a_bad_record_naming_file_and_line(tmp_path, capsys, line, message):
     good = '{"kind": "step", "epoch": 1, "step": 1, "loss": 1.0, "lr": 0.01}\n'
-    (tmp_path / "metrics.jsonl").write_text(good + line + "\n" + good)
+    (tmp_path / "metrics.jsonl").write_bytes((good + line + "\n" + good).encode(errors="surrogateescape"))
     assert main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'metrics.jsonl'}:2: " in err and message in err
