@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -299,6 +300,25 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
     assert "--lr cannot change when resuming" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
+
+
+def test_resuming_on_other_images_is_refused_on_moved_ones_allowed(data, tmp_path, capsys):
+    from verydeep.cli import main
+
+    run = tmp_path / "run"
+    train(tiny(data, run, epochs=1))
+    renamed, fewer, moved = (shutil.copytree(data, tmp_path / name) for name in ("renamed", "fewer", "moved"))
+    (renamed / "train" / "class0").rename(renamed / "train" / "class9")
+    (renamed / "val" / "class0").rename(renamed / "val" / "class9")
+    (fewer / "train" / "class1" / "0.png").unlink()
+    resume = ["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress", "--data"]
+    assert main([*resume, str(renamed)]) == 2
+    assert "its classes (class1, class2, class3, class9) are not those" in capsys.readouterr().err
+    assert main([*resume, str(fewer)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "63 training images, where" in err and "was trained on 64" in err
+    assert main([*resume, str(moved)]) == 0
+    assert json.loads((run / "recipe.json").read_text())["data"] == str(moved)
 
 
 def test_a_bad_value_in_the_run_record_names_the_file_on_resume(data, tmp_path, capsys):

@@ -63,11 +63,31 @@ def check_resumable(run_dir: Path, stored: dict[str, Any], record: dict[str, Any
     changed = changed_architecture(stored, record)
     if changed:
         raise UserError(f"--resume: {run_dir} was trained with other {', '.join(changed)}")
+    check_same_images(run_dir, stored, record)
     for f in fields(TrainConfig):
         if f.metadata["resumable"] or f.name not in stored or stored[f.name] == record[f.name]:
             continue
         raise UserError(f"{flag_name(f)} cannot change when resuming {run_dir} (trained with "
                         f"{stored[f.name]!r}, given {record[f.name]!r}); start a new run with --weights")
+
+
+def check_same_images(run_dir: Path, stored: dict[str, Any], record: dict[str, Any]) -> None:
+    """The data may move (``--data`` is resumable), not change: the net's outputs are the stored classes, and
+    the run's place in its epoch counts the stored training images (records without them pass)."""
+    data = record["data"]
+    if stored.get("class_names", record["class_names"]) != record["class_names"]:
+        raise UserError(f"--data {data}: its classes ({_shown(record['class_names'])}) are not those {run_dir} "
+                        f"was trained on ({_shown(stored['class_names'])}); resume with the run's data, or start a "
+                        "new run with --weights")
+    before = stored.get("training", {}).get("images") if isinstance(stored.get("training"), dict) else None
+    if before is not None and before != record["training"]["images"]:
+        raise UserError(f"--data {data}: {record['training']['images']} training images, where {run_dir} was "
+                        f"trained on {before} (its place in the epoch counts them); resume with the run's data, "
+                        "or start a new run with --weights")
+
+
+def _shown(names: list[Any], first: int = 4) -> str:
+    return ", ".join(map(str, names[:first])) + (", ..." if len(names) > first else "")
 
 
 class Checkpoints:
