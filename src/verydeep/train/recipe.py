@@ -233,6 +233,8 @@ class TrainConfig:
             raise UserError(f"--scale needs crop <= Smin <= Smax; got scale {smin}:{smax} with crop {self.crop}")
         if self.warm_start and not self.weights:
             raise UserError("--warm-start copies the layers of --weights: give --weights (net A's run)")
+        if self.weights_dir is not None and not self.weights:
+            raise UserError(f"--weights-dir {self.weights_dir} is where named --weights are looked for: give --weights")
         if self.lr_copied is not None and not self.weights:
             raise UserError("--lr-copied is the learning rate of the layers copied from --weights: give --weights")
         if self.resume and self.overwrite:

@@ -248,6 +248,8 @@ def test_a_setting_that_contradicts_the_weights_is_refused_without_warm_start(da
     assert "--warm-start copies the layers of --weights" in capsys.readouterr().err
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--lr-copied", "0.001"]) == 2
     assert "--lr-copied is the learning rate of the layers copied from --weights" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--weights-dir", str(tmp_path)]) == 2
+    assert f"--weights-dir {tmp_path} is where named --weights are looked for" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
