@@ -175,6 +175,22 @@ def _run_holding(file: Path) -> Path | None:
     return None
 
 
+#: The split folders of a dataset (``DIR/train``, ``DIR/val``, ``DIR/test``).
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+def _dataset_folders(path: Path) -> list[Path]:
+    """The data folder ``path`` and, when it is one split of a dataset (``DIR/train``), the others beside it:
+    an output there would change the same dataset's other images."""
+    if not path.is_dir():
+        return []
+    folder = path.resolve()
+    if folder.name not in SPLIT_FOLDERS:
+        return [path]
+    return [path, *(folder.parent / split for split in SPLIT_FOLDERS
+                    if split != folder.name and (folder.parent / split).is_dir())]
+
+
 def _contains(folder: Path, path: Path) -> bool:
     """Whether ``path`` is ``folder`` or lies under it, links and ``..`` followed."""
     return path.resolve().is_relative_to(folder.resolve())
@@ -207,7 +223,7 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
                 None, path if path.is_file() else None)
             read += [(option, path, file)] if file else []
             weights_folders += [(f"{option} {path}", folder)] if folder else []
-            data += [(option, path)] if name in DATA_OPTIONS and path.is_dir() else []
+            data += [(option, folder) for folder in _dataset_folders(path)] if name in DATA_OPTIONS else []
     for out_option, out in outputs:
         _refuse_overwriting_what_is_read(out_option, out, read, weights_folders)
         _refuse_writing_in_data(out_option, out, data)

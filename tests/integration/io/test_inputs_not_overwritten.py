@@ -98,6 +98,9 @@ def test_data_stats_writes_no_image_and_no_class_folder(images, capsys):
             f"DIR {images}")
     refused(["data", "stats", str(images), "--workers", "0", "--out", str(images / "train" / "new" / "p.json")],
             capsys, "--out", f"DIR {images}")
+    val_image = images / "val" / "class0" / "0.png"  # the statistics of one split, written into another
+    refused(["data", "stats", str(images / "train"), "--workers", "0", "--out", str(val_image)], capsys,
+            f"{val_image}: --out lies in DIR {images / 'val'}")
     assert contents(images) == before and sorted(p.name for p in (images / "train").iterdir()) == ["class0", "class1"]
 
 
