@@ -108,6 +108,8 @@ def parse_scales(text: str) -> list[int]:
         ) from None
     if not scales or any(q <= 0 for q in scales):
         raise argparse.ArgumentTypeError(f"expected positive integers such as 256,384,512; got {text!r}")
+    if len(set(scales)) < len(scales):
+        raise argparse.ArgumentTypeError(f"a scale is listed twice in {text!r}: each is tested once")
     return [test_scale(str(q)) for q in scales]
 
 

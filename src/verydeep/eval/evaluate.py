@@ -58,13 +58,18 @@ DEFAULT_PROTOCOLS = ("dense", "multicrop", "dense+multicrop")
 # ---- the whole evaluation -----------------------------------------------------------------
 
 
-def check_options(protocols: Sequence[str], scales: Sequence[int] | None, batch_size: int,
+def check_options(protocols: Sequence[str], scales: Sequence[int] | None, flip: bool, batch_size: int,
                   workers: int | None) -> list[str]:
-    """The protocols asked for, each once; a bad option is a :class:`UserError` naming it."""
+    """The protocols asked for, each once; a bad option, or one no protocol asked for uses, is a
+    :class:`UserError` naming it."""
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
         raise UserError(f"--protocol {','.join(unknown) or '(none)'}: choose from {', '.join(PROTOCOLS)}")
+    unused = [flag for flag, given in (("--scales", scales is not None), ("--no-flip", not flip)) if given]
+    if protocols == ["center"] and unused:
+        raise UserError(f"--protocol center is one unflipped centre crop of the image resized to crop x 256/224 "
+                        f"(torchvision's figure), so {' and '.join(unused)} would be ignored")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}")
     if scales is not None and any(q <= 0 for q in scales):
@@ -124,7 +129,7 @@ def evaluate(
     softmax, or the data's classes with ``over_data_classes`` (:mod:`verydeep.eval.classmap`); ``compile``: the
     nets run through ``torch.compile``."""
 
-    protocols = check_options(protocols, scales, batch_size, workers)
+    protocols = check_options(protocols, scales, flip, batch_size, workers)
     started = time.perf_counter()
     split = find_split(data, "val")
     torch_device = pick_device(device)

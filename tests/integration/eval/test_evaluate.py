@@ -395,6 +395,9 @@ def test_cli_weights_and_checkpoint_are_one_option_and_fuse(folder, checkpoint, 
     (["--checkpoint", "missing.pt"], "missing.pt: no such file or folder"),
     (["--protocol", "tencrop"], "unknown protocol tencrop"),
     (["--scales", "256,x"], "expected comma-separated integers"),
+    (["--scales", "32,40,32"], "a scale is listed twice in '32,40,32'"),
+    (["--protocol", "center", "--scales", "64"], "--protocol center is one unflipped centre crop"),
+    (["--protocol", "center", "--no-flip"], "so --no-flip would be ignored"),
 ])
 def test_cli_errors_are_one_line(folder, checkpoint, capsys, argv, message):
     base = {"--checkpoint": str(checkpoint), "--data": str(folder)}
