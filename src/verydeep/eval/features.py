@@ -131,6 +131,18 @@ def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = 
 # ---- command line ---------------------------------------------------------------------------
 
 
+#: The extraction flags: destination, flag and default. The parser leaves each None, so that a flag given, even
+#: at its default, is told apart from one left out (and refused where it would have no effect).
+EXTRACTION_FLAGS = {"scales": ("--scales", DEFAULT_SCALES), "aggregate": ("--aggregate", "stack"),
+                    "batch_size": ("--batch-size", 16), "workers": ("--workers", None),
+                    "device": ("--device", "auto"), "precision": ("--precision", "auto"),
+                    "checkpoint_every": ("--checkpoint-every", 50), "progress": ("--no-progress", True),
+                    "weights_dir": ("--weights-dir", None)}
+#: The extraction flags of a net, which the raw-pixel baseline (no net, no partial saves) would ignore. --device
+#: stays: under torchrun it picks how the processes exchange the pixels.
+NET_FLAGS = ("scales", "aggregate", "precision", "checkpoint_every", "weights_dir")
+
+
 def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     """The flags that say which images are described and how: ``features``' and ``transfer``'s."""
     add_weights(p, repeat="stack several nets' descriptors")
@@ -143,31 +155,56 @@ def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True)
     p.add_argument("--regions", choices=REGIONS, default=None,
                    help="VOC action classification (Table 12): one row per person, the whole image's descriptor "
                         "(image) or that stacked with the person box's (image+box)")
-    p.add_argument("--scales", type=parse_scales, default=list(DEFAULT_SCALES),
-                   help="test scales Q in pixels, whatever the net's crop (default 256,384,512)")
-    p.add_argument("--aggregate", choices=AGGREGATES, default="stack",
+    p.add_argument("--scales", type=parse_scales, help="test scales Q in pixels, whatever the net's crop "
+                                                       "(default 256,384,512)")
+    p.add_argument("--aggregate", choices=AGGREGATES,
                    help="over the scales: stack (concatenate) or average the descriptors (default stack)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+    p.add_argument("--batch-size", type=positive_int, help="images per batch (default 16)")
     add_workers(p)
     add_device(p)
     add_precision(p)
-    p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="N",
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="batches between saves of the work done to OUT.partial (default 50)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(**dict.fromkeys(EXTRACTION_FLAGS))
+
+
+def given_extraction_flags(args: argparse.Namespace, names: Sequence[str] = tuple(EXTRACTION_FLAGS)) -> list[str]:
+    """The flags among the extraction flags ``names`` (destinations) given on the command line."""
+    return [EXTRACTION_FLAGS[name][0] for name in names if getattr(args, name, None) is not None]
+
+
+def extraction_value(args: argparse.Namespace, name: str) -> Any:
+    """An extraction flag's value: as given, else its default."""
+    value = getattr(args, name, None)
+    return EXTRACTION_FLAGS[name][1] if value is None else value
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The extraction :class:`Settings` of the flags given, the others at their defaults."""
+    return Settings.create(**{name: extraction_value(args, name) for name in EXTRACTION_FLAGS if name != "weights_dir"})
+
+
+def refuse_net_flags_for_raw_pixels(args: argparse.Namespace) -> None:
+    """The raw-pixel baseline runs no net: the net's flags given beside ``--raw-pixels`` are a :class:`UserError`."""
+    unused = given_extraction_flags(args, NET_FLAGS)
+    if args.raw_pixels and unused:
+        raise UserError(f"--raw-pixels {args.raw_pixels} describes images without a net; {', '.join(unused)} "
+                        f"would have no effect: drop {'it' if len(unused) == 1 else 'them'}")
 
 
 def features_from_args(args: argparse.Namespace, out: Path | None) -> Features:
     """The descriptors the extraction flags ask for (written to ``out`` when given)."""
     if bool(args.weights) == bool(args.raw_pixels):
         raise UserError("give --weights SOURCE (repeatable) or --raw-pixels SIDE, one of the two")
-    settings = Settings.create(args.scales, args.aggregate, args.device, args.precision, args.batch_size,
-                               args.workers, args.progress, args.checkpoint_every)
+    if args.regions is not None and args.raw_pixels:
+        raise UserError("--regions describes persons with a net's features: give --weights, not --raw-pixels")
+    refuse_net_flags_for_raw_pixels(args)
+    settings, weights_dir = settings_from_args(args), extraction_value(args, "weights_dir")
     if args.regions is not None:
-        if args.raw_pixels:
-            raise UserError("--regions describes persons with a net's features: give --weights, not --raw-pixels")
-        return extract_action_features(args.weights, args.data, args.regions, out, settings, args.weights_dir)
+        return extract_action_features(args.weights, args.data, args.regions, out, settings, weights_dir)
     if args.weights:
-        return extract_features(args.weights, args.data, out, settings, args.weights_dir)
+        return extract_features(args.weights, args.data, out, settings, weights_dir)
     result = raw_pixel_features(args.data, args.raw_pixels, settings)
     if out is not None and Processes.from_env().main:
         result.save(out)
@@ -197,7 +234,7 @@ def describe(features: Features) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``features``; under ``torchrun`` the processes share the images and the first writes and prints."""
-    with sharding.process_group(args.device) as procs:
+    with sharding.process_group(extraction_value(args, "device")) as procs:
         features = features_from_args(args, args.out)
     if procs.main:
         print(f"{args.out}: {describe(features)}")

@@ -33,7 +33,13 @@ import numpy as np
 from verydeep.errors import UserError
 from verydeep.eval.box_features import REGIONS
 from verydeep.eval.feature_store import Features
-from verydeep.eval.features import add_extraction_flags, describe, features_from_args, origin
+from verydeep.eval.features import (
+    add_extraction_flags,
+    describe,
+    features_from_args,
+    given_extraction_flags,
+    origin,
+)
 from verydeep.eval.image_sets import open_image_set
 from verydeep.io.jsonable import to_json_dict
 from verydeep.options import natural_int, output_file, positive_int
@@ -89,17 +95,27 @@ def average_precision(scores: np.ndarray, positives: np.ndarray, kind: str = "ar
 # ---- SVMs -----------------------------------------------------------------------------------
 
 
+def check_folds(counts: dict[str, int], folds: int) -> None:
+    """Stratified ``folds``-fold cross-validation puts a training image of each group (``counts``: a class, or a
+    class's positives or negatives, and its training images) in every fold; else a :class:`UserError`."""
+    group, smallest = min(counts.items(), key=lambda item: item[1])
+    if smallest < 2:
+        raise UserError(f"{group}: {smallest} training images; choosing C by cross-validation needs at least 2")
+    if folds > smallest:
+        raise UserError(f"--folds {folds} is more than the {smallest} training images of {group}: give --folds "
+                        f"{smallest} or fewer")
+
+
 def fit_svm(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], folds: int, seed: int, scoring: str,
-            what: str) -> tuple[object, float]:
+            groups: Sequence[str]) -> tuple[object, float]:
     """A one-vs-rest ``LinearSVC`` on ``(x, y)``, its C chosen from ``c_grid`` by ``folds``-fold stratified
-    cross-validation on these images alone (fewer folds where a class has fewer images), refitted on all."""
+    cross-validation on these images alone, refitted on all; ``groups`` names each label value ``y`` may take
+    (all of which need training images, at least ``folds`` each)."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.svm import LinearSVC
 
-    smallest = np.unique(y, return_counts=True)[1].min() if len(np.unique(y)) > 1 else 0
-    if smallest < 2:
-        raise UserError(f"{what}: each class needs at least 2 training images to choose C; got {smallest}")
-    cv = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed)
+    check_folds({name: int(np.sum(y == value)) for value, name in enumerate(groups)}, folds)
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     search = GridSearchCV(LinearSVC(max_iter=10_000, random_state=seed), {"C": list(c_grid)}, scoring=scoring, cv=cv)
     search.fit(x, y)
     return search.best_estimator_, float(search.best_params_["C"])
@@ -121,7 +137,7 @@ class SplitResult:
 @dataclass
 class CaltechResult:
     """Mean class recall over the splits (fractions), its standard deviation (None for one split), per
-    class (mean over splits), and each split's figures."""
+    class (mean over splits), and each split's figures. Every class is tested in every split."""
 
     features: str  # how they were made
     classes: list[str]
@@ -129,7 +145,7 @@ class CaltechResult:
     train_per_class: int | None  # None: a given split
     mean_class_recall: float
     mean_class_recall_std: float | None
-    per_class_recall: dict[str, float | None]
+    per_class_recall: dict[str, float]
     splits: list[SplitResult]
     protocol: str = "caltech"
 
@@ -158,28 +174,38 @@ def caltech_splits(labels: np.ndarray, splits: Sequence[str], classes: Sequence[
     return drawn
 
 
+def refuse_untested_classes(features: Features, test: np.ndarray) -> None:
+    """A class without test images (``test``: their indices) is a :class:`UserError` naming it: a mean over
+    the classes tested would leave it out."""
+    untested = [name for c, name in enumerate(features.classes) if not np.any(features.labels[test] == c)]
+    if untested:
+        unread = f" ({len(features.skipped)} images could not be read)" if features.skipped else ""
+        several = len(untested) > 1
+        raise UserError(f"class{'es' if several else ''} {', '.join(untested)} {'have' if several else 'has'} no "
+                        f"test images{unread}: the mean class recall would leave {'them' if several else 'it'} out")
+
+
 def run_caltech(features: Features, train_per_class: int = 30, test_per_class: int | None = None, splits: int = 3,
                 c_grid: Sequence[float] = DEFAULT_C, folds: int = 3, seed: int = 0) -> CaltechResult:
     """The ``caltech`` protocol (see the module's description)."""
     if features.multilabel:
         raise UserError("these features are of multi-label (VOC) images; use --protocol voc")
     x, labels, n = features.features, features.labels, len(features.classes)
+    groups = [f"class {name}" for name in features.classes]
     results, recalls = [], []
     for i, (train, test) in enumerate(caltech_splits(labels, features.splits, features.classes, train_per_class,
                                                      test_per_class, splits, seed)):
-        if not len(train) or not len(test):
-            raise UserError("the features hold no training or no test images")
-        model, c = fit_svm(x[train], labels[train], c_grid, folds, seed + i, "balanced_accuracy", "caltech")
+        refuse_untested_classes(features, test)
+        model, c = fit_svm(x[train], labels[train], c_grid, folds, seed + i, "balanced_accuracy", groups)
         recall = class_recalls(model.predict(x[test]), labels[test], n)
         recalls.append(recall)
-        results.append(SplitResult(float(np.nanmean(recall)), c, len(train), len(test)))
+        results.append(SplitResult(float(np.mean(recall)), c, len(train), len(test)))
     means = [r.mean_class_recall for r in results]
-    tested = [column[np.isfinite(column)] for column in np.array(recalls).T]  # per class, over the splits
     return CaltechResult(
         origin(features.settings), list(features.classes), list(features.class_names),
         None if any(features.splits) else train_per_class,
         float(np.mean(means)), float(np.std(means, ddof=1)) if len(means) > 1 else None,
-        {c: float(np.mean(v)) if len(v) else None for c, v in zip(features.classes, tested, strict=True)}, results)
+        dict(zip(features.classes, map(float, np.mean(recalls, axis=0)), strict=True)), results)
 
 
 # ---- voc ------------------------------------------------------------------------------------
@@ -187,18 +213,18 @@ def run_caltech(features: Features, train_per_class: int = 30, test_per_class: i
 
 @dataclass(frozen=True)
 class ClassAP:
-    """One class: its average precision of each kind (None when it has no positive test image), the C
-    chosen, and its positive images in the training and the test part (difficult-only images left out)."""
+    """One class: its average precision of each kind, the C chosen, and its positive images in the training
+    and the test part (difficult-only images left out)."""
 
-    ap: dict[str, float] | None
-    C: float | None
+    ap: dict[str, float]
+    C: float
     train_positives: int
     test_positives: int
 
 
 @dataclass
 class VOCResult:
-    """mAP of each kind (:data:`AP_KINDS`, fractions) over the classes with positives, and per class."""
+    """mAP of each kind (:data:`AP_KINDS`, fractions) over all the classes, and per class."""
 
     features: str  # how they were made
     classes: list[str]
@@ -211,43 +237,63 @@ class VOCResult:
 
 @dataclass(frozen=True)
 class ClassScores:
-    """One class's SVM on the test part: its decision scores and which are positives (None when the class
-    lacks positives in a part), the C chosen, and the positives of each part."""
+    """One class's SVM on the test part: its decision scores and which are positives, the C chosen, and the
+    positives of each part."""
 
-    scores: np.ndarray | None
-    positives: np.ndarray | None
-    C: float | None
+    scores: np.ndarray
+    positives: np.ndarray
+    C: float
     train_positives: int
     test_positives: int
+
+
+def class_parts(features: Features, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class ``c``'s training and test images (masks; those labelled 0, ignored, for it left out), and its
+    positives (a mask)."""
+    parts, y = np.array(features.splits), features.labels[:, c]
+    return (parts == "train") & (y != 0), (parts == "test") & (y != 0), y > 0
 
 
 def class_scores(features: Features, c: int, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
                  seed: int = 0) -> ClassScores:
     """Class ``c``'s binary SVM, trained on the training part, its C chosen there by cross-validated average
     precision; its scores of the test part. Images labelled 0 (ignored) for the class take no part."""
-    parts, y = np.array(features.splits), features.labels[:, c]
-    train, test = (parts == "train") & (y != 0), (parts == "test") & (y != 0)
-    positives = int(np.sum(y[train] > 0)), int(np.sum(y[test] > 0))
-    if min(positives) == 0:
-        return ClassScores(None, None, None, *positives)
-    x = features.features
-    model, chosen = fit_svm(x[train], y[train] > 0, c_grid, folds, seed, "average_precision",
-                            f"class {features.classes[c]}")
-    return ClassScores(model.decision_function(x[test]), y[test] > 0, chosen, *positives)
+    train, test, positive = class_parts(features, c)
+    name, x = features.classes[c], features.features
+    model, chosen = fit_svm(x[train], positive[train], c_grid, folds, seed, "average_precision",
+                            [f"class {name}'s negatives", f"class {name}'s positives"])
+    return ClassScores(model.decision_function(x[test]), positive[test], chosen, int(np.sum(positive[train])),
+                       int(np.sum(positive[test])))
 
 
-def per_class_ap(features: Features, c_grid: Sequence[float], folds: int, seed: int
-                 ) -> tuple[dict[str, float], dict[str, ClassAP]]:
-    """Each class's average precisions (:func:`class_scores`) and their means over the classes scored."""
+def check_classes_scored(features: Features, folds: int, unit: str, scored: str) -> None:
+    """Before any SVM is trained: every class (``unit``: class or action) has positives in both parts, else the
+    mAP would leave it out, and enough training positives and negatives for ``folds`` folds; else a
+    :class:`UserError` naming the classes (``scored``: the test part's name)."""
+    lacking, groups = [], {}
+    for c, name in enumerate(features.classes):
+        train, test, positive = class_parts(features, c)
+        positives = int(np.sum(positive[train])), int(np.sum(positive[test]))
+        lacking += [f"{name} ({positives[0]} train, {positives[1]} {scored} positives)"] if min(positives) == 0 else []
+        groups |= {f"{unit} {name}'s positives": positives[0],
+                   f"{unit} {name}'s negatives": int(np.sum(train & ~positive))}
+    if lacking:
+        several = len(lacking) > 1
+        raise UserError(f"{unit}{'s' if several else ''} {', '.join(lacking)} lack{'' if several else 's'} positives "
+                        f"in a part: the mAP would leave {'them' if several else 'it'} out")
+    check_folds(groups, folds)
+
+
+def per_class_ap(features: Features, c_grid: Sequence[float], folds: int, seed: int, unit: str = "class",
+                 scored: str = "test") -> tuple[dict[str, float], dict[str, ClassAP]]:
+    """Each class's average precisions (:func:`class_scores`) and their means over all the classes."""
+    check_classes_scored(features, folds, unit, scored)
     per_class = {}
     for c, name in enumerate(features.classes):
         s = class_scores(features, c, c_grid, folds, seed)
-        ap = None if s.scores is None else {k: average_precision(s.scores, s.positives, k) for k in AP_KINDS}
+        ap = {k: average_precision(s.scores, s.positives, k) for k in AP_KINDS}
         per_class[name] = ClassAP(ap, s.C, s.train_positives, s.test_positives)
-    scored = [r.ap for r in per_class.values() if r.ap is not None]
-    if not scored:
-        raise UserError("no class has positive images in both the training and the test part")
-    return {k: float(np.mean([ap[k] for ap in scored])) for k in AP_KINDS}, per_class
+    return {k: float(np.mean([r.ap[k] for r in per_class.values()])) for k in AP_KINDS}, per_class
 
 
 def run_voc(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3, seed: int = 0) -> VOCResult:
@@ -278,7 +324,7 @@ def run_voc_action(features: Features, c_grid: Sequence[float] = DEFAULT_C, fold
     if regions not in REGIONS or not features.multilabel:
         raise UserError("these features are not of VOC action persons; make them with verydeep features --regions "
                         f"{' or '.join(REGIONS)}")
-    means, per_action = per_class_ap(features, c_grid, folds, seed)
+    means, per_action = per_class_ap(features, c_grid, folds, seed, "action", ActionResult.scored_part)
     return ActionResult(origin(features.settings), list(features.classes), list(features.class_names), means,
                         dict(AP_KINDS), per_action, regions=regions)
 
@@ -342,8 +388,8 @@ def per_class_table(result: CaltechResult | VOCResult) -> Table:
     rows = []
     for c, name in zip(result.classes, result.class_names, strict=True):
         r = result.per_class_ap[c]
-        rows.append(Row((c, *(() if action else (name,)), *(percent(r.ap[k]) if r.ap else "-" for k in AP_KINDS),
-                         f"{r.C:g}" if r.C else "-", str(r.train_positives), str(r.test_positives))))
+        rows.append(Row((c, *(() if action else (name,)), *(percent(r.ap[k]) for k in AP_KINDS),
+                         f"{r.C:g}", str(r.train_positives), str(r.test_positives))))
     scored = result.scored_part if action else "test"
     columns = [*([Column("action")] if action else names), Column("AP % (11-point)", True), Column("AP % (area)", True),
                Column("C", True), Column("train positives", True), Column(f"{scored} positives", True)]
@@ -411,11 +457,22 @@ def refuse_with_given_split(flags: list[str], source: str, splits: Sequence[str]
                         "drop the flags")
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    if args.features is not None and (args.data is not None or args.weights or args.raw_pixels):
+def refuse_extraction_beside_features(args: argparse.Namespace) -> None:
+    """``--features`` holds the descriptors: the flags that would make others, or say how, are refused beside it."""
+    if args.features is None:
+        return
+    if args.data is not None or args.weights or args.raw_pixels:
         extra = "--data" if args.data is not None else "--weights" if args.weights else "--raw-pixels"
         raise UserError(f"--features {args.features} holds the descriptors already; {extra} would make others: "
                         "give one of the two")
+    unused = given_extraction_flags(args) + (["--out"] if args.out is not None else [])
+    if unused:
+        raise UserError(f"--features {args.features} holds the descriptors already; {', '.join(unused)} only "
+                        f"act on an extraction (--data): drop {'it' if len(unused) == 1 else 'them'}")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    refuse_extraction_beside_features(args)
     check_regions(args)
     flags = random_split_flags(args)
     if args.features is not None:
@@ -454,7 +511,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--splits", type=positive_int, default=None, help="caltech: random splits (default 3)")
     p.add_argument("--c-grid", type=parse_floats, default=list(DEFAULT_C),
                    help="SVM C values cross-validation chooses from (default 0.01,0.1,1,10,100)")
-    p.add_argument("--folds", type=positive_int, default=3, help="cross-validation folds (default 3)")
+    p.add_argument("--folds", type=positive_int, default=3,
+                   help="cross-validation folds (default 3), at most the training images of the smallest class "
+                        "(voc: a class's positives or negatives)")
     p.add_argument("--seed", type=natural_int, default=0, help="seed of the random splits and folds")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
     p.set_defaults(func=run_cli)

@@ -263,3 +263,19 @@ def test_sizes_beyond_the_memory_are_refused_up_front(photos, tmp_path, capsys, 
                                         r"the 0.001 GB available"):
         raw_pixel_features(photos, 64, settings())
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--scales", "32"], ["--aggregate", "average"], ["--precision", "bf16"],
+                                   ["--checkpoint-every", "3"], ["--weights-dir", "{dir}"],
+                                   ["--scales", "32", "--aggregate", "stack"]])
+def test_net_flags_beside_raw_pixels_are_refused(photos, tmp_path, capsys, flags):
+    out = tmp_path / "rp.npz"
+    argv = ["features", "--raw-pixels", "8", "--data", str(photos), "--out", str(out), "--workers", "0",
+            "--no-progress", "--batch-size", "3"]
+    given = [flag.format(dir=tmp_path) for flag in flags]
+    assert main([*argv, *given]) == 2
+    err = capsys.readouterr().err
+    named = ", ".join(flag for flag in flags if flag.startswith("--"))
+    assert err.count("\n") == 1 and not out.exists()
+    assert f"--raw-pixels 8 describes images without a net; {named} would have no effect" in err
+    assert main(argv) == 0 and Features.load(out).features.shape == (12, 3 * 8 * 8)  # loader flags do act

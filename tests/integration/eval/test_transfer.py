@@ -26,6 +26,7 @@ from verydeep.eval.transfer import (
     precision_recall,
     run_caltech,
     run_voc,
+    run_voc_action,
     table_11,
 )
 from verydeep.io.checkpoint import export_safetensors
@@ -339,3 +340,83 @@ def test_random_split_flags_are_refused_under_another_protocol(tmp_path, capsys,
     np.savez(features, **stored_arrays())
     assert main(["transfer", "--protocol", protocol, "--features", str(features), "--test-per-class", "2"]) == 2
     assert f"--test-per-class draw the random splits of --protocol caltech, not {protocol}" in capsys.readouterr().err
+
+
+# ---- flags without effect, classes left out, folds --------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [["--scales", "64"], ["--aggregate", "average"], ["--aggregate", "stack"],
+                                   ["--out", "{fx}"], ["--precision", "bf16"], ["--batch-size", "3"],
+                                   ["--checkpoint-every", "3"], ["--device", "cuda:7"], ["--weights-dir", "{dir}"],
+                                   ["--workers", "0"], ["--no-progress"]])
+def test_extraction_flags_are_refused_beside_stored_features(tmp_path, capsys, flags):
+    stored, fx = tmp_path / "f1.npz", tmp_path / "fx.npz"
+    np.savez(stored, **stored_arrays())
+    given = [flag.format(fx=fx, dir=tmp_path) for flag in flags]
+    assert main(["transfer", "--protocol", "caltech", "--features", str(stored), "--train-per-class", "6",
+                 *given]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not fx.exists()
+    assert f"--features {stored} holds the descriptors already; {flags[0]} only act on an extraction" in err
+
+
+def test_net_flags_are_refused_beside_raw_pixels_in_transfer(tmp_path, capsys):
+    for i in range(8):
+        save(photo(16, 16, seed=i), tmp_path / "data" / f"class{i % 2}" / f"{i}.png")
+    argv = ["transfer", "--protocol", "caltech", "--data", str(tmp_path / "data"), "--raw-pixels", "4",
+            "--out", str(tmp_path / "f.npz"), "--train-per-class", "2", "--folds", "2", "--workers", "0"]
+    assert main([*argv, "--scales", "32", "--precision", "bf16"]) == 2
+    assert "--raw-pixels 4 describes images without a net; --scales, --precision would have no effect: drop them" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "f.npz").exists()
+    assert main(argv) == 0 and (tmp_path / "f.npz").exists()
+
+
+def test_a_class_without_test_images_is_an_error_not_left_out_of_the_mean():
+    x, labels = clusters(3, 8)
+    splits = ["train", "test"] * 12
+    splits[17::2] = ["train"] * 4  # every test image of class c
+    features = Features(x, labels, [f"{i}.jpg" for i in range(24)], splits, ["a", "b", "c"], ["a", "b", "c"],
+                        {"kind": "test"}, ["c/lost.jpg"])
+    with pytest.raises(UserError, match=r"^class c has no test images \(1 images could not be read\): the mean class "
+                                        "recall would leave it out$"):
+        run_caltech(features, c_grid=(1,), folds=2)
+    absent = Features(x[labels < 1], labels[labels < 1], [f"{i}.jpg" for i in range(8)], [""] * 8, ["a", "b", "c"],
+                      ["a", "b", "c"], {"kind": "test"})
+    with pytest.raises(UserError, match="^classes b, c have no test images: the mean class recall"):
+        run_caltech(absent, train_per_class=2, folds=2)
+
+
+@pytest.mark.parametrize("protocol", ["voc", "voc-action"])
+def test_a_class_without_positives_in_a_part_is_an_error_not_left_out_of_the_map(protocol):
+    x, single = clusters(3, 20)
+    labels = np.where(single[:, None] == np.arange(3), POSITIVE, NEGATIVE).astype(np.int8)
+    splits = np.array(["train", "test"] * 30)
+    labels[(single == 1) & (splits == "test"), 1] = NEGATIVE  # dog: no positive test image
+    labels[(single == 2) & (splits == "train"), 2] = IGNORED  # cow: no positive training image
+    settings = {"kind": "test"} | ({"regions": "image"} if protocol == "voc-action" else {})
+    features = Features(x, labels, [f"{i}.jpg" for i in range(60)], list(splits), ["cat", "dog", "cow"],
+                        ["cat", "dog", "cow"], settings)
+    run, unit, part = (run_voc, "class", "test") if protocol == "voc" else (run_voc_action, "action", "val")
+    with pytest.raises(UserError, match=rf"^{unit}s dog \(10 train, 0 {part} positives\), cow \(0 train, 10 {part} "
+                                        "positives\\) lack positives in a part: the mAP would leave them out$"):
+        run(features, c_grid=(1,), folds=2)
+
+
+def test_folds_beyond_the_smallest_class_are_refused_naming_both_numbers(tmp_path, capsys):
+    stored = tmp_path / "f.npz"
+    np.savez(stored, **stored_arrays())
+    argv = ["transfer", "--protocol", "caltech", "--features", str(stored), "--train-per-class", "2"]
+    for folds in (["--folds", "5"], []):  # given, or the default 3
+        assert main([*argv, *folds]) == 2
+        err = capsys.readouterr().err
+        number = folds[1] if folds else "3"
+        assert err.count("\n") == 1
+        assert f"--folds {number} is more than the 2 training images of class a: give --folds 2 or fewer" in err
+    assert main([*argv, "--folds", "2", "--json"]) == 0
+    x, single = clusters(2, 12)
+    labels = np.where(single[:, None] == np.arange(2), POSITIVE, NEGATIVE).astype(np.int8)
+    labels[[12, 14], 1] = IGNORED  # dog's training positives: 4
+    voc = features_of(x, labels, ["train", "test"] * 12, ["cat", "dog"])
+    with pytest.raises(UserError, match="^--folds 5 is more than the 4 training images of class dog's positives"):
+        run_voc(voc, c_grid=(1,), folds=5)
