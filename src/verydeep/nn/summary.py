@@ -11,6 +11,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from verydeep.errors import UserError
@@ -96,7 +97,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    model = VGG(args.config, args.num_classes, args.batch_norm, args.width, input_size=args.crop, init="kaiming")
+    with torch.device("meta"):  # shapes and counts only: no memory for the weights, whatever their number
+        model = VGG(args.config, args.num_classes, args.batch_norm, args.width, input_size=args.crop, init="kaiming")
     size = args.crop if args.input is None else args.input
     rows = summarise(model, size)
     if args.json:

@@ -69,6 +69,13 @@ def test_summary_json_reports_params_and_macs(capsys):
     assert sum(r["macs"] for r in report["layers"]) == report["macs"]
 
 
+def test_summary_counts_nets_too_large_to_hold_without_building_them(capsys):
+    assert main(["summary", "A", "--num-classes", "3000000", "--crop", "4096", "--json"]) == 0  # ~1.6 TB of weights
+    report = json.loads(capsys.readouterr().out)
+    fc = {row["name"]: row["params"] for row in report["layers"]}
+    assert fc["fc6"] == 512 * 128 * 128 * 4096 + 4096 and fc["fc8"] == 4096 * 3_000_000 + 3_000_000
+
+
 def test_summary_table_and_dense_form(capsys):
     assert main(["summary", "E", "--input", "256"]) == 0
     out = capsys.readouterr().out
