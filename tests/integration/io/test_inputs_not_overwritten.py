@@ -82,9 +82,11 @@ def test_the_file_a_weights_name_reads_is_not_overwritten(run, tmp_path, capsys)
     assert published.read_bytes() == b"weights"
 
 
-def test_an_output_folder_in_the_run_directory_read_is_allowed(run, images, tmp_path):
+def test_an_output_folder_in_the_run_directory_read_is_allowed(run, images, tmp_path, capsys):
     allowed(["eval", "--weights", str(run), "--data", str(images), "--out", str(run / "eval")])
-    allowed(["eval", "--weights", str(run), "--data", str(images), "--out", str(run)])
+    for among_the_runs in (run, run / "checkpoints"):  # its files would land among the run's own
+        refused(["eval", "--weights", str(run), "--data", str(images), "--out", str(among_the_runs)], capsys,
+                f"--out lies in {run}, the run directory of --weights {run}", "a folder of its own there will do")
     allowed(["export", "--weights", str(run), "--format", "onnx", str(tmp_path / "net.onnx")])
 
 
