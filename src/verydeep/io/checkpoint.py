@@ -26,7 +26,7 @@ from verydeep.io.atomic import atomic_write
 from verydeep.io.rundir import RunDir
 from verydeep.nn import configs
 from verydeep.nn.model import VGG
-from verydeep.runtime.limits import is_finite, is_whole
+from verydeep.runtime.limits import MAX_SIDE, is_finite, is_whole
 
 #: Recipe keys that determine the architecture.
 MODEL_KEYS = ("config", "num_classes", "batch_norm", "width", "dropout", "crop")
@@ -132,9 +132,10 @@ def _check_scale(recipe: dict[str, Any], path: str | Path) -> None:
     if scale is None:
         return
     values = scale if isinstance(scale, list | tuple) else [scale]
-    if not (1 <= len(values) <= 2 and all(is_whole(v) for v in values) and recipe["crop"] <= values[0] <= values[-1]):
+    if not (1 <= len(values) <= 2 and all(is_whole(v) for v in values)
+            and recipe["crop"] <= values[0] <= values[-1] <= MAX_SIDE):
         raise UserError(f"{path}: recipe scale must be S or [Smin, Smax], whole numbers with crop {recipe['crop']} "
-                        f"<= Smin <= Smax; got {scale!r}")
+                        f"<= Smin <= Smax <= {MAX_SIDE}; got {scale!r}")
 
 
 def _check_classes(recipe: dict[str, Any], path: str | Path) -> None:

@@ -30,7 +30,7 @@ from verydeep.io.checkpoint import load_checkpoint
 from verydeep.io.rundir import RunDir
 from verydeep.nn.init import PROTOCOLS
 from verydeep.options import DEVICE_HELP, MAX_SEED, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
-from verydeep.runtime.limits import check_width, check_workers, whole_number
+from verydeep.runtime.limits import MAX_SIDE, check_width, check_workers, whole_number
 
 #: Command-line groups of ``verydeep train --help``, in order.
 GROUPS = ("model", "images", "optimisation", "running")
@@ -44,8 +44,9 @@ def parse_scale(value: Any) -> tuple[int, int]:
         parts = []
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2 or not 0 < parts[0] <= parts[1]:
-        raise UserError(f"--scale must be S or Smin:Smax with 0 < Smin <= Smax (e.g. 256 or 256:512); got {value!r}")
+    if len(parts) != 2 or not 0 < parts[0] <= parts[1] <= MAX_SIDE:
+        raise UserError(f"--scale must be S or Smin:Smax with 0 < Smin <= Smax <= {MAX_SIDE} (e.g. 256 or 256:512); "
+                        f"got {value!r}")
     return parts[0], parts[1]
 
 

@@ -359,7 +359,7 @@ def test_scale_and_recipes():
     assert cfg.scale == (384, 384) and cfg.lr == 1e-3
     assert make_config(read_recipe("jitter")).scale == (256, 512)
     assert make_config({"milestones": "30, 60"}).milestones == [30, 60]
-    for scale in (256.7, float("inf"), "1_0", True, [256, 512.5]):  # from a recipe file: never truncated
+    for scale in (256.7, float("inf"), "1_0", True, [256, 512.5], "256:100000"):  # from a recipe file: never truncated
         with pytest.raises(UserError, match="--scale must be"):
             parse_scale(scale)
     with pytest.raises(UserError, match="--milestones must be"):

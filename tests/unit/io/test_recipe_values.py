@@ -47,6 +47,7 @@ def write(tmp_path, model: VGG, recipe: dict, kind: str):
     ("scale", [0, 0], r"recipe scale must be S or \[Smin, Smax\]"),
     ("scale", [INF, 1], r"recipe scale must be .*got \[inf, 1\]"),
     ("scale", [36, 36.5], r"recipe scale must be .*whole numbers"),
+    ("scale", [36, 1_000_000_000], r"recipe scale must be .*<= Smax <= 2048; got \[36, 1000000000\]"),
     ("scale", [16, 16], "crop 32 <= Smin"),
     ("classes", ["a"], r"recipe classes must list num_classes \(2\) names"),
     ("class_names", [1, 2], "recipe class_names must list"),
