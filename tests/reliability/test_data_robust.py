@@ -175,3 +175,16 @@ def test_stats_on_a_missing_folder_is_one_clear_error(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path / "nope"), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope" in err and "does not exist" in err
+
+
+def test_stats_of_images_of_one_colour_say_what_to_do_instead(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (36, 36), (10, 200, 30)).save(tmp_path / "train" / name / f"{i}.png")
+    assert main(["data", "stats", str(tmp_path), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hardly vary in R (std" in err and "give --mean-only" in err
+    assert not (tmp_path / "preprocess.json").exists()
+    assert main(["data", "stats", str(tmp_path), "--workers", "0", "--mean-only"]) == 0
+    assert load_preprocess(tmp_path).mean == pytest.approx((10 / 255, 200 / 255, 30 / 255))

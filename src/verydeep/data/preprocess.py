@@ -27,6 +27,10 @@ Triple = tuple[float, float, float]
 PREPROCESS_FILE = "preprocess.json"
 
 
+#: The smallest per-channel std a preprocessing may divide by.
+MIN_STD = 1e-3
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Per-channel RGB statistics on the 0..1 scale, and the net's input convention.
@@ -51,7 +55,9 @@ class Preprocess:
         if len(self.eigvec) != 3 or any(len(row) != 3 for row in self.eigvec):
             raise ValueError(f"Preprocess.eigvec must be 3x3; got {self.eigvec!r}")
         _check_numbers("mean", self.mean, lambda v: 0 <= v <= 1, "from 0 to 1 (statistics are on the 0..1 scale)")
-        _check_numbers("std", self.std, lambda v: v > 0, "above 0")
+        _check_numbers("std", self.std, lambda v: MIN_STD <= v <= 1,
+                       f"from {MIN_STD:g} (a quarter of one of 255 levels: a smaller one blows the input up) to 1 "
+                       "(statistics are on the 0..1 scale)")
         _check_numbers("eigval", self.eigval, lambda v: v >= 0, "at least 0 (a covariance's eigenvalue)")
         for i, row in enumerate(self.eigvec):
             _check_numbers(f"eigvec[{i}]", row, lambda v: True, "")

@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from verydeep.data.datasets import find_split, open_split
 from verydeep.data.decode import ImageFile, decode, to_tensor
 from verydeep.data.loaders import image_loader
-from verydeep.data.preprocess import PREPROCESS_FILE, Preprocess
+from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
 from verydeep.options import add_workers, output_file, seed_number
@@ -82,7 +82,11 @@ def compute_stats(
     cov = moments[4:].view(3, 3) / pixels - torch.outer(mean, mean)
     eigval, eigvec = torch.linalg.eigh(cov)
     eigval, eigvec = eigval.flip(0).clamp(min=0), eigvec.flip(1)
-    std = (1 / 255,) * 3 if mean_only else tuple(cov.diagonal().sqrt().tolist())
+    std = (1 / 255,) * 3 if mean_only else tuple(cov.diagonal().clamp(min=0).sqrt().tolist())
+    flat = [f"{channel} (std {value:.2g})" for channel, value in zip("RGB", std, strict=True) if value < MIN_STD]
+    if flat:
+        raise UserError(f"data folder {folder}: the sampled images hardly vary in {', '.join(flat)}, which no "
+                        "normalisation can divide by; give --mean-only (the paper's mean subtraction)")
     pre = Preprocess(
         mean=tuple(mean.tolist()),  # type: ignore[arg-type]
         std=std,  # type: ignore[arg-type]
