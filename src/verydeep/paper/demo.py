@@ -19,6 +19,7 @@ from PIL import Image
 from verydeep.options import add_device, output_dir, positive_int
 from verydeep.paper.presets import PRESETS
 from verydeep.paper.reproduce import reproduce
+from verydeep.runtime import pick_device
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -59,6 +60,7 @@ def run_cli(args: argparse.Namespace) -> None:
 
     start = time.time()
     out = Path(args.out)
+    pick_device(args.device)  # checked before the digits are written into --out
     data = write_digits(out / "data")
     preset = PRESETS["digits"]
     if args.epochs is not None:

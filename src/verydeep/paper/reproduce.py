@@ -62,8 +62,9 @@ class Reproduction:
 
 def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: str = "auto",
               progress: bool = True, command: str = "") -> Reproduction:
-    """Train every net of ``preset`` (nets already trained, for instance by ``--shard`` processes, are
-    read back), evaluate each with the paper's protocols, fuse, report."""
+    """Train every net of ``preset`` (nets already in ``out``, for instance from ``--shard`` processes, are
+    read back when trained with these settings and data, else refused before anything is written),
+    evaluate each with the paper's protocols, fuse, report."""
     order = preset.members()
     nets = sorted(order, key=lambda n: ([m.name for m in NETS].index(n.base), n.seed))  # the tables' order
     done = train_and_measure(order, preset, data, out, device, progress)

@@ -1,34 +1,155 @@
 """The reproduction's nets trained (Sec. 3.1): each net from its parent under the paper's protocol,
-resumed where an interrupted run stopped and left alone once finished, then measured on the test
-images at once, so that a cut-short reproduction still reports; a ``--shard``'s share of the nets.
+resumed where an interrupted run stopped and reused once finished, then measured on the test images
+at once, so that a cut-short reproduction still reports; a ``--shard``'s share of the nets.
+
+A net, or its cached evaluation, already in ``--out`` is reused only when it was trained (measured)
+with the settings and data this run would use: one that differs is refused before anything in
+``--out`` is written, since its figures would be reported under the new settings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from verydeep.data import find_split
+from verydeep.errors import UserError
+from verydeep.eval.nets import derive_scales
 from verydeep.io.atomic import atomic_write
 from verydeep.paper.measure import Measured, evaluate_net
 from verydeep.paper.plot import read_metrics
 from verydeep.paper.presets import Net, Preset
+from verydeep.runtime import pick_device
 from verydeep.train import train
+from verydeep.train.recipe import TrainConfig, stored_settings
+
+SUMMARY = "train_summary.json"
+EVAL_SETTINGS = "settings.json"  # in an evaluation cache: what it was measured with
+
+#: Settings that say how a net is trained, not what it learns (the running group: device, workers,
+#: progress, resume...), and the statistics, which the data decides: another invocation may differ in them.
+HOW = {f.name for f in fields(TrainConfig) if f.metadata["group"] == "running"} | {"preprocess"}
+LEARNED = {f.name for f in fields(TrainConfig)} - HOW
 
 
 def train_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out: Path, device: str,
               progress: bool) -> Path:
-    """Train one net unless it is done (an interrupted run resumes); returns its run directory."""
+    """Train one net unless it is done (an interrupted run resumes; :func:`check_reuse` has vouched for both);
+    returns its run directory."""
 
     nets_dir = out / "nets"
-    done = nets_dir / net.name / "train_summary.json"
+    done = nets_dir / net.name / SUMMARY
     if not done.is_file():
         summary = train(preset.train_config(net, by_name, data, nets_dir, device, progress))
         text = json.dumps(summary.to_dict(), indent=1)
         atomic_write(done, lambda tmp: Path(tmp).write_text(text))
     return nets_dir / net.name
+
+
+def learned(settings: dict[str, Any], origin: Path) -> dict[str, Any]:
+    """The settings of a run record (or :meth:`TrainConfig.to_dict`) that decide what the net learns,
+    comparable across invocations: the data as a resolved path (``origin``: the folder a relative one
+    was given from), the weights as the name of the net they come from."""
+    kept = {key: value for key, value in settings.items() if key in LEARNED}
+    if kept.get("data") is not None:
+        kept["data"] = str((origin / kept["data"]).resolve())
+    if kept.get("weights") is not None:  # NETS/PARENT/checkpoints/last.pt: --out may have moved since
+        kept["weights"] = Path(kept["weights"]).parents[1].name
+    return kept
+
+
+def origin_of(recorded_out: str, run_dir: Path) -> Path:
+    """The folder the paths of a run record were given from: the one from which its recorded ``out``
+    is ``run_dir`` (the same command run from elsewhere), else the current folder."""
+    here, parts = Path(os.path.abspath(run_dir)).parts, Path(os.path.normpath(recorded_out)).parts
+    if not Path(recorded_out).is_absolute() and len(parts) < len(here) and here[-len(parts):] == parts:
+        return Path(*here[:-len(parts)])
+    return Path.cwd()
+
+
+def first_change(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first setting of ``new`` that ``old`` holds with another value: (name, old, new)."""
+    return next(((key, old[key], value) for key, value in new.items() if key in old and old[key] != value), None)
+
+
+def refusal(out: Path, what: str, change: tuple[str, Any, Any], remedy: str) -> UserError:
+    """The one-line refusal to reuse ``what`` in ``out``, naming the first setting that differs."""
+    key, old, new = change
+    return UserError(f"--out {out}: {what} with {key} {old!r}, but this run would use {key} {new!r}; give "
+                     f"another --out, or {remedy}")
+
+
+def check_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out: Path) -> None:
+    """Refuse a net in ``out`` trained (or begun) with other settings or data than this run's."""
+    run_dir = out / "nets" / net.name
+    stored = stored_settings(run_dir) if run_dir.is_dir() else {}
+    if not stored:
+        return
+    wanted = preset.train_config(net, by_name, data, out / "nets", "cpu", False).to_dict()  # device: not compared
+    change = first_change(learned(stored, origin_of(str(stored.get("out", "")), run_dir)),
+                          learned(wanted, Path.cwd()))
+    if change:
+        raise refusal(out, f"net {net.name} was trained", change, f"delete {out} to start anew")
+
+
+def eval_settings(net: Net, preset: Preset, test: Path, run_dir: Path) -> dict[str, Any]:
+    """What a net's evaluation is measured with: the test images, protocols, test scales and the
+    training it measures (a digest of the net's summary, which a new training rewrites)."""
+    protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
+    summary = run_dir / SUMMARY
+    trained = hashlib.sha256(summary.read_bytes()).hexdigest()[:16] if summary.is_file() else None
+    scales = derive_scales({"crop": preset.crop, "scale": list(preset.scale(net.scale))})
+    return {"data": str(test.resolve()), "limit_test": preset.limit_test, "protocols": list(protocols),
+            "scales": scales, "trained": trained}
+
+
+def read_eval_settings(cache: Path) -> dict[str, Any] | None:
+    """The settings an evaluation cache was measured with; None without a finished evaluation or a
+    readable record of them (it is measured again)."""
+    finished = all((cache / name).is_file() for name in ("results.json", "posteriors.npz", EVAL_SETTINGS))
+    try:
+        return json.loads((cache / EVAL_SETTINGS).read_text()) if finished else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def check_reuse(order: list[Net], preset: Preset, data: Path, out: Path, device: str) -> Path:
+    """Every option and every net of ``order`` already in ``out`` checked before anything is written:
+    the device, the data, each net's training and each finished net's cached evaluation (see the
+    module's docstring); returns the test images' folder."""
+    pick_device(device)
+    find_split(data, "train")
+    test = find_split(data, "val")
+    by_name = {n.name: n for n in preset.members()}
+    for net in order:
+        check_net(net, by_name, preset, data, out)
+        run_dir, cache = out / "nets" / net.name, out / "eval" / net.name
+        cached = read_eval_settings(cache)
+        if cached is not None and (run_dir / SUMMARY).is_file():
+            change = first_change(cached, eval_settings(net, preset, test, run_dir))
+            if change:
+                raise refusal(out, f"the evaluation of net {net.name} was measured", change, f"delete {cache}")
+    return test
+
+
+def measure(net: Net, preset: Preset, test: Path, run_dir: Path, out: Path, device: str,
+            progress: bool) -> tuple[list[Measured], float]:
+    """A trained net's rows on the test images: its cached evaluation when that measured this training
+    with these settings, else a new one (the cache's settings written first, so a cut-short evaluation
+    is redone)."""
+    cache, wanted = out / "eval" / net.name, eval_settings(net, preset, test, run_dir)
+    if read_eval_settings(cache) != wanted:  # none yet, or of an earlier training of the net
+        for name in ("results.json", "posteriors.npz"):
+            (cache / name).unlink(missing_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(wanted, indent=1)
+        atomic_write(cache / EVAL_SETTINGS, lambda tmp: Path(tmp).write_text(text))
+    return evaluate_net(net.name, run_dir, test, tuple(wanted["protocols"]), preset.limit_test, out, device,
+                        progress)
 
 
 def epochs_of(run_dir: Path) -> list[dict[str, Any]]:
@@ -47,18 +168,17 @@ class Trained:
 def train_and_measure(order: list[Net], preset: Preset, data: Path, out: Path, device: str,
                       progress: bool) -> Trained:
     """Train each net of ``order`` (resumably, each from its parent under the paper's protocol) and
-    evaluate it on the test images as soon as it is trained, so that a cut-short run still reports."""
+    evaluate it on the test images as soon as it is trained, so that a cut-short run still reports;
+    the options and the nets already in ``out`` are checked first (:func:`check_reuse`)."""
 
-    find_split(data, "train")
-    test = find_split(data, "val")
+    test = check_reuse(order, preset, data, out, device)
     by_name = {n.name: n for n in preset.members()}
     out.mkdir(parents=True, exist_ok=True)
     done = Trained({}, [], {"training": 0.0, "evaluation": 0.0})
     for net in order:
         run_dir = done.run_dirs[net.name] = train_net(net, by_name, preset, data, out, device, progress)
         done.seconds["training"] += sum(r["seconds"] for r in epochs_of(run_dir))
-        protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
-        rows, spent = evaluate_net(net.name, run_dir, test, protocols, preset.limit_test, out, device, progress)
+        rows, spent = measure(net, preset, test, run_dir, out, device, progress)
         done.seconds["evaluation"] += spent
         done.measured.extend(rows)
     return done

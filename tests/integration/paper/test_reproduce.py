@@ -247,7 +247,8 @@ def test_reproduction_runs_end_to_end_and_resumes(reproduced):
 def test_a_nets_cached_evaluation_is_its_evaluation_exactly(reproduced):
     data, preset, out, _ = reproduced
     cache = out / "eval" / "D-jitter"
-    assert sorted(p.name for p in cache.iterdir()) == ["posteriors.npz", "results.json", "results.md"]  # eval --out's
+    # eval --out's files, and what they were measured with
+    assert sorted(p.name for p in cache.iterdir()) == ["posteriors.npz", "results.json", "results.md", "settings.json"]
     saved = json.loads((cache / "results.json").read_text())
     measured, seconds = evaluate_net("D-jitter", out / "nets" / "D-jitter", None, (), None, out, "cpu", False)
     fresh = evaluate([out / "nets" / "D-jitter"], saved["data"], protocols=saved["protocols"], limit=preset.limit_test,

@@ -1,0 +1,131 @@
+"""A reproduction's --out reused: its nets and evaluations only when this run would make them alike."""
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_dataset
+
+from verydeep.cli import main
+from verydeep.paper import measure, train_nets
+from verydeep.paper.presets import PRESETS
+
+#: Whole reproductions, if tiny ones (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
+
+def command(data: Path, out: Path, *extra: str) -> list[str]:
+    """``verydeep reproduce`` of net A (and its seed-1 replica) at width 1/16 for one epoch, then ``extra``."""
+    return ["reproduce", "--data", str(data), "--out", str(out), "--nets", "A", "--protocol", "scratch", "--budget",
+            "1", "--width", "0.0625", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress",
+            *extra]
+
+
+def files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def forbid_training_and_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any training or evaluation fail the test: what is reused must not be redone."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained or evaluated again")
+
+    monkeypatch.setattr(train_nets, "train", refuse)
+    monkeypatch.setattr(measure, "evaluate", refuse)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """Two tiny datasets, and a reproduction of the first in an --out."""
+    tmp = tmp_path_factory.mktemp("reuse")
+    data, other = (write_dataset(tmp / name, {"train": 4, "val": 2}, size=(36, 36), ext="jpg")
+                   for name in ("ds", "other"))
+    assert main(command(data, tmp / "out")) == 0
+    return data, other, tmp / "out"
+
+
+@pytest.mark.parametrize(("flag", "value", "change"), [
+    ("--budget", "2", "epochs 1, but this run would use epochs 2"),
+    ("--width", "0.125", "width 0.0625, but this run would use width 0.125"),
+    ("--limit-test", "4", "limit_test None, but this run would use limit_test 4"),
+    ("--data", None, None),  # the other dataset
+])
+def test_a_rerun_with_other_settings_is_refused_in_one_line_and_leaves_out_as_it_was(reproduced, capsys, flag, value,
+                                                                                      change):
+    data, other, out = reproduced
+    if flag == "--data":
+        was, now = str(data.resolve()), str(other.resolve())
+        value, change = str(other), f"data {was!r}, but this run would use data {now!r}"
+    before = files(out)
+    capsys.readouterr()
+    assert main(command(data, out, flag, value)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--out {out}:" in err and f"with {change}; give another --out, or delete" in err
+    assert files(out) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_is_not_there_is_refused_before_the_plots_are_redrawn(reproduced, capsys):
+    data, _, out = reproduced
+    before = files(out)
+    capsys.readouterr()
+    assert main([*command(data, out), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: --device cuda: CUDA is not available on this machine")
+    assert files(out) == before
+
+
+def test_a_rerun_with_the_same_settings_reuses_every_net_and_evaluation(reproduced, tmp_path, monkeypatch):
+    data, _, first = reproduced
+    out = shutil.copytree(first, tmp_path / "out")
+    nets = {name: content for name, content in files(out).items() if name.startswith(("nets", "eval"))}
+    forbid_training_and_evaluation(monkeypatch)
+    assert main([*command(data, out), "--workers", "1"]) == 0  # how a net runs may change
+    assert {name: content for name, content in files(out).items() if name.startswith(("nets", "eval"))} == nets
+
+
+def test_an_interrupted_net_resumes_and_its_stale_evaluation_is_measured_again(reproduced, tmp_path):
+    data, _, first = reproduced
+    out = shutil.copytree(first, tmp_path / "out")
+    (out / "nets" / "A-s1" / "train_summary.json").unlink()  # cut short after its last checkpoint
+    kept = files(out / "nets" / "A")
+    assert main(command(data, out)) == 0
+    assert files(out / "nets" / "A") == kept
+    summary = (out / "nets" / "A-s1" / "train_summary.json").read_bytes()
+    settings = json.loads((out / "eval" / "A-s1" / "settings.json").read_text())
+    assert settings["trained"] == train_nets.hashlib.sha256(summary).hexdigest()[:16]
+    assert (out / "eval" / "A-s1" / "results.json").stat().st_mtime_ns > (out / "nets" / "A-s1" /
+                                                                          "train_summary.json").stat().st_mtime_ns
+
+
+def test_shards_train_into_one_out_and_the_report_reuses_their_nets(reproduced, tmp_path, monkeypatch, capsys):
+    data, _, _ = reproduced
+    out = tmp_path / "out"
+    for part in ("1/2", "2/2"):
+        assert main([*command(data, out), "--shard", part]) == 0
+    assert {p.name for p in (out / "nets").iterdir()} == {"A", "A-s1"}
+    forbid_training_and_evaluation(monkeypatch)
+    assert main(command(data, out)) == 0
+    assert (out / "REPRODUCTION.md").is_file()
+    capsys.readouterr()
+    assert main([*command(data, out), "--shard", "2/2", "--budget", "2"]) == 2  # a shard is checked too
+    assert "net A-s1 was trained with epochs 1" in capsys.readouterr().err
+
+
+def test_demo_reuses_its_net_only_at_the_same_epochs(tmp_path, monkeypatch, capsys):
+    tiny = dict(width=1 / 16, limit_train=40, limit_test=20, batch_size=20, workers=0, fixed_protocols=("dense",))
+    monkeypatch.setitem(PRESETS, "digits", replace(PRESETS["digits"], **tiny))
+    demo = ["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "--no-progress", "--epochs"]
+    assert main([*demo, "1"]) == 0
+    before = files(tmp_path / "demo")
+    capsys.readouterr()
+    assert main([*demo, "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "net A was trained with epochs 1, but this run would use epochs 2" in err
+    assert files(tmp_path / "demo") == before
+    forbid_training_and_evaluation(monkeypatch)
+    assert main([*demo, "1"]) == 0
