@@ -4,7 +4,8 @@ The dense net (Sec. 3.2: FC layers as convolutions) takes images of any size at 
 and returns the class score map, unnormalised: its spatial mean is the image's class scores, as
 dense evaluation averages them. The plain net takes crops of its training size and returns class
 scores. The batch, and the dense net's height and width, are dynamic. ONNX defaults to the dense
-net, TorchScript and ExportedProgram to the plain one.
+net, TorchScript and ExportedProgram to the plain one. A localisation net (Appendix A), whose outputs
+are box coordinates rather than class scores, is refused.
 
 The net's input convention (channel order, value scale, mean and std) and its recipe (classes,
 class names) go into the file: ONNX ``metadata_props``, the extra files of TorchScript and of the
@@ -33,7 +34,7 @@ from verydeep.data import to_input
 from verydeep.errors import UserError
 from verydeep.eval.evaluate import given_weights
 from verydeep.io.atomic import atomic_write
-from verydeep.io.sources import load
+from verydeep.io.sources import CLASSIFY, load
 from verydeep.nn.model import VGG
 from verydeep.options import add_weights, output_file
 
@@ -182,7 +183,7 @@ def export_net(source: str | Path, out: str | Path, fmt: str, dense: bool | None
         require_onnx()
     dense = fmt == "onnx" if dense is None else dense
     out = Path(out)
-    loaded = load(source, weights_dir, purpose="classify")
+    loaded = load(source, weights_dir, purpose=CLASSIFY)
     model, recipe, pre = loaded.model, loaded.recipe, loaded.preprocess
     module = (model.dense() if dense else model).eval()
     inputs = example_inputs(model.input_size, dense, pre)

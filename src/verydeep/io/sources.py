@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess
-from verydeep.io.weights import load_published
+from verydeep.io.weights import load_published, task_name
 from verydeep.nn import configs
 from verydeep.nn.model import VGG
+from verydeep.nn.tasks import Classification
 from verydeep.runtime import prepare
 
 
@@ -39,10 +40,17 @@ def input_convention(recipe: dict[str, Any], data: str | Path | None = None) -> 
     return load_preprocess(data) if data is not None else IMAGENET
 
 
+#: The ``purpose`` of :func:`load` that needs a classifier: a net trained for another task is refused.
+CLASSIFY = "classify"
+
+#: What each 4 outputs of a localisation net are (Appendix A): the box code, in crop sides.
+BOX_CODE = ("centre x", "centre y", "width", "height")
+
+
 @dataclass
 class LoadedNet:
     """A net from :func:`load`: the model (eval mode), its recipe (the run record, or what the weights
-    say), the file format, its input convention (:class:`Preprocess`) and the classes it predicts."""
+    say), the file format, its input convention (:class:`Preprocess`), its task and the classes it knows."""
 
     model: VGG
     recipe: dict[str, Any]
@@ -60,14 +68,31 @@ class LoadedNet:
         return model_name(self.recipe)
 
     @property
+    def task(self) -> str:
+        """``classification``, or Appendix A's ``localisation-scr`` / ``localisation-pcr``."""
+        return task_name(self.recipe)
+
+    @property
     def classes(self) -> list[str]:
-        """The class of each output (synsets for ImageNet nets, folder names for ours)."""
-        return [str(c) for c in self.recipe.get("classes") or range(self.model.num_classes)]
+        """The classes the net was trained on (synsets for ImageNet nets, folder names for ours); a
+        classifier's outputs are theirs, one each."""
+        return [str(c) for c in self.recipe.get("classes") or range(self.recipe["num_classes"])]
 
     @property
     def class_names(self) -> list[str]:
         """Readable names of the classes (the classes themselves where no names are known)."""
         return [str(c) for c in self.recipe.get("class_names") or self.classes]
+
+    @property
+    def output_names(self) -> list[str]:
+        """What each output is: a classifier's class names; a localisation net's box coordinates (their
+        code, standardised by the recipe's ``box_code_mean`` and ``box_code_std`` where it has them),
+        per class for PCR (``"cat: width"``)."""
+        if self.task == Classification.name:
+            return self.class_names
+        if self.task == "localisation-scr":  # one box, whatever the class
+            return list(BOX_CODE)
+        return [f"{name}: {part}" for name in self.class_names for part in BOX_CODE]
 
 
 def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str | Path | None = None,
@@ -76,10 +101,13 @@ def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str
     """The net in ``source`` on ``device``, its weights in ``dtype`` (the autocast dtype it will run under,
     :func:`verydeep.runtime.prepare`) when given. ``data``: the folder whose ``preprocess.json`` a net
     without a convention of its own takes. ``purpose`` (say, "classify"): what the caller needs the FC
-    layers for; weights without them (Keras' ``notop`` files) are then refused in one line."""
+    layers for; weights without them (Keras' ``notop`` files) are then refused in one line, and for
+    :data:`CLASSIFY` so is a net trained for another task (a localisation net's outputs are boxes)."""
     published = load_published(source, weights_dir)
     if purpose is not None:
         published.require_fc_layers(purpose)
+    if purpose == CLASSIFY:
+        published.require_classifier(purpose)
     model = prepare(published.model, torch.device(device), dtype=dtype).eval()
     return LoadedNet(model, published.recipe, published.format, published.source,
                      input_convention(published.recipe, data))

@@ -96,6 +96,34 @@ class Published:
                             "weights with one")
         return self
 
+    def require_classifier(self, purpose: str) -> Published:
+        """This net, or a one-line error when it was trained for another task: its outputs are no class scores."""
+        task = task_name(self.recipe)
+        if task == Classification.name:
+            return self
+        boxes = task.startswith("localisation-")
+        kind, hint = ("a localisation net", "; verydeep localize predict runs it") if boxes else ("a net", "")
+        raise UserError(f"{self.source}: {kind} (task {task}, {outputs_text(self.recipe)}), not a classifier, so it "
+                        f"cannot {purpose}{hint}")
+
+
+def task_name(recipe: dict[str, Any]) -> str:
+    """What a recipe's net was trained for: classification, unless it names Appendix A's
+    ``localisation-scr`` or ``localisation-pcr`` (whose outputs are box coordinates)."""
+    return str(recipe.get("task") or Classification.name)
+
+
+def outputs_text(recipe: dict[str, Any]) -> str:
+    """What FC8's outputs are: a score per class, or box coordinates (one box, or one per class)."""
+    outputs = recipe.get("outputs") or recipe["num_classes"]
+    task = task_name(recipe)
+    if task == Classification.name:
+        return f"{outputs} class scores"
+    if not task.startswith("localisation-"):
+        return f"{outputs} outputs"
+    boxes = "one box" if outputs == 4 else f"a box for each of {recipe['num_classes']} classes"
+    return f"{outputs} outputs: the 4 coordinates of {boxes}"
+
 
 # ---- reading ------------------------------------------------------------------------------------
 
@@ -194,13 +222,14 @@ def convert(source: str | Path, out: str | Path, weights_dir: str | Path | None 
 
 
 def describe(published: Published) -> str:
-    """One line: the net, its sizes and the input it takes."""
+    """One line: the net, its sizes, its task when not classification, and the input it takes."""
     recipe = published.recipe
     pre = Preprocess.from_dict(recipe["preprocess"])
     head = ", random classifier" if recipe.get("head") == "random" else ""
     origin = (recipe.get("source") or {}).get("format", published.format)  # a converted file names its origin
+    task = "" if task_name(recipe) == Classification.name else f", {task_name(recipe)} ({outputs_text(recipe)})"
     return (f"{published.model.name}, width {recipe['width']:g}, crop {recipe['crop']}, {recipe['num_classes']} "
-            f"classes{head}; input {pre.channels} on 0..{pre.value_scale:g} ({origin} weights)")
+            f"classes{head}{task}; input {pre.channels} on 0..{pre.value_scale:g} ({origin} weights)")
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -1,0 +1,34 @@
+"""predict refuses a localisation net (Appendix A), whose outputs are box coordinates, in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import photo, save, write_classifier, write_localiser
+
+from verydeep.cli import main
+from verydeep.io.checkpoint import export_safetensors, load_model
+
+
+@pytest.fixture(scope="module")
+def locrun(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory of a PCR net of 7 classes (28 outputs): its last checkpoint and model.safetensors."""
+    root = tmp_path_factory.mktemp("loc")
+    run = root / "locrun"
+    (run / "checkpoints").mkdir(parents=True)
+    write_localiser(run / "checkpoints" / "last.pt", write_classifier(root / "cls.pt", classes=7))
+    export_safetensors(*load_model(run), run / "model.safetensors")
+    return run
+
+
+@pytest.mark.parametrize("weights", ["", "model.safetensors"])
+@pytest.mark.parametrize("json", [False, True])
+def test_predict_refuses_a_localisation_net_in_one_line(locrun, weights, json, tmp_path, capsys):
+    source = locrun / weights if weights else locrun
+    image = save(photo(40, 36), tmp_path / "img.jpg")
+    assert main(["predict", "--weights", str(source), str(image), "--device", "cpu", *(["--json"] * json)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"{source}: a localisation net (task localisation-pcr, 28 outputs" in err
+    assert "verydeep localize predict" in err
