@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -61,3 +62,14 @@ def test_a_missing_source_is_one_line(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "odd.safetensors")
     with pytest.raises(UserError, match="odd.safetensors"):
         verydeep.load(tmp_path / "odd.safetensors")
+
+
+def test_a_torchscript_program_given_as_weights_is_one_line_and_no_warning(tmp_path):
+    program = tmp_path / "exported.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation, not what is tested
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(program))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's own two-line warning must not reach the terminal
+        with pytest.raises(UserError, match="exported.pt: a TorchScript program .* not weights"):
+            verydeep.load(program)

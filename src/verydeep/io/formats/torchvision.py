@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,17 @@ from verydeep.nn.model import make_trunk, scaled
 def torch_load(path: Path) -> Any:
     """A torch file's tensors, unpickling nothing else; any other file is a one-line error naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a TorchScript archive, in two lines, before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # a pickle that would build other objects or call code
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         reason = f" (it would call {found.group(1)})" if found else ""
         raise UserError(f"{path}: refused: it holds more than tensors; loading it could run code{reason}") from error
     except Exception as error:  # damaged archives
+        if "TorchScript" in str(error):
+            raise UserError(f"{path}: a TorchScript program (as `verydeep export` writes), not weights: give the "
+                            "weights it was exported from") from error
         reason = " ".join(str(error).split()).split(". ")[0][:200]
         raise UserError(f"{path}: not a readable torch file ({type(error).__name__}: {reason})") from error
 
