@@ -24,6 +24,7 @@ rescale, crop, flip) with :func:`to_crop`, and back with :func:`from_crop`; the 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
@@ -90,11 +91,15 @@ def pixel_box(label: str | None, values: Iterable[str], where: str) -> Box:
 
 
 def _text(path: Path) -> str:
-    """The text of a boxes file; a file that is not UTF-8 text is a :class:`UserError` naming it."""
+    """The text of a boxes file, without the byte-order mark some editors write first (else it would join the
+    first line's path); a file that is not UTF-8 text is a :class:`UserError` naming it."""
+    data = path.read_bytes()
+    text = data.removeprefix(codecs.BOM_UTF8)
     try:
-        return path.read_text(encoding="utf-8")
+        return text.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not a text file of boxes (byte {error.start} is not UTF-8)") from None
+        at = error.start + len(data) - len(text)  # counted in the file, mark included
+        raise UserError(f"{path}: not a text file of boxes (byte {at} is not UTF-8)") from None
 
 
 def read_box_text(path: Path) -> BoxTable:

@@ -122,6 +122,18 @@ def test_the_kaggle_solution_file(tmp_path):
     assert boxes == [Box("n01751748", 10, 20, 31, 41, f"{path}:2"), Box("n01751748", 0, 0, 6, 6, f"{path}:2")]
 
 
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_path(tmp_path):
+    text, csv = tmp_path / "boxes.txt", tmp_path / "LOC_val_solution.csv"
+    text.write_bytes(b"\xef\xbb\xbftrain/a/x.png 0 10 63 58\r\ntrain/a/y.png 1 1 2 2\r\n")
+    csv.write_bytes(b"\xef\xbb\xbfImageId,PredictionString\r\nval_1,n01 10 20 30 40\r\n")
+    assert read_boxes(text) == {"train/a/x.png": [Box(None, 0, 10, 64, 59, f"{text}:1")],
+                                "train/a/y.png": [Box(None, 1, 1, 3, 3, f"{text}:2")]}
+    assert read_boxes(csv) == {"val_1": [Box("n01", 10, 20, 31, 41, f"{csv}:2")]}
+    text.write_bytes(b"\xef\xbb\xbftrain/a/x.png 0 10 63 58\ntrain/\xff 1 1 2 2\n")
+    with pytest.raises(UserError, match=f"^{text}: not a text file of boxes \\(byte 34 is not UTF-8\\)$"):
+        read_boxes(text)  # counted from the file's first byte, the mark's included
+
+
 @pytest.mark.parametrize(("name", "text", "message"), [
     ("boxes.txt", "", "holds no boxes"),
     ("boxes.txt", "train/a/x.png 1 2 3\n", r"boxes.txt:1: expected"),
