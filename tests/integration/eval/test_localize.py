@@ -369,7 +369,8 @@ def test_several_nets_pool_their_boxes_and_one_net_keeps_its_output(two_nets, ca
     center = ["localize", "eval", "--data", str(root), "--json", "--checkpoint", str(runs[0])]
     main(center)
     assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {
-        "checkpoint", "head", "images", "boxes", "localisation_error", "whole_image_error", "centre_prior_error"}
+        "checkpoint", "head", "fine_tuned", "images", "boxes", "localisation_error", "whole_image_error",
+        "centre_prior_error"}
     main([*center, "--checkpoint", str(runs[1] / "checkpoints" / "best.pt")])
     several = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert several["checkpoint"] == str(runs[0]) and [net["head"] for net in several["nets"]] == ["pcr", "scr"]
@@ -469,7 +470,7 @@ def test_localize_predict_never_draws_over_an_input_image(boxed, tmp_path, capsy
     before = images[0].read_bytes()
     args = ["localize", "predict", "--checkpoint", str(classifier), "--classifier", str(classifier)]
     assert main([*args, str(images[0]), "--out", str(tmp_path / "a")]) == 2
-    assert "the drawing would overwrite the input image" in capsys.readouterr().err
+    assert "--out is the folder of the input image" in capsys.readouterr().err
     assert main([*args, *map(str, images), "--out", str(tmp_path / "drawn")]) == 2
     assert "would both be drawn as" in capsys.readouterr().err
     assert images[0].read_bytes() == before and not (tmp_path / "drawn").exists()

@@ -19,7 +19,7 @@ from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
 from verydeep.eval.localize.prior import in_frames, mean_relative_box
 from verydeep.eval.localize.scoring import wrong
-from verydeep.eval.localize.task import boxes_source, fixed_scale, task_of
+from verydeep.eval.localize.task import boxes_source, fixed_scale, recipe_file, task_of
 from verydeep.io.rundir import CHECKPOINTS
 from verydeep.io.sources import load
 from verydeep.paper.figures import TABLE_8, BoxRegression
@@ -34,6 +34,7 @@ class CenterResult:
 
     checkpoint: str
     head: str
+    fine_tuned: str  # Table 8's label of the layers fine-tuned: all, fc (FC1-FC2), or "after LAYER"
     images: int
     localisation_error: float
     whole_image_error: float
@@ -48,15 +49,33 @@ def loader(images: LabelledImages, limit: int | None, batch_size: int, workers: 
     return image_loader(images, sharding.shard(batches), workers, collate)
 
 
+def fine_tuned_layers(recipe: dict[str, Any], given: str | None, where: str | Path) -> str:
+    """Table 8's label of the layers a net fine-tuned, as its recipe's ``freeze`` records it (none: ``all``,
+    ``features``: ``fc``, another layer: ``after LAYER``), else ``given`` (default ``all``). A given label that
+    the recipe contradicts, or a ``freeze`` that is not a layer name, is a :class:`UserError` naming ``where``."""
+    if "freeze" not in recipe:  # weights that do not say which layers were trained: the label given
+        return given or "all"
+    frozen = recipe["freeze"]
+    if frozen is not None and not isinstance(frozen, str):
+        raise UserError(f"{where}: recipe freeze must be a layer name or null; got {frozen!r}")
+    recorded = {None: "all", "features": "fc"}.get(frozen, f"after {frozen}")
+    if given is not None and given != recorded:
+        raise UserError(f"--fine-tuned {given}: {where} records freeze {frozen} (fine-tuned: {recorded}); drop "
+                        "--fine-tuned, or give it as the net was trained")
+    return recorded
+
+
 @torch.no_grad()
 def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path | None = None,
                     limit: int | None = None, batch_size: int = 64, device: str = "auto",
-                    workers: int = 0) -> CenterResult:
-    """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop."""
+                    workers: int = 0, fine_tuned: str | None = None) -> CenterResult:
+    """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop; ``fine_tuned``:
+    Table 8's label of the net where its recipe does not say (:func:`fine_tuned_layers`)."""
     dev = runtime.pick_device(device)
     net = load(checkpoint, device=dev)
     model, recipe = net.model, net.recipe
-    task = task_of(recipe, boxes_source(boxes, data, [recipe]))
+    task = task_of(recipe, boxes_source(boxes, data, [recipe]), net.source)
+    layers = fine_tuned_layers(recipe, fine_tuned, recipe_file(net.source))
     transform = CenterCropTransform(fixed_scale(recipe), int(recipe["crop"]))
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
@@ -74,7 +93,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     if not images:
         raise UserError(f"{data}: no readable validation image with a box")
     errors = (100.0 * wrong_counts / images).tolist()
-    return CenterResult(str(checkpoint), task.head, images, *errors)
+    return CenterResult(str(checkpoint), task.head, layers, images, *errors)
 
 
 def net_name(checkpoint: str | Path) -> str:
@@ -89,12 +108,12 @@ def center_json(results: Sequence[CenterResult]) -> dict[str, Any]:
     return {**first, "nets": [result.__dict__ for result in results]} if len(results) > 1 else first
 
 
-def table_8(results: Sequence[CenterResult], fine_tuned: Sequence[str]) -> Any:
+def table_8(results: Sequence[CenterResult]) -> Any:
     """Table 8's layout (protocol 1, error %) with the paper's figures beside each row."""
 
     several, rows = len(results) > 1, []
-    for result, layers in zip(results, fine_tuned, strict=True):
-        label = "FC1-FC2" if layers == "fc" else "all"
+    for result in results:
+        label = "FC1-FC2" if result.fine_tuned == "fc" else result.fine_tuned
         paper = TABLE_8.get(BoxRegression(label, result.head.upper()))
         errors = (result.localisation_error, result.whole_image_error, result.centre_prior_error)
         cells = (*([net_name(result.checkpoint)] if several else []), label, result.head.upper(),

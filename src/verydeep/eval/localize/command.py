@@ -19,9 +19,9 @@ from verydeep.runtime import default_workers, sharding
 from verydeep.train.recipe import add_flags
 
 
-def fine_tuned_labels(given: Sequence[str] | None, nets: int) -> list[str]:
-    """``--fine-tuned`` per net: once for all of them (default ``all``) or once per ``--checkpoint``."""
-    labels = list(given or ["all"])
+def fine_tuned_labels(given: Sequence[str] | None, nets: int) -> list[str | None]:
+    """``--fine-tuned`` per net: once for all of them or once per ``--checkpoint`` (None: not given)."""
+    labels: list[str | None] = list(given or [None])
     if len(labels) == 1:
         return labels * nets
     if len(labels) != nets:
@@ -46,6 +46,9 @@ def eval_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         flag = "--classifier" if args.classifier is not None else "--scales"
         raise UserError(f"{flag} is for --protocol dense (protocol 1 reads the central crop at the training scale, "
                         "for the ground-truth class): drop it, or give --protocol dense")
+    if args.protocol == "dense" and args.fine_tuned:
+        raise UserError("--fine-tuned labels Table 8's rows (--protocol center); Table 9 (dense) has no such "
+                        "column: drop it, or give --protocol center")
     workers = default_workers() if args.workers is None else args.workers
     boxes = eval_boxes(args.boxes, args.data, args.checkpoint)
     if args.protocol == "dense":
@@ -55,8 +58,8 @@ def eval_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     else:
         labels = fine_tuned_labels(args.fine_tuned, len(args.checkpoint))
         results = [evaluate_center(checkpoint, args.data, boxes, args.limit, args.batch_size, args.device,
-                                   workers) for checkpoint in args.checkpoint]
-        payload, text = center_json(results), table_8(results, labels).markdown("###")
+                                   workers, label) for checkpoint, label in zip(args.checkpoint, labels, strict=True)]
+        payload, text = center_json(results), table_8(results).markdown("###")
     return {**payload, "boxes": str(boxes.absolute())}, f"{text}\n\nBoxes: {boxes.absolute()}"
 
 
@@ -87,7 +90,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--protocol", choices=("center", "dense"), default="center")
     e.add_argument("--scales", type=test_scale, nargs="+", help="test scales Q (dense; default the training S)")
     e.add_argument("--fine-tuned", choices=("all", "fc"), action="append",
-                   help="Table 8's label of the net: once for all nets, or once per --checkpoint (default all)")
+                   help="Table 8's label of the layers fine-tuned (protocol center; in the table and the JSON): "
+                        "the net's recipe says it (--freeze features: fc, no --freeze: all), and a label it "
+                        "contradicts is refused; for weights that do not say, once for all nets or once per "
+                        "--checkpoint (default all)")
     e.add_argument("--limit", type=positive_int, help="at most this many validation images, class-balanced")
     e.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per forward pass (dense: images of the same size batched together)")

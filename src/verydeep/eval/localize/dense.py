@@ -85,7 +85,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     qs = list(scales or [fixed_scale(recipe)])
     nets.check_scales(qs)
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
-    task = task_of(recipe, boxes_source(boxes, data, nets.recipes))
+    task = task_of(recipe, boxes_source(boxes, data, nets.recipes), checkpoints[0])
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
     misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES

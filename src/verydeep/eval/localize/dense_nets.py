@@ -164,9 +164,12 @@ class DenseNets:
         published weights such as ``vgg16``), whose classes are matched to the nets' by synset or name."""
         dev = runtime.pick_device(device)
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
-        loaded = [(net.model, net.recipe) for net in (load(checkpoint, device=dev) for checkpoint in paths)]
+        loaded = []
+        for checkpoint in paths:
+            net = load(checkpoint, device=dev)
+            task_of(net.recipe, source=net.source)  # one line naming a net that is not a localisation net, first
+            loaded.append((net.model, net.recipe))
         for checkpoint, (_, recipe) in zip(paths, loaded, strict=True):
-            task_of(recipe)  # a one-line error for a net that is not a localisation net, before the classes
             if list(recipe.get("classes") or []) != list(loaded[0][1].get("classes") or []):
                 raise UserError(f"{checkpoint}: its classes are not those of {paths[0]}")
         published = load(classifier, device=dev)

@@ -13,6 +13,7 @@ from verydeep.data.decode import ImageFile
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import fixed_scale
+from verydeep.options import SPLIT_FOLDERS
 from verydeep.runtime import default_workers
 
 
@@ -51,10 +52,35 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
     return target
 
 
-def run_predict(args: argparse.Namespace) -> None:
-    """``localize predict``: protocol 2's top (class, box) predictions of each image (the union of the nets'
-    boxes), drawn, and one JSON line each."""
-    drawn_at = {}
+def dataset_splits(image: Path) -> list[Path]:
+    """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the dataset ``image`` lies in, when it lies
+    in a class folder of one: a file written in any of them is read as an image of that dataset."""
+    for folder in image.resolve().parents:
+        if folder.parent.name in SPLIT_FOLDERS:
+            root = folder.parent.parent
+            return [root / split for split in SPLIT_FOLDERS if (root / split).is_dir()]
+    return []
+
+
+def refuse_drawing_among_inputs(images: Sequence[str], out: Path) -> None:
+    """``--out`` is the folder of no input image, and in no split of a dataset holding one: the drawings
+    would lie among the images, or be read as a dataset's images. Else a :class:`UserError`."""
+    for image in map(Path, images):
+        if out.resolve() in (image.parent.resolve(), image.resolve().parent):  # the link's folder, or its file's
+            raise UserError(f"{out}: --out is the folder of the input image {image}, where the drawings would lie "
+                            "among the images; give another --out")
+        for split in dataset_splits(image):
+            if out.resolve().is_relative_to(split.resolve()):
+                raise UserError(f"{out}: --out lies in {split}, a split of the dataset of the input image {image}, "
+                                "whose images the drawings would join; write them outside the data")
+
+
+def drawing_targets(args: argparse.Namespace) -> dict[Path, str]:
+    """Each image's drawing, ``OUT/<stem>.png``. ``--out`` among the images (:func:`refuse_drawing_among_inputs`),
+    two images drawn as one file, or a drawing over an input image are a :class:`UserError`. (``--out`` a run
+    directory read, or its ``checkpoints/``, the command line refuses as any output folder's.)"""
+    refuse_drawing_among_inputs(args.images, Path(args.out))
+    drawn_at: dict[Path, str] = {}
     for image in args.images:
         target = Path(args.out) / f"{Path(image).stem}.png"
         if target in drawn_at:
@@ -63,6 +89,13 @@ def run_predict(args: argparse.Namespace) -> None:
         if target.exists() and any(target.samefile(given) for given in args.images if Path(given).exists()):
             raise UserError(f"{target}: the drawing would overwrite the input image; give another --out")
         drawn_at[target] = image
+    return drawn_at
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    """``localize predict``: protocol 2's top (class, box) predictions of each image (the union of the nets'
+    boxes), drawn, and one JSON line each."""
+    for image in drawing_targets(args).values():
         readable_image(image)
     nets = DenseNets.load(args.checkpoint, args.classifier, args.device)
     recipe = nets.recipes[0]

@@ -4,6 +4,7 @@ recipe says of it (its task, its training scale, the boxes it read)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from verydeep.errors import UserError
 from verydeep.eval.localize.prior import relative_boxes
 from verydeep.eval.localize.scoring import wrong
 from verydeep.eval.nets import train_scale
+from verydeep.io.checkpoint import resolve
 from verydeep.io.weights import load_published
 from verydeep.nn.tasks import Task
+from verydeep.runtime.limits import is_finite
 
 #: Heads of Appendix A: single-class and per-class regression.
 HEADS = ("scr", "pcr")
@@ -118,14 +121,57 @@ def fixed_scale(recipe: dict[str, Any]) -> int:
     return train_scale(recipe)[0]
 
 
-def task_of(recipe: dict[str, Any], boxes: str | Path | None = None) -> Localisation:
-    """The localisation task a run was trained with (its recipe's ``task``)."""
+def recipe_file(source: str | Path) -> Path:
+    """The file a net's recipe is read from: a run directory's checkpoint (best, else last), else ``source``."""
+    path = Path(source)
+    return resolve(path) if path.is_dir() else path
+
+
+def recorded_head(recipe: dict[str, Any], where: str | Path) -> str:
+    """The head of a localisation net, from its recipe's ``task``; a recipe of another task, or of no head
+    of Appendix A, is a :class:`UserError` naming ``where`` (the file it was read from) and the key."""
     name = str(recipe.get("task", ""))
     if not name.startswith("localisation-"):
-        raise UserError(f"not a localisation net (its task is {name or 'classification'}): train one with "
-                        "verydeep localize train")
-    return Localisation(name.removeprefix("localisation-"), boxes, recipe.get("box_targets", "raw"),
-                        recipe.get("box_code_mean"), recipe.get("box_code_std"))
+        raise UserError(f"{where}: not a localisation net (its recipe's task is {name or 'classification'}): train "
+                        "one with verydeep localize train")
+    head = name.removeprefix("localisation-")
+    if head not in HEADS:
+        known = " or ".join(f"localisation-{h}" for h in HEADS)
+        raise UserError(f"{where}: recipe task must be {known}; got {recipe['task']!r}")
+    return head
+
+
+def recorded_targets(recipe: dict[str, Any], where: str | Path) -> str:
+    """What a localisation net's FC8 regresses, from its recipe's ``box_targets`` (runs older than it: raw);
+    another value is a :class:`UserError` naming ``where`` and the key."""
+    targets = recipe.get("box_targets", "raw")
+    if not isinstance(targets, str) or targets not in TARGETS:
+        raise UserError(f"{where}: recipe box_targets must be {' or '.join(TARGETS)}; got {targets!r}")
+    return targets
+
+
+def recorded_box_code(recipe: dict[str, Any], where: str | Path) -> tuple[list[float] | None, list[float] | None]:
+    """A localisation net's box code standardisation, from its recipe's ``box_code_mean`` and ``box_code_std``
+    (None where absent): 4 finite numbers each, the deviations above 0; else a :class:`UserError` naming
+    ``where`` and the key."""
+    found = []
+    for key, least in (("box_code_mean", -math.inf), ("box_code_std", 0.0)):
+        value = recipe.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 4 and all(
+                is_finite(v) and v > least for v in value)):
+            bound = "finite numbers" if least == -math.inf else "finite numbers above 0"
+            raise UserError(f"{where}: recipe {key} must be 4 {bound}; got {value!r}")
+        found.append(value)
+    return found[0], found[1]
+
+
+def task_of(recipe: dict[str, Any], boxes: str | Path | None = None,
+            source: str | Path | None = None) -> Localisation:
+    """The localisation task a net was trained with, from its recipe (``task``, ``box_targets``, the box code);
+    ``source``: the net's file or run directory, which an error in the recipe names."""
+    where = "the net" if source is None else recipe_file(source)
+    return Localisation(recorded_head(recipe, where), boxes, recorded_targets(recipe, where),
+                        *recorded_box_code(recipe, where))
 
 
 def boxes_source(boxes: str | Path | None, data: str | Path, recipes: Iterable[dict[str, Any]]) -> Path:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from verydeep import runtime
 from verydeep.errors import UserError
-from verydeep.eval.localize.task import Localisation
+from verydeep.eval.localize.task import Localisation, recorded_box_code, recorded_head, recorded_targets
 from verydeep.train import train
-from verydeep.train.recipe import make_config, settings_from_flags, stored_settings
+from verydeep.train.recipe import make_config, settings_from_flags, stored_settings, stored_settings_file
 
 #: Appendix A's fine-tuning settings, below a recipe's and the flags': configuration D, lr 1e-3.
 PAPER_DEFAULTS = {"config": "D", "lr": 1e-3}
@@ -26,8 +26,9 @@ def run_train(args: argparse.Namespace) -> None:
     settings = {**({} if given.get("resume") else PAPER_DEFAULTS), **settings_from_flags(given)}
     resumed = given["out"] if given.get("resume") and given.get("out") else None
     stored = stored_settings(resumed) if resumed else {}
-    head = getattr(args, "head", None) or str(stored.get("task", "")).removeprefix("localisation-") or "pcr"
-    trained_with = str(stored.get("box_targets", "raw"))  # runs older than --targets regressed the raw code
+    where = stored_settings_file(resumed) if stored else None
+    head = getattr(args, "head", None) or (recorded_head(stored, where) if where else "pcr")
+    trained_with = recorded_targets(stored, where) if where else "raw"  # older runs regressed the raw code
     targets = getattr(args, "targets", None) or (trained_with if resumed else "standardised")
     if resumed and targets != trained_with:
         raise UserError(f"--targets {targets}: {resumed} was trained with {trained_with} targets; "
@@ -35,8 +36,8 @@ def run_train(args: argparse.Namespace) -> None:
     cfg = make_config(settings)
     explicit = set(settings_from_flags(given))  # not PAPER_DEFAULTS: --weights decide what the user left open
     recorded = stored.get("boxes") if stored.get("boxes") and Path(stored["boxes"]).exists() else None
-    task = Localisation(head, getattr(args, "boxes", None) or recorded, targets, stored.get("box_code_mean"),
-                        stored.get("box_code_std"))
+    code = recorded_box_code(stored, where) if where else (None, None)
+    task = Localisation(head, getattr(args, "boxes", None) or recorded, targets, *code)
     summary = train(cfg, task=task, given=explicit)
     if runtime.Processes.from_env().main:
         print(json.dumps(summary.to_dict()))
