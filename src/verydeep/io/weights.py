@@ -170,10 +170,11 @@ def sniff(path: Path) -> str:
         return "keras"
     if head.startswith(b"PK\x03\x04") and is_keras_archive(path):
         return "keras"
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
-        return "torch"
+    # before the pickle's first byte: a header length whose low byte is 0x80 starts with it too
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
         return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
     return "caffe"
 
 

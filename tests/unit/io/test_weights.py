@@ -27,7 +27,7 @@ from verydeep.io.catalogue import NAMES, known_weights
 from verydeep.io.checkpoint import export_safetensors, save_checkpoint
 from verydeep.io.download import download
 from verydeep.io.formats.caffe import caffe_net_class
-from verydeep.io.weights import CAFFE, Published, add_cli, convert, imagenet_classes, load_published
+from verydeep.io.weights import CAFFE, Published, add_cli, convert, imagenet_classes, load_published, sniff
 from verydeep.nn.model import VGG
 from verydeep.options import OneLineParser
 
@@ -214,6 +214,19 @@ def test_a_torchvision_state_dict_in_safetensors_without_our_recipe_is_read_as_t
     save_file({"encoder.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "other.safetensors")
     with pytest.raises(UserError, match="other.safetensors: its tensors are no VGG of Table 1"):
         load_published(tmp_path / "other.safetensors")
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_a_pickles_first_byte_is_safetensors(tmp_path):
+    path = tmp_path / "net.safetensors"
+    model = VGG("A", 3, width=0.0625, input_size=32)
+    recipe = {"config": "A", "width": 0.0625, "crop": 32, "num_classes": 3, "batch_norm": False, "dropout": 0.5}
+    for pad in range(256):  # a header of 0x..80 bytes: its length's first byte is a pickle's
+        export_safetensors(model, {**recipe, "padding": "-" * pad}, path)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80" and sniff(path) == "safetensors"
+    loaded = load_published(path)
+    assert loaded.format == "verydeep" and loaded.recipe["width"] == 0.0625
 
 
 def test_a_net_of_1000_classes_is_named_by_imagenet_synsets(tmp_path):
