@@ -106,6 +106,9 @@ def check_recipe(recipe: Any, path: str | Path) -> dict[str, Any]:
     _check_scale(recipe, path)
     _check_classes(recipe, path)
     _check_box_code(recipe, path)
+    for key in ("boxes", "boxes_data"):  # the files a localisation net was trained on, looked for again
+        if recipe.get(key) is not None and not (isinstance(recipe[key], str) and recipe[key]):
+            raise UserError(f"{path}: recipe {key} must be a file or folder path; got {recipe[key]!r}")
     if recipe.get("preprocess") is not None:
         try:
             Preprocess.from_dict(recipe["preprocess"])

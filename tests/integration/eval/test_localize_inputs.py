@@ -139,3 +139,14 @@ def test_a_classification_run_or_a_bad_box_code_is_named_with_its_file(loc_run, 
                  "--workers", "0", "--device", "cpu", "--no-progress"]) == 2
     assert (f"{run / 'recipe.json'}: recipe box_code_mean must be 4 finite numbers; got ['a', 1]"
             in one_line_error(capsys))
+
+
+def test_a_boxes_path_of_another_kind_in_the_run_record_is_named_on_resume(loc_run, tmp_path, capsys):
+    root, _, loc = loc_run
+    run = Path(shutil.copytree(loc, tmp_path / "run"))
+    record = json.loads((run / "recipe.json").read_text())
+    (run / "recipe.json").write_text(json.dumps({**record, "boxes": 5}))
+    assert main(["localize", "train", "--data", str(root), "--resume", "--out", str(run), "--epochs", "2",
+                 "--workers", "0", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run / 'recipe.json'}: recipe boxes must be a file or folder path; got 5" in err

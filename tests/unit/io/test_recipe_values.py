@@ -54,6 +54,8 @@ def write(tmp_path, model: VGG, recipe: dict, kind: str):
     ("preprocess", {**IMAGENET.to_dict(), "mean": [NAN, 0.5, 0.5]}, r"recipe preprocess: mean\[0\] is nan"),
     ("preprocess", {**IMAGENET.to_dict(), "std": [INF, 1, 1]}, r"recipe preprocess: std\[0\] is inf"),
     ("box_code_std", [0.1, 0.1, 0.0, 0.1], "recipe box_code_std must be 4 finite numbers above 0"),
+    ("boxes", 5, "recipe boxes must be a file or folder path; got 5"),
+    ("boxes_data", ["x"], r"recipe boxes_data must be a file or folder path; got \[.x.\]"),
 ])
 @pytest.mark.parametrize("kind", ["safetensors", "checkpoint"])
 def test_a_bad_recipe_value_is_one_line_naming_file_and_key(tmp_path, model, kind, key, value, said):

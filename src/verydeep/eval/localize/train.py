@@ -10,6 +10,7 @@ from pathlib import Path
 from verydeep import runtime
 from verydeep.errors import UserError
 from verydeep.eval.localize.task import Localisation, recorded_box_code, recorded_head, recorded_targets
+from verydeep.io.checkpoint import check_recipe
 from verydeep.train import train
 from verydeep.train.recipe import make_config, settings_from_flags, stored_settings, stored_settings_file
 
@@ -27,6 +28,8 @@ def run_train(args: argparse.Namespace) -> None:
     resumed = given["out"] if given.get("resume") and given.get("out") else None
     stored = stored_settings(resumed) if resumed else {}
     where = stored_settings_file(resumed) if stored else None
+    if where:
+        check_recipe(stored, where)  # the run record is the checkpoints' recipe: its values are checked alike
     head = getattr(args, "head", None) or (recorded_head(stored, where) if where else "pcr")
     trained_with = recorded_targets(stored, where) if where else "raw"  # older runs regressed the raw code
     targets = getattr(args, "targets", None) or (trained_with if resumed else "standardised")
