@@ -105,7 +105,7 @@ def check_recipe(recipe: Any, path: str | Path) -> dict[str, Any]:
     _check_outputs(recipe, path)
     _check_scale(recipe, path)
     _check_classes(recipe, path)
-    _check_box_code(recipe, path)
+    check_box_code(recipe, path)
     for key in ("boxes", "boxes_data"):  # the files a localisation net was trained on, looked for again
         if recipe.get(key) is not None and not (isinstance(recipe[key], str) and recipe[key]):
             raise UserError(f"{path}: recipe {key} must be a file or folder path; got {recipe[key]!r}")
@@ -151,7 +151,7 @@ def _check_classes(recipe: dict[str, Any], path: str | Path) -> None:
                             f"{str(value)[:100]}")
 
 
-def _check_box_code(recipe: dict[str, Any], path: str | Path) -> None:
+def check_box_code(recipe: dict[str, Any], path: str | Path) -> None:
     """A box regressor's code standardisation (Appendix A), where given: 4 finite means, 4 positive stds."""
     for key, least in (("box_code_mean", -math.inf), ("box_code_std", 0.0)):
         value = recipe.get(key)

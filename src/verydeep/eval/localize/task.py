@@ -4,7 +4,6 @@ recipe says of it (its task, its training scale, the boxes it read)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,9 @@ from verydeep.errors import UserError
 from verydeep.eval.localize.prior import relative_boxes
 from verydeep.eval.localize.scoring import wrong
 from verydeep.eval.nets import train_scale
-from verydeep.io.checkpoint import resolve
+from verydeep.io.checkpoint import check_box_code, resolve
 from verydeep.io.weights import load_published
 from verydeep.nn.tasks import Task
-from verydeep.runtime.limits import is_finite
 
 #: Heads of Appendix A: single-class and per-class regression.
 HEADS = ("scr", "pcr")
@@ -152,17 +150,10 @@ def recorded_targets(recipe: dict[str, Any], where: str | Path) -> str:
 
 def recorded_box_code(recipe: dict[str, Any], where: str | Path) -> tuple[list[float] | None, list[float] | None]:
     """A localisation net's box code standardisation, from its recipe's ``box_code_mean`` and ``box_code_std``
-    (None where absent): 4 finite numbers each, the deviations above 0; else a :class:`UserError` naming
-    ``where`` and the key."""
-    found = []
-    for key, least in (("box_code_mean", -math.inf), ("box_code_std", 0.0)):
-        value = recipe.get(key)
-        if value is not None and not (isinstance(value, list) and len(value) == 4 and all(
-                is_finite(v) and v > least for v in value)):
-            bound = "finite numbers" if least == -math.inf else "finite numbers above 0"
-            raise UserError(f"{where}: recipe {key} must be 4 {bound}; got {value!r}")
-        found.append(value)
-    return found[0], found[1]
+    (None where absent), checked as a checkpoint's recipe is (:func:`~verydeep.io.checkpoint.check_box_code`,
+    a :class:`UserError` naming ``where`` and the key)."""
+    check_box_code(recipe, where)
+    return recipe.get("box_code_mean"), recipe.get("box_code_std")
 
 
 def task_of(recipe: dict[str, Any], boxes: str | Path | None = None,
