@@ -188,3 +188,13 @@ def test_stats_of_images_of_one_colour_say_what_to_do_instead(tmp_path, capsys):
     assert not (tmp_path / "preprocess.json").exists()
     assert main(["data", "stats", str(tmp_path), "--workers", "0", "--mean-only"]) == 0
     assert load_preprocess(tmp_path).mean == pytest.approx((10 / 255, 200 / 255, 30 / 255))
+
+
+def test_statistics_of_the_training_split_are_the_datasets(tmp_path):
+    for name, colour in (("a", (10, 200, 30)), ("b", (200, 10, 30))):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (36, 36), colour).save(tmp_path / "train" / name / f"{i}.png")
+    assert main(["data", "stats", str(tmp_path / "train"), "--workers", "0", "--mean-only"]) == 0
+    assert (tmp_path / "train" / "preprocess.json").is_file()  # where train --data DIR finds it
+    assert load_preprocess(tmp_path).mean == pytest.approx((105 / 255, 105 / 255, 30 / 255))

@@ -209,12 +209,14 @@ def read_preprocess(path: Path) -> Preprocess:
 def load_preprocess(data_dir: str | Path) -> Preprocess:
     """The statistics stored by ``verydeep data stats`` for ``data_dir``, else :data:`IMAGENET`.
 
-    Looks for ``preprocess.json`` in ``data_dir`` and its parent (so a split folder finds its
-    dataset's file); ``data_dir`` may also name the JSON file itself.
+    Looks for ``preprocess.json`` in ``data_dir``, in its ``train/`` (where ``data stats DIR/train`` writes
+    it) and in its parent (so a split folder finds its dataset's file); ``data_dir`` may also name the JSON
+    file itself.
     """
     data_dir = Path(data_dir)
     candidates = [data_dir] if data_dir.suffix == ".json" else [
         data_dir / PREPROCESS_FILE,
+        data_dir / "train" / PREPROCESS_FILE,
         data_dir.parent / PREPROCESS_FILE,
     ]
     for path in candidates:
