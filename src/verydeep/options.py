@@ -204,9 +204,10 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
 
     - an output file that is a file the command reads, given as such or read from weights (a run directory's
       checkpoint, a known name's file in the weights folder);
-    - an output file in a weights folder given as input (a run directory), or an output folder that is that folder
-      or its ``checkpoints/``: its checkpoints, record and exports stay as trained. An output folder of its own
-      there overwrites nothing and is allowed (``eval --weights runs/D --out runs/D/eval``);
+    - an output, file or folder, among the files of a weights folder given as input (a run directory: in it, its
+      ``checkpoints/`` or ``tensorboard/``): its checkpoints, record and exports stay as trained. A folder of
+      its own there overwrites nothing and is allowed (``eval --weights runs/D --out runs/D/eval``, ``export ...
+      runs/D/export/d.onnx``);
     - an output, file or folder, that is a data folder given as input or lies in one: a file there may replace an
       image, a folder becomes a class. The one file a data folder holds besides its images, its statistics
       ``preprocess.json`` at its top (where ``data stats`` writes it), is allowed;
@@ -233,14 +234,14 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
 
 def _refuse_overwriting_what_is_read(out_option: str, out: Path, read: list[tuple[str, Path, Path]],
                                     weights_folders: list[tuple[str, Path]]) -> None:
-    """An output file that is a file read, or lies in a weights folder read, or an output folder that is such a
-    folder or its ``checkpoints/`` (its files would land among the run's own), is a :class:`UserError`."""
+    """An output file that is a file read, or an output (file or folder) among the files of a weights folder read
+    (a run directory: in it, its ``checkpoints/`` or ``tensorboard/``), is a :class:`UserError`."""
+    place = out.resolve().parent if isinstance(out, OutputFile) else out.resolve()
     for given, folder in weights_folders:
-        among_the_runs = out.resolve() in (folder.resolve(), RunDir(folder).checkpoints.resolve())
-        if _contains(folder, out) and (isinstance(out, OutputFile) or among_the_runs):
-            elsewhere = "elsewhere" if isinstance(out, OutputFile) else "elsewhere (a folder of its own there will do)"
+        root, *made = (own.resolve() for own in RunDir(folder).own_folders)
+        if place == root or any(place.is_relative_to(own) for own in made):
             raise UserError(f"{out}: {out_option} lies in {folder}, the run directory of {given}, which this "
-                            f"command reads; write it {elsewhere}")
+                            "command reads; write it elsewhere (a folder of its own there will do)")
     for option, given, file in read if out.is_file() else []:
         if out.samefile(file):
             reads = "" if file == given else " reads it"

@@ -7,6 +7,7 @@
     RUN/checkpoints/last.pt    the newest state, for exact resume
     RUN/checkpoints/best.pt    the best epoch's state
     RUN/checkpoints/epoch-0007.pt  each epoch's state (the newest few kept)
+    RUN/tensorboard/           the metrics as TensorBoard scalars (train --tensorboard)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
 CURVES = "curves.png"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
 LAST = "last.pt"
 BEST = "best.pt"
 EPOCH = "epoch-{:04d}.pt"
@@ -34,13 +36,15 @@ class RunDir:
     model: Path
     curves: Path
     checkpoints: Path
+    tensorboard: Path
     last: Path
     best: Path
 
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
         paths = {"root": root, "record": root / RECORD, "metrics": root / METRICS, "model": root / MODEL,
-                 "curves": root / CURVES, "checkpoints": root / CHECKPOINTS, "last": root / CHECKPOINTS / LAST,
+                 "curves": root / CURVES, "checkpoints": root / CHECKPOINTS, "tensorboard": root / TENSORBOARD,
+                 "last": root / CHECKPOINTS / LAST,
                  "best": root / CHECKPOINTS / BEST}
         for name, path in paths.items():
             object.__setattr__(self, name, path)
@@ -48,6 +52,11 @@ class RunDir:
     def epoch(self, epoch: int) -> Path:
         """The checkpoint of the end of ``epoch``."""
         return self.checkpoints / EPOCH.format(epoch)
+
+    @property
+    def own_folders(self) -> tuple[Path, ...]:
+        """The folders that hold the run's own files: the run directory itself and those it makes."""
+        return self.root, self.checkpoints, self.tensorboard
 
     @property
     def run_files(self) -> tuple[Path, ...]:

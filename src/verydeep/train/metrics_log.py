@@ -48,7 +48,7 @@ class MetricsLog:
     def open(self, step: int) -> None:
         """Start logging at global step ``step`` (0, or where a resumed run continues)."""
         if self.main and self.tensorboard:
-            self.writer = tensorboard_writer(self.path.parent / "tensorboard", step + 1 if step else None)
+            self.writer = tensorboard_writer(RunDir(self.path.parent).tensorboard, step + 1 if step else None)
 
     def append(self, **values: Any) -> None:
         if not self.main:

@@ -88,6 +88,9 @@ def test_an_output_folder_in_the_run_directory_read_is_allowed(run, images, tmp_
         refused(["eval", "--weights", str(run), "--data", str(images), "--out", str(among_the_runs)], capsys,
                 f"--out lies in {run}, the run directory of --weights {run}", "a folder of its own there will do")
     allowed(["export", "--weights", str(run), "--format", "onnx", str(tmp_path / "net.onnx")])
+    allowed(["export", "--weights", str(run), "--format", "onnx", str(run / "export" / "net.onnx")])  # its own
+    refused(["export", "--weights", str(run), "--format", "onnx", str(run / "tensorboard" / "net.onnx")], capsys,
+            f"OUT lies in {run}, the run directory of --weights {run}")
 
 
 # ---- data -----------------------------------------------------------------------------------------
