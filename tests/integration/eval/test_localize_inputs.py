@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny, write_dataset
 
+from verydeep import runtime
 from verydeep.cli import main
 from verydeep.errors import UserError
 from verydeep.eval.localize.center import CenterResult, fine_tuned_layers, table_8
@@ -150,3 +151,20 @@ def test_a_boxes_path_of_another_kind_in_the_run_record_is_named_on_resume(loc_r
                  "--workers", "0", "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{run / 'recipe.json'}: recipe boxes must be a file or folder path; got 5" in err
+
+
+def test_localize_eval_shows_its_progress_unless_told_not_to(loc_run, monkeypatch):
+    root, classifier, loc = loc_run
+    bars, bar = [], runtime.progress_bar
+
+    def watched(total: int | None = None, enabled: bool = True, **options: object):
+        bars.append((total, enabled, options["unit"]))
+        return bar(total, enabled, **options)
+
+    monkeypatch.setattr(runtime, "progress_bar", watched)
+    for flags in ([], ["--no-progress"]):
+        evaluate = ["localize", "eval", "--checkpoint", str(loc), "--data", str(root), "--batch-size", "4",
+                    "--workers", "0", "--device", "cpu", *flags]
+        assert main(evaluate) == 0
+        assert main([*evaluate, "--protocol", "dense", "--classifier", str(classifier)]) == 0
+    assert bars == [(2, True, "batch"), (8, True, "img"), (2, False, "batch"), (8, False, "img")]  # 8 val images

@@ -68,9 +68,10 @@ def fine_tuned_layers(recipe: dict[str, Any], given: str | None, where: str | Pa
 @torch.no_grad()
 def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path | None = None,
                     limit: int | None = None, batch_size: int = 64, device: str = "auto",
-                    workers: int = 0, fine_tuned: str | None = None) -> CenterResult:
+                    workers: int = 0, fine_tuned: str | None = None, progress: bool = True) -> CenterResult:
     """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop; ``fine_tuned``:
-    Table 8's label of the net where its recipe does not say (:func:`fine_tuned_layers`)."""
+    Table 8's label of the net where its recipe does not say (:func:`fine_tuned_layers`); ``progress``: a
+    bar over the batches (the first process's)."""
     dev = runtime.pick_device(device)
     net = load(checkpoint, device=dev)
     model, recipe = net.model, net.recipe
@@ -80,14 +81,19 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
     wrong_counts, images = torch.zeros(3), 0
-    for batch in loader(val_set, limit, batch_size, workers):
-        if not len(batch.images):
-            continue
-        side = batch.images.shape[-1]
-        outputs = model(to_input(batch.images.to(dev), pre)).float().cpu()
-        guesses = [decode(task.predicted(outputs, batch.labels), side), batch.frames, in_frames(prior, batch.frames)]
-        wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
-        images += len(batch.images)
+    batches = loader(val_set, limit, batch_size, workers)
+    with runtime.progress_bar(len(batches), progress and runtime.Processes.from_env().main,
+                              desc=f"localize {net_name(checkpoint)}", unit="batch") as bar:
+        for batch in batches:
+            bar.update()
+            if not len(batch.images):
+                continue
+            side = batch.images.shape[-1]
+            outputs = model(to_input(batch.images.to(dev), pre)).float().cpu()
+            guesses = [decode(task.predicted(outputs, batch.labels), side), batch.frames,
+                       in_frames(prior, batch.frames)]
+            wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
+            images += len(batch.images)
     *summed, total = sharding.total(torch.tensor([*wrong_counts.tolist(), images], dtype=torch.float64)).tolist()
     wrong_counts, images = torch.tensor(summed), int(total)
     if not images:

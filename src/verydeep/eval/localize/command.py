@@ -53,12 +53,13 @@ def eval_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     boxes = eval_boxes(args.boxes, args.data, args.checkpoint)
     if args.protocol == "dense":
         result = evaluate_dense(args.checkpoint, args.classifier, args.data, boxes, args.scales, args.limit,
-                                args.device, args.batch_size, workers)
+                                args.device, args.batch_size, workers, args.progress)
         payload, text = result.to_dict(), table_9(result).markdown("###")
     else:
         labels = fine_tuned_labels(args.fine_tuned, len(args.checkpoint))
         results = [evaluate_center(checkpoint, args.data, boxes, args.limit, args.batch_size, args.device,
-                                   workers, label) for checkpoint, label in zip(args.checkpoint, labels, strict=True)]
+                                   workers, label, args.progress)
+                   for checkpoint, label in zip(args.checkpoint, labels, strict=True)]
         payload, text = center_json(results), table_8(results).markdown("###")
     return {**payload, "boxes": str(boxes.absolute())}, f"{text}\n\nBoxes: {boxes.absolute()}"
 
@@ -102,6 +103,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (localisation_error, whole_image_error, "
                         "centre_prior_error, ...)")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     e.set_defaults(func=run_eval)
     r = actions.add_parser("predict", help="draw protocol 2's top (class, box) predictions of images")
     r.add_argument("images", nargs="+", help="image files")

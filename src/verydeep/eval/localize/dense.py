@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from verydeep import runtime
 from verydeep.data import CenterCropTransform, balanced_subset
 from verydeep.errors import UserError
 from verydeep.eval.localize.center import net_name
@@ -74,9 +75,10 @@ def image_misses(output: DenseOutput, truth: Sequence[tuple[int, Tensor]], prior
 
 def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: str | Path | None, data: str | Path,
                    boxes: str | Path | None = None, scales: Sequence[int] | None = None, limit: int | None = None,
-                   device: str = "auto", batch_size: int = 64, workers: int = 0) -> DenseResult:
+                   device: str = "auto", batch_size: int = 64, workers: int = 0, progress: bool = True) -> DenseResult:
     """Protocol 2 on the validation split of ``data``, the union of the nets' boxes (scales Q default to
-    the first net's training S), the images read by ``workers`` processes."""
+    the first net's training S), the images read by ``workers`` processes; ``progress``: a bar over the
+    images (the first process's)."""
     if classifier is None:
         raise UserError("--protocol dense ranks the boxes by a classification net's scores: give --classifier RUN")
     checkpoints = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
@@ -89,13 +91,17 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
     misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
-    for start in sharding.shard(range(0, len(indices), window)):
-        chosen = [val_set.samples[i] for i in indices[start:start + window]]
-        outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size, workers=workers)
-        for (path, label), output in zip(chosen, outputs, strict=True):
-            truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
-                     for b in val_set.transform.boxes[str(path)]]
-            misses += image_misses(output, truth, prior)
+    starts = sharding.shard(range(0, len(indices), window))
+    with runtime.progress_bar(sum(len(indices[start:start + window]) for start in starts),
+                              progress and runtime.Processes.from_env().main, desc="localize dense", unit="img") as bar:
+        for start in starts:
+            chosen = [val_set.samples[i] for i in indices[start:start + window]]
+            outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size, workers=workers)
+            for (path, label), output in zip(chosen, outputs, strict=True):
+                truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
+                         for b in val_set.transform.boxes[str(path)]]
+                misses += image_misses(output, truth, prior)
+            bar.update(len(chosen))
     misses = sharding.total(misses)
     if not indices:
         raise UserError(f"{data}: no validation image with a box to evaluate")
