@@ -220,7 +220,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="run the nets through torch.compile: faster on a GPU once compiled (each net's first batch of "
                         "crops and its first two sizes of whole image compile); scores equal up to rounding")
     p.add_argument("--limit", type=positive_int, default=None,
-                   help="evaluate only N images (class-balanced, deterministic)")
+                   help="evaluate at most N images (a class-balanced, deterministic subset)")
     p.add_argument("--out", type=output_dir, default=None,
                    help="write results.json, results.md and posteriors.npz in this folder")
     p.add_argument("--over-data-classes", action="store_true",

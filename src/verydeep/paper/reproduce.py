@@ -119,8 +119,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                                                 "(under --protocol paper their parents are trained too)")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--limit-train", type=positive_int, default=None,
-                   help="train on a class-balanced subset of N images")
-    p.add_argument("--limit-test", type=positive_int, default=None, help="test on a class-balanced subset of N images")
+                   help="train on at most N images, a class-balanced subset")
+    p.add_argument("--limit-test", type=positive_int, default=None,
+                   help="test on at most N images, a class-balanced subset")
     add_workers(p)
     add_device(p)
     p.add_argument("--no-progress", action="store_true")

@@ -166,9 +166,9 @@ class TrainConfig:
                               check=below(1.0, "the paper's 0.1 shifts colours by a tenth of their spread"))
     preprocess: Preprocess | None = option(None, "preprocess.json with mean/std/eigen (default: beside --data, "
                                                  "else ImageNet's)", "images", parse=parse_preprocess)
-    limit_train: int | None = option(None, "use a class-balanced subset of this many training images", "images",
+    limit_train: int | None = option(None, "train on at most this many images, a class-balanced subset", "images",
                                      minimum=1, parse=int)
-    limit_val: int | None = option(None, "use a class-balanced subset of this many validation images", "images",
+    limit_val: int | None = option(None, "validate on at most this many images, a class-balanced subset", "images",
                                    minimum=1, parse=int)
     val_split: int | None = option(None, "validate on this many training images, held out class-balanced (chosen "
                                          "by --seed) and not trained on, instead of val/: the test images then "
