@@ -21,6 +21,7 @@ from verydeep.data import (
     compute_stats,
     load_preprocess,
 )
+from verydeep.errors import UserError
 
 
 def jpeg_bytes(w: int = 64, h: int = 48) -> bytes:
@@ -198,3 +199,23 @@ def test_statistics_of_the_training_split_are_the_datasets(tmp_path):
     assert main(["data", "stats", str(tmp_path / "train"), "--workers", "0", "--mean-only"]) == 0
     assert (tmp_path / "train" / "preprocess.json").is_file()  # where train --data DIR finds it
     assert load_preprocess(tmp_path).mean == pytest.approx((105 / 255, 105 / 255, 30 / 255))
+
+
+def test_a_link_back_into_the_data_is_refused_naming_it_and_other_links_are_followed(tmp_path, capsys):
+    for name in ("cat", "dog", "more dogs"):
+        (tmp_path / "store" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (36, 36), (10 * i, 200, 30)).save(tmp_path / "store" / name / f"{i}.png")
+    train = tmp_path / "data" / "train"
+    train.mkdir(parents=True)
+    for name in ("cat", "dog"):  # class folders linked in from elsewhere, as a subset is often made
+        (train / name).symlink_to(tmp_path / "store" / name)
+    (tmp_path / "store" / "dog" / "more").symlink_to(tmp_path / "store" / "more dogs")  # and a subfolder
+    dataset = ImageFolder(train, RescaleTransform(8))
+    assert sorted(dataset.targets) == [0, 0, 1, 1, 1, 1]
+    (tmp_path / "store" / "cat" / "loop").symlink_to(tmp_path / "store")  # cat/loop/dog/... would be cats, forever
+    with pytest.raises(UserError, match=f"{train / 'cat' / 'loop'}: a link to {tmp_path / 'store'}, which this walk"):
+        ImageFolder(train, RescaleTransform(8))
+    assert main(["data", "stats", str(tmp_path / "data"), "--workers", "0", "--mean-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(its images would be counted twice); remove the link" in err

@@ -79,12 +79,24 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = []
+def _walk(folder: Path) -> Iterator[tuple[Path, list[str]]]:
+    """``(folder, its file names)`` for ``folder`` and every folder below it, links followed, hidden ones
+    left out, in sorted order. A linked folder that leads back to one above it or to one walked already is
+    a :class:`UserError` naming the link: its images would be counted again, under this folder's class."""
+    walked = {folder.resolve()}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image(Path(f)))
-    return found
+        for name in dirnames:
+            real = (Path(dirpath) / name).resolve()
+            if real in walked or any(real in seen.parents for seen in walked):
+                raise UserError(f"{Path(dirpath) / name}: a link to {real}, which this walk of {folder} reads already "
+                                "(its images would be counted twice); remove the link")
+            walked.add(real)
+        yield Path(dirpath), sorted(filenames)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return [path / f for path, filenames in _walk(folder) for f in filenames if is_image(Path(f))]
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -107,11 +119,7 @@ def read_class_names(folder: Path, files: Sequence[str] = NAME_FILES) -> dict[st
 
 
 def _has_images(folder: Path) -> bool:
-    for _dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(is_image(Path(f)) for f in filenames):
-            return True
-    return False
+    return any(is_image(Path(f)) for _path, filenames in _walk(folder) for f in filenames)
 
 
 def require_folder(path: Path, what: str = "data folder") -> Path:
