@@ -16,6 +16,18 @@ from verydeep.errors import UserError
 TEMP_PATTERN = ".*.tmp"
 
 
+def _read_umask() -> int:
+    """This process's umask, read by setting it and back: once, at import, before any thread could create
+    a file in between."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: The umask, which gives an atomically written file the permissions a plain ``open`` would.
+UMASK = _read_umask()
+
+
 def atomic_write(path: str | Path, write: Any) -> Path:
     """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers never see half a file.
 
@@ -30,6 +42,7 @@ def atomic_write(path: str | Path, write: Any) -> Path:
         raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from those a plain open lets read
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

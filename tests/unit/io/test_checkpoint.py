@@ -1,11 +1,14 @@
 """Checkpoints: atomic writes, safe loading, recipe round trip."""
 
+import stat
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from verydeep.errors import UserError
+from verydeep.io.atomic import UMASK, atomic_write
 from verydeep.io.checkpoint import (
     export_safetensors,
     load_checkpoint,
@@ -59,3 +62,10 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     assert not caught  # torch's own two-line warning would come before the one-line error
     with pytest.raises(FileNotFoundError, match="no checkpoints/best.pt"):
         load_checkpoint(tmp_path)
+
+
+def test_an_atomic_write_has_the_permissions_a_plain_open_gives(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = atomic_write(tmp_path / "atomic.txt", lambda tmp: Path(tmp).write_text("x"))
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~UMASK
