@@ -126,6 +126,13 @@ def checked_image(path: Path, name: str) -> tuple[int, int]:
                                 "may have")
             img.load()  # the whole image decodes: a truncated file is refused here
             size = displayed_size(img)
+    except UserError:
+        raise  # a UserError is a ValueError, one of DECODE_ERRORS: its own line, not "unreadable image (...)"
+    except Image.DecompressionBombError as error:  # over Pillow's own limit (far above ours) in Image.open
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        count = f"{int(pixels.group(1)) / 1e6:g} M" if pixels else "too many"
+        raise UserError(f"{name}: {count} pixels, more than the {MAX_UPLOAD_PIXELS / 1e6:g} M pixels an upload "
+                        "may have") from None
     except DECODE_ERRORS as error:
         raise UserError(unreadable(name, error)) from None
     return size
@@ -342,6 +349,7 @@ async def read_upload(request: Any, folder: Path) -> tuple[Path, str, dict[str, 
     """The uploaded image saved in ``folder``, its name as given (without folders), and the form's text fields;
     a missing, oversized or malformed upload is a :class:`UserError`."""
     from python_multipart.exceptions import MultipartParseError
+    from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
     from starlette.requests import Request
 
@@ -356,6 +364,8 @@ async def read_upload(request: Any, folder: Path) -> tuple[Path, str, dict[str, 
         form = await bounded.form(max_files=1, max_fields=len(FIELDS), max_part_size=FORM_SLACK)
     except (MultiPartException, MultipartParseError) as error:
         raise UserError(f"a malformed multipart form ({error})") from None
+    except HTTPException as error:  # Starlette turns a MultiPartException into a 400 HTTPException itself
+        raise UserError(f"a malformed multipart form ({error.detail})") from None
     image = form.get("image")
     if image is None or isinstance(image, str):
         raise UserError("give the image as a file in the multipart field 'image'")
@@ -374,8 +384,9 @@ def build_app(looker: Looker) -> Any:
     ``POST /api/look`` and ``GET /api/examples/N``."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.responses import FileResponse, JSONResponse
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
@@ -413,7 +424,18 @@ def build_app(looker: Looker) -> Any:
         Route("/api/examples/{index:int}", example),
         Mount("/static", StaticFiles(directory=static)),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
+    async def http_error(request: Any, error: Any) -> Any:
+        """Starlette's own errors (a form it could not parse, an unknown route, a wrong method): under ``/api/``
+        the API's ``{"error": ONE LINE}`` with the same status, elsewhere Starlette's plain text."""
+        if error.status_code in (204, 304):
+            return Response(status_code=error.status_code, headers=error.headers)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": one_line(str(error.detail))}, status_code=error.status_code,
+                                headers=error.headers)
+        return PlainTextResponse(error.detail, status_code=error.status_code, headers=error.headers)
+
+    return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],
+                     exception_handlers={HTTPException: http_error})
 
 
 def listening(host: str, port: int) -> socket.socket:

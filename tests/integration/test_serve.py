@@ -156,9 +156,17 @@ def bad_uploads(image: Path) -> list[tuple[dict, dict, str]]:
         ({"image": ("x.jpg", whole)}, {"scales": "16"}, "--scales [16] smaller than the crop 32"),
         ({"image": ("x.jpg", whole)}, {"protocol": "centre"}, "protocol: one of dense, multicrop, dense+multicrop"),
         ({"image": ("x.jpg", whole)}, {"net": "2"}, "net: expected an integer from 0 to 1; got '2'"),
+        # the UserError's own line, not "unreadable image (UserError: ...)"; over Pillow's limit too
+        ({"image": ("huge.png", huge_png(10000, 10000))}, {}, "huge.png: 10000x10000 pixels, more than the 50 M"),
+        ({"image": ("bomb.png", huge_png(20000, 20000))}, {}, "bomb.png: 400 M pixels, more than the 50 M"),
+        # what Starlette's form parser refuses (it raises an HTTPException of its own)
+        ([("image", ("x.jpg", whole)), ("image", ("y.jpg", whole))], {}, "Too many files"),
+        ({"image": ("x.jpg", whole)}, {f"f{i}": "1" for i in range(6)}, "Too many fields"),
+        ({"image": ("x.jpg", whole)}, {"topk": "1" * 2 * 2**20}, "Part exceeded maximum size"),
     ]
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # huge.png: over Pillow's warning size
 def test_a_bad_upload_is_http_400_with_one_line_and_the_server_carries_on(client, image):
     for files, fields, reason in bad_uploads(image):
         for url in ("/api/predict", "/api/look"):
@@ -166,6 +174,12 @@ def test_a_bad_upload_is_http_400_with_one_line_and_the_server_carries_on(client
             assert response.status_code == 400, (url, reason, response.text)
             error = response.json()["error"]
             assert reason in error and "\n" not in error and "verydeep-serve-" not in error, (reason, error)
+            assert "unreadable" not in error or "unreadable" in reason, error
+    garbage = {"content-type": "multipart/form-data; boundary=xx"}
+    for body in (b"garbage", b"--xx\r\nno headers end here"):
+        response = client.post("/api/look", content=body, headers=garbage)
+        assert response.status_code == 400 and response.headers["content-type"] == "application/json", response.text
+        assert response.json()["error"].startswith("a malformed multipart form"), response.text
     form = {"content-type": "application/x-www-form-urlencoded"}
     response = client.post("/api/predict", content=b"image=1", headers=form)
     assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]
@@ -182,6 +196,14 @@ def test_the_page_describes_the_nets_offers_examples_and_fetches_nothing_elsewhe
     assert info["examples"] == ["cat.png", "dog.png"]  # one per class folder
     assert client.get("/api/examples/1").content[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get("/api/examples/2").status_code == 404
+    # Starlette's own errors under /api/ are the API's JSON, with their status; elsewhere plain text
+    for method, url, status in (("GET", "/api/nothing", 404), ("GET", "/api/look", 405), ("GET", "/nothing", 404)):
+        response = client.request(method, url)
+        assert response.status_code == status, (url, response.text)
+        if url.startswith("/api/"):
+            assert response.json() == {"error": "Not Found" if status == 404 else "Method Not Allowed"}
+        else:
+            assert response.text == "Not Found"
     page = client.get("/")
     policy = page.headers["content-security-policy"]
     assert "default-src 'self'" in policy and "script-src 'self'" in policy  # the browser loads nothing else
