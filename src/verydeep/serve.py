@@ -26,6 +26,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,21 +112,26 @@ def parse_ask(fields: dict[str, str], nets: int) -> Ask:
     return Ask(number("topk", 5, 1, MAX_TOPK), scales, protocol, number("net", 0, 0, nets - 1))
 
 
+def _checked_size(path: Path, name: str) -> tuple[int, int]:
+    """The displayed (w, h) of the image at ``path`` when it has at most :data:`MAX_UPLOAD_PIXELS` and decodes."""
+    with Image.open(path) as img:
+        w, h = img.size  # from the header; reading a PNG's EXIF (for the displayed size) decodes it all
+        if w * h > MAX_UPLOAD_PIXELS:
+            raise UserError(f"{name}: {w}x{h} pixels, more than the {MAX_UPLOAD_PIXELS / 1e6:g} M pixels an upload "
+                            "may have")
+        img.load()  # the whole image decodes: a truncated file is refused here
+        return displayed_size(img)
+
+
 def checked_image(path: Path, name: str) -> tuple[int, int]:
     """The displayed (w, h) of an uploaded image that decodes whole and has at most :data:`MAX_UPLOAD_PIXELS`;
     otherwise a :class:`UserError` naming the upload ``name``."""
-
-
     if path.stat().st_size == 0:
         raise UserError(f"{name}: an empty file, not an image")
     try:
-        with Image.open(path) as img:
-            w, h = img.size  # from the header; reading a PNG's EXIF (for the displayed size) decodes it all
-            if w * h > MAX_UPLOAD_PIXELS:
-                raise UserError(f"{name}: {w}x{h} pixels, more than the {MAX_UPLOAD_PIXELS / 1e6:g} M pixels an upload "
-                                "may have")
-            img.load()  # the whole image decodes: a truncated file is refused here
-            size = displayed_size(img)
+        with warnings.catch_warnings():  # Pillow's warning of a large image: one over our limit is refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            size = _checked_size(path, name)
     except UserError:
         raise  # a UserError is a ValueError, one of DECODE_ERRORS: its own line, not "unreadable image (...)"
     except Image.DecompressionBombError as error:  # over Pillow's own limit (far above ours) in Image.open

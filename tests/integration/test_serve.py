@@ -166,7 +166,7 @@ def bad_uploads(image: Path) -> list[tuple[dict, dict, str]]:
     ]
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # huge.png: over Pillow's warning size
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # huge.png: refused without Pillow's warning
 def test_a_bad_upload_is_http_400_with_one_line_and_the_server_carries_on(client, image):
     for files, fields, reason in bad_uploads(image):
         for url in ("/api/predict", "/api/look"):
