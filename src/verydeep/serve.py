@@ -241,16 +241,16 @@ class Looker:
 
     def predict(self, path: Path, name: str, ask: Ask) -> dict[str, Any]:
         """``POST /api/predict``: the object ``verydeep predict --json`` prints, for net ``ask.net``."""
-        checked_image(path, name)
-        with self.lock:
+        with self.lock:  # one image decoded at a time too: a decoded upload may take 200 MB
+            checked_image(path, name)
             return self.classify(self.nets[ask.net], path, name, ask)[0].to_dict()
 
     def look(self, path: Path, name: str, ask: Ask) -> dict[str, Any]:
         """``POST /api/look``, what the page shows: each net's classes, time and saliency map, their fusion,
         the boxes, the preview they are drawn over, and the time taken."""
         start = time.perf_counter()
-        size = checked_image(path, name)
-        with self.lock:
+        with self.lock:  # one image decoded at a time too: a decoded upload may take 200 MB
+            size = checked_image(path, name)
             nets, posteriors = [], []
             for net in self.nets:
                 began = time.perf_counter()
@@ -395,7 +395,6 @@ def build_app(looker: Looker) -> Any:
     from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
-
 
     static = Path(__file__).with_name("static")
 

@@ -25,10 +25,11 @@ from PIL import Image
 pytest.importorskip("starlette", reason="verydeep serve needs the app extra: pip install 'verydeep[app]'")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (the dev extra)")
 
+from verydeep import serve  # noqa: E402
 from verydeep.cli import main  # noqa: E402
 from verydeep.eval.nets import load_nets  # noqa: E402
 from verydeep.eval.predict import load_image, saliency_map  # noqa: E402
-from verydeep.serve import MAX_UPLOAD_BYTES, load_looker  # noqa: E402
+from verydeep.serve import MAX_UPLOAD_BYTES, Ask, load_looker  # noqa: E402
 
 SAMPLES = SHARED / "imagenet-samples"
 #: How much the server's resident memory may grow between the 40th and the 200th request.
@@ -184,6 +185,20 @@ def test_a_bad_upload_is_http_400_with_one_line_and_the_server_carries_on(client
     response = client.post("/api/predict", content=b"image=1", headers=form)
     assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]
     assert post(client, image).status_code == 200
+
+
+def test_uploads_are_decoded_one_at_a_time_as_the_nets_run(nets, image, monkeypatch):
+    looker = load_looker([str(nets[0])], [], "cpu", "auto")
+    decoded_holding_the_lock, checked_image = [], serve.checked_image
+
+    def watched(path: Path, name: str) -> tuple[int, int]:
+        decoded_holding_the_lock.append(looker.lock.locked())  # else 40 threads could each hold a 200 MB image
+        return checked_image(path, name)
+
+    monkeypatch.setattr(serve, "checked_image", watched)
+    looker.predict(image, "x.png", Ask(topk=1))
+    looker.look(image, "x.png", Ask(topk=1))
+    assert decoded_holding_the_lock == [True, True]
 
 
 def test_the_page_describes_the_nets_offers_examples_and_fetches_nothing_elsewhere(client, nets):
