@@ -31,6 +31,8 @@ checksums in :mod:`verydeep.io.catalogue`, the weights folder and downloading in
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,20 +145,37 @@ def load_published(source: str | Path, weights_dir: str | Path | None = None) ->
         if path.suffix != ".safetensors":
             raise UserError(f"{path}: a safetensors file; verydeep reads them under a .safetensors name")
         if "recipe" not in safetensors_metadata(path):  # a state dict saved by others: torchvision's layout
-            return _publish(state_dict(read_safetensors(path), path), path, "torchvision")
+            with foreign(path, "torchvision safetensors"):
+                return _publish(state_dict(read_safetensors(path), path), path, "torchvision")
         return _ours(path, *load_weights(path))
     if kind == "folder":
         return _ours(path, *load_weights(path))
     if kind == "keras":
-        weights, head = read_keras(path)
-        return _publish(weights, path, "keras", head)
+        with foreign(path, "Keras weights"):
+            weights, head = read_keras(path)
+            return _publish(weights, path, "keras", head)
     if kind == "caffe":
-        return _publish(read_caffe(path), path, "caffe")
+        with foreign(path, "Caffe model"):
+            return _publish(read_caffe(path), path, "caffe")
     state = torch_load(path)
     if isinstance(state, dict) and "model" in state and "recipe" in state:  # our checkpoint
         state = check_checkpoint(state, path)
         return _ours(path, state["model"], state["recipe"])
-    return _publish(state_dict(state, path), path, "torchvision")
+    with foreign(path, "torchvision"):
+        return _publish(state_dict(state, path), path, "torchvision")
+
+
+@contextmanager
+def foreign(path: Path, fmt: str) -> Iterator[None]:
+    """Reading a file others wrote: the readers check what they know to check, and whatever a malformed file
+    still trips (a shape that makes no sense, a size too large to allocate) is a one-line error naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, MemoryError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"{path}: not a readable {fmt} file ({type(error).__name__}: {reason})") from error
 
 
 def sniff(path: Path) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 from torch import Tensor
 
 from verydeep.errors import UserError
-from verydeep.io.formats.layer_names import named_to_state, vgg_layer
+from verydeep.io.formats.layer_names import check_shape, named_to_state, vgg_layer
 
 #: What a file that is none of the formats is told.
 UNKNOWN_FILE = "not a weights file verydeep reads: not torch, safetensors, HDF5, nor a Caffe model"
@@ -73,6 +73,8 @@ def read_caffe(path: Path) -> dict[str, Tensor]:
         raise UserError(f"{path}: {UNKNOWN_FILE} ({error})") from error
     named, names = {}, set()
     for layer in [*net.layers, *net.layer]:
+        if layer.name in names:  # Caffe would keep both; which copy holds the weights meant is unknowable
+            raise UserError(f"{path}: layer {layer.name!r} appears twice; a net's layer names are unique")
         names.add(layer.name)
         if not layer.blobs:
             continue
@@ -81,6 +83,8 @@ def read_caffe(path: Path) -> dict[str, Tensor]:
                             "(conv1_1 ... fc8, each with weights and biases)")
         weight, bias = (_blob(blob, layer.name, path) for blob in layer.blobs)
         if layer.name.startswith("fc"):
+            if weight.ndim not in (2, 4):
+                raise UserError(f"{path}: layer {layer.name}: weights of shape {weight.shape}, not 2-D or 4-D")
             rows = weight.shape[-2] if weight.ndim == 4 and weight.shape[:2] == (1, 1) else weight.shape[0]
             weight = weight.reshape(rows, -1)
         named[layer.name] = (weight, bias)
@@ -91,6 +95,8 @@ def read_caffe(path: Path) -> dict[str, Tensor]:
 
 def _blob(blob: Any, layer: str, path: Path) -> np.ndarray:
     shape = tuple(blob.shape.dim) if blob.HasField("shape") else (blob.num, blob.channels, blob.height, blob.width)
+    # checked before the sizes are compared: two negative dimensions multiply to a positive count
+    check_shape(shape, f"layer {layer}, a blob", path)
     data = np.array(blob.data, dtype=np.float32)
     if data.size != math.prod(shape):
         raise UserError(f"{path}: layer {layer}: a blob of shape {shape} holds {data.size} values")

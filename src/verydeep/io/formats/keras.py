@@ -15,7 +15,7 @@ import numpy as np
 from torch import Tensor
 
 from verydeep.errors import UserError
-from verydeep.io.formats.layer_names import conv_kernels, named_to_state, vgg_layer
+from verydeep.io.formats.layer_names import check_shape, config_of, conv_kernels, named_to_state, vgg_layer
 from verydeep.nn import configs
 
 #: Keras' names of VGG's FC layers; its convolutions are blockB_convI (our convB_I).
@@ -23,6 +23,12 @@ KERAS_FC = {"fc1": "fc6", "fc2": "fc7", "predictions": "fc8"}
 
 #: The weights inside a Keras 3 ``.keras`` archive (a zip beside ``config.json``).
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
+
+#: How many times its stored bytes compressed weights may unpack to: trained float32 weights are close to
+#: random bits, which deflate or gzip shrink by a few percent only; 4 leaves room for float16 and shuffling.
+PACKING = 4
+#: Bytes allowed beyond that: small entries and datasets (headers, zero biases) compress far better.
+MARGIN = 1 << 20
 
 
 def is_keras_archive(path: Path) -> bool:
@@ -46,12 +52,16 @@ def read_keras(path: Path) -> tuple[dict[str, Tensor], bool]:
     except ImportError as error:
         raise UserError(f"{path}: reading Keras files needs h5py (pip install 'verydeep[weights]')") from error
     try:
-        with h5py.File(_keras_weights(path), "r") as f:
+        source = _keras_weights(path)
+        size = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else path.stat().st_size
+        with h5py.File(source, "r") as f:
             if "layers" in f and "layer_names" not in f.attrs:  # Keras 3
-                return named_to_state(_keras_to_torch(_keras3_named(f["layers"], path), path), path), True
+                return named_to_state(_keras_to_torch(_keras3_named(f["layers"], path, size), path), path), True
             root = f["model_weights"] if "model_weights" in f else f
-            layers = {name: [np.asarray(root[name][w], dtype=np.float32) for w in _names(root[name], "weight_names")]
-                      for name in _names(root, "layer_names")}
+            layers = {name: [_array(root[name][w], f"{name}/{w}", path, size)
+                             for w in _names(root[name], "weight_names")] for name in _names(root, "layer_names")}
+    except UserError:
+        raise
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as error:
         raise UserError(f"{path}: not a readable Keras weights file ({type(error).__name__}: {error})") from error
     named = {}
@@ -74,27 +84,58 @@ def _keras_weights(path: Path) -> Path | io.BytesIO:
     if not zipfile.is_zipfile(path):
         return path
     with zipfile.ZipFile(path) as archive:
-        return io.BytesIO(archive.read(KERAS_ARCHIVE_WEIGHTS))
+        entry = archive.getinfo(KERAS_ARCHIVE_WEIGHTS)
+        # the sizes are the zip's own claims: the stored bytes cannot exceed the archive, and what they unpack
+        # to is held in memory whole, so a size that deflated float weights could not have is refused unread
+        stored = min(entry.compress_size, path.stat().st_size)
+        if entry.file_size > PACKING * stored + MARGIN:
+            raise UserError(f"{path}: {KERAS_ARCHIVE_WEIGHTS} would unpack {stored} bytes into {entry.file_size}, "
+                            "more than weights could hold: refused unread")
+        return io.BytesIO(archive.read(entry))
 
 
-def _keras3_named(layers: Any, path: Path) -> dict[str, tuple[np.ndarray, ...]]:
+def _array(node: Any, where: str, path: Path, file_size: int) -> np.ndarray:
+    """The float32 values of the dataset ``node``, checked before anything is read: floating point (an int,
+    bool or complex tensor is no weight; the cast would hide it), each dimension positive, and no more bytes
+    declared than the file can hold (:data:`PACKING`), so a forged header allocates nothing."""
+    import h5py
+
+    if not isinstance(node, h5py.Dataset):
+        raise UserError(f"{path}: {where} is no dataset of weights")
+    if node.dtype.kind != "f":
+        raise UserError(f"{path}: {where} holds {node.dtype} values, not floating point weights")
+    check_shape(node.shape, where, path)
+    # unfiltered data lies in the file as it is; a filter (compression) may shrink it by PACKING at most
+    packed = node.id.get_create_plist().get_nfilters() > 0
+    stored = min(node.id.get_storage_size(), file_size)
+    declared = node.size * max(node.dtype.itemsize, 4)  # what the float32 copy will take, too
+    if declared > (PACKING if packed else 1) * stored + MARGIN:
+        raise UserError(f"{path}: {where} declares {node.shape} values ({declared} bytes) but the file stores "
+                        f"{stored} bytes of it: refused unread")
+    return np.asarray(node, dtype=np.float32)
+
+
+def _keras3_named(layers: Any, path: Path, size: int) -> dict[str, tuple[np.ndarray, ...]]:
     """Keras 3's layout (``layers/<key>/vars/<i>``, kernel then bias): a layer's key is its class's
     name with a counter in the model's layer order (``conv2d``, ``conv2d_1`` ...; ``dense`` ...), so
     the convolutions, in that order, are the configuration of Table 1 whose kernels they have."""
-    def ordered(kind: str) -> list[tuple[np.ndarray, ...]]:
+    def ordered(kind: str) -> list[tuple[str, tuple[np.ndarray, ...]]]:
         keys = [k for k in layers if re.fullmatch(rf"{kind}(_\d+)?", k) and "vars" in layers[k]]
         keys.sort(key=lambda k: int(k.rsplit("_", 1)[1]) if "_" in k.removeprefix(kind) else 0)
-        return [tuple(np.asarray(layers[k]["vars"][str(i)], dtype=np.float32) for i in range(len(layers[k]["vars"])))
-                for k in keys]
+        return [(k, tuple(_array(layers[k]["vars"][str(i)], f"layers/{k}/vars/{i}", path, size)
+                          for i in range(len(layers[k]["vars"])))) for k in keys]
 
     convs, dense = ordered("conv2d"), ordered("dense")
-    kernels = [w.shape[0] for w, *_ in convs]
+    odd = next((k for k, arrays in convs if len(arrays) != 2 or arrays[0].ndim != 4), None)
+    if odd is not None:
+        raise UserError(f"{path}: Keras layer {odd} is no convolution (a 4-D kernel and a bias)")
+    kernels = [arrays[0].shape[0] for _, arrays in convs]
     config = next((c for c in configs.TABLE_1 if "LRN" not in configs.TABLE_1[c]
                    and list(conv_kernels(c).values()) == kernels), None)
-    if config is None or len(dense) not in (0, 3) or any(len(arrays) != 2 for arrays in convs + dense):
+    if config is None or len(dense) not in (0, 3) or any(len(arrays) != 2 for _, arrays in dense):
         raise UserError(f"{path}: {len(convs)} Keras Conv2D and {len(dense)} Dense layers are no VGG of Table 1")
-    named = dict(zip(conv_kernels(config), convs, strict=True))
-    return named | dict(zip(("fc6", "fc7", "fc8"), dense, strict=False))
+    named = dict(zip(conv_kernels(config), (arrays for _, arrays in convs), strict=True))
+    return named | dict(zip(("fc6", "fc7", "fc8"), (arrays for _, arrays in dense), strict=False))
 
 
 def _names(group: Any, attribute: str) -> list[str]:
@@ -108,8 +149,11 @@ def _keras_to_torch(named: dict[str, tuple[np.ndarray, ...]], path: Path) -> dic
         if kernel.ndim != (4 if name.startswith("conv") else 2):
             raise UserError(f"{path}: layer {name}: a kernel of shape {kernel.shape}")
         out[name] = (kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T, bias)
+    # the convolutions first: FC1's inputs mean something only after a VGG's last convolution
+    convs = {n: w.shape[-1] for n, (w, _) in out.items() if n.startswith("conv")}
+    config_of(convs, path)
     if "fc6" in out:
-        channels = out[max((n for n in out if n.startswith("conv")), key=_conv_order)][0].shape[0]
+        channels = out[max(convs, key=_conv_order)][0].shape[0]
         weight, bias = out["fc6"]
         grid = math.isqrt(weight.shape[1] // channels)
         if grid * grid * channels != weight.shape[1]:

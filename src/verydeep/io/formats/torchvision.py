@@ -50,7 +50,19 @@ def state_dict(state: Any, path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise UserError(f"{path}: not a state dict of tensors, nor a verydeep checkpoint")
+    check_tensors(state, path)
     return state
+
+
+def check_tensors(state: dict[str, Tensor], path: Path) -> None:
+    """A one-line error naming the first tensor that is no weight: not floating point (an int, bool or complex
+    tensor would be cast silently, a complex one losing its imaginary part) or with a zero dimension (an empty
+    layer, say a classifier of 0 classes). Batch norm's counter ``num_batches_tracked`` is an integer."""
+    for key, value in state.items():
+        if not key.endswith("num_batches_tracked") and not value.is_floating_point():
+            raise UserError(f"{path}: tensor {key} holds {value.dtype} values, not floating point weights")
+        if 0 in value.shape:
+            raise UserError(f"{path}: tensor {key} has shape {tuple(value.shape)}, with a zero dimension")
 
 
 def architecture(weights: dict[str, Tensor], path: Path, head: bool) -> dict[str, Any]:
@@ -59,6 +71,8 @@ def architecture(weights: dict[str, Tensor], path: Path, head: bool) -> dict[str
     config, batch_norm = _config_from_keys(weights, path)
     convs = sorted((k for k, v in weights.items() if _conv_key(k, v)), key=_index)
     first, last = weights[convs[0]].shape[0], weights[convs[-1]].shape[0]
+    if first < 1 or last < 1:  # the readers refuse empty layers; a net of no channels would divide by zero below
+        raise UserError(f"{path}: a convolution of {min(first, last)} output channels")
     width = first / 64 if scaled(512, first / 64) == last else last / 512
     arch = {"config": config, "batch_norm": batch_norm, "width": width, "crop": 224, "num_classes": 1000}
     if not head:
