@@ -9,6 +9,7 @@ import builtins
 import hashlib
 import math
 import pickle
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -468,3 +469,121 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, kind):
         load_published(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+# ---- malformed files: each refused in one line naming it, before anything is allocated or written ------
+
+
+def caffe_net(tmp_path: Path, v1: bool = True):
+    """A small Caffe net's message, to damage before it is written."""
+    blocks, fcs = raw_weights("D", 1 / 16, 64, 10)
+    return caffe_net_class().FromString(write_caffe(tmp_path / "src.caffemodel", blocks, fcs, v1).read_bytes())
+
+
+def caffe_layer(net, name: str):
+    return next(layer for layer in [*net.layers, *net.layer] if layer.name == name)
+
+
+def malformed(kind: str, path: Path) -> None:
+    """Write at ``path`` a file that is malformed the way ``kind`` says."""
+    blocks, fcs = keras_arrays(*raw_weights("D", 1 / 16, 64, 10))
+    if kind == "keras-fc-only":
+        write_keras(path, [], fcs)
+    elif kind == "keras-zero-channels":
+        blocks[-1][-1] = (np.zeros((3, 3, blocks[-1][-1][0].shape[2], 0), np.float32), np.zeros(0, np.float32))
+        write_keras(path, blocks, fcs)
+    elif kind == "keras-extra-layer":
+        write_keras(path, [*blocks, [blocks[-1][-1]]], fcs)  # a block6_conv1 after block 5
+    elif kind in ("keras-int", "keras-complex"):
+        dtype = np.int32 if kind == "keras-int" else np.complex64
+        blocks[0][0] = (blocks[0][0][0].astype(dtype), blocks[0][0][1])
+        write_keras(path, blocks, fcs)
+    elif kind == "keras-huge-dataset":
+        write_keras(path, blocks, fcs)
+        with h5py.File(path, "a") as f:  # FC1 declared as 4 TiB of floats that the file does not hold
+            del f["fc1/fc1_W_1:0"]
+            f["fc1"].create_dataset("fc1_W_1:0", shape=(2**20, 2**20), dtype="f4", chunks=True)
+    elif kind == "keras3-scalar-kernel":
+        with h5py.File(path, "w") as f:
+            variables = f.create_group("layers/conv2d/vars")
+            variables["0"], variables["1"] = np.float32(2.0), np.zeros(4, np.float32)
+    elif kind == "keras-archive-bomb":
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("config.json", "{}")  # 64 MiB of zeros deflate to 64 KiB; weights would not
+            archive.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n" + bytes(64 << 20))
+    elif kind.startswith("caffe-"):
+        net = caffe_net(path.parent, v1=kind != "caffe-negative-dims")
+        if kind == "caffe-negative-dims":  # conv1_1's 4 x 3 x 3 x 3 values under dimensions whose product is 108
+            blob = caffe_layer(net, "conv1_1").blobs[0]
+            blob.shape.dim[:] = [-4, -27, 1, 1]
+        elif kind == "caffe-fc-scalar":
+            blob = caffe_layer(net, "fc6").blobs[0]
+            blob.shape.SetInParent()
+            blob.data[:] = [0.5]
+        elif kind == "caffe-fc-zero-dims":
+            blob = caffe_layer(net, "fc6").blobs[0]
+            blob.num = blob.channels = blob.height = blob.width = 0
+            del blob.data[:]
+        elif kind == "caffe-zero-channels":
+            blob, bias = caffe_layer(net, "conv5_3").blobs
+            blob.num = bias.width = 0
+            del blob.data[:], bias.data[:]
+        elif kind == "caffe-repeated-layer":
+            net.layers.add().CopyFrom(caffe_layer(net, "conv1_1"))
+        path.write_bytes(net.SerializeToString())
+    else:
+        state = torch.load(torchvision_file(path.parent / "src.pth")[0], weights_only=True)
+        if kind == "torchvision-zero-classes":
+            state |= {"classifier.6.weight": torch.zeros(0, 256), "classifier.6.bias": torch.zeros(0)}
+        elif kind == "torchvision-zero-channels":
+            state |= {"features.28.weight": torch.zeros(0, 32, 3, 3), "features.28.bias": torch.zeros(0)}
+        else:
+            state["features.0.weight"] = state["features.0.weight"].to(getattr(torch, kind.split("-")[1]))
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("keras-fc-only", "no convolution layers"),
+    ("keras-zero-channels", "block5_conv3_W_1:0: shape (3, 3, 32, 0), but each dimension must be a positive"),
+    ("keras-extra-layer", "layer conv6_1 is in no configuration of Table 1"),
+    ("keras-int", "block1_conv1_W_1:0 holds int32 values, not floating point"),
+    ("keras-complex", "block1_conv1_W_1:0 holds complex64 values, not floating point"),
+    ("keras-huge-dataset", "fc1/fc1_W_1:0 declares (1048576, 1048576) values"),
+    ("keras3-scalar-kernel", "layers/conv2d/vars/0: shape (), but each dimension must be a positive"),
+    ("keras-archive-bomb", "model.weights.h5 would unpack"),
+    ("caffe-negative-dims", "conv1_1, a blob: shape (-4, -27, 1, 1), but each dimension must be a positive"),
+    ("caffe-fc-scalar", "fc6, a blob: shape (), but each dimension must be a positive"),
+    ("caffe-fc-zero-dims", "fc6, a blob: shape (0, 0, 0, 0), but each dimension must be a positive"),
+    ("caffe-zero-channels", "conv5_3, a blob: shape (0, 32, 3, 3)"),
+    ("caffe-repeated-layer", "layer 'conv1_1' appears twice"),
+    ("torchvision-zero-classes", "tensor classifier.6.weight has shape (0, 256), with a zero dimension"),
+    ("torchvision-zero-channels", "tensor features.28.weight has shape (0, 32, 3, 3)"),
+    ("torchvision-int32", "tensor features.0.weight holds torch.int32 values, not floating point"),
+    ("torchvision-bool", "tensor features.0.weight holds torch.bool values"),
+    ("torchvision-complex64", "tensor features.0.weight holds torch.complex64 values"),
+])
+def test_a_malformed_file_is_refused_in_one_line_naming_it_and_what_is_wrong(tmp_path, monkeypatch, kind, says):
+    path = tmp_path / f"{kind}.bin"
+    malformed(kind, path)
+    read = zipfile.ZipFile.read
+    unpacked = []
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: unpacked.append(name) or read(self, name, *a))
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(UserError) as error:
+        convert(path, out)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and says in message
+    assert not out.exists() and "model.weights.h5" not in unpacked  # nothing written, no bomb unpacked
+
+
+def test_an_error_a_reader_did_not_foresee_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    blocks, fcs = raw_weights("D", 1 / 16, 64, 10)
+    path = write_caffe(tmp_path / "net.caffemodel", blocks, fcs)
+
+    def reader(p: Path) -> dict:
+        return {}["conv1_1"]
+
+    monkeypatch.setattr("verydeep.io.weights.read_caffe", reader)
+    with pytest.raises(UserError) as error:
+        load_published(path)
+    assert str(error.value) == f"{path}: not a readable Caffe model file (KeyError: 'conv1_1')"
