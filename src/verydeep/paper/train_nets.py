@@ -50,25 +50,27 @@ def train_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
     return nets_dir / net.name
 
 
-def learned(settings: dict[str, Any], origin: Path) -> dict[str, Any]:
+def learned(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings of a run record (or :meth:`TrainConfig.to_dict`) that decide what the net learns,
-    comparable across invocations: the data as a resolved path (``origin``: the folder a relative one
-    was given from), the weights as the name of the net they come from."""
-    kept = {key: value for key, value in settings.items() if key in LEARNED}
-    if kept.get("data") is not None:
-        kept["data"] = str((origin / kept["data"]).resolve())
+    comparable across invocations: the weights as the name of the net they come from; the data apart
+    (:func:`recorded_data`), since a path given relative to another folder reads alike."""
+    kept = {key: value for key, value in settings.items() if key in LEARNED and key != "data"}
     if kept.get("weights") is not None:  # NETS/PARENT/checkpoints/last.pt: --out may have moved since
         kept["weights"] = Path(kept["weights"]).parents[1].name
     return kept
 
 
-def origin_of(recorded_out: str, run_dir: Path) -> Path:
-    """The folder the paths of a run record were given from: the one from which its recorded ``out``
-    is ``run_dir`` (the same command run from elsewhere), else the current folder."""
-    here, parts = Path(os.path.abspath(run_dir)).parts, Path(os.path.normpath(recorded_out)).parts
-    if not Path(recorded_out).is_absolute() and len(parts) < len(here) and here[-len(parts):] == parts:
-        return Path(*here[:-len(parts)])
-    return Path.cwd()
+def recorded_data(stored: dict[str, Any], run_dir: Path) -> set[Path]:
+    """Where the data a run record names may be now: the resolved path it recorded; the same place
+    relative to the run directory as when it was recorded (``--out`` and ``--data`` given from one folder:
+    both moved together, as the demo's data inside its ``--out``); and the path as given, from here."""
+    data, out = stored.get("data"), stored.get("out")
+    places = {Path(stored["data_resolved"])} if stored.get("data_resolved") else set()
+    if data and out and Path(data).is_absolute() == Path(out).is_absolute():
+        places.add(run_dir / os.path.relpath(data, out))
+    if data:
+        places.add(Path(data))
+    return {place.resolve() for place in places}
 
 
 def first_change(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
@@ -90,8 +92,9 @@ def check_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
     if not stored:
         return
     wanted = preset.train_config(net, by_name, data, out / "nets", "cpu", False).to_dict()  # device: not compared
-    change = first_change(learned(stored, origin_of(str(stored.get("out", "")), run_dir)),
-                          learned(wanted, Path.cwd()))
+    change = first_change(learned(stored), learned(wanted))
+    if change is None and stored.get("data") and data.resolve() not in recorded_data(stored, run_dir):
+        change = ("data", stored["data"], str(data))
     if change:
         raise refusal(out, f"net {net.name} was trained", change, f"delete {out} to start anew")
 
@@ -103,8 +106,10 @@ def eval_settings(net: Net, preset: Preset, test: Path, run_dir: Path) -> dict[s
     summary = run_dir / SUMMARY
     trained = hashlib.sha256(summary.read_bytes()).hexdigest()[:16] if summary.is_file() else None
     scales = derive_scales({"crop": preset.crop, "scale": list(preset.scale(net.scale))})
-    return {"data": str(test.resolve()), "limit_test": preset.limit_test, "protocols": list(protocols),
-            "scales": scales, "trained": trained}
+    out, images = run_dir.parents[1].resolve(), test.resolve()  # RUN = OUT/nets/NAME
+    data = f"OUT/{images.relative_to(out)}" if images.is_relative_to(out) else str(images)  # moves with --out
+    return {"data": data, "limit_test": preset.limit_test, "protocols": list(protocols), "scales": scales,
+            "trained": trained}
 
 
 def read_eval_settings(cache: Path) -> dict[str, Any] | None:

@@ -40,8 +40,9 @@ ARCH_KEYS = ("config", "batch_norm", "width", "num_classes", "outputs", "crop", 
 def run_record(cfg: TrainConfig, task: Task, pre: Preprocess, data: TrainingData) -> dict[str, Any]:
     """The run record (``recipe.json``): the settings, the task, the input convention and the images."""
     classes = data.classes
-    return {**cfg.to_dict(), "task": task.name, "num_classes": len(classes),
-            "outputs": task.outputs(len(classes)), "preprocess": pre.to_dict(), **task.record(),
+    return {**cfg.to_dict(), "data_resolved": str(Path(cfg.data).resolve()), "task": task.name,
+            "num_classes": len(classes), "outputs": task.outputs(len(classes)), "preprocess": pre.to_dict(),
+            **task.record(),
             "init_reason": INIT_REASONS[cfg.init], **data.record()}
 
 

@@ -88,6 +88,20 @@ def test_a_rerun_with_the_same_settings_reuses_every_net_and_evaluation(reproduc
     assert {name: content for name, content in files(out).items() if name.startswith(("nets", "eval"))} == nets
 
 
+def test_a_rerun_from_another_folder_or_through_a_link_reuses_the_nets(reproduced, tmp_path, monkeypatch):
+    data, _, _ = reproduced
+    (tmp_path / "sub").mkdir()
+    shutil.copytree(data, tmp_path / "ds")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(command(Path("../ds"), Path("../out"))) == 0
+    forbid_training_and_evaluation(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # the same data and --out, named from their parent
+    assert main(command(Path("ds"), Path("out"))) == 0
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(command(Path("../ds"), Path("../link"))) == 0
+
+
 def test_an_interrupted_net_resumes_and_its_stale_evaluation_is_measured_again(reproduced, tmp_path):
     data, _, first = reproduced
     out = shutil.copytree(first, tmp_path / "out")
@@ -129,3 +143,5 @@ def test_demo_reuses_its_net_only_at_the_same_epochs(tmp_path, monkeypatch, caps
     assert files(tmp_path / "demo") == before
     forbid_training_and_evaluation(monkeypatch)
     assert main([*demo, "1"]) == 0
+    shutil.copytree(tmp_path / "demo", tmp_path / "copy")  # its data inside its --out, copied along
+    assert main(["demo", "--out", str(tmp_path / "copy"), "--device", "cpu", "--no-progress", "--epochs", "1"]) == 0
