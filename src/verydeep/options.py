@@ -169,12 +169,11 @@ def _weights_read(source: Path, weights_dir: str | None) -> tuple[Path | None, P
 
 def _run_holding(file: Path) -> Path | None:
     """The run directory ``file`` lies in (``RUN/model.safetensors``, ``RUN/checkpoints/best.pt``), if any: the
-    folder beside or above it that holds a run's record or checkpoints."""
-    for folder in (file.parent, file.parent.parent):
-        run = RunDir(folder)
-        if run.record.is_file() or run.checkpoints.is_dir():
-            return folder
-    return None
+    folder beside it that holds a run's record or checkpoints, or the one whose ``checkpoints/`` holds it."""
+    beside, above = RunDir(file.parent), RunDir(file.parent.parent)
+    if beside.record.is_file() or beside.checkpoints.is_dir():
+        return beside.root
+    return above.root if file.parent.name == above.checkpoints.name else None
 
 
 #: The split folders of a dataset (``DIR/train``, ``DIR/val``, ``DIR/test``).

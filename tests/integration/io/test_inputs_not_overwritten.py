@@ -89,6 +89,11 @@ def test_an_output_folder_in_the_run_directory_read_is_allowed(run, images, tmp_
                 f"--out lies in {run}, the run directory of --weights {run}", "a folder of its own there will do")
     allowed(["export", "--weights", str(run), "--format", "onnx", str(tmp_path / "net.onnx")])
     allowed(["export", "--weights", str(run), "--format", "onnx", str(run / "export" / "net.onnx")])  # its own
+    project = tmp_path / "project"  # a folder holding checkpoints/ of its own is no run of weights beneath it
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "weights").mkdir()
+    shutil.copyfile(run / "checkpoints" / "best.pt", project / "weights" / "a.pt")
+    allowed(["export", "--weights", str(project / "weights" / "a.pt"), "--format", "onnx", str(project / "a.onnx")])
     refused(["export", "--weights", str(run), "--format", "onnx", str(run / "tensorboard" / "net.onnx")], capsys,
             f"OUT lies in {run}, the run directory of --weights {run}")
 
