@@ -55,6 +55,12 @@ def test_predict_draws_neither_among_its_images_nor_in_a_run_it_reads(loc_run, t
         assert main([*args, "--out", str(out)]) == 2
         assert message in one_line_error(capsys)
     assert sorted(path for folder in (data, loc, classifier) for path in folder.rglob("*")) == files
+    subset = tmp_path / "subset" / "val"  # a subset whose class folders are links into the store
+    subset.mkdir(parents=True)
+    (subset / "class0").symlink_to(data / "val" / "class0")
+    linked = ["localize", "predict", str(subset / "class0" / images[0].name), *args[2 + len(images):]]
+    assert main([*linked, "--out", str(subset / "drawn")]) == 2
+    assert f"--out lies in {subset}, a split of the dataset" in one_line_error(capsys)
     # beside the splits, not in one: no dataset reads it
     assert main([*args, "--out", str(data / "drawn")]) == 0
     assert sorted(path.name for path in (data / "drawn").iterdir()) == ["0.png", "1.png"]

@@ -53,13 +53,14 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
 
 
 def dataset_splits(image: Path) -> list[Path]:
-    """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the dataset ``image`` lies in, when it lies
-    in a class folder of one: a file written in any of them is read as an image of that dataset."""
-    for folder in image.resolve().parents:
-        if folder.parent.name in SPLIT_FOLDERS:
-            root = folder.parent.parent
-            return [root / split for split in SPLIT_FOLDERS if (root / split).is_dir()]
-    return []
+    """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the datasets ``image`` lies in, as named
+    and with links resolved (a subset's class folders linked to a store), when it lies in a class folder of
+    one: a file written in any of them is read as an image of that dataset."""
+    splits = []
+    for path in (image.absolute(), image.resolve()):
+        root = next((folder.parent.parent for folder in path.parents if folder.parent.name in SPLIT_FOLDERS), None)
+        splits += [root / split for split in SPLIT_FOLDERS if root is not None and (root / split).is_dir()]
+    return splits
 
 
 def refuse_drawing_among_inputs(images: Sequence[str], out: Path) -> None:
