@@ -7,6 +7,7 @@ atomic (:func:`verydeep.io.atomic.atomic_write`), so a crash leaves the last goo
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from verydeep.io.checkpoint import (
 from verydeep.io.rundir import EPOCH, RunDir
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.tasks import Classification, Task
+from verydeep.options import refuse_overwriting_inputs
 from verydeep.train.data import TrainingData
 from verydeep.train.recipe import TrainConfig, flag_name
 
@@ -105,6 +107,9 @@ class Checkpoints:
         run_dir, source = self.run_dir, cfg.weights
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--out {run_dir}: is a file, not a run directory")
+        # whoever gave them (flags, a recipe, the stored run, a Python caller), checked as the CLI checks flags
+        refuse_overwriting_inputs(argparse.Namespace(data=cfg.data, out=cfg.out, weights=cfg.weights,
+                                                     weights_dir=cfg.weights_dir))
         if source and not cfg.resume and Path(source).exists() and Path(source).resolve().is_relative_to(
                 run_dir.resolve()):
             raise UserError(f"--weights {source} lies in --out {run_dir}, which a new run clears: give another --out")

@@ -6,7 +6,6 @@ import argparse
 import json
 
 from verydeep import runtime
-from verydeep.options import refuse_overwriting_inputs
 from verydeep.train.recipe import add_flags, make_config, recipe_names, settings_from_flags
 from verydeep.train.trainer import train
 
@@ -23,15 +22,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cli)
 
 
-#: The settings that name files or folders: what the run reads and the run directory it writes.
-FILE_SETTINGS = ("data", "out", "weights", "weights_dir", "preprocess")
-
-
 def run_cli(args: argparse.Namespace) -> None:
     given = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
     settings = settings_from_flags(given)
-    # a recipe or the stored run may name the data and --out too: checked as given flags are
-    refuse_overwriting_inputs(argparse.Namespace(**{key: settings[key] for key in FILE_SETTINGS if key in settings}))
     summary = train(make_config(settings), given=set(settings))
     if runtime.Processes.from_env().main:
         print(json.dumps(summary.to_dict()))

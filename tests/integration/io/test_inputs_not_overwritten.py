@@ -12,6 +12,7 @@ import torch
 from conftest import tiny, write_classifier, write_dataset
 
 from verydeep.cli import build_parser, main
+from verydeep.errors import UserError
 from verydeep.options import option_names, refuse_overwriting_inputs
 from verydeep.train import train
 
@@ -158,6 +159,15 @@ def test_a_recipe_s_data_and_out_are_checked_as_flags_are(images, tmp_path, caps
     before = contents(images)
     refused(["train", "--recipe", str(recipe), *TRAIN], capsys, "--out", f"--data {images}")
     assert contents(images) == before and not (images / "train" / "run").exists()
+
+
+def test_a_python_caller_s_run_directory_is_checked_as_the_flags_are(images, run, tmp_path):
+    before = contents(images)
+    with pytest.raises(UserError, match=f"--out lies in --data {images}"):
+        train(tiny(images, images / "train" / "runx", crop=32, scale=(36, 36)))
+    with pytest.raises(UserError, match=f"--out lies in {run}, the run directory of --weights"):
+        train(tiny(images, run / "checkpoints", crop=32, scale=(36, 36), weights=str(run)))
+    assert contents(images) == before and not (images / "train" / "runx").exists()
 
 
 def test_reproduce_s_default_out_is_checked_as_a_given_one(images, capsys, monkeypatch):
