@@ -83,15 +83,16 @@ def _walk(folder: Path) -> Iterator[tuple[Path, list[str]]]:
     """``(folder, its file names)`` for ``folder`` and every folder below it, links followed, hidden ones
     left out, in sorted order. A linked folder that leads back to one above it or to one walked already is
     a :class:`UserError` naming the link: its images would be counted again, under this folder's class."""
-    walked = {folder.resolve()}
+    walked = {folder.resolve(): folder}  # each folder read, by its real path, as first named
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in dirnames:
-            real = (Path(dirpath) / name).resolve()
-            if real in walked or any(real in seen.parents for seen in walked):
-                raise UserError(f"{Path(dirpath) / name}: a link to {real}, which this walk of {folder} reads already "
-                                "(its images would be counted twice); remove the link")
-            walked.add(real)
+            path, real = Path(dirpath) / name, (Path(dirpath) / name).resolve()
+            first = walked.get(real) or next((named for seen, named in walked.items() if real in seen.parents), None)
+            if first is not None:
+                raise UserError(f"{path}: the folder {real} is read as {first} too, or holds it (a link leads there "
+                                "twice, so its images would be counted twice); remove the link")
+            walked[real] = path
         yield Path(dirpath), sorted(filenames)
 
 
