@@ -453,8 +453,8 @@ def refuse_with_given_split(flags: list[str], source: str, splits: Sequence[str]
     """Random-split ``flags`` are refused for images with their own train/test split (``splits``), which
     is used as it is."""
     if flags and any(splits):
-        raise UserError(f"{', '.join(flags)}: {source} holds its own train/test split, which is used as it is; "
-                        "drop the flags")
+        raise UserError(f"{', '.join(flags)}: {source} holds its own training and test images (its split folders), "
+                        "used as they are; drop the flags")
 
 
 def refuse_extraction_beside_features(args: argparse.Namespace) -> None:
