@@ -130,7 +130,7 @@ def extract_action_features(sources: Sequence[str | Path], data: str | Path, reg
     images, image_of, dataset, units = action_units(action, regions)
     nets = load_feature_nets(sources, data, settings.device, weights_dir, settings.dtype)
     check_scales_cover_crops(nets, settings.scales)
-    key = extraction_key(nets, units, settings.scales)
+    key = extraction_key(nets, units, settings.scales, settings.dtype)
     partial_path = Path(f"{out}.partial") if out is not None else None
     state = Partial.start(key, nets, settings.scales, len(units.paths))
     if partial_path is not None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from verydeep.errors import UserError
 from verydeep.eval.descriptors import TAP, FeatureNet
@@ -154,8 +156,8 @@ class Partial:
             return fresh
         arrays = read_npz(path, ("done", "skipped", "key"), "features file")
         if str(arrays["key"]) != fresh.key or set(fresh.arrays) - set(arrays):
-            raise UserError(f"{path}: a partial extraction with other nets, images or scales; give the same "
-                            "settings to continue it, or delete it")
+            raise UserError(f"{path}: a partial extraction with other nets, images (or files changed since), scales "
+                            "or precision; give the same settings to continue it, or delete it")
         for name, like in [("done", fresh.done), *fresh.arrays.items()]:
             value = arrays[name]
             if value.shape != like.shape or value.dtype != like.dtype:
@@ -168,7 +170,16 @@ class Partial:
                    set(_strings(path, arrays, "skipped")))
 
 
-def extraction_key(nets: Sequence[FeatureNet], images: ImageSet, scales: Sequence[int]) -> str:
-    """What the per-image descriptors depend on, as JSON: the nets' weights and the images' paths, the scales."""
-    paths = hashlib.blake2b("\n".join(images.paths).encode(), digest_size=16).hexdigest()
-    return json.dumps({"nets": [n.digest for n in nets], "paths": paths, "scales": list(scales), "tap": TAP})
+def extraction_key(nets: Sequence[FeatureNet], images: ImageSet, scales: Sequence[int],
+                   dtype: torch.dtype | None) -> str:
+    """What the per-image descriptors depend on, as JSON: the nets' weights, the images (each file's path, size
+    and time of change: a file rewritten since is described again), the scales and the precision."""
+    files = hashlib.blake2b(digest_size=16)
+    for path in images.paths:
+        try:
+            stat = os.stat(path)
+            files.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        except OSError:  # not a file of its own (a region of one) or gone: its path alone
+            files.update(f"{path}\n".encode())
+    return json.dumps({"nets": [n.digest for n in nets], "files": files.hexdigest(), "scales": list(scales),
+                       "tap": TAP, "precision": str(dtype or torch.float32).removeprefix("torch.")})

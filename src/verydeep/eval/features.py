@@ -65,7 +65,8 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
     nets = load_feature_nets(sources, data, settings.device, weights_dir, settings.dtype)
     check_scales_cover_crops(nets, settings.scales)
     partial_path = Path(f"{out}.partial") if out is not None else None
-    state = Partial.start(extraction_key(nets, images, settings.scales), nets, settings.scales, len(images.paths))
+    key = extraction_key(nets, images, settings.scales, settings.dtype)
+    state = Partial.start(key, nets, settings.scales, len(images.paths))
     if partial_path is not None:
         state = Partial.resume(partial_path, state)
     run_passes(nets, images, state, settings, partial_path)

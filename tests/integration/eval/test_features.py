@@ -4,6 +4,7 @@ named taps; the raw-pixel baseline; one-line errors."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,16 @@ def test_a_partial_extraction_of_other_settings_is_refused(net, photos, tmp_path
     monkeypatch.undo()
     with pytest.raises(UserError, match="partial extraction with other"):
         extract_features([net], photos, out, settings(scales=(32, 64)))
+    with pytest.raises(UserError, match="partial extraction with other"):  # its rows would mix two precisions
+        extract_features([net], photos, out, settings(precision="bf16"))
+    photo = next(photos.rglob("*.png"))
+    times = photo.stat()
+    os.utime(photo, ns=(times.st_atime_ns, times.st_mtime_ns + 10**9))  # rewritten since: described again
+    try:
+        with pytest.raises(UserError, match=r"partial extraction with other nets, images \(or files changed since\)"):
+            extract_features([net], photos, out, settings())
+    finally:
+        os.utime(photo, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def test_unreadable_images_are_skipped_and_named(net, tmp_path):
@@ -222,7 +233,7 @@ def test_a_truncated_or_damaged_partial_extraction_is_one_line_naming_it(net, ph
                                                                           monkeypatch):
     out = tmp_path / "f.npz"
     argv = ["features", "--weights", str(net), "--data", str(photos), "--out", str(out), "--scales", "32",
-            "--workers", "0", "--device", "cpu", "--no-progress"]
+            "--workers", "0", "--device", "cpu", "--precision", "fp32", "--no-progress"]  # as the partial's
     partial = Path(f"{out}.partial")
 
     def stop(*args, **kwargs):

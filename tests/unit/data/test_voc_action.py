@@ -253,7 +253,7 @@ def test_an_interrupted_extraction_of_persons_continues_and_other_regions_refuse
         extract_action_features([net], root, "image+box", out, settings)
     assert Path(f"{out}.partial").is_file() and not out.exists()
     stop[0] = None
-    with pytest.raises(UserError, match="partial extraction with other nets, images or scales"):
+    with pytest.raises(UserError, match="partial extraction with other nets, images"):
         extract_action_features([net], root, "image", out, settings)
     calls.clear()
     resumed = extract_action_features([net], root, "image+box", out, settings)
