@@ -16,6 +16,8 @@ from verydeep.io.catalogue import NAMES, KnownWeights, known_weights
 
 def weights_folder(weights_dir: str | Path | None = None) -> Path:
     """Where named weights live: ``weights_dir``, else ``$VERYDEEP_WEIGHTS_DIR``, else ``~/.cache/verydeep``."""
+    if weights_dir is not None and not str(weights_dir).strip():
+        raise UserError("--weights-dir is empty: give a folder, or leave the option out for the default")
     folder = weights_dir or os.environ.get("VERYDEEP_WEIGHTS_DIR") or Path.home() / ".cache" / "verydeep"
     return Path(folder).expanduser()
 

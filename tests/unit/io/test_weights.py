@@ -587,3 +587,9 @@ def test_an_error_a_reader_did_not_foresee_is_one_line_naming_the_file(tmp_path,
     with pytest.raises(UserError) as error:
         load_published(path)
     assert str(error.value) == f"{path}: not a readable Caffe model file (KeyError: 'conv1_1')"
+
+
+def test_an_empty_weights_dir_is_refused_not_taken_for_the_default(capsys):
+    assert main(["download", "vgg16", "--weights-dir", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--weights-dir is empty: give a folder" in err
