@@ -180,7 +180,7 @@ def _run_holding(file: Path) -> Path | None:
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
-def _dataset_folders(path: Path) -> list[Path]:
+def dataset_folders(path: Path) -> list[Path]:
     """The data folder ``path`` and, when it is one split of a dataset (``DIR/train``), the others beside it:
     an output there would change the same dataset's other images."""
     if not path.is_dir():
@@ -225,7 +225,7 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
                 None, path if path.is_file() else None)
             read += [(option, path, file)] if file else []
             weights_folders += [(f"{option} {path}", folder)] if folder else []
-            data += [(option, folder) for folder in _dataset_folders(path)] if name in DATA_OPTIONS else []
+            data += [(option, folder) for folder in dataset_folders(path)] if name in DATA_OPTIONS else []
     for out_option, out in outputs:
         _refuse_overwriting_what_is_read(out_option, out, read, weights_folders)
         _refuse_writing_in_data(out_option, out, data)

@@ -13,7 +13,7 @@ from verydeep.data.decode import ImageFile
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import fixed_scale
-from verydeep.options import SPLIT_FOLDERS
+from verydeep.options import SPLIT_FOLDERS, dataset_folders
 from verydeep.runtime import default_workers
 
 
@@ -58,8 +58,8 @@ def dataset_splits(image: Path) -> list[Path]:
     one: a file written in any of them is read as an image of that dataset."""
     splits = []
     for path in (image.absolute(), image.resolve()):
-        root = next((folder.parent.parent for folder in path.parents if folder.parent.name in SPLIT_FOLDERS), None)
-        splits += [root / split for split in SPLIT_FOLDERS if root is not None and (root / split).is_dir()]
+        split = next((folder.parent for folder in path.parents if folder.parent.name in SPLIT_FOLDERS), None)
+        splits += dataset_folders(split) if split is not None else []
     return splits
 
 
