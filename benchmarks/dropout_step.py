@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from verydeep import vgg
 from verydeep.nn.model import SeededDropout
-from verydeep.runtime import cpu_model, keep_freed_memory, pick_device
+from verydeep.runtime.device import cpu_model, pick_device
+from verydeep.runtime.memory import keep_freed_memory
 
 
 def timed(work: Callable[[], object], device: torch.device) -> float:

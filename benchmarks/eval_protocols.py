@@ -31,7 +31,8 @@ from verydeep import vgg
 from verydeep.data import IMAGENET, RescaleTransform, to_input
 from verydeep.eval.sweep import dense_posteriors, multicrop_posteriors
 from verydeep.options import parse_scales
-from verydeep.runtime import autocast, autocast_dtype, pick_device, prepare
+from verydeep.runtime.device import pick_device, prepare
+from verydeep.runtime.precision import autocast, autocast_dtype
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 

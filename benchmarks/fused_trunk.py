@@ -18,9 +18,11 @@ import time
 
 import torch
 
-from verydeep import runtime, vgg
+from verydeep import vgg
 from verydeep.bench.settings import add_net_options
 from verydeep.nn.fused import run_trunk
+from verydeep.runtime.device import cpu_model, prepare
+from verydeep.runtime.precision import autocast, autocast_dtype
 
 
 def main() -> None:
@@ -31,12 +33,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     device = torch.device("cpu")
-    dtype = runtime.autocast_dtype(device)
-    model = runtime.prepare(vgg(args.config, width=args.width, input_size=args.size), device, True, dtype).eval()
+    dtype = autocast_dtype(device)
+    model = prepare(vgg(args.config, width=args.width, input_size=args.size), device, True, dtype).eval()
     x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     ways = {"modules": lambda: model.features(x), "fused": lambda: run_trunk(model.features, x)}
     rates: dict[str, list[float]] = {name: [] for name in ways}
-    with torch.inference_mode(), runtime.autocast(device, dtype):
+    with torch.inference_mode(), autocast(device, dtype):
         if not torch.equal(ways["modules"](), ways["fused"]()):
             raise SystemExit("the fused trunk's output differs from the modules'")
         for _ in range(args.rounds + 1):
@@ -48,7 +50,7 @@ def main() -> None:
     rates = {name: r[1:] for name, r in rates.items()}  # the first round warms the kernels up
     ratio = statistics.median(f / m for f, m in zip(rates["fused"], rates["modules"], strict=True))
     result = {"config": args.config, "width": args.width, "size": args.size, "batch": args.batch,
-              "precision": "bf16" if dtype else "fp32", "cpu": runtime.cpu_model(), "threads": torch.get_num_threads(),
+              "precision": "bf16" if dtype else "fp32", "cpu": cpu_model(), "threads": torch.get_num_threads(),
               **{f"{name}_img_s": round(statistics.median(r), 1) for name, r in rates.items()},
               "fused_vs_modules": round(ratio, 3)}
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

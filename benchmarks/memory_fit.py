@@ -19,9 +19,9 @@ import resource
 import tempfile
 from pathlib import Path
 
-from verydeep import runtime
 from verydeep.bench.data import DEFAULT_DATA, bench_data
 from verydeep.bench.settings import add_net_options
+from verydeep.runtime.processes import Processes
 from verydeep.train import Trainer
 from verydeep.train.recipe import TrainConfig
 
@@ -44,7 +44,7 @@ def main() -> None:
         cfg = TrainConfig(data=str(root), out=str(Path(scratch) / "run"), config=args.config, width=args.width,
                           crop=args.size, scale=(scale, scale), batch_size=args.batch, micro_batch=args.batch,
                           epochs=1, workers=0, device="cpu", precision="auto", progress=False)
-        trainer = Trainer(cfg, runtime.Processes())
+        trainer = Trainer(cfg, Processes())
         trainer.run_dir.mkdir(parents=True, exist_ok=True)  # for the step records, as a run makes it
         before = peak_rss_bytes()
         loaded, shifts = next(iter(trainer.loader))

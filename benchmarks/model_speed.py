@@ -21,7 +21,8 @@ from verydeep import vgg
 from verydeep.bench.measure import images_per_second
 from verydeep.bench.reference import plain_steps, reference_model
 from verydeep.bench.settings import TORCHVISION
-from verydeep.runtime import autocast_dtype, pick_device, prepare
+from verydeep.runtime.device import pick_device, prepare
+from verydeep.runtime.precision import autocast_dtype
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import time
 import torch
 
 from verydeep import vgg
-from verydeep.runtime import pick_device
+from verydeep.runtime.device import pick_device
 
 
 def seconds_per_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:

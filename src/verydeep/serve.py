@@ -57,7 +57,8 @@ from verydeep.eval.sweep import average
 from verydeep.io.download import resolve_source
 from verydeep.io.jsonable import to_json_dict
 from verydeep.options import add_device, add_precision, add_weights, one_line, parse_scales, positive_int
-from verydeep.runtime import autocast_dtype, pick_device
+from verydeep.runtime.device import pick_device
+from verydeep.runtime.precision import autocast_dtype
 
 #: The largest upload, in bytes: a 50 M pixel JPEG straight from a camera fits.
 MAX_UPLOAD_BYTES = 32 * 2**20

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny, write_dataset
 from PIL import Image
 
-from verydeep import runtime, vgg
+from verydeep import vgg
 from verydeep.bench import ceiling, peer, roofline
 from verydeep.bench.data import bench_data, first_photo
 from verydeep.bench.measure import count_macs
@@ -21,6 +21,8 @@ from verydeep.bench.settings import Settings
 from verydeep.bench.summary import summarise
 from verydeep.cli import main
 from verydeep.errors import UserError
+from verydeep.runtime import precision as precision_choice
+from verydeep.runtime.device import cpu_model, pick_device
 from verydeep.train import train
 
 #: The JSON keys that carry a measurement, each a positive finite number.
@@ -272,32 +274,32 @@ def test_macs_of_a_tiny_net_by_hand() -> None:
 
 def test_precision_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.delenv(runtime.PRECISION_ENV, raising=False)
+    monkeypatch.delenv(precision_choice.PRECISION_ENV, raising=False)
     timings = []
-    monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda: timings.append(1) or 3.0)
-    assert runtime.cpu_precision() == "bf16"
+    monkeypatch.setattr(precision_choice, "bf16_matmul_speedup", lambda: timings.append(1) or 3.0)
+    assert precision_choice.cpu_precision() == "bf16"
     cache = json.loads((tmp_path / "verydeep" / "precision.json").read_text())
-    assert list(cache.values()) == ["bf16"] and runtime.cpu_model() in next(iter(cache))
-    monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda: timings.append(1) or 0.1)
-    assert runtime.cpu_precision() == "bf16" and len(timings) == 1  # reused, not measured again
+    assert list(cache.values()) == ["bf16"] and cpu_model() in next(iter(cache))
+    monkeypatch.setattr(precision_choice, "bf16_matmul_speedup", lambda: timings.append(1) or 0.1)
+    assert precision_choice.cpu_precision() == "bf16" and len(timings) == 1  # reused, not measured again
     (tmp_path / "verydeep" / "precision.json").unlink()
-    assert runtime.cpu_precision() == "fp32" and len(timings) == 2
+    assert precision_choice.cpu_precision() == "fp32" and len(timings) == 2
 
 
 def test_precision_forced_or_from_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv(runtime.PRECISION_ENV, "fp32")
-    assert runtime.autocast_dtype(runtime.pick_device("cpu"), "auto") is None
-    monkeypatch.setenv(runtime.PRECISION_ENV, "fp16")
-    with pytest.raises(runtime.UserError, match=runtime.PRECISION_ENV):
-        runtime.cpu_precision()
-    monkeypatch.delenv(runtime.PRECISION_ENV)
+    monkeypatch.setenv(precision_choice.PRECISION_ENV, "fp32")
+    assert precision_choice.autocast_dtype(pick_device("cpu"), "auto") is None
+    monkeypatch.setenv(precision_choice.PRECISION_ENV, "fp16")
+    with pytest.raises(UserError, match=precision_choice.PRECISION_ENV):
+        precision_choice.cpu_precision()
+    monkeypatch.delenv(precision_choice.PRECISION_ENV)
 
     def failing() -> float:
         raise RuntimeError("no bf16 kernels")
 
-    monkeypatch.setattr(runtime, "bf16_matmul_speedup", failing)
-    assert runtime.cpu_precision() == ("bf16" if runtime.cpu_has_fast_bf16() else "fp32")
+    monkeypatch.setattr(precision_choice, "bf16_matmul_speedup", failing)
+    assert precision_choice.cpu_precision() == ("bf16" if precision_choice.cpu_has_fast_bf16() else "fp32")
     assert not (tmp_path / "verydeep" / "precision.json").exists()
 
 

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from verydeep import runtime
 from verydeep.bench import ceiling
 from verydeep.bench.data import DEFAULT_DATA, bench_data, first_photo
 from verydeep.bench.measure import alternate, count_macs
@@ -21,14 +20,17 @@ from verydeep.bench.settings import DEFAULTS, TORCHVISION, Settings
 from verydeep.bench.summary import peak_memory_gib, render, summarise
 from verydeep.errors import UserError
 from verydeep.options import add_device, add_workers, positive_int, width_multiplier
+from verydeep.runtime.device import machine, pick_device
+from verydeep.runtime.precision import autocast_dtype
+from verydeep.runtime.processes import default_workers
 
 
 def run_bench(settings: Settings) -> dict[str, Any]:
     """Every measurement of the bench, in alternating rounds; the result as :func:`summarise` gives it."""
-    device = runtime.pick_device(settings.device)
-    dtype, peer = runtime.autocast_dtype(device, "auto"), peer_dtype(device)
+    device = pick_device(settings.device)
+    dtype, peer = autocast_dtype(device, "auto"), peer_dtype(device)
     with tempfile.TemporaryDirectory() as scratch:
-        workers = runtime.default_workers() if settings.workers is None else settings.workers
+        workers = default_workers() if settings.workers is None else settings.workers
         need = (training_steps(settings, workers) + 1) * settings.batch
         root, source = bench_data(settings.data, Path(scratch), settings.size, need)
         trainer = open_trainer(settings, root, Path(scratch))
@@ -46,7 +48,7 @@ def run_bench(settings: Settings) -> dict[str, Any]:
     rounds |= ceiling.per_round(rooflines[f"conv_{precision_name(dtype)}_tflops"].rates, net_layers,
                                 6 * macs * settings.batch, 2 * macs * settings.batch)
     kernels = {name: measured.winners for name, measured in rooflines.items()}
-    return summarise(rounds, macs, dtype, settings, source, runtime.machine(device), peak_memory_gib(device), kernels,
+    return summarise(rounds, macs, dtype, settings, source, machine(device), peak_memory_gib(device), kernels,
                      peer_info)
 
 
@@ -79,7 +81,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     if args.config not in TORCHVISION:
         raise UserError(f"--config {args.config}: torchvision has no such VGG; give one of {', '.join(TORCHVISION)}")
-    device = runtime.pick_device(args.device)
+    device = pick_device(args.device)
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     size = args.size or defaults["size"]
     if size % 32:

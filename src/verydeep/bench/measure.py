@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from verydeep import runtime
+from verydeep.runtime.precision import autocast
 
 
 def sync(device: torch.device) -> None:
@@ -37,7 +37,7 @@ def inference_step(net: nn.Module, model: nn.Module, x: torch.Tensor, dtype: tor
     @torch.inference_mode()
     def step() -> None:
         model.eval()
-        with runtime.autocast(x.device, dtype):
+        with autocast(x.device, dtype):
             net(x)
         model.train()
 

@@ -14,13 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from verydeep import runtime
 from verydeep.bench.measure import images_per_second, sync
 from verydeep.bench.settings import WARMUP_STEPS, Settings, test_scales
 from verydeep.data import RescaleTransform, to_input
 from verydeep.errors import UserError
 from verydeep.eval.sweep import dense_posteriors, multicrop_posteriors
 from verydeep.io.rundir import RunDir
+from verydeep.runtime.device import prepare
+from verydeep.runtime.precision import autocast
+from verydeep.runtime.processes import Processes
 from verydeep.train import Trainer
 from verydeep.train.recipe import TrainConfig
 
@@ -45,7 +47,7 @@ def open_trainer(settings: Settings, root: Path, scratch: Path) -> Any:
                       crop=settings.size, scale=(s, s), batch_size=settings.batch, epochs=1, lr=1e-3,
                       workers=settings.workers, device=settings.device, precision="auto", progress=False,
                       compile=settings.compile)
-    trainer = Trainer(cfg, runtime.Processes())
+    trainer = Trainer(cfg, Processes())
     need = training_steps(settings, trainer.workers)
     if trainer.sampler.steps_per_epoch < need:
         raise UserError(f"--data {settings.data}: {len(trainer.data.train_indices)} training images, fewer than the "
@@ -57,7 +59,7 @@ def open_trainer(settings: Settings, root: Path, scratch: Path) -> Any:
 
 def inference_net(trainer: Any) -> nn.Module:
     """A copy of the trainer's model as evaluation holds a net: eval mode, weights in the autocast dtype."""
-    return runtime.prepare(copy.deepcopy(trainer.model), trainer.device, trainer.cfg.channels_last,
+    return prepare(copy.deepcopy(trainer.model), trainer.device, trainer.cfg.channels_last,
                            trainer.dtype).eval()
 
 
@@ -93,7 +95,7 @@ def trainer_contenders(trainer: Any, model: nn.Module, steps: int) -> dict[str, 
 
     @torch.inference_mode()
     def infer_step() -> None:
-        with runtime.autocast(device, trainer.dtype):
+        with autocast(device, trainer.dtype):
             forward(x)
 
     def end_to_end(count: int = steps) -> float:
@@ -124,7 +126,7 @@ def protocol_contenders(trainer: Any, model: nn.Module, photo: Path) -> dict[str
         def measure() -> float:
             sync(device)
             start = time.perf_counter()
-            with runtime.autocast(device, trainer.dtype):
+            with autocast(device, trainer.dtype):
                 for x in inputs:
                     protocol(x)
             sync(device)

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from verydeep import runtime
 from verydeep.bench.measure import images_per_second, inference_step
 from verydeep.bench.roofline import precision_name
+from verydeep.runtime.precision import autocast, autocast_dtype
 
 #: The ways of running the peer, in the order they are measured.
 VARIANTS = ("eager", "compiled")
@@ -29,7 +29,7 @@ UPDATE = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
 
 def peer_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the peer: bf16 where ``auto`` picks it, fp16 on a CUDA GPU without bf16, else fp32."""
-    dtype = runtime.autocast_dtype(device, "auto")
+    dtype = autocast_dtype(device, "auto")
     return torch.float16 if dtype is None and device.type == "cuda" else dtype
 
 
@@ -41,7 +41,7 @@ def best_steps(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimize
     scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
 
     def train_step() -> None:
-        with runtime.autocast(device, dtype):
+        with autocast(device, dtype):
             loss = nn.functional.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:

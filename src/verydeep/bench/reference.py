@@ -10,11 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
-from verydeep import runtime
 from verydeep.bench.measure import images_per_second, inference_step
 from verydeep.bench.peer import peer_contenders
 from verydeep.bench.settings import TORCHVISION, WARMUP_STEPS, Settings
 from verydeep.nn.model import vgg
+from verydeep.runtime.precision import autocast
 
 
 def plain_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -24,7 +24,7 @@ def plain_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
     optimiser = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def train_step() -> None:
-        with runtime.autocast(device, dtype):
+        with autocast(device, dtype):
             loss = nn.functional.cross_entropy(model(x), y)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -25,8 +25,8 @@ from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
 from verydeep.options import add_workers, output_file, seed_number
-from verydeep.runtime import progress_bar
 from verydeep.runtime.limits import usable_cores
+from verydeep.runtime.progress import progress_bar
 
 
 @dataclass(frozen=True)

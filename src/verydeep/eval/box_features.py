@@ -31,8 +31,8 @@ from verydeep.eval.descriptors import TAP, aggregate, check_scales_cover_crops, 
 from verydeep.eval.feature_passes import Settings, run_passes
 from verydeep.eval.feature_store import Features, Partial, extraction_key
 from verydeep.eval.image_sets import ImageSet, IndexedImages
-from verydeep.runtime import Processes
 from verydeep.runtime.limits import MAX_TEST_PIXELS
+from verydeep.runtime.processes import Processes
 
 #: Table 12's settings: the whole image alone, or stacked with the person's box.
 REGIONS = ("image", "image+box")

@@ -24,7 +24,7 @@ from verydeep.data import Preprocess
 from verydeep.errors import UserError
 from verydeep.io.sources import load
 from verydeep.nn.model import DenseVGG
-from verydeep.runtime import prepare
+from verydeep.runtime.device import prepare
 
 #: The layer whose activations are the descriptor: FC7 after its ReLU.
 TAP = "relu7"

@@ -42,13 +42,11 @@ from verydeep.eval.rows import PROTOCOL_LABELS, EvalResult, Posteriors, Timing, 
 from verydeep.eval.sweep import PosteriorArrays, SweepSettings, compute_posteriors, plan_passes
 from verydeep.options import add_device, add_precision, add_weights, add_workers, output_dir, parse_scales, positive_int
 from verydeep.paper import report
-from verydeep.runtime import (
-    autocast_dtype,
-    default_workers,
-    keep_freed_memory,
-    pick_device,
-    sharding,
-)
+from verydeep.runtime import sharding
+from verydeep.runtime.device import pick_device
+from verydeep.runtime.memory import keep_freed_memory
+from verydeep.runtime.precision import autocast_dtype
+from verydeep.runtime.processes import default_workers
 
 #: Protocols a user can ask for; ``dense+multicrop`` is the combination of Table 5.
 PROTOCOLS = ("dense", "multicrop", "dense+multicrop", "center")

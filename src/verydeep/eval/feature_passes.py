@@ -19,15 +19,11 @@ from verydeep.errors import UserError
 from verydeep.eval.descriptors import AGGREGATES, DEFAULT_SCALES, FeatureNet, pooled_descriptor
 from verydeep.eval.feature_store import Partial
 from verydeep.eval.image_sets import ImageSet, IndexedImages, loaded_batches
-from verydeep.runtime import (
-    Processes,
-    autocast,
-    autocast_dtype,
-    default_workers,
-    pick_device,
-    progress_bar,
-    sharding,
-)
+from verydeep.runtime import sharding
+from verydeep.runtime.device import pick_device
+from verydeep.runtime.precision import autocast, autocast_dtype
+from verydeep.runtime.processes import Processes, default_workers
+from verydeep.runtime.progress import progress_bar
 
 
 @dataclass(frozen=True)

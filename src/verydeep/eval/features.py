@@ -49,7 +49,10 @@ from verydeep.options import (
     parse_scales,
     positive_int,
 )
-from verydeep.runtime import Processes, available_memory_bytes, progress_bar, sharding
+from verydeep.runtime import sharding
+from verydeep.runtime.memory import available_memory_bytes
+from verydeep.runtime.processes import Processes
+from verydeep.runtime.progress import progress_bar
 
 
 def extract_features(sources: Sequence[str | Path], data: str | Path, out: str | Path | None = None,

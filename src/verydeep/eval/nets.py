@@ -143,7 +143,7 @@ def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_
               compile: bool = False) -> list[Net]:
     """Load each net (:func:`verydeep.load`, refused without a classifier) with its own crop, test scales
     (given ``scales`` override the recipe's) and input convention; its weights in ``dtype``, the autocast
-    dtype it will run under (:func:`verydeep.runtime.prepare`), when given; run compiled with ``compile``
+    dtype it will run under (:func:`verydeep.runtime.device.prepare`), when given; run compiled with ``compile``
     (:meth:`Net.compile`)."""
     if not sources:
         raise UserError("give at least one --weights")

@@ -39,7 +39,8 @@ from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
 from verydeep.options import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
-from verydeep.runtime import autocast_dtype, pick_device
+from verydeep.runtime.device import pick_device
+from verydeep.runtime.precision import autocast_dtype
 
 
 @dataclass(frozen=True)

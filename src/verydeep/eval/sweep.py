@@ -26,8 +26,11 @@ from verydeep.data import (
 from verydeep.data.loaders import image_loader
 from verydeep.eval.nets import Net, center_resize
 from verydeep.nn.model import VGG, DenseVGG
-from verydeep.runtime import Processes, autocast, progress_bar, sharding
+from verydeep.runtime import sharding
 from verydeep.runtime.ahead import run_ahead
+from verydeep.runtime.precision import autocast
+from verydeep.runtime.processes import Processes
+from verydeep.runtime.progress import progress_bar
 
 #: Multi-crop forwards take as many crops as keep the first conv's output under this many elements:
 #: 128 crops of 224 for a full-width net (1.6 GB in fp32), thousands of small crops of a narrow one.

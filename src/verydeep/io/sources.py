@@ -23,7 +23,7 @@ from verydeep.io.weights import load_published, task_name
 from verydeep.nn import configs
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification
-from verydeep.runtime import prepare
+from verydeep.runtime.device import prepare
 
 
 def model_name(recipe: dict[str, Any]) -> str:
@@ -99,7 +99,7 @@ def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str
          device: str | torch.device = "cpu", dtype: torch.dtype | None = None, purpose: str | None = None,
          ) -> LoadedNet:
     """The net in ``source`` on ``device``, its weights in ``dtype`` (the autocast dtype it will run under,
-    :func:`verydeep.runtime.prepare`) when given. ``data``: the folder whose ``preprocess.json`` a net
+    :func:`verydeep.runtime.device.prepare`) when given. ``data``: the folder whose ``preprocess.json`` a net
     without a convention of its own takes. ``purpose`` (say, "classify"): what the caller needs the FC
     layers for; weights without them (Keras' ``notop`` files) are then refused in one line, and for
     :data:`CLASSIFY` so is a net trained for another task (a localisation net's outputs are boxes)."""

@@ -19,7 +19,7 @@ from PIL import Image
 from verydeep.options import add_device, output_dir, positive_int
 from verydeep.paper.presets import PRESETS
 from verydeep.paper.reproduce import reproduce
-from verydeep.runtime import pick_device
+from verydeep.runtime.device import pick_device
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

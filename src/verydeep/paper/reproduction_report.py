@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from verydeep import runtime
 from verydeep.eval.rows import EvalRow, PaperFigures
 from verydeep.io.rundir import RunDir
 from verydeep.paper import report
@@ -22,7 +21,7 @@ from verydeep.paper.measure import Measured, find_row, single_scale
 from verydeep.paper.presets import Net, Preset
 from verydeep.paper.report import Column, Row, Table
 from verydeep.paper.train_nets import epochs_of
-from verydeep.runtime import pick_device
+from verydeep.runtime.device import machine, pick_device
 
 
 @dataclass
@@ -121,7 +120,7 @@ def _hardware(device: str) -> str:
     if pick_device(device).type == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
 
-    facts = runtime.machine(torch.device("cpu"))
+    facts = machine(torch.device("cpu"))
     flags = ", ".join(name for name in ("amx", "avx512_bf16", "avx2") if facts.get(name)) or "no AVX2"
     return f"{facts['cpu']} CPU ({facts['cores']} cores; {flags}), {torch.get_num_threads()} threads, " \
            f"torch {torch.__version__}"

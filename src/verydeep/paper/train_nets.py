@@ -23,7 +23,7 @@ from verydeep.io.atomic import atomic_write
 from verydeep.paper.measure import Measured, evaluate_net
 from verydeep.paper.plot import read_metrics
 from verydeep.paper.presets import Net, Preset
-from verydeep.runtime import pick_device
+from verydeep.runtime.device import pick_device
 from verydeep.train import train
 from verydeep.train.recipe import TrainConfig, stored_settings
 

@@ -5,7 +5,7 @@ same batches as one process would; each takes every WORLD_SIZE-th batch (:func:`
 goes through the nets in the very batch one process puts it in. The rows each process computed are
 then gathered into every process's arrays, in the data's order (:func:`gather_rows`); counts are summed
 (:func:`total`) and the names of the images skipped joined (:func:`union`). Every process so holds one
-process's result, and only the first (:attr:`~verydeep.runtime.Processes.main`) writes files and prints.
+process's result, and only the first (:attr:`~verydeep.runtime.processes.Processes.main`) writes files and prints.
 On a single process each of these functions returns what it was given.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from verydeep.runtime import Processes
+from verydeep.runtime.processes import Processes
 
 T = TypeVar("T")
 

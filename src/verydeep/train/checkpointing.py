@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from verydeep import runtime
 from verydeep.data import Preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.atomic import atomic_write, remove_temp_files
@@ -31,6 +30,7 @@ from verydeep.io.rundir import EPOCH, RunDir
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.tasks import Classification, Task
 from verydeep.options import refuse_overwriting_inputs
+from verydeep.runtime.processes import Processes
 from verydeep.train.data import TrainingData
 from verydeep.train.recipe import TrainConfig, flag_name
 
@@ -96,7 +96,7 @@ def _shown(names: list[Any], first: int = 4) -> str:
 class Checkpoints:
     """The run directory ``run_dir`` and its ``checkpoints/``; only the main process writes."""
 
-    def __init__(self, run_dir: Path, procs: runtime.Processes, keep_last: int) -> None:
+    def __init__(self, run_dir: Path, procs: Processes, keep_last: int) -> None:
         self.run_dir, self.procs, self.keep_last = run_dir, procs, keep_last
         self.paths = RunDir(run_dir)
         self.dir, self.last = self.paths.checkpoints, self.paths.last

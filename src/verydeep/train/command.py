@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from verydeep import runtime
+from verydeep.runtime.processes import Processes
 from verydeep.train.recipe import add_flags, make_config, recipe_names, settings_from_flags
 from verydeep.train.trainer import train
 
@@ -26,5 +26,5 @@ def run_cli(args: argparse.Namespace) -> None:
     given = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
     settings = settings_from_flags(given)
     summary = train(make_config(settings), given=set(settings))
-    if runtime.Processes.from_env().main:
+    if Processes.from_env().main:
         print(json.dumps(summary.to_dict()))

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from verydeep import runtime
 from verydeep.data import (
     CenterCropTransform,
     Preprocess,
@@ -24,6 +23,7 @@ from verydeep.data.loaders import image_loader
 from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, collate_shifted
 from verydeep.errors import UserError
 from verydeep.nn.tasks import Task
+from verydeep.runtime.processes import Processes
 from verydeep.train.recipe import TrainConfig
 
 
@@ -80,7 +80,7 @@ class TrainingData:
             record.update(held_out_of_training=True, paths=paths)
         return record
 
-    def loaders(self, procs: runtime.Processes, micro_batch: int, pre: Preprocess, workers: int,
+    def loaders(self, procs: Processes, micro_batch: int, pre: Preprocess, workers: int,
                 device: torch.device) -> tuple[GlobalBatchSampler, DataLoader, DataLoader]:
         """The training sampler and loader (seeded samples in global batches, this process's slice in
         micro-batches) and the validation loader (this process's share of the images)."""

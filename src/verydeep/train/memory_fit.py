@@ -13,8 +13,10 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as torch_dist
 
-from verydeep import runtime
 from verydeep.errors import UserError
+from verydeep.runtime import memory
+from verydeep.runtime.precision import autocast
+from verydeep.runtime.processes import Processes
 
 
 class MemoryProbe:
@@ -31,7 +33,7 @@ class MemoryProbe:
         x = torch.zeros(images, 3, self.crop, self.crop, device=self.device)
         self.model.eval()
         try:
-            with runtime.autocast(self.device, self.dtype):
+            with autocast(self.device, self.dtype):
                 yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         finally:
             self.model.train()
@@ -67,18 +69,18 @@ class MemoryProbe:
         return sum(saved.values()) + 2 * max(saved.values(), default=0)
 
     def fitted(self, local_batch: int) -> int | None:
-        """This process's largest micro-batch that fits (:func:`runtime.fit_micro_batch`; the whole
+        """This process's largest micro-batch that fits (:func:`verydeep.runtime.memory.fit_micro_batch`; the whole
         ``local_batch`` when it fits), 0 when not even the smallest probe fits, None when the machine does
         not say how much memory it has."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         if self.device.type == "cuda":  # the probes' peak holds the gradients; the momentum comes at the first step
-            probe, budget = self.peak_bytes, runtime.cuda_memory_budget(self.device, weights)
+            probe, budget = self.peak_bytes, memory.cuda_memory_budget(self.device, weights)
         else:  # the count holds neither gradients nor momentum
-            probe, budget = self.activation_bytes, runtime.cpu_memory_budget(2 * weights)
+            probe, budget = self.activation_bytes, memory.cpu_memory_budget(2 * weights)
             if budget is None:
                 return None
         try:
-            return runtime.fit_micro_batch(local_batch, probe, budget)
+            return memory.fit_micro_batch(local_batch, probe, budget)
         except torch.OutOfMemoryError:
             return 0
         finally:
@@ -86,7 +88,7 @@ class MemoryProbe:
                 torch.cuda.reset_peak_memory_stats(self.device)
 
 
-def fit_micro_batch(probe: MemoryProbe, local_batch: int, micro_batch: int, procs: runtime.Processes,
+def fit_micro_batch(probe: MemoryProbe, local_batch: int, micro_batch: int, procs: Processes,
                     batch_size: int) -> int:
     """The micro-batch every process trains with: the smallest that fits over the processes, so that they
     step together (``micro_batch`` where the memory is not known); a :class:`UserError` when none fits."""
@@ -97,6 +99,6 @@ def fit_micro_batch(probe: MemoryProbe, local_batch: int, micro_batch: int, proc
         torch_dist.all_reduce(smallest, op=torch_dist.ReduceOp.MIN)
         fitted = int(smallest)
     if fitted == 0:
-        raise UserError(f"--batch-size {batch_size}: a training step of {runtime.PROBE_SIZES[0]} images does not "
+        raise UserError(f"--batch-size {batch_size}: a training step of {memory.PROBE_SIZES[0]} images does not "
                         f"fit the memory of {probe.device} (of a process); give --micro-batch")
     return fitted

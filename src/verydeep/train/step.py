@@ -19,13 +19,14 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from verydeep import runtime
 from verydeep.data import Batch, Preprocess, to_input
 from verydeep.data import gpu as gpu_decode
 from verydeep.data.sampling import Draws
 from verydeep.errors import UserError
 from verydeep.nn.tasks import Task
 from verydeep.runtime.ahead import run_ahead
+from verydeep.runtime.precision import autocast
+from verydeep.runtime.processes import Processes
 
 
 class NonFiniteLossError(UserError):
@@ -43,7 +44,7 @@ class Stepper:
     """The step's work: batches onto the device, the network's input, micro-steps and the update."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: Task,
-                 procs: runtime.Processes, device: torch.device, dtype: torch.dtype | None, pre: Preprocess,
+                 procs: Processes, device: torch.device, dtype: torch.dtype | None, pre: Preprocess,
                  crop: int, channels_last: bool, local_batch: int, decode: str) -> None:
         self.model, self.optimizer, self.task, self.procs = model, optimizer, task, procs
         self.device, self.dtype, self.pre, self.crop = device, dtype, pre, crop
@@ -105,12 +106,12 @@ class Stepper:
         with no_sync:
             if batch.images.shape[0] == 0:  # every file of this micro-batch unreadable: a zero-gradient pass
                 x = torch.zeros(1, 3, self.crop, self.crop, device=self.device)
-                with runtime.autocast(self.device, self.dtype):
+                with autocast(self.device, self.dtype):
                     loss = self.forward_model(x).float().sum() * 0.0
             else:
                 x, targets = self.input(batch, draws.shifts), self.task.targets(batch, self.device)
                 seeds = draws.seeds.to(self.device, non_blocking=True)
-                with runtime.autocast(self.device, self.dtype):
+                with autocast(self.device, self.dtype):
                     loss = self.task.loss(self.forward_model(x, seeds).float(), targets)
             (loss / self.local_batch).backward()
         return loss.detach()

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from verydeep import runtime
 from verydeep.data import gpu as gpu_decode
 from verydeep.data import load_preprocess
 from verydeep.data.sampling import Stream, derived_seed
@@ -41,6 +40,12 @@ from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.rundir import RunDir
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification, Task
+from verydeep.runtime.device import pick_device, prepare
+from verydeep.runtime.memory import keep_freed_memory
+from verydeep.runtime.precision import autocast_dtype
+from verydeep.runtime.processes import Processes, default_workers
+from verydeep.runtime.progress import progress_bar
+from verydeep.runtime.rng import rng_state, set_rng_state
 from verydeep.runtime.sharding import process_group
 from verydeep.train.checkpointing import Checkpoints, check_resumable, run_record
 from verydeep.train.data import TrainingData
@@ -74,7 +79,7 @@ class TrainSummary:
 class Trainer:
     """One training run of ``task``, on this process and its share of the global batches."""
 
-    def __init__(self, cfg: TrainConfig, procs: runtime.Processes, task: Task | None = None,
+    def __init__(self, cfg: TrainConfig, procs: Processes, task: Task | None = None,
                  given: Collection[str] | None = None) -> None:
         cfg.check()
         self.procs, self.task = procs, task or Classification()
@@ -97,7 +102,7 @@ class Trainer:
         zero_momenta(self.optimizer)  # after fitting, which counts the momentum as still to come
         self.stepper.wrap(self.cfg.compile)
         if rng is not None:
-            runtime.set_rng_state(rng)
+            set_rng_state(rng)
         self.sampler, self.loader, self.val_loader = self.data.loaders(procs, self.micro_batch, self.pre,
                                                                        self.workers, self.device)
         self.log(f"{self.model.name} width={self.cfg.width:g} on {self.device} x{procs.world}, {self.how}; "
@@ -123,9 +128,9 @@ class Trainer:
         self.checkpoints.prepare(cfg)
         self.metrics = MetricsLog(self.run_dir, procs.main, cfg.tensorboard)
         self.device = self._device()
-        self.dtype = runtime.autocast_dtype(self.device, cfg.precision)
+        self.dtype = autocast_dtype(self.device, cfg.precision)
         self.decode = gpu_decode.resolve_decode(cfg.decode, self.device)
-        self.workers = runtime.default_workers() if cfg.workers is None else cfg.workers
+        self.workers = default_workers() if cfg.workers is None else cfg.workers
         self.pre = cfg.preprocess or load_preprocess(cfg.data)
 
     def _device(self) -> torch.device:
@@ -134,11 +139,11 @@ class Trainer:
             torch.cuda.set_device(self.procs.local_rank)
             device = torch.device("cuda", self.procs.local_rank)
         else:
-            device = runtime.pick_device(self.cfg.device)
+            device = pick_device(self.cfg.device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotune the convolutions once
         else:
-            runtime.keep_freed_memory()  # no fresh pages for every step's activations
+            keep_freed_memory()  # no fresh pages for every step's activations
         return device
 
     def _build(self) -> None:
@@ -154,7 +159,7 @@ class Trainer:
         frozen = freeze(model, cfg.freeze)
         if frozen:
             self.how += f"; {len(frozen)} tensors frozen (up to {cfg.freeze})"
-        self.model: VGG = runtime.prepare(model, self.device, cfg.channels_last)
+        self.model: VGG = prepare(model, self.device, cfg.channels_last)
         groups = param_groups(self.model, (start or {}).get("copied", []), cfg.lr, cfg.lr_copied)
         # one fused kernel for the whole update instead of a loop over tensors: the same arithmetic, and on
         # a CPU several times faster for VGG's large FC weights (docs/benchmarks)
@@ -237,10 +242,10 @@ class Trainer:
         are never saved: the last good checkpoint stays the last one."""
         check_finite_weights(self.model, f"at epoch {self.epoch + 1} step {self.step} (lr {self.schedule.lr:g}); "
                                          f"stopped; last good checkpoint: {self.checkpoints.last_good()}")
-        rngs = [runtime.rng_state()]
+        rngs = [rng_state()]
         if self.procs.distributed:
             rngs = [None] * self.procs.world
-            torch_dist.all_gather_object(rngs, runtime.rng_state())
+            torch_dist.all_gather_object(rngs, rng_state())
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "step": self.step, "partial": asdict(self.totals), "rng": rngs, "world": self.procs.world,
@@ -275,7 +280,7 @@ class Trainer:
         stop = self.cfg.stop_after_steps if stop_after_steps is None else stop_after_steps
         sampler, stepper = self.sampler, self.stepper
         sampler.set_epoch(self.epoch, self.step_in_epoch)
-        bar = runtime.progress_bar(sampler.steps_per_epoch, self.cfg.progress and self.procs.main,
+        bar = progress_bar(sampler.steps_per_epoch, self.cfg.progress and self.procs.main,
                                    initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}", unit="step")
         self.record_step(self.steps.pop())  # one queued outside the epochs (the bench's) keeps its own seconds
         self.steps.start_clock()

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from verydeep import runtime
 from verydeep.errors import UserError
 from verydeep.nn.tasks import Task
+from verydeep.runtime.precision import autocast
 from verydeep.train.step import Stepper
 
 
@@ -25,7 +25,7 @@ def validate(model: torch.nn.Module, stepper: Stepper, loader: DataLoader, task:
         skipped += len(batch.skipped)
         if batch.images.shape[0] == 0:
             continue
-        with runtime.autocast(device, dtype):
+        with autocast(device, dtype):
             outputs = model(stepper.input(batch)).float()
         batch_sums = task.metric_sums(outputs, task.targets(batch, device))
         sums = [a + b for a, b in zip(sums, batch_sums, strict=True)]

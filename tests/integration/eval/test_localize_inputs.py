@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from conftest import tiny, write_dataset
 
-from verydeep import runtime
 from verydeep.cli import main
 from verydeep.errors import UserError
+from verydeep.eval.localize import center, dense
 from verydeep.eval.localize.center import CenterResult, fine_tuned_layers, table_8
 from verydeep.eval.localize.task import Localisation, task_of
 from verydeep.io.checkpoint import export_safetensors, load_checkpoint, model_from_recipe, save_checkpoint
+from verydeep.runtime.progress import progress_bar
 from verydeep.train import train
 
 
@@ -161,13 +162,14 @@ def test_a_boxes_path_of_another_kind_in_the_run_record_is_named_on_resume(loc_r
 
 def test_localize_eval_shows_its_progress_unless_told_not_to(loc_run, monkeypatch):
     root, classifier, loc = loc_run
-    bars, bar = [], runtime.progress_bar
+    bars = []
 
     def watched(total: int | None = None, enabled: bool = True, **options: object):
         bars.append((total, enabled, options["unit"]))
-        return bar(total, enabled, **options)
+        return progress_bar(total, enabled, **options)
 
-    monkeypatch.setattr(runtime, "progress_bar", watched)
+    for module in (center, dense):  # the centre protocol's bar, and the dense one's
+        monkeypatch.setattr(module, "progress_bar", watched)
     for flags in ([], ["--no-progress"]):
         evaluate = ["localize", "eval", "--checkpoint", str(loc), "--data", str(root), "--batch-size", "4",
                     "--workers", "0", "--device", "cpu", *flags]

@@ -23,7 +23,7 @@ from verydeep.paper.presets import NETS, PRESETS, Net, Preset
 from verydeep.paper.reproduce import reproduce
 from verydeep.paper.reproduction_plots import ERROR_BARS, errors_figure
 from verydeep.paper.train_nets import shard_of
-from verydeep.runtime import Processes
+from verydeep.runtime.processes import Processes
 from verydeep.train import Trainer, train
 
 #: Processes, servers or whole training runs: minutes on two cores (`pytest -m 'not slow'` leaves them out).

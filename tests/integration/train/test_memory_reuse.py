@@ -1,4 +1,4 @@
-"""The CPU allocator keeps freed memory for reuse (``runtime.keep_freed_memory``): large blocks too, with the
+"""The CPU allocator keeps freed memory for reuse (``runtime.memory.keep_freed_memory``): large blocks too, with the
 same results."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 #: allocated afresh each step; prints each step's page faults and loss, then the weights' sum.
 STEPS = """
 import ctypes, resource, sys, torch
-from verydeep.runtime import keep_freed_memory
+from verydeep.runtime.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 else:  # the mapping threshold at its cap alone: blocks above it still mapped afresh

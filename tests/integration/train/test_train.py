@@ -13,13 +13,14 @@ import pytest
 import torch
 from conftest import tiny, weights, write_dataset
 
-from verydeep import runtime
 from verydeep.cli import main
 from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint, load_model
 from verydeep.nn.tasks import Classification
+from verydeep.runtime import memory
+from verydeep.runtime.processes import Processes, default_workers
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
 from verydeep.train.memory_fit import MemoryProbe
 from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names, settings_from_flags
@@ -113,7 +114,6 @@ def test_the_trainers_fused_update_is_plain_sgd(data, tmp_path):
     gradients autograd gives (laid out as their channels-last weights)."""
     import copy
 
-    from verydeep.runtime import Processes
     from verydeep.train import Trainer
 
     trainer = Trainer(tiny(data, tmp_path, epochs=1, dropout=0.0), Processes.from_env())
@@ -198,7 +198,7 @@ def test_milestones_given_from_python_are_checked_as_the_flags_are(data, tmp_pat
 
 
 def test_a_micro_batch_larger_than_a_process_share_of_the_batch_is_refused(data, tmp_path):
-    two_processes = runtime.Processes(rank=0, world=2, local_rank=0)
+    two_processes = Processes(rank=0, world=2, local_rank=0)
     with pytest.raises(UserError, match=r"--micro-batch 12 is larger than a process's share of --batch-size 16 "
                                         r"over 2 processes \(8\)"):
         Trainer(tiny(data, tmp_path, micro_batch=12), two_processes)
@@ -216,7 +216,7 @@ def test_weights_with_warm_start_copy_exactly_the_papers_layers(data, tmp_path):
     train(tiny(data, tmp_path / "a", epochs=1))
     source = load_model(tmp_path / "a" / "checkpoints" / "last.pt")[0]
     cfg = tiny(data, tmp_path / "d", config="D", weights=str(tmp_path / "a"), warm_start=True, init="paper")
-    trainer = Trainer(cfg, runtime.Processes.from_env())
+    trainer = Trainer(cfg, Processes.from_env())
     deep = trainer.model
     assert "warm start" in trainer.how and trainer.record["start"]["warm_start"] == [
         "conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"]
@@ -227,7 +227,7 @@ def test_weights_with_warm_start_copy_exactly_the_papers_layers(data, tmp_path):
         same = name in theirs and layer.weight.shape == theirs[name].weight.shape and torch.equal(
             layer.weight.float(), theirs[name].weight.float())
         assert same == (name in copied), name
-    same_config = Trainer(tiny(data, tmp_path / "a2", weights=str(tmp_path / "a")), runtime.Processes.from_env())
+    same_config = Trainer(tiny(data, tmp_path / "a2", weights=str(tmp_path / "a")), Processes.from_env())
     for key, value in source.state_dict().items():
         assert torch.equal(value, same_config.model.state_dict()[key].to(value.dtype))
 
@@ -307,7 +307,7 @@ def test_zero_momenta_before_the_first_step_give_the_same_updates_bit_for_bit():
 def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tmp_path, device):
     """The update of a non-finite loss or gradient is skipped, on the first step or a later one, and a finite
     step after it still updates."""
-    trainer = Trainer(tiny(data, tmp_path, dropout=0.0, device=device), runtime.Processes.from_env())
+    trainer = Trainer(tiny(data, tmp_path, dropout=0.0, device=device), Processes.from_env())
     model, optimizer = trainer.stepper.model, trainer.stepper.optimizer
 
     def step(loss: float, gradient: float) -> None:
@@ -419,13 +419,13 @@ def test_dropout_is_a_probability_below_one_and_workers_are_bounded_by_the_cores
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {message}"), err
     assert not (tmp_path / "run").exists()
-    assert tiny(data, tmp_path / "run", dropout=0.0, workers=runtime.default_workers()).check() is None
+    assert tiny(data, tmp_path / "run", dropout=0.0, workers=default_workers()).check() is None
 
 
 def test_step_times_include_the_update(data, tmp_path, monkeypatch):
     """A step's logged time runs from the end of the step before to the end of its own update, so a slow
     update (here 50 ms) shows in the images per second."""
-    trainer = Trainer(tiny(data, tmp_path), runtime.Processes())
+    trainer = Trainer(tiny(data, tmp_path), Processes())
     update = trainer.optimizer.step
 
     def slow_update(*args, **kwargs):
@@ -447,38 +447,38 @@ def test_micro_batch_fitted_to_a_memory_budget():
         probed.append(images)
         return (100 + 10 * images) * 10**6
 
-    assert runtime.fit_micro_batch(64, peak, 10**9) == 64
-    assert runtime.fit_micro_batch(64, peak, 500 * 10**6) == 32 and probed == [2, 8, 2, 8]
-    assert runtime.fit_micro_batch(64, peak, 105 * 10**6) == 1  # not even one image: one at a time
-    assert runtime.fit_micro_batch(100, peak, 500 * 10**6) == 34  # 3 micro-batches of at most 40: 34, 34, 32
-    assert runtime.fit_micro_batch(2, peak, 0) == 2 and probed == [2, 8] * 4  # nothing to split
+    assert memory.fit_micro_batch(64, peak, 10**9) == 64
+    assert memory.fit_micro_batch(64, peak, 500 * 10**6) == 32 and probed == [2, 8, 2, 8]
+    assert memory.fit_micro_batch(64, peak, 105 * 10**6) == 1  # not even one image: one at a time
+    assert memory.fit_micro_batch(100, peak, 500 * 10**6) == 34  # 3 micro-batches of at most 40: 34, 34, 32
+    assert memory.fit_micro_batch(2, peak, 0) == 2 and probed == [2, 8] * 4  # nothing to split
 
     def out_of_memory_above_4(images: int) -> int:
         if images > 4:
             raise torch.OutOfMemoryError("probe")
         return peak(images)
 
-    assert runtime.fit_micro_batch(64, out_of_memory_above_4, 10**9) == 2  # the size that did fit
+    assert memory.fit_micro_batch(64, out_of_memory_above_4, 10**9) == 2  # the size that did fit
     # a peak that does not grow: each image taken as 800 / 8 = 100 MB, 600 MB fixed, so 4 fit in 1 GB
-    assert runtime.fit_micro_batch(64, lambda images: 800 * 10**6, 10**9) == 4
+    assert memory.fit_micro_batch(64, lambda images: 800 * 10**6, 10**9) == 4
 
 
 def test_available_memory_is_capped_by_the_containers_limit(tmp_path, monkeypatch):
     limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
     limit.write_text(f"{3 * 2**30}\n")
     usage.write_text(f"{2**30}\n")
-    monkeypatch.setattr(runtime, "CGROUP_MEMORY", ((str(limit), str(usage)),))
-    available = runtime.available_memory_bytes()
+    monkeypatch.setattr(memory, "CGROUP_MEMORY", ((str(limit), str(usage)),))
+    available = memory.available_memory_bytes()
     assert available is not None and available <= 2 * 2**30
     limit.write_text("max\n")  # no limit: the machine's
-    assert runtime.available_memory_bytes() >= available
+    assert memory.available_memory_bytes() >= available
 
 
 def test_micro_batch_fitted_to_the_cpu_memory(data, tmp_path, monkeypatch):
     """On a CPU the probe counts what the forward pass saves for the backward pass (linear in the images,
     the weights left out); with plenty of memory the batch goes whole, with little it is split evenly,
     and the split run trains as the whole one (gradient accumulation is exact)."""
-    whole = Trainer(tiny(data, tmp_path / "whole", dropout=0.0), runtime.Processes())
+    whole = Trainer(tiny(data, tmp_path / "whole", dropout=0.0), Processes())
     assert whole.micro_batch == whole.local_batch == 16
     probes = {n: whole.memory.activation_bytes(n) for n in (2, 8, 16)}
     per_image = (probes[8] - probes[2]) / 6
@@ -488,43 +488,43 @@ def test_micro_batch_fitted_to_the_cpu_memory(data, tmp_path, monkeypatch):
     assert {p.dtype for p in whole.model.parameters()} == {torch.float32}  # nothing changed by the probes
     pending = 2 * sum(p.numel() * 4 for p in whole.model.parameters())
     room = pending + probes[2] + 4.5 * per_image  # 6.5 images fit: 16 go as 3 micro-batches, of at most 6
-    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: int(room / runtime.MEMORY_HEADROOM) + 1)
-    split = Trainer(tiny(data, tmp_path / "split", dropout=0.0), runtime.Processes())
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: int(room / memory.MEMORY_HEADROOM) + 1)
+    split = Trainer(tiny(data, tmp_path / "split", dropout=0.0), Processes())
     assert split.micro_batch == 6 and "fitted to the memory of cpu" in split.how
     split.run()
     whole.run()
     for name, value in weights(tmp_path / "whole").items():
         torch.testing.assert_close(weights(tmp_path / "split")[name], value, atol=1e-5, rtol=1e-4)
     monkeypatch.undo()  # plenty of memory again: a resumed run keeps the micro-batch it was trained with
-    resumed = Trainer(tiny(data, tmp_path / "split", dropout=0.0, epochs=2, resume=True), runtime.Processes())
+    resumed = Trainer(tiny(data, tmp_path / "split", dropout=0.0, epochs=2, resume=True), Processes())
     assert resumed.micro_batch == 6 and resumed.sampler.micro_per_step == 3
 
 
 def test_no_micro_batch_that_fits_is_a_one_line_error(data, tmp_path, monkeypatch):
     monkeypatch.setattr(MemoryProbe, "fitted", lambda self, local_batch: 0)
     with pytest.raises(UserError, match="does not fit the memory of cpu"):
-        Trainer(tiny(data, tmp_path), runtime.Processes())
+        Trainer(tiny(data, tmp_path), Processes())
 
 
 def test_cpu_memory_budget_shared_by_the_processes_of_a_machine(monkeypatch):
-    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1000)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert runtime.cpu_memory_budget(50) == int(runtime.MEMORY_HEADROOM * 1000) - 50
+    assert memory.cpu_memory_budget(50) == int(memory.MEMORY_HEADROOM * 1000) - 50
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert runtime.cpu_memory_budget() == int(runtime.MEMORY_HEADROOM * 250)
-    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: None)
-    assert runtime.cpu_memory_budget() is None
+    assert memory.cpu_memory_budget() == int(memory.MEMORY_HEADROOM * 250)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: None)
+    assert memory.cpu_memory_budget() is None
 
 
 @pytest.mark.gpu
 def test_cuda_micro_batch_fitted_to_the_gpu(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "data", {"train": 16, "val": 4})
-    trainer = Trainer(tiny(data, tmp_path / "whole", device="cuda"), runtime.Processes())
+    trainer = Trainer(tiny(data, tmp_path / "whole", device="cuda"), Processes())
     assert trainer.micro_batch == trainer.local_batch  # a tiny net fits
     peaks = [trainer.memory.peak_bytes(n) for n in (2, 8)]
     assert 0 < peaks[0] < peaks[1]
-    monkeypatch.setattr(runtime, "cuda_memory_budget", lambda device, extra=0: peaks[0] + (peaks[1] - peaks[0]) // 2)
-    trainer = Trainer(tiny(data, tmp_path / "fitted", device="cuda"), runtime.Processes())
+    monkeypatch.setattr(memory, "cuda_memory_budget", lambda device, extra=0: peaks[0] + (peaks[1] - peaks[0]) // 2)
+    trainer = Trainer(tiny(data, tmp_path / "fitted", device="cuda"), Processes())
     assert trainer.micro_batch < trainer.local_batch
     assert train(tiny(data, tmp_path / "run", device="cuda", epochs=1)).steps > 0
 
@@ -570,7 +570,7 @@ def test_a_split_where_no_image_can_be_read_is_one_line_not_a_score(tmp_path, ca
 FAULTS_PER_STEP = """
 import ctypes, resource, sys, torch
 from verydeep.nn.model import VGG
-from verydeep.runtime import keep_freed_memory
+from verydeep.runtime.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 else:  # glibc's documented defaults, held fixed: its dynamic threshold sometimes spares steps too

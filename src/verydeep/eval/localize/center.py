@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from verydeep import runtime
 from verydeep.data import CenterCropTransform, Preprocess, balanced_subset, collate, to_input
 from verydeep.data.boxes import decode
 from verydeep.data.datasets import LabelledImages
@@ -25,6 +24,9 @@ from verydeep.io.sources import load
 from verydeep.paper.figures import TABLE_8, BoxRegression
 from verydeep.paper.report import Column, Row, Table
 from verydeep.runtime import sharding
+from verydeep.runtime.device import pick_device
+from verydeep.runtime.processes import Processes
+from verydeep.runtime.progress import progress_bar
 
 
 @dataclass
@@ -72,7 +74,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     """Protocol 1 on the validation split of ``data``: the trained scale S, its central crop; ``fine_tuned``:
     Table 8's label of the net where its recipe does not say (:func:`fine_tuned_layers`); ``progress``: a
     bar over the batches (the first process's)."""
-    dev = runtime.pick_device(device)
+    dev = pick_device(device)
     net = load(checkpoint, device=dev)
     model, recipe = net.model, net.recipe
     task = task_of(recipe, boxes_source(boxes, data, [recipe]), net.source)
@@ -82,7 +84,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
     wrong_counts, images = torch.zeros(3), 0
     batches = loader(val_set, limit, batch_size, workers)
-    with runtime.progress_bar(len(batches), progress and runtime.Processes.from_env().main,
+    with progress_bar(len(batches), progress and Processes.from_env().main,
                               desc=f"localize {net_name(checkpoint)}", unit="batch") as bar:
         for batch in batches:
             bar.update()

@@ -15,7 +15,8 @@ from verydeep.eval.localize.predict import run_predict
 from verydeep.eval.localize.task import HEADS, TARGETS, eval_boxes
 from verydeep.eval.localize.train import run_train
 from verydeep.options import add_device, add_workers, output_dir, positive_int, test_scale
-from verydeep.runtime import default_workers, sharding
+from verydeep.runtime import sharding
+from verydeep.runtime.processes import default_workers
 from verydeep.train.recipe import add_flags
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from verydeep import runtime
 from verydeep.data import CenterCropTransform, balanced_subset
 from verydeep.errors import UserError
 from verydeep.eval.localize.center import net_name
@@ -24,6 +23,8 @@ from verydeep.eval.rows import scales_label
 from verydeep.paper.figures import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.paper.report import Column, Row, Table
 from verydeep.runtime import sharding
+from verydeep.runtime.processes import Processes
+from verydeep.runtime.progress import progress_bar
 
 #: Validation images read (and grouped by size into batches) at a time by :func:`evaluate_dense`.
 WINDOW_BATCHES = 4
@@ -92,8 +93,8 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
     misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
     starts = sharding.shard(range(0, len(indices), window))
-    with runtime.progress_bar(sum(len(indices[start:start + window]) for start in starts),
-                              progress and runtime.Processes.from_env().main, desc="localize dense", unit="img") as bar:
+    with progress_bar(sum(len(indices[start:start + window]) for start in starts),
+                              progress and Processes.from_env().main, desc="localize dense", unit="img") as bar:
         for start in starts:
             chosen = [val_set.samples[i] for i in indices[start:start + window]]
             outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size, workers=workers)

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from verydeep import runtime
 from verydeep.data import BadImageError, Preprocess, RescaleTransform, SizeGroupedBatchSampler, to_input
 from verydeep.data.boxes import decode, from_crop
 from verydeep.errors import UserError
@@ -21,6 +20,7 @@ from verydeep.eval.image_sets import IndexedImages, loaded_batches
 from verydeep.eval.localize.scoring import merge_greedily
 from verydeep.eval.localize.task import Localisation, task_of
 from verydeep.io.sources import load
+from verydeep.runtime.device import pick_device
 
 #: Pixels between neighbouring locations of a dense net's output (five 2x2 poolings).
 STRIDE = 32
@@ -162,7 +162,7 @@ class DenseNets:
              device: str = "auto") -> DenseNets:
         """The localisation nets of ``checkpoints`` and the classifier: any source of weights (a run, or
         published weights such as ``vgg16``), whose classes are matched to the nets' by synset or name."""
-        dev = runtime.pick_device(device)
+        dev = pick_device(device)
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         loaded = []
         for checkpoint in paths:

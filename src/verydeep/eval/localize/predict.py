@@ -14,7 +14,7 @@ from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import fixed_scale
 from verydeep.options import SPLIT_FOLDERS, dataset_folders
-from verydeep.runtime import default_workers
+from verydeep.runtime.processes import default_workers
 
 
 def readable_image(path: str | Path) -> None:

@@ -7,10 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
-from verydeep import runtime
 from verydeep.errors import UserError
 from verydeep.eval.localize.task import Localisation, recorded_box_code, recorded_head, recorded_targets
 from verydeep.io.checkpoint import check_recipe
+from verydeep.runtime.processes import Processes
 from verydeep.train import train
 from verydeep.train.recipe import make_config, settings_from_flags, stored_settings, stored_settings_file
 
@@ -42,5 +42,5 @@ def run_train(args: argparse.Namespace) -> None:
     code = recorded_box_code(stored, where) if where else (None, None)
     task = Localisation(head, getattr(args, "boxes", None) or recorded, targets, *code)
     summary = train(cfg, task=task, given=explicit)
-    if runtime.Processes.from_env().main:
+    if Processes.from_env().main:
         print(json.dumps(summary.to_dict()))
