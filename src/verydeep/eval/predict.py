@@ -249,7 +249,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                                               "and class saliency maps")
     add_weights(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--topk", type=positive_int, default=5, help="classes to list per image (default 5)")
+    p.add_argument("--topk", type=positive_int, default=5,
+                   help="classes to list per image (default 5; all of them where the net has fewer)")
     p.add_argument("--scales", type=parse_scales, default=None,
                    help="test scales Q (default: from the recipe, else 256,384,512 scaled by crop/224)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in the mirrored image")

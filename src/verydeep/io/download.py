@@ -12,6 +12,7 @@ import torch
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.catalogue import NAMES, KnownWeights, known_weights
+from verydeep.io.formats.caffe import looks_like_caffe
 
 
 def weights_folder(weights_dir: str | Path | None = None) -> Path:
@@ -60,7 +61,12 @@ def download(name: str, weights_dir: str | Path | None = None) -> Path:
 
 def checksum_mismatch(known: KnownWeights, path: str | Path) -> str | None:
     """How ``path``'s checksum differs from the published one (the SHA-256 prefix of torchvision's file names,
-    Keras' MD5), or None when it agrees or none is published (the authors' Caffe files)."""
+    Keras' MD5), or None when it agrees; the authors' Caffe files, for which none is published, must at least
+    begin as a Caffe model does."""
+    if known.file.endswith(".caffemodel") and not looks_like_caffe(path):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        return f"it begins {head!r}, as no Caffe model does"
     for algorithm, label, expected, prefix in (("sha256", "SHA-256", known.hash_prefix, True),
                                                ("md5", "MD5", known.md5, False)):
         if expected:

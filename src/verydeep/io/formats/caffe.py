@@ -36,6 +36,19 @@ CAFFE_MESSAGES: dict[str, list[tuple[str, int, str, str]]] = {
 }
 
 
+#: The first bytes a Caffe model can begin with: the key of ``NetParameter``'s name (field 1), of its V1
+#: ``layers`` (field 2) or of its ``layer`` (field 100, two bytes), each length-delimited (wire type 2).
+CAFFE_FIRST_KEYS = (b"\x0a", b"\x12", b"\xa2\x06")
+
+
+def looks_like_caffe(path: str | Path) -> bool:
+    """Whether ``path`` begins as a serialised ``NetParameter`` does; an HTML error page, a text file or a
+    truncated download of nothing does not."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return any(head.startswith(key) for key in CAFFE_FIRST_KEYS)
+
+
 @cache
 def caffe_net_class() -> type:
     """The message class of Caffe's ``NetParameter`` (:data:`CAFFE_MESSAGES`), built without protoc."""
