@@ -42,7 +42,7 @@ from verydeep.eval.features import (
 )
 from verydeep.eval.image_sets import open_image_set
 from verydeep.io.jsonable import to_json_dict
-from verydeep.options import natural_int, output_file, positive_int
+from verydeep.options import output_file, positive_int, seed_number
 from verydeep.paper.figures import TABLE_11, TABLE_12
 from verydeep.paper.report import Column, Row, Table, join_markdown, percent
 
@@ -106,6 +106,10 @@ def check_folds(counts: dict[str, int], folds: int) -> None:
                         f"{smallest} or fewer")
 
 
+#: scikit-learn's seeds are below 2**32; a larger ``--seed`` (any of torch's) is taken modulo it.
+SKLEARN_SEEDS = 2**32
+
+
 def fit_svm(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], folds: int, seed: int, scoring: str,
             groups: Sequence[str]) -> tuple[object, float]:
     """A one-vs-rest ``LinearSVC`` on ``(x, y)``, its C chosen from ``c_grid`` by ``folds``-fold stratified
@@ -115,8 +119,9 @@ def fit_svm(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], folds: int, s
     from sklearn.svm import LinearSVC
 
     check_folds({name: int(np.sum(y == value)) for value, name in enumerate(groups)}, folds)
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    search = GridSearchCV(LinearSVC(max_iter=10_000, random_state=seed), {"C": list(c_grid)}, scoring=scoring, cv=cv)
+    state = seed % SKLEARN_SEEDS
+    cv = StratifiedKFold(folds, shuffle=True, random_state=state)
+    search = GridSearchCV(LinearSVC(max_iter=10_000, random_state=state), {"C": list(c_grid)}, scoring=scoring, cv=cv)
     search.fit(x, y)
     return search.best_estimator_, float(search.best_params_["C"])
 
@@ -514,6 +519,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=positive_int, default=3,
                    help="cross-validation folds (default 3), at most the training images of the smallest class "
                         "(voc: a class's positives or negatives)")
-    p.add_argument("--seed", type=natural_int, default=0, help="seed of the random splits and folds")
+    p.add_argument("--seed", type=seed_number, default=0, help="seed of the random splits and folds")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
     p.set_defaults(func=run_cli)

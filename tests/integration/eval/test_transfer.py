@@ -132,6 +132,19 @@ def test_caltech_protocol_separates_clusters_over_random_or_given_splits():
     assert f"{100 * result.mean_class_recall:.1f} ± {100 * result.mean_class_recall_std:.1f}" in table
 
 
+
+def test_any_seed_torch_takes_is_taken_by_the_svms_too(tmp_path, capsys):
+    x, labels = clusters(2, 10)
+    stored = features_of(x, labels, [""] * 20, ["a", "b"])
+    largest = 2**64 - 1  # torch's largest seed; scikit-learn's random_state refuses any from 2**32 on
+    first, again = (run_caltech(stored, train_per_class=5, splits=2, c_grid=(0.1, 1), seed=largest) for _ in "12")
+    assert first.splits == again.splits and first.per_class_recall == again.per_class_recall
+    for seed in ("-1", str(2**64)):
+        with pytest.raises(SystemExit) as bad:
+            main(["transfer", "--protocol", "caltech", "--features", str(tmp_path / "f.npz"), "--seed", seed])
+        assert bad.value.code == 2 and "--seed: expected an integer from 0" in capsys.readouterr().err
+
+
 def test_voc_protocol_leaves_difficult_images_out_and_scores_both_ap_kinds():
     x, single = clusters(3, 20)
     labels = np.full((60, 3), NEGATIVE, dtype=np.int8)
