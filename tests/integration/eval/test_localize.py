@@ -157,7 +157,7 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
     table = capsys.readouterr().out
     assert "| FC1-FC2 | SCR |" in table and "36.4 |" in table
     main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense", "--classifier",
-          str(classifier), "--scales", "32", "40", "--json"])
+          str(classifier), "--scales", "32,40", "--json"])
     dense = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert dense["images"] == 16 and dense["scales"] == [32, 40] and 0 <= dense["localisation_error"] <= 100
     assert dense["centre_prior_error"] == 0.0 and dense["whole_image_error"] == 100.0  # every box is the same
@@ -345,13 +345,13 @@ def two_nets(boxed, tmp_path_factory: pytest.TempPathFactory):
 def test_several_nets_pool_their_boxes_and_one_net_keeps_its_output(two_nets, capsys, tmp_path):
     root, classifier, runs = two_nets
     dense = ["localize", "eval", "--data", str(root), "--protocol", "dense", "--classifier", str(classifier),
-             "--scales", "32", "40", "--json"]
+             "--scales", "32,40", "--json"]
     main([*dense, "--checkpoint", str(runs[0]), "--checkpoint", str(runs[1])])
     both = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert [net["head"] for net in both["nets"]] == ["pcr", "scr"] and both["checkpoint"] == str(runs[0])
     image = next((root / "val").rglob("*.png"))
     main(["localize", "predict", str(image), "--checkpoint", str(runs[0]), "--checkpoint", str(runs[1]),
-          "--classifier", str(classifier), "--scales", "32", "40", "--out", str(tmp_path)])
+          "--classifier", str(classifier), "--scales", "32,40", "--out", str(tmp_path)])
     predicted = json.loads(capsys.readouterr().out.splitlines()[-1])["predictions"]
     output = DenseNets.load(runs, classifier, "cpu").outputs([image], [32, 40])[0]
     assert len(predicted) == len(output.labels) == 4 and output.boxes[1].shape == (1, 2, 4)  # SCR: 1 + 1 locations

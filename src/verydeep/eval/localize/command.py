@@ -14,7 +14,7 @@ from verydeep.eval.localize.dense import evaluate_dense, table_9
 from verydeep.eval.localize.predict import run_predict
 from verydeep.eval.localize.task import HEADS, TARGETS, eval_boxes
 from verydeep.eval.localize.train import run_train
-from verydeep.options import add_device, add_workers, output_dir, positive_int, test_scale
+from verydeep.options import add_device, add_workers, output_dir, parse_scales, positive_int
 from verydeep.runtime import sharding
 from verydeep.runtime.processes import default_workers
 from verydeep.train.recipe import add_flags
@@ -90,7 +90,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                                    "--checkpoint's run was trained on, from its recipe.json, when they are of "
                                    "DIR: under it, or read for it); named in the output")
     e.add_argument("--protocol", choices=("center", "dense"), default="center")
-    e.add_argument("--scales", type=test_scale, nargs="+", help="test scales Q (dense; default the training S)")
+    e.add_argument("--scales", type=parse_scales, help="test scales Q, comma-separated (dense; default the training S)")
     e.add_argument("--fine-tuned", choices=("all", "fc"), action="append",
                    help="Table 8's label of the layers fine-tuned (protocol center; in the table and the JSON): "
                         "the net's recipe says it (--freeze features: fc, no --freeze: all), and a label it "
@@ -111,7 +111,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--checkpoint", action="append", required=True,
                    help="a localisation run (or checkpoint); again for several nets, their boxes pooled (the union)")
     r.add_argument("--classifier", required=True, help="the classification run that ranks the classes")
-    r.add_argument("--scales", type=test_scale, nargs="+", help="test scales Q (default the training S)")
+    r.add_argument("--scales", type=parse_scales, help="test scales Q, comma-separated (default the training S)")
     r.add_argument("--top", type=positive_int, default=5, help="predictions per image")
     r.add_argument("--out", type=output_dir, required=True, help="folder for the drawn PNGs")
     add_workers(r)
