@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import tiny, weights, write_dataset
 
+import verydeep
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.train import train
@@ -236,10 +237,8 @@ def test_a_kill_between_the_epoch_files_never_leaves_stale_best_weights(data, tm
         train(tiny(data, tmp_path, epochs=3, lr=0.01, batch_norm=True))
     monkeypatch.undo()
     train(tiny(data, tmp_path, epochs=3, lr=0.01, batch_norm=True, resume=True))
-    from verydeep.io.checkpoint import load_model
-
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
-    exported, _ = load_model(tmp_path / "model.safetensors")
+    exported = verydeep.load(tmp_path / "model.safetensors").model
     assert all(torch.equal(value, best["model"][key]) for key, value in exported.state_dict().items())
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "epoch\"" in line]
     top1 = {r["epoch"]: r["val_top1"] for r in epochs if r["kind"] == "epoch"}
@@ -341,7 +340,7 @@ def test_a_bad_value_in_the_run_record_names_the_file_on_resume(data, tmp_path, 
 
 
 def test_non_finite_weights_are_never_saved_nor_loaded(data, tmp_path):
-    from verydeep.io.checkpoint import load_model, save_checkpoint
+    from verydeep.io.checkpoint import save_checkpoint
 
     with pytest.raises(UserError, match=r"(loss is|gradients are|weights became) (nan|inf|non-finite)"):
         train(tiny(data, tmp_path, lr=1e30, dropout=0.0, epochs=3, checkpoint_every=1))
@@ -350,26 +349,26 @@ def test_non_finite_weights_are_never_saved_nor_loaded(data, tmp_path):
     state["model"]["classifier.6.weight"][0, 0] = float("nan")
     save_checkpoint(state, tmp_path / "nan.pt")
     with pytest.raises(UserError, match="nan.pt: weights are not finite"):
-        load_model(tmp_path / "nan.pt")
+        verydeep.load(tmp_path / "nan.pt")
 
 
 def test_damaged_or_mismatched_weights_are_one_line_errors(data, tmp_path):
-    from verydeep.io.checkpoint import load_model, save_checkpoint
+    from verydeep.io.checkpoint import save_checkpoint
 
     train(tiny(data, tmp_path, epochs=1))
     (tmp_path / "random.safetensors").write_bytes(os.urandom(2000))
     with pytest.raises(UserError, match="random.safetensors: not a readable safetensors file"):
-        load_model(tmp_path / "random.safetensors")
+        verydeep.load(tmp_path / "random.safetensors")
     cut = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(cut[: len(cut) // 2])
     with pytest.raises(UserError, match="cut.safetensors: not a readable safetensors file"):
-        load_model(tmp_path / "cut.safetensors")
+        verydeep.load(tmp_path / "cut.safetensors")
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     del state["model"]["features.0.bias"]
     state["recipe"]["width"] = 1 / 8
     save_checkpoint(state, tmp_path / "wrong.pt")
     with pytest.raises(UserError, match="wrong.pt: weights do not fit the model"):
-        load_model(tmp_path / "wrong.pt")
+        verydeep.load(tmp_path / "wrong.pt")
 
 
 def test_weights_from_an_exported_safetensors_and_validation_skips_are_counted(tmp_path):

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from verydeep.bench.settings import test_scales
 from verydeep.data.datasets import DECODE_ERRORS, ImageFolder, find_split
 from verydeep.data.decode import image_size
 from verydeep.errors import UserError
+from verydeep.eval.nets import paper_scales
 
 #: Images the bench trains on when present, beside the repository.
 DEFAULT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data" / "imagenette"
@@ -69,7 +69,7 @@ def bench_data(data: Path | None, scratch: Path, size: int, count: int) -> tuple
         (root / "val").symlink_to(val.resolve(), target_is_directory=True)
         return root, str(data)
     rng = np.random.default_rng(0)
-    side = round(1.2 * test_scales(size)[0])
+    side = round(1.2 * paper_scales(size)[0])
     for i in range(count):
         coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
         img = Image.fromarray(coarse).resize((side * 4 // 3, side), Image.Resampling.BICUBIC)

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from verydeep.bench.measure import images_per_second, sync
-from verydeep.bench.settings import WARMUP_STEPS, Settings, test_scales
+from verydeep.bench.settings import WARMUP_STEPS, Settings
 from verydeep.data import RescaleTransform, to_input
 from verydeep.errors import UserError
+from verydeep.eval.nets import paper_scales
 from verydeep.eval.sweep import dense_posteriors, multicrop_posteriors
 from verydeep.io.rundir import RunDir
 from verydeep.runtime.device import prepare
@@ -42,7 +43,7 @@ def training_steps(settings: Settings, workers: int) -> int:
 
 def open_trainer(settings: Settings, root: Path, scratch: Path) -> Any:
     """The trainer ``verydeep train`` would build for these settings, on the images at ``root``."""
-    s = test_scales(settings.size)[0]
+    s = paper_scales(settings.size)[0]
     cfg = TrainConfig(data=str(root), out=str(scratch / "run"), config=settings.config, width=settings.width,
                       crop=settings.size, scale=(s, s), batch_size=settings.batch, epochs=1, lr=1e-3,
                       workers=settings.workers, device=settings.device, precision="auto", progress=False,
@@ -118,7 +119,7 @@ def protocol_contenders(trainer: Any, model: nn.Module, photo: Path) -> dict[str
     without the mirror image, of ``model`` (the trainer's net as :func:`inference_net` holds it) on ``photo``."""
     device, crop = trainer.device, trainer.cfg.crop
     inputs = [to_input(RescaleTransform(q)(photo).unsqueeze(0).to(device), trainer.pre)
-              .contiguous(memory_format=torch.channels_last) for q in test_scales(crop)]
+              .contiguous(memory_format=torch.channels_last) for q in paper_scales(crop)]
     forward, dense = as_run(trainer, model), as_run(trainer, model.dense())
 
     def seconds(protocol: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], float]:

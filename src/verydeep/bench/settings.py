@@ -34,12 +34,6 @@ class Settings:
     compiled_peer: bool = True
 
 
-def test_scales(size: int) -> list[int]:
-    """Three test scales Q for a ``size`` crop, as 256, 384, 512 are for 224."""
-    s = round(size * 8 / 7)
-    return [s, round(1.5 * s), 2 * s]
-
-
 def add_net_options(parser: argparse.ArgumentParser) -> None:
     """``--config``, ``--width``, ``--size`` and ``--batch`` of a benchmark script, defaults the bench's on a CPU."""
     cpu = DEFAULTS["cpu"]

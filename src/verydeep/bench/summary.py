@@ -14,7 +14,8 @@ import torch
 from verydeep.bench import roofline
 from verydeep.bench.peer import VARIANTS, best_variant
 from verydeep.bench.roofline import precision_name
-from verydeep.bench.settings import WARMUP_STEPS, Settings, test_scales
+from verydeep.bench.settings import WARMUP_STEPS, Settings
+from verydeep.eval.nets import paper_scales
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -92,7 +93,7 @@ def summarise(rounds: dict[str, list[float]], macs: int, dtype: torch.dtype | No
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": hardware,
         "settings": {**asdict(settings), "data": source, "warmup_steps": WARMUP_STEPS,
-                     "test_scales": test_scales(settings.size)},
+                     "test_scales": paper_scales(settings.size)},
         "precision": precision,
         "gemm_tflops": {p: sig(m[f"gemm_{p}_tflops"]) for p in roofs if f"gemm_{p}_tflops" in m},
         "conv_tflops": {p: sig(m[f"conv_{p}_tflops"]) for p in roofs if f"conv_{p}_tflops" in m},

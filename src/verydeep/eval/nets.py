@@ -50,6 +50,11 @@ def derive_scales(recipe: dict[str, Any]) -> list[int]:
 PAPER_SCALES = (256, 384, 512)
 
 
+def paper_scales(crop: int) -> list[int]:
+    """:data:`PAPER_SCALES` for a ``crop`` crop: scaled by crop/224 (146, 219, 293 for 128)."""
+    return sorted({round(q * crop / 224) for q in PAPER_SCALES})
+
+
 def center_resize(crop: int) -> int:
     """The centre-crop protocol's resize: 256 for a 224 crop, the same ratio otherwise (37 for 32)."""
     return round(crop * 256 / 224)
@@ -131,7 +136,7 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
     elif recipe.get("scale") is not None:
         chosen = derive_scales(recipe)
     else:
-        chosen = sorted({round(q * crop / 224) for q in PAPER_SCALES})
+        chosen = paper_scales(crop)
     small = [q for q in chosen if q < crop]
     if small:
         raise UserError(f"--scales {small} smaller than the crop {crop} of {source}")

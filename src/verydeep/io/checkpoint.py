@@ -223,11 +223,3 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: st
     bad = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
     if bad:
         raise UserError(f"{path}: weights are not finite (NaN or inf) in {', '.join(bad[:3])}")
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGG, dict[str, Any]]:
-    """The trained model (eval mode) and its recipe, from a checkpoint, run dir or .safetensors."""
-    weights, recipe = load_weights(path)
-    model = model_from_recipe(recipe)
-    load_into(model, weights, path)
-    return model.to(device).eval(), recipe

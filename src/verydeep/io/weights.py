@@ -180,9 +180,12 @@ def foreign(path: Path, fmt: str) -> Iterator[None]:
 
 def sniff(path: Path) -> str:
     """What ``path`` holds, from its first bytes: folder, keras (HDF5), torch (zip or pickle),
-    safetensors (a little-endian header length, then JSON) or, failing those, caffe (protobuf)."""
+    safetensors (a little-endian header length, then JSON; or any file so named, so that a damaged one is
+    told so) or, failing those, caffe (protobuf)."""
     if path.is_dir():
         return "folder"
+    if path.suffix == ".safetensors":
+        return "safetensors"
     with open(path, "rb") as f:
         head = f.read(9)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):

@@ -95,12 +95,6 @@ TABLE_6: dict[tuple[frozenset[PaperNet], str], TopErrors] = {
     (frozenset({D_JITTERED, E_JITTERED}), "dense+multicrop"): TopErrors(23.7, 6.8, test_top5=6.8),
 }
 
-#: Table 6's ILSVRC-2014 submission: seven nets fused.
-SUBMISSION_7_NETS = TopErrors(24.7, 7.5, test_top5=7.3)
-
-#: Table 7 (Sec. 4.5): the best single net.
-BEST_SINGLE_NET = TopErrors(24.4, 7.1, test_top5=7.0)
-
 
 def single_test_scale(smin: int, smax: int) -> int:
     """Table 3's test scale Q: S for a fixed S, the midpoint (384) for a jittered one."""

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import photo, save, write_classifier, write_localiser
 
+import verydeep
 from verydeep.cli import main
-from verydeep.io.checkpoint import export_safetensors, load_model
+from verydeep.io.checkpoint import export_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,8 @@ def locrun(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = root / "locrun"
     (run / "checkpoints").mkdir(parents=True)
     write_localiser(run / "checkpoints" / "last.pt", write_classifier(root / "cls.pt", classes=7))
-    export_safetensors(*load_model(run), run / "model.safetensors")
+    loaded = verydeep.load(run)
+    export_safetensors(loaded.model, loaded.recipe, run / "model.safetensors")
     return run
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import tiny, weights, write_dataset
 
+import verydeep
 from verydeep.cli import main
 from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.errors import UserError
-from verydeep.io.checkpoint import load_checkpoint, load_model
+from verydeep.io.checkpoint import load_checkpoint
 from verydeep.nn.tasks import Classification
 from verydeep.runtime import memory
 from verydeep.runtime.processes import Processes, default_workers
@@ -36,7 +37,7 @@ def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
     assert summary.metric == "top1" and summary.best > 25.0  # four classes: chance is 25%
     assert {"val_top1", "val_top5", "img_s", "peak_mem_mb", "seconds", "skipped", "train_loss"} <= set(epochs[-1])
-    exported, _ = load_model(tmp_path / "model.safetensors")
+    exported = verydeep.load(tmp_path / "model.safetensors").model
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     assert best["schedule"]["best"] == summary.best
     assert all(torch.equal(value, best["model"][key]) for key, value in exported.state_dict().items())
@@ -214,7 +215,7 @@ RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16,
 
 def test_weights_with_warm_start_copy_exactly_the_papers_layers(data, tmp_path):
     train(tiny(data, tmp_path / "a", epochs=1))
-    source = load_model(tmp_path / "a" / "checkpoints" / "last.pt")[0]
+    source = verydeep.load(tmp_path / "a" / "checkpoints" / "last.pt").model
     cfg = tiny(data, tmp_path / "d", config="D", weights=str(tmp_path / "a"), warm_start=True, init="paper")
     trainer = Trainer(cfg, Processes.from_env())
     deep = trainer.model

@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import write_dataset
 
+import verydeep
 from verydeep.cli import main
 from verydeep.data import IMAGENET
 from verydeep.errors import UserError
-from verydeep.io.checkpoint import export_safetensors, load_checkpoint, load_model, save_checkpoint
+from verydeep.io.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
 from verydeep.io.weights import load_published
 from verydeep.nn.model import VGG
 
@@ -60,7 +61,7 @@ def write(tmp_path, model: VGG, recipe: dict, kind: str):
 @pytest.mark.parametrize("kind", ["safetensors", "checkpoint"])
 def test_a_bad_recipe_value_is_one_line_naming_file_and_key(tmp_path, model, kind, key, value, said):
     path = write(tmp_path, model, {**RECIPE, key: value}, kind)
-    readers = [load_published, load_model] + ([load_checkpoint] if kind == "checkpoint" else [])
+    readers = [load_published, verydeep.load] + ([load_checkpoint] if kind == "checkpoint" else [])
     for read in readers:
         with pytest.raises(UserError, match=said) as error:
             read(path)
@@ -95,7 +96,8 @@ def test_sound_recipes_of_every_kind_still_load(tmp_path, model):
     for recipe, net in [({**RECIPE, "scale": 36}, model), ({**RECIPE, "scale": None, "preprocess": None}, model),
                         ({k: v for k, v in RECIPE.items() if k not in ("outputs", "classes", "class_names")}, model),
                         (localiser, regressor)]:
-        loaded, again = load_model(write(tmp_path, net, recipe, "safetensors"))
+        read = verydeep.load(write(tmp_path, net, recipe, "safetensors"))
+        loaded, again = read.model, read.recipe
         assert again == recipe
         x = torch.randn(1, 3, 32, 32)
         torch.testing.assert_close(loaded(x), net(x))
