@@ -273,7 +273,7 @@ class Looker:
 
         began = time.perf_counter()
         recipe = self.boxes.recipes[0]
-        names = list(recipe.get("class_names") or recipe.get("classes") or [])
+        names = self.boxes.class_names
         scales = ask.scales or [fixed_scale(recipe)]
         try:
             self.boxes.check_scales(scales)

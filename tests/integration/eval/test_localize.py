@@ -531,3 +531,14 @@ def test_protocol_one_refuses_the_options_of_protocol_two(boxed, tmp_path, capsy
     assert main(["localize", "eval", "--checkpoint", str(classifier), "--data", str(root), "--classifier",
                  str(classifier)]) == 2
     assert "--classifier is for --protocol dense" in capsys.readouterr().err
+
+
+def test_guesses_are_named_by_the_nets_classes_else_by_the_classifiers(two_nets):
+    root, classifier, runs = two_nets
+    nets = DenseNets.load(runs, classifier, "cpu")
+    folders = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    assert nets.class_names == [str(n) for n in nets.recipes[0].get("class_names") or folders]
+    named = nets.class_names
+    nets.recipes[0] = {key: value for key, value in nets.recipes[0].items() if key not in ("classes", "class_names")}
+    assert nets.class_names == named  # the classifier's: the same classes (no columns picked)
+    assert nets.columns is None

@@ -181,6 +181,16 @@ class DenseNets:
         return cls([model.dense() for model, _ in loaded], published.model.dense(),
                    [r for _, r in loaded], cls_recipe, dev, columns)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The readable name of each class the nets' guesses are labelled with: the nets' own, else (the
+        classifier's classes being theirs) the classifier's."""
+        for recipe in (self.recipes[0], self.classifier_recipe):
+            names = recipe.get("class_names") or recipe.get("classes")
+            if names:
+                return [str(name) for name in names]
+        return [str(c) for c in range(self.classifier_recipe["num_classes"])]
+
     def check_scales(self, scales: Sequence[int]) -> None:
         """Every test scale Q at least every net's crop (a dense net needs one window); else a :class:`UserError`."""
         crops = [int(r["crop"]) for r in (*self.recipes, self.classifier_recipe)]

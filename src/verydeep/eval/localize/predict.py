@@ -100,7 +100,7 @@ def run_predict(args: argparse.Namespace) -> None:
         readable_image(image)
     nets = DenseNets.load(args.checkpoint, args.classifier, args.device)
     recipe = nets.recipes[0]
-    names = list(recipe.get("class_names") or recipe.get("classes") or [])
+    names = nets.class_names
     scales = args.scales or [fixed_scale(recipe)]
     nets.check_scales(scales)
     workers = default_workers() if args.workers is None else args.workers
