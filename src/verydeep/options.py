@@ -87,6 +87,19 @@ def _within(parse: Callable[[str], float], check: Callable[[Any, str], Any], wha
     return bounded
 
 
+def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` (which raises :class:`UserError`) as an argument type: its message, not argparse's "invalid
+    parse value", follows the option's name."""
+
+    def parsed(text: str) -> Any:
+        try:
+            return parse(text)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parsed
+
+
 #: ``type=`` for ``--workers``: data-loading processes, from 0 to one per CPU core this process may use.
 worker_count = _within(natural_int, check_workers, "data-loading processes")
 #: ``type=`` for one test scale Q in pixels (``nargs="+"`` options), at most :data:`verydeep.runtime.limits.MAX_SIDE`.

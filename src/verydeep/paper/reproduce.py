@@ -26,6 +26,7 @@ from verydeep.io.jsonable import to_json_dict
 from verydeep.options import (
     add_device,
     add_workers,
+    argument_type,
     output_dir,
     positive_int,
     refuse_overwriting_inputs,
@@ -109,7 +110,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-split", type=positive_int, default=None,
                    help="validate on N class-balanced training images held out by each net's seed, instead of test "
                         "images (the test images then decide nothing)")
-    p.add_argument("--milestones", type=parse_milestones, default=None,
+    p.add_argument("--milestones", type=argument_type(parse_milestones), default=None,
                    help="a fixed schedule: lr / 10 after each of these comma-separated epochs, instead of the "
                         "plateau rule")
     p.add_argument("--shard", type=shard, default=None,
