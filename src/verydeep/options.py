@@ -308,6 +308,11 @@ def add_workers(p: argparse.ArgumentParser, default: int | None = None, help: st
     p.add_argument("--workers", type=worker_count, default=default, help=help)
 
 
+def add_progress(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``: ``args.progress`` False, no progress bar (for logs and scripts)."""
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 class StoreOnce(argparse.Action):
     """An option given at most once: a second value is an error, never a silent replacement."""
 

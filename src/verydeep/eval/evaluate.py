@@ -40,7 +40,16 @@ from verydeep.eval.nets import Net, load_nets
 from verydeep.eval.posteriors_file import save_posteriors
 from verydeep.eval.rows import PROTOCOL_LABELS, EvalResult, Posteriors, Timing, main_row, score_rows
 from verydeep.eval.sweep import PosteriorArrays, SweepSettings, compute_posteriors, plan_passes
-from verydeep.options import add_device, add_precision, add_weights, add_workers, output_dir, parse_scales, positive_int
+from verydeep.options import (
+    add_device,
+    add_precision,
+    add_progress,
+    add_weights,
+    add_workers,
+    output_dir,
+    parse_scales,
+    positive_int,
+)
 from verydeep.paper import report
 from verydeep.runtime import sharding
 from verydeep.runtime.device import pick_device
@@ -225,7 +234,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="a net of more classes than the data's (ImageNet's 1000 on Imagenette): count errors over the "
                         "data's classes only, not the net's full softmax")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress(p)
     p.set_defaults(func=run_cli)
 
 

@@ -42,6 +42,7 @@ from verydeep.eval.image_sets import ImageSet, IndexedImages, loaded_batches, op
 from verydeep.options import (
     add_device,
     add_precision,
+    add_progress,
     add_weights,
     add_workers,
     image_side,
@@ -169,7 +170,7 @@ def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True)
     add_precision(p)
     p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="batches between saves of the work done to OUT.partial (default 50)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress(p)
     p.set_defaults(**dict.fromkeys(EXTRACTION_FLAGS))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from verydeep.options import add_device, output_dir, positive_int
+from verydeep.options import add_device, add_progress, output_dir, positive_int
 from verydeep.paper.presets import PRESETS
 from verydeep.paper.reproduce import reproduce
 from verydeep.runtime.device import pick_device
@@ -50,7 +50,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="training budget (default: the digits preset's)")
     add_device(p)
-    p.add_argument("--no-progress", action="store_true")
+    add_progress(p)
     p.set_defaults(func=run_cli)
 
 
@@ -65,7 +65,7 @@ def run_cli(args: argparse.Namespace) -> None:
     preset = PRESETS["digits"]
     if args.epochs is not None:
         preset = replace(preset, epochs=args.epochs)
-    report = reproduce(data, preset, "digits", out, device=args.device, progress=not args.no_progress,
+    report = reproduce(data, preset, "digits", out, device=args.device, progress=args.progress,
                        command="verydeep demo")
     print(report.markdown)
     print(f"\nDemo finished in {time.time() - start:.0f} s. Report: {out / 'REPRODUCTION.md'}; "

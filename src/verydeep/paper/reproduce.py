@@ -25,6 +25,7 @@ from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
 from verydeep.options import (
     add_device,
+    add_progress,
     add_workers,
     argument_type,
     output_dir,
@@ -125,7 +126,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="test on at most N images, a class-balanced subset")
     add_workers(p)
     add_device(p)
-    p.add_argument("--no-progress", action="store_true")
+    add_progress(p)
     p.set_defaults(func=run_cli)
 
 
@@ -152,10 +153,10 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.shard is not None:
         part, parts = args.shard
         done = train_and_measure(shard_of(preset, part, parts), preset, Path(args.data), out, args.device,
-                                 not args.no_progress)
+                                 args.progress)
         print(f"shard {part}/{parts}: trained and evaluated {', '.join(done.run_dirs) or 'no net'} in {out}; "
               "the same command without --shard writes the report")
         return
     command = "verydeep " + " ".join(sys.argv[1:])
-    result = reproduce(Path(args.data), preset, args.preset, out, args.device, not args.no_progress, command)
+    result = reproduce(Path(args.data), preset, args.preset, out, args.device, args.progress, command)
     print(result.markdown)

@@ -14,7 +14,7 @@ from verydeep.eval.localize.dense import evaluate_dense, table_9
 from verydeep.eval.localize.predict import run_predict
 from verydeep.eval.localize.task import HEADS, TARGETS, eval_boxes
 from verydeep.eval.localize.train import run_train
-from verydeep.options import add_device, add_workers, output_dir, parse_scales, positive_int
+from verydeep.options import add_device, add_progress, add_workers, output_dir, parse_scales, positive_int
 from verydeep.runtime import sharding
 from verydeep.runtime.processes import default_workers
 from verydeep.train.recipe import add_flags
@@ -104,7 +104,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (localisation_error, whole_image_error, "
                         "centre_prior_error, ...)")
-    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress(e)
     e.set_defaults(func=run_eval)
     r = actions.add_parser("predict", help="draw protocol 2's top (class, box) predictions of images")
     r.add_argument("images", nargs="+", help="image files")
