@@ -22,7 +22,7 @@ from verydeep.errors import UserError
 from verydeep.options import add_device, add_workers, positive_int, width_multiplier
 from verydeep.runtime.device import machine, pick_device
 from verydeep.runtime.precision import autocast_dtype
-from verydeep.runtime.processes import default_workers
+from verydeep.runtime.processes import loader_workers
 
 
 def run_bench(settings: Settings) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def run_bench(settings: Settings) -> dict[str, Any]:
     device = pick_device(settings.device)
     dtype, peer = autocast_dtype(device, "auto"), peer_dtype(device)
     with tempfile.TemporaryDirectory() as scratch:
-        workers = default_workers() if settings.workers is None else settings.workers
+        workers = loader_workers(settings.workers)
         need = (training_steps(settings, workers) + 1) * settings.batch
         root, source = bench_data(settings.data, Path(scratch), settings.size, need)
         trainer = open_trainer(settings, root, Path(scratch))

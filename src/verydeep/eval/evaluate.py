@@ -55,11 +55,14 @@ from verydeep.runtime import sharding
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.memory import keep_freed_memory
 from verydeep.runtime.precision import autocast_dtype
-from verydeep.runtime.processes import default_workers
+from verydeep.runtime.processes import loader_workers
 
 #: Protocols a user can ask for; ``dense+multicrop`` is the combination of Table 5.
 PROTOCOLS = ("dense", "multicrop", "dense+multicrop", "center")
 DEFAULT_PROTOCOLS = ("dense", "multicrop", "dense+multicrop")
+
+#: Images of one size at Q that go through the net together (``--batch-size``'s default, predict's too).
+BATCH_SIZE = 32
 
 
 # ---- the whole evaluation -----------------------------------------------------------------
@@ -117,7 +120,7 @@ def evaluate(
     protocols: Sequence[str] = DEFAULT_PROTOCOLS,
     scales: Sequence[int] | None = None,
     flip: bool = True,
-    batch_size: int = 32,
+    batch_size: int = BATCH_SIZE,
     device: str = "auto",
     precision: str = "auto",
     workers: int | None = None,
@@ -145,7 +148,7 @@ def evaluate(
     dtype = sharding.agreed(autocast_dtype(torch_device, precision))  # measured: the first process's
     nets = load_nets(sources, scales, split, torch_device, weights_dir, dtype, compile)
     dataset, mapping = open_labelled(split, nets, limit, over_data_classes)
-    settings = SweepSettings(torch_device, dtype, flip, batch_size, default_workers() if workers is None else workers,
+    settings = SweepSettings(torch_device, dtype, flip, batch_size, loader_workers(workers),
                              progress, gpu.resolve_decode(decode, torch_device))
     posteriors, skipped, timings = compute_posteriors(nets, dataset, plan_passes(nets, protocols), settings)
     posteriors = {key: mapping.posteriors(post) for key, post in posteriors.items()}
@@ -217,7 +220,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="test scales Q, e.g. 256,384,512 (default: from each net's training scale, else "
                         "256,384,512 scaled by crop/224)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in mirrored images")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                   help=f"images per batch (default {BATCH_SIZE})")
     add_workers(p)
     add_device(p)
     add_precision(p)

@@ -22,7 +22,7 @@ from verydeep.eval.image_sets import ImageSet, IndexedImages, loaded_batches
 from verydeep.runtime import sharding
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.precision import autocast, autocast_dtype
-from verydeep.runtime.processes import Processes, default_workers
+from verydeep.runtime.processes import Processes, loader_workers
 from verydeep.runtime.progress import progress_bar
 
 
@@ -54,7 +54,7 @@ class Settings:
         torch_device = pick_device(device)
         dtype = sharding.agreed(autocast_dtype(torch_device, precision))  # measured: the first process's
         return cls(tuple(sorted(set(scales))), aggregate, torch_device, dtype,
-                   batch_size, default_workers() if workers is None else workers, progress, checkpoint_every)
+                   batch_size, loader_workers(workers), progress, checkpoint_every)
 
 
 def run_passes(nets: Sequence[FeatureNet], images: ImageSet, state: Partial, settings: Settings,

@@ -32,7 +32,7 @@ from torch import Tensor
 from verydeep.data import RescaleTransform, gpu, to_input
 from verydeep.data.datasets import DECODE_ERRORS
 from verydeep.errors import MissingFileError, UserError
-from verydeep.eval.evaluate import given_weights
+from verydeep.eval.evaluate import BATCH_SIZE, given_weights
 from verydeep.eval.image_sets import IndexedImages
 from verydeep.eval.nets import Net, load_nets, net_scales
 from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
@@ -100,8 +100,6 @@ def load_image(path: str | Path, q: int) -> Tensor:
 
 #: What ``predict --protocol`` may ask for (Sec. 3.2; their combination is Table 5's).
 PROTOCOLS = ("dense", "multicrop", "dense+multicrop")
-#: Images of one size at Q that go through the net together (``eval``'s default ``--batch-size``).
-BATCH_SIZE = 32
 
 
 def image_posteriors(net: Net, images: Sequence[str | Path], flip: bool, device: torch.device,

@@ -31,7 +31,7 @@ class Processes:
         return self.world > 1
 
 
-def default_workers() -> int:
-    """Data-loading processes: one per core this process may use, less one for the network, at
-    least one and at most 8."""
-    return max(1, min(8, usable_cores() - 1))
+def loader_workers(given: int | None = None) -> int:
+    """Data-loading processes: ``given`` when set, else one per core this process may use, less one for
+    the network, at least one and at most 8."""
+    return max(1, min(8, usable_cores() - 1)) if given is None else given

@@ -43,7 +43,7 @@ from verydeep.nn.tasks import Classification, Task
 from verydeep.runtime.device import pick_device, prepare
 from verydeep.runtime.memory import keep_freed_memory
 from verydeep.runtime.precision import autocast_dtype
-from verydeep.runtime.processes import Processes, default_workers
+from verydeep.runtime.processes import Processes, loader_workers
 from verydeep.runtime.progress import progress_bar
 from verydeep.runtime.rng import rng_state, set_rng_state
 from verydeep.runtime.sharding import process_group
@@ -130,7 +130,7 @@ class Trainer:
         self.device = self._device()
         self.dtype = autocast_dtype(self.device, cfg.precision)
         self.decode = gpu_decode.resolve_decode(cfg.decode, self.device)
-        self.workers = default_workers() if cfg.workers is None else cfg.workers
+        self.workers = loader_workers(cfg.workers)
         self.pre = cfg.preprocess or load_preprocess(cfg.data)
 
     def _device(self) -> torch.device:

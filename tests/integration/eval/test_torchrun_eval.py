@@ -197,7 +197,7 @@ def boxed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return root, locate, net(nets / "classify.pt", seed=2)
 
 
-@pytest.mark.parametrize("protocol", [["--batch-size", "5"], ["--protocol", "dense", "--scales", "32", "40",
+@pytest.mark.parametrize("protocol", [["--batch-size", "5"], ["--protocol", "dense", "--scales", "32,40",
                                                               "--batch-size", "2"]], ids=["center", "dense"])
 def test_localize_eval_on_two_processes_is_one_process(boxed, protocol, capsys):
     root, locate, classifier = boxed

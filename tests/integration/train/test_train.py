@@ -21,7 +21,7 @@ from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.nn.tasks import Classification
 from verydeep.runtime import memory
-from verydeep.runtime.processes import Processes, default_workers
+from verydeep.runtime.processes import Processes, loader_workers
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
 from verydeep.train.memory_fit import MemoryProbe
 from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names, settings_from_flags
@@ -420,7 +420,7 @@ def test_dropout_is_a_probability_below_one_and_workers_are_bounded_by_the_cores
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {message}"), err
     assert not (tmp_path / "run").exists()
-    assert tiny(data, tmp_path / "run", dropout=0.0, workers=default_workers()).check() is None
+    assert tiny(data, tmp_path / "run", dropout=0.0, workers=loader_workers()).check() is None
 
 
 def test_step_times_include_the_update(data, tmp_path, monkeypatch):

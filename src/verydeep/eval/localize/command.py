@@ -16,7 +16,7 @@ from verydeep.eval.localize.task import HEADS, TARGETS, eval_boxes
 from verydeep.eval.localize.train import run_train
 from verydeep.options import add_device, add_progress, add_workers, output_dir, parse_scales, positive_int
 from verydeep.runtime import sharding
-from verydeep.runtime.processes import default_workers
+from verydeep.runtime.processes import loader_workers
 from verydeep.train.recipe import add_flags
 
 
@@ -50,7 +50,7 @@ def eval_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.protocol == "dense" and args.fine_tuned:
         raise UserError("--fine-tuned labels Table 8's rows (--protocol center); Table 9 (dense) has no such "
                         "column: drop it, or give --protocol center")
-    workers = default_workers() if args.workers is None else args.workers
+    workers = loader_workers(args.workers)
     boxes = eval_boxes(args.boxes, args.data, args.checkpoint)
     if args.protocol == "dense":
         result = evaluate_dense(args.checkpoint, args.classifier, args.data, boxes, args.scales, args.limit,

@@ -14,7 +14,7 @@ from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import fixed_scale
 from verydeep.options import SPLIT_FOLDERS, dataset_folders
-from verydeep.runtime.processes import default_workers
+from verydeep.runtime.processes import loader_workers
 
 
 def readable_image(path: str | Path) -> None:
@@ -103,7 +103,7 @@ def run_predict(args: argparse.Namespace) -> None:
     names = nets.class_names
     scales = args.scales or [fixed_scale(recipe)]
     nets.check_scales(scales)
-    workers = default_workers() if args.workers is None else args.workers
+    workers = loader_workers(args.workers)
     for image in args.images:
         guesses = nets.guesses(image, scales, args.top, workers)
         drawn = draw(image, guesses, names, args.out)
