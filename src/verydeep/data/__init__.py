@@ -5,20 +5,11 @@ network's float input on the training device (PCA colour shift, mean subtraction
 files is :mod:`verydeep.data.decode`'s; decoding on the device, :mod:`verydeep.data.gpu`'s.
 """
 
-from verydeep.data.datasets import (
-    BadImageError,
-    Batch,
-    ILSVRCValFolder,
-    ImageFolder,
-    LabelledImages,
-    SizeGroupedBatchSampler,
-    balanced_subset,
-    carve_validation,
-    collate,
-    find_split,
-    open_split,
-)
+from verydeep.data.batches import Batch, SizeGroupedBatchSampler, collate
+from verydeep.data.datasets import BadImageError, ImageFolder, LabelledImages, find_split
+from verydeep.data.ilsvrc_val import ILSVRCValFolder
 from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess, pca_shift, save_preprocess, to_input
+from verydeep.data.splits import balanced_subset, carve_validation, open_split
 from verydeep.data.stats import add_cli, compute_stats
 from verydeep.data.transforms import (
     CenterCropTransform,

@@ -39,7 +39,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from verydeep.data.datasets import IMAGE_EXTENSIONS, Boxed, LabelledImages
+from verydeep.data.batches import Boxed
+from verydeep.data.datasets import IMAGE_EXTENSIONS, LabelledImages
 from verydeep.data.decode import ImageFile
 from verydeep.data.jpeg import Size, decoded_size
 from verydeep.data.transforms import CropPlan, PlannedTransform, render
@@ -296,7 +297,7 @@ def iou(a: Tensor, b: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class BoxedTransform:
     """``transform``'s crop of an image, with the image's boxes (looked up by path) carried through
-    the same plan: a :class:`~verydeep.data.datasets.Boxed` item."""
+    the same plan: a :class:`~verydeep.data.batches.Boxed` item."""
 
     transform: PlannedTransform
     boxes: dict[str, list[Box]]
@@ -313,7 +314,7 @@ class BoxedTransform:
 
 def with_boxes(images: LabelledImages, matched: dict[str, list[Box]], transform: PlannedTransform) -> LabelledImages:
     """``images`` keeping the readable ones with a box of their class (or of no named class) among
-    ``matched`` (:func:`match_boxes`), their items :class:`~verydeep.data.datasets.Boxed`, each box
+    ``matched`` (:func:`match_boxes`), their items :class:`~verydeep.data.batches.Boxed`, each box
     clipped to its image (:func:`fitted`); the others are skipped with one warning naming one."""
     if not isinstance(transform, PlannedTransform):
         raise UserError("localisation reads images on the CPU: use --decode cpu")

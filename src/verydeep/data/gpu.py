@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from verydeep.data.datasets import DECODE_ERRORS, Batch, batch_memory, nhwc_shape, report_skip
+from verydeep.data.batches import Batch, batch_memory, nhwc_shape
+from verydeep.data.datasets import DECODE_ERRORS, report_skip
 from verydeep.data.decode import ImageFile
 from verydeep.data.transforms import CropPlan, PlannedTransform, render
 from verydeep.errors import UserError

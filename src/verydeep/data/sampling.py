@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from verydeep.data.datasets import Batch, LabelledImages, collate
+from verydeep.data.batches import Batch, collate
+from verydeep.data.datasets import LabelledImages
 from verydeep.data.preprocess import Preprocess, pca_shift
 
 

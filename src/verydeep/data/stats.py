@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from verydeep.data.datasets import find_split, open_split
+from verydeep.data.datasets import find_split
 from verydeep.data.decode import ImageFile, decode, to_tensor
 from verydeep.data.loaders import image_loader
 from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess
+from verydeep.data.splits import open_split
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
 from verydeep.options import add_workers, output_file, seed_number

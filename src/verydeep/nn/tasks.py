@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from verydeep.data.datasets import Batch, ImageFolder, LabelledImages, Transform, find_split, open_split
+from verydeep.data.batches import Batch
+from verydeep.data.datasets import ImageFolder, LabelledImages, Transform, find_split
+from verydeep.data.splits import open_split
 from verydeep.eval.metrics import topk_correct
 
 

@@ -9,6 +9,7 @@ from conftest import save
 from PIL import Image
 
 from verydeep.data import CenterCropTransform, ImageFolder, RescaleTransform, TrainTransform, collate
+from verydeep.data.batches import Boxed
 from verydeep.data.boxes import (
     Box,
     decode,
@@ -20,7 +21,6 @@ from verydeep.data.boxes import (
     to_crop,
     with_boxes,
 )
-from verydeep.data.datasets import Boxed
 from verydeep.data.transforms import CropPlan
 from verydeep.errors import UserError
 
