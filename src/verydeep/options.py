@@ -176,8 +176,7 @@ def _weights_read(source: Path, weights_dir: str | None) -> tuple[Path | None, P
         return None, None
     if not path.is_dir():
         return _run_holding(path), path
-    run = RunDir(path)
-    return path, next((file for file in (run.best, run.last) if file.is_file()), None)
+    return path, RunDir(path).chosen_checkpoint
 
 
 def _run_holding(file: Path) -> Path | None:

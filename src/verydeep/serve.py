@@ -56,6 +56,7 @@ from verydeep.eval.predict import (
 from verydeep.eval.sweep import average
 from verydeep.io.download import resolve_source
 from verydeep.io.jsonable import to_json_dict
+from verydeep.nn.summary import parameter_count
 from verydeep.options import add_device, add_precision, add_weights, one_line, parse_scales, positive_int
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.precision import autocast_dtype
@@ -169,17 +170,13 @@ def saliency_png(saliency: Tensor) -> str:
     return data_url(Image.fromarray((scaled * 255).round().to(torch.uint8).numpy(), mode="L"))
 
 
-def parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def net_facts(net: Net) -> dict[str, Any]:
     """What the page says of a net: its configuration (Table 1), parameters, crop, test scales, classes and
     input convention (channel order, value scale, mean and deviation)."""
     info = net.describe()
     return {"name": info.name, "source": info.checkpoint, "model": info.model, "config": info.config,
             "batch_norm": info.batch_norm, "width": info.width, "crop": info.crop, "train_scale": info.train_scale,
-            "scales": info.scales, "parameters": parameters(net.model), "classes": net.model.num_classes,
+            "scales": info.scales, "parameters": parameter_count(net.model), "classes": net.model.num_classes,
             "preprocess": net.preprocess.to_dict()}
 
 

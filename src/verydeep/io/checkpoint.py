@@ -41,9 +41,9 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint file, or a run directory's best (else last) checkpoint."""
     path = Path(path)
     if path.is_dir():
-        for file in (RunDir(path).best, RunDir(path).last):
-            if file.is_file():
-                return file
+        chosen = RunDir(path).chosen_checkpoint
+        if chosen is not None:
+            return chosen
         raise MissingFileError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt in this run directory")
     if not path.is_file():
         raise MissingFileError(f"{path}: no such checkpoint")

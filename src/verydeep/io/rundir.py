@@ -54,6 +54,11 @@ class RunDir:
         return self.checkpoints / EPOCH.format(epoch)
 
     @property
+    def chosen_checkpoint(self) -> Path | None:
+        """The checkpoint a command reads from the run: the best (by validation), else the last; None if neither."""
+        return next((file for file in (self.best, self.last) if file.is_file()), None)
+
+    @property
     def own_folders(self) -> tuple[Path, ...]:
         """The folders that hold the run's own files: the run directory itself and those it makes."""
         return self.root, self.checkpoints, self.tensorboard

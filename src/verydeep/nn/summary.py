@@ -42,14 +42,15 @@ def summarise(model: VGG, input_size: int | None = None) -> list[Row]:
         if isinstance(module, nn.Conv2d):
             k = module.kernel_size[0]
             c = module.out_channels
-            rows.append(Row(name, f"conv{k}-{c}", (c, h, w), _count(module), k * k * module.in_channels * c * h * w))
+            macs = k * k * module.in_channels * c * h * w
+            rows.append(Row(name, f"conv{k}-{c}", (c, h, w), parameter_count(module), macs))
         elif isinstance(module, nn.MaxPool2d):
             h, w = h // 2, w // 2
             rows.append(Row(name, "maxpool", (c, h, w), 0, 0))
         elif isinstance(module, nn.LocalResponseNorm):
             rows.append(Row(name, "LRN", (c, h, w), 0, 0))
         elif isinstance(module, nn.BatchNorm2d):
-            rows.append(Row(name, "batchnorm", (c, h, w), _count(module), 0))
+            rows.append(Row(name, "batchnorm", (c, h, w), parameter_count(module), 0))
     kernel = model.grid
     for name, fc in model.fc_layers().items():
         if dense:
@@ -58,12 +59,14 @@ def summarise(model: VGG, input_size: int | None = None) -> list[Row]:
         else:
             h = w = 1
             layer = f"FC-{fc.out_features}"
-        rows.append(Row(name, layer, (fc.out_features, h, w), _count(fc), fc.in_features * fc.out_features * h * w))
+        macs = fc.in_features * fc.out_features * h * w
+        rows.append(Row(name, layer, (fc.out_features, h, w), parameter_count(fc), macs))
         kernel = 1
     return rows
 
 
-def _count(module: nn.Module) -> int:
+def parameter_count(module: nn.Module) -> int:
+    """The number of parameters (weights and biases) of ``module``."""
     return sum(p.numel() for p in module.parameters())
 
 

@@ -95,7 +95,7 @@ def checked_output(out: Path) -> Path:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the learning curves of ``run_dir`` as an image (default ``RUN_DIR/curves.png``; another format
     by ``out``'s suffix)."""
-    out = checked_output(Path(out)) if out is not None else Path(run_dir) / "curves.png"
+    out = checked_output(Path(out)) if out is not None else RunDir(run_dir).curves
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
