@@ -116,6 +116,18 @@ def read_box_text(path: Path) -> BoxTable:
     return table
 
 
+def bndbox_values(obj: ET.Element) -> tuple[str, str, str, str] | None:
+    """The texts of an annotation ``<object>``'s ``bndbox`` (xmin, ymin, xmax, ymax); None when it has none,
+    or one without all four."""
+    box = obj.find("bndbox")
+    if box is None:
+        return None
+    xmin, ymin, xmax, ymax = (box.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax"))
+    if xmin is None or ymin is None or xmax is None or ymax is None:
+        return None
+    return xmin, ymin, xmax, ymax
+
+
 def read_voc_xml(path: Path) -> list[Box]:
     """The boxes of one PASCAL VOC / ILSVRC annotation file (``object/name``, ``object/bndbox``).
 
@@ -127,11 +139,10 @@ def read_voc_xml(path: Path) -> list[Box]:
         raise UserError(f"{path}: not a valid annotation file ({error})") from None
     boxes = []
     for obj in root.iter("object"):
-        box = obj.find("bndbox")
-        values = [box.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax")] if box is not None else []
-        if len(values) != 4 or None in values:
+        values = bndbox_values(obj)
+        if values is None:
             raise UserError(f"{path}:{lines[obj]}: an object without a complete bndbox")
-        boxes.append(pixel_box(obj.findtext("name"), values, f"{path}:{lines[box]}"))
+        boxes.append(pixel_box(obj.findtext("name"), list(values), f"{path}:{lines[obj.find('bndbox')]}"))
     return boxes
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from verydeep.data.boxes import Box, pixel_box
+from verydeep.data.boxes import Box, bndbox_values, pixel_box
 from verydeep.data.datasets import DECODE_ERRORS, report_skip
 from verydeep.data.decode import image_size
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, parse_annotation
@@ -139,10 +139,8 @@ def read_persons(path: Path) -> tuple[list[Person], tuple[int, int] | None]:
         odd = next(((tag, value) for tag, value in flags.items() if value not in ("0", "1")), None)
         if odd is not None:
             raise UserError(f"{path}: <{odd[0]}> must be 0 or 1; got {odd[1]!r}")
-        box = obj.find("bndbox")
-        values = tuple(box.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax")) if box is not None else ()
-        persons.append(Person(values if len(values) == 4 and None not in values else None,
-                              flags.pop("difficult") == "1", {tag: int(v) for tag, v in flags.items()}))
+        persons.append(Person(bndbox_values(obj), flags.pop("difficult") == "1",
+                              {tag: int(v) for tag, v in flags.items()}))
     return persons, _stated_size(root, path)
 
 
