@@ -41,7 +41,7 @@ from verydeep.data.decode import decode, displayed_size
 from verydeep.errors import UserError
 from verydeep.eval.evaluate import given_weights
 from verydeep.eval.localize.dense_nets import DenseNets
-from verydeep.eval.localize.task import fixed_scale
+from verydeep.eval.localize.task import smallest_training_scale
 from verydeep.eval.nets import Net, load_nets
 from verydeep.eval.predict import (
     PROTOCOLS,
@@ -271,7 +271,7 @@ class Looker:
         began = time.perf_counter()
         recipe = self.boxes.recipes[0]
         names = self.boxes.class_names
-        scales = ask.scales or [fixed_scale(recipe)]
+        scales = ask.scales or [smallest_training_scale(recipe)]
         try:
             self.boxes.check_scales(scales)
         except UserError as error:

@@ -18,7 +18,7 @@ from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
 from verydeep.eval.localize.prior import in_frames, mean_relative_box
 from verydeep.eval.localize.scoring import wrong
-from verydeep.eval.localize.task import boxes_source, fixed_scale, recipe_file, task_of
+from verydeep.eval.localize.task import boxes_source, recipe_file, smallest_training_scale, task_of
 from verydeep.io.rundir import CHECKPOINTS
 from verydeep.io.sources import load
 from verydeep.paper.figures import TABLE_8, BoxRegression
@@ -79,7 +79,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     model, recipe = net.model, net.recipe
     task = task_of(recipe, boxes_source(boxes, data, [recipe]), net.source)
     layers = fine_tuned_layers(recipe, fine_tuned, recipe_file(net.source))
-    transform = CenterCropTransform(fixed_scale(recipe), int(recipe["crop"]))
+    transform = CenterCropTransform(smallest_training_scale(recipe), int(recipe["crop"]))
     train_set, val_set = task.open_splits(str(data), transform, transform)
     prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
     wrong_counts, images = torch.zeros(3), 0

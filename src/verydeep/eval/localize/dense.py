@@ -18,7 +18,7 @@ from verydeep.eval.localize.center import net_name
 from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, Guess, ranked
 from verydeep.eval.localize.prior import mean_relative_box
 from verydeep.eval.localize.scoring import ilsvrc_wrong
-from verydeep.eval.localize.task import boxes_source, fixed_scale, task_of
+from verydeep.eval.localize.task import boxes_source, smallest_training_scale, task_of
 from verydeep.eval.rows import scales_label
 from verydeep.paper.figures import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.paper.report import Column, Row, Table
@@ -85,7 +85,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     checkpoints = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
     nets = DenseNets.load(checkpoints, classifier, device)
     recipe = nets.recipes[0]
-    qs = list(scales or [fixed_scale(recipe)])
+    qs = list(scales or [smallest_training_scale(recipe)])
     nets.check_scales(qs)
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
     task = task_of(recipe, boxes_source(boxes, data, nets.recipes), checkpoints[0])
@@ -107,7 +107,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     if not indices:
         raise UserError(f"{data}: no validation image with a box to evaluate")
     errors = (100.0 * misses / len(indices)).tolist()
-    per_net = [DenseNetResult(str(c), t.head, fixed_scale(r), int(r["crop"]), e)
+    per_net = [DenseNetResult(str(c), t.head, smallest_training_scale(r), int(r["crop"]), e)
                for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, errors[1:-2], strict=True)]
     return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], *errors[-2:], per_net)
 

@@ -12,7 +12,7 @@ from verydeep.data.datasets import DECODE_ERRORS, unreadable
 from verydeep.data.decode import ImageFile
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
-from verydeep.eval.localize.task import fixed_scale
+from verydeep.eval.localize.task import smallest_training_scale
 from verydeep.options import SPLIT_FOLDERS, dataset_folders
 from verydeep.runtime.processes import loader_workers
 
@@ -101,7 +101,7 @@ def run_predict(args: argparse.Namespace) -> None:
     nets = DenseNets.load(args.checkpoint, args.classifier, args.device)
     recipe = nets.recipes[0]
     names = nets.class_names
-    scales = args.scales or [fixed_scale(recipe)]
+    scales = args.scales or [smallest_training_scale(recipe)]
     nets.check_scales(scales)
     workers = loader_workers(args.workers)
     for image in args.images:

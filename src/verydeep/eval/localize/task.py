@@ -114,7 +114,7 @@ class Localisation(Task):
         return [100.0 * float(wrong(boxes, targets[:, :, 1:]).sum())]
 
 
-def fixed_scale(recipe: dict[str, Any]) -> int:
+def smallest_training_scale(recipe: dict[str, Any]) -> int:
     """The training scale S of a run (Smin when jittered): protocol 1's resize, protocol 2's default Q."""
     return train_scale(recipe)[0]
 
