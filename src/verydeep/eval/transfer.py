@@ -49,6 +49,10 @@ from verydeep.paper.report import Column, Row, Table, join_markdown, percent
 PROTOCOLS = ("caltech", "voc", "voc-action")
 #: The C values cross-validation chooses from.
 DEFAULT_C = (0.01, 0.1, 1.0, 10.0, 100.0)
+#: Cross-validation folds that choose C.
+FOLDS = 3
+#: Caltech's random splits, and the training images per class in each (Sec. 4.5 / Appendix B: 30 for Caltech-101).
+SPLITS, TRAIN_PER_CLASS = 3, 30
 #: The kinds of average precision, by the name the results give them.
 AP_KINDS = {
     "11point": "VOC-2007's 11-point interpolated average precision",
@@ -190,8 +194,9 @@ def refuse_untested_classes(features: Features, test: np.ndarray) -> None:
                         f"test images{unread}: the mean class recall would leave {'them' if several else 'it'} out")
 
 
-def run_caltech(features: Features, train_per_class: int = 30, test_per_class: int | None = None, splits: int = 3,
-                c_grid: Sequence[float] = DEFAULT_C, folds: int = 3, seed: int = 0) -> CaltechResult:
+def run_caltech(features: Features, train_per_class: int = TRAIN_PER_CLASS, test_per_class: int | None = None,
+                splits: int = SPLITS, c_grid: Sequence[float] = DEFAULT_C, folds: int = FOLDS,
+                seed: int = 0) -> CaltechResult:
     """The ``caltech`` protocol (see the module's description)."""
     if features.multilabel:
         raise UserError("these features are of multi-label (VOC) images; use --protocol voc")
@@ -259,7 +264,7 @@ def class_parts(features: Features, c: int) -> tuple[np.ndarray, np.ndarray, np.
     return (parts == "train") & (y != 0), (parts == "test") & (y != 0), y > 0
 
 
-def class_scores(features: Features, c: int, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
+def class_scores(features: Features, c: int, c_grid: Sequence[float] = DEFAULT_C, folds: int = FOLDS,
                  seed: int = 0) -> ClassScores:
     """Class ``c``'s binary SVM, trained on the training part, its C chosen there by cross-validated average
     precision; its scores of the test part. Images labelled 0 (ignored) for the class take no part."""
@@ -301,7 +306,7 @@ def per_class_ap(features: Features, c_grid: Sequence[float], folds: int, seed: 
     return {k: float(np.mean([r.ap[k] for r in per_class.values()])) for k in AP_KINDS}, per_class
 
 
-def run_voc(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3, seed: int = 0) -> VOCResult:
+def run_voc(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = FOLDS, seed: int = 0) -> VOCResult:
     """The ``voc`` protocol (see the module's description)."""
     if not features.multilabel:
         raise UserError("these features are of single-label images; use --protocol caltech")
@@ -322,7 +327,7 @@ class ActionResult(VOCResult):
     protocol: str = "voc-action"
 
 
-def run_voc_action(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
+def run_voc_action(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = FOLDS,
                    seed: int = 0) -> ActionResult:
     """The ``voc-action`` protocol (see the module's description)."""
     regions = features.settings.get("regions")
@@ -404,9 +409,9 @@ def per_class_table(result: CaltechResult | VOCResult) -> Table:
 # ---- the command ----------------------------------------------------------------------------
 
 
-def transfer(features: Features, protocol: str, train_per_class: int = 30, test_per_class: int | None = None,
-             splits: int = 3, c_grid: Sequence[float] = DEFAULT_C, folds: int = 3,
-             seed: int = 0) -> CaltechResult | VOCResult:
+def transfer(features: Features, protocol: str, train_per_class: int = TRAIN_PER_CLASS,
+             test_per_class: int | None = None, splits: int = SPLITS, c_grid: Sequence[float] = DEFAULT_C,
+             folds: int = FOLDS, seed: int = 0) -> CaltechResult | VOCResult:
     """Linear SVMs on ``features`` under ``protocol`` (``caltech``, ``voc`` or ``voc-action``)."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
@@ -443,7 +448,7 @@ def check_regions(args: argparse.Namespace) -> None:
 
 
 #: The caltech protocol's flags that draw its random splits, and their defaults.
-SPLIT_FLAGS = {"train_per_class": 30, "test_per_class": None, "splits": 3}
+SPLIT_FLAGS = {"train_per_class": TRAIN_PER_CLASS, "test_per_class": None, "splits": SPLITS}
 
 
 def random_split_flags(args: argparse.Namespace) -> list[str]:
@@ -510,14 +515,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=output_file, default=None, metavar="FEATURES.npz",
                    help="with --data: keep the features extracted here (an interrupted extraction continues)")
     p.add_argument("--train-per-class", type=positive_int, default=None,
-                   help="caltech: training images per class of each random split (default 30)")
+                   help=f"caltech: training images per class of each random split (default {TRAIN_PER_CLASS})")
     p.add_argument("--test-per-class", type=positive_int, default=None,
                    help="caltech: at most this many test images per class of each random split (default: the rest)")
-    p.add_argument("--splits", type=positive_int, default=None, help="caltech: random splits (default 3)")
+    p.add_argument("--splits", type=positive_int, default=None, help=f"caltech: random splits (default {SPLITS})")
     p.add_argument("--c-grid", type=parse_floats, default=list(DEFAULT_C),
                    help="SVM C values cross-validation chooses from (default 0.01,0.1,1,10,100)")
-    p.add_argument("--folds", type=positive_int, default=3,
-                   help="cross-validation folds (default 3), at most the training images of the smallest class "
+    p.add_argument("--folds", type=positive_int, default=FOLDS,
+                   help=f"cross-validation folds (default {FOLDS}), at most the training images of the smallest class "
                         "(voc: a class's positives or negatives)")
     p.add_argument("--seed", type=seed_number, default=0, help="seed of the random splits and folds")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
