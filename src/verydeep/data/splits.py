@@ -45,15 +45,17 @@ def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
 def carve_validation(targets: Sequence[int], count: int, seed: int) -> tuple[list[int], list[int]]:
     """Split indices into (training, validation): ``count`` validation indices drawn class-balanced
     (round-robin over the classes, each class's images in an order shuffled by ``seed``), the rest
-    for training. The same targets and seed always give the same split."""
-    if count <= 0 or count >= len(targets):
-        raise UserError(f"--val-split must be between 1 and {len(targets) - 1} (the training images less one); "
-                        f"got {count}")
-    rng = np.random.default_rng(seed)
+    for training; every class keeps at least one training image. The same targets and seed always give
+    the same split."""
     by_class: dict[int, list[int]] = {}
     for index, target in enumerate(targets):
         by_class.setdefault(int(target), []).append(index)
-    queues = [[by_class[c][i] for i in rng.permutation(len(by_class[c]))] for c in sorted(by_class)]
+    most = len(targets) - len(by_class)
+    if count <= 0 or count > most:
+        raise UserError(f"--val-split must be between 1 and {most} (the training images less one of each class, "
+                        f"which each class keeps for training); got {count}")
+    rng = np.random.default_rng(seed)
+    queues = [[by_class[c][i] for i in rng.permutation(len(by_class[c]))][:-1] for c in sorted(by_class)]
     held: list[int] = []
     depth = 0
     while len(held) < count:

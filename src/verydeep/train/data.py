@@ -19,6 +19,7 @@ from verydeep.data import (
     collate,
 )
 from verydeep.data import gpu as gpu_decode
+from verydeep.data.datasets import LabelledImages
 from verydeep.data.loaders import image_loader
 from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, collate_shifted
 from verydeep.errors import UserError
@@ -30,6 +31,23 @@ from verydeep.train.recipe import TrainConfig
 def _relative(path: Path, root: Path) -> Path:
     """``path`` relative to ``root`` when it lies under it, else as it is."""
     return path.relative_to(root) if path.is_relative_to(root) else path
+
+
+def check_validation_split(data: str | Path, train_set: LabelledImages, val_set: LabelledImages) -> None:
+    """Raise :class:`UserError` unless ``val_set`` is a validation split of its own, of the same classes as
+    ``train_set``: a folder of class folders alone is both splits, and validating on the training images would
+    choose the best checkpoint and drop the learning rate by the training accuracy."""
+    if Path(getattr(val_set, "root", "")) == Path(getattr(train_set, "root", "-")):
+        raise UserError(f"--data {data}: no validation split (val/ or test/) beside the training images; give "
+                        "--val-split N to hold out N training images for validation")
+    if val_set.classes != train_set.classes:
+        missing = [c for c in train_set.classes if c not in val_set.classes]
+        extra = [c for c in val_set.classes if c not in train_set.classes]
+        said = (f"validation lacks the class folders {', '.join(missing[:5])} (a class without validation images "
+                "needs an empty folder)" if missing else
+                f"validation has class folders training lacks: {', '.join(extra[:5])}" if extra else
+                "their class folders are listed in another order")
+        raise UserError(f"{data}: the validation classes differ from the training classes: {said}")
 
 
 class TrainingData:
@@ -44,8 +62,8 @@ class TrainingData:
             train_transform, val_transform = gpu_decode.EncodedTransform(train_transform), gpu_decode.EncodedTransform(
                 val_transform)
         self.train_set, self.val_set = task.open_splits(cfg.data, train_transform, val_transform)
-        if self.val_set.classes != self.train_set.classes:
-            raise UserError(f"{cfg.data}: the validation classes differ from the training classes")
+        if cfg.val_split is None:
+            check_validation_split(cfg.data, self.train_set, self.val_set)
         trainable = list(range(len(self.train_set)))
         if cfg.val_split is not None:
             trainable, self.val_indices = carve_validation(self.train_set.targets, cfg.val_split, cfg.seed)

@@ -302,6 +302,16 @@ def test_validation_is_carved_from_training_class_balanced_and_fixed_by_the_seed
         carve_validation(targets, len(targets), seed=0)
 
 
+
+def test_carving_validation_leaves_every_class_a_training_image():
+    targets = [0] * 4 + [1] * 4 + [2]  # class 2 has one image: it must train, never be held out
+    for seed in range(5):
+        train, held = carve_validation(targets, 3, seed=seed)
+        assert {targets[i] for i in train} == {0, 1, 2} and 8 in train
+    assert len(carve_validation(targets, 6, seed=0)[1]) == 6  # 9 images less one of each of the 3 classes
+    with pytest.raises(UserError, match="--val-split must be between 1 and 6 "):
+        carve_validation(targets, 7, seed=0)
+
 def test_a_held_out_validation_split_decides_the_schedule_and_no_test_image_does(tmp_path, monkeypatch):
     data = write_digits(tmp_path / "data")
     test_images = {str(p) for p in (data / "val").rglob("*.png")}

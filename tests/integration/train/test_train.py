@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -647,3 +648,16 @@ def test_every_configuration_learns_from_the_default_initialisation(tmp_path, co
     assert epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"], [e["train_loss"] for e in epochs]
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert record["init"] == "he" and "every configuration learns" in record["init_reason"]
+
+
+def test_class_folders_alone_are_not_their_own_validation_split(data, tmp_path):
+    with pytest.raises(UserError, match=r"no validation split \(val/ or test/\).*--val-split"):
+        train(tiny(data / "train", tmp_path / "run"))
+    assert train(tiny(data / "train", tmp_path / "held", val_split=8)) is not None
+
+
+def test_a_validation_split_without_a_class_folder_names_it(tmp_path):
+    root = write_dataset(tmp_path / "data", {"train": 4, "val": 1})
+    shutil.rmtree(root / "val" / "class2")
+    with pytest.raises(UserError, match="validation lacks the class folders class2 .*an empty folder"):
+        train(tiny(root, tmp_path / "run", batch_size=4))
