@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -205,8 +206,48 @@ def dataset_folders(path: Path) -> list[Path]:
 
 
 def _contains(folder: Path, path: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies under it, links and ``..`` followed."""
-    return path.resolve().is_relative_to(folder.resolve())
+    """Whether ``path`` is ``folder`` or lies under it: links and ``..`` followed, or as written (a path through a
+    class folder linked into the data lies in the data, wherever the link leads), or under a folder linked into
+    ``folder`` (a dataset's class folders linked to a store: a file written in the store joins the class)."""
+    absolute, target = Path(os.path.abspath(path)), path.resolve()
+    return (target.is_relative_to(folder.resolve()) or absolute.is_relative_to(Path(os.path.abspath(folder)))
+            or any(target.is_relative_to(link.resolve()) for link in _linked_folders(folder)))
+
+
+def _linked_folders(folder: Path) -> list[Path]:
+    """The links to folders among ``folder``'s entries and, for its split folders (``train``...), theirs: a
+    dataset's splits and class folders, where links to folders elsewhere make a subset of a larger set."""
+    def links(parent: Path) -> list[Path]:
+        try:
+            return [entry for entry in parent.iterdir() if entry.is_symlink() and entry.is_dir()]
+        except OSError:
+            return []
+
+    found = links(folder) if folder.is_dir() else []
+    for split in SPLIT_FOLDERS:
+        found += links(folder / split) if (folder / split).is_dir() else []
+    return found
+
+
+def dataset_splits(image: Path) -> list[Path]:
+    """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the datasets ``image`` lies in, as named
+    and with links resolved (a subset's class folders linked to a store), when it lies in a class folder of
+    one: a file written in any of them is read as an image of that dataset."""
+    splits = []
+    for path in (image.absolute(), image.resolve()):
+        split = next((folder.parent for folder in path.parents if folder.parent.name in SPLIT_FOLDERS), None)
+        splits += dataset_folders(split) if split is not None else []
+    return splits
+
+
+def refuse_writing_in_datasets_of(images: Sequence[str | Path], out: Path, option: str) -> None:
+    """An output ``out`` in a split of the dataset an input image lies in is a :class:`UserError`: it would be
+    read as one of that dataset's images (a file) or classes (a folder)."""
+    for image in map(Path, images):
+        for split in dataset_splits(image):
+            if _contains(split, out):
+                raise UserError(f"{out}: {option} lies in {split}, a split of the dataset of the input image {image}, "
+                                "whose images it would join; write it outside the data")
 
 
 def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | None = None) -> None:

@@ -38,7 +38,15 @@ from verydeep.eval.nets import Net, load_nets, net_scales
 from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
-from verydeep.options import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
+from verydeep.options import (
+    add_device,
+    add_precision,
+    add_weights,
+    output_file,
+    parse_scales,
+    positive_int,
+    refuse_writing_in_datasets_of,
+)
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.precision import autocast_dtype
 
@@ -179,11 +187,13 @@ def saliency_paths(out: Path, count: int) -> list[Path]:
 
 
 def refuse_overwriting(outputs: Sequence[Path], images: Sequence[str | Path]) -> None:
-    """A saliency map that would replace one of the input images is a :class:`UserError`, before any is drawn."""
+    """A saliency map that would replace one of the input images, or join the images of a dataset one lies in, is
+    a :class:`UserError`, before any is drawn."""
     for out in outputs:
         hit = next((image for image in images if out.exists() and Path(image).exists() and out.samefile(image)), None)
         if hit is not None:
             raise UserError(f"--saliency {out}: would overwrite the input image {hit}; give another file name")
+        refuse_writing_in_datasets_of(images, out, "--saliency")
 
 
 def write_saliency(net: Net, path: str | Path, best: RankedClass, out: Path, device: torch.device,

@@ -189,3 +189,28 @@ def test_resuming_with_an_unreadable_best_checkpoint_is_one_line_naming_it(image
     else:
         torch.save({"weights": torch.zeros(1)}, best)  # readable, but not an epoch's state
     refused(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"], capsys, f"{best}: not a")
+
+
+def test_an_output_through_or_into_a_class_folder_linked_into_the_data_is_refused(images, tmp_path, capsys):
+    store = tmp_path / "store"
+    (images / "train" / "class1").rename(store)
+    (images / "train" / "class1").symlink_to(store, target_is_directory=True)  # a subset linked to a store
+    before = contents(store)
+    for out in (images / "train" / "class1" / "run", store / "run"):  # through the link, and at its target
+        refused(["train", "--data", str(images), "--out", str(out), *TRAIN], capsys, "--out", "--data")
+    assert contents(store) == before and not (store / "run").exists()
+    allowed(["train", "--data", str(images), "--out", str(tmp_path / "elsewhere"), *TRAIN])
+
+
+def test_a_saliency_map_is_not_drawn_into_the_dataset_of_its_image(images, run, tmp_path, capsys):
+    image = images / "val" / "class0" / "0.png"
+    for out in (images / "val" / "class1" / "map.png", images / "train" / "map.png"):
+        refused(["predict", "--weights", str(run), str(image), "--saliency", str(out), "--device", "cpu"], capsys,
+                "--saliency", "a split of the dataset of the input image")
+        assert not out.exists()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(image, photos / "cat.png")
+    assert main(["predict", "--weights", str(run), str(photos / "cat.png"), "--saliency", str(photos / "map.png"),
+                 "--device", "cpu"]) == 0
+    assert (photos / "map.png").is_file()  # beside a photo that is in no dataset: allowed

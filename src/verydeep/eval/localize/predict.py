@@ -13,7 +13,7 @@ from verydeep.data.decode import ImageFile
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import smallest_training_scale
-from verydeep.options import SPLIT_FOLDERS, dataset_folders
+from verydeep.options import refuse_writing_in_datasets_of
 from verydeep.runtime.processes import loader_workers
 
 
@@ -52,17 +52,6 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
     return target
 
 
-def dataset_splits(image: Path) -> list[Path]:
-    """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the datasets ``image`` lies in, as named
-    and with links resolved (a subset's class folders linked to a store), when it lies in a class folder of
-    one: a file written in any of them is read as an image of that dataset."""
-    splits = []
-    for path in (image.absolute(), image.resolve()):
-        split = next((folder.parent for folder in path.parents if folder.parent.name in SPLIT_FOLDERS), None)
-        splits += dataset_folders(split) if split is not None else []
-    return splits
-
-
 def refuse_drawing_among_inputs(images: Sequence[str], out: Path) -> None:
     """``--out`` is the folder of no input image, and in no split of a dataset holding one: the drawings
     would lie among the images, or be read as a dataset's images. Else a :class:`UserError`."""
@@ -70,10 +59,7 @@ def refuse_drawing_among_inputs(images: Sequence[str], out: Path) -> None:
         if out.resolve() in (image.parent.resolve(), image.resolve().parent):  # the link's folder, or its file's
             raise UserError(f"{out}: --out is the folder of the input image {image}, where the drawings would lie "
                             "among the images; give another --out")
-        for split in dataset_splits(image):
-            if out.resolve().is_relative_to(split.resolve()):
-                raise UserError(f"{out}: --out lies in {split}, a split of the dataset of the input image {image}, "
-                                "whose images the drawings would join; write them outside the data")
+    refuse_writing_in_datasets_of(images, out, "--out")
 
 
 def drawing_targets(args: argparse.Namespace) -> dict[Path, str]:
