@@ -103,16 +103,24 @@ def _text(path: Path) -> str:
         raise UserError(f"{path}: not a text file of boxes (byte {at} is not UTF-8)") from None
 
 
+#: A line of a boxes file: the image's path (spaces and ``#`` allowed: the box is the line's last four fields),
+#: the box, and an optional ``# comment`` after it.
+_BOX_LINE = re.compile(r"\s*(?P<path>\S.*?)\s+(?P<box>\S+\s+\S+\s+\S+\s+\S+)\s*(?:#.*)?")
+
+
 def read_box_text(path: Path) -> BoxTable:
-    """``relpath xmin ymin xmax ymax`` lines (``#`` comments); an image may have several lines."""
+    """``relpath xmin ymin xmax ymax`` lines; an image may have several lines. A line that starts with ``#`` is a
+    comment, as is ``# ...`` after a box; the path is all before the box's four numbers, so it may hold spaces
+    (a class folder ``red car/``) and ``#``."""
     table: BoxTable = {}
     for number, line in enumerate(_text(path).splitlines(), start=1):
-        parts = line.split("#", 1)[0].split()
-        if not parts:
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        if len(parts) != 5:
+        match = _BOX_LINE.fullmatch(line)
+        if match is None or _NUMBER.fullmatch(match["path"].split()[-1]):  # a number before the box: a fifth one
             raise UserError(f"{path}:{number}: expected 'relpath xmin ymin xmax ymax', got {line.strip()!r}")
-        table.setdefault(Path(parts[0]).as_posix(), []).append(pixel_box(None, parts[1:], f"{path}:{number}"))
+        table.setdefault(Path(match["path"]).as_posix(), []).append(
+            pixel_box(None, match["box"].split(), f"{path}:{number}"))
     return table
 
 

@@ -105,6 +105,16 @@ def test_the_text_file_reads_inclusive_pixels(tmp_path):
     assert table["train/a/x.png"][0] == Box(None, 0, 10, 64, 59, f"{path}:2") and len(table["train/a/x.png"]) == 2
 
 
+
+def test_a_text_files_path_may_hold_spaces_and_hashes_the_box_being_the_last_four_numbers(tmp_path):
+    path = tmp_path / "boxes.txt"
+    path.write_text("  # a comment line\ntrain/red car/0.jpg 5 5 30 30\ntrain/#1 boat/x.png 0 0 9 9  # a note\n"
+                    "train/a/y.png\t1 2 3 4\n")
+    table = read_boxes(path)
+    assert table["train/red car/0.jpg"] == [Box(None, 5, 5, 31, 31, f"{path}:2")]
+    assert table["train/#1 boat/x.png"] == [Box(None, 0, 0, 10, 10, f"{path}:3")]
+    assert list(table) == ["train/red car/0.jpg", "train/#1 boat/x.png", "train/a/y.png"]
+
 def test_voc_annotations_give_every_object_with_its_class(tmp_path):
     xml = tmp_path / "Annotations" / "img1.xml"
     xml.parent.mkdir()
@@ -137,6 +147,7 @@ def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_path(tmp_pat
 @pytest.mark.parametrize(("name", "text", "message"), [
     ("boxes.txt", "", "holds no boxes"),
     ("boxes.txt", "train/a/x.png 1 2 3\n", r"boxes.txt:1: expected"),
+    ("boxes.txt", "train/a/x.png 1 2 3 4 5\n", r"boxes.txt:1: expected"),  # a fifth number, not a path
     ("boxes.txt", "train/a/x.png 5 2 3 4\n", "bad box"),
     ("boxes.txt", "train/a/x.png a b c d\n", "four numbers"),
     ("sol.csv", "ImageId,Other\n", "not a LOC solution"),
