@@ -16,10 +16,10 @@ from verydeep.bench.ours import inference_net, open_trainer, protocol_contenders
 from verydeep.bench.peer import peer_dtype
 from verydeep.bench.reference import best_contenders, reference_contenders
 from verydeep.bench.roofline import precision_name, roofline_contenders
-from verydeep.bench.settings import DEFAULTS, TORCHVISION, Settings
+from verydeep.bench.settings import DEFAULTS, TORCHVISION, Settings, add_net_options
 from verydeep.bench.summary import peak_memory_gib, render, summarise
 from verydeep.errors import UserError
-from verydeep.options import add_device, add_workers, positive_int, width_multiplier
+from verydeep.options import add_device, add_workers, positive_int
 from verydeep.runtime.device import machine, pick_device
 from verydeep.runtime.precision import autocast_dtype
 from verydeep.runtime.processes import loader_workers
@@ -61,10 +61,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                     "fused update, eager or compiled), our training step and inference, training end to end and "
                     "dense vs 150-crop evaluation. Defaults: on a CPU width 0.5, size 128, batch 16; on CUDA "
                     "width 1, size 224, batch 64.")
-    p.add_argument("--config", default="D", help="configuration of Table 1 torchvision has: A, B, D, E")
-    p.add_argument("--size", type=positive_int, default=None, help="input side, a multiple of 32")
-    p.add_argument("--width", type=width_multiplier, default=None, help="width multiplier")
-    p.add_argument("--batch", type=positive_int, default=None, help="images per step")
+    add_net_options(p, defaults=None)
     add_device(p)
     p.add_argument("--rounds", type=positive_int, default=5, help="rounds alternating the contenders")
     p.add_argument("--data", type=Path, default=None,

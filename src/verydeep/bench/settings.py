@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from verydeep.options import positive_int, width_multiplier
 
 #: torchvision's builder of each configuration it has.
 TORCHVISION = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
@@ -34,10 +37,16 @@ class Settings:
     compiled_peer: bool = True
 
 
-def add_net_options(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``--width``, ``--size`` and ``--batch`` of a benchmark script, defaults the bench's on a CPU."""
-    cpu = DEFAULTS["cpu"]
-    parser.add_argument("--config", default="D", help="configuration of Table 1")
-    parser.add_argument("--width", type=float, default=cpu["width"], help="width multiplier")
-    parser.add_argument("--size", type=int, default=cpu["size"], help="crop side (a multiple of 32)")
-    parser.add_argument("--batch", type=int, default=cpu["batch"], help="images a step")
+def add_net_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = DEFAULTS["cpu"]) -> None:
+    """``--config``, ``--width``, ``--size`` and ``--batch`` of ``verydeep bench`` and the benchmark scripts;
+    ``defaults`` the bench's on a CPU, or None (the bench's own: they depend on the device)."""
+    def shown(key: str) -> str:
+        return f" (default {defaults[key]})" if defaults else ""
+
+    parser.add_argument("--config", default="D", help="configuration of Table 1 (torchvision's: A, B, D, E)")
+    parser.add_argument("--width", type=width_multiplier, default=defaults and defaults["width"],
+                        help="width multiplier" + shown("width"))
+    parser.add_argument("--size", type=positive_int, default=defaults and defaults["size"],
+                        help="input side, a multiple of 32" + shown("size"))
+    parser.add_argument("--batch", type=positive_int, default=defaults and defaults["batch"],
+                        help="images per step" + shown("batch"))
