@@ -30,6 +30,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 #: Files that name the classes: ``<synset> <name>`` per line, beside the split or its parent.
 NAME_FILES = ("classes.txt", "words.txt", "LOC_synset_mapping.txt", "synset_words.txt")
 
+#: How label and class-name text files are read: UTF-8, without the byte-order mark that Excel's
+#: "CSV UTF-8" and Notepad write first (it would stick to the first header, synset or file name).
+TEXT_ENCODING = "utf-8-sig"
+
 #: What a broken image raises while it is opened or decoded.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
@@ -91,8 +95,16 @@ def _images_under(folder: Path) -> list[Path]:
     return [path / f for path, filenames in _walk(folder) for f in filenames if is_image(Path(f))]
 
 
-def _class_dirs(folder: Path) -> list[str]:
+def _subfolders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    """The class folders of ``folder``: its subfolders, hidden ones left out, when any of them holds an image;
+    else none, as a flat folder of images has beside a stray folder (``__MACOSX/`` of hidden ``._x.JPEG``
+    files, an empty one)."""
+    names = _subfolders(folder)
+    return names if any(_has_images(folder / name) for name in names) else []
 
 
 def read_class_names(folder: Path, files: Sequence[str] = NAME_FILES) -> dict[str, str]:
@@ -102,7 +114,7 @@ def read_class_names(folder: Path, files: Sequence[str] = NAME_FILES) -> dict[st
             path = directory / name
             if path.is_file():
                 names = {}
-                for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                for line in path.read_text(encoding=TEXT_ENCODING, errors="replace").splitlines():
                     key, _, value = line.strip().partition("\t" if "\t" in line else " ")
                     if key and value:
                         names[key] = value.strip()
@@ -217,7 +229,7 @@ class ImageFolder(LabelledImages):
                  allow_empty: bool = False) -> None:
         super().__init__(transform, strict)
         self.root = require_folder(Path(root))
-        self.classes = _class_dirs(self.root)
+        self.classes = _subfolders(self.root)
         if not self.classes:
             raise UserError(f"data folder {self.root} has no class folders")
         found = {name: _images_under(self.root / name) for name in self.classes}

@@ -20,7 +20,7 @@ import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 from torch import Tensor
 
 from verydeep.data.jpeg import Box, Size, decode_region
@@ -43,13 +43,18 @@ _FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 #: A marker in entropy-coded data: 0xFF followed by neither a stuffed zero, a restart marker nor fill.
 _MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+#: An orientation in XMP, as Pillow's ``getexif`` finds one where EXIF has none.
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')
 
 
 def orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag (1 = upright) read from the header. A PNG's counts only from an eXIf chunk
-    before its pixels, as browsers read it: one after them would take decoding the whole image to find."""
-    if img.format == "PNG" and "exif" not in img.info:
-        return 1
+    """The EXIF orientation tag (1 = upright) read from the header, else XMP's, as Pillow reads them. A
+    PNG's counts only from an eXIf chunk (or XMP) before its pixels, as browsers read it: one after
+    them would take decoding the whole image to find."""
+    if img.format == "PNG" and "exif" not in img.info:  # Pillow's getexif would decode the pixels
+        match = _XMP_ORIENTATION.search(img.info.get("XML:com.adobe.xmp", "").encode())
+        value = int(match[2]) if match else 1
+        return value if value in _ORIENTATION else 1
     try:
         value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except (OSError, ValueError, SyntaxError):  # a broken EXIF block: treat as upright
@@ -57,10 +62,28 @@ def orientation(img: Image.Image) -> int:
     return value if value in _ORIENTATION else 1
 
 
+def _turns(orient: int | None) -> bool:
+    """Whether an orientation swaps width and height."""
+    return orient in (5, 6, 7, 8)
+
+
+def pending_orientation(img: Image.Image) -> int:
+    """The orientation still to apply after Pillow decodes ``img`` (1 = none): :func:`orientation`,
+    except of a TIFF, which Pillow's TIFF plugin transposes upright itself as it loads."""
+    return 1 if isinstance(img, TiffImagePlugin.TiffImageFile) else orientation(img)
+
+
 def displayed_size(img: Image.Image) -> Size:
-    """(w, h) of the image as displayed, i.e. after its EXIF rotation."""
+    """(w, h) of the image as displayed, i.e. after its EXIF rotation.
+
+    A TIFF's ``size`` already counts a turning orientation tag in its IFD (Pillow's TIFF plugin
+    swaps it when opening); only one that tag does not give (e.g. from XMP) is left to apply.
+    """
     w, h = img.size
-    return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
+    turns = _turns(orientation(img))
+    if isinstance(img, TiffImagePlugin.TiffImageFile):
+        turns = turns != _turns(img.tag_v2.get(_EXIF_ORIENTATION_TAG))
+    return (h, w) if turns else (w, h)
 
 
 def image_size(path: str | Path) -> Size:
@@ -98,7 +121,7 @@ def decode(img: Image.Image, k: int = 1) -> Image.Image:
 
     Pixel i of the reduced image covers pixels [i*k, (i+1)*k) of the full one.
     """
-    orient = orientation(img)
+    orient = pending_orientation(img)
     if k > 1 and img.format == "JPEG":
         img.draft("RGB", (img.width // k, img.height // k))  # Pillow then picks exactly k
     img = to_rgb(img)
@@ -141,13 +164,16 @@ def header_segments(data: bytes) -> Iterator[tuple[int, int]]:
 
 
 def may_hold_exif(data: bytes) -> bool:
-    """Whether a JPEG's header segments (up to the image data) may hold an EXIF block: False only
-    when every segment was walked and none is an EXIF APP1; anything unexpected counts as True."""
+    """Whether a JPEG's header segments (up to the image data) may hold an orientation: an EXIF
+    block, or XMP naming one (which Pillow reads too). False only when every segment was walked
+    and no APP1 is either; anything unexpected counts as True."""
     for marker, pos in header_segments(data):
         if marker == _SOS:
             return False
-        if marker == _APP1 and data[pos + 4 : pos + 10] == _EXIF_SIGNATURE:
-            return True
+        if marker == _APP1:
+            end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if data[pos + 4 : pos + 10] == _EXIF_SIGNATURE or _XMP_ORIENTATION.search(data, pos + 4, end):
+                return True
     return True
 
 
@@ -174,8 +200,9 @@ def box_safe(data: bytes) -> bool:
 
 
 def plain_jpeg_size(data: bytes) -> Size | None:
-    """(w, h) of a colour or greyscale JPEG with no EXIF block (so nothing can rotate it), from
-    libjpeg-turbo's header reader alone; ``None`` for anything else (Pillow then opens it)."""
+    """(w, h) of a colour or greyscale JPEG with no EXIF block or XMP orientation (so nothing can
+    rotate it), from libjpeg-turbo's header reader alone; ``None`` for anything else (Pillow then
+    opens it)."""
     if data[:2] != b"\xff\xd8" or may_hold_exif(data):
         return None
     try:

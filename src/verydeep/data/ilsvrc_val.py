@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from verydeep.data.datasets import LabelledImages, Transform, is_image, read_class_names, require_folder
+from verydeep.data.datasets import (
+    TEXT_ENCODING,
+    LabelledImages,
+    Transform,
+    is_image,
+    read_class_names,
+    require_folder,
+)
 from verydeep.errors import MissingFileError, UserError
 
 #: Files listing exactly the 1000 ILSVRC classes (``words.txt`` names all of WordNet).
@@ -108,7 +115,8 @@ def _read_ground_truth(label_file: Path, images: Sequence[Path], sorted_synsets:
     try:
         if label_file.suffix == ".csv":
             return _read_kaggle_csv(label_file)
-        lines = [(n, line.split()) for n, line in enumerate(label_file.read_text().splitlines(), 1) if line.strip()]
+        text = label_file.read_text(encoding=TEXT_ENCODING)
+        lines = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         if lines and all(len(fields) == 1 for _, fields in lines):
             return _read_devkit_ids(label_file, lines, images)
         return _read_caffe_list(label_file, lines, sorted_synsets)
@@ -145,7 +153,7 @@ def _read_kaggle_csv(label_file: Path) -> _GroundTruth:
     """``LOC_val_solution.csv``: ``ImageId,PredictionString``, the image's synset first in the string."""
     synsets: dict[str, str] = {}
     first_lines: dict[str, int] = {}
-    with label_file.open(newline="") as f:
+    with label_file.open(encoding=TEXT_ENCODING, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, [])
         if not {"ImageId", "PredictionString"} <= set(header):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED, photo, save
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 from PIL.PngImagePlugin import PngImageFile
 from torch.utils.data import DataLoader
 
@@ -37,7 +37,7 @@ from verydeep.data import (
     to_input,
 )
 from verydeep.data.datasets import IMAGE_EXTENSIONS
-from verydeep.data.decode import ImageFile, image_size, load_region, resample, to_tensor
+from verydeep.data.decode import ImageFile, decode, image_size, load_region, resample, to_tensor
 from verydeep.data.preprocess import pca_shift
 from verydeep.data.transforms import render
 from verydeep.errors import MissingFileError, UserError
@@ -202,6 +202,71 @@ def test_a_png_is_sized_from_its_header_and_rotated_by_an_exif_chunk_before_its_
     monkeypatch.setattr(PngImageFile, "load", no_decoding)
     assert image_size(rotated) == (60, 90) and image_size(plain) == (90, 60)
 
+
+#: EXIF orientation -> the transpose that stores an upright image so that the orientation shows it upright.
+STORED_FOR = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def upright_reference(path: Path, k: int = 1) -> torch.Tensor:
+    """Pillow's own upright decode: the whole file loaded (at 1/k by draft mode), then ImageOps.exif_transpose."""
+    with Image.open(path) as img:
+        if k > 1:
+            img.draft("RGB", (img.width // k, img.height // k))
+        return to_tensor(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def assert_decodes_as(path: Path, reference: torch.Tensor, k: int = 1) -> None:
+    """Every way of decoding ``path`` (at 1/k) gives ``reference``'s pixels: a box of it by the fast and the
+    reference paths, the whole decode, the rescaling transform."""
+    h, w = reference.shape[1:]
+    box = (1, 2, w - 1, h - 3)
+    for fast in (True, False):
+        got = load_region(ImageFile(path), k, box, (box[2] - box[0], box[3] - box[1]), fast)
+        assert torch.equal(got, reference[:, box[1]:box[3], box[0]:box[2]]), (path.name, k, fast)
+    if k == 1:
+        with Image.open(path) as img:
+            assert torch.equal(to_tensor(decode(img)), reference)
+        assert RescaleTransform(min(w, h))(path).shape == (3, h, w)
+
+
+@pytest.mark.parametrize(("suffix", "options"), [
+    (".jpg", {"quality": 95}), (".png", {}), (".webp", {"lossless": True}), (".tif", {}),
+    (".tif", {"compression": "tiff_lzw"}),  # read by libtiff
+])
+def test_every_exif_orientation_of_every_format_decodes_upright_as_pillows_exif_transpose(tmp_path, suffix, options):
+    """Pillow's TIFF plugin turns a TIFF upright as it loads it (and reports its upright size): it is not
+    turned again."""
+    upright = photo(24, 16)
+    for orientation, stored_as in STORED_FOR.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = upright if stored_as is None else upright.transpose(stored_as)
+        path = save(stored, tmp_path / f"o{orientation}{suffix}", exif=exif, **options)
+        reference = upright_reference(path)
+        assert reference.shape == (3, 16, 24), orientation
+        if suffix != ".jpg":  # lossless: the reference is the upright image itself
+            assert torch.equal(reference, to_tensor(upright))
+        assert image_size(path) == ImageFile(path).size == (24, 16), (suffix, orientation)
+        assert_decodes_as(path, reference)
+        if suffix == ".jpg":  # decoded at half size in the DCT
+            assert_decodes_as(path, upright_reference(path, 2), k=2)
+
+
+def test_an_orientation_given_only_in_xmp_is_followed_as_pillow_follows_it(tmp_path):
+    """Pillow's getexif reads tiff:Orientation from XMP where EXIF has none: a JPEG (sized and decoded without
+    Pillow when it has no EXIF) and a PNG (iTXt before its pixels) are turned as exif_transpose turns them."""
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    text = PngImagePlugin.PngInfo()
+    text.add_itxt("XML:com.adobe.xmp", xmp)
+    stored = photo(24, 16)
+    for path in (save(stored, tmp_path / "x.jpg", xmp=xmp.encode(), quality=95),
+                 save(stored, tmp_path / "x.png", pnginfo=text)):
+        reference = upright_reference(path)
+        assert reference.shape == (3, 24, 16) and image_size(path) == ImageFile(path).size == (16, 24), path.name
+        assert_decodes_as(path, reference)
 
 def test_rescale_and_center_crop_transforms(tmp_path):
     path = save(photo(300, 200), tmp_path / "a.jpg")
@@ -477,6 +542,40 @@ def test_the_devkit_ground_truth_reads_ids_in_file_order_and_names_a_bad_line(tm
                                         f"got '{re.escape(bad)}'"):
         ILSVRCValFolder(val, None, labels=devkit(tmp_path, f"1\n{bad}\n"))
 
+
+def test_label_and_class_name_files_may_start_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad write a UTF-8 byte-order mark first: no part of a header, synset or name."""
+    val = flat_val(tmp_path)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01 tench\nn02 goldfish\n", encoding="utf-8-sig")
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\na,n02 1 2 3 4\nb,n01 1 2 3 4\n",
+                                                   encoding="utf-8-sig")
+    ds = ILSVRCValFolder(val, None)
+    assert ds.classes == ["n01", "n02"] and ds.class_names == ["tench", "goldfish"] and ds.targets == [1, 0]
+    (tmp_path / "val.txt").write_text("a.jpg 1\nb.jpg n01\n", encoding="utf-8-sig")
+    assert ILSVRCValFolder(val, None, labels=tmp_path / "val.txt").targets == [1, 0]
+    ground_truth = devkit(tmp_path, "1\n2\n")
+    ground_truth.write_bytes(b"\xef\xbb\xbf" + ground_truth.read_bytes())
+    assert ILSVRCValFolder(val, None, labels=ground_truth).targets == [1, 0]
+    make_tree(tmp_path / "train", {"n01": [(8, 8)], "n02": [(8, 8)]})
+    for name in ("classes.txt", "words.txt", "synset_words.txt", "LOC_synset_mapping.txt"):
+        (tmp_path / "train" / name).write_text("n01\ttench\nn02\tgoldfish\n", encoding="utf-8-sig")
+        assert ImageFolder(tmp_path / "train", None).class_names == ["tench", "goldfish"], name
+        (tmp_path / "train" / name).unlink()
+
+
+def test_a_flat_validation_folder_beside_folders_without_images_is_read_flat(tmp_path):
+    """Stray folders (macOS's __MACOSX/ of hidden ._x files, an empty one) do not make a flat folder class folders."""
+    val = flat_val(tmp_path)
+    (tmp_path / "val.txt").write_text("a.jpg 1\nb.jpg 0\n")
+    (val / "__MACOSX").mkdir()
+    (val / "__MACOSX" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (val / "empty").mkdir()
+    assert find_split(tmp_path, "val") == val
+    ds = open_split(val, None)
+    assert isinstance(ds, ILSVRCValFolder) and ds.targets == [1, 0]
+    save(photo(8, 8), val / "n01" / "c.jpg")  # one folder that holds an image: class folders
+    ds = open_split(val, None)
+    assert isinstance(ds, ImageFolder) and ds.classes == ["__MACOSX", "empty", "n01"] and ds.targets == [2]
 
 def test_size_grouped_batches_hold_equal_sizes(tmp_path):
     dims = [(40, 30), (30, 40), (80, 60), (40, 30), (41, 30), (30, 40), (40, 30)]
