@@ -120,7 +120,11 @@ def read_image_set(root: Path, name: str) -> list[str]:
     path = root / "ImageSets" / "Main" / f"{name}.txt"
     if not path.is_file():
         raise MissingFileError(f"{path}: no such VOC image set")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # without the byte-order mark some editors write first
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
 
 
 def image_sets(root: Path) -> tuple[str, str]:

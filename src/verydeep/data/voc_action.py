@@ -99,7 +99,7 @@ def read_action_list(path: Path, labelled: bool) -> dict[tuple[str, int], tuple[
     if not path.is_file():
         raise MissingFileError(f"{path}: no such VOC action list")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # without the byte-order mark some editors write first
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
     pairs: dict[tuple[str, int], tuple[int, str]] = {}

@@ -202,6 +202,16 @@ def test_voc_labels_difficult_flags_and_several_objects(tmp_path):
     assert open_voc(root).image_sets == ("train", "val") and open_voc(root).ids == ["000001", "000002"]
 
 
+
+def test_voc_image_sets_written_with_a_byte_order_mark_or_not_as_text(tmp_path):
+    root = write_voc(tmp_path / "voc", {"a": [("dog", 0)], "b": [("cat", 0)]}, {"train": ["a"], "val": ["b"]})
+    listed = root / "ImageSets" / "Main" / "train.txt"
+    listed.write_bytes(b"\xef\xbb\xbfa\n")  # as Notepad writes UTF-8
+    assert open_voc(root).ids == ["a", "b"]
+    listed.write_bytes(b"a\xff\n")
+    with pytest.raises(UserError, match=r"train\.txt: not a text file \(byte 1 is not UTF-8\)"):
+        open_voc(root)
+
 def test_voc_bad_and_missing_files_are_one_line_errors(tmp_path):
     root = write_voc(tmp_path / "voc", {"a": [("dog", 0)], "b": [("cat", 0)]}, {"train": ["a"], "val": ["b"]})
     (root / "Annotations" / "b.xml").write_text("<annotation><object><name>cat</name>")
