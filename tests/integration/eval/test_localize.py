@@ -22,7 +22,7 @@ from verydeep.eval.localize.center import evaluate_center
 from verydeep.eval.localize.dense import DenseNetResult, DenseResult, table_9
 from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, inside, ranked
 from verydeep.eval.localize.scoring import ilsvrc_wrong, merge_greedily, wrong
-from verydeep.eval.localize.task import Localisation, boxes_source, task_of
+from verydeep.eval.localize.task import MIN_CODE_STD, Localisation, boxes_source, task_of
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.nn.model import VGG
 from verydeep.train import train
@@ -127,10 +127,14 @@ def test_the_task_trains_from_a_classification_net_and_validates_protocol_one(bo
     assert "features.0.weight" in copied and "classifier.6.weight" not in copied  # FC8 starts random
     result = evaluate_center(tmp_path, root)
     assert result.images == 16 and result.whole_image_error == 100.0 and result.centre_prior_error == 0.0
-    # every box: pixels 8..35 and 6..33 inclusive, so edges at 8, 6, 36, 34, in 44 x 40 images
-    corners = torch.tensor([8.0, 6, 36, 34]) / torch.tensor([44.0, 40, 44, 40])
-    expected = torch.tensor([*(corners[:2] + corners[2:]) / 2, *(corners[2:] - corners[:2])])
-    torch.testing.assert_close(torch.tensor(state["recipe"]["box_code_mean"]), expected)
+    # every box: pixels 8..35 and 6..33 inclusive, so edges at 8, 6, 36, 34, in 44 x 40 images; a crop at S = 32
+    # is a 40-pixel square of the image (its left edge 0..4, flipped or not), so the codes, in crop sides, are
+    # a width and height of 28 / 40, a centre y of 20 / 40, a centre x of (22 - left) / 40 or its mirror
+    mean, std = torch.tensor(state["recipe"]["box_code_mean"]), torch.tensor(state["recipe"]["box_code_std"])
+    torch.testing.assert_close(mean, torch.tensor([0.5, 0.5, 0.7, 0.7]), atol=5e-3, rtol=0)
+    torch.testing.assert_close(mean[1:], torch.tensor([0.5, 0.7, 0.7]))
+    torch.testing.assert_close(std, torch.tensor([2**0.5 / 40, MIN_CODE_STD, MIN_CODE_STD, MIN_CODE_STD]),
+                               atol=2e-3, rtol=0)
     assert state["recipe"]["box_targets"] == "standardised"
     # reading the net on other boxes decodes through its own standardisation, never a refitted one
     other = tmp_path / "other-boxes.txt"
@@ -440,10 +444,12 @@ def test_the_box_statistics_come_from_exactly_the_boxes_trained_on(tmp_path):
     task = Localisation("scr")
     task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
     used = [[2 + i, 3, 21 + i, 31] for i in range(1, len(images) - 1)] + [[10, 5, 44, 40]]
-    relative = torch.tensor(used, dtype=torch.float32) / torch.tensor([44.0, 40, 44, 40])
-    codes = torch.cat([(relative[:, :2] + relative[:, 2:]) / 2, relative[:, 2:] - relative[:, :2]], dim=1)
+    # in the central crop: the 40-pixel square from x = 2 of each 44 x 40 image, in its sides
+    in_crop = (torch.tensor(used, dtype=torch.float32) - torch.tensor([2.0, 0, 2, 0])) / 40
+    codes = torch.cat([(in_crop[:, :2] + in_crop[:, 2:]) / 2, in_crop[:, 2:] - in_crop[:, :2]], dim=1)
     torch.testing.assert_close(task.code_mean, codes.mean(dim=0))
-    torch.testing.assert_close(task.code_std, codes.std(dim=0).clamp(min=1e-3))
+    torch.testing.assert_close(task.code_std, codes.std(dim=0, unbiased=False).clamp(min=MIN_CODE_STD), rtol=1e-3,
+                               atol=0)
 
 
 def test_training_on_boxes_that_fit_no_image_is_one_line_not_a_perfect_score(boxed, tmp_path, capsys):

@@ -76,8 +76,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--boxes", help="boxes: a text file, a LOC_*_solution.csv, or a folder of XML annotations "
                                    "(default DIR/boxes.txt; with --resume the run's own); recorded in recipe.json")
     t.add_argument("--head", choices=HEADS, help="single-class or per-class regression (default pcr)")
-    t.add_argument("--targets", choices=TARGETS, help="FC8 regresses the box code standardised by the training "
-                                                      "boxes' mean and deviation (default) or the raw code")
+    t.add_argument("--targets", choices=TARGETS, help="FC8 regresses the box code standardised by the mean and "
+                                                      "deviation of the training crops' codes (default) or the raw "
+                                                      "code")
     t.set_defaults(func=run_train)
     e = actions.add_parser("eval", help="the localisation error: protocol 1 (center, Table 8) or 2 (dense, Table 9)")
     e.add_argument("--checkpoint", action="append", required=True,

@@ -4,6 +4,7 @@ recipe says of it (its task, its training scale, the boxes it read)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from verydeep.data import Batch
-from verydeep.data.boxes import decode, encode, match_boxes, read_boxes, with_boxes
-from verydeep.data.datasets import LabelledImages, Transform
+from verydeep.data.boxes import BoxedTransform, decode, encode, match_boxes, read_boxes, to_crop, with_boxes
+from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform
+from verydeep.data.decode import ImageFile
+from verydeep.data.sampling import Stream, stream_generator
 from verydeep.errors import UserError
-from verydeep.eval.localize.prior import relative_boxes
 from verydeep.eval.localize.scoring import wrong
 from verydeep.eval.nets import train_scale
 from verydeep.io.checkpoint import check_box_code, resolve
@@ -26,9 +28,18 @@ from verydeep.nn.tasks import Task
 #: Heads of Appendix A: single-class and per-class regression.
 HEADS = ("scr", "pcr")
 
-#: What FC8 regresses: the box code standardised by the training boxes' mean and deviation, or the
-#: raw code (the paper's literal Euclidean loss; at small scale the net then barely leaves the mean box).
+#: What FC8 regresses: the box code standardised by the mean and deviation of the training crops' codes, or
+#: the raw code (the paper's literal Euclidean loss; at small scale the net then barely leaves the mean box).
 TARGETS = ("standardised", "raw")
+
+#: Training crops whose box codes fit the standardisation: enough for their mean and spread, few enough
+#: to plan (never decode) in a second or so.
+CODE_SAMPLE = 4096
+
+#: The least spread (crop sides) a code coordinate is divided by: a coordinate every crop gives the same
+#: value (a box's width under a fixed S when all boxes have one shape) is regressed as its mean, and
+#: a rarer value that the sample missed stays within a few dozen units instead of thousands.
+MIN_CODE_STD = 0.02
 
 
 class Localisation(Task):
@@ -36,18 +47,21 @@ class Localisation(Task):
     for one box (SCR) or one per class (PCR); Euclidean loss on the ground-truth class's box (the
     first of its boxes); validation: the localisation error (%) of the central crop (protocol 1).
 
-    Targets are (N, M, 5): the image's class, then a box's corners in crop sides (NaN rows pad)."""
+    Targets are (N, M, 5): the image's class, then a box's corners in crop sides (NaN rows pad).
+    Standardised targets are fitted on the codes of the training crops (:func:`training_codes`) that the
+    run's ``seed`` draws, unless ``code_mean`` and ``code_std`` are given (a trained net's, kept)."""
 
     metrics = ("loc_error",)
     higher_is_better = False
 
     def __init__(self, head: str = "pcr", boxes: str | Path | None = None, targets: str = "standardised",
-                 code_mean: Sequence[float] | None = None, code_std: Sequence[float] | None = None) -> None:
+                 code_mean: Sequence[float] | None = None, code_std: Sequence[float] | None = None, *,
+                 seed: int = 0) -> None:
         if head not in HEADS:
             raise UserError(f"--head {head}: one of {', '.join(HEADS)}")
         if targets not in TARGETS:
             raise UserError(f"--targets {targets}: one of {', '.join(TARGETS)}")
-        self.head, self.boxes, self.target_kind = head, boxes, targets
+        self.head, self.boxes, self.target_kind, self.seed = head, boxes, targets, seed
         self.name = f"localisation-{head}"
         self.source: Path | None = None  # the boxes read, once open_splits has read them
         self.data_root: Path | None = None  # the data they were read for
@@ -77,9 +91,9 @@ class Localisation(Task):
         paths = [path for images in (train_set, val_set) for path, _ in images.samples]
         matched = match_boxes(table, dict.fromkeys(paths), Path(data))  # both splits: no name shared unseen
         train_set = with_boxes(train_set, matched, train)
-        if self.target_kind == "standardised" and not self.fitted:  # from exactly the boxes trained on
-            codes = encode(relative_boxes(train_set), 1.0)
-            self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=1e-3)
+        if self.target_kind == "standardised" and not self.fitted:  # from the targets trained on: crops' boxes
+            codes = training_codes(train_set, self.seed)
+            self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=MIN_CODE_STD)
         return train_set, with_boxes(val_set, matched, val)
 
     def targets(self, batch: Batch, device: torch.device) -> Tensor:
@@ -112,6 +126,33 @@ class Localisation(Task):
     def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
         boxes = decode(self.predicted(outputs, targets[:, 0, 0]), 1.0)
         return [100.0 * float(wrong(boxes, targets[:, :, 1:]).sum())]
+
+
+def training_codes(images: LabelledImages, seed: int, draws: int = CODE_SAMPLE) -> Tensor:
+    """The codes (N, 4) of the first box of at least ``draws`` training crops of ``images`` (read through a
+    :class:`~verydeep.data.boxes.BoxedTransform`), each drawn as training draws it: image ``i``'s crop in epoch
+    ``e`` from the :data:`~verydeep.data.sampling.Stream.AUGMENT` generator of ``(seed, e, i)``. The images are
+    every one, or an even stride of them where there are more than ``draws``; epochs 0, 1, ... until ``draws``
+    crops. Only the crops' plans are drawn, from the files' headers; no image is decoded."""
+    transform = images.transform
+    if not isinstance(transform, BoxedTransform):
+        raise UserError("localisation needs images with boxes (a dataset opened by the task)")
+    sizes = images.image_sizes()
+    picked = [i for i in range(0, len(images), math.ceil(len(images) / draws)) if sizes[i] is not None]
+    crop, codes = transform.transform, []
+    for index in picked:
+        path = images.samples[index][0]
+        try:
+            file = ImageFile(path)
+        except DECODE_ERRORS:
+            continue  # training skips it too
+        corners = torch.tensor([transform.boxes[str(path)][0].corners])
+        for epoch in range(math.ceil(draws / len(picked))):
+            plan = crop.plan(file.size, crop.fast and file.jpeg, stream_generator(seed, Stream.AUGMENT, epoch, index))
+            codes.append(encode(to_crop(corners, file.size, plan)[0], plan.out[0]))
+    if not codes:
+        raise UserError("no readable training image with a box")
+    return torch.stack(codes).float()
 
 
 def smallest_training_scale(recipe: dict[str, Any]) -> int:

@@ -40,7 +40,7 @@ def run_train(args: argparse.Namespace) -> None:
     explicit = set(settings_from_flags(given))  # not PAPER_DEFAULTS: --weights decide what the user left open
     recorded = stored.get("boxes") if stored.get("boxes") and Path(stored["boxes"]).exists() else None
     code = recorded_box_code(stored, where) if where else (None, None)
-    task = Localisation(head, getattr(args, "boxes", None) or recorded, targets, *code)
+    task = Localisation(head, getattr(args, "boxes", None) or recorded, targets, *code, seed=cfg.seed)
     summary = train(cfg, task=task, given=explicit)
     if Processes.from_env().main:
         print(json.dumps(summary.to_dict()))

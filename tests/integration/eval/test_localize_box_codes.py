@@ -1,0 +1,72 @@
+"""The box code's standardisation (Appendix A, ``--targets standardised``): fitted on the codes of the boxes in
+the training crops, as training draws them, so that the targets FC8 regresses are of unit spread."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from verydeep.cli import main
+from verydeep.data import CenterCropTransform, TrainTransform
+from verydeep.data.boxes import encode
+from verydeep.data.preprocess import IMAGENET
+from verydeep.data.sampling import SeededSamples
+from verydeep.eval.localize.task import MIN_CODE_STD, Localisation, training_codes
+
+
+def flat_boxes(root: Path, per_class: int = 6) -> Path:
+    """Noise JPEGs of 64 x 48 in two classes, each image's box the whole image: boxes of one geometry."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for split, count in (("train", per_class), ("val", 2)):
+        for name in ("car", "boat"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+                lines.append(f"{split}/{name}/{i}.jpg 0 0 63 47")
+    (root / "boxes.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_boxes_of_one_geometry_train_without_diverging(tmp_path, capsys):
+    data = flat_boxes(tmp_path / "data")
+    common = ["--crop", "32", "--scale", "36", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device",
+              "cpu", "--no-progress"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "cls"), "--width", "0.125", *common]) == 0
+    run = tmp_path / "loc"
+    assert main(["localize", "train", "--data", str(data), "--weights", str(tmp_path / "cls"), "--precision", "fp32",
+                 "--out", str(run), *common]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["steps"] == 3 and 0 <= summary["best"] <= 100
+    record = json.loads((run / "recipe.json").read_text())
+    std = record["box_code_std"]
+    # the crop moves the box: its centre spreads (x by the crop's position and the flip, y by its position) ...
+    assert std[0] > 0.1 and std[1] > 1.5 * MIN_CODE_STD
+    # ... while at a fixed S its width and height (64 / 43 and 48 / 43 crop sides) are the same in every crop
+    assert std[2:] == pytest.approx([MIN_CODE_STD] * 2)
+    assert record["box_code_mean"][2:] == pytest.approx([64 / 43, 48 / 43], abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [(36, 36), (36, 44)])
+def test_the_standardisation_fits_the_crops_training_draws(tmp_path, scale):
+    data = flat_boxes(tmp_path / "data")
+    task = Localisation("scr", seed=7)
+    train_set, _ = task.open_splits(str(data), TrainTransform(32, scale), CenterCropTransform(36, 32))
+    samples = SeededSamples(train_set, 7, IMAGENET, 0.0)
+    drawn = torch.stack([encode(samples[epoch, index][0].boxes[0], 32.0) for epoch in range(4)
+                         for index in range(len(train_set))])
+    # the sample's first epoch is training's first epoch, crop for crop
+    torch.testing.assert_close(training_codes(train_set, 7, draws=len(train_set)), drawn[:len(train_set)])
+    standardised = (drawn - task.code_mean) / task.code_std
+    assert standardised.abs().max() < 4  # of unit spread, not hundreds of units off
+    jittered = scale[0] < scale[1]
+    assert (task.code_std > 1.5 * MIN_CODE_STD).tolist() == [True, True, jittered, jittered]
+    again = Localisation("scr", seed=7)
+    again.open_splits(str(data), TrainTransform(32, scale), CenterCropTransform(36, 32))
+    assert torch.equal(again.code_mean, task.code_mean) and torch.equal(again.code_std, task.code_std)
