@@ -12,7 +12,8 @@ import importlib
 import sys
 
 from verydeep.errors import UserError
-from verydeep.options import OneLineParser, one_line, option_names, refuse_overwriting_inputs
+from verydeep.io.outputs import refuse_overwriting_inputs
+from verydeep.options import OneLineParser, one_line, option_names
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
 COMMAND_MODULES = ("nn.summary", "data", "train", "paper.plot", "eval.evaluate", "eval.predict", "io.weights",

@@ -38,15 +38,8 @@ from verydeep.eval.nets import Net, load_nets, net_scales
 from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
-from verydeep.options import (
-    add_device,
-    add_precision,
-    add_weights,
-    output_file,
-    parse_scales,
-    positive_int,
-    refuse_writing_in_datasets_of,
-)
+from verydeep.io.outputs import refuse_writing_in_datasets_of
+from verydeep.options import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.precision import autocast_dtype
 

@@ -23,6 +23,7 @@ from typing import Any
 from verydeep.errors import UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
+from verydeep.io.outputs import refuse_overwriting_inputs
 from verydeep.options import (
     add_device,
     add_progress,
@@ -30,7 +31,6 @@ from verydeep.options import (
     argument_type,
     output_dir,
     positive_int,
-    refuse_overwriting_inputs,
     width_multiplier,
 )
 from verydeep.paper.claims import Claim, claims

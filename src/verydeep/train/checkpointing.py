@@ -26,10 +26,10 @@ from verydeep.io.checkpoint import (
     safetensors_metadata,
     save_checkpoint,
 )
+from verydeep.io.outputs import refuse_overwriting_inputs
 from verydeep.io.rundir import EPOCH, RunDir
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.tasks import Classification, Task
-from verydeep.options import refuse_overwriting_inputs
 from verydeep.runtime.processes import Processes
 from verydeep.train.data import TrainingData
 from verydeep.train.recipe import TrainConfig, flag_name

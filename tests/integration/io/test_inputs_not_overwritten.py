@@ -1,5 +1,5 @@
 """No command writes over one of its own inputs: the file read from a run directory or a weights name, a run
-directory given as weights, a data folder (``verydeep.options.refuse_overwriting_inputs``, called by the CLI
+directory given as weights, a data folder (``verydeep.io.outputs.refuse_overwriting_inputs``, called by the CLI
 before any command runs); and a ``best.pt`` that cannot be read when a run resumes."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from conftest import tiny, write_classifier, write_dataset
 
 from verydeep.cli import build_parser, main
 from verydeep.errors import UserError
-from verydeep.options import option_names, refuse_overwriting_inputs
+from verydeep.io.outputs import refuse_overwriting_inputs
+from verydeep.options import option_names
 from verydeep.train import train
 
 TRAIN = ["--width", "0.0625", "--crop", "32", "--scale", "36", "--epochs", "1", "--batch-size", "4", "--workers", "0",

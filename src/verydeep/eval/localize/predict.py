@@ -13,7 +13,7 @@ from verydeep.data.decode import ImageFile
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import smallest_training_scale
-from verydeep.options import refuse_writing_in_datasets_of
+from verydeep.io.outputs import refuse_writing_in_datasets_of
 from verydeep.runtime.processes import loader_workers
 
 

@@ -1,0 +1,177 @@
+"""Where a command may write: never over one of its own inputs (a file it reads, a run directory it reads
+weights from, a data folder or a split beside it), checked before anything is written, each refusal one
+line naming both options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from verydeep.data.preprocess import PREPROCESS_FILE
+from verydeep.errors import UserError
+from verydeep.io.download import resolve_source
+from verydeep.io.rundir import RunDir
+from verydeep.options import OutputFile, OutputPath
+
+
+def _given_paths(value: object) -> list[Path]:
+    """The paths an argument's value names (a list's each), as given."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v if isinstance(v, Path) else Path(v) for v in values if isinstance(v, (str, Path)) and v]
+
+
+#: Options naming a dataset folder that the command reads (``data stats``' positional DIR is ``dir``).
+DATA_OPTIONS = ("data", "dir")
+#: Options naming weights that the command reads: a file, a run directory or a known name (``convert``'s SOURCE,
+#: ``localize``'s --checkpoint and --classifier).
+WEIGHTS_OPTIONS = ("weights", "source", "checkpoint", "classifier")
+#: Options written to whatever their type: ``train``'s --out, a run directory given as a string.
+OUTPUT_OPTIONS = ("out",)
+
+
+def _weights_read(source: Path, weights_dir: str | None) -> tuple[Path | None, Path | None]:
+    """The weights folder ``source`` names (a run directory), if any, and the file a command reads from ``source``:
+    the file itself, a run directory's best (else last) checkpoint, or a known name's file in the weights folder."""
+    try:
+        path = resolve_source(source, weights_dir)
+    except UserError:  # no such file, folder or name: the command says so
+        return None, None
+    if not path.is_dir():
+        return _run_holding(path), path
+    return path, RunDir(path).chosen_checkpoint
+
+
+def _run_holding(file: Path) -> Path | None:
+    """The run directory ``file`` lies in (``RUN/model.safetensors``, ``RUN/checkpoints/best.pt``), if any: the
+    folder beside it that holds a run's record or checkpoints, or the one whose ``checkpoints/`` holds it."""
+    beside, above = RunDir(file.parent), RunDir(file.parent.parent)
+    if beside.record.is_file() or beside.checkpoints.is_dir():
+        return beside.root
+    return above.root if file.parent.name == above.checkpoints.name else None
+
+
+#: The split folders of a dataset (``DIR/train``, ``DIR/val``, ``DIR/test``).
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+def dataset_folders(path: Path) -> list[Path]:
+    """The data folder ``path`` and, when it is one split of a dataset (``DIR/train``), the others beside it:
+    an output there would change the same dataset's other images."""
+    if not path.is_dir():
+        return []
+    folder = path.resolve()
+    if folder.name not in SPLIT_FOLDERS:
+        return [path]
+    return [path, *(folder.parent / split for split in SPLIT_FOLDERS
+                    if split != folder.name and (folder.parent / split).is_dir())]
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it: links and ``..`` followed, or as written (a path through a
+    class folder linked into the data lies in the data, wherever the link leads), or under a folder linked into
+    ``folder`` (a dataset's class folders linked to a store: a file written in the store joins the class)."""
+    absolute, target = Path(os.path.abspath(path)), path.resolve()
+    return (target.is_relative_to(folder.resolve()) or absolute.is_relative_to(Path(os.path.abspath(folder)))
+            or any(target.is_relative_to(link.resolve()) for link in _linked_folders(folder)))
+
+
+def _linked_folders(folder: Path) -> list[Path]:
+    """The links to folders among ``folder``'s entries and, for its split folders (``train``...), theirs: a
+    dataset's splits and class folders, where links to folders elsewhere make a subset of a larger set."""
+    def links(parent: Path) -> list[Path]:
+        try:
+            return [entry for entry in parent.iterdir() if entry.is_symlink() and entry.is_dir()]
+        except OSError:
+            return []
+
+    found = links(folder) if folder.is_dir() else []
+    for split in SPLIT_FOLDERS:
+        found += links(folder / split) if (folder / split).is_dir() else []
+    return found
+
+
+def dataset_splits(image: Path) -> list[Path]:
+    """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the datasets ``image`` lies in, as named
+    and with links resolved (a subset's class folders linked to a store), when it lies in a class folder of
+    one: a file written in any of them is read as an image of that dataset."""
+    splits = []
+    for path in (image.absolute(), image.resolve()):
+        split = next((folder.parent for folder in path.parents if folder.parent.name in SPLIT_FOLDERS), None)
+        splits += dataset_folders(split) if split is not None else []
+    return splits
+
+
+def refuse_writing_in_datasets_of(images: Sequence[str | Path], out: Path, option: str) -> None:
+    """An output ``out`` in a split of the dataset an input image lies in is a :class:`UserError`: it would be
+    read as one of that dataset's images (a file) or classes (a folder)."""
+    for image in map(Path, images):
+        for split in dataset_splits(image):
+            if _contains(split, out):
+                raise UserError(f"{out}: {option} lies in {split}, a split of the dataset of the input image {image}, "
+                                "whose images it would join; write it outside the data")
+
+
+def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | None = None) -> None:
+    """No command writes over one of its own inputs (``names``: :func:`option_names`, to name the options).
+    Before anything is written, each of these is a one-line :class:`UserError` naming both options:
+
+    - an output file that is a file the command reads, given as such or read from weights (a run directory's
+      checkpoint, a known name's file in the weights folder);
+    - an output, file or folder, among the files of a weights folder given as input (a run directory: in it, its
+      ``checkpoints/`` or ``tensorboard/``): its checkpoints, record and exports stay as trained. A folder of
+      its own there overwrites nothing and is allowed (``eval --weights runs/D --out runs/D/eval``, ``export ...
+      runs/D/export/d.onnx``);
+    - an output, file or folder, that is a data folder given as input or lies in one: a file there may replace an
+      image, a folder becomes a class. The one file a data folder holds besides its images, its statistics
+      ``preprocess.json`` at its top (where ``data stats`` writes it), is allowed;
+    - a data folder inside an output folder: a command writes folders of its own naming into its output
+      (``checkpoints/``, ``tensorboard/``, a run per net), which could land in the data or be cleared with it.
+    """
+    name_of = (names or {}).get
+    outputs, read, weights_folders, data = [], [], [], []
+    for name, value in vars(args).items():
+        option = name_of(name, f"--{name.replace('_', '-')}")
+        for path in _given_paths(value):
+            if isinstance(path, OutputPath) or name in OUTPUT_OPTIONS:
+                outputs.append((option, path))
+                continue
+            folder, file = _weights_read(path, getattr(args, "weights_dir", None)) if name in WEIGHTS_OPTIONS else (
+                None, path if path.is_file() else None)
+            read += [(option, path, file)] if file else []
+            weights_folders += [(f"{option} {path}", folder)] if folder else []
+            data += [(option, folder) for folder in dataset_folders(path)] if name in DATA_OPTIONS else []
+    for out_option, out in outputs:
+        _refuse_overwriting_what_is_read(out_option, out, read, weights_folders)
+        _refuse_writing_in_data(out_option, out, data)
+
+
+def _refuse_overwriting_what_is_read(out_option: str, out: Path, read: list[tuple[str, Path, Path]],
+                                    weights_folders: list[tuple[str, Path]]) -> None:
+    """An output file that is a file read, or an output (file or folder) among the files of a weights folder read
+    (a run directory: in it, its ``checkpoints/`` or ``tensorboard/``), is a :class:`UserError`."""
+    place = out.resolve().parent if isinstance(out, OutputFile) else out.resolve()
+    for given, folder in weights_folders:
+        root, *made = (own.resolve() for own in RunDir(folder).own_folders)
+        if place == root or any(place.is_relative_to(own) for own in made):
+            raise UserError(f"{out}: {out_option} lies in {folder}, the run directory of {given}, which this "
+                            "command reads; write it elsewhere (a folder of its own there will do)")
+    for option, given, file in read if out.is_file() else []:
+        if out.samefile(file):
+            reads = "" if file == given else " reads it"
+            raise UserError(f"{out}: the output is also an input ({option} {given}{reads}) and {out_option} would "
+                            f"overwrite it; give another {out_option}")
+
+
+def _refuse_writing_in_data(out_option: str, out: Path, data: list[tuple[str, Path]]) -> None:
+    """An output in a data folder (but its ``preprocess.json``), or an output folder holding one, is a
+    :class:`UserError`."""
+    for option, folder in data:
+        if _contains(folder, out) and not (isinstance(out, OutputFile) and out.resolve() == (
+                folder / PREPROCESS_FILE).resolve()):
+            raise UserError(f"{out}: {out_option} lies in {option} {folder}, whose images it would change (a file "
+                            f"there may replace one, a folder becomes a class); write it outside the data")
+        if not isinstance(out, OutputFile) and _contains(out, folder):
+            raise UserError(f"{option} {folder} lies in {out_option} {out}, where the command writes folders of "
+                            "its own; give an output folder apart from the data")
