@@ -28,7 +28,7 @@ from torch import Tensor
 from verydeep.data.decode import ImageFile, draft_factor, load_region
 from verydeep.data.jpeg import Box, Size, decoded_size
 from verydeep.errors import UserError
-from verydeep.runtime.limits import check_side
+from verydeep.runtime.limits import MAX_TEST_PIXELS, check_side
 
 
 class CropPlan(NamedTuple):
@@ -180,6 +180,9 @@ class RescaleTransform(PlannedTransform):
 
     def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
         out = resized_size(size, self.q)
+        if out[0] * out[1] > MAX_TEST_PIXELS:  # a long strip: its short side at Q, its long side far beyond
+            raise ValueError(f"rescaled to Q = {self.q} it would be {out[0]} x {out[1]} pixels, above the "
+                             f"{MAX_TEST_PIXELS / 1e6:.1f} M pixels a test image may have")
         k = reduction(size, out, reducible and self.reduce)
         return CropPlan(k, (0, 0, *decoded_size(size, k)), out, False)
 

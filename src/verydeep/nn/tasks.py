@@ -8,6 +8,7 @@ softmax cross-entropy, top-1/top-5 on validation) is the paper's first task; box
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -48,10 +49,19 @@ class Task(ABC):
     def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
         """Per metric, its sum over the batch's images."""
 
-    def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
+    def open_splits(self, data: str, train: Transform, val: Transform | None
+                    ) -> tuple[LabelledImages, LabelledImages | None]:
         """The training and validation splits of the dataset at ``data``, read through ``train`` and ``val``
-        (class folders; a task may add what its targets need, such as object boxes)."""
-        return ImageFolder(find_split(data, "train"), train), open_split(find_split(data, "val"), val)
+        (class folders; a task may add what its targets need, such as object boxes); with ``val`` None the
+        training split alone (validation is then held out of it: :meth:`held_out`)."""
+        train_set = ImageFolder(find_split(data, "train"), train)
+        return train_set, None if val is None else open_split(find_split(data, "val"), val)
+
+    def held_out(self, train_set: LabelledImages, val: Transform) -> LabelledImages:
+        """The training images read as validation reads them, through ``val`` (``--val-split``)."""
+        held = copy.copy(train_set)
+        held.transform = val
+        return held
 
     def summarise(self, sums: list[float], images: int) -> dict[str, float]:
         """The validation metrics from their sums over ``images`` images."""

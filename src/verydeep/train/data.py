@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -61,16 +60,16 @@ class TrainingData:
         if decode == "gpu":
             train_transform, val_transform = gpu_decode.EncodedTransform(train_transform), gpu_decode.EncodedTransform(
                 val_transform)
-        self.train_set, self.val_set = task.open_splits(cfg.data, train_transform, val_transform)
         if cfg.val_split is None:
-            check_validation_split(cfg.data, self.train_set, self.val_set)
-        trainable = list(range(len(self.train_set)))
-        if cfg.val_split is not None:
-            trainable, self.val_indices = carve_validation(self.train_set.targets, cfg.val_split, cfg.seed)
-            self.val_set = copy.copy(self.train_set)  # the same images, read as validation reads them
-            self.val_set.transform = val_transform
-        else:
+            self.train_set, val_set = task.open_splits(cfg.data, train_transform, val_transform)
+            assert val_set is not None
+            check_validation_split(cfg.data, self.train_set, val_set)
+            self.val_set, trainable = val_set, list(range(len(self.train_set)))
             self.val_indices = balanced_subset(self.val_set.targets, cfg.limit_val)
+        else:  # no validation split is read: it is held out of training
+            self.train_set, _ = task.open_splits(cfg.data, train_transform, None)
+            trainable, self.val_indices = carve_validation(self.train_set.targets, cfg.val_split, cfg.seed)
+            self.val_set = task.held_out(self.train_set, val_transform)
         picked = balanced_subset([self.train_set.targets[i] for i in trainable], cfg.limit_train)
         self.train_indices = [trainable[i] for i in picked]
         if len(self.train_indices) < cfg.batch_size:

@@ -4,6 +4,7 @@ the training crops, as training draws them, so that the targets FC8 regresses ar
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,18 @@ def test_the_standardisation_fits_the_crops_training_draws(tmp_path, scale):
     again = Localisation("scr", seed=7)
     again.open_splits(str(data), TrainTransform(32, scale), CenterCropTransform(36, 32))
     assert torch.equal(again.code_mean, task.code_mean) and torch.equal(again.code_std, task.code_std)
+
+
+def test_validation_held_out_of_training_keeps_its_boxes(tmp_path, capsys):
+    data = flat_boxes(tmp_path / "data")
+    common = ["--crop", "32", "--scale", "36", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device",
+              "cpu", "--no-progress"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "cls"), "--width", "0.125", *common]) == 0
+    shutil.rmtree(data / "val")  # only train/ and boxes.txt: validation is held out of training
+    run = tmp_path / "loc"
+    assert main(["localize", "train", "--data", str(data), "--weights", str(tmp_path / "cls"), "--val-split", "2",
+                 "--out", str(run), *common]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    record = json.loads((run / "recipe.json").read_text())
+    assert record["validation"]["held_out_of_training"] and record["validation"]["images"] == 2
+    assert record["training"]["images"] == 10 and 0 <= summary["best"] <= 100

@@ -216,3 +216,15 @@ def test_no_saliency_map_is_drawn_over_an_input_image(checkpoint, tmp_path, caps
     with pytest.raises(UserError, match=r"--saliency .*map-1.png: would overwrite the input image"):
         predict(checkpoint, images, device="cpu", saliency=tmp_path / "map.png")  # writes map-1.png, map-2.png
     assert [p.read_bytes() for p in images] == before
+
+
+def test_a_long_strip_rescaled_beyond_the_test_pixel_bound_is_one_line_not_an_allocation(checkpoint, tmp_path,
+                                                                                          capsys):
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.zeros((2000, 20, 3), dtype=np.uint8)).save(strip)  # at Q = 2048: 2048 x 204800 pixels
+    with pytest.raises(ValueError, match=r"2048 x 204800 pixels, above the 4\.2 M"):
+        RescaleTransform(2048).plan((20, 2000), reducible=False)
+    assert main(["predict", "--weights", str(checkpoint), str(strip), "--scales", "2048", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{strip}: unreadable image" in err and "above the 4.2 M pixels" in err and "\n" not in err
+    assert main(["predict", "--weights", str(checkpoint), str(strip), "--scales", "40", "--device", "cpu"]) == 0

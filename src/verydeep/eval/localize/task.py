@@ -4,6 +4,7 @@ recipe says of it (its task, its training scale, the boxes it read)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,7 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from verydeep.data import Batch
-from verydeep.data.boxes import BoxedTransform, decode, encode, match_boxes, read_boxes, to_crop, with_boxes
+from verydeep.data.boxes import (
+    BoxedTransform,
+    PlannedTransform,
+    decode,
+    encode,
+    match_boxes,
+    read_boxes,
+    to_crop,
+    with_boxes,
+)
 from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform
 from verydeep.data.decode import ImageFile
 from verydeep.data.sampling import Stream, stream_generator
@@ -83,18 +93,28 @@ class Localisation(Task):
             return found
         return {**found, "boxes": str(self.source), "boxes_data": str(self.data_root)}
 
-    def open_splits(self, data: str, train: Transform, val: Transform) -> tuple[LabelledImages, LabelledImages]:
+    def open_splits(self, data: str, train: Transform, val: Transform | None
+                    ) -> tuple[LabelledImages, LabelledImages | None]:
         source = Path(self.boxes or Path(data) / "boxes.txt")
         table = read_boxes(source)
         self.source, self.data_root = source.absolute(), Path(data).absolute()
         train_set, val_set = super().open_splits(data, train, val)
-        paths = [path for images in (train_set, val_set) for path, _ in images.samples]
+        paths = [path for images in (train_set, val_set) if images is not None for path, _ in images.samples]
         matched = match_boxes(table, dict.fromkeys(paths), Path(data))  # both splits: no name shared unseen
         train_set = with_boxes(train_set, matched, train)
         if self.target_kind == "standardised" and not self.fitted:  # from the targets trained on: crops' boxes
             codes = training_codes(train_set, self.seed)
             self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=MIN_CODE_STD)
-        return train_set, with_boxes(val_set, matched, val)
+        return train_set, None if val_set is None or val is None else with_boxes(val_set, matched, val)
+
+    def held_out(self, train_set: LabelledImages, val: Transform) -> LabelledImages:
+        """The training images with their boxes, read as validation reads them (``--val-split``)."""
+        boxed = train_set.transform
+        if not isinstance(boxed, BoxedTransform) or not isinstance(val, PlannedTransform):
+            raise UserError("localisation reads images on the CPU: use --decode cpu")
+        held = copy.copy(train_set)
+        held.transform = BoxedTransform(val, boxed.boxes)
+        return held
 
     def targets(self, batch: Batch, device: torch.device) -> Tensor:
         if batch.boxes is None:
