@@ -128,6 +128,7 @@ NAMED = [
     ("reproduce --data {data} --out {new} --budget -1", "--budget"),
     ("reproduce --data {data} --out {new} --width 0", "--width"),
     ("reproduce --data {data} --out {new} --width nan", "--width"),
+    ("reproduce --data {data}/train --out {new} --val-split 4", "no test split (val/ or test/)"),
     ("reproduce --data {data} --out {new} --milestones x,2",
      "argument --milestones: --milestones must be comma-separated"),
     ("reproduce --data {data} --out {new} --batch-size x", "--batch-size"),

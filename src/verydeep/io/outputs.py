@@ -94,11 +94,11 @@ def _linked_folders(folder: Path) -> list[Path]:
 
 def dataset_splits(image: Path) -> list[Path]:
     """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the datasets ``image`` lies in, as named
-    and with links resolved (a subset's class folders linked to a store), when it lies in a class folder of
-    one: a file written in any of them is read as an image of that dataset."""
+    and with links resolved (a subset's class folders linked to a store), when it lies in one, in a class folder
+    or flat (ILSVRC's validation images): a file written in any of them is read as an image of that dataset."""
     splits = []
     for path in (image.absolute(), image.resolve()):
-        split = next((folder.parent for folder in path.parents if folder.parent.name in SPLIT_FOLDERS), None)
+        split = next((folder for folder in path.parents if folder.name in SPLIT_FOLDERS), None)
         splits += dataset_folders(split) if split is not None else []
     return splits
 

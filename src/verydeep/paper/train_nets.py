@@ -127,8 +127,10 @@ def check_reuse(order: list[Net], preset: Preset, data: Path, out: Path, device:
     the device, the data, each net's training and each finished net's cached evaluation (see the
     module's docstring); returns the test images' folder."""
     pick_device(device)
-    find_split(data, "train")
     test = find_split(data, "val")
+    if find_split(data, "train") == test:
+        raise UserError(f"--data {data}: no test split (val/ or test/) beside the training images; the paper's "
+                        "errors are measured on images no net trained on")
     by_name = {n.name: n for n in preset.members()}
     for net in order:
         check_net(net, by_name, preset, data, out)

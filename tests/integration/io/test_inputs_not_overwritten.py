@@ -209,6 +209,10 @@ def test_a_saliency_map_is_not_drawn_into_the_dataset_of_its_image(images, run, 
         refused(["predict", "--weights", str(run), str(image), "--saliency", str(out), "--device", "cpu"], capsys,
                 "--saliency", "a split of the dataset of the input image")
         assert not out.exists()
+    flat = images / "val" / "ILSVRC2012_val_00000001.png"  # the official validation layout: images flat in val/
+    shutil.copy(image, flat)
+    refused(["predict", "--weights", str(run), str(flat), "--saliency", str(images / "train" / "class0" / "m.png"),
+             "--device", "cpu"], capsys, "--saliency", "a split of the dataset of the input image")
     photos = tmp_path / "photos"
     photos.mkdir()
     shutil.copy(image, photos / "cat.png")
