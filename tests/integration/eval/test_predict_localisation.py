@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import photo, save, write_classifier, write_localiser
+from PIL import Image
 
 import verydeep
 from verydeep.cli import main
@@ -34,3 +35,14 @@ def test_predict_refuses_a_localisation_net_in_one_line(locrun, weights, json, t
     assert out == "" and len(err.strip().splitlines()) == 1, err
     assert f"{source}: a localisation net (task localisation-pcr, 28 outputs" in err
     assert "verydeep localize predict" in err
+
+
+def test_the_drawing_is_of_the_upright_image_the_boxes_were_found_on(tmp_path):
+    from verydeep.eval.localize.predict import draw
+
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 60 wide, 30 high; shown upright 30 wide, 60 high
+    Image.new("RGB", (60, 30), (200, 40, 40)).save(turned, exif=exif)
+    drawn = Image.open(draw(turned, [], [], tmp_path / "out"))
+    assert drawn.height > 1.5 * drawn.width  # portrait, as displayed, not the stored landscape

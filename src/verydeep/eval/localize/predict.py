@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from verydeep.data.datasets import DECODE_ERRORS, unreadable
-from verydeep.data.decode import ImageFile
+from verydeep.data.decode import ImageFile, decode
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import smallest_training_scale
@@ -35,7 +35,8 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    image = Image.open(path).convert("RGB")
+    with Image.open(path) as opened:
+        image = decode(opened)  # upright, as the boxes were found: an EXIF orientation applied
     fig, ax = plt.subplots(figsize=(6, 6 * image.height / image.width))
     ax.imshow(image)
     for rank, guess in enumerate(guesses):
