@@ -4,6 +4,7 @@ message definition carried here, without Caffe or protoc."""
 from __future__ import annotations
 
 import math
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -36,17 +37,38 @@ CAFFE_MESSAGES: dict[str, list[tuple[str, int, str, str]]] = {
 }
 
 
-#: The first bytes a Caffe model can begin with: the key of ``NetParameter``'s name (field 1), of its V1
-#: ``layers`` (field 2) or of its ``layer`` (field 100, two bytes), each length-delimited (wire type 2).
+#: The first keys a Caffe model can begin with: ``NetParameter``'s name (field 1), its V1 ``layers`` (field 2)
+#: or its ``layer`` (field 100, two bytes), each length-delimited (wire type 2).
 CAFFE_FIRST_KEYS = (b"\x0a", b"\x12", b"\xa2\x06")
+#: A net's name as Caffe models carry it (``VGG_ILSVRC_16_layers``).
+_NET_NAME = re.compile(rb"[\w.\-]{1,256}")
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int] | None:
+    """The protobuf varint at ``data[at:]`` and the position after it; None when it runs off the bytes."""
+    value = shift = 0
+    while at < len(data) and shift < 64:
+        byte = data[at]
+        value, at, shift = value | (byte & 0x7F) << shift, at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+    return None
 
 
 def looks_like_caffe(path: str | Path) -> bool:
-    """Whether ``path`` begins as a serialised ``NetParameter`` does; an HTML error page, a text file or a
-    truncated download of nothing does not."""
+    """Whether ``path`` begins as a serialised ``NetParameter`` does: a name of word characters, or a first layer
+    that fits in the file; an HTML error page, a text file or a truncated download does not."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
-        head = f.read(2)
-    return any(head.startswith(key) for key in CAFFE_FIRST_KEYS)
+        head = f.read(300)
+    key = next((key for key in CAFFE_FIRST_KEYS if head.startswith(key)), None)
+    length = _varint(head, len(key)) if key is not None else None
+    if length is None or length[0] == 0:
+        return False
+    count, at = length
+    if key == b"\x0a":
+        return _NET_NAME.fullmatch(head[at:at + count]) is not None
+    return at + count <= size
 
 
 @cache
