@@ -397,6 +397,26 @@ def test_download_over_a_file_already_there_checks_its_checksum(tmp_path, monkey
     assert download(name, tmp_path) == present and present.read_bytes() == b"a truncated or foreign file"
 
 
+
+def test_download_keeps_a_caffe_file_already_there_only_when_it_begins_as_a_caffe_model(tmp_path, monkeypatch, capsys):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    present = tmp_path / known_weights()["caffe-vgg16"].file
+    present.write_bytes(b"<!DOCTYPE html><title>404 Not Found</title>")  # what a failed fetch by hand leaves
+    assert main(["download", "caffe-vgg16", "--weights-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"verydeep download: error: {present}: already there, but it begins b'<!DOCTYP")
+    assert "\n" not in err and present.read_bytes().startswith(b"<!DOCTYPE")  # refused, untouched
+    for junk in (b"\n<!DOCTYPE html><title>404</title>", b"\x12\x00", b"\x12\xff\x7f" + b"a" * 8):  # a key, no net
+        present.write_bytes(junk)
+        with pytest.raises(UserError, match="as no Caffe model does"):
+            download("caffe-vgg16", tmp_path)
+    for net in (caffe_net_class()(name="VGG_ILSVRC_16_layers"), write_caffe(tmp_path / "v1.caffemodel", [], [])):
+        present.write_bytes(net.SerializeToString() if not isinstance(net, Path) else net.read_bytes())
+        assert download("caffe-vgg16", tmp_path) == present
+
 # ---- damaged and hostile files --------------------------------------------------------------------
 
 
