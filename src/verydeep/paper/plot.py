@@ -92,10 +92,21 @@ def checked_output(out: Path) -> Path:
     return out
 
 
+def refuse_run_files(out: Path, run: RunDir) -> Path:
+    """``out`` unless it is (through links too) one of the files the curves are drawn from, the run's weights, or in
+    its ``checkpoints/`` or ``tensorboard/``; else a :class:`UserError`."""
+    target = out.resolve()
+    read = [path.resolve() for path in (run.metrics, run.record, run.model)]
+    if target in read or any(target.is_relative_to(folder.resolve()) for folder in (run.checkpoints, run.tensorboard)):
+        raise UserError(f"--out {out}: would write over {run.root}'s own files (its metrics, record, weights or "
+                        "checkpoints); give another --out")
+    return out
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the learning curves of ``run_dir`` as an image (default ``RUN_DIR/curves.png``; another format
     by ``out``'s suffix)."""
-    out = checked_output(Path(out)) if out is not None else RunDir(run_dir).curves
+    out = checked_output(refuse_run_files(Path(out), RunDir(run_dir))) if out is not None else RunDir(run_dir).curves
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed

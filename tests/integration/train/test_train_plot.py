@@ -64,3 +64,20 @@ def test_plot_refuses_a_bad_record_naming_file_and_line(tmp_path, capsys, line, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'metrics.jsonl'}:2: " in err and message in err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_plot_writes_over_none_of_its_runs_files_even_through_a_link(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    metrics = '{"kind": "step", "epoch": 1, "step": 1, "loss": 1.0, "lr": 0.01}\n'
+    (run / "metrics.jsonl").write_text(metrics)
+    (run / "checkpoints" / "best.pt").write_bytes(b"weights")
+    (tmp_path / "best.png").symlink_to(run / "checkpoints" / "best.pt")
+    (tmp_path / "metrics.png").symlink_to(run / "metrics.jsonl")
+    for out in (tmp_path / "best.png", tmp_path / "metrics.png", run / "checkpoints" / "x.png"):
+        assert main(["plot", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "would write over" in err and "own files" in err
+    assert (run / "checkpoints" / "best.pt").read_bytes() == b"weights" and (run / "metrics.jsonl").read_text() == metrics
+    assert not (run / "checkpoints" / "x.png").exists()
+    assert main(["plot", str(run), "--out", str(run / "curves.svg")]) == 0  # beside them: allowed
