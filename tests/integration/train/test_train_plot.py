@@ -78,6 +78,7 @@ def test_plot_writes_over_none_of_its_runs_files_even_through_a_link(tmp_path, c
         assert main(["plot", str(run), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "would write over" in err and "own files" in err
-    assert (run / "checkpoints" / "best.pt").read_bytes() == b"weights" and (run / "metrics.jsonl").read_text() == metrics
+    assert (run / "checkpoints" / "best.pt").read_bytes() == b"weights"
+    assert (run / "metrics.jsonl").read_text() == metrics
     assert not (run / "checkpoints" / "x.png").exists()
     assert main(["plot", str(run), "--out", str(run / "curves.svg")]) == 0  # beside them: allowed
