@@ -128,14 +128,35 @@ def read_image_set(root: Path, name: str) -> list[str]:
 
 
 def image_sets(root: Path) -> tuple[str, str]:
-    """The training and test parts: ``trainval`` and ``test`` where the test annotations are at hand
-    (VOC-2007), else ``train`` and ``val`` (VOC-2012, whose test annotations are not public)."""
+    """The training and test parts: ``trainval`` (else ``train`` and ``val`` together, ``train+val``) and
+    ``test`` where the test annotations are at hand (VOC-2007), else ``train`` and ``val`` (VOC-2012, whose
+    test annotations are not public). A test list whose annotations are only partly there is an error."""
     main = root / "ImageSets" / "Main"
-    if (main / "test.txt").is_file() and (main / "trainval.txt").is_file():
+    if (main / "test.txt").is_file():
         test = read_image_set(root, "test")
-        if test and (root / "Annotations" / f"{test[0]}.xml").is_file():
-            return "trainval", "test"
+        annotated = [(root / "Annotations" / f"{i}.xml").is_file() for i in test]
+        if test and all(annotated):
+            if (main / "trainval.txt").is_file():
+                return "trainval", "test"
+            if (main / "train.txt").is_file() and (main / "val.txt").is_file():
+                return "train+val", "test"
+            raise MissingFileError(f"{main / 'trainval.txt'}: no such VOC image set (nor train.txt and val.txt)")
+        if any(annotated):
+            missing = test[annotated.index(False)]
+            raise MissingFileError(f"{root / 'Annotations' / f'{missing}.xml'}: no such VOC annotation, though "
+                                   f"{main / 'test.txt'} lists it beside annotated test images")
     return "train", "val"
+
+
+def part_ids(root: Path, part: str) -> list[str]:
+    """The image ids of a part (:func:`image_sets`), each once; an id listed twice is a :class:`UserError`."""
+    ids = [i for name in part.split("+") for i in read_image_set(root, name)]
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise UserError(f"{root / 'ImageSets' / 'Main'}: image {i} is listed twice in {part}")
+        seen.add(i)
+    return ids
 
 
 def open_voc(root: str | Path) -> VOCData:
@@ -147,7 +168,11 @@ def open_voc(root: str | Path) -> VOCData:
     if not is_voc(root):
         raise MissingFileError(f"{root}: not a VOC root (no Annotations/ and JPEGImages/ folders)")
     parts = image_sets(root)
-    ids = {part: read_image_set(root, part) for part in parts}
+    ids = {part: part_ids(root, part) for part in parts}
+    shared = next((i for i in ids[parts[1]] if i in set(ids[parts[0]])), None)
+    if shared is not None:
+        raise UserError(f"{root / 'ImageSets' / 'Main'}: image {shared} is in both {parts[0]} and {parts[1]}: a "
+                        "test image must not train")
     objects = {i: read_annotation(root / "Annotations" / f"{i}.xml") for part in parts for i in ids[part]}
     classes = sorted({obj.name for found in objects.values() for obj in found})
     if not classes:

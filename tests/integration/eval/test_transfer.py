@@ -212,6 +212,26 @@ def test_voc_image_sets_written_with_a_byte_order_mark_or_not_as_text(tmp_path):
     with pytest.raises(UserError, match=r"train\.txt: not a text file \(byte 1 is not UTF-8\)"):
         open_voc(root)
 
+
+def test_voc_training_part_is_train_and_val_without_trainval_and_no_test_image_trains(tmp_path):
+    images = {"a": [("dog", 0)], "b": [("cat", 0)], "c": [("cat", 0)], "d": [("dog", 0)]}
+    root = write_voc(tmp_path / "voc", images, {"train": ["a"], "val": ["b"], "test": ["c", "d"]})
+    voc = open_voc(root)  # no trainval.txt: train and val together, scored on test
+    assert voc.image_sets == ("train+val", "test") and voc.ids == ["a", "b", "c", "d"]
+    assert voc.splits == ["train", "train", "test", "test"]
+    main_lists = root / "ImageSets" / "Main"
+    (main_lists / "test.txt").write_text("c\nd\na\n")
+    with pytest.raises(UserError, match="image a is in both train\\+val and test: a test image must not train"):
+        open_voc(root)
+    (main_lists / "test.txt").write_text("c\nd\n")
+    (main_lists / "train.txt").write_text("a\na\n")
+    with pytest.raises(UserError, match="image a is listed twice in train\\+val"):
+        open_voc(root)
+    (main_lists / "train.txt").write_text("a\n")
+    (root / "Annotations" / "d.xml").unlink()  # test annotations partly there: not VOC-2012's none
+    with pytest.raises(MissingFileError, match=r"d\.xml: no such VOC annotation, though .*test\.txt lists it"):
+        open_voc(root)
+
 def test_voc_bad_and_missing_files_are_one_line_errors(tmp_path):
     root = write_voc(tmp_path / "voc", {"a": [("dog", 0)], "b": [("cat", 0)]}, {"train": ["a"], "val": ["b"]})
     (root / "Annotations" / "b.xml").write_text("<annotation><object><name>cat</name>")
