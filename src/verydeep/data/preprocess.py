@@ -201,7 +201,7 @@ def save_preprocess(pre: Preprocess, path: str | Path) -> Path:
 def read_preprocess(path: Path) -> Preprocess:
     """The statistics in the JSON file ``path``; a damaged file is one line naming it."""
     try:
-        return Preprocess.from_dict(json.loads(path.read_text()))
+        return Preprocess.from_dict(json.loads(path.read_text(encoding="utf-8-sig")))
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as error:
         raise UserError(f"{path}: bad preprocess statistics ({type(error).__name__}: {error})") from None
 

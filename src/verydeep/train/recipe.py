@@ -343,7 +343,7 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
     path = Path(name_or_file)
     if path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write first, left out
         except UnicodeDecodeError as error:
             raise UserError(f"{path}: not a TOML recipe (not UTF-8 text at byte {error.start})") from None
         except OSError as error:

@@ -11,7 +11,7 @@ from verydeep.data import IMAGENET, Preprocess
 from verydeep.data.preprocess import load_preprocess, read_preprocess
 from verydeep.errors import UserError
 from verydeep.io.weights import CAFFE
-from verydeep.train.recipe import parse_preprocess
+from verydeep.train.recipe import parse_preprocess, read_recipe
 
 NAN, INF = float("nan"), float("inf")
 GOOD = IMAGENET.to_dict()
@@ -60,3 +60,10 @@ def test_the_known_conventions_and_rounded_eigenvectors_pass():
     rounded = [[round(v, 3) for v in row] for row in GOOD["eigvec"]]
     assert Preprocess.from_dict({**GOOD, "eigvec": rounded}).eigvec == tuple(map(tuple, rounded))
     assert Preprocess.from_dict({**GOOD, "mean": [0, 1, 0.5], "eigval": [0, 0, 0]}).mean == (0.0, 1.0, 0.5)
+
+
+def test_a_preprocess_file_and_a_recipe_written_with_a_byte_order_mark_read(tmp_path):
+    (tmp_path / "preprocess.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode())  # as Notepad saves
+    assert read_preprocess(tmp_path / "preprocess.json") == IMAGENET
+    (tmp_path / "r.toml").write_bytes(b"\xef\xbb\xbfepochs = 3\nlr = 0.02\n")
+    assert read_recipe(tmp_path / "r.toml") == {"epochs": 3, "lr": 0.02}
