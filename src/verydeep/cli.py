@@ -12,7 +12,8 @@ import importlib
 import sys
 
 from verydeep.errors import UserError
-from verydeep.io.outputs import refuse_overwriting_inputs
+from verydeep.io.download import refuse_unused_weights_dir
+from verydeep.io.outputs import refuse_overwriting_inputs, weights_given
 from verydeep.options import OneLineParser, one_line, option_names
 
 #: Modules that contribute subcommands, in the order ``verydeep --help`` lists them.
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{prog}: error: unrecognized arguments: {one_line(' '.join(unknown))}\n")
     try:
         refuse_overwriting_inputs(args, option_names(parser, args))
+        refuse_unused_weights_dir(getattr(args, "weights_dir", None), weights_given(args))
         result = args.func(args)
     except UserError as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)

@@ -42,6 +42,14 @@ def resolve_source(source: str | Path, weights_dir: str | Path | None = None) ->
     return folder / known.file
 
 
+def refuse_unused_weights_dir(weights_dir: str | Path | None, sources: list[str | Path]) -> None:
+    """``--weights-dir`` is where named weights are looked up; beside weights that all name files or folders it
+    would do nothing, which is a :class:`UserError` rather than a flag silently dropped."""
+    if weights_dir is not None and sources and all(Path(source).expanduser().exists() for source in sources):
+        raise UserError(f"--weights-dir {weights_dir}: named weights (vgg16, caffe-vgg19, ...) are looked up there, "
+                        f"but {', '.join(map(str, sources))} name files or folders; drop --weights-dir")
+
+
 def download(name: str, weights_dir: str | Path | None = None) -> Path:
     """Download a published file into the weights folder under its official name (written under a temporary
     name, renamed once its checksum is checked). A file already there is kept when its checksum is the

@@ -31,6 +31,11 @@ WEIGHTS_OPTIONS = ("weights", "source", "checkpoint", "classifier")
 OUTPUT_OPTIONS = ("out",)
 
 
+def weights_given(args: argparse.Namespace) -> list[Path]:
+    """The sources of weights a command was given (its :data:`WEIGHTS_OPTIONS`' values), as given."""
+    return [path for name in WEIGHTS_OPTIONS for path in _given_paths(getattr(args, name, None))]
+
+
 def _weights_read(source: Path, weights_dir: str | None) -> tuple[Path | None, Path | None]:
     """The weights folder ``source`` names (a run directory), if any, and the file a command reads from ``source``:
     the file itself, a run directory's best (else last) checkpoint, or a known name's file in the weights folder."""
