@@ -20,6 +20,7 @@ import argparse
 import base64
 import importlib.util
 import io
+import logging
 import re
 import shutil
 import socket
@@ -76,6 +77,8 @@ IMAGE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}")
 #: Images offered as examples: at most this many, one per class folder first.
 MAX_EXAMPLES = 8
 EXAMPLE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+
+log = logging.getLogger("verydeep.serve")
 
 
 @dataclass(frozen=True)
@@ -405,6 +408,10 @@ def build_app(looker: Looker) -> Any:
             except UserError as error:
                 message = str(error) if path is None else str(error).replace(str(path), name)
                 return JSONResponse({"error": one_line(message)}, status_code=400)
+            except Exception as error:  # a bug: the API still answers in its JSON, the traceback goes to the log
+                log.exception("%s failed", request.url.path)
+                return JSONResponse({"error": one_line(f"internal error ({type(error).__name__}: {error})")},
+                                    status_code=500)
         return JSONResponse(result)
 
     async def example(request: Any) -> Any:

@@ -144,6 +144,9 @@ def huge_png(width: int, height: int) -> bytes:
 def bad_uploads(image: Path) -> list[tuple[dict, dict, str]]:
     """(files, fields, what the one-line error says) of bad requests."""
     whole = image.read_bytes()
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 2000)).save(buffer, format="PNG")  # at Q = 2048 a strip of 2048 x 204800 pixels
+    strip = buffer.getvalue()
     return [
         ({"image": ("notes.txt", b"not an image at all")}, {}, "notes.txt: unreadable image"),
         ({"image": ("empty.jpg", b"")}, {}, "empty.jpg: an empty file"),
@@ -155,6 +158,7 @@ def bad_uploads(image: Path) -> list[tuple[dict, dict, str]]:
         ({"image": ("x.jpg", whole)}, {"topk": "0"}, "topk: expected an integer from 1 to 100; got '0'"),
         ({"image": ("x.jpg", whole)}, {"scales": "abc"}, "scales: expected comma-separated integers"),
         ({"image": ("x.jpg", whole)}, {"scales": "16"}, "--scales [16] smaller than the crop 32"),
+        ({"image": ("strip.png", strip)}, {"scales": "2048"}, "strip.png: unreadable image (ValueError: rescaled to"),
         ({"image": ("x.jpg", whole)}, {"protocol": "centre"}, "protocol: one of dense, multicrop, dense+multicrop"),
         ({"image": ("x.jpg", whole)}, {"net": "2"}, "net: expected an integer from 0 to 1; got '2'"),
         # the UserError's own line, not "unreadable image (UserError: ...)"; over Pillow's limit too
@@ -291,3 +295,17 @@ def test_a_real_server_stays_up_through_200_requests_a_quarter_bad_and_its_memor
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_a_bug_under_the_api_is_http_500_with_one_json_line(nets, image, monkeypatch):
+    looker = load_looker([str(nets[0])], [], "cpu", "auto")
+
+    def broken(*args: object) -> dict:
+        raise RuntimeError("a bug\nover two lines")
+
+    monkeypatch.setattr(looker, "predict", broken)
+    with serving(looker) as url, httpx.Client(base_url=url, timeout=60) as http:
+        response = post(http, image)
+        assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+        assert response.json() == {"error": "internal error (RuntimeError: a bug over two lines)"}
+        assert http.get("/api/info").status_code == 200  # and it carries on

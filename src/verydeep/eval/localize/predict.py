@@ -37,6 +37,7 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
 
     with Image.open(path) as opened:
         image = decode(opened)  # upright, as the boxes were found: an EXIF orientation applied
+        image.load()  # before the file closes (an upright RGB file is the opened image itself)
     fig, ax = plt.subplots(figsize=(6, 6 * image.height / image.width))
     ax.imshow(image)
     for rank, guess in enumerate(guesses):
