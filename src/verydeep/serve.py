@@ -73,6 +73,8 @@ MAX_TOPK = 100
 PREVIEW_SIDE = 768
 #: The fields a request may carry, and the image suffixes kept for the decoder.
 FIELDS = ("image", "topk", "scales", "protocol", "net")
+#: The fields of ``/api/look``, which shows every net.
+LOOK_FIELDS = tuple(field for field in FIELDS if field != "net")
 IMAGE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}")
 #: Images offered as examples: at most this many, one per class folder first.
 MAX_EXAMPLES = 8
@@ -92,11 +94,12 @@ class Ask:
     net: int = 0
 
 
-def parse_ask(fields: dict[str, str], nets: int) -> Ask:
-    """An :class:`Ask` from a request's text fields; a bad or unknown field is a :class:`UserError` naming it."""
-    unknown = sorted(set(fields) - set(FIELDS))
+def parse_ask(fields: dict[str, str], nets: int, known: Sequence[str] = FIELDS) -> Ask:
+    """An :class:`Ask` from a request's text fields; a bad field, or one not ``known`` (``/api/look`` shows every
+    net: it takes no ``net``), is a :class:`UserError` naming it."""
+    unknown = sorted(set(fields) - set(known))
     if unknown:
-        raise UserError(f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}")
+        raise UserError(f"unknown field {unknown[0]!r}; the fields are {', '.join(known)}")
 
     def number(name: str, default: int, low: int, high: int) -> int:
         text = fields.get(name, "").strip()
@@ -382,8 +385,11 @@ async def read_upload(request: Any, folder: Path) -> tuple[Path, str, dict[str, 
     with path.open("wb") as out:
         shutil.copyfileobj(image.file, out)
     await form.close()
-    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
-    return path, name, fields
+    given = [(key, value) for key, value in form.multi_items() if isinstance(value, str)]
+    twice = next((key for i, (key, _) in enumerate(given) if key in dict(given[:i])), None)
+    if twice is not None:
+        raise UserError(f"the field {twice!r} is given twice; give it once")
+    return path, name, dict(given)
 
 
 def build_app(looker: Looker) -> Any:
@@ -399,12 +405,12 @@ def build_app(looker: Looker) -> Any:
 
     static = Path(__file__).with_name("static")
 
-    async def answer(request: Any, work: Any) -> Any:
+    async def answer(request: Any, work: Any, known: Sequence[str] = FIELDS) -> Any:
         path: Path | None = None
         with tempfile.TemporaryDirectory(prefix="verydeep-serve-") as folder:
             try:
                 path, name, fields = await read_upload(request, Path(folder))
-                result = await run_in_threadpool(work, path, name, parse_ask(fields, len(looker.nets)))
+                result = await run_in_threadpool(work, path, name, parse_ask(fields, len(looker.nets), known))
             except UserError as error:
                 message = str(error) if path is None else str(error).replace(str(path), name)
                 return JSONResponse({"error": one_line(message)}, status_code=400)
@@ -424,7 +430,7 @@ def build_app(looker: Looker) -> Any:
         return await answer(request, looker.predict)
 
     async def look(request: Any) -> Any:
-        return await answer(request, looker.look)
+        return await answer(request, looker.look, LOOK_FIELDS)
 
     routes = [
         Route("/", lambda request: FileResponse(static / "index.html")),

@@ -160,7 +160,7 @@ def bad_uploads(image: Path) -> list[tuple[dict, dict, str]]:
         ({"image": ("x.jpg", whole)}, {"scales": "16"}, "--scales [16] smaller than the crop 32"),
         ({"image": ("strip.png", strip)}, {"scales": "2048"}, "strip.png: unreadable image (ValueError: rescaled to"),
         ({"image": ("x.jpg", whole)}, {"protocol": "centre"}, "protocol: one of dense, multicrop, dense+multicrop"),
-        ({"image": ("x.jpg", whole)}, {"net": "2"}, "net: expected an integer from 0 to 1; got '2'"),
+        ({"image": ("x.jpg", whole)}, {"topk": ["1", "2"]}, "the field 'topk' is given twice"),
         # the UserError's own line, not "unreadable image (UserError: ...)"; over Pillow's limit too
         ({"image": ("huge.png", huge_png(10000, 10000))}, {}, "huge.png: 10000x10000 pixels, more than the 50 M"),
         ({"image": ("bomb.png", huge_png(20000, 20000))}, {}, "bomb.png: 400 M pixels, more than the 50 M"),
@@ -180,6 +180,11 @@ def test_a_bad_upload_is_http_400_with_one_line_and_the_server_carries_on(client
             error = response.json()["error"]
             assert reason in error and "\n" not in error and "verydeep-serve-" not in error, (reason, error)
             assert "unreadable" not in error or "unreadable" in reason, error
+    whole = image.read_bytes()
+    wrong_net = client.post("/api/predict", files={"image": ("x.jpg", whole)}, data={"net": "2"})
+    assert wrong_net.status_code == 400 and "net: expected an integer from 0 to 1; got '2'" in wrong_net.json()["error"]
+    every_net = client.post("/api/look", files={"image": ("x.jpg", whole)}, data={"net": "0"})  # it shows them all
+    assert every_net.status_code == 400 and every_net.json()["error"].startswith("unknown field 'net'")
     garbage = {"content-type": "multipart/form-data; boundary=xx"}
     for body in (b"garbage", b"--xx\r\nno headers end here"):
         response = client.post("/api/look", content=body, headers=garbage)
