@@ -20,6 +20,10 @@ def read_npz(path: str | Path, keys: Sequence[str], kind: str) -> dict[str, np.n
         raise UserError(f"{path}: a folder, not a {kind}")
     if not path.is_file():
         raise MissingFileError(f"{path}: no such {kind}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # else numpy takes any other file for a pickle, and says so
+        raise UserError(f"{path}: not a {kind} (not a .npz archive: it begins {head!r})")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

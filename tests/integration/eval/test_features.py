@@ -225,7 +225,7 @@ def test_cli_writes_features_and_errors_are_one_line(net, photos, tmp_path, caps
     assert main(["features", "--data", str(photos), "--out", str(out)]) == 2
     assert "--weights SOURCE" in capsys.readouterr().err
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(UserError, match="junk.npz: not a readable"):
+    with pytest.raises(UserError, match=r"junk.npz: not a features file \(not a .npz archive: it begins b.junk.\)"):
         Features.load(tmp_path / "junk.npz")
 
 

@@ -341,6 +341,10 @@ def test_a_truncated_features_file_is_one_line_and_foreign_settings_only_describ
     assert main(["transfer", "--protocol", "caltech", "--features", str(truncated)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{truncated}: not a readable .npz file" in err and "\n" not in err
+    photo_file = save(photo(20, 20), tmp_path / "photo.jpg")  # not taken for a pickle, as numpy would say
+    assert main(["transfer", "--protocol", "caltech", "--features", str(photo_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{photo_file}: not a features file (not a .npz archive: it begins b'\\xff\\xd8\\xff\\xe0')")
     assert Features.load(good).settings == {"kind": "raw-pixels"}
     assert describe(Features.load(good)).endswith("(raw-pixels (settings incomplete)), 0 skipped")
 
