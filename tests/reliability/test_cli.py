@@ -82,7 +82,7 @@ NAMED = [
     ("summary D --width 0", "--width"),
     ("summary D --width nan", "--width"),
     ("summary D --num-classes 0", "--num-classes"),
-    ("summary D --crop 33", "multiple of 32"),
+    ("summary D --crop 33", "--crop 33: a multiple of 32"),
     ("summary Z", "'Z'"),
     ("data stats {data} --sample 0 --workers 0", "--sample"),
     ("data stats {data} --workers -1", "--workers"),

@@ -100,6 +100,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
+    if args.crop % 32:
+        raise UserError(f"--crop {args.crop}: a multiple of 32 (five 2x2 poolings)")
     with torch.device("meta"):  # shapes and counts only: no memory for the weights, whatever their number
         model = VGG(args.config, args.num_classes, args.batch_norm, args.width, input_size=args.crop, init="kaiming")
     size = args.crop if args.input is None else args.input
