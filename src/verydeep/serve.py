@@ -392,6 +392,19 @@ async def read_upload(request: Any, folder: Path) -> tuple[Path, str, dict[str, 
     return path, name, dict(given)
 
 
+async def http_error(request: Any, error: Any) -> Any:
+    """Starlette's own errors (a form it could not parse, an unknown route, a wrong method): under ``/api/``
+    the API's ``{"error": ONE LINE}`` with the same status, elsewhere Starlette's plain text."""
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+    if error.status_code in (204, 304):
+        return Response(status_code=error.status_code, headers=error.headers)
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": one_line(str(error.detail))}, status_code=error.status_code,
+                            headers=error.headers)
+    return PlainTextResponse(error.detail, status_code=error.status_code, headers=error.headers)
+
+
 def build_app(looker: Looker) -> Any:
     """The Starlette application: the page (``/``, ``/static``), ``GET /api/info``, ``POST /api/predict``,
     ``POST /api/look`` and ``GET /api/examples/N``."""
@@ -399,7 +412,7 @@ def build_app(looker: Looker) -> Any:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.responses import FileResponse, JSONResponse
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
@@ -440,16 +453,6 @@ def build_app(looker: Looker) -> Any:
         Route("/api/examples/{index:int}", example),
         Mount("/static", StaticFiles(directory=static)),
     ]
-    async def http_error(request: Any, error: Any) -> Any:
-        """Starlette's own errors (a form it could not parse, an unknown route, a wrong method): under ``/api/``
-        the API's ``{"error": ONE LINE}`` with the same status, elsewhere Starlette's plain text."""
-        if error.status_code in (204, 304):
-            return Response(status_code=error.status_code, headers=error.headers)
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": one_line(str(error.detail))}, status_code=error.status_code,
-                                headers=error.headers)
-        return PlainTextResponse(error.detail, status_code=error.status_code, headers=error.headers)
-
     return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],
                      exception_handlers={HTTPException: http_error})
 
