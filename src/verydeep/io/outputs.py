@@ -82,19 +82,30 @@ def _contains(folder: Path, path: Path) -> bool:
             or any(target.is_relative_to(link.resolve()) for link in _linked_folders(folder)))
 
 
-def _linked_folders(folder: Path) -> list[Path]:
-    """The links to folders among ``folder``'s entries and, for its split folders (``train``...), theirs: a
-    dataset's splits and class folders, where links to folders elsewhere make a subset of a larger set."""
-    def links(parent: Path) -> list[Path]:
-        try:
-            return [entry for entry in parent.iterdir() if entry.is_symlink() and entry.is_dir()]
-        except OSError:
-            return []
+#: How deep in a data folder links to folders are looked for: a dataset's splits, their class folders, and
+#: the entries of those (``DIR/train/<class>/<link>``).
+LINK_DEPTH = 3
 
-    found = links(folder) if folder.is_dir() else []
-    for split in SPLIT_FOLDERS:
-        found += links(folder / split) if (folder / split).is_dir() else []
-    return found
+
+def _linked_folders(folder: Path) -> tuple[Path, ...]:
+    """The links to folders in ``folder`` down to :data:`LINK_DEPTH` levels, links themselves not descended:
+    where a dataset's split, class or a folder within one is linked to a store elsewhere (a subset of a larger
+    set), a file written in the store joins the dataset."""
+    found, level = [], [folder]
+    for _ in range(LINK_DEPTH):
+        below = []
+        for parent in level:
+            try:
+                entries = list(os.scandir(parent))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_symlink():
+                    found += [Path(entry.path)] if entry.is_dir() else []
+                elif entry.is_dir(follow_symlinks=False):
+                    below.append(Path(entry.path))
+        level = below
+    return tuple(found)
 
 
 def dataset_splits(image: Path) -> list[Path]:

@@ -201,6 +201,12 @@ def test_an_output_through_or_into_a_class_folder_linked_into_the_data_is_refuse
         refused(["train", "--data", str(images), "--out", str(out), *TRAIN], capsys, "--out", "--data")
     assert contents(store) == before and not (store / "run").exists()
     allowed(["train", "--data", str(images), "--out", str(tmp_path / "elsewhere"), *TRAIN])
+    deeper = tmp_path / "deeper"  # a folder within a class folder linked to a store
+    deeper.mkdir()
+    (images / "train" / "class0" / "more").symlink_to(deeper, target_is_directory=True)
+    refused(["train", "--data", str(images), "--out", str(deeper / "run"), *TRAIN], capsys, "--out", "--data")
+    refused(["eval", "--weights", str(tmp_path / "w"), "--data", str(images / "val"), "--out", str(deeper / "e")],
+            capsys, "--out", "--data")  # from a sibling split too
 
 
 def test_a_saliency_map_is_not_drawn_into_the_dataset_of_its_image(images, run, tmp_path, capsys):
