@@ -186,7 +186,7 @@ def refuse_overwriting(outputs: Sequence[Path], images: Sequence[str | Path]) ->
         hit = next((image for image in images if out.exists() and Path(image).exists() and out.samefile(image)), None)
         if hit is not None:
             raise UserError(f"--saliency {out}: would overwrite the input image {hit}; give another file name")
-        refuse_writing_in_datasets_of(images, out, "--saliency")
+    refuse_writing_in_datasets_of(images, outputs, "--saliency")
 
 
 def write_saliency(net: Net, path: str | Path, best: RankedClass, out: Path, device: torch.device,

@@ -73,13 +73,17 @@ def dataset_folders(path: Path) -> list[Path]:
                     if split != folder.name and (folder.parent / split).is_dir())]
 
 
-def _contains(folder: Path, path: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies under it: links and ``..`` followed, or as written (a path through a
-    class folder linked into the data lies in the data, wherever the link leads), or under a folder linked into
-    ``folder`` (a dataset's class folders linked to a store: a file written in the store joins the class)."""
-    absolute, target = Path(os.path.abspath(path)), path.resolve()
-    return (target.is_relative_to(folder.resolve()) or absolute.is_relative_to(Path(os.path.abspath(folder)))
-            or any(target.is_relative_to(link.resolve()) for link in _linked_folders(folder)))
+def _lies_in(folder: Path, path: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, links and ``..`` followed, or as written (a path through a
+    class folder linked into the data lies in the data, wherever the link leads)."""
+    return (path.resolve().is_relative_to(folder.resolve())
+            or Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(folder))))
+
+
+def _in_data(folder: Path, path: Path, linked: tuple[Path, ...]) -> bool:
+    """Whether ``path`` lies in the data folder ``folder`` (:func:`_lies_in`) or in a folder linked into it
+    (``linked``: :func:`_linked_targets` of ``folder``), where a file written joins the dataset."""
+    return _lies_in(folder, path) or any(path.resolve().is_relative_to(target) for target in linked)
 
 
 #: How deep in a data folder links to folders are looked for: a dataset's splits, their class folders, and
@@ -87,10 +91,10 @@ def _contains(folder: Path, path: Path) -> bool:
 LINK_DEPTH = 3
 
 
-def _linked_folders(folder: Path) -> tuple[Path, ...]:
-    """The links to folders in ``folder`` down to :data:`LINK_DEPTH` levels, links themselves not descended:
-    where a dataset's split, class or a folder within one is linked to a store elsewhere (a subset of a larger
-    set), a file written in the store joins the dataset."""
+def _linked_targets(folder: Path) -> tuple[Path, ...]:
+    """Where the links to folders in ``folder`` lead, down to :data:`LINK_DEPTH` levels (links themselves not
+    descended): a dataset's split, class or a folder within one linked to a store elsewhere (a subset of a larger
+    set). Read once per data folder and command: for ImageNet, the entries of its class folders."""
     found, level = [], [folder]
     for _ in range(LINK_DEPTH):
         below = []
@@ -101,7 +105,7 @@ def _linked_folders(folder: Path) -> tuple[Path, ...]:
                 continue
             for entry in entries:
                 if entry.is_symlink():
-                    found += [Path(entry.path)] if entry.is_dir() else []
+                    found += [Path(entry.path).resolve()] if entry.is_dir() else []
                 elif entry.is_dir(follow_symlinks=False):
                     below.append(Path(entry.path))
         level = below
@@ -119,12 +123,18 @@ def dataset_splits(image: Path) -> list[Path]:
     return splits
 
 
-def refuse_writing_in_datasets_of(images: Sequence[str | Path], out: Path, option: str) -> None:
-    """An output ``out`` in a split of the dataset an input image lies in is a :class:`UserError`: it would be
-    read as one of that dataset's images (a file) or classes (a folder)."""
+def refuse_writing_in_datasets_of(images: Sequence[str | Path], outs: Sequence[Path], option: str) -> None:
+    """An output of ``outs`` in a split of the dataset an input image lies in is a :class:`UserError`: it would be
+    read as one of that dataset's images (a file) or classes (a folder). Each split is read once, whatever the
+    number of its images given."""
+    splits: dict[Path, Path] = {}  # each split, and the first image given that lies in it
     for image in map(Path, images):
         for split in dataset_splits(image):
-            if _contains(split, out):
+            splits.setdefault(split, image)
+    for split, image in splits.items():
+        linked = _linked_targets(split)
+        for out in outs:
+            if _in_data(split, out, linked):
                 raise UserError(f"{out}: {option} lies in {split}, a split of the dataset of the input image {image}, "
                                 "whose images it would join; write it outside the data")
 
@@ -158,9 +168,10 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
             read += [(option, path, file)] if file else []
             weights_folders += [(f"{option} {path}", folder)] if folder else []
             data += [(option, folder) for folder in dataset_folders(path)] if name in DATA_OPTIONS else []
+    linked = {folder: _linked_targets(folder) for _, folder in data} if outputs else {}
     for out_option, out in outputs:
         _refuse_overwriting_what_is_read(out_option, out, read, weights_folders)
-        _refuse_writing_in_data(out_option, out, data)
+        _refuse_writing_in_data(out_option, out, data, linked)
 
 
 def _refuse_overwriting_what_is_read(out_option: str, out: Path, read: list[tuple[str, Path, Path]],
@@ -180,14 +191,15 @@ def _refuse_overwriting_what_is_read(out_option: str, out: Path, read: list[tupl
                             f"overwrite it; give another {out_option}")
 
 
-def _refuse_writing_in_data(out_option: str, out: Path, data: list[tuple[str, Path]]) -> None:
-    """An output in a data folder (but its ``preprocess.json``), or an output folder holding one, is a
-    :class:`UserError`."""
+def _refuse_writing_in_data(out_option: str, out: Path, data: list[tuple[str, Path]],
+                            linked: dict[Path, tuple[Path, ...]]) -> None:
+    """An output in a data folder (but its ``preprocess.json``) or a folder linked into it (``linked``), or an
+    output folder holding a data folder, is a :class:`UserError`."""
     for option, folder in data:
-        if _contains(folder, out) and not (isinstance(out, OutputFile) and out.resolve() == (
+        if _in_data(folder, out, linked[folder]) and not (isinstance(out, OutputFile) and out.resolve() == (
                 folder / PREPROCESS_FILE).resolve()):
             raise UserError(f"{out}: {out_option} lies in {option} {folder}, whose images it would change (a file "
                             f"there may replace one, a folder becomes a class); write it outside the data")
-        if not isinstance(out, OutputFile) and _contains(out, folder):
+        if not isinstance(out, OutputFile) and _lies_in(out, folder):
             raise UserError(f"{option} {folder} lies in {out_option} {out}, where the command writes folders of "
                             "its own; give an output folder apart from the data")

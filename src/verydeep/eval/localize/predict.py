@@ -61,7 +61,7 @@ def refuse_drawing_among_inputs(images: Sequence[str], out: Path) -> None:
         if out.resolve() in (image.parent.resolve(), image.resolve().parent):  # the link's folder, or its file's
             raise UserError(f"{out}: --out is the folder of the input image {image}, where the drawings would lie "
                             "among the images; give another --out")
-    refuse_writing_in_datasets_of(images, out, "--out")
+    refuse_writing_in_datasets_of(images, [out], "--out")
 
 
 def drawing_targets(args: argparse.Namespace) -> dict[Path, str]:
