@@ -159,6 +159,16 @@ def find_split(data_dir: str | Path, split: str) -> Path:
     return root
 
 
+
+def split_apart(data_dir: str | Path, role: str, hint: str) -> Path:
+    """The validation or test split of the dataset at ``data_dir`` (``find_split(..., "val")``) when it is a folder
+    apart from the training images; a folder of class folders alone is both, which is a :class:`UserError`
+    calling it the ``role`` split that is missing and giving ``hint``."""
+    held = find_split(data_dir, "val")
+    if held == find_split(data_dir, "train"):
+        raise UserError(f"--data {data_dir}: no {role} split (val/ or test/) beside the training images; {hint}")
+    return held
+
 class LabelledImages(Dataset):
     """A labelled image set: ``samples`` of ``(path, label)``, ``classes`` (synset ids) and
     ``class_names``; items are ``(uint8 image, label, path)`` (:meth:`load`, with the generator

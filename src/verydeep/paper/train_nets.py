@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from verydeep.data import find_split
+from verydeep.data.datasets import split_apart
 from verydeep.errors import UserError
 from verydeep.eval.nets import derive_scales
 from verydeep.io.atomic import atomic_write
@@ -127,10 +127,7 @@ def check_reuse(order: list[Net], preset: Preset, data: Path, out: Path, device:
     the device, the data, each net's training and each finished net's cached evaluation (see the
     module's docstring); returns the test images' folder."""
     pick_device(device)
-    test = find_split(data, "val")
-    if find_split(data, "train") == test:
-        raise UserError(f"--data {data}: no test split (val/ or test/) beside the training images; the paper's "
-                        "errors are measured on images no net trained on")
+    test = split_apart(data, "test", "the paper's errors are measured on images no net trained on")
     by_name = {n.name: n for n in preset.members()}
     for net in order:
         check_net(net, by_name, preset, data, out)

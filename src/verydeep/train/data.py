@@ -18,7 +18,7 @@ from verydeep.data import (
     collate,
 )
 from verydeep.data import gpu as gpu_decode
-from verydeep.data.datasets import LabelledImages
+from verydeep.data.datasets import LabelledImages, split_apart
 from verydeep.data.loaders import image_loader
 from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, collate_shifted
 from verydeep.errors import UserError
@@ -32,13 +32,8 @@ def _relative(path: Path, root: Path) -> Path:
     return path.relative_to(root) if path.is_relative_to(root) else path
 
 
-def check_validation_split(data: str | Path, train_set: LabelledImages, val_set: LabelledImages) -> None:
-    """Raise :class:`UserError` unless ``val_set`` is a validation split of its own, of the same classes as
-    ``train_set``: a folder of class folders alone is both splits, and validating on the training images would
-    choose the best checkpoint and drop the learning rate by the training accuracy."""
-    if Path(getattr(val_set, "root", "")) == Path(getattr(train_set, "root", "-")):
-        raise UserError(f"--data {data}: no validation split (val/ or test/) beside the training images; give "
-                        "--val-split N to hold out N training images for validation")
+def check_validation_classes(data: str | Path, train_set: LabelledImages, val_set: LabelledImages) -> None:
+    """Raise :class:`UserError` unless ``val_set`` has the classes of ``train_set``, naming those that differ."""
     if val_set.classes != train_set.classes:
         missing = [c for c in train_set.classes if c not in val_set.classes]
         extra = [c for c in val_set.classes if c not in train_set.classes]
@@ -60,10 +55,11 @@ class TrainingData:
         if decode == "gpu":
             train_transform, val_transform = gpu_decode.EncodedTransform(train_transform), gpu_decode.EncodedTransform(
                 val_transform)
-        if cfg.val_split is None:
+        if cfg.val_split is None:  # validating on the training images would choose the best and the lr by them
+            split_apart(cfg.data, "validation", "give --val-split N to hold out N training images for validation")
             self.train_set, val_set = task.open_splits(cfg.data, train_transform, val_transform)
             assert val_set is not None
-            check_validation_split(cfg.data, self.train_set, val_set)
+            check_validation_classes(cfg.data, self.train_set, val_set)
             self.val_set, trainable = val_set, list(range(len(self.train_set)))
             self.val_indices = balanced_subset(self.val_set.targets, cfg.limit_val)
         else:  # no validation split is read: it is held out of training
