@@ -105,7 +105,7 @@ class Localisation(Task):
         if self.target_kind == "standardised" and not self.fitted:  # from the targets trained on: crops' boxes
             codes = training_codes(train_set, self.seed)
             self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=MIN_CODE_STD)
-        return train_set, None if val_set is None or val is None else with_boxes(val_set, matched, val)
+        return train_set, None if val is None else with_boxes(val_set, matched, val)
 
     def held_out(self, train_set: LabelledImages, val: Transform) -> LabelledImages:
         """The training images with their boxes, read as validation reads them (``--val-split``)."""
