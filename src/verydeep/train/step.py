@@ -27,6 +27,7 @@ from verydeep.nn.tasks import Task
 from verydeep.runtime.ahead import run_ahead
 from verydeep.runtime.precision import autocast
 from verydeep.runtime.processes import Processes
+from verydeep.train.master_weights import MasterWeights, master_weights
 
 
 class NonFiniteLossError(UserError):
@@ -40,6 +41,15 @@ def check_finite_weights(model: torch.nn.Module, where: str) -> None:
         raise NonFiniteLossError(f"weights became non-finite ({', '.join(bad[:3])}) {where}")
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of ``tensors`` is finite (a 0-d bool tensor): then each tensor's sum is, and an
+    infinity or NaN anywhere makes it not. A sum reads a bf16 gradient as it is, where a norm converts it, and
+    would overflow only past 3e38, a norm's squares past 2e19."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([t.sum() for t in tensors]).isfinite().all()
+
+
 class Stepper:
     """The step's work: batches onto the device, the network's input, micro-steps and the update."""
 
@@ -51,16 +61,28 @@ class Stepper:
         self.channels_last, self.local_batch, self.decode = channels_last, local_batch, decode
         self.forward_model: torch.nn.Module = model
         self.ddp: DistributedDataParallel | None = None
+        self.masters: MasterWeights | None = None  # the bf16 copies the net trains on, when it does
         self.input_memory = torch.empty(0)  # the float input of every CPU batch (no fresh pages per step)
 
-    def wrap(self, compile: bool) -> None:
-        """DDP over the processes, then ``torch.compile`` when asked."""
+    def wrap(self, compile: bool) -> str:
+        """DDP over the processes, then ``torch.compile`` when asked. Else, in bf16 on a CPU on one process, the net
+        trains on bf16 copies of its weights (:mod:`.master_weights`): returns what the log says of how the weights
+        train."""
         if self.procs.distributed:
             index = self.device.index
             self.ddp = DistributedDataParallel(self.model, device_ids=[index] if index is not None else None)
             self.forward_model = self.ddp
         if compile:
             self.forward_model = torch.compile(self.forward_model)
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            return ""
+        if self.ddp is not None or compile:
+            return "; fp32 weights cast by autocast (several processes or --compile)"
+        self.masters, why = master_weights(self.model, self.optimizer)
+        if self.masters is None:
+            return f"; fp32 weights cast by autocast ({why})"
+        self.forward_model = self.masters
+        return "; bf16 copies of the weights, their fp32 masters updated in one pass"
 
     def on_device(self, loaded: Any, draws: Draws | None = None) -> tuple[Batch, Draws | None]:
         """A loader's batch as uint8 images (decoded on the device when JPEGs go to the GPU), with the
@@ -114,6 +136,8 @@ class Stepper:
                 with autocast(self.device, self.dtype):
                     loss = self.task.loss(self.forward_model(x, seeds).float(), targets)
             (loss / self.local_batch).backward()
+        if self.masters is not None and not sync:
+            self.masters.hold_gradients()
         return loss.detach()
 
     def update(self, loss_sum: torch.Tensor, images: int, skipped: int, where: Callable[[], str], step: int,
@@ -122,13 +146,17 @@ class Stepper:
         a loss or gradient that is not finite leaves the weights and momenta as they were (the fused update skips
         itself), and :meth:`read` of the returned record stops training (:class:`NonFiniteLossError`, saying
         ``where()``)."""
-        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
-        not_finite = (~(loss_sum.isfinite() & torch.nn.utils.get_total_norm(gradients).isfinite())).float()
+        gradients = (self.masters.gradients() if self.masters is not None
+                     else [p.grad for p in self.model.parameters() if p.grad is not None])
+        not_finite = (~(loss_sum.isfinite() & all_finite(gradients))).float()
         if self.procs.distributed:  # each process's loss is its own: all skip if any sees one not finite
             torch_dist.all_reduce(not_finite, op=torch_dist.ReduceOp.MAX)
-        self.optimizer.found_inf = not_finite  # read by torch's fused SGD: the step is skipped where it is 1
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.step(not_finite)
+        else:
+            self.optimizer.found_inf = not_finite  # read by torch's fused SGD: the step is skipped where it is 1
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return QueuedUpdate(loss_sum.detach(), images, skipped, not_finite, where, step, lr, time.perf_counter())
 
     def read(self, queued: QueuedUpdate) -> tuple[float, float, float]:

@@ -100,7 +100,7 @@ class Trainer:
         self._fit_micro_batch()
         rng = self._restore_or_seed()
         zero_momenta(self.optimizer)  # after fitting, which counts the momentum as still to come
-        self.stepper.wrap(self.cfg.compile)
+        self.how += self.stepper.wrap(self.cfg.compile)
         if rng is not None:
             set_rng_state(rng)
         self.sampler, self.loader, self.val_loader = self.data.loaders(procs, self.micro_batch, self.pre,

@@ -305,22 +305,26 @@ def test_zero_momenta_before_the_first_step_give_the_same_updates_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tmp_path, device):
+@pytest.mark.parametrize("device, precision", [("cpu", "fp32"), ("cpu", "bf16"),
+                                               pytest.param("cuda", "fp32", marks=pytest.mark.gpu)])
+def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tmp_path, device, precision):
     """The update of a non-finite loss or gradient is skipped, on the first step or a later one, and a finite
-    step after it still updates."""
-    trainer = Trainer(tiny(data, tmp_path, dropout=0.0, device=device), Processes.from_env())
-    model, optimizer = trainer.stepper.model, trainer.stepper.optimizer
+    step after it still updates; in bf16 on the CPU, where the net trains on bf16 copies, the copies too."""
+    trainer = Trainer(tiny(data, tmp_path, dropout=0.0, device=device, precision=precision), Processes.from_env())
+    model, optimizer, masters = trainer.stepper.model, trainer.stepper.optimizer, trainer.stepper.masters
+    assert (masters is not None) == (precision == "bf16")
+    trained = list(masters.copies.values()) if masters else list(model.parameters())
 
     def step(loss: float, gradient: float) -> None:
-        for p in model.parameters():
+        for p in trained:
             p.grad = torch.full_like(p, gradient)
         queued = trainer.stepper.update(torch.tensor(loss, device=device), 4, 0, lambda: "at the test's step", 1, 0.1)
         trainer.stepper.read(queued)
 
     def state() -> list[torch.Tensor]:
         buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p in optimizer.state]
-        return [t.clone() for t in [*model.state_dict().values(), *buffers]]
+        copies = [c.detach() for c in masters.copies.values()] if masters else []
+        return [t.clone() for t in [*model.state_dict().values(), *buffers, *copies]]
 
     for first in (True, False):
         for loss, gradient, what in [(float("nan"), 0.1, "loss is nan"), (1.0, float("inf"), "gradients are not")]:

@@ -1,0 +1,52 @@
+"""Training in bf16 on a CPU on bf16 copies of the weights, their fp32 masters updated in one pass: the same
+run as under autocast's casts, resumable bit for bit, and used only where it applies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny, weights
+
+import verydeep.train.step as step_module
+from verydeep.runtime.processes import Processes
+from verydeep.train import Trainer, train
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "step"' in line]
+
+
+@pytest.mark.parametrize("micro_batch", [None, 4])
+def test_training_on_the_copies_is_training_under_autocast(data, tmp_path, monkeypatch, micro_batch):
+    options = dict(precision="bf16", dropout=0.0, epochs=2, micro_batch=micro_batch)
+    copies = Trainer(tiny(data, tmp_path / "copies", **options), Processes())
+    assert copies.stepper.masters is not None and "bf16 copies" in copies.how
+    copies.run()
+    monkeypatch.setattr(step_module, "master_weights", lambda model, optimizer: (None, "switched off"))
+    cast = Trainer(tiny(data, tmp_path / "cast", **options), Processes())
+    assert cast.stepper.masters is None and "switched off" in cast.how
+    cast.run()
+    # the same forward and backward passes; the updates differ at most in the last bit of a multiply-add
+    assert losses(tmp_path / "copies") == pytest.approx(losses(tmp_path / "cast"), rel=1e-3)
+    a, b = weights(tmp_path / "copies"), weights(tmp_path / "cast")
+    for key in a:
+        assert a[key].dtype == torch.float32, key  # the checkpoint holds the fp32 masters
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+def test_training_on_the_copies_resumes_bit_for_bit(data, tmp_path):
+    options = dict(precision="bf16", epochs=2, checkpoint_every=2)
+    train(tiny(data, tmp_path / "straight", **options))
+    train(tiny(data, tmp_path / "resumed", stop_after_steps=7, **options))
+    train(tiny(data, tmp_path / "resumed", resume=True, **options))
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(value, resumed[key]) for key, value in straight.items())
+
+
+@pytest.mark.parametrize("options", [dict(precision="fp32"), dict(momentum=0.0), dict(compile=True)])
+def test_the_copies_only_where_they_apply(data, tmp_path, options):
+    trainer = Trainer(tiny(data, tmp_path, **{"precision": "bf16", **options}), Processes())
+    assert trainer.stepper.masters is None
