@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verydeep.train.master_weights import compiled_update, flat, in_layout_of, sgd_update
+from verydeep.train.master_weights import compiled_update, flat, in_layout_of, refusal, sgd_update
 
 
 def bf16_exact(*shape: int) -> torch.Tensor:
@@ -38,3 +38,18 @@ def test_flat_views_of_one_layout_pair_the_same_elements():
     assert other.stride() == weight.stride() and torch.equal(other, torch.arange(48.0).reshape(4, 3, 2, 2))
     assert in_layout_of(weight, weight) is weight
     assert torch.equal(flat(weight.mul(2)), flat(weight) * 2)
+
+
+def test_the_copies_refuse_what_they_cannot_train():
+    def sgd(model, **options):
+        return torch.optim.SGD(model.parameters(), lr=0.1, **{"momentum": 0.9, **options})
+
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    assert refusal(plain, sgd(plain)) is None
+    assert "momentum" in refusal(plain, sgd(plain, momentum=0.0))
+    assert "Nesterov" in refusal(plain, sgd(plain, nesterov=True))
+    normed = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert "outside convolutions" in refusal(normed, sgd(normed))  # batch norm runs in fp32 under autocast
+    strided = torch.nn.Linear(4, 6)
+    strided.weight = torch.nn.Parameter(torch.randn(4, 6).t())  # a transposed view: not one run of memory
+    assert "dense" in refusal(strided, sgd(strided))
