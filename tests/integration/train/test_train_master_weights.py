@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny, weights
 
+import verydeep.train.master_weights as master_weights
 import verydeep.train.step as step_module
 from verydeep.runtime.processes import Processes
 from verydeep.train import Trainer, train
@@ -50,3 +51,15 @@ def test_training_on_the_copies_resumes_bit_for_bit(data, tmp_path):
 def test_the_copies_only_where_they_apply(data, tmp_path, options):
     trainer = Trainer(tiny(data, tmp_path, **{"precision": "bf16", **options}), Processes())
     assert trainer.stepper.masters is None
+
+
+def test_without_a_compiler_training_goes_on_under_autocasts_casts(data, tmp_path, monkeypatch):
+    def no_compiler(function, **options):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(master_weights.torch, "compile", no_compiler)
+    trainer = Trainer(tiny(data, tmp_path, precision="bf16"), Processes())
+    assert trainer.stepper.masters is None and "did not compile (RuntimeError: InvalidCxxCompiler" in trainer.how
+    assert trainer.run().steps == 4
