@@ -20,9 +20,9 @@ def losses(run) -> list[float]:
             if '"kind": "step"' in line]
 
 
-@pytest.mark.parametrize("micro_batch", [None, 4])
-def test_training_on_the_copies_is_training_under_autocast(data, tmp_path, monkeypatch, micro_batch):
-    options = dict(precision="bf16", dropout=0.0, epochs=2, micro_batch=micro_batch)
+@pytest.mark.parametrize("more", [{}, dict(micro_batch=4), dict(freeze="features")])
+def test_training_on_the_copies_is_training_under_autocast(data, tmp_path, monkeypatch, more):
+    options = dict(precision="bf16", dropout=0.0, epochs=2, **more)
     copies = Trainer(tiny(data, tmp_path / "copies", **options), Processes())
     assert copies.stepper.masters is not None and "bf16 copies" in copies.how
     copies.run()
