@@ -47,7 +47,7 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     would overflow only past 3e38, a norm's squares past 2e19."""
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return torch.stack([t.sum() for t in tensors]).isfinite().all()
+    return torch.stack([t.sum().float() for t in tensors]).isfinite().all()
 
 
 class Stepper:
