@@ -18,7 +18,7 @@ from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
 from verydeep.eval.localize.prior import in_frames, mean_relative_box
 from verydeep.eval.localize.scoring import wrong
-from verydeep.eval.localize.task import boxes_source, recipe_file, smallest_training_scale, task_of
+from verydeep.eval.localize.task import boxes_source, classes_in_net, recipe_file, smallest_training_scale, task_of
 from verydeep.io.rundir import CHECKPOINTS
 from verydeep.io.sources import load
 from verydeep.paper.figures import TABLE_8, BoxRegression
@@ -81,6 +81,8 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     layers = fine_tuned_layers(recipe, fine_tuned, recipe_file(net.source))
     transform = CenterCropTransform(smallest_training_scale(recipe), int(recipe["crop"]))
     train_set, val_set = task.open_splits(str(data), transform, transform)
+    # a per-class box is the box of the image's class as the net numbers it; SCR's one box is every class's
+    to_net = classes_in_net(recipe, val_set, net.source) if task.head == "pcr" else None
     prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
     wrong_counts, images = torch.zeros(3), 0
     batches = loader(val_set, limit, batch_size, workers)
@@ -92,7 +94,8 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
                 continue
             side = batch.images.shape[-1]
             outputs = model(to_input(batch.images.to(dev), pre)).float().cpu()
-            guesses = [decode(task.predicted(outputs, batch.labels), side), batch.frames,
+            labels = batch.labels if to_net is None else to_net[batch.labels]
+            guesses = [decode(task.predicted(outputs, labels), side), batch.frames,
                        in_frames(prior, batch.frames)]
             wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
             images += len(batch.images)

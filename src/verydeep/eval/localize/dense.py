@@ -18,7 +18,7 @@ from verydeep.eval.localize.center import net_name
 from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, Guess, ranked
 from verydeep.eval.localize.prior import mean_relative_box
 from verydeep.eval.localize.scoring import ilsvrc_wrong
-from verydeep.eval.localize.task import boxes_source, smallest_training_scale, task_of
+from verydeep.eval.localize.task import boxes_source, classes_in_net, smallest_training_scale, task_of
 from verydeep.eval.rows import scales_label
 from verydeep.paper.figures import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.paper.report import Column, Row, Table
@@ -90,6 +90,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
     task = task_of(recipe, boxes_source(boxes, data, nets.recipes), checkpoints[0])
     train_set, val_set = task.open_splits(str(data), transform, transform)
+    to_net = classes_in_net(recipe, val_set, checkpoints[0])
     prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
     misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
     starts = sharding.shard(range(0, len(indices), window))
@@ -99,7 +100,8 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
             chosen = [val_set.samples[i] for i in indices[start:start + window]]
             outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size, workers=workers)
             for (path, label), output in zip(chosen, outputs, strict=True):
-                truth = [(val_set.classes.index(b.label) if b.label else label, torch.tensor(b.corners))
+                # an image's boxes are of its class (or of none): its class as the nets number their guesses'
+                truth = [(label if to_net is None else int(to_net[label]), torch.tensor(b.corners))
                          for b in val_set.transform.boxes[str(path)]]
                 misses += image_misses(output, truth, prior)
             bar.update(len(chosen))

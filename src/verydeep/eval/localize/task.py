@@ -29,6 +29,7 @@ from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform
 from verydeep.data.decode import ImageFile
 from verydeep.data.sampling import Stream, stream_generator
 from verydeep.errors import UserError
+from verydeep.eval.classmap import columns_of
 from verydeep.eval.localize.scoring import wrong
 from verydeep.eval.nets import train_scale
 from verydeep.io.checkpoint import check_box_code, resolve
@@ -224,6 +225,22 @@ def task_of(recipe: dict[str, Any], boxes: str | Path | None = None,
     where = "the net" if source is None else recipe_file(source)
     return Localisation(recorded_head(recipe, where), boxes, recorded_targets(recipe, where),
                         *recorded_box_code(recipe, where))
+
+
+def classes_in_net(recipe: dict[str, Any], images: LabelledImages, source: str | Path) -> Tensor | None:
+    """Per class of the data ``images``, its index among a localisation net's classes, matched by synset id, else
+    by name (None: the net's classes are the data's, in its order); a class of the data the net lacks, or a net
+    of as many unlisted classes, is a :class:`UserError` naming ``source``."""
+    listed = [str(c) for c in recipe.get("classes") or []]
+    if listed == list(images.classes):
+        return None
+    if not listed:
+        if int(recipe["num_classes"]) != len(images.classes):
+            raise UserError(f"{source}: locates {recipe['num_classes']} unnamed classes; the data has "
+                            f"{len(images.classes)}")
+        return None
+    names = recipe.get("class_names") or listed
+    return torch.tensor(columns_of(listed, names, images.classes, images.class_names, str(source)))
 
 
 def boxes_source(boxes: str | Path | None, data: str | Path, recipes: Iterable[dict[str, Any]]) -> Path:
