@@ -21,12 +21,14 @@ from verydeep.errors import UserError
 
 @dataclass(frozen=True)
 class ClassMap:
-    """Per class of the data, the index of its output in the nets (``columns``), the nets' number of
-    outputs, and whether scoring is over the data's classes only."""
+    """Per class of the data, the index of its output in the nets (``columns``, in the first net's order), the nets'
+    number of outputs, whether scoring is over the data's classes only, and per net the order that puts its
+    outputs in the first net's."""
 
     columns: tuple[int, ...]
     net_classes: int
     over_data_classes: bool = False
+    orders: tuple[tuple[int, ...] | None, ...] = (None,)  # per net, its outputs of the first net's classes
 
     @property
     def identity(self) -> bool:
@@ -44,8 +46,12 @@ class ClassMap:
             return targets
         return torch.tensor(self.columns, dtype=torch.long)[targets]
 
-    def posteriors(self, posteriors: Tensor) -> Tensor:
-        """The nets' posteriors (N, net classes) as scored: all of them, or the data's classes renormalised."""
+    def posteriors(self, posteriors: Tensor, net: int = 0) -> Tensor:
+        """Net ``net``'s posteriors (N, net classes) as scored, in the first net's class order: all of them, or
+        the data's classes renormalised."""
+        order = self.orders[net]
+        if order is not None:
+            posteriors = posteriors[:, list(order)]
         if self.identity or not self.over_data_classes:
             return posteriors
         kept = posteriors[:, list(self.columns)]
@@ -77,30 +83,54 @@ def columns_of(net_classes: Sequence[str], net_names: Sequence[str], classes: Se
     return tuple(columns)
 
 
+def net_columns(net: Any, classes: Sequence[str], names: Sequence[str]) -> tuple[tuple[int, ...], int]:
+    """Where the data's ``classes`` (readable ``names``) sit among ``net``'s outputs, and its number of outputs."""
+    listed, outputs = net.recipe.get("classes"), net.model.num_classes
+    if listed is None:
+        if outputs != len(classes):
+            raise UserError(f"{net.checkpoint}: predicts {outputs} classes; the data has {len(classes)}")
+        return tuple(range(outputs)), outputs
+    if len(listed) != outputs:
+        raise UserError(f"{net.checkpoint}: its recipe lists {len(listed)} classes for {outputs} outputs")
+    return columns_of(listed, net.recipe.get("class_names") or listed, classes, names, net.checkpoint), outputs
+
+
+def fusion_orders(nets: Sequence[Any]) -> tuple[tuple[int, ...] | None, ...]:
+    """Per net, where the first net's classes sit among its outputs (None: the same list, in the same order): nets
+    fused must predict the same classes, matched by synset id or name, in any order."""
+    if len(nets) == 1:
+        return (None,)
+    if any(n.recipe.get("classes") is None for n in nets):
+        raise UserError("fusion needs every checkpoint's recipe to list its classes")
+    first = nets[0]
+    theirs = list(first.recipe["classes"])
+    orders: list[tuple[int, ...] | None] = [None]
+    for net in nets[1:]:
+        ours = list(net.recipe["classes"])
+        if ours == theirs:
+            orders.append(None)
+            continue
+        try:
+            order = columns_of(ours, net.recipe.get("class_names") or ours, theirs,
+                               first.recipe.get("class_names") or theirs, net.checkpoint)
+        except UserError:
+            order = None
+        if order is None or len(ours) != len(theirs):
+            raise UserError(f"the nets to fuse predict different classes: {net.checkpoint}'s are not "
+                            f"{first.checkpoint}'s; fuse nets of the same classes")
+        orders.append(order)
+    return tuple(orders)
+
+
 def class_map(nets: Sequence[Any], classes: Sequence[str], names: Sequence[str],
               over_data_classes: bool = False) -> ClassMap:
-    """Where the data's ``classes`` (readable ``names``) sit among every net's outputs; nets given as
-    objects with ``recipe``, ``model`` and ``checkpoint``. Nets fused together must agree on it.
-    ``over_data_classes`` is refused for nets of the data's classes alone, which it would leave as they are."""
-    maps = set()
-    for net in nets:
-        listed = net.recipe.get("classes")
-        outputs = net.model.num_classes
-        if listed is None:
-            if outputs != len(classes):
-                raise UserError(f"{net.checkpoint}: predicts {outputs} classes; the data has {len(classes)}")
-            maps.add((tuple(range(outputs)), outputs))
-            continue
-        if len(listed) != outputs:
-            raise UserError(f"{net.checkpoint}: its recipe lists {len(listed)} classes for {outputs} outputs")
-        listed_names = net.recipe.get("class_names") or listed
-        maps.add((columns_of(listed, listed_names, classes, names, net.checkpoint), outputs))
-    if len(maps) > 1:
-        raise UserError("the nets to fuse predict different classes: fuse nets of the same classes")
-    if len(nets) > 1 and any(n.recipe.get("classes") is None for n in nets):
-        raise UserError("fusion needs every checkpoint's recipe to list its classes")
-    columns, outputs = maps.pop()
+    """Where the data's ``classes`` (readable ``names``) sit among the nets' outputs; nets given as objects with
+    ``recipe``, ``model`` and ``checkpoint``. Nets fused together predict the same classes, each in its own order
+    (:func:`fusion_orders`: their posteriors are put in the first net's). ``over_data_classes`` is refused for
+    nets of the data's classes alone, which it would leave as they are."""
+    orders = fusion_orders(nets)
+    columns, outputs = net_columns(nets[0], classes, names)
     if over_data_classes and len(columns) == outputs:
         raise UserError(f"--over-data-classes: the net's {outputs} classes are the data's: there is nothing to "
                         "restrict; drop the flag")
-    return ClassMap(columns, outputs, over_data_classes)
+    return ClassMap(columns, outputs, over_data_classes, orders)

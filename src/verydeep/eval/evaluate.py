@@ -151,7 +151,7 @@ def evaluate(
     settings = SweepSettings(torch_device, dtype, flip, batch_size, loader_workers(workers),
                              progress, gpu.resolve_decode(decode, torch_device))
     posteriors, skipped, timings = compute_posteriors(nets, dataset, plan_passes(nets, protocols), settings)
-    posteriors = {key: mapping.posteriors(post) for key, post in posteriors.items()}
+    posteriors = {key: mapping.posteriors(post, key[0]) for key, post in posteriors.items()}
     paths = [str(path) for path, _ in dataset.samples]
     valid = readable_images(nets, posteriors, paths, skipped, split)
     targets = mapping.targets(torch.tensor(dataset.targets, dtype=torch.long))

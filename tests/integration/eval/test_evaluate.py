@@ -551,3 +551,23 @@ def test_over_data_classes_is_refused_for_a_net_of_the_datas_classes(folder, che
     save_checkpoint({"model": tiny_model().state_dict(), "recipe": recipe}, permuted)
     with pytest.raises(UserError, match="--over-data-classes: the net's 3 classes are the data's"):
         evaluate([permuted], folder, over_data_classes=True, protocols=["dense"], device="cpu", progress=False)
+
+
+def test_nets_of_the_same_classes_in_another_order_fuse_class_by_class(folder, checkpoint, tmp_path, capsys):
+    state, order = tiny_model().state_dict(), [2, 0, 1]  # the same net, its outputs red, blue, green
+    for key in ("classifier.6.weight", "classifier.6.bias"):
+        state[key] = state[key][order]
+    permuted = tmp_path / "permuted.pt"
+    save_checkpoint({"model": state, "recipe": {**RECIPE, "classes": [CLASSES[i] for i in order],
+                                                "class_names": [CLASSES[i] for i in order]}}, permuted)
+    result = run([checkpoint, permuted], folder, protocols=("dense",), scales=[36], keep_posteriors=True)
+    arrays = result.posteriors.arrays  # each net's posteriors in the first net's class order
+    np.testing.assert_allclose(arrays["net0_dense_Q36"], arrays["net1_dense_Q36"], atol=1e-3)
+    fused, alone = (next(r for r in result.rows if r.fusion == f) for f in (True, False))
+    assert (fused.top1_error, fused.top5_error) == (alone.top1_error, alone.top5_error)
+    other = tmp_path / "other.pt"  # a net of other classes is still refused
+    recipe = {**RECIPE, "classes": ["a", "b", "c"], "class_names": ["a", "b", "c"]}
+    save_checkpoint({"model": tiny_model().state_dict(), "recipe": recipe}, other)
+    assert main(["eval", "--weights", str(checkpoint), "--weights", str(other), "--data", str(folder),
+                 "--device", "cpu"]) == 2
+    assert "the nets to fuse predict different classes" in capsys.readouterr().err
