@@ -143,6 +143,25 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
     return chosen
 
 
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two nets hold the same tensors under the same names."""
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k].to(ours[k])) for k in ours)
+
+
+def refuse_repeated_weights(nets: Sequence[Net]) -> None:
+    """A net given twice (one file twice, or a run and its weights file: the same weights, classes and input
+    convention) is refused: fused with itself it is that net alone, which a fusion row would present as two."""
+    for i, later in enumerate(nets):
+        for earlier in nets[:i]:
+            told_apart = (later.preprocess, later.recipe.get("classes")) != (earlier.preprocess,
+                                                                               earlier.recipe.get("classes"))
+            if not told_apart and same_weights(earlier.model, later.model):
+                raise UserError(f"--weights {later.checkpoint}: the weights of --weights {earlier.checkpoint} again; "
+                                "give each net once")
+
+
 def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_dir: Path | None,
               device: torch.device, weights_dir: str | Path | None = None, dtype: torch.dtype | None = None,
               compile: bool = False) -> list[Net]:
@@ -160,6 +179,7 @@ def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_
             name += f" S={scale_text(*train_scale(recipe))}"
         nets.append(Net(name, str(source), model, recipe, net_scales(recipe, model.input_size, scales, source),
                         loaded.preprocess))
+    refuse_repeated_weights(nets)
     names = [n.name for n in nets]
     for i, net in enumerate(nets):  # make duplicate names unique
         if names.count(net.name) > 1:

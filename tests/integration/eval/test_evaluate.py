@@ -71,6 +71,14 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def second(tmp_path_factory) -> Path:
+    """Another net of the same configuration and classes (another seed)."""
+    path = tmp_path_factory.mktemp("ckpt") / "second.pt"
+    save_checkpoint({"model": tiny_model(seed=1).state_dict(), "recipe": RECIPE}, path)
+    return path
+
+
 # ---- crops, dense form, averaging ---------------------------------------------------------
 
 
@@ -188,9 +196,9 @@ def run(checkpoints, folder, **kwargs):
     return evaluate(checkpoints, folder, workers=0, progress=False, batch_size=4, **kwargs)
 
 
-def test_evaluate_rows_and_fusion_of_a_net_with_itself(folder, checkpoint):
+def test_evaluate_rows_and_fusion_of_two_nets(folder, checkpoint, second):
     protocols = ("dense", "multicrop", "dense+multicrop", "center")
-    result = run([checkpoint, checkpoint], folder, protocols=protocols, keep_posteriors=True)
+    result = run([checkpoint, second], folder, protocols=protocols, keep_posteriors=True)
     assert [n.name for n in result.nets] == ["A S=36 #1", "A S=36 #2"]
     first = [r for r in result.rows if r.nets == ["A S=36 #1"]]
     assert [r.name.removeprefix("A S=36 #1: ") for r in first] == [
@@ -201,15 +209,25 @@ def test_evaluate_rows_and_fusion_of_a_net_with_itself(folder, checkpoint):
     assert all(r.images == 12 and 0 <= r.top1_error <= 1 and r.top5_error == 0 for r in result.rows)
     fused = {r.protocol: r for r in result.rows if r.fusion}
     assert set(fused) == set(protocols) and result.main == fused["dense+multicrop"].name
-    for protocol, row in fused.items():
-        single = next(r for r in first if r.protocol == protocol and r.scales == row.scales)
-        assert (row.top1_error, row.top5_error) == (single.top1_error, single.top5_error)
-    arrays = result.posteriors.arrays
-    np.testing.assert_array_equal(arrays["net0_dense_Q36"], arrays["net1_dense_Q36"])
+    rows = result.posteriors.rows
+    for protocol, row in fused.items():  # each fusion row: the average of the two nets' rows of its protocol
+        members = [next(r for r in result.rows if r.nets == [net] and r.protocol == protocol and
+                        r.scales == row.scales) for net in ("A S=36 #1", "A S=36 #2")]
+        np.testing.assert_allclose(rows[row.name], (rows[members[0].name] + rows[members[1].name]) / 2, atol=1e-6)
     assert set(result.per_class_accuracy) == set(CLASSES)
     assert not result.imagenet_sized and all(r.paper is None for r in result.rows)
     tables = join_markdown(eval_tables(result))
     assert "Table 6" in tables and "fusion of A S=36 #1 + A S=36 #2" in rows_table(result).markdown()
+
+
+def test_the_same_weights_given_twice_are_refused(folder, checkpoint, tmp_path, capsys):
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    for again in (checkpoint, copy):
+        assert main(["eval", "--weights", str(checkpoint), "--weights", str(again), "--data", str(folder),
+                     "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--weights {again}: the weights of --weights {checkpoint} again" in err
 
 
 def test_fusion_is_the_hand_average_of_the_members_posteriors_scored():
@@ -233,8 +251,8 @@ def test_fusion_is_the_hand_average_of_the_members_posteriors_scored():
         fuse_rows([(member("A", [36]), a), (replace(member("B", [36]), protocol="dense"), b)], targets)
 
 
-def test_the_posteriors_file_round_trips(folder, checkpoint, tmp_path):
-    result = run([checkpoint, checkpoint], folder, protocols=("dense", "center"), keep_posteriors=True)
+def test_the_posteriors_file_round_trips(folder, checkpoint, second, tmp_path):
+    result = run([checkpoint, second], folder, protocols=("dense", "center"), keep_posteriors=True)
     kept = result.posteriors
     kept.readable[3] = False  # as an unread image would be
     write_outputs(result, tmp_path / "arrays")
@@ -267,6 +285,8 @@ def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
     save_checkpoint({"model": tiny_model().state_dict(),
                      "recipe": {**RECIPE, "classes": ["a", "b", "c"], "class_names": ["x", "y", "z"]}}, other)
     with pytest.raises(ValueError, match="other.pt: the data's class blue .blue. is not among the net's 3 classes"):
+        run([other], folder)
+    with pytest.raises(ValueError, match="the nets to fuse predict different classes: .*other.pt's are not .*net.pt's"):
         run([checkpoint, other], folder)
     with pytest.raises(ValueError, match="smaller than the crop"):
         run([checkpoint], folder, scales=[24])
@@ -380,12 +400,12 @@ def test_cli_json_end_to_end(folder, checkpoint, tmp_path):
     assert np.load(out / "posteriors.npz")["net0_multicrop_Q40"].shape == (12, 3)
 
 
-def test_cli_weights_and_checkpoint_are_one_option_and_fuse(folder, checkpoint, capsys):
-    argv = ["eval", "--weights", str(checkpoint), "--checkpoint", str(checkpoint), "--data", str(folder),
+def test_cli_weights_and_checkpoint_are_one_option_and_fuse(folder, checkpoint, second, capsys):
+    argv = ["eval", "--weights", str(checkpoint), "--checkpoint", str(second), "--data", str(folder),
             "--protocol", "dense", "--scales", "36", "--workers", "0", "--no-progress", "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [n["checkpoint"] for n in result["nets"]] == [str(checkpoint)] * 2
+    assert [n["checkpoint"] for n in result["nets"]] == [str(checkpoint), str(second)]
     assert result["main"] == "fusion of A S=36 #1 + A S=36 #2: dense"
     assert main(["eval", "--data", str(folder)]) == 2
     assert capsys.readouterr().err.strip() == "verydeep eval: error: give --weights SOURCE (or --checkpoint)"
