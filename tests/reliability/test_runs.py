@@ -252,6 +252,11 @@ def test_a_new_run_in_an_old_run_directory_is_refused_or_overwritten(data, tmp_p
     with pytest.raises(UserError, match="holds a run.*--resume.*--overwrite"):
         train(tiny(data, tmp_path, epochs=1))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2  # nothing was touched
+    kept = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for refused in (dict(batch_size=1000), dict(val_split=10_000)):  # refused once the data is read
+        with pytest.raises(UserError, match="--batch-size 1000|--val-split must be"):
+            train(tiny(data, tmp_path, epochs=1, overwrite=True, **refused))
+        assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == kept
     train(tiny(data, tmp_path, epochs=1, overwrite=True))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(r["epoch"] for r in records) == 1 and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [

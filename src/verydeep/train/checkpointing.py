@@ -103,7 +103,7 @@ class Checkpoints:
 
     def prepare(self, cfg: TrainConfig) -> None:
         """``--out`` must be a folder; a run in it is continued only with ``--resume`` and replaced only
-        with ``--overwrite``. Temporary files of writes cut short by a crash are removed."""
+        with ``--overwrite`` (:meth:`clear`, once the rest is checked)."""
         run_dir, source = self.run_dir, cfg.weights
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--out {run_dir}: is a file, not a run directory")
@@ -118,14 +118,18 @@ class Checkpoints:
         if not cfg.resume and self.last.is_file() and not cfg.overwrite:
             raise UserError(f"--out {run_dir} holds a run (checkpoints/last.pt): continue it with --resume, "
                             "or start it anew with --overwrite")
+
+    def clear(self, cfg: TrainConfig) -> None:
+        """For a new run, once every setting and the data have been checked (a run refused leaves the old one as
+        it was), the files of an old run in ``--out`` removed: nothing of one (say, one that crashed before a
+        checkpoint) mixes in; a folder without our run record is cleared only with ``--overwrite``. Temporary
+        files of writes cut short by a crash are removed."""
         if not self.procs.main:
             return
-        # a new run: nothing of an old one (say, one that crashed before a checkpoint) mixes in; a folder
-        # without our run record is not cleared unless --overwrite says so
         if not cfg.resume and (cfg.overwrite or self.paths.record.exists()):
             for path in [*self.paths.run_files, *self.dir.glob("*.pt")]:
                 path.unlink(missing_ok=True)
-        for folder in (run_dir, self.dir):
+        for folder in (self.run_dir, self.dir):
             remove_temp_files(folder)
 
     def last_good(self) -> str:

@@ -91,7 +91,8 @@ class Trainer:
         # global RNG seeded by cfg.seed, before anything else draws; restoring needs the model and optimizer
         # and must precede wrapping, since DDP broadcasts rank 0's weights as it is built; the checkpoint's
         # RNG states are set after wrapping, last of all, so that nothing draws after them; the loaders
-        # start at the restored position in the epoch. Fitting the micro-batch draws nothing.
+        # start at the restored position in the epoch. Fitting the micro-batch draws nothing. An old run in
+        # --out is cleared only once everything has been checked, so that a refused run loses nothing.
         self.cfg, self.published = adopt_weights(cfg, given)
         self._place()
         self.data = TrainingData(self.cfg, self.task, self.decode)
@@ -105,6 +106,9 @@ class Trainer:
             set_rng_state(rng)
         self.sampler, self.loader, self.val_loader = self.data.loaders(procs, self.micro_batch, self.pre,
                                                                        self.workers, self.device)
+        self.checkpoints.clear(self.cfg)  # all checked: a refused run leaves an old one in --out as it was
+        if not self.cfg.resume:
+            self.metrics.open(0)
         self.log(f"{self.model.name} width={self.cfg.width:g} on {self.device} x{procs.world}, {self.how}; "
                  f"{len(self.data.train_indices)} training images, {len(self.data.val_indices)} validation "
                  f"images, {self.sampler.steps_per_epoch} steps of {self.cfg.batch_size} per epoch "
@@ -189,7 +193,6 @@ class Trainer:
         own seed, :class:`~verydeep.data.sampling.Draws`; a task may)."""
         if not self.cfg.resume:
             torch.manual_seed(derived_seed(self.cfg.seed, Stream.PROCESS, self.procs.rank))
-            self.metrics.open(0)
             return None
         rng = self._resume()
         self.how = f"resumed from {self.checkpoints.last} at epoch {self.epoch + 1} step {self.step_in_epoch}"
