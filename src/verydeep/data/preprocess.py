@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.atomic import atomic_write
 
 Triple = tuple[float, float, float]
 
@@ -194,8 +195,7 @@ def save_preprocess(pre: Preprocess, path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / PREPROCESS_FILE
-    path.write_text(json.dumps(pre.to_dict(), indent=2) + "\n")
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(pre.to_dict(), indent=2) + "\n"))
 
 
 def read_preprocess(path: Path) -> Preprocess:

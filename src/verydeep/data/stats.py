@@ -25,6 +25,7 @@ from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess
 from verydeep.data.splits import open_split
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
+from verydeep.io.atomic import atomic_write
 from verydeep.options import add_workers, output_file, seed_number
 from verydeep.runtime.limits import usable_cores
 from verydeep.runtime.progress import progress_bar
@@ -123,8 +124,8 @@ def run_cli(args: argparse.Namespace) -> None:
     pre, summary = compute_stats(folder, args.sample, args.side, args.seed, args.workers, args.mean_only)
     out = args.out or Path(args.dir) / PREPROCESS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**pre.to_dict(), "computed_on": {**summary, "skipped": len(summary["skipped"])}},
-                              indent=2) + "\n")
+    text = json.dumps({**pre.to_dict(), "computed_on": {**summary, "skipped": len(summary["skipped"])}}, indent=2)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))  # a file linked to it is left whole
     for path in summary["skipped"]:
         print(f"skipped {path}")
     fmt = ", ".join

@@ -40,6 +40,7 @@ from verydeep.eval.nets import Net, load_nets
 from verydeep.eval.posteriors_file import save_posteriors
 from verydeep.eval.rows import PROTOCOL_LABELS, EvalResult, Posteriors, Timing, main_row, score_rows
 from verydeep.eval.sweep import PosteriorArrays, SweepSettings, compute_posteriors, plan_passes
+from verydeep.io.atomic import atomic_write
 from verydeep.options import (
     add_device,
     add_precision,
@@ -184,8 +185,8 @@ def write_outputs(result: EvalResult, out_dir: str | Path, rows: bool = False) -
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    (out / "results.md").write_text(report.eval_document(result))
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report.eval_document(result)))
     if result.posteriors is not None:
         save_posteriors(out / "posteriors.npz", result.posteriors, rows=rows)
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from verydeep.errors import MissingFileError, UserError
+from verydeep.io.atomic import atomic_write
 from verydeep.io.rundir import RunDir
 from verydeep.options import output_file
 from verydeep.runtime.limits import is_finite, is_whole
@@ -134,7 +135,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for ax in (loss_ax, err_ax, lr_ax):
         ax.grid(alpha=0.3)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format=out.suffix[1:].lower()))  # a link to it stays whole
     plt.close(fig)
     return out
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+from conftest import write_dataset
 from PIL import Image
 
 from verydeep.cli import main
@@ -82,3 +84,21 @@ def test_plot_writes_over_none_of_its_runs_files_even_through_a_link(tmp_path, c
     assert (run / "metrics.jsonl").read_text() == metrics
     assert not (run / "checkpoints" / "x.png").exists()
     assert main(["plot", str(run), "--out", str(run / "curves.svg")]) == 0  # beside them: allowed
+
+
+def test_plot_and_data_stats_leave_a_file_hard_linked_to_their_out_whole(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = '{"kind": "step", "epoch": 1, "step": 1, "loss": 1.0, "lr": 0.01}\n'
+    (run / "metrics.jsonl").write_text(metrics)
+    os.link(run / "metrics.jsonl", tmp_path / "linked.png")
+    assert main(["plot", str(run), "--out", str(tmp_path / "linked.png")]) == 0
+    assert (run / "metrics.jsonl").read_text() == metrics  # the out file was replaced, not written through
+    with Image.open(tmp_path / "linked.png") as image:
+        assert image.format == "PNG"
+    data = write_dataset(tmp_path / "data", {"train": 2})
+    image_file = data / "train" / "class0" / "0.png"
+    before = image_file.read_bytes()
+    os.link(image_file, tmp_path / "stats.json")
+    assert main(["data", "stats", str(data), "--workers", "0", "--out", str(tmp_path / "stats.json")]) == 0
+    assert image_file.read_bytes() == before and "mean" in json.loads((tmp_path / "stats.json").read_text())
