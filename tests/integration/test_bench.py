@@ -235,10 +235,10 @@ def test_bench_compile_runs_the_compiled_trainer_and_inference(tmp_path: Path) -
 
 
 def test_end_to_end_rate_from_the_trainers_step_records(tmp_path: Path) -> None:
-    records = [{"kind": "epoch"}, {"kind": "step", "img_s": 1.0}, {"kind": "step", "img_s": 8.0},
-               {"kind": "step", "img_s": 2.0}]
+    records = [{"kind": "epoch"}, {"kind": "step", "step": 1, "img_s": 1.0}, {"kind": "step", "step": 2, "img_s": 8.0},
+               {"kind": "step", "step": 3, "img_s": 2.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert steady_img_s(tmp_path, 2, 4) == pytest.approx(8 / (0.5 + 2))  # the last two steps: 0.5 s and 2 s
+    assert steady_img_s(tmp_path, 3, 2, 4) == pytest.approx(8 / (0.5 + 2))  # steps 2 and 3: 0.5 s and 2 s
 
 
 def test_the_timed_photo_is_the_first_readable_image_of_any_format(tmp_path: Path) -> None:
@@ -338,7 +338,8 @@ def test_bench_counts_the_readable_images_of_data_and_names_its_own_flags(tmp_pa
 
 
 def test_a_timed_step_that_read_no_image_is_a_one_line_error(tmp_path: Path) -> None:
-    records = [{"kind": "step", "img_s": 8.0}, {"kind": "step", "img_s": 0.0}]
+    records = [{"kind": "step", "step": 1, "img_s": 8.0}, {"kind": "step", "step": 3, "img_s": 4.0}]  # step 2: none
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(UserError, match="a timed training step read none of its images"):
-        steady_img_s(tmp_path, 2, 4)
+        steady_img_s(tmp_path, 3, 2, 4)
+    assert steady_img_s(tmp_path, 3, 1, 4) == 4.0

@@ -70,11 +70,12 @@ def as_run(trainer: Any, module: nn.Module) -> Callable[[torch.Tensor], torch.Te
     return torch.compile(module) if trainer.cfg.compile else module
 
 
-def steady_img_s(run_dir: Path, steps: int, batch: int) -> float:
-    """Images per second of the last ``steps`` training steps, from the trainer's step records."""
-    lines = RunDir(run_dir).metrics.read_text().splitlines()
-    records = [r for r in map(json.loads, lines) if r.get("kind") == "step"][-steps:]
-    if any(r["img_s"] <= 0 for r in records):
+def steady_img_s(run_dir: Path, last_step: int, steps: int, batch: int) -> float:
+    """Images per second of training steps ``last_step - steps + 1`` to ``last_step``, from the trainer's step
+    records (a step none of whose images could be read has none: a :class:`UserError`)."""
+    records = [r for r in map(json.loads, RunDir(run_dir).metrics.read_text().splitlines())
+               if r.get("kind") == "step" and last_step - steps < r["step"] <= last_step]
+    if len(records) < steps:
         raise UserError("--data: a timed training step read none of its images (all unreadable); give the bench "
                         "readable images")
     return steps * batch / sum(batch / r["img_s"] for r in records)
@@ -103,7 +104,7 @@ def trainer_contenders(trainer: Any, model: nn.Module, steps: int) -> dict[str, 
         target = trainer.step + left_out(trainer.workers) + count
         if trainer.train_epoch(stop_after_steps=target) or trainer.step != target:
             raise UserError("the bench ran out of training images within an epoch; give more with --data")
-        return steady_img_s(trainer.run_dir, count, trainer.cfg.batch_size)
+        return steady_img_s(trainer.run_dir, target, count, trainer.cfg.batch_size)
 
     end_to_end(WARMUP_STEPS)
     for _ in range(WARMUP_STEPS):

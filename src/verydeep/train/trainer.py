@@ -266,11 +266,14 @@ class Trainer:
                                                              self.schedule.lr)))
 
     def record_step(self, figures: StepFigures | None) -> None:
-        """A step's figures into the epoch's totals and the step records (none: nothing to record)."""
-        if figures is not None:
-            self.totals.add(figures.loss_sum, figures.images, figures.seconds, figures.skipped)
+        """A step's figures into the epoch's totals and the step records (none: nothing to record). A step none of
+        whose images could be read has no loss to record (its skipped files count in the epoch's)."""
+        if figures is None:
+            return
+        self.totals.add(figures.loss_sum, figures.images, figures.seconds, figures.skipped)
+        if figures.images:
             self.metrics.append(kind="step", epoch=self.epoch + 1, step=figures.step,
-                                loss=figures.loss_sum / max(figures.images, 1), lr=figures.lr,
+                                loss=figures.loss_sum / figures.images, lr=figures.lr,
                                 img_s=round(figures.images / figures.seconds, 2))
 
     def _where(self, epoch: int, step: int, lr: float) -> str:

@@ -665,3 +665,14 @@ def test_a_validation_split_without_a_class_folder_names_it(tmp_path):
     shutil.rmtree(root / "val" / "class2")
     with pytest.raises(UserError, match="validation lacks the class folders class2 .*an empty folder"):
         train(tiny(root, tmp_path / "run", batch_size=4))
+
+
+def test_a_step_none_of_whose_images_could_be_read_logs_no_loss(tmp_path):
+    data = write_dataset(tmp_path / "data", {"train": 4, "val": 2})
+    for path in (data / "train" / "class3").glob("*.png"):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    summary = train(tiny(data, tmp_path / "run", batch_size=1))  # 16 steps of one image, 4 of them unreadable
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps, epoch = [r for r in records if r["kind"] == "step"], records[-1]
+    assert summary.steps == 16 and epoch["skipped"] == 4
+    assert len(steps) == 12 and all(r["loss"] > 0 and r["img_s"] > 0 for r in steps)
