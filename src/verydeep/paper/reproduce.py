@@ -130,6 +130,19 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cli)
 
 
+def refuse_idle_options(args: argparse.Namespace, preset: Preset) -> None:
+    """``--seeds`` when no net trained is one the seeds repeat, and ``--finetune-budget`` when no net is fine-tuned
+    from its own configuration, would do nothing: each is refused in one line."""
+    nets = replace(preset, seeds=1).members()
+    by_name = {net.name: net for net in NETS}
+    if args.seeds is not None and args.seeds > 1 and not any(net.name in preset.seeded for net in nets):
+        raise UserError(f"--seeds {args.seeds}: repeats only {', '.join(preset.seeded)}, none of the nets trained "
+                        f"({', '.join(net.name for net in nets)}); add one to --nets or drop --seeds")
+    if args.finetune_budget is not None and not any(preset.fine_tuned(net, by_name) for net in nets):
+        raise UserError(f"--finetune-budget: no net trained ({', '.join(net.name for net in nets)}) is fine-tuned from "
+                        f"its own configuration under --protocol {preset.protocol}; drop it")
+
+
 def run_cli(args: argparse.Namespace) -> None:
     changes = {"epochs": args.budget, "finetune_epochs": args.finetune_budget, "stop_patience": args.stop_patience,
                "seeds": args.seeds, "protocol": args.protocol, "width": args.width, "batch_size": args.batch_size,
@@ -148,6 +161,7 @@ def run_cli(args: argparse.Namespace) -> None:
             named = f"unknown {', '.join(unknown)}" if unknown else "no net named"
             raise UserError(f"--nets: {named}; choose from {', '.join(n.name for n in NETS)}")
         preset = replace(preset, nets=wanted)
+    refuse_idle_options(args, preset)
     out = args.out or output_dir(f"runs/reproduce-{args.preset}")
     refuse_overwriting_inputs(argparse.Namespace(data=args.data, out=out))  # the default --out, checked too
     if args.shard is not None:

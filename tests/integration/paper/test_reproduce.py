@@ -355,3 +355,16 @@ def test_reproduce_refuses_a_milestone_past_the_budget(tmp_path, capsys):
     args = ["reproduce", "--data", str(tmp_path), "--preset", "cifar10-depth", "--budget", "10", "--milestones", "5,10"]
     assert main(args) == 2
     assert "--milestones 5,10: each must be below the epoch budget 10" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--nets", "B", "--protocol", "scratch", "--seeds", "3"],
+     "--seeds 3: repeats only A, D, none of the nets trained (B)"),
+    (["--nets", "A", "--protocol", "scratch", "--finetune-budget", "3"],
+     "--finetune-budget: no net trained (A) is fine-tuned from its own configuration under --protocol scratch"),
+    (["--nets", "D", "--finetune-budget", "3"], "--finetune-budget: no net trained (A, D) is fine-tuned"),
+])
+def test_reproduce_refuses_options_that_would_do_nothing(tmp_path, capsys, options, message):
+    assert main(["reproduce", "--data", str(tmp_path), "--preset", "cifar10", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
