@@ -361,6 +361,8 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
     unknown = [key for key in settings if key not in {f.name for f in fields(TrainConfig)}]
     if unknown:
         raise UserError(f"{path}: unknown setting {unknown[0]!r} (settings are TrainConfig fields)")
+    if "recipe" in settings:  # read once, from the command line: a recipe's own recipe would be ignored
+        raise UserError(f"{path}: recipe = {settings['recipe']!r}: a recipe cannot name another; copy its settings in")
     check_settings(settings, path)
     return settings
 

@@ -395,6 +395,7 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
     ("config = 5", "config must be text; got 5"),
     ("workers = 100000", "workers must be from 0 to"),
     ('scale = "abc"', "scale: --scale must be S or Smin:Smax"),
+    ('recipe = "cifar10"', "recipe = 'cifar10': a recipe cannot name another"),
 ])
 def test_a_recipe_setting_of_the_wrong_type_or_out_of_range_names_the_file_and_setting(data, tmp_path, capsys,
                                                                                       text, message):
