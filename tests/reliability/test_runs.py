@@ -311,16 +311,23 @@ def test_resuming_on_other_images_is_refused_on_moved_ones_allowed(data, tmp_pat
 
     run = tmp_path / "run"
     train(tiny(data, run, epochs=1))
-    renamed, fewer, moved = (shutil.copytree(data, tmp_path / name) for name in ("renamed", "fewer", "moved"))
+    names = ("renamed", "fewer", "relabelled", "revalidated", "moved")
+    renamed, fewer, relabelled, revalidated, moved = (shutil.copytree(data, tmp_path / name) for name in names)
     (renamed / "train" / "class0").rename(renamed / "train" / "class9")
     (renamed / "val" / "class0").rename(renamed / "val" / "class9")
     (fewer / "train" / "class1" / "0.png").unlink()
+    (relabelled / "train" / "class1" / "0.png").rename(relabelled / "train" / "class2" / "99.png")
+    (revalidated / "val" / "class1" / "0.png").rename(revalidated / "val" / "class2" / "99.png")
     resume = ["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress", "--data"]
     assert main([*resume, str(renamed)]) == 2
     assert "its classes (class1, class2, class3, class9) are not those" in capsys.readouterr().err
     assert main([*resume, str(fewer)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "63 training images, where" in err and "was trained on 64" in err
+    for changed, split in ((relabelled, "training"), (revalidated, "validation")):
+        assert main([*resume, str(changed)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"its {split} images (their names or class folders) are not those" in err
     assert main([*resume, str(moved)]) == 0
     assert json.loads((run / "recipe.json").read_text())["data"] == str(moved)
 

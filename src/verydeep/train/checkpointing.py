@@ -75,8 +75,9 @@ def check_resumable(run_dir: Path, stored: dict[str, Any], record: dict[str, Any
 
 
 def check_same_images(run_dir: Path, stored: dict[str, Any], record: dict[str, Any]) -> None:
-    """The data may move (``--data`` is resumable), not change: the net's outputs are the stored classes, and
-    the run's place in its epoch counts the stored training images (records without them pass)."""
+    """The data may move (``--data`` is resumable), not change: the net's outputs are the stored classes, the
+    run's place in its epoch counts the stored training images, and the best epoch was chosen on the stored
+    validation images; an image renamed or moved to another class is another (records without them pass)."""
     data = record["data"]
     if stored.get("class_names", record["class_names"]) != record["class_names"]:
         raise UserError(f"--data {data}: its classes ({_shown(record['class_names'])}) are not those {run_dir} "
@@ -87,6 +88,11 @@ def check_same_images(run_dir: Path, stored: dict[str, Any], record: dict[str, A
         raise UserError(f"--data {data}: {record['training']['images']} training images, where {run_dir} was "
                         f"trained on {before} (its place in the epoch counts them); resume with the run's data, "
                         "or start a new run with --weights")
+    for split, what in (("training", "trained"), ("validation", "validated")):
+        then = stored.get(split, {}).get("sha256") if isinstance(stored.get(split), dict) else None
+        if then is not None and then != record[split]["sha256"]:
+            raise UserError(f"--data {data}: its {split} images (their names or class folders) are not those "
+                            f"{run_dir} {what} on; resume with the run's data, or start a new run with --weights")
 
 
 def _shown(names: list[Any], first: int = 4) -> str:

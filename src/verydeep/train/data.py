@@ -44,6 +44,11 @@ def check_validation_classes(data: str | Path, train_set: LabelledImages, val_se
         raise UserError(f"{data}: the validation classes differ from the training classes: {said}")
 
 
+def path_digest(paths: list[str]) -> str:
+    """A digest of images' paths within their split (class folder included, so a relabelled image changes it)."""
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+
+
 class TrainingData:
     """The images ``task`` trains and validates on: training crops at a scale S (fixed or jittered), one
     central crop of each validation image (``--val-split``: held-out training images)."""
@@ -78,8 +83,10 @@ class TrainingData:
 
     def record(self) -> dict[str, Any]:
         """What the run record says of the images: the classes, and which images trained and validated."""
+        root = Path(getattr(self.train_set, "root", "/"))
+        paths = sorted(str(_relative(Path(self.train_set.samples[i][0]), root)) for i in self.train_indices)
         return {"classes": self.classes, "class_names": list(self.train_set.class_names),
-                "training": {"folder": str(getattr(self.train_set, "root", "")), "images": len(self.train_indices)},
+                "training": {"folder": str(root), "images": len(paths), "sha256": path_digest(paths)},
                 "validation": self._validation_record()}
 
     def _validation_record(self) -> dict[str, Any]:
@@ -87,8 +94,7 @@ class TrainingData:
         ``--val-split``, every held-out training image (relative to the training folder)."""
         root = Path(getattr(self.val_set, "root", "/"))
         paths = sorted(str(_relative(Path(self.val_set.samples[i][0]), root)) for i in self.val_indices)
-        record = {"folder": str(root), "images": len(paths),
-                  "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
+        record = {"folder": str(root), "images": len(paths), "sha256": path_digest(paths)}
         if self.cfg.val_split is not None:
             record.update(held_out_of_training=True, paths=paths)
         return record
