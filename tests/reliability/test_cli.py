@@ -168,6 +168,7 @@ NAMED = [
     (f"train {TINY} --preprocess /nonexistent.json", "/nonexistent.json"),
     (f"train {TINY} --preprocess /nonexistent", "/nonexistent"),
     (f"train {TINY} --resume", "--resume"),
+    ("train --out {new} --resume", "--resume: {new} holds no run to resume"),
     (f"train {TINY} --weights {{wrong}}", "{wrong}"),
     ("plot /nonexistent", "/nonexistent"),
     ("eval --checkpoint {run} --data /nonexistent", "/nonexistent"),

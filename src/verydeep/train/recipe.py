@@ -454,6 +454,9 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
     recipe = read_recipe(given["recipe"]) if given.get("recipe") else {}
     settings: dict[str, Any] = {}
     if given.get("resume") and given.get("out"):
+        if not stored_settings_file(given["out"]).is_file():
+            raise MissingFileError(f"--resume: {given['out']} holds no run to resume (no recipe.json or "
+                                   "checkpoints/last.pt)")
         stored = {key: value for key, value in stored_settings(given["out"]).items() if key not in ONCE}
         kept = {key: value for key, value in stored.items() if key not in recipe and key not in given}
         check_settings(kept, stored_settings_file(given["out"]))
