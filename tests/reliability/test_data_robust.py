@@ -219,3 +219,15 @@ def test_a_link_back_into_the_data_is_refused_naming_it_and_other_links_are_foll
     assert main(["data", "stats", str(tmp_path / "data"), "--workers", "0", "--mean-only"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "so its images would be counted twice); remove the link" in err
+
+
+@pytest.mark.parametrize("link_in", ["dog", "cat"])
+def test_a_link_from_one_class_folder_to_another_is_refused_naming_it(tmp_path, link_in):
+    train = tmp_path / "train"
+    for name in ("cat", "dog"):
+        (train / name).mkdir(parents=True)
+        Image.new("RGB", (36, 36), (200, 30, 30)).save(train / name / "0.png")
+    other = "cat" if link_in == "dog" else "dog"
+    (train / link_in / "more").symlink_to(train / other)  # the other class's images under this class too
+    with pytest.raises(UserError, match=r"the folder .* is read as .* too, or holds it"):
+        ImageFolder(train, RescaleTransform(8))

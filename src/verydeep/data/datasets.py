@@ -74,25 +74,32 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _walk(folder: Path) -> Iterator[tuple[Path, list[str]]]:
+def _walk(folder: Path, walked: dict[Path, Path] | None = None) -> Iterator[tuple[Path, list[str]]]:
     """``(folder, its file names)`` for ``folder`` and every folder below it, links followed, hidden ones
-    left out, in sorted order. A linked folder that leads back to one above it or to one walked already is
-    a :class:`UserError` naming the link: its images would be counted again, under this folder's class."""
-    walked = {folder.resolve(): folder}  # each folder read, by its real path, as first named
+    left out, in sorted order. A linked folder that leads back to one above it or to one walked already (here,
+    or in another walk sharing ``walked``: another class folder of the split) is a :class:`UserError` naming the
+    link: its images would be counted again, under this folder's class."""
+    walked = {} if walked is None else walked  # each folder read, and each folder above one, by its real path
+
+    def visit(path: Path) -> None:
+        real = path.resolve()
+        first = walked.get(real)
+        if first is not None:
+            raise UserError(f"{path}: the folder {real} is read as {first} too, or holds it (a link leads there "
+                            "twice, so its images would be counted twice); remove the link")
+        for above in (real, *real.parents):
+            walked.setdefault(above, path)
+
+    visit(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in dirnames:
-            path, real = Path(dirpath) / name, (Path(dirpath) / name).resolve()
-            first = walked.get(real) or next((named for seen, named in walked.items() if real in seen.parents), None)
-            if first is not None:
-                raise UserError(f"{path}: the folder {real} is read as {first} too, or holds it (a link leads there "
-                                "twice, so its images would be counted twice); remove the link")
-            walked[real] = path
+            visit(Path(dirpath) / name)
         yield Path(dirpath), sorted(filenames)
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return [path / f for path, filenames in _walk(folder) for f in filenames if is_image(Path(f))]
+def _images_under(folder: Path, walked: dict[Path, Path] | None = None) -> list[Path]:
+    return [path / f for path, filenames in _walk(folder, walked) for f in filenames if is_image(Path(f))]
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -242,7 +249,8 @@ class ImageFolder(LabelledImages):
         self.classes = _subfolders(self.root)
         if not self.classes:
             raise UserError(f"data folder {self.root} has no class folders")
-        found = {name: _images_under(self.root / name) for name in self.classes}
+        walked: dict[Path, Path] = {}  # shared: no folder is read under two classes
+        found = {name: _images_under(self.root / name, walked) for name in self.classes}
         if not any(found.values()):
             raise UserError(f"data folder {self.root} holds no images")
         empty = [name for name in self.classes if not found[name]]
