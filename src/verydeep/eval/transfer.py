@@ -183,6 +183,17 @@ def caltech_splits(labels: np.ndarray, splits: Sequence[str], classes: Sequence[
     return drawn
 
 
+def refuse_repeated_images(features: Features) -> None:
+    """An image listed twice (in both parts of a given split, or twice in one) is a :class:`UserError` naming it:
+    tested after training on it, or counted twice."""
+    seen: dict[str, str] = {}
+    for path, part in zip(features.paths, features.splits, strict=True):
+        if path in seen:
+            where = f"twice in {part or 'the data'}" if seen[path] == part else f"in both {seen[path]} and {part}"
+            raise UserError(f"image {path} is {where}: each image must be listed once")
+        seen[path] = part
+
+
 def refuse_untested_classes(features: Features, test: np.ndarray) -> None:
     """A class without test images (``test``: their indices) is a :class:`UserError` naming it: a mean over
     the classes tested would leave it out."""
@@ -201,6 +212,7 @@ def run_caltech(features: Features, train_per_class: int = TRAIN_PER_CLASS, test
     if features.multilabel:
         raise UserError("these features are of multi-label (VOC) images; use --protocol voc")
     x, labels, n = features.features, features.labels, len(features.classes)
+    refuse_repeated_images(features)
     groups = [f"class {name}" for name in features.classes]
     results, recalls = [], []
     for i, (train, test) in enumerate(caltech_splits(labels, features.splits, features.classes, train_per_class,

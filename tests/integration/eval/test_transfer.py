@@ -132,6 +132,17 @@ def test_caltech_protocol_separates_clusters_over_random_or_given_splits():
     assert f"{100 * result.mean_class_recall:.1f} ± {100 * result.mean_class_recall_std:.1f}" in table
 
 
+@pytest.mark.parametrize("parts, message", [(["train", "test"], "in both train and test"),
+                                            (["test", "test"], "twice in test"), (["", ""], "twice in the data")])
+def test_an_image_listed_twice_is_refused_naming_it(parts, message):
+    x, labels = clusters(2, 6)
+    splits = ["train", "test"] * 6 if parts[0] else [""] * 12
+    stored = features_of(x, labels, splits, ["a", "b"])
+    stored.paths[5], stored.splits[4], stored.splits[5] = stored.paths[4], parts[0], parts[1]
+    with pytest.raises(UserError, match=f"image 4.jpg is {message}: each image must be listed once"):
+        run_caltech(stored, train_per_class=2, splits=1, c_grid=(1,))
+
+
 
 def test_any_seed_torch_takes_is_taken_by_the_svms_too(tmp_path, capsys):
     x, labels = clusters(2, 10)
