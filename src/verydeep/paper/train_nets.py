@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from verydeep.data.datasets import split_apart
+from verydeep.data.splits import open_split
 from verydeep.errors import UserError
 from verydeep.eval.nets import derive_scales
 from verydeep.io.atomic import atomic_write
+from verydeep.nn.tasks import Classification
 from verydeep.paper.measure import Measured, evaluate_net
 from verydeep.paper.plot import read_metrics
 from verydeep.paper.presets import Net, Preset
 from verydeep.runtime.device import pick_device
 from verydeep.train import train
+from verydeep.train.data import TrainingData, path_digest
 from verydeep.train.recipe import TrainConfig, stored_settings
 
 SUMMARY = "train_summary.json"
@@ -91,25 +94,36 @@ def check_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
     stored = stored_settings(run_dir) if run_dir.is_dir() else {}
     if not stored:
         return
-    wanted = preset.train_config(net, by_name, data, out / "nets", "cpu", False).to_dict()  # device: not compared
-    change = first_change(learned(stored), learned(wanted))
+    cfg = preset.train_config(net, by_name, data, out / "nets", "cpu", False)  # device: not compared
+    change = first_change(learned(stored), learned(cfg.to_dict()))
     if change is None and stored.get("data") and data.resolve() not in recorded_data(stored, run_dir):
         change = ("data", stored["data"], str(data))
+    trained_on = stored.get("training", {}).get("sha256") if isinstance(stored.get("training"), dict) else None
+    if change is None and trained_on is not None:  # the same folder, but other images in it
+        now = TrainingData(cfg, Classification(), "cpu").record()["training"]["sha256"]
+        change = ("training images", trained_on[:16], now[:16]) if now != trained_on else None
     if change:
         raise refusal(out, f"net {net.name} was trained", change, f"delete {out} to start anew")
 
 
+def split_digest(split: Path) -> str:
+    """A short digest of the images of a split, by their paths within it (class folder included)."""
+    images = open_split(split, lambda path: None)
+    return path_digest(sorted(str(Path(path).relative_to(split)) for path, _ in images.samples))[:16]
+
+
 def eval_settings(net: Net, preset: Preset, test: Path, run_dir: Path) -> dict[str, Any]:
-    """What a net's evaluation is measured with: the test images, protocols, test scales and the
-    training it measures (a digest of the net's summary, which a new training rewrites)."""
+    """What a net's evaluation is measured with: the test images (their folder and a digest of their paths),
+    protocols, test scales and the training it measures (a digest of the net's summary, which a new training
+    rewrites)."""
     protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
     summary = run_dir / SUMMARY
     trained = hashlib.sha256(summary.read_bytes()).hexdigest()[:16] if summary.is_file() else None
     scales = derive_scales({"crop": preset.crop, "scale": list(preset.scale(net.scale))})
     out, images = run_dir.parents[1].resolve(), test.resolve()  # RUN = OUT/nets/NAME
     data = f"OUT/{images.relative_to(out)}" if images.is_relative_to(out) else str(images)  # moves with --out
-    return {"data": data, "limit_test": preset.limit_test, "protocols": list(protocols), "scales": scales,
-            "trained": trained}
+    return {"data": data, "images": split_digest(test), "limit_test": preset.limit_test,
+            "protocols": list(protocols), "scales": scales, "trained": trained}
 
 
 def read_eval_settings(cache: Path) -> dict[str, Any] | None:

@@ -145,3 +145,20 @@ def test_demo_reuses_its_net_only_at_the_same_epochs(tmp_path, monkeypatch, caps
     assert main([*demo, "1"]) == 0
     shutil.copytree(tmp_path / "demo", tmp_path / "copy")  # its data inside its --out, copied along
     assert main(["demo", "--out", str(tmp_path / "copy"), "--device", "cpu", "--no-progress", "--epochs", "1"]) == 0
+
+
+@pytest.mark.parametrize(("split", "change"), [("train", "net A was trained with training images"),
+                                               ("val", "the evaluation of net A was measured with images")])
+def test_a_rerun_on_images_changed_in_the_same_folder_is_refused(reproduced, capsys, split, change):
+    data, _, out = reproduced
+    image, moved = data / split / "class1" / "0.jpg", data / split / "class2" / "99.jpg"
+    before = files(out)
+    image.rename(moved)  # the same folder, one image now of another class
+    try:
+        capsys.readouterr()
+        assert main(command(data, out)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"--out {out}: {change}" in err
+    finally:
+        moved.rename(image)
+    assert files(out) == before
