@@ -91,8 +91,7 @@ class Trainer:
         # global RNG seeded by cfg.seed, before anything else draws; restoring needs the model and optimizer
         # and must precede wrapping, since DDP broadcasts rank 0's weights as it is built; the checkpoint's
         # RNG states are set after wrapping, last of all, so that nothing draws after them; the loaders
-        # start at the restored position in the epoch. Fitting the micro-batch draws nothing. An old run in
-        # --out is cleared only once everything has been checked, so that a refused run loses nothing.
+        # start at the restored position in the epoch. Fitting the micro-batch draws nothing.
         self.cfg, self.published = adopt_weights(cfg, given)
         self._place()
         self.data = TrainingData(self.cfg, self.task, self.decode)
