@@ -20,6 +20,10 @@ from torch import nn
 
 #: The layers autocast runs in bf16, whose weights the copies replace.
 COPIED_LAYERS = (nn.Conv2d, nn.Linear)
+#: Below this many weights the update is a small part of a step, and the copies' compile (a second or two, once a
+#: process) and one call a tensor each step cost more than they save: on a 2-core EPYC the demo's 1.8 M-weight net
+#: trained 8% slower with them, the bench's 16 M-weight default 2% faster (docs/benchmarks.md).
+MIN_WEIGHTS = 5_000_000
 
 
 def sgd_update(copy: torch.Tensor, weight: torch.Tensor, momentum_buffer: torch.Tensor, grad: torch.Tensor,
@@ -134,6 +138,9 @@ def compiled_update() -> tuple[Callable[..., None] | None, str]:
 
 def master_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[MasterWeights | None, str]:
     """The bf16 copies of ``model``'s weights and their one-pass update, or None and why not."""
+    weights = sum(p.numel() for p in model.parameters())
+    if weights < MIN_WEIGHTS:
+        return None, f"{weights / 1e6:.1f} M weights, too few for the copies to pay"
     why = refusal(model, optimizer)
     update, error = (None, "") if why else compiled_update()
     if why or update is None:

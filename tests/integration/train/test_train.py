@@ -23,7 +23,7 @@ from verydeep.io.checkpoint import load_checkpoint
 from verydeep.nn.tasks import Classification
 from verydeep.runtime import memory
 from verydeep.runtime.processes import Processes, loader_workers
-from verydeep.train import NonFiniteLossError, Schedule, Trainer, train
+from verydeep.train import NonFiniteLossError, Schedule, Trainer, master_weights, train
 from verydeep.train.memory_fit import MemoryProbe
 from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names, settings_from_flags
 from verydeep.train.step import zero_momenta
@@ -307,9 +307,11 @@ def test_zero_momenta_before_the_first_step_give_the_same_updates_bit_for_bit():
 
 @pytest.mark.parametrize("device, precision", [("cpu", "fp32"), ("cpu", "bf16"),
                                                pytest.param("cuda", "fp32", marks=pytest.mark.gpu)])
-def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tmp_path, device, precision):
+def test_a_non_finite_step_leaves_the_weights_and_momentum_as_they_were(data, tmp_path, monkeypatch, device,
+                                                                       precision):
     """The update of a non-finite loss or gradient is skipped, on the first step or a later one, and a finite
     step after it still updates; in bf16 on the CPU, where the net trains on bf16 copies, the copies too."""
+    monkeypatch.setattr(master_weights, "MIN_WEIGHTS", 0)  # the copies for this tiny net too
     trainer = Trainer(tiny(data, tmp_path, dropout=0.0, device=device, precision=precision), Processes.from_env())
     model, optimizer, masters = trainer.stepper.model, trainer.stepper.optimizer, trainer.stepper.masters
     assert (masters is not None) == (precision == "bf16")

@@ -15,6 +15,12 @@ from verydeep.runtime.processes import Processes
 from verydeep.train import Trainer, train
 
 
+@pytest.fixture(autouse=True)
+def small_nets_too(monkeypatch):
+    """The tests' nets are tiny: the copies apply to them as to the large nets they are for."""
+    monkeypatch.setattr(master_weights, "MIN_WEIGHTS", 0)
+
+
 def losses(run) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if '"kind": "step"' in line]
@@ -51,6 +57,12 @@ def test_training_on_the_copies_resumes_bit_for_bit(data, tmp_path):
 def test_the_copies_only_where_they_apply(data, tmp_path, options):
     trainer = Trainer(tiny(data, tmp_path, **{"precision": "bf16", **options}), Processes())
     assert trainer.stepper.masters is None
+
+
+def test_a_net_too_small_for_the_copies_to_pay_trains_under_autocasts_casts(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(master_weights, "MIN_WEIGHTS", 10**6)
+    trainer = Trainer(tiny(data, tmp_path, precision="bf16"), Processes())
+    assert trainer.stepper.masters is None and "M weights, too few for the copies to pay" in trainer.how
 
 
 def test_without_a_compiler_training_goes_on_under_autocasts_casts(data, tmp_path, monkeypatch):
