@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,16 +84,18 @@ def columns_of(net_classes: Sequence[str], net_names: Sequence[str], classes: Se
     return tuple(columns)
 
 
-def net_columns(net: Any, classes: Sequence[str], names: Sequence[str]) -> tuple[tuple[int, ...], int]:
-    """Where the data's ``classes`` (readable ``names``) sit among ``net``'s outputs, and its number of outputs."""
-    listed, outputs = net.recipe.get("classes"), net.model.num_classes
+def recipe_columns(recipe: dict[str, Any], outputs: int, classes: Sequence[str], names: Sequence[str],
+                   source: str | Path) -> tuple[int, ...]:
+    """Where the data's ``classes`` (readable ``names``) sit among the ``outputs`` classes a net's ``recipe`` lists
+    (a recipe that lists none: the data's own, as many as they are)."""
+    listed = recipe.get("classes")
     if listed is None:
         if outputs != len(classes):
-            raise UserError(f"{net.checkpoint}: predicts {outputs} classes; the data has {len(classes)}")
-        return tuple(range(outputs)), outputs
+            raise UserError(f"{source}: predicts {outputs} classes; the data has {len(classes)}")
+        return tuple(range(outputs))
     if len(listed) != outputs:
-        raise UserError(f"{net.checkpoint}: its recipe lists {len(listed)} classes for {outputs} outputs")
-    return columns_of(listed, net.recipe.get("class_names") or listed, classes, names, net.checkpoint), outputs
+        raise UserError(f"{source}: its recipe lists {len(listed)} classes for {outputs} outputs")
+    return columns_of(listed, recipe.get("class_names") or listed, classes, names, str(source))
 
 
 def fusion_orders(nets: Sequence[Any]) -> tuple[tuple[int, ...] | None, ...]:
@@ -110,15 +113,15 @@ def fusion_orders(nets: Sequence[Any]) -> tuple[tuple[int, ...] | None, ...]:
         if ours == theirs:
             orders.append(None)
             continue
+        if len(ours) != len(theirs):
+            raise UserError(f"the nets to fuse predict different classes: {net.checkpoint} {len(ours)}, "
+                            f"{first.checkpoint} {len(theirs)}; fuse nets of the same classes")
         try:
-            order = columns_of(ours, net.recipe.get("class_names") or ours, theirs,
-                               first.recipe.get("class_names") or theirs, net.checkpoint)
+            orders.append(columns_of(ours, net.recipe.get("class_names") or ours, theirs,
+                                     first.recipe.get("class_names") or theirs, net.checkpoint))
         except UserError:
-            order = None
-        if order is None or len(ours) != len(theirs):
             raise UserError(f"the nets to fuse predict different classes: {net.checkpoint}'s are not "
-                            f"{first.checkpoint}'s; fuse nets of the same classes")
-        orders.append(order)
+                            f"{first.checkpoint}'s; fuse nets of the same classes") from None
     return tuple(orders)
 
 
@@ -128,8 +131,8 @@ def class_map(nets: Sequence[Any], classes: Sequence[str], names: Sequence[str],
     ``recipe``, ``model`` and ``checkpoint``. Nets fused together predict the same classes, each in its own order
     (:func:`fusion_orders`: their posteriors are put in the first net's). ``over_data_classes`` is refused for
     nets of the data's classes alone, which it would leave as they are."""
-    orders = fusion_orders(nets)
-    columns, outputs = net_columns(nets[0], classes, names)
+    orders, outputs = fusion_orders(nets), nets[0].model.num_classes
+    columns = recipe_columns(nets[0].recipe, outputs, classes, names, nets[0].checkpoint)
     if over_data_classes and len(columns) == outputs:
         raise UserError(f"--over-data-classes: the net's {outputs} classes are the data's: there is nothing to "
                         "restrict; drop the flag")

@@ -27,7 +27,7 @@ from verydeep.paper.plot import read_metrics
 from verydeep.paper.presets import Net, Preset
 from verydeep.runtime.device import pick_device
 from verydeep.train import train
-from verydeep.train.data import TrainingData, path_digest
+from verydeep.train.data import TrainingData, path_digest, relative_paths
 from verydeep.train.recipe import TrainConfig, stored_settings
 
 SUMMARY = "train_summary.json"
@@ -108,21 +108,20 @@ def check_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
 
 def split_digest(split: Path) -> str:
     """A short digest of the images of a split, by their paths within it (class folder included)."""
-    images = open_split(split, lambda path: None)
-    return path_digest(sorted(str(Path(path).relative_to(split)) for path, _ in images.samples))[:16]
+    return path_digest(relative_paths(open_split(split, lambda path: None)))[:16]
 
 
-def eval_settings(net: Net, preset: Preset, test: Path, run_dir: Path) -> dict[str, Any]:
-    """What a net's evaluation is measured with: the test images (their folder and a digest of their paths),
-    protocols, test scales and the training it measures (a digest of the net's summary, which a new training
-    rewrites)."""
+def eval_settings(net: Net, preset: Preset, test: Path, digest: str, run_dir: Path) -> dict[str, Any]:
+    """What a net's evaluation is measured with: the test images (their folder, and ``digest``, the
+    :func:`split_digest` of their paths), protocols, test scales and the training it measures (a digest of the
+    net's summary, which a new training rewrites)."""
     protocols = ("dense", "multicrop", "dense+multicrop") if net.jittered else preset.fixed_protocols
     summary = run_dir / SUMMARY
     trained = hashlib.sha256(summary.read_bytes()).hexdigest()[:16] if summary.is_file() else None
     scales = derive_scales({"crop": preset.crop, "scale": list(preset.scale(net.scale))})
     out, images = run_dir.parents[1].resolve(), test.resolve()  # RUN = OUT/nets/NAME
     data = f"OUT/{images.relative_to(out)}" if images.is_relative_to(out) else str(images)  # moves with --out
-    return {"data": data, "images": split_digest(test), "limit_test": preset.limit_test,
+    return {"data": data, "images": digest, "limit_test": preset.limit_test,
             "protocols": list(protocols), "scales": scales, "trained": trained}
 
 
@@ -136,30 +135,31 @@ def read_eval_settings(cache: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_reuse(order: list[Net], preset: Preset, data: Path, out: Path, device: str) -> Path:
+def check_reuse(order: list[Net], preset: Preset, data: Path, out: Path, device: str) -> tuple[Path, str]:
     """Every option and every net of ``order`` already in ``out`` checked before anything is written:
     the device, the data, each net's training and each finished net's cached evaluation (see the
-    module's docstring); returns the test images' folder."""
+    module's docstring); returns the test images' folder and its :func:`split_digest` (listed once)."""
     pick_device(device)
     test = split_apart(data, "test", "the paper's errors are measured on images no net trained on")
+    images = split_digest(test)
     by_name = {n.name: n for n in preset.members()}
     for net in order:
         check_net(net, by_name, preset, data, out)
         run_dir, cache = out / "nets" / net.name, out / "eval" / net.name
         cached = read_eval_settings(cache)
         if cached is not None and (run_dir / SUMMARY).is_file():
-            change = first_change(cached, eval_settings(net, preset, test, run_dir))
+            change = first_change(cached, eval_settings(net, preset, test, images, run_dir))
             if change:
                 raise refusal(out, f"the evaluation of net {net.name} was measured", change, f"delete {cache}")
-    return test
+    return test, images
 
 
-def measure(net: Net, preset: Preset, test: Path, run_dir: Path, out: Path, device: str,
+def measure(net: Net, preset: Preset, test: Path, images: str, run_dir: Path, out: Path, device: str,
             progress: bool) -> tuple[list[Measured], float]:
     """A trained net's rows on the test images: its cached evaluation when that measured this training
     with these settings, else a new one (the cache's settings written first, so a cut-short evaluation
     is redone)."""
-    cache, wanted = out / "eval" / net.name, eval_settings(net, preset, test, run_dir)
+    cache, wanted = out / "eval" / net.name, eval_settings(net, preset, test, images, run_dir)
     if read_eval_settings(cache) != wanted:  # none yet, or of an earlier training of the net
         for name in ("results.json", "posteriors.npz"):
             (cache / name).unlink(missing_ok=True)
@@ -189,14 +189,14 @@ def train_and_measure(order: list[Net], preset: Preset, data: Path, out: Path, d
     evaluate it on the test images as soon as it is trained, so that a cut-short run still reports;
     the options and the nets already in ``out`` are checked first (:func:`check_reuse`)."""
 
-    test = check_reuse(order, preset, data, out, device)
+    test, images = check_reuse(order, preset, data, out, device)
     by_name = {n.name: n for n in preset.members()}
     out.mkdir(parents=True, exist_ok=True)
     done = Trained({}, [], {"training": 0.0, "evaluation": 0.0})
     for net in order:
         run_dir = done.run_dirs[net.name] = train_net(net, by_name, preset, data, out, device, progress)
         done.seconds["training"] += sum(r["seconds"] for r in epochs_of(run_dir))
-        rows, spent = measure(net, preset, test, run_dir, out, device, progress)
+        rows, spent = measure(net, preset, test, images, run_dir, out, device, progress)
         done.seconds["evaluation"] += spent
         done.measured.extend(rows)
     return done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,16 @@ def check_validation_classes(data: str | Path, train_set: LabelledImages, val_se
         raise UserError(f"{data}: the validation classes differ from the training classes: {said}")
 
 
+def relative_paths(images: LabelledImages, indices: Iterable[int] | None = None) -> list[str]:
+    """The paths of ``images`` (those at ``indices``, default all) within their split, sorted: the class folder
+    included, so that an image moved to another class is another path."""
+    root = Path(getattr(images, "root", "/"))
+    chosen = range(len(images.samples)) if indices is None else indices
+    return sorted(str(_relative(Path(images.samples[i][0]), root)) for i in chosen)
+
+
 def path_digest(paths: list[str]) -> str:
-    """A digest of images' paths within their split (class folder included, so a relabelled image changes it)."""
+    """A digest of images' paths within their split (:func:`relative_paths`)."""
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
@@ -83,18 +92,17 @@ class TrainingData:
 
     def record(self) -> dict[str, Any]:
         """What the run record says of the images: the classes, and which images trained and validated."""
-        root = Path(getattr(self.train_set, "root", "/"))
-        paths = sorted(str(_relative(Path(self.train_set.samples[i][0]), root)) for i in self.train_indices)
+        paths = relative_paths(self.train_set, self.train_indices)
         return {"classes": self.classes, "class_names": list(self.train_set.class_names),
-                "training": {"folder": str(root), "images": len(paths), "sha256": path_digest(paths)},
+                "training": {"folder": str(getattr(self.train_set, "root", "")), "images": len(paths),
+                             "sha256": path_digest(paths)},
                 "validation": self._validation_record()}
 
     def _validation_record(self) -> dict[str, Any]:
         """Which images validation reads: their folder, count and a digest of their paths; with
         ``--val-split``, every held-out training image (relative to the training folder)."""
-        root = Path(getattr(self.val_set, "root", "/"))
-        paths = sorted(str(_relative(Path(self.val_set.samples[i][0]), root)) for i in self.val_indices)
-        record = {"folder": str(root), "images": len(paths), "sha256": path_digest(paths)}
+        paths = relative_paths(self.val_set, self.val_indices)
+        record = {"folder": str(getattr(self.val_set, "root", "/")), "images": len(paths), "sha256": path_digest(paths)}
         if self.cfg.val_split is not None:
             record.update(held_out_of_training=True, paths=paths)
         return record

@@ -29,7 +29,7 @@ from verydeep.data.datasets import DECODE_ERRORS, LabelledImages, Transform
 from verydeep.data.decode import ImageFile
 from verydeep.data.sampling import Stream, stream_generator
 from verydeep.errors import UserError
-from verydeep.eval.classmap import columns_of
+from verydeep.eval.classmap import recipe_columns
 from verydeep.eval.localize.scoring import wrong
 from verydeep.eval.nets import train_scale
 from verydeep.io.checkpoint import check_box_code, resolve
@@ -229,18 +229,10 @@ def task_of(recipe: dict[str, Any], boxes: str | Path | None = None,
 
 def classes_in_net(recipe: dict[str, Any], images: LabelledImages, source: str | Path) -> Tensor | None:
     """Per class of the data ``images``, its index among a localisation net's classes, matched by synset id, else
-    by name (None: the net's classes are the data's, in its order); a class of the data the net lacks, or a net
-    of as many unlisted classes, is a :class:`UserError` naming ``source``."""
-    listed = [str(c) for c in recipe.get("classes") or []]
-    if listed == list(images.classes):
-        return None
-    if not listed:
-        if int(recipe["num_classes"]) != len(images.classes):
-            raise UserError(f"{source}: locates {recipe['num_classes']} unnamed classes; the data has "
-                            f"{len(images.classes)}")
-        return None
-    names = recipe.get("class_names") or listed
-    return torch.tensor(columns_of(listed, names, images.classes, images.class_names, str(source)))
+    by name (None: the net's classes are the data's, in its order); a class of the data the net lacks is a
+    :class:`UserError` naming ``source``."""
+    columns = recipe_columns(recipe, int(recipe["num_classes"]), images.classes, images.class_names, source)
+    return None if columns == tuple(range(int(recipe["num_classes"]))) else torch.tensor(columns)
 
 
 def boxes_source(boxes: str | Path | None, data: str | Path, recipes: Iterable[dict[str, Any]]) -> Path:
