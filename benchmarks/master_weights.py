@@ -36,13 +36,13 @@ def trainer(root: Path, out: Path, args: argparse.Namespace, copies: bool) -> An
     cfg = TrainConfig(data=str(root), out=str(out), config=args.config, width=args.width, crop=args.size,
                       scale=(s, s), batch_size=args.batch, epochs=1, lr=1e-3, workers=0, device="cpu",
                       precision="bf16", progress=False)
-    chosen = step_module.master_weights
+    chosen = step_module.bf16_copies
     if not copies:
-        step_module.master_weights = lambda model, optimizer: (None, "switched off by the benchmark")
+        step_module.bf16_copies = lambda model, optimizer: (None, "switched off by the benchmark")
     try:
         made = Trainer(cfg, Processes())
     finally:
-        step_module.master_weights = chosen
+        step_module.bf16_copies = chosen
     if (made.stepper.masters is not None) != copies:
         raise SystemExit(f"the trainer {'did not train' if copies else 'trained'} on the copies: {made.how}")
     made.run_dir.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,7 @@ def compiled_update() -> tuple[Callable[..., None] | None, str]:
     return update, ""
 
 
-def master_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[MasterWeights | None, str]:
+def bf16_copies(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[MasterWeights | None, str]:
     """The bf16 copies of ``model``'s weights and their one-pass update, or None and why not."""
     weights = sum(p.numel() for p in model.parameters())
     if weights < MIN_WEIGHTS:

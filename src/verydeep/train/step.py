@@ -27,7 +27,7 @@ from verydeep.nn.tasks import Task
 from verydeep.runtime.ahead import run_ahead
 from verydeep.runtime.precision import autocast
 from verydeep.runtime.processes import Processes
-from verydeep.train.master_weights import MasterWeights, master_weights
+from verydeep.train.master_weights import MasterWeights, bf16_copies
 
 
 class NonFiniteLossError(UserError):
@@ -78,7 +78,7 @@ class Stepper:
             return ""
         if self.ddp is not None or compile:
             return "; fp32 weights cast by autocast (several processes or --compile)"
-        self.masters, why = master_weights(self.model, self.optimizer)
+        self.masters, why = bf16_copies(self.model, self.optimizer)
         if self.masters is None:
             return f"; fp32 weights cast by autocast ({why})"
         self.forward_model = self.masters
