@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -103,6 +104,18 @@ def check_dropout(value: float, name: str) -> float:
     return value
 
 
+#: The shape of a layer name ``--freeze`` takes; whether the net has that layer is known once it is built.
+LAYER_NAME = re.compile(r"features|conv\d+_\d+|fc[678]")
+
+
+def check_layer_name(value: str, name: str) -> str:
+    """``value`` when it is ``features`` or has a layer name's shape (``conv4_3``, ``fc6``), else a
+    :class:`UserError` naming ``name`` (a recipe file's setting is then named before any net is built)."""
+    if not LAYER_NAME.fullmatch(value):
+        raise UserError(f"{name} must be features or a layer name (conv4_3, fc6); got {value!r}")
+    return value
+
+
 def below(bound: float, why: str) -> Callable[[float, str], float]:
     """A :class:`TrainConfig` check: the value must be below ``bound`` (``why`` says what larger would mean)."""
     def check(value: float, name: str) -> float:
@@ -156,7 +169,7 @@ class TrainConfig:
     weights_dir: str | None = option(None, "where named weights are looked for (default ~/.cache/verydeep)", "model",
                                      resumable=True)
     freeze: str | None = option(None, "freeze the layers up to this one: features (every conv layer) or a layer "
-                                      "name (conv4_3, fc6)", "model")
+                                      "name (conv4_3, fc6)", "model", check=check_layer_name)
     # images
     crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1,
                        check=check_crop)

@@ -398,6 +398,8 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
     ("workers = 100000", "workers must be from 0 to"),
     ('scale = "abc"', "scale: --scale must be S or Smin:Smax"),
     ('recipe = "cifar10"', "recipe = 'cifar10': a recipe cannot name another"),
+    ('freeze = ""', "freeze must be features or a layer name (conv4_3, fc6); got ''"),
+    ('freeze = "conv 4"', "freeze must be features or a layer name (conv4_3, fc6); got 'conv 4'"),
 ])
 def test_a_recipe_setting_of_the_wrong_type_or_out_of_range_names_the_file_and_setting(data, tmp_path, capsys,
                                                                                       text, message):
