@@ -160,8 +160,9 @@ class TrainConfig:
     init: str = option("he", "random init: he (learns at every depth and width), paper (N(0, 0.01): trains A, the "
                              "deeper nets only from A's weights, Sec. 3.1), xavier/glorot, kaiming", "model",
                        choices=PROTOCOLS)
-    weights: str | None = option(None, f"the weights to start from, {WEIGHTS_HELP}: their architecture and input "
-                                       "convention, every layer that fits copied, FC8 new when the classes differ",
+    weights: str | None = option(None, f"the weights to start from, {WEIGHTS_HELP}: their architecture, input "
+                                       "convention and crop (unless --crop is given), every layer that fits "
+                                       "copied, FC8 new when the classes differ",
                                  "model")
     warm_start: bool = option(False, "with --weights of another configuration (net A's run), build the net --config "
                                      "names and copy A's first four convs and FC6-8 into it, the rest random "
@@ -234,10 +235,14 @@ class TrainConfig:
     stop_after_steps: int | None = option(None, "leave after N steps without a final checkpoint (a simulated "
                                                 "crash)", "running", minimum=1, parse=int, resumable=True)
 
-    def check(self) -> None:
-        """Raise :class:`UserError` naming the first bad option."""
+    def check_each(self) -> None:
+        """Raise :class:`UserError` naming the first option that is bad on its own (type, bounds, choices)."""
         for f in fields(self):
             check_field(f, getattr(self, f.name), flag_name(f))
+
+    def check(self) -> None:
+        """Raise :class:`UserError` naming the first bad option, alone or beside the others."""
+        self.check_each()
         if not self.data:
             raise UserError("--data is required")
         if not self.out:

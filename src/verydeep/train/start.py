@@ -24,7 +24,7 @@ from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.sources import LoadedNet, load
 from verydeep.nn.init import warm_start
 from verydeep.nn.model import VGG
-from verydeep.train.recipe import TrainConfig
+from verydeep.train.recipe import TrainConfig, parse_scale
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
 FROM_WEIGHTS = ("config", "width", "batch_norm")
@@ -57,7 +57,19 @@ def adopt_weights(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Loade
     refuse_contradictions(cfg, given, source)
     convention = Preprocess.from_dict(source["preprocess"]) if source.get("preprocess") else None
     architecture = {name: source[name] for name in from_weights(cfg)}
-    return replace(cfg, **architecture, preprocess=cfg.preprocess or convention), published
+    return replace(cfg, **architecture, **input_size(cfg, given, source),
+                   preprocess=cfg.preprocess or convention), published
+
+
+def input_size(cfg: TrainConfig, given: set[str], source: dict[str, Any]) -> dict[str, Any]:
+    """The crop of the weights unless ``--crop`` is given (FC6 sees its (crop/32)^2 map), and with another
+    crop than the default 224 their training scales unless ``--scale`` is given: the default S of 256
+    belongs to the 224 crop, a net of 32-pixel crops was trained at its own (the cifar10 recipe's 36:73)."""
+    if "crop" in given or not source.get("crop"):
+        return {}
+    crop = source["crop"]
+    inherit_scale = crop != TrainConfig.crop and "scale" not in given and source.get("scale")
+    return {"crop": crop} | ({"scale": parse_scale(source["scale"])} if inherit_scale else {})
 
 
 def same_classes(source: dict[str, Any], classes: list[str]) -> bool:

@@ -81,7 +81,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, procs: Processes, task: Task | None = None,
                  given: Collection[str] | None = None) -> None:
-        cfg.check()
+        cfg.check_each()
         self.procs, self.task = procs, task or Classification()
         # the settings the user gave (flags, recipe): those that contradict --weights are refused; from
         # Python, those that differ from their defaults
@@ -93,6 +93,7 @@ class Trainer:
         # RNG states are set after wrapping, last of all, so that nothing draws after them; the loaders
         # start at the restored position in the epoch. Fitting the micro-batch draws nothing.
         self.cfg, self.published = adopt_weights(cfg, given)
+        self.cfg.check()  # the options together, the crop --weights may decide among them
         self._place()
         self.data = TrainingData(self.cfg, self.task, self.decode)
         self.record = run_record(self.cfg, self.task, self.pre, self.data)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import SHARED, tiny, weights
 
+from verydeep.cli import main
 from verydeep.errors import UserError
 from verydeep.nn.model import VGG
 from verydeep.train import train
@@ -94,6 +95,22 @@ def test_the_start_names_what_was_not_copied(data, tmp_path, capsys):
     said = [line for line in capsys.readouterr().err.splitlines() if "not copied" in line]
     assert said == [f"warning: {source}: not copied (not in the file, another shape, or other classes), xavier "
                     "init: fc6"]
+
+
+def test_a_net_of_other_crops_is_fine_tuned_at_its_crop_and_scales_unless_they_are_given(data, tmp_path):
+    source = tmp_path / "source"
+    train(tiny(data, source, scale=(36, 44)))
+    flags = ["train", "--data", str(data), "--weights", str(source), "--batch-size", "16", "--epochs", "1",
+             "--workers", "0", "--precision", "fp32", "--device", "cpu", "--no-progress"]
+    assert main([*flags, "--out", str(tmp_path / "tuned")]) == 0  # no --crop: 32 and 36:44, not 224 and 256
+    record = json.loads((tmp_path / "tuned" / "recipe.json").read_text())
+    assert (record["crop"], record["scale"]) == (32, [36, 44]) and "classifier.0.weight" in record["start"]["copied"]
+    assert main([*flags, "--scale", "40", "--out", str(tmp_path / "at-40")]) == 0
+    record = json.loads((tmp_path / "at-40" / "recipe.json").read_text())
+    assert (record["crop"], record["scale"]) == (32, [40, 40])
+    assert main([*flags, "--crop", "64", "--scale", "64", "--out", str(tmp_path / "at-64")]) == 0
+    record = json.loads((tmp_path / "at-64" / "recipe.json").read_text())
+    assert record["crop"] == 64 and "classifier.0.weight" not in record["start"]["copied"]  # FC6 sees a 2x2 map
 
 
 def test_freezing_every_layer_is_refused_up_front(data, tmp_path):
