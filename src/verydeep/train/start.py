@@ -1,7 +1,7 @@
 """Where a new run's model starts: a random init, published or trained weights, or net A's (Sec. 3.1).
 
-``train --weights SOURCE`` takes the architecture and the input convention of the weights (any
-source :func:`verydeep.load` reads), copies every layer whose shape fits the
+``train --weights SOURCE`` takes the architecture, the input convention and the crop of the weights
+(any source :func:`verydeep.load` reads), copies every layer whose shape fits the
 new net, and leaves the others (FC8 when the number of classes differs) to the random init; with
 ``--warm-start``, the paper's protocol instead: net A's first four convs and FC6-8 copied into the
 net ``--config`` names. ``--freeze`` stops the gradients of the layers up to a named one
