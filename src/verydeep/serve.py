@@ -40,6 +40,7 @@ from torch import Tensor
 from verydeep.data.datasets import DECODE_ERRORS, unreadable
 from verydeep.data.decode import decode, displayed_size
 from verydeep.errors import UserError
+from verydeep.eval.classmap import fusion_orders
 from verydeep.eval.evaluate import given_weights
 from verydeep.eval.localize.dense_nets import DenseNets
 from verydeep.eval.localize.task import smallest_training_scale
@@ -186,12 +187,21 @@ def net_facts(net: Net) -> dict[str, Any]:
             "preprocess": net.preprocess.to_dict()}
 
 
-def same_classes(nets: Sequence[Net]) -> bool:
-    """Whether the nets predict the same classes in the same order: what fusing posteriors needs (Sec. 4.4)."""
+def fusion_orders_or_none(nets: Sequence[Net]) -> tuple[tuple[int, ...] | None, ...] | None:
+    """Per net, where the first net's classes sit among its outputs (:func:`~verydeep.eval.classmap.fusion_orders`,
+    as ``eval`` fuses, Sec. 4.4), or None when there is no fusion: one net, or nets of different classes (shown
+    side by side)."""
     def classes(net: Net) -> list[str]:
         return list(net.recipe.get("classes") or range(net.model.num_classes))
 
-    return all(classes(net) == classes(nets[0]) for net in nets)
+    if len(nets) < 2:
+        return None
+    if all(classes(net) == classes(nets[0]) for net in nets):  # unnamed classes too
+        return (None,) * len(nets)
+    try:
+        return fusion_orders(nets)
+    except UserError:
+        return None
 
 
 def example_images(folder: Path | None) -> list[Path]:
@@ -225,11 +235,20 @@ class Looker:
     examples: list[Path] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        self.fusion = fusion_orders_or_none(self.nets)
+
+    def fused(self, posteriors: Sequence[Tensor]) -> Tensor:
+        """The nets' posteriors of one image averaged, each in the first net's class order (Sec. 4.4)."""
+        assert self.fusion is not None
+        return average([p if order is None else p[list(order)] for p, order in zip(posteriors, self.fusion,
+                                                                                     strict=True)])
+
     def info(self) -> dict[str, Any]:
         """The nets, the localisation runs, what a request may ask and the examples, for the page."""
         loc = [{"source": source, "task": recipe.get("task"), "crop": recipe.get("crop"), "scale": recipe.get("scale")}
                for source, recipe in zip(self.localizers, self.boxes.recipes if self.boxes else [], strict=True)]
-        return {"nets": [net_facts(net) for net in self.nets], "fusion": len(self.nets) > 1 and same_classes(self.nets),
+        return {"nets": [net_facts(net) for net in self.nets], "fusion": self.fusion is not None,
                 "localizers": loc, "protocols": list(PROTOCOLS), "device": str(self.device),
                 "precision": str(self.dtype or torch.float32).removeprefix("torch."),
                 "limits": {"bytes": MAX_UPLOAD_BYTES, "pixels": MAX_UPLOAD_PIXELS, "topk": MAX_TOPK},
@@ -265,8 +284,9 @@ class Looker:
                 nets.append({"name": net.name, "prediction": prediction.to_dict(), "saliency": saliency_png(saliency),
                              "seconds": time.perf_counter() - began})
             fused = None
-            if len(self.nets) > 1 and same_classes(self.nets):
-                fused = [to_json_dict(entry) for entry in ranked_classes(self.nets[0], average(posteriors), ask.topk)]
+            if self.fusion is not None:
+                ranked = ranked_classes(self.nets[0], self.fused(posteriors), ask.topk)
+                fused = [to_json_dict(entry) for entry in ranked]
             boxes = self.guesses(path, ask) if self.boxes is not None else None
         return {"image": name, "size": list(size), "preview": preview(path), "nets": nets, "fusion": fused,
                 "boxes": boxes, "protocol": ask.protocol, "seconds": time.perf_counter() - start}

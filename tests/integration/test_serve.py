@@ -29,6 +29,7 @@ from verydeep import serve  # noqa: E402
 from verydeep.cli import main  # noqa: E402
 from verydeep.eval.nets import load_nets  # noqa: E402
 from verydeep.eval.predict import load_image, saliency_map  # noqa: E402
+from verydeep.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from verydeep.serve import MAX_UPLOAD_BYTES, Ask, load_looker  # noqa: E402
 
 SAMPLES = SHARED / "imagenet-samples"
@@ -80,6 +81,25 @@ def same_prediction(served: dict, printed: dict, image: Path) -> None:
     theirs = [t.pop("probability") for t in printed["predictions"][0]["top"]]
     assert served == printed
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_nets_of_the_same_classes_in_another_order_are_fused_in_the_first_net_s_order(nets, image, tmp_path):
+    a = nets[0]
+    state = load_checkpoint(a)
+    order = list(reversed(range(10)))  # the same net, its classes listed the other way round
+    recipe = {**state["recipe"], "classes": [state["recipe"]["classes"][i] for i in order],
+              "class_names": [state["recipe"]["class_names"][i] for i in order]}
+    model = {**state["model"], **{f"classifier.6.{kind}": state["model"][f"classifier.6.{kind}"][order]
+                                  for kind in ("weight", "bias")}}
+    reordered = tmp_path / "reordered.pt"
+    save_checkpoint({"model": model, "recipe": recipe}, reordered)
+    looker = load_looker([str(a), str(reordered)], None, "cpu", "fp32")
+    look = looker.look(image, image.name, Ask(topk=5))
+    alone = look["nets"][0]["prediction"]["predictions"][0]["top"]
+    assert looker.info()["fusion"] and [t["index"] for t in look["fusion"]] == [t["index"] for t in alone]
+    np.testing.assert_allclose([t["probability"] for t in look["fusion"]], [t["probability"] for t in alone],
+                               atol=1e-6)
+    assert look["nets"][1]["prediction"]["predictions"][0]["top"][0]["index"] == 9 - alone[0]["index"]
 
 
 @pytest.mark.parametrize("fields", [{}, {"topk": "3", "net": "1"}, {"protocol": "dense+multicrop", "scales": "40,48"}])
