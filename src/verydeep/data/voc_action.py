@@ -222,6 +222,20 @@ def person_labels(person: Person, labels: list[tuple[int, str]], actions: list[s
     return np.array(values, dtype=np.int8)
 
 
+def refuse_shared_images(folder: Path, parts: dict[str, dict[tuple[str, int], list[tuple[int, str]]]]) -> None:
+    """An image with persons in both parts is a :class:`UserError` naming it and the lists: its persons would be
+    trained on and scored, and an image region is the same descriptor for every person of the image."""
+    first, second = (parts[part] for part in PARTS)
+    trained: dict[str, str] = {}
+    for (image_id, _), listed in first.items():
+        trained.setdefault(image_id, listed[0][1])
+    shared = next(((image_id, listed[0][1]) for (image_id, _), listed in second.items() if image_id in trained), None)
+    if shared is not None:
+        image_id, where = shared
+        raise UserError(f"{folder}: image {image_id} has persons in both {PARTS[0]} ({trained[image_id]}) and "
+                        f"{PARTS[1]} ({where}): a test person must not train")
+
+
 def open_voc_action(root: str | Path) -> VOCActionData:
     """The persons of a VOC action root's ``train`` and ``val`` parts (see the module's description)."""
     root = Path(root)
@@ -231,8 +245,10 @@ def open_voc_action(root: str | Path) -> VOCActionData:
     actions = find_actions(folder)
     samples, labels, splits = [], [], []
     images = AnnotatedImages(root)
+    parts = {part: part_labels(folder, part, actions) for part in PARTS}
+    refuse_shared_images(folder, parts)
     for split, part in zip(("train", "test"), PARTS, strict=True):
-        for (image_id, index), listed in part_labels(folder, part, actions).items():
+        for (image_id, index), listed in parts[part].items():
             persons, size = images.read(image_id)
             xml, path = images.files(image_id)
             if index > len(persons):

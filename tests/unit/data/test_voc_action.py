@@ -178,6 +178,14 @@ def test_damaged_or_inconsistent_files_are_one_line_naming_them(tmp_path, damage
     assert "\n" not in str(error.value)
 
 
+def test_an_image_with_persons_in_both_parts_is_refused_naming_it_and_the_lists(tmp_path):
+    parts = {"train": PARTS["train"], "val": ["2010_000003", *PARTS["val"]]}
+    root = write_voc_action(tmp_path / "voc", IMAGES, parts)
+    with pytest.raises(UserError, match=r"image 2010_000003 has persons in both train \(.*jumping_train\.txt:6\) "
+                                        r"and val \(.*jumping_val\.txt:1\): a test person must not train"):
+        open_voc_action(root)
+
+
 def test_an_unreadable_image_is_skipped_and_named_and_a_non_action_root_refused(tmp_path, caplog):
     root = write_voc_action(tmp_path / "voc")
     (root / "JPEGImages" / "2010_000002.jpg").write_bytes(b"not an image at all")
