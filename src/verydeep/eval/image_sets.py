@@ -17,7 +17,7 @@ from verydeep.data import ImageFolder, LabelledImages, collate, find_split
 from verydeep.data.datasets import require_folder
 from verydeep.data.loaders import image_loader
 from verydeep.data.voc import is_voc, open_voc
-from verydeep.errors import UserError
+from verydeep.errors import MissingFileError, UserError
 
 
 @dataclass
@@ -43,6 +43,15 @@ class IndexedImages(LabelledImages):
         self.classes, self.class_names = [], []
 
 
+def refuse_split_without_train(root: Path) -> None:
+    """A root with ``val/`` or ``test/`` but no ``train/`` is a :class:`UserError`: read as class folders, its
+    split folders would be its classes."""
+    held = [name for name in ("val", "test") if (root / name).is_dir()]
+    if held:
+        raise MissingFileError(f"data folder {root} has {' and '.join(held)} but no train: give {root / held[0]} "
+                               "to describe its images as one unsplit set, or add train/")
+
+
 def open_image_set(data: str | Path) -> ImageSet:
     """The images of ``data``: a VOC root (:mod:`verydeep.data.voc`), a root with ``train/`` and ``test/``
     (or ``val/``) class folders (one given split), or a folder of class folders (split at random later)."""
@@ -52,6 +61,7 @@ def open_image_set(data: str | Path) -> ImageSet:
         voc = open_voc(root)
         return ImageSet([str(p) for p in voc.paths], voc.labels, voc.splits, voc.classes, voc.classes)
     if not (root / "train").is_dir():
+        refuse_split_without_train(root)
         folder = ImageFolder(root, None)
         return ImageSet([str(p) for p, _ in folder.samples], np.array(folder.targets), [""] * len(folder),
                         folder.classes, folder.class_names)

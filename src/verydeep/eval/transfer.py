@@ -207,11 +207,14 @@ def refuse_untested_classes(features: Features, test: np.ndarray) -> None:
 
 def run_caltech(features: Features, train_per_class: int = TRAIN_PER_CLASS, test_per_class: int | None = None,
                 splits: int = SPLITS, c_grid: Sequence[float] = DEFAULT_C, folds: int = FOLDS,
-                seed: int = 0) -> CaltechResult:
-    """The ``caltech`` protocol (see the module's description)."""
+                seed: int = 0, source: str = "the features") -> CaltechResult:
+    """The ``caltech`` protocol (see the module's description); ``source`` names the features in errors."""
     if features.multilabel:
         raise UserError("these features are of multi-label (VOC) images; use --protocol voc")
     x, labels, n = features.features, features.labels, len(features.classes)
+    if n < 2:
+        raise UserError(f"{source}: one class ({features.classes[0]}); the caltech protocol tells classes apart: "
+                        "describe images of two or more")
     refuse_repeated_images(features)
     groups = [f"class {name}" for name in features.classes]
     results, recalls = [], []
@@ -423,8 +426,9 @@ def per_class_table(result: CaltechResult | VOCResult) -> Table:
 
 def transfer(features: Features, protocol: str, train_per_class: int = TRAIN_PER_CLASS,
              test_per_class: int | None = None, splits: int = SPLITS, c_grid: Sequence[float] = DEFAULT_C,
-             folds: int = FOLDS, seed: int = 0) -> CaltechResult | VOCResult:
-    """Linear SVMs on ``features`` under ``protocol`` (``caltech``, ``voc`` or ``voc-action``)."""
+             folds: int = FOLDS, seed: int = 0, source: str = "the features") -> CaltechResult | VOCResult:
+    """Linear SVMs on ``features`` under ``protocol`` (``caltech``, ``voc`` or ``voc-action``); ``source`` names
+    them in errors."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     if folds < 2 or not c_grid or min(c_grid) <= 0:
@@ -433,7 +437,7 @@ def transfer(features: Features, protocol: str, train_per_class: int = TRAIN_PER
         return run_voc(features, c_grid, folds, seed)
     if protocol == "voc-action":
         return run_voc_action(features, c_grid, folds, seed)
-    return run_caltech(features, train_per_class, test_per_class, splits, c_grid, folds, seed)
+    return run_caltech(features, train_per_class, test_per_class, splits, c_grid, folds, seed, source)
 
 
 def parse_floats(text: str) -> list[float]:
@@ -498,16 +502,19 @@ def run_cli(args: argparse.Namespace) -> int:
     check_regions(args)
     flags = random_split_flags(args)
     if args.features is not None:
+        source = f"--features {args.features}"
         features = Features.load(args.features)
-        refuse_with_given_split(flags, f"--features {args.features}", features.splits)
+        refuse_with_given_split(flags, source, features.splits)
     elif args.data is not None:
-        refuse_with_given_split(flags, f"--data {args.data}", open_image_set(args.data).splits if flags else [])
+        source = f"--data {args.data}"
+        refuse_with_given_split(flags, source, open_image_set(args.data).splits if flags else [])
         features = features_from_args(args, args.out)
     else:
         raise UserError("give --features FEATURES (from verydeep features), or --data DIR with --weights SOURCE")
     drawing = {name: default if getattr(args, name) is None else getattr(args, name)
                for name, default in SPLIT_FLAGS.items()}
-    result = transfer(features, args.protocol, c_grid=args.c_grid, folds=args.folds, seed=args.seed, **drawing)
+    result = transfer(features, args.protocol, c_grid=args.c_grid, folds=args.folds, seed=args.seed, source=source,
+                      **drawing)
     print(join_markdown(tables(result)))
     print(f"\n{describe(features)}")
     if args.json:

@@ -431,6 +431,25 @@ def test_net_flags_are_refused_beside_raw_pixels_in_transfer(tmp_path, capsys):
     assert main(argv) == 0 and (tmp_path / "f.npz").exists()
 
 
+def test_one_class_is_refused_naming_the_data_and_a_root_of_val_without_train_is_not_read_as_classes(tmp_path,
+                                                                                                     capsys):
+    for i in range(6):
+        save(photo(16, 16, seed=i), tmp_path / "one" / "cat" / f"{i}.png")
+        save(photo(16, 16, seed=i), tmp_path / "held" / "val" / f"class{i % 2}" / f"{i}.png")
+    argv = ["transfer", "--protocol", "caltech", "--raw-pixels", "4", "--train-per-class", "3", "--folds", "2",
+            "--workers", "0", "--no-progress"]
+    assert main([*argv, "--data", str(tmp_path / "one")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--data {tmp_path / 'one'}: one class (cat); the caltech protocol" in err
+    assert main([*argv, "--data", str(tmp_path / "held")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (f"data folder {tmp_path / 'held'} has val but no train: give "
+                                     f"{tmp_path / 'held' / 'val'} to describe its images as one unsplit set") in err
+    assert main(["features", "--raw-pixels", "4", "--data", str(tmp_path / "held"), "--workers", "0",
+                 "--out", str(tmp_path / "f.npz")]) == 2 and not (tmp_path / "f.npz").exists()
+    assert main([*argv, "--data", str(tmp_path / "held" / "val"), "--train-per-class", "2"]) == 0  # split at random
+
+
 def test_a_class_without_test_images_is_an_error_not_left_out_of_the_mean():
     x, labels = clusters(3, 8)
     splits = ["train", "test"] * 12
