@@ -120,13 +120,29 @@ def read_class_names(folder: Path, files: Sequence[str] = NAME_FILES) -> dict[st
         for name in files:
             path = directory / name
             if path.is_file():
-                names = {}
-                for line in path.read_text(encoding=TEXT_ENCODING, errors="replace").splitlines():
-                    key, _, value = line.strip().partition("\t" if "\t" in line else " ")
-                    if key and value:
-                        names[key] = value.strip()
-                return names
+                return read_names_file(path)
     return {}
+
+
+def read_names_file(path: Path) -> dict[str, str]:
+    """``{synset: name}`` of a ``<synset> <name>`` file; text that is not UTF-8, or a second name for a synset,
+    is a :class:`UserError` naming the file and line (these names match a net's classes to the data's)."""
+    try:
+        text = path.read_text(encoding=TEXT_ENCODING)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: class names that are not UTF-8 text (at byte {error.start})") from None
+    names: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        key, _, value = line.strip().partition("\t" if "\t" in line else " ")
+        if not (key and value.strip()):
+            continue
+        if key in names and names[key] != value.strip():
+            raise UserError(f"{path}:{number}: a second name for {key}, {value.strip()!r} (the first, "
+                            f"{names[key]!r}, on line {lines[key]})")
+        names.setdefault(key, value.strip())
+        lines.setdefault(key, number)
+    return names
 
 
 def _has_images(folder: Path) -> bool:

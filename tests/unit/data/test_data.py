@@ -437,6 +437,21 @@ def test_load_passes_the_generator_to_the_transform(tmp_path):
     assert torch.equal(ds.load(1, seeded(3))[0], image)
 
 
+@pytest.mark.parametrize("text, message", [
+    (b"n1\tfirst\nn2\tsecond\nn1\tother\n",
+     r"classes\.txt:3: a second name for n1, 'other' \(the first, 'first', on line 1\)"),
+    (b"n1\tfirst\n\xff\xfe bad\n", r"classes\.txt: class names that are not UTF-8 text \(at byte 9\)"),
+])
+def test_a_class_names_file_with_two_names_for_a_class_or_not_text_is_one_line_naming_it(tmp_path, text, message):
+    make_tree(tmp_path / "train", {"n2": [(8, 8)], "n1": [(8, 8)]})
+    (tmp_path / "classes.txt").write_bytes(text)
+    with pytest.raises(UserError, match=message) as error:
+        ImageFolder(tmp_path / "train", None)
+    assert "\n" not in str(error.value)
+    (tmp_path / "classes.txt").write_bytes(b"n1\tfirst\nn2\tsecond\nn1\tfirst\n")  # the same name twice is one name
+    assert ImageFolder(tmp_path / "train", None).class_names == ["first", "second"]
+
+
 def test_ilsvrc_validation_layout(tmp_path):
     val = tmp_path / "val"
     for i in range(3):
