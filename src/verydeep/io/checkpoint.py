@@ -117,16 +117,26 @@ def check_recipe(recipe: Any, path: str | Path) -> dict[str, Any]:
     return recipe
 
 
+#: FC8's size for each task a recipe may name, from its number of classes: one score a class, or one box
+#: (centre, size) for all classes or a box a class (Appendix A's single- and per-class regression).
+TASK_OUTPUTS = {"classification": (1, 0), "localisation-scr": (0, 4), "localisation-pcr": (4, 0)}
+
+
 def _check_outputs(recipe: dict[str, Any], path: str | Path) -> None:
-    """``num_classes`` and ``outputs`` (FC8's size) are positive whole numbers, equal for a classifier."""
+    """``num_classes`` and ``outputs`` (FC8's size) are positive whole numbers, and ``outputs`` (else
+    ``num_classes``) what the recipe's ``task`` needs: FC8 read as another task's would be cut wrong."""
     for key in ("num_classes", "outputs"):
         value = recipe.get(key)
         if (key == "num_classes" or value is not None) and not (is_whole(value) and value >= 1):
             raise UserError(f"{path}: recipe {key} must be a whole number of at least 1; got {value!r}")
-    outputs = recipe.get("outputs")
-    if recipe.get("task", "classification") == "classification" and outputs not in (None, recipe["num_classes"]):
-        raise UserError(f"{path}: recipe outputs ({outputs}) and num_classes ({recipe['num_classes']}) differ; a "
-                        "classifier has one output per class")
+    task = recipe.get("task", "classification")
+    if task not in TASK_OUTPUTS:
+        raise UserError(f"{path}: recipe task must be one of {', '.join(TASK_OUTPUTS)}; got {task!r}")
+    per_class, fixed = TASK_OUTPUTS[task]
+    needed, outputs = per_class * recipe["num_classes"] + fixed, recipe.get("outputs") or recipe["num_classes"]
+    if outputs != needed:
+        raise UserError(f"{path}: recipe outputs ({outputs}) do not fit its task, {task} of {recipe['num_classes']} "
+                        f"classes, which has {needed}")
 
 
 def _check_scale(recipe: dict[str, Any], path: str | Path) -> None:

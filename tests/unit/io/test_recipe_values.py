@@ -43,7 +43,13 @@ def write(tmp_path, model: VGG, recipe: dict, kind: str):
     ("batch_norm", "yes", "recipe batch_norm must be true or false"),
     ("config", "Z", "recipe config: unknown VGG configuration 'Z'"),
     ("num_classes", 0, "recipe num_classes must be a whole number of at least 1; got 0"),
-    ("num_classes", 5, r"recipe outputs \(2\) and num_classes \(5\) differ"),
+    ("num_classes", 5, r"recipe outputs \(2\) do not fit its task, classification of 5 classes, which has 5"),
+    ("task", "localisation-pcr", r"recipe outputs \(2\) do not fit its task, localisation-pcr of 2 classes, which "
+                                 "has 8"),
+    ("task", "localisation-scr", r"recipe outputs \(2\) do not fit its task, localisation-scr of 2 classes, which "
+                                 "has 4"),
+    ("task", "segmentation", "recipe task must be one of classification, localisation-scr, localisation-pcr; got "
+                             "'segmentation'"),
     ("outputs", True, "recipe outputs must be a whole number"),
     ("scale", [0, 0], r"recipe scale must be S or \[Smin, Smax\]"),
     ("scale", [INF, 1], r"recipe scale must be .*got \[inf, 1\]"),
