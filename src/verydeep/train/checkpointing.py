@@ -133,7 +133,8 @@ class Checkpoints:
         if not self.procs.main:
             return
         if not cfg.resume and (cfg.overwrite or self.paths.record.exists()):
-            for path in [*self.paths.run_files, *self.dir.glob("*.pt")]:
+            events = self.paths.tensorboard.glob("events.out.tfevents.*")  # TensorBoard's files only
+            for path in [*self.paths.run_files, *self.dir.glob("*.pt"), *events]:
                 path.unlink(missing_ok=True)
         for folder in (self.run_dir, self.dir):
             remove_temp_files(folder)

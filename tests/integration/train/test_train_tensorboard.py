@@ -40,6 +40,14 @@ def test_a_resumed_run_logs_its_steps_once(data, tmp_path):
     assert steps == list(range(1, 9))
 
 
+def test_a_new_run_in_the_folder_of_an_old_one_logs_only_its_own_steps(data, tmp_path):
+    train(tiny(data, tmp_path, epochs=1, tensorboard=True, lr=0.05))
+    (tmp_path / "tensorboard" / "notes.txt").write_text("mine")
+    train(tiny(data, tmp_path, epochs=1, tensorboard=True, lr=0.02, overwrite=True))
+    assert [value for _, value in scalars(tmp_path)["train/lr"]] == pytest.approx([0.02] * 4)
+    assert (tmp_path / "tensorboard" / "notes.txt").read_text() == "mine"  # not TensorBoard's: left
+
+
 def test_without_the_flag_nothing_is_written(data, tmp_path):
     train(tiny(data, tmp_path, epochs=1))
     assert not (tmp_path / "tensorboard").exists()
