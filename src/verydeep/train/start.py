@@ -56,9 +56,22 @@ def adopt_weights(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Loade
     source = published.recipe
     refuse_contradictions(cfg, given, source)
     convention = Preprocess.from_dict(source["preprocess"]) if source.get("preprocess") else None
+    refuse_other_convention(cfg, convention)
     architecture = {name: source[name] for name in from_weights(cfg)}
     return replace(cfg, **architecture, **input_size(cfg, given, source),
                    preprocess=cfg.preprocess or convention), published
+
+
+def refuse_other_convention(cfg: TrainConfig, convention: Preprocess | None) -> None:
+    """``--preprocess`` may give the statistics a net from ``--weights`` is fine-tuned with, not another channel
+    order or value scale than the weights take (Caffe's BGR on 0..255): a :class:`UserError` naming both."""
+    given = cfg.preprocess
+    if given is None or convention is None:
+        return
+    if (given.channels, given.value_scale) != (convention.channels, convention.value_scale):
+        raise UserError(f"--preprocess gives {given.channels} input on 0..{given.value_scale:g}, but --weights "
+                        f"{cfg.weights} take {convention.channels} on 0..{convention.value_scale:g}: drop "
+                        "--preprocess (the weights' convention is used), or give statistics in theirs")
 
 
 def input_size(cfg: TrainConfig, given: set[str], source: dict[str, Any]) -> dict[str, Any]:

@@ -113,6 +113,27 @@ def test_a_net_of_other_crops_is_fine_tuned_at_its_crop_and_scales_unless_they_a
     assert record["crop"] == 64 and "classifier.0.weight" not in record["start"]["copied"]  # FC6 sees a 2x2 map
 
 
+def test_preprocess_may_change_the_statistics_not_the_channels_or_scale_the_weights_take(data, tmp_path):
+    from dataclasses import replace
+
+    from verydeep.data import IMAGENET
+    from verydeep.io.checkpoint import save_checkpoint
+    from verydeep.io.weights import CAFFE
+
+    recipe = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32,
+              "preprocess": CAFFE.to_dict()}
+    source = save_checkpoint({"model": VGG("A", num_classes=4, width=1 / 16, input_size=32).state_dict(),
+                              "recipe": recipe}, tmp_path / "caffe-like.pt")
+    with pytest.raises(UserError, match=r"^--preprocess gives RGB input on 0\.\.1, but --weights .*caffe-like\.pt take "
+                                        r"BGR on 0\.\.255: drop --preprocess"):
+        train(tiny(data, tmp_path / "rgb", weights=str(source), preprocess=IMAGENET))
+    assert not (tmp_path / "rgb" / "recipe.json").exists()
+    ours = replace(CAFFE, mean=(0.5, 0.5, 0.5))  # other statistics in the weights' convention
+    train(tiny(data, tmp_path / "bgr", weights=str(source), preprocess=ours))
+    record = json.loads((tmp_path / "bgr" / "recipe.json").read_text())
+    assert record["preprocess"] == ours.to_dict()
+
+
 def test_freezing_every_layer_is_refused_up_front(data, tmp_path):
     source = torchvision_file(tmp_path / "source.pth", num_classes=4)
     with pytest.raises(UserError, match="--freeze fc8 freezes every layer of VGG-A-BN: nothing would be trained"):
