@@ -24,6 +24,7 @@ import verydeep
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.train import train
+from verydeep.train.recipe import TrainConfig
 
 #: Processes, servers or whole training runs: minutes on two cores (`pytest -m 'not slow'` leaves them out).
 pytestmark = pytest.mark.slow
@@ -273,6 +274,15 @@ def test_a_finished_run_says_so_and_does_nothing(data, tmp_path, capsys):
     again = train(tiny(data, tmp_path, lr=1e-9, patience=1, max_drops=0, epochs=10, resume=True, progress=True))
     assert again.stopped == "plateau" and again.steps == stopped.steps and again.epochs == stopped.epochs
     assert (tmp_path / "metrics.jsonl").read_text() == log and "has finished" in capsys.readouterr().err
+
+
+def test_a_finished_run_resumed_with_milestones_reports_the_lr_it_ended_with_and_says_so_without_progress(
+        data, tmp_path, capsys):
+    plateau = dict(patience=TrainConfig.patience)  # tiny's patience would be refused beside the milestones
+    ended = train(tiny(data, tmp_path, epochs=2, **plateau))
+    again = train(tiny(data, tmp_path, epochs=2, milestones=[1], resume=True, progress=False, **plateau))
+    assert (again.stopped, again.epochs, again.lr) == ("epochs", 2, ended.lr) and ended.lr == pytest.approx(0.05)
+    assert "the run has finished (--epochs is 2 after epoch 2); nothing to do" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cut", [b'{"kind": "step", "epoch": 2, "st', b'{"kind": "st\xff'])

@@ -208,9 +208,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
-        if self.cfg.milestones:
-            self.schedule.follow_milestones(self.epoch)
-            self._set_lr(self.schedule.lr)
         self.totals = EpochTotals(**state["partial"])
         if self.cfg.micro_batch is None:  # the micro-batch it was trained with (fitted, or the whole batch)
             self.micro_batch = min(state.get("micro_batch", self.local_batch), self.local_batch)
@@ -351,10 +348,15 @@ class Trainer:
         """Train until the epoch budget or the schedule's stop; a resumed run that had already reached
         either says so and does nothing."""
         start = time.perf_counter()
-        if self.schedule.stopped or self.epoch >= self.cfg.epochs:
+        if self.schedule.stopped or self.epoch >= self.cfg.epochs:  # the summary's lr: the one it ended with
             reason = "validation stopped improving" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
-            self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do")
+            if self.procs.main:  # said whatever --progress: it is why nothing happens
+                print(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do",
+                      file=sys.stderr, flush=True)
             return self._summary("plateau" if self.schedule.stopped else "epochs", start)
+        if self.cfg.resume and self.cfg.milestones:  # the milestones given now decide the lr from here on
+            self.schedule.follow_milestones(self.epoch)
+            self._set_lr(self.schedule.lr)
         if self.procs.main:
             write_run_record(self.run_dir, self.record)
         self.model.train()
