@@ -42,8 +42,10 @@ def atomic_write(path: str | Path, write: Any) -> Path:
         raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from those a plain open lets read
         write(tmp)
+        # after the write, which may have made the file anew (safetensors does, 0600): mkstemp's 0600 would hide
+        # it from those a plain open lets read
+        os.chmod(tmp, 0o666 & ~UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

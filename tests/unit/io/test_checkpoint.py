@@ -72,3 +72,5 @@ def test_an_atomic_write_has_the_permissions_a_plain_open_gives(tmp_path):
     plain.write_text("x")
     written = atomic_write(tmp_path / "atomic.txt", lambda tmp: Path(tmp).write_text("x"))
     assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~UMASK
+    exported = export_safetensors(model_from_recipe(RECIPE), RECIPE, tmp_path / "w.safetensors")
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o666 & ~UMASK  # safetensors makes its file 0600
