@@ -356,6 +356,10 @@ def test_a_bad_value_in_the_run_record_names_the_file_on_resume(data, tmp_path, 
         assert main(resume) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {record}: {message}"), err
+    record.write_text(json.dumps({key: value for key, value in settings.items() if key != "data"}))
+    assert main(resume) == 2
+    assert capsys.readouterr().err == (f"verydeep train: error: {record}: names no training data (a damaged run "
+                                       "record?); give --data\n")
     record.write_text(json.dumps(settings))
     assert main([*resume, "--micro-batch", "0"]) == 2
     assert capsys.readouterr().err.startswith("verydeep train: error: --micro-batch must be at least 1")

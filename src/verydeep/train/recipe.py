@@ -478,6 +478,9 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
         stored = {key: value for key, value in stored_settings(given["out"]).items() if key not in ONCE}
         kept = {key: value for key, value in stored.items() if key not in recipe and key not in given}
         check_settings(kept, stored_settings_file(given["out"]))
+        if not (stored.get("data") or recipe.get("data") or given.get("data")):
+            raise UserError(f"{stored_settings_file(given['out'])}: names no training data (a damaged run record?); "
+                            "give --data")
         settings.update(stored)
     settings.update(recipe)
     settings.update(given)
