@@ -114,14 +114,15 @@ def safetensors_of(recipe: dict[str, object], path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("key", "value", "said"), [
-    ("task", "localisation-xyz", "recipe task must be localisation-scr or localisation-pcr; got 'localisation-xyz'"),
+    ("task", "localisation-xyz", "recipe task must be one of classification, localisation-scr, localisation-pcr; got "
+                                 "'localisation-xyz'"),
     ("box_targets", "weird", "recipe box_targets must be standardised or raw; got 'weird'"),
     ("box_targets", ["raw"], "recipe box_targets must be standardised or raw; got ['raw']"),
 ])
 def test_a_bad_localisation_key_of_a_recipe_is_named_with_its_file(loc_run, tmp_path, capsys, key, value, said):
     root, classifier, loc = loc_run
     run = with_recipe(loc, tmp_path / "run", **{key: value})
-    recipe = load_checkpoint(run / "checkpoints" / "best.pt")["recipe"]
+    recipe = {**load_checkpoint(loc / "checkpoints" / "best.pt")["recipe"], key: value}
     weights = safetensors_of(recipe, tmp_path / "loc.safetensors")
     cases = [(["localize", "eval", "--checkpoint", str(run), "--data", str(root)], run / "checkpoints" / "best.pt"),
              (["localize", "eval", "--checkpoint", str(weights), "--data", str(root), "--protocol", "dense",
