@@ -48,8 +48,6 @@ def write(tmp_path, model: VGG, recipe: dict, kind: str):
                                  "has 8"),
     ("task", "localisation-scr", r"recipe outputs \(2\) do not fit its task, localisation-scr of 2 classes, which "
                                  "has 4"),
-    ("task", "segmentation", "recipe task must be one of classification, localisation-scr, localisation-pcr; got "
-                             "'segmentation'"),
     ("outputs", True, "recipe outputs must be a whole number"),
     ("scale", [0, 0], r"recipe scale must be S or \[Smin, Smax\]"),
     ("scale", [INF, 1], r"recipe scale must be .*got \[inf, 1\]"),
