@@ -160,7 +160,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "cifar10": Preset(crop=32, width=0.25, epochs=14, finetune_epochs=5, seeds=2,
                       nets=("A", "D", "B", "E", "A-LRN", "C", "D-jitter", "E-jitter")),
-    "imagenette": Preset(crop=112, width=0.25, epochs=30, batch_size=64),
+    "imagenette": Preset(crop=128, width=0.25, epochs=30, batch_size=64),
     # the depth claim trained to convergence: A, B, D and E, four seeds each, a fixed schedule, validation
     # held out of the training images (docs/REPRODUCTION.md)
     "cifar10-depth": Preset(crop=32, width=0.25, epochs=45, milestones=(25, 35, 40), nets=("A", "D", "B", "E"),

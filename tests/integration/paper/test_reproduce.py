@@ -45,7 +45,15 @@ def test_digits_are_written_once_as_an_image_folder(tmp_path):
 def test_preset_scales_follow_the_crop():
     assert PRESETS["cifar10"].scale((256, 512)) == (36, 73)
     assert PRESETS["cifar10"].scale((384, 384)) == (54, 54)
-    assert PRESETS["imagenette"].scale((256, 512)) == (128, 256)
+    assert PRESETS["imagenette"].scale((256, 512)) == (146, 292)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_net_of_every_preset_has_settings_train_accepts(name, tmp_path):
+    preset = PRESETS[name]
+    by_name = {net.name: net for net in preset.members()}
+    for net in by_name.values():
+        preset.train_config(net, by_name, tmp_path / "data", tmp_path / "nets", "cpu", False).check()
 
 
 def measured(name, wrong, images=1000, classes=10):
