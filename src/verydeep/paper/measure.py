@@ -7,6 +7,7 @@ lookup of a net's row.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from verydeep.errors import UserError
 from verydeep.eval.evaluate import evaluate, write_outputs
-from verydeep.eval.metrics import PairedDifference, paired_difference, topk_correct
+from verydeep.eval.metrics import PairedDifference, paired_difference, topk_correct, topk_error
 from verydeep.eval.posteriors_file import load_posteriors
 from verydeep.eval.rows import EvalRow, fuse_rows
 from verydeep.paper.figures import single_test_scale
@@ -48,11 +50,35 @@ def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...
         result = evaluate([str(run_dir)], str(data), protocols=protocols, limit=limit, device=device,
                           progress=progress, keep_posteriors=True)
         write_outputs(result, cache, rows=True)  # the posteriors last, whole: both files mean a finished evaluation
-    saved = json.loads((cache / "results.json").read_text())
+    return read_cached(cache, name)
+
+
+def read_cached(cache: Path, name: str) -> tuple[list[Measured], float]:
+    """The rows of a cached evaluation, their errors scored again from the posteriors kept (the numbers in
+    ``results.json`` are not trusted: only its rows' names and protocols, and its time); a damaged cache is
+    a :class:`UserError` naming the file."""
+    path = cache / "results.json"
+    try:
+        saved = json.loads(path.read_text())
+        specs = [replace(EvalRow.from_dict(row), nets=[name]) for row in saved["rows"]]
+        seconds = float(saved["timing"]["seconds"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise UserError(f"{path}: damaged cached evaluation ({type(error).__name__}: {error}); delete {cache} to "
+                        "evaluate again") from None
     kept = load_posteriors(cache / "posteriors.npz")
     targets, paths = kept.targets[kept.readable], np.array(kept.paths)[kept.readable]
-    rows = [replace(EvalRow.from_dict(row), nets=[name]) for row in saved["rows"]]
-    return [Measured(row, kept.rows[row.name], targets, paths) for row in rows], float(saved["timing"]["seconds"])
+    lost = next((spec.name for spec in specs if spec.name not in kept.rows), None)
+    if lost is not None or not specs or not math.isfinite(seconds) or seconds < 0 or not len(targets):
+        why = (f"no posteriors of its row {lost!r}" if lost is not None else "no rows" if not specs
+               else "no readable test image" if not len(targets) else f"a time of {seconds} s")
+        raise UserError(f"{path}: damaged cached evaluation ({why}); delete {cache} to evaluate again")
+    measured = []
+    for spec in specs:
+        posteriors, labels = torch.from_numpy(kept.rows[spec.name]), torch.from_numpy(targets)
+        row = replace(spec, top1_error=topk_error(posteriors, labels, 1), top5_error=topk_error(posteriors, labels, 5),
+                      images=len(targets))
+        measured.append(Measured(row, kept.rows[spec.name], targets, paths))
+    return measured, seconds
 
 
 def fuse(members: Sequence[Measured]) -> Measured:

@@ -4,7 +4,6 @@ figures, each net as it ended its training, and ``REPRODUCTION.md`` (settings, n
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +12,6 @@ from typing import Any
 import torch
 
 from verydeep.eval.rows import EvalRow, PaperFigures
-from verydeep.io.rundir import RunDir
 from verydeep.paper import report
 from verydeep.paper.claims import Claim
 from verydeep.paper.figures import scale_text
@@ -22,6 +20,7 @@ from verydeep.paper.presets import Net, Preset
 from verydeep.paper.report import Column, Row, Table
 from verydeep.paper.train_nets import epochs_of
 from verydeep.runtime.device import machine, pick_device
+from verydeep.train.recipe import stored_settings
 
 
 @dataclass
@@ -96,7 +95,7 @@ class NetRecord:
 
 def net_record(net: Net, run_dir: Path, measured: list[Measured], preset: Preset) -> NetRecord:
     """``net``'s :class:`NetRecord` from its run directory and its rows."""
-    record = json.loads(RunDir(run_dir).record.read_text())
+    record = stored_settings(run_dir)  # the run record, else its copy in the last checkpoint
     epochs = epochs_of(run_dir)
     losses = [r["train_loss"] for r in epochs]
     errors = [100 - r["val_top1"] for r in epochs if r.get("val_top1") is not None]

@@ -116,6 +116,33 @@ def test_an_interrupted_net_resumes_and_its_stale_evaluation_is_measured_again(r
                                                                           "train_summary.json").stat().st_mtime_ns
 
 
+def test_a_cached_evaluation_s_numbers_are_scored_again_and_a_lost_run_record_read_from_the_checkpoint(
+        reproduced, tmp_path, monkeypatch):
+    data, _, first = reproduced
+    out = shutil.copytree(first, tmp_path / "out")
+    cached = out / "eval" / "A" / "results.json"
+    saved = json.loads(cached.read_text())
+    saved["rows"][0].update(top1_error=7.0, top5_error=float("nan"), images=0)
+    cached.write_text(json.dumps(saved))
+    (out / "nets" / "A" / "recipe.json").unlink()
+    forbid_training_and_evaluation(monkeypatch)
+    assert main(command(data, out)) == 0
+    tables = [json.loads((run / "results.json").read_text())["tables"] for run in (first, out)]
+    assert tables[0] == tables[1]
+
+
+def test_a_damaged_cached_evaluation_is_one_line_naming_it(reproduced, tmp_path, capsys):
+    data, _, first = reproduced
+    out = shutil.copytree(first, tmp_path / "out")
+    cached = out / "eval" / "A" / "results.json"
+    cached.write_text("")
+    capsys.readouterr()
+    assert main(command(data, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cached}: damaged cached evaluation (JSONDecodeError" in err
+    assert f"delete {cached.parent} to evaluate again" in err
+
+
 def test_shards_train_into_one_out_and_the_report_reuses_their_nets(reproduced, tmp_path, monkeypatch, capsys):
     data, _, _ = reproduced
     out = tmp_path / "out"
