@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from verydeep.errors import UserError
@@ -20,6 +21,15 @@ from verydeep.options import OneLineParser, one_line, option_names
 COMMAND_MODULES = ("nn.summary", "data", "train", "paper.plot", "eval.evaluate", "eval.predict", "io.weights",
                    "io.export", "eval.features", "eval.transfer", "paper.reproduce", "paper.demo",
                    "eval.localize.command", "bench.command", "serve")
+
+
+#: The arguments of the command this process runs, for the reports that record how they were made.
+_arguments: list[str] = []
+
+
+def command_line() -> str:
+    """The command being run, as a shell would take it again (``verydeep reproduce --data ...``)."""
+    return shlex.join(["verydeep", *_arguments])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     (argparse's errors and ``--help`` leave through ``SystemExit``); anything else is a bug and
     shows its traceback."""
     parser = build_parser()
+    _arguments[:] = sys.argv[1:] if argv is None else argv
     args, unknown = parser.parse_known_args(argv)
     prog = vars(args).pop("prog")  # the command's name, not one of its settings
     if unknown:

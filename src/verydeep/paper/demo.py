@@ -65,8 +65,10 @@ def run_cli(args: argparse.Namespace) -> None:
     preset = PRESETS["digits"]
     if args.epochs is not None:
         preset = replace(preset, epochs=args.epochs)
+    from verydeep.cli import command_line  # the command line's module imports this one
+
     report = reproduce(data, preset, "digits", out, device=args.device, progress=args.progress,
-                       command="verydeep demo")
+                       command=command_line())
     print(report.markdown)
     print(f"\nDemo finished in {time.time() - start:.0f} s. Report: {out / 'REPRODUCTION.md'}; "
           f"plots: {out / 'learning_curves.png'}, {out / 'errors.png'}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -171,6 +170,7 @@ def run_cli(args: argparse.Namespace) -> None:
         print(f"shard {part}/{parts}: trained and evaluated {', '.join(done.run_dirs) or 'no net'} in {out}; "
               "the same command without --shard writes the report")
         return
-    command = "verydeep " + " ".join(sys.argv[1:])
-    result = reproduce(Path(args.data), preset, args.preset, out, args.device, args.progress, command)
+    from verydeep.cli import command_line  # the command line's module imports this one
+
+    result = reproduce(Path(args.data), preset, args.preset, out, args.device, args.progress, command_line())
     print(result.markdown)

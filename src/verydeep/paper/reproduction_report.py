@@ -139,7 +139,7 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
                 "epochs (at most 3 times, Sec. 3.1)")
     validation = (f"{preset.val_split} class-balanced training images held out by each net's seed (not trained on; "
                   "no test image decides anything)" if preset.val_split else
-                  f"{preset.limit_val or 'all the'} class-balanced test images")
+                  (f"at most {preset.limit_val} class-balanced" if preset.limit_val else "all the") + " test images")
     return [
         f"- data: `{data}`; command: `{command}`",
         f"- hardware: {_hardware(device)}; wall time {total / 60:.1f} min "

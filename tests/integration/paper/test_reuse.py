@@ -162,6 +162,8 @@ def test_demo_reuses_its_net_only_at_the_same_epochs(tmp_path, monkeypatch, caps
     monkeypatch.setitem(PRESETS, "digits", replace(PRESETS["digits"], **tiny))
     demo = ["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "--no-progress", "--epochs"]
     assert main([*demo, "1"]) == 0
+    recorded = f"command: `verydeep demo --out {tmp_path / 'demo'} --device cpu --no-progress --epochs 1`"
+    assert recorded in (tmp_path / "demo" / "REPRODUCTION.md").read_text()  # as run, to be run again
     before = files(tmp_path / "demo")
     capsys.readouterr()
     assert main([*demo, "2"]) == 2
