@@ -176,3 +176,21 @@ def test_localize_eval_shows_its_progress_unless_told_not_to(loc_run, monkeypatc
         assert main(evaluate) == 0
         assert main([*evaluate, "--protocol", "dense", "--classifier", str(classifier)]) == 0
     assert bars == [(2, True, "batch"), (8, True, "img"), (2, False, "batch"), (8, False, "img")]  # 8 val images
+
+
+def test_a_boxes_file_of_validation_boxes_alone_is_evaluated_without_the_centre_prior(loc_run, tmp_path, capsys):
+    root, classifier, loc = loc_run
+    lines = (root / "boxes.txt").read_text().splitlines()
+    val_only = tmp_path / "val-boxes.txt"
+    val_only.write_text("".join(f"{line}\n" for line in lines if line.startswith("val/")))
+    base = ["localize", "eval", "--checkpoint", str(loc), "--data", str(root), "--workers", "0", "--device", "cpu",
+            "--no-progress", "--json"]
+    for protocol in (["--protocol", "center"], ["--protocol", "dense", "--classifier", str(classifier)]):
+        printed = []
+        for boxes in (root / "boxes.txt", val_only):
+            assert main([*base, *protocol, "--boxes", str(boxes)]) == 0
+            printed.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        full, alone = printed
+        assert full["centre_prior_error"] is not None and alone["centre_prior_error"] is None
+        assert (alone["localisation_error"], alone["whole_image_error"], alone["images"]) == (
+            full["localisation_error"], full["whole_image_error"], full["images"])

@@ -40,7 +40,7 @@ class CenterResult:
     images: int
     localisation_error: float
     whole_image_error: float
-    centre_prior_error: float
+    centre_prior_error: float | None  # None: no training image had a box to take the mean of
 
 
 def loader(images: LabelledImages, limit: int | None, batch_size: int, workers: int) -> DataLoader:
@@ -80,10 +80,11 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     task = task_of(recipe, boxes_source(boxes, data, [recipe]), net.source)
     layers = fine_tuned_layers(recipe, fine_tuned, recipe_file(net.source))
     transform = CenterCropTransform(smallest_training_scale(recipe), int(recipe["crop"]))
-    train_set, val_set = task.open_splits(str(data), transform, transform)
+    train_set, val_set = task.open_for_eval(str(data), transform)
     # a per-class box is the box of the image's class as the net numbers it; SCR's one box is every class's
     to_net = classes_in_net(recipe, val_set, net.source) if task.head == "pcr" else None
-    prior, pre = mean_relative_box(train_set), Preprocess.from_dict(recipe["preprocess"])
+    prior = mean_relative_box(train_set) if train_set is not None else None  # no training boxes: no prior
+    pre = Preprocess.from_dict(recipe["preprocess"])
     wrong_counts, images = torch.zeros(3), 0
     batches = loader(val_set, limit, batch_size, workers)
     with progress_bar(len(batches), progress and Processes.from_env().main,
@@ -96,15 +97,15 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
             outputs = model(to_input(batch.images.to(dev), pre)).float().cpu()
             labels = batch.labels if to_net is None else to_net[batch.labels]
             guesses = [decode(task.predicted(outputs, labels), side), batch.frames,
-                       in_frames(prior, batch.frames)]
-            wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
+                       *([] if prior is None else [in_frames(prior, batch.frames)])]
+            wrong_counts[:len(guesses)] += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
             images += len(batch.images)
     *summed, total = sharding.total(torch.tensor([*wrong_counts.tolist(), images], dtype=torch.float64)).tolist()
     wrong_counts, images = torch.tensor(summed), int(total)
     if not images:
         raise UserError(f"{data}: no readable validation image with a box")
     errors = (100.0 * wrong_counts / images).tolist()
-    return CenterResult(str(checkpoint), task.head, layers, images, *errors)
+    return CenterResult(str(checkpoint), task.head, layers, images, *errors[:2], None if prior is None else errors[2])
 
 
 def net_name(checkpoint: str | Path) -> str:
@@ -128,7 +129,7 @@ def table_8(results: Sequence[CenterResult]) -> Any:
         paper = TABLE_8.get(BoxRegression(label, result.head.upper()))
         errors = (result.localisation_error, result.whole_image_error, result.centre_prior_error)
         cells = (*([net_name(result.checkpoint)] if several else []), label, result.head.upper(),
-                 *(f"{error:.1f}" for error in errors))
+                 *("-" if error is None else f"{error:.1f}" for error in errors))
         rows.append(Row(cells, (f"{paper:.1f}",) if paper is not None else None))
     columns = [*([Column("net")] if several else []), Column("fine-tuned"), Column("regression"),
                Column("error %", True), Column("whole image %", True), Column("centre prior %", True)]

@@ -53,7 +53,7 @@ class DenseResult:
     images: int
     localisation_error: float
     whole_image_error: float
-    centre_prior_error: float
+    centre_prior_error: float | None  # None: no training image had a box to take the mean of
     nets: list[DenseNetResult]
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,14 +62,16 @@ class DenseResult:
         return {**fields, "nets": [net.__dict__ for net in self.nets]} if len(self.nets) > 1 else fields
 
 
-def image_misses(output: DenseOutput, truth: Sequence[tuple[int, Tensor]], prior: Tensor) -> Tensor:
+def image_misses(output: DenseOutput, truth: Sequence[tuple[int, Tensor]], prior: Tensor | None) -> Tensor:
     """Whether protocol 2 is wrong on one image: the union of all nets, each net alone, the whole image
-    and the mean training box (each with the top classes)."""
+    and the mean training box (each with the top classes; without a ``prior``, the whole image counted
+    twice, its last figure then unused)."""
     w, h = output.size
     union = ranked(output)
     alone = [ranked(output, [net]) for net in range(len(output.boxes))] if len(output.boxes) > 1 else [union]
     guesses, labels = [union, *alone], output.labels.tolist()
-    whole, centre = torch.tensor([0.0, 0.0, w, h]), prior * torch.tensor([w, h, w, h])
+    whole = torch.tensor([0.0, 0.0, w, h])
+    centre = whole if prior is None else prior * torch.tensor([w, h, w, h])
     guesses += [[Guess(label, box, 0.0) for label in labels] for box in (whole, centre)]
     return torch.tensor([ilsvrc_wrong([(g.label, g.box) for g in row], truth) for row in guesses], dtype=torch.float)
 
@@ -89,9 +91,10 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     nets.check_scales(qs)
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
     task = task_of(recipe, boxes_source(boxes, data, nets.recipes), checkpoints[0])
-    train_set, val_set = task.open_splits(str(data), transform, transform)
+    train_set, val_set = task.open_for_eval(str(data), transform)
     to_net = classes_in_net(recipe, val_set, checkpoints[0])
-    prior, indices = mean_relative_box(train_set), balanced_subset(val_set.targets, limit)
+    prior = mean_relative_box(train_set) if train_set is not None else None  # no training boxes: no prior
+    indices = balanced_subset(val_set.targets, limit)
     misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
     starts = sharding.shard(range(0, len(indices), window))
     with progress_bar(sum(len(indices[start:start + window]) for start in starts),
@@ -111,7 +114,8 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     errors = (100.0 * misses / len(indices)).tolist()
     per_net = [DenseNetResult(str(c), t.head, smallest_training_scale(r), int(r["crop"]), e)
                for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, errors[1:-2], strict=True)]
-    return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], *errors[-2:], per_net)
+    return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], errors[-2],
+                       None if prior is None else errors[-1], per_net)
 
 
 def paper_scales(net: DenseNetResult, scales: Sequence[int]) -> LocalisationScales:
@@ -141,7 +145,7 @@ def table_9(result: DenseResult) -> Any:
         union = "union of " + " + ".join(net_name(net.checkpoint) for net in result.nets)
         rows.append(Row((union, scales_label(sorted({net.scale for net in result.nets})), q,
                          f"{result.localisation_error:.1f}"), figures(TABLE_9_FUSION)))
-    rows += [Row((name, "-", q, f"{error:.1f}")) for name, error in (
+    rows += [Row((name, "-", q, "-" if error is None else f"{error:.1f}")) for name, error in (
         ("whole image box", result.whole_image_error), ("mean training box", result.centre_prior_error))]
     rows += [Row(("paper: D, PCR", str(key.train), scales_label(key.test), "-"), figures(paper))
              for key, paper in TABLE_9.items() if key not in keys]

@@ -96,17 +96,30 @@ class Localisation(Task):
 
     def open_splits(self, data: str, train: Transform, val: Transform | None
                     ) -> tuple[LabelledImages, LabelledImages | None]:
-        source = Path(self.boxes or Path(data) / "boxes.txt")
-        table = read_boxes(source)
-        self.source, self.data_root = source.absolute(), Path(data).absolute()
-        train_set, val_set = super().open_splits(data, train, val)
-        paths = [path for images in (train_set, val_set) if images is not None for path, _ in images.samples]
-        matched = match_boxes(table, dict.fromkeys(paths), Path(data))  # both splits: no name shared unseen
+        train_set, val_set, matched = self.matched_splits(data, train, val)
         train_set = with_boxes(train_set, matched, train)
         if self.target_kind == "standardised" and not self.fitted:  # from the targets trained on: crops' boxes
             codes = training_codes(train_set, self.seed)
             self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=MIN_CODE_STD)
         return train_set, None if val is None else with_boxes(val_set, matched, val)
+
+    def open_for_eval(self, data: str, transform: Transform) -> tuple[LabelledImages | None, LabelledImages]:
+        """The validation images with their boxes, and the training images with theirs for the centre prior:
+        None when the boxes file holds none of them (ILSVRC's ``LOC_val_solution.csv``: validation boxes)."""
+        train_set, val_set, matched = self.matched_splits(data, transform, transform)
+        assert val_set is not None
+        boxed = any(matched.get(str(path)) for path, _ in train_set.samples)
+        return with_boxes(train_set, matched, transform) if boxed else None, with_boxes(val_set, matched, transform)
+
+    def matched_splits(self, data: str, train: Transform, val: Transform | None
+                       ) -> tuple[LabelledImages, LabelledImages | None, dict[str, list[Any]]]:
+        """Both splits and the boxes file's boxes matched to their images by path (:func:`match_boxes`)."""
+        source = Path(self.boxes or Path(data) / "boxes.txt")
+        table = read_boxes(source)
+        self.source, self.data_root = source.absolute(), Path(data).absolute()
+        train_set, val_set = super().open_splits(data, train, val)
+        paths = [path for images in (train_set, val_set) if images is not None for path, _ in images.samples]
+        return train_set, val_set, match_boxes(table, dict.fromkeys(paths), Path(data))  # no name shared unseen
 
     def held_out(self, train_set: LabelledImages, val: Transform) -> LabelledImages:
         """The training images with their boxes, read as validation reads them (``--val-split``)."""
