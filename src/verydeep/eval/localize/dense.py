@@ -64,15 +64,14 @@ class DenseResult:
 
 def image_misses(output: DenseOutput, truth: Sequence[tuple[int, Tensor]], prior: Tensor | None) -> Tensor:
     """Whether protocol 2 is wrong on one image: the union of all nets, each net alone, the whole image
-    and the mean training box (each with the top classes; without a ``prior``, the whole image counted
-    twice, its last figure then unused)."""
+    and, with a ``prior``, the mean training box (each with the top classes)."""
     w, h = output.size
     union = ranked(output)
     alone = [ranked(output, [net]) for net in range(len(output.boxes))] if len(output.boxes) > 1 else [union]
     guesses, labels = [union, *alone], output.labels.tolist()
-    whole = torch.tensor([0.0, 0.0, w, h])
-    centre = whole if prior is None else prior * torch.tensor([w, h, w, h])
-    guesses += [[Guess(label, box, 0.0) for label in labels] for box in (whole, centre)]
+    size = torch.tensor([w, h, w, h])
+    baselines = [torch.tensor([0.0, 0.0, w, h]), *([] if prior is None else [prior * size])]
+    guesses += [[Guess(label, box, 0.0) for label in labels] for box in baselines]
     return torch.tensor([ilsvrc_wrong([(g.label, g.box) for g in row], truth) for row in guesses], dtype=torch.float)
 
 
@@ -95,7 +94,8 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     to_net = classes_in_net(recipe, val_set, checkpoints[0])
     prior = mean_relative_box(train_set) if train_set is not None else None  # no training boxes: no prior
     indices = balanced_subset(val_set.targets, limit)
-    misses, window = torch.zeros(len(checkpoints) + 3), batch_size * WINDOW_BATCHES
+    count = len(checkpoints) + 2 + (prior is not None)  # the union, each net, the whole image, the prior
+    misses, window = torch.zeros(count), batch_size * WINDOW_BATCHES
     starts = sharding.shard(range(0, len(indices), window))
     with progress_bar(sum(len(indices[start:start + window]) for start in starts),
                               progress and Processes.from_env().main, desc="localize dense", unit="img") as bar:
@@ -112,10 +112,11 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     if not indices:
         raise UserError(f"{data}: no validation image with a box to evaluate")
     errors = (100.0 * misses / len(indices)).tolist()
+    alone, (whole, *centre) = errors[1:len(checkpoints) + 1], errors[len(checkpoints) + 1:]
     per_net = [DenseNetResult(str(c), t.head, smallest_training_scale(r), int(r["crop"]), e)
-               for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, errors[1:-2], strict=True)]
-    return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], errors[-2],
-                       None if prior is None else errors[-1], per_net)
+               for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, alone, strict=True)]
+    return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], whole,
+                       centre[0] if centre else None, per_net)
 
 
 def paper_scales(net: DenseNetResult, scales: Sequence[int]) -> LocalisationScales:
