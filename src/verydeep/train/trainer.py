@@ -220,9 +220,9 @@ class Trainer:
             return None
         return state["rng"][self.procs.rank]
 
-    def log(self, message: str) -> None:
-        """A line on stderr for the person watching (main process, with progress on)."""
-        if self.procs.main and self.cfg.progress:
+    def log(self, message: str, always: bool = False) -> None:
+        """A line on stderr for the person watching (main process, with progress on unless ``always``)."""
+        if self.procs.main and (self.cfg.progress or always):
             print(message, file=sys.stderr, flush=True)
 
     def warn(self, message: str) -> None:
@@ -350,9 +350,8 @@ class Trainer:
         start = time.perf_counter()
         if self.schedule.stopped or self.epoch >= self.cfg.epochs:  # the summary's lr: the one it ended with
             reason = "validation stopped improving" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
-            if self.procs.main:  # said whatever --progress: it is why nothing happens
-                print(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do",
-                      file=sys.stderr, flush=True)
+            self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do",
+                     always=True)  # whatever --progress: it is why nothing happens
             return self._summary("plateau" if self.schedule.stopped else "epochs", start)
         if self.cfg.resume and self.cfg.milestones:  # the milestones given now decide the lr from here on
             self.schedule.follow_milestones(self.epoch)
