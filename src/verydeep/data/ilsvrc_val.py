@@ -221,6 +221,13 @@ def _devkit_synsets(meta: Path) -> dict[int, str]:
     if not meta.is_file():
         raise MissingFileError(f"{meta} (the devkit's synset table) does not exist")
     from scipy.io import loadmat  # scipy ships with scikit-learn
+    from scipy.io.matlab import MatReadError
 
-    rows = loadmat(str(meta), squeeze_me=True)["synsets"]
-    return {int(r["ILSVRC2012_ID"]): str(r["WNID"]) for r in rows if int(r["num_children"]) == 0}
+    try:
+        rows = loadmat(str(meta), squeeze_me=True)["synsets"]
+        table = {int(r["ILSVRC2012_ID"]): str(r["WNID"]) for r in rows if int(r["num_children"]) == 0}
+    except (MatReadError, OSError, KeyError, IndexError, TypeError, ValueError) as error:
+        raise UserError(f"{meta}: not the devkit's synset table ({type(error).__name__}: {error})") from None
+    if not table:
+        raise UserError(f"{meta}: not the devkit's synset table (no synset without children)")
+    return table

@@ -558,6 +558,22 @@ def test_the_devkit_ground_truth_reads_ids_in_file_order_and_names_a_bad_line(tm
         ILSVRCValFolder(val, None, labels=devkit(tmp_path, f"1\n{bad}\n"))
 
 
+@pytest.mark.parametrize("damage", ["garbage", "empty", "no synsets"])
+def test_a_damaged_devkit_synset_table_is_one_line_naming_it(tmp_path, damage):
+    from scipy.io import savemat
+
+    val = flat_val(tmp_path)
+    labels = devkit(tmp_path, "1\n2\n")
+    if damage == "no synsets":
+        savemat(tmp_path / "meta.mat", {"other": np.zeros(2)})
+    else:
+        (tmp_path / "meta.mat").write_bytes(b"garbage\n" if damage == "garbage" else b"")
+    meta = re.escape(str(tmp_path / "meta.mat"))
+    with pytest.raises(UserError, match=f"^{meta}: not the devkit's synset table") as error:
+        ILSVRCValFolder(val, None, labels=labels)
+    assert "\n" not in str(error.value)
+
+
 def test_label_and_class_name_files_may_start_with_a_byte_order_mark(tmp_path):
     """Excel's "CSV UTF-8" and Notepad write a UTF-8 byte-order mark first: no part of a header, synset or name."""
     val = flat_val(tmp_path)
