@@ -156,6 +156,8 @@ NAMED = [
     ("data stats {data} --workers 100000", "argument --workers: data-loading processes must be from 0 to"),
     ("bench --config A --size 32 --width 0.0625 --batch 4 --rounds 1 --device cpu --workers 100000",
      "argument --workers"),
+    ("bench --config A --size 1824 --device cpu", "--size 1824: must be a multiple of 32, at most 1792"),
+    ("bench --config A --size 32 --device cpu --data {new}", "--data {new} does not exist"),
     (f"train {TINY} --workers 100000", "--workers must be from 0 to"),
     (f"train {TINY} --dropout 1.5", "--dropout is the probability of dropping an FC activation"),
     ("eval --checkpoint {run} --data {data} --scales 100000 --workers 0 --no-progress",

@@ -18,9 +18,11 @@ from verydeep.bench.reference import best_contenders, reference_contenders
 from verydeep.bench.roofline import precision_name, roofline_contenders
 from verydeep.bench.settings import DEFAULTS, TORCHVISION, Settings, add_net_options
 from verydeep.bench.summary import peak_memory_gib, render, summarise
+from verydeep.data.datasets import require_folder
 from verydeep.errors import UserError
 from verydeep.options import add_device, add_workers, positive_int
 from verydeep.runtime.device import machine, pick_device
+from verydeep.runtime.limits import MAX_SIDE
 from verydeep.runtime.precision import autocast_dtype
 from verydeep.runtime.processes import loader_workers
 
@@ -81,8 +83,11 @@ def run_cli(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     size = args.size or defaults["size"]
-    if size % 32:
-        raise UserError(f"--size {size}: must be a multiple of 32")
+    largest = MAX_SIDE * 224 // 256  # its training scale S, 256/224 of it, at most MAX_SIDE
+    if size % 32 or size > largest:
+        raise UserError(f"--size {size}: must be a multiple of 32, at most {largest}")
+    if args.data is not None:
+        require_folder(args.data, "--data")
     data = args.data if args.data is not None else (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
     settings = Settings(args.config, size, args.width or defaults["width"], args.batch or defaults["batch"],
                         args.rounds, defaults["steps"], str(device), defaults["gemm"], data, args.workers,
