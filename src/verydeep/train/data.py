@@ -20,6 +20,7 @@ from verydeep.data import (
 )
 from verydeep.data import gpu as gpu_decode
 from verydeep.data.datasets import LabelledImages, split_apart
+from verydeep.data.ilsvrc_val import ILSVRCValFolder
 from verydeep.data.loaders import image_loader
 from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, collate_shifted
 from verydeep.errors import UserError
@@ -38,8 +39,10 @@ def check_validation_classes(data: str | Path, train_set: LabelledImages, val_se
     if val_set.classes != train_set.classes:
         missing = [c for c in train_set.classes if c not in val_set.classes]
         extra = [c for c in val_set.classes if c not in train_set.classes]
-        said = (f"validation lacks the class folders {', '.join(missing[:5])} (a class without validation images "
-                "needs an empty folder)" if missing else
+        flat = isinstance(val_set, ILSVRCValFolder)  # its classes: those its ground truth or synset list names
+        advice = ("list every training class in a synset list beside it, LOC_synset_mapping.txt" if flat else
+                  "a class without validation images needs an empty folder")
+        said = (f"validation lacks the classes {', '.join(missing[:5])} ({advice})" if missing else
                 f"validation has class folders training lacks: {', '.join(extra[:5])}" if extra else
                 "their class folders are listed in another order")
         raise UserError(f"{data}: the validation classes differ from the training classes: {said}")

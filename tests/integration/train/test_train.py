@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import tiny, weights, write_dataset
+from conftest import photo, save, tiny, weights, write_dataset
 
 import verydeep
 from verydeep.cli import main
@@ -668,8 +668,22 @@ def test_class_folders_alone_are_not_their_own_validation_split(data, tmp_path):
 def test_a_validation_split_without_a_class_folder_names_it(tmp_path):
     root = write_dataset(tmp_path / "data", {"train": 4, "val": 1})
     shutil.rmtree(root / "val" / "class2")
-    with pytest.raises(UserError, match="validation lacks the class folders class2 .*an empty folder"):
+    with pytest.raises(UserError, match=r"validation lacks the classes class2 \(a class without validation images "
+                                        r"needs an empty folder\)"):
         train(tiny(root, tmp_path / "run", batch_size=4))
+
+
+def test_a_flat_validation_folder_without_a_class_says_where_its_classes_come_from(tmp_path):
+    synsets = ["n00000001", "n00000002", "n00000003"]
+    for i in range(12):
+        save(photo(40, 40, seed=i), tmp_path / "data" / "train" / synsets[i % 3] / f"{i}.jpg")
+    for i in range(4):
+        save(photo(40, 40, seed=i), tmp_path / "data" / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    (tmp_path / "data" / "val" / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i + 1:08d},{synsets[i % 2]} 1 1 9 9\n" for i in range(4)))
+    with pytest.raises(UserError, match=r"validation lacks the classes n00000003 \(list every training class in a "
+                                        r"synset list beside it, LOC_synset_mapping\.txt\)"):
+        train(tiny(tmp_path / "data", tmp_path / "run", batch_size=4))
 
 
 def test_a_step_none_of_whose_images_could_be_read_logs_no_loss(tmp_path):
