@@ -23,8 +23,12 @@ from verydeep.errors import MissingFileError, UserError
 #: Files listing exactly the 1000 ILSVRC classes (``words.txt`` names all of WordNet).
 CLASS_LIST_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
 
+#: Tiny ImageNet's validation labels (and boxes): ``<file> <synset> <x0> <y0> <x1> <y1>`` per line, beside
+#: the folder ``images/``.
+TINY_LABELS = "val_annotations.txt"
+
 #: Ground-truth files of the ILSVRC-2012 validation set, looked for beside the images.
-VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt", "val.txt")
+VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt", "val.txt", TINY_LABELS)
 
 
 class ILSVRCValFolder(LabelledImages):
@@ -36,7 +40,8 @@ class ILSVRCValFolder(LabelledImages):
     - ``LOC_val_solution.csv`` (Kaggle): ``ImageId,PredictionString`` with the synset first;
     - ``ILSVRC2012_validation_ground_truth.txt`` (devkit): one ILSVRC2012_ID (1..1000) per image
       in file-name order, mapped to synsets by the devkit's ``meta.mat`` (needs scipy);
-    - ``val.txt`` (Caffe): ``<file> <index>``, index into the sorted synsets (or a synset id).
+    - ``val.txt`` (Caffe): ``<file> <index>``, index into the sorted synsets (or a synset id);
+    - ``val_annotations.txt`` (Tiny ImageNet): ``<file> <synset> <box>``, the box left out.
 
     A label belongs to the image at its path relative to the folder (the CSV's ImageId without the
     extension), never to one of the same name elsewhere; a second label for one image, a line of
@@ -119,6 +124,8 @@ def _read_ground_truth(label_file: Path, images: Sequence[Path], sorted_synsets:
         lines = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         if lines and all(len(fields) == 1 for _, fields in lines):
             return _read_devkit_ids(label_file, lines, images)
+        if label_file.name == TINY_LABELS:  # its boxes are not labels: the file and synset of each line
+            lines = [(n, fields[:2]) for n, fields in lines]
         return _read_caffe_list(label_file, lines, sorted_synsets)
     except UserError:
         raise

@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 
 from verydeep.data.datasets import ImageFolder, LabelledImages, Transform, _class_dirs
-from verydeep.data.ilsvrc_val import ILSVRCValFolder
+from verydeep.data.ilsvrc_val import TINY_LABELS, ILSVRCValFolder
 from verydeep.errors import UserError
 
 
 def open_split(folder: str | Path, transform: Transform, strict: bool = False) -> LabelledImages:
-    """:class:`ImageFolder` for class folders, else :class:`ILSVRCValFolder` (flat images + labels); the
-    split read for validation, evaluation or statistics, so a class folder without images is allowed."""
+    """:class:`ImageFolder` for class folders, else :class:`ILSVRCValFolder` (flat images + labels, or Tiny
+    ImageNet's ``images/`` beside ``val_annotations.txt``); the split read for validation, evaluation or
+    statistics, so a class folder without images is allowed."""
     folder = Path(folder)
+    if (folder / TINY_LABELS).is_file() and _class_dirs(folder) == ["images"]:  # Tiny ImageNet's val/
+        return ILSVRCValFolder(folder / "images", transform, labels=folder / TINY_LABELS, strict=strict)
     if folder.is_dir() and _class_dirs(folder):
         return ImageFolder(folder, transform, strict, allow_empty=True)
     return ILSVRCValFolder(folder, transform, strict=strict)

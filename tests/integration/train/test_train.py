@@ -686,6 +686,25 @@ def test_a_flat_validation_folder_without_a_class_says_where_its_classes_come_fr
         train(tiny(tmp_path / "data", tmp_path / "run", batch_size=4))
 
 
+def test_tiny_imagenet_s_own_layout_trains_its_val_images_labelled_by_val_annotations(tmp_path):
+    from verydeep.data.splits import open_split
+
+    synsets, root = ["n01443537", "n01629819", "n01641577"], tmp_path / "tiny"
+    for i in range(12):
+        save(photo(40, 40, seed=i), root / "train" / synsets[i % 3] / "images" / f"{synsets[i % 3]}_{i}.JPEG")
+    for synset in synsets:
+        (root / "train" / synset / f"{synset}_boxes.txt").write_text("")
+    for i in range(6):
+        save(photo(40, 40, seed=20 + i), root / "val" / "images" / f"val_{i}.JPEG")
+    (root / "val" / "val_annotations.txt").write_text("".join(f"val_{i}.JPEG\t{synsets[(i + 1) % 3]}\t0\t0\t9\t9\n"
+                                                              for i in range(6)))
+    val = open_split(root / "val", None)
+    assert val.classes == synsets and val.targets == [(i + 1) % 3 for i in range(6)]
+    train(tiny(root, tmp_path / "run", batch_size=4))
+    record = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert record["classes"] == synsets and record["validation"]["images"] == 6
+
+
 def test_a_step_none_of_whose_images_could_be_read_logs_no_loss(tmp_path):
     data = write_dataset(tmp_path / "data", {"train": 4, "val": 2})
     for path in (data / "train" / "class3").glob("*.png"):
