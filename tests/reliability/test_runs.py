@@ -337,9 +337,28 @@ def test_resuming_on_other_images_is_refused_on_moved_ones_allowed(data, tmp_pat
     for changed, split in ((relabelled, "training"), (revalidated, "validation")):
         assert main([*resume, str(changed)]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"its {split} images (their names or class folders) are not those" in err
+        assert err.count("\n") == 1 and f"its {split} images (their names or classes) are not those" in err
     assert main([*resume, str(moved)]) == 0
     assert json.loads((run / "recipe.json").read_text())["data"] == str(moved)
+
+
+def test_resuming_on_a_flat_validation_folder_whose_labels_changed_is_refused(tmp_path, capsys):
+    from conftest import photo, save
+
+    from verydeep.cli import main
+
+    synsets, root = ["n00000001", "n00000002"], tmp_path / "data"
+    for i in range(8):
+        save(photo(40, 40, seed=i), root / "train" / synsets[i % 2] / f"{i}.jpg")
+        save(photo(40, 40, seed=10 + i), root / "val" / f"v{i}.jpg")
+    labels = root / "val" / "val.txt"
+    labels.write_text("".join(f"v{i}.jpg {i % 2}\n" for i in range(8)))
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{s} {s}\n" for s in synsets))
+    train(tiny(root, tmp_path / "run", batch_size=4))
+    labels.write_text("".join(f"v{i}.jpg {(i + 1) % 2}\n" for i in range(8)))  # every image in the other class
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its validation images (their names or classes) are not those" in err
 
 
 def test_a_bad_value_in_the_run_record_names_the_file_on_resume(data, tmp_path, capsys):

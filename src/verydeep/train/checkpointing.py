@@ -91,7 +91,7 @@ def check_same_images(run_dir: Path, stored: dict[str, Any], record: dict[str, A
     for split, what in (("training", "trained"), ("validation", "validated")):
         then = stored.get(split, {}).get("sha256") if isinstance(stored.get(split), dict) else None
         if then is not None and then != record[split]["sha256"]:
-            raise UserError(f"--data {data}: its {split} images (their names or class folders) are not those "
+            raise UserError(f"--data {data}: its {split} images (their names or classes) are not those "
                             f"{run_dir} {what} on; resume with the run's data, or start a new run with --weights")
 
 

@@ -50,10 +50,13 @@ def check_validation_classes(data: str | Path, train_set: LabelledImages, val_se
 
 def relative_paths(images: LabelledImages, indices: Iterable[int] | None = None) -> list[str]:
     """The paths of ``images`` (those at ``indices``, default all) within their split, sorted: the class folder
-    included, so that an image moved to another class is another path."""
+    included, so that an image moved to another class is another path; in a flat validation folder, whose
+    classes its ground-truth file gives, the class after the path."""
     root = Path(getattr(images, "root", "/"))
     chosen = range(len(images.samples)) if indices is None else indices
-    return sorted(str(_relative(Path(images.samples[i][0]), root)) for i in chosen)
+    flat = isinstance(images, ILSVRCValFolder)
+    return sorted(str(_relative(Path(images.samples[i][0]), root)) + (f"\t{images.classes[images.samples[i][1]]}"
+                                                                     if flat else "") for i in chosen)
 
 
 def path_digest(paths: list[str]) -> str:
