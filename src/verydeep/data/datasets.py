@@ -249,6 +249,16 @@ class LabelledImages(Dataset):
         return self._sizes
 
 
+class IndexedImages(LabelledImages):
+    """``paths`` as a dataset whose items are labelled by their index (a batch's labels say which images
+    it holds); unreadable files are skipped and named, or with ``strict`` an error naming the first."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Transform | None = None, strict: bool = False) -> None:
+        super().__init__(transform, strict=strict)
+        self.samples = [(Path(p), i) for i, p in enumerate(paths)]
+        self.classes, self.class_names = [], []
+
+
 class ImageFolder(LabelledImages):
     """A class-per-folder split: ``root/<class>/**/<image>``, classes in sorted folder order.
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from verydeep.data.datasets import DECODE_ERRORS, report_skip
+from verydeep.data.datasets import DECODE_ERRORS, IndexedImages, report_skip
 from verydeep.data.jpeg import Size, decoded_size
 from verydeep.data.transforms import CropPlan, PlannedTransform, reduction, resized_size
 from verydeep.data.voc_action import VOCActionData, open_voc_action
@@ -30,7 +30,7 @@ from verydeep.errors import UserError
 from verydeep.eval.descriptors import TAP, aggregate, check_scales_cover_crops, combine, load_feature_nets
 from verydeep.eval.feature_passes import Settings, run_passes
 from verydeep.eval.feature_store import Features, Partial, extraction_key
-from verydeep.eval.image_sets import ImageSet, IndexedImages
+from verydeep.eval.image_sets import ImageSet
 from verydeep.runtime.limits import MAX_TEST_PIXELS
 from verydeep.runtime.processes import Processes
 

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from verydeep.data import RescaleTransform, SizeGroupedBatchSampler, to_input
+from verydeep.data.datasets import IndexedImages
 from verydeep.errors import UserError
 from verydeep.eval.descriptors import AGGREGATES, DEFAULT_SCALES, FeatureNet, pooled_descriptor
 from verydeep.eval.feature_store import Partial
-from verydeep.eval.image_sets import ImageSet, IndexedImages, loaded_batches
+from verydeep.eval.image_sets import ImageSet, loaded_batches
 from verydeep.runtime import sharding
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.precision import autocast, autocast_dtype

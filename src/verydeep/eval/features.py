@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from verydeep.data import CenterCropTransform
+from verydeep.data.datasets import IndexedImages
 from verydeep.errors import UserError
 from verydeep.eval.box_features import REGIONS, extract_action_features
 from verydeep.eval.descriptors import (
@@ -38,7 +39,7 @@ from verydeep.eval.descriptors import (
 )
 from verydeep.eval.feature_passes import Settings, run_passes
 from verydeep.eval.feature_store import Features, Partial, extraction_key
-from verydeep.eval.image_sets import ImageSet, IndexedImages, loaded_batches, open_image_set
+from verydeep.eval.image_sets import ImageSet, loaded_batches, open_image_set
 from verydeep.options import (
     add_device,
     add_precision,

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -31,16 +30,6 @@ class ImageSet:
     splits: list[str]
     classes: list[str]
     class_names: list[str]
-
-
-class IndexedImages(LabelledImages):
-    """``paths`` as a dataset whose items are labelled by their index (a batch's labels say which images
-    it holds); unreadable files are skipped and named, or with ``strict`` an error naming the first."""
-
-    def __init__(self, paths: Sequence[str | Path], transform: Any = None, strict: bool = False) -> None:
-        super().__init__(transform, strict=strict)
-        self.samples = [(Path(p), i) for i, p in enumerate(paths)]
-        self.classes, self.class_names = [], []
 
 
 def refuse_split_without_train(root: Path) -> None:

@@ -30,10 +30,9 @@ import torch
 from torch import Tensor
 
 from verydeep.data import RescaleTransform, gpu, to_input
-from verydeep.data.datasets import DECODE_ERRORS
+from verydeep.data.datasets import DECODE_ERRORS, IndexedImages
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.evaluate import BATCH_SIZE, given_weights
-from verydeep.eval.image_sets import IndexedImages
 from verydeep.eval.nets import Net, load_nets, net_scales
 from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
 from verydeep.io.atomic import atomic_write

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from verydeep.data import BadImageError, Preprocess, RescaleTransform, SizeGroupedBatchSampler, to_input
 from verydeep.data.boxes import decode, from_crop
+from verydeep.data.datasets import IndexedImages
 from verydeep.errors import UserError
 from verydeep.eval.classmap import columns_of
-from verydeep.eval.image_sets import IndexedImages, loaded_batches
+from verydeep.eval.image_sets import loaded_batches
 from verydeep.eval.localize.scoring import merge_greedily
 from verydeep.eval.localize.task import Localisation, task_of
 from verydeep.io.sources import load
