@@ -172,6 +172,18 @@ def test_stats_match_the_pixels_and_are_stored_for_load_preprocess(tmp_path, cap
     assert "skipped" in capsys.readouterr().out
 
 
+def test_stats_of_a_flat_folder_of_unlabelled_images_are_those_of_its_images(tmp_path):
+    """Statistics need no labels: a folder of images without a ground-truth file is read as it is."""
+    (tmp_path / "flat").mkdir()
+    for name, colour in (("a", (10, 200, 30)), ("b", (200, 10, 30))):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        Image.new("RGB", (36, 36), colour).save(tmp_path / "classes" / name / "0.png")
+        Image.new("RGB", (36, 36), colour).save(tmp_path / "flat" / f"{name}.png")
+    flat, _ = compute_stats(tmp_path / "flat", mean_only=True, progress=False)
+    foldered, _ = compute_stats(tmp_path / "classes", mean_only=True, progress=False)
+    assert flat.mean == pytest.approx(foldered.mean) and flat.mean == pytest.approx((105 / 255, 105 / 255, 30 / 255))
+
+
 def test_stats_on_a_missing_folder_is_one_clear_error(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path / "nope"), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()

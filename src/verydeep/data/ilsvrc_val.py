@@ -76,14 +76,21 @@ class ILSVRCValFolder(LabelledImages):
         self.samples = [(p, index[truth.synsets[truth.key(p)]]) for p in images]
 
     def _find_labels(self) -> Path:
-        folders = [self.root, self.root.parent, self.root.parent / "ILSVRC2012_devkit_t12" / "data"]
-        for folder in folders:
-            for name in VAL_LABEL_FILES:
-                if (folder / name).is_file():
-                    return folder / name
-        raise MissingFileError(
-            f"data folder {self.root}: no ground-truth file ({', '.join(VAL_LABEL_FILES)}) beside it"
-        )
+        found = ground_truth_file(self.root)
+        if found is None:
+            raise MissingFileError(
+                f"data folder {self.root}: no ground-truth file ({', '.join(VAL_LABEL_FILES)}) beside it"
+            )
+        return found
+
+
+def ground_truth_file(root: Path) -> Path | None:
+    """The first of :data:`VAL_LABEL_FILES` in the flat folder ``root``, its parent or the devkit's ``data/``."""
+    for folder in (root, root.parent, root.parent / "ILSVRC2012_devkit_t12" / "data"):
+        for name in VAL_LABEL_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
 
 
 class _GroundTruth(NamedTuple):

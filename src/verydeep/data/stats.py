@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from verydeep.data.datasets import find_split
+from verydeep.data.datasets import IndexedImages, LabelledImages, _class_dirs, find_split, is_image
 from verydeep.data.decode import ImageFile, decode, to_tensor
+from verydeep.data.ilsvrc_val import ground_truth_file
 from verydeep.data.loaders import image_loader
 from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess
 from verydeep.data.splits import open_split
@@ -48,6 +49,16 @@ class PixelMoments:
         return torch.cat([count, x.sum(0), (x.T @ x).flatten()])
 
 
+def pixel_images(folder: Path, transform: PixelMoments) -> LabelledImages:
+    """The images the statistics average: the split (its labels unused), or a flat folder's images when no
+    ground-truth file labels them, since statistics need no labels."""
+    if folder.is_dir() and not _class_dirs(folder) and ground_truth_file(folder) is None:
+        images = sorted(path for path in folder.iterdir() if is_image(path))
+        if images:
+            return IndexedImages(images, transform)
+    return open_split(folder, transform)
+
+
 def compute_stats(
     folder: str | Path,
     sample: int = 5000,
@@ -64,7 +75,7 @@ def compute_stats(
     paper's preprocessing, std = 1/255 (mean subtraction on the 0..255 scale). Returns the
     statistics and a summary (images used, skipped, pixels).
     """
-    dataset = open_split(folder, PixelMoments(side))
+    dataset = pixel_images(Path(folder), PixelMoments(side))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     subset = Subset(dataset, order[: min(sample, len(dataset))].tolist())
     loader = image_loader(subset, None, workers)
