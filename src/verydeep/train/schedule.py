@@ -47,13 +47,14 @@ class Schedule:
                     self.stopped = True
         return improved
 
-    def follow_milestones(self, epochs_done: int) -> None:
+    def follow_milestones(self, epochs_done: int) -> float:
         """Set lr for ``epochs_done`` from the milestones alone, the one rule of an uninterrupted and a
-        resumed run (which may move or add them): divided by 10 once for each milestone passed."""
+        resumed run (which may move or add them): divided by 10 once for each milestone passed; returns it."""
         self.drops = sum(milestone <= epochs_done for milestone in self.milestones)
         self.lr = self.base_lr
         for _ in range(self.drops):  # as the plateau rule divides, so the rates are the same floats
             self.lr /= 10
+        return self.lr
 
     def state_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "best": self.best, "bad": self.bad, "since_best": self.since_best,

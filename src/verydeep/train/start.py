@@ -47,6 +47,15 @@ def refuse_contradictions(cfg: TrainConfig, given: set[str], source: dict[str, A
                             f"into another configuration give --warm-start (Sec. 3.1), else drop {flag}")
 
 
+def checked_settings(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, LoadedNet | None]:
+    """A new run's settings checked and those ``--weights`` decide taken (:func:`adopt_weights`): each option
+    alone before any file is read, then all of them together, the crop the weights may decide among them."""
+    cfg.check_each()
+    adopted, published = adopt_weights(cfg, given)
+    adopted.check()
+    return adopted, published
+
+
 def adopt_weights(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, LoadedNet | None]:
     """A new run from ``--weights`` takes their architecture and input convention (the settings ``given``
     that contradict them refused); their tensors are copied by :func:`initial_model`."""

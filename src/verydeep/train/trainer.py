@@ -53,7 +53,7 @@ from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
 from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
 from verydeep.train.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
 from verydeep.train.schedule import EpochTotals, Schedule
-from verydeep.train.start import adopt_weights, freeze, initial_model, param_groups
+from verydeep.train.start import checked_settings, freeze, initial_model, param_groups
 from verydeep.train.step import StepFigures, Stepper, StepQueue, check_finite_weights, zero_momenta
 from verydeep.train.validation import describe, score, validate
 
@@ -81,7 +81,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, procs: Processes, task: Task | None = None,
                  given: Collection[str] | None = None) -> None:
-        cfg.check_each()
         self.procs, self.task = procs, task or Classification()
         # the settings the user gave (flags, recipe): those that contradict --weights are refused; from
         # Python, those that differ from their defaults
@@ -92,8 +91,7 @@ class Trainer:
         # and must precede wrapping, since DDP broadcasts rank 0's weights as it is built; the checkpoint's
         # RNG states are set after wrapping, last of all, so that nothing draws after them; the loaders
         # start at the restored position in the epoch. Fitting the micro-batch draws nothing.
-        self.cfg, self.published = adopt_weights(cfg, given)
-        self.cfg.check()  # the options together, the crop --weights may decide among them
+        self.cfg, self.published = checked_settings(cfg, given)
         self._place()
         self.data = TrainingData(self.cfg, self.task, self.decode)
         self.record = run_record(self.cfg, self.task, self.pre, self.data)
@@ -354,8 +352,7 @@ class Trainer:
                      always=True)  # whatever --progress: it is why nothing happens
             return self._summary("plateau" if self.schedule.stopped else "epochs", start)
         if self.cfg.resume and self.cfg.milestones:  # the milestones given now decide the lr from here on
-            self.schedule.follow_milestones(self.epoch)
-            self._set_lr(self.schedule.lr)
+            self._set_lr(self.schedule.follow_milestones(self.epoch))
         if self.procs.main:
             write_run_record(self.run_dir, self.record)
         self.model.train()
