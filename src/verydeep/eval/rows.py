@@ -82,8 +82,14 @@ class EvalRow(RowSpec):
 
 def score(spec: RowSpec, posteriors: Tensor, targets: Tensor) -> EvalRow:
     """The row ``spec`` scored: top-1 and top-5 errors of its posteriors (N, classes) against ``targets``."""
-    return EvalRow(**vars(spec), top1_error=topk_error(posteriors, targets, 1),
-                   top5_error=topk_error(posteriors, targets, 5), images=len(targets))
+    return EvalRow(**vars(spec), **measured_figures(posteriors, targets))
+
+
+def measured_figures(posteriors: Tensor, targets: Tensor) -> dict[str, Any]:
+    """What a row measures of posteriors (N, classes) labelled ``targets``: its top-1 and top-5 errors and
+    its images (:class:`EvalRow`'s fields)."""
+    return {"top1_error": topk_error(posteriors, targets, 1), "top5_error": topk_error(posteriors, targets, 5),
+            "images": len(targets)}
 
 
 def fuse_rows(members: Sequence[tuple[RowSpec, Tensor]], targets: Tensor) -> tuple[EvalRow, Tensor]:

@@ -17,9 +17,9 @@ import torch
 
 from verydeep.errors import UserError
 from verydeep.eval.evaluate import evaluate, write_outputs
-from verydeep.eval.metrics import PairedDifference, paired_difference, topk_correct, topk_error
+from verydeep.eval.metrics import PairedDifference, paired_difference, topk_correct
 from verydeep.eval.posteriors_file import load_posteriors
-from verydeep.eval.rows import EvalRow, fuse_rows
+from verydeep.eval.rows import EvalRow, fuse_rows, measured_figures
 from verydeep.paper.figures import single_test_scale
 from verydeep.paper.presets import Net, Preset
 
@@ -58,27 +58,27 @@ def read_cached(cache: Path, name: str) -> tuple[list[Measured], float]:
     ``results.json`` are not trusted: only its rows' names and protocols, and its time); a damaged cache is
     a :class:`UserError` naming the file."""
     path = cache / "results.json"
+
+    def damaged(why: str) -> UserError:
+        return UserError(f"{path}: damaged cached evaluation ({why}); delete {cache} to evaluate again")
+
     try:
         saved = json.loads(path.read_text())
         specs = [replace(EvalRow.from_dict(row), nets=[name]) for row in saved["rows"]]
         seconds = float(saved["timing"]["seconds"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
-        raise UserError(f"{path}: damaged cached evaluation ({type(error).__name__}: {error}); delete {cache} to "
-                        "evaluate again") from None
+        raise damaged(f"{type(error).__name__}: {error}") from None
     kept = load_posteriors(cache / "posteriors.npz")
     targets, paths = kept.targets[kept.readable], np.array(kept.paths)[kept.readable]
-    lost = next((spec.name for spec in specs if spec.name not in kept.rows), None)
-    if lost is not None or not specs or not math.isfinite(seconds) or seconds < 0 or not len(targets):
-        why = (f"no posteriors of its row {lost!r}" if lost is not None else "no rows" if not specs
-               else "no readable test image" if not len(targets) else f"a time of {seconds} s")
-        raise UserError(f"{path}: damaged cached evaluation ({why}); delete {cache} to evaluate again")
-    measured = []
-    for spec in specs:
-        posteriors, labels = torch.from_numpy(kept.rows[spec.name]), torch.from_numpy(targets)
-        row = replace(spec, top1_error=topk_error(posteriors, labels, 1), top5_error=topk_error(posteriors, labels, 5),
-                      images=len(targets))
-        measured.append(Measured(row, kept.rows[spec.name], targets, paths))
-    return measured, seconds
+    lost = [spec.name for spec in specs if spec.name not in kept.rows]
+    if not specs or lost or not len(targets):
+        raise damaged(f"no posteriors of its row {lost[0]!r}" if lost else "no rows" if not specs
+                      else "no readable test image")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise damaged(f"a time of {seconds} s")
+    labels = torch.from_numpy(targets)
+    return [Measured(replace(spec, **measured_figures(torch.from_numpy(kept.rows[spec.name]), labels)),
+                     kept.rows[spec.name], targets, paths) for spec in specs], seconds
 
 
 def fuse(members: Sequence[Measured]) -> Measured:
