@@ -85,7 +85,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     to_net = classes_in_net(recipe, val_set, net.source) if task.head == "pcr" else None
     prior = mean_relative_box(train_set) if train_set is not None else None  # no training boxes: no prior
     pre = Preprocess.from_dict(recipe["preprocess"])
-    wrong_counts, images = torch.zeros(3), 0
+    wrong_counts, images = torch.zeros(2 if prior is None else 3), 0  # the net, the whole image, the prior
     batches = loader(val_set, limit, batch_size, workers)
     with progress_bar(len(batches), progress and Processes.from_env().main,
                               desc=f"localize {net_name(checkpoint)}", unit="batch") as bar:
@@ -98,14 +98,14 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
             labels = batch.labels if to_net is None else to_net[batch.labels]
             guesses = [decode(task.predicted(outputs, labels), side), batch.frames,
                        *([] if prior is None else [in_frames(prior, batch.frames)])]
-            wrong_counts[:len(guesses)] += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
+            wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
             images += len(batch.images)
     *summed, total = sharding.total(torch.tensor([*wrong_counts.tolist(), images], dtype=torch.float64)).tolist()
     wrong_counts, images = torch.tensor(summed), int(total)
     if not images:
         raise UserError(f"{data}: no readable validation image with a box")
-    errors = (100.0 * wrong_counts / images).tolist()
-    return CenterResult(str(checkpoint), task.head, layers, images, *errors[:2], None if prior is None else errors[2])
+    net_error, whole, *centre = (100.0 * wrong_counts / images).tolist()
+    return CenterResult(str(checkpoint), task.head, layers, images, net_error, whole, centre[0] if centre else None)
 
 
 def net_name(checkpoint: str | Path) -> str:
