@@ -376,30 +376,50 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
         settings = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML ({error})") from error
+    places = {key: f"{path}:{number}" for key, number in setting_lines(text, settings).items()}
     unknown = [key for key in settings if key not in {f.name for f in fields(TrainConfig)}]
     if unknown:
-        raise UserError(f"{path}: unknown setting {unknown[0]!r} (settings are TrainConfig fields)")
+        place = places.get(unknown[0], path)
+        raise UserError(f"{place}: unknown setting {unknown[0]!r} (settings are TrainConfig fields)")
     if "recipe" in settings:  # read once, from the command line: a recipe's own recipe would be ignored
-        raise UserError(f"{path}: recipe = {settings['recipe']!r}: a recipe cannot name another; copy its settings in")
-    check_settings(settings, path)
+        raise UserError(f"{places.get('recipe', path)}: recipe = {settings['recipe']!r}: a recipe cannot name "
+                        "another; copy its settings in")
+    check_settings(settings, path, places)
     return settings
 
 
-def check_settings(settings: dict[str, Any], path: str | Path) -> None:
+def setting_lines(text: str, settings: dict[str, Any]) -> dict[str, int]:
+    """The line on which each top-level key of a TOML text is set (tomllib gives no positions), so that an
+    error names it; a key found on no line (written in an unusual way) is left out."""
+    lines = {}
+    for key in settings:
+        name = re.escape(key)
+        setting = rf"^[ \t]*(?:{name}|\"{name}\"|'{name}')[ \t]*[=.]"  # key = value, or key.sub = value
+        table = rf"^[ \t]*\[+[ \t]*{name}[ \t]*[\].]"  # [key] or [[key]]
+        pattern = re.compile(f"{setting}|{table}", re.M)
+        match = pattern.search(text)
+        if match:
+            lines[key] = text.count("\n", 0, match.start()) + 1
+    return lines
+
+
+def check_settings(settings: dict[str, Any], path: str | Path, places: dict[str, str] | None = None) -> None:
     """Check each setting read from the file ``path`` (a recipe, a run record) as its field does; a bad
-    value is a :class:`UserError` naming the file and the setting. Other keys are not settings' and pass."""
+    value is a :class:`UserError` naming the file (``places``: file and line, by key) and the setting.
+    Other keys are not settings' and pass."""
     known = {f.name: f for f in fields(TrainConfig)}
     for key, value in settings.items():  # typed values (TOML, JSON): only the other fields' parsers apply
         if key not in known:
             continue
+        place = (places or {}).get(key, path)
         parse = known[key].metadata["parse"]
         typed = parse is None or known[key].type.removesuffix(" | None") in KINDS
         try:
-            check_field(known[key], value if typed else parse(value), f"{path}: {key}")
+            check_field(known[key], value if typed else parse(value), f"{place}: {key}")
         except UserError as error:
-            raise UserError(f"{path}: {key}: {error}" if str(error).startswith("--") else str(error)) from None
+            raise UserError(f"{place}: {key}: {error}" if str(error).startswith("--") else str(error)) from None
         except (TypeError, ValueError):
-            raise UserError(f"{path}: {key}: not a valid value: {value!r}") from None
+            raise UserError(f"{place}: {key}: not a valid value: {value!r}") from None
 
 
 # ---- the run record ---------------------------------------------------------------------------

@@ -25,7 +25,15 @@ from verydeep.runtime import memory
 from verydeep.runtime.processes import Processes, loader_workers
 from verydeep.train import NonFiniteLossError, Schedule, Trainer, master_weights, train
 from verydeep.train.memory_fit import MemoryProbe
-from verydeep.train.recipe import TrainConfig, make_config, parse_scale, read_recipe, recipe_names, settings_from_flags
+from verydeep.train.recipe import (
+    TrainConfig,
+    make_config,
+    parse_scale,
+    read_recipe,
+    recipe_names,
+    setting_lines,
+    settings_from_flags,
+)
 from verydeep.train.step import zero_momenta
 
 
@@ -404,11 +412,16 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
 def test_a_recipe_setting_of_the_wrong_type_or_out_of_range_names_the_file_and_setting(data, tmp_path, capsys,
                                                                                       text, message):
     recipe = tmp_path / "bad.toml"
-    recipe.write_text(text + "\n")
+    recipe.write_text(f"# a comment, then a good setting and the bad one\nepochs = 1\n{text}\n")
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {recipe}: {message}"), err
-    assert recipe.read_text() == text + "\n" and not (tmp_path / "run").exists()
+    assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {recipe}:3: {message}"), err
+    assert recipe.read_text().endswith(text + "\n") and not (tmp_path / "run").exists()
+
+
+def test_a_recipe_error_names_the_line_of_a_quoted_key_and_of_a_table():
+    text = '# a recipe\n\n"lr" = 0.1\n[momentum]\nx = 1\n'
+    assert setting_lines(text, {"lr": 0.1, "momentum": {"x": 1}}) == {"lr": 3, "momentum": 4}
 
 
 def test_a_recipe_that_is_not_text_is_one_line_naming_it(data, tmp_path, capsys):
