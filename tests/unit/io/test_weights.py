@@ -199,6 +199,28 @@ def test_torchvision_state_dict_recognised_by_its_keys(tmp_path, config, batch_n
         torch.testing.assert_close(outputs(published, x), source(to_input(x, IMAGENET)))
 
 
+@pytest.mark.parametrize("width", [0.1, 0.3, 0.7, 1 / 64, 3 / 8, 1 / 3])
+@pytest.mark.parametrize("config", ["A", "E"])
+def test_a_state_dict_at_any_width_is_read_at_a_width_that_gives_every_layer_its_channels(tmp_path, config, width):
+    source = VGG(config, num_classes=3, width=width, input_size=32)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    published = load_published(path)
+    assert published.recipe["width"] == pytest.approx(width, abs=1e-3)  # 1/3 reads as 1365/4096: FC6's size
+    x = images(32)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(published, x), source.eval()(to_input(x, IMAGENET)))
+
+
+def test_channels_that_no_width_gives_are_refused_naming_the_file(tmp_path):
+    weights = VGG("A", num_classes=3, width=1 / 8, input_size=32).state_dict()
+    weights["classifier.0.weight"] = torch.zeros(100, weights["classifier.0.weight"].shape[1])  # 512 at 1/8
+    weights["classifier.0.bias"] = torch.zeros(100)
+    torch.save(weights, tmp_path / "odd.pth")
+    with pytest.raises(UserError, match=r"odd.pth: its layers' channels \(8, 16, .*, 100\) fit no single width"):
+        load_published(tmp_path / "odd.pth")
+
+
 @pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
 def test_a_torchvision_state_dict_in_safetensors_without_our_recipe_is_read_as_torchvision(tmp_path, metadata):
     pth, source = torchvision_file(tmp_path / "vgg.pth", "A", batch_norm=True)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from verydeep.errors import UserError
 from verydeep.nn import configs
+from verydeep.nn.configs import FC_WIDTH
 from verydeep.nn.model import make_trunk, scaled
 
 
@@ -67,23 +68,42 @@ def check_tensors(state: dict[str, Tensor], path: Path) -> None:
 
 def architecture(weights: dict[str, Tensor], path: Path, head: bool) -> dict[str, Any]:
     """Configuration, batch norm, width, crop and classes from the shapes of a torchvision-layout state dict:
-    the conv positions give the configuration, conv1_1's channels the width, FC6's inputs the crop."""
+    the conv positions give the configuration, the layers' channels the width, FC6's inputs the crop."""
     config, batch_norm = _config_from_keys(weights, path)
     convs = sorted((k for k, v in weights.items() if _conv_key(k, v)), key=_index)
     first, last = weights[convs[0]].shape[0], weights[convs[-1]].shape[0]
     if first < 1 or last < 1:  # the readers refuse empty layers; a net of no channels would divide by zero below
         raise UserError(f"{path}: a convolution of {min(first, last)} output channels")
-    width = first / 64 if scaled(512, first / 64) == last else last / 512
-    arch = {"config": config, "batch_norm": batch_norm, "width": width, "crop": 224, "num_classes": 1000}
+    nominal = [layer.channels for layer in configs.layers(config) if layer.kind == "conv"]
+    sizes = [(channels, weights[key].shape[0]) for channels, key in zip(nominal, convs, strict=True)]
+    arch = {"config": config, "batch_norm": batch_norm, "crop": 224, "num_classes": 1000}
     if not head:
-        return arch
+        return arch | {"width": _width(sizes, path)}
     fc6, fc8 = weights.get("classifier.0.weight"), weights.get("classifier.6.weight")
     if fc6 is None or fc8 is None or fc6.dim() != 2 or fc8.dim() != 2:
         raise UserError(f"{path}: no classifier (2-D classifier.0.weight and classifier.6.weight)")
+    arch["width"] = _width([*sizes, (FC_WIDTH, fc6.shape[0])], path)
     grid = math.isqrt(fc6.shape[1] // last)
     if grid < 1 or grid * grid * last != fc6.shape[1]:
         raise UserError(f"{path}: FC6 takes {fc6.shape[1]} inputs, not a square map of {last} channels")
     return arch | {"crop": 32 * grid, "num_classes": fc8.shape[0]}
+
+
+def _width(sizes: list[tuple[int, int]], path: Path) -> float:
+    """The width multiplier that gives each layer of ``sizes`` (channels at width 1, channels found) its
+    channels: a short decimal where one does (0.1, 0.125), else the found channels over the nominal ones of
+    the first or last layer (1/64), else the middle of the widths that fit."""
+    low, high = 0.0, math.inf
+    for nominal, found in sizes:  # scaled() rounds nominal * width to the nearest whole number, at least 1
+        low, high = max(low, (found - 0.5) / nominal if found > 1 else 0.0), min(high, (found + 0.5) / nominal)
+    middle = (low + high) / 2
+    candidates = [round(middle, digits) for digits in (1, 2, 3)]
+    candidates += [found / nominal for nominal, found in (sizes[0], sizes[-1])] + [middle]
+    fits = [width for width in candidates if all(scaled(n, width) == f for n, f in sizes)]
+    if not fits:
+        raise UserError(f"{path}: its layers' channels ({', '.join(str(f) for _, f in sizes)}) fit no single "
+                        "width multiplier of Table 1's configuration")
+    return fits[0]
 
 
 def _index(key: str) -> int:
