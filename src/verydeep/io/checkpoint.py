@@ -76,8 +76,26 @@ def check_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:
     if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in weights.items()):
         raise UserError(f"{path}: its 'model' entry is not a state dict of tensors (got {type(weights).__name__})")
+    check_tensors(weights, path)
     check_recipe(state["recipe"], path)
     return state
+
+
+#: The kinds of numbers a weight may hold: others would be cast silently (an int, a bool, a complex number
+#: losing its imaginary part) or are not computed with on a CPU (float8).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A one-line error naming the first tensor that is no weight: not of :data:`WEIGHT_DTYPES`, or with a
+    zero dimension (an empty layer, say a classifier of 0 classes). Batch norm's ``num_batches_tracked``
+    is an integer counter."""
+    for key, value in state.items():
+        if not key.endswith("num_batches_tracked") and value.dtype not in WEIGHT_DTYPES:
+            raise UserError(f"{path}: tensor {key} holds {value.dtype} values, not floating point weights "
+                            "(float16, bfloat16, float32 or float64)")
+        if 0 in value.shape:
+            raise UserError(f"{path}: tensor {key} has shape {tuple(value.shape)}, with a zero dimension")
 
 
 #: The recipe keys that :func:`check_recipe` checks against training's declaration of the option.
@@ -220,6 +238,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         weights, recipe = load_file(path), json.loads(metadata["recipe"])
     except Exception as error:  # a damaged tensor block or recipe
         raise UserError(f"{path}: not a readable safetensors file ({type(error).__name__})") from error
+    check_tensors(weights, path)
     return weights, check_recipe(recipe, path)
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED, photo
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from verydeep.cli import main
 from verydeep.data import IMAGENET, Preprocess, to_input
@@ -603,6 +604,7 @@ def malformed(kind: str, path: Path) -> None:
     ("torchvision-int32", "tensor features.0.weight holds torch.int32 values, not floating point"),
     ("torchvision-bool", "tensor features.0.weight holds torch.bool values"),
     ("torchvision-complex64", "tensor features.0.weight holds torch.complex64 values"),
+    ("torchvision-float8_e4m3fn", "tensor features.0.weight holds torch.float8_e4m3fn values, not floating point"),
 ])
 def test_a_malformed_file_is_refused_in_one_line_naming_it_and_what_is_wrong(tmp_path, monkeypatch, kind, says):
     path = tmp_path / f"{kind}.bin"
@@ -616,6 +618,26 @@ def test_a_malformed_file_is_refused_in_one_line_naming_it_and_what_is_wrong(tmp
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message and says in message
     assert not out.exists() and "model.weights.h5" not in unpacked  # nothing written, no bomb unpacked
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("kind", ["checkpoint", "safetensors"])
+def test_our_own_files_with_weights_that_are_no_floats_are_refused_naming_the_tensor(tmp_path, kind, dtype):
+    model = VGG("A", num_classes=3, width=1 / 16, input_size=32)
+    recipe = {"config": "A", "num_classes": 3, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32}
+    if kind == "checkpoint":
+        state = model.state_dict() | {"features.0.weight": model.features[0].weight.detach().to(dtype)}
+        path = tmp_path / "net.pt"
+        torch.save({"model": state, "recipe": recipe}, path)
+    else:
+        with torch.no_grad():
+            model.features[0].weight.mul_(100)
+        path = export_safetensors(model, recipe, tmp_path / "net.safetensors")
+        weights = load_file(path)
+        save_file(weights | {"features.0.weight": weights["features.0.weight"].to(dtype)}, path,
+                  metadata=safe_open(path, "pt").metadata())
+    with pytest.raises(UserError, match=f"^{path}: tensor features.0.weight holds {dtype} values, not floating"):
+        load_published(path)
 
 
 def test_an_error_a_reader_did_not_foresee_is_one_line_naming_the_file(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from verydeep.errors import UserError
+from verydeep.io.checkpoint import check_tensors
 from verydeep.nn import configs
 from verydeep.nn.configs import FC_WIDTH
 from verydeep.nn.model import make_trunk, scaled
@@ -53,17 +54,6 @@ def state_dict(state: Any, path: Path) -> dict[str, Tensor]:
         raise UserError(f"{path}: not a state dict of tensors, nor a verydeep checkpoint")
     check_tensors(state, path)
     return state
-
-
-def check_tensors(state: dict[str, Tensor], path: Path) -> None:
-    """A one-line error naming the first tensor that is no weight: not floating point (an int, bool or complex
-    tensor would be cast silently, a complex one losing its imaginary part) or with a zero dimension (an empty
-    layer, say a classifier of 0 classes). Batch norm's counter ``num_batches_tracked`` is an integer."""
-    for key, value in state.items():
-        if not key.endswith("num_batches_tracked") and not value.is_floating_point():
-            raise UserError(f"{path}: tensor {key} holds {value.dtype} values, not floating point weights")
-        if 0 in value.shape:
-            raise UserError(f"{path}: tensor {key} has shape {tuple(value.shape)}, with a zero dimension")
 
 
 def architecture(weights: dict[str, Tensor], path: Path, head: bool) -> dict[str, Any]:
