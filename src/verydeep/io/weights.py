@@ -247,7 +247,7 @@ def convert(source: str | Path, out: str | Path, weights_dir: str | Path | None 
 def describe(published: Published) -> str:
     """One line: the net, its sizes, its task when not classification, and the input it takes."""
     recipe = published.recipe
-    pre = Preprocess.from_dict(recipe["preprocess"])
+    pre = Preprocess.from_dict(recipe["preprocess"]) if recipe.get("preprocess") else IMAGENET  # as load() takes it
     head = ", random classifier" if recipe.get("head") == "random" else ""
     origin = (recipe.get("source") or {}).get("format", published.format)  # a converted file names its origin
     task = "" if task_name(recipe) == Classification.name else f", {task_name(recipe)} ({outputs_text(recipe)})"

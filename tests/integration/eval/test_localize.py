@@ -222,11 +222,12 @@ def random_nets(classes: int = 3, classifier_crop: int = 32) -> DenseNets:
     in dense form."""
     torch.manual_seed(0)
     identity = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-    pre = Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (1.0, 1.0, 1.0), identity).to_dict()
+    pre = Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (1.0, 1.0, 1.0), identity)
     locate = VGG("A", 4 * classes, width=1 / 16, input_size=32).eval()
     classify = VGG("A", classes, width=1 / 16, input_size=classifier_crop).eval()
-    recipe = {"task": "localisation-pcr", "crop": 32, "preprocess": pre}
-    return DenseNets([locate.dense()], classify.dense(), [recipe], {"preprocess": pre}, torch.device("cpu"))
+    recipe = {"task": "localisation-pcr", "crop": 32, "preprocess": pre.to_dict()}
+    return DenseNets([locate.dense()], classify.dense(), [recipe], {"preprocess": pre.to_dict()}, [pre], pre,
+                     torch.device("cpu"))
 
 
 def random_images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:

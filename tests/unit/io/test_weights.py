@@ -369,6 +369,16 @@ def test_cli_convert_writes_safetensors_and_download_knows_the_names(tmp_path, c
     assert exit_.value.code == 2
 
 
+def test_convert_of_a_checkpoint_whose_recipe_names_no_input_convention_describes_the_one_it_loads_with(
+        tmp_path, capsys):
+    model = VGG("A", num_classes=3, width=1 / 16, input_size=32)
+    recipe = {"config": "A", "num_classes": 3, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32}
+    torch.save({"model": model.state_dict(), "recipe": recipe}, tmp_path / "net.pt")
+    args = parser().parse_args(["convert", str(tmp_path / "net.pt"), str(tmp_path / "net.safetensors")])
+    assert args.func(args) == 0
+    assert "VGG-A, width 0.0625, crop 32, 3 classes; input RGB on 0..1 (verydeep weights)" in capsys.readouterr().out
+
+
 # ---- names ----------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from verydeep.data import CenterCropTransform, Preprocess, balanced_subset, collate, to_input
+from verydeep.data import CenterCropTransform, balanced_subset, collate, to_input
 from verydeep.data.boxes import decode
 from verydeep.data.datasets import LabelledImages
 from verydeep.data.loaders import image_loader
@@ -75,7 +75,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     Table 8's label of the net where its recipe does not say (:func:`fine_tuned_layers`); ``progress``: a
     bar over the batches (the first process's)."""
     dev = pick_device(device)
-    net = load(checkpoint, device=dev)
+    net = load(checkpoint, data=data, device=dev)
     model, recipe = net.model, net.recipe
     task = task_of(recipe, boxes_source(boxes, data, [recipe]), net.source)
     layers = fine_tuned_layers(recipe, fine_tuned, recipe_file(net.source))
@@ -84,7 +84,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     # a per-class box is the box of the image's class as the net numbers it; SCR's one box is every class's
     to_net = classes_in_net(recipe, val_set, net.source) if task.head == "pcr" else None
     prior = mean_relative_box(train_set) if train_set is not None else None  # no training boxes: no prior
-    pre = Preprocess.from_dict(recipe["preprocess"])
+    pre = net.preprocess
     wrong_counts, images = torch.zeros(2 if prior is None else 3), 0  # the net, the whole image, the prior
     batches = loader(val_set, limit, batch_size, workers)
     with progress_bar(len(batches), progress and Processes.from_env().main,

@@ -151,6 +151,8 @@ class DenseNets:
     classify: torch.nn.Module
     recipes: list[dict[str, Any]]  # the localisation nets'
     classifier_recipe: dict[str, Any]
+    conventions: list[Preprocess]  # the localisation nets' input conventions
+    classifier_convention: Preprocess
     device: torch.device
     columns: list[int] | None = None  # the classifier's outputs of the nets' classes (None: the same classes)
     tasks: list[Localisation] = field(init=False)  # each net's, read from its recipe once (it checks the recipe)
@@ -169,18 +171,18 @@ class DenseNets:
         for checkpoint in paths:
             net = load(checkpoint, device=dev)
             task_of(net.recipe, source=net.source)  # one line naming a net that is not a localisation net, first
-            loaded.append((net.model, net.recipe))
-        for checkpoint, (_, recipe) in zip(paths, loaded, strict=True):
-            if list(recipe.get("classes") or []) != list(loaded[0][1].get("classes") or []):
+            loaded.append(net)
+        for checkpoint, net in zip(paths, loaded, strict=True):
+            if list(net.recipe.get("classes") or []) != list(loaded[0].recipe.get("classes") or []):
                 raise UserError(f"{checkpoint}: its classes are not those of {paths[0]}")
         published = load(classifier, device=dev)
         cls_recipe = published.recipe
         if str(cls_recipe.get("task", "")).startswith("localisation") or not published.has_fc_layers:
             raise UserError(f"--classifier {classifier}: not a classification net (a localisation net, or weights "
                             "without FC layers); give the net that ranks the classes")
-        columns = classifier_columns(cls_recipe, loaded[0][1], classifier)
-        return cls([model.dense() for model, _ in loaded], published.model.dense(),
-                   [r for _, r in loaded], cls_recipe, dev, columns)
+        columns = classifier_columns(cls_recipe, loaded[0].recipe, classifier)
+        return cls([net.model.dense() for net in loaded], published.model.dense(), [net.recipe for net in loaded],
+                   cls_recipe, [net.preprocess for net in loaded], published.preprocess, dev, columns)
 
     @property
     def class_names(self) -> list[str]:
@@ -206,14 +208,13 @@ class DenseNets:
         its dense class-score map, or its spatial mean where the grids differ), and the classifier's
         posteriors (N, classes) (:func:`~verydeep.eval.sweep.dense_posteriors`, no flip), on the CPU."""
         images = images.to(self.device)
-        x = to_input(images, Preprocess.from_dict(self.classifier_recipe["preprocess"]))
+        x = to_input(images, self.classifier_convention)
         class_scores = self.classify(x).float()  # (N, classifier's classes, h, w)
         maps, boxes, scores = class_scores.softmax(dim=1), [], []
         if self.columns is not None:  # the nets' classes among the classifier's, over its full softmax
             maps = maps[:, self.columns]
-        for net, recipe, task in zip(self.locate, self.recipes, self.tasks, strict=True):
-            found = dense_boxes(net, to_input(images, Preprocess.from_dict(recipe["preprocess"])),
-                                int(recipe["crop"]), task)
+        for net, recipe, task, convention in zip(self.locate, self.recipes, self.tasks, self.conventions, strict=True):
+            found = dense_boxes(net, to_input(images, convention), int(recipe["crop"]), task)
             boxes.append(found.flatten(2, 3))
             scores.append(location_scores(maps, (found.shape[2], found.shape[3])))
         posteriors = class_scores.mean(dim=(2, 3)).softmax(dim=1)
