@@ -337,6 +337,17 @@ def sources(tmp_path: Path) -> dict[str, Path]:
             "keras": write_keras(tmp_path / "net.h5", *keras_arrays(blocks, fcs))}
 
 
+def test_a_keras_file_of_float16_weights_reads_as_its_float32_copy(tmp_path):
+    blocks, fcs = keras_arrays(*raw_weights("D", 1 / 4, 96, 10))  # FC1: 1.2 M values, 2.4 MB stored in float16
+    half = write_keras(tmp_path / "half.h5", [[(w.astype(np.float16), b.astype(np.float16)) for w, b in block]
+                                              for block in blocks], [(w.astype(np.float16), b) for w, b in fcs])
+    single = write_keras(tmp_path / "single.h5", [[(w.astype(np.float16).astype(np.float32), b.astype(
+        np.float16).astype(np.float32)) for w, b in block] for block in blocks],
+        [(w.astype(np.float16).astype(np.float32), b) for w, b in fcs])
+    read, expected = load_published(half).model.state_dict(), load_published(single).model.state_dict()
+    assert all(torch.equal(read[key], value) for key, value in expected.items())
+
+
 def test_convert_round_trip_keeps_outputs_and_convention(tmp_path):
     for fmt, source in sources(tmp_path).items():
         original = load_published(source)
