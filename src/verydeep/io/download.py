@@ -33,6 +33,8 @@ def resolve_source(source: str | Path, weights_dir: str | Path | None = None) ->
     """An existing file or folder, or a known name's official file in the weights folder."""
     path = Path(source).expanduser()
     if path.exists():
+        if not (path.is_file() or path.is_dir()):  # a pipe would block the read, a device never end it
+            raise UserError(f"{source}: not a regular file or folder, so no weights")
         return path
     known = _known(str(source))
     folder = weights_folder(weights_dir)

@@ -8,6 +8,7 @@ import argparse
 import builtins
 import hashlib
 import math
+import os
 import pickle
 import zipfile
 from dataclasses import replace
@@ -678,3 +679,16 @@ def test_an_empty_weights_dir_is_refused_not_taken_for_the_default(capsys):
     assert main(["download", "vgg16", "--weights-dir", ""]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--weights-dir is empty: give a folder" in err
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device"])
+def test_a_pipe_or_a_device_as_weights_is_refused_before_it_is_read(tmp_path, capsys, kind):
+    if kind == "pipe":
+        source = tmp_path / "weights.pth"
+        os.mkfifo(source)  # opened for reading, it would wait for a writer for ever
+    else:
+        source = Path("/dev/zero")  # read, it would never end
+    assert main(["convert", str(source), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"verydeep convert: error: {source}: not a regular file or folder, so no weights\n"
+    assert not (tmp_path / "out.safetensors").exists()
