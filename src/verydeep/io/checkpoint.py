@@ -229,6 +229,11 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if path.suffix != ".safetensors":
         state = load_checkpoint(path)
         return state["model"], state["recipe"]
+    return read_safetensors_weights(path)
+
+
+def read_safetensors_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and recipe of our ``.safetensors`` file (under any name: its contents say what it is)."""
     if not path.is_file():
         raise MissingFileError(f"{path}: no such weights file")
     metadata = safetensors_metadata(path)

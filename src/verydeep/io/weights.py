@@ -48,6 +48,7 @@ from verydeep.io.checkpoint import (
     load_into,
     load_weights,
     model_from_recipe,
+    read_safetensors_weights,
     safetensors_metadata,
 )
 from verydeep.io.download import download, resolve_source
@@ -142,12 +143,10 @@ def load_published(source: str | Path, weights_dir: str | Path | None = None) ->
     path = resolve_source(source, weights_dir)
     kind = sniff(path)
     if kind == "safetensors":
-        if path.suffix != ".safetensors":
-            raise UserError(f"{path}: a safetensors file; verydeep reads them under a .safetensors name")
         if "recipe" not in safetensors_metadata(path):  # a state dict saved by others: torchvision's layout
             with foreign(path, "torchvision safetensors"):
                 return _publish(state_dict(read_safetensors(path), path), path, "torchvision")
-        return _ours(path, *load_weights(path))
+        return _ours(path, *read_safetensors_weights(path))
     if kind == "folder":
         return _ours(path, *load_weights(path))
     if kind == "keras":

@@ -241,6 +241,17 @@ def test_a_torchvision_state_dict_in_safetensors_without_our_recipe_is_read_as_t
         load_published(tmp_path / "other.safetensors")
 
 
+def test_a_safetensors_file_under_another_name_is_read_by_its_contents(tmp_path):
+    pth, _ = torchvision_file(tmp_path / "vgg.pth", "A")
+    save_file(torch.load(pth, weights_only=True), tmp_path / "theirs.st")
+    assert load_published(tmp_path / "theirs.st").recipe == load_published(pth).recipe | {
+        "source": {"format": "torchvision", "path": str(tmp_path / "theirs.st")}}
+    ours = convert(pth, tmp_path / "ours.safetensors")
+    (tmp_path / "ours.weights").write_bytes(ours.read_bytes())
+    again = load_published(tmp_path / "ours.weights")
+    assert again.format == "verydeep" and again.recipe == load_published(ours).recipe
+
+
 def test_a_safetensors_file_whose_header_length_starts_with_a_pickles_first_byte_is_safetensors(tmp_path):
     path = tmp_path / "net.safetensors"
     model = VGG("A", 3, width=0.0625, input_size=32)
