@@ -111,7 +111,7 @@ def parse_scales(text: str) -> list[int]:
     """``type=`` for ``--scales``: ``256,384,512`` -> [256, 384, 512], each from 1 to
     :data:`verydeep.runtime.limits.MAX_SIDE`; a bad list is a one-line error."""
     try:
-        scales = [int(s) for s in text.split(",") if s.strip()]
+        scales = [int(s) for s in text.split(",")]  # an empty entry (256,,384) too is refused
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers such as 256,384,512; got {text!r}"

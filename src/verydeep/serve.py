@@ -256,7 +256,7 @@ class Looker:
 
     def classify(self, net: Net, path: Path, name: str, ask: Ask) -> tuple[Prediction, Tensor]:
         """``verydeep predict``'s result for one image (named ``name``) by one net, and its posterior."""
-        scales = chosen_scales(net, ask.scales)
+        scales = chosen_scales(net, ask.scales, option="scales:")
         posterior = image_posteriors(net, [path], True, self.device, self.dtype, ask.protocol, scales)[0]
         top = ranked_classes(net, posterior, ask.topk)
         return Prediction(net.checkpoint, scales, True, net.preprocess.to_dict(), [ImagePrediction(name, top)],
@@ -299,7 +299,7 @@ class Looker:
         names = self.boxes.class_names
         scales = ask.scales or [smallest_training_scale(recipe)]
         try:
-            self.boxes.check_scales(scales)
+            self.boxes.check_scales(scales, option="scales:")
         except UserError as error:
             return {"error": str(error), "scales": scales}
         found = self.boxes.guesses(path, scales, ask.topk, workers=0)  # one upload, read in the request's thread

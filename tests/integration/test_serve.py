@@ -177,7 +177,7 @@ def bad_uploads(image: Path) -> list[tuple[dict, dict, str]]:
         ({"image": ("x.jpg", whole)}, {"colour": "red"}, "unknown field 'colour'"),
         ({"image": ("x.jpg", whole)}, {"topk": "0"}, "topk: expected an integer from 1 to 100; got '0'"),
         ({"image": ("x.jpg", whole)}, {"scales": "abc"}, "scales: expected comma-separated integers"),
-        ({"image": ("x.jpg", whole)}, {"scales": "16"}, "--scales [16] smaller than the crop 32"),
+        ({"image": ("x.jpg", whole)}, {"scales": "16"}, "scales: [16] smaller than the crop 32"),
         ({"image": ("strip.png", strip)}, {"scales": "2048"}, "strip.png: unreadable image (ValueError: rescaled to"),
         ({"image": ("x.jpg", whole)}, {"protocol": "centre"}, "protocol: one of dense, multicrop, dense+multicrop"),
         ({"image": ("x.jpg", whole)}, {"topk": ["1", "2"]}, "the field 'topk' is given twice"),

@@ -224,6 +224,7 @@ NAMED = [
     # sizes and counts beyond what the machine can hold or run
     ("predict --checkpoint {run} {image} --scales 100000", "argument --scales: a test scale Q"),
     ("eval --checkpoint {run} --data {data} --scales 100000", "argument --scales: a test scale Q"),
+    ("eval --checkpoint {run} --data {data} --scales 35,,40", "argument --scales: expected comma-separated integers"),
     ("localize eval --checkpoint {run} --data {data} --protocol dense --scales 100000",
      "argument --scales: a test scale Q"),
     ("localize predict --checkpoint {run} --classifier {run} --out {folder} {image} --scales 100000",

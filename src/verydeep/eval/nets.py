@@ -127,10 +127,11 @@ class Net:
         )
 
 
-def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, source: str | Path) -> list[int]:
+def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, source: str | Path,
+               option: str = "--scales") -> list[int]:
     """Test scales Q of a net: ``scales`` when given, else derived from its training scale
     (:func:`derive_scales`), else the paper's Q = {256, 384, 512} (Sec. 4.2) scaled by crop/224.
-    A scale below the crop is an error naming the net."""
+    A scale below the crop is an error naming the net and ``option`` (where the scales came from)."""
     if scales:
         chosen = sorted(set(scales))
     elif recipe.get("scale") is not None:
@@ -139,7 +140,7 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
         chosen = paper_scales(crop)
     small = [q for q in chosen if q < crop]
     if small:
-        raise UserError(f"--scales {small} smaller than the crop {crop} of {source}")
+        raise UserError(f"{option} {small} smaller than the crop {crop} of {source}")
     return chosen
 
 

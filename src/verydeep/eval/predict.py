@@ -224,9 +224,10 @@ def predict(
     return predict_with(net, images, topk, flip, torch_device, dtype, outs, protocol)
 
 
-def chosen_scales(net: Net, scales: Sequence[int] | None) -> list[int]:
-    """``scales`` (sorted, each checked against the net's crop) when given, else the net's own test scales."""
-    return net_scales(net.recipe, net.crop, scales, net.checkpoint) if scales else net.scales
+def chosen_scales(net: Net, scales: Sequence[int] | None, option: str = "--scales") -> list[int]:
+    """``scales`` (sorted, each checked against the net's crop, an error naming ``option``) when given, else
+    the net's own test scales."""
+    return net_scales(net.recipe, net.crop, scales, net.checkpoint, option) if scales else net.scales
 
 
 def predict_with(net: Net, images: Sequence[str | Path], topk: int, flip: bool, device: torch.device,

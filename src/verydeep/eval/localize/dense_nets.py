@@ -194,11 +194,12 @@ class DenseNets:
                 return [str(name) for name in names]
         return [str(c) for c in range(self.classifier_recipe["num_classes"])]
 
-    def check_scales(self, scales: Sequence[int]) -> None:
-        """Every test scale Q at least every net's crop (a dense net needs one window); else a :class:`UserError`."""
+    def check_scales(self, scales: Sequence[int], option: str = "--scales") -> None:
+        """Every test scale Q at least every net's crop (a dense net needs one window); else a :class:`UserError`
+        naming ``option``, where the scales came from."""
         crops = [int(r["crop"]) for r in (*self.recipes, self.classifier_recipe)]
         if min(scales) < max(crops):
-            raise UserError(f"--scales {min(scales)} is smaller than the nets' crop {max(crops)}: a dense net needs "
+            raise UserError(f"{option} {min(scales)} is smaller than the nets' crop {max(crops)}: a dense net needs "
                             "a whole window")
 
     @torch.no_grad()
