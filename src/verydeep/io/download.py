@@ -30,9 +30,10 @@ def _known(name: str) -> KnownWeights:
 
 
 def resolve_source(source: str | Path, weights_dir: str | Path | None = None) -> Path:
-    """An existing file or folder, or a known name's official file in the weights folder."""
+    """An existing file or folder, or a known name's official file in the weights folder; with ``weights_dir``
+    given, a known name is looked up there even where a file of that name lies in the working folder."""
     path = Path(source).expanduser()
-    if path.exists():
+    if path.exists() and not (weights_dir is not None and str(source) in NAMES):
         if not (path.is_file() or path.is_dir()):  # a pipe would block the read, a device never end it
             raise UserError(f"{source}: not a regular file or folder, so no weights")
         return path
@@ -47,7 +48,8 @@ def resolve_source(source: str | Path, weights_dir: str | Path | None = None) ->
 def refuse_unused_weights_dir(weights_dir: str | Path | None, sources: list[str | Path]) -> None:
     """``--weights-dir`` is where named weights are looked up; beside weights that all name files or folders it
     would do nothing, which is a :class:`UserError` rather than a flag silently dropped."""
-    if weights_dir is not None and sources and all(Path(source).expanduser().exists() for source in sources):
+    if weights_dir is not None and sources and all(
+            Path(source).expanduser().exists() and str(source) not in NAMES for source in sources):
         raise UserError(f"--weights-dir {weights_dir}: named weights (vgg16, caffe-vgg19, ...) are looked up there, "
                         f"but {', '.join(map(str, sources))} name files or folders; drop --weights-dir")
 

@@ -28,7 +28,7 @@ from verydeep.data import IMAGENET, Preprocess, to_input
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.catalogue import NAMES, known_weights
 from verydeep.io.checkpoint import export_safetensors, save_checkpoint
-from verydeep.io.download import download
+from verydeep.io.download import download, refuse_unused_weights_dir
 from verydeep.io.formats.caffe import caffe_net_class
 from verydeep.io.weights import CAFFE, Published, add_cli, convert, imagenet_classes, load_published, sniff
 from verydeep.nn.model import VGG
@@ -431,6 +431,18 @@ def test_a_name_finds_its_file_whose_content_decides(tmp_path):
     assert (published.format, published.recipe["config"]) == ("torchvision", "E")
     with pytest.raises(UserError, match="vgg17: no such file or folder, nor a published weights name"):
         load_published("vgg17", tmp_path)
+
+
+def test_with_weights_dir_a_name_is_looked_up_there_past_a_file_of_that_name_in_the_working_folder(
+        tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    torchvision_file(folder / "vgg11-8a719046.pth", "A")
+    torchvision_file(tmp_path / "vgg11", "E")  # a file that happens to bear the name, where the command runs
+    monkeypatch.chdir(tmp_path)
+    assert load_published("vgg11").recipe["config"] == "E"  # a path that exists is that path
+    assert load_published("vgg11", weights_dir=folder).recipe["config"] == "A"  # --weights-dir: the name
+    refuse_unused_weights_dir(folder, ["vgg11"])  # it takes effect: not refused as unused
 
 
 @pytest.mark.parametrize(("name", "checksum"), [("vgg16", "SHA-256 begins"), ("keras-vgg16", "MD5 is")])
