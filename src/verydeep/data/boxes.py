@@ -119,9 +119,17 @@ def read_box_text(path: Path) -> BoxTable:
         match = _BOX_LINE.fullmatch(line)
         if match is None or _NUMBER.fullmatch(match["path"].split()[-1]):  # a number before the box: a fifth one
             raise UserError(f"{path}:{number}: expected 'relpath xmin ymin xmax ymax', got {line.strip()!r}")
-        table.setdefault(Path(match["path"]).as_posix(), []).append(
+        table.setdefault(_image_key(match["path"], f"{path}:{number}"), []).append(
             pixel_box(None, match["box"].split(), f"{path}:{number}"))
     return table
+
+
+def _image_key(name: str, where: str) -> str:
+    """An annotation's image path as the tables key it; one that names no file (``.``, ``./``, empty) is a
+    :class:`UserError` naming ``where``."""
+    if not _parts(name):
+        raise UserError(f"{where}: {name!r} names no image")
+    return Path(name).as_posix()
 
 
 def bndbox_values(obj: ET.Element) -> tuple[str, str, str, str] | None:
@@ -169,13 +177,13 @@ def read_loc_csv(path: Path) -> BoxTable:
         if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
             raise UserError(f"{path}: not a LOC solution file (columns ImageId,PredictionString)")
         for number, row in enumerate(reader, start=2):
-            parts = row["PredictionString"].split()
+            parts = (row["PredictionString"] or "").split()  # None: a row cut off after its id
             if not parts or len(parts) % 5:
                 raise UserError(f"{path}:{number}: expected groups of 'synset xmin ymin xmax ymax'")
-            if row["ImageId"] in table:
+            key = _image_key(row["ImageId"], f"{path}:{number}")
+            if key in table:
                 raise UserError(f"{path}:{number}: image {row['ImageId']} is listed twice")
-            table[row["ImageId"]] = [pixel_box(parts[i], parts[i + 1:i + 5], f"{path}:{number}")
-                                     for i in range(0, len(parts), 5)]
+            table[key] = [pixel_box(parts[i], parts[i + 1:i + 5], f"{path}:{number}") for i in range(0, len(parts), 5)]
     return table
 
 

@@ -152,6 +152,10 @@ def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_path(tmp_pat
     ("boxes.txt", "train/a/x.png a b c d\n", "four numbers"),
     ("sol.csv", "ImageId,Other\n", "not a LOC solution"),
     ("sol.csv", "ImageId,PredictionString\nx,n01 1 2 3\n", "groups of"),
+    ("sol.csv", "ImageId,PredictionString\nx,n01 1 2 3 4\nval_9\n", r"sol.csv:3: expected groups of"),  # cut off
+    ("sol.csv", "ImageId,PredictionString\n.,n01 1 2 3 4\n", r"sol.csv:2: '.' names no image"),
+    ("sol.csv", "ImageId,PredictionString\n,n01 1 2 3 4\n", r"sol.csv:2: '' names no image"),
+    ("boxes.txt", "train/a/x.png 1 2 3 4\n./ 1 1 5 5\n", r"boxes.txt:2: './' names no image"),
     ("a.xml", "<annotation><object><name>n", "not a valid annotation"),
     ("a.xml", "<annotation><object><name>n</name></object></annotation>", "without a complete bndbox"),
 ])
