@@ -30,6 +30,8 @@ PREPROCESS_FILE = "preprocess.json"
 
 #: The smallest per-channel std a preprocessing may divide by.
 MIN_STD = 1e-3
+#: The largest value an input convention may put pixels on (Caffe's is 255, torchvision's 1).
+MAX_VALUE_SCALE = 65535
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,18 @@ class Preprocess:
         _check_numbers("std", self.std, lambda v: MIN_STD <= v <= 1,
                        f"from {MIN_STD:g} (a quarter of one of 255 levels: a smaller one blows the input up) to 1 "
                        "(statistics are on the 0..1 scale)")
-        _check_numbers("eigval", self.eigval, lambda v: v >= 0, "at least 0 (a covariance's eigenvalue)")
+        _check_numbers("eigval", self.eigval, lambda v: 0 <= v <= 1,
+                       "from 0 (a covariance's eigenvalue) to 1 (statistics are on the 0..1 scale)")
         for i, row in enumerate(self.eigvec):
             _check_numbers(f"eigvec[{i}]", row, lambda v: True, "")
         columns = torch.tensor(self.eigvec, dtype=torch.float64)
         if not torch.allclose(columns.T @ columns, torch.eye(3, dtype=torch.float64), atol=ORTHONORMAL_TOLERANCE):
             raise ValueError(f"Preprocess.eigvec's columns must be orthonormal eigenvectors; got {self.eigvec!r}")
-        if self.channels not in ("RGB", "BGR") or not 0 < self.value_scale < math.inf:
-            raise ValueError(f"Preprocess: channels must be RGB or BGR and value_scale positive and finite; got "
-                             f"{self.channels!r}, {self.value_scale!r}")
+        if self.channels not in ("RGB", "BGR"):
+            raise ValueError(f"Preprocess: channels must be RGB or BGR; got {self.channels!r}")
+        if not 1 <= self.value_scale <= MAX_VALUE_SCALE:
+            raise ValueError(f"value_scale is {self.value_scale!r}; expected a number from 1 (inputs on 0..1) to "
+                             f"{MAX_VALUE_SCALE} (the largest value of a 16-bit image)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: lists of floats."""
@@ -108,7 +113,10 @@ ORTHONORMAL_TOLERANCE = 0.01
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # non-finite values: _check_numbers
         raise ValueError(f"{name} must be a number; got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        raise ValueError(f"{name} is {str(value)[:20]}...: far beyond any number of its kind") from None
 
 
 def _numbers(values: Any, name: str) -> Triple:

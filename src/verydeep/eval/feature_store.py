@@ -108,7 +108,7 @@ def _settings(path: str | Path, value: np.ndarray) -> dict[str, Any]:
     """The JSON object stored as ``settings``."""
     try:
         settings = json.loads(str(value.item())) if value.ndim == 0 and value.dtype.kind == "U" else None
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or an integer of thousands of digits
         settings = None
     if not isinstance(settings, dict):
         raise UserError(f"{path}: settings must be a JSON object (how the features were made)")

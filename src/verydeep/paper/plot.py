@@ -69,11 +69,11 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         if raw.strip():
             try:
-                record = json.loads(raw.decode())
+                record = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark an editor wrote, left out
             except UnicodeDecodeError as error:
                 raise UserError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line)") from None
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{number}: not a JSON record ({error.msg})") from error
+            except ValueError as error:  # not JSON, or an integer of thousands of digits
+                raise UserError(f"{path}:{number}: not a JSON record ({getattr(error, 'msg', error)})") from error
             records.append(check_record(record, f"{path}:{number}"))
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]

@@ -131,7 +131,7 @@ def read_eval_settings(cache: Path) -> dict[str, Any] | None:
     finished = all((cache / name).is_file() for name in ("results.json", "posteriors.npz", EVAL_SETTINGS))
     try:
         return json.loads((cache / EVAL_SETTINGS).read_text()) if finished else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # not UTF-8, not JSON, or an integer of thousands of digits
         return None
 
 

@@ -27,7 +27,12 @@ def is_whole(value: Any) -> bool:
 
 def is_finite(value: Any) -> bool:
     """Whether ``value``, as read from JSON or TOML, is a finite number (True and False are not numbers)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range (JSON holds any number of digits)
+        return False
 
 
 def whole_number(value: Any) -> int:

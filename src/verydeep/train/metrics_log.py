@@ -81,11 +81,11 @@ class MetricsLog:
         kept = []
         for number, raw in enumerate(self.path.read_bytes().splitlines(), start=1):
             try:
-                line = raw.decode()
+                line = raw.decode("utf-8-sig")
                 record = json.loads(line) if line.strip() else None
                 logged_later = record is not None and (record["step"] > step if record["kind"] == "step"
                                                        else record["epoch"] > epoch)
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, not a record
                 warn(f"{self.path}:{number}: a damaged record (cut short by a crash?) was dropped")
                 continue
             if record is not None and not logged_later:

@@ -374,8 +374,8 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
         raise MissingFileError(f"--recipe {name_or_file}: no such file or recipe (shipped: {shipped})")
     try:
         settings = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"{path}: not valid TOML ({error})") from error
+    except ValueError as error:  # TOMLDecodeError, or an integer of thousands of digits
+        raise UserError(f"{path}: not valid TOML ({str(error)[:200]})") from error
     places = {key: f"{path}:{number}" for key, number in setting_lines(text, settings).items()}
     unknown = [key for key in settings if key not in {f.name for f in fields(TrainConfig)}]
     if unknown:
@@ -441,8 +441,8 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFileError(f"{path}: no run record (was this run directory written by verydeep train?)")
     try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        record = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark an editor wrote, left out
+    except ValueError as error:  # not UTF-8, not JSON, or an integer of thousands of digits
         raise UserError(f"{path}: damaged run record ({error})") from error
     if not isinstance(record, dict):
         raise UserError(f"{path}: damaged run record (not a JSON object)")

@@ -42,6 +42,12 @@ def test_plot_refuses_an_out_matplotlib_cannot_write_naming_out(tmp_path, capsys
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.pgf")]) == 2  # LaTeX's, not matplotlib's
 
 
+def test_plot_reads_a_log_an_editor_saved_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'\xef\xbb\xbf{"kind": "step", "epoch": 1, "step": 1, "loss": 1.0, '
+                                             b'"lr": 0.01}\n')
+    assert plot_run(tmp_path).is_file()
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ("[1, 2]", "not a JSON object"),
     ('{"epoch": 1, "step": 2, "loss": 1, "lr": 0.01}', '"kind" must be "step" or "epoch"'),
@@ -58,6 +64,8 @@ def test_plot_refuses_an_out_matplotlib_cannot_write_naming_out(tmp_path, capsys
     ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top1": 101}', '"val_top1" must be an accuracy'),
     ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top5": "x"}', '"val_top5" must be an accuracy'),
     ('{"kind": "st\udcff"}', "not UTF-8 text (byte 13 of the line)"),
+    ('{"kind": "step", "epoch": 1, "step": 2, "loss": 1' + "0" * 400 + ', "lr": 0.01}', '"loss" must be a finite'),
+    ('{"kind": "step", "epoch": 1, "step": 2, "loss": 1' + "0" * 5000 + ', "lr": 0.01}', "not a JSON record"),
 ])
 def test_plot_refuses_a_bad_record_naming_file_and_line(tmp_path, capsys, line, message):
     good = '{"kind": "step", "epoch": 1, "step": 1, "loss": 1.0, "lr": 0.01}\n'

@@ -11,7 +11,7 @@ from verydeep.data import IMAGENET, Preprocess
 from verydeep.data.preprocess import load_preprocess, read_preprocess
 from verydeep.errors import UserError
 from verydeep.io.weights import CAFFE
-from verydeep.train.recipe import parse_preprocess, read_recipe
+from verydeep.train.recipe import parse_preprocess, read_recipe, read_run_record
 
 NAN, INF = float("nan"), float("inf")
 GOOD = IMAGENET.to_dict()
@@ -29,12 +29,17 @@ GOOD = IMAGENET.to_dict()
     ({"std": [0.2, 0.2, 58.4]}, r"std\[2\] is 58.4; .* to 1 \(statistics are on the 0..1 scale\)"),
     ({"std": [0.2, 0, 0.2]}, r"std\[1\] is 0.0"),
     ({"eigval": [NAN, 0.1, 0.1]}, r"eigval\[0\] is nan"),
-    ({"eigval": [-1, 0.1, 0.1]}, r"eigval\[0\] is -1.0; expected a finite number at least 0"),
+    ({"eigval": [-1, 0.1, 0.1]}, r"eigval\[0\] is -1.0; expected a finite number from 0"),
+    ({"eigval": [1e308, 0.1, 0.1]}, r"eigval\[0\] is 1e\+308; .* to 1 \(statistics are on the 0..1 scale\)"),
+    ({"mean": [10**400, 0.5, 0.5]}, r"mean\[0\] is 10000000000000000000...: far beyond"),
     ({"eigvec": [[NAN, 0, 0], [0, 1, 0], [0, 0, 1]]}, r"eigvec\[0\]\[0\] is nan"),
     ({"eigvec": [[1, 0], [0, 1]]}, "eigvec must be 3x3"),
     ({"eigvec": 1}, "eigvec must be 3 rows of 3 numbers"),
     ({"eigvec": [[2, 0, 0], [0, 1, 0], [0, 0, 1]]}, "eigvec's columns must be orthonormal"),
-    ({"value_scale": INF}, "value_scale positive and finite"),
+    ({"value_scale": INF}, "value_scale is inf; expected a number from 1"),
+    ({"value_scale": 1e-300}, r"value_scale is 1e-300; expected a number from 1 \(inputs on 0..1\) to 65535"),
+    ({"value_scale": 1e308}, "value_scale is 1e\\+308"),
+    ({"value_scale": 10**400}, "value_scale is 10000000000000000000...: far beyond"),
 ])
 def test_a_bad_number_in_a_preprocess_file_names_the_file_and_key(tmp_path, change, said):
     path = tmp_path / "preprocess.json"
@@ -67,3 +72,17 @@ def test_a_preprocess_file_and_a_recipe_written_with_a_byte_order_mark_read(tmp_
     assert read_preprocess(tmp_path / "preprocess.json") == IMAGENET
     (tmp_path / "r.toml").write_bytes(b"\xef\xbb\xbfepochs = 3\nlr = 0.02\n")
     assert read_recipe(tmp_path / "r.toml") == {"epochs": 3, "lr": 0.02}
+
+
+def test_a_number_of_thousands_of_digits_in_a_recipe_or_a_run_record_is_one_line_naming_the_file(tmp_path):
+    (tmp_path / "r.toml").write_text("lr = 1" + "0" * 5000 + "\n")  # beyond what Python converts to an int
+    with pytest.raises(UserError, match=f"^{tmp_path / 'r.toml'}: not valid TOML"):
+        read_recipe(tmp_path / "r.toml")
+    (tmp_path / "recipe.json").write_text('{"lr": 1' + "0" * 5000 + "}")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'recipe.json'}: damaged run record"):
+        read_run_record(tmp_path)
+
+
+def test_a_run_record_an_editor_saved_with_a_byte_order_mark_reads(tmp_path):
+    (tmp_path / "recipe.json").write_bytes(b'\xef\xbb\xbf{"lr": 0.01}')
+    assert read_run_record(tmp_path) == {"lr": 0.01}
