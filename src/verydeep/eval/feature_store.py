@@ -66,9 +66,17 @@ class Features:
         if not np.isfinite(x).all():
             row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
             raise UserError(f"{path}: features hold values that are not finite (NaN or inf), first in row {row}")
+        norms = np.linalg.norm(x.astype(np.float64), axis=1)
+        off = np.flatnonzero((np.abs(norms - 1) > UNIT_TOLERANCE) & (norms != 0))
+        if off.size:  # descriptors are L2-normalised (a blank image's is zero): the SVMs' C is set for them
+            raise UserError(f"{path}: features must be L2-normalised rows (Appendix B); row {off[0]} has norm "
+                            f"{norms[off[0]]:.6g}")
         classes = _strings(path, arrays, "classes")
         if not classes:
             raise UserError(f"{path}: classes is empty")
+        twice = next((name for i, name in enumerate(classes) if name in classes[:i]), None)
+        if twice is not None:
+            raise UserError(f"{path}: classes must be distinct; {twice} is listed twice")
         paths, splits = _strings(path, arrays, "paths", len(x)), _strings(path, arrays, "splits", len(x))
         odd = sorted(set(splits) - {"train", "test", ""})
         if odd:
@@ -76,6 +84,10 @@ class Features:
         return cls(x, _labels(path, arrays["labels"], len(x), len(classes)), paths, splits, classes,
                    _strings(path, arrays, "class_names", len(classes)), _settings(path, arrays["settings"]),
                    _strings(path, arrays, "skipped"))
+
+
+#: How far from 1 a stored descriptor's norm may be (float32 rounding, float16 storage).
+UNIT_TOLERANCE = 1e-3
 
 
 def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:

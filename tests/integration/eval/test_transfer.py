@@ -330,6 +330,8 @@ NAN_ROW = np.where(np.arange(24)[:, None] == 3, np.nan, clusters(2, 12, dims=8)[
     ({"paths": np.array(["one.jpg"])}, "paths must be a list of 24 strings"),
     ({"splits": np.array(["val"] * 24)}, "splits must be train, test or empty; got 'val'"),
     ({"classes": np.array([1, 2])}, "classes must be a list of strings"),
+    ({"classes": np.array(["a", "a"])}, "classes must be distinct; a is listed twice"),
+    ({"features": clusters(2, 12, dims=8)[0] * 1e30}, r"features must be L2-normalised rows .* row 0 has norm 1e\+30"),
     ({"settings": np.array("not json")}, "settings must be a JSON object"),
     ({"settings": np.array("[1, 2]")}, "settings must be a JSON object"),
 ])
