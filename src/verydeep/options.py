@@ -57,6 +57,10 @@ positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
 natural_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 #: ``type=`` for a finite number > 0 (width multipliers).
 positive_float = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
+#: The most random splits `transfer --splits` takes: each trains an SVM per class and C (more would run for days).
+MAX_SPLITS = 1000
+#: ``type=`` for ``--splits``.
+split_count = _checked(int, lambda value: 1 <= value <= MAX_SPLITS, f"an integer from 1 to {MAX_SPLITS}")
 #: The largest seed torch's random generators take.
 MAX_SEED = 2**64 - 1
 #: ``type=`` for ``--seed``: at least 0, as ``train --seed`` must be, and at most :data:`MAX_SEED`.

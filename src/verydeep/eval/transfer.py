@@ -42,7 +42,7 @@ from verydeep.eval.features import (
 )
 from verydeep.eval.image_sets import open_image_set
 from verydeep.io.jsonable import to_json_dict
-from verydeep.options import output_file, positive_int, seed_number
+from verydeep.options import output_file, positive_int, seed_number, split_count
 from verydeep.paper.figures import TABLE_11, TABLE_12
 from verydeep.paper.report import Column, Row, Table, join_markdown, percent
 
@@ -304,7 +304,8 @@ def check_classes_scored(features: Features, folds: int, unit: str, scored: str)
                    f"{unit} {name}'s negatives": int(np.sum(train & ~positive))}
     if lacking:
         several = len(lacking) > 1
-        raise UserError(f"{unit}{'s' if several else ''} {', '.join(lacking)} lack{'' if several else 's'} positives "
+        units = {"class": "classes"}.get(unit, f"{unit}s") if several else unit
+        raise UserError(f"{units} {', '.join(lacking)} lack{'' if several else 's'} positives "
                         f"in a part: the mAP would leave {'them' if several else 'it'} out")
     check_folds(groups, folds)
 
@@ -537,7 +538,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help=f"caltech: training images per class of each random split (default {TRAIN_PER_CLASS})")
     p.add_argument("--test-per-class", type=positive_int, default=None,
                    help="caltech: at most this many test images per class of each random split (default: the rest)")
-    p.add_argument("--splits", type=positive_int, default=None, help=f"caltech: random splits (default {SPLITS})")
+    p.add_argument("--splits", type=split_count, default=None, help=f"caltech: random splits (default {SPLITS})")
     p.add_argument("--c-grid", type=parse_floats, default=list(DEFAULT_C),
                    help="SVM C values cross-validation chooses from (default 0.01,0.1,1,10,100)")
     p.add_argument("--folds", type=positive_int, default=FOLDS,

@@ -305,6 +305,9 @@ def test_caltech_end_to_end_from_stored_features_and_errors(net, tmp_path, capsy
     with pytest.raises(SystemExit) as bad:
         main([*argv, "--c-grid", "0,1"])
     assert bad.value.code == 2 and "positive numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        main([*argv, "--splits", "100000000000000000000"])  # would train SVMs for ever
+    assert bad.value.code == 2 and "--splits: expected an integer from 1 to 1000" in capsys.readouterr().err
 
 
 def stored_arrays(**changed: np.ndarray) -> dict[str, np.ndarray]:
@@ -478,7 +481,8 @@ def test_a_class_without_positives_in_a_part_is_an_error_not_left_out_of_the_map
     features = Features(x, labels, [f"{i}.jpg" for i in range(60)], list(splits), ["cat", "dog", "cow"],
                         ["cat", "dog", "cow"], settings)
     run, unit, part = (run_voc, "class", "test") if protocol == "voc" else (run_voc_action, "action", "val")
-    with pytest.raises(UserError, match=rf"^{unit}s dog \(10 train, 0 {part} positives\), cow \(0 train, 10 {part} "
+    units = "classes" if unit == "class" else "actions"
+    with pytest.raises(UserError, match=rf"^{units} dog \(10 train, 0 {part} positives\), cow \(0 train, 10 {part} "
                                         "positives\\) lack positives in a part: the mAP would leave them out$"):
         run(features, c_grid=(1,), folds=2)
 
