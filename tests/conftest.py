@@ -67,9 +67,12 @@ def write_dataset(root: Path, per_class: dict[str, int], size: tuple[int, int] =
 
 
 def tiny(data: Path, out: Path, **options) -> TrainConfig:
-    """A width-1/16 net A on 32-pixel crops, 4 steps of 16 images per epoch, fp32 on the CPU, no workers."""
-    settings = dict(data=data, out=out, width=1 / 16, crop=32, scale=(32, 40), batch_size=16, init="xavier",
-                    lr=0.05, epochs=1, workers=0, precision="fp32", device="cpu", progress=False, patience=100)
+    """A width-1/16 net A on 32-pixel crops, 4 steps of 16 images per epoch, fp32 on the CPU, no workers; Glorot's
+    init, but for a net started from weights, whose new layers take the default (an init given is refused
+    when every layer is copied)."""
+    settings = dict(data=data, out=out, width=1 / 16, crop=32, scale=(32, 40), batch_size=16,
+                    init="he" if options.get("weights") else "xavier", lr=0.05, epochs=1, workers=0,
+                    precision="fp32", device="cpu", progress=False, patience=100)
     return TrainConfig(**{**settings, **options})
 
 

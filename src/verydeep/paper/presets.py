@@ -130,11 +130,13 @@ class Preset:
                       milestones=list(self.milestones))
         parent = self.starts_from(net)
         if parent is None:
-            return cfg
+            return acting(cfg)
         cfg = replace(cfg, weights=str(RunDir(nets_dir / parent).last))
-        if self.fine_tuned(net, by_name):  # a short fine-tuning: the plateau rule within its few epochs
-            return replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs, milestones=[])
-        return replace(cfg, warm_start=True)  # Sec. 3.1: A's first four convs and FC6-8 into a deeper net
+        if self.fine_tuned(net, by_name):  # a short fine-tuning: the plateau rule within its few epochs; every
+            # layer copied, so no init (the default is no setting given)
+            return acting(replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs, milestones=[],
+                                  init=TrainConfig.init))
+        return acting(replace(cfg, warm_start=True))  # Sec. 3.1: A's first four convs and FC6-8 into a deeper net
 
     def members(self) -> list[Net]:
         """Every net this preset trains, in training order: the preset's order (what matters most
@@ -170,3 +172,10 @@ PRESETS: dict[str, Preset] = {
     "digits": Preset(crop=32, width=0.25, epochs=12, batch_size=32, nets=("A",), limit_val=None,
                      fixed_protocols=("dense", "multicrop", "dense+multicrop")),
 }
+
+
+def acting(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` without the preset's early stop where its net validates too few times for it to act (a short
+    budget): training refuses a setting that could not take effect."""
+    validations = -(-cfg.epochs // cfg.val_every)
+    return replace(cfg, stop_patience=None) if (cfg.stop_patience or 0) >= validations else cfg

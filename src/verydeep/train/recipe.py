@@ -265,6 +265,20 @@ class TrainConfig:
             raise UserError(f"--micro-batch {self.micro_batch} is larger than --batch-size {self.batch_size}: a "
                             "micro-batch is a part of a step's batch")
         self.check_schedule()
+        self.check_validations()
+
+    def check_validations(self) -> None:
+        """Raise :class:`UserError` when ``--val-every`` or ``--stop-patience`` could not act in ``--epochs``: the
+        last epoch is validated whatever ``--val-every`` says, and a stop needs that many validations after
+        the best."""
+        if self.val_every > self.epochs:
+            raise UserError(f"--val-every {self.val_every} is beyond --epochs {self.epochs}: the last epoch is "
+                            "validated anyway, so it would change nothing; drop it or raise --epochs")
+        validations = self.epochs // self.val_every + (1 if self.epochs % self.val_every else 0)
+        if self.stop_patience is not None and self.stop_patience >= validations:
+            raise UserError(f"--stop-patience {self.stop_patience}: the run validates {validations} time(s) (--epochs "
+                            f"{self.epochs}, --val-every {self.val_every}), so it could never stop early; lower it "
+                            "or raise --epochs")
 
     def check_schedule(self) -> None:
         """Raise :class:`UserError` when ``--milestones`` are not distinct epochs of the run, or come with
@@ -467,13 +481,14 @@ def stored_settings_file(run_dir: str | Path) -> Path:
 # ---- the command line -------------------------------------------------------------------------
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """One flag per :class:`TrainConfig` field, in the groups of :data:`GROUPS`, defaults suppressed
-    (so that a flag not given leaves the recipe's or the stored run's value)."""
+    (so that a flag not given leaves the recipe's or the stored run's value); ``defaults``: a command's
+    own, which its help shows (``localize train``'s configuration D and lr 1e-3)."""
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in fields(TrainConfig):
         meta = f.metadata
-        default = f.default_factory() if f.default is MISSING else f.default
+        default = (defaults or {}).get(f.name, f.default_factory() if f.default is MISSING else f.default)
         shown = f"{','.join(map(str, default))}" if isinstance(default, (list, tuple)) else default
         help_text = meta["help"] + ("" if shown in (None, "", []) else f" (default {shown})")
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}

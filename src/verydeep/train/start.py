@@ -11,7 +11,7 @@ of their own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -103,14 +103,29 @@ def same_classes(source: dict[str, Any], classes: list[str]) -> bool:
 
 
 def initial_model(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet | None,
-                  warn: Callable[[str], None]) -> tuple[VGG, str, dict[str, Any] | None]:
+                  warn: Callable[[str], None], given: Collection[str] = ()) -> tuple[VGG, str, dict[str, Any] | None]:
     """A new run's net as ``record`` describes it, initialised by ``cfg.init`` and then from the weights
-    (:func:`from_published`, :func:`warm_started`); how it started, in words; the run record's ``start``."""
+    (:func:`from_published`, :func:`warm_started`); how it started, in words; the run record's ``start``.
+    An init or learning rate ``given`` for new layers when every layer is copied is a :class:`UserError`."""
     if published is None:
         return model_from_recipe(record, init=cfg.init), f"{cfg.init} init", None
     if cfg.warm_start:
         return warm_started(cfg, record, published)
-    return from_published(cfg, record, published, warn)
+    model, how, start = from_published(cfg, record, published, warn)
+    if len(start["copied"]) == len(list(model.parameters())):
+        refuse_settings_for_new_layers(cfg, given)
+    return model, how, start
+
+
+def refuse_settings_for_new_layers(cfg: TrainConfig, given: Collection[str]) -> None:
+    """Every layer copied from ``--weights``: an init given would initialise nothing, and beside ``--lr-copied``
+    no layer would learn at ``--lr`` (which the log would report); each is a :class:`UserError`."""
+    if "init" in given:
+        raise UserError(f"--init {cfg.init} (given, or set by the recipe): every layer is copied from --weights "
+                        f"{cfg.weights}, so none is initialised; drop it")
+    if cfg.lr_copied is not None:
+        raise UserError(f"--lr-copied {cfg.lr_copied:g}: every layer is copied from --weights {cfg.weights}, so none "
+                        "learns at --lr; give their learning rate as --lr instead")
 
 
 def from_published(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet,

@@ -84,7 +84,7 @@ class Trainer:
         self.procs, self.task = procs, task or Classification()
         # the settings the user gave (flags, recipe): those that contradict --weights are refused; from
         # Python, those that differ from their defaults
-        given = set(given) if given is not None else changed_settings(cfg)
+        self.given = given = set(given) if given is not None else changed_settings(cfg)
         # The parts are assembled in this order because exact resume depends on it: the weights to start
         # from are read first, since they decide the architecture; the model's random init draws from the
         # global RNG seeded by cfg.seed, before anything else draws; restoring needs the model and optimizer
@@ -155,7 +155,7 @@ class Trainer:
         if cfg.resume:
             model, self.how, start = model_from_recipe(self.record), "", stored_settings(self.run_dir).get("start")
         else:
-            model, self.how, start = initial_model(cfg, self.record, self.published, self.warn)
+            model, self.how, start = initial_model(cfg, self.record, self.published, self.warn, self.given)
         if start is not None:
             self.record["start"] = start
         frozen = freeze(model, cfg.freeze)

@@ -15,6 +15,7 @@ from verydeep.errors import UserError
 from verydeep.eval.localize import center, dense
 from verydeep.eval.localize.center import CenterResult, fine_tuned_layers, table_8
 from verydeep.eval.localize.task import Localisation, task_of
+from verydeep.eval.localize.train import same_boxes
 from verydeep.io.checkpoint import export_safetensors, load_checkpoint, model_from_recipe, save_checkpoint
 from verydeep.runtime.progress import progress_bar
 from verydeep.train import train
@@ -158,6 +159,20 @@ def test_a_boxes_path_of_another_kind_in_the_run_record_is_named_on_resume(loc_r
                  "--workers", "0", "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{run / 'recipe.json'}: recipe boxes must be a file or folder path; got 5" in err
+
+
+def test_other_boxes_on_resume_are_refused_a_copy_of_the_run_s_own_taken(loc_run, tmp_path, capsys):
+    root, _, loc = loc_run
+    run = Path(shutil.copytree(loc, tmp_path / "run"))
+    recorded = Path(json.loads((run / "recipe.json").read_text())["boxes"])
+    other = tmp_path / "other.txt"
+    other.write_text(recorded.read_text().replace(" 8 6 ", " 7 6 ", 1))
+    assert main(["localize", "train", "--data", str(root), "--resume", "--out", str(run), "--epochs", "2",
+                 "--boxes", str(other), "--workers", "0", "--device", "cpu", "--no-progress"]) == 2
+    assert (f"--boxes {other}: {run} was trained on the boxes of {recorded}, which are still there"
+            in one_line_error(capsys))
+    shutil.copy(recorded, tmp_path / "copy.txt")
+    assert same_boxes(tmp_path / "copy.txt", recorded) and not same_boxes(other, recorded)
 
 
 def test_localize_eval_shows_its_progress_unless_told_not_to(loc_run, monkeypatch):

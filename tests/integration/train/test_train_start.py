@@ -20,8 +20,8 @@ CIFAR10 = SHARED / "cifar10"
 
 def narrow(data, out, **options):
     """The tests' tiny run at the width of these tests' weights (1/8): a width given that differs from
-    the weights' is refused."""
-    return tiny(data, out, width=1 / 8, **options)
+    the weights' is refused; the default init, as an init is refused when every layer is copied."""
+    return tiny(data, out, width=1 / 8, **{"init": "he", **options})
 
 
 def torchvision_file(path, num_classes: int = 1000, seed: int = 0):
@@ -51,9 +51,22 @@ def test_freeze_and_a_lower_rate_for_copied_layers(data, tmp_path):
     # frozen means frozen: batch norm's running statistics too (its layers held in eval mode)
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("features."))
     assert not torch.equal(after["classifier.0.weight"], before["classifier.0.weight"])
-    train(narrow(data, tmp_path / "slow", weights=str(source), lr_copied=1e-12, dropout=0.0))
-    slow = weights(tmp_path / "slow")  # every layer copied (4 classes both): all barely move
-    assert torch.allclose(slow["classifier.6.weight"], before["classifier.6.weight"], atol=1e-6)
+    other = torchvision_file(tmp_path / "other.pth", num_classes=1000)  # FC8 new: trained at --lr
+    train(narrow(data, tmp_path / "slow", weights=str(other), lr_copied=1e-12, dropout=0.0))
+    slow, copied = weights(tmp_path / "slow"), torch.load(other, weights_only=True)
+    assert torch.allclose(slow["classifier.3.weight"], copied["classifier.3.weight"], atol=1e-6)  # barely moves
+    assert not torch.allclose(slow["classifier.6.bias"], torch.zeros(4), atol=1e-4)  # learns at --lr
+
+
+def test_settings_for_new_layers_are_refused_when_every_layer_is_copied(data, tmp_path):
+    source = torchvision_file(tmp_path / "source.pth", num_classes=4)  # the data's 4 classes: FC8 copied too
+    with pytest.raises(UserError, match="--lr-copied 0.001: every layer is copied from --weights .* give their "
+                                        "learning rate as --lr instead"):
+        train(narrow(data, tmp_path / "a", weights=str(source), lr_copied=1e-3))
+    with pytest.raises(UserError, match="--init paper .*: every layer is copied from --weights .*so none is "
+                                        "initialised; drop it"):
+        train(narrow(data, tmp_path / "b", weights=str(source), init="paper"))
+    train(narrow(data, tmp_path / "c", weights=str(source), init="he", lr=1e-3))  # he: the default, not given
     with pytest.raises(UserError, match="--freeze conv9_9: not a layer"):
         train(narrow(data, tmp_path / "bad", weights=str(source), freeze="conv9_9"))
 
@@ -93,7 +106,7 @@ def test_the_start_names_what_was_not_copied(data, tmp_path, capsys):
     torch.save(VGG("A", num_classes=4, batch_norm=True, width=1 / 8, input_size=64).state_dict(), source)
     train(narrow(data, tmp_path / "run", weights=str(source)))
     said = [line for line in capsys.readouterr().err.splitlines() if "not copied" in line]
-    assert said == [f"warning: {source}: not copied (not in the file, another shape, or other classes), xavier "
+    assert said == [f"warning: {source}: not copied (not in the file, another shape, or other classes), he "
                     "init: fc6"]
 
 

@@ -13,7 +13,7 @@ from verydeep.eval.localize.center import center_json, evaluate_center, table_8
 from verydeep.eval.localize.dense import evaluate_dense, table_9
 from verydeep.eval.localize.predict import run_predict
 from verydeep.eval.localize.task import HEADS, TARGETS, eval_boxes
-from verydeep.eval.localize.train import run_train
+from verydeep.eval.localize.train import PAPER_DEFAULTS, run_train
 from verydeep.options import add_device, add_progress, add_workers, output_dir, parse_scales, positive_int
 from verydeep.runtime import sharding
 from verydeep.runtime.processes import loader_workers
@@ -72,7 +72,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", required=True)
     t = actions.add_parser("train", argument_default=argparse.SUPPRESS,
                            help="fine-tune a net to regress boxes (train's flags; lr 1e-3, configuration D)")
-    add_flags(t)
+    add_flags(t, PAPER_DEFAULTS)
     t.add_argument("--boxes", help="boxes: a text file, a LOC_*_solution.csv, or a folder of XML annotations "
                                    "(default DIR/boxes.txt; with --resume the run's own); recorded in recipe.json")
     t.add_argument("--head", choices=HEADS, help="single-class or per-class regression (default pcr)")

@@ -18,6 +18,13 @@ from verydeep.train.recipe import make_config, settings_from_flags, stored_setti
 PAPER_DEFAULTS = {"config": "D", "lr": 1e-3}
 
 
+def same_boxes(given: Path, recorded: Path) -> bool:
+    """Whether ``--boxes`` on resume names the run's own boxes: the same file or folder, or a copy of its file."""
+    if given.resolve() == recorded.resolve():
+        return True
+    return given.is_file() and recorded.is_file() and given.read_bytes() == recorded.read_bytes()
+
+
 def run_train(args: argparse.Namespace) -> None:
     """``localize train``: :func:`verydeep.train.train` with the :class:`Localisation` task; the boxes it
     read go into the run record (a resumed run reads them again unless ``--boxes`` is given)."""
@@ -39,6 +46,9 @@ def run_train(args: argparse.Namespace) -> None:
     cfg = make_config(settings)
     explicit = set(settings_from_flags(given))  # not PAPER_DEFAULTS: --weights decide what the user left open
     recorded = stored.get("boxes") if stored.get("boxes") and Path(stored["boxes"]).exists() else None
+    if recorded and getattr(args, "boxes", None) and not same_boxes(Path(args.boxes), Path(recorded)):
+        raise UserError(f"--boxes {args.boxes}: {resumed} was trained on the boxes of {recorded}, which are still "
+                        "there; drop --boxes (it is for a boxes file that has moved), or start a new run")
     code = recorded_box_code(stored, where) if where else (None, None)
     task = Localisation(head, getattr(args, "boxes", None) or recorded, targets, *code, seed=cfg.seed)
     summary = train(cfg, task=task, given=explicit)
