@@ -134,6 +134,9 @@ def image_sets(root: Path) -> tuple[str, str]:
     main = root / "ImageSets" / "Main"
     if (main / "test.txt").is_file():
         test = read_image_set(root, "test")
+        if not test:  # else the layout would be taken for VOC-2012's, and train.txt blamed
+            raise UserError(f"{main / 'test.txt'}: lists no image; give the test part's ids, or remove the file "
+                            "to train on train.txt and score val.txt (VOC-2012's layout)")
         annotated = [(root / "Annotations" / f"{i}.xml").is_file() for i in test]
         if test and all(annotated):
             if (main / "trainval.txt").is_file():

@@ -201,6 +201,8 @@ def parse_protocols(text: str) -> list[str]:
     if unknown or not protocols:
         raise argparse.ArgumentTypeError(f"unknown protocol {','.join(unknown) or repr(text)}; choose from "
                                          f"{', '.join(PROTOCOLS)} (comma-separated)")
+    if len(set(protocols)) < len(protocols):
+        raise argparse.ArgumentTypeError(f"a protocol is listed twice in {text!r}: each is one row of the table")
     return protocols
 
 

@@ -207,6 +207,9 @@ def features_from_args(args: argparse.Namespace, out: Path | None) -> Features:
         raise UserError("--regions describes persons with a net's features: give --weights, not --raw-pixels")
     refuse_net_flags_for_raw_pixels(args)
     settings, weights_dir = settings_from_args(args), extraction_value(args, "weights_dir")
+    if args.aggregate is not None and len(settings.scales) == 1:
+        raise UserError(f"--aggregate {args.aggregate} joins the descriptors of several scales, and --scales gives "
+                        f"one ({settings.scales[0]}): drop --aggregate, or give more scales")
     if args.regions is not None:
         return extract_action_features(args.weights, args.data, args.regions, out, settings, weights_dir)
     if args.weights:

@@ -118,12 +118,15 @@ def fit_svm(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], folds: int, s
             groups: Sequence[str]) -> tuple[object, float]:
     """A one-vs-rest ``LinearSVC`` on ``(x, y)``, its C chosen from ``c_grid`` by ``folds``-fold stratified
     cross-validation on these images alone, refitted on all; ``groups`` names each label value ``y`` may take
-    (all of which need training images, at least ``folds`` each)."""
+    (all of which need training images, at least ``folds`` each). A grid of one C has nothing to choose: the
+    SVM is fitted with it, without cross-validation."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.svm import LinearSVC
 
-    check_folds({name: int(np.sum(y == value)) for value, name in enumerate(groups)}, folds)
     state = seed % SKLEARN_SEEDS
+    if len(c_grid) == 1:
+        return LinearSVC(C=c_grid[0], max_iter=10_000, random_state=state).fit(x, y), float(c_grid[0])
+    check_folds({name: int(np.sum(y == value)) for value, name in enumerate(groups)}, folds)
     cv = StratifiedKFold(folds, shuffle=True, random_state=state)
     search = GridSearchCV(LinearSVC(max_iter=10_000, random_state=state), {"C": list(c_grid)}, scoring=scoring, cv=cv)
     search.fit(x, y)
@@ -291,7 +294,7 @@ def class_scores(features: Features, c: int, c_grid: Sequence[float] = DEFAULT_C
                        int(np.sum(positive[test])))
 
 
-def check_classes_scored(features: Features, folds: int, unit: str, scored: str) -> None:
+def check_classes_scored(features: Features, folds: int | None, unit: str, scored: str) -> None:
     """Before any SVM is trained: every class (``unit``: class or action) has positives in both parts, else the
     mAP would leave it out, and enough training positives and negatives for ``folds`` folds; else a
     :class:`UserError` naming the classes (``scored``: the test part's name)."""
@@ -307,13 +310,14 @@ def check_classes_scored(features: Features, folds: int, unit: str, scored: str)
         units = {"class": "classes"}.get(unit, f"{unit}s") if several else unit
         raise UserError(f"{units} {', '.join(lacking)} lack{'' if several else 's'} positives "
                         f"in a part: the mAP would leave {'them' if several else 'it'} out")
-    check_folds(groups, folds)
+    if folds is not None:  # None: one C, no cross-validation
+        check_folds(groups, folds)
 
 
 def per_class_ap(features: Features, c_grid: Sequence[float], folds: int, seed: int, unit: str = "class",
                  scored: str = "test") -> tuple[dict[str, float], dict[str, ClassAP]]:
     """Each class's average precisions (:func:`class_scores`) and their means over all the classes."""
-    check_classes_scored(features, folds, unit, scored)
+    check_classes_scored(features, folds if len(c_grid) > 1 else None, unit, scored)
     per_class = {}
     for c, name in enumerate(features.classes):
         s = class_scores(features, c, c_grid, folds, seed)
@@ -444,11 +448,13 @@ def transfer(features: Features, protocol: str, train_per_class: int = TRAIN_PER
 def parse_floats(text: str) -> list[float]:
     """``0.1,1,10`` -> [0.1, 1.0, 10.0], each a positive number."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",")]  # an empty entry (0.1,,1) too is refused
     except ValueError:
         values = []
     if not values or not all(np.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as 0.1,1,10; got {text!r}")
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"a value is listed twice in {text!r}: each is tried once")
     return values
 
 
@@ -512,10 +518,13 @@ def run_cli(args: argparse.Namespace) -> int:
         features = features_from_args(args, args.out)
     else:
         raise UserError("give --features FEATURES (from verydeep features), or --data DIR with --weights SOURCE")
+    if args.folds is not None and len(args.c_grid) == 1:
+        raise UserError(f"--folds {args.folds}: cross-validation chooses C from --c-grid, which holds one value "
+                        f"({args.c_grid[0]:g}): drop --folds, or give several C values")
     drawing = {name: default if getattr(args, name) is None else getattr(args, name)
                for name, default in SPLIT_FLAGS.items()}
-    result = transfer(features, args.protocol, c_grid=args.c_grid, folds=args.folds, seed=args.seed, source=source,
-                      **drawing)
+    result = transfer(features, args.protocol, c_grid=args.c_grid, folds=args.folds or FOLDS, seed=args.seed,
+                      source=source, **drawing)
     print(join_markdown(tables(result)))
     print(f"\n{describe(features)}")
     if args.json:
@@ -541,7 +550,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--splits", type=split_count, default=None, help=f"caltech: random splits (default {SPLITS})")
     p.add_argument("--c-grid", type=parse_floats, default=list(DEFAULT_C),
                    help="SVM C values cross-validation chooses from (default 0.01,0.1,1,10,100)")
-    p.add_argument("--folds", type=positive_int, default=FOLDS,
+    p.add_argument("--folds", type=positive_int, default=None,
                    help=f"cross-validation folds (default {FOLDS}), at most the training images of the smallest class "
                         "(voc: a class's positives or negatives)")
     p.add_argument("--seed", type=seed_number, default=0, help="seed of the random splits and folds")

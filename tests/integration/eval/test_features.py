@@ -222,6 +222,9 @@ def test_cli_writes_features_and_errors_are_one_line(net, photos, tmp_path, caps
     assert main([*argv, "--scales", "16,32"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--scales 16 is smaller than the crop 32" in err and "\n" not in err
+    assert main([*argv, "--scales", "32", "--aggregate", "average"]) == 2  # one scale: nothing to join
+    assert "--aggregate average joins the descriptors of several scales, and --scales gives one (32)" in (
+        capsys.readouterr().err)
     assert main(["features", "--data", str(photos), "--out", str(out)]) == 2
     assert "--weights SOURCE" in capsys.readouterr().err
     (tmp_path / "junk.npz").write_bytes(b"junk")

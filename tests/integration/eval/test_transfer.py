@@ -222,6 +222,10 @@ def test_voc_image_sets_written_with_a_byte_order_mark_or_not_as_text(tmp_path):
     listed.write_bytes(b"a\xff\n")
     with pytest.raises(UserError, match=r"train\.txt: not a text file \(byte 1 is not UTF-8\)"):
         open_voc(root)
+    listed.write_bytes(b"a\n")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("")  # an empty test part: named, not train.txt's absence
+    with pytest.raises(UserError, match=r"test\.txt: lists no image; give the test part's ids, or remove the file"):
+        open_voc(root)
 
 
 def test_voc_training_part_is_train_and_val_without_trainval_and_no_test_image_trains(tmp_path):
@@ -275,7 +279,7 @@ def test_voc_end_to_end_through_the_command_line(net, tmp_path, capsys):
     ids = sorted(images)
     root = write_voc(tmp_path / "voc", images, {"trainval": ids[:16], "test": ids[16:]})
     argv = ["transfer", "--protocol", "voc", "--data", str(root), "--weights", str(net), "--scales", "32",
-            "--workers", "0", "--device", "cpu", "--no-progress", "--c-grid", "1", "--folds", "2", "--json"]
+            "--workers", "0", "--device", "cpu", "--no-progress", "--c-grid", "1", "--json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
@@ -306,7 +310,12 @@ def test_caltech_end_to_end_from_stored_features_and_errors(net, tmp_path, capsy
         main([*argv, "--c-grid", "0,1"])
     assert bad.value.code == 2 and "positive numbers" in capsys.readouterr().err
     with pytest.raises(SystemExit) as bad:
-        main([*argv, "--splits", "100000000000000000000"])  # would train SVMs for ever
+        main([*argv, "--c-grid", "1,1"])
+    assert bad.value.code == 2 and "a value is listed twice in '1,1'" in capsys.readouterr().err
+    assert main([*argv, "--c-grid", "1", "--folds", "2"]) == 2  # one C: no cross-validation for --folds to fold
+    assert "--folds 2: cross-validation chooses C from --c-grid, which holds one value (1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        main([*argv[:argv.index("--splits")], "--splits", "100000000000000000000"])  # would train for ever
     assert bad.value.code == 2 and "--splits: expected an integer from 1 to 1000" in capsys.readouterr().err
 
 
@@ -452,7 +461,8 @@ def test_one_class_is_refused_naming_the_data_and_a_root_of_val_without_train_is
                                      f"{tmp_path / 'held' / 'val'} to describe its images as one unsplit set") in err
     assert main(["features", "--raw-pixels", "4", "--data", str(tmp_path / "held"), "--workers", "0",
                  "--out", str(tmp_path / "f.npz")]) == 2 and not (tmp_path / "f.npz").exists()
-    assert main([*argv, "--data", str(tmp_path / "held" / "val"), "--train-per-class", "2"]) == 0  # split at random
+    argv[argv.index("--train-per-class") + 1] = "2"
+    assert main([*argv, "--data", str(tmp_path / "held" / "val")]) == 0  # split at random
 
 
 def test_a_class_without_test_images_is_an_error_not_left_out_of_the_mean():
@@ -503,4 +513,4 @@ def test_folds_beyond_the_smallest_class_are_refused_naming_both_numbers(tmp_pat
     labels[[12, 14], 1] = IGNORED  # dog's training positives: 4
     voc = features_of(x, labels, ["train", "test"] * 12, ["cat", "dog"])
     with pytest.raises(UserError, match="^--folds 5 is more than the 4 training images of class dog's positives"):
-        run_voc(voc, c_grid=(1,), folds=5)
+        run_voc(voc, c_grid=(0.1, 1), folds=5)

@@ -342,8 +342,7 @@ def test_voc_action_end_to_end_through_the_command_line(root, net, tmp_path, cap
                      "--out", str(out[regions]), "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
         assert capsys.readouterr().out.strip().endswith("12 persons x " f"{256 * (1 + (regions != 'image'))} "
                                                         "features (A FC7, Q=32 stack), 0 skipped")
-    argv = ["transfer", "--protocol", "voc-action", "--features", str(out["image+box"]), "--c-grid", "1",
-            "--folds", "2", "--json"]
+    argv = ["transfer", "--protocol", "voc-action", "--features", str(out["image+box"]), "--c-grid", "1", "--json"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads(printed.strip().splitlines()[-1])
