@@ -324,6 +324,8 @@ def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device
     if examples is not None and not examples.is_dir():
         raise UserError(f"--examples {examples}: not a folder")
     chosen = example_images(examples or default_examples(nets))
+    if examples is not None and not chosen:
+        raise UserError(f"--examples {examples}: no images in it (JPEG, PNG, ...) to offer")
     return Looker(nets, torch_device, dtype, boxes, list(localizers or []), chosen)
 
 

@@ -270,6 +270,13 @@ def test_the_command_refuses_a_busy_port_a_bad_port_and_no_weights(nets, capsys)
     assert "give --weights" in capsys.readouterr().err
 
 
+
+def test_examples_from_a_folder_without_images_are_refused(nets, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(serve.UserError, match=f"--examples {tmp_path / 'empty'}: no images in it"):
+        load_looker([str(nets[0])], None, "cpu", "auto", examples=tmp_path / "empty")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

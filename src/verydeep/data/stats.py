@@ -22,7 +22,7 @@ from verydeep.data.datasets import IndexedImages, LabelledImages, _class_dirs, f
 from verydeep.data.decode import ImageFile, decode, to_tensor
 from verydeep.data.ilsvrc_val import ground_truth_file
 from verydeep.data.loaders import image_loader
-from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess
+from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess, read_preprocess
 from verydeep.data.splits import open_split
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
@@ -128,12 +128,24 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_cli)
 
 
+def refuse_other_file(out: Path) -> None:
+    """Statistics are written over earlier statistics only: any other file at ``--out`` (a dataset's
+    ``classes.txt`` or ``boxes.txt``, say) is a :class:`UserError`, left as it is."""
+    if out.is_file() and out.stat().st_size:
+        try:
+            read_preprocess(out)
+        except UserError:
+            raise UserError(f"--out {out}: a file that holds no preprocess statistics; they are written over earlier "
+                            "statistics only: give another --out") from None
+
+
 def run_cli(args: argparse.Namespace) -> None:
     if args.sample < 1 or args.side < 1:
         raise UserError(f"--sample and --side must be positive; got {args.sample} and {args.side}")
     folder = find_split(args.dir, "train")
-    pre, summary = compute_stats(folder, args.sample, args.side, args.seed, args.workers, args.mean_only)
     out = args.out or Path(args.dir) / PREPROCESS_FILE
+    refuse_other_file(out)
+    pre, summary = compute_stats(folder, args.sample, args.side, args.seed, args.workers, args.mean_only)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({**pre.to_dict(), "computed_on": {**summary, "skipped": len(summary["skipped"])}}, indent=2)
     atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))  # a file linked to it is left whole

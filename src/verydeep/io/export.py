@@ -39,6 +39,8 @@ from verydeep.nn.model import VGG
 from verydeep.options import add_weights, output_file
 
 FORMATS = ("onnx", "torchscript", "exported-program")
+#: The file name suffixes of each format: a file named as another format's is refused (it would mislead).
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript"), "exported-program": (".pt2",)}
 
 #: The largest difference allowed between the exported net's outputs and PyTorch's, relative to the
 #: outputs' scale (their largest magnitude, at least 1): float32 keeps about 7 digits of a logit near 2e5.
@@ -179,10 +181,14 @@ def export_net(source: str | Path, out: str | Path, fmt: str, dense: bool | None
     in ``fmt``, the dense net by default for ONNX and the plain one otherwise, and check it against PyTorch."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
+    out = Path(out)
+    named = next((other for other, suffixes in SUFFIXES.items() if out.suffix.lower() in suffixes), fmt)
+    if named != fmt:
+        raise UserError(f"{out}: {out.suffix} names {named} files, not --format {fmt}; name it "
+                        f"{out.stem}{SUFFIXES[fmt][0]}")
     if fmt == "onnx":
         require_onnx()
     dense = fmt == "onnx" if dense is None else dense
-    out = Path(out)
     loaded = load(source, weights_dir, purpose=CLASSIFY)
     model, recipe, pre = loaded.model, loaded.recipe, loaded.preprocess
     module = (model.dense() if dense else model).eval()

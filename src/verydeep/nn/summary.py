@@ -87,11 +87,26 @@ def render(model: VGG, rows: list[Row], input_size: int) -> str:
     return "\n".join(lines)
 
 
+#: The largest side summarised: nothing is allocated (the net is built on the meta device), but FC6's
+#: 512 x (side/32)^2 x 4096 weights must still be counted in 64 bits.
+MAX_COUNTED_SIDE = 65536
+
+
+def counted_side(text: str) -> int:
+    """``type=`` for ``--crop``: a side from 1 to :data:`MAX_COUNTED_SIDE` pixels."""
+    side = positive_int(text)
+    if side > MAX_COUNTED_SIDE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_COUNTED_SIDE} pixels (FC6's weights are counted in 64 "
+                                         f"bits); got {side}")
+    return side
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("summary", help="list a configuration's layers, shapes, params and MACs")
     p.add_argument("config", help="A, A-LRN, B, C, D, E (or vgg11, vgg11-lrn, vgg13, vgg16-c, vgg16, vgg19)")
-    p.add_argument("--input", type=positive_int, default=None, help="image side (default: the crop size)")
-    p.add_argument("--crop", type=positive_int, default=224, help="training crop size the net is built for")
+    p.add_argument("--input", type=positive_int, default=None,
+                   help="image side (default: the crop size; another makes the net dense, Sec. 3.2)")
+    p.add_argument("--crop", type=counted_side, default=224, help="training crop size the net is built for")
     p.add_argument("--width", type=width_multiplier, default=1.0, help="width multiplier")
     p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--batch-norm", action="store_true")
@@ -112,7 +127,9 @@ def run_cli(args: argparse.Namespace) -> None:
             "batch_norm": model.batch_norm,
             "width": model.width,
             "num_classes": model.num_classes,
+            "crop": model.input_size,
             "input": size,
+            "dense": size != model.input_size,
             "params": sum(r.params for r in rows),
             "macs": sum(r.macs for r in rows),
             "gmacs": round(sum(r.macs for r in rows) / 1e9, 2),

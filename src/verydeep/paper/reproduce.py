@@ -154,7 +154,10 @@ def run_cli(args: argparse.Namespace) -> None:
         raise UserError(f"--milestones {','.join(map(str, preset.milestones))}: each must be below the epoch budget "
                         f"{preset.epochs} (--budget)")
     if args.nets is not None:
-        wanted = tuple(dict.fromkeys(n.strip() for n in args.nets.split(",") if n.strip()))
+        named = [n.strip() for n in args.nets.split(",") if n.strip()]
+        wanted = tuple(dict.fromkeys(named))
+        if len(wanted) < len(named):
+            raise UserError(f"--nets {args.nets}: a net is listed twice; each is trained once")
         unknown = [n for n in wanted if n not in {net.name for net in NETS}]
         if unknown or not wanted:
             named = f"unknown {', '.join(unknown)}" if unknown else "no net named"

@@ -132,6 +132,10 @@ def test_cli_exports_and_prints_the_check_and_the_convention(net, tmp_path, caps
     assert "channels BGR" in out[1] and "class score map (N, 5, H//32, W//32)" in out[2]
     with pytest.raises(UserError, match="give --weights"):
         run_export(["--format", "onnx", str(tmp_path / "x.onnx")])
+    with pytest.raises(UserError, match=f"^{tmp_path / 'x.onnx'}: .onnx names onnx files, not --format torchscript; "
+                                        "name it x.pt$"):
+        run_export(["--weights", str(path), "--format", "torchscript", str(tmp_path / "x.onnx")])
+    assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(SystemExit):
         run_export(["--weights", str(path), "--format", "onnx", "--dense", "--plain", str(tmp_path / "x.onnx")])
     assert "not allowed with argument" in capsys.readouterr().err

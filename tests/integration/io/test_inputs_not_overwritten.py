@@ -116,6 +116,14 @@ def test_data_stats_writes_no_image_and_no_class_folder(images, capsys):
     assert contents(images) == before and sorted(p.name for p in (images / "train").iterdir()) == ["class0", "class1"]
 
 
+def test_data_stats_writes_over_no_file_of_the_data_but_earlier_statistics(images, capsys):
+    (images / "classes.txt").write_text("class0\tfirst\nclass1\tsecond\n")
+    refused(["data", "stats", str(images / "train"), "--workers", "0", "--out", str(images / "classes.txt")], capsys,
+            f"--out {images / 'classes.txt'}: a file that holds no preprocess statistics")
+    assert (images / "classes.txt").read_text() == "class0\tfirst\nclass1\tsecond\n"
+    (images / "classes.txt").unlink()
+
+
 def test_data_stats_writes_its_statistics_at_the_top_of_the_data(images, capsys):
     assert main(["data", "stats", str(images), "--workers", "0", "--out", str(images / "preprocess.json")]) == 0
     assert main(["data", "stats", str(images / "train"), "--workers", "0"]) == 0

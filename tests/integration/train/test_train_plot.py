@@ -107,6 +107,12 @@ def test_plot_and_data_stats_leave_a_file_hard_linked_to_their_out_whole(tmp_pat
     data = write_dataset(tmp_path / "data", {"train": 2})
     image_file = data / "train" / "class0" / "0.png"
     before = image_file.read_bytes()
-    os.link(image_file, tmp_path / "stats.json")
-    assert main(["data", "stats", str(data), "--workers", "0", "--out", str(tmp_path / "stats.json")]) == 0
-    assert image_file.read_bytes() == before and "mean" in json.loads((tmp_path / "stats.json").read_text())
+    os.link(image_file, tmp_path / "stats.json")  # no statistics: refused, not written over
+    assert main(["data", "stats", str(data), "--workers", "0", "--out", str(tmp_path / "stats.json")]) == 2
+    assert image_file.read_bytes() == before == (tmp_path / "stats.json").read_bytes()
+    assert main(["data", "stats", str(data), "--workers", "0", "--out", str(tmp_path / "first.json")]) == 0
+    first = (tmp_path / "first.json").read_text()
+    os.link(tmp_path / "first.json", tmp_path / "again.json")  # earlier statistics: replaced, not written through
+    argv = ["data", "stats", str(data), "--workers", "0", "--mean-only", "--out", str(tmp_path / "again.json")]
+    assert main(argv) == 0
+    assert (tmp_path / "first.json").read_text() == first != (tmp_path / "again.json").read_text()

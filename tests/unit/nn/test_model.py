@@ -67,6 +67,10 @@ def test_summary_json_reports_params_and_macs(capsys):
     assert report["params"] == 138_357_544
     assert report["gmacs"] == 15.47
     assert sum(r["macs"] for r in report["layers"]) == report["macs"]
+    assert (report["crop"], report["input"], report["dense"]) == (224, 224, False)
+    assert main(["summary", "D", "--crop", "32", "--input", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["crop"], report["input"], report["dense"]) == (32, 64, True)
 
 
 def test_summary_counts_nets_too_large_to_hold_without_building_them(capsys):
@@ -74,6 +78,9 @@ def test_summary_counts_nets_too_large_to_hold_without_building_them(capsys):
     report = json.loads(capsys.readouterr().out)
     fc = {row["name"]: row["params"] for row in report["layers"]}
     assert fc["fc6"] == 512 * 128 * 128 * 4096 + 4096 and fc["fc8"] == 4096 * 3_000_000 + 3_000_000
+    with pytest.raises(SystemExit) as refused:
+        main(["summary", "A", "--crop", "99999968"])  # beyond what 64 bits count
+    assert refused.value.code == 2 and "argument --crop: at most 65536 pixels" in capsys.readouterr().err
 
 
 def test_summary_table_and_dense_form(capsys):
