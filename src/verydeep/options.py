@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +32,33 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        args = sys.argv[1:] if args is None else list(args)
+        self._refuse_repeats(args)
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_repeats(self, args: Sequence[str]) -> None:
+        """An option of one value given twice is an error: argparse would keep the last silently. (Options that
+        gather their values, such as ``--weights``, append; a subcommand's parser checks its own.)"""
+        seen: dict[argparse.Action, str] = {}
+        for token in args:
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            action = self._option_action(name) if name.startswith("--") else None
+            if isinstance(action, argparse._StoreAction):
+                if action in seen:
+                    self.error(f"{seen[action]} is given twice; give it once")
+                seen[action] = max(action.option_strings, key=len)  # its full name, however abbreviated
+
+    def _option_action(self, name: str) -> argparse.Action | None:
+        """The action of a long option as argparse reads it: its whole name, or a prefix only it has."""
+        if name in self._option_string_actions:
+            return self._option_string_actions[name]
+        found = {a for s, a in self._option_string_actions.items() if s.startswith(name)} if self.allow_abbrev else ()
+        return next(iter(found)) if len(found) == 1 else None
 
 
 # ---- argument types shared by the subcommands ---------------------------------------------------

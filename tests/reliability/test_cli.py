@@ -107,6 +107,9 @@ NAMED = [
     (f"train {TINY} --milestones 2", "--milestones 2: epoch 2 is after the last, --epochs 1"),
     (f"train {TINY} --milestones 1 --patience 3", "--patience 3 would be ignored"),
     (f"train {TINY} --micro-batch 17", "--micro-batch 17 is larger than --batch-size 16"),
+    (f"train {TINY} --val-every 5", "--val-every 5 is beyond --epochs 1: the last epoch is validated anyway"),
+    (f"train {TINY} --stop-patience 1", "--stop-patience 1: the run validates 1 time(s)"),
+    (f"train {TINY} --epochs 4 --val-every 2 --stop-patience 2", "validates 2 time(s) (--epochs 4, --val-every 2)"),
     (f"train {TINY} --batch-size 1000", "--batch-size"),
     (f"train {TINY} --device bogus", "--device"),
     ("eval --checkpoint {run} --data {data} --batch-size x", "--batch-size"),
@@ -225,6 +228,12 @@ NAMED = [
     ("predict --checkpoint {run} {image} --scales 100000", "argument --scales: a test scale Q"),
     ("eval --checkpoint {run} --data {data} --scales 100000", "argument --scales: a test scale Q"),
     ("eval --checkpoint {run} --data {data} --scales 35,,40", "argument --scales: expected comma-separated integers"),
+    # an option of one value given twice: argparse would keep the last silently
+    ("eval --checkpoint {run} --data {data} --protocol dense --protocol center", "--protocol is given twice"),
+    ("eval --checkpoint {run} --data {data} --protocol dense,dense", "a protocol is listed twice in 'dense,dense'"),
+    ("reproduce --data {data} --nets A,A", "--nets A,A: a net is listed twice"),
+    ("predict --checkpoint {run} {image} --topk 1 --top=2", "--topk is given twice; give it once"),
+    (f"train {TINY} --epochs 1 --epochs 2", "--epochs is given twice"),
     ("localize eval --checkpoint {run} --data {data} --protocol dense --scales 100000",
      "argument --scales: a test scale Q"),
     ("localize predict --checkpoint {run} --classifier {run} --out {folder} {image} --scales 100000",
@@ -320,6 +329,19 @@ def case_id(line: str) -> str:
 
 #: Cases whose commands do not yet take the bounded types of ``verydeep.cli`` (``parse_scales``, ``test_scale``,
 #: ``worker_count``); ``run=False`` where the unbounded value would start that many processes.
+def mistake_replacing_its_flag(argv: list[str]) -> list[str]:
+    """``argv`` with a flag given again (a case's mistake after TINY's value) given only there: argparse would
+    take the last, but verydeep refuses a flag given twice."""
+    kept: list[str] = []
+    for i, token in enumerate(argv):
+        if token in argv[i + 1:] and token.startswith("--"):
+            continue  # the earlier flag; its value, if any, is dropped next
+        if i and argv[i - 1] in argv[i:] and argv[i - 1].startswith("--") and not token.startswith("--"):
+            continue
+        kept.append(token)
+    return kept
+
+
 @pytest.mark.parametrize(
     "line, expected",
     [pytest.param(line, expected, id=case_id(line)) for line, expected in CASES],
@@ -327,6 +349,8 @@ def case_id(line: str) -> str:
 def test_bad_command_line_is_one_line_and_exit_2(line, expected, files, tmp_path, capsys, request):
     paths = {**files, "new": str(tmp_path / "new")}
     argv = shlex.split(line.format(**paths))
+    if "given twice" not in (expected or ""):
+        argv = mistake_replacing_its_flag(argv)
     RAN["case"] += 1
     code, out, err = run_main(argv, capsys)
     assert "Traceback" not in out + err, err
@@ -334,6 +358,13 @@ def test_bad_command_line_is_one_line_and_exit_2(line, expected, files, tmp_path
     if expected is not None:
         assert expected.format(**paths) in err, err
     assert not (tmp_path / "new" / "checkpoints").exists(), "trained before refusing"
+
+
+def test_localize_train_help_shows_its_own_defaults(capsys):
+    code, out, _ = run_main(["localize", "train", "--help"], capsys)
+    flat = " ".join(out.split())
+    assert code == 0 and "configuration of Table 1: A, A-LRN, B, C, D, E (default D)" in flat
+    assert "initial learning rate (default 0.001)" in flat  # Appendix A's fine-tuning, not train's 0.01
 
 
 @pytest.mark.parametrize("path", list(PARSERS), ids=lambda path: " ".join(path) or "(top level)")

@@ -126,7 +126,7 @@ def test_kill_9_at_any_moment_then_resume_ends_bitwise_equal(tmp_path, harness):
     epochs = 6 if FULL else 3
     run = tmp_path / "killed"
     command = ["train", "--data", str(data), "--out", str(run), *FLAGS, "--epochs", str(epochs)]
-    straight = run_cli(harness, [*command, "--out", str(tmp_path / "straight")])  # same process settings
+    straight = run_cli(harness, [*command[:3], "--out", str(tmp_path / "straight"), *command[5:]])  # same settings
     assert straight.returncode == 0, straight.stderr[-2000:]
     rng = random.Random(0)
     write_kills = [3, 7, 12, 20] if FULL else [3, 9]  # the N-th checkpoint write of an attempt

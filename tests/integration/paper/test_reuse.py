@@ -18,10 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 def command(data: Path, out: Path, *extra: str) -> list[str]:
-    """``verydeep reproduce`` of net A (and its seed-1 replica) at width 1/16 for one epoch, then ``extra``."""
-    return ["reproduce", "--data", str(data), "--out", str(out), "--nets", "A", "--protocol", "scratch", "--budget",
-            "1", "--width", "0.0625", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress",
-            *extra]
+    """``verydeep reproduce`` of net A (and its seed-1 replica) at width 1/16 for one epoch, with ``extra``'s
+    flags and values (in pairs) in place of these or after them."""
+    argv = ["reproduce", "--data", str(data), "--out", str(out), "--nets", "A", "--protocol", "scratch", "--budget",
+            "1", "--width", "0.0625", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress"]
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
 
 
 def files(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -74,7 +80,7 @@ def test_a_device_that_is_not_there_is_refused_before_the_plots_are_redrawn(repr
     data, _, out = reproduced
     before = files(out)
     capsys.readouterr()
-    assert main([*command(data, out), "--device", "cuda"]) == 2
+    assert main(command(data, out, "--device", "cuda")) == 2
     assert capsys.readouterr().err.strip().endswith("error: --device cuda: CUDA is not available on this machine")
     assert files(out) == before
 
@@ -84,7 +90,7 @@ def test_a_rerun_with_the_same_settings_reuses_every_net_and_evaluation(reproduc
     out = shutil.copytree(first, tmp_path / "out")
     nets = {name: content for name, content in files(out).items() if name.startswith(("nets", "eval"))}
     forbid_training_and_evaluation(monkeypatch)
-    assert main([*command(data, out), "--workers", "1"]) == 0  # how a net runs may change
+    assert main(command(data, out, "--workers", "1")) == 0  # how a net runs may change
     assert {name: content for name, content in files(out).items() if name.startswith(("nets", "eval"))} == nets
 
 
@@ -153,7 +159,7 @@ def test_shards_train_into_one_out_and_the_report_reuses_their_nets(reproduced, 
     assert main(command(data, out)) == 0
     assert (out / "REPRODUCTION.md").is_file()
     capsys.readouterr()
-    assert main([*command(data, out), "--shard", "2/2", "--budget", "2"]) == 2  # a shard is checked too
+    assert main(command(data, out, "--shard", "2/2", "--budget", "2")) == 2  # a shard is checked too
     assert "net A-s1 was trained with epochs 1" in capsys.readouterr().err
 
 
