@@ -5,10 +5,12 @@ line naming both options."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from verydeep.data.datasets import is_image
 from verydeep.data.preprocess import PREPROCESS_FILE
 from verydeep.errors import UserError
 from verydeep.io.download import resolve_source
@@ -115,12 +117,41 @@ def _linked_targets(folder: Path) -> tuple[Path, ...]:
 def dataset_splits(image: Path) -> list[Path]:
     """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the datasets ``image`` lies in, as named
     and with links resolved (a subset's class folders linked to a store), when it lies in one, in a class folder
-    or flat (ILSVRC's validation images): a file written in any of them is read as an image of that dataset."""
+    or flat (ILSVRC's validation images), else the folder of class folders it lies in (Caltech-101's layout,
+    :func:`class_folders_of`): a file written in any of them is read as an image of that dataset."""
     splits = []
     for path in (image.absolute(), image.resolve()):
         split = next((folder for folder in path.parents if folder.name in SPLIT_FOLDERS), None)
         splits += dataset_folders(split) if split is not None else []
+    if not splits:
+        splits += [root for root in {class_folders_of(image.absolute()), class_folders_of(image.resolve())} if root]
     return splits
+
+
+#: How many entries of a folder are looked at to tell whether it holds images.
+ENTRIES_LOOKED_AT = 256
+
+
+def class_folders_of(image: Path) -> Path | None:
+    """The folder above ``image``'s folder when its folders, two or more, all hold images: a dataset of class
+    folders without splits (Caltech-101's), whose classes an output written anywhere in it would join (a home
+    folder, whose other folders hold other things, is none)."""
+    root = image.parent.parent
+    if root == image.parent:  # an image at the file system's root
+        return None
+    try:
+        folders = [Path(entry.path) for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")]
+    except OSError:
+        return None
+    return root if len(folders) >= 2 and all(map(_holds_images, folders)) else None
+
+
+def _holds_images(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(is_image(Path(entry.name)) for entry in itertools.islice(entries, ENTRIES_LOOKED_AT))
+    except OSError:
+        return False
 
 
 def refuse_writing_in_datasets_of(images: Sequence[str | Path], outs: Sequence[Path], option: str) -> None:
@@ -135,8 +166,9 @@ def refuse_writing_in_datasets_of(images: Sequence[str | Path], outs: Sequence[P
         linked = _linked_targets(split)
         for out in outs:
             if _in_data(split, out, linked):
-                raise UserError(f"{out}: {option} lies in {split}, a split of the dataset of the input image {image}, "
-                                "whose images it would join; write it outside the data")
+                raise UserError(f"{out}: {option} lies in {split}, a split of the dataset of the input image {image} "
+                                "(or its folder of class folders), whose images it would join; write it outside the "
+                                "data")
 
 
 def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | None = None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny, write_classifier, write_dataset
+from conftest import photo, save, tiny, write_classifier, write_dataset
 
 from verydeep.cli import build_parser, main
 from verydeep.errors import UserError
@@ -233,3 +233,24 @@ def test_a_saliency_map_is_not_drawn_into_the_dataset_of_its_image(images, run, 
     assert main(["predict", "--weights", str(run), str(photos / "cat.png"), "--saliency", str(photos / "map.png"),
                  "--device", "cpu"]) == 0
     assert (photos / "map.png").is_file()  # beside a photo that is in no dataset: allowed
+
+
+
+def test_a_saliency_map_is_not_drawn_into_a_folder_of_class_folders_but_beside_a_home_s_photos(run, tmp_path,
+                                                                                             capsys):
+    caltech = tmp_path / "caltech"  # Caltech-101's layout: class folders, no splits
+    for name in ("cat", "dog"):
+        save(photo(40, 40, seed=len(name)), caltech / name / "0.png")
+    image = caltech / "cat" / "0.png"
+    for out in (caltech / "dog" / "map.png", caltech / "maps" / "map.png", caltech / "map.png"):
+        refused(["predict", "--weights", str(run), str(image), "--saliency", str(out), "--device", "cpu"], capsys,
+                f"--saliency lies in {caltech}, a split of the dataset of the input image {image} (or its folder of "
+                "class folders)")
+        assert not out.exists()
+    home = tmp_path / "home"  # a photo among folders of other things
+    save(photo(40, 40), home / "Pictures" / "cat.png")
+    (home / "Documents").mkdir()
+    (home / "Documents" / "notes.txt").write_text("notes")
+    out = home / "maps" / "map.png"
+    assert main(["predict", "--weights", str(run), str(home / "Pictures" / "cat.png"), "--saliency", str(out),
+                 "--device", "cpu"]) == 0 and out.is_file()
