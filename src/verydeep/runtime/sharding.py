@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from verydeep.errors import UserError
 from verydeep.runtime.processes import Processes
 
 T = TypeVar("T")
@@ -125,6 +126,28 @@ def agreed(value: T) -> T:
     chosen = [value]
     dist.broadcast_object_list(chosen, src=0)
     return chosen[0]
+
+
+@contextlib.contextmanager
+def failing_together() -> Iterator[None]:
+    """Run a process's share of work that a :class:`~verydeep.errors.UserError` may end (an image protocol 2
+    cannot leave out); at its end the processes tell each other, and each raises the first process's error
+    that failed. Without it the others would wait in their next collective for a process that has left."""
+    if not _active():
+        yield
+        return
+    error: UserError | None = None
+    try:
+        yield
+    except UserError as raised:
+        error = raised
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, None if error is None else str(error))
+    first = next((message for message in everyone if message is not None), None)
+    if error is not None:
+        raise error
+    if first is not None:
+        raise UserError(first)
 
 
 def union(names: set[str]) -> set[str]:

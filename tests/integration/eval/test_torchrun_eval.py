@@ -22,6 +22,7 @@ from conftest import photo, save, write_dataset
 
 from verydeep.cli import main
 from verydeep.data import IMAGENET
+from verydeep.errors import UserError
 from verydeep.eval import feature_passes as passes
 from verydeep.io.checkpoint import model_from_recipe, save_checkpoint
 from verydeep.runtime import sharding
@@ -66,6 +67,30 @@ def test_two_processes_share_the_items_and_gather_every_row(tmp_path):
         assert found["total"] == [2.0, 1.0] and found["union"] == ["skipped-by-0", "skipped-by-1"]
         assert found["agreed"] == 0
     assert sharding.shard(range(5)) == list(range(5)) and sharding.rounds(5) == 5  # one process: all of it
+
+
+def fail_on_one(rank: int, port: int, out: Path) -> None:
+    """One of two processes; the second meets an error in its share of the work, the first none."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    with sharding.process_group("cpu"):
+        try:
+            with sharding.failing_together():
+                if rank == 1:
+                    raise UserError("img.png: unreadable image")
+            said = "no error"
+        except UserError as error:
+            said = str(error)
+        total = sharding.total(torch.tensor([1.0])).item()  # the group still works for what follows
+    (out / f"{rank}.txt").write_text(f"{said} {total}")
+
+
+def test_an_error_in_one_process_s_share_is_every_process_s(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fail_on_one, args=(port, tmp_path), nprocs=2)
+    assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == ["img.png: unreadable image 2.0"] * 2
 
 
 def torchrun(*argv: str) -> str:

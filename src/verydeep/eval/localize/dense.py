@@ -97,8 +97,9 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     count = len(checkpoints) + 2 + (prior is not None)  # the union, each net, the whole image, the prior
     misses, window = torch.zeros(count), batch_size * WINDOW_BATCHES
     starts = sharding.shard(range(0, len(indices), window))
-    with progress_bar(sum(len(indices[start:start + window]) for start in starts),
-                              progress and Processes.from_env().main, desc="localize dense", unit="img") as bar:
+    with (progress_bar(sum(len(indices[start:start + window]) for start in starts),
+                       progress and Processes.from_env().main, desc="localize dense", unit="img") as bar,
+          sharding.failing_together()):  # an image it cannot read ends every process's share
         for start in starts:
             chosen = [val_set.samples[i] for i in indices[start:start + window]]
             outputs = nets.outputs([path for path, _ in chosen], qs, batch_size=batch_size, workers=workers)
