@@ -275,6 +275,11 @@ class ImageFolder(LabelledImages):
         self.classes = _subfolders(self.root)
         if not self.classes:
             raise UserError(f"data folder {self.root} has no class folders")
+        loose = sorted(entry.name for entry in os.scandir(self.root) if entry.is_file() and is_image(Path(entry.name)))
+        if loose:  # they would be left out without a word (a flat folder's images, one class folder beside)
+            raise UserError(f"data folder {self.root} holds class folders ({', '.join(self.classes[:3])}) and images "
+                            f"of its own ({', '.join(loose[:2])}{', ...' if len(loose) > 2 else ''}), which no "
+                            "class would read: move them into their class folders, or the folders out")
         walked: dict[Path, Path] = {}  # shared: no folder is read under two classes
         found = {name: _images_under(self.root / name, walked) for name in self.classes}
         if not any(found.values()):

@@ -604,9 +604,14 @@ def test_a_flat_validation_folder_beside_folders_without_images_is_read_flat(tmp
     assert find_split(tmp_path, "val") == val
     ds = open_split(val, None)
     assert isinstance(ds, ILSVRCValFolder) and ds.targets == [1, 0]
-    save(photo(8, 8), val / "n01" / "c.jpg")  # one folder that holds an image: class folders
+    save(photo(8, 8), val / "n01" / "c.jpg")  # one folder that holds an image: class folders, and a.jpg, b.jpg?
+    with pytest.raises(UserError, match=f"data folder {val} holds class folders .* and images of its own "
+                                        r"\(a.jpg, b.jpg\), which no class would read"):
+        open_split(val, None)  # they would be left out without a word
+    for name in ("a.jpg", "b.jpg"):
+        (val / name).rename(val / "n01" / name)
     ds = open_split(val, None)
-    assert isinstance(ds, ImageFolder) and ds.classes == ["__MACOSX", "empty", "n01"] and ds.targets == [2]
+    assert isinstance(ds, ImageFolder) and ds.classes == ["__MACOSX", "empty", "n01"] and ds.targets == [2, 2, 2]
 
 def test_size_grouped_batches_hold_equal_sizes(tmp_path):
     dims = [(40, 30), (30, 40), (80, 60), (40, 30), (41, 30), (30, 40), (40, 30)]
