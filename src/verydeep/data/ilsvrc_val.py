@@ -51,9 +51,10 @@ class ILSVRCValFolder(LabelledImages):
     """
 
     def __init__(self, root: str | Path, transform: Transform, labels: str | Path | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, names_from: str | Path | None = None) -> None:
         super().__init__(transform, strict)
         self.root = require_folder(Path(root))
+        names_folder = Path(names_from) if names_from is not None else self.root  # and its parent
         label_file = Path(labels) if labels is not None else self._find_labels()
         if label_file.is_dir():
             raise UserError(f"ground-truth file {label_file} is a folder, not a file")
@@ -62,8 +63,8 @@ class ILSVRCValFolder(LabelledImages):
         images = sorted(p for p in self.root.iterdir() if is_image(p))
         if not images:
             raise UserError(f"data folder {self.root} holds no images")
-        listed = read_class_names(self.root, CLASS_LIST_FILES)  # exactly the dataset's classes
-        names = listed or read_class_names(self.root)
+        listed = read_class_names(names_folder, CLASS_LIST_FILES)  # exactly the dataset's classes
+        names = listed or read_class_names(names_folder)
         truth = _read_ground_truth(label_file, images, sorted(listed))
         truth.refuse_shared_names(images, label_file)
         self.classes = sorted(set(listed) | set(truth.synsets.values()))

@@ -19,7 +19,8 @@ def open_split(folder: str | Path, transform: Transform, strict: bool = False) -
     statistics, so a class folder without images is allowed."""
     folder = Path(folder)
     if (folder / TINY_LABELS).is_file() and _class_dirs(folder) == ["images"]:  # Tiny ImageNet's val/
-        return ILSVRCValFolder(folder / "images", transform, labels=folder / TINY_LABELS, strict=strict)
+        return ILSVRCValFolder(folder / "images", transform, labels=folder / TINY_LABELS, strict=strict,
+                               names_from=folder)  # val/ and the root beside train/, where words.txt lies
     if folder.is_dir() and _class_dirs(folder):
         return ImageFolder(folder, transform, strict, allow_empty=True)
     return ILSVRCValFolder(folder, transform, strict=strict)

@@ -711,8 +711,10 @@ def test_tiny_imagenet_s_own_layout_trains_its_val_images_labelled_by_val_annota
         save(photo(40, 40, seed=20 + i), root / "val" / "images" / f"val_{i}.JPEG")
     (root / "val" / "val_annotations.txt").write_text("".join(f"val_{i}.JPEG\t{synsets[(i + 1) % 3]}\t0\t0\t9\t9\n"
                                                               for i in range(6)))
+    (root / "words.txt").write_text("n01443537\tgoldfish\nn01629819\tsalamander\nn01641577\tbullfrog\n")
     val = open_split(root / "val", None)
     assert val.classes == synsets and val.targets == [(i + 1) % 3 for i in range(6)]
+    assert val.class_names == ["goldfish", "salamander", "bullfrog"]  # words.txt, at the root beside train/
     train(tiny(root, tmp_path / "run", batch_size=4))
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert record["classes"] == synsets and record["validation"]["images"] == 6
