@@ -31,7 +31,7 @@ import logging
 import math
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -339,15 +339,19 @@ class BoxedTransform:
         return Boxed(image, to_crop(corners, file.size, plan), to_crop(frame, file.size, plan)[0])
 
 
-def with_boxes(images: LabelledImages, matched: dict[str, list[Box]], transform: PlannedTransform) -> LabelledImages:
+def with_boxes(images: LabelledImages, matched: dict[str, list[Box]], transform: PlannedTransform,
+               unreadable: Callable[[Path], Exception] | None = None) -> LabelledImages:
     """``images`` keeping the readable ones with a box of their class (or of no named class) among
     ``matched`` (:func:`match_boxes`), their items :class:`~verydeep.data.batches.Boxed`, each box
-    clipped to its image (:func:`fitted`); the others are skipped with one warning naming one."""
+    clipped to its image (:func:`fitted`); the others are skipped with one warning naming one, but for an
+    unreadable image with a box where ``unreadable`` gives the error to raise (an evaluation leaving none out)."""
     if not isinstance(transform, PlannedTransform):
         raise UserError("localisation reads images on the CPU: use --decode cpu")
     kept, boxes, missing = [], {}, []
     for index, ((path, label), size) in enumerate(zip(images.samples, images.image_sizes(), strict=True)):
         found = [box for box in matched.get(str(path), []) if box.label in (None, images.classes[label])]
+        if found and size is None and unreadable is not None:
+            raise unreadable(path)
         if found and size is not None:
             kept.append(index)
             boxes[str(path)] = [fitted(box, size, path) for box in found]

@@ -434,6 +434,19 @@ def test_eval_falls_back_only_to_recorded_boxes_of_the_data_given(tmp_path):
             boxes_source(None, data, [recipe])
 
 
+def test_protocol_2_refuses_an_unreadable_validation_image_with_a_box_which_protocol_1_leaves_out(tmp_path):
+    root = write_dataset(tmp_path / "data", {"train": 1, "val": 2})
+    lines = [f"{p.relative_to(root).as_posix()} 0 0 9 9" for p in sorted(root.rglob("*.png"))]
+    (root / "boxes.txt").write_text("\n".join(lines) + "\n")
+    bad = sorted(root.glob("val/*/*.png"))[0]
+    bad.write_bytes(b"")  # its size cannot be read: no output for it
+    transform = CenterCropTransform(32, 32)
+    _, val_set = Localisation("scr").open_for_eval(str(root), transform)
+    assert str(bad) not in [str(path) for path, _ in val_set.samples] and len(val_set.samples) == 7
+    with pytest.raises(BadImageError, match=f"^{bad}: unreadable image, which protocol 2 cannot leave out$"):
+        Localisation("scr").open_for_eval(str(root), transform, dense_nets.unreadable_image)
+
+
 def test_the_box_statistics_come_from_exactly_the_boxes_trained_on(tmp_path):
     root = write_dataset(tmp_path / "data", {"train": 3, "val": 1})
     images = sorted(root.glob("train/*/*.png"))

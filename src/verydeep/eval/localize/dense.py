@@ -15,7 +15,7 @@ from torch import Tensor
 from verydeep.data import CenterCropTransform, balanced_subset
 from verydeep.errors import UserError
 from verydeep.eval.localize.center import net_name
-from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, Guess, ranked
+from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, Guess, ranked, unreadable_image
 from verydeep.eval.localize.prior import mean_relative_box
 from verydeep.eval.localize.scoring import ilsvrc_wrong
 from verydeep.eval.localize.task import boxes_source, classes_in_net, smallest_training_scale, task_of
@@ -90,7 +90,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     nets.check_scales(qs)
     transform = CenterCropTransform(max(qs), int(recipe["crop"]))
     task = task_of(recipe, boxes_source(boxes, data, nets.recipes), checkpoints[0])
-    train_set, val_set = task.open_for_eval(str(data), transform)
+    train_set, val_set = task.open_for_eval(str(data), transform, unreadable_image)  # protocol 2 leaves none out
     to_net = classes_in_net(recipe, val_set, checkpoints[0])
     prior = mean_relative_box(train_set) if train_set is not None else None  # no training boxes: no prior
     indices = balanced_subset(val_set.targets, limit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +103,16 @@ class Localisation(Task):
             self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=MIN_CODE_STD)
         return train_set, None if val is None else with_boxes(val_set, matched, val)
 
-    def open_for_eval(self, data: str, transform: Transform) -> tuple[LabelledImages | None, LabelledImages]:
+    def open_for_eval(self, data: str, transform: Transform, unreadable: Callable[[Path], Exception] | None = None,
+                      ) -> tuple[LabelledImages | None, LabelledImages]:
         """The validation images with their boxes, and the training images with theirs for the centre prior:
-        None when the boxes file holds none of them (ILSVRC's ``LOC_val_solution.csv``: validation boxes)."""
+        None when the boxes file holds none of them (ILSVRC's ``LOC_val_solution.csv``: validation boxes).
+        ``unreadable``: the error for a validation image with a box that cannot be read (else it is skipped)."""
         train_set, val_set, matched = self.matched_splits(data, transform, transform)
         assert val_set is not None
         boxed = any(matched.get(str(path)) for path, _ in train_set.samples)
-        return with_boxes(train_set, matched, transform) if boxed else None, with_boxes(val_set, matched, transform)
+        return (with_boxes(train_set, matched, transform) if boxed else None,
+                with_boxes(val_set, matched, transform, unreadable))
 
     def matched_splits(self, data: str, train: Transform, val: Transform | None
                        ) -> tuple[LabelledImages, LabelledImages | None, dict[str, list[Any]]]:
