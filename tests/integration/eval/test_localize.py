@@ -486,10 +486,11 @@ def test_training_on_boxes_that_fit_no_image_is_one_line_not_a_perfect_score(box
 
 def test_localize_predict_never_draws_over_an_input_image(boxed, tmp_path, capsys):
     root, classifier = boxed
-    images = [save(photo(40, 40, seed=i), tmp_path / folder / "x.png") for i, folder in enumerate("ab")]
+    photos = tmp_path / "photos"  # two folders of images: a folder of class folders, which takes no output
+    images = [save(photo(40, 40, seed=i), photos / folder / "x.png") for i, folder in enumerate("ab")]
     before = images[0].read_bytes()
     args = ["localize", "predict", "--checkpoint", str(classifier), "--classifier", str(classifier)]
-    assert main([*args, str(images[0]), "--out", str(tmp_path / "a")]) == 2
+    assert main([*args, str(images[0]), "--out", str(photos / "a")]) == 2
     assert "--out is the folder of the input image" in capsys.readouterr().err
     assert main([*args, *map(str, images), "--out", str(tmp_path / "drawn")]) == 2
     assert "would both be drawn as" in capsys.readouterr().err
