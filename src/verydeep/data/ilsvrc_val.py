@@ -67,6 +67,8 @@ class ILSVRCValFolder(LabelledImages):
         names = listed or read_class_names(names_folder)
         truth = _read_ground_truth(label_file, images, sorted(listed))
         truth.refuse_shared_names(images, label_file)
+        if listed:
+            _refuse_unlisted(label_file, set(truth.synsets.values()) - set(listed), CLASS_LIST_FILES)
         self.classes = sorted(set(listed) | set(truth.synsets.values()))
         self.class_names = [names.get(c, c) for c in self.classes]
         index = {c: i for i, c in enumerate(self.classes)}
@@ -139,6 +141,18 @@ def _read_ground_truth(label_file: Path, images: Sequence[Path], sorted_synsets:
         raise
     except (KeyError, IndexError, ValueError, AttributeError, TypeError, csv.Error) as error:
         raise UserError(f"{label_file}: bad ground-truth file ({type(error).__name__}: {error})") from error
+
+
+def _refuse_unlisted(label_file: Path, unlisted: set[str], lists: Sequence[str]) -> None:
+    """A label of a class the dataset's class list does not hold is a :class:`UserError` naming the file and
+    the line (the class would otherwise be blamed on the net, as one it lacks)."""
+    if not unlisted:
+        return
+    first = min(unlisted)
+    text = label_file.read_text(encoding=TEXT_ENCODING, errors="replace").splitlines()
+    number = next((n for n, line in enumerate(text, 1) if first in line.replace(",", " ").split()), None)
+    where = f"{label_file}:{number}" if number else str(label_file)
+    raise UserError(f"{where}: class {first} is not in the dataset's class list ({' or '.join(lists)})")
 
 
 def _relative_name(name: str) -> str:

@@ -483,6 +483,16 @@ def flat_val(root: Path) -> Path:
     return root / "val"
 
 
+def test_a_label_of_a_class_the_class_list_lacks_names_the_ground_truth_file_and_line(tmp_path):
+    val = flat_val(tmp_path)
+    (tmp_path / "val.txt").write_text("a.jpg n02\nb.jpg n99\n")
+    with pytest.raises(UserError, match=r"val.txt:2: class n99 is not in the dataset's class list"):
+        ILSVRCValFolder(val, None, labels=tmp_path / "val.txt")
+    (tmp_path / "gt.csv").write_text("ImageId,PredictionString\na,n02 1 2 3 4\nb,n99 1 2 3 4\n")
+    with pytest.raises(UserError, match=r"gt.csv:3: class n99 is not in"):
+        ILSVRCValFolder(val, None, labels=tmp_path / "gt.csv")
+
+
 def test_a_ground_truth_path_labels_only_the_image_at_that_path(tmp_path):
     val = flat_val(tmp_path)
     (tmp_path / "val.txt").write_text("./a.jpg 1\nb.jpg 0\n")
