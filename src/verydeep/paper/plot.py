@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,13 +67,19 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist (is {run_dir} a training run directory?)")
     records = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    data = path.read_bytes()
+    lines = data.splitlines()
+    for number, raw in enumerate(lines, start=1):
         if raw.strip():
             try:
                 record = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark an editor wrote, left out
             except UnicodeDecodeError as error:
                 raise UserError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line)") from None
             except ValueError as error:  # not JSON, or an integer of thousands of digits
+                if number == len(lines) and not data.endswith(b"\n"):  # a last record cut short by a crash
+                    print(f"warning: {path}:{number}: a damaged record (cut short by a crash?) was left out",
+                          file=sys.stderr)
+                    continue
                 raise UserError(f"{path}:{number}: not a JSON record ({getattr(error, 'msg', error)})") from error
             records.append(check_record(record, f"{path}:{number}"))
     steps = [r for r in records if r["kind"] == "step"]

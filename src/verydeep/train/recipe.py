@@ -395,6 +395,11 @@ def read_recipe(name_or_file: str | Path) -> dict[str, Any]:
     if unknown:
         place = places.get(unknown[0], path)
         raise UserError(f"{place}: unknown setting {unknown[0]!r} (settings are TrainConfig fields)")
+    once = [key for key in ONCE if key in settings]
+    if once:  # an action of one invocation: a recipe that resumed or cleared every run it is given to
+        raise UserError(f"{places.get(once[0], path)}: {once[0]} is an action of one command line "
+                        f"({flag_name(next(f for f in fields(TrainConfig) if f.name == once[0]))}), not a recipe "
+                        "setting; drop it")
     if "recipe" in settings:  # read once, from the command line: a recipe's own recipe would be ignored
         raise UserError(f"{places.get('recipe', path)}: recipe = {settings['recipe']!r}: a recipe cannot name "
                         "another; copy its settings in")

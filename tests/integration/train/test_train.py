@@ -406,6 +406,9 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
     ("workers = 100000", "workers must be from 0 to"),
     ('scale = "abc"', "scale: --scale must be S or Smin:Smax"),
     ('recipe = "cifar10"', "recipe = 'cifar10': a recipe cannot name another"),
+    ("overwrite = true", "overwrite is an action of one command line (--overwrite), not a recipe setting"),
+    ("resume = true", "resume is an action of one command line (--resume), not a recipe setting"),
+    ("stop_after_steps = 2", "stop_after_steps is an action of one command line (--stop-after-steps)"),
     ('freeze = ""', "freeze must be features or a layer name (conv4_3, fc6); got ''"),
     ('freeze = "conv 4"', "freeze must be features or a layer name (conv4_3, fc6); got 'conv 4'"),
 ])

@@ -48,6 +48,13 @@ def test_plot_reads_a_log_an_editor_saved_with_a_byte_order_mark(tmp_path):
     assert plot_run(tmp_path).is_file()
 
 
+def test_plot_leaves_out_a_last_record_a_crash_cut_short_as_resume_does(tmp_path, capsys):
+    good = '{"kind": "step", "epoch": 1, "step": 1, "loss": 1.0, "lr": 0.01}\n'
+    (tmp_path / "metrics.jsonl").write_text(good + '{"kind": "step", "epoch": 1, "st')
+    assert main(["plot", str(tmp_path)]) == 0 and (tmp_path / "curves.png").is_file()
+    assert f"warning: {tmp_path / 'metrics.jsonl'}:2: a damaged record (cut short" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ("[1, 2]", "not a JSON object"),
     ('{"epoch": 1, "step": 2, "loss": 1, "lr": 0.01}', '"kind" must be "step" or "epoch"'),
