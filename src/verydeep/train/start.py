@@ -193,10 +193,11 @@ def frozen_modules(model: VGG, upto: str) -> list[str]:
     return [module for _, module in taps[: last + 1]]
 
 
-def freeze(model: VGG, upto: str | None) -> list[str]:
+def freeze(model: VGG, upto: str | None, copied: Collection[str] = ()) -> list[str]:
     """Stop the gradients of the layers up to ``upto`` (None: none) and hold their batch norms in eval
     mode (their running statistics unchanged by training); returns the frozen parameters' names.
-    Freezing every layer leaves nothing to train: a :class:`UserError`."""
+    Freezing every layer leaves nothing to train, freezing one not ``copied`` from ``--weights`` keeps it
+    random for good: each a :class:`UserError`."""
     if upto is None:
         return []
     modules = frozen_modules(model, upto)
@@ -205,6 +206,11 @@ def freeze(model: VGG, upto: str | None) -> list[str]:
     if len(frozen) == len(list(model.parameters())):
         raise UserError(f"--freeze {upto} freezes every layer of {model.name}: nothing would be trained; freeze "
                         "fewer (features, or a layer before fc8)")
+    random = [name.rsplit(".", 1)[0] for name in frozen if name not in set(copied)]
+    if random:
+        tap = {module: name for name, module in model.tap_names.items()}.get(random[0], random[0])
+        raise UserError(f"--freeze {upto} would freeze {tap}, which is not copied from --weights: it would stay at "
+                        "its random init; freeze only layers copied from --weights")
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name not in frozen and parameter.requires_grad)
     model.frozen_norms = [m for m in modules if isinstance(model.get_submodule(m), nn.modules.batchnorm._BatchNorm)]

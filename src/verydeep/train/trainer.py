@@ -158,7 +158,7 @@ class Trainer:
             model, self.how, start = initial_model(cfg, self.record, self.published, self.warn, self.given)
         if start is not None:
             self.record["start"] = start
-        frozen = freeze(model, cfg.freeze)
+        frozen = freeze(model, cfg.freeze, (start or {}).get("copied", []))
         if frozen:
             self.how += f"; {len(frozen)} tensors frozen (up to {cfg.freeze})"
         self.model: VGG = prepare(model, self.device, cfg.channels_last)

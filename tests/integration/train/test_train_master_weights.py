@@ -28,6 +28,9 @@ def losses(run) -> list[float]:
 
 @pytest.mark.parametrize("more", [{}, dict(micro_batch=4), dict(freeze="features")])
 def test_training_on_the_copies_is_training_under_autocast(data, tmp_path, monkeypatch, more):
+    if "freeze" in more:  # frozen layers are copied ones: from a short run of the same net
+        train(tiny(data, tmp_path / "source"))
+        more = {**more, "weights": str(tmp_path / "source"), "lr": 0.01}
     options = dict(precision="bf16", dropout=0.0, epochs=2, **more)
     copies = Trainer(tiny(data, tmp_path / "copies", **options), Processes())
     assert copies.stepper.masters is not None and "bf16 copies" in copies.how

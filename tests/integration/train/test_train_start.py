@@ -58,6 +58,16 @@ def test_freeze_and_a_lower_rate_for_copied_layers(data, tmp_path):
     assert not torch.allclose(slow["classifier.6.bias"], torch.zeros(4), atol=1e-4)  # learns at --lr
 
 
+def test_a_layer_frozen_at_its_random_init_is_refused(data, tmp_path):
+    with pytest.raises(UserError, match="--freeze features would freeze conv1_1, which is not copied from --weights"):
+        train(narrow(data, tmp_path / "a", freeze="features"))  # no --weights: every layer random
+    source = torchvision_file(tmp_path / "source.pth", num_classes=1000)  # FC8 new (4 classes here)
+    with pytest.raises(UserError, match="--freeze fc8 freezes every layer"):
+        train(narrow(data, tmp_path / "b", weights=str(source), freeze="fc8"))
+    train(narrow(data, tmp_path / "c", weights=str(source), freeze="fc7"))  # FC8 trains from its init
+    assert not torch.equal(weights(tmp_path / "c")["classifier.6.bias"], torch.zeros(4))
+
+
 def test_settings_for_new_layers_are_refused_when_every_layer_is_copied(data, tmp_path):
     source = torchvision_file(tmp_path / "source.pth", num_classes=4)  # the data's 4 classes: FC8 copied too
     with pytest.raises(UserError, match="--lr-copied 0.001: every layer is copied from --weights .* give their "
@@ -156,7 +166,7 @@ def test_freezing_every_layer_is_refused_up_front(data, tmp_path):
 
 def test_a_frozen_batch_norm_stays_in_eval_mode_through_train_calls():
     model = VGG("A", num_classes=4, batch_norm=True, width=1 / 8, input_size=32)
-    freeze(model, "conv2_1")
+    freeze(model, "conv2_1", [name for name, _ in model.named_parameters()])  # as if all copied
     model.train()
     modes = {name: m.training for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert [modes[f"features.{i}"] for i in (1, 5)] == [False, False]  # bn1_1 and bn2_1: frozen
