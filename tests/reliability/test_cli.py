@@ -232,6 +232,7 @@ NAMED = [
     ("eval --checkpoint {run} --data {data} --protocol dense --protocol center", "--protocol is given twice"),
     ("eval --checkpoint {run} --data {data} --protocol dense,dense", "a protocol is listed twice in 'dense,dense'"),
     ("reproduce --data {data} --nets A,A", "--nets A,A: a net is listed twice"),
+    ("reproduce --data {data} --budget 2 --stop-patience 5", "--stop-patience 5: a net validates 2 time(s)"),
     ("predict --checkpoint {run} {image} --topk 1 --top=2", "--topk is given twice; give it once"),
     (f"train {TINY} --epochs 1 --epochs 2", "--epochs is given twice"),
     ("localize eval --checkpoint {run} --data {data} --protocol dense --scales 100000",

@@ -150,6 +150,11 @@ def run_cli(args: argparse.Namespace) -> None:
     preset = replace(PRESETS[args.preset], **{k: v for k, v in changes.items() if v is not None})
     if preset.val_split is not None:
         preset = replace(preset, limit_val=None)  # the held-out training images are the validation set
+    if preset.stop_patience is not None and preset.stop_patience >= preset.epochs:  # a validation an epoch
+        if args.stop_patience is not None:
+            raise UserError(f"--stop-patience {args.stop_patience}: a net validates {preset.epochs} time(s) (--budget "
+                            f"{preset.epochs}), so it could never stop early; lower it or raise --budget")
+        preset = replace(preset, stop_patience=None)  # the preset's, beyond a short budget: not in force, not reported
     if preset.milestones and max(preset.milestones) >= preset.epochs:
         raise UserError(f"--milestones {','.join(map(str, preset.milestones))}: each must be below the epoch budget "
                         f"{preset.epochs} (--budget)")
