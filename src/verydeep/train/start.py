@@ -22,6 +22,7 @@ from verydeep.data import Preprocess
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.sources import LoadedNet, load
+from verydeep.nn import configs
 from verydeep.nn.init import warm_start
 from verydeep.nn.model import VGG
 from verydeep.train.recipe import TrainConfig, parse_scale
@@ -42,9 +43,25 @@ def refuse_contradictions(cfg: TrainConfig, given: set[str], source: dict[str, A
     for name in from_weights(cfg):
         if name in given and getattr(cfg, name) != source[name]:
             flag = "--" + name.replace("_", "-")
+            advice = (f"with --warm-start the weights still decide it (the layers copied keep theirs): drop {flag}"
+                      if cfg.warm_start else "the architecture comes from the weights; to copy net A's layers into "
+                      f"another configuration give --warm-start (Sec. 3.1), else drop {flag}")
             raise UserError(f"{flag} {getattr(cfg, name)} contradicts --weights {cfg.weights} ({name} "
-                            f"{source[name]}): the architecture comes from the weights; to copy net A's layers "
-                            f"into another configuration give --warm-start (Sec. 3.1), else drop {flag}")
+                            f"{source[name]}): {advice}")
+    if cfg.warm_start:
+        refuse_other_warm_start(cfg, source)
+
+
+def refuse_other_warm_start(cfg: TrainConfig, source: dict[str, Any]) -> None:
+    """``--warm-start`` is Sec. 3.1's start of a deeper net from net A: weights of another net, or of the
+    configuration being trained (whose layers plain ``--weights`` copies all), are a :class:`UserError`."""
+    theirs, ours = configs.canonical(source["config"]), configs.canonical(cfg.config)
+    if not theirs.startswith("A"):
+        raise UserError(f"--warm-start copies net A's first four convs and FC layers (Sec. 3.1); --weights "
+                        f"{cfg.weights} are net {theirs}: give net A's weights, or drop --warm-start")
+    if theirs == ours:
+        raise UserError(f"--warm-start copies net A's layers into a deeper net; --config {ours} is the net of "
+                        f"--weights {cfg.weights}: drop --warm-start (every layer that fits is copied)")
 
 
 def checked_settings(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, LoadedNet | None]:

@@ -19,7 +19,8 @@ from verydeep.cli import main
 from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
 from verydeep.errors import UserError
-from verydeep.io.checkpoint import load_checkpoint
+from verydeep.io.checkpoint import export_safetensors, load_checkpoint
+from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification
 from verydeep.runtime import memory
 from verydeep.runtime.processes import Processes, loader_workers
@@ -254,6 +255,18 @@ def test_a_setting_that_contradicts_the_weights_is_refused_without_warm_start(da
     assert main([*args[:-2], "--epochs", "1", "--stop-after-steps", "1", "--config", "E", "--warm-start"]) == 0
     record = json.loads((tmp_path / "e" / "recipe.json").read_text())
     assert record["config"] == "E" and record["start"]["warm_start"][:2] == ["conv1_1", "conv2_1"]
+    warm = [*args[:-2], "--epochs", "1", "--warm-start"]
+    assert main([*warm, "--config", "A"]) == 2  # net A into net A: plain --weights copies every layer
+    assert "--config A is the net of --weights" in capsys.readouterr().err
+    assert main([*warm, "--config", "D", "--batch-norm"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-norm True contradicts" in err and "with --warm-start the weights still decide it" in err
+    net_e = tmp_path / "e.safetensors"
+    export_safetensors(VGG("E", num_classes=4, width=1 / 16, input_size=32), {
+        "config": "E", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32}, net_e)
+    from_e = [str(net_e) if value == str(tmp_path / "a") else value for value in warm]
+    assert main([*from_e, "--config", "E"]) == 2  # from net E, not A
+    assert "--warm-start copies net A's first four convs and FC layers (Sec. 3.1)" in capsys.readouterr().err
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--warm-start"]) == 2
     assert "--warm-start copies the layers of --weights" in capsys.readouterr().err
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--lr-copied", "0.001"]) == 2
