@@ -276,8 +276,7 @@ class Trainer:
                 f"checkpoint: {self.checkpoints.last_good()}")
 
     def train_epoch(self, stop_after_steps: int | None = None) -> bool:
-        """Run the rest of the current epoch; False when the run is to leave after step ``stop_after_steps``
-        (default ``--stop-after-steps``)."""
+        """Run the rest of the epoch; False when the run leaves after step ``stop_after_steps`` (or the flag's)."""
         stop = self.cfg.stop_after_steps if stop_after_steps is None else stop_after_steps
         sampler, stepper = self.sampler, self.stepper
         sampler.set_epoch(self.epoch, self.step_in_epoch)
@@ -333,7 +332,8 @@ class Trainer:
                             **{f"val_{name}": metrics.get(name) for name in (*task.metrics, "images", "skipped")},
                             lr=lr, img_s=round(totals.images / max(totals.seconds, 1e-9), 2),
                             peak_mem_mb=round(peak_memory_mb(self.device), 1), seconds=round(totals.seconds, 2),
-                            skipped=int(totals.skipped), micro_batch=self.micro_batch)
+                            skipped=int(totals.skipped), micro_batch=self.micro_batch,
+                            precision=str(self.dtype or torch.float32).removeprefix("torch."))  # as it ran
         new_lr = f" -> {self.schedule.lr:g}" if self.schedule.lr != lr else ""
         self.log(f"epoch {self.epoch + 1}: train loss {totals.mean_loss:.4f}, {describe(metrics, task)}, lr {lr:g}"
                  f"{new_lr}, {int(totals.skipped)} files skipped")

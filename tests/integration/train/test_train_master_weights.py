@@ -35,6 +35,8 @@ def test_training_on_the_copies_is_training_under_autocast(data, tmp_path, monke
     copies = Trainer(tiny(data, tmp_path / "copies", **options), Processes())
     assert copies.stepper.masters is not None and "bf16 copies" in copies.how
     copies.run()
+    records = [json.loads(line) for line in (tmp_path / "copies" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["precision"] for r in records if r["kind"] == "epoch"} == {"bfloat16"}  # the epochs say how they ran
     monkeypatch.setattr(step_module, "bf16_copies", lambda model, optimizer: (None, "switched off"))
     cast = Trainer(tiny(data, tmp_path / "cast", **options), Processes())
     assert cast.stepper.masters is None and "switched off" in cast.how
