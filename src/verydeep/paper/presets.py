@@ -133,7 +133,7 @@ class Preset:
             return acting(cfg)
         cfg = replace(cfg, weights=str(RunDir(nets_dir / parent).last))
         if self.fine_tuned(net, by_name):  # a short fine-tuning: the plateau rule within its few epochs; every
-            # layer copied, so no init (the default is no setting given)
+            # layer is copied, so the init is left at its default (one set is refused then: it initialises nothing)
             return acting(replace(cfg, lr=self.finetune_lr, epochs=self.finetune_epochs, milestones=[],
                                   init=TrainConfig.init))
         return acting(replace(cfg, warm_start=True))  # Sec. 3.1: A's first four convs and FC6-8 into a deeper net
