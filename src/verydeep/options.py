@@ -40,18 +40,20 @@ class OneLineParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def _refuse_repeats(self, args: Sequence[str]) -> None:
-        """An option of one value given twice is an error: argparse would keep the last silently. (Options that
-        gather their values, such as ``--weights``, append; a subcommand's parser checks its own.)"""
+        """An option of one value given twice (a switch and its ``--no-`` form too) is an error: argparse would keep
+        the last silently. (Options that gather their values, such as ``--weights``, append; a subcommand's parser
+        checks its own.)"""
         seen: dict[argparse.Action, str] = {}
         for token in args:
             if token == "--":
                 break
             name = token.split("=", 1)[0]
             action = self._option_action(name) if name.startswith("--") else None
-            if isinstance(action, argparse._StoreAction):
+            if isinstance(action, argparse._StoreAction | argparse.BooleanOptionalAction):  # --x and --no-x alike
                 if action in seen:
                     self.error(f"{seen[action]} is given twice; give it once")
-                seen[action] = max(action.option_strings, key=len)  # its full name, however abbreviated
+                seen[action] = "/".join(action.option_strings) if isinstance(action, argparse.BooleanOptionalAction) \
+                    else max(action.option_strings, key=len)  # its full name, however abbreviated
 
     def _option_action(self, name: str) -> argparse.Action | None:
         """The action of a long option as argparse reads it: its whole name, or a prefix only it has."""

@@ -235,6 +235,7 @@ NAMED = [
     ("reproduce --data {data} --budget 2 --stop-patience 5", "--stop-patience 5: a net validates 2 time(s)"),
     ("predict --checkpoint {run} {image} --topk 1 --top=2", "--topk is given twice; give it once"),
     (f"train {TINY} --epochs 1 --epochs 2", "--epochs is given twice"),
+    (f"train {TINY} --progress", "--progress/--no-progress is given twice"),  # TINY says --no-progress
     ("localize eval --checkpoint {run} --data {data} --protocol dense --scales 100000",
      "argument --scales: a test scale Q"),
     ("localize predict --checkpoint {run} --classifier {run} --out {folder} {image} --scales 100000",
