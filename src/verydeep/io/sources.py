@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess
-from verydeep.io.weights import load_published, task_name
+from verydeep.data.preprocess import Preprocess
+from verydeep.io.weights import input_convention, load_published, task_name
 from verydeep.nn import configs
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification
@@ -29,15 +29,6 @@ from verydeep.runtime.device import prepare
 def model_name(recipe: dict[str, Any]) -> str:
     """The configuration of Table 1, with ``-BN`` for batch norm: ``D``, ``A-BN``."""
     return configs.canonical(recipe["config"]) + ("-BN" if recipe.get("batch_norm") else "")
-
-
-def input_convention(recipe: dict[str, Any], data: str | Path | None = None) -> Preprocess:
-    """The net's input convention and statistics: its recipe's ``preprocess`` when it has one (the weights'
-    convention, such as a Caffe net's BGR on 0..255, wins), else ``data``'s ``preprocess.json``, else
-    ImageNet's. The recipe's was checked where it was read (:func:`verydeep.io.checkpoint.check_recipe`)."""
-    if recipe.get("preprocess"):
-        return Preprocess.from_dict(recipe["preprocess"])
-    return load_preprocess(data) if data is not None else IMAGENET
 
 
 #: The ``purpose`` of :func:`load` that needs a classifier: a net trained for another task is refused.

@@ -39,7 +39,7 @@ from typing import Any
 
 from torch import Tensor
 
-from verydeep.data.preprocess import IMAGENET, Preprocess
+from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess
 from verydeep.errors import UserError
 from verydeep.io.catalogue import NAMES
 from verydeep.io.checkpoint import (
@@ -243,10 +243,19 @@ def convert(source: str | Path, out: str | Path, weights_dir: str | Path | None 
     return export_safetensors(published.model, published.recipe, out)
 
 
+def input_convention(recipe: dict[str, Any], data: str | Path | None = None) -> Preprocess:
+    """The net's input convention and statistics: its recipe's ``preprocess`` when it has one (the weights'
+    convention, such as a Caffe net's BGR on 0..255, wins), else ``data``'s ``preprocess.json``, else
+    ImageNet's. The recipe's was checked where it was read (:func:`verydeep.io.checkpoint.check_recipe`)."""
+    if recipe.get("preprocess"):
+        return Preprocess.from_dict(recipe["preprocess"])
+    return load_preprocess(data) if data is not None else IMAGENET
+
+
 def describe(published: Published) -> str:
     """One line: the net, its sizes, its task when not classification, and the input it takes."""
     recipe = published.recipe
-    pre = Preprocess.from_dict(recipe["preprocess"]) if recipe.get("preprocess") else IMAGENET  # as load() takes it
+    pre = input_convention(recipe)
     head = ", random classifier" if recipe.get("head") == "random" else ""
     origin = (recipe.get("source") or {}).get("format", published.format)  # a converted file names its origin
     task = "" if task_name(recipe) == Classification.name else f", {task_name(recipe)} ({outputs_text(recipe)})"
