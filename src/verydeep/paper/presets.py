@@ -177,5 +177,4 @@ PRESETS: dict[str, Preset] = {
 def acting(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` without the preset's early stop where its net validates too few times for it to act (a short
     budget): training refuses a setting that could not take effect."""
-    validations = -(-cfg.epochs // cfg.val_every)
-    return replace(cfg, stop_patience=None) if (cfg.stop_patience or 0) >= validations else cfg
+    return replace(cfg, stop_patience=None) if (cfg.stop_patience or 0) >= cfg.validations() else cfg

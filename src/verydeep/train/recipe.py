@@ -267,6 +267,10 @@ class TrainConfig:
         self.check_schedule()
         self.check_validations()
 
+    def validations(self) -> int:
+        """How many times the run validates: every ``val_every`` epochs, and after the last."""
+        return -(-self.epochs // self.val_every)
+
     def check_validations(self) -> None:
         """Raise :class:`UserError` when ``--val-every`` or ``--stop-patience`` could not act in ``--epochs``: the
         last epoch is validated whatever ``--val-every`` says, and a stop needs that many validations after
@@ -274,7 +278,7 @@ class TrainConfig:
         if self.val_every > self.epochs:
             raise UserError(f"--val-every {self.val_every} is beyond --epochs {self.epochs}: the last epoch is "
                             "validated anyway, so it would change nothing; drop it or raise --epochs")
-        validations = self.epochs // self.val_every + (1 if self.epochs % self.val_every else 0)
+        validations = self.validations()
         if self.stop_patience is not None and self.stop_patience >= validations:
             raise UserError(f"--stop-patience {self.stop_patience}: the run validates {validations} time(s) (--epochs "
                             f"{self.epochs}, --val-every {self.val_every}), so it could never stop early; lower it "
