@@ -141,6 +141,13 @@ image_side = _within(positive_int, check_side, "the side")
 width_multiplier = _within(positive_float, check_width, "the width multiplier")
 
 
+def refuse_repeated(values: Sequence[Any], text: str, what: str, why: str) -> None:
+    """For a comma-separated list option's ``type=``: a value listed twice is an error (``what`` it is, ``why``
+    once is what counts), not a value silently taken once or twice."""
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"{what} is listed twice in {text!r}: {why}")
+
+
 def parse_scales(text: str) -> list[int]:
     """``type=`` for ``--scales``: ``256,384,512`` -> [256, 384, 512], each from 1 to
     :data:`verydeep.runtime.limits.MAX_SIDE`; a bad list is a one-line error."""
@@ -152,8 +159,7 @@ def parse_scales(text: str) -> list[int]:
         ) from None
     if not scales or any(q <= 0 for q in scales):
         raise argparse.ArgumentTypeError(f"expected positive integers such as 256,384,512; got {text!r}")
-    if len(set(scales)) < len(scales):
-        raise argparse.ArgumentTypeError(f"a scale is listed twice in {text!r}: each is tested once")
+    refuse_repeated(scales, text, "a scale", "each is tested once")
     return [test_scale(str(q)) for q in scales]
 
 

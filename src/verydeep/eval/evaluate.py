@@ -50,6 +50,7 @@ from verydeep.options import (
     output_dir,
     parse_scales,
     positive_int,
+    refuse_repeated,
 )
 from verydeep.paper import report
 from verydeep.runtime import sharding
@@ -201,8 +202,7 @@ def parse_protocols(text: str) -> list[str]:
     if unknown or not protocols:
         raise argparse.ArgumentTypeError(f"unknown protocol {','.join(unknown) or repr(text)}; choose from "
                                          f"{', '.join(PROTOCOLS)} (comma-separated)")
-    if len(set(protocols)) < len(protocols):
-        raise argparse.ArgumentTypeError(f"a protocol is listed twice in {text!r}: each is one row of the table")
+    refuse_repeated(protocols, text, "a protocol", "each is one row of the table")
     return protocols
 
 

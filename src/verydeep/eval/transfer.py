@@ -42,7 +42,7 @@ from verydeep.eval.features import (
 )
 from verydeep.eval.image_sets import open_image_set
 from verydeep.io.jsonable import to_json_dict
-from verydeep.options import output_file, positive_int, seed_number, split_count
+from verydeep.options import output_file, positive_int, refuse_repeated, seed_number, split_count
 from verydeep.paper.figures import TABLE_11, TABLE_12
 from verydeep.paper.report import Column, Row, Table, join_markdown, percent
 
@@ -453,8 +453,7 @@ def parse_floats(text: str) -> list[float]:
         values = []
     if not values or not all(np.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as 0.1,1,10; got {text!r}")
-    if len(set(values)) < len(values):
-        raise argparse.ArgumentTypeError(f"a value is listed twice in {text!r}: each is tried once")
+    refuse_repeated(values, text, "a value", "each is tried once")
     return values
 
 
