@@ -223,7 +223,8 @@ def freeze(model: VGG, upto: str | None, copied: Collection[str] = ()) -> list[s
     if len(frozen) == len(list(model.parameters())):
         raise UserError(f"--freeze {upto} freezes every layer of {model.name}: nothing would be trained; freeze "
                         "fewer (features, or a layer before fc8)")
-    random = [name.rsplit(".", 1)[0] for name in frozen if name not in set(copied)]
+    kept = set(copied)
+    random = [name.rsplit(".", 1)[0] for name in frozen if name not in kept]
     if random:
         tap = {module: name for name, module in model.tap_names.items()}.get(random[0], random[0])
         raise UserError(f"--freeze {upto} would freeze {tap}, which is not copied from --weights: it would stay at "
