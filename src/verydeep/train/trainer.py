@@ -104,6 +104,7 @@ class Trainer:
             set_rng_state(rng)
         self.sampler, self.loader, self.val_loader = self.data.loaders(procs, self.micro_batch, self.pre,
                                                                        self.workers, self.device)
+        refuse_idle_step_flags(self.cfg, self.sampler.steps_per_epoch, self.step, self.run_dir)
         self.checkpoints.clear(self.cfg)  # all checked: a refused run leaves an old one in --out as it was
         if not self.cfg.resume:
             self.metrics.open(0)
@@ -375,6 +376,23 @@ class Trainer:
         return TrainSummary(metric=self.task.metrics[0], best=best, epochs=self.epoch, steps=self.step,
                             run_dir=str(self.run_dir), seconds=round(time.perf_counter() - start, 2),
                             stopped=stopped, lr=self.schedule.lr)
+
+
+def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, run_dir: Path) -> None:
+    """Raise :class:`UserError` when ``--stop-after-steps`` or ``--checkpoint-every`` could not act in the
+    steps from ``done`` (a resumed run's) to the last of ``--epochs``."""
+    last = cfg.epochs * steps_per_epoch
+    budget = f"--epochs {cfg.epochs} x {steps_per_epoch} steps = {last}"
+    if cfg.stop_after_steps is not None and cfg.stop_after_steps <= done:
+        raise UserError(f"--stop-after-steps {cfg.stop_after_steps}: the run in {run_dir} has done {done} steps "
+                        "already; give a later step")
+    if cfg.stop_after_steps is not None and cfg.stop_after_steps > last:
+        raise UserError(f"--stop-after-steps {cfg.stop_after_steps} is beyond the run's last step ({budget}), "
+                        "so it would never stop it")
+    every = cfg.checkpoint_every
+    if every and (done // every + 1) * every > last:
+        raise UserError(f"--checkpoint-every {every}: no step from {done + 1} to the last ({budget}) is a "
+                        "multiple of it, so it would never write; lower it")
 
 
 def train(cfg: TrainConfig, task: Task | None = None, given: Collection[str] | None = None) -> TrainSummary:

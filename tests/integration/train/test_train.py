@@ -88,6 +88,27 @@ def test_resume_after_a_crash_is_bitwise_equal(data, tmp_path, workers):
     assert steps == list(range(1, 9))  # the records after the checkpoint were dropped and logged again
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(stop_after_steps=5), r"--stop-after-steps 5 is beyond the run's last step \(--epochs 1 x 4 steps = 4\)"),
+    (dict(checkpoint_every=5), "--checkpoint-every 5: no step from 1 to the last .* so it would never write"),
+])
+def test_step_flags_that_could_not_act_in_the_run_are_refused(data, tmp_path, options, message):
+    with pytest.raises(UserError, match=message):
+        train(tiny(data, tmp_path, **options))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_stopping_at_a_step_already_done_is_refused_and_leaves_the_run(data, tmp_path):
+    train(tiny(data, tmp_path, epochs=2, stop_after_steps=6, checkpoint_every=2))
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(UserError, match="--stop-after-steps 6: the run in .* has done 6 steps already"):
+        train(tiny(data, tmp_path, epochs=2, resume=True, stop_after_steps=6))
+    with pytest.raises(UserError, match="--checkpoint-every 3: no step from 7 to the last"):
+        train(tiny(data, tmp_path, epochs=2, resume=True, checkpoint_every=3))
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+    assert train(tiny(data, tmp_path, epochs=2, resume=True, stop_after_steps=7)).steps == 7
+
+
 def test_plateau_divides_by_ten_after_patience_at_most_three_times_then_stops():
     schedule = Schedule(lr=0.01, patience=2, max_drops=3)
     assert schedule.update(1, 50.0) and schedule.lr == 0.01
