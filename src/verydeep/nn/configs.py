@@ -71,7 +71,9 @@ ALIASES: dict[str, str] = {
 #: Width of the two hidden fully-connected layers (FC-4096).
 FC_WIDTH = 4096
 
-#: AlexNet's LRN parameters, used by A-LRN (Sec. 2.1): size 5, alpha 1e-4, beta 0.75, k 2.
+#: AlexNet's LRN parameters, used by A-LRN (Sec. 2.1): size 5, alpha 1e-4, beta 0.75, k 2. As in Caffe, which
+#: the authors trained with, and cuda-convnet, PyTorch divides alpha by the size (k + alpha/5 * sum of squares);
+#: AlexNet's paper writes the formula without the division.
 LRN_PARAMS = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0}
 
 @dataclass(frozen=True)
