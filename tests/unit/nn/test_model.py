@@ -61,6 +61,14 @@ def test_configuration_c_has_three_1x1_convs_and_a_lrn_one_lrn():
     assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in a_lrn.modules()) == 1
 
 
+def test_a_lrn_normalises_as_caffe_does_with_alpha_divided_by_the_size():
+    lrn = VGG("A-LRN", width=1 / 16, input_size=32).features[2]
+    x = torch.rand(1, 8, 3, 3, dtype=torch.float64) * 50
+    squares = torch.nn.functional.pad(x**2, (0, 0, 0, 0, 2, 2))  # the window of 5 channels around each
+    window = sum(squares[:, i:i + 8] for i in range(5))
+    torch.testing.assert_close(lrn(x), x / (2 + 1e-4 / 5 * window) ** 0.75)
+
+
 def test_summary_json_reports_params_and_macs(capsys):
     assert main(["summary", "D", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
