@@ -76,7 +76,7 @@ class Task(ABC):
 
 class Classification(Task):
     """Sec. 3.1: softmax over the classes, multinomial logistic regression; validation top-1 and top-5
-    accuracy in % (ties go to the true class, as in :func:`verydeep.eval.metrics.topk_correct`)."""
+    accuracy in % (ties counted as :func:`verydeep.eval.metrics.topk_correct` does)."""
 
     name = "classification"
     metrics = ("top1", "top5")

@@ -35,7 +35,7 @@ class Measured:
     paths: np.ndarray
 
     def correct(self) -> np.ndarray:
-        """Per image, right at top-1 (ties as :func:`verydeep.eval.metrics.topk_correct`)."""
+        """Per image, right at top-1, 0 to 1 (ties as :func:`verydeep.eval.metrics.topk_correct`)."""
         return topk_correct(torch.from_numpy(self.posteriors), torch.from_numpy(self.targets), 1).numpy()
 
 

@@ -125,19 +125,33 @@ def test_multicrop_averages_posteriors_over_the_50_crops():
 # ---- metrics ------------------------------------------------------------------------------
 
 
-def test_topk_ties_count_for_the_true_class():
+def test_topk_ties_count_as_the_chance_of_a_random_order_of_the_tied_classes():
     posteriors = torch.tensor([
-        [0.25, 0.25, 0.25, 0.25, 0.0, 0.0],  # four-way tie at the top: correct at top-1
+        [0.25, 0.25, 0.25, 0.25, 0.0, 0.0],  # four-way tie at the top: 1/4 correct at top-1, 3/4 at top-3
         [0.5, 0.2, 0.1, 0.1, 0.05, 0.05],  # true class 5 ties with class 4; four score higher
-        [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],  # true class 2: two strictly higher
+        [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],  # true class 2: two strictly higher, tied with three others
+        [0.1, 0.7, 0.2, 0.0, 0.0, float("nan")],  # true class 1 alone on top, beside a NaN
     ])
-    targets = torch.tensor([3, 5, 2])
-    assert topk_correct(posteriors, targets, 1).tolist() == [True, False, False]
-    assert topk_correct(posteriors, targets, 3).tolist() == [True, False, True]
-    assert topk_correct(posteriors, targets, 5).tolist() == [True, True, True]
-    assert topk_error(posteriors, targets, 1) == pytest.approx(2 / 3)
-    assert topk_error(posteriors, targets, 5) == 0.0
-    assert per_class_accuracy(posteriors, targets, 6) == [None, None, 0.0, 1.0, None, 0.0]
+    targets = torch.tensor([3, 5, 2, 1])
+    assert topk_correct(posteriors, targets, 1).tolist() == [0.25, 0.0, 0.0, 1.0]
+    assert topk_correct(posteriors, targets, 3).tolist() == [0.75, 0.0, 0.25, 1.0]
+    assert topk_correct(posteriors, targets, 5).tolist() == [1.0, 0.5, 0.75, 1.0]
+    assert topk_error(posteriors, targets, 1) == pytest.approx(1 - 1.25 / 4)
+    assert topk_error(posteriors, targets, 5) == pytest.approx(1 - 3.25 / 4)
+    assert per_class_accuracy(posteriors, targets, 6) == [None, 1.0, 0.0, 0.25, None, 0.0]
+
+
+def test_a_constant_output_is_right_once_in_as_many_classes_and_a_nan_score_never():
+    targets = torch.arange(8) % 4
+    assert topk_error(torch.full((8, 4), 1e-3), targets, 1) == pytest.approx(0.75)
+    assert topk_error(torch.full((8, 4), float("nan")), targets, 1) == 1.0
+
+
+def test_bf16_ties_leave_the_error_of_fp32_within_sampling_noise():
+    logits = torch.randn(20_000, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    targets = torch.where(torch.arange(20_000) % 2 == 0, logits.argmax(1), logits.topk(2).indices[:, 1])
+    fp32, bf16 = topk_error(logits, targets, 1), topk_error(logits.bfloat16().float(), targets, 1)
+    assert fp32 == 0.5 and abs(bf16 - fp32) < 0.005  # ties for the true class would give about 0.485
 
 
 def test_scales_from_the_recipe():
