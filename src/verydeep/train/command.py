@@ -6,7 +6,7 @@ import argparse
 import json
 
 from verydeep.runtime.processes import Processes
-from verydeep.train.recipe import add_flags, make_config, recipe_names, settings_from_flags
+from verydeep.train.recipe import add_flags, make_config, recipe_names, setting_origins, settings_from_flags
 from verydeep.train.trainer import train
 
 
@@ -25,6 +25,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     given = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
     settings = settings_from_flags(given)
-    summary = train(make_config(settings), given=set(settings))
+    summary = train(make_config(settings), given=setting_origins(given, settings))
     if Processes.from_env().main:
         print(json.dumps(summary.to_dict()))

@@ -532,6 +532,20 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str, str]:
+    """Where each of ``settings`` (:func:`settings_from_flags`) came from, as an error names it: its flag
+    (``--config``), the recipe's key (``--recipe s384's config``) or the stored run's."""
+    recipe = read_recipe(given["recipe"]) if given.get("recipe") else {}
+
+    def origin(name: str) -> str:
+        if name in given:
+            return "--" + name.replace("_", "-")
+        if name in recipe:
+            return f"--recipe {given['recipe']}'s {name}"
+        return f"{stored_settings_file(given['out'])}'s {name}"
+    return {name: origin(name) for name in settings}
+
+
 def refuse_plateau_flags_beside_milestones(settings: dict[str, Any], given: dict[str, Any]) -> None:
     """Raise :class:`UserError` when the plateau rule's flags are given on the command line, even at
     their defaults, to a run that follows milestones (a recipe's plateau settings simply give way)."""

@@ -11,7 +11,7 @@ of their own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -37,16 +37,17 @@ def from_weights(cfg: TrainConfig) -> tuple[str, ...]:
     return FROM_WEIGHTS[1:] if cfg.warm_start else FROM_WEIGHTS
 
 
-def refuse_contradictions(cfg: TrainConfig, given: set[str], source: dict[str, Any]) -> None:
-    """The weights decide the architecture (:func:`from_weights`): a setting given that says otherwise
-    is a :class:`UserError` naming both, never dropped."""
+def refuse_contradictions(cfg: TrainConfig, given: Mapping[str, str], source: dict[str, Any]) -> None:
+    """The weights decide the architecture (:func:`from_weights`): a setting given (``given`` maps it to
+    where it came from: its flag, a recipe) that says otherwise is a :class:`UserError` naming both."""
     for name in from_weights(cfg):
         if name in given and getattr(cfg, name) != source[name]:
             flag = "--" + name.replace("_", "-")
-            advice = (f"with --warm-start the weights still decide it (the layers copied keep theirs): drop {flag}"
+            remedy = f"drop {flag}" if given[name] == flag else f"give {flag} {source[name]}"
+            advice = (f"with --warm-start the weights still decide it (the layers copied keep theirs): {remedy}"
                       if cfg.warm_start else "the architecture comes from the weights; to copy net A's layers into "
-                      f"another configuration give --warm-start (Sec. 3.1), else drop {flag}")
-            raise UserError(f"{flag} {getattr(cfg, name)} contradicts --weights {cfg.weights} ({name} "
+                      f"another configuration give --warm-start (Sec. 3.1), else {remedy}")
+            raise UserError(f"{given[name]} {getattr(cfg, name)} contradicts --weights {cfg.weights} ({name} "
                             f"{source[name]}): {advice}")
     if cfg.warm_start:
         refuse_other_warm_start(cfg, source)
@@ -64,7 +65,7 @@ def refuse_other_warm_start(cfg: TrainConfig, source: dict[str, Any]) -> None:
                         f"--weights {cfg.weights}: drop --warm-start (every layer that fits is copied)")
 
 
-def checked_settings(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, LoadedNet | None]:
+def checked_settings(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainConfig, LoadedNet | None]:
     """A new run's settings checked and those ``--weights`` decide taken (:func:`adopt_weights`): each option
     alone before any file is read, then all of them together, the crop the weights may decide among them."""
     cfg.check_each()
@@ -73,7 +74,7 @@ def checked_settings(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Lo
     return adopted, published
 
 
-def adopt_weights(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, LoadedNet | None]:
+def adopt_weights(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainConfig, LoadedNet | None]:
     """A new run from ``--weights`` takes their architecture and input convention (the settings ``given``
     that contradict them refused); their tensors are copied by :func:`initial_model`."""
     if not cfg.weights or cfg.resume:
@@ -100,7 +101,7 @@ def refuse_other_convention(cfg: TrainConfig, convention: Preprocess | None) -> 
                         "--preprocess (the weights' convention is used), or give statistics in theirs")
 
 
-def input_size(cfg: TrainConfig, given: set[str], source: dict[str, Any]) -> dict[str, Any]:
+def input_size(cfg: TrainConfig, given: Mapping[str, str], source: dict[str, Any]) -> dict[str, Any]:
     """The crop of the weights unless ``--crop`` is given (FC6 sees its (crop/32)^2 map), and with another
     crop than the default 224 their training scales unless ``--scale`` is given: the default S of 256
     belongs to the 224 crop, a net of 32-pixel crops was trained at its own (the cifar10 recipe's 36:73)."""
@@ -120,7 +121,7 @@ def same_classes(source: dict[str, Any], classes: list[str]) -> bool:
 
 
 def initial_model(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet | None,
-                  warn: Callable[[str], None], given: Collection[str] = ()) -> tuple[VGG, str, dict[str, Any] | None]:
+                  warn: Callable[[str], None], given: Mapping[str, str]) -> tuple[VGG, str, dict[str, Any] | None]:
     """A new run's net as ``record`` describes it, initialised by ``cfg.init`` and then from the weights
     (:func:`from_published`, :func:`warm_started`); how it started, in words; the run record's ``start``.
     An init or learning rate ``given`` for new layers when every layer is copied is a :class:`UserError`."""
@@ -134,11 +135,11 @@ def initial_model(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet
     return model, how, start
 
 
-def refuse_settings_for_new_layers(cfg: TrainConfig, given: Collection[str]) -> None:
+def refuse_settings_for_new_layers(cfg: TrainConfig, given: Mapping[str, str]) -> None:
     """Every layer copied from ``--weights``: an init given would initialise nothing, and beside ``--lr-copied``
     no layer would learn at ``--lr`` (which the log would report); each is a :class:`UserError`."""
     if "init" in given:
-        raise UserError(f"--init {cfg.init} (given, or set by the recipe): every layer is copied from --weights "
+        raise UserError(f"{given['init']} {cfg.init}: every layer is copied from --weights "
                         f"{cfg.weights}, so none is initialised; drop it")
     if cfg.lr_copied is not None:
         raise UserError(f"--lr-copied {cfg.lr_copied:g}: every layer is copied from --weights {cfg.weights}, so none "

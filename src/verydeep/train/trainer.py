@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -80,11 +80,11 @@ class Trainer:
     """One training run of ``task``, on this process and its share of the global batches."""
 
     def __init__(self, cfg: TrainConfig, procs: Processes, task: Task | None = None,
-                 given: Collection[str] | None = None) -> None:
+                 given: Mapping[str, str] | Collection[str] | None = None) -> None:
         self.procs, self.task = procs, task or Classification()
-        # the settings the user gave (flags, recipe): those that contradict --weights are refused; from
-        # Python, those that differ from their defaults
-        self.given = given = set(given) if given is not None else changed_settings(cfg)
+        # the settings the user gave (flags, recipe), each with where it came from: those that contradict
+        # --weights are refused naming it; from Python, those that differ from their defaults
+        self.given = given = given_settings(cfg, given)
         # The parts are assembled in this order because exact resume depends on it: the weights to start
         # from are read first, since they decide the architecture; the model's random init draws from the
         # global RNG seeded by cfg.seed, before anything else draws; restoring needs the model and optimizer
@@ -378,6 +378,14 @@ class Trainer:
                             stopped=stopped, lr=self.schedule.lr)
 
 
+def given_settings(cfg: TrainConfig, given: Mapping[str, str] | Collection[str] | None) -> dict[str, str]:
+    """The settings given, each mapped to where it came from (a flag, a recipe's key), as errors name it;
+    given as bare names, or not at all (those that differ from their defaults), each is named as its flag."""
+    if isinstance(given, Mapping):
+        return dict(given)
+    return {name: "--" + name.replace("_", "-") for name in (changed_settings(cfg) if given is None else given)}
+
+
 def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, run_dir: Path) -> None:
     """Raise :class:`UserError` when ``--stop-after-steps`` or ``--checkpoint-every`` could not act in the
     steps from ``done`` (a resumed run's) to the last of ``--epochs``."""
@@ -395,7 +403,8 @@ def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, ru
                         "multiple of it, so it would never write; lower it")
 
 
-def train(cfg: TrainConfig, task: Task | None = None, given: Collection[str] | None = None) -> TrainSummary:
+def train(cfg: TrainConfig, task: Task | None = None,
+          given: Mapping[str, str] | Collection[str] | None = None) -> TrainSummary:
     """Train as ``cfg`` says (``task``: classification by default), on this process or, under
     ``torchrun``, on all of them (Sec. 3.3). ``given``: the settings the user gave (default: those that
     differ from their defaults). When ``torchrun --max-restarts`` restarts the processes after one

@@ -273,6 +273,10 @@ def test_a_setting_that_contradicts_the_weights_is_refused_without_warm_start(da
     err = capsys.readouterr().err
     assert "--config E contradicts --weights" in err and "--warm-start" in err and len(err.strip().splitlines()) == 1
     assert main([*args, "--width", "0.5"]) == 2 and "--width 0.5 contradicts" in capsys.readouterr().err
+    recipe = tmp_path / "e.toml"
+    recipe.write_text('config = "E"\n')
+    assert main([*args, "--recipe", str(recipe)]) == 2  # named as the recipe's, which a flag overrides
+    assert f"--recipe {recipe}'s config E contradicts --weights" in capsys.readouterr().err.replace("\n", " ")
     assert main([*args[:-2], "--epochs", "1", "--stop-after-steps", "1", "--config", "E", "--warm-start"]) == 0
     record = json.loads((tmp_path / "e" / "recipe.json").read_text())
     assert record["config"] == "E" and record["start"]["warm_start"][:2] == ["conv1_1", "conv2_1"]
@@ -408,6 +412,7 @@ def test_scale_and_recipes():
     cfg = make_config({**read_recipe("s384"), "data": "x", "out": "y"})
     assert cfg.scale == (384, 384) and cfg.lr == 1e-3
     assert make_config(read_recipe("jitter")).scale == (256, 512)
+    assert "config" not in read_recipe("s384") and "config" not in read_recipe("jitter")  # the weights' net
     assert make_config({"milestones": "30, 60"}).milestones == [30, 60]
     for scale in (256.7, float("inf"), "1_0", True, [256, 512.5], "256:100000"):  # from a recipe file: never truncated
         with pytest.raises(UserError, match="--scale must be"):

@@ -73,9 +73,12 @@ def test_settings_for_new_layers_are_refused_when_every_layer_is_copied(data, tm
     with pytest.raises(UserError, match="--lr-copied 0.001: every layer is copied from --weights .* give their "
                                         "learning rate as --lr instead"):
         train(narrow(data, tmp_path / "a", weights=str(source), lr_copied=1e-3))
-    with pytest.raises(UserError, match="--init paper .*: every layer is copied from --weights .*so none is "
+    with pytest.raises(UserError, match="--init paper: every layer is copied from --weights .*so none is "
                                         "initialised; drop it"):
         train(narrow(data, tmp_path / "b", weights=str(source), init="paper"))
+    with pytest.raises(UserError, match="--recipe glorot's init xavier: every layer is copied from --weights"):
+        train(narrow(data, tmp_path / "b", weights=str(source), init="xavier"),
+              given={"init": "--recipe glorot's init", "weights": "--weights"})
     train(narrow(data, tmp_path / "c", weights=str(source), init="he", lr=1e-3))  # he: the default, not given
     with pytest.raises(UserError, match="--freeze conv9_9: not a layer"):
         train(narrow(data, tmp_path / "bad", weights=str(source), freeze="conv9_9"))
