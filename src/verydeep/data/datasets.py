@@ -158,15 +158,32 @@ def require_folder(path: Path, what: str = "data folder") -> Path:
     raise MissingFileError(f"{what} {path} does not exist")
 
 
+SPLITS = ("train", "val", "test")
+
+
+def is_one_split(root: Path) -> bool:
+    """Whether ``root``, which may have a subfolder named as a split, is itself one split of class folders,
+    one of them named so (CIFAR-100's ``train``): one split name only, and it and the other folders of
+    images are classes (images, no folders of images, inside) rather than splits (class folders inside)."""
+    subfolders = _subfolders(root)
+    if sum(name in SPLITS for name in subfolders) != 1:
+        return False
+    with_images = [root / name for name in subfolders if _has_images(root / name)]
+    return len(with_images) > 1 and not any(_class_dirs(folder) for folder in with_images)
+
+
 def find_split(data_dir: str | Path, split: str) -> Path:
     """The folder holding ``split`` ("train", "val" or "test") of the dataset at ``data_dir``.
 
     ``DIR/<split>``; for "val" ``DIR/test`` when there is no ``val`` (and vice versa); or ``DIR``
-    itself when it is already a split (class folders, or a flat ILSVRC validation folder).
+    itself when it is already a split (class folders, one of them maybe named as a split
+    (:func:`is_one_split`), or a flat ILSVRC validation folder).
     """
-    if split not in ("train", "val", "test"):
+    if split not in SPLITS:
         raise ValueError(f"split must be train, val or test; got {split!r}")
     root = require_folder(Path(data_dir))
+    if is_one_split(root):
+        return root
     names = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
     for name in names:
         folder = root / name
@@ -174,7 +191,7 @@ def find_split(data_dir: str | Path, split: str) -> Path:
             if not _has_images(folder):
                 raise UserError(f"data folder {folder} holds no images")
             return folder
-    splits = [n for n in ("train", "val", "test") if (root / n).is_dir()]
+    splits = [n for n in SPLITS if (root / n).is_dir()]
     if splits:
         raise MissingFileError(f"data folder {root} has {', '.join(splits)} but no {' or '.join(names)}")
     if not _has_images(root):

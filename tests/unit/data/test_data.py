@@ -383,6 +383,20 @@ def test_find_split_layouts_and_errors(tmp_path):
         ImageFolder(tmp_path / "ds" / "train" / "a", RescaleTransform(8))
 
 
+def test_a_split_of_class_folders_one_named_train_is_that_split_not_a_dataset_of_splits(tmp_path):
+    for split in ("train", "test"):  # CIFAR-100 has a class "train"
+        make_tree(tmp_path / "c100" / split, {name: [(8, 8)] * 2 for name in ("bicycle", "bus", "train")})
+    assert find_split(tmp_path / "c100", "train") == tmp_path / "c100" / "train"
+    for split in ("train", "test"):
+        folder = tmp_path / "c100" / split
+        assert find_split(folder, "train") == find_split(folder, "val") == folder
+        assert ImageFolder(folder, None).classes == ["bicycle", "bus", "train"] and len(ImageFolder(folder, None)) == 6
+    make_tree(tmp_path / "loose" / "train", {"a": [(8, 8)], "b": [(8, 8)]})  # a split beside a flat folder
+    make_tree(tmp_path / "loose", {"ILSVRC2012_img_val": [(8, 8)]})
+    with pytest.raises(MissingFileError, match="has train but no val or test"):
+        find_split(tmp_path / "loose", "val")
+
+
 def test_a_file_given_as_the_data_folder_is_named_a_file(tmp_path, capsys):
     file = tmp_path / "data.txt"
     file.write_text("not a folder\n")
