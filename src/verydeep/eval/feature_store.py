@@ -190,8 +190,8 @@ def extraction_key(nets: Sequence[FeatureNet], images: ImageSet, scales: Sequenc
     for path in images.paths:
         try:
             stat = os.stat(path)
-            files.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            files.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode(errors="surrogateescape"))
         except OSError:  # not a file of its own (a region of one) or gone: its path alone
-            files.update(f"{path}\n".encode())
+            files.update(f"{path}\n".encode(errors="surrogateescape"))
     return json.dumps({"nets": [n.digest for n in nets], "files": files.hexdigest(), "scales": list(scales),
                        "tap": TAP, "precision": str(dtype or torch.float32).removeprefix("torch.")})

@@ -61,7 +61,7 @@ def relative_paths(images: LabelledImages, indices: Iterable[int] | None = None)
 
 def path_digest(paths: list[str]) -> str:
     """A digest of images' paths within their split (:func:`relative_paths`)."""
-    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    return hashlib.sha256("\n".join(paths).encode(errors="surrogateescape")).hexdigest()  # any file name
 
 
 class TrainingData:

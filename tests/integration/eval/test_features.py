@@ -5,6 +5,7 @@ named taps; the raw-pixel baseline; one-line errors."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +294,19 @@ def test_net_flags_beside_raw_pixels_are_refused(photos, tmp_path, capsys, flags
     assert err.count("\n") == 1 and not out.exists()
     assert f"--raw-pixels 8 describes images without a net; {named} would have no effect" in err
     assert main(argv) == 0 and Features.load(out).features.shape == (12, 3 * 8 * 8)  # loader flags do act
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names of any bytes are POSIX's")
+def test_a_file_name_that_is_not_utf8_is_trained_on_and_described(net, photos, tmp_path):
+    from conftest import tiny
+
+    from verydeep.train import train
+
+    data = shutil.copytree(photos, tmp_path / "data")
+    odd = os.fsencode(data / "train" / "c0") + b"/caf\xe9.png"  # Latin-1, as archives made on Windows name files
+    save(photo(48, 40, seed=99), Path(os.fsdecode(odd)))
+    assert train(tiny(data, tmp_path / "run", batch_size=4, crop=32, scale=(36, 36))).steps == 1
+    out = tmp_path / "f.npz"
+    assert main(["features", "--weights", str(net), "--data", str(data / "train"), "--out", str(out), "--workers",
+                 "0", "--device", "cpu", "--no-progress", "--scales", "32"]) == 0
+    assert os.fsdecode(odd) in Features.load(out).paths
