@@ -9,7 +9,7 @@ only (the net's posteriors of those, renormalised), the usual figure for a subse
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,20 +68,34 @@ class ClassMap:
 
 
 def columns_of(net_classes: Sequence[str], net_names: Sequence[str], classes: Sequence[str], names: Sequence[str],
-             source: str) -> tuple[int, ...]:
-    """Per data class, its index among the net's: by synset id, else by readable name (case aside)."""
+               source: str) -> tuple[int, ...]:
+    """Per data class, its index among the net's: by synset id, else by readable name (:func:`named_as`)."""
     by_id = {c: i for i, c in enumerate(net_classes)}
-    by_name = {str(n).strip().lower(): i for i, n in enumerate(net_names)}
+    named = named_as(net_names)
     columns = []
     for cls, name in zip(classes, names, strict=True):
-        index = by_id.get(cls, by_name.get(str(name).strip().lower()))
-        if index is None:
+        hits = [by_id[cls]] if cls in by_id else named(str(name))
+        if len(hits) > 1:
+            raise UserError(f"{source}: the data's class {cls} ({name}) is named as {len(hits)} of the net's classes "
+                            f"({', '.join(str(net_classes[i]) for i in hits)}): name its folder by synset id")
+        if not hits:
             raise UserError(f"{source}: the data's class {cls} ({name}) is not among the net's {len(net_classes)} "
                             "classes")
-        columns.append(index)
+        columns.append(hits[0])
     if len(set(columns)) != len(columns):
         raise UserError(f"{source}: two of the data's classes map to the same class of the net")
     return tuple(columns)
+
+
+def named_as(net_names: Sequence[str]) -> Callable[[str], list[int]]:
+    """The net's classes a readable name gives: those of exactly that name, else, case aside, those of it
+    (ImageNet has "Cardigan", the dog, and "cardigan", the sweater; and two classes named "crane")."""
+    exact: dict[str, list[int]] = {}
+    folded: dict[str, list[int]] = {}
+    for i, net_name in enumerate(net_names):
+        exact.setdefault(str(net_name).strip(), []).append(i)
+        folded.setdefault(str(net_name).strip().casefold(), []).append(i)
+    return lambda name: exact.get(name.strip()) or folded.get(name.strip().casefold(), [])
 
 
 def recipe_columns(recipe: dict[str, Any], outputs: int, classes: Sequence[str], names: Sequence[str],

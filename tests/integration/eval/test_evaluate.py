@@ -605,3 +605,18 @@ def test_nets_of_the_same_classes_in_another_order_fuse_class_by_class(folder, c
     assert main(["eval", "--weights", str(checkpoint), "--weights", str(other), "--data", str(folder),
                  "--device", "cpu"]) == 2
     assert "the nets to fuse predict different classes" in capsys.readouterr().err
+
+
+def test_a_class_name_matches_exactly_before_case_aside_and_a_shared_name_is_refused():
+    from verydeep.eval.classmap import columns_of
+
+    net_classes = ["n02113186", "n02963159", "n03000684", "n02012849", "n03126707"]
+    net_names = ["Cardigan", "cardigan", "chain saw", "crane", "crane"]  # as torchvision's ImageNet names
+    assert columns_of(net_classes, net_names, ["Cardigan", "cardigan"], ["Cardigan", "cardigan"], "x") == (0, 1)
+    assert columns_of(net_classes, net_names, ["Chain Saw"], ["Chain Saw"], "x") == (2,)
+    assert columns_of(net_classes, net_names, ["n03126707"], ["crane"], "x") == (4,)  # the synset decides
+    with pytest.raises(UserError, match=r"x: the data's class crane \(crane\) is named as 2 of the net's classes "
+                                        r"\(n02012849, n03126707\): name its folder by synset id"):
+        columns_of(net_classes, net_names, ["crane"], ["crane"], "x")
+    with pytest.raises(UserError, match="the data's class CARDIGAN .* is named as 2"):
+        columns_of(net_classes, net_names, ["CARDIGAN"], ["CARDIGAN"], "x")
