@@ -114,9 +114,18 @@ def _class_dirs(folder: Path) -> list[str]:
     return names if any(_has_images(folder / name) for name in names) else []
 
 
+def kaggle_download(folder: Path) -> list[Path]:
+    """The top of Kaggle's ILSVRC download when ``folder`` lies in its ``ILSVRC/Data/CLS-LOC/`` (the top holds
+    ``LOC_val_solution.csv`` and ``LOC_synset_mapping.txt``); else nothing."""
+    for above in Path(os.path.abspath(folder)).parents:
+        if (above.name, above.parent.name, above.parent.parent.name) == ("CLS-LOC", "Data", "ILSVRC"):
+            return [above.parent.parent.parent]
+    return []
+
+
 def read_class_names(folder: Path, files: Sequence[str] = NAME_FILES) -> dict[str, str]:
-    """``{synset: name}`` from the first of ``files`` in ``folder`` or its parent."""
-    for directory in (folder, folder.parent):
+    """``{synset: name}`` from the first of ``files`` in ``folder``, its parent or the top of Kaggle's download."""
+    for directory in (folder, folder.parent, *kaggle_download(folder)):
         for name in files:
             path = directory / name
             if path.is_file():

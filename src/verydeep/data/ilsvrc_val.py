@@ -15,6 +15,7 @@ from verydeep.data.datasets import (
     LabelledImages,
     Transform,
     is_image,
+    kaggle_download,
     read_class_names,
     require_folder,
 )
@@ -34,8 +35,8 @@ VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.t
 class ILSVRCValFolder(LabelledImages):
     """The official ILSVRC-2012 validation layout: ``ILSVRC2012_val_XXXXXXXX.JPEG`` in one folder.
 
-    Labels come from ``labels`` or the first of :data:`VAL_LABEL_FILES` in the folder, its parent
-    or the devkit's ``data/`` folder:
+    Labels come from ``labels`` or the first of :data:`VAL_LABEL_FILES` in the folder, its parent,
+    the devkit's ``data/`` folder or the top of Kaggle's download (above ``ILSVRC/Data/CLS-LOC/val``):
 
     - ``LOC_val_solution.csv`` (Kaggle): ``ImageId,PredictionString`` with the synset first;
     - ``ILSVRC2012_validation_ground_truth.txt`` (devkit): one ILSVRC2012_ID (1..1000) per image
@@ -88,8 +89,9 @@ class ILSVRCValFolder(LabelledImages):
 
 
 def ground_truth_file(root: Path) -> Path | None:
-    """The first of :data:`VAL_LABEL_FILES` in the flat folder ``root``, its parent or the devkit's ``data/``."""
-    for folder in (root, root.parent, root.parent / "ILSVRC2012_devkit_t12" / "data"):
+    """The first of :data:`VAL_LABEL_FILES` in the flat folder ``root``, its parent, the devkit's ``data/`` or
+    the top of Kaggle's download."""
+    for folder in (root, root.parent, root.parent / "ILSVRC2012_devkit_t12" / "data", *kaggle_download(root)):
         for name in VAL_LABEL_FILES:
             if (folder / name).is_file():
                 return folder / name

@@ -489,6 +489,23 @@ def test_ilsvrc_validation_layout(tmp_path):
         ILSVRCValFolder(val, RescaleTransform(8), labels=tmp_path / "nothing.txt")
 
 
+def test_kaggles_download_as_unpacked_finds_its_ground_truth_and_names_at_its_top(tmp_path):
+    top = tmp_path / "imagenet-object-localization-challenge"
+    split = top / "ILSVRC" / "Data" / "CLS-LOC"
+    make_tree(split / "train", {"n01": [(8, 8)], "n02": [(8, 8)]})
+    for i in range(2):
+        save(photo(8, 8, i), split / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    (top / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca\nn02 goldfish\n")
+    (top / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\nILSVRC2012_val_00000001,n02 1 2 3 4\nILSVRC2012_val_00000002,n01 1 2 3 4\n")
+    val = open_split(find_split(split, "val"), None)
+    assert val.targets == [1, 0] and val.class_names == ["tench, Tinca", "goldfish"]
+    assert ImageFolder(find_split(split, "train"), None).class_names == ["tench, Tinca", "goldfish"]
+    (top / "LOC_val_solution.csv").rename(tmp_path / "elsewhere.csv")  # no download's top: as before
+    with pytest.raises(MissingFileError, match="no ground-truth file"):
+        open_split(find_split(split, "val"), None)
+
+
 def flat_val(root: Path) -> Path:
     """A flat validation folder of two tiny images, a.jpg and b.jpg, with a two-class synset list beside it."""
     for i, name in enumerate(("a.jpg", "b.jpg")):
