@@ -1,9 +1,10 @@
 """Object boxes for localisation (Appendix A): readers, and boxes that follow the image's crop.
 
 Boxes are read from a text file of ``relpath xmin ymin xmax ymax`` lines (paths relative to the
-dataset root, 0-based inclusive pixels, one file for all splits: Tiny ImageNet's ``boxes.txt``),
-PASCAL VOC / ILSVRC XML annotations (``Annotations/**/<image>.xml``, any number of boxes per
-image, each with its class) or Kaggle's ``LOC_*_solution.csv``. In memory a box is four floats
+dataset root, 0-based inclusive pixels, one file for all splits: ``boxes.txt``), Tiny ImageNet's own
+files (``train/<wnid>/<wnid>_boxes.txt``, ``val/val_annotations.txt``), PASCAL VOC / ILSVRC XML
+annotations (``Annotations/**/<image>.xml``, any number of boxes per image, each with its class) or
+Kaggle's ``LOC_*_solution.csv``. In memory a box is four floats
 of continuous coordinates ``(x0, y0, x1, y1)``: the inclusive pixel box ``xmin..xmax`` covers
 ``[xmin, xmax + 1)``. A coordinate is a plain decimal number (no ``1_0``, no hexadecimal), finite.
 Each box remembers where it was read (file and line, the ``<bndbox>``'s line in XML), so that a box
@@ -187,13 +188,49 @@ def read_loc_csv(path: Path) -> BoxTable:
     return table
 
 
+def tiny_imagenet_box_files(root: Path) -> list[Path]:
+    """Tiny ImageNet's own box files under its root as downloaded: ``train/<wnid>/<wnid>_boxes.txt`` and
+    ``val/val_annotations.txt``."""
+    val = root / "val" / "val_annotations.txt"
+    return sorted(root.glob("train/*/*_boxes.txt")) + ([val] if val.is_file() else [])
+
+
+def read_tiny_imagenet(root: Path) -> BoxTable:
+    """The boxes of Tiny ImageNet's own files (:func:`tiny_imagenet_box_files`), keyed by the image's path
+    relative to ``root``: ``<file> xmin ymin xmax ymax`` lines of ``train/<wnid>/images/<file>``, and
+    ``<file> <wnid> xmin ymin xmax ymax`` lines of ``val/images/<file>`` (0-based inclusive pixels)."""
+    table: BoxTable = {}
+    for path in tiny_imagenet_box_files(root):
+        validation = path.name == "val_annotations.txt"
+        folder = "val/images" if validation else f"train/{path.parent.name}/images"
+        for number, line in enumerate(_text(path).splitlines(), start=1):
+            fields, where = line.split(), f"{path}:{number}"
+            if not fields:
+                continue
+            if len(fields) != 4 + (1 if validation else 0) + 1:
+                shape = "file wnid xmin ymin xmax ymax" if validation else "file xmin ymin xmax ymax"
+                raise UserError(f"{where}: expected '{shape}', got {line.strip()!r}")
+            key = _image_key(f"{folder}/{fields[0]}", where)
+            table.setdefault(key, []).append(pixel_box(fields[1] if validation else None, fields[-4:], where))
+    return table
+
+
+def default_boxes(data: str | Path) -> Path:
+    """The boxes of a dataset when ``--boxes`` is not given: ``DATA/boxes.txt``, else Tiny ImageNet's own files
+    when ``DATA`` is its root as downloaded (the folder ``DATA`` itself, which :func:`read_boxes` reads so)."""
+    own = Path(data) / "boxes.txt"
+    return Path(data) if not own.exists() and tiny_imagenet_box_files(Path(data)) else own
+
+
 def read_boxes(source: str | Path) -> BoxTable:
-    """The boxes of a text file, a ``.csv`` solution file or a folder of XML annotations; an empty
-    source is a :class:`UserError` naming it."""
+    """The boxes of a text file, a ``.csv`` solution file, a folder of XML annotations or Tiny ImageNet's root;
+    an empty source is a :class:`UserError` naming it."""
     path = Path(source)
     if not path.exists():
         raise MissingFileError(f"--boxes {path} does not exist")
-    if path.is_dir():
+    if path.is_dir() and tiny_imagenet_box_files(path):
+        table = read_tiny_imagenet(path)
+    elif path.is_dir():
         table = read_voc_folder(path)
     elif path.suffix.lower() == ".csv":
         table = read_loc_csv(path)

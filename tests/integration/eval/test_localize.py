@@ -157,7 +157,7 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
     main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--json"])
     center = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert set(center) >= {"localisation_error", "whole_image_error", "centre_prior_error"}
-    main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--fine-tuned", "fc"])
+    main(["localize", "eval", "--weights", str(run), "--data", str(root), "--fine-tuned", "fc"])  # as eval's
     table = capsys.readouterr().out
     assert "| FC1-FC2 | SCR |" in table and "36.4 |" in table
     main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense", "--classifier",

@@ -13,6 +13,7 @@ from verydeep.data.batches import Boxed
 from verydeep.data.boxes import (
     Box,
     decode,
+    default_boxes,
     encode,
     from_crop,
     iou,
@@ -130,6 +131,27 @@ def test_the_kaggle_solution_file(tmp_path):
     path.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 10 20 30 40 n01751748 0 0 5 5 \n")
     boxes = read_boxes(path)["ILSVRC2012_val_00000001"]
     assert boxes == [Box("n01751748", 10, 20, 31, 41, f"{path}:2"), Box("n01751748", 0, 0, 6, 6, f"{path}:2")]
+
+
+def test_tiny_imagenets_own_box_files_as_downloaded_are_its_roots_default_boxes(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    for i, wnid in enumerate(("n01443537", "n01629819")):
+        save(Image.new("RGB", (64, 64)), root / "train" / wnid / "images" / f"{wnid}_0.JPEG")
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t{i}\t8\t55\t60\n")
+    save(Image.new("RGB", (64, 64)), root / "val" / "images" / "val_0.JPEG")
+    annotations = root / "val" / "val_annotations.txt"
+    annotations.write_text("val_0.JPEG\tn01629819\t1\t2\t3\t4\n")
+    assert default_boxes(root) == root and default_boxes(tmp_path) == tmp_path / "boxes.txt"
+    table = read_boxes(default_boxes(root))
+    assert table["val/images/val_0.JPEG"] == [Box("n01629819", 1, 2, 4, 5, f"{annotations}:1")]
+    assert [box.corners for box in table["train/n01629819/images/n01629819_0.JPEG"]] == [(1, 8, 56, 61)]
+    matched = match_boxes(table, [root / "val" / "images" / "val_0.JPEG"], root)
+    assert matched[str(root / "val" / "images" / "val_0.JPEG")][0].label == "n01629819"
+    (root / "boxes.txt").write_text("val/images/val_0.JPEG 0 0 9 9\n")  # a boxes.txt of its own comes first
+    assert default_boxes(root) == root / "boxes.txt"
+    annotations.write_text("val_0.JPEG\t1\t2\t3\t4\n")
+    with pytest.raises(UserError, match=r"val_annotations.txt:1: expected 'file wnid xmin ymin xmax ymax'"):
+        read_boxes(root)
 
 
 def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_path(tmp_path):

@@ -74,20 +74,22 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                            help="fine-tune a net to regress boxes (train's flags; lr 1e-3, configuration D)")
     add_flags(t, PAPER_DEFAULTS)
     t.add_argument("--boxes", help="boxes: a text file, a LOC_*_solution.csv, or a folder of XML annotations "
-                                   "(default DIR/boxes.txt; with --resume the run's own); recorded in recipe.json")
+                                   "(default DIR/boxes.txt, else Tiny ImageNet's own files in DIR; with --resume "
+                                   "the run's own); recorded in recipe.json")
     t.add_argument("--head", choices=HEADS, help="single-class or per-class regression (default pcr)")
     t.add_argument("--targets", choices=TARGETS, help="FC8 regresses the box code standardised by the mean and "
                                                       "deviation of the training crops' codes (default) or the raw "
                                                       "code")
     t.set_defaults(func=run_train)
     e = actions.add_parser("eval", help="the localisation error: protocol 1 (center, Table 8) or 2 (dense, Table 9)")
-    e.add_argument("--checkpoint", action="append", required=True,
+    e.add_argument("--checkpoint", "--weights", dest="checkpoint", action="append", required=True,
                    help="a localisation run (or checkpoint); again for several nets: protocol dense pools their "
                         "boxes (the union, Appendix A) before merging, protocol center gives each net a Table 8 row "
                         "(the JSON's localisation_error is then the first net's, and 'nets' holds each net's)")
     e.add_argument("--classifier", help="the classification run that ranks the classes (protocol dense)")
     e.add_argument("--data", required=True, help="dataset folder with train/ and val/")
-    e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt, else the boxes the first "
+    e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt or Tiny ImageNet's own, else the "
+                                   "boxes the first "
                                    "--checkpoint's run was trained on, from its recipe.json, when they are of "
                                    "DIR: under it, or read for it); named in the output")
     e.add_argument("--protocol", choices=("center", "dense"), default="center")

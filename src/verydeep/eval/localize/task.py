@@ -19,6 +19,7 @@ from verydeep.data.boxes import (
     BoxedTransform,
     PlannedTransform,
     decode,
+    default_boxes,
     encode,
     match_boxes,
     read_boxes,
@@ -117,7 +118,7 @@ class Localisation(Task):
     def matched_splits(self, data: str, train: Transform, val: Transform | None
                        ) -> tuple[LabelledImages, LabelledImages | None, dict[str, list[Any]]]:
         """Both splits and the boxes file's boxes matched to their images by path (:func:`match_boxes`)."""
-        source = Path(self.boxes or Path(data) / "boxes.txt")
+        source = Path(self.boxes or default_boxes(data))
         table = read_boxes(source)
         self.source, self.data_root = source.absolute(), Path(data).absolute()
         train_set, val_set = super().open_splits(data, train, val)
@@ -257,7 +258,7 @@ def boxes_source(boxes: str | Path | None, data: str | Path, recipes: Iterable[d
     belongs to ``data``: it lies under ``data``, or the run read it for ``data``. A recorded file of
     other data is a :class:`UserError`; with none, ``DATA/boxes.txt`` (which the reader finds missing).
     ``recipes`` is read lazily, up to the first that recorded a file still there."""
-    own = Path(data) / "boxes.txt"
+    own = default_boxes(data)
     if boxes is not None or own.exists():
         return Path(boxes) if boxes is not None else own
     recorded = ((Path(recipe["boxes"]), recipe.get("boxes_data")) for recipe in recipes if recipe.get("boxes"))
