@@ -312,6 +312,9 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
     train(tiny(data, tmp_path, epochs=1))
     assert main(["train", "--out", str(tmp_path), "--resume", "--lr", "0.5"]) == 2
     assert "--lr cannot change when resuming" in capsys.readouterr().err
+    for flag in ("--limit-val", "--val-split"):  # they choose the images: named, not the --data they change
+        assert main(["train", "--out", str(tmp_path), "--resume", flag, "2"]) == 2
+        assert f"{flag} cannot change when resuming" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
 

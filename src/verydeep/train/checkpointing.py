@@ -66,12 +66,12 @@ def check_resumable(run_dir: Path, stored: dict[str, Any], record: dict[str, Any
     changed = changed_architecture(stored, record)
     if changed:
         raise UserError(f"--resume: {run_dir} was trained with other {', '.join(changed)}")
-    check_same_images(run_dir, stored, record)
-    for f in fields(TrainConfig):
+    for f in fields(TrainConfig):  # before the images: a setting that chose them is named as the cause
         if f.metadata["resumable"] or f.name not in stored or stored[f.name] == record[f.name]:
             continue
         raise UserError(f"{flag_name(f)} cannot change when resuming {run_dir} (trained with "
                         f"{stored[f.name]!r}, given {record[f.name]!r}); start a new run with --weights")
+    check_same_images(run_dir, stored, record)
 
 
 def check_same_images(run_dir: Path, stored: dict[str, Any], record: dict[str, Any]) -> None:
