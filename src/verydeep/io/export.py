@@ -191,7 +191,9 @@ def export_net(source: str | Path, out: str | Path, fmt: str, dense: bool | None
     dense = fmt == "onnx" if dense is None else dense
     loaded = load(source, weights_dir, purpose=CLASSIFY)
     model, recipe, pre = loaded.model, loaded.recipe, loaded.preprocess
-    module = (model.dense() if dense else model).eval()
+    # the weights as loaded are channels_last (fast on CPUs), whose strides a size of 1 makes ambiguous: an
+    # exported program would then require a batch of two or more
+    module = (model.dense() if dense else model).eval().to(memory_format=torch.contiguous_format)
     inputs = example_inputs(model.input_size, dense, pre)
     meta = metadata(model, recipe, pre, dense)
     if fmt == "onnx":

@@ -60,6 +60,21 @@ def test_onnx_of_the_dense_net_equals_pytorch_at_two_sizes(net, tmp_path):
     assert "channels BGR" in props["verydeep.input"] and "H, W >= 32" in props["verydeep.input"]
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_an_exported_program_of_a_batch_norm_net_loaded_as_users_load_it_runs_a_batch_of_one(tmp_path, dense):
+    torch.manual_seed(0)
+    recipe = {**RECIPE, "batch_norm": True}
+    model = model_from_recipe(recipe).eval()
+    save_checkpoint({"model": model.state_dict(), "recipe": recipe}, tmp_path / "bn.pt")  # loaded channels_last
+    out = tmp_path / "bn.pt2"
+    export.export_net(tmp_path / "bn.pt", out, "exported-program", dense=dense)
+    with open(out, "rb") as f:
+        loaded = torch.export.load(f).module()
+    with torch.no_grad():
+        for x in inputs((1, 3, 32, 32), (3, 3, 32, 32)):
+            torch.testing.assert_close(loaded(x), (model.dense() if dense else model)(x), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
 def test_plain_net_round_trips(net, tmp_path, fmt):
     path, model = net
