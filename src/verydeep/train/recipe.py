@@ -54,7 +54,7 @@ def parse_scale(value: Any) -> tuple[int, int]:
 def parse_milestones(value: Any) -> list[int]:
     """``"30,60"`` or ``[30, 60]`` -> ``[30, 60]``, checked by :func:`check_milestones`."""
     try:
-        milestones = [whole_number(v) for v in (value if isinstance(value, list) else str(value).split(","))
+        milestones = [whole_number(v) for v in (value if isinstance(value, (list, tuple)) else str(value).split(","))
                       if str(v).strip()]
     except ValueError:
         raise UserError(f"--milestones must be comma-separated epochs (e.g. 30,60); got {value!r}") from None
@@ -234,6 +234,14 @@ class TrainConfig:
                                  "the settings)", "running", resumable=True)
     stop_after_steps: int | None = option(None, "leave after N steps without a final checkpoint (a simulated "
                                                 "crash)", "running", minimum=1, parse=int, resumable=True)
+
+    def __post_init__(self) -> None:
+        """A value of a structured field (``scale``, ``milestones``, ``preprocess``) given as its flag gives it
+        (``"256:512"``, ``"30,60"``, a file) is parsed as the flag's; a bad one is a :class:`UserError`."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type.removesuffix(" | None") not in KINDS and f.metadata["parse"] and value is not None:
+                setattr(self, f.name, f.metadata["parse"](value))
 
     def check_each(self) -> None:
         """Raise :class:`UserError` naming the first option that is bad on its own (type, bounds, choices)."""

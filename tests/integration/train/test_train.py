@@ -414,6 +414,11 @@ def test_scale_and_recipes():
     assert make_config(read_recipe("jitter")).scale == (256, 512)
     assert "config" not in read_recipe("s384") and "config" not in read_recipe("jitter")  # the weights' net
     assert make_config({"milestones": "30, 60"}).milestones == [30, 60]
+    from_python = TrainConfig(scale="36:73", milestones="3,5", crop=32)  # a field as its flag gives it
+    assert from_python.scale == (36, 73) and from_python.milestones == [3, 5]
+    assert TrainConfig(scale="36").scale == (36, 36) and TrainConfig(milestones=(2, 4)).milestones == [2, 4]
+    with pytest.raises(UserError, match="--scale must be"):
+        TrainConfig(scale="36:x")
     for scale in (256.7, float("inf"), "1_0", True, [256, 512.5], "256:100000"):  # from a recipe file: never truncated
         with pytest.raises(UserError, match="--scale must be"):
             parse_scale(scale)
