@@ -104,7 +104,12 @@ def refuse_other_convention(cfg: TrainConfig, convention: Preprocess | None) -> 
 def input_size(cfg: TrainConfig, given: Mapping[str, str], source: dict[str, Any]) -> dict[str, Any]:
     """The crop of the weights unless ``--crop`` is given (FC6 sees its (crop/32)^2 map), and with another
     crop than the default 224 their training scales unless ``--scale`` is given: the default S of 256
-    belongs to the 224 crop, a net of 32-pixel crops was trained at its own (the cifar10 recipe's 36:73)."""
+    belongs to the 224 crop, a net of 32-pixel crops was trained at its own (the cifar10 recipe's 36:73).
+    A recipe's crop other than the weights' is a :class:`UserError`: FC6 would start anew unasked."""
+    if "crop" in given and given["crop"] != "--crop" and source.get("crop") and cfg.crop != source["crop"]:
+        raise UserError(f"{given['crop']} {cfg.crop} is not the crop of --weights {cfg.weights} ({source['crop']}), "
+                        f"so FC6 would not be copied: give --crop {source['crop']} to keep it, or --crop {cfg.crop} "
+                        "to train FC6 anew")
     if "crop" in given or not source.get("crop"):
         return {}
     crop = source["crop"]

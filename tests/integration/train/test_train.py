@@ -277,6 +277,9 @@ def test_a_setting_that_contradicts_the_weights_is_refused_without_warm_start(da
     recipe.write_text('config = "E"\n')
     assert main([*args, "--recipe", str(recipe)]) == 2  # named as the recipe's, which a flag overrides
     assert f"--recipe {recipe}'s config E contradicts --weights" in capsys.readouterr().err.replace("\n", " ")
+    recipe.write_text("crop = 64\n")  # a recipe's crop would re-initialise FC6 unasked; a flag's may
+    assert main([a for a in args if a not in ("--crop", "32")] + ["--recipe", str(recipe)]) == 2
+    assert f"--recipe {recipe}'s crop 64 is not the crop of --weights" in capsys.readouterr().err
     assert main([*args[:-2], "--epochs", "1", "--stop-after-steps", "1", "--config", "E", "--warm-start"]) == 0
     record = json.loads((tmp_path / "e" / "recipe.json").read_text())
     assert record["config"] == "E" and record["start"]["warm_start"][:2] == ["conv1_1", "conv2_1"]
