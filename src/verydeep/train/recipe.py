@@ -167,7 +167,8 @@ class TrainConfig:
     warm_start: bool = option(False, "with --weights of another configuration (net A's run), build the net --config "
                                      "names and copy A's first four convs and FC6-8 into it, the rest random "
                                      "(Sec. 3.1)", "model")
-    weights_dir: str | None = option(None, "where named weights are looked for (default ~/.cache/verydeep)", "model",
+    weights_dir: str | None = option(None, "where named weights are looked for (default $VERYDEEP_WEIGHTS_DIR, "
+                                           "else ~/.cache/verydeep)", "model",
                                      resumable=True)
     freeze: str | None = option(None, "freeze the layers up to this one: features (every conv layer) or a layer "
                                       "name (conv4_3, fc6)", "model", check=check_layer_name)
