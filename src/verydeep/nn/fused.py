@@ -4,7 +4,8 @@ without the indices it would keep for a backward pass.
 VGG's trunk is thirteen to sixteen conv + ReLU pairs and five 2x2 max-poolings (Sec. 2.1). Run one
 module at a time, each ReLU reads and writes back the whole activation the convolution has just
 written; oneDNN applies the ReLU as the convolution writes its output, with the same arithmetic (the
-same values, bit for bit). torch's max-pooling on a CPU computes and writes an int64 index for every
+same values, bit for bit, for a finite input: its ReLU maps NaN to 0, so a non-finite one takes the
+modules). torch's max-pooling on a CPU computes and writes an int64 index for every
 output, four times the bytes of a bf16 output, even where no gradient will need them; the maxima of
 the four shifted views are the same values without them. Training keeps the modules: their backward
 passes are the step's larger part, fusing the forward alone gained nothing measurable there
@@ -36,8 +37,11 @@ def _fusable() -> bool:
 
 
 def _fast(x: Tensor) -> bool:
-    """The fused path applies: no autograd, ``x`` on a CPU, oneDNN's fused convolution at hand."""
-    return not torch.is_grad_enabled() and x.device.type == "cpu" and _fusable()
+    """The fused path applies: no autograd, ``x`` on a CPU, oneDNN's fused convolution at hand, and ``x``
+    finite (oneDNN's fused ReLU maps NaN to 0, where ``nn.ReLU`` keeps it; a check of the input is cheap
+    beside the convolutions, and weights are checked finite when loaded)."""
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and _fusable()
+            and bool(x.isfinite().all()))
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -59,6 +59,16 @@ def test_with_autograd_the_modules_run(monkeypatch):
     assert calls
 
 
+def test_a_nan_in_the_input_comes_through_as_through_the_modules(monkeypatch):
+    model = vgg("A", width=1 / 8, input_size=32, num_classes=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    x[0, 0, 5, 5] = float("nan")
+    calls = calls_of_fused_convolutions(monkeypatch)
+    with torch.no_grad():
+        scores, taps = model(x), model.extract(x, ["relu1_1"])
+    assert scores.isnan().all() and taps["relu1_1"].isnan().any() and not calls  # oneDNN's ReLU makes NaN 0
+
+
 def test_compiling_sees_the_modules(monkeypatch):
     calls = calls_of_fused_convolutions(monkeypatch)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
