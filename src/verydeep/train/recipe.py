@@ -555,6 +555,17 @@ def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str
     return {name: origin(name) for name in settings}
 
 
+def with_recipe(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
+    """A Python caller's ``cfg`` that names a recipe: the recipe's settings, then those the caller set (that
+    differ from their defaults), as the command line orders them; and where each given setting came from."""
+    recipe = read_recipe(cfg.recipe) if cfg.recipe else {}
+    set_here = changed_settings(cfg)
+    settings = recipe | {name: getattr(cfg, name) for name in set_here}
+    origins = {name: f"--recipe {cfg.recipe}'s {name}" for name in recipe} | {name: "--" + name.replace("_", "-")
+                                                                                for name in set_here}
+    return make_config(settings), origins
+
+
 def refuse_plateau_flags_beside_milestones(settings: dict[str, Any], given: dict[str, Any]) -> None:
     """Raise :class:`UserError` when the plateau rule's flags are given on the command line, even at
     their defaults, to a run that follows milestones (a recipe's plateau settings simply give way)."""

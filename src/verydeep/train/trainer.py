@@ -51,7 +51,7 @@ from verydeep.train.checkpointing import Checkpoints, check_resumable, run_recor
 from verydeep.train.data import TrainingData
 from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
 from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
-from verydeep.train.recipe import TrainConfig, changed_settings, stored_settings, write_run_record
+from verydeep.train.recipe import TrainConfig, changed_settings, stored_settings, with_recipe, write_run_record
 from verydeep.train.schedule import EpochTotals, Schedule
 from verydeep.train.start import checked_settings, freeze, initial_model, param_groups
 from verydeep.train.step import StepFigures, Stepper, StepQueue, check_finite_weights, zero_momenta
@@ -407,8 +407,10 @@ def train(cfg: TrainConfig, task: Task | None = None,
           given: Mapping[str, str] | Collection[str] | None = None) -> TrainSummary:
     """Train as ``cfg`` says (``task``: classification by default), on this process or, under
     ``torchrun``, on all of them (Sec. 3.3). ``given``: the settings the user gave (default: those that
-    differ from their defaults). When ``torchrun --max-restarts`` restarts the processes after one
+    differ from their defaults, after ``cfg.recipe``'s settings). When ``torchrun --max-restarts`` restarts the processes after one
     failed, they resume from the last checkpoint."""
+    if given is None and cfg.recipe:  # from Python: the recipe as the command line applies it
+        cfg, given = with_recipe(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     if restarted and not cfg.resume and RunDir(cfg.out).last.is_file():
         cfg = replace(cfg, resume=True, overwrite=False)  # torchrun restarted the processes after a failure

@@ -18,7 +18,7 @@ import verydeep
 from verydeep.cli import main
 from verydeep.data import balanced_subset
 from verydeep.data.sampling import GlobalBatchSampler
-from verydeep.errors import UserError
+from verydeep.errors import MissingFileError, UserError
 from verydeep.io.checkpoint import export_safetensors, load_checkpoint
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification
@@ -86,6 +86,16 @@ def test_resume_after_a_crash_is_bitwise_equal(data, tmp_path, workers):
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
              if '"kind": "step"' in line]
     assert steps == list(range(1, 9))  # the records after the checkpoint were dropped and logged again
+
+
+def test_a_recipe_named_from_python_is_applied_before_the_settings_given(data, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("alpha_std = 0.0\nlr = 0.5\n")  # tiny gives lr 0.05, which wins; alpha_std it leaves
+    train(tiny(data, tmp_path / "run", recipe=str(recipe)))
+    record = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert record["alpha_std"] == 0.0 and record["lr"] == 0.05 and record["recipe"] == str(recipe)
+    with pytest.raises(MissingFileError, match="--recipe no-such-recipe: no such file or recipe"):
+        train(tiny(data, tmp_path / "other", recipe="no-such-recipe"))
 
 
 @pytest.mark.parametrize("options, message", [
