@@ -407,8 +407,8 @@ def train(cfg: TrainConfig, task: Task | None = None,
           given: Mapping[str, str] | Collection[str] | None = None) -> TrainSummary:
     """Train as ``cfg`` says (``task``: classification by default), on this process or, under
     ``torchrun``, on all of them (Sec. 3.3). ``given``: the settings the user gave (default: those that
-    differ from their defaults, after ``cfg.recipe``'s settings). When ``torchrun --max-restarts`` restarts the processes after one
-    failed, they resume from the last checkpoint."""
+    differ from their defaults, after ``cfg.recipe``'s settings). When ``torchrun --max-restarts``
+    restarts the processes after one failed, they resume from the last checkpoint."""
     if given is None and cfg.recipe:  # from Python: the recipe as the command line applies it
         cfg, given = with_recipe(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0

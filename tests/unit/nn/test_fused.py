@@ -67,6 +67,8 @@ def test_a_nan_in_the_input_comes_through_as_through_the_modules(monkeypatch):
     with torch.no_grad():
         scores, taps = model(x), model.extract(x, ["relu1_1"])
     assert scores.isnan().all() and taps["relu1_1"].isnan().any() and not calls  # oneDNN's ReLU makes NaN 0
+    with torch.no_grad(), pytest.raises(RuntimeError, match="Input type"):  # as with autograd: to_input first
+        model(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))
 
 
 def test_compiling_sees_the_modules(monkeypatch):
