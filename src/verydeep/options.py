@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -146,6 +148,36 @@ def refuse_repeated(values: Sequence[Any], text: str, what: str, why: str) -> No
     once is what counts), not a value silently taken once or twice."""
     if len(set(values)) < len(values):
         raise argparse.ArgumentTypeError(f"{what} is listed twice in {text!r}: {why}")
+
+
+# ---- a Python caller's arguments, checked as the flags that give them are --------------------------------
+
+
+def listed(value: Any, name: str) -> list[Any]:
+    """``value`` as a list; one text or path where a sequence of them is expected is a :class:`TypeError`
+    naming ``name``, not a string split into its characters."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name}: expected a list, got the single {type(value).__name__} {value!r}; give "
+                        f"[{value!r}]")
+    return list(value)
+
+
+def whole(value: Any, name: str) -> int:
+    """``value`` as an ``int`` when it is a whole number (a numpy integer too); else a :class:`UserError`
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserError(f"{name} must be a whole number; got {value!r}")
+    return int(value)
+
+
+def whole_scales(scales: Sequence[Any] | None, name: str = "--scales") -> list[int] | None:
+    """A Python caller's test scales as ints (None: each net's own); an empty list is a :class:`UserError`."""
+    if scales is None:
+        return None
+    checked = [whole(q, name) for q in listed(scales, name)]
+    if not checked:
+        raise UserError(f"{name}: give at least one scale, or None for each net's own")
+    return checked
 
 
 def parse_scales(text: str) -> list[int]:

@@ -47,10 +47,13 @@ from verydeep.options import (
     add_progress,
     add_weights,
     add_workers,
+    listed,
     output_dir,
     parse_scales,
     positive_int,
     refuse_repeated,
+    whole,
+    whole_scales,
 )
 from verydeep.paper import report
 from verydeep.runtime import sharding
@@ -86,7 +89,7 @@ def check_options(protocols: Sequence[str], scales: Sequence[int] | None, flip: 
         raise UserError(f"--batch-size must be at least 1; got {batch_size}")
     if scales is not None and any(q <= 0 for q in scales):
         raise UserError(f"--scales must be positive; got {list(scales)}")
-    if workers is not None and workers < 0:
+    if workers is not None and whole(workers, "--workers") < 0:
         raise UserError(f"--workers must be 0 or more; got {workers}")
     return protocols
 
@@ -141,7 +144,9 @@ def evaluate(
     softmax, or the data's classes with ``over_data_classes`` (:mod:`verydeep.eval.classmap`); ``compile``: the
     nets run through ``torch.compile``."""
 
-    protocols = check_options(protocols, scales, flip, batch_size, workers)
+    sources, scales = listed(sources, "sources"), whole_scales(scales)
+    protocols = check_options(listed(protocols, "protocols"), scales, flip, whole(batch_size, "--batch-size"), workers)
+    limit = None if limit is None else whole(limit, "--limit")
     started = time.perf_counter()
     split = find_split(data, "val")
     torch_device = pick_device(device)

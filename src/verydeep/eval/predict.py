@@ -38,7 +38,17 @@ from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
 from verydeep.io.outputs import refuse_writing_in_datasets_of
-from verydeep.options import add_device, add_precision, add_weights, output_file, parse_scales, positive_int
+from verydeep.options import (
+    add_device,
+    add_precision,
+    add_weights,
+    listed,
+    output_file,
+    parse_scales,
+    positive_int,
+    whole,
+    whole_scales,
+)
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.precision import autocast_dtype
 
@@ -81,7 +91,9 @@ class Prediction:
 
 
 def check_images(images: Sequence[str | Path]) -> None:
-    """Every image is a file; otherwise an error naming the first that is not."""
+    """Every image is a file, and there is one at least; otherwise an error naming the first that is not."""
+    if not images:
+        raise UserError("no image given")
     for path in map(Path, images):
         if path.is_dir():
             raise UserError(f"{path}: a folder, not an image")
@@ -212,7 +224,8 @@ def predict(
     :func:`verydeep.load` reads them); with ``saliency`` (a .png path), each image's
     top-class saliency map beside it (files named by :func:`saliency_paths`). A missing or unreadable
     image is an error naming the file."""
-    if topk < 1:
+    images, scales = listed(images, "images"), whole_scales(scales)
+    if whole(topk, "--topk") < 1:
         raise UserError(f"--topk must be at least 1; got {topk}")
     check_images(images)
     outs = saliency_paths(Path(saliency), len(images)) if saliency is not None else None

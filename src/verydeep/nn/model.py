@@ -317,6 +317,8 @@ def as_map(windows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 def _extract(
     model: VGG | DenseVGG, x: torch.Tensor, names: Iterable[str], dense: bool
 ) -> dict[str, torch.Tensor]:
+    if isinstance(names, str):  # not its characters
+        raise TypeError(f"names: expected a list of layer names, got the single name {names!r}; give [{names!r}]")
     wanted = list(names)
     unknown = [n for n in wanted if n not in model.tap_names]
     if unknown:

@@ -306,6 +306,28 @@ def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
         run([checkpoint], folder, scales=[24])
 
 
+def test_python_arguments_are_checked_as_their_flags_and_numpy_scales_give_json(folder, checkpoint):
+    from verydeep.eval.predict import predict
+
+    image = str(next((folder / "val").rglob("*.png")))
+    for call, error, message in [
+        (lambda: run(str(checkpoint), folder), TypeError, "sources: expected a list, got the single str"),
+        (lambda: run([checkpoint], folder, protocols="dense"), TypeError, "protocols: expected a list"),
+        (lambda: run([checkpoint], folder, scales=[40.5]), UserError, "--scales must be a whole number; got 40.5"),
+        (lambda: run([checkpoint], folder, scales=[]), UserError, "--scales: give at least one scale"),
+        (lambda: run([checkpoint], folder, limit=2.5), UserError, "--limit must be a whole number"),
+        (lambda: predict(checkpoint, [], device="cpu"), UserError, "no image given"),
+        (lambda: predict(checkpoint, image, device="cpu"), TypeError, "images: expected a list"),
+        (lambda: predict(checkpoint, [image], topk=1.5), UserError, "--topk must be a whole number"),
+    ]:
+        with pytest.raises(error, match=message):
+            call()
+    result = run([checkpoint], folder, protocols=("dense",), scales=np.array([40, 48]), limit=np.int64(4))
+    assert json.loads(json.dumps(result.to_dict()))["nets"][0]["scales"] == [40, 48] and result.images == 4
+    prediction = predict(checkpoint, [image], scales=[np.int64(40)], device="cpu")
+    assert json.loads(json.dumps(prediction.to_dict()))["scales"] == [40]
+
+
 def test_unreadable_images_are_skipped_and_named(checkpoint, tmp_path):
     root = make_folder(tmp_path, per_class=2)
     (root / "val" / "green" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

@@ -197,6 +197,8 @@ def test_extract_named_layers_plain_and_dense():
     assert dense_taps["fc7"].shape == (1, 256, 2, 1)
     with pytest.raises(KeyError, match="unknown layer"):
         model.extract(x, ["conv9_9"])
+    with pytest.raises(TypeError, match=r"got the single name 'fc7'; give \['fc7'\]"):  # not 'f', 'c', '7'
+        model.extract(x, "fc7")
 
 
 def test_init_protocols():
