@@ -88,7 +88,7 @@ class Layer:
 
 def canonical(config: str) -> str:
     """Resolve ``"vgg16"``, ``"d"`` or ``"D"`` to the Table 1 key ``"D"``."""
-    key = config.strip()
+    key = config.strip() if isinstance(config, str) else ""
     if key.lower() in ALIASES:
         return ALIASES[key.lower()]
     if key.upper() in TABLE_1:

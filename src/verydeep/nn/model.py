@@ -13,7 +13,9 @@ next index after the 3x3 convs of its block (``features.14`` is C's ``conv3_3``,
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +173,23 @@ def run_head(classifier: nn.Sequential, x: Tensor, seeds: Tensor | None = None) 
 HEAD_NAMES = ["fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8"]
 
 
+def check_arguments(num_classes: int, width: float, dropout: float, input_size: int) -> None:
+    """A :class:`UserError` naming the first argument of :class:`VGG` that could build no net, or a net that
+    fails only later: a count that is not a whole number, a width or dropout that is not a number in range."""
+    def number(value: Any) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise UserError(f"num_classes must be a whole number, at least 1; got {num_classes!r}")
+    if (isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral) or input_size < 32
+            or input_size % 32):
+        raise UserError(f"input_size must be a multiple of 32 (five 2x2 poolings); got {input_size!r}")
+    if not number(width) or width <= 0:
+        raise UserError(f"width must be positive and finite; got {width!r}")
+    if not number(dropout) or not 0 <= dropout < 1:
+        raise UserError(f"dropout must be a probability from 0 to below 1; got {dropout!r}")
+
+
 class VGG(nn.Module):
     """A configuration of Table 1: trunk ``features``, then ``classifier`` (FC6 to FC8).
 
@@ -191,10 +210,7 @@ class VGG(nn.Module):
         init: str = "kaiming",
     ) -> None:
         super().__init__()
-        if input_size < 32 or input_size % 32:
-            raise UserError(f"input_size must be a multiple of 32 (five 2x2 poolings); got {input_size}")
-        if not 0 < width < math.inf:
-            raise UserError(f"width must be positive and finite; got {width}")
+        check_arguments(num_classes, width, dropout, input_size)
         self.config = configs.canonical(config)
         self.num_classes = num_classes
         self.batch_norm = batch_norm

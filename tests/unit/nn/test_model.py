@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -44,10 +45,24 @@ def test_unknown_config_is_a_clear_error():
         VGG("F")
 
 
-@pytest.mark.parametrize("width", [0, -1, float("nan"), float("inf")])
+@pytest.mark.parametrize("width", [0, -1, float("nan"), float("inf"), "0.5"])
 def test_a_width_not_positive_and_finite_is_a_clear_error(width):
-    with pytest.raises(UserError, match=f"width must be positive and finite; got {width}"):
+    with pytest.raises(UserError, match=f"width must be positive and finite; got {width!r}"):
         VGG("A", width=width, input_size=32)
+
+
+@pytest.mark.parametrize("argument, message", [
+    (dict(config=None), "unknown VGG configuration None"),
+    (dict(num_classes=0), "num_classes must be a whole number, at least 1; got 0"),
+    (dict(num_classes=2.0), "num_classes must be a whole number, at least 1; got 2.0"),
+    (dict(input_size=64.0), "input_size must be a multiple of 32 .*; got 64.0"),
+    (dict(dropout=float("nan")), "dropout must be a probability from 0 to below 1; got nan"),
+    (dict(dropout=1), "dropout must be a probability from 0 to below 1; got 1"),
+])
+def test_arguments_that_could_build_no_net_are_named(argument, message):
+    with pytest.raises(UserError, match=message):
+        VGG(**{"config": "A", "width": 1 / 16, "input_size": 32} | argument)
+    assert VGG("A", num_classes=np.int64(3), width=np.float64(1 / 16), input_size=32).num_classes == 3
 
 
 def test_configuration_c_has_three_1x1_convs_and_a_lrn_one_lrn():
