@@ -78,12 +78,14 @@ class LoadedNet:
     def output_names(self) -> list[str]:
         """What each output is: a classifier's class names; a localisation net's box coordinates (their
         code, standardised by the recipe's ``box_code_mean`` and ``box_code_std`` where it has them),
-        per class for PCR (``"cat: width"``)."""
+        per class for PCR (``"cat: width"``); a task of the user's own, ``output 0``, ``output 1``..."""
         if self.task == Classification.name:
             return self.class_names
         if self.task == "localisation-scr":  # one box, whatever the class
             return list(BOX_CODE)
-        return [f"{name}: {part}" for name in self.class_names for part in BOX_CODE]
+        if self.task == "localisation-pcr":
+            return [f"{name}: {part}" for name in self.class_names for part in BOX_CODE]
+        return [f"output {i}" for i in range(self.recipe.get("outputs") or self.recipe["num_classes"])]
 
 
 def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str | Path | None = None,

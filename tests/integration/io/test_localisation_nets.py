@@ -57,6 +57,9 @@ def test_load_names_the_classes_as_classes_and_the_outputs_as_what_they_are(nets
     scr = verydeep.load(tmp_path / "scr.pt")
     assert (scr.task, scr.class_names) == ("localisation-scr", names)
     assert scr.output_names == ["centre x", "centre y", "width", "height"]
+    own = {**recipe, "task": "regression", "outputs": 2}  # a task of the user's own: its outputs, unnamed
+    save_checkpoint({"model": model_from_recipe(own).state_dict(), "recipe": own}, tmp_path / "own.pt")
+    assert verydeep.load(tmp_path / "own.pt").output_names == ["output 0", "output 1"]
     with pytest.raises(UserError, match="not a classifier, so it cannot classify"):
         verydeep.load(nets[1], purpose="classify")
     torch.testing.assert_close(verydeep.load(nets[1], purpose="give FC7 features").model.classifier[6].bias,
