@@ -169,6 +169,9 @@ def to_input(images: Tensor, pre: Preprocess, shifts: Tensor | None = None, out:
     N*3*H*W elements on the same device; reusing one across batches spares the CPU the page
     faults of fresh memory, which cost more than the arithmetic.
     """
+    if not isinstance(images, Tensor):  # a numpy array or PIL image: its dtype and shape would look right
+        raise TypeError(f"to_input wants a torch tensor of uint8 (N, 3, H, W) images; got a {type(images).__name__} "
+                        "(torch.from_numpy, or torchvision.transforms.functional.pil_to_tensor, makes one)")
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"to_input wants uint8 (N, 3, H, W) images; got {images.dtype} {tuple(images.shape)}")
     n, _, h, w = images.shape

@@ -40,8 +40,9 @@ def _fast(x: Tensor) -> bool:
     """The fused path applies: no autograd, ``x`` on a CPU, oneDNN's fused convolution at hand, and ``x``
     floating-point and finite (oneDNN's fused ReLU maps NaN to 0, where ``nn.ReLU`` keeps it; a check of
     the input is cheap beside the convolutions, and weights are checked finite when loaded)."""
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and _fusable() and x.is_floating_point()
-            and bool(x.isfinite().all()))  # integer images: the modules refuse them, as with autograd
+    # integer images and arrays: the modules refuse them, as with autograd
+    return (isinstance(x, Tensor) and not torch.is_grad_enabled() and x.device.type == "cpu" and _fusable()
+            and x.is_floating_point() and bool(x.isfinite().all()))
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -314,6 +314,9 @@ def test_to_input_subtracts_the_mean_and_keeps_channels_last():
     x = torch.full((1, 3, 2, 2), 200, dtype=torch.uint8)
     expected = 200 - torch.tensor(pre.mean) * 255
     assert torch.allclose(to_input(x, caffe)[0, :, 0, 0], expected, atol=1e-3)
+    for array in (x.numpy(), Image.new("RGB", (2, 2))):  # uint8 (1, 3, 2, 2) as an array: not a tensor
+        with pytest.raises(TypeError, match=f"wants a torch tensor .*; got a {type(array).__name__}"):
+            to_input(array, caffe)
 
 
 def test_to_input_colour_shift_is_one_rgb_offset_per_image():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,8 @@ def test_a_nan_in_the_input_comes_through_as_through_the_modules(monkeypatch):
     assert scores.isnan().all() and taps["relu1_1"].isnan().any() and not calls  # oneDNN's ReLU makes NaN 0
     with torch.no_grad(), pytest.raises(RuntimeError, match="Input type"):  # as with autograd: to_input first
         model(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))
+    with torch.no_grad(), pytest.raises(TypeError):  # an array is not a tensor: torch's own error
+        model(np.zeros((1, 3, 32, 32), np.float32))
 
 
 def test_compiling_sees_the_modules(monkeypatch):
