@@ -25,7 +25,7 @@ def weights_folder(weights_dir: str | Path | None = None) -> Path:
 
 def _known(name: str) -> KnownWeights:
     if name not in NAMES:
-        raise UserError(f"{name}: no such file or folder, nor a published weights name ({', '.join(NAMES)})")
+        raise MissingFileError(f"{name}: no such file or folder, nor a published weights name ({', '.join(NAMES)})")
     return known_weights()[name]
 
 

@@ -429,7 +429,7 @@ def test_a_name_finds_its_file_whose_content_decides(tmp_path):
     torchvision_file(tmp_path / "vgg11-8a719046.pth", "E")  # an E under VGG-A's name: the keys decide
     published = load_published("vgg11", weights_dir=tmp_path)
     assert (published.format, published.recipe["config"]) == ("torchvision", "E")
-    with pytest.raises(UserError, match="vgg17: no such file or folder, nor a published weights name"):
+    with pytest.raises(MissingFileError, match="vgg17: no such file or folder, nor a published weights name"):
         load_published("vgg17", tmp_path)
 
 
