@@ -388,8 +388,11 @@ def given_settings(cfg: TrainConfig, given: Mapping[str, str] | Collection[str] 
 
 def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, run_dir: Path) -> None:
     """Raise :class:`UserError` when ``--stop-after-steps`` or ``--checkpoint-every`` could not act in the
-    steps from ``done`` (a resumed run's) to the last of ``--epochs``."""
+    steps from ``done`` (a resumed run's) to the last of ``--epochs``; a run with no step left has nothing
+    for them to act on (:meth:`Trainer.run` says it has finished)."""
     last = cfg.epochs * steps_per_epoch
+    if done >= last:
+        return
     budget = f"--epochs {cfg.epochs} x {steps_per_epoch} steps = {last}"
     if cfg.stop_after_steps is not None and cfg.stop_after_steps <= done:
         raise UserError(f"--stop-after-steps {cfg.stop_after_steps}: the run in {run_dir} has done {done} steps "
