@@ -322,7 +322,12 @@ def changed_settings(cfg: TrainConfig) -> set[str]:
 
 
 def flag_name(f: Field) -> str:
-    return "--" + f.name.replace("_", "-")
+    return flag_of(f.name)
+
+
+def flag_of(name: str) -> str:
+    """The flag of the setting ``name``: ``--stop-patience`` for ``stop_patience``."""
+    return "--" + name.replace("_", "-")
 
 
 #: The values a field of each declared type takes, and how an error says so (types with a parser are its).
@@ -548,7 +553,7 @@ def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str
 
     def origin(name: str) -> str:
         if name in given:
-            return "--" + name.replace("_", "-")
+            return flag_of(name)
         if name in recipe:
             return f"--recipe {given['recipe']}'s {name}"
         return f"{stored_settings_file(given['out'])}'s {name}"
@@ -561,8 +566,7 @@ def with_recipe(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
     recipe = read_recipe(cfg.recipe) if cfg.recipe else {}
     set_here = changed_settings(cfg)
     settings = recipe | {name: getattr(cfg, name) for name in set_here}
-    origins = {name: f"--recipe {cfg.recipe}'s {name}" for name in recipe} | {name: "--" + name.replace("_", "-")
-                                                                                for name in set_here}
+    origins = {name: f"--recipe {cfg.recipe}'s {name}" for name in recipe} | {name: flag_of(name) for name in set_here}
     return make_config(settings), origins
 
 
@@ -570,7 +574,7 @@ def refuse_plateau_flags_beside_milestones(settings: dict[str, Any], given: dict
     """Raise :class:`UserError` when the plateau rule's flags are given on the command line, even at
     their defaults, to a run that follows milestones (a recipe's plateau settings simply give way)."""
     refuse_ignored_plateau(parse_milestones(settings.get("milestones") or []),
-                           [f"--{name.replace('_', '-')} {given[name]}" for name in ("patience", "max_drops")
+                           [f"{flag_of(name)} {given[name]}" for name in ("patience", "max_drops")
                             if name in given])
 
 

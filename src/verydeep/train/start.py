@@ -25,7 +25,7 @@ from verydeep.io.sources import LoadedNet, load
 from verydeep.nn import configs
 from verydeep.nn.init import warm_start
 from verydeep.nn.model import VGG
-from verydeep.train.recipe import TrainConfig, parse_scale
+from verydeep.train.recipe import TrainConfig, flag_of, parse_scale
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
 FROM_WEIGHTS = ("config", "width", "batch_norm")
@@ -42,7 +42,7 @@ def refuse_contradictions(cfg: TrainConfig, given: Mapping[str, str], source: di
     where it came from: its flag, a recipe) that says otherwise is a :class:`UserError` naming both."""
     for name in from_weights(cfg):
         if name in given and getattr(cfg, name) != source[name]:
-            flag = "--" + name.replace("_", "-")
+            flag = flag_of(name)
             remedy = f"drop {flag}" if given[name] == flag else f"give {flag} {source[name]}"
             advice = (f"with --warm-start the weights still decide it (the layers copied keep theirs): {remedy}"
                       if cfg.warm_start else "the architecture comes from the weights; to copy net A's layers into "

@@ -51,7 +51,14 @@ from verydeep.train.checkpointing import Checkpoints, check_resumable, run_recor
 from verydeep.train.data import TrainingData
 from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
 from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
-from verydeep.train.recipe import TrainConfig, changed_settings, stored_settings, with_recipe, write_run_record
+from verydeep.train.recipe import (
+    TrainConfig,
+    changed_settings,
+    flag_of,
+    stored_settings,
+    with_recipe,
+    write_run_record,
+)
 from verydeep.train.schedule import EpochTotals, Schedule
 from verydeep.train.start import checked_settings, freeze, initial_model, param_groups
 from verydeep.train.step import StepFigures, Stepper, StepQueue, check_finite_weights, zero_momenta
@@ -383,7 +390,7 @@ def given_settings(cfg: TrainConfig, given: Mapping[str, str] | Collection[str] 
     given as bare names, or not at all (those that differ from their defaults), each is named as its flag."""
     if isinstance(given, Mapping):
         return dict(given)
-    return {name: "--" + name.replace("_", "-") for name in (changed_settings(cfg) if given is None else given)}
+    return {name: flag_of(name) for name in (changed_settings(cfg) if given is None else given)}
 
 
 def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, run_dir: Path) -> None:
