@@ -74,7 +74,7 @@ BATCH_SIZE = 32
 
 
 def check_options(protocols: Sequence[str], scales: Sequence[int] | None, flip: bool, batch_size: int,
-                  workers: int | None) -> list[str]:
+                  workers: int | None, limit: int | None = None) -> list[str]:
     """The protocols asked for, each once; a bad option, or one no protocol asked for uses, is a
     :class:`UserError` naming it."""
     protocols = list(dict.fromkeys(protocols))
@@ -85,7 +85,9 @@ def check_options(protocols: Sequence[str], scales: Sequence[int] | None, flip: 
     if protocols == ["center"] and unused:
         raise UserError(f"--protocol center is one unflipped centre crop of the image resized to crop x 256/224 "
                         f"(torchvision's figure), so {' and '.join(unused)} would be ignored")
-    if batch_size < 1:
+    if limit is not None:
+        whole(limit, "--limit")
+    if whole(batch_size, "--batch-size") < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}")
     if scales is not None and any(q <= 0 for q in scales):
         raise UserError(f"--scales must be positive; got {list(scales)}")
@@ -145,8 +147,7 @@ def evaluate(
     nets run through ``torch.compile``."""
 
     sources, scales = listed(sources, "sources"), whole_scales(scales)
-    protocols = check_options(listed(protocols, "protocols"), scales, flip, whole(batch_size, "--batch-size"), workers)
-    limit = None if limit is None else whole(limit, "--limit")
+    protocols = check_options(listed(protocols, "protocols"), scales, flip, batch_size, workers, limit)
     started = time.perf_counter()
     split = find_split(data, "val")
     torch_device = pick_device(device)
