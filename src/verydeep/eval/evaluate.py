@@ -186,7 +186,7 @@ def evaluate(
 def write_outputs(result: EvalResult, out_dir: str | Path, rows: bool = False) -> Path:
     """``results.json``, ``results.md`` (the four tables and every row) and ``posteriors.npz`` in ``out_dir``.
 
-    The npz (:mod:`verydeep.eval.posteriors_file`) holds float16 posteriors per net, kind and Q
+    The npz (:mod:`verydeep.eval.posteriors_file`) holds float32 posteriors per net, kind and Q
     (``net0_dense_Q256`` ...), ``targets``, ``paths`` and the ``readable`` mask, from which every row can
     be recomputed; with ``rows``, each row's own posteriors too, in float32.
     """

@@ -3,8 +3,9 @@ the reproduction caches each net's evaluation in (``eval/NAME/``), written and r
 
 Plain numpy, no pickles: ``targets`` (N,), ``paths`` (N,) and ``readable`` (N,), the mask of the images
 that were read, over all the images in the data's order; every posterior array computed, (N, classes)
-in float16, by net, kind and Q (``net0_dense_Q256``: NaN rows for unread images), from which every
-row can be recomputed; and optionally each row's own posteriors, (readable, classes) in float32 as
+in float32 as computed, by net, kind and Q (``net0_dense_Q256``: NaN rows for unread images), from which
+every row can be recomputed exactly (float16 would tie and reorder near-equal classes, and so change
+top-k errors); and optionally each row's own posteriors, (readable, classes) in float32 as
 computed, ``row0`` ... in the order of ``row_names``: what fusing rows afterwards and the paired test
 need, exactly.
 """
@@ -28,7 +29,7 @@ ARRAY_KEY = re.compile(r"net\d+_[a-z]+_Q\d+")
 def save_posteriors(path: str | Path, posteriors: Posteriors, rows: bool = False) -> Path:
     """Write ``posteriors`` to ``path`` (replaced whole or not at all); each row's posteriors too with ``rows``."""
     names = list(posteriors.rows) if rows else []
-    arrays = {key: array.astype(np.float16) for key, array in posteriors.arrays.items()}
+    arrays = {key: array.astype(np.float32) for key, array in posteriors.arrays.items()}
     kept_rows = {f"row{j}": posteriors.rows[name].astype(np.float32) for j, name in enumerate(names)}
 
     def write(tmp: str) -> None:

@@ -277,8 +277,8 @@ def test_the_posteriors_file_round_trips(folder, checkpoint, second, tmp_path):
         assert np.array_equal(saved.readable, kept.readable) and saved.readable.dtype == bool
         assert list(saved.arrays) == list(kept.arrays) and sorted(saved.arrays) == [
             f"net{i}_{kind}" for i in (0, 1) for kind in ("center_Q37", "dense_Q32", "dense_Q36", "dense_Q41")]
-        for key, array in kept.arrays.items():  # every pass's posteriors in float16
-            assert saved.arrays[key].dtype == np.float16 and np.array_equal(saved.arrays[key], array.astype(np.float16))
+        for key, array in kept.arrays.items():  # every pass's posteriors as computed: float16 would tie classes
+            assert saved.arrays[key].dtype == np.float32 and np.array_equal(saved.arrays[key], array, equal_nan=True)
         assert list(saved.rows) == list(rows)  # the rows' own posteriors exactly, in their order
         assert all(saved.rows[name].dtype == np.float32 and np.array_equal(saved.rows[name], rows[name])
                    for name in rows)
