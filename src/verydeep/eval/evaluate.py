@@ -163,9 +163,9 @@ def evaluate(
     paths = [str(path) for path, _ in dataset.samples]
     valid = readable_images(nets, posteriors, paths, skipped, split)
     targets = mapping.targets(torch.tensor(dataset.targets, dtype=torch.long))
-    rows, row_posteriors = score_rows(nets, posteriors, protocols, targets, valid)
-    main = main_row(rows, protocols)
-    classes = list(dataset.classes)
+    rows, row_posteriors = score_rows(nets, posteriors, protocols, targets, valid,
+                                      as_paper=flip and not mapping.over_data_classes)
+    main, classes = main_row(rows, protocols), list(dataset.classes)
     scored = per_class_accuracy(row_posteriors[main.name], targets[valid], mapping.scored_classes)
     accuracy = [scored[i] for i in mapping.targets(torch.arange(len(classes))).tolist()]
     seconds = time.perf_counter() - started

@@ -119,6 +119,12 @@ class Net:
         """1000 classes and 224-pixel crops, like the paper's ILSVRC nets."""
         return self.model.num_classes == 1000 and self.crop == 224
 
+    @property
+    def papers_kind(self) -> bool:
+        """ImageNet-sized, at full width and without batch norm: a net of the paper's kind, whose errors its
+        tables report."""
+        return self.imagenet_sized and self.model.width == 1 and not self.model.batch_norm
+
     def describe(self) -> NetInfo:
         return NetInfo(
             name=self.name, checkpoint=self.checkpoint, model=model_name(self.recipe), config=self.config,

@@ -153,9 +153,10 @@ def derive_rows(nets: Sequence[Net], posteriors: PosteriorArrays, protocols: Seq
 
 
 def paper_figures(row: RowSpec, nets: Sequence[Net]) -> PaperFigures | None:
-    """The paper's published errors for a row of an ImageNet-sized run at the paper's test scales, if it reports one."""
+    """The paper's published errors for a row of nets of its kind (:attr:`Net.papers_kind`) at its test
+    scales, if it reports one."""
     members = [n for n in nets if n.name in row.nets]
-    trained = [n.scale for n in members if n.imagenet_sized and n.scale is not None]
+    trained = [n.scale for n in members if n.papers_kind and n.scale is not None]
     table = figures.classification_table(row.protocol, row.multi_scale, row.fusion)
     if table is None or len(trained) != len(members):
         return None
@@ -179,12 +180,13 @@ def main_row(rows: Sequence[EvalRow], protocols: Sequence[str]) -> EvalRow:
 
 
 def score_rows(nets: Sequence[Net], posteriors: PosteriorArrays, protocols: Sequence[str], targets: Tensor,
-               valid: Tensor) -> tuple[list[EvalRow], dict[str, Tensor]]:
+               valid: Tensor, as_paper: bool = True) -> tuple[list[EvalRow], dict[str, Tensor]]:
     """Every row's errors on the readable images (``valid``), with the paper's figures where it has the
-    row, and each row's posteriors of those images by row name."""
+    row and ``as_paper`` (the images flipped and the errors over the nets' 1000 classes, as the paper
+    counts them), and each row's posteriors of those images by row name."""
     readable = {key: post[valid] for key, post in posteriors.items()}
     scored = derive_rows(nets, readable, protocols, targets[valid])
-    rows = [replace(row, paper=paper_figures(row, nets)) for row, _ in scored]
+    rows = [replace(row, paper=paper_figures(row, nets) if as_paper else None) for row, _ in scored]
     return rows, {row.name: post for row, post in scored}
 
 

@@ -121,8 +121,8 @@ def classification_errors(table: int, nets: Sequence[PaperNet], protocol: str = 
 
     Tables 3 and 4 are dense only; Table 6 holds fusions of several nets.
     """
-    if table == 6:
-        return TABLE_6.get((frozenset(nets), protocol))
+    if table == 6:  # a net twice (two replicas of one) is not the paper's fusion
+        return TABLE_6.get((frozenset(nets), protocol)) if len(set(nets)) == len(nets) else None
     if len(nets) != 1:
         return None
     if table == 5:

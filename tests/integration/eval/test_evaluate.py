@@ -336,13 +336,21 @@ def test_unreadable_images_are_skipped_and_named(checkpoint, tmp_path):
     assert result.images == 6 and all(r.images == 6 for r in result.rows)
 
 
-def test_paper_figures_stand_beside_imagenet_sized_rows():
-    recipe = {**RECIPE, "config": "D", "num_classes": 1000, "crop": 224, "scale": [256, 512], "classes": None}
-    nets = [Net(name, "x.pt", model_from_recipe({**recipe, "config": c}), {**recipe, "config": c}, [256, 384, 512],
-                IMAGENET) for name, c in (("D S=256;512", "D"), ("E S=256;512", "E"))]
+def papers_nets(names_configs, **recipe):
+    """Full-width ImageNet nets trained at S in [256, 512] (built on the meta device: shapes, no memory)."""
+    recipe = {**RECIPE, "config": "D", "num_classes": 1000, "crop": 224, "scale": [256, 512], "classes": None,
+              "width": 1.0, **recipe}
+    with torch.device("meta"):
+        return [Net(name, "x.pt", model_from_recipe({**recipe, "config": c}), {**recipe, "config": c},
+                    [256, 384, 512], IMAGENET) for name, c in names_configs]
 
-    def row(protocol, scales, members):
-        return RowSpec("", protocol, scales, members, multi_scale=len(scales) > 1, fusion=len(members) > 1)
+
+def row(protocol, scales, members):
+    return RowSpec("", protocol, scales, members, multi_scale=len(scales) > 1, fusion=len(members) > 1)
+
+
+def test_paper_figures_stand_beside_imagenet_sized_rows():
+    nets = papers_nets((("D S=256;512", "D"), ("E S=256;512", "E")))
 
     d = ["D S=256;512"]
     assert paper_figures(row("dense", [384], d), nets) == PaperFigures("Table 3", top1_error=0.256, top5_error=0.081)
@@ -352,6 +360,14 @@ def test_paper_figures_stand_beside_imagenet_sized_rows():
     assert paper_figures(row("dense", [224, 256, 288], d), nets) is None  # not the paper's test scales
     fused = paper_figures(row("dense+multicrop", [256, 384, 512], [n.name for n in nets]), nets)
     assert fused == PaperFigures("Table 6", top1_error=0.237, top5_error=0.068)
+
+
+def test_paper_figures_stand_only_beside_nets_and_fusions_of_the_papers_kind():
+    d = ["D S=256;512"]
+    for recipe in ({"batch_norm": True}, {"width": 1 / 16}):  # not the nets the paper measured
+        assert paper_figures(row("dense", [384], d), papers_nets((("D S=256;512", "D"),), **recipe)) is None
+    three = papers_nets((("D S=256;512", "D"), ("E S=256;512", "E"), ("E2 S=256;512", "E")))
+    assert paper_figures(row("dense", [256, 384, 512], [n.name for n in three]), three) is None  # not D + E
 
 
 def test_the_papers_tables_as_data():
