@@ -201,4 +201,5 @@ def eval_markdown(result: EvalResult) -> str:
 def eval_document(result: EvalResult) -> str:
     """``results.md``: Tables 3 to 6 and every row, under the evaluated data's name, and over which classes."""
     tables = join_markdown([*eval_tables(result), rows_table(result)])
-    return f"# Evaluation of {result.data}\n\nErrors {result.scored}.\n\n{tables}\n"
+    flips = "" if result.flip else " The mirrored images were not averaged in (--no-flip)."
+    return f"# Evaluation of {result.data}\n\nErrors {result.scored}.{flips}\n\n{tables}\n"

@@ -448,8 +448,11 @@ def test_cli_json_end_to_end(folder, checkpoint, tmp_path):
     assert result["main"] == "multi-crop & dense Q={32,40}" and set(result["per_class_accuracy"]) == set(CLASSES)
     assert "Table 3" in proc.stdout and "| dense Q=40 |" in proc.stdout
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
-    assert "Table 5" in (out / "results.md").read_text()
+    assert "Table 5" in (out / "results.md").read_text() and "not averaged in" not in (out / "results.md").read_text()
     assert np.load(out / "posteriors.npz")["net0_multicrop_Q40"].shape == (12, 3)
+    unflipped = run([checkpoint], folder, protocols=("dense",), flip=False)
+    report = write_outputs(unflipped, tmp_path / "unflipped") / "results.md"
+    assert "The mirrored images were not averaged in (--no-flip)." in report.read_text()
 
 
 def test_cli_weights_and_checkpoint_are_one_option_and_fuse(folder, checkpoint, second, capsys):
