@@ -127,10 +127,12 @@ def replicas(name: str, nets: list[Net]) -> list[Net]:
 
 
 def fusions(measured: list[Measured], nets: list[Net]) -> list[Measured]:
-    """Table 6: the jittered nets of seed 0 fused under each protocol they were evaluated with (the
-    paper's D + E), and each seeded net fused with its replicas (dense, multi-scale): nets that share
-    no training."""
-    groups = [[n.name for n in nets if n.jittered and n.seed == 0]]
+    """Table 6: the paper's D + E (the jittered nets of seed 0) fused under each protocol they were evaluated
+    with, and all the jittered nets of seed 0 where there are more (C too); and each seeded net fused with
+    its replicas (dense, multi-scale): nets that share no training."""
+    jittered = [n for n in nets if n.jittered and n.seed == 0]
+    groups = [[n.name for n in jittered if n.config in ("D", "E")], [n.name for n in jittered]]
+    groups = [group for i, group in enumerate(groups) if group not in groups[:i]]  # the pair may be all of them
     groups += [[n.name for n in replicas(n.name, nets)] for n in nets if n.seed == 0]
     out = []
     for group in (g for g in groups if len(g) > 1):

@@ -17,7 +17,7 @@ from verydeep.io.checkpoint import load_weights
 from verydeep.paper.claims import claims
 from verydeep.paper.demo import DIGIT_NAMES, write_digits
 from verydeep.paper.figures import single_test_scale
-from verydeep.paper.measure import Measured, evaluate_net, fuse
+from verydeep.paper.measure import Measured, evaluate_net, fuse, fusions
 from verydeep.paper.plot import read_metrics
 from verydeep.paper.presets import NETS, PRESETS, Net, Preset
 from verydeep.paper.reproduce import reproduce
@@ -162,6 +162,14 @@ def test_fusion_averages_the_posteriors_of_the_images_both_nets_saw():
     # image 2 is wrong for both; on images 0 and 3 one net is right, and the fused true class ties with
     # the other's class: half right each
     assert fused.row.top1_error == pytest.approx(0.5)
+
+
+def test_the_papers_d_plus_e_is_fused_on_its_own_beside_all_the_jittered_nets():
+    nets = [n for n in NETS if n.name in ("C-jitter", "D-jitter", "E-jitter")]
+    rows = [measured(n.name, [i == j for j in range(4)]) for i, n in enumerate(nets)]
+    rows = [replace(m, row=replace(m.row, multi_scale=True)) for m in rows]  # each net over its scales
+    assert [f.row.nets for f in fusions(rows, nets)] == [["D-jitter", "E-jitter"], ["C-jitter", "D-jitter", "E-jitter"]]
+    assert [f.row.nets for f in fusions(rows[1:], nets[1:])] == [["D-jitter", "E-jitter"]]  # the pair is all
 
 
 def test_the_papers_protocol_trains_parents_first_and_replicas_share_no_training():
