@@ -107,8 +107,12 @@ def check_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
 
 
 def split_digest(split: Path) -> str:
-    """A short digest of the images of a split, by their paths within it (class folder included)."""
-    return path_digest(relative_paths(open_split(split, lambda path: None)))[:16]
+    """A short digest of the test images of a split, by their paths within it (class folder included); fewer
+    than two is a :class:`UserError`: the paired test compares nets image by image."""
+    paths = relative_paths(open_split(split, lambda path: None))
+    if len(paths) < 2:
+        raise UserError(f"{split}: {len(paths)} test image(s); the paired test of two nets needs 2 at least")
+    return path_digest(paths)[:16]
 
 
 def eval_settings(net: Net, preset: Preset, test: Path, digest: str, run_dir: Path) -> dict[str, Any]:
@@ -140,6 +144,8 @@ def check_reuse(order: list[Net], preset: Preset, data: Path, out: Path, device:
     the device, the data, each net's training and each finished net's cached evaluation (see the
     module's docstring); returns the test images' folder and its :func:`split_digest` (listed once)."""
     pick_device(device)
+    if preset.limit_test is not None and preset.limit_test < 2:
+        raise UserError(f"--limit-test {preset.limit_test}: the paired test of two nets needs 2 images at least")
     test = split_apart(data, "test", "the paper's errors are measured on images no net trained on")
     images = split_digest(test)
     by_name = {n.name: n for n in preset.members()}

@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import photo, save
 
 from verydeep.cli import main
 from verydeep.data import carve_validation
@@ -284,6 +285,20 @@ def test_reproduce_cli_rejects_unknown_nets(tmp_path, capsys):
     assert main(["reproduce", "--data", str(tmp_path), "--nets", "A,Z"]) == 2
     assert "--nets: unknown Z" in capsys.readouterr().err
     assert {n.name for n in NETS} >= set(PRESETS["cifar10"].nets)
+
+
+def test_fewer_than_two_test_images_are_refused_before_any_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["reproduce", "--data", str(tmp_path), "--limit-test", "1"])
+    assert stop.value.code == 2
+    assert "--limit-test: expected an integer of at least 2 (the paired test" in capsys.readouterr().err
+    for split, count in (("train", 4), ("test", 1)):
+        for i in range(count):
+            save(photo(40, 36, seed=i), tmp_path / "data" / split / "a" / f"{i}.png")
+    assert main(["reproduce", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--nets", "A",
+                 "--no-progress", "--device", "cpu"]) == 2
+    assert "test: 1 test image(s); the paired test of two nets needs 2 at least" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "nets").exists()
 
 
 def test_the_seed_mean_must_pass_its_own_margin_before_a_claim_holds_across_seeds():
