@@ -128,6 +128,7 @@ def _hardware(device: str) -> str:
 def _settings_lines(preset: Preset, data: Path, device: str, command: str, seconds: dict[str, float]) -> list[str]:
     """The report's list of settings: data, command, hardware and time, the nets' recipe."""
     total = sum(seconds.values())
+    seeded = sorted({n.base for n in preset.members() if n.seed > 0})  # the nets trained again
     start = ("the paper's (Sec. 3.1): A and A-LRN from random weights, B-E from A's first four convs and FC6-8, "
              f"S = 384 from S = 256 and the jittered nets from S = 384 at lr {preset.finetune_lr:g} for at most "
              f"{preset.finetune_epochs} epochs" if preset.protocol == "paper" else "every net from random weights")
@@ -142,14 +143,14 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
                   (f"at most {preset.limit_val} class-balanced" if preset.limit_val else "all the") + " test images")
     return [
         f"- data: `{data}`; command: `{command}`",
-        f"- hardware: {_hardware(device)}; wall time {total / 60:.1f} min "
-        f"({', '.join(f'{k} {v / 60:.1f}' for k, v in seconds.items())} min)",
+        f"- hardware: {_hardware(device)}; compute time {total / 60:.1f} min, summed over the nets (not wall "
+        f"time: shards run side by side) ({', '.join(f'{k} {v / 60:.1f}' for k, v in seconds.items())} min)",
         f"- every net: width x{preset.width:g}, crop {preset.crop} (the paper's 224 x {preset.crop / 224:.3f}), "
         f"at most {preset.epochs} epochs, batch {preset.batch_size}, SGD momentum 0.9, weight decay 5e-4, dropout "
         f"0.5, {schedule}{stop}, init `{preset.init}`, no batch norm",
         f"- protocol `{preset.protocol}`: {start}; validation on {validation}",
-        f"- seeds: {preset.seeds} ({', '.join(preset.seeded)} trained {preset.seeds} times; a replica starts from "
-        "its own seed's parent, so replicas share no training)" if preset.seeds > 1 else "- seeds: 1",
+        f"- seeds: {preset.seeds} ({', '.join(seeded)} trained {preset.seeds} times; a replica starts from "
+        "its own seed's parent, so replicas share no training)" if seeded else "- seeds: 1",
         f"- training scales: S = 256 -> {preset.scale((256, 256))[0]}, 384 -> {preset.scale((384, 384))[0]}, "
         f"[256; 512] -> {list(preset.scale((256, 512)))}; test scales from each recipe ({{S-32, S, S+32}} or "
         f"{{Smin, mid, Smax}}, scaled); errors on "

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,6 +286,15 @@ def test_reproduce_cli_rejects_unknown_nets(tmp_path, capsys):
     assert main(["reproduce", "--data", str(tmp_path), "--nets", "A,Z"]) == 2
     assert "--nets: unknown Z" in capsys.readouterr().err
     assert {n.name for n in NETS} >= set(PRESETS["cifar10"].nets)
+
+
+def test_the_settings_name_the_nets_trained_again_and_the_time_as_summed_not_wall():
+    from verydeep.paper.reproduction_report import _settings_lines
+
+    preset = replace(PRESETS["cifar10"], protocol="scratch", nets=("A", "A-LRN"), seeds=2, seeded=("A", "D"))
+    lines = _settings_lines(preset, Path("data"), "cpu", "verydeep reproduce", {"training": 90.0, "evaluation": 30.0})
+    assert any(line.startswith("- seeds: 2 (A trained 2 times;") for line in lines)  # D is seeded, not trained
+    assert any("compute time 2.0 min, summed over the nets (not wall time" in line for line in lines)
 
 
 def test_fewer_than_two_test_images_are_refused_before_any_training(tmp_path, capsys):
