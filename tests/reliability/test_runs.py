@@ -176,6 +176,17 @@ def test_a_full_disk_or_read_only_folder_keeps_the_last_checkpoint(data, tmp_pat
     with pytest.raises(UserError, match="cannot be written .Read-only file system."):
         train(tiny(data, tmp_path, epochs=2, resume=True))
     monkeypatch.undo()
+    real_open = open
+
+    def full_log(path, mode="r", *args, **kwargs):  # the log's append, not the checkpoints' writes
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_log)
+    with pytest.raises(UserError, match=r"metrics\.jsonl: cannot be written .No space left on device.; the last good"):
+        train(tiny(data, tmp_path, epochs=2, resume=True))
+    monkeypatch.undo()
     after = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert after["step"] == before["step"] and not list(tmp_path.rglob(".*.tmp"))
     assert all(torch.equal(value, after["model"][key]) for key, value in before["model"].items())
@@ -317,6 +328,17 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
         assert f"{flag} cannot change when resuming" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
+
+
+def test_a_run_whose_last_checkpoint_is_gone_keeps_its_other_weights_unless_overwritten(data, tmp_path):
+    train(tiny(data, tmp_path, epochs=2))
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    kept = sorted(p.name for p in tmp_path.rglob("*") if p.suffix in (".pt", ".safetensors"))
+    assert "best.pt" in kept and "model.safetensors" in kept
+    with pytest.raises(UserError, match="holds a run's weights .* though not checkpoints/last.pt to resume from"):
+        train(tiny(data, tmp_path, epochs=1))
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.suffix in (".pt", ".safetensors")) == kept
+    assert train(tiny(data, tmp_path, epochs=1, overwrite=True)).epochs == 1
 
 
 def test_resuming_on_other_images_is_refused_on_moved_ones_allowed(data, tmp_path, capsys):

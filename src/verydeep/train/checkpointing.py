@@ -121,9 +121,15 @@ class Checkpoints:
             raise UserError(f"--weights {source} lies in --out {run_dir}, which a new run clears: give another --out")
         if cfg.resume and not self.last.is_file():
             raise MissingFileError(f"--resume: {self.last} does not exist")
-        if not cfg.resume and self.last.is_file() and not cfg.overwrite:
+        if cfg.resume or cfg.overwrite:
+            return
+        if self.last.is_file():
             raise UserError(f"--out {run_dir} holds a run (checkpoints/last.pt): continue it with --resume, "
                             "or start it anew with --overwrite")
+        kept = [path for path in (self.paths.best, self.paths.model, *sorted(self.dir.glob("*.pt"))) if path.is_file()]
+        if kept:  # a run whose last.pt is gone: its other weights are still a run's, not to be cleared unasked
+            raise UserError(f"--out {run_dir} holds a run's weights ({kept[0].relative_to(run_dir)}), though not "
+                            "checkpoints/last.pt to resume from: start anew with --overwrite, or give another --out")
 
     def clear(self, cfg: TrainConfig) -> None:
         """For a new run, once every setting and the data have been checked (a run refused leaves the old one as

@@ -53,8 +53,12 @@ class MetricsLog:
     def append(self, **values: Any) -> None:
         if not self.main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(values) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(values) + "\n")
+        except OSError as error:  # a full disk, a folder made read-only: the checkpoints before it are intact
+            raise UserError(f"{self.path}: cannot be written ({error.strerror or error}); the last good "
+                            "checkpoint is intact: free space, then resume") from error
         if self.writer is not None:
             self._scalars(values)
 
