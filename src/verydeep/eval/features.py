@@ -73,6 +73,9 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
     key = extraction_key(nets, images, settings.scales, settings.dtype)
     state = Partial.start(key, nets, settings.scales, len(images.paths))
     if partial_path is not None:
+        if Processes.from_env().main:  # a save that a kill cut short left its temporary file
+            for stale in Path(out).parent.glob(f".{Path(out).name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         state = Partial.resume(partial_path, state)
     run_passes(nets, images, state, settings, partial_path)
     keep = np.array([path not in state.skipped for path in images.paths])
