@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. A bad argument or a :class:`UserError` is one line and exit status 2
     (argparse's errors and ``--help`` leave through ``SystemExit``); anything else is a bug and
     shows its traceback."""
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports every command: seconds, in which a Ctrl-C is as welcome as later
+    except KeyboardInterrupt:
+        print("verydeep: interrupted", file=sys.stderr)
+        return 130
     _arguments[:] = sys.argv[1:] if argv is None else argv
     args, unknown = parser.parse_known_args(argv)
     prog = vars(args).pop("prog")  # the command's name, not one of its settings

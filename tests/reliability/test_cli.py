@@ -391,3 +391,14 @@ def test_the_installed_command_prints_one_line(argv, expected):
     proc = subprocess.run([sys.executable, "-m", "verydeep.cli", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and not proc.stdout, proc
     assert len(proc.stderr.splitlines()) == 1 and expected in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch, capsys):
+    import verydeep.cli as cli
+
+    def interrupted() -> argparse.ArgumentParser:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["train", "--help"]) == 130
+    assert capsys.readouterr().err == "verydeep: interrupted\n"
