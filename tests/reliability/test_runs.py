@@ -330,6 +330,21 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
 
 
+def test_a_torchrun_restart_replaces_the_old_run_that_overwrite_named_and_resumes_its_own(data, tmp_path,
+                                                                                           monkeypatch):
+    train(tiny(data, tmp_path, epochs=3))  # an old, finished run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a process failed before clearing it
+    new = train(tiny(data, tmp_path, epochs=2, overwrite=True))
+    assert (new.epochs, new.stopped) == (2, "epochs") and load_checkpoint(tmp_path / "checkpoints" / "last.pt")[
+        "recipe"]["epochs"] == 2
+    options = dict(epochs=2, overwrite=True, checkpoint_every=1)
+    assert train(tiny(data, tmp_path / "b", stop_after_steps=5, **options)).steps == 5
+    first_epoch = tmp_path / "b" / "checkpoints" / "epoch-0001.pt"
+    written = first_epoch.stat().st_mtime_ns
+    assert train(tiny(data, tmp_path / "b", **options)).steps == 8  # its own run: continued from step 5
+    assert first_epoch.stat().st_mtime_ns == written  # not trained anew
+
+
 def test_a_run_whose_last_checkpoint_is_gone_keeps_its_other_weights_unless_overwritten(data, tmp_path):
     train(tiny(data, tmp_path, epochs=2))
     (tmp_path / "checkpoints" / "last.pt").unlink()

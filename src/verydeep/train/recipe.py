@@ -495,6 +495,14 @@ def stored_settings(run_dir: str | Path) -> dict[str, Any]:
     return load_checkpoint(source)["recipe"] if source.is_file() else {}
 
 
+def started_with(cfg: TrainConfig, run_dir: str | Path) -> bool:
+    """Whether the run in ``run_dir`` was started with ``cfg``'s settings (those its record keeps; the
+    actions of one command line, and those left open for the run to decide (None), aside)."""
+    stored = stored_settings(run_dir)
+    return all(stored[name] == value for name, value in cfg.to_dict().items()
+               if name in stored and name not in ONCE and value is not None)
+
+
 def stored_settings_file(run_dir: str | Path) -> Path:
     """The file :func:`stored_settings` reads: the run record, else the last checkpoint."""
     run = RunDir(run_dir)

@@ -55,6 +55,7 @@ from verydeep.train.recipe import (
     TrainConfig,
     changed_settings,
     flag_of,
+    started_with,
     stored_settings,
     with_recipe,
     write_run_record,
@@ -422,7 +423,10 @@ def train(cfg: TrainConfig, task: Task | None = None,
     if given is None and cfg.recipe:  # from Python: the recipe as the command line applies it
         cfg, given = with_recipe(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    if restarted and not cfg.resume and RunDir(cfg.out).last.is_file():
-        cfg = replace(cfg, resume=True, overwrite=False)  # torchrun restarted the processes after a failure
+    # torchrun restarted the processes after a failure: they resume the run they started, but an old one
+    # that --overwrite was to replace, which a process may have failed before clearing, is replaced
+    if restarted and not cfg.resume and RunDir(cfg.out).last.is_file() and (
+            not cfg.overwrite or started_with(cfg, cfg.out)):
+        cfg = replace(cfg, resume=True, overwrite=False)
     with process_group(cfg.device) as procs:
         return Trainer(cfg, procs, task, given).run()
