@@ -345,6 +345,31 @@ def test_a_torchrun_restart_replaces_the_old_run_that_overwrite_named_and_resume
     assert first_epoch.stat().st_mtime_ns == written  # not trained anew
 
 
+def test_a_second_training_into_a_run_being_written_is_refused_and_leaves_it(data, tmp_path):
+    import subprocess
+    import sys
+
+    from verydeep.train.checkpointing import RunLock
+
+    train(tiny(data, tmp_path, epochs=1))
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    code = (f"import sys; from verydeep.train.checkpointing import RunLock; lock = RunLock({str(tmp_path)!r}); "
+            "lock.acquire(); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another training writes the run now
+        for options in (dict(resume=True, epochs=2), dict(overwrite=True)):
+            with pytest.raises(UserError, match="another training is writing this run now"):
+                train(tiny(data, tmp_path, **options))
+        assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+    finally:
+        holder.communicate("")
+    assert train(tiny(data, tmp_path, resume=True, epochs=2)).epochs == 2  # its lock gone with it
+    lock = RunLock(tmp_path)
+    lock.acquire()  # and this process's own trainings released theirs
+    lock.release()
+
+
 def test_a_run_whose_last_checkpoint_is_gone_keeps_its_other_weights_unless_overwritten(data, tmp_path):
     train(tiny(data, tmp_path, epochs=2))
     (tmp_path / "checkpoints" / "last.pt").unlink()

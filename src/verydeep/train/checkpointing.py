@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None  # type: ignore[assignment]
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -190,3 +195,31 @@ def read_best(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"model", "recipe", "epoch"} <= state.keys():
         raise UserError(f"{path}: not a verydeep epoch checkpoint (no 'model', 'recipe' and 'epoch' entries){remedy}")
     return state
+
+
+class RunLock:
+    """The run directory's ``.lock``, held while one training writes the run: a second training into the same
+    ``--out`` (or a second ``--resume``) is refused instead of interleaving its checkpoints and log with the
+    first's. An advisory lock of the operating system, released when the process ends however it ends."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir, self.file = Path(run_dir), None
+
+    def acquire(self) -> None:
+        """Hold the lock; a :class:`UserError` when another process holds it. A bad ``--out`` (none, a file) is
+        left to the run's own checks."""
+        if fcntl is None or not str(self.run_dir) or (self.run_dir.exists() and not self.run_dir.is_dir()):
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.run_dir / ".lock", "a")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.release()
+            raise UserError(f"--out {self.run_dir}: another training is writing this run now; wait for it to "
+                            "end, or give another --out") from None
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
+            self.file = None

@@ -46,8 +46,8 @@ from verydeep.runtime.precision import autocast_dtype
 from verydeep.runtime.processes import Processes, loader_workers
 from verydeep.runtime.progress import progress_bar
 from verydeep.runtime.rng import rng_state, set_rng_state
-from verydeep.runtime.sharding import process_group
-from verydeep.train.checkpointing import Checkpoints, check_resumable, run_record
+from verydeep.runtime.sharding import failing_together, process_group
+from verydeep.train.checkpointing import Checkpoints, RunLock, check_resumable, run_record
 from verydeep.train.data import TrainingData
 from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
 from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
@@ -429,4 +429,11 @@ def train(cfg: TrainConfig, task: Task | None = None,
             not cfg.overwrite or started_with(cfg, cfg.out)):
         cfg = replace(cfg, resume=True, overwrite=False)
     with process_group(cfg.device) as procs:
-        return Trainer(cfg, procs, task, given).run()
+        lock = RunLock(cfg.out)
+        with failing_together():  # refused on the main process, which alone writes: refused on every one
+            if procs.main:
+                lock.acquire()
+        try:
+            return Trainer(cfg, procs, task, given).run()
+        finally:
+            lock.release()
