@@ -36,6 +36,7 @@ from verydeep.io.rundir import EPOCH, RunDir
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.tasks import Classification, Task
 from verydeep.runtime.processes import Processes
+from verydeep.runtime.sharding import failing_together
 from verydeep.train.data import TrainingData
 from verydeep.train.recipe import TrainConfig, flag_name
 
@@ -111,6 +112,11 @@ class Checkpoints:
         self.run_dir, self.procs, self.keep_last = run_dir, procs, keep_last
         self.paths = RunDir(run_dir)
         self.dir, self.last = self.paths.checkpoints, self.paths.last
+        self.lock = RunLock(run_dir)
+
+    def release(self) -> None:
+        """Let another training write the run (the end of this one)."""
+        self.lock.release()
 
     def prepare(self, cfg: TrainConfig) -> None:
         """``--out`` must be a folder; a run in it is continued only with ``--resume`` and replaced only
@@ -140,7 +146,11 @@ class Checkpoints:
         """For a new run, once every setting and the data have been checked (a run refused leaves the old one as
         it was), the files of an old run in ``--out`` removed: nothing of one (say, one that crashed before a
         checkpoint) mixes in; a folder without our run record is cleared only with ``--overwrite``. Temporary
-        files of writes cut short by a crash are removed."""
+        files of writes cut short by a crash are removed. First the run directory is locked (:class:`RunLock`):
+        a second training into it is refused on every process."""
+        with failing_together():  # the main process alone writes, and may be refused
+            if self.procs.main:
+                self.lock.acquire()
         if not self.procs.main:
             return
         if not cfg.resume and (cfg.overwrite or self.paths.record.exists()):

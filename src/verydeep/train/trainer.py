@@ -46,8 +46,8 @@ from verydeep.runtime.precision import autocast_dtype
 from verydeep.runtime.processes import Processes, loader_workers
 from verydeep.runtime.progress import progress_bar
 from verydeep.runtime.rng import rng_state, set_rng_state
-from verydeep.runtime.sharding import failing_together, process_group
-from verydeep.train.checkpointing import Checkpoints, RunLock, check_resumable, run_record
+from verydeep.runtime.sharding import process_group
+from verydeep.train.checkpointing import Checkpoints, check_resumable, run_record
 from verydeep.train.data import TrainingData
 from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
 from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
@@ -346,9 +346,7 @@ class Trainer:
         new_lr = f" -> {self.schedule.lr:g}" if self.schedule.lr != lr else ""
         self.log(f"epoch {self.epoch + 1}: train loss {totals.mean_loss:.4f}, {describe(metrics, task)}, lr {lr:g}"
                  f"{new_lr}, {int(totals.skipped)} files skipped")
-        self.epoch += 1
-        self.step_in_epoch = 0
-        self.totals = EpochTotals()
+        self.epoch, self.step_in_epoch, self.totals = self.epoch + 1, 0, EpochTotals()
         self.checkpoints.save_epoch(self._state(), self.model, improved)
 
     def run(self) -> TrainSummary:
@@ -380,6 +378,7 @@ class Trainer:
         return self._summary(stopped, start)
 
     def _summary(self, stopped: str, start: float) -> TrainSummary:
+        self.checkpoints.release()  # the run is over (every return of run() comes here): another may write it
         best = score(self.task, self.schedule.best) if self.schedule.best > -math.inf else None
         return TrainSummary(metric=self.task.metrics[0], best=best, epochs=self.epoch, steps=self.step,
                             run_dir=str(self.run_dir), seconds=round(time.perf_counter() - start, 2),
@@ -429,11 +428,8 @@ def train(cfg: TrainConfig, task: Task | None = None,
             not cfg.overwrite or started_with(cfg, cfg.out)):
         cfg = replace(cfg, resume=True, overwrite=False)
     with process_group(cfg.device) as procs:
-        lock = RunLock(cfg.out)
-        with failing_together():  # refused on the main process, which alone writes: refused on every one
-            if procs.main:
-                lock.acquire()
+        trainer = Trainer(cfg, procs, task, given)
         try:
-            return Trainer(cfg, procs, task, given).run()
+            return trainer.run()
         finally:
-            lock.release()
+            trainer.checkpoints.release()
