@@ -570,7 +570,8 @@ def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str
 
 def with_recipe(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
     """A Python caller's ``cfg`` that names a recipe: the recipe's settings, then those the caller set (that
-    differ from their defaults), as the command line orders them; and where each given setting came from."""
+    differ from their defaults: one set to its default cannot be told from one left open, so the recipe's
+    wins), as the command line orders them; and where each given setting came from."""
     recipe = read_recipe(cfg.recipe) if cfg.recipe else {}
     set_here = changed_settings(cfg)
     settings = recipe | {name: getattr(cfg, name) for name in set_here}

@@ -423,7 +423,9 @@ def train(cfg: TrainConfig, task: Task | None = None,
         cfg, given = with_recipe(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     # torchrun restarted the processes after a failure: they resume the run they started, but an old one
-    # that --overwrite was to replace, which a process may have failed before clearing, is replaced
+    # that --overwrite was to replace, which a process may have failed before clearing, is replaced; an old
+    # run of the same settings and images cannot be told from the new, and is the same computation (resume
+    # is exact), so it is resumed
     if restarted and not cfg.resume and RunDir(cfg.out).last.is_file() and (
             not cfg.overwrite or started_with(cfg, cfg.out)):
         cfg = replace(cfg, resume=True, overwrite=False)
