@@ -362,6 +362,18 @@ def test_paper_figures_stand_beside_imagenet_sized_rows():
     assert fused == PaperFigures("Table 6", top1_error=0.237, top5_error=0.068)
 
 
+def test_rows_not_counted_as_the_paper_counts_carry_no_paper_figures():
+    from verydeep.eval.rows import score_rows
+
+    nets = papers_nets((("D S=256;512", "D"),))
+    posteriors = {(0, "dense", q): torch.full((2, 1000), 1e-3) for q in (256, 384, 512)}
+    valid, targets = torch.ones(2, dtype=torch.bool), torch.tensor([0, 1])
+    as_paper, _ = score_rows(nets, posteriors, ["dense"], targets, valid)  # flipped, over the 1000 classes
+    assert [r.paper.table for r in as_paper if r.paper] == ["Table 3", "Table 4"]
+    unflipped, _ = score_rows(nets, posteriors, ["dense"], targets, valid, as_paper=False)  # --no-flip, a subset
+    assert [r.paper for r in unflipped] == [None] * len(unflipped) and len(unflipped) == len(as_paper)
+
+
 def test_paper_figures_stand_only_beside_nets_and_fusions_of_the_papers_kind():
     d = ["D S=256;512"]
     for recipe in ({"batch_norm": True}, {"width": 1 / 16}):  # not the nets the paper measured
