@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import operator
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -157,20 +158,28 @@ def refuse_repeated(values: Sequence[Any], text: str, what: str, why: str) -> No
 
 
 def listed(value: Any, name: str) -> list[Any]:
-    """``value`` as a list; one text or path where a sequence of them is expected is a :class:`TypeError`
-    naming ``name``, not a string split into its characters."""
-    if isinstance(value, (str, bytes, os.PathLike)):
+    """``value`` (a list, tuple, array or other ordered sequence) as a list; one value where a sequence of them
+    is expected (a text, a path, a number) is a :class:`TypeError` naming ``name``, not a string split into
+    its characters; so is a set or mapping, whose order is not the caller's."""
+    single = isinstance(value, (str, bytes, bytearray, memoryview, os.PathLike, numbers.Number)) or (
+        hasattr(value, "ndim") and value.ndim == 0)  # a numpy or torch scalar
+    if single:
         raise TypeError(f"{name}: expected a list, got the single {type(value).__name__} {value!r}; give "
                         f"[{value!r}]")
+    if isinstance(value, (Set, Mapping)):
+        raise TypeError(f"{name}: expected an ordered list, got a {type(value).__name__}")
     return list(value)
 
 
 def whole(value: Any, name: str) -> int:
-    """``value`` as an ``int`` when it is a whole number (a numpy integer too); else a :class:`UserError`
-    naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """``value`` as an ``int`` when it is a whole number (a numpy or torch integer too); else a
+    :class:`UserError` naming ``name``."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         raise UserError(f"{name} must be a whole number; got {value!r}")
-    return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise UserError(f"{name} must be a whole number; got {value!r}") from None
 
 
 def whole_scales(scales: Sequence[Any] | None, name: str = "--scales") -> list[int] | None:

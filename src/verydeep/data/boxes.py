@@ -204,7 +204,8 @@ def read_tiny_imagenet(root: Path) -> BoxTable:
         validation = path.name == "val_annotations.txt"
         folder = "val/images" if validation else f"train/{path.parent.name}/images"
         for number, line in enumerate(_text(path).splitlines(), start=1):
-            fields, where = line.split(), f"{path}:{number}"
+            where = f"{path}:{number}"  # tab-separated, as downloaded: a file name may then hold spaces
+            fields = [field.strip() for field in line.split("\t") if field.strip()] if "\t" in line else line.split()
             if not fields:
                 continue
             if len(fields) != 4 + (1 if validation else 0) + 1:

@@ -117,7 +117,8 @@ def _class_dirs(folder: Path) -> list[str]:
 def kaggle_download(folder: Path) -> list[Path]:
     """The top of Kaggle's ILSVRC download when ``folder`` lies in its ``ILSVRC/Data/CLS-LOC/`` (the top holds
     ``LOC_val_solution.csv`` and ``LOC_synset_mapping.txt``); else nothing."""
-    for above in Path(os.path.abspath(folder)).parents:
+    here = Path(os.path.abspath(folder))
+    for above in (here, *here.parents):
         if (above.name, above.parent.name, above.parent.parent.name) == ("CLS-LOC", "Data", "ILSVRC"):
             return [above.parent.parent.parent]
     return []
@@ -171,11 +172,12 @@ SPLITS = ("train", "val", "test")
 
 
 def is_one_split(root: Path) -> bool:
-    """Whether ``root``, which may have a subfolder named as a split, is itself one split of class folders,
-    one of them named so (CIFAR-100's ``train``): one split name only, and it and the other folders of
-    images are classes (images, no folders of images, inside) rather than splits (class folders inside)."""
+    """Whether ``root``, which may have a subfolder ``train``, is itself one split of class folders, one of
+    them named so (CIFAR-100's ``train``): no other split name, and ``train`` and the other folders of images
+    are classes (images, no folders of images, inside) rather than splits (class folders inside). A flat
+    ``val/`` is ILSVRC's validation layout, never a class."""
     subfolders = _subfolders(root)
-    if sum(name in SPLITS for name in subfolders) != 1:
+    if [name for name in subfolders if name in SPLITS] != ["train"]:
         return False
     with_images = [root / name for name in subfolders if _has_images(root / name)]
     return len(with_images) > 1 and not any(_class_dirs(folder) for folder in with_images)

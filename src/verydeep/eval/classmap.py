@@ -9,6 +9,7 @@ only (the net's posteriors of those, renormalised), the usual figure for a subse
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,15 @@ def named_as(net_names: Sequence[str]) -> Callable[[str], list[int]]:
     exact: dict[str, list[int]] = {}
     folded: dict[str, list[int]] = {}
     for i, net_name in enumerate(net_names):
-        exact.setdefault(str(net_name).strip(), []).append(i)
-        folded.setdefault(str(net_name).strip().casefold(), []).append(i)
-    return lambda name: exact.get(name.strip()) or folded.get(name.strip().casefold(), [])
+        exact.setdefault(plain(net_name), []).append(i)
+        folded.setdefault(plain(net_name).casefold(), []).append(i)
+    return lambda name: exact.get(plain(name)) or folded.get(plain(name).casefold(), [])
+
+
+def plain(name: object) -> str:
+    """A name as names are compared: Unicode's composed form (macOS writes file names decomposed, ``e`` then
+    the accent) and single spaces."""
+    return " ".join(unicodedata.normalize("NFC", str(name)).split())
 
 
 def recipe_columns(recipe: dict[str, Any], outputs: int, classes: Sequence[str], names: Sequence[str],

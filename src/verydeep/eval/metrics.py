@@ -20,7 +20,9 @@ def topk_correct(posteriors: Tensor, targets: Tensor, k: int) -> Tensor:
     """Per image (float64), whether the true class is among the top ``k``: 1 when fewer than ``k`` classes
     score at least as high, 0 when ``k`` or more score strictly higher, and the chance of a random order of
     the tied classes between (module docstring)."""
-    true_score = posteriors.gather(1, targets.view(-1, 1))
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a whole number of at least 1; got {k!r}")
+    true_score = posteriors.gather(1, targets.view(-1, 1).long())
     higher = (posteriors > true_score).sum(dim=1)
     tied = (posteriors == true_score).sum(dim=1)  # the true class among them, unless its score is NaN
     hits = ((k - higher) / tied.clamp(min=1)).clamp(0, 1).double()
@@ -28,7 +30,10 @@ def topk_correct(posteriors: Tensor, targets: Tensor, k: int) -> Tensor:
 
 
 def topk_error(posteriors: Tensor, targets: Tensor, k: int) -> float:
-    """Fraction of images whose true class is not in the top ``k`` (see :func:`topk_correct` for ties)."""
+    """Fraction of images whose true class is not in the top ``k`` (see :func:`topk_correct` for ties); over no
+    image there is none (a :class:`ValueError`)."""
+    if len(targets) == 0:
+        raise ValueError("a top-k error over no image")
     return 1.0 - topk_correct(posteriors, targets, k).mean().item()
 
 

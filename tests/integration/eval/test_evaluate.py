@@ -660,6 +660,30 @@ def test_nets_of_the_same_classes_in_another_order_fuse_class_by_class(folder, c
     assert "the nets to fuse predict different classes" in capsys.readouterr().err
 
 
+def test_scales_from_python_are_an_ordered_list_of_whole_numbers():
+    from verydeep.options import whole_scales
+
+    assert whole_scales(np.array([256, 384])) == whole_scales(torch.tensor([256, 384])) == [256, 384]
+    for single in (256, np.int64(256), np.array(256), bytearray(b"ab")):
+        with pytest.raises(TypeError, match="--scales: expected a list, got the single"):
+            whole_scales(single)
+    with pytest.raises(TypeError, match="expected an ordered list, got a set"):
+        whole_scales({512, 256})
+    for value in ([True], [256.0], [torch.tensor(True)]):
+        with pytest.raises(UserError, match="--scales must be a whole number"):
+            whole_scales(value)
+
+
+def test_topk_takes_any_integer_targets_and_refuses_a_k_below_one_or_no_image():
+    posteriors = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    assert topk_error(posteriors, torch.tensor([1, 0], dtype=torch.uint8), 1) == 0.0
+    for k in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="k must be a whole number of at least 1"):
+            topk_correct(posteriors, torch.tensor([1, 0]), k)
+    with pytest.raises(ValueError, match="over no image"):
+        topk_error(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), 1)
+
+
 def test_a_class_name_matches_exactly_before_case_aside_and_a_shared_name_is_refused():
     from verydeep.eval.classmap import columns_of
 
@@ -673,3 +697,6 @@ def test_a_class_name_matches_exactly_before_case_aside_and_a_shared_name_is_ref
         columns_of(net_classes, net_names, ["crane"], ["crane"], "x")
     with pytest.raises(UserError, match="the data's class CARDIGAN .* is named as 2"):
         columns_of(net_classes, net_names, ["CARDIGAN"], ["CARDIGAN"], "x")
+    decomposed = "chain\u0301  saw"  # as macOS names folders (the accent apart), with a double space
+    assert columns_of(["a", "b"], ["chain\u0301 saw", "x"], [decomposed], [decomposed], "x") == (0,)
+    assert columns_of(["a", "b"], ["café", "x"], ["cafe\u0301"], ["cafe\u0301"], "x") == (0,)

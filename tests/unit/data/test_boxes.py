@@ -152,6 +152,8 @@ def test_tiny_imagenets_own_box_files_as_downloaded_are_its_roots_default_boxes(
     annotations.write_text("val_0.JPEG\t1\t2\t3\t4\n")
     with pytest.raises(UserError, match=r"val_annotations.txt:1: expected 'file wnid xmin ymin xmax ymax'"):
         read_boxes(root)
+    annotations.write_text("my photo.JPEG\tn01629819\t1\t2\t3\t4\t\r\n")  # tab-separated: spaces in a name
+    assert read_boxes(root)["val/images/my photo.JPEG"][0].corners == (1, 2, 4, 5)
 
 
 def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_path(tmp_path):

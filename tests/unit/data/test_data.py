@@ -36,7 +36,7 @@ from verydeep.data import (
     save_preprocess,
     to_input,
 )
-from verydeep.data.datasets import IMAGE_EXTENSIONS
+from verydeep.data.datasets import IMAGE_EXTENSIONS, kaggle_download
 from verydeep.data.decode import ImageFile, decode, image_size, load_region, resample, to_tensor
 from verydeep.data.preprocess import pca_shift
 from verydeep.data.transforms import render
@@ -394,6 +394,8 @@ def test_a_split_of_class_folders_one_named_train_is_that_split_not_a_dataset_of
         folder = tmp_path / "c100" / split
         assert find_split(folder, "train") == find_split(folder, "val") == folder
         assert ImageFolder(folder, None).classes == ["bicycle", "bus", "train"] and len(ImageFolder(folder, None)) == 6
+    make_tree(tmp_path / "flat", {"val": [(8, 8)], "n01": [(8, 8)]})  # a flat val/ is ILSVRC's, never a class
+    assert find_split(tmp_path / "flat", "val") == tmp_path / "flat" / "val"
     make_tree(tmp_path / "loose" / "train", {"a": [(8, 8)], "b": [(8, 8)]})  # a split beside a flat folder
     make_tree(tmp_path / "loose", {"ILSVRC2012_img_val": [(8, 8)]})
     with pytest.raises(MissingFileError, match="has train but no val or test"):
@@ -504,6 +506,7 @@ def test_kaggles_download_as_unpacked_finds_its_ground_truth_and_names_at_its_to
     val = open_split(find_split(split, "val"), None)
     assert val.targets == [1, 0] and val.class_names == ["tench, Tinca", "goldfish"]
     assert ImageFolder(find_split(split, "train"), None).class_names == ["tench, Tinca", "goldfish"]
+    assert kaggle_download(split) == kaggle_download(split / "val") == [top]  # CLS-LOC itself too
     (top / "LOC_val_solution.csv").rename(tmp_path / "elsewhere.csv")  # no download's top: as before
     with pytest.raises(MissingFileError, match="no ground-truth file"):
         open_split(find_split(split, "val"), None)
