@@ -13,9 +13,7 @@ next index after the 3x3 convs of its block (``features.14`` is C's ``conv3_3``,
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +24,7 @@ from verydeep.nn import configs
 from verydeep.nn.configs import FC_WIDTH, LRN_PARAMS
 from verydeep.nn.fused import run_trunk, trunk_outputs
 from verydeep.nn.init import initialise
+from verydeep.runtime.limits import is_finite, is_whole
 
 
 def scaled(channels: int, width: float) -> int:
@@ -176,17 +175,13 @@ HEAD_NAMES = ["fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8"]
 def check_arguments(num_classes: int, width: float, dropout: float, input_size: int) -> None:
     """A :class:`UserError` naming the first argument of :class:`VGG` that could build no net, or a net that
     fails only later: a count that is not a whole number, a width or dropout that is not a number in range."""
-    def number(value: Any) -> bool:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+    if not is_whole(num_classes) or num_classes < 1:
         raise UserError(f"num_classes must be a whole number, at least 1; got {num_classes!r}")
-    if (isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral) or input_size < 32
-            or input_size % 32):
+    if not is_whole(input_size) or input_size < 32 or input_size % 32:
         raise UserError(f"input_size must be a multiple of 32 (five 2x2 poolings); got {input_size!r}")
-    if not number(width) or width <= 0:
+    if not is_finite(width) or width <= 0:
         raise UserError(f"width must be positive and finite; got {width!r}")
-    if not number(dropout) or not 0 <= dropout < 1:
+    if not is_finite(dropout) or not 0 <= dropout < 1:
         raise UserError(f"dropout must be a probability from 0 to below 1; got {dropout!r}")
 
 
