@@ -240,9 +240,8 @@ class TrainConfig:
         """A value of a structured field (``scale``, ``milestones``, ``preprocess``) given as its flag gives it
         (``"256:512"``, ``"30,60"``, a file) is parsed as the flag's; a bad one is a :class:`UserError`."""
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type.removesuffix(" | None") not in KINDS and f.metadata["parse"] and value is not None:
-                setattr(self, f.name, f.metadata["parse"](value))
+            if structured(f) and getattr(self, f.name) is not None:
+                setattr(self, f.name, parsed(f, getattr(self, f.name)))
 
     def check_each(self) -> None:
         """Raise :class:`UserError` naming the first option that is bad on its own (type, bounds, choices)."""
@@ -365,15 +364,27 @@ def make_config(settings: dict[str, Any]) -> TrainConfig:
     known = {f.name: f for f in fields(TrainConfig)}
     values = {}
     for key, value in settings.items():
-        if key in known:
-            parse = known[key].metadata["parse"]
-            try:
-                values[key] = parse(value) if parse is not None and value is not None else value
-            except (TypeError, ValueError) as error:
-                if isinstance(error, UserError):
-                    raise
-                raise UserError(f"{flag_name(known[key])}: not a valid value: {value!r}") from None
+        if key in known:  # a structured field is parsed by TrainConfig itself
+            f = known[key]
+            values[key] = parsed(f, value) if f.metadata["parse"] and not structured(f) and value is not None \
+                else value
     return TrainConfig(**values)
+
+
+def structured(f: Field) -> bool:
+    """Whether the field holds a value of its own type (a scale, milestones, a preprocess), which its
+    parser makes from the flag's text."""
+    return f.type.removesuffix(" | None") not in KINDS and f.metadata["parse"] is not None
+
+
+def parsed(f: Field, value: Any) -> Any:
+    """``value`` parsed by the field's parser; one it cannot parse is a :class:`UserError` naming its flag."""
+    try:
+        return f.metadata["parse"](value)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, UserError):
+            raise
+        raise UserError(f"{flag_name(f)}: not a valid value: {value!r}") from None
 
 
 # ---- recipes ----------------------------------------------------------------------------------
