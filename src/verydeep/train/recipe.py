@@ -574,7 +574,7 @@ def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str
         if name in given:
             return flag_of(name)
         if name in recipe:
-            return f"--recipe {given['recipe']}'s {name}"
+            return recipe_origin(given["recipe"], name)
         return f"{stored_settings_file(given['out'])}'s {name}"
     return {name: origin(name) for name in settings}
 
@@ -586,8 +586,13 @@ def with_recipe(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
     recipe = read_recipe(cfg.recipe) if cfg.recipe else {}
     set_here = changed_settings(cfg)
     settings = recipe | {name: getattr(cfg, name) for name in set_here}
-    origins = {name: f"--recipe {cfg.recipe}'s {name}" for name in recipe} | {name: flag_of(name) for name in set_here}
+    origins = {name: recipe_origin(cfg.recipe, name) for name in recipe} | {name: flag_of(name) for name in set_here}
     return make_config(settings), origins
+
+
+def recipe_origin(recipe: str, name: str) -> str:
+    """How an error names a setting a recipe gave: ``--recipe s384's config``."""
+    return f"--recipe {recipe}'s {name}"
 
 
 def refuse_plateau_flags_beside_milestones(settings: dict[str, Any], given: dict[str, Any]) -> None:

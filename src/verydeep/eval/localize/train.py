@@ -31,7 +31,8 @@ def run_train(args: argparse.Namespace) -> None:
 
     given = {key: value for key, value in vars(args).items() if key not in ("command", "action", "func", "head",
                                                                              "boxes", "targets")}
-    settings = {**({} if given.get("resume") else PAPER_DEFAULTS), **settings_from_flags(given)}
+    flagged = settings_from_flags(given)
+    settings = {**({} if given.get("resume") else PAPER_DEFAULTS), **flagged}
     resumed = given["out"] if given.get("resume") and given.get("out") else None
     stored = stored_settings(resumed) if resumed else {}
     where = stored_settings_file(resumed) if stored else None
@@ -44,7 +45,7 @@ def run_train(args: argparse.Namespace) -> None:
         raise UserError(f"--targets {targets}: {resumed} was trained with {trained_with} targets; "
                         "start a new run to change them")
     cfg = make_config(settings)
-    explicit = set(settings_from_flags(given))  # not PAPER_DEFAULTS: --weights decide what the user left open
+    explicit = set(flagged)  # not PAPER_DEFAULTS: --weights decide what the user left open
     recorded = stored.get("boxes") if stored.get("boxes") and Path(stored["boxes"]).exists() else None
     if recorded and getattr(args, "boxes", None) and not same_boxes(Path(args.boxes), Path(recorded)):
         raise UserError(f"--boxes {args.boxes}: {resumed} was trained on the boxes of {recorded}, which are still "
