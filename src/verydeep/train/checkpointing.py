@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock
-    fcntl = None  # type: ignore[assignment]
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +34,11 @@ from verydeep.runtime.processes import Processes
 from verydeep.runtime.sharding import failing_together
 from verydeep.train.data import TrainingData
 from verydeep.train.recipe import TrainConfig, flag_name
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None  # type: ignore[assignment]
 
 #: Run-record keys that must agree for ``resume`` to continue a run.
 ARCH_KEYS = ("config", "batch_norm", "width", "num_classes", "outputs", "crop", "task")

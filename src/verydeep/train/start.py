@@ -37,13 +37,18 @@ def from_weights(cfg: TrainConfig) -> tuple[str, ...]:
     return FROM_WEIGHTS[1:] if cfg.warm_start else FROM_WEIGHTS
 
 
+def by_flag(given: Mapping[str, str], name: str) -> bool:
+    """Whether the setting ``name`` was given by its flag (not by a recipe or a stored run)."""
+    return given.get(name) == flag_of(name)
+
+
 def refuse_contradictions(cfg: TrainConfig, given: Mapping[str, str], source: dict[str, Any]) -> None:
     """The weights decide the architecture (:func:`from_weights`): a setting given (``given`` maps it to
     where it came from: its flag, a recipe) that says otherwise is a :class:`UserError` naming both."""
     for name in from_weights(cfg):
         if name in given and getattr(cfg, name) != source[name]:
             flag = flag_of(name)
-            remedy = f"drop {flag}" if given[name] == flag else f"give {flag} {source[name]}"
+            remedy = f"drop {flag}" if by_flag(given, name) else f"give {flag} {source[name]}"
             advice = (f"with --warm-start the weights still decide it (the layers copied keep theirs): {remedy}"
                       if cfg.warm_start else "the architecture comes from the weights; to copy net A's layers into "
                       f"another configuration give --warm-start (Sec. 3.1), else {remedy}")
@@ -106,7 +111,7 @@ def input_size(cfg: TrainConfig, given: Mapping[str, str], source: dict[str, Any
     crop than the default 224 their training scales unless ``--scale`` is given: the default S of 256
     belongs to the 224 crop, a net of 32-pixel crops was trained at its own (the cifar10 recipe's 36:73).
     A recipe's crop other than the weights' is a :class:`UserError`: FC6 would start anew unasked."""
-    if "crop" in given and given["crop"] != "--crop" and source.get("crop") and cfg.crop != source["crop"]:
+    if "crop" in given and not by_flag(given, "crop") and source.get("crop") and cfg.crop != source["crop"]:
         raise UserError(f"{given['crop']} {cfg.crop} is not the crop of --weights {cfg.weights} ({source['crop']}), "
                         f"so FC6 would not be copied: give --crop {source['crop']} to keep it, or --crop {cfg.crop} "
                         "to train FC6 anew")
