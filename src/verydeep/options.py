@@ -86,9 +86,6 @@ def _checked(kind: Callable[[str], float], accept: Callable[[float], bool], desc
 
 #: ``type=`` for a count that must be at least 1 (sizes, epochs, limits).
 positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
-#: ``type=`` for a number of images two nets are compared on, image by image (the paired test).
-paired_count = _checked(int, lambda value: value >= 2, "an integer of at least 2 (the paired test compares nets "
-                        "image by image)")
 #: ``type=`` for a count that may be 0 (worker processes).
 natural_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 #: ``type=`` for a finite number > 0 (width multipliers).

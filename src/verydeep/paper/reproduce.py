@@ -29,7 +29,6 @@ from verydeep.options import (
     add_workers,
     argument_type,
     output_dir,
-    paired_count,
     positive_int,
     width_multiplier,
 )
@@ -122,7 +121,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--limit-train", type=positive_int, default=None,
                    help="train on at most N images, a class-balanced subset")
-    p.add_argument("--limit-test", type=paired_count, default=None,
+    p.add_argument("--limit-test", type=positive_int, default=None,
                    help="test on at most N images (2 at least: the paired test), a class-balanced subset")
     add_workers(p)
     add_device(p)
