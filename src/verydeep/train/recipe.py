@@ -569,13 +569,14 @@ def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str
     """Where each of ``settings`` (:func:`settings_from_flags`) came from, as an error names it: its flag
     (``--config``), the recipe's key (``--recipe s384's config``) or the stored run's."""
     recipe = read_recipe(given["recipe"]) if given.get("recipe") else {}
+    stored = stored_settings_file(given["out"]) if given.get("resume") and given.get("out") else None
 
     def origin(name: str) -> str:
         if name in given:
             return flag_of(name)
         if name in recipe:
             return recipe_origin(given["recipe"], name)
-        return f"{stored_settings_file(given['out'])}'s {name}"
+        return f"{stored}'s {name}"
     return {name: origin(name) for name in settings}
 
 
