@@ -40,6 +40,7 @@ from verydeep.eval.descriptors import (
 from verydeep.eval.feature_passes import Settings, run_passes
 from verydeep.eval.feature_store import Features, Partial, extraction_key
 from verydeep.eval.image_sets import ImageSet, loaded_batches, open_image_set
+from verydeep.io.atomic import remove_temp_files
 from verydeep.options import (
     add_device,
     add_precision,
@@ -74,8 +75,7 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
     state = Partial.start(key, nets, settings.scales, len(images.paths))
     if partial_path is not None:
         if Processes.from_env().main:  # a save that a kill cut short left its temporary file
-            for stale in Path(out).parent.glob(f".{Path(out).name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+            remove_temp_files(Path(out).parent, of=Path(out).name)
         state = Partial.resume(partial_path, state)
     run_passes(nets, images, state, settings, partial_path)
     keep = np.array([path not in state.skipped for path in images.paths])

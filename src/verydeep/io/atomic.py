@@ -64,9 +64,11 @@ def atomic_write(path: str | Path, write: Any) -> Path:
     return path
 
 
-def remove_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temporary files that writes cut short by a crash left in ``folder``."""
-    stale = sorted(Path(folder).glob(TEMP_PATTERN)) if Path(folder).is_dir() else []
+def remove_temp_files(folder: str | Path, of: str | None = None) -> list[Path]:
+    """Delete the temporary files that writes cut short by a crash left in ``folder``: all of them, or only those
+    of the writes of the file named ``of`` (a folder shared with other commands' writes)."""
+    pattern = TEMP_PATTERN if of is None else f".{of}.*.tmp"
+    stale = sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
