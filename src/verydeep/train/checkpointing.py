@@ -141,6 +141,9 @@ class Checkpoints:
         if kept:  # a run whose last.pt is gone: its other weights are still a run's, not to be cleared unasked
             raise UserError(f"--out {run_dir} holds a run's weights ({kept[0].relative_to(run_dir)}), though not "
                             "checkpoints/last.pt to resume from: start anew with --overwrite, or give another --out")
+        if self.paths.metrics.is_file() and not self.paths.record.is_file():  # a log not of a run: not appended to
+            raise UserError(f"--out {run_dir} holds {self.paths.metrics.name} but no run record: start anew with "
+                            "--overwrite, or give another --out")
 
     def clear(self, cfg: TrainConfig) -> None:
         """For a new run, once every setting and the data have been checked (a run refused leaves the old one as

@@ -1,5 +1,6 @@
 """A run's log: one JSON record a line in ``metrics.jsonl`` (each step, each epoch), and with
-``--tensorboard`` the same figures as TensorBoard scalars in ``tensorboard/``; an epoch's peak memory."""
+``--tensorboard`` the same figures as TensorBoard scalars in ``tensorboard/``, a view of ``metrics.jsonl``
+written anew whenever logging opens; an epoch's peak memory."""
 
 from __future__ import annotations
 
@@ -28,14 +29,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def tensorboard_writer(log_dir: Path, purge_step: int | None) -> Any:
-    """TensorBoard's writer (``pip install 'verydeep[tensorboard]'``); the events of steps from ``purge_step``
-    on, which a resumed run logs again, are dropped."""
+def tensorboard_writer(log_dir: Path) -> Any:
+    """TensorBoard's writer (``pip install 'verydeep[tensorboard]'``) into ``log_dir``, whose earlier event files
+    are removed first (TensorBoard's files only): the records they held are written again from ``metrics.jsonl``.
+    Purging by step could not do it: an epoch's record shares its step with the epoch's last step record, so a
+    run resumed from that step logs the epoch again but not the step."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
         raise UserError("--tensorboard needs the tensorboard package: pip install 'verydeep[tensorboard]'") from error
-    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    for events in log_dir.glob("events.out.tfevents.*"):
+        events.unlink()
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 class MetricsLog:
@@ -45,10 +50,16 @@ class MetricsLog:
         self.path, self.main, self.tensorboard = RunDir(run_dir).metrics, main, tensorboard
         self.writer: Any = None
 
-    def open(self, step: int) -> None:
-        """Start logging at global step ``step`` (0, or where a resumed run continues)."""
-        if self.main and self.tensorboard:
-            self.writer = tensorboard_writer(RunDir(self.path.parent).tensorboard, step + 1 if step else None)
+    def open(self) -> None:
+        """Start logging (a new run, or a resumed one after :meth:`truncate`): with ``--tensorboard`` its
+        scalars are written anew from the records ``metrics.jsonl`` holds, a run's earlier epochs included."""
+        if not (self.main and self.tensorboard):
+            return
+        self.writer = tensorboard_writer(RunDir(self.path.parent).tensorboard)
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                self._scalars(json.loads(line), flush=False)
+            self.writer.flush()
 
     def append(self, **values: Any) -> None:
         if not self.main:
@@ -62,7 +73,7 @@ class MetricsLog:
         if self.writer is not None:
             self._scalars(values)
 
-    def _scalars(self, record: dict[str, Any]) -> None:
+    def _scalars(self, record: dict[str, Any], flush: bool = True) -> None:
         tags = STEP_SCALARS if record["kind"] == "step" else EPOCH_SCALARS
         named = {tag: record.get(key) for key, tag in tags.items()}
         if record["kind"] == "epoch":
@@ -70,7 +81,8 @@ class MetricsLog:
         for tag, value in named.items():
             if isinstance(value, int | float):
                 self.writer.add_scalar(tag, value, record["step"])
-        self.writer.flush()
+        if flush:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

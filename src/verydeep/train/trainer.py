@@ -115,7 +115,7 @@ class Trainer:
         refuse_idle_step_flags(self.cfg, self.sampler.steps_per_epoch, self.step, self.run_dir)
         self.checkpoints.clear(self.cfg)  # all checked: a refused run leaves an old one in --out as it was
         if not self.cfg.resume:
-            self.metrics.open(0)
+            self.metrics.open()
         self.log(f"{self.model.name} width={self.cfg.width:g} on {self.device} x{procs.world}, {self.how}; "
                  f"{len(self.data.train_indices)} training images, {len(self.data.val_indices)} validation "
                  f"images, {self.sampler.steps_per_epoch} steps of {self.cfg.batch_size} per epoch "
@@ -219,7 +219,7 @@ class Trainer:
         if self.cfg.micro_batch is None:  # the micro-batch it was trained with (fitted, or the whole batch)
             self.micro_batch = min(state.get("micro_batch", self.local_batch), self.local_batch)
         self.metrics.truncate(self.step, self.epoch, self.warn)
-        self.metrics.open(self.step)
+        self.metrics.open()
         self.checkpoints.export_best()
         if state["world"] != self.procs.world:
             self.log(f"resuming {state['world']} processes' run on {self.procs.world}: global RNG streams reseeded")

@@ -51,3 +51,40 @@ def test_a_new_run_in_the_folder_of_an_old_one_logs_only_its_own_steps(data, tmp
 def test_without_the_flag_nothing_is_written(data, tmp_path):
     train(tiny(data, tmp_path, epochs=1))
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_an_epoch_logged_again_after_a_resume_at_its_last_step_is_shown_once(tmp_path):
+    """A crash after an epoch's record but before its checkpoint, resumed from a checkpoint at the epoch's last
+    step: the epoch is logged again at the step its first record had (the step itself is not logged again)."""
+    from verydeep.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, main=True, tensorboard=True)
+    log.open()
+    for step in (1, 2):
+        log.append(kind="step", epoch=1, step=step, loss=2.0 / step, lr=0.1, img_s=10.0)
+    log.append(kind="epoch", epoch=1, step=2, train_loss=1.5, val_top1=0.40)
+    log.close()
+    log.truncate(step=2, epoch=0, warn=print)  # the checkpoint: step 2, epoch 1 not finished
+    log.open()
+    log.append(kind="epoch", epoch=1, step=2, train_loss=1.5, val_top1=0.40)
+    log.close()
+    logged = scalars(tmp_path)
+    assert logged["val/top1"] == [(2, pytest.approx(0.40))]
+    assert [step for step, _ in logged["train/loss"]] == [1, 2]
+
+
+def test_tensorboard_turned_on_at_a_resume_shows_the_whole_run(data, tmp_path):
+    train(tiny(data, tmp_path, epochs=2, stop_after_steps=5, checkpoint_every=3))
+    train(tiny(data, tmp_path, epochs=2, tensorboard=True, resume=True))
+    logged = scalars(tmp_path)
+    assert [step for step, _ in logged["train/loss"]] == list(range(1, 9))
+    assert len(logged["val/top1"]) == 2
+
+
+def test_a_folder_with_a_log_but_no_run_is_not_appended_to(data, tmp_path, capsys):
+    from verydeep.errors import UserError
+
+    (tmp_path / "metrics.jsonl").write_text("my notes\n")
+    with pytest.raises(UserError, match="metrics.jsonl but no run record"):
+        train(tiny(data, tmp_path, epochs=1))
+    assert (tmp_path / "metrics.jsonl").read_text() == "my notes\n"
