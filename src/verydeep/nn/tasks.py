@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,6 +57,10 @@ class Task(ABC):
         training split alone (validation is then held out of it: :meth:`held_out`)."""
         train_set = ImageFolder(find_split(data, "train"), train)
         return train_set, None if val is None else open_split(find_split(data, "val"), val)
+
+    def fit(self, train_set: LabelledImages, indices: Sequence[int]) -> None:  # noqa: B027 (a hook)
+        """Learn what the targets need from the images training reads, ``train_set``'s at ``indices`` (once
+        ``--val-split`` and ``--limit-train`` have taken theirs out); by default nothing."""
 
     def held_out(self, train_set: LabelledImages, val: Transform) -> LabelledImages:
         """The training images read as validation reads them, through ``val`` (``--val-split``)."""

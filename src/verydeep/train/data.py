@@ -91,6 +91,7 @@ class TrainingData:
         if len(self.train_indices) < cfg.batch_size:
             raise UserError(f"{cfg.data}: {len(self.train_indices)} training images, fewer than --batch-size "
                             f"{cfg.batch_size}")
+        task.fit(self.train_set, self.train_indices)
 
     @property
     def classes(self) -> list[str]:

@@ -140,7 +140,8 @@ def test_the_task_trains_from_a_classification_net_and_validates_protocol_one(bo
     other = tmp_path / "other-boxes.txt"
     other.write_text("".join(f"{p.relative_to(root).as_posix()} 0 0 20 20\n" for p in sorted(root.rglob("*.png"))))
     task = task_of(state["recipe"], other)
-    task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
+    train_set, _ = task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
+    task.fit(train_set, range(len(train_set)))
     assert task.code_mean.tolist() == state["recipe"]["box_code_mean"]
 
 
@@ -456,7 +457,8 @@ def test_the_box_statistics_come_from_exactly_the_boxes_trained_on(tmp_path):
     lines += [f"{p.relative_to(root).as_posix()} 0 0 9 9" for p in sorted(root.glob("val/*/*.png"))]
     (root / "boxes.txt").write_text("\n".join(lines) + "\n")
     task = Localisation("scr")
-    task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
+    train_set, _ = task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
+    task.fit(train_set, range(len(train_set)))
     used = [[2 + i, 3, 21 + i, 31] for i in range(1, len(images) - 1)] + [[10, 5, 44, 40]]
     # in the central crop: the 40-pixel square from x = 2 of each 44 x 40 image, in its sides
     in_crop = (torch.tensor(used, dtype=torch.float32) - torch.tensor([2.0, 0, 2, 0])) / 40

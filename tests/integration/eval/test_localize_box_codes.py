@@ -59,6 +59,7 @@ def test_the_standardisation_fits_the_crops_training_draws(tmp_path, scale):
     data = flat_boxes(tmp_path / "data")
     task = Localisation("scr", seed=7)
     train_set, _ = task.open_splits(str(data), TrainTransform(32, scale), CenterCropTransform(36, 32))
+    task.fit(train_set, range(len(train_set)))
     samples = SeededSamples(train_set, 7, IMAGENET, 0.0)
     drawn = torch.stack([encode(samples[epoch, index][0].boxes[0], 32.0) for epoch in range(4)
                          for index in range(len(train_set))])
@@ -69,7 +70,8 @@ def test_the_standardisation_fits_the_crops_training_draws(tmp_path, scale):
     jittered = scale[0] < scale[1]
     assert (task.code_std > 1.5 * MIN_CODE_STD).tolist() == [True, True, jittered, jittered]
     again = Localisation("scr", seed=7)
-    again.open_splits(str(data), TrainTransform(32, scale), CenterCropTransform(36, 32))
+    again.fit(*again.open_splits(str(data), TrainTransform(32, scale), CenterCropTransform(36, 32))[:1],
+              range(len(train_set)))
     assert torch.equal(again.code_mean, task.code_mean) and torch.equal(again.code_std, task.code_std)
 
 
@@ -86,3 +88,44 @@ def test_validation_held_out_of_training_keeps_its_boxes(tmp_path, capsys):
     record = json.loads((run / "recipe.json").read_text())
     assert record["validation"]["held_out_of_training"] and record["validation"]["images"] == 2
     assert record["training"]["images"] == 10 and 0 <= summary["best"] <= 100
+
+
+def boxes_of_growing_width(root: Path, per_class: int = 6) -> dict[str, float]:
+    """Square noise JPEGs of 48 pixels in two classes, image i's box 8 + 6 i pixels wide (its full height);
+    returns each training image's box width in image sides, by path within the data."""
+    rng = np.random.default_rng(1)
+    lines, widths = [], {}
+    for split, count in (("train", per_class), ("val", 2)):
+        for name in ("car", "boat"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+                lines.append(f"{split}/{name}/{i}.jpg 0 0 {7 + 6 * i} 47")
+                if split == "train":
+                    widths[f"{name}/{i}.jpg"] = (8 + 6 * i) / 48
+    (root / "boxes.txt").write_text("\n".join(lines) + "\n")
+    return widths
+
+
+@pytest.mark.parametrize("held", [["--val-split", "4"], ["--limit-train", "4"]])
+def test_the_standardisation_is_fitted_on_the_images_trained_on_only(tmp_path, capsys, held):
+    """Held-out validation images (``--val-split``) and images ``--limit-train`` leaves out shape no target."""
+    data = tmp_path / "data"
+    widths = boxes_of_growing_width(data)
+    common = ["--crop", "32", "--scale", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device",
+              "cpu", "--no-progress"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "cls"), "--width", "0.125", *common]) == 0
+    run = tmp_path / "loc"
+    assert main(["localize", "train", "--data", str(data), "--weights", str(tmp_path / "cls"), "--out", str(run),
+                 *held, *common]) == 0
+    record = json.loads((run / "recipe.json").read_text())
+    if held[0] == "--val-split":
+        left_out = set(record["validation"]["paths"])
+    else:  # the first two images of each class, round-robin over the classes
+        left_out = {f"{name}/{i}.jpg" for name in ("car", "boat") for i in range(2, 6)}
+    trained = [width for path, width in widths.items() if path not in left_out]
+    assert len(trained) == (8 if held[0] == "--val-split" else 4)
+    # at S = crop on square images every crop is the whole image: a box's width code is its width in image sides
+    assert record["box_code_mean"][2] == pytest.approx(np.mean(trained), abs=1e-4)
+    assert record["box_code_mean"][2] != pytest.approx(np.mean(list(widths.values())), abs=0.01)

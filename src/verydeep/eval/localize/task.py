@@ -98,11 +98,14 @@ class Localisation(Task):
     def open_splits(self, data: str, train: Transform, val: Transform | None
                     ) -> tuple[LabelledImages, LabelledImages | None]:
         train_set, val_set, matched = self.matched_splits(data, train, val)
-        train_set = with_boxes(train_set, matched, train)
-        if self.target_kind == "standardised" and not self.fitted:  # from the targets trained on: crops' boxes
-            codes = training_codes(train_set, self.seed)
+        return with_boxes(train_set, matched, train), None if val is None else with_boxes(val_set, matched, val)
+
+    def fit(self, train_set: LabelledImages, indices: Sequence[int]) -> None:
+        """Standardised targets: the mean and spread of the codes of the crops training draws from the images
+        at ``indices`` (never a held-out validation image's), unless the net's own are kept."""
+        if self.target_kind == "standardised" and not self.fitted:
+            codes = training_codes(train_set, self.seed, indices)
             self.code_mean, self.code_std = codes.mean(dim=0), codes.std(dim=0).clamp(min=MIN_CODE_STD)
-        return train_set, None if val is None else with_boxes(val_set, matched, val)
 
     def open_for_eval(self, data: str, transform: Transform, unreadable: Callable[[Path], Exception] | None = None,
                       ) -> tuple[LabelledImages | None, LabelledImages]:
@@ -166,17 +169,20 @@ class Localisation(Task):
         return [100.0 * float(wrong(boxes, targets[:, :, 1:]).sum())]
 
 
-def training_codes(images: LabelledImages, seed: int, draws: int = CODE_SAMPLE) -> Tensor:
+def training_codes(images: LabelledImages, seed: int, indices: Sequence[int] | None = None,
+                   draws: int = CODE_SAMPLE) -> Tensor:
     """The codes (N, 4) of the first box of at least ``draws`` training crops of ``images`` (read through a
-    :class:`~verydeep.data.boxes.BoxedTransform`), each drawn as training draws it: image ``i``'s crop in epoch
-    ``e`` from the :data:`~verydeep.data.sampling.Stream.AUGMENT` generator of ``(seed, e, i)``. The images are
-    every one, or an even stride of them where there are more than ``draws``; epochs 0, 1, ... until ``draws``
-    crops. Only the crops' plans are drawn, from the files' headers; no image is decoded."""
+    :class:`~verydeep.data.boxes.BoxedTransform`) at ``indices`` (default all), each drawn as training draws
+    it: image ``i``'s crop in epoch ``e`` from the :data:`~verydeep.data.sampling.Stream.AUGMENT` generator of
+    ``(seed, e, i)``. The images are every one, or an even stride of them where there are more than ``draws``;
+    epochs 0, 1, ... until ``draws`` crops. Only the crops' plans are drawn, from the files' headers; no image
+    is decoded."""
     transform = images.transform
     if not isinstance(transform, BoxedTransform):
         raise UserError("localisation needs images with boxes (a dataset opened by the task)")
+    chosen = list(range(len(images)) if indices is None else indices)
     sizes = images.image_sizes()
-    picked = [i for i in range(0, len(images), math.ceil(len(images) / draws)) if sizes[i] is not None]
+    picked = [i for i in chosen[::max(1, math.ceil(len(chosen) / draws))] if sizes[i] is not None]
     crop, codes = transform.transform, []
     for index in picked:
         path = images.samples[index][0]
