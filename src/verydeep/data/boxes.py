@@ -345,6 +345,12 @@ def decode(codes: Tensor, side: float) -> Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
+def clipped(boxes: Tensor, frames: Tensor) -> Tensor:
+    """Boxes ``(N, 4)`` clipped to their images, whose frames ``(N, 4)`` are in the same units."""
+    low, high = frames[:, :2].repeat(1, 2), frames[:, 2:].repeat(1, 2)
+    return torch.maximum(torch.minimum(boxes, high), low)
+
+
 def iou(a: Tensor, b: Tensor) -> Tensor:
     """Intersection over union of every box of ``a`` (n, 4) with every box of ``b`` (m, 4): (n, m)."""
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])

@@ -61,13 +61,15 @@ def test_greedy_merging_averages_the_closest_boxes_until_none_overlap_enough():
 def boxed_batch() -> Batch:
     nan = float("nan")
     boxes = torch.tensor([[[0.0, 0, 16, 16], [nan] * 4], [[8, 8, 32, 32], [0, 0, 4, 4]]])
-    return Batch(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 2]), [], boxes, torch.zeros(2, 4))
+    frames = torch.tensor([[0.0, 0, 32, 32], [0, 0, 32, 32]])  # each image fills its crop
+    return Batch(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 2]), [], boxes, frames)
 
 
 def test_per_class_regression_learns_the_true_class_box_only():
     task, batch = Localisation("pcr"), boxed_batch()
     targets = task.targets(batch, torch.device("cpu"))
-    assert task.outputs(3) == 12 and targets.shape == (2, 2, 5) and targets[1, 0].tolist() == [2, 0.25, 0.25, 1, 1]
+    assert task.outputs(3) == 12 and targets.shape == (2, 2, 9)
+    assert targets[1, 0].tolist() == [2, 0.25, 0.25, 1, 1, 0, 0, 1, 1]  # class, box, the image's frame
     outputs = torch.zeros(2, 12)
     outputs[0, 0:4] = torch.tensor([0.25, 0.25, 0.5, 0.5])  # image 0, class 0: exactly its box
     outputs[1, 8:12] = torch.tensor([0.625, 0.625, 0.75, 0.75])  # image 1, class 2: exactly its first box
@@ -76,6 +78,17 @@ def test_per_class_regression_learns_the_true_class_box_only():
     outputs[1, 8:12] = 0.0
     assert task.metric_sums(outputs, targets) == [100.0]
     assert Localisation("scr").outputs(3) == 4 and Localisation("scr").predicted(outputs, batch.labels).shape == (2, 4)
+
+
+def test_protocol_one_scores_a_box_clipped_to_its_image():
+    """A box that runs over the image's borders is scored as the part inside it, as protocol 2 scores it."""
+    task = Localisation("scr")
+    frames = torch.tensor([[0.0, 2, 32, 30]])  # the image fills the crop's width, not its height
+    batch = Batch(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.tensor([0]), [], frames[:, None].clone(), frames)
+    over = torch.tensor([[0.5, 0.5, 1.5, 1.5]])  # a box of 48 crop pixels about the centre: the whole image, clipped
+    assert task.metric_sums(over, task.targets(batch, torch.device("cpu"))) == [0.0]  # unclipped, IoU 0.39
+    outside = torch.tensor([[0.5, 1.2, 0.5, 0.2]])  # below the image: nothing of it inside
+    assert task.metric_sums(outside, task.targets(batch, torch.device("cpu"))) == [100.0]
 
 
 def test_standardised_targets_weigh_each_coordinate_by_its_spread_and_decode_back():
@@ -143,6 +156,24 @@ def test_the_task_trains_from_a_classification_net_and_validates_protocol_one(bo
     train_set, _ = task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
     task.fit(train_set, range(len(train_set)))
     assert task.code_mean.tolist() == state["recipe"]["box_code_mean"]
+
+
+def test_protocol_one_clips_the_nets_box_to_the_image_as_the_whole_image_baseline_is(boxed, tmp_path):
+    """A net whose one box runs over every image's borders: clipped, it is the whole image, and it is scored as
+    the whole-image baseline is (every true box here the whole image: IoU 1 clipped, under 0.5 unclipped)."""
+    root, classifier = boxed
+    whole = tmp_path / "whole.txt"
+    whole.write_text("".join(f"{p.relative_to(root).as_posix()} 0 0 43 39\n" for p in sorted(root.rglob("*.png"))))
+    run = tmp_path / "loc"
+    train(tiny(root, run, epochs=1, scale=(32, 32), batch_norm=True, weights=str(classifier)),
+          task=Localisation("scr", boxes=whole))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    mean, std = torch.tensor(state["recipe"]["box_code_mean"]), torch.tensor(state["recipe"]["box_code_std"])
+    state["model"]["classifier.6.weight"].zero_()
+    state["model"]["classifier.6.bias"] = (torch.tensor([0.5, 0.5, 1.5, 1.5]) - mean) / std
+    torch.save(state, tmp_path / "over.pt")
+    result = evaluate_center(tmp_path / "over.pt", root, boxes=whole, progress=False)
+    assert result.whole_image_error == 0.0 and result.localisation_error == 0.0
 
 
 def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from verydeep.data import CenterCropTransform, balanced_subset, collate, to_input
-from verydeep.data.boxes import decode
+from verydeep.data.boxes import clipped, decode
 from verydeep.data.datasets import LabelledImages
 from verydeep.data.loaders import image_loader
 from verydeep.errors import UserError
@@ -96,7 +96,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
             side = batch.images.shape[-1]
             outputs = model(to_input(batch.images.to(dev), pre)).float().cpu()
             labels = batch.labels if to_net is None else to_net[batch.labels]
-            guesses = [decode(task.predicted(outputs, labels), side), batch.frames,
+            guesses = [clipped(decode(task.predicted(outputs, labels), side), batch.frames), batch.frames,
                        *([] if prior is None else [in_frames(prior, batch.frames)])]
             wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
             images += len(batch.images)

@@ -18,6 +18,7 @@ from verydeep.data import Batch
 from verydeep.data.boxes import (
     BoxedTransform,
     PlannedTransform,
+    clipped,
     decode,
     default_boxes,
     encode,
@@ -59,7 +60,8 @@ class Localisation(Task):
     for one box (SCR) or one per class (PCR); Euclidean loss on the ground-truth class's box (the
     first of its boxes); validation: the localisation error (%) of the central crop (protocol 1).
 
-    Targets are (N, M, 5): the image's class, then a box's corners in crop sides (NaN rows pad).
+    Targets are (N, M, 9): the image's class, a box's corners and the image's frame in crop sides (NaN
+    rows pad).
     Standardised targets are fitted on the codes of the training crops (:func:`training_codes`) that the
     run's ``seed`` draws, unless ``code_mean`` and ``code_std`` are given (a trained net's, kept)."""
 
@@ -138,11 +140,13 @@ class Localisation(Task):
         return held
 
     def targets(self, batch: Batch, device: torch.device) -> Tensor:
-        if batch.boxes is None:
+        """(N, M, 9): per box of an image, its class, its corners and the image's frame, in crop sides."""
+        if batch.boxes is None or batch.frames is None:
             raise UserError("localisation needs images with boxes (a dataset opened by the task)")
-        side = batch.images.shape[-1]
-        labels = batch.labels[:, None, None].float().expand(-1, batch.boxes.shape[1], 1)
-        return torch.cat([labels, batch.boxes / side], dim=2).to(device, non_blocking=True)
+        side, boxes = batch.images.shape[-1], batch.boxes.shape[1]
+        labels = batch.labels[:, None, None].float().expand(-1, boxes, 1)
+        frames = batch.frames[:, None, :].float().expand(-1, boxes, 4)
+        return torch.cat([labels, batch.boxes / side, frames / side], dim=2).to(device, non_blocking=True)
 
     def selected(self, outputs: Tensor, labels: Tensor) -> Tensor:
         """The (N, 4) outputs for classes ``labels``: the one box of SCR, the class's box of PCR."""
@@ -161,12 +165,13 @@ class Localisation(Task):
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Euclidean loss between the outputs and the true box's code, standardised when so trained."""
         mean, std = self.code_mean.to(outputs.device), self.code_std.to(outputs.device)
-        wanted = (encode(targets[:, 0, 1:], 1.0) - mean) / std
+        wanted = (encode(targets[:, 0, 1:5], 1.0) - mean) / std
         return F.mse_loss(self.selected(outputs, targets[:, 0, 0]), wanted, reduction="sum")
 
     def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
-        boxes = decode(self.predicted(outputs, targets[:, 0, 0]), 1.0)
-        return [100.0 * float(wrong(boxes, targets[:, :, 1:]).sum())]
+        """Protocol 1's wrong boxes, in %: each predicted box clipped to its image, as protocol 2 clips it."""
+        boxes = clipped(decode(self.predicted(outputs, targets[:, 0, 0]), 1.0), targets[:, 0, 5:])
+        return [100.0 * float(wrong(boxes, targets[:, :, 1:5]).sum())]
 
 
 def training_codes(images: LabelledImages, seed: int, indices: Sequence[int] | None = None,
