@@ -99,10 +99,15 @@ def average_precision(scores: np.ndarray, positives: np.ndarray, kind: str = "ar
 # ---- SVMs -----------------------------------------------------------------------------------
 
 
-def check_folds(counts: dict[str, int], folds: int) -> None:
-    """Stratified ``folds``-fold cross-validation puts a training image of each group (``counts``: a class, or a
-    class's positives or negatives, and its training images) in every fold; else a :class:`UserError`."""
+def check_folds(counts: dict[str, int], folds: int | None) -> None:
+    """Every group (``counts``: a class, or a class's positives or negatives, and its training images) has a
+    training image, and with ``folds`` (None: one C, no cross-validation) one in every fold of stratified
+    cross-validation; else a :class:`UserError`."""
     group, smallest = min(counts.items(), key=lambda item: item[1])
+    if smallest == 0:
+        raise UserError(f"{group}: no training images; the SVMs cannot learn it")
+    if folds is None:
+        return
     if smallest < 2:
         raise UserError(f"{group}: {smallest} training images; choosing C by cross-validation needs at least 2")
     if folds > smallest:
@@ -124,9 +129,10 @@ def fit_svm(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], folds: int, s
     from sklearn.svm import LinearSVC
 
     state = seed % SKLEARN_SEEDS
+    counts = {name: int(np.sum(y == value)) for value, name in enumerate(groups)}
+    check_folds(counts, folds if len(c_grid) > 1 else None)  # one C: no cross-validation
     if len(c_grid) == 1:
         return LinearSVC(C=c_grid[0], max_iter=10_000, random_state=state).fit(x, y), float(c_grid[0])
-    check_folds({name: int(np.sum(y == value)) for value, name in enumerate(groups)}, folds)
     cv = StratifiedKFold(folds, shuffle=True, random_state=state)
     search = GridSearchCV(LinearSVC(max_iter=10_000, random_state=state), {"C": list(c_grid)}, scoring=scoring, cv=cv)
     search.fit(x, y)
@@ -310,8 +316,7 @@ def check_classes_scored(features: Features, folds: int | None, unit: str, score
         units = {"class": "classes"}.get(unit, f"{unit}s") if several else unit
         raise UserError(f"{units} {', '.join(lacking)} lack{'' if several else 's'} positives "
                         f"in a part: the mAP would leave {'them' if several else 'it'} out")
-    if folds is not None:  # None: one C, no cross-validation
-        check_folds(groups, folds)
+    check_folds(groups, folds)
 
 
 def per_class_ap(features: Features, c_grid: Sequence[float], folds: int, seed: int, unit: str = "class",

@@ -144,6 +144,28 @@ def test_an_image_listed_twice_is_refused_naming_it(parts, message):
 
 
 
+@pytest.mark.parametrize("c_grid", [(1,), (0.1, 1)])
+def test_a_class_with_no_training_image_is_refused_whether_or_not_c_is_chosen(c_grid):
+    """Its SVM would never see it, and its recall (0) would count in the mean; one C or a grid alike."""
+    x, labels = clusters(3, 6)
+    splits = ["train", "test"] * 9
+    for i in np.flatnonzero(labels == 2)[::2]:  # class c's training images: moved to the test part
+        splits[i] = "test"
+    with pytest.raises(UserError, match="class c: no training images"):
+        run_caltech(features_of(x, labels, splits, ["a", "b", "c"]), c_grid=c_grid)
+
+
+@pytest.mark.parametrize("c_grid", [(1,), (0.1, 1)])
+def test_a_voc_class_without_training_negatives_is_one_line_whether_or_not_c_is_chosen(c_grid):
+    x, single = clusters(2, 10)
+    labels = np.full((20, 2), NEGATIVE, dtype=np.int8)
+    labels[np.arange(20), single] = POSITIVE
+    splits = ["train", "test"] * 10
+    labels[0::2, 0] = POSITIVE  # every training image holds a cat
+    with pytest.raises(UserError, match="class cat's negatives: no training images"):
+        run_voc(features_of(x, labels, splits, ["cat", "dog"]), c_grid=c_grid)
+
+
 def test_any_seed_torch_takes_is_taken_by_the_svms_too(tmp_path, capsys):
     x, labels = clusters(2, 10)
     stored = features_of(x, labels, [""] * 20, ["a", "b"])
