@@ -518,6 +518,9 @@ def run_cli(args: argparse.Namespace) -> int:
         refuse_with_given_split(flags, source, features.splits)
     elif args.data is not None:
         source = f"--data {args.data}"
+        if args.checkpoint_every is not None and args.out is None:  # the work is saved to OUT.partial
+            raise UserError(f"--checkpoint-every {args.checkpoint_every} saves the work to OUT.partial: give "
+                            "--out OUT.npz, or drop it")
         refuse_with_given_split(flags, source, open_image_set(args.data).splits if flags else [])
         features = features_from_args(args, args.out)
     else:

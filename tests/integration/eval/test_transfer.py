@@ -467,6 +467,17 @@ def test_net_flags_are_refused_beside_raw_pixels_in_transfer(tmp_path, capsys):
     assert main(argv) == 0 and (tmp_path / "f.npz").exists()
 
 
+def test_checkpoint_every_without_out_is_refused_in_transfer(net, tmp_path, capsys):
+    """Without --out the descriptors are never saved, so partial saves have nowhere to go."""
+    for i in range(8):
+        save(photo(16, 16, seed=i), tmp_path / "data" / f"class{i % 2}" / f"{i}.png")
+    argv = ["transfer", "--protocol", "caltech", "--data", str(tmp_path / "data"), "--weights", str(net),
+            "--scales", "32", "--train-per-class", "2", "--folds", "2", "--workers", "0", "--checkpoint-every", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--checkpoint-every 1 saves the work to OUT.partial: give --out OUT.npz" in err
+    assert main([*argv, "--out", str(tmp_path / "f.npz")]) == 0 and (tmp_path / "f.npz").exists()
+
 def test_one_class_is_refused_naming_the_data_and_a_root_of_val_without_train_is_not_read_as_classes(tmp_path,
                                                                                                      capsys):
     for i in range(6):
