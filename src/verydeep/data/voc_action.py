@@ -47,11 +47,13 @@ IMAGE_ID = re.compile(r"[\w.-]+")
 @dataclass(frozen=True)
 class Person:
     """One annotated object of an action annotation: its box values as written (VOC's 1-based inclusive
-    ``xmin ymin xmax ymax``, None when incomplete), difficult flag and action flags (name -> 0 or 1)."""
+    ``xmin ymin xmax ymax``, None when incomplete), difficult flag, action flags (name -> 0 or 1; None without
+    an ``<actions>`` element) and its ``<name>`` (None when it has none)."""
 
     box: tuple[str, str, str, str] | None
     difficult: bool
-    actions: dict[str, int]
+    actions: dict[str, int] | None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,10 @@ def read_persons(path: Path) -> tuple[list[Person], tuple[int, int] | None]:
         odd = next(((tag, value) for tag, value in flags.items() if value not in ("0", "1")), None)
         if odd is not None:
             raise UserError(f"{path}: <{odd[0]}> must be 0 or 1; got {odd[1]!r}")
+        name = obj.findtext("name")
         persons.append(Person(bndbox_values(obj), flags.pop("difficult") == "1",
-                              {tag: int(v) for tag, v in flags.items()}))
+                              None if actions is None else {tag: int(v) for tag, v in flags.items()},
+                              None if name is None else name.strip()))
     return persons, _stated_size(root, path)
 
 
@@ -211,6 +215,15 @@ def part_labels(folder: Path, part: str, actions: list[str]) -> dict[tuple[str, 
     return {pair: [lists[a][pair] for a in actions] for pair in persons}
 
 
+def checked_person(person: Person, where: str, index: int, xml: Path) -> Person:
+    """The object a list line (``where``) names: a person with action flags, else a :class:`UserError`."""
+    if person.name not in (None, "person"):
+        raise UserError(f"{where}: object {index} of {xml} is a {person.name!r}, not a person")
+    if person.actions is None:
+        raise UserError(f"{where}: person {index} of {xml} has no <actions> to check the lists' labels against")
+    return person
+
+
 def person_labels(person: Person, labels: list[tuple[int, str]], actions: list[str], xml: Path) -> np.ndarray:
     """A person's label per action: the lists', checked against the annotation's action flags where both
     say yes or no; 0 throughout for a difficult person."""
@@ -256,7 +269,7 @@ def open_voc_action(root: str | Path) -> VOCActionData:
                                 f"{len(persons)} objects")
             if size is None:
                 continue
-            person = persons[index - 1]
+            person = checked_person(persons[index - 1], listed[0][1], index, xml)
             box = person_box(person.box, size, f"{xml} (person {index})", path)
             samples.append(ActionSample(image_id, index, path, box, size, person.actions.get(OTHER) == 1))
             labels.append(person_labels(person, listed, actions, xml))

@@ -169,6 +169,10 @@ XML1 = Path("Annotations/2010_000001.xml")
      r"reading_val\.txt: no such VOC action list \(the action has lists for other parts\)"),
     (lambda r: (r / "JPEGImages" / "2010_000004.jpg").unlink(),
      r"2010_000004\.jpg: no such image \(annotated in .*2010_000004\.xml\)"),
+    (lambda r: replace_in(r / XML1, "<name>person</name>", "<name>chair</name>"),
+     r"train\.txt:1: object 1 of .*2010_000001\.xml is a 'chair', not a person"),
+    (lambda r: replace_in(r / XML1, "<actions>", "<flags>") or replace_in(r / XML1, "</actions>", "</flags>"),
+     r"train\.txt:1: person 1 of .*2010_000001\.xml has no <actions> to check the lists' labels against"),
 ])
 def test_damaged_or_inconsistent_files_are_one_line_naming_them(tmp_path, damage, message):
     root = write_voc_action(tmp_path / "voc")
