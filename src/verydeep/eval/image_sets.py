@@ -54,7 +54,9 @@ def open_image_set(data: str | Path) -> ImageSet:
         folder = ImageFolder(root, None)
         return ImageSet([str(p) for p, _ in folder.samples], np.array(folder.targets), [""] * len(folder),
                         folder.classes, folder.class_names)
-    train, test = ImageFolder(find_split(root, "train"), None), ImageFolder(find_split(root, "test"), None)
+    # a test split may lack a class's images yet keep its folder, as a validation split may
+    train, test = ImageFolder(find_split(root, "train"), None), ImageFolder(find_split(root, "test"), None,
+                                                                            allow_empty=True)
     if train.classes != test.classes:
         raise UserError(f"{root}: the classes of {train.root.name}/ and {test.root.name}/ differ")
     parts = [("train", train), ("test", test)]

@@ -429,6 +429,20 @@ def test_random_split_flags_are_refused_for_data_with_train_and_test_before_extr
     assert not (tmp_path / "f.npz").exists()
 
 
+def test_a_test_class_folder_without_images_is_described_and_then_named_by_transfer(tmp_path, capsys):
+    """As a validation split may: the descriptors are written; the caltech protocol then refuses to leave the
+    class out of its mean."""
+    for i in range(4):
+        save(photo(16, 16, seed=i), tmp_path / "data" / "train" / f"class{i % 2}" / f"{i}.png")
+    save(photo(16, 16, seed=9), tmp_path / "data" / "test" / "class0" / "9.png")
+    (tmp_path / "data" / "test" / "class1").mkdir()
+    out = tmp_path / "f.npz"
+    assert main(["features", "--raw-pixels", "4", "--data", str(tmp_path / "data"), "--workers", "0",
+                 "--out", str(out)]) == 0
+    assert Features.load(out).splits == ["train"] * 4 + ["test"]
+    assert main(["transfer", "--protocol", "caltech", "--features", str(out), "--c-grid", "1"]) == 2
+    assert "class class1 has no test images" in capsys.readouterr().err
+
 @pytest.mark.parametrize("protocol", ["voc", "voc-action"])
 def test_random_split_flags_are_refused_under_another_protocol(tmp_path, capsys, protocol):
     features = tmp_path / "f.npz"
