@@ -315,12 +315,19 @@ def _plan_affine(size: Size, plan: CropPlan) -> tuple[float, float, float, float
     return sx * dw / w, sy * dh / h, left * w / dw, top * h / dh
 
 
+def _cut_origin(plan: CropPlan) -> Tensor:
+    """The corner offset of the plan's cut of its resampled image (zero without a cut)."""
+    left, top = plan.cut[:2] if plan.cut is not None else (0, 0)
+    return torch.tensor([left, top, left, top], dtype=torch.float32)
+
+
 def to_crop(boxes: Tensor, size: Size, plan: CropPlan) -> Tensor:
     """Boxes ``(n, 4)`` in full-image pixels -> pixels of the crop ``plan`` makes of an image of ``size``."""
     sx, sy, ox, oy = _plan_affine(size, plan)
-    out = (boxes - torch.tensor([ox, oy, ox, oy])) * torch.tensor([sx, sy, sx, sy])
+    out = (boxes - torch.tensor([ox, oy, ox, oy])) * torch.tensor([sx, sy, sx, sy]) - _cut_origin(plan)
     if plan.flip:
-        out = torch.stack([plan.out[0] - out[:, 2], out[:, 1], plan.out[0] - out[:, 0], out[:, 3]], dim=1)
+        width = plan.size[0]
+        out = torch.stack([width - out[:, 2], out[:, 1], width - out[:, 0], out[:, 3]], dim=1)
     return out
 
 
@@ -328,8 +335,9 @@ def from_crop(boxes: Tensor, size: Size, plan: CropPlan) -> Tensor:
     """The inverse of :func:`to_crop`: crop pixels -> full-image pixels."""
     sx, sy, ox, oy = _plan_affine(size, plan)
     if plan.flip:
-        boxes = torch.stack([plan.out[0] - boxes[:, 2], boxes[:, 1], plan.out[0] - boxes[:, 0], boxes[:, 3]], dim=1)
-    return boxes / torch.tensor([sx, sy, sx, sy]) + torch.tensor([ox, oy, ox, oy])
+        width = plan.size[0]
+        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+    return (boxes + _cut_origin(plan)) / torch.tensor([sx, sy, sx, sy]) + torch.tensor([ox, oy, ox, oy])
 
 
 def encode(boxes: Tensor, side: float) -> Tensor:

@@ -37,7 +37,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from verydeep.data.batches import Batch, batch_memory, nhwc_shape
 from verydeep.data.datasets import DECODE_ERRORS, report_skip
 from verydeep.data.decode import ImageFile
-from verydeep.data.transforms import CropPlan, PlannedTransform, render
+from verydeep.data.transforms import CropPlan, PlannedTransform, cut, render
 from verydeep.errors import UserError
 
 #: ``--decode`` values: where JPEGs are decoded ("auto": on the training device if it is CUDA).
@@ -142,17 +142,18 @@ def device_decode(jpegs: list[Tensor], device: torch.device) -> list[Tensor | No
 
 
 def resampled(image: Tensor, plan: CropPlan) -> Tensor:
-    """``plan``'s box (k = 1) of a whole decoded image (3, h, w), any device, at the plan's output size:
-    resampled bilinearly with antialiasing, in float, where the sizes differ; else the box itself (uint8).
+    """``plan``'s box (k = 1) of a whole decoded image (3, h, w), any device, at the plan's output size
+    (resampled bilinearly with antialiasing, in float, where the sizes differ; else the box itself, uint8),
+    then the plan's cut of it.
     Not flipped: :func:`assemble` flips and rounds a whole batch at once."""
     if plan.k != 1:
         raise ValueError(f"resampling on the device needs a plan at full resolution; got k = {plan.k}")
     left, top, right, bottom = plan.box
     region = image[:, top:bottom, left:right]
     w, h = plan.out
-    if region.shape[1:] == (h, w):
-        return region
-    return F.interpolate(region[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+    if region.shape[1:] != (h, w):
+        region = F.interpolate(region[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+    return cut(region, plan.cut)
 
 
 def assemble(images: Sequence[Tensor], flips: Sequence[bool], device: torch.device) -> Tensor:

@@ -8,7 +8,7 @@ the 5x5 grid of crops is cut from batches (:func:`grid_crops`).
 
 Each transform plans first, from the file's header alone (a :class:`CropPlan`: the DCT
 reduction k of a JPEG's decode, a box of whole pixels in that decode, the output size, the
-flip), then has :mod:`verydeep.data.decode` decode and resample only that box. The training
+part of it kept, the flip), then has :mod:`verydeep.data.decode` decode and resample only that box. The training
 crop's plan is :func:`plan_crop`, the one planner of the CPU path and of the device decoder
 (:mod:`verydeep.data.gpu`). Its random numbers come from the ``generator`` passed to the
 transform (torch's global RNG when ``None``), always in the same order: S, the box's left
@@ -33,12 +33,19 @@ from verydeep.runtime.limits import MAX_TEST_PIXELS, check_side
 
 class CropPlan(NamedTuple):
     """What a transform takes from an image: ``box`` (whole pixels of the image decoded at
-    1/``k`` of its size) resampled to ``out`` (w, h), then mirrored if ``flip``."""
+    1/``k`` of its size) resampled to ``out`` (w, h), of which ``cut`` (whole pixels) is kept when
+    given, then mirrored if ``flip``."""
 
     k: int
     box: Box
     out: Size
     flip: bool
+    cut: Box | None = None
+
+    @property
+    def size(self) -> Size:
+        """(w, h) of the image the plan makes."""
+        return self.out if self.cut is None else (self.cut[2] - self.cut[0], self.cut[3] - self.cut[1])
 
 
 # ---- pure steps ---------------------------------------------------------------------------
@@ -119,8 +126,16 @@ def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Ge
 
 def render(file: ImageFile, plan: CropPlan, fast: bool = True) -> Tensor:
     """``plan`` executed on ``file``: its box decoded, resampled and flipped, uint8 (3, h, w)."""
-    out = load_region(file, plan.k, plan.box, plan.out, fast)
+    out = cut(load_region(file, plan.k, plan.box, plan.out, fast), plan.cut)
     return hflip(out) if plan.flip else out
+
+
+def cut(image: Tensor, box: Box | None) -> Tensor:
+    """``box`` (whole pixels) of ``image`` (3, h, w); the whole image for None."""
+    if box is None:
+        return image
+    left, top, right, bottom = box
+    return image[:, top:bottom, left:right]
 
 
 # ---- transforms ---------------------------------------------------------------------------
@@ -191,7 +206,10 @@ class RescaleTransform(PlannedTransform):
 class CenterCropTransform(PlannedTransform):
     """The usual single-crop test: smallest side to ``resize``, central ``crop`` x ``crop``.
 
-    256/224 at ImageNet size; keep the same ratio for small crops (e.g. 36/32 for CIFAR).
+    256/224 at ImageNet size; keep the same ratio for small crops (e.g. 36/32 for CIFAR). The
+    pixels are torchvision's ``Resize(resize)`` then ``CenterCrop(crop)``: the whole image is
+    resampled, then cut. An image that would exceed the test size bound once resampled (a long strip)
+    is resampled from its central square alone, within a pixel of that.
     """
 
     resize: int
@@ -204,7 +222,10 @@ class CenterCropTransform(PlannedTransform):
             raise UserError(f"resize {self.resize} is smaller than the crop {self.crop}")
 
     def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
-        k = reduction(size, resized_size(size, self.resize), reducible)
+        out = resized_size(size, self.resize)
+        k = reduction(size, out, reducible)
+        if out[0] * out[1] <= MAX_TEST_PIXELS:
+            return CropPlan(k, (0, 0, *decoded_size(size, k)), out, False, center_box(out, self.crop))
         box = center_box(decoded_size(size, k), region_side(size, self.resize, self.crop, k))
         return CropPlan(k, box, (self.crop, self.crop), False)
 

@@ -491,8 +491,9 @@ def test_the_box_statistics_come_from_exactly_the_boxes_trained_on(tmp_path):
     train_set, _ = task.open_splits(str(root), CenterCropTransform(32, 32), CenterCropTransform(32, 32))
     task.fit(train_set, range(len(train_set)))
     used = [[2 + i, 3, 21 + i, 31] for i in range(1, len(images) - 1)] + [[10, 5, 44, 40]]
-    # in the central crop: the 40-pixel square from x = 2 of each 44 x 40 image, in its sides
-    in_crop = (torch.tensor(used, dtype=torch.float32) - torch.tensor([2.0, 0, 2, 0])) / 40
+    # in the central crop: each 44 x 40 image resized to 35 x 32, then its 32 pixels from x = 2, in crop sides
+    scale = torch.tensor([35 / 44, 32 / 40, 35 / 44, 32 / 40])
+    in_crop = (torch.tensor(used, dtype=torch.float32) * scale - torch.tensor([2.0, 0, 2, 0])) / 32
     codes = torch.cat([(in_crop[:, :2] + in_crop[:, 2:]) / 2, in_crop[:, 2:] - in_crop[:, :2]], dim=1)
     torch.testing.assert_close(task.code_mean, codes.mean(dim=0))
     torch.testing.assert_close(task.code_std, codes.std(dim=0, unbiased=False).clamp(min=MIN_CODE_STD), rtol=1e-3,

@@ -39,7 +39,7 @@ from verydeep.data import (
 from verydeep.data.datasets import IMAGE_EXTENSIONS, kaggle_download
 from verydeep.data.decode import ImageFile, decode, image_size, load_region, resample, to_tensor
 from verydeep.data.preprocess import pca_shift
-from verydeep.data.transforms import render
+from verydeep.data.transforms import CropPlan, render
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.image_sets import open_image_set
 
@@ -106,8 +106,8 @@ def test_transforms_draw_only_from_the_generator_in_a_fixed_order(tmp_path):
     left = int(torch.randint(0, 300 - side + 1, (), generator=g))
     top = int(torch.randint(0, 200 - side + 1, (), generator=g))
     flip = bool(torch.rand((), generator=g) < 0.5)
-    assert t.plan((300, 200), reducible=False, generator=seeded(5)) == (1, (left, top, left + side, top + side),
-                                                                        (96, 96), flip)
+    assert t.plan((300, 200), reducible=False, generator=seeded(5)) == CropPlan(
+        1, (left, top, left + side, top + side), (96, 96), flip)
     plan = t.plan((300, 200), reducible=True, generator=seeded(5))
     assert torch.equal(t(path, seeded(5)), render(ImageFile(path), plan))
     assert CenterCropTransform(128, 112)(path, seeded(5)).shape == (3, 112, 112)  # deterministic: ignored
@@ -129,7 +129,7 @@ def test_crop_region_is_the_rescaled_crop():
     """The square resampled to the crop covers crop/S of the smallest side: S is kept within 0.5%."""
     for seed in range(200):
         s = sample_scale(256, 512, seeded(seed))
-        k, (left, top, right, bottom), out, _ = plan_crop((500, 375), 224, (256, 512), seeded(seed), reducible=True)
+        k, (left, top, right, bottom), out, _, _ = plan_crop((500, 375), 224, (256, 512), seeded(seed), reducible=True)
         assert right - left == bottom - top and k == 1 and out == (224, 224)
         assert 375 * 224 / (right - left) == pytest.approx(s, rel=0.005)
         assert 0 <= left and right <= 500 and 0 <= top and bottom <= 375
@@ -153,7 +153,7 @@ def test_fast_decode_matches_plain_decode_crop_resize(tmp_path, fmt, size, k):
     path = save(photo(*size), tmp_path / f"img.{fmt.lower()}", format=fmt, quality=92)
     t = TrainTransform(crop=224, scale=(256, 320), flip=False)
     for seed in range(3):
-        planned_k, box, _, _ = t.plan(size, reducible=fmt == "JPEG", generator=seeded(seed))
+        planned_k, box, _, _, _ = t.plan(size, reducible=fmt == "JPEG", generator=seeded(seed))
         fast = t(path, seeded(seed))
         assert planned_k == k
         diff = (fast.int() - plain_region(path, tuple(v * k for v in box), 224).int()).abs().float()
@@ -272,9 +272,30 @@ def test_rescale_and_center_crop_transforms(tmp_path):
     path = save(photo(300, 200), tmp_path / "a.jpg")
     assert RescaleTransform(100)(path).shape == (3, 100, 150)
     out = CenterCropTransform(resize=128, crop=112)(path)
-    assert out.shape == (3, 112, 112)
-    # central 175x175 of the 300x200 image (112/128 of its smallest side), resampled to 112
-    assert (out.int() - plain_region(path, (62, 12, 237, 187), 112).int()).abs().max() <= 1
+    assert out.shape == (3, 112, 112)  # its pixels: the test below
+
+
+@pytest.mark.parametrize("size, resize, crop", [((500, 375), 256, 224), ((64, 48), 37, 32), ((75, 101), 40, 32)])
+def test_the_center_crop_is_torchvisions_resize_then_center_crop(tmp_path, size, resize, crop):
+    """The pixels torchvision's published single-crop figures are measured on: Resize(resize), then
+    CenterCrop(crop), where a square resampled from the original would sit up to a pixel off."""
+    torchvision_transforms = pytest.importorskip("torchvision.transforms")
+    path = save(photo(*size), tmp_path / "a.jpg", quality=95)
+    reference = torchvision_transforms.Compose([torchvision_transforms.Resize(resize),
+                                                torchvision_transforms.CenterCrop(crop)])
+    with Image.open(path) as img:
+        expected = torch.from_numpy(np.array(reference(img.convert("RGB")))).permute(2, 0, 1)
+    for fast in (True, False):
+        out = CenterCropTransform(resize, crop, fast=fast)(path)
+        assert (out.int() - expected.int()).abs().max() <= 1  # two resamplers' rounding
+
+
+def test_a_long_strip_is_center_cropped_from_its_central_square(tmp_path):
+    path = save(photo(4000, 30), tmp_path / "strip.png", format="PNG")  # at 256: 34,133 x 256, over the bound
+    out = CenterCropTransform(256, 224)(path)
+    assert out.shape == (3, 224, 224)
+    square = plain_region(path, (1987, 2, 2013, 28), 224)  # the central 26 pixels: 224/256 of 30
+    assert (out.int() - square.int()).abs().max() <= 1
 
 
 def test_grid_crops_span_corner_to_corner_with_flips():
