@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras", reason="Keras 3 is not installed (pip install 'verydeep[dev]')")
 
+from verydeep.errors import UserError  # noqa: E402
 from verydeep.io.weights import load_published, sniff  # noqa: E402
 
 #: Keras' own torch backend warns about NumPy 2's copy keyword; not ours to fix.
@@ -21,17 +22,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))  # VGG-16: D
 
 
-def keras_vgg16(width: int = 16, classes: int = 5, size: int = 64):
+def keras_vgg16(width: int = 16, classes: int = 5, size: int = 64, top: bool = True, batch_norm: bool = False):
     """keras.applications.VGG16's layers (blockB_convI, blockB_pool, flatten, fc1, fc2, predictions) at
     1/``width`` of its channels, for ``size``-pixel inputs (pool5 is 2 x 2: Keras' flattening order
-    matters)."""
+    matters); without ``top`` the convolutions alone (``include_top=False``); ``batch_norm``: each
+    convolution followed by a BatchNormalization layer."""
     keras.utils.set_random_seed(0)
     x = inputs = keras.Input((size, size, 3))
     for block, (convs, channels) in enumerate(BLOCKS, start=1):
         for i in range(1, convs + 1):
             x = keras.layers.Conv2D(channels // width, 3, padding="same", activation="relu",
                                     name=f"block{block}_conv{i}")(x)
+            x = keras.layers.BatchNormalization()(x) if batch_norm else x
         x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    if not top:
+        return keras.Model(inputs, x, name="vgg16")
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(4096 // width, activation="relu", name="fc1")(x)
     x = keras.layers.Dense(4096 // width, activation="relu", name="fc2")(x)
@@ -60,3 +65,22 @@ def test_keras_3_files_load_and_predict_as_keras_does(written, name, tmp_path):
     with torch.no_grad():
         ours = published.model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).softmax(dim=1).numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_keras_3_file_without_the_top_layers_gives_the_convolutions_and_a_random_head(tmp_path):
+    model = keras_vgg16(top=False)
+    model.save_weights(tmp_path / "notop.weights.h5")
+    x = np.random.default_rng(1).normal(0, 20, (2, 64, 64, 3)).astype(np.float32)
+    expected = np.asarray(model.predict(x, verbose=0)).transpose(0, 3, 1, 2)  # pool5, channels first
+    published = load_published(str(tmp_path / "notop.weights.h5"))
+    assert published.recipe["config"] == "D" and not published.has_fc_layers
+    with torch.no_grad():
+        ours = published.model.eval().features(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_keras_3_file_with_layers_a_vgg_has_no_place_for_is_refused_naming_one(tmp_path):
+    keras_vgg16(batch_norm=True).save_weights(tmp_path / "bn.weights.h5")
+    with pytest.raises(UserError, match=r"bn\.weights\.h5: Keras layer batch_normalization\w* with 4 weights is no "
+                                        r"VGG layer"):
+        load_published(str(tmp_path / "bn.weights.h5"))

@@ -56,7 +56,8 @@ def read_keras(path: Path) -> tuple[dict[str, Tensor], bool]:
         size = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else path.stat().st_size
         with h5py.File(source, "r") as f:
             if "layers" in f and "layer_names" not in f.attrs:  # Keras 3
-                return named_to_state(_keras_to_torch(_keras3_named(f["layers"], path, size), path), path), True
+                named = _keras3_named(f["layers"], path, size)
+                return named_to_state(_keras_to_torch(named, path), path), "fc6" in named
             root = f["model_weights"] if "model_weights" in f else f
             layers = {name: [_array(root[name][w], f"{name}/{w}", path, size)
                              for w in _names(root[name], "weight_names")] for name in _names(root, "layer_names")}
@@ -125,6 +126,11 @@ def _keras3_named(layers: Any, path: Path, size: int) -> dict[str, tuple[np.ndar
         return [(k, tuple(_array(layers[k]["vars"][str(i)], f"layers/{k}/vars/{i}", path, size)
                           for i in range(len(layers[k]["vars"])))) for k in keys]
 
+    weighted = (k for k in layers if "vars" in layers[k] and len(layers[k]["vars"]))
+    other = next((k for k in weighted if not re.fullmatch(r"(conv2d|dense)(_\d+)?", k)), None)
+    if other is not None:  # batch norm, a normalisation layer: weights a VGG of Table 1 has no place for
+        raise UserError(f"{path}: Keras layer {other} with {len(layers[other]['vars'])} weights is no VGG layer "
+                        "(Conv2D and Dense only)")
     convs, dense = ordered("conv2d"), ordered("dense")
     odd = next((k for k, arrays in convs if len(arrays) != 2 or arrays[0].ndim != 4), None)
     if odd is not None:
