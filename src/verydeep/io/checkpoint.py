@@ -248,8 +248,8 @@ def read_safetensors_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load ``weights`` into ``model``; missing, unexpected or mis-shaped tensors, or non-finite
-    values, are a one-line error naming the file."""
+    """Load ``weights`` into ``model``; missing, unexpected or mis-shaped tensors, non-finite values or a
+    negative batch-norm variance are a one-line error naming the file."""
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
@@ -258,3 +258,6 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: st
     bad = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
     if bad:
         raise UserError(f"{path}: weights are not finite (NaN or inf) in {', '.join(bad[:3])}")
+    negative = [name for name, value in weights.items() if name.endswith("running_var") and (value < 0).any()]
+    if negative:
+        raise UserError(f"{path}: batch-norm variances are negative in {', '.join(negative[:3])}")

@@ -559,6 +559,16 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, kind):
     assert message.startswith(f"{path}: ") and "\n" not in message
 
 
+def test_a_negative_batch_norm_variance_is_refused_on_loading_not_met_as_nan_outputs(tmp_path):
+    state = VGG("A", num_classes=10, width=1 / 8, input_size=32, batch_norm=True).state_dict()
+    state["features.1.running_var"][3] = -1.0
+    torch.save(state, tmp_path / "negative.pth")
+    with pytest.raises(UserError, match=r"negative\.pth: batch-norm variances are negative in features\.1\."):
+        load_published(tmp_path / "negative.pth")
+    assert main(["convert", str(tmp_path / "negative.pth"), str(tmp_path / "out.safetensors")]) == 2
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 # ---- malformed files: each refused in one line naming it, before anything is allocated or written ------
 
 
