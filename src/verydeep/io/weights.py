@@ -179,12 +179,10 @@ def foreign(path: Path, fmt: str) -> Iterator[None]:
 
 def sniff(path: Path) -> str:
     """What ``path`` holds, from its first bytes: folder, keras (HDF5), torch (zip or pickle),
-    safetensors (a little-endian header length, then JSON; or any file so named, so that a damaged one is
-    told so) or, failing those, caffe (protobuf)."""
+    safetensors (a little-endian header length, then JSON; or a file so named that is no HDF5 or zip file,
+    so that a damaged one is told so) or, failing those, caffe (protobuf)."""
     if path.is_dir():
         return "folder"
-    if path.suffix == ".safetensors":
-        return "safetensors"
     with open(path, "rb") as f:
         head = f.read(9)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
@@ -194,9 +192,9 @@ def sniff(path: Path) -> str:
     # before the pickle's first byte: a header length whose low byte is 0x80 starts with it too
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
         return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+    if head.startswith(b"PK\x03\x04") or (head.startswith(b"\x80") and path.suffix != ".safetensors"):
         return "torch"
-    return "caffe"
+    return "safetensors" if path.suffix == ".safetensors" else "caffe"
 
 
 def _ours(path: Path, weights: dict[str, Tensor], recipe: dict[str, Any]) -> Published:

@@ -265,6 +265,18 @@ def test_a_safetensors_file_whose_header_length_starts_with_a_pickles_first_byte
     assert loaded.format == "verydeep" and loaded.recipe["width"] == 0.0625
 
 
+def test_a_file_named_safetensors_that_holds_another_format_is_read_by_its_contents(tmp_path):
+    """Recognised by contents, never by name: a torchvision file or a Keras file under a .safetensors name."""
+    torch_file, _ = torchvision_file(tmp_path / "vgg.pth", "A")
+    renamed = tmp_path / "vgg.safetensors"
+    renamed.write_bytes(torch_file.read_bytes())
+    assert sniff(renamed) == "torch" and load_published(renamed).format == "torchvision"
+    keras_file = write_keras(tmp_path / "net.h5", *keras_arrays(*raw_weights("D", 1 / 16, 64, 10)))
+    renamed.write_bytes(keras_file.read_bytes())
+    assert sniff(renamed) == "keras"
+    (tmp_path / "cut.safetensors").write_bytes(b"\x80" + bytes(40))  # none of them: a damaged safetensors file
+    assert sniff(tmp_path / "cut.safetensors") == "safetensors"
+
 def test_a_net_of_1000_classes_is_named_by_imagenet_synsets(tmp_path):
     path, _ = torchvision_file(tmp_path / "vgg.pth", "A", classes=1000)
     recipe = load_published(path).recipe

@@ -24,9 +24,11 @@ from verydeep.nn.model import make_trunk, scaled
 def torch_load(path: Path) -> Any:
     """A torch file's tensors, unpickling nothing else; any other file is a one-line error naming it."""
     try:
-        with warnings.catch_warnings():  # torch warns of a TorchScript archive, in two lines, before refusing it
+        # torch warns of a TorchScript archive, in two lines, before refusing it; an open file, not a path, as
+        # torch reads a path by its name's suffix (a .safetensors name as safetensors, whatever it holds)
+        with warnings.catch_warnings(), open(path, "rb") as file:
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # a pickle that would build other objects or call code
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         reason = f" (it would call {found.group(1)})" if found else ""
