@@ -407,6 +407,9 @@ async def read_upload(request: Any, folder: Path) -> tuple[Path, str, dict[str, 
     with path.open("wb") as out:
         shutil.copyfileobj(image.file, out)
     await form.close()
+    if path.stat().st_size > MAX_UPLOAD_BYTES:  # the form's room around the image is not the image's
+        raise UserError(f"{name}: the image is {path.stat().st_size / 2**20:.2f} MB; an image may have at most "
+                        f"{MAX_UPLOAD_BYTES / 2**20:g} MB")
     given = [(key, value) for key, value in form.multi_items() if isinstance(value, str)]
     twice = next((key for i, (key, _) in enumerate(given) if key in dict(given[:i])), None)
     if twice is not None:

@@ -173,6 +173,8 @@ def bad_uploads(image: Path) -> list[tuple[dict, dict, str]]:
         ({"image": ("cut.jpg", whole[: len(whole) // 3])}, {}, "cut.jpg: unreadable image"),
         ({"image": ("vast.png", huge_png(10000, 8000))}, {}, "vast.png: 10000x8000 pixels, more than"),
         ({"image": ("big.jpg", b"\xff" * (MAX_UPLOAD_BYTES + 2**17))}, {}, "an image may have at most 32 MB"),
+        ({"image": ("over.jpg", b"\xff" * (MAX_UPLOAD_BYTES + 2**10))}, {}, "over.jpg: the image is 32.00 MB; an "
+                                                                        "image may have at most 32 MB"),
         ({"photo": ("x.jpg", whole)}, {}, "the multipart field 'image'"),
         ({"image": ("x.jpg", whole)}, {"colour": "red"}, "unknown field 'colour'"),
         ({"image": ("x.jpg", whole)}, {"topk": "0"}, "topk: expected an integer from 1 to 100; got '0'"),
