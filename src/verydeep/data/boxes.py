@@ -82,7 +82,8 @@ def pixel_box(label: str | None, values: Iterable[str], where: str) -> Box:
     decimal numbers."""
     texts = [value.strip() for value in values]
     if len(texts) != 4 or not all(_NUMBER.fullmatch(text) for text in texts):
-        raise UserError(f"{where}: a box is four numbers xmin ymin xmax ymax (plain decimals), got {' '.join(texts)!r}")
+        shown = " ".join(map(repr, texts)) if len(texts) == 4 else repr(" ".join(texts))  # an empty one shows as ''
+        raise UserError(f"{where}: a box is four numbers xmin ymin xmax ymax (plain decimals), got {shown}")
     xmin, ymin, xmax, ymax = (float(text) for text in texts)
     if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
         raise UserError(f"{where}: box {xmin:g} {ymin:g} {xmax:g} {ymax:g} has a coordinate that is not a finite "

@@ -296,6 +296,10 @@ def test_xml_box_errors_name_the_line_of_the_offending_element(tmp_path):
     xml.write_text(f"<annotation>\n{good}\n<object>\n<name>cat</name>\n{bad}\n</object>\n</annotation>\n")
     with pytest.raises(UserError, match=rf"^{xml}:5: box nan 6 30 25 has a coordinate that is not a finite number$"):
         read_boxes(folder)
+    empty = bad.replace("30", "")
+    xml.write_text(f"<annotation>\n{good}\n<object>\n<name>cat</name>\n{empty}\n</object>\n</annotation>\n")
+    with pytest.raises(UserError, match=rf"^{xml}:5: a box is four numbers .*, got 'nan' '6' '' '25'$"):  # empty: seen
+        read_boxes(folder)
     xml.write_text(f"<annotation>\n{good}\n<object>\n<name>cat</name>\n</object>\n</annotation>\n")
     with pytest.raises(UserError, match=rf"^{xml}:3: an object without a complete bndbox$"):
         read_boxes(folder)
