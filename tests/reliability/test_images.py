@@ -339,13 +339,16 @@ def test_training_and_evaluation_skip_exactly_the_unreadable_files(zoo, tmp_path
 
 
 def test_with_workers_every_bad_file_is_counted_and_named_once(zoo, tmp_path, reads):
-    """Two workers name the files they skip, each once, in a log that every process writes to."""
+    """Two workers name the files they skip, each once, in a log that every process writes to, however many
+    passes read them again (training's validation, then evaluation at two scales, each pass's workers new)."""
     zoo = zoo.copy(tmp_path / "data")  # paths this process has not named yet
     handler = logging.FileHandler(tmp_path / "data.log")
     logger = logging.getLogger("verydeep.data")
     logger.addHandler(handler)
     try:
         skipped, used = trained(zoo, tmp_path / "run", reads, workers=2)
+        result = evaluate([tmp_path / "run"], zoo.root, ["dense"], [32, 40], workers=2, progress=False, batch_size=4)
+        assert result.skipped == sorted(zoo.paths(zoo.bad, "val/"))
     finally:
         logger.removeHandler(handler)
         handler.close()

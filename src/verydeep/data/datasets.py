@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +68,12 @@ def report_skip(path: str | Path, error: BaseException) -> None:
     if str(path) not in _reported:
         _reported.add(str(path))
         log.warning("skipped %s", unreadable(path, error))
+
+
+def note_reported(paths: Iterable[str | Path]) -> None:
+    """Count ``paths`` as named in this process: a worker named them, and the next pass's workers, forked from
+    this process, will not name them again."""
+    _reported.update(map(str, paths))
 
 
 def is_image(path: Path) -> bool:
