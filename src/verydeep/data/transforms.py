@@ -208,8 +208,9 @@ class CenterCropTransform(PlannedTransform):
 
     256/224 at ImageNet size; keep the same ratio for small crops (e.g. 36/32 for CIFAR). The
     pixels are torchvision's ``Resize(resize)`` then ``CenterCrop(crop)``: the whole image is
-    resampled, then cut. An image that would exceed the test size bound once resampled (a long strip)
-    is resampled from its central square alone, within a pixel of that.
+    decoded at full size (never reduced in the DCT, whose downscaling is not torchvision's), resampled,
+    then cut. An image that would exceed the test size bound once resampled (a long strip) is resampled
+    from its central square alone, within a pixel of that.
     """
 
     resize: int
@@ -223,9 +224,9 @@ class CenterCropTransform(PlannedTransform):
 
     def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
         out = resized_size(size, self.resize)
-        k = reduction(size, out, reducible)
         if out[0] * out[1] <= MAX_TEST_PIXELS:
-            return CropPlan(k, (0, 0, *decoded_size(size, k)), out, False, center_box(out, self.crop))
+            return CropPlan(1, (0, 0, *size), out, False, center_box(out, self.crop))
+        k = reduction(size, out, reducible)
         box = center_box(decoded_size(size, k), region_side(size, self.resize, self.crop, k))
         return CropPlan(k, box, (self.crop, self.crop), False)
 

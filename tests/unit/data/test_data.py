@@ -275,7 +275,8 @@ def test_rescale_and_center_crop_transforms(tmp_path):
     assert out.shape == (3, 112, 112)  # its pixels: the test below
 
 
-@pytest.mark.parametrize("size, resize, crop", [((500, 375), 256, 224), ((64, 48), 37, 32), ((75, 101), 40, 32)])
+@pytest.mark.parametrize("size, resize, crop", [((500, 375), 256, 224), ((64, 48), 37, 32), ((75, 101), 40, 32),
+                                               ((1100, 700), 256, 224)])  # a JPEG the DCT could halve
 def test_the_center_crop_is_torchvisions_resize_then_center_crop(tmp_path, size, resize, crop):
     """The pixels torchvision's published single-crop figures are measured on: Resize(resize), then
     CenterCrop(crop), where a square resampled from the original would sit up to a pixel off."""
