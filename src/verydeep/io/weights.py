@@ -177,14 +177,20 @@ def foreign(path: Path, fmt: str) -> Iterator[None]:
         raise UserError(f"{path}: not a readable {fmt} file ({type(error).__name__}: {reason})") from error
 
 
+#: The first bytes of torch's legacy (non-zip) file: its magic number pickled with protocol 2.
+LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little")
+
+
 def sniff(path: Path) -> str:
     """What ``path`` holds, from its first bytes: folder, keras (HDF5), torch (zip or pickle),
-    safetensors (a little-endian header length, then JSON; or a file so named that is no HDF5 or zip file,
-    so that a damaged one is told so) or, failing those, caffe (protobuf)."""
+    safetensors (a little-endian header length, then JSON; or a file so named that is no HDF5, zip or
+    torch pickle, so that a damaged one is told so) or, failing those, caffe (protobuf)."""
     if path.is_dir():
         return "folder"
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(len(LEGACY_TORCH_HEAD))
+    if head.startswith(LEGACY_TORCH_HEAD):
+        return "torch"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "keras"
     if head.startswith(b"PK\x03\x04") and is_keras_archive(path):

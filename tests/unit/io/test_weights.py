@@ -274,6 +274,8 @@ def test_a_file_named_safetensors_that_holds_another_format_is_read_by_its_conte
     keras_file = write_keras(tmp_path / "net.h5", *keras_arrays(*raw_weights("D", 1 / 16, 64, 10)))
     renamed.write_bytes(keras_file.read_bytes())
     assert sniff(renamed) == "keras"
+    torch.save(torch.load(torch_file, weights_only=True), renamed, _use_new_zipfile_serialization=False)
+    assert sniff(renamed) == "torch" and load_published(renamed).format == "torchvision"  # the legacy format
     (tmp_path / "cut.safetensors").write_bytes(b"\x80" + bytes(40))  # none of them: a damaged safetensors file
     assert sniff(tmp_path / "cut.safetensors") == "safetensors"
 
