@@ -504,8 +504,9 @@ def refuse_extraction_beside_features(args: argparse.Namespace) -> None:
                         "give one of the two")
     unused = given_extraction_flags(args) + (["--out"] if args.out is not None else [])
     if unused:
-        raise UserError(f"--features {args.features} holds the descriptors already; {', '.join(unused)} only "
-                        f"act on an extraction (--data): drop {'it' if len(unused) == 1 else 'them'}")
+        raise UserError(f"--features {args.features} holds the descriptors already; {', '.join(unused)} "
+                        f"{'acts' if len(unused) == 1 else 'act'} only on an extraction (--data): drop "
+                        f"{'it' if len(unused) == 1 else 'them'}")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -466,7 +466,7 @@ def test_extraction_flags_are_refused_beside_stored_features(tmp_path, capsys, f
                  *given]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and not fx.exists()
-    assert f"--features {stored} holds the descriptors already; {flags[0]} only act on an extraction" in err
+    assert f"--features {stored} holds the descriptors already; {flags[0]} acts only on an extraction" in err
 
 
 def test_net_flags_are_refused_beside_raw_pixels_in_transfer(tmp_path, capsys):
