@@ -1,24 +1,26 @@
-"""The trunk in inference on a CPU: each convolution with its ReLU in one oneDNN call, and 2x2 max-pooling
+"""The trunk on a CPU: each convolution with its ReLU in one oneDNN call, and in inference 2x2 max-pooling
 without the indices it would keep for a backward pass.
 
 VGG's trunk is thirteen to sixteen conv + ReLU pairs and five 2x2 max-poolings (Sec. 2.1). Run one
 module at a time, each ReLU reads and writes back the whole activation the convolution has just
 written; oneDNN applies the ReLU as the convolution writes its output, with the same arithmetic (the
 same values, bit for bit, for a finite input: its ReLU maps NaN to 0, so a non-finite one takes the
-modules). torch's max-pooling on a CPU computes and writes an int64 index for every
-output, four times the bytes of a bf16 output, even where no gradient will need them; the maxima of
-the four shifted views are the same values without them. Training keeps the modules: their backward
-passes are the step's larger part, fusing the forward alone gained nothing measurable there
-(docs/benchmarks.md), and the maximum's gradient splits ties where pooling's does not.
+modules). In training the pair's backward pass is the modules' own (ReLU's gradient from the output, then
+the convolution's), so the gradients are the same bit for bit too. torch's max-pooling on a CPU computes
+and writes an int64 index for every output, four times the bytes of a bf16 output, even where no gradient
+will need them; without autograd the maxima of the four shifted views are the same values without them
+(training keeps torch's pooling: the maximum's gradient splits ties where pooling's does not).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 @functools.cache
@@ -37,12 +39,19 @@ def _fusable() -> bool:
 
 
 def _fast(x: Tensor) -> bool:
-    """The fused path applies: no autograd, ``x`` on a CPU, oneDNN's fused convolution at hand, and ``x``
-    floating-point and finite (oneDNN's fused ReLU maps NaN to 0, where ``nn.ReLU`` keeps it; a check of
-    the input is cheap beside the convolutions, and weights are checked finite when loaded)."""
-    # integer images and arrays: the modules refuse them, as with autograd
-    return (isinstance(x, Tensor) and not torch.is_grad_enabled() and x.device.type == "cpu" and _fusable()
-            and x.is_floating_point() and bool(x.isfinite().all()))
+    """The fused path applies: ``x`` on a CPU, oneDNN's fused convolution at hand, and ``x`` floating-point and
+    finite (oneDNN's fused ReLU maps NaN to 0, where ``nn.ReLU`` keeps it; weights are checked finite when
+    loaded, and a training step with a non-finite gradient is skipped)."""
+    # integer images and arrays: the modules refuse them
+    return (isinstance(x, Tensor) and x.device.type == "cpu" and _fusable() and x.is_floating_point()
+            and _finite(x))
+
+
+def _finite(x: Tensor) -> bool:
+    """Every element of ``x`` is finite: its sum is (a NaN or an infinity makes it NaN or infinite; a sum
+    overflowing only sends a finite input to the modules). One pass over ``x``, a fraction of
+    ``isfinite().all()``'s."""
+    return bool(torch.isfinite(x.detach().sum(dtype=torch.float32)))
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -52,12 +61,35 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def conv_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``relu(conv(x))`` in one oneDNN call, in the dtype autocast would give the convolution."""
+    """``relu(conv(x))`` in one oneDNN call, in the dtype autocast would give the convolution; differentiable."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv.weight.dtype
     bias = None if conv.bias is None else conv.bias.to(dtype)
-    return torch.ops.mkldnn._convolution_pointwise(
-        x.to(dtype), conv.weight.to(dtype), bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-        conv.groups, "relu", [], "")
+    return ConvReLU.apply(x.to(dtype), conv.weight.to(dtype), bias, conv)
+
+
+class ConvReLU(torch.autograd.Function):
+    """``relu(conv(x))`` forward in one oneDNN call; backward as autograd runs the two modules' (ReLU's
+    gradient from the output, then the convolution's), so gradients are theirs bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> Tensor:
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
+                                                    list(conv.dilation), conv.groups, "relu", [], "")
+        ctx.save_for_backward(x, weight, y)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, y = ctx.saved_tensors
+        conv = ctx.conv
+        grad = torch.ops.aten.threshold_backward(grad, y, 0)
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0, 0], conv.groups, wanted)
+        return (*grads, None)
 
 
 def max_pool_2x2(x: Tensor) -> Tensor:
@@ -82,10 +114,16 @@ def _plain_2x2_pool(module: nn.Module) -> bool:
 
 
 def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()) -> Iterator[tuple[int, Tensor]]:
-    """``(i, output of features[i])`` in order. Without autograd on a CPU each convolution followed by a ReLU
-    runs as one call (:func:`conv_relu`), giving the ReLU's index alone, unless the convolution's own output
-    is ``kept``, and each 2x2 max-pooling as :func:`max_pool_2x2`; never a module a forward hook watches."""
-    fast = _fast(x)
+    """``(i, output of features[i])`` in order. On a CPU each convolution followed by a ReLU runs as one call
+    (:func:`conv_relu`), giving the ReLU's index alone, unless the convolution's own output is ``kept``, and
+    without autograd each 2x2 max-pooling as :func:`max_pool_2x2`; never a module a forward hook watches."""
+    return _trunk_outputs(features, x, kept, _fast(x))
+
+
+def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fast: bool
+                   ) -> Iterator[tuple[int, Tensor]]:
+    """:func:`trunk_outputs`, fused where ``fast`` (:func:`_fast` of the input, asked once)."""
+    pool_fast = fast and not torch.is_grad_enabled()
     modules = list(features)
     i = 0
     while i < len(modules):
@@ -96,7 +134,7 @@ def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()
                 and not (_hooked(module) or _hooked(following))):
             x = conv_relu(module, x)
             i += 1
-        elif fast and _plain_2x2_pool(module) and not _hooked(module) and x.dim() == 4:
+        elif pool_fast and _plain_2x2_pool(module) and not _hooked(module) and x.dim() == 4:
             x = max_pool_2x2(x)
         else:
             x = module(x)
@@ -105,10 +143,10 @@ def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()
 
 
 def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
-    """``features(x)``, through :func:`trunk_outputs` (faster without autograd on a CPU)."""
+    """``features(x)``, through :func:`trunk_outputs` (faster on a CPU)."""
     if not _fast(x):
         return features(x)
     out = x
-    for _, output in trunk_outputs(features, x):
+    for _, output in _trunk_outputs(features, x, (), True):
         out = output
     return out

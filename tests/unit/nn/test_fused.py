@@ -1,4 +1,4 @@
-"""The trunk in inference on a CPU: conv + ReLU pairs in one oneDNN call, the same values as the modules."""
+"""The trunk on a CPU: conv + ReLU pairs in one oneDNN call, the same values and gradients as the modules."""
 
 from __future__ import annotations
 
@@ -50,14 +50,34 @@ def test_the_fused_trunk_gives_the_modules_values_bit_for_bit(monkeypatch, confi
     assert len(calls) == (0 if batch_norm else 2 * convs)  # batch norm sits between: nothing to fuse
 
 
-def test_with_autograd_the_modules_run(monkeypatch):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_in_training_the_fused_pairs_give_the_modules_gradients_bit_for_bit(monkeypatch, dtype, channels_last):
+    torch.manual_seed(0)
     model = vgg("A", width=1 / 8, input_size=32, num_classes=5)
+    model.features[0].weight.requires_grad_(False)  # a frozen layer: no gradient asked of it
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)  # the input's gradient too, as a saliency map asks
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.detach().contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+
+    def gradients(forward):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
+            out = forward(x)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out, [x.grad] + [p.grad for p in model.features.parameters() if p.requires_grad]
+
+    expected, expected_grads = gradients(model.features)
     calls = calls_of_fused_convolutions(monkeypatch)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    assert not calls and model.features[0].weight.grad is not None
-    with torch.no_grad():
-        model.eval()(torch.randn(2, 3, 32, 32))
-    assert calls
+    got, got_grads = gradients(lambda inputs: run_trunk(model.features, inputs))
+    assert torch.equal(got, expected) and model.features[0].weight.grad is None
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, expected_grads, strict=True))
+    assert len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.features)
+    with pytest.raises(RuntimeError, match="twice|once_differentiable|double"):  # no gradient of a gradient
+        (g,) = torch.autograd.grad(run_trunk(model.features, x).sum(), x, create_graph=True)
+        g.sum().backward()
 
 
 def test_a_nan_in_the_input_comes_through_as_through_the_modules(monkeypatch):
