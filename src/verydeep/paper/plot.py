@@ -1,7 +1,8 @@
 """Learning curves of a training run (``verydeep plot RUN_DIR``) from its ``metrics.jsonl``.
 
 Three panels against the SGD step: the training loss (each step, and each epoch's mean), the
-validation top-1/top-5 error (the paper reports error, Sec. 4) and the learning rate, whose
+validation error (top-1/top-5, as the paper reports it, Sec. 4; a localisation run's localisation error,
+Appendix A) and the learning rate, whose
 divisions by 10 mark the plateaus of Sec. 3.1. :func:`error_bars` draws a report's test errors.
 """
 
@@ -36,8 +37,11 @@ FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "epoch": {"epoch": (_count, "a positive integer"), "step": (_count, "a positive integer"),
               "train_loss": (lambda v: is_finite(v) and v >= 0, "a finite number >= 0")},
 }
-#: Validation accuracies in % (Sec. 4): absent or null in an epoch that was not validated.
-ACCURACIES = ("val_top1", "val_top5")
+#: Validation figures of an epoch record, in % (absent or null in an epoch not validated): each one's label and
+#: whether it is an accuracy, drawn as its error (the paper reports error, Sec. 4).
+VALIDATION = {"val_top1": ("top-1", True), "val_top5": ("top-5", True), "val_loc_error": ("localisation", False)}
+#: The loss a run minimises, known by its validation figure (a classifier's, or a localisation run's).
+LOSSES = {"val_top1": "cross-entropy", "val_loc_error": "Euclidean (box code)"}
 
 
 def check_record(record: Any, where: str) -> dict[str, Any]:
@@ -52,10 +56,10 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
             raise UserError(f'{where}: the {kind} record has no "{field}"')
         if not valid(record[field]):
             raise UserError(f'{where}: "{field}" must be {description}, not {record[field]!r:.40}')
-    for field in ACCURACIES if kind == "epoch" else ():
+    for field in VALIDATION if kind == "epoch" else ():
         value = record.get(field)
         if value is not None and not (is_finite(value) and 0 <= value <= 100):
-            raise UserError(f'{where}: "{field}" must be an accuracy in % from 0 to 100 or null, not {value!r:.40}')
+            raise UserError(f'{where}: "{field}" must be a figure in % from 0 to 100 or null, not {value!r:.40}')
     return record
 
 
@@ -127,14 +131,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     loss_ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.5, label="step")
     if epochs:
         loss_ax.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label="epoch mean")
-    loss_ax.set(title="training loss", xlabel="step", ylabel="cross-entropy")
+    loss_ax.set(title="training loss", xlabel="step", ylabel=loss_name(epochs))
     loss_ax.legend()
-
-    validated = [r for r in epochs if r.get("val_top1") is not None]
-    for key, label in (("val_top1", "top-1"), ("val_top5", "top-5")):
-        err_ax.plot([r["step"] for r in validated], [100.0 - r[key] for r in validated], "o-", label=label)
-    err_ax.set(title="validation error", xlabel="step", ylabel="error (%)")
-    err_ax.legend()
+    draw_validation(err_ax, epochs)
 
     lr_ax.step([r["step"] for r in steps], [r["lr"] for r in steps], where="post")
     lr_ax.set(title="learning rate", xlabel="step", ylabel="lr", yscale="log")
@@ -145,6 +144,26 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format=out.suffix[1:].lower()))  # a link to it stays whole
     plt.close(fig)
     return out
+
+
+def loss_name(epochs: Sequence[dict[str, Any]]) -> str:
+    """The loss the run minimises, known by the validation figure its epoch records hold (``loss`` before any)."""
+    return next((name for key, name in LOSSES.items() if any(key in r for r in epochs)), "loss")
+
+
+def draw_validation(ax: Any, epochs: Sequence[dict[str, Any]]) -> None:
+    """The validation errors of the epochs validated, each figure of :data:`VALIDATION` the run logged; or a
+    note that none was."""
+    ax.set(title="validation error", xlabel="step", ylabel="error (%)")
+    for key, (label, accuracy) in VALIDATION.items():
+        validated = [r for r in epochs if r.get(key) is not None]
+        if validated:
+            errors = [100.0 - r[key] if accuracy else r[key] for r in validated]
+            ax.plot([r["step"] for r in validated], errors, "o-", label=label)
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "not validated yet", ha="center", va="center", transform=ax.transAxes)
 
 
 def error_bars(groups: Sequence[tuple[str, dict[str, float]]], series: Sequence[str], title: str) -> Figure:

@@ -10,7 +10,7 @@ from conftest import write_dataset
 from PIL import Image
 
 from verydeep.cli import main
-from verydeep.paper.plot import plot_run
+from verydeep.paper.plot import draw_validation, loss_name, plot_run
 
 
 def test_plot_writes_a_png_of_the_curves(tmp_path):
@@ -25,6 +25,28 @@ def test_plot_writes_a_png_of_the_curves(tmp_path):
         assert image.format == "PNG" and image.size[0] > image.size[1] > 200
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "sub" / "c.png")]) == 0
     assert (tmp_path / "sub" / "c.png").is_file()
+
+
+@pytest.mark.parametrize(("figures", "expected", "loss"), [
+    ({"val_top1": 30.0, "val_top5": 70.0}, {"top-1": [70.0], "top-5": [30.0]}, "cross-entropy"),  # errors
+    ({"val_loc_error": 40.0}, {"localisation": [40.0]}, "Euclidean (box code)"),  # an error already
+    ({}, {}, "loss")])
+def test_the_validation_panel_draws_the_runs_own_figure_as_errors(figures, expected, loss):
+    """A classifier's accuracies as errors, a localisation run's error as it is; nothing validated: a note."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [{"kind": "epoch", "epoch": 1, "step": 4, "train_loss": 1.0, **figures},
+              {"kind": "epoch", "epoch": 2, "step": 8, "train_loss": 0.9, **{key: None for key in figures}}]
+    fig, ax = plt.subplots()
+    draw_validation(ax, epochs)
+    drawn = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+    assert drawn == expected and all(list(line.get_xdata()) == [4] for line in ax.lines)
+    assert [t.get_text() for t in ax.texts] == ([] if expected else ["not validated yet"])
+    assert loss_name(epochs) == loss
+    plt.close(fig)
 
 
 def test_plot_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
@@ -68,8 +90,9 @@ def test_plot_leaves_out_a_last_record_a_crash_cut_short_as_resume_does(tmp_path
     ('{"kind": "step", "epoch": 0, "step": 2, "loss": 1, "lr": 0.01}', '"epoch" must be a positive integer'),
     ('{"kind": "step", "epoch": 1, "step": true, "loss": 1, "lr": 0.01}', '"step" must be a positive integer'),
     ('{"kind": "epoch", "epoch": 1, "step": 2}', 'the epoch record has no "train_loss"'),
-    ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top1": 101}', '"val_top1" must be an accuracy'),
-    ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top5": "x"}', '"val_top5" must be an accuracy'),
+    ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top1": 101}', '"val_top1" must be a figure in %'),
+    ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_top5": "x"}', '"val_top5" must be a figure in %'),
+    ('{"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 1, "val_loc_error": -3}', '"val_loc_error" must be a'),
     ('{"kind": "st\udcff"}', "not UTF-8 text (byte 13 of the line)"),
     ('{"kind": "step", "epoch": 1, "step": 2, "loss": 1' + "0" * 400 + ', "lr": 0.01}', '"loss" must be a finite'),
     ('{"kind": "step", "epoch": 1, "step": 2, "loss": 1' + "0" * 5000 + ', "lr": 0.01}', "not a JSON record"),
