@@ -160,13 +160,16 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def refuse_repeated_weights(nets: Sequence[Net]) -> None:
     """A net given twice (one file twice, or a run and its weights file: the same weights, classes and input
     convention) is refused: fused with itself it is that net alone, which a fusion row would present as two."""
-    for i, later in enumerate(nets):
-        for earlier in nets[:i]:
-            told_apart = (later.preprocess, later.recipe.get("classes")) != (earlier.preprocess,
-                                                                               earlier.recipe.get("classes"))
-            if not told_apart and same_weights(earlier.model, later.model):
-                raise UserError(f"--weights {later.checkpoint}: the weights of --weights {earlier.checkpoint} again; "
-                                "give each net once")
+    refuse_repeats([(net.checkpoint, net.model, net.preprocess, net.recipe) for net in nets], "--weights")
+
+
+def refuse_repeats(nets: Sequence[tuple[str | Path, torch.nn.Module, Any, dict[str, Any]]], option: str) -> None:
+    """:func:`refuse_repeated_weights` of nets given as (source, model, input convention, recipe) by ``option``."""
+    for i, (source, model, preprocess, recipe) in enumerate(nets):
+        for earlier, earlier_model, earlier_preprocess, earlier_recipe in nets[:i]:
+            told_apart = (preprocess, recipe.get("classes")) != (earlier_preprocess, earlier_recipe.get("classes"))
+            if not told_apart and same_weights(earlier_model, model):
+                raise UserError(f"{option} {source}: the weights of {option} {earlier} again; give each net once")
 
 
 def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_dir: Path | None,

@@ -379,6 +379,20 @@ def two_nets(boxed, tmp_path_factory: pytest.TempPathFactory):
     return root, classifier, runs
 
 
+def test_a_net_given_twice_is_refused_where_the_nets_boxes_are_pooled(two_nets, capsys, tmp_path):
+    """Pooled with itself a net's boxes would read as two nets' union: one file twice, or a run and its weights."""
+    root, classifier, runs = two_nets
+    image = next((root / "val").rglob("*.png"))
+    for again in (runs[0], runs[0] / "model.safetensors"):
+        twice = ["--checkpoint", str(runs[0]), "--checkpoint", str(again), "--classifier", str(classifier)]
+        for command in (["localize", "eval", "--data", str(root), "--protocol", "dense", *twice],
+                        ["localize", "predict", str(image), *twice, "--out", str(tmp_path / "drawn")]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"--checkpoint {again}: the weights of --checkpoint {runs[0]} again" in err
+    assert not (tmp_path / "drawn").exists()
+
+
 def test_several_nets_pool_their_boxes_and_one_net_keeps_its_output(two_nets, capsys, tmp_path):
     root, classifier, runs = two_nets
     dense = ["localize", "eval", "--data", str(root), "--protocol", "dense", "--classifier", str(classifier),

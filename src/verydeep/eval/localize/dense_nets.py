@@ -20,6 +20,7 @@ from verydeep.eval.classmap import columns_of
 from verydeep.eval.image_sets import loaded_batches
 from verydeep.eval.localize.scoring import merge_greedily
 from verydeep.eval.localize.task import Localisation, task_of
+from verydeep.eval.nets import refuse_repeats
 from verydeep.io.sources import load
 from verydeep.runtime.device import pick_device
 
@@ -175,6 +176,9 @@ class DenseNets:
         for checkpoint, net in zip(paths, loaded, strict=True):
             if list(net.recipe.get("classes") or []) != list(loaded[0].recipe.get("classes") or []):
                 raise UserError(f"{checkpoint}: its classes are not those of {paths[0]}")
+        # pooled with itself a net's boxes would be counted as two nets' union
+        refuse_repeats([(path, net.model, net.preprocess, net.recipe) for path, net in zip(paths, loaded, strict=True)],
+                       "--checkpoint")
         published = load(classifier, device=dev)
         cls_recipe = published.recipe
         if str(cls_recipe.get("task", "")).startswith("localisation") or not published.has_fc_layers:
