@@ -441,8 +441,10 @@ def transfer(features: Features, protocol: str, train_per_class: int = TRAIN_PER
     them in errors."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
-    if folds < 2 or not c_grid or min(c_grid) <= 0:
-        raise UserError("--folds must be at least 2 and --c-grid positive numbers")
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2; got {folds}")
+    if not c_grid or min(c_grid) <= 0:
+        raise UserError(f"--c-grid must be positive numbers; got {list(c_grid)}")
     if protocol == "voc":
         return run_voc(features, c_grid, folds, seed)
     if protocol == "voc-action":

@@ -336,6 +336,8 @@ def test_caltech_end_to_end_from_stored_features_and_errors(net, tmp_path, capsy
     assert bad.value.code == 2 and "a value is listed twice in '1,1'" in capsys.readouterr().err
     assert main([*argv, "--c-grid", "1", "--folds", "2"]) == 2  # one C: no cross-validation for --folds to fold
     assert "--folds 2: cross-validation chooses C from --c-grid, which holds one value (1)" in capsys.readouterr().err
+    assert main([*argv, "--folds", "1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--folds must be at least 2; got 1")  # --c-grid not blamed
     with pytest.raises(SystemExit) as bad:
         main([*argv[:argv.index("--splits")], "--splits", "100000000000000000000"])  # would train for ever
     assert bad.value.code == 2 and "--splits: expected an integer from 1 to 1000" in capsys.readouterr().err
