@@ -326,6 +326,10 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
     for flag in ("--limit-val", "--val-split"):  # they choose the images: named, not the --data they change
         assert main(["train", "--out", str(tmp_path), "--resume", flag, "2"]) == 2
         assert f"{flag} cannot change when resuming" in capsys.readouterr().err
+    crop = json.loads((tmp_path / "recipe.json").read_text())["crop"]
+    assert main(["train", "--out", str(tmp_path), "--resume", "--crop", str(2 * crop)]) == 2  # not the scale blamed
+    assert f"--crop cannot change when resuming {tmp_path} (trained with {crop}, given {2 * crop})" in (
+        capsys.readouterr().err)
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
 

@@ -559,10 +559,23 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
             raise UserError(f"{stored_settings_file(given['out'])}: names no training data (a damaged run record?); "
                             "give --data")
         settings.update(stored)
+        refuse_changed_settings(stored, {**recipe, **given}, given["out"])
     settings.update(recipe)
     settings.update(given)
     refuse_plateau_flags_beside_milestones(settings, given)
     return settings
+
+
+def refuse_changed_settings(stored: dict[str, Any], changes: dict[str, Any], run_dir: str | Path) -> None:
+    """A setting that cannot change on resuming, given (by flag or recipe) as another value of its stored type,
+    is refused as such, before the settings are checked together (a new crop would be blamed on the old scale).
+    Values of other types are compared once normalised, by the trainer."""
+    for f in fields(TrainConfig):
+        old, new = stored.get(f.name), changes.get(f.name)
+        if f.metadata["resumable"] or old is None or new is None or type(old) is not type(new) or old == new:
+            continue
+        raise UserError(f"{flag_name(f)} cannot change when resuming {run_dir} (trained with {old!r}, given "
+                        f"{new!r}); start a new run with --weights")
 
 
 def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str, str]:
