@@ -330,6 +330,8 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), "--resume", "--crop", str(2 * crop)]) == 2  # not the scale blamed
     assert f"--crop cannot change when resuming {tmp_path} (trained with {crop}, given {2 * crop})" in (
         capsys.readouterr().err)
+    assert main(["train", "--out", str(tmp_path), "--resume", "--freeze", "features"]) == 2  # not --weights blamed
+    assert "--freeze cannot change when resuming" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
 

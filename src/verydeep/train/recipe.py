@@ -568,11 +568,14 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
 
 def refuse_changed_settings(stored: dict[str, Any], changes: dict[str, Any], run_dir: str | Path) -> None:
     """A setting that cannot change on resuming, given (by flag or recipe) as another value of its stored type,
-    is refused as such, before the settings are checked together (a new crop would be blamed on the old scale).
-    Values of other types are compared once normalised, by the trainer."""
+    is refused as such, before the settings are checked together (a new crop would be blamed on the old scale, a
+    new --freeze on the --weights a resumed run is not given). Values of other types are compared once
+    normalised, by the trainer."""
     for f in fields(TrainConfig):
         old, new = stored.get(f.name), changes.get(f.name)
-        if f.metadata["resumable"] or old is None or new is None or type(old) is not type(new) or old == new:
+        if f.metadata["resumable"] or f.name not in stored or new is None or old == new:
+            continue
+        if old is not None and type(old) is not type(new):
             continue
         raise UserError(f"{flag_name(f)} cannot change when resuming {run_dir} (trained with {old!r}, given "
                         f"{new!r}); start a new run with --weights")
