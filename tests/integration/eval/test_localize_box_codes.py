@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,26 @@ from verydeep.data.sampling import SeededSamples
 from verydeep.eval.localize.task import MIN_CODE_STD, Localisation, training_codes
 
 
-def flat_boxes(root: Path, per_class: int = 6) -> Path:
-    """Noise JPEGs of 64 x 48 in two classes, each image's box the whole image: boxes of one geometry."""
-    rng = np.random.default_rng(0)
-    lines = []
+def noise_with_boxes(root: Path, size: tuple[int, int], right: Callable[[int], int], seed: int,
+                     per_class: int = 6) -> Path:
+    """Noise JPEGs of ``size`` in two classes, ``per_class`` for training and 2 for validation, image i's box
+    from its left edge to pixel column ``right(i)``, its full height."""
+    rng = np.random.default_rng(seed)
+    (w, h), lines = size, []
     for split, count in (("train", per_class), ("val", 2)):
         for name in ("car", "boat"):
             (root / split / name).mkdir(parents=True)
             for i in range(count):
-                pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
-                lines.append(f"{split}/{name}/{i}.jpg 0 0 63 47")
+                lines.append(f"{split}/{name}/{i}.jpg 0 0 {right(i)} {h - 1}")
     (root / "boxes.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def flat_boxes(root: Path, per_class: int = 6) -> Path:
+    """Noise JPEGs of 64 x 48 in two classes, each image's box the whole image: boxes of one geometry."""
+    return noise_with_boxes(root, (64, 48), lambda i: 63, 0, per_class)
 
 
 def test_boxes_of_one_geometry_train_without_diverging(tmp_path, capsys):
@@ -93,19 +101,8 @@ def test_validation_held_out_of_training_keeps_its_boxes(tmp_path, capsys):
 def boxes_of_growing_width(root: Path, per_class: int = 6) -> dict[str, float]:
     """Square noise JPEGs of 48 pixels in two classes, image i's box 8 + 6 i pixels wide (its full height);
     returns each training image's box width in image sides, by path within the data."""
-    rng = np.random.default_rng(1)
-    lines, widths = [], {}
-    for split, count in (("train", per_class), ("val", 2)):
-        for name in ("car", "boat"):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
-                lines.append(f"{split}/{name}/{i}.jpg 0 0 {7 + 6 * i} 47")
-                if split == "train":
-                    widths[f"{name}/{i}.jpg"] = (8 + 6 * i) / 48
-    (root / "boxes.txt").write_text("\n".join(lines) + "\n")
-    return widths
+    noise_with_boxes(root, (48, 48), lambda i: 7 + 6 * i, 1, per_class)
+    return {f"{name}/{i}.jpg": (8 + 6 * i) / 48 for name in ("car", "boat") for i in range(per_class)}
 
 
 @pytest.mark.parametrize("held", [["--val-split", "4"], ["--limit-train", "4"]])
