@@ -6,10 +6,12 @@ module at a time, each ReLU reads and writes back the whole activation the convo
 written; oneDNN applies the ReLU as the convolution writes its output, with the same arithmetic (the
 same values, bit for bit, for a finite input: its ReLU maps NaN to 0, so a non-finite one takes the
 modules). In training the pair's backward pass is the modules' own (ReLU's gradient from the output, then
-the convolution's), so the gradients are the same bit for bit too. torch's max-pooling on a CPU computes
-and writes an int64 index for every output, four times the bytes of a bf16 output, even where no gradient
-will need them; without autograd the maxima of the four shifted views are the same values without them
-(training keeps torch's pooling: the maximum's gradient splits ties where pooling's does not).
+the convolution's), so the gradients are the same bit for bit too, and the pairs of small outputs stay
+modules; a NaN arising inside the net shows in the gradients (whose check skips the step), not in the loss.
+torch's max-pooling on a CPU computes and writes an int64 index for every output, four times the bytes of a
+bf16 output, even where no gradient will need them; without autograd the maxima of the four shifted views are
+the same values without them (training keeps torch's pooling: the maximum's gradient splits ties where
+pooling's does not).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
+
+#: The dtypes oneDNN's fused convolution takes (float64 is not among them).
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: In training, a pair is fused when its output has at least this many elements: the ReLU pass it saves (two
+#: megabytes and more in bf16) then outweighs the autograd function's own cost, two Python calls a step; fusing
+#: every pair, small nets trained 2-10% slower (docs/benchmarks.md).
+MIN_TRAINING_ELEMENTS = 1 << 20
 
 
 @functools.cache
@@ -30,10 +39,12 @@ def _built_with_fused_convolution() -> bool:
 
 
 def _fusable() -> bool:
-    """oneDNN's fused convolution is in this build, and nothing is tracing, compiling or exporting the
-    model (those see the modules)."""
+    """oneDNN's fused convolution is in this build, and nothing is tracing, compiling, exporting or
+    transforming the model (torch.func, forward-mode AD: those see the modules)."""
     # asked first: a compiler then never traces the cached question
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return False
     return _built_with_fused_convolution()
 
@@ -42,9 +53,8 @@ def _fast(x: Tensor) -> bool:
     """The fused path applies: ``x`` on a CPU, oneDNN's fused convolution at hand, and ``x`` floating-point and
     finite (oneDNN's fused ReLU maps NaN to 0, where ``nn.ReLU`` keeps it; weights are checked finite when
     loaded, and a training step with a non-finite gradient is skipped)."""
-    # integer images and arrays: the modules refuse them
-    return (isinstance(x, Tensor) and x.device.type == "cpu" and _fusable() and x.is_floating_point()
-            and _finite(x))
+    # integer images and arrays: the modules refuse them; float64: oneDNN has no kernel for it
+    return isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype in FUSED_DTYPES and _fusable() and _finite(x)
 
 
 def _finite(x: Tensor) -> bool:
@@ -55,32 +65,42 @@ def _finite(x: Tensor) -> bool:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook watches ``module`` (a MAC count, a probe of shapes): it runs on its own then."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
+    """Whether a hook watches ``module`` (a MAC count, a probe of shapes, a backward hook): it runs on its own
+    then."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    shared = nn.modules.module
+    return any(own) or bool(shared._global_forward_hooks or shared._global_forward_pre_hooks
+                            or shared._global_backward_hooks or shared._global_backward_pre_hooks)
 
 
 def conv_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``relu(conv(x))`` in one oneDNN call, in the dtype autocast would give the convolution; differentiable."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv.weight.dtype
-    bias = None if conv.bias is None else conv.bias.to(dtype)
-    return ConvReLU.apply(x.to(dtype), conv.weight.to(dtype), bias, conv)
+    x, weight, bias = x.to(dtype), conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+    if torch.is_grad_enabled():
+        return ConvReLU.apply(x, weight, bias, conv)
+    return _convolution_relu(x, weight, bias, conv)
+
+
+def _convolution_relu(x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> Tensor:
+    """oneDNN's convolution of ``x`` by ``weight`` and ``bias`` at ``conv``'s settings, its output through ReLU."""
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
+                                                  list(conv.dilation), conv.groups, "relu", [], "")
 
 
 class ConvReLU(torch.autograd.Function):
     """``relu(conv(x))`` forward in one oneDNN call; backward as autograd runs the two modules' (ReLU's
-    gradient from the output, then the convolution's), so gradients are theirs bit for bit."""
+    gradient from the output, then the convolution's), so gradients are theirs bit for bit. The backward is
+    made of differentiable operations: a gradient of a gradient (a Hessian-vector product) is the modules' too."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> Tensor:
-        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
-                                                    list(conv.dilation), conv.groups, "relu", [], "")
+        y = _convolution_relu(x, weight, bias, conv)
         ctx.save_for_backward(x, weight, y)
         ctx.conv, ctx.has_bias = conv, bias is not None
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, y = ctx.saved_tensors
         conv = ctx.conv
@@ -90,6 +110,12 @@ class ConvReLU(torch.autograd.Function):
             grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
             list(conv.dilation), False, [0, 0], conv.groups, wanted)
         return (*grads, None)
+
+
+def _worth_fusing(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Without autograd always; in training when the pair's output (about ``x``'s size at ``conv``'s channels) has
+    at least :data:`MIN_TRAINING_ELEMENTS` elements."""
+    return not torch.is_grad_enabled() or x.numel() // max(x.shape[1], 1) * conv.out_channels >= MIN_TRAINING_ELEMENTS
 
 
 def max_pool_2x2(x: Tensor) -> Tensor:
@@ -131,7 +157,7 @@ def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fa
         following = modules[i + 1] if i + 1 < len(modules) else None
         if (fast and isinstance(module, nn.Conv2d) and isinstance(following, nn.ReLU) and i not in kept
                 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
-                and not (_hooked(module) or _hooked(following))):
+                and not (_hooked(module) or _hooked(following)) and _worth_fusing(module, x)):
             x = conv_relu(module, x)
             i += 1
         elif pool_fast and _plain_2x2_pool(module) and not _hooked(module) and x.dim() == 4:
@@ -143,8 +169,10 @@ def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fa
 
 
 def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
-    """``features(x)``, through :func:`trunk_outputs` (faster on a CPU)."""
-    if not _fast(x):
+    """``features(x)``, through :func:`trunk_outputs` (faster on a CPU); in training the modules alone when not
+    even the first pair, whose output is VGG's largest, is worth fusing."""
+    first = next((m for m in features if isinstance(m, nn.Conv2d)), None)
+    if first is None or not (isinstance(x, Tensor) and _worth_fusing(first, x)) or not _fast(x):
         return features(x)
     out = x
     for _, output in _trunk_outputs(features, x, (), True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from verydeep import vgg
 from verydeep.nn import fused
@@ -50,16 +51,21 @@ def test_the_fused_trunk_gives_the_modules_values_bit_for_bit(monkeypatch, confi
     assert len(calls) == (0 if batch_norm else 2 * convs)  # batch norm sits between: nothing to fuse
 
 
+def tiny_net(monkeypatch, channels_last: bool = False) -> torch.nn.Module:
+    """Configuration A at 1/8 width on 32-pixel crops, every pair fused in training however small."""
+    monkeypatch.setattr(fused, "MIN_TRAINING_ELEMENTS", 0)
+    torch.manual_seed(0)
+    model = vgg("A", width=1 / 8, input_size=32, num_classes=5)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_in_training_the_fused_pairs_give_the_modules_gradients_bit_for_bit(monkeypatch, dtype, channels_last):
-    torch.manual_seed(0)
-    model = vgg("A", width=1 / 8, input_size=32, num_classes=5)
+    model = tiny_net(monkeypatch, channels_last)
     model.features[0].weight.requires_grad_(False)  # a frozen layer: no gradient asked of it
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)  # the input's gradient too, as a saliency map asks
-    if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.detach().contiguous(
-            memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last if channels_last
+                                              else torch.contiguous_format).requires_grad_()  # as a saliency map asks
 
     def gradients(forward):
         model.zero_grad(set_to_none=True)
@@ -75,9 +81,55 @@ def test_in_training_the_fused_pairs_give_the_modules_gradients_bit_for_bit(monk
     assert torch.equal(got, expected) and model.features[0].weight.grad is None
     assert all(torch.equal(a, b) for a, b in zip(got_grads, expected_grads, strict=True))
     assert len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.features)
-    with pytest.raises(RuntimeError, match="twice|once_differentiable|double"):  # no gradient of a gradient
-        (g,) = torch.autograd.grad(run_trunk(model.features, x).sum(), x, create_graph=True)
-        g.sum().backward()
+
+
+def test_a_gradient_of_a_gradient_is_the_modules(monkeypatch):
+    """A Hessian-vector product through the fused pairs (their backward is differentiable) is the modules'."""
+    model = tiny_net(monkeypatch).eval()  # no dropout: both products of the same function
+    x, v = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    labels = torch.tensor([1, 3])
+    calls = calls_of_fused_convolutions(monkeypatch)
+
+    def loss(trunk):
+        return lambda inputs: F.cross_entropy(model.classifier(torch.flatten(trunk(inputs), 1)), labels)
+
+    _, fused_hvp = torch.autograd.functional.hvp(loss(lambda t: run_trunk(model.features, t)), x, v)
+    assert calls
+    _, modules_hvp = torch.autograd.functional.hvp(loss(model.features), x, v)
+    assert modules_hvp.abs().sum() > 0 and torch.allclose(fused_hvp, modules_hvp, rtol=1e-4, atol=1e-9)
+
+
+def test_what_the_fused_pairs_cannot_do_takes_the_modules(monkeypatch):
+    """float64 (no oneDNN kernel), torch.func and forward-mode AD, a module's backward hook: the modules run."""
+    model = tiny_net(monkeypatch).double()
+    calls = calls_of_fused_convolutions(monkeypatch)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: run_trunk(model.features, t).sum(), (x,), fast_mode=True)
+    model.float()
+    x = torch.randn(1, 3, 32, 32)
+    grad = torch.func.grad(lambda t: run_trunk(model.features, t).sum())(x)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        tangent = torch.autograd.forward_ad.unpack_dual(run_trunk(model.features, dual)).tangent
+    assert not calls and grad.shape == x.shape and tangent is not None
+    fired: list[int] = []
+    model.features[1].inplace = False  # torch refuses a full backward hook before an in-place ReLU
+    handle = model.features[0].register_full_backward_pre_hook(lambda module, grad_output: fired.append(1))
+    run_trunk(model.features, x.clone().requires_grad_()).sum().backward()
+    handle.remove()
+    assert fired == [1] and len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.features) - 1
+
+
+def test_in_training_a_small_pair_runs_as_its_modules(monkeypatch):
+    """Below MIN_TRAINING_ELEMENTS outputs a pair costs more fused than apart; without autograd it is fused."""
+    model = vgg("A", width=1 / 8, input_size=32, num_classes=5)
+    calls = calls_of_fused_convolutions(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)  # outputs of 2 x 8 x 32 x 32 at most
+    run_trunk(model.features, x).sum().backward()
+    assert not calls
+    with torch.no_grad():
+        run_trunk(model.features, x)
+    assert calls
 
 
 def test_a_nan_in_the_input_comes_through_as_through_the_modules(monkeypatch):
