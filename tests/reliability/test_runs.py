@@ -332,6 +332,10 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
         capsys.readouterr().err)
     assert main(["train", "--out", str(tmp_path), "--resume", "--freeze", "features"]) == 2  # not --weights blamed
     assert "--freeze cannot change when resuming" in capsys.readouterr().err
+    recipe = tmp_path / "wider.toml"
+    recipe.write_text(f"width = {2 * json.loads((tmp_path / 'recipe.json').read_text())['width']}\n")
+    assert main(["train", "--out", str(tmp_path), "--resume", "--recipe", str(recipe)]) == 2  # named by the recipe
+    assert f"--recipe {recipe}'s width cannot change when resuming" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
 

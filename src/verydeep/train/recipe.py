@@ -559,26 +559,29 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
             raise UserError(f"{stored_settings_file(given['out'])}: names no training data (a damaged run record?); "
                             "give --data")
         settings.update(stored)
-        refuse_changed_settings(stored, {**recipe, **given}, given["out"])
+        refuse_changed_settings(stored, given, recipe)
     settings.update(recipe)
     settings.update(given)
     refuse_plateau_flags_beside_milestones(settings, given)
     return settings
 
 
-def refuse_changed_settings(stored: dict[str, Any], changes: dict[str, Any], run_dir: str | Path) -> None:
-    """A setting that cannot change on resuming, given (by flag or recipe) as another value of its stored type,
-    is refused as such, before the settings are checked together (a new crop would be blamed on the old scale, a
-    new --freeze on the --weights a resumed run is not given). Values of other types are compared once
-    normalised, by the trainer."""
+def refuse_changed_settings(stored: dict[str, Any], given: dict[str, Any], recipe: dict[str, Any]) -> None:
+    """A setting that cannot change on resuming, given (by a flag, else by the ``--recipe``) as another value than
+    the stored one, is refused naming where it came from, before the settings are checked together (a new crop
+    would be blamed on the old scale, a new --freeze on the --weights a resumed run is not given). A value of
+    another type than the stored one (a flag's text) is compared once normalised, by the trainer."""
     for f in fields(TrainConfig):
-        old, new = stored.get(f.name), changes.get(f.name)
+        old = stored.get(f.name)
+        origin, new = ((flag_name(f), given[f.name]) if f.name in given
+                       else (recipe_origin(given.get("recipe"), f.name), recipe.get(f.name)))
         if f.metadata["resumable"] or f.name not in stored or new is None or old == new:
             continue
         if old is not None and type(old) is not type(new):
             continue
-        raise UserError(f"{flag_name(f)} cannot change when resuming {run_dir} (trained with {old!r}, given "
-                        f"{new!r}); start a new run with --weights")
+        shown = new if isinstance(new, str) and not isinstance(old, str) else repr(new)  # a flag's text as typed
+        raise UserError(f"{origin} cannot change when resuming {given['out']} (trained with {old!r}, given "
+                        f"{shown}); start a new run with --weights")
 
 
 def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str, str]:
