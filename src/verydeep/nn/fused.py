@@ -172,7 +172,8 @@ def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
     """``features(x)``, through :func:`trunk_outputs` (faster on a CPU); in training the modules alone when not
     even the first pair, whose output is VGG's largest, is worth fusing."""
     first = next((m for m in features if isinstance(m, nn.Conv2d)), None)
-    if first is None or not (isinstance(x, Tensor) and _worth_fusing(first, x)) or not _fast(x):
+    # _fast first: a compiler or an exporter must not see the size test (a guard on the batch)
+    if first is None or not _fast(x) or not _worth_fusing(first, x):
         return features(x)
     out = x
     for _, output in _trunk_outputs(features, x, (), True):
