@@ -27,10 +27,10 @@ def image_loader(dataset: Dataset, batches: Iterable[list[int]] | None, workers:
     when ``persistent``; ``prefetch`` batches read ahead per worker (PyTorch's default when ``None``)."""
     many = workers > 0
     return _NotingLoader(dataset, batch_sampler=batches, batch_size=None if batches is None else 1,
-                      num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=device is not None and device.type == "cuda",
-                      persistent_workers=persistent and many, prefetch_factor=prefetch if many else None,
-                      generator=torch.Generator())
+                         num_workers=workers, collate_fn=collate_fn,
+                         pin_memory=device is not None and device.type == "cuda",
+                         persistent_workers=persistent and many, prefetch_factor=prefetch if many else None,
+                         generator=torch.Generator())
 
 
 def skipped_paths(item: Any) -> list[str]:
