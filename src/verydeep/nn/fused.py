@@ -53,8 +53,10 @@ def _fast(x: Tensor) -> bool:
     """The fused path applies: ``x`` on a CPU, oneDNN's fused convolution at hand, and ``x`` floating-point and
     finite (oneDNN's fused ReLU maps NaN to 0, where ``nn.ReLU`` keeps it; weights are checked finite when
     loaded, and a training step with a non-finite gradient is skipped)."""
-    # integer images and arrays: the modules refuse them; float64: oneDNN has no kernel for it
-    return isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype in FUSED_DTYPES and _fusable() and _finite(x)
+    # integer images and arrays: the modules refuse them; float64: oneDNN has no kernel for it; an unbatched
+    # (C, H, W) crop: oneDNN's convolution takes batches only
+    return (isinstance(x, Tensor) and x.device.type == "cpu" and x.dim() == 4 and x.dtype in FUSED_DTYPES
+            and _fusable() and _finite(x))
 
 
 def _finite(x: Tensor) -> bool:
@@ -155,7 +157,8 @@ def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fa
     while i < len(modules):
         module = modules[i]
         following = modules[i + 1] if i + 1 < len(modules) else None
-        if (fast and isinstance(module, nn.Conv2d) and isinstance(following, nn.ReLU) and i not in kept
+        # exactly these classes: a subclass's own forward (a fake-quantised weight) is not the fused call's
+        if (fast and type(module) is nn.Conv2d and type(following) is nn.ReLU and i not in kept
                 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
                 and not (_hooked(module) or _hooked(following)) and _worth_fusing(module, x)):
             x = conv_relu(module, x)
@@ -173,7 +176,7 @@ def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
     even the first pair, whose output is VGG's largest, is worth fusing."""
     first = next((m for m in features if isinstance(m, nn.Conv2d)), None)
     # _fast first: a compiler or an exporter must not see the size test (a guard on the batch)
-    if first is None or not _fast(x) or not _worth_fusing(first, x):
+    if first is None or _hooked(features) or not _fast(x) or not _worth_fusing(first, x):
         return features(x)
     out = x
     for _, output in _trunk_outputs(features, x, (), True):

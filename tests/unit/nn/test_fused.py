@@ -120,6 +120,33 @@ def test_what_the_fused_pairs_cannot_do_takes_the_modules(monkeypatch):
     assert fired == [1] and len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.features) - 1
 
 
+def test_a_subclass_hooks_on_the_trunk_and_an_unbatched_crop_take_the_modules(monkeypatch):
+    """A Conv2d subclass's own forward runs (fused, it would be skipped); hooks on the trunk itself fire; oneDNN's
+    convolution takes batches only."""
+    model = tiny_net(monkeypatch)
+    calls = calls_of_fused_convolutions(monkeypatch)
+    seen: list[str] = []
+
+    class Scaled(torch.nn.Conv2d):
+        def forward(self, x):
+            seen.append("own forward")
+            return super().forward(x) * 0.5
+
+    scaled = Scaled(3, model.features[0].out_channels, 3, padding=1)
+    scaled.load_state_dict(model.features[0].state_dict())
+    model.features[0] = scaled
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    assert torch.equal(run_trunk(model.features, x), model.features(x)) and seen == ["own forward"] * 2
+    assert len(calls) == sum(type(m) is torch.nn.Conv2d for m in model.features)
+    calls.clear()
+    handle = model.features.register_forward_hook(lambda module, inputs, output: seen.append("trunk hook"))
+    run_trunk(model.features, x)
+    handle.remove()
+    assert seen[-1] == "trunk hook" and not calls
+    crop = torch.randn(3, 32, 32, requires_grad=True)
+    assert torch.equal(run_trunk(model.features, crop), model.features(crop)) and not calls
+
+
 def test_in_training_a_small_pair_runs_as_its_modules(monkeypatch):
     """Below MIN_TRAINING_ELEMENTS outputs a pair costs more fused than apart; without autograd it is fused."""
     model = vgg("A", width=1 / 8, input_size=32, num_classes=5)
