@@ -336,6 +336,12 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
     recipe.write_text(f"width = {2 * json.loads((tmp_path / 'recipe.json').read_text())['width']}\n")
     assert main(["train", "--out", str(tmp_path), "--resume", "--recipe", str(recipe)]) == 2  # named by the recipe
     assert f"--recipe {recipe}'s width cannot change when resuming" in capsys.readouterr().err
+    recipe.write_text('scale = "96"\n')  # a structured setting's text, compared as the record stores it
+    assert main(["train", "--out", str(tmp_path), "--resume", "--recipe", str(recipe)]) == 2
+    assert f"--recipe {recipe}'s scale cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path), "--resume", "--scale", "96"]) == 2
+    err = capsys.readouterr().err
+    assert "--scale cannot change when resuming" in err and "given 96)" in err  # the flag's text as typed
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
 

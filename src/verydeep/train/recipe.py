@@ -575,13 +575,25 @@ def refuse_changed_settings(stored: dict[str, Any], given: dict[str, Any], recip
         old = stored.get(f.name)
         origin, new = ((flag_name(f), given[f.name]) if f.name in given
                        else (recipe_origin(given.get("recipe"), f.name), recipe.get(f.name)))
-        if f.metadata["resumable"] or f.name not in stored or new is None or old == new:
+        if f.metadata["resumable"] or f.name not in stored or new is None:
             continue
-        if old is not None and type(old) is not type(new):
+        value = comparable(f, new)
+        if old == value or (old is not None and type(old) is not type(value)):
             continue
         shown = new if isinstance(new, str) and not isinstance(old, str) else repr(new)  # a flag's text as typed
         raise UserError(f"{origin} cannot change when resuming {given['out']} (trained with {old!r}, given "
                         f"{shown}); start a new run with --weights")
+
+
+def comparable(f: Field, value: Any) -> Any:
+    """``value`` of ``f`` as a run record stores it: a structured field's text parsed (``"384"`` -> [384, 384]),
+    tuples as lists; a text its parser refuses is left as it is, for the settings' own check to name."""
+    if structured(f) and isinstance(value, str):
+        try:
+            value = parsed(f, value)
+        except UserError:
+            return value
+    return list(value) if isinstance(value, tuple) else value
 
 
 def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str, str]:
