@@ -342,6 +342,7 @@ def test_flags_given_with_resume_are_applied_or_refused(data, tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), "--resume", "--scale", "96"]) == 2
     err = capsys.readouterr().err
     assert "--scale cannot change when resuming" in err and "given 96)" in err  # the flag's text as typed
+    assert main(["train", "--out", str(tmp_path), "--resume", "--config", "vgg11", "--no-progress"]) == 0  # A's alias
     assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "recipe.json").read_text())["epochs"] == 2  # applied, and recorded
 

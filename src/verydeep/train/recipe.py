@@ -29,6 +29,7 @@ from verydeep.errors import MissingFileError, UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.checkpoint import load_checkpoint
 from verydeep.io.rundir import RunDir
+from verydeep.nn import configs
 from verydeep.nn.init import PROTOCOLS
 from verydeep.options import DEVICE_HELP, MAX_SEED, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
 from verydeep.runtime.limits import MAX_SIDE, check_width, check_workers, whole_number
@@ -153,7 +154,7 @@ class TrainConfig:
     recipe: str | None = option(None, "a recipe name or TOML file (its settings come before these flags)", "running",
                                 resumable=True)
     # model
-    config: str = option("A", "configuration of Table 1: A, A-LRN, B, C, D, E", "model")
+    config: str = option("A", "configuration of Table 1: A, A-LRN, B, C, D, E", "model", parse=configs.canonical)
     width: float = option(1.0, "width multiplier (1 = the paper's)", "model", minimum=POSITIVE, check=check_width)
     batch_norm: bool = option(False, "batch norm after each conv (not the paper's)", "model")
     dropout: float = option(0.5, "dropout probability on FC6/FC7, in [0, 1)", "model", check=check_dropout)
@@ -586,9 +587,10 @@ def refuse_changed_settings(stored: dict[str, Any], given: dict[str, Any], recip
 
 
 def comparable(f: Field, value: Any) -> Any:
-    """``value`` of ``f`` as a run record stores it: a structured field's text parsed (``"384"`` -> [384, 384]),
-    tuples as lists; a text its parser refuses is left as it is, for the settings' own check to name."""
-    if structured(f) and isinstance(value, str):
+    """``value`` of ``f`` as a run record stores it: a text parsed by the field's parser (``"384"`` -> [384, 384],
+    ``"vgg11"`` -> ``"A"``), tuples as lists; a text its parser refuses is left as it is, for the settings' own
+    check to name."""
+    if f.metadata["parse"] is not None and isinstance(value, str):
         try:
             value = parsed(f, value)
         except UserError:
