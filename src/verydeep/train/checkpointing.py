@@ -33,7 +33,7 @@ from verydeep.nn.tasks import Classification, Task
 from verydeep.runtime.processes import Processes
 from verydeep.runtime.sharding import failing_together
 from verydeep.train.data import TrainingData
-from verydeep.train.recipe import TrainConfig, flag_name
+from verydeep.train.recipe import TrainConfig, flag_name, unresumable
 
 try:
     import fcntl
@@ -75,8 +75,7 @@ def check_resumable(run_dir: Path, stored: dict[str, Any], record: dict[str, Any
     for f in fields(TrainConfig):  # before the images: a setting that chose them is named as the cause
         if f.metadata["resumable"] or f.name not in stored or stored[f.name] == record[f.name]:
             continue
-        raise UserError(f"{flag_name(f)} cannot change when resuming {run_dir} (trained with "
-                        f"{stored[f.name]!r}, given {record[f.name]!r}); start a new run with --weights")
+        raise unresumable(flag_name(f), run_dir, stored[f.name], repr(record[f.name]))
     check_same_images(run_dir, stored, record)
 
 

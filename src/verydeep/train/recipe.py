@@ -582,8 +582,13 @@ def refuse_changed_settings(stored: dict[str, Any], given: dict[str, Any], recip
         if old == value or (old is not None and type(old) is not type(value)):
             continue
         shown = new if isinstance(new, str) and not isinstance(old, str) else repr(new)  # a flag's text as typed
-        raise UserError(f"{origin} cannot change when resuming {given['out']} (trained with {old!r}, given "
-                        f"{shown}); start a new run with --weights")
+        raise unresumable(origin, given["out"], old, shown)
+
+
+def unresumable(origin: str, run_dir: str | Path, old: Any, shown: str) -> UserError:
+    """The error for a setting (named by ``origin``) that a resumed run cannot change from ``old``."""
+    return UserError(f"{origin} cannot change when resuming {run_dir} (trained with {old!r}, given {shown}); "
+                     "start a new run with --weights")
 
 
 def comparable(f: Field, value: Any) -> Any:

@@ -351,13 +351,19 @@ class Trainer:
 
     def run(self) -> TrainSummary:
         """Train until the epoch budget or the schedule's stop; a resumed run that had already reached
-        either says so and does nothing."""
+        either says so and does nothing. However it ends, another training may then write the run."""
+        try:
+            return self._train()
+        finally:
+            self.checkpoints.release()
+
+    def _train(self) -> TrainSummary:
         start = time.perf_counter()
         if self.schedule.stopped or self.epoch >= self.cfg.epochs:  # the summary's lr: the one it ended with
             reason = "validation stopped improving" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
             self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do",
                      always=True)  # whatever --progress: it is why nothing happens
-            return self._summary("plateau" if self.schedule.stopped else "epochs", start)
+            return summary(self, "plateau" if self.schedule.stopped else "epochs", start)
         if self.cfg.resume and self.cfg.milestones:  # the milestones given now decide the lr from here on
             self._set_lr(self.schedule.follow_milestones(self.epoch))
         if self.procs.main:
@@ -375,14 +381,15 @@ class Trainer:
                     break
         finally:
             self.metrics.close()
-        return self._summary(stopped, start)
+        return summary(self, stopped, start)
 
-    def _summary(self, stopped: str, start: float) -> TrainSummary:
-        self.checkpoints.release()  # the run is over (every return of run() comes here): another may write it
-        best = score(self.task, self.schedule.best) if self.schedule.best > -math.inf else None
-        return TrainSummary(metric=self.task.metrics[0], best=best, epochs=self.epoch, steps=self.step,
-                            run_dir=str(self.run_dir), seconds=round(time.perf_counter() - start, 2),
-                            stopped=stopped, lr=self.schedule.lr)
+
+def summary(trainer: Trainer, stopped: str, start: float) -> TrainSummary:
+    """What a run that began at ``start`` (``time.perf_counter()``) and ended by ``stopped`` did."""
+    best = score(trainer.task, trainer.schedule.best) if trainer.schedule.best > -math.inf else None
+    return TrainSummary(metric=trainer.task.metrics[0], best=best, epochs=trainer.epoch, steps=trainer.step,
+                        run_dir=str(trainer.run_dir), seconds=round(time.perf_counter() - start, 2),
+                        stopped=stopped, lr=trainer.schedule.lr)
 
 
 def given_settings(cfg: TrainConfig, given: Mapping[str, str] | Collection[str] | None) -> dict[str, str]:
@@ -430,8 +437,4 @@ def train(cfg: TrainConfig, task: Task | None = None,
             not cfg.overwrite or started_with(cfg, cfg.out)):
         cfg = replace(cfg, resume=True, overwrite=False)
     with process_group(cfg.device) as procs:
-        trainer = Trainer(cfg, procs, task, given)
-        try:
-            return trainer.run()
-        finally:
-            trainer.checkpoints.release()
+        return Trainer(cfg, procs, task, given).run()
