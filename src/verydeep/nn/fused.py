@@ -11,7 +11,8 @@ modules; a NaN arising inside the net shows in the gradients (whose check skips 
 torch's max-pooling on a CPU computes and writes an int64 index for every output, four times the bytes of a
 bf16 output, even where no gradient will need them; without autograd the maxima of the four shifted views are
 the same values without them (training keeps torch's pooling: the maximum's gradient splits ties where
-pooling's does not).
+pooling's does not). In training, a pair that such a pooling follows runs with it as one autograd function,
+which takes ReLU's gradient at the pooled output, a quarter of the values (:class:`ConvReLUPool`).
 """
 
 from __future__ import annotations
@@ -77,11 +78,22 @@ def _hooked(module: nn.Module) -> bool:
 
 def conv_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``relu(conv(x))`` in one oneDNN call, in the dtype autocast would give the convolution; differentiable."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv.weight.dtype
-    x, weight, bias = x.to(dtype), conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+    x, weight, bias = _operands(conv, x)
     if torch.is_grad_enabled():
         return ConvReLU.apply(x, weight, bias, conv)
     return _convolution_relu(x, weight, bias, conv)
+
+
+def conv_relu_pool(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``max_pool2d(relu(conv(x)), 2, 2)`` as :func:`conv_relu` then torch's pooling, in training: ReLU's mask is
+    applied to the pooled gradient, a quarter of the values (:class:`ConvReLUPool`)."""
+    return ConvReLUPool.apply(*_operands(conv, x), conv)
+
+
+def _operands(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``x`` and ``conv``'s weight and bias in the dtype autocast would give the convolution."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv.weight.dtype
+    return x.to(dtype), conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
 
 
 def _convolution_relu(x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> Tensor:
@@ -105,13 +117,42 @@ class ConvReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, y = ctx.saved_tensors
-        conv = ctx.conv
         grad = torch.ops.aten.threshold_backward(grad, y, 0)
-        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        grads = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0, 0], conv.groups, wanted)
-        return (*grads, None)
+        return (*_convolution_backward(ctx, grad, x, weight), None)
+
+
+class ConvReLUPool(torch.autograd.Function):
+    """``max_pool2d(relu(conv(x)), 2, 2)``: the fused convolution, then torch's pooling with its indices. Pooling
+    sends each output's gradient to the one input its index names, whose ReLU output is the pooled value; so ReLU's
+    gradient, taken from the pooled output before pooling's backward rather than from the whole output after it,
+    is the modules' bit for bit, at a quarter of the memory traffic (VGG's largest activations, each block's last)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> Tensor:
+        y = _convolution_relu(x, weight, bias, conv)
+        pooled, indices = torch.ops.aten.max_pool2d_with_indices(y, [2, 2], [2, 2])
+        ctx.save_for_backward(x, weight, y, pooled, indices)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        ctx.mark_non_differentiable(indices)
+        return pooled
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, y, pooled, indices = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, pooled, 0)
+        grad = torch.ops.aten.max_pool2d_with_indices_backward(grad, y, [2, 2], [2, 2], [0, 0], [1, 1], False,
+                                                                indices)
+        return (*_convolution_backward(ctx, grad, x, weight), None)
+
+
+def _convolution_backward(ctx: Any, grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients to ``x``, the weight and the bias that ``ctx``'s function needs, from the gradient to its
+    convolution's output."""
+    conv = ctx.conv
+    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
+        list(conv.dilation), False, [0, 0], conv.groups, wanted)
 
 
 def _worth_fusing(conv: nn.Conv2d, x: Tensor) -> bool:
@@ -155,20 +196,25 @@ def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fa
     modules = list(features)
     i = 0
     while i < len(modules):
-        module = modules[i]
-        following = modules[i + 1] if i + 1 < len(modules) else None
-        # exactly these classes: a subclass's own forward (a fake-quantised weight) is not the fused call's
-        if (fast and type(module) is nn.Conv2d and type(following) is nn.ReLU and i not in kept
-                and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
-                and not (_hooked(module) or _hooked(following)) and _worth_fusing(module, x)):
-            x = conv_relu(module, x)
-            i += 1
+        module, following, after = (modules[j] if j < len(modules) else None for j in (i, i + 1, i + 2))
+        if fast and _fusable_pair(module, following, x) and i not in kept:
+            if torch.is_grad_enabled() and i + 1 not in kept and _plain_2x2_pool(after) and not _hooked(after):
+                x, i = conv_relu_pool(module, x), i + 2
+            else:
+                x, i = conv_relu(module, x), i + 1
         elif pool_fast and _plain_2x2_pool(module) and not _hooked(module) and x.dim() == 4:
             x = max_pool_2x2(x)
         else:
             x = module(x)
         yield i, x
         i += 1
+
+
+def _fusable_pair(conv: nn.Module, relu: nn.Module | None, x: Tensor) -> bool:
+    """``conv`` then ``relu`` can run as one call on ``x``: exactly these classes (a subclass's own forward, a
+    fake-quantised weight, is not the fused call's), zero padding, no hooks, and worth it at ``x``'s size."""
+    return (type(conv) is nn.Conv2d and type(relu) is nn.ReLU and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and not (_hooked(conv) or _hooked(relu)) and _worth_fusing(conv, x))
 
 
 def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:

@@ -14,15 +14,20 @@ from verydeep.nn.fused import run_trunk
 pytestmark = pytest.mark.skipif(not fused._fusable(), reason="this torch build has no oneDNN fused convolution")
 
 
-def calls_of_fused_convolutions(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    conv_relu = fused.conv_relu
+def calls_of_fused_convolutions(monkeypatch) -> list[str]:
+    """The names of the fused calls made from now on: conv_relu, or conv_relu_pool (a pair and its pooling)."""
+    calls: list[str] = []
 
-    def counting(conv, x):
-        calls.append(1)
-        return conv_relu(conv, x)
+    def counting(name):
+        function = getattr(fused, name)
 
-    monkeypatch.setattr(fused, "conv_relu", counting)
+        def counted(conv, x):
+            calls.append(name)
+            return function(conv, x)
+        return counted
+
+    for name in ("conv_relu", "conv_relu_pool"):
+        monkeypatch.setattr(fused, name, counting(name))
     return calls
 
 
@@ -81,6 +86,38 @@ def test_in_training_the_fused_pairs_give_the_modules_gradients_bit_for_bit(monk
     assert torch.equal(got, expected) and model.features[0].weight.grad is None
     assert all(torch.equal(a, b) for a, b in zip(got_grads, expected_grads, strict=True))
     assert len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.features)
+    assert calls.count("conv_relu_pool") == sum(isinstance(m, torch.nn.MaxPool2d) for m in model.features)
+
+
+@pytest.mark.parametrize("size", [(36, 44), (33, 35)])
+def test_a_pooling_that_drops_a_row_or_a_column_gives_the_modules_gradients(monkeypatch, size):
+    """Where a 2x2 pooling floors an odd side, the values it leaves out get no gradient, fused or not."""
+    model = tiny_net(monkeypatch, channels_last=True).eval()
+    x = torch.randn(2, 3, *size).contiguous(memory_format=torch.channels_last)
+    weights = list(model.features.parameters())
+
+    def gradients(trunk):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = trunk(x)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        return out, torch.autograd.grad((out.float() * upstream).sum(), weights)
+
+    expected, expected_grads = gradients(model.features)
+    calls = calls_of_fused_convolutions(monkeypatch)
+    got, got_grads = gradients(lambda t: run_trunk(model.features, t))
+    assert "conv_relu_pool" in calls and torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, expected_grads, strict=True))
+
+
+def test_a_tapped_relu_before_a_pooling_is_kept_in_training(monkeypatch):
+    """extract of a ReLU's output that a pooling follows, with autograd: the pair is fused, the pooling apart."""
+    model = tiny_net(monkeypatch).eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    expected = model.features[:2](x)
+    calls = calls_of_fused_convolutions(monkeypatch)
+    got = model.extract(x, ["relu1_1", "pool1"])
+    assert calls == ["conv_relu"] and torch.equal(got["relu1_1"], expected)
+    assert torch.equal(got["pool1"], F.max_pool2d(expected, 2, 2))
 
 
 def test_a_gradient_of_a_gradient_is_the_modules(monkeypatch):
