@@ -160,7 +160,8 @@ def read_voc_xml(path: Path) -> list[Box]:
         values = bndbox_values(obj)
         if values is None:
             raise UserError(f"{path}:{lines[obj]}: an object without a complete bndbox")
-        boxes.append(pixel_box(obj.findtext("name"), list(values), f"{path}:{lines[obj.find('bndbox')]}"))
+        name = obj.findtext("name")  # a pretty-printer puts it on its own line: spaces around it are not its
+        boxes.append(pixel_box(name and name.strip(), list(values), f"{path}:{lines[obj.find('bndbox')]}"))
     return boxes
 
 

@@ -126,6 +126,15 @@ def test_voc_annotations_give_every_object_with_its_class(tmp_path):
     assert table["img1"] == [Box("n01", 5, 6, 21, 31, f"{xml}:1"), Box("n02", 0, 0, 10, 10, f"{xml}:1")]
 
 
+def test_a_class_name_on_its_own_line_is_the_name_without_the_spaces(tmp_path):
+    """As a pretty-printer writes it, and as the VOC readers of ``transfer`` read it."""
+    xml = tmp_path / "Annotations" / "img1.xml"
+    xml.parent.mkdir()
+    xml.write_text("<annotation>\n <object>\n  <name>\n   red\n  </name>\n  <bndbox><xmin>5</xmin><ymin>6</ymin>"
+                   "<xmax>20</xmax><ymax>30</ymax></bndbox>\n </object>\n</annotation>\n")
+    assert [box.label for box in read_boxes(tmp_path / "Annotations")["img1"]] == ["red"]
+
+
 def test_the_kaggle_solution_file(tmp_path):
     path = tmp_path / "LOC_val_solution.csv"
     path.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 10 20 30 40 n01751748 0 0 5 5 \n")
