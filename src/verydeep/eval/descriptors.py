@@ -22,6 +22,7 @@ from torch import Tensor
 
 from verydeep.data import Preprocess
 from verydeep.errors import UserError
+from verydeep.eval.nets import refuse_repeats
 from verydeep.io.sources import load
 from verydeep.nn.model import DenseVGG
 from verydeep.runtime.device import prepare
@@ -98,9 +99,11 @@ def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: t
     autocast dtype the net runs under, when given."""
     if not sources:
         raise UserError("give --weights SOURCE (or --raw-pixels SIDE)")
-    nets = []
+    nets, seen = [], []
     for source in sources:
         loaded = load(source, weights_dir, data=data, purpose="give FC7 features")
+        seen.append((source, loaded.model, loaded.preprocess, loaded.recipe))
+        refuse_repeats(seen, "--weights")  # stacked with itself, a net's descriptor is only longer
         digest = weights_digest(loaded.model)  # of the weights as stored, whatever dtype they run in
         model = prepare(loaded.model, device, dtype=dtype).eval()
         nets.append(FeatureNet(str(source), loaded.name, model.dense(), loaded.preprocess, model.input_size,

@@ -131,6 +131,15 @@ def test_several_nets_stack_their_descriptors(net, photos, tmp_path):
     assert [n["source"] for n in two.settings["nets"]] == [str(net), str(other)]
 
 
+def test_a_net_given_twice_is_refused(net, photos, tmp_path):
+    """Stacked with itself a net's descriptor is only longer, labelled as two nets: refused, by file or by weights."""
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(net, copy)
+    for sources in ([net, net], [net, copy]):
+        with pytest.raises(UserError, match=r"^--weights .*: the weights of --weights .* again; give each net once$"):
+            extract_features(sources, photos, settings=settings())
+
+
 def test_stored_features_are_plain_numpy(net, photos, tmp_path):
     out = tmp_path / "features.npz"
     result = extract_features([net], photos, out, settings())
