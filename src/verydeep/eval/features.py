@@ -126,8 +126,9 @@ def raw_pixel_features(data: str | Path, side: int, settings: Settings | None = 
     with progress_bar(sum(map(len, batches)), settings.progress and Processes.from_env().main, unit="img",
                       desc=f"pixels {side}x{side}") as bar:
         for indices, batch, lost in loaded_batches(dataset, batches, settings.workers):
-            values = batch.reshape(len(indices), -1).float().numpy() / 255
-            pixels[indices] = values - values.mean(axis=1, keepdims=True)
+            if len(indices):  # not a batch of unreadable images only
+                values = batch.reshape(len(indices), -1).float().numpy() / 255
+                pixels[indices] = values - values.mean(axis=1, keepdims=True)
             skipped.update(lost)
             bar.update(len(indices) + len(lost))
     sharding.gather_rows(pixels, [i for batch in batches for i in batch])

@@ -68,8 +68,6 @@ def open_image_set(data: str | Path) -> ImageSet:
 def loaded_batches(dataset: LabelledImages, batches: Sequence[list[int]], workers: int,
                    ) -> Iterator[tuple[np.ndarray, Tensor, list[str]]]:
     """The batches of ``dataset``: the indices of the images read, the uint8 images, the paths skipped."""
-
-
     loader = image_loader(dataset, batches, workers, collate)
     for batch in loader:
         yield batch.labels.numpy(), batch.images, batch.skipped

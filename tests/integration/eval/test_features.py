@@ -211,6 +211,18 @@ def test_unreadable_images_are_skipped_and_named(net, tmp_path):
     assert result.skipped == [str(bad)] and str(bad) not in result.paths and len(result.paths) == 16
 
 
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_a_batch_of_unreadable_images_only_is_skipped(net, tmp_path, batch_size):
+    """With batches of one image an unreadable one is a batch without images: skipped, by the net and the pixels."""
+    root = write_dataset(tmp_path / "data", {"train": 2, "test": 2})
+    bad = root / "test" / "class1" / "bad.png"
+    bad.write_bytes(b"not an image")
+    for result in (extract_features([net], root, settings=settings(batch_size=batch_size)),
+                   raw_pixel_features(root, 8, settings(batch_size=batch_size))):
+        assert result.skipped == [str(bad)] and str(bad) not in result.paths and len(result.paths) == 16
+        assert np.allclose(np.linalg.norm(result.features, axis=1), 1, atol=1e-5)
+
+
 def test_raw_pixels_baseline(photos):
     result = raw_pixel_features(photos, 8, settings())
     assert result.features.shape == (12, 3 * 8 * 8)
