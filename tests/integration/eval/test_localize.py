@@ -176,6 +176,22 @@ def test_protocol_one_clips_the_nets_box_to_the_image_as_the_whole_image_baselin
     assert result.whole_image_error == 0.0 and result.localisation_error == 0.0
 
 
+def test_protocol_ones_errors_are_the_fractions_of_the_images_counted(boxed, tmp_path):
+    """Over 7 validation images with a box, 3 of them the whole image: the whole-image baseline is wrong on 4/7."""
+    root, classifier = boxed
+    val = sorted((root / "val").rglob("*.png"))[:7]
+    lines = [f"{p.relative_to(root).as_posix()} 8 6 35 33" for p in sorted((root / "train").rglob("*.png"))]
+    lines += [f"{p.relative_to(root).as_posix()} {'0 0 43 39' if i < 3 else '8 6 35 33'}" for i, p in enumerate(val)]
+    boxes = tmp_path / "boxes.txt"
+    boxes.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "loc"
+    train(tiny(root, run, epochs=1, scale=(32, 32), batch_norm=True, weights=str(classifier)),
+          task=Localisation("scr", boxes=boxes))
+    result = evaluate_center(run, root, boxes=boxes, progress=False)
+    assert result.images == 7 and result.whole_image_error == 100 * 4 / 7
+    assert result.localisation_error in {100 * wrong / 7 for wrong in range(8)}
+
+
 def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, capsys):
     root, classifier = boxed
     run = tmp_path / "loc"

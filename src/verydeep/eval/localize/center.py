@@ -101,7 +101,7 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
             wrong_counts += torch.stack([wrong(guess, batch.boxes).sum() for guess in guesses])
             images += len(batch.images)
     *summed, total = sharding.total(torch.tensor([*wrong_counts.tolist(), images], dtype=torch.float64)).tolist()
-    wrong_counts, images = torch.tensor(summed), int(total)
+    wrong_counts, images = torch.tensor(summed, dtype=torch.float64), int(total)
     if not images:
         raise UserError(f"{data}: no readable validation image with a box")
     net_error, whole, *centre = (100.0 * wrong_counts / images).tolist()
