@@ -47,6 +47,7 @@ from verydeep.data.jpeg import Size, decoded_size
 from verydeep.data.transforms import CropPlan, PlannedTransform, render
 from verydeep.data.voc import parse_with_lines
 from verydeep.errors import MissingFileError, UserError
+from verydeep.runtime.processes import Processes
 
 log = logging.getLogger("verydeep.data")
 
@@ -414,7 +415,7 @@ def with_boxes(images: LabelledImages, matched: dict[str, list[Box]], transform:
     folder = getattr(images, "root", "the data")
     if not kept:
         raise UserError(f"{folder}: no readable image has a box of its class")
-    if missing:
+    if missing and Processes.from_env().main:  # every process reads the whole list: one says it
         log.warning("skipped %d images of %s without a box of their class (or unreadable), e.g. %s", len(missing),
                     folder, missing[0])
     images.keep(kept)

@@ -33,6 +33,7 @@ from verydeep.data.decode import image_size
 from verydeep.data.voc import IGNORED, NEGATIVE, POSITIVE, parse_annotation
 from verydeep.errors import MissingFileError, UserError
 from verydeep.runtime.limits import whole_number
+from verydeep.runtime.processes import Processes
 
 log = logging.getLogger("verydeep.data")
 
@@ -276,7 +277,7 @@ def open_voc_action(root: str | Path) -> VOCActionData:
             splits.append(split)
     if not samples:
         raise UserError(f"{root}: its action lists name no person whose image can be read")
-    if images.skipped:
+    if images.skipped and Processes.from_env().main:  # every process reads the whole list: one says it
         log.warning("skipped %d unreadable images of %s, e.g. %s", len(images.skipped), root, images.skipped[0])
     return VOCActionData(samples, np.stack(labels), splits, actions, images.skipped)
 

@@ -90,6 +90,20 @@ def test_a_box_follows_its_image_through_the_same_draws(tmp_path, transform):
     assert str(path).endswith("x.png")
 
 
+@pytest.mark.parametrize("rank, said", [("0", 1), ("1", 0)])
+def test_images_without_a_box_are_named_by_the_first_process_alone(tmp_path, caplog, monkeypatch, rank, said):
+    """Under torchrun every process matches the whole list: the warning comes once, from the first."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rectangle_image(tmp_path / "a" / "x.png")
+    rectangle_image(tmp_path / "a" / "y.png")
+    transform = CenterCropTransform(36, 32)
+    with caplog.at_level("WARNING"):
+        boxed = boxed_images(ImageFolder(tmp_path, transform), {"a/x.png": [Box(None, 20, 10, 50, 40)]}, tmp_path,
+                             transform)
+    assert len(boxed) == 1 and sum("without a box" in r.getMessage() for r in caplog.records) == said
+
+
 def test_collate_pads_boxes_with_nan(tmp_path):
     image = torch.zeros(3, 4, 4, dtype=torch.uint8)
     items = [(Boxed(image, torch.ones(1, 4), torch.zeros(4)), 0, "a"),
