@@ -36,6 +36,7 @@ from verydeep.bench.settings import Settings, add_net_options
 #: Each kind of operator by the names of the aten operators it covers (the first match wins).
 KINDS = {
     "conv backward": ("convolution_backward",),
+    # "_convolution" also covers oneDNN's convolution with its ReLU (mkldnn::_convolution_pointwise)
     "conv forward": ("mkldnn_convolution", "_convolution", "convolution", "conv2d", "_nnpack", "slow_conv"),
     "matrix products": ("addmm", "mm", "bmm", "linear", "matmul"),
     "pooling": ("max_pool", "adaptive_avg_pool"),
@@ -43,7 +44,11 @@ KINDS = {
     "update": ("_fused_sgd", "_foreach_", "sgd"),
     "finiteness check": ("linalg_vector_norm", "_foreach_norm", "isfinite", "stack"),
     "casts and copies": ("_to_copy", "copy_", "to", "clone", "contiguous", "empty_like"),
+    "compiled graphs": ("## Call CompiledFxGraph",),  # a compiled update, or a compiled step's fused loops
 }
+#: The profiler's entries counted on a CPU: the operators (oneDNN's fused convolution is ``mkldnn::``) and the
+#: compiled graphs, each once (the entries above them, Python functions and modules, hold them).
+COUNTED = ("aten::", "mkldnn::", "## Call CompiledFxGraph")
 #: Each kind of GPU kernel by words in its name (lower case; the first match wins).
 KERNEL_KINDS = {
     "compiled (Triton)": ("triton",),
@@ -60,7 +65,7 @@ KERNEL_KINDS = {
 
 def kind_of(name: str, kinds: dict[str, tuple[str, ...]] = KINDS) -> str:
     """The kind an operator's name falls under (``other`` when none)."""
-    bare = name.removeprefix("aten::")
+    bare = name.removeprefix("aten::").removeprefix("mkldnn::")
     for kind, names in kinds.items():
         if any(bare == n or bare.startswith(n) for n in names):
             return kind
@@ -93,7 +98,7 @@ def profile_step(step: Callable[[], float], batch: int, device: torch.device) ->
         seconds = batch / step()
     averages = prof.key_averages()
     result = {"seconds_per_step": round(seconds, 4),
-              "cpu": shares(((e.key, e.self_cpu_time_total) for e in averages if e.key.startswith("aten::")), kind_of)}
+              "cpu": shares(((e.key, e.self_cpu_time_total) for e in averages if e.key.startswith(COUNTED)), kind_of)}
     if cuda:
         kernels = ((e.key, e.self_device_time_total) for e in averages if e.device_type == DeviceType.CUDA)
         result["gpu"] = shares(kernels, kernel_kind)
