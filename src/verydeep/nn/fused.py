@@ -184,8 +184,10 @@ def _plain_2x2_pool(module: nn.Module) -> bool:
 
 def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()) -> Iterator[tuple[int, Tensor]]:
     """``(i, output of features[i])`` in order. On a CPU each convolution followed by a ReLU runs as one call
-    (:func:`conv_relu`), giving the ReLU's index alone, unless the convolution's own output is ``kept``, and
-    without autograd each 2x2 max-pooling as :func:`max_pool_2x2`; never a module a forward hook watches."""
+    (:func:`conv_relu`), giving the ReLU's index alone, unless the convolution's own output is ``kept``; with
+    autograd, with the 2x2 max-pooling after it unless the ReLU's output is kept (:func:`conv_relu_pool`, giving
+    the pooling's index alone); without autograd each 2x2 max-pooling runs as :func:`max_pool_2x2`; never a
+    module a forward hook watches."""
     return _trunk_outputs(features, x, kept, _fast(x))
 
 
