@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import Sampler, get_worker_info
 
 from verydeep.data.datasets import LabelledImages
-from verydeep.data.transforms import resized_size
+from verydeep.data.transforms import oversized, oversized_at, resized_size
 from verydeep.errors import UserError
 
 
@@ -92,7 +92,8 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
 
     Sizes come from the image headers, read once per dataset. Groups appear in the order of
     their first image, indices ascending within a group; unreadable images form their own
-    group (their samples come out as skipped).
+    group (their samples come out as skipped). An image too large to test at Q (a long strip) is refused
+    here, naming it: skipped as unreadable, it would leave the rows at other scales too.
     """
 
     def __init__(self, dataset: LabelledImages, q: int, batch_size: int) -> None:
@@ -101,6 +102,8 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
         groups: dict[tuple[int, int] | None, list[int]] = {}
         for index, size in enumerate(dataset.image_sizes()):
             key = resized_size(size, q) if size is not None else None
+            if key is not None and oversized(key):
+                raise UserError(f"{dataset.samples[index][0]}: {oversized_at(q, key)}; give a smaller test scale")
             groups.setdefault(key, []).append(index)
         self.batches = [
             indices[i : i + batch_size] for indices in groups.values() for i in range(0, len(indices), batch_size)

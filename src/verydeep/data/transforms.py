@@ -195,11 +195,21 @@ class RescaleTransform(PlannedTransform):
 
     def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
         out = resized_size(size, self.q)
-        if out[0] * out[1] > MAX_TEST_PIXELS:  # a long strip: its short side at Q, its long side far beyond
-            raise ValueError(f"rescaled to Q = {self.q} it would be {out[0]} x {out[1]} pixels, above the "
-                             f"{MAX_TEST_PIXELS / 1e6:.1f} M pixels a test image may have")
+        if oversized(out):  # a long strip: its short side at Q, its long side far beyond
+            raise ValueError(oversized_at(self.q, out))
         k = reduction(size, out, reducible and self.reduce)
         return CropPlan(k, (0, 0, *decoded_size(size, k)), out, False)
+
+
+def oversized(out: Size) -> bool:
+    """An image of ``out`` (w, h) pixels is more than a test image may have (:data:`MAX_TEST_PIXELS`)."""
+    return out[0] * out[1] > MAX_TEST_PIXELS
+
+
+def oversized_at(q: int, out: Size) -> str:
+    """Why an image rescaled to ``q`` at ``out`` (w, h) pixels cannot be tested."""
+    return (f"rescaled to Q = {q} it would be {out[0]} x {out[1]} pixels, above the {MAX_TEST_PIXELS / 1e6:.1f} M "
+            "pixels a test image may have")
 
 
 @dataclass(frozen=True)
@@ -224,7 +234,7 @@ class CenterCropTransform(PlannedTransform):
 
     def plan(self, size: Size, reducible: bool, generator: torch.Generator | None = None) -> CropPlan:
         out = resized_size(size, self.resize)
-        if out[0] * out[1] <= MAX_TEST_PIXELS:
+        if not oversized(out):
             return CropPlan(1, (0, 0, *size), out, False, center_box(out, self.crop))
         k = reduction(size, out, reducible)
         box = center_box(decoded_size(size, k), region_side(size, self.resize, self.crop, k))

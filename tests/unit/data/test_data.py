@@ -697,6 +697,16 @@ def test_size_grouped_batches_hold_equal_sizes(tmp_path):
         assert batch.images.shape[2] == 15 or batch.images.shape[3] == 15
 
 
+def test_an_image_too_large_at_q_is_refused_naming_it_not_skipped_as_unreadable(tmp_path):
+    """Skipped, a long strip readable at every other Q would leave their rows too: refused, with the image and Q."""
+    make_tree(tmp_path, {"a": [(40, 30), (30, 40)], "b": [(20, 90)]})
+    ds = ImageFolder(tmp_path, RescaleTransform(15))
+    assert len(SizeGroupedBatchSampler(ds, q=900, batch_size=2)) == 3  # 900 x 4050 pixels: within the bound
+    with pytest.raises(UserError, match=r"^\S+b/0\.jpg: rescaled to Q = 1000 it would be 1000 x 4500 pixels, above "
+                                        r"the 4\.2 M pixels a test image may have; give a smaller test scale$"):
+        SizeGroupedBatchSampler(ds, q=1000, batch_size=2)
+
+
 def test_collate_drops_bad_samples_and_names_them():
     good = torch.zeros(3, 4, 4, dtype=torch.uint8)
     batch = collate([(good, 1, "a.jpg"), (None, 2, "bad.jpg"), (good + 1, 3, "c.jpg")])
