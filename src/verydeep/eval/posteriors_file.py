@@ -48,6 +48,36 @@ def load_posteriors(path: str | Path) -> Posteriors:
     missing = [f"row{j}" for j in range(len(names)) if f"row{j}" not in saved]
     if missing:
         raise UserError(f"{path}: not a verydeep posteriors file (no {', '.join(missing)})")
+    _check_arrays(path, saved)
     return Posteriors(arrays={key: array for key, array in saved.items() if ARRAY_KEY.fullmatch(key)},
                       targets=saved["targets"], paths=saved["paths"].tolist(), readable=saved["readable"],
                       rows={name: saved[f"row{j}"] for j, name in enumerate(names)})
+
+
+def _check_arrays(path: str | Path, saved: dict[str, np.ndarray]) -> None:
+    """Every array of a posteriors file as :func:`save_posteriors` writes it: the per-image arrays of one length N,
+    ``readable`` a mask, each posterior array (N or the readable count, classes) with finite values in [0, 1] on
+    the readable images and every readable target one of its classes; else one line naming the file and array."""
+    targets, readable = saved["targets"], saved["readable"]
+    n = len(targets)
+    shapes = {key: saved[key].shape for key in ("targets", "paths", "readable", "row_names")}
+    if any(len(shape) != 1 for shape in shapes.values()) or {shapes["paths"][0], shapes["readable"][0]} != {n}:
+        raise UserError(f"{path}: targets, paths, readable and row_names must be lists, the first three of one "
+                        f"length; got shapes {shapes}")
+    if readable.dtype != bool or targets.dtype.kind not in "iu":
+        raise UserError(f"{path}: readable must be booleans and targets integers; got {readable.dtype} and "
+                        f"{targets.dtype}")
+    labels = targets[readable]
+    arrays = {key: n for key in saved if ARRAY_KEY.fullmatch(key)}  # a row for every image, NaN if unread
+    arrays |= {f"row{j}": len(labels) for j in range(len(saved["row_names"]))}  # a row for every image read
+    for key, rows in arrays.items():
+        whole = saved[key]
+        if whole.ndim != 2 or whole.shape[0] != rows or whole.dtype.kind != "f":
+            raise UserError(f"{path}: {key} must be {rows} rows of class posteriors; got {whole.dtype} of shape "
+                            f"{whole.shape}")
+        values = whole[readable] if ARRAY_KEY.fullmatch(key) else whole
+        if not (np.isfinite(values).all() and values.min(initial=0) >= 0 and values.max(initial=0) <= 1):
+            raise UserError(f"{path}: {key} holds posteriors that are not finite numbers in [0, 1]")
+        if len(labels) and not (labels.min() >= 0 and labels.max() < whole.shape[1]):
+            raise UserError(f"{path}: targets outside the {whole.shape[1]} classes of {key}: from {labels.min()} to "
+                            f"{labels.max()}")

@@ -268,7 +268,10 @@ def test_fusion_is_the_hand_average_of_the_members_posteriors_scored():
 def test_the_posteriors_file_round_trips(folder, checkpoint, second, tmp_path):
     result = run([checkpoint, second], folder, protocols=("dense", "center"), keep_posteriors=True)
     kept = result.posteriors
-    kept.readable[3] = False  # as an unread image would be
+    kept.readable[3] = False  # as an unread image would be: its rows NaN, and no row of its own in the rows'
+    for array in kept.arrays.values():
+        array[3] = np.nan
+    kept.rows = {name: np.delete(posteriors, 3, axis=0) for name, posteriors in kept.rows.items()}
     write_outputs(result, tmp_path / "arrays")
     save_posteriors(tmp_path / "rows.npz", kept, rows=True)
     arrays_only = load_posteriors(tmp_path / "arrays" / "posteriors.npz")  # eval --out's file: no rows
@@ -289,6 +292,22 @@ def test_the_posteriors_file_round_trips(folder, checkpoint, second, tmp_path):
     np.savez(tmp_path / "foreign.npz", targets=kept.targets)
     with pytest.raises(UserError, match=r"foreign\.npz: not a verydeep posteriors file \(no paths, readable"):
         load_posteriors(tmp_path / "foreign.npz")
+    with np.load(tmp_path / "rows.npz") as npz:
+        good = dict(npz)
+    for change, message in [
+            ({"row0": np.where(good["row0"] == good["row0"].max(), np.inf, good["row0"])}, r"row0 holds posteriors "
+             "that are not finite numbers in \\[0, 1\\]"),
+            ({"net1_dense_Q36": -good["net1_dense_Q36"]}, "net1_dense_Q36 holds posteriors that are not finite"),
+            ({"targets": np.where(np.arange(len(good["targets"])) == 0, 99, good["targets"])},
+             r"targets outside the 3 classes of net0_dense_Q32: from 0 to 99"),
+            ({"targets": good["targets"] + 0.5}, "readable must be booleans and targets integers; got bool and float"),
+            ({"readable": good["readable"][:5]}, r"targets, paths, readable and row_names must be lists, the first"),
+            ({"row1": good["row1"][:3]}, r"row1 must be 11 rows of class posteriors; got float32 of shape \(3, 3\)"),
+            ({"net0_dense_Q32": good["net0_dense_Q32"].ravel()}, r"net0_dense_Q32 must be 12 rows of class"),
+            ({"row_names": good["row_names"][None]}, "targets, paths, readable and row_names must be lists")]:
+        np.savez(tmp_path / "bad.npz", **(good | change))
+        with pytest.raises(UserError, match=r"^\S*bad\.npz: " + message):
+            load_posteriors(tmp_path / "bad.npz")
 
 
 def test_given_scales_limit_and_class_mismatch(folder, checkpoint, tmp_path):
