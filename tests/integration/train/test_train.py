@@ -119,6 +119,22 @@ def test_resume_stopping_at_a_step_already_done_is_refused_and_leaves_the_run(da
     assert train(tiny(data, tmp_path, epochs=2, resume=True, stop_after_steps=7)).steps == 7
 
 
+def test_a_crashed_run_resumes_though_its_own_checkpoint_every_has_no_step_left(data, tmp_path, capsys,
+                                                                                monkeypatch):
+    """--resume alone, or torchrun restarting the command: the run's --checkpoint-every acted before the crash."""
+    args = ["train", "--data", str(data), "--out", str(tmp_path), "--device", "cpu", "--workers", "0", "--no-progress",
+            "--width", "0.0625", "--crop", "32", "--scale", "32:40", "--batch-size", "16", "--precision", "fp32"]
+    crashing = [*args, "--epochs", "2", "--checkpoint-every", "3"]
+    assert main([*crashing, "--stop-after-steps", "7"]) == 0  # last.pt at step 6 of 8: no multiple of 3 left
+    assert main(["train", "--out", str(tmp_path), "--resume", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 8
+    assert main([*crashing, "--overwrite", "--stop-after-steps", "7"]) == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the same command again, after the crash
+    assert main(crashing) == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 8
+    assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "3", "--checkpoint-every", "7"]) == 2
+    assert "--checkpoint-every 7: no step from 9 to the last" in capsys.readouterr().err  # a new one: refused
+
+
 def test_plateau_divides_by_ten_after_patience_at_most_three_times_then_stops():
     schedule = Schedule(lr=0.01, patience=2, max_drops=3)
     assert schedule.update(1, 50.0) and schedule.lr == 0.01
