@@ -64,6 +64,19 @@ class Schedule:
         self.lr, self.best, self.bad = state["lr"], state["best"], state["bad"]
         self.since_best = state.get("since_best", state["bad"])  # older checkpoints counted only ``bad``
         self.drops, self.stopped = state["drops"], state["stopped"]
+        if self.stopped:
+            self._ask_again_whether_stopped()
+
+    def _ask_again_whether_stopped(self) -> None:
+        """A stop the stored rule decided, decided again by this one (a resume may give another ``patience``,
+        ``max_drops``, ``stop_patience`` or milestones): a drop the stored rule had no more of is made now, as
+        it would have been at that validation, and the run goes on unless this rule stops it too."""
+        by_stop_patience = self.stop_patience is not None and self.since_best >= self.stop_patience
+        if not self.milestones and self.bad >= self.patience and self.drops < self.max_drops:
+            self.lr /= 10
+            self.drops += 1
+            self.bad = 0
+        self.stopped = by_stop_patience or (not self.milestones and self.bad >= self.patience)
 
 
 @dataclass

@@ -216,7 +216,8 @@ class Trainer:
         check_resumable(self.run_dir, state["recipe"], self.record)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        self.schedule.load_state_dict(state["schedule"])  # a stop asked again under the schedule given now
+        self._set_lr(self.schedule.lr)
         self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
         self.totals = EpochTotals(**state["partial"])
         if self.cfg.micro_batch is None:  # the micro-batch it was trained with (fitted, or the whole batch)

@@ -167,6 +167,40 @@ def test_stop_patience_stops_a_run_that_stopped_improving_whatever_the_lr():
     assert resumed.stopped  # the count since the best survives a checkpoint
 
 
+def test_a_stopped_schedule_resumed_under_another_rule_goes_on_as_that_rule_says():
+    """A resume with more --max-drops, more --patience, another --stop-patience or milestones decides the stop
+    again: the drop the stored rule had no more of is made at once; the same rule stays stopped."""
+    stopped = Schedule(lr=0.01, patience=1, max_drops=0)
+    stopped.update(1, 50.0)
+    stopped.update(2, 49.0)
+    assert stopped.stopped and stopped.drops == 0
+    for rule, (lr, drops, still) in [(dict(patience=1, max_drops=0), (0.01, 0, True)),
+                                     (dict(patience=1, max_drops=3), (0.01 / 10, 1, False)),
+                                     (dict(patience=2, max_drops=0), (0.01, 0, False)),
+                                     (dict(milestones=[5]), (0.01, 0, False)),
+                                     (dict(patience=1, max_drops=3, stop_patience=1), (0.01 / 10, 1, True))]:
+        resumed = Schedule(lr=0.01, **rule)
+        resumed.load_state_dict(stopped.state_dict())
+        assert (resumed.lr, resumed.drops, resumed.stopped) == (lr, drops, still), rule
+    by_patience = Schedule(lr=0.01, stop_patience=1)
+    by_patience.update(1, 50.0)
+    by_patience.update(2, 49.0)
+    resumed = Schedule(lr=0.01, stop_patience=3)
+    resumed.load_state_dict(by_patience.state_dict())
+    assert by_patience.stopped and not resumed.stopped and resumed.drops == 0
+
+
+def test_a_run_stopped_on_a_plateau_trains_on_when_resumed_with_more_drops(data, tmp_path, capsys):
+    args = ["train", "--data", str(data), "--out", str(tmp_path), "--device", "cpu", "--workers", "0", "--no-progress",
+            "--width", "0.0625", "--crop", "32", "--scale", "32:40", "--batch-size", "16", "--precision", "fp32",
+            "--lr", "1e-12", "--epochs", "4", "--patience", "1", "--max-drops", "0"]  # the weights stay: no improving
+    assert main(args) == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["stopped"] == "plateau"
+    assert main(["train", "--out", str(tmp_path), "--resume", "--max-drops", "1", "--no-progress"]) == 0
+    resumed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert resumed["epochs"] == 3 and resumed["stopped"] == "plateau" and resumed["lr"] == 1e-12 / 10
+    assert json.loads((tmp_path / "recipe.json").read_text())["max_drops"] == 1
+
+
 def test_the_trainers_fused_update_is_plain_sgd(data, tmp_path):
     """The trainer's optimizer (one fused kernel) makes the update of torch's plain SGD loop, with the
     gradients autograd gives (laid out as their channels-last weights)."""
