@@ -559,12 +559,21 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
         if not (stored.get("data") or recipe.get("data") or given.get("data")):
             raise UserError(f"{stored_settings_file(given['out'])}: names no training data (a damaged run record?); "
                             "give --data")
+        if given.get("data") is None and recipe.get("data") is None:
+            stored["data"] = recorded_data(stored)
         settings.update(stored)
         refuse_changed_settings(stored, given, recipe)
     settings.update(recipe)
     settings.update(given)
     refuse_plateau_flags_beside_milestones(settings, given)
     return settings
+
+
+def recorded_data(stored: dict[str, Any]) -> str:
+    """A resumed run's data folder: the path it had when the run was recorded (a relative ``--data`` resolved
+    then, so a resume from another working directory reads the same images), else ``--data`` as given then."""
+    resolved = stored.get("data_resolved")
+    return resolved if isinstance(resolved, str) and Path(resolved).is_dir() else stored["data"]
 
 
 def refuse_changed_settings(stored: dict[str, Any], given: dict[str, Any], recipe: dict[str, Any]) -> None:

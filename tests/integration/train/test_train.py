@@ -135,6 +135,20 @@ def test_a_crashed_run_resumes_though_its_own_checkpoint_every_has_no_step_left(
     assert "--checkpoint-every 7: no step from 9 to the last" in capsys.readouterr().err  # a new one: refused
 
 
+def test_a_run_given_relative_data_resumes_from_another_working_directory(data, tmp_path, capsys, monkeypatch):
+    """The record keeps where --data was: a relative path read again from elsewhere would be other images, or none."""
+    monkeypatch.chdir(data.parent)
+    run = tmp_path / "run"
+    assert main(["train", "--data", data.name, "--out", str(run), "--device", "cpu", "--workers", "0", "--no-progress",
+                 "--width", "0.0625", "--crop", "32", "--scale", "32:40", "--batch-size", "16", "--precision", "fp32",
+                 "--epochs", "2", "--stop-after-steps", "5"]) == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / data.name).mkdir()  # another folder of that name here: not the run's
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 8
+    assert json.loads((run / "recipe.json").read_text())["data"] == str(data.resolve())
+
+
 def test_plateau_divides_by_ten_after_patience_at_most_three_times_then_stops():
     schedule = Schedule(lr=0.01, patience=2, max_drops=3)
     assert schedule.update(1, 50.0) and schedule.lr == 0.01
