@@ -112,10 +112,7 @@ class Trainer:
             set_rng_state(rng)
         self.sampler, self.loader, self.val_loader = self.data.loaders(procs, self.micro_batch, self.pre,
                                                                        self.workers, self.device)
-        # a resumed run's own --checkpoint-every (retyped, or torchrun's restart of the command) acted before
-        every = self.cfg.checkpoint_every
-        own_every = self.cfg.resume and stored_settings(self.run_dir).get("checkpoint_every") == every
-        refuse_idle_step_flags(self.cfg, self.sampler.steps_per_epoch, self.step, self.run_dir, not own_every)
+        refuse_idle_step_flags(self.cfg, self.sampler.steps_per_epoch, self.step, self.run_dir)
         self.checkpoints.clear(self.cfg)  # all checked: a refused run leaves an old one in --out as it was
         if not self.cfg.resume:
             self.metrics.open()
@@ -404,12 +401,11 @@ def given_settings(cfg: TrainConfig, given: Mapping[str, str] | Collection[str] 
     return {name: flag_of(name) for name in (changed_settings(cfg) if given is None else given)}
 
 
-def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, run_dir: Path,
-                           new_every: bool = True) -> None:
-    """Raise :class:`UserError` when ``--stop-after-steps`` or a ``new_every`` ``--checkpoint-every`` (a resumed
-    run's own has acted before, and may have no step left) could not act in the steps from ``done`` (a resumed
-    run's) to the last of ``--epochs``; a run with no step left has nothing for them to act on
-    (:meth:`Trainer.run` says it has finished)."""
+def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, run_dir: Path) -> None:
+    """Raise :class:`UserError` when ``--stop-after-steps`` or a new ``--checkpoint-every`` (a resumed run's own,
+    retyped or given again by torchrun's restart of the command, has acted before, and may have no step left)
+    could not act in the steps from ``done`` (a resumed run's) to the last of ``--epochs``; a run with no step
+    left has nothing for them to act on (:meth:`Trainer.run` says it has finished)."""
     last = cfg.epochs * steps_per_epoch
     if done >= last:
         return
@@ -421,6 +417,7 @@ def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, ru
         raise UserError(f"--stop-after-steps {cfg.stop_after_steps} is beyond the run's last step ({budget}), "
                         "so it would never stop it")
     every = cfg.checkpoint_every
+    new_every = not cfg.resume or stored_settings(run_dir).get("checkpoint_every") != every
     if every and new_every and (done // every + 1) * every > last:
         raise UserError(f"--checkpoint-every {every}: no step from {done + 1} to the last ({budget}) is a "
                         "multiple of it, so it would never write; lower it")
