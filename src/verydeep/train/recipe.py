@@ -162,8 +162,9 @@ class TrainConfig:
                              "deeper nets only from A's weights, Sec. 3.1), xavier/glorot, kaiming", "model",
                        choices=PROTOCOLS)
     weights: str | None = option(None, f"the weights to start from, {WEIGHTS_HELP}: their architecture, input "
-                                       "convention and crop (unless --crop is given), every layer that fits "
-                                       "copied, FC8 new when the classes differ",
+                                       "convention and crop (unless --crop is given; a crop other than 224 brings "
+                                       "their training scale too, unless --scale is given), every layer that "
+                                       "fits copied, FC8 new when the classes differ",
                                  "model")
     warm_start: bool = option(False, "with --weights of another configuration (net A's run), build the net --config "
                                      "names and copy A's first four convs and FC6-8 into it, the rest random "
