@@ -203,7 +203,24 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
     linked = {folder: _linked_targets(folder) for _, folder in data} if outputs else {}
     for out_option, out in outputs:
         _refuse_overwriting_what_is_read(out_option, out, read, weights_folders)
+        _refuse_replacing_a_runs_files(out_option, out)
         _refuse_writing_in_data(out_option, out, data, linked)
+
+
+def _refuse_replacing_a_runs_files(out_option: str, out: Path) -> None:
+    """An output file that would replace a training run's own file (its record, metrics or exported weights, a
+    file in its ``checkpoints/``), read or not by this command, is a :class:`UserError`: the run's files stay as
+    trained (``train`` writes its run through ``--out``, a folder; ``plot`` its curves by default)."""
+    if not isinstance(out, OutputFile):
+        return
+    run = _run_holding(out.absolute())
+    if run is None:
+        return
+    files = RunDir(run)
+    if out.absolute().parent == files.checkpoints.absolute() or out.name in (
+            files.record.name, files.metrics.name, files.model.name):
+        raise UserError(f"{out}: {out_option} would replace a file of the training run {run}, whose files stay as "
+                        "trained; write it elsewhere")
 
 
 def _refuse_overwriting_what_is_read(out_option: str, out: Path, read: list[tuple[str, Path, Path]],

@@ -74,6 +74,22 @@ def test_export_and_convert_refuse_to_write_in_the_run_directory_they_read(run, 
     assert contents(run) == before
 
 
+def test_no_output_file_replaces_a_file_of_another_training_run(run, tmp_path, capsys):
+    """A run not read by the command keeps its files as trained: its exported weights, record, metrics and
+    checkpoints; a file of a new name in it, and its curves (``plot`` draws them there), may be written."""
+    other = write_classifier(tmp_path / "other.pt", seed=1, classes=2)
+    (run / "recipe.json").write_text("{}")
+    before = contents(run)
+    for name in ("model.safetensors", "recipe.json", "metrics.jsonl", "checkpoints/epoch-0001.safetensors"):
+        refused(["convert", str(other), str(run / name)], capsys, str(run / name), "OUT.safetensors",
+                f"would replace a file of the training run {run}")
+    refused(["export", "--weights", str(other), "--format", "torchscript", str(run / "model.safetensors")], capsys,
+            "would replace a file of the training run")
+    assert contents(run) == before
+    allowed(["convert", str(other), str(run / "converted.safetensors")])
+    allowed(["export", "--weights", str(other), "--format", "onnx", str(run / "curves.png")])
+
+
 def test_the_file_a_weights_name_reads_is_not_overwritten(run, tmp_path, capsys):
     folder = tmp_path / "weights"
     published = folder / "VGG_ILSVRC_16_layers.caffemodel"  # the file caffe-vgg16 names
