@@ -11,7 +11,9 @@ of their own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -73,10 +75,27 @@ def refuse_other_warm_start(cfg: TrainConfig, source: dict[str, Any]) -> None:
 def checked_settings(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainConfig, LoadedNet | None]:
     """A new run's settings checked and those ``--weights`` decide taken (:func:`adopt_weights`): each option
     alone before any file is read, then all of them together, the crop the weights may decide among them."""
-    cfg.check_each()
+    with named_by_origin(given):
+        cfg.check_each()
     adopted, published = adopt_weights(cfg, given)
-    adopted.check()
+    with named_by_origin(given):
+        adopted.check()
     return adopted, published
+
+
+@contextmanager
+def named_by_origin(given: Mapping[str, str]) -> Iterator[None]:
+    """A :class:`UserError` of the settings' checks, which name each setting by its flag, naming those a recipe
+    or the stored run gave by where they came from (``--recipe r.toml's patience``)."""
+    try:
+        yield
+    except UserError as error:
+        message = str(error)
+        for name, origin in given.items():
+            if origin != flag_of(name):
+                flag = rf"(?<![\w-]){re.escape(flag_of(name))}(?![\w-])"
+                message = re.sub(flag, lambda _, text=origin: text, message)
+        raise UserError(message) from None
 
 
 def adopt_weights(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainConfig, LoadedNet | None]:

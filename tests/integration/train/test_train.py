@@ -296,6 +296,23 @@ def test_a_recipe_s_plateau_settings_give_way_to_milestones_given_on_the_command
         settings_from_flags({"recipe": "a-paper", "milestones": "30,60", "max_drops": 3})
 
 
+@pytest.mark.parametrize("text, flags, message", [
+    ('patience = 3\nmilestones = "2"\n', [], "{recipe}'s milestones 2 replaces the plateau rule, so {recipe}'s "
+     "patience 3 would be ignored"),
+    ("patience = 3\n", ["--milestones", "2"], "--milestones 2 replaces the plateau rule, so {recipe}'s patience 3"),
+    ('scale = "16"\n', [], "{recipe}'s scale needs crop <= Smin <= Smax; got scale 16:16 with crop 32"),
+])
+def test_a_setting_a_recipe_gave_is_named_as_the_recipe_s_in_the_checks_of_all_settings(data, tmp_path, capsys,
+                                                                                       text, flags, message):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", str(path), "--crop", "32",
+            "--epochs", "3", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.format(recipe=f"--recipe {path}") in err and err.count("\n") == 1, err
+
+
 def test_milestones_given_from_python_are_checked_as_the_flags_are(data, tmp_path):
     with pytest.raises(UserError, match="--milestones 2,2: an epoch is listed twice"):
         train(tiny(data, tmp_path, epochs=3, milestones=[2, 2], patience=TrainConfig.patience))
