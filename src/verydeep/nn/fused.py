@@ -3,11 +3,13 @@ without the indices it would keep for a backward pass.
 
 VGG's trunk is thirteen to sixteen conv + ReLU pairs and five 2x2 max-poolings (Sec. 2.1). Run one
 module at a time, each ReLU reads and writes back the whole activation the convolution has just
-written; oneDNN applies the ReLU as the convolution writes its output, with the same arithmetic (the
-same values, bit for bit, for a finite input: its ReLU maps NaN to 0, so a non-finite one takes the
-modules). In training the pair's backward pass is the modules' own (ReLU's gradient from the output, then
-the convolution's), so the gradients are the same bit for bit too, and the pairs of small outputs stay
-modules; a NaN arising inside the net shows in the gradients (whose check skips the step), not in the loss.
+written; oneDNN applies the ReLU as the convolution writes its output, with the same arithmetic where torch's
+own convolution is oneDNN's too (the same values, bit for bit: a pair torch would convolve otherwise, one small
+fp32 image, takes the modules). Its ReLU maps NaN to 0 where ``nn.ReLU`` keeps it, so a convolution is fused
+only where it cannot overflow (a bound from the input's largest magnitude and the weights, asked at each call):
+a non-finite input, or a NaN that would arise inside the net, comes out as through the modules. In training the
+pair's backward pass is the modules' own (ReLU's gradient from the output, then the convolution's), so the
+gradients are the same bit for bit too, and the pairs of small outputs stay modules.
 torch's max-pooling on a CPU computes and writes an int64 index for every output, four times the bytes of a
 bf16 output, even where no gradient will need them; without autograd the maxima of the four shifted views are
 the same values without them (training keeps torch's pooling: the maximum's gradient splits ties where
@@ -18,12 +20,14 @@ which takes ReLU's gradient at the pooled output, a quarter of the values (:clas
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
+from torch.utils.weak import WeakIdKeyDictionary
 
 #: The dtypes oneDNN's fused convolution takes (float64 is not among them).
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,20 +55,56 @@ def _fusable() -> bool:
 
 
 def _fast(x: Tensor) -> bool:
-    """The fused path applies: ``x`` on a CPU, oneDNN's fused convolution at hand, and ``x`` floating-point and
-    finite (oneDNN's fused ReLU maps NaN to 0, where ``nn.ReLU`` keeps it; weights are checked finite when
-    loaded, and a training step with a non-finite gradient is skipped)."""
+    """The fused path applies: ``x`` a plain tensor on a CPU (a subclass's own dispatch sees the modules),
+    batched and floating-point, and oneDNN's fused convolution at hand."""
     # integer images and arrays: the modules refuse them; float64: oneDNN has no kernel for it; an unbatched
     # (C, H, W) crop: oneDNN's convolution takes batches only
-    return (isinstance(x, Tensor) and x.device.type == "cpu" and x.dim() == 4 and x.dtype in FUSED_DTYPES
-            and _fusable() and _finite(x))
+    return (type(x) is Tensor and x.device.type == "cpu" and x.dim() == 4 and x.dtype in FUSED_DTYPES
+            and _fusable())
 
 
-def _finite(x: Tensor) -> bool:
-    """Every element of ``x`` is finite: its sum is (a NaN or an infinity makes it NaN or infinite; a sum
-    overflowing only sends a finite input to the modules). One pass over ``x``, a fraction of
-    ``isfinite().all()``'s."""
-    return bool(torch.isfinite(x.detach().sum(dtype=torch.float32)))
+def _compute_dtype(conv: nn.Conv2d) -> torch.dtype:
+    """The dtype ``conv`` runs in: autocast's, else its weight's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv.weight.dtype
+
+
+def _overflow_free(features: nn.Sequential, x: Tensor) -> set[int]:
+    """The indices of the convolutions of ``features`` that cannot overflow on ``x``. oneDNN's fused ReLU maps NaN
+    to 0 where ``nn.ReLU`` keeps it, and with finite inputs and weights a NaN arises only from an overflow (inf -
+    inf), so a pair whose convolution cannot overflow gives the modules' values. The bound: the input's largest
+    magnitude (NaN or infinite: no convolution), through each convolution times its largest sum of absolute
+    weights over an output, plus its largest bias, and through ReLU, max-pooling, dropout and LRN (k >= 1), which
+    never raise it; past any other module it is lost."""
+    bound, safe = (float(x.detach().abs().amax()) if x.numel() else 0.0), set()
+    for i, module in enumerate(features):
+        if isinstance(module, nn.Conv2d):
+            weights, bias = _largest_output_weights(module)
+            bound = bound * weights + bias
+            if bound < torch.finfo(_compute_dtype(module)).max / 4:  # a margin for the sums' rounding (NaN: never)
+                safe.add(i)
+        elif not (isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity))
+                  or (isinstance(module, nn.LocalResponseNorm) and module.k >= 1)):
+            bound = math.inf
+    return safe
+
+
+#: Each convolution's :func:`_largest_output_weights`, with the versions, places and dtypes of its weight and bias
+#: they were taken at (taken again when either changes: every step in training).
+_OUTPUT_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _largest_output_weights(conv: nn.Conv2d) -> tuple[float, float]:
+    """The largest sum of absolute weights over one of ``conv``'s outputs, and its largest absolute bias: no output
+    exceeds the first times the input's largest magnitude, plus the second."""
+    tensors = [t.detach() for t in (conv.weight, conv.bias) if t is not None]
+    key = [(t._version, t.data_ptr(), t.dtype) for t in tensors]
+    cached = _OUTPUT_WEIGHTS.get(conv)
+    if cached is None or cached[0] != key:
+        weight, *bias = tensors
+        sums = weight.abs().sum(dim=tuple(range(1, weight.dim())), dtype=torch.float32)
+        largest = (float(sums.amax()) if sums.numel() else 0.0, float(bias[0].abs().amax()) if bias else 0.0)
+        cached = _OUTPUT_WEIGHTS[conv] = (key, largest)
+    return cached[1]
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -131,14 +171,18 @@ class ConvReLUPool(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> Tensor:
         y = _convolution_relu(x, weight, bias, conv)
         pooled, indices = torch.ops.aten.max_pool2d_with_indices(y, [2, 2], [2, 2])
-        ctx.save_for_backward(x, weight, y, pooled, indices)
+        ctx.save_for_backward(x, weight, y, indices)
+        # the output, kept aside from autograd's saved tensors, which refuse an output changed in place (pooling's
+        # module keeps its input alone): changed, it is pooled again from y
+        ctx.pooled, ctx.pooled_version = pooled.detach(), pooled._version
         ctx.conv, ctx.has_bias = conv, bias is not None
         ctx.mark_non_differentiable(indices)
         return pooled
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, y, pooled, indices = ctx.saved_tensors
+        x, weight, y, indices = ctx.saved_tensors
+        pooled = ctx.pooled if ctx.pooled._version == ctx.pooled_version else torch.max_pool2d(y, 2, 2)
         grad = torch.ops.aten.threshold_backward(grad, pooled, 0)
         grad = torch.ops.aten.max_pool2d_with_indices_backward(grad, y, [2, 2], [2, 2], [0, 0], [1, 1], False,
                                                                 indices)
@@ -188,24 +232,26 @@ def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()
     autograd, with the 2x2 max-pooling after it unless the ReLU's output is kept (:func:`conv_relu_pool`, giving
     the pooling's index alone); without autograd each 2x2 max-pooling runs as :func:`max_pool_2x2`; never a
     module a forward hook watches."""
-    return _trunk_outputs(features, x, kept, _fast(x))
+    fast = _fast(x)
+    return _trunk_outputs(features, x, kept, fast, _overflow_free(features, x) if fast else set())
 
 
-def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fast: bool
+def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fast: bool, safe: Collection[int]
                    ) -> Iterator[tuple[int, Tensor]]:
-    """:func:`trunk_outputs`, fused where ``fast`` (:func:`_fast` of the input, asked once)."""
+    """:func:`trunk_outputs`, fused where ``fast`` (:func:`_fast` of the input, asked once), each convolution
+    only if ``safe`` (:func:`_overflow_free`)."""
     pool_fast = fast and not torch.is_grad_enabled()
     modules = list(features)
     i = 0
     while i < len(modules):
         module, following, after = (modules[j] if j < len(modules) else None for j in (i, i + 1, i + 2))
-        if fast and _fusable_pair(module, following, x) and i not in kept:
+        if i in safe and i not in kept and _fusable_pair(module, following, x):
             if torch.is_grad_enabled() and i + 1 not in kept and _plain_2x2_pool(after) and not _hooked(after):
                 x, i = conv_relu_pool(module, x), i + 2
             else:
                 x, i = conv_relu(module, x), i + 1
-        elif pool_fast and _plain_2x2_pool(module) and not _hooked(module) and x.dim() == 4:
-            x = max_pool_2x2(x)
+        elif pool_fast and _plain_2x2_pool(module) and not _hooked(module) and min(x.shape[-2:]) >= 2:
+            x = max_pool_2x2(x)  # a side below 2: the module's own error (no output)
         else:
             x = module(x)
         yield i, x
@@ -216,7 +262,30 @@ def _fusable_pair(conv: nn.Module, relu: nn.Module | None, x: Tensor) -> bool:
     """``conv`` then ``relu`` can run as one call on ``x``: exactly these classes (a subclass's own forward, a
     fake-quantised weight, is not the fused call's), zero padding, no hooks, and worth it at ``x``'s size."""
     return (type(conv) is nn.Conv2d and type(relu) is nn.ReLU and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple) and not (_hooked(conv) or _hooked(relu)) and _worth_fusing(conv, x))
+            and isinstance(conv.padding, tuple) and not (_hooked(conv) or _hooked(relu)) and _worth_fusing(conv, x)
+            and _same_kernel_as_torch(conv, x))
+
+
+#: torch convolves one fp32 image of at most this many input elements with its own kernel, not oneDNN's (aten's
+#: ``use_mkldnn``), whose sums round otherwise.
+NATIVE_CONV_ELEMENTS = 20480
+
+
+def _same_kernel_as_torch(conv: nn.Conv2d, x: Tensor) -> bool:
+    """torch's own convolution of ``x`` by ``conv`` would be oneDNN's too (aten's ``use_mkldnn``), so the fused
+    call's sums are the same: ``x`` in the weights' dtype or under autocast (the modules refuse mixed dtypes),
+    bf16 and fp16 where oneDNN takes them, fp32 but for one small image, or a 1x1 kernel on one thread below
+    16 images."""
+    dtype = _compute_dtype(conv)
+    if not torch.is_autocast_enabled("cpu") and x.dtype != dtype:
+        return False
+    if dtype != torch.float32:
+        supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                     torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
+        return supported is not None and supported()
+    if conv.kernel_size == (1, 1) and x.shape[0] < 16 and torch.get_num_threads() == 1:
+        return False
+    return x.shape[0] > 1 or x.numel() > NATIVE_CONV_ELEMENTS or conv.groups > 1
 
 
 def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
@@ -227,6 +296,6 @@ def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
     if first is None or _hooked(features) or not _fast(x) or not _worth_fusing(first, x):
         return features(x)
     out = x
-    for _, output in _trunk_outputs(features, x, (), True):
+    for _, output in _trunk_outputs(features, x, (), True, _overflow_free(features, x)):
         out = output
     return out

@@ -143,7 +143,7 @@ def test_what_the_fused_pairs_cannot_do_takes_the_modules(monkeypatch):
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: run_trunk(model.features, t).sum(), (x,), fast_mode=True)
     model.float()
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)  # two images: torch's convolution of one small one is not oneDNN's
     grad = torch.func.grad(lambda t: run_trunk(model.features, t).sum())(x)
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
@@ -210,6 +210,89 @@ def test_a_nan_in_the_input_comes_through_as_through_the_modules(monkeypatch):
         model(np.zeros((1, 3, 32, 32), np.float32))
 
 
+def modules(model, x):
+    """The trunk run module by module, as ``nn.Sequential`` runs it."""
+    return torch.nn.Sequential.__call__(model.features, x)
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_a_nan_arising_inside_the_net_comes_out_as_through_the_modules(monkeypatch, precision):
+    """Finite weights so large that the second convolution overflows: oneDNN's ReLU would make its NaN 0, and the
+    net's outputs ordinary posteriors; the pairs past the first take the modules."""
+    model = vgg("A", width=1 / 16, input_size=32, num_classes=5).eval()
+    with torch.no_grad():
+        for i in (0, 3):
+            model.features[i].weight.mul_(1e20)
+    x = torch.randn(2, 3, 32, 32)
+    calls = calls_of_fused_convolutions(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision != torch.float32):
+        got, expected = model(x), model.classifier(torch.flatten(modules(model, x), 1))
+    assert got.isnan().all() and torch.equal(got.isnan(), expected.isnan()) and calls == ["conv_relu"]
+
+
+def test_one_small_fp32_image_which_torch_convolves_with_its_own_kernel_takes_the_modules(monkeypatch):
+    """torch's convolution of one fp32 image of up to 20480 values is its own, whose sums round otherwise than
+    oneDNN's: fused, relu1_1 differed by 5e-7. Two images, or a larger one, are oneDNN's either way."""
+    torch.manual_seed(0)
+    model = vgg("D", width=1 / 4, input_size=32, num_classes=10).eval()
+    calls = calls_of_fused_convolutions(monkeypatch)
+    for x in (torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(1, 3, 96, 96)):
+        with torch.no_grad():
+            got = model.extract(x, ["relu1_1", "relu3_3", "pool5"])
+            expected = {name: model.features[:int(model.tap_names[name].split(".")[1]) + 1](x) for name in got}
+        assert all(torch.equal(got[name], expected[name]) for name in got)
+    assert calls  # the two images, and the larger one
+
+
+def test_a_pooled_output_changed_in_place_gives_the_modules_gradients(monkeypatch):
+    """Pooling's module keeps its input alone: its output may change in place before the backward pass."""
+    model = tiny_net(monkeypatch)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+
+    def gradient(trunk):
+        x.grad = None
+        trunk(x).mul_(2).sum().backward()
+        return x.grad
+
+    calls = calls_of_fused_convolutions(monkeypatch)
+    assert torch.equal(gradient(lambda t: run_trunk(model.features, t)), gradient(lambda t: modules(model, t)))
+    assert "conv_relu_pool" in calls
+
+
+def test_what_the_modules_refuse_the_fused_trunk_refuses(monkeypatch):
+    """An input too small for the last pooling, a bf16 input to fp32 weights without autocast, an fp32 input to
+    float64 weights: torch's own errors, not empty maps or oneDNN's casts."""
+    model = vgg("A", width=1 / 16, input_size=32, num_classes=5).eval()
+    calls = calls_of_fused_convolutions(monkeypatch)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="Output size is too small"):
+            model.dense().extract(torch.randn(2, 3, 16, 16), ["pool5"])
+        assert calls  # the pairs before the last pooling
+        calls.clear()
+        with pytest.raises(RuntimeError, match="should be the same"):
+            model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+        with pytest.raises(RuntimeError, match="should be the same"):
+            model.double()(torch.randn(2, 3, 32, 32))
+    assert not calls
+
+
+def test_a_tensor_subclass_sees_the_modules(monkeypatch):
+    """A subclass's own dispatch (``__torch_function__``) sees every convolution, as through the modules."""
+    seen: list[str] = []
+
+    class Watched(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", ""))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    model = vgg("A", width=1 / 16, input_size=32, num_classes=5).eval()
+    calls = calls_of_fused_convolutions(monkeypatch)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32).as_subclass(Watched))
+    assert not calls and seen.count("conv2d") == 8
+
+
 def test_compiling_sees_the_modules(monkeypatch):
     calls = calls_of_fused_convolutions(monkeypatch)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -225,7 +308,7 @@ def test_a_convolution_a_hook_watches_runs_on_its_own(monkeypatch):
     handle = model.features[3].register_forward_hook(lambda module, inputs, output: seen.append(module))
     calls = calls_of_fused_convolutions(monkeypatch)
     with torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))
+        model(torch.randn(2, 3, 32, 32))
     handle.remove()
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.features)
     assert seen == [model.features[3]] and len(calls) == convs - 1
