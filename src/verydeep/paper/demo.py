@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from verydeep.options import add_device, add_progress, output_dir, positive_int
-from verydeep.paper.presets import PRESETS
+from verydeep.paper.presets import PRESETS, within_budget
 from verydeep.paper.reproduce import reproduce
 from verydeep.runtime.device import pick_device
 
@@ -55,16 +56,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-
     start = time.time()
     out = Path(args.out)
     pick_device(args.device)  # checked before the digits are written into --out
     data = write_digits(out / "data")
     preset = PRESETS["digits"]
     if args.epochs is not None:
-        preset = replace(preset, epochs=args.epochs)
+        preset = within_budget(replace(preset, epochs=args.epochs))
     from verydeep.cli import command_line  # the command line's module imports this one
 
     report = reproduce(data, preset, "digits", out, device=args.device, progress=args.progress,

@@ -174,6 +174,12 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def within_budget(preset: Preset) -> Preset:
+    """``preset`` without its early stop where its budget gives a net too few validations for it to act: not in
+    force, so not reported either."""
+    return replace(preset, stop_patience=None) if (preset.stop_patience or 0) >= preset.epochs else preset
+
+
 def acting(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` without the preset's early stop where its net validates too few times for it to act (a short
     budget): training refuses a setting that could not take effect."""

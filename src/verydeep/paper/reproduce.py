@@ -34,7 +34,7 @@ from verydeep.options import (
 )
 from verydeep.paper.claims import Claim, claims
 from verydeep.paper.measure import fusions
-from verydeep.paper.presets import NETS, PRESETS, PROTOCOLS, Preset
+from verydeep.paper.presets import NETS, PRESETS, PROTOCOLS, Preset, within_budget
 from verydeep.paper.reproduction_plots import plot
 from verydeep.paper.reproduction_report import NetRecord, PaperTable, net_record, paper_tables, report_markdown
 from verydeep.paper.train_nets import shard_of, train_and_measure
@@ -150,14 +150,15 @@ def run_cli(args: argparse.Namespace) -> None:
     preset = replace(PRESETS[args.preset], **{k: v for k, v in changes.items() if v is not None})
     if preset.val_split is not None:
         preset = replace(preset, limit_val=None)  # the held-out training images are the validation set
-    if preset.stop_patience is not None and preset.stop_patience >= preset.epochs:  # a validation an epoch
-        if args.stop_patience is not None:
-            raise UserError(f"--stop-patience {args.stop_patience}: a net validates {preset.epochs} time(s) (--budget "
-                            f"{preset.epochs}), so it could never stop early; lower it or raise --budget")
-        preset = replace(preset, stop_patience=None)  # the preset's, beyond a short budget: not in force, not reported
+    if args.stop_patience is not None and args.stop_patience >= preset.epochs:  # a validation an epoch
+        raise UserError(f"--stop-patience {args.stop_patience}: a net validates {preset.epochs} time(s) (--budget "
+                        f"{preset.epochs}), so it could never stop early; lower it or raise --budget")
+    preset = within_budget(preset)  # the preset's own, beyond a short budget
     if preset.milestones and max(preset.milestones) >= preset.epochs:
-        raise UserError(f"--milestones {','.join(map(str, preset.milestones))}: each must be below the epoch budget "
-                        f"{preset.epochs} (--budget)")
+        shown = ",".join(map(str, preset.milestones))
+        given = f"--milestones {shown}" if args.milestones else f"--preset {args.preset}'s milestones {shown}"
+        raise UserError(f"{given}: each must be below the epoch budget {preset.epochs} (--budget)"
+                        + ("" if args.milestones else "; raise --budget, or give --milestones"))
     if args.nets is not None:
         named = [n.strip() for n in args.nets.split(",") if n.strip()]
         wanted = tuple(dict.fromkeys(named))

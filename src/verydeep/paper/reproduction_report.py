@@ -129,9 +129,11 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
     """The report's list of settings: data, command, hardware and time, the nets' recipe."""
     total = sum(seconds.values())
     seeded = sorted({n.base for n in preset.members() if n.seed > 0})  # the nets trained again
+    deeper = set(preset.nets) - {"A", "A-LRN"}  # the nets the paper starts from others' weights
     start = ("the paper's (Sec. 3.1): A and A-LRN from random weights, B-E from A's first four convs and FC6-8, "
              f"S = 384 from S = 256 and the jittered nets from S = 384 at lr {preset.finetune_lr:g} for at most "
-             f"{preset.finetune_epochs} epochs" if preset.protocol == "paper" else "every net from random weights")
+             f"{preset.finetune_epochs} epochs" if preset.protocol == "paper" and deeper
+             else "every net from random weights")
     stop = f"; a net stops once validation has not improved for {preset.stop_patience} epochs" \
         if preset.stop_patience else ""
     schedule = (f"lr {preset.lr:g} divided by 10 after epochs {', '.join(map(str, preset.milestones))} (a fixed "

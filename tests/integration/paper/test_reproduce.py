@@ -21,9 +21,10 @@ from verydeep.paper.demo import DIGIT_NAMES, write_digits
 from verydeep.paper.figures import single_test_scale
 from verydeep.paper.measure import Measured, evaluate_net, fuse, fusions
 from verydeep.paper.plot import read_metrics
-from verydeep.paper.presets import NETS, PRESETS, Net, Preset
+from verydeep.paper.presets import NETS, PRESETS, Net, Preset, within_budget
 from verydeep.paper.reproduce import reproduce
 from verydeep.paper.reproduction_plots import ERROR_BARS, errors_figure
+from verydeep.paper.reproduction_report import _settings_lines
 from verydeep.paper.train_nets import shard_of
 from verydeep.runtime.processes import Processes
 from verydeep.train import Trainer, train
@@ -398,6 +399,18 @@ def test_reproduce_refuses_a_milestone_past_the_budget(tmp_path, capsys):
     args = ["reproduce", "--data", str(tmp_path), "--preset", "cifar10-depth", "--budget", "10", "--milestones", "5,10"]
     assert main(args) == 2
     assert "--milestones 5,10: each must be below the epoch budget 10" in capsys.readouterr().err
+    assert main(args[:-2]) == 2  # the preset's own milestones, which no flag gave
+    assert ("--preset cifar10-depth's milestones 25,35,40: each must be below the epoch budget 10 (--budget); raise "
+            "--budget, or give --milestones") in capsys.readouterr().err
+
+
+def test_a_preset_s_early_stop_that_a_short_budget_leaves_idle_is_neither_used_nor_reported():
+    """The demo's and reproduce's budget: a net validates once an epoch, so a stop after more epochs than the
+    budget could never act; the report describes only the rules in force, and only the nets trained."""
+    preset = within_budget(replace(PRESETS["digits"], epochs=2, stop_patience=4))
+    assert preset.stop_patience is None and within_budget(replace(preset, epochs=5, stop_patience=4)).stop_patience == 4
+    lines = "\n".join(_settings_lines(preset, Path("data"), "cpu", "verydeep demo", {"A": 1.0}))
+    assert "stops once validation" not in lines and "every net from random weights" in lines and "B-E" not in lines
 
 
 @pytest.mark.parametrize("options, message", [
