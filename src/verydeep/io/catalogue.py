@@ -54,3 +54,15 @@ def known_weights() -> dict[str, KnownWeights]:
         file = f"{net}_weights_tf_dim_ordering_tf_kernels{'_notop' if notop else ''}.h5"
         known[name] = KnownWeights(name, file, KERAS_URL + file, md5=md5)
     return known
+
+
+#: The configuration (Table 1) of each depth a published name carries.
+CONFIG_OF_DEPTH = {11: "A", 13: "B", 16: "D", 19: "E"}
+
+
+def named_net(name: str) -> dict[str, object]:
+    """What the published file of ``name`` holds: its configuration, batch norm or not, full width, and, but for
+    Keras' notop files, ImageNet's 1000 classes."""
+    depth = int(name.split("vgg")[1].split("_")[0].split("-")[0])
+    net: dict[str, object] = {"config": CONFIG_OF_DEPTH[depth], "batch_norm": name.endswith("_bn"), "width": 1.0}
+    return net if name.endswith("notop") else net | {"num_classes": 1000}

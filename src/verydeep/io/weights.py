@@ -41,7 +41,7 @@ from torch import Tensor
 
 from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess
 from verydeep.errors import UserError
-from verydeep.io.catalogue import NAMES
+from verydeep.io.catalogue import NAMES, known_weights, named_net
 from verydeep.io.checkpoint import (
     check_checkpoint,
     export_safetensors,
@@ -141,6 +141,30 @@ def load_published(source: str | Path, weights_dir: str | Path | None = None) ->
     Anything else, damaged or hostile is a one-line :class:`UserError` naming the file.
     """
     path = resolve_source(source, weights_dir)
+    published = _read_published(path)
+    if str(source) in NAMES and path.name == known_weights()[str(source)].file:
+        check_named(str(source), published.recipe, path)
+    return published
+
+
+def check_named(name: str, recipe: dict[str, Any], path: Path) -> None:
+    """The file a published name found is that name's net (:func:`named_net`), not another file put under its
+    official name; else a :class:`UserError` naming both."""
+    wanted = named_net(name)
+    held = {key: recipe.get(key) for key in wanted}
+    if held != wanted:
+        raise UserError(f"{path}: the file of {name} holds {describe_net(held)}, not {describe_net(wanted)}; delete it "
+                        f"and run `verydeep download {name}`")
+
+
+def describe_net(net: dict[str, Any]) -> str:
+    """``VGG-D, batch norm, width 1, 1000 classes`` of a net's configuration keys."""
+    parts = [f"VGG-{net['config']}" + (" with batch norm" if net["batch_norm"] else ""), f"width {net['width']:g}"]
+    return ", ".join(parts + ([f"{net['num_classes']} classes"] if "num_classes" in net else []))
+
+
+def _read_published(path: Path) -> Published:
+    """:func:`load_published` of the file or folder ``path``."""
     kind = sniff(path)
     if kind == "safetensors":
         if "recipe" not in safetensors_metadata(path):  # a state dict saved by others: torchvision's layout

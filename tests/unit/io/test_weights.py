@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from verydeep.cli import main
 from verydeep.data import IMAGENET, Preprocess, to_input
 from verydeep.errors import MissingFileError, UserError
-from verydeep.io.catalogue import NAMES, known_weights
+from verydeep.io import weights
+from verydeep.io.catalogue import NAMES, known_weights, named_net
 from verydeep.io.checkpoint import export_safetensors, save_checkpoint
 from verydeep.io.download import download, refuse_unused_weights_dir
 from verydeep.io.formats.caffe import caffe_net_class
@@ -438,17 +439,34 @@ def test_a_name_without_its_file_says_which_file_from_where_to_where(tmp_path, m
         assert f"verydeep download {name}" in message
 
 
-def test_a_name_finds_its_file_whose_content_decides(tmp_path):
+def narrow_names(monkeypatch):
+    """Each name's file as these tests write them: the name's configuration at width 1/16 with 10 classes."""
+    monkeypatch.setattr(weights, "named_net", lambda name: named_net(name) | {"width": 1 / 16, "num_classes": 10})
+
+
+def test_a_name_finds_its_file_which_must_hold_the_names_net(tmp_path, monkeypatch):
     assert len(NAMES) == 14
-    torchvision_file(tmp_path / "vgg11-8a719046.pth", "E")  # an E under VGG-A's name: the keys decide
-    published = load_published("vgg11", weights_dir=tmp_path)
-    assert (published.format, published.recipe["config"]) == ("torchvision", "E")
+    torchvision_file(tmp_path / "vgg11-8a719046.pth", "A")  # full width and ImageNet's classes, but for the test's
+    with pytest.raises(UserError, match=r"vgg11-8a719046\.pth: the file of vgg11 holds VGG-A, width 0\.0625, 10 "
+                                        r"classes, not VGG-A, width 1, 1000 classes; delete it and run `verydeep "
+                                        r"download vgg11`"):
+        load_published("vgg11", weights_dir=tmp_path)
+    narrow_names(monkeypatch)
+    assert load_published("vgg11", weights_dir=tmp_path).format == "torchvision"
+    torchvision_file(tmp_path / "vgg11-8a719046.pth", "E")  # an E under VGG-A's name
+    with pytest.raises(UserError, match="the file of vgg11 holds VGG-E, width 0.0625, 10 classes, not VGG-A"):
+        load_published("vgg11", weights_dir=tmp_path)
+    torchvision_file(tmp_path / "vgg13-19584684.pth", "B", batch_norm=True)
+    with pytest.raises(UserError, match="the file of vgg13 holds VGG-B with batch norm, width 0.0625, 10 classes, not "
+                                        "VGG-B, width"):
+        load_published("vgg13", weights_dir=tmp_path)
     with pytest.raises(MissingFileError, match="vgg17: no such file or folder, nor a published weights name"):
         load_published("vgg17", tmp_path)
 
 
 def test_with_weights_dir_a_name_is_looked_up_there_past_a_file_of_that_name_in_the_working_folder(
         tmp_path, monkeypatch):
+    narrow_names(monkeypatch)
     folder = tmp_path / "weights"
     folder.mkdir()
     torchvision_file(folder / "vgg11-8a719046.pth", "A")
