@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
-from torch.utils.weak import WeakIdKeyDictionary
 
 #: The dtypes oneDNN's fused convolution takes (float64 is not among them).
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,43 +67,75 @@ def _compute_dtype(conv: nn.Conv2d) -> torch.dtype:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv.weight.dtype
 
 
-def _overflow_free(features: nn.Sequential, x: Tensor) -> set[int]:
-    """The indices of the convolutions of ``features`` that cannot overflow on ``x``. oneDNN's fused ReLU maps NaN
-    to 0 where ``nn.ReLU`` keeps it, and with finite inputs and weights a NaN arises only from an overflow (inf -
-    inf), so a pair whose convolution cannot overflow gives the modules' values. The bound: the input's largest
-    magnitude (NaN or infinite: no convolution), through each convolution times its largest sum of absolute
-    weights over an output, plus its largest bias, and through ReLU, max-pooling, dropout and LRN (k >= 1), which
-    never raise it; past any other module it is lost."""
-    bound, safe = (float(x.detach().abs().amax()) if x.numel() else 0.0), set()
-    for i, module in enumerate(features):
+#: A convolution is fused only where its outputs' bound stays this many times below the dtype's largest value (a
+#: margin for the sums' rounding).
+HEADROOM = 4.0
+
+
+class _Headroom:
+    """Whether a convolution of the trunk can overflow, asked before each is fused. oneDNN's fused ReLU maps NaN
+    to 0 where ``nn.ReLU`` keeps it, and with finite values and weights a NaN arises only from an overflow (inf -
+    inf), so a pair whose convolution cannot overflow gives the modules' values. The bound: the values' largest
+    magnitude, measured at the input, times each convolution's largest sum of absolute weights over an output,
+    plus its largest bias, kept through ReLU, max-pooling, dropout and LRN (k >= 1), which never raise it. Where
+    it grows too loose (a deep net, large weights), the values at hand are measured again; a non-finite one sends
+    the rest of the trunk to the modules."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.bound = _largest_magnitude(x)
+
+    def allows(self, conv: nn.Conv2d, x: Tensor) -> bool:
+        """``conv`` on ``x`` cannot overflow; if so, the bound moves past it."""
+        weights, bias = _largest_output_weights(conv)
+        limit = _largest_value(_compute_dtype(conv)) / HEADROOM
+        if not self.bound * weights + bias < limit and not math.isnan(self.bound):  # NaN: a NaN was measured
+            self.bound = _largest_magnitude(x)
+        if self.bound * weights + bias < limit:
+            self.bound = self.bound * weights + bias
+            return True
+        return False
+
+    def passes(self, module: nn.Module) -> None:
+        """The bound past ``module`` run as it is."""
         if isinstance(module, nn.Conv2d):
             weights, bias = _largest_output_weights(module)
-            bound = bound * weights + bias
-            if bound < torch.finfo(_compute_dtype(module)).max / 4:  # a margin for the sums' rounding (NaN: never)
-                safe.add(i)
+            self.bound = self.bound * weights + bias
         elif not (isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity))
                   or (isinstance(module, nn.LocalResponseNorm) and module.k >= 1)):
-            bound = math.inf
-    return safe
+            self.bound = math.inf
 
 
-#: Each convolution's :func:`_largest_output_weights`, with the versions, places and dtypes of its weight and bias
-#: they were taken at (taken again when either changes: every step in training).
-_OUTPUT_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+@functools.cache
+def _largest_value(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
+def _largest_magnitude(x: Tensor) -> float:
+    """The largest absolute value of ``x`` (NaN if it holds one), by two passes: half the time of one through a
+    copy of ``|x|``."""
+    x = x.detach()
+    return float(torch.maximum(x.amax(), -x.amin())) if x.numel() else 0.0
+
+
+#: The attribute a convolution keeps its :func:`_largest_output_weights` in.
+_OUTPUT_WEIGHTS = "_verydeep_largest_output_weights"
 
 
 def _largest_output_weights(conv: nn.Conv2d) -> tuple[float, float]:
     """The largest sum of absolute weights over one of ``conv``'s outputs, and its largest absolute bias: no output
     exceeds the first times the input's largest magnitude, plus the second."""
-    tensors = [t.detach() for t in (conv.weight, conv.bias) if t is not None]
-    key = [(t._version, t.data_ptr(), t.dtype) for t in tensors]
-    cached = _OUTPUT_WEIGHTS.get(conv)
+    tensors = (conv.weight,) if conv.bias is None else (conv.weight, conv.bias)
+    key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
+    # kept on the module with the versions, places and dtypes they were taken at: taken again when the weight or
+    # the bias changes (every step in training)
+    cached = conv.__dict__.get(_OUTPUT_WEIGHTS)
     if cached is None or cached[0] != key:
-        weight, *bias = tensors
+        weight, *bias = (t.detach() for t in tensors)
         sums = weight.abs().sum(dim=tuple(range(1, weight.dim())), dtype=torch.float32)
         largest = (float(sums.amax()) if sums.numel() else 0.0, float(bias[0].abs().amax()) if bias else 0.0)
-        cached = _OUTPUT_WEIGHTS[conv] = (key, largest)
+        cached = conv.__dict__[_OUTPUT_WEIGHTS] = (key, largest)
     return cached[1]
+
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -232,20 +263,21 @@ def trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int] = ()
     autograd, with the 2x2 max-pooling after it unless the ReLU's output is kept (:func:`conv_relu_pool`, giving
     the pooling's index alone); without autograd each 2x2 max-pooling runs as :func:`max_pool_2x2`; never a
     module a forward hook watches."""
-    fast = _fast(x)
-    return _trunk_outputs(features, x, kept, fast, _overflow_free(features, x) if fast else set())
+    return _trunk_outputs(features, x, kept, _fast(x))
 
 
-def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fast: bool, safe: Collection[int]
+def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fast: bool
                    ) -> Iterator[tuple[int, Tensor]]:
-    """:func:`trunk_outputs`, fused where ``fast`` (:func:`_fast` of the input, asked once), each convolution
-    only if ``safe`` (:func:`_overflow_free`)."""
+    """:func:`trunk_outputs`, fused where ``fast`` (:func:`_fast` of the input, asked once) and each convolution
+    cannot overflow (:class:`_Headroom`)."""
     pool_fast = fast and not torch.is_grad_enabled()
+    headroom = _Headroom(x) if fast else None
     modules = list(features)
     i = 0
     while i < len(modules):
         module, following, after = (modules[j] if j < len(modules) else None for j in (i, i + 1, i + 2))
-        if i in safe and i not in kept and _fusable_pair(module, following, x):
+        if (headroom is not None and i not in kept and _fusable_pair(module, following, x)
+                and headroom.allows(module, x)):
             if torch.is_grad_enabled() and i + 1 not in kept and _plain_2x2_pool(after) and not _hooked(after):
                 x, i = conv_relu_pool(module, x), i + 2
             else:
@@ -254,6 +286,8 @@ def _trunk_outputs(features: nn.Sequential, x: Tensor, kept: Collection[int], fa
             x = max_pool_2x2(x)  # a side below 2: the module's own error (no output)
         else:
             x = module(x)
+            if headroom is not None:
+                headroom.passes(module)
         yield i, x
         i += 1
 
@@ -266,6 +300,14 @@ def _fusable_pair(conv: nn.Module, relu: nn.Module | None, x: Tensor) -> bool:
             and _same_kernel_as_torch(conv, x))
 
 
+@functools.cache
+def _onednn_takes(dtype: torch.dtype) -> bool:
+    """torch convolves ``dtype`` (bf16, fp16) with oneDNN on this CPU (asked once)."""
+    supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                 torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
+    return supported is not None and bool(supported())
+
+
 #: torch convolves one fp32 image of at most this many input elements with its own kernel, not oneDNN's (aten's
 #: ``use_mkldnn``), whose sums round otherwise.
 NATIVE_CONV_ELEMENTS = 20480
@@ -276,13 +318,12 @@ def _same_kernel_as_torch(conv: nn.Conv2d, x: Tensor) -> bool:
     call's sums are the same: ``x`` in the weights' dtype or under autocast (the modules refuse mixed dtypes),
     bf16 and fp16 where oneDNN takes them, fp32 but for one small image, or a 1x1 kernel on one thread below
     16 images."""
-    dtype = _compute_dtype(conv)
-    if not torch.is_autocast_enabled("cpu") and x.dtype != dtype:
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else conv.weight.dtype
+    if not autocast and x.dtype != dtype:
         return False
     if dtype != torch.float32:
-        supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-                     torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
-        return supported is not None and supported()
+        return _onednn_takes(dtype)
     if conv.kernel_size == (1, 1) and x.shape[0] < 16 and torch.get_num_threads() == 1:
         return False
     return x.shape[0] > 1 or x.numel() > NATIVE_CONV_ELEMENTS or conv.groups > 1
@@ -296,6 +337,6 @@ def run_trunk(features: nn.Sequential, x: Tensor) -> Tensor:
     if first is None or _hooked(features) or not _fast(x) or not _worth_fusing(first, x):
         return features(x)
     out = x
-    for _, output in _trunk_outputs(features, x, (), True, _overflow_free(features, x)):
+    for _, output in _trunk_outputs(features, x, (), True):
         out = output
     return out

@@ -230,6 +230,22 @@ def test_a_nan_arising_inside_the_net_comes_out_as_through_the_modules(monkeypat
     assert got.isnan().all() and torch.equal(got.isnan(), expected.isnan()) and calls == ["conv_relu"]
 
 
+def test_a_bound_grown_too_loose_is_measured_again_from_the_values_at_hand(monkeypatch):
+    """The bound multiplies the weights' largest sums layer by layer, far above the values of a deep net: where it
+    would pass the limit, the values at hand are measured again, and every pair is still fused."""
+    monkeypatch.setattr(fused, "HEADROOM", torch.finfo(torch.float32).max / 1e4)  # a limit of 1e4
+    measured = []
+    largest = fused._largest_magnitude
+    monkeypatch.setattr(fused, "_largest_magnitude", lambda x: measured.append(1) or largest(x))
+    torch.manual_seed(0)
+    model = vgg("E", width=1 / 16, input_size=32, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls = calls_of_fused_convolutions(monkeypatch)
+    with torch.no_grad():
+        got, expected = run_trunk(model.features, x), modules(model, x)
+    assert torch.equal(got, expected) and len(calls) == 16 and len(measured) > 1
+
+
 def test_one_small_fp32_image_which_torch_convolves_with_its_own_kernel_takes_the_modules(monkeypatch):
     """torch's convolution of one fp32 image of up to 20480 values is its own, whose sums round otherwise than
     oneDNN's: fused, relu1_1 differed by 5e-7. Two images, or a larger one, are oneDNN's either way."""
