@@ -163,7 +163,7 @@ def conv_relu_pool(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 def _operands(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """``x`` and ``conv``'s weight and bias in the dtype autocast would give the convolution."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv.weight.dtype
+    dtype = _compute_dtype(conv)
     return x.to(dtype), conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
 
 
@@ -318,9 +318,8 @@ def _same_kernel_as_torch(conv: nn.Conv2d, x: Tensor) -> bool:
     call's sums are the same: ``x`` in the weights' dtype or under autocast (the modules refuse mixed dtypes),
     bf16 and fp16 where oneDNN takes them, fp32 but for one small image, or a 1x1 kernel on one thread below
     16 images."""
-    autocast = torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu") if autocast else conv.weight.dtype
-    if not autocast and x.dtype != dtype:
+    dtype = _compute_dtype(conv)
+    if not torch.is_autocast_enabled("cpu") and x.dtype != dtype:
         return False
     if dtype != torch.float32:
         return _onednn_takes(dtype)
