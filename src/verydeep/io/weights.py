@@ -158,7 +158,7 @@ def check_named(name: str, recipe: dict[str, Any], path: Path) -> None:
 
 
 def describe_net(net: dict[str, Any]) -> str:
-    """``VGG-D, batch norm, width 1, 1000 classes`` of a net's configuration keys."""
+    """``VGG-D with batch norm, width 1, 1000 classes``: a net by its configuration keys."""
     parts = [f"VGG-{net['config']}" + (" with batch norm" if net["batch_norm"] else ""), f"width {net['width']:g}"]
     return ", ".join(parts + ([f"{net['num_classes']} classes"] if "num_classes" in net else []))
 
