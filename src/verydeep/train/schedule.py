@@ -64,13 +64,13 @@ class Schedule:
         self.lr, self.best, self.bad = state["lr"], state["best"], state["bad"]
         self.since_best = state.get("since_best", state["bad"])  # older checkpoints counted only ``bad``
         self.drops, self.stopped = state["drops"], state["stopped"]
-        if self.stopped:
-            self._ask_again_whether_stopped()
+        self._judge_again()
 
-    def _ask_again_whether_stopped(self) -> None:
-        """A stop the stored rule decided, decided again by this one (a resume may give another ``patience``,
-        ``max_drops``, ``stop_patience`` or milestones): a drop the stored rule had no more of is made now, as
-        it would have been at that validation, and the run goes on unless this rule stops it too."""
+    def _judge_again(self) -> None:
+        """The stored state judged by this rule, which a resume may change (``patience``, ``max_drops``,
+        ``stop_patience``, milestones): a drop it calls for that the stored rule did not make (no drops left, or a
+        longer patience) is made now, as it would have been at that validation; the run stops if this rule
+        stops it, and goes on if only the stored one did. The same rule judges the same state the same."""
         by_stop_patience = self.stop_patience is not None and self.since_best >= self.stop_patience
         if not self.milestones and self.bad >= self.patience and self.drops < self.max_drops:
             self.lr /= 10

@@ -196,6 +196,16 @@ def test_a_stopped_schedule_resumed_under_another_rule_goes_on_as_that_rule_says
         resumed = Schedule(lr=0.01, **rule)
         resumed.load_state_dict(stopped.state_dict())
         assert (resumed.lr, resumed.drops, resumed.stopped) == (lr, drops, still), rule
+    going = Schedule(lr=0.01, patience=5)  # two validations without improving: within its patience
+    for epoch, top1 in enumerate([50.0, 49.0, 49.0], start=1):
+        going.update(epoch, top1)
+    for rule, (lr, drops, still) in [(dict(patience=5), (0.01, 0, False)),
+                                     (dict(patience=1, max_drops=0), (0.01, 0, True)),
+                                     (dict(patience=2), (0.01 / 10, 1, False)),
+                                     (dict(patience=5, stop_patience=1), (0.01, 0, True))]:
+        resumed = Schedule(lr=0.01, **rule)  # a run that ended at --epochs, resumed with more of them
+        resumed.load_state_dict(going.state_dict())
+        assert (resumed.lr, resumed.drops, resumed.stopped) == (lr, drops, still), rule
     by_patience = Schedule(lr=0.01, stop_patience=1)
     by_patience.update(1, 50.0)
     by_patience.update(2, 49.0)
