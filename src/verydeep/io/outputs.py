@@ -213,12 +213,12 @@ def _refuse_replacing_a_runs_files(out_option: str, out: Path) -> None:
     trained (``train`` writes its run through ``--out``, a folder; ``plot`` its curves by default)."""
     if not isinstance(out, OutputFile):
         return
-    run = _run_holding(out.absolute())
+    place = out.absolute().parent.resolve() / out.name  # through links to the run or its checkpoints/
+    run = _run_holding(place)
     if run is None:
         return
     files = RunDir(run)
-    if out.absolute().parent == files.checkpoints.absolute() or out.name in (
-            files.record.name, files.metrics.name, files.model.name):
+    if place.parent == files.checkpoints or out.name in (files.record.name, files.metrics.name, files.model.name):
         raise UserError(f"{out}: {out_option} would replace a file of the training run {run}, whose files stay as "
                         "trained; write it elsewhere")
 

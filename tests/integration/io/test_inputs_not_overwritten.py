@@ -85,6 +85,9 @@ def test_no_output_file_replaces_a_file_of_another_training_run(run, tmp_path, c
                 f"would replace a file of the training run {run}")
     refused(["export", "--weights", str(other), "--format", "torchscript", str(run / "model.safetensors")], capsys,
             "would replace a file of the training run")
+    (tmp_path / "linked").symlink_to(run / "checkpoints")  # the run's checkpoints/ under another name
+    refused(["convert", str(other), str(tmp_path / "linked" / "last.pt.safetensors")], capsys,
+            "would replace a file of the training run")
     assert contents(run) == before
     allowed(["convert", str(other), str(run / "converted.safetensors")])
     allowed(["export", "--weights", str(other), "--format", "onnx", str(run / "curves.png")])
