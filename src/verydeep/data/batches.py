@@ -103,7 +103,8 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
         for index, size in enumerate(dataset.image_sizes()):
             key = resized_size(size, q) if size is not None else None
             if key is not None and oversized(key):
-                raise UserError(f"{dataset.samples[index][0]}: {oversized_at(q, key)}; give a smaller test scale")
+                raise UserError(f"{dataset.samples[index][0]}: {oversized_at(q, key)}; give a smaller test scale, or "
+                                "leave the image out")
             groups.setdefault(key, []).append(index)
         self.batches = [
             indices[i : i + batch_size] for indices in groups.values() for i in range(0, len(indices), batch_size)

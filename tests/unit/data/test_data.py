@@ -703,7 +703,8 @@ def test_an_image_too_large_at_q_is_refused_naming_it_not_skipped_as_unreadable(
     ds = ImageFolder(tmp_path, RescaleTransform(15))
     assert len(SizeGroupedBatchSampler(ds, q=900, batch_size=2)) == 3  # 900 x 4050 pixels: within the bound
     with pytest.raises(UserError, match=r"^\S+b/0\.jpg: rescaled to Q = 1000 it would be 1000 x 4500 pixels, above "
-                                        r"the 4\.2 M pixels a test image may have; give a smaller test scale$"):
+                                        r"the 4\.2 M pixels a test image may have; give a smaller test scale, or leave "
+                                        r"the image out$"):
         SizeGroupedBatchSampler(ds, q=1000, batch_size=2)
 
 
