@@ -17,7 +17,7 @@ import numbers
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -525,6 +525,19 @@ def stored_settings_file(run_dir: str | Path) -> Path:
 # ---- the command line -------------------------------------------------------------------------
 
 
+def scale_flag(scale: Sequence[int]) -> str:
+    """A training scale as ``--scale`` takes it: ``36`` or ``36:73``."""
+    smin, smax = scale
+    return str(smin) if smin == smax else f"{smin}:{smax}"
+
+
+def shown_default(name: str, default: Any) -> Any:
+    """A default as its flag takes it: a scale ``256`` or ``256:512``, milestones ``30,60``."""
+    if name == "scale" and isinstance(default, (list, tuple)):
+        return scale_flag(default)
+    return ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+
+
 def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """One flag per :class:`TrainConfig` field, in the groups of :data:`GROUPS`, defaults suppressed
     (so that a flag not given leaves the recipe's or the stored run's value); ``defaults``: a command's
@@ -533,7 +546,7 @@ def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None =
     for f in fields(TrainConfig):
         meta = f.metadata
         default = (defaults or {}).get(f.name, f.default_factory() if f.default is MISSING else f.default)
-        shown = f"{','.join(map(str, default))}" if isinstance(default, (list, tuple)) else default
+        shown = shown_default(f.name, default)
         help_text = meta["help"] + ("" if shown in (None, "", []) else f" (default {shown})")
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if isinstance(default, bool):

@@ -27,7 +27,7 @@ from verydeep.io.sources import LoadedNet, load
 from verydeep.nn import configs
 from verydeep.nn.init import warm_start
 from verydeep.nn.model import VGG
-from verydeep.train.recipe import TrainConfig, flag_of, parse_scale
+from verydeep.train.recipe import TrainConfig, flag_of, parse_scale, scale_flag
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
 FROM_WEIGHTS = ("config", "width", "batch_norm")
@@ -130,15 +130,19 @@ def input_size(cfg: TrainConfig, given: Mapping[str, str], source: dict[str, Any
     crop than the default 224 their training scales unless ``--scale`` is given: the default S of 256
     belongs to the 224 crop, a net of 32-pixel crops was trained at its own (the cifar10 recipe's 36:73).
     A recipe's crop other than the weights' is a :class:`UserError`: FC6 would start anew unasked."""
+    brings_scale = source.get("scale") and source.get("crop") != TrainConfig.crop and not by_flag(given, "scale")
+    own_scale = f" --scale {scale_flag(parse_scale(source['scale']))}" if brings_scale else ""
     if "crop" in given and not by_flag(given, "crop") and source.get("crop") and cfg.crop != source["crop"]:
         raise UserError(f"{given['crop']} {cfg.crop} is not the crop of --weights {cfg.weights} ({source['crop']}), "
-                        f"so FC6 would not be copied: give --crop {source['crop']} to keep it, or --crop {cfg.crop} "
-                        "to train FC6 anew")
-    if "crop" in given or not source.get("crop"):
+                        f"so FC6 would not be copied: give --crop {source['crop']}{own_scale} to keep it (the weights' "
+                        f"crop{' and training scale' if own_scale else ''}), or --crop {cfg.crop} to train FC6 anew")
+    if not source.get("crop") or ("crop" in given and cfg.crop != source["crop"]):
         return {}
-    crop = source["crop"]
+    crop = source["crop"]  # the weights', or --crop restating it
     inherit_scale = crop != TrainConfig.crop and "scale" not in given and source.get("scale")
-    return {"crop": crop} | ({"scale": parse_scale(source["scale"])} if inherit_scale else {})
+    return ({} if "crop" in given else {"crop": crop}) | (
+        {"scale": parse_scale(source["scale"])} if inherit_scale else {})
+
 
 
 def same_classes(source: dict[str, Any], classes: list[str]) -> bool:

@@ -365,6 +365,24 @@ def test_weights_with_warm_start_copy_exactly_the_papers_layers(data, tmp_path):
         assert torch.equal(value, same_config.model.state_dict()[key].to(value.dtype))
 
 
+def test_the_weights_crop_restated_brings_their_training_scale_and_the_refusal_says_both(data, tmp_path, capsys):
+    """A 32-pixel net's S is its own, not the 224 crop's default 256: with --crop restating its crop too, and the
+    refusal of a recipe's other crop names the --scale that keeps it."""
+    train(tiny(data, tmp_path / "a", epochs=1))  # crop 32, S in [32, 40]
+    args = ["train", "--data", str(data), "--weights", str(tmp_path / "a"), "--device", "cpu", "--workers", "0",
+            "--no-progress", "--batch-size", "16", "--epochs", "1", "--stop-after-steps", "1"]
+    assert main([*args, "--crop", "32", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "recipe.json").read_text())["scale"] == [32, 40]
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('crop = 224\nscale = "256"\n')  # as the warm-start recipe's
+    assert main([*args, "--recipe", str(recipe), "--out", str(tmp_path / "c")]) == 2
+    assert ("give --crop 32 --scale 32:40 to keep it (the weights' crop and training scale), or --crop 224 to train "
+            "FC6 anew") in capsys.readouterr().err.replace("\n", " ")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "Smin:Smax (256:512) (default 256)" in " ".join(capsys.readouterr().out.split())  # a form --scale takes
+
+
 def test_a_setting_that_contradicts_the_weights_is_refused_without_warm_start(data, tmp_path, capsys):
     train(tiny(data, tmp_path / "a", epochs=1))
     args = ["train", "--data", str(data), "--weights", str(tmp_path / "a"), "--out", str(tmp_path / "e"),
