@@ -175,6 +175,21 @@ def test_other_boxes_on_resume_are_refused_a_copy_of_the_run_s_own_taken(loc_run
     assert same_boxes(tmp_path / "copy.txt", recorded) and not same_boxes(other, recorded)
 
 
+def test_a_run_whose_boxes_file_is_gone_is_not_resumed_on_the_datas_own(loc_run, tmp_path, capsys):
+    """The data's default boxes are other boxes than the run's, which the box codes' spread was fitted on."""
+    root, _, loc = loc_run
+    run = Path(shutil.copytree(loc, tmp_path / "run"))
+    record = json.loads((run / "recipe.json").read_text())
+    gone = tmp_path / "moved" / "boxes.txt"
+    (run / "recipe.json").write_text(json.dumps({**record, "boxes": str(gone)}))
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    assert main(["localize", "train", "--data", str(root), "--resume", "--out", str(run), "--epochs", "2",
+                 "--workers", "0", "--device", "cpu", "--no-progress"]) == 2
+    assert (f"--resume: {run} was trained on the boxes of {gone}, which are gone; give --boxes with that file where "
+            "it is now") in one_line_error(capsys)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
 def test_localize_eval_shows_its_progress_unless_told_not_to(loc_run, monkeypatch):
     root, classifier, loc = loc_run
     bars = []

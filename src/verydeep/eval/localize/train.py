@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from verydeep.errors import UserError
+from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.task import Localisation, recorded_box_code, recorded_head, recorded_targets
 from verydeep.io.checkpoint import check_recipe
 from verydeep.runtime.processes import Processes
@@ -47,6 +47,9 @@ def run_train(args: argparse.Namespace) -> None:
     cfg = make_config(settings)
     explicit = set(flagged)  # not PAPER_DEFAULTS: --weights decide what the user left open
     recorded = stored.get("boxes") if stored.get("boxes") and Path(stored["boxes"]).exists() else None
+    if stored.get("boxes") and not recorded and not getattr(args, "boxes", None):  # not the data's default boxes
+        raise MissingFileError(f"--resume: {resumed} was trained on the boxes of {stored['boxes']}, which are gone; "
+                               "give --boxes with that file where it is now")
     if recorded and getattr(args, "boxes", None) and not same_boxes(Path(args.boxes), Path(recorded)):
         raise UserError(f"--boxes {args.boxes}: {resumed} was trained on the boxes of {recorded}, which are still "
                         "there; drop --boxes (it is for a boxes file that has moved), or start a new run")
