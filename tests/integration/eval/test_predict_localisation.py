@@ -46,3 +46,20 @@ def test_the_drawing_is_of_the_upright_image_the_boxes_were_found_on(tmp_path):
     Image.new("RGB", (60, 30), (200, 40, 40)).save(turned, exif=exif)
     drawn = Image.open(draw(turned, [], [], tmp_path / "out"))
     assert drawn.height > 1.5 * drawn.width  # portrait, as displayed, not the stored landscape
+
+
+def test_a_box_is_drawn_on_the_pixels_it_covers(tmp_path, monkeypatch):
+    """Boxes are continuous, pixel i covering [i, i + 1): the image is laid out so, not centred on whole numbers
+    (half a pixel off, and a box on the bottom edge outside the axes)."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from verydeep.eval.localize.dense_nets import Guess
+    from verydeep.eval.localize.predict import draw
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    image = save(Image.new("RGB", (8, 6)), tmp_path / "small.png")
+    draw(image, [Guess(0, torch.tensor([2.0, 2.0, 6.0, 6.0]), 1.0)], ["obj"], tmp_path / "out")
+    ax = figures[0].axes[0]
+    assert list(ax.images[0].get_extent()) == [0, 8, 6, 0] and ax.patches[0].get_bbox().bounds == (2, 2, 4, 4)

@@ -40,7 +40,7 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
         image = decode(opened)  # upright, as the boxes were found: an EXIF orientation applied
         image.load()  # before the file closes (an upright RGB file is the opened image itself)
     fig, ax = plt.subplots(figsize=(6, 6 * image.height / image.width))
-    ax.imshow(image)
+    ax.imshow(image, extent=(0, image.width, image.height, 0))  # pixel i covers [i, i + 1), as in the boxes
     for rank, guess in enumerate(guesses):
         x0, y0, x1, y1 = guess.box.tolist()
         colour = plt.cm.tab10(rank)
