@@ -69,22 +69,23 @@ class ClassMap:
 
 
 def columns_of(net_classes: Sequence[str], net_names: Sequence[str], classes: Sequence[str], names: Sequence[str],
-               source: str) -> tuple[int, ...]:
-    """Per data class, its index among the net's: by synset id, else by readable name (:func:`named_as`)."""
+               source: str, roles: tuple[str, str] = ("the data's", "the net's")) -> tuple[int, ...]:
+    """Per data class, its index among the net's: by synset id, else by readable name (:func:`named_as`);
+    ``roles`` names the two lists in errors (whose ``classes``, whose ``net_classes``)."""
+    ours, theirs = roles
     by_id = {c: i for i, c in enumerate(net_classes)}
     named = named_as(net_names)
     columns = []
     for cls, name in zip(classes, names, strict=True):
         hits = [by_id[cls]] if cls in by_id else named(str(name))
         if len(hits) > 1:
-            raise UserError(f"{source}: the data's class {cls} ({name}) is named as {len(hits)} of the net's classes "
+            raise UserError(f"{source}: {ours} class {cls} ({name}) is named as {len(hits)} of {theirs} classes "
                             f"({', '.join(str(net_classes[i]) for i in hits)}): name its folder by synset id")
         if not hits:
-            raise UserError(f"{source}: the data's class {cls} ({name}) is not among the net's {len(net_classes)} "
-                            "classes")
+            raise UserError(f"{source}: {ours} class {cls} ({name}) is not among {theirs} {len(net_classes)} classes")
         columns.append(hits[0])
     if len(set(columns)) != len(columns):
-        raise UserError(f"{source}: two of the data's classes map to the same class of the net")
+        raise UserError(f"{source}: two of {ours} classes map to the same one of {theirs} classes")
     return tuple(columns)
 
 

@@ -13,6 +13,7 @@ from conftest import write_classifier, write_localiser
 from PIL import Image
 
 from verydeep.cli import main
+from verydeep.errors import UserError
 from verydeep.io.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -71,3 +72,14 @@ def test_a_class_the_net_does_not_locate_is_one_line(nets, tmp_path, capsys):
                      "--device", "cpu", "--no-progress", *protocol]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "the data's class n00000077" in err and str(localiser) in err
+
+
+def test_a_class_of_the_localisation_net_the_classifier_lacks_is_named_as_the_nets():
+    """``localize predict`` reads no data: the class missing is the localisation net's, from the classifier's."""
+    from verydeep.eval.localize.dense_nets import classifier_columns
+
+    classifier = {"classes": ["n01", "n02"], "class_names": ["cat", "dog"]}
+    assert classifier_columns(classifier, {"classes": ["n02"], "class_names": ["dog"]}, "c") == [1]
+    with pytest.raises(UserError, match=r"^--classifier c: the localisation net's class n03 \(eel\) is not among the "
+                                        r"classifier's 2 classes$"):
+        classifier_columns(classifier, {"classes": ["n03"], "class_names": ["eel"]}, "c")

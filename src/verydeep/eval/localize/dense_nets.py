@@ -141,7 +141,8 @@ def classifier_columns(classifier: dict[str, Any], net: dict[str, Any], source: 
     if theirs == ours:
         return None
     names = classifier.get("class_names") or theirs
-    return list(columns_of(theirs, names, ours, net.get("class_names") or ours, f"--classifier {source}"))
+    return list(columns_of(theirs, names, ours, net.get("class_names") or ours, f"--classifier {source}",
+                           ("the localisation net's", "the classifier's")))
 
 
 @dataclass
