@@ -86,23 +86,29 @@ class _Headroom:
 
     def allows(self, conv: nn.Conv2d, x: Tensor) -> bool:
         """``conv`` on ``x`` cannot overflow; if so, the bound moves past it."""
-        weights, bias = _largest_output_weights(conv)
         limit = _largest_value(_compute_dtype(conv)) / HEADROOM
-        if not self.bound * weights + bias < limit and not math.isnan(self.bound):  # NaN: a NaN was measured
+        after = _past(conv, self.bound)
+        if not after < limit and not math.isnan(self.bound):  # NaN: a NaN was measured
             self.bound = _largest_magnitude(x)
-        if self.bound * weights + bias < limit:
-            self.bound = self.bound * weights + bias
+            after = _past(conv, self.bound)
+        if after < limit:
+            self.bound = after
             return True
         return False
 
     def passes(self, module: nn.Module) -> None:
         """The bound past ``module`` run as it is."""
         if isinstance(module, nn.Conv2d):
-            weights, bias = _largest_output_weights(module)
-            self.bound = self.bound * weights + bias
+            self.bound = _past(module, self.bound)
         elif not (isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity))
                   or (isinstance(module, nn.LocalResponseNorm) and module.k >= 1)):
             self.bound = math.inf
+
+
+def _past(conv: nn.Conv2d, bound: float) -> float:
+    """The bound on ``conv``'s outputs from ``bound`` on its inputs."""
+    weights, bias = _largest_output_weights(conv)
+    return bound * weights + bias
 
 
 @functools.cache
