@@ -38,6 +38,12 @@ from verydeep.runtime.limits import MAX_SIDE, check_width, check_workers, whole_
 GROUPS = ("model", "images", "optimisation", "running")
 
 
+def scale_flag(scale: Sequence[int]) -> str:
+    """A training scale as ``--scale`` takes it: ``36`` or ``36:73``."""
+    smin, smax = scale
+    return str(smin) if smin == smax else f"{smin}:{smax}"
+
+
 def parse_scale(value: Any) -> tuple[int, int]:
     """``256``, ``"384"``, ``"256:512"`` or ``[256, 512]`` -> ``(Smin, Smax)``."""
     try:
@@ -129,13 +135,14 @@ def below(bound: float, why: str) -> Callable[[float, str], float]:
 
 def option(default: Any, help: str, group: str, *, minimum: float | None = None, choices: tuple[str, ...] = (),
            parse: Callable[[Any], Any] | None = None, check: Callable[[Any, str], Any] | None = None,
-           resumable: bool = False) -> Any:
+           resumable: bool = False, show: Callable[[Any], str] = lambda values: ",".join(map(str, values))) -> Any:
     """A :class:`TrainConfig` field: its default, help text, command-line group, lower bound
     (``minimum``), allowed values, the parser of its command-line or file value, a further check of the
-    value (``check(value, name)`` raises a :class:`UserError` naming ``name``), and whether a resumed run
-    may change it (``resumable``; the others must stay what the run was trained with)."""
+    value (``check(value, name)`` raises a :class:`UserError` naming ``name``), whether a resumed run
+    may change it (``resumable``; the others must stay what the run was trained with), and how help shows a
+    default of several values as the flag takes it (``show``: ``30,60``)."""
     metadata = {"help": help, "group": group, "minimum": minimum, "choices": choices, "parse": parse,
-                "check": check, "resumable": resumable}
+                "check": check, "resumable": resumable, "show": show}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -178,7 +185,7 @@ class TrainConfig:
     crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1,
                        check=check_crop)
     scale: tuple[int, int] = option((256, 256), "training scale S (256, 384) or jittered Smin:Smax (256:512)",
-                                    "images", parse=parse_scale)
+                                    "images", parse=parse_scale, show=scale_flag)
     alpha_std: float = option(0.1, "std of the PCA colour shift's alphas (0 = off)", "images", minimum=0,
                               check=below(1.0, "the paper's 0.1 shifts colours by a tenth of their spread"))
     preprocess: Preprocess | None = option(None, "preprocess.json with mean/std/eigen (default: beside --data, "
@@ -525,19 +532,6 @@ def stored_settings_file(run_dir: str | Path) -> Path:
 # ---- the command line -------------------------------------------------------------------------
 
 
-def scale_flag(scale: Sequence[int]) -> str:
-    """A training scale as ``--scale`` takes it: ``36`` or ``36:73``."""
-    smin, smax = scale
-    return str(smin) if smin == smax else f"{smin}:{smax}"
-
-
-def shown_default(name: str, default: Any) -> Any:
-    """A default as its flag takes it: a scale ``256`` or ``256:512``, milestones ``30,60``."""
-    if name == "scale" and isinstance(default, (list, tuple)):
-        return scale_flag(default)
-    return ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-
-
 def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """One flag per :class:`TrainConfig` field, in the groups of :data:`GROUPS`, defaults suppressed
     (so that a flag not given leaves the recipe's or the stored run's value); ``defaults``: a command's
@@ -546,7 +540,7 @@ def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None =
     for f in fields(TrainConfig):
         meta = f.metadata
         default = (defaults or {}).get(f.name, f.default_factory() if f.default is MISSING else f.default)
-        shown = shown_default(f.name, default)
+        shown = meta["show"](default) if isinstance(default, (list, tuple)) else default  # as the flag takes it
         help_text = meta["help"] + ("" if shown in (None, "", []) else f" (default {shown})")
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if isinstance(default, bool):
