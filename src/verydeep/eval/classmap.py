@@ -63,6 +63,8 @@ class ClassMap:
         """How the evaluation scores, in words for the report."""
         if self.identity:
             return f"over the {self.net_classes} classes of the net and the data"
+        if sorted(self.columns) == list(range(self.net_classes)):
+            return f"over the {self.net_classes} classes of the net and the data (the net's in another order)"
         if self.over_data_classes:
             return f"over the data's {len(self.columns)} classes (the net's posteriors of them, renormalised)"
         return f"over the net's full softmax of {self.net_classes} classes (the data holds {len(self.columns)})"

@@ -150,16 +150,22 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
     return chosen
 
 
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether two nets hold the same tensors under the same names."""
+def same_weights(a: torch.nn.Module, b: torch.nn.Module, order: Sequence[int] | None = None) -> bool:
+    """Whether two nets hold the same tensors under the same names; with ``order``, ``a``'s last layer's rows
+    taken in that order (``b``'s classes are ``a``'s in another order)."""
     ours, theirs = a.state_dict(), b.state_dict()
+    if order is not None:
+        last = [name for name, module in a.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)][-1]
+        ours = {k: v[list(order)] if k.startswith(f"{last}.") and v.shape[0] == len(order) else v
+                for k, v in ours.items()}
     return ours.keys() == theirs.keys() and all(
         ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k].to(ours[k])) for k in ours)
 
 
 def refuse_repeated_weights(nets: Sequence[Net]) -> None:
     """A net given twice (one file twice, or a run and its weights file: the same weights, classes and input
-    convention) is refused: fused with itself it is that net alone, which a fusion row would present as two."""
+    convention, its classes maybe in another order) is refused: fused with itself it is that net alone, which a
+    fusion row would present as two."""
     refuse_repeats([(net.checkpoint, net.model, net.preprocess, net.recipe) for net in nets], "--weights")
 
 
@@ -167,9 +173,19 @@ def refuse_repeats(nets: Sequence[tuple[str | Path, torch.nn.Module, Any, dict[s
     """:func:`refuse_repeated_weights` of nets given as (source, model, input convention, recipe) by ``option``."""
     for i, (source, model, preprocess, recipe) in enumerate(nets):
         for earlier, earlier_model, earlier_preprocess, earlier_recipe in nets[:i]:
-            told_apart = (preprocess, recipe.get("classes")) != (earlier_preprocess, earlier_recipe.get("classes"))
-            if not told_apart and same_weights(earlier_model, model):
+            order = class_order(earlier_recipe.get("classes"), recipe.get("classes"))
+            if preprocess == earlier_preprocess and order != () and same_weights(earlier_model, model, order):
                 raise UserError(f"{option} {source}: the weights of {option} {earlier} again; give each net once")
+
+
+def class_order(first: Sequence[str] | None, second: Sequence[str] | None) -> tuple[int, ...] | None:
+    """Where each of ``second``'s classes is among ``first``'s: None when the lists are equal, ``()`` when they
+    are not one list in two orders."""
+    if first == second:
+        return None
+    if first is None or second is None or len(set(first)) != len(first) or sorted(first) != sorted(second):
+        return ()
+    return tuple(list(first).index(name) for name in second)
 
 
 def load_nets(sources: Sequence[str | Path], scales: Sequence[int] | None, data_dir: Path | None,
