@@ -182,6 +182,10 @@ def test_stats_of_a_flat_folder_of_unlabelled_images_are_those_of_its_images(tmp
     flat, _ = compute_stats(tmp_path / "flat", mean_only=True, progress=False)
     foldered, _ = compute_stats(tmp_path / "classes", mean_only=True, progress=False)
     assert flat.mean == pytest.approx(foldered.mean) and flat.mean == pytest.approx((105 / 255, 105 / 255, 30 / 255))
+    for stray in (tmp_path / "val.txt", tmp_path / "flat" / "val.txt"):  # a label file beside them is not theirs
+        stray.write_text("unrelated 3\n")
+        beside, summary = compute_stats(tmp_path / "flat", mean_only=True, progress=False)
+        assert beside.mean == pytest.approx(flat.mean) and summary["images"] == 2
 
 
 def test_stats_on_a_missing_folder_is_one_clear_error(tmp_path, capsys):

@@ -20,7 +20,6 @@ from torch.utils.data import Subset
 
 from verydeep.data.datasets import IndexedImages, LabelledImages, _class_dirs, find_split, is_image
 from verydeep.data.decode import ImageFile, decode, to_tensor
-from verydeep.data.ilsvrc_val import ground_truth_file
 from verydeep.data.loaders import image_loader
 from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess, read_preprocess
 from verydeep.data.splits import open_split
@@ -50,9 +49,9 @@ class PixelMoments:
 
 
 def pixel_images(folder: Path, transform: PixelMoments) -> LabelledImages:
-    """The images the statistics average: the split (its labels unused), or a flat folder's images when no
-    ground-truth file labels them, since statistics need no labels."""
-    if folder.is_dir() and not _class_dirs(folder) and ground_truth_file(folder) is None:
+    """The images the statistics average: a flat folder's images as they are, whatever label file lies beside
+    them, since statistics need no labels; else the split's (its labels unused)."""
+    if folder.is_dir() and not _class_dirs(folder):
         images = sorted(path for path in folder.iterdir() if is_image(path))
         if images:
             return IndexedImages(images, transform)
