@@ -42,9 +42,9 @@ def check_validation_classes(data: str | Path, train_set: LabelledImages, val_se
         flat = isinstance(val_set, ILSVRCValFolder)  # its classes: those its ground truth or synset list names
         advice = ("list every training class in a synset list beside it, LOC_synset_mapping.txt" if flat else
                   "a class without validation images needs an empty folder")
-        said = (f"validation lacks the classes {', '.join(missing[:5])} ({advice})" if missing else
-                f"validation has class folders training lacks: {', '.join(extra[:5])}" if extra else
-                "their class folders are listed in another order")
+        said = [f"validation lacks the classes {', '.join(missing[:5])} ({advice})" if missing else "",
+                f"validation has class folders training lacks: {', '.join(extra[:5])}" if extra else ""]
+        said = "; ".join(part for part in said if part) or "their class folders are listed in another order"
         raise UserError(f"{data}: the validation classes differ from the training classes: {said}")
 
 

@@ -853,6 +853,10 @@ def test_a_validation_split_without_a_class_folder_names_it(tmp_path):
     with pytest.raises(UserError, match=r"validation lacks the classes class2 \(a class without validation images "
                                         r"needs an empty folder\)"):
         train(tiny(root, tmp_path / "run", batch_size=4))
+    shutil.copytree(root / "val" / "class1", root / "val" / "other")  # and one more: both named in one line
+    with pytest.raises(UserError, match=r"validation lacks the classes class2 \(a class without validation images "
+                                        r"needs an empty folder\); validation has class folders training lacks: other$"):
+        train(tiny(root, tmp_path / "run", batch_size=4))
 
 
 def test_a_flat_validation_folder_without_a_class_says_where_its_classes_come_from(tmp_path):
