@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from verydeep.data import ImageFolder, LabelledImages, collate, find_split
-from verydeep.data.datasets import require_folder
+from verydeep.data import ImageFolder, LabelledImages, collate, find_split, open_split
+from verydeep.data.datasets import _class_dirs, require_folder
 from verydeep.data.loaders import image_loader
 from verydeep.data.voc import is_voc, open_voc
 from verydeep.errors import MissingFileError, UserError
@@ -41,9 +41,19 @@ def refuse_split_without_train(root: Path) -> None:
                                "to describe its images as one unsplit set, or add train/")
 
 
+def held_out_split(root: Path) -> Path:
+    """The split of ``root`` described beside ``train/``: ``test/``, else ``val/``; a ``test/`` of images without
+    class folders (ILSVRC's and Tiny ImageNet's, unlabelled) is passed over for a ``val/`` beside it."""
+    test, val = root / "test", root / "val"
+    if test.is_dir() and val.is_dir() and _class_dirs(test) in ([], ["images"]):
+        return val
+    return find_split(root, "test")
+
+
 def open_image_set(data: str | Path) -> ImageSet:
-    """The images of ``data``: a VOC root (:mod:`verydeep.data.voc`), a root with ``train/`` and ``test/``
-    (or ``val/``) class folders (one given split), or a folder of class folders (split at random later)."""
+    """The images of ``data``: a VOC root (:mod:`verydeep.data.voc`), a root with ``train/`` class folders and a
+    held-out split (:func:`held_out_split`: class folders, or flat images with their labels as ``eval`` reads
+    them; one given split), or a folder of class folders (split at random later)."""
 
     root = require_folder(Path(data))
     if is_voc(root):
@@ -54,11 +64,10 @@ def open_image_set(data: str | Path) -> ImageSet:
         folder = ImageFolder(root, None)
         return ImageSet([str(p) for p, _ in folder.samples], np.array(folder.targets), [""] * len(folder),
                         folder.classes, folder.class_names)
-    # a test split may lack a class's images yet keep its folder, as a validation split may
-    train, test = ImageFolder(find_split(root, "train"), None), ImageFolder(find_split(root, "test"), None,
-                                                                            allow_empty=True)
+    held_out = held_out_split(root)
+    train, test = ImageFolder(find_split(root, "train"), None), open_split(held_out, None)
     if train.classes != test.classes:
-        raise UserError(f"{root}: the classes of {train.root.name}/ and {test.root.name}/ differ")
+        raise UserError(f"{root}: the classes of train/ and {held_out.name}/ differ")
     parts = [("train", train), ("test", test)]
     return ImageSet([str(p) for _, part in parts for p, _ in part.samples],
                     np.array([t for _, part in parts for t in part.targets]),

@@ -391,6 +391,24 @@ def make_tree(root: Path, sizes: dict[str, list[tuple[int, int]]]) -> Path:
     return root
 
 
+def test_features_read_tiny_imagenet_s_val_beside_its_unlabelled_test_as_eval_does(tmp_path):
+    synsets, root = ["n01443537", "n01629819"], tmp_path / "tiny"
+    for i in range(4):
+        save(photo(8, 8, seed=i), root / "train" / synsets[i % 2] / "images" / f"{synsets[i % 2]}_{i}.JPEG")
+        save(photo(8, 8, seed=i), root / "test" / "images" / f"test_{i}.JPEG")  # unlabelled, as downloaded
+    for i in range(3):
+        save(photo(8, 8, seed=9 + i), root / "val" / "images" / f"val_{i}.JPEG")
+    (root / "val" / "val_annotations.txt").write_text("".join(f"val_{i}.JPEG\t{synsets[i % 2]}\t0\t0\t7\t7\r\n"
+                                                              for i in range(3)))
+    images = open_image_set(root)
+    assert images.classes == synsets and images.splits == ["train"] * 4 + ["test"] * 3
+    assert [Path(p).name for p in images.paths[4:]] == ["val_0.JPEG", "val_1.JPEG", "val_2.JPEG"]
+    assert images.labels.tolist() == [0, 0, 1, 1, 0, 1, 0]
+    (root / "val" / "val_annotations.txt").write_text(f"val_0.JPEG\t{synsets[0]}\t0\t0\t7\t7\n")
+    with pytest.raises(UserError, match="val_annotations.txt: no label for 2 images"):
+        open_image_set(root)
+
+
 def test_find_split_layouts_and_errors(tmp_path):
     make_tree(tmp_path / "ds" / "train", {"a": [(8, 8)]})
     make_tree(tmp_path / "ds" / "test", {"a": [(8, 8)]})
