@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import numbers
+import operator
 import os
 import re
 import tomllib
@@ -247,10 +248,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """A value of a structured field (``scale``, ``milestones``, ``preprocess``) given as its flag gives it
-        (``"256:512"``, ``"30,60"``, a file) is parsed as the flag's; a bad one is a :class:`UserError`."""
+        (``"256:512"``, ``"30,60"``, a file) is parsed as the flag's, a bad one a :class:`UserError`; a text the
+        flag's parser names (``config="vgg16"``) is stored as the flag stores it, and a numpy or torch number as
+        a plain one, which the run record can hold."""
         for f in fields(self):
-            if structured(f) and getattr(self, f.name) is not None:
-                setattr(self, f.name, parsed(f, getattr(self, f.name)))
+            value, kind = getattr(self, f.name), f.type.removesuffix(" | None")
+            if structured(f) and value is not None or kind == "str" and f.metadata["parse"] and isinstance(value, str):
+                setattr(self, f.name, parsed(f, value))
+            elif kind == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+                setattr(self, f.name, operator.index(value))
+            elif kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
+                setattr(self, f.name, float(value))
 
     def check_each(self) -> None:
         """Raise :class:`UserError` naming the first option that is bad on its own (type, bounds, choices)."""
@@ -260,10 +268,10 @@ class TrainConfig:
     def check(self) -> None:
         """Raise :class:`UserError` naming the first bad option, alone or beside the others."""
         self.check_each()
+        if not self.out:  # first: a resumed run's --data comes from the run in --out
+            raise UserError("--out (the run directory) is required")
         if not self.data:
             raise UserError("--data is required")
-        if not self.out:
-            raise UserError("--out (the run directory) is required")
         smin, smax = self.scale
         if not self.crop <= smin <= smax:
             raise UserError(f"--scale needs crop <= Smin <= Smax; got scale {smin}:{smax} with crop {self.crop}")

@@ -58,6 +58,18 @@ def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
     assert recipe["num_classes"] == 4 and "mean" in recipe["preprocess"]
 
 
+def test_a_run_begun_from_python_with_an_alias_and_numpy_numbers_resumes(data, tmp_path, capsys):
+    cfg = tiny(data, tmp_path / "run", config="vgg11", batch_size=np.int64(8), lr=np.float32(0.01), epochs=1)
+    assert (cfg.config, type(cfg.batch_size), type(cfg.lr)) == ("A", int, float)  # stored as the flags store them
+    train(cfg)
+    recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert recipe["config"] == "A" and recipe["batch_size"] == 8
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
+    assert main(["train", "--resume"]) == 2  # the run's settings, its data too, come from --out
+    assert capsys.readouterr().err.strip().endswith("--out (the run directory) is required")
+
+
 def test_accumulation_equals_the_full_batch(data, tmp_path):
     whole = train(tiny(data, tmp_path / "whole", dropout=0.0))
     accumulated = train(tiny(data, tmp_path / "micro", dropout=0.0, micro_batch=4))
