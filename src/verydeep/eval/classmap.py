@@ -60,7 +60,11 @@ class ClassMap:
         return kept / kept.sum(dim=1, keepdim=True).clamp(min=torch.finfo(kept.dtype).tiny)
 
     def describe(self) -> str:
-        """How the evaluation scores, in words for the report."""
+        """How the evaluation scores, in words for the report (and why top-5 error is 0 over 5 classes or fewer)."""
+        trivial = f"; top-5 error is 0 over {self.scored_classes} classes" if self.scored_classes <= 5 else ""
+        return self._over() + trivial
+
+    def _over(self) -> str:
         if self.identity:
             return f"over the {self.net_classes} classes of the net and the data"
         if sorted(self.columns) == list(range(self.net_classes)):

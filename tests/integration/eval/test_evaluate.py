@@ -636,6 +636,7 @@ def test_a_net_of_more_classes_is_scored_over_its_softmax_or_over_the_datas_clas
     assert ours.rows[0].top1_error == pytest.approx(topk_error(ours_post, labels, 1))
     assert set(full.per_class_accuracy) == set(CLASSES)
     assert "full softmax of 6 classes" in full.scored and "data's 3 classes" in ours.scored
+    assert "top-5 error is 0" not in full.scored and ours.scored.endswith("; top-5 error is 0 over 3 classes")
 
 
 def test_a_data_class_the_net_does_not_know_is_refused_by_name(folder, tmp_path, capsys):
@@ -684,7 +685,8 @@ def test_nets_of_the_same_classes_in_another_order_fuse_class_by_class(folder, c
                  "--device", "cpu"]) == 2
     assert f"--weights {itself}: the weights of --weights {checkpoint} again" in capsys.readouterr().err
     alone = run([itself], folder, protocols=("dense",), scales=[36])
-    assert alone.scored == "over the 3 classes of the net and the data (the net's in another order)"
+    assert alone.scored == ("over the 3 classes of the net and the data (the net's in another order); top-5 error "
+                            "is 0 over 3 classes")
     other = tmp_path / "other.pt"  # a net of other classes is still refused
     recipe = {**RECIPE, "classes": ["a", "b", "c"], "class_names": ["a", "b", "c"]}
     save_checkpoint({"model": tiny_model().state_dict(), "recipe": recipe}, other)
