@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from verydeep.data import to_input
@@ -35,7 +36,8 @@ from verydeep.errors import UserError
 from verydeep.eval.evaluate import given_weights
 from verydeep.io.atomic import atomic_write
 from verydeep.io.sources import CLASSIFY, load
-from verydeep.nn.model import VGG
+from verydeep.nn.fused import run_trunk
+from verydeep.nn.model import VGG, DenseVGG
 from verydeep.options import add_weights, output_file
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -89,6 +91,27 @@ def example_inputs(crop: int, dense: bool, pre: Any) -> list[Tensor]:
     sizes = [(2, crop + 32, crop + 64), (1, crop, crop)] if dense else [(2, crop, crop), (1, crop, crop)]
     return [to_input(torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=generator), pre)
             for n, h, w in sizes]
+
+
+class ConvolutionForm(nn.Module):
+    """The dense net with its FC layers run as the convolutions they are (Sec. 3.2: FC6 a ``grid x grid``
+    convolution, FC7 and FC8 1x1), their weights viewed, not copied: the same sums as ``dense``'s windows, in
+    operators that ``torch.export`` keeps dynamic (the unfolded windows fix the score map's side to differ
+    from 1 when the crop is 64 pixels or more)."""
+
+    def __init__(self, dense: DenseVGG) -> None:
+        super().__init__()
+        self.features, self.classifier, self.grid = dense.features, dense.classifier, dense.grid
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, side = run_trunk(self.features, x), self.grid
+        for layer in self.classifier:
+            if isinstance(layer, nn.Linear):
+                x = F.conv2d(x, layer.weight.view(layer.out_features, -1, side, side), layer.bias)
+                side = 1
+            else:
+                x = layer(x)  # ReLU, dropout (off in eval): elementwise, on a map as on vectors
+        return x
 
 
 def dynamic_shapes(crop: int, dense: bool) -> dict[str, dict[int, Any]]:
@@ -201,7 +224,8 @@ def export_net(source: str | Path, out: str | Path, fmt: str, dense: bool | None
     elif fmt == "torchscript":
         write_torchscript(module, inputs[0], meta, out)
     else:
-        write_exported_program(module, inputs[0], dynamic_shapes(model.input_size, dense), meta, out)
+        write_exported_program(ConvolutionForm(module) if dense else module, inputs[0],
+                               dynamic_shapes(model.input_size, dense), meta, out)
     difference, scale = max_difference(module, reload(out, fmt), inputs)
     if not difference <= TOLERANCE * scale:
         out.unlink()

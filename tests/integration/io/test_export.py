@@ -75,6 +75,23 @@ def test_an_exported_program_of_a_batch_norm_net_loaded_as_users_load_it_runs_a_
             torch.testing.assert_close(loaded(x), (model.dense() if dense else model)(x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("crop", [64, 96])
+def test_a_dense_exported_program_of_a_larger_crop_takes_every_size_from_the_crop_up(tmp_path, crop):
+    torch.manual_seed(0)
+    recipe = {**RECIPE, "crop": crop, "width": 1 / 32}  # FC6 sees a 2x2 or 3x3 trunk map
+    model = model_from_recipe(recipe).eval()
+    save_checkpoint({"model": model.state_dict(), "recipe": recipe}, tmp_path / "net.pt")
+    result = export.export_net(tmp_path / "net.pt", tmp_path / "net.pt2", "exported-program", dense=True)
+    assert result.dense and result.max_abs_difference <= export.TOLERANCE
+    with open(tmp_path / "net.pt2", "rb") as f:
+        loaded = torch.export.load(f).module()
+    with torch.no_grad():
+        for x in inputs((1, 3, crop, crop), (2, 3, crop, crop + 32), (1, 3, crop + 70, crop)):  # maps 1x1, 1x2, 3x1
+            expected = model.dense()(x)
+            torch.testing.assert_close(loaded(x), expected, atol=1e-4, rtol=0)
+            assert loaded(x).shape == expected.shape
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
 def test_plain_net_round_trips(net, tmp_path, fmt):
     path, model = net
