@@ -27,7 +27,7 @@ from verydeep.io.sources import LoadedNet, load
 from verydeep.nn import configs
 from verydeep.nn.init import warm_start
 from verydeep.nn.model import VGG
-from verydeep.train.recipe import TrainConfig, flag_of, parse_scale, scale_flag
+from verydeep.train.recipe import TrainConfig, flag_of, parse_scale, read_recipe, scale_flag
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
 FROM_WEIGHTS = ("config", "width", "batch_norm")
@@ -77,10 +77,23 @@ def checked_settings(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainC
     alone before any file is read, then all of them together, the crop the weights may decide among them."""
     with named_by_origin(given):
         cfg.check_each()
+    refuse_recipe_scale_of_another_crop(cfg, given)
     adopted, published = adopt_weights(cfg, given)
     with named_by_origin(given):
         adopted.check()
     return adopted, published
+
+
+def refuse_recipe_scale_of_another_crop(cfg: TrainConfig, given: Mapping[str, str]) -> None:
+    """A recipe that states a crop and a training scale S (256 to 224) gives S for that crop: with another
+    ``--crop`` and no ``--scale`` it is a :class:`UserError`, not a run rescaling to S for crops it was never
+    meant for."""
+    if cfg.resume or not cfg.recipe or not by_flag(given, "crop") or "scale" not in given or by_flag(given, "scale"):
+        return
+    crop = read_recipe(cfg.recipe).get("crop")
+    if crop is not None and crop != cfg.crop:
+        raise UserError(f"--recipe {cfg.recipe}'s scale {scale_flag(cfg.scale)} is for crops of {crop}, not "
+                        f"--crop {cfg.crop}: give --scale for crops of {cfg.crop} too")
 
 
 @contextmanager

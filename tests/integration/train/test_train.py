@@ -323,6 +323,8 @@ def test_a_recipe_s_plateau_settings_give_way_to_milestones_given_on_the_command
      "patience 3 would be ignored"),
     ("patience = 3\n", ["--milestones", "2"], "--milestones 2 replaces the plateau rule, so {recipe}'s patience 3"),
     ('scale = "16"\n', [], "{recipe}'s scale needs crop <= Smin <= Smax; got scale 16:16 with crop 32"),
+    ('crop = 224\nscale = "256"\n', [], "{recipe}'s scale 256 is for crops of 224, not --crop 32: give --scale for "
+     "crops of 32 too"),  # the recipe's S was never meant for 32-pixel crops
 ])
 def test_a_setting_a_recipe_gave_is_named_as_the_recipe_s_in_the_checks_of_all_settings(data, tmp_path, capsys,
                                                                                        text, flags, message):
