@@ -62,6 +62,7 @@ from verydeep.nn.summary import parameter_count
 from verydeep.options import add_device, add_precision, add_weights, one_line, parse_scales, positive_int
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.precision import autocast_dtype
+from verydeep.train.recipe import recorded_data
 
 #: The largest upload, in bytes: a 50 M pixel JPEG straight from a camera fits.
 MAX_UPLOAD_BYTES = 32 * 2**20
@@ -106,8 +107,9 @@ def parse_ask(fields: dict[str, str], nets: int, known: Sequence[str] = FIELDS) 
         text = fields.get(name, "").strip()
         if not text:
             return default
-        if not re.fullmatch(r"\d+", text) or not low <= int(text) <= high:
-            raise UserError(f"{name}: expected an integer from {low} to {high}; got {text!r}")
+        if not re.fullmatch(r"\d{1,9}", text) or not low <= int(text) <= high:  # not thousands of digits
+            shown = text if len(text) <= 20 else f"{text[:20]}..."
+            raise UserError(f"{name}: expected an integer from {low} to {high}; got {shown!r}")
         return int(text)
 
     protocol = fields.get("protocol", "").strip() or "dense"
@@ -215,7 +217,7 @@ def example_images(folder: Path | None) -> list[Path]:
 
 def default_examples(nets: Sequence[Net]) -> Path | None:
     """The validation folder of the data the first net was trained on, when its run recorded one that exists."""
-    data = nets[0].recipe.get("data")
+    data = recorded_data(nets[0].recipe) if nets[0].recipe.get("data") else None  # a relative one as trained
     for split in ("val", "test"):
         if data and (Path(data) / split).is_dir():
             return Path(data) / split
@@ -319,7 +321,8 @@ def load_looker(sources: Sequence[str], localizers: Sequence[str] | None, device
     boxes = None
     if localizers:
 
-        boxes = DenseNets.load(list(localizers), resolve_source(sources[0], weights_dir), device)
+        boxes = DenseNets.load(list(localizers), resolve_source(sources[0], weights_dir), device,
+                               options=("--localizer", "--weights"))  # the first classifies, as for the page
         boxes.classify = nets[0].dense  # the same weights as the first net: held once
     if examples is not None and not examples.is_dir():
         raise UserError(f"--examples {examples}: not a folder")
@@ -462,6 +465,8 @@ def build_app(looker: Looker) -> Any:
         index = request.path_params["index"]
         if not 0 <= index < len(looker.examples):
             return JSONResponse({"error": f"no example {index}; there are {len(looker.examples)}"}, status_code=404)
+        if not looker.examples[index].is_file():
+            return JSONResponse({"error": f"example {index} ({looker.examples[index]}) is gone"}, status_code=404)
         return FileResponse(looker.examples[index])
 
     async def predict(request: Any) -> Any:

@@ -27,6 +27,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (th
 
 from verydeep import serve  # noqa: E402
 from verydeep.cli import main  # noqa: E402
+from verydeep.eval.localize.dense_nets import DenseNets  # noqa: E402
 from verydeep.eval.nets import load_nets  # noqa: E402
 from verydeep.eval.predict import load_image, saliency_map  # noqa: E402
 from verydeep.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -178,6 +179,8 @@ def bad_uploads(image: Path) -> list[tuple[dict, dict, str]]:
         ({"photo": ("x.jpg", whole)}, {}, "the multipart field 'image'"),
         ({"image": ("x.jpg", whole)}, {"colour": "red"}, "unknown field 'colour'"),
         ({"image": ("x.jpg", whole)}, {"topk": "0"}, "topk: expected an integer from 1 to 100; got '0'"),
+        ({"image": ("x.jpg", whole)}, {"topk": "1" * 5000}, "topk: expected an integer from 1 to 100; got '"
+                                                           "11111111111111111111...'"),  # too long for int()
         ({"image": ("x.jpg", whole)}, {"scales": "abc"}, "scales: expected comma-separated integers"),
         ({"image": ("x.jpg", whole)}, {"scales": "16"}, "scales: [16] smaller than the crop 32"),
         ({"image": ("strip.png", strip)}, {"scales": "2048"}, "strip.png: rescaled to Q = 2048 it would be 2048 x"),
@@ -271,6 +274,32 @@ def test_the_command_refuses_a_busy_port_a_bad_port_and_no_weights(nets, capsys)
     assert main(["serve", "--port", str(port)]) == 2
     assert "give --weights" in capsys.readouterr().err
 
+
+
+def test_an_example_gone_since_the_start_is_http_404_in_json(nets, tmp_path):
+    for name in ("cat", "dog"):
+        save(photo(64, 48), tmp_path / "examples" / name / f"{name}.png")
+    looker = load_looker([str(nets[0])], None, "cpu", "auto", examples=tmp_path / "examples")
+    (tmp_path / "examples" / "cat" / "cat.png").unlink()
+    with serving(looker) as url, httpx.Client(base_url=url, timeout=60) as http:
+        response = http.get("/api/examples/0")
+        assert response.status_code == 404 and response.json()["error"].startswith("example 0 (")
+        assert http.get("/api/examples/1").status_code == 200
+
+
+def test_the_localisation_nets_are_named_by_serve_s_own_options(nets):
+    a, _, loc = nets
+    with pytest.raises(serve.UserError, match=f"^--localizer {loc}: the weights of --localizer {loc} again"):
+        load_looker([str(a)], [str(loc), str(loc)], "cpu", "auto")
+    with pytest.raises(serve.UserError, match=f"^--weights {loc}: not a classification net"):
+        DenseNets.load([loc], loc, "cpu", options=("--localizer", "--weights"))
+
+
+def test_the_default_examples_are_found_from_another_folder_than_the_run_was_trained_in(tmp_path, monkeypatch):
+    save(photo(64, 48), tmp_path / "ds" / "val" / "cat" / "0.png")
+    trained = type("Net", (), {"recipe": {"data": "ds", "data_resolved": str(tmp_path / "ds")}})
+    monkeypatch.chdir(tmp_path / "ds" / "val")  # where no ds/ lies
+    assert serve.default_examples([trained]) == tmp_path / "ds" / "val"
 
 
 def test_examples_from_a_folder_without_images_are_refused(nets, tmp_path):

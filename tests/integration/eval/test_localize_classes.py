@@ -79,7 +79,7 @@ def test_a_class_of_the_localisation_net_the_classifier_lacks_is_named_as_the_ne
     from verydeep.eval.localize.dense_nets import classifier_columns
 
     classifier = {"classes": ["n01", "n02"], "class_names": ["cat", "dog"]}
-    assert classifier_columns(classifier, {"classes": ["n02"], "class_names": ["dog"]}, "c") == [1]
+    assert classifier_columns(classifier, {"classes": ["n02"], "class_names": ["dog"]}, "--classifier c") == [1]
     with pytest.raises(UserError, match=r"^--classifier c: the localisation net's class n03 \(eel\) is not among the "
                                         r"classifier's 2 classes$"):
-        classifier_columns(classifier, {"classes": ["n03"], "class_names": ["eel"]}, "c")
+        classifier_columns(classifier, {"classes": ["n03"], "class_names": ["eel"]}, "--classifier c")

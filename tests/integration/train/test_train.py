@@ -868,8 +868,9 @@ def test_a_validation_split_without_a_class_folder_names_it(tmp_path):
                                         r"needs an empty folder\)"):
         train(tiny(root, tmp_path / "run", batch_size=4))
     shutil.copytree(root / "val" / "class1", root / "val" / "other")  # and one more: both named in one line
-    with pytest.raises(UserError, match=r"validation lacks the classes class2 \(a class without validation images "
-                                        r"needs an empty folder\); validation has class folders training lacks: other$"):
+    with pytest.raises(UserError, match=r"validation lacks the classes class2 \(a class without validation "
+                                        r"images needs an empty folder\); validation has class folders training "
+                                        r"lacks: other$"):
         train(tiny(root, tmp_path / "run", batch_size=4))
 
 

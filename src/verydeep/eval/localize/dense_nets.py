@@ -134,14 +134,15 @@ def unreadable_image(path: str | Path) -> BadImageError:
     return BadImageError(f"{path}: unreadable image, which protocol 2 cannot leave out")
 
 
-def classifier_columns(classifier: dict[str, Any], net: dict[str, Any], source: str | Path) -> list[int] | None:
+def classifier_columns(classifier: dict[str, Any], net: dict[str, Any], named: str) -> list[int] | None:
     """Where the localisation net's classes sit among the classifier's outputs (``None``: the same list),
-    by synset id, else by name; a class the classifier lacks is a :class:`UserError`."""
+    by synset id, else by name; a class the classifier lacks is a :class:`UserError`, which names the classifier
+    as ``named`` (its option and source)."""
     theirs, ours = list(classifier.get("classes") or []), list(net.get("classes") or [])
     if theirs == ours:
         return None
     names = classifier.get("class_names") or theirs
-    return list(columns_of(theirs, names, ours, net.get("class_names") or ours, f"--classifier {source}",
+    return list(columns_of(theirs, names, ours, net.get("class_names") or ours, named,
                            ("the localisation net's", "the classifier's")))
 
 
@@ -164,9 +165,11 @@ class DenseNets:
 
     @classmethod
     def load(cls, checkpoints: str | Path | Sequence[str | Path], classifier: str | Path,
-             device: str = "auto") -> DenseNets:
+             device: str = "auto", options: tuple[str, str] = ("--checkpoint", "--classifier")) -> DenseNets:
         """The localisation nets of ``checkpoints`` and the classifier: any source of weights (a run, or
-        published weights such as ``vgg16``), whose classes are matched to the nets' by synset or name."""
+        published weights such as ``vgg16``), whose classes are matched to the nets' by synset or name; errors
+        name them by the command's ``options`` (the nets', the classifier's)."""
+        nets_option, classifier_option = options
         dev = pick_device(device)
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         loaded = []
@@ -176,16 +179,16 @@ class DenseNets:
             loaded.append(net)
         for checkpoint, net in zip(paths, loaded, strict=True):
             if list(net.recipe.get("classes") or []) != list(loaded[0].recipe.get("classes") or []):
-                raise UserError(f"{checkpoint}: its classes are not those of {paths[0]}")
+                raise UserError(f"{nets_option} {checkpoint}: its classes are not those of {paths[0]}")
         # pooled with itself a net's boxes would be counted as two nets' union
         refuse_repeats([(path, net.model, net.preprocess, net.recipe) for path, net in zip(paths, loaded, strict=True)],
-                       "--checkpoint")
+                       nets_option)
         published = load(classifier, device=dev)
         cls_recipe = published.recipe
         if str(cls_recipe.get("task", "")).startswith("localisation") or not published.has_fc_layers:
-            raise UserError(f"--classifier {classifier}: not a classification net (a localisation net, or weights "
-                            "without FC layers); give the net that ranks the classes")
-        columns = classifier_columns(cls_recipe, loaded[0].recipe, classifier)
+            raise UserError(f"{classifier_option} {classifier}: not a classification net (a localisation net, or "
+                            "weights without FC layers); give the net that ranks the classes")
+        columns = classifier_columns(cls_recipe, loaded[0].recipe, f"{classifier_option} {classifier}")
         return cls([net.model.dense() for net in loaded], published.model.dense(), [net.recipe for net in loaded],
                    cls_recipe, [net.preprocess for net in loaded], published.preprocess, dev, columns)
 
