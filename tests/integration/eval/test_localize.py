@@ -17,6 +17,7 @@ from verydeep.data.decode import ImageFile
 from verydeep.data.preprocess import Preprocess
 from verydeep.data.transforms import render
 from verydeep.errors import UserError
+from verydeep.eval.localize import dense as dense_module
 from verydeep.eval.localize import dense_nets
 from verydeep.eval.localize.center import evaluate_center
 from verydeep.eval.localize.dense import DenseNetResult, DenseResult, table_9
@@ -38,6 +39,19 @@ def test_an_image_is_wrong_when_its_box_overlaps_no_true_box_by_more_than_half()
                           [[0, 0, 10, 20], [nan] * 4]])
     predicted = torch.stack([box(0, 0, 10, 10), box(21, 20, 30, 30), box(0, 0, 10, 10)])  # IoU 1, 0.9, exactly 0.5
     assert wrong(predicted, truth).tolist() == [False, False, True]
+
+
+def test_an_iou_of_exactly_a_half_is_wrong_in_a_crop_s_pixels_too():
+    """The whole 76 x 116 image against a box of half its width and all its height, both mapped to the 32-pixel
+    centre crop of S = 36, as protocol 1 scores them: the crop's float32 rounding made the IoU 0.5000001."""
+    from verydeep.data import CenterCropTransform
+    from verydeep.data.boxes import to_crop
+
+    plan = CenterCropTransform(36, 32).plan((76, 116), False)
+    half, whole = (to_crop(torch.tensor([corners]), (76, 116), plan) for corners in ([14.0, 0, 52, 116],
+                                                                                      [0.0, 0, 76, 116]))
+    assert wrong(whole, half[None]).tolist() == [True]
+    assert wrong(whole * torch.tensor([1, 1, 0.999, 1]), half[None]).tolist() == [False]  # a hair more: right
 
 
 def test_the_ilsvrc_criterion_needs_the_right_class_and_the_right_box_in_the_top_five():
@@ -192,7 +206,7 @@ def test_protocol_ones_errors_are_the_fractions_of_the_images_counted(boxed, tmp
     assert result.localisation_error in {100 * wrong / 7 for wrong in range(8)}
 
 
-def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, capsys):
+def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, capsys, monkeypatch):
     root, classifier = boxed
     run = tmp_path / "loc"
     main(["localize", "train", "--data", str(root), "--weights", str(classifier), "--head", "scr", "--crop", "32",
@@ -213,6 +227,13 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
     dense = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert dense["images"] == 16 and dense["scales"] == [32, 40] and 0 <= dense["localisation_error"] <= 100
     assert dense["centre_prior_error"] == 0.0 and dense["whole_image_error"] == 100.0  # every box is the same
+    calls = iter(range(12))  # of 12 images every one but the 6th and 12th wrong: 10/12, which no float32 is
+    monkeypatch.setattr(dense_module, "image_misses", lambda *args: torch.full((4,), float(next(calls) % 6 != 5)))
+    main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense", "--classifier",
+          str(classifier), "--limit", "12", "--json"])
+    twelve = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert twelve["images"] == 12 and twelve["localisation_error"] == twelve["whole_image_error"] == 100 * 10 / 12
+    monkeypatch.undo()
     main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense", "--classifier",
           str(classifier)])
     assert "### Table 9" in capsys.readouterr().out
@@ -378,6 +399,12 @@ def test_table_9_sets_our_rows_beside_the_papers():
     fused = table_9(dense_result(32, [56, 64], nets=2)).markdown()
     assert "| loc1 (PCR) | 64 | {56,64} | 41.0 | - | - |" in fused
     assert "| union of loc0 + loc1 | 64 | {56,64} | 37.5 | 26.9 | 25.3 |" in fused and "paper: fusion" not in fused
+    jittered = dense_result(56, [64], nets=2)  # S in 64:92 at a 56-pixel crop is not the paper's fixed 256
+    jittered.nets[1].scale_max = 92
+    table = table_9(jittered).markdown()
+    assert "| loc1 (PCR) | 64:92 | 64 | 41.0 | - | - |" in table
+    assert "| loc0 (PCR) | 64 | 64 | 40.0 | 29.5 | - |" in table
+    assert "| union of loc0 + loc1 | {64,64:92} | 64 | 37.5 |" in table
     assert set(dense_result(32, [64]).to_dict()) == {"checkpoint", "classifier", "scales", "images",
                                                     "localisation_error", "whole_image_error", "centre_prior_error"}
     assert [net["localisation_error"] for net in dense_result(32, [64], nets=2).to_dict()["nets"]] == [40.0, 41.0]

@@ -19,6 +19,7 @@ from verydeep.eval.localize.dense_nets import DenseNets, DenseOutput, Guess, ran
 from verydeep.eval.localize.prior import mean_relative_box
 from verydeep.eval.localize.scoring import ilsvrc_wrong
 from verydeep.eval.localize.task import boxes_source, classes_in_net, smallest_training_scale, task_of
+from verydeep.eval.nets import train_scale
 from verydeep.eval.rows import scales_label
 from verydeep.paper.figures import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.paper.report import Column, Row, Table
@@ -32,13 +33,25 @@ WINDOW_BATCHES = 4
 
 @dataclass
 class DenseNetResult:
-    """One localisation net of protocol 2 alone: its head, training scale S and crop, its error (%)."""
+    """One localisation net of protocol 2 alone: its head, training scale S (Smin; ``scale_max`` Smax, the same
+    for a fixed S) and crop, its error (%)."""
 
     checkpoint: str
     head: str
     scale: int
     crop: int
     localisation_error: float
+    scale_max: int | None = None  # None: a fixed S
+
+    @property
+    def fixed(self) -> bool:
+        """Whether the net was trained at one scale S (Table 9's nets were)."""
+        return self.scale_max in (None, self.scale)
+
+    @property
+    def scale_label(self) -> str:
+        """S as the tables write it: ``256``, or ``256:512`` when jittered."""
+        return str(self.scale) if self.fixed else f"{self.scale}:{self.scale_max}"
 
 
 @dataclass
@@ -95,7 +108,7 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
     prior = mean_relative_box(train_set) if train_set is not None else None  # no training boxes: no prior
     indices = balanced_subset(val_set.targets, limit)
     count = len(checkpoints) + 2 + (prior is not None)  # the union, each net, the whole image, the prior
-    misses, window = torch.zeros(count), batch_size * WINDOW_BATCHES
+    misses, window = torch.zeros(count, dtype=torch.float64), batch_size * WINDOW_BATCHES
     starts = sharding.shard(range(0, len(indices), window))
     with (progress_bar(sum(len(indices[start:start + window]) for start in starts),
                        progress and Processes.from_env().main, desc="localize dense", unit="img") as bar,
@@ -114,10 +127,16 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
         raise UserError(f"{data}: no validation image with a box to evaluate")
     errors = (100.0 * misses / len(indices)).tolist()
     alone, (whole, *centre) = errors[1:len(checkpoints) + 1], errors[len(checkpoints) + 1:]
-    per_net = [DenseNetResult(str(c), t.head, smallest_training_scale(r), int(r["crop"]), e)
-               for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, alone, strict=True)]
+    per_net = [net_result(c, r, t.head, e) for c, r, t, e in zip(checkpoints, nets.recipes, nets.tasks, alone,
+                                                                 strict=True)]
     return DenseResult(str(checkpoints[0]), str(classifier), qs, len(indices), errors[0], whole,
                        centre[0] if centre else None, per_net)
+
+
+def net_result(checkpoint: str | Path, recipe: dict[str, Any], head: str, error: float) -> DenseNetResult:
+    """A net's result with its training scales as its recipe gives them."""
+    smin, smax = train_scale(recipe)
+    return DenseNetResult(str(checkpoint), head, smin, int(recipe["crop"]), error, smax)
 
 
 def paper_scales(net: DenseNetResult, scales: Sequence[int]) -> LocalisationScales:
@@ -139,13 +158,15 @@ def table_9(result: DenseResult) -> Any:
         return None if paper is None else (f"{paper.val:.1f}", "-" if paper.test is None else f"{paper.test:.1f}")
 
     q, fused, rows = scales_label(result.scales), len(result.nets) > 1, []
-    keys = [paper_scales(net, result.scales) for net in result.nets]
+    keys = [paper_scales(net, result.scales) if net.fixed else None for net in result.nets]  # the paper's: fixed S
     for net, key in zip(result.nets, keys, strict=True):
-        rows.append(Row((f"{net_name(net.checkpoint)} ({net.head.upper()})", str(net.scale), q,
+        rows.append(Row((f"{net_name(net.checkpoint)} ({net.head.upper()})", net.scale_label, q,
                          f"{net.localisation_error:.1f}"), figures(TABLE_9.get(key))))
     if fused:
         union = "union of " + " + ".join(net_name(net.checkpoint) for net in result.nets)
-        rows.append(Row((union, scales_label(sorted({net.scale for net in result.nets})), q,
+        ordered = sorted(result.nets, key=lambda net: (net.scale, net.scale_max or net.scale))
+        labels = list(dict.fromkeys(net.scale_label for net in ordered))
+        rows.append(Row((union, labels[0] if len(labels) == 1 else "{" + ",".join(labels) + "}", q,
                          f"{result.localisation_error:.1f}"), figures(TABLE_9_FUSION)))
     rows += [Row((name, "-", q, "-" if error is None else f"{error:.1f}")) for name, error in (
         ("whole image box", result.whole_image_error), ("mean training box", result.centre_prior_error))]

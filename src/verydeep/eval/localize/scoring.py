@@ -12,15 +12,19 @@ from verydeep.data.boxes import iou
 
 #: A box is right when its IoU with a ground-truth box is above this (the ILSVRC criterion).
 IOU_RIGHT = 0.5
+#: How far the IoU of boxes in a crop's pixels (protocol 1's, float32) may be from the IoU of the same boxes in
+#: the image's: the crop's scaling leaves an IoU as it is, its rounding moves it by some 1e-7, so that an IoU of
+#: exactly 0.5 (the whole image against a box of half its width and all its height) could count as above.
+CROP_ROUNDING = 1e-5
 
 
 def wrong(predicted: Tensor, truth: Tensor) -> Tensor:
-    """Per image, whether box ``predicted`` (N, 4) has IoU <= 0.5 with every box of ``truth`` (N, M, 4),
-    rows of NaN being padding."""
+    """Per image, whether box ``predicted`` (N, 4) has IoU <= 0.5 with every box of ``truth`` (N, M, 4), rows of
+    NaN being padding, both in a crop's pixels: an IoU within :data:`CROP_ROUNDING` of 0.5 is the image's 0.5."""
     valid = ~truth.isnan().any(-1)
-    boxes = truth.float().nan_to_num(0)
-    overlaps = torch.stack([iou(p[None], t)[0] for p, t in zip(predicted.float(), boxes, strict=True)])
-    return ~((overlaps > IOU_RIGHT) & valid).any(dim=1)
+    boxes = truth.double().nan_to_num(0)
+    overlaps = torch.stack([iou(p[None], t)[0] for p, t in zip(predicted.double(), boxes, strict=True)])
+    return ~((overlaps > IOU_RIGHT + CROP_ROUNDING) & valid).any(dim=1)
 
 
 def ilsvrc_wrong(predictions: Sequence[tuple[int, Tensor]], truth: Sequence[tuple[int, Tensor]]) -> bool:
