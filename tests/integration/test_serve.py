@@ -85,22 +85,24 @@ def same_prediction(served: dict, printed: dict, image: Path) -> None:
 
 
 def test_nets_of_the_same_classes_in_another_order_are_fused_in_the_first_net_s_order(nets, image, tmp_path):
-    a = nets[0]
-    state = load_checkpoint(a)
-    order = list(reversed(range(10)))  # the same net, its classes listed the other way round
+    a, b, _ = nets
+    state = load_checkpoint(b)
+    order = list(reversed(range(10)))  # the second net, its classes listed the other way round
     recipe = {**state["recipe"], "classes": [state["recipe"]["classes"][i] for i in order],
               "class_names": [state["recipe"]["class_names"][i] for i in order]}
     model = {**state["model"], **{f"classifier.6.{kind}": state["model"][f"classifier.6.{kind}"][order]
                                   for kind in ("weight", "bias")}}
     reordered = tmp_path / "reordered.pt"
     save_checkpoint({"model": model, "recipe": recipe}, reordered)
-    looker = load_looker([str(a), str(reordered)], None, "cpu", "fp32")
-    look = looker.look(image, image.name, Ask(topk=5))
-    alone = look["nets"][0]["prediction"]["predictions"][0]["top"]
-    assert looker.info()["fusion"] and [t["index"] for t in look["fusion"]] == [t["index"] for t in alone]
-    np.testing.assert_allclose([t["probability"] for t in look["fusion"]], [t["probability"] for t in alone],
-                               atol=1e-6)
-    assert look["nets"][1]["prediction"]["predictions"][0]["top"][0]["index"] == 9 - alone[0]["index"]
+    looks = [load_looker([str(a), str(second)], None, "cpu", "fp32").look(image, image.name, Ask(topk=5))
+             for second in (b, reordered)]
+    as_given, turned = (look["fusion"] for look in looks)
+    assert [t["index"] for t in turned] == [t["index"] for t in as_given]
+    np.testing.assert_allclose([t["probability"] for t in turned], [t["probability"] for t in as_given], atol=1e-6)
+    tops = [look["nets"][1]["prediction"]["predictions"][0]["top"][0]["index"] for look in looks]
+    assert tops[1] == 9 - tops[0]  # the second net's own outputs, in its own order
+    with pytest.raises(serve.UserError, match="the weights of --weights .* again"):  # the first net reordered: itself
+        load_looker([str(b), str(reordered)], None, "cpu", "fp32")
 
 
 @pytest.mark.parametrize("fields", [{}, {"topk": "3", "net": "1"}, {"protocol": "dense+multicrop", "scales": "40,48"}])
