@@ -59,7 +59,7 @@ from verydeep.paper import report
 from verydeep.runtime import sharding
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.memory import keep_freed_memory
-from verydeep.runtime.precision import autocast_dtype
+from verydeep.runtime.precision import autocast_dtype, precision_name
 from verydeep.runtime.processes import loader_workers
 
 #: Protocols a user can ask for; ``dense+multicrop`` is the combination of Table 5.
@@ -172,7 +172,7 @@ def evaluate(
     return EvalResult(
         data=str(split), images=int(valid.sum()), skipped=sorted(skipped), classes=classes,
         class_names=list(dataset.class_names), nets=[net.describe() for net in nets], protocols=protocols,
-        flip=flip, device=str(torch_device), precision="bf16" if dtype == torch.bfloat16 else "fp32",
+        flip=flip, device=str(torch_device), precision=precision_name(dtype),
         imagenet_sized=all(net.imagenet_sized for net in nets), scored=mapping.describe(), rows=rows, main=main.name,
         per_class_accuracy=dict(zip(classes, accuracy, strict=True)),
         timing=Timing(round(seconds, 3), round(seconds / len(dataset), 6), timings),

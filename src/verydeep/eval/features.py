@@ -54,6 +54,7 @@ from verydeep.options import (
 )
 from verydeep.runtime import sharding
 from verydeep.runtime.memory import available_memory_bytes
+from verydeep.runtime.precision import precision_name
 from verydeep.runtime.processes import Processes
 from verydeep.runtime.progress import progress_bar
 
@@ -85,7 +86,8 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
         if not np.isfinite(descriptors).all():
             raise UserError(f"{net.source}: the net's features are not finite (NaN or inf)")
     description = {"kind": "vgg", "tap": TAP, "flip": True, "nets": [net.describe() for net in nets],
-                   "scales": list(settings.scales), "aggregate": settings.aggregate, "data": str(data)}
+                   "scales": list(settings.scales), "aggregate": settings.aggregate, "data": str(data),
+                   "precision": precision_name(settings.dtype)}  # bf16's descriptors differ by about 1e-3
     result = kept_images(images, keep, combine(per_net), description, state.skipped)
     if out is not None and Processes.from_env().main:
         result.save(out)

@@ -41,6 +41,11 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if device.type == "cpu" and cpu_precision() == "bf16" else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The ``--precision`` an autocast dtype of :func:`autocast_dtype` is: ``bf16``, or ``fp32`` for None."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 #: Environment variable that forces the CPU's ``auto`` precision (bf16 or fp32), measuring nothing.
 PRECISION_ENV = "VERYDEEP_PRECISION"
 #: How much faster a bf16 matrix product must be than an fp32 one for ``auto`` to pick bf16.

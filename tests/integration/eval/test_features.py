@@ -148,6 +148,7 @@ def test_stored_features_are_plain_numpy(net, photos, tmp_path):
         assert np.array_equal(npz["features"], result.features) and npz["paths"].tolist() == result.paths
     loaded = Features.load(out)
     assert loaded.settings["scales"] == [32, 48] and loaded.settings["aggregate"] == "stack"
+    assert loaded.settings["precision"] == "fp32"  # as they were computed: bf16's differ by about 1e-3
     assert not Path(f"{out}.partial").exists()
 
 
