@@ -199,15 +199,16 @@ def from_published(cfg: TrainConfig, record: dict[str, Any], published: LoadedNe
     source = published.model.state_dict()
     if not published.has_fc_layers:  # a file without FC layers (Keras' notop kind): its conv layers only
         source = {name: value for name, value in source.items() if name.startswith("features.")}
-    if not same_classes(published.recipe, record["classes"]):  # FC8's rows are other classes
-        fc8 = f"{model.tap_names['fc8']}."
+    same_task = published.recipe.get("task", "classification") == record.get("task", "classification")
+    if not same_task or not same_classes(published.recipe, record["classes"]):  # FC8's rows say something else
+        fc8 = f"{model.tap_names['fc8']}."  # (Appendix A: a box regressor's last layer starts random)
         source = {name: value for name, value in source.items() if not name.startswith(fc8)}
     copied, new = copy_matching(model, source)
     tap_of = {module: tap for tap, module in model.tap_names.items()}
     layers = sorted({tap_of.get(prefix, prefix) for prefix in (name.rsplit(".", 1)[0] for name in new)},
                     key=lambda tap: list(model.tap_names).index(tap) if tap in model.tap_names else 0)
     if layers:
-        warn(f"{cfg.weights}: not copied (not in the file, another shape, or other classes), "
+        warn(f"{cfg.weights}: not copied (not in the file, another shape, other classes or another task), "
              f"{cfg.init} init: {', '.join(layers)}")
     how = f"{published.format} weights {cfg.weights}: {len(copied)} tensors copied"
     return model, how, {"weights": str(cfg.weights), "format": published.format, "source": published.source,

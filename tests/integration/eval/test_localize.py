@@ -422,6 +422,17 @@ def two_nets(boxed, tmp_path_factory: pytest.TempPathFactory):
     return root, classifier, runs
 
 
+def test_a_box_regressor_s_last_layer_starts_random_whatever_its_size(two_nets):
+    """Appendix A: from the classifier, the last layer random; the SCR head's 4 outputs fit a 4-class FC8."""
+    _, classifier, runs = two_nets
+    for run in runs:  # PCR (16 outputs) and SCR (4, as many as the classifier's classes)
+        copied = json.loads((run / "recipe.json").read_text())["start"]["copied"]
+        assert "classifier.3.weight" in copied and not any(name.startswith("classifier.6.") for name in copied)
+    scr, source = (load_checkpoint(path)["model"]["classifier.6.weight"]
+                   for path in (runs[1] / "checkpoints" / "last.pt", classifier / "checkpoints" / "last.pt"))
+    assert scr.shape == source.shape and not torch.equal(scr, source)
+
+
 def test_a_net_given_twice_is_refused_where_the_nets_boxes_are_pooled(two_nets, capsys, tmp_path):
     """Pooled with itself a net's boxes would read as two nets' union: one file twice, or a run and its weights."""
     root, classifier, runs = two_nets
