@@ -41,6 +41,16 @@ def test_an_image_is_wrong_when_its_box_overlaps_no_true_box_by_more_than_half()
     assert wrong(predicted, truth).tolist() == [False, False, True]
 
 
+def test_table_8_s_figures_are_those_of_a_net_d_trained_at_s_384_with_the_same_head_and_layers():
+    from verydeep.eval.localize.center import papers_figure
+
+    d = {"config": "vgg16", "scale": [96, 96], "crop": 56}  # S = 96 at a 56-pixel crop: 384 at 224
+    assert papers_figure(d, "pcr", "all") == 33.1 and papers_figure(d, "scr", "fc") == 36.4
+    assert papers_figure(d, "scr", "all") is None  # a row the paper does not have
+    for other in ({"config": "A"}, {"scale": [96, 120]}, {"scale": [64, 64]}, {"crop": 32}):
+        assert papers_figure({**d, **other}, "pcr", "all") is None
+
+
 def test_an_iou_of_exactly_a_half_is_wrong_in_a_crop_s_pixels_too():
     """The whole 76 x 116 image against a box of half its width and all its height, both mapped to the 32-pixel
     centre crop of S = 36, as protocol 1 scores them: the crop's float32 rounding made the IoU 0.5000001."""
@@ -221,7 +231,7 @@ def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, c
     assert set(center) >= {"localisation_error", "whole_image_error", "centre_prior_error"}
     main(["localize", "eval", "--weights", str(run), "--data", str(root), "--fine-tuned", "fc"])  # as eval's
     table = capsys.readouterr().out
-    assert "| FC1-FC2 | SCR |" in table and "36.4 |" in table
+    assert "| FC1-FC2 | SCR |" in table and "36.4 |" not in table  # net A at S = 32, not the paper's D at 384
     main(["localize", "eval", "--checkpoint", str(run), "--data", str(root), "--protocol", "dense", "--classifier",
           str(classifier), "--scales", "32,40", "--json"])
     dense = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -381,8 +391,8 @@ def test_each_scale_is_one_pass_batched_by_size_there_and_workers_read_the_same_
                 nets.outputs([paths[0], tmp_path / bad], [32], workers=workers)
 
 
-def dense_result(crop: int, scales: list[int], nets: int = 1) -> DenseResult:
-    members = [DenseNetResult(f"runs/loc{i}", "pcr", 64, crop, 40.0 + i) for i in range(nets)]
+def dense_result(crop: int, scales: list[int], nets: int = 1, config: str = "D") -> DenseResult:
+    members = [DenseNetResult(f"runs/loc{i}", "pcr", 64, crop, 40.0 + i, config=config) for i in range(nets)]
     return DenseResult("runs/loc0", "runs/cls", scales, 8, 37.5, 75.0, 50.0, members)
 
 
@@ -404,7 +414,13 @@ def test_table_9_sets_our_rows_beside_the_papers():
     table = table_9(jittered).markdown()
     assert "| loc1 (PCR) | 64:92 | 64 | 41.0 | - | - |" in table
     assert "| loc0 (PCR) | 64 | 64 | 40.0 | 29.5 | - |" in table
-    assert "| union of loc0 + loc1 | {64,64:92} | 64 | 37.5 |" in table
+    assert "| union of loc0 + loc1 | {64,64:92} | 64 | 37.5 | - | - |" in table  # not all of the paper's kind
+    other = table_9(dense_result(56, [64], nets=2, config="A")).markdown()  # Table 9's rows are D's, PCR
+    assert "| loc0 (PCR) | 64 | 64 | 40.0 | - | - |" in other and "| 256 | 256 | - | 29.5 | - |" in other
+    assert "| union of loc0 + loc1 | 64 | 64 | 37.5 | - | - |" in other
+    scr = dense_result(56, [64])
+    scr.nets[0].head = "scr"
+    assert "| loc0 (SCR) | 64 | 64 | 40.0 | - | - |" in table_9(scr).markdown()
     assert set(dense_result(32, [64]).to_dict()) == {"checkpoint", "classifier", "scales", "images",
                                                     "localisation_error", "whole_image_error", "centre_prior_error"}
     assert [net["localisation_error"] for net in dense_result(32, [64], nets=2).to_dict()["nets"]] == [40.0, 41.0]
@@ -475,7 +491,7 @@ def test_several_nets_pool_their_boxes_and_one_net_keeps_its_output(two_nets, ca
     main(center)
     assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {
         "checkpoint", "head", "fine_tuned", "images", "boxes", "localisation_error", "whole_image_error",
-        "centre_prior_error"}
+        "centre_prior_error", "paper_error"}
     main([*center, "--checkpoint", str(runs[1] / "checkpoints" / "best.pt")])
     several = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert several["checkpoint"] == str(runs[0]) and [net["head"] for net in several["nets"]] == ["pcr", "scr"]
@@ -613,6 +629,8 @@ def test_localize_predict_refuses_bad_images_small_scales_and_a_localisation_cla
     root, classifier = boxed
     loc = tmp_path / "loc"
     train(tiny(root, loc, epochs=1, lr=1e-3, scale=(32, 32), weights=str(classifier)), task=Localisation("scr"))
+    assert "not copied (not in the file, another shape, other classes or another task), he init: fc8" in \
+        capsys.readouterr().err  # the box regressor's last layer starts random
     text = tmp_path / "text.jpg"
     text.write_text("not an image\n")
     image = next((root / "val").rglob("*.png"))

@@ -91,7 +91,7 @@ def test_the_fine_tuned_label_is_the_recipes_else_the_one_given():
     with pytest.raises(UserError, match=r"^w.pt: recipe freeze must be a layer name or null; got \[1\]$"):
         fine_tuned_layers({"freeze": [1]}, None, "w.pt")
     results = [CenterResult("runs/a", "pcr", "after conv4_2", 8, 40.0, 50.0, 60.0),
-               CenterResult("runs/b", "scr", "fc", 8, 30.0, 50.0, 60.0)]
+               CenterResult("runs/b", "scr", "fc", 8, 30.0, 50.0, 60.0, paper_error=36.4)]  # a net D at S = 384
     table = table_8(results).markdown()
     assert "| a | after conv4_2 | PCR | 40.0 | 50.0 | 60.0 | - |" in table
     assert "| b | FC1-FC2 | SCR | 30.0 | 50.0 | 60.0 | 36.4 |" in table

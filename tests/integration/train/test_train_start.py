@@ -119,8 +119,8 @@ def test_the_start_names_what_was_not_copied(data, tmp_path, capsys):
     torch.save(VGG("A", num_classes=4, batch_norm=True, width=1 / 8, input_size=64).state_dict(), source)
     train(narrow(data, tmp_path / "run", weights=str(source)))
     said = [line for line in capsys.readouterr().err.splitlines() if "not copied" in line]
-    assert said == [f"warning: {source}: not copied (not in the file, another shape, other classes or another task), he "
-                    "init: fc6"]
+    assert said == [f"warning: {source}: not copied (not in the file, another shape, other classes or another "
+                    "task), he init: fc6"]
 
 
 def test_a_net_of_other_crops_is_fine_tuned_at_its_crop_and_scales_unless_they_are_given(data, tmp_path):

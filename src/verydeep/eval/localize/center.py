@@ -19,8 +19,10 @@ from verydeep.errors import UserError
 from verydeep.eval.localize.prior import in_frames, mean_relative_box
 from verydeep.eval.localize.scoring import wrong
 from verydeep.eval.localize.task import boxes_source, classes_in_net, recipe_file, smallest_training_scale, task_of
+from verydeep.eval.nets import train_scale
 from verydeep.io.rundir import CHECKPOINTS
 from verydeep.io.sources import load
+from verydeep.nn import configs
 from verydeep.paper.figures import TABLE_8, BoxRegression
 from verydeep.paper.report import Column, Row, Table
 from verydeep.runtime import sharding
@@ -41,6 +43,7 @@ class CenterResult:
     localisation_error: float
     whole_image_error: float
     centre_prior_error: float | None  # None: no training image had a box to take the mean of
+    paper_error: float | None = None  # Table 8's figure of a net of its setting (:func:`papers_figure`)
 
 
 def loader(images: LabelledImages, limit: int | None, batch_size: int, workers: int) -> DataLoader:
@@ -105,7 +108,22 @@ def evaluate_center(checkpoint: str | Path, data: str | Path, boxes: str | Path 
     if not images:
         raise UserError(f"{data}: no readable validation image with a box")
     net_error, whole, *centre = (100.0 * wrong_counts / images).tolist()
-    return CenterResult(str(checkpoint), task.head, layers, images, net_error, whole, centre[0] if centre else None)
+    return CenterResult(str(checkpoint), task.head, layers, images, net_error, whole, centre[0] if centre else None,
+                        papers_figure(recipe, task.head, layers))
+
+
+def table_8_label(fine_tuned: str) -> str:
+    """Table 8's name of the layers fine-tuned: ``FC1-FC2`` (``fc``), ``all``, ``after LAYER``."""
+    return "FC1-FC2" if fine_tuned == "fc" else fine_tuned
+
+
+def papers_figure(recipe: dict[str, Any], head: str, fine_tuned: str) -> float | None:
+    """Table 8's error for a net of its setting, configuration D trained at S = 384 (at a 224-pixel crop, or the
+    same S scaled to the net's crop), with its fine-tuned layers and head; None for any other net."""
+    smin, smax = train_scale(recipe)
+    if configs.canonical(recipe["config"]) != "D" or smin != smax or round(smin * 224 / int(recipe["crop"])) != 384:
+        return None
+    return TABLE_8.get(BoxRegression(table_8_label(fine_tuned), head.upper()))
 
 
 def net_name(checkpoint: str | Path) -> str:
@@ -125,8 +143,7 @@ def table_8(results: Sequence[CenterResult]) -> Any:
 
     several, rows = len(results) > 1, []
     for result in results:
-        label = "FC1-FC2" if result.fine_tuned == "fc" else result.fine_tuned
-        paper = TABLE_8.get(BoxRegression(label, result.head.upper()))
+        label, paper = table_8_label(result.fine_tuned), result.paper_error
         errors = (result.localisation_error, result.whole_image_error, result.centre_prior_error)
         cells = (*([net_name(result.checkpoint)] if several else []), label, result.head.upper(),
                  *("-" if error is None else f"{error:.1f}" for error in errors))

@@ -21,6 +21,7 @@ from verydeep.eval.localize.scoring import ilsvrc_wrong
 from verydeep.eval.localize.task import boxes_source, classes_in_net, smallest_training_scale, task_of
 from verydeep.eval.nets import train_scale
 from verydeep.eval.rows import scales_label
+from verydeep.nn import configs
 from verydeep.paper.figures import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
 from verydeep.paper.report import Column, Row, Table
 from verydeep.runtime import sharding
@@ -42,11 +43,17 @@ class DenseNetResult:
     crop: int
     localisation_error: float
     scale_max: int | None = None  # None: a fixed S
+    config: str = "D"
 
     @property
     def fixed(self) -> bool:
         """Whether the net was trained at one scale S (Table 9's nets were)."""
         return self.scale_max in (None, self.scale)
+
+    @property
+    def papers_kind(self) -> bool:
+        """Whether the net is of Table 9's rows: configuration D, a box per class (PCR), one scale S."""
+        return self.config == "D" and self.head == "pcr" and self.fixed
 
     @property
     def scale_label(self) -> str:
@@ -136,7 +143,8 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
 def net_result(checkpoint: str | Path, recipe: dict[str, Any], head: str, error: float) -> DenseNetResult:
     """A net's result with its training scales as its recipe gives them."""
     smin, smax = train_scale(recipe)
-    return DenseNetResult(str(checkpoint), head, smin, int(recipe["crop"]), error, smax)
+    return DenseNetResult(str(checkpoint), head, smin, int(recipe["crop"]), error, smax,
+                          configs.canonical(recipe["config"]))
 
 
 def paper_scales(net: DenseNetResult, scales: Sequence[int]) -> LocalisationScales:
@@ -150,15 +158,15 @@ def paper_scales(net: DenseNetResult, scales: Sequence[int]) -> LocalisationScal
 
 def table_9(result: DenseResult) -> Any:
     """Table 9's layout (protocol 2, top-5 localisation error %): each net alone (several nets) and the
-    union of their boxes, the two baselines, then the paper's rows not shown beside ours. A net whose
-    S and Q, scaled to 224-pixel crops, are a row of the paper's has its figures beside it; the union of
-    several nets has the paper's fusion."""
+    union of their boxes, the two baselines, then the paper's rows not shown beside ours. A net of the paper's
+    kind (:attr:`DenseNetResult.papers_kind`) whose S and Q, scaled to 224-pixel crops, are a row of the paper's
+    has its figures beside it; the union of several such nets has the paper's fusion."""
 
     def figures(paper: ValTest | None) -> tuple[str, str] | None:
         return None if paper is None else (f"{paper.val:.1f}", "-" if paper.test is None else f"{paper.test:.1f}")
 
     q, fused, rows = scales_label(result.scales), len(result.nets) > 1, []
-    keys = [paper_scales(net, result.scales) if net.fixed else None for net in result.nets]  # the paper's: fixed S
+    keys = [paper_scales(net, result.scales) if net.papers_kind else None for net in result.nets]
     for net, key in zip(result.nets, keys, strict=True):
         rows.append(Row((f"{net_name(net.checkpoint)} ({net.head.upper()})", net.scale_label, q,
                          f"{net.localisation_error:.1f}"), figures(TABLE_9.get(key))))
@@ -167,7 +175,8 @@ def table_9(result: DenseResult) -> Any:
         ordered = sorted(result.nets, key=lambda net: (net.scale, net.scale_max or net.scale))
         labels = list(dict.fromkeys(net.scale_label for net in ordered))
         rows.append(Row((union, labels[0] if len(labels) == 1 else "{" + ",".join(labels) + "}", q,
-                         f"{result.localisation_error:.1f}"), figures(TABLE_9_FUSION)))
+                         f"{result.localisation_error:.1f}"),
+                    figures(TABLE_9_FUSION) if all(net.papers_kind for net in result.nets) else None))
     rows += [Row((name, "-", q, "-" if error is None else f"{error:.1f}")) for name, error in (
         ("whole image box", result.whole_image_error), ("mean training box", result.centre_prior_error))]
     rows += [Row(("paper: D, PCR", str(key.train), scales_label(key.test), "-"), figures(paper))
