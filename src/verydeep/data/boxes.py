@@ -386,7 +386,7 @@ class BoxedTransform:
 
     def __call__(self, path: str | Path, generator: torch.Generator | None = None) -> Boxed:
         file = ImageFile(path)
-        plan = self.transform.plan(file.size, self.transform.fast and file.jpeg, generator)
+        plan = self.transform.plan(file.size, self.transform.fast and file.reducible, generator)
         image = render(file, plan, self.transform.fast)
         boxes = self.boxes[str(path)]
         corners = torch.tensor([box.corners for box in boxes], dtype=torch.float32)

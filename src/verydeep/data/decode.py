@@ -35,6 +35,11 @@ _ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+#: Per EXIF orientation, whether displaying the stored image reverses its (x, y) axes.
+_REVERSED_AXES = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True), 5: (False, False),
+                  6: (False, True), 7: (True, True), 8: (True, False)}
+#: The largest DCT scaling a decode reduces a JPEG by (Pillow's draft mode: 1/2, 1/4, 1/8).
+MAX_REDUCTION = 8
 _EXIF_ORIENTATION_TAG = 0x0112
 #: JPEG markers: APP1 (which holds EXIF, after this signature), start of scan (the header's end).
 _APP1, _SOS, _EXIF_SIGNATURE = 0xE1, 0xDA, b"Exif\x00\x00"
@@ -248,6 +253,17 @@ class ImageFile:
         self.size: Size = size if size is not None else displayed_size(self._pillow)
         self.jpeg = self._pillow is None or self._pillow.format == "JPEG"
         self.plain = self._pillow is None or plain_jpeg(self._pillow)
+
+    @property
+    def reducible(self) -> bool:
+        """A JPEG whose 1/k decode (:func:`decode`) keeps pixel i over [i*k, (i+1)*k) of the image as displayed:
+        shown as stored, or turned upright without reversing an axis that ends in a partial block of pixels
+        (reversed, that block's padding would shift every pixel by up to k - 1)."""
+        if not self.jpeg or self._pillow is None:
+            return self.jpeg
+        reversed_x, reversed_y = _REVERSED_AXES[pending_orientation(self._pillow)]
+        width, height = self._pillow.size  # as stored
+        return not (reversed_x and width % MAX_REDUCTION or reversed_y and height % MAX_REDUCTION)
 
     def pillow(self) -> Image.Image:
         """The file opened by Pillow (not yet decoded, so draft mode still applies)."""

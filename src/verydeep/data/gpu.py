@@ -81,7 +81,7 @@ class EncodedTransform:
             plan = self.transform.plan(file.size, False, generator)
             return Encoded(torch.frombuffer(bytearray(file.data), dtype=torch.uint8), plan)
         fast = self.transform.fast
-        plan = self.transform.plan(file.size, fast and file.jpeg, generator)
+        plan = self.transform.plan(file.size, fast and file.reducible, generator)
         return Encoded(render(file, plan, fast), plan)
 
 

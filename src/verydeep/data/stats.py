@@ -42,7 +42,8 @@ class PixelMoments:
 
     def __call__(self, path: str | Path, generator: torch.Generator | None = None) -> Tensor:
         file = ImageFile(path)
-        pixels = to_tensor(decode(file.pillow(), reduction(file.size, resized_size(file.size, self.side), file.jpeg)))
+        k = reduction(file.size, resized_size(file.size, self.side), file.reducible)
+        pixels = to_tensor(decode(file.pillow(), k))
         x = pixels.permute(1, 2, 0).reshape(-1, 3).to(torch.float64) / 255.0  # HWC: a free view
         count = torch.tensor([x.shape[0]], dtype=torch.float64)
         return torch.cat([count, x.sum(0), (x.T @ x).flatten()])

@@ -156,7 +156,7 @@ class PlannedTransform(ABC):
 
     def __call__(self, path: str | Path, generator: torch.Generator | None = None) -> Tensor:
         file = ImageFile(path)
-        return render(file, self.plan(file.size, self.fast and file.jpeg, generator), self.fast)
+        return render(file, self.plan(file.size, self.fast and file.reducible, generator), self.fast)
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,32 @@ def test_every_exif_orientation_of_every_format_decodes_upright_as_pillows_exif_
             assert_decodes_as(path, upright_reference(path, 2), k=2)
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 5, 6, 8])
+def test_a_turned_jpeg_s_planned_crop_is_where_the_plan_says_at_any_dct_reduction(tmp_path, orientation):
+    """A 1/k decode pads a partial last block of pixels; an orientation that reverses that axis would move the
+    padding to the image's left or top, every reduced pixel then k - 1 pixels off the plan: such a JPEG is
+    decoded whole, the others (an axis of whole blocks, or none reversed) at 1/k."""
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(0)),
+                                             size=(203, 301), mode="bicubic", align_corners=False)[0]
+    upright = Image.fromarray((smooth.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())  # 301 x 203 shown
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = upright if STORED_FOR[orientation] is None else upright.transpose(STORED_FOR[orientation])
+    path = save(stored, tmp_path / f"o{orientation}.jpg", exif=exif, quality=95)
+    file = ImageFile(path)
+    assert file.size == (301, 203) and file.reducible == (orientation in (1, 5))
+    box = (4, 3, 28, 22)  # of the 1/8 decode: pixels 32 to 224 and 24 to 176 of the image shown
+
+    def off(k: int) -> float:  # the mean difference from a whole decode of the same pixels
+        got = load_region(ImageFile(path), k, tuple(v * 8 // k for v in box), (48, 38), fast=False).float()
+        whole = load_region(ImageFile(path), 1, tuple(v * 8 for v in box), (48, 38), fast=False)
+        return float((got - whole).abs().mean())
+
+    assert off(4) < 2.5 if file.reducible else off(4) > 4.0  # turned, the padding of 301 = 75 x 4 + 1 moves it
+    assert plan_crop(file.size, 20, (24, 24), None, file.reducible).k == (
+        8 if file.reducible else 1)
+
+
 def test_an_orientation_given_only_in_xmp_is_followed_as_pillow_follows_it(tmp_path):
     """Pillow's getexif reads tiff:Orientation from XMP where EXIF has none: a JPEG (sized and decoded without
     Pillow when it has no EXIF) and a PNG (iTXt before its pixels) are turned as exif_transpose turns them."""

@@ -197,7 +197,8 @@ def training_codes(images: LabelledImages, seed: int, indices: Sequence[int] | N
             continue  # training skips it too
         corners = torch.tensor([transform.boxes[str(path)][0].corners])
         for epoch in range(math.ceil(draws / len(picked))):
-            plan = crop.plan(file.size, crop.fast and file.jpeg, stream_generator(seed, Stream.AUGMENT, epoch, index))
+            drawn = stream_generator(seed, Stream.AUGMENT, epoch, index)
+            plan = crop.plan(file.size, crop.fast and file.reducible, drawn)
             codes.append(encode(to_crop(corners, file.size, plan)[0], plan.size[0]))
     if not codes:
         raise UserError("no readable training image with a box")
