@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from verydeep.cli import main
 from verydeep.data import (
+    IMAGENET,
     BadImageError,
     ImageFolder,
     RescaleTransform,
@@ -215,6 +216,10 @@ def test_statistics_of_the_training_split_are_the_datasets(tmp_path):
     assert main(["data", "stats", str(tmp_path / "train"), "--workers", "0", "--mean-only"]) == 0
     assert (tmp_path / "train" / "preprocess.json").is_file()  # where train --data DIR finds it
     assert load_preprocess(tmp_path).mean == pytest.approx((105 / 255, 105 / 255, 30 / 255))
+    (tmp_path / "train" / "preprocess.json").replace(tmp_path / "preprocess.json")
+    assert load_preprocess(tmp_path / "val").mean == pytest.approx((105 / 255, 105 / 255, 30 / 255))  # its dataset's
+    (tmp_path / "other" / "train").mkdir(parents=True)  # a dataset beside, in the folder that holds the file
+    assert load_preprocess(tmp_path / "other") == IMAGENET  # not the neighbouring dataset's statistics
 
 
 def test_a_link_back_into_the_data_is_refused_naming_it_and_other_links_are_followed(tmp_path, capsys):

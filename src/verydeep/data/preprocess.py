@@ -221,14 +221,14 @@ def load_preprocess(data_dir: str | Path) -> Preprocess:
     """The statistics stored by ``verydeep data stats`` for ``data_dir``, else :data:`IMAGENET`.
 
     Looks for ``preprocess.json`` in ``data_dir``, in its ``train/`` (where ``data stats DIR/train`` writes
-    it) and in its parent (so a split folder finds its dataset's file); ``data_dir`` may also name the JSON
-    file itself.
+    it) and, for a split folder (``train``, ``val``, ``test``), in its dataset's folder; never in the folder
+    that holds a dataset, whose file would be another dataset's. ``data_dir`` may also name the JSON file.
     """
     data_dir = Path(data_dir)
     candidates = [data_dir] if data_dir.suffix == ".json" else [
         data_dir / PREPROCESS_FILE,
         data_dir / "train" / PREPROCESS_FILE,
-        data_dir.parent / PREPROCESS_FILE,
+        *([data_dir.parent / PREPROCESS_FILE] if data_dir.name in ("train", "val", "test") else []),
     ]
     for path in candidates:
         if path.is_file():
