@@ -108,6 +108,12 @@ def reduction(size: Size, target: Size, reducible: bool) -> int:
     return draft_factor(size, target) if reducible else 1
 
 
+#: The side, in pixels of the image, under which a crop's square is not resampled from the image itself but cut
+#: from the whole image rescaled to S: a whole-pixel square of fewer pixels would move S by more than 0.5%, and its
+#: whole-pixel positions would lie several pixels of the crop apart (CIFAR's 32-pixel images).
+SMALLEST_SQUARE = 100
+
+
 def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Generator | None,
               reducible: bool = False, flip: bool = True) -> CropPlan:
     """Sec. 3.1's random crop of an image of displayed ``size``: S ~ U{smin..smax}, a square
@@ -115,10 +121,16 @@ def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Ge
     resampled to ``crop`` x ``crop``, mirrored with probability 1/2 if ``flip``.
 
     That is the rescale-then-crop of the paper with S rounded so the square's side is whole
-    (S within 0.5% of the drawn value at ImageNet sizes). Draws from ``generator``, in order:
-    S (unless Smin == Smax), the left edge, the top edge, the flip (if ``flip``).
+    (S within 0.5% of the drawn value). Where the square would be under :data:`SMALLEST_SQUARE` pixels, the
+    paper's order itself: the whole image rescaled to S, ``crop`` x ``crop`` cut at a uniformly random position.
+    Draws from ``generator``, in order: S (unless Smin == Smax), the left edge, the top edge, the flip (if
+    ``flip``).
     """
     s = sample_scale(*scale, generator)
+    if region_side(size, s, crop) < SMALLEST_SQUARE:
+        rescaled = resized_size(size, s)
+        kept = crop_box(rescaled, crop, generator)  # drawn before the flip, as the square's position is
+        return CropPlan(1, (0, 0, *size), rescaled, flip and flip_coin(generator), kept)
     k = reduction(size, resized_size(size, s), reducible)
     box = crop_box(decoded_size(size, k), region_side(size, s, crop, k), generator)
     return CropPlan(k, box, (crop, crop), flip and flip_coin(generator))

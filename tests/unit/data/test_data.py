@@ -138,6 +138,23 @@ def test_crop_region_is_the_rescaled_crop():
     assert fixed.plan((2000, 1500), reducible=False).k == 1
 
 
+def test_a_small_image_is_rescaled_to_every_s_and_cut_at_every_position_as_the_paper_does(tmp_path):
+    """CIFAR's 32-pixel images at S in [36, 73]: a whole-pixel square of them would take 15 values of S and
+    19 positions; the image rescaled whole to S and cut takes each of the 38 S and every position of each."""
+    plans = [plan_crop((32, 32), 32, (36, 73), seeded(seed)) for seed in range(3000)]
+    assert {plan.out for plan in plans} == {(s, s) for s in range(36, 74)} and all(plan.k == 1 for plan in plans)
+    assert all(plan.size == (32, 32) and plan.box == (0, 0, 32, 32) for plan in plans)
+    at_73 = [plan.cut[:2] for plan in plans if plan.out == (73, 73)]
+    assert {left for left, _ in at_73} | {top for _, top in at_73} <= set(range(42)) and len(at_73) > 40
+    assert len({left for left, _ in at_73}) > 25  # of the 42 positions of a side, not 19
+    path = save(photo(32, 32), tmp_path / "small.png")
+    plan = plans[0]
+    left, top, right, bottom = plan.cut
+    rescaled = resample(to_tensor(Image.open(path).convert("RGB")), plan.out)  # the paper's order, by hand
+    expected = rescaled[:, top:bottom, left:right]
+    assert torch.equal(render(ImageFile(path), plan), expected.flip(-1) if plan.flip else expected)
+
+
 @pytest.mark.parametrize(("fmt", "size", "k"), [("JPEG", (1024, 768), 2), ("JPEG", (500, 375), 1),
                                                 ("PNG", (1024, 768), 1)])
 def test_fast_decode_matches_plain_decode_crop_resize(tmp_path, fmt, size, k):

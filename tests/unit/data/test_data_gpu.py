@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from verydeep.data import Batch, CenterCropTransform, ImageFolder, RescaleTransform, TrainTransform, collate, gpu
 from verydeep.data.gpu import Encoded, EncodedTransform, collate_encoded, decode_batch, resolve_decode
+from verydeep.data.transforms import cut
 from verydeep.errors import UserError
 
 CUDA = pytest.mark.gpu
@@ -184,7 +185,7 @@ def test_a_batch_is_each_image_resampled_rounded_and_mirrored_on_its_own(tmp_pat
         left, top, right, bottom = plan.box
         region = image[:, top:bottom, left:right][None].float()
         region = torch.nn.functional.interpolate(region, size=plan.out[::-1], mode="bilinear", antialias=True)[0]
-        region = region.round().clamp(0, 255).to(torch.uint8)
+        region = cut(region.round().clamp(0, 255).to(torch.uint8), plan.cut)  # a small image: rescaled whole, cut
         expected.append(region.flip(-1) if plan.flip else region)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, torch.stack(expected))
