@@ -2,11 +2,12 @@
 
 Every size of the paper is multiplied by one factor, ``crop / 224``: on CIFAR-10 (crop 32) the
 training scales S = 256, 384 and [256, 512] become 36, 54 and [36, 73], the test offsets S +- 32
-become S +- 4. Under the paper's protocol (Sec. 3.1) net A starts from random weights, the deeper
+become S +- 5. Under the paper's protocol (Sec. 3.1) net A starts from random weights, the deeper
 nets from A's first four convs and three FC layers, the S = 384 nets from the S = 256 ones and the
 jittered nets from the S = 384 ones; under ``scratch`` every net starts from random weights. Every
-net has the same width, schedule and epoch bound; the nets are trained one after another, each in
-its own run directory, so an interrupted reproduction resumes where it stopped. The output is the
+net has the same width, schedule and epoch bound (a net fine-tuned at another S its own); the nets are
+trained one after another, each in its own run directory, so an interrupted reproduction resumes where
+it stopped. The output is the
 paper's Tables 3 to 6 with our figures beside the paper's, the paper's claims each judged by a
 paired test on the same test images (with the spread over seeds), plots, and ``REPRODUCTION.md``.
 """
@@ -99,7 +100,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="paper: each net from its parent as in Sec. 3.1 (default); scratch: every net from random "
                         "weights")
     p.add_argument("--budget", type=positive_int, default=None,
-                   help="at most this many epochs per net (every net the same)")
+                   help="at most this many epochs per net trained from random weights or warm-started (a net "
+                        "fine-tuned at another S: --finetune-budget)")
     p.add_argument("--finetune-budget", type=positive_int, default=None,
                    help="at most this many epochs for a net fine-tuned from its own configuration (S = 384, jittered)")
     p.add_argument("--stop-patience", type=positive_int, default=None,

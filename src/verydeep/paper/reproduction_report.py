@@ -134,6 +134,9 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
              f"S = 384 from S = 256 and the jittered nets from S = 384 at lr {preset.finetune_lr:g} for at most "
              f"{preset.finetune_epochs} epochs" if preset.protocol == "paper" and deeper
              else "every net from random weights")
+    by_name = {n.name: n for n in preset.members()}
+    fine_tuned = f" ({preset.finetune_epochs} for a net fine-tuned at another S)" \
+        if any(preset.fine_tuned(n, by_name) for n in by_name.values()) else ""
     stop = f"; a net stops once validation has not improved for {preset.stop_patience} epochs" \
         if preset.stop_patience else ""
     schedule = (f"lr {preset.lr:g} divided by 10 after epochs {', '.join(map(str, preset.milestones))} (a fixed "
@@ -148,7 +151,8 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
         f"- hardware: {_hardware(device)}; compute time {total / 60:.1f} min, summed over the nets (not wall "
         f"time: shards run side by side) ({', '.join(f'{k} {v / 60:.1f}' for k, v in seconds.items())} min)",
         f"- every net: width x{preset.width:g}, crop {preset.crop} (the paper's 224 x {preset.crop / 224:.3f}), "
-        f"at most {preset.epochs} epochs, batch {preset.batch_size}, SGD momentum 0.9, weight decay 5e-4, dropout "
+        f"at most {preset.epochs} epochs{fine_tuned}, batch {preset.batch_size}, SGD momentum 0.9, weight decay "
+        "5e-4, dropout "
         f"0.5, {schedule}{stop}, init `{preset.init}`, no batch norm",
         f"- protocol `{preset.protocol}`: {start}; validation on {validation}",
         f"- seeds: {preset.seeds} ({', '.join(seeded)} trained {preset.seeds} times; a replica starts from "
@@ -156,7 +160,8 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
         f"- training scales: S = 256 -> {preset.scale((256, 256))[0]}, 384 -> {preset.scale((384, 384))[0]}, "
         f"[256; 512] -> {list(preset.scale((256, 512)))}; test scales from each recipe ({{S-32, S, S+32}} or "
         f"{{Smin, mid, Smax}}, scaled); errors on "
-        f"{f'{preset.limit_test} (class-balanced)' if preset.limit_test else 'all'} test images",
+        f"{f'at most {preset.limit_test} (class-balanced)' if preset.limit_test else 'all'} test images (the "
+        "claims below give how many)",
         "- the paper's figures are ILSVRC-2012 validation errors at full scale: compare directions, not values",
     ]
 

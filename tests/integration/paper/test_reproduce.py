@@ -296,6 +296,14 @@ def test_the_settings_name_the_nets_trained_again_and_the_time_as_summed_not_wal
     lines = _settings_lines(preset, Path("data"), "cpu", "verydeep reproduce", {"training": 90.0, "evaluation": 30.0})
     assert any(line.startswith("- seeds: 2 (A trained 2 times;") for line in lines)  # D is seeded, not trained
     assert any("compute time 2.0 min, summed over the nets (not wall time" in line for line in lines)
+    assert not any("fine-tuned at another S" in line for line in lines)  # every net from random weights
+
+
+def test_the_settings_give_a_fine_tuned_net_s_own_budget_and_the_test_limit_as_a_bound():
+    preset = replace(PRESETS["cifar10"], nets=("C-jitter",), epochs=1, limit_test=1000)  # C-256 -> C-384 -> C-jitter
+    lines = "\n".join(_settings_lines(preset, Path("data"), "cpu", "verydeep reproduce", {"training": 60.0}))
+    assert f"at most 1 epochs ({preset.finetune_epochs} for a net fine-tuned at another S)" in lines
+    assert "errors on at most 1000 (class-balanced) test images (the claims below give how many)" in lines
 
 
 def test_fewer_than_two_test_images_are_refused_before_any_training(tmp_path, capsys):
