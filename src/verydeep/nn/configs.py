@@ -98,7 +98,7 @@ def canonical(config: str) -> str:
 
 
 def layers(config: str) -> list[Layer]:
-    """The layers of ``config`` in order, named ``convB_I`` / ``lrnB`` / ``poolB`` per block B."""
+    """The layers of ``config`` in order, named ``convB_I`` / ``poolB`` per block B (A-LRN's LRN ``norm1``)."""
     out: list[Layer] = []
     block, index = 1, 0
     for spec in TABLE_1[canonical(config)]:

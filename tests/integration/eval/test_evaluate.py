@@ -401,6 +401,18 @@ def test_paper_figures_stand_only_beside_nets_and_fusions_of_the_papers_kind():
     assert paper_figures(row("dense", [256, 384, 512], [n.name for n in three]), three) is None  # not D + E
 
 
+def test_table_7_s_figures_are_those_paper_md_states():
+    paper = SHARED.parent / "PAPER.md"
+    if not paper.is_file():
+        pytest.skip(f"{paper} (the paper restated) is not beside the repository")
+    text = " ".join(paper.read_text().split())
+    best = figures.classification_errors(5, [figures.E_JITTERED], "dense+multicrop")
+    assert f"the best single net, {best.top1:.1f}/{best.top5:.1f} ({best.test_top5:.1f} on test)" in text
+    submission = figures.ILSVRC_SUBMISSION
+    assert (f"7-net ILSVRC submission {submission.top1:.1f}/{submission.top5:.1f} ({submission.test_top5:.1f} top-5 on "
+            "test)") in text
+
+
 def test_the_papers_tables_as_data():
     assert figures.classification_errors(3, [figures.A_256]) == figures.TopErrors(29.6, 10.4)
     assert figures.classification_errors(4, [figures.A_256]) is None  # Table 4 starts at B
