@@ -249,7 +249,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """A value of a structured field (``scale``, ``milestones``, ``preprocess``) given as its flag gives it
         (``"256:512"``, ``"30,60"``, a file) is parsed as the flag's, a bad one a :class:`UserError`; a text the
-        flag's parser names (``config="vgg16"``) is stored as the flag stores it, and a numpy or torch number as
+        flag's parser names (``config="vgg16"``) is stored as the flag stores it, and a numpy number as
         a plain one, which the run record can hold."""
         for f in fields(self):
             value, kind = getattr(self, f.name), f.type.removesuffix(" | None")
