@@ -163,6 +163,18 @@ class LocalisationScales:
     test: tuple[int, ...]
 
 
+def scaled_from(paper_pixels: int, ours: int, crop: int) -> bool:
+    """Whether ``ours``, a size of a net of ``crop``-pixel crops, is the paper's ``paper_pixels`` (at 224) scaled
+    by ``crop / 224`` and rounded either way, as a reproduction scales it (384 -> 54 at a 32-pixel crop)."""
+    return abs(ours - paper_pixels * crop / 224) < 1
+
+
+def table_9_row(train: int, test: Sequence[int], crop: int) -> LocalisationScales | None:
+    """The row of Table 9 whose S and Q are a net's ``train`` and ``test`` scaled to its ``crop``, if any."""
+    return next((key for key in TABLE_9 if scaled_from(key.train, train, crop) and len(key.test) == len(test)
+                 and all(scaled_from(p, q, crop) for p, q in zip(key.test, sorted(test), strict=True))), None)
+
+
 @dataclass(frozen=True)
 class ValTest:
     """An error % on ILSVRC-2012 validation and, where the paper gives it, the test set."""

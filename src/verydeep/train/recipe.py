@@ -255,10 +255,10 @@ class TrainConfig:
             value, kind = getattr(self, f.name), f.type.removesuffix(" | None")
             if structured(f) and value is not None or kind == "str" and f.metadata["parse"] and isinstance(value, str):
                 setattr(self, f.name, parsed(f, value))
-            elif kind == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+            elif kind == "int" and isinstance(value, numbers.Integral) and type(value) not in (bool, int):
                 setattr(self, f.name, operator.index(value))
-            elif kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
-                setattr(self, f.name, float(value))
+            elif kind == "float" and isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+                setattr(self, f.name, float(value))  # numpy's float64 too, a float that torch.save pickles
 
     def check_each(self) -> None:
         """Raise :class:`UserError` naming the first option that is bad on its own (type, bounds, choices)."""

@@ -47,6 +47,8 @@ def test_table_8_s_figures_are_those_of_a_net_d_trained_at_s_384_with_the_same_h
     d = {"config": "vgg16", "scale": [96, 96], "crop": 56}  # S = 96 at a 56-pixel crop: 384 at 224
     assert papers_figure(d, "pcr", "all") == 33.1 and papers_figure(d, "scr", "fc") == 36.4
     assert papers_figure(d, "scr", "all") is None  # a row the paper does not have
+    for crop, s in ((32, 54), (32, 55), (64, 109), (128, 219)):  # 384 scaled to the crop, rounded either way
+        assert papers_figure({**d, "crop": crop, "scale": [s, s]}, "pcr", "all") == 33.1
     for other in ({"config": "A"}, {"scale": [96, 120]}, {"scale": [64, 64]}, {"crop": 32}):
         assert papers_figure({**d, **other}, "pcr", "all") is None
 
@@ -409,6 +411,9 @@ def test_table_9_sets_our_rows_beside_the_papers():
     fused = table_9(dense_result(32, [56, 64], nets=2)).markdown()
     assert "| loc1 (PCR) | 64 | {56,64} | 41.0 | - | - |" in fused
     assert "| union of loc0 + loc1 | 64 | {56,64} | 37.5 | 26.9 | 25.3 |" in fused and "paper: fusion" not in fused
+    cifar = DenseResult("runs/loc0", "runs/cls", [36], 8, 37.5, 75.0, 50.0, [DenseNetResult("runs/loc0", "pcr", 36,
+                                                                                         32, 40.0)])
+    assert "| loc0 (PCR) | 36 | 36 | 40.0 | 29.5 | - |" in table_9(cifar).markdown()  # 256 -> 36 at 32 pixels
     jittered = dense_result(56, [64], nets=2)  # S in 64:92 at a 56-pixel crop is not the paper's fixed 256
     jittered.nets[1].scale_max = 92
     table = table_9(jittered).markdown()

@@ -59,8 +59,9 @@ def test_loss_falls_within_a_few_dozen_steps(data, tmp_path):
 
 
 def test_a_run_begun_from_python_with_an_alias_and_numpy_numbers_resumes(data, tmp_path, capsys):
-    cfg = tiny(data, tmp_path / "run", config="vgg11", batch_size=np.int64(8), lr=np.float32(0.01), epochs=1)
-    assert (cfg.config, type(cfg.batch_size), type(cfg.lr)) == ("A", int, float)  # stored as the flags store them
+    cfg = tiny(data, tmp_path / "run", config="vgg11", batch_size=np.int64(8), lr=np.float32(0.01), epochs=1,
+               momentum=np.float64(0.9))  # a float, as numpy's float64 is, that torch.save would pickle
+    assert (cfg.config, type(cfg.batch_size), type(cfg.lr), type(cfg.momentum)) == ("A", int, float, float)
     train(cfg)
     recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert recipe["config"] == "A" and recipe["batch_size"] == 8

@@ -23,7 +23,7 @@ from verydeep.eval.nets import train_scale
 from verydeep.io.rundir import CHECKPOINTS
 from verydeep.io.sources import load
 from verydeep.nn import configs
-from verydeep.paper.figures import TABLE_8, BoxRegression
+from verydeep.paper.figures import TABLE_8, BoxRegression, scaled_from
 from verydeep.paper.report import Column, Row, Table
 from verydeep.runtime import sharding
 from verydeep.runtime.device import pick_device
@@ -118,10 +118,11 @@ def table_8_label(fine_tuned: str) -> str:
 
 
 def papers_figure(recipe: dict[str, Any], head: str, fine_tuned: str) -> float | None:
-    """Table 8's error for a net of its setting, configuration D trained at S = 384 (at a 224-pixel crop, or the
-    same S scaled to the net's crop), with its fine-tuned layers and head; None for any other net."""
+    """Table 8's error for a net of its setting, configuration D trained at S = 384 (at a 224-pixel crop, or 384
+    scaled to the net's crop, :func:`~verydeep.paper.figures.scaled_from`), with its fine-tuned layers and head;
+    None for any other net."""
     smin, smax = train_scale(recipe)
-    if configs.canonical(recipe["config"]) != "D" or smin != smax or round(smin * 224 / int(recipe["crop"])) != 384:
+    if configs.canonical(recipe["config"]) != "D" or smin != smax or not scaled_from(384, smin, int(recipe["crop"])):
         return None
     return TABLE_8.get(BoxRegression(table_8_label(fine_tuned), head.upper()))
 

@@ -22,7 +22,7 @@ from verydeep.eval.localize.task import boxes_source, classes_in_net, smallest_t
 from verydeep.eval.nets import train_scale
 from verydeep.eval.rows import scales_label
 from verydeep.nn import configs
-from verydeep.paper.figures import TABLE_9, TABLE_9_FUSION, LocalisationScales, ValTest
+from verydeep.paper.figures import TABLE_9, TABLE_9_FUSION, ValTest, table_9_row
 from verydeep.paper.report import Column, Row, Table
 from verydeep.runtime import sharding
 from verydeep.runtime.processes import Processes
@@ -147,26 +147,17 @@ def net_result(checkpoint: str | Path, recipe: dict[str, Any], head: str, error:
                           configs.canonical(recipe["config"]))
 
 
-def paper_scales(net: DenseNetResult, scales: Sequence[int]) -> LocalisationScales:
-    """A net's training S and test scales Q at the paper's 224-pixel crop (Table 9's key)."""
-
-    def at_224(pixels: int) -> int:
-        return round(pixels * 224 / net.crop)
-
-    return LocalisationScales(at_224(net.scale), tuple(sorted(at_224(q) for q in scales)))
-
-
 def table_9(result: DenseResult) -> Any:
     """Table 9's layout (protocol 2, top-5 localisation error %): each net alone (several nets) and the
     union of their boxes, the two baselines, then the paper's rows not shown beside ours. A net of the paper's
-    kind (:attr:`DenseNetResult.papers_kind`) whose S and Q, scaled to 224-pixel crops, are a row of the paper's
+    kind (:attr:`DenseNetResult.papers_kind`) whose S and Q are a row of the paper's scaled to its crop
     has its figures beside it; the union of several such nets has the paper's fusion."""
 
     def figures(paper: ValTest | None) -> tuple[str, str] | None:
         return None if paper is None else (f"{paper.val:.1f}", "-" if paper.test is None else f"{paper.test:.1f}")
 
     q, fused, rows = scales_label(result.scales), len(result.nets) > 1, []
-    keys = [paper_scales(net, result.scales) if net.papers_kind else None for net in result.nets]
+    keys = [table_9_row(net.scale, result.scales, net.crop) if net.papers_kind else None for net in result.nets]
     for net, key in zip(result.nets, keys, strict=True):
         rows.append(Row((f"{net_name(net.checkpoint)} ({net.head.upper()})", net.scale_label, q,
                          f"{net.localisation_error:.1f}"), figures(TABLE_9.get(key))))
