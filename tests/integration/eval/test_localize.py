@@ -166,12 +166,13 @@ def test_the_task_trains_from_a_classification_net_and_validates_protocol_one(bo
     assert "features.0.weight" in copied and "classifier.6.weight" not in copied  # FC8 starts random
     result = evaluate_center(tmp_path, root)
     assert result.images == 16 and result.whole_image_error == 100.0 and result.centre_prior_error == 0.0
-    # every box: pixels 8..35 and 6..33 inclusive, so edges at 8, 6, 36, 34, in 44 x 40 images; a crop at S = 32
-    # is a 40-pixel square of the image (its left edge 0..4, flipped or not), so the codes, in crop sides, are
-    # a width and height of 28 / 40, a centre y of 20 / 40, a centre x of (22 - left) / 40 or its mirror
+    # every box: pixels 8..35 and 6..33 inclusive, so edges at 8, 6, 36, 34, in 44 x 40 images; at S = 32 the
+    # image is rescaled to 35 x 32 (torchvision's rounding) and cut at its left edge 0..3, flipped or not, so the
+    # codes, in crop sides, are a width of 28 x 35/44 / 32, a height of 28 / 40, a centre y of 20 / 40, a centre
+    # x of (22 x 35/44 - left) / 32 or its mirror
     mean, std = torch.tensor(state["recipe"]["box_code_mean"]), torch.tensor(state["recipe"]["box_code_std"])
     torch.testing.assert_close(mean, torch.tensor([0.5, 0.5, 0.7, 0.7]), atol=5e-3, rtol=0)
-    torch.testing.assert_close(mean[1:], torch.tensor([0.5, 0.7, 0.7]))
+    torch.testing.assert_close(mean[1:], torch.tensor([0.5, 28 * 35 / 44 / 32, 0.7]))
     torch.testing.assert_close(std, torch.tensor([2**0.5 / 40, MIN_CODE_STD, MIN_CODE_STD, MIN_CODE_STD]),
                                atol=2e-3, rtol=0)
     assert state["recipe"]["box_targets"] == "standardised"

@@ -57,9 +57,10 @@ def test_boxes_of_one_geometry_train_without_diverging(tmp_path, capsys):
     std = record["box_code_std"]
     # the crop moves the box: its centre spreads (x by the crop's position and the flip, y by its position) ...
     assert std[0] > 0.1 and std[1] > 1.5 * MIN_CODE_STD
-    # ... while at a fixed S its width and height (64 / 43 and 48 / 43 crop sides) are the same in every crop
+    # ... while at a fixed S its width and height are the same in every crop: 64 and 48 pixels of an image whose
+    # 48-pixel side is rescaled to S = 36, in 32-pixel crop sides
     assert std[2:] == pytest.approx([MIN_CODE_STD] * 2)
-    assert record["box_code_mean"][2:] == pytest.approx([64 / 43, 48 / 43], abs=1e-6)
+    assert record["box_code_mean"][2:] == pytest.approx([64 * 36 / 48 / 32, 48 * 36 / 48 / 32], abs=1e-6)
 
 
 @pytest.mark.parametrize("scale", [(36, 36), (36, 44)])
