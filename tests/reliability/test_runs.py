@@ -368,8 +368,8 @@ def test_a_second_training_into_a_run_being_written_is_refused_and_leaves_it(dat
 
     from verydeep.train.checkpointing import RunLock
 
-    train(tiny(data, tmp_path, epochs=1))
-    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    train(tiny(data, tmp_path, epochs=2, checkpoint_every=2, stop_after_steps=7))  # logged past last.pt's step 6
+    before, log = ((tmp_path / name).read_bytes() for name in ("checkpoints/last.pt", "metrics.jsonl"))
     code = (f"import sys; from verydeep.train.checkpointing import RunLock; lock = RunLock({str(tmp_path)!r}); "
             "lock.acquire(); print('held', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -379,6 +379,7 @@ def test_a_second_training_into_a_run_being_written_is_refused_and_leaves_it(dat
             with pytest.raises(UserError, match="another training is writing this run now"):
                 train(tiny(data, tmp_path, **options))
         assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+        assert (tmp_path / "metrics.jsonl").read_bytes() == log  # a resume refused cuts nothing from the live log
     finally:
         holder.communicate("")
     assert train(tiny(data, tmp_path, resume=True, epochs=2)).epochs == 2  # its lock gone with it

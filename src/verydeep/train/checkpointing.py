@@ -117,6 +117,13 @@ class Checkpoints:
         """Let another training write the run (the end of this one)."""
         self.lock.release()
 
+    def hold(self) -> None:
+        """Lock the run directory (:class:`RunLock`), once: a second training into it is refused on every
+        process."""
+        with failing_together():  # the main process alone writes, and may be refused
+            if self.procs.main and not self.lock.held:
+                self.lock.acquire()
+
     def prepare(self, cfg: TrainConfig) -> None:
         """``--out`` must be a folder; a run in it is continued only with ``--resume`` and replaced only
         with ``--overwrite`` (:meth:`clear`, once the rest is checked)."""
@@ -131,6 +138,8 @@ class Checkpoints:
             raise UserError(f"--weights {source} lies in --out {run_dir}, which a new run clears: give another --out")
         if cfg.resume and not self.last.is_file():
             raise MissingFileError(f"--resume: {self.last} does not exist")
+        if cfg.resume:  # locked before resuming writes a file of the run (its log cut back to the checkpoint)
+            self.hold()
         if cfg.resume or cfg.overwrite:
             return
         if self.last.is_file():
@@ -148,11 +157,8 @@ class Checkpoints:
         """For a new run, once every setting and the data have been checked (a run refused leaves the old one as
         it was), the files of an old run in ``--out`` removed: nothing of one (say, one that crashed before a
         checkpoint) mixes in; a folder without our run record is cleared only with ``--overwrite``. Temporary
-        files of writes cut short by a crash are removed. First the run directory is locked (:class:`RunLock`):
-        a second training into it is refused on every process."""
-        with failing_together():  # the main process alone writes, and may be refused
-            if self.procs.main:
-                self.lock.acquire()
+        files of writes cut short by a crash are removed. First the run directory is locked (:meth:`hold`)."""
+        self.hold()
         if not self.procs.main:
             return
         if not cfg.resume and (cfg.overwrite or self.paths.record.exists()):
@@ -230,6 +236,10 @@ class RunLock:
             self.release()
             raise UserError(f"--out {self.run_dir}: another training is writing this run now; wait for it to "
                             "end, or give another --out") from None
+
+    @property
+    def held(self) -> bool:
+        return self.file is not None
 
     def release(self) -> None:
         if self.file is not None:

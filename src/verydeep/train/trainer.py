@@ -40,6 +40,7 @@ from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.rundir import RunDir
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification, Task
+from verydeep.runtime import sharding
 from verydeep.runtime.device import pick_device, prepare
 from verydeep.runtime.memory import keep_freed_memory
 from verydeep.runtime.precision import autocast_dtype
@@ -139,7 +140,7 @@ class Trainer:
         self.checkpoints.prepare(cfg)
         self.metrics = MetricsLog(self.run_dir, procs.main, cfg.tensorboard)
         self.device = self._device()
-        self.dtype = autocast_dtype(self.device, cfg.precision)
+        self.dtype = sharding.agreed(autocast_dtype(self.device, cfg.precision))  # auto: the first process's
         self.decode = gpu_decode.resolve_decode(cfg.decode, self.device)
         self.workers = loader_workers(cfg.workers)
         self.pre = cfg.preprocess or load_preprocess(cfg.data)

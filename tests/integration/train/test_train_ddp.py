@@ -27,14 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_train(data: Path, out: Path, dropout: float, *extra: str) -> None:
-    """``verydeep train`` on two gloo processes with :func:`conftest.tiny`'s settings, 2 steps of 16 an epoch."""
+def torchrun_train(data: Path, out: Path, dropout: float, *extra: str, script: Path | None = None) -> None:
+    """``verydeep train`` on two gloo processes with :func:`conftest.tiny`'s settings, 2 steps of 16 an epoch (fp32
+    unless ``extra`` gives --precision); ``script`` runs the command line instead of ``-m verydeep.cli``."""
+    precision = [] if "--precision" in extra else ["--precision", "fp32"]
     flags = ["--data", str(data), "--out", str(out), "--width", "0.0625", "--crop", "32", "--scale", "32:40",
              "--batch-size", "16", "--micro-batch", "4", "--init", "xavier", "--lr", "0.05", "--epochs", "1",
-             "--workers", "0", "--precision", "fp32", "--device", "cpu", "--patience", "100", "--dropout",
+             "--workers", "0", *precision, "--device", "cpu", "--patience", "100", "--dropout",
              str(dropout), "--no-progress", *extra]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "verydeep.cli", "train", *flags]
+               "--master_port", str(free_port()), *([str(script)] if script else ["-m", "verydeep.cli"]), "train",
+               *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -51,6 +54,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     options = dict(dropout=0.0, epochs=1, micro_batch=4, checkpoint_every=0)  # 2 steps of 16, fp32
     train(tiny(data, tmp_path / "one", **options))
     torchrun_train(data, tmp_path / "two", 0.0)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+
+
+def test_processes_that_would_choose_other_precisions_train_in_the_first_one_s(tmp_path):
+    """``--precision auto`` is measured (or set) on each machine: a second process that would pick bf16 trains in
+    the first one's fp32, as one process does, not half of each batch in another precision."""
+    data = write_dataset(tmp_path / "data", {"train": 8, "val": 2})
+    train(tiny(data, tmp_path / "one", dropout=0.0, epochs=1, micro_batch=4, checkpoint_every=0))  # fp32
+    launcher = tmp_path / "launch.py"  # each process its own machine's choice: fp32 on the first, bf16 on the second
+    launcher.write_text("import os, sys\n"
+                        "os.environ['VERYDEEP_PRECISION'] = 'fp32' if os.environ['RANK'] == '0' else 'bf16'\n"
+                        "from verydeep.cli import main\n"
+                        "sys.exit(main(sys.argv[1:]))\n")
+    torchrun_train(data, tmp_path / "two", 0.0, "--precision", "auto", script=launcher)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
 
 
