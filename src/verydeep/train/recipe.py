@@ -643,15 +643,14 @@ def setting_origins(given: dict[str, Any], settings: dict[str, Any]) -> dict[str
     return {name: origin(name) for name in settings}
 
 
-def with_recipe(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
-    """A Python caller's ``cfg`` that names a recipe: the recipe's settings, then those the caller set (that
-    differ from their defaults: one set to its default cannot be told from one left open, so the recipe's
-    wins), as the command line orders them; and where each given setting came from."""
-    recipe = read_recipe(cfg.recipe) if cfg.recipe else {}
-    set_here = changed_settings(cfg)
-    settings = recipe | {name: getattr(cfg, name) for name in set_here}
-    origins = {name: recipe_origin(cfg.recipe, name) for name in recipe} | {name: flag_of(name) for name in set_here}
-    return make_config(settings), origins
+def as_flags_given(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
+    """A Python caller's ``cfg`` applied as the command line applies flags (:func:`settings_from_flags`): with
+    ``resume`` the run's stored settings, then the recipe's, then those the caller set (that differ from their
+    defaults: one set to its default cannot be told from one left open, so the run's or the recipe's wins);
+    and where each setting came from."""
+    given = {name: getattr(cfg, name) for name in changed_settings(cfg)}
+    settings = settings_from_flags(given)
+    return make_config(settings), setting_origins(given, settings)
 
 
 def recipe_origin(recipe: str, name: str) -> str:

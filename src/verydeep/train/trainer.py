@@ -54,11 +54,11 @@ from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
 from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
 from verydeep.train.recipe import (
     TrainConfig,
+    as_flags_given,
     changed_settings,
     flag_of,
     started_with,
     stored_settings,
-    with_recipe,
     write_run_record,
 )
 from verydeep.train.schedule import EpochTotals, Schedule
@@ -428,10 +428,10 @@ def train(cfg: TrainConfig, task: Task | None = None,
           given: Mapping[str, str] | Collection[str] | None = None) -> TrainSummary:
     """Train as ``cfg`` says (``task``: classification by default), on this process or, under
     ``torchrun``, on all of them (Sec. 3.3). ``given``: the settings the user gave (default: those that
-    differ from their defaults, after ``cfg.recipe``'s settings). When ``torchrun --max-restarts``
-    restarts the processes after one failed, they resume from the last checkpoint."""
-    if given is None and cfg.recipe:  # from Python: the recipe as the command line applies it
-        cfg, given = with_recipe(cfg)
+    differ from their defaults, after the resumed run's and ``cfg.recipe``'s settings). When ``torchrun
+    --max-restarts`` restarts the processes after one failed, they resume from the last checkpoint."""
+    if given is None and (cfg.recipe or cfg.resume):  # from Python: the run and recipe as the command line has them
+        cfg, given = as_flags_given(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     # torchrun restarted the processes after a failure: they resume the run they started, but an old one
     # that --overwrite was to replace, which a process may have failed before clearing, is replaced; an old

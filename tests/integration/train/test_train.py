@@ -69,6 +69,9 @@ def test_a_run_begun_from_python_with_an_alias_and_numpy_numbers_resumes(data, t
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
     assert main(["train", "--resume"]) == 2  # the run's settings, its data too, come from --out
     assert capsys.readouterr().err.strip().endswith("--out (the run directory) is required")
+    resumed = train(TrainConfig(out=str(tmp_path / "run"), resume=True, epochs=3, progress=False))  # as --resume
+    assert (resumed.epochs, load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["recipe"]["width"]) == (
+        3, 1 / 16)  # the run's own settings (data, width, batch...), none restated
 
 
 def test_accumulation_equals_the_full_batch(data, tmp_path):
