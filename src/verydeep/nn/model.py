@@ -239,19 +239,21 @@ class VGG(nn.Module):
     def extra_repr(self) -> str:
         return f"config={self.config}, width={self.width}, input_size={self.input_size}"
 
-    def _check_size(self, x: torch.Tensor) -> None:
-        if not self.adaptive_pool and tuple(x.shape[-2:]) != (self.grid, self.grid):
+    def _check_size(self, side: tuple[int, ...]) -> None:
+        """An input of another ``side`` (h, w) than the crop is refused: one 31 pixels larger still makes FC6's
+        map, of the top-left crop alone."""
+        if not self.adaptive_pool and tuple(side) != (self.input_size, self.input_size):
             raise ValueError(
                 f"{self.name} takes {self.input_size}x{self.input_size} crops (FC6 sees a "
-                f"{self.grid}x{self.grid} map) but the map here is {tuple(x.shape[-2:])}; use "
+                f"{self.grid}x{self.grid} map) but the input here is {tuple(side)}; use "
                 "model.dense() for inputs of any size, or adaptive_pool=True for torchvision's pooling"
             )
 
     def forward(self, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Class scores of crops ``x``; in training, ``seeds`` ((N,) int64, one an image) make each image's
         dropout masks its own (:class:`SeededDropout`), else they come from the global RNG."""
+        self._check_size(x.shape[-2:])
         x = run_trunk(self.features, x)
-        self._check_size(x)
         return run_head(self.classifier, torch.flatten(self.avgpool(x), 1), seeds)
 
     def dense(self) -> DenseVGG:
@@ -334,29 +336,28 @@ def _extract(
     unknown = [n for n in wanted if n not in model.tap_names]
     if unknown:
         raise KeyError(f"unknown layer names {unknown}; known: {', '.join(model.tap_names)}")
-    paths = {model.tap_names[n]: n for n in wanted}
-    out: dict[str, torch.Tensor] = {}
-    if not wanted:
-        return out
+    paths, side = {model.tap_names[n] for n in wanted}, x.shape[-2:]  # a name given twice is one tap
+    taken: dict[str, torch.Tensor] = {}  # by module path
     kept = {int(path.split(".")[1]) for path in paths if path.startswith("features.")}
-    for i, output in trunk_outputs(model.features, x, kept):
+    for i, output in trunk_outputs(model.features, x, kept) if paths else ():
         x = output
         if i in kept:
-            out[paths[f"features.{i}"]] = x.clone()
-        if len(out) == len(wanted):  # the last tap is in the trunk: no windows, and no size check
-            return out
-    if dense:
-        x, grid = model.windows(x)
-    else:
-        model._check_size(x)
-        x = torch.flatten(model.avgpool(x), 1)
-    for i, module in enumerate(model.classifier):
-        if len(out) == len(wanted):
+            taken[f"features.{i}"] = x.clone()
+        if len(taken) == len(paths):  # the last tap is in the trunk: no windows, and no size check
             break
-        x = module(x)
-        if f"classifier.{i}" in paths:
-            out[paths[f"classifier.{i}"]] = as_map(x.clone(), grid) if dense else x.clone()
-    return out
+    if len(taken) < len(paths):
+        if dense:
+            x, grid = model.windows(x)
+        else:
+            model._check_size(side)
+            x = torch.flatten(model.avgpool(x), 1)
+        for i, module in enumerate(model.classifier):
+            if len(taken) == len(paths):
+                break
+            x = module(x)
+            if f"classifier.{i}" in paths:
+                taken[f"classifier.{i}"] = as_map(x.clone(), grid) if dense else x.clone()
+    return {name: taken[model.tap_names[name]] for name in wanted}
 
 
 #: ``vgg("D", num_classes=10, width=1/4, input_size=32)``: build a configuration of Table 1.

@@ -209,6 +209,10 @@ def test_extract_named_layers_plain_and_dense():
         assert taps["pool5"].shape == (1, 32, 2, 2)
         torch.testing.assert_close(taps["fc8"], model(x))
         dense_taps = model.dense().extract(torch.randn(1, 3, 96, 64), ["fc7"])
+        twice = model.extract(torch.randn(1, 3, 40, 40), ["relu1_1", "relu1_1"])  # one tap, any size in the trunk
+        again = model.dense().extract(x, ["pool5", "fc7", "pool5"])
+    assert list(twice) == ["relu1_1"] and twice["relu1_1"].shape == (1, 4, 40, 40)
+    assert list(again) == ["pool5", "fc7"] and torch.equal(again["pool5"], taps["pool5"])
     assert dense_taps["fc7"].shape == (1, 256, 2, 1)
     with pytest.raises(KeyError, match="unknown layer"):
         model.extract(x, ["conv9_9"])
