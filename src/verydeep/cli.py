@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
+from pathlib import Path
 
 from verydeep.errors import UserError
 from verydeep.io.download import refuse_unused_weights_dir
@@ -44,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. A bad argument or a :class:`UserError` is one line and exit status 2
-    (argparse's errors and ``--help`` leave through ``SystemExit``); anything else is a bug and
+    """Run one subcommand. A bad argument, a :class:`UserError` or a file the system refuses is one line and
+    exit status 2 (argparse's errors and ``--help`` leave through ``SystemExit``); anything else is a bug and
     shows its traceback."""
     try:
         parser = build_parser()  # imports every command: seconds, in which a Ctrl-C is as welcome as later
@@ -53,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         print("verydeep: interrupted", file=sys.stderr)
         return 130
     _arguments[:] = sys.argv[1:] if argv is None else argv
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except OSError as error:  # a path an option's check could not even look at (a name too long)
+        return file_error("verydeep", error)
     prog = vars(args).pop("prog")  # the command's name, not one of its settings
     if unknown:
         parser.exit(2, f"{prog}: error: unrecognized arguments: {one_line(' '.join(unknown))}\n")
@@ -64,10 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file or folder the system refused (permissions, a file where a folder goes)
+        return file_error(prog, error)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def file_error(prog: str, error: OSError) -> int:
+    """An error of the system about a named file or folder as one line naming it, exit status 2; any other
+    :class:`OSError` is a bug, raised with its traceback."""
+    if error.filename is None:
+        raise error
+    path = Path(os.fsdecode(error.filename))
+    reason = "a file, where a folder is needed" if isinstance(error, FileExistsError) and path.is_file() \
+        else error.strerror or error
+    print(f"{prog}: error: {one_line(path)}: {one_line(reason)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -402,3 +402,22 @@ def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch, capsys)
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert main(["train", "--help"]) == 130
     assert capsys.readouterr().err == "verydeep: interrupted\n"
+
+
+def test_a_path_the_system_refuses_is_one_line_naming_it(tmp_path, capsys):
+    """A file where a folder must go, or a name too long for the file system: the system's refusal, one line."""
+    data = write_dataset(tmp_path / "data", {"train": 2, "val": 1})
+    (tmp_path / "afile").write_text("not a folder\n")
+    long = tmp_path / ("L" * 300)
+    cases = [(["data", "stats", str(data), "--workers", "0", "--out", str(tmp_path / "afile" / "s.json")],
+              f"verydeep data stats: error: {tmp_path / 'afile'}: a file, where a folder is needed"),
+             (["train", "--data", str(data), "--out", str(tmp_path / "afile" / "run"), "--crop", "32", "--scale",
+               "36", "--width", "0.0625", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-progress"],
+              f"verydeep train: error: {tmp_path / 'afile' / 'run'}: Not a directory"),
+             (["convert", str(data), str(long) + ".safetensors"], "verydeep: error: "),
+             ]
+    for argv, start in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(start) and err.count("\n") == 1, err
+
