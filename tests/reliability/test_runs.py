@@ -302,6 +302,7 @@ def test_leftovers_of_a_crash_do_not_block_resume(data, tmp_path, capsys, cut):
 
     train(tiny(data, tmp_path, epochs=1, checkpoint_every=1))
     (tmp_path / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"\0" * 100)
+    (tmp_path / ".tmpX7q2Zk").write_bytes(b"\0" * 100)  # safetensors' own, of model.safetensors
     with open(tmp_path / "metrics.jsonl", "ab") as f:
         f.write(cut)  # the crash cut the last line, maybe inside a character
     (tmp_path / "recipe.json").unlink()  # and lost the run record: the checkpoint holds a copy
@@ -309,6 +310,7 @@ def test_leftovers_of_a_crash_do_not_block_resume(data, tmp_path, capsys, cut):
     err = capsys.readouterr().err
     assert "damaged record" in err and "metrics.jsonl:" in err
     assert not list(tmp_path.rglob(".*.tmp")) and (tmp_path / "recipe.json").is_file()
+    assert not (tmp_path / ".tmpX7q2Zk").exists()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if '"kind": "step"' in line]
     assert steps == list(range(1, 9))

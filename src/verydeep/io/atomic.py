@@ -14,6 +14,9 @@ from verydeep.errors import UserError
 
 #: The name pattern of :func:`atomic_write`'s temporary files, ``.last.pt.XXXX.tmp``.
 TEMP_PATTERN = ".*.tmp"
+#: The temporary file safetensors' ``save_file`` writes beside its target before renaming it (``.tmp`` and six
+#: random characters): a write cut short leaves it too.
+SAFETENSORS_TEMP_PATTERN = ".tmp??????"
 
 
 def _read_umask() -> int:
@@ -65,10 +68,10 @@ def atomic_write(path: str | Path, write: Any) -> Path:
 
 
 def remove_temp_files(folder: str | Path, of: str | None = None) -> list[Path]:
-    """Delete the temporary files that writes cut short by a crash left in ``folder``: all of them, or only those
-    of the writes of the file named ``of`` (a folder shared with other commands' writes)."""
-    pattern = TEMP_PATTERN if of is None else f".{of}.*.tmp"
-    stale = sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []
+    """Delete the temporary files that writes cut short by a crash left in ``folder``: all of them (safetensors'
+    own too), or only those of the writes of the file named ``of`` (a folder shared with other commands' writes)."""
+    patterns = [TEMP_PATTERN, SAFETENSORS_TEMP_PATTERN] if of is None else [f".{of}.*.tmp"]
+    stale = sorted(p for pattern in patterns for p in Path(folder).glob(pattern)) if Path(folder).is_dir() else []
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
