@@ -37,10 +37,10 @@ from verydeep.errors import UserError
 from verydeep.eval.classmap import ClassMap, class_map
 from verydeep.eval.metrics import per_class_accuracy
 from verydeep.eval.nets import Net, load_nets
-from verydeep.eval.posteriors_file import save_posteriors
+from verydeep.eval.posteriors_file import posteriors_writer
 from verydeep.eval.rows import PROTOCOL_LABELS, EvalResult, Posteriors, Timing, main_row, score_rows
 from verydeep.eval.sweep import PosteriorArrays, SweepSettings, compute_posteriors, plan_passes
-from verydeep.io.atomic import atomic_write
+from verydeep.io.atomic import atomic_write_all
 from verydeep.options import (
     add_device,
     add_precision,
@@ -191,11 +191,13 @@ def write_outputs(result: EvalResult, out_dir: str | Path, rows: bool = False) -
     be recomputed; with ``rows``, each row's own posteriors too, in float32.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report.eval_document(result)))
+    # one set: a write that fails leaves the previous run's three files, not a mix of two runs'
+    writes = {out / "results.json": lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2) + "\n"),
+              out / "results.md": lambda tmp: Path(tmp).write_text(report.eval_document(result),
+                                                                   errors="surrogateescape")}  # paths as they are
     if result.posteriors is not None:
-        save_posteriors(out / "posteriors.npz", result.posteriors, rows=rows)
+        writes[out / "posteriors.npz"] = posteriors_writer(result.posteriors, rows=rows)
+    atomic_write_all(writes)
     return out
 
 

@@ -13,6 +13,7 @@ need, exactly.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,11 @@ ARRAY_KEY = re.compile(r"net\d+_[a-z]+_Q\d+")
 
 def save_posteriors(path: str | Path, posteriors: Posteriors, rows: bool = False) -> Path:
     """Write ``posteriors`` to ``path`` (replaced whole or not at all); each row's posteriors too with ``rows``."""
+    return atomic_write(path, posteriors_writer(posteriors, rows))
+
+
+def posteriors_writer(posteriors: Posteriors, rows: bool = False) -> Callable[[str], None]:
+    """What writes ``posteriors`` (:func:`save_posteriors`) to the file it is given."""
     names = list(posteriors.rows) if rows else []
     arrays = {key: array.astype(np.float32) for key, array in posteriors.arrays.items()}
     kept_rows = {f"row{j}": posteriors.rows[name].astype(np.float32) for j, name in enumerate(names)}
@@ -37,7 +43,7 @@ def save_posteriors(path: str | Path, posteriors: Posteriors, rows: bool = False
             np.savez(f, targets=posteriors.targets, paths=np.array(posteriors.paths, dtype=str),
                      readable=posteriors.readable, row_names=np.array(names, dtype=str), **arrays, **kept_rows)
 
-    return atomic_write(path, write)
+    return write
 
 
 def load_posteriors(path: str | Path) -> Posteriors:

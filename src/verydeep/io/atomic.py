@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,40 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-def atomic_write(path: str | Path, write: Any) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers never see half a file.
 
     A write that fails (a full disk, a read-only folder) removes its temporary file, leaves the
     previous ``path`` as it was, and is a :class:`UserError` naming the file.
     """
-    path = Path(path)
+    atomic_write_all({path: write})
+    return Path(path)
+
+
+def atomic_write_all(writes: Mapping[str | Path, Callable[[str], Any]]) -> None:
+    """:func:`atomic_write` of several files as one: every ``write(tmp_path)`` done and fsynced before any file is
+    renamed onto its path, so that a write that fails leaves all the previous files as they were (a set of
+    results never mixes two runs')."""
+    temps: dict[Path, str] = {}
+    try:
+        for path, write in writes.items():
+            temps[Path(path)] = _written(Path(path), write)
+    except BaseException:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for path, tmp in temps.items():
+        os.replace(tmp, path)
+    for folder in {path.parent for path in temps}:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _written(path: Path, write: Callable[[str], Any]) -> str:
+    """A temporary file beside ``path`` that ``write`` wrote, fsynced, with a plain ``open``'s permissions."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -51,7 +79,6 @@ def atomic_write(path: str | Path, write: Any) -> Path:
         os.chmod(tmp, 0o666 & ~UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         Path(tmp).unlink(missing_ok=True)
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
@@ -59,12 +86,7 @@ def atomic_write(path: str | Path, write: Any) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return tmp
 
 
 def remove_temp_files(folder: str | Path, of: str | None = None) -> list[Path]:

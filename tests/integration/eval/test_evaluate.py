@@ -265,6 +265,27 @@ def test_fusion_is_the_hand_average_of_the_members_posteriors_scored():
         fuse_rows([(member("A", [36]), a), (replace(member("B", [36]), protocol="dense"), b)], targets)
 
 
+def test_eval_s_outputs_are_replaced_as_one_set_or_not_at_all(folder, checkpoint, second, tmp_path, monkeypatch):
+    """A write that fails (here the posteriors', as on a full disk) leaves the three files of the last evaluation,
+    not two of the new one beside the old posteriors."""
+    from verydeep.eval import evaluate as evaluate_module
+
+    first = run([checkpoint], folder, protocols=("dense",), scales=[36], keep_posteriors=True)
+    write_outputs(first, tmp_path / "out")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    second_result = run([checkpoint, second], folder, protocols=("dense",), scales=[36], keep_posteriors=True)
+
+    def full(*_, **__):
+        def write(tmp: str) -> None:
+            raise OSError(28, "No space left on device")
+        return write
+
+    monkeypatch.setattr(evaluate_module, "posteriors_writer", full)
+    with pytest.raises(UserError, match=r"posteriors\.npz: cannot be written \(No space left on device\)"):
+        write_outputs(second_result, tmp_path / "out")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before  # no temporary left
+
+
 def test_the_posteriors_file_round_trips(folder, checkpoint, second, tmp_path):
     result = run([checkpoint, second], folder, protocols=("dense", "center"), keep_posteriors=True)
     kept = result.posteriors
