@@ -252,6 +252,7 @@ class VGG(nn.Module):
     def forward(self, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Class scores of crops ``x``; in training, ``seeds`` ((N,) int64, one an image) make each image's
         dropout masks its own (:class:`SeededDropout`), else they come from the global RNG."""
+        check_images(x)
         self._check_size(x.shape[-2:])
         x = run_trunk(self.features, x)
         return run_head(self.classifier, torch.flatten(self.avgpool(x), 1), seeds)
@@ -297,6 +298,7 @@ class DenseVGG(nn.Module):
         self.tap_names = model.tap_names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x)
         return self.head(run_trunk(self.features, x))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,6 +322,16 @@ class DenseVGG(nn.Module):
     def extract(self, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Activation maps at the named layers; ``fc6``/``fc7`` are maps of the conv form."""
         return _extract(self, x, names, dense=True)
+
+
+def check_images(x: torch.Tensor) -> None:
+    """A net's input is a batch of float images (N, C, H, W): another is refused naming what it is."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a tensor of images; got a {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a batch of images (N, 3, H, W); got a tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected float images (verydeep.data.to_input makes them of uint8 ones); got {x.dtype}")
 
 
 def as_map(windows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

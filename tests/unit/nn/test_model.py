@@ -216,6 +216,13 @@ def test_extract_named_layers_plain_and_dense():
     assert dense_taps["fc7"].shape == (1, 256, 2, 1)
     with pytest.raises(KeyError, match="unknown layer"):
         model.extract(x, ["conv9_9"])
+    for net in (model, model.dense()):  # not torch's errors from deep inside
+        with pytest.raises(ValueError, match=r"expected a batch of images \(N, 3, H, W\); got .* \(3, 64, 64\)"):
+            net(x[0])
+        with pytest.raises(TypeError, match="expected float images .*to_input.*; got torch.uint8"):
+            net(x.to(torch.uint8))
+    with pytest.raises(ValueError, match=r"takes 64x64 crops .* but the input here is \(80, 80\)"):
+        model(torch.randn(1, 3, 80, 80))  # one larger than the crop: refused, not its top-left crop
     with pytest.raises(TypeError, match=r"got the single name 'fc7'; give \['fc7'\]"):  # not 'f', 'c', '7'
         model.extract(x, "fc7")
 
