@@ -160,8 +160,8 @@ def _settings_lines(preset: Preset, data: Path, device: str, command: str, secon
         f"- training scales: S = 256 -> {preset.scale((256, 256))[0]}, 384 -> {preset.scale((384, 384))[0]}, "
         f"[256; 512] -> {list(preset.scale((256, 512)))}; test scales from each recipe ({{S-32, S, S+32}} or "
         f"{{Smin, mid, Smax}}, scaled); errors on "
-        f"{f'at most {preset.limit_test} (class-balanced)' if preset.limit_test else 'all'} test images (the "
-        "claims below give how many)",
+        + (f"at most {preset.limit_test} (class-balanced) test images (the claims below give how many)"
+           if preset.limit_test else "all test images"),
         "- the paper's figures are ILSVRC-2012 validation errors at full scale: compare directions, not values",
     ]
 
