@@ -103,7 +103,8 @@ def load_feature_nets(sources: Sequence[str | Path], data: str | Path, device: t
     for source in sources:
         loaded = load(source, weights_dir, data=data, purpose="give FC7 features")
         seen.append((source, loaded.model, loaded.preprocess, loaded.recipe))
-        refuse_repeats(seen, "--weights")  # stacked with itself, a net's descriptor is only longer
+        # stacked with itself, a net's descriptor is only longer; FC7's does not read FC8 or the classes
+        refuse_repeats(seen, "--weights", ignored=loaded.model.tap_names["fc8"])
         digest = weights_digest(loaded.model)  # of the weights as stored, whatever dtype they run in
         model = prepare(loaded.model, device, dtype=dtype).eval()
         nets.append(FeatureNet(str(source), loaded.name, model.dense(), loaded.preprocess, model.input_size,

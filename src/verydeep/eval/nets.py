@@ -150,10 +150,13 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
     return chosen
 
 
-def same_weights(a: torch.nn.Module, b: torch.nn.Module, order: Sequence[int] | None = None) -> bool:
-    """Whether two nets hold the same tensors under the same names; with ``order``, ``a``'s last layer's rows
-    taken in that order (``b``'s classes are ``a``'s in another order)."""
+def same_weights(a: torch.nn.Module, b: torch.nn.Module, order: Sequence[int] | None = None,
+                 ignored: str | None = None) -> bool:
+    """Whether two nets hold the same tensors under the same names (but those of the module ``ignored``); with
+    ``order``, ``a``'s last layer's rows taken in that order (``b``'s classes are ``a``'s in another order)."""
     ours, theirs = a.state_dict(), b.state_dict()
+    if ignored is not None:
+        ours, theirs = ({k: v for k, v in state.items() if not k.startswith(f"{ignored}.")} for state in (ours, theirs))
     if order is not None:
         last = [name for name, module in a.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)][-1]
         ours = {k: v[list(order)] if k.startswith(f"{last}.") and v.shape[0] == len(order) else v
@@ -169,12 +172,15 @@ def refuse_repeated_weights(nets: Sequence[Net]) -> None:
     refuse_repeats([(net.checkpoint, net.model, net.preprocess, net.recipe) for net in nets], "--weights")
 
 
-def refuse_repeats(nets: Sequence[tuple[str | Path, torch.nn.Module, Any, dict[str, Any]]], option: str) -> None:
-    """:func:`refuse_repeated_weights` of nets given as (source, model, input convention, recipe) by ``option``."""
+def refuse_repeats(nets: Sequence[tuple[str | Path, torch.nn.Module, Any, dict[str, Any]]], option: str,
+                   ignored: str | None = None) -> None:
+    """:func:`refuse_repeated_weights` of nets given as (source, model, input convention, recipe) by ``option``;
+    with ``ignored``, a module whose weights (and so the classes) do not count, as FC8 for FC7's features."""
     for i, (source, model, preprocess, recipe) in enumerate(nets):
         for earlier, earlier_model, earlier_preprocess, earlier_recipe in nets[:i]:
-            order = class_order(earlier_recipe.get("classes"), recipe.get("classes"))
-            if preprocess == earlier_preprocess and order != () and same_weights(earlier_model, model, order):
+            order = None if ignored else class_order(earlier_recipe.get("classes"), recipe.get("classes"))
+            if preprocess == earlier_preprocess and order != () and same_weights(earlier_model, model, order,
+                                                                                 ignored):
                 raise UserError(f"{option} {source}: the weights of {option} {earlier} again; give each net once")
 
 

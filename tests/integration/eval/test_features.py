@@ -135,7 +135,13 @@ def test_a_net_given_twice_is_refused(net, photos, tmp_path):
     """Stacked with itself a net's descriptor is only longer, labelled as two nets: refused, by file or by weights."""
     copy = tmp_path / "copy.safetensors"
     shutil.copy(net, copy)
-    for sources in ([net, net], [net, copy]):
+    model = narrow(0)  # the same FC7 under another FC8 and classes: the same descriptor
+    with torch.no_grad():
+        model.classifier[6].weight.mul_(-1)
+    relabelled = export_safetensors(model, {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16,
+                                            "dropout": 0.5, "crop": 32, "preprocess": IMAGENET.to_dict(),
+                                            "classes": list("wxyz")}, tmp_path / "relabelled.safetensors")
+    for sources in ([net, net], [net, copy], [net, relabelled]):
         with pytest.raises(UserError, match=r"^--weights .*: the weights of --weights .* again; give each net once$"):
             extract_features(sources, photos, settings=settings())
 
