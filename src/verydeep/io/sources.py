@@ -23,7 +23,7 @@ from verydeep.io.weights import input_convention, load_published, task_name
 from verydeep.nn import configs
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification
-from verydeep.runtime.device import prepare
+from verydeep.runtime.device import pick_device, prepare
 
 
 def model_name(recipe: dict[str, Any]) -> str:
@@ -96,11 +96,14 @@ def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str
     without a convention of its own takes. ``purpose`` (say, "classify"): what the caller needs the FC
     layers for; weights without them (Keras' ``notop`` files) are then refused in one line, and for
     :data:`CLASSIFY` so is a net trained for another task (a localisation net's outputs are boxes)."""
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):  # what autocast runs a net in
+        raise TypeError(f"dtype: torch.bfloat16, torch.float16, torch.float32 or None; got {dtype!r}")
+    place = pick_device(device) if isinstance(device, str) else device  # a bad name: one line naming it
     published = load_published(source, weights_dir)
     if purpose is not None:
         published.require_fc_layers(purpose)
     if purpose == CLASSIFY:
         published.require_classifier(purpose)
-    model = prepare(published.model, torch.device(device), dtype=dtype).eval()
+    model = prepare(published.model, place, dtype=dtype).eval()
     return LoadedNet(model, published.recipe, published.format, published.source,
                      input_convention(published.recipe, data))

@@ -42,6 +42,12 @@ def test_our_net_keeps_its_classes_and_a_net_without_convention_takes_the_datas(
     assert net.preprocess == Preprocess.from_dict(CAFFE.to_dict())  # the data's, the net having none
     assert not net.model.training and {p.dtype for p in net.model.parameters()} == {torch.bfloat16}
     assert verydeep.load(tmp_path / "a.safetensors").preprocess == IMAGENET
+    with pytest.raises(TypeError, match="dtype: torch.bfloat16, torch.float16, torch.float32 or None; got 'bfloat16'"):
+        verydeep.load(tmp_path / "a.safetensors", dtype="bfloat16")  # the name, not the dtype: refused first
+    with pytest.raises(TypeError, match="got torch.float64"):  # no autocast runs a net in it
+        verydeep.load(tmp_path / "a.safetensors", dtype=torch.float64)
+    with pytest.raises(UserError, match="--device tpu: not a device"):
+        verydeep.load(tmp_path / "a.safetensors", device="tpu")
 
 
 def test_weights_without_a_classifier_are_refused_only_where_one_is_needed(monkeypatch):
