@@ -15,7 +15,7 @@ from verydeep.bench.measure import alternate, count_macs
 from verydeep.bench.ours import inference_net, open_trainer, protocol_contenders, trainer_contenders, training_steps
 from verydeep.bench.peer import peer_dtype
 from verydeep.bench.reference import best_contenders, reference_contenders
-from verydeep.bench.roofline import precision_name, roofline_contenders
+from verydeep.bench.roofline import roofline_contenders
 from verydeep.bench.settings import DEFAULTS, TORCHVISION, Settings, add_net_options
 from verydeep.bench.summary import peak_memory_gib, render, summarise
 from verydeep.data.datasets import require_folder
@@ -23,7 +23,7 @@ from verydeep.errors import UserError
 from verydeep.options import add_device, add_workers, positive_int
 from verydeep.runtime.device import machine, pick_device
 from verydeep.runtime.limits import MAX_SIDE
-from verydeep.runtime.precision import autocast_dtype
+from verydeep.runtime.precision import autocast_dtype, precision_name
 from verydeep.runtime.processes import loader_workers
 
 

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from verydeep.bench.measure import images_per_second, inference_step
-from verydeep.bench.roofline import precision_name
-from verydeep.runtime.precision import autocast, autocast_dtype
+from verydeep.runtime.precision import autocast, autocast_dtype, precision_name
 
 #: The ways of running the peer, in the order they are measured.
 VARIANTS = ("eager", "compiled")

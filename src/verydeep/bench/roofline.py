@@ -24,9 +24,8 @@ from torch import nn
 
 from verydeep.bench.measure import layer_calls, sync
 from verydeep.bench.settings import Settings
+from verydeep.runtime.precision import PRECISION_NAMES, precision_name
 
-#: Each precision's name, by autocast dtype (None: fp32, no autocast).
-PRECISIONS: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
 #: The dtype of each precision's name.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Timings of each matrix product per measurement (the fastest kept): one product is short and noisy.
@@ -42,11 +41,6 @@ FORWARD, TO_INPUT, TO_WEIGHTS = "forward", "backward to the input", "backward to
 PASSES = (FORWARD, TO_INPUT, TO_WEIGHTS)
 #: A convolution's memory formats the roofline times it in.
 FORMATS = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format}
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """``bf16``, ``fp16`` or ``fp32`` (no autocast)."""
-    return PRECISIONS[dtype]
 
 
 class Roofline:
@@ -188,7 +182,7 @@ def roofline_contenders(settings: Settings, model: nn.Module, dtypes: set[torch.
     (``conv_<p>_tflops``, with a precision's kernels in ``timed_too`` timed alongside), each recording the kernel
     that set it."""
     contenders = {}
-    for dtype in sorted(dtypes, key=lambda d: list(PRECISIONS).index(d)):
+    for dtype in sorted(dtypes, key=lambda d: list(PRECISION_NAMES).index(d)):
         p = precision_name(dtype)
         contenders[f"gemm_{p}_tflops"] = gemm_roofline(device, dtype, settings.gemm)
         contenders[f"conv_{p}_tflops"] = conv_roofline(model, settings.size, settings.batch, device, dtype,

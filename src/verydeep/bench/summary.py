@@ -13,9 +13,9 @@ import torch
 
 from verydeep.bench import roofline
 from verydeep.bench.peer import VARIANTS, best_variant
-from verydeep.bench.roofline import precision_name
 from verydeep.bench.settings import WARMUP_STEPS, Settings
 from verydeep.eval.nets import paper_scales
+from verydeep.runtime.precision import precision_name
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -41,9 +41,13 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if device.type == "cpu" and cpu_precision() == "bf16" else None
 
 
+#: Each precision's name, by autocast dtype (None: fp32, no autocast).
+PRECISION_NAMES: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
-    """The ``--precision`` an autocast dtype of :func:`autocast_dtype` is: ``bf16``, or ``fp32`` for None."""
-    return "bf16" if dtype == torch.bfloat16 else "fp32"
+    """``bf16``, ``fp16`` or ``fp32`` (None: no autocast), the name of an autocast dtype."""
+    return PRECISION_NAMES[dtype]
 
 
 #: Environment variable that forces the CPU's ``auto`` precision (bf16 or fp32), measuring nothing.
