@@ -58,11 +58,11 @@ from verydeep.eval.predict import (
 from verydeep.eval.sweep import average
 from verydeep.io.download import resolve_source
 from verydeep.io.jsonable import to_json_dict
+from verydeep.io.rundir import run_data_folder
 from verydeep.nn.summary import parameter_count
 from verydeep.options import add_device, add_precision, add_weights, one_line, parse_scales, positive_int
 from verydeep.runtime.device import pick_device
 from verydeep.runtime.precision import autocast_dtype
-from verydeep.train.recipe import recorded_data
 
 #: The largest upload, in bytes: a 50 M pixel JPEG straight from a camera fits.
 MAX_UPLOAD_BYTES = 32 * 2**20
@@ -217,7 +217,7 @@ def example_images(folder: Path | None) -> list[Path]:
 
 def default_examples(nets: Sequence[Net]) -> Path | None:
     """The validation folder of the data the first net was trained on, when its run recorded one that exists."""
-    data = recorded_data(nets[0].recipe) if nets[0].recipe.get("data") else None  # a relative one as trained
+    data = run_data_folder(nets[0].recipe) if nets[0].recipe.get("data") else None  # a relative one as trained
     for split in ("val", "test"):
         if data and (Path(data) / split).is_dir():
             return Path(data) / split

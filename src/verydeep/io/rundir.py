@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 RECORD = "recipe.json"
 METRICS = "metrics.jsonl"
@@ -67,3 +68,10 @@ class RunDir:
     def run_files(self) -> tuple[Path, ...]:
         """The files of a run besides its checkpoints, cleared when a new run starts in the folder."""
         return self.metrics, self.record, self.model, self.curves
+
+
+def run_data_folder(stored: dict[str, Any]) -> str:
+    """A resumed run's data folder: the path it had when the run was recorded (a relative ``--data`` resolved
+    then, so a resume from another working directory reads the same images), else ``--data`` as given then."""
+    resolved = stored.get("data_resolved")
+    return resolved if isinstance(resolved, str) and Path(resolved).is_dir() else stored["data"]

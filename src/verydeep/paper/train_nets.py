@@ -56,14 +56,14 @@ def train_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
 def learned(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings of a run record (or :meth:`TrainConfig.to_dict`) that decide what the net learns,
     comparable across invocations: the weights as the name of the net they come from; the data apart
-    (:func:`recorded_data`), since a path given relative to another folder reads alike."""
+    (:func:`places_of_recorded_data`), since a path given relative to another folder reads alike."""
     kept = {key: value for key, value in settings.items() if key in LEARNED and key != "data"}
     if kept.get("weights") is not None:  # NETS/PARENT/checkpoints/last.pt: --out may have moved since
         kept["weights"] = Path(kept["weights"]).parents[1].name
     return kept
 
 
-def recorded_data(stored: dict[str, Any], run_dir: Path) -> set[Path]:
+def places_of_recorded_data(stored: dict[str, Any], run_dir: Path) -> set[Path]:
     """Where the data a run record names may be now: the resolved path it recorded; the same place
     relative to the run directory as when it was recorded (``--out`` and ``--data`` given from one folder:
     both moved together, as the demo's data inside its ``--out``); and the path as given, from here."""
@@ -96,7 +96,7 @@ def check_net(net: Net, by_name: dict[str, Net], preset: Preset, data: Path, out
         return
     cfg = preset.train_config(net, by_name, data, out / "nets", "cpu", False)  # device: not compared
     change = first_change(learned(stored), learned(cfg.to_dict()))
-    if change is None and stored.get("data") and data.resolve() not in recorded_data(stored, run_dir):
+    if change is None and stored.get("data") and data.resolve() not in places_of_recorded_data(stored, run_dir):
         change = ("data", stored["data"], str(data))
     trained_on = stored.get("training", {}).get("sha256") if isinstance(stored.get("training"), dict) else None
     if change is None and trained_on is not None:  # the same folder, but other images in it

@@ -29,7 +29,7 @@ from verydeep.data.preprocess import PREPROCESS_FILE, read_preprocess
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.checkpoint import load_checkpoint
-from verydeep.io.rundir import RunDir
+from verydeep.io.rundir import RunDir, run_data_folder
 from verydeep.nn import configs
 from verydeep.nn.init import PROTOCOLS
 from verydeep.options import DEVICE_HELP, MAX_SEED, PRECISION_HELP, PRECISIONS, WEIGHTS_HELP, WORKERS_HELP
@@ -576,20 +576,13 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
             raise UserError(f"{stored_settings_file(given['out'])}: names no training data (a damaged run record?); "
                             "give --data")
         if given.get("data") is None and recipe.get("data") is None:
-            stored["data"] = recorded_data(stored)
+            stored["data"] = run_data_folder(stored)
         settings.update(stored)
         refuse_changed_settings(stored, given, recipe)
     settings.update(recipe)
     settings.update(given)
     refuse_plateau_flags_beside_milestones(settings, given)
     return settings
-
-
-def recorded_data(stored: dict[str, Any]) -> str:
-    """A resumed run's data folder: the path it had when the run was recorded (a relative ``--data`` resolved
-    then, so a resume from another working directory reads the same images), else ``--data`` as given then."""
-    resolved = stored.get("data_resolved")
-    return resolved if isinstance(resolved, str) and Path(resolved).is_dir() else stored["data"]
 
 
 def refuse_changed_settings(stored: dict[str, Any], given: dict[str, Any], recipe: dict[str, Any]) -> None:

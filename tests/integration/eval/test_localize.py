@@ -413,7 +413,7 @@ def test_table_9_sets_our_rows_beside_the_papers():
     assert "| loc1 (PCR) | 64 | {56,64} | 41.0 | - | - |" in fused
     assert "| union of loc0 + loc1 | 64 | {56,64} | 37.5 | 26.9 | 25.3 |" in fused and "paper: fusion" not in fused
     cifar = DenseResult("runs/loc0", "runs/cls", [36], 8, 37.5, 75.0, 50.0, [DenseNetResult("runs/loc0", "pcr", 36,
-                                                                                         32, 40.0)])
+                                                                                         32, 40.0, "D")])
     assert "| loc0 (PCR) | 36 | 36 | 40.0 | 29.5 | - |" in table_9(cifar).markdown()  # 256 -> 36 at 32 pixels
     jittered = dense_result(56, [64], nets=2)  # S in 64:92 at a 56-pixel crop is not the paper's fixed 256
     jittered.nets[1].scale_max = 92

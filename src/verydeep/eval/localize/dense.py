@@ -35,15 +35,15 @@ WINDOW_BATCHES = 4
 @dataclass
 class DenseNetResult:
     """One localisation net of protocol 2 alone: its head, training scale S (Smin; ``scale_max`` Smax, the same
-    for a fixed S) and crop, its error (%)."""
+    for a fixed S) and crop, its error (%), and its configuration (Table 1's letter)."""
 
     checkpoint: str
     head: str
     scale: int
     crop: int
     localisation_error: float
+    config: str
     scale_max: int | None = None  # None: a fixed S
-    config: str = "D"
 
     @property
     def fixed(self) -> bool:
@@ -143,8 +143,8 @@ def evaluate_dense(checkpoint: str | Path | Sequence[str | Path], classifier: st
 def net_result(checkpoint: str | Path, recipe: dict[str, Any], head: str, error: float) -> DenseNetResult:
     """A net's result with its training scales as its recipe gives them."""
     smin, smax = train_scale(recipe)
-    return DenseNetResult(str(checkpoint), head, smin, int(recipe["crop"]), error, smax,
-                          configs.canonical(recipe["config"]))
+    return DenseNetResult(str(checkpoint), head, smin, int(recipe["crop"]), error,
+                          configs.canonical(recipe["config"]), smax)
 
 
 def table_9(result: DenseResult) -> Any:
