@@ -150,17 +150,20 @@ def net_scales(recipe: dict[str, Any], crop: int, scales: Sequence[int] | None, 
     return chosen
 
 
-def same_weights(a: torch.nn.Module, b: torch.nn.Module, order: Sequence[int] | None = None,
-                 ignored: str | None = None) -> bool:
-    """Whether two nets hold the same tensors under the same names (but those of the module ``ignored``); with
-    ``order``, ``a``'s last layer's rows taken in that order (``b``'s classes are ``a``'s in another order)."""
-    ours, theirs = a.state_dict(), b.state_dict()
-    if ignored is not None:
-        ours, theirs = ({k: v for k, v in state.items() if not k.startswith(f"{ignored}.")} for state in (ours, theirs))
-    if order is not None:
-        last = [name for name, module in a.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)][-1]
-        ours = {k: v[list(order)] if k.startswith(f"{last}.") and v.shape[0] == len(order) else v
-                for k, v in ours.items()}
+def compared_weights(model: torch.nn.Module, order: Sequence[int] | None = None,
+                     ignored: str | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s tensors by name as another net's are compared with them: without those of the module
+    ``ignored``; with ``order``, its last layer's rows taken in that order (another net's classes in another
+    order)."""
+    state = {k: v for k, v in model.state_dict().items() if ignored is None or not k.startswith(f"{ignored}.")}
+    if order is None:
+        return state
+    last = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)][-1]
+    return {k: v[list(order)] if k.startswith(f"{last}.") and v.shape[0] == len(order) else v for k, v in state.items()}
+
+
+def same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> bool:
+    """Whether two sets of named tensors hold the same names, shapes and values."""
     return ours.keys() == theirs.keys() and all(
         ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k].to(ours[k])) for k in ours)
 
@@ -179,8 +182,8 @@ def refuse_repeats(nets: Sequence[tuple[str | Path, torch.nn.Module, Any, dict[s
     for i, (source, model, preprocess, recipe) in enumerate(nets):
         for earlier, earlier_model, earlier_preprocess, earlier_recipe in nets[:i]:
             order = None if ignored else class_order(earlier_recipe.get("classes"), recipe.get("classes"))
-            if preprocess == earlier_preprocess and order != () and same_weights(earlier_model, model, order,
-                                                                                 ignored):
+            if preprocess == earlier_preprocess and order != () and same_tensors(
+                    compared_weights(earlier_model, order, ignored), compared_weights(model, ignored=ignored)):
                 raise UserError(f"{option} {source}: the weights of {option} {earlier} again; give each net once")
 
 
