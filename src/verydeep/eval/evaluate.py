@@ -175,7 +175,7 @@ def evaluate(
         flip=flip, device=str(torch_device), precision=precision_name(dtype),
         imagenet_sized=all(net.imagenet_sized for net in nets), scored=mapping.describe(), rows=rows, main=main.name,
         per_class_accuracy=dict(zip(classes, accuracy, strict=True)),
-        timing=Timing(round(seconds, 3), round(seconds / len(dataset), 6), timings),
+        timing=Timing(round(seconds, 3), round(seconds / int(valid.sum()), 6), timings),
         posteriors=Posteriors({f"net{i}_{kind}_Q{q}": post.numpy() for (i, kind, q), post in posteriors.items()},
                               targets.numpy(), paths, valid.numpy(),
                               {name: p.numpy() for name, p in row_posteriors.items()})

@@ -195,7 +195,7 @@ def score_rows(nets: Sequence[Net], posteriors: PosteriorArrays, protocols: Sequ
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall time of the whole evaluation, per image, and of each pass."""
+    """Wall time of the whole evaluation, per image read, and of each pass."""
 
     seconds: float
     seconds_per_image: float

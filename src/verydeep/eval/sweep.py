@@ -219,8 +219,10 @@ def compute_posteriors(nets: Sequence[Net], dataset: Any, passes: dict[Pass, Pas
             if settings.device.type == "cuda":
                 torch.cuda.synchronize(settings.device)
             seconds.append(time.perf_counter() - start)
+    skipped = sharding.union(skipped)
+    read = max(n - len(skipped), 1)  # none read: refused by the caller, which has the file names
     timings = [PassTiming(sweep.label(), [nets[i].name for i, _ in users],
-                          sorted({k for _, kinds in users for k in kinds}), round(took, 3), round(took / n, 6))
+                          sorted({k for _, kinds in users for k in kinds}), round(took, 3), round(took / read, 6))
                for (sweep, users), took in zip(passes.items(), sharding.slowest(seconds), strict=True)]
-    return posteriors, sharding.union(skipped), timings
+    return posteriors, skipped, timings
 
