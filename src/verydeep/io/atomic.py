@@ -5,6 +5,7 @@ removed by :func:`remove_temp_files`.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -15,6 +16,9 @@ from verydeep.errors import UserError
 
 #: The name pattern of :func:`atomic_write`'s temporary files, ``.last.pt.XXXX.tmp``.
 TEMP_PATTERN = ".*.tmp"
+#: The most bytes of a file's name its temporary file's name repeats: with the dot before and mkstemp's
+#: ``.XXXXXXXX.tmp`` after, 255 bytes, the longest name Linux's file systems take.
+NAME_IN_TEMP_BYTES = 241
 #: The temporary file safetensors' ``save_file`` writes beside its target before renaming it (``.tmp`` and six
 #: random characters): a write cut short leaves it too.
 SAFETENSORS_TEMP_PATTERN = ".tmp??????"
@@ -68,7 +72,7 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
     """A temporary file beside ``path`` that ``write`` wrote, fsynced, with a plain ``open``'s permissions."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
     os.close(fd)
@@ -89,10 +93,18 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
     return tmp
 
 
+def _temp_prefix(name: str) -> str:
+    """The start of the names of a file's temporary files: a dot and the name, cut to fit (by whole characters,
+    in the bytes the file system sees)."""
+    while len(os.fsencode(name)) > NAME_IN_TEMP_BYTES:
+        name = name[:-1]
+    return f".{name}."
+
+
 def remove_temp_files(folder: str | Path, of: str | None = None) -> list[Path]:
     """Delete the temporary files that writes cut short by a crash left in ``folder``: all of them (safetensors'
     own too), or only those of the writes of the file named ``of`` (a folder shared with other commands' writes)."""
-    patterns = [TEMP_PATTERN, SAFETENSORS_TEMP_PATTERN] if of is None else [f".{of}.*.tmp"]
+    patterns = [TEMP_PATTERN, SAFETENSORS_TEMP_PATTERN] if of is None else [f"{glob.escape(_temp_prefix(of))}*.tmp"]
     stale = sorted(p for pattern in patterns for p in Path(folder).glob(pattern)) if Path(folder).is_dir() else []
     for tmp in stale:
         tmp.unlink(missing_ok=True)

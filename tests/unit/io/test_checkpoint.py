@@ -1,6 +1,8 @@
 """Checkpoints: atomic writes, safe loading, recipe round trip."""
 
+import os
 import stat
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import torch
 
 import verydeep
 from verydeep.errors import UserError
-from verydeep.io.atomic import UMASK, atomic_write
+from verydeep.io.atomic import UMASK, _temp_prefix, atomic_write, remove_temp_files
 from verydeep.io.checkpoint import (
     export_safetensors,
     load_checkpoint,
@@ -74,3 +76,17 @@ def test_an_atomic_write_has_the_permissions_a_plain_open_gives(tmp_path):
     assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~UMASK
     exported = export_safetensors(model_from_recipe(RECIPE), RECIPE, tmp_path / "w.safetensors")
     assert stat.S_IMODE(exported.stat().st_mode) == 0o666 & ~UMASK  # safetensors makes its file 0600
+
+
+def test_a_name_of_up_to_255_bytes_is_written_and_its_leftovers_found(tmp_path):
+    """The temporary file beside a file repeats its name cut to fit: a name the file system takes is written."""
+    for name in ("r" * 251 + ".pt", "é" * 125 + ".pt", "[x]*" + "r" * 245 + ".pt"):
+        path = atomic_write(tmp_path / name, lambda tmp: Path(tmp).write_text("x"))
+        assert path.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == [name]
+        path.unlink()
+        fd, left = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=tmp_path)  # a write cut short
+        os.close(fd)
+        (tmp_path / "other.txt").write_text("y")
+        assert remove_temp_files(tmp_path, of=name) == [Path(left)] and [p.name for p in tmp_path.iterdir()] == [
+            "other.txt"]
+        (tmp_path / "other.txt").unlink()
