@@ -74,7 +74,7 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
+        raise UserError(f"{path}: cannot be written ({_reason(path, error)})") from error
     os.close(fd)
     try:
         write(tmp)
@@ -91,6 +91,13 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
         Path(tmp).unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _reason(path: Path, error: OSError) -> str:
+    """Why a file's folder could not be made or written in: the system's words, or the file that stands where
+    one of its folders goes (mkdir says "File exists" of it)."""
+    blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
+    return f"{blocking}: a file, where a folder is needed" if blocking else error.strerror or str(error)
 
 
 def _temp_prefix(name: str) -> str:

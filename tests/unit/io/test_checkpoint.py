@@ -90,3 +90,12 @@ def test_a_name_of_up_to_255_bytes_is_written_and_its_leftovers_found(tmp_path):
         assert remove_temp_files(tmp_path, of=name) == [Path(left)] and [p.name for p in tmp_path.iterdir()] == [
             "other.txt"]
         (tmp_path / "other.txt").unlink()
+
+
+def test_a_file_where_a_folder_goes_is_named(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    for path in (tmp_path / "runs" / "a" / "results.json", tmp_path / "runs" / "results.json"):
+        with pytest.raises(UserError, match=rf"^{path}: cannot be written \({tmp_path / 'runs'}: a file, where a "
+                                            r"folder is needed\)$"):
+            atomic_write(path, lambda tmp: Path(tmp).write_text("x"))
+    assert (tmp_path / "runs").read_text() == "not a folder"
