@@ -84,3 +84,16 @@ def test_a_keras_3_file_with_layers_a_vgg_has_no_place_for_is_refused_naming_one
     with pytest.raises(UserError, match=r"bn\.weights\.h5: Keras layer batch_normalization\w* with 4 weights is no "
                                         r"VGG layer"):
         load_published(str(tmp_path / "bn.weights.h5"))
+
+
+def test_a_keras_3_model_holding_a_vgg_model_is_refused_naming_the_inner_one(tmp_path):
+    """A VGG base under a new head (Keras' transfer-learning recipe) nests the VGG's layers apart: refused as such,
+    not as a model of no convolutions."""
+    x = inputs = keras.Input((64, 64, 3))
+    x = keras.layers.Flatten()(keras_vgg16(top=False)(x))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    for name, save in (("transfer.weights.h5", model.save_weights), ("transfer.keras", model.save)):
+        save(tmp_path / name)
+        with pytest.raises(UserError, match=rf"^{tmp_path / name}: the Keras model holds another model "
+                                            r"\(layers/functional\w*\); save that VGG model's own weights"):
+            load_published(str(tmp_path / name))

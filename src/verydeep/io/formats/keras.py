@@ -126,6 +126,10 @@ def _keras3_named(layers: Any, path: Path, size: int) -> dict[str, tuple[np.ndar
         return [(k, tuple(_array(layers[k]["vars"][str(i)], f"layers/{k}/vars/{i}", path, size)
                           for i in range(len(layers[k]["vars"])))) for k in keys]
 
+    nested = next((k for k in layers if "layers" in layers[k]), None)
+    if nested is not None:  # a model inside the model (a VGG base under a new head): its layers counted apart
+        raise UserError(f"{path}: the Keras model holds another model (layers/{nested}); save that VGG model's "
+                        "own weights and give them")
     weighted = (k for k in layers if "vars" in layers[k] and len(layers[k]["vars"]))
     other = next((k for k in weighted if not re.fullmatch(r"(conv2d|dense)(_\d+)?", k)), None)
     if other is not None:  # batch norm, a normalisation layer: weights a VGG of Table 1 has no place for
