@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -171,13 +172,17 @@ def _check_scale(recipe: dict[str, Any], path: str | Path) -> None:
 
 
 def _check_classes(recipe: dict[str, Any], path: str | Path) -> None:
-    """``classes`` and ``class_names``, where given, are lists of num_classes strings."""
+    """``classes`` and ``class_names``, where given, are lists of num_classes strings, the classes distinct."""
     for key in ("classes", "class_names"):
         value = recipe.get(key)
         if value is not None and not (isinstance(value, list) and len(value) == recipe["num_classes"]
                                       and all(isinstance(c, str) for c in value)):
             raise UserError(f"{path}: recipe {key} must list num_classes ({recipe['num_classes']}) names; got "
                             f"{str(value)[:100]}")
+    # each class is one output; names shown to people may repeat (ImageNet has two classes named "crane")
+    repeated = next((c for c, n in Counter(recipe.get("classes") or []).items() if n > 1), None)
+    if repeated is not None:
+        raise UserError(f"{path}: recipe classes lists {repeated!r} twice; each class is one output")
 
 
 def check_box_code(recipe: dict[str, Any], path: str | Path) -> None:

@@ -15,6 +15,7 @@ from verydeep.io.atomic import UMASK, _temp_prefix, atomic_write, remove_temp_fi
 from verydeep.io.checkpoint import (
     export_safetensors,
     load_checkpoint,
+    load_weights,
     model_from_recipe,
     save_checkpoint,
 )
@@ -99,3 +100,17 @@ def test_a_file_where_a_folder_goes_is_named(tmp_path):
                                             r"folder is needed\)$"):
             atomic_write(path, lambda tmp: Path(tmp).write_text("x"))
     assert (tmp_path / "runs").read_text() == "not a folder"
+
+
+def test_a_class_listed_twice_is_refused_where_a_name_shown_twice_is_not(tmp_path):
+    """Each class is one output: a repeated class would score its images against another's output."""
+    model = model_from_recipe(RECIPE)
+    shown_twice = {**RECIPE, "class_names": ["crane", "crane", "c", "d", "e"]}  # ImageNet's two cranes
+    assert load_weights(export_safetensors(model, shown_twice, tmp_path / "ok.safetensors"))[1][
+        "class_names"][:2] == ["crane", "crane"]
+    twice = {**RECIPE, "classes": list("abcbe")}
+    for path, load in ((export_safetensors(model, twice, tmp_path / "w.safetensors"), load_weights),
+                       (save_checkpoint({"model": model.state_dict(), "recipe": twice, "epoch": 1}, tmp_path / "c.pt"),
+                        load_checkpoint)):
+        with pytest.raises(UserError, match=rf"^{path}: recipe classes lists 'b' twice; each class is one output$"):
+            load(path)
