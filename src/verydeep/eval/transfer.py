@@ -192,12 +192,13 @@ def caltech_splits(labels: np.ndarray, splits: Sequence[str], classes: Sequence[
     return drawn
 
 
-def refuse_repeated_images(features: Features) -> None:
+def refuse_repeated_images(features: Features, rows_per_person: bool = False) -> None:
     """An image listed twice (in both parts of a given split, or twice in one) is a :class:`UserError` naming it:
-    tested after training on it, or counted twice."""
+    tested after training on it, or counted twice. ``rows_per_person``: an image's rows are its persons (VOC
+    action), several in one part."""
     seen: dict[str, str] = {}
     for path, part in zip(features.paths, features.splits, strict=True):
-        if path in seen:
+        if path in seen and not (rows_per_person and seen[path] == part):
             where = f"twice in {part or 'the data'}" if seen[path] == part else f"in both {seen[path]} and {part}"
             raise UserError(f"image {path} is {where}: each image must be listed once")
         seen[path] = part
@@ -337,6 +338,7 @@ def run_voc(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int 
         raise UserError("these features are of single-label images; use --protocol caltech")
     if "regions" in features.settings:
         raise UserError("these features are of VOC action persons; use --protocol voc-action")
+    refuse_repeated_images(features)
     means, per_class = per_class_ap(features, c_grid, folds, seed)
     return VOCResult(origin(features.settings), list(features.classes), list(features.class_names), means,
                      dict(AP_KINDS), per_class)
@@ -359,6 +361,7 @@ def run_voc_action(features: Features, c_grid: Sequence[float] = DEFAULT_C, fold
     if regions not in REGIONS or not features.multilabel:
         raise UserError("these features are not of VOC action persons; make them with verydeep features --regions "
                         f"{' or '.join(REGIONS)}")
+    refuse_repeated_images(features, rows_per_person=True)
     means, per_action = per_class_ap(features, c_grid, folds, seed, "action", ActionResult.scored_part)
     return ActionResult(origin(features.settings), list(features.classes), list(features.class_names), means,
                         dict(AP_KINDS), per_action, regions=regions)

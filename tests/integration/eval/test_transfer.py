@@ -144,6 +144,22 @@ def test_an_image_listed_twice_is_refused_naming_it(parts, message):
 
 
 
+def test_voc_features_of_an_image_in_both_parts_are_refused_where_action_persons_of_one_image_are_not():
+    """A stored features file (merged, edited) may list a test image among the training ones: scored on what the
+    SVMs trained on. VOC action's rows are persons, several of one image in one part."""
+    x, single = clusters(2, 10)
+    labels = np.where(single[:, None] == np.arange(2), POSITIVE, NEGATIVE).astype(np.int8)
+    splits = ["train", "test"] * 10
+    paths = [f"{i}.jpg" for i in range(20)]
+    both = Features(x, labels, paths[:1] + paths[:19], splits, ["cat", "dog"], ["cat", "dog"], {"kind": "test"})
+    with pytest.raises(UserError, match="^image 0.jpg is in both train and test: each image must be listed once$"):
+        run_voc(both, c_grid=(1,))
+    action = {"kind": "test", "regions": "image"}
+    persons = Features(x, labels, paths[:2] + paths[:18], splits, ["cat", "dog"], ["cat", "dog"], action)
+    assert set(run_voc_action(persons, c_grid=(1,)).per_class_ap) == {"cat", "dog"}  # 0.jpg's 2 persons, 1.jpg's 2
+    with pytest.raises(UserError, match="^image 0.jpg is in both train and test"):
+        run_voc_action(Features(x, labels, both.paths, splits, ["cat", "dog"], ["cat", "dog"], action), c_grid=(1,))
+
 @pytest.mark.parametrize("c_grid", [(1,), (0.1, 1)])
 def test_a_class_with_no_training_image_is_refused_whether_or_not_c_is_chosen(c_grid):
     """Its SVM would never see it, and its recall (0) would count in the mean; one C or a grid alike."""
