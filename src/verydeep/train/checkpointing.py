@@ -72,6 +72,9 @@ def check_resumable(run_dir: Path, stored: dict[str, Any], record: dict[str, Any
     changed = changed_architecture(stored, record)
     if changed:
         raise UserError(f"--resume: {run_dir} was trained with other {', '.join(changed)}")
+    if stored.get("start") != record.get("start"):  # it made the optimizer's groups, which the checkpoint holds
+        raise UserError(f"--resume: {RunDir(run_dir).record}'s start (the tensors copied from the weights) is not "
+                        "the one its checkpoints were trained with: the record was edited; restore it")
     for f in fields(TrainConfig):  # before the images: a setting that chose them is named as the cause
         if f.metadata["resumable"] or f.name not in stored or stored[f.name] == record[f.name]:
             continue

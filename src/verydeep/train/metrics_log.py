@@ -43,6 +43,13 @@ def tensorboard_writer(log_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(log_dir))
 
 
+def is_record(record: Any) -> bool:
+    """Whether ``record`` is one :class:`MetricsLog` writes: a step's or an epoch's, with whole step and epoch
+    numbers."""
+    return (isinstance(record, dict) and record.get("kind") in ("step", "epoch")
+            and all(type(record.get(key)) is int for key in ("step", "epoch")))
+
+
 class MetricsLog:
     """Appends records to ``run_dir/metrics.jsonl`` (main process only), and to TensorBoard when asked."""
 
@@ -99,11 +106,13 @@ class MetricsLog:
             try:
                 line = raw.decode("utf-8-sig")
                 record = json.loads(line) if line.strip() else None
-                logged_later = record is not None and (record["step"] > step if record["kind"] == "step"
-                                                       else record["epoch"] > epoch)
-            except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, not a record
+            except ValueError:  # not UTF-8, not JSON
+                record = {}
+            if record is not None and not is_record(record):
                 warn(f"{self.path}:{number}: a damaged record (cut short by a crash?) was dropped")
                 continue
+            logged_later = record is not None and (record["step"] > step if record["kind"] == "step"
+                                                   else record["epoch"] > epoch)
             if record is not None and not logged_later:
                 kept.append(line)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))

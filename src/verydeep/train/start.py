@@ -284,6 +284,19 @@ def freeze(model: VGG, upto: str | None, copied: Collection[str] = ()) -> list[s
     return frozen
 
 
+def copied_tensors(start: Any, record: object) -> list[str]:
+    """The names of the tensors a run copied from its ``--weights``, from its ``record``'s ``start`` (None: a run
+    from scratch); they make the ``--lr-copied`` group and what ``--freeze`` holds. An entry of another form (an
+    edited record) is a :class:`UserError` naming the file."""
+    if start is None:
+        return []
+    copied = start.get("copied") if isinstance(start, dict) else None
+    if not (isinstance(copied, list) and all(isinstance(name, str) for name in copied)):
+        raise UserError(f"{record}: start must hold 'copied', the names of the tensors copied from the weights; "
+                        f"got {str(start)[:80]}")
+    return copied
+
+
 def param_groups(model: nn.Module, copied: list[str], lr: float, lr_copied: float | None) -> list[dict[str, Any]]:
     """SGD parameter groups: the copied layers at ``lr_copied`` (when given), the others at ``lr``;
     frozen parameters are left out. Each group keeps its ``lr_ratio`` to the run's learning rate,

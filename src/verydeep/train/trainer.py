@@ -59,10 +59,11 @@ from verydeep.train.recipe import (
     flag_of,
     started_with,
     stored_settings,
+    stored_settings_file,
     write_run_record,
 )
 from verydeep.train.schedule import EpochTotals, Schedule
-from verydeep.train.start import checked_settings, freeze, initial_model, param_groups
+from verydeep.train.start import checked_settings, copied_tensors, freeze, initial_model, param_groups
 from verydeep.train.step import StepFigures, Stepper, StepQueue, check_finite_weights, zero_momenta
 from verydeep.train.validation import describe, score, validate
 
@@ -168,11 +169,12 @@ class Trainer:
             model, self.how, start = initial_model(cfg, self.record, self.published, self.warn, self.given)
         if start is not None:
             self.record["start"] = start
-        frozen = freeze(model, cfg.freeze, (start or {}).get("copied", []))
+        copied = copied_tensors(start, stored_settings_file(self.run_dir))
+        frozen = freeze(model, cfg.freeze, copied)
         if frozen:
             self.how += f"; {len(frozen)} tensors frozen (up to {cfg.freeze})"
         self.model: VGG = prepare(model, self.device, cfg.channels_last)
-        groups = param_groups(self.model, (start or {}).get("copied", []), cfg.lr, cfg.lr_copied)
+        groups = param_groups(self.model, copied, cfg.lr, cfg.lr_copied)
         # one fused kernel for the whole update instead of a loop over tensors: the same arithmetic, and on
         # a CPU several times faster for VGG's large FC weights (docs/benchmarks)
         self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

@@ -174,3 +174,26 @@ def test_a_frozen_batch_norm_stays_in_eval_mode_through_train_calls():
     modes = {name: m.training for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert [modes[f"features.{i}"] for i in (1, 5)] == [False, False]  # bn1_1 and bn2_1: frozen
     assert all(mode for name, mode in modes.items() if name not in ("features.1", "features.5"))
+
+
+def test_an_edited_record_of_the_copied_tensors_is_refused_on_resume_naming_it(data, tmp_path, capsys):
+    """The copied tensors make --lr-copied's group, which the checkpoint's optimizer state holds: a record of
+    another form, or of other tensors, is one line naming it, not torch's error about parameter groups."""
+    source = torchvision_file(tmp_path / "source.pth", num_classes=1000)
+    run = tmp_path / "run"
+    train(narrow(data, run, weights=str(source), lr_copied=1e-3, epochs=1))
+    capsys.readouterr()  # the training's warning of the new FC8
+    record = run / "recipe.json"
+    settings = json.loads(record.read_text())
+    resume = ["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]
+    for start, message in [(5, f"{record}: start must hold 'copied', the names of the tensors copied from the "
+                               "weights; got 5"),
+                           ({**settings["start"], "copied": "features.0.weight"}, f"{record}: start must hold"),
+                           ({**settings["start"], "copied": []}, f"--resume: {record}'s start (the tensors copied "
+                                                                 "from the weights) is not the one its checkpoints")]:
+        record.write_text(json.dumps({**settings, "start": start}))
+        assert main(resume) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {message}"), err
+    record.write_text(json.dumps(settings))
+    assert main(resume) == 0

@@ -88,3 +88,27 @@ def test_a_folder_with_a_log_but_no_run_is_not_appended_to(data, tmp_path, capsy
     with pytest.raises(UserError, match="metrics.jsonl but no run record"):
         train(tiny(data, tmp_path, epochs=1))
     assert (tmp_path / "metrics.jsonl").read_text() == "my notes\n"
+
+
+def test_records_without_their_step_or_epoch_are_dropped_with_a_warning_naming_the_line(tmp_path):
+    """A record of another form (edited, or another tool's line) is dropped as a damaged one, not shown to
+    TensorBoard, which needs each record's step."""
+    from verydeep.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, main=True, tensorboard=True)
+    log.open()
+    for step in (1, 2):
+        log.append(kind="step", epoch=1, step=step, loss=2.0 / step, lr=0.1, img_s=10.0)
+    log.append(kind="epoch", epoch=1, step=2, train_loss=1.5, val_top1=0.40)
+    log.close()
+    lines = log.path.read_text().splitlines()
+    damaged = [{"kind": "epoch", "epoch": 1, "train_loss": 1.5}, {"kind": "note", "epoch": 1, "step": 2},
+               {"kind": "step", "epoch": 1, "step": 2.5, "loss": 1.0}, [1, 2]]
+    log.path.write_text("\n".join(lines + [json.dumps(record) for record in damaged]) + "\n")
+    warnings: list[str] = []
+    log.truncate(step=2, epoch=1, warn=warnings.append)
+    assert warnings == [f"{log.path}:{n}: a damaged record (cut short by a crash?) was dropped" for n in (4, 5, 6, 7)]
+    assert log.path.read_text().splitlines() == lines
+    log.open()
+    log.close()
+    assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [1, 2]
