@@ -43,8 +43,8 @@ class OneLineParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def _refuse_repeats(self, args: Sequence[str]) -> None:
-        """An option of one value given twice (a switch and its ``--no-`` form too) is an error: argparse would keep
-        the last silently. (Options that gather their values, such as ``--weights``, append; a subcommand's parser
+        """An option of one value given twice (a switch, or one and its ``--no-`` form, too) is an error: argparse would
+        keep the last silently. (Options that gather their values, such as ``--weights``, append; a subcommand's parser
         checks its own.)"""
         seen: dict[argparse.Action, str] = {}
         for token in args:
@@ -52,7 +52,8 @@ class OneLineParser(argparse.ArgumentParser):
                 break
             name = token.split("=", 1)[0]
             action = self._option_action(name) if name.startswith("--") else None
-            if isinstance(action, argparse._StoreAction | argparse.BooleanOptionalAction):  # --x and --no-x alike
+            # a switch (--json) too; --x and --no-x alike
+            if isinstance(action, argparse._StoreAction | argparse._StoreConstAction | argparse.BooleanOptionalAction):
                 if action in seen:
                     self.error(f"{seen[action]} is given twice; give it once")
                 seen[action] = "/".join(action.option_strings) if isinstance(action, argparse.BooleanOptionalAction) \

@@ -236,6 +236,9 @@ NAMED = [
     ("predict --checkpoint {run} {image} --topk 1 --top=2", "--topk is given twice; give it once"),
     (f"train {TINY} --epochs 1 --epochs 2", "--epochs is given twice"),
     (f"train {TINY} --progress", "--progress/--no-progress is given twice"),  # TINY says --no-progress
+    ("eval --checkpoint {run} --data {data} --json --json", "--json is given twice; give it once"),  # a switch
+    ("predict --checkpoint {run} {image} --no-flip --no-flip", "--no-flip is given twice; give it once"),
+    ("summary D --json --json", "--json is given twice; give it once"),
     ("localize eval --checkpoint {run} --data {data} --protocol dense --scales 100000",
      "argument --scales: a test scale Q"),
     ("localize predict --checkpoint {run} --classifier {run} --out {folder} {image} --scales 100000",
