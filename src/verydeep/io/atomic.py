@@ -5,6 +5,7 @@ removed by :func:`remove_temp_files`.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import tempfile
@@ -59,7 +60,12 @@ def atomic_write_all(writes: Mapping[str | Path, Callable[[str], Any]]) -> None:
             Path(tmp).unlink(missing_ok=True)
         raise
     for path, tmp in temps.items():
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as error:  # refused after _written's checks (a folder made since): the temporary files go
+            for left in temps.values():
+                Path(left).unlink(missing_ok=True)
+            raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
     for folder in {path.parent for path in temps}:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -72,6 +78,11 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
     """A temporary file beside ``path`` that ``write`` wrote, fsynced, with a plain ``open``'s permissions."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # found here, before any file of a set is renamed, not by the rename at the end
+        if len(os.fsencode(path.name)) > _longest_name(path.parent):
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        if path.is_dir():
+            raise OSError(errno.EISDIR, "a folder of that name is there")
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise UserError(f"{path}: cannot be written ({_reason(path, error)})") from error
@@ -96,8 +107,24 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
 def _reason(path: Path, error: OSError) -> str:
     """Why a file's folder could not be made or written in: the system's words, or the file that stands where
     one of its folders goes (mkdir says "File exists" of it)."""
-    blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
+    blocking = next((folder for folder in path.parents if _is_file(folder)), None)
     return f"{blocking}: a file, where a folder is needed" if blocking else error.strerror or str(error)
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is there and is no folder (False where the system refuses to look: a name too long)."""
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:
+        return False
+
+
+def _longest_name(folder: Path) -> int:
+    """The most bytes a file's name may have in ``folder``: its file system's, else Linux's 255."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def _temp_prefix(name: str) -> str:

@@ -114,3 +114,21 @@ def test_a_class_listed_twice_is_refused_where_a_name_shown_twice_is_not(tmp_pat
                         load_checkpoint)):
         with pytest.raises(UserError, match=rf"^{path}: recipe classes lists 'b' twice; each class is one output$"):
             load(path)
+
+
+def test_a_set_of_files_one_of_which_cannot_be_written_leaves_every_file_as_it_was(tmp_path):
+    """A name too long or a folder where a file goes is found before any file of the set is replaced."""
+    from verydeep.io.atomic import atomic_write_all
+
+    results = tmp_path / "results.json"
+    results.write_text("previous")
+    (tmp_path / "posteriors.npz").mkdir()
+    for bad, reason in ((tmp_path / ("a" * 256), "File name too long"),
+                        (tmp_path / "posteriors.npz", "a folder of that name is there")):
+        with pytest.raises(UserError, match=rf"^{bad}: cannot be written \({reason}\)$"):
+            atomic_write_all({results: lambda tmp: Path(tmp).write_text("new"),
+                              bad: lambda tmp: Path(tmp).write_text("x")})
+        assert results.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == [
+            "posteriors.npz", "results.json"]
+    with pytest.raises(UserError, match=r"cannot be written \(File name too long\)$"):
+        atomic_write(tmp_path / ("f" * 300) / "x.json", lambda tmp: Path(tmp).write_text("x"))
