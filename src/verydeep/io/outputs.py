@@ -205,6 +205,39 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
         _refuse_overwriting_what_is_read(out_option, out, read, weights_folders)
         _refuse_replacing_a_runs_files(out_option, out)
         _refuse_writing_in_data(out_option, out, data, linked)
+        _refuse_joining_a_dataset(out_option, out)
+
+
+def _refuse_joining_a_dataset(out_option: str, out: Path) -> None:
+    """An output file in a class folder of a dataset (:func:`class_folders_of`), where it would be read as one of
+    its images, or an output folder that holds a dataset, where the command's own folders would become classes, is
+    a :class:`UserError`, whether or not the command reads that dataset."""
+    if isinstance(out, OutputFile):
+        root = class_folders_of(out.absolute())
+        if root is not None:
+            raise UserError(f"{out}: {out_option} lies in a class folder of {root}, a dataset whose images it would "
+                            "join; write it outside the data")
+    elif out.is_dir() and (held := held_dataset(out)) is not None:
+        raise UserError(f"{out}: {out_option} holds the dataset {held}, where the command's own folders would "
+                        "become classes; give an output folder apart from the data")
+
+
+def held_dataset(folder: Path) -> Path | None:
+    """The dataset ``folder`` is, or holds as its splits: the folder whose class folders, two or more, all hold
+    images (``folder`` itself, or its ``train``, ``val`` or ``test``); None if none."""
+    for root in (folder, *(folder / split for split in SPLIT_FOLDERS)):
+        if root.is_dir() and class_folders_of(root / "class" / "image") == root:
+            return root
+    return None
+
+
+def refuse_a_training_run(out: Path, option: str = "--out") -> None:
+    """An output folder that is a training run's (its record or checkpoints there) is a :class:`UserError`: the
+    command's files would be mixed with the run's, which ``train --resume`` alone continues."""
+    run = RunDir(out)
+    if run.record.is_file() or run.checkpoints.is_dir():
+        raise UserError(f"{out}: {option} is a training run's folder, whose files would be mixed with this "
+                        "command's; give a folder of its own")
 
 
 def _refuse_replacing_a_runs_files(out_option: str, out: Path) -> None:

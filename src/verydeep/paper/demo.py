@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from verydeep.io.outputs import refuse_a_training_run
 from verydeep.options import add_device, add_progress, output_dir, positive_int
 from verydeep.paper.presets import PRESETS, within_budget
 from verydeep.paper.reproduce import reproduce
@@ -58,6 +59,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     start = time.time()
     out = Path(args.out)
+    refuse_a_training_run(out)
     pick_device(args.device)  # checked before the digits are written into --out
     data = write_digits(out / "data")
     preset = PRESETS["digits"]

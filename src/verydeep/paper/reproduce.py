@@ -23,7 +23,7 @@ from typing import Any
 from verydeep.errors import UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
-from verydeep.io.outputs import refuse_overwriting_inputs
+from verydeep.io.outputs import refuse_a_training_run, refuse_overwriting_inputs
 from verydeep.options import (
     add_device,
     add_progress,
@@ -174,6 +174,7 @@ def run_cli(args: argparse.Namespace) -> None:
     refuse_idle_options(args, preset)
     out = args.out or output_dir(f"runs/reproduce-{args.preset}")
     refuse_overwriting_inputs(argparse.Namespace(data=args.data, out=out))  # the default --out, checked too
+    refuse_a_training_run(out)
     if args.shard is not None:
         part, parts = args.shard
         done = train_and_measure(shard_of(preset, part, parts), preset, Path(args.data), out, args.device,

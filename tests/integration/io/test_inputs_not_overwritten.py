@@ -181,6 +181,24 @@ def test_no_output_folder_holds_the_data(images, tmp_path, capsys):
     allowed(["train", "--data", str(images), "--out", str(tmp_path / "run"), *TRAIN])
 
 
+def test_commands_that_read_no_data_write_no_image_or_class_into_a_dataset_nor_mix_with_a_run(images, run, capsys):
+    """plot, export, convert and demo read no data, yet a file among a dataset's class folders would be read as one
+    of its images, a folder holding a dataset would add classes to it, and a demo or reproduction in a training
+    run's folder would mix their files with the run's."""
+    before, class_folder = contents(images), images / "val" / "class0"
+    refused(["plot", str(run), "--out", str(class_folder / "curves.png")], capsys, "--out",
+            f"lies in a class folder of {images / 'val'}, a dataset whose images it would join")
+    for argv in (["export", "--weights", str(run), "--format", "torchscript", str(class_folder / "0.png")],
+                 ["convert", str(run), str(images / "train" / "class1" / "w.safetensors")]):
+        refused(argv, capsys, "lies in a class folder of", str(images))
+    refused(["demo", "--out", str(images)], capsys, f"--out holds the dataset {images / 'train'}")
+    refused(["demo", "--out", str(images / "val")], capsys, f"--out holds the dataset {images / 'val'}")
+    refused(["demo", "--out", str(run)], capsys, f"{run}: --out is a training run's folder")
+    refused(["reproduce", "--data", str(images), "--out", str(run)], capsys, "--out is a training run's folder")
+    assert contents(images) == before and sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+    allowed(["plot", str(run), "--out", str(run.parent / "curves.png")])
+    allowed(["demo", "--out", str(run.parent / "demo")])
+
 def test_a_recipe_s_data_and_out_are_checked_as_flags_are(images, tmp_path, capsys):
     recipe = tmp_path / "inside.toml"
     recipe.write_text(f'data = "{images}"\nout = "{images / "train" / "run"}"\n')
