@@ -73,8 +73,9 @@ def check_resumable(run_dir: Path, stored: dict[str, Any], record: dict[str, Any
     if changed:
         raise UserError(f"--resume: {run_dir} was trained with other {', '.join(changed)}")
     if stored.get("start") != record.get("start"):  # it made the optimizer's groups, which the checkpoint holds
-        raise UserError(f"--resume: {RunDir(run_dir).record}'s start (the tensors copied from the weights) is not "
-                        "the one its checkpoints were trained with: the record was edited; restore it")
+        run = RunDir(run_dir)
+        raise UserError(f"--resume: {run.record} and {run.last} name other tensors copied from the weights (start): "
+                        "one of them was edited or comes from another run; restore it")
     for f in fields(TrainConfig):  # before the images: a setting that chose them is named as the cause
         if f.metadata["resumable"] or f.name not in stored or stored[f.name] == record[f.name]:
             continue

@@ -183,14 +183,15 @@ def test_an_edited_record_of_the_copied_tensors_is_refused_on_resume_naming_it(d
     run = tmp_path / "run"
     train(narrow(data, run, weights=str(source), lr_copied=1e-3, epochs=1))
     capsys.readouterr()  # the training's warning of the new FC8
-    record = run / "recipe.json"
+    record, last = run / "recipe.json", run / "checkpoints" / "last.pt"
     settings = json.loads(record.read_text())
     resume = ["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]
     for start, message in [(5, f"{record}: start must hold 'copied', the names of the tensors copied from the "
                                "weights; got 5"),
                            ({**settings["start"], "copied": "features.0.weight"}, f"{record}: start must hold"),
-                           ({**settings["start"], "copied": []}, f"--resume: {record}'s start (the tensors copied "
-                                                                 "from the weights) is not the one its checkpoints")]:
+                           ({**settings["start"], "copied": []}, f"--resume: {record} and {last} name other "
+                                                                 "tensors copied from the weights (start): one of "
+                                                                 "them was edited")]:
         record.write_text(json.dumps({**settings, "start": start}))
         assert main(resume) == 2
         err = capsys.readouterr().err
