@@ -19,6 +19,19 @@ def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def logged_epoch(run_dir):
+    """A log of one epoch of two steps, written and closed (TensorBoard too)."""
+    from verydeep.train.metrics_log import MetricsLog
+
+    log = MetricsLog(run_dir, main=True, tensorboard=True)
+    log.open()
+    for step in (1, 2):
+        log.append(kind="step", epoch=1, step=step, loss=2.0 / step, lr=0.1, img_s=10.0)
+    log.append(kind="epoch", epoch=1, step=2, train_loss=1.5, val_top1=0.40)
+    log.close()
+    return log
+
+
 def test_tensorboard_holds_the_metrics_of_every_step_and_epoch(data, tmp_path):
     train(tiny(data, tmp_path, epochs=2, tensorboard=True))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -56,14 +69,7 @@ def test_without_the_flag_nothing_is_written(data, tmp_path):
 def test_an_epoch_logged_again_after_a_resume_at_its_last_step_is_shown_once(tmp_path):
     """A crash after an epoch's record but before its checkpoint, resumed from a checkpoint at the epoch's last
     step: the epoch is logged again at the step its first record had (the step itself is not logged again)."""
-    from verydeep.train.metrics_log import MetricsLog
-
-    log = MetricsLog(tmp_path, main=True, tensorboard=True)
-    log.open()
-    for step in (1, 2):
-        log.append(kind="step", epoch=1, step=step, loss=2.0 / step, lr=0.1, img_s=10.0)
-    log.append(kind="epoch", epoch=1, step=2, train_loss=1.5, val_top1=0.40)
-    log.close()
+    log = logged_epoch(tmp_path)
     log.truncate(step=2, epoch=0, warn=print)  # the checkpoint: step 2, epoch 1 not finished
     log.open()
     log.append(kind="epoch", epoch=1, step=2, train_loss=1.5, val_top1=0.40)
@@ -93,14 +99,7 @@ def test_a_folder_with_a_log_but_no_run_is_not_appended_to(data, tmp_path, capsy
 def test_records_without_their_step_or_epoch_are_dropped_with_a_warning_naming_the_line(tmp_path):
     """A record of another form (edited, or another tool's line) is dropped as a damaged one, not shown to
     TensorBoard, which needs each record's step."""
-    from verydeep.train.metrics_log import MetricsLog
-
-    log = MetricsLog(tmp_path, main=True, tensorboard=True)
-    log.open()
-    for step in (1, 2):
-        log.append(kind="step", epoch=1, step=step, loss=2.0 / step, lr=0.1, img_s=10.0)
-    log.append(kind="epoch", epoch=1, step=2, train_loss=1.5, val_top1=0.40)
-    log.close()
+    log = logged_epoch(tmp_path)
     lines = log.path.read_text().splitlines()
     damaged = [{"kind": "epoch", "epoch": 1, "train_loss": 1.5}, {"kind": "note", "epoch": 1, "step": 2},
                {"kind": "step", "epoch": 1, "step": 2.5, "loss": 1.0}, [1, 2]]
