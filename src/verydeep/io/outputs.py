@@ -147,6 +147,10 @@ def class_folders_of(image: Path) -> Path | None:
 
 
 def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds images as a class folder does: a training run's folder, its curves beside its
+    checkpoints, holds none."""
+    if _run_holding(folder / "x") is not None:
+        return False
     try:
         with os.scandir(folder) as entries:
             return any(is_image(Path(entry.name)) for entry in itertools.islice(entries, ENTRIES_LOOKED_AT))

@@ -198,6 +198,10 @@ def test_commands_that_read_no_data_write_no_image_or_class_into_a_dataset_nor_m
     assert contents(images) == before and sorted(p.name for p in run.iterdir()) == ["checkpoints"]
     allowed(["plot", str(run), "--out", str(run.parent / "curves.png")])
     allowed(["demo", "--out", str(run.parent / "demo")])
+    for name in ("a", "b"):  # runs beside each other, each with its curves: no dataset of class folders
+        shutil.copytree(run, run.parent / "runs" / name)
+        (run.parent / "runs" / name / "curves.png").write_bytes(b"png")
+    allowed(["plot", str(run.parent / "runs" / "a"), "--out", str(run.parent / "runs" / "a" / "curves.svg")])
 
 def test_a_recipe_s_data_and_out_are_checked_as_flags_are(images, tmp_path, capsys):
     recipe = tmp_path / "inside.toml"
@@ -256,13 +260,17 @@ def test_an_output_through_or_into_a_class_folder_linked_into_the_data_is_refuse
 
 def test_a_saliency_map_is_not_drawn_into_the_dataset_of_its_image(images, run, tmp_path, capsys):
     image = images / "val" / "class0" / "0.png"
-    for out in (images / "val" / "class1" / "map.png", images / "train" / "map.png"):
+    among_classes = f"--saliency lies in a class folder of {images / 'val'}, a dataset whose images it would join"
+    for out, words in ((images / "val" / "class1" / "map.png", among_classes),
+                       (images / "train" / "map.png", "a split of the dataset of the input image")):
         refused(["predict", "--weights", str(run), str(image), "--saliency", str(out), "--device", "cpu"], capsys,
-                "--saliency", "a split of the dataset of the input image")
+                "--saliency", words)
         assert not out.exists()
     flat = images / "val" / "ILSVRC2012_val_00000001.png"  # the official validation layout: images flat in val/
     shutil.copy(image, flat)
     refused(["predict", "--weights", str(run), str(flat), "--saliency", str(images / "train" / "class0" / "m.png"),
+             "--device", "cpu"], capsys, f"--saliency lies in a class folder of {images / 'train'}")
+    refused(["predict", "--weights", str(run), str(flat), "--saliency", str(images / "train" / "m.png"),
              "--device", "cpu"], capsys, "--saliency", "a split of the dataset of the input image")
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -279,10 +287,13 @@ def test_a_saliency_map_is_not_drawn_into_a_folder_of_class_folders_but_beside_a
     for name in ("cat", "dog"):
         save(photo(40, 40, seed=len(name)), caltech / name / "0.png")
     image = caltech / "cat" / "0.png"
-    for out in (caltech / "dog" / "map.png", caltech / "maps" / "map.png", caltech / "map.png"):
+    of_the_input = (f"--saliency lies in {caltech}, a split of the dataset of the input image {image} (or its folder "
+                    "of class folders)")
+    among_classes = f"--saliency lies in a class folder of {caltech}, a dataset whose images it would join"
+    for out, words in ((caltech / "dog" / "map.png", among_classes), (caltech / "maps" / "map.png", among_classes),
+                       (caltech / "map.png", of_the_input)):
         refused(["predict", "--weights", str(run), str(image), "--saliency", str(out), "--device", "cpu"], capsys,
-                f"--saliency lies in {caltech}, a split of the dataset of the input image {image} (or its folder of "
-                "class folders)")
+                words)
         assert not out.exists()
     home = tmp_path / "home"  # a photo among folders of other things
     save(photo(40, 40), home / "Pictures" / "cat.png")
