@@ -27,7 +27,6 @@ import socket
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from verydeep.data.datasets import DECODE_ERRORS, unreadable
-from verydeep.data.decode import decode, displayed_size
+from verydeep.data.datasets import DECODE_ERRORS, images_under, unreadable
+from verydeep.data.decode import decode, displayed_size, open_image
 from verydeep.errors import UserError
 from verydeep.eval.classmap import fusion_orders
 from verydeep.eval.evaluate import given_weights
@@ -125,7 +124,7 @@ def parse_ask(fields: dict[str, str], nets: int, known: Sequence[str] = FIELDS) 
 
 def _checked_size(path: Path, name: str) -> tuple[int, int]:
     """The displayed (w, h) of the image at ``path`` when it has at most :data:`MAX_UPLOAD_PIXELS` and decodes."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         w, h = img.size  # from the header; reading a PNG's EXIF (for the displayed size) decodes it all
         if w * h > MAX_UPLOAD_PIXELS:
             raise UserError(f"{name}: {w}x{h} pixels, more than the {MAX_UPLOAD_PIXELS / 1e6:g} M pixels an upload "
@@ -140,9 +139,7 @@ def checked_image(path: Path, name: str) -> tuple[int, int]:
     if path.stat().st_size == 0:
         raise UserError(f"{name}: an empty file, not an image")
     try:
-        with warnings.catch_warnings():  # Pillow's warning of a large image: one over our limit is refused below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            size = _checked_size(path, name)
+        size = _checked_size(path, name)  # an image over our limit refused, of any size Pillow opens
     except UserError:
         raise  # a UserError is a ValueError, one of DECODE_ERRORS: its own line, not "unreadable image (...)"
     except Image.DecompressionBombError as error:  # over Pillow's own limit (far above ours) in Image.open
@@ -164,7 +161,7 @@ def data_url(image: Any, kind: str = "PNG") -> str:
 
 def preview(path: Path) -> str:
     """The image upright (its EXIF rotation applied, as the nets see it), at most :data:`PREVIEW_SIDE`, as JPEG."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         shown = decode(img)
         shown.load()  # read before the file closes (an upright RGB file is returned undecoded)
     shown.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
@@ -210,7 +207,7 @@ def example_images(folder: Path | None) -> list[Path]:
     """Up to :data:`MAX_EXAMPLES` images of ``folder``: the first of each class folder, then the rest, by path."""
     if folder is None or not folder.is_dir():
         return []
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXAMPLE_SUFFIXES and p.is_file())
+    images = [p for p in images_under(folder) if p.suffix.lower() in EXAMPLE_SUFFIXES and p.is_file()]  # not hidden
     firsts = list({p.parent: p for p in reversed(images)}.values())[::-1]
     return (firsts + [p for p in images if p not in firsts])[:MAX_EXAMPLES]
 

@@ -121,6 +121,67 @@ def test_a_bad_file_is_one_log_line_naming_it(tmp_path, caplog):
     assert "\n" not in caplog.records[0].getMessage()
 
 
+def test_a_file_name_with_a_line_break_is_named_on_one_line_that_cannot_pass_for_two(tmp_path, caplog):
+    good = tmp_path / "a" / "0.jpg"
+    good.parent.mkdir()
+    good.write_bytes(jpeg_bytes())
+    evil = tmp_path / "a" / "x\nskipped 0.jpg: unreadable image.jpg"
+    evil.write_bytes(jpeg_bytes()[:300])
+    dataset = ImageFolder(tmp_path, RescaleTransform(8))
+    with caplog.at_level(logging.WARNING, logger="verydeep.data"):
+        assert dataset[[Path(p) for p, _ in dataset.samples].index(evil)][0] is None
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"skipped {tmp_path / 'a'}/x\\nskipped 0.jpg: unreadable image.jpg: unreadable image (")
+    assert "\n" not in message
+
+
+def test_pipes_and_hidden_files_among_the_images_are_not_read_as_images(tmp_path):
+    """A pipe named like an image would wait for ever for a writer; a hidden file (macOS's ._x.jpg) is no image."""
+    import os
+
+    from verydeep.data.datasets import images_in
+    from verydeep.serve import example_images
+
+    for folder in (tmp_path / "split" / "a", tmp_path / "split" / "b", tmp_path / "flat"):
+        folder.mkdir(parents=True)
+        (folder / "0.jpg").write_bytes(jpeg_bytes())
+        os.mkfifo(folder / "pipe.jpg")
+        (folder / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+    (tmp_path / "split" / "b" / "link.jpg").symlink_to(tmp_path / "split" / "a" / "pipe.jpg")
+    (tmp_path / "split" / "b" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # skipped as unreadable when read
+    assert [Path(p) for p, _ in ImageFolder(tmp_path / "split", RescaleTransform(8)).samples] == [
+        tmp_path / "split" / "a" / "0.jpg", tmp_path / "split" / "b" / "0.jpg", tmp_path / "split" / "b" / "gone.jpg"]
+    assert images_in(tmp_path / "flat") == [tmp_path / "flat" / "0.jpg"]
+    assert example_images(tmp_path / "split") == [tmp_path / "split" / "a" / "0.jpg",
+                                                  tmp_path / "split" / "b" / "0.jpg"]
+
+def test_pillow_s_warnings_naming_no_file_are_not_shown(tmp_path):
+    """Pillow warns of a damaged EXIF block and of a large image in two lines naming no file: the first is read as
+    far as it goes (upright), the size of the second bounded where the image is planned."""
+    import io
+    import warnings
+
+    from verydeep.data.decode import ImageFile, decode
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(buffer, "JPEG", exif=exif)
+    data = bytearray(buffer.getvalue())
+    ifd = data.find(b"Exif\x00\x00MM\x00*") + 10  # big-endian TIFF header; then the first IFD's offset
+    damaged = bytes(data[:ifd]) + (0xFFFF).to_bytes(4, "big") + bytes(data[ifd + 4 :])  # past the block's end
+    assert damaged != bytes(data)
+    (tmp_path / "exif.jpg").write_bytes(damaged)
+    frame = data.find(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = (10_000).to_bytes(2, "big") * 2  # 100 M pixels: Pillow's warning, not its error
+    (tmp_path / "large.jpg").write_bytes(data)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert ImageFile(tmp_path / "exif.jpg").size == (16, 16)
+        assert decode(ImageFile(tmp_path / "exif.jpg").pillow()).getpixel((8, 8))[2] > 150
+        assert ImageFile(tmp_path / "large.jpg").size == (10_000, 10_000)
+    assert [str(w.message) for w in shown] == []
+
 def test_a_bad_file_read_again_is_skipped_each_time_and_named_once(tmp_path, caplog):
     """Every epoch counts the skip; the log names the file once, by its path, not the stream Pillow read."""
     _, broken = make_zoo(tmp_path)

@@ -58,9 +58,10 @@ _reported: set[str] = set()
 
 def unreadable(path: str | Path, error: BaseException) -> str:
     """The one line that names an unreadable image and why (the reason without the stream the
-    file was read from)."""
+    file was read from; a character of the name that would break the line, escaped)."""
     reason = " ".join(_OBJECT_REPR.sub("", str(error)).split())
-    return f"{path}: unreadable image ({type(error).__name__}: {reason})"
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(path))  # a newline in a name: \n
+    return f"{shown}: unreadable image ({type(error).__name__}: {reason})"
 
 
 def report_skip(path: str | Path, error: BaseException) -> None:
@@ -97,15 +98,40 @@ def _walk(folder: Path, walked: dict[Path, Path] | None = None) -> Iterator[tupl
             walked.setdefault(above, path)
 
     visit(folder)
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in dirnames:
-            visit(Path(dirpath) / name)
-        yield Path(dirpath), sorted(filenames)
+    pending = [folder]
+    while pending:  # depth first, in sorted order
+        path = pending.pop()
+        try:
+            with os.scandir(path) as listed:
+                entries = list(listed)
+        except OSError:  # a folder that cannot be listed holds no image it could read (as os.walk skips it)
+            continue
+        folders = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+        for name in folders:
+            visit(path / name)
+        yield path, sorted(e.name for e in entries if _listed_file(e))
+        pending += [path / name for name in reversed(folders)]
 
 
-def _images_under(folder: Path, walked: dict[Path, Path] | None = None) -> list[Path]:
+def _listed_file(entry: os.DirEntry) -> bool:
+    """A regular file, or a link to one or to nothing (a dangling link: skipped as unreadable when read); not a
+    pipe, socket or device, whose reading would wait for ever."""
+    try:
+        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:
+        return False
+
+
+def images_under(folder: Path, walked: dict[Path, Path] | None = None) -> list[Path]:
+    """The images in ``folder`` and every folder below it (:func:`_walk`), in sorted order."""
     return [path / f for path, filenames in _walk(folder, walked) for f in filenames if is_image(Path(f))]
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The images in ``folder`` itself (a flat folder's), in sorted order: files (:func:`_listed_file`) of an
+    image's name."""
+    with os.scandir(folder) as entries:
+        return sorted(folder / e.name for e in entries if is_image(Path(e.name)) and _listed_file(e))
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -309,13 +335,13 @@ class ImageFolder(LabelledImages):
         self.classes = _subfolders(self.root)
         if not self.classes:
             raise UserError(f"data folder {self.root} has no class folders")
-        loose = sorted(entry.name for entry in os.scandir(self.root) if entry.is_file() and is_image(Path(entry.name)))
+        loose = [path.name for path in images_in(self.root)]
         if loose:  # they would be left out without a word (a flat folder's images, one class folder beside)
             raise UserError(f"data folder {self.root} holds class folders ({', '.join(self.classes[:3])}) and images "
                             f"of its own ({', '.join(loose[:2])}{', ...' if len(loose) > 2 else ''}), which no "
                             "class would read: move them into their class folders, or the folders out")
         walked: dict[Path, Path] = {}  # shared: no folder is read under two classes
-        found = {name: _images_under(self.root / name, walked) for name in self.classes}
+        found = {name: images_under(self.root / name, walked) for name in self.classes}
         if not any(found.values()):
             raise UserError(f"data folder {self.root} holds no images")
         empty = [name for name in self.classes if not found[name]]

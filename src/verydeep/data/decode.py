@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,10 +47,24 @@ _APP1, _SOS, _EXIF_SIGNATURE = 0xE1, 0xDA, b"Exif\x00\x00"
 #: Start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC), and those of progressive frames.
 _FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+#: Start-of-frame markers of lossless frames: no DCT, so no decode at 1/k of the size.
+_LOSSLESS = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
 #: A marker in entropy-coded data: 0xFF followed by neither a stuffed zero, a restart marker nor fill.
 _MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+#: The start of Pillow's warning of an EXIF block it cannot read whole.
+_CORRUPT_EXIF = "Corrupt EXIF data"
 #: An orientation in XMP, as Pillow's ``getexif`` finds one where EXIF has none.
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')
+
+
+def open_image(source: str | Path | io.BytesIO) -> Image.Image:
+    """Pillow's ``Image.open`` without its warnings, which name no file and span two lines: of a large image (the
+    sizes an image may have are bounded where it is planned; Pillow's own error, at twice its limit, stays) and of
+    a damaged EXIF block (read as far as it goes; a broken orientation counts as upright)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", message=_CORRUPT_EXIF, category=UserWarning)
+        return Image.open(source)
 
 
 def orientation(img: Image.Image) -> int:
@@ -61,7 +76,9 @@ def orientation(img: Image.Image) -> int:
         value = int(match[2]) if match else 1
         return value if value in _ORIENTATION else 1
     try:
-        value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        with warnings.catch_warnings():  # Pillow's warning of a damaged EXIF block, which names no file
+            warnings.filterwarnings("ignore", message=_CORRUPT_EXIF, category=UserWarning)
+            value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except (OSError, ValueError, SyntaxError):  # a broken EXIF block: treat as upright
         return 1
     return value if value in _ORIENTATION else 1
@@ -93,7 +110,7 @@ def displayed_size(img: Image.Image) -> Size:
 
 def image_size(path: str | Path) -> Size:
     """Displayed (w, h) of the image at ``path``, from its header only."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return displayed_size(img)
 
 
@@ -204,6 +221,12 @@ def box_safe(data: bytes) -> bool:
     return stray is not None and stray.start() == len(data) - 2
 
 
+def lossless_jpeg(data: bytes) -> bool:
+    """Whether a JPEG's frame is lossless (SOF3, SOF7, SOF11, SOF15): stored without the DCT, which a decode at 1/k
+    of the size scales."""
+    return any(marker in _LOSSLESS for marker, _ in header_segments(data))
+
+
 def plain_jpeg_size(data: bytes) -> Size | None:
     """(w, h) of a colour or greyscale JPEG with no EXIF block or XMP orientation (so nothing can
     rotate it), from libjpeg-turbo's header reader alone; ``None`` for anything else (Pillow then
@@ -249,18 +272,20 @@ class ImageFile:
         size = plain_jpeg_size(self.data)
         if size is not None:
             check_pixels(size)
-        self._pillow = None if size is not None else Image.open(io.BytesIO(self.data))
+        self._pillow = None if size is not None else open_image(io.BytesIO(self.data))
         self.size: Size = size if size is not None else displayed_size(self._pillow)
         self.jpeg = self._pillow is None or self._pillow.format == "JPEG"
         self.plain = self._pillow is None or plain_jpeg(self._pillow)
 
     @property
     def reducible(self) -> bool:
-        """A JPEG whose 1/k decode (:func:`decode`) keeps pixel i over [i*k, (i+1)*k) of the image as displayed:
-        shown as stored, or turned upright without reversing an axis that ends in a partial block of pixels
-        (reversed, that block's padding would shift every pixel by up to k - 1)."""
-        if not self.jpeg or self._pillow is None:
-            return self.jpeg
+        """A JPEG whose 1/k decode (:func:`decode`) keeps pixel i over [i*k, (i+1)*k) of the image as displayed: of
+        DCT blocks (not lossless), shown as stored, or turned upright without reversing an axis that ends in a
+        partial block of pixels (reversed, that block's padding would shift every pixel by up to k - 1)."""
+        if not self.jpeg or lossless_jpeg(self.data):
+            return False
+        if self._pillow is None:
+            return True
         reversed_x, reversed_y = _REVERSED_AXES[pending_orientation(self._pillow)]
         width, height = self._pillow.size  # as stored
         return not (reversed_x and width % MAX_REDUCTION or reversed_y and height % MAX_REDUCTION)
@@ -268,7 +293,7 @@ class ImageFile:
     def pillow(self) -> Image.Image:
         """The file opened by Pillow (not yet decoded, so draft mode still applies)."""
         if self._pillow is None:
-            self._pillow = Image.open(io.BytesIO(self.data))
+            self._pillow = open_image(io.BytesIO(self.data))
         return self._pillow
 
     def complete_jpeg(self) -> bool:

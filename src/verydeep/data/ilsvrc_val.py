@@ -14,7 +14,7 @@ from verydeep.data.datasets import (
     TEXT_ENCODING,
     LabelledImages,
     Transform,
-    is_image,
+    images_in,
     kaggle_download,
     read_class_names,
     require_folder,
@@ -61,7 +61,7 @@ class ILSVRCValFolder(LabelledImages):
             raise UserError(f"ground-truth file {label_file} is a folder, not a file")
         if not label_file.is_file():
             raise MissingFileError(f"ground-truth file {label_file} does not exist")
-        images = sorted(p for p in self.root.iterdir() if is_image(p))
+        images = images_in(self.root)
         if not images:
             raise UserError(f"data folder {self.root} holds no images")
         listed = read_class_names(names_folder, CLASS_LIST_FILES)  # exactly the dataset's classes

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from verydeep.data.datasets import IndexedImages, LabelledImages, _class_dirs, find_split, is_image
+from verydeep.data.datasets import IndexedImages, LabelledImages, _class_dirs, find_split, images_in
 from verydeep.data.decode import ImageFile, decode, to_tensor
 from verydeep.data.loaders import image_loader
 from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess, read_preprocess
@@ -53,7 +53,7 @@ def pixel_images(folder: Path, transform: PixelMoments) -> LabelledImages:
     """The images the statistics average: a flat folder's images as they are, whatever label file lies beside
     them, since statistics need no labels; else the split's (its labels unused)."""
     if folder.is_dir() and not _class_dirs(folder):
-        images = sorted(path for path in folder.iterdir() if is_image(path))
+        images = images_in(folder)
         if images:
             return IndexedImages(images, transform)
     return open_split(folder, transform)

@@ -122,16 +122,17 @@ def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Ge
 
     That is the rescale-then-crop of the paper with S rounded so the square's side is whole
     (S within 0.5% of the drawn value). Where the square would be under :data:`SMALLEST_SQUARE` pixels, the
-    paper's order itself: the whole image rescaled to S, ``crop`` x ``crop`` cut at a uniformly random position.
+    paper's order itself: the whole image rescaled to S, ``crop`` x ``crop`` cut at a uniformly random position
+    (but for a strip that rescaled would be over a test image's pixels, :func:`oversized`).
     Draws from ``generator``, in order: S (unless Smin == Smax), the left edge, the top edge, the flip (if
     ``flip``).
     """
     s = sample_scale(*scale, generator)
-    if region_side(size, s, crop) < SMALLEST_SQUARE:
-        rescaled = resized_size(size, s)
+    rescaled = resized_size(size, s)
+    if region_side(size, s, crop) < SMALLEST_SQUARE and not oversized(rescaled):  # a long strip: its square
         kept = crop_box(rescaled, crop, generator)  # drawn before the flip, as the square's position is
         return CropPlan(1, (0, 0, *size), rescaled, flip and flip_coin(generator), kept)
-    k = reduction(size, resized_size(size, s), reducible)
+    k = reduction(size, rescaled, reducible)
     box = crop_box(decoded_size(size, k), region_side(size, s, crop, k), generator)
     return CropPlan(k, box, (crop, crop), flip and flip_coin(generator))
 

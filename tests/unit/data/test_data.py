@@ -155,6 +155,16 @@ def test_a_small_image_is_rescaled_to_every_s_and_cut_at_every_position_as_the_p
     assert torch.equal(render(ImageFile(path), plan), expected.flip(-1) if plan.flip else expected)
 
 
+def test_a_long_strip_is_cut_as_a_square_of_its_pixels_not_rescaled_whole(tmp_path):
+    """A 3,000,000 x 1 strip rescaled whole to S = 36 would be 108 M x 36 pixels (11 GB of floats): its crop is a
+    whole-pixel square of it, resampled, as larger images' are."""
+    for size in ((3_000_000, 1), (1, 3_000_000), (200_000, 32)):
+        plan = plan_crop(size, 32, (36, 36), seeded(0))
+        assert plan.out == (32, 32) and plan.cut is None and plan.box[2] - plan.box[0] == plan.box[3] - plan.box[1]
+    path = save(Image.new("RGB", (400_000, 1), (200, 10, 90)), tmp_path / "strip.png")
+    image = TrainTransform(crop=32, scale=(36, 36))(path)
+    assert image.shape == (3, 32, 32) and image[:, 0, 0].tolist() == [200, 10, 90]
+
 @pytest.mark.parametrize(("fmt", "size", "k"), [("JPEG", (1024, 768), 2), ("JPEG", (500, 375), 1),
                                                 ("PNG", (1024, 768), 1)])
 def test_fast_decode_matches_plain_decode_crop_resize(tmp_path, fmt, size, k):
@@ -296,6 +306,45 @@ def test_a_turned_jpeg_s_planned_crop_is_where_the_plan_says_at_any_dct_reductio
     assert plan_crop(file.size, 20, (24, 24), None, file.reducible).k == (
         8 if file.reducible else 1)
 
+
+def lossless_jpeg(pixels: np.ndarray) -> bytes | None:
+    """``pixels`` (h, w, 3 uint8) as a lossless JPEG (SOF3) by libjpeg-turbo 3; None without the library."""
+    import ctypes
+
+    from verydeep.data.jpeg import library
+
+    lib = library()
+    if lib is None or not hasattr(lib, "tj3Compress8"):
+        return None
+    handle, out, size = lib.tj3Init(0), ctypes.c_void_p(), ctypes.c_size_t()  # 0: TJINIT_COMPRESS
+    lib.tj3Set(handle, 15, 1)  # TJPARAM_LOSSLESS
+    lib.tj3Compress8.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_void_p),
+                                                                             ctypes.POINTER(ctypes.c_size_t)]
+    h, w, _ = pixels.shape
+    assert lib.tj3Compress8(handle, pixels.ctypes.data, w, 0, h, 0, ctypes.byref(out), ctypes.byref(size)) == 0
+    data = ctypes.string_at(out, size.value)
+    lib.tj3Free(out)
+    lib.tj3Destroy(handle)
+    return data
+
+
+def test_a_lossless_jpeg_is_planned_at_full_size_and_read_alike_at_any_scale(tmp_path):
+    """A lossless JPEG has no DCT to scale: a decode at 1/k would fail, and the file be skipped by some commands
+    and read by others."""
+    pixels = np.random.default_rng(0).integers(0, 255, (301, 403, 3), dtype=np.uint8)
+    data = lossless_jpeg(pixels)
+    if data is None:
+        pytest.skip("libjpeg-turbo 3 is not installed (pip install 'verydeep[turbo]')")
+    path = tmp_path / "lossless.jpg"
+    path.write_bytes(data)
+    file = ImageFile(path)
+    assert file.size == (403, 301) and not file.reducible
+    assert RescaleTransform(32).plan(file.size, file.reducible).k == 1
+    for fast in (True, False):
+        image = RescaleTransform(32, fast=fast)(path)
+        assert image.shape == (3, 32, 42)
+    whole = load_region(ImageFile(path), 1, (0, 0, 403, 301), (403, 301))
+    assert torch.equal(whole, torch.from_numpy(pixels).permute(2, 0, 1))  # lossless, as stored
 
 def test_an_orientation_given_only_in_xmp_is_followed_as_pillow_follows_it(tmp_path):
     """Pillow's getexif reads tiff:Orientation from XMP where EXIF has none: a JPEG (sized and decoded without

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from verydeep.data.datasets import DECODE_ERRORS, unreadable
-from verydeep.data.decode import ImageFile, decode
+from verydeep.data.decode import ImageFile, decode, open_image
 from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import smallest_training_scale
@@ -34,9 +34,7 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
-
-    with Image.open(path) as opened:
+    with open_image(path) as opened:
         image = decode(opened)  # upright, as the boxes were found: an EXIF orientation applied
         image.load()  # before the file closes (an upright RGB file is the opened image itself)
     fig, ax = plt.subplots(figsize=(6, 6 * image.height / image.width))
