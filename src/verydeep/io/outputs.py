@@ -53,10 +53,16 @@ def _weights_read(source: Path, weights_dir: str | None) -> tuple[Path | None, P
 def _run_holding(file: Path) -> Path | None:
     """The run directory ``file`` lies in (``RUN/model.safetensors``, ``RUN/checkpoints/best.pt``), if any: the
     folder beside it that holds a run's record or checkpoints, or the one whose ``checkpoints/`` holds it."""
-    beside, above = RunDir(file.parent), RunDir(file.parent.parent)
-    if beside.record.is_file() or beside.checkpoints.is_dir():
-        return beside.root
+    if is_training_run(file.parent):
+        return file.parent
+    above = RunDir(file.parent.parent)
     return above.root if file.parent.name == above.checkpoints.name else None
+
+
+def is_training_run(folder: Path) -> bool:
+    """Whether ``folder`` is a training run's: its record or its checkpoints are there."""
+    run = RunDir(folder)
+    return run.record.is_file() or run.checkpoints.is_dir()
 
 
 #: The split folders of a dataset (``DIR/train``, ``DIR/val``, ``DIR/test``).
@@ -139,17 +145,22 @@ def class_folders_of(image: Path) -> Path | None:
     root = image.parent.parent
     if root == image.parent:  # an image at the file system's root
         return None
+    return root if holds_class_folders(root) else None
+
+
+def holds_class_folders(root: Path) -> bool:
+    """Whether ``root``'s folders, two or more, all hold images (:func:`_holds_images`), as a dataset's classes do."""
     try:
         folders = [Path(entry.path) for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")]
     except OSError:
-        return None
-    return root if len(folders) >= 2 and all(map(_holds_images, folders)) else None
+        return False
+    return len(folders) >= 2 and all(map(_holds_images, folders))
 
 
 def _holds_images(folder: Path) -> bool:
     """Whether ``folder`` holds images as a class folder does: a training run's folder, its curves beside its
     checkpoints, holds none."""
-    if _run_holding(folder / "x") is not None:
+    if is_training_run(folder):
         return False
     try:
         with os.scandir(folder) as entries:
@@ -229,17 +240,14 @@ def _refuse_joining_a_dataset(out_option: str, out: Path) -> None:
 def held_dataset(folder: Path) -> Path | None:
     """The dataset ``folder`` is, or holds as its splits: the folder whose class folders, two or more, all hold
     images (``folder`` itself, or its ``train``, ``val`` or ``test``); None if none."""
-    for root in (folder, *(folder / split for split in SPLIT_FOLDERS)):
-        if root.is_dir() and class_folders_of(root / "class" / "image") == root:
-            return root
-    return None
+    return next((root for root in (folder, *(folder / split for split in SPLIT_FOLDERS))
+                 if root.is_dir() and holds_class_folders(root)), None)
 
 
 def refuse_a_training_run(out: Path, option: str = "--out") -> None:
     """An output folder that is a training run's (its record or checkpoints there) is a :class:`UserError`: the
     command's files would be mixed with the run's, which ``train --resume`` alone continues."""
-    run = RunDir(out)
-    if run.record.is_file() or run.checkpoints.is_dir():
+    if is_training_run(out):
         raise UserError(f"{out}: {option} is a training run's folder, whose files would be mixed with this "
                         "command's; give a folder of its own")
 
