@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -284,7 +285,7 @@ def freeze(model: VGG, upto: str | None, copied: Collection[str] = ()) -> list[s
     return frozen
 
 
-def copied_tensors(start: Any, record: object) -> list[str]:
+def copied_tensors(start: Any, record: str | Path) -> list[str]:
     """The names of the tensors a run copied from its ``--weights``, from its ``record``'s ``start`` (None: a run
     from scratch); they make the ``--lr-copied`` group and what ``--freeze`` holds. An entry of another form (an
     edited record) is a :class:`UserError` naming the file."""
