@@ -62,7 +62,15 @@ CONFIG_OF_DEPTH = {11: "A", 13: "B", 16: "D", 19: "E"}
 
 def named_net(name: str) -> dict[str, object]:
     """What the published file of ``name`` holds: its configuration, batch norm or not, full width, and, but for
-    Keras' notop files, ImageNet's 1000 classes."""
+    Keras' notop files (``head`` "random": no FC layers), its FC layers for 224-pixel crops and ImageNet's 1000
+    classes."""
     depth = int(name.split("vgg")[1].split("_")[0].split("-")[0])
     net: dict[str, object] = {"config": CONFIG_OF_DEPTH[depth], "batch_norm": name.endswith("_bn"), "width": 1.0}
-    return net if name.endswith("notop") else net | {"num_classes": 1000}
+    if name.endswith("notop"):
+        return net | {"head": "random"}
+    return net | {"head": "published", "crop": 224, "num_classes": 1000}
+
+
+def named_format(name: str) -> str:
+    """The format of the published file of ``name``: ``caffe``, ``keras`` or ``torchvision``."""
+    return name.split("-")[0] if name.startswith(("caffe-", "keras-")) else "torchvision"

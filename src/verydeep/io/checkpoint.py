@@ -260,7 +260,9 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: st
     except RuntimeError as error:
         detail = " ".join(str(error).split())
         raise UserError(f"{path}: weights do not fit the model ({detail[:300]})") from error
-    bad = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    # the model's tensors, as loaded: a float64 value beyond float32's range is finite until it is cast
+    loaded = model.state_dict()
+    bad = [name for name in weights if loaded[name].is_floating_point() and not loaded[name].isfinite().all()]
     if bad:
         raise UserError(f"{path}: weights are not finite (NaN or inf) in {', '.join(bad[:3])}")
     negative = [name for name, value in weights.items() if name.endswith("running_var") and (value < 0).any()]

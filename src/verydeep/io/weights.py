@@ -41,7 +41,7 @@ from torch import Tensor
 
 from verydeep.data.preprocess import IMAGENET, Preprocess, load_preprocess
 from verydeep.errors import UserError
-from verydeep.io.catalogue import NAMES, known_weights, named_net
+from verydeep.io.catalogue import NAMES, known_weights, named_format, named_net
 from verydeep.io.checkpoint import (
     check_checkpoint,
     export_safetensors,
@@ -150,17 +150,19 @@ def load_published(source: str | Path, weights_dir: str | Path | None = None) ->
 def check_named(name: str, recipe: dict[str, Any], path: Path) -> None:
     """The file a published name found is that name's net (:func:`named_net`), not another file put under its
     official name; else a :class:`UserError` naming both."""
-    wanted = named_net(name)
+    wanted, form = named_net(name), (recipe.get("source") or {}).get("format")
     held = {key: recipe.get(key) for key in wanted}
-    if held != wanted:
-        raise UserError(f"{path}: the file of {name} holds {describe_net(held)}, not {describe_net(wanted)}; delete it "
-                        f"and run `verydeep download {name}`")
+    if held != wanted or form != named_format(name):
+        raise UserError(f"{path}: the file of {name} holds {describe_net(held)} ({form}), not {describe_net(wanted)} "
+                        f"({named_format(name)}); delete it and run `verydeep download {name}`")
 
 
 def describe_net(net: dict[str, Any]) -> str:
     """``VGG-D with batch norm, width 1, 1000 classes``: a net by its configuration keys."""
     parts = [f"VGG-{net['config']}" + (" with batch norm" if net["batch_norm"] else ""), f"width {net['width']:g}"]
-    return ", ".join(parts + ([f"{net['num_classes']} classes"] if "num_classes" in net else []))
+    parts += [f"{net['num_classes']} classes"] if net.get("num_classes") is not None else []
+    parts += [f"{net['crop']}-pixel crops"] if net.get("crop") is not None else []
+    return ", ".join(parts + (["no FC layers"] if net.get("head") == "random" else []))
 
 
 def _read_published(path: Path) -> Published:

@@ -338,6 +338,43 @@ def test_keras_notop_file_has_a_random_head_and_keras_features(tmp_path):
     torch.testing.assert_close(features, keras_reference(x, blocks, None).permute(0, 3, 1, 2), atol=1e-4, rtol=1e-4)
 
 
+def test_a_notop_file_under_a_full_name_is_refused_not_given_a_random_classifier(tmp_path, monkeypatch):
+    narrow_names(monkeypatch)
+    blocks, _ = keras_arrays(*raw_weights("D", 1 / 16, 64, 10, seed=2))
+    write_keras(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5", blocks, None)
+    with pytest.raises(UserError, match=r"the file of keras-vgg16 holds VGG-D, width 0\.06\d*, .*no FC layers "
+                                        r"\(keras\), not VGG-D, width 0\.0625, 10 classes, 32-pixel crops \(keras\)"):
+        load_published("keras-vgg16", weights_dir=tmp_path)
+
+
+def test_a_keras_dataset_whose_values_lie_in_another_file_is_refused_unread(tmp_path):
+    """HDF5 lets a dataset keep its values in any file on the machine (a pipe waits for ever): not weights."""
+    import h5py
+
+    blocks, fcs = keras_arrays(*raw_weights("D", 1 / 16, 64, 10))
+    path = write_keras(tmp_path / "net.h5", blocks, fcs)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 2)
+    with h5py.File(path, "a") as f:
+        group = f["predictions"]
+        name = [n for n in group.attrs["weight_names"] if b"_b_" in n or "_b_" in str(n)][0]
+        name = name.decode() if isinstance(name, bytes) else name
+        del group[name]
+        group.create_dataset(name, shape=(10,), dtype="f4", external=[(str(secret), 0, 40)])
+    with pytest.raises(UserError, match=r"net\.h5: .* holds its values in other files; refused unread"):
+        load_published(path)
+
+def test_float64_weights_beyond_float32_s_range_are_refused_and_nothing_is_converted(tmp_path, capsys):
+    """1e300 is finite in the file's float64 and inf in the net's float32."""
+    path, model = torchvision_file(tmp_path / "tv.pth", "A")
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    state["classifier.6.bias"][3] = 1e300
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"tv\.pth: weights are not finite \(NaN or inf\) in classifier\.6\.bias"):
+        load_published(path)
+    assert main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
+    assert "tv.pth: weights are not finite" in capsys.readouterr().err and not (tmp_path / "out.safetensors").exists()
+
 def test_our_run_directory_and_safetensors_keep_their_recipe(tmp_path):
     recipe = {"config": "A", "num_classes": 4, "outputs": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5,
               "crop": 32, "scale": [36, 36], "preprocess": IMAGENET.to_dict(), "classes": list("abcd"),
@@ -440,26 +477,37 @@ def test_a_name_without_its_file_says_which_file_from_where_to_where(tmp_path, m
 
 
 def narrow_names(monkeypatch):
-    """Each name's file as these tests write them: the name's configuration at width 1/16 with 10 classes."""
-    monkeypatch.setattr(weights, "named_net", lambda name: named_net(name) | {"width": 1 / 16, "num_classes": 10})
+    """Each name's file as these tests write them: the name's configuration at width 1/16 with 10 classes, for
+    32-pixel crops (a notop file: the convolutions alone)."""
+    def narrow(name: str) -> dict[str, object]:
+        net = named_net(name) | {"width": 1 / 16}
+        return net | {"num_classes": 10, "crop": 32} if net["head"] == "published" else net
+
+    monkeypatch.setattr(weights, "named_net", narrow)
 
 
 def test_a_name_finds_its_file_which_must_hold_the_names_net(tmp_path, monkeypatch):
     assert len(NAMES) == 14
     torchvision_file(tmp_path / "vgg11-8a719046.pth", "A")  # full width and ImageNet's classes, but for the test's
     with pytest.raises(UserError, match=r"vgg11-8a719046\.pth: the file of vgg11 holds VGG-A, width 0\.0625, 10 "
-                                        r"classes, not VGG-A, width 1, 1000 classes; delete it and run `verydeep "
-                                        r"download vgg11`"):
+                                        r"classes, 32-pixel crops \(torchvision\), not VGG-A, width 1, 1000 classes, "
+                                        r"224-pixel crops \(torchvision\); delete it and run `verydeep download "
+                                        r"vgg11`"):
         load_published("vgg11", weights_dir=tmp_path)
     narrow_names(monkeypatch)
     assert load_published("vgg11", weights_dir=tmp_path).format == "torchvision"
     torchvision_file(tmp_path / "vgg11-8a719046.pth", "E")  # an E under VGG-A's name
-    with pytest.raises(UserError, match="the file of vgg11 holds VGG-E, width 0.0625, 10 classes, not VGG-A"):
+    with pytest.raises(UserError, match="the file of vgg11 holds VGG-E, width 0.0625, 10 classes, 32-pixel crops "
+                                        r"\(torchvision\), not VGG-A"):
         load_published("vgg11", weights_dir=tmp_path)
     torchvision_file(tmp_path / "vgg13-19584684.pth", "B", batch_norm=True)
-    with pytest.raises(UserError, match="the file of vgg13 holds VGG-B with batch norm, width 0.0625, 10 classes, not "
-                                        "VGG-B, width"):
+    with pytest.raises(UserError, match="the file of vgg13 holds VGG-B with batch norm, width 0.0625, 10 classes, "
+                                        r"32-pixel crops \(torchvision\), not VGG-B, width"):
         load_published("vgg13", weights_dir=tmp_path)
+    torchvision_file(tmp_path / "VGG_ILSVRC_16_layers.caffemodel", "D")  # torchvision's D (RGB) as the authors'
+    with pytest.raises(UserError, match=r"the file of caffe-vgg16 holds VGG-D, .* \(torchvision\), not VGG-D, .* "
+                                        r"\(caffe\); delete it"):
+        load_published("caffe-vgg16", weights_dir=tmp_path)
     with pytest.raises(MissingFileError, match="vgg17: no such file or folder, nor a published weights name"):
         load_published("vgg17", tmp_path)
 

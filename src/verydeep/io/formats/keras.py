@@ -103,6 +103,8 @@ def _array(node: Any, where: str, path: Path, file_size: int) -> np.ndarray:
 
     if not isinstance(node, h5py.Dataset):
         raise UserError(f"{path}: {where} is no dataset of weights")
+    if node.external or node.is_virtual:  # its values in other files (any on the machine, a pipe): not this one's
+        raise UserError(f"{path}: {where} holds its values in other files; refused unread")
     if node.dtype.kind != "f":
         raise UserError(f"{path}: {where} holds {node.dtype} values, not floating point weights")
     check_shape(node.shape, where, path)
