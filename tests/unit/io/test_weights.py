@@ -594,6 +594,39 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, writ
     assert "open" in str(error.value) and not marker.exists()
 
 
+class Command:
+    """Unpickling this runs a shell command (torch blocks the whole ``os`` module, in other words)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_calling_a_blocked_module_is_refused_naming_the_call(tmp_path):
+    marker, path = tmp_path / "marker", tmp_path / "evil.pth"
+    torch.save({"features.0.weight": Command(marker)}, path)
+    with pytest.raises(UserError, match=rf"^{path}: refused: it holds more than tensors; loading it could run code "
+                                        r"\(it would call posix\.system\)$"):
+        load_published(path)
+    assert not marker.exists()
+
+
+def test_a_torch_file_claiming_to_unpack_to_more_than_weights_could_is_refused_unread(tmp_path):
+    """A 16 MB record deflated to kilobytes: torch would allocate it whole before anything could be checked."""
+    import zipfile
+
+    path, _ = torchvision_file(tmp_path / "tv.pth", "A")
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for entry in source.infolist():
+            out.writestr(entry.filename, source.read(entry))
+        out.writestr("tv/data/99", bytes(16 << 20))
+    with pytest.raises(UserError, match=r"bomb\.pth: tv/data/99 would unpack \d+ bytes into 16777216, more than "
+                                        "weights could hold: refused unread"):
+        load_published(bomb)
+
 def damage(kind: str, tmp_path: Path) -> Path:
     """A file that is wrong in the way ``kind`` says."""
     files = sources(tmp_path)

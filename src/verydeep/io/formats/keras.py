@@ -15,6 +15,7 @@ import numpy as np
 from torch import Tensor
 
 from verydeep.errors import UserError
+from verydeep.io.formats import MARGIN, PACKING, refuse_unpacking_beyond_weights
 from verydeep.io.formats.layer_names import check_shape, config_of, conv_kernels, named_to_state, vgg_layer
 from verydeep.nn import configs
 
@@ -24,11 +25,6 @@ KERAS_FC = {"fc1": "fc6", "fc2": "fc7", "predictions": "fc8"}
 #: The weights inside a Keras 3 ``.keras`` archive (a zip beside ``config.json``).
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
 
-#: How many times its stored bytes compressed weights may unpack to: trained float32 weights are close to
-#: random bits, which deflate or gzip shrink by a few percent only; 4 leaves room for float16 and shuffling.
-PACKING = 4
-#: Bytes allowed beyond that: small entries and datasets (headers, zero biases) compress far better.
-MARGIN = 1 << 20
 
 
 def is_keras_archive(path: Path) -> bool:
@@ -86,12 +82,7 @@ def _keras_weights(path: Path) -> Path | io.BytesIO:
         return path
     with zipfile.ZipFile(path) as archive:
         entry = archive.getinfo(KERAS_ARCHIVE_WEIGHTS)
-        # the sizes are the zip's own claims: the stored bytes cannot exceed the archive, and what they unpack
-        # to is held in memory whole, so a size that deflated float weights could not have is refused unread
-        stored = min(entry.compress_size, path.stat().st_size)
-        if entry.file_size > PACKING * stored + MARGIN:
-            raise UserError(f"{path}: {KERAS_ARCHIVE_WEIGHTS} would unpack {stored} bytes into {entry.file_size}, "
-                            "more than weights could hold: refused unread")
+        refuse_unpacking_beyond_weights(path, archive)
         return io.BytesIO(archive.read(entry))
 
 

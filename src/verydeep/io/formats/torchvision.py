@@ -7,6 +7,7 @@ import math
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import check_tensors
+from verydeep.io.formats import refuse_unpacking_beyond_weights
 from verydeep.nn import configs
 from verydeep.nn.configs import FC_WIDTH
 from verydeep.nn.model import make_trunk, scaled
@@ -28,9 +30,15 @@ def torch_load(path: Path) -> Any:
         # torch reads a path by its name's suffix (a .safetensors name as safetensors, whatever it holds)
         with warnings.catch_warnings(), open(path, "rb") as file:
             warnings.simplefilter("ignore", UserWarning)
+            if zipfile.is_zipfile(file):  # a zip torch file's records are read whole: their sizes checked first
+                with zipfile.ZipFile(file) as archive:
+                    refuse_unpacking_beyond_weights(path, archive)
+            file.seek(0)  # where the zip test left it
             return torch.load(file, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except pickle.UnpicklingError as error:  # a pickle that would build other objects or call code
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(error))
         reason = f" (it would call {found.group(1)})" if found else ""
         raise UserError(f"{path}: refused: it holds more than tensors; loading it could run code{reason}") from error
     except Exception as error:  # damaged archives
