@@ -97,3 +97,18 @@ def test_a_keras_3_model_holding_a_vgg_model_is_refused_naming_the_inner_one(tmp
         with pytest.raises(UserError, match=rf"^{tmp_path / name}: the Keras model holds another model "
                                             r"\(layers/functional\w*\); save that VGG model's own weights"):
             load_published(str(tmp_path / name))
+
+
+def test_a_keras_3_archive_with_a_layer_a_vgg_computes_otherwise_is_refused_naming_it(tmp_path):
+    """A layer without weights still changes what the net computes (Rescaling: another input convention), as
+    does a convolution or FC layer without ReLU; the archive's config says so, the weights alone would not."""
+    keras.Sequential([keras.Input((64, 64, 3)), keras.layers.Rescaling(1 / 255, name="scale"),
+                      *keras_vgg16().layers[1:]]).save(tmp_path / "rescaled.keras")
+    with pytest.raises(UserError, match=r"rescaled\.keras: Keras layer 'scale' \(Rescaling\) is no layer of a VGG of "
+                                        r"Table 1, which would compute something else"):
+        load_published(str(tmp_path / "rescaled.keras"))
+    plain = keras_vgg16()
+    plain.get_layer("fc1").activation = keras.activations.linear
+    plain.save(tmp_path / "linear.keras")
+    with pytest.raises(UserError, match=r"linear\.keras: Keras layer 'fc1' \(Dense, activation linear\) is no layer"):
+        load_published(str(tmp_path / "linear.keras"))

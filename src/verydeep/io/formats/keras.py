@@ -5,6 +5,7 @@ layouts: the legacy HDF5 of Keras 2 (layers ``blockB_convI``, ``fc1`` ...) and K
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import zipfile
@@ -83,7 +84,42 @@ def _keras_weights(path: Path) -> Path | io.BytesIO:
     with zipfile.ZipFile(path) as archive:
         entry = archive.getinfo(KERAS_ARCHIVE_WEIGHTS)
         refuse_unpacking_beyond_weights(path, archive)
+        refuse_layers_of_no_vgg(path, json.loads(archive.read("config.json")))
         return io.BytesIO(archive.read(entry))
+
+
+#: The kinds of Keras layers a VGG of Table 1 is built of (Dropout: nothing at inference).
+VGG_LAYER_KINDS = frozenset({"InputLayer", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dropout"})
+#: Keras' kinds of models, which may hold a model as a layer (refused as such where its weights are read).
+MODEL_KINDS = frozenset({"Functional", "Sequential", "Model"})
+
+
+def refuse_layers_of_no_vgg(path: Path, config: Any) -> None:
+    """A ``.keras`` model (its ``config.json``) with a layer a VGG has not is a :class:`UserError` naming the layer,
+    though it hold no weights (``Rescaling``: another input convention), as is a convolution other than a padded
+    one of stride 1 with ReLU, or a hidden FC layer without ReLU: the net loaded would compute something else."""
+    layers = config.get("config", {}).get("layers", []) if isinstance(config, dict) else []
+    layers = [(layer.get("class_name"), layer.get("config") or {}) if isinstance(layer, dict) else (None, {})
+              for layer in layers]
+    last_dense = max((i for i, (kind, _) in enumerate(layers) if kind == "Dense"), default=None)
+    for i, (kind, settings) in enumerate(layers):
+        if kind not in MODEL_KINDS and not _a_vgg_layer(kind, settings, i == last_dense):  # a model: its weights say
+            shown = "".join(f", {key} {settings[key]}" for key in ("activation", "padding", "strides")
+                            if key in settings)
+            raise UserError(f"{path}: Keras layer {settings.get('name')!r} ({kind}{shown}) is no layer of a VGG of "
+                            "Table 1, which would compute something else; save a VGG's weights")
+
+
+def _a_vgg_layer(kind: Any, settings: dict[str, Any], last_dense: bool) -> bool:
+    """Whether a Keras layer of class ``kind`` and ``settings`` computes what the VGG layer in its place does."""
+    if kind not in VGG_LAYER_KINDS:
+        return False
+    if kind == "Conv2D":
+        return (settings.get("activation") == "relu" and settings.get("padding") == "same"
+                and list(settings.get("strides", [])) == [1, 1])
+    if kind == "Dense":  # the last: the class scores, or their softmax (the same ranking, as Keras predicts)
+        return settings.get("activation") in (("softmax", "linear", None) if last_dense else ("relu",))
+    return True
 
 
 def _array(node: Any, where: str, path: Path, file_size: int) -> np.ndarray:
