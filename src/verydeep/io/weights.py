@@ -168,6 +168,8 @@ def describe_net(net: dict[str, Any]) -> str:
 def _read_published(path: Path) -> Published:
     """:func:`load_published` of the file or folder ``path``."""
     kind = sniff(path)
+    if kind != "folder" and path.stat().st_size == 0:  # else read as an empty Caffe net, "no layers with weights"
+        raise UserError(f"{path}: an empty file, not weights")
     if kind == "safetensors":
         if "recipe" not in safetensors_metadata(path):  # a state dict saved by others: torchvision's layout
             with foreign(path, "torchvision safetensors"):

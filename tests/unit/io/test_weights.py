@@ -672,6 +672,12 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, kind):
     assert message.startswith(f"{path}: ") and "\n" not in message
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".h5", ".caffemodel", ".safetensors", ".keras"])
+def test_an_empty_file_is_called_empty_whatever_its_name(tmp_path, suffix):
+    (tmp_path / f"w{suffix}").write_bytes(b"")
+    with pytest.raises(UserError, match=rf"^{tmp_path / f'w{suffix}'}: an empty file, not weights$"):
+        load_published(tmp_path / f"w{suffix}")
+
 def test_a_negative_batch_norm_variance_is_refused_on_loading_not_met_as_nan_outputs(tmp_path):
     state = VGG("A", num_classes=10, width=1 / 8, input_size=32, batch_norm=True).state_dict()
     state["features.1.running_var"][3] = -1.0
