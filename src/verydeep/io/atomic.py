@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,22 +51,19 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
 def atomic_write_all(writes: Mapping[str | Path, Callable[[str], Any]]) -> None:
     """:func:`atomic_write` of several files as one: every ``write(tmp_path)`` done and fsynced before any file is
     renamed onto its path, so that a write that fails leaves all the previous files as they were (a set of
-    results never mixes two runs')."""
+    results never mixes two runs'). The renames follow one another: only a kill in the microseconds between two
+    leaves a mix; the temporary files such a kill leaves are removed by the next write of the same files."""
     temps: dict[Path, str] = {}
     try:
         for path, write in writes.items():
             temps[Path(path)] = _written(Path(path), write)
-    except BaseException:
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except OSError as error:  # a rename refused after _written's checks (a folder made since)
+        raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
+    finally:  # whatever stopped the set (an error, Ctrl-C): no temporary file stays
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
-        raise
-    for path, tmp in temps.items():
-        try:
-            os.replace(tmp, path)
-        except OSError as error:  # refused after _written's checks (a folder made since): the temporary files go
-            for left in temps.values():
-                Path(left).unlink(missing_ok=True)
-            raise UserError(f"{path}: cannot be written ({error.strerror or error})") from error
     for folder in {path.parent for path in temps}:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -83,6 +81,7 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         if path.is_dir():
             raise OSError(errno.EISDIR, "a folder of that name is there")
+        remove_temp_files(path.parent, of=path.name)  # left by a write of this file that a kill cut short
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise UserError(f"{path}: cannot be written ({_reason(path, error)})") from error
@@ -95,8 +94,8 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        reason = getattr(error, "strerror", None) or _full_disk(path.parent) or str(error).splitlines()[0]
         Path(tmp).unlink(missing_ok=True)
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
         raise UserError(f"{path}: cannot be written ({reason}); the previous file is intact") from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -109,6 +108,19 @@ def _reason(path: Path, error: OSError) -> str:
     one of its folders goes (mkdir says "File exists" of it)."""
     blocking = next((folder for folder in path.parents if _is_file(folder)), None)
     return f"{blocking}: a file, where a folder is needed" if blocking else error.strerror or str(error)
+
+
+#: The free bytes under which a write that failed in other words (torch's "unexpected pos") failed for space.
+FULL = 1 << 20
+
+
+def _full_disk(folder: Path) -> str | None:
+    """The system's words for a full disk where ``folder``'s file system has less than :data:`FULL` free bytes
+    left, the failed write's temporary file still on it; else None."""
+    try:
+        return os.strerror(errno.ENOSPC) if shutil.disk_usage(folder).free < FULL else None
+    except OSError:
+        return None
 
 
 def _is_file(path: Path) -> bool:
@@ -138,7 +150,8 @@ def _temp_prefix(name: str) -> str:
 def remove_temp_files(folder: str | Path, of: str | None = None) -> list[Path]:
     """Delete the temporary files that writes cut short by a crash left in ``folder``: all of them (safetensors'
     own too), or only those of the writes of the file named ``of`` (a folder shared with other commands' writes)."""
-    patterns = [TEMP_PATTERN, SAFETENSORS_TEMP_PATTERN] if of is None else [f"{glob.escape(_temp_prefix(of))}*.tmp"]
+    own = f"{glob.escape(_temp_prefix(of))}{'?' * 8}.tmp" if of is not None else None  # mkstemp's 8 characters
+    patterns = [TEMP_PATTERN, SAFETENSORS_TEMP_PATTERN] if own is None else [own]
     stale = sorted(p for pattern in patterns for p in Path(folder).glob(pattern)) if Path(folder).is_dir() else []
     for tmp in stale:
         tmp.unlink(missing_ok=True)

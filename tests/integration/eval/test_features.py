@@ -174,8 +174,8 @@ def test_an_interrupted_extraction_continues_where_it_stopped(net, photos, tmp_p
     with pytest.raises(KeyboardInterrupt):
         extract_features([net], photos, out, settings(checkpoint_every=3))
     assert Path(f"{out}.partial").is_file() and not out.exists()
-    killed_save, other = tmp_path / ".features.npz.partial.x1y2.tmp", tmp_path / ".other.npz.x1y2.tmp"
-    killed_save.write_bytes(b"half a save")  # as a kill -9 inside a save leaves it
+    killed_save, other = tmp_path / ".features.npz.partial.x1y2z3w4.tmp", tmp_path / ".other.npz.x1y2z3w4.tmp"
+    killed_save.write_bytes(b"half a save")  # as a kill -9 inside a save leaves it (mkstemp's 8 characters)
     other.write_bytes(b"another command's write")
     first = len(calls) - 1
     resumed = extract_features([net], photos, out, settings(checkpoint_every=3))

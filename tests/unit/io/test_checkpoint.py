@@ -132,3 +132,44 @@ def test_a_set_of_files_one_of_which_cannot_be_written_leaves_every_file_as_it_w
             "posteriors.npz", "results.json"]
     with pytest.raises(UserError, match=r"cannot be written \(File name too long\)$"):
         atomic_write(tmp_path / ("f" * 300) / "x.json", lambda tmp: Path(tmp).write_text("x"))
+
+
+def test_a_set_cut_short_between_its_renames_leaves_no_temporary_file_and_the_next_write_clears_old_ones(
+        tmp_path, monkeypatch):
+    from verydeep.io import atomic
+
+    left = tmp_path / ".results.md.k1ll3d00.tmp"  # what a kill during an earlier write of results.md left
+    left.write_text("half")
+    renames = []
+
+    def interrupted(source, target):
+        renames.append(target)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # Ctrl-C between the two renames
+        os.rename(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", interrupted)
+    writes = {tmp_path / name: lambda tmp: Path(tmp).write_text("new") for name in ("results.json", "results.md")}
+    with pytest.raises(KeyboardInterrupt):
+        atomic.atomic_write_all(writes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # the old leftover and the new temp gone
+
+
+def test_a_write_that_fails_for_space_in_torch_s_words_says_the_disk_is_full(tmp_path, monkeypatch):
+    from verydeep.io import atomic
+
+    def torch_full(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 78016 vs 77904")
+
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: shutil_usage(total=10, used=10, free=0))
+    with pytest.raises(UserError, match=r"last\.pt: cannot be written \(No space left on device\); the previous"):
+        atomic.atomic_write(tmp_path / "last.pt", torch_full)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: shutil_usage(total=10, used=0, free=10 << 30))
+    with pytest.raises(UserError, match=r"cannot be written \(\[enforce fail at inline_container"):
+        atomic.atomic_write(tmp_path / "last.pt", torch_full)  # space left: torch's own words
+
+
+def shutil_usage(total: int, used: int, free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total, used, free)
