@@ -224,12 +224,13 @@ def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | 
 
 
 def _refuse_joining_a_dataset(out_option: str, out: Path) -> None:
-    """An output file in a class folder of a dataset (:func:`class_folders_of`), where it would be read as one of
-    its images, or an output folder that holds a dataset, where the command's own folders would become classes, is
-    a :class:`UserError`, whether or not the command reads that dataset."""
+    """An output file in a class folder of a dataset's split (``DIR/val/<class>/``), where it would be read as one
+    of its images, or an output folder that holds such splits, where the command's own folders would become
+    classes, is a :class:`UserError`, whether or not the command reads that dataset. (A folder of folders of images
+    without splits may as well be a user's ``runs/`` or ``exports/``: only the data a command reads counts there.)"""
     if isinstance(out, OutputFile):
         root = class_folders_of(out.absolute())
-        if root is not None:
+        if root is not None and root.name in SPLIT_FOLDERS:
             raise UserError(f"{out}: {out_option} lies in a class folder of {root}, a dataset whose images it would "
                             "join; write it outside the data")
     elif out.is_dir() and (held := held_dataset(out)) is not None:
@@ -238,10 +239,10 @@ def _refuse_joining_a_dataset(out_option: str, out: Path) -> None:
 
 
 def held_dataset(folder: Path) -> Path | None:
-    """The dataset ``folder`` is, or holds as its splits: the folder whose class folders, two or more, all hold
-    images (``folder`` itself, or its ``train``, ``val`` or ``test``); None if none."""
-    return next((root for root in (folder, *(folder / split for split in SPLIT_FOLDERS))
-                 if root.is_dir() and holds_class_folders(root)), None)
+    """The split of a dataset ``folder`` is or holds: a ``train``, ``val`` or ``test`` folder whose class folders,
+    two or more, all hold images; None if none."""
+    splits = [folder] if folder.name in SPLIT_FOLDERS else [folder / split for split in SPLIT_FOLDERS]
+    return next((root for root in splits if root.is_dir() and holds_class_folders(root)), None)
 
 
 def refuse_a_training_run(out: Path, option: str = "--out") -> None:
