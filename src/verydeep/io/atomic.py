@@ -6,6 +6,7 @@ removed by :func:`remove_temp_files`.
 from __future__ import annotations
 
 import errno
+import fcntl
 import glob
 import os
 import shutil
@@ -85,7 +86,7 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise UserError(f"{path}: cannot be written ({_reason(path, error)})") from error
-    os.close(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held while it is written: a live write is no leftover (remove_temp_files)
     try:
         write(tmp)
         # after the write, which may have made the file anew (safetensors does, 0600): mkstemp's 0600 would hide
@@ -100,7 +101,25 @@ def _written(path: Path, write: Callable[[str], Any]) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
     return tmp
+
+
+def _being_written(tmp: Path) -> bool:
+    """Whether a write in progress, in this process or another, holds the lock of the temporary file ``tmp``
+    (:func:`_written`); a kill releases it."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _reason(path: Path, error: OSError) -> str:
@@ -149,10 +168,12 @@ def _temp_prefix(name: str) -> str:
 
 def remove_temp_files(folder: str | Path, of: str | None = None) -> list[Path]:
     """Delete the temporary files that writes cut short by a crash left in ``folder``: all of them (safetensors'
-    own too), or only those of the writes of the file named ``of`` (a folder shared with other commands' writes)."""
+    own too), or only those of the writes of the file named ``of`` (a folder shared with other commands' writes);
+    a write still in progress (:func:`_being_written`) keeps its own."""
     own = f"{glob.escape(_temp_prefix(of))}{'?' * 8}.tmp" if of is not None else None  # mkstemp's 8 characters
     patterns = [TEMP_PATTERN, SAFETENSORS_TEMP_PATTERN] if own is None else [own]
-    stale = sorted(p for pattern in patterns for p in Path(folder).glob(pattern)) if Path(folder).is_dir() else []
+    found = sorted(p for pattern in patterns for p in Path(folder).glob(pattern)) if Path(folder).is_dir() else []
+    stale = [tmp for tmp in found if not _being_written(tmp)]
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale

@@ -173,3 +173,31 @@ def shutil_usage(total: int, used: int, free: int):
     import shutil
 
     return shutil._ntuple_diskusage(total, used, free)
+
+
+def test_a_write_in_progress_elsewhere_is_not_taken_for_a_leftover(tmp_path):
+    """Two writes of one file at once (two commands with one --out): the second leaves the first's temporary file,
+    which a lock marks as live, and both renames succeed, the last one's file staying."""
+    import threading
+
+    target, started, release = tmp_path / "results.json", threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def slow(tmp):
+        Path(tmp).write_text("first")
+        started.set()
+        release.wait(10)
+
+    def first():
+        try:
+            atomic_write(target, slow)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    started.wait(10)
+    atomic_write(target, lambda tmp: Path(tmp).write_text("second"))
+    release.set()
+    thread.join()
+    assert not errors and target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
