@@ -112,3 +112,15 @@ def test_a_keras_3_archive_with_a_layer_a_vgg_computes_otherwise_is_refused_nami
     plain.save(tmp_path / "linear.keras")
     with pytest.raises(UserError, match=r"linear\.keras: Keras layer 'fc1' \(Dense, activation linear\) is no layer"):
         load_published(str(tmp_path / "linear.keras"))
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_a_keras_3_notop_vgg_with_global_pooling_loads_its_convolutions(tmp_path, pooling):
+    """keras.applications' VGGs without their FC layers may end in a global pooling, which holds no weights."""
+    x = inputs = keras.Input((64, 64, 3))
+    for layer in keras_vgg16(top=False).layers[1:]:
+        x = layer(x)
+    pooled = keras.layers.GlobalAveragePooling2D() if pooling == "avg" else keras.layers.GlobalMaxPooling2D()
+    keras.Model(inputs, pooled(x)).save(tmp_path / "pooled.keras")
+    published = load_published(str(tmp_path / "pooled.keras"))
+    assert published.recipe["head"] == "random" and published.recipe["config"] == "D"

@@ -90,6 +90,8 @@ def _keras_weights(path: Path) -> Path | io.BytesIO:
 
 #: The kinds of Keras layers a VGG of Table 1 is built of (Dropout: nothing at inference).
 VGG_LAYER_KINDS = frozenset({"InputLayer", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dropout"})
+#: The pooling ``keras.applications``' VGGs end in without their FC layers (``pooling="avg"`` or ``"max"``).
+GLOBAL_POOLING = frozenset({"GlobalAveragePooling2D", "GlobalMaxPooling2D"})
 #: Keras' kinds of models, which may hold a model as a layer (refused as such where its weights are read).
 MODEL_KINDS = frozenset({"Functional", "Sequential", "Model"})
 
@@ -103,6 +105,8 @@ def refuse_layers_of_no_vgg(path: Path, config: Any) -> None:
               for layer in layers]
     last_dense = max((i for i, (kind, _) in enumerate(layers) if kind == "Dense"), default=None)
     for i, (kind, settings) in enumerate(layers):
+        if kind in GLOBAL_POOLING and last_dense is None:  # keras.applications' notop pooling: the convolutions kept
+            continue
         if kind not in MODEL_KINDS and not _a_vgg_layer(kind, settings, i == last_dense):  # a model: its weights say
             shown = "".join(f", {key} {settings[key]}" for key in ("activation", "padding", "strides")
                             if key in settings)
