@@ -107,12 +107,12 @@ class MetricsLog:
                 line = raw.decode("utf-8-sig")
                 record = json.loads(line) if line.strip() else None
             except ValueError:  # not UTF-8, not JSON
-                record = {}
-            if record is not None and not is_record(record):
+                line, record = "", "damaged"
+            if record is None:  # a blank line
+                continue
+            if not is_record(record):
                 warn(f"{self.path}:{number}: a damaged record (cut short by a crash?) was dropped")
                 continue
-            logged_later = record is not None and (record["step"] > step if record["kind"] == "step"
-                                                   else record["epoch"] > epoch)
-            if record is not None and not logged_later:
-                kept.append(line)
+            if not (record["step"] > step if record["kind"] == "step" else record["epoch"] > epoch):
+                kept.append(line)  # logged before the checkpoint; a later one is logged again
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
