@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from verydeep.errors import UserError
+from verydeep.io.atomic import IN_THE_WAY, file_in_the_way
 from verydeep.io.download import refuse_unused_weights_dir
 from verydeep.io.outputs import refuse_overwriting_inputs, weights_given
 from verydeep.options import OneLineParser, one_line, option_names
@@ -83,8 +84,8 @@ def file_error(prog: str, error: OSError) -> int:
     if error.filename is None:
         raise error
     path = Path(os.fsdecode(error.filename))
-    reason = "a file, where a folder is needed" if isinstance(error, FileExistsError) and path.is_file() \
-        else error.strerror or error
+    blocking = file_in_the_way(path) if isinstance(error, FileExistsError) else None  # mkdir of a folder
+    path, reason = (blocking, IN_THE_WAY) if blocking else (path, error.strerror or error)
     print(f"{prog}: error: {one_line(path)}: {one_line(reason)}", file=sys.stderr)
     return 2
 

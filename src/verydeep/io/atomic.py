@@ -124,9 +124,18 @@ def _being_written(tmp: Path) -> bool:
 
 def _reason(path: Path, error: OSError) -> str:
     """Why a file's folder could not be made or written in: the system's words, or the file that stands where
-    one of its folders goes (mkdir says "File exists" of it)."""
-    blocking = next((folder for folder in path.parents if _is_file(folder)), None)
-    return f"{blocking}: a file, where a folder is needed" if blocking else error.strerror or str(error)
+    one of its folders goes."""
+    blocking = file_in_the_way(path.parent)
+    return f"{blocking}: {IN_THE_WAY}" if blocking else error.strerror or str(error)
+
+
+#: What a file where a folder goes is called (mkdir says "File exists" of it).
+IN_THE_WAY = "a file, where a folder is needed"
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file that stands where ``folder``, or a folder above it, goes; None if none."""
+    return next((place for place in (folder, *folder.parents) if _is_file(place)), None)
 
 
 #: The free bytes under which a write that failed in other words (torch's "unexpected pos") failed for space.
@@ -177,3 +186,9 @@ def remove_temp_files(folder: str | Path, of: str | None = None) -> list[Path]:
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
+
+
+def remove_written(path: Path) -> None:
+    """Delete ``path``, a file :func:`atomic_write` wrote, and the temporary files its writes cut short left."""
+    path.unlink(missing_ok=True)
+    remove_temp_files(path.parent, of=path.name)
