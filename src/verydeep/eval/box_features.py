@@ -31,6 +31,7 @@ from verydeep.eval.descriptors import TAP, aggregate, check_scales_cover_crops, 
 from verydeep.eval.feature_passes import Settings, run_passes
 from verydeep.eval.feature_store import Features, Partial, extraction_key
 from verydeep.eval.image_sets import ImageSet
+from verydeep.io.atomic import remove_written
 from verydeep.runtime.limits import MAX_TEST_PIXELS
 from verydeep.runtime.processes import Processes
 
@@ -156,6 +157,6 @@ def extract_action_features(sources: Sequence[str | Path], data: str | Path, reg
                       sorted(set(action.skipped) | state.skipped))
     if out is not None and Processes.from_env().main:
         result.save(out)
-        partial_path.unlink(missing_ok=True)
+        remove_written(partial_path)  # its saves' leftovers too
     return result
 

@@ -40,7 +40,7 @@ from verydeep.eval.descriptors import (
 from verydeep.eval.feature_passes import Settings, run_passes
 from verydeep.eval.feature_store import Features, Partial, extraction_key
 from verydeep.eval.image_sets import ImageSet, loaded_batches, open_image_set
-from verydeep.io.atomic import remove_temp_files
+from verydeep.io.atomic import remove_written
 from verydeep.options import (
     add_device,
     add_precision,
@@ -74,9 +74,7 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
     partial_path = Path(f"{out}.partial") if out is not None else None
     key = extraction_key(nets, images, settings.scales, settings.dtype)
     state = Partial.start(key, nets, settings.scales, len(images.paths))
-    if partial_path is not None:
-        if Processes.from_env().main:  # a save that a kill cut short left its temporary file
-            remove_temp_files(Path(out).parent, of=Path(out).name)
+    if partial_path is not None:  # a save a kill cut short left a temporary file: its next save removes it
         state = Partial.resume(partial_path, state)
     run_passes(nets, images, state, settings, partial_path)
     keep = np.array([path not in state.skipped for path in images.paths])
@@ -91,7 +89,7 @@ def extract_features(sources: Sequence[str | Path], data: str | Path, out: str |
     result = kept_images(images, keep, combine(per_net), description, state.skipped)
     if out is not None and Processes.from_env().main:
         result.save(out)
-        partial_path.unlink(missing_ok=True)
+        remove_written(partial_path)  # its saves' leftovers too
     return result
 
 

@@ -183,7 +183,8 @@ def test_an_interrupted_extraction_continues_where_it_stopped(net, photos, tmp_p
     batches = len(calls) - first - 1
     assert batches == 12 - 4  # 6 batches of 2 per scale; the 4 done before Ctrl-C are not redone
     assert np.allclose(resumed.features, whole.features, atol=1e-6) and resumed.paths == whole.paths
-    assert not Path(f"{out}.partial").exists()
+    assert not Path(f"{out}.partial").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.npz.x1y2z3w4.tmp", "features.npz"]  # the partial gone with every leftover of its saves
 
 
 def test_a_partial_extraction_of_other_settings_is_refused(net, photos, tmp_path, monkeypatch):
