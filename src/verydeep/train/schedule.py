@@ -56,6 +56,13 @@ class Schedule:
             self.lr /= 10
         return self.lr
 
+    @property
+    def stop_reason(self) -> str:
+        """Why the run stopped: ``stop_patience`` (no better score for that many validations, whatever the lr),
+        else ``plateau`` (no drop of the lr left); meaningful once :attr:`stopped`."""
+        stalled = self.stop_patience is not None and self.since_best >= self.stop_patience
+        return "stop_patience" if stalled else "plateau"
+
     def state_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "best": self.best, "bad": self.bad, "since_best": self.since_best,
                 "drops": self.drops, "stopped": self.stopped}

@@ -71,7 +71,7 @@ from verydeep.train.validation import describe, score, validate
 @dataclass
 class TrainSummary:
     """How a run ended: its best validation ``metric``, epochs and steps done, why it stopped
-    (``epochs``, ``plateau`` or ``stop_after_steps``) and the final learning rate."""
+    (``epochs``, ``plateau``, ``stop_patience`` or ``stop_after_steps``) and the final learning rate."""
 
     metric: str
     best: float | None
@@ -367,7 +367,7 @@ class Trainer:
             reason = "validation stopped improving" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
             self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do",
                      always=True)  # whatever --progress: it is why nothing happens
-            return summary(self, "plateau" if self.schedule.stopped else "epochs", start)
+            return summary(self, self.schedule.stop_reason if self.schedule.stopped else "epochs", start)
         if self.cfg.resume and self.cfg.milestones:  # the milestones given now decide the lr from here on
             self._set_lr(self.schedule.follow_milestones(self.epoch))
         if self.procs.main:
@@ -381,7 +381,7 @@ class Trainer:
                     break
                 self._end_epoch()
                 if self.schedule.stopped:
-                    stopped = "plateau"
+                    stopped = self.schedule.stop_reason
                     break
         finally:
             self.metrics.close()

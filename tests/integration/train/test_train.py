@@ -360,6 +360,11 @@ def test_plateau_stops_a_run(data, tmp_path):
     assert summary.stopped == "plateau" and summary.epochs == 3 and summary.lr == pytest.approx(1e-10)
 
 
+def test_a_run_stop_patience_ended_says_so_not_plateau(data, tmp_path):
+    summary = train(tiny(data, tmp_path, lr=1e-9, patience=5, stop_patience=1, epochs=10, val_every=1))
+    assert summary.stopped == "stop_patience" and summary.epochs == 2 and summary.lr == 1e-9  # no drop made
+
+
 RECIPE = {"config": "A", "num_classes": 4, "batch_norm": False, "width": 1 / 16, "dropout": 0.5, "crop": 32}
 
 
