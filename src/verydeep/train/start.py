@@ -26,6 +26,7 @@ from verydeep.errors import UserError
 from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.sources import LoadedNet, load
 from verydeep.nn import configs
+from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.init import warm_start
 from verydeep.nn.model import VGG
 from verydeep.train.recipe import TrainConfig, flag_of, parse_scale, read_recipe, scale_flag
@@ -180,6 +181,14 @@ def initial_model(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet
     if len(start["copied"]) == len(list(model.parameters())):
         refuse_settings_for_new_layers(cfg, given)
     return model, how, start
+
+
+def start_record(init: str, start: dict[str, Any], copied: Collection[str], model: nn.Module) -> dict[str, Any]:
+    """The run record's ``start`` and the ``init_reason`` it leaves (``copied``: the tensors copied, checked): the
+    init's reason for the layers not copied from the weights, or none when every tensor was."""
+    if len(copied) == len(list(model.parameters())):
+        return {"start": start, "init_reason": "every tensor copied from the weights (start): none initialised"}
+    return {"start": start, "init_reason": f"{INIT_REASONS[init]} (the layers not copied from the weights)"}
 
 
 def refuse_settings_for_new_layers(cfg: TrainConfig, given: Mapping[str, str]) -> None:

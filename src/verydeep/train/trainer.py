@@ -63,7 +63,7 @@ from verydeep.train.recipe import (
     write_run_record,
 )
 from verydeep.train.schedule import EpochTotals, Schedule
-from verydeep.train.start import checked_settings, copied_tensors, freeze, initial_model, param_groups
+from verydeep.train.start import checked_settings, copied_tensors, freeze, initial_model, param_groups, start_record
 from verydeep.train.step import StepFigures, Stepper, StepQueue, check_finite_weights, zero_momenta
 from verydeep.train.validation import describe, score, validate
 
@@ -167,9 +167,9 @@ class Trainer:
             model, self.how, start = model_from_recipe(self.record), "", stored_settings(self.run_dir).get("start")
         else:
             model, self.how, start = initial_model(cfg, self.record, self.published, self.warn, self.given)
-        if start is not None:
-            self.record["start"] = start
         copied = copied_tensors(start, stored_settings_file(self.run_dir))
+        if start is not None:
+            self.record.update(start_record(cfg.init, start, copied, model))
         frozen = freeze(model, cfg.freeze, copied)
         if frozen:
             self.how += f"; {len(frozen)} tensors frozen (up to {cfg.freeze})"

@@ -40,6 +40,7 @@ def test_a_new_head_for_other_classes_the_rest_copied(data, tmp_path):
     assert record["start"]["format"] == "torchvision" and record["start"]["weights"] == str(source)
     assert "classifier.6.weight" not in record["start"]["copied"] and "features.0.weight" in record["start"]["copied"]
     assert record["preprocess"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # torchvision's convention
+    assert record["init_reason"].endswith("(the layers not copied from the weights)")  # FC8's init, and why
     assert summary.epochs == 1 and weights(tmp_path / "run")["classifier.6.weight"].shape[0] == 4
 
 
@@ -80,6 +81,8 @@ def test_settings_for_new_layers_are_refused_when_every_layer_is_copied(data, tm
         train(narrow(data, tmp_path / "b", weights=str(source), init="xavier"),
               given={"init": "--recipe glorot's init", "weights": "--weights"})
     train(narrow(data, tmp_path / "c", weights=str(source), init="he", lr=1e-3))  # he: the default, not given
+    record = json.loads((tmp_path / "c" / "recipe.json").read_text())
+    assert record["init_reason"] == "every tensor copied from the weights (start): none initialised"  # no init ran
     with pytest.raises(UserError, match="--freeze conv9_9: not a layer"):
         train(narrow(data, tmp_path / "bad", weights=str(source), freeze="conv9_9"))
 
