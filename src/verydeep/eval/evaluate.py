@@ -13,8 +13,8 @@ row is derived from those arrays by averaging, as the paper does:
 - centre crop: the usual single crop (resize 256, crop 224, scaled by crop/224 for small nets),
   not flipped, to compare with published torchvision figures.
 
-Errors are fractions, top-k as :mod:`verydeep.eval.metrics` counts them (a tie shared: the chance that a random order of the
-tied classes puts the true one in the top k).
+Errors are fractions, top-k as :mod:`verydeep.eval.metrics` counts them (a tie shared: the chance that a random
+order of the tied classes puts the true one in the top k).
 The result is an :class:`~verydeep.eval.rows.EvalResult`; :mod:`verydeep.paper.report` renders it as the
 paper's tables. This module runs the whole evaluation and the ``eval`` command: the nets come from
 :mod:`verydeep.eval.nets`, their posteriors from :mod:`verydeep.eval.sweep`, the rows and the result
