@@ -40,7 +40,8 @@ REASONS = {
 
 
 def initialise(model: nn.Module, protocol: str = "kaiming", std: float = PAPER_STD) -> nn.Module:
-    """(Re-)initialise every conv, linear and batch-norm layer of ``model`` in place."""
+    """(Re-)initialise every conv, linear and batch-norm layer of ``model`` in place (batch norm's running
+    statistics too)."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown init {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -60,8 +61,7 @@ def initialise(model: nn.Module, protocol: str = "kaiming", std: float = PAPER_S
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            module.reset_parameters()  # its weight 1, bias 0 and running statistics those of no batch seen
     return model
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -172,9 +173,15 @@ def run_head(classifier: nn.Sequential, x: Tensor, seeds: Tensor | None = None) 
 HEAD_NAMES = ["fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8"]
 
 
-def check_arguments(num_classes: int, width: float, dropout: float, input_size: int) -> None:
+def check_arguments(num_classes: int, width: float, dropout: float, input_size: int,
+                    switches: dict[str, bool]) -> None:
     """A :class:`UserError` naming the first argument of :class:`VGG` that could build no net, or a net that
-    fails only later: a count that is not a whole number, a width or dropout that is not a number in range."""
+    fails only later: a count that is not a whole number, a width or dropout that is not a number in range, a
+    switch (``switches``: ``batch_norm``, ``adaptive_pool``) that is not True or False (the string ``"no"`` is
+    true)."""
+    for name, value in switches.items():
+        if not isinstance(value, bool | np.bool_):
+            raise UserError(f"{name} must be True or False; got {value!r}")
     if not is_whole(num_classes) or num_classes < 1:
         raise UserError(f"num_classes must be a whole number, at least 1; got {num_classes!r}")
     if not is_whole(input_size) or input_size < 32 or input_size % 32:
@@ -205,7 +212,8 @@ class VGG(nn.Module):
         init: str = "kaiming",
     ) -> None:
         super().__init__()
-        check_arguments(num_classes, width, dropout, input_size)
+        check_arguments(num_classes, width, dropout, input_size,
+                        {"batch_norm": batch_norm, "adaptive_pool": adaptive_pool})
         self.config = configs.canonical(config)
         self.num_classes = num_classes
         self.batch_norm = batch_norm

@@ -11,7 +11,7 @@ from verydeep import VGG, vgg, warm_start
 from verydeep.cli import main
 from verydeep.errors import UserError
 from verydeep.nn import configs
-from verydeep.nn.init import warm_start_layers
+from verydeep.nn.init import initialise, warm_start_layers
 from verydeep.nn.model import SeededDropout, dropout_keep
 
 EXPECTED_PARAMS = {
@@ -58,11 +58,14 @@ def test_a_width_not_positive_and_finite_is_a_clear_error(width):
     (dict(input_size=64.0), "input_size must be a multiple of 32 .*; got 64.0"),
     (dict(dropout=float("nan")), "dropout must be a probability from 0 to below 1; got nan"),
     (dict(dropout=1), "dropout must be a probability from 0 to below 1; got 1"),
+    (dict(batch_norm="no"), "batch_norm must be True or False; got 'no'"),
+    (dict(adaptive_pool=1), "adaptive_pool must be True or False; got 1"),
 ])
 def test_arguments_that_could_build_no_net_are_named(argument, message):
     with pytest.raises(UserError, match=message):
         VGG(**{"config": "A", "width": 1 / 16, "input_size": 32} | argument)
     assert VGG("A", num_classes=np.int64(3), width=np.float64(1 / 16), input_size=32).num_classes == 3
+    assert VGG("A", width=1 / 16, input_size=32, batch_norm=np.bool_(True)).name == "VGG-A-BN"
 
 
 def test_configuration_c_has_three_1x1_convs_and_a_lrn_one_lrn():
@@ -242,6 +245,21 @@ def test_init_protocols():
     assert kaiming(torch.randn(8, 3, 32, 32)).std() < 0.01  # torchvision's FC init starves narrow nets
     with pytest.raises(ValueError, match="unknown init"):
         vgg("A", init="uniform")
+
+
+def test_initialising_again_resets_batch_norm_running_statistics_too():
+    """A re-initialised trained net is a fresh net, in eval mode too: no statistics of the old one's batches."""
+    model = vgg("A", num_classes=3, width=1 / 16, input_size=32, batch_norm=True)
+    fresh = {name: value.clone() for name, value in model.state_dict().items()
+             if "running" in name or "tracked" in name}
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.fill_(5), bn.running_var.fill_(9), bn.num_batches_tracked.fill_(7)
+        bn.weight.data.fill_(3)
+    initialise(model, "he")
+    state = model.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in fresh.items())
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_warm_start_copies_exactly_the_papers_layers():
