@@ -80,7 +80,7 @@ def collate(batch: Sequence[tuple[Tensor | None, int, str]]) -> Batch:
     if not boxed:
         return Batch(stack_images([img for img, _ in good]), labels, skipped)
     most = max(len(item.boxes) for item in boxed)
-    boxes = torch.full((len(boxed), most, 4), math.nan)
+    boxes = torch.full((len(boxed), most, 4), math.nan, dtype=boxed[0].boxes.dtype)
     for row, item in zip(boxes, boxed, strict=True):
         row[: len(item.boxes)] = item.boxes
     frames = torch.stack([item.frame for item in boxed])

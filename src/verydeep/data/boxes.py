@@ -321,26 +321,34 @@ def _plan_affine(size: Size, plan: CropPlan) -> tuple[float, float, float, float
 def _cut_origin(plan: CropPlan) -> Tensor:
     """The corner offset of the plan's cut of its resampled image (zero without a cut)."""
     left, top = plan.cut[:2] if plan.cut is not None else (0, 0)
-    return torch.tensor([left, top, left, top], dtype=torch.float32)
+    return torch.tensor([left, top, left, top], dtype=torch.float64)
+
+
+def _pair(x: float, y: float) -> Tensor:
+    """``[x, y, x, y]``, the factors of a box's corners, in float64: a crop's geometry rounded to float32 would move
+    an IoU of exactly 0.5 (the whole image against a box of half its width) by some 1e-7, to either side."""
+    return torch.tensor([x, y, x, y], dtype=torch.float64)
 
 
 def to_crop(boxes: Tensor, size: Size, plan: CropPlan) -> Tensor:
-    """Boxes ``(n, 4)`` in full-image pixels -> pixels of the crop ``plan`` makes of an image of ``size``."""
+    """Boxes ``(n, 4)`` in full-image pixels -> pixels of the crop ``plan`` makes of an image of ``size``, in
+    ``boxes``' dtype (computed in float64)."""
     sx, sy, ox, oy = _plan_affine(size, plan)
-    out = (boxes - torch.tensor([ox, oy, ox, oy])) * torch.tensor([sx, sy, sx, sy]) - _cut_origin(plan)
+    out = (boxes.double() - _pair(ox, oy)) * _pair(sx, sy) - _cut_origin(plan)
     if plan.flip:
         width = plan.size[0]
         out = torch.stack([width - out[:, 2], out[:, 1], width - out[:, 0], out[:, 3]], dim=1)
-    return out
+    return out.to(boxes.dtype)
 
 
 def from_crop(boxes: Tensor, size: Size, plan: CropPlan) -> Tensor:
-    """The inverse of :func:`to_crop`: crop pixels -> full-image pixels."""
+    """The inverse of :func:`to_crop`: crop pixels -> full-image pixels, in ``boxes``' dtype."""
     sx, sy, ox, oy = _plan_affine(size, plan)
+    out = boxes.double()
     if plan.flip:
         width = plan.size[0]
-        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-    return (boxes + _cut_origin(plan)) / torch.tensor([sx, sy, sx, sy]) + torch.tensor([ox, oy, ox, oy])
+        out = torch.stack([width - out[:, 2], out[:, 1], width - out[:, 0], out[:, 3]], dim=1)
+    return ((out + _cut_origin(plan)) / _pair(sx, sy) + _pair(ox, oy)).to(boxes.dtype)
 
 
 def encode(boxes: Tensor, side: float) -> Tensor:
@@ -389,8 +397,9 @@ class BoxedTransform:
         plan = self.transform.plan(file.size, self.transform.fast and file.reducible, generator)
         image = render(file, plan, self.transform.fast)
         boxes = self.boxes[str(path)]
-        corners = torch.tensor([box.corners for box in boxes], dtype=torch.float32)
-        frame = torch.tensor([[0.0, 0.0, *file.size]])
+        # in float64, as protocol 1 scores them: an IoU of exactly 0.5 stays 0.5 in the crop's pixels
+        corners = torch.tensor([box.corners for box in boxes], dtype=torch.float64)
+        frame = torch.tensor([[0.0, 0.0, *file.size]], dtype=torch.float64)
         return Boxed(image, to_crop(corners, file.size, plan), to_crop(frame, file.size, plan)[0])
 
 

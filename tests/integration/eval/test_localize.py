@@ -55,15 +55,28 @@ def test_table_8_s_figures_are_those_of_a_net_d_trained_at_s_384_with_the_same_h
 
 def test_an_iou_of_exactly_a_half_is_wrong_in_a_crop_s_pixels_too():
     """The whole 76 x 116 image against a box of half its width and all its height, both mapped to the 32-pixel
-    centre crop of S = 36, as protocol 1 scores them: the crop's float32 rounding made the IoU 0.5000001."""
+    centre crop of S = 36 in float64, as protocol 1 scores them: in float32 the IoU became 0.5000001."""
     from verydeep.data import CenterCropTransform
     from verydeep.data.boxes import to_crop
 
     plan = CenterCropTransform(36, 32).plan((76, 116), False)
-    half, whole = (to_crop(torch.tensor([corners]), (76, 116), plan) for corners in ([14.0, 0, 52, 116],
-                                                                                      [0.0, 0, 76, 116]))
+    half, whole = (to_crop(torch.tensor([corners], dtype=torch.float64), (76, 116), plan)
+                   for corners in ([14.0, 0, 52, 116], [0.0, 0, 76, 116]))
     assert wrong(whole, half[None]).tolist() == [True]
     assert wrong(whole * torch.tensor([1, 1, 0.999, 1]), half[None]).tolist() == [False]  # a hair more: right
+
+
+def test_an_iou_a_hair_above_a_half_is_right_in_a_crop_s_pixels_as_in_the_image_s():
+    """A box of 200.001 of a 400-pixel width, all its height, against the whole image: IoU 0.5000025, right by
+    the ILSVRC criterion (protocol 2's) and so by protocol 1's too."""
+    from verydeep.data import CenterCropTransform
+    from verydeep.data.boxes import to_crop
+
+    plan = CenterCropTransform(36, 32).plan((400, 300), False)
+    true_box, whole = (to_crop(torch.tensor([corners], dtype=torch.float64), (400, 300), plan)
+                       for corners in ([0.0, 0, 200.001, 300], [0.0, 0, 400, 300]))
+    assert not ilsvrc_wrong([(0, torch.tensor([0.0, 0, 400, 300]))], [(0, torch.tensor([0.0, 0, 200.001, 300]))])
+    assert wrong(whole, true_box[None]).tolist() == [False]
 
 
 def test_the_ilsvrc_criterion_needs_the_right_class_and_the_right_box_in_the_top_five():
@@ -217,6 +230,22 @@ def test_protocol_ones_errors_are_the_fractions_of_the_images_counted(boxed, tmp
     result = evaluate_center(run, root, boxes=boxes, progress=False)
     assert result.images == 7 and result.whole_image_error == 100 * 4 / 7
     assert result.localisation_error in {100 * wrong / 7 for wrong in range(8)}
+
+
+def test_protocol_one_counts_an_iou_a_hair_above_a_half_right_and_exactly_a_half_wrong(boxed, tmp_path):
+    """The whole 44 x 40 image against true boxes of all its height and 22.0001 of its width (IoU 0.5000023) on
+    3 validation images, of 22 (IoU exactly 0.5) on 4: right on the 3, wrong on the 4, as protocol 2 counts."""
+    root, classifier = boxed
+    val = sorted((root / "val").rglob("*.png"))[:7]
+    lines = [f"{p.relative_to(root).as_posix()} 8 6 35 33" for p in sorted((root / "train").rglob("*.png"))]
+    lines += [f"{p.relative_to(root).as_posix()} 0 0 {'21.0001' if i < 3 else '21'} 39" for i, p in enumerate(val)]
+    boxes = tmp_path / "boxes.txt"
+    boxes.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "loc"
+    train(tiny(root, run, epochs=1, scale=(32, 32), batch_norm=True, weights=str(classifier)),
+          task=Localisation("scr", boxes=boxes))
+    result = evaluate_center(run, root, boxes=boxes, progress=False)
+    assert result.images == 7 and result.whole_image_error == 100 * 4 / 7
 
 
 def test_the_command_line_trains_and_evaluates_both_protocols(boxed, tmp_path, capsys, monkeypatch):

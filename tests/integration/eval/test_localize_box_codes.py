@@ -73,7 +73,7 @@ def test_the_standardisation_fits_the_crops_training_draws(tmp_path, scale):
     drawn = torch.stack([encode(samples[epoch, index][0].boxes[0], 32.0) for epoch in range(4)
                          for index in range(len(train_set))])
     # the sample's first epoch is training's first epoch, crop for crop
-    torch.testing.assert_close(training_codes(train_set, 7, draws=len(train_set)), drawn[:len(train_set)])
+    torch.testing.assert_close(training_codes(train_set, 7, draws=len(train_set)), drawn[:len(train_set)].float())
     standardised = (drawn - task.code_mean) / task.code_std
     assert standardised.abs().max() < 4  # of unit spread, not hundreds of units off
     jittered = scale[0] < scale[1]

@@ -12,10 +12,10 @@ from verydeep.data.boxes import iou
 
 #: A box is right when its IoU with a ground-truth box is above this (the ILSVRC criterion).
 IOU_RIGHT = 0.5
-#: How far the IoU of boxes in a crop's pixels (protocol 1's, float32) may be from the IoU of the same boxes in
-#: the image's: the crop's scaling leaves an IoU as it is, its rounding moves it by some 1e-7, so that an IoU of
+#: How far the IoU of boxes in a crop's pixels (protocol 1's, float64) may be from the IoU of the same boxes in
+#: the image's: the crop's scaling leaves an IoU as it is, its rounding moves it by some 1e-15, so that an IoU of
 #: exactly 0.5 (the whole image against a box of half its width and all its height) could count as above.
-CROP_ROUNDING = 1e-5
+CROP_ROUNDING = 1e-9
 
 
 def wrong(predicted: Tensor, truth: Tensor) -> Tensor:

@@ -144,8 +144,8 @@ class Localisation(Task):
         if batch.boxes is None or batch.frames is None:
             raise UserError("localisation needs images with boxes (a dataset opened by the task)")
         side, boxes = batch.images.shape[-1], batch.boxes.shape[1]
-        labels = batch.labels[:, None, None].float().expand(-1, boxes, 1)
-        frames = batch.frames[:, None, :].float().expand(-1, boxes, 4)
+        labels = batch.labels[:, None, None].to(batch.boxes.dtype).expand(-1, boxes, 1)
+        frames = batch.frames[:, None, :].to(batch.boxes.dtype).expand(-1, boxes, 4)
         return torch.cat([labels, batch.boxes / side, frames / side], dim=2).to(device, non_blocking=True)
 
     def selected(self, outputs: Tensor, labels: Tensor) -> Tensor:
@@ -165,7 +165,7 @@ class Localisation(Task):
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Euclidean loss between the outputs and the true box's code, standardised when so trained."""
         mean, std = self.code_mean.to(outputs.device), self.code_std.to(outputs.device)
-        wanted = (encode(targets[:, 0, 1:5], 1.0) - mean) / std
+        wanted = (encode(targets[:, 0, 1:5].float(), 1.0) - mean) / std  # the targets' float64 is for scoring
         return F.mse_loss(self.selected(outputs, targets[:, 0, 0]), wanted, reduction="sum")
 
     def metric_sums(self, outputs: Tensor, targets: Tensor) -> list[float]:
@@ -195,7 +195,7 @@ def training_codes(images: LabelledImages, seed: int, indices: Sequence[int] | N
             file = ImageFile(path)
         except DECODE_ERRORS:
             continue  # training skips it too
-        corners = torch.tensor([transform.boxes[str(path)][0].corners])
+        corners = torch.tensor([transform.boxes[str(path)][0].corners], dtype=torch.float64)  # as training's
         for epoch in range(math.ceil(draws / len(picked))):
             drawn = stream_generator(seed, Stream.AUGMENT, epoch, index)
             plan = crop.plan(file.size, crop.fast and file.reducible, drawn)
