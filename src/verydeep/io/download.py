@@ -32,6 +32,8 @@ def _known(name: str) -> KnownWeights:
 def resolve_source(source: str | Path, weights_dir: str | Path | None = None) -> Path:
     """An existing file or folder, or a known name's official file in the weights folder; with ``weights_dir``
     given, a known name is looked up there even where a file of that name lies in the working folder."""
+    if not str(source):  # Path("") is the working folder, whatever run lies there
+        raise UserError("an empty name names no weights; give a file, a run folder or a known name (vgg16, ...)")
     path = Path(source).expanduser()
     if path.exists() and not (weights_dir is not None and str(source) in NAMES):
         if not (path.is_file() or path.is_dir()):  # a pipe would block the read, a device never end it

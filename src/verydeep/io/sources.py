@@ -12,6 +12,7 @@ as ``vgg16`` found in the weights folder (:mod:`verydeep.io.weights` reads each,
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str
     without a convention of its own takes. ``purpose`` (say, "classify"): what the caller needs the FC
     layers for; weights without them (Keras' ``notop`` files) are then refused in one line, and for
     :data:`CLASSIFY` so is a net trained for another task (a localisation net's outputs are boxes)."""
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"source: a file, a run folder or a known name (vgg16, ...); got {source!r}")
+    if not isinstance(device, str | torch.device):  # an index means a GPU to torch, and no GPU may be at hand
+        raise TypeError(f"device: a name ('cpu', 'cuda', 'cuda:1', 'auto') or a torch.device; got {device!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):  # what autocast runs a net in
         raise TypeError(f"dtype: torch.bfloat16, torch.float16, torch.float32 or None; got {dtype!r}")
     place = pick_device(device) if isinstance(device, str) else device  # a bad name: one line naming it

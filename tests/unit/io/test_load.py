@@ -70,6 +70,23 @@ def test_a_missing_source_is_one_line(tmp_path):
         verydeep.load(tmp_path / "odd.safetensors")
 
 
+def test_a_source_or_device_of_another_type_and_an_empty_name_are_named(tmp_path, monkeypatch):
+    """``load("")`` would read the working folder as a run, ``device=5`` asks torch for a GPU: each is named."""
+    net = tmp_path / "net.safetensors"
+    export_safetensors(verydeep.vgg("A", num_classes=2, width=1 / 16, input_size=32),
+                       {"config": "A", "num_classes": 2, "batch_norm": False, "width": 1 / 16, "dropout": 0.5,
+                        "crop": 32}, net)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="an empty name names no weights"):
+        verydeep.load("")
+    for source in (5, None):
+        with pytest.raises(TypeError, match=f"source: a file, a run folder or a known name .*; got {source}"):
+            verydeep.load(source)
+    with pytest.raises(TypeError, match=r"device: a name \('cpu', .*\) or a torch.device; got 5"):
+        verydeep.load(net, device=5)
+    assert verydeep.load(net).recipe["num_classes"] == 2
+
+
 def test_a_torchscript_program_given_as_weights_is_one_line_and_no_warning(tmp_path):
     program = tmp_path / "exported.pt"
     with warnings.catch_warnings():
