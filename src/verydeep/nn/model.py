@@ -249,7 +249,10 @@ class VGG(nn.Module):
 
     def _check_size(self, side: tuple[int, ...]) -> None:
         """An input of another ``side`` (h, w) than the crop is refused: one 31 pixels larger still makes FC6's
-        map, of the top-left crop alone."""
+        map, of the top-left crop alone; with adaptive pooling, one under 32 pixels, which leaves no map."""
+        if self.adaptive_pool and min(side) < 32:  # no map left for the adaptive pooling after five poolings
+            raise ValueError(f"{self.name} with adaptive pooling takes inputs of at least 32 pixels a side (five 2x2 "
+                             f"poolings); got {tuple(side)}")
         if not self.adaptive_pool and tuple(side) != (self.input_size, self.input_size):
             raise ValueError(
                 f"{self.name} takes {self.input_size}x{self.input_size} crops (FC6 sees a "
@@ -307,7 +310,15 @@ class DenseVGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)
+        self.check_side(x.shape[-2:])
         return self.head(run_trunk(self.features, x))
+
+    def check_side(self, side: tuple[int, ...]) -> None:
+        """An input with a side (h, w) under the crop, which makes no FC6 window (or no trunk map at all), is
+        refused before the trunk runs."""
+        if min(side) < self.input_size:
+            raise ValueError(f"dense evaluation needs inputs of at least {self.input_size} pixels a side (a "
+                             f"{self.grid}x{self.grid} trunk map); got {tuple(side)}")
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the classifier as convolutions to a trunk map ``x`` (N, C, h, w) -> (N, outputs, h', w')."""
@@ -330,6 +341,15 @@ class DenseVGG(nn.Module):
     def extract(self, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Activation maps at the named layers; ``fc6``/``fc7`` are maps of the conv form."""
         return _extract(self, x, names, dense=True)
+
+
+def _check_trunk_side(features: nn.Sequential, last: int, name: str, side: tuple[int, ...]) -> None:
+    """An input too small for the 2x2 poolings up to ``features[last]``, the tap ``name`` (each halves the side),
+    is refused naming the size it needs, before the trunk runs."""
+    pools = sum(isinstance(module, nn.MaxPool2d) for module in features[: last + 1])
+    if min(side) < 2**pools:
+        raise ValueError(f"{name} lies after {pools} 2x2 poolings: it needs inputs of at least {2**pools} pixels a "
+                         f"side; got {tuple(side)}")
 
 
 def check_images(x: torch.Tensor) -> None:
@@ -359,6 +379,13 @@ def _extract(
     paths, side = {model.tap_names[n] for n in wanted}, x.shape[-2:]  # a name given twice is one tap
     taken: dict[str, torch.Tensor] = {}  # by module path
     kept = {int(path.split(".")[1]) for path in paths if path.startswith("features.")}
+    if len(kept) < len(paths) and dense:  # a tap in the head: the input checked as the net's forward checks it
+        model.check_side(side)
+    elif len(kept) < len(paths):
+        model._check_size(side)
+    elif kept:
+        deepest = next(name for name in wanted if model.tap_names[name] == f"features.{max(kept)}")
+        _check_trunk_side(model.features, max(kept), deepest, side)
     for i, output in trunk_outputs(model.features, x, kept) if paths else ():
         x = output
         if i in kept:

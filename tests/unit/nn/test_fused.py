@@ -276,13 +276,14 @@ def test_a_pooled_output_changed_in_place_gives_the_modules_gradients(monkeypatc
 
 
 def test_what_the_modules_refuse_the_fused_trunk_refuses(monkeypatch):
-    """An input too small for the last pooling, a bf16 input to fp32 weights without autocast, an fp32 input to
-    float64 weights: torch's own errors, not empty maps or oneDNN's casts."""
+    """An input too small for the last pooling (which the net refuses before its trunk, but the trunk is run alone
+    too), a bf16 input to fp32 weights without autocast, an fp32 input to float64 weights: torch's own errors, not
+    empty maps or oneDNN's casts."""
     model = vgg("A", width=1 / 16, input_size=32, num_classes=5).eval()
     calls = calls_of_fused_convolutions(monkeypatch)
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="Output size is too small"):
-            model.dense().extract(torch.randn(2, 3, 16, 16), ["pool5"])
+            run_trunk(model.features, torch.randn(2, 3, 16, 16))
         assert calls  # the pairs before the last pooling
         calls.clear()
         with pytest.raises(RuntimeError, match="should be the same"):

@@ -230,6 +230,26 @@ def test_extract_named_layers_plain_and_dense():
         model.extract(x, "fc7")
 
 
+def test_an_input_too_small_for_the_layers_asked_is_named_before_the_trunk_runs():
+    """Not torch's "Output size is too small" from inside a pooling: the size needed, for each way in."""
+    model = vgg("D", num_classes=3, width=1 / 16, input_size=64).eval()
+    dense, wanted = model.dense(), r"dense evaluation needs inputs of at least 64 pixels a side"
+    for side in (31, 32):
+        with pytest.raises(ValueError, match=rf"{wanted} \(a 2x2 trunk map\); got \({side}, {side}\)"):
+            dense(torch.randn(1, 3, side, side))
+    with pytest.raises(ValueError, match=rf"{wanted} .*; got \(40, 40\)"):
+        dense.extract(torch.randn(1, 3, 40, 40), ["fc7"])
+    with pytest.raises(ValueError, match=r"pool5 lies after 5 2x2 poolings: it needs inputs of at least 32 pixels"):
+        model.extract(torch.randn(1, 3, 16, 16), ["conv1_1", "pool5"])
+    with pytest.raises(ValueError, match=r"takes 64x64 crops .* the input here is \(16, 16\)"):
+        model.extract(torch.randn(1, 3, 16, 16), ["fc7"])
+    assert model.extract(torch.randn(1, 3, 16, 16), ["pool4"])["pool4"].shape == (1, 32, 1, 1)  # 16 = 2^4: fits
+    pooled = vgg("A", num_classes=3, width=1 / 16, input_size=32, adaptive_pool=True).eval()
+    with pytest.raises(ValueError, match=r"with adaptive pooling takes inputs of at least 32 pixels a side"):
+        pooled(torch.randn(1, 3, 31, 40))
+    assert pooled(torch.randn(1, 3, 32, 40)).shape == (1, 3)
+
+
 def test_init_protocols():
     torch.manual_seed(0)
     paper = vgg("A", init="paper")
