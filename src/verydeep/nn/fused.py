@@ -133,7 +133,9 @@ def _largest_output_weights(conv: nn.Conv2d) -> tuple[float, float]:
     tensors = (conv.weight,) if conv.bias is None else (conv.weight, conv.bias)
     key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
     # kept on the module with the versions, places and dtypes they were taken at: taken again when the weight or
-    # the bias changes (every step in training)
+    # the bias changes (every step in training, load_state_dict, an in-place change under no_grad). A change
+    # through ``.data`` bumps no version, as autograd does not see it either: taking them again every call would
+    # cost a tenth of a batch of one's inference
     cached = conv.__dict__.get(_OUTPUT_WEIGHTS)
     if cached is None or cached[0] != key:
         weight, *bias = (t.detach() for t in tensors)
