@@ -219,8 +219,7 @@ def run_caltech(features: Features, train_per_class: int = TRAIN_PER_CLASS, test
                 splits: int = SPLITS, c_grid: Sequence[float] = DEFAULT_C, folds: int = FOLDS,
                 seed: int = 0, source: str = "the features") -> CaltechResult:
     """The ``caltech`` protocol (see the module's description); ``source`` names the features in errors."""
-    if features.multilabel:
-        raise UserError("these features are of multi-label (VOC) images; use --protocol voc")
+    refuse_other_protocol(features, "caltech", source)
     x, labels, n = features.features, features.labels, len(features.classes)
     if n < 2:
         raise UserError(f"{source}: one class ({features.classes[0]}); the caltech protocol tells classes apart: "
@@ -334,10 +333,7 @@ def per_class_ap(features: Features, c_grid: Sequence[float], folds: int, seed: 
 
 def run_voc(features: Features, c_grid: Sequence[float] = DEFAULT_C, folds: int = FOLDS, seed: int = 0) -> VOCResult:
     """The ``voc`` protocol (see the module's description)."""
-    if not features.multilabel:
-        raise UserError("these features are of single-label images; use --protocol caltech")
-    if "regions" in features.settings:
-        raise UserError("these features are of VOC action persons; use --protocol voc-action")
+    refuse_other_protocol(features, "voc")
     refuse_repeated_images(features)
     means, per_class = per_class_ap(features, c_grid, folds, seed)
     return VOCResult(origin(features.settings), list(features.classes), list(features.class_names), means,
@@ -448,11 +444,30 @@ def transfer(features: Features, protocol: str, train_per_class: int = TRAIN_PER
         raise UserError(f"--folds must be at least 2; got {folds}")
     if not c_grid or min(c_grid) <= 0:
         raise UserError(f"--c-grid must be positive numbers; got {list(c_grid)}")
+    refuse_other_protocol(features, protocol, source)
     if protocol == "voc":
         return run_voc(features, c_grid, folds, seed)
     if protocol == "voc-action":
         return run_voc_action(features, c_grid, folds, seed)
     return run_caltech(features, train_per_class, test_per_class, splits, c_grid, folds, seed, source)
+
+
+#: What each protocol's features are of, as a refusal says it.
+FEATURES_OF = {"caltech": "single-label images", "voc": "multi-label (VOC) images", "voc-action": "VOC action persons"}
+
+
+def protocol_of(features: Features) -> str:
+    """The protocol ``features`` were made for: ``voc-action`` for persons (``--regions``), ``voc`` for images of
+    several labels, else ``caltech``."""
+    return "voc-action" if "regions" in features.settings else "voc" if features.multilabel else "caltech"
+
+
+def refuse_other_protocol(features: Features, protocol: str, source: str = "the features") -> None:
+    """Features made for another protocol than ``protocol`` are a :class:`UserError` naming ``source`` and the
+    protocol they are for."""
+    theirs = protocol_of(features)
+    if theirs != protocol:
+        raise UserError(f"{source}: these features are of {FEATURES_OF[theirs]}; use --protocol {theirs}")
 
 
 def parse_floats(text: str) -> list[float]:

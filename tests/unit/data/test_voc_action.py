@@ -332,10 +332,12 @@ def test_voc_action_needs_persons_features_and_voc_refuses_them():
                      features.class_names, {"kind": "test"})
     with pytest.raises(UserError, match="not of VOC action persons; make them with verydeep features --regions"):
         run_voc_action(plain)
-    from verydeep.eval.transfer import run_voc
+    from verydeep.eval.transfer import run_caltech, run_voc
 
     with pytest.raises(UserError, match="use --protocol voc-action"):
         run_voc(features)
+    with pytest.raises(UserError, match="these features are of VOC action persons; use --protocol voc-action"):
+        run_caltech(features)  # persons are of several labels too: the protocol named is theirs, not voc's
 
 
 def test_voc_action_end_to_end_through_the_command_line(root, net, tmp_path, capsys):
@@ -355,8 +357,10 @@ def test_voc_action_end_to_end_through_the_command_line(root, net, tmp_path, cap
     ours = f"{100 * result['map']['11point']:.1f} / {100 * result['map']['area']:.1f}"
     assert "Table 12" in printed and "| image |  | 79.2 |" in printed
     assert f"| image and person box | {ours} | 84.0 |" in printed and "evaluation server" in printed
-    assert main(["transfer", "--protocol", "voc", "--features", str(out["image"])]) == 2
-    assert "use --protocol voc-action" in capsys.readouterr().err
+    for protocol in ("voc", "caltech"):
+        assert main(["transfer", "--protocol", protocol, "--features", str(out["image"])]) == 2
+        assert (f"--features {out['image']}: these features are of VOC action persons; use --protocol voc-action"
+                in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv, message", [
