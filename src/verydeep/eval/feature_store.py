@@ -23,6 +23,7 @@ from verydeep.eval.image_sets import ImageSet
 from verydeep.io.atomic import atomic_write
 from verydeep.io.npz import read_npz
 from verydeep.runtime import sharding
+from verydeep.runtime.limits import MAX_SIDE, is_whole
 
 # ---- results --------------------------------------------------------------------------------
 
@@ -81,6 +82,9 @@ class Features:
         odd = sorted(set(splits) - {"train", "test", ""})
         if odd:
             raise UserError(f"{path}: splits must be train, test or empty; got {odd[0]!r}")
+        if "" in splits and len(set(splits)) > 1:  # the given split's protocol would leave the unsplit rows out
+            raise UserError(f"{path}: splits must be all empty (splits drawn at random) or all train or test (a "
+                            f"split given); {splits.count('')} of {len(splits)} are empty")
         return cls(x, _labels(path, arrays["labels"], len(x), len(classes)), paths, splits, classes,
                    _strings(path, arrays, "class_names", len(classes)), _settings(path, arrays["settings"]),
                    _strings(path, arrays, "skipped"))
@@ -117,13 +121,20 @@ def _labels(path: str | Path, labels: np.ndarray, images: int, classes: int) -> 
 
 
 def _settings(path: str | Path, value: np.ndarray) -> dict[str, Any]:
-    """The JSON object stored as ``settings``."""
+    """The JSON object stored as ``settings``, its sizes (a raw-pixel ``side``, the ``scales`` Q) checked whole
+    numbers in range."""
     try:
         settings = json.loads(str(value.item())) if value.ndim == 0 and value.dtype.kind == "U" else None
-    except ValueError:  # not JSON, or an integer of thousands of digits
+    except (ValueError, RecursionError):  # not JSON, an integer of thousands of digits, arrays nested deep
         settings = None
     if not isinstance(settings, dict):
         raise UserError(f"{path}: settings must be a JSON object (how the features were made)")
+    for key, several in (("side", False), ("scales", True)):
+        value = settings.get(key)
+        sizes = (value if isinstance(value, list) else []) if several else [value]
+        if value is not None and not (sizes and all(is_whole(v) and 1 <= v <= MAX_SIDE for v in sizes)):
+            raise UserError(f"{path}: settings {key} must be {'a list of ' if several else ''}whole numbers of "
+                            f"pixels from 1 to {MAX_SIDE}; got {str(value)[:80]}")
     return settings
 
 

@@ -233,7 +233,7 @@ def origin(settings: dict[str, Any]) -> str:
         if kind == "vgg":
             nets = " + ".join(str(net["model"]) for net in settings["nets"])
             return f"{nets} FC7, Q={','.join(map(str, settings['scales']))} {settings['aggregate']}"
-    except (KeyError, TypeError, ValueError):  # settings of another writer: they only describe
+    except (KeyError, TypeError, ValueError, OverflowError):  # settings of another writer: they only describe
         return f"{kind} (settings incomplete)"
     return kind
 

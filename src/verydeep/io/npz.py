@@ -27,7 +27,9 @@ def read_npz(path: str | Path, keys: Sequence[str], kind: str) -> dict[str, np.n
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+    # zipfile says NotImplementedError of a compression it lacks, RuntimeError of an encrypted member
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError, zipfile.BadZipFile,
+            zlib.error) as error:
         raise UserError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from error
     missing = [k for k in keys if k not in arrays]
     if missing:

@@ -386,6 +386,12 @@ NAN_ROW = np.where(np.arange(24)[:, None] == 3, np.nan, clusters(2, 12, dims=8)[
     ({"features": clusters(2, 12, dims=8)[0] * 1e30}, r"features must be L2-normalised rows .* row 0 has norm 1e\+30"),
     ({"settings": np.array("not json")}, "settings must be a JSON object"),
     ({"settings": np.array("[1, 2]")}, "settings must be a JSON object"),
+    ({"settings": np.array('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")}, "settings must be a JSON object"),
+    ({"settings": np.array('{"kind": "raw-pixels", "side": 1e400}')}, "settings side must be whole numbers of pixels"),
+    ({"settings": np.array('{"kind": "raw-pixels", "side": 1e300}')}, "settings side must be whole numbers .*1e\\+300"),
+    ({"settings": np.array('{"kind": "vgg", "scales": [256, -1]}')}, "settings scales must be a list of whole numbers"),
+    ({"settings": np.array('{"kind": "vgg", "scales": 256}')}, "settings scales must be a list of whole numbers"),
+    ({"splits": np.array(["train", "test", ""] * 8)}, "splits must be all empty .* or all train or test .*; 8 of 24"),
 ])
 def test_a_foreign_or_damaged_features_file_is_one_line_naming_it(tmp_path, capsys, changed, message):
     bad = tmp_path / "bad.npz"
@@ -406,6 +412,15 @@ def test_a_truncated_features_file_is_one_line_and_foreign_settings_only_describ
     assert main(["transfer", "--protocol", "caltech", "--features", str(truncated)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{truncated}: not a readable .npz file" in err and "\n" not in err
+    for field, value, name in ((0, 1, "encrypted"), (2, 99, "compression 99")):  # zipfile's own refusals
+        damaged = bytearray(good.read_bytes())
+        for signature, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # every member's two headers
+            for start in (m.start() for m in re.finditer(re.escape(signature), bytes(damaged))):
+                damaged[start + flags + field:start + flags + field + 2] = value.to_bytes(2, "little")
+        (tmp_path / f"{name}.npz").write_bytes(bytes(damaged))
+        assert main(["transfer", "--protocol", "caltech", "--features", str(tmp_path / f"{name}.npz")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{name}.npz: not a readable .npz file" in err and "\n" not in err, err
     photo_file = save(photo(20, 20), tmp_path / "photo.jpg")  # not taken for a pickle, as numpy would say
     assert main(["transfer", "--protocol", "caltech", "--features", str(photo_file)]) == 2
     err = capsys.readouterr().err.strip()
