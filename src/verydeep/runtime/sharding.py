@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
@@ -41,8 +42,24 @@ def process_group(device: str = "auto") -> Iterator[Processes]:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield procs
+    except RuntimeError as error:
+        if not lost_process(error):
+            raise
+        raise UserError(f"another process of this run stopped ({_said(error)}), so this one stops too; what the "
+                        "run had written stands (train --resume continues from its last checkpoint)") from None
     finally:
         dist.destroy_process_group()
+
+
+def lost_process(error: RuntimeError) -> bool:
+    """Whether ``error`` is a collective's on finding another process of the group gone (a crash, a kill): gloo
+    says so in a RuntimeError from its transport, NCCL and the rendezvous store in torch's ``DistError``."""
+    return isinstance(error, dist.DistError) or "/gloo/transport/" in str(error)
+
+
+def _said(error: RuntimeError) -> str:
+    """The gist of a backend's error: its first sentence, without the source file it names."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0].splitlines()[0]
 
 
 def _active() -> bool:
