@@ -112,6 +112,7 @@ NAMED = [
     (f"train {TINY} --epochs 4 --val-every 2 --stop-patience 2", "validates 2 time(s) (--epochs 4, --val-every 2)"),
     (f"train {TINY} --batch-size 1000", "--batch-size"),
     (f"train {TINY} --device bogus", "--device"),
+    (f"train {TINY} --config F", "--config: unknown VGG configuration 'F'"),
     ("eval --checkpoint {run} --data {data} --batch-size x", "--batch-size"),
     ("eval --checkpoint {run} --data {data} --batch-size 0", "--batch-size"),
     ("eval --checkpoint {run} --data {data} --limit 0", "--limit"),

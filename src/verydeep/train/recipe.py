@@ -116,6 +116,14 @@ def check_dropout(value: float, name: str) -> float:
 LAYER_NAME = re.compile(r"features|conv\d+_\d+|fc[678]")
 
 
+def check_config(value: str, name: str) -> str:
+    """``value`` when it names a configuration of Table 1, else a :class:`UserError` naming ``name``."""
+    try:
+        return configs.canonical(value)
+    except UserError as error:
+        raise UserError(f"{name}: {error}") from None
+
+
 def check_layer_name(value: str, name: str) -> str:
     """``value`` when it is ``features`` or has a layer name's shape (``conv4_3``, ``fc6``), else a
     :class:`UserError` naming ``name`` (a recipe file's setting is then named before any net is built)."""
@@ -162,7 +170,8 @@ class TrainConfig:
     recipe: str | None = option(None, "a recipe name or TOML file (its settings come before these flags)", "running",
                                 resumable=True)
     # model
-    config: str = option("A", "configuration of Table 1: A, A-LRN, B, C, D, E", "model", parse=configs.canonical)
+    config: str = option("A", "configuration of Table 1: A, A-LRN, B, C, D, E", "model", parse=configs.canonical,
+                         check=check_config)
     width: float = option(1.0, "width multiplier (1 = the paper's)", "model", minimum=POSITIVE, check=check_width)
     batch_norm: bool = option(False, "batch norm after each conv (not the paper's)", "model")
     dropout: float = option(0.5, "dropout probability on FC6/FC7, in [0, 1)", "model", check=check_dropout)
@@ -185,12 +194,14 @@ class TrainConfig:
     # images
     crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1,
                        check=check_crop)
-    scale: tuple[int, int] = option((256, 256), "training scale S (256, 384) or jittered Smin:Smax (256:512)",
+    scale: tuple[int, int] = option((256, 256), "training scale S (256, 384) or jittered Smin:Smax (256:512); "
+                                                "for another --crop, 256 scaled with it (37 for 32)",
                                     "images", parse=parse_scale, show=scale_flag)
     alpha_std: float = option(0.1, "std of the PCA colour shift's alphas (0 = off)", "images", minimum=0,
                               check=below(1.0, "the paper's 0.1 shifts colours by a tenth of their spread"))
-    preprocess: Preprocess | None = option(None, "preprocess.json with mean/std/eigen (default: beside --data, "
-                                                 "else ImageNet's)", "images", parse=parse_preprocess)
+    preprocess: Preprocess | None = option(None, "preprocess.json with mean/std/eigen (default: --weights' own, "
+                                                 "else beside --data, else ImageNet's)", "images",
+                                           parse=parse_preprocess)
     limit_train: int | None = option(None, "train on at most this many images, a class-balanced subset", "images",
                                      minimum=1, parse=int)
     limit_val: int | None = option(None, "validate on at most this many images, a class-balanced subset", "images",
@@ -399,8 +410,8 @@ def parsed(f: Field, value: Any) -> Any:
     try:
         return f.metadata["parse"](value)
     except (TypeError, ValueError) as error:
-        if isinstance(error, UserError):
-            raise
+        if isinstance(error, UserError):  # its own words, named by the flag where they do not name it
+            raise error if str(error).startswith("--") else UserError(f"{flag_name(f)}: {error}") from None
         raise UserError(f"{flag_name(f)}: not a valid value: {value!r}") from None
 
 

@@ -12,7 +12,7 @@ of their own.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +28,7 @@ from verydeep.io.sources import LoadedNet, load
 from verydeep.nn import configs
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.init import warm_start
-from verydeep.nn.model import VGG
+from verydeep.nn.model import HEAD_NAMES, VGG, make_trunk
 from verydeep.train.recipe import TrainConfig, flag_of, parse_scale, read_recipe, scale_flag
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
@@ -80,10 +80,22 @@ def checked_settings(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainC
     with named_by_origin(given):
         cfg.check_each()
     refuse_recipe_scale_of_another_crop(cfg, given)
-    adopted, published = adopt_weights(cfg, given)
+    adopted, published = adopt_weights(scale_for_crop(cfg, given), given)
     with named_by_origin(given):
         adopted.check()
+        _, trunk = make_trunk(adopted.config, adopted.batch_norm, width=1 / 64)  # the names alone: a small trunk
+        refuse_unknown_layer(adopted.freeze, [*trunk, *HEAD_NAMES], f"VGG-{adopted.config}")
     return adopted, published
+
+
+def scale_for_crop(cfg: TrainConfig, given: Mapping[str, str]) -> TrainConfig:
+    """The default training scale, S = 256, belongs to the default 224 crop (Sec. 3.1): a new run from random
+    weights with another crop and no scale given takes it scaled with the crop (37 for crops of 32), not crops of
+    an eighth of the image. (A run from weights takes theirs: :func:`input_size`.)"""
+    if cfg.resume or cfg.weights or "scale" in given or cfg.crop == TrainConfig.crop:
+        return cfg
+    side = round(TrainConfig.scale[0] * cfg.crop / TrainConfig.crop)
+    return replace(cfg, scale=(side, side))
 
 
 def refuse_recipe_scale_of_another_crop(cfg: TrainConfig, given: Mapping[str, str]) -> None:
@@ -263,9 +275,16 @@ def frozen_modules(model: VGG, upto: str) -> list[str]:
         if upto.startswith("conv") and f"bn{upto[4:]}" in names:  # a conv's batch norm belongs to its layer
             last = names.index(f"bn{upto[4:]}")
     else:
-        known = ", ".join(name for name in names if name.startswith(("conv", "fc")))
-        raise UserError(f"--freeze {upto}: not a layer of {model.name} (features, or one of {known})")
+        refuse_unknown_layer(upto, names, model.name)
     return [module for _, module in taps[: last + 1]]
+
+
+def refuse_unknown_layer(upto: str | None, names: Sequence[str], net: str) -> None:
+    """``--freeze``'s layer that is not ``features`` nor among the tap ``names`` of the net ``net`` is a
+    :class:`UserError` listing its layers."""
+    if upto is not None and upto != "features" and upto not in names:
+        known = ", ".join(name for name in names if name.startswith(("conv", "fc")))
+        raise UserError(f"--freeze {upto}: not a layer of {net} (features, or one of {known})")
 
 
 def freeze(model: VGG, upto: str | None, copied: Collection[str] = ()) -> list[str]:

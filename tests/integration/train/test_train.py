@@ -329,6 +329,8 @@ def test_a_recipe_s_plateau_settings_give_way_to_milestones_given_on_the_command
     ('scale = "16"\n', [], "{recipe}'s scale needs crop <= Smin <= Smax; got scale 16:16 with crop 32"),
     ('crop = 224\nscale = "256"\n', [], "{recipe}'s scale 256 is for crops of 224, not --crop 32: give --scale for "
      "crops of 32 too"),  # the recipe's S was never meant for 32-pixel crops
+    ('freeze = "conv9_9"\n', [], "{recipe}'s freeze conv9_9: not a layer of VGG-A (features, or one of conv1_1"),
+    ("", ["--freeze", "conv5_3"], "--freeze conv5_3: not a layer of VGG-A"),  # found before the data is read
 ])
 def test_a_setting_a_recipe_gave_is_named_as_the_recipe_s_in_the_checks_of_all_settings(data, tmp_path, capsys,
                                                                                        text, flags, message):
@@ -592,6 +594,7 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
     ("limit_train = 2.5", "limit_train must be a whole number; got 2.5"),
     ("channels_last = 1", "channels_last must be true or false; got 1"),
     ("config = 5", "config must be text; got 5"),
+    ('config = "F"', "config: unknown VGG configuration 'F'; choose one of A, A-LRN"),
     ("workers = 100000", "workers must be from 0 to"),
     ('scale = "abc"', "scale: --scale must be S or Smin:Smax"),
     ('recipe = "cifar10"', "recipe = 'cifar10': a recipe cannot name another"),
@@ -926,3 +929,17 @@ def test_a_step_none_of_whose_images_could_be_read_logs_no_loss(tmp_path):
     steps, epoch = [r for r in records if r["kind"] == "step"], records[-1]
     assert summary.steps == 16 and epoch["skipped"] == 4 and epoch["precision"] == "float32"  # as it ran
     assert len(steps) == 12 and all(r["loss"] > 0 and r["img_s"] > 0 for r in steps)
+
+
+def test_the_default_training_scale_follows_another_crop_as_256_follows_224(data, tmp_path, capsys):
+    """S = 256 is for crops of 224 (Sec. 3.1): for crops of 32 without --scale, S = 37, not crops of an eighth of
+    the image; a scale given, or the default crop, keeps its own."""
+    common = ["train", "--data", str(data), "--width", "0.0625", "--epochs", "1", "--batch-size", "16", "--workers",
+              "0", "--no-progress", "--limit-train", "16", "--limit-val", "4"]
+    for flags, scale in ((["--crop", "32"], [37, 37]), (["--crop", "64"], [73, 73]),
+                         (["--crop", "32", "--scale", "40:48"], [40, 48])):
+        run = tmp_path / "-".join(flags)
+        assert main([*common, *flags, "--out", str(run)]) == 0
+        assert json.loads((run / "recipe.json").read_text())["scale"] == scale
+    capsys.readouterr()
+    assert TrainConfig().scale == (256, 256)  # the crop of 224's own
