@@ -133,7 +133,9 @@ def _check_numbers(name: str, values: Sequence[float], in_range: Callable[[float
             raise ValueError(f"{name}[{i}] is {value!r}; expected a finite number {expected}".rstrip())
 
 
-#: ImageNet's well-known statistics (torchvision's mean/std; AlexNet/fb.resnet PCA on 0..1).
+#: ImageNet's well-known statistics (torchvision's mean/std; AlexNet/fb.resnet PCA on 0..1). The PCA is the
+#: field's usual constants, not the eigen-decomposition of the covariance the std describe (its eigenvalues sum to
+#: 0.24, their variances to 0.15): ``verydeep data stats`` gives a training set's own, as Sec. 3.1 has it.
 IMAGENET = Preprocess(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
