@@ -405,7 +405,8 @@ def test_the_weights_crop_restated_brings_their_training_scale_and_the_refusal_s
             "FC6 anew") in capsys.readouterr().err.replace("\n", " ")
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "Smin:Smax (256:512) (default 256)" in " ".join(capsys.readouterr().out.split())  # a form --scale takes
+    shown = " ".join(capsys.readouterr().out.split())  # the forms --scale takes, and its default for another crop
+    assert "Smin:Smax (256:512); for another --crop, 256 scaled with it (37 for 32) (default 256)" in shown
 
 
 def test_a_setting_that_contradicts_the_weights_is_refused_without_warm_start(data, tmp_path, capsys):
