@@ -362,6 +362,11 @@ def test_a_torchrun_restart_replaces_the_old_run_that_overwrite_named_and_resume
     written = first_epoch.stat().st_mtime_ns
     assert train(tiny(data, tmp_path / "b", **options)).steps == 8  # its own run: continued from step 5
     assert first_epoch.stat().st_mtime_ns == written  # not trained anew
+    derived = dict(options, scale=TrainConfig.scale)  # S not given: 256 scaled with the crop of 32, as recorded
+    assert train(tiny(data, tmp_path / "c", stop_after_steps=5, **derived)).steps == 5
+    first_epoch = tmp_path / "c" / "checkpoints" / "epoch-0001.pt"
+    written = first_epoch.stat().st_mtime_ns
+    assert train(tiny(data, tmp_path / "c", **derived)).steps == 8 and first_epoch.stat().st_mtime_ns == written
 
 
 def test_a_second_training_into_a_run_being_written_is_refused_and_leaves_it(data, tmp_path):

@@ -90,7 +90,7 @@ class LoadedNet:
 
 
 def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str | Path | None = None,
-         device: str | torch.device = "cpu", dtype: torch.dtype | None = None, purpose: str | None = None,
+         device: str | torch.device | None = "cpu", dtype: torch.dtype | None = None, purpose: str | None = None,
          ) -> LoadedNet:
     """The net in ``source`` on ``device``, its weights in ``dtype`` (the autocast dtype it will run under,
     :func:`verydeep.runtime.device.prepare`) when given. ``data``: the folder whose ``preprocess.json`` a net
@@ -99,6 +99,7 @@ def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str
     :data:`CLASSIFY` so is a net trained for another task (a localisation net's outputs are boxes)."""
     if not isinstance(source, str | os.PathLike):
         raise TypeError(f"source: a file, a run folder or a known name (vgg16, ...); got {source!r}")
+    device = "cpu" if device is None else device
     if not isinstance(device, str | torch.device):  # an index means a GPU to torch, and no GPU may be at hand
         raise TypeError(f"device: a name ('cpu', 'cuda', 'cuda:1', 'auto') or a torch.device; got {device!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):  # what autocast runs a net in

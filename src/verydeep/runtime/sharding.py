@@ -39,8 +39,8 @@ def process_group(device: str = "auto") -> Iterator[Processes]:
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(procs.local_rank)  # before NCCL starts, so each process binds its own GPU
-    dist.init_process_group("nccl" if cuda else "gloo")
     try:
+        dist.init_process_group("nccl" if cuda else "gloo")  # a process lost while they connect counts too
         yield procs
     except RuntimeError as error:
         if not lost_process(error):
@@ -48,18 +48,26 @@ def process_group(device: str = "auto") -> Iterator[Processes]:
         raise UserError(f"another process of this run stopped ({_said(error)}), so this one stops too; what the "
                         "run had written stands (train --resume continues from its last checkpoint)") from None
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+#: The words of a connection another process closed by ending (gloo's, the rendezvous store's, NCCL's): not a
+#: timeout, which a process still running but stuck elsewhere also causes (a bug, whose traceback says where).
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote process exit")
 
 
 def lost_process(error: RuntimeError) -> bool:
-    """Whether ``error`` is a collective's on finding another process of the group gone (a crash, a kill): gloo
-    says so in a RuntimeError from its transport, NCCL and the rendezvous store in torch's ``DistError``."""
-    return isinstance(error, dist.DistError) or "/gloo/transport/" in str(error)
+    """Whether ``error`` is one of a collective (or of the group's set-up) finding another process of the group
+    gone, a crash or a kill: its connection closed (:data:`PEER_GONE`), in gloo's words or in torch's
+    ``DistError``."""
+    return (isinstance(error, dist.DistError) or "gloo" in str(error)) and bool(PEER_GONE.search(str(error)))
 
 
 def _said(error: RuntimeError) -> str:
     """The gist of a backend's error: its first sentence, without the source file it names."""
-    return re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0].splitlines()[0]
+    words = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0].strip()
+    return words.splitlines()[0] if words else type(error).__name__
 
 
 def _active() -> bool:

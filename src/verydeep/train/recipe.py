@@ -195,7 +195,7 @@ class TrainConfig:
     crop: int = option(224, "crop size, a multiple of 32 (224; 32 for CIFAR-10)", "images", minimum=1,
                        check=check_crop)
     scale: tuple[int, int] = option((256, 256), "training scale S (256, 384) or jittered Smin:Smax (256:512); "
-                                                "for another --crop, 256 scaled with it (37 for 32)",
+                                                "for another --crop, 256 scaled with it (36 for 32)",
                                     "images", parse=parse_scale, show=scale_flag)
     alpha_std: float = option(0.1, "std of the PCA colour shift's alphas (0 = off)", "images", minimum=0,
                               check=below(1.0, "the paper's 0.1 shifts colours by a tenth of their spread"))

@@ -11,6 +11,7 @@ of their own.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from verydeep.nn import configs
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.init import warm_start
 from verydeep.nn.model import HEAD_NAMES, VGG, make_trunk
+from verydeep.runtime.limits import MAX_SIDE
 from verydeep.train.recipe import TrainConfig, flag_of, parse_scale, read_recipe, scale_flag
 
 #: The settings of the architecture that ``--weights`` decide unless ``--warm-start`` says otherwise.
@@ -80,7 +82,8 @@ def checked_settings(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainC
     with named_by_origin(given):
         cfg.check_each()
     refuse_recipe_scale_of_another_crop(cfg, given)
-    adopted, published = adopt_weights(scale_for_crop(cfg, given), given)
+    adopted, published = adopt_weights(cfg, given)
+    adopted = scale_for_crop(adopted, given)
     with named_by_origin(given):
         adopted.check()
         _, trunk = make_trunk(adopted.config, adopted.batch_norm, width=1 / 64)  # the names alone: a small trunk
@@ -89,12 +92,12 @@ def checked_settings(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainC
 
 
 def scale_for_crop(cfg: TrainConfig, given: Mapping[str, str]) -> TrainConfig:
-    """The default training scale, S = 256, belongs to the default 224 crop (Sec. 3.1): a new run from random
-    weights with another crop and no scale given takes it scaled with the crop (37 for crops of 32), not crops of
-    an eighth of the image. (A run from weights takes theirs: :func:`input_size`.)"""
-    if cfg.resume or cfg.weights or "scale" in given or cfg.crop == TrainConfig.crop:
+    """The default training scale, S = 256, belongs to the default 224 crop (Sec. 3.1): a new run with another crop
+    and no scale given, nor brought by its weights (:func:`input_size`), takes it scaled with the crop as the
+    ``reproduce`` presets do (36 for crops of 32), not crops of an eighth of the image."""
+    if cfg.resume or "scale" in given or cfg.crop == TrainConfig.crop or cfg.scale != TrainConfig.scale:
         return cfg
-    side = round(TrainConfig.scale[0] * cfg.crop / TrainConfig.crop)
+    side = min(math.floor(TrainConfig.scale[0] * cfg.crop / TrainConfig.crop), MAX_SIDE)
     return replace(cfg, scale=(side, side))
 
 

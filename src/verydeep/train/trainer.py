@@ -439,8 +439,9 @@ def train(cfg: TrainConfig, task: Task | None = None,
     # that --overwrite was to replace, which a process may have failed before clearing, is replaced; an old
     # run of the same settings and images cannot be told from the new, and is the same computation (resume
     # is exact), so it is resumed
-    if restarted and not cfg.resume and RunDir(cfg.out).last.is_file() and (
-            not cfg.overwrite or started_with(cfg, cfg.out)):
-        cfg = replace(cfg, resume=True, overwrite=False)
+    if restarted and not cfg.resume and RunDir(cfg.out).last.is_file():
+        resolved = checked_settings(cfg, given_settings(cfg, given))[0]  # as the run recorded them (weights', S)
+        if not cfg.overwrite or started_with(resolved, cfg.out):
+            cfg = replace(resolved, resume=True, overwrite=False)
     with process_group(cfg.device) as procs:
         return Trainer(cfg, procs, task, given).run()

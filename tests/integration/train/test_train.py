@@ -35,6 +35,7 @@ from verydeep.train.recipe import (
     setting_lines,
     settings_from_flags,
 )
+from verydeep.train.start import checked_settings
 from verydeep.train.step import zero_momenta
 
 
@@ -406,7 +407,7 @@ def test_the_weights_crop_restated_brings_their_training_scale_and_the_refusal_s
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # the forms --scale takes, and its default for another crop
-    assert "Smin:Smax (256:512); for another --crop, 256 scaled with it (37 for 32) (default 256)" in shown
+    assert "Smin:Smax (256:512); for another --crop, 256 scaled with it (36 for 32) (default 256)" in shown
 
 
 def test_a_setting_that_contradicts_the_weights_is_refused_without_warm_start(data, tmp_path, capsys):
@@ -933,14 +934,20 @@ def test_a_step_none_of_whose_images_could_be_read_logs_no_loss(tmp_path):
 
 
 def test_the_default_training_scale_follows_another_crop_as_256_follows_224(data, tmp_path, capsys):
-    """S = 256 is for crops of 224 (Sec. 3.1): for crops of 32 without --scale, S = 37, not crops of an eighth of
-    the image; a scale given, or the default crop, keeps its own."""
+    """S = 256 is for crops of 224 (Sec. 3.1): for crops of 32 without --scale, S = 36, not crops of an eighth of
+    the image, from random weights or from weights of another crop; a scale given, or the default crop, keeps its
+    own."""
     common = ["train", "--data", str(data), "--width", "0.0625", "--epochs", "1", "--batch-size", "16", "--workers",
               "0", "--no-progress", "--limit-train", "16", "--limit-val", "4"]
-    for flags, scale in ((["--crop", "32"], [37, 37]), (["--crop", "64"], [73, 73]),
+    for flags, scale in ((["--crop", "32"], [36, 36]), (["--crop", "64"], [73, 73]),
                          (["--crop", "32", "--scale", "40:48"], [40, 48])):
         run = tmp_path / "-".join(flags)
         assert main([*common, *flags, "--out", str(run)]) == 0
         assert json.loads((run / "recipe.json").read_text())["scale"] == scale
+    from_64 = tmp_path / "from-64"  # weights of crops of 64 trained on crops of 32: their S is not for 32 either
+    assert main([*common, "--weights", str(tmp_path / "--crop-64"), "--crop", "32", "--out", str(from_64)]) == 0
+    assert json.loads((from_64 / "recipe.json").read_text())["scale"] == [36, 36]
     capsys.readouterr()
     assert TrainConfig().scale == (256, 256)  # the crop of 224's own
+    huge = TrainConfig(data=str(data), out=str(tmp_path / "huge"), crop=1856)
+    assert checked_settings(huge, {"crop": "--crop"})[0].scale == (2048, 2048)  # at most the largest side

@@ -85,6 +85,7 @@ def test_a_source_or_device_of_another_type_and_an_empty_name_are_named(tmp_path
     with pytest.raises(TypeError, match=r"device: a name \('cpu', .*\) or a torch.device; got 5"):
         verydeep.load(net, device=5)
     assert verydeep.load(net).recipe["num_classes"] == 2
+    assert next(verydeep.load(net, device=None).model.parameters()).device.type == "cpu"  # None: the default
 
 
 def test_a_torchscript_program_given_as_weights_is_one_line_and_no_warning(tmp_path):

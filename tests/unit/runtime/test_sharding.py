@@ -54,7 +54,11 @@ def test_a_process_lost_from_the_group_is_one_line_in_the_one_left(tmp_path):
                              "its last checkpoint)")
 
 
-def test_only_a_backends_word_of_a_lost_process_counts_as_one():
+def test_only_a_backends_word_of_a_process_gone_counts_as_one_lost():
     assert lost_process(RuntimeError("[/x/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer"))
-    assert lost_process(dist.DistBackendError("NCCL communicator was aborted"))
+    assert lost_process(dist.DistBackendError("NCCL error: remote process exited or there was a network error"))
     assert not lost_process(RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"))  # a bug
+    # a process stuck elsewhere, not gone: a bug whose traceback says where
+    assert not lost_process(RuntimeError("[/x/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                                         "5000ms for recv operation to complete"))
+    assert not lost_process(dist.DistBackendError("Watchdog caught collective operation timeout"))
