@@ -40,15 +40,15 @@ class Measured:
 
 
 def evaluate_net(name: str, run_dir: Path, data: Path, protocols: tuple[str, ...], limit: int | None, out: Path,
-                 device: str, progress: bool) -> tuple[list[Measured], float]:
+                 device: str, workers: int, progress: bool) -> tuple[list[Measured], float]:
     """One net's rows under ``protocols`` at its recipe's scales, with their posteriors, and the
-    evaluation's wall time (s); cached in ``out/eval/NAME/`` as ``eval --out`` writes them, each row's
-    posteriors kept (float32, as computed)."""
+    evaluation's wall time (s), read by ``workers`` loader processes; cached in ``out/eval/NAME/`` as ``eval
+    --out`` writes them, each row's posteriors kept (float32, as computed)."""
 
     cache = out / "eval" / name
     if not ((cache / "results.json").is_file() and (cache / "posteriors.npz").is_file()):
         result = evaluate([str(run_dir)], str(data), protocols=protocols, limit=limit, device=device,
-                          progress=progress, keep_posteriors=True)
+                          workers=workers, progress=progress, keep_posteriors=True)
         write_outputs(result, cache, rows=True)  # the posteriors last, whole: both files mean a finished evaluation
     return read_cached(cache, name)
 

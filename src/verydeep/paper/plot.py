@@ -44,14 +44,22 @@ VALIDATION = {"val_top1": ("top-1", True), "val_top5": ("top-5", True), "val_loc
 LOSSES = {"val_top1": "cross-entropy", "val_loc_error": "Euclidean (box code)"}
 
 
-def check_record(record: Any, where: str) -> dict[str, Any]:
-    """``record`` (line ``where`` of a metrics.jsonl) if it holds the fields the curves read, in range."""
+#: What a report of finished runs (``reproduce``) reads of an epoch record besides :data:`FIELDS`' (``train`` writes
+#: every one): its learning rate and its seconds.
+REPORTED = {"lr": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+            "seconds": (lambda v: is_finite(v) and v >= 0, "a finite number >= 0")}
+Checks = dict[str, tuple[Callable[[Any], bool], str]]
+
+
+def check_record(record: Any, where: str, epoch_fields: Checks | None = None) -> dict[str, Any]:
+    """``record`` (line ``where`` of a metrics.jsonl) if it holds the fields the curves read (an epoch's
+    ``epoch_fields`` too), in range."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: not a JSON object but {type(record).__name__} {record!r:.40}")
     kind = record.get("kind")
     if kind not in FIELDS:
         raise UserError(f'{where}: "kind" must be "step" or "epoch", not {kind!r:.40}')
-    for field, (valid, description) in FIELDS[kind].items():
+    for field, (valid, description) in {**FIELDS[kind], **(epoch_fields or {} if kind == "epoch" else {})}.items():
         if field not in record:
             raise UserError(f'{where}: the {kind} record has no "{field}"')
         if not valid(record[field]):
@@ -63,8 +71,10 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
-def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The step and epoch records of ``RUN_DIR/metrics.jsonl``, each checked (:func:`check_record`)."""
+def read_metrics(run_dir: str | Path, epoch_fields: Checks | None = None,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The step and epoch records of ``RUN_DIR/metrics.jsonl``, each checked (:func:`check_record`, an epoch's
+    ``epoch_fields`` too), their steps and epochs rising as one run writes them."""
     path = RunDir(run_dir).metrics
     if Path(run_dir).is_file():
         raise UserError(f"{run_dir} is a file; give a run directory written by verydeep train")
@@ -85,12 +95,26 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
                           file=sys.stderr)
                     continue
                 raise UserError(f"{path}:{number}: not a JSON record ({getattr(error, 'msg', error)})") from error
-            records.append(check_record(record, f"{path}:{number}"))
-    steps = [r for r in records if r["kind"] == "step"]
-    epochs = [r for r in records if r["kind"] == "epoch"]
+            records.append((number, check_record(record, f"{path}:{number}", epoch_fields)))
+    refuse_going_back(path, records)
+    steps = [r for _, r in records if r["kind"] == "step"]
+    epochs = [r for _, r in records if r["kind"] == "epoch"]
     if not steps:
         raise UserError(f"{path} holds no step records yet")
     return steps, epochs
+
+
+def refuse_going_back(path: Path, numbered: list[tuple[int, dict[str, Any]]]) -> None:
+    """A step record whose step, or an epoch record whose epoch, is not past the one before it is a
+    :class:`UserError` naming its line: one run's log counts them up (a resume first cuts what the checkpoint
+    lacks), so the file mixes runs, or repeats one."""
+    last = {"step": 0, "epoch": 0}
+    for number, record in numbered:
+        key = record["kind"]  # a step record counts steps, an epoch record epochs
+        if record[key] <= last[key]:
+            raise UserError(f"{path}:{number}: {key} {record[key]} follows {key} {last[key]}: the log mixes runs "
+                            "or repeats one (a copy, or files joined?)")
+        last[key] = record[key]
 
 
 def checked_output(out: Path) -> Path:

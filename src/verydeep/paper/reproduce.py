@@ -73,8 +73,8 @@ def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: s
     measured = done.measured + fusions(done.measured, nets)
     tables = paper_tables(measured, nets, preset)
     checked = claims(measured, nets, preset)
+    trained = [net_record(net, done.run_dirs[net.name], measured, preset) for net in nets]  # read before any write
     plot(done.run_dirs, measured, nets, preset, out)
-    trained = [net_record(net, done.run_dirs[net.name], measured, preset) for net in nets]
     markdown = report_markdown(preset_name, preset, data, tables, checked, trained, done.seconds, device, command)
     atomic_write(out / "REPRODUCTION.md", lambda tmp: Path(tmp).write_text(markdown))
     result = Reproduction(preset_name, preset, tables, checked, trained, done.seconds, markdown)

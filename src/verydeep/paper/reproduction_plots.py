@@ -26,9 +26,9 @@ def plot(run_dirs: dict[str, Path], measured: list[Measured], nets: list[Net], p
     for name, run_dir in run_dirs.items():
         epochs = epochs_of(run_dir)
         x = [r["epoch"] for r in epochs]
-        style = "--" if seeds.get(name) else "-"
+        style = "o--" if seeds.get(name) else "o-"  # a marker each epoch: one epoch is a point, not nothing
         loss_ax.plot(x, [r["train_loss"] for r in epochs], style, label=name)
-        err_ax.plot(x, [100 - r["val_top1"] if r["val_top1"] is not None else None for r in epochs], style,
+        err_ax.plot(x, [100 - r["val_top1"] if r.get("val_top1") is not None else None for r in epochs], style,
                     label=name)
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
     err_ax.set(title="validation top-1 error (centre crop)", xlabel="epoch", ylabel="error %")
@@ -42,10 +42,11 @@ def plot(run_dirs: dict[str, Path], measured: list[Measured], nets: list[Net], p
     return [curves, _plot_errors(measured, nets, preset, out)]
 
 
-#: ``errors.png``'s bars, in the order of the tables that report them: (protocol, at one test scale, legend).
-ERROR_BARS = (("dense", True, "dense, single scale (Table 3)"), ("dense", False, "dense, multi-scale (Table 4)"),
-              ("multicrop", False, "multi-crop, multi-scale (Table 5)"),
-              ("dense+multicrop", False, "dense + multi-crop, multi-scale (Table 5)"))
+#: ``errors.png``'s bars, in the order of the tables that report them (a net's in Tables 3, 4, 5 and 5, a fusion's in
+#: Table 6): (protocol, at one test scale, legend).
+ERROR_BARS = (("dense", True, "dense, single scale"), ("dense", False, "dense, multi-scale"),
+              ("multicrop", False, "multi-crop, multi-scale"),
+              ("dense+multicrop", False, "dense + multi-crop, multi-scale"))
 
 
 def error_groups(measured: list[Measured], nets: list[Net], preset: Preset) -> list[tuple[str, dict[str, float]]]:
@@ -59,7 +60,7 @@ def error_groups(measured: list[Measured], nets: list[Net], preset: Preset) -> l
                 groups.setdefault(net.name, {})[legend] = 100 * found.row.top1_error
     multi_scale = {protocol: legend for protocol, single, legend in ERROR_BARS if not single}
     for fused in (m for m in measured if m.row.fusion and m.row.protocol in multi_scale):
-        group = groups.setdefault(f"{' + '.join(fused.row.nets)} (fused)", {})
+        group = groups.setdefault(f"{' + '.join(fused.row.nets)} (fused, Table 6)", {})
         group[multi_scale[fused.row.protocol]] = 100 * fused.row.top1_error
     return list(groups.items())
 
@@ -67,7 +68,7 @@ def error_groups(measured: list[Measured], nets: list[Net], preset: Preset) -> l
 def errors_figure(measured: list[Measured], nets: list[Net], preset: Preset) -> Any:
     """``errors.png``'s figure: the top-1 test error of every row of Tables 3 to 6, as bars from zero."""
     return error_bars(error_groups(measured, nets, preset), [legend for *_, legend in ERROR_BARS],
-                      "top-1 test error, every row of Tables 3 to 6")
+                      "top-1 test error: each net's rows of Tables 3 to 5, each fusion's of Table 6")
 
 
 def _plot_errors(measured: list[Measured], nets: list[Net], preset: Preset, out: Path) -> Path:

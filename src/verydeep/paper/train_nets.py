@@ -21,9 +21,10 @@ from verydeep.data.splits import open_split
 from verydeep.errors import UserError
 from verydeep.eval.nets import derive_scales
 from verydeep.io.atomic import atomic_write
+from verydeep.io.rundir import RunDir
 from verydeep.nn.tasks import Classification
 from verydeep.paper.measure import Measured, evaluate_net
-from verydeep.paper.plot import read_metrics
+from verydeep.paper.plot import REPORTED, read_metrics
 from verydeep.paper.presets import Net, Preset
 from verydeep.runtime.device import pick_device
 from verydeep.train import train
@@ -173,11 +174,17 @@ def measure(net: Net, preset: Preset, test: Path, images: str, run_dir: Path, ou
         text = json.dumps(wanted, indent=1)
         atomic_write(cache / EVAL_SETTINGS, lambda tmp: Path(tmp).write_text(text))
     return evaluate_net(net.name, run_dir, test, tuple(wanted["protocols"]), preset.limit_test, out, device,
-                        progress)
+                        preset.workers, progress)
 
 
 def epochs_of(run_dir: Path) -> list[dict[str, Any]]:
-    return read_metrics(run_dir)[1]
+    """The epoch records of a trained net, each with what the report reads (:data:`~verydeep.paper.plot.REPORTED`):
+    none is a :class:`UserError` (a log whose last lines were lost)."""
+    epochs = read_metrics(run_dir, REPORTED)[1]
+    if not epochs:
+        raise UserError(f"{RunDir(run_dir).metrics}: no epoch record of a trained net (its last lines lost?); remove "
+                        f"{run_dir} to train the net again")
+    return epochs
 
 
 @dataclass(frozen=True)

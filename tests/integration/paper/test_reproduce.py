@@ -1,6 +1,7 @@
 """The demo's and the reproduction's whole path, on a tiny budget."""
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def test_errors_png_draws_every_row_of_tables_3_to_6_on_bars_from_zero():
     assert ax.get_ylim()[0] == 0  # a bar's length is its error, 30% a tenth shorter than 33%
     heights = sorted(round(bar.get_height(), 6) for bar in ax.patches)
     assert heights == sorted(round(100 * m.row.top1_error, 6) for m in rows)  # every row, once
-    assert [label.get_text() for label in ax.get_xticklabels()] == ["A", "D-jitter", "A + D-jitter (fused)"]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["A", "D-jitter", "A + D-jitter (fused, Table 6)"]
     assert [text.get_text() for text in ax.get_legend().get_texts()] == [legend for *_, legend in ERROR_BARS]
+    assert not any("Table" in legend for *_, legend in ERROR_BARS)  # a fusion's bars are Table 6's, not 4's or 5's
     series = {bars.get_label(): [round(bar.get_height(), 6) for bar in bars] for bars in ax.containers}
     single, multi, multicrop, both = (legend for *_, legend in ERROR_BARS)
     assert series == {single: [43.0, 37.0], multi: [40.0, 36.0, 35.0], multicrop: [34.0, 33.0], both: [31.0, 30.0]}
@@ -271,7 +273,7 @@ def test_a_nets_cached_evaluation_is_its_evaluation_exactly(reproduced):
     # eval --out's files, and what they were measured with
     assert sorted(p.name for p in cache.iterdir()) == ["posteriors.npz", "results.json", "results.md", "settings.json"]
     saved = json.loads((cache / "results.json").read_text())
-    measured, seconds = evaluate_net("D-jitter", out / "nets" / "D-jitter", None, (), None, out, "cpu", False)
+    measured, seconds = evaluate_net("D-jitter", out / "nets" / "D-jitter", None, (), None, out, "cpu", 0, False)
     fresh = evaluate([out / "nets" / "D-jitter"], saved["data"], protocols=saved["protocols"], limit=preset.limit_test,
                      device="cpu", progress=False, keep_posteriors=True)
     assert seconds == saved["timing"]["seconds"] and len(measured) == len(fresh.rows) == 9
@@ -432,3 +434,35 @@ def test_reproduce_refuses_options_that_would_do_nothing(tmp_path, capsys, optio
     assert main(["reproduce", "--data", str(tmp_path), "--preset", "cifar10", *options]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_a_nets_evaluation_reads_with_the_presets_loader_processes(tmp_path, monkeypatch):
+    """``reproduce --workers`` sets the evaluation's loader processes too, not only training's."""
+    import verydeep.paper.measure as measure
+
+    asked = {}
+
+    def evaluate_seen(*args, **kwargs):
+        asked.update(kwargs)
+        raise KeyboardInterrupt  # what the evaluation was asked is all this test needs
+
+    monkeypatch.setattr(measure, "evaluate", evaluate_seen)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_net("A", tmp_path / "A", tmp_path, ("dense",), None, tmp_path, "cpu", 0, False)
+    assert asked["workers"] == 0
+
+
+def test_a_trained_nets_log_without_its_epoch_records_is_one_line_and_the_report_stays(reproduced, tmp_path):
+    """A log whose last records a crash cut (or an editor emptied) leaves a finished net nothing to report: one
+    line naming the file, before any of the report's files is written again."""
+    data, preset, out, _ = reproduced
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    log = copy / "nets" / "A" / "metrics.jsonl"
+    log.write_text("".join(line for line in log.read_text().splitlines(keepends=True) if '"epoch"}' not in line
+                           and '"kind": "epoch"' not in line))
+    written = {path: path.stat().st_mtime_ns for path in copy.iterdir() if path.is_file()}
+    with pytest.raises(UserError, match=f"{log}: no epoch record of a trained net"):
+        reproduce(data, preset, "digits", copy, progress=False)
+    assert {path: path.stat().st_mtime_ns for path in copy.iterdir() if path.is_file()} == written
+

@@ -106,6 +106,24 @@ def test_plot_refuses_a_bad_record_naming_file_and_line(tmp_path, capsys, line, 
     assert not (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.parametrize("kind", ["step", "epoch"])
+def test_plot_refuses_a_log_of_two_runs_or_one_repeated_naming_the_line_that_goes_back(tmp_path, capsys, kind):
+    """One run's log counts its steps and epochs up; two joined (or one copied twice) would be drawn as one run
+    zig-zagging back, titled with the wrong number of epochs."""
+    one = "".join(f'{{"kind": "step", "epoch": {1 + i // 2}, "step": {1 + i}, "loss": 1.0, "lr": 0.01}}\n'
+                  for i in range(4))
+    one += "".join(f'{{"kind": "epoch", "epoch": {e}, "step": {2 * e}, "train_loss": 1.0}}\n' for e in (1, 2))
+    lines = one.splitlines(keepends=True)
+    joined = one + (lines[0] if kind == "step" else lines[4])  # the next run's first record of that kind
+    (tmp_path / "metrics.jsonl").write_text(joined)
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"metrics.jsonl:7: {kind} 1 follows {kind} {4 if kind == 'step' else 2}" in err
+    assert not (tmp_path / "curves.png").exists()
+    (tmp_path / "metrics.jsonl").write_text(one)
+    assert main(["plot", str(tmp_path)]) == 0
+
+
 def test_plot_writes_over_none_of_its_runs_files_even_through_a_link(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
