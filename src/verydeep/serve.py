@@ -389,8 +389,12 @@ async def read_upload(request: Any, folder: Path) -> tuple[Path, str, dict[str, 
     if length.isdigit() and int(length) > MAX_UPLOAD_BYTES + FORM_SLACK:
         raise UserError(f"the upload is {int(length) / 2**20:.1f} MB; an image may have at most "
                         f"{MAX_UPLOAD_BYTES / 2**20:g} MB")
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # case-blind (RFC 9110)
         raise UserError("send a multipart/form-data request with the image in the field 'image'")
+    if request.query_params:  # a script's params={"topk": 1} would be dropped: the form alone is read
+        first = next(iter(request.query_params))
+        raise UserError(f"the URL's query ({request.url.query[:80]}) is not read; give {first!r} as a field of the "
+                        "form")
     bounded = Request(request.scope, limited(request.receive, MAX_UPLOAD_BYTES + FORM_SLACK))
     try:
         form = await bounded.form(max_files=1, max_fields=len(FIELDS), max_part_size=FORM_SLACK)
@@ -437,7 +441,8 @@ def build_app(looker: Looker) -> Any:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.responses import FileResponse, JSONResponse
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
@@ -452,6 +457,8 @@ def build_app(looker: Looker) -> Any:
             except UserError as error:
                 message = str(error) if path is None else str(error).replace(str(path), name)
                 return JSONResponse({"error": one_line(message)}, status_code=400)
+            except ClientDisconnect:  # a tab closed or reloaded during the upload: no one to answer, nothing wrong
+                return Response(status_code=400)
             except Exception as error:  # a bug: the API still answers in its JSON, the traceback goes to the log
                 log.exception("%s failed", request.url.path)
                 return JSONResponse({"error": one_line(f"internal error ({type(error).__name__}: {error})")},
@@ -485,7 +492,10 @@ def build_app(looker: Looker) -> Any:
 
 
 def listening(host: str, port: int) -> socket.socket:
-    """A socket listening on ``host:port``; a port in use or a bad host is a :class:`UserError` naming the option."""
+    """A socket listening on ``host:port``; a port in use or a bad host is a :class:`UserError` naming the option.
+    An empty host, which the system takes for every address (an unset ``--host "$HOST"``), is one too."""
+    if not host.strip():
+        raise UserError(f"--host {host!r}: give an address (127.0.0.1 for this machine, 0.0.0.0 for every network)")
     try:
         return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except (OSError, OverflowError) as error:

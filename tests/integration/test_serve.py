@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -220,6 +221,12 @@ def test_a_bad_upload_is_http_400_with_one_line_and_the_server_carries_on(client
     form = {"content-type": "application/x-www-form-urlencoded"}
     response = client.post("/api/predict", content=b"image=1", headers=form)
     assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]
+    queried = client.post("/api/predict?topk=1", files={"image": ("x.jpg", whole)})  # requests' params={"topk": 1}
+    assert queried.status_code == 400 and "the URL's query (topk=1) is not read; give 'topk' as a field" in (
+        queried.json()["error"])
+    upper = client.post("/api/predict", content=b"--xx\r\nno headers end here",
+                        headers={"content-type": "Multipart/Form-Data; boundary=xx"})  # media types are case-blind
+    assert upper.json()["error"].startswith("a malformed multipart form"), upper.text
     assert post(client, image).status_code == 200
 
 
@@ -275,6 +282,8 @@ def test_the_command_refuses_a_busy_port_a_bad_port_and_no_weights(nets, capsys)
     assert "expected a TCP port from 1 to 65535" in capsys.readouterr().err
     assert main(["serve", "--port", str(port)]) == 2
     assert "give --weights" in capsys.readouterr().err
+    assert main(["serve", "--weights", str(nets[0]), "--host", "", "--port", str(port)]) == 2  # "$HOST" unset
+    assert "--host '': give an address (127.0.0.1 for this machine" in capsys.readouterr().err
 
 
 
@@ -360,6 +369,21 @@ def test_a_real_server_stays_up_through_200_requests_a_quarter_bad_and_its_memor
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_an_upload_the_client_gives_up_midway_leaves_no_traceback_and_the_server_carries_on(nets, image, caplog):
+    """A tab closed or reloaded during an upload: an ordinary event, not an internal error with a traceback."""
+    looker = load_looker([str(nets[0])], [], "cpu", "auto")
+    head = ("POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XX\r\nContent-Length: "
+            "1000000\r\n\r\n--XX\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n")
+    with serving(looker) as url, httpx.Client(base_url=url, timeout=60) as http:
+        port = int(url.rsplit(":", 1)[1])
+        for path in ("/api/predict", "/api/look"):
+            with socket.create_connection(("127.0.0.1", port)) as gone:
+                gone.sendall(head.format(path).encode() + image.read_bytes()[:1000])
+            time.sleep(0.5)  # the server reads on, finds the client gone
+        assert post(http, image).status_code == 200
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
 def test_a_bug_under_the_api_is_http_500_with_one_json_line(nets, image, monkeypatch):
