@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,19 @@ def test_unusual_images_decode_correctly(tmp_path):
     assert read(works["grey"]).float().mean((1, 2)).tolist() == [90, 90, 90]
     assert read(works["tiny"]).shape == (3, 8, 10)  # upsampled to the smallest side Q
     assert read(works["rotated"]).shape == (3, 12, 8)  # EXIF 8: displayed portrait
+
+
+def test_a_float_image_is_scaled_and_one_holding_nan_is_unreadable_without_numpys_warning(tmp_path):
+    """A floating-point TIFF of 0..1 is read as grey levels; NaN or infinity has none (numpy's cast of it would
+    warn over two lines, and give what it gives)."""
+    Image.fromarray(np.full((40, 50), 0.5, np.float32)).save(tmp_path / "half.tiff")
+    assert RescaleTransform(8)(tmp_path / "half.tiff").float().mean() == pytest.approx(128, abs=1)
+    for value in (float("nan"), float("inf")):
+        Image.new("F", (50, 40), value).save(tmp_path / "odd.tiff")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=r"pixel values that are not finite \(NaN or infinity\)"):
+                RescaleTransform(8)(tmp_path / "odd.tiff")
 
 
 def test_broken_files_through_a_loader_are_skipped_named_and_counted(tmp_path):

@@ -117,10 +117,13 @@ def image_size(path: str | Path) -> Size:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Decode ``img`` to 8-bit RGB: greyscale, palette, CMYK, alpha and 16-bit modes handled.
 
-    16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it at 255).
+    16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it at 255). A floating-point image
+    holding NaN or infinity, which has no grey level, is a ``ValueError`` (an unreadable image).
     """
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError("pixel values that are not finite (NaN or infinity)")
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         if img.mode == "F" and arr.max() <= 1.0:
             peak = 1.0
