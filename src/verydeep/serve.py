@@ -392,9 +392,8 @@ async def read_upload(request: Any, folder: Path) -> tuple[Path, str, dict[str, 
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # case-blind (RFC 9110)
         raise UserError("send a multipart/form-data request with the image in the field 'image'")
     if request.query_params:  # a script's params={"topk": 1} would be dropped: the form alone is read
-        first = next(iter(request.query_params))
-        raise UserError(f"the URL's query ({request.url.query[:80]}) is not read; give {first!r} as a field of the "
-                        "form")
+        raise UserError(f"the URL's query ({request.url.query[:80]}) is not read: the request is the form's fields "
+                        "alone")
     bounded = Request(request.scope, limited(request.receive, MAX_UPLOAD_BYTES + FORM_SLACK))
     try:
         form = await bounded.form(max_files=1, max_fields=len(FIELDS), max_part_size=FORM_SLACK)

@@ -83,7 +83,7 @@ def checked_settings(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainC
         cfg.check_each()
     refuse_recipe_scale_of_another_crop(cfg, given)
     adopted, published = adopt_weights(cfg, given)
-    adopted = scale_for_crop(adopted, given)
+    adopted = scale_for_crop(adopted, given, published.recipe if published else None)
     with named_by_origin(given):
         adopted.check()
         _, trunk = make_trunk(adopted.config, adopted.batch_norm, width=1 / 64)  # the names alone: a small trunk
@@ -91,11 +91,13 @@ def checked_settings(cfg: TrainConfig, given: Mapping[str, str]) -> tuple[TrainC
     return adopted, published
 
 
-def scale_for_crop(cfg: TrainConfig, given: Mapping[str, str]) -> TrainConfig:
+def scale_for_crop(cfg: TrainConfig, given: Mapping[str, str], source: dict[str, Any] | None) -> TrainConfig:
     """The default training scale, S = 256, belongs to the default 224 crop (Sec. 3.1): a new run with another crop
-    and no scale given, nor brought by its weights (:func:`input_size`), takes it scaled with the crop as the
-    ``reproduce`` presets do (36 for crops of 32), not crops of an eighth of the image."""
-    if cfg.resume or "scale" in given or cfg.crop == TrainConfig.crop or cfg.scale != TrainConfig.scale:
+    and no scale given, nor brought by its weights (``source``: their recipe; :func:`input_size` brings theirs with
+    their crop), takes it scaled with the crop as the ``reproduce`` presets do (36 for crops of 32), not crops of an
+    eighth of the image."""
+    brought = source is not None and bool(source.get("scale")) and cfg.crop == source.get("crop")
+    if cfg.resume or "scale" in given or cfg.crop == TrainConfig.crop or brought:
         return cfg
     side = min(math.floor(TrainConfig.scale[0] * cfg.crop / TrainConfig.crop), MAX_SIDE)
     return replace(cfg, scale=(side, side))

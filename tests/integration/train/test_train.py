@@ -947,6 +947,11 @@ def test_the_default_training_scale_follows_another_crop_as_256_follows_224(data
     from_64 = tmp_path / "from-64"  # weights of crops of 64 trained on crops of 32: their S is not for 32 either
     assert main([*common, "--weights", str(tmp_path / "--crop-64"), "--crop", "32", "--out", str(from_64)]) == 0
     assert json.loads((from_64 / "recipe.json").read_text())["scale"] == [36, 36]
+    assert main([*common, "--crop", "64", "--scale", "256", "--out", str(tmp_path / "s256")]) == 0
+    for restated in ([], ["--crop", "64"]):  # weights of crops of 64 trained at S = 256 bring their S, 256
+        tuned = tmp_path / f"tuned{len(restated)}"
+        assert main([*common, "--weights", str(tmp_path / "s256"), *restated, "--out", str(tuned)]) == 0
+        assert json.loads((tuned / "recipe.json").read_text())["scale"] == [256, 256]
     capsys.readouterr()
     assert TrainConfig().scale == (256, 256)  # the crop of 224's own
     huge = TrainConfig(data=str(data), out=str(tmp_path / "huge"), crop=1856)
