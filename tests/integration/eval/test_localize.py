@@ -216,18 +216,24 @@ def test_protocol_one_clips_the_nets_box_to_the_image_as_the_whole_image_baselin
     assert result.whole_image_error == 0.0 and result.localisation_error == 0.0
 
 
-def test_protocol_ones_errors_are_the_fractions_of_the_images_counted(boxed, tmp_path):
-    """Over 7 validation images with a box, 3 of them the whole image: the whole-image baseline is wrong on 4/7."""
+def protocol_one_over_seven(boxed, tmp_path, first_three: str, other_four: str):
+    """Protocol 1 of a one-epoch SCR net over 7 validation images, the first three with the box ``first_three``,
+    the others ``other_four`` (``x0 y0 x1 y1`` in the 44 x 40 images' pixels); the training images' box central."""
     root, classifier = boxed
     val = sorted((root / "val").rglob("*.png"))[:7]
     lines = [f"{p.relative_to(root).as_posix()} 8 6 35 33" for p in sorted((root / "train").rglob("*.png"))]
-    lines += [f"{p.relative_to(root).as_posix()} {'0 0 43 39' if i < 3 else '8 6 35 33'}" for i, p in enumerate(val)]
+    lines += [f"{p.relative_to(root).as_posix()} {first_three if i < 3 else other_four}" for i, p in enumerate(val)]
     boxes = tmp_path / "boxes.txt"
     boxes.write_text("\n".join(lines) + "\n")
     run = tmp_path / "loc"
     train(tiny(root, run, epochs=1, scale=(32, 32), batch_norm=True, weights=str(classifier)),
           task=Localisation("scr", boxes=boxes))
-    result = evaluate_center(run, root, boxes=boxes, progress=False)
+    return evaluate_center(run, root, boxes=boxes, progress=False)
+
+
+def test_protocol_ones_errors_are_the_fractions_of_the_images_counted(boxed, tmp_path):
+    """Over 7 validation images with a box, 3 of them the whole image: the whole-image baseline is wrong on 4/7."""
+    result = protocol_one_over_seven(boxed, tmp_path, "0 0 43 39", "8 6 35 33")
     assert result.images == 7 and result.whole_image_error == 100 * 4 / 7
     assert result.localisation_error in {100 * wrong / 7 for wrong in range(8)}
 
@@ -235,16 +241,7 @@ def test_protocol_ones_errors_are_the_fractions_of_the_images_counted(boxed, tmp
 def test_protocol_one_counts_an_iou_a_hair_above_a_half_right_and_exactly_a_half_wrong(boxed, tmp_path):
     """The whole 44 x 40 image against true boxes of all its height and 22.0001 of its width (IoU 0.5000023) on
     3 validation images, of 22 (IoU exactly 0.5) on 4: right on the 3, wrong on the 4, as protocol 2 counts."""
-    root, classifier = boxed
-    val = sorted((root / "val").rglob("*.png"))[:7]
-    lines = [f"{p.relative_to(root).as_posix()} 8 6 35 33" for p in sorted((root / "train").rglob("*.png"))]
-    lines += [f"{p.relative_to(root).as_posix()} 0 0 {'21.0001' if i < 3 else '21'} 39" for i, p in enumerate(val)]
-    boxes = tmp_path / "boxes.txt"
-    boxes.write_text("\n".join(lines) + "\n")
-    run = tmp_path / "loc"
-    train(tiny(root, run, epochs=1, scale=(32, 32), batch_norm=True, weights=str(classifier)),
-          task=Localisation("scr", boxes=boxes))
-    result = evaluate_center(run, root, boxes=boxes, progress=False)
+    result = protocol_one_over_seven(boxed, tmp_path, "0 0 21.0001 39", "0 0 21 39")
     assert result.images == 7 and result.whole_image_error == 100 * 4 / 7
 
 
