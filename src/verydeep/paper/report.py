@@ -163,7 +163,8 @@ def eval_tables(result: EvalResult) -> list[Table]:
 
     def by_method(row: EvalRow) -> tuple[list[str], EvalRow]:
         net = nets[row.nets[0]]
-        label = _model_label(net, nets) + (f" (S={_train_label(net)})" if _train_label(net) else "")
+        label = _model_label(net, nets)  # a twin's full name holds its S already
+        label += f" (S={_train_label(net)})" if _train_label(net) and label == net.model else ""
         return [label, PROTOCOL_LABELS[row.protocol], scales_label(row.scales)], row
 
     scale_labels = ("ConvNet config.", "train (S)", "test (Q)")

@@ -232,6 +232,7 @@ def test_evaluate_rows_and_fusion_of_two_nets(folder, checkpoint, second):
     assert not result.imagenet_sized and all(r.paper is None for r in result.rows)
     tables = join_markdown(eval_tables(result))
     assert "Table 6" in tables and "fusion of A S=36 #1 + A S=36 #2" in rows_table(result).markdown()
+    assert "| A S=36 #1 | multi-crop |" in tables and "(S=36) |" not in tables  # a twin's S said once
 
 
 def test_the_same_weights_given_twice_are_refused(folder, checkpoint, tmp_path, capsys):
