@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: s
     order = preset.members()
     nets = sorted(order, key=lambda n: ([m.name for m in NETS].index(n.base), n.seed))  # the tables' order
     done = train_and_measure(order, preset, data, out, device, progress)
+    others = sorted({path.name for path in (out / "nets").glob("*") if path.is_dir()} - {n.name for n in nets})
+    if others:  # an earlier run's nets (a fuller --nets): this report is of the nets asked for alone
+        print(f"warning: {out / 'nets'} holds nets not asked for now, left out of the report: {', '.join(others)} "
+              "(give them in --nets to report them)", file=sys.stderr)
     measured = done.measured + fusions(done.measured, nets)
     tables = paper_tables(measured, nets, preset)
     checked = claims(measured, nets, preset)

@@ -466,3 +466,13 @@ def test_a_trained_nets_log_without_its_epoch_records_is_one_line_and_the_report
         reproduce(data, preset, "digits", copy, progress=False)
     assert {path: path.stat().st_mtime_ns for path in copy.iterdir() if path.is_file()} == written
 
+
+
+def test_a_report_of_fewer_nets_than_out_holds_says_which_it_leaves_out(reproduced, tmp_path, capsys):
+    data, preset, out, _ = reproduced
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    fewer = reproduce(data, replace(preset, nets=("A",)), "digits", copy, progress=False)
+    assert {net.name for net in fewer.nets} == {"A", "A-s1"}
+    held = sorted(path.name for path in (copy / "nets").iterdir() if path.name not in ("A", "A-s1"))
+    assert held and f"left out of the report: {', '.join(held)}" in capsys.readouterr().err
