@@ -588,6 +588,8 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
                             "give --data")
         if given.get("data") is None and recipe.get("data") is None:
             stored["data"] = run_data_folder(stored)
+        if parse_milestones(given.get("milestones") or recipe.get("milestones") or []):  # they replace the stored
+            stored = {key: value for key, value in stored.items() if key not in PLATEAU}  # plateau rule: no clash
         settings.update(stored)
         refuse_changed_settings(stored, given, recipe)
     settings.update(recipe)
@@ -662,12 +664,15 @@ def recipe_origin(recipe: str, name: str) -> str:
     return f"--recipe {recipe}'s {name}"
 
 
+#: The plateau rule's settings, which milestones replace (Sec. 3.1).
+PLATEAU = ("patience", "max_drops")
+
+
 def refuse_plateau_flags_beside_milestones(settings: dict[str, Any], given: dict[str, Any]) -> None:
     """Raise :class:`UserError` when the plateau rule's flags are given on the command line, even at
     their defaults, to a run that follows milestones (a recipe's plateau settings simply give way)."""
     refuse_ignored_plateau(parse_milestones(settings.get("milestones") or []),
-                           [f"{flag_of(name)} {given[name]}" for name in ("patience", "max_drops")
-                            if name in given])
+                           [f"{flag_of(name)} {given[name]}" for name in PLATEAU if name in given])
 
 
 def refuse_ignored_plateau(milestones: list[int], ignored: list[str]) -> None:

@@ -363,6 +363,8 @@ class Trainer:
 
     def _train(self) -> TrainSummary:
         start = time.perf_counter()
+        if self.procs.main:  # the settings of this call, those that end the run at once too
+            write_run_record(self.run_dir, self.record)
         if self.schedule.stopped or self.epoch >= self.cfg.epochs:  # the summary's lr: the one it ended with
             reason = "validation stopped improving" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
             self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do",
@@ -370,8 +372,6 @@ class Trainer:
             return summary(self, self.schedule.stop_reason if self.schedule.stopped else "epochs", start)
         if self.cfg.resume and self.cfg.milestones:  # the milestones given now decide the lr from here on
             self._set_lr(self.schedule.follow_milestones(self.epoch))
-        if self.procs.main:
-            write_run_record(self.run_dir, self.record)
         self.model.train()
         stopped = "epochs"
         try:

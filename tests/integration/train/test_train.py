@@ -242,6 +242,38 @@ def test_a_run_stopped_on_a_plateau_trains_on_when_resumed_with_more_drops(data,
     assert json.loads((tmp_path / "recipe.json").read_text())["max_drops"] == 1
 
 
+def test_a_resume_that_ends_the_run_at_once_records_what_ended_it(data, tmp_path, capsys):
+    """A stricter --stop-patience (or fewer --epochs) given at a resume stops the run there: the record says so,
+    and a plain --resume later finds the run finished too."""
+    args = ["train", "--data", str(data), "--out", str(tmp_path), "--device", "cpu", "--workers", "0", "--no-progress",
+            "--width", "0.0625", "--crop", "32", "--scale", "32:40", "--batch-size", "16", "--precision", "fp32",
+            "--lr", "1e-12", "--epochs", "6", "--patience", "5"]  # no improving, no drop yet
+    assert main([*args, "--stop-after-steps", "12"]) == 0  # two epochs or more: one at least without improving
+    summaries = []
+    for again in (["--stop-patience", "1"], []):
+        assert main(["train", "--out", str(tmp_path), "--resume", "--no-progress", *again]) == 0
+        summaries.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
+    assert summaries[0] == summaries[1] | {"seconds": summaries[0]["seconds"]} and summaries[0]["epochs"] < 6
+    assert summaries[0]["stopped"] == "stop_patience"
+    assert json.loads((tmp_path / "recipe.json").read_text())["stop_patience"] == 1
+
+
+def test_milestones_given_at_a_resume_replace_the_stored_plateau_rule(data, tmp_path, capsys):
+    """The stored --patience 3 is the old rule's, not a clash with the milestones given now (which nothing could
+    otherwise give); a --patience given beside them still is."""
+    args = ["train", "--data", str(data), "--out", str(tmp_path), "--device", "cpu", "--workers", "0", "--no-progress",
+            "--width", "0.0625", "--crop", "32", "--scale", "32:40", "--batch-size", "16", "--precision", "fp32",
+            "--epochs", "1", "--patience", "3"]
+    assert main(args) == 0
+    resume = ["train", "--out", str(tmp_path), "--resume", "--no-progress", "--epochs", "3", "--milestones", "2"]
+    assert main([*resume, "--patience", "2"]) == 2
+    assert "--milestones 2 replaces the plateau rule, so --patience 2 would be ignored" in capsys.readouterr().err
+    assert main(resume) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["lr"] == pytest.approx(TrainConfig.lr / 10)
+    record = json.loads((tmp_path / "recipe.json").read_text())
+    assert record["milestones"] == [2] and record["patience"] == TrainConfig.patience
+
+
 def test_the_trainers_fused_update_is_plain_sgd(data, tmp_path):
     """The trainer's optimizer (one fused kernel) makes the update of torch's plain SGD loop, with the
     gradients autograd gives (laid out as their channels-last weights)."""
