@@ -24,7 +24,7 @@ from typing import Any
 from verydeep.errors import UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
-from verydeep.io.outputs import refuse_a_training_run, refuse_overwriting_inputs
+from verydeep.io.outputs import is_training_run, refuse_a_training_run, refuse_overwriting_inputs
 from verydeep.options import (
     add_device,
     add_progress,
@@ -71,10 +71,11 @@ def reproduce(data: Path, preset: Preset, preset_name: str, out: Path, device: s
     order = preset.members()
     nets = sorted(order, key=lambda n: ([m.name for m in NETS].index(n.base), n.seed))  # the tables' order
     done = train_and_measure(order, preset, data, out, device, progress)
-    others = sorted({path.name for path in (out / "nets").glob("*") if path.is_dir()} - {n.name for n in nets})
-    if others:  # an earlier run's nets (a fuller --nets): this report is of the nets asked for alone
+    held = {path.name for path in (out / "nets").glob("[!.]*") if is_training_run(path)}  # no .ipynb_checkpoints
+    others = sorted(held - {n.name for n in nets})
+    if others:  # an earlier run's nets (a fuller --nets or --seeds): this report is of the nets asked for alone
         print(f"warning: {out / 'nets'} holds nets not asked for now, left out of the report: {', '.join(others)} "
-              "(give them in --nets to report them)", file=sys.stderr)
+              "(--nets names a net, --seeds K reports its seeds -s1 to -s(K-1))", file=sys.stderr)
     measured = done.measured + fusions(done.measured, nets)
     tables = paper_tables(measured, nets, preset)
     checked = claims(measured, nets, preset)

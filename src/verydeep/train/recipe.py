@@ -511,6 +511,23 @@ def write_run_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
     return atomic_write(RunDir(run_dir).record, lambda tmp: Path(tmp).write_text(text))
 
 
+#: The settings that end a run: a resume that finds the run finished records these alone.
+ENDING = ("epochs", "patience", "max_drops", "milestones", "stop_patience", "val_every")
+
+
+def record_run(run_dir: str | Path, record: dict[str, Any], finished: bool) -> None:
+    """Write the run record as the run starts. A run that has finished (a resume with nothing to do) keeps its
+    stored record but for the settings that end it (:data:`ENDING`: a stricter ``--stop-patience``, fewer
+    ``--epochs``), so that a plain ``--resume`` later finds it finished too; this call's ``--workers``, its spelling
+    of ``--data`` and the like leave the record as trained."""
+    if finished and RunDir(run_dir).record.is_file():
+        stored = read_run_record(run_dir)
+        record = {**stored, **{key: record[key] for key in ENDING if key in record}}
+        if record == stored:
+            return
+    write_run_record(run_dir, record)
+
+
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     """The run record of ``run_dir``; a missing or damaged file is one line naming it."""
     path = RunDir(run_dir).record
@@ -588,8 +605,9 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
                             "give --data")
         if given.get("data") is None and recipe.get("data") is None:
             stored["data"] = run_data_folder(stored)
-        if parse_milestones(given.get("milestones") or recipe.get("milestones") or []):  # they replace the stored
-            stored = {key: value for key, value in stored.items() if key not in PLATEAU}  # plateau rule: no clash
+        milestones = given["milestones"] if "milestones" in given else recipe.get("milestones")  # those in effect
+        if parse_milestones(milestones or []):  # they replace the stored plateau rule: no clash with it
+            stored = {key: value for key, value in stored.items() if key not in PLATEAU}
         settings.update(stored)
         refuse_changed_settings(stored, given, recipe)
     settings.update(recipe)

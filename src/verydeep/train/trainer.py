@@ -57,10 +57,10 @@ from verydeep.train.recipe import (
     as_flags_given,
     changed_settings,
     flag_of,
+    record_run,
     started_with,
     stored_settings,
     stored_settings_file,
-    write_run_record,
 )
 from verydeep.train.schedule import EpochTotals, Schedule
 from verydeep.train.start import checked_settings, copied_tensors, freeze, initial_model, param_groups, start_record
@@ -362,10 +362,10 @@ class Trainer:
             self.checkpoints.release()
 
     def _train(self) -> TrainSummary:
-        start = time.perf_counter()
-        if self.procs.main:  # the settings of this call, those that end the run at once too
-            write_run_record(self.run_dir, self.record)
-        if self.schedule.stopped or self.epoch >= self.cfg.epochs:  # the summary's lr: the one it ended with
+        start, finished = time.perf_counter(), self.schedule.stopped or self.epoch >= self.cfg.epochs
+        if self.procs.main:  # a finished run's record changes only by the settings that end it
+            record_run(self.run_dir, self.record, finished)
+        if finished:  # the summary's lr: the one it ended with
             reason = "validation stopped improving" if self.schedule.stopped else f"--epochs is {self.cfg.epochs}"
             self.log(f"{self.run_dir}: the run has finished ({reason} after epoch {self.epoch}); nothing to do",
                      always=True)  # whatever --progress: it is why nothing happens

@@ -472,7 +472,10 @@ def test_a_report_of_fewer_nets_than_out_holds_says_which_it_leaves_out(reproduc
     data, preset, out, _ = reproduced
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
+    (copy / "nets" / ".ipynb_checkpoints").mkdir()  # no net, nor a folder without a run
+    (copy / "nets" / "notes").mkdir()
     fewer = reproduce(data, replace(preset, nets=("A",)), "digits", copy, progress=False)
     assert {net.name for net in fewer.nets} == {"A", "A-s1"}
-    held = sorted(path.name for path in (copy / "nets").iterdir() if path.name not in ("A", "A-s1"))
+    held = sorted(path.name for path in (copy / "nets").iterdir() if path.name not in ("A", "A-s1", "notes")
+                  and not path.name.startswith("."))
     assert held and f"left out of the report: {', '.join(held)}" in capsys.readouterr().err

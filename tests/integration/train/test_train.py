@@ -249,13 +249,15 @@ def test_a_resume_that_ends_the_run_at_once_records_what_ended_it(data, tmp_path
             "--width", "0.0625", "--crop", "32", "--scale", "32:40", "--batch-size", "16", "--precision", "fp32",
             "--lr", "1e-12", "--epochs", "6", "--patience", "5"]  # no improving, no drop yet
     assert main([*args, "--stop-after-steps", "12"]) == 0  # two epochs or more: one at least without improving
-    summaries = []
-    for again in (["--stop-patience", "1"], []):
+    summaries, records = [], []
+    for again in (["--stop-patience", "1"], ["--workers", "1"]):  # then a plain resume, of another call's workers
         assert main(["train", "--out", str(tmp_path), "--resume", "--no-progress", *again]) == 0
         summaries.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
+        records.append((tmp_path / "recipe.json").read_bytes())
     assert summaries[0] == summaries[1] | {"seconds": summaries[0]["seconds"]} and summaries[0]["epochs"] < 6
     assert summaries[0]["stopped"] == "stop_patience"
-    assert json.loads((tmp_path / "recipe.json").read_text())["stop_patience"] == 1
+    assert json.loads(records[0])["stop_patience"] == 1 and records[1] == records[0]  # as trained, but what ended it
+    assert json.loads(records[0])["resume"] is False and json.loads(records[0])["workers"] == 0
 
 
 def test_milestones_given_at_a_resume_replace_the_stored_plateau_rule(data, tmp_path, capsys):
@@ -272,6 +274,13 @@ def test_milestones_given_at_a_resume_replace_the_stored_plateau_rule(data, tmp_
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["lr"] == pytest.approx(TrainConfig.lr / 10)
     record = json.loads((tmp_path / "recipe.json").read_text())
     assert record["milestones"] == [2] and record["patience"] == TrainConfig.patience
+    again, recipe = tmp_path / "again", tmp_path / "milestones.toml"
+    recipe.write_text("milestones = [3]\n")
+    assert main([*args[:4], str(again), *args[5:]]) == 0
+    # the recipe's milestones undone by the flag: the plateau rule stays, the stored patience with it
+    assert main(["train", "--out", str(again), "--resume", "--no-progress", "--recipe", str(recipe), "--epochs", "2",
+                 "--milestones", ""]) == 0
+    assert json.loads((again / "recipe.json").read_text())["patience"] == 3
 
 
 def test_the_trainers_fused_update_is_plain_sgd(data, tmp_path):
