@@ -205,6 +205,14 @@ def parse_scales(text: str) -> list[int]:
     return [test_scale(str(q)) for q in scales]
 
 
+def input_path(text: str) -> str:
+    """``type=`` for a file or folder to read: an empty value, which the system would take for the working folder,
+    names none."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
+    return text
+
+
 def output_dir(text: str) -> Path:
     """``type=`` for a folder to write into: absent (it is created) or a folder, not a file."""
     path = OutputPath(text)

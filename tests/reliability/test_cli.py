@@ -85,6 +85,10 @@ NAMED = [
     ("summary D --crop 33", "--crop 33: a multiple of 32"),
     ("summary Z", "'Z'"),
     ("data stats {data} --sample 0 --workers 0", "--sample"),
+    ("data stats '' --workers 0", "argument dir: an empty path names no file or folder"),  # not the working folder
+    ("plot ''", "argument run_dir: an empty path names no file or folder"),
+    ("predict --weights {run} ''", "argument IMAGE: an empty path names no file or folder"),
+    ("eval --weights {run} --data ''", "argument --data: an empty path names no file or folder"),
     ("data stats {data} --workers -1", "--workers"),
     (f"train {TINY} --workers x", "--workers"),
     (f"train {TINY} --limit-val x", "--limit-val"),

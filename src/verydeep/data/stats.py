@@ -26,7 +26,7 @@ from verydeep.data.splits import open_split
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
 from verydeep.io.atomic import atomic_write
-from verydeep.options import add_workers, output_file, seed_number
+from verydeep.options import add_workers, input_path, output_file, seed_number
 from verydeep.runtime.limits import usable_cores
 from verydeep.runtime.progress import progress_bar
 
@@ -115,7 +115,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="dataset tools (statistics for preprocessing)")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     s = sub.add_parser("stats", help="mean RGB and RGB covariance eigenvectors of a training set")
-    s.add_argument("dir", type=Path, help="dataset root (its train/ split is used) or a split folder")
+    s.add_argument("dir", type=input_path, help="dataset root (its train/ split is used) or a split folder")
     s.add_argument("--out", type=output_file, default=None, help=f"output file (default: DIR/{PREPROCESS_FILE})")
     s.add_argument("--sample", type=int, default=5000, help="number of images sampled (default 5000)")
     s.add_argument("--side", type=int, default=256,

@@ -48,6 +48,7 @@ from verydeep.options import (
     add_progress,
     add_weights,
     add_workers,
+    input_path,
     listed,
     output_dir,
     parse_scales,
@@ -225,7 +226,8 @@ def given_weights(args: argparse.Namespace) -> Any:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate nets: dense, multi-crop, multi-scale, fusion (Sec. 3.2)")
     add_weights(p, repeat="fuse several nets (Table 6)")
-    p.add_argument("--data", required=True, help="dataset root (holding val/ or test/) or a split folder")
+    p.add_argument("--data", required=True, type=input_path,
+                   help="dataset root (holding val/ or test/) or a split folder")
     p.add_argument("--protocol", type=parse_protocols, default=list(DEFAULT_PROTOCOLS),
                    help=f"comma-separated, from {', '.join(PROTOCOLS)} (default: dense,multicrop,dense+multicrop)")
     p.add_argument("--scales", type=parse_scales, default=None,

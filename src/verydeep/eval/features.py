@@ -48,6 +48,7 @@ from verydeep.options import (
     add_weights,
     add_workers,
     image_side,
+    input_path,
     output_file,
     parse_scales,
     positive_int,
@@ -158,7 +159,7 @@ def add_extraction_flags(p: argparse.ArgumentParser, data_required: bool = True)
     add_weights(p, repeat="stack several nets' descriptors")
     p.add_argument("--raw-pixels", type=image_side, default=None, metavar="SIDE",
                    help="instead of a net, the pixels of each image's central SIDE x SIDE square (a baseline)")
-    p.add_argument("--data", required=data_required, metavar="DIR",
+    p.add_argument("--data", required=data_required, type=input_path, metavar="DIR",
                    help="a VOC root (JPEGImages/, Annotations/, ImageSets/Main/), a root with train/ and test/ "
                         "(or val/) class folders, or a folder of class folders; with --regions a VOC action root "
                         "(ImageSets/Action/)")

@@ -42,6 +42,7 @@ from verydeep.options import (
     add_device,
     add_precision,
     add_weights,
+    input_path,
     listed,
     output_file,
     parse_scales,
@@ -262,7 +263,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="top-k classes of images, dense over the whole image (Sec. 3.2), "
                                               "and class saliency maps")
     add_weights(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", type=input_path, metavar="IMAGE")
     p.add_argument("--topk", type=positive_int, default=5,
                    help="classes to list per image (default 5; all of them where the net has fewer)")
     p.add_argument("--scales", type=parse_scales, default=None,

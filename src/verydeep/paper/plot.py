@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from verydeep.errors import MissingFileError, UserError
 from verydeep.io.atomic import atomic_write
 from verydeep.io.rundir import RunDir
-from verydeep.options import output_file
+from verydeep.options import input_path, output_file
 from verydeep.runtime.limits import is_finite, is_whole
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def error_bars(groups: Sequence[tuple[str, dict[str, float]]], series: Sequence[
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plot", help="PNG learning curves of a training run (loss, validation error, lr)")
-    p.add_argument("run_dir", help="a run directory written by verydeep train")
+    p.add_argument("run_dir", type=input_path, help="a run directory written by verydeep train")
     p.add_argument("--out", type=output_file, default=None, help="image file to write, its format by its suffix "
                    "(.png, .pdf, .svg ...; default RUN_DIR/curves.png)")
     p.set_defaults(func=run_cli)

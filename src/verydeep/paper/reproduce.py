@@ -30,6 +30,7 @@ from verydeep.options import (
     add_progress,
     add_workers,
     argument_type,
+    input_path,
     output_dir,
     positive_int,
     width_multiplier,
@@ -99,7 +100,7 @@ def shard(value: str) -> tuple[int, int]:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("reproduce", help="the paper's ablations (Tables 3-6) at a scale this machine allows")
-    p.add_argument("--data", required=True, help="dataset root with train/ and val/ (or test/)")
+    p.add_argument("--data", required=True, type=input_path, help="dataset root with train/ and val/ (or test/)")
     p.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
     p.add_argument("--out", type=output_dir, default=None, help="output directory (default runs/reproduce-PRESET)")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None,

@@ -14,7 +14,7 @@ from verydeep.eval.localize.dense import evaluate_dense, table_9
 from verydeep.eval.localize.predict import run_predict
 from verydeep.eval.localize.task import HEADS, TARGETS, eval_boxes
 from verydeep.eval.localize.train import PAPER_DEFAULTS, run_train
-from verydeep.options import add_device, add_progress, add_workers, output_dir, parse_scales, positive_int
+from verydeep.options import add_device, add_progress, add_workers, input_path, output_dir, parse_scales, positive_int
 from verydeep.runtime import sharding
 from verydeep.runtime.processes import loader_workers
 from verydeep.train.recipe import add_flags
@@ -87,7 +87,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                         "boxes (the union, Appendix A) before merging, protocol center gives each net a Table 8 row "
                         "(the JSON's localisation_error is then the first net's, and 'nets' holds each net's)")
     e.add_argument("--classifier", help="the classification run that ranks the classes (protocol dense)")
-    e.add_argument("--data", required=True, help="dataset folder with train/ and val/")
+    e.add_argument("--data", required=True, type=input_path, help="dataset folder with train/ and val/")
     e.add_argument("--boxes", help="boxes file or folder (default DIR/boxes.txt or Tiny ImageNet's own, else the "
                                    "boxes the first "
                                    "--checkpoint's run was trained on, from its recipe.json, when they are of "
@@ -110,7 +110,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     add_progress(e)
     e.set_defaults(func=run_eval)
     r = actions.add_parser("predict", help="draw protocol 2's top (class, box) predictions of images")
-    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("images", nargs="+", type=input_path, help="image files")
     r.add_argument("--checkpoint", action="append", required=True,
                    help="a localisation run (or checkpoint); again for several nets, their boxes pooled (the union)")
     r.add_argument("--classifier", required=True, help="the classification run that ranks the classes")
