@@ -11,6 +11,7 @@ bilinear-antialias kernel. ``fast=False`` is the reference: a full decode and Pi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
@@ -57,13 +58,20 @@ _CORRUPT_EXIF = "Corrupt EXIF data"
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')
 
 
-def open_image(source: str | Path | io.BytesIO) -> Image.Image:
-    """Pillow's ``Image.open`` without its warnings, which name no file and span two lines: of a large image (the
-    sizes an image may have are bounded where it is planned; Pillow's own error, at twice its limit, stays) and of
-    a damaged EXIF block (read as far as it goes; a broken orientation counts as upright)."""
+@contextlib.contextmanager
+def _pillow_quiet() -> Iterator[None]:
+    """Pillow's warnings that name no file and span two lines left out: of a large image (the sizes an image may
+    have are bounded where it is planned; Pillow's own error, at twice its limit, stays) and of a damaged EXIF block
+    (read as far as it goes; a broken orientation counts as upright)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", message=_CORRUPT_EXIF, category=UserWarning)
+        yield
+
+
+def open_image(source: str | Path | io.BytesIO) -> Image.Image:
+    """Pillow's ``Image.open`` without its warnings that name no file (:func:`_pillow_quiet`)."""
+    with _pillow_quiet():
         return Image.open(source)
 
 
@@ -76,8 +84,7 @@ def orientation(img: Image.Image) -> int:
         value = int(match[2]) if match else 1
         return value if value in _ORIENTATION else 1
     try:
-        with warnings.catch_warnings():  # Pillow's warning of a damaged EXIF block, which names no file
-            warnings.filterwarnings("ignore", message=_CORRUPT_EXIF, category=UserWarning)
+        with _pillow_quiet():  # a damaged EXIF block warns here too
             value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except (OSError, ValueError, SyntaxError):  # a broken EXIF block: treat as upright
         return 1
