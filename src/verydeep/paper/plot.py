@@ -219,7 +219,8 @@ def error_bars(groups: Sequence[tuple[str, dict[str, float]]], series: Sequence[
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("plot", help="PNG learning curves of a training run (loss, validation error, lr)")
+    p = subparsers.add_parser("plot", help="learning curves of a training run (loss, validation error, lr): "
+                              "PNG, SVG or PDF")
     p.add_argument("run_dir", type=input_path, help="a run directory written by verydeep train")
     p.add_argument("--out", type=output_file, default=None, help="image file to write, its format by its suffix "
                    "(.png, .pdf, .svg ...; default RUN_DIR/curves.png)")
