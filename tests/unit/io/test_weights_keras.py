@@ -124,3 +124,49 @@ def test_a_keras_3_notop_vgg_with_global_pooling_loads_its_convolutions(tmp_path
     keras.Model(inputs, pooled(x)).save(tmp_path / "pooled.keras")
     published = load_published(str(tmp_path / "pooled.keras"))
     assert published.recipe["head"] == "random" and published.recipe["config"] == "D"
+
+
+def _rebuilt(size: int = 64, change: str = "") -> keras.Model:
+    """:func:`keras_vgg16`'s layers, rebuilt for ``size``-pixel inputs with one ``change``: ``dilated`` (the second
+    convolution dilated by 2), ``pool3`` (3 x 3 poolings), ``same-pool`` (padded poolings) or ``no-pool5``."""
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((size, size, 3))
+    for layer in keras_vgg16(size=size).layers[1:]:
+        if layer.name == "block1_conv2" and change == "dilated":
+            layer = keras.layers.Conv2D(4, 3, padding="same", activation="relu", dilation_rate=2, name=layer.name)
+        elif layer.name.endswith("_pool") and change in ("pool3", "same-pool"):
+            layer = keras.layers.MaxPooling2D(3 if change == "pool3" else 2, strides=2, name=layer.name,
+                                              padding="same" if change == "same-pool" else "valid")
+        elif layer.name == "block5_pool" and change == "no-pool5":
+            continue
+        elif layer.name == "fc1":
+            layer = keras.layers.Dense(256, activation="relu", name="fc1")
+        x = layer(x)
+    return keras.Model(inputs, x, name="vgg16")
+
+
+@pytest.mark.parametrize(("change", "size", "said"), [
+    ("dilated", 64, r"Keras layer 'block1_conv2' \(Conv2D, activation relu, padding same, strides \[1, 1\], "
+                    r"dilation_rate \[2, 2\], groups 1\) is no layer of a VGG"),
+    ("pool3", 64, r"Keras layer 'block1_pool' \(MaxPooling2D, padding valid, strides \[2, 2\], pool_size \[3, 3\]\)"),
+    ("same-pool", 64, r"Keras layer 'block1_pool' \(MaxPooling2D, padding same, "),
+    ("no-pool5", 64, r"the Keras model has 4 max-pooling layers where a VGG of Table 1 has 5"),
+    ("", 70, r"the Keras model takes 70 x 70 images into its FC layers, where a VGG's take a square of a multiple "
+             r"of 32 pixels"),
+])
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_keras_model_whose_config_computes_otherwise_than_its_weights_say_is_refused(tmp_path, change, size, said,
+                                                                                         suffix):
+    """Weights of the shapes of a VGG's, behind a dilated convolution, another pooling, a pooling left out (FC1 then
+    reads a larger grid: a net of twice the crop) or an input the top cannot take, would load as a VGG that computes
+    something else; the model's config (a ``.keras`` archive's, a whole model's HDF5) says so."""
+    path = tmp_path / f"changed{suffix}"
+    _rebuilt(size, change).save(path)
+    with pytest.raises(UserError, match=rf"changed\{suffix}: {said}"):
+        load_published(str(path))
+
+
+def test_a_rebuilt_keras_vgg_loads_as_the_vgg_it_is(tmp_path):
+    """The refusals above turn on the one change each: the same rebuilding without it loads."""
+    _rebuilt().save(tmp_path / "plain.keras")
+    assert load_published(str(tmp_path / "plain.keras")).recipe["crop"] == 64

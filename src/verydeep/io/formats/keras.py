@@ -55,6 +55,8 @@ def read_keras(path: Path) -> tuple[dict[str, Tensor], bool]:
             if "layers" in f and "layer_names" not in f.attrs:  # Keras 3
                 named = _keras3_named(f["layers"], path, size)
                 return named_to_state(_keras_to_torch(named, path), path), "fc6" in named
+            if "model_config" in f.attrs:  # a whole model's HDF5 (Keras 2's, Keras 3's legacy .h5): its layers said
+                refuse_layers_of_no_vgg(path, json.loads(f.attrs["model_config"]))
             root = f["model_weights"] if "model_weights" in f else f
             layers = {name: [_array(root[name][w], f"{name}/{w}", path, size)
                              for w in _names(root[name], "weight_names")] for name in _names(root, "layer_names")}
@@ -98,8 +100,10 @@ MODEL_KINDS = frozenset({"Functional", "Sequential", "Model"})
 
 def refuse_layers_of_no_vgg(path: Path, config: Any) -> None:
     """A ``.keras`` model (its ``config.json``) with a layer a VGG has not is a :class:`UserError` naming the layer,
-    though it hold no weights (``Rescaling``: another input convention), as is a convolution other than a padded
-    one of stride 1 with ReLU, or a hidden FC layer without ReLU: the net loaded would compute something else."""
+    though it hold no weights (``Rescaling``: another input convention), as is a convolution other than a padded,
+    undilated one of stride 1 with ReLU, a pooling other than 2 x 2 of stride 2, a hidden FC layer without ReLU,
+    other than Table 1's five poolings, or FC layers behind an input that is no square of 32k pixels: the net
+    loaded would compute something else, or take other images."""
     layers = config.get("config", {}).get("layers", []) if isinstance(config, dict) else []
     layers = [(layer.get("class_name"), layer.get("config") or {}) if isinstance(layer, dict) else (None, {})
               for layer in layers]
@@ -108,22 +112,57 @@ def refuse_layers_of_no_vgg(path: Path, config: Any) -> None:
         if kind in GLOBAL_POOLING and last_dense is None:  # keras.applications' notop pooling: the convolutions kept
             continue
         if kind not in MODEL_KINDS and not _a_vgg_layer(kind, settings, i == last_dense):  # a model: its weights say
-            shown = "".join(f", {key} {settings[key]}" for key in ("activation", "padding", "strides")
-                            if key in settings)
+            shown = "".join(f", {key} {settings[key]}" for key in ("activation", "padding", "strides", "dilation_rate",
+                                                                   "groups", "pool_size") if key in settings)
             raise UserError(f"{path}: Keras layer {settings.get('name')!r} ({kind}{shown}) is no layer of a VGG of "
                             "Table 1, which would compute something else; save a VGG's weights")
+    kinds = [kind for kind, _ in layers]
+    if kinds and not set(kinds) & MODEL_KINDS and kinds.count("MaxPooling2D") != POOLINGS:
+        raise UserError(f"{path}: the Keras model has {kinds.count('MaxPooling2D')} max-pooling layers where a VGG of "
+                        f"Table 1 has {POOLINGS}, so it would compute something else; save a VGG's weights")
+    if last_dense is not None:
+        _refuse_input_the_top_cannot_take(path, layers)
+
+
+#: The max-pooling layers of every configuration of Table 1.
+POOLINGS = 5
+#: Per kind of layer, each setting that changes what it computes, with the values of VGG's (Keras' spellings, as
+#: ``config.json`` writes them: a pair, or one number for both sides); a setting not written has Keras' default.
+VGG_SETTINGS: dict[str, dict[str, tuple[Any, tuple[Any, ...]]]] = {
+    "Conv2D": {"padding": ("valid", ("same",)), "strides": ((1, 1), ((1, 1),)),
+               "dilation_rate": ((1, 1), ((1, 1),)), "groups": (1, (1,)), "activation": (None, ("relu",))},
+    "MaxPooling2D": {"pool_size": ((2, 2), ((2, 2),)), "strides": (None, (None, (2, 2))),
+                     "padding": ("valid", ("valid",))},
+}
 
 
 def _a_vgg_layer(kind: Any, settings: dict[str, Any], last_dense: bool) -> bool:
     """Whether a Keras layer of class ``kind`` and ``settings`` computes what the VGG layer in its place does."""
     if kind not in VGG_LAYER_KINDS:
         return False
-    if kind == "Conv2D":
-        return (settings.get("activation") == "relu" and settings.get("padding") == "same"
-                and list(settings.get("strides", [])) == [1, 1])
     if kind == "Dense":  # the last: the class scores, or their softmax (the same ranking, as Keras predicts)
         return settings.get("activation") in (("softmax", "linear", None) if last_dense else ("relu",))
+    for key, (default, allowed) in VGG_SETTINGS.get(kind, {}).items():
+        value = settings.get(key, default)
+        value = (value, value) if isinstance(value, int) and not isinstance(value, bool) and key != "groups" else value
+        if (tuple(value) if isinstance(value, list) else value) not in allowed:
+            return False
     return True
+
+
+def _refuse_input_the_top_cannot_take(path: Path, layers: list[tuple[Any, dict[str, Any]]]) -> None:
+    """FC layers (a top) behind an input of a known side other than a square of a multiple of 32 pixels: a
+    :class:`UserError`, since the net loaded, a VGG of a crop of 32 times FC1's grid, would take other images."""
+    shapes = [settings.get("batch_shape", settings.get("batch_input_shape")) for kind, settings in layers
+              if kind == "InputLayer"]
+    first_conv = next((settings for kind, settings in layers if kind == "Conv2D"), {})
+    for shape in shapes:
+        if not isinstance(shape, list) or len(shape) != 4:
+            continue
+        sides = shape[2:] if first_conv.get("data_format") == "channels_first" else shape[1:3]
+        if all(isinstance(side, int) for side in sides) and (sides[0] != sides[1] or sides[0] % 32):
+            raise UserError(f"{path}: the Keras model takes {sides[0]} x {sides[1]} images into its FC layers, where a "
+                            "VGG's take a square of a multiple of 32 pixels (its crop); save a VGG's weights")
 
 
 def _array(node: Any, where: str, path: Path, file_size: int) -> np.ndarray:
