@@ -121,6 +121,7 @@ def check_recipe(recipe: Any, path: str | Path) -> dict[str, Any]:
         configs.canonical(recipe["config"])
     except ValueError as error:
         raise UserError(f"{path}: recipe config: {error}") from None
+    _check_provenance(recipe, path)
     _check_outputs(recipe, path)
     _check_scale(recipe, path)
     _check_classes(recipe, path)
@@ -139,6 +140,20 @@ def check_recipe(recipe: Any, path: str | Path) -> dict[str, Any]:
 #: FC8's size for each task a recipe may name, from its number of classes: one score a class, or one box
 #: (centre, size) for all classes or a box a class (Appendix A's single- and per-class regression).
 TASK_OUTPUTS = {"classification": (1, 0), "localisation-scr": (0, 4), "localisation-pcr": (4, 0)}
+
+
+def _check_provenance(recipe: dict[str, Any], path: str | Path) -> None:
+    """What the recipe says of the net's origin, where it says it: its ``task`` a name, its ``head``
+    ``published`` or ``random`` (FC layers of the file or drawn), its ``source`` a dict of strings (the format
+    and file the weights were converted from)."""
+    task, head, source = recipe.get("task"), recipe.get("head"), recipe.get("source")
+    if task is not None and not (isinstance(task, str) and task):
+        raise UserError(f"{path}: recipe task must be a task's name, such as classification; got {task!r}")
+    if head not in (None, "published", "random"):
+        raise UserError(f"{path}: recipe head must be published or random; got {head!r}")
+    if source is not None and not (isinstance(source, dict) and all(
+            isinstance(key, str) and isinstance(value, str) for key, value in source.items())):
+        raise UserError(f"{path}: recipe source must name the weights' format and file; got {str(source)[:100]}")
 
 
 def _check_outputs(recipe: dict[str, Any], path: str | Path) -> None:

@@ -120,17 +120,19 @@ def _linked_targets(folder: Path) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def dataset_splits(image: Path) -> list[Path]:
+def dataset_splits(image: Path, ignoring: frozenset[Path] = frozenset()) -> list[Path]:
     """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the datasets ``image`` lies in, as named
     and with links resolved (a subset's class folders linked to a store), when it lies in one, in a class folder
     or flat (ILSVRC's validation images), else the folder of class folders it lies in (Caltech-101's layout,
-    :func:`class_folders_of`): a file written in any of them is read as an image of that dataset."""
+    :func:`class_folders_of`, ``ignoring`` the files it names): a file written in any of them is read as an image
+    of that dataset."""
     splits = []
     for path in (image.absolute(), image.resolve()):
         split = next((folder for folder in path.parents if folder.name in SPLIT_FOLDERS), None)
         splits += dataset_folders(split) if split is not None else []
     if not splits:
-        splits += [root for root in {class_folders_of(image.absolute()), class_folders_of(image.resolve())} if root]
+        splits += [root for root in {class_folders_of(image.absolute(), ignoring),
+                                     class_folders_of(image.resolve(), ignoring)} if root]
     return splits
 
 
@@ -138,33 +140,35 @@ def dataset_splits(image: Path) -> list[Path]:
 ENTRIES_LOOKED_AT = 256
 
 
-def class_folders_of(image: Path) -> Path | None:
-    """The folder above ``image``'s folder when its folders, two or more, all hold images: a dataset of class
-    folders without splits (Caltech-101's), whose classes an output written anywhere in it would join (a home
-    folder, whose other folders hold other things, is none)."""
+def class_folders_of(image: Path, ignoring: frozenset[Path] = frozenset()) -> Path | None:
+    """The folder above ``image``'s folder when its folders, two or more, all hold images (besides the files
+    ``ignoring`` names, resolved): a dataset of class folders without splits (Caltech-101's), whose classes an
+    output written anywhere in it would join (a home folder, whose other folders hold other things, is none)."""
     root = image.parent.parent
     if root == image.parent:  # an image at the file system's root
         return None
-    return root if holds_class_folders(root) else None
+    return root if holds_class_folders(root, ignoring) else None
 
 
-def holds_class_folders(root: Path) -> bool:
-    """Whether ``root``'s folders, two or more, all hold images (:func:`_holds_images`), as a dataset's classes do."""
+def holds_class_folders(root: Path, ignoring: frozenset[Path] = frozenset()) -> bool:
+    """Whether ``root``'s folders, two or more, all hold images (:func:`_holds_images`, besides ``ignoring``), as a
+    dataset's classes do."""
     try:
         folders = [Path(entry.path) for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")]
     except OSError:
         return False
-    return len(folders) >= 2 and all(map(_holds_images, folders))
+    return len(folders) >= 2 and all(_holds_images(folder, ignoring) for folder in folders)
 
 
-def _holds_images(folder: Path) -> bool:
-    """Whether ``folder`` holds images as a class folder does: a training run's folder, its curves beside its
-    checkpoints, holds none."""
+def _holds_images(folder: Path, ignoring: frozenset[Path] = frozenset()) -> bool:
+    """Whether ``folder`` holds images as a class folder does, besides the files ``ignoring`` names (resolved): a
+    training run's folder, its curves beside its checkpoints, holds none."""
     if is_training_run(folder):
         return False
     try:
         with os.scandir(folder) as entries:
-            return any(is_image(Path(entry.name)) for entry in itertools.islice(entries, ENTRIES_LOOKED_AT))
+            return any(is_image(Path(entry.name)) and Path(entry.path).resolve() not in ignoring
+                       for entry in itertools.islice(entries, ENTRIES_LOOKED_AT))
     except OSError:
         return False
 
@@ -174,16 +178,17 @@ def refuse_writing_in_datasets_of(images: Sequence[str | Path], outs: Sequence[P
     read as one of that dataset's images (a file) or classes (a folder). Each split is read once, whatever the
     number of its images given."""
     splits: dict[Path, Path] = {}  # each split, and the first image given that lies in it
+    written = frozenset(out.resolve() for out in outs)  # an earlier call's outputs, which this one replaces: no data
     for image in map(Path, images):
-        for split in dataset_splits(image):
+        for split in dataset_splits(image, written):
             splits.setdefault(split, image)
     for split, image in splits.items():
         linked = _linked_targets(split)
         for out in outs:
             if _in_data(split, out, linked):
-                raise UserError(f"{out}: {option} lies in {split}, a split of the dataset of the input image {image} "
-                                "(or its folder of class folders), whose images it would join; write it outside the "
-                                "data")
+                kind = "a split of the dataset" if split.name in SPLIT_FOLDERS else "the folder of class folders"
+                raise UserError(f"{out}: {option} lies in {split}, {kind} of the input image {image}, whose images it "
+                                "would join; write it outside the data")
 
 
 def refuse_overwriting_inputs(args: argparse.Namespace, names: dict[str, str] | None = None) -> None:

@@ -294,8 +294,8 @@ def test_a_saliency_map_is_not_drawn_into_a_folder_of_class_folders_but_beside_a
     image = caltech / "cat" / "0.png"
     for out in (caltech / "dog" / "map.png", caltech / "maps" / "map.png", caltech / "map.png"):
         refused(["predict", "--weights", str(run), str(image), "--saliency", str(out), "--device", "cpu"], capsys,
-                f"--saliency lies in {caltech}, a split of the dataset of the input image {image} (or its folder of "
-                "class folders)")
+                f"--saliency lies in {caltech}, the folder of class folders of the input image {image}, whose images "
+                "it would join")
         assert not out.exists()
     home = tmp_path / "home"  # a photo among folders of other things
     save(photo(40, 40), home / "Pictures" / "cat.png")
@@ -304,3 +304,19 @@ def test_a_saliency_map_is_not_drawn_into_a_folder_of_class_folders_but_beside_a
     out = home / "maps" / "map.png"
     assert main(["predict", "--weights", str(run), str(home / "Pictures" / "cat.png"), "--saliency", str(out),
                  "--device", "cpu"]) == 0 and out.is_file()
+
+
+def test_a_saliency_map_drawn_once_does_not_make_its_folder_a_dataset_that_refuses_drawing_it_again(run, tmp_path,
+                                                                                                    capsys):
+    """The map of a first call, in a folder beside the photo's, makes the two look like class folders; the same
+    call again replaces that map, which is no image of any dataset, so it is drawn again."""
+    home = tmp_path / "home"
+    save(photo(40, 40), home / "photos" / "cat.png")
+    argv = ["predict", "--weights", str(run), str(home / "photos" / "cat.png"), "--saliency",
+            str(home / "maps" / "cat.png"), "--device", "cpu"]
+    assert main(argv) == 0
+    first = (home / "maps" / "cat.png").stat().st_mtime_ns
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (home / "maps" / "cat.png").stat().st_mtime_ns >= first
+    refused([*argv[:-3], str(home / "maps" / "dog.png"), "--device", "cpu"], capsys,  # a map beside it: a class
+            f"--saliency lies in {home}, the folder of class folders of the input image")

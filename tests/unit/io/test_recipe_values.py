@@ -61,6 +61,10 @@ def write(tmp_path, model: VGG, recipe: dict, kind: str):
     ("box_code_std", [0.1, 0.1, 0.0, 0.1], "recipe box_code_std must be 4 finite numbers above 0"),
     ("boxes", 5, "recipe boxes must be a file or folder path; got 5"),
     ("boxes_data", ["x"], r"recipe boxes_data must be a file or folder path; got \[.x.\]"),
+    ("source", "x", "recipe source must name the weights' format and file; got x"),
+    ("source", {"format": 3}, "recipe source must name the weights' format and file"),
+    ("head", "banana", "recipe head must be published or random; got 'banana'"),
+    ("task", 3, "recipe task must be a task's name, such as classification; got 3"),
 ])
 @pytest.mark.parametrize("kind", ["safetensors", "checkpoint"])
 def test_a_bad_recipe_value_is_one_line_naming_file_and_key(tmp_path, model, kind, key, value, said):
