@@ -48,8 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. A bad argument, a :class:`UserError` or a file the system refuses is one line and
-    exit status 2 (argparse's errors and ``--help`` leave through ``SystemExit``); anything else is a bug and
-    shows its traceback."""
+    exit status 2 (argparse's errors and ``--help`` leave through ``SystemExit``); a reader of the output that
+    leaves early (``verydeep summary D | head``) ends the command quietly, with SIGPIPE's status, as it ends other
+    tools; anything else is a bug and shows its traceback."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        try:  # Python flushes stdout once more on exit: into nothing, not into a second error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout of no file (a test's capture)
+            pass
+        return 128 + 13
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         parser = build_parser()  # imports every command: seconds, in which a Ctrl-C is as welcome as later
     except KeyboardInterrupt:

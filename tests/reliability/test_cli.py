@@ -401,6 +401,18 @@ def test_the_installed_command_prints_one_line(argv, expected):
     assert len(proc.stderr.splitlines()) == 1 and expected in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize(("argv", "status"), [(["summary", "E"], 141), (["train", "--help"], 0)])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(argv, status):
+    """``verydeep summary E | head -1``: the pipe closed before the output was written is no bug to show with a
+    traceback; the command ends as other tools do, with SIGPIPE's status (argparse's help, which leaves through
+    exit status 0, ignores the closed pipe itself)."""
+    proc = subprocess.Popen([sys.executable, "-m", "verydeep.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc.stdout.close()  # before a byte is read: the first write meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status and err == b"", err.decode()
+
+
 def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch, capsys):
     import verydeep.cli as cli
 

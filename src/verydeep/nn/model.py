@@ -183,9 +183,9 @@ def check_arguments(num_classes: int, width: float, dropout: float, input_size: 
         if not isinstance(value, bool | np.bool_):
             raise UserError(f"{name} must be True or False; got {value!r}")
     if not is_whole(num_classes) or num_classes < 1:
-        raise UserError(f"num_classes must be a whole number, at least 1; got {num_classes!r}")
+        raise UserError(f"num_classes must be an int, at least 1; got {num_classes!r}")
     if not is_whole(input_size) or input_size < 32 or input_size % 32:
-        raise UserError(f"input_size must be a multiple of 32 (five 2x2 poolings); got {input_size!r}")
+        raise UserError(f"input_size must be an int, a multiple of 32 (five 2x2 poolings); got {input_size!r}")
     if not is_finite(width) or width <= 0:
         raise UserError(f"width must be positive and finite; got {width!r}")
     if not is_finite(dropout) or not 0 <= dropout < 1:

@@ -202,7 +202,7 @@ def test_torchvision_state_dict_recognised_by_its_keys(tmp_path, config, batch_n
         torch.testing.assert_close(outputs(published, x), source(to_input(x, IMAGENET)))
 
 
-@pytest.mark.parametrize("width", [0.1, 0.3, 0.7, 1 / 64, 3 / 8, 1 / 3])
+@pytest.mark.parametrize("width", [0.1, 0.3, 0.7, 1 / 64, 3 / 8, 1 / 3, 1e-4])  # 1e-4: one channel a layer
 @pytest.mark.parametrize("config", ["A", "E"])
 def test_a_state_dict_at_any_width_is_read_at_a_width_that_gives_every_layer_its_channels(tmp_path, config, width):
     source = VGG(config, num_classes=3, width=width, input_size=32)

@@ -53,9 +53,9 @@ def test_a_width_not_positive_and_finite_is_a_clear_error(width):
 
 @pytest.mark.parametrize("argument, message", [
     (dict(config=None), "unknown VGG configuration None"),
-    (dict(num_classes=0), "num_classes must be a whole number, at least 1; got 0"),
-    (dict(num_classes=2.0), "num_classes must be a whole number, at least 1; got 2.0"),
-    (dict(input_size=64.0), "input_size must be a multiple of 32 .*; got 64.0"),
+    (dict(num_classes=0), "num_classes must be an int, at least 1; got 0"),
+    (dict(num_classes=2.0), "num_classes must be an int, at least 1; got 2.0"),
+    (dict(input_size=64.0), "input_size must be an int, a multiple of 32 .*; got 64.0"),
     (dict(dropout=float("nan")), "dropout must be a probability from 0 to below 1; got nan"),
     (dict(dropout=1), "dropout must be a probability from 0 to below 1; got 1"),
     (dict(batch_norm="no"), "batch_norm must be True or False; got 'no'"),

@@ -99,7 +99,7 @@ def _width(sizes: list[tuple[int, int]], path: Path) -> float:
     middle = (low + high) / 2
     candidates = [round(middle, digits) for digits in (1, 2, 3)]
     candidates += [found / nominal for nominal, found in (sizes[0], sizes[-1])] + [middle]
-    fits = [width for width in candidates if all(scaled(n, width) == f for n, f in sizes)]
+    fits = [width for width in candidates if width > 0 and all(scaled(n, width) == f for n, f in sizes)]
     if not fits:
         raise UserError(f"{path}: its layers' channels ({', '.join(str(f) for _, f in sizes)}) fit no single "
                         "width multiplier of Table 1's configuration")
