@@ -78,26 +78,36 @@ def warm_start_layers(source: nn.Module, convs: int = 4) -> list[str]:
 
 
 @torch.no_grad()
-def warm_start(model: nn.Module, source: nn.Module, convs: int = 4) -> list[str]:
-    """Copy the paper's layers of a trained shallower ``source`` (net A) into ``model`` (Sec. 3.1).
+def warm_start(model: nn.Module, source: nn.Module, convs: int = 4, fc8: bool = True) -> list[str]:
+    """Copy the paper's layers of a trained shallower ``source`` (net A) into ``model`` (Sec. 3.1), each whole: a
+    convolution with the batch norm that follows it, whose scale and statistics its weights were trained under.
+    ``fc8`` False leaves FC8 as initialised (its rows score other classes, or another task's outputs).
 
-    Returns the copied layer names. Raises ``ValueError`` naming the first layer whose shape
-    differs (e.g. another width or number of classes) before anything is copied.
+    Returns the copied layer names. Raises a :class:`UserError` naming the first layer whose shape differs (e.g.
+    another width or number of classes), or that has batch norm in one net only, before anything is copied.
     """
-    names = warm_start_layers(source, convs)
-    mine = {**model.conv_layers(), **model.fc_layers()}
-    theirs = {**source.conv_layers(), **source.fc_layers()}
+    names = [name for name in warm_start_layers(source, convs) if fc8 or name != "fc8"]
     for name in names:
-        if name not in mine:
+        if name not in model.tap_names:
             raise UserError(f"warm start: {model.name} has no layer {name} to receive {source.name}'s")
-        for attr in ("weight", "bias"):
-            a, b = getattr(mine[name], attr), getattr(theirs[name], attr)
-            if a.shape != b.shape:
-                raise UserError(
-                    f"warm start: {name}.{attr} of {source.name} has shape {tuple(b.shape)} but "
-                    f"{model.name} needs {tuple(a.shape)} (same width, crop size and classes?)"
-                )
+        mine, theirs = whole_layer(model, name), whole_layer(source, name)
+        if mine.keys() != theirs.keys():
+            raise UserError(f"warm start: {name} has batch norm in only one of {source.name} and {model.name} "
+                            "(give --batch-norm as the weights were trained)")
+        for key, value in mine.items():
+            if value.shape != theirs[key].shape:
+                raise UserError(f"warm start: {key} of {source.name} has shape {tuple(theirs[key].shape)} but "
+                                f"{model.name} needs {tuple(value.shape)} (same width, crop size and classes?)")
     for name in names:
-        mine[name].weight.copy_(theirs[name].weight)
-        mine[name].bias.copy_(theirs[name].bias)
+        theirs = whole_layer(source, name)
+        for key, value in whole_layer(model, name).items():
+            value.copy_(theirs[key])
     return names
+
+
+def whole_layer(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of layer ``name`` (``conv3_1``, ``fc6``) of ``model`` by tap name and tensor (``conv3_1.weight``),
+    its batch norm's (``bn3_1.running_mean``, the ``bn3_1`` after ``conv3_1``) included."""
+    parts = [name, *(["bn" + name.removeprefix("conv")] if name.startswith("conv") else [])]
+    return {f"{part}.{key}": value for part in parts if part in model.tap_names
+            for key, value in model.get_submodule(model.tap_names[part]).state_dict(keep_vars=True).items()}

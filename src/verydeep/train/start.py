@@ -28,7 +28,7 @@ from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.sources import LoadedNet, load
 from verydeep.nn import configs
 from verydeep.nn.init import REASONS as INIT_REASONS
-from verydeep.nn.init import warm_start
+from verydeep.nn.init import warm_start, whole_layer
 from verydeep.nn.model import HEAD_NAMES, VGG, make_trunk
 from verydeep.runtime.limits import MAX_SIDE
 from verydeep.train.recipe import TrainConfig, flag_of, parse_scale, read_recipe, scale_flag
@@ -193,7 +193,7 @@ def initial_model(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet
     if published is None:
         return model_from_recipe(record, init=cfg.init), f"{cfg.init} init", None
     if cfg.warm_start:
-        return warm_started(cfg, record, published)
+        return warm_started(cfg, record, published, warn)
     model, how, start = from_published(cfg, record, published, warn)
     if len(start["copied"]) == len(list(model.parameters())):
         refuse_settings_for_new_layers(cfg, given)
@@ -226,8 +226,7 @@ def from_published(cfg: TrainConfig, record: dict[str, Any], published: LoadedNe
     source = published.model.state_dict()
     if not published.has_fc_layers:  # a file without FC layers (Keras' notop kind): its conv layers only
         source = {name: value for name, value in source.items() if name.startswith("features.")}
-    same_task = published.recipe.get("task", "classification") == record.get("task", "classification")
-    if not same_task or not same_classes(published.recipe, record["classes"]):  # FC8's rows say something else
+    if not same_outputs(published.recipe, record):  # FC8's rows say something else
         fc8 = f"{model.tap_names['fc8']}."  # (Appendix A: a box regressor's last layer starts random)
         source = {name: value for name, value in source.items() if not name.startswith(fc8)}
     copied, new = copy_matching(model, source)
@@ -242,12 +241,24 @@ def from_published(cfg: TrainConfig, record: dict[str, Any], published: LoadedNe
                         "copied": copied}
 
 
-def warm_started(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet) -> tuple[VGG, str, dict[str, Any]]:
-    """Sec. 3.1: the new net of ``--config``, net A's first four convs and FC6-8 copied from ``--weights``,
-    the rest from the random init."""
+def same_outputs(source: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether FC8 of a net of recipe ``source`` gives the outputs of the run of ``record``: the same task's, for
+    the same classes in the same order (:func:`same_classes`)."""
+    same_task = source.get("task", "classification") == record.get("task", "classification")
+    return same_task and same_classes(source, record["classes"])
+
+
+def warm_started(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet, warn: Callable[[str], None]
+                 ) -> tuple[VGG, str, dict[str, Any]]:
+    """Sec. 3.1: the new net of ``--config``, net A's first four convs (with their batch norm) and FC6-8 copied
+    from ``--weights``, FC8 only where it scores the same classes; the rest from the random init."""
     model = model_from_recipe(record, init=cfg.init)
-    layers = warm_start(model, published.model)
-    copied = [f"{model.tap_names[layer]}.{kind}" for layer in layers for kind in ("weight", "bias")]
+    fc8 = same_outputs(published.recipe, record)
+    if not fc8:
+        warn(f"{cfg.weights}: not copied (other classes or another task), {cfg.init} init: fc8")
+    layers = warm_start(model, published.model, fc8=fc8)
+    tensors = {id(tensor) for layer in layers for tensor in whole_layer(model, layer).values()}
+    copied = [name for name, parameter in model.named_parameters() if id(parameter) in tensors]
     how = f"warm start from {cfg.weights} ({', '.join(layers)}), the rest {cfg.init} init"
     return model, how, {"weights": str(cfg.weights), "format": published.format, "source": published.source,
                         "warm_start": layers, "copied": copied}

@@ -432,6 +432,34 @@ def test_weights_with_warm_start_copy_exactly_the_papers_layers(data, tmp_path):
         assert torch.equal(value, same_config.model.state_dict()[key].to(value.dtype))
 
 
+def test_warm_start_copies_batch_norm_with_its_convolution_and_fc8_only_for_the_same_classes(data, tmp_path,
+                                                                                               capsys):
+    """A copied layer of a batch-norm net A comes whole (so it may be frozen, and --lr-copied reaches its batch
+    norm); FC8 of net A scores its classes, so a dataset of other classes starts it anew, as plain --weights does."""
+    train(tiny(data, tmp_path / "a", epochs=1, batch_norm=True))
+    source = verydeep.load(tmp_path / "a").model
+    cfg = tiny(data, tmp_path / "d", config="D", weights=str(tmp_path / "a"), warm_start=True, freeze="conv1_1",
+               lr_copied=0.01)
+    trainer = Trainer(cfg, Processes.from_env())
+    copied = trainer.record["start"]["copied"]
+    bn = trainer.model.tap_names["bn1_1"]
+    assert {f"{bn}.weight", f"{bn}.bias"} <= set(copied) and f"{trainer.model.tap_names['bn1_2']}.weight" not in copied
+    torch.testing.assert_close(trainer.model.get_submodule(bn).running_mean,
+                               source.get_submodule(source.tap_names["bn1_1"]).running_mean)
+    other = tmp_path / "other"  # the same images under other class names
+    shutil.copytree(data, other)
+    for split in ("train", "val"):
+        for folder in sorted((other / split).iterdir()):
+            folder.rename(folder.with_name(folder.name.replace("class", "kind")))
+    assert main(["train", "--data", str(other), "--weights", str(tmp_path / "a"), "--warm-start", "--config", "B",
+                 "--out", str(tmp_path / "b"), "--device", "cpu", "--workers", "0", "--no-progress", "--crop", "32",
+                 "--scale", "32:40", "--batch-size", "16", "--epochs", "1", "--stop-after-steps", "1"]) == 0
+    assert "not copied (other classes or another task), he init: fc8" in capsys.readouterr().err
+    record = json.loads((tmp_path / "b" / "recipe.json").read_text())
+    assert record["start"]["warm_start"] == ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7"]
+    assert not any(name.startswith("classifier.6.") for name in record["start"]["copied"])
+
+
 def test_the_weights_crop_restated_brings_their_training_scale_and_the_refusal_says_both(data, tmp_path, capsys):
     """A 32-pixel net's S is its own, not the 224 crop's default 256: with --crop restating its crop too, and the
     refusal of a recipe's other crop names the --scale that keeps it."""

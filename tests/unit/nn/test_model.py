@@ -302,6 +302,30 @@ def test_warm_start_copies_exactly_the_papers_layers():
         assert torch.equal(d.state_dict()[key], before[key])
 
 
+def test_warm_start_copies_a_layer_whole_with_its_batch_norm_and_leaves_fc8_when_asked():
+    """A convolution of a batch-norm net was trained under its batch norm's scale and statistics: both come with
+    it. FC8 left out (other classes) stays as initialised; batch norm in one net only is refused."""
+    torch.manual_seed(0)
+    a = vgg("A", num_classes=10, width=1 / 16, input_size=32, batch_norm=True)
+    for module in a.modules():  # statistics and scales of a trained net, not the init's ones and zeros
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 2)
+            module.num_batches_tracked.fill_(7)
+    d = vgg("D", num_classes=10, width=1 / 16, input_size=32, batch_norm=True)
+    fc8_before = d.fc_layers()["fc8"].weight.clone()
+    assert warm_start(d, a, fc8=False) == ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7"]
+    for name in ("bn1_1", "bn2_1", "bn3_1", "bn3_2"):
+        mine, theirs = d.get_submodule(d.tap_names[name]), a.get_submodule(a.tap_names[name])
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(mine.state_dict()[key], value), (name, key)
+    assert d.get_submodule(d.tap_names["bn1_2"]).running_var.eq(1).all()  # not a copied layer's
+    assert torch.equal(d.fc_layers()["fc8"].weight, fc8_before)
+    with pytest.raises(UserError, match="warm start: conv1_1 has batch norm in only one of"):
+        warm_start(vgg("D", num_classes=10, width=1 / 16, input_size=32), a)
+
+
 def test_warm_start_shape_mismatch_is_clear_and_copies_nothing():
     a = vgg("A", num_classes=10, width=1 / 16, input_size=32)
     d = vgg("D", num_classes=100, width=1 / 16, input_size=32)
