@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import random
 import shutil
 import signal
@@ -472,6 +473,39 @@ def test_a_bad_value_in_the_run_record_names_the_file_on_resume(data, tmp_path, 
     record.write_text(json.dumps(settings))
     assert main([*resume, "--micro-batch", "0"]) == 2
     assert capsys.readouterr().err.startswith("verydeep train: error: --micro-batch must be at least 1")
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda s: s.update(micro_batch=0), "micro_batch is 0, where the run needs a whole number of at least 1"),
+    (lambda s: s.update(epoch=-3), "epoch is -3, where the run needs a whole number of at least 0"),
+    (lambda s: s.update(step_in_epoch=3), r"its place \(epoch, step, step_in_epoch\) is \(0, 2, 3\), where the run "
+                                          r"needs step = epoch x 4 steps an epoch \+ step_in_epoch <= 4"),
+    (lambda s: s["schedule"].update(lr=-1.0), r"schedule lr is -1.0, where the run needs --lr 0.05 divided by 10 for "
+                                              "each of its 0 drops"),
+    (lambda s: s["schedule"].update(lr=float("nan")), "schedule lr is nan"),
+    (lambda s: s["schedule"].update(best=float("nan")), "schedule best is nan"),
+    (lambda s: s["schedule"].update(stopped=1), "schedule stopped is 1, where the run needs true or false"),
+    (lambda s: s["partial"].update(images=-5.0), "partial is"),
+    (lambda s: s.update(rng=[]), "rng is list, where the run needs one RNG state for each of its 1 processes"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(weight_decay=5.0),
+     r"optimizer group 0's weight_decay is 5.0, where the run needs 0.0005 \(recipe.json\)"),
+])
+def test_a_checkpoint_whose_numbers_are_out_of_range_or_disagree_with_the_run_is_refused_on_resume(
+        data, tmp_path, capsys, damage, said):
+    """Every number last.pt places or steers a resumed run by is checked, naming the file: a micro-batch of 0, an lr
+    of -1 (gradient ascent), a place beyond the epoch's steps (the rest of it skipped) or an optimizer's decay
+    other than the run's would otherwise be taken as they are."""
+    from verydeep.cli import main
+    from verydeep.io.checkpoint import save_checkpoint
+
+    train(tiny(data, tmp_path, epochs=2, checkpoint_every=1, stop_after_steps=2))
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    damage(state)
+    save_checkpoint(state, last)
+    assert main(["train", "--out", str(tmp_path), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(f"error: {re.escape(str(last))}: {said}", err), err
 
 
 def test_non_finite_weights_are_never_saved_nor_loaded(data, tmp_path):

@@ -8,6 +8,7 @@ atomic (:func:`verydeep.io.atomic.atomic_write`), so a crash leaves the last goo
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -30,6 +31,7 @@ from verydeep.io.outputs import refuse_overwriting_inputs
 from verydeep.io.rundir import EPOCH, RunDir
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.tasks import Classification, Task
+from verydeep.runtime.limits import is_finite, is_whole
 from verydeep.runtime.processes import Processes
 from verydeep.runtime.sharding import failing_together
 from verydeep.train.data import TrainingData
@@ -249,3 +251,67 @@ class RunLock:
         if self.file is not None:
             self.file.close()  # closing the file releases the lock
             self.file = None
+
+
+#: The optimizer's settings per group that the run's recipe decides (``lr`` follows the schedule).
+GROUP_SETTINGS = ("momentum", "weight_decay", "lr_ratio", "dampening", "nesterov", "maximize")
+
+
+def check_training_state(state: dict[str, Any], path: Path, steps_per_epoch: int,
+                         optimizer: torch.optim.Optimizer) -> None:
+    """The numbers of ``last.pt`` that place and steer a resumed run, each of its kind and in range and agreeing
+    with the run: its place (``epoch``, ``step``, ``step_in_epoch`` of ``steps_per_epoch``), ``micro_batch``, the
+    processes' RNG states, the epoch's sums so far, the schedule's state (its lr the run's ``--lr`` divided by 10
+    once for each drop) and the optimizer's settings (those of ``optimizer``, built from the run's recipe). Any
+    other is a :class:`UserError` naming the file and the entry: edited, or of another run."""
+    def refuse(entry: str, value: Any, wanted: str) -> None:
+        raise UserError(f"{path}: {entry} is {str(value)[:80]}, where the run needs {wanted}: the checkpoint was "
+                        "edited or comes from another run; restore the run's own")
+
+    for key, least in (("epoch", 0), ("step", 0), ("step_in_epoch", 0), ("micro_batch", 1), ("world", 1)):
+        if key in state and not (is_whole(state[key]) and state[key] >= least):
+            refuse(key, state[key], f"a whole number of at least {least}")
+    place = state["epoch"] * steps_per_epoch + state["step_in_epoch"]
+    if state["step_in_epoch"] > steps_per_epoch or state["step"] != place:
+        refuse("its place (epoch, step, step_in_epoch)", (state["epoch"], state["step"], state["step_in_epoch"]),
+               f"step = epoch x {steps_per_epoch} steps an epoch + step_in_epoch <= {steps_per_epoch}")
+    if not (isinstance(state.get("rng"), list) and len(state["rng"]) == state["world"]):
+        refuse("rng", type(state.get("rng")).__name__, f"one RNG state for each of its {state['world']} processes")
+    partial = state.get("partial")
+    if not (isinstance(partial, dict) and all(is_finite(partial.get(k)) for k in PARTIAL)
+            and min(partial[k] for k in PARTIAL[1:]) >= 0):
+        refuse("partial", partial, f"the epoch's sums so far ({', '.join(PARTIAL)}), finite, the counts not negative")
+    _check_schedule_state(state.get("schedule"), optimizer.defaults["lr"], refuse)
+    stored = state["optimizer"].get("param_groups") if isinstance(state.get("optimizer"), dict) else None
+    if not isinstance(stored, list) or len(stored) != len(optimizer.param_groups):
+        refuse("optimizer param_groups", stored, f"{len(optimizer.param_groups)} parameter groups")
+    for i, (theirs, ours) in enumerate(zip(stored, optimizer.param_groups, strict=True)):
+        for key in GROUP_SETTINGS:
+            if key in ours and (not isinstance(theirs, dict) or theirs.get(key) != ours[key]):
+                refuse(f"optimizer group {i}'s {key}", theirs.get(key) if isinstance(theirs, dict) else theirs,
+                       f"{ours[key]} (recipe.json)")
+
+
+#: The sums of an epoch's steps a checkpoint carries (:class:`~verydeep.train.schedule.EpochTotals`).
+PARTIAL = ("loss", "images", "seconds", "skipped")
+
+
+def _check_schedule_state(schedule: Any, lr: float, refuse: Any) -> None:
+    """The schedule's state: counts whole and not negative, ``stopped`` a switch, ``best`` a score (not NaN, -inf
+    before any validation), and ``lr`` the run's ``lr`` divided by 10 once for each of its ``drops``."""
+    if not isinstance(schedule, dict):
+        refuse("schedule", schedule, "the schedule's state")
+    for key in ("bad", "drops", "since_best"):
+        if key in schedule and not (is_whole(schedule[key]) and schedule[key] >= 0):
+            refuse(f"schedule {key}", schedule[key], "a whole number of at least 0")
+    if not isinstance(schedule.get("stopped"), bool):
+        refuse("schedule stopped", schedule.get("stopped"), "true or false")
+    best = schedule.get("best")
+    if not (is_finite(best) or best == -math.inf):
+        refuse("schedule best", best, "a score, or -inf before any validation")
+    expected = lr
+    for _ in range(schedule.get("drops", 0)):  # divided as the schedule divides, so the same float
+        expected /= 10
+    if schedule.get("lr") != expected:
+        refuse("schedule lr", schedule.get("lr"), f"--lr {lr:g} divided by 10 for each of its "
+               f"{schedule.get('drops', 0)} drops")

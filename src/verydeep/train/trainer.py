@@ -48,7 +48,7 @@ from verydeep.runtime.processes import Processes, loader_workers
 from verydeep.runtime.progress import progress_bar
 from verydeep.runtime.rng import rng_state, set_rng_state
 from verydeep.runtime.sharding import process_group
-from verydeep.train.checkpointing import Checkpoints, check_resumable, run_record
+from verydeep.train.checkpointing import Checkpoints, check_resumable, check_training_state, run_record
 from verydeep.train.data import TrainingData
 from verydeep.train.memory_fit import MemoryProbe, fit_micro_batch
 from verydeep.train.metrics_log import MetricsLog, peak_memory_mb
@@ -129,12 +129,7 @@ class Trainer:
     def _place(self) -> None:
         """Batch sizes per process, run directory, device, precision and where JPEGs are decoded."""
         cfg, procs = self.cfg, self.procs
-        if cfg.batch_size % procs.world:
-            raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {procs.world} processes")
-        self.local_batch = cfg.batch_size // procs.world
-        if cfg.micro_batch is not None and cfg.micro_batch > self.local_batch:
-            raise UserError(f"--micro-batch {cfg.micro_batch} is larger than a process's share of --batch-size "
-                            f"{cfg.batch_size} over {procs.world} processes ({self.local_batch})")
+        self.local_batch = per_process_batch(cfg, procs.world)
         self.micro_batch = cfg.micro_batch or self.local_batch
         self.run_dir = Path(cfg.out)
         self.checkpoints = Checkpoints(self.run_dir, procs, cfg.keep_last)
@@ -214,6 +209,8 @@ class Trainer:
         affected)."""
         state = self.checkpoints.load_last(self.device)
         check_resumable(self.run_dir, state["recipe"], self.record)
+        check_training_state(state, self.checkpoints.last, len(self.data.train_indices) // self.cfg.batch_size,
+                             self.optimizer)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])  # a stop asked again under the schedule given now
@@ -402,6 +399,18 @@ def given_settings(cfg: TrainConfig, given: Mapping[str, str] | Collection[str] 
     if isinstance(given, Mapping):
         return dict(given)
     return {name: flag_of(name) for name in (changed_settings(cfg) if given is None else given)}
+
+
+def per_process_batch(cfg: TrainConfig, world: int) -> int:
+    """Each of ``world`` processes' share of the global batch; a batch they cannot share evenly, or a micro-batch
+    larger than the share, is a :class:`UserError`."""
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    local = cfg.batch_size // world
+    if cfg.micro_batch is not None and cfg.micro_batch > local:
+        raise UserError(f"--micro-batch {cfg.micro_batch} is larger than a process's share of --batch-size "
+                        f"{cfg.batch_size} over {world} processes ({local})")
+    return local
 
 
 def refuse_idle_step_flags(cfg: TrainConfig, steps_per_epoch: int, done: int, run_dir: Path) -> None:
