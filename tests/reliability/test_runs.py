@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import random
+import re
 import shutil
 import signal
 import socket
@@ -462,10 +462,12 @@ def test_a_bad_value_in_the_run_record_names_the_file_on_resume(data, tmp_path, 
     resume = ["train", "--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]
     for damage, message in [({"lr": float("nan")}, "lr must be positive; got nan"),
                             ({"milestones": [1, 1]}, "milestones: --milestones 1,1: an epoch is listed twice")]:
-        record.write_text(json.dumps({**settings, **damage}))
+        record.write_text(json.dumps({**settings, **damage}, indent=2))
         assert main(resume) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {record}: {message}"), err
+        line = next(n for n, text in enumerate(record.read_text().splitlines(), 1)
+                    if text.startswith(f'  "{[*damage][0]}"'))
+        assert err.count("\n") == 1 and err.startswith(f"verydeep train: error: {record}:{line}: {message}"), err
     record.write_text(json.dumps({key: value for key, value in settings.items() if key != "data"}))
     assert main(resume) == 2
     assert capsys.readouterr().err == (f"verydeep train: error: {record}: names no training data (a damaged run "

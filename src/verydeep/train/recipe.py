@@ -18,7 +18,7 @@ import operator
 import os
 import re
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -542,6 +542,18 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     return record
 
 
+def record_lines(path: Path, keys: Iterable[str]) -> dict[str, str]:
+    """``path:line`` of each of ``keys`` in a run record, where its key stands least indented (the record's own, not
+    a nested dict's of the same name), so that an error names it; a key found on no line is left out."""
+    text, places = path.read_text(encoding="utf-8-sig"), {}
+    for key in keys:
+        found = [(len(m.group(1)), m.start()) for m in re.finditer(rf'^([ \t]*)"{re.escape(key)}"[ \t]*:', text, re.M)]
+        if found:
+            line = text.count("\n", 0, min(found)[1]) + 1
+            places[key] = f"{path}:{line}"
+    return places
+
+
 def stored_settings(run_dir: str | Path) -> dict[str, Any]:
     """The settings a run was trained with: its run record, else the one its last checkpoint holds
     (a crash may lose ``recipe.json``, never the checkpoint's copy); empty when it has neither."""
@@ -599,7 +611,8 @@ def settings_from_flags(given: dict[str, Any]) -> dict[str, Any]:
                                    "checkpoints/last.pt)")
         stored = {key: value for key, value in stored_settings(given["out"]).items() if key not in ONCE}
         kept = {key: value for key, value in stored.items() if key not in recipe and key not in given}
-        check_settings(kept, stored_settings_file(given["out"]))
+        source = stored_settings_file(given["out"])
+        check_settings(kept, source, record_lines(source, kept) if source.suffix == ".json" else None)
         if not (stored.get("data") or recipe.get("data") or given.get("data")):
             raise UserError(f"{stored_settings_file(given['out'])}: names no training data (a damaged run record?); "
                             "give --data")
