@@ -156,6 +156,11 @@ def kaggle_download(folder: Path) -> list[Path]:
     return []
 
 
+def unnamed_classes(listed: Sequence[Any]) -> bool:
+    """Whether a net's class list only numbers its outputs (``0``, ``1``, ...), as that of weights that name none."""
+    return [str(c) for c in listed] == [str(i) for i in range(len(listed))]
+
+
 def read_class_names(folder: Path, files: Sequence[str] = NAME_FILES) -> dict[str, str]:
     """``{synset: name}`` from the first of ``files`` in ``folder``, its parent or the top of Kaggle's download."""
     for directory in (folder, folder.parent, *kaggle_download(folder)):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from verydeep.data.datasets import unnamed_classes
 from verydeep.errors import UserError
 
 
@@ -115,9 +116,10 @@ def plain(name: object) -> str:
 def recipe_columns(recipe: dict[str, Any], outputs: int, classes: Sequence[str], names: Sequence[str],
                    source: str | Path) -> tuple[int, ...]:
     """Where the data's ``classes`` (readable ``names``) sit among the ``outputs`` classes a net's ``recipe`` lists
-    (a recipe that lists none: the data's own, as many as they are)."""
+    (a recipe that lists none, or only numbers them as a file of weights without names does, where the data's are
+    not those numbers: the data's own, as many as they are, in their order)."""
     listed = recipe.get("classes")
-    if listed is None:
+    if listed is None or (unnamed_classes(listed) and not set(classes) <= set(listed)):
         if outputs != len(classes):
             raise UserError(f"{source}: predicts {outputs} classes; the data has {len(classes)}")
         return tuple(range(outputs))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from verydeep.data import Preprocess
+from verydeep.data.datasets import unnamed_classes
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.sources import LoadedNet, load
@@ -181,8 +182,7 @@ def same_classes(source: dict[str, Any], classes: list[str]) -> bool:
     """Whether a net of recipe ``source`` predicts ``classes`` in this order: its named classes are
     these, or it names none (``0``, ``1``, ...) and has as many."""
     theirs = [str(c) for c in source.get("classes") or []]
-    unnamed = theirs == [str(i) for i in range(len(theirs))]
-    return theirs == list(classes) or (unnamed and len(theirs) == len(classes))
+    return theirs == list(classes) or (unnamed_classes(theirs) and len(theirs) == len(classes))
 
 
 def initial_model(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet | None,

@@ -772,3 +772,19 @@ def test_a_class_name_matches_exactly_before_case_aside_and_a_shared_name_is_ref
     decomposed = "chain\u0301  saw"  # as macOS names folders (the accent apart), with a double space
     assert columns_of(["a", "b"], ["chain\u0301 saw", "x"], [decomposed], [decomposed], "x") == (0,)
     assert columns_of(["a", "b"], ["café", "x"], ["cafe\u0301"], ["cafe\u0301"], "x") == (0,)
+
+
+def test_a_state_dict_that_names_no_classes_scores_the_datas_classes_in_their_order(folder, checkpoint, tmp_path):
+    """A torchvision state dict of a net fine-tuned on 3 classes numbers its outputs 0, 1, 2: on data whose class
+    folders are named otherwise, they are the data's classes in the data's order, as for a recipe listing none
+    (and as torchvision's ImageFolder ordered them); the numbers are those of the same net listing the names."""
+    torch.save(tiny_model().state_dict(), tmp_path / "fine-tuned.pth")
+    results = []
+    for source in (tmp_path / "fine-tuned.pth", checkpoint):
+        out = tmp_path / source.stem
+        assert main(["eval", "--weights", str(source), "--data", str(folder), "--protocol", "dense", "--scales", "36",
+                     "--precision", "fp32", "--device", "cpu", "--workers", "0", "--out", str(out), "--json",
+                     "--no-progress"]) == 0
+        results.append(json.loads((out / "results.json").read_text())["rows"])
+    assert [(r["top1_error"], r["top5_error"], r["images"]) for r in results[0]] == [
+        (r["top1_error"], r["top5_error"], r["images"]) for r in results[1]]
