@@ -37,7 +37,7 @@ from verydeep.eval.nets import Net, load_nets, net_scales
 from verydeep.eval.sweep import Pass, SweepSettings, average, compute_posteriors
 from verydeep.io.atomic import atomic_write
 from verydeep.io.jsonable import to_json_dict
-from verydeep.io.outputs import refuse_writing_in_datasets_of
+from verydeep.io.outputs import DRAWN_BY, refuse_writing_in_datasets_of
 from verydeep.options import (
     add_device,
     add_precision,
@@ -179,7 +179,8 @@ def draw_saliency(image: Tensor, saliency: Tensor, title: str, out: Path) -> Pat
     map_ax.set_title("class saliency: max over colour of |dS/dI|")
     for ax in (image_ax, map_ax):
         ax.set_axis_off()
-    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    drawn = {"Software": f"{DRAWN_BY} predict"}  # a later call may draw it again: no image of a dataset
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100, metadata=drawn))
 
 
 def saliency_paths(out: Path, count: int) -> list[Path]:

@@ -10,6 +10,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
+
 from verydeep.data.datasets import is_image
 from verydeep.data.preprocess import PREPROCESS_FILE
 from verydeep.errors import UserError
@@ -120,19 +122,17 @@ def _linked_targets(folder: Path) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def dataset_splits(image: Path, ignoring: frozenset[Path] = frozenset()) -> list[Path]:
+def dataset_splits(image: Path) -> list[Path]:
     """The split folders (``DIR/train``, ``DIR/val``, ``DIR/test``) of the datasets ``image`` lies in, as named
     and with links resolved (a subset's class folders linked to a store), when it lies in one, in a class folder
     or flat (ILSVRC's validation images), else the folder of class folders it lies in (Caltech-101's layout,
-    :func:`class_folders_of`, ``ignoring`` the files it names): a file written in any of them is read as an image
-    of that dataset."""
+    :func:`class_folders_of`): a file written in any of them is read as an image of that dataset."""
     splits = []
     for path in (image.absolute(), image.resolve()):
         split = next((folder for folder in path.parents if folder.name in SPLIT_FOLDERS), None)
         splits += dataset_folders(split) if split is not None else []
     if not splits:
-        splits += [root for root in {class_folders_of(image.absolute(), ignoring),
-                                     class_folders_of(image.resolve(), ignoring)} if root]
+        splits += [root for root in {class_folders_of(image.absolute()), class_folders_of(image.resolve())} if root]
     return splits
 
 
@@ -140,36 +140,51 @@ def dataset_splits(image: Path, ignoring: frozenset[Path] = frozenset()) -> list
 ENTRIES_LOOKED_AT = 256
 
 
-def class_folders_of(image: Path, ignoring: frozenset[Path] = frozenset()) -> Path | None:
-    """The folder above ``image``'s folder when its folders, two or more, all hold images (besides the files
-    ``ignoring`` names, resolved): a dataset of class folders without splits (Caltech-101's), whose classes an
-    output written anywhere in it would join (a home folder, whose other folders hold other things, is none)."""
+def class_folders_of(image: Path) -> Path | None:
+    """The folder above ``image``'s folder when its folders, two or more, all hold images: a dataset of class
+    folders without splits (Caltech-101's), whose classes an output written anywhere in it would join (a home
+    folder, whose other folders hold other things, is none)."""
     root = image.parent.parent
     if root == image.parent:  # an image at the file system's root
         return None
-    return root if holds_class_folders(root, ignoring) else None
+    return root if holds_class_folders(root) else None
 
 
-def holds_class_folders(root: Path, ignoring: frozenset[Path] = frozenset()) -> bool:
-    """Whether ``root``'s folders, two or more, all hold images (:func:`_holds_images`, besides ``ignoring``), as a
-    dataset's classes do."""
+def holds_class_folders(root: Path) -> bool:
+    """Whether ``root``'s folders, two or more, all hold images (:func:`_holds_images`), as a dataset's classes do."""
     try:
         folders = [Path(entry.path) for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")]
     except OSError:
         return False
-    return len(folders) >= 2 and all(_holds_images(folder, ignoring) for folder in folders)
+    return len(folders) >= 2 and all(map(_holds_images, folders))
 
 
-def _holds_images(folder: Path, ignoring: frozenset[Path] = frozenset()) -> bool:
-    """Whether ``folder`` holds images as a class folder does, besides the files ``ignoring`` names (resolved): a
-    training run's folder, its curves beside its checkpoints, holds none."""
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds images as a class folder does: a training run's folder, its curves beside its
+    checkpoints, holds none, nor does a folder of the pictures verydeep drew (:func:`drawn_by_verydeep`)."""
     if is_training_run(folder):
         return False
     try:
         with os.scandir(folder) as entries:
-            return any(is_image(Path(entry.name)) and Path(entry.path).resolve() not in ignoring
+            return any(is_image(Path(entry.name)) and not drawn_by_verydeep(Path(entry.path))
                        for entry in itertools.islice(entries, ENTRIES_LOOKED_AT))
     except OSError:
+        return False
+
+
+#: What a picture verydeep draws (a saliency map, boxes on an image) says of its maker, in its PNG ``Software``
+#: text: a later call may draw it again, where a dataset's own image is never written over.
+DRAWN_BY = "verydeep"
+
+
+def drawn_by_verydeep(path: Path) -> bool:
+    """Whether ``path`` is a PNG whose ``Software`` text says verydeep drew it (:data:`DRAWN_BY`)."""
+    if path.suffix.lower() != ".png":
+        return False
+    try:
+        with Image.open(path) as image:
+            return str(getattr(image, "text", {}).get("Software", "")).startswith(DRAWN_BY)
+    except (OSError, ValueError, SyntaxError):
         return False
 
 
@@ -178,9 +193,8 @@ def refuse_writing_in_datasets_of(images: Sequence[str | Path], outs: Sequence[P
     read as one of that dataset's images (a file) or classes (a folder). Each split is read once, whatever the
     number of its images given."""
     splits: dict[Path, Path] = {}  # each split, and the first image given that lies in it
-    written = frozenset(out.resolve() for out in outs)  # an earlier call's outputs, which this one replaces: no data
     for image in map(Path, images):
-        for split in dataset_splits(image, written):
+        for split in dataset_splits(image):
             splits.setdefault(split, image)
     for split, image in splits.items():
         linked = _linked_targets(split)

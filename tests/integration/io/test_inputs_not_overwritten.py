@@ -308,15 +308,22 @@ def test_a_saliency_map_is_not_drawn_into_a_folder_of_class_folders_but_beside_a
 
 def test_a_saliency_map_drawn_once_does_not_make_its_folder_a_dataset_that_refuses_drawing_it_again(run, tmp_path,
                                                                                                     capsys):
-    """The map of a first call, in a folder beside the photo's, makes the two look like class folders; the same
-    call again replaces that map, which is no image of any dataset, so it is drawn again."""
+    """The maps of a first call, in a folder beside the photo's, would make the two look like class folders; what
+    verydeep drew (its PNGs say so) is no image of a dataset, so the same call draws them again, and another map
+    joins them. A dataset's own image, the only one of its class, is still never drawn over."""
     home = tmp_path / "home"
     save(photo(40, 40), home / "photos" / "cat.png")
-    argv = ["predict", "--weights", str(run), str(home / "photos" / "cat.png"), "--saliency",
-            str(home / "maps" / "cat.png"), "--device", "cpu"]
-    assert main(argv) == 0
-    first = (home / "maps" / "cat.png").stat().st_mtime_ns
-    assert main(argv) == 0, capsys.readouterr().err
-    assert (home / "maps" / "cat.png").stat().st_mtime_ns >= first
-    refused([*argv[:-3], str(home / "maps" / "dog.png"), "--device", "cpu"], capsys,  # a map beside it: a class
-            f"--saliency lies in {home}, the folder of class folders of the input image")
+    argv = ["predict", "--weights", str(run), str(home / "photos" / "cat.png"), "--device", "cpu", "--saliency"]
+    assert main([*argv, str(home / "maps" / "cat.png")]) == 0
+    (home / "maps" / "cat.png").touch()
+    before = (home / "maps" / "cat.png").stat().st_mtime_ns
+    assert main([*argv, str(home / "maps" / "cat.png")]) == 0, capsys.readouterr().err
+    assert (home / "maps" / "cat.png").stat().st_mtime_ns != before  # drawn again: a new file in its place
+    assert main([*argv, str(home / "maps" / "dog.png")]) == 0 and (home / "maps" / "dog.png").is_file()
+    caltech = tmp_path / "caltech"  # one image a class
+    save(photo(40, 40, seed=1), caltech / "cat" / "0.png")
+    save(photo(40, 40, seed=2), caltech / "dog" / "0.png")
+    dog = (caltech / "dog" / "0.png").read_bytes()
+    refused(["predict", "--weights", str(run), str(caltech / "cat" / "0.png"), "--device", "cpu", "--saliency",
+             str(caltech / "dog" / "0.png")], capsys, f"--saliency lies in {caltech}, the folder of class folders")
+    assert (caltech / "dog" / "0.png").read_bytes() == dog

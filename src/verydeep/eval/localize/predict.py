@@ -14,7 +14,7 @@ from verydeep.errors import MissingFileError, UserError
 from verydeep.eval.localize.dense_nets import DenseNets, Guess
 from verydeep.eval.localize.task import smallest_training_scale
 from verydeep.io.atomic import atomic_write
-from verydeep.io.outputs import refuse_writing_in_datasets_of
+from verydeep.io.outputs import DRAWN_BY, refuse_writing_in_datasets_of
 from verydeep.runtime.processes import loader_workers
 
 
@@ -48,7 +48,8 @@ def draw(path: str | Path, guesses: Sequence[Guess], names: Sequence[str], out: 
     ax.axis("off")
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{Path(path).stem}.png"
-    atomic_write(target, lambda tmp: fig.savefig(tmp, bbox_inches="tight", dpi=100, format="png"))
+    atomic_write(target, lambda tmp: fig.savefig(tmp, bbox_inches="tight", dpi=100, format="png",
+                                                    metadata={"Software": f"{DRAWN_BY} localize predict"}))
     plt.close(fig)
     return target
 
