@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     leaves early (``verydeep summary D | head``) ends the command quietly, with SIGPIPE's status, as it ends other
     tools; anything else is a bug and shows its traceback."""
     try:
-        return _run(argv)
+        status = _run(argv)
+        sys.stdout.flush()  # a short output waits in the buffer: its broken pipe shows here, not at exit
+        return status
     except BrokenPipeError:
         try:  # Python flushes stdout once more on exit: into nothing, not into a second error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -9,6 +9,7 @@ expected and the reverse. ``pytest -s`` prints how many cases ran."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -406,8 +407,9 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(argv, status):
     """``verydeep summary E | head -1``: the pipe closed before the output was written is no bug to show with a
     traceback; the command ends as other tools do, with SIGPIPE's status (argparse's help, which leaves through
     exit status 0, ignores the closed pipe itself)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as in a shell
     proc = subprocess.Popen([sys.executable, "-m", "verydeep.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
     proc.stdout.close()  # before a byte is read: the first write meets a closed pipe
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status and err == b"", err.decode()

@@ -105,8 +105,9 @@ def load(source: str | Path, weights_dir: str | Path | None = None, *, data: str
         raise TypeError(f"device: a name ('cpu', 'cuda', 'cuda:1', 'auto') or a torch.device; got {device!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):  # what autocast runs a net in
         raise TypeError(f"dtype: torch.bfloat16, torch.float16, torch.float32 or None; got {dtype!r}")
-    if data is not None and not Path(data).expanduser().is_dir():  # its statistics would be ImageNet's, silently
-        raise UserError(f"data: {data} is no folder (whose preprocess.json a net without a convention takes)")
+    if data is not None and not Path(data).expanduser().exists():  # its statistics would be ImageNet's, silently
+        raise UserError(f"data: {data} does not exist (a folder, or its preprocess.json, whose statistics a net "
+                        "without a convention takes)")
     place = pick_device(device) if isinstance(device, str) else device  # a bad name: one line naming it
     published = load_published(source, weights_dir)
     if purpose is not None:

@@ -220,7 +220,7 @@ def error_bars(groups: Sequence[tuple[str, dict[str, float]]], series: Sequence[
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plot", help="learning curves of a training run (loss, validation error, lr): "
-                              "PNG, SVG or PDF")
+                              "PNG, or any format matplotlib writes")
     p.add_argument("run_dir", type=input_path, help="a run directory written by verydeep train")
     p.add_argument("--out", type=output_file, default=None, help="image file to write, its format by its suffix "
                    "(.png, .pdf, .svg ...; default RUN_DIR/curves.png)")

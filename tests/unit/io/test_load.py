@@ -48,7 +48,8 @@ def test_our_net_keeps_its_classes_and_a_net_without_convention_takes_the_datas(
         verydeep.load(tmp_path / "a.safetensors", dtype=torch.float64)
     with pytest.raises(UserError, match="--device tpu: not a device"):
         verydeep.load(tmp_path / "a.safetensors", device="tpu")
-    with pytest.raises(UserError, match=f"data: {tmp_path / 'dta'} is no folder"):  # a typo: not ImageNet's statistics
+    assert verydeep.load(tmp_path / "a.safetensors", data=data / "preprocess.json").preprocess == net.preprocess
+    with pytest.raises(UserError, match=f"data: {tmp_path / 'dta'} does not exist"):  # a typo: not ImageNet's
         verydeep.load(tmp_path / "a.safetensors", data=tmp_path / "dta")
 
 
