@@ -4,6 +4,7 @@ names and kinds), narrowed so that the test stays small; read by content, not by
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -170,3 +171,34 @@ def test_a_rebuilt_keras_vgg_loads_as_the_vgg_it_is(tmp_path):
     """The refusals above turn on the one change each: the same rebuilding without it loads."""
     _rebuilt().save(tmp_path / "plain.keras")
     assert load_published(str(tmp_path / "plain.keras")).recipe["crop"] == 64
+
+
+def test_a_vgg_whose_relus_are_layers_of_their_own_loads_and_predicts_as_keras_does(tmp_path):
+    """Conv2D and Dense without activation, each followed by ``Activation("relu")`` or ``ReLU()`` (the output by
+    ``Activation("softmax")``), compute what keras.applications' VGG does; so does an old Sequential model, whose
+    config is the bare list of its layers."""
+    keras.utils.set_random_seed(0)
+    layers, relu = [keras.Input((64, 64, 3))], [keras.layers.ReLU, lambda: keras.layers.Activation("relu")]
+    for block, (convs, channels) in enumerate(BLOCKS, start=1):
+        for i in range(1, convs + 1):
+            layers += [keras.layers.Conv2D(channels // 16, 3, padding="same", name=f"block{block}_conv{i}"),
+                       relu[i % 2]()]
+        layers.append(keras.layers.MaxPooling2D(2, name=f"block{block}_pool"))
+    layers += [keras.layers.Flatten(name="flatten"), keras.layers.Dense(256, name="fc1"), relu[0](),
+               keras.layers.Dense(256, name="fc2"), relu[1](), keras.layers.Dense(5, name="predictions"),
+               keras.layers.Activation("softmax")]
+    model = keras.Sequential(layers)
+    x = np.random.default_rng(0).normal(0, 20, (2, 64, 64, 3)).astype(np.float32)
+    expected = np.asarray(model.predict(x, verbose=0))
+    model.save(tmp_path / "relus.keras")
+    model.save(tmp_path / "relus.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "relus.h5", "r+") as f:  # as Keras 2.2 wrote a Sequential model: a list of layers
+        config = json.loads(f.attrs["model_config"])
+        f.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": config["config"]["layers"]})
+    for name in ("relus.keras", "relus.h5"):
+        published = load_published(str(tmp_path / name))
+        with torch.no_grad():
+            ours = published.model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).softmax(dim=1).numpy()
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-6, err_msg=name)

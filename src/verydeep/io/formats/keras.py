@@ -104,9 +104,7 @@ def refuse_layers_of_no_vgg(path: Path, config: Any) -> None:
     undilated one of stride 1 with ReLU, a pooling other than 2 x 2 of stride 2, a hidden FC layer without ReLU,
     other than Table 1's five poolings, or FC layers behind an input that is no square of 32k pixels: the net
     loaded would compute something else, or take other images."""
-    layers = config.get("config", {}).get("layers", []) if isinstance(config, dict) else []
-    layers = [(layer.get("class_name"), layer.get("config") or {}) if isinstance(layer, dict) else (None, {})
-              for layer in layers]
+    layers = _layers_of(config)
     last_dense = max((i for i, (kind, _) in enumerate(layers) if kind == "Dense"), default=None)
     for i, (kind, settings) in enumerate(layers):
         if kind in GLOBAL_POOLING and last_dense is None:  # keras.applications' notop pooling: the convolutions kept
@@ -122,6 +120,26 @@ def refuse_layers_of_no_vgg(path: Path, config: Any) -> None:
                         f"Table 1 has {POOLINGS}, so it would compute something else; save a VGG's weights")
     if last_dense is not None:
         _refuse_input_the_top_cannot_take(path, layers)
+
+
+def _layers_of(config: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """The (kind, settings) of a Keras model's layers, from its config (``{"layers": [...]}``, or the bare list an
+    old Sequential model's is), each activation layer of ReLU (``Activation("relu")``, a plain ``ReLU()``) or of
+    the output's softmax folded into the convolution or FC layer before it, whose own activation it is."""
+    inner = config.get("config") if isinstance(config, dict) else None
+    listed = inner if isinstance(inner, list) else inner.get("layers", []) if isinstance(inner, dict) else []
+    layers: list[tuple[Any, dict[str, Any]]] = []
+    for layer in listed:
+        kind, settings = (layer.get("class_name"), layer.get("config") or {}) if isinstance(layer, dict) else (None, {})
+        activation = settings.get("activation") if kind == "Activation" else "relu" if kind == "ReLU" and not any(
+            settings.get(key) for key in ("max_value", "negative_slope", "threshold")) else None
+        before = layers[-1] if layers else (None, {})
+        if activation is not None and before[0] in ("Conv2D", "Dense") and before[1].get("activation") in (
+                None, "linear"):
+            layers[-1] = (before[0], {**before[1], "activation": activation})
+            continue
+        layers.append((kind, settings))
+    return layers
 
 
 #: The max-pooling layers of every configuration of Table 1.
@@ -153,8 +171,7 @@ def _a_vgg_layer(kind: Any, settings: dict[str, Any], last_dense: bool) -> bool:
 def _refuse_input_the_top_cannot_take(path: Path, layers: list[tuple[Any, dict[str, Any]]]) -> None:
     """FC layers (a top) behind an input of a known side other than a square of a multiple of 32 pixels: a
     :class:`UserError`, since the net loaded, a VGG of a crop of 32 times FC1's grid, would take other images."""
-    shapes = [settings.get("batch_shape", settings.get("batch_input_shape")) for kind, settings in layers
-              if kind == "InputLayer"]
+    shapes = [settings.get("batch_shape", settings.get("batch_input_shape")) for _, settings in layers]
     first_conv = next((settings for kind, settings in layers if kind == "Conv2D"), {})
     for shape in shapes:
         if not isinstance(shape, list) or len(shape) != 4:
