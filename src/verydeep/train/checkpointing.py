@@ -269,8 +269,8 @@ def check_training_state(state: dict[str, Any], path: Path, steps_per_epoch: int
                         "edited or comes from another run; restore the run's own")
 
     for key, least in (("epoch", 0), ("step", 0), ("step_in_epoch", 0), ("micro_batch", 1), ("world", 1)):
-        if key in state and not (is_whole(state[key]) and state[key] >= least):
-            refuse(key, state[key], f"a whole number of at least {least}")
+        if (key in state or key != "micro_batch") and not (is_whole(state.get(key)) and state[key] >= least):
+            refuse(key, state.get(key), f"a whole number of at least {least}")  # micro_batch: older runs lack it
     place = state["epoch"] * steps_per_epoch + state["step_in_epoch"]
     if state["step_in_epoch"] > steps_per_epoch or state["step"] != place:
         refuse("its place (epoch, step, step_in_epoch)", (state["epoch"], state["step"], state["step_in_epoch"]),
@@ -281,7 +281,7 @@ def check_training_state(state: dict[str, Any], path: Path, steps_per_epoch: int
     if not (isinstance(partial, dict) and all(is_finite(partial.get(k)) for k in PARTIAL)
             and min(partial[k] for k in PARTIAL[1:]) >= 0):
         refuse("partial", partial, f"the epoch's sums so far ({', '.join(PARTIAL)}), finite, the counts not negative")
-    _check_schedule_state(state.get("schedule"), optimizer.defaults["lr"], refuse)
+    _check_schedule_state(state.get("schedule"), optimizer.defaults["lr"], state["epoch"], refuse)
     stored = state["optimizer"].get("param_groups") if isinstance(state.get("optimizer"), dict) else None
     if not isinstance(stored, list) or len(stored) != len(optimizer.param_groups):
         refuse("optimizer param_groups", stored, f"{len(optimizer.param_groups)} parameter groups")
@@ -296,14 +296,17 @@ def check_training_state(state: dict[str, Any], path: Path, steps_per_epoch: int
 PARTIAL = ("loss", "images", "seconds", "skipped")
 
 
-def _check_schedule_state(schedule: Any, lr: float, refuse: Any) -> None:
-    """The schedule's state: counts whole and not negative, ``stopped`` a switch, ``best`` a score (not NaN, -inf
-    before any validation), and ``lr`` the run's ``lr`` divided by 10 once for each of its ``drops``."""
+def _check_schedule_state(schedule: Any, lr: float, epochs: int, refuse: Any) -> None:
+    """The schedule's state: counts whole and not negative (``drops`` at most one an epoch of the ``epochs`` done),
+    ``stopped`` a switch, ``best`` a score (not NaN, -inf before any validation), and ``lr`` the run's ``lr``
+    divided by 10 once for each of its ``drops``."""
     if not isinstance(schedule, dict):
         refuse("schedule", schedule, "the schedule's state")
     for key in ("bad", "drops", "since_best"):
-        if key in schedule and not (is_whole(schedule[key]) and schedule[key] >= 0):
-            refuse(f"schedule {key}", schedule[key], "a whole number of at least 0")
+        if (key in schedule or key != "since_best") and not (is_whole(schedule.get(key)) and schedule[key] >= 0):
+            refuse(f"schedule {key}", schedule.get(key), "a whole number of at least 0")  # older runs: no since_best
+    if schedule["drops"] > epochs:
+        refuse("schedule drops", schedule["drops"], f"at most one an epoch, of the {epochs} done")
     if not isinstance(schedule.get("stopped"), bool):
         refuse("schedule stopped", schedule.get("stopped"), "true or false")
     best = schedule.get("best")
