@@ -13,7 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from verydeep.data import ImageFolder, LabelledImages, collate, find_split, open_split
-from verydeep.data.datasets import _class_dirs, require_folder
+from verydeep.data.datasets import _class_dirs, is_one_split, require_folder
 from verydeep.data.loaders import image_loader
 from verydeep.data.voc import is_voc, open_voc
 from verydeep.errors import MissingFileError, UserError
@@ -59,7 +59,7 @@ def open_image_set(data: str | Path) -> ImageSet:
     if is_voc(root):
         voc = open_voc(root)
         return ImageSet([str(p) for p in voc.paths], voc.labels, voc.splits, voc.classes, voc.classes)
-    if not (root / "train").is_dir():
+    if not (root / "train").is_dir() or is_one_split(root):  # CIFAR-100's split holds a class named train
         refuse_split_without_train(root)
         folder = ImageFolder(root, None)
         return ImageSet([str(p) for p, _ in folder.samples], np.array(folder.targets), [""] * len(folder),

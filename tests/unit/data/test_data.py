@@ -532,6 +532,9 @@ def test_a_split_of_class_folders_one_named_train_is_that_split_not_a_dataset_of
     make_tree(tmp_path / "loose", {"ILSVRC2012_img_val": [(8, 8)]})
     with pytest.raises(MissingFileError, match="has train but no val or test"):
         find_split(tmp_path / "loose", "val")
+    images = open_image_set(tmp_path / "c100" / "train")  # features' and transfer's reading: each image once, unsplit
+    assert len(images.paths) == len(set(images.paths)) == 6 and set(images.splits) == {""}
+    assert images.classes == ["bicycle", "bus", "train"]
 
 
 def test_a_file_given_as_the_data_folder_is_named_a_file(tmp_path, capsys):
