@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from verydeep.data.datasets import ImageFolder, LabelledImages, Transform, _class_dirs
+from verydeep.data.datasets import ImageFolder, LabelledImages, Transform, _class_dirs, _has_images
 from verydeep.data.ilsvrc_val import TINY_LABELS, ILSVRCValFolder
 from verydeep.errors import UserError
 
@@ -18,7 +18,8 @@ def open_split(folder: str | Path, transform: Transform, strict: bool = False) -
     ImageNet's ``images/`` beside ``val_annotations.txt``); the split read for validation, evaluation or
     statistics, so a class folder without images is allowed."""
     folder = Path(folder)
-    if (folder / TINY_LABELS).is_file() and _class_dirs(folder) == ["images"]:  # Tiny ImageNet's val/
+    if (folder / TINY_LABELS).is_file() and [  # Tiny ImageNet's val/, a stray folder (__MACOSX/) beside it or not
+            name for name in _class_dirs(folder) if _has_images(folder / name)] == ["images"]:
         return ILSVRCValFolder(folder / "images", transform, labels=folder / TINY_LABELS, strict=strict,
                                names_from=folder)  # val/ and the root beside train/, where words.txt lies
     if folder.is_dir() and _class_dirs(folder):

@@ -496,6 +496,10 @@ def test_features_read_tiny_imagenet_s_val_beside_its_unlabelled_test_as_eval_do
     assert images.classes == synsets and images.splits == ["train"] * 4 + ["test"] * 3
     assert [Path(p).name for p in images.paths[4:]] == ["val_0.JPEG", "val_1.JPEG", "val_2.JPEG"]
     assert images.labels.tolist() == [0, 0, 1, 1, 0, 1, 0]
+    (root / "val" / "__MACOSX" / "images").mkdir(parents=True)  # an unpacker's stray folder, or an empty one
+    (root / "val" / "__MACOSX" / "images" / "._val_0.JPEG").write_bytes(b"x")
+    (root / "val" / "empty").mkdir()
+    assert open_image_set(root).paths == images.paths and open_split(root / "val", None).classes == synsets
     (root / "val" / "val_annotations.txt").write_text(f"val_0.JPEG\t{synsets[0]}\t0\t0\t7\t7\n")
     with pytest.raises(UserError, match="val_annotations.txt: no label for 2 images"):
         open_image_set(root)
