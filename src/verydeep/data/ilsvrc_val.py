@@ -41,7 +41,7 @@ class ILSVRCValFolder(LabelledImages):
     - ``LOC_val_solution.csv`` (Kaggle): ``ImageId,PredictionString`` with the synset first;
     - ``ILSVRC2012_validation_ground_truth.txt`` (devkit): one ILSVRC2012_ID (1..1000) per image
       in file-name order, mapped to synsets by the devkit's ``meta.mat`` (needs scipy);
-    - ``val.txt`` (Caffe): ``<file> <index>``, index into the sorted synsets (or a synset id);
+    - ``val.txt`` (Caffe): ``<file> <index>``, index into the synset list, which must be sorted (or a synset id);
     - ``val_annotations.txt`` (Tiny ImageNet): ``<file> <synset> <box>``, the box left out.
 
     A label belongs to the image at its path relative to the folder (the CSV's ImageId without the
@@ -66,7 +66,7 @@ class ILSVRCValFolder(LabelledImages):
             raise UserError(f"data folder {self.root} holds no images")
         listed = read_class_names(names_folder, CLASS_LIST_FILES)  # exactly the dataset's classes
         names = listed or read_class_names(names_folder)
-        truth = _read_ground_truth(label_file, images, sorted(listed))
+        truth = _read_ground_truth(label_file, images, list(listed))
         truth.refuse_shared_names(images, label_file)
         if listed:
             _refuse_unlisted(label_file, set(truth.synsets.values()) - set(listed), CLASS_LIST_FILES)
@@ -126,9 +126,9 @@ _INDEX = re.compile(r"[0-9]+")
 _SYNSET = re.compile(r"[A-Za-z]\S*")
 
 
-def _read_ground_truth(label_file: Path, images: Sequence[Path], sorted_synsets: list[str]) -> _GroundTruth:
-    """The labels of any of the supported ground-truth formats; a file that does not parse is a
-    :class:`UserError` naming it (and the line at fault)."""
+def _read_ground_truth(label_file: Path, images: Sequence[Path], synsets: list[str]) -> _GroundTruth:
+    """The labels of any of the supported ground-truth formats (``synsets``: the synset list, in its file's
+    order); a file that does not parse is a :class:`UserError` naming it (and the line at fault)."""
     try:
         if label_file.suffix == ".csv":
             return _read_kaggle_csv(label_file)
@@ -138,7 +138,7 @@ def _read_ground_truth(label_file: Path, images: Sequence[Path], sorted_synsets:
             return _read_devkit_ids(label_file, lines, images)
         if label_file.name == TINY_LABELS:  # its boxes are not labels: the file and synset of each line
             lines = [(n, fields[:2]) for n, fields in lines]
-        return _read_caffe_list(label_file, lines, sorted_synsets)
+        return _read_caffe_list(label_file, lines, synsets)
     except UserError:
         raise
     except (KeyError, IndexError, ValueError, AttributeError, TypeError, csv.Error) as error:
@@ -219,32 +219,38 @@ def _read_devkit_ids(label_file: Path, lines: list[tuple[int, list[str]]], image
     return _GroundTruth(synsets)
 
 
-def _read_caffe_list(label_file: Path, lines: list[tuple[int, list[str]]], sorted_synsets: list[str]) -> _GroundTruth:
-    """Caffe's ``val.txt``: ``<file> <label>`` per line, the label an index into ``sorted_synsets``
-    or a synset id."""
+def _read_caffe_list(label_file: Path, lines: list[tuple[int, list[str]]], listed: list[str]) -> _GroundTruth:
+    """Caffe's ``val.txt``: ``<file> <label>`` per line, the label an index into the synset list ``listed``, which
+    must then be sorted (as ILSVRC's is: the index means the same in its order and in the sorted classes'), or a
+    synset id."""
     synsets: dict[str, str] = {}
     first_lines: dict[str, int] = {}
+    in_order = listed == sorted(listed)
     for number, fields in lines:
         where = f"{label_file}:{number}"
         if len(fields) != 2:
             raise UserError(f"{where}: expected '<file> <class index>', got {' '.join(fields)!r}")
         name, label = fields
-        _add_label(synsets, first_lines, name, _caffe_synset(label, sorted_synsets, where), where, number)
+        if not in_order and not _is_synset(label):
+            raise UserError(f"{where}: class index {label} of a synset list ({' or '.join(CLASS_LIST_FILES)}) whose "
+                            "synsets are not in sorted order, as ILSVRC's are: its order or the sorted one? Sort the "
+                            "list, or label by synset id")
+        _add_label(synsets, first_lines, name, _caffe_synset(label, listed, where), where, number)
     return _GroundTruth(synsets)
 
 
-def _caffe_synset(label: str, sorted_synsets: list[str], where: str) -> str:
-    """The synset a ``val.txt`` label names: an index into ``sorted_synsets``, or a synset id itself."""
+def _caffe_synset(label: str, listed: list[str], where: str) -> str:
+    """The synset a ``val.txt`` label names: an index into the (sorted) synset list ``listed``, or a synset id."""
     if _is_synset(label):
         return label
     if not _INDEX.fullmatch(label):
         raise UserError(f"{where}: a class index must be a whole number from 0, got {label!r}")
-    if not sorted_synsets:
+    if not listed:
         raise UserError(f"{where}: numeric labels need a synset list (LOC_synset_mapping.txt)")
-    if int(label) >= len(sorted_synsets):
-        raise UserError(f"{where}: class index {label} is beyond the {len(sorted_synsets)} classes of the synset list "
-                        f"(0..{len(sorted_synsets) - 1})")
-    return sorted_synsets[int(label)]
+    if int(label) >= len(listed):
+        raise UserError(f"{where}: class index {label} is beyond the {len(listed)} classes of the synset list "
+                        f"(0..{len(listed) - 1})")
+    return listed[int(label)]
 
 
 def _devkit_synsets(meta: Path) -> dict[int, str]:
