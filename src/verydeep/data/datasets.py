@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import struct
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -159,6 +160,17 @@ def kaggle_download(folder: Path) -> list[Path]:
 def unnamed_classes(listed: Sequence[Any]) -> bool:
     """Whether a net's class list only numbers its outputs (``0``, ``1``, ...), as that of weights that name none."""
     return [str(c) for c in listed] == [str(i) for i in range(len(listed))]
+
+
+def unicode_twins(ours: Sequence[str], theirs: Sequence[str]) -> str:
+    """The first class of ``ours`` that ``theirs`` spells in another Unicode normalisation (the same letters, one
+    composed and one decomposed: macOS writes folder names decomposed), both spelt out in ASCII; else ``""``."""
+    composed = {unicodedata.normalize("NFC", c): c for c in theirs if c not in ours}
+    twin = next((c for c in ours if c not in theirs and unicodedata.normalize("NFC", c) in composed), None)
+    if twin is None:
+        return ""
+    other = composed[unicodedata.normalize("NFC", twin)]
+    return f"{ascii(twin)} and {ascii(other)} are one name in two Unicode spellings"
 
 
 def read_class_names(folder: Path, files: Sequence[str] = NAME_FILES) -> dict[str, str]:

@@ -13,7 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from verydeep.data import ImageFolder, LabelledImages, collate, find_split, open_split
-from verydeep.data.datasets import _class_dirs, is_one_split, require_folder
+from verydeep.data.datasets import _class_dirs, is_one_split, require_folder, unicode_twins
 from verydeep.data.loaders import image_loader
 from verydeep.data.voc import is_voc, open_voc
 from verydeep.errors import MissingFileError, UserError
@@ -67,7 +67,10 @@ def open_image_set(data: str | Path) -> ImageSet:
     held_out = held_out_split(root)
     train, test = ImageFolder(find_split(root, "train"), None), open_split(held_out, None)
     if train.classes != test.classes:
-        raise UserError(f"{root}: the classes of train/ and {held_out.name}/ differ")
+        twins = unicode_twins(train.classes, test.classes)
+        differ = sorted(set(train.classes) ^ set(test.classes))[:5] or ["the same, in another order"]
+        raise UserError(f"{root}: the classes of train/ and {held_out.name}/ differ: "
+                        f"{twins + ' (rename one)' if twins else ', '.join(differ)}")
     parts = [("train", train), ("test", test)]
     return ImageSet([str(p) for _, part in parts for p, _ in part.samples],
                     np.array([t for _, part in parts for t in part.targets]),

@@ -19,7 +19,7 @@ from verydeep.data import (
     collate,
 )
 from verydeep.data import gpu as gpu_decode
-from verydeep.data.datasets import LabelledImages, split_apart
+from verydeep.data.datasets import LabelledImages, split_apart, unicode_twins
 from verydeep.data.ilsvrc_val import ILSVRCValFolder
 from verydeep.data.loaders import image_loader
 from verydeep.data.sampling import GlobalBatchSampler, SeededSamples, collate_shifted
@@ -44,7 +44,9 @@ def check_validation_classes(data: str | Path, train_set: LabelledImages, val_se
                   "a class without validation images needs an empty folder")
         said = [f"validation lacks the classes {', '.join(missing[:5])} ({advice})" if missing else "",
                 f"validation has class folders training lacks: {', '.join(extra[:5])}" if extra else ""]
-        said = "; ".join(part for part in said if part) or "their class folders are listed in another order"
+        twins = unicode_twins(train_set.classes, val_set.classes)
+        said = f"{twins} (rename one)" if twins else ("; ".join(part for part in said if part)
+                                                      or "their class folders are listed in another order")
         raise UserError(f"{data}: the validation classes differ from the training classes: {said}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import photo, save, tiny, weights, write_dataset
+from conftest import photo, save, tiny, weights, write_classifier, write_dataset
 
 import verydeep
 from verydeep.cli import main
@@ -955,6 +956,24 @@ def test_a_validation_split_without_a_class_folder_names_it(tmp_path):
                                         r"images needs an empty folder\); validation has class folders training "
                                         r"lacks: other$"):
         train(tiny(root, tmp_path / "run", batch_size=4))
+
+
+def test_class_folders_named_in_two_unicode_spellings_are_named_so_by_train_and_features(tmp_path, capsys):
+    """macOS writes folder names decomposed: "Ü" as U and a combining diaeresis. The same-looking names differ; the
+    error says so in ASCII, where printing both as they are would show one name twice."""
+    import unicodedata
+
+    root = write_dataset(tmp_path / "data", {"train": 4, "val": 1})
+    composed = unicodedata.normalize("NFC", "Über")
+    for split in ("train", "val"):
+        spelling = composed if split == "train" else unicodedata.normalize("NFD", composed)
+        (root / split / "class2").rename(root / split / spelling)
+    said = r"'\\xdcber' and 'U\\u0308ber' are one name in two Unicode spellings \(rename one\)"
+    with pytest.raises(UserError, match=said):
+        train(tiny(root, tmp_path / "run", batch_size=4))
+    assert main(["features", "--weights", str(write_classifier(tmp_path / "net.pt", classes=4)), "--data", str(root),
+                 "--out", str(tmp_path / "f.npz"), "--device", "cpu", "--workers", "0", "--no-progress"]) == 2
+    assert re.search(said, capsys.readouterr().err)
 
 
 def test_a_flat_validation_folder_without_a_class_says_where_its_classes_come_from(tmp_path):
