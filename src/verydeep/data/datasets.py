@@ -26,7 +26,8 @@ from verydeep.errors import MissingFileError, UserError
 log = logging.getLogger("verydeep.data")
 
 #: File name endings read as images (case-insensitive). Hidden files (``._x.jpg``) are ignored.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp",
+                    ".gif")
 
 #: Files that name the classes: ``<synset> <name>`` per line, beside the split or its parent.
 NAME_FILES = ("classes.txt", "words.txt", "LOC_synset_mapping.txt", "synset_words.txt")

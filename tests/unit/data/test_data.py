@@ -869,3 +869,12 @@ def test_real_imagenette_split():
     assert len(ds.classes) == 10 and ds.class_names[0] == "tench"
     image, label, _ = ds[0]
     assert image.shape == (3, 224, 224) and label == 0
+
+
+def test_jpegs_saved_as_jfif_or_jpe_are_images_and_other_files_are_not(tmp_path):
+    """Windows browsers save JPEGs as .jfif; a file without an image's ending (a readme, notes) is not read."""
+    for name in ("a.jfif", "b.JPE", "c.jpg"):
+        save(photo(8, 8), tmp_path / "data" / "cat" / name)
+    (tmp_path / "data" / "cat" / "README").write_text("not an image")
+    assert sorted(Path(p).name for p, _ in ImageFolder(tmp_path / "data", None).samples) == ["a.jfif", "b.JPE",
+                                                                                               "c.jpg"]
