@@ -672,14 +672,17 @@ def test_a_label_of_a_class_the_class_list_lacks_names_the_ground_truth_file_and
 def test_caffe_class_indices_of_a_synset_list_out_of_sorted_order_are_refused_not_guessed(tmp_path):
     """ILSVRC's synset list is sorted, so an index means the same in its order and among the sorted classes; in a
     list out of order it could mean either, and one guess would silently relabel images."""
-    val = flat_val(tmp_path)
-    (tmp_path / "val.txt").write_text("a.jpg 1\nb.jpg 0\n")
-    assert ILSVRCValFolder(val, None, labels=tmp_path / "val.txt").targets == [1, 0]
+    val, labels = flat_val(tmp_path), tmp_path / "val.txt"
+
+    def targets(lines: str) -> list[int]:
+        labels.write_text(lines)
+        return ILSVRCValFolder(val, None, labels=labels).targets
+
+    assert targets("a.jpg 1\nb.jpg 0\n") == [1, 0]
     (tmp_path / "LOC_synset_mapping.txt").write_text("n02 goldfish\nn01 tench\n")
     with pytest.raises(UserError, match=r"val.txt:1: class index 1 of a synset list .* not in sorted order"):
-        ILSVRCValFolder(val, None, labels=tmp_path / "val.txt")
-    (tmp_path / "val.txt").write_text("a.jpg n02\nb.jpg n01\n")  # synset ids mean one thing in any list
-    assert ILSVRCValFolder(val, None, labels=tmp_path / "val.txt").targets == [1, 0]
+        targets("a.jpg 1\nb.jpg 0\n")
+    assert targets("a.jpg n02\nb.jpg n01\n") == [1, 0]  # synset ids mean one thing in any list
 
 
 def test_a_ground_truth_path_labels_only_the_image_at_that_path(tmp_path):
