@@ -154,6 +154,9 @@ def pca_shift(n: int, pre: Preprocess, alpha_std: float, generator: torch.Genera
     One alpha per image and eigenvector, drawn on the generator's device (CPU by default), so
     the shift's covariance is ``eigvec diag((alpha_std * eigval)^2) eigvec^T``.
     """
+    if not (math.isfinite(alpha_std) and alpha_std >= 0):
+        raise UserError(f"alpha_std is the standard deviation of the PCA shift's weights, finite and at least 0; "
+                        f"got {alpha_std}")
     device = generator.device if generator is not None else torch.device("cpu")
     alpha = torch.randn(n, 3, generator=generator, device=device) * alpha_std
     eigval = torch.tensor(pre.eigval, device=device)

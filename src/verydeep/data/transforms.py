@@ -184,6 +184,8 @@ class TrainTransform(PlannedTransform):
 
     def __post_init__(self) -> None:
         smin, smax = self.scale
+        if not (isinstance(self.crop, int) and self.crop >= 1):
+            raise UserError(f"crop must be a whole number of pixels, at least 1; got {self.crop!r}")
         if not 0 < smin <= smax:
             raise UserError(f"scale must be (Smin, Smax) with 0 < Smin <= Smax; got {self.scale}")
         if smin < self.crop:

@@ -50,7 +50,7 @@ from verydeep.options import (
     whole,
     whole_scales,
 )
-from verydeep.runtime.device import pick_device
+from verydeep.runtime.device import pick_device, refuse_inference_mode
 from verydeep.runtime.precision import autocast_dtype
 
 
@@ -150,7 +150,7 @@ def saliency_map(net: Net, image: Tensor, index: int, device: torch.device) -> T
     """Simonyan et al. (2014), Sec. 3.1: ``M_ij = max_c |dS/dI_ijc|`` (H, W) of a uint8 image (3, H, W), where
     S is class ``index``'s unnormalised score on the whole image (the spatial mean of the dense net's score
     map) and I the image's RGB pixel values, through the net's input convention."""
-
+    refuse_inference_mode("a saliency map")
     pre = net.preprocess
     x = to_input(image.unsqueeze(0).to(device), pre).detach().requires_grad_()
     with torch.enable_grad():

@@ -131,13 +131,15 @@ def _largest_output_weights(conv: nn.Conv2d) -> tuple[float, float]:
     """The largest sum of absolute weights over one of ``conv``'s outputs, and its largest absolute bias: no output
     exceeds the first times the input's largest magnitude, plus the second."""
     tensors = (conv.weight,) if conv.bias is None else (conv.weight, conv.bias)
-    key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
+    # an inference tensor (made under torch.inference_mode) keeps no version to tell a change by: never kept
+    key = None if any(t.is_inference() for t in tensors) else tuple((t._version, t.data_ptr(), t.dtype)
+                                                                      for t in tensors)
     # kept on the module with the versions, places and dtypes they were taken at: taken again when the weight or
     # the bias changes (every step in training, load_state_dict, an in-place change under no_grad). A change
     # through ``.data`` bumps no version, as autograd does not see it either: taking them again every call would
     # cost a tenth of a batch of one's inference
     cached = conv.__dict__.get(_OUTPUT_WEIGHTS)
-    if cached is None or cached[0] != key:
+    if cached is None or key is None or cached[0] != key:
         weight, *bias = (t.detach() for t in tensors)
         sums = weight.abs().sum(dim=tuple(range(1, weight.dim())), dtype=torch.float32)
         largest = (float(sums.amax()) if sums.numel() else 0.0, float(bias[0].abs().amax()) if bias else 0.0)

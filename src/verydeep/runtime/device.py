@@ -63,3 +63,11 @@ def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool = 
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
                 module.to(dtype)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def refuse_inference_mode(work: str) -> None:
+    """``work`` that needs gradients (training, a saliency map) inside the caller's ``torch.inference_mode()``,
+    which nothing inside can lift, is a :class:`UserError` (``torch.no_grad()`` is lifted where needed)."""
+    if torch.is_inference_mode_enabled():
+        raise UserError(f"{work} needs gradients, which torch.inference_mode() around the call rules out; call it "
+                        "outside (torch.no_grad() is fine)")

@@ -109,9 +109,19 @@ def cpu_precision() -> str:
 
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    """``torch.autocast`` on ``device`` when ``dtype`` is set, a no-op otherwise."""
-    if dtype is None:
+    """``torch.autocast`` on ``device`` to ``dtype``; with ``dtype`` None, autocast off, whatever a caller's own
+    autocast around it asks (fp32 is fp32)."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         yield
-    else:
-        with torch.autocast(device.type, dtype=dtype):
-            yield
+
+
+@contextlib.contextmanager
+def own_modes() -> Iterator[None]:
+    """Gradients on and autocast off, whatever a caller (a notebook's ``no_grad``, its bf16 autocast) set around
+    the call: training and evaluation then run in the precision they chose, with the gradients they need, backward
+    passes included (autocast reaches the backward of an autograd function)."""
+    with contextlib.ExitStack() as modes:
+        modes.enter_context(torch.enable_grad())
+        for kind in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            modes.enter_context(torch.autocast(kind, enabled=False))
+        yield

@@ -41,9 +41,9 @@ from verydeep.io.rundir import RunDir
 from verydeep.nn.model import VGG
 from verydeep.nn.tasks import Classification, Task
 from verydeep.runtime import sharding
-from verydeep.runtime.device import pick_device, prepare
+from verydeep.runtime.device import pick_device, prepare, refuse_inference_mode
 from verydeep.runtime.memory import keep_freed_memory
-from verydeep.runtime.precision import autocast_dtype
+from verydeep.runtime.precision import autocast_dtype, own_modes
 from verydeep.runtime.processes import Processes, loader_workers
 from verydeep.runtime.progress import progress_bar
 from verydeep.runtime.rng import rng_state, set_rng_state
@@ -92,17 +92,23 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, procs: Processes, task: Task | None = None,
                  given: Mapping[str, str] | Collection[str] | None = None) -> None:
         self.procs, self.task = procs, task or Classification()
-        # the settings the user gave (flags, recipe), each with where it came from: those that contradict
-        # --weights are refused naming it; from Python, those that differ from their defaults
+        # the settings given (flags, recipe; from Python, those off their defaults), each named by its origin
         self.given = given = given_settings(cfg, given)
-        # The parts are assembled in this order because exact resume depends on it: the weights to start
-        # from are read first, since they decide the architecture; the model's random init draws from the
-        # global RNG seeded by cfg.seed, before anything else draws; restoring needs the model and optimizer
-        # and must precede wrapping, since DDP broadcasts rank 0's weights as it is built; the checkpoint's
-        # RNG states are set after wrapping, last of all, so that nothing draws after them; the loaders
-        # start at the restored position in the epoch. Fitting the micro-batch draws nothing.
+        refuse_inference_mode("training")
         self.cfg, self.published = checked_settings(cfg, given)
-        self._place()
+        self._place()  # the run's lock taken: a refusal from here on lets it go, not left to a traceback's frame
+        try:
+            with own_modes():  # a caller's no_grad would leave the memory probe nothing to measure
+                self._assemble(procs)
+        except BaseException:
+            self.checkpoints.release()
+            raise
+
+    def _assemble(self, procs: Processes) -> None:
+        """The parts, in the order exact resume needs: the weights (read first, in ``__init__``) decide the net; its
+        init draws first from the RNG seeded by cfg.seed; restoring needs model and optimizer and precedes wrapping
+        (DDP broadcasts rank 0's weights as it is built); the checkpoint's RNG states are set last, so that nothing
+        draws after them; the loaders start where the epoch stopped. Fitting the micro-batch draws nothing."""
         self.data = TrainingData(self.cfg, self.task, self.decode)
         self.record = run_record(self.cfg, self.task, self.pre, self.data)
         self._build()
@@ -118,11 +124,7 @@ class Trainer:
         self.checkpoints.clear(self.cfg)  # all checked: a refused run leaves an old one in --out as it was
         if not self.cfg.resume:
             self.metrics.open()
-        self.log(f"{self.model.name} width={self.cfg.width:g} on {self.device} x{procs.world}, {self.how}; "
-                 f"{len(self.data.train_indices)} training images, {len(self.data.val_indices)} validation "
-                 f"images, {self.sampler.steps_per_epoch} steps of {self.cfg.batch_size} per epoch "
-                 f"({self.sampler.micro_per_step} x {self.micro_batch} per process), "
-                 f"precision {'bf16' if self.dtype else 'fp32'}, decoding on the {self.decode.upper()}")
+        self.log(describe_start(self))
 
     # ---- assembly
 
@@ -354,7 +356,8 @@ class Trainer:
         """Train until the epoch budget or the schedule's stop; a resumed run that had already reached
         either says so and does nothing. However it ends, another training may then write the run."""
         try:
-            return self._train()
+            with own_modes():  # whatever the caller's grad mode and autocast
+                return self._train()
         finally:
             self.checkpoints.release()
 
@@ -399,6 +402,16 @@ def given_settings(cfg: TrainConfig, given: Mapping[str, str] | Collection[str] 
     if isinstance(given, Mapping):
         return dict(given)
     return {name: flag_of(name) for name in (changed_settings(cfg) if given is None else given)}
+
+
+def describe_start(trainer: Trainer) -> str:
+    """The line that says what a run is about to do: net, device, start, images, steps, precision, decoding."""
+    data, sampler, cfg = trainer.data, trainer.sampler, trainer.cfg
+    return (f"{trainer.model.name} width={cfg.width:g} on {trainer.device} x{trainer.procs.world}, {trainer.how}; "
+            f"{len(data.train_indices)} training images, {len(data.val_indices)} validation images, "
+            f"{sampler.steps_per_epoch} steps of {cfg.batch_size} per epoch ({sampler.micro_per_step} x "
+            f"{trainer.micro_batch} per process), precision {'bf16' if trainer.dtype else 'fp32'}, decoding on the "
+            f"{trainer.decode.upper()}")
 
 
 def per_process_batch(cfg: TrainConfig, world: int) -> int:
@@ -452,5 +465,6 @@ def train(cfg: TrainConfig, task: Task | None = None,
         resolved = checked_settings(cfg, given_settings(cfg, given))[0]  # as the run recorded them (weights', S)
         if not cfg.overwrite or started_with(resolved, cfg.out):
             cfg = replace(resolved, resume=True, overwrite=False)
-    with process_group(cfg.device) as procs:
+    cuda = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=cuda), process_group(cfg.device) as procs:  # the caller's RNG kept as it was
         return Trainer(cfg, procs, task, given).run()

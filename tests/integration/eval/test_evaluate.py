@@ -788,3 +788,15 @@ def test_a_state_dict_that_names_no_classes_scores_the_datas_classes_in_their_or
         results.append(json.loads((out / "results.json").read_text())["rows"])
     assert [(r["top1_error"], r["top5_error"], r["images"]) for r in results[0]] == [
         (r["top1_error"], r["top5_error"], r["images"]) for r in results[1]]
+
+
+def test_fp32_evaluation_is_fp32_inside_a_callers_autocast(checkpoint, folder):
+    """A notebook's bf16 autocast around evaluate() does not reach the fp32 evaluation it asked for."""
+    options = dict(protocols=["dense"], scales=[36], device="cpu", workers=0, progress=False, keep_posteriors=True,
+                   precision="fp32")
+    plain = evaluate([checkpoint], folder, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = evaluate([checkpoint], folder, **options)
+    assert plain.posteriors.arrays.keys() == autocast.posteriors.arrays.keys()
+    for key, posteriors in plain.posteriors.arrays.items():
+        np.testing.assert_array_equal(autocast.posteriors.arrays[key], posteriors, err_msg=key)

@@ -157,6 +157,10 @@ def test_saliency_is_the_input_gradient_of_the_unnormalised_score(caffe_net, tmp
     got = saliency_map(net, image, 2, torch.device("cpu"))
     assert got.shape == (40, 56) and got.max() > 0
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():  # a caller's no_grad is lifted; its inference_mode cannot be, and says so
+        torch.testing.assert_close(saliency_map(net, image, 2, torch.device("cpu")), got, rtol=0, atol=0)
+    with torch.inference_mode(), pytest.raises(UserError, match="^a saliency map needs gradients"):
+        saliency_map(net, image, 2, torch.device("cpu"))
 
 
 def test_saliency_png_shows_the_image_beside_its_map(caffe_net, tmp_path, capsys):

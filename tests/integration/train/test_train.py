@@ -1044,3 +1044,37 @@ def test_the_default_training_scale_follows_another_crop_as_256_follows_224(data
     assert TrainConfig().scale == (256, 256)  # the crop of 224's own
     huge = TrainConfig(data=str(data), out=str(tmp_path / "huge"), crop=1856)
     assert checked_settings(huge, {"crop": "--crop"})[0].scale == (2048, 2048)  # at most the largest side
+
+
+def test_a_call_from_python_is_untouched_by_the_callers_modes_and_leaves_its_rng(data, tmp_path):
+    """From a notebook: the caller's bf16 autocast does not turn an fp32 run into bf16, nor its no_grad leave the
+    run without gradients; the caller's RNG continues as if train() had not drawn; inference_mode, which nothing
+    can lift, is refused in one line."""
+    reference = train(tiny(data, tmp_path / "plain"))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert train(tiny(data, tmp_path / "modes")).best == reference.best
+    for name, value in weights(tmp_path / "plain").items():
+        assert torch.equal(value, weights(tmp_path / "modes")[name]), name
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    train(tiny(data, tmp_path / "rng"))
+    assert torch.equal(torch.rand(3), expected)
+    with torch.inference_mode(), pytest.raises(UserError, match=r"^training needs gradients, which "
+                                                                r"torch.inference_mode\(\) around the call rules out"):
+        train(tiny(data, tmp_path / "inference"))
+
+
+def test_a_resume_refused_lets_the_run_go_though_its_error_is_kept(data, tmp_path):
+    """A notebook keeps the last exception, and with it the refused Trainer: its lock on the run must not stay
+    with it, or the corrected call would be refused as another training writing the run."""
+    from verydeep.io.checkpoint import save_checkpoint
+
+    train(tiny(data, tmp_path, epochs=2, checkpoint_every=1, stop_after_steps=2))
+    last = tmp_path / "checkpoints" / "last.pt"
+    good = load_checkpoint(last)
+    save_checkpoint({**good, "micro_batch": 0}, last)
+    with pytest.raises(UserError, match="micro_batch is 0") as refused:
+        train(tiny(data, tmp_path, epochs=2, resume=True))
+    save_checkpoint(good, last)
+    assert train(tiny(data, tmp_path, epochs=2, resume=True)).epochs == 2 and refused.value is not None

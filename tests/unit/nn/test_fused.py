@@ -375,3 +375,16 @@ def test_taps_without_autograd_are_the_modules_taps(monkeypatch, names, dense):
     assert bool(calls) == (names != ["conv1_1"])  # the first convolution's own output: nothing fused before it
     for name in names:
         assert torch.equal(got[name], expected[name].detach()), name
+
+
+def test_a_net_built_and_run_inside_inference_mode_gives_what_it_gives_outside():
+    """Inference tensors keep no version counter, which the fused trunk's cached bound keys on: under
+    torch.inference_mode it takes the bound every call instead."""
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    outside = vgg("A", num_classes=5, width=1 / 16, input_size=32).eval()
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        inside = vgg("A", num_classes=5, width=1 / 16, input_size=32).eval()
+        torch.testing.assert_close(inside(x), outside(x).detach(), rtol=0, atol=0)
+        torch.testing.assert_close(inside.dense()(x), outside.dense()(x).detach(), rtol=0, atol=0)
