@@ -881,3 +881,13 @@ def test_jpegs_saved_as_jfif_or_jpe_are_images_and_other_files_are_not(tmp_path)
     (tmp_path / "data" / "cat" / "README").write_text("not an image")
     assert sorted(Path(p).name for p, _ in ImageFolder(tmp_path / "data", None).samples) == ["a.jfif", "b.JPE",
                                                                                                "c.jpg"]
+
+
+def test_the_data_api_refuses_a_nan_colour_shift_and_a_crop_of_no_pixels():
+    with pytest.raises(UserError, match="alpha_std is the standard deviation .* got nan"):
+        pca_shift(2, IMAGENET, float("nan"))
+    with pytest.raises(UserError, match="alpha_std .* got -0.1"):
+        pca_shift(2, IMAGENET, -0.1)
+    assert pca_shift(2, IMAGENET, 0.0).eq(0).all()
+    with pytest.raises(UserError, match="crop must be a whole number of pixels, at least 1; got 0"):
+        TrainTransform(crop=0, scale=(36, 36))
