@@ -219,6 +219,16 @@ def test_strict_mode_fails_fast_naming_the_file(tmp_path):
 # ---- verydeep data stats ------------------------------------------------------------------
 
 
+def test_each_image_weighs_its_pixels_at_the_training_scale_however_its_jpeg_is_reduced(tmp_path):
+    """A JPEG of smallest side 512 is decoded halved at side 256, one of 511 whole: counted as decoded, the first
+    would weigh a quarter of the second, and the mean would follow file sizes in steps of four."""
+    Image.fromarray(np.full((511, 511, 3), (255, 0, 0), np.uint8)).save(tmp_path / "red.jpg", quality=95)
+    Image.fromarray(np.full((512, 512, 3), (0, 0, 255), np.uint8)).save(tmp_path / "blue.jpg", quality=95)
+    for side in (256, 200):
+        pre, _ = compute_stats(tmp_path, side=side, mean_only=True, progress=False)
+        np.testing.assert_allclose(pre.mean, (0.5, 0.0, 0.5), atol=0.005)
+
+
 def test_stats_match_the_pixels_and_are_stored_for_load_preprocess(tmp_path, capsys):
     rng = np.random.default_rng(0)
     mix = np.array([[1.0, 0.5, 0.2], [0.0, 0.6, 0.3], [0.0, 0.0, 0.2]])  # correlated channels
@@ -230,12 +240,15 @@ def test_stats_match_the_pixels_and_are_stored_for_load_preprocess(tmp_path, cap
         Image.fromarray(arrays[-1]).save(tmp_path / "train" / f"c{i % 2}" / f"{i}.png")
     (tmp_path / "train" / "c0" / "broken.png").write_bytes(b"\x89PNG junk")
     pixels = np.concatenate([a.reshape(-1, 3) for a in arrays]).astype(np.float64) / 255
+    # each image weighs the pixels it has at the training scale, smallest side 256 (torchvision's rounding)
+    weights = np.concatenate([np.full(a.shape[0] * a.shape[1], (256 * int(256 * max(a.shape[:2]) / min(a.shape[:2])))
+                                      / (a.shape[0] * a.shape[1])) for a in arrays])
 
     pre, summary = compute_stats(tmp_path / "train", sample=100, progress=False)
     assert summary["images"] == 6 and len(summary["skipped"]) == 1
-    np.testing.assert_allclose(pre.mean, pixels.mean(0), rtol=1e-9)
-    np.testing.assert_allclose(pre.std, pixels.std(0), rtol=1e-9)
-    cov = np.cov(pixels.T, bias=True)
+    np.testing.assert_allclose(pre.mean, np.average(pixels, axis=0, weights=weights), rtol=1e-9)
+    cov = np.cov(pixels.T, aweights=weights, bias=True)
+    np.testing.assert_allclose(pre.std, np.sqrt(cov.diagonal()), rtol=1e-9)
     vec, val = np.array(pre.eigvec), np.array(pre.eigval)
     assert list(val) == sorted(val, reverse=True)
     np.testing.assert_allclose(vec @ np.diag(val) @ vec.T, cov, atol=1e-9)  # columns are eigenvectors

@@ -35,7 +35,9 @@ from verydeep.runtime.progress import progress_bar
 class PixelMoments:
     """An image's pixel moments on the 0..1 scale: (13,) float64 = count, sum (3), sum of
     outer products (3x3). Pixels as decoded, JPEGs reduced (DCT scaling) while the smallest
-    side stays at least ``side``; never resampled, so no interpolation bends the statistics.
+    side stays at least ``side``; never resampled, so no interpolation bends the statistics; each
+    image weighs the pixels it has at the training scale (smallest side ``side``), whatever its size
+    and its reduction (a JPEG of side 512, halved, would otherwise count a quarter of one of 511).
     Computed where the image is read (DataLoader workers, one thread each)."""
 
     side: int
@@ -45,8 +47,10 @@ class PixelMoments:
         k = reduction(file.size, resized_size(file.size, self.side), file.reducible)
         pixels = to_tensor(decode(file.pillow(), k))
         x = pixels.permute(1, 2, 0).reshape(-1, 3).to(torch.float64) / 255.0  # HWC: a free view
+        w, h = resized_size(file.size, self.side)
+        weight = w * h / x.shape[0]
         count = torch.tensor([x.shape[0]], dtype=torch.float64)
-        return torch.cat([count, x.sum(0), (x.T @ x).flatten()])
+        return torch.cat([count, x.sum(0), (x.T @ x).flatten()]) * weight
 
 
 def pixel_images(folder: Path, transform: PixelMoments) -> LabelledImages:
@@ -88,8 +92,8 @@ def compute_stats(
             else:
                 moments += image_moments
             bar.update()
-    pixels = int(moments[0])
-    if pixels == 0:
+    pixels = float(moments[0])  # at the training scale: weighted, not whole
+    if pixels <= 0:
         raise UserError(f"data folder {folder}: no readable images in the sample")
     mean = moments[1:4] / pixels
     cov = moments[4:].view(3, 3) / pixels - torch.outer(mean, mean)
@@ -107,7 +111,7 @@ def compute_stats(
         eigvec=tuple(tuple(row) for row in eigvec.tolist()),  # type: ignore[arg-type]
     )
     summary = {"folder": str(folder), "images": len(subset) - len(skipped), "skipped": skipped,
-               "pixels": pixels, "side": side, "seed": seed}
+               "pixels": round(pixels), "side": side, "seed": seed}
     return pre, summary
 
 
@@ -119,7 +123,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--out", type=output_file, default=None, help=f"output file (default: DIR/{PREPROCESS_FILE})")
     s.add_argument("--sample", type=int, default=5000, help="number of images sampled (default 5000)")
     s.add_argument("--side", type=int, default=256,
-                   help="JPEGs are decoded reduced while the smallest side stays >= this (default 256)")
+                   help="the training scale: each image weighs its pixels at this smallest side, and JPEGs are "
+                        "decoded reduced while their smallest side stays >= it (default 256)")
     s.add_argument("--seed", type=seed_number, default=0, help="seed of the sample (default 0)")
     add_workers(s, default=min(8, usable_cores()), help="data-loading processes, at most the CPU cores (default: "
                                                         "the cores, at most 8)")
@@ -152,7 +157,8 @@ def run_cli(args: argparse.Namespace) -> None:
     for path in summary["skipped"]:
         print(f"skipped {path}")
     fmt = ", ".join
-    print(f"{summary['images']} images, {summary['pixels']} pixels, {len(summary['skipped'])} skipped")
+    print(f"{summary['images']} images, {summary['pixels']} pixels at side {summary['side']}, "
+          f"{len(summary['skipped'])} skipped")
     print(f"mean   {fmt(f'{v:.4f}' for v in pre.mean)}")
     print(f"std    {fmt(f'{v:.4f}' for v in pre.std)}")
     print(f"eigval {fmt(f'{v:.4f}' for v in pre.eigval)}")
