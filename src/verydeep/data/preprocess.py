@@ -94,6 +94,9 @@ class Preprocess:
         missing = [k for k in ("mean", "std", "eigval", "eigvec") if k not in d]
         if missing:
             raise ValueError(f"preprocess statistics lack {', '.join(missing)}")
+        unknown = sorted(str(k) for k in d if k not in KEYS)  # a misspelt channels or value_scale: not a default
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} (the keys are {', '.join(KEYS)})")
         if not isinstance(d["eigvec"], list | tuple):
             raise ValueError(f"eigvec must be 3 rows of 3 numbers; got {d['eigvec']!r}")
         return cls(
@@ -106,6 +109,8 @@ class Preprocess:
         )
 
 
+#: The keys of preprocess statistics: :meth:`Preprocess.to_dict`'s, and the sample ``data stats`` computed them on.
+KEYS = ("mean", "std", "eigval", "eigvec", "channels", "value_scale", "computed_on")
 #: How far ``eigvec``'s columns may be from orthonormal (files hold rounded values).
 ORTHONORMAL_TOLERANCE = 0.01
 
@@ -218,8 +223,8 @@ def read_preprocess(path: Path) -> Preprocess:
     """The statistics in the JSON file ``path``; a damaged file is one line naming it."""
     try:
         return Preprocess.from_dict(json.loads(path.read_text(encoding="utf-8-sig")))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as error:
-        raise UserError(f"{path}: bad preprocess statistics ({type(error).__name__}: {error})") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as error:  # JSON's and Unicode's are ValueErrors
+        raise UserError(f"{path}: bad preprocess statistics ({type(error).__name__}: {str(error)[:200]})") from None
 
 
 def load_preprocess(data_dir: str | Path) -> Preprocess:
@@ -230,7 +235,8 @@ def load_preprocess(data_dir: str | Path) -> Preprocess:
     that holds a dataset, whose file would be another dataset's. ``data_dir`` may also name the JSON file.
     """
     data_dir = Path(data_dir)
-    candidates = [data_dir] if data_dir.suffix == ".json" else [
+    named = data_dir.is_file() or data_dir.suffix.lower() == ".json"  # a file given is read as one: never ImageNet's
+    candidates = [data_dir] if named else [
         data_dir / PREPROCESS_FILE,
         data_dir / "train" / PREPROCESS_FILE,
         *([data_dir.parent / PREPROCESS_FILE] if data_dir.name in ("train", "val", "test") else []),
@@ -238,6 +244,6 @@ def load_preprocess(data_dir: str | Path) -> Preprocess:
     for path in candidates:
         if path.is_file():
             return read_preprocess(path)
-    if data_dir.suffix == ".json":
+    if named:
         raise MissingFileError(f"{data_dir}: no such preprocess file")
     return IMAGENET

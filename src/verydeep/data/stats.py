@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from verydeep.data.datasets import IndexedImages, LabelledImages, _class_dirs, find_split, images_in
 from verydeep.data.decode import ImageFile, decode, to_tensor
 from verydeep.data.loaders import image_loader
-from verydeep.data.preprocess import MIN_STD, PREPROCESS_FILE, Preprocess, read_preprocess
+from verydeep.data.preprocess import KEYS, MIN_STD, PREPROCESS_FILE, Preprocess, read_preprocess
 from verydeep.data.splits import open_split
 from verydeep.data.transforms import reduction, resized_size
 from verydeep.errors import UserError
@@ -134,14 +134,25 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def refuse_other_file(out: Path) -> None:
-    """Statistics are written over earlier statistics only: any other file at ``--out`` (a dataset's
-    ``classes.txt`` or ``boxes.txt``, say) is a :class:`UserError`, left as it is."""
+    """Statistics are written over earlier statistics only, damaged ones included (a JSON object of their keys
+    alone, whose values are bad): any other file at ``--out`` (a dataset's ``classes.txt`` or ``boxes.txt``, say)
+    is a :class:`UserError` saying why, left as it is."""
     if out.is_file() and out.stat().st_size:
         try:
             read_preprocess(out)
-        except UserError:
-            raise UserError(f"--out {out}: a file that holds no preprocess statistics; they are written over earlier "
-                            "statistics only: give another --out") from None
+        except UserError as error:
+            if not _statistics_keys_alone(out):
+                raise UserError(f"--out {out}: holds no preprocess statistics ({str(error).removeprefix(f'{out}: ')}); "
+                                "they are written over earlier statistics only: give another --out") from None
+
+
+def _statistics_keys_alone(path: Path) -> bool:
+    """Whether ``path`` holds a JSON object of preprocess statistics' keys (:data:`KEYS`) and no other."""
+    try:
+        held = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError, OSError):
+        return False
+    return isinstance(held, dict) and "mean" in held and set(held) <= set(KEYS)
 
 
 def run_cli(args: argparse.Namespace) -> None:

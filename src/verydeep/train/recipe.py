@@ -198,7 +198,7 @@ class TrainConfig:
                                                 "for another --crop, 256 scaled with it (36 for 32)",
                                     "images", parse=parse_scale, show=scale_flag)
     alpha_std: float = option(0.1, "std of the PCA colour shift's alphas (0 = off)", "images", minimum=0,
-                              check=below(1.0, "the paper's 0.1 shifts colours by a tenth of their spread"))
+                              check=below(1.0, "AlexNet's 0.1 weighs each eigenvalue by a tenth"))
     preprocess: Preprocess | None = option(None, "preprocess.json with mean/std/eigen (default: --weights' own, "
                                                  "else beside --data, else ImageNet's)", "images",
                                            parse=parse_preprocess)
@@ -535,8 +535,8 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
         raise MissingFileError(f"{path}: no run record (was this run directory written by verydeep train?)")
     try:
         record = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark an editor wrote, left out
-    except ValueError as error:  # not UTF-8, not JSON, or an integer of thousands of digits
-        raise UserError(f"{path}: damaged run record ({error})") from error
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, an integer of thousands of digits, too deep
+        raise UserError(f"{path}: damaged run record ({str(error)[:200]})") from None
     if not isinstance(record, dict):
         raise UserError(f"{path}: damaged run record (not a JSON object)")
     return record

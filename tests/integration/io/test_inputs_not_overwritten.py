@@ -4,6 +4,8 @@ before any command runs); and a ``best.pt`` that cannot be read when a run resum
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -138,9 +140,15 @@ def test_data_stats_writes_no_image_and_no_class_folder(images, capsys):
 def test_data_stats_writes_over_no_file_of_the_data_but_earlier_statistics(images, capsys):
     (images / "classes.txt").write_text("class0\tfirst\nclass1\tsecond\n")
     refused(["data", "stats", str(images / "train"), "--workers", "0", "--out", str(images / "classes.txt")], capsys,
-            f"--out {images / 'classes.txt'}: a file that holds no preprocess statistics")
+            f"--out {images / 'classes.txt'}: holds no preprocess statistics (bad preprocess statistics "
+            "(JSONDecodeError")
     assert (images / "classes.txt").read_text() == "class0\tfirst\nclass1\tsecond\n"
     (images / "classes.txt").unlink()
+    damaged = images / "train" / "preprocess.json"  # statistics whose mean an editor broke: computed anew
+    damaged.write_text('{"mean": [NaN, 0.5, 0.5], "std": [1, 1, 1], "eigval": [0, 0, 0], "eigvec": []}')
+    assert main(["data", "stats", str(images / "train"), "--workers", "0"]) == 0
+    assert all(math.isfinite(v) for v in json.loads(damaged.read_text())["mean"])
+    damaged.unlink()
 
 
 def test_data_stats_writes_its_statistics_at_the_top_of_the_data(images, capsys):

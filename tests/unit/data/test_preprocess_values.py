@@ -40,6 +40,8 @@ GOOD = IMAGENET.to_dict()
     ({"value_scale": 1e-300}, r"value_scale is 1e-300; expected a number from 1 \(inputs on 0..1\) to 65535"),
     ({"value_scale": 1e308}, "value_scale is 1e\\+308"),
     ({"value_scale": 10**400}, "value_scale is 10000000000000000000...: far beyond"),
+    ({"valuescale": 255}, r"unknown key 'valuescale' \(the keys are mean, std, eigval, eigvec, channels, value_scale"),
+    ({"channel": "BGR"}, "unknown key 'channel'"),
 ])
 def test_a_bad_number_in_a_preprocess_file_names_the_file_and_key(tmp_path, change, said):
     path = tmp_path / "preprocess.json"
@@ -57,6 +59,18 @@ def test_a_file_that_is_no_json_object_is_one_line(tmp_path):
     path.write_text("[1, 2, 3]")
     with pytest.raises(UserError, match="list.json: bad preprocess statistics .*must be a JSON object; got list"):
         read_preprocess(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)  # deeper than the JSON reader recurses
+    with pytest.raises(UserError, match="list.json: bad preprocess statistics .RecursionError"):
+        read_preprocess(path)
+
+
+def test_a_file_given_for_its_statistics_is_read_whatever_its_name(tmp_path):
+    """A statistics file named otherwise than *.json is read as one, never passed over for ImageNet's."""
+    (tmp_path / "stats.JSON").write_text(json.dumps(CAFFE.to_dict()))
+    (tmp_path / "stats.txt").write_text("not statistics")
+    assert load_preprocess(tmp_path / "stats.JSON") == CAFFE
+    with pytest.raises(UserError, match="stats.txt: bad preprocess statistics"):
+        load_preprocess(tmp_path / "stats.txt")
 
 
 def test_the_known_conventions_and_rounded_eigenvectors_pass():
