@@ -121,7 +121,8 @@ def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Ge
     resampled to ``crop`` x ``crop``, mirrored with probability 1/2 if ``flip``.
 
     That is the rescale-then-crop of the paper with S rounded so the square's side is whole
-    (S within 0.5% of the drawn value). Where the square would be under :data:`SMALLEST_SQUARE` pixels, the
+    (S within 0.5% of the drawn value: a JPEG is decoded reduced only while the square keeps
+    :data:`SMALLEST_SQUARE` pixels). Where the square would be under :data:`SMALLEST_SQUARE` pixels, the
     paper's order itself: the whole image rescaled to S, ``crop`` x ``crop`` cut at a uniformly random position
     (but for a strip that rescaled would be over a test image's pixels, :func:`oversized`).
     Draws from ``generator``, in order: S (unless Smin == Smax), the left edge, the top edge, the flip (if
@@ -133,6 +134,8 @@ def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Ge
         kept = crop_box(rescaled, crop, generator)  # drawn before the flip, as the square's position is
         return CropPlan(1, (0, 0, *size), rescaled, flip and flip_coin(generator), kept)
     k = reduction(size, rescaled, reducible)
+    while k > 1 and region_side(size, s, crop, k) < SMALLEST_SQUARE:  # a square this small would round S off more
+        k //= 2
     box = crop_box(decoded_size(size, k), region_side(size, s, crop, k), generator)
     return CropPlan(k, box, (crop, crop), flip and flip_coin(generator))
 

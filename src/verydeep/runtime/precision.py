@@ -111,8 +111,11 @@ def cpu_precision() -> str:
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     """``torch.autocast`` on ``device`` to ``dtype``; with ``dtype`` None, autocast off, whatever a caller's own
     autocast around it asks (fp32 is fp32)."""
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        yield
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            yield
+    finally:  # inside another autocast (a caller's, own_modes') the weights' cached casts outlive this one, and
+        torch.clear_autocast_cache()  # would be stale once the update changes the weights: dropped here
 
 
 @contextlib.contextmanager

@@ -1055,6 +1055,11 @@ def test_a_call_from_python_is_untouched_by_the_callers_modes_and_leaves_its_rng
         assert train(tiny(data, tmp_path / "modes")).best == reference.best
     for name, value in weights(tmp_path / "plain").items():
         assert torch.equal(value, weights(tmp_path / "modes")[name]), name
+    train(tiny(data, tmp_path / "bf16", precision="bf16", epochs=2))  # inside the caller's autocast, bf16's casts
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # of the weights must not outlive an update (autocast's cache)
+        train(tiny(data, tmp_path / "bf16-inside", precision="bf16", epochs=2))
+    for name, value in weights(tmp_path / "bf16").items():
+        assert torch.equal(value, weights(tmp_path / "bf16-inside")[name]), name
     torch.manual_seed(1234)
     expected = torch.rand(3)
     torch.manual_seed(1234)
