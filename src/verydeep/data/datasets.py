@@ -158,9 +158,11 @@ def kaggle_download(folder: Path) -> list[Path]:
     return []
 
 
-def unnamed_classes(listed: Sequence[Any]) -> bool:
-    """Whether a net's class list only numbers its outputs (``0``, ``1``, ...), as that of weights that name none."""
-    return [str(c) for c in listed] == [str(i) for i in range(len(listed))]
+def unnamed_classes(recipe: dict[str, Any]) -> bool:
+    """Whether a net's recipe only numbers its classes (``0``, ``1``, ...) because the published weights it was read
+    from (its ``source``) name none; a run of ours trained on folders named so names them."""
+    listed = recipe.get("classes") or []
+    return isinstance(recipe.get("source"), dict) and [str(c) for c in listed] == [str(i) for i in range(len(listed))]
 
 
 def unicode_twins(ours: Sequence[str], theirs: Sequence[str]) -> str:

@@ -119,7 +119,7 @@ def recipe_columns(recipe: dict[str, Any], outputs: int, classes: Sequence[str],
     (a recipe that lists none, or only numbers them as a file of weights without names does, where the data's are
     not those numbers: the data's own, as many as they are, in their order)."""
     listed = recipe.get("classes")
-    if listed is None or (unnamed_classes(listed) and not set(classes) <= set(listed)):
+    if listed is None or (unnamed_classes(recipe) and not set(classes) <= set(listed)):
         if outputs != len(classes):
             raise UserError(f"{source}: predicts {outputs} classes; the data has {len(classes)}")
         return tuple(range(outputs))

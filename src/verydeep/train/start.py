@@ -182,7 +182,7 @@ def same_classes(source: dict[str, Any], classes: list[str]) -> bool:
     """Whether a net of recipe ``source`` predicts ``classes`` in this order: its named classes are
     these, or it names none (``0``, ``1``, ...) and has as many."""
     theirs = [str(c) for c in source.get("classes") or []]
-    return theirs == list(classes) or (unnamed_classes(theirs) and len(theirs) == len(classes))
+    return theirs == list(classes) or (unnamed_classes(source) and len(theirs) == len(classes))
 
 
 def initial_model(cfg: TrainConfig, record: dict[str, Any], published: LoadedNet | None,

@@ -788,6 +788,11 @@ def test_a_state_dict_that_names_no_classes_scores_the_datas_classes_in_their_or
         results.append(json.loads((out / "results.json").read_text())["rows"])
     assert [(r["top1_error"], r["top5_error"], r["images"]) for r in results[0]] == [
         (r["top1_error"], r["top5_error"], r["images"]) for r in results[1]]
+    numbered = tmp_path / "numbered.pt"  # a run of ours, trained on folders named 0, 1, 2: it names its classes
+    save_checkpoint({"model": tiny_model().state_dict(), "recipe": {**RECIPE, "classes": ["0", "1", "2"],
+                                                                    "class_names": ["0", "1", "2"]}}, numbered)
+    assert main(["eval", "--weights", str(numbered), "--data", str(folder), "--protocol", "dense", "--scales", "36",
+                 "--device", "cpu", "--workers", "0", "--no-progress"]) == 2
 
 
 def test_fp32_evaluation_is_fp32_inside_a_callers_autocast(checkpoint, folder):
