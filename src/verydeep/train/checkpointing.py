@@ -33,6 +33,7 @@ from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.tasks import Classification, Task
 from verydeep.runtime.limits import is_finite, is_whole
 from verydeep.runtime.processes import Processes
+from verydeep.runtime.rng import rng_state, set_rng_state
 from verydeep.runtime.sharding import failing_together
 from verydeep.train.data import TrainingData
 from verydeep.train.recipe import TrainConfig, flag_name, unresumable
@@ -275,10 +276,11 @@ def check_training_state(state: dict[str, Any], path: Path, steps_per_epoch: int
     if state["step_in_epoch"] > steps_per_epoch or state["step"] != place:
         refuse("its place (epoch, step, step_in_epoch)", (state["epoch"], state["step"], state["step_in_epoch"]),
                f"step = epoch x {steps_per_epoch} steps an epoch + step_in_epoch <= {steps_per_epoch}")
-    if not (isinstance(state.get("rng"), list) and len(state["rng"]) == state["world"]):
+    if not (isinstance(state.get("rng"), list) and len(state["rng"]) == state["world"]
+            and all(map(_settable, state["rng"]))):
         refuse("rng", type(state.get("rng")).__name__, f"one RNG state for each of its {state['world']} processes")
     partial = state.get("partial")
-    if not (isinstance(partial, dict) and all(is_finite(partial.get(k)) for k in PARTIAL)
+    if not (isinstance(partial, dict) and set(partial) == set(PARTIAL) and all(is_finite(partial[k]) for k in PARTIAL)
             and min(partial[k] for k in PARTIAL[1:]) >= 0):
         refuse("partial", partial, f"the epoch's sums so far ({', '.join(PARTIAL)}), finite, the counts not negative")
     _check_schedule_state(state.get("schedule"), optimizer.defaults["lr"], state["epoch"], refuse)
@@ -290,6 +292,19 @@ def check_training_state(state: dict[str, Any], path: Path, steps_per_epoch: int
             if key in ours and (not isinstance(theirs, dict) or theirs.get(key) != ours[key]):
                 refuse(f"optimizer group {i}'s {key}", theirs.get(key) if isinstance(theirs, dict) else theirs,
                        f"{ours[key]} (recipe.json)")
+
+
+def _settable(saved: Any) -> bool:
+    """Whether ``saved`` is a process's RNG states as :func:`~verydeep.runtime.rng.rng_state` keeps them: set, and
+    this process's own put back."""
+    own = rng_state()
+    try:
+        set_rng_state(saved)
+        return True
+    except (TypeError, KeyError, ValueError, RuntimeError, IndexError, AttributeError):
+        return False
+    finally:
+        set_rng_state(own)
 
 
 #: The sums of an epoch's steps a checkpoint carries (:class:`~verydeep.train.schedule.EpochTotals`).
