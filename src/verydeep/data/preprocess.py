@@ -8,6 +8,7 @@ BGR on 0..255 minus the mean (``channels="BGR"``, ``value_scale=255``, ``std=(1,
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import numbers
@@ -94,9 +95,10 @@ class Preprocess:
         missing = [k for k in ("mean", "std", "eigval", "eigvec") if k not in d]
         if missing:
             raise ValueError(f"preprocess statistics lack {', '.join(missing)}")
-        unknown = sorted(str(k) for k in d if k not in KEYS)  # a misspelt channels or value_scale: not a default
-        if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r} (the keys are {', '.join(KEYS)})")
+        for key in sorted(str(k) for k in d if k not in KEYS):  # a misspelt value_scale would leave the default
+            meant = difflib.get_close_matches(key.lower(), KEYS, n=1, cutoff=0.7)  # a note of one's own passes
+            if meant:
+                raise ValueError(f"unknown key {key!r}: {meant[0]!r} misspelt? (the keys are {', '.join(KEYS)})")
         if not isinstance(d["eigvec"], list | tuple):
             raise ValueError(f"eigvec must be 3 rows of 3 numbers; got {d['eigvec']!r}")
         return cls(

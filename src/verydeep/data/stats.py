@@ -141,18 +141,20 @@ def refuse_other_file(out: Path) -> None:
         try:
             read_preprocess(out)
         except UserError as error:
-            if not _statistics_keys_alone(out):
-                raise UserError(f"--out {out}: holds no preprocess statistics ({str(error).removeprefix(f'{out}: ')}); "
-                                "they are written over earlier statistics only: give another --out") from None
+            if not _statistics_shaped(out):
+                why = str(error).removeprefix(f"{out}: bad preprocess statistics ")
+                raise UserError(f"--out {out}: not a preprocess statistics file {why}; statistics are written over "
+                                "earlier statistics only: give another --out") from None
 
 
-def _statistics_keys_alone(path: Path) -> bool:
-    """Whether ``path`` holds a JSON object of preprocess statistics' keys (:data:`KEYS`) and no other."""
+def _statistics_shaped(path: Path) -> bool:
+    """Whether ``path`` holds a JSON object with the keys of preprocess statistics (:data:`KEYS`' first four):
+    statistics, damaged or not, which new ones may replace."""
     try:
         held = json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, RecursionError, OSError):
         return False
-    return isinstance(held, dict) and "mean" in held and set(held) <= set(KEYS)
+    return isinstance(held, dict) and set(KEYS[:4]) <= set(held)
 
 
 def run_cli(args: argparse.Namespace) -> None:

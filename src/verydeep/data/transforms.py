@@ -120,13 +120,14 @@ def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Ge
     of :func:`region_side` pixels at a uniformly random whole-pixel position of the 1/k decode,
     resampled to ``crop`` x ``crop``, mirrored with probability 1/2 if ``flip``.
 
-    That is the rescale-then-crop of the paper with S rounded so the square's side is whole
-    (S within 0.5% of the drawn value: a JPEG is decoded reduced only while the square keeps
-    :data:`SMALLEST_SQUARE` pixels). Where the square would be under :data:`SMALLEST_SQUARE` pixels, the
-    paper's order itself: the whole image rescaled to S, ``crop`` x ``crop`` cut at a uniformly random position
-    (but for a strip that rescaled would be over a test image's pixels, :func:`oversized`).
-    Draws from ``generator``, in order: S (unless Smin == Smax), the left edge, the top edge, the flip (if
-    ``flip``).
+    That is the rescale-then-crop of the paper with S rounded so the square's side is whole: S within half a
+    pixel of the square's side, 0.5% of the drawn value for a square of 100 pixels or more, and, where a JPEG is
+    decoded reduced (as far as the rescaled image allows), within 0.5/crop (1.6% for a 32-pixel crop, whose
+    square may then be as small as the crop: decoding it larger would cost several times the time). Where the
+    square would be under :data:`SMALLEST_SQUARE` pixels, the paper's order itself: the whole image rescaled to
+    S, ``crop`` x ``crop`` cut at a uniformly random position (but for a strip that rescaled would be over a test
+    image's pixels, :func:`oversized`). Draws from ``generator``, in order: S (unless Smin == Smax), the left
+    edge, the top edge, the flip (if ``flip``).
     """
     s = sample_scale(*scale, generator)
     rescaled = resized_size(size, s)
@@ -134,8 +135,6 @@ def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Ge
         kept = crop_box(rescaled, crop, generator)  # drawn before the flip, as the square's position is
         return CropPlan(1, (0, 0, *size), rescaled, flip and flip_coin(generator), kept)
     k = reduction(size, rescaled, reducible)
-    while k > 1 and region_side(size, s, crop, k) < SMALLEST_SQUARE:  # a square this small would round S off more
-        k //= 2
     box = crop_box(decoded_size(size, k), region_side(size, s, crop, k), generator)
     return CropPlan(k, box, (crop, crop), flip and flip_coin(generator))
 

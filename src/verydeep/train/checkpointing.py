@@ -276,9 +276,11 @@ def check_training_state(state: dict[str, Any], path: Path, steps_per_epoch: int
     if state["step_in_epoch"] > steps_per_epoch or state["step"] != place:
         refuse("its place (epoch, step, step_in_epoch)", (state["epoch"], state["step"], state["step_in_epoch"]),
                f"step = epoch x {steps_per_epoch} steps an epoch + step_in_epoch <= {steps_per_epoch}")
-    if not (isinstance(state.get("rng"), list) and len(state["rng"]) == state["world"]
-            and all(map(_settable, state["rng"]))):
+    if not (isinstance(state.get("rng"), list) and len(state["rng"]) == state["world"]):
         refuse("rng", type(state.get("rng")).__name__, f"one RNG state for each of its {state['world']} processes")
+    unsettable = next((i for i, saved in enumerate(state["rng"]) if not _settable(saved)), None)
+    if unsettable is not None:
+        refuse(f"process {unsettable}'s RNG states", "damaged", "torch's, Python's and NumPy's as they were saved")
     partial = state.get("partial")
     if not (isinstance(partial, dict) and set(partial) == set(PARTIAL) and all(is_finite(partial[k]) for k in PARTIAL)
             and min(partial[k] for k in PARTIAL[1:]) >= 0):

@@ -96,7 +96,7 @@ class Trainer:
         self.given = given = given_settings(cfg, given)
         refuse_inference_mode("training")
         self.cfg, self.published = checked_settings(cfg, given)
-        self._place()  # the run's lock taken: a refusal from here on lets it go, not left to a traceback's frame
+        self._place()  # a refusal from here on lets go of the run's lock, not left to a traceback's frame
         try:
             with own_modes():  # a caller's no_grad would leave the memory probe nothing to measure
                 self._assemble(procs)
@@ -465,6 +465,9 @@ def train(cfg: TrainConfig, task: Task | None = None,
         resolved = checked_settings(cfg, given_settings(cfg, given))[0]  # as the run recorded them (weights', S)
         if not cfg.overwrite or started_with(resolved, cfg.out):
             cfg = replace(resolved, resume=True, overwrite=False)
-    cuda = list(range(torch.cuda.device_count()))
-    with torch.random.fork_rng(devices=cuda), process_group(cfg.device) as procs:  # the caller's RNG kept as it was
-        return Trainer(cfg, procs, task, given).run()
+    callers = rng_state()  # torch's, Python's and NumPy's global RNGs, which a run seeds or restores: put back
+    try:
+        with process_group(cfg.device) as procs:
+            return Trainer(cfg, procs, task, given).run()
+    finally:
+        set_rng_state(callers)

@@ -140,8 +140,7 @@ def test_data_stats_writes_no_image_and_no_class_folder(images, capsys):
 def test_data_stats_writes_over_no_file_of_the_data_but_earlier_statistics(images, capsys):
     (images / "classes.txt").write_text("class0\tfirst\nclass1\tsecond\n")
     refused(["data", "stats", str(images / "train"), "--workers", "0", "--out", str(images / "classes.txt")], capsys,
-            f"--out {images / 'classes.txt'}: holds no preprocess statistics (bad preprocess statistics "
-            "(JSONDecodeError")
+            f"--out {images / 'classes.txt'}: not a preprocess statistics file (JSONDecodeError")
     assert (images / "classes.txt").read_text() == "class0\tfirst\nclass1\tsecond\n"
     (images / "classes.txt").unlink()
     damaged = images / "train" / "preprocess.json"  # statistics whose mean an editor broke: computed anew

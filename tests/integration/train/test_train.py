@@ -1055,16 +1055,17 @@ def test_a_call_from_python_is_untouched_by_the_callers_modes_and_leaves_its_rng
         assert train(tiny(data, tmp_path / "modes")).best == reference.best
     for name, value in weights(tmp_path / "plain").items():
         assert torch.equal(value, weights(tmp_path / "modes")[name]), name
-    train(tiny(data, tmp_path / "bf16", precision="bf16", epochs=2))  # inside the caller's autocast, bf16's casts
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # of the weights must not outlive an update (autocast's cache)
-        train(tiny(data, tmp_path / "bf16-inside", precision="bf16", epochs=2))
-    for name, value in weights(tmp_path / "bf16").items():
-        assert torch.equal(value, weights(tmp_path / "bf16-inside")[name]), name
-    torch.manual_seed(1234)
-    expected = torch.rand(3)
-    torch.manual_seed(1234)
-    train(tiny(data, tmp_path / "rng"))
-    assert torch.equal(torch.rand(3), expected)
+    import random
+
+    def draws() -> tuple[list[float], float, float]:
+        return torch.rand(3).tolist(), random.random(), float(np.random.random())
+
+    for resume in (False, True):  # a resume sets every global RNG from its checkpoint (saved under other seeds)
+        torch.manual_seed(1234 + resume), random.seed(1234 + resume), np.random.seed(1234 + resume)
+        expected = draws()
+        torch.manual_seed(1234 + resume), random.seed(1234 + resume), np.random.seed(1234 + resume)
+        train(tiny(data, tmp_path / "rng", epochs=1 + resume, resume=resume))
+        assert draws() == expected, resume
     with torch.inference_mode(), pytest.raises(UserError, match=r"^training needs gradients, which "
                                                                 r"torch.inference_mode\(\) around the call rules out"):
         train(tiny(data, tmp_path / "inference"))
