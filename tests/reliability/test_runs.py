@@ -491,7 +491,8 @@ def test_a_bad_value_in_the_run_record_names_the_file_on_resume(data, tmp_path, 
     (lambda s: s.update(rng=[]), "rng is list, where the run needs one RNG state for each of its 1 processes"),
     (lambda s: s.pop("world"), "world is None, where the run needs a whole number of at least 1"),
     (lambda s: s["partial"].update(foo=1.0), "partial is"),
-    (lambda s: s.update(rng=[{"x": 1}]), "process 0's RNG states is damaged, where the run needs torch's, Python's"),
+    (lambda s: s.update(rng=[{"x": 1}]), "process 0's RNG state is damaged, where the run needs torch's, Python's"),
+    (lambda s: s["rng"][0]["numpy"][1].__setitem__(0, -1), "process 0's RNG state is damaged"),  # beyond uint32
     (lambda s: s["schedule"].update(drops=10**12), "schedule drops is 1000000000000, where the run needs at most one "
                                                    "an epoch, of the 0 done"),
     (lambda s: s["optimizer"]["param_groups"][0].update(weight_decay=5.0),

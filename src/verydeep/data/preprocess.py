@@ -8,7 +8,6 @@ BGR on 0..255 minus the mean (``channels="BGR"``, ``value_scale=255``, ``std=(1,
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import numbers
@@ -95,10 +94,10 @@ class Preprocess:
         missing = [k for k in ("mean", "std", "eigval", "eigvec") if k not in d]
         if missing:
             raise ValueError(f"preprocess statistics lack {', '.join(missing)}")
-        for key in sorted(str(k) for k in d if k not in KEYS):  # a misspelt value_scale would leave the default
-            meant = difflib.get_close_matches(key.lower(), KEYS, n=1, cutoff=0.7)  # a note of one's own passes
-            if meant:
-                raise ValueError(f"unknown key {key!r}: {meant[0]!r} misspelt? (the keys are {', '.join(KEYS)})")
+        unknown = sorted(str(k) for k in d if k not in KEYS)  # a misspelt value_scale would leave the default
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} (the keys are {', '.join(KEYS)}; a note of one's own goes "
+                             "under notes)")
         if not isinstance(d["eigvec"], list | tuple):
             raise ValueError(f"eigvec must be 3 rows of 3 numbers; got {d['eigvec']!r}")
         return cls(
@@ -111,8 +110,9 @@ class Preprocess:
         )
 
 
-#: The keys of preprocess statistics: :meth:`Preprocess.to_dict`'s, and the sample ``data stats`` computed them on.
-KEYS = ("mean", "std", "eigval", "eigvec", "channels", "value_scale", "computed_on")
+#: The keys of preprocess statistics: :meth:`Preprocess.to_dict`'s, the sample ``data stats`` computed them on, and
+#: ``notes`` of the user's own (any JSON), which ``data stats`` keeps when it computes the statistics anew.
+KEYS = ("mean", "std", "eigval", "eigvec", "channels", "value_scale", "computed_on", "notes")
 #: How far ``eigvec``'s columns may be from orthonormal (files hold rounded values).
 ORTHONORMAL_TOLERANCE = 0.01
 

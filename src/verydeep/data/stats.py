@@ -134,9 +134,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def refuse_other_file(out: Path) -> None:
-    """Statistics are written over earlier statistics only, damaged ones included (a JSON object of their keys
-    alone, whose values are bad): any other file at ``--out`` (a dataset's ``classes.txt`` or ``boxes.txt``, say)
-    is a :class:`UserError` saying why, left as it is."""
+    """Statistics are written over earlier statistics only, damaged ones included (a JSON object of their keys,
+    :data:`KEYS`, and no other, whose values are bad): any other file at ``--out`` (a dataset's ``classes.txt`` or
+    ``boxes.txt``, say) is a :class:`UserError` saying why, left as it is."""
     if out.is_file() and out.stat().st_size:
         try:
             read_preprocess(out)
@@ -148,13 +148,18 @@ def refuse_other_file(out: Path) -> None:
 
 
 def _statistics_shaped(path: Path) -> bool:
-    """Whether ``path`` holds a JSON object with the keys of preprocess statistics (:data:`KEYS`' first four):
-    statistics, damaged or not, which new ones may replace."""
+    """Whether ``path`` holds a JSON object of preprocess statistics' keys (:data:`KEYS`, the first four among
+    them) and no other: statistics, damaged or not, which new ones may replace."""
+    held = _held_json(path)
+    return isinstance(held, dict) and set(KEYS[:4]) <= set(held) <= set(KEYS)
+
+
+def _held_json(path: Path) -> Any:
+    """The JSON ``path`` holds; None for a file of none."""
     try:
-        held = json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, RecursionError, OSError):
-        return False
-    return isinstance(held, dict) and set(KEYS[:4]) <= set(held)
+        return None
 
 
 def run_cli(args: argparse.Namespace) -> None:
@@ -165,7 +170,10 @@ def run_cli(args: argparse.Namespace) -> None:
     refuse_other_file(out)
     pre, summary = compute_stats(folder, args.sample, args.side, args.seed, args.workers, args.mean_only)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({**pre.to_dict(), "computed_on": {**summary, "skipped": len(summary["skipped"])}}, indent=2)
+    held = _held_json(out) if out.is_file() else None
+    notes = {"notes": held["notes"]} if isinstance(held, dict) and "notes" in held else {}  # the user's, kept
+    text = json.dumps({**pre.to_dict(), "computed_on": {**summary, "skipped": len(summary["skipped"])}, **notes},
+                      indent=2)
     atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))  # a file linked to it is left whole
     for path in summary["skipped"]:
         print(f"skipped {path}")

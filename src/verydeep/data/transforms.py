@@ -109,8 +109,9 @@ def reduction(size: Size, target: Size, reducible: bool) -> int:
 
 
 #: The side, in pixels of the image, under which a crop's square is not resampled from the image itself but cut
-#: from the whole image rescaled to S: a whole-pixel square of fewer pixels would move S by more than 0.5%, and its
-#: whole-pixel positions would lie several pixels of the crop apart (CIFAR's 32-pixel images).
+#: from the whole image rescaled to S: a whole-pixel square of fewer pixels of the image would move S by more than
+#: 0.5%, and its whole-pixel positions would lie several pixels of the crop apart (CIFAR's 32-pixel images). A JPEG
+#: decoded reduced keeps a square of at least the crop's side in its decode.
 SMALLEST_SQUARE = 100
 
 
@@ -126,8 +127,8 @@ def plan_crop(size: Size, crop: int, scale: tuple[int, int], generator: torch.Ge
     square may then be as small as the crop: decoding it larger would cost several times the time). Where the
     square would be under :data:`SMALLEST_SQUARE` pixels, the paper's order itself: the whole image rescaled to
     S, ``crop`` x ``crop`` cut at a uniformly random position (but for a strip that rescaled would be over a test
-    image's pixels, :func:`oversized`). Draws from ``generator``, in order: S (unless Smin == Smax), the left
-    edge, the top edge, the flip (if ``flip``).
+    image's pixels, :func:`oversized`, whose square may be a pixel or two and S far off). Draws from
+    ``generator``, in order: S (unless Smin == Smax), the left edge, the top edge, the flip (if ``flip``).
     """
     s = sample_scale(*scale, generator)
     rescaled = resized_size(size, s)

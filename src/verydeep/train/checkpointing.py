@@ -280,7 +280,7 @@ def check_training_state(state: dict[str, Any], path: Path, steps_per_epoch: int
         refuse("rng", type(state.get("rng")).__name__, f"one RNG state for each of its {state['world']} processes")
     unsettable = next((i for i, saved in enumerate(state["rng"]) if not _settable(saved)), None)
     if unsettable is not None:
-        refuse(f"process {unsettable}'s RNG states", "damaged", "torch's, Python's and NumPy's as they were saved")
+        refuse(f"process {unsettable}'s RNG state", "damaged", "torch's, Python's and NumPy's as they were saved")
     partial = state.get("partial")
     if not (isinstance(partial, dict) and set(partial) == set(PARTIAL) and all(is_finite(partial[k]) for k in PARTIAL)
             and min(partial[k] for k in PARTIAL[1:]) >= 0):
@@ -303,7 +303,7 @@ def _settable(saved: Any) -> bool:
     try:
         set_rng_state(saved)
         return True
-    except (TypeError, KeyError, ValueError, RuntimeError, IndexError, AttributeError):
+    except (TypeError, KeyError, ValueError, RuntimeError, IndexError, AttributeError, ArithmeticError):
         return False
     finally:
         set_rng_state(own)

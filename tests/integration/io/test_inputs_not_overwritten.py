@@ -144,9 +144,14 @@ def test_data_stats_writes_over_no_file_of_the_data_but_earlier_statistics(image
     assert (images / "classes.txt").read_text() == "class0\tfirst\nclass1\tsecond\n"
     (images / "classes.txt").unlink()
     damaged = images / "train" / "preprocess.json"  # statistics whose mean an editor broke: computed anew
-    damaged.write_text('{"mean": [NaN, 0.5, 0.5], "std": [1, 1, 1], "eigval": [0, 0, 0], "eigvec": []}')
+    damaged.write_text('{"mean": [NaN, 0.5, 0.5], "std": [1, 1, 1], "eigval": [0, 0, 0], "eigvec": [], '
+                       '"notes": "ours"}')
     assert main(["data", "stats", str(images / "train"), "--workers", "0"]) == 0
-    assert all(math.isfinite(v) for v in json.loads(damaged.read_text())["mean"])
+    written = json.loads(damaged.read_text())
+    assert all(math.isfinite(v) for v in written["mean"]) and written["notes"] == "ours"  # the user's notes kept
+    damaged.write_text(json.dumps({**written, "model": "my-net"}))  # another file that holds such keys too
+    refused(["data", "stats", str(images / "train"), "--workers", "0"], capsys,
+            f"--out {damaged}: not a preprocess statistics file (ValueError: unknown key 'model'")
     damaged.unlink()
 
 

@@ -126,7 +126,8 @@ def plain_region(path: Path, box: tuple[int, int, int, int], out: int) -> torch.
 
 
 def test_crop_region_is_the_rescaled_crop():
-    """The square resampled to the crop covers crop/S of the smallest side: S is kept within 0.5%."""
+    """The square resampled to the crop covers crop/S of the smallest side: S is kept within 0.5% (within 0.5/crop
+    where a JPEG is decoded reduced for a small crop)."""
     for seed in range(200):
         s = sample_scale(256, 512, seeded(seed))
         k, (left, top, right, bottom), out, _, _ = plan_crop((500, 375), 224, (256, 512), seeded(seed), reducible=True)

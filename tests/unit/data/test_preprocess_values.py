@@ -40,8 +40,9 @@ GOOD = IMAGENET.to_dict()
     ({"value_scale": 1e-300}, r"value_scale is 1e-300; expected a number from 1 \(inputs on 0..1\) to 65535"),
     ({"value_scale": 1e308}, "value_scale is 1e\\+308"),
     ({"value_scale": 10**400}, "value_scale is 10000000000000000000...: far beyond"),
-    ({"valuescale": 255}, r"unknown key 'valuescale': 'value_scale' misspelt\? \(the keys are mean, std, eigval"),
-    ({"channel": "BGR"}, "unknown key 'channel': 'channels' misspelt"),
+    ({"valuescale": 255}, r"unknown key 'valuescale' \(the keys are mean, std, eigval, .*; a note of one's own goes "
+                          "under notes"),
+    ({"channel_order": "BGR"}, "unknown key 'channel_order'"),
 ])
 def test_a_bad_number_in_a_preprocess_file_names_the_file_and_key(tmp_path, change, said):
     path = tmp_path / "preprocess.json"
@@ -79,7 +80,7 @@ def test_the_known_conventions_and_rounded_eigenvectors_pass():
     rounded = [[round(v, 3) for v in row] for row in GOOD["eigvec"]]
     assert Preprocess.from_dict({**GOOD, "eigvec": rounded}).eigvec == tuple(map(tuple, rounded))
     assert Preprocess.from_dict({**GOOD, "mean": [0, 1, 0.5], "eigval": [0, 0, 0]}).mean == (0.0, 1.0, 0.5)
-    assert Preprocess.from_dict({**GOOD, "note": "computed on our crawl"}) == IMAGENET  # a key of one's own
+    assert Preprocess.from_dict({**GOOD, "notes": {"crawl": "ours"}}) == IMAGENET  # the user's own notes
 
 
 def test_a_preprocess_file_and_a_recipe_written_with_a_byte_order_mark_read(tmp_path):
