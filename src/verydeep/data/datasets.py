@@ -158,13 +158,6 @@ def kaggle_download(folder: Path) -> list[Path]:
     return []
 
 
-def unnamed_classes(recipe: dict[str, Any]) -> bool:
-    """Whether a net's recipe only numbers its classes (``0``, ``1``, ...) because the published weights it was read
-    from (its ``source``) name none; a run of ours trained on folders named so names them."""
-    listed = recipe.get("classes") or []
-    return isinstance(recipe.get("source"), dict) and [str(c) for c in listed] == [str(i) for i in range(len(listed))]
-
-
 def unicode_twins(ours: Sequence[str], theirs: Sequence[str]) -> str:
     """The first class of ``ours`` that ``theirs`` spells in another Unicode normalisation (the same letters, one
     composed and one decomposed: macOS writes folder names decomposed), both spelt out in ASCII; else ``""``."""

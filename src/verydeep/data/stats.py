@@ -133,33 +133,26 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_cli)
 
 
-def refuse_other_file(out: Path) -> None:
-    """Statistics are written over earlier statistics only, damaged ones included (a JSON object of their keys,
-    :data:`KEYS`, and no other, whose values are bad): any other file at ``--out`` (a dataset's ``classes.txt`` or
-    ``boxes.txt``, say) is a :class:`UserError` saying why, left as it is."""
-    if out.is_file() and out.stat().st_size:
-        try:
-            read_preprocess(out)
-        except UserError as error:
-            if not _statistics_shaped(out):
-                why = str(error).removeprefix(f"{out}: bad preprocess statistics ")
-                raise UserError(f"--out {out}: not a preprocess statistics file {why}; statistics are written over "
-                                "earlier statistics only: give another --out") from None
-
-
-def _statistics_shaped(path: Path) -> bool:
-    """Whether ``path`` holds a JSON object of preprocess statistics' keys (:data:`KEYS`, the first four among
-    them) and no other: statistics, damaged or not, which new ones may replace."""
-    held = _held_json(path)
-    return isinstance(held, dict) and set(KEYS[:4]) <= set(held) <= set(KEYS)
-
-
-def _held_json(path: Path) -> Any:
-    """The JSON ``path`` holds; None for a file of none."""
+def earlier_statistics(out: Path) -> dict[str, Any]:
+    """What ``--out`` holds when it is earlier statistics, damaged ones included (a JSON object of their keys,
+    :data:`KEYS`, the first four among them, and no other), which new ones replace; nothing for no file or an empty
+    one. Any other file (a dataset's ``classes.txt`` or ``boxes.txt``, say) is a :class:`UserError` saying why, left
+    as it is."""
+    if not (out.is_file() and out.stat().st_size):
+        return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (ValueError, RecursionError, OSError):
-        return None
+        held = json.loads(out.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError):
+        held = None
+    if isinstance(held, dict) and set(KEYS[:4]) <= set(held) <= set(KEYS):
+        return held
+    try:
+        read_preprocess(out)  # for the reason it is not statistics
+    except UserError as error:
+        why = str(error).removeprefix(f"{out}: bad preprocess statistics ")
+        raise UserError(f"--out {out}: not a preprocess statistics file {why}; statistics are written over earlier "
+                        "statistics only: give another --out") from None
+    return {}
 
 
 def run_cli(args: argparse.Namespace) -> None:
@@ -167,11 +160,10 @@ def run_cli(args: argparse.Namespace) -> None:
         raise UserError(f"--sample and --side must be positive; got {args.sample} and {args.side}")
     folder = find_split(args.dir, "train")
     out = args.out or Path(args.dir) / PREPROCESS_FILE
-    refuse_other_file(out)
+    earlier = earlier_statistics(out)
     pre, summary = compute_stats(folder, args.sample, args.side, args.seed, args.workers, args.mean_only)
     out.parent.mkdir(parents=True, exist_ok=True)
-    held = _held_json(out) if out.is_file() else None
-    notes = {"notes": held["notes"]} if isinstance(held, dict) and "notes" in held else {}  # the user's, kept
+    notes = {"notes": earlier["notes"]} if "notes" in earlier else {}  # the user's, kept
     text = json.dumps({**pre.to_dict(), "computed_on": {**summary, "skipped": len(summary["skipped"])}, **notes},
                       indent=2)
     atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))  # a file linked to it is left whole

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from verydeep.data.datasets import unnamed_classes
 from verydeep.errors import UserError
+from verydeep.io.weights import unnamed_classes
 
 
 @dataclass(frozen=True)

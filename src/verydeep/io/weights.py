@@ -237,13 +237,25 @@ def _ours(path: Path, weights: dict[str, Tensor], recipe: dict[str, Any]) -> Pub
     return Published(model.eval(), recipe, "verydeep", str(path))
 
 
+def numbered(count: int) -> list[str]:
+    """The classes of published weights that name none: their outputs' numbers, ``0`` to ``count - 1``."""
+    return [str(i) for i in range(count)]
+
+
+def unnamed_classes(recipe: dict[str, Any]) -> bool:
+    """Whether a net's recipe only numbers its classes (:func:`numbered`) because the published weights it was read
+    from (its ``source``) name none; a run of ours trained on folders named so names them."""
+    listed = [str(c) for c in recipe.get("classes") or []]
+    return isinstance(recipe.get("source"), dict) and listed == numbered(len(listed))
+
+
 def _publish(weights: dict[str, Tensor], path: Path, fmt: str, head: bool = True) -> Published:
     """Build the net that ``weights`` (torchvision's layout) describe; ``head``: FC6-FC8 are in them."""
     pre, authors = CONVENTIONS[fmt]
     arch = architecture(weights, path, head)
     classes, names = imagenet_classes() if head and arch["num_classes"] == 1000 else (None, None)
     if head and classes is None:
-        classes = names = [str(i) for i in range(arch["num_classes"])]
+        classes = names = numbered(arch["num_classes"])
     recipe = {**arch, "outputs": arch["num_classes"], "task": Classification.name, "dropout": 0.5,
               "scale": AUTHORS_SCALE if authors and arch["crop"] == 224 else None, "preprocess": pre.to_dict(),
               "classes": classes, "class_names": names, "head": "published" if head else "random",

@@ -87,6 +87,7 @@ def warm_start(model: nn.Module, source: nn.Module, convs: int = 4, fc8: bool = 
     another width or number of classes), or that has batch norm in one net only, before anything is copied.
     """
     names = [name for name in warm_start_layers(source, convs) if fc8 or name != "fc8"]
+    pairs = []  # (ours, theirs) of every tensor copied, all checked before any is
     for name in names:
         if name not in model.tap_names:
             raise UserError(f"warm start: {model.name} has no layer {name} to receive {source.name}'s")
@@ -98,10 +99,9 @@ def warm_start(model: nn.Module, source: nn.Module, convs: int = 4, fc8: bool = 
             if value.shape != theirs[key].shape:
                 raise UserError(f"warm start: {key} of {source.name} has shape {tuple(theirs[key].shape)} but "
                                 f"{model.name} needs {tuple(value.shape)} (same width, crop size and classes?)")
-    for name in names:
-        theirs = whole_layer(source, name)
-        for key, value in whole_layer(model, name).items():
-            value.copy_(theirs[key])
+            pairs.append((value, theirs[key]))
+    for ours, theirs in pairs:
+        ours.copy_(theirs)
     return names
 
 

@@ -37,6 +37,7 @@ from verydeep.runtime.rng import rng_state, set_rng_state
 from verydeep.runtime.sharding import failing_together
 from verydeep.train.data import TrainingData
 from verydeep.train.recipe import TrainConfig, flag_name, unresumable
+from verydeep.train.schedule import lr_after
 
 try:
     import fcntl
@@ -329,9 +330,6 @@ def _check_schedule_state(schedule: Any, lr: float, epochs: int, refuse: Any) ->
     best = schedule.get("best")
     if not (is_finite(best) or best == -math.inf):
         refuse("schedule best", best, "a score, or -inf before any validation")
-    expected = lr
-    for _ in range(schedule.get("drops", 0)):  # divided as the schedule divides, so the same float
-        expected /= 10
-    if schedule.get("lr") != expected:
-        refuse("schedule lr", schedule.get("lr"), f"--lr {lr:g} divided by 10 for each of its "
-               f"{schedule.get('drops', 0)} drops")
+    if schedule.get("lr") != lr_after(lr, schedule["drops"]):
+        refuse("schedule lr", schedule.get("lr"), f"--lr {lr:g} divided by 10 for each of its {schedule['drops']} "
+               "drops")

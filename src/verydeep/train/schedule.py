@@ -51,9 +51,7 @@ class Schedule:
         """Set lr for ``epochs_done`` from the milestones alone, the one rule of an uninterrupted and a
         resumed run (which may move or add them): divided by 10 once for each milestone passed; returns it."""
         self.drops = sum(milestone <= epochs_done for milestone in self.milestones)
-        self.lr = self.base_lr
-        for _ in range(self.drops):  # as the plateau rule divides, so the rates are the same floats
-            self.lr /= 10
+        self.lr = lr_after(self.base_lr, self.drops)
         return self.lr
 
     @property
@@ -84,6 +82,14 @@ class Schedule:
             self.drops += 1
             self.bad = 0
         self.stopped = by_stop_patience or (not self.milestones and self.bad >= self.patience)
+
+
+def lr_after(lr: float, drops: int) -> float:
+    """``lr`` divided by 10 ``drops`` times, one division at a time as the plateau rule divides, so that every rule
+    (and the check of a resumed run's state) reaches the same float."""
+    for _ in range(drops):
+        lr /= 10
+    return lr
 
 
 @dataclass

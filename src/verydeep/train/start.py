@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from verydeep.data import Preprocess
-from verydeep.data.datasets import unnamed_classes
 from verydeep.errors import UserError
 from verydeep.io.checkpoint import model_from_recipe
 from verydeep.io.sources import LoadedNet, load
+from verydeep.io.weights import unnamed_classes
 from verydeep.nn import configs
 from verydeep.nn.init import REASONS as INIT_REASONS
 from verydeep.nn.init import warm_start, whole_layer
